@@ -1,0 +1,271 @@
+"""The GPT: a decoder-only Transformer, GPT-2 style by default, with switches for
+the modern parts (RMSNorm, SwiGLU, RoPE) and a KV cache for fast generation.
+Nothing here knows about files or training."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from config import GPTConfig
+
+
+class RMSNorm(nn.Module):
+    """LayerNorm without the mean subtraction and bias: x / rms(x) * weight."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(config):
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def sinusoidal_table(n_positions, dim):
+    """The fixed position encoding of "Attention Is All You Need"."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])
+    return table  # (n_positions, dim)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+h/2}) of every head by its position's angle.
+    Because q·k then depends only on the distance between positions, RoPE needs
+    no position table and works at any absolute position."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, plus the
+    absolute position of the next token."""
+
+    def __init__(self, n_layer):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head = config.n_head
+        self.block_size = config.block_size
+        self.layer = layer
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            if cache.k[self.layer] is not None:
+                # keep at most block_size keys in view: a sliding window past the end
+                keep = self.block_size - T
+                k = torch.cat((cache.k[self.layer][:, :, -keep:] if keep > 0 else k[:, :, :0], k), dim=2)
+                v = torch.cat((cache.v[self.layer][:, :, -keep:] if keep > 0 else v[:, :, :0], v), dim=2)
+            cache.k[self.layer], cache.v[self.layer] = k, v
+        S = k.size(2)  # keys in view, S >= T
+        if S == T:
+            mask, causal = None, True
+        else:  # new queries see every cached key and the new keys up to themselves
+            mask, causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        if self.swiglu:
+            # three matrices instead of two: 8/3 * n_embd wide keeps the parameter count of the 4x GELU MLP
+            hidden = 8 * round(8 * config.n_embd / 3 / 8)
+            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
+        else:
+            hidden = 4 * config.n_embd
+            self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
+        if self.swiglu:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos == "learned":
+            self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        elif config.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        else:
+            hs = config.n_embd // config.n_head
+            self.register_buffer("rope_inv_freq", 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs)),
+                                 persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.ln_f = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
+        # so the stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """Trainable parameters, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self):
+        """Forward + backward FLOPs per token at full context (the PaLM appendix estimate)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def forward(self, idx, targets=None, cache=None):
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == "rope":
+            pos = torch.arange(start, start + T, device=idx.device, dtype=torch.float32)
+            angles = pos[:, None] * self.rope_inv_freq[None, :]  # (T, hs/2)
+            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+        else:
+            if start + T > self.config.block_size:
+                raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
+            if self.config.pos == "learned":
+                x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            else:
+                x = x + self.pos_table[start:start + T]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        x = self.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if cache is not None:
+            cache.pos += T
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return logits, loss
+
+    def context_start(self, n_tokens, start):
+        """First token of the context used to predict token n_tokens.
+        RoPE slides a window of the last block_size tokens. Absolute positions cannot
+        slide (every token would change position), so when the window is full we jump
+        it forward to keep the last block_size // 2 tokens; with a KV cache that is one
+        re-prefill every block_size // 2 tokens instead of a full recompute per token."""
+        if self.config.pos == "rope":
+            return max(0, n_tokens - self.config.block_size)
+        if n_tokens - start > self.config.block_size:
+            return n_tokens - max(1, self.config.block_size // 2)
+        return start
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                        use_cache=True, stop_token=None, generator=None):
+        """Yield the next token of each row, shape (B, 1), one step at a time.
+        Stops early once every row has produced stop_token."""
+        start = self.context_start(idx.size(1), 0)
+        cache = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            new_start = self.context_start(idx.size(1), start)
+            if not use_cache:
+                logits, _ = self(idx[:, new_start:])
+            elif cache is None or (new_start != start and self.config.pos != "rope"):
+                cache = KVCache(self.config.n_layer)  # (re)prefill the whole context
+                logits, _ = self(idx[:, new_start:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            start = new_start
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+            if stop_token is not None:
+                done |= next_token[:, 0] == stop_token
+                if done.all():
+                    return
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """Continue each row of idx (B, T); returns (B, T + new tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + new, dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row from logits (B, V). temperature 0 is greedy;
+    top_k > 0 keeps the k most likely; top_p < 1 keeps the smallest set whose
+    probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass strictly ahead of each token
+        sorted_logits[before >= top_p] = float("-inf")  # the first token always survives
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
