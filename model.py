@@ -251,21 +251,25 @@ class GPT(nn.Module):
         return torch.cat([idx] + new, dim=1)
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Pick one token per row from logits (B, V). temperature 0 is greedy;
-    top_k > 0 keeps the k most likely; top_p < 1 keeps the smallest set whose
-    probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set to -inf every logit outside the candidates: top_k > 0 keeps exactly the
+    k most likely; top_p < 1 keeps the smallest set whose probability reaches top_p."""
     if top_k and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         sorted_probs = F.softmax(sorted_logits, dim=-1)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability mass strictly ahead of each token
-        sorted_logits[before >= top_p] = float("-inf")  # the first token always survives
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
+        sorted_logits[before >= top_p] = float("-inf")  # the most likely token always survives
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row from logits (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

@@ -23,8 +23,8 @@ from config import GPTConfig, TrainConfig, TinyLLMError, add_config_flags, build
 from model import GPT
 from utils import (autocast, check_long_enough, choose_device, format_seconds, get_batch, get_lr,
                    load_checkpoint, load_text, log, make_optimizer, model_from_checkpoint, resolve_dtype,
-                   rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state, split_train_val,
-                   CharTokenizer, tokenizer_from_dict)
+                   rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state, split_train_val)
+from tokenizer import CharTokenizer, tokenizer_from_dict
 
 
 # ----------------------------------------------------------------------------- the two loops

@@ -1,4 +1,4 @@
-"""Helpers shared by train.py and generate.py: tokenizers, data and batches,
+"""Helpers shared by train.py and generate.py: data and batches,
 device choice, the learning-rate schedule, the optimizer, and checkpoints."""
 
 import contextlib
@@ -30,39 +30,6 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-class CharTokenizer:
-    """One token per character; the vocabulary is the sorted set of characters seen."""
-
-    def __init__(self, chars):
-        self.chars = list(chars)
-        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-
-    @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text)))
-
-    def encode(self, text):
-        return [self.stoi[ch] for ch in text]
-
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
-
-    def unknown_chars(self, text):
-        return sorted(set(text) - set(self.stoi))
-
-    def to_dict(self):
-        return {"kind": "char", "chars": self.chars}
-
-
-def tokenizer_from_dict(d):
-    if d.get("kind") == "char":
-        return CharTokenizer(d["chars"])
-    raise TinyLLMError(f"unknown tokenizer kind {d.get('kind')!r} in checkpoint")
 
 
 # ----------------------------------------------------------------------------- data

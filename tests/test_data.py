@@ -1,0 +1,68 @@
+"""Tokenizer, corpus split, batches and the learning-rate schedule."""
+
+import math
+
+import pytest
+import torch
+
+from config import TinyLLMError
+from tokenizer import CharTokenizer
+from utils import check_long_enough, get_batch, get_lr, load_text, split_train_val
+
+
+def test_char_tokenizer_round_trip():
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    tok = CharTokenizer.from_text(text)
+    assert tok.chars == sorted(set(text))
+    assert tok.decode(tok.encode(text)) == text
+    assert CharTokenizer(**{"chars": tok.to_dict()["chars"]}).encode(text) == tok.encode(text)
+
+
+def test_split_is_contiguous_and_unshuffled():
+    ids = torch.arange(1000)
+    train, val = split_train_val(ids)
+    assert len(train) == 900 and len(val) == 100
+    assert torch.equal(torch.cat([train, val]), ids)
+
+
+def test_every_batch_target_is_input_shifted_by_one():
+    data = torch.arange(500)  # token value == position, so a shift is easy to see
+    torch.manual_seed(0)
+    for _ in range(20):
+        x, y = get_batch(data, 8, 16, torch.device("cpu"))
+        assert x.shape == y.shape == (8, 16)
+        assert torch.equal(y, x + 1)
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        assert int(y.max()) < 500
+
+
+def test_batches_reach_the_last_token():
+    data = torch.arange(20)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        _, y = get_batch(data, 4, 8, torch.device("cpu"))
+        seen.update(y.flatten().tolist())
+    assert 19 in seen and 0 not in seen
+
+
+def test_lr_schedule_warmup_cosine_and_floor():
+    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
+    assert get_lr(0, **kw) == pytest.approx(1e-5)            # near zero at the start
+    assert get_lr(99, **kw) == pytest.approx(1e-3)           # peak at the end of warmup
+    assert get_lr(100, **kw) == pytest.approx(1e-3)
+    assert get_lr(600, **kw) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way through the cosine
+    assert get_lr(1100, **kw) == pytest.approx(1e-4)
+    assert get_lr(5000, **kw) == pytest.approx(1e-4)         # held at min_lr after the end
+    lrs = [get_lr(s, **kw) for s in range(100, 1100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))         # monotone decay
+
+
+def test_missing_and_empty_data_are_clear_errors(tmp_path):
+    with pytest.raises(TinyLLMError, match="not found"):
+        load_text(str(tmp_path / "nope.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(TinyLLMError, match="empty"):
+        load_text(str(tmp_path / "empty.txt"))
+    with pytest.raises(TinyLLMError, match="block_size 64"):
+        check_long_enough(torch.arange(10), 64, "val", "x.txt")

@@ -1,0 +1,125 @@
+"""The GPT itself: shapes, causality, initialisation, tying, parameter count, sampling."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import GPTConfig, TinyLLMError
+from model import GPT, filter_logits, sample_next
+from conftest import tiny_model_config
+
+
+def test_logits_shape_and_loss():
+    model = GPT(tiny_model_config())
+    idx = torch.randint(0, 65, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 65) and loss is None
+    _, loss = model(idx, idx)
+    assert loss.ndim == 0
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+def test_causality(pos):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(pos=pos)).eval()
+    idx = torch.randint(0, 65, (1, 16))
+    logits, _ = model(idx)
+    for t in (0, 5, 15):
+        changed = idx.clone()
+        changed[0, t] = (changed[0, t] + 1) % 65
+        logits2, _ = model(changed)
+        assert torch.allclose(logits[0, :t], logits2[0, :t], atol=1e-6)   # the past never sees the future
+        assert not torch.allclose(logits[0, t], logits2[0, t])            # the changed position does move
+
+
+def test_initial_loss_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(n_embd=64, n_layer=2, n_head=4))
+    idx = torch.randint(0, 65, (8, 16))
+    _, loss = model(idx, torch.randint(0, 65, (8, 16)))
+    assert abs(loss.item() - math.log(65)) < 0.1
+
+
+def test_weight_tying_is_one_tensor():
+    model = GPT(tiny_model_config())
+    assert model.lm_head.weight is model.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+
+
+def test_parameter_count_matches_formula():
+    V, T, L, C = 65, 16, 3, 48
+    model = GPT(tiny_model_config(vocab_size=V, block_size=T, n_layer=L, n_embd=C, n_head=4))
+    per_layer = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
+    assert model.num_params() == V * C + T * C + L * per_layer + 2 * C
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(n_embd=256, n_head=4, n_layer=8))
+    fc = model.blocks[0].mlp.c_fc.weight.std().item()
+    proj = model.blocks[0].attn.c_proj.weight.std().item()
+    assert fc == pytest.approx(0.02, rel=0.05)
+    assert proj == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(n_embd=30, n_head=4), ["n_embd (30)", "n_head (4)"]),
+    (dict(n_layer=0), ["n_layer"]),
+    (dict(dropout=1.5), ["dropout"]),
+    (dict(norm="batchnorm"), ["norm"]),
+])
+def test_bad_model_config_is_a_clear_error(overrides, words):
+    with pytest.raises(TinyLLMError) as err:
+        tiny_model_config(**overrides)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_top_k_keeps_exactly_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    kept = filter_logits(logits, top_k=7)
+    assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
+    assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.8))
+    assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.3))
+    assert kept.tolist() == [[True, False, False, False, False]]
+    torch.manual_seed(1)
+    logits = torch.randn(3, 100)
+    for p in (0.1, 0.5, 0.9):
+        kept = torch.isfinite(filter_logits(logits, top_p=p))
+        probs = F.softmax(logits, dim=-1)
+        for row in range(3):
+            mass = probs[row][kept[row]]
+            assert mass.sum() >= p - 1e-6                 # reaches p
+            assert mass.sum() - mass.min() < p            # and no token could be dropped
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_reproducible():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config()).eval()
+    idx = torch.randint(0, 65, (2, 5))
+    a = model.generate(idx, 20, temperature=0)
+    b = model.generate(idx, 20, temperature=0)
+    assert torch.equal(a, b) and a.shape == (2, 25)
+    s1 = model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
+    s2 = model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
+    s3 = model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(43))
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+
+
+def test_generation_crops_context_past_block_size():
+    model = GPT(tiny_model_config(block_size=8)).eval()
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 30, temperature=0)
+    assert out.shape == (1, 33)
+
+
+def test_sample_next_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
+    assert sample_next(logits, temperature=0).tolist() == [[1], [0]]

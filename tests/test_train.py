@@ -1,0 +1,275 @@
+"""The trainer: step order, evaluation, learning, checkpoints, resume and safety."""
+
+import contextlib
+import copy
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import train
+from config import TinyLLMError
+from model import GPT
+from utils import get_batch, load_checkpoint, make_optimizer, model_from_checkpoint, save_checkpoint
+from conftest import tiny_model_config, tiny_train_config
+
+CPU = torch.device("cpu")
+NO_CTX = contextlib.nullcontext()
+
+
+def fixed_batches(n, batch_size=8, block_size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 65, (2000,), generator=g)
+    return [get_batch(data, batch_size, block_size, CPU, generator=g) for _ in range(n)]
+
+
+def test_optimizer_groups_decay_only_matrices():
+    model = GPT(tiny_model_config())
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), CPU)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_step_order_clips_before_the_optimizer_step_with_the_scheduled_lr():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    opt = make_optimizer(model, 1.0, 0.0, (0.9, 0.95), CPU)
+    seen = {}
+    real_step = opt.step
+
+    def recording_step(*a, **k):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        seen["norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+        seen["lrs"] = [g["lr"] for g in opt.param_groups]
+        return real_step(*a, **k)
+
+    opt.step = recording_step
+    batch = fixed_batches(1)[0]
+    loss, pre_clip = train.train_step(model, opt, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
+    assert pre_clip > 0.05                          # the logged norm is the one before clipping
+    assert seen["norm"] == pytest.approx(0.05, rel=1e-4)   # the optimizer saw clipped gradients
+    assert seen["lrs"] == [0.0123, 0.0123]          # and this step's scheduled LR
+
+
+def test_gradients_are_zeroed_each_step():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: weights stay put, grads are comparable
+    batch = fixed_batches(1)[0]
+    train.train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
+    first = [p.grad.clone() for p in model.parameters()]
+    train.train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
+    assert all(torch.allclose(a, p.grad) for a, p in zip(first, model.parameters()))
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    twin = copy.deepcopy(model)
+    (x, y), = fixed_batches(1, batch_size=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train.train_step(model, opt, lambda: (x, y), 0.0, 1, 0.0, NO_CTX)
+    micro = iter([(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.0)
+    loss4, _ = train.train_step(twin, twin_opt, lambda: next(micro), 0.0, 4, 0.0, NO_CTX)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_evaluation_runs_in_eval_mode_without_a_graph():
+    model = GPT(tiny_model_config(dropout=0.1))
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled(), o[0].requires_grad)))
+    batches = fixed_batches(3)
+    it = iter(batches * 2)
+    losses = train.estimate_loss(model, {"train": lambda: next(it), "val": lambda: next(it)}, 3, NO_CTX)
+    assert set(losses) == {"train", "val"}
+    assert seen and all(s == (False, False, False) for s in seen)
+    assert model.training  # back to training mode afterwards
+
+
+def test_non_finite_loss_raises_before_touching_the_weights():
+    model = GPT(tiny_model_config())
+    with torch.no_grad():
+        model.ln_f.weight.fill_(float("nan"))
+    before = copy.deepcopy(model.state_dict())
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), CPU)
+    batch = fixed_batches(1)[0]
+    with pytest.raises(FloatingPointError):
+        train.train_step(model, opt, lambda: batch, 1e-3, 1, 1.0, NO_CTX)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+
+
+def test_tiny_run_learns_well_below_uniform(shakespeare_head, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=150, eval_interval=50, eval_iters=5, lr=1e-2,
+                            min_lr=1e-3, batch_size=16)
+    result = train.train(tiny_model_config(), cfg, "test")
+    baseline = math.log(len(set(open(shakespeare_head).read())))
+    assert result["history"][0]["val_loss"] == pytest.approx(baseline, abs=0.15)
+    assert result["best_val_loss"] < baseline - 1.3
+    for name in ("best.pt", "last.pt", "history.csv", "history.json", "loss.png", "lr.png", "grad_norm.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+
+
+def test_model_overfits_one_batch(shakespeare_head, tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=400, eval_interval=400, lr=1e-2, min_lr=1e-2,
+                            warmup_steps=0, batch_size=4, weight_decay=0.0)
+    result = train.train(tiny_model_config(n_embd=64, block_size=16), cfg, "test", overfit_batch=True)
+    assert result["overfit_step"] is not None and result["overfit_step"] < 400
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(pos="rope", norm="rmsnorm", mlp="swiglu")).eval()
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": vars(model.config).copy(),
+                           "tokenizer": {"kind": "char", "chars": [chr(i) for i in range(65)]}})
+    loaded = model_from_checkpoint(load_checkpoint(path), path).eval()
+    idx = torch.randint(0, 65, (2, 16))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+
+
+def test_checkpoint_contents(shakespeare_head, tmp_path):
+    train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=5), "test")
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    for key in ("model", "model_config", "tokenizer", "optimizer", "step", "best_val_loss", "train_config", "rng"):
+        assert key in ckpt
+    assert ckpt["step"] == 5 and ckpt["tokenizer"]["kind"] == "char"
+
+
+def interrupt_at(monkeypatch, step_to_stop, signum):
+    """Deliver a signal to ourselves during the train_step call number step_to_stop."""
+    calls = {"n": 0}
+    real = train.train_step
+
+    def step_then_signal(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == step_to_stop:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+
+
+@pytest.mark.parametrize("stop_after, signum, code", [(7, signal.SIGTERM, 143), (10, signal.SIGINT, 130)])
+def test_interrupted_and_resumed_run_is_bit_identical(shakespeare_head, tmp_path, monkeypatch, stop_after, signum, code):
+    model_cfg = tiny_model_config(dropout=0.1)  # dropout exercises the RNG state too
+    full_cfg = tiny_train_config(shakespeare_head, tmp_path / "full", max_steps=20, eval_interval=5)
+    full = train.train(model_cfg, full_cfg, "test")
+
+    cut_cfg = tiny_train_config(shakespeare_head, tmp_path / "cut", max_steps=20, eval_interval=5)
+    with monkeypatch.context() as m:
+        interrupt_at(m, stop_after, signum)
+        with pytest.raises(SystemExit) as exit_info:
+            train.train(model_cfg, cut_cfg, "test")
+    assert exit_info.value.code == code
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["step"] == stop_after
+    resumed = train.train(model_cfg, cut_cfg, "test", resume=True)
+
+    assert resumed["history"] == full["history"]
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_starts_with_the_weights_and_a_fresh_optimizer(shakespeare_head, tmp_path):
+    first = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "a", max_steps=10), "test")
+    cfg = tiny_train_config(shakespeare_head, tmp_path / "b", max_steps=1, lr=1e-9, min_lr=0.0, warmup_steps=0)
+    tuned = train.train(tiny_model_config(), cfg, "test", init_from=str(tmp_path / "a" / "last.pt"))
+    a, b = first["model"].state_dict(), tuned["model"].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert load_checkpoint(str(tmp_path / "b" / "last.pt"))["train_config"]["lr"] == 1e-9
+
+
+def test_nan_stops_the_run_and_nothing_non_finite_is_saved(shakespeare_head, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.train_step
+
+    def poisoned(model, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(TinyLLMError) as err:
+        train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20), "test")
+    message = str(err.value)
+    assert "step 3" in message and "--lr" in message and "last.pt" in message
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_patience_stops_early_and_keeps_the_best(shakespeare_head, tmp_path, monkeypatch):
+    vals = iter([2.0, 1.5, 1.6, 1.7, 1.8, 1.9])
+    monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
+    result = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=50, patience=2),
+                         "test")
+    assert result["step"] == 15   # evals at 0, 5 (best), 10, 15: two without improvement
+    best = load_checkpoint(str(tmp_path / "best.pt"))
+    assert best["step"] == 5 and best["best_val_loss"] == 1.5
+
+
+def test_periodic_checkpoints_keep_the_newest(shakespeare_head, tmp_path):
+    train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20, save_interval=4,
+                                                       keep_last=2), "test")
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == ["ckpt_0000016.pt", "ckpt_0000020.pt"]
+
+
+def test_corrupt_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
+    good = tmp_path / "good.pt"
+    model = GPT(tiny_model_config())
+    save_checkpoint(str(good), {"model": model.state_dict(), "model_config": vars(model.config).copy(),
+                                "tokenizer": {"kind": "char", "chars": ["a"]}})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path, words in [(truncated, "could not be loaded"), (garbage, "could not be loaded"),
+                        (foreign, "not a tinyllm checkpoint"), (tmp_path / "missing.pt", "not found")]:
+        with pytest.raises(TinyLLMError) as err:
+            load_checkpoint(str(path))
+        assert str(path) in str(err.value) and words in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+class Payload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))  # would create a file if unpickling ran code
+
+
+def test_a_pickle_carrying_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload(str(marker)), "model_config": {}, "tokenizer": {}}, evil)
+    with pytest.raises(TinyLLMError, match="could not be loaded"):
+        load_checkpoint(str(evil))
+    assert not marker.exists()
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, {"v": torch.tensor([1.0])})
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"v": torch.tensor([2.0])})
+    assert torch.load(path, weights_only=True)["v"].item() == 1.0
+    assert os.listdir(tmp_path) == ["last.pt"]
