@@ -269,7 +269,7 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
     model.to(device)
     optimizer = make_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2), device)
     state = {"step": 0, "best_val_loss": math.inf, "evals_without_improvement": 0, "last_eval_step": -1,
-             "history": []}
+             "lr": 0.0, "grad_norm": 0.0, "history": []}  # lr and grad_norm: of the latest step, for the logs
     if resume:
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = {k: checkpoint[k] for k in state}
@@ -319,7 +319,7 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
         return losses, improved
 
     # --- the loop
-    step, lr, grad_norm, loss = state["step"], 0.0, 0.0, float("nan")
+    step, lr, grad_norm, loss = state["step"], state["lr"], state["grad_norm"], float("nan")
     window_time, window_steps = 0.0, 0
     run_start = time.perf_counter()
     stop_reason = None
@@ -361,7 +361,7 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
                     f"clipping off (--grad_clip {train_cfg.grad_clip:g}), or float16 overflow (--dtype bfloat16 or float32). "
                     f"Nothing non-finite was saved; last good checkpoint: {good_checkpoint or 'none'}") from None
             step += 1
-            state["step"] = step
+            state.update(step=step, lr=lr, grad_norm=grad_norm)
             dt = time.perf_counter() - t0
             if step > 1:  # the first step pays one-time costs (compile, allocator warm-up)
                 window_time, window_steps = window_time + dt, window_steps + 1

@@ -109,8 +109,8 @@ def test_non_finite_loss_raises_before_touching_the_weights():
 def test_tiny_run_learns_well_below_uniform(shakespeare_head, tmp_path):
     torch.manual_seed(0)
     cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=150, eval_interval=50, eval_iters=5, lr=1e-2,
-                            min_lr=1e-3, batch_size=16)
-    result = train.train(tiny_model_config(), cfg, "test")
+                            min_lr=1e-3, batch_size=32, warmup_steps=10)
+    result = train.train(tiny_model_config(n_embd=64, block_size=32), cfg, "test")
     baseline = math.log(len(set(open(shakespeare_head).read())))
     assert result["history"][0]["val_loss"] == pytest.approx(baseline, abs=0.15)
     assert result["best_val_loss"] < baseline - 1.3

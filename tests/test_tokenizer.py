@@ -1,0 +1,218 @@
+"""Tokenizers: BPE training, tiktoken vs the plain-Python reference encoder, round trips,
+checkpoint round trips, and the GPT-2 tokenizer (skipped when its files can't be fetched)."""
+
+import os
+from collections import Counter
+
+import pytest
+import regex
+import tiktoken
+import torch
+
+from config import TinyLLMError
+from tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, make_tokenizer,
+                       reference_encode, tokenizer_from_dict, train_bpe)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNICODE_TEXT = ("Café naïve façade — señor Müller.\n"
+                "Emoji: 😀🎉 👩‍👩‍👧 ok?\n"
+                "中文测试，日本語のテキスト、한국어.\n\n"
+                "  indented\ttabs\r\nand trailing spaces   \n")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
+        return f.read(120_000)
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus):
+    """A BPE tokenizer trained once on the first 80k characters (vocab 500)."""
+    return BPETokenizer.train(corpus[:80_000], 500)
+
+
+def naive_train(text, vocab_size):
+    """The textbook trainer: recount every pair from scratch each round. Slow, obviously right."""
+    words = Counter(regex.findall(GPT2_PATTERN, text))
+    seqs = {w: [bytes([b]) for b in w.encode("utf-8")] for w in words}
+    tokens = [bytes([b]) for b in range(256)]
+    while len(tokens) < vocab_size:
+        pairs = Counter()
+        for w, seq in seqs.items():
+            for p in zip(seq, seq[1:]):
+                pairs[p] += words[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))  # most frequent, then smallest bytes
+        merged = best[0] + best[1]
+        if merged not in tokens:
+            tokens.append(merged)
+        for w, seq in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            seqs[w] = out
+    return tokens
+
+
+# ---------------------------------------------------------------- training
+
+def test_training_is_deterministic_and_starts_with_bytes(corpus):
+    a = train_bpe(corpus[:50_000], 400)
+    b = train_bpe(corpus[:50_000], 400)
+    assert a == b
+    assert len(a) == 400 - 1  # one slot is the special token
+    assert a[:256] == [bytes([i]) for i in range(256)]
+    assert len(set(a)) == len(a)
+    # every learned token is two earlier tokens glued together
+    for rank in range(256, len(a)):
+        earlier = set(a[:rank])
+        t = a[rank]
+        assert any(t[:k] in earlier and t[k:] in earlier for k in range(1, len(t))), t
+
+
+def test_incremental_counts_match_full_recount(corpus):
+    text = corpus[:6_000]
+    assert train_bpe(text, 320, special_tokens=()) == naive_train(text, 320)
+
+
+def test_ties_go_to_the_smallest_byte_pair():
+    # pieces "ba" and " dc": every pair occurs once, so the rule alone picks the order
+    assert train_bpe("ba dc", 300, special_tokens=())[256:] == [b" d", b" dc", b"ba"]
+
+
+def test_no_merge_across_special_tokens():
+    # split on EOT, the pieces are single letters: nothing to merge, training stops at 256
+    tokens = train_bpe(("x" + EOT + "y" + EOT) * 50, 300)
+    assert tokens == [bytes([i]) for i in range(256)]
+
+
+def test_vocab_size_too_small_raises(corpus):
+    with pytest.raises(TinyLLMError, match="at least 257"):
+        train_bpe(corpus[:1000], 256)
+    with pytest.raises(TinyLLMError):
+        make_tokenizer("bpe", corpus[:1000], 100)
+    assert len(train_bpe(corpus[:1000], 257)) == 256  # the smallest valid size: bytes only
+
+
+def test_verbose_prints_progress(corpus, capsys):
+    train_bpe(corpus[:20_000], 256 + 1 + 200, verbose=True)
+    out = capsys.readouterr().out
+    assert "bpe merge 100/200" in out and "bpe merge 200/200" in out
+
+
+# ---------------------------------------------------------------- encoding
+
+def test_tiktoken_matches_reference_on_corpus(bpe, corpus):
+    for sample in (corpus[:5_000], corpus[100_000:110_000]):  # seen, and not seen in training
+        ids = bpe.encode(sample)
+        assert ids == reference_encode(sample, bpe.tokens, bpe.pattern, bpe.special_tokens)
+        assert len(ids) < 0.6 * len(sample)  # merges are really used
+
+
+def test_tiktoken_matches_reference_on_unicode(bpe):
+    text = UNICODE_TEXT + EOT + "after the end" + EOT
+    ids = bpe.encode(text)
+    assert ids == reference_encode(text, bpe.tokens, bpe.pattern, [EOT])
+    ranks = {t: i for i, t in enumerate(bpe.tokens)}
+    assert ids == reference_encode(text, ranks, bpe.pattern, {EOT: bpe.eot_id})
+
+
+def test_round_trip_with_unicode_and_eot(bpe):
+    assert bpe.vocab_size == 500
+    assert bpe.eot_id == 499
+    assert bpe.encode(EOT) == [bpe.eot_id]
+    text = UNICODE_TEXT + EOT + "Second document.\n"
+    ids = bpe.encode(text)
+    assert ids.count(bpe.eot_id) == 1
+    assert bpe.decode(ids) == text
+    k = ids.index(bpe.eot_id)
+    assert bpe.decode(ids[:k]) == UNICODE_TEXT
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+
+
+def test_decode_of_a_split_character_does_not_crash(bpe):
+    ids = bpe.encode("😀")
+    assert len(ids) > 1  # four bytes, never merged in Shakespeare
+    assert bpe.decode(ids[:1]) == "\ufffd"
+
+
+# ---------------------------------------------------------------- saving and loading
+
+def _is_plain(x):
+    if isinstance(x, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in x.items())
+    if isinstance(x, list):
+        return all(_is_plain(v) for v in x)
+    return isinstance(x, (str, int))
+
+
+def test_bpe_checkpoint_round_trip(bpe, tmp_path):
+    d = bpe.to_dict()
+    assert d["kind"] == "bpe" and _is_plain(d)
+    path = tmp_path / "tok.pt"
+    torch.save({"tokenizer": d}, path)
+    loaded = tokenizer_from_dict(torch.load(path, weights_only=True)["tokenizer"])
+    assert isinstance(loaded, BPETokenizer)
+    assert loaded.tokens == bpe.tokens
+    assert loaded.vocab_size == bpe.vocab_size and loaded.eot_id == bpe.eot_id
+    text = UNICODE_TEXT + EOT + "Now is the winter of our discontent"
+    assert loaded.encode(text) == bpe.encode(text)
+
+
+def test_char_tokenizer_unchanged(tmp_path):
+    tok = make_tokenizer("char", "hello world", 0)
+    assert isinstance(tok, CharTokenizer) and tok.eot_id is None
+    path = tmp_path / "tok.pt"
+    torch.save(tok.to_dict(), path)
+    loaded = tokenizer_from_dict(torch.load(path, weights_only=True))
+    assert loaded.encode("hello") == tok.encode("hello") and loaded.decode(tok.encode("hold")) == "hold"
+
+
+def test_unknown_kinds_raise():
+    with pytest.raises(TinyLLMError, match="unknown tokenizer"):
+        make_tokenizer("wordpiece", "abc", 300)
+    with pytest.raises(TinyLLMError, match="unknown tokenizer kind"):
+        tokenizer_from_dict({"kind": "wordpiece"})
+
+
+def test_make_tokenizer_bpe(corpus):
+    tok = make_tokenizer("bpe", corpus[:20_000], 300)
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 300
+    assert tok.decode(tok.encode(corpus[:500])) == corpus[:500]
+
+
+# ---------------------------------------------------------------- GPT-2
+
+def _gpt2_or_skip():
+    """GPT2Tokenizer, or skip: tiktoken downloads the GPT-2 files, which needs network."""
+    try:
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"GPT-2 tokenizer files unavailable ({type(e).__name__})")
+    return GPT2Tokenizer()
+
+
+def test_gpt2_tokenizer():
+    tok = _gpt2_or_skip()
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+    ids = tok.encode("Hello world" + EOT)
+    assert ids[-1] == 50256 and tok.decode(ids) == "Hello world" + EOT
+    assert tokenizer_from_dict(tok.to_dict()).encode("Hello world") == ids[:-1]
+
+
+def test_gpt2_offline_raises_a_clear_error(monkeypatch):
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    for build in (GPT2Tokenizer, lambda: make_tokenizer("gpt2", "", 0), lambda: tokenizer_from_dict({"kind": "gpt2"})):
+        with pytest.raises(TinyLLMError) as err:
+            build()
+        msg = str(err.value)
+        assert "GPT-2" in msg and "--tokenizer bpe" in msg and "\n" not in msg
