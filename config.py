@@ -41,7 +41,9 @@ class GPTConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = "data/input.txt"    # a text file
+    data: str = "data/input.txt"    # a .txt file, a folder of them, .jsonl, Q&A .json, or a prepare.py folder
+    tokenizer: str = "char"         # char | bpe (learned here, --vocab_size) | gpt2 (tiktoken's)
+    clean: bool = False             # normalise whitespace and drop duplicate documents
     out_dir: str = "checkpoints"
     batch_size: int = 32
     max_steps: int = 2000
@@ -49,6 +51,8 @@ class TrainConfig:
     min_lr: float = 2e-4            # cosine decay ends here and stays
     warmup_steps: int = 100
     weight_decay: float = 0.1       # applied to matrices only, never to biases or norms
+    optimizer: str = "adamw"        # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
+    muon_lr: float = 0.02           # Muon's peak learning rate; follows the same schedule as lr
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0          # max global grad norm; 0 turns clipping off
@@ -79,6 +83,9 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
         _require(self.batch_size % self.grad_accum_steps == 0,
                  f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
+        _require(self.tokenizer in ("char", "bpe", "gpt2"), f"tokenizer must be char, bpe or gpt2, got {self.tokenizer!r}")
+        _require(self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}")
+        _require(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
         _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
                  f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -14,8 +14,8 @@ import sys
 import torch
 
 from config import TinyLLMError
-from tokenizer import tokenizer_from_dict
-from utils import choose_device, load_checkpoint, log, model_from_checkpoint, run_cli
+from tokenizer import EOT, tokenizer_from_dict
+from utils import choose_device, load_checkpoint, log, model_from_checkpoint, qa_prompt, run_cli
 
 
 def check_sampling_args(args):
@@ -41,9 +41,14 @@ def read_prompt(args):
     return args.prompt
 
 
-def encode_prompt(tokenizer, prompt):
+def encode_prompt(tokenizer, prompt, qa=False):
     """Token ids for the prompt. Characters the vocabulary lacks are dropped with a
-    warning; an empty prompt starts from a newline (or token 0)."""
+    warning; an empty prompt starts from a newline (or token 0). With qa, the prompt is
+    a question, framed as the Q&A training documents were."""
+    if qa:
+        if tokenizer.eot_id is None:
+            raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
+        prompt = EOT + qa_prompt(prompt)
     if hasattr(tokenizer, "unknown_chars"):
         missing = tokenizer.unknown_chars(prompt)
         if missing:
@@ -58,27 +63,29 @@ def encode_prompt(tokenizer, prompt):
 
 
 def sample(model, tokenizer, prompt_ids, args, device, stream=False):
-    """num_samples continuations of the prompt, sampled together as one batch."""
+    """num_samples continuations of the prompt, sampled together as one batch. Each stops
+    at the end-of-text token, when the tokenizer has one (unless --no_stop)."""
+    stop = None if args.no_stop else tokenizer.eot_id
     generator = torch.Generator(device).manual_seed(args.seed)
     idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)  # (B, T)
     steps = model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, use_cache=not args.no_cache, generator=generator)
-    new = []
-    printed = ""
+                                  top_p=args.top_p, use_cache=not args.no_cache, stop_token=stop, generator=generator)
+    shown = [t for t in prompt_ids if t != stop]
+    new, printed = [], ""
     if stream:
-        sys.stdout.write(tokenizer.decode(prompt_ids))
+        sys.stdout.write(tokenizer.decode(shown))
     for token in steps:  # (B, 1)
         new.append(token)
-        if stream:
-            text = tokenizer.decode(torch.cat(new, dim=1)[0].tolist())
+        if stream and token[0, 0] != stop:
+            text = tokenizer.decode([t for t in torch.cat(new, dim=1)[0].tolist() if t != stop])
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 sys.stdout.write(text[len(printed):])
                 sys.stdout.flush()
                 printed = text
     if stream:
         sys.stdout.write("\n")
-    out = torch.cat(new, dim=1).tolist()
-    return [tokenizer.decode(prompt_ids + row) for row in out]
+    rows = torch.cat(new, dim=1).tolist()
+    return [tokenizer.decode(shown + (row[:row.index(stop)] if stop in row else row)) for row in rows]
 
 
 def describe(checkpoint):
@@ -108,6 +115,8 @@ def main(argv=None):
     parser.add_argument("--output_file", default=None, help="also write the samples here, under a header")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow)")
+    parser.add_argument("--qa", action="store_true", help="the prompt is a question: answer it as in Q&A training")
+    parser.add_argument("--no_stop", action="store_true", help="keep going past the end-of-text token")
     args = parser.parse_args(argv)
     check_sampling_args(args)
     device = choose_device(args.device)
@@ -118,7 +127,7 @@ def main(argv=None):
         checkpoint = load_checkpoint(path, device)
         model = model_from_checkpoint(checkpoint, path).to(device).eval()
         tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-        prompt_ids = encode_prompt(tokenizer, prompt)
+        prompt_ids = encode_prompt(tokenizer, prompt, args.qa)
         stream = len(args.checkpoint) == 1 and args.num_samples == 1 and not args.output_file
         head = header(args, path, checkpoint)
         if len(args.checkpoint) > 1:

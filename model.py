@@ -39,13 +39,13 @@ def sinusoidal_table(n_positions, dim):
     return table  # (n_positions, dim)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+h/2}) of every head by its position's angle.
-    Because q·k then depends only on the distance between positions, RoPE needs
-    no position table and works at any absolute position."""
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+def apply_rope(x, rotation):
+    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle, done as one
+    complex multiplication. Because q·k then depends only on the distance between the two
+    positions, RoPE needs no position table and works at any absolute position.
+    x: (B, T, ..., hs); rotation: complex (T, 1, hs/2), broadcast over the middle dims."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, ..., hs/2)
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -72,10 +72,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        if rope is not None:  # rotate q and k together, v stays as it is
+            qkv = torch.cat((apply_rope(qkv[:, :, :2], rope), qkv[:, :, 2:]), dim=2)
+        q, k, v = qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
         if cache is not None:
             if cache.k[self.layer] is not None:
                 # keep at most block_size keys in view: a sliding window past the end
@@ -187,7 +187,7 @@ class GPT(nn.Module):
         if self.config.pos == "rope":
             pos = torch.arange(start, start + T, device=idx.device, dtype=torch.float32)
             angles = pos[:, None] * self.rope_inv_freq[None, :]  # (T, hs/2)
-            rope = (angles.cos().to(x.dtype), angles.sin().to(x.dtype))
+            rope = torch.polar(torch.ones_like(angles), angles)[:, None, None, :]  # (T, 1, 1, hs/2), complex
         else:
             if start + T > self.config.block_size:
                 raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")

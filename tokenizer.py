@@ -22,40 +22,52 @@ EOT = "<|endoftext|>"  # marks the boundary between documents
 
 
 class CharTokenizer:
-    """One token per character; the vocabulary is the sorted set of characters seen."""
+    """One token per character; the vocabulary is the sorted set of characters seen, plus
+    "<|endoftext|>" as one extra id, so any char model can later learn document ends
+    (e.g. when fine-tuned on Q&A data)."""
 
-    eot_id = None  # no end-of-text token: every id is a character
-
-    def __init__(self, chars):
+    def __init__(self, chars, special_tokens=()):
         self.chars = list(chars)
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
+        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(special_tokens)}
+        self.vocab_size = len(self.chars) + len(self.special_tokens)
+        self.eot_id = self.special_tokens.get(EOT)
 
     @classmethod
     def from_text(cls, text):
-        return cls(sorted(set(text)))
+        return cls(sorted(set("".join(_split_special(text, [EOT])))), [EOT])
 
     def encode(self, text):
-        return [self.stoi[ch] for ch in text]
+        if not self.special_tokens:
+            return [self.stoi[ch] for ch in text]
+        ids = []
+        for k, part in enumerate(regex.split(_special_regex(self.special_tokens), text)):
+            ids.extend([self.special_tokens[part]] if k % 2 else [self.stoi[ch] for ch in part])
+        return ids
 
     def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+        names = {i: s for s, i in self.special_tokens.items()}
+        return "".join(self.chars[i] if i < len(self.chars) else names[i] for i in ids)
 
     def unknown_chars(self, text):
-        return sorted(set(text) - set(self.stoi))
+        return sorted(set("".join(_split_special(text, list(self.special_tokens)))) - set(self.stoi))
 
     def to_dict(self):
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars, "special_tokens": list(self.special_tokens)}
 
 
 # -----------------------------------------------------------------------------
 # Byte-level BPE training
 
+def _special_regex(special_tokens):
+    return "(" + "|".join(regex.escape(s) for s in special_tokens) + ")"
+
+
 def _split_special(text, special_tokens):
     """Cut the text at the special tokens (dropping them), so no merge ever spans one."""
     if not special_tokens:
         return [text]
-    return regex.split("|".join(regex.escape(s) for s in special_tokens), text)
+    return regex.split(_special_regex(special_tokens), text)[::2]
 
 
 def _merge(ids, pair, new_id):
@@ -166,7 +178,7 @@ def reference_encode(text, tokens_or_ranks, pattern=GPT2_PATTERN, special_tokens
     if not isinstance(special_tokens, dict):
         special_tokens = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
     if special_tokens:  # keep the specials (capturing group) so we can emit their ids
-        segments = regex.split("(" + "|".join(regex.escape(s) for s in special_tokens) + ")", text)
+        segments = regex.split(_special_regex(special_tokens), text)
     else:
         segments = [text]
     ids = []
@@ -270,7 +282,7 @@ def make_tokenizer(kind, text, vocab_size, verbose=False):
 def tokenizer_from_dict(d):
     kind = d.get("kind")
     if kind == "char":
-        return CharTokenizer(d["chars"])
+        return CharTokenizer(d["chars"], d.get("special_tokens", ()))
     if kind == "bpe":
         special = sorted(d["special_tokens"], key=d["special_tokens"].get)  # names in id order
         return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)

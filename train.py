@@ -17,14 +17,16 @@ import signal
 import sys
 import time
 
+import numpy as np
 import torch
 
 from config import GPTConfig, TrainConfig, TinyLLMError, add_config_flags, build_configs, default_preset
 from model import GPT
-from utils import (autocast, check_long_enough, choose_device, format_seconds, get_batch, get_lr,
-                   load_checkpoint, load_text, log, make_optimizer, model_from_checkpoint, resolve_dtype,
-                   rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state, split_train_val)
-from tokenizer import CharTokenizer, tokenizer_from_dict
+from tokenizer import make_tokenizer, tokenizer_from_dict
+from utils import (autocast, check_long_enough, choose_device, format_seconds, get_batch, get_lr, is_prepared,
+                   load_checkpoint, load_corpus, load_prepared, log, make_optimizer, model_from_checkpoint,
+                   resolve_dtype, rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state,
+                   split_train_val)
 
 
 # ----------------------------------------------------------------------------- the two loops
@@ -34,7 +36,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     zero grads, batch, forward, loss, backward, clip, optimizer step. The caller then
     advances the step counter. Returns (loss, grad norm before clipping)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     total_loss = 0.0
     for _ in range(grad_accum_steps):
@@ -104,17 +106,25 @@ def evaluate_full(model, ids, block_size, batch_size, device, ctx):
 
 # ----------------------------------------------------------------------------- run pieces
 
-def load_data(path, tokenizer=None):
-    """Read the text, build (or reuse) the tokenizer, encode, and split 90/10."""
-    text = load_text(path)
+def load_data(path, kind="char", vocab_size=2048, tokenizer=None, clean=False):
+    """(tokenizer, train tokens, val tokens, characters per val token). The tokenizer is
+    reused when given (resume, fine-tuning), else built: char from the whole text, BPE
+    learned from the training split only. The split is contiguous, 90/10."""
+    if is_prepared(path):  # a folder from prepare.py: memory-mapped tokens
+        meta, train_ids, val_ids = load_prepared(path)
+        if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
+            raise TinyLLMError(f"{path} was prepared with a different tokenizer than the checkpoint's")
+        return tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids, meta["val_chars"] / max(1, len(val_ids))
+    text = load_corpus(path, clean)
     if tokenizer is None:
-        tokenizer = CharTokenizer.from_text(text)
+        tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * 0.9)], vocab_size)
     elif hasattr(tokenizer, "unknown_chars") and tokenizer.unknown_chars(text):
         missing = "".join(tokenizer.unknown_chars(text))[:40]
         raise TinyLLMError(f"{path} has characters the checkpoint's vocabulary lacks: {missing!r}")
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     train_ids, val_ids = split_train_val(ids)
-    return tokenizer, train_ids, val_ids
+    chars_per_token = len(tokenizer.decode(val_ids.tolist())) / max(1, len(val_ids))
+    return tokenizer, train_ids, val_ids, chars_per_token
 
 
 def make_checkpoint(model, optimizer, model_cfg, train_cfg, tokenizer, state, preset):
@@ -255,7 +265,8 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
     # --- data and tokenizer
     source = checkpoint or (load_checkpoint(init_from) if init_from else None)
     tokenizer = tokenizer_from_dict(source["tokenizer"]) if source else None
-    tokenizer, train_ids, val_ids = load_data(train_cfg.data, tokenizer)
+    tokenizer, train_ids, val_ids, chars_per_token = load_data(train_cfg.data, train_cfg.tokenizer,
+                                                               model_cfg.vocab_size, tokenizer, train_cfg.clean)
     check_long_enough(train_ids, model_cfg.block_size, "train", train_cfg.data)
     check_long_enough(val_ids, model_cfg.block_size, "validation", train_cfg.data)
 
@@ -267,7 +278,8 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
         model = GPT(model_cfg)
     model.to(device)
-    optimizer = make_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2), device)
+    optimizer = make_optimizer(model, train_cfg.lr, train_cfg.weight_decay, (train_cfg.beta1, train_cfg.beta2), device,
+                               train_cfg.optimizer, train_cfg.muon_lr)
     state = {"step": 0, "best_val_loss": math.inf, "evals_without_improvement": 0, "last_eval_step": -1,
              "lr": 0.0, "grad_norm": 0.0, "history": []}  # lr and grad_norm: of the latest step, for the logs
     if resume:
@@ -331,6 +343,7 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
                 ms = 1000 * window_time / max(1, window_steps)
                 eta = (train_cfg.max_steps - step) * ms / 1000
                 line = (f"eval {step:>6}/{train_cfg.max_steps} | train {losses['train']:.4f} | val {losses['val']:.4f}"
+                        f" ({losses['val'] / chars_per_token / math.log(2):.3f} bits/char)"
                         f" | lr {lr:.2e} | grad norm {grad_norm:.3f}")
                 if step == 0:
                     line += f" | uniform baseline ln(V) = {baseline:.4f}"
@@ -409,12 +422,11 @@ def evaluate_checkpoint(path, data, device_name, batch_size):
     model = model_from_checkpoint(checkpoint, path).to(device)
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     data = data or checkpoint.get("train_config", {}).get("data", "data/input.txt")
-    _, _, val_ids = load_data(data, tokenizer)
+    _, _, val_ids, chars_per_token = load_data(data, tokenizer=tokenizer)
     check_long_enough(val_ids, 1, "validation", data)
-    block_size = model.config.block_size
-    loss = evaluate_full(model, val_ids, block_size, batch_size, device, autocast(device, "float32"))
-    n_chars = len(tokenizer.decode(val_ids.tolist()))
-    bpc = loss * (len(val_ids) - 1) / max(1, n_chars - 1) / math.log(2)
+    val_ids = torch.as_tensor(np.asarray(val_ids, dtype=np.int64))
+    loss = evaluate_full(model, val_ids, model.config.block_size, batch_size, device, autocast(device, "float32"))
+    bpc = loss / chars_per_token / math.log(2)
     log(f"{path} on the val split of {data} ({len(val_ids):,} tokens, every position once):")
     log(f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | {bpc:.4f} bits per character")
     return {"loss": loss, "perplexity": math.exp(loss), "bpc": bpc}
@@ -442,6 +454,8 @@ def main(argv=None):
     if not run_args["preset"]:
         log(f"no --preset given: using '{preset}' for {device.type}")
     model_cfg, train_cfg = build_configs(args, preset)
+    if train_cfg.tokenizer == "bpe" and args.vocab_size is None:
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=2048)  # the BPE vocabulary to learn
     if run_args["eval_only"] is not None:
         path = run_args["eval_only"] or os.path.join(train_cfg.out_dir, "best.pt")
         evaluate_checkpoint(path, args.data, train_cfg.device, train_cfg.batch_size)

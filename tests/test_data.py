@@ -7,7 +7,7 @@ import torch
 
 from config import TinyLLMError
 from tokenizer import CharTokenizer
-from utils import check_long_enough, get_batch, get_lr, load_text, split_train_val
+from utils import check_long_enough, get_batch, get_lr, load_corpus, split_train_val
 
 
 def test_char_tokenizer_round_trip():
@@ -60,9 +60,9 @@ def test_lr_schedule_warmup_cosine_and_floor():
 
 def test_missing_and_empty_data_are_clear_errors(tmp_path):
     with pytest.raises(TinyLLMError, match="not found"):
-        load_text(str(tmp_path / "nope.txt"))
+        load_corpus(str(tmp_path / "nope.txt"))
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(TinyLLMError, match="empty"):
-        load_text(str(tmp_path / "empty.txt"))
+        load_corpus(str(tmp_path / "empty.txt"))
     with pytest.raises(TinyLLMError, match="block_size 64"):
         check_long_enough(torch.arange(10), 64, "val", "x.txt")

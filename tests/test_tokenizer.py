@@ -166,13 +166,17 @@ def test_bpe_checkpoint_round_trip(bpe, tmp_path):
     assert loaded.encode(text) == bpe.encode(text)
 
 
-def test_char_tokenizer_unchanged(tmp_path):
-    tok = make_tokenizer("char", "hello world", 0)
-    assert isinstance(tok, CharTokenizer) and tok.eot_id is None
+def test_char_tokenizer_has_one_end_of_text_id(tmp_path):
+    tok = make_tokenizer("char", "hello world" + EOT + "hi", 0)
+    assert isinstance(tok, CharTokenizer)
+    assert tok.chars == sorted(set("hello worldhi")) and tok.eot_id == len(tok.chars) == tok.vocab_size - 1
+    assert tok.encode("hi" + EOT + "h") == [tok.stoi["h"], tok.stoi["i"], tok.eot_id, tok.stoi["h"]]
+    assert tok.unknown_chars("hold" + EOT + "z") == ["z"]
     path = tmp_path / "tok.pt"
     torch.save(tok.to_dict(), path)
     loaded = tokenizer_from_dict(torch.load(path, weights_only=True))
-    assert loaded.encode("hello") == tok.encode("hello") and loaded.decode(tok.encode("hold")) == "hold"
+    text = "hello" + EOT + "hold"
+    assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
 
 
 def test_unknown_kinds_raise():
