@@ -1,0 +1,236 @@
+"""OpenAI's GPT-2 weights in and out of our GPT, through Hugging Face transformers.
+
+    python hf_gpt2.py import gpt2 --out checkpoints/gpt2.pt      # then: python generate.py --checkpoint checkpoints/gpt2.pt
+    python hf_gpt2.py import path/to/hf_folder --out checkpoints/mine.pt
+    python hf_gpt2.py export --checkpoint checkpoints/best.pt --out hf_model/
+
+Our GPT with pos="learned", norm="layernorm", mlp="gelu", bias=True is GPT-2's architecture
+exactly, so every weight maps one to one: only the names differ, and four matrices are stored
+transposed (HF keeps them in Conv1D layers). transformers is needed for this file only
+(pip install transformers) and is imported inside the functions that use it.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import os
+
+import torch
+
+from config import GPTConfig, TinyLLMError
+from model import GPT
+from utils import load_checkpoint, log, model_from_checkpoint, run_cli, save_checkpoint
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token
+GPT2_EOT = 50256
+LAYERNORM_EPS = 1e-5        # torch's default, which our nn.LayerNorm uses; GPT-2's too
+
+# HF's Conv1D stores its weight as (in, out), the transpose of nn.Linear's (out, in)
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# HF names for the tanh approximation of GELU that our MLP computes (same function, same numbers to ~1e-7)
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# constant causal-mask buffers of older transformers versions: not weights, nothing to copy
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+
+
+def hf_name(key):
+    """Our parameter name -> GPT2LMHeadModel's: blocks.3.mlp.c_fc.weight -> transformer.h.3.mlp.c_fc.weight."""
+    if key.startswith("blocks."):
+        key = "h." + key[len("blocks."):]
+    return "transformer." + key
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise TinyLLMError("Hugging Face transformers is not installed: pip install transformers") from None
+    return transformers
+
+
+def first_line(e):
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+# ----------------------------------------------------------------------------- Hugging Face -> ours
+
+def config_from_hf(hf, source, dropout=0.0):
+    """Our GPTConfig for an HF config, or one TinyLLMError listing every setting our GPT cannot represent."""
+    problems = []
+    if getattr(hf, "model_type", None) != "gpt2":
+        problems.append(f"model_type is {getattr(hf, 'model_type', None)!r}, not 'gpt2'")
+    else:
+        act = hf.activation_function
+        if act not in TANH_GELUS:
+            problems.append(f"activation_function {act!r} (ours is the tanh GELU, 'gelu_new')")
+        if hf.n_inner not in (None, 4 * hf.n_embd):
+            problems.append(f"n_inner {hf.n_inner} (ours is 4 * n_embd = {4 * hf.n_embd})")
+        if abs(hf.layer_norm_epsilon - LAYERNORM_EPS) > 1e-12:
+            problems.append(f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is {LAYERNORM_EPS})")
+        if not getattr(hf, "scale_attn_weights", True):
+            problems.append("scale_attn_weights=False (ours divides scores by sqrt(head size))")
+        if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+            problems.append("scale_attn_by_inverse_layer_idx=True")
+        if getattr(hf, "add_cross_attention", False):
+            problems.append("add_cross_attention=True")
+        if not getattr(hf, "tie_word_embeddings", True):
+            problems.append("tie_word_embeddings=False (our lm_head is always wte)")
+        # reorder_and_upcast_attn changes only mixed-precision rounding, not the function: fine
+    if problems:
+        raise TinyLLMError(f"{source} is not a GPT-2 our model can represent: {'; '.join(problems)}")
+    return GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head,
+                     n_embd=hf.n_embd, dropout=dropout, bias=True, norm="layernorm", mlp="gelu", pos="learned")
+
+
+def load_gpt2(name_or_path, dropout=0.0):
+    """Our GPT (eval mode, float32) holding pretrained GPT-2 weights.
+
+    name_or_path: gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once by transformers, then
+    cached), another Hub id, or a local folder written by save_pretrained. dropout is stored in the
+    config, for fine-tuning with train.py --init_from; loading itself is unaffected."""
+    name = str(name_or_path)
+    # a path that does not exist is a typo, not a Hub id: say so instead of asking the Hub
+    if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1):
+        raise TinyLLMError(f"GPT-2 folder {name} not found")
+    transformers = import_transformers()
+    what = f"{name!r} (a GPT-2 name such as {', '.join(GPT2_NAMES)}, or a save_pretrained folder)"
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(name)
+    except Exception as e:  # not found, offline, unreadable config.json, unknown model type...
+        raise TinyLLMError(f"could not load the config of {what}: {first_line(e)}") from None
+    config = config_from_hf(hf_config, name, dropout)  # refuse before downloading gigabytes
+    try:
+        hf = transformers.GPT2LMHeadModel.from_pretrained(name, config=hf_config)
+    except Exception as e:
+        raise TinyLLMError(f"could not load the weights of {what}: {first_line(e)}") from None
+
+    hf_state = hf.state_dict()
+    # our lm_head is wte; an untied lm_head would be silently replaced, so check it really is tied
+    lm_head = hf_state.pop("lm_head.weight", None)
+    if lm_head is not None and not torch.equal(lm_head, hf_state["transformer.wte.weight"]):
+        raise TinyLLMError(f"{name}: lm_head differs from the token embedding; our GPT needs them tied")
+    model = GPT(config)
+    with torch.no_grad():
+        for key, ours in model.state_dict().items():  # these share storage with the parameters
+            if key == "lm_head.weight":
+                continue  # tied: filled through wte
+            theirs = hf_state.pop(hf_name(key), None)
+            if theirs is None:
+                raise TinyLLMError(f"{name}: weight {hf_name(key)} is missing")
+            if key.endswith(CONV1D):
+                theirs = theirs.t()
+            if theirs.shape != ours.shape:
+                raise TinyLLMError(f"{name}: {hf_name(key)} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
+            ours.copy_(theirs)  # also casts a float16/bfloat16 checkpoint to our float32
+    leftover = [k for k in hf_state if not k.endswith(HF_BUFFERS)]
+    if leftover:
+        raise TinyLLMError(f"{name}: {len(leftover)} weights have no place in our GPT, e.g. {leftover[0]}")
+    return model.float().eval()
+
+
+def gpt2_checkpoint(model, tokenizer=None):
+    """A checkpoint dict for utils.save_checkpoint: generate.py --checkpoint samples from it and
+    train.py --init_from fine-tunes it. tokenizer defaults to OpenAI's GPT-2 tokenizer; pass the
+    tokenizer dict yourself for a GPT-2-shaped model trained on another vocabulary."""
+    if tokenizer is None:
+        if model.config.vocab_size < GPT2_VOCAB_SIZE:
+            raise TinyLLMError(f"the model has a vocabulary of {model.config.vocab_size} tokens, too few for the "
+                               f"GPT-2 tokenizer's {GPT2_VOCAB_SIZE}; pass the tokenizer it was trained with")
+        tokenizer = {"kind": "gpt2"}
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "tokenizer": tokenizer, "step": 0}
+
+
+# ----------------------------------------------------------------------------- ours -> Hugging Face
+
+def check_gpt2_compatible(config):
+    """GPT-2 has learned positions, LayerNorm with biases, a 4x GELU MLP and biased Linears."""
+    expected = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+    wrong = [f"{k}={getattr(config, k)!r} (GPT-2 has {v!r})" for k, v in expected.items() if getattr(config, k) != v]
+    if wrong:
+        raise TinyLLMError(f"this model cannot be exported as GPT-2: {'; '.join(wrong)}")
+
+
+def eot_id(tokenizer, vocab_size):
+    """The end-of-text id for the HF config's bos/eos, or None when the tokenizer has none."""
+    kind = tokenizer.get("kind") if tokenizer else None
+    if kind == "gpt2" or (kind is None and vocab_size == GPT2_VOCAB_SIZE):  # a bare GPT of GPT-2's size
+        return GPT2_EOT
+    if kind == "bpe":
+        return tokenizer.get("special_tokens", {}).get("<|endoftext|>")
+    return None
+
+
+def export_hf(source, folder):
+    """Write one of our GPT-2-compatible models (a checkpoint dict or a GPT) as a Hugging Face
+    folder that GPT2LMHeadModel.from_pretrained(folder) loads. Only the model is written: for
+    the GPT-2 tokenizer use AutoTokenizer.from_pretrained("gpt2")."""
+    if isinstance(source, GPT):
+        model, tokenizer = source, None
+    else:
+        model, tokenizer = model_from_checkpoint(source), source.get("tokenizer")
+    c = model.config
+    check_gpt2_compatible(c)
+    transformers = import_transformers()
+    eot = eot_id(tokenizer, c.vocab_size)
+    hf_config = transformers.GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        n_inner=None, activation_function="gelu_new", layer_norm_epsilon=LAYERNORM_EPS,
+        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,  # our one dropout is all three of theirs
+        bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True)
+    hf = transformers.GPT2LMHeadModel(hf_config)
+    hf_state = hf.state_dict()
+    with torch.no_grad():
+        written = set()
+        for key, ours in model.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied to wte on both sides
+            hf_state[hf_name(key)].copy_(ours.t() if key.endswith(CONV1D) else ours)
+            written.add(hf_name(key))
+    unwritten = [k for k in hf_state if k not in written and k != "lm_head.weight" and not k.endswith(HF_BUFFERS)]
+    assert not unwritten, f"HF weights left at their random init: {unwritten}"
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr(), "HF lm_head is not tied"
+    try:
+        hf.save_pretrained(folder)
+    except OSError as e:
+        raise TinyLLMError(f"could not write the Hugging Face folder {folder}: {e.strerror or first_line(e)}") from None
+    return hf_config
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="OpenAI GPT-2 weights in and out of tinyllm via Hugging Face.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("import", help="a Hugging Face GPT-2 -> a tinyllm checkpoint")
+    p.add_argument("name", help=f"{', '.join(GPT2_NAMES)}, or a save_pretrained folder")
+    p.add_argument("--out", default="checkpoints/gpt2.pt", metavar="PATH.pt")
+    p.add_argument("--dropout", type=float, default=0.0, help="stored for fine-tuning with train.py --init_from")
+    p = commands.add_parser("export", help="a tinyllm checkpoint -> a Hugging Face GPT-2 folder")
+    p.add_argument("--checkpoint", default="checkpoints/best.pt", metavar="PATH.pt")
+    p.add_argument("--out", default="hf_model", metavar="FOLDER")
+    args = parser.parse_args(argv)
+    # Hub retries and loading reports are logged as warnings; here a failure is one error line instead
+    with contextlib.suppress(ImportError):
+        import huggingface_hub
+        import transformers
+        transformers.logging.set_verbosity_error()
+        huggingface_hub.utils.logging.set_verbosity_error()
+
+    if args.command == "import":
+        log(f"loading {args.name} through transformers (a Hub name is downloaded once, then cached)")
+        model = load_gpt2(args.name, dropout=args.dropout)
+        save_checkpoint(args.out, gpt2_checkpoint(model))
+        c = model.config
+        log(f"wrote {args.out}: {model.num_params():,} parameters, {c.n_layer} layers, {c.n_embd} wide, "
+            f"context {c.block_size}")
+        log(f"sample: python generate.py --checkpoint {args.out} | fine-tune: python train.py --init_from {args.out}")
+    else:
+        export_hf(load_checkpoint(args.checkpoint), args.out)
+        log(f"wrote {args.out}/ (load with transformers.GPT2LMHeadModel.from_pretrained({args.out!r}))")
+
+
+if __name__ == "__main__":
+    run_cli(main)

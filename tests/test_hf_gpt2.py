@@ -1,0 +1,174 @@
+"""GPT-2 weights in and out through Hugging Face transformers, offline: a tiny random
+GPT2LMHeadModel stands in for OpenAI's, since the mapping does not depend on the size."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from config import TinyLLMError  # noqa: E402
+from conftest import ROOT, tiny_model_config  # noqa: E402
+from hf_gpt2 import export_hf, gpt2_checkpoint, load_gpt2  # noqa: E402
+from model import GPT  # noqa: E402
+from utils import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+
+VOCAB, CONTEXT = 101, 32
+TOKENIZER = {"kind": "char", "chars": [chr(33 + i) for i in range(VOCAB)]}  # any tokenizer of VOCAB tokens
+
+
+def hf_config(**overrides):
+    values = dict(n_layer=2, n_head=2, n_embd=32, n_positions=CONTEXT, vocab_size=VOCAB, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+    values.update(overrides)
+    return transformers.GPT2Config(**values)
+
+
+def jitter_vectors(model):
+    """Init leaves biases at 0 and norm gains at 1, which would hide a swapped or dropped vector."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = jitter_vectors(transformers.GPT2LMHeadModel(hf_config()))
+    folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
+    hf.save_pretrained(folder)
+    return str(folder), hf.eval()
+
+
+def test_loaded_model_gives_hf_logits(hf_folder):
+    folder, hf = hf_folder
+    model = load_gpt2(folder)
+    assert isinstance(model, GPT) and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    c = model.config
+    assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (VOCAB, CONTEXT, 2, 2, 32)
+    assert (c.pos, c.norm, c.mlp, c.bias) == ("learned", "layernorm", "gelu", True)
+    assert model.lm_head.weight is model.wte.weight
+    ids = torch.randint(0, VOCAB, (3, CONTEXT), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, _ = model(ids)
+        theirs = hf(ids).logits
+    assert ours.shape == theirs.shape
+    assert max_diff(ours, theirs) < 1e-5
+
+
+def test_greedy_continuations_are_identical(hf_folder):
+    folder, hf = hf_folder
+    model = load_gpt2(folder)
+    prompt = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    new = CONTEXT - prompt.size(1)
+    with torch.no_grad():
+        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    assert len(theirs[:, prompt.size(1):].unique()) > 5  # varied text: a wrong position would show
+    assert torch.equal(model.generate(prompt, new, temperature=0), theirs)                   # with our KV cache
+    assert torch.equal(model.generate(prompt, new, temperature=0, use_cache=False), theirs)  # and without
+
+
+@pytest.mark.parametrize("as_checkpoint", [False, True])
+def test_export_round_trip(tmp_path, as_checkpoint):
+    torch.manual_seed(3)
+    model = jitter_vectors(GPT(tiny_model_config(vocab_size=VOCAB, block_size=CONTEXT))).eval()
+    source = model
+    if as_checkpoint:
+        source = gpt2_checkpoint(model, tokenizer=TOKENIZER)
+        source["model"] = {"_orig_mod." + k: v for k, v in source["model"].items()}  # as torch.compile saves them
+    export_hf(source, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert (hf.config.n_positions, hf.config.vocab_size, hf.config.n_embd) == (CONTEXT, VOCAB, 32)
+    ids = torch.randint(0, VOCAB, (2, CONTEXT))
+    with torch.no_grad():
+        assert max_diff(model(ids)[0], hf(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(norm="rmsnorm"), "norm"), (dict(pos="rope"), "pos"), (dict(pos="sinusoidal"), "pos"),
+    (dict(mlp="swiglu"), "mlp"), (dict(bias=False), "bias"),
+])
+def test_export_refuses_what_gpt2_cannot_hold(tmp_path, overrides, field):
+    model = GPT(tiny_model_config(**overrides))
+    with pytest.raises(TinyLLMError, match=f"{field}="):
+        export_hf(gpt2_checkpoint(model, tokenizer=TOKENIZER), tmp_path / "hf")
+    with pytest.raises(TinyLLMError, match=f"{field}="):
+        export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_checkpoint_round_trip(hf_folder, tmp_path):
+    model = load_gpt2(hf_folder[0])
+    path = str(tmp_path / "gpt2.pt")
+    save_checkpoint(path, gpt2_checkpoint(model, tokenizer=TOKENIZER))
+    checkpoint = load_checkpoint(path)  # weights_only: only tensors and plain data inside
+    assert checkpoint["step"] == 0 and checkpoint["model_config"] == dataclasses.asdict(model.config)
+    loaded = model_from_checkpoint(checkpoint, path).eval()
+    ids = torch.randint(0, VOCAB, (2, CONTEXT))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids)[0], model(ids)[0])
+
+
+def test_checkpoint_names_the_gpt2_tokenizer(tmp_path):
+    checkpoint = gpt2_checkpoint(GPT(tiny_model_config(vocab_size=50257, n_embd=16)))
+    assert checkpoint["tokenizer"] == {"kind": "gpt2"}
+    hf_cfg = export_hf(checkpoint, tmp_path / "hf")
+    assert hf_cfg.eos_token_id == hf_cfg.bos_token_id == 50256  # "<|endoftext|>", so HF generate stops there
+    with pytest.raises(TinyLLMError, match="50257"):  # GPT-2's tokenizer would emit ids past a small vocab
+        gpt2_checkpoint(GPT(tiny_model_config(vocab_size=VOCAB)))
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(activation_function="relu"), ["activation_function", "relu"]),
+    (dict(scale_attn_by_inverse_layer_idx=True), ["scale_attn_by_inverse_layer_idx"]),
+    (dict(n_inner=64), ["n_inner 64"]),
+    (dict(layer_norm_epsilon=1e-6), ["layer_norm_epsilon"]),
+])
+def test_load_refuses_configs_we_cannot_represent(tmp_path, overrides, words):
+    hf_config(**overrides).save_pretrained(tmp_path)  # the config is checked before any weight is read
+    with pytest.raises(TinyLLMError) as err:
+        load_gpt2(str(tmp_path))
+    assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(TinyLLMError, match="not found"):
+        load_gpt2(str(tmp_path / "no-such-folder"))
+    with pytest.raises(TinyLLMError, match="could not load the config") as err:
+        load_gpt2(str(tmp_path))  # a folder without config.json
+    assert "\n" not in str(err.value)
+    hf_config().save_pretrained(tmp_path)
+    with pytest.raises(TinyLLMError, match="could not load the weights") as err:
+        load_gpt2(str(tmp_path))  # config.json but no weights
+    assert "\n" not in str(err.value)
+
+
+def test_cli_export_and_one_line_error(tmp_path):
+    torch.manual_seed(4)
+    path = str(tmp_path / "tiny.pt")
+    save_checkpoint(path, gpt2_checkpoint(GPT(tiny_model_config(vocab_size=VOCAB, norm="rmsnorm")), TOKENIZER))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf_gpt2.py"), "export", "--checkpoint", path,
+                             "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "norm='rmsnorm'" in lines[0], result.stderr
+
+
+def test_importing_the_module_has_no_side_effects():
+    code = "import sys, hf_gpt2; assert 'transformers' not in sys.modules"  # imported only when used
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
