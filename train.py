@@ -8,6 +8,7 @@ Every flag is listed by `python train.py --help`; their defaults live in config.
 """
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -19,6 +20,8 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import GPTConfig, TrainConfig, TinyLLMError, add_config_flags, build_configs, default_preset
 from model import GPT
@@ -39,15 +42,18 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     total_loss = 0.0
-    for _ in range(grad_accum_steps):
+    for micro_step in range(grad_accum_steps):
         x, y = next_batch()
-        with ctx:
-            _, loss = model(x, y)
-        # each micro-batch holds 1/grad_accum_steps of the batch, so the summed
-        # gradients equal the gradient of the mean loss over the whole batch
-        loss = loss / grad_accum_steps
-        total_loss += loss.item()
-        (scaler.scale(loss) if scaler else loss).backward()
+        # under DDP, all-reduce the gradients only once, after the last micro-batch
+        last = micro_step == grad_accum_steps - 1
+        with (contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()):
+            with ctx:
+                _, loss = model(x, y)
+            # each micro-batch holds 1/grad_accum_steps of the batch, so the summed
+            # gradients equal the gradient of the mean loss over the whole batch
+            loss = loss / grad_accum_steps
+            total_loss += loss.item()
+            (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf).item()
@@ -214,8 +220,9 @@ def prune_periodic(out_dir, keep_last):
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts."""
 
-    def __init__(self):
+    def __init__(self, announce=True):
         self.signum = None
+        self.announce = announce
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -225,7 +232,8 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt")
+        if self.announce:
+            log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt")
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -244,9 +252,44 @@ def peak_flops(device):
 
 # ----------------------------------------------------------------------------- the run
 
+def setup_distributed(device_name):
+    """(rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without
+    them this is a plain single process."""
+    device = choose_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_ranks_mean(values, world, device):
+    """Average a list of floats over the ranks (no-op for one process)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def load_source(path):
+    """The checkpoint a run starts from: one of ours (.pt), or OpenAI's GPT-2 weights by
+    name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a Hugging Face folder."""
+    if path.endswith(".pt"):
+        return load_checkpoint(path)
+    from hf_gpt2 import gpt2_checkpoint, load_gpt2  # needs transformers: imported only when asked
+    return gpt2_checkpoint(load_gpt2(path))
+
+
 def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_batch=False):
-    """Train and return a summary dict. Configs are already validated."""
-    device = choose_device(train_cfg.device)
+    """Train and return a summary dict. Configs are already validated. Under torchrun every
+    rank runs this; only rank 0 prints and writes files."""
+    rank, world, device = setup_distributed(train_cfg.device)
+    master = rank == 0
+    say = log if master else (lambda *a: None)
     out_dir = train_cfg.out_dir
     checkpoint = None
     if resume:
@@ -256,14 +299,17 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
         model_cfg = GPTConfig(**checkpoint["model_config"])
         train_cfg = TrainConfig(**{**checkpoint["train_config"], "device": train_cfg.device})
         preset = checkpoint.get("preset", preset)
-        log(f"resuming {out_dir}/last.pt at step {checkpoint['step']} (its saved settings are used)")
+        say(f"resuming {out_dir}/last.pt at step {checkpoint['step']} (its saved settings are used)")
+    if train_cfg.batch_size % (world * train_cfg.grad_accum_steps):
+        raise TinyLLMError(f"batch_size ({train_cfg.batch_size}) must be divisible by the number of processes "
+                           f"({world}) times grad_accum_steps ({train_cfg.grad_accum_steps})")
     dtype = resolve_dtype(train_cfg.dtype, device)
     ctx = autocast(device, dtype)
-    seed_everything(train_cfg.seed)
+    seed_everything(train_cfg.seed)  # the same on every rank: identical initial weights
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
 
     # --- data and tokenizer
-    source = checkpoint or (load_checkpoint(init_from) if init_from else None)
+    source = checkpoint or (load_source(init_from) if init_from else None)
     tokenizer = tokenizer_from_dict(source["tokenizer"]) if source else None
     tokenizer, train_ids, val_ids, chars_per_token = load_data(train_cfg.data, train_cfg.tokenizer,
                                                                model_cfg.vocab_size, tokenizer, train_cfg.clean)
@@ -274,6 +320,9 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
     if source:
         model = model_from_checkpoint(source, init_from or f"{out_dir}/last.pt")
         model_cfg = model.config
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise TinyLLMError(f"the model has {model_cfg.vocab_size} token embeddings but its tokenizer "
+                               f"{tokenizer.vocab_size} tokens")
     else:
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
         model = GPT(model_cfg)
@@ -286,18 +335,25 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = {k: checkpoint[k] for k in state}
         set_rng_state(checkpoint["rng"])
+    if world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
+        seed_everything(train_cfg.seed + 1000 * rank + 7919 * state["step"])
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     run_model = torch.compile(model) if train_cfg.compile else model
+    if world > 1:
+        run_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    micro_batch = train_cfg.batch_size // train_cfg.grad_accum_steps
+    micro_batch = train_cfg.batch_size // world // train_cfg.grad_accum_steps
     tokens_per_step = train_cfg.batch_size * model_cfg.block_size
     baseline = math.log(model_cfg.vocab_size)
-    log(f"device {device} ({dtype}, {torch.get_num_threads()} threads) | preset {preset} | data {train_cfg.data}")
-    log(f"model {model.num_params():,} parameters: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
+    say(f"device {device} ({dtype}, {torch.get_num_threads()} threads)" + (f" x {world} processes" if world > 1 else "")
+        + f" | preset {preset} | data {train_cfg.data}")
+    say(f"model {model.num_params():,} parameters: {model_cfg.n_layer} layers, {model_cfg.n_head} heads, "
         f"{model_cfg.n_embd} wide, block {model_cfg.block_size}, vocab {model_cfg.vocab_size} | "
-        f"norm {model_cfg.norm}, mlp {model_cfg.mlp}, pos {model_cfg.pos}")
-    log(f"tokens per step {tokens_per_step:,} = batch {train_cfg.batch_size} x block {model_cfg.block_size}"
-        + (f" ({train_cfg.grad_accum_steps} micro-batches of {micro_batch})" if train_cfg.grad_accum_steps > 1 else "")
+        f"norm {model_cfg.norm}, mlp {model_cfg.mlp}, pos {model_cfg.pos} | optimizer {train_cfg.optimizer}")
+    split = [f"{world} processes"] if world > 1 else []
+    split += [f"{train_cfg.grad_accum_steps} micro-batches"] if train_cfg.grad_accum_steps > 1 else []
+    say(f"tokens per step {tokens_per_step:,} = batch {train_cfg.batch_size} x block {model_cfg.block_size}"
+        + (f" ({' x '.join(split)} of {micro_batch})" if split else "")
         + f" | train {len(train_ids):,} tokens, val {len(val_ids):,} tokens")
 
     def batches(ids):
@@ -306,20 +362,25 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
     if overfit_batch:
         fixed = train_batch()
         train_batch = lambda: fixed  # noqa: E731
-        log("overfit_batch: training on one fixed batch; the loss should fall towards 0")
+        say("overfit_batch: training on one fixed batch; the loss should fall towards 0")
     eval_batches = {"train": train_batch, "val": val_batch}
 
-    os.makedirs(out_dir, exist_ok=True)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
     last_path, best_path = os.path.join(out_dir, "last.pt"), os.path.join(out_dir, "best.pt")
     good_checkpoint = last_path if resume else None
     flops_per_step = model.flops_per_token() * tokens_per_step
     peak = peak_flops(device)
 
     def save(path):
-        save_checkpoint(path, make_checkpoint(model, optimizer, model_cfg, train_cfg, tokenizer, state, preset))
+        if master:
+            save_checkpoint(path, make_checkpoint(model, optimizer, model_cfg, train_cfg, tokenizer, state, preset))
 
     def evaluate(step, lr, grad_norm):
-        losses = estimate_loss(run_model, eval_batches, train_cfg.eval_iters, ctx)
+        # each rank evaluates its share of the batches; the average is the same everywhere,
+        # so every rank takes the same best / early-stopping decisions
+        losses = estimate_loss(run_model, eval_batches, math.ceil(train_cfg.eval_iters / world), ctx)
+        losses = dict(zip(losses, all_ranks_mean(list(losses.values()), world, device)))
         improved = losses["val"] < state["best_val_loss"]
         state["history"].append({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
                                  "lr": lr, "grad_norm": grad_norm})
@@ -336,7 +397,7 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
     run_start = time.perf_counter()
     stop_reason = None
     reached_overfit = None
-    with StopRequest() as stop:
+    with StopRequest(announce=master) as stop:
         while True:
             if (step % train_cfg.eval_interval == 0 or step == train_cfg.max_steps) and step != state["last_eval_step"]:
                 losses, improved = evaluate(step, lr, grad_norm)
@@ -349,13 +410,14 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
                     line += f" | uniform baseline ln(V) = {baseline:.4f}"
                 elif window_steps:
                     line += f" | {ms:.1f} ms/step | {tokens_per_step / ms * 1000:,.0f} tok/s | ETA {format_seconds(eta)}"
-                log(line + (" | new best" if improved else ""))
+                say(line + (" | new best" if improved else ""))
                 save(last_path)
                 good_checkpoint = last_path
                 if improved:
                     save(best_path)
-                write_history(state["history"], out_dir)
-                plot_history(state["history"], out_dir, model_cfg.vocab_size, train_cfg)
+                if master:
+                    write_history(state["history"], out_dir)
+                    plot_history(state["history"], out_dir, model_cfg.vocab_size, train_cfg)
                 if train_cfg.patience and state["evals_without_improvement"] >= train_cfg.patience:
                     stop_reason = (f"early stop: val loss has not improved for {train_cfg.patience} evaluations "
                                    f"(best {state['best_val_loss']:.4f} kept in {best_path})")
@@ -380,37 +442,43 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
                 window_time, window_steps = window_time + dt, window_steps + 1
             if overfit_batch and loss < 0.01:
                 reached_overfit = step
-                log(f"overfit_batch: loss {loss:.4f} < 0.01 at step {step}")
+                say(f"overfit_batch: loss {loss:.4f} < 0.01 at step {step}")
             if step % train_cfg.log_interval == 0 and window_steps:
                 ms = 1000 * window_time / window_steps
                 line = (f"step {step:>6}/{train_cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f}"
                         f" | {ms:.1f} ms/step | {tokens_per_step / ms * 1000:,.0f} tok/s"
                         f" | ETA {format_seconds((train_cfg.max_steps - step) * ms / 1000)}")
                 if peak:
-                    line += f" | MFU {flops_per_step / (ms / 1000) / peak * 100:.1f}%"
-                log(line)
+                    line += f" | MFU {flops_per_step / (ms / 1000) / (peak * world) * 100:.1f}%"
+                say(line)
             if train_cfg.save_interval and step % train_cfg.save_interval == 0:
                 save(os.path.join(out_dir, f"ckpt_{step:07d}.pt"))
-                prune_periodic(out_dir, train_cfg.keep_last)
-            if stop.signum is not None:
+                if master:
+                    prune_periodic(out_dir, train_cfg.keep_last)
+            signum = torch.tensor([stop.signum or 0], device=device)
+            if world > 1:  # ranks may see a signal a step apart: stop together
+                dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+            signum = int(signum.item())
+            if signum:
                 save(last_path)
-                code = 130 if stop.signum == signal.SIGINT else 143
-                log(f"saved {last_path} at step {step}. Resume with: python train.py --resume --out_dir {out_dir}")
-                sys.exit(code)
+                say(f"saved {last_path} at step {step}. Resume with: python train.py --resume --out_dir {out_dir}")
+                sys.exit(130 if signum == signal.SIGINT else 143)
 
     if state["last_eval_step"] != step:  # stopped early (overfit check): record where we ended
         save(last_path)
     if stop_reason:
-        log(stop_reason)
+        say(stop_reason)
     elapsed = time.perf_counter() - run_start
-    log(f"done: {step} steps in {format_seconds(elapsed)} | best val loss {state['best_val_loss']:.4f} "
+    say(f"done: {step} steps in {format_seconds(elapsed)} | best val loss {state['best_val_loss']:.4f} "
         f"| checkpoints in {out_dir}/ (best.pt, last.pt), history.csv, loss.png")
-    if train_cfg.sample_tokens:
+    if train_cfg.sample_tokens and master:
         model.eval()
-        start = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "stoi", {}) else [0]
+        start = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "stoi", {}) else [tokenizer.eot_id or 0]
         out = model.generate(torch.tensor([start], device=device), train_cfg.sample_tokens, temperature=0.8,
                              generator=torch.Generator(device).manual_seed(train_cfg.seed))
-        log("sample:\n" + tokenizer.decode(out[0].tolist()))
+        say("sample:\n" + tokenizer.decode(out[0].tolist()))
+    if world > 1:
+        dist.destroy_process_group()
     return {"step": step, "best_val_loss": state["best_val_loss"], "history": state["history"],
             "elapsed": elapsed, "overfit_step": reached_overfit, "model": model}
 
