@@ -63,7 +63,6 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.n_head = config.n_head
-        self.block_size = config.block_size
         self.layer = layer
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
@@ -76,12 +75,10 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # rotate q and k together, v stays as it is
             qkv = torch.cat((apply_rope(qkv[:, :, :2], rope), qkv[:, :, 2:]), dim=2)
         q, k, v = qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
-        if cache is not None:
+        if cache is not None:  # attend to the keys and values of earlier tokens as well
             if cache.k[self.layer] is not None:
-                # keep at most block_size keys in view: a sliding window past the end
-                keep = self.block_size - T
-                k = torch.cat((cache.k[self.layer][:, :, -keep:] if keep > 0 else k[:, :, :0], k), dim=2)
-                v = torch.cat((cache.v[self.layer][:, :, -keep:] if keep > 0 else v[:, :, :0], v), dim=2)
+                k = torch.cat((cache.k[self.layer], k), dim=2)
+                v = torch.cat((cache.v[self.layer], v), dim=2)
             cache.k[self.layer], cache.v[self.layer] = k, v
         S = k.size(2)  # keys in view, S >= T
         if S == T:
@@ -208,13 +205,12 @@ class GPT(nn.Module):
         return logits, loss
 
     def context_start(self, n_tokens, start):
-        """First token of the context used to predict token n_tokens.
-        RoPE slides a window of the last block_size tokens. Absolute positions cannot
-        slide (every token would change position), so when the window is full we jump
-        it forward to keep the last block_size // 2 tokens; with a KV cache that is one
-        re-prefill every block_size // 2 tokens instead of a full recompute per token."""
-        if self.config.pos == "rope":
-            return max(0, n_tokens - self.config.block_size)
+        """First token of the context used to predict token n_tokens, given the current
+        start. While the context fits in block_size it grows; when it would overflow, it
+        jumps forward to keep the last block_size // 2 tokens. With a KV cache that costs one
+        re-prefill every block_size // 2 tokens, and the cached run computes exactly what a
+        full recompute on the same context computes. (A sliding window would not: a cached
+        key in layer 2 was computed while tokens now out of the window were still in view.)"""
         if n_tokens - start > self.config.block_size:
             return n_tokens - max(1, self.config.block_size // 2)
         return start
@@ -224,14 +220,14 @@ class GPT(nn.Module):
                         use_cache=True, stop_token=None, generator=None):
         """Yield the next token of each row, shape (B, 1), one step at a time.
         Stops early once every row has produced stop_token."""
-        start = self.context_start(idx.size(1), 0)
+        start = max(0, idx.size(1) - self.config.block_size)
         cache = None
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             new_start = self.context_start(idx.size(1), start)
             if not use_cache:
                 logits, _ = self(idx[:, new_start:])
-            elif cache is None or (new_start != start and self.config.pos != "rope"):
+            elif cache is None or new_start != start:
                 cache = KVCache(self.config.n_layer)  # (re)prefill the whole context
                 logits, _ = self(idx[:, new_start:], cache=cache)
             else:

@@ -306,7 +306,8 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
     dtype = resolve_dtype(train_cfg.dtype, device)
     ctx = autocast(device, dtype)
     seed_everything(train_cfg.seed)  # the same on every rank: identical initial weights
-    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    if device.type == "cuda":  # TF32 matmuls on GPUs that have them (on some CPUs "high" is 10x slower)
+        torch.set_float32_matmul_precision("high")
 
     # --- data and tokenizer
     source = checkpoint or (load_source(init_from) if init_from else None)
@@ -417,6 +418,7 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
                     save(best_path)
                 if master:
                     write_history(state["history"], out_dir)
+                if master and train_cfg.plots:
                     plot_history(state["history"], out_dir, model_cfg.vocab_size, train_cfg)
                 if train_cfg.patience and state["evals_without_improvement"] >= train_cfg.patience:
                     stop_reason = (f"early stop: val loss has not improved for {train_cfg.patience} evaluations "

@@ -95,3 +95,48 @@ def test_train_end_to_end_then_generate(tmp_path):
         assert words in result.stdout
     sample = run("generate.py", "--checkpoint", str(out / "best.pt"), "--max_new_tokens", "10")
     assert sample.returncode == 0 and len(sample.stdout) >= 10
+
+
+def test_sweep_script_writes_reproducible_files(checkpoint, tmp_path):
+    env = dict(os.environ, TEMPS="1.0", TOP_KS="0 5", NUM_SAMPLES="2", MAX_NEW_TOKENS="20", OMP_NUM_THREADS="1")
+    outputs = []
+    for run_dir in ("a", "b"):
+        env["OUT_DIR"] = str(tmp_path / run_dir)
+        result = subprocess.run(["bash", os.path.join(ROOT, "sweep.sh"), checkpoint], capture_output=True, text=True,
+                                env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        outputs.append({p.name: p.read_text() for p in (tmp_path / run_dir).iterdir()})
+    assert sorted(outputs[0]) == ["samples_T1.0.txt", "samples_T1.0_k5.txt"]
+    assert outputs[0] == outputs[1]
+    assert "temperature=1.0 top_k=5" in outputs[0]["samples_T1.0_k5.txt"] and "seed=42" in outputs[0]["samples_T1.0.txt"]
+    assert outputs[0]["samples_T1.0.txt"].split("--- sample 1")[1] != outputs[0]["samples_T1.0_k5.txt"].split("--- sample 1")[1]
+
+
+def test_kill_9_at_random_moments_leaves_a_loadable_last_pt(shakespeare_head, tmp_path):
+    """SIGKILL gives the process no chance to clean up; atomic writes must still leave a
+    last.pt that loads and resumes to the end."""
+    import random
+    import signal
+    import time
+    from utils import load_checkpoint
+    rng = random.Random(0)
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", shakespeare_head, "--out_dir", str(out),
+           "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "8",
+           "--max_steps", "300", "--eval_interval", "5", "--eval_iters", "1", "--sample_tokens", "0", "--device", "cpu",
+           "--plots", "false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    for _ in range(3):
+        deadline = time.time() + 60
+        while not (out / "last.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = load_checkpoint(str(out / "last.pt"))
+        assert 0 <= ckpt["step"] < 300
+        proc = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert load_checkpoint(str(out / "last.pt"))["step"] == 300

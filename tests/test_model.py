@@ -123,3 +123,59 @@ def test_generation_crops_context_past_block_size():
 def test_sample_next_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
     assert sample_next(logits, temperature=0).tolist() == [[1], [0]]
+
+
+COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
+                for p in ("learned", "sinusoidal", "rope")]
+
+
+@pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
+def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
+    """Next-token logits with and without the cache agree at every step, well past block_size."""
+    import model as model_module
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=8, **switches)).eval()
+    seen = {True: [], False: []}
+    real = model_module.sample_next
+    for use_cache in (True, False):
+        monkeypatch.setattr(model_module, "sample_next",
+                            lambda logits, *a, _log=seen[use_cache], **k: (_log.append(logits.clone()), real(logits, *a, **k))[1])
+        idx = torch.randint(0, 65, (2, 5))
+        torch.manual_seed(1)
+        out = model.generate(torch.randint(0, 65, (2, 5)), 30, temperature=0, use_cache=use_cache)
+        seen[use_cache].append(out)
+    *cached_logits, cached_out = seen[True]
+    *full_logits, full_out = seen[False]
+    assert len(cached_logits) == len(full_logits) == 30   # 5 + 30 tokens: far beyond block_size 8
+    for step, (a, b) in enumerate(zip(cached_logits, full_logits)):
+        assert torch.allclose(a, b, atol=1e-4), f"step {step}: max diff {(a - b).abs().max():.2e}"
+    assert torch.equal(cached_out, full_out)
+
+
+def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
+    from utils import load_checkpoint, model_from_checkpoint, save_checkpoint
+    for switches in COMBINATIONS:
+        torch.manual_seed(0)
+        model = GPT(tiny_model_config(**switches))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        idx = torch.randint(0, 65, (4, 16))
+        first = None
+        for _ in range(5):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            first = first if first is not None else loss.item()
+        assert loss.item() < first
+        path = str(tmp_path / "m.pt")
+        save_checkpoint(path, {"model": model.state_dict(), "model_config": vars(model.config).copy(),
+                               "tokenizer": {"kind": "char", "chars": [chr(65 + i) for i in range(65)]}})
+        loaded = model_from_checkpoint(load_checkpoint(path)).eval()
+        model.eval()
+        assert torch.equal(loaded.generate(idx[:1, :3], 10, temperature=0), model.generate(idx[:1, :3], 10, temperature=0))
+
+
+def test_swiglu_keeps_the_parameter_count_close():
+    gelu = GPT(tiny_model_config(n_embd=384, n_head=6)).num_params()
+    swiglu = GPT(tiny_model_config(n_embd=384, n_head=6, mlp="swiglu")).num_params()
+    assert abs(swiglu - gelu) / gelu < 0.01
