@@ -1,0 +1,104 @@
+"""Data sources beyond one text file: prepare.py's memory-mapped corpora, JSONL, folders,
+Q&A records, cleaning, and a tiny model that learns to answer and stop."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+import train
+from config import TinyLLMError
+from generate import encode_prompt
+from tokenizer import EOT, tokenizer_from_dict
+from utils import get_batch, iter_pieces, load_corpus, load_prepared
+from conftest import ROOT, tiny_model_config, tiny_train_config
+
+
+def test_memmap_batches_equal_in_memory_batches(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 3000, size=5000).astype(np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    on_disk = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
+    in_memory = torch.from_numpy(ids.astype(np.int64))
+    for seed in range(5):
+        a = get_batch(on_disk, 8, 32, torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
+        b = get_batch(in_memory, 8, 32, torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].dtype == torch.int64
+
+
+def write_docs(folder, n=30):
+    folder.mkdir()
+    text = open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8").read(60_000)
+    docs = [text[i * 2000:(i + 1) * 2000] for i in range(n)]
+    for i, doc in enumerate(docs):
+        (folder / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
+    return docs
+
+
+def test_prepare_a_folder_then_train_from_the_memmaps(tmp_path):
+    docs = write_docs(tmp_path / "docs")
+    meta = prepare.prepare(str(tmp_path / "docs"), str(tmp_path / "out"), "bpe", 400)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 400
+    meta, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    stream = tok.decode(np.concatenate([train_ids, val_ids]).tolist())
+    assert stream == EOT + "".join(d + EOT for d in docs)       # every document wrapped, nothing lost
+    assert 0.05 < len(val_ids) / (len(train_ids) + len(val_ids)) < 0.2
+    cfg = tiny_train_config(str(tmp_path / "out"), tmp_path / "run", max_steps=10)
+    result = train.train(tiny_model_config(), cfg, "test")
+    assert result["model"].config.vocab_size == 400
+    assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]
+
+
+def test_prepare_jsonl_with_char_tokenizer_and_uint16(tmp_path):
+    path = tmp_path / "data.jsonl"
+    records = [{"text": f"record number {i}: " + "abc" * (i % 7)} for i in range(200)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    meta = prepare.prepare(str(path), str(tmp_path / "out"), "char")
+    _, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    assert tok.decode(np.concatenate([train_ids, val_ids]).tolist()) == load_corpus(str(path))
+
+
+def test_bad_records_are_clear_errors(tmp_path):
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"question": "Hi?", "answer": "Hello."}, {"id": 7, "question": "No answer?"}]))
+    with pytest.raises(TinyLLMError, match="record 7.*answer"):
+        load_corpus(str(qa))
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(TinyLLMError, match="line 2"):
+        load_corpus(str(lines))
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(TinyLLMError, match="not valid JSON"):
+        load_corpus(str(broken))
+
+
+def test_clean_normalises_whitespace_and_drops_duplicates(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    texts = ["Hello   world  \r\n\n\n\nagain", "unique", "Hello world\n\nagain"]
+    path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    kept = [t for t, _ in iter_pieces(str(path), clean=True)]
+    assert kept == ["Hello world\n\nagain", "unique"]
+    assert len(list(iter_pieces(str(path)))) == 3
+
+
+def test_tiny_model_learns_to_answer_and_stop(tmp_path):
+    records = [{"question": q, "answer": a} for q, a in [
+        ("Who are you?", "I am tinyllm."), ("What is your name?", "My name is tinyllm."),
+        ("What do you eat?", "Only tokens."), ("Where do you live?", "In a checkpoint."),
+        ("Are you alive?", "No, I am numbers."), ("Do you sleep?", "Never.")] * 3]
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps(records))
+    torch.manual_seed(0)
+    cfg = tiny_train_config(str(data), tmp_path / "run", max_steps=300, batch_size=16, lr=1e-2, min_lr=1e-3,
+                            warmup_steps=20, eval_interval=300, plots=False)
+    model = train.train(tiny_model_config(n_embd=64, n_head=4, block_size=48), cfg, "test")["model"].eval()
+    tok = tokenizer_from_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tokenizer"])
+    prompt = encode_prompt(tok, "Who are you?", qa=True)
+    out = model.generate(torch.tensor([prompt]), 40, temperature=0, stop_token=tok.eot_id)[0, len(prompt):].tolist()
+    assert out[-1] == tok.eot_id                                   # it stopped at the boundary...
+    assert tok.decode(out[:-1]) == " I am tinyllm."                # ...right after the learned answer
