@@ -31,7 +31,8 @@ import torch
 from config import PRESETS, TinyLLMError, add_config_flags, build_configs, default_preset
 from model import GPT
 from train import peak_flops, train_step
-from utils import autocast, choose_device, get_batch, log, make_optimizer, resolve_dtype, run_cli, seed_everything
+from utils import (autocast, choose_device, get_batch, log, make_optimizer, new_plot, resolve_dtype, run_cli,
+                   save_plot, seed_everything)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN_PY = os.path.join(ROOT, "train.py")  # module-level so tests can point it at a stand-in script
@@ -447,22 +448,12 @@ def ablation_table(rows):
 
 
 def plot_curves(rows, path, title):
-    import matplotlib  # lazily: only the ablation draws, and only when it has something to draw
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=90)
+    fig, ax = new_plot(height=4)
     for r in rows:
-        if r["curve"]:
+        if r["curve"]:  # a failed variant has none
             ax.plot([s for s, _ in r["curve"]], [v for _, v in r["curve"]], marker=".", label=r["name"])
     ax.set(xlabel="step", ylabel="val loss (nats/token)", title=title)
-    if ax.lines:  # every variant may have failed
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def bench_ablation(args, extra):

@@ -28,8 +28,8 @@ from model import GPT
 from tokenizer import make_tokenizer, tokenizer_from_dict
 from utils import (autocast, check_long_enough, choose_device, format_seconds, get_batch, get_lr, is_prepared,
                    load_checkpoint, load_corpus, load_prepared, log, make_optimizer, model_from_checkpoint,
-                   resolve_dtype, rng_state, run_cli, save_checkpoint, seed_everything, set_rng_state,
-                   split_train_val)
+                   new_plot, resolve_dtype, rng_state, run_cli, save_checkpoint, save_plot, seed_everything,
+                   set_rng_state, split_train_val)
 
 
 # ----------------------------------------------------------------------------- the two loops
@@ -158,57 +158,37 @@ def write_history(history, out_dir):
 
 def plot_history(history, out_dir, vocab_size, train_cfg):
     """loss.png (train and val, ln(V) baseline, best point), lr.png, grad_norm.png."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=90)
+    fig, ax = new_plot(height=4)
     ax.plot(steps, [h["train_loss"] for h in history], label="train")
     ax.plot(steps, [h["val_loss"] for h in history], label="val")
     ax.axhline(math.log(vocab_size), color="gray", linestyle="--", label=f"uniform ln(V) = {math.log(vocab_size):.2f}")
     best = min(history, key=lambda h: h["val_loss"])
     ax.plot([best["step"]], [best["val_loss"]], "r*", markersize=12, label=f"best val {best['val_loss']:.3f}")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png"))
-    plt.close(fig)
+    save_plot(fig, ax, os.path.join(out_dir, "loss.png"))
+
     plot_lr_schedule(train_cfg, os.path.join(out_dir, "lr.png"), upto=steps[-1])
 
-    fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
+    fig, ax = new_plot()
     ax.plot(steps, [h["grad_norm"] for h in history], label="grad norm (before clipping)")
     if train_cfg.grad_clip > 0:
         ax.axhline(train_cfg.grad_clip, color="gray", linestyle="--", label=f"clip at {train_cfg.grad_clip}")
     ax.set(xlabel="step", ylabel="global L2 norm", title="gradient norm")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "grad_norm.png"))
-    plt.close(fig)
+    save_plot(fig, ax, os.path.join(out_dir, "grad_norm.png"))
 
 
 def plot_lr_schedule(train_cfg, path, upto=None):
     """Draw the whole planned LR schedule; mark how far the run has got."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = range(train_cfg.max_steps + 1)
     lrs = [get_lr(s, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.max_steps) for s in steps]
-    fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
+    fig, ax = new_plot()
     ax.plot(steps, lrs)
     if upto is not None:
         ax.axvline(upto, color="gray", linestyle=":", label=f"step {upto}")
-        ax.legend()
     ax.set(xlabel="step", ylabel="learning rate",
            title=f"warmup {train_cfg.warmup_steps} steps, cosine {train_cfg.lr:g} -> {train_cfg.min_lr:g}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_plot(fig, ax, path)
 
 
 def prune_periodic(out_dir, keep_last):

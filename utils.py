@@ -385,7 +385,26 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     return model
 
 
-# ----------------------------------------------------------------------------- progress
+# ----------------------------------------------------------------------------- plots and progress
+
+def new_plot(height=3):
+    """A figure and axes from matplotlib's file-only backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(7, height), dpi=90)
+
+
+def save_plot(fig, ax, path):
+    import matplotlib.pyplot as plt
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
 
 def format_seconds(seconds):
     seconds = int(round(seconds))
