@@ -83,6 +83,8 @@ class CausalSelfAttention(nn.Module):
         S = k.size(2)  # keys in view, S >= T
         if S == T:
             mask, causal = None, True
+        elif T == 1:  # one new token sees every key: no mask at all
+            mask, causal = None, False
         else:  # new queries see every cached key and the new keys up to themselves
             mask, causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,

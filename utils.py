@@ -271,7 +271,8 @@ def make_optimizer(model, lr, weight_decay, betas, device, name="adamw", muon_lr
             {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+        # the fused kernel does the whole update in one pass per tensor: measurably faster on CPU too
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
     hidden = [p for n, p in params if p.dim() == 2 and n.startswith("blocks.")]
     groups = [
         {"params": hidden, "use_muon": True, "lr_scale": muon_lr / lr, "weight_decay": 0.0},
