@@ -111,13 +111,13 @@ PRESETS = {
                       lr=1e-3, min_lr=1e-4, warmup_steps=100, eval_interval=250, eval_iters=20),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
                   batch_size=64, max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=100,
-                  eval_interval=250, eval_iters=100),
+                  eval_interval=250, eval_iters=20),
     "small-modern": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, pos="rope", mlp="swiglu",
                          norm="rmsnorm", batch_size=64, max_steps=5000, lr=1e-3, min_lr=1e-4, warmup_steps=100,
-                         eval_interval=250, eval_iters=100),
+                         eval_interval=250, eval_iters=20),
     "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, dropout=0.2,
                    batch_size=64, max_steps=10000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
-                   eval_interval=500, eval_iters=100),
+                   eval_interval=500, eval_iters=20),
 }
 
 

@@ -21,10 +21,11 @@ from tokenizer import EOT, make_tokenizer
 from utils import format_seconds, iter_stream, log, run_cli
 
 
-def source_size(path):
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if n.endswith(".txt"))
-    return os.path.getsize(path)
+def source_size(path, clean):
+    """Bytes of text the stream will carry (a JSON file's own size counts quotes and escapes)."""
+    if os.path.isfile(path) and not path.endswith((".json", ".jsonl")) and not clean:
+        return os.path.getsize(path)
+    return sum(len(text.encode("utf-8")) for text in iter_stream(path, clean))
 
 
 def sample_text(path, clean, max_chars):
@@ -49,7 +50,7 @@ def all_chars(path, clean):
 def prepare(path, out, kind="bpe", vocab_size=2048, clean=False, tokenizer_sample_mb=20, val_fraction=0.1):
     if not os.path.exists(path):
         raise TinyLLMError(f"input {path} not found")
-    total_bytes = source_size(path)
+    total_bytes = source_size(path, clean)
     if total_bytes == 0:
         raise TinyLLMError(f"input {path} is empty")
     t0 = time.perf_counter()
