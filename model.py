@@ -49,13 +49,26 @@ def apply_rope(x, rotation):
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, plus the
-    absolute position of the next token."""
+    """Keys and values of every layer for the tokens seen so far, plus the position of
+    the next token. Buffers of block_size positions are allocated once and filled in
+    place, so a step writes one new column instead of copying the whole cache."""
 
-    def __init__(self, n_layer):
+    def __init__(self, n_layer, block_size):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
+        self.block_size = block_size
         self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, nh, T, hs); return all keys and values so far."""
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_empty(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_empty(B, nh, self.block_size, hs)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,10 +89,7 @@ class CausalSelfAttention(nn.Module):
             qkv = torch.cat((apply_rope(qkv[:, :, :2], rope), qkv[:, :, 2:]), dim=2)
         q, k, v = qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
         if cache is not None:  # attend to the keys and values of earlier tokens as well
-            if cache.k[self.layer] is not None:
-                k = torch.cat((cache.k[self.layer], k), dim=2)
-                v = torch.cat((cache.v[self.layer], v), dim=2)
-            cache.k[self.layer], cache.v[self.layer] = k, v
+            k, v = cache.update(self.layer, k, v)
         S = k.size(2)  # keys in view, S >= T
         if S == T:
             mask, causal = None, True
@@ -230,7 +240,7 @@ class GPT(nn.Module):
             if not use_cache:
                 logits, _ = self(idx[:, new_start:])
             elif cache is None or new_start != start:
-                cache = KVCache(self.config.n_layer)  # (re)prefill the whole context
+                cache = KVCache(self.config.n_layer, self.config.block_size)  # (re)prefill the whole context
                 logits, _ = self(idx[:, new_start:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)
