@@ -459,7 +459,8 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
         out = model.generate(torch.tensor([start], device=device), train_cfg.sample_tokens, temperature=0.8,
                              generator=torch.Generator(device).manual_seed(train_cfg.seed))
         say("sample:\n" + tokenizer.decode(out[0].tolist()))
-    if world > 1:
+    if world > 1:  # leave together: a rank that tears down early can abort the others
+        dist.barrier()
         dist.destroy_process_group()
     return {"step": step, "best_val_loss": state["best_val_loss"], "history": state["history"],
             "elapsed": elapsed, "overfit_step": reached_overfit, "model": model}
@@ -501,7 +502,7 @@ def main(argv=None):
 
     device = choose_device(args.device or "auto")
     preset = run_args["preset"] or default_preset(device.type)
-    if not run_args["preset"]:
+    if not run_args["preset"] and os.environ.get("RANK", "0") == "0":
         log(f"no --preset given: using '{preset}' for {device.type}")
     model_cfg, train_cfg = build_configs(args, preset)
     if train_cfg.tokenizer == "bpe" and args.vocab_size is None:
