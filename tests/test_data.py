@@ -1,6 +1,5 @@
 """Tokenizer, corpus split, batches and the learning-rate schedule."""
 
-import math
 
 import pytest
 import torch

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import GPTConfig, TinyLLMError
+from config import TinyLLMError
 from model import GPT, filter_logits, sample_next
 from conftest import tiny_model_config
 
@@ -138,10 +138,11 @@ def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
     seen = {True: [], False: []}
     real = model_module.sample_next
     for use_cache in (True, False):
-        monkeypatch.setattr(model_module, "sample_next",
-                            lambda logits, *a, _log=seen[use_cache], **k: (_log.append(logits.clone()), real(logits, *a, **k))[1])
-        idx = torch.randint(0, 65, (2, 5))
-        torch.manual_seed(1)
+        def recording(logits, *a, _log=seen[use_cache], **k):  # keep every step's logits, then sample as usual
+            _log.append(logits.clone())
+            return real(logits, *a, **k)
+        monkeypatch.setattr(model_module, "sample_next", recording)
+        torch.manual_seed(1)  # the same prompt both times
         out = model.generate(torch.randint(0, 65, (2, 5)), 30, temperature=0, use_cache=use_cache)
         seen[use_cache].append(out)
     *cached_logits, cached_out = seen[True]
