@@ -14,7 +14,7 @@ import sys
 import torch
 
 from config import TinyLLMError
-from tokenizer import EOT, tokenizer_from_dict
+from tokenizer import EOT, start_ids, tokenizer_from_dict
 from utils import choose_device, load_checkpoint, log, model_from_checkpoint, qa_prompt, run_cli
 
 
@@ -58,7 +58,7 @@ def encode_prompt(tokenizer, prompt, qa=False):
             print(f"warning: dropped characters the vocabulary lacks: {''.join(missing)!r}", file=sys.stderr, flush=True)
             prompt = kept
     if not prompt:
-        return tokenizer.encode("\n") if "\n" in getattr(tokenizer, "stoi", {}) else [0]
+        return start_ids(tokenizer)
     return tokenizer.encode(prompt)
 
 

@@ -268,6 +268,14 @@ class GPT2Tokenizer:
 
 # -----------------------------------------------------------------------------
 
+def start_ids(tokenizer):
+    """Where sampling starts without a prompt: a line end (byte-level tokenizers can always
+    encode one; a char vocabulary without it starts from its first character)."""
+    if isinstance(tokenizer, CharTokenizer) and "\n" not in tokenizer.stoi:
+        return [0]
+    return tokenizer.encode("\n")
+
+
 def make_tokenizer(kind, text, vocab_size, verbose=False):
     """A new tokenizer of the given kind; text and vocab_size are used where they apply."""
     if kind == "char":

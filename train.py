@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import GPTConfig, TrainConfig, TinyLLMError, add_config_flags, build_configs, default_preset
 from model import GPT
-from tokenizer import make_tokenizer, tokenizer_from_dict
+from tokenizer import make_tokenizer, start_ids, tokenizer_from_dict
 from utils import (autocast, check_long_enough, choose_device, format_seconds, get_batch, get_lr, is_prepared,
                    load_checkpoint, load_corpus, load_prepared, log, make_optimizer, model_from_checkpoint,
                    new_plot, resolve_dtype, rng_state, run_cli, save_checkpoint, save_plot, seed_everything,
@@ -455,8 +455,8 @@ def train(model_cfg, train_cfg, preset, resume=False, init_from=None, overfit_ba
         f"| checkpoints in {out_dir}/ (best.pt, last.pt), history.csv, loss.png")
     if train_cfg.sample_tokens and master:
         model.eval()
-        start = tokenizer.encode("\n") if "\n" in getattr(tokenizer, "stoi", {}) else [tokenizer.eot_id or 0]
-        out = model.generate(torch.tensor([start], device=device), train_cfg.sample_tokens, temperature=0.8,
+        start = torch.tensor([start_ids(tokenizer)], device=device)
+        out = model.generate(start, train_cfg.sample_tokens, temperature=0.8,
                              generator=torch.Generator(device).manual_seed(train_cfg.seed))
         say("sample:\n" + tokenizer.decode(out[0].tolist()))
     if world > 1:  # leave together: a rank that tears down early can abort the others

@@ -33,6 +33,9 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into a reader that stopped, e.g. `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(141)
 
 
 # ----------------------------------------------------------------------------- data
