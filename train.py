@@ -87,26 +87,20 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 
 @torch.no_grad()
 def evaluate_full(model, ids, block_size, batch_size, device, ctx):
-    """Mean loss over every position of ids exactly once: consecutive, non-overlapping windows."""
+    """Mean loss over every position of ids exactly once: consecutive, non-overlapping windows,
+    then the last positions that do not fill a window."""
     model.eval()
     windows = ids.unfold(0, block_size + 1, block_size)  # (n, T+1), neighbours share one token
-    n_windows = len(windows)
+    tail = len(ids) - 1 - len(windows) * block_size
+    chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    chunks += [ids[-tail - 1:][None]] if tail > 0 else []
     total, count = 0.0, 0
-    for i in range(0, n_windows, batch_size):
-        rows = windows[i:i + batch_size]  # (b, T+1)
+    for rows in chunks:  # (b, T+1)
         x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
         with ctx:
             logits, _ = model(x)
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
         count += y.numel()
-    tail = len(ids) - 1 - n_windows * block_size  # the last positions that do not fill a window
-    if tail > 0:
-        x = ids[-tail - 1:-1][None].to(device)
-        y = ids[-tail:][None].to(device)
-        with ctx:
-            logits, _ = model(x)
-        total += torch.nn.functional.cross_entropy(logits[0].float(), y[0], reduction="sum").item()
-        count += tail
     return total / count
 
 
@@ -124,9 +118,10 @@ def load_data(path, kind="char", vocab_size=2048, tokenizer=None, clean=False):
     text = load_corpus(path, clean)
     if tokenizer is None:
         tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * 0.9)], vocab_size)
-    elif hasattr(tokenizer, "unknown_chars") and tokenizer.unknown_chars(text):
-        missing = "".join(tokenizer.unknown_chars(text))[:40]
-        raise TinyLLMError(f"{path} has characters the checkpoint's vocabulary lacks: {missing!r}")
+    elif hasattr(tokenizer, "unknown_chars"):
+        missing = "".join(tokenizer.unknown_chars(text))
+        if missing:
+            raise TinyLLMError(f"{path} has characters the checkpoint's vocabulary lacks: {missing[:40]!r}")
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     train_ids, val_ids = split_train_val(ids)
     chars_per_token = len(tokenizer.decode(val_ids.tolist())) / max(1, len(val_ids))
