@@ -132,10 +132,11 @@ def test_kill_9_at_random_moments_leaves_a_loadable_last_pt(shakespeare_head, tm
         while not (out / "last.pt").exists() and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.5))
+        killed_mid_run = proc.poll() is None  # on a busy machine the run may not have got far, or may be done
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         ckpt = load_checkpoint(str(out / "last.pt"))
-        assert 0 <= ckpt["step"] < 300
+        assert 0 <= ckpt["step"] < 300 if killed_mid_run else ckpt["step"] == 300
         proc = subprocess.Popen(cmd + ["--resume"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
