@@ -1,94 +1,24 @@
-"""Every hyperparameter of tinyllm lives here: the model shape, the training run,
-and the named presets. train.py builds its command-line flags from these
-dataclasses, so a new field is one line in one place."""
+"""Every setting of tinyllm in one place: what it means, its default, the named presets,
+and how the command line sets it. train.py, generate.py, prepare.py and bench.py build
+their flags and their --help from the dataclasses below, so a setting is described once.
+
+    python config.py        # print the flags as the markdown table the README shows
+"""
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
+import math
+import sys
+from dataclasses import dataclass, field
 
 
 class TinyLLMError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback."""
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 65
-    block_size: int = 128       # longest context the model sees
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True           # biases in Linear and LayerNorm, as in GPT-2
-    norm: str = "layernorm"     # layernorm | rmsnorm
-    mlp: str = "gelu"           # gelu (4x wide) | swiglu (8/3 x wide, same parameter count)
-    pos: str = "learned"        # learned | sinusoidal | rope
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        _require(self.n_embd % self.n_head == 0,
-                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        _require(self.norm in ("layernorm", "rmsnorm"), f"norm must be layernorm or rmsnorm, got {self.norm!r}")
-        _require(self.mlp in ("gelu", "swiglu"), f"mlp must be gelu or swiglu, got {self.mlp!r}")
-        _require(self.pos in ("learned", "sinusoidal", "rope"),
-                 f"pos must be learned, sinusoidal or rope, got {self.pos!r}")
-        if self.pos == "rope":
-            _require((self.n_embd // self.n_head) % 2 == 0,
-                     f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
-
-
-@dataclass
-class TrainConfig:
-    data: str = "data/input.txt"    # a .txt file, a folder of them, .jsonl, Q&A .json, or a prepare.py folder
-    tokenizer: str = "char"         # char | bpe (learned here, --vocab_size) | gpt2 (tiktoken's)
-    clean: bool = False             # normalise whitespace and drop duplicate documents
-    out_dir: str = "checkpoints"
-    batch_size: int = 32
-    max_steps: int = 2000
-    lr: float = 2e-3                # peak learning rate, reached after warmup
-    min_lr: float = 2e-4            # cosine decay ends here and stays
-    warmup_steps: int = 100
-    weight_decay: float = 0.1       # applied to matrices only, never to biases or norms
-    optimizer: str = "adamw"        # adamw | muon (Muon for the blocks' matrices, AdamW for the rest)
-    muon_lr: float = 0.02           # Muon's peak learning rate; follows the same schedule as lr
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0          # max global grad norm; 0 turns clipping off
-    grad_accum_steps: int = 1       # micro-batches per optimizer step
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 50          # a progress line every N steps
-    save_interval: int = 0          # periodic ckpt_STEP.pt every N steps; 0 = off
-    keep_last: int = 3              # how many periodic checkpoints to keep
-    patience: int = 0               # stop after N evals without val improvement; 0 = off
-    seed: int = 1337
-    device: str = "auto"            # auto | cpu | cuda | mps
-    dtype: str = "auto"             # auto | float32 | bfloat16 | float16
-    compile: bool = False           # torch.compile the model
-    sample_tokens: int = 300        # length of the sample printed at the end
-    plots: bool = True              # redraw loss.png, lr.png, grad_norm.png after every evaluation
-
-    def __post_init__(self):
-        for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
-                     "grad_accum_steps", "keep_last"):
-            _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "patience", "sample_tokens"):
-            _require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
-        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
-        _require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
-                 f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        _require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
-        _require(self.batch_size % self.grad_accum_steps == 0,
-                 f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
-        _require(self.tokenizer in ("char", "bpe", "gpt2"), f"tokenizer must be char, bpe or gpt2, got {self.tokenizer!r}")
-        _require(self.optimizer in ("adamw", "muon"), f"optimizer must be adamw or muon, got {self.optimizer!r}")
-        _require(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
-        _require(self.dtype in ("auto", "float32", "bfloat16", "float16"),
-                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+def setting(default, help, choices=None, aliases=()):
+    """A dataclass field that also carries its --help text, allowed values and extra flag spellings."""
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
 
 
 def _require(ok, message):
@@ -96,17 +26,176 @@ def _require(ok, message):
         raise TinyLLMError(message)
 
 
-# Named presets: each overrides some fields of GPTConfig and TrainConfig.
-# "tiny" is the CPU default, tuned (see README) to finish in under 5 minutes on a 2-core
-# laptop CPU: the modern blocks (RoPE, SwiGLU) with Muon, which learn the most per second.
-# "small" is the classic 6x6x384 character-level Shakespeare model for a GPU.
+MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
+BPE_VOCAB_SIZE = 2048       # the vocabulary --tokenizer bpe learns unless --vocab_size says otherwise
+DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
+THREADS_HELP = "CPU threads for torch; 0 = auto (one per physical core, at most 4, OpenMP told not to spin)"
+
+
+@dataclass
+class GPTConfig:
+    """The model's shape. Saved in every checkpoint, so a checkpoint rebuilds its own model."""
+    vocab_size: int = setting(0, "token ids the model knows; 0 = from the tokenizer (char: the text's characters "
+                                 f"+ <|endoftext|>; bpe: {BPE_VOCAB_SIZE} to learn; gpt2: 50257)")
+    block_size: int = setting(128, "context length: the most tokens the model sees at once")
+    n_layer: int = setting(4, "Transformer blocks")
+    n_head: int = setting(4, "attention heads per block; must divide n_embd")
+    n_embd: int = setting(128, "width of the residual stream (embedding size)")
+    dropout: float = setting(0.0, "dropout probability while training, in [0, 1)")
+    bias: bool = setting(True, "biases in Linear and LayerNorm layers, as in GPT-2")
+    norm: str = setting("layernorm", "normalisation layer", ("layernorm", "rmsnorm"))
+    mlp: str = setting("gelu", "MLP: GELU 4x wide, or SwiGLU 8/3x wide (about the same parameters)", ("gelu", "swiglu"))
+    pos: str = setting("learned", "position information: a learned table, fixed sinusoids, or rotary (RoPE)",
+                       ("learned", "sinusoidal", "rope"))
+
+    def __post_init__(self):
+        _require(self.vocab_size >= 0, f"vocab_size must be 0 (from the tokenizer) or more, got {self.vocab_size}")
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        _require(self.n_embd % self.n_head == 0,
+                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        _check_choices(self)
+        if self.pos == "rope":
+            _require((self.n_embd // self.n_head) % 2 == 0,
+                     f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains. Saved in every checkpoint; --resume continues with the saved values."""
+    data: str = setting("data/input.txt", "training text: a .txt file, a folder (searched recursively), a .jsonl "
+                                          "file with a \"text\" field, a Q&A .json list, or a prepare.py folder")
+    data_ext: str = setting(".txt", "file endings read from a --data folder, comma-separated, e.g. .txt,.md,.py")
+    tokenizer: str = setting("char", "characters; byte-level BPE learned from the training split; or GPT-2's "
+                                     "(tiktoken's files, needs network once)", ("char", "bpe", "gpt2"))
+    clean: bool = setting(False, "normalise whitespace and drop exact duplicate documents")
+    out_dir: str = setting("checkpoints", "where checkpoints, history and plots go (checkpoints/TAG with --tag)")
+    tag: str = setting("", "a name for the run: it labels its curves in plots.py and, without --out_dir, "
+                           "its folder is checkpoints/TAG")
+    batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
+    max_steps: int = setting(2000, "optimizer steps; the cosine decay of the LR ends here")
+    lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
+    min_lr: float = setting(2e-4, "the LR the cosine decays to at max_steps, and stays at")
+    warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (never biases or norm gains)")
+    optimizer: str = setting("adamw", "AdamW for every weight, or Muon for the blocks' matrices and AdamW "
+                                      "for the rest", ("adamw", "muon"))
+    muon_lr: float = setting(0.02, "Muon's peak learning rate; follows the same schedule as lr")
+    beta1: float = setting(0.9, "AdamW's first-moment decay")
+    beta2: float = setting(0.95, "AdamW's second-moment decay")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 = off")
+    grad_accum_steps: int = setting(1, "split each batch into this many micro-batches: the same step, less memory")
+    eval_interval: int = setting(250, "evaluate, save last.pt (and best.pt when val improves) every N steps")
+    eval_iters: int = setting(20, "batches per split an evaluation averages")
+    log_interval: int = setting(50, "a progress line and a history row every N steps")
+    save_interval: int = setting(0, "also keep ckpt_STEP.pt every N steps; 0 = off")
+    keep_last: int = setting(3, "how many ckpt_STEP.pt files to keep")
+    patience: int = setting(0, "stop after N evaluations without a better val loss; 0 = off")
+    target_loss: float = setting(0.0, "stop as soon as an evaluation's val loss is at or below this; 0 = off")
+    seed: int = setting(1337, f"seed of every random number generator, 0 to {MAX_SEED}")
+    device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
+    dtype: str = setting("auto", "precision of the forward pass (autocast); auto: bfloat16 where the chip has "
+                                 "it natively, float16 + loss scaling on older GPUs, else float32",
+                         ("auto", "float32", "bfloat16", "float16"))
+    compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs; compiling takes a minute)")
+    threads: int = setting(0, THREADS_HELP)
+    sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
+    plots: bool = setting(True, "redraw loss.png, lr.png and grad_norm.png after every evaluation")
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
+                     "grad_accum_steps", "keep_last"):
+            _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_interval", "patience", "sample_tokens", "threads"):
+            _require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "muon_lr", "grad_clip", "target_loss"):
+            _require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
+        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
+        _require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+                 f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        _require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
+        _require(self.target_loss >= 0, f"target_loss must be 0 (off) or positive, got {self.target_loss}")
+        _require(self.batch_size % self.grad_accum_steps == 0,
+                 f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
+        _require(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
+        _require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        _require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
+        _require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
+                 f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
+        _check_choices(self)
+
+
+@dataclass
+class RunOptions:
+    """What this command does with the settings. Never saved: a checkpoint holds settings, not actions."""
+    preset: str = setting("", "start from a named preset (see below); default: tiny on a CPU or Mac, small on CUDA")
+    resume: bool = setting(False, "continue OUT_DIR/last.pt exactly (weights, optimizer, step, RNGs); "
+                                  "starts fresh when there is none, so one command survives disconnects")
+    overwrite: bool = setting(False, "start a fresh run even though OUT_DIR holds another run's checkpoints")
+    init_from: str = setting("", "start from this checkpoint's weights (or gpt2, gpt2-medium, ...) with a fresh "
+                                 "optimizer: fine-tuning; new characters in --data extend a char vocabulary")
+    eval_only: str = setting(None, "evaluate a checkpoint (default OUT_DIR/best.pt) on every position of the "
+                                   "val split, then exit; writes nothing")
+    overfit_batch: bool = setting(False, "sanity check: train on one fixed batch until the loss is near 0; "
+                                         "writes nothing")
+    plot_lr: bool = setting(False, "draw the LR schedule of these settings to OUT_DIR/lr_schedule.png, then exit")
+
+
+@dataclass
+class SampleConfig:
+    """How generate.py samples (and sweep.sh, which passes only what you set)."""
+    prompt: str = setting("", "text to continue; empty starts from a line end")
+    prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
+    max_new_tokens: int = setting(500, "tokens to generate per sample; may exceed the model's block_size")
+    temperature: float = setting(0.8, "divide the logits by this before sampling; 0 = greedy (always the most "
+                                      "likely token); otherwise at least 0.001")
+    top_k: int = setting(0, "keep only the k most likely tokens (and any tied with the k-th); 0 = off")
+    top_p: float = setting(1.0, "keep the smallest set of tokens whose probability reaches p, in (0, 1]; 1 = off")
+    seed: int = setting(1337, f"seed of the sampler, 0 to {MAX_SEED}: same seed, same machine, same text")
+    num_samples: int = setting(1, "samples drawn together as one batch")
+    output_file: str = setting("", "also write the samples here, under a header with every setting")
+    device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
+    threads: int = setting(0, THREADS_HELP)
+    no_cache: bool = setting(False, "recompute the whole context for every token instead of using the KV cache")
+    qa: bool = setting(False, "the prompt is a question: frame it as in Q&A training and stop after the answer")
+    no_stop: bool = setting(False, "keep generating past the end-of-text token")
+
+    def __post_init__(self):
+        _require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
+                 f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
+        _require(self.top_k >= 0, f"--top_k must be 0 (off) or positive, got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
+        _require(self.num_samples >= 1, f"--num_samples must be at least 1, got {self.num_samples}")
+        _require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        _require(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        _require(self.threads >= 0, f"--threads must be 0 (auto) or more, got {self.threads}")
+        _require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
+        _check_choices(self)
+
+
+def _check_choices(config):
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices and value not in choices:
+            raise TinyLLMError(f"{f.name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+# Each preset overrides some fields of GPTConfig and TrainConfig; flags override the preset.
+# "tiny" is the default on a CPU or a Mac: the most a 2-core laptop CPU learns in under five
+# minutes (README: "What you will see"). "small" is the classic 10M-parameter character-level
+# Shakespeare model, the default on a CUDA GPU.
 PRESETS = {
     "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, pos="rope", mlp="swiglu",
-                 batch_size=64, max_steps=900, lr=3e-3, min_lr=3e-4, warmup_steps=100, optimizer="muon",
+                 batch_size=64, max_steps=900, lr=3e-3, min_lr=3e-4, warmup_steps=100,
                  eval_interval=250, eval_iters=20),
     "speedrun": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, pos="rope", mlp="swiglu",
-                     batch_size=32, max_steps=240, lr=5e-3, min_lr=5e-4, muon_lr=0.03, warmup_steps=30,
-                     optimizer="muon", eval_interval=20, eval_iters=8, plots=False, sample_tokens=0),
+                     batch_size=32, max_steps=240, lr=5e-3, min_lr=5e-4, warmup_steps=30,
+                     eval_interval=20, eval_iters=8, plots=False, sample_tokens=0),
     "reference": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=12, max_steps=2000,
                       lr=1e-3, min_lr=1e-4, warmup_steps=100, eval_interval=250, eval_iters=20),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2,
@@ -122,40 +211,143 @@ PRESETS = {
 
 
 def default_preset(device_type):
-    """The preset `python train.py` uses when none is named."""
+    """The preset `python train.py` uses when none is named: a GPU gets the classic model,
+    a CPU or a Mac the one that trains in minutes."""
     return "small" if device_type == "cuda" else "tiny"
 
 
-def add_config_flags(parser):
-    """Add one --flag per field of GPTConfig and TrainConfig, spelled like the field.
-    Every default is None so we can tell what the user set from what the preset sets."""
-    for cls in (GPTConfig, TrainConfig):
-        group = parser.add_argument_group(cls.__name__)
-        for f in dataclasses.fields(cls):
-            kind = _bool_flag if f.type is bool else f.type
-            group.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.name.upper(),
-                               help=f"default: {f.default} (or the preset's)")
+# ----------------------------------------------------------------------------- the command line
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_configs(args, preset, vocab_size=None):
-    """GPTConfig and TrainConfig from defaults, then the preset, then explicit flags."""
-    if preset not in PRESETS:
-        raise TinyLLMError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = dict(PRESETS[preset])
-    values.update({k: v for k, v in vars(args).items() if v is not None})
-    if vocab_size is not None:
-        values["vocab_size"] = vocab_size
-    return (GPTConfig(**_fields_of(GPTConfig, values)), TrainConfig(**_fields_of(TrainConfig, values)))
-
-
-def _fields_of(cls, values):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}
-
-
-def _bool_flag(text):
+def bool_flag(text):
     if text.lower() in ("1", "true", "yes", "on"):
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser, cls, defaults=None, names=None, title=None):
+    """One --flag per field of cls, spelled like the field, with its meaning, allowed values and
+    default in --help. defaults: {name: (value, where it comes from)} for defaults that are not
+    the dataclass's own (a preset's, or what auto means on this machine). Every flag's value
+    is None unless given, so the user's choices can be told from the defaults."""
+    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        meta = f.metadata
+        flags = [f"--{f.name}", *meta.get("aliases", ())]
+        default, source = (defaults or {}).get(f.name, (f.default, None))
+        shown = "none" if default in ("", None) else default
+        help = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta.get("choices") else "")
+        help += f" (default: {shown}" + (f", {source})" if source else ")")
+        help = help.replace("%", "%%")
+        if f.type is bool:  # a bare --flag means true; --flag false still works
+            group.add_argument(*flags, dest=f.name, type=bool_flag, nargs="?", const=True, default=None,
+                               metavar="BOOL", help=help)
+        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
+            group.add_argument(*flags, dest=f.name, nargs="?", const="", default=None, metavar="PATH.pt", help=help)
+        else:
+            group.add_argument(*flags, dest=f.name, type=f.type, default=None, metavar=f.name.upper(), help=help)
+
+
+def explicit_flags(args):
+    """The settings given on the command line: {name: value}."""
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def build(cls, values):
+    """An instance of cls from the entries of values that are its fields; the rest keep their defaults."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def build_configs(given, preset):
+    """GPTConfig and TrainConfig from the defaults, then the preset, then the flags given ({name: value})."""
+    if preset not in PRESETS:
+        raise TinyLLMError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = {**PRESETS[preset], **given}
+    if values.get("tag") and "out_dir" not in given:
+        values["out_dir"] = f"{TrainConfig.out_dir}/{values['tag']}"  # f"{field default}/TAG"
+    return build(GPTConfig, values), build(TrainConfig, values)
+
+
+def preset_defaults(preset, auto=None):
+    """The defaults --help shows: the preset's values, and what auto resolves to on this machine."""
+    out = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
+    out.update(auto or {})
+    return out
+
+
+# ----------------------------------------------------------------------------- output and errors
+
+def log(*args):
+    """Print one flushed line, so output reads well in a Colab cell and in a log file."""
+    print(*args, flush=True)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds):
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(): a user error, or a file that cannot be read or written, becomes one
+    `error:` line on stderr and exit status 2, never a traceback."""
+    try:
+        main(argv)
+    except TinyLLMError as e:
+        _fail(str(e))
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):  # output piped into a reader that stopped, e.g. `| head`
+            import os
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(141)
+        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- the README's table
+
+def markdown_flags(classes=(GPTConfig, TrainConfig, RunOptions)):
+    """Every flag with its meaning and base default, as a markdown table (the README pastes it)."""
+    rows = ["| flag | meaning | default |", "| --- | --- | --- |"]
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            flag = " ".join(f"`{s}`" for s in (f"--{f.name}", *meta.get("aliases", ())))
+            choices = " (" + " \\| ".join(meta["choices"]) + ")" if meta.get("choices") else ""
+            default = "" if f.default in ("", None) else f"`{f.default}`"
+            meaning = meta["help"].replace("|", "\\|") + choices
+            rows.append(f"| {flag} | {meaning} | {default} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    parser = ArgumentParser(description="Print train.py's and generate.py's flags as markdown tables.")
+    parser.parse_args(argv)
+    log("train.py\n\n" + markdown_flags() + "\ngenerate.py\n\n" + markdown_flags((SampleConfig,)))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,50 +1,57 @@
 """Sample text from a trained checkpoint.
 
-    python generate.py --seed 42
-    python generate.py --prompt "ROMEO:" --temperature 0.8 --top_k 40 --num_samples 3
-    python generate.py --checkpoint checkpoints/ckpt_0000500.pt checkpoints/best.pt   # compare checkpoints
+    python generate.py --seed 42                                  # checkpoints/best.pt
+    python generate.py checkpoints/best.pt --prompt "ROMEO:" --temperature 0.8 --top_k 40 --num_samples 3
+    python generate.py checkpoints/ckpt_0000500.pt checkpoints/best.pt   # compare checkpoints, same prompt and seed
 
-The same seed on the same machine gives the same text.
+The same seed on the same machine gives the same text. Every flag: python generate.py --help.
 """
 
-import argparse
-import math
+import os
 import sys
 
 import torch
 
-from config import TinyLLMError
-from tokenizer import EOT, start_ids, tokenizer_from_dict
-from utils import choose_device, load_checkpoint, log, model_from_checkpoint, qa_prompt, run_cli
+from checkpoint import load_model
+from config import (ArgumentParser, SampleConfig, TinyLLMError, add_config_flags, build, explicit_flags, log,
+                    run_cli, warn)
+from device import choose_device, describe, out_of_memory_as_error, set_threads
+from tokenizer import EOT, start_ids
+from utils import qa_prompt
 
 
-def check_sampling_args(args):
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise TinyLLMError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
-    if args.top_k < 0:
-        raise TinyLLMError(f"--top_k must be 0 (off) or positive, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise TinyLLMError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.num_samples < 1:
-        raise TinyLLMError(f"--num_samples must be at least 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        raise TinyLLMError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+def read_prompt(cfg):
+    if not cfg.prompt_file:
+        return cfg.prompt
+    try:
+        with open(cfg.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
+    except OSError as e:
+        raise TinyLLMError(f"cannot read --prompt_file {cfg.prompt_file}: {e.strerror or e}") from None
 
 
-def read_prompt(args):
-    if args.prompt_file:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise TinyLLMError(f"cannot read --prompt_file {args.prompt_file}: {e.strerror or e}") from None
-    return args.prompt
+def check_output_file(path):
+    """Find out before sampling, not after, whether the output file can be written."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise TinyLLMError(f"--output_file {path} is a folder")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise TinyLLMError(f"cannot write --output_file {path}: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
 
 
 def encode_prompt(tokenizer, prompt, qa=False):
     """Token ids for the prompt. Characters the vocabulary lacks are dropped with a
-    warning; an empty prompt starts from a newline (or token 0). With qa, the prompt is
-    a question, framed as the Q&A training documents were."""
+    warning; an empty prompt starts from a line end. With qa, the prompt is a question,
+    framed as the Q&A training documents were."""
     if qa:
         if tokenizer.eot_id is None:
             raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
@@ -54,22 +61,22 @@ def encode_prompt(tokenizer, prompt, qa=False):
         if missing:
             kept = "".join(ch for ch in prompt if ch not in set(missing))
             if prompt and not kept:
-                raise TinyLLMError(f"no character of the prompt is in the model's vocabulary (missing: {''.join(missing)!r})")
-            print(f"warning: dropped characters the vocabulary lacks: {''.join(missing)!r}", file=sys.stderr, flush=True)
+                raise TinyLLMError(f"no character of the prompt is in the model's vocabulary "
+                                   f"(missing: {''.join(missing)[:40]!r})")
+            warn(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
             prompt = kept
-    if not prompt:
-        return start_ids(tokenizer)
-    return tokenizer.encode(prompt)
+    return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
 
 
-def sample(model, tokenizer, prompt_ids, args, device, stream=False):
+def sample(model, tokenizer, prompt_ids, cfg, device, stream=False):
     """num_samples continuations of the prompt, sampled together as one batch. Each stops
-    at the end-of-text token, when the tokenizer has one (unless --no_stop)."""
-    stop = None if args.no_stop else tokenizer.eot_id
-    generator = torch.Generator(device).manual_seed(args.seed)
-    idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)  # (B, T)
-    steps = model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, use_cache=not args.no_cache, stop_token=stop, generator=generator)
+    at the end-of-text token, when the tokenizer has one (unless --no_stop). Returns a list
+    of (text, new tokens, whether it stopped at end-of-text)."""
+    stop = None if cfg.no_stop else tokenizer.eot_id
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
+    steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                  top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator)
     shown = [t for t in prompt_ids if t != stop]
     new, printed = [], ""
     if stream:
@@ -84,65 +91,78 @@ def sample(model, tokenizer, prompt_ids, args, device, stream=False):
                 printed = text
     if stream:
         sys.stdout.write("\n")
-    rows = torch.cat(new, dim=1).tolist()
-    return [tokenizer.decode(shown + (row[:row.index(stop)] if stop in row else row)) for row in rows]
+    out = []
+    for row in torch.cat(new, dim=1).tolist():
+        stopped = stop in row
+        row = row[:row.index(stop)] if stopped else row
+        out.append((tokenizer.decode(shown + row), len(row), stopped))
+    return out
 
 
-def describe(checkpoint):
+def describe_checkpoint(checkpoint):
     val = checkpoint.get("best_val_loss")
     return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
 
 
-def header(args, path, checkpoint):
-    params = (f"seed={args.seed} temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
-              f"max_new_tokens={args.max_new_tokens} num_samples={args.num_samples}")
-    return f"# checkpoint: {path} ({describe(checkpoint)})\n# {params}\n# prompt: {args.prompt!r}"
+def sample_label(i, cfg, n_new, stopped):
+    label = f"--- sample {i + 1}/{cfg.num_samples}"
+    return label + (f" (stopped at <|endoftext|> after {n_new} tokens) ---" if stopped else " ---")
+
+
+def header(cfg, path, checkpoint, prompt):
+    """The output file's header: everything that shaped the text below it."""
+    settings = (f"seed={cfg.seed} temperature={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "
+                f"max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
+                f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
+    source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
+    return f"# checkpoint: {path} ({describe_checkpoint(checkpoint)})\n# {settings}\n# prompt{source}: {prompt!r}"
+
+
+def build_parser(device):
+    parser = ArgumentParser(description="Sample text from trained tinyllm checkpoints.")
+    parser.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT.pt",
+                        help="one or more checkpoints; several are sampled with the same prompt and seed "
+                             "(default: checkpoints/best.pt)")
+    parser.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same, as a flag")
+    auto = {"device": ("auto", f"{device.type} here"), "threads": (0, f"{set_threads(0)} here")}
+    add_config_flags(parser, SampleConfig, auto, title="sampling")
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sample text from trained tinyllm checkpoints.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", nargs="+", default=["checkpoints/best.pt"], metavar="PATH.pt",
-                        help="one or more checkpoints; several are sampled with the same prompt and seed")
-    parser.add_argument("--prompt", default="", help="text to continue (empty: start from a newline)")
-    parser.add_argument("--prompt_file", default=None, help="read the prompt from this file instead")
-    parser.add_argument("--max_new_tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
-    parser.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens; 0 = off")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--num_samples", type=int, default=1, help="samples drawn together as one batch")
-    parser.add_argument("--output_file", default=None, help="also write the samples here, under a header")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--no_cache", action="store_true", help="recompute the whole context every token (slow)")
-    parser.add_argument("--qa", action="store_true", help="the prompt is a question: answer it as in Q&A training")
-    parser.add_argument("--no_stop", action="store_true", help="keep going past the end-of-text token")
+    parser = build_parser(choose_device("auto"))
     args = parser.parse_args(argv)
-    check_sampling_args(args)
-    device = choose_device(args.device)
-    prompt = read_prompt(args)
+    paths = args.checkpoints + args.checkpoint or ["checkpoints/best.pt"]
+    cfg = build(SampleConfig, explicit_flags(args))
+    device = choose_device(cfg.device)
+    set_threads(cfg.threads)
+    prompt = read_prompt(cfg)
+    check_output_file(cfg.output_file)
 
     blocks = []
-    for path in args.checkpoint:
-        checkpoint = load_checkpoint(path, device)
-        model = model_from_checkpoint(checkpoint, path).to(device).eval()
-        tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
-        prompt_ids = encode_prompt(tokenizer, prompt, args.qa)
-        stream = len(args.checkpoint) == 1 and args.num_samples == 1 and not args.output_file
-        head = header(args, path, checkpoint)
-        if len(args.checkpoint) > 1:
-            log(f"\n{'=' * 20} {path} ({describe(checkpoint)}) {'=' * 20}")
-        texts = sample(model, tokenizer, prompt_ids, args, device, stream=stream)
-        if not stream:
-            for i, text in enumerate(texts):
-                if args.num_samples > 1:
-                    log(f"--- sample {i + 1}/{args.num_samples} ---")
-                log(text)
-        blocks.append(head + "\n\n" + "\n\n".join(f"--- sample {i + 1} ---\n{t}" for i, t in enumerate(texts)))
-    if args.output_file:
-        with open(args.output_file, "w", encoding="utf-8") as f:
+    for path in paths:
+        model, tokenizer, checkpoint = load_model(path)  # on the CPU; only the model moves
+        model.to(device)
+        prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
+        stream = len(paths) == 1 and cfg.num_samples == 1 and not cfg.output_file
+        if len(paths) > 1:
+            log(f"\n{'=' * 20} {path} ({describe_checkpoint(checkpoint)}) {'=' * 20}")
+        with out_of_memory_as_error(f"out of memory on {describe(device)}: try a smaller --num_samples, or --device cpu"):
+            samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream)
+        for i, (text, n_new, stopped) in enumerate(samples):
+            if stream:
+                if stopped:
+                    print(f"(stopped at <|endoftext|> after {n_new} tokens)", file=sys.stderr, flush=True)
+                continue
+            if cfg.num_samples > 1 or stopped:
+                log(sample_label(i, cfg, n_new, stopped))
+            log(text)
+        blocks.append(header(cfg, path, checkpoint, prompt) + "\n\n" +
+                      "\n\n".join(f"{sample_label(i, cfg, n, s)}\n{t}" for i, (t, n, s) in enumerate(samples)))
+    if cfg.output_file:
+        with open(cfg.output_file, "w", encoding="utf-8") as f:
             f.write("\n\n".join(blocks) + "\n")
-        log(f"wrote {args.output_file}")
+        log(f"wrote {cfg.output_file}")
 
 
 if __name__ == "__main__":

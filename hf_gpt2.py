@@ -10,16 +10,15 @@ transposed (HF keeps them in Conv1D layers). transformers is needed for this fil
 (pip install transformers) and is imported inside the functions that use it.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import os
 
 import torch
 
-from config import GPTConfig, TinyLLMError
+from config import ArgumentParser, GPTConfig, TinyLLMError, log, run_cli
 from model import GPT
-from utils import load_checkpoint, log, model_from_checkpoint, run_cli, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token
@@ -131,7 +130,7 @@ def load_gpt2(name_or_path, dropout=0.0):
 
 
 def gpt2_checkpoint(model, tokenizer=None):
-    """A checkpoint dict for utils.save_checkpoint: generate.py --checkpoint samples from it and
+    """A checkpoint dict for checkpoint.save_checkpoint: generate.py --checkpoint samples from it and
     train.py --init_from fine-tunes it. tokenizer defaults to OpenAI's GPT-2 tokenizer; pass the
     tokenizer dict yourself for a GPT-2-shaped model trained on another vocabulary."""
     if tokenizer is None:
@@ -202,7 +201,7 @@ def export_hf(source, folder):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="OpenAI GPT-2 weights in and out of tinyllm via Hugging Face.")
+    parser = ArgumentParser(description="OpenAI GPT-2 weights in and out of tinyllm via Hugging Face.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("import", help="a Hugging Face GPT-2 -> a tinyllm checkpoint")
     p.add_argument("name", help=f"{', '.join(GPT2_NAMES)}, or a save_pretrained folder")

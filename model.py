@@ -2,6 +2,7 @@
 the modern parts (RMSNorm, SwiGLU, RoPE) and a KV cache for fast generation.
 Nothing here knows about files or training."""
 
+import dataclasses
 import math
 
 import torch
@@ -39,13 +40,23 @@ def sinusoidal_table(n_positions, dim):
     return table  # (n_positions, dim)
 
 
-def apply_rope(x, rotation):
-    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle, done as one
-    complex multiplication. Because q·k then depends only on the distance between the two
-    positions, RoPE needs no position table and works at any absolute position.
-    x: (B, T, ..., hs); rotation: complex (T, 1, hs/2), broadcast over the middle dims."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, ..., hs/2)
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+def rope_tables(n_positions, head_size, base=10000.0):
+    """cos and sin of RoPE's angles, each (n_positions, head_size/2): position p turns pair i
+    by the angle p * base^(-2i/head_size), fast for the first pairs and slow for the last."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle. Because q.k
+    then depends only on the distance between the two positions, RoPE needs no position
+    table and the model learns relative offsets. Plain real arithmetic (no complex numbers),
+    so it runs the same on every device and under torch.compile.
+    x: (B, T, ..., hs); cos, sin: (T, 1, ..., hs/2), broadcast over the middle dims."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, ..., hs/2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, T, ..., hs/2, 2)
+    return rotated.flatten(-2).type_as(x)
 
 
 class KVCache:
@@ -85,9 +96,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
-        if rope is not None:  # rotate q and k together, v stays as it is
-            qkv = torch.cat((apply_rope(qkv[:, :, :2], rope), qkv[:, :, 2:]), dim=2)
-        q, k, v = qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
+        if rope is None:
+            q, k, v = qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
+        else:  # rotate q and k together, v stays as it is
+            q, k = apply_rope(qkv[:, :, :2], *rope).transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
+            v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:  # attend to the keys and values of earlier tokens as well
             k, v = cache.update(self.layer, k, v)
         S = k.size(2)  # keys in view, S >= T
@@ -154,10 +167,10 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
-        else:
-            hs = config.n_embd // config.n_head
-            self.register_buffer("rope_inv_freq", 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs)),
-                                 persistent=False)
+        else:  # derived from the config, so not saved in checkpoints
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = make_norm(config)
@@ -183,6 +196,21 @@ class GPT(nn.Module):
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def resize_vocab(self, old_ids):
+        """Give the model a new vocabulary: token i of the new one takes the embedding row
+        old_ids[i], or, where old_ids[i] is None (a token the model has never seen), the
+        mean of the old rows, a neutral start. The tied output head follows, since it is the
+        same matrix; every other weight is kept."""
+        old = self.wte.weight
+        known = [i for i in old_ids if i is not None]
+        rows = [old[i] if i is not None else old[known].mean(dim=0) for i in old_ids]
+        self.wte = nn.Embedding(len(old_ids), self.config.n_embd, device=old.device, dtype=old.dtype)
+        self.wte.weight.copy_(torch.stack(rows))
+        self.lm_head = nn.Linear(self.config.n_embd, len(old_ids), bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = self.wte.weight
+        self.config = dataclasses.replace(self.config, vocab_size=len(old_ids))
+
     def flops_per_token(self):
         """Forward + backward FLOPs per token at full context (the PaLM appendix estimate)."""
         c = self.config
@@ -191,19 +219,16 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
         x = self.wte(idx)  # (B, T, C)
         rope = None
-        if self.config.pos == "rope":
-            pos = torch.arange(start, start + T, device=idx.device, dtype=torch.float32)
-            angles = pos[:, None] * self.rope_inv_freq[None, :]  # (T, hs/2)
-            rope = torch.polar(torch.ones_like(angles), angles)[:, None, None, :]  # (T, 1, 1, hs/2), complex
+        if self.config.pos == "rope":  # cos and sin of this window's positions, each (T, 1, 1, hs/2)
+            rope = (self.rope_cos[start:start + T, None, None], self.rope_sin[start:start + T, None, None])
+        elif self.config.pos == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         else:
-            if start + T > self.config.block_size:
-                raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
-            if self.config.pos == "learned":
-                x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-            else:
-                x = x + self.pos_table[start:start + T]
+            x = x + self.pos_table[start:start + T]
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache)
@@ -260,11 +285,12 @@ class GPT(nn.Module):
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):
-    """Set to -inf every logit outside the candidates: top_k > 0 keeps exactly the
-    k most likely; top_p < 1 keeps the smallest set whose probability reaches top_p."""
+    """Set to -inf every logit outside the candidates: top_k > 0 keeps the k most likely
+    (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
+    smallest set whose probability reaches top_p."""
     if top_k and top_k < logits.size(-1):
-        values, indices = torch.topk(logits, top_k, dim=-1)
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         sorted_probs = F.softmax(sorted_logits, dim=-1)

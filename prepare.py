@@ -1,114 +1,130 @@
 """Tokenize a corpus once, to disk, for corpora larger than memory.
 
-    python prepare.py --input big.txt --tokenizer bpe --vocab_size 4096 --out data/big
+    python prepare.py --input big.txt --out data/big                        # char tokenizer, like train.py
+    python prepare.py --input notes/ --data_ext .md,.txt --tokenizer bpe --vocab_size 4096 --out data/notes
     python train.py --data data/big
 
-The input (a .txt file, a folder of .txt files, a .jsonl file with a "text" field, or a
-Q&A .json list) is streamed in pieces; documents are wrapped in "<|endoftext|>"; tokens go
-to data/NAME/train.bin and val.bin (uint16 when the vocabulary fits, else uint32) with a
-meta.json describing the tokenizer. train.py reads the .bin files through np.memmap.
+The input (a .txt file, a folder searched recursively for the endings in --data_ext, a .jsonl
+file with a "text" field, or a Q&A .json list) is streamed in pieces; documents are wrapped
+in "<|endoftext|>"; the first 90% of the text (cut at a character, inside a document if need
+be, as train.py cuts its token stream) goes to data/NAME/train.bin and the rest to val.bin
+(uint16 when the vocabulary fits, else uint32), with a meta.json describing the tokenizer.
+train.py reads the .bin files through np.memmap.
 """
 
-import argparse
 import json
 import os
 import time
 
 import numpy as np
 
-from config import TinyLLMError
+from config import ArgumentParser, TinyLLMError, TrainConfig, add_config_flags, build, explicit_flags, log, run_cli
+from config import format_seconds
 from tokenizer import EOT, make_tokenizer
-from utils import format_seconds, iter_stream, log, run_cli
+from utils import iter_stream
 
 
-def source_size(path, clean):
+def source_size(cfg):
     """Bytes of text the stream will carry (a JSON file's own size counts quotes and escapes)."""
-    if os.path.isfile(path) and not path.endswith((".json", ".jsonl")) and not clean:
-        return os.path.getsize(path)
-    return sum(len(text.encode("utf-8")) for text in iter_stream(path, clean))
+    if os.path.isfile(cfg.data) and not cfg.data.endswith((".json", ".jsonl")) and not cfg.clean:
+        return os.path.getsize(cfg.data)
+    log(f"measuring {cfg.data} ...")
+    return sum(len(text.encode("utf-8")) for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext))
 
 
-def sample_text(path, clean, max_chars):
-    """The first max_chars characters: enough text to learn a tokenizer from."""
-    parts, total = [], 0
-    for text in iter_stream(path, clean):
-        parts.append(text)
-        total += len(text)
-        if total >= max_chars:
-            break
-    return "".join(parts)
-
-
-def all_chars(path, clean):
+def tokenizer_text(cfg, max_chars):
+    """What the tokenizer is built from: every character for char; the first max_chars for BPE."""
+    if cfg.tokenizer != "char":
+        parts, total = [], 0
+        for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
+            parts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                break
+        return "".join(parts)
     chars, has_eot = set(), False
-    for text in iter_stream(path, clean):
+    for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
         has_eot |= EOT in text
         chars.update(text.replace(EOT, ""))
     return "".join(sorted(chars)) + (EOT if has_eot else "")
 
 
-def prepare(path, out, kind="bpe", vocab_size=2048, clean=False, tokenizer_sample_mb=20, val_fraction=0.1):
-    if not os.path.exists(path):
-        raise TinyLLMError(f"input {path} not found")
-    total_bytes = source_size(path, clean)
+def cut_at_byte(text, n_bytes):
+    """The number of characters of text that fit in its first n_bytes UTF-8 bytes."""
+    return len(text.encode("utf-8")[:max(0, n_bytes)].decode("utf-8", errors="ignore"))
+
+
+def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1):
+    """Write out/train.bin, out/val.bin and out/meta.json for the source cfg.data; return the meta."""
+    if not os.path.exists(cfg.data):
+        raise TinyLLMError(f"input {cfg.data} not found")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TinyLLMError(f"--out {out} is a file, not a folder")
+    total_bytes = source_size(cfg)
     if total_bytes == 0:
-        raise TinyLLMError(f"input {path} is empty")
+        raise TinyLLMError(f"input {cfg.data} is empty")
     t0 = time.perf_counter()
-    # the character set needs one pass over everything; BPE learns from a sample of the start
-    text = all_chars(path, clean) if kind == "char" else sample_text(path, clean, tokenizer_sample_mb * 2**20)
-    tokenizer = make_tokenizer(kind, text, vocab_size)
-    del text
-    log(f"tokenizer {kind}: {tokenizer.vocab_size:,} tokens (built in {time.perf_counter() - t0:.1f}s)")
+    what = "every character" if cfg.tokenizer == "char" else f"the first {tokenizer_sample_mb} MB"
+    log(f"building the {cfg.tokenizer} tokenizer from {what} of {total_bytes / 2**20:,.1f} MB ...")
+    tokenizer = make_tokenizer(cfg.tokenizer, tokenizer_text(cfg, tokenizer_sample_mb * 2**20), vocab_size,
+                               verbose=cfg.tokenizer == "bpe")
+    log(f"tokenizer {cfg.tokenizer}: {tokenizer.vocab_size:,} tokens (built in {time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     os.makedirs(out, exist_ok=True)
 
-    # documents before the 90% mark of the input's bytes train; the rest validate
-    split_at = total_bytes * (1 - val_fraction)
+    split_at = total_bytes * (1 - val_fraction)  # the first 90% of the bytes train, the rest validates
     files = {name: open(os.path.join(out, f"{name}.bin.tmp"), "wb") for name in ("train", "val")}
-    counts = {"train": 0, "val": 0}
-    val_chars, seen_bytes = 0, 0
-    t0, last_report = time.perf_counter(), 0.0
-    for text in iter_stream(path, clean):
-        split = "train" if seen_bytes < split_at else "val"
-        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-        ids.tofile(files[split])
-        counts[split] += len(ids)
-        val_chars += len(text) if split == "val" else 0
-        seen_bytes += len(text.encode("utf-8"))
-        now = time.perf_counter()
-        if now - last_report > 2:
-            rate = seen_bytes / (now - t0)
-            log(f"prepare {seen_bytes / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | {sum(counts.values()):,} tokens | "
-                f"{rate / 2**20:.1f} MB/s, {sum(counts.values()) / (now - t0):,.0f} tokens/s | "
-                f"ETA {format_seconds(max(0, total_bytes - seen_bytes) / rate)}")
-            last_report = now
+    counts, val_chars, seen = {"train": 0, "val": 0}, 0, 0
+    t0 = last_report = time.perf_counter()
+    for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
+        n_bytes = len(text.encode("utf-8"))
+        cut = cut_at_byte(text, int(split_at - seen)) if seen < split_at else 0
+        for split, part in (("train", text[:cut]), ("val", text[cut:])):
+            if part:
+                ids = np.asarray(tokenizer.encode(part), dtype=dtype)
+                ids.tofile(files[split])
+                counts[split] += len(ids)
+                val_chars += len(part) if split == "val" else 0
+        seen += n_bytes
+        if time.perf_counter() - last_report > 2:  # the first line once there is a rate to show
+            last_report = time.perf_counter()
+            report_progress(seen, total_bytes, sum(counts.values()), last_report - t0)
     for name, f in files.items():
         f.close()
         os.replace(os.path.join(out, f"{name}.bin.tmp"), os.path.join(out, f"{name}.bin"))
-    if counts["val"] == 0:
-        raise TinyLLMError(f"{path}: too little text (or one single document) to leave a validation split; "
-                           "add documents or use train.py --data on the file directly")
+    if counts["val"] == 0 or counts["train"] == 0:
+        raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
     elapsed = time.perf_counter() - t0
-    meta = {"source": os.path.abspath(path), "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
+    meta = {"source": os.path.abspath(cfg.data), "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
             "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "val_chars": val_chars, "clean": clean}
+            "val_chars": val_chars, "clean": cfg.clean}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
     log(f"wrote {out}/train.bin ({counts['train']:,} tokens), val.bin ({counts['val']:,} tokens), meta.json "
-        f"in {format_seconds(elapsed)} ({sum(counts.values()) / elapsed:,.0f} tokens/s)")
+        f"in {format_seconds(elapsed)} ({sum(counts.values()) / max(elapsed, 1e-9):,.0f} tokens/s)")
     return meta
 
 
+def report_progress(seen, total, tokens, seconds):
+    rate = seen / seconds
+    log(f"prepare {seen / 2**20:,.1f}/{total / 2**20:,.1f} MB ({100 * seen / total:.0f}%) | {tokens:,} tokens | "
+        f"{rate / 2**20:.1f} MB/s, {tokens / seconds:,.0f} tokens/s | ETA {format_seconds(max(0, total - seen) / rate)}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize a corpus to train.bin/val.bin for train.py --data.")
-    parser.add_argument("--input", required=True, help=".txt file, folder of .txt files, .jsonl, or Q&A .json")
+    parser = ArgumentParser(description="Tokenize a corpus to train.bin/val.bin for train.py --data.")
+    parser.add_argument("--input", required=True, help="a .txt file, a folder, a .jsonl file, or a Q&A .json list")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
-    parser.add_argument("--tokenizer", default="bpe", choices=["char", "bpe", "gpt2"])
-    parser.add_argument("--vocab_size", type=int, default=2048, help="vocabulary size to learn (bpe)")
-    parser.add_argument("--clean", action="store_true", help="normalise whitespace, drop duplicate documents")
-    parser.add_argument("--tokenizer_sample_mb", type=int, default=20, help="MB of text the BPE learns from")
+    add_config_flags(parser, TrainConfig, names=("tokenizer", "clean", "data_ext"), title="as in train.py")
+    parser.add_argument("--vocab_size", type=int, default=2048, help="vocabulary to learn, with --tokenizer bpe "
+                                                                      "(default: %(default)s)")
+    parser.add_argument("--tokenizer_sample_mb", type=int, default=20,
+                        help="MB of text the BPE learns from (default: %(default)s)")
     args = parser.parse_args(argv)
-    prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.clean, args.tokenizer_sample_mb)
+    if args.tokenizer_sample_mb < 1:
+        raise TinyLLMError(f"--tokenizer_sample_mb must be at least 1, got {args.tokenizer_sample_mb}")
+    cfg = build(TrainConfig, {**explicit_flags(args), "data": args.input})
+    prepare(cfg, args.out, args.vocab_size, args.tokenizer_sample_mb)
 
 
 if __name__ == "__main__":

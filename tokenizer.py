@@ -52,6 +52,15 @@ class CharTokenizer:
     def unknown_chars(self, text):
         return sorted(set("".join(_split_special(text, list(self.special_tokens)))) - set(self.stoi))
 
+    def extended(self, text):
+        """For fine-tuning on new text: a tokenizer that also knows the characters of text it
+        lacks, appended after the known ones. Returns (tokenizer, old_ids, added), where
+        old_ids[i] is the id token i had before (None for an added character)."""
+        added = self.unknown_chars(text)
+        bigger = CharTokenizer(self.chars + added, list(self.special_tokens))
+        old_ids = list(range(len(self.chars))) + [None] * len(added) + list(self.special_tokens.values())
+        return bigger, old_ids, added
+
     def to_dict(self):
         return {"kind": "char", "chars": self.chars, "special_tokens": list(self.special_tokens)}
 
@@ -170,48 +179,12 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
     return tokens
 
 
-def reference_encode(text, tokens_or_ranks, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
-    """Encode with our BPE in plain Python, the slow obvious way; the tests check that
-    tiktoken gives exactly these ids. tokens_or_ranks: token bytes in rank order, or a
-    {bytes: rank} dict. special_tokens: names (ids follow the ranks) or a {name: id} dict."""
-    ranks = tokens_or_ranks if isinstance(tokens_or_ranks, dict) else {t: i for i, t in enumerate(tokens_or_ranks)}
-    if not isinstance(special_tokens, dict):
-        special_tokens = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
-    if special_tokens:  # keep the specials (capturing group) so we can emit their ids
-        segments = regex.split(_special_regex(special_tokens), text)
-    else:
-        segments = [text]
-    ids = []
-    for k, segment in enumerate(segments):
-        if k % 2 == 1:  # odd segments are the special tokens themselves
-            ids.append(special_tokens[segment])
-            continue
-        for piece in regex.findall(pattern, segment):
-            b = piece.encode("utf-8")
-            if b in ranks:  # a whole piece that is a token is one id (tiktoken checks this first)
-                ids.append(ranks[b])
-                continue
-            parts = [bytes([x]) for x in b]
-            while len(parts) > 1:
-                # merge the adjacent pair whose glued bytes have the lowest rank (leftmost on ties)
-                best = None
-                for i in range(len(parts) - 1):
-                    r = ranks.get(parts[i] + parts[i + 1])
-                    if r is not None and (best is None or r < best[0]):
-                        best = (r, i)
-                if best is None:
-                    break
-                i = best[1]
-                parts[i:i + 2] = [parts[i] + parts[i + 1]]
-            ids.extend(ranks[p] for p in parts)
-    return ids
-
-
 # -----------------------------------------------------------------------------
 # Tokenizers backed by tiktoken (fast Rust encoder)
 
 class BPETokenizer:
-    """Our trained byte-level BPE; tiktoken does the encoding (the same ids as reference_encode).
+    """Our trained byte-level BPE; tiktoken does the encoding (the tests check it gives the ids
+    of the textbook algorithm: repeatedly merge the adjacent pair of lowest rank).
     Ids: 0..len(tokens)-1 are the byte tokens by rank, then the special tokens in order."""
 
     def __init__(self, tokens, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
@@ -288,12 +261,21 @@ def make_tokenizer(kind, text, vocab_size, verbose=False):
 
 
 def tokenizer_from_dict(d):
-    kind = d.get("kind")
-    if kind == "char":
-        return CharTokenizer(d["chars"], d.get("special_tokens", ()))
-    if kind == "bpe":
-        special = sorted(d["special_tokens"], key=d["special_tokens"].get)  # names in id order
-        return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
+    """The tokenizer a checkpoint (or a prepare.py meta.json) describes, checked field by field."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    try:
+        if kind == "char":
+            chars, special = d["chars"], d.get("special_tokens", [])
+            if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+                raise ValueError("chars must be distinct single characters")
+            if not all(isinstance(s, str) for s in special):
+                raise ValueError("special_tokens must be strings")
+            return CharTokenizer(chars, special)
+        if kind == "bpe":
+            special = sorted(d["special_tokens"], key=d["special_tokens"].get)  # names in id order
+            return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
+    except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
+        raise TinyLLMError(f"the {kind} tokenizer data is incomplete or malformed ({type(e).__name__}: {e})") from None
     if kind == "gpt2":
         return GPT2Tokenizer()
-    raise TinyLLMError(f"unknown tokenizer kind {kind!r} in checkpoint")
+    raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected a dict with kind char, bpe or gpt2)")

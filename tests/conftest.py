@@ -35,3 +35,42 @@ def tiny_train_config(data, out_dir, **overrides):
                   warmup_steps=5, eval_interval=5, eval_iters=2, log_interval=10, sample_tokens=0, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def cli(capsys, main, *argv):
+    """Run a script's main() in this process, as its command line would: (exit code, stdout, stderr)."""
+    from config import run_cli
+    code = 0
+    try:
+        run_cli(main, [str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+TINY_SHAPE = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "8",
+              "--device", "cpu"]
+TINY_FLAGS = TINY_SHAPE + ["--eval_iters", "2", "--sample_tokens", "0", "--plots", "false"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny model trained for 60 steps on the first 20,000 characters of the corpus: (run folder, data file)."""
+    folder = tmp_path_factory.mktemp("trained")
+    with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
+        (folder / "data.txt").write_text(f.read(20_000), encoding="utf-8")
+    import train
+    torch.manual_seed(0)
+    cfg = tiny_train_config(str(folder / "data.txt"), folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
+    train.train(tiny_model_config(), cfg)
+    return folder / "run", folder / "data.txt"

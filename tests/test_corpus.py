@@ -13,7 +13,8 @@ import train
 from config import TinyLLMError
 from generate import encode_prompt
 from tokenizer import EOT, tokenizer_from_dict
-from utils import get_batch, iter_pieces, load_corpus, load_prepared
+from config import TrainConfig
+from utils import get_batch, iter_pieces, load_prepared, read_text as load_corpus
 from conftest import ROOT, tiny_model_config, tiny_train_config
 
 
@@ -39,7 +40,7 @@ def write_docs(folder, n=30):
 
 def test_prepare_a_folder_then_train_from_the_memmaps(tmp_path):
     docs = write_docs(tmp_path / "docs")
-    meta = prepare.prepare(str(tmp_path / "docs"), str(tmp_path / "out"), "bpe", 400)
+    meta = prepare.prepare(TrainConfig(data=str(tmp_path / "docs"), tokenizer="bpe"), str(tmp_path / "out"), 400)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 400
     meta, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
     tok = tokenizer_from_dict(meta["tokenizer"])
@@ -47,7 +48,7 @@ def test_prepare_a_folder_then_train_from_the_memmaps(tmp_path):
     assert stream == EOT + "".join(d + EOT for d in docs)       # every document wrapped, nothing lost
     assert 0.05 < len(val_ids) / (len(train_ids) + len(val_ids)) < 0.2
     cfg = tiny_train_config(str(tmp_path / "out"), tmp_path / "run", max_steps=10)
-    result = train.train(tiny_model_config(), cfg, "test")
+    result = train.train(tiny_model_config(), cfg)
     assert result["model"].config.vocab_size == 400
     assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]
 
@@ -56,7 +57,7 @@ def test_prepare_jsonl_with_char_tokenizer_and_uint16(tmp_path):
     path = tmp_path / "data.jsonl"
     records = [{"text": f"record number {i}: " + "abc" * (i % 7)} for i in range(200)]
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    meta = prepare.prepare(str(path), str(tmp_path / "out"), "char")
+    meta = prepare.prepare(TrainConfig(data=str(path)), str(tmp_path / "out"))
     _, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
     tok = tokenizer_from_dict(meta["tokenizer"])
     assert tok.decode(np.concatenate([train_ids, val_ids]).tolist()) == load_corpus(str(path))
@@ -96,7 +97,7 @@ def test_tiny_model_learns_to_answer_and_stop(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_train_config(str(data), tmp_path / "run", max_steps=300, batch_size=16, lr=1e-2, min_lr=1e-3,
                             warmup_steps=20, eval_interval=300, plots=False)
-    model = train.train(tiny_model_config(n_embd=64, n_head=4, block_size=48), cfg, "test")["model"].eval()
+    model = train.train(tiny_model_config(n_embd=64, n_head=4, block_size=48), cfg)["model"].eval()
     tok = tokenizer_from_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tokenizer"])
     prompt = encode_prompt(tok, "Who are you?", qa=True)
     out = model.generate(torch.tensor([prompt]), 40, temperature=0, stop_token=tok.eot_id)[0, len(prompt):].tolist()

@@ -13,7 +13,7 @@ import torch
 import train
 from conftest import ROOT, tiny_model_config
 from model import GPT
-from utils import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
@@ -49,6 +49,7 @@ DDP_STEP = textwrap.dedent("""
     train.train_step(ddp, opt, lambda: next(micro), 1.0, accum, 1.0, contextlib.nullcontext())
     if rank == 0:
         torch.save(model.state_dict(), {out!r})
+    dist.barrier()  # leave together: a rank tearing down while its peer still works can abort it
     dist.destroy_process_group()
 """)
 

@@ -15,7 +15,7 @@ from config import TinyLLMError  # noqa: E402
 from conftest import ROOT, tiny_model_config  # noqa: E402
 from hf_gpt2 import export_hf, gpt2_checkpoint, load_gpt2  # noqa: E402
 from model import GPT  # noqa: E402
-from utils import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
 
 VOCAB, CONTEXT = 101, 32
 TOKENIZER = {"kind": "char", "chars": [chr(33 + i) for i in range(VOCAB)]}  # any tokenizer of VOCAB tokens

@@ -154,7 +154,7 @@ def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
 
 
 def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
-    from utils import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     for switches in COMBINATIONS:
         torch.manual_seed(0)
         model = GPT(tiny_model_config(**switches))

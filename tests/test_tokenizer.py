@@ -10,8 +10,8 @@ import tiktoken
 import torch
 
 from config import TinyLLMError
-from tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, make_tokenizer,
-                       reference_encode, tokenizer_from_dict, train_bpe)
+from tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, _special_regex, make_tokenizer,
+                       tokenizer_from_dict, train_bpe)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNICODE_TEXT = ("Café naïve façade — señor Müller.\n"
@@ -30,6 +30,43 @@ def corpus():
 def bpe(corpus):
     """A BPE tokenizer trained once on the first 80k characters (vocab 500)."""
     return BPETokenizer.train(corpus[:80_000], 500)
+
+
+def reference_encode(text, tokens_or_ranks, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
+    """Encode with our BPE in plain Python, the slow obvious way; the tests check that
+    tiktoken gives exactly these ids. tokens_or_ranks: token bytes in rank order, or a
+    {bytes: rank} dict. special_tokens: names (ids follow the ranks) or a {name: id} dict."""
+    ranks = tokens_or_ranks if isinstance(tokens_or_ranks, dict) else {t: i for i, t in enumerate(tokens_or_ranks)}
+    if not isinstance(special_tokens, dict):
+        special_tokens = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
+    if special_tokens:  # keep the specials (capturing group) so we can emit their ids
+        segments = regex.split(_special_regex(special_tokens), text)
+    else:
+        segments = [text]
+    ids = []
+    for k, segment in enumerate(segments):
+        if k % 2 == 1:  # odd segments are the special tokens themselves
+            ids.append(special_tokens[segment])
+            continue
+        for piece in regex.findall(pattern, segment):
+            b = piece.encode("utf-8")
+            if b in ranks:  # a whole piece that is a token is one id (tiktoken checks this first)
+                ids.append(ranks[b])
+                continue
+            parts = [bytes([x]) for x in b]
+            while len(parts) > 1:
+                # merge the adjacent pair whose glued bytes have the lowest rank (leftmost on ties)
+                best = None
+                for i in range(len(parts) - 1):
+                    r = ranks.get(parts[i] + parts[i + 1])
+                    if r is not None and (best is None or r < best[0]):
+                        best = (r, i)
+                if best is None:
+                    break
+                i = best[1]
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            ids.extend(ranks[p] for p in parts)
+    return ids
 
 
 def naive_train(text, vocab_size):

@@ -1,0 +1,155 @@
+"""Checkpoints: what one holds, how it is written so a crash never leaves a broken file,
+and how it is read back without ever running code from it.
+
+A checkpoint is a dict of tensors and plain Python data:
+    model         the weights (state_dict)          model_config   GPTConfig as a dict
+    tokenizer     the tokenizer as plain data       step, best_val_loss, history, ...
+and, in last.pt, what --resume needs: optimizer, train_config, rng, scaler.
+"""
+
+import contextlib
+import dataclasses
+import os
+import pickle
+import warnings
+
+import torch
+
+from config import GPTConfig, TinyLLMError
+from model import GPT
+from tokenizer import tokenizer_from_dict
+
+CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")
+
+
+def save_checkpoint(path, checkpoint):
+    """Write atomically: a temp file in the same folder, flushed and fsynced, then renamed
+    over the target. A crash at any moment leaves the old file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint onto the CPU without ever running code from it (weights_only=True),
+    and check it is ours. Every problem is one TinyLLMError naming the file."""
+    if not os.path.isfile(path):
+        raise TinyLLMError(f"checkpoint {path} not found (train one with: python train.py)")
+    try:
+        with warnings.catch_warnings():  # torch warns at length about old pickle protocols
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise TinyLLMError(f"checkpoint {path} contains objects other than tensors and plain data "
+                               f"(or was not written by torch.save); tinyllm loads only those, so that "
+                               f"loading a file never runs code") from None
+        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {_first_line(e)}") from None
+    except Exception as e:  # a truncated zip, random bytes, an empty file...
+        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {_first_line(e)}") from None
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint (missing model, config or tokenizer)")
+    model = checkpoint["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint (its model is not a set of named tensors)")
+    if not isinstance(checkpoint["model_config"], dict) or not isinstance(checkpoint["tokenizer"], dict):
+        raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint (model_config and tokenizer must be dicts)")
+    return checkpoint
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def model_from_checkpoint(checkpoint, path="checkpoint"):
+    """Build the GPT a checkpoint describes and load its weights, refusing non-finite ones."""
+    try:
+        config = GPTConfig(**checkpoint["model_config"])
+    except TypeError as e:
+        raise TinyLLMError(f"{path}: unreadable model config ({e})") from None
+    except TinyLLMError as e:
+        raise TinyLLMError(f"{path}: invalid model config: {e}") from None
+    model = GPT(config)
+    # weights saved from torch.compile or DDP wrappers carry a prefix; drop it
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise TinyLLMError(f"{path}: weights do not fit the model config ({str(e).splitlines()[0]})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TinyLLMError(f"{path}: non-finite weights (NaN or inf) in {bad[0]}" +
+                           (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+    return model
+
+
+def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
+    """The checkpoint's tokenizer, checked to fit a model of vocab_size token embeddings."""
+    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    if tokenizer.vocab_size > vocab_size:
+        raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                           f"{vocab_size} token embeddings")
+    return tokenizer
+
+
+def load_model(path):
+    """(model, tokenizer, checkpoint) for sampling or evaluation: loaded on the CPU, model in
+    eval mode (move it where it should run), optimizer state dropped, since only training
+    needs it and on a GPU it would take as much memory again as the weights."""
+    checkpoint = load_checkpoint(path)
+    checkpoint.pop("optimizer", None)
+    model = model_from_checkpoint(checkpoint, path).eval()
+    return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
+
+
+def make_checkpoint(model, model_cfg, tokenizer, **extra):
+    """A checkpoint dict: the weights, the model's shape and the tokenizer, plus extra entries."""
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model_cfg),
+            "tokenizer": tokenizer.to_dict(), **extra}
+
+
+# ----------------------------------------------------------------------------- runs on disk
+
+def run_files(out_dir):
+    """The checkpoint files of a run folder, newest name last ([] when there are none)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = os.listdir(out_dir)
+    periodic = sorted(n for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
+    return [n for n in ("best.pt", "last.pt") if n in names] + periodic
+
+
+def describe_run(out_dir):
+    """A few words about the run in out_dir, from its last.pt (or best.pt)."""
+    for name in ("last.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            try:
+                checkpoint = load_checkpoint(path)
+            except TinyLLMError:
+                return f"{name} (unreadable)"
+            val = checkpoint.get("best_val_loss")
+            return f"{name} at step {checkpoint.get('step', '?')}" + (
+                f", best val {val:.4f}" if isinstance(val, float) else "")
+    return ", ".join(run_files(out_dir))
+
+
+def prune_periodic(out_dir, keep_last):
+    """Keep only the newest keep_last ckpt_STEP.pt files."""
+    periodic = [n for n in run_files(out_dir) if n.startswith("ckpt_")]
+    for name in periodic[:-keep_last]:
+        os.remove(os.path.join(out_dir, name))

@@ -1,0 +1,126 @@
+"""Pictures of training runs: a run's loss, learning rate and gradient norm (train.py redraws
+them after every evaluation), and several runs' curves overlaid to compare them.
+
+    python plots.py checkpoints/lr_conservative checkpoints/lr_default --out compare.png
+"""
+
+import json
+import math
+import os
+
+from config import ArgumentParser, TinyLLMError, log, run_cli
+from optim import get_lr
+
+
+def new_plot(height=3):
+    """A figure and axes from matplotlib's file-only backend (no display needed)."""
+    import matplotlib  # imported here: generate.py and the tests that never plot skip its start-up
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(7, height), dpi=90)
+
+
+def save_plot(fig, ax, path):
+    import matplotlib.pyplot as plt
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def split_history(history):
+    """(progress rows, evaluation rows): the rows written every log_interval steps and the
+    rows written at each evaluation."""
+    return [h for h in history if h["kind"] == "train"], [h for h in history if h["kind"] == "eval"]
+
+
+def plot_history(history, out_dir, vocab_size, train_cfg, decay_from=None):
+    """loss.png (train and val, the ln(V) baseline, the best point), lr.png, grad_norm.png."""
+    progress, evals = split_history(history)
+    fig, ax = new_plot(height=4)
+    if progress:
+        ax.plot([h["step"] for h in progress], [h["train_loss"] for h in progress], color="C0", alpha=0.5,
+                linewidth=1, label=f"train (mean of every {train_cfg.log_interval} steps)")
+    ax.plot([h["step"] for h in evals], [h["train_loss"] for h in evals], "o-", color="C0", markersize=3,
+            label="train (evaluation)")
+    ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color="C1", markersize=3, label="val")
+    ax.axhline(math.log(vocab_size), color="gray", linestyle="--", label=f"uniform ln(V) = {math.log(vocab_size):.2f}")
+    best = min(evals, key=lambda h: h["val_loss"])
+    ax.plot([best["step"]], [best["val_loss"]], "r*", markersize=12, label=f"best val {best['val_loss']:.3f}")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    save_plot(fig, ax, os.path.join(out_dir, "loss.png"))
+
+    plot_lr_schedule(train_cfg, os.path.join(out_dir, "lr.png"), upto=history[-1]["step"], decay_from=decay_from)
+
+    fig, ax = new_plot()
+    norms = [h for h in progress if h["grad_norm"] is not None]  # no norm before the first step
+    ax.plot([h["step"] for h in norms], [h["grad_norm"] for h in norms], label="grad norm (before clipping)")
+    if train_cfg.grad_clip > 0:
+        ax.axhline(train_cfg.grad_clip, color="gray", linestyle="--", label=f"clip at {train_cfg.grad_clip}")
+    ax.set(xlabel="step", ylabel="global L2 norm", title="gradient norm")
+    save_plot(fig, ax, os.path.join(out_dir, "grad_norm.png"))
+
+
+def plot_lr_schedule(train_cfg, path, upto=None, decay_from=None):
+    """Draw the whole planned LR schedule; mark how far the run has got."""
+    steps = range(train_cfg.max_steps + 1)
+    lrs = [get_lr(s, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.max_steps, decay_from)
+           for s in steps]
+    fig, ax = new_plot()
+    ax.plot(steps, lrs)
+    if upto is not None:
+        ax.axvline(upto, color="gray", linestyle=":", label=f"step {upto}")
+    ax.set(xlabel="step", ylabel="learning rate",
+           title=f"warmup {train_cfg.warmup_steps} steps, cosine {train_cfg.lr:g} -> {train_cfg.min_lr:g}")
+    save_plot(fig, ax, path)
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+def read_history(run_dir):
+    path = os.path.join(run_dir, "history.json") if os.path.isdir(run_dir) else run_dir
+    try:
+        with open(path, encoding="utf-8") as f:
+            history = json.load(f)
+        split_history(history)  # checks every row has a kind
+        return history
+    except FileNotFoundError:
+        raise TinyLLMError(f"{path} not found: give run folders written by train.py") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise TinyLLMError(f"{path} is not a train.py history ({type(e).__name__}: {e})") from None
+
+
+def compare_runs(run_dirs, out, labels=None):
+    """One PNG with every run's val loss (solid, at evaluations) and train loss (dashed,
+    every log_interval steps), one colour per run, labelled by its folder name."""
+    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    fig, ax = new_plot(height=4.5)
+    for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
+        progress, evals = split_history(read_history(run_dir))
+        color = f"C{i % 10}"
+        ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color=color, markersize=3,
+                label=f"{label} val (best {min(h['val_loss'] for h in evals):.3f})" if evals else f"{label} val")
+        ax.plot([h["step"] for h in progress], [h["train_loss"] for h in progress], "--", color=color, alpha=0.6,
+                label=f"{label} train")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="runs compared")
+    save_plot(fig, ax, out)
+    return out
+
+
+def main(argv=None):
+    parser = ArgumentParser(description="Overlay several train.py runs' train and val loss in one PNG.")
+    parser.add_argument("runs", nargs="+", help="run folders (each with the history.json train.py writes)")
+    parser.add_argument("--out", default="compare.png", help="the PNG to write (default: %(default)s)")
+    parser.add_argument("--labels", default=None, help="comma-separated labels (default: the folder names)")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else None
+    if labels and len(labels) != len(args.runs):
+        raise TinyLLMError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    log(f"wrote {compare_runs(args.runs, args.out, labels)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

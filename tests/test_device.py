@@ -1,0 +1,324 @@
+"""Every platform's decisions, proven on a CPU: the device's properties (compute capability,
+name, availability, count) are mocked, and the CPU runs the code paths that stand in for a
+GPU's (bfloat16 autocast, the CPU gradient scaler, fused AdamW's on-device skip)."""
+
+import contextlib
+import copy
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import device as device_module
+import train
+from checkpoint import load_checkpoint, save_checkpoint
+from config import RunOptions, TinyLLMError, TrainConfig, default_preset
+from conftest import tiny_model_config, tiny_train_config
+from device import autocast, choose_device, make_scaler, peak_flops, resolve_dtype, rng_state, set_rng_state
+from model import GPT, apply_rope
+from optim import make_optimizer
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend a CUDA GPU is present: set(name, capability, count) picks which one."""
+    def set_gpu(name, capability, count=1):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+        # what the old code asked: it counts emulation, so a T4 answers yes
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    return set_gpu
+
+
+@pytest.mark.parametrize("name, capability, dtype", [
+    ("Tesla T4", (7, 5), "float16"),
+    ("Tesla V100-SXM2-16GB", (7, 0), "float16"),
+    ("NVIDIA L4", (8, 9), "bfloat16"),
+    ("NVIDIA A100-SXM4-40GB", (8, 0), "bfloat16"),
+    ("NVIDIA H100 80GB HBM3", (9, 0), "bfloat16"),
+])
+def test_gpu_decisions(fake_gpu, name, capability, dtype):
+    fake_gpu(name, capability)
+    device = choose_device("auto")
+    assert device.type == "cuda" and default_preset(device.type) == "small"
+    assert resolve_dtype("auto", device) == dtype
+    scaler = make_scaler(device, dtype)
+    if dtype == "float16":  # a T4 trains in float16 with a working loss scaler
+        assert scaler is not None and scaler.is_enabled()
+    else:
+        assert scaler is None
+
+
+def test_asking_bf16_on_a_t4_warns_that_it_is_emulated(fake_gpu, capsys):
+    fake_gpu("Tesla T4", (7, 5))
+    assert resolve_dtype("bfloat16", CUDA) == "bfloat16"
+    assert "emulated" in capsys.readouterr().err
+
+
+def test_mac_decisions(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    mps = choose_device("auto")
+    assert mps.type == "mps" and default_preset("mps") == "tiny"
+    assert resolve_dtype("auto", mps) == "float32"
+    scaler = make_scaler(mps, "float16")  # float16 on a Mac gets the MPS scaler, which is enabled
+    assert scaler is not None and scaler.is_enabled()
+
+
+def test_float16_is_refused_where_no_scaler_works():
+    # a CUDA scaler without CUDA disables itself: that is exactly what silently corrupted weights
+    with pytest.raises(TinyLLMError, match="gradient scaler"):
+        make_scaler(CUDA, "float16")
+
+
+def test_cpu_decisions(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert choose_device("auto") == CPU and default_preset("cpu") == "tiny"
+    assert resolve_dtype("bfloat16", CPU) == "bfloat16"  # allowed on CPU: CPU autocast supports it
+    assert make_scaler(CPU, "float16").is_enabled()
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA L4", "bfloat16", 121), ("NVIDIA L40S", "bfloat16", 362), ("NVIDIA L40", "bfloat16", 181),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156), ("Tesla T4", "float16", 65), ("Tesla T4", "float32", 8.1),
+])
+def test_mfu_peaks_by_exact_name_and_dtype(fake_gpu, name, dtype, tflops):
+    fake_gpu(name, (8, 0))
+    assert peak_flops(CUDA, dtype) == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize("name, dtype", [("NVIDIA RTX A1000", "bfloat16"), ("Tesla T4", "bfloat16")])
+def test_unknown_gpu_or_dtype_has_no_mfu_and_says_so_once(fake_gpu, capsys, name, dtype):
+    fake_gpu(name, (8, 6))
+    assert peak_flops(CUDA, dtype) is None
+    out = capsys.readouterr().out
+    assert out.count("MFU") == 1 and name in out
+
+
+def test_resume_on_fewer_gpus_restores_what_applies(fake_gpu, monkeypatch, capsys):
+    state = rng_state()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved on 2 GPUs
+    fake_gpu("NVIDIA L4", (8, 9), count=1)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append(device))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: 1 / 0)  # what crashed before
+    set_rng_state(state)
+    assert restored == [0]
+    assert "2 GPU(s), this machine has 1" in capsys.readouterr().out
+
+
+def test_nccl_binds_the_device_at_init(fake_gpu, monkeypatch):
+    fake_gpu("NVIDIA H100 80GB HBM3", (9, 0), count=2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(device_module.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    rank, world, dev = device_module.setup_distributed(CUDA)
+    assert (rank, world, dev) == (1, 2, torch.device("cuda:1"))
+    assert calls == {"backend": "nccl", "device_id": torch.device("cuda:1")}
+
+
+# ----------------------------------------------------------------------------- nothing non-finite reaches the weights
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 65, (4, 16), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def inject_inf_after_backward(model):
+    """Make one gradient infinite on every backward pass."""
+    model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
+
+
+@pytest.mark.parametrize("scaler", ["cpu", "disabled cuda", None])
+def test_an_inf_gradient_never_reaches_the_weights(scaler):
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    inject_inf_after_backward(model)
+    optimizer = make_optimizer(model, TrainConfig(), CPU)
+    before = copy.deepcopy(model.state_dict())
+    ctx = autocast(CPU, "float16") if scaler else contextlib.nullcontext()
+    grad_scaler = {"cpu": torch.amp.GradScaler("cpu"), "disabled cuda": torch.amp.GradScaler("cuda", enabled=False),
+                   None: None}[scaler]
+    batch = fixed_batch()
+    train.train_step(model, optimizer, lambda: batch, 1e-3, 1, 1.0, ctx, grad_scaler)
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the step was skipped, not half taken
+
+
+def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_it(shakespeare_head, tmp_path):
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=6, eval_interval=3, dtype="float16")
+    train.train(tiny_model_config(), cfg)
+    saved = load_checkpoint(str(tmp_path / "last.pt"))["scaler"]
+    assert saved["scale"] > 0 and {"growth_factor", "backoff_factor", "_growth_tracker"} <= set(saved)
+    saved["scale"] = 1234.0
+    checkpoint = load_checkpoint(str(tmp_path / "last.pt"))
+    checkpoint["scaler"] = saved
+    save_checkpoint(str(tmp_path / "last.pt"), checkpoint)
+    run = train.start_run(tiny_model_config(), cfg, RunOptions(resume=True), "test", {})
+    assert run.scaler.get_scale() == 1234.0
+
+
+# ----------------------------------------------------------------------------- RoPE without complex numbers
+
+def old_apply_rope(x, start=0):
+    """The complex-number formulation RoPE used before, for comparison."""
+    hs = x.size(-1)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs))
+    angles = torch.arange(start, start + x.size(1), dtype=torch.float32)[:, None] * inv_freq[None, :]
+    rotation = torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def test_real_rope_rotates_the_same_pairs_as_the_complex_formulation():
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(pos="rope", block_size=32))
+    x = torch.randn(2, 32, 2, 4, 16)
+    new = apply_rope(x, model.rope_cos[:, None, None], model.rope_sin[:, None, None])
+    assert torch.allclose(new, old_apply_rope(x), atol=1e-6)
+
+
+def test_a_rope_checkpoint_of_the_old_code_gives_the_same_logits_and_greedy_text(monkeypatch):
+    import model as model_module
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(pos="rope", mlp="swiglu", block_size=16)).eval()
+    idx = torch.randint(0, 65, (2, 16))
+    logits = model(idx)[0]
+    greedy = model.generate(idx[:1, :4], 40, temperature=0)
+
+    monkeypatch.setattr(model_module, "apply_rope", old_rope_from_tables)  # the code before the change
+    assert torch.allclose(model(idx)[0], logits, atol=1e-5)
+    assert torch.equal(model.generate(idx[:1, :4], 40, temperature=0), greedy)
+
+
+def old_rope_from_tables(x, cos, sin):
+    """The complex multiplication, with the rotation built from the same cos/sin as the tables."""
+    rotation = torch.complex(cos, sin)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+class DtypeRecorder(TorchDispatchMode):
+    """Every dtype that passes through an ATen op, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes, self.ops = set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                self.dtypes.add(t.dtype)
+        self.ops.append(func)
+        return out
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_forward_and_backward_use_no_complex_dtype(pos):
+    model = GPT(tiny_model_config(pos=pos))
+    idx = torch.randint(0, 65, (2, 16))
+    with DtypeRecorder() as seen:
+        _, loss = model(idx, idx)
+        loss.backward()
+    assert not {torch.complex64, torch.complex128, torch.complex32} & seen.dtypes
+
+
+# ----------------------------------------------------------------------------- host syncs
+
+class SyncCounter(TorchDispatchMode):
+    """Counts reads of a tensor's value by the host (.item(), .tolist(), bool()): each one
+    makes the CPU wait for a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_a_training_step_never_waits_for_the_device(accum):
+    model = GPT(tiny_model_config())
+    optimizer = make_optimizer(model, TrainConfig(), CPU)
+    batch = fixed_batch()
+    with SyncCounter() as counter:
+        for _ in range(3):
+            train.train_step(model, optimizer, lambda: batch, 1e-3, accum, 1.0, contextlib.nullcontext())
+    assert counter.syncs == 0
+
+
+def test_the_loop_reads_the_device_only_at_progress_lines(shakespeare_head, tmp_path, monkeypatch):
+    reads = []
+    real = train.check_steps
+    monkeypatch.setattr(train, "check_steps", lambda run: reads.append(len(run.pending)) or real(run))
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=20, eval_interval=20, log_interval=10)
+    train.train(tiny_model_config(), cfg)
+    assert [n for n in reads if n] == [10, 10]  # one read for every ten steps
+
+
+# ----------------------------------------------------------------------------- bfloat16 on a CPU, end to end
+
+def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_with_the_cache(shakespeare_head, tmp_path):
+    cfg = tiny_train_config(shakespeare_head, tmp_path, dtype="bfloat16", max_steps=30, eval_interval=15, lr=1e-2)
+    result = train.train(tiny_model_config(pos="rope", block_size=8), cfg)
+    evals = [h for h in result["history"] if h["kind"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
+    model = result["model"].eval()
+    prompt = torch.randint(0, 50, (2, 3))
+    with autocast(CPU, "bfloat16"):
+        cached = model.generate(prompt, 30, temperature=0, use_cache=True)
+        full = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, full)
+
+
+def test_train_never_sets_tf32_precision_on_cpu(shakespeare_head, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=2))
+    import bench
+    bench.main(["train", "--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
+                "--batch_size", "4", "--steps", "1", "--untimed", "0", "--out", str(tmp_path / "b.json")])
+    assert calls == []
+
+
+def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch, capsys):
+    import generate
+    from conftest import cli
+    seen = {}
+    real_load, real_load_model = torch.load, generate.load_model
+
+    def recording_load(*args, **kwargs):
+        seen["map_location"] = kwargs.get("map_location")
+        return real_load(*args, **kwargs)
+
+    def recording_load_model(path):
+        seen["checkpoint"] = real_load_model(path)[2]
+        return real_load_model(path)
+
+    def fake_sample(model, tokenizer, prompt_ids, cfg, device, stream=False):
+        seen["model_device"] = next(model.parameters()).device
+        return [("text", 4, False)]
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(generate, "load_model", recording_load_model)
+    monkeypatch.setattr(generate, "choose_device", lambda name: torch.device("meta"))  # a stand-in for a GPU
+    monkeypatch.setattr(generate, "sample", fake_sample)
+    code, out, err = cli(capsys, generate.main, str(trained[0] / "last.pt"))
+    assert code == 0, err
+    assert seen["map_location"] == "cpu" and seen["model_device"].type == "meta"
+    assert "optimizer" not in seen["checkpoint"]  # the optimizer state never travels to the device
