@@ -13,11 +13,16 @@ Training runs go through train.py's own setup (start_run) and records (history.j
 console output is parsed.
 """
 
+import os
+
+if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
+    # before torch loads OpenMP: idle threads spin briefly, then sleep (device.set_threads says why)
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import dataclasses
 import datetime
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess

@@ -29,7 +29,7 @@ def _require(ok, message):
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # the vocabulary --tokenizer bpe learns unless --vocab_size says otherwise
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
-THREADS_HELP = "CPU threads for torch; 0 = auto (one per physical core, at most 4, OpenMP told not to spin)"
+THREADS_HELP = "CPU threads for torch's kernels; 0 = auto: one per physical core"
 
 
 @dataclass

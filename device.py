@@ -123,12 +123,15 @@ def configure_matmul(device):
 # ----------------------------------------------------------------------------- threads
 
 def set_threads(n=0):
-    """Use n CPU threads for torch's kernels; 0 picks one per physical core, at most 4
-    (past that these small matrices gain nothing). Returns the count in use."""
-    if n == 0:
-        n = max(1, min(4, torch.get_num_threads()))  # torch's own default is the physical core count
-    torch.set_num_threads(n)
-    return n
+    """Use n CPU threads for torch's kernels; 0 keeps torch's default, one per physical core.
+    Returns the count in use. train.py, generate.py and bench.py also shorten how long an idle
+    OpenMP thread spins before it sleeps (GOMP_SPINCOUNT, which must be set before torch loads):
+    with the default spin, a second busy process on a 2-core machine made a training step of
+    2 threads 2 to 9 times slower; with the short spin, about as fast as 1 thread, and on an
+    idle machine as fast as the default (README: Threads)."""
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 # ----------------------------------------------------------------------------- random numbers

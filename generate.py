@@ -8,6 +8,11 @@ The same seed on the same machine gives the same text. Every flag: python genera
 """
 
 import os
+
+if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
+    # before torch loads OpenMP: idle threads spin briefly, then sleep (device.set_threads says why)
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import sys
 
 import torch

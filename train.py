@@ -10,12 +10,17 @@ train() is the loop around it, one screen of labelled blocks; the functions afte
 run up, evaluate and checkpoint it, and report on it. Every flag: python train.py --help.
 """
 
+import os
+
+if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
+    # before torch loads OpenMP: idle threads spin briefly, then sleep (device.set_threads says why)
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 import contextlib
 import csv
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time

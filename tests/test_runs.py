@@ -1,0 +1,203 @@
+"""The learner's second hour: never lose a trained model, resume and extend runs, fine-tune
+on text with new characters, compare runs, and a command line that tells the truth."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import generate
+import plots
+import prepare
+import train
+from checkpoint import load_checkpoint
+from config import TrainConfig
+from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli
+from model import filter_logits
+from utils import load_prepared
+
+RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
+
+
+def files_of(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A copy of the trained run, to be (mis)treated."""
+    shutil.copytree(trained[0], tmp_path / "run")
+    return tmp_path / "run", trained[1]
+
+
+# ----------------------------------------------------------------------------- never lose work
+
+def test_a_second_run_into_a_trained_folder_is_refused_and_leaves_it_untouched(run_copy, capsys):
+    folder, data = run_copy
+    before = files_of(folder)
+    code, _, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", folder, "--max_steps", "5")
+    assert_one_line_error(code, err, "already holds a run", "--resume", "--out_dir", "--overwrite", "step 60")
+    for flags in (["--overfit_batch", "--max_steps", "30"], ["--plot_lr"], ["--eval_only"]):
+        code, out, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", folder, *flags)
+        assert code == 0, err
+    after = files_of(folder)
+    assert {k: v for k, v in after.items() if k != "lr_schedule.png"} == before  # best.pt byte for byte
+    code, out, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", folder, "--max_steps", "5",
+                         "--overwrite")
+    assert code == 0 and "removing the previous run" in out
+    assert load_checkpoint(str(folder / "last.pt"))["step"] == 5
+
+
+def test_one_resume_command_starts_a_run_then_continues_it(trained, tmp_path, capsys):
+    folder, argv = tmp_path / "colab", [*RUN, "--data", trained[1], "--max_steps", "10", "--resume"]
+    code, out, err = cli(capsys, train.main, *argv, "--out_dir", folder)
+    assert code == 0 and "starting a fresh run" in out
+    code, out, err = cli(capsys, train.main, *argv, "--out_dir", folder, "--max_steps", "20")  # after a "disconnect"
+    assert code == 0 and "resuming" in out and load_checkpoint(str(folder / "last.pt"))["step"] == 20
+
+
+def test_extending_a_finished_run_replans_the_decay_without_a_jump(run_copy, capsys):
+    folder, data = run_copy
+    reached = load_checkpoint(str(folder / "last.pt"))["lr"]
+    code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "100",
+                         "--eval_interval", "20", "--log_interval", "20", "--patience", "9", "--plots", "false")
+    assert code == 0, err
+    last = load_checkpoint(str(folder / "last.pt"))
+    assert last["step"] == 100 and last["train_config"]["max_steps"] == 100
+    assert last["train_config"]["eval_interval"] == 20 and last["train_config"]["patience"] == 9  # honoured
+    progress = [h for h in last["history"] if h["kind"] == "train" and h["step"] > 60]
+    assert [h["step"] for h in progress] == [80, 100]  # the new log_interval
+    step, lr = last["decay_from"]
+    cfg = TrainConfig(**last["train_config"])
+    assert step == 60 and lr == pytest.approx(train.get_lr(60, cfg.lr, cfg.min_lr, cfg.warmup_steps, 60))
+    lrs = [train.get_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, 100, last["decay_from"]) for s in range(60, 101)]
+    assert lrs[0] == pytest.approx(lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))  # no jump, then down
+    assert lrs[-1] == pytest.approx(cfg.min_lr) and reached == pytest.approx(train.get_lr(59, cfg.lr, cfg.min_lr,
+                                                                                            cfg.warmup_steps, 60))
+    assert "decays from" in out
+
+
+def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
+    folder, _ = run_copy
+    for flags, words in ((["--n_embd", "64"], "--n_embd 64"), (["--batch_size", "4"], "--batch_size 4"),
+                         (["--tokenizer", "bpe"], "--tokenizer bpe"), (["--max_steps", "30"], "step 60")):
+        code, _, err = cli(capsys, train.main, "--resume", "--out_dir", folder, *flags)
+        assert_one_line_error(code, err, words)
+
+
+# ----------------------------------------------------------------------------- your own text
+
+def test_fine_tuning_on_text_with_new_characters_grows_the_vocabulary(run_copy, tmp_path, capsys):
+    folder, _ = run_copy
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Café “naïve” notes + more notes: é, “ and + are new.\n" * 300, encoding="utf-8")
+    base = load_checkpoint(str(folder / "best.pt"))
+    code, out, err = cli(capsys, train.main, *RUN, "--init_from", folder / "best.pt", "--data", notes,
+                         "--out_dir", tmp_path / "tuned", "--max_steps", "150", "--lr", "1e-2", "--warmup_steps", "5")
+    assert code == 0, err
+    added = "".join(sorted(set("éï“”+") - set(base["tokenizer"]["chars"])))
+    assert f"added {len(added)} character(s)" in out
+    tuned = load_checkpoint(str(tmp_path / "tuned" / "best.pt"))
+    chars = tuned["tokenizer"]["chars"]
+    assert chars[:len(base["tokenizer"]["chars"])] == base["tokenizer"]["chars"] and set(added) <= set(chars)
+    n_old, wte = len(base["tokenizer"]["chars"]), "wte.weight"
+    assert tuned["model"][wte].shape[0] == len(chars) + 1  # plus <|endoftext|>, which kept its row
+    assert tuned["model_config"]["vocab_size"] == len(chars) + 1
+    code, out, err = cli(capsys, generate.main, tmp_path / "tuned" / "best.pt", "--prompt", "Caf", "--temperature",
+                         "0", "--max_new_tokens", "3")
+    assert code == 0 and out.startswith("Café"), out + err  # it learned the new character, and uses it
+    assert n_old < len(chars)
+
+
+def test_prepare_searches_folders_recursively_for_the_endings_asked(tmp_path):
+    (tmp_path / "notes" / "deep" / ".git").mkdir(parents=True)
+    (tmp_path / "notes" / "a.md").write_text("# markdown " * 300)
+    (tmp_path / "notes" / "deep" / "b.py").write_text("print('python') " * 300)
+    (tmp_path / "notes" / "deep" / "skip.txt").write_text("ZZZ")  # an ending not asked for
+    (tmp_path / "notes" / "deep" / ".git" / "c.md").write_text("QQQ")  # a hidden folder
+    meta = prepare.prepare(TrainConfig(data=str(tmp_path / "notes"), data_ext=".md,.py"), str(tmp_path / "out"))
+    chars = set(meta["tokenizer"]["chars"])
+    assert set("#markdownpython()'") <= chars and not {"Z", "Q"} & chars
+    assert meta["tokenizer"]["kind"] == TrainConfig.tokenizer  # the same default as train.py
+
+
+def test_prepare_splits_a_single_small_file_by_characters(tmp_path, capsys):
+    text = open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8").read(50_000)
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    meta = prepare.prepare(TrainConfig(data=str(tmp_path / "one.txt")), str(tmp_path / "out"))
+    _, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
+    assert len(val_ids) == pytest.approx(0.1 * len(text), abs=2) and meta["val_chars"] == len(val_ids)
+    assert "prepare " not in capsys.readouterr().out  # no progress line before there is a rate to show
+
+
+# ----------------------------------------------------------------------------- a CLI that tells the truth
+
+def test_help_shows_meanings_and_the_defaults_actually_used(capsys):
+    code, out, _ = cli(capsys, train.main, "--help")
+    assert code == 0 and "None" not in out
+    text = " ".join(out.split())
+    assert "peak learning rate" in text and "(default: 0.003, preset tiny)" in text  # the preset's, not 2e-3
+    assert "--lr-max" in text and "--warmup" in text and "--tag" in text and "--threads" in text
+    assert "[auto|float32|bfloat16|float16]" in text and "here)" in text
+    code, out, _ = cli(capsys, generate.main, "--help")
+    assert code == 0 and "None" not in out and "CHECKPOINT.pt" in out and "greedy" in out
+
+
+def test_bool_flags_are_bare_switches_and_still_take_values(tmp_path):
+    parser = train.build_parser(torch.device("cpu"))
+    args = parser.parse_args(["--compile", "--clean", "--plots", "false", "--overwrite"])
+    assert args.compile is True and args.clean is True and args.plots is False and args.overwrite is True
+
+
+def test_tag_names_the_run_folder_and_course_spellings_work(trained, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, train.main, *RUN, "--data", trained[1], "--max_steps", "10", "--lr-max", "3e-3",
+                         "--warmup", "2", "--tag", "lr_test")
+    assert code == 0, err
+    saved = load_checkpoint(str(tmp_path / "checkpoints" / "lr_test" / "last.pt"))["train_config"]
+    assert (saved["lr"], saved["warmup_steps"], saved["tag"]) == (3e-3, 2, "lr_test")
+
+
+def test_the_history_has_progress_rows_and_plots_compare_runs(trained, tmp_path, capsys):
+    history = json.loads((trained[0] / "history.json").read_text())
+    progress = [h for h in history if h["kind"] == "train"]
+    evals = [h for h in history if h["kind"] == "eval"]
+    assert [h["step"] for h in progress] == list(range(10, 61, 10)) and [h["step"] for h in evals] == [0, 30, 60]
+    assert evals[0]["grad_norm"] is None and all(h["grad_norm"] > 0 for h in progress)  # no fake 0 at step 0
+    assert all(h["seconds"] >= 0 for h in history) and all(h["ms_per_step"] > 0 for h in progress)
+    code, out, err = cli(capsys, plots.main, trained[0], trained[0], "--labels", "a,b", "--out", tmp_path / "c.png")
+    assert code == 0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_shorter_than_its_warmup_warns(trained, tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, *RUN, "--data", trained[1], "--out_dir", tmp_path / "r", "--max_steps", "5",
+                       "--warmup_steps", "10")
+    assert code == 0 and "never" in err and "--warmup_steps" in err
+
+
+def test_output_files_record_every_setting_and_early_stops(trained, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("ROMEO:")
+    out_file = tmp_path / "out.txt"
+    code, out, err = cli(capsys, generate.main, "--checkpoint", trained[0] / "best.pt", "--prompt_file", prompt,
+                         "--no_stop", "--num_samples", "2", "--max_new_tokens", "5", "--output_file", out_file)
+    assert code == 0, err
+    head = out_file.read_text().splitlines()[:3]
+    assert "no_stop=True" in head[1] and "qa=False" in head[1] and head[2] == f"# prompt (from {prompt}): 'ROMEO:'"
+    model, tokenizer, checkpoint = train.load_model(str(trained[0] / "best.pt"))
+    cfg = generate.SampleConfig(max_new_tokens=5, temperature=0)
+    model.lm_head.weight.data[tokenizer.eot_id] += 100  # make end-of-text certain
+    (_, n_new, stopped), = generate.sample(model, tokenizer, tokenizer.encode("A"), cfg, torch.device("cpu"))
+    assert stopped and n_new == 0
+    assert "stopped at <|endoftext|> after 0 tokens" in generate.sample_label(0, cfg, n_new, stopped)
+
+
+def test_top_k_keeps_the_tokens_tied_with_the_kth():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, True, True, False]]
+    assert math.isinf(filter_logits(logits, top_k=1)[0, 1])
+    assert np.isfinite(filter_logits(logits, top_k=5).numpy()).all()
