@@ -175,7 +175,6 @@ def bench_generate(args):
         for name in seconds:
             out, s = timed(name == "kv_cache", args.new_tokens)
             seconds[name].append(s)
-            tokens = out if name == "kv_cache" else tokens
     result = {name: {"seconds": statistics.median(s), "ms_per_token": 1000 * statistics.median(s) / args.new_tokens,
                      "tokens_per_s": args.num_samples * args.new_tokens / statistics.median(s)}
               for name, s in seconds.items()}
@@ -184,7 +183,7 @@ def bench_generate(args):
         log(f"{name:<15} {r['ms_per_token']:7.2f} ms per token | {r['tokens_per_s']:,.1f} tok/s")
     log(f"result: the KV cache is {speedup:.2f}x faster than recomputing the context")
     return {"preset": preset, "model_config": dataclasses.asdict(model_cfg), **result, "speedup": speedup,
-            "new_tokens": args.new_tokens, "num_samples": args.num_samples, "tokens_shape": list(tokens.shape)}
+            "new_tokens": args.new_tokens, "num_samples": args.num_samples, "tokens_shape": list(out.shape)}
 
 
 # ----------------------------------------------------------------------------- time to target

@@ -1,5 +1,6 @@
-"""Checkpoints: what one holds, how it is written so a crash never leaves a broken file,
-and how it is read back without ever running code from it.
+"""Never lose a run: what a checkpoint holds, how it is written so a crash never leaves a
+broken file, how it is read back without ever running code from it, how a run folder is
+protected from a second run, what a resumed run may change, and how Ctrl-C saves first.
 
 A checkpoint is a dict of tensors and plain Python data:
     model         the weights (state_dict)          model_config   GPTConfig as a dict
@@ -11,11 +12,12 @@ import contextlib
 import dataclasses
 import os
 import pickle
+import signal
 import warnings
 
 import torch
 
-from config import GPTConfig, TinyLLMError
+from config import GPTConfig, TinyLLMError, TrainConfig, log
 from model import GPT
 from tokenizer import tokenizer_from_dict
 
@@ -148,8 +150,90 @@ def describe_run(out_dir):
     return ", ".join(run_files(out_dir))
 
 
+def claim_out_dir(out_dir, overwrite, master=True, say=log):
+    """Refuse to start a fresh run over another run's checkpoints, and find out now, not after
+    an hour of training, whether the folder can be written. With overwrite, clear the old run."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
+    existing = run_files(out_dir)
+    if existing and not overwrite:
+        raise TinyLLMError(f"{out_dir} already holds a run ({describe_run(out_dir)}); to keep it, continue it with "
+                           f"--resume or pick another --out_dir (or --tag NAME); to replace it, add --overwrite")
+    if not master:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise TinyLLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
+    if existing:
+        say(f"--overwrite: removing the previous run's {', '.join(existing)} from {out_dir}")
+        for name in existing + ["history.csv", "history.json"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+
+
 def prune_periodic(out_dir, keep_last):
     """Keep only the newest keep_last ckpt_STEP.pt files."""
     periodic = [n for n in run_files(out_dir) if n.startswith("ckpt_")]
     for name in periodic[:-keep_last]:
         os.remove(os.path.join(out_dir, name))
+
+
+# ----------------------------------------------------------------------------- resuming and stopping
+
+# Settings a resumed run may change: how often it reports and saves, how long it runs, and
+# where it runs. The rest (model shape, tokenizer, data, batch, optimizer) define the run.
+CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
+                        "patience", "target_loss", "plots", "sample_tokens", "device", "dtype", "compile", "threads",
+                        "grad_accum_steps", "out_dir", "tag"}
+
+
+def resume_configs(checkpoint, given, path):
+    """The configs of a resumed run: the saved ones, overridden by the flags given this time
+    that can safely change mid-run. A flag that would change anything else is refused."""
+    saved = checkpoint["train_config"]
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or set(saved) - names:
+        unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]
+        raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
+                           f"version of tinyllm?); fine-tune from its weights with --init_from instead")
+    try:
+        model_cfg = GPTConfig(**checkpoint["model_config"])
+        train_cfg = TrainConfig(**saved)
+    except TypeError as e:
+        raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
+    current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
+    refused = [f"--{k} {v} (the run has {current[k]})" for k, v in given.items()
+               if k in current and v != current[k] and k not in CHANGEABLE_ON_RESUME]
+    if refused:
+        raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
+                           ". Drop the flag, or start a new run with another --out_dir (or --tag)")
+    changes = {k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}
+    return model_cfg, dataclasses.replace(train_cfg, **changes)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts."""
+
+    def __init__(self, announce=True):
+        self.signum = None
+        self.announce = announce
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt")
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -83,17 +83,18 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False):
     steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                                   top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator)
     shown = [t for t in prompt_ids if t != stop]
-    new, printed = [], ""
+    new, unprinted = [], []
     if stream:
         sys.stdout.write(tokenizer.decode(shown))
     for token in steps:  # (B, 1)
         new.append(token)
         if stream and token[0, 0] != stop:
-            text = tokenizer.decode([t for t in torch.cat(new, dim=1)[0].tolist() if t != stop])
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(printed):])
+            unprinted.append(token[0, 0].item())
+            text = tokenizer.decode(unprinted)
+            if not text.endswith("\ufffd"):  # a byte-level token can end mid-character: wait for the rest
+                sys.stdout.write(text)
                 sys.stdout.flush()
-                printed = text
+                unprinted = []
     if stream:
         sys.stdout.write("\n")
     out = []

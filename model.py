@@ -59,6 +59,16 @@ def apply_rope(x, cos, sin):
     return rotated.flatten(-2).type_as(x)
 
 
+def attend(q, k, v, mask, causal, dropout):
+    """softmax(q k^T / sqrt(hs)) v, masked, by PyTorch's fused kernel. On a CPU under bfloat16
+    autocast it runs in float32: there bfloat16 attention (its backward above all) is several
+    times slower than float32's, while the matmuls around it keep bfloat16's speed."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return attend(q.float(), k.float(), v.float(), mask, causal, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, plus the position of
     the next token. Buffers of block_size positions are allocated once and filled in
@@ -110,8 +120,7 @@ class CausalSelfAttention(nn.Module):
             mask, causal = None, False
         else:  # new queries see every cached key and the new keys up to themselves
             mask, causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T), False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = attend(q, k, v, mask, causal, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -252,7 +261,7 @@ class GPT(nn.Module):
             return n_tokens - max(1, self.config.block_size // 2)
         return start
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                         use_cache=True, stop_token=None, generator=None):
         """Yield the next token of each row, shape (B, 1), one step at a time.

@@ -92,6 +92,38 @@ def _merge(ids, pair, new_id):
     return out
 
 
+def _merge_words(words, freqs, where, pair, new_id, counts):
+    """Merge pair into new_id in every word that contains it, and update counts and where by the
+    difference between each word's old and new pairs. Returns the pairs whose count changed
+    and is still positive (they need a fresh heap entry)."""
+    delta = Counter()
+    for w in where.pop(pair):
+        old, n = words[w], freqs[w]
+        new = _merge(old, pair, new_id)
+        words[w] = new
+        old_pairs, new_pairs = list(zip(old, old[1:])), list(zip(new, new[1:]))
+        for p in old_pairs:
+            delta[p] -= n
+        for p in new_pairs:
+            delta[p] += n
+        for p in set(old_pairs) - set(new_pairs):
+            if p != pair:
+                where[p].discard(w)
+        for p in set(new_pairs) - set(old_pairs):
+            where.setdefault(p, set()).add(w)
+    changed = []
+    for p, d in delta.items():
+        if d == 0:
+            continue
+        counts[p] += d
+        if counts[p] > 0:
+            changed.append(p)
+        else:  # the pair is gone from every word
+            del counts[p]
+            where.pop(p, None)
+    return changed
+
+
 def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), verbose=False):
     """Learn a byte-level BPE vocabulary from `text`.
 
@@ -150,32 +182,9 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
             if verbose and (new_id - 255) % 100 == 0:
                 print(f"bpe merge {new_id - 255}/{n_merges}: {merged!r} (count {-neg_count})", flush=True)
 
-        # 4. rewrite only the words that contain the pair, and adjust the pair counts by the
-        #    difference between each word's old and new pairs
-        delta = Counter()
-        for w in where.pop(pair):
-            old, n = words[w], freqs[w]
-            new = _merge(old, pair, new_id)
-            words[w] = new
-            old_pairs, new_pairs = list(zip(old, old[1:])), list(zip(new, new[1:]))
-            for p in old_pairs:
-                delta[p] -= n
-            for p in new_pairs:
-                delta[p] += n
-            for p in set(old_pairs) - set(new_pairs):
-                if p != pair:
-                    where[p].discard(w)
-            for p in set(new_pairs) - set(old_pairs):
-                where.setdefault(p, set()).add(w)
-        for p, d in delta.items():
-            if d == 0:
-                continue
-            counts[p] += d
-            if counts[p] > 0:
-                heapq.heappush(heap, entry(p))
-            else:  # the pair is gone from every word
-                del counts[p]
-                where.pop(p, None)
+        # 4. rewrite only the words that contain the pair, then adjust the pair counts
+        for p in _merge_words(words, freqs, where, pair, new_id, counts):
+            heapq.heappush(heap, entry(p))
     return tokens
 
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (describe_run, load_checkpoint, load_model, make_checkpoint, model_from_checkpoint,
-                        prune_periodic, run_files, save_checkpoint, tokenizer_of)
+from checkpoint import (StopRequest, claim_out_dir, load_checkpoint, load_model, make_checkpoint, model_from_checkpoint,
+                        prune_periodic, resume_configs, save_checkpoint, tokenizer_of)
 from config import (PRESETS, ArgumentParser, GPTConfig, RunOptions, TinyLLMError, TrainConfig, add_config_flags,
                     build, build_configs, default_preset, explicit_flags, format_seconds, log, preset_defaults,
                     run_cli, warn)
@@ -223,7 +223,7 @@ def start_run(model_cfg, train_cfg, options, preset, given):
         model_cfg, train_cfg = resume_configs(resume_from, given, run.last_path)
         train_cfg = dataclasses.replace(train_cfg, out_dir=run.out_dir)
     elif not options.overfit_batch:
-        prepare_out_dir(run, options.overwrite)
+        claim_out_dir(run.out_dir, options.overwrite, run.master, run.say)
     run.model_cfg, run.train_cfg, run.device = model_cfg, train_cfg, device
     if train_cfg.batch_size % (run.world * train_cfg.grad_accum_steps):
         raise TinyLLMError(f"batch_size ({train_cfg.batch_size}) must be divisible by the number of processes "
@@ -271,64 +271,6 @@ def find_resume(run, options):
                            f"fine-tune from its weights with --init_from instead")
     run.say(f"resuming {run.last_path} at step {checkpoint['step']}")
     return checkpoint
-
-
-# Settings a resumed run may change: how often it reports and saves, how long it runs, and
-# where it runs. The rest (model shape, tokenizer, data, batch, optimizer) define the run.
-CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
-                        "patience", "target_loss", "plots", "sample_tokens", "device", "dtype", "compile", "threads",
-                        "grad_accum_steps", "out_dir", "tag"}
-
-
-def resume_configs(checkpoint, given, path):
-    """The configs of a resumed run: the saved ones, overridden by the flags given this time
-    that can safely change mid-run. A flag that would change anything else is refused."""
-    saved = checkpoint["train_config"]
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(saved, dict) or set(saved) - names:
-        unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]
-        raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
-                           f"version of tinyllm?); fine-tune from its weights with --init_from instead")
-    try:
-        model_cfg = GPTConfig(**checkpoint["model_config"])
-        train_cfg = TrainConfig(**saved)
-    except TypeError as e:
-        raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
-    current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
-    refused = [f"--{k} {v} (the run has {current[k]})" for k, v in given.items()
-               if k in current and v != current[k] and k not in CHANGEABLE_ON_RESUME]
-    if refused:
-        raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
-                           ". Drop the flag, or start a new run with another --out_dir (or --tag)")
-    changes = {k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}
-    return model_cfg, dataclasses.replace(train_cfg, **changes)
-
-
-def prepare_out_dir(run, overwrite):
-    """Refuse to start a fresh run over another run's checkpoints, and find out now, not after
-    an hour of training, whether the folder can be written."""
-    out_dir = run.out_dir
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
-    existing = run_files(out_dir)
-    if existing and not overwrite:
-        raise TinyLLMError(f"{out_dir} already holds a run ({describe_run(out_dir)}); to keep it, continue it with "
-                           f"--resume or pick another --out_dir (or --tag NAME); to replace it, add --overwrite")
-    if not run.master:
-        return
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise TinyLLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
-    if existing:
-        run.say(f"--overwrite: removing the previous run's {', '.join(existing)} from {out_dir}")
-        for name in existing + ["history.csv", "history.json"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(out_dir, name))
 
 
 def load_source(path):
@@ -529,29 +471,6 @@ def write_history(history, out_dir):
         json.dump(history, f, indent=1)
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts."""
-
-    def __init__(self, announce=True):
-        self.signum = None
-        self.announce = announce
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        if self.announce:
-            log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt")
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 def stop_signal(run, stop):
     """The signal that asked the run to stop (0: none), the same on every rank. One process
     looks every step; several agree at progress lines, so no step waits for the others."""
@@ -608,12 +527,12 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 def build_parser(device):
     preset = default_preset(device.type)
     auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", f"{resolve_dtype('auto', device)} here"),
-            "threads": (0, f"{set_threads(0)} here")}
+            "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
     parser = ArgumentParser(
         description="Train a GPT language model on a text file.",
         epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "
                f"shown are that preset's where it sets them. Flags override the preset.")
-    add_config_flags(parser, RunOptions, title="what to do")
+    add_config_flags(parser, RunOptions, auto, title="what to do")
     add_config_flags(parser, GPTConfig, preset_defaults(preset, auto), title="model (GPTConfig)")
     add_config_flags(parser, TrainConfig, preset_defaults(preset, auto), title="training (TrainConfig)")
     return parser

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and tiny data, so the whole suite runs in seconds on a CPU."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +13,25 @@ sys.path.insert(0, ROOT)
 from config import GPTConfig, TrainConfig  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def _tree_state():
+    """Tracked changes, untracked files and ignored files of the checkout (caches aside)."""
+    done = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        return None  # not a git checkout: nothing to compare
+    return sorted(line for line in done.stdout.splitlines() if "__pycache__" not in line and ".pytest_cache" not in line)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_leave_the_tree_as_they_found_it():
+    """Tests write only into their temporary folders: the checkout must look the same afterwards."""
+    before = _tree_state()
+    yield
+    after = _tree_state()
+    if before is not None and after != before:
+        raise AssertionError(f"the tests changed the checkout: {sorted(set(after) ^ set(before))}")
 
 
 @pytest.fixture

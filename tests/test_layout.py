@@ -1,0 +1,53 @@
+"""The house rules that keep the code readable: every function of a top-level script fits on a
+screen, and the modules import only down the flow of the work, never up it."""
+
+import ast
+import glob
+import os
+
+import pytest
+
+from conftest import ROOT
+
+# The flow of the work, bottom to top: a module may import from its own level or below.
+LEVELS = {
+    "config": 0,
+    "model": 1, "tokenizer": 1, "optim": 1,
+    "utils": 2, "device": 2, "checkpoint": 2, "plots": 2,
+    "train": 3, "generate": 3, "prepare": 3, "hf_gpt2": 3,
+    "bench": 4,
+}
+SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def tree(name):
+    with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+        return ast.parse(f.read())
+
+
+def test_every_top_level_module_has_a_place_in_the_flow():
+    assert SCRIPTS == sorted(LEVELS)
+
+
+@pytest.mark.parametrize("name", sorted(LEVELS))
+def test_imports_go_down_the_flow(name):
+    imported = set()
+    for node in ast.walk(tree(name)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    upward = [m for m in imported & set(LEVELS) if LEVELS[m] > LEVELS[name]]
+    assert not upward, f"{name} imports {upward}, which sit above it"
+
+
+@pytest.mark.parametrize("name", sorted(LEVELS))
+def test_every_function_fits_on_a_screen(name):
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree(name))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
+    assert not long
+
+
+@pytest.mark.parametrize("name", sorted(LEVELS))
+def test_every_module_says_what_it_is_for(name):
+    assert ast.get_docstring(tree(name))
