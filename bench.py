@@ -5,6 +5,7 @@ quarter and more), and written with a description of the machine as JSON to --ou
 
     python bench.py train --preset reference --compare dtype=float32,bfloat16   # ms/step, tokens/s, ratios
     python bench.py generate --preset small --new_tokens 1000                  # KV cache vs recompute
+    python bench.py sample --checkpoint checkpoints/best.pt                     # generate.py, start-up included
     python bench.py time_to_target --target 1.886 --preset speedrun --baseline reference
     python bench.py ablation --preset tiny --max_steps 400
     python bench.py gpu_check                                                  # once, on a machine with a GPU
@@ -19,6 +20,7 @@ if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
     # before torch loads OpenMP: idle threads spin briefly, then sleep (device.set_threads says why)
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -34,7 +36,7 @@ import torch
 
 import train
 from config import (PRESETS, ArgumentParser, GPTConfig, RunOptions, TinyLLMError, TrainConfig, add_config_flags,
-                    build_configs, default_preset, explicit_flags, log, run_cli)
+                    bool_flag, build_configs, check_writable, default_preset, explicit_flags, log, run_cli)
 from device import choose_device, peak_flops
 from plots import new_plot, read_history, save_plot, split_history
 
@@ -51,10 +53,13 @@ def machine_info():
             cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
     except OSError:
         pass
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:  # no git here
+        git = ""
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version(), "git": git.stdout.strip() or None,
+            "torch": torch.__version__, "python": platform.python_version(), "git": git.strip() or None,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
@@ -87,10 +92,9 @@ def parse_compare(text):
     if name not in fields or not values:
         raise TinyLLMError(f"--compare takes FIELD=A,B,... with a train.py setting, got {text!r}")
     kind = fields[name]
-    parse = (lambda v: v.lower() in ("1", "true", "yes", "on")) if kind is bool else kind
     try:
-        return [(f"{name}={v}", {name: parse(v)}) for v in values.split(",")]
-    except ValueError:
+        return [(f"{name}={v}", {name: (bool_flag if kind is bool else kind)(v)}) for v in values.split(",")]
+    except (ValueError, argparse.ArgumentTypeError):
         raise TinyLLMError(f"--compare {text}: values must be {kind.__name__}") from None
 
 
@@ -184,6 +188,29 @@ def bench_generate(args):
     log(f"result: the KV cache is {speedup:.2f}x faster than recomputing the context")
     return {"preset": preset, "model_config": dataclasses.asdict(model_cfg), **result, "speedup": speedup,
             "new_tokens": args.new_tokens, "num_samples": args.num_samples, "tokens_shape": list(out.shape)}
+
+
+def bench_sample(args):
+    """`python generate.py CHECKPOINT --max_new_tokens N` as a user runs it, start-up included,
+    next to the floor under it: starting Python and importing generate.py. Interleaved."""
+    if not os.path.isfile(args.checkpoint):
+        raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
+    runs = {"generate.py": [sys.executable, os.path.join(ROOT, "generate.py"), args.checkpoint, "--max_new_tokens",
+                            str(args.new_tokens), "--seed", "42", *(["--no_cache"] if args.no_cache else [])],
+            "import only": [sys.executable, "-c", "import generate"]}
+    seconds = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, cmd in runs.items():
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            seconds[name].append(time.perf_counter() - t0)
+            if done.returncode != 0:
+                raise TinyLLMError(f"{name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    wall, floor = (statistics.median(seconds[name]) for name in runs)
+    log(f"result: {args.new_tokens} tokens in {wall:.2f} s wall, start-up included (median of {args.repeats}); "
+        f"Python + imports alone {floor:.2f} s; sampling {1000 * (wall - floor) / args.new_tokens:.2f} ms per token")
+    return {"checkpoint": args.checkpoint, "new_tokens": args.new_tokens, "wall_s": wall, "import_s": floor,
+            "runs": seconds}
 
 
 # ----------------------------------------------------------------------------- time to target
@@ -358,6 +385,11 @@ def build_parser():
     p.add_argument("--new_tokens", type=int, default=1000)
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="runs of each path, interleaved; the median counts")
+    p = mode("sample", "python generate.py end to end, start-up included", False)
+    p.add_argument("--checkpoint", default=os.path.join("checkpoints", "best.pt"))
+    p.add_argument("--new_tokens", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no_cache", action="store_true", help="time generate.py --no_cache instead")
     p = mode("time_to_target", "seconds from process start until train.py's val loss reaches a target", False)
     p.add_argument("--target", type=float, default=1.886)
     p.add_argument("--preset", default=None)
@@ -382,13 +414,16 @@ def main(argv=None):
             raise TinyLLMError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if getattr(args, "untimed", 0) < 0:
         raise TinyLLMError(f"--untimed must be 0 or more, got {args.untimed}")
+    for flag, path in (("--out", args.out), ("--out_md", getattr(args, "out_md", None))):
+        if path:  # checked now, not after an hour of benchmarks
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            check_writable(path, flag)
     if args.mode == "time_to_target":
         result = bench_time_to_target(args, extra)
     else:
-        modes = {"train": bench_train, "generate": bench_generate, "ablation": bench_ablation,
+        modes = {"train": bench_train, "generate": bench_generate, "sample": bench_sample, "ablation": bench_ablation,
                  "gpu_check": bench_gpu_check}
         result = modes[args.mode](args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"mode": args.mode, "machine": machine_info(), **result}, f, indent=1)
     log(f"wrote {args.out}")

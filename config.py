@@ -8,6 +8,7 @@ their flags and their --help from the dataclasses below, so a setting is describ
 import argparse
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -304,6 +305,20 @@ def format_seconds(seconds):
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def check_writable(path, flag):
+    """Find out before long work, not after it, whether the file path can be written."""
+    if os.path.isdir(path):
+        raise TinyLLMError(f"{flag} {path} is a folder")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise TinyLLMError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
+
+
 def run_cli(main, argv=None):
     """Run a script's main(): a user error, or a file that cannot be read or written, becomes one
     `error:` line on stderr and exit status 2, never a traceback."""
@@ -313,7 +328,6 @@ def run_cli(main, argv=None):
         _fail(str(e))
     except OSError as e:
         if isinstance(e, BrokenPipeError):  # output piped into a reader that stopped, e.g. `| head`
-            import os
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             sys.exit(141)
         _fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")

@@ -18,8 +18,8 @@ import sys
 import torch
 
 from checkpoint import load_model
-from config import (ArgumentParser, SampleConfig, TinyLLMError, add_config_flags, build, explicit_flags, log,
-                    run_cli, warn)
+from config import (ArgumentParser, SampleConfig, TinyLLMError, add_config_flags, build, check_writable, explicit_flags,
+                    log, run_cli, warn)
 from device import choose_device, describe, out_of_memory_as_error, set_threads
 from tokenizer import EOT, start_ids
 from utils import qa_prompt
@@ -35,22 +35,6 @@ def read_prompt(cfg):
         raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
     except OSError as e:
         raise TinyLLMError(f"cannot read --prompt_file {cfg.prompt_file}: {e.strerror or e}") from None
-
-
-def check_output_file(path):
-    """Find out before sampling, not after, whether the output file can be written."""
-    if not path:
-        return
-    if os.path.isdir(path):
-        raise TinyLLMError(f"--output_file {path} is a folder")
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise TinyLLMError(f"cannot write --output_file {path}: {e.strerror or e}") from None
-    if not existed:
-        os.remove(path)
 
 
 def encode_prompt(tokenizer, prompt, qa=False):
@@ -143,7 +127,8 @@ def main(argv=None):
     device = choose_device(cfg.device)
     set_threads(cfg.threads)
     prompt = read_prompt(cfg)
-    check_output_file(cfg.output_file)
+    if cfg.output_file:
+        check_writable(cfg.output_file, "--output_file")
 
     blocks = []
     for path in paths:

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from config import ArgumentParser, GPTConfig, TinyLLMError, log, run_cli
+from config import ArgumentParser, GPTConfig, TinyLLMError, check_writable, log, run_cli
 from model import GPT
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -219,6 +219,7 @@ def main(argv=None):
         huggingface_hub.utils.logging.set_verbosity_error()
 
     if args.command == "import":
+        check_writable(args.out, "--out")
         log(f"loading {args.name} through transformers (a Hub name is downloaded once, then cached)")
         model = load_gpt2(args.name, dropout=args.dropout)
         save_checkpoint(args.out, gpt2_checkpoint(model))

@@ -18,8 +18,8 @@ import time
 
 import numpy as np
 
-from config import ArgumentParser, TinyLLMError, TrainConfig, add_config_flags, build, explicit_flags, log, run_cli
-from config import format_seconds
+from config import (ArgumentParser, TinyLLMError, TrainConfig, add_config_flags, build, check_writable, explicit_flags,
+                    format_seconds, log, run_cli)
 from tokenizer import EOT, make_tokenizer
 from utils import iter_stream
 
@@ -60,6 +60,11 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
         raise TinyLLMError(f"input {cfg.data} not found")
     if os.path.exists(out) and not os.path.isdir(out):
         raise TinyLLMError(f"--out {out} is a file, not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise TinyLLMError(f"cannot create --out {out}: {e.strerror or e}") from None
+    check_writable(os.path.join(out, "meta.json"), "--out")
     total_bytes = source_size(cfg)
     if total_bytes == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
@@ -70,7 +75,6 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
                                verbose=cfg.tokenizer == "bpe")
     log(f"tokenizer {cfg.tokenizer}: {tokenizer.vocab_size:,} tokens (built in {time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    os.makedirs(out, exist_ok=True)
 
     split_at = total_bytes * (1 - val_fraction)  # the first 90% of the bytes train, the rest validates
     files = {name: open(os.path.join(out, f"{name}.bin.tmp"), "wb") for name in ("train", "val")}

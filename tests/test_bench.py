@@ -75,3 +75,9 @@ def test_flags_after_double_dash_only_where_train_py_runs(tmp_path):
     with pytest.raises(TinyLLMError, match="time_to_target"):
         bench.main(["train", "--steps", "1", "--out", str(tmp_path / "x.json"), "--", "--n_layer", "1"])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path):
+    result = bench.main(["sample", "--checkpoint", str(trained[0] / "best.pt"), "--new_tokens", "20", "--repeats", "1",
+                         "--out", str(tmp_path / "s.json")])
+    assert result["wall_s"] > result["import_s"] > 0 and len(result["runs"]["generate.py"]) == 1

@@ -51,3 +51,11 @@ def test_every_function_fits_on_a_screen(name):
 @pytest.mark.parametrize("name", sorted(LEVELS))
 def test_every_module_says_what_it_is_for(name):
     assert ast.get_docstring(tree(name))
+
+
+def test_the_readme_lists_every_flag_as_config_py_describes_it():
+    import config
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert config.markdown_flags() in readme
+    assert config.markdown_flags((config.SampleConfig,)) in readme
