@@ -80,4 +80,7 @@ def test_flags_after_double_dash_only_where_train_py_runs(tmp_path):
 def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path):
     result = bench.main(["sample", "--checkpoint", str(trained[0] / "best.pt"), "--new_tokens", "20", "--repeats", "1",
                          "--out", str(tmp_path / "s.json")])
-    assert result["wall_s"] > result["import_s"] > 0 and len(result["runs"]["generate.py"]) == 1
+    # no timing comparison: on a shared machine one start-up can take longer than the other
+    assert result["wall_s"] > 0 and result["import_s"] > 0 and result["new_tokens"] == 20
+    assert [len(v) for v in result["runs"].values()] == [1, 1]
+    assert json.load(open(tmp_path / "s.json"))["runs"] == result["runs"]
