@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from config import GPTConfig, TinyLLMError, TrainConfig, log
+from config import GPTConfig, TinyLLMError, TrainConfig, check_writable, first_line, log
 from model import GPT
 from tokenizer import tokenizer_from_dict
 
@@ -59,9 +59,9 @@ def load_checkpoint(path):
             raise TinyLLMError(f"checkpoint {path} contains objects other than tensors and plain data "
                                f"(or was not written by torch.save); tinyllm loads only those, so that "
                                f"loading a file never runs code") from None
-        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {_first_line(e)}") from None
+        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}") from None
     except Exception as e:  # a truncated zip, random bytes, an empty file...
-        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {_first_line(e)}") from None
+        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint (missing model, config or tokenizer)")
     model = checkpoint["model"]
@@ -72,15 +72,11 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def _first_line(e):
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
-def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """Build the GPT a checkpoint describes and load its weights, refusing non-finite ones."""
+def model_from_checkpoint(checkpoint, path="checkpoint", dropout=None):
+    """Build the GPT a checkpoint describes and load its weights, refusing non-finite ones;
+    dropout, when given, replaces the saved one (it changes no weight)."""
     try:
-        config = GPTConfig(**checkpoint["model_config"])
+        config = GPTConfig(**{**checkpoint["model_config"], **({} if dropout is None else {"dropout": dropout})})
     except TypeError as e:
         raise TinyLLMError(f"{path}: unreadable model config ({e})") from None
     except TinyLLMError as e:
@@ -91,7 +87,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise TinyLLMError(f"{path}: weights do not fit the model config ({str(e).splitlines()[0]})") from None
+        raise TinyLLMError(f"{path}: weights do not fit the model config ({first_line(e)})") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise TinyLLMError(f"{path}: non-finite weights (NaN or inf) in {bad[0]}" +
@@ -135,6 +131,12 @@ def run_files(out_dir):
     return [n for n in ("best.pt", "last.pt") if n in names] + periodic
 
 
+def describe_checkpoint(checkpoint):
+    """'step 900, best val 1.5123': where a checkpoint's run stood."""
+    val = checkpoint.get("best_val_loss")
+    return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
+
+
 def describe_run(out_dir):
     """A few words about the run in out_dir, from its last.pt (or best.pt)."""
     for name in ("last.pt", "best.pt"):
@@ -144,31 +146,27 @@ def describe_run(out_dir):
                 checkpoint = load_checkpoint(path)
             except TinyLLMError:
                 return f"{name} (unreadable)"
-            val = checkpoint.get("best_val_loss")
-            return f"{name} at step {checkpoint.get('step', '?')}" + (
-                f", best val {val:.4f}" if isinstance(val, float) else "")
+            return f"{name} at {describe_checkpoint(checkpoint)}"
     return ", ".join(run_files(out_dir))
 
 
-def claim_out_dir(out_dir, overwrite, master=True, say=log):
+def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
     """Refuse to start a fresh run over another run's checkpoints, and find out now, not after
-    an hour of training, whether the folder can be written. With overwrite, clear the old run."""
+    an hour of training, whether the folder can be written. With overwrite, clear the old run,
+    unless that would delete keep (the checkpoint this run fine-tunes from)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
     existing = run_files(out_dir)
     if existing and not overwrite:
         raise TinyLLMError(f"{out_dir} already holds a run ({describe_run(out_dir)}); to keep it, continue it with "
                            f"--resume or pick another --out_dir (or --tag NAME); to replace it, add --overwrite")
+    doomed = {os.path.realpath(os.path.join(out_dir, name)) for name in existing}
+    if keep and os.path.realpath(keep) in doomed:
+        raise TinyLLMError(f"--overwrite would delete {keep}, the checkpoint --init_from starts from; "
+                           f"fine-tune into another --out_dir (or --tag NAME)")
     if not master:
         return
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f".write_test.{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise TinyLLMError(f"cannot write to --out_dir {out_dir}: {e.strerror or e}") from None
+    check_writable(os.path.join(out_dir, f".write_test.{os.getpid()}"), "--out_dir", make_folder=True)
     if existing:
         say(f"--overwrite: removing the previous run's {', '.join(existing)} from {out_dir}")
         for name in existing + ["history.csv", "history.json"]:

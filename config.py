@@ -97,7 +97,8 @@ class TrainConfig:
     seed: int = setting(1337, f"seed of every random number generator, 0 to {MAX_SEED}")
     device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
     dtype: str = setting("auto", "precision of the forward pass (autocast); auto: bfloat16 where the chip has "
-                                 "it natively, float16 + loss scaling on older GPUs, else float32",
+                                 "it natively (GPUs from A100/L4/RTX 30xx, CPUs with AVX512-BF16 or AMX), "
+                                 "float16 + loss scaling on older GPUs, else float32",
                          ("auto", "float32", "bfloat16", "float16"))
     compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs; compiling takes a minute)")
     threads: int = setting(0, THREADS_HELP)
@@ -307,12 +308,21 @@ def format_seconds(seconds):
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def check_writable(path, flag):
-    """Find out before long work, not after it, whether the file path can be written."""
+def first_line(e):
+    """An exception's message cut to one line, for an `error:` line."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def check_writable(path, flag, make_folder=False):
+    """Find out before long work, not after it, whether the file path can be written; with
+    make_folder, its folder is created first (where the save would create it too)."""
     if os.path.isdir(path):
         raise TinyLLMError(f"{flag} {path} is a folder")
     existed = os.path.exists(path)
     try:
+        if make_folder:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as e:
@@ -359,10 +369,29 @@ def markdown_flags(classes=(GPTConfig, TrainConfig, RunOptions)):
     return "\n".join(rows) + "\n"
 
 
+PRESET_COLUMNS = ("n_layer", "n_head", "n_embd", "block_size", "pos", "mlp", "norm", "bias", "dropout",
+                  "batch_size", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta2")
+
+
+def dataclass_defaults(cls):
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def markdown_presets():
+    """The presets side by side, every value spelled out (a preset's or the base default)."""
+    base = {**dataclass_defaults(GPTConfig), **dataclass_defaults(TrainConfig)}
+    rows = ["| preset | " + " | ".join(PRESET_COLUMNS) + " |", "| --- " * (len(PRESET_COLUMNS) + 1) + "|"]
+    for name, preset in PRESETS.items():
+        rows.append(f"| `{name}` | " + " | ".join(str(preset.get(c, base[c])) for c in PRESET_COLUMNS) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv=None):
-    parser = ArgumentParser(description="Print train.py's and generate.py's flags as markdown tables.")
+    parser = ArgumentParser(description="Print the presets and train.py's and generate.py's flags as the "
+                                        "README's markdown tables.")
     parser.parse_args(argv)
-    log("train.py\n\n" + markdown_flags() + "\ngenerate.py\n\n" + markdown_flags((SampleConfig,)))
+    log("presets\n\n" + markdown_presets() + "\ntrain.py\n\n" + markdown_flags()
+        + "\ngenerate.py\n\n" + markdown_flags((SampleConfig,)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import describe_checkpoint, load_model
 from config import (ArgumentParser, SampleConfig, TinyLLMError, add_config_flags, build, check_writable, explicit_flags,
                     log, run_cli, warn)
 from device import choose_device, describe, out_of_memory_as_error, set_threads
@@ -87,11 +87,6 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False):
         row = row[:row.index(stop)] if stopped else row
         out.append((tokenizer.decode(shown + row), len(row), stopped))
     return out
-
-
-def describe_checkpoint(checkpoint):
-    val = checkpoint.get("best_val_loss")
-    return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
 
 
 def sample_label(i, cfg, n_new, stopped):

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from config import ArgumentParser, GPTConfig, TinyLLMError, check_writable, log, run_cli
+from config import ArgumentParser, GPTConfig, TinyLLMError, check_writable, first_line, log, run_cli
 from model import GPT
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 
@@ -46,11 +46,6 @@ def import_transformers():
     except ImportError:
         raise TinyLLMError("Hugging Face transformers is not installed: pip install transformers") from None
     return transformers
-
-
-def first_line(e):
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 # ----------------------------------------------------------------------------- Hugging Face -> ours
@@ -219,7 +214,7 @@ def main(argv=None):
         huggingface_hub.utils.logging.set_verbosity_error()
 
     if args.command == "import":
-        check_writable(args.out, "--out")
+        check_writable(args.out, "--out", make_folder=True)
         log(f"loading {args.name} through transformers (a Hub name is downloaded once, then cached)")
         model = load_gpt2(args.name, dropout=args.dropout)
         save_checkpoint(args.out, gpt2_checkpoint(model))

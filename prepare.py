@@ -12,6 +12,7 @@ be, as train.py cuts its token stream) goes to data/NAME/train.bin and the rest 
 train.py reads the .bin files through np.memmap.
 """
 
+import contextlib
 import json
 import os
 import time
@@ -60,11 +61,7 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
         raise TinyLLMError(f"input {cfg.data} not found")
     if os.path.exists(out) and not os.path.isdir(out):
         raise TinyLLMError(f"--out {out} is a file, not a folder")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise TinyLLMError(f"cannot create --out {out}: {e.strerror or e}") from None
-    check_writable(os.path.join(out, "meta.json"), "--out")
+    check_writable(os.path.join(out, "meta.json"), "--out", make_folder=True)
     total_bytes = source_size(cfg)
     if total_bytes == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
@@ -76,37 +73,56 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
     log(f"tokenizer {cfg.tokenizer}: {tokenizer.vocab_size:,} tokens (built in {time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
-    split_at = total_bytes * (1 - val_fraction)  # the first 90% of the bytes train, the rest validates
-    files = {name: open(os.path.join(out, f"{name}.bin.tmp"), "wb") for name in ("train", "val")}
-    counts, val_chars, seen = {"train": 0, "val": 0}, 0, 0
-    t0 = last_report = time.perf_counter()
-    for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
-        n_bytes = len(text.encode("utf-8"))
-        cut = cut_at_byte(text, int(split_at - seen)) if seen < split_at else 0
-        for split, part in (("train", text[:cut]), ("val", text[cut:])):
-            if part:
-                ids = np.asarray(tokenizer.encode(part), dtype=dtype)
-                ids.tofile(files[split])
-                counts[split] += len(ids)
-                val_chars += len(part) if split == "val" else 0
-        seen += n_bytes
-        if time.perf_counter() - last_report > 2:  # the first line once there is a rate to show
-            last_report = time.perf_counter()
-            report_progress(seen, total_bytes, sum(counts.values()), last_report - t0)
-    for name, f in files.items():
-        f.close()
-        os.replace(os.path.join(out, f"{name}.bin.tmp"), os.path.join(out, f"{name}.bin"))
-    if counts["val"] == 0 or counts["train"] == 0:
-        raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
+    counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_bytes, val_fraction)
     elapsed = time.perf_counter() - t0
     meta = {"source": os.path.abspath(cfg.data), "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
             "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
             "val_chars": val_chars, "clean": cfg.clean}
-    with open(os.path.join(out, "meta.json"), "w") as f:
+    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f)
+    # replace the old dataset only now, meta.json last: a folder caught halfway has no meta.json
+    # and is refused, rather than pairing new token ids with the old tokenizer
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "meta.json"))
+    for name in ("train.bin", "val.bin", "meta.json"):
+        os.replace(os.path.join(out, f"{name}.tmp"), os.path.join(out, name))
     log(f"wrote {out}/train.bin ({counts['train']:,} tokens), val.bin ({counts['val']:,} tokens), meta.json "
         f"in {format_seconds(elapsed)} ({sum(counts.values()) / max(elapsed, 1e-9):,.0f} tokens/s)")
     return meta
+
+
+def write_splits(cfg, tokenizer, dtype, out, total_bytes, val_fraction):
+    """Stream the source through the tokenizer into out/train.bin.tmp and out/val.bin.tmp; the
+    temporary files are removed if anything goes wrong (an existing dataset stays untouched)."""
+    split_at = total_bytes * (1 - val_fraction)  # the first 90% of the bytes train, the rest validates
+    paths = {name: os.path.join(out, f"{name}.bin.tmp") for name in ("train", "val")}
+    counts, val_chars, seen, done = {"train": 0, "val": 0}, 0, 0, False
+    t0 = last_report = time.perf_counter()
+    try:
+        with open(paths["train"], "wb") as train_file, open(paths["val"], "wb") as val_file:
+            files = {"train": train_file, "val": val_file}
+            for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
+                n_bytes = len(text.encode("utf-8"))
+                cut = cut_at_byte(text, int(split_at - seen)) if seen < split_at else 0
+                for split, part in (("train", text[:cut]), ("val", text[cut:])):
+                    if part:
+                        ids = np.asarray(tokenizer.encode(part), dtype=dtype)
+                        ids.tofile(files[split])
+                        counts[split] += len(ids)
+                        val_chars += len(part) if split == "val" else 0
+                seen += n_bytes
+                if time.perf_counter() - last_report > 2:  # the first line once there is a rate to show
+                    last_report = time.perf_counter()
+                    report_progress(seen, total_bytes, sum(counts.values()), last_report - t0)
+        if counts["val"] == 0 or counts["train"] == 0:
+            raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
+        done = True
+        return counts, val_chars
+    finally:
+        if not done:
+            for path in paths.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def report_progress(seen, total, tokens, seconds):

@@ -32,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (StopRequest, claim_out_dir, load_checkpoint, load_model, make_checkpoint, model_from_checkpoint,
                         prune_periodic, resume_configs, save_checkpoint, tokenizer_of)
-from config import (PRESETS, ArgumentParser, GPTConfig, RunOptions, TinyLLMError, TrainConfig, add_config_flags,
+from config import (MAX_SEED, PRESETS, ArgumentParser, GPTConfig, RunOptions, TinyLLMError, TrainConfig, add_config_flags,
                     build, build_configs, default_preset, explicit_flags, format_seconds, log, preset_defaults,
                     run_cli, warn)
 from device import (all_ranks_max, all_ranks_mean, autocast, choose_device, configure_matmul, describe,
-                    make_scaler, peak_flops, resolve_dtype, rng_state, seed_everything, set_rng_state, set_threads,
-                    setup_distributed, teardown_distributed, out_of_memory_as_error)
+                    explain_dtype, make_scaler, out_of_memory_as_error, peak_flops, resolve_dtype, rng_state,
+                    seed_everything, set_rng_state, set_threads, setup_distributed, teardown_distributed)
 from model import GPT
 from optim import get_lr, make_optimizer, step_if_finite
 from plots import plot_history, plot_lr_schedule
@@ -103,7 +103,8 @@ def evaluate_full(model, ids, block_size, batch_size, device, ctx):
     """Mean loss over every position of ids exactly once: consecutive, non-overlapping windows,
     then the last positions that do not fill a window."""
     model.eval()
-    windows = ids.unfold(0, block_size + 1, block_size)  # (n, T+1), neighbours share one token
+    n = (len(ids) - 1) // block_size  # whole windows; a split shorter than one is all tail
+    windows = ids[:n * block_size + 1].unfold(0, block_size + 1, block_size) if n else ids[:0].view(0, block_size + 1)
     tail = len(ids) - 1 - len(windows) * block_size
     chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
     chunks += [ids[-tail - 1:][None]] if tail > 0 else []
@@ -181,7 +182,8 @@ def train_loop(run):
                 run.say(f"saved {run.last_path} at step {state.step}. "
                         f"Resume with: python train.py --resume --out_dir {run.out_dir}")
                 sys.exit(130 if signum == signal.SIGINT else 143)
-    return finish(run)
+    with out_of_memory_as_error(run.oom_hint):
+        return finish(run)
 
 
 # ----------------------------------------------------------------------------- setting a run up
@@ -221,9 +223,13 @@ def start_run(model_cfg, train_cfg, options, preset, given):
     resume_from = find_resume(run, options)
     if resume_from:
         model_cfg, train_cfg = resume_configs(resume_from, given, run.last_path)
+        run.preset = resume_from.get("preset", preset)
+        if options.preset and options.preset != run.preset:
+            raise TinyLLMError(f"{run.last_path} is a run of preset '{run.preset}'; --resume cannot switch it to "
+                               f"--preset {options.preset} (drop the flag, or start another --out_dir)")
         train_cfg = dataclasses.replace(train_cfg, out_dir=run.out_dir)
     elif not options.overfit_batch:
-        claim_out_dir(run.out_dir, options.overwrite, run.master, run.say)
+        claim_out_dir(run.out_dir, options.overwrite, run.master, run.say, keep=options.init_from)
     run.model_cfg, run.train_cfg, run.device = model_cfg, train_cfg, device
     if train_cfg.batch_size % (run.world * train_cfg.grad_accum_steps):
         raise TinyLLMError(f"batch_size ({train_cfg.batch_size}) must be divisible by the number of processes "
@@ -236,12 +242,12 @@ def start_run(model_cfg, train_cfg, options, preset, given):
     run.oom_hint = (f"out of memory on {describe(device)}: try a smaller --batch_size, or --grad_accum_steps 2 "
                     f"or more (the same batch in pieces), or a smaller model")
     with out_of_memory_as_error(run.oom_hint):
-        build_model(run, resume_from, options.init_from)
+        build_model(run, resume_from, options.init_from, given)
     run.state = TrainState()
     if resume_from:
         restore(run, resume_from)
     if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
-        seed_everything(train_cfg.seed + 1000 * run.rank + 7919 * run.state.step)
+        seed_everything((train_cfg.seed + 1000 * run.rank + 7919 * run.state.step) % (MAX_SEED + 1))
     run.run_model = torch.compile(run.model) if train_cfg.compile else run.model
     if run.world > 1:
         run.run_model = DDP(run.run_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -282,19 +288,23 @@ def load_source(path):
     return gpt2_checkpoint(load_gpt2(path))
 
 
-def build_model(run, resumed, init_from):
+def build_model(run, resumed, init_from, given):
     """The tokenizer, the token streams, the model and its optimizer. A fresh run builds its
     tokenizer from the data; a resumed or fine-tuned one takes the checkpoint's, and a
     fine-tuned char model grows its vocabulary by the characters the new text adds."""
     cfg = run.train_cfg
     source = resumed or (load_source(init_from) if init_from else None)
     source_name = run.last_path if resumed else init_from
-    model = model_from_checkpoint(source, source_name) if source else None
+    if init_from:
+        check_same_shape(source, given, init_from)
+    dropout = given.get("dropout") if init_from else None  # fine-tuning may change the dropout, nothing else
+    model = model_from_checkpoint(source, source_name, dropout) if source else None
     tokenizer = tokenizer_of(source, model.config.vocab_size, source_name) if source else None
     corpus = tokenize(cfg.data, cfg.tokenizer, run.model_cfg.vocab_size, tokenizer, cfg.clean, cfg.data_ext,
                       extend=bool(init_from))
-    check_long_enough(corpus.train, run.model_cfg.block_size, "train", cfg.data)
-    check_long_enough(corpus.val, run.model_cfg.block_size, "validation", cfg.data)
+    block_size = model.config.block_size if model else run.model_cfg.block_size
+    check_long_enough(corpus.train, block_size, "train", cfg.data)
+    check_long_enough(corpus.val, block_size, "validation", cfg.data)
     if corpus.added:
         padding = list(range(tokenizer.vocab_size, model.config.vocab_size))  # rows past the tokenizer's, if any
         model.resize_vocab(corpus.old_ids + padding)
@@ -305,6 +315,16 @@ def build_model(run, resumed, init_from):
     run.model_cfg, run.tokenizer, run.corpus = model.config, corpus.tokenizer, corpus
     run.model = model.to(run.device)
     run.optimizer = make_optimizer(run.model, cfg, run.device)
+
+
+def check_same_shape(source, given, init_from):
+    """A fine-tuned model keeps its checkpoint's shape: refuse model flags that say otherwise,
+    rather than ignore them."""
+    saved = source["model_config"]
+    differ = [f"--{k} {v} (it has {saved.get(k)})" for k, v in given.items()
+              if k in saved and k not in ("dropout", "vocab_size") and saved[k] != v]
+    if differ:
+        raise TinyLLMError(f"--init_from {init_from} keeps that model's shape; drop {', '.join(differ)}")
 
 
 def restore(run, checkpoint):
@@ -346,7 +366,7 @@ def make_batches(run, overfit_batch):
 def print_header(run):
     m, cfg, tokens = run.model_cfg, run.train_cfg, run.corpus
     processes = f" x {run.world} processes" if run.world > 1 else ""
-    run.say(f"device {describe(run.device)} ({run.dtype}, {run.threads} threads){processes} | preset {run.preset} "
+    run.say(f"device {describe(run.device)} ({explain_dtype(cfg.dtype, run.dtype)}, {run.threads} threads){processes} | preset {run.preset} "
             f"| data {cfg.data}")
     run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"block {m.block_size}, vocab {m.vocab_size} | norm {m.norm}, mlp {m.mlp}, pos {m.pos} "
@@ -492,7 +512,8 @@ def finish(run):
         run.say(run.stop_reason)
     run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total training time "
             f"{format_seconds(elapsed(run))}" + ("" if run.options.overfit_batch else
-                                                 f" | {run.out_dir}/: best.pt, last.pt, history.csv, loss.png"))
+                                                 f" | {run.out_dir}/: best.pt, last.pt, history.csv"
+                                                 + (", loss.png" if run.train_cfg.plots else "")))
     if run.train_cfg.sample_tokens and run.master:
         run.model.eval()
         start = torch.tensor([start_ids(run.tokenizer)], device=run.device)
@@ -511,8 +532,10 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
     set_threads(threads)
     model, tokenizer, checkpoint = load_model(path)
     model.to(device)
-    data = data or checkpoint.get("train_config", {}).get("data", TrainConfig.data)
-    corpus = tokenize(data, tokenizer=tokenizer, extensions=checkpoint.get("train_config", {}).get("data_ext", ".txt"))
+    saved = checkpoint.get("train_config", {})
+    data = data or saved.get("data", TrainConfig.data)
+    corpus = tokenize(data, tokenizer=tokenizer, clean=saved.get("clean", False),
+                      extensions=saved.get("data_ext", ".txt"))  # the split the run was validated on
     check_long_enough(corpus.val, 1, "validation", data)
     val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
     loss = evaluate_full(model, val_ids, model.config.block_size, batch_size, device, autocast(device, "float32"))

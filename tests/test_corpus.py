@@ -63,6 +63,17 @@ def test_prepare_jsonl_with_char_tokenizer_and_uint16(tmp_path):
     assert tok.decode(np.concatenate([train_ids, val_ids]).tolist()) == load_corpus(str(path))
 
 
+def test_a_failed_prepare_leaves_the_previous_dataset_as_it_was(tmp_path):
+    path, out = tmp_path / "data.txt", tmp_path / "out"
+    path.write_text("a few words of text to tokenize, twice. " * 50)
+    prepare.prepare(TrainConfig(data=str(path)), str(out))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    path.write_text("x")  # too little to split: refused, after tokenizing
+    with pytest.raises(TinyLLMError, match="too little text"):
+        prepare.prepare(TrainConfig(data=str(path)), str(out))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # no .tmp left either
+
+
 def test_bad_records_are_clear_errors(tmp_path):
     qa = tmp_path / "qa.json"
     qa.write_text(json.dumps([{"question": "Hi?", "answer": "Hello."}, {"id": 7, "question": "No answer?"}]))

@@ -77,11 +77,17 @@ def test_float16_is_refused_where_no_scaler_works():
         make_scaler(CUDA, "float16")
 
 
-def test_cpu_decisions(monkeypatch):
+@pytest.mark.parametrize("avx512_bf16, amx, dtype", [
+    (True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
+def test_cpu_decisions(monkeypatch, capsys, avx512_bf16, amx, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     assert choose_device("auto") == CPU and default_preset("cpu") == "tiny"
+    assert resolve_dtype("auto", CPU) == dtype  # bfloat16 only where the CPU computes it natively
     assert resolve_dtype("bfloat16", CPU) == "bfloat16"  # allowed on CPU: CPU autocast supports it
+    assert ("emulated" in capsys.readouterr().err) == (dtype == "float32")  # said when it will be slow
     assert make_scaler(CPU, "float16").is_enabled()
 
 

@@ -169,3 +169,13 @@ def test_other_scripts_reject_bad_input(tmp_path, capsys):
     for main, argv, words in cases:
         code, _, err = cli(capsys, main, *argv)
         assert_one_line_error(code, err, words)
+
+
+def test_an_output_in_a_folder_not_made_yet_is_writable_and_nothing_is_left(tmp_path):
+    from config import TinyLLMError, check_writable
+    path = tmp_path / "checkpoints" / "gpt2.pt"  # as in: hf_gpt2.py import gpt2 --out checkpoints/gpt2.pt
+    check_writable(str(path), "--out", make_folder=True)
+    assert path.parent.is_dir() and not path.exists()
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    with pytest.raises(TinyLLMError, match="cannot write --out"):
+        check_writable(str(tmp_path / "blocker" / "x.pt"), "--out", make_folder=True)

@@ -59,3 +59,4 @@ def test_the_readme_lists_every_flag_as_config_py_describes_it():
         readme = f.read()
     assert config.markdown_flags() in readme
     assert config.markdown_flags((config.SampleConfig,)) in readme
+    assert config.markdown_presets() in readme

@@ -21,6 +21,7 @@ from model import filter_logits
 from utils import load_prepared
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
+TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
 
 
 def files_of(folder):
@@ -50,6 +51,34 @@ def test_a_second_run_into_a_trained_folder_is_refused_and_leaves_it_untouched(r
                          "--overwrite")
     assert code == 0 and "removing the previous run" in out
     assert load_checkpoint(str(folder / "last.pt"))["step"] == 5
+
+
+def test_what_a_run_cannot_honour_is_refused_and_the_source_is_kept(run_copy, tmp_path, capsys):
+    folder, data = run_copy
+    before, best = files_of(folder), folder / "best.pt"
+    cases = [([*RUN, "--init_from", best, "--out_dir", folder, "--overwrite"], ["--overwrite would delete", "best.pt"]),
+             ([*RUN, "--init_from", best, "--out_dir", tmp_path / "t", "--n_layer", "3"], ["--n_layer 3 (it has 2)"]),
+             (["--out_dir", folder, "--resume", "--preset", "small"], ["preset 'custom'", "--preset small"])]
+    for flags, words in cases:
+        code, _, err = cli(capsys, train.main, "--data", data, "--max_steps", "65", *flags)
+        assert_one_line_error(code, err, *words)
+    assert files_of(folder) == before
+
+
+def test_fine_tuning_takes_the_checkpoints_shape_and_a_new_dropout(run_copy, tmp_path, capsys):
+    folder, data = run_copy
+    short = tmp_path / "short.txt"  # long enough for the checkpoint's block of 16, not for the preset's
+    short.write_text(open(data, encoding="utf-8").read(400), encoding="utf-8")
+    code, out, err = cli(capsys, train.main, "--device", "cpu", "--dtype", "float32", "--data", short, "--init_from",
+                         folder / "best.pt", "--out_dir", tmp_path / "tuned", "--max_steps", "3", "--dropout", "0.1",
+                         "--eval_iters", "1", "--sample_tokens", "0", "--plots", "false")
+    assert code == 0, err
+    tuned = load_checkpoint(str(tmp_path / "tuned" / "best.pt"))["model_config"]
+    assert tuned["block_size"] == 16 and tuned["n_layer"] == 2 and tuned["dropout"] == 0.1
+    shorter = tmp_path / "shorter.txt"  # a val split of 10 tokens, shorter than one window of 16
+    shorter.write_text(open(data, encoding="utf-8").read(100), encoding="utf-8")
+    code, out, err = cli(capsys, train.main, "--eval_only", tmp_path / "tuned" / "best.pt", "--data", shorter)
+    assert code == 0 and "(10 tokens, every position once)" in out, err
 
 
 def test_one_resume_command_starts_a_run_then_continues_it(trained, tmp_path, capsys):
@@ -96,7 +125,7 @@ def test_fine_tuning_on_text_with_new_characters_grows_the_vocabulary(run_copy, 
     notes = tmp_path / "notes.txt"
     notes.write_text("Café “naïve” notes + more notes: é, “ and + are new.\n" * 300, encoding="utf-8")
     base = load_checkpoint(str(folder / "best.pt"))
-    code, out, err = cli(capsys, train.main, *RUN, "--init_from", folder / "best.pt", "--data", notes,
+    code, out, err = cli(capsys, train.main, *TUNE, "--init_from", folder / "best.pt", "--data", notes,
                          "--out_dir", tmp_path / "tuned", "--max_steps", "150", "--lr", "1e-2", "--warmup_steps", "5")
     assert code == 0, err
     added = "".join(sorted(set("éï“”+") - set(base["tokenizer"]["chars"])))
