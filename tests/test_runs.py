@@ -112,7 +112,7 @@ def test_extending_a_finished_run_replans_the_decay_without_a_jump(run_copy, cap
 
 def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
     folder, _ = run_copy
-    for flags, words in ((["--n_embd", "64"], "--n_embd 64"), (["--batch_size", "4"], "--batch_size 4"),
+    for flags, words in ((["--n_embd", "80"], "--n_embd 80"), (["--batch_size", "4"], "--batch_size 4"),
                          (["--tokenizer", "bpe"], "--tokenizer bpe"), (["--max_steps", "30"], "step 60")):
         code, _, err = cli(capsys, train.main, "--resume", "--out_dir", folder, *flags)
         assert_one_line_error(code, err, words)
