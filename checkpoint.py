@@ -190,6 +190,12 @@ CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interva
                         "grad_accum_steps", "out_dir", "tag"}
 
 
+def conflicting_flags(given, saved, changeable, words):
+    """The flags given that contradict a checkpoint's saved settings, as '--k v (words saved)'."""
+    return [f"--{k} {v} ({words} {saved[k]})" for k, v in given.items()
+            if k in saved and k not in changeable and v != saved[k]]
+
+
 def resume_configs(checkpoint, given, path):
     """The configs of a resumed run: the saved ones, overridden by the flags given this time
     that can safely change mid-run. A flag that would change anything else is refused."""
@@ -205,8 +211,7 @@ def resume_configs(checkpoint, given, path):
     except TypeError as e:
         raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
     current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
-    refused = [f"--{k} {v} (the run has {current[k]})" for k, v in given.items()
-               if k in current and v != current[k] and k not in CHANGEABLE_ON_RESUME]
+    refused = conflicting_flags(given, current, CHANGEABLE_ON_RESUME, "the run has")
     if refused:
         raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
                            ". Drop the flag, or start a new run with another --out_dir (or --tag)")

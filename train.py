@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (StopRequest, claim_out_dir, load_checkpoint, load_model, make_checkpoint, model_from_checkpoint,
-                        prune_periodic, resume_configs, save_checkpoint, tokenizer_of)
+from checkpoint import (StopRequest, claim_out_dir, conflicting_flags, load_checkpoint, load_model, make_checkpoint,
+                        model_from_checkpoint, prune_periodic, resume_configs, save_checkpoint, tokenizer_of)
 from config import (MAX_SEED, PRESETS, ArgumentParser, GPTConfig, RunOptions, TinyLLMError, TrainConfig, add_config_flags,
                     build, build_configs, default_preset, explicit_flags, format_seconds, log, preset_defaults,
                     run_cli, warn)
@@ -320,9 +320,7 @@ def build_model(run, resumed, init_from, given):
 def check_same_shape(source, given, init_from):
     """A fine-tuned model keeps its checkpoint's shape: refuse model flags that say otherwise,
     rather than ignore them."""
-    saved = source["model_config"]
-    differ = [f"--{k} {v} (it has {saved.get(k)})" for k, v in given.items()
-              if k in saved and k not in ("dropout", "vocab_size") and saved[k] != v]
+    differ = conflicting_flags(given, source["model_config"], ("dropout", "vocab_size"), "it has")
     if differ:
         raise TinyLLMError(f"--init_from {init_from} keeps that model's shape; drop {', '.join(differ)}")
 
