@@ -14,17 +14,17 @@ Training runs go through train.py's own setup (start_run) and records (history.j
 console output is parsed.
 """
 
-import os
+import cli
 
-if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
-    # before torch loads OpenMP: idle threads spin briefly, then sleep (device.set_threads says why)
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+if __name__ == "__main__":
+    cli.spin_briefly()  # before torch loads OpenMP (cli.py says why)
 
 import argparse
 import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -35,9 +35,9 @@ import time
 import torch
 
 import train
-from config import (PRESETS, ArgumentParser, GPTConfig, RunOptions, TinyLLMError, TrainConfig, add_config_flags,
-                    bool_flag, build_configs, check_writable, default_preset, explicit_flags, log, run_cli)
-from device import choose_device, peak_flops
+from cli import ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, log, run_cli
+from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
+from device import choose_device, flops_per_token, peak_flops
 from plots import new_plot, read_history, save_plot, split_history
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -103,7 +103,7 @@ def new_run(preset, given, out_dir):
     given: settings as flags would give them; the preset fills in the rest."""
     preset = preset or default_preset(choose_device(given.get("device", "auto")).type)
     model_cfg, train_cfg = build_configs({**given, "out_dir": out_dir}, preset)
-    return train.start_run(model_cfg, train_cfg, RunOptions(), preset, given)
+    return train.setup_run(model_cfg, train_cfg, RunOptions(), preset, given)
 
 
 # ----------------------------------------------------------------------------- train: throughput
@@ -116,7 +116,7 @@ def time_steps(runs, untimed, steps):
         for run, ms in zip(runs, times):
             cfg = run.train_cfg
             t0 = time.perf_counter()
-            train.train_step(run.run_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
+            train.train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
                              cfg.grad_clip, run.ctx, run.scaler)
             sync(run.device)
             if step >= untimed:  # the first steps pay one-time costs: compilation, allocation, autotuning
@@ -135,7 +135,7 @@ def bench_train(args):
         median = statistics.median(ms)
         tokens_per_s = run.train_cfg.batch_size * run.model_cfg.block_size / median * 1000
         peak = peak_flops(run.device, run.dtype)
-        mfu = run.model.flops_per_token() * tokens_per_s / peak if peak else None
+        mfu = flops_per_token(run.model) * tokens_per_s / peak if peak else None
         rows.append({"variant": name, "dtype": run.dtype, "ms_per_step": median, "ms_min": min(ms),
                      "tokens_per_s": tokens_per_s, "mfu": mfu, "params": run.model.num_params(), "step_ms": ms,
                      "speedup": rows[0]["ms_per_step"] / median if rows else 1.0})
@@ -152,7 +152,7 @@ def bench_train(args):
 # ----------------------------------------------------------------------------- generate: KV cache
 
 def bench_generate(args):
-    from device import autocast, resolve_dtype  # generation only
+    from precision import autocast, resolve_dtype  # generation only
     from model import GPT
     preset = args.preset or "small"  # the README's KV-cache figure; the default help says so
     given = explicit_flags(args)
@@ -322,7 +322,7 @@ def bench_gpu_check(args):
     """For a person with a GPU, once: every dtype x compile x KV-cache combination trains a few
     steps and generates; several GPUs run torchrun; then the small preset's ms/step, tokens/s,
     MFU and time to val 1.47. --quick shrinks it to a smoke test that runs anywhere."""
-    from device import has_native_bf16
+    from precision import has_native_bf16
     device = choose_device("auto")
     preset, steps = ("tiny", 4) if args.quick else ("small", 20)
     shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if args.quick else {}
@@ -355,7 +355,7 @@ def bench_gpu_check(args):
         tokens_per_s = run.train_cfg.batch_size * run.model_cfg.block_size / ms * 1000
         peak = peak_flops(run.device, run.dtype)
         result.update(preset=preset, dtype=run.dtype, ms_per_step=ms, tokens_per_s=tokens_per_s,
-                      mfu=run.model.flops_per_token() * tokens_per_s / peak if peak else None)
+                      mfu=flops_per_token(run.model) * tokens_per_s / peak if peak else None)
         log(f"{preset} ({run.dtype}): {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
             + (f" | MFU {100 * result['mfu']:.1f}%" if result["mfu"] else ""))
     target, extra = (4.0, [f"--{k}={v}" for k, v in shape.items()]) if args.quick else (1.47, [])

@@ -1,15 +1,12 @@
-"""Every setting of tinyllm in one place: what it means, its default, the named presets,
-and how the command line sets it. train.py, generate.py, prepare.py and bench.py build
-their flags and their --help from the dataclasses below, so a setting is described once.
+"""Every setting of tinyllm in one place: what it means, its default, the values it may take,
+and the named presets. train.py, generate.py, prepare.py and bench.py build their flags and
+their --help from the dataclasses below (cli.add_config_flags), so a setting is described once.
 
-    python config.py        # print the flags as the markdown table the README shows
+    python config.py        # print the presets and the flags as the markdown tables the README shows
 """
 
-import argparse
 import dataclasses
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 
 
@@ -29,6 +26,7 @@ def _require(ok, message):
 
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # the vocabulary --tokenizer bpe learns unless --vocab_size says otherwise
+EOT = "<|endoftext|>"       # the token between documents; every tokenizer has it
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch's kernels; 0 = auto: one per physical core"
 
@@ -109,7 +107,7 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
                      "grad_accum_steps", "keep_last"):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "patience", "sample_tokens", "threads"):
+        for name in ("warmup_steps", "save_interval", "patience", "sample_tokens"):
             _require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "weight_decay", "muon_lr", "grad_clip", "target_loss"):
             _require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
@@ -120,14 +118,12 @@ class TrainConfig:
                  f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         _require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
         _require(self.target_loss >= 0, f"target_loss must be 0 (off) or positive, got {self.target_loss}")
-        _require(self.batch_size % self.grad_accum_steps == 0,
-                 f"batch_size ({self.batch_size}) must be divisible by grad_accum_steps ({self.grad_accum_steps})")
+        check_batch_split(self.batch_size, self.grad_accum_steps)
         _require(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
-        _require(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         _require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
         _require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
                  f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
-        _check_choices(self)
+        _check_common(self)
 
 
 @dataclass
@@ -172,10 +168,23 @@ class SampleConfig:
         _require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
         _require(self.num_samples >= 1, f"--num_samples must be at least 1, got {self.num_samples}")
         _require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        _require(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        _require(self.threads >= 0, f"--threads must be 0 (auto) or more, got {self.threads}")
         _require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
-        _check_choices(self)
+        _check_common(self, "--")
+
+
+def _check_common(config, flag=""):
+    """What the scripts' settings share: a seed NumPy accepts, a thread count, the allowed choices."""
+    _require(0 <= config.seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {config.seed}")
+    _require(config.threads >= 0, f"{flag}threads must be 0 (auto) or more, got {config.threads}")
+    _check_choices(config)
+
+
+def check_batch_split(batch_size, grad_accum_steps, processes=1):
+    """A batch must split evenly over the processes and then into micro-batches."""
+    if batch_size % (processes * grad_accum_steps):
+        over = f"the number of processes ({processes}) times " if processes > 1 else ""
+        raise TinyLLMError(f"batch_size ({batch_size}) must be divisible by {over}grad_accum_steps "
+                           f"({grad_accum_steps})")
 
 
 def _check_choices(config):
@@ -222,54 +231,9 @@ def default_preset(device_type):
     return "small" if device_type == "cuda" else "tiny"
 
 
-# ----------------------------------------------------------------------------- the command line
+# ----------------------------------------------------------------------------- settings from flags
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line like every other user error."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def bool_flag(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def add_config_flags(parser, cls, defaults=None, names=None, title=None):
-    """One --flag per field of cls, spelled like the field, with its meaning, allowed values and
-    default in --help. defaults: {name: (value, where it comes from)} for defaults that are not
-    the dataclass's own (a preset's, or what auto means on this machine). Every flag's value
-    is None unless given, so the user's choices can be told from the defaults."""
-    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
-    for f in dataclasses.fields(cls):
-        if names is not None and f.name not in names:
-            continue
-        meta = f.metadata
-        flags = [f"--{f.name}", *meta.get("aliases", ())]
-        default, source = (defaults or {}).get(f.name, (f.default, None))
-        shown = "none" if default in ("", None) else default
-        help = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta.get("choices") else "")
-        help += f" (default: {shown}" + (f", {source})" if source else ")")
-        help = help.replace("%", "%%")
-        if f.type is bool:  # a bare --flag means true; --flag false still works
-            group.add_argument(*flags, dest=f.name, type=bool_flag, nargs="?", const=True, default=None,
-                               metavar="BOOL", help=help)
-        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
-            group.add_argument(*flags, dest=f.name, nargs="?", const="", default=None, metavar="PATH.pt", help=help)
-        else:
-            group.add_argument(*flags, dest=f.name, type=f.type, default=None, metavar=f.name.upper(), help=help)
-
-
-def explicit_flags(args):
-    """The settings given on the command line: {name: value}."""
-    return {k: v for k, v in vars(args).items() if v is not None}
-
-
-def build(cls, values):
+def make_config(cls, values):
     """An instance of cls from the entries of values that are its fields; the rest keep their defaults."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
@@ -282,7 +246,7 @@ def build_configs(given, preset):
     values = {**PRESETS[preset], **given}
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"{TrainConfig.out_dir}/{values['tag']}"  # f"{field default}/TAG"
-    return build(GPTConfig, values), build(TrainConfig, values)
+    return make_config(GPTConfig, values), make_config(TrainConfig, values)
 
 
 def preset_defaults(preset, auto=None):
@@ -290,69 +254,6 @@ def preset_defaults(preset, auto=None):
     out = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
     out.update(auto or {})
     return out
-
-
-# ----------------------------------------------------------------------------- output and errors
-
-def log(*args):
-    """Print one flushed line, so output reads well in a Colab cell and in a log file."""
-    print(*args, flush=True)
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def format_seconds(seconds):
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def first_line(e):
-    """An exception's message cut to one line, for an `error:` line."""
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
-
-def check_writable(path, flag, make_folder=False):
-    """Find out before long work, not after it, whether the file path can be written; with
-    make_folder, its folder is created first (where the save would create it too)."""
-    if os.path.isdir(path):
-        raise TinyLLMError(f"{flag} {path} is a folder")
-    existed = os.path.exists(path)
-    try:
-        if make_folder:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
-    except OSError as e:
-        raise TinyLLMError(f"cannot write {flag} {path}: {e.strerror or e}") from None
-    if not existed:
-        os.remove(path)
-
-
-def run_cli(main, argv=None):
-    """Run a script's main(): a user error, or a file that cannot be read or written, becomes one
-    `error:` line on stderr and exit status 2, never a traceback."""
-    try:
-        main(argv)
-    except TinyLLMError as e:
-        _fail(str(e))
-    except OSError as e:
-        if isinstance(e, BrokenPipeError):  # output piped into a reader that stopped, e.g. `| head`
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            sys.exit(141)
-        _fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- the README's table
@@ -388,13 +289,10 @@ def markdown_presets():
     return "\n".join(rows) + "\n"
 
 
-def main(argv=None):
-    parser = ArgumentParser(description="Print the presets and train.py's and generate.py's flags as the "
-                                        "README's markdown tables.")
-    parser.parse_args(argv)
-    log("presets\n\n" + markdown_presets() + "\ntrain.py\n\n" + markdown_flags()
-        + "\ngenerate.py\n\n" + markdown_flags((SampleConfig,)))
+def main():
+    print("presets\n\n" + markdown_presets() + "\ntrain.py\n\n" + markdown_flags()
+          + "\ngenerate.py\n\n" + markdown_flags((SampleConfig,)))
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

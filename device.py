@@ -1,7 +1,7 @@
-"""Where and how the numbers are computed: the device, the precision, CPU threads, the random
-number generators, several processes under torchrun, and how fast the chip could go (for
-MFU). Every decision a platform needs (a Colab T4, an L4 or A100, an Apple-silicon Mac, a
-laptop CPU, a multi-GPU node) is made here once, for train.py, generate.py and bench.py.
+"""Where the numbers are computed: read this when you need to know how a run picks its device
+(a CUDA GPU, an Apple-silicon Mac, the CPU), how many CPU threads it uses, how its random
+number generators are seeded and saved for an exact resume, and how fast the chip could go
+(for MFU). precision.py decides the number format, distributed.py handles several processes.
 
 What `python train.py` picks with no flags (the README's per-platform table):
     CUDA, compute capability 8.0+ (A100, L4, H100, RTX 30xx+)  small, bfloat16 autocast, TF32 matmuls
@@ -12,15 +12,13 @@ What `python train.py` picks with no flags (the README's per-platform table):
 """
 
 import contextlib
-import os
 import random
-import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from config import TinyLLMError, log, warn
+from cli import log
+from config import TinyLLMError
 
 
 # ----------------------------------------------------------------------------- the device
@@ -48,70 +46,7 @@ def describe(device):
     return str(device)
 
 
-# ----------------------------------------------------------------------------- precision
-
-def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX: the CPU multiplies bfloat16 matrices in hardware. Without them
-    torch still runs bfloat16, by converting, which is slower than float32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def has_native_bf16(device):
-    """bfloat16 that the chip computes natively. torch.cuda.is_bf16_supported() also counts a
-    T4 (compute capability 7.5), which only emulates it: slowly, and without flash attention.
-    MPS is counted out: its bfloat16 needs macOS 14 and is not needed for a tiny model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    if device.type == "cpu":
-        return cpu_has_native_bf16()
-    return False
-
-
-def resolve_dtype(name, device):
-    """The autocast precision: auto means bfloat16 where it is native (its matmuls ran 3-5x
-    faster than float32 on an AVX512-BF16 CPU, for about 0.01 higher loss at equal steps),
-    float16 with a gradient scaler on older GPUs, float32 elsewhere."""
-    native = has_native_bf16(device)
-    if name == "auto":
-        if native:
-            return "bfloat16"
-        return "float16" if device.type == "cuda" else "float32"
-    if name == "bfloat16" and not native and device.type != "mps":
-        warn(f"{describe(device)} has no native bfloat16: it is emulated and slower than "
-             f"{'float16' if device.type == 'cuda' else 'float32'}")
-    return name
-
-
-def explain_dtype(asked, dtype):
-    """For the start-up line: the dtype, and why when --dtype auto chose it."""
-    if asked != "auto":
-        return dtype
-    why = {"bfloat16": "native on this chip", "float16": "no native bfloat16: loss scaling on",
-           "float32": "no native bfloat16 here"}[dtype]
-    return f"{dtype} auto: {why}"
-
-
-def autocast(device, dtype):
-    """Run the forward pass in dtype (the weights stay float32); a no-op for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
-
-def make_scaler(device, dtype):
-    """float16 gradients underflow without loss scaling, so float16 training needs the
-    device's gradient scaler; refuse where torch has none that works. Other dtypes: None."""
-    if dtype != "float16":
-        return None
-    with warnings.catch_warnings():  # a scaler that disables itself warns; we say it better below
-        warnings.simplefilter("ignore")
-        scaler = torch.amp.GradScaler(device.type)
-    if not scaler.is_enabled():
-        raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch does not provide on "
-                           f"{device}; use --dtype bfloat16 or float32")
-    return scaler
-
+# ----------------------------------------------------------------------------- errors and speed
 
 @contextlib.contextmanager
 def out_of_memory_as_error(hint):
@@ -135,11 +70,8 @@ def configure_matmul(device):
 
 def set_threads(n=0):
     """Use n CPU threads for torch's kernels; 0 keeps torch's default, one per physical core.
-    Returns the count in use. train.py, generate.py and bench.py also shorten how long an idle
-    OpenMP thread spins before it sleeps (GOMP_SPINCOUNT, which must be set before torch loads):
-    with the default spin, a second busy process on a 2-core machine made a training step of
-    2 threads 2 to 9 times slower; with the short spin, about as fast as 1 thread, and on an
-    idle machine as fast as the default (README: Threads)."""
+    Returns the count in use. (The scripts also shorten how long an idle OpenMP thread spins
+    before it sleeps: cli.spin_briefly.)"""
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
@@ -181,48 +113,6 @@ def set_rng_state(state):
             f"restored {min(here, len(saved))}, so dropout on the rest continues from a fresh seed")
 
 
-# ----------------------------------------------------------------------------- several processes
-
-def setup_distributed(device):
-    """(rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them
-    this is a plain single process. Each GPU process binds its own GPU at init, so NCCL knows
-    its device from the start."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.type == "cuda":
-        device = torch.device(f"cuda:{local_rank}")
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    return rank, world, device
-
-
-def teardown_distributed(world):
-    if world > 1:  # leave together: a rank that tears down early can abort the others
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def all_ranks_mean(values, world, device):
-    """Average a list of floats over the ranks (no-op for one process)."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-
-def all_ranks_max(value, world, device):
-    """The largest of an int over the ranks (no-op for one process)."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
 # ----------------------------------------------------------------------------- peak FLOPs, for MFU
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s, by the exact name torch.cuda.get_device_name()
@@ -259,3 +149,9 @@ def peak_flops(device, dtype):
         log(f"note: MFU is not shown: the {dtype} peak of {name!r} is not in device.PEAK_TFLOPS")
         return None
     return peak * 1e12
+
+
+def flops_per_token(model):
+    """Forward + backward FLOPs per token at full context (the PaLM appendix estimate)."""
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size

@@ -7,22 +7,21 @@
 The same seed on the same machine gives the same text. Every flag: python generate.py --help.
 """
 
-import os
+import cli
 
-if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ:
-    # before torch loads OpenMP: idle threads spin briefly, then sleep (device.set_threads says why)
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+if __name__ == "__main__":
+    cli.spin_briefly()  # before torch loads OpenMP (cli.py says why)
 
 import sys
 
 import torch
 
 from checkpoint import describe_checkpoint, load_model
-from config import (ArgumentParser, SampleConfig, TinyLLMError, add_config_flags, build, check_writable, explicit_flags,
-                    log, run_cli, warn)
+from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli, warn
+from config import EOT, SampleConfig, TinyLLMError, make_config
 from device import choose_device, describe, out_of_memory_as_error, set_threads
-from tokenizer import EOT, start_ids
-from utils import qa_prompt
+from sources import qa_prompt
+from tokenizer import start_ids
 
 
 def read_prompt(cfg):
@@ -45,15 +44,13 @@ def encode_prompt(tokenizer, prompt, qa=False):
         if tokenizer.eot_id is None:
             raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
         prompt = EOT + qa_prompt(prompt)
-    if hasattr(tokenizer, "unknown_chars"):
-        missing = tokenizer.unknown_chars(prompt)
-        if missing:
-            kept = "".join(ch for ch in prompt if ch not in set(missing))
-            if prompt and not kept:
-                raise TinyLLMError(f"no character of the prompt is in the model's vocabulary "
-                                   f"(missing: {''.join(missing)[:40]!r})")
-            warn(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
-            prompt = kept
+    if missing := tokenizer.unknown_chars(prompt):
+        kept = "".join(ch for ch in prompt if ch not in set(missing))
+        if prompt and not kept:
+            raise TinyLLMError(f"no character of the prompt is in the model's vocabulary "
+                               f"(missing: {''.join(missing)[:40]!r})")
+        warn(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
+        prompt = kept
     return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
 
 
@@ -118,7 +115,7 @@ def main(argv=None):
     parser = build_parser(choose_device("auto"))
     args = parser.parse_args(argv)
     paths = args.checkpoints + args.checkpoint or ["checkpoints/best.pt"]
-    cfg = build(SampleConfig, explicit_flags(args))
+    cfg = make_config(SampleConfig, explicit_flags(args))
     device = choose_device(cfg.device)
     set_threads(cfg.threads)
     prompt = read_prompt(cfg)

@@ -16,9 +16,10 @@ import os
 
 import torch
 
-from config import ArgumentParser, GPTConfig, TinyLLMError, check_writable, first_line, log, run_cli
-from model import GPT
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from cli import ArgumentParser, check_writable, first_line, log, run_cli
+from config import GPTConfig, TinyLLMError
+from model import GPT
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token

@@ -1,8 +1,16 @@
-"""The GPT: a decoder-only Transformer, GPT-2 style by default, with switches for
-the modern parts (RMSNorm, SwiGLU, RoPE) and a KV cache for fast generation.
-Nothing here knows about files or training."""
+"""The GPT: a decoder-only Transformer, GPT-2 style by default, with switches for the modern
+parts (RMSNorm, SwiGLU, RoPE). Nothing here knows about files or training.
 
-import dataclasses
+Read it top to bottom: the parts (norms, position encodings, attention, MLP), the block, then
+the GPT and its forward pass (token ids -> logits -> loss), which is all training uses. The
+last part of the file, marked off, is generation: the KV cache and sampling (temperature,
+top-k, top-p).
+
+The layer names are OpenAI's GPT-2 names, kept so its published weights load by name
+(hf_gpt2.py): wte / wpe are the token / position embeddings, c_attn / c_proj / c_fc the
+attention's and MLP's linear layers, ln_1 / ln_2 / ln_f the norms.
+"""
+
 import math
 
 import torch
@@ -11,6 +19,8 @@ import torch.nn.functional as F
 
 from config import GPTConfig
 
+
+# ----------------------------------------------------------------------------- the parts
 
 class RMSNorm(nn.Module):
     """LayerNorm without the mean subtraction and bias: x / rms(x) * weight."""
@@ -59,45 +69,34 @@ def apply_rope(x, cos, sin):
     return rotated.flatten(-2).type_as(x)
 
 
-def attend(q, k, v, mask, causal, dropout):
-    """softmax(q k^T / sqrt(hs)) v, masked, by PyTorch's fused kernel. On a CPU under bfloat16
-    autocast it runs in float32: there bfloat16 attention (its backward above all) is several
-    times slower than float32's, while the matmuls around it keep bfloat16's speed."""
+def attend(q, k, v, mask=None, causal=False, dropout=0.0):
+    """softmax(q k^T / sqrt(hs) + mask) v for every head at once, by PyTorch's fused kernel
+    (it never builds the (T, T) score matrix where it can avoid it). causal=True masks the
+    future: position t sees positions 0..t. q: (B, nh, T, hs); k, v: (B, nh, S, hs)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return attend(q.float(), k.float(), v.float(), mask, causal, dropout)
+        return attend_in_float32(q, k, v, mask, causal, dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, plus the position of
-    the next token. Buffers of block_size positions are allocated once and filled in
-    place, so a step writes one new column instead of copying the whole cache."""
-
-    def __init__(self, n_layer, block_size):
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-        self.block_size = block_size
-        self.pos = 0
-
-    def update(self, layer, k, v):
-        """Store this step's k, v (B, nh, T, hs); return all keys and values so far."""
-        if self.k[layer] is None:
-            B, nh, _, hs = k.shape
-            self.k[layer] = k.new_empty(B, nh, self.block_size, hs)
-            self.v[layer] = v.new_empty(B, nh, self.block_size, hs)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+def attend_in_float32(q, k, v, mask, causal, dropout):
+    """attend() under bfloat16 autocast on a CPU: there bfloat16 attention (its backward above
+    all) ran several times slower than float32's, while the matmuls around it keep bfloat16's
+    speed. A speed fix only: the result is the same function."""
+    with torch.autocast("cpu", enabled=False):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
+                                              dropout_p=dropout)
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: every position makes a query, a key and a value;
+    each head scores its query against the keys of the positions up to its own, and takes
+    the softmax-weighted mean of their values. The heads' results, side by side, are
+    projected back into the residual stream."""
 
     def __init__(self, config, layer):
         super().__init__()
         self.n_head = config.n_head
-        self.layer = layer
+        self.layer = layer  # which cache slot generation uses
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -105,27 +104,28 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
+        q, k, v = self.queries_keys_values(x, rope)  # each (B, nh, T, hs)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:  # training: every position of the window at once, the future masked
+            y = attend(q, k, v, causal=True, dropout=dropout)
+        else:  # generation: the new positions also see the cached keys and values of earlier ones
+            k, v = cache.update(self.layer, k, v)
+            y = attend(q, k, v, *cache.mask(T, k.size(2), x.device))
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+    def queries_keys_values(self, x, rope=None):
+        """q, k, v of x (B, T, C), each (B, nh, T, hs); with RoPE, q and k rotated by position."""
+        B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         if rope is None:
-            q, k, v = qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
-        else:  # rotate q and k together, v stays as it is
-            q, k = apply_rope(qkv[:, :, :2], *rope).transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
-            v = qkv[:, :, 2].transpose(1, 2)
-        if cache is not None:  # attend to the keys and values of earlier tokens as well
-            k, v = cache.update(self.layer, k, v)
-        S = k.size(2)  # keys in view, S >= T
-        if S == T:
-            mask, causal = None, True
-        elif T == 1:  # one new token sees every key: no mask at all
-            mask, causal = None, False
-        else:  # new queries see every cached key and the new keys up to themselves
-            mask, causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T), False
-        y = attend(q, k, v, mask, causal, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+            return qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
+        q, k = apply_rope(qkv[:, :, :2], *rope).transpose(1, 3).unbind(dim=2)  # rotate q and k together
+        return q, k, qkv[:, :, 2].transpose(1, 2)  # v stays as it is
 
 
 class MLP(nn.Module):
+    """The position-wise feed-forward network: widen, apply a nonlinearity, project back."""
 
     def __init__(self, config):
         super().__init__()
@@ -147,7 +147,7 @@ class MLP(nn.Module):
             h = F.silu(gate) * value
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -166,7 +166,19 @@ class Block(nn.Module):
         return x
 
 
+# ----------------------------------------------------------------------------- the GPT
+
+def lm_loss(logits, targets, reduction="mean"):
+    """Next-token cross-entropy: every (b, t) position is one classification over the
+    vocabulary, so logits (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,).
+    Computed in float32 even under autocast."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+
 class GPT(nn.Module):
+    """Token ids in, next-token logits out: embed the tokens (and their positions), pass them
+    through n_layer blocks, normalise, and read the logits off with the token embedding
+    itself (weight tying)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -205,92 +217,124 @@ class GPT(nn.Module):
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    @torch.no_grad()
-    def resize_vocab(self, old_ids):
-        """Give the model a new vocabulary: token i of the new one takes the embedding row
-        old_ids[i], or, where old_ids[i] is None (a token the model has never seen), the
-        mean of the old rows, a neutral start. The tied output head follows, since it is the
-        same matrix; every other weight is kept."""
-        old = self.wte.weight
-        known = [i for i in old_ids if i is not None]
-        rows = [old[i] if i is not None else old[known].mean(dim=0) for i in old_ids]
-        self.wte = nn.Embedding(len(old_ids), self.config.n_embd, device=old.device, dtype=old.dtype)
-        self.wte.weight.copy_(torch.stack(rows))
-        self.lm_head = nn.Linear(self.config.n_embd, len(old_ids), bias=False, device=old.device, dtype=old.dtype)
-        self.lm_head.weight = self.wte.weight
-        self.config = dataclasses.replace(self.config, vocab_size=len(old_ids))
-
-    def flops_per_token(self):
-        """Forward + backward FLOPs per token at full context (the PaLM appendix estimate)."""
-        c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
-
     def forward(self, idx, targets=None, cache=None):
+        """logits (B, T, vocab_size) for idx (B, T), and the loss when targets (B, T) are given.
+        cache: generation only (the end of this file); training never passes one."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
+        start = 0 if cache is None else cache.pos  # with a cache, idx continues the cached tokens
         if start + T > self.config.block_size:
             raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
-        x = self.wte(idx)  # (B, T, C)
-        rope = None
-        if self.config.pos == "rope":  # cos and sin of this window's positions, each (T, 1, 1, hs/2)
-            rope = (self.rope_cos[start:start + T, None, None], self.rope_sin[start:start + T, None, None])
-        elif self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            x = x + self.pos_table[start:start + T]
-        x = self.drop(x)
+        x, rope = self.embed(idx, start)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, rope, cache)
-        x = self.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+            x = block(x, rope, cache)  # (B, T, C)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         if cache is not None:
             cache.pos += T
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
-        return logits, loss
+        return logits, None if targets is None else lm_loss(logits, targets)
 
-    def context_start(self, n_tokens, start):
-        """First token of the context used to predict token n_tokens, given the current
-        start. While the context fits in block_size it grows; when it would overflow, it
-        jumps forward to keep the last block_size // 2 tokens. With a KV cache that costs one
-        re-prefill every block_size // 2 tokens, and the cached run computes exactly what a
-        full recompute on the same context computes. (A sliding window would not: a cached
-        key in layer 2 was computed while tokens now out of the window were still in view.)"""
-        if n_tokens - start > self.config.block_size:
-            return n_tokens - max(1, self.config.block_size // 2)
-        return start
+    def embed(self, idx, start=0):
+        """Token embeddings (B, T, C) with position information for positions start..start+T-1:
+        added to them (learned, sinusoidal), or returned as RoPE's cos and sin, each
+        (T, 1, 1, hs/2), for the attention to rotate q and k by."""
+        T = idx.size(1)
+        x, rope = self.wte(idx), None
+        if self.config.pos == "learned":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pos_table[start:start + T]
+        else:
+            rope = (self.rope_cos[start:start + T, None, None], self.rope_sin[start:start + T, None, None])
+        return self.drop(x), rope
+
+    # generation: the functions at the end of this file do the work
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                         use_cache=True, stop_token=None, generator=None):
-        """Yield the next token of each row, shape (B, 1), one step at a time.
-        Stops early once every row has produced stop_token."""
-        start = max(0, idx.size(1) - self.config.block_size)
-        cache = None
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            new_start = self.context_start(idx.size(1), start)
-            if not use_cache:
-                logits, _ = self(idx[:, new_start:])
-            elif cache is None or new_start != start:
-                cache = KVCache(self.config.n_layer, self.config.block_size)  # (re)prefill the whole context
-                logits, _ = self(idx[:, new_start:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            start = new_start
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            idx = torch.cat((idx, next_token), dim=1)
-            yield next_token
-            if stop_token is not None:
-                done |= next_token[:, 0] == stop_token
-                if done.all():
-                    return
+        """Continue each row of idx (B, T): yield the next token of every row, shape (B, 1), one
+        step at a time, until max_new_tokens or until every row has produced stop_token."""
+        return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token,
+                               generator)
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """Continue each row of idx (B, T); returns (B, T + new tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + new, dim=1)
+
+
+# ============================================================================= generation
+# Everything below serves sampling (generate.py, and the sample at the end of train.py):
+# the KV cache, which keeps each layer's keys and values so a new token costs one position's
+# work instead of the whole context's, and the sampler (temperature, top-k, top-p).
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, plus the position of
+    the next token. Buffers of block_size positions are allocated once and filled in
+    place, so a step writes one new column instead of copying the whole cache."""
+
+    def __init__(self, n_layer, block_size):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.block_size = block_size
+        self.pos = 0
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, nh, T, hs); return all keys and values so far (B, nh, S, hs)."""
+        if self.k[layer] is None:
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_empty(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_empty(B, nh, self.block_size, hs)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    @staticmethod
+    def mask(T, S, device):
+        """(mask, causal) for attend(): T new queries against S keys, the last T of them new."""
+        if S == T:  # the first call fills the cache: an ordinary causal window
+            return None, True
+        if T == 1:  # one new token sees every key: no mask at all
+            return None, False
+        # new queries see every cached key and the new keys up to themselves
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T), False
+
+
+def context_start(n_tokens, start, block_size):
+    """First token of the context used to predict token n_tokens, given the current start.
+    While the context fits in block_size it grows; when it would overflow, it jumps forward
+    to keep the last block_size // 2 tokens. With a KV cache that costs one re-prefill every
+    block_size // 2 tokens, and the cached run computes exactly what a full recompute on the
+    same context computes. (A sliding window would not: a cached key in layer 2 was computed
+    while tokens now out of the window were still in view.)"""
+    if n_tokens - start > block_size:
+        return n_tokens - max(1, block_size // 2)
+    return start
+
+
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                    stop_token=None, generator=None):
+    """GPT.generate_stream: the sampling loop."""
+    block_size = model.config.block_size
+    start, cache = max(0, idx.size(1) - block_size), None
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        new_start = context_start(idx.size(1), start, block_size)
+        if not use_cache:  # recompute the whole context
+            logits, _ = model(idx[:, new_start:])
+        elif cache is None or new_start != start:  # (re)fill the cache with the whole context
+            cache = KVCache(model.config.n_layer, block_size)
+            logits, _ = model(idx[:, new_start:], cache=cache)
+        else:  # only the newest token: the cache holds the rest
+            logits, _ = model(idx[:, -1:], cache=cache)
+        start = new_start
+        next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        idx = torch.cat((idx, next_token), dim=1)
+        yield next_token
+        if stop_token is not None:
+            done |= next_token[:, 0] == stop_token
+            if done.all():
+                return
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):

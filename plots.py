@@ -8,7 +8,8 @@ import json
 import math
 import os
 
-from config import ArgumentParser, TinyLLMError, log, run_cli
+from cli import ArgumentParser, log, run_cli
+from config import TinyLLMError
 from optim import get_lr
 
 

@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from config import (ArgumentParser, TinyLLMError, TrainConfig, add_config_flags, build, check_writable, explicit_flags,
-                    format_seconds, log, run_cli)
-from tokenizer import EOT, make_tokenizer
-from utils import iter_stream
+from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, format_seconds, log, run_cli
+from config import EOT, TinyLLMError, TrainConfig, make_config
+from sources import iter_stream
+from tokenizer import make_tokenizer
 
 
 def source_size(cfg):
@@ -143,7 +143,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tokenizer_sample_mb < 1:
         raise TinyLLMError(f"--tokenizer_sample_mb must be at least 1, got {args.tokenizer_sample_mb}")
-    cfg = build(TrainConfig, {**explicit_flags(args), "data": args.input})
+    cfg = make_config(TrainConfig, {**explicit_flags(args), "data": args.input})
     prepare(cfg, args.out, args.vocab_size, args.tokenizer_sample_mb)
 
 

@@ -59,7 +59,7 @@ def tiny_train_config(data, out_dir, **overrides):
 
 def cli(capsys, main, *argv):
     """Run a script's main() in this process, as its command line would: (exit code, stdout, stderr)."""
-    from config import run_cli
+    from cli import run_cli
     code = 0
     try:
         run_cli(main, [str(a) for a in argv])

@@ -14,7 +14,8 @@ from config import TinyLLMError
 from generate import encode_prompt
 from tokenizer import EOT, tokenizer_from_dict
 from config import TrainConfig
-from utils import get_batch, iter_pieces, load_prepared, read_text as load_corpus
+from sources import iter_pieces, load_prepared, read_text as load_corpus
+from utils import get_batch
 from conftest import ROOT, tiny_model_config, tiny_train_config
 
 

@@ -7,7 +7,8 @@ import torch
 from config import TinyLLMError
 from tokenizer import CharTokenizer
 from optim import get_lr
-from utils import check_long_enough, get_batch, read_text as load_corpus, split_train_val
+from sources import read_text as load_corpus
+from utils import check_long_enough, get_batch, split_train_val
 
 
 def test_char_tokenizer_round_trip():

@@ -11,11 +11,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import device as device_module
+import distributed
+import lifecycle
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from config import RunOptions, TinyLLMError, TrainConfig, default_preset
 from conftest import tiny_model_config, tiny_train_config
-from device import autocast, choose_device, make_scaler, peak_flops, resolve_dtype, rng_state, set_rng_state
+from device import choose_device, peak_flops, rng_state, set_rng_state
+from precision import autocast, make_scaler, resolve_dtype
 from model import GPT, apply_rope
 from optim import make_optimizer
 
@@ -127,8 +130,8 @@ def test_nccl_binds_the_device_at_init(fake_gpu, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     calls = {}
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(device_module.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
-    rank, world, dev = device_module.setup_distributed(CUDA)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    rank, world, dev = distributed.setup_distributed(CUDA)
     assert (rank, world, dev) == (1, 2, torch.device("cuda:1"))
     assert calls == {"backend": "nccl", "device_id": torch.device("cuda:1")}
 
@@ -172,7 +175,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_it(shakespeare_hea
     checkpoint = load_checkpoint(str(tmp_path / "last.pt"))
     checkpoint["scaler"] = saved
     save_checkpoint(str(tmp_path / "last.pt"), checkpoint)
-    run = train.start_run(tiny_model_config(), cfg, RunOptions(resume=True), "test", {})
+    run = train.setup_run(tiny_model_config(), cfg, RunOptions(resume=True), "test", {})
     assert run.scaler.get_scale() == 1234.0
 
 
@@ -270,8 +273,8 @@ def test_a_training_step_never_waits_for_the_device(accum):
 
 def test_the_loop_reads_the_device_only_at_progress_lines(shakespeare_head, tmp_path, monkeypatch):
     reads = []
-    real = train.check_steps
-    monkeypatch.setattr(train, "check_steps", lambda run: reads.append(len(run.pending)) or real(run))
+    real = lifecycle.settle
+    monkeypatch.setattr(lifecycle, "settle", lambda run: reads.append(len(run.meter.pending)) or real(run))
     cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=20, eval_interval=20, log_interval=10)
     train.train(tiny_model_config(), cfg)
     assert [n for n in reads if n] == [10, 10]  # one read for every ten steps

@@ -172,7 +172,8 @@ def test_other_scripts_reject_bad_input(tmp_path, capsys):
 
 
 def test_an_output_in_a_folder_not_made_yet_is_writable_and_nothing_is_left(tmp_path):
-    from config import TinyLLMError, check_writable
+    from cli import check_writable
+    from config import TinyLLMError
     path = tmp_path / "checkpoints" / "gpt2.pt"  # as in: hf_gpt2.py import gpt2 --out checkpoints/gpt2.pt
     check_writable(str(path), "--out", make_folder=True)
     assert path.parent.is_dir() and not path.exists()

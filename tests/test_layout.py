@@ -11,11 +11,13 @@ from conftest import ROOT
 
 # The flow of the work, bottom to top: a module may import from its own level or below.
 LEVELS = {
-    "config": 0,
-    "model": 1, "tokenizer": 1, "optim": 1,
-    "utils": 2, "device": 2, "checkpoint": 2, "plots": 2,
-    "train": 3, "generate": 3, "prepare": 3, "hf_gpt2": 3,
-    "bench": 4,
+    "config": 0, "cli": 0,
+    "model": 1, "bpe": 1, "tokenizer": 1, "optim": 1, "muon": 1,
+    "sources": 2, "utils": 2, "device": 2, "precision": 2, "distributed": 2, "checkpoint": 2, "safety": 2,
+    "plots": 2,
+    "lifecycle": 3, "hf_gpt2": 3,
+    "train": 4, "generate": 4, "prepare": 4,
+    "bench": 5,
 }
 SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
 

@@ -14,11 +14,11 @@ import generate
 import plots
 import prepare
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, load_model
 from config import TrainConfig
 from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli
 from model import filter_logits
-from utils import load_prepared
+from sources import load_prepared
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
@@ -217,7 +217,7 @@ def test_output_files_record_every_setting_and_early_stops(trained, tmp_path, ca
     assert code == 0, err
     head = out_file.read_text().splitlines()[:3]
     assert "no_stop=True" in head[1] and "qa=False" in head[1] and head[2] == f"# prompt (from {prompt}): 'ROMEO:'"
-    model, tokenizer, checkpoint = train.load_model(str(trained[0] / "best.pt"))
+    model, tokenizer, checkpoint = load_model(str(trained[0] / "best.pt"))
     cfg = generate.SampleConfig(max_new_tokens=5, temperature=0)
     model.lm_head.weight.data[tokenizer.eot_id] += 100  # make end-of-text certain
     (_, n_new, stopped), = generate.sample(model, tokenizer, tokenizer.encode("A"), cfg, torch.device("cpu"))

@@ -9,8 +9,9 @@ import regex
 import tiktoken
 import torch
 
+from bpe import special_regex
 from config import TinyLLMError
-from tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, _special_regex, make_tokenizer,
+from tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, make_tokenizer,
                        tokenizer_from_dict, train_bpe)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def reference_encode(text, tokens_or_ranks, pattern=GPT2_PATTERN, special_tokens
     if not isinstance(special_tokens, dict):
         special_tokens = {s: len(ranks) + i for i, s in enumerate(special_tokens)}
     if special_tokens:  # keep the specials (capturing group) so we can emit their ids
-        segments = regex.split(_special_regex(special_tokens), text)
+        segments = regex.split(special_regex(special_tokens), text)
     else:
         segments = [text]
     ids = []

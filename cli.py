@@ -1,0 +1,135 @@
+"""The command line: read this when you need to know how a flag is made from a setting in
+config.py (with its meaning, allowed values and the default this machine will use), how bad
+input becomes one `error:` line and exit status 2 instead of a traceback, how outputs are
+checked for writability before long work starts, and how the scripts print.
+
+Every script's main() runs under run_cli, and builds its flags with add_config_flags.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from config import TinyLLMError
+
+
+def spin_briefly():
+    """Call before torch is imported (the scripts do, when run as scripts): an idle OpenMP
+    thread then spins only briefly before it sleeps. With the long default spin, a second busy
+    process on a 2-core machine made a 2-thread training step 2 to 9 times slower (README:
+    Threads). A user's own OMP_WAIT_POLICY wins."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
+# ----------------------------------------------------------------------------- flags from settings
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def bool_flag(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser, cls, defaults=None, names=None, title=None):
+    """One --flag per field of cls, spelled like the field, with its meaning, allowed values and
+    default in --help. defaults: {name: (value, where it comes from)} for defaults that are not
+    the dataclass's own (a preset's, or what auto means on this machine). Every flag's value
+    is None unless given, so the user's choices can be told from the defaults."""
+    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
+    for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        meta = f.metadata
+        flags = [f"--{f.name}", *meta.get("aliases", ())]
+        default, source = (defaults or {}).get(f.name, (f.default, None))
+        shown = "none" if default in ("", None) else default
+        help = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta.get("choices") else "")
+        help += f" (default: {shown}" + (f", {source})" if source else ")")
+        help = help.replace("%", "%%")
+        if f.type is bool:  # a bare --flag means true; --flag false still works
+            group.add_argument(*flags, dest=f.name, type=bool_flag, nargs="?", const=True, default=None,
+                               metavar="BOOL", help=help)
+        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
+            group.add_argument(*flags, dest=f.name, nargs="?", const="", default=None, metavar="PATH.pt", help=help)
+        else:
+            group.add_argument(*flags, dest=f.name, type=f.type, default=None, metavar=f.name.upper(), help=help)
+
+
+def explicit_flags(args):
+    """The settings given on the command line: {name: value}."""
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- output
+
+def log(*args):
+    """Print one flushed line, so output reads well in a Colab cell and in a log file."""
+    print(*args, flush=True)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds):
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+# ----------------------------------------------------------------------------- errors
+
+def first_line(e):
+    """An exception's message cut to one line, for an `error:` line."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def check_writable(path, flag, make_folder=False):
+    """Find out before long work, not after it, whether the file path can be written; with
+    make_folder, its folder is created first (where the save would create it too)."""
+    if os.path.isdir(path):
+        raise TinyLLMError(f"{flag} {path} is a folder")
+    existed = os.path.exists(path)
+    try:
+        if make_folder:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise TinyLLMError(f"cannot write {flag} {path}: {e.strerror or e}") from None
+    if not existed:
+        os.remove(path)
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(): a user error, or a file that cannot be read or written, becomes one
+    `error:` line on stderr and exit status 2, never a traceback."""
+    try:
+        main(argv)
+    except TinyLLMError as e:
+        fail(str(e))
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):  # output piped into a reader that stopped, e.g. `| head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(141)
+        fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -1,0 +1,74 @@
+"""Several processes under torchrun (DDP): read this when you need to know how the ranks find
+each other (Gloo on CPUs, NCCL on GPUs), how their gradients are averaged once per step, and
+how they agree on evaluations, stop signals and plans. Without torchrun every function here
+is a no-op for one process.
+
+`torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE for each process.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from config import MAX_SEED
+
+
+def setup_distributed(device):
+    """(rank, world size, device). Without torchrun's variables this is a plain single process.
+    Each GPU process binds its own GPU at init, so NCCL knows its device from the start."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "cuda":
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return rank, world, device
+
+
+def teardown_distributed(world):
+    if world > 1:  # leave together: a rank that tears down early can abort the others
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap(model, world, device):
+    """The model each rank trains: DDP averages the gradients over the ranks during backward."""
+    if world == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(model, last_micro_step):
+    """Under DDP, all-reduce the gradients only once per step: after the last micro-batch."""
+    if last_micro_step or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def rank_seed(seed, rank, step):
+    """Each rank draws its own batches: a seed of its own, also for a run resumed at step."""
+    return (seed + 1000 * rank + 7919 * step) % (MAX_SEED + 1)
+
+
+def all_ranks_mean(values, world, device):
+    """Average a list of floats over the ranks (no-op for one process)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def all_ranks_max(value, world, device):
+    """The largest of an int over the ranks (no-op for one process)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
