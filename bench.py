@@ -102,7 +102,8 @@ def new_run(preset, given, out_dir):
     """A training run set up by train.py itself (data, model, optimizer), not yet stepped.
     given: settings as flags would give them; the preset fills in the rest."""
     preset = preset or default_preset(choose_device(given.get("device", "auto")).type)
-    model_cfg, train_cfg = build_configs({**given, "out_dir": out_dir}, preset)
+    given = {"time_budget": "", **given, "out_dir": out_dir}  # benchmarks fix their steps; no planning
+    model_cfg, train_cfg = build_configs(given, preset)
     return train.setup_run(model_cfg, train_cfg, RunOptions(), preset, given)
 
 

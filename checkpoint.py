@@ -56,10 +56,8 @@ def load_checkpoint(path):
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise TinyLLMError(f"checkpoint {path} contains objects other than tensors and plain data "
-                               f"(or was not written by torch.save); tinyllm loads only those, so that "
-                               f"loading a file never runs code") from None
+        if refused_as_unsafe(e):
+            raise unsafe_file(f"checkpoint {path}") from None
         raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}") from None
     except Exception as e:  # a truncated zip, random bytes, an empty file...
         raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}") from None
@@ -71,6 +69,17 @@ def load_checkpoint(path):
     if not isinstance(checkpoint["model_config"], dict) or not isinstance(checkpoint["tokenizer"], dict):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint (model_config and tokenizer must be dicts)")
     return checkpoint
+
+
+def refused_as_unsafe(error):
+    """Whether torch.load(weights_only=True) refused a file because it holds more than tensors
+    and plain data (torch's message then advises weights_only=False, which we never do)."""
+    return "weights only" in str(error).lower()
+
+
+def unsafe_file(what):
+    return TinyLLMError(f"{what} contains objects other than tensors and plain data (or was not written by "
+                        f"torch.save); tinyllm loads only those, so that loading a file never runs code")
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):

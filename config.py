@@ -7,6 +7,7 @@ their --help from the dataclasses below (cli.add_config_flags), so a setting is 
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 
@@ -74,6 +75,10 @@ class TrainConfig:
                            "its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the cosine decay of the LR ends here")
+    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the run times a few steps, "
+                                   "then fixes max_steps (and the warmup and LR decay) to end in time, evaluations, "
+                                   "checkpoints and the closing sample included; empty = off. A CPU or Mac's default "
+                                   "preset (tiny) uses 5m; an explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR the cosine decays to at max_steps, and stays at")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))
@@ -94,9 +99,10 @@ class TrainConfig:
     target_loss: float = setting(0.0, "stop as soon as an evaluation's val loss is at or below this; 0 = off")
     seed: int = setting(1337, f"seed of every random number generator, 0 to {MAX_SEED}")
     device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
-    dtype: str = setting("auto", "precision of the forward pass (autocast); auto: bfloat16 where the chip has "
-                                 "it natively (GPUs from A100/L4/RTX 30xx, CPUs with AVX512-BF16 or AMX), "
-                                 "float16 + loss scaling on older GPUs, else float32",
+    dtype: str = setting("auto", "precision of the forward pass (autocast); auto: on a CPU with bfloat16 "
+                                 "instructions (AVX512-BF16, AMX) both are timed at start-up and bfloat16 is taken "
+                                 "only if clearly faster; bfloat16 on GPUs from A100/L4/RTX 30xx; float16 + loss "
+                                 "scaling on older GPUs; else float32",
                          ("auto", "float32", "bfloat16", "float16"))
     compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs; compiling takes a minute)")
     threads: int = setting(0, THREADS_HELP)
@@ -123,6 +129,7 @@ class TrainConfig:
         _require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
         _require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
                  f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
+        parse_duration(self.time_budget, "time_budget")
         _check_common(self)
 
 
@@ -160,6 +167,12 @@ class SampleConfig:
     no_cache: bool = setting(False, "recompute the whole context for every token instead of using the KV cache")
     qa: bool = setting(False, "the prompt is a question: frame it as in Q&A training and stop after the answer")
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
+    show_probs: bool = setting(False, "annotate each new token with its probability under the distribution it "
+                                      "was drawn from (after temperature, top-k, top-p; greedy: temperature 1's) "
+                                      "and that distribution's entropy; a terminal gets colours, a file or pipe "
+                                      "one row per token; each sample ends with its perplexity")
+    show_top: int = setting(0, "with the annotations, also list the K most likely tokens at each step "
+                               "(implies --show_probs); 0 = off, at most 20")
 
     def __post_init__(self):
         _require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
@@ -169,7 +182,55 @@ class SampleConfig:
         _require(self.num_samples >= 1, f"--num_samples must be at least 1, got {self.num_samples}")
         _require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
         _require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
+        _require(0 <= self.show_top <= 20, f"--show_top must be between 0 (off) and 20, got {self.show_top}")
+        self.show_probs = self.show_probs or self.show_top > 0
         _check_common(self, "--")
+
+
+PICTURES = ("attention", "surprise", "temperature", "embeddings")
+
+
+@dataclass
+class PictureConfig:
+    """What pictures.py draws from a checkpoint, and where."""
+    out_dir: str = setting("pictures", "folder the PNGs are written to (attention.png, surprise.png, ...)")
+    only: str = setting(",".join(PICTURES), "which pictures, comma-separated: " + ", ".join(PICTURES))
+    prompt: str = setting("O Romeo, I will th", "text whose attention is drawn, and after which the next-token "
+                                               "distribution is drawn at each temperature")
+    layer: int = setting(-1, "attention: draw only this layer (0 = the first); -1 = every layer")
+    head: int = setting(-1, "attention: draw only this head (0 = the first); -1 = every head")
+    temperatures: str = setting("0.5,0.8,1.0,1.5", "temperature: the temperatures to compare, comma-separated")
+    data: str = setting("", "surprise: score the val split of this text instead of the checkpoint's own "
+                            "(as train.py --eval_only does)")
+    passage_chars: int = setting(600, "surprise: colour the first N characters of the val split; the bits per "
+                                      "character printed are over the same passage")
+    device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
+    threads: int = setting(0, THREADS_HELP)
+
+    def __post_init__(self):
+        names = [n.strip() for n in self.only.split(",") if n.strip()]
+        unknown = [n for n in names if n not in PICTURES]
+        _require(names and not unknown, f"--only takes {', '.join(PICTURES)}, got {self.only!r}")
+        _require(self.layer >= -1, f"--layer must be -1 (every layer) or a layer number, got {self.layer}")
+        _require(self.head >= -1, f"--head must be -1 (every head) or a head number, got {self.head}")
+        try:
+            temps = [float(t) for t in self.temperatures.split(",")]
+        except ValueError:
+            temps = []
+        _require(temps and all(math.isfinite(t) and 1e-3 <= t <= 1e3 for t in temps),
+                 f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
+        _require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got "
+                                                  f"{self.passage_chars}")
+        _require(self.threads >= 0, f"--threads must be 0 (auto) or more, got {self.threads}")
+        _check_choices(self)
+
+    def pictures(self):
+        """The pictures asked for, in the order they are drawn."""
+        asked = {name.strip() for name in self.only.split(",")}
+        return [name for name in PICTURES if name in asked]
+
+    def temperature_list(self):
+        return [float(t) for t in self.temperatures.split(",")]
 
 
 def _check_common(config, flag=""):
@@ -177,6 +238,17 @@ def _check_common(config, flag=""):
     _require(0 <= config.seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {config.seed}")
     _require(config.threads >= 0, f"{flag}threads must be 0 (auto) or more, got {config.threads}")
     _check_choices(config)
+
+
+def parse_duration(text, name="time_budget"):
+    """Seconds in a duration such as 5m, 300s, 300, 1h30m or 2.5m; None for an empty string."""
+    if not text:
+        return None
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (3600, 60, 1)) if v) if match else 0
+    _require(seconds > 0 and math.isfinite(seconds),
+             f"{name} must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
+    return seconds
 
 
 def check_batch_split(batch_size, grad_accum_steps, processes=1):
@@ -205,8 +277,8 @@ def _check_choices(config):
 # "small" is the default on a CUDA GPU. Every preset trains with AdamW.
 PRESETS = {
     "tiny": dict(n_layer=3, n_head=5, n_embd=160, block_size=128, dropout=0.0, pos="rope", mlp="swiglu",
-                 batch_size=32, max_steps=1430, lr=3e-3, min_lr=3e-4, warmup_steps=100, weight_decay=1.0,
-                 eval_interval=250, eval_iters=20),
+                 batch_size=32, time_budget="5m", max_steps=1430, lr=3e-3, min_lr=3e-4, warmup_steps=100,
+                 weight_decay=1.0, eval_interval=250, eval_iters=20),
     "speedrun": dict(n_layer=2, n_head=4, n_embd=128, block_size=64, dropout=0.0, pos="rope", mlp="swiglu",
                      batch_size=32, max_steps=400, lr=5e-3, min_lr=0.0, warmup_steps=30, weight_decay=0.0,
                      eval_interval=20, eval_iters=8, plots=False, sample_tokens=0),
@@ -243,7 +315,11 @@ def build_configs(given, preset):
     """GPTConfig and TrainConfig from the defaults, then the preset, then the flags given ({name: value})."""
     if preset not in PRESETS:
         raise TinyLLMError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    if given.get("time_budget") and "max_steps" in given:
+        raise TinyLLMError("give --time_budget or --max_steps, not both")
     values = {**PRESETS[preset], **given}
+    if "max_steps" in given:  # a step-exact run: the preset's time budget does not apply
+        values["time_budget"] = ""
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"{TrainConfig.out_dir}/{values['tag']}"  # f"{field default}/TAG"
     return make_config(GPTConfig, values), make_config(TrainConfig, values)

@@ -72,3 +72,12 @@ def all_ranks_max(value, world, device):
     t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def broadcast_from_master(obj, world):
+    """Rank 0's object (plain Python data) on every rank; the object itself for one process."""
+    if world == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -3,6 +3,7 @@
     python generate.py --seed 42                                  # checkpoints/best.pt
     python generate.py checkpoints/best.pt --prompt "ROMEO:" --temperature 0.8 --top_k 40 --num_samples 3
     python generate.py checkpoints/ckpt_0000500.pt checkpoints/best.pt   # compare checkpoints, same prompt and seed
+    python generate.py checkpoints/best.pt --prompt "ROMEO:" --show_top 3   # each token's odds (annotate.py)
 
 The same seed on the same machine gives the same text. Every flag: python generate.py --help.
 """
@@ -16,6 +17,7 @@ import sys
 
 import torch
 
+from annotate import Annotator
 from checkpoint import describe_checkpoint, load_model
 from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli, warn
 from config import EOT, SampleConfig, TinyLLMError, make_config
@@ -54,29 +56,38 @@ def encode_prompt(tokenizer, prompt, qa=False):
     return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
 
 
-def sample(model, tokenizer, prompt_ids, cfg, device, stream=False):
+def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=None):
     """num_samples continuations of the prompt, sampled together as one batch. Each stops
     at the end-of-text token, when the tokenizer has one (unless --no_stop). Returns a list
-    of (text, new tokens, whether it stopped at end-of-text)."""
+    of (text, new tokens, whether it stopped at end-of-text). An annotator (--show_probs) gets
+    every step's distribution too, and streams the same tokens with their odds."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
     steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator)
+                                  top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator,
+                                  with_probs=annotator is not None)
     shown = [t for t in prompt_ids if t != stop]
     new, unprinted = [], []
-    if stream:
+    if annotator:
+        annotator.begin(shown, cfg.num_samples, live=stream)
+    elif stream:
         sys.stdout.write(tokenizer.decode(shown))
-    for token in steps:  # (B, 1)
+    for step in steps:  # (B, 1); with an annotator, (token (B, 1), the distribution it was drawn from (B, V))
+        token = step[0] if annotator else step
         new.append(token)
-        if stream and token[0, 0] != stop:
+        if annotator:
+            annotator.add(*step)
+        elif stream and token[0, 0] != stop:
             unprinted.append(token[0, 0].item())
             text = tokenizer.decode(unprinted)
             if not text.endswith("\ufffd"):  # a byte-level token can end mid-character: wait for the rest
                 sys.stdout.write(text)
                 sys.stdout.flush()
                 unprinted = []
-    if stream:
+    if annotator:
+        annotator.end()
+    elif stream:
         sys.stdout.write("\n")
     out = []
     for row in torch.cat(new, dim=1).tolist():
@@ -96,6 +107,8 @@ def header(cfg, path, checkpoint, prompt):
     settings = (f"seed={cfg.seed} temperature={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "
                 f"max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
                 f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
+    if cfg.show_probs:  # only then, so that a file without annotations reads as it always did
+        settings += f" show_probs=True show_top={cfg.show_top}"
     source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
     return f"# checkpoint: {path} ({describe_checkpoint(checkpoint)})\n# {settings}\n# prompt{source}: {prompt!r}"
 
@@ -121,31 +134,40 @@ def main(argv=None):
     prompt = read_prompt(cfg)
     if cfg.output_file:
         check_writable(cfg.output_file, "--output_file")
-
-    blocks = []
-    for path in paths:
-        model, tokenizer, checkpoint = load_model(path)  # on the CPU; only the model moves
-        model.to(device)
-        prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
-        stream = len(paths) == 1 and cfg.num_samples == 1 and not cfg.output_file
-        if len(paths) > 1:
-            log(f"\n{'=' * 20} {path} ({describe_checkpoint(checkpoint)}) {'=' * 20}")
-        with out_of_memory_as_error(f"out of memory on {describe(device)}: try a smaller --num_samples, or --device cpu"):
-            samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream)
-        for i, (text, n_new, stopped) in enumerate(samples):
-            if stream:
-                if stopped:
-                    print(f"(stopped at <|endoftext|> after {n_new} tokens)", file=sys.stderr, flush=True)
-                continue
-            if cfg.num_samples > 1 or stopped:
-                log(sample_label(i, cfg, n_new, stopped))
-            log(text)
-        blocks.append(header(cfg, path, checkpoint, prompt) + "\n\n" +
-                      "\n\n".join(f"{sample_label(i, cfg, n, s)}\n{t}" for i, (t, n, s) in enumerate(samples)))
+    blocks = [sample_checkpoint(path, cfg, prompt, device, several=len(paths) > 1) for path in paths]
     if cfg.output_file:
         with open(cfg.output_file, "w", encoding="utf-8") as f:
             f.write("\n\n".join(blocks) + "\n")
         log(f"wrote {cfg.output_file}")
+
+
+def sample_checkpoint(path, cfg, prompt, device, several=False):
+    """Sample one checkpoint and print its samples (streamed, when there is just one);
+    returns the block the output file gets for it."""
+    model, tokenizer, checkpoint = load_model(path)  # on the CPU; only the model moves
+    model.to(device)
+    prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
+    stream = not several and cfg.num_samples == 1 and not cfg.output_file
+    annotator, odds = None, {}
+    if cfg.show_probs:  # colours only for a person at a terminal; a file or a pipe gets plain rows
+        colour = sys.stdout.isatty() and not cfg.output_file
+        annotator = Annotator(tokenizer, None if cfg.no_stop else tokenizer.eot_id, cfg.show_top, colour)
+        odds = {"annotator": annotator}  # without the flag, sample is called exactly as before it existed
+    if several:
+        log(f"\n{'=' * 20} {path} ({describe_checkpoint(checkpoint)}) {'=' * 20}")
+    with out_of_memory_as_error(f"out of memory on {describe(device)}: try a smaller --num_samples, or --device cpu"):
+        samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream, **odds)
+    for i, (text, n_new, stopped) in enumerate(samples):
+        if stream:
+            if stopped:
+                print(f"(stopped at <|endoftext|> after {n_new} tokens)", file=sys.stderr, flush=True)
+            continue
+        if cfg.num_samples > 1 or stopped:
+            log(sample_label(i, cfg, n_new, stopped))
+        log(annotator.report(i) if annotator else text)
+    shown = [annotator.report(i, colour=False) if annotator else t for i, (t, _, _) in enumerate(samples)]
+    return header(cfg, path, checkpoint, prompt) + "\n\n" + "\n\n".join(
+        f"{sample_label(i, cfg, n, s)}\n{text}" for i, ((_, n, s), text) in enumerate(zip(samples, shown)))
 
 
 if __name__ == "__main__":

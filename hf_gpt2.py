@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, refused_as_unsafe, save_checkpoint, unsafe_file
 from cli import ArgumentParser, check_writable, first_line, log, run_cli
 from config import GPTConfig, TinyLLMError
 from model import GPT
@@ -99,6 +99,8 @@ def load_gpt2(name_or_path, dropout=0.0):
     try:
         hf = transformers.GPT2LMHeadModel.from_pretrained(name, config=hf_config)
     except Exception as e:
+        if refused_as_unsafe(e):  # a pytorch_model.bin that carries code
+            raise unsafe_file(f"the weights of {name}") from None
         raise TinyLLMError(f"could not load the weights of {what}: {first_line(e)}") from None
 
     hf_state = hf.state_dict()

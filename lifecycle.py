@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from calibrate import calibrate, describe_plan
 from checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cli import format_seconds, log, warn
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
@@ -50,11 +51,12 @@ class TrainState:
     window: list = field(default_factory=list)  # (loss, grad norm) of the steps since the last progress row
     decay_from: list = None          # [step, lr] where a resumed run re-planned its LR decay
     seconds: float = 0.0             # training wall time over every session of the run
+    plan: dict = None                # what calibrate.py measured and decided: dtype, max_steps for a time budget
 
 
-# what a checkpoint must hold for --resume (older versions did not write window, decay_from, seconds)
-RESUMABLE = ("optimizer", "train_config", "rng",
-             *(f.name for f in dataclasses.fields(TrainState) if f.name not in ("window", "decay_from", "seconds")))
+# what a checkpoint must hold for --resume (older versions did not write window, decay_from, seconds, plan)
+RESUMABLE = ("optimizer", "train_config", "rng", *(f.name for f in dataclasses.fields(TrainState)
+                                                   if f.name not in ("window", "decay_from", "seconds", "plan")))
 
 
 @dataclass
@@ -75,9 +77,11 @@ class Run:
     ready the rest."""
     # what this command does, with which settings
     options: RunOptions
+    given: dict                 # the flags given on the command line, {name: value}
     model_cfg: GPTConfig
     train_cfg: TrainConfig
     preset: str
+    started: float              # when start_run began (a time budget counts from here)
     # the processes, and where and how the numbers are computed
     rank: int                   # this process, of world processes (1 without torchrun)
     world: int
@@ -90,6 +94,7 @@ class Run:
     out_dir: str
     source: dict = None         # resumed (options.resume) or fine-tuned (options.init_from)
     source_name: str = ""
+    dtype_note: str = None      # what --dtype auto measured, when it measured (calibrate.py)
     # built by train.build
     tokenizer: object = None
     corpus: object = None       # utils.Corpus: the train and val token streams
@@ -137,6 +142,7 @@ def start_run(model_cfg, train_cfg, options, preset, given):
     """Everything before the model is built, in order: processes and device, the run folder
     (resume it, or refuse to overwrite another run), the checkpoint to start from, precision,
     and the seed (the same on every rank: identical initial weights)."""
+    started = time.perf_counter()
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
     out_dir = train_cfg.out_dir
@@ -150,8 +156,8 @@ def start_run(model_cfg, train_cfg, options, preset, given):
     check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
     threads = set_threads(train_cfg.threads)
     dtype = resolve_dtype(train_cfg.dtype, device)
-    run = Run(options, model_cfg, train_cfg, preset, rank, world, device, dtype, autocast(device, dtype),
-              make_scaler(device, dtype), threads, out_dir)
+    run = Run(options, given, model_cfg, train_cfg, preset, started, rank, world, device, dtype,
+              autocast(device, dtype), make_scaler(device, dtype), threads, out_dir)
     if source:
         run.source, run.source_name = source, run.last_path
     elif options.init_from:
@@ -190,10 +196,12 @@ def load_source(path, given):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def ready(run):
+def ready(run, train_step):
     """Everything between building the model and the first step: a resumed run gets back its
     optimizer, progress and random state; each process gets batches of its own; the model is
-    compiled and wrapped for DDP when asked; the start-up lines say what will happen."""
+    compiled and wrapped for DDP when asked; a few trial steps of train_step measure what
+    --dtype auto and --time_budget leave to measurement (calibrate.py); the start-up lines say
+    what will happen."""
     cfg = run.train_cfg
     run.state = TrainState()
     if run.options.resume and run.source:
@@ -204,6 +212,7 @@ def ready(run):
     make_batches(run)
     run.eval_iters = math.ceil(cfg.eval_iters / run.world)
     run.log_interval = 1 if run.options.overfit_batch else cfg.log_interval
+    calibrate(run, train_step)
     run.peak = peak_flops(run.device, run.dtype) if run.master else None
     print_header(run)
     now = time.perf_counter()
@@ -249,7 +258,8 @@ def make_batches(run):
 def print_header(run):
     m, cfg, tokens = run.model_cfg, run.train_cfg, run.corpus
     processes = f" x {run.world} processes" if run.world > 1 else ""
-    run.say(f"device {describe(run.device)} ({explain_dtype(cfg.dtype, run.dtype)}, {run.threads} threads){processes} "
+    precision = run.dtype_note or explain_dtype(cfg.dtype, run.dtype)
+    run.say(f"device {describe(run.device)} ({precision}, {run.threads} threads){processes} "
             f"| preset {run.preset} | data {cfg.data}")
     run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"block {m.block_size}, vocab {m.vocab_size} | norm {m.norm}, mlp {m.mlp}, pos {m.pos} "
@@ -259,6 +269,8 @@ def print_header(run):
     run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
             + (f" ({' x '.join(split)} of {run.micro_batch})" if split else "")
             + f" | train {len(tokens.train):,} tokens, val {len(tokens.val):,} tokens")
+    for line in describe_plan(run):
+        run.say(line)
     if cfg.max_steps <= cfg.warmup_steps:
         warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never "
              f"reaches its peak nor decays; use a smaller --warmup_steps")

@@ -123,6 +123,17 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(qkv[:, :, :2], *rope).transpose(1, 3).unbind(dim=2)  # rotate q and k together
         return q, k, qkv[:, :, 2].transpose(1, 2)  # v stays as it is
 
+    def attention_weights(self, x, rope=None):
+        """The attention pattern that forward() uses but, through the fused kernel, never builds:
+        softmax(q k^T / sqrt(hs)) with the future masked, (B, nh, T, T) for x (B, T, C). Row t
+        of a head says how much position t takes from each position 0..t. For pictures
+        (pictures.py collects it with forward hooks); training and generation never call it."""
+        q, k, _ = self.queries_keys_values(x, rope)  # each (B, nh, T, hs), RoPE applied as in forward
+        T = q.size(2)
+        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
+        return scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # (B, nh, T, T), rows sum to 1
+
 
 class MLP(nn.Module):
     """The position-wise feed-forward network: widen, apply a nonlinearity, project back."""
@@ -250,11 +261,12 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                        use_cache=True, stop_token=None, generator=None):
+                        use_cache=True, stop_token=None, generator=None, with_probs=False):
         """Continue each row of idx (B, T): yield the next token of every row, shape (B, 1), one
-        step at a time, until max_new_tokens or until every row has produced stop_token."""
+        step at a time, until max_new_tokens or until every row has produced stop_token. With
+        with_probs, yield (token (B, 1), probs (B, V)): also the distribution it was drawn from."""
         return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token,
-                               generator)
+                               generator, with_probs)
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """Continue each row of idx (B, T); returns (B, T + new tokens)."""
@@ -313,7 +325,7 @@ def context_start(n_tokens, start, block_size):
 
 
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
-                    stop_token=None, generator=None):
+                    stop_token=None, generator=None, with_probs=False):
     """GPT.generate_stream: the sampling loop."""
     block_size = model.config.block_size
     start, cache = max(0, idx.size(1) - block_size), None
@@ -328,9 +340,13 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=
         else:  # only the newest token: the cache holds the rest
             logits, _ = model(idx[:, -1:], cache=cache)
         start = new_start
-        next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        if with_probs:  # the token and the distribution it was drawn from, from one call
+            next_token, probs = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator,
+                                            return_probs=True)  # (B, 1), (B, V)
+        else:
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
         idx = torch.cat((idx, next_token), dim=1)
-        yield next_token
+        yield (next_token, probs) if with_probs else next_token
         if stop_token is not None:
             done |= next_token[:, 0] == stop_token
             if done.all():
@@ -353,10 +369,22 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """Pick one token per row from logits (B, V); temperature 0 is greedy."""
+def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution the next token is drawn from, probs (B, V), for logits (B, V): divide by
+    the temperature, keep the top-k / top-p candidates, softmax. Temperature 0 (greedy) draws
+    nothing: it takes the most likely token. Its distribution here is the one at temperature 1
+    after top-k / top-p, the model's own odds among the candidates, in which greedy's pick is
+    the most likely token (the candidates always include it)."""
+    logits = filter_logits(logits.float() / (temperature or 1.0), top_k, top_p)
+    return F.softmax(logits, dim=-1)  # (B, V)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, return_probs=False):
+    """Pick one token per row from logits (B, V); temperature 0 is greedy. With return_probs,
+    return (token (B, 1), probs (B, V)), the distribution it was drawn from (next_token_probs)."""
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        token = logits.argmax(dim=-1, keepdim=True)  # (B, 1); greedy needs no softmax unless asked
+        return (token, next_token_probs(logits, 0, top_k, top_p)) if return_probs else token
+    probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
+    token = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+    return (token, probs) if return_probs else token

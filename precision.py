@@ -36,6 +36,12 @@ def has_native_bf16(device):
     return False
 
 
+def measured_on(device):
+    """Whether --dtype auto decides by timing both precisions (calibrate.py) on this device: a
+    CPU with bfloat16 instructions, where bfloat16 can be faster or slower than float32."""
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
 def resolve_dtype(name, device):
     """The autocast precision: auto means bfloat16 where it is native (its matmuls ran 3-5x
     faster than float32 on an AVX512-BF16 CPU, for about 0.01 higher loss at equal steps),

@@ -35,7 +35,7 @@ from lifecycle import after_evaluation, after_step, finish, guarded, off_the_clo
 from model import GPT, lm_loss
 from optim import get_lr, make_optimizer, set_lr
 from plots import plot_lr_schedule
-from precision import autocast, resolve_dtype, scale, step_if_finite, unscale
+from precision import autocast, measured_on, resolve_dtype, scale, step_if_finite, unscale
 from utils import check_long_enough, get_batch, tokenize
 
 
@@ -101,7 +101,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
     run = start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {})  # device, folder, resume
     with out_of_memory_as_error(run.oom_hint):  # one error line saying what to try
         build(run)
-    ready(run)  # a resumed run's optimizer and progress, per-process batches, DDP, the start-up lines
+        ready(run, train_step)  # resumed state, batches, DDP; trial steps measure precision and a time budget
     return run
 
 
@@ -193,7 +193,8 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 
 def build_parser(device):
     preset = default_preset(device.type)
-    auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", f"{resolve_dtype('auto', device)} here"),
+    dtype = "measured at start-up here" if measured_on(device) else f"{resolve_dtype('auto', device)} here"
+    auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
             "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
     parser = cli.ArgumentParser(
         description="Train a GPT language model on a text file.",

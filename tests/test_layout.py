@@ -15,9 +15,9 @@ LEVELS = {
     "model": 1, "bpe": 1, "tokenizer": 1, "optim": 1, "muon": 1,
     "sources": 2, "utils": 2, "device": 2, "precision": 2, "distributed": 2, "checkpoint": 2, "safety": 2,
     "plots": 2,
-    "lifecycle": 3, "hf_gpt2": 3,
+    "lifecycle": 3, "calibrate": 3, "hf_gpt2": 3, "annotate": 3,
     "train": 4, "generate": 4, "prepare": 4,
-    "bench": 5,
+    "bench": 5, "pictures": 5,
 }
 SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
 

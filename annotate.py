@@ -1,0 +1,180 @@
+"""generate.py --show_probs: sampled text annotated with the odds the model gave it.
+
+For every new token: its probability under the distribution it was drawn from (the sampler's
+own, model.next_token_probs: after temperature, top-k and top-p), the entropy of that
+distribution in bits (how many ways the model was torn: 0 bits is certain, 1 bit a coin
+toss), and with --show_top K the K most likely tokens. A terminal gets the text coloured by
+probability; a file or a pipe gets one aligned row per token. Every sample ends with its
+mean log-probability, perplexity and mean entropy.
+
+generate.sample hands each step to an Annotator; main asks it for each sample's report.
+"""
+
+import math
+import sys
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+
+LN2 = math.log(2)
+
+# probability bands, most likely first: (lowest p in the band, ANSI colour, what the legend says)
+BANDS = ((0.5, "32", "p >= 0.5"), (0.2, "33", "0.2 to 0.5"), (0.05, "35", "0.05 to 0.2"), (0.0, "31", "below 0.05"))
+RESET = "\033[0m"
+LABEL_WIDTH = 12  # a row's token column; longer BPE tokens push their row's numbers right
+
+
+@dataclass
+class Step:
+    """One sampled token of one sample."""
+    token: int
+    p: float        # its probability under the distribution it was drawn from
+    entropy: float  # of that distribution, in bits
+    top: list       # [(token id, probability)], most likely first; empty without --show_top
+
+
+def entropy_bits(probs):
+    """H = -sum p log2 p over each row of probs (B, V), where p = 0 adds nothing."""
+    return torch.special.entr(probs.float()).sum(dim=-1) / LN2  # (B,)
+
+
+def paint(text, p):
+    """text in the ANSI colour of probability p's band. Line ends stay outside the colour
+    codes, which some terminals would otherwise carry onto the next line."""
+    code = next(code for low, code, _ in BANDS if p >= low)
+    return "\n".join(f"\033[{code}m{part}{RESET}" if part else "" for part in text.split("\n"))
+
+
+def legend():
+    return "probability of each new token: " + "  ".join(paint(words, low) for low, _, words in BANDS)
+
+
+def token_label(tokenizer, token):
+    """One token as a row shows it: its text, quoted, line ends and tabs escaped ('\\n'). A
+    byte-level token that is only part of a character (a UTF-8 sequence cut short) has no
+    text of its own: it shows its bytes, b'\\xe2\\x80'."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text and hasattr(tokenizer, "enc"):  # tiktoken-backed: BPE and GPT-2
+        raw = tokenizer.enc.decode_single_token_bytes(token)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return repr(raw)
+    return repr(text)
+
+
+def columns(text):
+    """How many terminal columns text takes: wide characters (CJK, most emoji) take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+class Pieces:
+    """Sampled tokens to text, one piece at a time, each with the joint probability of the
+    tokens that make it: a byte-level token can end mid-character, so it waits for the
+    tokens that complete the character (as generate.sample's plain stream does)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.p = tokenizer, [], 1.0
+
+    def add(self, token, p):
+        """(text, probability) once the tokens so far make whole characters, else None."""
+        self.ids.append(token)
+        self.p *= p
+        text = self.tokenizer.decode(self.ids)
+        return None if text.endswith("\ufffd") else self.flush()
+
+    def flush(self):
+        piece = (self.tokenizer.decode(self.ids), self.p) if self.ids else None
+        self.ids, self.p = [], 1.0
+        return piece
+
+
+def summary(steps):
+    """Mean log-probability (nats), perplexity exp(-mean) and mean entropy of a sample's steps."""
+    mean_logp = sum(math.log(s.p) for s in steps) / len(steps)
+    mean_h = sum(s.entropy for s in steps) / len(steps)
+    return (f"{len(steps)} tokens: mean log-probability {mean_logp:.3f} nats | perplexity "
+            f"{math.exp(-mean_logp):.3f} | mean entropy {mean_h:.3f} bits")
+
+
+class Annotator:
+    """Collects every sample's Steps as the sampler yields them (generate.sample calls begin,
+    add for each step, then end) and writes them out: the first sample live while it is
+    streamed, every sample afterwards on request (report)."""
+
+    def __init__(self, tokenizer, stop=None, top=0, colour=False, out=None):
+        self.tokenizer, self.stop, self.top, self.colour = tokenizer, stop, top, colour
+        self.out = out or sys.stdout
+        self.rows_mode = top > 0 or not colour  # alternatives need a row per token; colours need a terminal
+        self.samples, self.prompt, self.live, self.pieces = [], [], False, None
+
+    def begin(self, prompt_ids, n_samples, live=False):
+        """A new batch of n_samples continuations of prompt_ids (the stop token left out)."""
+        self.samples, self.prompt, self.live = [[] for _ in range(n_samples)], prompt_ids, live
+        self.pieces = Pieces(self.tokenizer)
+        if self.colour:
+            self.write(legend() + "\n")
+        if live and not self.rows_mode:
+            self.write(self.tokenizer.decode(prompt_ids))
+
+    def add(self, token, probs):
+        """Note one step of every sample: token (B, 1) drawn from probs (B, V)."""
+        p = probs.gather(1, token)[:, 0].tolist()  # (B,)
+        entropy = entropy_bits(probs).tolist()  # (B,)
+        top = probs.topk(min(self.top, probs.size(-1)), dim=-1) if self.top else None
+        for b, steps in enumerate(self.samples):
+            if steps and steps[-1].token == self.stop:
+                continue  # this sample has ended; the batch goes on for the others
+            alternatives = list(zip(top.indices[b].tolist(), top.values[b].tolist())) if top is not None else []
+            steps.append(Step(token[b, 0].item(), p[b], entropy[b], alternatives))
+            if self.live and b == 0:
+                self.show(steps[-1])
+
+    def show(self, step):
+        """Stream one step of the first sample: its row, or its text in its colour."""
+        if self.rows_mode:
+            self.write(self.row(step) + "\n")
+        elif step.token != self.stop and (piece := self.pieces.add(step.token, step.p)):
+            self.write(paint(*piece))
+
+    def end(self):
+        """After the last step: a streamed sample gets its text (under its rows) and summary."""
+        if not self.live:
+            return
+        if self.rows_mode:
+            self.write(self.text(0) + "\n")
+        elif piece := self.pieces.flush():
+            self.write(paint(*piece))
+        self.write(("" if self.rows_mode else "\n") + summary(self.samples[0]) + "\n")
+
+    def text(self, i):
+        return self.tokenizer.decode(self.prompt + [s.token for s in self.samples[i] if s.token != self.stop])
+
+    def report(self, i, colour=None):
+        """Sample i as text annotated: coloured, or followed by its rows; then its summary."""
+        colour = self.colour if colour is None else colour
+        steps = self.samples[i]
+        if colour and not self.rows_mode:
+            pieces, body = Pieces(self.tokenizer), self.tokenizer.decode(self.prompt)
+            for s in steps:
+                if s.token != self.stop and (piece := pieces.add(s.token, s.p)):
+                    body += paint(*piece)
+            if piece := pieces.flush():
+                body += paint(*piece)
+        else:
+            body = self.text(i) + "\n" + "\n".join(self.row(s, colour) for s in steps)
+        return body + "\n" + summary(steps)
+
+    def row(self, step, colour=None):
+        """token  p=0.731  H=1.20 bits  top: 'e' 0.73, 'a' 0.10"""
+        label = token_label(self.tokenizer, step.token)
+        shown = paint(label, step.p) if (self.colour if colour is None else colour) else label
+        line = f"{shown}{' ' * max(0, LABEL_WIDTH - columns(label))} p={step.p:.3f}  H={step.entropy:.2f} bits"
+        if step.top:
+            line += "  top: " + ", ".join(f"{token_label(self.tokenizer, t)} {p:.3f}" for t, p in step.top)
+        return line
+
+    def write(self, text):
+        self.out.write(text)
+        self.out.flush()

@@ -1,0 +1,314 @@
+"""See inside a trained model: pictures a learner would rather look at than read.
+
+    python pictures.py checkpoints/best.pt --out_dir docs
+    python pictures.py checkpoints/best.pt --only attention --prompt "To be, or not" --layer 1 --head 2
+
+Each picture is a PNG in --out_dir, announced by one line that says what to look for:
+  attention.png    every layer's and head's attention weights over the prompt's tokens
+  surprise.png     the start of the val split, each character coloured by the model's loss on it
+  temperature.png  the next-token distribution after the prompt at several temperatures
+  embeddings.png   a char model's token embeddings, projected to 2-D (PCA)
+Every flag: python pictures.py --help.
+"""
+
+import cli
+
+if __name__ == "__main__":
+    cli.spin_briefly()  # before torch loads OpenMP (cli.py says why)
+
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from annotate import Pieces, entropy_bits
+from checkpoint import load_model
+from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
+from config import PictureConfig, TinyLLMError, TrainConfig, make_config
+from device import choose_device, set_threads
+from generate import encode_prompt
+from model import lm_loss, next_token_probs
+from plots import new_plot, save_plot
+from tokenizer import CharTokenizer
+from utils import check_long_enough, tokenize
+
+DPI = 90  # as plots.py draws: a 9-inch-wide figure is 810 pixels
+
+
+def new_figure(width, height, rows=1, cols=1):
+    """A figure with a grid of axes (rows, cols) from matplotlib's file-only backend."""
+    import matplotlib  # imported here, as in plots.py: importing this module draws nothing
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(rows, cols, figsize=(width, height), dpi=DPI, squeeze=False)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.savefig(path)  # the figure's own size: no tight bounding box, so the size is known in advance
+    plt.close(fig)
+
+
+def short_label(tokenizer, token):
+    """A token as an axis label: spaces and line ends made visible; a byte-level token that is
+    only part of a character shows its bytes in hex."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text and hasattr(tokenizer, "enc"):
+        text = tokenizer.enc.decode_single_token_bytes(token).decode("utf-8", errors="backslashreplace")
+    return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
+
+
+# ----------------------------------------------------------------------------- attention
+
+@torch.no_grad()
+def attention_maps(model, idx):
+    """Every layer's attention weights for idx (1, T): a list of (nh, T, T), one per layer.
+    Forward hooks on the blocks' attention modules catch each one's input during one ordinary
+    forward pass and recompute its weights from it (attention_weights: the module's own q and
+    k, RoPE included); the forward itself runs as always, through the fused kernel."""
+    maps = []
+
+    def catch(attn, args, output):  # args: what Block.forward passed, (x, rope, cache)
+        maps.append(attn.attention_weights(args[0], args[1])[0])  # (nh, T, T)
+
+    hooks = [block.attn.register_forward_hook(catch) for block in model.blocks]
+    try:
+        logits, _ = model(idx)  # (1, T, V)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, maps
+
+
+def draw_attention(model, tokenizer, ids, cfg, path):
+    """A grid of heatmaps, layers down and heads across (or the one --layer / --head asks for)."""
+    _, maps = attention_maps(model, torch.tensor([ids], device=model.wte.weight.device))
+    layers = [cfg.layer] if cfg.layer >= 0 else list(range(model.config.n_layer))
+    heads = [cfg.head] if cfg.head >= 0 else list(range(model.config.n_head))
+    panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches per heatmap
+    fig, axes = new_figure(len(heads) * panel + 0.6, len(layers) * panel + 0.8, len(layers), len(heads))
+    T = len(ids)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    labels = [short_label(tokenizer, t) for t in ids]
+    label_size = min(9.0, panel * DPI / T * 0.7)  # points: about a cell's height
+    rotation = 90 if max(len(label) for label in labels) > 1 else 0  # single characters read upright
+    for r, layer in enumerate(layers):
+        for c, head in enumerate(heads):
+            ax = axes[r][c]
+            weights = np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future)
+            ax.imshow(weights, cmap=attention_colours(), vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if label_size >= 4.5:  # the prompt is short enough for its tokens to be read on the axes
+                ax.set_xticks(range(T), labels, fontsize=label_size, rotation=rotation)
+                ax.set_yticks(range(T), labels, fontsize=label_size)
+            ax.set_title(f"layer {layer} head {head}", fontsize=8)
+    fig.suptitle("attention: row = the token looking, column = the token looked at; darker = more "
+                 "(each row sums to 1), grey = the masked future", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return (f"one heatmap per layer (rows) and head (columns) over the prompt's {T} tokens. Look for heads "
+            f"that attend to the token just before (a dark line below the diagonal), heads that stay on the "
+            f"token itself, and heads that reach back to the start of a word or line")
+
+
+def attention_colours():
+    import matplotlib
+    return matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")  # grey: the masked future
+
+
+# ----------------------------------------------------------------------------- surprise
+
+def val_passage(cfg, tokenizer, checkpoint):
+    """The token ids (n,) of the passage at the start of the val split: the split
+    train.py --eval_only scores (the checkpoint's own data, clean and data_ext, unless --data),
+    cut after the token that reaches passage_chars characters."""
+    saved = checkpoint.get("train_config", {})
+    data = cfg.data or saved.get("data", TrainConfig.data)
+    corpus = tokenize(data, tokenizer=tokenizer, clean=saved.get("clean", False),
+                      extensions=saved.get("data_ext", ".txt"))
+    check_long_enough(corpus.val, 1, "validation", data)
+    ids = np.asarray(corpus.val[:4 * cfg.passage_chars + 1], dtype=np.int64).tolist()  # a byte token may be 1/4 char
+    pieces, chars = Pieces(tokenizer), 0
+    for n, token in enumerate(ids, 1):
+        if piece := pieces.add(token, 1.0):
+            chars += len(piece[0])
+        if chars >= cfg.passage_chars:
+            ids = ids[:max(n, 2)]  # at least one token to predict
+            break
+    return torch.tensor(ids)
+
+
+@torch.no_grad()
+def token_losses(model, ids):
+    """The loss (nats) on every token of ids (n,) but the first, each predicted from the tokens
+    before it in its window: consecutive windows of block_size, the windows train.evaluate_full
+    scores the val split in, so their mean is --eval_only's loss. Returns (n - 1,)."""
+    T, device = model.config.block_size, model.wte.weight.device
+    losses = []
+    for start in range(0, len(ids) - 1, T):
+        window = ids[start:start + T + 1].to(device)  # (t + 1,): t inputs, each with its next token
+        logits, _ = model(window[None, :-1])  # (1, t, V)
+        losses.append(lm_loss(logits, window[None, 1:], reduction="none").cpu())  # (t,)
+    return torch.cat(losses)
+
+
+def char_surprise(tokenizer, ids, losses):
+    """[(character, bits)] of the passage: each token's loss in bits, shared evenly by the
+    characters it (or, for a character split over byte tokens, they) decode to; the first
+    token, predicted from nothing here, gets NaN."""
+    out, pieces, bits = [], Pieces(tokenizer), 0.0
+    for i, token in enumerate(ids.tolist()):
+        bits += losses[i - 1].item() / math.log(2) if i else math.nan
+        if piece := pieces.add(token, 1.0):
+            out += [(ch, bits / len(piece[0])) for ch in piece[0]]
+            bits = 0.0
+    return out
+
+
+def draw_surprise(model, tokenizer, ids, path, width=72):
+    """The passage in a grid of width characters (a line end starts a new row), each cell
+    coloured by its bits; returns (bits per character, as --eval_only computes it, the look-for line)."""
+    losses = token_losses(model, ids)
+    chars = char_surprise(tokenizer, ids, losses)
+    rows = [[]]
+    for ch, bits in chars:
+        rows[-1].append(("\u21b5" if ch == "\n" else ch, bits))
+        if ch == "\n" or len(rows[-1]) == width:
+            rows.append([])
+    grid = np.full((len(rows), width), np.nan)
+    fig, axes = new_figure(9.0, 0.2 * len(rows) + 1.0)
+    ax = axes[0][0]
+    for r, row in enumerate(rows):
+        for c, (ch, bits) in enumerate(row):
+            grid[r, c] = bits
+            ax.text(c, r, ch, ha="center", va="center", fontsize=7, family="monospace")
+    image = ax.imshow(grid, cmap="YlOrRd", vmin=0.0, vmax=8.0, aspect="auto", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="bits")
+    ax.set_axis_off()
+    chars_per_token = len(tokenizer.decode(ids.tolist())) / len(ids)
+    bpc = losses.mean().item() / chars_per_token / math.log(2)
+    ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return bpc, (f"{len(chars)} characters of the val split coloured by the model's loss on each, pale = "
+                 f"expected, dark red = surprising; {bpc:.4f} bits per character over {len(ids)} tokens. Look "
+                 f"for the first letters of words and names (surprising) against the ends of words (predictable)")
+
+
+# ----------------------------------------------------------------------------- temperature and embeddings
+
+@torch.no_grad()
+def draw_temperature(model, tokenizer, ids, cfg, path, shown=12):
+    logits, _ = model(torch.tensor([ids], device=model.wte.weight.device))  # (1, T, V)
+    by_t = {t: next_token_probs(logits[:, -1], t)[0].cpu() for t in cfg.temperature_list()}  # each (V,)
+    order = next_token_probs(logits[:, -1], 1.0)[0].cpu().argsort(descending=True)[:shown].tolist()
+    fig, ax = new_plot(height=4)
+    width = 0.8 / len(by_t)
+    for k, (t, probs) in enumerate(by_t.items()):
+        heights = probs[order].tolist() + [1.0 - probs[order].sum().item()]  # the shown tokens, then the rest
+        ax.bar(np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width, heights, width,
+               label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits")
+    ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
+    end = tokenizer.decode(ids)[-24:]
+    ax.set(ylabel="probability", title=f"the next token after {end!r} at each temperature")
+    save_plot(fig, ax, path)
+    return (f"the next-token distribution after the prompt at temperatures {cfg.temperatures}. Look at how a "
+            f"low temperature piles the probability onto the favourite (low entropy) and a high one spreads it "
+            f"over the rest (high entropy)")
+
+
+@torch.no_grad()
+def draw_embeddings(model, tokenizer, path):
+    """Each token's embedding row, centred, projected onto its two main directions (PCA by SVD)."""
+    weights = model.wte.weight.float().cpu()[:tokenizer.vocab_size]  # (V, C)
+    centred = weights - weights.mean(dim=0)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
+    xy = (centred @ v[:2].T).numpy()  # (V, 2)
+    share = (s[:2] ** 2).sum().item() / (s ** 2).sum().item()
+    fig, ax = new_plot(height=5)
+    ax.scatter(xy[:, 0], xy[:, 1], s=4, color="lightgray")
+    for token, (x, y) in enumerate(xy):
+        label = short_label(tokenizer, token) if token != tokenizer.eot_id else "EOT"
+        ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=letter_colour(label))
+    ax.set(xlabel="first principal direction", ylabel="second principal direction",
+           title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
+    save_plot(fig, ax, path)
+    return (f"every character's embedding projected onto its two main directions ({share:.0%} of the variance). "
+            f"Look for the vowels near one another, capitals apart from lower case, and punctuation in its own corner")
+
+
+def letter_colour(label):
+    """Colour by kind of character, so clusters of a kind stand out."""
+    if label in "aeiouAEIOU":
+        return "C3"
+    if label.isupper():
+        return "C0"
+    if label.isalpha():
+        return "C2"
+    return "black"
+
+
+# ----------------------------------------------------------------------------- command line
+
+def build_parser():
+    parser = ArgumentParser(description="Draw what a trained tinyllm checkpoint has learned: attention, "
+                                        "surprise, temperature and embeddings, as PNGs.")
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", metavar="CHECKPOINT.pt",
+                        help="the checkpoint to look inside (default: %(default)s)")
+    add_config_flags(parser, PictureConfig, {"device": ("auto", f"{choose_device('auto').type} here")},
+                     title="pictures")
+    return parser
+
+
+def check_request(cfg, model, tokenizer, ids, names, only_given):
+    """Refuse, before drawing anything, what cannot be drawn; returns the pictures to draw."""
+    c = model.config
+    if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
+        raise TinyLLMError(f"--prompt is {len(ids)} tokens but the model sees at most {c.block_size} (its block_size)")
+    if "attention" in names and cfg.layer >= c.n_layer:
+        raise TinyLLMError(f"--layer {cfg.layer}: the model has {c.n_layer} layers (0 to {c.n_layer - 1})")
+    if "attention" in names and cfg.head >= c.n_head:
+        raise TinyLLMError(f"--head {cfg.head}: the model has {c.n_head} heads per layer (0 to {c.n_head - 1})")
+    if "embeddings" in names and not isinstance(tokenizer, CharTokenizer):
+        kind = type(tokenizer).__name__.removesuffix("Tokenizer").lower()
+        why = f"the embeddings picture labels each point with its character, so it needs a char model (this is {kind})"
+        if only_given:
+            raise TinyLLMError(why)
+        log(f"skipped embeddings.png: {why}")
+        names = [n for n in names if n != "embeddings"]
+    return names
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    given = explicit_flags(args)
+    cfg = make_config(PictureConfig, given)
+    device = choose_device(cfg.device)
+    set_threads(cfg.threads)
+    model, tokenizer, checkpoint = load_model(args.checkpoint)
+    model.to(device)
+    ids = encode_prompt(tokenizer, cfg.prompt)
+    names = check_request(cfg, model, tokenizer, ids, cfg.pictures(), "only" in given)
+    paths = {name: os.path.join(cfg.out_dir, f"{name}.png") for name in names}
+    for path in paths.values():
+        check_writable(path, "--out_dir", make_folder=True)
+    passage = val_passage(cfg, tokenizer, checkpoint) if "surprise" in names else None
+    for name, path in paths.items():
+        with warnings.catch_warnings():  # a character the font lacks is drawn as a box; no need to say so
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            if name == "attention":
+                said = draw_attention(model, tokenizer, ids, cfg, path)
+            elif name == "surprise":
+                said = draw_surprise(model, tokenizer, passage, path)[1]
+            elif name == "temperature":
+                said = draw_temperature(model, tokenizer, ids, cfg, path)
+            else:
+                said = draw_embeddings(model, tokenizer, path)
+        log(f"wrote {path}: {said}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

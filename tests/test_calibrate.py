@@ -1,0 +1,164 @@
+"""Decisions measured on the user's machine (calibrate.py): --dtype auto on a CPU with native
+bfloat16, and --time_budget. The decisions are tested with mocked timings; a tiny budgeted run
+with real timings checks that the plan is kept: it ends in time, resumes without re-planning,
+and the printed flags repeat it step for step."""
+
+import os
+import shlex
+import signal
+import time
+
+import pytest
+import torch
+
+import calibrate
+import precision
+import train
+from checkpoint import load_checkpoint
+from config import RunOptions, TinyLLMError
+from conftest import TINY_SHAPE, assert_one_line_error, cli, tiny_model_config, tiny_train_config
+
+QUICK = ["--eval_iters", "2", "--plots", "false", "--eval_interval", "40", "--warmup_steps", "10"]
+
+
+def fake_step_times(monkeypatch, float32, bfloat16, native=True):
+    """Pretend the CPU has native bfloat16 and that a step took these seconds in each precision."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    measured = []
+
+    def timed(run, train_step, dtypes):
+        measured.append(list(dtypes))
+        return {"float32": float32, "bfloat16": bfloat16}
+
+    monkeypatch.setattr(calibrate, "time_steps", timed)
+    return measured
+
+
+@pytest.mark.parametrize("float32, bfloat16, chosen, words", [
+    (0.30, 0.20, "bfloat16", "bfloat16: 1.50x float32 here"),
+    (0.30, 0.26, "float32", "float32: bfloat16 was 1.15x here"),    # faster, but not by the margin
+    (0.30, 0.37, "float32", "float32: bfloat16 was 0.81x here"),    # AVX512-BF16 without AMX, measured
+])
+def test_mocked_cpu_timings_decide_auto_precision(shakespeare_head, tmp_path, monkeypatch, capsys,
+                                                  float32, bfloat16, chosen, words):
+    measured = fake_step_times(monkeypatch, float32, bfloat16)
+    cfg = tiny_train_config(shakespeare_head, tmp_path, dtype="auto", max_steps=2, eval_interval=2)
+    run = train.setup_run(tiny_model_config(), cfg)
+    assert measured == [["float32", "bfloat16"]] and run.dtype == chosen
+    assert words in capsys.readouterr().out
+    assert run.state.plan["dtype"] == chosen  # saved with every checkpoint, so a resume keeps it
+
+
+def test_without_native_bfloat16_or_with_a_given_dtype_nothing_is_measured(shakespeare_head, tmp_path, monkeypatch):
+    measured = fake_step_times(monkeypatch, 0.3, 0.1, native=False)
+    run = train.setup_run(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "a", dtype="auto"))
+    assert run.dtype == "float32"
+    fake_step_times(monkeypatch, 0.3, 0.1, native=True)
+    run = train.setup_run(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "b", dtype="float32"))
+    assert run.dtype == "float32" and measured == [] and run.state.plan is None
+
+
+def test_the_trial_steps_leave_weights_optimizer_and_random_numbers_as_they_were(shakespeare_head, tmp_path):
+    run = train.setup_run(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, dtype="float32"))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = calibrate.time_steps(run, train.train_step, ["float32"])
+    assert seconds["float32"] > 0
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state()) and not run.optimizer.state
+    assert all(p.grad is None for p in run.model.parameters())
+
+
+def plan_with(monkeypatch, step, evaluation, sample, spent=0.0):
+    """plan_budget for a 100 s budget with these timings (seconds), spent seconds after the start."""
+    monkeypatch.setattr(calibrate, "time_evaluation", lambda run: evaluation)
+    monkeypatch.setattr(calibrate, "time_sample", lambda run: sample)
+
+    class FakeRun:
+        started = time.perf_counter() - spent
+        train_cfg = tiny_train_config("x.txt", "out", time_budget="100s", eval_interval=100, warmup_steps=50)
+    return calibrate.plan_budget(FakeRun(), 100.0, step)
+
+
+def test_mocked_timings_plan_the_most_steps_that_fit(monkeypatch):
+    def seconds(n, spent):  # the run as planned: set-up, n steps, an evaluation every 100 and at the end, sample
+        return spent + n * 0.107 + (n // 100 + 1 + (n % 100 > 0)) * 1.0 + 2.0
+    plan = plan_with(monkeypatch, step=0.107, evaluation=1.0, sample=2.0, spent=10.0)
+    steps, usable = plan["max_steps"], 100 * (1 - calibrate.SAFETY)
+    assert seconds(steps, 10.0) <= usable < seconds(steps + 1, 10.0) and 650 < steps < 800
+    assert plan["expected_seconds"] == pytest.approx(seconds(steps, 10.0), abs=0.01)
+    assert plan["warmup_steps"] == 50
+    assert plan_with(monkeypatch, step=1.0, evaluation=1.0, sample=0.0)["warmup_steps"] == 9  # a tenth of 94 steps
+    with pytest.raises(TinyLLMError, match="too short"):
+        plan_with(monkeypatch, step=0.1, evaluation=60.0, sample=2.0)  # not even two evaluations fit
+
+
+@pytest.mark.parametrize("value", ["0", "-5m", "abc", "5x", "0s"])
+def test_nonsense_budgets_are_one_line_errors(value, tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, f"--time_budget={value}", "--out_dir", tmp_path / "run")
+    assert_one_line_error(code, err, "time_budget", value)
+    assert code == 2
+
+
+def test_a_budget_with_max_steps_is_refused_and_max_steps_alone_turns_the_presets_budget_off(tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, "--time_budget", "5m", "--max_steps", "10", "--out_dir", tmp_path)
+    assert_one_line_error(code, err, "--time_budget or --max_steps")
+    from config import build_configs
+    assert build_configs({}, "tiny")[1].time_budget == "5m"            # the default run on a CPU
+    assert build_configs({"max_steps": 10}, "tiny")[1].time_budget == ""
+
+
+def test_a_budget_too_short_for_one_evaluation_is_one_line(shakespeare_head, tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, *TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--time_budget", "0.2s",
+                       "--out_dir", tmp_path)
+    assert_one_line_error(code, err, "too short")
+
+
+def repeat_flags(out):
+    """The flags the run printed to repeat it step for step."""
+    line = next(l for l in out.splitlines() if "step for step" in l)
+    return shlex.split(line.split("python train.py ", 1)[1])
+
+
+def test_a_budgeted_run_ends_in_time_resumes_its_plan_and_repeats_with_the_printed_flags(
+        shakespeare_head, tmp_path, capsys, monkeypatch):
+    flags = [*TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--sample_tokens", "20"]
+    t0 = time.perf_counter()
+    code, out, err = cli(capsys, train.main, *flags, "--time_budget", "8s", "--out_dir", tmp_path / "budget")
+    took = time.perf_counter() - t0
+    assert code == 0, err
+    last = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
+    plan = last["plan"]
+    assert last["step"] == plan["max_steps"] == last["train_config"]["max_steps"] > 40
+    assert took < 8 + 3  # a functional check of the plan, not a speed test: the margin is generous
+    assert last["lr"] == pytest.approx(last["train_config"]["min_lr"], rel=0.05)  # the cosine ran to its end
+
+    # the printed flags repeat it step for step, without measuring anything
+    monkeypatch.setattr(calibrate, "time_steps", lambda *a: pytest.fail("measured again"))
+    repeat = [f if f != str(tmp_path / "budget") else str(tmp_path / "repeat") for f in repeat_flags(out)]
+    code, out2, err = cli(capsys, train.main, *repeat)
+    assert code == 0, err
+    again = load_checkpoint(str(tmp_path / "repeat" / "last.pt"))
+    assert all(torch.equal(last["model"][k], again["model"][k]) for k in last["model"])
+    assert out.split("sample:")[1] == out2.split("sample:")[1]
+
+    # interrupted, then resumed: the plan is kept, nothing is measured again
+    calls = {"n": 0}
+    real = train.train_step
+
+    def step_then_stop(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", step_then_stop)
+        code, _, err = cli(capsys, train.main, *flags, "--time_budget", "8s", "--out_dir", tmp_path / "cut")
+    assert code == 143, err
+    planned = load_checkpoint(str(tmp_path / "cut" / "last.pt"))["plan"]
+    monkeypatch.setattr(calibrate, "time_steps", lambda *a: pytest.fail("measured again"))
+    code, out, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "cut")
+    assert code == 0 and "resuming" in out and "continuing the planned" in out, err
+    resumed = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert resumed["plan"] == planned and resumed["step"] == planned["max_steps"]

@@ -1,0 +1,223 @@
+"""pictures.py: the attention it draws is softmax(q k^T / sqrt(d) + causal mask) recomputed here
+from the weights alone, catching it changes nothing and training never pays for it; the
+surprise picture's bits per character are --eval_only's; the PNGs open at their sizes; bad
+input is one error line; a BPE model works too."""
+
+import math
+import re
+
+import matplotlib.image
+import pytest
+import torch
+
+import model as model_module
+import pictures
+import train
+from checkpoint import load_model
+from conftest import ROOT, assert_one_line_error, cli, tiny_model_config, tiny_train_config
+from model import GPT, CausalSelfAttention
+
+COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
+                for p in ("learned", "sinusoidal", "rope")]
+
+
+# ----------------------------------------------------------------------------- a GPT written out by hand
+
+def norm(x, sd, name, kind):
+    if kind == "rmsnorm":
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * sd[f"{name}.weight"]
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+
+def linear(x, sd, name):
+    return x @ sd[f"{name}.weight"].T + sd.get(f"{name}.bias", 0)
+
+
+def rotate(x, base=10000.0):
+    """RoPE as complex numbers: pair i of position t turns by t * base^(-2i/hs). x: (nh, T, hs)."""
+    T, hs = x.shape[1], x.shape[2]
+    angles = torch.arange(T)[:, None] * base ** (-torch.arange(0, hs, 2) / hs)  # (T, hs/2)
+    turned = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous()) * torch.polar(
+        torch.ones_like(angles), angles)
+    return torch.view_as_real(turned).flatten(-2)
+
+
+def reference_forward(gpt, idx):
+    """(logits (T, V), [attention (nh, T, T) per layer]) for one sequence idx (T,), from the
+    state dict alone: none of model.py's code runs."""
+    c, sd = gpt.config, {k: v.double() for k, v in gpt.state_dict().items()}
+    T, nh, hs = len(idx), c.n_head, c.n_embd // c.n_head
+    x = sd["wte.weight"][idx]  # (T, C)
+    if c.pos == "learned":
+        x = x + sd["wpe.weight"][:T]
+    elif c.pos == "sinusoidal":
+        pos = torch.arange(T, dtype=torch.float64)[:, None]
+        freq = 10000.0 ** (-torch.arange(0, c.n_embd, 2, dtype=torch.float64) / c.n_embd)
+        x = x + torch.stack((torch.sin(pos * freq), torch.cos(pos * freq)), dim=-1).flatten(-2)  # sin, cos interleaved
+    maps = []
+    for i in range(c.n_layer):
+        h = norm(x, sd, f"blocks.{i}.ln_1", c.norm)
+        q, k, v = (linear(h, sd, f"blocks.{i}.attn.c_attn").view(T, 3, nh, hs)[:, j].transpose(0, 1) for j in range(3))
+        if c.pos == "rope":
+            q, k = rotate(q), rotate(k)
+        scores = q @ k.transpose(1, 2) / math.sqrt(hs) + torch.full((T, T), -math.inf).triu(1)  # (nh, T, T)
+        maps.append(torch.softmax(scores, dim=-1))
+        y = (maps[-1] @ v).transpose(0, 1).reshape(T, c.n_embd)
+        x = x + linear(y, sd, f"blocks.{i}.attn.c_proj")
+        h = linear(norm(x, sd, f"blocks.{i}.ln_2", c.norm), sd, f"blocks.{i}.mlp.c_fc")
+        if c.mlp == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = gate * torch.sigmoid(gate) * value
+        else:
+            h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+        x = x + linear(h, sd, f"blocks.{i}.mlp.c_proj")
+    return norm(x, sd, "ln_f", c.norm) @ sd["wte.weight"].T, maps
+
+
+@pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
+def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_d_with_the_future_masked(switches):
+    torch.manual_seed(0)
+    gpt = GPT(tiny_model_config(block_size=12, n_head=4, **switches)).eval()
+    with torch.no_grad():  # norms and biases away from their start (1 and 0), so each of them counts
+        for p in gpt.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    idx = torch.randint(0, 65, (12,))
+    logits, maps = pictures.attention_maps(gpt, idx[None])
+    ref_logits, ref_maps = reference_forward(gpt, idx)
+    assert torch.allclose(logits[0].double(), ref_logits, atol=1e-4)  # the hand-written GPT is this GPT
+    assert len(maps) == len(ref_maps) == 2
+    for drawn, ref in zip(maps, ref_maps):
+        assert drawn.shape == (4, 12, 12)
+        assert torch.allclose(drawn.double(), ref, atol=1e-5)
+        assert torch.allclose(drawn.sum(-1), torch.ones(4, 12), atol=1e-6)  # every row is a distribution
+        assert (drawn.triu(1) == 0).all()  # the future gets exactly nothing
+
+
+def test_catching_attention_changes_nothing_and_training_keeps_the_fused_kernel(monkeypatch):
+    torch.manual_seed(0)
+    gpt = GPT(tiny_model_config(pos="rope", mlp="swiglu")).eval()
+    idx = torch.randint(0, 65, (1, 16))
+    with torch.no_grad():
+        plain, _ = gpt(idx)
+    caught, maps = pictures.attention_maps(gpt, idx)
+    assert torch.equal(caught, plain) and len(maps) == 2
+    assert not any(block.attn._forward_hooks for block in gpt.blocks)  # the hooks are gone afterwards
+    with torch.no_grad():
+        assert torch.equal(gpt(idx)[0], plain)
+
+    fused = []
+    real_attend = model_module.attend
+    monkeypatch.setattr(model_module, "attend", lambda *a, **k: fused.append(1) or real_attend(*a, **k))
+    monkeypatch.setattr(CausalSelfAttention, "attention_weights",
+                        lambda *a, **k: pytest.fail("training built the attention matrix"))
+    gpt.train()
+    _, loss = gpt(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert len(fused) == 2  # one fused attention per layer
+
+
+# ----------------------------------------------------------------------------- the script
+
+def png_size(path):
+    """(width, height) from the PNG header, and the image must decode."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(str(path)).ndim == 3
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_every_picture_opens_at_its_size_and_says_what_to_look_for(trained, tmp_path, capsys):
+    code, out, err = cli(capsys, pictures.main, trained[0] / "best.pt", "--out_dir", tmp_path / "docs",
+                         "--prompt", "ROMEO: I will", "--passage_chars", 200)
+    assert code in (0, None), err
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"wrote {tmp_path / 'docs' / n}.png" for n in
+                                                      ("attention", "surprise", "temperature", "embeddings")]
+    assert all("Look" in line for line in lines)
+    assert "200 characters of the val split" in lines[1] and "over 200 tokens" in lines[1]  # --passage_chars
+    # the model: 2 layers x 2 heads, so 2.2-inch heatmaps at 90 dpi; plots.new_plot's 7 inches wide
+    assert png_size(tmp_path / "docs" / "attention.png") == (450, 468)
+    assert png_size(tmp_path / "docs" / "surprise.png")[0] == 810
+    assert png_size(tmp_path / "docs" / "temperature.png") == (630, 360)
+    assert png_size(tmp_path / "docs" / "embeddings.png") == (630, 450)
+    code, out, err = cli(capsys, pictures.main, trained[0] / "best.pt", "--out_dir", tmp_path / "one",
+                         "--prompt", "ROMEO: I will", "--only", "attention", "--layer", 1, "--head", 0)
+    assert code in (0, None), err
+    assert png_size(tmp_path / "one" / "attention.png") == (594, 612)  # one 6-inch heatmap
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["attention.png"]
+
+
+def test_surprise_scores_the_val_split_as_eval_only_does(trained, tmp_path, capsys):
+    path, data = trained[0] / "best.pt", tmp_path / "short.txt"
+    data.write_text(trained[1].read_text()[:3000])  # the model's own characters; a val split of 300
+    code, out, err = cli(capsys, pictures.main, path, "--out_dir", tmp_path, "--only", "surprise",
+                         "--data", data, "--passage_chars", 5000)  # more than the whole val split: all of it
+    assert code in (0, None), err
+    drawn = float(re.search(r"([\d.]+) bits per character over 300 tokens", out).group(1))
+    expected = train.evaluate_checkpoint(str(path), str(data), "cpu", 8)
+    assert drawn == pytest.approx(expected["bpc"], abs=1e-4)
+    printed = float(re.search(r"([\d.]+) bits per character", capsys.readouterr().out).group(1))
+    assert f"{drawn:.4f}" == f"{printed:.4f}"
+
+    gpt, tok, _ = load_model(str(path))  # and the losses behind it, position by position, to float precision
+    val = torch.tensor(tok.encode(data.read_text()[2700:]))
+    losses = pictures.token_losses(gpt, val)
+    assert losses.shape == (len(val) - 1,)
+    assert losses.mean().item() == pytest.approx(expected["loss"], rel=1e-5)
+    chars = pictures.char_surprise(tok, val, losses)
+    assert math.isnan(chars[0][1]) and chars[5][1] == pytest.approx(losses[4].item() / math.log(2))
+
+
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bpe")
+    with open(f"{ROOT}/data/input.txt", encoding="utf-8") as f:
+        text = f.read(4_000).replace("o", "ö")  # a character BPE merges into one token
+    text = text[:3_600] + text[3_600:].replace("w", "ŵ")  # and, in the val split only, one it splits in two
+    (folder / "data.txt").write_text(text, encoding="utf-8")
+    torch.manual_seed(0)
+    train.train(tiny_model_config(vocab_size=300), tiny_train_config(str(folder / "data.txt"), folder / "run",
+                tokenizer="bpe", dtype="float32", max_steps=10, eval_interval=10, plots=False))
+    return folder / "run" / "best.pt"
+
+
+def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(bpe_run, tmp_path, capsys):
+    code, out, err = cli(capsys, pictures.main, bpe_run, "--out_dir", tmp_path, "--prompt", "Römeö",
+                         "--passage_chars", 5000)
+    assert code in (0, None), err
+    assert "skipped embeddings.png" in out and "char model" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.png", "surprise.png", "temperature.png"]
+    drawn = float(re.search(r"([\d.]+) bits per character over", out).group(1))
+    assert drawn == pytest.approx(train.evaluate_checkpoint(str(bpe_run), None, "cpu", 8)["bpc"], abs=1e-4)
+
+
+def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_run, tmp_path, capsys):
+    good = trained[0] / "best.pt"
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    (tmp_path / "a_file").write_text("not a folder")
+    cases = [
+        ([good, "--prompt", "e" * 17], "block_size"),
+        ([good, "--prompt", "ROMEO", "--layer", 2], "--layer 2"),
+        ([good, "--prompt", "ROMEO", "--head", 5], "--head 5"),
+        ([good, "--prompt", "ROMEO", "--layer", -3], "--layer"),
+        ([foreign], "not a tinyllm checkpoint"),
+        ([tmp_path / "missing.pt"], "not found"),
+        ([good, "--prompt", "ROMEO", "--out_dir", tmp_path / "a_file"], "--out_dir"),
+        ([bpe_run, "--only", "embeddings"], "char model"),
+        ([good, "--only", "attention,colour"], "--only"),
+        ([good, "--temperatures", "0.5,hot"], "--temperatures"),
+        ([good, "--passage_chars", 0], "--passage_chars"),
+        ([good, "--only", "surprise", "--data", tmp_path / "none.txt"], "not found"),
+    ]
+    for argv, words in cases:
+        code, out, err = cli(capsys, pictures.main, *argv, *([] if "--out_dir" in argv else ["--out_dir", tmp_path / "o"]))
+        assert_one_line_error(code, err, words)
+        assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_the_readme_lists_the_pictures_flags():
+    import config
+    with open(f"{ROOT}/README.md", encoding="utf-8") as f:
+        assert config.markdown_flags((config.PictureConfig,)) in f.read()
