@@ -33,8 +33,8 @@ from precision import autocast, make_scaler, measured_on
 # steps win back in a five-minute run.
 BF16_MARGIN = 1.25
 UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allocations and kernel choices
-TIMED_STEPS = 8          # per candidate precision, after those
-SAFETY = 0.03            # the plan leaves this share of the budget unused, against a machine that drifts
+TIMED_STEPS = 12         # per candidate precision, after those; steps vary by 10-15% one to the next
+SAFETY = 0.05            # the plan leaves this share of the budget unused: shared machines drift by 10-25%
 
 
 def calibrate(run, train_step):
@@ -61,6 +61,7 @@ def calibrate(run, train_step):
         set_precision(run, plan["dtype"], plan["dtype_note"])
     if budget:
         cfg.max_steps, cfg.warmup_steps = plan["max_steps"], plan["warmup_steps"]
+        run.budget_seconds = budget
     run.state.plan = plan
 
 
@@ -103,8 +104,9 @@ def trial(run):
 
 
 def time_steps(run, train_step, dtypes):
-    """Median seconds of one optimizer step in each dtype, the dtypes interleaved step by step
-    so that a machine that drifts affects them alike."""
+    """Mean seconds of one optimizer step in each dtype (a run's length is a sum of steps, and
+    step times are skewed: the mean, not the median), the dtypes interleaved step by step so
+    that a machine that drifts affects them alike."""
     cfg = run.train_cfg
     times = {dtype: [] for dtype in dtypes}
     with trial(run):
@@ -118,7 +120,7 @@ def time_steps(run, train_step, dtypes):
                 loss.item()  # wait for the device to finish the step
                 if i >= UNTIMED_STEPS:
                     times[dtype].append(time.perf_counter() - t0)
-    return {dtype: statistics.median(t) for dtype, t in times.items()}
+    return {dtype: statistics.mean(t) for dtype, t in times.items()}
 
 
 # ----------------------------------------------------------------------------- the time budget

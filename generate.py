@@ -11,7 +11,7 @@ The same seed on the same machine gives the same text. Every flag: python genera
 import cli
 
 if __name__ == "__main__":
-    cli.spin_briefly()  # before torch loads OpenMP (cli.py says why)
+    cli.spin_briefly()  # before torch loads: idle OpenMP threads soon sleep, so a busy neighbour slows us less
 
 import sys
 

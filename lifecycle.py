@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from calibrate import calibrate, describe_plan
-from checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint,
+                        tokenizer_of)
 from cli import format_seconds, log, warn
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 from device import (choose_device, configure_matmul, describe, flops_per_token, out_of_memory_as_error, peak_flops,
@@ -35,7 +36,6 @@ from plots import plot_history
 from precision import autocast, explain_dtype, make_scaler, resolve_dtype
 from safety import StopRequest, claim_out_dir, conflicting_flags, find_resume, prune_periodic, resume_configs
 from tokenizer import start_ids
-from utils import get_batch
 
 
 @dataclass
@@ -95,16 +95,17 @@ class Run:
     source: dict = None         # resumed (options.resume) or fine-tuned (options.init_from)
     source_name: str = ""
     dtype_note: str = None      # what --dtype auto measured, when it measured (calibrate.py)
+    budget_seconds: float = None  # the time budget this session planned for, in seconds (calibrate.py)
     # built by train.build
     tokenizer: object = None
     corpus: object = None       # utils.Corpus: the train and val token streams
     model: torch.nn.Module = None
     optimizer: torch.optim.Optimizer = None
-    # added by ready
-    train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
     next_batch: object = None   # () -> (x, y): a training batch of this process
     val_batch: object = None
     micro_batch: int = 0        # sequences per forward pass of this process
+    # added by ready
+    train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
     eval_iters: int = 0         # batches per split this process evaluates: eval_iters shared over the processes
     log_interval: int = 0
     peak: float = None          # the chip's peak FLOP/s, for MFU (on GPUs we know)
@@ -176,6 +177,24 @@ def resumed_preset(checkpoint, options, preset, out_dir):
     return saved
 
 
+def starting_point(run):
+    """(model, tokenizer) of the checkpoint a resumed or fine-tuned run starts from (on the
+    CPU; train.build moves the model), or (None, None) for a fresh run."""
+    if not run.source:
+        return None, None
+    model = model_from_checkpoint(run.source, run.source_name)
+    return model, tokenizer_of(run.source, model.config.vocab_size, run.source_name)
+
+
+def add_characters(run, model, tokenizer):
+    """Fine-tuning on text with characters the checkpoint's tokenizer lacks: grow the model's
+    vocabulary by them (checkpoint.grow_vocabulary) and say so."""
+    corpus = run.corpus
+    grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
+    run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_name} "
+            f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
+
+
 def load_source(path, given):
     """The checkpoint a fine-tuning run starts from: one of ours (.pt), or OpenAI's GPT-2
     weights by name (gpt2, gpt2-medium, ...) or from a Hugging Face folder. The model keeps
@@ -209,7 +228,8 @@ def ready(run, train_step):
     if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
         seed_everything(rank_seed(cfg.seed, run.rank, run.state.step))
     run.train_model = wrap(torch.compile(run.model) if cfg.compile else run.model, run.world, run.device)
-    make_batches(run)
+    if run.options.overfit_batch:
+        fix_batch_for_overfitting(run)
     run.eval_iters = math.ceil(cfg.eval_iters / run.world)
     run.log_interval = 1 if run.options.overfit_batch else cfg.log_interval
     calibrate(run, train_step)
@@ -243,16 +263,11 @@ def restore(run, checkpoint):
     set_rng_state(checkpoint["rng"])
 
 
-def make_batches(run):
-    """This process's batch functions: its share of the batch, in micro-batches."""
-    run.micro_batch = run.train_cfg.batch_size // run.world // run.train_cfg.grad_accum_steps
-    block_size, device = run.model_cfg.block_size, run.device
-    run.val_batch = lambda: get_batch(run.corpus.val, run.micro_batch, block_size, device)
-    run.next_batch = lambda: get_batch(run.corpus.train, run.micro_batch, block_size, device)
-    if run.options.overfit_batch:
-        fixed = run.next_batch()
-        run.next_batch = lambda: fixed
-        run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
+def fix_batch_for_overfitting(run):
+    """--overfit_batch: every step trains on one batch, drawn once (after the seeds are set)."""
+    fixed = run.next_batch()
+    run.next_batch = lambda: fixed
+    run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
 
 
 def print_header(run):
@@ -459,6 +474,9 @@ def finish(run):
     if run.train_cfg.sample_tokens and run.master:
         with out_of_memory_as_error(run.oom_hint):
             run.say("sample:\n" + closing_sample(run))
+    if run.budget_seconds:
+        run.say(f"time budget {run.train_cfg.time_budget}: {format_seconds(time.perf_counter() - run.started)} used "
+                f"(planned {format_seconds(run.state.plan['expected_seconds'])})")
     teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
             "seconds": elapsed(run), "overfit_step": run.overfit_step, "model": run.model}

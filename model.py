@@ -119,7 +119,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         if rope is None:
-            return qkv.transpose(1, 3).unbind(dim=2)  # each (B, nh, T, hs)
+            return qkv.transpose(1, 3).unbind(dim=2)  # (B, nh, 3, T, hs), then each (B, nh, T, hs)
         q, k = apply_rope(qkv[:, :, :2], *rope).transpose(1, 3).unbind(dim=2)  # rotate q and k together
         return q, k, qkv[:, :, 2].transpose(1, 2)  # v stays as it is
 
@@ -143,7 +143,7 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         if self.swiglu:
             # three matrices instead of two: 8/3 * n_embd wide keeps the parameter count of the 4x GELU MLP
-            hidden = 8 * round(8 * config.n_embd / 3 / 8)
+            hidden = 8 * round(8 * config.n_embd / 3 / 8)  # a multiple of 8, which matmul kernels like
             self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
         else:
             hidden = 4 * config.n_embd
@@ -195,11 +195,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        # position information: a learned table, or fixed tables derived from the config (buffers
+        # that are not saved in checkpoints)
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
-        else:  # derived from the config, so not saved in checkpoints
+        else:
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)

@@ -8,7 +8,7 @@ import json
 import math
 import os
 
-from cli import ArgumentParser, log, run_cli
+from cli import ArgumentParser, log, run_cli, warn
 from config import TinyLLMError
 from optim import get_lr
 
@@ -77,6 +77,16 @@ def plot_lr_schedule(train_cfg, path, upto=None, decay_from=None):
     ax.set(xlabel="step", ylabel="learning rate",
            title=f"warmup {train_cfg.warmup_steps} steps, cosine {train_cfg.lr:g} -> {train_cfg.min_lr:g}")
     save_plot(fig, ax, path)
+
+
+def draw_lr_schedule(train_cfg):
+    """--plot_lr: the schedule of these settings in OUT_DIR/lr_schedule.png."""
+    if train_cfg.time_budget:
+        warn(f"--time_budget {train_cfg.time_budget}: a run plans its steps when it starts; this draws the schedule "
+             f"of --max_steps {train_cfg.max_steps} (give --max_steps to choose)")
+    path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
+    plot_lr_schedule(train_cfg, path)
+    log(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------- comparing runs

@@ -18,11 +18,14 @@ from device import describe
 
 # ----------------------------------------------------------------------------- which precision
 
+# torch's own probes of the CPU (private: a test checks that this torch has them)
+BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX: the CPU multiplies bfloat16 matrices in hardware. Without them
     torch still runs bfloat16, by converting, which is slower than float32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return any(getattr(torch.cpu, name, lambda: False)() for name in BF16_PROBES)
 
 
 def has_native_bf16(device):

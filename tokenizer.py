@@ -1,5 +1,5 @@
-"""Tokenizers: text to token ids and back. Each one saves itself as plain data (to_dict), so
-a checkpoint carries its tokenizer and loads with weights_only=True.
+"""Tokenizers: text to token ids and back. Each one saves itself as plain data (to_dict), so a
+checkpoint carries its tokenizer (and checkpoints hold nothing that could run code on loading).
 
 Three kinds, all with the same interface (encode, decode, vocab_size, eot_id, unknown_chars,
 to_dict):
@@ -34,7 +34,7 @@ class CharTokenizer:
         if not self.special_tokens:
             return [self.stoi[ch] for ch in text]
         ids = []
-        for k, part in enumerate(regex.split(special_regex(self.special_tokens), text)):
+        for k, part in enumerate(regex.split(special_regex(self.special_tokens), text)):  # text, special, text, ...
             ids.extend([self.special_tokens[part]] if k % 2 else [self.stoi[ch] for ch in part])
         return ids
 
@@ -63,7 +63,8 @@ class CharTokenizer:
 # Byte-level tokenizers, encoded by tiktoken (a fast Rust encoder)
 
 class ByteLevelTokenizer:
-    """Byte-level: any text encodes, and a slice of ids can end mid-character."""
+    """Byte-level: any text encodes, and a slice of ids can end mid-character. Subclasses set
+    self.enc, a tiktoken.Encoding."""
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special="all")  # "<|endoftext|>" in text -> eot_id

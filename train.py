@@ -17,7 +17,7 @@ python train.py --help.
 import cli
 
 if __name__ == "__main__":
-    cli.spin_briefly()  # before torch loads OpenMP (cli.py says why)
+    cli.spin_briefly()  # before torch loads: idle OpenMP threads soon sleep, so a busy neighbour slows us less
 
 import dataclasses
 import math
@@ -26,15 +26,16 @@ import os
 import numpy as np
 import torch
 
-from checkpoint import grow_vocabulary, load_model, model_from_checkpoint, tokenizer_of
+from checkpoint import load_model
 from config import (PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config,
                     preset_defaults)
 from device import choose_device, out_of_memory_as_error, set_threads
 from distributed import sync_gradients
-from lifecycle import after_evaluation, after_step, finish, guarded, off_the_clock, ready, start_run
+from lifecycle import (add_characters, after_evaluation, after_step, finish, guarded, off_the_clock, ready,
+                       start_run, starting_point)
 from model import GPT, lm_loss
 from optim import get_lr, make_optimizer, set_lr
-from plots import plot_lr_schedule
+from plots import draw_lr_schedule
 from precision import autocast, measured_on, resolve_dtype, scale, step_if_finite, unscale
 from utils import check_long_enough, get_batch, tokenize
 
@@ -42,35 +43,37 @@ from utils import check_long_enough, get_batch, tokenize
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
 def build(run):
-    """The token streams, the GPT and its optimizer. A fresh run learns its tokenizer from the
-    text and starts from random weights; a resumed or fine-tuned run starts from the weights
-    and the tokenizer of its checkpoint (run.source)."""
-    cfg, source = run.train_cfg, run.source
-    model = model_from_checkpoint(source, run.source_name) if source else None
-    tokenizer = tokenizer_of(source, model.config.vocab_size, run.source_name) if source else None
-    # text -> token ids -> a contiguous train/val split (fine-tuning may add new characters)
+    """The token streams and their batches, the GPT and its optimizer. A fresh run learns its
+    tokenizer from the text and starts from random weights; a resumed or fine-tuned run starts
+    from its checkpoint's model and tokenizer."""
+    cfg = run.train_cfg
+    model, tokenizer = starting_point(run)  # (None, None) for a fresh run
+    # text -> token ids -> a contiguous 90/10 train/val split (fine-tuning may add characters)
     run.corpus = tokenize(cfg.data, cfg.tokenizer, run.model_cfg.vocab_size, tokenizer, cfg.clean, cfg.data_ext,
                           extend=bool(run.options.init_from))
-    model_cfg = model.config if model else run.model_cfg
-    check_long_enough(run.corpus.train, model_cfg.block_size, "train", cfg.data)
-    check_long_enough(run.corpus.val, model_cfg.block_size, "validation", cfg.data)
-    if model is None:  # a fresh model, with one embedding row per token of the tokenizer
+    block_size = (model.config if model else run.model_cfg).block_size
+    check_long_enough(run.corpus.train, block_size, "train", cfg.data)
+    check_long_enough(run.corpus.val, block_size, "validation", cfg.data)
+    if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
         model = GPT(dataclasses.replace(run.model_cfg, vocab_size=run.corpus.tokenizer.vocab_size))
-    elif run.corpus.added:  # the text has characters the checkpoint never saw: one new row each
-        grow_vocabulary(model, run.corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
-        run.say(f"added {len(run.corpus.added)} character(s) {''.join(run.corpus.added)[:60]!r} that "
-                f"{run.source_name} lacked to the vocabulary ({tokenizer.vocab_size} -> "
-                f"{run.corpus.tokenizer.vocab_size} tokens)")
+    elif run.corpus.added:  # characters the checkpoint never saw: a new embedding row each
+        add_characters(run, model, tokenizer)
     run.model_cfg, run.tokenizer = model.config, run.corpus.tokenizer
     run.model = model.to(run.device)
     run.optimizer = make_optimizer(run.model, cfg, run.device)  # AdamW: weight decay on matrices only
+    # batches: random windows of block_size tokens, y one token ahead of x; each process takes
+    # its share of batch_size, in grad_accum_steps micro-batches
+    run.micro_batch = cfg.batch_size // run.world // cfg.grad_accum_steps
+    run.next_batch = lambda: get_batch(run.corpus.train, run.micro_batch, block_size, run.device)
+    run.val_batch = lambda: get_batch(run.corpus.val, run.micro_batch, block_size, run.device)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
 
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
     """One optimizer step, in the order that is the lesson. Returns (loss, gradient norm
-    before clipping) as tensors, so nothing here waits for a GPU."""
+    before clipping) as tensors, so nothing here waits for a GPU. ctx is the forward pass's
+    autocast (a no-op in float32); scaler is float16's loss scaler, else None (precision.py)."""
     set_lr(optimizer, lr)                                    # 1. this step's learning rate
     optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
     loss_sum = 0.0
@@ -84,7 +87,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
         loss_sum = loss_sum + loss.detach()
     unscale(optimizer, scaler)                               # (float16: the true gradients again)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip
-    step_if_finite(optimizer, loss_sum, grad_norm, scaler)   # 8. optimizer step, skipped if anything is not finite
+    step_if_finite(optimizer, loss_sum, grad_norm, scaler)   # 8. optimizer.step(), unless something is not finite
     return loss_sum, grad_norm
 
 
@@ -109,6 +112,7 @@ def train_loop(run):
     """Evaluate now and then, take optimizer steps, report; stop at max_steps or when asked."""
     cfg, state = run.train_cfg, run.state
     batches = {"train": run.next_batch, "val": run.val_batch}
+    # run.train_model is run.model as the steps call it (compiled, or wrapped for DDP, when asked)
     with guarded(run) as stop:  # Ctrl-C or SIGTERM: the step finishes, last.pt is saved, the run leaves
         while True:
             # --- every eval_interval steps and at the end: evaluate, checkpoint, maybe stop early
@@ -219,9 +223,7 @@ def main(argv=None):
         path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
         evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
     elif options.plot_lr:
-        path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
-        plot_lr_schedule(train_cfg, path)
-        cli.log(f"wrote {path}")
+        draw_lr_schedule(train_cfg)
     else:
         train(model_cfg, train_cfg, options, preset, given)
 

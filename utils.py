@@ -71,7 +71,7 @@ def get_batch(data, batch_size, block_size, device, generator=None):
     if isinstance(data, np.ndarray):
         windows = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix.tolist()]).astype(np.int64))
     else:
-        windows = data.unfold(0, block_size + 1, 1)[ix]  # (B, T+1), one gather, no Python loop
+        windows = data.unfold(0, block_size + 1, 1)[ix]  # every window of T+1 tokens (a view), pick B: (B, T+1)
     x, y = windows[:, :-1], windows[:, 1:]
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny models and tiny data, so the whole suite runs in seconds on a CPU."""
+"""Shared fixtures and helpers: tiny models and tiny data, so the whole suite runs in well under
+two minutes on a 2-core CPU, offline, writing only into temporary folders."""
 
+import functools
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -34,15 +38,52 @@ def tests_leave_the_tree_as_they_found_it():
         raise AssertionError(f"the tests changed the checkout: {sorted(set(after) ^ set(before))}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_network():
+    """Tests never use the network: a connection from this process to anywhere but this machine
+    fails at once. (Subprocesses talk only to localhost: torchrun's rendezvous, the notebook's kernel.)"""
+    real_connect = socket.socket.connect
+
+    def local_only(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("localhost", "::1") \
+                and not str(address[0]).startswith("127."):
+            raise OSError(f"a test tried to reach {address[0]}: tests run offline")
+        return real_connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", local_only)
+        yield
+
+
+# ----------------------------------------------------------------------------- data
+
+@functools.lru_cache(maxsize=None)
+def corpus_head(chars):
+    """The first chars characters of the bundled corpus (always by its absolute path)."""
+    with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
+        return f.read(chars)
+
+
+def write_head(path, chars):
+    """The first chars characters of the corpus, written to path (a pathlib.Path); returns str(path)."""
+    path.write_text(corpus_head(chars), encoding="utf-8")
+    return str(path)
+
+
 @pytest.fixture
 def shakespeare_head(tmp_path):
     """The first 30,000 characters of the bundled corpus, as a file."""
-    with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
-        text = f.read(30_000)
-    path = tmp_path / "head.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+    return write_head(tmp_path / "head.txt", 30_000)
 
+
+def fixed_batch(batch_size=4, block_size=16, vocab_size=65, seed=0):
+    """A reproducible batch (x, y) of random token ids, y being x shifted by one."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab_size, (batch_size, block_size + 1), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+# ----------------------------------------------------------------------------- models and runs
 
 def tiny_model_config(**overrides):
     values = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -51,10 +92,84 @@ def tiny_model_config(**overrides):
 
 
 def tiny_train_config(data, out_dir, **overrides):
+    """Settings of a tiny in-process run. float32 always: --dtype auto measures bfloat16 on a CPU
+    that has it, and the suite must train alike on every CI machine (the bfloat16 and float16
+    paths have tests of their own). No plots unless a test asks: drawing them costs more than
+    the training."""
     values = dict(data=data, out_dir=str(out_dir), batch_size=8, max_steps=20, lr=3e-3, min_lr=3e-4,
-                  warmup_steps=5, eval_interval=5, eval_iters=2, log_interval=10, sample_tokens=0, device="cpu")
+                  warmup_steps=5, eval_interval=5, eval_iters=2, log_interval=10, sample_tokens=0, device="cpu",
+                  dtype="float32", plots=False)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def interrupt_at(monkeypatch, step, signum):
+    """During train_step call number step, do what the signal does: call the handler the loop
+    installed for it (no signal is sent to the test process: tests/test_ddp.py sends a real
+    one to a training process; the same handler serves SIGINT and SIGTERM)."""
+    import train
+    calls = {"n": 0}
+    real = train.train_step
+
+    def step_then_signal(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == step:
+            signal.getsignal(signum)(signum, None)
+        return out
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+
+
+def checkpoint_of(model, chars=None):
+    """A minimal checkpoint dict for a bare model: its weights, its shape, a char tokenizer."""
+    import dataclasses
+    chars = chars or [chr(33 + i) for i in range(model.config.vocab_size)]
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+            "tokenizer": {"kind": "char", "chars": chars}}
+
+
+class Payload:
+    """An object whose unpickling runs code (it opens a file for writing): loading any file that
+    holds one must be refused before that happens."""
+
+    def __init__(self, target=os.devnull):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def snapshot(folder):
+    """Every file of a folder (not recursive) by name, with its bytes."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if (folder / name).is_file()}
+
+
+def complex_rope(x, cos, sin):
+    """RoPE as a complex multiplication: each pair (x[2i], x[2i+1]) is a complex number turned by
+    the angle whose cos and sin are given. The reference the real-arithmetic RoPE is checked against."""
+    rotation = torch.complex(cos, sin)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+
+
+def rope_angles(n_positions, head_size, start=0):
+    """cos and sin of RoPE's angles, written out from the formula, for the references above."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_size, 2).float() / head_size))
+    angles = torch.arange(start, start + n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+# ----------------------------------------------------------------------------- the scripts, as a user runs them
+
+def subprocess_env(**extra):
+    """The environment of a script run by a test: one thread (two processes share two cores)."""
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+
+
+def run_script(script, *args, cwd=ROOT, timeout=120, **env):
+    """Run one of the project's scripts in its own process: a CompletedProcess with text output."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=subprocess_env(**env))
 
 
 def cli(capsys, main, *argv):
@@ -70,7 +185,8 @@ def cli(capsys, main, *argv):
 
 
 def assert_one_line_error(code, err, *words):
-    assert code not in (0, None), err
+    """Bad input: exit status 2 and one `error:` line naming the problem, never a traceback."""
+    assert code == 2, f"exit status {code}, not 2: {err}"
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -78,8 +194,7 @@ def assert_one_line_error(code, err, *words):
         assert w in lines[0], lines[0]
 
 
-# float32 on any CPU: --dtype auto picks bfloat16 only where the CPU has it natively, and the
-# suite must behave the same on every CI machine (the bfloat16 path has tests of its own)
+# float32 on any CPU, for the same reason as tiny_train_config
 TINY_SHAPE = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "8",
               "--device", "cpu", "--dtype", "float32"]
 TINY_FLAGS = TINY_SHAPE + ["--eval_iters", "2", "--sample_tokens", "0", "--plots", "false"]
@@ -89,10 +204,9 @@ TINY_FLAGS = TINY_SHAPE + ["--eval_iters", "2", "--sample_tokens", "0", "--plots
 def trained(tmp_path_factory):
     """A tiny model trained for 60 steps on the first 20,000 characters of the corpus: (run folder, data file)."""
     folder = tmp_path_factory.mktemp("trained")
-    with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
-        (folder / "data.txt").write_text(f.read(20_000), encoding="utf-8")
+    data = write_head(folder / "data.txt", 20_000)
     import train
     torch.manual_seed(0)
-    cfg = tiny_train_config(str(folder / "data.txt"), folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
+    cfg = tiny_train_config(data, folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
     train.train(tiny_model_config(), cfg)
     return folder / "run", folder / "data.txt"

@@ -2,11 +2,15 @@
 text), and writes its figures, with ratios against the baseline measured in the same run."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 import bench
-from conftest import TINY_FLAGS, TINY_SHAPE as SHAPE
+import train
+from conftest import TINY_FLAGS, TINY_SHAPE as SHAPE, cli, tiny_model_config, tiny_train_config
 from config import TinyLLMError
 
 
@@ -40,13 +44,30 @@ def test_generate_mode_compares_the_cache_with_recompute(tmp_path):
     assert result["tokens_shape"] == [1, 25]  # past block_size 16: the cache re-prefills
 
 
-def test_time_to_target_runs_train_py_and_reads_its_history(shakespeare_head, tmp_path):
+def test_time_to_target_runs_train_py_and_reads_its_history(shakespeare_head, tmp_path, monkeypatch, capsys):
+    real_run = subprocess.run
+
+    def train_py_here(cmd, **kwargs):  # python train.py ARGS, run in this process (a start-up less)
+        if cmd[:2] != [sys.executable, os.path.join(bench.ROOT, "train.py")]:
+            return real_run(cmd, **kwargs)  # git, for machine_info
+        code, out, err = cli(capsys, train.main, *cmd[2:])
+        return subprocess.CompletedProcess(cmd, code, out, err)
+    monkeypatch.setattr(bench.subprocess, "run", train_py_here)
     flags = ["--", "--data", shakespeare_head, *TINY_FLAGS, "--max_steps", "60", "--eval_interval", "10", "--lr", "1e-2"]
     hit = bench.main(["time_to_target", "--target", "3.9", "--out", str(tmp_path / "t.json"), *flags])["run"]
     assert hit["reached"] and hit["val_loss"] <= 3.9 and hit["seconds"] > 0
-    assert hit["evals"][-1]["step"] == hit["step"]  # train.py stopped itself at the target
-    miss = bench.main(["time_to_target", "--target", "0.1", "--out", str(tmp_path / "t.json"), *flags])["run"]
-    assert not miss["reached"] and miss["seconds"] is None and miss["evals"][-1]["step"] == 60
+    assert hit["evals"][-1]["step"] == hit["step"] < 60  # train.py stopped itself at the target
+    miss = bench.reached(hit["evals"], 0.1, 5.0, None, "miss")  # the same evaluations against a target never met
+    assert not miss["reached"] and miss["seconds"] is None and miss["step"] is None
+
+
+def test_a_target_loss_stops_the_run_at_the_first_evaluation_that_meets_it(shakespeare_head, tmp_path):
+    cfg = tiny_train_config(shakespeare_head, tmp_path / "a", max_steps=40, eval_interval=10, lr=1e-2, target_loss=3.9)
+    stopped = train.train(tiny_model_config(), cfg)
+    evals = [h for h in stopped["history"] if h["kind"] == "eval"]
+    assert evals[-1]["val_loss"] <= 3.9 < min(h["val_loss"] for h in evals[:-1]) and stopped["step"] < 40
+    cfg = tiny_train_config(shakespeare_head, tmp_path / "b", max_steps=20, eval_interval=10, lr=1e-2, target_loss=0.1)
+    assert train.train(tiny_model_config(), cfg)["step"] == 20  # never met: the run goes to max_steps
 
 
 def test_ablation_trains_each_variant_and_writes_a_table(shakespeare_head, tmp_path):
@@ -68,7 +89,7 @@ def test_gpu_check_runs_as_a_smoke_test_on_a_cpu(tmp_path):
     result = bench.main(["gpu_check", "--quick", "--out", str(tmp_path / "gpu.json")])
     assert [(c["dtype"], c["compile"]) for c in result["checks"]][0] == ("float32", False)
     assert all(c["cache_agrees"] == 1.0 for c in result["checks"])
-    assert result["ms_per_step"] > 0 and result["time_to_target"]["evals"]
+    assert result["ms_per_step"] > 0 and "time_to_target" not in result  # run by the full check only
 
 
 def test_flags_after_double_dash_only_where_train_py_runs(tmp_path):
@@ -77,10 +98,17 @@ def test_flags_after_double_dash_only_where_train_py_runs(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path):
-    result = bench.main(["sample", "--checkpoint", str(trained[0] / "best.pt"), "--new_tokens", "20", "--repeats", "1",
+def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path, monkeypatch):
+    # the commands are recorded, not run (tests/test_cli.py runs generate.py itself): what is
+    # checked is what this mode times, interleaved, and what it reports
+    commands = []
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    result = bench.main(["sample", "--checkpoint", str(trained[0] / "best.pt"), "--new_tokens", "20", "--repeats", "2",
                          "--out", str(tmp_path / "s.json")])
-    # no timing comparison: on a shared machine one start-up can take longer than the other
+    timed = [c[1:] for c in commands if c[0] == sys.executable]  # (machine_info asks git too)
+    assert timed == [[os.path.join(bench.ROOT, "generate.py"), str(trained[0] / "best.pt"), "--max_new_tokens", "20",
+                      "--seed", "42"], ["-c", "import generate"]] * 2
     assert result["wall_s"] > 0 and result["import_s"] > 0 and result["new_tokens"] == 20
-    assert [len(v) for v in result["runs"].values()] == [1, 1]
+    assert [len(v) for v in result["runs"].values()] == [2, 2]
     assert json.load(open(tmp_path / "s.json"))["runs"] == result["runs"]

@@ -2,7 +2,6 @@
 Q&A records, cleaning, and a tiny model that learns to answer and stop."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from tokenizer import EOT, tokenizer_from_dict
 from config import TrainConfig
 from sources import iter_pieces, load_prepared, read_text as load_corpus
 from utils import get_batch
-from conftest import ROOT, tiny_model_config, tiny_train_config
+from conftest import corpus_head, snapshot, tiny_model_config, tiny_train_config
 
 
 def test_memmap_batches_equal_in_memory_batches(tmp_path):
@@ -32,7 +31,7 @@ def test_memmap_batches_equal_in_memory_batches(tmp_path):
 
 def write_docs(folder, n=30):
     folder.mkdir()
-    text = open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8").read(60_000)
+    text = corpus_head(60_000)
     docs = [text[i * 2000:(i + 1) * 2000] for i in range(n)]
     for i, doc in enumerate(docs):
         (folder / f"doc{i:02d}.txt").write_text(doc, encoding="utf-8")
@@ -68,11 +67,11 @@ def test_a_failed_prepare_leaves_the_previous_dataset_as_it_was(tmp_path):
     path, out = tmp_path / "data.txt", tmp_path / "out"
     path.write_text("a few words of text to tokenize, twice. " * 50)
     prepare.prepare(TrainConfig(data=str(path)), str(out))
-    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    before = snapshot(out)
     path.write_text("x")  # too little to split: refused, after tokenizing
     with pytest.raises(TinyLLMError, match="too little text"):
         prepare.prepare(TrainConfig(data=str(path)), str(out))
-    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before  # no .tmp left either
+    assert snapshot(out) == before  # no .tmp left either
 
 
 def test_bad_records_are_clear_errors(tmp_path):
@@ -107,11 +106,25 @@ def test_tiny_model_learns_to_answer_and_stop(tmp_path):
     data = tmp_path / "qa.json"
     data.write_text(json.dumps(records))
     torch.manual_seed(0)
-    cfg = tiny_train_config(str(data), tmp_path / "run", max_steps=300, batch_size=16, lr=1e-2, min_lr=1e-3,
-                            warmup_steps=20, eval_interval=300, plots=False)
+    cfg = tiny_train_config(str(data), tmp_path / "run", max_steps=150, batch_size=16, lr=1e-2, min_lr=1e-3,
+                            warmup_steps=20, eval_interval=150, plots=False)
     model = train.train(tiny_model_config(n_embd=64, n_head=4, block_size=48), cfg)["model"].eval()
     tok = tokenizer_from_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tokenizer"])
     prompt = encode_prompt(tok, "Who are you?", qa=True)
     out = model.generate(torch.tensor([prompt]), 40, temperature=0, stop_token=tok.eot_id)[0, len(prompt):].tolist()
     assert out[-1] == tok.eot_id                                   # it stopped at the boundary...
     assert tok.decode(out[:-1]) == " I am tinyllm."                # ...right after the learned answer
+
+
+def test_a_vocabulary_past_65536_tokens_is_prepared_as_uint32(tmp_path):
+    # 70,000 distinct characters (from the CJK and Hangul blocks and beyond): a char vocabulary
+    # too big for uint16 ids
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 70_000) if not 0xD800 <= c < 0xE000]
+    text = "".join(chars) * 2
+    (tmp_path / "wide.txt").write_text(text, encoding="utf-8")
+    meta = prepare.prepare(TrainConfig(data=str(tmp_path / "wide.txt")), str(tmp_path / "out"))
+    assert meta["vocab_size"] > 2 ** 16 and meta["dtype"] == "uint32"
+    meta, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
+    assert train_ids.dtype == np.uint32 and int(max(train_ids.max(), val_ids.max())) >= 2 ** 16
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    assert tok.decode(np.concatenate([train_ids, val_ids]).tolist()) == text  # no id was cut to 16 bits

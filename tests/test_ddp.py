@@ -1,31 +1,38 @@
-"""Distributed data parallel on CPU with Gloo and two processes, launched by torchrun."""
+"""Distributed data parallel on CPU with Gloo and two processes, launched by torchrun: a DDP
+step equals a single-process step, the ranks agree on a stop signal that only one of them
+got, and a stopped run resumes under torchrun with only rank 0 writing."""
 
 import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
 
 import train
-from conftest import ROOT, tiny_model_config
-from model import GPT
 from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import ROOT, fixed_batch, subprocess_env, tiny_model_config
+from model import GPT
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
-
-def torchrun(*args, cwd=ROOT):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-# One optimizer step under DDP: each rank takes its half of a fixed batch (split further into
-# grad_accum micro-batches); rank 0 saves the resulting weights.
+def torchrun(*args):
+    return subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=subprocess_env(PYTHONPATH=ROOT))
+
+
+# One optimizer step under DDP, once without and once with gradient accumulation: each rank
+# takes its half of a fixed batch (split further into accum micro-batches); rank 0 saves the
+# weights each step gives.
 DDP_STEP = textwrap.dedent("""
     import contextlib, os, sys
     import torch, torch.distributed as dist
@@ -36,58 +43,104 @@ DDP_STEP = textwrap.dedent("""
     from model import GPT
 
     dist.init_process_group("gloo")
-    rank, accum = dist.get_rank(), {accum}
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config())
-    x, y = torch.load({batch!r})
-    half = x.size(0) // 2
-    x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
-    size = half // accum
-    micro = iter([(x[i:i + size], y[i:i + size]) for i in range(0, half, size)])
-    ddp = DDP(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train.train_step(ddp, opt, lambda: next(micro), 1.0, accum, 1.0, contextlib.nullcontext())
-    if rank == 0:
-        torch.save(model.state_dict(), {out!r})
+    rank = dist.get_rank()
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        model = GPT(tiny_model_config())
+        x, y = torch.load({batch!r})
+        half = x.size(0) // 2
+        x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+        size = half // accum
+        micro = iter([(x[i:i + size], y[i:i + size]) for i in range(0, half, size)])
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train.train_step(DDP(model), opt, lambda: next(micro), 1.0, accum, 1.0, contextlib.nullcontext())
+        if rank == 0:
+            torch.save(model.state_dict(), {out!r}.format(accum))
     dist.barrier()  # leave together: a rank tearing down while its peer still works can abort it
     dist.destroy_process_group()
 """)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_one_ddp_step_equals_one_single_process_step(tmp_path, accum):
-    torch.manual_seed(1)
-    x = torch.randint(0, 65, (8, 16))
-    y = torch.randint(0, 65, (8, 16))
+def two_ranks(script, *args):
+    """Run script ARGS as the two ranks of one process group, without the torchrun launcher
+    (which the next test starts once): each gets the variables torchrun would set."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                 MASTER_PORT=str(port), PYTHONPATH=ROOT))
+             for r in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in ranks]
+    return [(p.returncode, out, err) for p, (out, err) in zip(ranks, outputs)]
+
+
+def test_one_ddp_step_equals_one_single_process_step_with_and_without_accumulation(tmp_path):
+    x, y = fixed_batch(8, 16, seed=1)
     torch.save((x, y), tmp_path / "batch.pt")
     script = tmp_path / "ddp_step.py"
-    script.write_text(DDP_STEP.format(root=ROOT, accum=accum, batch=str(tmp_path / "batch.pt"),
-                                      out=str(tmp_path / "ddp.pt")))
-    result = torchrun(str(script))
-    assert result.returncode == 0, result.stderr[-2000:]
+    script.write_text(DDP_STEP.format(root=ROOT, batch=str(tmp_path / "batch.pt"), out=str(tmp_path / "ddp_{}.pt")))
+    for code, _, err in two_ranks(script):
+        assert code == 0, err[-2000:]
 
     torch.manual_seed(0)
     model = GPT(tiny_model_config())
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     train.train_step(model, opt, lambda: (x, y), 1.0, 1, 1.0, contextlib.nullcontext())
-    ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    for name, value in model.state_dict().items():
-        assert torch.allclose(value, ddp_state[name], atol=1e-6), name
+    for accum in (1, 2):
+        ddp_state = torch.load(tmp_path / f"ddp_{accum}.pt", weights_only=True)
+        for name, value in model.state_dict().items():
+            assert torch.allclose(value, ddp_state[name], atol=1e-6), (accum, name)
 
 
-def test_torchrun_trains_and_only_rank_zero_writes(shakespeare_head, tmp_path):
+def rank_process(rank, marker):
+    """The pid of the torchrun worker of this rank whose command line holds marker (Linux /proc)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and f"RANK={rank}".encode() in environ and b"LOCAL_RANK" in b"".join(environ):
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds rank 1's process through /proc")
+def test_ranks_agree_on_a_stop_signal_and_the_run_resumes_under_torchrun(shakespeare_head, tmp_path):
     out = tmp_path / "run"
-    result = torchrun(os.path.join(ROOT, "train.py"), "--device", "cpu", "--data", shakespeare_head,
-                      "--out_dir", str(out), "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
-                      "--batch_size", "16", "--max_steps", "60", "--eval_interval", "30", "--eval_iters", "4",
-                      "--lr", "1e-2", "--sample_tokens", "0")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("done:") == 1 and result.stdout.count("eval      0/") == 1
-    assert "x 2 processes" in result.stdout
+    shape = ["--device", "cpu", "--data", shakespeare_head, "--out_dir", out, "--n_layer", "1", "--n_embd", "32",
+             "--n_head", "2", "--block_size", "16", "--batch_size", "16", "--eval_iters", "4", "--lr", "1e-2",
+             "--sample_tokens", "0", "--log_interval", "5", "--eval_interval", "1000"]
+    proc = subprocess.Popen([*LAUNCH, os.path.join(ROOT, "train.py"), *map(str, shape), "--max_steps", "5000",
+                             "--plots", "false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=subprocess_env(PYTHONPATH=ROOT))
+    lines, deadline = [], time.time() + 120
+    while not any(line.startswith("step     10/") for line in lines) and time.time() < deadline:
+        lines.append(proc.stdout.readline())
+    pid = rank_process(1, str(out))
+    assert pid, "".join(lines)
+    os.kill(pid, signal.SIGTERM)  # only rank 1 is told to stop; rank 0 must hear of it and save
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "Resume with: python train.py --resume" in stdout, stderr[-2000:]
+    stopped = load_checkpoint(str(out / "last.pt"))["step"]
+    assert 10 <= stopped < 5000 and stopped % 5 == 0  # where the ranks compare notes: a progress line
+
+    (code, stdout, err), (code1, stdout1, err1) = two_ranks(os.path.join(ROOT, "train.py"), "--resume", "--out_dir",
+                                                            out, "--max_steps", stopped + 20, "--plots", "true")
+    assert code == code1 == 0, err[-2000:] + err1[-2000:]
+    assert stdout.count("done:") == 1 and f"resuming {out}/last.pt at step {stopped}" in stdout and stdout1 == ""
+    assert "x 2 processes" in stdout
     assert sorted(os.listdir(out)) == ["best.pt", "grad_norm.png", "history.csv", "history.json", "last.pt",
-                                       "loss.png", "lr.png"]
+                                       "loss.png", "lr.png"]  # rank 0's files only
     history = json.loads((out / "history.json").read_text())
-    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.5
+    evals = [h for h in history if h["kind"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == stopped + 20  # one history across both launches
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.3
     ckpt = load_checkpoint(str(out / "last.pt"))
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     model = model_from_checkpoint(ckpt)

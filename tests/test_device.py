@@ -1,6 +1,7 @@
-"""Every platform's decisions, proven on a CPU: the device's properties (compute capability,
-name, availability, count) are mocked, and the CPU runs the code paths that stand in for a
-GPU's (bfloat16 autocast, the CPU gradient scaler, fused AdamW's on-device skip)."""
+"""Every platform's decisions, proven on a CPU. Tests named test_mocked_* never ran on that
+hardware: the device's properties (compute capability, name, availability, count) are faked
+and the decision is asserted. The rest run the CPU code paths that stand in for a GPU's
+(bfloat16 autocast, the CPU gradient scaler, fused AdamW's on-device skip)."""
 
 import contextlib
 import copy
@@ -16,7 +17,7 @@ import lifecycle
 import train
 from checkpoint import load_checkpoint, save_checkpoint
 from config import RunOptions, TinyLLMError, TrainConfig, default_preset
-from conftest import tiny_model_config, tiny_train_config
+from conftest import complex_rope, fixed_batch, rope_angles, tiny_model_config, tiny_train_config
 from device import choose_device, peak_flops, rng_state, set_rng_state
 from precision import autocast, make_scaler, resolve_dtype
 from model import GPT, apply_rope
@@ -46,7 +47,7 @@ def fake_gpu(monkeypatch):
     ("NVIDIA A100-SXM4-40GB", (8, 0), "bfloat16"),
     ("NVIDIA H100 80GB HBM3", (9, 0), "bfloat16"),
 ])
-def test_gpu_decisions(fake_gpu, name, capability, dtype):
+def test_mocked_gpu_decisions(fake_gpu, name, capability, dtype):
     fake_gpu(name, capability)
     device = choose_device("auto")
     assert device.type == "cuda" and default_preset(device.type) == "small"
@@ -58,13 +59,13 @@ def test_gpu_decisions(fake_gpu, name, capability, dtype):
         assert scaler is None
 
 
-def test_asking_bf16_on_a_t4_warns_that_it_is_emulated(fake_gpu, capsys):
+def test_mocked_t4_asking_for_bf16_warns_that_it_is_emulated(fake_gpu, capsys):
     fake_gpu("Tesla T4", (7, 5))
     assert resolve_dtype("bfloat16", CUDA) == "bfloat16"
     assert "emulated" in capsys.readouterr().err
 
 
-def test_mac_decisions(monkeypatch):
+def test_mocked_mac_decisions(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     mps = choose_device("auto")
@@ -74,19 +75,28 @@ def test_mac_decisions(monkeypatch):
     assert scaler is not None and scaler.is_enabled()
 
 
-def test_float16_is_refused_where_no_scaler_works():
+def test_mocked_no_cuda_float16_is_refused_where_no_scaler_works(monkeypatch):
     # a CUDA scaler without CUDA disables itself: that is exactly what silently corrupted weights
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # so on a CUDA host too
     with pytest.raises(TinyLLMError, match="gradient scaler"):
         make_scaler(CUDA, "float16")
 
 
+def test_the_cpu_capability_probe_asks_functions_this_torch_has():
+    # cpu_has_native_bf16 asks torch's private probes; were they renamed, it would quietly say
+    # "no bfloat16" and never measure. This fails instead.
+    import precision
+    for name in precision.BF16_PROBES:
+        assert isinstance(getattr(torch.cpu, name)(), bool), name
+
+
 @pytest.mark.parametrize("avx512_bf16, amx, dtype", [
     (True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
-def test_cpu_decisions(monkeypatch, capsys, avx512_bf16, amx, dtype):
+def test_mocked_cpu_capabilities_decide_what_auto_starts_from(monkeypatch, capsys, avx512_bf16, amx, dtype):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert choose_device("auto") == CPU and default_preset("cpu") == "tiny"
     assert resolve_dtype("auto", CPU) == dtype  # bfloat16 only where the CPU computes it natively
     assert resolve_dtype("bfloat16", CPU) == "bfloat16"  # allowed on CPU: CPU autocast supports it
@@ -98,20 +108,20 @@ def test_cpu_decisions(monkeypatch, capsys, avx512_bf16, amx, dtype):
     ("NVIDIA L4", "bfloat16", 121), ("NVIDIA L40S", "bfloat16", 362), ("NVIDIA L40", "bfloat16", 181),
     ("NVIDIA A100-SXM4-80GB", "float32", 156), ("Tesla T4", "float16", 65), ("Tesla T4", "float32", 8.1),
 ])
-def test_mfu_peaks_by_exact_name_and_dtype(fake_gpu, name, dtype, tflops):
+def test_mocked_gpu_mfu_peaks_by_exact_name_and_dtype(fake_gpu, name, dtype, tflops):
     fake_gpu(name, (8, 0))
     assert peak_flops(CUDA, dtype) == pytest.approx(tflops * 1e12)
 
 
 @pytest.mark.parametrize("name, dtype", [("NVIDIA RTX A1000", "bfloat16"), ("Tesla T4", "bfloat16")])
-def test_unknown_gpu_or_dtype_has_no_mfu_and_says_so_once(fake_gpu, capsys, name, dtype):
+def test_mocked_unknown_gpu_or_dtype_has_no_mfu_and_says_so_once(fake_gpu, capsys, name, dtype):
     fake_gpu(name, (8, 6))
     assert peak_flops(CUDA, dtype) is None
     out = capsys.readouterr().out
     assert out.count("MFU") == 1 and name in out
 
 
-def test_resume_on_fewer_gpus_restores_what_applies(fake_gpu, monkeypatch, capsys):
+def test_mocked_resume_on_fewer_gpus_restores_what_applies(fake_gpu, monkeypatch, capsys):
     state = rng_state()
     state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved on 2 GPUs
     fake_gpu("NVIDIA L4", (8, 9), count=1)
@@ -123,26 +133,29 @@ def test_resume_on_fewer_gpus_restores_what_applies(fake_gpu, monkeypatch, capsy
     assert "2 GPU(s), this machine has 1" in capsys.readouterr().out
 
 
-def test_nccl_binds_the_device_at_init(fake_gpu, monkeypatch):
+def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monkeypatch):
     fake_gpu("NVIDIA H100 80GB HBM3", (9, 0), count=2)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    calls = {}
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.update(backend=backend, **kw))
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
     rank, world, dev = distributed.setup_distributed(CUDA)
     assert (rank, world, dev) == (1, 2, torch.device("cuda:1"))
-    assert calls == {"backend": "nccl", "device_id": torch.device("cuda:1")}
+    # the process's own GPU is current before NCCL starts, and NCCL is told which it is
+    assert calls == [("set_device", torch.device("cuda:1")), ("nccl", {"device_id": torch.device("cuda:1")})]
+
+
+def test_mocked_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    device_module.configure_matmul(CUDA)
+    device_module.configure_matmul(CPU)
+    assert calls == ["high"]
 
 
 # ----------------------------------------------------------------------------- nothing non-finite reaches the weights
-
-def fixed_batch():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 65, (4, 16), generator=g)
-    return x, torch.roll(x, -1, dims=1)
-
 
 def inject_inf_after_backward(model):
     """Make one gradient infinite on every backward pass."""
@@ -181,22 +194,13 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_it(shakespeare_hea
 
 # ----------------------------------------------------------------------------- RoPE without complex numbers
 
-def old_apply_rope(x, start=0):
-    """The complex-number formulation RoPE used before, for comparison."""
-    hs = x.size(-1)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, hs, 2).float() / hs))
-    angles = torch.arange(start, start + x.size(1), dtype=torch.float32)[:, None] * inv_freq[None, :]
-    rotation = torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
-
-
 def test_real_rope_rotates_the_same_pairs_as_the_complex_formulation():
     torch.manual_seed(0)
     model = GPT(tiny_model_config(pos="rope", block_size=32))
     x = torch.randn(2, 32, 2, 4, 16)
     new = apply_rope(x, model.rope_cos[:, None, None], model.rope_sin[:, None, None])
-    assert torch.allclose(new, old_apply_rope(x), atol=1e-6)
+    cos, sin = rope_angles(32, 16)  # from the formula, not from the model's tables
+    assert torch.allclose(new, complex_rope(x, cos[:, None, None], sin[:, None, None]), atol=1e-6)
 
 
 def test_a_rope_checkpoint_of_the_old_code_gives_the_same_logits_and_greedy_text(monkeypatch):
@@ -207,16 +211,9 @@ def test_a_rope_checkpoint_of_the_old_code_gives_the_same_logits_and_greedy_text
     logits = model(idx)[0]
     greedy = model.generate(idx[:1, :4], 40, temperature=0)
 
-    monkeypatch.setattr(model_module, "apply_rope", old_rope_from_tables)  # the code before the change
+    monkeypatch.setattr(model_module, "apply_rope", complex_rope)  # the formulation RoPE had before
     assert torch.allclose(model(idx)[0], logits, atol=1e-5)
     assert torch.equal(model.generate(idx[:1, :4], 40, temperature=0), greedy)
-
-
-def old_rope_from_tables(x, cos, sin):
-    """The complex multiplication, with the rotation built from the same cos/sin as the tables."""
-    rotation = torch.complex(cos, sin)
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class DtypeRecorder(TorchDispatchMode):
@@ -319,7 +316,7 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
         seen["checkpoint"] = real_load_model(path)[2]
         return real_load_model(path)
 
-    def fake_sample(model, tokenizer, prompt_ids, cfg, device, stream=False):
+    def fake_sample(model, tokenizer, prompt_ids, cfg, device, stream=False, **options):
         seen["model_device"] = next(model.parameters()).device
         return [("text", 4, False)]
 

@@ -5,6 +5,8 @@ import builtins
 import json
 import os
 import pickle
+import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -16,11 +18,7 @@ import plots
 import prepare
 import train
 from checkpoint import load_checkpoint, save_checkpoint
-from conftest import TINY_FLAGS, assert_one_line_error, cli
-
-
-class Payload:
-    """Any object that is not a tensor or plain data: loading it would need to run code."""
+from conftest import TINY_FLAGS, Payload, assert_one_line_error, cli
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +112,11 @@ def test_running_out_of_device_memory_says_what_to_try(trained, tmp_path, capsys
 
 
 def test_a_plain_pickle_prints_no_torch_warning(bad, capsys):
-    cli(capsys, generate.main, bad / "plain.pt")
-    assert "UserWarning" not in capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as seen:  # what would reach the user's terminal
+        warnings.simplefilter("always")
+        code, _, err = cli(capsys, generate.main, bad / "plain.pt")
+    assert_one_line_error(code, err, "contains objects other than tensors and plain data")
+    assert [str(w.message) for w in seen] == []  # torch's advice about pickle protocols included
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -152,11 +153,13 @@ def test_data_problems_are_one_line_errors(tmp_path, capsys):
 
 
 def test_other_scripts_reject_bad_input(tmp_path, capsys):
+    a_file = tmp_path / "a_file.txt"
+    shutil.copy(__file__, a_file)
     cases = [
         (prepare.main, ["--input", tmp_path / "missing.txt", "--out", tmp_path / "out"], "not found"),
-        (prepare.main, ["--input", __file__, "--out", __file__], "is a file"),
+        (prepare.main, ["--input", a_file, "--out", a_file], "is a file"),
         (plots.main, [tmp_path, "--out", tmp_path / "c.png"], "history.json"),
-        (bench.main, ["train", "--steps", "0"], "--steps"),
+        (bench.main, ["train", "--steps", "0", "--out", tmp_path / "b.json"], "--steps"),
         (bench.main, ["ablation", "--only", "nothing", "--out", tmp_path / "a.json", "--out_md", tmp_path / "a.md"],
          "nothing"),
         (bench.main, ["generate", "--out", tmp_path], "is a folder"),

@@ -16,7 +16,7 @@ import model as model_module
 import train
 from annotate import Annotator, Pieces, token_label
 from checkpoint import load_model
-from conftest import ROOT, assert_one_line_error, cli, tiny_model_config, tiny_train_config
+from conftest import assert_one_line_error, cli, corpus_head, tiny_model_config, tiny_train_config
 from model import GPT, next_token_probs, sample_next
 from tokenizer import BPETokenizer, GPT2Tokenizer
 
@@ -239,8 +239,7 @@ def test_byte_tokens_that_end_mid_character_show_their_bytes(byte_level, kind):
 @pytest.fixture(scope="module")
 def bpe_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bpe")
-    with open(f"{ROOT}/data/input.txt", encoding="utf-8") as f:
-        (folder / "data.txt").write_text(f.read(12_000).replace("e", "é"), encoding="utf-8")
+    (folder / "data.txt").write_text(corpus_head(12_000).replace("e", "é"), encoding="utf-8")
     torch.manual_seed(0)
     train.train(tiny_model_config(vocab_size=300), tiny_train_config(str(folder / "data.txt"), folder / "run",
                 tokenizer="bpe", dtype="float32", max_steps=10, eval_interval=10, plots=False))

@@ -1,10 +1,8 @@
 """GPT-2 weights in and out through Hugging Face transformers, offline: a tiny random
 GPT2LMHeadModel stands in for OpenAI's, since the mapping does not depend on the size."""
 
+import ast
 import dataclasses
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from config import TinyLLMError  # noqa: E402
-from conftest import ROOT, tiny_model_config  # noqa: E402
+from conftest import Payload, assert_one_line_error, cli, tiny_model_config  # noqa: E402
 from hf_gpt2 import export_hf, gpt2_checkpoint, load_gpt2  # noqa: E402
 from model import GPT  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
@@ -155,20 +153,32 @@ def test_load_errors_are_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_cli_export_and_one_line_error(tmp_path):
+def test_importing_it_needs_no_transformers_and_its_cli_errors_are_one_line(tmp_path, capsys):
+    import hf_gpt2
+    with open(hf_gpt2.__file__, encoding="utf-8") as f:
+        top = ast.parse(f.read()).body
+    imported = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in top if isinstance(n, ast.ImportFrom)}
+    assert "transformers" not in imported  # imported inside the functions that need it, so optional
     torch.manual_seed(4)
     path = str(tmp_path / "tiny.pt")
     save_checkpoint(path, gpt2_checkpoint(GPT(tiny_model_config(vocab_size=VOCAB, norm="rmsnorm")), TOKENIZER))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "hf_gpt2.py"), "export", "--checkpoint", path,
-                             "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "norm='rmsnorm'" in lines[0], result.stderr
+    code, out, err = cli(capsys, hf_gpt2.main, "export", "--checkpoint", path, "--out", tmp_path / "hf")
+    assert_one_line_error(code, err, "norm='rmsnorm'")  # a model GPT-2 cannot hold
+    assert not (tmp_path / "hf").exists()
 
 
-def test_importing_the_module_has_no_side_effects():
-    code = "import sys, hf_gpt2; assert 'transformers' not in sys.modules"  # imported only when used
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+def test_a_hugging_face_folder_whose_weights_carry_code_is_refused_without_unsafe_advice(tmp_path, capsys):
+    import hf_gpt2
+    import train
+    folder = tmp_path / "evil-gpt2"
+    hf_config().save_pretrained(folder)
+    marker = tmp_path / "pwned"
+    state = transformers.GPT2LMHeadModel(hf_config()).state_dict()
+    torch.save({**state, "extra": Payload(str(marker))}, folder / "pytorch_model.bin")
+    for main, argv in ((hf_gpt2.main, ["import", folder, "--out", tmp_path / "out.pt"]),
+                       (train.main, ["--init_from", folder, "--out_dir", tmp_path / "run", "--device", "cpu"])):
+        code, _, err = cli(capsys, main, *argv)
+        assert_one_line_error(code, err, "contains objects other than tensors and plain data")
+        assert "weights_only" not in err and "trust" not in err  # never the advice to load it unsafely
+    assert not marker.exists() and not (tmp_path / "out.pt").exists()

@@ -4,6 +4,7 @@ screen, and the modules import only down the flow of the work, never up it."""
 import ast
 import glob
 import os
+import subprocess
 
 import pytest
 
@@ -50,6 +51,17 @@ def test_every_function_fits_on_a_screen(name):
     assert not long
 
 
+# The lesson: the files the README's "Reading the code" asks a learner to read first, in order.
+LESSON = ("tokenizer", "utils", "model", "optim", "train")
+
+
+@pytest.mark.parametrize("name", LESSON)
+def test_every_function_of_the_lesson_reads_in_one_go(name):
+    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree(name))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 40]
+    assert not long
+
+
 @pytest.mark.parametrize("name", sorted(LEVELS))
 def test_every_module_says_what_it_is_for(name):
     assert ast.get_docstring(tree(name))
@@ -62,3 +74,21 @@ def test_the_readme_lists_every_flag_as_config_py_describes_it():
     assert config.markdown_flags() in readme
     assert config.markdown_flags((config.SampleConfig,)) in readme
     assert config.markdown_presets() in readme
+
+
+def test_python_config_py_prints_the_tables_the_readme_shows(capsys):
+    import config
+    config.main()
+    printed = capsys.readouterr().out
+    tables = [block for block in printed.split("\n\n") if block.startswith("|")]
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert len(tables) == 3 and all(table.strip() in readme for table in tables)
+
+
+def test_a_virtualenv_made_inside_the_checkout_stays_out_of_git_status():
+    for path in (".venv/bin/python", "venv/lib/site.py", "pictures/attention.png", "checkpoints/best.pt"):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, capture_output=True)
+        if done.returncode == 128:
+            pytest.skip("not a git checkout")
+        assert done.returncode == 0, f"{path} would show up in git status"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from config import TinyLLMError
 from model import GPT, filter_logits, sample_next
-from conftest import tiny_model_config
+from conftest import checkpoint_of, tiny_model_config
 
 
 def test_logits_shape_and_loss():
@@ -169,8 +169,7 @@ def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
             first = first if first is not None else loss.item()
         assert loss.item() < first
         path = str(tmp_path / "m.pt")
-        save_checkpoint(path, {"model": model.state_dict(), "model_config": vars(model.config).copy(),
-                               "tokenizer": {"kind": "char", "chars": [chr(65 + i) for i in range(65)]}})
+        save_checkpoint(path, checkpoint_of(model))
         loaded = model_from_checkpoint(load_checkpoint(path)).eval()
         model.eval()
         assert torch.equal(loaded.generate(idx[:1, :3], 10, temperature=0), model.generate(idx[:1, :3], 10, temperature=0))
@@ -180,3 +179,18 @@ def test_swiglu_keeps_the_parameter_count_close():
     gelu = GPT(tiny_model_config(n_embd=384, n_head=6)).num_params()
     swiglu = GPT(tiny_model_config(n_embd=384, n_head=6, mlp="swiglu")).num_params()
     assert abs(swiglu - gelu) / gelu < 0.01
+
+
+def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
+    # a speed choice with a test of its own: bfloat16 attention (its backward above all) was several
+    # times slower than float32's on CPUs, while the matmuls around it keep bfloat16's speed
+    seen = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or real(q, k, v, **kw))
+    model = GPT(tiny_model_config(pos="rope"))
+    idx = torch.randint(0, 65, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    loss.backward()
+    assert seen and set(seen) == {torch.float32}
+    assert logits.dtype == torch.bfloat16  # the rest of the forward pass did run in bfloat16

@@ -14,7 +14,7 @@ import model as model_module
 import pictures
 import train
 from checkpoint import load_model
-from conftest import ROOT, assert_one_line_error, cli, tiny_model_config, tiny_train_config
+from conftest import ROOT, assert_one_line_error, cli, corpus_head, tiny_model_config, tiny_train_config
 from model import GPT, CausalSelfAttention
 
 COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
@@ -172,8 +172,7 @@ def test_surprise_scores_the_val_split_as_eval_only_does(trained, tmp_path, caps
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bpe")
-    with open(f"{ROOT}/data/input.txt", encoding="utf-8") as f:
-        text = f.read(4_000).replace("o", "ö")  # a character BPE merges into one token
+    text = corpus_head(4_000).replace("o", "ö")  # a character BPE merges into one token
     text = text[:3_600] + text[3_600:].replace("w", "ŵ")  # and, in the val split only, one it splits in two
     (folder / "data.txt").write_text(text, encoding="utf-8")
     torch.manual_seed(0)

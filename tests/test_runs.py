@@ -3,8 +3,8 @@ on text with new characters, compare runs, and a command line that tells the tru
 
 import json
 import math
-import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -15,17 +15,13 @@ import plots
 import prepare
 import train
 from checkpoint import load_checkpoint, load_model
-from config import TrainConfig
-from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli
+from config import RunOptions, TrainConfig
+from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head, snapshot, tiny_model_config, tiny_train_config
 from model import filter_logits
 from sources import load_prepared
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
-
-
-def files_of(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
 @pytest.fixture
@@ -39,13 +35,13 @@ def run_copy(trained, tmp_path):
 
 def test_a_second_run_into_a_trained_folder_is_refused_and_leaves_it_untouched(run_copy, capsys):
     folder, data = run_copy
-    before = files_of(folder)
+    before = snapshot(folder)
     code, _, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", folder, "--max_steps", "5")
     assert_one_line_error(code, err, "already holds a run", "--resume", "--out_dir", "--overwrite", "step 60")
     for flags in (["--overfit_batch", "--max_steps", "30"], ["--plot_lr"], ["--eval_only"]):
         code, out, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", folder, *flags)
         assert code == 0, err
-    after = files_of(folder)
+    after = snapshot(folder)
     assert {k: v for k, v in after.items() if k != "lr_schedule.png"} == before  # best.pt byte for byte
     code, out, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", folder, "--max_steps", "5",
                          "--overwrite")
@@ -55,14 +51,14 @@ def test_a_second_run_into_a_trained_folder_is_refused_and_leaves_it_untouched(r
 
 def test_what_a_run_cannot_honour_is_refused_and_the_source_is_kept(run_copy, tmp_path, capsys):
     folder, data = run_copy
-    before, best = files_of(folder), folder / "best.pt"
+    before, best = snapshot(folder), folder / "best.pt"
     cases = [([*RUN, "--init_from", best, "--out_dir", folder, "--overwrite"], ["--overwrite would delete", "best.pt"]),
              ([*RUN, "--init_from", best, "--out_dir", tmp_path / "t", "--n_layer", "3"], ["--n_layer 3 (it has 2)"]),
              (["--out_dir", folder, "--resume", "--preset", "small"], ["preset 'custom'", "--preset small"])]
     for flags, words in cases:
         code, _, err = cli(capsys, train.main, "--data", data, "--max_steps", "65", *flags)
         assert_one_line_error(code, err, *words)
-    assert files_of(folder) == before
+    assert snapshot(folder) == before
 
 
 def test_fine_tuning_takes_the_checkpoints_shape_and_a_new_dropout(run_copy, tmp_path, capsys):
@@ -120,6 +116,29 @@ def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
 
 # ----------------------------------------------------------------------------- your own text
 
+def test_new_characters_start_at_the_mean_row_and_every_other_weight_is_kept(run_copy, tmp_path):
+    folder, _ = run_copy
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Café “naïve” notes: é and + are new.\n" * 200, encoding="utf-8")
+    base = load_checkpoint(str(folder / "best.pt"))
+    cfg = tiny_train_config(str(notes), tmp_path / "tuned")
+    run = train.setup_run(tiny_model_config(), cfg, RunOptions(init_from=str(folder / "best.pt")))  # not trained yet
+    old_chars, chars = base["tokenizer"]["chars"], run.tokenizer.chars
+    old_wte, wte = base["model"]["wte.weight"], run.model.wte.weight.detach()
+    added = [c for c in chars if c not in old_chars]
+    assert chars[:len(old_chars)] == old_chars and set(added) == set("éï“”+") - set(old_chars)
+    assert torch.equal(wte[:len(old_chars)], old_wte[:len(old_chars)])  # every known character keeps its row
+    for c in added:  # a new character starts from the mean of the rows the model has
+        assert torch.allclose(wte[chars.index(c)], old_wte.mean(dim=0), atol=1e-7)
+    eot_old, eot = base["tokenizer"].get("special_tokens", []), run.tokenizer.eot_id
+    assert eot_old == ["<|endoftext|>"] and torch.equal(wte[eot], old_wte[len(old_chars)])  # <|endoftext|> too
+    assert run.model.lm_head.weight is run.model.wte.weight and wte.shape[0] == len(chars) + 1  # the head grew along
+    for name, weight in run.model.state_dict().items():
+        if name not in ("wte.weight", "lm_head.weight"):
+            assert torch.equal(weight, base["model"][name]), name  # every other weight is kept
+
+
+
 def test_fine_tuning_on_text_with_new_characters_grows_the_vocabulary(run_copy, tmp_path, capsys):
     folder, _ = run_copy
     notes = tmp_path / "notes.txt"
@@ -155,7 +174,7 @@ def test_prepare_searches_folders_recursively_for_the_endings_asked(tmp_path):
 
 
 def test_prepare_splits_a_single_small_file_by_characters(tmp_path, capsys):
-    text = open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8").read(50_000)
+    text = corpus_head(50_000)
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")
     meta = prepare.prepare(TrainConfig(data=str(tmp_path / "one.txt")), str(tmp_path / "out"))
     _, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
@@ -165,7 +184,9 @@ def test_prepare_splits_a_single_small_file_by_characters(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- a CLI that tells the truth
 
-def test_help_shows_meanings_and_the_defaults_actually_used(capsys):
+def test_mocked_cpu_host_help_shows_meanings_and_the_defaults_actually_used(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CUDA host would default to 'small'
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     code, out, _ = cli(capsys, train.main, "--help")
     assert code == 0 and "None" not in out
     text = " ".join(out.split())
@@ -230,3 +251,24 @@ def test_top_k_keeps_the_tokens_tied_with_the_kth():
     assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, True, True, False]]
     assert math.isinf(filter_logits(logits, top_k=1)[0, 1])
     assert np.isfinite(filter_logits(logits, top_k=5).numpy()).all()
+
+
+def test_several_checkpoints_are_sampled_alike_and_a_single_sample_is_streamed(trained, tmp_path, capsys,
+                                                                               monkeypatch):
+    best, last = trained[0] / "best.pt", trained[0] / "last.pt"
+    flags = ["--prompt", "ROMEO:", "--max_new_tokens", "30", "--seed", "7", "--no_stop"]
+    code, both, err = cli(capsys, generate.main, best, last, *flags)
+    assert code == 0, err
+    blocks = both.split("=" * 20 + " ")[1:]  # "PATH (step ...) ====...\nTEXT" for each checkpoint
+    assert [b.split(" ")[0] for b in blocks] == [str(best), str(last)]  # a header for each, in order
+    alone = {}
+    for path, block in zip((best, last), blocks):
+        code, alone[path], err = cli(capsys, generate.main, path, *flags)
+        assert block.split("=" * 20 + "\n", 1)[1].strip() == alone[path].strip()  # as when sampled alone
+
+    writes = []  # one checkpoint, one sample: the text reaches the terminal as it is sampled
+    monkeypatch.setattr(sys, "stdout", type("Terminal", (), {"write": lambda self, t: writes.append(t),
+                                                             "flush": lambda self: None})())
+    generate.main([str(best), *flags])
+    monkeypatch.undo()
+    assert len(writes) >= 30 and "".join(writes).strip() == alone[best].strip()

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import io
 import math
 import os
 import signal
@@ -10,22 +11,19 @@ import pytest
 import torch
 
 import train
-from config import TinyLLMError
-from model import GPT
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from config import RunOptions, TrainConfig
+from config import RunOptions, TinyLLMError, TrainConfig
+from conftest import Payload, checkpoint_of, fixed_batch, interrupt_at, tiny_model_config, tiny_train_config
+from model import GPT
+from muon import orthogonalize
 from optim import make_optimizer
-from utils import get_batch
-from conftest import tiny_model_config, tiny_train_config
 
 CPU = torch.device("cpu")
 NO_CTX = contextlib.nullcontext()
 
 
-def fixed_batches(n, batch_size=8, block_size=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, 65, (2000,), generator=g)
-    return [get_batch(data, batch_size, block_size, CPU, generator=g) for _ in range(n)]
+def fixed_batches(n, batch_size=8, block_size=16):
+    return [fixed_batch(batch_size, block_size, seed=seed) for seed in range(n)]
 
 
 def test_optimizer_groups_decay_only_matrices():
@@ -112,8 +110,8 @@ def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer():
 
 def test_tiny_run_learns_well_below_uniform(shakespeare_head, tmp_path):
     torch.manual_seed(0)
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=150, eval_interval=50, eval_iters=5, lr=1e-2,
-                            min_lr=1e-3, batch_size=32, warmup_steps=10)
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=150, eval_interval=150, eval_iters=5, lr=1e-2,
+                            min_lr=1e-3, batch_size=16, warmup_steps=10, plots=True)
     result = train.train(tiny_model_config(n_embd=64, block_size=32), cfg, preset="test")
     baseline = math.log(len(set(open(shakespeare_head).read())))
     assert result["history"][0]["val_loss"] == pytest.approx(baseline, abs=0.15)
@@ -134,8 +132,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     torch.manual_seed(0)
     model = GPT(tiny_model_config(pos="rope", norm="rmsnorm", mlp="swiglu")).eval()
     path = str(tmp_path / "m.pt")
-    save_checkpoint(path, {"model": model.state_dict(), "model_config": vars(model.config).copy(),
-                           "tokenizer": {"kind": "char", "chars": [chr(i) for i in range(65)]}})
+    save_checkpoint(path, checkpoint_of(model))
     loaded = model_from_checkpoint(load_checkpoint(path), path).eval()
     idx = torch.randint(0, 65, (2, 16))
     assert torch.equal(model(idx)[0], loaded(idx)[0])
@@ -151,21 +148,6 @@ def test_checkpoint_contents(shakespeare_head, tmp_path):
 
 def without_timings(history):
     return [{k: v for k, v in row.items() if k not in ("seconds", "ms_per_step")} for row in history]
-
-
-def interrupt_at(monkeypatch, step_to_stop, signum):
-    """Deliver a signal to ourselves during the train_step call number step_to_stop."""
-    calls = {"n": 0}
-    real = train.train_step
-
-    def step_then_signal(*a, **k):
-        out = real(*a, **k)
-        calls["n"] += 1
-        if calls["n"] == step_to_stop:
-            os.kill(os.getpid(), signum)
-        return out
-
-    monkeypatch.setattr(train, "train_step", step_then_signal)
 
 
 @pytest.mark.parametrize("stop_after, signum, code", [(7, signal.SIGTERM, 143), (10, signal.SIGINT, 130)])
@@ -190,11 +172,15 @@ def test_interrupted_and_resumed_run_is_bit_identical(shakespeare_head, tmp_path
 
 def test_init_from_starts_with_the_weights_and_a_fresh_optimizer(shakespeare_head, tmp_path):
     first = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "a", max_steps=10))
-    cfg = tiny_train_config(shakespeare_head, tmp_path / "b", max_steps=1, lr=1e-9, min_lr=0.0, warmup_steps=0)
-    tuned = train.train(tiny_model_config(), cfg, RunOptions(init_from=str(tmp_path / "a" / "last.pt")))
-    a, b = first["model"].state_dict(), tuned["model"].state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert load_checkpoint(str(tmp_path / "b" / "last.pt"))["train_config"]["lr"] == 1e-9
+    assert load_checkpoint(str(tmp_path / "a" / "last.pt"))["optimizer"]["state"]  # moments to leave behind
+    cfg = tiny_train_config(shakespeare_head, tmp_path / "b", max_steps=2, lr=1e-2, min_lr=1e-2, warmup_steps=0)
+    run = train.setup_run(tiny_model_config(), cfg, RunOptions(init_from=str(tmp_path / "a" / "last.pt")))
+    a, b = first["model"].state_dict(), run.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the checkpoint's weights, exactly
+    assert not run.optimizer.state  # and no moments from the old optimizer
+    train.train_loop(run)
+    steps = [int(s["step"]) for s in load_checkpoint(str(tmp_path / "b" / "last.pt"))["optimizer"]["state"].values()]
+    assert steps and set(steps) == {2}  # AdamW counted this run's two steps, not the old run's twelve
 
 
 def test_nan_stops_the_run_and_nothing_non_finite_is_saved(shakespeare_head, tmp_path, monkeypatch):
@@ -226,6 +212,19 @@ def test_patience_stops_early_and_keeps_the_best(shakespeare_head, tmp_path, mon
     assert best["step"] == 5 and best["best_val_loss"] == 1.5
 
 
+def test_the_patience_count_survives_a_resume(shakespeare_head, tmp_path, monkeypatch):
+    vals = iter([2.0, 1.5, 1.6, 1.7, 1.8, 1.9])
+    monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=50, patience=2)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 12, signal.SIGTERM)  # after the evaluation at 10, the first without improvement
+        with pytest.raises(SystemExit):
+            train.train(tiny_model_config(), cfg)
+    assert load_checkpoint(str(tmp_path / "last.pt"))["evals_without_improvement"] == 1
+    result = train.train(tiny_model_config(), cfg, RunOptions(resume=True))
+    assert result["step"] == 15  # the second evaluation without improvement, as in the run without a break
+
+
 def test_periodic_checkpoints_keep_the_newest(shakespeare_head, tmp_path):
     train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20, save_interval=4,
                                                        keep_last=2))
@@ -235,8 +234,7 @@ def test_periodic_checkpoints_keep_the_newest(shakespeare_head, tmp_path):
 def test_corrupt_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
     good = tmp_path / "good.pt"
     model = GPT(tiny_model_config())
-    save_checkpoint(str(good), {"model": model.state_dict(), "model_config": vars(model.config).copy(),
-                                "tokenizer": {"kind": "char", "chars": ["a"]}})
+    save_checkpoint(str(good), checkpoint_of(model))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.pt"
@@ -251,14 +249,6 @@ def test_corrupt_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
         assert "\n" not in str(err.value)
 
 
-class Payload:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))  # would create a file if unpickling ran code
-
-
 def test_a_pickle_carrying_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -271,13 +261,63 @@ def test_a_pickle_carrying_code_is_refused(tmp_path):
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    save_checkpoint(path, {"v": torch.tensor([1.0])})
+    save_checkpoint(path, {"v": torch.arange(10_000.0)})
+    real_save = torch.save
 
-    def crash(*a, **k):
+    def crash_halfway(obj, f, *args, **kwargs):  # the disk fills up half-way through the file
+        data = io.BytesIO()
+        real_save(obj, data, *args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            if isinstance(f, (str, os.PathLike)):
+                f = stack.enter_context(open(f, "wb"))
+            f.write(data.getvalue()[:data.tell() // 2])
+            f.flush()
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash_halfway)
     with pytest.raises(OSError):
-        save_checkpoint(path, {"v": torch.tensor([2.0])})
-    assert torch.load(path, weights_only=True)["v"].item() == 1.0
-    assert os.listdir(tmp_path) == ["last.pt"]
+        save_checkpoint(path, {"v": torch.arange(10_000.0) + 1})
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(10_000.0))  # the old file, whole
+    assert os.listdir(tmp_path) == ["last.pt"]  # and no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- Muon
+
+def test_muon_gives_hidden_matrices_orthogonal_updates_and_adamw_the_rest():
+    torch.manual_seed(0)
+    g = torch.linalg.qr(torch.randn(96, 32))[0] @ torch.diag(torch.logspace(-1, 0, 32))  # singular values 0.1 to 1
+    singular = torch.linalg.svdvals(orthogonalize(g))
+    assert 0.5 < singular.min() and singular.max() < 1.3  # a spread of 10x squeezed to about one
+    model = GPT(tiny_model_config())
+    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.0), CPU)
+    muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
+    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    assert muon == {id(p) for p in hidden} and id(model.wte.weight) not in muon
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = fixed_batch()
+    train.train_step(model, opt, lambda: batch, 1e-3, 1, 0.0, NO_CTX)
+    for name, p in model.named_parameters():
+        change = (p.detach() - before[name]).float()
+        if id(p) in muon:  # directions move alike, whatever their gradients: a flat spectrum of the update
+            s, g = torch.linalg.svdvals(change), torch.linalg.svdvals(p.grad)
+            half = len(s) // 2  # the spread between the largest and the middle singular value
+            assert s[0] / s[half] < 2 < g[0] / g[half], name
+        else:  # AdamW's first step moves a weight by about the learning rate, g / sqrt(g^2) = +-1 times lr
+            assert change.abs().median() == pytest.approx(1e-3, rel=0.05), name
+
+
+def test_a_muon_run_learns_and_resumes_exactly(shakespeare_head, tmp_path, monkeypatch):
+    cfg = tiny_train_config(shakespeare_head, tmp_path / "full", optimizer="muon", max_steps=30, eval_interval=10,
+                            lr=1e-2)
+    full = train.train(tiny_model_config(), cfg)
+    evals = [h["val_loss"] for h in full["history"] if h["kind"] == "eval"]
+    assert evals[-1] < evals[0] - 0.5
+    cut = tiny_train_config(shakespeare_head, tmp_path / "cut", optimizer="muon", max_steps=30, eval_interval=10,
+                            lr=1e-2)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 13, signal.SIGINT)
+        with pytest.raises(SystemExit):
+            train.train(tiny_model_config(), cut)
+    resumed = train.train(tiny_model_config(), cut, RunOptions(resume=True))
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # Muon's momentum buffers came back too
