@@ -1,12 +1,13 @@
 """Decisions measured on the machine the run is on, not on ours: read this when you need to
 know how --dtype auto chooses between float32 and bfloat16 on a CPU that has bfloat16
-instructions (it times both), and how --time_budget turns minutes into max_steps (it times a
-few steps, an evaluation's forward passes, a checkpoint, the plots and a few sampled tokens,
-then plans the run to fit).
+instructions (it times both before training starts), and how --time_budget turns minutes into
+max_steps (it times the run's first steps, its first evaluation and a few sampled tokens, then
+plans the rest of the run to fit).
 
-Every measurement runs the run's own model on its own batches before training starts, and
-leaves nothing behind: the weights, the optimizer, the loss scale and every random number
-generator are put back. So a budgeted run and a run given the printed --max_steps and --dtype
+The precision is measured with trial steps that leave nothing behind: the weights, the
+optimizer, the loss scale and every random number generator are put back. The time budget is
+measured on the run itself: its first steps are warmup steps, whose learning rate does not
+depend on max_steps. So a budgeted run and a run given the printed --max_steps and --dtype
 train step for step alike. The plan is saved in the run's checkpoints: --resume keeps it.
 """
 
@@ -33,36 +34,31 @@ from precision import autocast, make_scaler, measured_on
 # steps win back in a five-minute run.
 BF16_MARGIN = 1.25
 UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allocations and kernel choices
-TIMED_STEPS = 12         # per candidate precision, after those; steps vary by 10-15% one to the next
-SAFETY = 0.05            # the plan leaves this share of the budget unused: shared machines drift by 10-25%
+TIMED_STEPS = 8          # per candidate precision, after those
+PLAN_AFTER = 50          # a time budget is planned after this many steps (or the whole warmup, if shorter)
+MIN_WARMUP = 10          # ... so the warmup must give it at least these
+UNPLANNED = 10 ** 9      # max_steps until the plan is made: the loop just goes on
+SAFETY = 0.04            # the plan leaves this share of the budget unused, against a machine that drifts
 
 
 def calibrate(run, train_step):
-    """Measure what the run's settings leave to measurement, decide, and say what was found:
-    the precision (--dtype auto on a CPU with native bfloat16) and the length of a
-    --time_budget run. A resumed run keeps the plan its checkpoint holds."""
-    cfg, plan = run.train_cfg, run.state.plan
-    if plan:
-        if cfg.dtype == "auto" and plan.get("dtype"):
-            set_precision(run, plan["dtype"], plan.get("dtype_note"))
-        return
-    candidates = ["float32", "bfloat16"] if measure_dtype(run) else [run.dtype]
-    budget = parse_duration(cfg.time_budget) if not run.options.overfit_batch else None
-    if len(candidates) == 1 and not budget:
-        return
-    seconds = time_steps(run, train_step, candidates)  # {dtype: seconds per step}
-    plan = {}
-    if len(candidates) > 1:
-        plan.update(choose_dtype(seconds))
-    if budget:
-        plan.update(plan_budget(run, budget, seconds[plan.get("dtype", run.dtype)]))
-    plan = broadcast_from_master(plan, run.world)  # every rank follows rank 0's measurements
-    if "dtype" in plan:
-        set_precision(run, plan["dtype"], plan["dtype_note"])
-    if budget:
-        cfg.max_steps, cfg.warmup_steps = plan["max_steps"], plan["warmup_steps"]
-        run.budget_seconds = budget
-    run.state.plan = plan
+    """Before the first step: measure the precision where --dtype auto leaves it to
+    measurement, and leave a --time_budget run unplanned until its first steps have been timed
+    (plan_budget). A resumed run keeps what its checkpoint's plan holds."""
+    cfg, plan = run.train_cfg, run.state.plan or {}
+    if cfg.dtype == "auto" and plan.get("dtype"):
+        set_precision(run, plan["dtype"], plan.get("dtype_note"))
+    elif measure_dtype(run):
+        seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
+        choice = broadcast_from_master(choose_dtype(seconds), run.world)  # every rank follows rank 0
+        set_precision(run, choice["dtype"], choice["dtype_note"])
+        run.state.plan = {**plan, **choice}
+    if cfg.time_budget and "max_steps" not in plan and not run.options.overfit_batch:
+        if cfg.warmup_steps < MIN_WARMUP:
+            raise TinyLLMError(f"--time_budget plans the run after timing its first warmup steps: give "
+                               f"--warmup_steps {MIN_WARMUP} or more (or --max_steps instead)")
+        cfg.max_steps = UNPLANNED
+        run.plan_at = run.state.step + min(PLAN_AFTER, cfg.warmup_steps)
 
 
 def measure_dtype(run):
@@ -125,33 +121,35 @@ def time_steps(run, train_step, dtypes):
 
 # ----------------------------------------------------------------------------- the time budget
 
-def plan_budget(run, budget, step_seconds):
-    """The most steps that fit: the time spent so far, then max_steps steps, an evaluation
-    every eval_interval steps and at the end (each with its checkpoints and plots), and the
-    closing sample, all within the budget less a safety share."""
-    cfg = run.train_cfg
-    eval_seconds = time_evaluation(run)
+def plan_budget(run, step_seconds, eval_seconds):
+    """Fix max_steps: the most steps such that what is left of the budget (less a safety share)
+    holds them, an evaluation every eval_interval steps and at the end (each with its
+    checkpoints and plots), and the closing sample. The cosine then decays to min_lr at the
+    last step: the run is never cut off mid-schedule. Returns the plan."""
+    cfg, done = run.train_cfg, run.state.step
+    budget = parse_duration(cfg.time_budget)
     sample_seconds = time_sample(run)
     spent = time.perf_counter() - run.started
     available = budget * (1 - SAFETY) - spent - sample_seconds
-    steps = int(available / step_seconds)
-    while steps > 0 and steps * step_seconds + evaluations(steps, cfg.eval_interval) * eval_seconds > available:
+    steps = done + max(0, int(available / step_seconds))
+    while steps > done and ((steps - done) * step_seconds
+                            + evaluations(done, steps, cfg.eval_interval) * eval_seconds) > available:
         steps -= 1
-    if steps < 1:
+    if steps <= cfg.warmup_steps:
         raise TinyLLMError(
-            f"--time_budget {cfg.time_budget} is too short here: set-up took {spent:.1f}s, an evaluation takes "
-            f"{eval_seconds:.1f}s, a step {1000 * step_seconds:.0f}ms and the closing sample {sample_seconds:.1f}s; "
-            f"give at least {format_seconds(1.5 * (spent + 3 * eval_seconds + sample_seconds + 10 * step_seconds))}")
-    warmup = min(cfg.warmup_steps, max(1, steps // 10))  # the LR peaks early and decays fully by the end
-    expected = spent + sample_seconds + steps * step_seconds + evaluations(steps, cfg.eval_interval) * eval_seconds
-    return {"time_budget": cfg.time_budget, "max_steps": steps, "warmup_steps": warmup,
-            "ms_per_step": 1000 * step_seconds, "eval_seconds": eval_seconds, "sample_seconds": sample_seconds,
-            "expected_seconds": expected}
+            f"--time_budget {cfg.time_budget} is too short here: {spent:.1f}s are gone, a step takes "
+            f"{1000 * step_seconds:.0f}ms, an evaluation {eval_seconds:.1f}s and the closing sample "
+            f"{sample_seconds:.1f}s, which leaves no time after the warmup ({cfg.warmup_steps} steps); give "
+            f"at least {format_seconds(1.5 * (spent + 2 * eval_seconds + sample_seconds + 2 * cfg.warmup_steps * step_seconds))}")
+    expected = spent + sample_seconds + (steps - done) * step_seconds + evaluations(done, steps, cfg.eval_interval) * eval_seconds
+    return {"time_budget": cfg.time_budget, "max_steps": steps, "planned_at": done, "ms_per_step": 1000 * step_seconds,
+            "eval_seconds": eval_seconds, "sample_seconds": sample_seconds, "expected_seconds": expected}
 
 
-def evaluations(steps, eval_interval):
-    """How many evaluations a run of this many steps makes: at 0, every eval_interval, at the end."""
-    return steps // eval_interval + 1 + (steps % eval_interval > 0)
+def evaluations(done, steps, eval_interval):
+    """How many evaluations a run makes after step done, up to steps: every eval_interval steps,
+    and at the end."""
+    return steps // eval_interval - done // eval_interval + (steps % eval_interval > 0)
 
 
 def time_evaluation(run):
@@ -207,24 +205,30 @@ def time_sample(run):
 
 # ----------------------------------------------------------------------------- what to tell the user
 
+def describe_start(run):
+    """The start-up line about a time budget: continued, or to be planned."""
+    plan = run.state.plan or {}
+    if "max_steps" in plan:
+        return [f"time budget {plan['time_budget']}: continuing the planned {plan['max_steps']:,} steps"]
+    if run.plan_at is not None:
+        return [f"time budget {run.train_cfg.time_budget}: the first {run.plan_at - run.state.step} steps are "
+                f"timed, then the rest of the run is planned to fit"]
+    return []
+
+
 def describe_plan(run):
-    """The start-up lines about what was measured and planned (none when nothing was)."""
-    plan, lines = run.state.plan or {}, []
-    if "max_steps" in plan and run.state.step > 0:
-        lines.append(f"time budget {plan['time_budget']}: continuing the planned {plan['max_steps']:,} steps")
-    elif "max_steps" in plan:
-        lines.append(f"time budget {plan['time_budget']}: {plan['max_steps']:,} steps planned, warmup "
-                     f"{plan['warmup_steps']}, cosine decay to the end (measured here: {plan['ms_per_step']:.0f} "
-                     f"ms/step, an evaluation {plan['eval_seconds']:.1f}s, the closing sample "
-                     f"{plan['sample_seconds']:.1f}s); the run should take {format_seconds(plan['expected_seconds'])}")
-        lines.append(f"the same run, step for step, without measuring: {repeat_command(run)}")
-    return lines
+    """The lines that announce a plan just made."""
+    plan = run.state.plan
+    return [f"time budget {plan['time_budget']}: {plan['max_steps']:,} steps planned, the cosine decaying to the "
+            f"last (measured here: {plan['ms_per_step']:.0f} ms/step, an evaluation {plan['eval_seconds']:.1f}s, "
+            f"the closing sample {plan['sample_seconds']:.1f}s); the run should end {format_seconds(plan['expected_seconds'])} "
+            f"after it started",
+            f"the same run, step for step, without measuring: {repeat_command(run)}"]
 
 
 def repeat_command(run):
     """The command line that repeats a planned run exactly: the flags given, with the plan's
-    --max_steps, --warmup_steps and --dtype in place of --time_budget."""
-    plan = run.state.plan
+    --max_steps and the run's --dtype in place of --time_budget."""
     flags = {k: v for k, v in run.given.items() if k not in ("time_budget", "resume", "overwrite")}
-    flags.update(max_steps=plan["max_steps"], warmup_steps=plan["warmup_steps"], dtype=run.dtype)
+    flags.update(max_steps=run.state.plan["max_steps"], dtype=run.dtype)
     return "python train.py " + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in flags.items())

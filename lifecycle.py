@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from calibrate import calibrate, describe_plan
+from calibrate import calibrate, describe_plan, describe_start, plan_budget, time_evaluation
 from checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint,
                         tokenizer_of)
 from cli import format_seconds, log, warn
-from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
+from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, parse_duration
 from device import (choose_device, configure_matmul, describe, flops_per_token, out_of_memory_as_error, peak_flops,
                     rng_state, seed_everything, set_rng_state, set_threads)
-from distributed import (all_ranks_max, all_ranks_mean, rank_seed, setup_distributed, teardown_distributed,
-                         wrap)
+from distributed import (all_ranks_max, all_ranks_mean, broadcast_from_master, rank_seed, setup_distributed,
+                         teardown_distributed, wrap)
 from optim import get_lr
 from plots import plot_history
 from precision import autocast, explain_dtype, make_scaler, resolve_dtype
@@ -68,6 +68,9 @@ class Meter:
     steps: int = 0              # of them timed so far
     mark: float = 0.0           # when the current stretch of steps began
     paused: int = 0             # > 0 while the clock is off (evaluating, saving)
+    longest_pause: float = 0.0  # seconds of the longest stretch off the clock (an evaluation, with its saves)
+    session_seconds: float = 0.0  # the step time of this session so far, and its steps: for a time budget
+    session_steps: int = 0
     session_start: float = 0.0  # when this session's share of TrainState.seconds began
 
 
@@ -95,7 +98,8 @@ class Run:
     source: dict = None         # resumed (options.resume) or fine-tuned (options.init_from)
     source_name: str = ""
     dtype_note: str = None      # what --dtype auto measured, when it measured (calibrate.py)
-    budget_seconds: float = None  # the time budget this session planned for, in seconds (calibrate.py)
+    plan_at: int = None         # a --time_budget run not planned yet: the step at which to plan it
+    budget_seconds: float = None  # the time budget this session planned for, in seconds
     # built by train.build
     tokenizer: object = None
     corpus: object = None       # utils.Corpus: the train and val token streams
@@ -284,7 +288,7 @@ def print_header(run):
     run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
             + (f" ({' x '.join(split)} of {run.micro_batch})" if split else "")
             + f" | train {len(tokens.train):,} tokens, val {len(tokens.val):,} tokens")
-    for line in describe_plan(run):
+    for line in describe_start(run):
         run.say(line)
     if cfg.max_steps <= cfg.warmup_steps:
         warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never "
@@ -307,6 +311,7 @@ def off_the_clock(run):
     meter = run.meter
     if not meter.paused:
         settle(run)
+        start = time.perf_counter()
     meter.paused += 1
     try:
         yield
@@ -314,6 +319,7 @@ def off_the_clock(run):
         meter.paused -= 1
         if not meter.paused:
             meter.mark = time.perf_counter()
+            meter.longest_pause = max(meter.longest_pause, meter.mark - start)
 
 
 def settle(run):
@@ -323,8 +329,11 @@ def settle(run):
     meter = run.meter
     if not meter.pending:
         return
-    meter.seconds += time.perf_counter() - meter.mark  # the device has finished these steps only now
+    seconds = time.perf_counter() - meter.mark  # the device has finished these steps only now
+    meter.seconds += seconds
     meter.steps += len(meter.pending)
+    meter.session_seconds += seconds
+    meter.session_steps += len(meter.pending)
     steps = [s for s, _, _ in meter.pending]
     values = torch.stack([torch.stack((loss.float(), norm.float())) for _, loss, norm in meter.pending]).tolist()
     meter.pending = []
@@ -356,7 +365,7 @@ def after_evaluation(run, losses):
     state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
                           "lr": state.lr, "grad_norm": state.grad_norm, "ms_per_step": None, "seconds": elapsed(run)})
     bits = val_loss / run.corpus.chars_per_token / math.log(2)
-    line = f"eval {state.step:>6}/{cfg.max_steps} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
+    line = f"eval {state.step:>6}/{steps_shown(run)} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
     if state.step == 0:
         line += f" | uniform baseline ln(V) = {math.log(run.model_cfg.vocab_size):.4f}"
     run.say(line + (" | new best" if improved else ""))
@@ -366,7 +375,7 @@ def after_evaluation(run, losses):
             save(run, run.best_path)
         if run.master:
             write_history(state.history, run.out_dir)
-            if cfg.plots:
+            if cfg.plots and run.plan_at is None:  # (the LR schedule is drawn once it is planned)
                 plot_history(state.history, run.out_dir, run.model_cfg.vocab_size, cfg, state.decay_from)
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         run.stop_reason = (f"early stop: val loss has not improved for {cfg.patience} evaluations "
@@ -382,6 +391,8 @@ def after_step(run, stop, loss, grad_norm, lr):
     state, cfg = run.state, run.train_cfg
     state.lr = lr
     run.meter.pending.append((state.step, loss, grad_norm))
+    if run.plan_at is not None and state.step >= run.plan_at:
+        make_plan(run)
     if state.step % run.log_interval == 0:
         log_progress(run)
     if cfg.save_interval and state.step % cfg.save_interval == 0:
@@ -396,6 +407,28 @@ def after_step(run, stop, loss, grad_norm, lr):
         sys.exit(130 if signum == signal.SIGINT else 143)
 
 
+def make_plan(run):
+    """A --time_budget run's plan, once its first steps are timed: rank 0 plans from this
+    session's mean step time and its longest evaluation (calibrate.plan_budget), every rank
+    follows, and the run says what it will do and how to repeat it."""
+    settle(run)
+    meter = run.meter
+    eval_seconds = meter.longest_pause or time_evaluation(run)  # no evaluation yet in a resumed session
+    plan = plan_budget(run, meter.session_seconds / meter.session_steps, eval_seconds) if run.master else None
+    plan = broadcast_from_master(plan, run.world)
+    run.train_cfg.max_steps = plan["max_steps"]
+    run.state.plan = {**(run.state.plan or {}), **plan}
+    run.plan_at, run.budget_seconds = None, parse_duration(plan["time_budget"])
+    for line in describe_plan(run):
+        run.say(line)
+    meter.mark = time.perf_counter()  # planning is not step time
+
+
+def steps_shown(run):
+    """max_steps as the progress lines show it: '?' until a time budget's plan is made."""
+    return "?" if run.plan_at is not None else run.train_cfg.max_steps
+
+
 def log_progress(run):
     """A progress line (loss, LR, grad norm, speed, ETA) and a history row for the steps since the last one."""
     settle(run)
@@ -405,9 +438,10 @@ def log_progress(run):
     tokens_per_s = cfg.batch_size * run.model_cfg.block_size / ms * 1000
     state.history.append({"kind": "train", "step": state.step, "train_loss": loss, "val_loss": None,
                           "lr": state.lr, "grad_norm": state.grad_norm, "ms_per_step": ms, "seconds": elapsed(run)})
-    line = (f"step {state.step:>6}/{cfg.max_steps} | loss {loss:.4f} | lr {state.lr:.2e} | grad norm "
+    eta = "?" if run.plan_at is not None else format_seconds((cfg.max_steps - state.step) * ms / 1000)
+    line = (f"step {state.step:>6}/{steps_shown(run)} | loss {loss:.4f} | lr {state.lr:.2e} | grad norm "
             f"{state.grad_norm if state.grad_norm is not None else float('nan'):.3f} | {ms:.1f} ms/step | "
-            f"{tokens_per_s:,.0f} tok/s | ETA {format_seconds((cfg.max_steps - state.step) * ms / 1000)}")
+            f"{tokens_per_s:,.0f} tok/s | ETA {eta}")
     if run.peak:
         line += f" | MFU {100 * flops_per_token(run.model) * tokens_per_s / (run.peak * run.world):.1f}%"
     if not run.options.overfit_batch or state.step % cfg.log_interval == 0:

@@ -103,6 +103,8 @@ def resume_configs(checkpoint, given, path):
         raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
                            ". Drop the flag, or start a new run with another --out_dir (or --tag)")
     changes = {k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}
+    if "max_steps" in changes:  # a step count given: the run's time budget, if any, no longer applies
+        changes["time_budget"] = ""
     return model_cfg, dataclasses.replace(train_cfg, **changes)
 
 

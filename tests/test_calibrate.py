@@ -68,28 +68,27 @@ def test_the_trial_steps_leave_weights_optimizer_and_random_numbers_as_they_were
     assert all(p.grad is None for p in run.model.parameters())
 
 
-def plan_with(monkeypatch, step, evaluation, sample, spent=0.0):
-    """plan_budget for a 100 s budget with these timings (seconds), spent seconds after the start."""
-    monkeypatch.setattr(calibrate, "time_evaluation", lambda run: evaluation)
+def plan_with(monkeypatch, step, evaluation, sample, spent=0.0, done=50):
+    """plan_budget for a 100 s budget at step done, with these timings (seconds), spent seconds
+    after the start."""
     monkeypatch.setattr(calibrate, "time_sample", lambda run: sample)
 
     class FakeRun:
         started = time.perf_counter() - spent
+        state = type("State", (), {"step": done})()
         train_cfg = tiny_train_config("x.txt", "out", time_budget="100s", eval_interval=100, warmup_steps=50)
-    return calibrate.plan_budget(FakeRun(), 100.0, step)
+    return calibrate.plan_budget(FakeRun(), step, evaluation)
 
 
 def test_mocked_timings_plan_the_most_steps_that_fit(monkeypatch):
-    def seconds(n, spent):  # the run as planned: set-up, n steps, an evaluation every 100 and at the end, sample
-        return spent + n * 0.107 + (n // 100 + 1 + (n % 100 > 0)) * 1.0 + 2.0
+    def seconds(n, spent):  # 50 steps done; then n - 50 more, an evaluation every 100 and at the end, the sample
+        return spent + (n - 50) * 0.107 + (n // 100 + (n % 100 > 0)) * 1.0 + 2.0
     plan = plan_with(monkeypatch, step=0.107, evaluation=1.0, sample=2.0, spent=10.0)
     steps, usable = plan["max_steps"], 100 * (1 - calibrate.SAFETY)
-    assert seconds(steps, 10.0) <= usable < seconds(steps + 1, 10.0) and 650 < steps < 800
-    assert plan["expected_seconds"] == pytest.approx(seconds(steps, 10.0), abs=0.01)
-    assert plan["warmup_steps"] == 50
-    assert plan_with(monkeypatch, step=1.0, evaluation=1.0, sample=0.0)["warmup_steps"] == 9  # a tenth of 94 steps
+    assert seconds(steps, 10.0) <= usable < seconds(steps + 1, 10.0) and 650 < steps < 850
+    assert plan["expected_seconds"] == pytest.approx(seconds(steps, 10.0), abs=0.01) and plan["planned_at"] == 50
     with pytest.raises(TinyLLMError, match="too short"):
-        plan_with(monkeypatch, step=0.1, evaluation=60.0, sample=2.0)  # not even two evaluations fit
+        plan_with(monkeypatch, step=0.1, evaluation=95.0, sample=2.0)  # no room for the last evaluation
 
 
 @pytest.mark.parametrize("value", ["0", "-5m", "abc", "5x", "0s"])
