@@ -350,7 +350,7 @@ def markdown_flags(classes=(GPTConfig, TrainConfig, RunOptions)):
 
 
 PRESET_COLUMNS = ("n_layer", "n_head", "n_embd", "block_size", "pos", "mlp", "norm", "bias", "dropout",
-                  "batch_size", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta2")
+                  "batch_size", "time_budget", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta2")
 
 
 def dataclass_defaults(cls):
@@ -362,7 +362,7 @@ def markdown_presets():
     base = {**dataclass_defaults(GPTConfig), **dataclass_defaults(TrainConfig)}
     rows = ["| preset | " + " | ".join(PRESET_COLUMNS) + " |", "| --- " * (len(PRESET_COLUMNS) + 1) + "|"]
     for name, preset in PRESETS.items():
-        rows.append(f"| `{name}` | " + " | ".join(str(preset.get(c, base[c])) for c in PRESET_COLUMNS) + " |")
+        rows.append(f"| `{name}` | " + " | ".join(str(preset.get(c, base[c])) or "-" for c in PRESET_COLUMNS) + " |")
     return "\n".join(rows) + "\n"
 
 
