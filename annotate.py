@@ -7,7 +7,7 @@ toss), and with --show_top K the K most likely tokens. A terminal gets the text 
 probability; a file or a pipe gets one aligned row per token. Every sample ends with its
 mean log-probability, perplexity and mean entropy.
 
-generate.sample hands each step to an Annotator; main asks it for each sample's report.
+generate.sample hands each step to an Annotator; generate.sample_checkpoint asks it for each sample's report.
 """
 
 import math

@@ -10,7 +10,7 @@ quarter and more), and written with a description of the machine as JSON to --ou
     python bench.py ablation --preset tiny --max_steps 400
     python bench.py gpu_check                                                  # once, on a machine with a GPU
 
-Training runs go through train.py's own setup (start_run) and records (history.json); no
+Training runs go through train.py's own setup (setup_run) and records (history.json); no
 console output is parsed.
 """
 

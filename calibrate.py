@@ -37,7 +37,6 @@ UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allo
 TIMED_STEPS = 8          # per candidate precision, after those
 PLAN_AFTER = 50          # a time budget is planned after this many steps (or the whole warmup, if shorter)
 MIN_WARMUP = 10          # ... so the warmup must give it at least these
-UNPLANNED = 10 ** 9      # max_steps until the plan is made: the loop just goes on
 SAFETY = 0.04            # the plan leaves this share of the budget unused, against a machine that drifts
 
 
@@ -57,8 +56,9 @@ def calibrate(run, train_step):
         if cfg.warmup_steps < MIN_WARMUP:
             raise TinyLLMError(f"--time_budget plans the run after timing its first warmup steps: give "
                                f"--warmup_steps {MIN_WARMUP} or more (or --max_steps instead)")
-        cfg.max_steps = UNPLANNED
-        run.plan_at = run.state.step + min(PLAN_AFTER, cfg.warmup_steps)
+        # plan within the warmup, whose learning rate does not depend on max_steps
+        run.plan_at = min(run.state.step + PLAN_AFTER, max(cfg.warmup_steps, run.state.step + 1))
+        cfg.max_steps = max(cfg.max_steps, run.plan_at + 1)  # the loop goes on until then
 
 
 def measure_dtype(run):
@@ -121,29 +121,53 @@ def time_steps(run, train_step, dtypes):
 
 # ----------------------------------------------------------------------------- the time budget
 
-def plan_budget(run, step_seconds, eval_seconds):
-    """Fix max_steps: the most steps such that what is left of the budget (less a safety share)
-    holds them, an evaluation every eval_interval steps and at the end (each with its
-    checkpoints and plots), and the closing sample. The cosine then decays to min_lr at the
-    last step: the run is never cut off mid-schedule. Returns the plan."""
-    cfg, done = run.train_cfg, run.state.step
+def plan_run(run):
+    """A --time_budget run's plan, once its first steps are timed (lifecycle.after_step calls
+    this): rank 0 plans from this session's mean step time, its first evaluation (with the
+    plots it did not draw yet) and 16 sampled tokens; every rank follows, and an error on rank
+    0 is the same one-line error on every rank."""
+    meter, cfg, plan = run.meter, run.train_cfg, None
+    if run.master:
+        try:
+            evaluation = meter.eval_seconds + time_plots(run) if meter.eval_seconds else time_evaluation(run)
+            spent = run.earlier_seconds + time.perf_counter() - run.started
+            plan = plan_budget(cfg, run.state.step, spent, meter.session_seconds / meter.session_steps, evaluation,
+                               time_sample(run))
+        except TinyLLMError as e:
+            plan = {"error": str(e)}
+    plan = broadcast_from_master(plan, run.world)
+    if "error" in plan:
+        raise TinyLLMError(plan["error"])
+    cfg.max_steps, run.plan_at, run.budget_seconds = plan["max_steps"], None, parse_duration(cfg.time_budget)
+    run.state.plan = {**(run.state.plan or {}), **plan}
+    for line in describe_plan(run):
+        run.say(line)
+
+
+def plan_budget(cfg, done, spent, step_seconds, eval_seconds, sample_seconds):
+    """The plan of a run at step done, spent seconds into its time budget: the most steps such
+    that what is left of the budget (less a safety share) holds them, an evaluation every
+    eval_interval steps and at the end (each with its checkpoints and plots), and the closing
+    sample. The cosine then decays to min_lr at the last step: never cut off mid-schedule."""
     budget = parse_duration(cfg.time_budget)
-    sample_seconds = time_sample(run)
-    spent = time.perf_counter() - run.started
     available = budget * (1 - SAFETY) - spent - sample_seconds
+
+    def seconds(steps):  # from now to the end of the run
+        return (steps - done) * step_seconds + evaluations(done, steps, cfg.eval_interval) * eval_seconds
+
     steps = done + max(0, int(available / step_seconds))
-    while steps > done and ((steps - done) * step_seconds
-                            + evaluations(done, steps, cfg.eval_interval) * eval_seconds) > available:
+    while steps > done and seconds(steps) > available:
         steps -= 1
     if steps <= cfg.warmup_steps:
+        need = spent + sample_seconds + seconds(max(2 * cfg.warmup_steps, done + 1))
         raise TinyLLMError(
             f"--time_budget {cfg.time_budget} is too short here: {spent:.1f}s are gone, a step takes "
             f"{1000 * step_seconds:.0f}ms, an evaluation {eval_seconds:.1f}s and the closing sample "
             f"{sample_seconds:.1f}s, which leaves no time after the warmup ({cfg.warmup_steps} steps); give "
-            f"at least {format_seconds(1.5 * (spent + 2 * eval_seconds + sample_seconds + 2 * cfg.warmup_steps * step_seconds))}")
-    expected = spent + sample_seconds + (steps - done) * step_seconds + evaluations(done, steps, cfg.eval_interval) * eval_seconds
+            f"at least {format_seconds(need / (1 - SAFETY))}")
     return {"time_budget": cfg.time_budget, "max_steps": steps, "planned_at": done, "ms_per_step": 1000 * step_seconds,
-            "eval_seconds": eval_seconds, "sample_seconds": sample_seconds, "expected_seconds": expected}
+            "eval_seconds": eval_seconds, "sample_seconds": sample_seconds,
+            "expected_seconds": spent + sample_seconds + seconds(steps)}
 
 
 def evaluations(done, steps, eval_interval):
@@ -173,7 +197,7 @@ def time_evaluation(run):
                                "v": {k: v.clone() for k, v in weights.items()}})
         os.remove(path)
     save = time.perf_counter() - t0
-    return 2 * run.eval_iters * forward * run.train_cfg.grad_accum_steps + 2 * save + time_plots(run)
+    return 2 * run.eval_iters * forward + 2 * save + time_plots(run)
 
 
 def time_plots(run):
@@ -196,9 +220,9 @@ def time_sample(run):
     start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
     model = run.model.eval()
     with run.ctx:
-        model.generate(start, 2, temperature=0)  # once untimed
+        model.generate(start, 2, temperature=0).tolist()  # once untimed
         t0 = time.perf_counter()
-        model.generate(start, 16, temperature=0)
+        model.generate(start, 16, temperature=0).tolist()  # (.tolist(): a GPU has finished only now)
     model.train()
     return (time.perf_counter() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token
 
@@ -207,8 +231,8 @@ def time_sample(run):
 
 def describe_start(run):
     """The start-up line about a time budget: continued, or to be planned."""
-    plan = run.state.plan or {}
-    if "max_steps" in plan:
+    plan, cfg = run.state.plan or {}, run.train_cfg
+    if "max_steps" in plan and cfg.time_budget and cfg.max_steps == plan["max_steps"]:
         return [f"time budget {plan['time_budget']}: continuing the planned {plan['max_steps']:,} steps"]
     if run.plan_at is not None:
         return [f"time budget {run.train_cfg.time_budget}: the first {run.plan_at - run.state.step} steps are "
@@ -221,14 +245,17 @@ def describe_plan(run):
     plan = run.state.plan
     return [f"time budget {plan['time_budget']}: {plan['max_steps']:,} steps planned, the cosine decaying to the "
             f"last (measured here: {plan['ms_per_step']:.0f} ms/step, an evaluation {plan['eval_seconds']:.1f}s, "
-            f"the closing sample {plan['sample_seconds']:.1f}s); the run should end {format_seconds(plan['expected_seconds'])} "
-            f"after it started",
-            f"the same run, step for step, without measuring: {repeat_command(run)}"]
+            f"the closing sample {plan['sample_seconds']:.1f}s); the run should end "
+            f"{format_seconds(plan['expected_seconds'])} after it started",
+            f"the same run, step for step, without measuring (into another --out_dir): {repeat_command(run)}"]
 
 
 def repeat_command(run):
-    """The command line that repeats a planned run exactly: the flags given, with the plan's
-    --max_steps and the run's --dtype in place of --time_budget."""
-    flags = {k: v for k, v in run.given.items() if k not in ("time_budget", "resume", "overwrite")}
+    """The command line that repeats a planned run exactly: the flags its first session was
+    given, with the plan's --max_steps and the run's --dtype in place of --time_budget."""
+    if run.options.resume and run.source:  # planned in a later session: its own flags say little
+        return f"the first session's flags, then --max_steps {run.state.plan['max_steps']} --dtype {run.dtype}"
+    flags = {k: v for k, v in run.given.items() if k not in ("time_budget", "resume", "overwrite", "out_dir", "tag")}
     flags.update(max_steps=run.state.plan["max_steps"], dtype=run.dtype)
-    return "python train.py " + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in flags.items())
+    launcher = f"torchrun --nproc_per_node={run.world} train.py" if run.world > 1 else "python train.py"
+    return f"{launcher} " + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in flags.items())

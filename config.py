@@ -75,10 +75,10 @@ class TrainConfig:
                            "its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the cosine decay of the LR ends here")
-    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the run times a few steps, "
-                                   "then fixes max_steps (and the warmup and LR decay) to end in time, evaluations, "
-                                   "checkpoints and the closing sample included; empty = off. A CPU or Mac's default "
-                                   "preset (tiny) uses 5m; an explicit --max_steps turns it off")
+    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the run times its first "
+                                   "steps, then fixes max_steps (the LR decays to its end) to finish in time, "
+                                   "evaluations, checkpoints and the closing sample included; empty = off. A CPU or "
+                                   "Mac's default preset (tiny) uses 5m; an explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR the cosine decays to at max_steps, and stays at")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))

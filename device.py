@@ -6,9 +6,10 @@ number generators are seeded and saved for an exact resume, and how fast the chi
 What `python train.py` picks with no flags (the README's per-platform table):
     CUDA, compute capability 8.0+ (A100, L4, H100, RTX 30xx+)  small, bfloat16 autocast, TF32 matmuls
     CUDA, older (T4, V100)                                    small, float16 autocast + gradient scaler
-    Apple silicon (MPS)                                       tiny, float32
-    CPU with AVX512-BF16 or AMX (recent Xeon, EPYC, Ryzen)    tiny, bfloat16 autocast
-    other CPUs                                                tiny, float32
+    Apple silicon (MPS)                                       tiny for 5 minutes, float32
+    CPU with AVX512-BF16 or AMX (recent Xeon, EPYC, Ryzen)    tiny for 5 minutes, bfloat16 autocast if
+                                                              it measures 1.25x float32's speed (calibrate.py)
+    other CPUs                                                tiny for 5 minutes, float32
 """
 
 import contextlib

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from annotate import Annotator
+from annotate import Annotator, Pieces
 from checkpoint import describe_checkpoint, load_model
 from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli, warn
 from config import EOT, SampleConfig, TinyLLMError, make_config
@@ -68,7 +68,7 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
                                   top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator,
                                   with_probs=annotator is not None)
     shown = [t for t in prompt_ids if t != stop]
-    new, unprinted = [], []
+    new, pieces = [], Pieces(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
     if annotator:
         annotator.begin(shown, cfg.num_samples, live=stream)
     elif stream:
@@ -78,13 +78,9 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
         new.append(token)
         if annotator:
             annotator.add(*step)
-        elif stream and token[0, 0] != stop:
-            unprinted.append(token[0, 0].item())
-            text = tokenizer.decode(unprinted)
-            if not text.endswith("\ufffd"):  # a byte-level token can end mid-character: wait for the rest
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                unprinted = []
+        elif stream and token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):
+            sys.stdout.write(piece[0])
+            sys.stdout.flush()
     if annotator:
         annotator.end()
     elif stream:

@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from calibrate import calibrate, describe_plan, describe_start, plan_budget, time_evaluation
+from calibrate import calibrate, describe_start, plan_run
 from checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint,
                         tokenizer_of)
 from cli import format_seconds, log, warn
-from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, parse_duration
+from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 from device import (choose_device, configure_matmul, describe, flops_per_token, out_of_memory_as_error, peak_flops,
                     rng_state, seed_everything, set_rng_state, set_threads)
-from distributed import (all_ranks_max, all_ranks_mean, broadcast_from_master, rank_seed, setup_distributed,
-                         teardown_distributed, wrap)
+from distributed import all_ranks_max, all_ranks_mean, rank_seed, setup_distributed, teardown_distributed, wrap
 from optim import get_lr
 from plots import plot_history
 from precision import autocast, explain_dtype, make_scaler, resolve_dtype
@@ -68,7 +67,8 @@ class Meter:
     steps: int = 0              # of them timed so far
     mark: float = 0.0           # when the current stretch of steps began
     paused: int = 0             # > 0 while the clock is off (evaluating, saving)
-    longest_pause: float = 0.0  # seconds of the longest stretch off the clock (an evaluation, with its saves)
+    evaluating: bool = False    # the stretch off the clock now holds an evaluation
+    eval_seconds: float = 0.0   # the first evaluation of this session, its saves included (for a time budget)
     session_seconds: float = 0.0  # the step time of this session so far, and its steps: for a time budget
     session_steps: int = 0
     session_start: float = 0.0  # when this session's share of TrainState.seconds began
@@ -99,6 +99,7 @@ class Run:
     source_name: str = ""
     dtype_note: str = None      # what --dtype auto measured, when it measured (calibrate.py)
     plan_at: int = None         # a --time_budget run not planned yet: the step at which to plan it
+    earlier_seconds: float = 0.0  # training time of the run's earlier sessions (TrainState.seconds at the start)
     budget_seconds: float = None  # the time budget this session planned for, in seconds
     # built by train.build
     tokenizer: object = None
@@ -148,6 +149,7 @@ def start_run(model_cfg, train_cfg, options, preset, given):
     (resume it, or refuse to overwrite another run), the checkpoint to start from, precision,
     and the seed (the same on every rank: identical initial weights)."""
     started = time.perf_counter()
+    train_cfg = dataclasses.replace(train_cfg)  # the run's own copy: a time budget sets its max_steps
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
     out_dir = train_cfg.out_dir
@@ -222,13 +224,14 @@ def load_source(path, given):
 def ready(run, train_step):
     """Everything between building the model and the first step: a resumed run gets back its
     optimizer, progress and random state; each process gets batches of its own; the model is
-    compiled and wrapped for DDP when asked; a few trial steps of train_step measure what
-    --dtype auto and --time_budget leave to measurement (calibrate.py); the start-up lines say
-    what will happen."""
+    compiled and wrapped for DDP when asked; where --dtype auto leaves the precision to
+    measurement, a few trial steps of train_step measure it, and a --time_budget run is set to
+    be planned after its first steps (calibrate.py); the start-up lines say what will happen."""
     cfg = run.train_cfg
     run.state = TrainState()
     if run.options.resume and run.source:
         restore(run, run.source)
+    run.earlier_seconds = run.state.seconds
     if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
         seed_everything(rank_seed(cfg.seed, run.rank, run.state.step))
     run.train_model = wrap(torch.compile(run.model) if cfg.compile else run.model, run.world, run.device)
@@ -319,7 +322,9 @@ def off_the_clock(run):
         meter.paused -= 1
         if not meter.paused:
             meter.mark = time.perf_counter()
-            meter.longest_pause = max(meter.longest_pause, meter.mark - start)
+            if meter.evaluating and not meter.eval_seconds:
+                meter.eval_seconds = meter.mark - start
+            meter.evaluating = False
 
 
 def settle(run):
@@ -356,6 +361,7 @@ def after_evaluation(run, losses):
     # each rank evaluated its share of the batches; the average is the same everywhere,
     # so every rank takes the same best / early-stopping decisions
     train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
+    run.meter.evaluating = True
     improved = val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.evals_without_improvement = val_loss, 0
@@ -391,8 +397,10 @@ def after_step(run, stop, loss, grad_norm, lr):
     state, cfg = run.state, run.train_cfg
     state.lr = lr
     run.meter.pending.append((state.step, loss, grad_norm))
-    if run.plan_at is not None and state.step >= run.plan_at:
-        make_plan(run)
+    if run.plan_at is not None and state.step >= run.plan_at:  # a time budget's first steps are timed
+        settle(run)
+        plan_run(run)
+        run.meter.mark = time.perf_counter()  # planning is not step time
     if state.step % run.log_interval == 0:
         log_progress(run)
     if cfg.save_interval and state.step % cfg.save_interval == 0:
@@ -405,23 +413,6 @@ def after_step(run, stop, loss, grad_norm, lr):
         run.say(f"saved {run.last_path} at step {state.step}. "
                 f"Resume with: python train.py --resume --out_dir {run.out_dir}")
         sys.exit(130 if signum == signal.SIGINT else 143)
-
-
-def make_plan(run):
-    """A --time_budget run's plan, once its first steps are timed: rank 0 plans from this
-    session's mean step time and its longest evaluation (calibrate.plan_budget), every rank
-    follows, and the run says what it will do and how to repeat it."""
-    settle(run)
-    meter = run.meter
-    eval_seconds = meter.longest_pause or time_evaluation(run)  # no evaluation yet in a resumed session
-    plan = plan_budget(run, meter.session_seconds / meter.session_steps, eval_seconds) if run.master else None
-    plan = broadcast_from_master(plan, run.world)
-    run.train_cfg.max_steps = plan["max_steps"]
-    run.state.plan = {**(run.state.plan or {}), **plan}
-    run.plan_at, run.budget_seconds = None, parse_duration(plan["time_budget"])
-    for line in describe_plan(run):
-        run.say(line)
-    meter.mark = time.perf_counter()  # planning is not step time
 
 
 def steps_shown(run):

@@ -261,7 +261,6 @@ class GPT(nn.Module):
 
     # generation: the functions at the end of this file do the work
 
-    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                         use_cache=True, stop_token=None, generator=None, with_probs=False):
         """Continue each row of idx (B, T): yield the next token of every row, shape (B, 1), one
@@ -326,6 +325,7 @@ def context_start(n_tokens, start, block_size):
     return start
 
 
+@torch.inference_mode()  # no autograd graph: each step runs, and the cache is filled, as plain inference
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
                     stop_token=None, generator=None, with_probs=False):
     """GPT.generate_stream: the sampling loop."""

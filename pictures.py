@@ -26,13 +26,13 @@ import torch
 from annotate import Pieces, entropy_bits
 from checkpoint import load_model
 from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
-from config import PictureConfig, TinyLLMError, TrainConfig, make_config
+from config import PictureConfig, TinyLLMError, make_config
 from device import choose_device, set_threads
 from generate import encode_prompt
 from model import lm_loss, next_token_probs
 from plots import new_plot, save_plot
 from tokenizer import CharTokenizer
-from utils import check_long_enough, tokenize
+from utils import validation_split
 
 DPI = 90  # as plots.py draws: a 9-inch-wide figure is 810 pixels
 
@@ -125,11 +125,7 @@ def val_passage(cfg, tokenizer, checkpoint):
     """The token ids (n,) of the passage at the start of the val split: the split
     train.py --eval_only scores (the checkpoint's own data, clean and data_ext, unless --data),
     cut after the token that reaches passage_chars characters."""
-    saved = checkpoint.get("train_config", {})
-    data = cfg.data or saved.get("data", TrainConfig.data)
-    corpus = tokenize(data, tokenizer=tokenizer, clean=saved.get("clean", False),
-                      extensions=saved.get("data_ext", ".txt"))
-    check_long_enough(corpus.val, 1, "validation", data)
+    corpus, _ = validation_split(checkpoint, tokenizer, cfg.data)
     ids = np.asarray(corpus.val[:4 * cfg.passage_chars + 1], dtype=np.int64).tolist()  # a byte token may be 1/4 char
     pieces, chars = Pieces(tokenizer), 0
     for n, token in enumerate(ids, 1):

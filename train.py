@@ -37,7 +37,7 @@ from model import GPT, lm_loss
 from optim import get_lr, make_optimizer, set_lr
 from plots import draw_lr_schedule
 from precision import autocast, measured_on, resolve_dtype, scale, step_if_finite, unscale
-from utils import check_long_enough, get_batch, tokenize
+from utils import check_long_enough, get_batch, tokenize, validation_split
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -104,7 +104,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
     run = start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {})  # device, folder, resume
     with out_of_memory_as_error(run.oom_hint):  # one error line saying what to try
         build(run)
-        ready(run, train_step)  # resumed state, batches, DDP; trial steps measure precision and a time budget
+        ready(run, train_step)  # a resumed run's state, DDP, precision measured with trial steps, the start-up lines
     return run
 
 
@@ -180,11 +180,7 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
     set_threads(threads)
     model, tokenizer, checkpoint = load_model(path)
     model.to(device)
-    saved = checkpoint.get("train_config", {})
-    data = data or saved.get("data", TrainConfig.data)
-    corpus = tokenize(data, tokenizer=tokenizer, clean=saved.get("clean", False),
-                      extensions=saved.get("data_ext", ".txt"))  # the split the run was validated on
-    check_long_enough(corpus.val, 1, "validation", data)
+    corpus, data = validation_split(checkpoint, tokenizer, data)  # the split the run was validated on
     val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
     loss = evaluate_full(model, val_ids, model.config.block_size, batch_size, device, autocast(device, "float32"))
     bpc = loss / corpus.chars_per_token / math.log(2)

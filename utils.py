@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import TinyLLMError
+from config import TinyLLMError, TrainConfig
 from sources import is_prepared, prepared_streams, read_text
 from tokenizer import make_tokenizer
 
@@ -53,6 +53,16 @@ def split_train_val(ids, train_fraction=0.9):
     shuffled, since next-token prediction needs them in order."""
     n = int(len(ids) * train_fraction)
     return ids[:n], ids[n:]
+
+
+def validation_split(checkpoint, tokenizer, data=None):
+    """(corpus, data): the source a checkpoint's run was validated on, tokenized and split as
+    it was then (its data, clean and data_ext), or another source given as data."""
+    saved = checkpoint.get("train_config", {})
+    data = data or saved.get("data", TrainConfig.data)
+    corpus = tokenize(data, tokenizer=tokenizer, clean=saved.get("clean", False), extensions=saved.get("data_ext", ".txt"))
+    check_long_enough(corpus.val, 1, "validation", data)
+    return corpus, data
 
 
 def check_long_enough(ids, block_size, name, path):

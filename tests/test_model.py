@@ -194,3 +194,13 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
     loss.backward()
     assert seen and set(seen) == {torch.float32}
     assert logits.dtype == torch.bfloat16  # the rest of the forward pass did run in bfloat16
+
+
+def test_generation_builds_no_autograd_graph(monkeypatch):
+    import model as model_module
+    seen = []
+    real = model_module.sample_next
+    monkeypatch.setattr(model_module, "sample_next", lambda logits, *a, **k: seen.append(
+        (logits.requires_grad, torch.is_inference_mode_enabled())) or real(logits, *a, **k))
+    GPT(tiny_model_config()).generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
+    assert seen == [(False, True)] * 5  # inference mode at every step: no graph kept alive by the cache
