@@ -17,7 +17,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import ROOT, fixed_batch, subprocess_env, tiny_model_config
+from conftest import ROOT, assert_one_line_error, fixed_batch, subprocess_env, tiny_model_config
 from model import GPT
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -61,7 +61,7 @@ DDP_STEP = textwrap.dedent("""
 """)
 
 
-def two_ranks(script, *args):
+def two_ranks(script, *args, timeout=120):
     """Run script ARGS as the two ranks of one process group, without the torchrun launcher
     (which the next test starts once): each gets the variables torchrun would set."""
     with socket.socket() as s:
@@ -72,7 +72,7 @@ def two_ranks(script, *args):
                               env=subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                                  MASTER_PORT=str(port), PYTHONPATH=ROOT))
              for r in (0, 1)]
-    outputs = [p.communicate(timeout=120) for p in ranks]
+    outputs = [p.communicate(timeout=timeout) for p in ranks]
     return [(p.returncode, out, err) for p, (out, err) in zip(ranks, outputs)]
 
 
@@ -146,3 +146,12 @@ def test_ranks_agree_on_a_stop_signal_and_the_run_resumes_under_torchrun(shakesp
     model = model_from_checkpoint(ckpt)
     logits, _ = model(torch.zeros(1, 4, dtype=torch.long))
     assert torch.isfinite(logits).all()
+
+
+def test_a_time_budget_that_fails_on_rank_0_fails_every_rank_with_one_line(shakespeare_head, tmp_path):
+    # rank 0 plans alone; were its error not handed on, rank 1 would wait for the plan forever
+    shape = ["--device", "cpu", "--data", shakespeare_head, "--out_dir", tmp_path / "run", "--n_layer", "1",
+             "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "16", "--eval_iters", "1",
+             "--sample_tokens", "0", "--plots", "false", "--warmup_steps", "10", "--time_budget", "0.001s"]
+    for code, _, err in two_ranks(os.path.join(ROOT, "train.py"), *shape, timeout=60):
+        assert_one_line_error(code, err, "too short")
