@@ -13,7 +13,7 @@ nbclient = pytest.importorskip("nbclient")
 
 def test_the_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     data = write_head(tmp_path / "data.txt", 20_000)
-    flags = [*TINY_FLAGS, "--data", data, "--max_steps", "20", "--eval_interval", "10"]
+    flags = [*TINY_FLAGS, "--data", data, "--max_steps", "20", "--eval_interval", "20"]
     monkeypatch.setenv("TINYLLM_NOTEBOOK_FLAGS", " ".join(f"'{f}'" for f in flags if f != "--plots" and f != "false"))
     monkeypatch.setenv("TINYLLM_NOTEBOOK_OUT_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("TINYLLM_NOTEBOOK_TEMPS", "0.8")  # one temperature: each is a process start
