@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenizer import ByteLevelTokenizer
+
 LN2 = math.log(2)
 
 # probability bands, most likely first: (lowest p in the band, ANSI colour, what the legend says)
@@ -50,18 +52,23 @@ def legend():
     return "probability of each new token: " + "  ".join(paint(words, low) for low, _, words in BANDS)
 
 
-def token_label(tokenizer, token):
-    """One token as a row shows it: its text, quoted, line ends and tabs escaped ('\\n'). A
-    byte-level token that is only part of a character (a UTF-8 sequence cut short) has no
-    text of its own: it shows its bytes, b'\\xe2\\x80'."""
+def token_piece(tokenizer, token):
+    """One token's text; or its bytes, for a byte-level token that is only part of a
+    character (a UTF-8 sequence cut short, which has no text of its own)."""
     text = tokenizer.decode([token])
-    if "\ufffd" in text and hasattr(tokenizer, "enc"):  # tiktoken-backed: BPE and GPT-2
+    if "\ufffd" in text and isinstance(tokenizer, ByteLevelTokenizer):  # BPE and GPT-2
         raw = tokenizer.enc.decode_single_token_bytes(token)
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            return repr(raw)
-    return repr(text)
+            return raw
+    return text
+
+
+def token_label(tokenizer, token):
+    """One token as a row shows it: its text quoted, line ends and tabs escaped ('\\n'), or
+    its bytes, b'\\xe2\\x80'."""
+    return repr(token_piece(tokenizer, token))
 
 
 def columns(text):
@@ -72,7 +79,7 @@ def columns(text):
 class Pieces:
     """Sampled tokens to text, one piece at a time, each with the joint probability of the
     tokens that make it: a byte-level token can end mid-character, so it waits for the
-    tokens that complete the character (as generate.sample's plain stream does)."""
+    tokens that complete the character."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.p = tokenizer, [], 1.0
@@ -82,10 +89,14 @@ class Pieces:
         self.ids.append(token)
         self.p *= p
         text = self.tokenizer.decode(self.ids)
-        return None if text.endswith("\ufffd") else self.flush()
+        return None if text.endswith("\ufffd") else self.take(text)
 
     def flush(self):
-        piece = (self.tokenizer.decode(self.ids), self.p) if self.ids else None
+        """What is left at the end, whole characters or not (None if nothing)."""
+        return self.take(self.tokenizer.decode(self.ids)) if self.ids else None
+
+    def take(self, text):
+        piece = (text, self.p)
         self.ids, self.p = [], 1.0
         return piece
 
@@ -103,15 +114,15 @@ class Annotator:
     add for each step, then end) and writes them out: the first sample live while it is
     streamed, every sample afterwards on request (report)."""
 
-    def __init__(self, tokenizer, stop=None, top=0, colour=False, out=None):
-        self.tokenizer, self.stop, self.top, self.colour = tokenizer, stop, top, colour
-        self.out = out or sys.stdout
+    def __init__(self, tokenizer, top=0, colour=False):
+        self.tokenizer, self.top, self.colour = tokenizer, top, colour
         self.rows_mode = top > 0 or not colour  # alternatives need a row per token; colours need a terminal
         self.samples, self.prompt, self.live, self.pieces = [], [], False, None
 
-    def begin(self, prompt_ids, n_samples, live=False):
-        """A new batch of n_samples continuations of prompt_ids (the stop token left out)."""
-        self.samples, self.prompt, self.live = [[] for _ in range(n_samples)], prompt_ids, live
+    def begin(self, prompt_ids, n_samples, stop=None, live=False):
+        """A new batch of n_samples continuations of prompt_ids (the stop token left out), each
+        ending at the stop token (None: at max_new_tokens only)."""
+        self.samples, self.prompt, self.stop, self.live = [[] for _ in range(n_samples)], prompt_ids, stop, live
         self.pieces = Pieces(self.tokenizer)
         if self.colour:
             self.write(legend() + "\n")
@@ -151,11 +162,10 @@ class Annotator:
     def text(self, i):
         return self.tokenizer.decode(self.prompt + [s.token for s in self.samples[i] if s.token != self.stop])
 
-    def report(self, i, colour=None):
+    def report(self, i):
         """Sample i as text annotated: coloured, or followed by its rows; then its summary."""
-        colour = self.colour if colour is None else colour
         steps = self.samples[i]
-        if colour and not self.rows_mode:
+        if not self.rows_mode:  # coloured text
             pieces, body = Pieces(self.tokenizer), self.tokenizer.decode(self.prompt)
             for s in steps:
                 if s.token != self.stop and (piece := pieces.add(s.token, s.p)):
@@ -163,18 +173,18 @@ class Annotator:
             if piece := pieces.flush():
                 body += paint(*piece)
         else:
-            body = self.text(i) + "\n" + "\n".join(self.row(s, colour) for s in steps)
+            body = self.text(i) + "\n" + "\n".join(self.row(s) for s in steps)
         return body + "\n" + summary(steps)
 
-    def row(self, step, colour=None):
+    def row(self, step):
         """token  p=0.731  H=1.20 bits  top: 'e' 0.73, 'a' 0.10"""
         label = token_label(self.tokenizer, step.token)
-        shown = paint(label, step.p) if (self.colour if colour is None else colour) else label
+        shown = paint(label, step.p) if self.colour else label
         line = f"{shown}{' ' * max(0, LABEL_WIDTH - columns(label))} p={step.p:.3f}  H={step.entropy:.2f} bits"
         if step.top:
             line += "  top: " + ", ".join(f"{token_label(self.tokenizer, t)} {p:.3f}" for t, p in step.top)
         return line
 
     def write(self, text):
-        self.out.write(text)
-        self.out.flush()
+        sys.stdout.write(text)
+        sys.stdout.flush()

@@ -37,6 +37,7 @@ import torch
 import train
 from cli import ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, log, run_cli
 from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
+from calibrate import interleaved
 from device import choose_device, flops_per_token, peak_flops
 from plots import new_plot, read_history, save_plot, split_history
 
@@ -111,18 +112,18 @@ def new_run(preset, given, out_dir):
 
 def time_steps(runs, untimed, steps):
     """Milliseconds of each timed optimizer step of each run, the runs interleaved step by step."""
-    times = [[] for _ in runs]
     log(f"{untimed} untimed steps, then {steps} timed steps" + (", variants interleaved" if len(runs) > 1 else ""))
-    for step in range(untimed + steps):
-        for run, ms in zip(runs, times):
-            cfg = run.train_cfg
-            t0 = time.perf_counter()
+
+    def step_of(run):
+        cfg = run.train_cfg
+
+        def step():
             train.train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
                              cfg.grad_clip, run.ctx, run.scaler)
             sync(run.device)
-            if step >= untimed:  # the first steps pay one-time costs: compilation, allocation, autotuning
-                ms.append(1000 * (time.perf_counter() - t0))
-    return times
+        return step
+
+    return [[1000 * s for s in seconds] for seconds in interleaved([step_of(run) for run in runs], untimed, steps)]
 
 
 def bench_train(args):

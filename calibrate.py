@@ -48,13 +48,14 @@ def calibrate(run, train_step):
     measurement, and leave a --time_budget run unplanned until its first steps have been timed
     (plan_budget). A resumed run keeps what its checkpoint's plan holds."""
     cfg, plan = run.train_cfg, run.state.plan or {}
-    if cfg.dtype == "auto" and plan.get("dtype"):
-        set_precision(run, plan["dtype"], plan.get("dtype_note"))
-    elif measure_dtype(run):
-        seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
-        choice = broadcast_from_master(choose_dtype(seconds), run.world)  # every rank follows rank 0
-        set_precision(run, choice["dtype"], choice["dtype_note"])
-        run.state.plan = {**plan, **choice}
+    if cfg.dtype == "auto" and measured_on(run.device):
+        if plan.get("dtype"):  # a resumed run keeps what its first session measured
+            choice = plan
+        else:
+            seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
+            choice = broadcast_from_master(choose_dtype(seconds), run.world)  # every rank follows rank 0
+            run.state.plan = {**plan, **choice}
+        set_precision(run, choice["dtype"], choice.get("dtype_note"))
     if cfg.time_budget and "max_steps" not in plan and not run.options.overfit_batch:
         if cfg.warmup_steps < MIN_WARMUP:
             raise TinyLLMError(f"--time_budget plans the run after timing its first warmup steps: give "
@@ -62,10 +63,6 @@ def calibrate(run, train_step):
         # plan within the warmup, whose learning rate does not depend on max_steps
         run.plan_at = min(run.state.step + PLAN_AFTER, max(cfg.warmup_steps, run.state.step + 1))
         cfg.max_steps = max(cfg.max_steps, run.plan_at + 1)  # the loop goes on until then
-
-
-def measure_dtype(run):
-    return run.train_cfg.dtype == "auto" and measured_on(run.device)
 
 
 def set_precision(run, dtype, note=None):
@@ -102,24 +99,37 @@ def trial(run):
         set_rng_state(rng)
 
 
+def interleaved(calls, untimed, timed):
+    """Seconds of each timed call of each function in calls, the functions interleaved call by
+    call so that a machine that drifts slows them alike. The first untimed calls of each pay
+    one-time costs (allocations, kernel choices, compilation) and are not timed."""
+    times = [[] for _ in calls]
+    for i in range(untimed + timed):
+        for call, seconds in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            if i >= untimed:
+                seconds.append(time.perf_counter() - t0)
+    return times
+
+
 def time_steps(run, train_step, dtypes):
-    """Mean seconds of one optimizer step in each dtype (a run's length is a sum of steps, and
-    step times are skewed: the mean, not the median), the dtypes interleaved step by step so
-    that a machine that drifts affects them alike."""
+    """Mean seconds of one optimizer step in each dtype (float32 or bfloat16: no loss scaler).
+    A run's length is a sum of steps, and step times are skewed: the mean, not the median."""
     cfg = run.train_cfg
-    times = {dtype: [] for dtype in dtypes}
+
+    def step_in(dtype):
+        ctx = autocast(run.device, dtype)
+
+        def step():
+            loss, _ = train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
+                                 cfg.grad_clip, ctx)
+            loss.item()  # wait for the device to finish the step
+        return step
+
     with trial(run):
-        for i in range(UNTIMED_STEPS + TIMED_STEPS):
-            for dtype in dtypes:
-                ctx = autocast(run.device, dtype)
-                scaler = run.scaler if dtype == run.dtype else make_scaler(run.device, dtype)
-                t0 = time.perf_counter()
-                loss, _ = train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
-                                     cfg.grad_clip, ctx, scaler)
-                loss.item()  # wait for the device to finish the step
-                if i >= UNTIMED_STEPS:
-                    times[dtype].append(time.perf_counter() - t0)
-    return {dtype: statistics.mean(t) for dtype, t in times.items()}
+        times = interleaved([step_in(dtype) for dtype in dtypes], UNTIMED_STEPS, TIMED_STEPS)
+    return {dtype: statistics.mean(t) for dtype, t in zip(dtypes, times)}
 
 
 # ----------------------------------------------------------------------------- the time budget
@@ -133,7 +143,7 @@ def plan_run(run):
     if run.master:
         try:
             evaluation = meter.eval_seconds + time_plots(run) if meter.eval_seconds else time_evaluation(run)
-            spent = run.earlier_seconds + time.perf_counter() - run.started
+            spent = budget_spent(run)
             plan = plan_budget(cfg, run.state.step, spent, meter.session_seconds / meter.session_steps, evaluation,
                                time_sample(run))
         except TinyLLMError as e:
@@ -141,10 +151,16 @@ def plan_run(run):
     plan = broadcast_from_master(plan, run.world)
     if "error" in plan:
         raise TinyLLMError(plan["error"])
-    cfg.max_steps, run.plan_at, run.budget_seconds = plan["max_steps"], None, parse_duration(cfg.time_budget)
+    cfg.max_steps, run.plan_at, run.planned_here = plan["max_steps"], None, True
     run.state.plan = {**(run.state.plan or {}), **plan}
     for line in describe_plan(run):
         run.say(line)
+
+
+def budget_spent(run):
+    """Seconds of the time budget spent so far: this session's, from its start, and the earlier
+    sessions' training time."""
+    return run.earlier_seconds + time.perf_counter() - run.started
 
 
 def plan_budget(cfg, done, spent, step_seconds, eval_seconds, sample_seconds):
@@ -180,10 +196,11 @@ def evaluations(done, steps, eval_interval):
 
 
 def time_evaluation(run):
-    """Seconds of one evaluation: its forward passes (timed on two batches), last.pt and best.pt
-    (the same bytes as the weights and the two AdamW moments, timed on this disk) and the plots."""
-    model = run.model
-    with trial(run), torch.no_grad():
+    """Seconds of one evaluation: its forward passes (one batch, timed after an untimed pass),
+    last.pt and best.pt (the same bytes as the weights and the two AdamW moments, timed on this
+    disk) and the plots. Rank 0 only: it alone plans."""
+    model, rng = run.model, rng_state()
+    with torch.no_grad():
         model.eval()
         x, y = run.val_batch()
         with run.ctx:
@@ -192,20 +209,20 @@ def time_evaluation(run):
             model(x, y)[1].item()
             forward = time.perf_counter() - t0
         model.train()
+    set_rng_state(rng)  # the run draws the batches it would have drawn without this
     path = os.path.join(run.out_dir, f".calibration.{os.getpid()}.pt")
     weights = model.state_dict()
     t0 = time.perf_counter()
-    if run.master and not run.options.overfit_batch:
-        save_checkpoint(path, {"model": weights, "m": {k: v.clone() for k, v in weights.items()},
-                               "v": {k: v.clone() for k, v in weights.items()}})
-        os.remove(path)
+    save_checkpoint(path, {"model": weights, "m": {k: v.clone() for k, v in weights.items()},
+                           "v": {k: v.clone() for k, v in weights.items()}})
+    os.remove(path)
     save = time.perf_counter() - t0
     return 2 * run.eval_iters * forward + 2 * save + time_plots(run)
 
 
 def time_plots(run):
     """Seconds to redraw loss.png, lr.png and grad_norm.png (0 without --plots)."""
-    if not (run.train_cfg.plots and run.master):
+    if not run.train_cfg.plots:
         return 0.0
     rows = [{"kind": "eval", "step": s, "train_loss": 1.0, "val_loss": 1.0, "lr": 0.0, "grad_norm": None,
              "ms_per_step": None, "seconds": 0.0} for s in (0, 1)]
@@ -218,7 +235,7 @@ def time_plots(run):
 def time_sample(run):
     """Seconds for the closing sample of sample_tokens tokens, from 16 timed tokens."""
     n = run.train_cfg.sample_tokens
-    if not n or not run.master:
+    if not n:
         return 0.0
     start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
     model = run.model.eval()

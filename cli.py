@@ -3,7 +3,8 @@ config.py (with its meaning, allowed values and the default this machine will us
 input becomes one `error:` line and exit status 2 instead of a traceback, how outputs are
 checked for writability before long work starts, and how the scripts print.
 
-Every script's main() runs under run_cli, and builds its flags with add_config_flags.
+The scripts' main() run under run_cli (all but config.py's, which takes no input); those
+whose flags are settings of config.py build them with add_config_flags.
 """
 
 import argparse

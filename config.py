@@ -312,15 +312,19 @@ def make_config(cls, values):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
+def step_exact(values, given):
+    """values, without a time budget when --max_steps was given: a step count makes a run
+    step-exact, so the preset's budget, or a resumed run's, no longer applies."""
+    return {**values, "time_budget": ""} if "max_steps" in given else values
+
+
 def build_configs(given, preset):
     """GPTConfig and TrainConfig from the defaults, then the preset, then the flags given ({name: value})."""
     if preset not in PRESETS:
         raise TinyLLMError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if given.get("time_budget") and "max_steps" in given:
         raise TinyLLMError("give --time_budget or --max_steps, not both")
-    values = {**PRESETS[preset], **given}
-    if "max_steps" in given:  # a step-exact run: the preset's time budget does not apply
-        values["time_budget"] = ""
+    values = step_exact({**PRESETS[preset], **given}, given)
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"{TrainConfig.out_dir}/{values['tag']}"  # f"{field default}/TAG"
     return make_config(GPTConfig, values), make_config(TrainConfig, values)

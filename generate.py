@@ -70,7 +70,7 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
     shown = [t for t in prompt_ids if t != stop]
     new, pieces = [], Pieces(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
     if annotator:
-        annotator.begin(shown, cfg.num_samples, live=stream)
+        annotator.begin(shown, cfg.num_samples, stop, live=stream)
     elif stream:
         sys.stdout.write(tokenizer.decode(shown))
     for step in steps:  # (B, 1); with an annotator, (token (B, 1), the distribution it was drawn from (B, V))
@@ -144,26 +144,25 @@ def sample_checkpoint(path, cfg, prompt, device, several=False):
     model.to(device)
     prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file
-    annotator, odds = None, {}
+    annotator = None
     if cfg.show_probs:  # colours only for a person at a terminal; a file or a pipe gets plain rows
-        colour = sys.stdout.isatty() and not cfg.output_file
-        annotator = Annotator(tokenizer, None if cfg.no_stop else tokenizer.eot_id, cfg.show_top, colour)
-        odds = {"annotator": annotator}  # without the flag, sample is called exactly as before it existed
+        annotator = Annotator(tokenizer, cfg.show_top, colour=sys.stdout.isatty() and not cfg.output_file)
     if several:
         log(f"\n{'=' * 20} {path} ({describe_checkpoint(checkpoint)}) {'=' * 20}")
     with out_of_memory_as_error(f"out of memory on {describe(device)}: try a smaller --num_samples, or --device cpu"):
-        samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream, **odds)
-    for i, (text, n_new, stopped) in enumerate(samples):
-        if stream:
-            if stopped:
-                print(f"(stopped at <|endoftext|> after {n_new} tokens)", file=sys.stderr, flush=True)
-            continue
+        samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream, annotator=annotator)
+    if stream:  # printed as it was sampled (and there is no output file)
+        _, n_new, stopped = samples[0]
+        if stopped:
+            print(f"(stopped at <|endoftext|> after {n_new} tokens)", file=sys.stderr, flush=True)
+        return None
+    texts = [annotator.report(i) if annotator else text for i, (text, _, _) in enumerate(samples)]
+    for i, ((_, n_new, stopped), text) in enumerate(zip(samples, texts)):
         if cfg.num_samples > 1 or stopped:
             log(sample_label(i, cfg, n_new, stopped))
-        log(annotator.report(i) if annotator else text)
-    shown = [annotator.report(i, colour=False) if annotator else t for i, (t, _, _) in enumerate(samples)]
+        log(text)
     return header(cfg, path, checkpoint, prompt) + "\n\n" + "\n\n".join(
-        f"{sample_label(i, cfg, n, s)}\n{text}" for i, ((_, n, s), text) in enumerate(zip(samples, shown)))
+        f"{sample_label(i, cfg, n, s)}\n{text}" for i, ((_, n, s), text) in enumerate(zip(samples, texts)))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ resumes or fine-tunes from), what it keeps track of while it trains (progress li
 history, plots, checkpoints, stop signals), and how it ends.
 
 train.py calls, in order: start_run (before anything is built), ready (once the model and its
-optimizer exist), guarded (around the loop), after_evaluation and after_step (in the loop),
-and finish. Every field a run holds is declared in Run below; its ML progress, which every
+optimizer exist), guarded (around the loop), off_the_clock, after_evaluation and after_step
+(in the loop), and finish. Every field a run holds is declared in Run below; its ML progress, which every
 checkpoint saves, is the TrainState inside it.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from calibrate import calibrate, describe_start, plan_run
+from calibrate import budget_spent, calibrate, describe_start, plan_run
 from checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint,
                         tokenizer_of)
 from cli import format_seconds, log, warn
@@ -67,7 +67,6 @@ class Meter:
     steps: int = 0              # of them timed so far
     mark: float = 0.0           # when the current stretch of steps began
     paused: int = 0             # > 0 while the clock is off (evaluating, saving)
-    evaluating: bool = False    # the stretch off the clock now holds an evaluation
     eval_seconds: float = 0.0   # the first evaluation of this session, its saves included (for a time budget)
     session_seconds: float = 0.0  # the step time of this session so far, and its steps: for a time budget
     session_steps: int = 0
@@ -100,7 +99,7 @@ class Run:
     dtype_note: str = None      # what --dtype auto measured, when it measured (calibrate.py)
     plan_at: int = None         # a --time_budget run not planned yet: the step at which to plan it
     earlier_seconds: float = 0.0  # training time of the run's earlier sessions (TrainState.seconds at the start)
-    budget_seconds: float = None  # the time budget this session planned for, in seconds
+    planned_here: bool = False  # this session planned a time budget (finish says how it went)
     # built by train.build
     tokenizer: object = None
     corpus: object = None       # utils.Corpus: the train and val token streams
@@ -309,8 +308,9 @@ def guarded(run):
 
 
 @contextlib.contextmanager
-def off_the_clock(run):
-    """Time spent inside (evaluating, saving) does not count as step time."""
+def off_the_clock(run, evaluation=False):
+    """Time spent inside (evaluating, saving) does not count as step time. The first
+    evaluation's time is kept, for planning a time budget."""
     meter = run.meter
     if not meter.paused:
         settle(run)
@@ -322,9 +322,8 @@ def off_the_clock(run):
         meter.paused -= 1
         if not meter.paused:
             meter.mark = time.perf_counter()
-            if meter.evaluating and not meter.eval_seconds:
+            if evaluation and not meter.eval_seconds:
                 meter.eval_seconds = meter.mark - start
-            meter.evaluating = False
 
 
 def settle(run):
@@ -361,7 +360,6 @@ def after_evaluation(run, losses):
     # each rank evaluated its share of the batches; the average is the same everywhere,
     # so every rank takes the same best / early-stopping decisions
     train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
-    run.meter.evaluating = True
     improved = val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.evals_without_improvement = val_loss, 0
@@ -381,7 +379,7 @@ def after_evaluation(run, losses):
             save(run, run.best_path)
         if run.master:
             write_history(state.history, run.out_dir)
-            if cfg.plots and run.plan_at is None:  # (the LR schedule is drawn once it is planned)
+            if cfg.plots and run.plan_at is None:  # a budget's LR schedule is known once it is planned
                 plot_history(state.history, run.out_dir, run.model_cfg.vocab_size, cfg, state.decay_from)
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         run.stop_reason = (f"early stop: val loss has not improved for {cfg.patience} evaluations "
@@ -499,8 +497,8 @@ def finish(run):
     if run.train_cfg.sample_tokens and run.master:
         with out_of_memory_as_error(run.oom_hint):
             run.say("sample:\n" + closing_sample(run))
-    if run.budget_seconds:
-        run.say(f"time budget {run.train_cfg.time_budget}: {format_seconds(time.perf_counter() - run.started)} used "
+    if run.planned_here:
+        run.say(f"time budget {run.train_cfg.time_budget}: {format_seconds(budget_spent(run))} used "
                 f"(planned {format_seconds(run.state.plan['expected_seconds'])})")
     teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,

@@ -342,13 +342,10 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=
         else:  # only the newest token: the cache holds the rest
             logits, _ = model(idx[:, -1:], cache=cache)
         start = new_start
-        if with_probs:  # the token and the distribution it was drawn from, from one call
-            next_token, probs = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator,
-                                            return_probs=True)  # (B, 1), (B, V)
-        else:
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+        out = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator, return_probs=with_probs)
+        next_token = out[0] if with_probs else out  # (B, 1); out: also the distribution it was drawn from (B, V)
         idx = torch.cat((idx, next_token), dim=1)
-        yield (next_token, probs) if with_probs else next_token
+        yield out
         if stop_token is not None:
             done |= next_token[:, 0] == stop_token
             if done.all():

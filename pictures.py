@@ -23,40 +23,22 @@ import warnings
 import numpy as np
 import torch
 
-from annotate import Pieces, entropy_bits
+from annotate import Pieces, entropy_bits, token_piece
 from checkpoint import load_model
 from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from config import PictureConfig, TinyLLMError, make_config
 from device import choose_device, set_threads
 from generate import encode_prompt
 from model import lm_loss, next_token_probs
-from plots import new_plot, save_plot
+from plots import DPI, new_plot, save_plot
 from tokenizer import CharTokenizer
 from utils import validation_split
-
-DPI = 90  # as plots.py draws: a 9-inch-wide figure is 810 pixels
-
-
-def new_figure(width, height, rows=1, cols=1):
-    """A figure with a grid of axes (rows, cols) from matplotlib's file-only backend."""
-    import matplotlib  # imported here, as in plots.py: importing this module draws nothing
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt.subplots(rows, cols, figsize=(width, height), dpi=DPI, squeeze=False)
-
-
-def save_figure(fig, path):
-    import matplotlib.pyplot as plt
-    fig.savefig(path)  # the figure's own size: no tight bounding box, so the size is known in advance
-    plt.close(fig)
-
 
 def short_label(tokenizer, token):
     """A token as an axis label: spaces and line ends made visible; a byte-level token that is
     only part of a character shows its bytes in hex."""
-    text = tokenizer.decode([token])
-    if "\ufffd" in text and hasattr(tokenizer, "enc"):
-        text = tokenizer.enc.decode_single_token_bytes(token).decode("utf-8", errors="backslashreplace")
+    piece = token_piece(tokenizer, token)
+    text = piece if isinstance(piece, str) else piece.decode("utf-8", errors="backslashreplace")
     return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
 
 
@@ -88,7 +70,7 @@ def draw_attention(model, tokenizer, ids, cfg, path):
     layers = [cfg.layer] if cfg.layer >= 0 else list(range(model.config.n_layer))
     heads = [cfg.head] if cfg.head >= 0 else list(range(model.config.n_head))
     panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches per heatmap
-    fig, axes = new_figure(len(heads) * panel + 0.6, len(layers) * panel + 0.8, len(layers), len(heads))
+    fig, axes = new_plot(len(layers) * panel + 0.8, len(heads) * panel + 0.6, grid=(len(layers), len(heads)))
     T = len(ids)
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
     labels = [short_label(tokenizer, t) for t in ids]
@@ -108,7 +90,7 @@ def draw_attention(model, tokenizer, ids, cfg, path):
     fig.suptitle("attention: row = the token looking, column = the token looked at; darker = more "
                  "(each row sums to 1), grey = the masked future", fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_plot(fig, None, path)
     return (f"one heatmap per layer (rows) and head (columns) over the prompt's {T} tokens. Look for heads "
             f"that attend to the token just before (a dark line below the diagonal), heads that stay on the "
             f"token itself, and heads that reach back to the start of a word or line")
@@ -141,7 +123,7 @@ def val_passage(cfg, tokenizer, checkpoint):
 def token_losses(model, ids):
     """The loss (nats) on every token of ids (n,) but the first, each predicted from the tokens
     before it in its window: consecutive windows of block_size, the windows train.evaluate_full
-    scores the val split in, so their mean is --eval_only's loss. Returns (n - 1,)."""
+    scores the val split in: over the whole split, their mean is --eval_only's loss. Returns (n - 1,)."""
     T, device = model.config.block_size, model.wte.weight.device
     losses = []
     for start in range(0, len(ids) - 1, T):
@@ -175,7 +157,7 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
         if ch == "\n" or len(rows[-1]) == width:
             rows.append([])
     grid = np.full((len(rows), width), np.nan)
-    fig, axes = new_figure(9.0, 0.2 * len(rows) + 1.0)
+    fig, axes = new_plot(0.2 * len(rows) + 1.0, 9.0, grid=(1, 1))
     ax = axes[0][0]
     for r, row in enumerate(rows):
         for c, (ch, bits) in enumerate(row):
@@ -188,7 +170,7 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     bpc = losses.mean().item() / chars_per_token / math.log(2)
     ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_plot(fig, None, path)
     return bpc, (f"{len(chars)} characters of the val split coloured by the model's loss on each, pale = "
                  f"expected, dark red = surprising; {bpc:.4f} bits per character over {len(ids)} tokens. Look "
                  f"for the first letters of words and names (surprising) against the ends of words (predictable)")

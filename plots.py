@@ -13,20 +13,29 @@ from config import TinyLLMError
 from optim import get_lr
 
 
-def new_plot(height=3):
-    """A figure and axes from matplotlib's file-only backend (no display needed)."""
+DPI = 90  # pixels per inch: a 7-inch-wide figure is 630 pixels
+
+
+def new_plot(height=3, width=7, grid=None):
+    """A figure and its axes from matplotlib's file-only backend (no display needed): one
+    axes, or a grid=(rows, cols) of them as a 2-D array."""
     import matplotlib  # imported here: generate.py and the tests that never plot skip its start-up
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt.subplots(figsize=(7, height), dpi=90)
+    if grid:
+        return plt.subplots(*grid, figsize=(width, height), dpi=DPI, squeeze=False)
+    return plt.subplots(figsize=(width, height), dpi=DPI)
 
 
 def save_plot(fig, ax, path):
+    """Write the figure to path and close it. With ax: a line plot's legend, grid and tight
+    layout first; without: the figure exactly as drawn, at its own size."""
     import matplotlib.pyplot as plt
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    if ax is not None:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

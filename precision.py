@@ -46,9 +46,10 @@ def measured_on(device):
 
 
 def resolve_dtype(name, device):
-    """The autocast precision: auto means bfloat16 where it is native (its matmuls ran 3-5x
-    faster than float32 on an AVX512-BF16 CPU, for about 0.01 higher loss at equal steps),
-    float16 with a gradient scaler on older GPUs, float32 elsewhere."""
+    """The autocast precision: auto means bfloat16 where it is native (about 0.01 higher loss at
+    equal steps, for faster steps), float16 with a gradient scaler on older GPUs, float32
+    elsewhere. On a CPU with bfloat16 instructions that bfloat16 is provisional: calibrate.py
+    times both and keeps the faster (measured_on)."""
     native = has_native_bf16(device)
     if name == "auto":
         if native:

@@ -10,7 +10,7 @@ import signal
 
 from checkpoint import describe_checkpoint, load_checkpoint
 from cli import check_writable, log
-from config import GPTConfig, TinyLLMError, TrainConfig
+from config import GPTConfig, TinyLLMError, TrainConfig, step_exact
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -102,9 +102,7 @@ def resume_configs(checkpoint, given, path):
     if refused:
         raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
                            ". Drop the flag, or start a new run with another --out_dir (or --tag)")
-    changes = {k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}
-    if "max_steps" in changes:  # a step count given: the run's time budget, if any, no longer applies
-        changes["time_budget"] = ""
+    changes = step_exact({k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}, given)
     return model_cfg, dataclasses.replace(train_cfg, **changes)
 
 

@@ -118,7 +118,7 @@ def train_loop(run):
             # --- every eval_interval steps and at the end: evaluate, checkpoint, maybe stop early
             if (state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps) \
                     and state.step != state.last_eval_step:  # (a resumed run may have evaluated here already)
-                with off_the_clock(run):  # evaluating and saving is not step time
+                with off_the_clock(run, evaluation=True):  # evaluating and saving is not step time
                     losses = estimate_loss(run.train_model, batches, run.eval_iters, run.ctx)
                     after_evaluation(run, losses)  # a line, history, last.pt (best.pt), plots, early stop
             if state.step >= cfg.max_steps or run.stop_reason:

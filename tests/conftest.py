@@ -210,3 +210,19 @@ def trained(tmp_path_factory):
     cfg = tiny_train_config(data, folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
     train.train(tiny_model_config(), cfg)
     return folder / "run", folder / "data.txt"
+
+
+@pytest.fixture(scope="session")
+def bpe_trained(tmp_path_factory):
+    """A tiny byte-level BPE model trained for 10 steps (vocabulary 300) on the corpus's first
+    12,000 characters, with é and ö, which BPE merges into one token each, and, in the val
+    split only, ŵ, which stays two byte tokens: its best.pt."""
+    folder = tmp_path_factory.mktemp("bpe")
+    text = corpus_head(12_000).replace("e", "é").replace("o", "ö")
+    text = text[:10_800] + text[10_800:].replace("w", "ŵ")  # the val split is the last 10%
+    (folder / "data.txt").write_text(text, encoding="utf-8")
+    import train
+    torch.manual_seed(0)
+    train.train(tiny_model_config(vocab_size=300), tiny_train_config(str(folder / "data.txt"), folder / "run",
+                tokenizer="bpe", max_steps=10, eval_interval=10))
+    return folder / "run" / "best.pt"

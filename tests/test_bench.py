@@ -3,6 +3,7 @@ text), and writes its figures, with ratios against the baseline measured in the 
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -109,6 +110,7 @@ def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path, monk
     timed = [c[1:] for c in commands if c[0] == sys.executable]  # (machine_info asks git too)
     assert timed == [[os.path.join(bench.ROOT, "generate.py"), str(trained[0] / "best.pt"), "--max_new_tokens", "20",
                       "--seed", "42"], ["-c", "import generate"]] * 2
-    assert result["wall_s"] > 0 and result["import_s"] > 0 and result["new_tokens"] == 20
+    assert result["wall_s"] == statistics.median(result["runs"]["generate.py"])  # what the README quotes
+    assert result["import_s"] == statistics.median(result["runs"]["import only"])
     assert [len(v) for v in result["runs"].values()] == [2, 2]
     assert json.load(open(tmp_path / "s.json"))["runs"] == result["runs"]

@@ -25,11 +25,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def torchrun(*args):
-    return subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=subprocess_env(PYTHONPATH=ROOT))
-
-
 # One optimizer step under DDP, once without and once with gradient accumulation: each rank
 # takes its half of a fixed batch (split further into accum micro-batches); rank 0 saves the
 # weights each step gives.
@@ -72,7 +67,11 @@ def two_ranks(script, *args, timeout=120):
                               env=subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                                  MASTER_PORT=str(port), PYTHONPATH=ROOT))
              for r in (0, 1)]
-    outputs = [p.communicate(timeout=timeout) for p in ranks]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in ranks]
+    finally:  # a timeout or a failure leaves neither rank running
+        for p in ranks:
+            p.kill()
     return [(p.returncode, out, err) for p, (out, err) in zip(ranks, outputs)]
 
 
@@ -118,14 +117,20 @@ def test_ranks_agree_on_a_stop_signal_and_the_run_resumes_under_torchrun(shakesp
     proc = subprocess.Popen([*LAUNCH, os.path.join(ROOT, "train.py"), *map(str, shape), "--max_steps", "5000",
                              "--plots", "false"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=subprocess_env(PYTHONPATH=ROOT))
-    lines, deadline = [], time.time() + 120
-    while not any(line.startswith("step     10/") for line in lines) and time.time() < deadline:
-        lines.append(proc.stdout.readline())
-    pid = rank_process(1, str(out))
-    assert pid, "".join(lines)
-    os.kill(pid, signal.SIGTERM)  # only rank 1 is told to stop; rank 0 must hear of it and save
-    stdout, stderr = proc.communicate(timeout=120)
+                            env=subprocess_env(PYTHONPATH=ROOT), start_new_session=True)
+    try:
+        lines, deadline = [], time.time() + 120
+        while not any(line.startswith("step     10/") for line in lines) and time.time() < deadline:
+            lines.append(proc.stdout.readline())
+            if not lines[-1]:  # the launcher has ended
+                break
+        pid = rank_process(1, str(out))
+        assert pid, "".join(lines)
+        os.kill(pid, signal.SIGTERM)  # only rank 1 is told to stop; rank 0 must hear of it and save
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:  # a failure leaves no 5000-step run behind: the launcher and both ranks go
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert "Resume with: python train.py --resume" in stdout, stderr[-2000:]
     stopped = load_checkpoint(str(out / "last.pt"))["step"]
     assert 10 <= stopped < 5000 and stopped % 5 == 0  # where the ranks compare notes: a progress line

@@ -13,10 +13,9 @@ import torch
 import annotate
 import generate
 import model as model_module
-import train
 from annotate import Annotator, Pieces, token_label
 from checkpoint import load_model
-from conftest import assert_one_line_error, cli, corpus_head, tiny_model_config, tiny_train_config
+from conftest import assert_one_line_error, cli, tiny_model_config
 from model import GPT, next_token_probs, sample_next
 from tokenizer import BPETokenizer, GPT2Tokenizer
 
@@ -185,8 +184,8 @@ def test_a_stopped_sample_is_annotated_up_to_its_stop():
 
         def decode(self, ids):
             return "".join("ab|"[i] for i in ids)
-    notes = Annotator(Chars(), stop=2, top=2)
-    notes.begin([0], n_samples=2)
+    notes = Annotator(Chars(), top=2)
+    notes.begin([0], n_samples=2, stop=2)
     steps = [([[1], [0]], [[0.3, 0.5, 0.2], [0.6, 0.4, 0.0]]),
              ([[2], [1]], [[0.1, 0.1, 0.8], [0.5, 0.5, 0.0]]),
              ([[2], [0]], [[0.0, 0.0, 1.0], [0.25, 0.75, 0.0]])]  # the batch goes on after sample 1 stopped
@@ -223,9 +222,9 @@ def test_byte_tokens_that_end_mid_character_show_their_bytes(byte_level, kind):
     pieces = Pieces(tok)
     assert pieces.add(ids[0], 0.5) is None  # half a character waits for the rest...
     assert pieces.add(ids[1], 0.4) == ("ï", pytest.approx(0.2))  # ...and is shown with the joint probability
-    notes = Annotator(tok, stop=tok.eot_id, colour=True)
+    notes = Annotator(tok, colour=True)
     text = "naïve"
-    notes.begin([], 1)
+    notes.begin([], 1, stop=tok.eot_id)
     for t in tok.encode(text):
         probs = torch.full((1, tok.vocab_size), 0.0)
         probs[0, t] = 0.9
@@ -236,18 +235,8 @@ def test_byte_tokens_that_end_mid_character_show_their_bytes(byte_level, kind):
     assert annotate.paint("ï", 0.81) in report  # one piece, coloured by 0.9 x 0.9
 
 
-@pytest.fixture(scope="module")
-def bpe_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bpe")
-    (folder / "data.txt").write_text(corpus_head(12_000).replace("e", "é"), encoding="utf-8")
-    torch.manual_seed(0)
-    train.train(tiny_model_config(vocab_size=300), tiny_train_config(str(folder / "data.txt"), folder / "run",
-                tokenizer="bpe", dtype="float32", max_steps=10, eval_interval=10, plots=False))
-    return folder / "run" / "best.pt"
-
-
-def test_a_bpe_model_prints_its_odds_and_keeps_its_text(bpe_checkpoint, tmp_path, capsys):
-    argv = [bpe_checkpoint, "--prompt", "ROMéO:", "--max_new_tokens", 30, "--seed", 2, "--temperature", 1.5]
+def test_a_bpe_model_prints_its_odds_and_keeps_its_text(bpe_trained, tmp_path, capsys):
+    argv = [bpe_trained, "--prompt", "ROMéO:", "--max_new_tokens", 30, "--seed", 2, "--temperature", 1.5]
     for out, flags in ((tmp_path / "plain.txt", []), (tmp_path / "odds.txt", ["--show_top", 3, "--no_cache"])):
         code, _, err = cli(capsys, generate.main, *argv, "--output_file", out, *flags)
         assert code in (0, None), err

@@ -3,6 +3,7 @@ GPT2LMHeadModel stands in for OpenAI's, since the mapping does not depend on the
 
 import ast
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from config import TinyLLMError  # noqa: E402
-from conftest import Payload, assert_one_line_error, cli, tiny_model_config  # noqa: E402
+from conftest import ROOT, Payload, assert_one_line_error, cli, tiny_model_config  # noqa: E402
 from hf_gpt2 import export_hf, gpt2_checkpoint, load_gpt2  # noqa: E402
 from model import GPT  # noqa: E402
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
@@ -155,11 +156,13 @@ def test_load_errors_are_one_line(tmp_path):
 
 def test_importing_it_needs_no_transformers_and_its_cli_errors_are_one_line(tmp_path, capsys):
     import hf_gpt2
-    with open(hf_gpt2.__file__, encoding="utf-8") as f:
-        top = ast.parse(f.read()).body
-    imported = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module for n in top if isinstance(n, ast.ImportFrom)}
-    assert "transformers" not in imported  # imported inside the functions that need it, so optional
+    for name in sorted(os.listdir(ROOT)):  # hf_gpt2.py and every module it could import
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+                top = ast.parse(f.read()).body
+            imported = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
+            imported |= {n.module for n in top if isinstance(n, ast.ImportFrom)}
+            assert "transformers" not in imported, name  # imported inside the functions that need it: optional
     torch.manual_seed(4)
     path = str(tmp_path / "tiny.pt")
     save_checkpoint(path, gpt2_checkpoint(GPT(tiny_model_config(vocab_size=VOCAB, norm="rmsnorm")), TOKENIZER))

@@ -14,7 +14,7 @@ import model as model_module
 import pictures
 import train
 from checkpoint import load_model
-from conftest import ROOT, assert_one_line_error, cli, corpus_head, tiny_model_config, tiny_train_config
+from conftest import ROOT, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config, write_head
 from model import GPT, CausalSelfAttention
 
 COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
@@ -34,15 +34,6 @@ def linear(x, sd, name):
     return x @ sd[f"{name}.weight"].T + sd.get(f"{name}.bias", 0)
 
 
-def rotate(x, base=10000.0):
-    """RoPE as complex numbers: pair i of position t turns by t * base^(-2i/hs). x: (nh, T, hs)."""
-    T, hs = x.shape[1], x.shape[2]
-    angles = torch.arange(T)[:, None] * base ** (-torch.arange(0, hs, 2) / hs)  # (T, hs/2)
-    turned = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous()) * torch.polar(
-        torch.ones_like(angles), angles)
-    return torch.view_as_real(turned).flatten(-2)
-
-
 def reference_forward(gpt, idx):
     """(logits (T, V), [attention (nh, T, T) per layer]) for one sequence idx (T,), from the
     state dict alone: none of model.py's code runs."""
@@ -60,7 +51,7 @@ def reference_forward(gpt, idx):
         h = norm(x, sd, f"blocks.{i}.ln_1", c.norm)
         q, k, v = (linear(h, sd, f"blocks.{i}.attn.c_attn").view(T, 3, nh, hs)[:, j].transpose(0, 1) for j in range(3))
         if c.pos == "rope":
-            q, k = rotate(q), rotate(k)
+            q, k = (complex_rope(t, *rope_angles(T, hs)) for t in (q, k))
         scores = q @ k.transpose(1, 2) / math.sqrt(hs) + torch.full((T, T), -math.inf).triu(1)  # (nh, T, T)
         maps.append(torch.softmax(scores, dim=-1))
         y = (maps[-1] @ v).transpose(0, 1).reshape(T, c.n_embd)
@@ -150,7 +141,7 @@ def test_every_picture_opens_at_its_size_and_says_what_to_look_for(trained, tmp_
 
 def test_surprise_scores_the_val_split_as_eval_only_does(trained, tmp_path, capsys):
     path, data = trained[0] / "best.pt", tmp_path / "short.txt"
-    data.write_text(trained[1].read_text()[:3000])  # the model's own characters; a val split of 300
+    write_head(data, 3000)  # the model's own characters; a val split of 300
     code, out, err = cli(capsys, pictures.main, path, "--out_dir", tmp_path, "--only", "surprise",
                          "--data", data, "--passage_chars", 5000)  # more than the whole val split: all of it
     assert code in (0, None), err
@@ -169,29 +160,17 @@ def test_surprise_scores_the_val_split_as_eval_only_does(trained, tmp_path, caps
     assert math.isnan(chars[0][1]) and chars[5][1] == pytest.approx(losses[4].item() / math.log(2))
 
 
-@pytest.fixture(scope="module")
-def bpe_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bpe")
-    text = corpus_head(4_000).replace("o", "ö")  # a character BPE merges into one token
-    text = text[:3_600] + text[3_600:].replace("w", "ŵ")  # and, in the val split only, one it splits in two
-    (folder / "data.txt").write_text(text, encoding="utf-8")
-    torch.manual_seed(0)
-    train.train(tiny_model_config(vocab_size=300), tiny_train_config(str(folder / "data.txt"), folder / "run",
-                tokenizer="bpe", dtype="float32", max_steps=10, eval_interval=10, plots=False))
-    return folder / "run" / "best.pt"
-
-
-def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(bpe_run, tmp_path, capsys):
-    code, out, err = cli(capsys, pictures.main, bpe_run, "--out_dir", tmp_path, "--prompt", "Römeö",
+def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(bpe_trained, tmp_path, capsys):
+    code, out, err = cli(capsys, pictures.main, bpe_trained, "--out_dir", tmp_path, "--prompt", "Römeö",
                          "--passage_chars", 5000)
     assert code in (0, None), err
     assert "skipped embeddings.png" in out and "char model" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.png", "surprise.png", "temperature.png"]
     drawn = float(re.search(r"([\d.]+) bits per character over", out).group(1))
-    assert drawn == pytest.approx(train.evaluate_checkpoint(str(bpe_run), None, "cpu", 8)["bpc"], abs=1e-4)
+    assert drawn == pytest.approx(train.evaluate_checkpoint(str(bpe_trained), None, "cpu", 8)["bpc"], abs=1e-4)
 
 
-def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_run, tmp_path, capsys):
+def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_trained, tmp_path, capsys):
     good = trained[0] / "best.pt"
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
@@ -204,7 +183,7 @@ def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_run, 
         ([foreign], "not a tinyllm checkpoint"),
         ([tmp_path / "missing.pt"], "not found"),
         ([good, "--prompt", "ROMEO", "--out_dir", tmp_path / "a_file"], "--out_dir"),
-        ([bpe_run, "--only", "embeddings"], "char model"),
+        ([bpe_trained, "--only", "embeddings"], "char model"),
         ([good, "--only", "attention,colour"], "--only"),
         ([good, "--temperatures", "0.5,hot"], "--temperatures"),
         ([good, "--passage_chars", 0], "--passage_chars"),
