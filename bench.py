@@ -14,10 +14,7 @@ Training runs go through train.py's own setup (setup_run) and records (history.j
 console output is parsed.
 """
 
-import cli
-
-if __name__ == "__main__":
-    cli.spin_briefly()  # before torch loads: idle OpenMP threads soon sleep, so a busy neighbour slows us less
+import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
 import argparse
 import dataclasses
@@ -34,12 +31,13 @@ import time
 
 import torch
 
-import train
-from cli import ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, log, run_cli
 from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
-from calibrate import interleaved
-from device import choose_device, flops_per_token, peak_flops
-from plots import new_plot, read_history, save_plot, split_history
+import train
+
+from machinery.calibrate import interleaved
+from machinery.cli import ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, log, run_cli
+from machinery.device import choose_device, flops_per_token, peak_flops
+from machinery.plots import new_plot, read_history, save_plot, split_history
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -154,8 +152,9 @@ def bench_train(args):
 # ----------------------------------------------------------------------------- generate: KV cache
 
 def bench_generate(args):
-    from precision import autocast, resolve_dtype  # generation only
     from model import GPT
+
+    from machinery.precision import autocast, resolve_dtype  # generation only
     preset = args.preset or "small"  # the README's KV-cache figure; the default help says so
     given = explicit_flags(args)
     model_cfg, train_cfg = build_configs(given, preset)
@@ -329,7 +328,7 @@ def bench_gpu_check(args):
     """For a person with a GPU, once: every dtype x compile x KV-cache combination trains a few
     steps and generates; several GPUs run torchrun; then the small preset's ms/step, tokens/s,
     MFU and time to val 1.47. --quick shrinks it to a smoke test that runs anywhere (no time to target)."""
-    from precision import has_native_bf16
+    from machinery.precision import has_native_bf16
     device = choose_device("auto")
     preset, steps = ("tiny", 4) if args.quick else ("small", 20)
     shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if args.quick else {}

@@ -1,8 +1,8 @@
 """Every setting of tinyllm in one place: what it means, its default, the values it may take,
-and the named presets. train.py, generate.py, prepare.py and bench.py build their flags and
+and the named presets. train.py, generate.py, bench.py and the tools in machinery/ build their flags and
 their --help from the dataclasses below (cli.add_config_flags), so a setting is described once.
 
-    python config.py        # print the presets and the flags as the markdown tables the README shows
+    python config.py        # the presets and the flags as markdown tables: docs/flags.md
 """
 
 import dataclasses
@@ -65,13 +65,13 @@ class GPTConfig:
 class TrainConfig:
     """How a run trains. Saved in every checkpoint; --resume continues with the saved values."""
     data: str = setting("data/input.txt", "training text: a .txt file, a folder (searched recursively), a .jsonl "
-                                          "file with a \"text\" field, a Q&A .json list, or a prepare.py folder")
+                                          "file with a \"text\" field, a Q&A .json list, or a folder written by machinery.prepare")
     data_ext: str = setting(".txt", "file endings read from a --data folder, comma-separated, e.g. .txt,.md,.py")
     tokenizer: str = setting("char", "characters; byte-level BPE learned from the training split; or GPT-2's "
                                      "(tiktoken's files, needs network once)", ("char", "bpe", "gpt2"))
     clean: bool = setting(False, "normalise whitespace and drop exact duplicate documents")
     out_dir: str = setting("checkpoints", "where checkpoints, history and plots go (checkpoints/TAG with --tag)")
-    tag: str = setting("", "a name for the run: it labels its curves in plots.py and, without --out_dir, "
+    tag: str = setting("", "a name for the run: it labels its curves in machinery.plots and, without --out_dir, "
                            "its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the cosine decay of the LR ends here")
@@ -192,7 +192,7 @@ PICTURES = ("attention", "surprise", "temperature", "embeddings")
 
 @dataclass
 class PictureConfig:
-    """What pictures.py draws from a checkpoint, and where."""
+    """What machinery/pictures.py draws from a checkpoint, and where."""
     out_dir: str = setting("pictures", "folder the PNGs are written to (attention.png, surprise.png, ...)")
     only: str = setting(",".join(PICTURES), "which pictures, comma-separated: " + ", ".join(PICTURES))
     prompt: str = setting("O Romeo, I will th", "text whose attention is drawn, and after which the next-token "
@@ -371,8 +371,11 @@ def markdown_presets():
 
 
 def main():
-    print("presets\n\n" + markdown_presets() + "\ntrain.py\n\n" + markdown_flags()
-          + "\ngenerate.py\n\n" + markdown_flags((SampleConfig,)))
+    print("# Every setting\n\nThe presets and every flag of train.py and generate.py, with their meaning and base "
+          "default, as config.py defines them (this page is `python config.py > docs/flags.md`). A preset's "
+          "values override the base defaults; `--help` shows the defaults your machine and preset will use.\n\n"
+          "## Presets\n\n" + markdown_presets() + "\n## train.py\n\n" + markdown_flags()
+          + "\n## generate.py\n\n" + markdown_flags((SampleConfig,)), end="")
 
 
 if __name__ == "__main__":

@@ -8,52 +8,19 @@
 The same seed on the same machine gives the same text. Every flag: python generate.py --help.
 """
 
-import cli
-
-if __name__ == "__main__":
-    cli.spin_briefly()  # before torch loads: idle OpenMP threads soon sleep, so a busy neighbour slows us less
+import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
 import sys
 
 import torch
 
-from annotate import Annotator, Pieces
-from checkpoint import describe_checkpoint, load_model
-from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli, warn
 from config import EOT, SampleConfig, TinyLLMError, make_config
-from device import choose_device, describe, out_of_memory_as_error, set_threads
-from sources import qa_prompt
-from tokenizer import start_ids
 
-
-def read_prompt(cfg):
-    if not cfg.prompt_file:
-        return cfg.prompt
-    try:
-        with open(cfg.prompt_file, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
-    except OSError as e:
-        raise TinyLLMError(f"cannot read --prompt_file {cfg.prompt_file}: {e.strerror or e}") from None
-
-
-def encode_prompt(tokenizer, prompt, qa=False):
-    """Token ids for the prompt. Characters the vocabulary lacks are dropped with a
-    warning; an empty prompt starts from a line end. With qa, the prompt is a question,
-    framed as the Q&A training documents were."""
-    if qa:
-        if tokenizer.eot_id is None:
-            raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
-        prompt = EOT + qa_prompt(prompt)
-    if missing := tokenizer.unknown_chars(prompt):
-        kept = "".join(ch for ch in prompt if ch not in set(missing))
-        if prompt and not kept:
-            raise TinyLLMError(f"no character of the prompt is in the model's vocabulary "
-                               f"(missing: {''.join(missing)[:40]!r})")
-        warn(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
-        prompt = kept
-    return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
+from machinery.annotate import Annotator, Pieces
+from machinery.checkpoint import describe_checkpoint, load_model
+from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli, warn
+from machinery.device import choose_device, describe, out_of_memory_as_error, set_threads
+from machinery.sources import encode_prompt, read_prompt
 
 
 def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=None):

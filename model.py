@@ -51,40 +51,66 @@ def sinusoidal_table(n_positions, dim):
 
 
 def rope_tables(n_positions, head_size, base=10000.0):
-    """cos and sin of RoPE's angles, each (n_positions, head_size/2): position p turns pair i
-    by the angle p * base^(-2i/head_size), fast for the first pairs and slow for the last."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
-    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    """RoPE's cos and sin, each (n_positions, head_size/2): position p turns pair i of a head's
+    query and key by the angle p * base^(-2i/head_size), fast for the first pairs, slow for the last."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n_positions, hs/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle. Because q.k
-    then depends only on the distance between the two positions, RoPE needs no position
-    table and the model learns relative offsets. Plain real arithmetic (no complex numbers),
-    so it runs the same on every device and under torch.compile.
-    x: (B, T, ..., hs); cos, sin: (T, 1, ..., hs/2), broadcast over the middle dims."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, ..., hs/2)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, T, ..., hs/2, 2)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle. Because q.k then
+    depends only on the distance between the two positions, the model learns relative offsets
+    and needs no position table. Plain real arithmetic (no complex numbers), so it runs the same
+    on every device and under torch.compile.
+    x: (B, nh, T, hs), queries or keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
+    positions, broadcast over the batch and the heads. Returns (B, nh, T, hs)."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, nh, T, hs/2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, nh, T, hs/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (B, nh, T, hs): each pair back in its place
 
 
-def attend(q, k, v, mask=None, causal=False, dropout=0.0):
-    """softmax(q k^T / sqrt(hs) + mask) v for every head at once, by PyTorch's fused kernel
-    (it never builds the (T, T) score matrix where it can avoid it). causal=True masks the
-    future: position t sees positions 0..t. q: (B, nh, T, hs); k, v: (B, nh, S, hs)."""
+def causal_mask(T, S, device):
+    """(T, S): 0 where a query may look at a key, -inf where it may not. The T queries are the
+    last T of the S positions (S == T in training), and each sees the keys up to its own position."""
+    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def attention(q, k, v, mask, dropout=0.0):
+    """Scaled dot-product attention, as the formula reads: softmax(q k^T / sqrt(hs) + mask) v.
+    Each query scores every key; the mask's -inf sends the future's scores to weight 0; each
+    row of weights sums to 1, so a query's output is a weighted mean of the values.
+    q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S). Returns (B, nh, T, hs)."""
+    weights = F.dropout(attention_weights(q, k, mask), dropout)  # (B, nh, T, S)
+    return weights @ v  # (B, nh, T, hs)
+
+
+def attention_weights(q, k, mask):
+    """softmax(q k^T / sqrt(hs) + mask): (B, nh, T, S), row t saying how much query t takes from
+    each key. Dividing by sqrt(hs) keeps the scores' spread independent of the head size."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    return torch.softmax(scores + mask, dim=-1)
+
+
+def fused_attention(q, k, v, dropout=0.0):
+    """attention() with the causal mask, by PyTorch's fused kernel: the same function (the tests
+    check it to float precision), faster, and without building the (T, S) weights in memory.
+    The model calls this; CausalSelfAttention.fused = False runs the formula above instead."""
+    T, S = q.size(-2), k.size(-2)
+    if T == S:  # training, or a KV cache's first fill: the ordinary causal window
+        mask, causal = None, True
+    elif T == 1:  # one new token: it sees every key
+        mask, causal = None, False
+    else:  # new tokens after cached ones: causal_mask's pattern, as booleans (True = may look)
+        mask, causal = causal_mask(T, S, q.device) == 0, False
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        return attend_in_float32(q, k, v, mask, causal, dropout)
+        # under bfloat16 autocast a CPU's bfloat16 attention (its backward above all) ran several
+        # times slower than float32's, while the matmuls around it keep bfloat16's speed
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
+                                                  dropout_p=dropout)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
-
-
-def attend_in_float32(q, k, v, mask, causal, dropout):
-    """attend() under bfloat16 autocast on a CPU: there bfloat16 attention (its backward above
-    all) ran several times slower than float32's, while the matmuls around it keep bfloat16's
-    speed. A speed fix only: the result is the same function."""
-    with torch.autocast("cpu", enabled=False):
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
-                                              dropout_p=dropout)
 
 
 class CausalSelfAttention(nn.Module):
@@ -98,6 +124,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.layer = layer  # which cache slot generation uses
         self.dropout = config.dropout
+        self.fused = True  # False: attention() as written (slower, the same numbers)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -105,12 +132,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache=None):
         B, T, C = x.shape
         q, k, v = self.queries_keys_values(x, rope)  # each (B, nh, T, hs)
+        if cache is not None:  # generation: the keys and values of the earlier positions come from the cache
+            k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs): all S positions so far
         dropout = self.dropout if self.training else 0.0
-        if cache is None:  # training: every position of the window at once, the future masked
-            y = attend(q, k, v, causal=True, dropout=dropout)
-        else:  # generation: the new positions also see the cached keys and values of earlier ones
-            k, v = cache.update(self.layer, k, v)
-            y = attend(q, k, v, *cache.mask(T, k.size(2), x.device))
+        if self.fused:
+            y = fused_attention(q, k, v, dropout)  # (B, nh, T, hs)
+        else:
+            y = attention(q, k, v, causal_mask(T, k.size(2), x.device), dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -118,21 +146,18 @@ class CausalSelfAttention(nn.Module):
         """q, k, v of x (B, T, C), each (B, nh, T, hs); with RoPE, q and k rotated by position."""
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
-        if rope is None:
-            return qkv.transpose(1, 3).unbind(dim=2)  # (B, nh, 3, T, hs), then each (B, nh, T, hs)
-        q, k = apply_rope(qkv[:, :, :2], *rope).transpose(1, 3).unbind(dim=2)  # rotate q and k together
-        return q, k, qkv[:, :, 2].transpose(1, 2)  # v stays as it is
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
     def attention_weights(self, x, rope=None):
-        """The attention pattern that forward() uses but, through the fused kernel, never builds:
-        softmax(q k^T / sqrt(hs)) with the future masked, (B, nh, T, T) for x (B, T, C). Row t
-        of a head says how much position t takes from each position 0..t. For pictures
-        (pictures.py collects it with forward hooks); training and generation never call it."""
-        q, k, _ = self.queries_keys_values(x, rope)  # each (B, nh, T, hs), RoPE applied as in forward
+        """The attention pattern of x (B, T, C), (B, nh, T, T), in float32: what forward() weighs
+        the values with. For pictures (machinery/pictures.py collects it with forward hooks);
+        training and generation never call it."""
+        q, k, _ = self.queries_keys_values(x, rope)  # each (B, nh, T, hs)
         T = q.size(2)
-        scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(diagonal=1)
-        return scores.masked_fill(future, float("-inf")).softmax(dim=-1)  # (B, nh, T, T), rows sum to 1
+        return attention_weights(q.float(), k.float(), causal_mask(T, T, x.device))
 
 
 class MLP(nn.Module):
@@ -231,8 +256,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, cache=None):
-        """logits (B, T, vocab_size) for idx (B, T), and the loss when targets (B, T) are given.
-        cache: generation only (the end of this file); training never passes one."""
+        """logits (B, T, vocab_size) for idx (B, T), and the loss when targets (B, T) are given
+        (else None). cache: generation only (the end of this file); training never passes one."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos  # with a cache, idx continues the cached tokens
         if start + T > self.config.block_size:
@@ -243,12 +268,15 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         if cache is not None:
             cache.pos += T
-        return logits, None if targets is None else lm_loss(logits, targets)
+        loss = None
+        if targets is not None:
+            loss = lm_loss(logits, targets)
+        return logits, loss
 
     def embed(self, idx, start=0):
         """Token embeddings (B, T, C) with position information for positions start..start+T-1:
-        added to them (learned, sinusoidal), or returned as RoPE's cos and sin, each
-        (T, 1, 1, hs/2), for the attention to rotate q and k by."""
+        added to them (learned, sinusoidal), or returned as RoPE's cos and sin for those
+        positions, each (T, hs/2), for the attention to rotate q and k by."""
         T = idx.size(1)
         x, rope = self.wte(idx), None
         if self.config.pos == "learned":
@@ -256,7 +284,7 @@ class GPT(nn.Module):
         elif self.config.pos == "sinusoidal":
             x = x + self.pos_table[start:start + T]
         else:
-            rope = (self.rope_cos[start:start + T, None, None], self.rope_sin[start:start + T, None, None])
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         return self.drop(x), rope
 
     # generation: the functions at the end of this file do the work
@@ -302,46 +330,31 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    @staticmethod
-    def mask(T, S, device):
-        """(mask, causal) for attend(): T new queries against S keys, the last T of them new."""
-        if S == T:  # the first call fills the cache: an ordinary causal window
-            return None, True
-        if T == 1:  # one new token sees every key: no mask at all
-            return None, False
-        # new queries see every cached key and the new keys up to themselves
-        return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T), False
-
-
-def context_start(n_tokens, start, block_size):
-    """First token of the context used to predict token n_tokens, given the current start.
-    While the context fits in block_size it grows; when it would overflow, it jumps forward
-    to keep the last block_size // 2 tokens. With a KV cache that costs one re-prefill every
-    block_size // 2 tokens, and the cached run computes exactly what a full recompute on the
-    same context computes. (A sliding window would not: a cached key in layer 2 was computed
-    while tokens now out of the window were still in view.)"""
-    if n_tokens - start > block_size:
-        return n_tokens - max(1, block_size // 2)
-    return start
-
 
 @torch.inference_mode()  # no autograd graph: each step runs, and the cache is filled, as plain inference
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
                     stop_token=None, generator=None, with_probs=False):
     """GPT.generate_stream: the sampling loop."""
     block_size = model.config.block_size
-    start, cache = max(0, idx.size(1) - block_size), None
+    start, cache = max(0, idx.size(1) - block_size), None  # the context is idx[:, start:]
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        new_start = context_start(idx.size(1), start, block_size)
+        if idx.size(1) - start > block_size:
+            # The context is full. It does not slide on by one token (idx[:, -block_size:]): it
+            # restarts from the newest block_size // 2 tokens, and the cache is filled again.
+            # A cached key holds what its layer computed when the key's token was added, from the
+            # tokens in view then; after a slide every position moves and some of those tokens
+            # are gone, so a sliding cache would no longer compute what the model computes on
+            # the context. Restarting costs one refill every block_size // 2 tokens, and keeps
+            # generation with the cache identical to recomputing the context each step.
+            start, cache = idx.size(1) - max(1, block_size // 2), None
         if not use_cache:  # recompute the whole context
-            logits, _ = model(idx[:, new_start:])
-        elif cache is None or new_start != start:  # (re)fill the cache with the whole context
+            logits, _ = model(idx[:, start:])
+        elif cache is None:  # fill the cache with the whole context
             cache = KVCache(model.config.n_layer, block_size)
-            logits, _ = model(idx[:, new_start:], cache=cache)
+            logits, _ = model(idx[:, start:], cache=cache)
         else:  # only the newest token: the cache holds the rest
             logits, _ = model(idx[:, -1:], cache=cache)
-        start = new_start
         out = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator, return_probs=with_probs)
         next_token = out[0] if with_probs else out  # (B, 1); out: also the distribution it was drawn from (B, V)
         idx = torch.cat((idx, next_token), dim=1)

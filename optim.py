@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from muon import Muon
+from machinery.muon import Muon
 
 
 def get_lr(step, lr, min_lr, warmup_steps, max_steps, decay_from=None):

@@ -1,23 +1,18 @@
-"""Train a GPT on a text file.
+"""Train a GPT on a text file: the lesson, top to bottom.
 
     python train.py                            # the bundled Shakespeare, with the preset that suits the device
     python train.py --preset small --max_steps 50
     python train.py --resume                   # continue checkpoints/last.pt, or start it if there is none
     python train.py --init_from checkpoints/best.pt --data notes.txt --out_dir checkpoints/notes   # fine-tune
 
-This file is the lesson, top to bottom: build the data, the model and the optimizer (build);
-one optimizer step (train_step); the loop around it (train_loop); evaluation (estimate_loss,
-evaluate_full). What keeps a run safe on every machine is one call away, in modules named
-for it: lifecycle.py (set-up, resume, progress lines, history, checkpoints, Ctrl-C),
-precision.py (float32, bfloat16, float16 with loss scaling, skipping a non-finite step),
-distributed.py (several processes), checkpoint.py, device.py and cli.py. Every flag:
-python train.py --help.
+The story: build the data, the model and the optimizer (build); take one optimizer step
+(train_step); repeat it in a loop that evaluates now and then (train_loop); evaluate
+(estimate_loss, evaluate_full). What keeps a run safe on every machine (resume, checkpoints,
+progress lines, Ctrl-C, precision, several processes) is one call away, imported from
+machinery/ by name. Every flag: python train.py --help.
 """
 
-import cli
-
-if __name__ == "__main__":
-    cli.spin_briefly()  # before torch loads: idle OpenMP threads soon sleep, so a busy neighbour slows us less
+import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
 import dataclasses
 import math
@@ -26,18 +21,20 @@ import os
 import numpy as np
 import torch
 
-from checkpoint import load_model
 from config import (PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config,
                     preset_defaults)
-from device import choose_device, out_of_memory_as_error, set_threads
-from distributed import sync_gradients
-from lifecycle import (add_characters, after_evaluation, after_step, finish, guarded, off_the_clock, ready,
-                       start_run, starting_point)
 from model import GPT, lm_loss
 from optim import get_lr, make_optimizer, set_lr
-from plots import draw_lr_schedule
-from precision import autocast, measured_on, resolve_dtype, scale, step_if_finite, unscale
 from utils import check_long_enough, get_batch, tokenize, validation_split
+
+from machinery import cli
+from machinery.checkpoint import load_model
+from machinery.device import choose_device, out_of_memory_as_error, set_threads
+from machinery.distributed import sync_gradients
+from machinery.lifecycle import (add_characters, after_evaluation, after_step, finish, guarded, off_the_clock,
+                                 plan_time_budget, ready, start_run, starting_point)
+from machinery.plots import draw_lr_schedule
+from machinery.precision import autocast, measured_on, resolve_dtype, scale, step_if_finite, unscale
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -132,6 +129,10 @@ def train_loop(run):
 
             # --- a progress line every log_interval steps, ckpt_STEP.pt if asked, leave on Ctrl-C
             after_step(run, stop, loss, grad_norm, lr)
+
+            # --- a --time_budget run: once its first steps are timed, the plan is made here
+            if state.step == run.plan_at:
+                plan_time_budget(run)  # max_steps: the most steps that fit; the LR's cosine now ends there
     return finish(run)  # the last save, a summary line, a sample of what the model writes now
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from config import TinyLLMError, TrainConfig
-from sources import is_prepared, prepared_streams, read_text
 from tokenizer import make_tokenizer
+
+from machinery.sources import is_prepared, prepared_streams, read_text
 
 
 # ----------------------------------------------------------------------------- token streams

@@ -174,7 +174,7 @@ def run_script(script, *args, cwd=ROOT, timeout=120, **env):
 
 def cli(capsys, main, *argv):
     """Run a script's main() in this process, as its command line would: (exit code, stdout, stderr)."""
-    from cli import run_cli
+    from machinery.cli import run_cli
     code = 0
     try:
         run_cli(main, [str(a) for a in argv])

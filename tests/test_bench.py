@@ -10,9 +10,10 @@ import sys
 import pytest
 
 import bench
-import train
-from conftest import TINY_FLAGS, TINY_SHAPE as SHAPE, cli, tiny_model_config, tiny_train_config
 from config import TinyLLMError
+from conftest import TINY_FLAGS, cli, tiny_model_config, tiny_train_config
+from conftest import TINY_SHAPE as SHAPE
+import train
 
 
 def test_parse_compare():

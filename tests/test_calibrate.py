@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-import calibrate
-import precision
-import train
-from checkpoint import load_checkpoint
 from config import TinyLLMError
 from conftest import TINY_SHAPE, assert_one_line_error, cli, interrupt_at, tiny_model_config, tiny_train_config
+import train
+
+from machinery import calibrate, precision
+from machinery.checkpoint import load_checkpoint
 
 QUICK = ["--eval_iters", "2", "--plots", "false", "--eval_interval", "40", "--warmup_steps", "10"]
 
@@ -113,7 +113,7 @@ def test_a_budgeted_run_ends_in_time_resumes_its_plan_and_repeats_with_the_print
         shakespeare_head, tmp_path, capsys, monkeypatch):
     flags = [*TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--sample_tokens", "20"]
     t0 = time.perf_counter()
-    with monkeypatch.context() as m:  # stopped in the middle, as by Ctrl-C or a lost Colab session
+    with monkeypatch.context() as m:  # stopped in the middle, as by Ctrl-C or a Colab runtime that disconnects
         interrupt_at(m, 12, signal.SIGTERM)  # after the plan, made at step 10 (the end of the warmup)
         code, out, err = cli(capsys, train.main, *flags, "--time_budget", "3s", "--out_dir", tmp_path / "budget")
     assert code == 143, err

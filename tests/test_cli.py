@@ -13,11 +13,12 @@ import time
 
 import pytest
 
+from conftest import ROOT, TINY_SHAPE, cli, interrupt_at, subprocess_env, write_head
 import generate
 import train
-from checkpoint import load_checkpoint
-from conftest import ROOT, TINY_SHAPE, cli, interrupt_at, subprocess_env, write_head
-from safety import StopRequest
+
+from machinery.checkpoint import load_checkpoint
+from machinery.safety import StopRequest
 
 
 def start_training(*args):
@@ -133,7 +134,7 @@ WRITER_CRASHES = textwrap.dedent("""
     import io, json, os, random, signal, sys, time
     sys.path.insert(0, {root!r})
     import torch
-    from checkpoint import load_checkpoint, save_checkpoint
+    from machinery.checkpoint import load_checkpoint, save_checkpoint
 
     path, rounds = sys.argv[1], sys.argv[2].split(",")
     real_save, real_replace = torch.save, os.replace

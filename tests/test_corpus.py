@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-import prepare
-import train
-from config import TinyLLMError
-from generate import encode_prompt
-from tokenizer import EOT, tokenizer_from_dict
-from config import TrainConfig
-from sources import iter_pieces, load_prepared, read_text as load_corpus
-from utils import get_batch
+from config import EOT, TinyLLMError, TrainConfig
 from conftest import corpus_head, snapshot, tiny_model_config, tiny_train_config
+from generate import encode_prompt
+import train
+from utils import get_batch
+
+from machinery import prepare
+from machinery.checkpoint import tokenizer_from_dict
+from machinery.sources import iter_pieces, load_prepared
+from machinery.sources import read_text as load_corpus
 
 
 def test_memmap_batches_equal_in_memory_batches(tmp_path):

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from config import TinyLLMError
-from tokenizer import CharTokenizer
 from optim import get_lr
-from sources import read_text as load_corpus
+from tokenizer import CharTokenizer
 from utils import check_long_enough, get_batch, split_train_val
+
+from machinery.sources import read_text as load_corpus
 
 
 def test_char_tokenizer_round_trip():

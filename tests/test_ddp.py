@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 
-import train
-from checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, assert_one_line_error, fixed_batch, subprocess_env, tiny_model_config
 from model import GPT
+import train
+
+from machinery.checkpoint import load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 

@@ -11,17 +11,17 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import device as device_module
-import distributed
-import lifecycle
-import train
-from checkpoint import load_checkpoint, save_checkpoint
 from config import RunOptions, TinyLLMError, TrainConfig, default_preset
 from conftest import complex_rope, fixed_batch, rope_angles, tiny_model_config, tiny_train_config
-from device import choose_device, peak_flops, rng_state, set_rng_state
-from precision import autocast, make_scaler, resolve_dtype
 from model import GPT, apply_rope
 from optim import make_optimizer
+import train
+
+from machinery import device as device_module
+from machinery import distributed, lifecycle
+from machinery.checkpoint import load_checkpoint, save_checkpoint
+from machinery.device import choose_device, peak_flops, rng_state, set_rng_state
+from machinery.precision import autocast, make_scaler, resolve_dtype
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -85,7 +85,7 @@ def test_mocked_no_cuda_float16_is_refused_where_no_scaler_works(monkeypatch):
 def test_the_cpu_capability_probe_asks_functions_this_torch_has():
     # cpu_has_native_bf16 asks torch's private probes; were they renamed, it would quietly say
     # "no bfloat16" and never measure. This fails instead.
-    import precision
+    from machinery import precision
     for name in precision.BF16_PROBES:
         assert isinstance(getattr(torch.cpu, name)(), bool), name
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import bench
-import generate
-import plots
-import prepare
-import train
-from checkpoint import load_checkpoint, save_checkpoint
 from conftest import TINY_FLAGS, Payload, assert_one_line_error, cli
+import generate
+import train
+
+from machinery import plots, prepare
+from machinery.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,10 @@ def test_other_scripts_reject_bad_input(tmp_path, capsys):
 
 
 def test_an_output_in_a_folder_not_made_yet_is_writable_and_nothing_is_left(tmp_path):
-    from cli import check_writable
     from config import TinyLLMError
-    path = tmp_path / "checkpoints" / "gpt2.pt"  # as in: hf_gpt2.py import gpt2 --out checkpoints/gpt2.pt
+
+    from machinery.cli import check_writable
+    path = tmp_path / "checkpoints" / "gpt2.pt"  # as in: python -m machinery.hf_gpt2 import gpt2 --out checkpoints/gpt2.pt
     check_writable(str(path), "--out", make_folder=True)
     assert path.parent.is_dir() and not path.exists()
     (tmp_path / "blocker").write_text("a file where a folder should be")

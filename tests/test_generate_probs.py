@@ -10,14 +10,15 @@ import sys
 import pytest
 import torch
 
-import annotate
+from conftest import assert_one_line_error, cli, tiny_model_config
 import generate
 import model as model_module
-from annotate import Annotator, Pieces, token_label
-from checkpoint import load_model
-from conftest import assert_one_line_error, cli, tiny_model_config
 from model import GPT, next_token_probs, sample_next
 from tokenizer import BPETokenizer, GPT2Tokenizer
+
+from machinery import annotate
+from machinery.annotate import Annotator, Pieces, token_label
+from machinery.checkpoint import load_model
 
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
             dict(temperature=0.9, top_k=8, top_p=0.6), dict(temperature=0, top_k=3)]

@@ -12,9 +12,10 @@ transformers = pytest.importorskip("transformers")
 
 from config import TinyLLMError  # noqa: E402
 from conftest import ROOT, Payload, assert_one_line_error, cli, tiny_model_config  # noqa: E402
-from hf_gpt2 import export_hf, gpt2_checkpoint, load_gpt2  # noqa: E402
 from model import GPT  # noqa: E402
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+
+from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: E402
+from machinery.hf_gpt2 import export_hf, gpt2_checkpoint, load_gpt2  # noqa: E402
 
 VOCAB, CONTEXT = 101, 32
 TOKENIZER = {"kind": "char", "chars": [chr(33 + i) for i in range(VOCAB)]}  # any tokenizer of VOCAB tokens
@@ -155,9 +156,9 @@ def test_load_errors_are_one_line(tmp_path):
 
 
 def test_importing_it_needs_no_transformers_and_its_cli_errors_are_one_line(tmp_path, capsys):
-    import hf_gpt2
-    for name in sorted(os.listdir(ROOT)):  # hf_gpt2.py and every module it could import
-        if name.endswith(".py"):
+    from machinery import hf_gpt2
+    for name in sorted(os.listdir(ROOT)) + sorted(f"machinery/{n}" for n in os.listdir(f"{ROOT}/machinery")):
+        if name.endswith(".py"):  # hf_gpt2.py and every module it could import
             with open(os.path.join(ROOT, name), encoding="utf-8") as f:
                 top = ast.parse(f.read()).body
             imported = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
@@ -172,8 +173,9 @@ def test_importing_it_needs_no_transformers_and_its_cli_errors_are_one_line(tmp_
 
 
 def test_a_hugging_face_folder_whose_weights_carry_code_is_refused_without_unsafe_advice(tmp_path, capsys):
-    import hf_gpt2
     import train
+
+    from machinery import hf_gpt2
     folder = tmp_path / "evil-gpt2"
     hf_config().save_pretrained(folder)
     marker = tmp_path / "pwned"

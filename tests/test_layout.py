@@ -1,47 +1,87 @@
-"""The house rules that keep the code readable: every function of a top-level script fits on a
-screen, and the modules import only down the flow of the work, never up it."""
+"""The house rules that keep the code readable: the root holds the design card's scripts and the
+lesson, one package beside it holds the machinery, every function fits on a screen, and the
+modules import only down the flow of the work, never up it and never in a circle."""
 
 import ast
 import glob
 import os
+import re
 import subprocess
 
 import pytest
 
 from conftest import ROOT
 
+
 # The flow of the work, bottom to top: a module may import from its own level or below.
 LEVELS = {
-    "config": 0, "cli": 0,
-    "model": 1, "bpe": 1, "tokenizer": 1, "optim": 1, "muon": 1,
-    "sources": 2, "utils": 2, "device": 2, "precision": 2, "distributed": 2, "checkpoint": 2, "safety": 2,
-    "plots": 2,
-    "lifecycle": 3, "calibrate": 3, "hf_gpt2": 3, "annotate": 3,
-    "train": 4, "generate": 4, "prepare": 4,
-    "bench": 5, "pictures": 5,
+    "config": 0, "machinery.cli": 0, "machinery.openmp": 0,
+    "machinery.bpe": 1, "tokenizer": 1, "model": 1, "machinery.muon": 1, "optim": 1,
+    "machinery.sources": 2, "utils": 2, "machinery.device": 2, "machinery.precision": 2,
+    "machinery.distributed": 2, "machinery.checkpoint": 2, "machinery.safety": 2, "machinery.plots": 2,
+    "machinery.lifecycle": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3, "machinery.annotate": 3,
+    "machinery.prepare": 3,
+    "train": 4, "generate": 4, "machinery.pictures": 4,
+    "bench": 5,
 }
-SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+ENTRY_SCRIPTS = ("train", "generate", "bench")  # what the package must never import
+MODULES = sorted([os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))]
+                 + [f"machinery.{os.path.basename(p)[:-3]}" for p in glob.glob(os.path.join(ROOT, "machinery", "*.py"))
+                    if not p.endswith("__init__.py")])
 
 
 def tree(name):
-    with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, *name.split(".")) + ".py", encoding="utf-8") as f:
         return ast.parse(f.read())
 
 
-def test_every_top_level_module_has_a_place_in_the_flow():
-    assert SCRIPTS == sorted(LEVELS)
+def imports_of(name):
+    """The project's modules that name imports, anywhere in its file."""
+    imported = set()
+    for node in ast.walk(tree(name)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+            imported |= {f"{node.module}.{a.name}" for a in node.names}  # from machinery import cli
+    return imported & set(MODULES)
+
+
+def test_the_root_holds_the_design_cards_scripts_and_at_most_three_more():
+    root = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py")))
+    card = ["config.py", "generate.py", "model.py", "train.py", "utils.py"]
+    assert set(card) <= set(root) and len(root) <= 8, root
+
+
+def test_every_module_has_a_place_in_the_flow():
+    assert MODULES == sorted(LEVELS)
 
 
 @pytest.mark.parametrize("name", sorted(LEVELS))
 def test_imports_go_down_the_flow(name):
-    imported = set()
-    for node in ast.walk(tree(name)):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    upward = [m for m in imported & set(LEVELS) if LEVELS[m] > LEVELS[name]]
+    upward = [m for m in imports_of(name) if LEVELS[m] > LEVELS[name]]
     assert not upward, f"{name} imports {upward}, which sit above it"
+
+
+def test_the_package_never_imports_the_entry_scripts_and_nothing_imports_in_a_circle():
+    graph = {name: imports_of(name) for name in MODULES}
+    for name, imported in graph.items():
+        if name.startswith("machinery."):
+            assert not imported & set(ENTRY_SCRIPTS), f"{name} imports {imported & set(ENTRY_SCRIPTS)}"
+    done, path = set(), []
+
+    def visit(name):  # depth first: a module met again on the current path closes a circle
+        assert name not in path, "import cycle: " + " -> ".join(path[path.index(name):] + [name])
+        if name in done:
+            return
+        path.append(name)
+        for other in sorted(graph[name]):
+            visit(other)
+        path.pop()
+        done.add(name)
+
+    for name in MODULES:
+        visit(name)
 
 
 @pytest.mark.parametrize("name", sorted(LEVELS))
@@ -51,7 +91,7 @@ def test_every_function_fits_on_a_screen(name):
     assert not long
 
 
-# The lesson: the files the README's "Reading the code" asks a learner to read first, in order.
+# The lesson: the files the README asks a learner to read, in order.
 LESSON = ("tokenizer", "utils", "model", "optim", "train")
 
 
@@ -62,15 +102,26 @@ def test_every_function_of_the_lesson_reads_in_one_go(name):
     assert not long
 
 
+def test_the_readme_lists_the_lesson_in_order():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    listed = re.findall(r"^\d+\. `(\w+)\.py`", readme, flags=re.M)
+    assert tuple(listed) == LESSON
+
+
 @pytest.mark.parametrize("name", sorted(LEVELS))
 def test_every_module_says_what_it_is_for(name):
     assert ast.get_docstring(tree(name))
 
 
+def flag_tables():
+    with open(os.path.join(ROOT, "docs", "flags.md"), encoding="utf-8") as f:
+        return f.read()
+
+
 def test_the_readme_lists_every_flag_as_config_py_describes_it():
     import config
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    readme = flag_tables()
     assert config.markdown_flags() in readme
     assert config.markdown_flags((config.SampleConfig,)) in readme
     assert config.markdown_presets() in readme
@@ -81,8 +132,7 @@ def test_python_config_py_prints_the_tables_the_readme_shows(capsys):
     config.main()
     printed = capsys.readouterr().out
     tables = [block for block in printed.split("\n\n") if block.startswith("|")]
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
+    readme = flag_tables()
     assert len(tables) == 3 and all(table.strip() in readme for table in tables)
 
 
@@ -92,3 +142,51 @@ def test_a_virtualenv_made_inside_the_checkout_stays_out_of_git_status():
         if done.returncode == 128:
             pytest.skip("not a git checkout")
         assert done.returncode == 0, f"{path} would show up in git status"
+
+
+def markdown_files():
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    broken = []
+    for path in markdown_files():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue  # a web address, or a heading on the same page
+            if not os.path.exists(os.path.join(os.path.dirname(path), target.split("#")[0])):
+                broken.append(f"{os.path.relpath(path, ROOT)}: {target}")
+    assert not broken
+
+
+def test_the_flags_page_is_what_python_config_py_prints(capsys):
+    import config
+    config.main()
+    assert capsys.readouterr().out == flag_tables()
+
+
+# words that tell the story of how the code was written rather than what it does
+HISTORY = re.compile(r"\bsessions?\b|\bissue \d+|\bharness\b|\bbefore this\b|\bearlier machine\b|\bthree designs\b",
+                     re.IGNORECASE)
+
+
+def prose_of(path):
+    """A markdown file's text, or a Python file's comments and docstrings."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not path.endswith(".py"):
+        return text
+    import io
+    import tokenize
+    comments = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT]
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = [ast.get_docstring(n) or "" for n in ast.walk(ast.parse(text)) if isinstance(n, documented)]
+    return "\n".join(comments + docstrings)
+
+
+def test_the_docs_and_comments_speak_of_the_software_not_its_history():
+    paths = markdown_files() + sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py")))
+    found = [f"{os.path.relpath(p, ROOT)}: {m.group(0)!r}" for p in paths for m in HISTORY.finditer(prose_of(p))]
+    assert not found

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from config import TinyLLMError
-from model import GPT, filter_logits, sample_next
 from conftest import checkpoint_of, tiny_model_config
+from model import GPT, filter_logits, sample_next
 
 
 def test_logits_shape_and_loss():
@@ -154,7 +154,7 @@ def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
 
 
 def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
-    from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     for switches in COMBINATIONS:
         torch.manual_seed(0)
         model = GPT(tiny_model_config(**switches))
@@ -204,3 +204,37 @@ def test_generation_builds_no_autograd_graph(monkeypatch):
         (logits.requires_grad, torch.is_inference_mode_enabled())) or real(logits, *a, **k))
     GPT(tiny_model_config()).generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
     assert seen == [(False, True)] * 5  # inference mode at every step: no graph kept alive by the cache
+
+
+@pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
+def test_the_formula_as_written_is_what_the_fused_kernel_computes(switches):
+    """attention() as the lesson writes it, softmax(q k^T / sqrt(hs) + mask) v, and the fused
+    kernel the model runs by default give the same logits, the same gradients, and the same
+    cached generation, past block_size."""
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=8, **switches))
+    idx = torch.randint(0, 65, (3, 9))
+    results = {}
+    for fused in (True, False):
+        for block in model.blocks:
+            block.attn.fused = fused
+        model.zero_grad()
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.eval()
+        text = model.generate(idx[:1, :3], 20, temperature=0)
+        model.train()
+        results[fused] = (logits.detach(), grads, text)
+    (fast, fast_grads, fast_text), (plain, plain_grads, plain_text) = results[True], results[False]
+    assert torch.allclose(fast, plain, atol=1e-5), (fast - plain).abs().max()
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, plain_grads))
+    assert torch.equal(fast_text, plain_text)
+
+
+def test_the_causal_mask_lets_each_query_see_the_keys_up_to_its_own_position():
+    from model import causal_mask
+    assert causal_mask(3, 3, "cpu").isinf().tolist() == [[False, True, True], [False, False, True],
+                                                          [False, False, False]]
+    # two new queries after two cached keys: each also sees the cached ones
+    assert causal_mask(2, 4, "cpu").isinf().tolist() == [[False, False, False, True], [False, False, False, False]]

@@ -10,12 +10,13 @@ import matplotlib.image
 import pytest
 import torch
 
-import model as model_module
-import pictures
-import train
-from checkpoint import load_model
 from conftest import ROOT, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config, write_head
+import model as model_module
 from model import GPT, CausalSelfAttention
+import train
+
+from machinery import pictures
+from machinery.checkpoint import load_model
 
 COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
                 for p in ("learned", "sinusoidal", "rope")]
@@ -98,8 +99,8 @@ def test_catching_attention_changes_nothing_and_training_keeps_the_fused_kernel(
         assert torch.equal(gpt(idx)[0], plain)
 
     fused = []
-    real_attend = model_module.attend
-    monkeypatch.setattr(model_module, "attend", lambda *a, **k: fused.append(1) or real_attend(*a, **k))
+    real_attend = model_module.fused_attention
+    monkeypatch.setattr(model_module, "fused_attention", lambda *a, **k: fused.append(1) or real_attend(*a, **k))
     monkeypatch.setattr(CausalSelfAttention, "attention_weights",
                         lambda *a, **k: pytest.fail("training built the attention matrix"))
     gpt.train()
@@ -197,5 +198,5 @@ def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_train
 
 def test_the_readme_lists_the_pictures_flags():
     import config
-    with open(f"{ROOT}/README.md", encoding="utf-8") as f:
+    with open(f"{ROOT}/docs/generation.md", encoding="utf-8") as f:
         assert config.markdown_flags((config.PictureConfig,)) in f.read()

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-import generate
-import plots
-import prepare
-import train
-from checkpoint import load_checkpoint, load_model
 from config import RunOptions, TrainConfig
 from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head, snapshot, tiny_model_config, tiny_train_config
+import generate
 from model import filter_logits
-from sources import load_prepared
+import train
+
+from machinery import plots, prepare
+from machinery.checkpoint import load_checkpoint, load_model
+from machinery.sources import load_prepared
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers

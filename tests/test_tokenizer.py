@@ -11,11 +11,12 @@ import regex
 import tiktoken
 import torch
 
-from bpe import special_regex
-from config import TinyLLMError
+from config import EOT, TinyLLMError
 from conftest import corpus_head
-from tokenizer import (EOT, GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, make_tokenizer,
-                       tokenizer_from_dict, train_bpe)
+from tokenizer import CharTokenizer, make_tokenizer
+
+from machinery.bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, special_regex, train_bpe
+from machinery.checkpoint import tokenizer_from_dict
 
 UNICODE_TEXT = ("Café naïve façade — señor Müller.\n"
                 "Emoji: 😀🎉 👩‍👩‍👧 ok?\n"

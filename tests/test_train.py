@@ -10,13 +10,14 @@ import signal
 import pytest
 import torch
 
-import train
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from config import RunOptions, TinyLLMError, TrainConfig
 from conftest import Payload, checkpoint_of, fixed_batch, interrupt_at, tiny_model_config, tiny_train_config
 from model import GPT
-from muon import orthogonalize
 from optim import make_optimizer
+import train
+
+from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from machinery.muon import orthogonalize
 
 CPU = torch.device("cpu")
 NO_CTX = contextlib.nullcontext()

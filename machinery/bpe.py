@@ -1,6 +1,6 @@
-"""Byte-level BPE, learned from your text: the deep dive behind --tokenizer bpe (the default
-run uses characters and never calls this). tokenizer.BPETokenizer encodes with the merges
-learned here, through tiktoken.
+"""Byte-level tokenizers: BPE learned from your text (--tokenizer bpe) and OpenAI's GPT-2
+(--tokenizer gpt2), both encoded by tiktoken. A deep dive: the default run uses characters
+(tokenizer.py) and never calls this.
 
 The textbook algorithm: start from the 256 byte values, count every adjacent pair of tokens in
 the text, merge the most frequent pair into a new token, and repeat until the vocabulary is
@@ -13,8 +13,10 @@ import heapq
 from collections import Counter
 
 import regex  # the `regex` package (a tiktoken dependency): it knows \p{L} and possessive ++
+import tiktoken
 
 from config import EOT, TinyLLMError
+
 
 # GPT-2's pre-tokenisation regex, exactly as in tiktoken's gpt2 encoding: it cuts text into
 # contractions, words, numbers, punctuation runs and whitespace, each with an optional
@@ -140,3 +142,63 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
         for p in _merge_words(words, freqs, where, pair, new_id, counts):
             heapq.heappush(heap, entry(p))
     return tokens
+
+
+# ----------------------------------------------------------------------------- the tokenizers, encoded by tiktoken (a fast Rust encoder)
+
+class ByteLevelTokenizer:
+    """Byte-level: any text encodes, and a slice of ids can end mid-character. Subclasses set
+    self.enc, a tiktoken.Encoding."""
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")  # "<|endoftext|>" in text -> eot_id
+
+    def decode(self, ids):
+        return self.enc.decode(ids, errors="replace")  # a split character shows as U+FFFD, no crash
+
+    def unknown_chars(self, text):
+        return []
+
+
+class BPETokenizer(ByteLevelTokenizer):
+    """Our trained byte-level BPE; tiktoken does the encoding (the tests check it gives the ids
+    of the textbook algorithm: repeatedly merge the adjacent pair of lowest rank).
+    Ids: 0..len(tokens)-1 are the byte tokens by rank, then the special tokens in order."""
+
+    def __init__(self, tokens, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
+        self.tokens = [bytes(t) for t in tokens]
+        self.pattern = pattern
+        ranks = {t: i for i, t in enumerate(self.tokens)}
+        if len(ranks) != len(self.tokens):
+            raise TinyLLMError("bpe tokenizer has duplicate tokens (corrupt checkpoint?)")
+        self.special_tokens = {s: len(self.tokens) + i for i, s in enumerate(special_tokens)}
+        self.vocab_size = len(self.tokens) + len(self.special_tokens)
+        self.eot_id = self.special_tokens.get(EOT)
+        self.enc = tiktoken.Encoding(name=f"tinyllm-bpe-{self.vocab_size}", pat_str=pattern,
+                                     mergeable_ranks=ranks, special_tokens=self.special_tokens)
+
+    @classmethod
+    def train(cls, text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), verbose=False):
+        return cls(train_bpe(text, vocab_size, pattern, special_tokens, verbose), pattern, special_tokens)
+
+    def to_dict(self):
+        # plain data only (torch.load weights_only=True refuses bytes); bytes are stored as hex
+        return {"kind": "bpe", "pattern": self.pattern, "tokens": [t.hex() for t in self.tokens],
+                "special_tokens": dict(self.special_tokens)}
+
+
+class GPT2Tokenizer(ByteLevelTokenizer):
+    """OpenAI's GPT-2 tokenizer (50,257 tokens, "<|endoftext|>" = 50256). tiktoken downloads
+    its files on first use and caches them, so this needs network at least once."""
+
+    def __init__(self):
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline: a requests/connection error, or a broken cache
+            raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
+                               "use --tokenizer bpe or --tokenizer char instead") from e
+        self.vocab_size = self.enc.n_vocab
+        self.eot_id = self.enc.eot_token
+
+    def to_dict(self):
+        return {"kind": "gpt2"}

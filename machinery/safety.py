@@ -8,9 +8,10 @@ import dataclasses
 import os
 import signal
 
-from checkpoint import describe_checkpoint, load_checkpoint
-from cli import check_writable, log
 from config import GPTConfig, TinyLLMError, TrainConfig, step_exact
+
+from machinery.checkpoint import describe_checkpoint, load_checkpoint
+from machinery.cli import check_writable, log
 
 
 # ----------------------------------------------------------------------------- the run folder

@@ -21,13 +21,15 @@ import time
 
 import torch
 
-from checkpoint import save_checkpoint
-from cli import format_seconds
 from config import TinyLLMError, parse_duration
-from device import rng_state, set_rng_state
-from distributed import broadcast_from_master
-from plots import plot_history
-from precision import autocast, make_scaler, measured_on
+
+from machinery.checkpoint import save_checkpoint
+from machinery.cli import format_seconds
+from machinery.device import rng_state, set_rng_state
+from machinery.distributed import broadcast_from_master
+from machinery.plots import plot_history
+from machinery.precision import autocast, make_scaler, measured_on
+
 
 # bfloat16 must beat float32 by this much before --dtype auto takes it: at equal steps it
 # ends about 0.012 higher in val loss (docs/recipe_search.md), which about a quarter more
@@ -49,7 +51,7 @@ def calibrate(run, train_step):
     (plan_budget). A resumed run keeps what its checkpoint's plan holds."""
     cfg, plan = run.train_cfg, run.state.plan or {}
     if cfg.dtype == "auto" and measured_on(run.device):
-        if plan.get("dtype"):  # a resumed run keeps what its first session measured
+        if plan.get("dtype"):  # a resumed run keeps what its first process measured
             choice = plan
         else:
             seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
@@ -136,7 +138,7 @@ def time_steps(run, train_step, dtypes):
 
 def plan_run(run):
     """A --time_budget run's plan, once its first steps are timed (lifecycle.after_step calls
-    this): rank 0 plans from this session's mean step time, its first evaluation (with the
+    this): rank 0 plans from this process's mean step time, its first evaluation (with the
     plots it did not draw yet) and 16 sampled tokens; every rank follows, and an error on rank
     0 is the same one-line error on every rank."""
     meter, cfg, plan = run.meter, run.train_cfg, None
@@ -144,7 +146,7 @@ def plan_run(run):
         try:
             evaluation = meter.eval_seconds + time_plots(run) if meter.eval_seconds else time_evaluation(run)
             spent = budget_spent(run)
-            plan = plan_budget(cfg, run.state.step, spent, meter.session_seconds / meter.session_steps, evaluation,
+            plan = plan_budget(cfg, run.state.step, spent, meter.process_seconds / meter.process_steps, evaluation,
                                time_sample(run))
         except TinyLLMError as e:
             plan = {"error": str(e)}
@@ -158,8 +160,8 @@ def plan_run(run):
 
 
 def budget_spent(run):
-    """Seconds of the time budget spent so far: this session's, from its start, and the earlier
-    sessions' training time."""
+    """Seconds of the time budget spent so far: this process's, from its start, and the training
+    time of the run's earlier processes (a resumed run)."""
     return run.earlier_seconds + time.perf_counter() - run.started
 
 
@@ -271,10 +273,10 @@ def describe_plan(run):
 
 
 def repeat_command(run):
-    """The command line that repeats a planned run exactly: the flags its first session was
+    """The command line that repeats a planned run exactly: the flags its first process was
     given, with the plan's --max_steps and the run's --dtype in place of --time_budget."""
-    if run.options.resume and run.source:  # planned in a later session: its own flags say little
-        return f"the first session's flags, then --max_steps {run.state.plan['max_steps']} --dtype {run.dtype}"
+    if run.options.resume and run.source:  # planned by a resumed process: its own flags say little
+        return f"the first command's flags, then --max_steps {run.state.plan['max_steps']} --dtype {run.dtype}"
     flags = {k: v for k, v in run.given.items() if k not in ("time_budget", "resume", "overwrite", "out_dir", "tag")}
     flags.update(max_steps=run.state.plan["max_steps"], dtype=run.dtype)
     launcher = f"torchrun --nproc_per_node={run.world} train.py" if run.world > 1 else "python train.py"

@@ -1,8 +1,8 @@
 """OpenAI's GPT-2 weights in and out of our GPT, through Hugging Face transformers.
 
-    python hf_gpt2.py import gpt2 --out checkpoints/gpt2.pt      # then: python generate.py --checkpoint checkpoints/gpt2.pt
-    python hf_gpt2.py import path/to/hf_folder --out checkpoints/mine.pt
-    python hf_gpt2.py export --checkpoint checkpoints/best.pt --out hf_model/
+    python -m machinery.hf_gpt2 import gpt2 --out checkpoints/gpt2.pt      # then: python generate.py --checkpoint checkpoints/gpt2.pt
+    python -m machinery.hf_gpt2 import path/to/hf_folder --out checkpoints/mine.pt
+    python -m machinery.hf_gpt2 export --checkpoint checkpoints/best.pt --out hf_model/
 
 Our GPT with pos="learned", norm="layernorm", mlp="gelu", bias=True is GPT-2's architecture
 exactly, so every weight maps one to one: only the names differ, and four matrices are stored
@@ -16,10 +16,11 @@ import os
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, refused_as_unsafe, save_checkpoint, unsafe_file
-from cli import ArgumentParser, check_writable, first_line, log, run_cli
 from config import GPTConfig, TinyLLMError
 from model import GPT
+
+from machinery.checkpoint import load_checkpoint, model_from_checkpoint, refused_as_unsafe, save_checkpoint, unsafe_file
+from machinery.cli import ArgumentParser, check_writable, first_line, log, run_cli
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token

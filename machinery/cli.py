@@ -15,19 +15,17 @@ import sys
 from config import TinyLLMError
 
 
-def spin_briefly():
-    """Call before torch is imported (the scripts do, when run as scripts): an idle OpenMP
-    thread then spins only briefly before it sleeps. With the long default spin, a second busy
-    process on a 2-core machine made a 2-thread training step 2 to 9 times slower (README:
-    Threads). A user's own OMP_WAIT_POLICY wins."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-
 # ----------------------------------------------------------------------------- flags from settings
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line like every other user error."""
+    """argparse, but a bad flag is one `error:` line like every other user error, and a tool run
+    as a module names itself as it is run (python -m machinery.prepare)."""
+
+    def __init__(self, *args, **kwargs):
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if "prog" not in kwargs and spec is not None and spec.name.startswith("machinery."):
+            kwargs["prog"] = f"python -m {spec.name}"
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -11,9 +11,10 @@ import warnings
 
 import torch
 
-from cli import warn
 from config import TinyLLMError
-from device import describe
+
+from machinery.cli import warn
+from machinery.device import describe
 
 
 # ----------------------------------------------------------------------------- which precision

@@ -1,7 +1,7 @@
 """Tokenize a corpus once, to disk, for corpora larger than memory.
 
-    python prepare.py --input big.txt --out data/big                        # char tokenizer, like train.py
-    python prepare.py --input notes/ --data_ext .md,.txt --tokenizer bpe --vocab_size 4096 --out data/notes
+    python -m machinery.prepare --input big.txt --out data/big                        # char tokenizer, like train.py
+    python -m machinery.prepare --input notes/ --data_ext .md,.txt --tokenizer bpe --vocab_size 4096 --out data/notes
     python train.py --data data/big
 
 The input (a .txt file, a folder searched recursively for the endings in --data_ext, a .jsonl
@@ -19,10 +19,11 @@ import time
 
 import numpy as np
 
-from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, format_seconds, log, run_cli
 from config import EOT, TinyLLMError, TrainConfig, make_config
-from sources import iter_stream
 from tokenizer import make_tokenizer
+
+from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, format_seconds, log, run_cli
+from machinery.sources import iter_stream
 
 
 def source_size(cfg):

@@ -1,5 +1,5 @@
 """Where training text comes from: read this when you need to know how a folder, a JSONL
-file, a Q&A list or a corpus prepared by prepare.py becomes the text (or the token ids) that
+file, a Q&A list or a corpus prepared by machinery/prepare.py becomes the text (or the token ids) that
 utils.tokenize turns into train and val streams.
 
 Sources: a .txt file, a folder of text files (searched recursively), a .jsonl file with a
@@ -15,7 +15,10 @@ import re
 import numpy as np
 
 from config import EOT, TinyLLMError
-from tokenizer import tokenizer_from_dict
+from tokenizer import CharTokenizer
+
+from machinery.checkpoint import tokenizer_from_dict
+from machinery.cli import warn
 
 
 def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
@@ -147,20 +150,60 @@ def load_prepared(path):
         meta["val_chars"] = int(meta["val_chars"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise TinyLLMError(f"{meta_path} is corrupt or incomplete ({type(e).__name__}: {e}); "
-                           f"run prepare.py again") from None
+                           f"run python -m machinery.prepare again") from None
     splits = []
     for name in ("train", "val"):
         file = os.path.join(path, f"{name}.bin")
         if not os.path.isfile(file) or os.path.getsize(file) < dtype.itemsize:
-            raise TinyLLMError(f"{file} is missing or empty; run prepare.py again")
+            raise TinyLLMError(f"{file} is missing or empty; run python -m machinery.prepare again")
         splits.append(np.memmap(file, dtype=dtype, mode="r"))
     return meta, splits[0], splits[1]
 
 
 def prepared_streams(path, tokenizer=None):
-    """(tokenizer, train ids, val ids, characters per val token) of a prepare.py folder. A
+    """(tokenizer, train ids, val ids, characters per val token) of a folder written by machinery/prepare.py. A
     tokenizer given (resume, fine-tuning) must be the one the folder was prepared with."""
     meta, train_ids, val_ids = load_prepared(path)
     if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
         raise TinyLLMError(f"{path} was prepared with a different tokenizer than the checkpoint's")
     return tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids, meta["val_chars"] / max(1, len(val_ids))
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def read_prompt(cfg):
+    if not cfg.prompt_file:
+        return cfg.prompt
+    try:
+        with open(cfg.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
+    except OSError as e:
+        raise TinyLLMError(f"cannot read --prompt_file {cfg.prompt_file}: {e.strerror or e}") from None
+
+
+def encode_prompt(tokenizer, prompt, qa=False):
+    """Token ids for the prompt. Characters the vocabulary lacks are dropped with a
+    warning; an empty prompt starts from a line end. With qa, the prompt is a question,
+    framed as the Q&A training documents were."""
+    if qa:
+        if tokenizer.eot_id is None:
+            raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
+        prompt = EOT + qa_prompt(prompt)
+    if missing := tokenizer.unknown_chars(prompt):
+        kept = "".join(ch for ch in prompt if ch not in set(missing))
+        if prompt and not kept:
+            raise TinyLLMError(f"no character of the prompt is in the model's vocabulary "
+                               f"(missing: {''.join(missing)[:40]!r})")
+        warn(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
+        prompt = kept
+    return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
+
+
+def start_ids(tokenizer):
+    """Where sampling starts without a prompt: a line end (byte-level tokenizers can always
+    encode one; a char vocabulary without it starts from its first character)."""
+    if isinstance(tokenizer, CharTokenizer) and "\n" not in tokenizer.stoi:
+        return [0]
+    return tokenizer.encode("\n")

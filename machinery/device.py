@@ -18,8 +18,9 @@ import random
 import numpy as np
 import torch
 
-from cli import log
 from config import TinyLLMError
+
+from machinery.cli import log
 
 
 # ----------------------------------------------------------------------------- the device
@@ -72,7 +73,7 @@ def configure_matmul(device):
 def set_threads(n=0):
     """Use n CPU threads for torch's kernels; 0 keeps torch's default, one per physical core.
     Returns the count in use. (The scripts also shorten how long an idle OpenMP thread spins
-    before it sleeps: cli.spin_briefly.)"""
+    before it sleeps: machinery/openmp.py.)"""
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()

@@ -15,12 +15,15 @@ import os
 import pickle
 import warnings
 
+import regex
 import torch
 
-from cli import first_line
 from config import GPTConfig, TinyLLMError
 from model import GPT
-from tokenizer import tokenizer_from_dict
+from tokenizer import CharTokenizer
+
+from machinery.bpe import BPETokenizer, GPT2Tokenizer
+from machinery.cli import first_line
 
 CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")
 
@@ -111,6 +114,27 @@ def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
         raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{vocab_size} token embeddings")
     return tokenizer
+
+
+def tokenizer_from_dict(d):
+    """The tokenizer a checkpoint (or a prepared corpus's meta.json) describes, checked field by field."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    try:
+        if kind == "char":
+            chars, special = d["chars"], d.get("special_tokens", [])
+            if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+                raise ValueError("chars must be distinct single characters")
+            if not all(isinstance(s, str) for s in special):
+                raise ValueError("special_tokens must be strings")
+            return CharTokenizer(chars, special)
+        if kind == "bpe":
+            special = sorted(d["special_tokens"], key=d["special_tokens"].get)  # names in id order
+            return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
+    except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
+        raise TinyLLMError(f"the {kind} tokenizer data is incomplete or malformed ({type(e).__name__}: {e})") from None
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected a dict with kind char, bpe or gpt2)")
 
 
 def load_model(path):

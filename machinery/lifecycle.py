@@ -22,19 +22,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from calibrate import budget_spent, calibrate, describe_start, plan_run
-from checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint,
-                        tokenizer_of)
-from cli import format_seconds, log, warn
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
-from device import (choose_device, configure_matmul, describe, flops_per_token, out_of_memory_as_error, peak_flops,
-                    rng_state, seed_everything, set_rng_state, set_threads)
-from distributed import all_ranks_max, all_ranks_mean, rank_seed, setup_distributed, teardown_distributed, wrap
 from optim import get_lr
-from plots import plot_history
-from precision import autocast, explain_dtype, make_scaler, resolve_dtype
-from safety import StopRequest, claim_out_dir, conflicting_flags, find_resume, prune_periodic, resume_configs
-from tokenizer import start_ids
+
+from machinery.calibrate import budget_spent, calibrate, describe_start, plan_run
+from machinery.checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint,
+                                  save_checkpoint, tokenizer_of)
+from machinery.cli import format_seconds, log, warn
+from machinery.device import (choose_device, configure_matmul, describe, flops_per_token, out_of_memory_as_error,
+                              peak_flops, rng_state, seed_everything, set_rng_state, set_threads)
+from machinery.distributed import (all_ranks_max, all_ranks_mean, rank_seed, setup_distributed, teardown_distributed,
+                                   wrap)
+from machinery.plots import plot_history
+from machinery.precision import autocast, explain_dtype, make_scaler, resolve_dtype
+from machinery.safety import StopRequest, claim_out_dir, conflicting_flags, find_resume, prune_periodic, resume_configs
+from machinery.sources import start_ids
 
 
 @dataclass
@@ -49,7 +51,7 @@ class TrainState:
     history: list = field(default_factory=list)
     window: list = field(default_factory=list)  # (loss, grad norm) of the steps since the last progress row
     decay_from: list = None          # [step, lr] where a resumed run re-planned its LR decay
-    seconds: float = 0.0             # training wall time over every session of the run
+    seconds: float = 0.0             # training wall time over every process of the run (resumes)
     plan: dict = None                # what calibrate.py measured and decided: dtype, max_steps for a time budget
 
 
@@ -60,17 +62,17 @@ RESUMABLE = ("optimizer", "train_config", "rng", *(f.name for f in dataclasses.f
 
 @dataclass
 class Meter:
-    """This session's account of the steps since the last progress line: their losses and
+    """This process's account of the steps since the last progress line: their losses and
     gradient norms, still on the device, and the time they took. Never saved."""
     pending: list = field(default_factory=list)  # (step, loss, grad norm), as tensors
     seconds: float = 0.0        # spent in those steps
     steps: int = 0              # of them timed so far
     mark: float = 0.0           # when the current stretch of steps began
     paused: int = 0             # > 0 while the clock is off (evaluating, saving)
-    eval_seconds: float = 0.0   # the first evaluation of this session, its saves included (for a time budget)
-    session_seconds: float = 0.0  # the step time of this session so far, and its steps: for a time budget
-    session_steps: int = 0
-    session_start: float = 0.0  # when this session's share of TrainState.seconds began
+    eval_seconds: float = 0.0   # this process's first evaluation, its saves included (for a time budget)
+    process_seconds: float = 0.0  # the step time of this process so far, and its steps: for a time budget
+    process_steps: int = 0
+    process_start: float = 0.0  # when this process's share of TrainState.seconds began
 
 
 @dataclass
@@ -98,8 +100,8 @@ class Run:
     source_name: str = ""
     dtype_note: str = None      # what --dtype auto measured, when it measured (calibrate.py)
     plan_at: int = None         # a --time_budget run not planned yet: the step at which to plan it
-    earlier_seconds: float = 0.0  # training time of the run's earlier sessions (TrainState.seconds at the start)
-    planned_here: bool = False  # this session planned a time budget (finish says how it went)
+    earlier_seconds: float = 0.0  # training time of the run's earlier processes (TrainState.seconds at the start)
+    planned_here: bool = False  # this process planned a time budget (finish says how it went)
     # built by train.build
     tokenizer: object = None
     corpus: object = None       # utils.Corpus: the train and val token streams
@@ -208,7 +210,7 @@ def load_source(path, given):
     if path.endswith(".pt"):
         source = load_checkpoint(path)
     else:
-        from hf_gpt2 import gpt2_checkpoint, load_gpt2  # needs transformers: imported only when asked
+        from machinery.hf_gpt2 import gpt2_checkpoint, load_gpt2  # needs transformers: imported only when asked
         source = gpt2_checkpoint(load_gpt2(path))
     differ = conflicting_flags(given, source["model_config"], ("dropout", "vocab_size"), "it has")
     if differ:
@@ -242,7 +244,7 @@ def ready(run, train_step):
     run.peak = peak_flops(run.device, run.dtype) if run.master else None
     print_header(run)
     now = time.perf_counter()
-    run.meter = Meter(mark=now, session_start=now)
+    run.meter = Meter(mark=now, process_start=now)
 
 
 def restore(run, checkpoint):
@@ -336,8 +338,8 @@ def settle(run):
     seconds = time.perf_counter() - meter.mark  # the device has finished these steps only now
     meter.seconds += seconds
     meter.steps += len(meter.pending)
-    meter.session_seconds += seconds
-    meter.session_steps += len(meter.pending)
+    meter.process_seconds += seconds
+    meter.process_steps += len(meter.pending)
     steps = [s for s, _, _ in meter.pending]
     values = torch.stack([torch.stack((loss.float(), norm.float())) for _, loss, norm in meter.pending]).tolist()
     meter.pending = []
@@ -395,10 +397,6 @@ def after_step(run, stop, loss, grad_norm, lr):
     state, cfg = run.state, run.train_cfg
     state.lr = lr
     run.meter.pending.append((state.step, loss, grad_norm))
-    if run.plan_at is not None and state.step >= run.plan_at:  # a time budget's first steps are timed
-        settle(run)
-        plan_run(run)
-        run.meter.mark = time.perf_counter()  # planning is not step time
     if state.step % run.log_interval == 0:
         log_progress(run)
     if cfg.save_interval and state.step % cfg.save_interval == 0:
@@ -411,6 +409,14 @@ def after_step(run, stop, loss, grad_norm, lr):
         run.say(f"saved {run.last_path} at step {state.step}. "
                 f"Resume with: python train.py --resume --out_dir {run.out_dir}")
         sys.exit(130 if signum == signal.SIGINT else 143)
+
+
+def plan_time_budget(run):
+    """A --time_budget run, once its first steps are timed: fix max_steps, the end of the LR
+    schedule, so that the run ends within the budget (calibrate.plan_run), and say so."""
+    settle(run)
+    plan_run(run)
+    run.meter.mark = time.perf_counter()  # planning is not step time
 
 
 def steps_shown(run):
@@ -454,8 +460,8 @@ def stop_signal(run, stop):
 # ----------------------------------------------------------------------------- files
 
 def elapsed(run):
-    """Training wall time of the whole run so far, over every session."""
-    return run.state.seconds + time.perf_counter() - run.meter.session_start
+    """Training wall time of the whole run so far, over every process (resumes)."""
+    return run.state.seconds + time.perf_counter() - run.meter.process_start
 
 
 def save(run, path):
@@ -463,7 +469,7 @@ def save(run, path):
     with off_the_clock(run):
         if run.master:
             run.state.seconds = elapsed(run)
-            run.meter.session_start = time.perf_counter()
+            run.meter.process_start = time.perf_counter()
             save_checkpoint(path, make_checkpoint(
                 run.model, run.model_cfg, run.tokenizer, optimizer=run.optimizer.state_dict(),
                 train_config=dataclasses.asdict(run.train_cfg), preset=run.preset, rng=rng_state(),

@@ -1,20 +1,17 @@
 """See inside a trained model: pictures a learner would rather look at than read.
 
-    python pictures.py checkpoints/best.pt --out_dir docs
-    python pictures.py checkpoints/best.pt --only attention --prompt "To be, or not" --layer 1 --head 2
+    python -m machinery.pictures checkpoints/best.pt --out_dir docs
+    python -m machinery.pictures checkpoints/best.pt --only attention --prompt "To be, or not" --layer 1 --head 2
 
 Each picture is a PNG in --out_dir, announced by one line that says what to look for:
   attention.png    every layer's and head's attention weights over the prompt's tokens
   surprise.png     the start of the val split, each character coloured by the model's loss on it
   temperature.png  the next-token distribution after the prompt at several temperatures
   embeddings.png   a char model's token embeddings, projected to 2-D (PCA)
-Every flag: python pictures.py --help.
+Every flag: python -m machinery.pictures --help.
 """
 
-import cli
-
-if __name__ == "__main__":
-    cli.spin_briefly()  # before torch loads OpenMP (cli.py says why)
+import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
 import math
 import os
@@ -23,16 +20,18 @@ import warnings
 import numpy as np
 import torch
 
-from annotate import Pieces, entropy_bits, token_piece
-from checkpoint import load_model
-from cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from config import PictureConfig, TinyLLMError, make_config
-from device import choose_device, set_threads
-from generate import encode_prompt
 from model import lm_loss, next_token_probs
-from plots import DPI, new_plot, save_plot
 from tokenizer import CharTokenizer
 from utils import validation_split
+
+from machinery.annotate import Pieces, entropy_bits, token_piece
+from machinery.checkpoint import load_model
+from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
+from machinery.device import choose_device, set_threads
+from machinery.plots import DPI, new_plot, save_plot
+from machinery.sources import encode_prompt
+
 
 def short_label(tokenizer, token):
     """A token as an axis label: spaces and line ends made visible; a byte-level token that is

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenizer import ByteLevelTokenizer
+from machinery.bpe import ByteLevelTokenizer
 
 LN2 = math.log(2)
 

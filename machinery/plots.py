@@ -1,17 +1,17 @@
 """Pictures of training runs: a run's loss, learning rate and gradient norm (train.py redraws
 them after every evaluation), and several runs' curves overlaid to compare them.
 
-    python plots.py checkpoints/lr_conservative checkpoints/lr_default --out compare.png
+    python -m machinery.plots checkpoints/lr_conservative checkpoints/lr_default --out compare.png
 """
 
 import json
 import math
 import os
 
-from cli import ArgumentParser, log, run_cli, warn
 from config import TinyLLMError
 from optim import get_lr
 
+from machinery.cli import ArgumentParser, log, run_cli, warn
 
 DPI = 90  # pixels per inch: a 7-inch-wide figure is 630 pixels
 
