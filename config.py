@@ -173,6 +173,12 @@ class SampleConfig:
                                       "one row per token; each sample ends with its perplexity")
     show_top: int = setting(0, "with the annotations, also list the K most likely tokens at each step "
                                "(implies --show_probs); 0 = off, at most 20")
+    beam: int = setting(None, "beam search instead of sampling: keep the N most probable continuations at each "
+                              "step and print the most probable one at the end (deterministic: no seed, no "
+                              "temperature, top-k or top-p; one sample); 1 = greedy")
+    length_penalty: float = setting(0.0, "beam search: a continuation's score is its total log-probability divided "
+                                         "by its length to this power; 0 = the plain sum (lengths differ only when "
+                                         "a continuation stops at <|endoftext|>)")
 
     def __post_init__(self):
         _require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
@@ -184,6 +190,14 @@ class SampleConfig:
         _require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
         _require(0 <= self.show_top <= 20, f"--show_top must be between 0 (off) and 20, got {self.show_top}")
         self.show_probs = self.show_probs or self.show_top > 0
+        _require(self.beam is None or self.beam >= 1, f"--beam must be at least 1 (continuations kept), got {self.beam}")
+        if self.beam:
+            sampling = [f"--{f.name}" for f in dataclasses.fields(self)
+                        if f.name in ("temperature", "top_k", "top_p") and getattr(self, f.name) != f.default]
+            _require(not sampling, f"beam search draws nothing, so {', '.join(sampling)} cannot apply: drop it")
+            _require(self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
+        _require(math.isfinite(self.length_penalty), f"--length_penalty must be a number, got {self.length_penalty}")
+        _require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
         _check_common(self, "--")
 
 

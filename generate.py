@@ -3,9 +3,10 @@
     python generate.py --seed 42                                  # checkpoints/best.pt
     python generate.py checkpoints/best.pt --prompt "ROMEO:" --temperature 0.8 --top_k 40 --num_samples 3
     python generate.py checkpoints/ckpt_0000500.pt checkpoints/best.pt   # compare checkpoints, same prompt and seed
-    python generate.py checkpoints/best.pt --prompt "ROMEO:" --show_top 3   # each token's odds (annotate.py)
+    python generate.py checkpoints/best.pt --prompt "ROMEO:" --show_top 3   # each token's odds (machinery/annotate.py)
+    python generate.py checkpoints/best.pt --prompt "To be or not" --beam 4  # the most probable continuation beam 4 finds
 
-The same seed on the same machine gives the same text. Every flag: python generate.py --help.
+The same seed on the same machine gives the same text; beam search draws nothing, so it needs no seed. Every flag: python generate.py --help.
 """
 
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
@@ -60,6 +61,25 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
     return out
 
 
+def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
+    """The one continuation of the prompt that beam search of width --beam finds (the seed plays
+    no part: beam search draws nothing). Returns [(text, new tokens, whether it stopped)], as
+    sample does. An annotator gets the model's own distribution at every step of it."""
+    stop = None if cfg.no_stop else tokenizer.eot_id
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    new, _ = model.beam_search(idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache, stop_token=stop,
+                               length_penalty=cfg.length_penalty)  # (1, n)
+    shown = [t for t in prompt_ids if t != stop]
+    if annotator:
+        annotator.begin(shown, 1, stop)
+        for token, probs in model.score_stream(idx, new, use_cache=not cfg.no_cache):
+            annotator.add(token, probs)
+    row = new[0].tolist()
+    stopped = stop in row
+    row = row[:row.index(stop)] if stopped else row
+    return [(tokenizer.decode(shown + row), len(row), stopped)]
+
+
 def sample_label(i, cfg, n_new, stopped):
     label = f"--- sample {i + 1}/{cfg.num_samples}"
     return label + (f" (stopped at <|endoftext|> after {n_new} tokens) ---" if stopped else " ---")
@@ -67,9 +87,12 @@ def sample_label(i, cfg, n_new, stopped):
 
 def header(cfg, path, checkpoint, prompt):
     """The output file's header: everything that shaped the text below it."""
-    settings = (f"seed={cfg.seed} temperature={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "
-                f"max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
-                f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
+    if cfg.beam:
+        settings = f"beam={cfg.beam} length_penalty={cfg.length_penalty} "
+    else:
+        settings = f"seed={cfg.seed} temperature={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "
+    settings += (f"max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
+                 f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
     if cfg.show_probs:  # only then, so that a file without annotations reads as it always did
         settings += f" show_probs=True show_top={cfg.show_top}"
     source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
@@ -110,14 +133,17 @@ def sample_checkpoint(path, cfg, prompt, device, several=False):
     model, tokenizer, checkpoint = load_model(path)  # on the CPU; only the model moves
     model.to(device)
     prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
-    stream = not several and cfg.num_samples == 1 and not cfg.output_file
+    stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
     annotator = None
     if cfg.show_probs:  # colours only for a person at a terminal; a file or a pipe gets plain rows
         annotator = Annotator(tokenizer, cfg.show_top, colour=sys.stdout.isatty() and not cfg.output_file)
     if several:
         log(f"\n{'=' * 20} {path} ({describe_checkpoint(checkpoint)}) {'=' * 20}")
     with out_of_memory_as_error(f"out of memory on {describe(device)}: try a smaller --num_samples, or --device cpu"):
-        samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream, annotator=annotator)
+        if cfg.beam:
+            samples = beam(model, tokenizer, prompt_ids, cfg, device, annotator)
+        else:
+            samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream, annotator=annotator)
     if stream:  # printed as it was sampled (and there is no output file)
         _, n_new, stopped = samples[0]
         if stopped:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from config import GPTConfig
 
+from machinery import kernels
+
 
 # ----------------------------------------------------------------------------- the parts
 
@@ -104,13 +106,7 @@ def fused_attention(q, k, v, dropout=0.0):
         mask, causal = None, False
     else:  # new tokens after cached ones: causal_mask's pattern, as booleans (True = may look)
         mask, causal = causal_mask(T, S, q.device) == 0, False
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # under bfloat16 autocast a CPU's bfloat16 attention (its backward above all) ran several
-        # times slower than float32's, while the matmuls around it keep bfloat16's speed
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
-                                                  dropout_p=dropout)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+    return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
 class CausalSelfAttention(nn.Module):
@@ -151,14 +147,6 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
 
-    def attention_weights(self, x, rope=None):
-        """The attention pattern of x (B, T, C), (B, nh, T, T), in float32: what forward() weighs
-        the values with. For pictures (machinery/pictures.py collects it with forward hooks);
-        training and generation never call it."""
-        q, k, _ = self.queries_keys_values(x, rope)  # each (B, nh, T, hs)
-        T = q.size(2)
-        return attention_weights(q.float(), k.float(), causal_mask(T, T, x.device))
-
 
 class MLP(nn.Module):
     """The position-wise feed-forward network: widen, apply a nonlinearity, project back."""
@@ -168,7 +156,7 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         if self.swiglu:
             # three matrices instead of two: 8/3 * n_embd wide keeps the parameter count of the 4x GELU MLP
-            hidden = 8 * round(8 * config.n_embd / 3 / 8)  # a multiple of 8, which matmul kernels like
+            hidden = 8 * round((8 * config.n_embd / 3) / 8)  # 8/3 of n_embd, to a multiple of 8 (kernels like it)
             self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
         else:
             hidden = 4 * config.n_embd
@@ -294,19 +282,30 @@ class GPT(nn.Module):
         """Continue each row of idx (B, T): yield the next token of every row, shape (B, 1), one
         step at a time, until max_new_tokens or until every row has produced stop_token. With
         with_probs, yield (token (B, 1), probs (B, V)): also the distribution it was drawn from."""
-        return generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token,
-                               generator, with_probs)
+        return sampling_loop(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token,
+                             generator, with_probs)
 
     def generate(self, idx, max_new_tokens, **kwargs):
         """Continue each row of idx (B, T); returns (B, T + new tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + new, dim=1)
 
+    def beam_search(self, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
+        """The most probable continuation of idx (1, T) that a beam of beam_width finds: (new
+        tokens (1, n), their total log-probability)."""
+        return beam_search(self, idx, max_new_tokens, beam_width, use_cache, stop_token, length_penalty)
+
+    def score_stream(self, idx, new_tokens, use_cache=True):
+        """The model's distribution at every step of the continuation new_tokens (B, n) of idx
+        (B, T), as generation computes it: yields (token (B, 1), probs (B, V)) per step."""
+        return scoring_loop(self, idx, new_tokens, use_cache)
+
 
 # ============================================================================= generation
-# Everything below serves sampling (generate.py, and the sample at the end of train.py):
+# Everything below serves generation (generate.py, and the sample at the end of train.py):
 # the KV cache, which keeps each layer's keys and values so a new token costs one position's
-# work instead of the whole context's, and the sampler (temperature, top-k, top-p).
+# work instead of the whole context's; the context rule; the sampling loop and beam search;
+# and the sampler (temperature, top-k, top-p).
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, plus the position of
@@ -330,16 +329,26 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def reorder(self, rows):
+        """Row i of the cache becomes a copy of row rows[i] (beam search: each beam follows its parent)."""
+        self.k = [k[rows] if k is not None else None for k in self.k]
+        self.v = [v[rows] if v is not None else None for v in self.v]
 
-@torch.inference_mode()  # no autograd graph: each step runs, and the cache is filled, as plain inference
-def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
-                    stop_token=None, generator=None, with_probs=False):
-    """GPT.generate_stream: the sampling loop."""
-    block_size = model.config.block_size
-    start, cache = max(0, idx.size(1) - block_size), None  # the context is idx[:, start:]
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        if idx.size(1) - start > block_size:
+
+class Context:
+    """What the model sees while it generates: the context rule and the KV cache.
+    next_logits(idx) gives the logits of the token after each row of idx (B, T), each call's
+    idx one token longer than the last call's (the first call's is the prompt)."""
+
+    def __init__(self, model, use_cache=True):
+        self.model, self.use_cache = model, use_cache
+        self.start, self.cache = None, None  # the context is idx[:, start:]
+
+    def next_logits(self, idx):
+        block_size = self.model.config.block_size
+        if self.start is None:  # the prompt: its last block_size tokens at most
+            self.start = max(0, idx.size(1) - block_size)
+        if idx.size(1) - self.start > block_size:
             # The context is full. It does not slide on by one token (idx[:, -block_size:]): it
             # restarts from the newest block_size // 2 tokens, and the cache is filled again.
             # A cached key holds what its layer computed when the key's token was added, from the
@@ -347,15 +356,31 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=
             # are gone, so a sliding cache would no longer compute what the model computes on
             # the context. Restarting costs one refill every block_size // 2 tokens, and keeps
             # generation with the cache identical to recomputing the context each step.
-            start, cache = idx.size(1) - max(1, block_size // 2), None
-        if not use_cache:  # recompute the whole context
-            logits, _ = model(idx[:, start:])
-        elif cache is None:  # fill the cache with the whole context
-            cache = KVCache(model.config.n_layer, block_size)
-            logits, _ = model(idx[:, start:], cache=cache)
+            self.start, self.cache = idx.size(1) - max(1, block_size // 2), None
+        if not self.use_cache:  # recompute the whole context
+            logits, _ = self.model(idx[:, self.start:])
+        elif self.cache is None:  # fill the cache with the whole context
+            self.cache = KVCache(self.model.config.n_layer, block_size)
+            logits, _ = self.model(idx[:, self.start:], cache=self.cache)
         else:  # only the newest token: the cache holds the rest
-            logits, _ = model(idx[:, -1:], cache=cache)
-        out = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator, return_probs=with_probs)
+            logits, _ = self.model(idx[:, -1:], cache=self.cache)
+        return logits[:, -1, :]  # (B, V)
+
+    def follow(self, rows):
+        """Row i continues row rows[i] of the last call from now on (beam search)."""
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+@torch.inference_mode()  # no autograd graph: each step runs, and the cache is filled, as plain inference
+def sampling_loop(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                  stop_token=None, generator=None, with_probs=False):
+    """GPT.generate_stream's work: one new token per step for every row, with or without the cache."""
+    context = Context(model, use_cache)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits = context.next_logits(idx)  # (B, V)
+        out = sample_next(logits, temperature, top_k, top_p, generator, return_probs=with_probs)
         next_token = out[0] if with_probs else out  # (B, 1); out: also the distribution it was drawn from (B, V)
         idx = torch.cat((idx, next_token), dim=1)
         yield out
@@ -363,6 +388,53 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=
             done |= next_token[:, 0] == stop_token
             if done.all():
                 return
+
+
+@torch.inference_mode()
+def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
+    """The continuation of idx (1, T) with the highest score that a beam of beam_width finds:
+    keep the beam_width best partial continuations, extend every one by every token, keep the
+    best beam_width of those, repeat. A continuation's score is its total log-probability (the
+    sum over its tokens), divided by its length ** length_penalty (0: the plain sum). One that
+    ends in stop_token is finished and leaves the beam. Returns (new tokens (1, n), total log-probability)."""
+    context, prompt = Context(model, use_cache), idx.size(1)
+    beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
+    totals = torch.zeros(1, dtype=torch.float64, device=idx.device)  # (k,) their total log-probabilities
+    finished = []  # (total log-probability, new tokens) of the continuations that stopped
+    for _ in range(max_new_tokens):
+        logp = F.log_softmax(context.next_logits(beams).double(), dim=-1)  # (k, V)
+        V = logp.size(-1)
+        # every beam extended by every token, best first; a beam adds at most one stopped
+        # candidate, so the best 2 * beam_width hold beam_width live ones
+        best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
+        rows, tokens = flat // V, flat % V  # which beam each candidate extends, by which token
+        stops = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        finished += [(t, torch.cat((beams[r, prompt:], tok[None]))) for t, r, tok in
+                     zip(best[stops].tolist(), rows[stops], tokens[stops])]
+        keep = (~stops).nonzero()[:beam_width, 0]
+        if len(keep) == 0:
+            break
+        context.follow(rows[keep])  # each new beam's cache is its parent's
+        beams = torch.cat((beams[rows[keep]], tokens[keep, None]), dim=1)
+        totals = best[keep]
+        if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:
+            break  # the plain sum only falls as a continuation grows: no live beam can win any more
+    candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]
+    total, new = max(candidates, key=lambda c: c[0] / max(1, len(c[1])) ** length_penalty)
+    return new[None], total
+
+
+@torch.inference_mode()
+def scoring_loop(model, idx, new_tokens, use_cache=True):
+    """The model's own distribution (temperature 1) at every step of a given continuation
+    new_tokens (B, n) of idx (B, T), as generation computes it: yields (token (B, 1), probs
+    (B, V)) per step. For --show_probs after beam search, and for scoring any decoding."""
+    context = Context(model, use_cache)
+    for t in range(new_tokens.size(1)):
+        probs = F.softmax(context.next_logits(idx).float(), dim=-1)  # (B, V)
+        token = new_tokens[:, t:t + 1]  # (B, 1)
+        yield token, probs
+        idx = torch.cat((idx, token), dim=1)
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):

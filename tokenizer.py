@@ -10,7 +10,7 @@ checkpoint carries the tokenizer its model was trained with."""
 
 import re
 
-from config import EOT, TinyLLMError
+from config import BPE_VOCAB_SIZE, EOT, TinyLLMError
 
 from machinery.bpe import BPETokenizer, GPT2Tokenizer
 
@@ -51,25 +51,17 @@ class CharTokenizer:
         """The characters of text this vocabulary has no token for, sorted."""
         return sorted(set("".join(self.split_special(text)[::2])) - set(self.stoi))
 
-    def extended(self, text):
-        """For fine-tuning on new text: a tokenizer that also knows the characters of text it
-        lacks, appended after the known ones. Returns (tokenizer, old_ids, added), where
-        old_ids[i] is the id token i had before (None for an added character)."""
-        added = self.unknown_chars(text)
-        bigger = CharTokenizer(self.chars + added, list(self.special_tokens))
-        old_ids = list(range(len(self.chars))) + [None] * len(added) + list(self.special_tokens.values())
-        return bigger, old_ids, added
-
     def to_dict(self):
         return {"kind": "char", "chars": self.chars, "special_tokens": list(self.special_tokens)}
 
 
 def make_tokenizer(kind, text, vocab_size, verbose=False):
-    """A new tokenizer of the given kind; text and vocab_size are used where they apply."""
+    """A new tokenizer of the given kind; text and vocab_size are used where they apply (bpe:
+    vocab_size 0 means BPE_VOCAB_SIZE)."""
     if kind == "char":
         return CharTokenizer.from_text(text)
     if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size, verbose=verbose)
+        return BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
     if kind == "gpt2":
         return GPT2Tokenizer()
     raise TinyLLMError(f"unknown tokenizer {kind!r}: choose char, bpe or gpt2")

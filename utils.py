@@ -1,8 +1,8 @@
 """The data path of the lesson: text -> token ids -> a contiguous train/val split -> random
 (x, y) batches, where y is x shifted by one token. train.py batches with get_batch.
 
-Where the text comes from (a file, a folder, JSONL, a Q&A list, or a corpus that prepare.py
-tokenized to disk) is sources.py's business."""
+Where the text comes from (a file, a folder, JSONL, a Q&A list, or a corpus tokenized to disk
+by machinery/prepare.py) is machinery/sources.py's business."""
 
 from dataclasses import dataclass
 
@@ -12,6 +12,7 @@ import torch
 from config import TinyLLMError, TrainConfig
 from tokenizer import make_tokenizer
 
+from machinery.checkpoint import extend_tokenizer
 from machinery.sources import is_prepared, prepared_streams, read_text
 
 
@@ -36,13 +37,11 @@ def tokenize(path, kind="char", vocab_size=0, tokenizer=None, clean=False, exten
     if is_prepared(path):  # a folder from prepare.py: the tokens are on disk already
         return Corpus(*prepared_streams(path, tokenizer), added=[])
     text = read_text(path, clean, extensions)
-    added, old_ids = [], None
-    if tokenizer is None:
+    if tokenizer is None:  # a fresh run: the tokenizer is learned from the text
         tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * 0.9)], vocab_size)
-    elif missing := tokenizer.unknown_chars(text):
-        if not extend:
-            raise TinyLLMError(f"{path} has characters the checkpoint's vocabulary lacks: {''.join(missing)[:40]!r}")
-        tokenizer, old_ids, added = tokenizer.extended(text)
+        old_ids, added = None, []
+    else:  # a resumed or fine-tuned run's: fine-tuning may add characters it lacks
+        tokenizer, old_ids, added = extend_tokenizer(tokenizer, text, extend, path)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     train_ids, val_ids = split_train_val(ids)
     chars_per_token = len(tokenizer.decode(val_ids.tolist())) / max(1, len(val_ids))

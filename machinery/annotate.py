@@ -102,11 +102,12 @@ class Pieces:
 
 
 def summary(steps):
-    """Mean log-probability (nats), perplexity exp(-mean) and mean entropy of a sample's steps."""
-    mean_logp = sum(math.log(s.p) for s in steps) / len(steps)
-    mean_h = sum(s.entropy for s in steps) / len(steps)
-    return (f"{len(steps)} tokens: mean log-probability {mean_logp:.3f} nats | perplexity "
-            f"{math.exp(-mean_logp):.3f} | mean entropy {mean_h:.3f} bits")
+    """Mean log-probability (nats), perplexity exp(-mean), mean entropy and total log-probability of a
+    sample's steps."""
+    total = sum(math.log(s.p) for s in steps)
+    mean_logp, mean_h = total / len(steps), sum(s.entropy for s in steps) / len(steps)
+    return (f"{len(steps)} tokens: mean log-probability {mean_logp:.3f} nats | perplexity {math.exp(-mean_logp):.3f} "
+            f"| mean entropy {mean_h:.3f} bits | total log-probability {total:.3f} nats")
 
 
 class Annotator:

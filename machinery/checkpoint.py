@@ -107,6 +107,21 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     return model
 
 
+def extend_tokenizer(tokenizer, text, extend, path):
+    """(tokenizer, old_ids, added) for training on text: the tokenizer as it is when it knows
+    every character of text (old_ids None, added []); when it lacks some and extend (fine-tuning),
+    a char tokenizer that also knows them, appended after the known ones, with old_ids[i] the id
+    token i had before (None for an added character) and added the new characters; else an error."""
+    missing = tokenizer.unknown_chars(text)
+    if not missing:
+        return tokenizer, None, []
+    if not extend:
+        raise TinyLLMError(f"{path} has characters the checkpoint's vocabulary lacks: {''.join(missing)[:40]!r}")
+    bigger = CharTokenizer(tokenizer.chars + missing, list(tokenizer.special_tokens))
+    old_ids = list(range(len(tokenizer.chars))) + [None] * len(missing) + list(tokenizer.special_tokens.values())
+    return bigger, old_ids, missing
+
+
 def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
     """The checkpoint's tokenizer, checked to fit a model of vocab_size token embeddings."""
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from config import PictureConfig, TinyLLMError, make_config
-from model import lm_loss, next_token_probs
+from model import attention_weights, causal_mask, lm_loss, next_token_probs
 from tokenizer import CharTokenizer
 from utils import validation_split
 
@@ -47,12 +47,14 @@ def short_label(tokenizer, token):
 def attention_maps(model, idx):
     """Every layer's attention weights for idx (1, T): a list of (nh, T, T), one per layer.
     Forward hooks on the blocks' attention modules catch each one's input during one ordinary
-    forward pass and recompute its weights from it (attention_weights: the module's own q and
-    k, RoPE included); the forward itself runs as always, through the fused kernel."""
+    forward pass and recompute its weights from it by model.attention_weights, from the module's
+    own q and k, RoPE included; the forward itself runs as always, through the fused kernel."""
     maps = []
 
     def catch(attn, args, output):  # args: what Block.forward passed, (x, rope, cache)
-        maps.append(attn.attention_weights(args[0], args[1])[0])  # (nh, T, T)
+        q, k, _ = attn.queries_keys_values(args[0], args[1])  # each (1, nh, T, hs)
+        T = q.size(2)
+        maps.append(attention_weights(q.float(), k.float(), causal_mask(T, T, q.device))[0])  # (nh, T, T)
 
     hooks = [block.attn.register_forward_hook(catch) for block in model.blocks]
     try:

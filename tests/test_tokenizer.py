@@ -265,3 +265,14 @@ def test_gpt2_offline_raises_a_clear_error(monkeypatch):
             build()
         msg = str(err.value)
         assert "GPT-2" in msg and "--tokenizer bpe" in msg and "\n" not in msg
+
+
+def test_bpe_without_a_vocab_size_learns_the_default_vocabulary(tmp_path, capsys):
+    from config import BPE_VOCAB_SIZE
+    import train
+    from conftest import TINY_FLAGS, cli, write_head
+    data = write_head(tmp_path / "data.txt", 60_000)  # enough text for every merge
+    code, out, err = cli(capsys, train.main, "--tokenizer", "bpe", "--data", data, "--out_dir", tmp_path / "run",
+                         *TINY_FLAGS, "--max_steps", "1")
+    assert code in (0, None), err
+    assert f"vocab {BPE_VOCAB_SIZE}" in out

@@ -1,0 +1,17 @@
+"""Speed-only variants of the PyTorch kernels the model calls: the same function, computed
+faster on some machines. Read this when you want to know why attention runs in float32 under
+bfloat16 autocast on a CPU."""
+
+import torch
+import torch.nn.functional as F
+
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
+    """F.scaled_dot_product_attention; under bfloat16 autocast on a CPU, in float32. There a
+    bfloat16 attention (its backward above all) ran several times slower than float32's,
+    while the matmuls around it keep bfloat16's speed."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                  is_causal=is_causal, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
