@@ -8,6 +8,7 @@ quarter and more), and written with a description of the machine as JSON to --ou
     python bench.py sample --checkpoint checkpoints/best.pt                     # generate.py, start-up included
     python bench.py time_to_target --target 1.886 --preset speedrun --baseline reference
     python bench.py ablation --preset tiny --max_steps 400
+    python bench.py decoding --checkpoint checkpoints/best.pt --prompt "To be or not"   # greedy, beam, sampling
     python bench.py gpu_check                                                  # once, on a machine with a GPU
 
 Training runs go through train.py's own setup (setup_run) and records (history.json); no
@@ -32,6 +33,7 @@ import time
 import torch
 
 from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
+from model import Context
 import train
 
 from machinery.calibrate import interleaved
@@ -217,6 +219,69 @@ def bench_sample(args):
             "runs": seconds}
 
 
+# ----------------------------------------------------------------------------- decoding
+
+def repeated_ngrams(text, n=3):
+    """The share of the text's word n-grams that are repeats of an earlier one: 0 when every
+    one is new, near 1 when the text loops."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bench_decoding(args):
+    """The decoding lesson, measured on one checkpoint and prompt: greedy, beam search and
+    sampling at several temperatures (several seeds each). For every text: its log-probability
+    per token under the model (temperature 1, scored alike for every method), the share of
+    repeated word 3-grams, the seconds it took, and the text itself."""
+    from machinery.checkpoint import load_model
+    if not os.path.isfile(args.checkpoint):
+        raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
+    model, tokenizer, _ = load_model(args.checkpoint)
+    idx = torch.tensor([tokenizer.encode(args.prompt)])
+    methods = [("greedy", 0, None)] + [(f"beam {w}", None, w) for w in args.beams]
+    methods += [(f"sampling, T = {t:g}", t, None) for t in args.temperatures]
+    rows = []
+    for name, temperature, width in methods:
+        for seed in range(args.seeds) if temperature else [None]:
+            t0 = time.perf_counter()
+            if width:
+                new, _ = model.beam_search(idx, args.new_tokens, width)
+            else:
+                generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+                new = model.generate(idx, args.new_tokens, temperature=temperature, generator=generator)[:, idx.size(1):]
+            seconds = time.perf_counter() - t0
+            logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model.score_stream(idx, new)) / new.size(1)
+            text = tokenizer.decode(new[0].tolist())
+            rows.append({"method": name, "seed": seed, "logp_per_token": logp, "repeated_3grams": repeated_ngrams(text),
+                         "seconds": seconds, "text": text})
+            log(f"{name:<18} seed {seed if seed is not None else '-':>2} | log p per token {logp:7.3f} | repeated "
+                f"word 3-grams {100 * rows[-1]['repeated_3grams']:5.1f}% | {seconds:5.2f} s")
+    if args.out_md:
+        write_decoding_md(rows, args)
+    return {"checkpoint": args.checkpoint, "prompt": args.prompt, "new_tokens": args.new_tokens, "rows": rows}
+
+
+def write_decoding_md(rows, args):
+    """A table (sampling: the mean over seeds and their range) and each method's first text."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"| method | log-probability per token | repeated word 3-grams | seconds for {args.new_tokens} tokens |",
+             "| --- | --- | --- | --- |"]
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+
+        def cell(key, scale=1.0, fmt="{:.3f}"):
+            values = [scale * r[key] for r in rs]
+            mean = fmt.format(statistics.mean(values))
+            return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))} to {fmt.format(max(values))})"
+        lines.append(f"| {m} | {cell('logp_per_token')} | {cell('repeated_3grams', 100, '{:.0f}%')} | "
+                     f"{cell('seconds', fmt='{:.2f}')} |")
+    texts = [f"**{m}**\n\n```\n{args.prompt}{next(r for r in rows if r['method'] == m)['text']}\n```" for m in methods]
+    with open(args.out_md, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n\n" + "\n\n".join(texts) + "\n")
+    log(f"wrote {args.out_md}")
+
+
 # ----------------------------------------------------------------------------- time to target
 
 def time_to_target(preset, target, extra, label):
@@ -324,6 +389,53 @@ def bench_ablation(args):
 
 # ----------------------------------------------------------------------------- gpu_check
 
+def teacher_forced_logits(model, prompt, new, use_cache):
+    """The logits generation computes at every step of the continuation new (1, n) of prompt
+    (1, T), with or without the KV cache: (n, V), in float32."""
+    context, idx, out = Context(model, use_cache), prompt, []
+    with torch.inference_mode():
+        for t in range(new.size(1)):
+            out.append(context.next_logits(idx)[0].float())
+            idx = torch.cat((idx, new[:, t:t + 1]), dim=1)
+    return torch.stack(out)
+
+
+def check_cache(model, ctx, dtype, n=250):
+    """Does the KV cache compute what recomputation computes, here? Over a greedy text of n
+    tokens (recomputed), the largest difference between the two's logits, judged against the
+    precision's tolerance (8 units in the last place of the largest logit; TF32's where CUDA
+    multiplies float32 in TF32); and where the two greedy texts first part, with the recomputed
+    top-2 margin there. Once they part every later token differs, so a share of agreeing tokens
+    measures nothing; a parting at a near-tie is rounding, not a wrong cache."""
+    device = model.wte.weight.device
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with ctx:
+        full_text, cached_text = (model.generate(prompt, n, temperature=0, use_cache=c) for c in (False, True))
+        full, cached = (teacher_forced_logits(model, prompt, full_text[:, 1:], c) for c in (False, True))
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    if dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        eps = 2.0 ** -10  # TF32 keeps 10 bits of mantissa
+    tolerance, diff = 8 * eps * full.abs().max().item(), (cached - full).abs().max().item()
+    parted = (cached_text != full_text)[0].nonzero()
+    parts_at = parted[0].item() - 1 if len(parted) else None  # among the new tokens
+    margin = None
+    if parts_at is not None:
+        top2 = full[parts_at].topk(2).values
+        margin = (top2[0] - top2[1]).item()
+    return {"tokens": n, "max_diff": diff, "tolerance": tolerance, "agrees": diff <= tolerance, "parts_at": parts_at,
+            "margin": margin}
+
+
+def describe_cache_check(cache, dtype):
+    verdict = "KV cache agrees with recompute" if cache["agrees"] else "KV cache DISAGREES with recompute"
+    line = (f"{verdict}: largest logit difference {cache['max_diff']:.2g} over {cache['tokens']} teacher-forced "
+            f"tokens (tolerance {cache['tolerance']:.2g} in {dtype})")
+    if cache["parts_at"] is None:
+        return line + "; the greedy texts are the same"
+    return line + (f"; the greedy texts part at token {cache['parts_at']}, where the recomputed top-2 margin "
+                   f"is {cache['margin']:.3g}")
+
+
 def bench_gpu_check(args):
     """For a person with a GPU, once: every dtype x compile x KV-cache combination trains a few
     steps and generates; several GPUs run torchrun; then the small preset's ms/step, tokens/s,
@@ -341,14 +453,11 @@ def bench_gpu_check(args):
                          "log_interval": steps, "eval_iters": 2, "sample_tokens": 0, "plots": False}
                 run = new_run(preset, given, os.path.join(tmp, f"{dtype}-{compile}"))
                 _, evals = split_history(train.train_loop(run)["history"])
-                prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-                with run.ctx:
-                    cached, full = (run.model.generate(prompt, 48, temperature=0, use_cache=c) for c in (True, False))
+                cache = check_cache(run.model.eval(), run.ctx, run.dtype, 48 if args.quick else 250)
                 rows.append({"dtype": dtype, "compile": compile, "val_first": evals[0]["val_loss"],
-                             "val_last": evals[-1]["val_loss"], "cache_agrees": (cached == full).float().mean().item()})
+                             "val_last": evals[-1]["val_loss"], "cache_agrees": cache["agrees"], "cache": cache})
                 log(f"check {dtype:<9} compile={compile!s:<5} val {evals[0]['val_loss']:.3f} -> "
-                    f"{evals[-1]['val_loss']:.3f} | KV cache agrees with recompute on "
-                    f"{100 * rows[-1]['cache_agrees']:.0f}% of greedy tokens")
+                    f"{evals[-1]['val_loss']:.3f} | {describe_cache_check(cache, run.dtype)}")
         result = {"device": str(device), "checks": rows}
         if torch.cuda.device_count() > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -407,6 +516,14 @@ def build_parser():
     p = mode("ablation", "every modern switch alone and together, at equal steps: a table and a plot")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--out_md", default=os.path.join("bench_results", "ablation.md"))
+    p = mode("decoding", "greedy, beam search and sampling from one checkpoint: log-probability and repetition", False)
+    p.add_argument("--checkpoint", default=os.path.join("checkpoints", "best.pt"))
+    p.add_argument("--prompt", default="To be or not")
+    p.add_argument("--new_tokens", type=int, default=300)
+    p.add_argument("--beams", type=lambda s: [int(w) for w in s.split(",")], default=[4, 8], help="beam widths")
+    p.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")], default=[0.5, 0.8, 1.0, 1.2])
+    p.add_argument("--seeds", type=int, default=3, help="samples per temperature")
+    p.add_argument("--out_md", default=os.path.join("bench_results", "decoding.md"))
     p = mode("gpu_check", "once on a GPU: every dtype x compile x cache for a few steps, then the small preset", False)
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke test on any device)")
     return parser
@@ -419,7 +536,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if extra and args.mode != "time_to_target":
         raise TinyLLMError(f"flags after -- go to train.py, which only time_to_target runs, not {args.mode}")
-    for name in ("steps", "new_tokens", "num_samples", "repeats"):
+    for name in ("steps", "new_tokens", "num_samples", "repeats", "seeds"):
         if getattr(args, name, 1) < 1:
             raise TinyLLMError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if getattr(args, "untimed", 0) < 0:
@@ -431,7 +548,7 @@ def main(argv=None):
         result = bench_time_to_target(args, extra)
     else:
         modes = {"train": bench_train, "generate": bench_generate, "sample": bench_sample, "ablation": bench_ablation,
-                 "gpu_check": bench_gpu_check}
+                 "gpu_check": bench_gpu_check, "decoding": bench_decoding}
         result = modes[args.mode](args)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"mode": args.mode, "machine": machine_info(), **result}, f, indent=1)

@@ -15,11 +15,11 @@ import sys
 
 import torch
 
-from config import EOT, SampleConfig, TinyLLMError, make_config
+from config import SampleConfig, make_config
 
 from machinery.annotate import Annotator, Pieces
 from machinery.checkpoint import describe_checkpoint, load_model
-from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli, warn
+from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, describe, out_of_memory_as_error, set_threads
 from machinery.sources import encode_prompt, read_prompt
 

@@ -65,11 +65,11 @@ def apply_rope(x, cos, sin):
     depends only on the distance between the two positions, the model learns relative offsets
     and needs no position table. Plain real arithmetic (no complex numbers), so it runs the same
     on every device and under torch.compile.
-    x: (B, nh, T, hs), queries or keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
-    positions, broadcast over the batch and the heads. Returns (B, nh, T, hs)."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, nh, T, hs/2)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (B, nh, T, hs/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (B, nh, T, hs): each pair back in its place
+    x: (..., T, hs), queries and keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
+    positions, broadcast over the leading dimensions. Returns x's shape."""
+    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (..., T, hs/2)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., T, hs/2, 2)
+    return rotated.flatten(-2).type_as(x)  # (..., T, hs): each pair back in its place
 
 
 def causal_mask(T, S, device):
@@ -141,11 +141,11 @@ class CausalSelfAttention(nn.Module):
     def queries_keys_values(self, x, rope=None):
         """q, k, v of x (B, T, C), each (B, nh, T, hs); with RoPE, q and k rotated by position."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        if rope is None:
+            return qkv.unbind(0)
+        q, k = apply_rope(qkv[:2], *rope)  # q and k in one go: (2, B, nh, T, hs)
+        return q, k, qkv[2]
 
 
 class MLP(nn.Module):

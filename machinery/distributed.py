@@ -6,6 +6,7 @@ is a no-op for one process.
 `torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE for each process.
 """
 
+import atexit
 import contextlib
 import os
 
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import MAX_SEED
+from config import MAX_SEED, TinyLLMError
 
 
 def setup_distributed(device):
@@ -23,18 +24,32 @@ def setup_distributed(device):
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+        if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
+            raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
+                               f"--nproc_per_node={gpus} or less, or --device cpu")
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
+    atexit.register(leave_process_group)  # however this process ends, it leaves the group first
     return rank, world, device
+
+
+def leave_process_group():
+    """Leave the process group while Python is still whole. A process that exits still in it
+    (after an error, or a stop signal) can abort on its way out, status -6 and "terminate called
+    without an active exception": Gloo's threads still hold work that refers to Python objects
+    being torn down. At exit, every path; a no-op where the group is gone already."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def teardown_distributed(world):
     if world > 1:  # leave together: a rank that tears down early can abort the others
         dist.barrier()
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def wrap(model, world, device):

@@ -9,7 +9,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+# Tests about CPU behaviour run on the CPU whatever the machine has: CUDA is hidden from this
+# process, before torch can start it, and from every script a test runs. The GPU's own tests
+# (tests/test_gpu.py) run their scripts in processes that see it, with the environment as it was.
+GPU_ENV = {k: v for k, v in os.environ.items() if k == "CUDA_VISIBLE_DEVICES"}
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,6 +43,14 @@ def tests_leave_the_tree_as_they_found_it():
     after = _tree_state()
     if before is not None and after != before:
         raise AssertionError(f"the tests changed the checkout: {sorted(set(after) ^ set(before))}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mps():
+    """On a Mac, too, the tests run on the CPU unless they mock a device on purpose."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.mps, "is_available", lambda: False)
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -161,9 +176,14 @@ def rope_angles(n_positions, head_size, start=0):
 
 # ----------------------------------------------------------------------------- the scripts, as a user runs them
 
-def subprocess_env(**extra):
-    """The environment of a script run by a test: one thread (two processes share two cores)."""
-    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+def subprocess_env(gpu=False, **extra):
+    """The environment of a script run by a test: one thread (two processes share two cores),
+    and no GPU unless gpu (the environment's own CUDA_VISIBLE_DEVICES, if any)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    if gpu:
+        env.pop("CUDA_VISIBLE_DEVICES")
+        env.update(GPU_ENV)
+    return env
 
 
 def run_script(script, *args, cwd=ROOT, timeout=120, **env):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench
 from config import TinyLLMError
@@ -115,3 +116,20 @@ def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path, monk
     assert result["import_s"] == statistics.median(result["runs"]["import only"])
     assert [len(v) for v in result["runs"].values()] == [2, 2]
     assert json.load(open(tmp_path / "s.json"))["runs"] == result["runs"]
+
+
+def test_the_cache_check_tells_a_right_cache_from_a_wrong_one(trained, monkeypatch):
+    import contextlib
+
+    import model as model_module
+    from machinery.checkpoint import load_model
+    gpt, _, _ = load_model(str(trained[0] / "best.pt"))  # block_size 16
+    right = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)  # past block_size: restarts too
+    assert right["agrees"] and right["max_diff"] <= right["tolerance"] and right["parts_at"] is None
+    assert "KV cache agrees" in bench.describe_cache_check(right, "float32")
+    # a cache that forgets every earlier position: each new token attends to itself alone
+    monkeypatch.setattr(model_module.KVCache, "update", lambda self, layer, k, v: (k, v))
+    wrong = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)
+    assert not wrong["agrees"] and wrong["max_diff"] > 100 * wrong["tolerance"]
+    line = bench.describe_cache_check(wrong, "float32")
+    assert "DISAGREES" in line and (wrong["parts_at"] is None or "part at token" in line)

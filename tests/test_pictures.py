@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config, write_head
 import model as model_module
-from model import GPT, CausalSelfAttention
+from model import GPT
 import train
 
 from machinery import pictures
