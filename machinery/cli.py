@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
 
 from config import TinyLLMError
 
@@ -122,13 +123,40 @@ def run_cli(main, argv=None):
     except OSError as e:
         if isinstance(e, BrokenPipeError):  # output piped into a reader that stopped, e.g. `| head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-            sys.exit(141)
+            leave(141)
         fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        leave(130)
+    except SystemExit as e:  # a stop signal's 130 or 143, or argparse's own exit
+        leave(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+    except Exception:
+        if not in_process_group():
+            raise
+        traceback.print_exc()  # a bug: its traceback, then out without the usual teardown (see leave)
+        leave(1)
+    leave(0)
+
+
+def in_process_group():
+    """Whether this process is one of several under torchrun, still in their process group."""
+    dist = sys.modules.get("torch.distributed")  # (imported by then if it is; no import here)
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def leave(code):
+    """Exit with code. A process still in a process group (an error, a stop signal) leaves at once
+    (os._exit, its output flushed first): the usual teardown at interpreter exit could abort it,
+    status -6 and "terminate called without an active exception", as threads of the group's
+    library outlive the objects they work on. Checkpoints and history are written, synced and
+    closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if in_process_group():
+        os._exit(code)
+    sys.exit(code)
 
 
 def fail(message):
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    leave(2)

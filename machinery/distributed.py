@@ -6,7 +6,6 @@ is a no-op for one process.
 `torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE for each process.
 """
 
-import atexit
 import contextlib
 import os
 
@@ -33,23 +32,13 @@ def setup_distributed(device):
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    atexit.register(leave_process_group)  # however this process ends, it leaves the group first
     return rank, world, device
-
-
-def leave_process_group():
-    """Leave the process group while Python is still whole. A process that exits still in it
-    (after an error, or a stop signal) can abort on its way out, status -6 and "terminate called
-    without an active exception": Gloo's threads still hold work that refers to Python objects
-    being torn down. At exit, every path; a no-op where the group is gone already."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def teardown_distributed(world):
     if world > 1:  # leave together: a rank that tears down early can abort the others
         dist.barrier()
-        leave_process_group()
+        dist.destroy_process_group()
 
 
 def wrap(model, world, device):

@@ -2,17 +2,17 @@
 text), and writes its figures, with ratios against the baseline measured in the same run."""
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 
 import pytest
-import torch
 
 import bench
 from config import TinyLLMError
-from conftest import TINY_FLAGS, cli, tiny_model_config, tiny_train_config
+from conftest import TINY_FLAGS, cli, tiny_model_config, tiny_train_config, write_head
 from conftest import TINY_SHAPE as SHAPE
 import train
 
@@ -133,3 +133,33 @@ def test_the_cache_check_tells_a_right_cache_from_a_wrong_one(trained, monkeypat
     assert not wrong["agrees"] and wrong["max_diff"] > 100 * wrong["tolerance"]
     line = bench.describe_cache_check(wrong, "float32")
     assert "DISAGREES" in line and (wrong["parts_at"] is None or "part at token" in line)
+
+
+def test_the_power_law_fit_and_the_isoflop_minimum_recover_what_made_the_data():
+    C = [1e12 * 2 ** k for k in range(5)]
+    L_inf, a, alpha, err = bench.fit_power_law(C, [1.3 + 40 * c ** -0.12 for c in C])
+    assert L_inf == pytest.approx(1.3, abs=0.01) and alpha == pytest.approx(0.12, abs=0.002) and err < 1e-3
+    # loss a parabola in log(params) with its lowest point at 200,000 parameters
+    rows = [{"params": n, "val": 1.5 + 0.1 * (math.log(n) - math.log(2e5)) ** 2} for n in (3e4, 1e5, 3e5, 1e6)]
+    params, loss = bench.isoflop_minimum(rows)
+    assert params == pytest.approx(2e5, rel=0.01) and loss == pytest.approx(1.5, abs=1e-6)
+
+
+def test_the_scaling_study_runs_end_to_end_and_reuses_only_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "SCALING_SHAPES", [(1, 16, 2), (1, 24, 2), (1, 32, 2), (1, 48, 2), (2, 64, 2)])
+    monkeypatch.setattr(bench, "DATA_FRACTIONS", [0.25, 1])
+    monkeypatch.setattr(bench, "SCALING_EVAL_ITERS", 2)
+    data = write_head(tmp_path / "data.txt", 30_000)
+    argv = ["scaling", "--quick", "--minutes", "0.1", "--data", data, "--out", str(tmp_path / "s.json"),
+            "--out_png", str(tmp_path / "s.png")]
+    monkeypatch.setattr(bench, "plan_scaling", lambda seconds, flops, minutes, budgets, default: [20, 40, 80])
+    result = bench.main(argv)
+    iso = [r for r in result["runs"] if r["kind"] == "iso"]
+    assert len(iso) == 9 and {r["budget"] for r in iso} == {20, 40, 80}  # 3 sizes x 3 budgets (quick)
+    assert len(result["frontier"]) == 3 and result["fit"]["alpha"] > 0
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "ETA" in out and "compute-optimal size about" in out
+    monkeypatch.setattr(bench, "scaling_run", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(bench, "draw_scaling", lambda *a: None)
+    assert bench.main(argv + ["--reuse"])["runs"] == result["runs"]  # asked: nothing is trained again
