@@ -63,7 +63,7 @@ def rope_tables(n_positions, head_size, base=10000.0):
 def apply_rope(x, cos, sin):
     """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle. Because q.k then
     depends only on the distance between the two positions, the model learns relative offsets
-    and needs no position table. Plain real arithmetic (no complex numbers), so it runs the same
+    and has no position embedding to learn. Plain real arithmetic (no complex numbers), so it runs the same
     on every device and under torch.compile.
     x: (..., T, hs), queries and keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
     positions, broadcast over the leading dimensions. Returns x's shape."""
@@ -104,8 +104,8 @@ def fused_attention(q, k, v, dropout=0.0):
         mask, causal = None, True
     elif T == 1:  # one new token: it sees every key
         mask, causal = None, False
-    else:  # new tokens after cached ones: causal_mask's pattern, as booleans (True = may look)
-        mask, causal = causal_mask(T, S, q.device) == 0, False
+    else:  # new tokens after cached ones: is_causal would align its mask top-left, so causal_mask's
+        mask, causal = causal_mask(T, S, q.device) == 0, False  # pattern, as booleans (True = may look)
     return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
 
 
@@ -225,8 +225,8 @@ class GPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
 
         self.apply(self._init_weights)
-        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer),
-        # so the stream's variance does not grow with depth
+        # GPT-2: scale the projections that write into the residual stream (two per block: attention
+        # and MLP) by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -316,7 +316,7 @@ class KVCache:
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.block_size = block_size
-        self.pos = 0
+        self.pos = 0  # advanced by GPT.forward once every layer has stored this call's tokens
 
     def update(self, layer, k, v):
         """Store this step's k, v (B, nh, T, hs); return all keys and values so far (B, nh, S, hs)."""

@@ -12,8 +12,6 @@ import re
 
 from config import BPE_VOCAB_SIZE, EOT, TinyLLMError
 
-from machinery.bpe import BPETokenizer, GPT2Tokenizer
-
 
 class CharTokenizer:
     """One token per character; the vocabulary is the sorted set of characters seen, plus
@@ -60,6 +58,7 @@ def make_tokenizer(kind, text, vocab_size, verbose=False):
     vocab_size 0 means BPE_VOCAB_SIZE)."""
     if kind == "char":
         return CharTokenizer.from_text(text)
+    from machinery.bpe import BPETokenizer, GPT2Tokenizer  # the byte-level ones: a deep dive, loaded when asked
     if kind == "bpe":
         return BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
     if kind == "gpt2":

@@ -46,8 +46,8 @@ def build(run):
     cfg = run.train_cfg
     model, tokenizer = starting_point(run)  # (None, None) for a fresh run
     # text -> token ids -> a contiguous 90/10 train/val split (fine-tuning may add characters)
-    run.corpus = tokenize(cfg.data, cfg.tokenizer, run.model_cfg.vocab_size, tokenizer, cfg.clean, cfg.data_ext,
-                          extend=bool(run.options.init_from))
+    run.corpus = tokenize(cfg.data, kind=cfg.tokenizer, vocab_size=run.model_cfg.vocab_size, tokenizer=tokenizer,
+                          clean=cfg.clean, extensions=cfg.data_ext, extend=bool(run.options.init_from))
     block_size = (model.config if model else run.model_cfg).block_size
     check_long_enough(run.corpus.train, block_size, "train", cfg.data)
     check_long_enough(run.corpus.val, block_size, "validation", cfg.data)
@@ -113,8 +113,8 @@ def train_loop(run):
     with guarded(run) as stop:  # Ctrl-C or SIGTERM: the step finishes, last.pt is saved, the run leaves
         while True:
             # --- every eval_interval steps and at the end: evaluate, checkpoint, maybe stop early
-            if (state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps) \
-                    and state.step != state.last_eval_step:  # (a resumed run may have evaluated here already)
+            due = state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
+            if due and state.step != state.last_eval_step:  # (a resumed run may have evaluated here already)
                 with off_the_clock(run, evaluation=True):  # evaluating and saving is not step time
                     losses = estimate_loss(run.train_model, batches, run.eval_iters, run.ctx)
                     after_evaluation(run, losses)  # a line, history, last.pt (best.pt), plots, early stop

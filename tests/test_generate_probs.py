@@ -14,10 +14,10 @@ from conftest import assert_one_line_error, cli, tiny_model_config
 import generate
 import model as model_module
 from model import GPT, next_token_probs, sample_next
-from tokenizer import BPETokenizer, GPT2Tokenizer
 
 from machinery import annotate
 from machinery.annotate import Annotator, Pieces, token_label
+from machinery.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.checkpoint import load_model
 
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),
