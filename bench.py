@@ -34,10 +34,10 @@ import time
 import torch
 
 from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
-from model import Context
 from optim import get_lr
 import train
 
+from machinery.annotate import forced_steps, model_odds
 from machinery.calibrate import interleaved
 from machinery.cli import (ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, format_seconds,
                            log, run_cli)
@@ -254,7 +254,7 @@ def bench_decoding(args):
                 generator = torch.Generator().manual_seed(seed if seed is not None else 0)
                 new = model.generate(idx, args.new_tokens, temperature=temperature, generator=generator)[:, idx.size(1):]
             seconds = time.perf_counter() - t0
-            logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model.score_stream(idx, new)) / new.size(1)
+            logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model_odds(model, idx, new)) / new.size(1)
             text = tokenizer.decode(new[0].tolist())
             rows.append({"method": name, "seed": seed, "logp_per_token": logp, "repeated_3grams": repeated_ngrams(text),
                          "seconds": seconds, "text": text})
@@ -427,8 +427,9 @@ def step_seconds(shapes, out_dir, data):
     untimed and 5 timed steps each, interleaved), and the precision --dtype auto takes here."""
     runs = []
     for i, (n_layer, n_embd, n_head) in enumerate(shapes):
-        given = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": 10, "plots": False,
-                 "sample_tokens": 0, "dtype": runs[0].dtype if runs else "auto", "data": data}  # measured once
+        given = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": 10, "warmup_steps": 1,
+                 "plots": False, "sample_tokens": 0, "data": data,
+                 "dtype": runs[0].dtype if runs else "auto"}  # measured once, by the first
         runs.append(new_run("tiny", given, os.path.join(out_dir, f"probe{i}")))
     times = time_steps(runs, 3, 5)
     return ([statistics.mean(t) / 1000 for t in times],
@@ -587,17 +588,6 @@ def draw_scaling(result, budgets, path):
 
 # ----------------------------------------------------------------------------- gpu_check
 
-def teacher_forced_logits(model, prompt, new, use_cache):
-    """The logits generation computes at every step of the continuation new (1, n) of prompt
-    (1, T), with or without the KV cache: (n, V), in float32."""
-    context, idx, out = Context(model, use_cache), prompt, []
-    with torch.inference_mode():
-        for t in range(new.size(1)):
-            out.append(context.next_logits(idx)[0].float())
-            idx = torch.cat((idx, new[:, t:t + 1]), dim=1)
-    return torch.stack(out)
-
-
 def check_cache(model, ctx, dtype, n=250):
     """Does the KV cache compute what recomputation computes, here? Over a greedy text of n
     tokens (recomputed), the largest difference between the two's logits, judged against the
@@ -609,7 +599,9 @@ def check_cache(model, ctx, dtype, n=250):
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with ctx:
         full_text, cached_text = (model.generate(prompt, n, temperature=0, use_cache=c) for c in (False, True))
-        full, cached = (teacher_forced_logits(model, prompt, full_text[:, 1:], c) for c in (False, True))
+        new = full_text[:, 1:]
+        full, cached = (torch.stack([logits[0].float() for _, logits in forced_steps(model, prompt, new, c)])
+                        for c in (False, True))  # each (n, V)
     eps = torch.finfo(getattr(torch, dtype)).eps
     if dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         eps = 2.0 ** -10  # TF32 keeps 10 bits of mantissa

@@ -17,7 +17,7 @@ import torch
 
 from config import SampleConfig, make_config
 
-from machinery.annotate import Annotator, Pieces
+from machinery.annotate import Annotator, Pieces, model_odds
 from machinery.checkpoint import describe_checkpoint, load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, describe, out_of_memory_as_error, set_threads
@@ -72,7 +72,7 @@ def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
     shown = [t for t in prompt_ids if t != stop]
     if annotator:
         annotator.begin(shown, 1, stop)
-        for token, probs in model.score_stream(idx, new, use_cache=not cfg.no_cache):
+        for token, probs in model_odds(model, idx, new, use_cache=not cfg.no_cache):
             annotator.add(token, probs)
     row = new[0].tolist()
     stopped = stop in row

@@ -295,11 +295,6 @@ class GPT(nn.Module):
         tokens (1, n), their total log-probability)."""
         return beam_search(self, idx, max_new_tokens, beam_width, use_cache, stop_token, length_penalty)
 
-    def score_stream(self, idx, new_tokens, use_cache=True):
-        """The model's distribution at every step of the continuation new_tokens (B, n) of idx
-        (B, T), as generation computes it: yields (token (B, 1), probs (B, V)) per step."""
-        return scoring_loop(self, idx, new_tokens, use_cache)
-
 
 # ============================================================================= generation
 # Everything below serves generation (generate.py, and the sample at the end of train.py):
@@ -422,19 +417,6 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
     candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]
     total, new = max(candidates, key=lambda c: c[0] / max(1, len(c[1])) ** length_penalty)
     return new[None], total
-
-
-@torch.inference_mode()
-def scoring_loop(model, idx, new_tokens, use_cache=True):
-    """The model's own distribution (temperature 1) at every step of a given continuation
-    new_tokens (B, n) of idx (B, T), as generation computes it: yields (token (B, 1), probs
-    (B, V)) per step. For --show_probs after beam search, and for scoring any decoding."""
-    context = Context(model, use_cache)
-    for t in range(new_tokens.size(1)):
-        probs = F.softmax(context.next_logits(idx).float(), dim=-1)  # (B, V)
-        token = new_tokens[:, t:t + 1]  # (B, 1)
-        yield token, probs
-        idx = torch.cat((idx, token), dim=1)
 
 
 def filter_logits(logits, top_k=0, top_p=1.0):

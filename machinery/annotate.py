@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model import Context
+
 from machinery.bpe import ByteLevelTokenizer
 
 LN2 = math.log(2)
@@ -46,6 +48,26 @@ def paint(text, p):
     codes, which some terminals would otherwise carry onto the next line."""
     code = next(code for low, code, _ in BANDS if p >= low)
     return "\n".join(f"\033[{code}m{part}{RESET}" if part else "" for part in text.split("\n"))
+
+
+@torch.inference_mode()
+def forced_steps(model, idx, new_tokens, use_cache=True):
+    """Generation's logits at every step of a given continuation new_tokens (B, n) of idx (B, T),
+    computed as generation computes them (model.Context: the context rule, the KV cache), the
+    given tokens fed in as if sampled: yields (token (B, 1), logits (B, V)) per step."""
+    context = Context(model, use_cache)
+    for t in range(new_tokens.size(1)):
+        logits = context.next_logits(idx)  # (B, V)
+        token = new_tokens[:, t:t + 1]  # (B, 1)
+        yield token, logits
+        idx = torch.cat((idx, token), dim=1)
+
+
+def model_odds(model, idx, new_tokens, use_cache=True):
+    """The model's own distribution (temperature 1) at every step of the continuation: yields
+    (token (B, 1), probs (B, V)). For --show_probs after beam search, and for scoring any decoding."""
+    for token, logits in forced_steps(model, idx, new_tokens, use_cache):
+        yield token, torch.softmax(logits.float(), dim=-1)
 
 
 def legend():

@@ -137,8 +137,8 @@ def time_steps(run, train_step, dtypes):
 # ----------------------------------------------------------------------------- the time budget
 
 def plan_run(run):
-    """A --time_budget run's plan, once its first steps are timed (lifecycle.after_step calls
-    this): rank 0 plans from this process's mean step time, its first evaluation (with the
+    """A --time_budget run's plan, once its first steps are timed (train_loop calls this through
+    lifecycle.plan_time_budget): rank 0 plans from this process's mean step time, its first evaluation (with the
     plots it did not draw yet) and 16 sampled tokens; every rank follows, and an error on rank
     0 is the same one-line error on every rank."""
     meter, cfg, plan = run.meter, run.train_cfg, None

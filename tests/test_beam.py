@@ -15,6 +15,8 @@ from config import GPTConfig
 from conftest import assert_one_line_error, cli, tiny_model_config
 from model import GPT
 
+from machinery.annotate import model_odds
+
 COMBINATIONS = [dict(pos="learned"), dict(pos="rope", mlp="swiglu", norm="rmsnorm"), dict(pos="sinusoidal")]
 
 
@@ -30,8 +32,8 @@ def peaked_gpt(seed, vocab_size=65, block_size=8, **switches):
 
 def total_logprob(model, prompt, new):
     """The total log-probability of new (1, n) after prompt (1, T) under the model, with
-    generation's context rule (score_stream)."""
-    return sum(math.log(probs[0, token[0, 0]].item()) for token, probs in model.score_stream(prompt, new))
+    generation's context rule (machinery.annotate.model_odds)."""
+    return sum(math.log(probs[0, token[0, 0]].item()) for token, probs in model_odds(model, prompt, new))
 
 
 @pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: s["pos"])
@@ -133,7 +135,7 @@ def test_beam_odds_are_the_models_and_the_total_is_the_searchs(trained, tmp_path
     prompt = torch.tensor([tok.encode("ROMEO:")])
     new, total = model.beam_search(prompt, 12, 4, stop_token=tok.eot_id)
     printed = [float(p) for p in __import__("re").findall(r" p=([\d.]+) ", text)]
-    expected = [probs[0, token[0, 0]].item() for token, probs in model.score_stream(prompt, new)]
+    expected = [probs[0, token[0, 0]].item() for token, probs in model_odds(model, prompt, new)]
     assert printed == pytest.approx(expected, abs=5.1e-4)
     assert f"total log-probability {total:.3f} nats" in text
     assert tok.decode(new[0].tolist()) in text
