@@ -448,14 +448,18 @@ def plan_scaling(seconds, flops, minutes, budgets, default):
 
 
 def fit_power_law(C, L):
-    """L(C) = L_inf + a * C^(-alpha), least squares: for each alpha on a grid, L_inf and a are a
-    linear fit; the alpha with the smallest error (and a > 0) wins. Returns (L_inf, a, alpha, rms
-    error), or None when no alpha fits a falling curve."""
+    """L(C) = L_inf + a * C^(-alpha), least squares with L_inf >= 0 (a loss has no negative floor):
+    for each alpha on a grid, L_inf and a are a linear fit (a alone when L_inf would fall below
+    0); the alpha with the smallest error (and a > 0) wins. Returns (L_inf, a, alpha, rms error),
+    or None when no alpha fits a falling curve. L_inf = 0 says this range of compute shows no
+    floor yet: the points lie on a straight line in log-log."""
     C, L = torch.tensor(C, dtype=torch.float64), torch.tensor(L, dtype=torch.float64)
     alphas = torch.linspace(0.01, 1.5, 1491, dtype=torch.float64)
-    X = torch.stack([torch.ones(len(alphas), len(C), dtype=torch.float64),
-                     (C / C.min())[None, :] ** -alphas[:, None]], dim=2)  # (alphas, points, 2)
+    x = (C / C.min())[None, :] ** -alphas[:, None]  # (alphas, points)
+    X = torch.stack([torch.ones_like(x), x], dim=2)  # (alphas, points, 2)
     coef = torch.linalg.lstsq(X, L.expand(len(alphas), -1)[..., None]).solution[..., 0]  # (alphas, 2)
+    floorless = torch.stack([torch.zeros(len(alphas), dtype=torch.float64), (x @ L) / (x * x).sum(1)], dim=1)
+    coef = torch.where((coef[:, :1] < 0), floorless, coef)
     err = ((X @ coef[..., None])[..., 0] - L).pow(2).mean(1).sqrt().masked_fill(coef[:, 1] <= 0, math.inf)
     k = int(err.argmin())
     if not math.isfinite(err[k]):
@@ -486,17 +490,22 @@ def bench_scaling(args):
     the training text; progress with an ETA, plots, and the size five minutes of compute buys."""
     shapes = SCALING_SHAPES[1:4] if args.quick else SCALING_SHAPES
     budgets_n, minutes = (3, 3.0) if args.quick else (args.budgets, args.minutes)
-    done = {}
+    saved = {}
     if args.reuse and os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
-            done = {r["key"]: r for r in json.load(f).get("runs", [])}
+            saved = json.load(f)
+    done, probe = {r["key"]: r for r in saved.get("runs", [])}, saved.get("probe")
     with tempfile.TemporaryDirectory(prefix="tinyllm-scaling-") as tmp:
-        seconds, flops, dtype = step_seconds(shapes, tmp, args.data)
+        default = shapes.index((2, 160, 5)) if (2, 160, 5) in shapes else len(shapes) // 2
+        if not probe:  # --reuse keeps the saved plan, so the saved runs are the plan's runs
+            seconds, flops, dtype = step_seconds(shapes, tmp, args.data)
+            probe = {"seconds": seconds, "flops": flops, "dtype": dtype,
+                     "budgets": plan_scaling(seconds, flops, minutes, budgets_n, default),
+                     "five_minutes": 0.9 * 300 / seconds[default] * flops[default]}  # the default run's 5 minutes
+        seconds, flops, dtype, budgets, five_minutes = (probe[k] for k in ("seconds", "flops", "dtype", "budgets",
+                                                                           "five_minutes"))
         for (L, C, H), s, f in zip(shapes, seconds, flops):
             log(f"{L} x {C}: {1000 * s:.0f} ms/step in {dtype}, {f:.2e} FLOPs/step")
-        default = shapes.index((2, 160, 5)) if (2, 160, 5) in shapes else len(shapes) // 2
-        budgets = plan_scaling(seconds, flops, minutes, budgets_n, default)
-        five_minutes = 0.9 * 300 / seconds[default] * flops[default]  # the default run's steps in 5 minutes
         data_steps = max(10, round(budgets[-1] / flops[default] / 2))
         plan = [("iso", shape, max(10, round(b / f)), b, 1.0) for b in budgets for shape, f in zip(shapes, flops)]
         plan += [("data", shapes[default], data_steps, None, frac) for frac in DATA_FRACTIONS]
@@ -518,8 +527,8 @@ def bench_scaling(args):
                 f"(best {row['best_val']:.4f}) | {row['seconds']:.0f} s | elapsed {format_seconds(spent)}, "
                 f"ETA {format_seconds(left)}")
             with open(args.out, "w", encoding="utf-8") as f:  # (kept up to date: --reuse continues an interrupted study)
-                json.dump({"runs": rows}, f, indent=1)
-    return summarize_scaling(rows, budgets, five_minutes, args)
+                json.dump({"probe": probe, "runs": rows}, f, indent=1)
+    return {"probe": probe, **summarize_scaling(rows, budgets, five_minutes, args)}
 
 
 def summarize_scaling(rows, budgets, five_minutes, args):
@@ -578,6 +587,8 @@ def draw_scaling(result, budgets, path):
     axes[0][2].plot(fracs, [r["train"] for r in data], marker=".", linestyle=":", label="train loss at the end")
     axes[0][2].set(xscale="log", xlabel="share of the training text", ylabel="loss",
                    title=f"one model, {data[0]['steps'] if data else 0} steps, less text" if data else "")
+    axes[0][2].set_xticks(fracs, [f"1/{round(1 / f)}" if f < 1 else "all" for f in fracs])
+    axes[0][2].minorticks_off()
     for ax in axes[0]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -715,11 +726,12 @@ def build_parser():
     p.add_argument("--seeds", type=int, default=3, help="samples per temperature")
     p.add_argument("--out_md", default=os.path.join("bench_results", "decoding.md"))
     p = mode("scaling", "scaling laws: sizes x compute budgets, the fitted law, less data; about 30 minutes", False)
-    p.add_argument("--minutes", type=float, default=26.0, help="what the runs may take on this machine (default: "
+    p.add_argument("--minutes", type=float, default=23.0, help="what the runs may take on this machine (default: "
                                                                "%(default)s; the probes and plots add about a minute)")
     p.add_argument("--budgets", type=int, default=4, help="compute budgets, 2x apart (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="3 sizes, 3 budgets, about 3 minutes: a first look")
-    p.add_argument("--reuse", action="store_true", help="keep the runs --out already holds (an interrupted study)")
+    p.add_argument("--reuse", action="store_true", help="keep the plan and the runs --out already holds (an "
+                                                         "interrupted study, or new plots and fit from a finished one)")
     p.add_argument("--out_png", default=os.path.join("bench_results", "scaling.png"))
     p.add_argument("--data", default=TrainConfig.data, help="the text (default: %(default)s)")
     p = mode("gpu_check", "once on a GPU: every dtype x compile x cache for a few steps, then the small preset", False)

@@ -139,6 +139,10 @@ def test_the_power_law_fit_and_the_isoflop_minimum_recover_what_made_the_data():
     C = [1e12 * 2 ** k for k in range(5)]
     L_inf, a, alpha, err = bench.fit_power_law(C, [1.3 + 40 * c ** -0.12 for c in C])
     assert L_inf == pytest.approx(1.3, abs=0.01) and alpha == pytest.approx(0.12, abs=0.002) and err < 1e-3
+    # loss falling in a straight line against log(C), as a small study's frontier can: a free fit
+    # puts the floor far below 0; the floor is 0 instead, never negative
+    L_inf, a, alpha, err = bench.fit_power_law(C, [2.0 - 0.12 * k for k in range(5)])
+    assert L_inf == 0 and 0 < alpha < 0.5 and err < 0.02
     # loss a parabola in log(params) with its lowest point at 200,000 parameters
     rows = [{"params": n, "val": 1.5 + 0.1 * (math.log(n) - math.log(2e5)) ** 2} for n in (3e4, 1e5, 3e5, 1e6)]
     params, loss = bench.isoflop_minimum(rows)
@@ -161,5 +165,7 @@ def test_the_scaling_study_runs_end_to_end_and_reuses_only_when_asked(tmp_path, 
     out = capsys.readouterr().out
     assert "ETA" in out and "compute-optimal size about" in out
     monkeypatch.setattr(bench, "scaling_run", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(bench, "step_seconds", lambda *a, **k: pytest.fail("measured again"))
     monkeypatch.setattr(bench, "draw_scaling", lambda *a: None)
-    assert bench.main(argv + ["--reuse"])["runs"] == result["runs"]  # asked: nothing is trained again
+    again = bench.main(argv + ["--reuse"])  # asked: the saved plan, nothing trained or measured again
+    assert again["runs"] == result["runs"] and again["probe"] == result["probe"]
