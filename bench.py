@@ -238,10 +238,11 @@ def bench_decoding(args):
     per token under the model (temperature 1, scored alike for every method), the share of
     repeated word 3-grams, the seconds it took, and the text itself."""
     from machinery.checkpoint import load_model
+    from machinery.sources import encode_prompt
     if not os.path.isfile(args.checkpoint):
         raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
     model, tokenizer, _ = load_model(args.checkpoint)
-    idx = torch.tensor([tokenizer.encode(args.prompt)])
+    idx = torch.tensor([encode_prompt(tokenizer, args.prompt)])  # (1, T), as generate.py encodes it
     methods = [("greedy", 0, None)] + [(f"beam {w}", None, w) for w in args.beams]
     methods += [(f"sampling, T = {t:g}", t, None) for t in args.temperatures]
     rows = []
@@ -411,9 +412,12 @@ def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
     run.corpus.train = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # the batches read it lazily
     cfg, batches = run.train_cfg, {"train": run.next_batch, "val": run.val_batch}
     t0, vals = time.perf_counter(), []
+    # train_loop's step and schedule, without its checkpoints, plots and step-0 evaluation, which
+    # would take most of a small run's time and none of them is part of what the study measures
     for step in range(steps):
         lr = get_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, steps)
-        train.train_step(run.train_model, run.optimizer, run.next_batch, lr, 1, cfg.grad_clip, run.ctx, run.scaler)
+        train.train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps, cfg.grad_clip,
+                         run.ctx, run.scaler)
         if (step + 1) % max(1, steps // evals) == 0 or step + 1 == steps:
             vals.append(train.estimate_loss(run.train_model, batches, run.eval_iters, run.ctx))
     tokens = steps * cfg.batch_size * run.model_cfg.block_size

@@ -192,8 +192,8 @@ class SampleConfig:
         self.show_probs = self.show_probs or self.show_top > 0
         _require(self.beam is None or self.beam >= 1, f"--beam must be at least 1 (continuations kept), got {self.beam}")
         if self.beam:
-            sampling = [f"--{f.name}" for f in dataclasses.fields(self)
-                        if f.name in ("temperature", "top_k", "top_p") and getattr(self, f.name) != f.default]
+            default = dataclass_defaults(SampleConfig)
+            sampling = [f"--{n}" for n in ("temperature", "top_k", "top_p") if getattr(self, n) != default[n]]
             _require(not sampling, f"beam search draws nothing, so {', '.join(sampling)} cannot apply: drop it")
             _require(self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
         _require(math.isfinite(self.length_penalty), f"--length_penalty must be a number, got {self.length_penalty}")

@@ -53,12 +53,14 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
         annotator.end()
     elif stream:
         sys.stdout.write("\n")
-    out = []
-    for row in torch.cat(new, dim=1).tolist():
-        stopped = stop in row
-        row = row[:row.index(stop)] if stopped else row
-        out.append((tokenizer.decode(shown + row), len(row), stopped))
-    return out
+    return [finished(tokenizer, shown, row, stop) for row in torch.cat(new, dim=1).tolist()]
+
+
+def finished(tokenizer, shown, row, stop):
+    """(text, new tokens, whether it stopped) of one continuation row, cut at the stop token."""
+    stopped = stop in row
+    row = row[:row.index(stop)] if stopped else row
+    return tokenizer.decode(shown + row), len(row), stopped
 
 
 def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
@@ -74,10 +76,7 @@ def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
         annotator.begin(shown, 1, stop)
         for token, probs in model_odds(model, idx, new, use_cache=not cfg.no_cache):
             annotator.add(token, probs)
-    row = new[0].tolist()
-    stopped = stop in row
-    row = row[:row.index(stop)] if stopped else row
-    return [(tokenizer.decode(shown + row), len(row), stopped)]
+    return [finished(tokenizer, shown, new[0].tolist(), stop)]
 
 
 def sample_label(i, cfg, n_new, stopped):

@@ -58,7 +58,7 @@ def make_tokenizer(kind, text, vocab_size, verbose=False):
     vocab_size 0 means BPE_VOCAB_SIZE)."""
     if kind == "char":
         return CharTokenizer.from_text(text)
-    from machinery.bpe import BPETokenizer, GPT2Tokenizer  # the byte-level ones: a deep dive, loaded when asked
+    from machinery.bpe import BPETokenizer, GPT2Tokenizer  # the byte-level ones: a deep dive, kept out of this file
     if kind == "bpe":
         return BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
     if kind == "gpt2":

@@ -194,9 +194,10 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 
 def build_parser(device):
     preset = default_preset(device.type)
-    dtype = "measured at start-up here" if measured_on(device) else f"{resolve_dtype('auto', device)} here"
     if device.type == "cuda":  # (asking the GPU would start CUDA in every process, --device cpu or not)
         dtype = "bfloat16 from compute capability 8.0, else float16"
+    else:
+        dtype = "measured at start-up here" if measured_on(device) else f"{resolve_dtype('auto', device)} here"
     auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
             "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
     parser = cli.ArgumentParser(
