@@ -197,6 +197,14 @@ def test_mocked_cpu_host_help_shows_meanings_and_the_defaults_actually_used(caps
     assert code == 0 and "None" not in out and "CHECKPOINT.pt" in out and "greedy" in out
 
 
+def test_mocked_gpu_host_help_never_asks_the_gpu(monkeypatch):
+    """Asking the GPU for its compute capability would start CUDA in every process that prints --help."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: pytest.fail("asked the GPU"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("asked the GPU"))
+    help_text = " ".join(train.build_parser(torch.device("cuda")).format_help().split())
+    assert "bfloat16 from compute capability 8.0, else float16" in help_text
+
+
 def test_bool_flags_are_bare_switches_and_still_take_values(tmp_path):
     parser = train.build_parser(torch.device("cpu"))
     args = parser.parse_args(["--compile", "--clean", "--plots", "false", "--overwrite"])
