@@ -37,6 +37,7 @@ from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, bu
 from optim import get_lr
 import train
 
+from machinery import hardware
 from machinery.annotate import forced_steps, model_odds
 from machinery.calibrate import interleaved
 from machinery.cli import (ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, format_seconds,
@@ -62,7 +63,7 @@ def machine_info():
     except OSError:  # no git here
         git = ""
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "gpu": hardware.gpu_name() if hardware.cuda_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "git": git.strip() or None,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
@@ -664,12 +665,12 @@ def bench_gpu_check(args):
                 log(f"check {dtype:<9} compile={compile!s:<5} val {evals[0]['val_loss']:.3f} -> "
                     f"{evals[-1]['val_loss']:.3f} | {describe_cache_check(cache, run.dtype)}")
         result = {"device": str(device), "checks": rows}
-        if torch.cuda.device_count() > 1:
+        if hardware.gpu_count() > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={torch.cuda.device_count()}", os.path.join(ROOT, "train.py"), "--preset", preset,
+                   f"--nproc_per_node={hardware.gpu_count()}", os.path.join(ROOT, "train.py"), "--preset", preset,
                    "--max_steps", str(steps), "--sample_tokens", "0", "--out_dir", os.path.join(tmp, "ddp")]
             result["torchrun_ok"] = subprocess.run(cmd).returncode == 0
-            log(f"torchrun on {torch.cuda.device_count()} GPUs: {'ok' if result['torchrun_ok'] else 'FAILED'}")
+            log(f"torchrun on {hardware.gpu_count()} GPUs: {'ok' if result['torchrun_ok'] else 'FAILED'}")
         run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
         ms = statistics.median(time_steps([run], 3, steps)[0])
         tokens_per_s = run.train_cfg.batch_size * run.model_cfg.block_size / ms * 1000

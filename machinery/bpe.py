@@ -187,13 +187,18 @@ class BPETokenizer(ByteLevelTokenizer):
                 "special_tokens": dict(self.special_tokens)}
 
 
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding: from its cache, or downloaded on first use."""
+    return tiktoken.get_encoding("gpt2")
+
+
 class GPT2Tokenizer(ByteLevelTokenizer):
     """OpenAI's GPT-2 tokenizer (50,257 tokens, "<|endoftext|>" = 50256). tiktoken downloads
     its files on first use and caches them, so this needs network at least once."""
 
     def __init__(self):
         try:
-            self.enc = tiktoken.get_encoding("gpt2")
+            self.enc = gpt2_encoding()
         except Exception as e:  # offline: a requests/connection error, or a broken cache
             raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
                                "use --tokenizer bpe or --tokenizer char instead") from e

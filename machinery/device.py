@@ -20,6 +20,7 @@ import torch
 
 from config import TinyLLMError
 
+from machinery import hardware
 from machinery.cli import log
 
 
@@ -27,16 +28,16 @@ from machinery.cli import log
 
 def choose_device(name="auto"):
     if name == "auto":
-        if torch.cuda.is_available():
+        if hardware.cuda_available():
             return torch.device("cuda")
-        if torch.backends.mps.is_available():
+        if hardware.mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise TinyLLMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name.startswith("cuda") and not hardware.cuda_available():
         raise TinyLLMError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
+    if name == "mps" and not hardware.mps_available():
         raise TinyLLMError("--device mps asked for, but MPS is not available here; use --device cpu")
     return torch.device(name)
 
@@ -44,7 +45,7 @@ def choose_device(name="auto"):
 def describe(device):
     """The device in words, for the start-up line: 'cuda (Tesla T4)', 'cpu'."""
     if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
+        return f"{device} ({hardware.gpu_name(device)})"
     return str(device)
 
 
@@ -65,7 +66,7 @@ def configure_matmul(device):
     """TF32 matmuls for float32 work on GPUs that have them (Ampere and later). Never on a CPU,
     where 'high' precision made some matmuls ten times slower."""
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+        hardware.set_matmul_precision("high")
 
 
 # ----------------------------------------------------------------------------- threads
@@ -92,7 +93,8 @@ def rng_state():
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        # numpy's key is uint32, which torch before 2.6 cannot save: kept as int64, every value exact
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # a CPU run never starts CUDA
     }
@@ -104,12 +106,12 @@ def set_rng_state(state):
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, key.numpy(), pos, has_gauss, cached))
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     saved = list(state.get("cuda", []))
-    here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    here = hardware.gpu_count()
     for i, cuda_state in enumerate(saved[:here]):
-        torch.cuda.set_rng_state(cuda_state, device=i)
+        hardware.set_gpu_rng_state(cuda_state, i)
     if len(saved) > here:
         log(f"note: the checkpoint holds the CUDA random state of {len(saved)} GPU(s), this machine has {here}; "
             f"restored {min(here, len(saved))}, so dropout on the rest continues from a fresh seed")
@@ -117,8 +119,8 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- peak FLOPs, for MFU
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s, by the exact name torch.cuda.get_device_name()
-# gives, per autocast dtype. float32 means TF32 where the GPU has it (configure_matmul turns it on).
+# Dense (no sparsity) tensor-core peaks in TFLOP/s, by the exact name the GPU gives (hardware.gpu_name),
+# per autocast dtype. float32 means TF32 where the GPU has it (configure_matmul turns it on).
 # A name that is not here gets no MFU rather than a wrong one.
 _A100 = {"bfloat16": 312, "float16": 312, "float32": 156}
 _H100_SXM = {"bfloat16": 989, "float16": 989, "float32": 495}
@@ -145,7 +147,7 @@ def peak_flops(device, dtype):
     """The GPU's peak FLOP/s for this dtype, or None (with one notice) when we do not know it."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = hardware.gpu_name(device)
     peak = PEAK_TFLOPS.get(name, {}).get(dtype)
     if peak is None:
         log(f"note: MFU is not shown: the {dtype} peak of {name!r} is not in device.PEAK_TFLOPS")

@@ -15,6 +15,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import MAX_SEED, TinyLLMError
 
+from machinery import hardware
+
 
 def setup_distributed(device):
     """(rank, world size, device). Without torchrun's variables this is a plain single process.
@@ -23,16 +25,21 @@ def setup_distributed(device):
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "cuda":
-        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), torch.cuda.device_count()
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), hardware.gpu_count()
         if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
             raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
                                f"--nproc_per_node={gpus} or less, or --device cpu")
         device = torch.device(f"cuda:{local_rank}")
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        hardware.use_gpu(device)
+        start_process_group("nccl", device_id=device)
     else:
-        dist.init_process_group("gloo")
+        start_process_group("gloo")
     return rank, world, device
+
+
+def start_process_group(backend, **options):
+    """Join torchrun's other processes (a test stands in for this to check what it is asked)."""
+    dist.init_process_group(backend, **options)
 
 
 def teardown_distributed(world):

@@ -5,6 +5,8 @@ bfloat16 autocast on a CPU."""
 import torch
 import torch.nn.functional as F
 
+fused_kernel = F.scaled_dot_product_attention  # by a name of ours, so a test can watch what it is given
+
 
 def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
     """F.scaled_dot_product_attention; under bfloat16 autocast on a CPU, in float32. There a
@@ -12,6 +14,6 @@ def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, dropo
     while the matmuls around it keep bfloat16's speed."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                                  is_causal=is_causal, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+            return fused_kernel(q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=is_causal,
+                                dropout_p=dropout_p)
+    return fused_kernel(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)

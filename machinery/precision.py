@@ -13,20 +13,17 @@ import torch
 
 from config import TinyLLMError
 
+from machinery import hardware
 from machinery.cli import warn
 from machinery.device import describe
 
 
 # ----------------------------------------------------------------------------- which precision
 
-# torch's own probes of the CPU (private: a test checks that this torch has them)
-BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-
-
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX: the CPU multiplies bfloat16 matrices in hardware. Without them
     torch still runs bfloat16, by converting, which is slower than float32."""
-    return any(getattr(torch.cpu, name, lambda: False)() for name in BF16_PROBES)
+    return hardware.cpu_has_avx512_bf16() or hardware.cpu_has_amx()
 
 
 def has_native_bf16(device):
@@ -34,7 +31,7 @@ def has_native_bf16(device):
     T4 (compute capability 7.5), which only emulates it: slowly, and without flash attention.
     MPS is counted out: its bfloat16 needs macOS 14 and is not needed for a tiny model."""
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
+        return hardware.gpu_capability(device) >= (8, 0)
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return False
@@ -87,7 +84,7 @@ def make_scaler(device, dtype):
         return None
     with warnings.catch_warnings():  # a scaler that disables itself warns; we say it better below
         warnings.simplefilter("ignore")
-        scaler = torch.amp.GradScaler(device.type)
+        scaler = hardware.gradient_scaler(device.type)
     if not scaler.is_enabled():
         raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch does not provide on "
                            f"{device}; use --dtype bfloat16 or float32")

@@ -47,9 +47,11 @@ def tests_leave_the_tree_as_they_found_it():
 
 @pytest.fixture(scope="session", autouse=True)
 def no_mps():
-    """On a Mac, too, the tests run on the CPU unless they mock a device on purpose."""
+    """On a Mac, too, the tests run on the CPU unless they mock a device on purpose (through
+    the project's seam, machinery/hardware.py: never torch's own function, which torch reads too)."""
+    from machinery import hardware
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.backends.mps, "is_available", lambda: False)
+        patch.setattr(hardware, "mps_available", lambda: False)
         yield
 
 
@@ -135,6 +137,14 @@ def interrupt_at(monkeypatch, step, signum):
     monkeypatch.setattr(train, "train_step", step_then_signal)
 
 
+def float32_sum_tolerance(n, total):
+    """How far two float32 sums of the same n terms may lie apart when their terms were computed
+    by different kernels (a cached and a recomputed context): each term and each addition can
+    be off by float32's relative precision (2**-23) of the running total, so n of them by n
+    times that, with the total taken as at least 1 (terms near 0 still carry their logits' error)."""
+    return 2 * n * 2.0 ** -23 * max(1.0, abs(float(total)))
+
+
 def checkpoint_of(model, chars=None):
     """A minimal checkpoint dict for a bare model: its weights, its shape, a char tokenizer."""
     import dataclasses
@@ -176,10 +186,17 @@ def rope_angles(n_positions, head_size, start=0):
 
 # ----------------------------------------------------------------------------- the scripts, as a user runs them
 
+def path_with_this_python():
+    """PATH with the interpreter running the tests first: a script that starts `python` (sweep.sh,
+    the notebook's cells) starts this one, with this environment's packages, whatever PATH holds."""
+    return os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+
+
 def subprocess_env(gpu=False, **extra):
     """The environment of a script run by a test: one thread (two processes share two cores),
-    and no GPU unless gpu (the environment's own CUDA_VISIBLE_DEVICES, if any)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    no GPU unless gpu (the environment's own CUDA_VISIBLE_DEVICES, if any), and `python` is
+    the interpreter running the tests."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=path_with_this_python(), **extra)
     if gpu:
         env.pop("CUDA_VISIBLE_DEVICES")
         env.update(GPU_ENV)

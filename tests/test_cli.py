@@ -134,10 +134,11 @@ WRITER_CRASHES = textwrap.dedent("""
     import io, json, os, random, signal, sys, time
     sys.path.insert(0, {root!r})
     import torch
+    from machinery import checkpoint as checkpoint_module
     from machinery.checkpoint import load_checkpoint, save_checkpoint
 
     path, rounds = sys.argv[1], sys.argv[2].split(",")
-    real_save, real_replace = torch.save, os.replace
+    real_save, real_replace = checkpoint_module.write, os.replace
 
     def checkpoint(n):
         return {{"model": {{"w": torch.full((1 << 19,), float(n))}}, "model_config": {{}}, "tokenizer": {{}}, "step": n}}
@@ -146,14 +147,14 @@ WRITER_CRASHES = textwrap.dedent("""
         def stop_here():
             os.write(pipe, b"!")
             time.sleep(60)
-        def half_then_stop(obj, f):  # torch.save that stops with half of the file written
+        def half_then_stop(obj, f):  # the writer stops with half of the file written
             data = io.BytesIO()
             real_save(obj, data)
             f.write(data.getvalue()[:data.tell() // 2])
             f.flush()
             stop_here()
         if arranged == "mid_write":
-            torch.save = lambda obj, f, *a, **k: half_then_stop(obj, f) if n > 1 else real_save(obj, f)
+            checkpoint_module.write = lambda obj, f, *a, **k: half_then_stop(obj, f) if n > 1 else real_save(obj, f)
         if arranged == "before_rename":
             os.replace = lambda *a: stop_here() if n > 1 else real_replace(*a)
         for n in range(1, 10 ** 6):

@@ -18,7 +18,7 @@ from optim import make_optimizer
 import train
 
 from machinery import device as device_module
-from machinery import distributed, lifecycle
+from machinery import distributed, hardware, lifecycle
 from machinery.checkpoint import load_checkpoint, save_checkpoint
 from machinery.device import choose_device, peak_flops, rng_state, set_rng_state
 from machinery.precision import autocast, make_scaler, resolve_dtype
@@ -31,12 +31,13 @@ CUDA = torch.device("cuda")
 def fake_gpu(monkeypatch):
     """Pretend a CUDA GPU is present: set(name, capability, count) picks which one."""
     def set_gpu(name, capability, count=1):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-        # what the old code asked: it counts emulation, so a T4 answers yes
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+        monkeypatch.setattr(hardware, "cuda_available", lambda: True)
+        monkeypatch.setattr(hardware, "gpu_count", lambda: count)
+        monkeypatch.setattr(hardware, "gpu_name", lambda *a: name)
+        monkeypatch.setattr(hardware, "gpu_capability", lambda *a: capability)
+        # torch makes a working CUDA scaler only where CUDA is: the CPU's, a working one, stands in
+        real_scaler = hardware.gradient_scaler
+        monkeypatch.setattr(hardware, "gradient_scaler", lambda kind: real_scaler("cpu" if kind == "cuda" else kind))
     return set_gpu
 
 
@@ -66,8 +67,8 @@ def test_mocked_t4_asking_for_bf16_warns_that_it_is_emulated(fake_gpu, capsys):
 
 
 def test_mocked_mac_decisions(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    monkeypatch.setattr(hardware, "mps_available", lambda: True)
     mps = choose_device("auto")
     assert mps.type == "mps" and default_preset("mps") == "tiny"
     assert resolve_dtype("auto", mps) == "float32"
@@ -77,7 +78,9 @@ def test_mocked_mac_decisions(monkeypatch):
 
 def test_mocked_no_cuda_float16_is_refused_where_no_scaler_works(monkeypatch):
     # a CUDA scaler without CUDA disables itself: that is exactly what silently corrupted weights
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # so on a CUDA host too
+    # CUDA is hidden from the test process (conftest.py), so on a CUDA host too torch's CUDA scaler
+    # disables itself here, as it does wherever CUDA is missing
+    assert not torch.cuda.is_available()
     with pytest.raises(TinyLLMError, match="gradient scaler"):
         make_scaler(CUDA, "float16")
 
@@ -85,18 +88,17 @@ def test_mocked_no_cuda_float16_is_refused_where_no_scaler_works(monkeypatch):
 def test_the_cpu_capability_probe_asks_functions_this_torch_has():
     # cpu_has_native_bf16 asks torch's private probes; were they renamed, it would quietly say
     # "no bfloat16" and never measure. This fails instead.
-    from machinery import precision
-    for name in precision.BF16_PROBES:
+    for name in (hardware.AVX512_BF16_PROBE, hardware.AMX_PROBE):
         assert isinstance(getattr(torch.cpu, name)(), bool), name
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, dtype", [
     (True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
 def test_mocked_cpu_capabilities_decide_what_auto_starts_from(monkeypatch, capsys, avx512_bf16, amx, dtype):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
+    monkeypatch.setattr(hardware, "mps_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+    monkeypatch.setattr(hardware, "cpu_has_amx", lambda: amx)
     assert choose_device("auto") == CPU and default_preset("cpu") == "tiny"
     assert resolve_dtype("auto", CPU) == dtype  # bfloat16 only where the CPU computes it natively
     assert resolve_dtype("bfloat16", CPU) == "bfloat16"  # allowed on CPU: CPU autocast supports it
@@ -126,8 +128,7 @@ def test_mocked_resume_on_fewer_gpus_restores_what_applies(fake_gpu, monkeypatch
     state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved on 2 GPUs
     fake_gpu("NVIDIA L4", (8, 9), count=1)
     restored = []
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append(device))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: 1 / 0)  # what crashed before
+    monkeypatch.setattr(hardware, "set_gpu_rng_state", lambda s, index: restored.append(index))  # one GPU at a time
     set_rng_state(state)
     assert restored == [0]
     assert "2 GPU(s), this machine has 1" in capsys.readouterr().out
@@ -139,8 +140,8 @@ def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monke
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     calls = []
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(hardware, "use_gpu", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(distributed, "start_process_group", lambda backend, **kw: calls.append((backend, kw)))
     rank, world, dev = distributed.setup_distributed(CUDA)
     assert (rank, world, dev) == (1, 2, torch.device("cuda:1"))
     # the process's own GPU is current before NCCL starts, and NCCL is told which it is
@@ -149,7 +150,7 @@ def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monke
 
 def test_mocked_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    monkeypatch.setattr(hardware, "set_matmul_precision", calls.append)
     device_module.configure_matmul(CUDA)
     device_module.configure_matmul(CPU)
     assert calls == ["high"]
@@ -294,7 +295,7 @@ def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_with_the_cache(shakes
 
 def test_train_never_sets_tf32_precision_on_cpu(shakespeare_head, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(torch, "set_float32_matmul_precision", calls.append)
+    monkeypatch.setattr(hardware, "set_matmul_precision", calls.append)
     train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=2))
     import bench
     bench.main(["train", "--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
@@ -306,7 +307,8 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
     import generate
     from conftest import cli
     seen = {}
-    real_load, real_load_model = torch.load, generate.load_model
+    from machinery import checkpoint as checkpoint_module
+    real_load, real_load_model = checkpoint_module.read, generate.load_model
 
     def recording_load(*args, **kwargs):
         seen["map_location"] = kwargs.get("map_location")
@@ -320,7 +322,7 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
         seen["model_device"] = next(model.parameters()).device
         return [("text", 4, False)]
 
-    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(checkpoint_module, "read", recording_load)
     monkeypatch.setattr(generate, "load_model", recording_load_model)
     monkeypatch.setattr(generate, "choose_device", lambda name: torch.device("meta"))  # a stand-in for a GPU
     monkeypatch.setattr(generate, "sample", fake_sample)

@@ -3,10 +3,14 @@ lesson, one package beside it holds the machinery, every function fits on a scre
 modules import only down the flow of the work, never up it and never in a circle."""
 
 import ast
+import collections
+import contextlib
 import glob
 import os
 import re
 import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -15,7 +19,7 @@ from conftest import ROOT
 
 # The flow of the work, bottom to top: a module may import from its own level or below.
 LEVELS = {
-    "config": 0, "machinery.cli": 0, "machinery.openmp": 0, "machinery.kernels": 0,
+    "config": 0, "machinery.cli": 0, "machinery.openmp": 0, "machinery.kernels": 0, "machinery.hardware": 0,
     "machinery.bpe": 1, "tokenizer": 1, "model": 1, "machinery.muon": 1, "optim": 1,
     "machinery.sources": 2, "utils": 2, "machinery.device": 2, "machinery.precision": 2,
     "machinery.distributed": 2, "machinery.checkpoint": 2, "machinery.safety": 2, "machinery.plots": 2,
@@ -190,3 +194,72 @@ def test_the_docs_and_comments_speak_of_the_software_not_its_history():
     paths = markdown_files() + sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "*", "*.py")))
     found = [f"{os.path.relpath(p, ROOT)}: {m.group(0)!r}" for p in paths for m in HISTORY.finditer(prose_of(p))]
     assert not found
+
+
+# ----------------------------------------------------------------------------- tests stand in for the project's seams only
+
+REPLACERS = ("setattr", "delattr", "patch", "object")  # monkeypatch.setattr, setattr, mock.patch(.object)
+
+
+def replaced_in(source):
+    """What a piece of test code replaces: (line, the object whose attribute it replaces, as
+    code, or a dotted name as a string) for every setattr-like call and attribute assignment,
+    in the code and in the scripts it writes out as strings."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and node.args:
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in REPLACERS:
+                found.append((node.lineno, node.args[0]))
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [(node.lineno, t.value) for t in targets if isinstance(t, ast.Attribute)]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "\n" in node.value:
+            found += [(node.lineno, target) for _, target in replaced_in(script_in(node.value))]
+    return found
+
+
+def script_in(text):
+    """text if it is Python code, or the code it makes as a str.format template; else ''."""
+    for candidate in (text, "format"):
+        try:
+            code = textwrap.dedent(text.format_map(collections.defaultdict(str)) if candidate == "format" else text)
+            ast.parse(code)
+            return code
+        except (SyntaxError, ValueError, IndexError):
+            continue
+    return ""
+
+
+def owner(target, namespace):
+    """The top-level package that the replaced attribute belongs to, or None when the code names
+    something this test cannot resolve (a local variable: a test's own object)."""
+    if isinstance(target, ast.Constant):
+        return str(target.value).split(".")[0]
+    try:
+        obj = eval(compile(ast.Expression(target), "<target>", "eval"), namespace)
+    except Exception:
+        return None
+    name = obj.__name__ if isinstance(obj, type(os)) else getattr(obj, "__module__", None) or type(obj).__module__
+    return name.split(".")[0]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "tests", "*.py"))), ids=os.path.basename)
+def test_no_test_replaces_anything_of_torch_or_another_library(path):
+    """torch's own code reads its functions too (its compiler read a replaced MPS probe and
+    failed), so tests stand in for a machine or a failing disk through the project's own seams
+    (machinery/hardware.py, checkpoint.write and .read, ...), never by replacing a library's."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    namespace = {}
+    for node in ast.walk(ast.parse(source)):
+        scripts = [script_in(node.value)] if isinstance(node, ast.Constant) and isinstance(node.value, str) else []
+        for imported in [node, *(n for code in scripts for n in ast.walk(ast.parse(code)))]:
+            if isinstance(imported, (ast.Import, ast.ImportFrom)):
+                with contextlib.suppress(ImportError):  # (prose that happens to parse as an import)
+                    exec(ast.unparse(imported), namespace)  # the names the test file's code can mean
+    ours = set(MODULES) | {m.split(".")[0] for m in MODULES} | {"conftest", "builtins", "pytest", "_pytest"} | \
+        {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "tests", "*.py"))}
+    foreign = [(line, ast.unparse(target), root) for line, target in replaced_in(source)
+               if (root := owner(target, namespace)) and root not in ours and root not in sys.stdlib_module_names]
+    assert not foreign, f"{os.path.basename(path)} replaces attributes of a library (line, object, package): {foreign}"

@@ -185,8 +185,9 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
     # a speed choice with a test of its own: bfloat16 attention (its backward above all) was several
     # times slower than float32's on CPUs, while the matmuls around it keep bfloat16's speed
     seen = []
-    real = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or real(q, k, v, **kw))
+    from machinery import kernels
+    real = kernels.fused_kernel
+    monkeypatch.setattr(kernels, "fused_kernel", lambda q, k, v, **kw: seen.append(q.dtype) or real(q, k, v, **kw))
     model = GPT(tiny_model_config(pos="rope"))
     idx = torch.randint(0, 65, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, TINY_FLAGS, write_head
+from conftest import ROOT, TINY_FLAGS, path_with_this_python, write_head
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -18,6 +18,7 @@ def test_the_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYLLM_NOTEBOOK_OUT_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("TINYLLM_NOTEBOOK_TEMPS", "0.8")  # one temperature: each is a process start
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PATH", path_with_this_python())  # the cells' `!python` is this interpreter
     notebook = nbformat.read(os.path.join(ROOT, "colab.ipynb"), as_version=4)
     nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
                             resources={"metadata": {"path": ROOT}}).execute()

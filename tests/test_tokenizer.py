@@ -257,9 +257,10 @@ def test_gpt2_tokenizer():
 
 
 def test_gpt2_offline_raises_a_clear_error(monkeypatch):
-    def offline(name):
+    def offline():
         raise ConnectionError("no network")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    from machinery import bpe
+    monkeypatch.setattr(bpe, "gpt2_encoding", offline)
     for build in (GPT2Tokenizer, lambda: make_tokenizer("gpt2", "", 0), lambda: tokenizer_from_dict({"kind": "gpt2"})):
         with pytest.raises(TinyLLMError) as err:
             build()

@@ -16,6 +16,7 @@ from model import GPT
 from optim import make_optimizer
 import train
 
+from machinery import checkpoint as checkpoint_module
 from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from machinery.muon import orthogonalize
 
@@ -263,7 +264,7 @@ def test_a_pickle_carrying_code_is_refused(tmp_path):
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     save_checkpoint(path, {"v": torch.arange(10_000.0)})
-    real_save = torch.save
+    real_save = checkpoint_module.write
 
     def crash_halfway(obj, f, *args, **kwargs):  # the disk fills up half-way through the file
         data = io.BytesIO()
@@ -275,7 +276,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
             f.flush()
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash_halfway)
+    monkeypatch.setattr(checkpoint_module, "write", crash_halfway)
     with pytest.raises(OSError):
         save_checkpoint(path, {"v": torch.arange(10_000.0) + 1})
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(10_000.0))  # the old file, whole

@@ -1,0 +1,63 @@
+"""What this machine has: the one place tinyllm asks torch about the hardware (is there a CUDA
+GPU, which, how many; a Mac's GPU; a CPU's bfloat16 instructions) or tells it to change how the
+hardware works. Read this when you want to know how a test stands in for a machine it is not
+on: every caller asks through these functions by module (hardware.cuda_available(), never
+imported by name), so a test replaces one of them here. Tests never replace torch's own
+functions, which torch's internals (its compiler, its optimizers) read too.
+"""
+
+import torch
+
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def mps_available():
+    return torch.backends.mps.is_available()
+
+
+def gpu_count():
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+def gpu_name(device=None):
+    return torch.cuda.get_device_name(device)
+
+
+def gpu_capability(device=None):
+    """(major, minor): 8.0 and up (Ampere) compute bfloat16 natively."""
+    return torch.cuda.get_device_capability(device)
+
+
+# torch's own probes of the CPU's instructions are private: a test checks that this torch has them,
+# so that a renamed probe fails a test instead of quietly answering "no bfloat16"
+AVX512_BF16_PROBE, AMX_PROBE = "_is_avx512_bf16_supported", "_is_amx_tile_supported"
+
+
+def cpu_has_avx512_bf16():
+    return getattr(torch.cpu, AVX512_BF16_PROBE, lambda: False)()
+
+
+def cpu_has_amx():
+    return getattr(torch.cpu, AMX_PROBE, lambda: False)()
+
+
+def gradient_scaler(device_type):
+    """torch's loss scaler for float16 on this kind of device. It turns itself off (is_enabled()
+    False) where that device is missing, or where torch has no scaler for it."""
+    return torch.amp.GradScaler(device_type)
+
+
+def use_gpu(device):
+    """Make device this process's current GPU (each process of a multi-GPU run has its own)."""
+    torch.cuda.set_device(device)
+
+
+def set_gpu_rng_state(state, index):
+    torch.cuda.set_rng_state(state, device=index)
+
+
+def set_matmul_precision(precision):
+    """'high' lets float32 matmuls use TF32 tensor cores; 'highest' is torch's default."""
+    torch.set_float32_matmul_precision(precision)
