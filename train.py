@@ -32,7 +32,7 @@ from machinery.checkpoint import load_model
 from machinery.device import choose_device, out_of_memory_as_error, set_threads
 from machinery.distributed import sync_gradients
 from machinery.lifecycle import (add_characters, after_evaluation, after_step, finish, guarded, off_the_clock,
-                                 plan_time_budget, ready, start_run, starting_point)
+                                 plan_due, plan_time_budget, ready, start_run, starting_point)
 from machinery.plots import draw_lr_schedule
 from machinery.precision import autocast, measured_on, resolve_dtype, scale, step_if_finite, unscale
 
@@ -130,9 +130,9 @@ def train_loop(run):
             # --- a progress line every log_interval steps, ckpt_STEP.pt if asked, leave on Ctrl-C
             after_step(run, stop, loss, grad_norm, lr)
 
-            # --- a --time_budget run: once its first steps are timed, the plan is made here
-            if state.step == run.plan_at:
-                plan_time_budget(run)  # max_steps: the most steps that fit; the LR's cosine now ends there
+            # --- a --time_budget run: planned once its first steps are timed, re-planned at every progress line
+            if plan_due(run):
+                plan_time_budget(run)  # max_steps: the most steps that fit; the LR's cosine is stretched to end there
     return finish(run)  # the last save, a summary line, a sample of what the model writes now
 
 

@@ -2,13 +2,15 @@
 know how --dtype auto chooses between float32 and bfloat16 on a CPU that has bfloat16
 instructions (it times both before training starts), and how --time_budget turns minutes into
 max_steps (it times the run's first steps, its first evaluation and a few sampled tokens, then
-plans the rest of the run to fit).
+plans the rest of the run to fit, and re-plans at every progress line at the pace of the latest
+steps, stretching or shrinking the rest of the cosine to the new end).
 
 The precision is measured with trial steps that leave nothing behind: the weights, the
 optimizer, the loss scale and every random number generator are put back. The time budget is
 measured on the run itself: its first steps are warmup steps, whose learning rate does not
-depend on max_steps. So a budgeted run and a run given the printed --max_steps and --dtype
-train step for step alike. The plan is saved in the run's checkpoints: --resume keeps it.
+depend on max_steps. So a budgeted run and a run given the printed --max_steps, --replans and
+--dtype train step for step alike. The plan is saved in the run's checkpoints: --resume keeps it
+and goes on re-planning it.
 """
 
 import contextlib
@@ -21,7 +23,8 @@ import time
 
 import torch
 
-from config import TinyLLMError, parse_duration
+from config import TinyLLMError, parse_duration, parse_replans
+from optim import get_lr
 
 from machinery.checkpoint import save_checkpoint
 from machinery.cli import format_seconds
@@ -37,12 +40,13 @@ from machinery.precision import autocast, make_scaler, measured_on
 BF16_MARGIN = 1.25
 UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allocations and kernel choices
 TIMED_STEPS = 8          # per candidate precision, after those
-# A time budget is planned after this many steps (or the whole warmup, if shorter): on this
-# project's shared 2-core machines the pace of 50-step stretches varied by 10-30%, so the plan
-# averages over a hundred, and leaves a share of the budget unused against later drift.
+# A time budget is planned after this many steps (or the whole warmup, if shorter), then
+# re-planned at every progress line from the pace of the steps of the latest RECENT_LINES lines:
+# machines speed up and slow down as they warm, throttle or get other work.
 PLAN_AFTER = 100
+RECENT_LINES = 2
 MIN_WARMUP = 10          # the warmup must give the plan at least these
-SAFETY = 0.06
+SAFETY = 0.01            # of the budget: for the process's exit, and any drift after the last re-plan
 
 
 def calibrate(run, train_step):
@@ -138,9 +142,9 @@ def time_steps(run, train_step, dtypes):
 
 def plan_run(run):
     """A --time_budget run's plan, once its first steps are timed (train_loop calls this through
-    lifecycle.plan_time_budget): rank 0 plans from this process's mean step time, its first evaluation (with the
-    plots it did not draw yet) and 16 sampled tokens; every rank follows, and an error on rank
-    0 is the same one-line error on every rank."""
+    lifecycle.plan_time_budget): rank 0 plans from this process's mean step time, its first
+    evaluation (with the plots it did not draw yet) and 16 sampled tokens; every rank follows,
+    and an error on rank 0 is the same one-line error on every rank."""
     meter, cfg, plan = run.meter, run.train_cfg, None
     if run.master:
         try:
@@ -148,15 +152,53 @@ def plan_run(run):
             spent = budget_spent(run)
             plan = plan_budget(cfg, run.state.step, spent, meter.process_seconds / meter.process_steps, evaluation,
                                time_sample(run))
+            plan["flags"] = repeat_flags(run)
         except TinyLLMError as e:
             plan = {"error": str(e)}
     plan = broadcast_from_master(plan, run.world)
     if "error" in plan:
         raise TinyLLMError(plan["error"])
-    cfg.max_steps, run.plan_at, run.planned_here = plan["max_steps"], None, True
-    run.state.plan = {**(run.state.plan or {}), **plan}
-    for line in describe_plan(run):
-        run.say(line)
+    cfg.max_steps, run.plan_at = plan["max_steps"], None
+    run.state.plan = {**(run.state.plan or {}), **plan, "replans": []}
+    run.say(describe_plan(run))
+
+
+def replan(run):
+    """A planned --time_budget run, at a progress line: the steps that still fit at the pace of
+    the latest steps (rank 0 decides, every rank follows). Where that moves the end, the rest
+    of the cosine is stretched or shrunk to it from the LR reached now (move_end), and the
+    change is kept in the plan, so that --replans can repeat it."""
+    state, cfg, meter = run.state, run.train_cfg, run.meter
+    end = None
+    if run.master and meter.recent:
+        steps, seconds = (sum(column) for column in zip(*meter.recent))
+        plan = state.plan
+        end = steps_that_fit(cfg, state.step, budget_spent(run), seconds / steps,
+                             meter.eval_seconds or plan["eval_seconds"], plan["sample_seconds"])
+        end = max(end, state.step + 1)  # past the budget already: one more step, then the last evaluation
+        plan["expected_seconds"] = budget_spent(run) + plan["sample_seconds"] + seconds_left(
+            cfg, state.step, end, seconds / steps, meter.eval_seconds or plan["eval_seconds"])
+    end = broadcast_from_master(end, run.world)
+    if end is not None and end != cfg.max_steps:
+        move_end(state, cfg, end)
+        state.plan.setdefault("replans", []).append([state.step, end])
+
+
+def replay(run):
+    """A run given --replans: at each of its steps, the end moves as the budgeted run's did."""
+    for step, end in parse_replans(run.train_cfg.replans):
+        if step == run.state.step:
+            move_end(run.state, run.train_cfg, end)
+
+
+def move_end(state, cfg, max_steps):
+    """End the run at max_steps instead: the rest of the cosine, from the LR of the next step,
+    stretched or shrunk to the new end (optim.get_lr's decay_from), so the LR never jumps. In
+    the warmup, whose LR does not depend on max_steps, there is nothing to stretch."""
+    if state.step >= cfg.warmup_steps:
+        reached = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
+        state.decay_from = [state.step, reached]
+    cfg.max_steps = max_steps
 
 
 def budget_spent(run):
@@ -166,21 +208,13 @@ def budget_spent(run):
 
 
 def plan_budget(cfg, done, spent, step_seconds, eval_seconds, sample_seconds):
-    """The plan of a run at step done, spent seconds into its time budget: the most steps such
-    that what is left of the budget (less a safety share) holds them, an evaluation every
-    eval_interval steps and at the end (each with its checkpoints and plots), and the closing
-    sample. The cosine then decays to min_lr at the last step: never cut off mid-schedule."""
-    budget = parse_duration(cfg.time_budget)
-    available = budget * (1 - SAFETY) - spent - sample_seconds
-
-    def seconds(steps):  # from now to the end of the run
-        return (steps - done) * step_seconds + evaluations(done, steps, cfg.eval_interval) * eval_seconds
-
-    steps = done + max(0, int(available / step_seconds))
-    while steps > done and seconds(steps) > available:
-        steps -= 1
+    """The plan of a run at step done, spent seconds into its time budget: the most steps that
+    fit (steps_that_fit). The cosine then decays to min_lr at the last step: never cut off
+    mid-schedule. A budget that leaves no step after the warmup is an error saying what would do."""
+    steps = steps_that_fit(cfg, done, spent, step_seconds, eval_seconds, sample_seconds)
     if steps <= cfg.warmup_steps:
-        need = spent + sample_seconds + seconds(max(2 * cfg.warmup_steps, done + 1))
+        need = spent + sample_seconds + seconds_left(cfg, done, max(2 * cfg.warmup_steps, done + 1), step_seconds,
+                                                     eval_seconds)
         raise TinyLLMError(
             f"--time_budget {cfg.time_budget} is too short here: {spent:.1f}s are gone, a step takes "
             f"{1000 * step_seconds:.0f}ms, an evaluation {eval_seconds:.1f}s and the closing sample "
@@ -188,7 +222,23 @@ def plan_budget(cfg, done, spent, step_seconds, eval_seconds, sample_seconds):
             f"at least {format_seconds(need / (1 - SAFETY))}")
     return {"time_budget": cfg.time_budget, "max_steps": steps, "planned_at": done, "ms_per_step": 1000 * step_seconds,
             "eval_seconds": eval_seconds, "sample_seconds": sample_seconds,
-            "expected_seconds": spent + sample_seconds + seconds(steps)}
+            "expected_seconds": spent + sample_seconds + seconds_left(cfg, done, steps, step_seconds, eval_seconds)}
+
+
+def steps_that_fit(cfg, done, spent, step_seconds, eval_seconds, sample_seconds):
+    """The most steps such that what is left of the budget (less SAFETY) holds the steps after
+    step done, an evaluation every eval_interval steps and at the end (each with its checkpoints
+    and plots), and the closing sample."""
+    available = parse_duration(cfg.time_budget) * (1 - SAFETY) - spent - sample_seconds
+    steps = done + max(0, int(available / step_seconds))
+    while steps > done and seconds_left(cfg, done, steps, step_seconds, eval_seconds) > available:
+        steps -= 1
+    return steps
+
+
+def seconds_left(cfg, done, steps, step_seconds, eval_seconds):
+    """Seconds from step done to the end of a run of steps steps: its steps and evaluations."""
+    return (steps - done) * step_seconds + evaluations(done, steps, cfg.eval_interval) * eval_seconds
 
 
 def evaluations(done, steps, eval_interval):
@@ -254,8 +304,9 @@ def time_sample(run):
 def describe_start(run):
     """The start-up line about a time budget: continued, or to be planned."""
     plan, cfg = run.state.plan or {}, run.train_cfg
-    if "max_steps" in plan and cfg.time_budget and cfg.max_steps == plan["max_steps"]:
-        return [f"time budget {plan['time_budget']}: continuing the planned {plan['max_steps']:,} steps"]
+    if "max_steps" in plan and cfg.time_budget:
+        return [f"time budget {plan['time_budget']}: continuing the planned run, now {cfg.max_steps:,} steps, "
+                f"re-planned at every progress line"]
     if run.plan_at is not None:
         return [f"time budget {run.train_cfg.time_budget}: the first {run.plan_at - run.state.step} steps are "
                 f"timed, then the rest of the run is planned to fit"]
@@ -263,21 +314,37 @@ def describe_start(run):
 
 
 def describe_plan(run):
-    """The lines that announce a plan just made."""
+    """The line that announces a plan just made."""
     plan = run.state.plan
-    return [f"time budget {plan['time_budget']}: {plan['max_steps']:,} steps planned, the cosine decaying to the "
+    return (f"time budget {plan['time_budget']}: {plan['max_steps']:,} steps planned, the cosine decaying to the "
             f"last (measured here: {plan['ms_per_step']:.0f} ms/step, an evaluation {plan['eval_seconds']:.1f}s, "
             f"the closing sample {plan['sample_seconds']:.1f}s); the run should end "
-            f"{format_seconds(plan['expected_seconds'])} after it started",
+            f"{format_seconds(plan['expected_seconds'])} after it started, re-planned at every progress line "
+            f"as the pace changes")
+
+
+def describe_end(run):
+    """The lines that close a budgeted run: how it went, and the command that repeats it."""
+    plan = run.state.plan
+    moved = f", re-planned {len(plan['replans'])} times" if plan.get("replans") else ""
+    return [f"time budget {plan['time_budget']}: {format_seconds(budget_spent(run))} used{moved}; "
+            f"{plan['max_steps']:,} steps planned first, {run.state.step:,} taken",
             f"the same run, step for step, without measuring (into another --out_dir): {repeat_command(run)}"]
 
 
+def repeat_flags(run):
+    """The flags of the command that started a budgeted run, less those that a repeat replaces."""
+    drop = ("time_budget", "resume", "overwrite", "out_dir", "tag", "max_steps", "replans", "dtype")
+    return {k: v for k, v in run.given.items() if k not in drop}
+
+
 def repeat_command(run):
-    """The command line that repeats a planned run exactly: the flags its first process was
-    given, with the plan's --max_steps and the run's --dtype in place of --time_budget."""
-    if run.options.resume and run.source:  # planned by a resumed process: its own flags say little
-        return f"the first command's flags, then --max_steps {run.state.plan['max_steps']} --dtype {run.dtype}"
-    flags = {k: v for k, v in run.given.items() if k not in ("time_budget", "resume", "overwrite", "out_dir", "tag")}
-    flags.update(max_steps=run.state.plan["max_steps"], dtype=run.dtype)
+    """The command line that repeats a planned run exactly: its first command's flags, with
+    the first plan's --max_steps, the re-plans as --replans, and the run's --dtype in place of
+    --time_budget."""
+    plan = run.state.plan
+    flags = {**plan.get("flags", {}), "max_steps": plan["max_steps"], "dtype": run.dtype}
+    if plan.get("replans"):
+        flags["replans"] = ",".join(f"{step}:{end}" for step, end in plan["replans"])
     launcher = f"torchrun --nproc_per_node={run.world} train.py" if run.world > 1 else "python train.py"
     return f"{launcher} " + " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in flags.items())

@@ -25,7 +25,8 @@ import torch
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 from optim import get_lr
 
-from machinery.calibrate import budget_spent, calibrate, describe_start, plan_run
+from machinery.calibrate import (RECENT_LINES, calibrate, describe_end, describe_start, move_end, plan_run, replan,
+                                  replay)
 from machinery.checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint,
                                   save_checkpoint, tokenizer_of)
 from machinery.cli import format_seconds, log, warn
@@ -50,7 +51,7 @@ class TrainState:
     grad_norm: float = None          # of the latest step; None before the first
     history: list = field(default_factory=list)
     window: list = field(default_factory=list)  # (loss, grad norm) of the steps since the last progress row
-    decay_from: list = None          # [step, lr] where a resumed run re-planned its LR decay
+    decay_from: list = None          # [step, lr] where the LR's decay was last re-planned to a new max_steps
     seconds: float = 0.0             # training wall time over every process of the run (resumes)
     plan: dict = None                # what calibrate.py measured and decided: dtype, max_steps for a time budget
 
@@ -69,7 +70,8 @@ class Meter:
     steps: int = 0              # of them timed so far
     mark: float = 0.0           # when the current stretch of steps began
     paused: int = 0             # > 0 while the clock is off (evaluating, saving)
-    eval_seconds: float = 0.0   # this process's first evaluation, its saves included (for a time budget)
+    eval_seconds: float = 0.0   # this process's latest evaluation, its saves included (for a time budget)
+    recent: list = field(default_factory=list)  # (steps, seconds) of the latest progress lines' steps
     process_seconds: float = 0.0  # the step time of this process so far, and its steps: for a time budget
     process_steps: int = 0
     process_start: float = 0.0  # when this process's share of TrainState.seconds began
@@ -85,7 +87,7 @@ class Run:
     model_cfg: GPTConfig
     train_cfg: TrainConfig
     preset: str
-    started: float              # when start_run began (a time budget counts from here)
+    started: float              # when the process began (a time budget counts from here): process_start()
     # the processes, and where and how the numbers are computed
     rank: int                   # this process, of world processes (1 without torchrun)
     world: int
@@ -101,7 +103,6 @@ class Run:
     dtype_note: str = None      # what --dtype auto measured, when it measured (calibrate.py)
     plan_at: int = None         # a --time_budget run not planned yet: the step at which to plan it
     earlier_seconds: float = 0.0  # training time of the run's earlier processes (TrainState.seconds at the start)
-    planned_here: bool = False  # this process planned a time budget (finish says how it went)
     # built by train.build
     tokenizer: object = None
     corpus: object = None       # utils.Corpus: the train and val token streams
@@ -149,7 +150,7 @@ def start_run(model_cfg, train_cfg, options, preset, given):
     """Everything before the model is built, in order: processes and device, the run folder
     (resume it, or refuse to overwrite another run), the checkpoint to start from, precision,
     and the seed (the same on every rank: identical initial weights)."""
-    started = time.perf_counter()
+    started = process_start()
     train_cfg = dataclasses.replace(train_cfg)  # the run's own copy: a time budget sets its max_steps
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
@@ -173,6 +174,23 @@ def start_run(model_cfg, train_cfg, options, preset, given):
     configure_matmul(device)
     seed_everything(train_cfg.seed)
     return run
+
+
+def process_start():
+    """When this process began, on time.perf_counter's clock: python train.py's time budget
+    counts its seconds of importing torch too. Read from Linux's /proc; elsewhere, or where
+    train() is called from other Python code (a notebook, a test), the run starts the clock."""
+    now = time.perf_counter()
+    if os.path.basename(sys.argv[0]) != "train.py":
+        return now
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return now - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return now
 
 
 def resumed_preset(checkpoint, options, preset, out_dir):
@@ -261,9 +279,8 @@ def restore(run, checkpoint):
         if state.step >= cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
                                f"would not train it further")
-        if state.step >= cfg.warmup_steps:
-            old = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, saved["max_steps"], state.decay_from)
-            state.decay_from = [state.step, old]
+        new, cfg.max_steps = cfg.max_steps, saved["max_steps"]
+        move_end(state, cfg, new)  # the rest of the cosine, stretched to the new end
         run.say(f"--max_steps {saved['max_steps']} -> {cfg.max_steps}: the LR now decays from "
                 f"{get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from):.2e} "
                 f"at step {state.step} to {cfg.min_lr:g} at step {cfg.max_steps}")
@@ -324,7 +341,7 @@ def off_the_clock(run, evaluation=False):
         meter.paused -= 1
         if not meter.paused:
             meter.mark = time.perf_counter()
-            if evaluation and not meter.eval_seconds:
+            if evaluation:
                 meter.eval_seconds = meter.mark - start
 
 
@@ -411,11 +428,33 @@ def after_step(run, stop, loss, grad_norm, lr):
         sys.exit(130 if signum == signal.SIGINT else 143)
 
 
+def plan_due(run):
+    """Whether max_steps is (re-)planned after this step: a time budget's first plan once its
+    first steps are timed, then its re-plans at every progress line; a replayed run's re-plans
+    (--replans) at the steps they were made."""
+    if run.plan_at is not None:
+        return run.state.step == run.plan_at
+    if run.train_cfg.replans:
+        return True  # calibrate.replay knows which steps
+    return budgeted(run) and run.state.step % run.log_interval == 0
+
+
+def budgeted(run):
+    """A --time_budget run whose plan is made."""
+    return bool(run.train_cfg.time_budget) and "max_steps" in (run.state.plan or {})
+
+
 def plan_time_budget(run):
-    """A --time_budget run, once its first steps are timed: fix max_steps, the end of the LR
-    schedule, so that the run ends within the budget (calibrate.plan_run), and say so."""
+    """Fix max_steps, the end of the LR schedule, so that the run ends within its budget: the
+    first plan (calibrate.plan_run, which says so), a re-plan at the latest pace, or a replayed
+    re-plan. The cosine's rest is stretched or shrunk to a new end, so the LR never jumps."""
     settle(run)
-    plan_run(run)
+    if run.plan_at is not None:
+        plan_run(run)
+    elif run.train_cfg.replans:
+        replay(run)
+    else:
+        replan(run)
     run.meter.mark = time.perf_counter()  # planning is not step time
 
 
@@ -444,6 +483,8 @@ def log_progress(run):
     if run.options.overfit_batch and loss < 0.01:
         run.overfit_step = state.step
         run.stop_reason = f"overfit_batch: loss {loss:.4f} < 0.01 at step {state.step}"
+    if meter.steps:
+        meter.recent = (meter.recent + [(meter.steps, meter.seconds)])[-RECENT_LINES:]
     state.window, meter.seconds, meter.steps, meter.mark = [], 0.0, 0, time.perf_counter()
 
 
@@ -503,9 +544,9 @@ def finish(run):
     if run.train_cfg.sample_tokens and run.master:
         with out_of_memory_as_error(run.oom_hint):
             run.say("sample:\n" + closing_sample(run))
-    if run.planned_here:
-        run.say(f"time budget {run.train_cfg.time_budget}: {format_seconds(budget_spent(run))} used "
-                f"(planned {format_seconds(run.state.plan['expected_seconds'])})")
+    if budgeted(run) and run.master:
+        for line in describe_end(run):
+            run.say(line)
     teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
             "seconds": elapsed(run), "overfit_step": run.overfit_step, "model": run.model}

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from config import TinyLLMError
+from config import TinyLLMError, TrainConfig
 from conftest import TINY_SHAPE, assert_one_line_error, cli, interrupt_at, tiny_model_config, tiny_train_config
 import train
 
@@ -111,10 +111,10 @@ def repeat_flags(out):
 
 def test_a_budgeted_run_ends_in_time_resumes_its_plan_and_repeats_with_the_printed_flags(
         shakespeare_head, tmp_path, capsys, monkeypatch):
-    flags = [*TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--sample_tokens", "20"]
+    flags = [*TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--sample_tokens", "20", "--log_interval", "10"]
     t0 = time.perf_counter()
     with monkeypatch.context() as m:  # stopped in the middle, as by Ctrl-C or a Colab runtime that disconnects
-        interrupt_at(m, 12, signal.SIGTERM)  # after the plan, made at step 10 (the end of the warmup)
+        interrupt_at(m, 32, signal.SIGTERM)  # after the plan, made at step 10 (the end of the warmup), and re-plans
         code, out, err = cli(capsys, train.main, *flags, "--time_budget", "3s", "--out_dir", tmp_path / "budget")
     assert code == 143, err
     plan = load_checkpoint(str(tmp_path / "budget" / "last.pt"))["plan"]
@@ -123,14 +123,60 @@ def test_a_budgeted_run_ends_in_time_resumes_its_plan_and_repeats_with_the_print
     took = time.perf_counter() - t0
     assert code == 0 and "continuing the planned" in resumed, err
     last = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
-    assert last["plan"] == plan and last["step"] == plan["max_steps"] == last["train_config"]["max_steps"] > 12
+    first_plan = {k: v for k, v in plan.items() if k not in ("replans", "expected_seconds")}
+    assert {k: last["plan"][k] for k in first_plan} == first_plan  # the resumed run kept its plan...
+    assert last["plan"]["replans"][:len(plan["replans"])] == plan["replans"]  # ...and went on re-planning it
+    assert last["step"] == last["train_config"]["max_steps"] > 32
     assert took < 3 + 3  # a functional check of the plan, not a speed test: the margin is generous
     assert last["lr"] == pytest.approx(last["train_config"]["min_lr"], rel=0.05)  # the cosine ran to its end
 
-    # the flags printed at the start repeat the run step for step, without measuring anything
-    repeat = [*repeat_flags(out), "--out_dir", str(tmp_path / "repeat")]
+    # the flags printed at the end repeat the run step for step, re-plans included, without measuring anything
+    repeat = [*repeat_flags(resumed), "--out_dir", str(tmp_path / "repeat")]
     code, again, err = cli(capsys, train.main, *repeat)
     assert code == 0, err
     other = load_checkpoint(str(tmp_path / "repeat" / "last.pt"))
     assert all(torch.equal(last["model"][k], other["model"][k]) for k in last["model"])
     assert resumed.split("sample:")[1].split("time budget")[0] == again.split("sample:")[1]
+
+
+@pytest.mark.parametrize("drift", ["slows", "speeds_up"])
+def test_a_budget_follows_a_machine_whose_pace_changes(shakespeare_head, tmp_path, capsys, monkeypatch, drift):
+    """Steps made slower (or faster) on purpose from step 30, after the plan made at step 10:
+    the run re-plans, still ends in its budget, and its LR never jumps: a re-plan leaves the LR
+    of its step as the plan before it had it, no step changes the LR by more than the steepest
+    step of a plan it ran under, and the LR still decays to min_lr at the end."""
+    budget, lrs, real = 3.0, [], train.train_step
+    slow = {"slows": lambda step: step >= 30, "speeds_up": lambda step: step < 30}[drift]
+
+    def step_at_a_changing_pace(model, optimizer, next_batch, lr, *args, **kwargs):
+        if slow(len(lrs)):
+            time.sleep(0.01)
+        lrs.append(lr)
+        return real(model, optimizer, next_batch, lr, *args, **kwargs)
+    monkeypatch.setattr(train, "train_step", step_at_a_changing_pace)
+    t0 = time.perf_counter()
+    code, out, err = cli(capsys, train.main, *TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--sample_tokens", "0",
+                         "--log_interval", "10", "--time_budget", f"{budget}s", "--out_dir", tmp_path / "run")
+    took = time.perf_counter() - t0
+    assert code == 0, err
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    plan, cfg = last["plan"], TrainConfig(**last["train_config"])
+    assert plan["planned_at"] == 10 and plan["replans"] and last["step"] == cfg.max_steps == len(lrs)
+    assert (cfg.max_steps < plan["max_steps"]) == (drift == "slows")  # the end moved the way the pace did
+    assert 0.8 * budget < took < budget + 1.0
+
+    def schedule(end, decay_from, start):  # the LRs a plan gives from step start to its end
+        return [train.get_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, end, decay_from) for s in range(start, end + 1)]
+
+    end, decay_from = plan["max_steps"], None
+    first = schedule(end, None, cfg.warmup_steps)
+    steepest = max(a - b for a, b in zip(first, first[1:]))
+    for step, new_end in plan["replans"]:
+        before = train.get_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, end, decay_from)
+        assert lrs[step] == pytest.approx(before, rel=1e-9)  # the step a re-plan comes before keeps its LR
+        end, decay_from = new_end, [step, before]
+        after = schedule(end, decay_from, step)
+        steepest = max([steepest, *(a - b for a, b in zip(after, after[1:]))])
+    changes = [a - b for a, b in zip(lrs[cfg.warmup_steps:], lrs[cfg.warmup_steps + 1:])]
+    assert min(changes) >= 0 and max(changes) <= steepest * (1 + 1e-9)
+    assert lrs[-1] <= cfg.min_lr + 0.1 * (cfg.lr - cfg.min_lr)
