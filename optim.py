@@ -11,26 +11,25 @@ from machinery.muon import Muon
 
 def get_lr(step, lr, min_lr, warmup_steps, max_steps, decay_from=None):
     """Linear warmup from lr/warmup_steps up to lr, cosine decay to min_lr at max_steps, then
-    hold min_lr. decay_from=(s0, lr0): max_steps changed at step s0 (a time budget following
-    the machine's pace, a resumed run given a new --max_steps), when the LR had reached lr0;
-    the rest of the cosine, from there, is stretched or shrunk to end at the new max_steps,
-    so the LR never jumps."""
+    hold min_lr. decay_from: where max_steps changed (a time budget following the machine's
+    pace, a resumed run given a new --max_steps); the rest of the cosine is stretched or
+    shrunk to end at the new max_steps, so the LR never jumps (cosine_position)."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
-    start, done = warmup_steps, 0.0  # the cosine starts where the warmup ends, none of it done
+    peak, progress = cosine_position(step, lr, warmup_steps, max_steps, decay_from)
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def cosine_position(step, lr, warmup_steps, max_steps, decay_from=None):
+    """(the cosine's peak, how far through it step is: 0 to 1). Without decay_from the cosine
+    runs from lr at the end of the warmup to max_steps. decay_from=(s0, peak, done): from step
+    s0, where done of it lay behind, the rest of the cosine from peak runs to max_steps."""
+    start, peak, done = warmup_steps, lr, 0.0
     if decay_from is not None and step >= decay_from[0]:
-        start, done = decay_from[0], cosine_done(decay_from[1], lr, min_lr)
-    progress = done + (1 - done) * (step - start) / max(1, max_steps - start)  # 0 -> 1
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def cosine_done(lr_now, lr, min_lr):
-    """How much of the cosine from lr down to min_lr lies behind a step at lr_now: 0 to 1."""
-    if lr == min_lr:
-        return 1.0
-    return math.acos(min(1.0, max(-1.0, 2 * (lr_now - min_lr) / (lr - min_lr) - 1))) / math.pi
+        start, peak, done = decay_from
+    return peak, min(1.0, done + (1 - done) * (step - start) / max(1, max_steps - start))
 
 
 def set_lr(optimizer, lr):

@@ -24,7 +24,7 @@ import time
 import torch
 
 from config import TinyLLMError, parse_duration, parse_replans
-from optim import get_lr
+from optim import cosine_position
 
 from machinery.checkpoint import save_checkpoint
 from machinery.cli import format_seconds
@@ -152,7 +152,8 @@ def plan_run(run):
             spent = budget_spent(run)
             plan = plan_budget(cfg, run.state.step, spent, meter.process_seconds / meter.process_steps, evaluation,
                                time_sample(run))
-            plan["flags"] = repeat_flags(run)
+            if not (run.options.resume and run.source):  # a resumed process's own flags say little
+                plan["flags"] = repeat_flags(run)
         except TinyLLMError as e:
             plan = {"error": str(e)}
     plan = broadcast_from_master(plan, run.world)
@@ -169,6 +170,8 @@ def replan(run):
     of the cosine is stretched or shrunk to it from the LR reached now (move_end), and the
     change is kept in the plan, so that --replans can repeat it."""
     state, cfg, meter = run.state, run.train_cfg, run.meter
+    if state.step >= cfg.max_steps:
+        return  # the last step is taken: what is left is the last evaluation and the sample
     end = None
     if run.master and meter.recent:
         steps, seconds = (sum(column) for column in zip(*meter.recent))
@@ -191,13 +194,18 @@ def replay(run):
             move_end(run.state, run.train_cfg, end)
 
 
+def replan_steps(cfg):
+    """The steps at which a run given --replans moves its end."""
+    return {step for step, _ in parse_replans(cfg.replans)}
+
+
 def move_end(state, cfg, max_steps):
     """End the run at max_steps instead: the rest of the cosine, from the LR of the next step,
     stretched or shrunk to the new end (optim.get_lr's decay_from), so the LR never jumps. In
     the warmup, whose LR does not depend on max_steps, there is nothing to stretch."""
     if state.step >= cfg.warmup_steps:
-        reached = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
-        state.decay_from = [state.step, reached]
+        peak, done = cosine_position(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
+        state.decay_from = [state.step, peak, done]
     cfg.max_steps = max_steps
 
 
@@ -230,7 +238,8 @@ def steps_that_fit(cfg, done, spent, step_seconds, eval_seconds, sample_seconds)
     step done, an evaluation every eval_interval steps and at the end (each with its checkpoints
     and plots), and the closing sample."""
     available = parse_duration(cfg.time_budget) * (1 - SAFETY) - spent - sample_seconds
-    steps = done + max(0, int(available / step_seconds))
+    per_step = step_seconds + eval_seconds / cfg.eval_interval  # a step and its share of the evaluations
+    steps = done + max(0, min(int(available / step_seconds), int(available / per_step) + cfg.eval_interval))
     while steps > done and seconds_left(cfg, done, steps, step_seconds, eval_seconds) > available:
         steps -= 1
     return steps
@@ -343,7 +352,9 @@ def repeat_command(run):
     the first plan's --max_steps, the re-plans as --replans, and the run's --dtype in place of
     --time_budget."""
     plan = run.state.plan
-    flags = {**plan.get("flags", {}), "max_steps": plan["max_steps"], "dtype": run.dtype}
+    if "flags" not in plan:  # planned by an older version, which did not keep them
+        return f"the first command's flags, then --max_steps {plan['max_steps']} --dtype {run.dtype}"
+    flags = {**plan["flags"], "max_steps": plan["max_steps"], "dtype": run.dtype}
     if plan.get("replans"):
         flags["replans"] = ",".join(f"{step}:{end}" for step, end in plan["replans"])
     launcher = f"torchrun --nproc_per_node={run.world} train.py" if run.world > 1 else "python train.py"

@@ -83,9 +83,11 @@ def refused_as_unsafe(error):
     """Whether torch.load(weights_only=True) refused a file because it holds more than tensors
     and plain data (torch's message then advises weights_only=False, which we never do). A
     library may raise its own error while handling torch's (transformers does): the chain counts."""
-    while error is not None:
+    seen = set()
+    while error is not None and id(error) not in seen:  # a chain can loop back on itself
         if "weights only" in str(error).lower():
             return True
+        seen.add(id(error))
         error = error.__cause__ or error.__context__
     return False
 

@@ -26,7 +26,7 @@ from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch
 from optim import get_lr
 
 from machinery.calibrate import (RECENT_LINES, calibrate, describe_end, describe_start, move_end, plan_run, replan,
-                                  replay)
+                                  replan_steps, replay)
 from machinery.checkpoint import (grow_vocabulary, load_checkpoint, make_checkpoint, model_from_checkpoint,
                                   save_checkpoint, tokenizer_of)
 from machinery.cli import format_seconds, log, warn
@@ -51,7 +51,7 @@ class TrainState:
     grad_norm: float = None          # of the latest step; None before the first
     history: list = field(default_factory=list)
     window: list = field(default_factory=list)  # (loss, grad norm) of the steps since the last progress row
-    decay_from: list = None          # [step, lr] where the LR's decay was last re-planned to a new max_steps
+    decay_from: list = None          # [step, peak, done] where the cosine was last moved to a new max_steps
     seconds: float = 0.0             # training wall time over every process of the run (resumes)
     plan: dict = None                # what calibrate.py measured and decided: dtype, max_steps for a time budget
 
@@ -274,7 +274,11 @@ def restore(run, checkpoint):
     state = TrainState(**{k: checkpoint[k] for k in dataclasses.asdict(TrainState()) if k in checkpoint})
     for row in state.history:  # rows written before progress rows existed were evaluations
         row.setdefault("kind", "eval")
+    if state.decay_from is not None and len(state.decay_from) == 2:  # written as [step, lr]: a new cosine from lr
+        state.decay_from = [*state.decay_from, 0.0]
     cfg, saved = run.train_cfg, checkpoint["train_config"]
+    if cfg.replans:  # a replayed run: its re-plans had moved the end of the first plan's --max_steps
+        cfg.max_steps = saved["max_steps"]
     if cfg.max_steps != saved["max_steps"]:
         if state.step >= cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
@@ -435,7 +439,7 @@ def plan_due(run):
     if run.plan_at is not None:
         return run.state.step == run.plan_at
     if run.train_cfg.replans:
-        return True  # calibrate.replay knows which steps
+        return run.state.step in replan_steps(run.train_cfg)
     return budgeted(run) and run.state.step % run.log_interval == 0
 
 

@@ -12,6 +12,7 @@ import torch
 
 from config import TinyLLMError, TrainConfig
 from conftest import TINY_SHAPE, assert_one_line_error, cli, interrupt_at, tiny_model_config, tiny_train_config
+from optim import cosine_position
 import train
 
 from machinery import calibrate, precision
@@ -174,7 +175,7 @@ def test_a_budget_follows_a_machine_whose_pace_changes(shakespeare_head, tmp_pat
     for step, new_end in plan["replans"]:
         before = train.get_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, end, decay_from)
         assert lrs[step] == pytest.approx(before, rel=1e-9)  # the step a re-plan comes before keeps its LR
-        end, decay_from = new_end, [step, before]
+        end, decay_from = new_end, [step, *cosine_position(step, cfg.lr, cfg.warmup_steps, end, decay_from)]
         after = schedule(end, decay_from, step)
         steepest = max([steepest, *(a - b for a, b in zip(after, after[1:]))])
     changes = [a - b for a, b in zip(lrs[cfg.warmup_steps:], lrs[cfg.warmup_steps + 1:])]

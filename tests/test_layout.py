@@ -7,6 +7,7 @@ import collections
 import contextlib
 import glob
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -234,12 +235,13 @@ def script_in(text):
 def owner(target, namespace):
     """The top-level package that the replaced attribute belongs to, or None when the code names
     something this test cannot resolve (a local variable: a test's own object)."""
-    if isinstance(target, ast.Constant):
-        return str(target.value).split(".")[0]
     try:
-        obj = eval(compile(ast.Expression(target), "<target>", "eval"), namespace)
+        if isinstance(target, ast.Constant):  # "package.module.name": the name's holder, imported
+            obj = pkgutil.resolve_name(str(target.value).rpartition(".")[0])
+        else:
+            obj = eval(compile(ast.Expression(target), "<target>", "eval"), namespace)
     except Exception:
-        return None
+        return str(target.value).split(".")[0] if isinstance(target, ast.Constant) else None
     name = obj.__name__ if isinstance(obj, type(os)) else getattr(obj, "__module__", None) or type(obj).__module__
     return name.split(".")[0]
 

@@ -17,7 +17,7 @@ from model import filter_logits
 import train
 
 from machinery import hardware, plots, prepare
-from machinery.checkpoint import load_checkpoint, load_model
+from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.sources import load_prepared
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
@@ -96,14 +96,29 @@ def test_extending_a_finished_run_replans_the_decay_without_a_jump(run_copy, cap
     assert last["train_config"]["eval_interval"] == 20 and last["train_config"]["patience"] == 9  # honoured
     progress = [h for h in last["history"] if h["kind"] == "train" and h["step"] > 60]
     assert [h["step"] for h in progress] == [80, 100]  # the new log_interval
-    step, lr = last["decay_from"]
+    step, peak, done = last["decay_from"]  # the cosine moved at step 60, from where it was
     cfg = TrainConfig(**last["train_config"])
-    assert step == 60 and lr == pytest.approx(train.get_lr(60, cfg.lr, cfg.min_lr, cfg.warmup_steps, 60))
+    lr = train.get_lr(60, cfg.lr, cfg.min_lr, cfg.warmup_steps, 60)  # what step 60 had under the old end
+    assert step == 60 and 0 <= done <= 1
     lrs = [train.get_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, 100, last["decay_from"]) for s in range(60, 101)]
     assert lrs[0] == pytest.approx(lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))  # no jump, then down
     assert lrs[-1] == pytest.approx(cfg.min_lr) and reached == pytest.approx(train.get_lr(59, cfg.lr, cfg.min_lr,
                                                                                             cfg.warmup_steps, 60))
     assert "decays from" in out
+
+
+def test_a_checkpoint_with_the_two_number_decay_resumes_on_the_cosine_it_had(run_copy, capsys):
+    folder, _ = run_copy  # [step, lr] meant a new cosine from lr at step: [step, lr, 0.0] now
+    checkpoint = load_checkpoint(str(folder / "last.pt"))
+    cfg = TrainConfig(**checkpoint["train_config"])
+    checkpoint["decay_from"], checkpoint["train_config"]["max_steps"] = [50, cfg.lr / 2], 80  # a third of it done
+    save_checkpoint(str(folder / "last.pt"), checkpoint)
+    code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "70", "--plots", "false")
+    assert code == 0, err
+    last = load_checkpoint(str(folder / "last.pt"))
+    assert last["step"] == 70 and len(last["decay_from"]) == 3
+    lr_at_60 = cfg.min_lr + 0.5 * (cfg.lr / 2 - cfg.min_lr) * (1 + math.cos(math.pi / 3))
+    assert f"decays from {lr_at_60:.2e} at step 60" in out
 
 
 def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
