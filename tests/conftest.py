@@ -23,7 +23,10 @@ sys.path.insert(0, ROOT)
 
 from config import GPTConfig, TrainConfig  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain little from a second thread; when pytest-xdist runs several workers, each
+# takes its share of the cores, so that they do not fight over them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // WORKERS)))
 
 
 def _tree_state():
@@ -201,12 +204,6 @@ def subprocess_env(gpu=False, **extra):
         env.pop("CUDA_VISIBLE_DEVICES")
         env.update(GPU_ENV)
     return env
-
-
-def run_script(script, *args, cwd=ROOT, timeout=120, **env):
-    """Run one of the project's scripts in its own process: a CompletedProcess with text output."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd, env=subprocess_env(**env))
 
 
 def cli(capsys, main, *argv):

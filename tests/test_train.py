@@ -112,7 +112,7 @@ def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer():
 
 def test_tiny_run_learns_well_below_uniform(shakespeare_head, tmp_path):
     torch.manual_seed(0)
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=150, eval_interval=150, eval_iters=5, lr=1e-2,
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=200, eval_interval=200, eval_iters=5, lr=1e-2,
                             min_lr=1e-3, batch_size=16, warmup_steps=10, plots=True)
     result = train.train(tiny_model_config(n_embd=64, block_size=32), cfg, preset="test")
     baseline = math.log(len(set(open(shakespeare_head).read())))
