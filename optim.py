@@ -7,6 +7,7 @@ import math
 import torch
 
 from machinery.muon import Muon
+from machinery.precision import finite_steps_only
 
 
 def get_lr(step, lr, min_lr, warmup_steps, max_steps, decay_from=None):
@@ -41,15 +42,17 @@ def set_lr(optimizer, lr):
 def make_optimizer(model, cfg, device):
     """AdamW that decays matrices (embeddings, linear weights) but not biases or norm gains.
     With cfg.optimizer == "muon", the blocks' hidden matrices get Muon instead (muon.py).
-    Each group carries lr_scale: its learning rate is the scheduled lr times lr_scale."""
+    Each group carries lr_scale: its learning rate is the scheduled lr times lr_scale. Either
+    way its step() leaves the weights as they were when a gradient is not finite."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
-        return Muon.for_model(params, cfg)
+        return finite_steps_only(Muon.for_model(params, cfg))
     groups = [
         {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
     # the fused kernel updates each tensor in one pass (measurably faster on CPU too) and can
     # skip a step on the device itself, so the loop never waits to check the gradients
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type in ("cuda", "cpu", "mps"))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type in ("cuda", "cpu", "mps"))
+    return finite_steps_only(optimizer)  # a step whose gradients are not finite changes nothing (precision.py)

@@ -34,7 +34,7 @@ from machinery.distributed import sync_gradients
 from machinery.lifecycle import (add_characters, after_evaluation, after_step, finish, guarded, off_the_clock,
                                  plan_due, plan_time_budget, ready, start_run, starting_point)
 from machinery.plots import draw_lr_schedule
-from machinery.precision import autocast, measured_on, resolve_dtype, scale, step_if_finite, unscale
+from machinery.precision import autocast, measured_on, resolve_dtype
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -70,7 +70,10 @@ def build(run):
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
     """One optimizer step, in the order that is the lesson. Returns (loss, gradient norm
     before clipping) as tensors, so nothing here waits for a GPU. ctx is the forward pass's
-    autocast (a no-op in float32); scaler is float16's loss scaler, else None (precision.py)."""
+    autocast (a no-op in float32). scaler is float16's torch.amp.GradScaler; without one
+    (float32, bfloat16) a disabled scaler stands in, and each of its calls below does nothing
+    but optimizer.step()."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     set_lr(optimizer, lr)                                    # 1. this step's learning rate
     optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
     loss_sum = 0.0
@@ -80,11 +83,12 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
-            scale(loss, scaler).backward()                   # 6. backward (float16: of a scaled loss)
-        loss_sum = loss_sum + loss.detach()
-    unscale(optimizer, scaler)                               # (float16: the true gradients again)
+            scaler.scale(loss).backward()                    # 6. backward (float16: of the loss times the scale,
+        loss_sum = loss_sum + loss.detach()                  #    so that small gradients do not underflow)
+    scaler.unscale_(optimizer)                               # (float16: divide the scale back out)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip
-    step_if_finite(optimizer, loss_sum, grad_norm, scaler)   # 8. optimizer.step(), unless something is not finite
+    scaler.step(optimizer)                                   # 8. update the weights (skipped if a gradient is
+    scaler.update()                                          #    not finite; float16: the scale adapts)
     return loss_sum, grad_norm
 
 

@@ -1,9 +1,10 @@
 """Number formats: read this when you need to know which precision a run computes in and why
 (float32, bfloat16 autocast, or float16 autocast with loss scaling), and how a step whose
-loss or gradients are not finite is skipped so that nothing non-finite reaches the weights.
+gradients are not finite is skipped so that nothing non-finite reaches the weights.
 
-train.train_step calls three things from here: scale(loss).backward(), unscale() before
-clipping, and step_if_finite() in place of optimizer.step().
+train.train_step uses what is built here through PyTorch's public API: the autocast context,
+torch.amp.GradScaler's scale / unscale_ / step / update, and optimizer.step(), which
+optim.make_optimizer has made skip a step that is not finite (finite_steps_only).
 """
 
 import contextlib
@@ -91,39 +92,39 @@ def make_scaler(device, dtype):
     return scaler
 
 
-def scaling(scaler):
-    return scaler is not None and scaler.is_enabled()  # a disabled scaler checks nothing
-
-
-def scale(loss, scaler=None):
-    """The loss to call backward() on: under float16, multiplied by the scaler's factor, so
-    that small gradients do not underflow to zero."""
-    return scaler.scale(loss) if scaling(scaler) else loss
-
-
-def unscale(optimizer, scaler=None):
-    """Divide float16's scaled gradients back, so they are clipped and reported as they are."""
-    if scaling(scaler):
-        scaler.unscale_(optimizer)
-
-
 # ----------------------------------------------------------------------------- a step that is not finite
 
-def step_if_finite(optimizer, loss, grad_norm, scaler=None):
-    """optimizer.step(), unless the loss or the gradient norm is not finite: then the weights
-    and the optimizer's state stay exactly as they were. Under float16 the scaler decides (and
-    lowers its scale); fused AdamW takes the skip flag on the device (found_inf, the protocol
-    torch's scaler uses), so nothing waits for a GPU; other optimizers read it on the host."""
-    if scaling(scaler):
-        scaler.step(optimizer)
-        scaler.update()
-        return
-    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf
-    elif finite.item():
-        optimizer.step()
+def finite_steps_only(optimizer):
+    """Make optimizer.step() skip a step whose gradients are not finite (a loss that overflowed,
+    a learning rate far too high): the weights and the optimizer's state stay exactly as they
+    were, in every precision, so nothing non-finite reaches the weights. Under float16,
+    torch.amp.GradScaler.step already skips such a step, and this stands aside. Fused AdamW
+    takes the skip as a flag on the device (found_inf: the protocol torch's own scaler uses), so
+    the step never waits for a GPU; another optimizer is told by its gradients' removal, which
+    reads the flag on the host. Returns the optimizer, with a pre- and a post-step hook."""
+    ours = []  # holds True while the flag on the optimizer is this function's
+
+    def before_step(opt, args, kwargs):
+        if hasattr(opt, "found_inf") and not ours:
+            return  # float16's GradScaler set it: the scaler has decided
+        ours.clear()
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()  # on the device: no wait
+        if getattr(opt, "_step_supports_amp_scaling", False):
+            opt.grad_scale, opt.found_inf = None, (~finite).float()
+            ours.append(True)
+        elif not finite.item():
+            for group in opt.param_groups:  # a parameter without a gradient is not updated
+                for p in group["params"]:
+                    p.grad = None
+
+    def after_step(opt, args, kwargs):
+        if ours:
+            del opt.grad_scale, opt.found_inf
+            ours.clear()
+
+    optimizer.register_step_pre_hook(before_step)
+    optimizer.register_step_post_hook(after_step)
+    return optimizer

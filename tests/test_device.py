@@ -180,6 +180,20 @@ def test_an_inf_gradient_never_reaches_the_weights(scaler):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the step was skipped, not half taken
 
 
+def test_muon_skips_a_step_whose_gradients_are_not_finite_too():
+    # Muon is not fused: its skip is read on the host, by another route than AdamW's
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config())
+    inject_inf_after_backward(model)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="muon"), CPU)
+    before = copy.deepcopy(model.state_dict())
+    batch = fixed_batch()
+    train.train_step(model, optimizer, lambda: batch, 1e-3, 1, 1.0, contextlib.nullcontext())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not optimizer.state  # no moment was started either
+
+
 def test_a_float16_run_checkpoints_its_loss_scale_and_resumes_it(shakespeare_head, tmp_path):
     cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=6, eval_interval=3, dtype="float16")
     train.train(tiny_model_config(), cfg)
