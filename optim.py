@@ -10,27 +10,16 @@ from machinery.muon import Muon
 from machinery.precision import finite_steps_only
 
 
-def get_lr(step, lr, min_lr, warmup_steps, max_steps, decay_from=None):
+def get_lr(step, lr, min_lr, warmup_steps, max_steps):
     """Linear warmup from lr/warmup_steps up to lr, cosine decay to min_lr at max_steps, then
-    hold min_lr. decay_from: where max_steps changed (a time budget following the machine's
-    pace, a resumed run given a new --max_steps); the rest of the cosine is stretched or
-    shrunk to end at the new max_steps, so the LR never jumps (cosine_position)."""
+    hold min_lr. (A run whose end moves while it trains asks at which point of this cosine its
+    step lies: machinery/schedule.py.)"""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
-    peak, progress = cosine_position(step, lr, warmup_steps, max_steps, decay_from)
-    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def cosine_position(step, lr, warmup_steps, max_steps, decay_from=None):
-    """(the cosine's peak, how far through it step is: 0 to 1). Without decay_from the cosine
-    runs from lr at the end of the warmup to max_steps. decay_from=(s0, peak, done): from step
-    s0, where done of it lay behind, the rest of the cosine from peak runs to max_steps."""
-    start, peak, done = warmup_steps, lr, 0.0
-    if decay_from is not None and step >= decay_from[0]:
-        start, peak, done = decay_from
-    return peak, min(1.0, done + (1 - done) * (step - start) / max(1, max_steps - start))
+    progress = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 to 1 through the cosine
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer, lr):

@@ -17,6 +17,7 @@ import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -31,9 +32,11 @@ from machinery import cli
 from machinery.checkpoint import load_model
 from machinery.device import choose_device, out_of_memory_as_error, set_threads
 from machinery.distributed import sync_gradients
-from machinery.lifecycle import (add_characters, after_evaluation, after_step, finish, guarded, off_the_clock,
-                                 plan_due, plan_time_budget, ready, start_run, starting_point)
+from machinery.lifecycle import (add_characters, after_evaluation, after_step, early_stop, finish, guarded,
+                                 off_the_clock, overfit_reached, plan_due, plan_time_budget, ready, save_for_resume,
+                                 start_run, starting_point, stop_signal)
 from machinery.plots import draw_lr_schedule
+from machinery.schedule import on_the_schedule
 from machinery.precision import autocast, measured_on, resolve_dtype
 
 
@@ -110,33 +113,44 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, report; stop at max_steps or when asked."""
+    """Evaluate now and then, take optimizer steps, report. Each line that ends the loop or moves
+    its end is here: max_steps (planned and re-planned for a time budget), an early stop, a loss
+    that is not finite, a stop signal."""
     cfg, state = run.train_cfg, run.state
     batches = {"train": run.next_batch, "val": run.val_batch}
-    # run.train_model is run.model as the steps call it (compiled, or wrapped for DDP, when asked)
-    with guarded(run) as stop:  # Ctrl-C or SIGTERM: the step finishes, last.pt is saved, the run leaves
+    with guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the step under way finishes first
         while True:
             # --- every eval_interval steps and at the end: evaluate, checkpoint, maybe stop early
             due = state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
             if due and state.step != state.last_eval_step:  # (a resumed run may have evaluated here already)
                 with off_the_clock(run, evaluation=True):  # evaluating and saving is not step time
                     losses = estimate_loss(run.train_model, batches, run.eval_iters, run.ctx)
-                    after_evaluation(run, losses)  # a line, history, last.pt (best.pt), plots, early stop
+                    val_loss = after_evaluation(run, losses)  # a line, history, last.pt (best.pt), plots
+                run.stop_reason = early_stop(run, val_loss)  # --patience or --target_loss met: why, else None
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step, at this step's learning rate
-            lr = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
+            # --- one optimizer step; once a re-plan has moved the end, at get_lr's stretched cosine
+            step, peak = on_the_schedule(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
+            lr = get_lr(step, peak, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                          cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
-            # --- a progress line every log_interval steps, ckpt_STEP.pt if asked, leave on Ctrl-C
-            after_step(run, stop, loss, grad_norm, lr)
+            # --- a progress line every log_interval steps (the losses are read from the device only
+            #     there: one that is not finite stops the run with an error), ckpt_STEP.pt if asked
+            after_step(run, loss, grad_norm, lr)
+            run.stop_reason = overfit_reached(run)  # --overfit_batch: the loss is near 0
 
             # --- a --time_budget run: planned once its first steps are timed, re-planned at every progress line
             if plan_due(run):
                 plan_time_budget(run)  # max_steps: the most steps that fit; the LR's cosine is stretched to end there
+
+            # --- Ctrl-C or SIGTERM: save last.pt and leave, with the signal's exit code (130, 143)
+            signum = stop_signal(run, stop)
+            if signum:
+                save_for_resume(run)
+                sys.exit(128 + signum)
     return finish(run)  # the last save, a summary line, a sample of what the model writes now
 
 

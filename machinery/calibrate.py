@@ -24,7 +24,7 @@ import time
 import torch
 
 from config import TinyLLMError, parse_duration, parse_replans
-from optim import cosine_position
+from machinery.schedule import cosine_position
 
 from machinery.checkpoint import save_checkpoint
 from machinery.cli import format_seconds
@@ -201,7 +201,7 @@ def replan_steps(cfg):
 
 def move_end(state, cfg, max_steps):
     """End the run at max_steps instead: the rest of the cosine, from the LR of the next step,
-    stretched or shrunk to the new end (optim.get_lr's decay_from), so the LR never jumps. In
+    stretched or shrunk to the new end (machinery/schedule.py), so the LR never jumps. In
     the warmup, whose LR does not depend on max_steps, there is nothing to stretch."""
     if state.step >= cfg.warmup_steps:
         peak, done = cosine_position(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)

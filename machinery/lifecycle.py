@@ -4,8 +4,9 @@ resumes or fine-tunes from), what it keeps track of while it trains (progress li
 history, plots, checkpoints, stop signals), and how it ends.
 
 train.py calls, in order: start_run (before anything is built), ready (once the model and its
-optimizer exist), guarded (around the loop), off_the_clock, after_evaluation and after_step
-(in the loop), and finish. Every field a run holds is declared in Run below; its ML progress, which every
+optimizer exist), guarded (around the loop); in the loop off_the_clock, after_evaluation,
+early_stop, after_step, overfit_reached, plan_due and plan_time_budget, stop_signal and
+save_for_resume; and finish. Every field a run holds is declared in Run below; its ML progress, which every
 checkpoint saves, is the TrainState inside it.
 """
 
@@ -15,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
-from optim import get_lr
+from machinery.schedule import scheduled_lr
 
 from machinery.calibrate import (RECENT_LINES, calibrate, describe_end, describe_start, move_end, plan_run, replan,
                                   replan_steps, replay)
@@ -286,7 +286,7 @@ def restore(run, checkpoint):
         new, cfg.max_steps = cfg.max_steps, saved["max_steps"]
         move_end(state, cfg, new)  # the rest of the cosine, stretched to the new end
         run.say(f"--max_steps {saved['max_steps']} -> {cfg.max_steps}: the LR now decays from "
-                f"{get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from):.2e} "
+                f"{scheduled_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from):.2e} "
                 f"at step {state.step} to {cfg.min_lr:g} at step {cfg.max_steps}")
     run.state = state
     set_rng_state(checkpoint["rng"])
@@ -378,7 +378,8 @@ def settle(run):
 
 def after_evaluation(run, losses):
     """Record an evaluation ({"train": loss, "val": loss} of this process): a line and a history
-    row, last.pt (and best.pt when val improved), the plots; and decide whether to stop early."""
+    row, last.pt (and best.pt when val improved), the plots. Returns the val loss, averaged over
+    the processes."""
     state, cfg = run.state, run.train_cfg
     # each rank evaluated its share of the batches; the average is the same everywhere,
     # so every rank takes the same best / early-stopping decisions
@@ -404,17 +405,24 @@ def after_evaluation(run, losses):
             write_history(state.history, run.out_dir)
             if cfg.plots and run.plan_at is None:  # a budget's LR schedule is known once it is planned
                 plot_history(state.history, run.out_dir, run.model_cfg.vocab_size, cfg, state.decay_from)
+    return val_loss
+
+
+def early_stop(run, val_loss):
+    """Why the run stops after this evaluation (--patience evaluations without a better val
+    loss, or --target_loss reached), else None."""
+    state, cfg = run.state, run.train_cfg
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
-        run.stop_reason = (f"early stop: val loss has not improved for {cfg.patience} evaluations "
-                           f"(best {state.best_val_loss:.4f} kept in {run.best_path})")
-    elif cfg.target_loss and val_loss <= cfg.target_loss:
-        run.stop_reason = f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
+        return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
+                f"(best {state.best_val_loss:.4f} kept in {run.best_path})")
+    if cfg.target_loss and val_loss <= cfg.target_loss:
+        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
+    return None
 
 
-def after_step(run, stop, loss, grad_norm, lr):
+def after_step(run, loss, grad_norm, lr):
     """Book the step just taken (its loss and gradient norm stay on the device for now); every
-    log_interval steps a progress line and a history row; every save_interval steps a
-    ckpt_STEP.pt; and when a stop signal came: save last.pt and leave."""
+    log_interval steps a progress line and a history row; every save_interval steps a ckpt_STEP.pt."""
     state, cfg = run.state, run.train_cfg
     state.lr = lr
     run.meter.pending.append((state.step, loss, grad_norm))
@@ -424,12 +432,20 @@ def after_step(run, stop, loss, grad_norm, lr):
         save(run, os.path.join(run.out_dir, f"ckpt_{state.step:07d}.pt"))
         if run.master:
             prune_periodic(run.out_dir, cfg.keep_last)
-    signum = stop_signal(run, stop)
-    if signum:
-        save(run, run.last_path)
-        run.say(f"saved {run.last_path} at step {state.step}. "
-                f"Resume with: python train.py --resume --out_dir {run.out_dir}")
-        sys.exit(130 if signum == signal.SIGINT else 143)
+
+
+def overfit_reached(run):
+    """--overfit_batch: why the run stops (its loss fell below 0.01 at a progress line), else None."""
+    if run.overfit_step is None:
+        return None
+    return f"overfit_batch: loss below 0.01 at step {run.overfit_step}"
+
+
+def save_for_resume(run):
+    """A stop signal came: last.pt, and the command that resumes it."""
+    save(run, run.last_path)
+    run.say(f"saved {run.last_path} at step {run.state.step}. "
+            f"Resume with: python train.py --resume --out_dir {run.out_dir}")
 
 
 def plan_due(run):
@@ -484,9 +500,8 @@ def log_progress(run):
         line += f" | MFU {100 * flops_per_token(run.model) * tokens_per_s / (run.peak * run.world):.1f}%"
     if not run.options.overfit_batch or state.step % cfg.log_interval == 0:
         run.say(line)
-    if run.options.overfit_batch and loss < 0.01:
+    if run.options.overfit_batch and loss < 0.01 and run.overfit_step is None:
         run.overfit_step = state.step
-        run.stop_reason = f"overfit_batch: loss {loss:.4f} < 0.01 at step {state.step}"
     if meter.steps:
         meter.recent = (meter.recent + [(meter.steps, meter.seconds)])[-RECENT_LINES:]
     state.window, meter.seconds, meter.steps, meter.mark = [], 0.0, 0, time.perf_counter()

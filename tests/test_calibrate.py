@@ -12,11 +12,11 @@ import torch
 
 from config import TinyLLMError, TrainConfig
 from conftest import TINY_SHAPE, assert_one_line_error, cli, interrupt_at, tiny_model_config, tiny_train_config
-from optim import cosine_position
 import train
 
 from machinery import calibrate, precision
 from machinery.checkpoint import load_checkpoint
+from machinery.schedule import cosine_position, scheduled_lr
 
 QUICK = ["--eval_iters", "2", "--plots", "false", "--eval_interval", "40", "--warmup_steps", "10"]
 
@@ -167,13 +167,13 @@ def test_a_budget_follows_a_machine_whose_pace_changes(shakespeare_head, tmp_pat
     assert 0.8 * budget < took < budget + 1.0
 
     def schedule(end, decay_from, start):  # the LRs a plan gives from step start to its end
-        return [train.get_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, end, decay_from) for s in range(start, end + 1)]
+        return [scheduled_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, end, decay_from) for s in range(start, end + 1)]
 
     end, decay_from = plan["max_steps"], None
     first = schedule(end, None, cfg.warmup_steps)
     steepest = max(a - b for a, b in zip(first, first[1:]))
     for step, new_end in plan["replans"]:
-        before = train.get_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, end, decay_from)
+        before = scheduled_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, end, decay_from)
         assert lrs[step] == pytest.approx(before, rel=1e-9)  # the step a re-plan comes before keeps its LR
         end, decay_from = new_end, [step, *cosine_position(step, cfg.lr, cfg.warmup_steps, end, decay_from)]
         after = schedule(end, decay_from, step)

@@ -18,6 +18,7 @@ import train
 
 from machinery import hardware, plots, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
+from machinery.schedule import scheduled_lr
 from machinery.sources import load_prepared
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
@@ -100,7 +101,7 @@ def test_extending_a_finished_run_replans_the_decay_without_a_jump(run_copy, cap
     cfg = TrainConfig(**last["train_config"])
     lr = train.get_lr(60, cfg.lr, cfg.min_lr, cfg.warmup_steps, 60)  # what step 60 had under the old end
     assert step == 60 and 0 <= done <= 1
-    lrs = [train.get_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, 100, last["decay_from"]) for s in range(60, 101)]
+    lrs = [scheduled_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, 100, last["decay_from"]) for s in range(60, 101)]
     assert lrs[0] == pytest.approx(lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))  # no jump, then down
     assert lrs[-1] == pytest.approx(cfg.min_lr) and reached == pytest.approx(train.get_lr(59, cfg.lr, cfg.min_lr,
                                                                                             cfg.warmup_steps, 60))

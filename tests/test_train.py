@@ -128,6 +128,7 @@ def test_model_overfits_one_batch(shakespeare_head, tmp_path):
                             warmup_steps=0, batch_size=4, weight_decay=0.0)
     result = train.train(tiny_model_config(n_embd=64, block_size=16), cfg, RunOptions(overfit_batch=True))
     assert result["overfit_step"] is not None and result["overfit_step"] < 400
+    assert result["step"] == result["overfit_step"]  # and the run stopped there
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
