@@ -26,7 +26,7 @@ from config import (PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, 
                     preset_defaults)
 from model import GPT, lm_loss
 from optim import get_lr, make_optimizer, set_lr
-from utils import check_long_enough, get_batch, tokenize, validation_split
+from utils import get_batch
 
 from machinery import cli
 from machinery.checkpoint import load_model
@@ -36,6 +36,7 @@ from machinery.lifecycle import (add_characters, after_evaluation, after_step, e
                                  off_the_clock, overfit_reached, plan_due, plan_time_budget, ready, save_for_resume,
                                  start_run, starting_point, stop_signal)
 from machinery.plots import draw_lr_schedule
+from machinery.sources import check_long_enough, load_corpus, validation_split
 from machinery.schedule import on_the_schedule
 from machinery.precision import autocast, measured_on, resolve_dtype
 
@@ -48,9 +49,9 @@ def build(run):
     from its checkpoint's model and tokenizer."""
     cfg = run.train_cfg
     model, tokenizer = starting_point(run)  # (None, None) for a fresh run
-    # text -> token ids -> a contiguous 90/10 train/val split (fine-tuning may add characters)
-    run.corpus = tokenize(cfg.data, kind=cfg.tokenizer, vocab_size=run.model_cfg.vocab_size, tokenizer=tokenizer,
-                          clean=cfg.clean, extensions=cfg.data_ext, extend=bool(run.options.init_from))
+    # text -> token ids -> a contiguous 90/10 train/val split (utils.tokenize; where the text comes
+    # from, and the characters a fine-tune adds to its checkpoint's tokenizer: sources.py)
+    run.corpus = load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
     block_size = (model.config if model else run.model_cfg).block_size
     check_long_enough(run.corpus.train, block_size, "train", cfg.data)
     check_long_enough(run.corpus.val, block_size, "validation", cfg.data)

@@ -23,14 +23,13 @@ import torch
 from config import PictureConfig, TinyLLMError, make_config
 from model import attention_weights, causal_mask, lm_loss, next_token_probs
 from tokenizer import CharTokenizer
-from utils import validation_split
 
 from machinery.annotate import Pieces, entropy_bits, token_piece
 from machinery.checkpoint import load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, set_threads
 from machinery.plots import DPI, new_plot, save_plot
-from machinery.sources import encode_prompt
+from machinery.sources import encode_prompt, validation_split
 
 
 def short_label(tokenizer, token):

@@ -14,10 +14,11 @@ import re
 
 import numpy as np
 
-from config import EOT, TinyLLMError
+from config import EOT, TinyLLMError, TrainConfig
 from tokenizer import CharTokenizer
+from utils import Corpus, tokenize
 
-from machinery.checkpoint import tokenizer_from_dict
+from machinery.checkpoint import extend_tokenizer, tokenizer_from_dict
 from machinery.cli import warn
 
 
@@ -167,6 +168,42 @@ def prepared_streams(path, tokenizer=None):
     if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
         raise TinyLLMError(f"{path} was prepared with a different tokenizer than the checkpoint's")
     return tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids, meta["val_chars"] / max(1, len(val_ids))
+
+
+# ----------------------------------------------------------------------------- a run's corpus
+
+def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
+    """cfg.data as train and val token streams (utils.Corpus), tokenized by utils.tokenize (a
+    fresh tokenizer of cfg.tokenizer's kind, vocab_size for BPE); a folder from prepare.py is
+    read from disk as it is. A given char tokenizer (resume,
+    fine-tuning) that lacks some of the text's characters is extended with them when extend
+    (fine-tuning: Corpus.added, old_ids), and refused otherwise."""
+    if is_prepared(cfg.data):  # the tokens are on disk already
+        return Corpus(*prepared_streams(cfg.data, tokenizer), added=[])
+    text = read_text(cfg.data, cfg.clean, cfg.data_ext)
+    old_ids, added = None, []
+    if tokenizer is not None:
+        tokenizer, old_ids, added = extend_tokenizer(tokenizer, text, extend, cfg.data)
+    corpus = tokenize(text, tokenizer, cfg.tokenizer, vocab_size)
+    corpus.added, corpus.old_ids = added, old_ids
+    return corpus
+
+
+def validation_split(checkpoint, tokenizer, data=None):
+    """(corpus, data): the source a checkpoint's run was validated on, tokenized and split as
+    it was then (its data, clean and data_ext), or another source given as data."""
+    saved = checkpoint.get("train_config", {})
+    data = data or saved.get("data", TrainConfig.data)
+    cfg = TrainConfig(data=data, clean=saved.get("clean", False), data_ext=saved.get("data_ext", ".txt"))
+    corpus = load_corpus(cfg, tokenizer)
+    check_long_enough(corpus.val, 1, "validation", data)
+    return corpus, data
+
+
+def check_long_enough(ids, block_size, name, path):
+    if len(ids) < block_size + 1:
+        raise TinyLLMError(f"{path}: the {name} split has {len(ids)} tokens but block_size {block_size} "
+                           f"needs at least {block_size + 1}; use more text or a smaller --block_size")
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -7,9 +7,9 @@ import torch
 from config import TinyLLMError
 from optim import get_lr
 from tokenizer import CharTokenizer
-from utils import check_long_enough, get_batch, split_train_val
+from utils import get_batch, split_train_val
 
-from machinery.sources import read_text as load_corpus
+from machinery.sources import check_long_enough, read_text as load_corpus
 
 
 def test_char_tokenizer_round_trip():
