@@ -73,8 +73,11 @@ def apply_rope(x, cos, sin):
 
 
 def causal_mask(T, S, device):
-    """(T, S): 0 where a query may look at a key, -inf where it may not. The T queries are the
-    last T of the S positions (S == T in training), and each sees the keys up to its own position."""
+    """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
+    may not (the softmax turns -inf into weight 0). The T queries are the last T of the S
+    positions: in training S == T; with generation's KV cache, T new tokens come after S - T
+    cached ones, so query t sits at position S - T + t and sees the keys up to there, which is
+    what tril's diagonal S - T keeps."""
     allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
     return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
 
@@ -95,18 +98,14 @@ def attention_weights(q, k, mask):
     return torch.softmax(scores + mask, dim=-1)
 
 
-def fused_attention(q, k, v, dropout=0.0):
-    """attention() with the causal mask, by PyTorch's fused kernel: the same function (the tests
-    check it to float precision), faster, and without building the (T, S) weights in memory.
-    The model calls this; CausalSelfAttention.fused = False runs the formula above instead."""
-    T, S = q.size(-2), k.size(-2)
-    if T == S:  # training, or a KV cache's first fill: the ordinary causal window
-        mask, causal = None, True
-    elif T == 1:  # one new token: it sees every key
-        mask, causal = None, False
-    else:  # new tokens after cached ones: is_causal would align its mask top-left, so causal_mask's
-        mask, causal = causal_mask(T, S, q.device) == 0, False  # pattern, as booleans (True = may look)
-    return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+def fused_attention(q, k, v, mask, dropout=0.0):
+    """attention(), the same function (the tests check it to float precision), by PyTorch's fused
+    kernel: faster, and without building the (T, S) weights in memory. The model calls this;
+    CausalSelfAttention.fused = False runs the formula above instead. With S == T (training)
+    the mask is the plain causal one, which the kernel makes itself (is_causal) and need not read."""
+    if q.size(-2) == k.size(-2):
+        return kernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 class CausalSelfAttention(nn.Module):
@@ -125,16 +124,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, mask, rope=None, cache=None):
         B, T, C = x.shape
         q, k, v = self.queries_keys_values(x, rope)  # each (B, nh, T, hs)
         if cache is not None:  # generation: the keys and values of the earlier positions come from the cache
             k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs): all S positions so far
-        dropout = self.dropout if self.training else 0.0
-        if self.fused:
-            y = fused_attention(q, k, v, dropout)  # (B, nh, T, hs)
-        else:
-            y = attention(q, k, v, causal_mask(T, k.size(2), x.device), dropout)
+        attend = fused_attention if self.fused else attention
+        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -184,8 +180,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, mask, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, rope, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -251,8 +247,9 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
         x, rope = self.embed(idx, start)  # (B, T, C)
+        mask = causal_mask(T, start + T, idx.device)  # (T, S): each position sees itself and the ones before
         for block in self.blocks:
-            x = block(x, rope, cache)  # (B, T, C)
+            x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         if cache is not None:
             cache.pos += T

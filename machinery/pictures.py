@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from config import PictureConfig, TinyLLMError, make_config
-from model import attention_weights, causal_mask, lm_loss, next_token_probs
+from model import attention_weights, lm_loss, next_token_probs
 from tokenizer import CharTokenizer
 
 from machinery.annotate import Pieces, entropy_bits, token_piece
@@ -50,10 +50,10 @@ def attention_maps(model, idx):
     own q and k, RoPE included; the forward itself runs as always, through the fused kernel."""
     maps = []
 
-    def catch(attn, args, output):  # args: what Block.forward passed, (x, rope, cache)
-        q, k, _ = attn.queries_keys_values(args[0], args[1])  # each (1, nh, T, hs)
-        T = q.size(2)
-        maps.append(attention_weights(q.float(), k.float(), causal_mask(T, T, q.device))[0])  # (nh, T, T)
+    def catch(attn, args, output):  # args: what Block.forward passed, (x, mask, rope, cache)
+        x, mask, rope = args[:3]
+        q, k, _ = attn.queries_keys_values(x, rope)  # each (1, nh, T, hs)
+        maps.append(attention_weights(q.float(), k.float(), mask)[0])  # (nh, T, T)
 
     hooks = [block.attn.register_forward_hook(catch) for block in model.blocks]
     try:
