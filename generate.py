@@ -17,7 +17,7 @@ import torch
 
 from config import SampleConfig, make_config
 
-from machinery.annotate import Annotator, Pieces, model_odds
+from machinery.annotate import Annotator, Pieces, SamplerOdds, model_odds
 from machinery.checkpoint import describe_checkpoint, load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, describe, out_of_memory_as_error, set_threads
@@ -28,32 +28,32 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
     """num_samples continuations of the prompt, sampled together as one batch. Each stops
     at the end-of-text token, when the tokenizer has one (unless --no_stop). Returns a list
     of (text, new tokens, whether it stopped at end-of-text). An annotator (--show_probs) gets
-    every step's distribution too, and streams the same tokens with their odds."""
+    every step's tokens and the distribution they were drawn from, and streams them with their odds."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
-    steps = model.generate_stream(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                                  top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator,
-                                  with_probs=annotator is not None)
     shown = [t for t in prompt_ids if t != stop]
-    new, pieces = [], Pieces(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
-    if annotator:
-        annotator.begin(shown, cfg.num_samples, stop, live=stream)
-    elif stream:
-        sys.stdout.write(tokenizer.decode(shown))
-    for step in steps:  # (B, 1); with an annotator, (token (B, 1), the distribution it was drawn from (B, V))
-        token = step[0] if annotator else step
-        new.append(token)
-        if annotator:
-            annotator.add(*step)
-        elif stream and token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):
+    pieces = Pieces(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
+
+    def show(token):  # (B, 1): the first sample's new token, printed as it comes
+        if token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):
             sys.stdout.write(piece[0])
             sys.stdout.flush()
+
+    on_token = None
+    if annotator:  # it works out each step's distribution itself, as generation does (SamplerOdds)
+        annotator.begin(shown, cfg.num_samples, stop, live=stream)
+        on_token = SamplerOdds(model, idx, annotator, cfg.temperature, cfg.top_k, cfg.top_p, not cfg.no_cache)
+    elif stream:
+        sys.stdout.write(tokenizer.decode(shown))
+        on_token = show
+    out = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                         use_cache=not cfg.no_cache, stop_token=stop, generator=generator, on_token=on_token)
     if annotator:
         annotator.end()
     elif stream:
         sys.stdout.write("\n")
-    return [finished(tokenizer, shown, row, stop) for row in torch.cat(new, dim=1).tolist()]
+    return [finished(tokenizer, shown, row, stop) for row in out[:, idx.size(1):].tolist()]
 
 
 def finished(tokenizer, shown, row, stop):

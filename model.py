@@ -272,32 +272,41 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         return self.drop(x), rope
 
-    # generation: the functions at the end of this file do the work
+    # ------------------------------------------------------------------------- generation
+    # (read it after train.py: the KV cache, the context rule and the sampler are the end of this file)
 
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                        use_cache=True, stop_token=None, generator=None, with_probs=False):
-        """Continue each row of idx (B, T): yield the next token of every row, shape (B, 1), one
-        step at a time, until max_new_tokens or until every row has produced stop_token. With
-        with_probs, yield (token (B, 1), probs (B, V)): also the distribution it was drawn from."""
-        return sampling_loop(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, stop_token,
-                             generator, with_probs)
-
-    def generate(self, idx, max_new_tokens, **kwargs):
-        """Continue each row of idx (B, T); returns (B, T + new tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx] + new, dim=1)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                 stop_token=None, generator=None, on_token=None):
+        """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
+        stop_token; returns (B, T + new). Each step: the logits of the next token (Context: the
+        context rule and the KV cache), one token drawn from them (sample_next), appended.
+        on_token(tokens (B, 1)) sees each step's tokens as they come (generate.py streams them)."""
+        context = Context(self, use_cache)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
+            for _ in range(max_new_tokens):
+                logits = context.next_logits(idx)  # (B, V)
+                next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
+                if on_token is not None:
+                    on_token(next_token)
+                if stop_token is not None:
+                    done |= next_token[:, 0] == stop_token
+                    if done.all():
+                        break
+        return idx.clone()  # outside inference mode: a tensor autograd may use
 
     def beam_search(self, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
         """The most probable continuation of idx (1, T) that a beam of beam_width finds: (new
-        tokens (1, n), their total log-probability)."""
+        tokens (1, n), their total log-probability). A deep dive: beam_search below."""
         return beam_search(self, idx, max_new_tokens, beam_width, use_cache, stop_token, length_penalty)
 
 
 # ============================================================================= generation
-# Everything below serves generation (generate.py, and the sample at the end of train.py):
-# the KV cache, which keeps each layer's keys and values so a new token costs one position's
-# work instead of the whole context's; the context rule; the sampling loop and beam search;
-# and the sampler (temperature, top-k, top-p).
+# What GPT.generate calls (generate.py, and the sample at the end of train.py): the KV cache,
+# which keeps each layer's keys and values so a new token costs one position's work instead of
+# the whole context's; the context rule; the sampler (temperature, top-k, top-p). And, as a deep
+# dive, beam search.
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, plus the position of
@@ -364,23 +373,41 @@ class Context:
             self.cache.reorder(rows)
 
 
-@torch.inference_mode()  # no autograd graph: each step runs, and the cache is filled, as plain inference
-def sampling_loop(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
-                  stop_token=None, generator=None, with_probs=False):
-    """GPT.generate_stream's work: one new token per step for every row, with or without the cache."""
-    context = Context(model, use_cache)
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        logits = context.next_logits(idx)  # (B, V)
-        out = sample_next(logits, temperature, top_k, top_p, generator, return_probs=with_probs)
-        next_token = out[0] if with_probs else out  # (B, 1); out: also the distribution it was drawn from (B, V)
-        idx = torch.cat((idx, next_token), dim=1)
-        yield out
-        if stop_token is not None:
-            done |= next_token[:, 0] == stop_token
-            if done.all():
-                return
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set to -inf every logit outside the candidates: top_k > 0 keeps the k most likely
+    (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
+    smallest set whose probability reaches top_p."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
+        sorted_logits[before >= top_p] = float("-inf")  # the most likely token always survives
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
 
+
+def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution the next token is drawn from, probs (B, V), for logits (B, V): divide by
+    the temperature, keep the top-k / top-p candidates, softmax. Temperature 0 (greedy) draws
+    nothing: it takes the most likely token. Its distribution here is the one at temperature 1
+    after top-k / top-p, the model's own odds among the candidates, in which greedy's pick is
+    the most likely token (the candidates always include it)."""
+    logits = filter_logits(logits.float() / (temperature or 1.0), top_k, top_p)
+    return F.softmax(logits, dim=-1)  # (B, V)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row from logits (B, V): (B, 1). Temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1); greedy needs no softmax
+    probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# ----------------------------------------------------------------------------- deep dive: beam search
 
 @torch.inference_mode()
 def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
@@ -414,40 +441,3 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
     candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]
     total, new = max(candidates, key=lambda c: c[0] / max(1, len(c[1])) ** length_penalty)
     return new[None], total
-
-
-def filter_logits(logits, top_k=0, top_p=1.0):
-    """Set to -inf every logit outside the candidates: top_k > 0 keeps the k most likely
-    (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
-    smallest set whose probability reaches top_p."""
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = F.softmax(sorted_logits, dim=-1)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
-        sorted_logits[before >= top_p] = float("-inf")  # the most likely token always survives
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
-
-def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
-    """The distribution the next token is drawn from, probs (B, V), for logits (B, V): divide by
-    the temperature, keep the top-k / top-p candidates, softmax. Temperature 0 (greedy) draws
-    nothing: it takes the most likely token. Its distribution here is the one at temperature 1
-    after top-k / top-p, the model's own odds among the candidates, in which greedy's pick is
-    the most likely token (the candidates always include it)."""
-    logits = filter_logits(logits.float() / (temperature or 1.0), top_k, top_p)
-    return F.softmax(logits, dim=-1)  # (B, V)
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, return_probs=False):
-    """Pick one token per row from logits (B, V); temperature 0 is greedy. With return_probs,
-    return (token (B, 1), probs (B, V)), the distribution it was drawn from (next_token_probs)."""
-    if temperature == 0:
-        token = logits.argmax(dim=-1, keepdim=True)  # (B, 1); greedy needs no softmax unless asked
-        return (token, next_token_probs(logits, 0, top_k, top_p)) if return_probs else token
-    probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
-    token = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-    return (token, probs) if return_probs else token

@@ -1,13 +1,14 @@
 """generate.py --show_probs: sampled text annotated with the odds the model gave it.
 
 For every new token: its probability under the distribution it was drawn from (the sampler's
-own, model.next_token_probs: after temperature, top-k and top-p), the entropy of that
-distribution in bits (how many ways the model was torn: 0 bits is certain, 1 bit a coin
+own, model.next_token_probs: after temperature, top-k and top-p; SamplerOdds works it out
+beside the sampling), the entropy of that distribution in bits (how many ways the model was torn: 0 bits is certain, 1 bit a coin
 toss), and with --show_top K the K most likely tokens. A terminal gets the text coloured by
 probability; a file or a pipe gets one aligned row per token. Every sample ends with its
 mean log-probability, perplexity and mean entropy.
 
-generate.sample hands each step to an Annotator; generate.sample_checkpoint asks it for each sample's report.
+generate.sample hands each step's tokens to SamplerOdds, which gives them with their odds to an
+Annotator; generate.sample_checkpoint asks that for each sample's report.
 """
 
 import math
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Context
+from model import Context, next_token_probs
 
 from machinery.bpe import ByteLevelTokenizer
 
@@ -48,6 +49,22 @@ def paint(text, p):
     codes, which some terminals would otherwise carry onto the next line."""
     code = next(code for low, code, _ in BANDS if p >= low)
     return "\n".join(f"\033[{code}m{part}{RESET}" if part else "" for part in text.split("\n"))
+
+
+class SamplerOdds:
+    """Beside GPT.generate (its on_token): for every step's tokens (B, 1), the distribution they
+    were drawn from, computed as generation computes it (model.Context: the context rule, the KV
+    cache; next_token_probs: temperature, top-k, top-p), handed to the annotator with them. It
+    costs a second forward pass per step, for --show_probs only."""
+
+    def __init__(self, model, idx, annotator, temperature=1.0, top_k=0, top_p=1.0, use_cache=True):
+        self.context, self.idx, self.annotator = Context(model, use_cache), idx, annotator
+        self.settings = (temperature, top_k, top_p)
+
+    def __call__(self, token):
+        logits = self.context.next_logits(self.idx)  # (B, V): what the sampler saw before drawing token
+        self.annotator.add(token, next_token_probs(logits, *self.settings))
+        self.idx = torch.cat((self.idx, token), dim=1)
 
 
 @torch.inference_mode()

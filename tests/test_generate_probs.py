@@ -16,7 +16,7 @@ import model as model_module
 from model import GPT, next_token_probs, sample_next
 
 from machinery import annotate
-from machinery.annotate import Annotator, Pieces, token_label
+from machinery.annotate import Annotator, Pieces, SamplerOdds, token_label
 from machinery.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.checkpoint import load_model
 
@@ -59,9 +59,8 @@ def test_the_distribution_is_the_one_sample_next_draws_from(setting):
     probs = next_token_probs(logits, **setting)
     assert torch.allclose(probs.double(), reference_probs(logits, **setting), atol=1e-6)
     for seed in range(5):
-        plain = sample_next(logits, **setting, generator=torch.Generator().manual_seed(seed))
-        token, same = sample_next(logits, **setting, generator=torch.Generator().manual_seed(seed), return_probs=True)
-        assert torch.equal(token, plain) and torch.equal(same, probs)  # asking for the odds changes nothing
+        token = sample_next(logits, **setting, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(token, sample_next(logits, **setting, generator=torch.Generator().manual_seed(seed)))
         if setting["temperature"]:  # the draw is multinomial over exactly these probabilities
             assert torch.equal(token, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
         else:  # greedy: the most likely token, and its p is the largest in the temperature-1 distribution
@@ -69,8 +68,18 @@ def test_the_distribution_is_the_one_sample_next_draws_from(setting):
             assert torch.equal(probs.gather(1, token)[:, 0], probs.max(-1).values)
 
 
+class Collected:
+    """An annotator that keeps what it is given."""
+
+    def __init__(self):
+        self.steps = []
+
+    def add(self, token, probs):
+        self.steps.append((token.clone(), probs.clone()))
+
+
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_the_stream_yields_the_distribution_of_every_step(use_cache, monkeypatch):
+def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cache, monkeypatch):
     torch.manual_seed(0)
     gpt = GPT(tiny_model_config(block_size=8, pos="rope")).eval()
     prompt = torch.randint(0, 65, (2, 3))
@@ -81,11 +90,14 @@ def test_the_stream_yields_the_distribution_of_every_step(use_cache, monkeypatch
             seen.append(logits.clone())
             return real(logits, *a, **k)
         monkeypatch.setattr(model_module, "sample_next", recording)
-        steps = list(gpt.generate_stream(prompt, 20, **setting, use_cache=use_cache, with_probs=True,
-                                         generator=torch.Generator().manual_seed(1)))
+        collected = Collected()
+        odds = SamplerOdds(gpt, prompt, collected, **setting, use_cache=use_cache)
+        gpt.generate(prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1),
+                     on_token=odds)
+        steps = collected.steps
         monkeypatch.undo()
-        plain = list(gpt.generate_stream(prompt, 20, **setting, use_cache=use_cache,
-                                         generator=torch.Generator().manual_seed(1)))
+        out = gpt.generate(prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1))
+        plain = out[:, prompt.size(1):].split(1, dim=1)
         assert len(steps) == len(seen) == 20  # 3 + 20 tokens: the context is cropped on the way
         for (token, probs), logits, same in zip(steps, seen, plain):
             assert torch.equal(token, same)
