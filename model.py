@@ -72,13 +72,14 @@ def apply_rope(x, cos, sin):
     return rotated.flatten(-2).type_as(x)  # (..., T, hs): each pair back in its place
 
 
-def causal_mask(T, S, device):
+def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
-    may not (the softmax turns -inf into weight 0). The T queries are the last T of the S
-    positions: in training S == T; with generation's KV cache, T new tokens come after S - T
-    cached ones, so query t sits at position S - T + t and sees the keys up to there, which is
-    what tril's diagonal S - T keeps."""
-    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+    may not (the softmax turns -inf into weight 0). Query t sits at position start + t and sees
+    the keys at positions 0 to start + t: tril's diagonal is start. In training start is 0 and
+    S == T. With generation's KV cache, T new tokens come after start cached ones, and the keys
+    are the cache's S = block_size slots, those not filled yet hidden by the mask too; start
+    defaults to S - T, queries that are the last T of S positions."""
+    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T if start is None else start)
     return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
 
 
@@ -128,7 +129,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.queries_keys_values(x, rope)  # each (B, nh, T, hs)
         if cache is not None:  # generation: the keys and values of the earlier positions come from the cache
-            k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs): all S positions so far
+            k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs): the cache's S = block_size slots
         attend = fused_attention if self.fused else attention
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
@@ -247,7 +248,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
         x, rope = self.embed(idx, start)  # (B, T, C)
-        mask = causal_mask(T, start + T, idx.device)  # (T, S): each position sees itself and the ones before
+        S = T if cache is None else self.config.block_size  # keys: these positions, or every slot of the cache
+        mask = causal_mask(T, S, idx.device, start)  # (T, S): each position sees itself and the ones before
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -309,9 +311,11 @@ class GPT(nn.Module):
 # dive, beam search.
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, plus the position of
-    the next token. Buffers of block_size positions are allocated once and filled in
-    place, so a step writes one new column instead of copying the whole cache."""
+    """Keys and values of every layer for the tokens seen so far, plus the position of the
+    next token. Buffers of block_size positions are allocated once and filled in place, so a
+    step writes one new column instead of copying the whole cache. Attention reads the whole
+    buffers, the mask hiding the slots not filled yet, so every decoding step computes with the
+    same shapes (what lets a GPU capture one step and replay it)."""
 
     def __init__(self, n_layer, block_size):
         self.k = [None] * n_layer
@@ -320,15 +324,15 @@ class KVCache:
         self.pos = 0  # advanced by GPT.forward once every layer has stored this call's tokens
 
     def update(self, layer, k, v):
-        """Store this step's k, v (B, nh, T, hs); return all keys and values so far (B, nh, S, hs)."""
-        if self.k[layer] is None:
+        """Store this step's k, v (B, nh, T, hs) at their positions; return the buffers (B, nh, block_size, hs)."""
+        if self.k[layer] is None:  # zeros: a hidden slot gets weight 0, and 0 times 0 stays 0
             B, nh, _, hs = k.shape
-            self.k[layer] = k.new_empty(B, nh, self.block_size, hs)
-            self.v[layer] = v.new_empty(B, nh, self.block_size, hs)
+            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
         end = self.pos + k.size(2)
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        return self.k[layer], self.v[layer]
 
     def reorder(self, rows):
         """Row i of the cache becomes a copy of row rows[i] (beam search: each beam follows its parent)."""

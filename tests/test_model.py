@@ -10,6 +10,8 @@ from config import TinyLLMError
 from conftest import checkpoint_of, tiny_model_config
 from model import GPT, filter_logits, sample_next
 
+from machinery import kernels
+
 
 def test_logits_shape_and_loss():
     model = GPT(tiny_model_config())
@@ -239,3 +241,19 @@ def test_the_causal_mask_lets_each_query_see_the_keys_up_to_its_own_position():
                                                           [False, False, False]]
     # two new queries after two cached keys: each also sees the cached ones
     assert causal_mask(2, 4, "cpu").isinf().tolist() == [[False, False, False, True], [False, False, False, False]]
+
+
+def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkeypatch):
+    # the cache's whole buffers are attended to, its unfilled slots masked: a step a GPU can capture
+    calls, real = [], kernels.fused_kernel
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        calls.append((tuple(q.shape), tuple(k.shape), None if attn_mask is None else tuple(attn_mask.shape)))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+    monkeypatch.setattr(kernels, "fused_kernel", recording)
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=8)).eval()
+    model.generate(torch.zeros(2, 3, dtype=torch.long), 20, temperature=0)  # past block_size: refills too
+    steps = [c for c in calls if c[0][2] == 1]  # one new token per row
+    assert len(steps) > 10 and len(set(steps)) == 1, set(steps)
+    assert steps[0][1][2] == 8  # every step reads all block_size slots
