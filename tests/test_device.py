@@ -13,15 +13,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from config import RunOptions, TinyLLMError, TrainConfig, default_preset
 from conftest import complex_rope, fixed_batch, rope_angles, tiny_model_config, tiny_train_config
+import model as model_module
 from model import GPT, apply_rope
 from optim import make_optimizer
 import train
 
 from machinery import device as device_module
 from machinery import distributed, hardware, lifecycle
-from machinery.checkpoint import load_checkpoint, save_checkpoint
+from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.device import choose_device, peak_flops, rng_state, set_rng_state
 from machinery.precision import autocast, make_scaler, resolve_dtype
+from machinery.sources import start_ids
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -305,6 +307,22 @@ def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_with_the_cache(shakes
         cached = model.generate(prompt, 30, temperature=0, use_cache=True)
         full = model.generate(prompt, 30, temperature=0, use_cache=False)
     assert torch.equal(cached, full)
+
+
+def test_a_bfloat16_runs_closing_sample_is_decoded_in_float32_as_generate_py_does(shakespeare_head, tmp_path,
+                                                                                   capsys, monkeypatch):
+    seen, real = [], model_module.sample_next
+    monkeypatch.setattr(model_module, "sample_next",
+                        lambda logits, *a, **k: seen.append((logits.dtype, torch.is_autocast_enabled("cpu")))
+                        or real(logits, *a, **k))
+    cfg = tiny_train_config(shakespeare_head, tmp_path, dtype="bfloat16", max_steps=10, sample_tokens=40)
+    result = train.train(tiny_model_config(), cfg)
+    assert seen == [(torch.float32, False)] * 40  # every step of the closing sample, outside autocast
+    printed = capsys.readouterr().out.split("sample:\n", 1)[1].rstrip("\n")
+    model, tokenizer = result["model"].eval(), load_model(str(tmp_path / "last.pt"))[1]
+    out = model.generate(torch.tensor([start_ids(tokenizer)]), 40, temperature=0.8,
+                         generator=torch.Generator().manual_seed(cfg.seed))  # as generate.py decodes
+    assert printed == tokenizer.decode(out[0].tolist())
 
 
 def test_train_never_sets_tf32_precision_on_cpu(shakespeare_head, tmp_path, monkeypatch):
