@@ -32,9 +32,9 @@ from machinery import cli
 from machinery.checkpoint import load_model
 from machinery.device import choose_device, out_of_memory_as_error, set_threads
 from machinery.distributed import sync_gradients
-from machinery.lifecycle import (add_characters, after_evaluation, after_step, early_stop, finish, guarded,
-                                 off_the_clock, overfit_reached, plan_due, plan_time_budget, ready, save_for_resume,
-                                 start_run, starting_point, stop_signal)
+from machinery.lifecycle import (add_characters, after_evaluation, after_step, check_finite, early_stop, finish,
+                                 guarded, off_the_clock, overfit_reached, plan_due, plan_time_budget, ready,
+                                 save_for_resume, start_run, starting_point, stop_signal)
 from machinery.plots import draw_lr_schedule
 from machinery.sources import check_long_enough, load_corpus, validation_split
 from machinery.schedule import on_the_schedule
@@ -128,6 +128,7 @@ def train_loop(run):
                     losses = estimate_loss(run.train_model, batches, run.eval_iters, run.ctx)
                     val_loss = after_evaluation(run, losses)  # a line, history, last.pt (best.pt), plots
                 run.stop_reason = early_stop(run, val_loss)  # --patience or --target_loss met: why, else None
+            check_finite(run)  # a loss read from the device that was not finite: stop with an error
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
@@ -138,9 +139,8 @@ def train_loop(run):
                                          cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
-            # --- a progress line every log_interval steps (the losses are read from the device only
-            #     there: one that is not finite stops the run with an error), ckpt_STEP.pt if asked
-            after_step(run, loss, grad_norm, lr)
+            after_step(run, loss, grad_norm, lr)  # a progress line every log_interval steps; ckpt_STEP.pt if asked
+            check_finite(run)  # (losses are read from the device only at progress lines and evaluations)
             run.stop_reason = overfit_reached(run)  # --overfit_batch: the loss is near 0
 
             # --- a --time_budget run: planned once its first steps are timed, re-planned at every progress line

@@ -5,7 +5,7 @@ history, plots, checkpoints, stop signals), and how it ends.
 
 train.py calls, in order: start_run (before anything is built), ready (once the model and its
 optimizer exist), guarded (around the loop); in the loop off_the_clock, after_evaluation,
-early_stop, after_step, overfit_reached, plan_due and plan_time_budget, stop_signal and
+early_stop, check_finite, after_step, overfit_reached, plan_due and plan_time_budget, stop_signal and
 save_for_resume; and finish. Every field a run holds is declared in Run below; its ML progress, which every
 checkpoint saves, is the TrainState inside it.
 """
@@ -120,6 +120,7 @@ class Run:
     meter: Meter = None
     # how it ends early
     stop_reason: str = None
+    not_finite: str = None      # what settle found: a step whose loss was not finite (the loop stops on it)
     overfit_step: int = None
 
     @property
@@ -351,10 +352,11 @@ def off_the_clock(run, evaluation=False):
 
 def settle(run):
     """Read the pending steps' losses and gradient norms from the device in one go (the only
-    place the loop waits for a GPU), and stop on a non-finite value. Such a step was skipped,
-    so the weights are still finite; nothing after it is saved."""
+    place the loop waits for a GPU). A value that is not finite is noted in run.not_finite, for
+    the loop to stop on (check_finite): such a step was skipped, so the weights are still
+    finite, and nothing after it is saved."""
     meter = run.meter
-    if not meter.pending:
+    if not meter.pending or run.not_finite:
         return
     seconds = time.perf_counter() - meter.mark  # the device has finished these steps only now
     meter.seconds += seconds
@@ -367,11 +369,12 @@ def settle(run):
     for step, (loss, norm) in zip(steps, values):
         if not math.isfinite(loss) or (run.scaler is None and not math.isfinite(norm)):
             cfg = run.train_cfg
-            raise TinyLLMError(
+            run.not_finite = (
                 f"step {step - 1}: non-finite values (loss {loss}, grad norm {norm}); the step was skipped. Likely "
                 f"causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip {cfg.grad_clip:g}), "
                 f"or float16 overflow (--dtype bfloat16 or float32). Nothing non-finite was saved; last good "
                 f"checkpoint: {run.last_path if run.state.last_eval_step >= 0 and not run.options.overfit_batch else 'none'}")
+            return  # nothing from here on is booked or saved; the loop stops (check_finite)
         run.state.window.append((loss, norm))
     run.state.grad_norm = values[-1][1] if math.isfinite(values[-1][1]) else None  # None: a skipped fp16 step
 
@@ -432,6 +435,12 @@ def after_step(run, loss, grad_norm, lr):
         save(run, os.path.join(run.out_dir, f"ckpt_{state.step:07d}.pt"))
         if run.master:
             prune_periodic(run.out_dir, cfg.keep_last)
+
+
+def check_finite(run):
+    """Stop with an error if a step's loss or gradient norm was not finite (settle notes it)."""
+    if run.not_finite:
+        raise TinyLLMError(run.not_finite)
 
 
 def overfit_reached(run):
@@ -525,9 +534,10 @@ def elapsed(run):
 
 
 def save(run, path):
-    """A checkpoint of the run as it stands (rank 0 writes it; every rank settles its steps first)."""
+    """A checkpoint of the run as it stands (rank 0 writes it; every rank settles its steps
+    first). Never after a step that was not finite."""
     with off_the_clock(run):
-        if run.master:
+        if run.master and not run.not_finite:
             run.state.seconds = elapsed(run)
             run.meter.process_start = time.perf_counter()
             save_checkpoint(path, make_checkpoint(
