@@ -315,7 +315,8 @@ class KVCache:
     next token. Buffers of block_size positions are allocated once and filled in place, so a
     step writes one new column instead of copying the whole cache. Attention reads the whole
     buffers, the mask hiding the slots not filled yet, so every decoding step computes with the
-    same shapes (what lets a GPU capture one step and replay it)."""
+    same shapes: no new kernel set-up per length, and the first thing capturing a step in a CUDA
+    graph needs (the write position and the mask are still made on the host each step)."""
 
     def __init__(self, n_layer, block_size):
         self.k = [None] * n_layer

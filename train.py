@@ -140,7 +140,7 @@ def train_loop(run):
             state.step += 1
 
             after_step(run, loss, grad_norm, lr)  # a progress line every log_interval steps; ckpt_STEP.pt if asked
-            check_finite(run)  # (losses are read from the device only at progress lines and evaluations)
+            check_finite(run)  # (losses are read from the device at progress lines, saves and plans)
             run.stop_reason = overfit_reached(run)  # --overfit_batch: the loss is near 0
 
             # --- a --time_budget run: planned once its first steps are timed, re-planned at every progress line

@@ -2,8 +2,8 @@
 
 For every new token: its probability under the distribution it was drawn from (the sampler's
 own, model.next_token_probs: after temperature, top-k and top-p; SamplerOdds works it out
-beside the sampling), the entropy of that distribution in bits (how many ways the model was torn: 0 bits is certain, 1 bit a coin
-toss), and with --show_top K the K most likely tokens. A terminal gets the text coloured by
+beside the sampling), the entropy of that distribution in bits (how many ways the model was
+torn: 0 bits is certain, 1 bit a coin toss), and with --show_top K the K most likely tokens. A terminal gets the text coloured by
 probability; a file or a pipe gets one aligned row per token. Every sample ends with its
 mean log-probability, perplexity and mean entropy.
 

@@ -120,7 +120,7 @@ class Run:
     meter: Meter = None
     # how it ends early
     stop_reason: str = None
-    not_finite: str = None      # what settle found: a step whose loss was not finite (the loop stops on it)
+    not_finite: str = None      # what settle found: a step whose loss or gradient norm was not finite
     overfit_step: int = None
 
     @property
@@ -387,6 +387,8 @@ def after_evaluation(run, losses):
     # each rank evaluated its share of the batches; the average is the same everywhere,
     # so every rank takes the same best / early-stopping decisions
     train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
+    if run.not_finite:  # a step before it was not finite: the loop stops (check_finite); nothing is recorded
+        return val_loss
     improved = val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.evals_without_improvement = val_loss, 0
@@ -451,8 +453,10 @@ def overfit_reached(run):
 
 
 def save_for_resume(run):
-    """A stop signal came: last.pt, and the command that resumes it."""
+    """A stop signal came: last.pt, and the command that resumes it (unless a step was not
+    finite: then nothing is saved, and the run stops with that error instead)."""
     save(run, run.last_path)
+    check_finite(run)
     run.say(f"saved {run.last_path} at step {run.state.step}. "
             f"Resume with: python train.py --resume --out_dir {run.out_dir}")
 
@@ -478,6 +482,8 @@ def plan_time_budget(run):
     first plan (calibrate.plan_run, which says so), a re-plan at the latest pace, or a replayed
     re-plan. The cosine's rest is stretched or shrunk to a new end, so the LR never jumps."""
     settle(run)
+    if run.not_finite:  # the loop stops on it (check_finite)
+        return
     if run.plan_at is not None:
         plan_run(run)
     elif run.train_cfg.replans:
@@ -495,6 +501,8 @@ def steps_shown(run):
 def log_progress(run):
     """A progress line (loss, LR, grad norm, speed, ETA) and a history row for the steps since the last one."""
     settle(run)
+    if run.not_finite:  # the loop stops on it (check_finite)
+        return
     state, cfg, meter = run.state, run.train_cfg, run.meter
     ms = 1000 * meter.seconds / max(1, meter.steps)
     loss = sum(l for l, _ in state.window) / max(1, len(state.window))

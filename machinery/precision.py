@@ -98,7 +98,8 @@ def finite_steps_only(optimizer):
     """Make optimizer.step() skip a step whose gradients are not finite (a loss that overflowed,
     a learning rate far too high): the weights and the optimizer's state stay exactly as they
     were, in every precision, so nothing non-finite reaches the weights. Under float16,
-    torch.amp.GradScaler.step already skips such a step, and this stands aside. Fused AdamW
+    torch.amp.GradScaler.step skips such a step itself (for fused AdamW this then stands aside;
+    another optimizer's finite step is checked once more here). Fused AdamW
     takes the skip as a flag on the device (found_inf: the protocol torch's own scaler uses), so
     the step never waits for a GPU; another optimizer is told by its gradients' removal, which
     reads the flag on the host. Returns the optimizer, with a pre- and a post-step hook."""

@@ -206,6 +206,26 @@ def test_nan_stops_the_run_and_nothing_non_finite_is_saved(shakespeare_head, tmp
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
+def test_ctrl_c_after_a_non_finite_step_stops_with_the_error_and_saves_nothing(shakespeare_head, tmp_path,
+                                                                               monkeypatch, capsys):
+    calls, real = {"n": 0}, train.train_step
+
+    def poisoned(model, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    interrupt_at(monkeypatch, 8, signal.SIGINT)  # between progress lines: the NaN is read by the save
+    with pytest.raises(TinyLLMError, match="step 6"):
+        train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20))
+    assert "saved" not in capsys.readouterr().out
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
 def test_patience_stops_early_and_keeps_the_best(shakespeare_head, tmp_path, monkeypatch):
     vals = iter([2.0, 1.5, 1.6, 1.7, 1.8, 1.9])
     monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
