@@ -186,18 +186,21 @@ def test_init_from_starts_with_the_weights_and_a_fresh_optimizer(shakespeare_hea
     assert steps and set(steps) == {2}  # AdamW counted this run's two steps, not the old run's twelve
 
 
-def test_nan_stops_the_run_and_nothing_non_finite_is_saved(shakespeare_head, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = train.train_step
+def poison_at(monkeypatch, call):
+    """Before train_step call number call, fill a weight with NaN: that step's loss is not finite."""
+    calls, real = {"n": 0}, train.train_step
 
     def poisoned(model, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == call:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         return real(model, *a, **k)
-
     monkeypatch.setattr(train, "train_step", poisoned)
+
+
+def test_nan_stops_the_run_and_nothing_non_finite_is_saved(shakespeare_head, tmp_path, monkeypatch):
+    poison_at(monkeypatch, 4)
     with pytest.raises(TinyLLMError) as err:
         train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20))
     message = str(err.value)
@@ -208,16 +211,7 @@ def test_nan_stops_the_run_and_nothing_non_finite_is_saved(shakespeare_head, tmp
 
 def test_ctrl_c_after_a_non_finite_step_stops_with_the_error_and_saves_nothing(shakespeare_head, tmp_path,
                                                                                monkeypatch, capsys):
-    calls, real = {"n": 0}, train.train_step
-
-    def poisoned(model, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
-        return real(model, *a, **k)
-
-    monkeypatch.setattr(train, "train_step", poisoned)
+    poison_at(monkeypatch, 7)
     interrupt_at(monkeypatch, 8, signal.SIGINT)  # between progress lines: the NaN is read by the save
     with pytest.raises(TinyLLMError, match="step 6"):
         train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20))
