@@ -32,7 +32,7 @@ from machinery import cli
 from machinery.checkpoint import load_model
 from machinery.device import choose_device, out_of_memory_as_error, set_threads
 from machinery.distributed import sync_gradients
-from machinery.lifecycle import (add_characters, after_evaluation, after_step, check_finite, early_stop, finish,
+from machinery.lifecycle import (add_characters, after_evaluation, after_step, early_stop, finish,
                                  guarded, off_the_clock, overfit_reached, plan_due, plan_time_budget, ready,
                                  save_for_resume, start_run, starting_point, stop_signal)
 from machinery.plots import draw_lr_schedule
@@ -115,8 +115,8 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
 
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, report. Each line that ends the loop or moves
-    its end is here: max_steps (planned and re-planned for a time budget), an early stop, a loss
-    that is not finite, a stop signal."""
+    its end is here: max_steps (planned and re-planned for a time budget), an early stop, a stop
+    signal; a loss that is not finite ends it with an error where the losses are read (below)."""
     cfg, state = run.train_cfg, run.state
     batches = {"train": run.next_batch, "val": run.val_batch}
     with guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the step under way finishes first
@@ -128,7 +128,6 @@ def train_loop(run):
                     losses = estimate_loss(run.train_model, batches, run.eval_iters, run.ctx)
                     val_loss = after_evaluation(run, losses)  # a line, history, last.pt (best.pt), plots
                 run.stop_reason = early_stop(run, val_loss)  # --patience or --target_loss met: why, else None
-            check_finite(run)  # a loss read from the device that was not finite: stop with an error
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
@@ -139,8 +138,9 @@ def train_loop(run):
                                          cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
-            after_step(run, loss, grad_norm, lr)  # a progress line every log_interval steps; ckpt_STEP.pt if asked
-            check_finite(run)  # (losses are read from the device at progress lines, saves and plans)
+            # --- a progress line every log_interval steps, ckpt_STEP.pt if asked. Reading the losses from the
+            #     device (settle) stops the run with an error on one that is not finite, before any save
+            after_step(run, loss, grad_norm, lr)
             run.stop_reason = overfit_reached(run)  # --overfit_batch: the loss is near 0
 
             # --- a --time_budget run: planned once its first steps are timed, re-planned at every progress line

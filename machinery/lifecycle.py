@@ -5,7 +5,7 @@ history, plots, checkpoints, stop signals), and how it ends.
 
 train.py calls, in order: start_run (before anything is built), ready (once the model and its
 optimizer exist), guarded (around the loop); in the loop off_the_clock, after_evaluation,
-early_stop, check_finite, after_step, overfit_reached, plan_due and plan_time_budget, stop_signal and
+early_stop, after_step, overfit_reached, plan_due and plan_time_budget, stop_signal and
 save_for_resume; and finish. Every field a run holds is declared in Run below; its ML progress, which every
 checkpoint saves, is the TrainState inside it.
 """
@@ -120,7 +120,6 @@ class Run:
     meter: Meter = None
     # how it ends early
     stop_reason: str = None
-    not_finite: str = None      # what settle found: a step whose loss or gradient norm was not finite
     overfit_step: int = None
 
     @property
@@ -352,11 +351,11 @@ def off_the_clock(run, evaluation=False):
 
 def settle(run):
     """Read the pending steps' losses and gradient norms from the device in one go (the only
-    place the loop waits for a GPU). A value that is not finite is noted in run.not_finite, for
-    the loop to stop on (check_finite): such a step was skipped, so the weights are still
-    finite, and nothing after it is saved."""
+    place the loop waits for a GPU), and stop the run on a value that is not finite, with an
+    error: such a step was skipped, so the weights are still finite, and because every save and
+    every line reads the steps here first, nothing after it is saved or reported."""
     meter = run.meter
-    if not meter.pending or run.not_finite:
+    if not meter.pending:
         return
     seconds = time.perf_counter() - meter.mark  # the device has finished these steps only now
     meter.seconds += seconds
@@ -369,12 +368,11 @@ def settle(run):
     for step, (loss, norm) in zip(steps, values):
         if not math.isfinite(loss) or (run.scaler is None and not math.isfinite(norm)):
             cfg = run.train_cfg
-            run.not_finite = (
+            raise TinyLLMError(
                 f"step {step - 1}: non-finite values (loss {loss}, grad norm {norm}); the step was skipped. Likely "
                 f"causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip {cfg.grad_clip:g}), "
                 f"or float16 overflow (--dtype bfloat16 or float32). Nothing non-finite was saved; last good "
                 f"checkpoint: {run.last_path if run.state.last_eval_step >= 0 and not run.options.overfit_batch else 'none'}")
-            return  # nothing from here on is booked or saved; the loop stops (check_finite)
         run.state.window.append((loss, norm))
     run.state.grad_norm = values[-1][1] if math.isfinite(values[-1][1]) else None  # None: a skipped fp16 step
 
@@ -387,8 +385,6 @@ def after_evaluation(run, losses):
     # each rank evaluated its share of the batches; the average is the same everywhere,
     # so every rank takes the same best / early-stopping decisions
     train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
-    if run.not_finite:  # a step before it was not finite: the loop stops (check_finite); nothing is recorded
-        return val_loss
     improved = val_loss < state.best_val_loss
     if improved:
         state.best_val_loss, state.evals_without_improvement = val_loss, 0
@@ -439,12 +435,6 @@ def after_step(run, loss, grad_norm, lr):
             prune_periodic(run.out_dir, cfg.keep_last)
 
 
-def check_finite(run):
-    """Stop with an error if a step's loss or gradient norm was not finite (settle notes it)."""
-    if run.not_finite:
-        raise TinyLLMError(run.not_finite)
-
-
 def overfit_reached(run):
     """--overfit_batch: why the run stops (its loss fell below 0.01 at a progress line), else None."""
     if run.overfit_step is None:
@@ -453,10 +443,8 @@ def overfit_reached(run):
 
 
 def save_for_resume(run):
-    """A stop signal came: last.pt, and the command that resumes it (unless a step was not
-    finite: then nothing is saved, and the run stops with that error instead)."""
+    """A stop signal came: last.pt, and the command that resumes it."""
     save(run, run.last_path)
-    check_finite(run)
     run.say(f"saved {run.last_path} at step {run.state.step}. "
             f"Resume with: python train.py --resume --out_dir {run.out_dir}")
 
@@ -482,8 +470,6 @@ def plan_time_budget(run):
     first plan (calibrate.plan_run, which says so), a re-plan at the latest pace, or a replayed
     re-plan. The cosine's rest is stretched or shrunk to a new end, so the LR never jumps."""
     settle(run)
-    if run.not_finite:  # the loop stops on it (check_finite)
-        return
     if run.plan_at is not None:
         plan_run(run)
     elif run.train_cfg.replans:
@@ -501,8 +487,6 @@ def steps_shown(run):
 def log_progress(run):
     """A progress line (loss, LR, grad norm, speed, ETA) and a history row for the steps since the last one."""
     settle(run)
-    if run.not_finite:  # the loop stops on it (check_finite)
-        return
     state, cfg, meter = run.state, run.train_cfg, run.meter
     ms = 1000 * meter.seconds / max(1, meter.steps)
     loss = sum(l for l, _ in state.window) / max(1, len(state.window))
@@ -542,10 +526,9 @@ def elapsed(run):
 
 
 def save(run, path):
-    """A checkpoint of the run as it stands (rank 0 writes it; every rank settles its steps
-    first). Never after a step that was not finite."""
+    """A checkpoint of the run as it stands (rank 0 writes it; every rank settles its steps first)."""
     with off_the_clock(run):
-        if run.master and not run.not_finite:
+        if run.master:
             run.state.seconds = elapsed(run)
             run.meter.process_start = time.perf_counter()
             save_checkpoint(path, make_checkpoint(

@@ -244,7 +244,7 @@ def test_the_causal_mask_lets_each_query_see_the_keys_up_to_its_own_position():
 
 
 def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkeypatch):
-    # the cache's whole buffers are attended to, its unfilled slots masked: a step a GPU can capture
+    # the cache's whole buffers are attended to, its unfilled slots masked: the same shapes every step
     calls, real = [], kernels.fused_kernel
 
     def recording(q, k, v, attn_mask=None, **kwargs):
