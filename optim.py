@@ -6,8 +6,7 @@ import math
 
 import torch
 
-from machinery.muon import Muon
-from machinery.precision import finite_steps_only
+from machinery import muon, precision
 
 
 def get_lr(step, lr, min_lr, warmup_steps, max_steps):
@@ -36,7 +35,7 @@ def make_optimizer(model, cfg, device):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
-        return finite_steps_only(Muon.for_model(params, cfg))
+        return precision.finite_steps_only(muon.Muon.for_model(params, cfg))
     groups = [
         {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
@@ -44,4 +43,4 @@ def make_optimizer(model, cfg, device):
     # the fused kernel updates each tensor in one pass (measurably faster on CPU too) and can
     # skip a step on the device itself, so the loop never waits to check the gradients
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type in ("cuda", "cpu", "mps"))
-    return finite_steps_only(optimizer)  # a step whose gradients are not finite changes nothing (precision.py)
+    return precision.finite_steps_only(optimizer)  # a step whose gradients are not finite changes nothing

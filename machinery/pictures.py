@@ -122,7 +122,7 @@ def val_passage(cfg, tokenizer, checkpoint):
 @torch.no_grad()
 def token_losses(model, ids):
     """The loss (nats) on every token of ids (n,) but the first, each predicted from the tokens
-    before it in its window: consecutive windows of block_size, the windows train.evaluate_full
+    before it in its window: consecutive windows of block_size, the windows train_cli.evaluate_full
     scores the val split in: over the whole split, their mean is --eval_only's loss. Returns (n - 1,)."""
     T, device = model.config.block_size, model.wte.weight.device
     losses = []

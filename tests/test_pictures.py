@@ -13,9 +13,8 @@ import torch
 from conftest import ROOT, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config, write_head
 import model as model_module
 from model import GPT
-import train
 
-from machinery import pictures
+from machinery import pictures, train_cli
 from machinery.checkpoint import load_model
 
 COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
@@ -147,7 +146,7 @@ def test_surprise_scores_the_val_split_as_eval_only_does(trained, tmp_path, caps
                          "--data", data, "--passage_chars", 5000)  # more than the whole val split: all of it
     assert code in (0, None), err
     drawn = float(re.search(r"([\d.]+) bits per character over 300 tokens", out).group(1))
-    expected = train.evaluate_checkpoint(str(path), str(data), "cpu", 8)
+    expected = train_cli.evaluate_checkpoint(str(path), str(data), "cpu", 8)
     assert drawn == pytest.approx(expected["bpc"], abs=1e-4)
     printed = float(re.search(r"([\d.]+) bits per character", capsys.readouterr().out).group(1))
     assert f"{drawn:.4f}" == f"{printed:.4f}"
@@ -168,7 +167,7 @@ def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(bpe_trai
     assert "skipped embeddings.png" in out and "char model" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.png", "surprise.png", "temperature.png"]
     drawn = float(re.search(r"([\d.]+) bits per character over", out).group(1))
-    assert drawn == pytest.approx(train.evaluate_checkpoint(str(bpe_trained), None, "cpu", 8)["bpc"], abs=1e-4)
+    assert drawn == pytest.approx(train_cli.evaluate_checkpoint(str(bpe_trained), None, "cpu", 8)["bpc"], abs=1e-4)
 
 
 def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_trained, tmp_path, capsys):

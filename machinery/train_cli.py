@@ -1,0 +1,98 @@
+"""train.py's command line: read this when you need to know how the flags become a run's
+settings (the preset this machine gets, the defaults --help shows for "auto"), or what
+--eval_only measures. What every flag means is written once, in config.py."""
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from config import (PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config,
+                    preset_defaults)
+from model import lm_loss
+
+from machinery import cli
+from machinery.checkpoint import load_model
+from machinery.device import choose_device, set_threads
+from machinery.precision import autocast, measured_on, resolve_dtype
+from machinery.sources import validation_split
+
+
+# ----------------------------------------------------------------------------- flags to settings
+
+def build_parser(device):
+    preset = default_preset(device.type)
+    if device.type == "cuda":  # (asking the GPU would start CUDA in every process, --device cpu or not)
+        dtype = "bfloat16 from compute capability 8.0, else float16"
+    else:
+        dtype = "measured at start-up here" if measured_on(device) else f"{resolve_dtype('auto', device)} here"
+    auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
+            "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
+    parser = cli.ArgumentParser(
+        description="Train a GPT language model on a text file.",
+        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "
+               f"shown are that preset's where it sets them. Flags override the preset.")
+    cli.add_config_flags(parser, RunOptions, auto, title="what to do")
+    cli.add_config_flags(parser, GPTConfig, preset_defaults(preset, auto), title="model (GPTConfig)")
+    cli.add_config_flags(parser, TrainConfig, preset_defaults(preset, auto), title="training (TrainConfig)")
+    return parser
+
+
+def parse_flags(argv=None):
+    """(options, model_cfg, train_cfg, preset, given): the flags on top of the preset, which is
+    --preset or the one that suits this machine's device. given: the flags set on the command line."""
+    parser = build_parser(choose_device("auto"))
+    given = cli.explicit_flags(parser.parse_args(argv))
+    options = make_config(RunOptions, given)
+    device = choose_device(given.get("device", "auto"))
+    preset = options.preset or default_preset(device.type)
+    if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
+        cli.log(f"no --preset given: using '{preset}' for {device.type}")
+    model_cfg, train_cfg = build_configs(given, preset)
+    return options, model_cfg, train_cfg, preset, given
+
+
+# ----------------------------------------------------------------------------- --eval_only
+
+def eval_only(options, train_cfg, given):
+    """--eval_only [PATH]: evaluate_checkpoint on PATH, by default the run folder's best.pt."""
+    path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
+    return evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
+
+
+def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
+    """Loss, perplexity and bits per character over the whole val split a checkpoint's run was
+    validated on (or data's), every position once (evaluate_full)."""
+    device = choose_device(device_name)
+    set_threads(threads)
+    model, tokenizer, checkpoint = load_model(path)
+    model.to(device)
+    corpus, data = validation_split(checkpoint, tokenizer, data)  # the split the run was validated on
+    val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
+    loss = evaluate_full(model, val_ids, model.config.block_size, batch_size, device, autocast(device, "float32"))
+    bpc = loss / corpus.chars_per_token / math.log(2)
+    cli.log(f"{path} on the val split of {data} ({len(val_ids):,} tokens, every position once):")
+    cli.log(f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | {bpc:.4f} bits per character")
+    return {"loss": loss, "perplexity": math.exp(loss), "bpc": bpc}
+
+
+@torch.no_grad()
+def evaluate_full(model, ids, block_size, batch_size, device, ctx):
+    """Mean loss over every position of ids exactly once: consecutive, non-overlapping windows,
+    then the last positions that do not fill a window. (train.py's estimate_loss samples random
+    windows instead: quick, and good enough to follow a run.)"""
+    model.eval()
+    n = (len(ids) - 1) // block_size  # whole windows; a split shorter than one is all tail
+    windows = ids[:n * block_size + 1].unfold(0, block_size + 1, block_size) if n else ids[:0].view(0, block_size + 1)
+    tail = len(ids) - 1 - len(windows) * block_size
+    chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    chunks += [ids[-tail - 1:][None]] if tail > 0 else []
+    total, count = 0.0, 0
+    for rows in chunks:  # (b, T+1)
+        x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
+        with ctx:
+            logits, _ = model(x)
+        total = total + lm_loss(logits, y, reduction="sum")
+        count += y.numel()
+    return total.item() / count
