@@ -34,6 +34,7 @@ import time
 import torch
 
 from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
+import sampling
 from optim import get_lr
 import train
 
@@ -177,7 +178,7 @@ def bench_generate(args):
         sync(device)
         t0 = time.perf_counter()
         with ctx:
-            out = model.generate(prompt, n, temperature=0, use_cache=use_cache)
+            out = sampling.generate(model, prompt, n, temperature=0, use_cache=use_cache)
         sync(device)
         return out, time.perf_counter() - t0
 
@@ -251,10 +252,11 @@ def bench_decoding(args):
         for seed in range(args.seeds) if temperature else [None]:
             t0 = time.perf_counter()
             if width:
-                new, _ = model.beam_search(idx, args.new_tokens, width)
+                new, _ = sampling.beam_search(model, idx, args.new_tokens, width)
             else:
                 generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-                new = model.generate(idx, args.new_tokens, temperature=temperature, generator=generator)[:, idx.size(1):]
+                new = sampling.generate(model, idx, args.new_tokens, temperature=temperature,
+                                        generator=generator)[:, idx.size(1):]
             seconds = time.perf_counter() - t0
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model_odds(model, idx, new)) / new.size(1)
             text = tokenizer.decode(new[0].tolist())
@@ -614,7 +616,8 @@ def check_cache(model, ctx, dtype, n=250):
     device = model.wte.weight.device
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with ctx:
-        full_text, cached_text = (model.generate(prompt, n, temperature=0, use_cache=c) for c in (False, True))
+        full_text, cached_text = (sampling.generate(model, prompt, n, temperature=0, use_cache=c)
+                                  for c in (False, True))
         new = full_text[:, 1:]
         full, cached = (torch.stack([logits[0].float() for _, logits in forced_steps(model, prompt, new, c)])
                         for c in (False, True))  # each (n, V)

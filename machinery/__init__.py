@@ -1,5 +1,5 @@
 """The machinery beside the lesson: everything that keeps a run safe, measured and convenient
-on every machine, one module per concern. The lesson's files (config.py, tokenizer.py,
-utils.py, model.py, optim.py, train.py, generate.py) reach each piece in one visible line;
+on every machine, one module per concern. The lesson's files (config.py, utils.py,
+model.py, optim.py, train.py, sampling.py, generate.py) reach each piece in one visible line;
 read a module here when you need to know how that piece works. Importing the package does
 nothing by itself."""

@@ -1,7 +1,7 @@
 """generate.py --show_probs: sampled text annotated with the odds the model gave it.
 
 For every new token: its probability under the distribution it was drawn from (the sampler's
-own, model.next_token_probs: after temperature, top-k and top-p; SamplerOdds works it out
+own, sampling.next_token_probs: after temperature, top-k and top-p; SamplerOdds works it out
 beside the sampling), the entropy of that distribution in bits (how many ways the model was
 torn: 0 bits is certain, 1 bit a coin toss), and with --show_top K the K most likely tokens. A
 terminal gets the text coloured by probability; a file or a pipe gets one aligned row per token.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Context, next_token_probs
+from sampling import Context, next_token_probs
 
 from machinery.bpe import ByteLevelTokenizer
 
@@ -53,7 +53,7 @@ def paint(text, p):
 
 class Following:
     """A continuation given token by token, and the logits generation computed before each token
-    (model.Context: the context rule, the KV cache), as generation computes them."""
+    (sampling.Context: the context rule, the KV cache), as generation computes them."""
 
     def __init__(self, model, idx, use_cache=True):
         self.context, self.idx = Context(model, use_cache), idx  # idx (B, T): the prompt
@@ -66,7 +66,7 @@ class Following:
 
 
 class SamplerOdds:
-    """Beside GPT.generate (its on_token): for every step's tokens (B, 1), the distribution they
+    """Beside sampling.generate (its on_token): for every step's tokens (B, 1), the distribution they
     were drawn from (next_token_probs: temperature, top-k, top-p, of the logits generation
     computed), handed to the annotator with them. It costs a second forward pass per step, for
     --show_probs only."""

@@ -1,6 +1,6 @@
 """Byte-level tokenizers: BPE learned from your text (--tokenizer bpe) and OpenAI's GPT-2
 (--tokenizer gpt2), both encoded by tiktoken. A deep dive: the default run uses characters
-(tokenizer.py) and never calls this.
+(utils.py) and never calls this.
 
 The textbook algorithm: start from the 256 byte values, count every adjacent pair of tokens in
 the text, merge the most frequent pair into a new token, and repeat until the vocabulary is

@@ -24,6 +24,7 @@ import time
 import torch
 
 from config import TinyLLMError, parse_duration, parse_replans
+import sampling
 from machinery.schedule import cosine_position
 
 from machinery.checkpoint import save_checkpoint
@@ -300,9 +301,9 @@ def time_sample(run):
         return 0.0
     start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
     model = run.model.eval()  # in float32, as the closing sample decodes (lifecycle.closing_sample)
-    model.generate(start, 2, temperature=0).tolist()  # once untimed
+    sampling.generate(model, start, 2, temperature=0).tolist()  # once untimed
     t0 = time.perf_counter()
-    model.generate(start, 16, temperature=0).tolist()  # (.tolist(): a GPU has finished only now)
+    sampling.generate(model, start, 16, temperature=0).tolist()  # (.tolist(): a GPU has finished only now)
     model.train()
     return (time.perf_counter() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token
 

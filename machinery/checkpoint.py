@@ -20,7 +20,7 @@ import torch
 
 from config import GPTConfig, TinyLLMError
 from model import GPT
-from tokenizer import CharTokenizer
+from utils import CharTokenizer
 
 from machinery.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.cli import first_line

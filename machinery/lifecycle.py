@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
+import sampling
 from machinery.schedule import scheduled_lr
 
 from machinery.calibrate import (RECENT_LINES, calibrate, describe_end, describe_start, move_end, plan_run, replan,
@@ -578,6 +579,6 @@ def closing_sample(run):
     bfloat16 decoding step was no faster, even on an H100)."""
     run.model.eval()
     start = torch.tensor([start_ids(run.tokenizer)], device=run.device)
-    out = run.model.generate(start, run.train_cfg.sample_tokens, temperature=0.8,
+    out = sampling.generate(run.model, start, run.train_cfg.sample_tokens, temperature=0.8,
                              generator=torch.Generator(run.device).manual_seed(run.train_cfg.seed))
     return run.tokenizer.decode(out[0].tolist())

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from config import PictureConfig, TinyLLMError, make_config
-from model import attention_weights, lm_loss, next_token_probs
-from tokenizer import CharTokenizer
+from model import attention_weights, lm_loss
+from sampling import next_token_probs
+from utils import CharTokenizer
 
 from machinery.annotate import Pieces, entropy_bits, token_piece
 from machinery.checkpoint import load_model

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from config import EOT, TinyLLMError, TrainConfig, make_config
-from tokenizer import make_tokenizer
+from utils import make_tokenizer
 
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, format_seconds, log, run_cli
 from machinery.sources import iter_stream

@@ -15,8 +15,7 @@ import re
 import numpy as np
 
 from config import EOT, TinyLLMError, TrainConfig
-from tokenizer import CharTokenizer
-from utils import Corpus, tokenize
+from utils import CharTokenizer, Corpus, tokenize
 
 from machinery.checkpoint import extend_tokenizer, tokenizer_from_dict
 from machinery.cli import warn

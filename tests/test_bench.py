@@ -121,14 +121,14 @@ def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path, monk
 def test_the_cache_check_tells_a_right_cache_from_a_wrong_one(trained, monkeypatch):
     import contextlib
 
-    import model as model_module
+    import sampling
     from machinery.checkpoint import load_model
     gpt, _, _ = load_model(str(trained[0] / "best.pt"))  # block_size 16
     right = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)  # past block_size: restarts too
     assert right["agrees"] and right["max_diff"] <= right["tolerance"] and right["parts_at"] is None
     assert "KV cache agrees" in bench.describe_cache_check(right, "float32")
     # a cache that forgets every earlier position: each new token attends to itself alone
-    monkeypatch.setattr(model_module.KVCache, "update", lambda self, layer, k, v: (k, v))
+    monkeypatch.setattr(sampling.KVCache, "update", lambda self, layer, k, v: (k, v))
     wrong = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)
     assert not wrong["agrees"] and wrong["max_diff"] > 100 * wrong["tolerance"]
     line = bench.describe_cache_check(wrong, "float32")

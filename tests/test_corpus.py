@@ -10,6 +10,7 @@ import torch
 from config import EOT, TinyLLMError, TrainConfig
 from conftest import corpus_head, snapshot, tiny_model_config, tiny_train_config
 from generate import encode_prompt
+import sampling
 import train
 from utils import get_batch
 
@@ -112,7 +113,7 @@ def test_tiny_model_learns_to_answer_and_stop(tmp_path):
     model = train.train(tiny_model_config(n_embd=64, n_head=4, block_size=48), cfg)["model"].eval()
     tok = tokenizer_from_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tokenizer"])
     prompt = encode_prompt(tok, "Who are you?", qa=True)
-    out = model.generate(torch.tensor([prompt]), 40, temperature=0, stop_token=tok.eot_id)[0, len(prompt):].tolist()
+    out = sampling.generate(model, torch.tensor([prompt]), 40, temperature=0, stop_token=tok.eot_id)[0, len(prompt):].tolist()
     assert out[-1] == tok.eot_id                                   # it stopped at the boundary...
     assert tok.decode(out[:-1]) == " I am tinyllm."                # ...right after the learned answer
 

@@ -6,8 +6,7 @@ import torch
 
 from config import TinyLLMError
 from optim import get_lr
-from tokenizer import CharTokenizer
-from utils import get_batch, split_train_val
+from utils import CharTokenizer, get_batch, split_train_val
 
 from machinery.sources import check_long_enough, read_text as load_corpus
 

@@ -16,6 +16,7 @@ from conftest import complex_rope, fixed_batch, rope_angles, tiny_model_config, 
 import model as model_module
 from model import GPT, apply_rope
 from optim import make_optimizer
+import sampling
 import train
 
 from machinery import device as device_module
@@ -226,11 +227,11 @@ def test_a_rope_checkpoint_of_the_old_code_gives_the_same_logits_and_greedy_text
     model = GPT(tiny_model_config(pos="rope", mlp="swiglu", block_size=16)).eval()
     idx = torch.randint(0, 65, (2, 16))
     logits = model(idx)[0]
-    greedy = model.generate(idx[:1, :4], 40, temperature=0)
+    greedy = sampling.generate(model, idx[:1, :4], 40, temperature=0)
 
     monkeypatch.setattr(model_module, "apply_rope", complex_rope)  # the formulation RoPE had before
     assert torch.allclose(model(idx)[0], logits, atol=1e-5)
-    assert torch.equal(model.generate(idx[:1, :4], 40, temperature=0), greedy)
+    assert torch.equal(sampling.generate(model, idx[:1, :4], 40, temperature=0), greedy)
 
 
 class DtypeRecorder(TorchDispatchMode):
@@ -304,15 +305,15 @@ def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_with_the_cache(shakes
     model = result["model"].eval()
     prompt = torch.randint(0, 50, (2, 3))
     with autocast(CPU, "bfloat16"):
-        cached = model.generate(prompt, 30, temperature=0, use_cache=True)
-        full = model.generate(prompt, 30, temperature=0, use_cache=False)
+        cached = sampling.generate(model, prompt, 30, temperature=0, use_cache=True)
+        full = sampling.generate(model, prompt, 30, temperature=0, use_cache=False)
     assert torch.equal(cached, full)
 
 
 def test_a_bfloat16_runs_closing_sample_is_decoded_in_float32_as_generate_py_does(shakespeare_head, tmp_path,
                                                                                    capsys, monkeypatch):
-    seen, real = [], model_module.sample_next
-    monkeypatch.setattr(model_module, "sample_next",
+    seen, real = [], sampling.sample_next
+    monkeypatch.setattr(sampling, "sample_next",
                         lambda logits, *a, **k: seen.append((logits.dtype, torch.is_autocast_enabled("cpu")))
                         or real(logits, *a, **k))
     cfg = tiny_train_config(shakespeare_head, tmp_path, dtype="bfloat16", max_steps=10, sample_tokens=40)
@@ -320,7 +321,7 @@ def test_a_bfloat16_runs_closing_sample_is_decoded_in_float32_as_generate_py_doe
     assert seen == [(torch.float32, False)] * 40  # every step of the closing sample, outside autocast
     printed = capsys.readouterr().out.split("sample:\n", 1)[1].rstrip("\n")
     model, tokenizer = result["model"].eval(), load_model(str(tmp_path / "last.pt"))[1]
-    out = model.generate(torch.tensor([start_ids(tokenizer)]), 40, temperature=0.8,
+    out = sampling.generate(model, torch.tensor([start_ids(tokenizer)]), 40, temperature=0.8,
                          generator=torch.Generator().manual_seed(cfg.seed))  # as generate.py decodes
     assert printed == tokenizer.decode(out[0].tolist())
 

@@ -12,8 +12,9 @@ import torch
 
 from conftest import assert_one_line_error, cli, tiny_model_config
 import generate
-import model as model_module
-from model import GPT, next_token_probs, sample_next
+from model import GPT
+import sampling
+from sampling import next_token_probs, sample_next
 
 from machinery import annotate
 from machinery.annotate import Annotator, Pieces, SamplerOdds, token_label
@@ -84,19 +85,19 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
     gpt = GPT(tiny_model_config(block_size=8, pos="rope")).eval()
     prompt = torch.randint(0, 65, (2, 3))
     for setting in SETTINGS:
-        seen, real = [], model_module.sample_next
+        seen, real = [], sampling.sample_next
 
         def recording(logits, *a, **k):  # the logits each step samples from
             seen.append(logits.clone())
             return real(logits, *a, **k)
-        monkeypatch.setattr(model_module, "sample_next", recording)
+        monkeypatch.setattr(sampling, "sample_next", recording)
         collected = Collected()
         odds = SamplerOdds(gpt, prompt, collected, **setting, use_cache=use_cache)
-        gpt.generate(prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1),
+        sampling.generate(gpt, prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1),
                      on_token=odds)
         steps = collected.steps
         monkeypatch.undo()
-        out = gpt.generate(prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1))
+        out = sampling.generate(gpt, prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1))
         plain = out[:, prompt.size(1):].split(1, dim=1)
         assert len(steps) == len(seen) == 20  # 3 + 20 tokens: the context is cropped on the way
         for (token, probs), logits, same in zip(steps, seen, plain):
@@ -186,7 +187,7 @@ def test_without_the_flag_nothing_is_computed_for_it(trained, capsys, monkeypatc
     for name in ("entropy_bits", "token_label", "summary"):
         monkeypatch.setattr(annotate, name, refuse)
     monkeypatch.setattr(generate, "Annotator", refuse)
-    monkeypatch.setattr(model_module, "next_token_probs", refuse)  # greedy needs no softmax either
+    monkeypatch.setattr(sampling, "next_token_probs", refuse)  # greedy needs no softmax either
     code, out, err = cli(capsys, generate.main, trained[0] / "best.pt", "--max_new_tokens", 20, "--temperature", 0)
     assert code in (0, None) and len(out) > 20, err
 

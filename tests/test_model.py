@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from config import TinyLLMError
 from conftest import checkpoint_of, tiny_model_config
-from model import GPT, filter_logits, sample_next
+from model import GPT
+import sampling
+from sampling import filter_logits, sample_next
 
 from machinery import kernels
 
@@ -107,18 +109,18 @@ def test_greedy_is_deterministic_and_seeded_sampling_reproducible():
     torch.manual_seed(0)
     model = GPT(tiny_model_config()).eval()
     idx = torch.randint(0, 65, (2, 5))
-    a = model.generate(idx, 20, temperature=0)
-    b = model.generate(idx, 20, temperature=0)
+    a = sampling.generate(model, idx, 20, temperature=0)
+    b = sampling.generate(model, idx, 20, temperature=0)
     assert torch.equal(a, b) and a.shape == (2, 25)
-    s1 = model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
-    s2 = model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
-    s3 = model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(43))
+    s1 = sampling.generate(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
+    s2 = sampling.generate(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
+    s3 = sampling.generate(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(43))
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
 
 
 def test_generation_crops_context_past_block_size():
     model = GPT(tiny_model_config(block_size=8)).eval()
-    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 30, temperature=0)
+    out = sampling.generate(model, torch.zeros(1, 3, dtype=torch.long), 30, temperature=0)
     assert out.shape == (1, 33)
 
 
@@ -134,18 +136,17 @@ COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for
 @pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
 def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
     """Next-token logits with and without the cache agree at every step, well past block_size."""
-    import model as model_module
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=8, **switches)).eval()
     seen = {True: [], False: []}
-    real = model_module.sample_next
+    real = sampling.sample_next
     for use_cache in (True, False):
         def recording(logits, *a, _log=seen[use_cache], **k):  # keep every step's logits, then sample as usual
             _log.append(logits.clone())
             return real(logits, *a, **k)
-        monkeypatch.setattr(model_module, "sample_next", recording)
+        monkeypatch.setattr(sampling, "sample_next", recording)
         torch.manual_seed(1)  # the same prompt both times
-        out = model.generate(torch.randint(0, 65, (2, 5)), 30, temperature=0, use_cache=use_cache)
+        out = sampling.generate(model, torch.randint(0, 65, (2, 5)), 30, temperature=0, use_cache=use_cache)
         seen[use_cache].append(out)
     *cached_logits, cached_out = seen[True]
     *full_logits, full_out = seen[False]
@@ -174,7 +175,7 @@ def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
         save_checkpoint(path, checkpoint_of(model))
         loaded = model_from_checkpoint(load_checkpoint(path)).eval()
         model.eval()
-        assert torch.equal(loaded.generate(idx[:1, :3], 10, temperature=0), model.generate(idx[:1, :3], 10, temperature=0))
+        assert torch.equal(sampling.generate(loaded, idx[:1, :3], 10, temperature=0), sampling.generate(model, idx[:1, :3], 10, temperature=0))
 
 
 def test_swiglu_keeps_the_parameter_count_close():
@@ -200,12 +201,11 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
 
 
 def test_generation_builds_no_autograd_graph(monkeypatch):
-    import model as model_module
     seen = []
-    real = model_module.sample_next
-    monkeypatch.setattr(model_module, "sample_next", lambda logits, *a, **k: seen.append(
+    real = sampling.sample_next
+    monkeypatch.setattr(sampling, "sample_next", lambda logits, *a, **k: seen.append(
         (logits.requires_grad, torch.is_inference_mode_enabled())) or real(logits, *a, **k))
-    GPT(tiny_model_config()).generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
+    sampling.generate(GPT(tiny_model_config()), torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
     assert seen == [(False, True)] * 5  # inference mode at every step: no graph kept alive by the cache
 
 
@@ -226,7 +226,7 @@ def test_the_formula_as_written_is_what_the_fused_kernel_computes(switches):
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.eval()
-        text = model.generate(idx[:1, :3], 20, temperature=0)
+        text = sampling.generate(model, idx[:1, :3], 20, temperature=0)
         model.train()
         results[fused] = (logits.detach(), grads, text)
     (fast, fast_grads, fast_text), (plain, plain_grads, plain_text) = results[True], results[False]
@@ -253,7 +253,7 @@ def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkey
     monkeypatch.setattr(kernels, "fused_kernel", recording)
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=8)).eval()
-    model.generate(torch.zeros(2, 3, dtype=torch.long), 20, temperature=0)  # past block_size: refills too
+    sampling.generate(model, torch.zeros(2, 3, dtype=torch.long), 20, temperature=0)  # past block_size: refills too
     steps = [c for c in calls if c[0][2] == 1]  # one new token per row
     assert len(steps) > 10 and len(set(steps)) == 1, set(steps)
     assert steps[0][1][2] == 8  # every step reads all block_size slots

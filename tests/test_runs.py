@@ -13,7 +13,7 @@ import torch
 from config import RunOptions, TrainConfig
 from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head, snapshot, tiny_model_config, tiny_train_config
 import generate
-from model import filter_logits
+from sampling import filter_logits
 import train
 
 from machinery import hardware, plots, prepare, train_cli

@@ -13,7 +13,7 @@ import torch
 
 from config import EOT, TinyLLMError
 from conftest import corpus_head
-from tokenizer import CharTokenizer, make_tokenizer
+from utils import CharTokenizer, make_tokenizer
 
 from machinery.bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, special_regex, train_bpe
 from machinery.checkpoint import tokenizer_from_dict

@@ -1,0 +1,178 @@
+"""Generation, the chapter after train.py: how a trained GPT writes text, one token at a time.
+
+Read it top to bottom: generate (the loop: the logits of the next token, one token drawn from
+them, appended, repeat); the KV cache, which keeps each layer's keys and values so that a new
+token costs one position's work instead of the whole context's; the context rule (Context:
+what the model sees once the text outgrows block_size); the sampler (temperature, top-k,
+top-p). Beam search, at the end, is a deep dive. generate.py is the command line around this;
+the sample train.py prints at the end of a run comes from here too.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+             stop_token=None, generator=None, on_token=None):
+    """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
+    stop_token; returns (B, T + new). Each step: the logits of the next token (Context: the
+    context rule and the KV cache), one token drawn from them (sample_next), appended.
+    on_token(tokens (B, 1)) sees each step's tokens as they come (generate.py streams them)."""
+    context = Context(model, use_cache)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
+        for _ in range(max_new_tokens):
+            logits = context.next_logits(idx)  # (B, V)
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
+            if on_token is not None:
+                on_token(next_token)
+            if stop_token is not None:
+                done |= next_token[:, 0] == stop_token
+                if done.all():
+                    break
+    return idx.clone()  # outside inference mode: a tensor autograd may use
+
+
+# ----------------------------------------------------------------------------- the KV cache and the context rule
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, plus the position of the
+    next token. Buffers of block_size positions are allocated once and filled in place, so a
+    step writes one new column instead of copying the whole cache. Attention reads the whole
+    buffers, the mask hiding the slots not filled yet, so every decoding step computes with the
+    same shapes: no new kernel set-up per length, and the first thing capturing a step in a CUDA
+    graph needs (the write position and the mask are still made on the host each step)."""
+
+    def __init__(self, n_layer, block_size):
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.block_size = block_size
+        self.pos = 0  # advanced by GPT.forward once every layer has stored this call's tokens
+
+    def update(self, layer, k, v):
+        """Store this step's k, v (B, nh, T, hs) at their positions; return the buffers (B, nh, block_size, hs)."""
+        if self.k[layer] is None:  # zeros: a hidden slot gets weight 0, and 0 times 0 stays 0
+            B, nh, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer], self.v[layer]
+
+    def reorder(self, rows):
+        """Row i of the cache becomes a copy of row rows[i] (beam search: each beam follows its parent)."""
+        self.k = [k[rows] if k is not None else None for k in self.k]
+        self.v = [v[rows] if v is not None else None for v in self.v]
+
+
+class Context:
+    """What the model sees while it generates: the context rule and the KV cache.
+    next_logits(idx) gives the logits of the token after each row of idx (B, T), each call's
+    idx one token longer than the last call's (the first call's is the prompt)."""
+
+    def __init__(self, model, use_cache=True):
+        self.model, self.use_cache = model, use_cache
+        self.start, self.cache = None, None  # the context is idx[:, start:]
+
+    def next_logits(self, idx):
+        block_size = self.model.config.block_size
+        if self.start is None:  # the prompt: its last block_size tokens at most
+            self.start = max(0, idx.size(1) - block_size)
+        if idx.size(1) - self.start > block_size:
+            # The context is full. It does not slide on by one token (idx[:, -block_size:]): it
+            # restarts from the newest block_size // 2 tokens, and the cache is filled again.
+            # A cached key holds what its layer computed when the key's token was added, from the
+            # tokens in view then; after a slide every position moves and some of those tokens
+            # are gone, so a sliding cache would no longer compute what the model computes on
+            # the context. Restarting costs one refill every block_size // 2 tokens, and keeps
+            # generation with the cache identical to recomputing the context each step.
+            self.start, self.cache = idx.size(1) - max(1, block_size // 2), None
+        if not self.use_cache:  # recompute the whole context
+            logits, _ = self.model(idx[:, self.start:])
+        elif self.cache is None:  # fill the cache with the whole context
+            self.cache = KVCache(self.model.config.n_layer, block_size)
+            logits, _ = self.model(idx[:, self.start:], cache=self.cache)
+        else:  # only the newest token: the cache holds the rest
+            logits, _ = self.model(idx[:, -1:], cache=self.cache)
+        return logits[:, -1, :]  # (B, V)
+
+    def follow(self, rows):
+        """Row i continues row rows[i] of the last call from now on (beam search)."""
+        if self.cache is not None:
+            self.cache.reorder(rows)
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Set to -inf every logit outside the candidates: top_k > 0 keeps the k most likely
+    (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
+    smallest set whose probability reaches top_p."""
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
+        sorted_logits[before >= top_p] = float("-inf")  # the most likely token always survives
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution the next token is drawn from, probs (B, V), for logits (B, V): divide by
+    the temperature, keep the top-k / top-p candidates, softmax. Temperature 0 (greedy) draws
+    nothing: it takes the most likely token. Its distribution here is the one at temperature 1
+    after top-k / top-p, the model's own odds among the candidates, in which greedy's pick is
+    the most likely token (the candidates always include it)."""
+    logits = filter_logits(logits.float() / (temperature or 1.0), top_k, top_p)
+    return F.softmax(logits, dim=-1)  # (B, V)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Pick one token per row from logits (B, V): (B, 1). Temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1); greedy needs no softmax
+    probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+# ----------------------------------------------------------------------------- deep dive: beam search
+
+@torch.inference_mode()
+def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
+    """The continuation of idx (1, T) with the highest score that a beam of beam_width finds:
+    keep the beam_width best partial continuations, extend every one by every token, keep the
+    best beam_width of those, repeat. A continuation's score is its total log-probability (the
+    sum over its tokens), divided by its length ** length_penalty (0: the plain sum). One that
+    ends in stop_token is finished and leaves the beam. Returns (new tokens (1, n), total log-probability)."""
+    context, prompt = Context(model, use_cache), idx.size(1)
+    beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
+    totals = torch.zeros(1, dtype=torch.float64, device=idx.device)  # (k,) their total log-probabilities
+    finished = []  # (total log-probability, new tokens) of the continuations that stopped
+    for _ in range(max_new_tokens):
+        logp = F.log_softmax(context.next_logits(beams).double(), dim=-1)  # (k, V)
+        V = logp.size(-1)
+        # every beam extended by every token, best first; a beam adds at most one stopped
+        # candidate, so the best 2 * beam_width hold beam_width live ones
+        best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
+        rows, tokens = flat // V, flat % V  # which beam each candidate extends, by which token
+        stops = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        finished += [(t, torch.cat((beams[r, prompt:], tok[None]))) for t, r, tok in
+                     zip(best[stops].tolist(), rows[stops], tokens[stops])]
+        keep = (~stops).nonzero()[:beam_width, 0]
+        if len(keep) == 0:
+            break
+        context.follow(rows[keep])  # each new beam's cache is its parent's
+        beams = torch.cat((beams[rows[keep]], tokens[keep, None]), dim=1)
+        totals = best[keep]
+        if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:
+            break  # the plain sum only falls as a continuation grows: no live beam can win any more
+    candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]
+    total, new = max(candidates, key=lambda c: c[0] / max(1, len(c[1])) ** length_penalty)
+    return new[None], total
