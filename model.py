@@ -7,7 +7,7 @@ Generation (the KV cache, temperature, top-k, top-p) is its own chapter, samplin
 after train.py; forward takes the cache it passes.
 
 The layer names are OpenAI's GPT-2 names, kept so its published weights load by name
-(hf_gpt2.py): wte / wpe are the token / position embeddings, c_attn / c_proj / c_fc the
+(machinery/hf_gpt2.py): wte / wpe are the token / position embeddings, c_attn / c_proj / c_fc the
 attention's and MLP's linear layers, ln_1 / ln_2 / ln_f the norms.
 """
 

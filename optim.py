@@ -1,6 +1,6 @@
 """How the weights move: the learning-rate schedule (linear warmup, then cosine decay) and
 AdamW with weight decay on matrices only. --optimizer muon swaps the blocks' matrices to
-Muon (a deep dive: muon.py)."""
+Muon (a deep dive: machinery/muon.py)."""
 
 import math
 
@@ -29,7 +29,7 @@ def set_lr(optimizer, lr):
 
 def make_optimizer(model, cfg, device):
     """AdamW that decays matrices (embeddings, linear weights) but not biases or norm gains.
-    With cfg.optimizer == "muon", the blocks' hidden matrices get Muon instead (muon.py).
+    With cfg.optimizer == "muon", the blocks' hidden matrices get Muon instead (machinery/muon.py).
     Each group carries lr_scale: its learning rate is the scheduled lr times lr_scale. Either
     way its step() leaves the weights as they were when a gradient is not finite."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

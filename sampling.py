@@ -19,7 +19,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, us
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
     stop_token; returns (B, T + new). Each step: the logits of the next token (Context: the
     context rule and the KV cache), one token drawn from them (sample_next), appended.
-    on_token(tokens (B, 1)) sees each step's tokens as they come (generate.py streams them)."""
+    on_token(tokens (B, 1)) sees each step's tokens as they come (generate.py streams them).
+    The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
+    generate.py loads is in eval mode already)."""
     context = Context(model, use_cache)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference

@@ -70,12 +70,14 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
-            scaler.scale(loss).backward()                    # 6. backward (float16: of the loss times the scale,
-        loss_sum = loss_sum + loss.detach()                  #    so that small gradients do not underflow)
+            # 6. backward; float16 scales the loss up first, so that small gradients do not underflow
+            scaler.scale(loss).backward()
+        loss_sum = loss_sum + loss.detach()
     scaler.unscale_(optimizer)                               # (float16: divide the scale back out)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip
-    scaler.step(optimizer)                                   # 8. update the weights (skipped if a gradient is
-    scaler.update()                                          #    not finite; float16: the scale adapts)
+    # 8. update the weights; a step whose gradients are not finite is skipped (optim.make_optimizer)
+    scaler.step(optimizer)
+    scaler.update()                                          # (float16: the scale adapts)
     return loss_sum, grad_norm
 
 
@@ -89,7 +91,10 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None):
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
     """A run ready for its first step: device, folder and resume; build; a resumed run's state,
-    DDP, the precision measured with trial steps, the start-up lines."""
+    DDP, the precision measured with trial steps of train_step (--dtype auto on a CPU), the
+    start-up lines. The loop reads what it needs from run (lifecycle.Run declares each field):
+    run.train_model is run.model as the steps call it (compiled, or wrapped for DDP, when asked);
+    run.ctx and run.scaler are the precision's autocast and float16's gradient scaler."""
     run = lifecycle.start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {})
     with device.out_of_memory_as_error(run.oom_hint):  # one error line saying what to try
         build(run)
@@ -101,7 +106,7 @@ def train_loop(run):
     """Evaluate now and then, take optimizer steps, report. Each line that ends the loop or moves
     its end is here: max_steps (planned and re-planned for a time budget), an early stop, a stop
     signal; a loss that is not finite ends it with an error where the losses are read (below)."""
-    cfg, state = run.train_cfg, run.state
+    cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (saved in every checkpoint)
     batches = {"train": run.next_batch, "val": run.val_batch}
     with lifecycle.guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the step under way finishes first
         while True:
@@ -111,11 +116,11 @@ def train_loop(run):
                 with lifecycle.off_the_clock(run, evaluation=True):  # evaluating and saving is not step time
                     losses = estimate_loss(run.train_model, batches, run.eval_iters, run.ctx)
                     val_loss = lifecycle.after_evaluation(run, losses)  # a line, history, last.pt (best.pt), plots
-                run.stop_reason = lifecycle.early_stop(run, val_loss)  # --patience or --target_loss met, else None
+                run.stop_reason = run.stop_reason or lifecycle.early_stop(run, val_loss)  # --patience, --target_loss
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step; once a re-plan has moved the end, at get_lr's stretched cosine
+            # --- one optimizer step; on_the_schedule returns (state.step, cfg.lr) unless a re-plan moved the end
             step, peak = schedule.on_the_schedule(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
             lr = get_lr(step, peak, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,

@@ -93,8 +93,9 @@ class Corpus:
 
 def tokenize(text, tokenizer=None, kind="char", vocab_size=0):
     """text -> token ids -> a contiguous 90/10 train/val split. A fresh run learns its tokenizer
-    from the text (char: every character in it; BPE: merges learned from the training split
-    only, so validation stays unseen); a resumed or fine-tuned run brings its own."""
+    from the text (char: every character in it; BPE: merges learned from the first 90% of the
+    characters, about the training split, so validation stays all but unseen); a resumed or
+    fine-tuned run brings its own."""
     if tokenizer is None:
         tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * 0.9)], vocab_size)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)

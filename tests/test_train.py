@@ -122,10 +122,11 @@ def test_tiny_run_learns_well_below_uniform(shakespeare_head, tmp_path):
         assert os.path.getsize(tmp_path / name) > 0
 
 
-def test_model_overfits_one_batch(shakespeare_head, tmp_path):
+@pytest.mark.parametrize("eval_interval", [400, 1])  # 1: an evaluation right after the overfit step must not undo it
+def test_model_overfits_one_batch(shakespeare_head, tmp_path, eval_interval):
     torch.manual_seed(0)
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=400, eval_interval=400, lr=1e-2, min_lr=1e-2,
-                            warmup_steps=0, batch_size=4, weight_decay=0.0)
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=400, eval_interval=eval_interval, lr=1e-2,
+                            min_lr=1e-2, warmup_steps=0, batch_size=4, weight_decay=0.0)
     result = train.train(tiny_model_config(n_embd=64, block_size=16), cfg, RunOptions(overfit_batch=True))
     assert result["overfit_step"] is not None and result["overfit_step"] < 400
     assert result["step"] == result["overfit_step"]  # and the run stopped there
