@@ -46,7 +46,7 @@ def build(run):
         lifecycle.add_characters(run, model, tokenizer)
     run.model_cfg, run.tokenizer = model.config, run.corpus.tokenizer
     run.model = model.to(run.device)
-    run.optimizer = make_optimizer(run.model, cfg, run.device)  # AdamW: weight decay on matrices only
+    run.optimizer = make_optimizer(run.model, cfg, run.device)  # AdamW (or --optimizer muon): optim.py
     # batches: random windows of block_size tokens, y one token ahead of x; each process takes
     # its share of batch_size, in grad_accum_steps micro-batches
     run.micro_batch = cfg.batch_size // run.world // cfg.grad_accum_steps
@@ -130,7 +130,7 @@ def train_loop(run):
             # --- a progress line every log_interval steps, ckpt_STEP.pt if asked. Reading the losses from the
             #     device (settle) stops the run with an error on one that is not finite, before any save
             lifecycle.after_step(run, loss, grad_norm, lr)
-            run.stop_reason = lifecycle.overfit_reached(run)  # --overfit_batch: the loss is near 0
+            run.stop_reason = run.stop_reason or lifecycle.overfit_reached(run)  # --overfit_batch: the loss is near 0
 
             # --- a --time_budget run: planned once its first steps are timed, re-planned at every progress line
             if lifecycle.plan_due(run):

@@ -70,11 +70,11 @@ def make_tokenizer(kind, text, vocab_size, verbose=False):
     vocab_size 0 means BPE_VOCAB_SIZE)."""
     if kind == "char":
         return CharTokenizer.from_text(text)
-    from machinery.bpe import BPETokenizer, GPT2Tokenizer  # the byte-level ones: a deep dive, kept out of this file
+    from machinery import bpe  # the byte-level ones: a deep dive, imported only when asked for
     if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
+        return bpe.BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
     if kind == "gpt2":
-        return GPT2Tokenizer()
+        return bpe.GPT2Tokenizer()
     raise TinyLLMError(f"unknown tokenizer {kind!r}: choose char, bpe or gpt2")
 
 
