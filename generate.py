@@ -48,8 +48,9 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
     elif stream:
         sys.stdout.write(tokenizer.decode(shown))
         on_token = show
-    out = sampling.generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                         use_cache=not cfg.no_cache, stop_token=stop, generator=generator, on_token=on_token)
+    out = sampling.generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                            top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator,
+                            on_token=on_token)
     if annotator:
         annotator.end()
     elif stream:
@@ -70,8 +71,8 @@ def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
     sample does. An annotator gets the model's own distribution at every step of it."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    new, _ = sampling.beam_search(model, idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache, stop_token=stop,
-                               length_penalty=cfg.length_penalty)  # (1, n)
+    new, _ = sampling.beam_search(model, idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache,
+                                  stop_token=stop, length_penalty=cfg.length_penalty)  # (1, n)
     shown = [t for t in prompt_ids if t != stop]
     if annotator:
         annotator.begin(shown, 1, stop)

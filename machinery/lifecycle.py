@@ -580,5 +580,5 @@ def closing_sample(run):
     run.model.eval()
     start = torch.tensor([start_ids(run.tokenizer)], device=run.device)
     out = sampling.generate(run.model, start, run.train_cfg.sample_tokens, temperature=0.8,
-                             generator=torch.Generator(run.device).manual_seed(run.train_cfg.seed))
+                            generator=torch.Generator(run.device).manual_seed(run.train_cfg.seed))
     return run.tokenizer.decode(out[0].tolist())

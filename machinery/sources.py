@@ -200,7 +200,7 @@ def validation_split(checkpoint, tokenizer, data=None):
 
 
 def check_splits(corpus, block_size, path):
-    """Refuse, before anything is built, a source whose train or val split is shorter than one window."""
+    """Refuse, before the model is built or trained, a source whose train or val split is shorter than one window."""
     check_long_enough(corpus.train, block_size, "train", path)
     check_long_enough(corpus.val, block_size, "validation", path)
 

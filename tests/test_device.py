@@ -322,7 +322,7 @@ def test_a_bfloat16_runs_closing_sample_is_decoded_in_float32_as_generate_py_doe
     printed = capsys.readouterr().out.split("sample:\n", 1)[1].rstrip("\n")
     model, tokenizer = result["model"].eval(), load_model(str(tmp_path / "last.pt"))[1]
     out = sampling.generate(model, torch.tensor([start_ids(tokenizer)]), 40, temperature=0.8,
-                         generator=torch.Generator().manual_seed(cfg.seed))  # as generate.py decodes
+                            generator=torch.Generator().manual_seed(cfg.seed))  # as generate.py decodes
     assert printed == tokenizer.decode(out[0].tolist())
 
 

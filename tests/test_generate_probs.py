@@ -94,7 +94,7 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
         collected = Collected()
         odds = SamplerOdds(gpt, prompt, collected, **setting, use_cache=use_cache)
         sampling.generate(gpt, prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1),
-                     on_token=odds)
+                          on_token=odds)
         steps = collected.steps
         monkeypatch.undo()
         out = sampling.generate(gpt, prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1))
