@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from config import TinyLLMError
+from conftest import TINY_FLAGS, assert_one_line_error, cli, write_head
 from optim import get_lr
+import train
 from utils import CharTokenizer, get_batch, split_train_val
 
 from machinery.sources import check_long_enough, read_text as load_corpus
@@ -67,3 +69,10 @@ def test_missing_and_empty_data_are_clear_errors(tmp_path):
         load_corpus(str(tmp_path / "empty.txt"))
     with pytest.raises(TinyLLMError, match="block_size 64"):
         check_long_enough(torch.arange(10), 64, "val", "x.txt")
+
+
+def test_a_split_shorter_than_one_window_is_one_error_line_before_any_training(tmp_path, capsys):
+    data = write_head(tmp_path / "short.txt", 150)  # val: 15 characters; block_size 16 needs 17
+    code, out, err = cli(capsys, train.main, "--data", data, "--out_dir", tmp_path / "run", *TINY_FLAGS)
+    assert_one_line_error(code, err, "the validation split has 15 tokens", "block_size 16")
+    assert not (tmp_path / "run" / "last.pt").exists()
