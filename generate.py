@@ -36,15 +36,15 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
     shown = [t for t in prompt_ids if t != stop]
     pieces = Pieces(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
 
-    def show(token):  # (B, 1): the first sample's new token, printed as it comes
+    def show(token, logits):  # token (B, 1): the first sample's new token, printed as it comes
         if token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):
             sys.stdout.write(piece[0])
             sys.stdout.flush()
 
     on_token = None
-    if annotator:  # it works out each step's distribution itself, as generation does (SamplerOdds)
+    if annotator:  # each step's tokens with the distribution they were drawn from
         annotator.begin(shown, cfg.num_samples, stop, live=stream)
-        on_token = SamplerOdds(model, idx, annotator, cfg.temperature, cfg.top_k, cfg.top_p, not cfg.no_cache)
+        on_token = SamplerOdds(annotator, cfg.temperature, cfg.top_k, cfg.top_p)
     elif stream:
         sys.stdout.write(tokenizer.decode(shown))
         on_token = show

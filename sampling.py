@@ -19,7 +19,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, us
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
     stop_token; returns (B, T + new). Each step: the logits of the next token (Context: the
     context rule and the KV cache), one token drawn from them (sample_next), appended.
-    on_token(tokens (B, 1)) sees each step's tokens as they come (generate.py streams them).
+    on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits
+    they were drawn from (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
     generate.py loads is in eval mode already)."""
     context = Context(model, use_cache)
@@ -30,7 +31,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, us
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
             if on_token is not None:
-                on_token(next_token)
+                on_token(next_token, logits)
             if stop_token is not None:
                 done |= next_token[:, 0] == stop_token
                 if done.all():

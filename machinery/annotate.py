@@ -1,14 +1,14 @@
 """generate.py --show_probs: sampled text annotated with the odds the model gave it.
 
 For every new token: its probability under the distribution it was drawn from (the sampler's
-own, sampling.next_token_probs: after temperature, top-k and top-p; SamplerOdds works it out
-beside the sampling), the entropy of that distribution in bits (how many ways the model was
+own, sampling.next_token_probs: after temperature, top-k and top-p, of the logits generation
+hands to SamplerOdds), the entropy of that distribution in bits (how many ways the model was
 torn: 0 bits is certain, 1 bit a coin toss), and with --show_top K the K most likely tokens. A
 terminal gets the text coloured by probability; a file or a pipe gets one aligned row per token.
 Every sample ends with its mean log-probability, perplexity and mean entropy.
 
-generate.sample hands each step's tokens to SamplerOdds, which gives them with their odds to an
-Annotator; generate.sample_checkpoint asks that for each sample's report.
+sampling.generate hands each step's tokens and logits to SamplerOdds, which gives them with their
+odds to an Annotator; generate.sample_checkpoint asks that for each sample's report.
 """
 
 import math
@@ -51,42 +51,29 @@ def paint(text, p):
     return "\n".join(f"\033[{code}m{part}{RESET}" if part else "" for part in text.split("\n"))
 
 
-class Following:
-    """A continuation given token by token, and the logits generation computed before each token
-    (sampling.Context: the context rule, the KV cache), as generation computes them."""
-
-    def __init__(self, model, idx, use_cache=True):
-        self.context, self.idx = Context(model, use_cache), idx  # idx (B, T): the prompt
-
-    def logits_before(self, token):
-        """The logits (B, V) the next token was drawn from; then token (B, 1) joins the context."""
-        logits = self.context.next_logits(self.idx)
-        self.idx = torch.cat((self.idx, token), dim=1)
-        return logits
-
-
 class SamplerOdds:
-    """Beside sampling.generate (its on_token): for every step's tokens (B, 1), the distribution they
-    were drawn from (next_token_probs: temperature, top-k, top-p, of the logits generation
-    computed), handed to the annotator with them. It costs a second forward pass per step, for
-    --show_probs only."""
+    """sampling.generate's on_token for --show_probs: every step's tokens (B, 1) and the
+    distribution they were drawn from (next_token_probs of the step's logits: temperature,
+    top-k, top-p), handed to the annotator together."""
 
-    def __init__(self, model, idx, annotator, temperature=1.0, top_k=0, top_p=1.0, use_cache=True):
-        self.following, self.annotator = Following(model, idx, use_cache), annotator
-        self.settings = (temperature, top_k, top_p)
+    def __init__(self, annotator, temperature=1.0, top_k=0, top_p=1.0):
+        self.annotator, self.settings = annotator, (temperature, top_k, top_p)
 
-    def __call__(self, token):
-        self.annotator.add(token, next_token_probs(self.following.logits_before(token), *self.settings))
+    def __call__(self, token, logits):
+        self.annotator.add(token, next_token_probs(logits, *self.settings))
 
 
 @torch.inference_mode()
 def forced_steps(model, idx, new_tokens, use_cache=True):
     """Generation's logits at every step of a given continuation new_tokens (B, n) of idx (B, T),
-    the given tokens fed in as if sampled: yields (token (B, 1), logits (B, V)) per step."""
-    following = Following(model, idx, use_cache)
+    computed as generation computes them (sampling.Context: the context rule, the KV cache), the
+    given tokens fed in as if sampled: yields (token (B, 1), logits (B, V)) per step."""
+    context = Context(model, use_cache)
     for t in range(new_tokens.size(1)):
+        logits = context.next_logits(idx)  # (B, V)
         token = new_tokens[:, t:t + 1]  # (B, 1)
-        yield token, following.logits_before(token)
+        yield token, logits
+        idx = torch.cat((idx, token), dim=1)
 
 
 def model_odds(model, idx, new_tokens, use_cache=True):

@@ -92,7 +92,7 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
             return real(logits, *a, **k)
         monkeypatch.setattr(sampling, "sample_next", recording)
         collected = Collected()
-        odds = SamplerOdds(gpt, prompt, collected, **setting, use_cache=use_cache)
+        odds = SamplerOdds(collected, **setting)
         sampling.generate(gpt, prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1),
                           on_token=odds)
         steps = collected.steps
