@@ -38,7 +38,7 @@ import sampling
 from optim import get_lr
 import train
 
-from machinery import hardware
+from machinery import beam, hardware
 from machinery.annotate import forced_steps, model_odds
 from machinery.calibrate import interleaved
 from machinery.cli import (ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, format_seconds,
@@ -252,7 +252,7 @@ def bench_decoding(args):
         for seed in range(args.seeds) if temperature else [None]:
             t0 = time.perf_counter()
             if width:
-                new, _ = sampling.beam_search(model, idx, args.new_tokens, width)
+                new, _ = beam.beam_search(model, idx, args.new_tokens, width)
             else:
                 generator = torch.Generator().manual_seed(seed if seed is not None else 0)
                 new = sampling.generate(model, idx, args.new_tokens, temperature=temperature,

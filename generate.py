@@ -19,6 +19,7 @@ from config import SampleConfig, make_config
 import sampling
 
 from machinery.annotate import Annotator, Pieces, SamplerOdds, model_odds
+from machinery.beam import beam_search
 from machinery.checkpoint import describe_checkpoint, load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, describe, out_of_memory_as_error, set_threads
@@ -71,8 +72,8 @@ def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
     sample does. An annotator gets the model's own distribution at every step of it."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    new, _ = sampling.beam_search(model, idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache,
-                                  stop_token=stop, length_penalty=cfg.length_penalty)  # (1, n)
+    new, _ = beam_search(model, idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache,
+                        stop_token=stop, length_penalty=cfg.length_penalty)  # (1, n)
     shown = [t for t in prompt_ids if t != stop]
     if annotator:
         annotator.begin(shown, 1, stop)

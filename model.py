@@ -74,13 +74,15 @@ def apply_rope(x, cos, sin):
 
 def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
-    may not (the softmax turns -inf into weight 0). Query t sits at position start + t and sees
-    the keys at positions 0 to start + t: tril's diagonal is start. In training start is 0 and
-    S == T. With generation's KV cache, T new tokens come after start cached ones, and the keys
-    are the cache's S = block_size slots, those not filled yet hidden by the mask too; start
-    defaults to S - T, queries that are the last T of S positions."""
-    allowed = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T if start is None else start)
-    return torch.zeros(T, S, device=device).masked_fill(~allowed, float("-inf"))
+    may not (the softmax turns -inf into weight 0). The T queries sit at positions start to
+    start + T - 1, the S keys at 0 to S - 1, and a query sees the keys at its own position and
+    before. Training: start 0 and S == T, the plain lower triangle. Generation (sampling.py):
+    T new tokens come after start cached ones, and the keys are the KV cache's S = block_size
+    slots, those not filled yet lying after every query. start defaults to S - T."""
+    start = S - T if start is None else start
+    query_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    return torch.zeros(T, S, device=device).masked_fill(key_pos > query_pos, float("-inf"))  # (T, S)
 
 
 def attention(q, k, v, mask, dropout=0.0):

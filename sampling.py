@@ -4,8 +4,9 @@ Read it top to bottom: generate (the loop: the logits of the next token, one tok
 them, appended, repeat); the KV cache, which keeps each layer's keys and values so that a new
 token costs one position's work instead of the whole context's; the context rule (Context:
 what the model sees once the text outgrows block_size); the sampler (temperature, top-k,
-top-p). Beam search, at the end, is a deep dive. generate.py is the command line around this;
-the sample train.py prints at the end of a run comes from here too.
+top-p). generate.py is the command line around this; the sample train.py prints at the end of
+a run comes from here too. Beam search (generate.py --beam), which keeps the most likely
+continuations instead of drawing one, is a deep dive beside it: machinery/beam.py.
 """
 
 import torch
@@ -66,11 +67,6 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer], self.v[layer]
 
-    def reorder(self, rows):
-        """Row i of the cache becomes a copy of row rows[i] (beam search: each beam follows its parent)."""
-        self.k = [k[rows] if k is not None else None for k in self.k]
-        self.v = [v[rows] if v is not None else None for v in self.v]
-
 
 class Context:
     """What the model sees while it generates: the context rule and the KV cache.
@@ -86,13 +82,11 @@ class Context:
         if self.start is None:  # the prompt: its last block_size tokens at most
             self.start = max(0, idx.size(1) - block_size)
         if idx.size(1) - self.start > block_size:
-            # The context is full. It does not slide on by one token (idx[:, -block_size:]): it
-            # restarts from the newest block_size // 2 tokens, and the cache is filled again.
-            # A cached key holds what its layer computed when the key's token was added, from the
-            # tokens in view then; after a slide every position moves and some of those tokens
-            # are gone, so a sliding cache would no longer compute what the model computes on
-            # the context. Restarting costs one refill every block_size // 2 tokens, and keeps
-            # generation with the cache identical to recomputing the context each step.
+            # The context is full. Sliding it on by one token (idx[:, -block_size:]) would move
+            # every token to a new position, while each cached key was computed at its old one,
+            # with older tokens in view: the cache would be stale. So the context restarts from
+            # its newest block_size // 2 tokens and the cache is filled again, once every
+            # block_size // 2 tokens; with or without the cache, the text is the same.
             self.start, self.cache = idx.size(1) - max(1, block_size // 2), None
         if not self.use_cache:  # recompute the whole context
             logits, _ = self.model(idx[:, self.start:])
@@ -102,11 +96,6 @@ class Context:
         else:  # only the newest token: the cache holds the rest
             logits, _ = self.model(idx[:, -1:], cache=self.cache)
         return logits[:, -1, :]  # (B, V)
-
-    def follow(self, rows):
-        """Row i continues row rows[i] of the last call from now on (beam search)."""
-        if self.cache is not None:
-            self.cache.reorder(rows)
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -143,39 +132,3 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1); greedy needs no softmax
     probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-
-
-# ----------------------------------------------------------------------------- deep dive: beam search
-
-@torch.inference_mode()
-def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
-    """The continuation of idx (1, T) with the highest score that a beam of beam_width finds:
-    keep the beam_width best partial continuations, extend every one by every token, keep the
-    best beam_width of those, repeat. A continuation's score is its total log-probability (the
-    sum over its tokens), divided by its length ** length_penalty (0: the plain sum). One that
-    ends in stop_token is finished and leaves the beam. Returns (new tokens (1, n), total log-probability)."""
-    context, prompt = Context(model, use_cache), idx.size(1)
-    beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
-    totals = torch.zeros(1, dtype=torch.float64, device=idx.device)  # (k,) their total log-probabilities
-    finished = []  # (total log-probability, new tokens) of the continuations that stopped
-    for _ in range(max_new_tokens):
-        logp = F.log_softmax(context.next_logits(beams).double(), dim=-1)  # (k, V)
-        V = logp.size(-1)
-        # every beam extended by every token, best first; a beam adds at most one stopped
-        # candidate, so the best 2 * beam_width hold beam_width live ones
-        best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
-        rows, tokens = flat // V, flat % V  # which beam each candidate extends, by which token
-        stops = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        finished += [(t, torch.cat((beams[r, prompt:], tok[None]))) for t, r, tok in
-                     zip(best[stops].tolist(), rows[stops], tokens[stops])]
-        keep = (~stops).nonzero()[:beam_width, 0]
-        if len(keep) == 0:
-            break
-        context.follow(rows[keep])  # each new beam's cache is its parent's
-        beams = torch.cat((beams[rows[keep]], tokens[keep, None]), dim=1)
-        totals = best[keep]
-        if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:
-            break  # the plain sum only falls as a continuation grows: no live beam can win any more
-    candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]
-    total, new = max(candidates, key=lambda c: c[0] / max(1, len(c[1])) ** length_penalty)
-    return new[None], total

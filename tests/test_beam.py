@@ -16,6 +16,7 @@ from conftest import assert_one_line_error, cli, float32_sum_tolerance, tiny_mod
 from model import GPT
 import sampling
 
+from machinery import beam
 from machinery.annotate import model_odds
 
 COMBINATIONS = [dict(pos="learned"), dict(pos="rope", mlp="swiglu", norm="rmsnorm"), dict(pos="sinusoidal")]
@@ -42,7 +43,7 @@ def test_beam_1_is_greedy_token_for_token(switches):
     model = peaked_gpt(0, **switches)
     prompt = torch.randint(0, 65, (1, 3))
     greedy = sampling.generate(model, prompt, 30, temperature=0)[:, 3:]  # past block_size 8: the context restarts
-    new, total = sampling.beam_search(model, prompt, 30, beam_width=1)
+    new, total = beam.beam_search(model, prompt, 30, beam_width=1)
     assert torch.equal(new, greedy)
     assert total == pytest.approx(total_logprob(model, prompt, new), abs=1e-4)
 
@@ -56,8 +57,8 @@ def test_the_cache_changes_nothing(width, block_size):
         torch.manual_seed(seed)
         model = GPT(tiny_model_config(vocab_size=65, block_size=block_size, pos="rope")).eval()
         prompt = torch.randint(0, 65, (1, 5))
-        cached = sampling.beam_search(model, prompt, 25, width, use_cache=True)
-        full = sampling.beam_search(model, prompt, 25, width, use_cache=False)
+        cached = beam.beam_search(model, prompt, 25, width, use_cache=True)
+        full = beam.beam_search(model, prompt, 25, width, use_cache=False)
         assert torch.equal(cached[0], full[0]) and cached[1] == pytest.approx(full[1], abs=float32_sum_tolerance(25, full[1]))
 
 
@@ -79,12 +80,12 @@ def test_a_beam_that_holds_every_candidate_finds_the_most_probable_continuation(
     model = peaked_gpt(seed, vocab_size=V, block_size=16)
     prompt = torch.randint(0, V, (1, 3))
     seqs, totals = every_continuation(model, prompt, V, n)
-    new, total = sampling.beam_search(model, prompt, n, beam_width=V ** (n - 1))
+    new, total = beam.beam_search(model, prompt, n, beam_width=V ** (n - 1))
     assert torch.equal(new[0], seqs[totals.argmax()])
     assert total == pytest.approx(totals.max().item(), abs=float32_sum_tolerance(n, total))
     greedy = sampling.generate(model, prompt, n, temperature=0)[:, 3:]
     for width in (1, 2, 3, 5, 10):  # narrower beams: never below greedy, never above the best
-        _, narrow = sampling.beam_search(model, prompt, n, beam_width=width)
+        _, narrow = beam.beam_search(model, prompt, n, beam_width=width)
         slack = float32_sum_tolerance(n, total)
         assert total_logprob(model, prompt, greedy) - slack <= narrow <= total + slack
 
@@ -107,12 +108,12 @@ class MarkovChain(torch.nn.Module):
 def test_a_stopped_continuation_competes_by_the_length_rule():
     chain = MarkovChain([[0.0, 0.4, 0.6], [0.0, 0.99, 0.01], [1 / 3, 1 / 3, 1 / 3]])  # from 0: stop at 0.6
     prompt = torch.tensor([[0]])
-    new, total = sampling.beam_search(chain, prompt, 3, beam_width=2, stop_token=2)
+    new, total = beam.beam_search(chain, prompt, 3, beam_width=2, stop_token=2)
     assert new.tolist() == [[2]] and total == pytest.approx(math.log(0.6))  # the plain sum: stopping wins
-    new, total = sampling.beam_search(chain, prompt, 3, beam_width=2, stop_token=2, length_penalty=1.0)
+    new, total = beam.beam_search(chain, prompt, 3, beam_width=2, stop_token=2, length_penalty=1.0)
     assert new.tolist() == [[1, 1, 1]]  # per token, the longer one wins: -0.94 / 3 > -0.51 / 1
     assert total == pytest.approx(math.log(0.4) + 2 * math.log(0.99))
-    new, _ = sampling.beam_search(chain, prompt, 3, beam_width=2)  # no stop token: every continuation runs to the end
+    new, _ = beam.beam_search(chain, prompt, 3, beam_width=2)  # no stop token: every continuation runs to the end
     assert new.size(1) == 3
 
 
@@ -138,7 +139,7 @@ def test_beam_odds_are_the_models_and_the_total_is_the_searchs(trained, tmp_path
     assert "beam=4 length_penalty=0.0" in text
     model, tok, _ = load_model(str(path))
     prompt = torch.tensor([tok.encode("ROMEO:")])
-    new, total = sampling.beam_search(model, prompt, 12, 4, stop_token=tok.eot_id)
+    new, total = beam.beam_search(model, prompt, 12, 4, stop_token=tok.eot_id)
     printed = [float(p) for p in __import__("re").findall(r" p=([\d.]+) ", text)]
     expected = [probs[0, token[0, 0]].item() for token, probs in model_odds(model, prompt, new)]
     assert printed == pytest.approx(expected, abs=5.1e-4)

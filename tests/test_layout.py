@@ -25,7 +25,7 @@ LEVELS = {
     "machinery.sources": 2, "utils": 2, "optim": 2, "machinery.schedule": 2, "machinery.device": 2,
     "machinery.precision": 2, "machinery.distributed": 2, "machinery.checkpoint": 2, "machinery.safety": 2, "machinery.plots": 2,
     "machinery.lifecycle": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3, "machinery.annotate": 3,
-    "machinery.prepare": 3, "machinery.train_cli": 3,
+    "machinery.prepare": 3, "machinery.train_cli": 3, "machinery.beam": 2,
     "train": 4, "generate": 4, "machinery.pictures": 4,
     "bench": 5,
 }
