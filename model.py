@@ -2,7 +2,10 @@
 parts (RMSNorm, SwiGLU, RoPE). Nothing here knows about files or training.
 
 Read it top to bottom: the parts (norms, position encodings, attention, MLP), the block, then
-the GPT and its forward pass (token ids -> logits -> loss), which is all training uses.
+the GPT and its forward pass (token ids -> logits -> loss), which is all training uses. Every
+part reads its settings from config.GPTConfig: the shape (vocab_size, block_size, n_layer,
+n_head, n_embd, dropout, bias) and three switches, norm ("layernorm" or "rmsnorm"), mlp
+("gelu" or "swiglu") and pos ("learned", "sinusoidal" or "rope").
 Generation (the KV cache, temperature, top-k, top-p) is its own chapter, sampling.py, read
 after train.py; forward takes the cache it passes.
 
@@ -76,7 +79,8 @@ def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
     may not (the softmax turns -inf into weight 0). The T queries sit at positions start to
     start + T - 1, the S keys at 0 to S - 1, and a query sees the keys at its own position and
-    before. Training: start 0 and S == T, the plain lower triangle. Generation (sampling.py):
+    before. Training: start 0 and S == T, the plain lower triangle (on a first read, stop there:
+    the rest is for sampling.py). Generation:
     T new tokens come after start cached ones, and the keys are the KV cache's S = block_size
     slots, those not filled yet lying after every query. start defaults to S - T."""
     start = S - T if start is None else start
@@ -103,9 +107,11 @@ def attention_weights(q, k, mask):
 
 def fused_attention(q, k, v, mask, dropout=0.0):
     """attention(), the same function (the tests check it to float precision), by PyTorch's fused
-    kernel: faster, and without building the (T, S) weights in memory. The model calls this;
-    CausalSelfAttention.fused = False runs the formula above instead. With S == T (training)
-    the mask is the plain causal one, which the kernel makes itself (is_causal) and need not read."""
+    kernel, F.scaled_dot_product_attention: faster, and without building the (T, S) weights in
+    memory (kernels.py runs it in float32 under a CPU's bfloat16 autocast, faster there). The
+    model calls this; CausalSelfAttention.fused = False runs the formula above instead. With
+    S == T the mask is the plain causal one, which the kernel makes itself (is_causal) and need
+    not read: S == T means start is 0 (training, or a prompt that fills the whole cache at once)."""
     if q.size(-2) == k.size(-2):
         return kernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
     return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -239,7 +245,7 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
-        """Trainable parameters, the tied embedding counted once."""
+        """The parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, cache=None):

@@ -33,9 +33,9 @@ def make_optimizer(model, cfg, device):
     Each group carries lr_scale: its learning rate is the scheduled lr times lr_scale. Either
     way its step() leaves the weights as they were when a gradient is not finite."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         return precision.finite_steps_only(muon.Muon.for_model(params, cfg))
+    betas = (cfg.beta1, cfg.beta2)
     groups = [
         {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},

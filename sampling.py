@@ -85,8 +85,8 @@ class Context:
             # The context is full. Sliding it on by one token (idx[:, -block_size:]) would move
             # every token to a new position, while each cached key was computed at its old one,
             # with older tokens in view: the cache would be stale. So the context restarts from
-            # its newest block_size // 2 tokens and the cache is filled again, once every
-            # block_size // 2 tokens; with or without the cache, the text is the same.
+            # its newest block_size // 2 tokens and the cache is filled again, about once every
+            # block_size / 2 new tokens; with or without the cache, the text is the same.
             self.start, self.cache = idx.size(1) - max(1, block_size // 2), None
         if not self.use_cache:  # recompute the whole context
             logits, _ = self.model(idx[:, self.start:])
@@ -111,7 +111,9 @@ def filter_logits(logits, top_k=0, top_p=1.0):
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         sorted_probs = F.softmax(sorted_logits, dim=-1)
         before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
-        sorted_logits[before >= top_p] = float("-inf")  # the most likely token always survives
+        drop = before >= top_p
+        drop[..., 0] = False  # the most likely token always survives (even with top_p 0)
+        sorted_logits[drop] = float("-inf")
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 

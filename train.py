@@ -30,13 +30,16 @@ from machinery import cli, device, distributed, lifecycle, plots, schedule, sour
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
 def build(run):
-    """The token streams and their batches, the GPT and its optimizer. A fresh run learns its
-    tokenizer from the text and starts from random weights; a resumed or fine-tuned run starts
-    from its checkpoint's model and tokenizer."""
+    """The token streams and their batches, the GPT and its optimizer, stored on run (the run's
+    settings and state: lifecycle.Run declares every field). A fresh run learns its tokenizer from
+    the text and starts from random weights; a resumed or fine-tuned run starts from its
+    checkpoint's model and tokenizer."""
     cfg = run.train_cfg
     model, tokenizer = lifecycle.starting_point(run)  # (None, None) for a fresh run
     # text -> token ids -> a contiguous 90/10 train/val split (utils.tokenize; where the text comes
-    # from, and the characters a fine-tune adds to its checkpoint's tokenizer: sources.py)
+    # from, and the characters a fine-tune adds to its checkpoint's tokenizer: sources.py).
+    # vocab_size is BPE's target size; the GPT's own comes from the tokenizer (below)
+    # load_corpus returns utils.tokenize's Corpus; extend: a fine-tune may add characters
     run.corpus = sources.load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
     block_size = (model.config if model else run.model_cfg).block_size
     sources.check_splits(run.corpus, block_size, cfg.data)  # each split holds one window at least
@@ -66,7 +69,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     loss_sum = 0.0
     for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
         x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
-        with distributed.sync_gradients(model, micro_step == grad_accum_steps - 1):  # DDP: average over processes once
+        with distributed.sync_gradients(model, micro_step == grad_accum_steps - 1):  # DDP: average once, after the last
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
@@ -103,9 +106,8 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, report. Each line that ends the loop or moves
-    its end is here: max_steps (planned and re-planned for a time budget), an early stop, a stop
-    signal; a loss that is not finite ends it with an error where the losses are read (below)."""
+    """Evaluate now and then, take optimizer steps, report. Each line that ends the loop or moves its
+    end as it runs is here; a loss that is not finite ends it with an error where losses are read."""
     cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (saved in every checkpoint)
     batches = {"train": run.next_batch, "val": run.val_batch}
     with lifecycle.guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the step under way finishes first
@@ -120,19 +122,20 @@ def train_loop(run):
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step; on_the_schedule returns (state.step, cfg.lr) unless a re-plan moved the end
+            # --- one optimizer step. on_the_schedule: (state.step, cfg.lr) until the end moves (a re-plan, a resume
+            #     with a new --max_steps); then get_lr's point with the same share of decay left, and the peak then
             step, peak = schedule.on_the_schedule(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
             lr = get_lr(step, peak, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                          cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
-            # --- a progress line every log_interval steps, ckpt_STEP.pt if asked. Reading the losses from the
-            #     device (settle) stops the run with an error on one that is not finite, before any save
+            # --- a progress line every log_interval steps, ckpt_STEP.pt if asked; a loss not finite: an error, no save
             lifecycle.after_step(run, loss, grad_norm, lr)
             run.stop_reason = run.stop_reason or lifecycle.overfit_reached(run)  # --overfit_batch: the loss is near 0
 
-            # --- a --time_budget run: planned once its first steps are timed, re-planned at every progress line
+            # --- a --time_budget run (or --replans, a replay of one): planned once its first steps are timed
+            #     (until then max_steps only reaches past them), re-planned at every progress line
             if lifecycle.plan_due(run):
                 lifecycle.plan_time_budget(run)  # max_steps: the most steps that fit; the cosine stretches to end there
 
@@ -176,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_cli(main)
+    cli.run_cli(main)  # bad input: one error: line and exit status 2, never a traceback

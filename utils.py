@@ -43,7 +43,8 @@ class CharTokenizer:
 
     def encode(self, text):
         ids = []
-        for k, part in enumerate(self.split_special(text)):  # text, special, text, special, ..., text
+        # re.split with a group keeps the separators: text, special, text, ..., so odd k is a special token
+        for k, part in enumerate(self.split_special(text)):
             ids.extend([self.special_tokens[part]] if k % 2 else [self.stoi[ch] for ch in part])
         return ids
 
@@ -118,7 +119,8 @@ def get_batch(data, batch_size, block_size, device, generator=None):
     y[b, t] is the token right after x[b, t] in the corpus. data is a tensor, or a
     NumPy memmap of which only the B windows are read from disk."""
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    # B windows of T+1 tokens (from a memmap only these are read from disk)
+    # B windows of T+1 tokens (from a memmap only these are read from disk); np.asarray is
+    # the one way in for both a tensor and a memmap
     windows = torch.stack([torch.from_numpy(np.asarray(data[i:i + block_size + 1], dtype=np.int64))
                            for i in ix.tolist()])  # (B, T+1)
     x, y = windows[:, :-1], windows[:, 1:]  # each (B, T): y[b, t] is the token after x[b, t]

@@ -105,6 +105,11 @@ def test_top_p_keeps_smallest_set_reaching_p():
             assert mass.sum() - mass.min() < p            # and no token could be dropped
 
 
+def test_top_p_of_zero_still_keeps_the_most_likely_token():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
+    assert torch.isfinite(filter_logits(logits, top_p=0.0)).tolist() == [[False, True, False], [True, False, False]]
+
+
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible():
     torch.manual_seed(0)
     model = GPT(tiny_model_config()).eval()
