@@ -58,7 +58,7 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store this step's k, v (B, nh, T, hs) at their positions; return the buffers (B, nh, block_size, hs)."""
-        if self.k[layer] is None:  # zeros: a hidden slot gets weight 0, and 0 times 0 stays 0
+        if self.k[layer] is None:  # zeros, not empty memory: a hidden slot gets weight 0, and 0 times a NaN is NaN
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
             self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)

@@ -36,10 +36,9 @@ def build(run):
     checkpoint's model and tokenizer."""
     cfg = run.train_cfg
     model, tokenizer = lifecycle.starting_point(run)  # (None, None) for a fresh run
-    # text -> token ids -> a contiguous 90/10 train/val split (utils.tokenize; where the text comes
-    # from, and the characters a fine-tune adds to its checkpoint's tokenizer: sources.py).
+    # text -> token ids -> a contiguous 90/10 train/val split: a utils.Corpus (utils.tokenize; where the
+    # text comes from, a corpus prepared on disk, the characters a fine-tune adds: sources.py).
     # vocab_size is BPE's target size; the GPT's own comes from the tokenizer (below)
-    # load_corpus returns utils.tokenize's Corpus; extend: a fine-tune may add characters
     run.corpus = sources.load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
     block_size = (model.config if model else run.model_cfg).block_size
     sources.check_splits(run.corpus, block_size, cfg.data)  # each split holds one window at least
@@ -122,15 +121,15 @@ def train_loop(run):
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step. on_the_schedule: (state.step, cfg.lr) until the end moves (a re-plan, a resume
-            #     with a new --max_steps); then get_lr's point with the same share of decay left, and the peak then
+            # --- one optimizer step. on_the_schedule: (state.step, cfg.lr) unless the end moved (skip it on a first
+            #     read); after a move, get_lr's step with the same share of decay left, and the peak LR then
             step, peak = schedule.on_the_schedule(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
             lr = get_lr(step, peak, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                          cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
-            # --- a progress line every log_interval steps, ckpt_STEP.pt if asked; a loss not finite: an error, no save
+            # --- a progress line every log_interval steps, where settle reads the losses: not finite is an error
             lifecycle.after_step(run, loss, grad_norm, lr)
             run.stop_reason = run.stop_reason or lifecycle.overfit_reached(run)  # --overfit_batch: the loss is near 0
 

@@ -4,8 +4,8 @@ train.py batches with get_batch.
 
 A model only ever sees integers: the tokenizer turns text into a list of ids, one per token,
 and turns ids back into text. The default, and the one to read, is one token per character
-(CharTokenizer): it needs no training, its vocabulary is the set of characters in the training
-text. Two byte-level tokenizers share its interface (encode, decode, vocab_size, eot_id,
+(CharTokenizer): it needs no training, its vocabulary is the set of characters in the text it is
+built from. Two byte-level tokenizers share its interface (encode, decode, vocab_size, eot_id,
 unknown_chars, to_dict) and are a deep dive (machinery/bpe.py): --tokenizer bpe learns merges
 of frequent byte pairs from your text, and --tokenizer gpt2 is OpenAI's. Each tokenizer saves
 itself as plain data (to_dict), so a checkpoint carries the tokenizer its model was trained with.
