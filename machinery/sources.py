@@ -174,9 +174,9 @@ def prepared_streams(path, tokenizer=None):
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     """cfg.data as train and val token streams (utils.Corpus), tokenized by utils.tokenize (a
     fresh tokenizer of cfg.tokenizer's kind, vocab_size for BPE); a folder from prepare.py is
-    read from disk as it is. A given char tokenizer (resume,
-    fine-tuning) that lacks some of the text's characters is extended with them when extend
-    (fine-tuning: Corpus.added, old_ids), and refused otherwise."""
+    read from disk as it is. A given char tokenizer (resume, fine-tuning) that lacks some of the
+    text's characters is extended with them when extend (fine-tuning: Corpus.added, old_ids),
+    and refused otherwise."""
     if is_prepared(cfg.data):  # the tokens are on disk already
         return Corpus(*prepared_streams(cfg.data, tokenizer), added=[])
     text = read_text(cfg.data, cfg.clean, cfg.data_ext)
