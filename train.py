@@ -5,10 +5,9 @@
 
 The story: build the data, the model and the optimizer (build); take one optimizer step
 (train_step); repeat it in a loop that evaluates now and then (train_loop); estimate the loss
-(estimate_loss). Every call into machinery/ is written with its module's name (lifecycle.,
-sources., ...): what keeps a run safe on every machine (resume, checkpoints, progress lines,
-Ctrl-C, precision, several processes) is one line away, to read when you want to. Every
-flag, fine-tuning and resuming included: python train.py --help, and the README.
+(estimate_loss). A call into machinery/ carries its module's name (lifecycle., sources., ...):
+what keeps a run safe on every machine (resume, checkpoints, Ctrl-C, precision, DDP) is one
+line away. Every flag: python train.py --help, and the README.
 """
 
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
@@ -24,7 +23,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, set_lr
 from utils import get_batch
 
-from machinery import cli, device, distributed, lifecycle, plots, schedule, sources, train_cli
+from machinery import cli, device, distributed, lifecycle, schedule, sources, train_cli
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -86,17 +85,14 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
 # ----------------------------------------------------------------------------- the loop
 
 def train(model_cfg, train_cfg, options=None, preset="custom", given=None):
-    """Train and return a summary dict. Under torchrun every rank runs this; only rank 0
-    prints and writes files. given: the flags set on the command line."""
+    """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes."""
     return train_loop(setup_run(model_cfg, train_cfg, options, preset, given))
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
-    """A run ready for its first step: device, folder and resume; build; a resumed run's state,
-    DDP, the precision measured with trial steps of train_step (--dtype auto on a CPU), the
-    start-up lines. The loop reads what it needs from run (lifecycle.Run declares each field):
-    run.train_model is run.model as the steps call it (compiled, or wrapped for DDP, when asked);
-    run.ctx and run.scaler are the precision's autocast and float16's gradient scaler."""
+    """A run ready for its first step (lifecycle.Run declares its fields): the device, the folder, resume;
+    build; run.train_model, the model as the steps call it (compiled or DDP-wrapped, when asked); run.ctx and
+    run.scaler, the precision (--dtype auto on a CPU: measured with trial train_steps); the start-up lines."""
     run = lifecycle.start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {})
     with device.out_of_memory_as_error(run.oom_hint):  # one error line saying what to try
         build(run)
@@ -121,8 +117,7 @@ def train_loop(run):
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step. on_the_schedule: (state.step, cfg.lr) unless the end moved (skip it on a first
-            #     read); after a move, get_lr's step with the same share of decay left, and the peak LR then
+            # --- one optimizer step; on_the_schedule is (state.step, cfg.lr) until the run's end moves (schedule.py)
             step, peak = schedule.on_the_schedule(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
             lr = get_lr(step, peak, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
@@ -169,11 +164,7 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 
 def main(argv=None):
     options, model_cfg, train_cfg, preset, given = train_cli.parse_flags(argv)  # the flags on top of a preset
-    if options.eval_only is not None:
-        train_cli.eval_only(options, train_cfg, given)  # a checkpoint's loss over every position of the val split
-    elif options.plot_lr:
-        plots.draw_lr_schedule(train_cfg)  # a picture of the learning-rate schedule, no training
-    else:
+    if not train_cli.other_mode(options, train_cfg, given):  # --eval_only, --plot_lr: no training
         train(model_cfg, train_cfg, options, preset, given)
 
 

@@ -12,7 +12,7 @@ from config import (PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, 
                     preset_defaults)
 from model import lm_loss
 
-from machinery import cli
+from machinery import cli, plots
 from machinery.checkpoint import load_model
 from machinery.device import choose_device, set_threads
 from machinery.precision import autocast, measured_on, resolve_dtype
@@ -51,6 +51,19 @@ def parse_flags(argv=None):
         cli.log(f"no --preset given: using '{preset}' for {device.type}")
     model_cfg, train_cfg = build_configs(given, preset)
     return options, model_cfg, train_cfg, preset, given
+
+
+# ----------------------------------------------------------------------------- the modes that do not train
+
+def other_mode(options, train_cfg, given):
+    """--eval_only or --plot_lr: do it and return True. False: this run trains."""
+    if options.eval_only is not None:
+        eval_only(options, train_cfg, given)  # a checkpoint's loss over every position of the val split
+    elif options.plot_lr:
+        plots.draw_lr_schedule(train_cfg)  # a picture of the learning-rate schedule, no training
+    else:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- --eval_only
