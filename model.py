@@ -126,7 +126,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.n_head = config.n_head
-        self.layer = layer  # which cache slot generation uses
+        self.layer = layer  # this block's index: where its keys and values sit in the KV cache
         self.dropout = config.dropout
         self.fused = True  # False: attention() as written (slower, the same numbers)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul

@@ -58,13 +58,13 @@ def build(run):
 # ----------------------------------------------------------------------------- one optimizer step
 
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
-    """One optimizer step, in the order that is the lesson. Returns (loss, gradient norm
-    before clipping) as tensors, so nothing here waits for a GPU. ctx: the forward pass's
-    autocast; scaler: float16's torch.amp.GradScaler. In float32 both do nothing."""
+    """One optimizer step, in the order that is the lesson. Returns (loss, gradient norm before
+    clipping) as tensors, which the loop reads only now and then: a GPU need not wait each step.
+    ctx: the forward pass's autocast; scaler: float16's torch.amp.GradScaler (float32: no-ops)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: scaler.step(opt) is opt.step()
     set_lr(optimizer, lr)                                    # 1. this step's learning rate
     optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
-    loss_sum = 0.0
+    batch_loss = 0.0                                         # the batch's mean loss: each micro-batch adds its share
     for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
         x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
         with distributed.sync_gradients(model, micro_step == grad_accum_steps - 1):  # DDP: average once, after the last
@@ -73,13 +73,13 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
             # 6. backward; float16 scales the loss up first, so that small gradients do not underflow
             scaler.scale(loss).backward()
-        loss_sum = loss_sum + loss.detach()
+        batch_loss = batch_loss + loss.detach()
     scaler.unscale_(optimizer)                               # (float16: divide the scale back out)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip
     # 8. update the weights; a step whose gradients are not finite is skipped (optim.make_optimizer)
     scaler.step(optimizer)
     scaler.update()                                          # (float16: the scale adapts)
-    return loss_sum, grad_norm
+    return batch_loss, grad_norm
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -105,7 +105,7 @@ def train_loop(run):
     end as it runs is here; a loss that is not finite ends it with an error where losses are read."""
     cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (saved in every checkpoint)
     batches = {"train": run.next_batch, "val": run.val_batch}
-    with lifecycle.guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the step under way finishes first
+    with lifecycle.guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the loop looks after each step
         while True:
             # --- every eval_interval steps and at the end: evaluate, checkpoint, maybe stop early
             due = state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
@@ -129,7 +129,7 @@ def train_loop(run):
             run.stop_reason = run.stop_reason or lifecycle.overfit_reached(run)  # --overfit_batch: the loss is near 0
 
             # --- a --time_budget run (or --replans, a replay of one): planned once its first steps are timed
-            #     (until then max_steps only reaches past them), re-planned at every progress line
+            #     (until then max_steps reaches at least one step past them), re-planned at every progress line
             if lifecycle.plan_due(run):
                 lifecycle.plan_time_budget(run)  # max_steps: the most steps that fit; the cosine stretches to end there
 

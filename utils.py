@@ -12,7 +12,7 @@ itself as plain data (to_dict), so a checkpoint carries the tokenizer its model 
 
 Where the text comes from (a file, a folder, JSONL, a Q&A list, or a corpus tokenized to disk
 by machinery/prepare.py), and the new characters a fine-tune brings, are machinery/sources.py's
-business (load_corpus), which then calls tokenize here."""
+business (load_corpus), which calls tokenize here unless the tokens are on disk already."""
 
 import re
 from dataclasses import dataclass
