@@ -133,7 +133,7 @@ def train_loop(run):
             if lifecycle.plan_due(run):
                 lifecycle.plan_time_budget(run)  # max_steps: the most steps that fit; the cosine stretches to end there
 
-            # --- Ctrl-C or SIGTERM: save last.pt and leave, with the signal's exit code (130, 143)
+            # --- Ctrl-C or SIGTERM (DDP: seen at progress lines): save last.pt, exit with the signal's code (130, 143)
             signum = lifecycle.stop_signal(run, stop)
             if signum:
                 lifecycle.save_for_resume(run)
