@@ -24,6 +24,7 @@ import torch
 
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 import sampling
+import machinery
 from machinery.schedule import scheduled_lr
 
 from machinery.calibrate import (RECENT_LINES, calibrate, describe_end, describe_start, move_end, plan_run, replan,
@@ -88,7 +89,7 @@ class Run:
     model_cfg: GPTConfig
     train_cfg: TrainConfig
     preset: str
-    started: float              # when the process began (a time budget counts from here): process_start()
+    started: float              # when python train.py began (a time budget counts from here): process_start()
     # the processes, and where and how the numbers are computed
     rank: int                   # this process, of world processes (1 without torchrun)
     world: int
@@ -178,20 +179,13 @@ def start_run(model_cfg, train_cfg, options, preset, given):
 
 
 def process_start():
-    """When this process began, on time.perf_counter's clock: python train.py's time budget
-    counts its seconds of importing torch too. Read from Linux's /proc; elsewhere, or where
-    train() is called from other Python code (a notebook, a test), the run starts the clock."""
-    now = time.perf_counter()
+    """When python train.py began, on time.perf_counter's clock: the time budget counts importing
+    torch too. Its first line imports machinery, which notes the time; the process itself may be
+    older (sh -c 'pip install ... && python train.py' can exec python in the shell's process).
+    Where train() is called from other Python code (a notebook, a test), the run starts the clock."""
     if os.path.basename(sys.argv[0]) != "train.py":
-        return now
-    try:
-        with open("/proc/self/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time, in clock ticks after boot
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return now - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return now
+        return time.perf_counter()
+    return machinery.FIRST_IMPORT
 
 
 def resumed_preset(checkpoint, options, preset, out_dir):

@@ -5,13 +5,16 @@ and the printed flags repeat it step for step."""
 
 import shlex
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 from config import TinyLLMError, TrainConfig
-from conftest import TINY_SHAPE, assert_one_line_error, cli, interrupt_at, tiny_model_config, tiny_train_config
+from conftest import (ROOT, TINY_SHAPE, assert_one_line_error, cli, interrupt_at, subprocess_env, tiny_model_config,
+                      tiny_train_config)
 import train
 
 from machinery import calibrate, precision
@@ -103,6 +106,20 @@ def test_a_budget_too_short_for_one_evaluation_is_one_line(shakespeare_head, tmp
                        "0.001s", "--out_dir", tmp_path)
     assert_one_line_error(code, err, "too short")
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="runs python through sh's exec")
+def test_the_budget_counts_from_the_scripts_first_line_not_from_the_shell_that_ran_before_it():
+    """sh -c 'pip install ... && python train.py' (Colab's !, a script) may exec python in the process
+    the shell started before pip ran: what ran before python is not the run's time. The child
+    prints the seconds python train.py's budget has counted when the run begins."""
+    child = ("import sys, time; sys.argv[0] = 'train.py'; from machinery import lifecycle; "
+             "print(time.perf_counter() - lifecycle.process_start(), time.time())")
+    launched = time.time()
+    done = subprocess.run(["sh", "-c", 'sleep 2 && exec "$0" -c "$1"', sys.executable, child], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, check=True)
+    counted, now = map(float, done.stdout.split())
+    assert 0.0 < counted < now - launched - 1.5  # importing torch is counted, the shell's 2 s sleep is not
 
 def repeat_flags(out):
     """The flags the run printed to repeat it step for step."""
