@@ -25,6 +25,7 @@ import torch
 
 from config import TinyLLMError, parse_duration, parse_replans
 import sampling
+import machinery
 from machinery.schedule import cosine_position
 
 from machinery.checkpoint import save_checkpoint
@@ -213,7 +214,7 @@ def move_end(state, cfg, max_steps):
 def budget_spent(run):
     """Seconds of the time budget spent so far: this process's, from its start, and the training
     time of the run's earlier processes (a resumed run)."""
-    return run.earlier_seconds + time.perf_counter() - run.started
+    return run.earlier_seconds + machinery.clock() - run.started
 
 
 def plan_budget(cfg, done, spent, step_seconds, eval_seconds, sample_seconds):
@@ -267,18 +268,18 @@ def time_evaluation(run):
         x, y = run.val_batch()
         with run.ctx:
             model(x, y)[1].item()  # once untimed
-            t0 = time.perf_counter()
+            t0 = machinery.clock()
             model(x, y)[1].item()
-            forward = time.perf_counter() - t0
+            forward = machinery.clock() - t0
         model.train()
     set_rng_state(rng)  # the run draws the batches it would have drawn without this
     path = os.path.join(run.out_dir, f".calibration.{os.getpid()}.pt")
     weights = model.state_dict()
-    t0 = time.perf_counter()
+    t0 = machinery.clock()
     save_checkpoint(path, {"model": weights, "m": {k: v.clone() for k, v in weights.items()},
                            "v": {k: v.clone() for k, v in weights.items()}})
     os.remove(path)
-    save = time.perf_counter() - t0
+    save = machinery.clock() - t0
     return 2 * run.eval_iters * forward + 2 * save + time_plots(run)
 
 
@@ -289,9 +290,9 @@ def time_plots(run):
     rows = [{"kind": "eval", "step": s, "train_loss": 1.0, "val_loss": 1.0, "lr": 0.0, "grad_norm": None,
              "ms_per_step": None, "seconds": 0.0} for s in (0, 1)]
     with tempfile.TemporaryDirectory(prefix="tinyllm-calibration-") as folder:
-        t0 = time.perf_counter()
+        t0 = machinery.clock()
         plot_history(rows, folder, run.model_cfg.vocab_size, run.train_cfg)
-        return time.perf_counter() - t0
+        return machinery.clock() - t0
 
 
 def time_sample(run):
@@ -302,10 +303,10 @@ def time_sample(run):
     start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
     model = run.model.eval()  # in float32, as the closing sample decodes (lifecycle.closing_sample)
     sampling.generate(model, start, 2, temperature=0).tolist()  # once untimed
-    t0 = time.perf_counter()
+    t0 = machinery.clock()
     sampling.generate(model, start, 16, temperature=0).tolist()  # (.tolist(): a GPU has finished only now)
     model.train()
-    return (time.perf_counter() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token
+    return (machinery.clock() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token
 
 
 # ----------------------------------------------------------------------------- what to tell the user

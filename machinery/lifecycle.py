@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -179,12 +178,12 @@ def start_run(model_cfg, train_cfg, options, preset, given):
 
 
 def process_start():
-    """When python train.py began, on time.perf_counter's clock: the time budget counts importing
+    """When python train.py began, on machinery.clock: the time budget counts importing
     torch too. Its first line imports machinery, which notes the time; the process itself may be
     older (sh -c 'pip install ... && python train.py' can exec python in the shell's process).
     Where train() is called from other Python code (a notebook, a test), the run starts the clock."""
     if os.path.basename(sys.argv[0]) != "train.py":
-        return time.perf_counter()
+        return machinery.clock()
     return machinery.FIRST_IMPORT
 
 
@@ -256,7 +255,7 @@ def ready(run, train_step):
     calibrate(run, train_step)
     run.peak = peak_flops(run.device, run.dtype) if run.master else None
     print_header(run)
-    now = time.perf_counter()
+    now = machinery.clock()
     run.meter = Meter(mark=now, process_start=now)
 
 
@@ -332,14 +331,14 @@ def off_the_clock(run, evaluation=False):
     meter = run.meter
     if not meter.paused:
         settle(run)
-        start = time.perf_counter()
+        start = machinery.clock()
     meter.paused += 1
     try:
         yield
     finally:
         meter.paused -= 1
         if not meter.paused:
-            meter.mark = time.perf_counter()
+            meter.mark = machinery.clock()
             if evaluation:
                 meter.eval_seconds = meter.mark - start
 
@@ -352,7 +351,7 @@ def settle(run):
     meter = run.meter
     if not meter.pending:
         return
-    seconds = time.perf_counter() - meter.mark  # the device has finished these steps only now
+    seconds = machinery.clock() - meter.mark  # the device has finished these steps only now
     meter.seconds += seconds
     meter.steps += len(meter.pending)
     meter.process_seconds += seconds
@@ -471,7 +470,7 @@ def plan_time_budget(run):
         replay(run)
     else:
         replan(run)
-    run.meter.mark = time.perf_counter()  # planning is not step time
+    run.meter.mark = machinery.clock()  # planning is not step time
 
 
 def steps_shown(run):
@@ -500,7 +499,7 @@ def log_progress(run):
         run.overfit_step = state.step
     if meter.steps:
         meter.recent = (meter.recent + [(meter.steps, meter.seconds)])[-RECENT_LINES:]
-    state.window, meter.seconds, meter.steps, meter.mark = [], 0.0, 0, time.perf_counter()
+    state.window, meter.seconds, meter.steps, meter.mark = [], 0.0, 0, machinery.clock()
 
 
 def stop_signal(run, stop):
@@ -517,7 +516,7 @@ def stop_signal(run, stop):
 
 def elapsed(run):
     """Training wall time of the whole run so far, over every process (resumes)."""
-    return run.state.seconds + time.perf_counter() - run.meter.process_start
+    return run.state.seconds + machinery.clock() - run.meter.process_start
 
 
 def save(run, path):
@@ -525,7 +524,7 @@ def save(run, path):
     with off_the_clock(run):
         if run.master:
             run.state.seconds = elapsed(run)
-            run.meter.process_start = time.perf_counter()
+            run.meter.process_start = machinery.clock()
             save_checkpoint(path, make_checkpoint(
                 run.model, run.model_cfg, run.tokenizer, optimizer=run.optimizer.state_dict(),
                 train_config=dataclasses.asdict(run.train_cfg), preset=run.preset, rng=rng_state(),
