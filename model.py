@@ -70,7 +70,7 @@ def apply_rope(x, cos, sin):
     on every device and under torch.compile.
     x: (..., T, hs), queries and keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
     positions, broadcast over the leading dimensions. Returns x's shape."""
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (..., T, hs/2)
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()  # each pair's two numbers: (..., T, hs/2) each
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., T, hs/2, 2)
     return rotated.flatten(-2).type_as(x)  # (..., T, hs): each pair back in its place
 
@@ -146,11 +146,12 @@ class CausalSelfAttention(nn.Module):
     def queries_keys_values(self, x, rope=None):
         """q, k, v of x (B, T, C), each (B, nh, T, hs); with RoPE, q and k rotated by position."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        if rope is None:
-            return qkv.unbind(0)
-        q, k = apply_rope(qkv[:2], *rope)  # q and k in one go: (2, B, nh, T, hs)
-        return q, k, qkv[2]
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # each head takes its own hs = C / nh of the C channels: (B, T, nh, hs) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
 
 class MLP(nn.Module):
