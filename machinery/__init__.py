@@ -8,7 +8,6 @@ time budget counts from there."""
 import time
 
 
-
 def clock():
     """Seconds on the clock that a run's time budget is kept by (time.perf_counter): every
     duration the budget is planned from is read here, the one place tests stand in for."""
