@@ -48,10 +48,10 @@ def make_norm(config):
 def sinusoidal_table(n_positions, dim):
     """The fixed position encoding of "Attention Is All You Need"."""
     pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # 10000^(-2i/dim)
     table = torch.zeros(n_positions, dim)
     table[:, 0::2] = torch.sin(pos * inv_freq)
-    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])
+    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])  # (an odd dim has one cosine column fewer)
     return table  # (n_positions, dim)
 
 
@@ -64,10 +64,10 @@ def rope_tables(n_positions, head_size, base=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle. Because q.k then
-    depends only on the distance between the two positions, the model learns relative offsets
-    and has no position embedding to learn. Plain real arithmetic (no complex numbers), so it runs the same
-    on every device and under torch.compile.
+    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle. Then q.k depends
+    on the two positions only through the distance between them, so the model learns relative
+    offsets and has no position embedding to learn. Computed in float32, as the cos and sin
+    tables are, and returned in x's dtype (bfloat16 under a bfloat16 autocast).
     x: (..., T, hs), queries and keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
     positions, broadcast over the leading dimensions. Returns x's shape."""
     even, odd = x[..., 0::2].float(), x[..., 1::2].float()  # each pair's two numbers: (..., T, hs/2) each
@@ -140,7 +140,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs): the cache's S = block_size slots
         attend = fused_attention if self.fused else attention
         y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side (view needs contiguous memory)
         return self.resid_dropout(self.c_proj(y))
 
     def queries_keys_values(self, x, rope=None):
@@ -161,7 +161,8 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.mlp == "swiglu"
         if self.swiglu:
-            # three matrices instead of two: 8/3 * n_embd wide keeps the parameter count of the 4x GELU MLP
+            # three weight matrices (gate, value, out) instead of two, the first two in one Linear below:
+            # 8/3 * n_embd wide keeps the parameter count of the 4x GELU MLP
             hidden = 8 * round((8 * config.n_embd / 3) / 8)  # 8/3 of n_embd, to a multiple of 8 (kernels like it)
             self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
         else:
@@ -251,7 +252,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """logits (B, T, vocab_size) for idx (B, T), and the loss when targets (B, T) are given
-        (else None). cache: generation only (sampling.KVCache); training never passes one."""
+        (else None): target [b, t] is the token that follows idx[b, t] in the text (utils.get_batch).
+        cache: generation only (sampling.KVCache); training never passes one."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos  # with a cache, idx continues the cached tokens
         if start + T > self.config.block_size:
