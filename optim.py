@@ -43,4 +43,6 @@ def make_optimizer(model, cfg, device):
     # the fused kernel updates each tensor in one pass (measurably faster on CPU too) and can
     # skip a step on the device itself, so the loop never waits to check the gradients
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type in ("cuda", "cpu", "mps"))
-    return precision.finite_steps_only(optimizer)  # a step whose gradients are not finite changes nothing
+    # a step whose gradients are not finite changes nothing (how, without waiting for a GPU:
+    # machinery/precision.py, a deep dive a first read can skip)
+    return precision.finite_steps_only(optimizer)

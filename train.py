@@ -101,8 +101,9 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, report. Each line that ends the loop or moves its
-    end as it runs is here; a loss that is not finite ends it with an error where losses are read."""
+    """Evaluate now and then, take optimizer steps, report. It ends at max_steps (which a time budget
+    plans), on run.stop_reason (--patience, --target_loss, --overfit_batch), on a stop signal, or with
+    the error lifecycle.settle raises where losses are read, if one is not finite (a skipped step)."""
     cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (saved in every checkpoint)
     batches = {"train": run.next_batch, "val": run.val_batch}
     with lifecycle.guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the loop looks after each step
@@ -117,7 +118,7 @@ def train_loop(run):
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step; on_the_schedule is (state.step, cfg.lr) until the run's end moves (schedule.py)
+            # --- one optimizer step; on_the_schedule: (state.step, cfg.lr) until the end moves (deep dive: schedule.py)
             step, peak = schedule.on_the_schedule(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
             lr = get_lr(step, peak, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
