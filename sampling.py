@@ -18,7 +18,8 @@ import torch.nn.functional as F
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
              stop_token=None, generator=None, on_token=None):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
-    stop_token; returns (B, T + new). Each step: the logits of the next token (Context: the
+    stop_token; returns (B, T + new), a row that stopped earlier going on past its stop_token (cut
+    it there). Each step: the logits of the next token (Context: the
     context rule and the KV cache), one token drawn from them (sample_next), appended.
     on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits
     they were drawn from (generate.py streams them; --show_probs shows their odds).
@@ -47,8 +48,7 @@ class KVCache:
     next token. Buffers of block_size positions are allocated once and filled in place, so a
     step writes one new column instead of copying the whole cache. Attention reads the whole
     buffers, the mask hiding the slots not filled yet, so every decoding step computes with the
-    same shapes: no new kernel set-up per length, and the first thing capturing a step in a CUDA
-    graph needs (the write position and the mask are still made on the host each step)."""
+    same shapes: no new kernel set-up per length."""
 
     def __init__(self, n_layer, block_size):
         self.k = [None] * n_layer

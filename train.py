@@ -101,9 +101,8 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, report. It ends at max_steps (which a time budget
-    plans), on run.stop_reason (--patience, --target_loss, --overfit_batch), on a stop signal, or with
-    the error lifecycle.settle raises where losses are read, if one is not finite (a skipped step)."""
+    """Evaluate now and then, take optimizer steps, report. It ends at max_steps (a time budget plans it), on
+    run.stop_reason, on a stop signal, or with the error lifecycle.settle raises on a loss that is not finite."""
     cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (saved in every checkpoint)
     batches = {"train": run.next_batch, "val": run.val_batch}
     with lifecycle.guarded(run) as stop:  # Ctrl-C or SIGTERM sets stop.signum; the loop looks after each step
@@ -118,14 +117,15 @@ def train_loop(run):
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step; on_the_schedule: (state.step, cfg.lr) until the end moves (deep dive: schedule.py)
-            step, peak = schedule.on_the_schedule(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
-            lr = get_lr(step, peak, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            # --- one optimizer step, at the schedule's learning rate
+            lr = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            if state.decay_from:  # a time budget moved the end: stretch the cosine's rest to it (a deep dive)
+                lr = schedule.stretched_lr(state.step, cfg, state.decay_from)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                          cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
-            # --- a progress line every log_interval steps, where settle reads the losses: not finite is an error
+            # --- progress lines, where settle reads the losses (not finite: an error), and ckpt_STEP.pt files
             lifecycle.after_step(run, loss, grad_norm, lr)
             run.stop_reason = run.stop_reason or lifecycle.overfit_reached(run)  # --overfit_batch: the loss is near 0
 

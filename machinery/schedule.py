@@ -32,6 +32,11 @@ def on_the_schedule(step, lr, warmup_steps, max_steps, decay_from=None):
     return warmup_steps + progress * (max_steps - warmup_steps), peak
 
 
+def stretched_lr(step, cfg, decay_from):
+    """The LR of step once the end of cfg's schedule has moved (train.train_loop asks for it)."""
+    return scheduled_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, decay_from)
+
+
 def scheduled_lr(step, lr, min_lr, warmup_steps, max_steps, decay_from=None):
     """The LR of step under a schedule whose end may have moved (decay_from): get_lr's."""
     at, peak = on_the_schedule(step, lr, warmup_steps, max_steps, decay_from)

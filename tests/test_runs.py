@@ -103,6 +103,7 @@ def test_extending_a_finished_run_replans_the_decay_without_a_jump(run_copy, cap
     assert step == 60 and 0 <= done <= 1
     lrs = [scheduled_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, 100, last["decay_from"]) for s in range(60, 101)]
     assert lrs[0] == pytest.approx(lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))  # no jump, then down
+    assert [h["lr"] for h in progress] == pytest.approx([lrs[79 - 60], lrs[99 - 60]])  # what the loop used
     assert lrs[-1] == pytest.approx(cfg.min_lr) and reached == pytest.approx(train.get_lr(59, cfg.lr, cfg.min_lr,
                                                                                             cfg.warmup_steps, 60))
     assert "decays from" in out
