@@ -145,14 +145,14 @@ def in_process_group():
 
 
 def leave(code):
-    """Exit with code. A process still in a process group (an error, a stop signal) leaves at once
-    (os._exit, its output flushed first): the usual teardown at interpreter exit could abort it,
-    status -6 and "terminate called without an active exception", as threads of the group's
-    library outlive the objects they work on. Checkpoints and history are written, synced and
-    closed by then."""
+    """Exit with code. One of several processes under torchrun, still in their process group (an
+    error, a stop signal) or just out of it (a finished run), leaves at once (os._exit, its output
+    flushed first): the usual teardown at interpreter exit could abort it, status -6 and
+    "terminate called without an active exception", as threads of the group's library outlive
+    the objects they work on. Checkpoints and history are written, synced and closed by then."""
     sys.stdout.flush()
     sys.stderr.flush()
-    if in_process_group():
+    if in_process_group() or ("RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"):
         os._exit(code)
     sys.exit(code)
 

@@ -54,6 +54,8 @@ DDP_STEP = textwrap.dedent("""
             torch.save(model.state_dict(), {out!r}.format(accum))
     dist.barrier()  # leave together: a rank tearing down while its peer still works can abort it
     dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # as machinery/cli.leave: the interpreter's usual teardown can still abort a rank (-6)
 """)
 
 
