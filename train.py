@@ -119,7 +119,7 @@ def train_loop(run):
 
             # --- one optimizer step, at the schedule's learning rate
             lr = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            if state.decay_from:  # a time budget moved the end: stretch the cosine's rest to it (a deep dive)
+            if state.decay_from:  # the end moved (a time budget, a resume with new --max_steps): a deep dive
                 lr = schedule.stretched_lr(state.step, cfg, state.decay_from)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                          cfg.grad_clip, run.ctx, run.scaler)
