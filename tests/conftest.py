@@ -12,8 +12,13 @@ import pytest
 
 # Tests about CPU behaviour run on the CPU whatever the machine has: CUDA is hidden from this
 # process, before torch can start it, and from every script a test runs. The GPU's own tests
-# (tests/test_gpu.py) run their scripts in processes that see it, with the environment as it was.
-GPU_ENV = {k: v for k, v in os.environ.items() if k == "CUDA_VISIBLE_DEVICES"}
+# (tests/test_gpu.py) run their scripts in processes that see it, with the environment as the
+# user started pytest with. pytest-xdist starts its workers from a process that has imported this
+# file already, so the first process to import it keeps the user's value (or that there was none)
+# in USER_CUDA, which the workers inherit, and every process reads it from there.
+USER_CUDA = "TINYLLM_USER_CUDA_VISIBLE_DEVICES"
+os.environ.setdefault(USER_CUDA, os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
+GPU_ENV = {} if os.environ[USER_CUDA] == "<unset>" else {"CUDA_VISIBLE_DEVICES": os.environ[USER_CUDA]}
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
