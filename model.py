@@ -1,13 +1,12 @@
-"""The GPT: a decoder-only Transformer, GPT-2 style by default, with switches for the modern
-parts (RMSNorm, SwiGLU, RoPE). Nothing here knows about files or training.
+"""The GPT: a decoder-only Transformer. Nothing here knows about files or training.
 
-Read it top to bottom: the parts (norms, position encodings, attention, MLP), the block, then
-the GPT and its forward pass (token ids -> logits -> loss), which is all training uses. Every
-part reads its settings from config.GPTConfig: the shape (vocab_size, block_size, n_layer,
-n_head, n_embd, dropout, bias) and three switches, norm ("layernorm" or "rmsnorm"), mlp
-("gelu" or "swiglu") and pos ("learned", "sinusoidal" or "rope").
-Generation (the KV cache, temperature, top-k, top-p) is its own chapter, sampling.py, read
-after train.py; forward takes the cache it passes.
+Read it top to bottom. First GPT-2 itself: causal self-attention (the mask, the formula, the
+module), the MLP, the block, and the GPT with its forward pass (token ids -> logits -> loss),
+which is all training uses. Then the modern parts that three switches of config.GPTConfig put in
+GPT-2's place: norm "rmsnorm" (RMSNorm for LayerNorm), mlp "swiglu" (SwiGLU for the GELU MLP)
+and pos "rope" or "sinusoidal" (rotary or fixed positions for the learned table). The other
+settings are the shape: vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias.
+Generation is the chapter after train.py, sampling.py; the KV cache that forward takes is its.
 
 The layer names are OpenAI's GPT-2 names, kept so its published weights load by name
 (machinery/hf_gpt2.py): wte / wpe are the token / position embeddings, c_attn / c_proj / c_fc the
@@ -25,66 +24,16 @@ from config import GPTConfig
 from machinery import kernels
 
 
-# ----------------------------------------------------------------------------- the parts
-
-class RMSNorm(nn.Module):
-    """LayerNorm without the mean subtraction and bias: x / rms(x) * weight."""
-
-    def __init__(self, dim, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def make_norm(config):
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
-
-
-def sinusoidal_table(n_positions, dim):
-    """The fixed position encoding of "Attention Is All You Need"."""
-    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # 10000^(-2i/dim)
-    table = torch.zeros(n_positions, dim)
-    table[:, 0::2] = torch.sin(pos * inv_freq)
-    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])  # (an odd dim has one cosine column fewer)
-    return table  # (n_positions, dim)
-
-
-def rope_tables(n_positions, head_size, base=10000.0):
-    """RoPE's cos and sin, each (n_positions, head_size/2): position p turns pair i of a head's
-    query and key by the angle p * base^(-2i/head_size), fast for the first pairs, slow for the last."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
-    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n_positions, hs/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate each pair (x[2i], x[2i+1]) of every head by its position's angle. Then q.k depends
-    on the two positions only through the distance between them, so the model learns relative
-    offsets and has no position embedding to learn. Computed in float32, as the cos and sin
-    tables are, and returned in x's dtype (bfloat16 under a bfloat16 autocast).
-    x: (..., T, hs), queries and keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
-    positions, broadcast over the leading dimensions. Returns x's shape."""
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()  # each pair's two numbers: (..., T, hs/2) each
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., T, hs/2, 2)
-    return rotated.flatten(-2).type_as(x)  # (..., T, hs): each pair back in its place
-
+# ----------------------------------------------------------------------------- attention
 
 def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
     may not (the softmax turns -inf into weight 0). The T queries sit at positions start to
-    start + T - 1, the S keys at 0 to S - 1, and a query sees the keys at its own position and
-    before. Training: start 0 and S == T, the plain lower triangle (on a first read, stop there:
-    the rest is for sampling.py). Generation:
-    T new tokens come after start cached ones, and the keys are the KV cache's S = block_size
-    slots, those not filled yet lying after every query. start defaults to S - T."""
-    start = S - T if start is None else start
-    query_pos = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    start + T - 1, the S keys at 0 to S - 1; a query sees the keys at its own position and
+    before. In training start is 0 and S is T: the lower triangle. (GPT.forward says what
+    generation passes; start defaults to S - T, the last T of the S positions.)"""
+    start = S - T if start is None else start  # an int, or a tensor (sampling.KVCache.pos)
+    query_pos = start + torch.arange(T, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
     return torch.zeros(T, S, device=device).masked_fill(key_pos > query_pos, float("-inf"))  # (T, S)
 
@@ -108,10 +57,8 @@ def attention_weights(q, k, mask):
 def fused_attention(q, k, v, mask, dropout=0.0):
     """attention(), the same function (the tests check it to float precision), by PyTorch's fused
     kernel, F.scaled_dot_product_attention: faster, and without building the (T, S) weights in
-    memory (kernels.py runs it in float32 under a CPU's bfloat16 autocast, faster there). The
-    model calls this; CausalSelfAttention.fused = False runs the formula above instead. With
-    S == T the mask is the plain causal one, which the kernel makes itself (is_causal) and need
-    not read: S == T means start is 0 (training, or a prompt that fills the whole cache at once)."""
+    memory. The model calls this; CausalSelfAttention.fused = False runs the formula above
+    instead. When S == T the mask is the lower triangle, which the kernel makes itself (is_causal)."""
     if q.size(-2) == k.size(-2):
         return kernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
     return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
@@ -144,7 +91,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
     def queries_keys_values(self, x, rope=None):
-        """q, k, v of x (B, T, C), each (B, nh, T, hs); with RoPE, q and k rotated by position."""
+        """q, k, v of x (B, T, C), each (B, nh, T, hs); with RoPE (below), q and k turned by position."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # each head takes its own hs = C / nh of the C channels: (B, T, nh, hs) -> (B, nh, T, hs)
@@ -154,30 +101,19 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
 
+# ----------------------------------------------------------------------------- the MLP and the block
+
 class MLP(nn.Module):
-    """The position-wise feed-forward network: widen, apply a nonlinearity, project back."""
+    """The position-wise feed-forward network: widen 4x, GELU, project back."""
 
     def __init__(self, config):
         super().__init__()
-        self.swiglu = config.mlp == "swiglu"
-        if self.swiglu:
-            # three weight matrices (gate, value, out) instead of two, the first two in one Linear below:
-            # 8/3 * n_embd wide keeps the parameter count of the 4x GELU MLP
-            hidden = 8 * round((8 * config.n_embd / 3) / 8)  # 8/3 of n_embd, to a multiple of 8 (kernels like it)
-            self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
-        else:
-            hidden = 4 * config.n_embd
-            self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        h = self.c_fc(x)  # (B, T, hidden) or (B, T, 2*hidden)
-        if self.swiglu:
-            gate, value = h.chunk(2, dim=-1)
-            h = F.silu(gate) * value
-        else:
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2's GELU
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
@@ -186,10 +122,10 @@ class Block(nn.Module):
 
     def __init__(self, config, layer):
         super().__init__()
-        self.ln_1 = make_norm(config)
+        self.ln_1 = make_norm(config)  # nn.LayerNorm; RMSNorm with norm "rmsnorm" (below)
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(self, x, mask, rope=None, cache=None):
         x = x + self.attn(self.ln_1(x), mask, rope, cache)
@@ -207,7 +143,7 @@ def lm_loss(logits, targets, reduction="mean"):
 
 
 class GPT(nn.Module):
-    """Token ids in, next-token logits out: embed the tokens (and their positions), pass them
+    """Token ids in, next-token logits out: embed the tokens and their positions, pass them
     through n_layer blocks, normalise, and read the logits off with the token embedding
     itself (weight tying)."""
 
@@ -215,8 +151,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        # position information: a learned table, or fixed tables derived from the config (buffers
-        # that are not saved in checkpoints)
+        # position information: GPT-2's learned table, or fixed tables derived from the config
+        # (buffers, not saved in checkpoints; below)
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos == "sinusoidal":
@@ -255,17 +191,21 @@ class GPT(nn.Module):
         (else None): target [b, t] is the token that follows idx[b, t] in the text (utils.get_batch).
         cache: generation only (sampling.KVCache); training never passes one."""
         B, T = idx.shape
-        start = 0 if cache is None else cache.pos  # with a cache, idx continues the cached tokens
-        if start + T > self.config.block_size:
-            raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}")
+        if T > self.config.block_size:
+            raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
+        if cache is None:  # training: the T positions 0..T-1, each query looking at the keys up to its own
+            start, S = 0, T
+        else:  # generation: idx continues the cache.pos tokens the cache holds, and the keys are its
+            # block_size slots, those before start + T filled (earlier calls, and this one), the
+            # rest empty and after every query, so the mask hides them
+            start, S = cache.pos, self.config.block_size
         x, rope = self.embed(idx, start)  # (B, T, C)
-        S = T if cache is None else self.config.block_size  # keys: these positions, or every slot of the cache
-        mask = causal_mask(T, S, idx.device, start)  # (T, S): each position sees itself and the ones before
+        mask = causal_mask(T, S, idx.device, start)  # (T, S)
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         if cache is not None:
-            cache.pos += T
+            cache.pos += T  # every layer has stored these T positions: the next call continues after them
         loss = None
         if targets is not None:
             loss = lm_loss(logits, targets)
@@ -274,13 +214,81 @@ class GPT(nn.Module):
     def embed(self, idx, start=0):
         """Token embeddings (B, T, C) with position information for positions start..start+T-1:
         added to them (learned, sinusoidal), or returned as RoPE's cos and sin for those
-        positions, each (T, hs/2), for the attention to rotate q and k by."""
-        T = idx.size(1)
+        positions, each (T, hs/2), for the attention to turn q and k by."""
+        positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,)
         x, rope = self.wte(idx), None
         if self.config.pos == "learned":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(positions)
         elif self.config.pos == "sinusoidal":
-            x = x + self.pos_table[start:start + T]
+            x = x + self.pos_table[positions]
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         return self.drop(x), rope
+
+
+# ----------------------------------------------------------------------------- the modern parts
+
+def make_norm(config):
+    """GPT-2's LayerNorm, or RMSNorm with norm "rmsnorm"."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+class RMSNorm(nn.Module):
+    """LayerNorm without the mean subtraction and bias: x / rms(x) * weight."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """The MLP with a gate (mlp "swiglu"): silu(x W_gate) * (x W_value), projected back. Three
+    matrices instead of two, 8/3 * n_embd wide, keep the 4x GELU MLP's parameter count."""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = 8 * round((8 * config.n_embd / 3) / 8)  # 8/3 of n_embd, to a multiple of 8 (kernels like it)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, value = self.c_fc(x).chunk(2, dim=-1)  # each (B, T, hidden)
+        return self.dropout(self.c_proj(F.silu(gate) * value))  # (B, T, C)
+
+
+def rope_tables(n_positions, head_size, base=10000.0):
+    """RoPE's cos and sin, each (n_positions, head_size/2): position p turns pair i of a head's
+    query and key by the angle p * base^(-2i/head_size), fast for the first pairs, slow for the last."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (n_positions, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Turn each pair (x[2i], x[2i+1]) of every head by its position's angle. Then q.k depends
+    on the two positions only through the distance between them, so the model learns relative
+    offsets and has no position embedding to learn. Computed in float32, as the cos and sin
+    tables are, and returned in x's dtype (bfloat16 under a bfloat16 autocast).
+    x: (..., T, hs), queries and keys; cos, sin: (T, hs/2), the rows of rope_tables for x's
+    positions, broadcast over the leading dimensions. Returns x's shape."""
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()  # each pair's two numbers: (..., T, hs/2) each
+    turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., T, hs/2, 2)
+    return turned.flatten(-2).type_as(x)  # (..., T, hs): each pair back in its place
+
+
+def sinusoidal_table(n_positions, dim):
+    """The fixed position encoding of "Attention Is All You Need": sines and cosines of
+    position * 10000^(-2i/dim), added to the token embeddings as the learned table is."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # 10000^(-2i/dim)
+    table = torch.zeros(n_positions, dim)
+    table[:, 0::2] = torch.sin(pos * inv_freq)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])  # (an odd dim has one cosine column fewer)
+    return table  # (n_positions, dim)

@@ -12,6 +12,8 @@ continuations instead of drawing one, is a deep dive beside it: machinery/beam.p
 import torch
 import torch.nn.functional as F
 
+from machinery import graphs
+
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -44,17 +46,18 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, us
 # ----------------------------------------------------------------------------- the KV cache and the context rule
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, plus the position of the
-    next token. Buffers of block_size positions are allocated once and filled in place, so a
+    """Keys and values of every layer for the tokens seen so far, and pos, the position of the
+    next token. Buffers of block_size positions are allocated once and written in place, so a
     step writes one new column instead of copying the whole cache. Attention reads the whole
     buffers, the mask hiding the slots not filled yet, so every decoding step computes with the
-    same shapes: no new kernel set-up per length."""
+    same shapes. pos is a tensor on the model's device, not a Python number: a decoding step
+    then holds no number that changes from token to token, which lets a GPU replay it (Context.decode)."""
 
-    def __init__(self, n_layer, block_size):
+    def __init__(self, n_layer, block_size, device):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.block_size = block_size
-        self.pos = 0  # advanced by GPT.forward once every layer has stored this call's tokens
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # advanced by GPT.forward after every layer
 
     def update(self, layer, k, v):
         """Store this step's k, v (B, nh, T, hs) at their positions; return the buffers (B, nh, block_size, hs)."""
@@ -62,9 +65,9 @@ class KVCache:
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
             self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
-        end = self.pos + k.size(2)
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
+        slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,): pos, pos + 1, ...
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
 
 
@@ -73,29 +76,39 @@ class Context:
     next_logits(idx) gives the logits of the token after each row of idx (B, T), each call's
     idx one token longer than the last call's (the first call's is the prompt)."""
 
-    def __init__(self, model, use_cache=True):
+    def __init__(self, model, use_cache=True, replay=True):
         self.model, self.use_cache = model, use_cache
         self.start, self.cache = None, None  # the context is idx[:, start:]
+        self.step = None if replay else self.decode  # decode, or a GPU's replay of it (made at the first token)
 
     def next_logits(self, idx):
         block_size = self.model.config.block_size
         if self.start is None:  # the prompt: its last block_size tokens at most
             self.start = max(0, idx.size(1) - block_size)
-        if idx.size(1) - self.start > block_size:
+        full = idx.size(1) - self.start > block_size
+        if full:
             # The context is full. Sliding it on by one token (idx[:, -block_size:]) would move
             # every token to a new position, while each cached key was computed at its old one,
             # with older tokens in view: the cache would be stale. So the context restarts from
             # its newest block_size // 2 tokens and the cache is filled again, about once every
             # block_size / 2 new tokens; with or without the cache, the text is the same.
-            self.start, self.cache = idx.size(1) - max(1, block_size // 2), None
+            self.start = idx.size(1) - max(1, block_size // 2)
         if not self.use_cache:  # recompute the whole context
             logits, _ = self.model(idx[:, self.start:])
-        elif self.cache is None:  # fill the cache with the whole context
-            self.cache = KVCache(self.model.config.n_layer, block_size)
+        elif self.cache is None or full:  # fill the cache with the whole context, from position 0
+            self.cache = self.cache or KVCache(self.model.config.n_layer, block_size, idx.device)
+            self.cache.pos.zero_()
             logits, _ = self.model(idx[:, self.start:], cache=self.cache)
         else:  # only the newest token: the cache holds the rest
-            logits, _ = self.model(idx[:, -1:], cache=self.cache)
+            if self.step is None:  # on a GPU, recorded once and replayed (machinery/graphs.py); else decode
+                self.step = graphs.replayable(self.decode, idx[:, -1:], keep=[self.cache.pos])
+            logits = self.step(idx[:, -1:])
         return logits[:, -1, :]  # (B, V)
+
+    def decode(self, token):
+        """The logits (B, 1, V) of the token after token (B, 1), whose keys and values join the cache."""
+        logits, _ = self.model(token, cache=self.cache)
+        return logits
 
 
 # ----------------------------------------------------------------------------- the sampler

@@ -26,7 +26,7 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
     A continuation's score is its total log-probability (the sum over its tokens), divided by
     its length ** length_penalty (0: the plain sum). One that ends in stop_token is finished and
     leaves the beam. Returns (new tokens (1, n), total log-probability)."""
-    context, prompt = Context(model, use_cache), idx.size(1)
+    context, prompt = Context(model, use_cache, replay=False), idx.size(1)  # (follow moves the cache)
     beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
     totals = torch.zeros(1, dtype=torch.float64, device=idx.device)  # (k,) their total log-probabilities
     finished = []  # (total log-probability, new tokens) of the continuations that stopped

@@ -1,0 +1,120 @@
+"""CUDA graphs for decoding: read this when you want to know how sampling.py's one-token step
+runs on an NVIDIA GPU. A small model's decoding step is a few hundred short kernels, and
+launching them from Python costs more than running them; a CUDA graph records the step's
+kernels once and replays them with one launch. That needs a step whose shapes, memory and
+control flow are the same every time: sampling.Context.decode reads the position from the
+cache's tensor and writes the cache in place, so it qualifies.
+
+replayable(step, token, keep) hands back step itself on a CPU or a Mac, and on CUDA a Replayed
+step: the recorded step replayed on a fixed input buffer. The first replay is checked against
+the step run as it is; a recording that fails or disagrees leaves decoding as it was, with one
+warning line. Elsewhere the tests stand in a recording of their own for record (the one seam).
+"""
+
+import contextlib
+
+import torch
+
+from machinery.cli import warn
+
+ENABLED = True  # False: every step runs as it is (bench.py times both)
+WARMUP = 2      # steps run on the recording stream first: cuBLAS and the allocator set up outside the recording
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within: decode without recording (for a comparison)."""
+    global ENABLED
+    before, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+def recorder(device):
+    """The function that records a step on device, or None where none does (a CPU, a Mac)."""
+    return record_cuda if device.type == "cuda" else None
+
+
+def replayable(step, token, keep):
+    """step(token) -> logits as a function that replays a recording of it where the device can
+    record one (CUDA), else step itself. keep: the tensors step changes in place besides what it
+    writes by position (the cache's position), put back after each trial run."""
+    record = recorder(token.device) if ENABLED else None
+    return Replayed(step, record, keep) if record else step
+
+
+def record_cuda(step, static, keep):
+    """A CUDA graph of step(static): a few warm-up runs on a side stream (each put back), then
+    the recording, which runs nothing. Returns replay() -> the output tensor of the recording."""
+    saved = [t.clone() for t in keep]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP):
+            step(static)
+            for t, s in zip(keep, saved):
+                t.copy_(s)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with without_autocast_cache(), torch.cuda.graph(graph, stream=stream):
+        out = step(static)
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+def without_autocast_cache():
+    """Autocast keeps the low-precision copies of the weights it made in a cache that it empties
+    on leaving, which would free memory a recording reads: record with that cache off."""
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+class Replayed:
+    """step as a recording replayed: each call copies its token into the recording's input and
+    replays it. The first call records, replays once and runs step as it is from the same
+    state, to compare; a failure or a disagreement makes every later call run step as it is."""
+
+    def __init__(self, step, record, keep):
+        self.step, self.record, self.keep = step, record, keep
+        self.static = self.replay = None
+        self.eager = False
+
+    def __call__(self, token):
+        if self.eager:
+            return self.step(token)
+        if self.replay is None:
+            return self.first(token)
+        self.static.copy_(token)
+        return self.replay().clone()  # a copy: the next replay overwrites the recording's output
+
+    def first(self, token):
+        saved = [t.clone() for t in self.keep]
+        self.static = token.clone()
+        try:
+            self.replay = self.record(self.step, self.static, self.keep)
+            self.put_back(saved)
+            replayed = self.replay().clone()
+        except Exception as e:  # a kernel or an allocation that cannot be recorded: decode as before
+            self.give_up(f"recording the decoding step failed ({type(e).__name__}: {str(e)[:200]})")
+            self.put_back(saved)
+            return self.step(token)
+        self.put_back(saved)
+        logits = self.step(token)  # the step as it is, from the same state: the reference
+        worst = (replayed.float() - logits.float()).abs().max().item()
+        if not worst <= 1e-2 * logits.float().abs().max().item() + 1e-4:
+            self.give_up(f"the recorded decoding step disagrees with the step itself (by {worst:.3g})")
+        return logits
+
+    def put_back(self, saved):
+        for t, s in zip(self.keep, saved):
+            t.copy_(s)
+
+    def give_up(self, why):
+        warn(f"{why}; decoding without a CUDA graph")
+        self.eager = True
