@@ -26,7 +26,6 @@ import torch
 from config import TinyLLMError, parse_duration, parse_replans
 import sampling
 import machinery
-from machinery.schedule import cosine_position
 
 from machinery.checkpoint import save_checkpoint
 from machinery.cli import format_seconds
@@ -203,12 +202,22 @@ def replan_steps(cfg):
 
 def move_end(state, cfg, max_steps):
     """End the run at max_steps instead: the rest of the cosine, from the LR of the next step,
-    stretched or shrunk to the new end (machinery/schedule.py), so the LR never jumps. In
+    stretched or shrunk to the new end (optim.get_lr's decay_from), so the LR never jumps. In
     the warmup, whose LR does not depend on max_steps, there is nothing to stretch."""
     if state.step >= cfg.warmup_steps:
         peak, done = cosine_position(state.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
         state.decay_from = [state.step, peak, done]
     cfg.max_steps = max_steps
+
+
+def cosine_position(step, lr, warmup_steps, max_steps, decay_from=None):
+    """(the cosine's peak, how far through it step is: 0 to 1), as optim.get_lr reckons them for
+    step: from the end of the warmup to max_steps, or, after a move (decay_from = [step0, peak,
+    done]), from done at step0 to 1 at max_steps."""
+    start, peak, done = warmup_steps, lr, 0.0
+    if decay_from is not None and step >= decay_from[0]:
+        start, peak, done = decay_from
+    return peak, min(1.0, done + (1 - done) * (step - start) / max(1, max_steps - start))
 
 
 def budget_spent(run):

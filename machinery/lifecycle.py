@@ -3,10 +3,10 @@ how a run is set up (processes, device, precision, seeds, the run folder, the ch
 resumes or fine-tunes from), what it keeps track of while it trains (progress lines, timers,
 history, plots, checkpoints, stop signals), and how it ends.
 
-train.py calls, in order: start_run (before anything is built), ready (once the model and its
-optimizer exist), guarded (around the loop); in the loop off_the_clock, after_evaluation,
-early_stop, after_step, overfit_reached, plan_due and plan_time_budget, stop_signal and
-save_for_resume; and finish. Every field a run holds is declared in Run below; its ML progress, which every
+train.py calls, in order: start_run (before anything is built), load_data (from train.build),
+ready (once the model and its optimizer exist), guarded (around the loop); in the loop
+off_the_clock and after_evaluation around each evaluation, after_step after each step; and
+finish. Every field a run holds is declared in Run below; its ML progress, which every
 checkpoint saves, is the TrainState inside it.
 """
 
@@ -24,7 +24,7 @@ import torch
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 import sampling
 import machinery
-from machinery.schedule import scheduled_lr
+from optim import get_lr
 
 from machinery.calibrate import (RECENT_LINES, calibrate, describe_end, describe_start, move_end, plan_run, replan,
                                   replan_steps, replay)
@@ -38,7 +38,7 @@ from machinery.distributed import (all_ranks_max, all_ranks_mean, rank_seed, set
 from machinery.plots import plot_history
 from machinery.precision import autocast, explain_dtype, make_scaler, resolve_dtype
 from machinery.safety import StopRequest, claim_out_dir, conflicting_flags, find_resume, prune_periodic, resume_configs
-from machinery.sources import start_ids
+from machinery.sources import check_splits, load_corpus, start_ids
 
 
 @dataclass
@@ -122,6 +122,8 @@ class Run:
     # how it ends early
     stop_reason: str = None
     overfit_step: int = None
+    stop_request: object = None  # safety.StopRequest, while the loop runs: the signal that asked it to stop
+    signum: int = 0              # that signal, once every process has seen it (0: none)
 
     @property
     def master(self):  # rank 0: the only process that prints and writes files
@@ -196,6 +198,21 @@ def resumed_preset(checkpoint, options, preset, out_dir):
     return saved
 
 
+def load_data(run):
+    """(corpus, model) for train.build: the run's text as a utils.Corpus (sources.load_corpus:
+    a file, a folder, JSONL, Q&A, or a corpus prepared on disk), each split checked to hold one
+    window at least; and the GPT a resumed or fine-tuned run starts from, on the CPU, its
+    vocabulary grown by characters the text adds (else None, for a fresh run)."""
+    cfg = run.train_cfg
+    model, tokenizer = starting_point(run)
+    # vocab_size is BPE's target size; the GPT's own comes from the tokenizer
+    run.corpus = load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
+    check_splits(run.corpus, (model.config if model else run.model_cfg).block_size, cfg.data)
+    if model is not None and run.corpus.added:  # characters the checkpoint never saw: a new embedding row each
+        add_characters(run, model, tokenizer)
+    return run.corpus, model
+
+
 def starting_point(run):
     """(model, tokenizer) of the checkpoint a resumed or fine-tuned run starts from (on the
     CPU; train.build moves the model), or (None, None) for a fresh run."""
@@ -241,6 +258,8 @@ def ready(run, train_step):
     measurement, a few trial steps of train_step measure it, and a --time_budget run is set to
     be planned after its first steps (calibrate.py); the start-up lines say what will happen."""
     cfg = run.train_cfg
+    run.model_cfg, run.tokenizer = run.model.config, run.corpus.tokenizer
+    run.micro_batch = cfg.batch_size // run.world // cfg.grad_accum_steps
     run.state = TrainState()
     if run.options.resume and run.source:
         restore(run, run.source)
@@ -280,7 +299,7 @@ def restore(run, checkpoint):
         new, cfg.max_steps = cfg.max_steps, saved["max_steps"]
         move_end(state, cfg, new)  # the rest of the cosine, stretched to the new end
         run.say(f"--max_steps {saved['max_steps']} -> {cfg.max_steps}: the LR now decays from "
-                f"{scheduled_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from):.2e} "
+                f"{get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from):.2e} "
                 f"at step {state.step} to {cfg.min_lr:g} at step {cfg.max_steps}")
     run.state = state
     set_rng_state(checkpoint["rng"])
@@ -318,9 +337,11 @@ def print_header(run):
 
 @contextlib.contextmanager
 def guarded(run):
-    """Around the loop: Ctrl-C or SIGTERM asks it to finish its step, save and leave (a second
-    Ctrl-C aborts); running out of device memory is one error line saying what to try."""
+    """Around the loop: Ctrl-C or SIGTERM asks it to finish its step and stop (after_step sees
+    it; finish saves and exits with the signal's code; a second Ctrl-C aborts); running out of
+    device memory is one error line saying what to try."""
     with out_of_memory_as_error(run.oom_hint), StopRequest(announce=run.master) as stop:
+        run.stop_request = stop
         yield stop
 
 
@@ -373,8 +394,8 @@ def settle(run):
 
 def after_evaluation(run, losses):
     """Record an evaluation ({"train": loss, "val": loss} of this process): a line and a history
-    row, last.pt (and best.pt when val improved), the plots. Returns the val loss, averaged over
-    the processes."""
+    row, last.pt (and best.pt when val improved), the plots; and stop the run early (stop_reason)
+    on --patience or --target_loss. Returns the val loss, averaged over the processes."""
     state, cfg = run.state, run.train_cfg
     # each rank evaluated its share of the batches; the average is the same everywhere,
     # so every rank takes the same best / early-stopping decisions
@@ -400,6 +421,7 @@ def after_evaluation(run, losses):
             write_history(state.history, run.out_dir)
             if cfg.plots and run.plan_at is None:  # a budget's LR schedule is known once it is planned
                 plot_history(state.history, run.out_dir, run.model_cfg.vocab_size, cfg, state.decay_from)
+    run.stop_reason = run.stop_reason or early_stop(run, val_loss)
     return val_loss
 
 
@@ -416,8 +438,10 @@ def early_stop(run, val_loss):
 
 
 def after_step(run, loss, grad_norm, lr):
-    """Book the step just taken (its loss and gradient norm stay on the device for now); every
-    log_interval steps a progress line and a history row; every save_interval steps a ckpt_STEP.pt."""
+    """After each step, in order: book it (its loss and gradient norm stay on the device for now);
+    every log_interval steps a progress line and a history row (settle: a value that is not finite
+    stops the run with an error); every save_interval steps a ckpt_STEP.pt; --overfit_batch's stop;
+    a --time_budget run's plan (max_steps, the end of the LR schedule); a stop signal's stop."""
     state, cfg = run.state, run.train_cfg
     state.lr = lr
     run.meter.pending.append((state.step, loss, grad_norm))
@@ -427,6 +451,12 @@ def after_step(run, loss, grad_norm, lr):
         save(run, os.path.join(run.out_dir, f"ckpt_{state.step:07d}.pt"))
         if run.master:
             prune_periodic(run.out_dir, cfg.keep_last)
+    run.stop_reason = run.stop_reason or overfit_reached(run)
+    if plan_due(run):
+        plan_time_budget(run)
+    run.signum = stop_signal(run, run.stop_request)
+    if run.signum:
+        run.stop_reason = run.stop_reason or f"stopped by signal {run.signum}"
 
 
 def overfit_reached(run):
@@ -545,7 +575,11 @@ def write_history(history, out_dir):
 
 def finish(run):
     """Save what the last evaluation did not, say how the run ended, show a sample, and return
-    a summary (the history, the trained model, ...)."""
+    a summary (the history, the trained model, ...). After a stop signal: save last.pt, say how
+    to resume, and exit with the signal's code (130 for Ctrl-C, 143 for SIGTERM)."""
+    if run.signum:
+        save_for_resume(run)
+        sys.exit(128 + run.signum)
     state = run.state
     if state.last_eval_step != state.step and not run.options.overfit_batch:  # stopped between evaluations
         save(run, run.last_path)

@@ -28,7 +28,8 @@ class Muon(torch.optim.Optimizer):
     @classmethod
     def for_model(cls, named_params, cfg):
         """Muon on the blocks' 2-D weights (lr muon_lr, no decay); AdamW on the other matrices
-        (decayed) and on the vectors (not decayed). lr_scale ties every group to the schedule."""
+        (decayed) and on the vectors (not decayed). The schedule sets every group's lr (optim.set_lr);
+        the Muon group steps at lr times lr_scale, muon_lr / lr, so muon_lr is its peak."""
         hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
         groups = [
             {"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0},
@@ -54,7 +55,7 @@ class Muon(torch.optim.Optimizer):
         buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
         buf.mul_(group["momentum"]).add_(p.grad)
         update = orthogonalize(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
-        p.add_(update, alpha=-group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        p.add_(update, alpha=-group["lr"] * group["lr_scale"] * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
     def adamw_update(self, p, group):
         state = self.state[p]

@@ -9,7 +9,7 @@ import math
 import os
 
 from config import TinyLLMError
-from machinery.schedule import scheduled_lr
+from optim import get_lr
 
 from machinery.cli import ArgumentParser, log, run_cli, warn
 
@@ -77,7 +77,7 @@ def plot_history(history, out_dir, vocab_size, train_cfg, decay_from=None):
 def plot_lr_schedule(train_cfg, path, upto=None, decay_from=None):
     """Draw the whole planned LR schedule; mark how far the run has got."""
     steps = range(train_cfg.max_steps + 1)
-    lrs = [scheduled_lr(s, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.max_steps, decay_from)
+    lrs = [get_lr(s, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.max_steps, decay_from)
            for s in steps]
     fig, ax = new_plot()
     ax.plot(steps, lrs)

@@ -21,7 +21,8 @@ import train
 import machinery
 from machinery import calibrate, precision
 from machinery.checkpoint import load_checkpoint
-from machinery.schedule import cosine_position, scheduled_lr
+from machinery.calibrate import cosine_position
+from optim import get_lr as scheduled_lr
 
 QUICK = ["--eval_iters", "2", "--plots", "false", "--eval_interval", "40", "--warmup_steps", "10"]
 

@@ -23,7 +23,7 @@ LEVELS = {
     "config": 0, "machinery.cli": 0, "machinery.openmp": 0, "machinery.kernels": 0, "machinery.hardware": 0,
     "machinery.graphs": 0,
     "machinery.bpe": 1, "model": 1, "sampling": 1, "machinery.muon": 1,
-    "machinery.sources": 2, "utils": 2, "optim": 2, "machinery.schedule": 2, "machinery.device": 2,
+    "machinery.sources": 2, "utils": 2, "optim": 2, "machinery.device": 2,
     "machinery.precision": 2, "machinery.distributed": 2, "machinery.checkpoint": 2, "machinery.safety": 2, "machinery.plots": 2,
     "machinery.lifecycle": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3, "machinery.annotate": 3,
     "machinery.prepare": 3, "machinery.train_cli": 3, "machinery.beam": 2,

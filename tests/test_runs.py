@@ -18,7 +18,7 @@ import train
 
 from machinery import hardware, plots, prepare, train_cli
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.schedule import scheduled_lr
+from optim import get_lr as scheduled_lr
 from machinery.sources import load_prepared
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
