@@ -21,8 +21,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, us
              stop_token=None, generator=None, on_token=None):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
     stop_token; returns (B, T + new), a row that stopped earlier going on past its stop_token (cut
-    it there). Each step: the logits of the next token (Context: the
-    context rule and the KV cache), one token drawn from them (sample_next), appended.
+    it there). Each step: the logits of the next token (Context: the context rule and the KV
+    cache), one token drawn from them (sample_next), appended.
     on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits
     they were drawn from (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that

@@ -43,9 +43,11 @@ class CharTokenizer:
 
     def encode(self, text):
         ids = []
-        # re.split with a group keeps the separators: text, special, text, ..., so odd k is a special token
-        for k, part in enumerate(self.split_special(text)):
-            ids.extend([self.special_tokens[part]] if k % 2 else [self.stoi[ch] for ch in part])
+        for part in self.split_special(text):  # plain text and special tokens, in order
+            if part in self.special_tokens:
+                ids.append(self.special_tokens[part])
+            else:
+                ids.extend(self.stoi[ch] for ch in part)
         return ids
 
     def decode(self, ids):
@@ -53,7 +55,8 @@ class CharTokenizer:
         return "".join(self.chars[i] if i < len(self.chars) else names[i] for i in ids)
 
     def split_special(self, text):
-        """text cut around its special tokens: [text, special, text, special, ..., text]."""
+        """text cut around its special tokens: [text, special, text, special, ..., text] (re.split
+        keeps what its pattern's group matched: the special tokens)."""
         if not self.special_tokens:
             return [text]
         return re.split("(" + "|".join(map(re.escape, self.special_tokens)) + ")", text)
