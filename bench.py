@@ -19,6 +19,7 @@ console output is parsed.
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -159,8 +160,13 @@ def bench_train(args):
 # ----------------------------------------------------------------------------- generate: KV cache
 
 def bench_generate(args):
+    """Decoding speed, ms per token, on random weights of the preset's shape: with the KV cache
+    (its one-token step recorded in a CUDA graph and replayed, where the device records one;
+    then the step as it is) and recomputing the whole context. Each path's first call, which pays
+    for allocations and kernel choices, is timed on its own, then its warm calls, interleaved."""
     from model import GPT
 
+    from machinery import graphs
     from machinery.precision import autocast, resolve_dtype  # generation only
     preset = args.preset or "small"  # the README's KV-cache figure; the default help says so
     given = explicit_flags(args)
@@ -169,36 +175,45 @@ def bench_generate(args):
     torch.manual_seed(train_cfg.seed)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size or 65)
     model = GPT(model_cfg).to(device).eval()  # random weights: the time per token depends on the shapes only
-    # float32 unless --dtype says otherwise, as generate.py samples (decoding streams the weights
-    # from memory once per token; bfloat16 autocast did not make that faster here)
-    ctx = autocast(device, resolve_dtype(given["dtype"], device) if "dtype" in given else "float32")
+    # float32 unless --dtype says otherwise, as generate.py samples
+    dtype = resolve_dtype(given["dtype"], device) if "dtype" in given else "float32"
+    ctx = autocast(device, dtype)
     prompt = torch.zeros((args.num_samples, 1), dtype=torch.long, device=device)
+    paths = {"kv_cache": (True, False), "full_recompute": (False, False)}  # name: (use_cache, replay)
+    if graphs.recorder(device):
+        paths = {"replayed": (True, True), **paths}
 
-    def timed(use_cache, n):
+    def timed(name):
+        use_cache, replay = paths[name]
         sync(device)
         t0 = time.perf_counter()
-        with ctx:
-            out = sampling.generate(model, prompt, n, temperature=0, use_cache=use_cache)
+        with ctx, (contextlib.nullcontext() if replay else graphs.disabled()):
+            out = sampling.generate(model, prompt, args.new_tokens, temperature=0, use_cache=use_cache)
         sync(device)
         return out, time.perf_counter() - t0
 
-    log(f"bench generate | preset {preset} | {device} | {model.num_params():,} parameters, block "
+    log(f"bench generate | preset {preset} | {device} {dtype} | {model.num_params():,} parameters, block "
         f"{model_cfg.block_size} | {args.num_samples} x {args.new_tokens} tokens, greedy, {args.repeats} repeats")
-    timed(True, 16), timed(False, 16)  # warm-up: first calls pay for allocations and kernel choice
-    seconds = {"kv_cache": [], "full_recompute": []}
-    for _ in range(args.repeats):  # interleaved, so drift hits both alike
-        for name in seconds:
-            out, s = timed(name == "kv_cache", args.new_tokens)
+    first = {name: timed(name)[1] for name in paths}  # the first call of each, the process's first first
+    seconds = {name: [] for name in paths}
+    for _ in range(args.repeats):  # interleaved, so drift hits every path alike
+        for name in paths:
+            out, s = timed(name)
             seconds[name].append(s)
     result = {name: {"seconds": statistics.median(s), "ms_per_token": 1000 * statistics.median(s) / args.new_tokens,
-                     "tokens_per_s": args.num_samples * args.new_tokens / statistics.median(s)}
+                     "tokens_per_s": args.num_samples * args.new_tokens / statistics.median(s),
+                     "first_seconds": first[name], "first_ms_per_token": 1000 * first[name] / args.new_tokens}
               for name, s in seconds.items()}
     speedup = result["full_recompute"]["seconds"] / result["kv_cache"]["seconds"]
     for name, r in result.items():
-        log(f"{name:<15} {r['ms_per_token']:7.2f} ms per token | {r['tokens_per_s']:,.1f} tok/s")
-    log(f"result: the KV cache is {speedup:.2f}x faster than recomputing the context")
-    return {"preset": preset, "model_config": dataclasses.asdict(model_cfg), **result, "speedup": speedup,
-            "new_tokens": args.new_tokens, "num_samples": args.num_samples, "tokens_shape": list(out.shape)}
+        log(f"{name:<15} {r['ms_per_token']:7.2f} ms per token | {r['tokens_per_s']:,.1f} tok/s | first call "
+            f"{r['first_ms_per_token']:.2f} ms per token")
+    log(f"result: the KV cache is {speedup:.2f}x faster than recomputing the context"
+        + (f", {result['full_recompute']['seconds'] / result['replayed']['seconds']:.2f}x replayed"
+           if "replayed" in result else ""))
+    return {"preset": preset, "dtype": dtype, "model_config": dataclasses.asdict(model_cfg), **result,
+            "speedup": speedup, "new_tokens": args.new_tokens, "num_samples": args.num_samples,
+            "tokens_shape": list(out.shape)}
 
 
 def bench_sample(args):
@@ -645,46 +660,170 @@ def describe_cache_check(cache, dtype):
                    f"is {cache['margin']:.3g}")
 
 
+# What the report's figures should be on an H100-class GPU (docs/platforms.md). The report checks
+# them where the GPU's name says H100 or H200, and shows them beside the figures elsewhere.
+GPU_TARGETS = {"train_wall": 45.0, "train_best_val": 1.440, "decode_ms": 0.5, "cache_speedup": 3.0,
+               "first_over_warm": 2.0, "generate_wall": 5.5}
+# --quick: the report's every step at a toy size, a smoke test that runs anywhere (the tests run it)
+QUICK = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "4",
+         "--max_steps", "10", "--warmup_steps", "2", "--eval_interval", "5", "--eval_iters", "2", "--plots", "false"]
+
+
 def bench_gpu_check(args):
-    """For a person with a GPU, once: every dtype x compile x KV-cache combination trains a few
-    steps and generates; several GPUs run torchrun; then the small preset's ms/step, tokens/s,
-    MFU and time to val 1.47. --quick shrinks it to a smoke test that runs anywhere (no time to target)."""
-    from machinery.precision import has_native_bf16
+    """The GPU report, one command: the GPU's tests under the README's test command; start-up
+    timestamps of train.py and generate.py, split into torch's share and tinyllm's; the default
+    run, --compile and --dtype float16 as a user runs them (wall, best val, ms/step, MFU);
+    decoding in float32 and bfloat16, first call and warm; generate.py's 1,000 tokens, start-up
+    included; and the KV cache's agreement with recomputation in every dtype x compile. Written as
+    Markdown (--out_md) and JSON (--out). --quick: all of it at a toy size, no GPU tests."""
+    from machinery import gpu_report
     device = choose_device("auto")
-    preset, steps = ("tiny", 4) if args.quick else ("small", 20)
-    shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if args.quick else {}
+    report = {"quick": args.quick, "machine": {**machine_info(), "cuda": torch.version.cuda}}
+    log(f"gpu_check on {report['machine']['gpu'] or device}: the GPU tests")
+    report["gpu_tests"] = {"summary": "not run (--quick)"} if args.quick else gpu_report.gpu_tests()
+    with tempfile.TemporaryDirectory(prefix="tinyllm-gpu-check-") as tmp:
+        log("training as a user runs it")
+        report["training"] = training_runs(args.quick, device, tmp)
+        report["startup"] = startup(report["training"][0], device, tmp, args.quick)
+        log("decoding")
+        report["decoding"] = decoding(args.quick, device, tmp)
+        checkpoint = os.path.join(tmp, "default", "best.pt")
+        tokens = 40 if args.quick else 1000
+        report["generate"] = gpu_report.generate_runs(checkpoint, tokens, 1 if args.quick else 3)
+        report["startup"]["runs"].append({"label": f"python generate.py ({tokens:,} tokens)", "first_line": None,
+                                          "first_step": report["generate"]["first_output"],
+                                          "wall": report["generate"]["wall"]})
+        log("the KV cache against recomputation")
+        report["checks"] = cache_checks(args.quick, device, tmp)
+        report["speed"] = steady_speed(args.quick, tmp)
+        if hardware.gpu_count() > 1:
+            report["torchrun_ok"] = torchrun_check(tmp)
+    report["targets"] = target_rows(report)
+    report.update({k: report["speed"][k] for k in ("ms_per_step", "tokens_per_s", "mfu")})  # (as the JSON had them)
+    gpu_report.write(report, args.out_md)
+    return report
+
+
+def training_runs(quick, device, tmp):
+    """python train.py as it comes, then with --compile and with --dtype float16 (each where it
+    applies: --compile needs a compiler; float16's loss scaling is for CUDA)."""
+    from machinery import gpu_report
+    base = QUICK + ["--sample_tokens", "20", "--log_interval", "1"] if quick else []  # (quick: it times start-up too)
+    variants = [("default", [])] + [("compile", ["--compile"]), ("float16", ["--dtype", "float16"])] * (device.type == "cuda")
+    return [gpu_report.train_run(base + flags, os.path.join(tmp, name)) for name, flags in variants]
+
+
+def startup(default_run, device, tmp, quick):
+    """When train.py's first line, device line and first step come (a short run that reports
+    every step), and what of its start-up is torch's (the probe) and what tinyllm's own."""
+    from machinery import gpu_report
+    split = gpu_report.startup_split(device.type)
+    if quick:  # the default run at a toy size reports every step already
+        run = dict(default_run, label="python train.py (--quick)")
+    else:
+        short = ["--max_steps", "20", "--eval_interval", "1000", "--eval_iters", "2", "--plots", "false",
+                 "--log_interval", "1", "--sample_tokens", "0"]
+        run = dict(gpu_report.train_run(short, os.path.join(tmp, "startup")), label="python train.py (20 steps, a line each)")
+    if "error" not in split and run["device_line"] is not None:
+        split["train.py's own set-up"] = run["device_line"] - sum(split.values())
+    log("  start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items() if isinstance(v, float)))
+    return {"split": split, "runs": [run]}
+
+
+def decoding(quick, device, tmp):
+    """bench.py generate in a process of its own for each dtype, so that each first call is a
+    process's first, as generate.py's is."""
+    from machinery.precision import has_native_bf16
+    dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device)
+    shape = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16"] if quick else []
+    new_tokens, rows, results = 24 if quick else 300, [], {}
+    for dtype in dtypes:
+        out = os.path.join(tmp, f"generate-{dtype}.json")
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "generate", "--preset", "small", *shape,
+                               "--dtype", dtype, "--new_tokens", str(new_tokens), "--repeats", "1" if quick else "3",
+                               "--out", out], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            rows.append([dtype, "failed", (done.stderr.strip().splitlines() or ["?"])[-1], "", ""])
+            continue
+        with open(out, encoding="utf-8") as f:
+            results[dtype] = json.load(f)
+        for path in ("replayed", "kv_cache", "full_recompute"):
+            if path in results[dtype]:
+                r = results[dtype][path]
+                rows.append([dtype, path, f"{r['first_ms_per_token']:.3f}", f"{r['ms_per_token']:.3f}",
+                             f"{r['first_seconds'] / r['seconds']:.2f}"])
+    return {"preset": "small" + (" (--quick: a toy shape)" if quick else ""), "new_tokens": new_tokens,
+            "rows": rows, "results": results}
+
+
+def cache_checks(quick, device, tmp):
+    """Every dtype x compile trains a few steps, then the KV cache (replayed where the device
+    records it) must compute what recomputation computes, within the precision's tolerance."""
+    from machinery.precision import has_native_bf16
+    preset, steps = ("tiny", 4) if quick else ("small", 20)
+    shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device) + ["float16"] * (device.type == "cuda")
     rows = []
-    with tempfile.TemporaryDirectory(prefix="tinyllm-gpu-check-") as tmp:
-        for dtype in dtypes:
-            for compile in (False,) if args.quick else (False, True):
-                given = {**shape, "dtype": dtype, "compile": compile, "max_steps": steps, "eval_interval": steps,
-                         "log_interval": steps, "eval_iters": 2, "sample_tokens": 0, "plots": False}
-                run = new_run(preset, given, os.path.join(tmp, f"{dtype}-{compile}"))
-                _, evals = split_history(train.train_loop(run)["history"])
-                cache = check_cache(run.model.eval(), run.ctx, run.dtype, 48 if args.quick else 250)
-                rows.append({"dtype": dtype, "compile": compile, "val_first": evals[0]["val_loss"],
-                             "val_last": evals[-1]["val_loss"], "cache_agrees": cache["agrees"], "cache": cache})
-                log(f"check {dtype:<9} compile={compile!s:<5} val {evals[0]['val_loss']:.3f} -> "
-                    f"{evals[-1]['val_loss']:.3f} | {describe_cache_check(cache, run.dtype)}")
-        result = {"device": str(device), "checks": rows}
-        if hardware.gpu_count() > 1:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={hardware.gpu_count()}", os.path.join(ROOT, "train.py"), "--preset", preset,
-                   "--max_steps", str(steps), "--sample_tokens", "0", "--out_dir", os.path.join(tmp, "ddp")]
-            result["torchrun_ok"] = subprocess.run(cmd).returncode == 0
-            log(f"torchrun on {hardware.gpu_count()} GPUs: {'ok' if result['torchrun_ok'] else 'FAILED'}")
-        run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
-        ms = statistics.median(time_steps([run], 3, steps)[0])
-        tokens_per_s = run.train_cfg.batch_size * run.model_cfg.block_size / ms * 1000
-        peak = peak_flops(run.device, run.dtype)
-        result.update(preset=preset, dtype=run.dtype, ms_per_step=ms, tokens_per_s=tokens_per_s,
-                      mfu=flops_per_token(run.model) * tokens_per_s / peak if peak else None)
-        log(f"{preset} ({run.dtype}): {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
-            + (f" | MFU {100 * result['mfu']:.1f}%" if result["mfu"] else ""))
-    if not args.quick:  # (the quick smoke test leaves this to time_to_target's own test)
-        result["time_to_target"] = time_to_target(preset, 1.47, [], f"{preset} to 1.47")
-    return result
+    for dtype in dtypes:
+        for compile in (False,) if quick else (False, True):
+            given = {**shape, "dtype": dtype, "compile": compile, "max_steps": steps, "eval_interval": steps,
+                     "log_interval": steps, "eval_iters": 2, "sample_tokens": 0, "plots": False}
+            run = new_run(preset, given, os.path.join(tmp, f"check-{dtype}-{compile}"))
+            _, evals = split_history(train.train_loop(run)["history"])
+            cache = check_cache(run.model.eval(), run.ctx, run.dtype, 48 if quick else 250)
+            line = describe_cache_check(cache, run.dtype)
+            rows.append({"dtype": dtype, "compile": compile, "val_first": evals[0]["val_loss"],
+                         "val_last": evals[-1]["val_loss"], "cache_agrees": cache["agrees"], "cache": cache, "line": line})
+            log(f"check {dtype:<9} compile={compile!s:<5} val {evals[0]['val_loss']:.3f} -> "
+                f"{evals[-1]['val_loss']:.3f} | {line}")
+    return rows
+
+
+def steady_speed(quick, tmp):
+    """The default preset's ms/step, tokens/s and MFU once warm, timed in this process."""
+    preset, steps = ("tiny", 4) if quick else (None, 20)
+    shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
+    run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
+    ms = statistics.median(time_steps([run], 3, steps)[0])
+    tokens_per_s = run.train_cfg.batch_size * run.model_cfg.block_size / ms * 1000
+    peak = peak_flops(run.device, run.dtype)
+    mfu = flops_per_token(run.model) * tokens_per_s / peak if peak else None
+    log(f"{run.preset} ({run.dtype}), warm: {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
+        + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
+    return {"preset": run.preset, "dtype": run.dtype, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
+def torchrun_check(tmp):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={hardware.gpu_count()}",
+           os.path.join(ROOT, "train.py"), "--preset", "small", "--max_steps", "20", "--sample_tokens", "0",
+           "--out_dir", os.path.join(tmp, "ddp")]
+    ok = subprocess.run(cmd).returncode == 0
+    log(f"torchrun on {hardware.gpu_count()} GPUs: {'ok' if ok else 'FAILED'}")
+    return ok
+
+
+def target_rows(report):
+    """Each target beside its figure; met or not only on an H100-class GPU, the class they are for."""
+    t, judged = GPU_TARGETS, any(name in (report["machine"]["gpu"] or "") for name in ("H100", "H200"))
+    default, gen = report["training"][0], report["generate"]
+    f32 = report["decoding"]["results"].get("float32", {})
+    fast = f32.get("replayed") or f32.get("kv_cache")
+    users = [r.get("replayed") or r.get("kv_cache") for r in report["decoding"]["results"].values()]  # what users get
+    worst_first = max((p["first_seconds"] / p["seconds"] for p in users if p), default=None)
+    rows = [("python train.py: wall, process start to exit", default["wall"], t["train_wall"], "s"),
+            ("python train.py: best val loss", default["best_val"], t["train_best_val"], ""),
+            ("decoding with the cache, float32, ms/token", fast and fast["ms_per_token"], t["decode_ms"], ""),
+            ("the cache against recomputing, float32", fast and f32["full_recompute"]["seconds"] / fast["seconds"],
+             t["cache_speedup"], "x"),
+            ("decoding's first call / warm, worst dtype", worst_first, t["first_over_warm"], "x"),
+            (f"python generate.py, {gen['new_tokens']:,} tokens, wall", gen["wall"], t["generate_wall"], "s")]
+    out = []
+    for name, value, target, unit in rows:
+        at_least = unit == "x" and "first" not in name
+        met = "-" if not judged or value is None else ("yes" if (value >= target if at_least else value <= target) else "NO")
+        out.append({"figure": name, "measured": "-" if value is None else f"{value:.3f}{unit}",
+                    "target": f"{'>=' if at_least else '<='} {target:g}{unit}", "met": met})
+    return out
 
 
 # ----------------------------------------------------------------------------- command line
@@ -742,8 +881,11 @@ def build_parser():
                                                          "interrupted study, or new plots and fit from a finished one)")
     p.add_argument("--out_png", default=os.path.join("bench_results", "scaling.png"))
     p.add_argument("--data", default=TrainConfig.data, help="the text (default: %(default)s)")
-    p = mode("gpu_check", "once on a GPU: every dtype x compile x cache for a few steps, then the small preset", False)
-    p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke test on any device)")
+    p = mode("gpu_check", "the GPU report, once on a GPU (10 to 15 minutes): tests, start-up, training runs, "
+                          "decoding, generate.py, the KV cache in every precision", False)
+    p.add_argument("--quick", action="store_true", help="all of it at a toy size, without the GPU tests (a smoke test "
+                                                        "on any device)")
+    p.add_argument("--out_md", default=os.path.join("bench_results", "gpu_report.md"), help="the Markdown report")
     return parser
 
 

@@ -89,10 +89,49 @@ def test_ablation_trains_each_variant_and_writes_a_table(shakespeare_head, tmp_p
 
 
 def test_gpu_check_runs_as_a_smoke_test_on_a_cpu(tmp_path):
-    result = bench.main(["gpu_check", "--quick", "--out", str(tmp_path / "gpu.json")])
+    result = bench.main(["gpu_check", "--quick", "--out", str(tmp_path / "gpu.json"), "--out_md", str(tmp_path / "r.md")])
     assert [(c["dtype"], c["compile"]) for c in result["checks"]][0] == ("float32", False)
     assert all(c["cache_agrees"] == 1.0 for c in result["checks"])
     assert result["ms_per_step"] > 0 and "time_to_target" not in result  # run by the full check only
+    # the report: train.py and generate.py run as a user runs them, their output stamped as it came
+    default = result["training"][0]
+    assert default["code"] == 0 and default["best_val"] < 4.2 and default["steps"] == 10
+    assert 0 < default["first_line"] < default["device_line"] <= default["first_step"] < default["wall"]
+    split = result["startup"]["split"]
+    assert list(split) == ["python", "import torch", "device start", "first optimizer", "train.py's own set-up"]
+    assert all(v >= 0 for v in list(split.values())[:4]) and split["import torch"] > 0.05  # torch takes time to import
+    generated = result["generate"]
+    assert generated["code"] == 0 and 0 < generated["first_output"] < generated["wall"]
+    float32 = result["decoding"]["results"]["float32"]
+    assert {"kv_cache", "full_recompute"} <= set(float32) and "replayed" not in float32  # no CUDA graph on a CPU
+    assert [t["met"] for t in result["targets"]] == ["-"] * 6  # the targets are an H100's: not judged here
+    page = (tmp_path / "r.md").read_text()
+    for heading in ("## The GPU tests", "## Start-up", "## Training runs", "## Decoding", "## generate.py",
+                    "## The KV cache against recomputation"):
+        assert heading in page
+    assert result["machine"]["git"] is None or result["machine"]["git"] in page.splitlines()[2]
+
+
+def test_the_targets_are_judged_on_an_h100_class_gpu_only():
+    def report(gpu, wall, best, ms, first):
+        timing = {"seconds": 1.0, "ms_per_token": ms, "first_seconds": first}
+        return {"machine": {"gpu": gpu}, "training": [{"wall": wall, "best_val": best}],
+                "generate": {"wall": 5.0, "new_tokens": 1000},
+                "decoding": {"results": {"float32": {"replayed": timing, "full_recompute": {"seconds": 4.0}}}}}
+    met = [t["met"] for t in bench.target_rows(report("NVIDIA H100 80GB HBM3", 44.0, 1.43, 0.3, 1.5))]
+    assert met == ["yes"] * 6
+    met = [t["met"] for t in bench.target_rows(report("NVIDIA H200", 46.0, 1.45, 0.6, 2.5))]
+    assert met == ["NO", "NO", "NO", "yes", "NO", "yes"]  # 4x faster than recomputing; 5.0 s <= 5.5 s
+    assert [t["met"] for t in bench.target_rows(report("Tesla T4", 44.0, 1.43, 0.3, 1.5))] == ["-"] * 6
+
+
+def test_each_line_of_a_command_is_stamped_when_it_arrives():
+    from machinery import gpu_report
+    script = "import sys, time; print('one', flush=True); time.sleep(0.5); print('two'); sys.exit(3)"
+    result = gpu_report.run_stamped([sys.executable, "-c", script])
+    (t1, one), (t2, two) = result["lines"]
+    assert (one, two) == ("one", "two") and result["code"] == 3
+    assert t2 - t1 >= 0.45 and result["first_output"] <= t1 < t2 <= result["wall"]
 
 
 def test_flags_after_double_dash_only_where_train_py_runs(tmp_path):
