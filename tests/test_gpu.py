@@ -55,3 +55,30 @@ def test_the_kv_cache_agrees_with_recompute_in_every_precision_the_gpu_has():
     out = on_gpu("bench.py", "gpu_check", "--quick", "--out", os.devnull)
     checks = [line for line in out.splitlines() if line.startswith("check ")]
     assert checks and all("KV cache agrees" in line for line in checks), out
+
+
+REPLAY = """
+import torch
+import sampling
+from config import GPTConfig
+from model import GPT
+from machinery import graphs
+torch.manual_seed(0)
+for switches in (dict(pos="learned"), dict(pos="rope", mlp="swiglu", norm="rmsnorm")):
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, **switches)).cuda().eval()
+    prompt = torch.randint(0, 65, (2, 5), device="cuda")
+    for dtype in ("float32", "bfloat16"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            replayed = sampling.generate(model, prompt, 80, temperature=0)  # 85 > block_size 32: refills
+            with graphs.disabled():
+                plain = sampling.generate(model, prompt, 80, temperature=0)
+        assert torch.equal(replayed, plain), (switches, dtype)
+print("replayed")
+"""
+
+
+def test_the_decoding_step_replayed_from_a_cuda_graph_gives_the_plain_steps_tokens():
+    done = subprocess.run([sys.executable, "-c", REPLAY], capture_output=True, text=True, cwd=ROOT,
+                          env=subprocess_env(gpu=True, PYTHONPATH=ROOT), timeout=300)
+    assert done.returncode == 0 and "replayed" in done.stdout, done.stderr[-3000:]
+    assert "warning" not in done.stderr, done.stderr  # recorded and replayed: no fallback to the plain step
