@@ -10,7 +10,7 @@ quarter and more), and written with a description of the machine as JSON to --ou
     python bench.py ablation --preset tiny --max_steps 400
     python bench.py decoding --checkpoint checkpoints/best.pt --prompt "To be or not"   # greedy, beam, sampling
     python bench.py scaling                                                    # scaling laws, about 30 minutes
-    python bench.py gpu_check                                                  # once, on a machine with a GPU
+    python bench.py gpu_check                                                  # the GPU report, once on a GPU
 
 Training runs go through train.py's own setup (setup_run) and records (history.json); no
 console output is parsed.
