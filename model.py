@@ -4,8 +4,9 @@ Read it top to bottom. First GPT-2 itself: causal self-attention (the mask, the 
 module), the MLP, the block, and the GPT with its forward pass (token ids -> logits -> loss),
 which is all training uses. Then the modern parts that three switches of config.GPTConfig put in
 GPT-2's place: norm "rmsnorm" (RMSNorm for LayerNorm), mlp "swiglu" (SwiGLU for the GELU MLP)
-and pos "rope" or "sinusoidal" (rotary or fixed positions for the learned table). The other
-settings are the shape: vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias.
+and pos "rope" or "sinusoidal" (rotary or fixed positions for the learned table). GPTConfig's
+defaults are GPT-2's; the preset a CPU trains by default, tiny, turns on RoPE and SwiGLU. The
+other settings are the shape: vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias.
 Generation is the chapter after train.py, sampling.py; the KV cache that forward takes is its.
 
 The layer names are OpenAI's GPT-2 names, kept so its published weights load by name
@@ -56,7 +57,8 @@ def attention_weights(q, k, mask):
 
 def fused_attention(q, k, v, mask, dropout=0.0):
     """attention(), the same function (the tests check it to float precision), by PyTorch's fused
-    kernel, F.scaled_dot_product_attention: faster, and without building the (T, S) weights in
+    kernel, F.scaled_dot_product_attention (through kernels.py, which runs it in float32 under a
+    CPU's bfloat16 autocast, faster there): faster, and without building the (T, S) weights in
     memory. The model calls this; CausalSelfAttention.fused = False runs the formula above
     instead. When S == T the mask is the lower triangle, which the kernel makes itself (is_causal)."""
     if q.size(-2) == k.size(-2):
@@ -195,9 +197,10 @@ class GPT(nn.Module):
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
         if cache is None:  # training: the T positions 0..T-1, each query looking at the keys up to its own
             start, S = 0, T
-        else:  # generation: idx continues the cache.pos tokens the cache holds, and the keys are its
-            # block_size slots, those before start + T filled (earlier calls, and this one), the
-            # rest empty and after every query, so the mask hides them
+        else:  # generation (sampling.py): the cache holds each layer's keys and values of the tokens so
+            # far, cache.pos of them, in buffers of block_size slots; idx continues them, and the
+            # keys are all block_size slots: those before start + T filled (earlier calls, and this
+            # one), the rest empty and after every query, so the mask hides them
             start, S = cache.pos, self.config.block_size
         x, rope = self.embed(idx, start)  # (B, T, C)
         mask = causal_mask(T, S, idx.device, start)  # (T, S)

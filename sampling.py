@@ -49,15 +49,15 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, and pos, the position of the
     next token. Buffers of block_size positions are allocated once and written in place, so a
     step writes one new column instead of copying the whole cache. Attention reads the whole
-    buffers, the mask hiding the slots not filled yet, so every decoding step computes with the
-    same shapes. pos is a tensor on the model's device, not a Python number: a decoding step
-    then holds no number that changes from token to token, which lets a GPU replay it (Context.decode)."""
+    buffers, the mask hiding the slots not filled yet, so every step computes with the same
+    shapes. pos is a tensor on the model's device rather than a Python number, so that a
+    decoding step holds nothing that changes from token to token (Context.decode says why)."""
 
     def __init__(self, n_layer, block_size, device):
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.block_size = block_size
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # advanced by GPT.forward after every layer
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # GPT.forward adds each call's T to it
 
     def update(self, layer, k, v):
         """Store this step's k, v (B, nh, T, hs) at their positions; return the buffers (B, nh, block_size, hs)."""
@@ -66,7 +66,7 @@ class KVCache:
             self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
             self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
         slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,): pos, pos + 1, ...
-        self.k[layer].index_copy_(2, slots, k)
+        self.k[layer].index_copy_(2, slots, k)  # k into slots pos.. of dimension 2, the positions
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
 
@@ -77,9 +77,8 @@ class Context:
     idx one token longer than the last call's (the first call's is the prompt)."""
 
     def __init__(self, model, use_cache=True, replay=True):
-        self.model, self.use_cache = model, use_cache
-        self.start, self.cache = None, None  # the context is idx[:, start:]
-        self.step = None if replay else self.decode  # decode, or a GPU's replay of it (made at the first token)
+        self.model, self.use_cache, self.replay = model, use_cache, replay
+        self.start, self.cache, self.step = None, None, None  # the context is idx[:, start:]
 
     def next_logits(self, idx):
         block_size = self.model.config.block_size
@@ -95,15 +94,25 @@ class Context:
             self.start = idx.size(1) - max(1, block_size // 2)
         if not self.use_cache:  # recompute the whole context
             logits, _ = self.model(idx[:, self.start:])
-        elif self.cache is None or full:  # fill the cache with the whole context, from position 0
-            self.cache = self.cache or KVCache(self.model.config.n_layer, block_size, idx.device)
-            self.cache.pos.zero_()
-            logits, _ = self.model(idx[:, self.start:], cache=self.cache)
+        elif self.cache is None or full:  # the whole context into the cache, from position 0
+            logits = self.fill(idx[:, self.start:])
         else:  # only the newest token: the cache holds the rest
-            if self.step is None:  # on a GPU, recorded once and replayed (machinery/graphs.py); else decode
-                self.step = graphs.replayable(self.decode, idx[:, -1:], keep=[self.cache.pos])
             logits = self.step(idx[:, -1:])
         return logits[:, -1, :]  # (B, V)
+
+    def fill(self, context):
+        """The logits (B, T, V) of context (B, T), its keys and values written into the cache."""
+        if self.cache is None:  # the first call: the cache, and the step that goes on from it
+            self.cache = KVCache(self.model.config.n_layer, self.model.config.block_size, context.device)
+            # On a CUDA GPU, graphs.replayable records decode once (a CUDA graph) and replays the
+            # recording for each token: one launch instead of a few hundred small kernels launched
+            # from Python, which at this size take longer than the work. keep: what decode changes
+            # in place, put back after its trial runs. On a CPU or a Mac, step is decode itself.
+            self.step = graphs.replayable(self.decode, context[:, -1:], keep=[self.cache.pos]) if self.replay \
+                else self.decode
+        self.cache.pos.zero_()
+        logits, _ = self.model(context, cache=self.cache)
+        return logits
 
     def decode(self, token):
         """The logits (B, 1, V) of the token after token (B, 1), whose keys and values join the cache."""

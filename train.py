@@ -1,29 +1,24 @@
 """Train a GPT on a text file: the lesson, top to bottom.
 
-    python train.py                            # the bundled Shakespeare, with the preset that suits the device
+    python train.py     # data/input.txt (Shakespeare): preset tiny on a CPU (5 minutes), small on a GPU (config.py)
     python train.py --preset small --max_steps 50 --seed 1
 
-The story, in the order it runs: build the batches, the model and the optimizer (build); take
-one optimizer step (train_step); repeat it, evaluating now and then (train_loop, estimate_loss).
-What keeps a run safe on every machine (the run folder, resume, checkpoints, progress lines,
-Ctrl-C, precision, several GPUs) is machinery/lifecycle.py's business: each piece is one call,
-whose comment says what it does; a first read can take it at its word. Every flag: python
-train.py --help, and the README.
+build makes the batches, the model and the optimizer; train_step takes one optimizer step;
+train_loop repeats it, evaluating now and then (estimate_loss). What keeps a run safe on every
+machine is a call into machinery/ whose comment says what it does: take it at its word.
 """
 
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
 import dataclasses
-import math
 
 import torch
 
-from config import RunOptions
 from model import GPT
 from optim import get_lr, make_optimizer, set_lr
 from utils import get_batch
 
-from machinery import cli, device, distributed, lifecycle, train_cli
+from machinery import cli, distributed, lifecycle, train_cli
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -32,8 +27,8 @@ def build(run):
     """The batches, the GPT and its optimizer, stored on run (a lifecycle.Run, which holds the
     run's settings: train_cfg, model_cfg, device, world, the number of processes)."""
     cfg = run.train_cfg
-    # the text as token ids, split 90/10 into train and val (utils.tokenize); a resumed or
-    # fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
+    # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
+    # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
     corpus, model = lifecycle.load_data(run)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
         model = GPT(dataclasses.replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
@@ -53,20 +48,20 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     gradient norm before clipping as tensors: reading their values makes a GPU wait, so the loop
     reads them only now and then. ctx: the forward pass's precision (an autocast; nothing for
     float32); scaler: float16's loss scaling, a torch.amp.GradScaler (None for other dtypes)."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)  # a disabled scaler passes everything through
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
     set_lr(optimizer, lr)                                    # 1. this step's learning rate
     optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
     batch_loss = 0.0                                         # the batch's mean loss: each micro-batch adds its share
     for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
         x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
-        with distributed.sync_gradients(model, micro_step == grad_accum_steps - 1):  # several GPUs: average once, at the last
+        with distributed.sync_gradients(model, micro_step == grad_accum_steps - 1):  # DDP: average at the last (else a no-op)
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
             scaler.scale(loss).backward()                    # 6. backward (float16 scales the loss up first: no underflow)
         batch_loss = batch_loss + loss.detach()
     scaler.unscale_(optimizer)                               # (float16: the scale divided back out)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip (0: measure only)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))  # 7. clip (0: measure only)
     scaler.step(optimizer)                                   # 8. update the weights (not if a gradient is inf or NaN)
     scaler.update()                                          # (float16: the scale adapts)
     return batch_loss, grad_norm
@@ -80,15 +75,12 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None):
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
-    """A run ready for its first step."""
-    # before the model: processes and device, precision, seeds, the run folder (never overwriting a
-    # trained run), the checkpoint a resumed or fine-tuned run starts from
-    run = lifecycle.start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {})
-    with device.out_of_memory_as_error(run.oom_hint):  # one error line saying what to try
-        build(run)
-        # after it: a resumed run's optimizer, progress and random state; the model compiled or
-        # spread over several GPUs when asked; --dtype auto's trial steps; the start-up lines
-        lifecycle.ready(run, train_step)
+    """A run ready for its first step: start_run (the device and precision, seeds, the run folder,
+    the checkpoint a resume or fine-tune starts from), build, ready (a resume's optimizer, progress
+    and random state; --compile, DDP; --dtype auto's trial steps; the start-up lines)."""
+    run = lifecycle.start_run(model_cfg, train_cfg, options, preset, given)
+    build(run)
+    lifecycle.ready(run, train_step)
     return run
 
 
@@ -97,20 +89,22 @@ def train_loop(run):
     run.stop_reason: an early stop (--patience, --target_loss), --overfit_batch done, or Ctrl-C or
     SIGTERM (finish saves, then exits). A --time_budget run moves max_steps while it trains."""
     cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (every checkpoint saves it)
-    model, ctx, scaler = run.train_model, run.ctx, run.scaler  # the model as the steps call it; the precision
+    # the model as the steps call it (compiled, or wrapped for DDP, when asked); its precision
+    # (train_step's ctx and scaler); eval_iters: this process's share of cfg.eval_iters
+    model, ctx, scaler = run.train_model, run.ctx, run.scaler
     batches = {"train": run.next_batch, "val": run.val_batch}
     with lifecycle.guarded(run):  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
         while True:
             # --- every eval_interval steps and at the end: evaluate, save, maybe stop early
             due = state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
-            if due and not run.stop_reason and state.step != state.last_eval_step:  # (resumed: done already)
+            if due and not run.stop_reason and state.step != state.last_eval_step:  # (a resume may have done it)
                 with lifecycle.off_the_clock(run):  # evaluating and saving is not step time
                     losses = estimate_loss(model, batches, run.eval_iters, ctx)
                     lifecycle.after_evaluation(run, losses)  # a line; last.pt, best.pt; --patience, --target_loss
             if state.step >= cfg.max_steps or run.stop_reason:
                 break
 
-            # --- one optimizer step, at the schedule's learning rate
+            # --- one optimizer step, at the schedule's learning rate (decay_from: where max_steps moved, else None)
             lr = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
             loss, grad_norm = train_step(model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                          cfg.grad_clip, ctx, scaler)
@@ -149,4 +143,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_cli(main)  # bad input: one error: line and exit status 2, never a traceback
+    cli.run_cli(main, out_of_memory=lifecycle.OUT_OF_MEMORY)  # bad input: one error: line, exit status 2

@@ -1,18 +1,10 @@
-"""The data path of the lesson, in the order it runs: text -> token ids (the tokenizer) -> a
-contiguous train/val split -> random (x, y) batches, where y is x shifted by one token.
-train.py batches with get_batch.
+"""The data path, in the order it runs: text -> token ids (the tokenizer) -> a contiguous
+train/val split -> random (x, y) batches, y being x shifted by one token.
 
-A model only ever sees integers: the tokenizer turns text into a list of ids, one per token,
-and turns ids back into text. The default, and the one to read, is one token per character
-(CharTokenizer): it needs no training, its vocabulary is the set of characters in the text it is
-built from. Two byte-level tokenizers share its interface (encode, decode, vocab_size, eot_id,
-unknown_chars, to_dict) and are a deep dive (machinery/bpe.py): --tokenizer bpe learns merges
-of frequent byte pairs from your text, and --tokenizer gpt2 is OpenAI's. Each tokenizer saves
-itself as plain data (to_dict), so a checkpoint carries the tokenizer its model was trained with.
-
-Where the text comes from (a file, a folder, JSONL, a Q&A list, or a corpus tokenized to disk
-by machinery/prepare.py), and the new characters a fine-tune brings, are machinery/sources.py's
-business (load_corpus), which calls tokenize here unless the tokens are on disk already."""
+A model only ever sees integers: the tokenizer turns text into ids and ids back into text. The
+one to read is CharTokenizer, one token per character. The byte-level ones (--tokenizer bpe,
+gpt2) have the same methods and are a deep dive (machinery/bpe.py). Where the text comes from
+(a file, a folder, JSONL, a corpus tokenized to disk) is machinery/sources.py's business."""
 
 import re
 from dataclasses import dataclass
@@ -27,8 +19,8 @@ from config import BPE_VOCAB_SIZE, EOT, TinyLLMError
 
 class CharTokenizer:
     """One token per character; the vocabulary is the sorted set of characters seen, plus
-    "<|endoftext|>" as one extra id after them, so any char model can later learn where a
-    document ends (when fine-tuned on Q&A data, say)."""
+    "<|endoftext|>" as one extra id after them, so a char model can learn where a document ends
+    (fine-tuned on Q&A data, say). to_dict: the tokenizer as plain data, for checkpoints."""
 
     def __init__(self, chars, special_tokens=()):
         self.chars = list(chars)                              # id -> character
@@ -97,8 +89,7 @@ class Corpus:
 
 def tokenize(text, tokenizer=None, kind="char", vocab_size=0):
     """text -> token ids -> a contiguous 90/10 train/val split. A fresh run learns its tokenizer
-    from the text (char: every character in it; BPE: merges learned from the first 90% of the
-    characters, about the training split, so validation stays all but unseen); a resumed or
+    from the text (BPE from the first 90% only, so that validation stays unseen); a resumed or
     fine-tuned run brings its own."""
     if tokenizer is None:
         tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * 0.9)], vocab_size)

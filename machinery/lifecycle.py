@@ -41,6 +41,11 @@ from machinery.safety import StopRequest, claim_out_dir, conflicting_flags, find
 from machinery.sources import check_splits, load_corpus, start_ids
 
 
+# what to try when training runs out of device memory (train.py passes it to cli.run_cli too)
+OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (the same batch in pieces), "
+                 "or a smaller model")
+
+
 @dataclass
 class TrainState:
     """A run's progress: saved in every checkpoint, so --resume continues exactly."""
@@ -139,8 +144,7 @@ class Run:
 
     @property
     def oom_hint(self):
-        return (f"out of memory on {describe(self.device)}: try a smaller --batch_size, or --grad_accum_steps 2 "
-                f"or more (the same batch in pieces), or a smaller model")
+        return f"out of memory on {describe(self.device)}: {OUT_OF_MEMORY}"
 
     def say(self, text):
         if self.master:
@@ -149,11 +153,12 @@ class Run:
 
 # ----------------------------------------------------------------------------- before the model is built
 
-def start_run(model_cfg, train_cfg, options, preset, given):
+def start_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
     """Everything before the model is built, in order: processes and device, the run folder
     (resume it, or refuse to overwrite another run), the checkpoint to start from, precision,
     and the seed (the same on every rank: identical initial weights)."""
     started = process_start()
+    options, given = options or RunOptions(), given or {}
     train_cfg = dataclasses.replace(train_cfg)  # the run's own copy: a time budget sets its max_steps
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
