@@ -11,11 +11,12 @@ from machinery import muon, precision
 
 def get_lr(step, lr, min_lr, warmup_steps, max_steps, decay_from=None):
     """Linear warmup from lr/warmup_steps up to lr, cosine decay to min_lr at max_steps, then
-    hold min_lr. decay_from is None unless max_steps moved while the run trained (a time budget,
-    as a CPU's default run has, re-plans it; a resume may give a new --max_steps): then it is
-    [step0, peak, done], the step where it last moved, the cosine's peak, and the share of the
-    cosine already behind at step0, and the rest of the cosine is stretched from there to the new
-    max_steps, so the LR never jumps."""
+    hold min_lr. decay_from is None unless max_steps moved while the run trained: a time budget
+    (a CPU's default run has one) re-plans it as the machine's pace changes, and a resume may
+    give a new --max_steps. The machinery that moves it then sets decay_from = [step0, peak,
+    done]: the step where it last moved, the cosine's peak, and the share of the cosine already
+    behind at step0; the rest of the cosine is stretched from there to the new max_steps, so the
+    LR never jumps. A first read can take decay_from as None."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= max_steps:

@@ -51,7 +51,7 @@ class KVCache:
     step writes one new column instead of copying the whole cache. Attention reads the whole
     buffers, the mask hiding the slots not filled yet, so every step computes with the same
     shapes. pos is a tensor on the model's device rather than a Python number, so that a
-    decoding step holds nothing that changes from token to token (Context.decode says why)."""
+    decoding step holds nothing that changes from token to token (Context.fill says why)."""
 
     def __init__(self, n_layer, block_size, device):
         self.k = [None] * n_layer
@@ -104,10 +104,11 @@ class Context:
         """The logits (B, T, V) of context (B, T), its keys and values written into the cache."""
         if self.cache is None:  # the first call: the cache, and the step that goes on from it
             self.cache = KVCache(self.model.config.n_layer, self.model.config.block_size, context.device)
-            # On a CUDA GPU, graphs.replayable records decode once (a CUDA graph) and replays the
-            # recording for each token: one launch instead of a few hundred small kernels launched
-            # from Python, which at this size take longer than the work. keep: what decode changes
-            # in place, put back after its trial runs. On a CPU or a Mac, step is decode itself.
+            # step: decode itself on a CPU or a Mac. On a CUDA GPU, graphs.replayable hands back a
+            # function that gives what decode gives, by replaying a recording of its kernels (a
+            # CUDA graph): one launch instead of a few hundred small ones from Python, which at
+            # this size take longer than the work. (It needs to know what decode changes in place:
+            # the cache's position.)
             self.step = graphs.replayable(self.decode, context[:, -1:], keep=[self.cache.pos]) if self.replay \
                 else self.decode
         self.cache.pos.zero_()
