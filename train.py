@@ -87,7 +87,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, report. The loop ends at max_steps, or on
     run.stop_reason: an early stop (--patience, --target_loss), --overfit_batch done, or Ctrl-C or
-    SIGTERM (finish saves, then exits). A --time_budget run moves max_steps while it trains."""
+    SIGTERM (run.signum: finish saves, then exits). A --time_budget run moves max_steps as it trains."""
     cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (every checkpoint saves it)
     # the model as the steps call it (compiled, or wrapped for DDP, when asked); its precision
     # (train_step's ctx and scaler); eval_iters: this process's share of cfg.eval_iters
@@ -97,8 +97,8 @@ def train_loop(run):
         while True:
             # --- every eval_interval steps and at the end: evaluate, save, maybe stop early
             due = state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
-            if due and not run.stop_reason and state.step != state.last_eval_step:  # (a resume may have done it)
-                with lifecycle.off_the_clock(run):  # evaluating and saving is not step time
+            if due and not run.signum and state.step != state.last_eval_step:  # (not after Ctrl-C; nor twice)
+                with lifecycle.evaluating(run):  # not step time: a time budget plans with how long it takes
                     losses = estimate_loss(model, batches, run.eval_iters, ctx)
                     lifecycle.after_evaluation(run, losses)  # a line; last.pt, best.pt; --patience, --target_loss
             if state.step >= cfg.max_steps or run.stop_reason:
@@ -112,7 +112,7 @@ def train_loop(run):
             # a progress line every log_interval steps (a loss that is not finite stops the run with an
             # error there), a ckpt_STEP.pt every save_interval; a time budget's new max_steps; Ctrl-C
             lifecycle.after_step(run, loss, grad_norm, lr)
-        return lifecycle.finish(run)  # the last save, a summary line, a sample of what the model writes now
+    return lifecycle.finish(run)  # the last save, a summary line, a sample of what the model writes now
 
 
 # ----------------------------------------------------------------------------- evaluation

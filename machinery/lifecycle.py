@@ -5,7 +5,7 @@ history, plots, checkpoints, stop signals), and how it ends.
 
 train.py calls, in order: start_run (before anything is built), load_data (from train.build),
 ready (once the model and its optimizer exist), guarded (around the loop); in the loop
-off_the_clock and after_evaluation around each evaluation, after_step after each step; and
+evaluating and after_evaluation around each evaluation, after_step after each step; and
 finish. Every field a run holds is declared in Run below; its ML progress, which every
 checkpoint saves, is the TrainState inside it.
 """
@@ -367,6 +367,11 @@ def off_the_clock(run, evaluation=False):
             meter.mark = machinery.clock()
             if evaluation:
                 meter.eval_seconds = meter.mark - start
+
+
+def evaluating(run):
+    """Around an evaluation and its saves: off the step clock, its time kept for the time budget's plans."""
+    return off_the_clock(run, evaluation=True)
 
 
 def settle(run):

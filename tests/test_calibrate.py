@@ -146,6 +146,23 @@ def steps_take(monkeypatch, seconds_of_step):
     return lambda: now["seconds"]
 
 
+def test_a_budget_plans_from_the_evaluation_it_timed(shakespeare_head, tmp_path, capsys, monkeypatch):
+    """On the budget's clock a step takes 10 ms and an evaluation 300 ms: the plan counts that
+    evaluation as it was timed in the loop, and never times another one of its own."""
+    now = {"seconds": 0.0}
+    monkeypatch.setattr(machinery, "clock", lambda: now["seconds"])
+    for name, seconds in (("train_step", 0.01), ("estimate_loss", 0.3)):
+        def taking(*args, _real=getattr(train, name), _seconds=seconds, **kwargs):
+            now["seconds"] += _seconds
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(train, name, taking)
+    monkeypatch.setattr(calibrate, "time_evaluation", lambda run: pytest.fail("an evaluation timed twice"))
+    code, _, err = cli(capsys, train.main, *TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--sample_tokens", "0",
+                       "--log_interval", "10", "--time_budget", "3s", "--out_dir", tmp_path / "run")
+    assert code == 0, err
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["plan"]["eval_seconds"] == pytest.approx(0.3)
+
+
 def test_a_budgeted_run_ends_on_the_real_clock_in_time(shakespeare_head, tmp_path, capsys):
     budget = 2.0
     t0 = time.perf_counter()

@@ -339,3 +339,19 @@ def test_a_muon_run_learns_and_resumes_exactly(shakespeare_head, tmp_path, monke
     resumed = train.train(tiny_model_config(), cut, RunOptions(resume=True))
     a, b = full["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # Muon's momentum buffers came back too
+
+
+def test_ctrl_c_during_the_closing_sample_stops_the_process_at_once(shakespeare_head, tmp_path, capsys, monkeypatch):
+    """After the loop, a stop signal no longer waits for a step: Ctrl-C while the closing sample is
+    written is Python's own KeyboardInterrupt, exit status 130, and the run's checkpoints stay."""
+    from conftest import TINY_FLAGS, cli
+    from machinery import lifecycle
+
+    def interrupted_sample(run):
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what pressing Ctrl-C does now
+        return "never printed"
+    monkeypatch.setattr(lifecycle, "closing_sample", interrupted_sample)
+    code, out, err = cli(capsys, train.main, *TINY_FLAGS, "--sample_tokens", "10", "--max_steps", "4", "--data",
+                         shakespeare_head, "--out_dir", tmp_path / "run")
+    assert code == 130 and "interrupted" in err and "never printed" not in out
+    assert (tmp_path / "run" / "last.pt").exists()
