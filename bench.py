@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -679,28 +680,28 @@ def bench_gpu_check(args):
     from machinery import gpu_report
     device = choose_device("auto")
     report = {"quick": args.quick, "machine": {**machine_info(), "cuda": torch.version.cuda}}
+    part = functools.partial(gpu_report.part, report)  # each part on its own: one that fails is reported as such
     log(f"gpu_check on {report['machine']['gpu'] or device}: the GPU tests")
-    report["gpu_tests"] = {"summary": "not run (--quick)"} if args.quick else gpu_report.gpu_tests()
-    with tempfile.TemporaryDirectory(prefix="tinyllm-gpu-check-") as tmp:
-        log("training as a user runs it")
-        report["training"] = training_runs(args.quick, device, tmp)
-        report["startup"] = startup(report["training"][0], device, tmp, args.quick)
-        log("decoding")
-        report["decoding"] = decoding(args.quick, device, tmp)
-        checkpoint = os.path.join(tmp, "default", "best.pt")
-        tokens = 40 if args.quick else 1000
-        report["generate"] = gpu_report.generate_runs(checkpoint, tokens, 1 if args.quick else 3)
-        report["startup"]["runs"].append({"label": f"python generate.py ({tokens:,} tokens)", "first_line": None,
-                                          "first_step": report["generate"]["first_output"],
-                                          "wall": report["generate"]["wall"]})
-        log("the KV cache against recomputation")
-        report["checks"] = cache_checks(args.quick, device, tmp)
-        report["speed"] = steady_speed(args.quick, tmp)
-        if hardware.gpu_count() > 1:
-            report["torchrun_ok"] = torchrun_check(tmp)
-    report["targets"] = target_rows(report)
-    report.update({k: report["speed"][k] for k in ("ms_per_step", "tokens_per_s", "mfu")})  # (as the JSON had them)
-    gpu_report.write(report, args.out_md)
+    part("gpu_tests", lambda: {"summary": "not run (--quick)"} if args.quick else gpu_report.gpu_tests())
+    with tempfile.TemporaryDirectory(prefix="tinyllm-gpu-check-", ignore_cleanup_errors=True) as tmp:
+        try:
+            log("training as a user runs it")
+            part("training", training_runs, args.quick, device, tmp)
+            part("startup", startup, report["training"], device, tmp, args.quick)
+            log("decoding")
+            part("decoding", decoding, args.quick, device, tmp)
+            part("generate", gpu_report.generate_runs, os.path.join(tmp, "default", "best.pt"),
+                 40 if args.quick else 1000, 1 if args.quick else 3)
+            log("the KV cache against recomputation")
+            compiled = not args.quick and all(r["code"] == 0 for r in report.get("training", []))
+            part("checks", cache_checks, args.quick, device, tmp, compiled)
+            part("speed", steady_speed, args.quick, tmp)
+            if hardware.gpu_count() > 1:
+                part("torchrun_ok", torchrun_check, tmp)
+        finally:  # whatever happened, the page says what was measured
+            report["targets"] = target_rows(report)
+            gpu_report.write(report, args.out_md)
+    report.update({k: report["speed"].get(k) for k in ("ms_per_step", "tokens_per_s", "mfu")})  # as the JSON had them
     return report
 
 
@@ -709,17 +710,18 @@ def training_runs(quick, device, tmp):
     applies: --compile needs a compiler; float16's loss scaling is for CUDA)."""
     from machinery import gpu_report
     base = QUICK + ["--sample_tokens", "20", "--log_interval", "1"] if quick else []  # (quick: it times start-up too)
-    variants = [("default", [])] + [("compile", ["--compile"]), ("float16", ["--dtype", "float16"])] * (device.type == "cuda")
+    variants = [("default", [])] + [("compile", ["--compile"]), ("float16", ["--dtype", "float16"])] * (
+        device.type == "cuda" and not quick)
     return [gpu_report.train_run(base + flags, os.path.join(tmp, name)) for name, flags in variants]
 
 
-def startup(default_run, device, tmp, quick):
+def startup(training, device, tmp, quick):
     """When train.py's first line, device line and first step come (a short run that reports
     every step), and what of its start-up is torch's (the probe) and what tinyllm's own."""
     from machinery import gpu_report
     split = gpu_report.startup_split(device.type)
     if quick:  # the default run at a toy size reports every step already
-        run = dict(default_run, label="python train.py (--quick)")
+        run = dict(training[0], label="python train.py (--quick)")
     else:
         short = ["--max_steps", "20", "--eval_interval", "1000", "--eval_iters", "2", "--plots", "false",
                  "--log_interval", "1", "--sample_tokens", "0"]
@@ -736,7 +738,7 @@ def decoding(quick, device, tmp):
     from machinery.precision import has_native_bf16
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device)
     shape = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16"] if quick else []
-    new_tokens, rows, results = 24 if quick else 300, [], {}
+    new_tokens, rows, results = 24 if quick else 1000, [], {}
     for dtype in dtypes:
         out = os.path.join(tmp, f"generate-{dtype}.json")
         done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "generate", "--preset", "small", *shape,
@@ -756,16 +758,17 @@ def decoding(quick, device, tmp):
             "rows": rows, "results": results}
 
 
-def cache_checks(quick, device, tmp):
+def cache_checks(quick, device, tmp, compiled=True):
     """Every dtype x compile trains a few steps, then the KV cache (replayed where the device
-    records it) must compute what recomputation computes, within the precision's tolerance."""
+    records it) must compute what recomputation computes, within the precision's tolerance.
+    compiled False: no --compile (quick, or train.py --compile failed here: no compiler)."""
     from machinery.precision import has_native_bf16
     preset, steps = ("tiny", 4) if quick else ("small", 20)
     shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device) + ["float16"] * (device.type == "cuda")
     rows = []
     for dtype in dtypes:
-        for compile in (False,) if quick else (False, True):
+        for compile in (False, True) if compiled else (False,):
             given = {**shape, "dtype": dtype, "compile": compile, "max_steps": steps, "eval_interval": steps,
                      "log_interval": steps, "eval_iters": 2, "sample_tokens": 0, "plots": False}
             run = new_run(preset, given, os.path.join(tmp, f"check-{dtype}-{compile}"))
@@ -805,18 +808,21 @@ def torchrun_check(tmp):
 def target_rows(report):
     """Each target beside its figure; met or not only on an H100-class GPU, the class they are for."""
     t, judged = GPU_TARGETS, any(name in (report["machine"]["gpu"] or "") for name in ("H100", "H200"))
-    default, gen = report["training"][0], report["generate"]
-    f32 = report["decoding"]["results"].get("float32", {})
+    training, gen = report.get("training"), report.get("generate", {})  # (a part that failed holds an error)
+    default = training[0] if isinstance(training, list) and training[0]["code"] == 0 else {}
+    results = report.get("decoding", {}).get("results", {})
+    f32 = results.get("float32", {})
     fast = f32.get("replayed") or f32.get("kv_cache")
-    users = [r.get("replayed") or r.get("kv_cache") for r in report["decoding"]["results"].values()]  # what users get
+    users = [r.get("replayed") or r.get("kv_cache") for r in results.values()]  # what generate.py decodes with
     worst_first = max((p["first_seconds"] / p["seconds"] for p in users if p), default=None)
-    rows = [("python train.py: wall, process start to exit", default["wall"], t["train_wall"], "s"),
-            ("python train.py: best val loss", default["best_val"], t["train_best_val"], ""),
+    rows = [("python train.py: wall, process start to exit", default.get("wall"), t["train_wall"], "s"),
+            ("python train.py: best val loss", default.get("best_val"), t["train_best_val"], ""),
             ("decoding with the cache, float32, ms/token", fast and fast["ms_per_token"], t["decode_ms"], ""),
             ("the cache against recomputing, float32", fast and f32["full_recompute"]["seconds"] / fast["seconds"],
              t["cache_speedup"], "x"),
             ("decoding's first call / warm, worst dtype", worst_first, t["first_over_warm"], "x"),
-            (f"python generate.py, {gen['new_tokens']:,} tokens, wall", gen["wall"], t["generate_wall"], "s")]
+            (f"python generate.py, {gen.get('new_tokens', 1000):,} tokens, wall", gen.get("wall"), t["generate_wall"],
+             "s")]
     out = []
     for name, value, target, unit in rows:
         at_least = unit == "x" and "first" not in name

@@ -9,6 +9,8 @@ a run comes from here too. Beam search (generate.py --beam), which keeps the mos
 continuations instead of drawing one, is a deep dive beside it: machinery/beam.py.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -104,21 +106,22 @@ class Context:
         """The logits (B, T, V) of context (B, T), its keys and values written into the cache."""
         if self.cache is None:  # the first call: the cache, and the step that goes on from it
             self.cache = KVCache(self.model.config.n_layer, self.model.config.block_size, context.device)
-            # step: decode itself on a CPU or a Mac. On a CUDA GPU, graphs.replayable hands back a
-            # function that gives what decode gives, by replaying a recording of its kernels (a
-            # CUDA graph): one launch instead of a few hundred small ones from Python, which at
+            # self.step: decode (below) on a CPU or a Mac. On a CUDA GPU, graphs.replayable hands
+            # back a function that gives what decode gives, by replaying a recording of its kernels
+            # (a CUDA graph): one launch instead of a few hundred small ones from Python, which at
             # this size take longer than the work. (It needs to know what decode changes in place:
             # the cache's position.)
-            self.step = graphs.replayable(self.decode, context[:, -1:], keep=[self.cache.pos]) if self.replay \
-                else self.decode
+            step = functools.partial(decode, self.model, self.cache)  # decode(token), with this model and cache
+            self.step = graphs.replayable(step, context[:, -1:], keep=[self.cache.pos]) if self.replay else step
         self.cache.pos.zero_()
         logits, _ = self.model(context, cache=self.cache)
         return logits
 
-    def decode(self, token):
-        """The logits (B, 1, V) of the token after token (B, 1), whose keys and values join the cache."""
-        logits, _ = self.model(token, cache=self.cache)
-        return logits
+
+def decode(model, cache, token):
+    """The logits (B, 1, V) of the token after token (B, 1), whose keys and values join the cache."""
+    logits, _ = model(token, cache=cache)
+    return logits
 
 
 # ----------------------------------------------------------------------------- the sampler

@@ -51,10 +51,11 @@ def run_stamped(cmd, timeout=1800):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
-        lines, first, pending = [], None, b""
+        lines, first, pending, chunks = [], None, b"", []
         while chunk := proc.stdout.read1(1 << 16):
             now = time.perf_counter() - start
             first = now if first is None else first
+            chunks.append((now, len(chunk)))
             pending += chunk
             *done, pending = pending.split(b"\n")
             lines += [(now, line.decode("utf-8", "replace")) for line in done]
@@ -67,7 +68,16 @@ def run_stamped(cmd, timeout=1800):
         lines.append((wall, pending.decode("utf-8", "replace")))
     shown = ["python"] + [os.path.relpath(a, ROOT) if a.startswith(ROOT + os.sep) else a for a in cmd[1:] if a != "-u"]
     return {"command": " ".join(shown), "code": code, "wall": wall, "first_output": first, "lines": lines,
-            "stderr": stderr}
+            "chunks": chunks, "stderr": stderr}
+
+
+def part(report, key, fn, *args):
+    """report[key] = fn(*args); a part that fails holds its error instead, and the report goes on."""
+    try:
+        report[key] = fn(*args)
+    except Exception as e:  # (not KeyboardInterrupt: Ctrl-C still stops the report)
+        report[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        log(f"  {key} failed: {report[key]['error']}")
 
 
 def stamp_of(result, prefix):
@@ -118,18 +128,25 @@ def describe_run(r):
     return f"{best} in {r['wall']:.1f} s ({r['steps']} steps{ms}" + (f", MFU {r['mfu']:.1f}%)" if r["mfu"] else ")")
 
 
-def generate_runs(checkpoint, new_tokens, repeats):
-    """python generate.py CHECKPOINT --max_new_tokens N --seed 42, repeats times: each one's wall
-    time and when its first text came."""
-    cmd = [sys.executable, "-u", os.path.join(ROOT, "generate.py"), checkpoint, "--max_new_tokens", str(new_tokens),
-           "--seed", "42"]
+def generate_runs(checkpoint, new_tokens, repeats, prompt="ROMEO:"):
+    """python generate.py CHECKPOINT --prompt PROMPT --max_new_tokens N --seed 42, repeats times:
+    each one's wall time, and when its first generated text came (after the prompt it echoes)."""
+    cmd = [sys.executable, "-u", os.path.join(ROOT, "generate.py"), checkpoint, "--prompt", prompt,
+           "--max_new_tokens", str(new_tokens), "--seed", "42"]
     runs = [run_stamped(cmd) for _ in range(repeats)]
     walls = [r["wall"] for r in runs if r["code"] == 0]
-    result = {"command": runs[0]["command"], "new_tokens": new_tokens, "walls": walls, "wall": statistics.median(walls) if walls else None,
-              "first_output": runs[0]["first_output"], "code": max(r["code"] for r in runs),
+    echoed, arrived, first = len(prompt.encode()), 0, None
+    for t, size in runs[0]["chunks"]:
+        arrived += size
+        if arrived > echoed:
+            first = t
+            break
+    result = {"command": runs[0]["command"], "new_tokens": new_tokens, "walls": walls,
+              "wall": statistics.median(walls) if walls else None, "first_output": first,
+              "code": next((r["code"] for r in runs if r["code"]), 0),
               "stderr": next((r["stderr"] for r in runs if r["code"]), [])}
-    log(f"  generate.py, {new_tokens} tokens: " + (f"{result['wall']:.2f} s wall (median of {len(walls)}), first "
-                                                    f"text at {result['first_output']:.2f} s" if walls else "failed"))
+    log(f"  generate.py, {new_tokens} tokens: " + (f"{result['wall']:.2f} s wall (median of {len(walls)})" if walls
+                                                    else f"failed: {(result['stderr'] or ['?'])[-1]}"))
     return result
 
 
@@ -161,36 +178,69 @@ def markdown(report):
            ""]
     out += table(["figure", "measured", "target", "met"], [[t["figure"], t["measured"], t["target"], t["met"]]
                                                             for t in report["targets"]])
-    out += ["", "## The GPU tests", "", f"`python -m pytest -q tests/test_gpu.py`: {report['gpu_tests']['summary']}"]
-    out += ["", "## Start-up", "", "Seconds since the process started, as its output arrived:", ""]
-    rows = [[r["label"], seconds(r.get("first_line"), 2), seconds(r.get("device_line"), 2), seconds(r.get("first_step"), 2),
-             seconds(r.get("wall"), 2)] for r in report["startup"]["runs"]]
-    out += table(["command", "first line", "device line", "first step / first text", "exit"], rows)
-    split = report["startup"]["split"]
-    out += ["", "What a fresh process spends before any of tinyllm's own work (a probe), and train.py's own "
-                "set-up up to its device line (the rest, by subtraction):", ""]
-    out += table(list(split), [[seconds(v, 2) if isinstance(v, float) else v for v in split.values()]])
-    out += ["", "## Training runs", ""]
-    out += table(["command", "wall", "best val", "steps", "ms/step", "MFU"],
-                 [[f"`{r['command']}`", seconds(r["wall"]), f"{r['best_val']:.4f}" if r["best_val"] else
-                   f"exit {r['code']}: {(r['stderr'] or ['?'])[-1]}", r["steps"],
-                   f"{r['ms_per_step']:.1f}" if r["ms_per_step"] else "-", f"{r['mfu']:.1f}%" if r["mfu"] else "-"]
-                  for r in report["training"]])
-    out += ["", "## Decoding", "", f"`bench.py generate`: preset {report['decoding']['preset']}, batch 1, "
-            f"{report['decoding']['new_tokens']} tokens, greedy; the first call of each path, then the median of "
-            f"the warm calls", ""]
-    out += table(["dtype", "path", "first call, ms/token", "warm, ms/token", "first / warm"], report["decoding"]["rows"])
-    s = report["speed"]
-    out += ["", f"Warm, in one process: preset {s['preset']} ({s['dtype']}), {s['ms_per_step']:.1f} ms/step, "
-                f"{s['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * s['mfu']:.1f}%" if s["mfu"] else "")]
-    g = report["generate"]
-    out += ["", "## generate.py", "", f"`{g['command']}`: " + (
-        f"{seconds(g['wall'], 2)} wall (median of {len(g['walls'])}), first text at {seconds(g['first_output'], 2)}"
-        if g["wall"] else f"failed: {(g['stderr'] or ['?'])[-1]}")]
-    out += ["", "## The KV cache against recomputation", ""]
-    out += table(["dtype", "compile", "val loss", "check"], [[c["dtype"], c["compile"], f"{c['val_first']:.3f} -> "
-                                                               f"{c['val_last']:.3f}", c["line"]] for c in report["checks"]])
+    for key, title, render in SECTIONS:
+        out += ["", f"## {title}", ""]
+        part = report.get(key)
+        if part is None:
+            out.append("not measured: the report stopped before this part")
+        elif isinstance(part, dict) and "error" in part:
+            out.append(f"failed: {part['error']}")
+        else:
+            out += render(report, part)
     return "\n".join(out) + "\n"
+
+
+def tests_page(report, tests):
+    return [f"`python -m pytest -q tests/test_gpu.py`: {tests['summary']}"] + [f"    {line}" for line in tests.get("output", [])]
+
+
+def startup_page(report, startup):
+    g = report.get("generate", {})
+    rows = [[r["label"], seconds(r.get("first_line"), 2), seconds(r.get("device_line"), 2),
+             seconds(r.get("first_step"), 2), seconds(r.get("wall"), 2)] for r in startup["runs"]]
+    if g.get("wall"):
+        rows.append([f"python generate.py ({g['new_tokens']:,} tokens)", "-", "-", seconds(g["first_output"], 2),
+                     seconds(g["walls"][0], 2)])
+    split = startup["split"]
+    return (["Seconds since the process started, as its output arrived:", ""]
+            + table(["command", "first line", "device line", "first step / first generated text", "exit"], rows)
+            + ["", "What a fresh process spends before any of tinyllm's own work (a probe), and train.py's own "
+                   "set-up up to its device line (the rest, by subtraction):", ""]
+            + table(list(split), [[seconds(v, 2) if isinstance(v, float) else v for v in split.values()]]))
+
+
+def training_page(report, training):
+    rows = [[f"`{r['command']}`", seconds(r["wall"]), describe_run(r) if r["code"] or r["best_val"] is None else
+             f"{r['best_val']:.4f}", r["steps"], f"{r['ms_per_step']:.1f}" if r["ms_per_step"] else "-",
+             f"{r['mfu']:.1f}%" if r["mfu"] else "-"] for r in training]
+    speed = report.get("speed", {})
+    warm = [] if "ms_per_step" not in speed else [
+        "", f"Warm, in one process: preset {speed['preset']} ({speed['dtype']}), {speed['ms_per_step']:.1f} ms/step, "
+            f"{speed['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * speed['mfu']:.1f}%" if speed["mfu"] else "")]
+    return table(["command", "wall", "best val", "steps", "ms/step", "MFU"], rows) + warm
+
+
+def decoding_page(report, decoding):
+    return ([f"`bench.py generate`: preset {decoding['preset']}, batch 1, {decoding['new_tokens']} tokens, greedy; "
+             f"each dtype in a process of its own; the first call of each path, then the median of the warm calls", ""]
+            + table(["dtype", "path", "first call, ms/token", "warm, ms/token", "first / warm"], decoding["rows"]))
+
+
+def generate_page(report, g):
+    if not g["wall"]:
+        return [f"`{g['command']}`: failed: {(g['stderr'] or ['?'])[-1]}"]
+    return [f"`{g['command']}`: {seconds(g['wall'], 2)} wall (median of {len(g['walls'])}), the first generated "
+            f"text at {seconds(g['first_output'], 2)}"]
+
+
+def checks_page(report, checks):
+    return table(["dtype", "compile", "val loss", "check"],
+                 [[c["dtype"], c["compile"], f"{c['val_first']:.3f} -> {c['val_last']:.3f}", c["line"]] for c in checks])
+
+
+SECTIONS = [("gpu_tests", "The GPU tests", tests_page), ("startup", "Start-up", startup_page),
+            ("training", "Training runs", training_page), ("decoding", "Decoding", decoding_page),
+            ("generate", "generate.py", generate_page), ("checks", "The KV cache against recomputation", checks_page)]
 
 
 def table(headers, rows):

@@ -46,23 +46,31 @@ def replayable(step, token, keep):
 
 
 def record_cuda(step, static, keep):
-    """A CUDA graph of step(static): a few warm-up runs on a side stream (each put back), then
-    the recording, which runs nothing. Returns replay() -> the output tensor of the recording."""
-    saved = [t.clone() for t in keep]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(WARMUP):
-            step(static)
-            for t, s in zip(keep, saved):
-                t.copy_(s)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with without_autocast_cache(), torch.cuda.graph(graph, stream=stream):
-        out = step(static)
+    """A CUDA graph of step(static) on static's GPU: a few warm-up runs on a side stream (each put
+    back), then the recording, which runs nothing. Returns replay() -> the recording's output."""
+    device, saved = static.device, [t.clone() for t in keep]
+    with torch.cuda.device(device):  # (streams, recording and replay on the tensors' own GPU)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP):
+                step(static)
+                for t, s in zip(keep, saved):
+                    t.copy_(s)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with without_autocast_cache(), torch.cuda.stream(stream):
+            graph.capture_begin()
+            try:
+                out = step(static)
+            finally:
+                graph.capture_end()  # (also after a failure: the stream and the allocator back as they were)
+        torch.cuda.current_stream(device).wait_stream(stream)
 
     def replay():
-        graph.replay()
+        with torch.cuda.device(device):
+            graph.replay()
         return out
     return replay
 
@@ -104,10 +112,13 @@ class Replayed:
             self.give_up(f"recording the decoding step failed ({type(e).__name__}: {str(e)[:200]})")
             self.put_back(saved)
             return self.step(token)
+        moved = [t.clone() for t in self.keep]
         self.put_back(saved)
         logits = self.step(token)  # the step as it is, from the same state: the reference
         worst = (replayed.float() - logits.float()).abs().max().item()
-        if not worst <= 1e-2 * logits.float().abs().max().item() + 1e-4:
+        if not all(torch.equal(a, b) for a, b in zip(moved, self.keep)):
+            self.give_up("the recorded decoding step does not move the cache as the step itself does")
+        elif not worst <= 1e-2 * logits.float().abs().max().item() + 1e-4:
             self.give_up(f"the recorded decoding step disagrees with the step itself (by {worst:.3g})")
         return logits
 

@@ -115,7 +115,7 @@ def test_gpu_check_runs_as_a_smoke_test_on_a_cpu(tmp_path):
 def test_the_targets_are_judged_on_an_h100_class_gpu_only():
     def report(gpu, wall, best, ms, first):
         timing = {"seconds": 1.0, "ms_per_token": ms, "first_seconds": first}
-        return {"machine": {"gpu": gpu}, "training": [{"wall": wall, "best_val": best}],
+        return {"machine": {"gpu": gpu}, "training": [{"code": 0, "wall": wall, "best_val": best}],
                 "generate": {"wall": 5.0, "new_tokens": 1000},
                 "decoding": {"results": {"float32": {"replayed": timing, "full_recompute": {"seconds": 4.0}}}}}
     met = [t["met"] for t in bench.target_rows(report("NVIDIA H100 80GB HBM3", 44.0, 1.43, 0.3, 1.5))]
@@ -123,6 +123,18 @@ def test_the_targets_are_judged_on_an_h100_class_gpu_only():
     met = [t["met"] for t in bench.target_rows(report("NVIDIA H200", 46.0, 1.45, 0.6, 2.5))]
     assert met == ["NO", "NO", "NO", "yes", "NO", "yes"]  # 4x faster than recomputing; 5.0 s <= 5.5 s
     assert [t["met"] for t in bench.target_rows(report("Tesla T4", 44.0, 1.43, 0.3, 1.5))] == ["-"] * 6
+
+
+def test_a_part_of_the_report_that_fails_is_reported_and_the_rest_goes_on():
+    from machinery import gpu_report
+    report = {"quick": True, "machine": {"gpu": None, "cpu": "a CPU", "torch": "2.x", "python": "3.x", "git": None,
+                                         "date": "today"}}
+    gpu_report.part(report, "gpu_tests", lambda: {"summary": "2 passed"})
+    gpu_report.part(report, "training", lambda: 1 / 0)
+    report["targets"] = bench.target_rows(report)
+    page = gpu_report.markdown(report)
+    assert "2 passed" in page and "failed: ZeroDivisionError: division by zero" in page
+    assert "## Decoding\n\nnot measured" in page and all(t["measured"] == "-" for t in report["targets"])
 
 
 def test_each_line_of_a_command_is_stamped_when_it_arrives():

@@ -97,6 +97,21 @@ def test_a_recording_that_disagrees_with_the_step_is_not_used(monkeypatch, capsy
     assert err.count("warning:") == 1 and "disagrees" in err
 
 
+def test_a_recording_that_replays_nothing_is_not_used(monkeypatch, capsys):
+    def empty(step, static, keep):  # a recording made on the wrong GPU holds no kernel: replaying it
+        first = step(static).clone()  # returns what the step gave when it was recorded, and moves nothing
+        return lambda: first
+    monkeypatch.setattr(graphs, "recorder", lambda device: empty)
+    torch.manual_seed(0)
+    model = GPT(tiny_model_config(block_size=8)).eval()
+    prompt = torch.randint(0, 65, (1, 3))
+    out = sampling.generate(model, prompt, 20, temperature=0)
+    with graphs.disabled():
+        assert torch.equal(out, sampling.generate(model, prompt, 20, temperature=0))
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "does not move the cache" in err
+
+
 def test_no_recording_is_made_on_a_cpu_unless_asked():
     assert graphs.recorder(torch.device("cpu")) is None
     step = lambda token: token  # noqa: E731
