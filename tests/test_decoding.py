@@ -68,10 +68,27 @@ def test_the_replayed_step_gives_the_tokens_of_the_plain_paths(switches, sampler
     assert "warning" not in capsys.readouterr().err  # the replay was used: it agreed with the step
 
 
-def test_a_recording_that_fails_decodes_as_before_with_one_warning(monkeypatch, capsys):
-    def broken(step, static, keep):
-        raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(graphs, "recorder", lambda device: broken)
+def broken(step, static, keep):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def wrong(step, static, keep):  # a recording whose replay is off by one in every logit
+    replay = fx_record(step, static, keep)
+    return lambda: replay() + 1.0
+
+
+def empty(step, static, keep):  # a recording made on the wrong GPU holds no kernel: replaying it returns
+    first = step(static).clone()  # what the step gave when it was recorded, and moves nothing
+    return lambda: first
+
+
+@pytest.mark.parametrize("record, why", [(broken, "recording the decoding step failed (RuntimeError: operation "
+                                                  "not permitted when stream is capturing)"),
+                                         (wrong, "the recorded decoding step disagrees with the step itself"),
+                                         (empty, "the recorded decoding step does not move the cache")],
+                         ids=["fails", "disagrees", "replays_nothing"])
+def test_a_recording_that_cannot_be_trusted_is_not_used_and_says_so_in_one_line(record, why, monkeypatch, capsys):
+    monkeypatch.setattr(graphs, "recorder", lambda device: record)
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=8)).eval()
     prompt = torch.randint(0, 65, (1, 3))
@@ -79,37 +96,7 @@ def test_a_recording_that_fails_decodes_as_before_with_one_warning(monkeypatch, 
     with graphs.disabled():
         assert torch.equal(out, sampling.generate(model, prompt, 20, temperature=0))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("warning: recording the decoding step failed") and "capturing" in err[0]
-
-
-def test_a_recording_that_disagrees_with_the_step_is_not_used(monkeypatch, capsys):
-    def wrong(step, static, keep):  # replays a step that forgot the cache's position: stale from the start
-        replay = fx_record(step, static, keep)
-        return lambda: replay() + 1.0
-    monkeypatch.setattr(graphs, "recorder", lambda device: wrong)
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config(block_size=8)).eval()
-    prompt = torch.randint(0, 65, (1, 3))
-    out = sampling.generate(model, prompt, 20, temperature=0)
-    with graphs.disabled():
-        assert torch.equal(out, sampling.generate(model, prompt, 20, temperature=0))
-    err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "disagrees" in err
-
-
-def test_a_recording_that_replays_nothing_is_not_used(monkeypatch, capsys):
-    def empty(step, static, keep):  # a recording made on the wrong GPU holds no kernel: replaying it
-        first = step(static).clone()  # returns what the step gave when it was recorded, and moves nothing
-        return lambda: first
-    monkeypatch.setattr(graphs, "recorder", lambda device: empty)
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config(block_size=8)).eval()
-    prompt = torch.randint(0, 65, (1, 3))
-    out = sampling.generate(model, prompt, 20, temperature=0)
-    with graphs.disabled():
-        assert torch.equal(out, sampling.generate(model, prompt, 20, temperature=0))
-    err = capsys.readouterr().err
-    assert err.count("warning:") == 1 and "does not move the cache" in err
+    assert len(err) == 1 and err[0].startswith(f"warning: {why}"), err
 
 
 def test_no_recording_is_made_on_a_cpu_unless_asked():
