@@ -18,7 +18,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, set_lr
 from utils import get_batch
 
-from machinery import cli, distributed, lifecycle, train_cli
+from machinery import cli, device, distributed, lifecycle, train_cli
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -139,8 +139,9 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 def main(argv=None):
     options, model_cfg, train_cfg, preset, given = train_cli.parse_flags(argv)  # the flags on top of a preset
     if not train_cli.other_mode(options, train_cfg, given):  # --eval_only, --plot_lr: no training
-        train(model_cfg, train_cfg, options, preset, given)
+        with device.out_of_memory_as_error(f"out of memory: {lifecycle.OUT_OF_MEMORY}"):  # one error line
+            train(model_cfg, train_cfg, options, preset, given)
 
 
 if __name__ == "__main__":
-    cli.run_cli(main, out_of_memory=lifecycle.OUT_OF_MEMORY)  # bad input: one error: line, exit status 2
+    cli.run_cli(main)  # bad input: one error: line and exit status 2, never a traceback

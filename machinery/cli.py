@@ -113,10 +113,9 @@ def check_writable(path, flag, make_folder=False):
         os.remove(path)
 
 
-def run_cli(main, argv=None, out_of_memory="try smaller settings"):
-    """Run a script's main(): a user error, a file that cannot be read or written, or the device
-    running out of memory (with the out_of_memory hint) becomes one `error:` line on stderr and
-    exit status 2, never a traceback."""
+def run_cli(main, argv=None):
+    """Run a script's main(): a user error, or a file that cannot be read or written, becomes one
+    `error:` line on stderr and exit status 2, never a traceback."""
     try:
         main(argv)
     except TinyLLMError as e:
@@ -131,9 +130,7 @@ def run_cli(main, argv=None, out_of_memory="try smaller settings"):
         leave(130)
     except SystemExit as e:  # a stop signal's 130 or 143, or argparse's own exit
         leave(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
-    except Exception as e:
-        if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():  # torch.OutOfMemoryError; MPS's
-            fail(f"the device ran out of memory: {out_of_memory}")
+    except Exception:
         if not in_process_group():
             raise
         traceback.print_exc()  # a bug: its traceback, then out without the usual teardown (see leave)

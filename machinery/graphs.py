@@ -2,8 +2,8 @@
 runs on an NVIDIA GPU. A small model's decoding step is a few hundred short kernels, and
 launching them from Python costs more than running them; a CUDA graph records the step's
 kernels once and replays them with one launch. That needs a step whose shapes, memory and
-control flow are the same every time: sampling.Context.decode reads the position from the
-cache's tensor and writes the cache in place, so it qualifies.
+control flow are the same every time: sampling.decode reads the position from the cache's
+tensor and writes the cache in place, so it qualifies.
 
 replayable(step, token, keep) hands back step itself on a CPU or a Mac, and on CUDA a Replayed
 step: the recorded step replayed on a fixed input buffer. The first replay is checked against

@@ -41,7 +41,7 @@ from machinery.safety import StopRequest, claim_out_dir, conflicting_flags, find
 from machinery.sources import check_splits, load_corpus, start_ids
 
 
-# what to try when training runs out of device memory (train.py passes it to cli.run_cli too)
+# what to try when training runs out of device memory (train.main's guard says it too)
 OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (the same batch in pieces), "
                  "or a smaller model")
 

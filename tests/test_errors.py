@@ -111,6 +111,14 @@ def test_running_out_of_device_memory_says_what_to_try(trained, tmp_path, capsys
     assert_one_line_error(code, err, "out of memory", "--batch_size", "--grad_accum_steps")
 
 
+def test_running_out_of_memory_while_a_run_is_set_up_is_one_line_too(trained, tmp_path, capsys, monkeypatch):
+    def out_of_memory(run):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "build", out_of_memory)
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", tmp_path / "run")
+    assert_one_line_error(code, err, "out of memory", "--batch_size", "--grad_accum_steps")
+
+
 def test_a_plain_pickle_prints_no_torch_warning(bad, capsys):
     with warnings.catch_warnings(record=True) as seen:  # what would reach the user's terminal
         warnings.simplefilter("always")
