@@ -355,3 +355,19 @@ def test_ctrl_c_during_the_closing_sample_stops_the_process_at_once(shakespeare_
                          shakespeare_head, "--out_dir", tmp_path / "run")
     assert code == 130 and "interrupted" in err and "never printed" not in out
     assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_muons_matrices_step_at_muon_lr_times_the_schedule_and_the_rest_at_the_schedule():
+    changes = []
+    for muon_lr in (0.02, 0.04):
+        torch.manual_seed(0)
+        model = GPT(tiny_model_config())
+        opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=muon_lr, weight_decay=0.0), CPU)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        batch = fixed_batch()
+        train.train_step(model, opt, lambda: batch, 5e-4, 1, 0.0, NO_CTX)  # the schedule's LR: half the peak
+        changes.append({n: (p.detach() - before[n]).norm().item() for n, p in model.named_parameters()})
+    hidden = "blocks.0.attn.c_attn.weight"
+    # muon_lr is the Muon group's peak: at half the peak it steps at half muon_lr, so twice muon_lr moves twice as far
+    assert changes[1][hidden] == pytest.approx(2 * changes[0][hidden], rel=1e-4)
+    assert changes[1]["wte.weight"] == pytest.approx(changes[0]["wte.weight"], rel=1e-6)  # AdamW's: the schedule alone
