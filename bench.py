@@ -40,7 +40,7 @@ import sampling
 from optim import get_lr
 import train
 
-from machinery import beam, hardware
+from machinery import beam, budget, hardware
 from machinery.annotate import forced_steps, model_odds
 from machinery.calibrate import interleaved
 from machinery.cli import (ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, format_seconds,
@@ -122,7 +122,7 @@ def time_steps(runs, untimed, steps):
     log(f"{untimed} untimed steps, then {steps} timed steps" + (", variants interleaved" if len(runs) > 1 else ""))
 
     def step_of(run):
-        cfg = run.train_cfg
+        cfg = run.cfg
 
         def step():
             train.train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
@@ -142,7 +142,7 @@ def bench_train(args):
     rows = []
     for (name, _), run, ms in zip(variants, runs, times):
         median = statistics.median(ms)
-        tokens_per_s = run.train_cfg.batch_size * run.model_cfg.block_size / median * 1000
+        tokens_per_s = run.cfg.batch_size * run.model_cfg.block_size / median * 1000
         peak = peak_flops(run.device, run.dtype)
         mfu = flops_per_token(run.model) * tokens_per_s / peak if peak else None
         rows.append({"variant": name, "dtype": run.dtype, "ms_per_step": median, "ms_min": min(ms),
@@ -155,7 +155,7 @@ def bench_train(args):
     log(f"peak memory {memory:,.0f} MiB" if memory else "peak memory unknown")
     return {"preset": runs[0].preset, "variants": rows, "peak_memory_mib": memory,
             "model_config": dataclasses.asdict(runs[0].model_cfg), "tokens_per_step":
-                runs[0].train_cfg.batch_size * runs[0].model_cfg.block_size}
+                runs[0].cfg.batch_size * runs[0].model_cfg.block_size}
 
 
 # ----------------------------------------------------------------------------- generate: KV cache
@@ -429,12 +429,12 @@ def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
                            "warmup_steps": warmup, "eval_iters": SCALING_EVAL_ITERS, "sample_tokens": 0, "plots": False,
                            "dtype": dtype, "data": data}, out_dir)
     run.corpus.train = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # the batches read it lazily
-    cfg, batches = run.train_cfg, {"train": run.next_batch, "val": run.val_batch}
+    cfg, batches = run.cfg, {"train": run.next_batch, "val": run.val_batch}
     t0, vals = time.perf_counter(), []
     # train_loop's step and schedule, without its checkpoints, plots and step-0 evaluation, which
     # would take most of a small run's time and none of them is part of what the study measures
     for step in range(steps):
-        lr = get_lr(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, steps)
+        lr = get_lr(step, budget.progress(step, [cfg.warmup_steps, 0.0], steps), cfg)
         train.train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps, cfg.grad_clip,
                          run.ctx, run.scaler)
         if (step + 1) % max(1, steps // evals) == 0 or step + 1 == steps:
@@ -456,7 +456,7 @@ def step_seconds(shapes, out_dir, data):
         runs.append(new_run("tiny", given, os.path.join(out_dir, f"probe{i}")))
     times = time_steps(runs, 3, 5)
     return ([statistics.mean(t) / 1000 for t in times],
-            [flops_per_token(r.model) * r.train_cfg.batch_size * r.model_cfg.block_size for r in runs], runs[0].dtype)
+            [flops_per_token(r.model) * r.cfg.batch_size * r.model_cfg.block_size for r in runs], runs[0].dtype)
 
 
 def plan_scaling(seconds, flops, minutes, budgets, default):
@@ -788,7 +788,7 @@ def steady_speed(quick, tmp):
     shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
     run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
     ms = statistics.median(time_steps([run], 3, steps)[0])
-    tokens_per_s = run.train_cfg.batch_size * run.model_cfg.block_size / ms * 1000
+    tokens_per_s = run.cfg.batch_size * run.model_cfg.block_size / ms * 1000
     peak = peak_flops(run.device, run.dtype)
     mfu = flops_per_token(run.model) * tokens_per_s / peak if peak else None
     log(f"{run.preset} ({run.dtype}), warm: {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"

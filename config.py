@@ -75,14 +75,11 @@ class TrainConfig:
                            "its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the cosine decay of the LR ends here")
-    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the run times its first "
-                                   "steps, then fixes max_steps (the LR decays to its end) to finish in time, "
-                                   "evaluations, checkpoints and the closing sample included, and re-plans it at "
-                                   "every progress line as the machine's pace changes; empty = off. A CPU or "
-                                   "Mac's default preset (tiny) uses 5m; an explicit --max_steps turns it off")
-    replans: str = setting("", "a --time_budget run's re-plans, replayed: STEP:MAX_STEPS,... (at each STEP the rest "
-                               "of the cosine is stretched to end at MAX_STEPS); a budgeted run prints them with "
-                               "--max_steps, to repeat it step for step")
+    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the LR decays over the "
+                                   "run's time, its end estimated at every progress line from the pace of the latest "
+                                   "steps, so that the run, evaluations, checkpoints and the closing sample included, "
+                                   "ends in time; empty = off. A CPU or Mac's default preset (tiny) uses 5m; an "
+                                   "explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR the cosine decays to at max_steps, and stays at")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))
@@ -134,9 +131,6 @@ class TrainConfig:
         _require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
                  f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
         parse_duration(self.time_budget, "time_budget")
-        parse_replans(self.replans)
-        _require(not (self.replans and self.time_budget),
-                 "--replans replays a planned run with --max_steps; a --time_budget run plans its own")
         _check_common(self)
 
 
@@ -270,17 +264,6 @@ def parse_duration(text, name="time_budget"):
     _require(seconds > 0 and math.isfinite(seconds),
              f"{name} must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds
-
-
-def parse_replans(text):
-    """[(step, max_steps), ...] from '300:1200,350:1180': steps rising, each end after its step."""
-    pairs = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        match = re.fullmatch(r"(\d+):(\d+)", item)
-        _require(match and int(match[1]) < int(match[2]) and (not pairs or pairs[-1][0] < int(match[1])),
-                 f"replans must be STEP:MAX_STEPS,... with rising steps, each before its end, got {item!r}")
-        pairs.append((int(match[1]), int(match[2])))
-    return pairs
 
 
 def check_batch_split(batch_size, grad_accum_steps, processes=1):

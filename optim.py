@@ -9,23 +9,15 @@ import torch
 from machinery import muon, precision
 
 
-def get_lr(step, lr, min_lr, warmup_steps, max_steps, decay_from=None):
-    """Linear warmup from lr/warmup_steps up to lr, cosine decay to min_lr at max_steps, then
-    hold min_lr. decay_from is None unless max_steps moved while the run trained: a time budget
-    (a CPU's default run has one) re-plans it as the machine's pace changes, and a resume may
-    give a new --max_steps. The machinery that moves it then sets decay_from = [step0, peak,
-    done]: the step where it last moved, the cosine's peak, and the share of the cosine already
-    behind at step0; the rest of the cosine is stretched from there to the new max_steps, so the
-    LR never jumps. A first read can take decay_from as None."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / (max_steps - warmup_steps)  # 0 to 1 through the cosine
-    if decay_from is not None and step >= decay_from[0]:  # the end moved at step0: the rest of the way, stretched
-        step0, lr, done = decay_from  # lr: the peak of the cosine that moved
-        progress = done + (1 - done) * (step - step0) / (max_steps - step0)
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+def get_lr(step, progress, cfg):
+    """The learning rate of a step: linear warmup from lr/warmup_steps up to lr over the first
+    warmup_steps steps, then cosine decay from lr to min_lr as the run's progress goes from 0
+    (the end of the warmup) to 1 (the end of the run), then min_lr. progress is how far the run
+    is, by its steps (max_steps) or, under --time_budget, by its time (machinery/budget.py):
+    a new schedule shape is a new formula here, and it works either way."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def set_lr(optimizer, lr):

@@ -4,8 +4,10 @@
     python train.py --preset small --max_steps 50 --seed 1
 
 build makes the batches, the model and the optimizer; train_step takes one optimizer step;
-train_loop repeats it, evaluating now and then (estimate_loss). What keeps a run safe on every
-machine is a call into machinery/ whose comment says what it does: take it at its word.
+train_loop repeats it at the schedule's learning rate, evaluating now and then (estimate_loss)
+and writing down each step's figures. What keeps a run safe on every machine (the run folder,
+resuming, devices, precision, several processes, the time budget) is a call into machinery/
+with plain arguments, whose comment says what it does: take it at its word.
 """
 
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
@@ -14,22 +16,23 @@ import dataclasses
 
 import torch
 
+from config import RunOptions
 from model import GPT
 from optim import get_lr, make_optimizer, set_lr
 from utils import get_batch
 
-from machinery import cli, device, distributed, lifecycle, train_cli
+from machinery import budget, cli, device, distributed, records, setup, train_cli
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
 def build(run):
-    """The batches, the GPT and its optimizer, stored on run (a lifecycle.Run, which holds the
-    run's settings: train_cfg, model_cfg, device, world, the number of processes)."""
-    cfg = run.train_cfg
+    """The batches, the GPT and its optimizer, stored on run (a setup.Run, which holds the run's
+    settings: cfg, model_cfg, device, world, the number of processes)."""
+    cfg = run.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
-    corpus, model = lifecycle.load_data(run)
+    corpus, model = setup.load_data(run)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
         model = GPT(dataclasses.replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
     run.model = model.to(run.device)
@@ -69,50 +72,88 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(model_cfg, train_cfg, options=None, preset="custom", given=None):
-    """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes."""
-    return train_loop(setup_run(model_cfg, train_cfg, options, preset, given))
+def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
+    """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes.
+    started: when the run began, for a time budget (python train.py: when the process started)."""
+    return train_loop(setup_run(model_cfg, train_cfg, options, preset, given, started))
 
 
-def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None):
-    """A run ready for its first step: start_run (the device and precision, seeds, the run folder,
-    the checkpoint a resume or fine-tune starts from), build, ready (a resume's optimizer, progress
-    and random state; --compile, DDP; --dtype auto's trial steps; the start-up lines)."""
-    run = lifecycle.start_run(model_cfg, train_cfg, options, preset, given)
+def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
+    """A run ready for its first step: where it runs, and the checkpoint it starts from
+    (setup.start), what it trains (build), and how far it got (setup.ready: a resume's state;
+    --compile, DDP; the precision, measured for --dtype auto; the start-up lines)."""
+    run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
+                      budget.now() if started is None else started)
     build(run)
-    lifecycle.ready(run, train_step)
+    setup.ready(run, train_step)
     return run
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, report. The loop ends at max_steps, or on
-    run.stop_reason: an early stop (--patience, --target_loss), --overfit_batch done, or Ctrl-C or
-    SIGTERM (run.signum: finish saves, then exits). A --time_budget run moves max_steps as it trains."""
-    cfg, state = run.train_cfg, run.state  # state: the step, the best val loss, ... (every checkpoint saves it)
-    # the model as the steps call it (compiled, or wrapped for DDP, when asked); its precision
-    # (train_step's ctx and scaler); eval_iters: this process's share of cfg.eval_iters
-    model, ctx, scaler = run.train_model, run.ctx, run.scaler
-    batches = {"train": run.next_batch, "val": run.val_batch}
-    with lifecycle.guarded(run):  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
+    """Evaluate now and then, take optimizer steps, write down their figures. The loop ends at
+    the run's end (max_steps, or where a --time_budget runs out), or early: on --patience or
+    --target_loss, when --overfit_batch is done, or on Ctrl-C or SIGTERM (which save, then exit)."""
+    cfg, state = run.cfg, run.state
+    log_interval = 1 if run.options.overfit_batch else cfg.log_interval
+    meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
+    clock = budget.Budget(run, records.time_sample(run)) if cfg.time_budget and not run.options.overfit_batch else None
+    stop_reason, signum = None, 0
+    with setup.guarded(run) as stop:  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
         while True:
-            # --- every eval_interval steps and at the end: evaluate, save, maybe stop early
-            due = state.step % cfg.eval_interval == 0 or state.step == cfg.max_steps
-            if due and not run.signum and state.step != state.last_eval_step:  # (not after Ctrl-C; nor twice)
-                with lifecycle.evaluating(run):  # not step time: a time budget plans with how long it takes
-                    losses = estimate_loss(model, batches, run.eval_iters, ctx)
-                    lifecycle.after_evaluation(run, losses)  # a line; last.pt, best.pt; --patience, --target_loss
-            if state.step >= cfg.max_steps or run.stop_reason:
+            at_end = budget.at_end(state, cfg)  # max_steps reached, or the time budget spent
+            if (state.step % cfg.eval_interval == 0 or at_end) and state.step != state.last_eval_step:
+                stop_reason = evaluate(run, meter, clock) or stop_reason  # --patience, --target_loss
+                at_end = budget.at_end(state, cfg)
+            if at_end or stop_reason:
                 break
 
-            # --- one optimizer step, at the schedule's learning rate (decay_from: where max_steps moved, else None)
-            lr = get_lr(state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, state.decay_from)
-            loss, grad_norm = train_step(model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
-                                         cfg.grad_clip, ctx, scaler)
+            # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
+            progress = budget.run_progress(state, cfg)  # 0 at the end of the warmup, 1 at the end of the run
+            lr = get_lr(state.step, progress, cfg)
+            loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
+                                         cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
-            # a progress line every log_interval steps (a loss that is not finite stops the run with an
-            # error there), a ckpt_STEP.pt every save_interval; a time budget's new max_steps; Ctrl-C
-            lifecycle.after_step(run, loss, grad_norm, lr)
-    return lifecycle.finish(run)  # the last save, a summary line, a sample of what the model writes now
+
+            # --- its figures: averaged over log_interval steps onto a progress line and into the history
+            meter.add({"loss": loss, "lr": lr, "grad_norm": grad_norm})
+            if state.step % log_interval == 0:
+                stop_reason = log_progress(run, meter, clock) or stop_reason  # --overfit_batch done
+            if cfg.save_interval and state.step % cfg.save_interval == 0:
+                with meter.paused():
+                    records.save_periodic(run)  # ckpt_STEP.pt
+            signum = records.stop_signal(run, stop)  # Ctrl-C or SIGTERM came (every rank agrees)
+            if signum:
+                stop_reason = f"stopped by signal {signum}"
+                break
+    with meter.paused():  # the steps since the last line are read before the last save
+        return records.finish(run, stop_reason, signum, clock)  # the last save, a summary, a sample
+
+
+def evaluate(run, meter, clock):
+    """The losses of both splits, recorded: a line, a history row, last.pt and best.pt, the plots.
+    A time budget re-aims the end with the time it took. Returns why the run stops early, else None."""
+    with meter.paused():  # not step time
+        losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
+                               run.ctx)
+        early = records.evaluation(run, losses)
+    if clock:
+        clock.evaluated(meter.last_pause, run.state, run.cfg, meter.step_seconds())
+    return early
+
+
+def log_progress(run, meter, clock):
+    """A progress line and a history row for the steps since the last one; a time budget re-aims
+    the end at the latest pace. Returns why the run stops (--overfit_batch done), else None."""
+    state, cfg = run.state, run.cfg
+    figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
+    line = records.progress_line(run, figures, ms, budget.steps_shown(state, cfg))
+    if not run.options.overfit_batch or state.step % cfg.log_interval == 0:
+        run.say(line)
+    if clock:
+        clock.aim(state, cfg, meter.step_seconds())
+    if run.options.overfit_batch and figures["loss"] < 0.01:
+        return f"overfit_batch: loss below 0.01 at step {state.step}"
+    return None
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -136,12 +177,14 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None):
+def main(argv=None, started=None):
     options, model_cfg, train_cfg, preset, given = train_cli.parse_flags(argv)  # the flags on top of a preset
     if not train_cli.other_mode(options, train_cfg, given):  # --eval_only, --plot_lr: no training
-        with device.out_of_memory_as_error(f"out of memory: {lifecycle.OUT_OF_MEMORY}"):  # one error line
-            train(model_cfg, train_cfg, options, preset, given)
+        with device.out_of_memory_as_error(f"out of memory: {setup.OUT_OF_MEMORY}"):  # one error line
+            train(model_cfg, train_cfg, options, preset, given, started)
 
 
 if __name__ == "__main__":
-    cli.run_cli(main)  # bad input: one error: line and exit status 2, never a traceback
+    # bad input: one error: line and exit status 2, never a traceback. A time budget counts from
+    # the process's start, importing torch included (machinery.STARTED: this file's first line)
+    cli.run_cli(lambda argv: main(argv, started=machinery.STARTED))

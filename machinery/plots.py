@@ -11,6 +11,8 @@ import os
 from config import TinyLLMError
 from optim import get_lr
 
+from machinery import budget
+
 from machinery.cli import ArgumentParser, log, run_cli, warn
 
 DPI = 90  # pixels per inch: a 7-inch-wide figure is 630 pixels
@@ -47,12 +49,17 @@ def split_history(history):
     return [h for h in history if h["kind"] == "train"], [h for h in history if h["kind"] == "eval"]
 
 
-def plot_history(history, out_dir, vocab_size, train_cfg, decay_from=None):
+def step_loss(row):
+    """A progress row's training loss (older histories call it train_loss)."""
+    return row["loss"] if "loss" in row else row["train_loss"]
+
+
+def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
     """loss.png (train and val, the ln(V) baseline, the best point), lr.png, grad_norm.png."""
     progress, evals = split_history(history)
     fig, ax = new_plot(height=4)
     if progress:
-        ax.plot([h["step"] for h in progress], [h["train_loss"] for h in progress], color="C0", alpha=0.5,
+        ax.plot([h["step"] for h in progress], [step_loss(h) for h in progress], color="C0", alpha=0.5,
                 linewidth=1, label=f"train (mean of every {train_cfg.log_interval} steps)")
     ax.plot([h["step"] for h in evals], [h["train_loss"] for h in evals], "o-", color="C0", markersize=3,
             label="train (evaluation)")
@@ -63,7 +70,7 @@ def plot_history(history, out_dir, vocab_size, train_cfg, decay_from=None):
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
     save_plot(fig, ax, os.path.join(out_dir, "loss.png"))
 
-    plot_lr_schedule(train_cfg, os.path.join(out_dir, "lr.png"), upto=history[-1]["step"], decay_from=decay_from)
+    plot_lr_schedule(train_cfg, os.path.join(out_dir, "lr.png"), upto=history[-1]["step"], state=state)
 
     fig, ax = new_plot()
     norms = [h for h in progress if h["grad_norm"] is not None]  # no norm before the first step
@@ -74,13 +81,17 @@ def plot_history(history, out_dir, vocab_size, train_cfg, decay_from=None):
     save_plot(fig, ax, os.path.join(out_dir, "grad_norm.png"))
 
 
-def plot_lr_schedule(train_cfg, path, upto=None, decay_from=None):
-    """Draw the whole planned LR schedule; mark how far the run has got."""
-    steps = range(train_cfg.max_steps + 1)
-    lrs = [get_lr(s, train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps, train_cfg.max_steps, decay_from)
-           for s in steps]
+def plot_lr_schedule(train_cfg, path, upto=None, state=None):
+    """Draw the LR schedule: the steps a run took at the LRs it logged, the rest as planned now
+    (a run's state gives where its progress was last aimed; without one, the settings' plan)."""
+    start, end = budget.start_and_end(state, train_cfg) if state else ([train_cfg.warmup_steps, 0.0],
+                                                                       train_cfg.max_steps)
+    end = train_cfg.max_steps if end == math.inf else math.ceil(end)
+    taken = [(h["step"] - 1, h["lr"]) for h in (state.history if state else []) if h["kind"] == "train"]
+    first = taken[-1][0] + 1 if taken else 0
+    planned = [(s, get_lr(s, budget.progress(s, start, end), train_cfg)) for s in range(first, end + 1)]
     fig, ax = new_plot()
-    ax.plot(steps, lrs)
+    ax.plot([s for s, _ in taken + planned], [lr for _, lr in taken + planned])
     if upto is not None:
         ax.axvline(upto, color="gray", linestyle=":", label=f"step {upto}")
     ax.set(xlabel="step", ylabel="learning rate",
@@ -91,7 +102,7 @@ def plot_lr_schedule(train_cfg, path, upto=None, decay_from=None):
 def draw_lr_schedule(train_cfg):
     """--plot_lr: the schedule of these settings in OUT_DIR/lr_schedule.png."""
     if train_cfg.time_budget:
-        warn(f"--time_budget {train_cfg.time_budget}: a run plans its steps when it starts; this draws the schedule "
+        warn(f"--time_budget {train_cfg.time_budget}: a run's end follows its pace; this draws the schedule "
              f"of --max_steps {train_cfg.max_steps} (give --max_steps to choose)")
     path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
     plot_lr_schedule(train_cfg, path)
@@ -123,7 +134,7 @@ def compare_runs(run_dirs, out, labels=None):
         color = f"C{i % 10}"
         ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color=color, markersize=3,
                 label=f"{label} val (best {min(h['val_loss'] for h in evals):.3f})" if evals else f"{label} val")
-        ax.plot([h["step"] for h in progress], [h["train_loss"] for h in progress], "--", color=color, alpha=0.6,
+        ax.plot([h["step"] for h in progress], [step_loss(h) for h in progress], "--", color=color, alpha=0.6,
                 label=f"{label} train")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="runs compared")
     save_plot(fig, ax, out)

@@ -4,12 +4,13 @@
 import pytest
 import torch
 
-from config import TinyLLMError
+from config import TinyLLMError, TrainConfig
 from conftest import TINY_FLAGS, assert_one_line_error, cli, write_head
 from optim import get_lr
 import train
 from utils import CharTokenizer, get_batch, split_train_val
 
+from machinery import budget
 from machinery.sources import check_long_enough, read_text as load_corpus
 
 
@@ -50,15 +51,19 @@ def test_batches_reach_the_last_token():
 
 
 def test_lr_schedule_warmup_cosine_and_floor():
-    kw = dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
-    assert get_lr(0, **kw) == pytest.approx(1e-5)            # near zero at the start
-    assert get_lr(99, **kw) == pytest.approx(1e-3)           # peak at the end of warmup
-    assert get_lr(100, **kw) == pytest.approx(1e-3)
-    assert get_lr(600, **kw) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way through the cosine
-    assert get_lr(1100, **kw) == pytest.approx(1e-4)
-    assert get_lr(5000, **kw) == pytest.approx(1e-4)         # held at min_lr after the end
-    lrs = [get_lr(s, **kw) for s in range(100, 1100)]
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
+
+    def lr(step):  # a run's progress by its steps: 0 at the end of the warmup, 1 at max_steps
+        return get_lr(step, budget.progress(step, [cfg.warmup_steps, 0.0], cfg.max_steps), cfg)
+
+    assert lr(0) == pytest.approx(1e-5)            # near zero at the start
+    assert lr(99) == pytest.approx(1e-3)           # peak at the end of warmup
+    assert lr(100) == pytest.approx(1e-3)
+    assert lr(600) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way through the cosine
+    assert lr(1100) == 1e-4 and lr(5000) == 1e-4   # at min_lr at the end, and held there
+    lrs = [lr(s) for s in range(100, 1100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))         # monotone decay
+    assert get_lr(500, 0.5, cfg) == lr(600) and get_lr(5, 1.0, cfg) == lr(5)  # progress drives the decay, not the warmup
 
 
 def test_missing_and_empty_data_are_clear_errors(tmp_path):

@@ -20,7 +20,7 @@ import sampling
 import train
 
 from machinery import device as device_module
-from machinery import distributed, hardware, lifecycle
+from machinery import distributed, hardware, records
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.device import choose_device, peak_flops, rng_state, set_rng_state
 from machinery.precision import autocast, make_scaler, resolve_dtype
@@ -288,8 +288,8 @@ def test_a_training_step_never_waits_for_the_device(accum):
 
 def test_the_loop_reads_the_device_only_at_progress_lines(shakespeare_head, tmp_path, monkeypatch):
     reads = []
-    real = lifecycle.settle
-    monkeypatch.setattr(lifecycle, "settle", lambda run: reads.append(len(run.meter.pending)) or real(run))
+    real = records.Meter.settle
+    monkeypatch.setattr(records.Meter, "settle", lambda meter: reads.append(len(meter.pending)) or real(meter))
     cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=20, eval_interval=20, log_interval=10)
     train.train(tiny_model_config(), cfg)
     assert [n for n in reads if n] == [10, 10]  # one read for every ten steps

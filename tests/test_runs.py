@@ -16,10 +16,11 @@ import generate
 from sampling import filter_logits
 import train
 
-from machinery import hardware, plots, prepare, train_cli
+from machinery import budget, hardware, plots, prepare, train_cli
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from optim import get_lr as scheduled_lr
+from machinery.setup import TrainState
 from machinery.sources import load_prepared
+from optim import get_lr
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
@@ -86,7 +87,7 @@ def test_one_resume_command_starts_a_run_then_continues_it(trained, tmp_path, ca
     assert code == 0 and "resuming" in out and load_checkpoint(str(folder / "last.pt"))["step"] == 20
 
 
-def test_extending_a_finished_run_replans_the_decay_without_a_jump(run_copy, capsys):
+def test_extending_a_finished_run_goes_on_at_the_floor_and_honours_the_new_settings(run_copy, capsys):
     folder, data = run_copy
     reached = load_checkpoint(str(folder / "last.pt"))["lr"]
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "100",
@@ -97,30 +98,23 @@ def test_extending_a_finished_run_replans_the_decay_without_a_jump(run_copy, cap
     assert last["train_config"]["eval_interval"] == 20 and last["train_config"]["patience"] == 9  # honoured
     progress = [h for h in last["history"] if h["kind"] == "train" and h["step"] > 60]
     assert [h["step"] for h in progress] == [80, 100]  # the new log_interval
-    step, peak, done = last["decay_from"]  # the cosine moved at step 60, from where it was
     cfg = TrainConfig(**last["train_config"])
-    lr = train.get_lr(60, cfg.lr, cfg.min_lr, cfg.warmup_steps, 60)  # what step 60 had under the old end
-    assert step == 60 and 0 <= done <= 1
-    lrs = [scheduled_lr(s, cfg.lr, cfg.min_lr, cfg.warmup_steps, 100, last["decay_from"]) for s in range(60, 101)]
-    assert lrs[0] == pytest.approx(lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))  # no jump, then down
-    assert [h["lr"] for h in progress] == pytest.approx([lrs[79 - 60], lrs[99 - 60]])  # what the loop used
-    assert lrs[-1] == pytest.approx(cfg.min_lr) and reached == pytest.approx(train.get_lr(59, cfg.lr, cfg.min_lr,
-                                                                                            cfg.warmup_steps, 60))
-    assert "decays from" in out
+    assert last["progress_from"] == [60, 1.0]  # the run had reached its end: its progress stays there...
+    assert [h["lr"] for h in progress] == [cfg.min_lr, cfg.min_lr]
+    assert reached == get_lr(59, budget.progress(59, [cfg.warmup_steps, 0.0], 60), cfg)  # its last step before
+    assert "decays from" in out  # ...and the LR at the floor, with no jump
 
 
-def test_a_checkpoint_with_the_two_number_decay_resumes_on_the_cosine_it_had(run_copy, capsys):
-    folder, _ = run_copy  # [step, lr] meant a new cosine from lr at step: [step, lr, 0.0] now
-    checkpoint = load_checkpoint(str(folder / "last.pt"))
-    cfg = TrainConfig(**checkpoint["train_config"])
-    checkpoint["decay_from"], checkpoint["train_config"]["max_steps"] = [50, cfg.lr / 2], 80  # a third of it done
-    save_checkpoint(str(folder / "last.pt"), checkpoint)
-    code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "70", "--plots", "false")
-    assert code == 0, err
-    last = load_checkpoint(str(folder / "last.pt"))
-    assert last["step"] == 70 and len(last["decay_from"]) == 3
-    lr_at_60 = cfg.min_lr + 0.5 * (cfg.lr / 2 - cfg.min_lr) * (1 + math.cos(math.pi / 3))
-    assert f"decays from {lr_at_60:.2e} at step 60" in out
+def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump():
+    cfg = TrainConfig(warmup_steps=10, max_steps=100)
+    state = TrainState(step=30)  # 30 steps into a run of 60: progress 0.4
+    budget.resume_at(state, cfg, saved_max_steps=60)
+    start, end = budget.start_and_end(state, cfg)
+    assert start == [30, pytest.approx(0.4)] and end == 100
+    assert [budget.progress(s, start, end) for s in (30, 65, 100, 200)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
+    lrs = [get_lr(s, budget.progress(s, start, end), cfg) for s in range(30, 101)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == cfg.min_lr
+
 
 
 def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):

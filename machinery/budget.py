@@ -1,0 +1,128 @@
+"""How far a run is: the progress that optim.get_lr's schedule is a function of, 0 at the end
+of the warmup and 1 at the end of the run.
+
+A run given --max_steps ends at max_steps, and its progress moves on by one step's share at
+every step. A --time_budget run (the default on a CPU or a Mac) ends when its time is up: at
+every progress line aim() estimates the step at which the time will be spent, from the pace of
+the latest steps, the last evaluation and the closing sample, and progress goes on in a
+straight line from where it is to 1 at that step. So the learning rate never jumps, whatever
+the machine's pace does, and it reaches min_lr as the time runs out. A resume that gives a new
+--max_steps re-aims the same way. Where progress was last aimed from and the end it aims at are
+TrainState's progress_from and end_step: every checkpoint saves them.
+"""
+
+import math
+import time
+
+from config import TinyLLMError, parse_duration
+
+from machinery import STARTED  # noqa: F401 (when python train.py started: a budget counts from there)
+from machinery.distributed import broadcast_from_master
+
+
+def now():
+    """The clock every duration of a run is read from."""
+    return time.perf_counter()
+
+
+RECENT_LINES = 2  # the pace of a time budget is that of the steps of the latest progress lines
+SAFETY = 0.01     # of a time budget: for the process's exit, and drift after the last estimate
+
+
+def progress(step, progress_from, end_step):
+    """How far the run is at step: from progress_from = [step0, progress0], in a straight line
+    to 1 at end_step."""
+    step0, progress0 = progress_from
+    if step >= end_step:
+        return 1.0
+    if step <= step0:
+        return progress0
+    return progress0 + (1 - progress0) * (step - step0) / (end_step - step0)
+
+
+def start_and_end(state, cfg):
+    """(progress_from, end_step) of the run now: from the end of the warmup at 0 unless re-aimed
+    since; to max_steps, or to a time budget's latest estimate (none yet: progress waits at 0)."""
+    start = state.progress_from or [cfg.warmup_steps, 0.0]
+    end = (state.end_step if state.end_step is not None else math.inf) if cfg.time_budget else cfg.max_steps
+    return start, end
+
+
+def run_progress(state, cfg):
+    """The progress of the run's next step."""
+    return progress(state.step, *start_and_end(state, cfg))
+
+
+def at_end(state, cfg):
+    """Whether the run has taken its last step: max_steps, or where a time budget runs out."""
+    return state.step >= start_and_end(state, cfg)[1]
+
+
+def steps_shown(state, cfg):
+    """The step the run ends at, as a progress line shows it: max_steps, a time budget's
+    estimate, or ? before its first."""
+    _, end = start_and_end(state, cfg)
+    return "?" if end == math.inf else f"{math.ceil(end)}"
+
+
+def resume_at(state, cfg, saved_max_steps):
+    """A resumed run given a new --max_steps: progress goes on from where the old end had it,
+    to 1 at the new end."""
+    if not cfg.time_budget and cfg.max_steps != saved_max_steps and state.step >= cfg.warmup_steps:
+        start, _ = start_and_end(state, cfg)
+        state.progress_from = [state.step, progress(state.step, start, saved_max_steps)]
+
+
+class Budget:
+    """A --time_budget run's time: how much of it is spent (this process's, from when python
+    train.py started, and the run's earlier processes'), and where that puts the run's end."""
+
+    def __init__(self, run, sample_seconds):
+        self.seconds = parse_duration(run.cfg.time_budget)
+        self.master, self.world = run.master, run.world
+        self.started, self.earlier = run.started, run.state.seconds
+        self.sample_seconds = sample_seconds  # the closing sample's, measured before the first step
+        self.eval_seconds = 0.0               # the latest evaluation's, its saves and plots included
+
+    def spent(self):
+        return self.earlier + now() - self.started
+
+    def evaluated(self, seconds, state, cfg, step_seconds):
+        """An evaluation took seconds: the end, re-aimed with them."""
+        self.eval_seconds = seconds
+        self.aim(state, cfg, step_seconds)
+
+    def end_step(self, state, cfg, step_seconds, eval_seconds):
+        """The step at which the budget runs out: the most steps that fit in what is left, less the
+        last evaluation, the closing sample and SAFETY. Refuses a budget that leaves no step after
+        the warmup."""
+        left = self.seconds * (1 - SAFETY) - self.spent() - eval_seconds - self.sample_seconds
+        if left <= 0 and state.step <= cfg.warmup_steps:
+            need = self.spent() + eval_seconds + self.sample_seconds + cfg.warmup_steps * (step_seconds or 0)
+            raise TinyLLMError(
+                f"--time_budget {cfg.time_budget} is too short here: {self.spent():.1f}s are gone, an evaluation takes "
+                f"{eval_seconds:.1f}s and the closing sample {self.sample_seconds:.1f}s, which leaves no time after "
+                f"the warmup ({cfg.warmup_steps} steps); give at least {2 * need / (1 - SAFETY):.0f}s")
+        if not step_seconds:  # no step timed yet
+            return None
+
+        # the evaluations on the way are not counted here: each one re-aims the end with the time it took
+        n = int(left / step_seconds)
+        return state.step + n
+
+    def aim(self, state, cfg, step_seconds):
+        """At a progress line or an evaluation: aim the run's progress at the step where the
+        budget runs out, from where it is now, in a straight line (rank 0 estimates, every rank
+        follows; an error on rank 0 is the same one-line error on every rank)."""
+        end = None
+        if self.master:
+            try:
+                end = self.end_step(state, cfg, step_seconds, self.eval_seconds)
+            except TinyLLMError as e:
+                end = str(e)
+        end = broadcast_from_master(end, self.world)
+        if isinstance(end, str):
+            raise TinyLLMError(end)
+        if end is not None and state.step >= cfg.warmup_steps:
+            state.progress_from = [state.step, run_progress(state, cfg)]
+            state.end_step = end

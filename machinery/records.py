@@ -1,0 +1,272 @@
+"""What a run writes down, around the loop in train.py: read this when you need to know how a
+step's figures become progress lines and history rows, how evaluations are recorded and saved,
+and how a run ends.
+
+The loop hands each step's figures over as one dict ({"loss": ..., "lr": ..., "grad_norm": ...}):
+every figure in it is averaged over the steps of a progress line, printed on the line, and kept
+in history.json and history.csv, so a new figure is one more entry in train.py's dict.
+"""
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import torch
+
+from config import TinyLLMError
+import sampling
+
+from machinery import budget
+from machinery.checkpoint import make_checkpoint, save_checkpoint
+from machinery.cli import format_seconds
+from machinery.device import flops_per_token, out_of_memory_as_error, peak_flops, rng_state
+from machinery.distributed import all_ranks_max, all_ranks_mean, teardown_distributed
+from machinery.plots import plot_history
+from machinery.safety import prune_periodic
+from machinery.sources import start_ids
+
+FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure is printed on a progress line; any other: .4g
+
+
+class Meter:
+    """This process's steps since the last progress line: their figures (tensors stay on the
+    device until a line or a save needs them: reading one makes a GPU wait) and the time they
+    took, evaluations and saves left out."""
+
+    def __init__(self, run):
+        self.run, self.state, self.pending, self.seconds, self.steps, self.recent = run, run.state, [], 0.0, 0, []
+        self.mark, self.started = budget.now(), budget.now()
+
+    def add(self, figures):
+        self.pending.append((self.state.step, figures))  # the step number after it: its loss is step - 1's
+
+    def settle(self):
+        """Read the pending figures from the device in one go, into the state's window. A loss or
+        a gradient norm that is not finite stops the run with an error: such a step was skipped,
+        and because every save and line reads the steps here first, nothing after it is kept."""
+        if not self.pending:
+            return
+        self.seconds += budget.now() - self.mark  # the device has finished these steps only now
+        self.steps += len(self.pending)
+        tensors = [v.detach().float().reshape(()) for _, f in self.pending for v in f.values() if torch.is_tensor(v)]
+        read = iter(torch.stack(tensors).tolist() if tensors else [])  # one wait for the device
+        for step, f in self.pending:
+            figures = {k: next(read) if torch.is_tensor(v) else float(v) for k, v in f.items()}
+            # float16's scaler skips a step whose gradients overflowed, by design: its norm is inf
+            if not math.isfinite(figures.get("loss", 0.0)) or (
+                    self.run.scaler is None and not math.isfinite(figures.get("grad_norm", 0.0))):
+                raise non_finite(self.run, step, figures)
+            self.state.window.append(figures)
+            self.state.lr = figures.get("lr", self.state.lr)
+            norm = figures.get("grad_norm")
+            self.state.grad_norm = norm if norm is not None and math.isfinite(norm) else None
+        self.pending = []
+        self.mark = budget.now()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside (an evaluation, a save) is not step time; its seconds are kept in self.last_pause."""
+        self.settle()
+        start = budget.now()
+        try:
+            yield
+        finally:
+            self.mark = budget.now()
+            self.last_pause = self.mark - start
+
+    def row(self):
+        """The figures of the steps since the last row, averaged, with their speed; resets the window."""
+        self.settle()
+        window = self.state.window
+        figures = {k: sum(f[k] for f in window) / len(window) for k in window[-1]} if window else {}
+        ms = 1000 * self.seconds / max(1, self.steps)
+        if self.steps:
+            self.recent = (self.recent + [(self.steps, self.seconds)])[-2:]
+        self.state.window, self.seconds, self.steps = [], 0.0, 0
+        return figures, ms
+
+    def step_seconds(self):
+        """Seconds per step over the latest progress lines (None before any)."""
+        if not self.recent:
+            return None
+        steps, seconds = (sum(column) for column in zip(*self.recent))
+        return seconds / steps
+
+
+def non_finite(run, step, figures):
+    """The error a step that was not finite stops the run with (step: the count after it), saying what to try."""
+    cfg, last = run.cfg, os.path.join(run.out_dir, "last.pt")
+    return TinyLLMError(
+        f"step {step - 1}: non-finite values (loss {figures.get('loss')}, grad norm {figures.get('grad_norm')}); "
+        f"the step was skipped. Likely causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip "
+        f"{cfg.grad_clip:g}), or float16 overflow (--dtype bfloat16 or float32). Nothing non-finite was saved; "
+        f"last good checkpoint: {last if run.state.last_eval_step >= 0 and not run.options.overfit_batch else 'none'}")
+
+
+# ----------------------------------------------------------------------------- progress lines
+
+def progress_line(run, figures, ms, steps_shown):
+    """A progress line and a history row: the averaged figures, ms/step, tokens/s, ETA and (on GPUs we know) MFU."""
+    state, cfg = run.state, run.cfg
+    tokens_per_s = cfg.batch_size * run.model_cfg.block_size / ms * 1000 if ms else 0.0
+    state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
+                          "tok_per_s": tokens_per_s, "seconds": elapsed(run)})
+    end = steps_shown
+    eta = format_seconds((float(end) - state.step) * ms / 1000) if end != "?" else "?"
+    shown = " | ".join(f"{k} {v:{FORMATS.get(k, '.4g')}}" for k, v in figures.items())
+    line = f"step {state.step:>6}/{end} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
+    mfu = model_flops_utilization(run, tokens_per_s)
+    return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+
+
+def model_flops_utilization(run, tokens_per_s):
+    """The share of the chip's peak FLOP/s the steps use (None where the peak is not known)."""
+    peak = peak_flops(run.device, run.dtype)
+    return flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
+
+
+# ----------------------------------------------------------------------------- evaluations
+
+def evaluation(run, losses):
+    """Record an evaluation ({"train": loss, "val": loss} of this process): a line and a history
+    row, last.pt (and best.pt when val improved), the plots. Returns why the run stops early
+    (--patience, --target_loss), else None."""
+    state, cfg = run.state, run.cfg
+    # each rank evaluated its share of the batches; the average is the same everywhere,
+    # so every rank takes the same best / early-stopping decisions
+    train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
+    improved = val_loss < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.evals_without_improvement = val_loss, 0
+    else:
+        state.evals_without_improvement += 1
+    state.last_eval_step = state.step
+    state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
+                          "lr": state.lr, "grad_norm": state.grad_norm, "seconds": elapsed(run)})
+    bits = val_loss / run.corpus.chars_per_token / math.log(2)
+    from machinery.budget import steps_shown
+    line = (f"eval {state.step:>6}/{steps_shown(state, cfg)} | train {train_loss:.4f} | val {val_loss:.4f} "
+            f"({bits:.3f} bits/char)")
+    if state.step == 0:
+        line += f" | uniform baseline ln(V) = {math.log(run.model_cfg.vocab_size):.4f}"
+    run.say(line + (" | new best" if improved else ""))
+    if not run.options.overfit_batch:
+        save(run, "last.pt")
+        if improved:
+            save(run, "best.pt")
+        if run.master:
+            write_history(state.history, run.out_dir)
+            if cfg.plots:
+                plot_history(state.history, run.out_dir, run.model_cfg.vocab_size, cfg, state)
+    if cfg.patience and state.evals_without_improvement >= cfg.patience:
+        return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
+                f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.out_dir, 'best.pt')})")
+    if cfg.target_loss and val_loss <= cfg.target_loss:
+        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
+    return None
+
+
+# ----------------------------------------------------------------------------- files
+
+def elapsed(run):
+    """Training wall time of the whole run so far, over every process (resumes)."""
+    return run.state.seconds + budget.now() - run.started
+
+
+def save(run, name):
+    """OUT_DIR/name: a checkpoint of the run as it stands (rank 0 writes it)."""
+    if run.master:
+        save_checkpoint(os.path.join(run.out_dir, name), make_checkpoint(
+            run.model, run.model_cfg, run.corpus.tokenizer, optimizer=run.optimizer.state_dict(),
+            train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rng_state(),
+            scaler=run.scaler.state_dict() if run.scaler else None,
+            **{**dataclasses.asdict(run.state), "seconds": elapsed(run)}))
+
+
+def save_periodic(run):
+    """ckpt_STEP.pt, keeping the last keep_last of them."""
+    save(run, f"ckpt_{run.state.step:07d}.pt")
+    if run.master:
+        prune_periodic(run.out_dir, run.cfg.keep_last)
+
+
+def write_history(history, out_dir):
+    """history.json, and history.csv with a column for every figure any row has."""
+    fields = list(dict.fromkeys(k for row in history for k in row))
+    with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+    with open(os.path.join(out_dir, "history.json"), "w") as f:
+        json.dump(history, f, indent=1)
+
+
+def stop_signal(run, stop):
+    """The signal that asked the run to stop (0: none), the same on every rank. One process
+    looks every step; several agree at progress lines, so no step waits for the others."""
+    if run.world == 1:
+        return stop.signum or 0
+    if run.state.step % run.cfg.log_interval:
+        return 0
+    return all_ranks_max(stop.signum or 0, run.world, run.device)
+
+
+# ----------------------------------------------------------------------------- the end of a run
+
+def finish(run, stop_reason, signum, budget):
+    """Save what the last evaluation did not, say how the run ended, show a sample, and return
+    a summary (the history, the trained model, ...). After a stop signal: save last.pt, say how
+    to resume, and exit with the signal's code (130 for Ctrl-C, 143 for SIGTERM)."""
+    state = run.state
+    if signum:
+        save(run, "last.pt")
+        run.say(f"saved {os.path.join(run.out_dir, 'last.pt')} at step {state.step}. "
+                f"Resume with: python train.py --resume --out_dir {run.out_dir}")
+        sys.exit(128 + signum)
+    if state.last_eval_step != state.step and not run.options.overfit_batch:  # stopped between evaluations
+        save(run, "last.pt")
+    if stop_reason:
+        run.say(stop_reason)
+    run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total training time "
+            f"{format_seconds(elapsed(run))}" + ("" if run.options.overfit_batch else
+                                                 f" | {run.out_dir}/: best.pt, last.pt, history.csv"
+                                                 + (", loss.png" if run.cfg.plots else "")))
+    if run.cfg.sample_tokens and run.master:
+        with out_of_memory_as_error(f"out of memory on the closing sample"):
+            run.say("sample:\n" + closing_sample(run))
+    if budget and run.master:
+        run.say(f"time budget {run.cfg.time_budget}: {format_seconds(budget.spent())} used, {state.step:,} steps "
+                f"(python train.py --max_steps {state.step} trains as many, decaying by steps)")
+    teardown_distributed(run.world)
+    return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
+            "seconds": elapsed(run), "stop_reason": stop_reason, "model": run.model}
+
+
+def closing_sample(run, tokens=None):
+    """What the model writes now: sample_tokens tokens at temperature 0.8 from a line end,
+    decoded as generate.py decodes: in float32, whatever the training precision (at this size a
+    bfloat16 decoding step was no faster, even on an H100)."""
+    run.model.eval()
+    start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
+    out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, temperature=0.8,
+                            generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
+    run.model.train()
+    return run.corpus.tokenizer.decode(out[0].tolist())
+
+
+def time_sample(run):
+    """Seconds the closing sample will take, from 16 timed tokens (0 without one)."""
+    n = run.cfg.sample_tokens
+    if not n:
+        return 0.0
+    start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
+    model = run.model.eval()
+    sampling.generate(model, start, 2, temperature=0).tolist()  # once untimed
+    t0 = budget.now()
+    sampling.generate(model, start, 16, temperature=0).tolist()  # (.tolist(): a GPU has finished only now)
+    model.train()
+    return (budget.now() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token

@@ -1,0 +1,273 @@
+"""Setting a run up, around the lesson in train.py: read this when you need to know where a run
+runs (processes, device, precision, seeds), which folder it writes, which checkpoint it resumes
+or fine-tunes from, and how a resumed run gets back exactly where it was.
+
+train.setup_run calls start (before the model exists), load_data (from train.build) and ready
+(once the model and its optimizer exist). What they set up is a Run, read but never changed
+while the run trains: the numbers that change are its TrainState, which every checkpoint saves.
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
+
+from machinery import calibrate
+from machinery.budget import resume_at
+from machinery.checkpoint import grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
+from machinery.cli import log, warn
+from machinery.device import (choose_device, configure_matmul, describe, out_of_memory_as_error, seed_everything,
+                              set_rng_state, set_threads)
+from machinery.distributed import rank_seed, setup_distributed, wrap
+from machinery.precision import autocast, explain_dtype, make_scaler, measured_on, resolve_dtype
+from machinery.safety import StopRequest, claim_out_dir, conflicting_flags, find_resume, resume_configs
+from machinery.sources import check_splits, load_corpus
+
+
+# what to try when training runs out of device memory (train.main's guard says it too)
+OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (the same batch in pieces), "
+                 "or a smaller model")
+
+
+@dataclass
+class TrainState:
+    """The numbers that change as a run trains: saved in every checkpoint, so --resume continues exactly."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    lr: float = 0.0                  # of the latest step
+    grad_norm: float = None          # of the latest step; None before the first
+    history: list = field(default_factory=list)  # a row per progress line and per evaluation
+    window: list = field(default_factory=list)   # the figures of the steps since the last progress row
+    progress_from: list = None       # [step, progress] where the run's progress was last aimed (budget.py)
+    end_step: float = None           # a --time_budget run's estimated end (budget.py)
+    seconds: float = 0.0             # training wall time over every process of the run (resumes)
+    plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
+
+
+# what a checkpoint must hold for --resume (older versions did not write the later fields)
+RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals_without_improvement",
+             "last_eval_step", "lr", "grad_norm", "history")
+
+
+@dataclass
+class Run:
+    """A run as set up: its settings, where it runs, what it trains. Written by start, train.build
+    and ready, then only read."""
+    options: RunOptions
+    given: dict                 # the flags given on the command line, {name: value}
+    preset: str
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    started: float              # when the run began: a time budget counts from here
+    rank: int                   # this process, of world processes (1 without torchrun)
+    world: int
+    device: torch.device
+    threads: int = 1
+    source: dict = None         # the checkpoint it resumes (options.resume) or fine-tunes (options.init_from)
+    source_path: str = ""
+    dtype: str = "float32"      # the forward pass's precision, its autocast context and float16's scaler
+    ctx: object = None
+    scaler: object = None
+    corpus: object = None       # utils.Corpus: the train and val token streams, and their tokenizer
+    model: torch.nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    next_batch: object = None   # () -> (x, y): a training batch of this process
+    val_batch: object = None
+    train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
+    state: TrainState = None
+
+    @property
+    def master(self):  # rank 0: the only process that prints and writes files
+        return self.rank == 0
+
+    @property
+    def out_dir(self):
+        return self.cfg.out_dir
+
+    @property
+    def tokenizer(self):
+        return self.corpus.tokenizer
+
+    @property
+    def eval_iters(self):  # batches per split this process evaluates: its share of cfg.eval_iters
+        return math.ceil(self.cfg.eval_iters / self.world)
+
+    @property
+    def micro_batch(self):  # sequences per forward pass of this process
+        return self.cfg.batch_size // self.world // self.cfg.grad_accum_steps
+
+    def say(self, text):
+        if self.master:
+            log(text)
+
+
+# ----------------------------------------------------------------------------- before the model is built
+
+def start(model_cfg, train_cfg, options, preset, given, started):
+    """Everything before the model is built, in order: processes and device, the run folder
+    (resume it, or refuse to overwrite another run), the checkpoint to start from, and the seed
+    (the same on every rank: identical initial weights)."""
+    rank, world, device = setup_distributed(choose_device(train_cfg.device))
+    say = log if rank == 0 else (lambda *a: None)
+    out_dir, last = train_cfg.out_dir, os.path.join(train_cfg.out_dir, "last.pt")
+    source = find_resume(last, RESUMABLE, say) if options.resume else None
+    if source:
+        model_cfg, train_cfg = resume_configs(source, given, last)
+        train_cfg = dataclasses.replace(train_cfg, out_dir=out_dir)
+        preset = resumed_preset(source, options, preset, out_dir)
+    elif not options.overfit_batch:
+        claim_out_dir(out_dir, options.overwrite, rank == 0, say, keep=options.init_from)
+    check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
+    run = Run(options, given, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads))
+    if source:
+        run.source, run.source_path = source, last
+    elif options.init_from:
+        run.source, run.source_path = load_source(options.init_from, given), options.init_from
+    configure_matmul(device)
+    seed_everything(train_cfg.seed)
+    return run
+
+
+def resumed_preset(checkpoint, options, preset, out_dir):
+    """A resumed run keeps the preset it was started with."""
+    saved = checkpoint.get("preset", preset)
+    if options.preset and options.preset != saved:
+        raise TinyLLMError(f"{out_dir}/last.pt is a run of preset '{saved}'; --resume cannot switch it to "
+                           f"--preset {options.preset} (drop the flag, or start another --out_dir)")
+    return saved
+
+
+def load_source(path, given):
+    """The checkpoint a fine-tuning run starts from: one of ours (.pt), or OpenAI's GPT-2
+    weights by name (gpt2, gpt2-medium, ...) or from a Hugging Face folder. The model keeps
+    its shape: model flags that say otherwise are refused rather than ignored; --dropout may
+    change (it changes no weight)."""
+    if path.endswith(".pt"):
+        source = load_checkpoint(path)
+    else:
+        from machinery.hf_gpt2 import gpt2_checkpoint, load_gpt2  # needs transformers: imported only when asked
+        source = gpt2_checkpoint(load_gpt2(path))
+    differ = conflicting_flags(given, source["model_config"], ("dropout", "vocab_size"), "it has")
+    if differ:
+        raise TinyLLMError(f"--init_from {path} keeps that model's shape; drop {', '.join(differ)}")
+    if "dropout" in given:
+        source["model_config"] = {**source["model_config"], "dropout": given["dropout"]}
+    return source
+
+
+def load_data(run):
+    """(corpus, model) for train.build: the run's text as a utils.Corpus (sources.load_corpus:
+    a file, a folder, JSONL, Q&A, or a corpus prepared on disk), each split checked to hold one
+    window at least; and the GPT a resumed or fine-tuned run starts from, on the CPU, its
+    vocabulary grown by characters the text adds (else None, for a fresh run)."""
+    cfg, model, tokenizer = run.cfg, None, None
+    if run.source:
+        model = model_from_checkpoint(run.source, run.source_path)
+        tokenizer = tokenizer_of(run.source, model.config.vocab_size, run.source_path)
+    # vocab_size is BPE's target size; the GPT's own comes from the tokenizer
+    corpus = load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
+    check_splits(corpus, (model.config if model else run.model_cfg).block_size, cfg.data)
+    if model is not None and corpus.added:  # characters the checkpoint never saw: a new embedding row each
+        grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
+        run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_path} "
+                f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
+    run.corpus = corpus
+    return corpus, model
+
+
+# ----------------------------------------------------------------------------- after the model is built
+
+def ready(run, train_step):
+    """Everything between building the model and the first step: a resumed run gets back its
+    optimizer, progress and random state; each process gets batches of its own; the model is
+    compiled and wrapped for DDP when asked; the precision is set (where --dtype auto leaves it
+    to measurement, a few trial steps of train_step measure it: calibrate.py)."""
+    cfg = run.cfg
+    run.model_cfg = run.model.config
+    run.state = restore(run, run.source) if run.options.resume and run.source else TrainState()
+    if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
+        seed_everything(rank_seed(cfg.seed, run.rank, run.state.step))
+    run.train_model = wrap(torch.compile(run.model) if cfg.compile else run.model, run.world, run.device)
+    if run.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
+        fixed = run.next_batch()
+        run.next_batch = lambda: fixed
+        run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
+    set_precision(run, resolve_dtype(cfg.dtype, run.device))
+    if cfg.dtype == "auto" and measured_on(run.device):  # a resumed run keeps what its first process measured
+        plan = run.state.plan if (run.state.plan or {}).get("dtype") else calibrate.measure_dtype(run, train_step)
+        run.state.plan = plan
+        set_precision(run, plan["dtype"])
+    if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
+        run.scaler.load_state_dict(run.source["scaler"])
+    print_header(run)
+
+
+def set_precision(run, dtype):
+    run.dtype, run.ctx, run.scaler = dtype, autocast(run.device, dtype), make_scaler(run.device, dtype)
+
+
+def restore(run, checkpoint):
+    """The TrainState of a resumed run, exactly where it was: optimizer moments, progress, every
+    RNG. A new --max_steps moves the end of its progress (budget.resume_at)."""
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    names = {f.name for f in dataclasses.fields(TrainState)}
+    state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
+    for row in state.history:  # rows written before progress rows existed were evaluations
+        row.setdefault("kind", "eval")
+    if state.window and not isinstance(state.window[0], dict):  # an older version's (loss, norm) pairs
+        state.window = [{"loss": loss, "grad_norm": norm} for loss, norm in state.window]
+    if checkpoint.get("decay_from"):  # an older version's moved end: [step, peak, share of the cosine done]
+        state.progress_from = [checkpoint["decay_from"][0], (list(checkpoint["decay_from"]) + [0.0])[2]]
+    saved = checkpoint["train_config"]["max_steps"]
+    if run.cfg.time_budget and state.end_step is None and (state.plan or {}).get("max_steps"):
+        state.end_step = saved  # an older version's planned end
+    if not run.cfg.time_budget and run.cfg.max_steps != saved:
+        if state.step >= run.cfg.max_steps:
+            raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
+                               f"would not train it further")
+        resume_at(state, run.cfg, saved)
+        run.say(f"--max_steps {saved} -> {run.cfg.max_steps}: the LR decays from where it is at step {state.step} "
+                f"to {run.cfg.min_lr:g} at step {run.cfg.max_steps}")
+    set_rng_state(checkpoint["rng"])
+    return state
+
+
+# ----------------------------------------------------------------------------- what the user is told
+
+def print_header(run):
+    m, cfg, tokens = run.model_cfg, run.cfg, run.corpus
+    processes = f" x {run.world} processes" if run.world > 1 else ""
+    precision = (run.state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, run.dtype)
+    run.say(f"device {describe(run.device)} ({precision}, {run.threads} threads){processes} "
+            f"| preset {run.preset} | data {cfg.data}")
+    run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+            f"block {m.block_size}, vocab {m.vocab_size} | norm {m.norm}, mlp {m.mlp}, pos {m.pos} "
+            f"| optimizer {cfg.optimizer}")
+    split = [f"{run.world} processes"] if run.world > 1 else []
+    split += [f"{cfg.grad_accum_steps} micro-batches"] if cfg.grad_accum_steps > 1 else []
+    run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
+            + (f" ({' x '.join(split)} of {run.micro_batch})" if split else "")
+            + f" | train {len(tokens.train):,} tokens, val {len(tokens.val):,} tokens")
+    if cfg.time_budget and not run.options.overfit_batch:
+        run.say(f"time budget {cfg.time_budget}: the LR decays over the run's time; the end is estimated at every "
+                f"progress line from the pace of the latest steps" + (", continuing" if run.state.step else ""))
+    if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps:
+        warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never "
+             f"reaches its peak nor decays; use a smaller --warmup_steps")
+
+
+@contextlib.contextmanager
+def guarded(run):
+    """Around the loop: Ctrl-C or SIGTERM asks it to finish its step and stop (the loop looks
+    at stop.signum after every step; a second Ctrl-C aborts); running out of device memory is
+    one error line saying what to try."""
+    with out_of_memory_as_error(f"out of memory on {describe(run.device)}: {OUT_OF_MEMORY}"), \
+            StopRequest(announce=run.master) as stop:
+        yield stop

@@ -1,0 +1,170 @@
+"""--time_budget (budget.py): the run's progress, which the LR schedule is a function of, moves
+with measured time, its end estimated at every progress line. Tiny budgeted runs on a clock
+that only their own steps and evaluations move (budget.now, replaced where it is read) check the
+same on any machine: the run ends in time with the LR at its floor, follows a pace that changes
+without the LR ever rising, resumes where it was, and runs whatever schedule optim.get_lr
+holds; one run on the real clock checks that it ends in time."""
+
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from config import TrainConfig
+from conftest import ROOT, TINY_SHAPE, assert_one_line_error, cli, interrupt_at, subprocess_env
+import train
+
+from machinery import budget
+from machinery.checkpoint import load_checkpoint
+
+QUICK = ["--eval_iters", "2", "--plots", "false", "--eval_interval", "40", "--warmup_steps", "10"]
+
+
+def on_a_clock_of_steps(monkeypatch, seconds_of_step, eval_seconds=0.1):
+    """The budget's clock stands still but for the run's steps and evaluations: the n-th step
+    moves it on by seconds_of_step(n), an evaluation by eval_seconds (a run called in-process starts
+    when train() is called: on this clock). Returns the clock's reading
+    and the LR of every step, as the loop handed it to train_step."""
+    now, lrs = {"seconds": 0.0, "steps": 0}, []
+    monkeypatch.setattr(budget, "now", lambda: now["seconds"])
+    step, evaluate = train.train_step, train.estimate_loss
+
+    def a_step_that_takes_its_time(model, optimizer, next_batch, lr, *args, **kwargs):
+        now["seconds"] += seconds_of_step(now["steps"])
+        now["steps"] += 1
+        assert now["seconds"] < 10, "the run went on past its budget"
+        lrs.append(lr)
+        return step(model, optimizer, next_batch, lr, *args, **kwargs)
+
+    def an_evaluation_that_takes_its_time(*args, **kwargs):
+        now["seconds"] += eval_seconds
+        return evaluate(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", a_step_that_takes_its_time)
+    monkeypatch.setattr(train, "estimate_loss", an_evaluation_that_takes_its_time)
+    return (lambda: now["seconds"]), lrs
+
+
+def budget_run(capsys, data, out_dir, budget_seconds=3.0, *extra):
+    return cli(capsys, train.main, *TINY_SHAPE, *QUICK, "--data", data, "--sample_tokens", "0", "--log_interval", "10",
+               "--time_budget", f"{budget_seconds}s", "--out_dir", out_dir, *extra)
+
+
+def assert_decays_to_the_floor(lrs, cfg, within=0.02):
+    """After the warmup the LR never rises, and the last step's is at min_lr (within a share of the way down:
+    the last step is one step before the end, as in a run of --max_steps)."""
+    after = lrs[cfg.warmup_steps:]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert after[-1] <= cfg.min_lr + within * (cfg.lr - cfg.min_lr)
+    return True
+
+
+@pytest.mark.parametrize("drift", ["steady", "slows", "speeds_up"])
+def test_a_budget_ends_in_time_at_the_lr_floor_whatever_the_pace(shakespeare_head, tmp_path, capsys, monkeypatch,
+                                                                 drift):
+    """Steps of 10 ms (20 ms from step 30 when it slows, until then when it speeds up) and
+    evaluations of 100 ms on the budget's clock: the run fills its budget less what it keeps for
+    the exit, the LR never rises after the warmup nor drops by more than three times the
+    steepest step of a steady cosine over as many steps, and ends at the floor."""
+    slow = {"steady": lambda n: False, "slows": lambda n: n >= 30, "speeds_up": lambda n: n < 30}[drift]
+    clock, lrs = on_a_clock_of_steps(monkeypatch, lambda n: 0.02 if slow(n) else 0.01)
+    code, out, err = budget_run(capsys, shakespeare_head, tmp_path / "run")
+    assert code == 0, err
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    cfg = TrainConfig(**last["train_config"])
+    assert 0.9 * 3 < clock() <= 3 * (1 - budget.SAFETY / 2) and last["step"] == len(lrs)
+    assert_decays_to_the_floor(lrs, cfg)
+    steady = [cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * i / n))
+              for n in [len(lrs) - cfg.warmup_steps] for i in range(n + 1)]
+    drops = [a - b for a, b in zip(lrs[cfg.warmup_steps:], lrs[cfg.warmup_steps + 1:])]
+    assert max(drops) <= 3 * max(a - b for a, b in zip(steady, steady[1:]))
+
+
+def test_a_budget_runs_whatever_schedule_get_lr_holds(shakespeare_head, tmp_path, capsys, monkeypatch):
+    """A learner's schedule (here: warmup, then hold lr until 80% of the progress, then straight
+    down to min_lr) is a new get_lr; the time budget drives it as it drives the cosine."""
+    def warmup_stable_decay(step, progress, cfg):
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        return cfg.lr if progress < 0.8 else cfg.lr + (cfg.min_lr - cfg.lr) * min(1.0, (progress - 0.8) / 0.2)
+    monkeypatch.setattr(train, "get_lr", warmup_stable_decay)
+    clock, lrs = on_a_clock_of_steps(monkeypatch, lambda n: 0.01)
+    code, _, err = budget_run(capsys, shakespeare_head, tmp_path / "run")
+    assert code == 0, err
+    cfg = TrainConfig(**load_checkpoint(str(tmp_path / "run" / "last.pt"))["train_config"])
+    held = [lr for lr in lrs[cfg.warmup_steps:] if lr == cfg.lr]
+    assert 0.6 * len(lrs) < len(held) < 0.85 * len(lrs)  # the stable part: about 80% of the steps after the warmup
+    assert assert_decays_to_the_floor(lrs, cfg, within=0.05) and clock() <= 3  # a straight line's last step
+
+
+def test_a_budgeted_run_resumes_where_it_was_and_still_ends_in_time(shakespeare_head, tmp_path, capsys, monkeypatch):
+    clock, lrs = on_a_clock_of_steps(monkeypatch, lambda n: 0.02 if n < 25 else 0.025)
+    with monkeypatch.context() as m:  # stopped in the middle, as by Ctrl-C or a Colab runtime that disconnects
+        interrupt_at(m, 32, signal.SIGTERM)
+        code, out, err = budget_run(capsys, shakespeare_head, tmp_path / "budget")
+    assert code == 143, err
+    stopped = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
+    assert stopped["step"] == 32 and stopped["end_step"] > 32 and stopped["progress_from"][0] >= 10
+    lr_at_stop = train.get_lr(32, budget.run_progress(train.setup.TrainState(**{
+        k: stopped[k] for k in ("step", "progress_from", "end_step")}), TrainConfig(**stopped["train_config"])),
+        TrainConfig(**stopped["train_config"]))
+    resumed_from = len(lrs)
+    code, resumed, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget")
+    assert code == 0 and "continuing" in resumed, err
+    last = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
+    cfg = TrainConfig(**last["train_config"])
+    assert last["step"] > 32 and 0.9 * 3 < clock() <= 3  # the two processes together filled the budget
+    assert lrs[resumed_from] == pytest.approx(lr_at_stop, rel=1e-9)  # it went on where it was...
+    assert_decays_to_the_floor(lrs[resumed_from:], TrainConfig(**{**last["train_config"], "warmup_steps": 0}))
+
+
+def test_a_budget_too_short_for_one_evaluation_is_one_line(shakespeare_head, tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, *TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--time_budget",
+                       "0.001s", "--out_dir", tmp_path)
+    assert_one_line_error(code, err, "too short")
+
+
+def test_a_budgeted_run_ends_on_the_real_clock_in_time(shakespeare_head, tmp_path, capsys, monkeypatch):
+    budget_seconds, step, taken = 2.0, train.train_step, []
+
+    def counted(*args, **kwargs):
+        taken.append(1)
+        assert len(taken) < 20000, "the run went on past its budget"
+        return step(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", counted)
+    t0 = time.perf_counter()
+    code, out, err = cli(capsys, train.main, *TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--sample_tokens", "20",
+                         "--log_interval", "10", "--time_budget", f"{budget_seconds}s", "--out_dir", tmp_path)
+    took = time.perf_counter() - t0
+    assert code == 0 and "time budget 2.0s:" in out, err
+    assert took < budget_seconds + 2.5  # the end is re-estimated at every progress line; the margin is for a busy machine
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="runs python through sh's exec")
+def test_the_budget_counts_from_the_scripts_first_line_not_from_the_shell_that_ran_before_it():
+    """sh -c 'pip install ... && python train.py' (Colab's !, a script) may exec python in the process
+    the shell started before pip ran: what ran before python is not the run's time. The child
+    prints the seconds python train.py's budget has counted once train.py is imported."""
+    child = "import time, train, machinery; print(time.perf_counter() - machinery.STARTED, time.time())"
+    launched = time.time()
+    done = subprocess.run(["sh", "-c", 'sleep 1 && exec "$0" -c "$1"', sys.executable, child], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, check=True)
+    counted, now = map(float, done.stdout.split())
+    assert 0.0 < counted < now - launched - 0.75  # importing torch is counted, the shell's 1 s sleep is not
+
+
+@pytest.mark.parametrize("value", ["0", "-5m", "abc", "5x", "0s"])
+def test_nonsense_budgets_are_one_line_errors(value, tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, f"--time_budget={value}", "--out_dir", tmp_path / "run")
+    assert_one_line_error(code, err, "time_budget", value)
+    assert code == 2
+
+
+def test_a_budget_with_max_steps_is_refused_and_max_steps_alone_turns_the_presets_budget_off(tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, "--time_budget", "5m", "--max_steps", "10", "--out_dir", tmp_path)
+    assert_one_line_error(code, err, "--time_budget or --max_steps")
+    from config import build_configs
+    assert build_configs({}, "tiny")[1].time_budget == "5m"            # the default run on a CPU
+    assert build_configs({"max_steps": 10}, "tiny")[1].time_budget == ""
