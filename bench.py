@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from config import PRESETS, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
+from config import GREEDY, PRESETS, GPTConfig, Sampler, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
 import sampling
 from optim import get_lr
 import train
@@ -189,7 +189,7 @@ def bench_generate(args):
         sync(device)
         t0 = time.perf_counter()
         with ctx, (contextlib.nullcontext() if replay else graphs.disabled()):
-            out = sampling.generate(model, prompt, args.new_tokens, temperature=0, use_cache=use_cache)
+            out = sampling.generate(model, prompt, args.new_tokens, GREEDY, use_cache=use_cache)
         sync(device)
         return out, time.perf_counter() - t0
 
@@ -271,7 +271,7 @@ def bench_decoding(args):
                 new, _ = beam.beam_search(model, idx, args.new_tokens, width)
             else:
                 generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-                new = sampling.generate(model, idx, args.new_tokens, temperature=temperature,
+                new = sampling.generate(model, idx, args.new_tokens, Sampler(temperature=temperature),
                                         generator=generator)[:, idx.size(1):]
             seconds = time.perf_counter() - t0
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model_odds(model, idx, new)) / new.size(1)
@@ -632,7 +632,7 @@ def check_cache(model, ctx, dtype, n=250):
     device = model.wte.weight.device
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with ctx:
-        full_text, cached_text = (sampling.generate(model, prompt, n, temperature=0, use_cache=c)
+        full_text, cached_text = (sampling.generate(model, prompt, n, GREEDY, use_cache=c)
                                   for c in (False, True))
         new = full_text[:, 1:]
         full, cached = (torch.stack([logits[0].float() for _, logits in forced_steps(model, prompt, new, c)])

@@ -151,15 +151,31 @@ class RunOptions:
 
 
 @dataclass
-class SampleConfig:
-    """How generate.py samples (and sweep.sh, which passes only what you set)."""
-    prompt: str = setting("", "text to continue; empty starts from a line end")
-    prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
-    max_new_tokens: int = setting(500, "tokens to generate per sample; may exceed the model's block_size")
+class Sampler:
+    """How the next token is drawn from the model's logits (sampling.py). Every field is a flag of
+    generate.py, written in its output's header and refused by --beam, which draws nothing."""
     temperature: float = setting(0.8, "divide the logits by this before sampling; 0 = greedy (always the most "
                                       "likely token); otherwise at least 0.001")
     top_k: int = setting(0, "keep only the k most likely tokens (and any tied with the k-th); 0 = off")
     top_p: float = setting(1.0, "keep the smallest set of tokens whose probability reaches p, in (0, 1]; 1 = off")
+
+    def __post_init__(self):
+        _require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
+                 f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
+        _require(self.top_k >= 0, f"--top_k must be 0 (off) or positive, got {self.top_k}")
+        _require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = Sampler(temperature=0)
+
+
+@dataclass
+class SampleConfig:
+    """What generate.py writes besides how each token is drawn (Sampler), and how (and sweep.sh,
+    which passes only what you set)."""
+    prompt: str = setting("", "text to continue; empty starts from a line end")
+    prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
+    max_new_tokens: int = setting(500, "tokens to generate per sample; may exceed the model's block_size")
     seed: int = setting(1337, f"seed of the sampler, 0 to {MAX_SEED}: same seed, same machine, same text")
     num_samples: int = setting(1, "samples drawn together as one batch")
     output_file: str = setting("", "also write the samples here, under a header with every setting")
@@ -182,24 +198,23 @@ class SampleConfig:
                                          "a continuation stops at <|endoftext|>)")
 
     def __post_init__(self):
-        _require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
-                 f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
-        _require(self.top_k >= 0, f"--top_k must be 0 (off) or positive, got {self.top_k}")
-        _require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
         _require(self.num_samples >= 1, f"--num_samples must be at least 1, got {self.num_samples}")
         _require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
         _require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
         _require(0 <= self.show_top <= 20, f"--show_top must be between 0 (off) and 20, got {self.show_top}")
         self.show_probs = self.show_probs or self.show_top > 0
         _require(self.beam is None or self.beam >= 1, f"--beam must be at least 1 (continuations kept), got {self.beam}")
-        if self.beam:
-            default = dataclass_defaults(SampleConfig)
-            sampling = [f"--{n}" for n in ("temperature", "top_k", "top_p") if getattr(self, n) != default[n]]
-            _require(not sampling, f"beam search draws nothing, so {', '.join(sampling)} cannot apply: drop it")
-            _require(self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
+        _require(not self.beam or self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
         _require(math.isfinite(self.length_penalty), f"--length_penalty must be a number, got {self.length_penalty}")
         _require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
         _check_common(self, "--")
+
+
+def check_beam(cfg, sampler):
+    """Beam search draws nothing: any sampler setting given with --beam is refused."""
+    default = Sampler()
+    given = [f"--{f.name}" for f in dataclasses.fields(Sampler) if getattr(sampler, f.name) != getattr(default, f.name)]
+    _require(not (cfg.beam and given), f"beam search draws nothing, so {', '.join(given)} cannot apply: drop it")
 
 
 PICTURES = ("attention", "surprise", "temperature", "embeddings")
@@ -392,7 +407,7 @@ def main():
           "default, as config.py defines them (this page is `python config.py > docs/flags.md`). A preset's "
           "values override the base defaults; `--help` shows the defaults your machine and preset will use.\n\n"
           "## Presets\n\n" + markdown_presets() + "\n## train.py\n\n" + markdown_flags()
-          + "\n## generate.py\n\n" + markdown_flags((SampleConfig,)), end="")
+          + "\n## generate.py\n\n" + markdown_flags((Sampler, SampleConfig)), end="")
 
 
 if __name__ == "__main__":

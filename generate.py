@@ -11,11 +11,12 @@ The same seed on the same machine gives the same text; beam search draws nothing
 
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
+import dataclasses
 import sys
 
 import torch
 
-from config import SampleConfig, make_config
+from config import Sampler, SampleConfig, check_beam, make_config
 import sampling
 
 from machinery.annotate import Annotator, Pieces, SamplerOdds, model_odds
@@ -26,7 +27,7 @@ from machinery.device import choose_device, describe, out_of_memory_as_error, se
 from machinery.sources import encode_prompt, read_prompt
 
 
-def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=None):
+def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, annotator=None):
     """num_samples continuations of the prompt, sampled together as one batch. Each stops
     at the end-of-text token, when the tokenizer has one (unless --no_stop). Returns a list
     of (text, new tokens, whether it stopped at end-of-text). An annotator (--show_probs) gets
@@ -45,13 +46,12 @@ def sample(model, tokenizer, prompt_ids, cfg, device, stream=False, annotator=No
     on_token = None
     if annotator:  # each step's tokens with the distribution they were drawn from
         annotator.begin(shown, cfg.num_samples, stop, live=stream)
-        on_token = SamplerOdds(annotator, cfg.temperature, cfg.top_k, cfg.top_p)
+        on_token = SamplerOdds(annotator, sampler)
     elif stream:
         sys.stdout.write(tokenizer.decode(shown))
         on_token = show
-    out = sampling.generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            top_p=cfg.top_p, use_cache=not cfg.no_cache, stop_token=stop, generator=generator,
-                            on_token=on_token)
+    out = sampling.generate(model, idx, cfg.max_new_tokens, sampler, use_cache=not cfg.no_cache, stop_token=stop,
+                            generator=generator, on_token=on_token)
     if annotator:
         annotator.end()
     elif stream:
@@ -87,12 +87,12 @@ def sample_label(i, cfg, n_new, stopped):
     return label + (f" (stopped at <|endoftext|> after {n_new} tokens) ---" if stopped else " ---")
 
 
-def header(cfg, path, checkpoint, prompt):
+def header(cfg, sampler, path, checkpoint, prompt):
     """The output file's header: everything that shaped the text below it."""
     if cfg.beam:
         settings = f"beam={cfg.beam} length_penalty={cfg.length_penalty} "
-    else:
-        settings = f"seed={cfg.seed} temperature={cfg.temperature} top_k={cfg.top_k} top_p={cfg.top_p} "
+    else:  # the seed, and every setting of the sampler
+        settings = f"seed={cfg.seed} " + "".join(f"{k}={v} " for k, v in dataclasses.asdict(sampler).items())
     settings += (f"max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
                  f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
     if cfg.show_probs:  # only then, so that a file without annotations reads as it always did
@@ -108,6 +108,7 @@ def build_parser(device):
                              "(default: checkpoints/best.pt)")
     parser.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same, as a flag")
     auto = {"device": ("auto", f"{device.type} here"), "threads": (0, f"{set_threads(0)} here")}
+    add_config_flags(parser, Sampler, title="how each token is drawn")
     add_config_flags(parser, SampleConfig, auto, title="sampling")
     return parser
 
@@ -116,20 +117,22 @@ def main(argv=None):
     parser = build_parser(choose_device("auto"))
     args = parser.parse_args(argv)
     paths = args.checkpoints + args.checkpoint or ["checkpoints/best.pt"]
-    cfg = make_config(SampleConfig, explicit_flags(args))
+    flags = explicit_flags(args)
+    cfg, sampler = make_config(SampleConfig, flags), make_config(Sampler, flags)
+    check_beam(cfg, sampler)
     device = choose_device(cfg.device)
     set_threads(cfg.threads)
     prompt = read_prompt(cfg)
     if cfg.output_file:
         check_writable(cfg.output_file, "--output_file")
-    blocks = [sample_checkpoint(path, cfg, prompt, device, several=len(paths) > 1) for path in paths]
+    blocks = [sample_checkpoint(path, cfg, sampler, prompt, device, several=len(paths) > 1) for path in paths]
     if cfg.output_file:
         with open(cfg.output_file, "w", encoding="utf-8") as f:
             f.write("\n\n".join(blocks) + "\n")
         log(f"wrote {cfg.output_file}")
 
 
-def sample_checkpoint(path, cfg, prompt, device, several=False):
+def sample_checkpoint(path, cfg, sampler, prompt, device, several=False):
     """Sample one checkpoint and print its samples (streamed, when there is just one);
     returns the block the output file gets for it."""
     model, tokenizer, checkpoint = load_model(path)  # on the CPU; only the model moves
@@ -145,7 +148,7 @@ def sample_checkpoint(path, cfg, prompt, device, several=False):
         if cfg.beam:
             samples = beam(model, tokenizer, prompt_ids, cfg, device, annotator)
         else:
-            samples = sample(model, tokenizer, prompt_ids, cfg, device, stream=stream, annotator=annotator)
+            samples = sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=stream, annotator=annotator)
     if stream:  # printed as it was sampled (and there is no output file)
         _, n_new, stopped = samples[0]
         if stopped:
@@ -156,7 +159,7 @@ def sample_checkpoint(path, cfg, prompt, device, several=False):
         if cfg.num_samples > 1 or stopped:
             log(sample_label(i, cfg, n_new, stopped))
         log(text)
-    return header(cfg, path, checkpoint, prompt) + "\n\n" + "\n\n".join(
+    return header(cfg, sampler, path, checkpoint, prompt) + "\n\n" + "\n\n".join(
         f"{sample_label(i, cfg, n, s)}\n{text}" for i, ((_, n, s), text) in enumerate(zip(samples, texts)))
 
 

@@ -19,12 +19,12 @@ from machinery import graphs
 
 # ----------------------------------------------------------------------------- the loop
 
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
-             stop_token=None, generator=None, on_token=None):
+def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None, generator=None, on_token=None):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
     stop_token; returns (B, T + new), a row that stopped earlier going on past its stop_token (cut
     it there). Each step: the logits of the next token (Context: the context rule and the KV
-    cache), one token drawn from them (sample_next), appended.
+    cache), one token drawn from them by the sampler's rules (sample_next; config.Sampler:
+    temperature, top-k, top-p), appended.
     on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits
     they were drawn from (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
@@ -34,7 +34,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, us
     with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
         for _ in range(max_new_tokens):
             logits = context.next_logits(idx)  # (B, V)
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            next_token = sample_next(logits, sampler, generator)  # (B, 1)
             idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
             if on_token is not None:
                 on_token(next_token, logits)
@@ -126,10 +126,11 @@ def decode(model, cache, token):
 
 # ----------------------------------------------------------------------------- the sampler
 
-def filter_logits(logits, top_k=0, top_p=1.0):
+def filter_logits(logits, sampler):
     """Set to -inf every logit outside the candidates: top_k > 0 keeps the k most likely
     (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
     smallest set whose probability reaches top_p."""
+    top_k, top_p = sampler.top_k, sampler.top_p
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -144,19 +145,19 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-def next_token_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+def next_token_probs(logits, sampler):
     """The distribution the next token is drawn from, probs (B, V), for logits (B, V): divide by
     the temperature, keep the top-k / top-p candidates, softmax. Temperature 0 (greedy) draws
     nothing: it takes the most likely token. Its distribution here is the one at temperature 1
     after top-k / top-p, the model's own odds among the candidates, in which greedy's pick is
     the most likely token (the candidates always include it)."""
-    logits = filter_logits(logits.float() / (temperature or 1.0), top_k, top_p)
+    logits = filter_logits(logits.float() / (sampler.temperature or 1.0), sampler)
     return F.softmax(logits, dim=-1)  # (B, V)
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+def sample_next(logits, sampler, generator=None):
     """Pick one token per row from logits (B, V): (B, 1). Temperature 0 is greedy."""
-    if temperature == 0:
+    if sampler.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1); greedy needs no softmax
-    probs = next_token_probs(logits, temperature, top_k, top_p)  # (B, V)
+    probs = next_token_probs(logits, sampler)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

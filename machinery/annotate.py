@@ -56,11 +56,11 @@ class SamplerOdds:
     distribution they were drawn from (next_token_probs of the step's logits: temperature,
     top-k, top-p), handed to the annotator together."""
 
-    def __init__(self, annotator, temperature=1.0, top_k=0, top_p=1.0):
-        self.annotator, self.settings = annotator, (temperature, top_k, top_p)
+    def __init__(self, annotator, sampler):
+        self.annotator, self.sampler = annotator, sampler  # config.Sampler: how the tokens were drawn
 
     def __call__(self, token, logits):
-        self.annotator.add(token, next_token_probs(logits, *self.settings))
+        self.annotator.add(token, next_token_probs(logits, self.sampler))
 
 
 @torch.inference_mode()

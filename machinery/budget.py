@@ -93,9 +93,10 @@ class Budget:
         self.aim(state, cfg, step_seconds)
 
     def end_step(self, state, cfg, step_seconds, eval_seconds):
-        """The step at which the budget runs out: the most steps that fit in what is left, less the
-        last evaluation, the closing sample and SAFETY. Refuses a budget that leaves no step after
-        the warmup."""
+        """The step at which the budget runs out: the most steps that fit, with the evaluations due
+        among them, in what is left less the last evaluation, the closing sample and SAFETY (an
+        evaluation that came unforeseen would pull the end in to where it is, leaving the
+        schedule short of its end). Refuses a budget that leaves no step after the warmup."""
         left = self.seconds * (1 - SAFETY) - self.spent() - eval_seconds - self.sample_seconds
         if left <= 0 and state.step <= cfg.warmup_steps:
             need = self.spent() + eval_seconds + self.sample_seconds + cfg.warmup_steps * (step_seconds or 0)
@@ -106,8 +107,17 @@ class Budget:
         if not step_seconds:  # no step timed yet
             return None
 
-        # the evaluations on the way are not counted here: each one re-aims the end with the time it took
-        n = int(left / step_seconds)
+        first = state.step + (state.last_eval_step == state.step)  # the first step that may still evaluate
+
+        def fits(n):  # n more steps, and the evaluations on the way (at steps first to step + n - 1)
+            evaluations = max(0, (state.step + n - 1) // cfg.eval_interval - (first - 1) // cfg.eval_interval)
+            return n * step_seconds + evaluations * eval_seconds <= left
+
+        n = max(0, int(left / (step_seconds + eval_seconds / cfg.eval_interval)))  # about right; then exactly
+        while fits(n + 1):
+            n += 1
+        while n > 0 and not fits(n):
+            n -= 1
         return state.step + n
 
     def aim(self, state, cfg, step_seconds):

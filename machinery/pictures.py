@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import torch
 
-from config import PictureConfig, TinyLLMError, make_config
+from config import PictureConfig, Sampler, TinyLLMError, make_config
 from model import attention_weights, lm_loss
 from sampling import next_token_probs
 from utils import CharTokenizer
@@ -182,8 +182,8 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
 @torch.no_grad()
 def draw_temperature(model, tokenizer, ids, cfg, path, shown=12):
     logits, _ = model(torch.tensor([ids], device=model.wte.weight.device))  # (1, T, V)
-    by_t = {t: next_token_probs(logits[:, -1], t)[0].cpu() for t in cfg.temperature_list()}  # each (V,)
-    order = next_token_probs(logits[:, -1], 1.0)[0].cpu().argsort(descending=True)[:shown].tolist()
+    by_t = {t: next_token_probs(logits[:, -1], Sampler(temperature=t))[0].cpu() for t in cfg.temperature_list()}  # (V,)
+    order = next_token_probs(logits[:, -1], Sampler(temperature=1.0))[0].cpu().argsort(descending=True)[:shown].tolist()
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):

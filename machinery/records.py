@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from config import TinyLLMError
+from config import GREEDY, Sampler, TinyLLMError
 import sampling
 
 from machinery import budget
@@ -252,7 +252,7 @@ def closing_sample(run, tokens=None):
     bfloat16 decoding step was no faster, even on an H100)."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
-    out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, temperature=0.8,
+    out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(temperature=0.8),
                             generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())
@@ -265,8 +265,8 @@ def time_sample(run):
         return 0.0
     start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
     model = run.model.eval()
-    sampling.generate(model, start, 2, temperature=0).tolist()  # once untimed
+    sampling.generate(model, start, 2, GREEDY).tolist()  # once untimed
     t0 = budget.now()
-    sampling.generate(model, start, 16, temperature=0).tolist()  # (.tolist(): a GPU has finished only now)
+    sampling.generate(model, start, 16, GREEDY).tolist()  # (.tolist(): a GPU has finished only now)
     model.train()
     return (budget.now() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token

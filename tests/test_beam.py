@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import generate
-from config import GPTConfig
+from config import GREEDY, GPTConfig
 from conftest import assert_one_line_error, cli, float32_sum_tolerance, tiny_model_config
 from model import GPT
 import sampling
@@ -42,7 +42,7 @@ def total_logprob(model, prompt, new):
 def test_beam_1_is_greedy_token_for_token(switches):
     model = peaked_gpt(0, **switches)
     prompt = torch.randint(0, 65, (1, 3))
-    greedy = sampling.generate(model, prompt, 30, temperature=0)[:, 3:]  # past block_size 8: the context restarts
+    greedy = sampling.generate(model, prompt, 30, GREEDY)[:, 3:]  # past block_size 8: the context restarts
     new, total = beam.beam_search(model, prompt, 30, beam_width=1)
     assert torch.equal(new, greedy)
     assert total == pytest.approx(total_logprob(model, prompt, new), abs=1e-4)
@@ -83,7 +83,7 @@ def test_a_beam_that_holds_every_candidate_finds_the_most_probable_continuation(
     new, total = beam.beam_search(model, prompt, n, beam_width=V ** (n - 1))
     assert torch.equal(new[0], seqs[totals.argmax()])
     assert total == pytest.approx(totals.max().item(), abs=float32_sum_tolerance(n, total))
-    greedy = sampling.generate(model, prompt, n, temperature=0)[:, 3:]
+    greedy = sampling.generate(model, prompt, n, GREEDY)[:, 3:]
     for width in (1, 2, 3, 5, 10):  # narrower beams: never below greedy, never above the best
         _, narrow = beam.beam_search(model, prompt, n, beam_width=width)
         slack = float32_sum_tolerance(n, total)

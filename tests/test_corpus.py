@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import EOT, TinyLLMError, TrainConfig
+from config import EOT, GREEDY, TinyLLMError, TrainConfig
 from conftest import corpus_head, snapshot, tiny_model_config, tiny_train_config
 from generate import encode_prompt
 import sampling
@@ -113,7 +113,7 @@ def test_tiny_model_learns_to_answer_and_stop(tmp_path):
     model = train.train(tiny_model_config(n_embd=64, n_head=4, block_size=48), cfg)["model"].eval()
     tok = tokenizer_from_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["tokenizer"])
     prompt = encode_prompt(tok, "Who are you?", qa=True)
-    out = sampling.generate(model, torch.tensor([prompt]), 40, temperature=0, stop_token=tok.eot_id)[0, len(prompt):].tolist()
+    out = sampling.generate(model, torch.tensor([prompt]), 40, GREEDY, stop_token=tok.eot_id)[0, len(prompt):].tolist()
     assert out[-1] == tok.eot_id                                   # it stopped at the boundary...
     assert tok.decode(out[:-1]) == " I am tinyllm."                # ...right after the learned answer
 

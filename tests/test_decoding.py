@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from config import GREEDY, Sampler
+
 from conftest import cli, tiny_model_config
 import generate
 from model import GPT
@@ -49,7 +51,7 @@ def decode_three_ways(model, prompt, n, **sampler):
     cache's step recorded and replayed (the recorded fixture on)."""
     def run(use_cache):
         generator = torch.Generator().manual_seed(7)
-        return sampling.generate(model, prompt, n, use_cache=use_cache, generator=generator, **sampler)
+        return sampling.generate(model, prompt, n, Sampler(**sampler), use_cache=use_cache, generator=generator)
     with graphs.disabled():
         full, cached = run(False), run(True)
     return full, cached, run(True)
@@ -92,9 +94,9 @@ def test_a_recording_that_cannot_be_trusted_is_not_used_and_says_so_in_one_line(
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=8)).eval()
     prompt = torch.randint(0, 65, (1, 3))
-    out = sampling.generate(model, prompt, 20, temperature=0)
+    out = sampling.generate(model, prompt, 20, GREEDY)
     with graphs.disabled():
-        assert torch.equal(out, sampling.generate(model, prompt, 20, temperature=0))
+        assert torch.equal(out, sampling.generate(model, prompt, 20, GREEDY))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"warning: {why}"), err
 
@@ -137,7 +139,7 @@ def test_a_stop_token_ends_generation_as_brute_force_says(rows, recorded):
     stop = free[0, 4].item()  # a token row 0 writes third: generation ends there, or where the last row stops
     expected = brute_greedy(model, prompt, 10, stop)
     assert expected.size(1) < free.size(1) or rows > 1
-    assert torch.equal(sampling.generate(model, prompt, 10, temperature=0, stop_token=stop), expected)
+    assert torch.equal(sampling.generate(model, prompt, 10, GREEDY, stop_token=stop), expected)
 
 
 def every_ending(model, prompt, V, n, stop):
@@ -173,10 +175,10 @@ def test_qa_frames_the_question_and_stops_at_the_end_of_text(trained, capsys, re
     question = "Who art thou?"
     ids = torch.tensor([encode_prompt(tokenizer, question, qa=True)])
     with graphs.disabled():  # the plain path: the context recomputed at every step
-        new = sampling.generate(model, ids, 60, temperature=0, use_cache=False,
+        new = sampling.generate(model, ids, 60, GREEDY, use_cache=False,
                                 stop_token=tokenizer.eot_id)[0, ids.size(1):].tolist()
     new = new[:new.index(tokenizer.eot_id)] if tokenizer.eot_id in new else new
     code, out, _ = cli(capsys, generate.main, trained[0] / "best.pt", "--qa", "--prompt", question,
                        "--temperature", "0", "--max_new_tokens", "60")
-    assert code == 0 and out.rstrip("\n") == tokenizer.decode(ids[0, 1:].tolist() + new)
+    assert code == 0 and out == tokenizer.decode(ids[0, 1:].tolist() + new) + "\n"  # streamed, then one line end
     assert recorded  # generate.py decoded through the recorded step

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from config import RunOptions, TinyLLMError, TrainConfig, default_preset
+from config import GREEDY, RunOptions, Sampler, TinyLLMError, TrainConfig, default_preset
 from conftest import complex_rope, fixed_batch, rope_angles, tiny_model_config, tiny_train_config
 import model as model_module
 from model import GPT, apply_rope
@@ -227,11 +227,11 @@ def test_a_rope_checkpoint_of_the_old_code_gives_the_same_logits_and_greedy_text
     model = GPT(tiny_model_config(pos="rope", mlp="swiglu", block_size=16)).eval()
     idx = torch.randint(0, 65, (2, 16))
     logits = model(idx)[0]
-    greedy = sampling.generate(model, idx[:1, :4], 40, temperature=0)
+    greedy = sampling.generate(model, idx[:1, :4], 40, GREEDY)
 
     monkeypatch.setattr(model_module, "apply_rope", complex_rope)  # the formulation RoPE had before
     assert torch.allclose(model(idx)[0], logits, atol=1e-5)
-    assert torch.equal(sampling.generate(model, idx[:1, :4], 40, temperature=0), greedy)
+    assert torch.equal(sampling.generate(model, idx[:1, :4], 40, GREEDY), greedy)
 
 
 class DtypeRecorder(TorchDispatchMode):
@@ -305,8 +305,8 @@ def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_with_the_cache(shakes
     model = result["model"].eval()
     prompt = torch.randint(0, 50, (2, 3))
     with autocast(CPU, "bfloat16"):
-        cached = sampling.generate(model, prompt, 30, temperature=0, use_cache=True)
-        full = sampling.generate(model, prompt, 30, temperature=0, use_cache=False)
+        cached = sampling.generate(model, prompt, 30, GREEDY, use_cache=True)
+        full = sampling.generate(model, prompt, 30, GREEDY, use_cache=False)
     assert torch.equal(cached, full)
 
 
@@ -321,7 +321,7 @@ def test_a_bfloat16_runs_closing_sample_is_decoded_in_float32_as_generate_py_doe
     assert seen == [(torch.float32, False)] * 40  # every step of the closing sample, outside autocast
     printed = capsys.readouterr().out.split("sample:\n", 1)[1].rstrip("\n")
     model, tokenizer = result["model"].eval(), load_model(str(tmp_path / "last.pt"))[1]
-    out = sampling.generate(model, torch.tensor([start_ids(tokenizer)]), 40, temperature=0.8,
+    out = sampling.generate(model, torch.tensor([start_ids(tokenizer)]), 40, Sampler(temperature=0.8),
                             generator=torch.Generator().manual_seed(cfg.seed))  # as generate.py decodes
     assert printed == tokenizer.decode(out[0].tolist())
 
@@ -351,7 +351,7 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
         seen["checkpoint"] = real_load_model(path)[2]
         return real_load_model(path)
 
-    def fake_sample(model, tokenizer, prompt_ids, cfg, device, stream=False, **options):
+    def fake_sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, **options):
         seen["model_device"] = next(model.parameters()).device
         return [("text", 4, False)]
 

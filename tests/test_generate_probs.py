@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from config import Sampler
+
 from conftest import assert_one_line_error, cli, tiny_model_config
 import generate
 from model import GPT
@@ -57,11 +59,11 @@ def entropy(p):
 def test_the_distribution_is_the_one_sample_next_draws_from(setting):
     torch.manual_seed(0)
     logits = torch.randn(4, 40) * 3
-    probs = next_token_probs(logits, **setting)
+    probs = next_token_probs(logits, Sampler(**setting))
     assert torch.allclose(probs.double(), reference_probs(logits, **setting), atol=1e-6)
     for seed in range(5):
-        token = sample_next(logits, **setting, generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(token, sample_next(logits, **setting, generator=torch.Generator().manual_seed(seed)))
+        token = sample_next(logits, Sampler(**setting), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(token, sample_next(logits, Sampler(**setting), generator=torch.Generator().manual_seed(seed)))
         if setting["temperature"]:  # the draw is multinomial over exactly these probabilities
             assert torch.equal(token, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
         else:  # greedy: the most likely token, and its p is the largest in the temperature-1 distribution
@@ -92,12 +94,12 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
             return real(logits, *a, **k)
         monkeypatch.setattr(sampling, "sample_next", recording)
         collected = Collected()
-        odds = SamplerOdds(collected, **setting)
-        sampling.generate(gpt, prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1),
+        odds = SamplerOdds(collected, Sampler(**setting))
+        sampling.generate(gpt, prompt, 20, Sampler(**setting), use_cache=use_cache, generator=torch.Generator().manual_seed(1),
                           on_token=odds)
         steps = collected.steps
         monkeypatch.undo()
-        out = sampling.generate(gpt, prompt, 20, **setting, use_cache=use_cache, generator=torch.Generator().manual_seed(1))
+        out = sampling.generate(gpt, prompt, 20, Sampler(**setting), use_cache=use_cache, generator=torch.Generator().manual_seed(1))
         plain = out[:, prompt.size(1):].split(1, dim=1)
         assert len(steps) == len(seen) == 20  # 3 + 20 tokens: the context is cropped on the way
         for (token, probs), logits, same in zip(steps, seen, plain):

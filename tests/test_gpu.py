@@ -60,7 +60,7 @@ def test_the_kv_cache_agrees_with_recompute_in_every_precision_the_gpu_has():
 REPLAY = """
 import torch
 import sampling
-from config import GPTConfig
+from config import GREEDY, GPTConfig
 from model import GPT
 from machinery import graphs
 torch.manual_seed(0)
@@ -69,9 +69,9 @@ for switches in (dict(pos="learned"), dict(pos="rope", mlp="swiglu", norm="rmsno
     prompt = torch.randint(0, 65, (2, 5), device="cuda")
     for dtype in ("float32", "bfloat16"):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            replayed = sampling.generate(model, prompt, 80, temperature=0)  # 85 > block_size 32: refills
+            replayed = sampling.generate(model, prompt, 80, GREEDY)  # 85 > block_size 32: refills
             with graphs.disabled():
-                plain = sampling.generate(model, prompt, 80, temperature=0)
+                plain = sampling.generate(model, prompt, 80, GREEDY)
         assert torch.equal(replayed, plain), (switches, dtype)
 print("replayed")
 """

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from config import TinyLLMError  # noqa: E402
+from config import GREEDY, TinyLLMError  # noqa: E402
 from conftest import ROOT, Payload, assert_one_line_error, cli, tiny_model_config  # noqa: E402
 from model import GPT  # noqa: E402
 import sampling  # noqa: E402
@@ -77,8 +77,8 @@ def test_greedy_continuations_are_identical(hf_folder):
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
     assert len(theirs[:, prompt.size(1):].unique()) > 5  # varied text: a wrong position would show
-    assert torch.equal(sampling.generate(model, prompt, new, temperature=0), theirs)                   # with our KV cache
-    assert torch.equal(sampling.generate(model, prompt, new, temperature=0, use_cache=False), theirs)  # and without
+    assert torch.equal(sampling.generate(model, prompt, new, GREEDY), theirs)                   # with our KV cache
+    assert torch.equal(sampling.generate(model, prompt, new, GREEDY, use_cache=False), theirs)  # and without
 
 
 @pytest.mark.parametrize("as_checkpoint", [False, True])

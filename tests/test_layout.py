@@ -129,7 +129,7 @@ def test_the_readme_lists_every_flag_as_config_py_describes_it():
     import config
     readme = flag_tables()
     assert config.markdown_flags() in readme
-    assert config.markdown_flags((config.SampleConfig,)) in readme
+    assert config.markdown_flags((config.Sampler, config.SampleConfig)) in readme
     assert config.markdown_presets() in readme
 
 

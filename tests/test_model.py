@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import TinyLLMError
+from config import GREEDY, Sampler, TinyLLMError
 from conftest import checkpoint_of, tiny_model_config
 from model import GPT
 import sampling
@@ -83,21 +83,21 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
 def test_top_k_keeps_exactly_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, top_k=7)
+    kept = filter_logits(logits, Sampler(top_k=7))
     assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
     assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.8))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.8)))
     assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
-    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.3))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.3)))
     assert kept.tolist() == [[True, False, False, False, False]]
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, top_p=p))
+        kept = torch.isfinite(filter_logits(logits, Sampler(top_p=p)))
         probs = F.softmax(logits, dim=-1)
         for row in range(3):
             mass = probs[row][kept[row]]
@@ -107,31 +107,31 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_top_p_of_zero_still_keeps_the_most_likely_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
-    assert torch.isfinite(filter_logits(logits, top_p=0.0)).tolist() == [[False, True, False], [True, False, False]]
+    assert torch.isfinite(filter_logits(logits, Sampler(top_p=1e-9))).tolist() == [[False, True, False], [True, False, False]]
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible():
     torch.manual_seed(0)
     model = GPT(tiny_model_config()).eval()
     idx = torch.randint(0, 65, (2, 5))
-    a = sampling.generate(model, idx, 20, temperature=0)
-    b = sampling.generate(model, idx, 20, temperature=0)
+    a = sampling.generate(model, idx, 20, GREEDY)
+    b = sampling.generate(model, idx, 20, GREEDY)
     assert torch.equal(a, b) and a.shape == (2, 25)
-    s1 = sampling.generate(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
-    s2 = sampling.generate(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(42))
-    s3 = sampling.generate(model, idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(43))
+    s1 = sampling.generate(model, idx, 20, Sampler(temperature=1.0), generator=torch.Generator().manual_seed(42))
+    s2 = sampling.generate(model, idx, 20, Sampler(temperature=1.0), generator=torch.Generator().manual_seed(42))
+    s3 = sampling.generate(model, idx, 20, Sampler(temperature=1.0), generator=torch.Generator().manual_seed(43))
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
 
 
 def test_generation_crops_context_past_block_size():
     model = GPT(tiny_model_config(block_size=8)).eval()
-    out = sampling.generate(model, torch.zeros(1, 3, dtype=torch.long), 30, temperature=0)
+    out = sampling.generate(model, torch.zeros(1, 3, dtype=torch.long), 30, GREEDY)
     assert out.shape == (1, 33)
 
 
 def test_sample_next_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, temperature=0).tolist() == [[1], [0]]
+    assert sample_next(logits, GREEDY).tolist() == [[1], [0]]
 
 
 COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
@@ -151,7 +151,7 @@ def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
             return real(logits, *a, **k)
         monkeypatch.setattr(sampling, "sample_next", recording)
         torch.manual_seed(1)  # the same prompt both times
-        out = sampling.generate(model, torch.randint(0, 65, (2, 5)), 30, temperature=0, use_cache=use_cache)
+        out = sampling.generate(model, torch.randint(0, 65, (2, 5)), 30, GREEDY, use_cache=use_cache)
         seen[use_cache].append(out)
     *cached_logits, cached_out = seen[True]
     *full_logits, full_out = seen[False]
@@ -180,7 +180,7 @@ def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
         save_checkpoint(path, checkpoint_of(model))
         loaded = model_from_checkpoint(load_checkpoint(path)).eval()
         model.eval()
-        assert torch.equal(sampling.generate(loaded, idx[:1, :3], 10, temperature=0), sampling.generate(model, idx[:1, :3], 10, temperature=0))
+        assert torch.equal(sampling.generate(loaded, idx[:1, :3], 10, GREEDY), sampling.generate(model, idx[:1, :3], 10, GREEDY))
 
 
 def test_swiglu_keeps_the_parameter_count_close():
@@ -210,7 +210,7 @@ def test_generation_builds_no_autograd_graph(monkeypatch):
     real = sampling.sample_next
     monkeypatch.setattr(sampling, "sample_next", lambda logits, *a, **k: seen.append(
         (logits.requires_grad, torch.is_inference_mode_enabled())) or real(logits, *a, **k))
-    sampling.generate(GPT(tiny_model_config()), torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
+    sampling.generate(GPT(tiny_model_config()), torch.zeros(1, 3, dtype=torch.long), 5, GREEDY)
     assert seen == [(False, True)] * 5  # inference mode at every step: no graph kept alive by the cache
 
 
@@ -231,7 +231,7 @@ def test_the_formula_as_written_is_what_the_fused_kernel_computes(switches):
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.eval()
-        text = sampling.generate(model, idx[:1, :3], 20, temperature=0)
+        text = sampling.generate(model, idx[:1, :3], 20, GREEDY)
         model.train()
         results[fused] = (logits.detach(), grads, text)
     (fast, fast_grads, fast_text), (plain, plain_grads, plain_text) = results[True], results[False]
@@ -258,7 +258,7 @@ def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkey
     monkeypatch.setattr(kernels, "fused_kernel", recording)
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=8)).eval()
-    sampling.generate(model, torch.zeros(2, 3, dtype=torch.long), 20, temperature=0)  # past block_size: refills too
+    sampling.generate(model, torch.zeros(2, 3, dtype=torch.long), 20, GREEDY)  # past block_size: refills too
     steps = [c for c in calls if c[0][2] == 1]  # one new token per row
     assert len(steps) > 10 and len(set(steps)) == 1, set(steps)
     assert steps[0][1][2] == 8  # every step reads all block_size slots

@@ -1,6 +1,7 @@
 """The learner's second hour: never lose a trained model, resume and extend runs, fine-tune
 on text with new characters, compare runs, and a command line that tells the truth."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import RunOptions, TrainConfig
+from config import GREEDY, RunOptions, Sampler, TrainConfig
 from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head, snapshot, tiny_model_config, tiny_train_config
 import generate
 from sampling import filter_logits
@@ -260,18 +261,32 @@ def test_output_files_record_every_setting_and_early_stops(trained, tmp_path, ca
     head = out_file.read_text().splitlines()[:3]
     assert "no_stop=True" in head[1] and "qa=False" in head[1] and head[2] == f"# prompt (from {prompt}): 'ROMEO:'"
     model, tokenizer, checkpoint = load_model(str(trained[0] / "best.pt"))
-    cfg = generate.SampleConfig(max_new_tokens=5, temperature=0)
+    cfg = generate.SampleConfig(max_new_tokens=5)
     model.lm_head.weight.data[tokenizer.eot_id] += 100  # make end-of-text certain
-    (_, n_new, stopped), = generate.sample(model, tokenizer, tokenizer.encode("A"), cfg, torch.device("cpu"))
+    (_, n_new, stopped), = generate.sample(model, tokenizer, tokenizer.encode("A"), cfg, GREEDY, torch.device("cpu"))
     assert stopped and n_new == 0
     assert "stopped at <|endoftext|> after 0 tokens" in generate.sample_label(0, cfg, n_new, stopped)
 
 
+def test_every_sampler_setting_is_in_the_header_and_refused_by_beam_search(trained, tmp_path, capsys):
+    """The sampler's settings travel as one object (config.Sampler): a field added there is written
+    in the output's header and refused with --beam, with no list of names to keep up to date."""
+    out_file = tmp_path / "out.txt"
+    code, _, err = cli(capsys, generate.main, trained[0] / "best.pt", "--max_new_tokens", "3", "--output_file", out_file)
+    assert code == 0, err
+    header = out_file.read_text().splitlines()[1]
+    for f in dataclasses.fields(Sampler):
+        assert f"{f.name}={getattr(Sampler(), f.name)}" in header
+        other = 0.5 if isinstance(f.default, float) and f.default != 0.5 else f.default + 1  # not the default
+        code, _, err = cli(capsys, generate.main, trained[0] / "best.pt", "--beam", "2", f"--{f.name}", str(other))
+        assert_one_line_error(code, err, f"--{f.name}", "beam search draws nothing")
+
+
 def test_top_k_keeps_the_tokens_tied_with_the_kth():
     logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
-    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, True, True, False]]
-    assert math.isinf(filter_logits(logits, top_k=1)[0, 1])
-    assert np.isfinite(filter_logits(logits, top_k=5).numpy()).all()
+    assert torch.isfinite(filter_logits(logits, Sampler(top_k=2))).tolist() == [[True, True, True, True, False]]
+    assert math.isinf(filter_logits(logits, Sampler(top_k=1))[0, 1])
+    assert np.isfinite(filter_logits(logits, Sampler(top_k=5)).numpy()).all()
 
 
 def test_several_checkpoints_are_sampled_alike_and_a_single_sample_is_streamed(trained, tmp_path, capsys,
