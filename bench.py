@@ -37,10 +37,9 @@ import torch
 
 from config import GREEDY, PRESETS, GPTConfig, Sampler, RunOptions, TinyLLMError, TrainConfig, build_configs, default_preset
 import sampling
-from optim import get_lr
 import train
 
-from machinery import beam, budget, hardware
+from machinery import beam, hardware
 from machinery.annotate import forced_steps, model_odds
 from machinery.calibrate import interleaved
 from machinery.cli import (ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, format_seconds,
@@ -420,28 +419,21 @@ SCALING_EVAL_ITERS = 30  # batches per split at each evaluation: a val loss to a
 
 
 def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
-    """A tiny-preset run of the given shape, planned to steps (warmup a tenth of it, the cosine
-    to its end), on the first data_fraction of the training split. Evaluated evals times, the
-    last at the end: {"params", "flops", "val", "best_val", "train", "seconds"}."""
+    """A tiny-preset run of the given shape, trained by train.py's loop to steps (warmup a tenth
+    of it, the cosine to its end), on the first data_fraction of the training split. Evaluated
+    evals times, the last at the end: {"params", "flops", "val", "best_val", "train", "seconds"}."""
     n_layer, n_embd, n_head = shape
-    warmup = max(1, min(100, steps // 10))
     run = new_run("tiny", {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": steps,
-                           "warmup_steps": warmup, "eval_iters": SCALING_EVAL_ITERS, "sample_tokens": 0, "plots": False,
-                           "dtype": dtype, "data": data}, out_dir)
+                           "warmup_steps": max(1, min(100, steps // 10)), "eval_iters": SCALING_EVAL_ITERS,
+                           "eval_interval": max(1, steps // evals), "log_interval": steps, "sample_tokens": 0,
+                           "plots": False, "dtype": dtype, "data": data}, out_dir)
     run.corpus.train = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # the batches read it lazily
-    cfg, batches = run.cfg, {"train": run.next_batch, "val": run.val_batch}
-    t0, vals = time.perf_counter(), []
-    # train_loop's step and schedule, without its checkpoints, plots and step-0 evaluation, which
-    # would take most of a small run's time and none of them is part of what the study measures
-    for step in range(steps):
-        lr = get_lr(step, budget.progress(step, [cfg.warmup_steps, 0.0], steps), cfg)
-        train.train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps, cfg.grad_clip,
-                         run.ctx, run.scaler)
-        if (step + 1) % max(1, steps // evals) == 0 or step + 1 == steps:
-            vals.append(train.estimate_loss(run.train_model, batches, run.eval_iters, run.ctx))
-    tokens = steps * cfg.batch_size * run.model_cfg.block_size
+    t0 = time.perf_counter()
+    _, evals = split_history(train.train_loop(run)["history"])
+    vals = [e for e in evals if e["step"] > 0]  # the step-0 evaluation is the untrained model's
+    tokens = steps * run.cfg.batch_size * run.model_cfg.block_size
     return {"params": run.model.num_params(), "flops": flops_per_token(run.model) * tokens, "steps": steps,
-            "val": vals[-1]["val"], "best_val": min(v["val"] for v in vals), "train": vals[-1]["train"],
+            "val": vals[-1]["val_loss"], "best_val": min(v["val_loss"] for v in vals), "train": vals[-1]["train_loss"],
             "seconds": time.perf_counter() - t0, "dtype": run.dtype}
 
 
