@@ -45,7 +45,8 @@ from machinery.calibrate import interleaved
 from machinery.cli import (ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, format_seconds,
                            log, run_cli)
 from machinery.device import choose_device, flops_per_token, peak_flops
-from machinery.plots import new_plot, read_history, save_plot, split_history
+from machinery.plots import new_plot, save_plot, split_history
+from tools.plots import read_history
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -669,7 +670,7 @@ def bench_gpu_check(args):
     decoding in float32 and bfloat16, first call and warm; generate.py's 1,000 tokens, start-up
     included; and the KV cache's agreement with recomputation in every dtype x compile. Written as
     Markdown (--out_md) and JSON (--out). --quick: all of it at a toy size, no GPU tests."""
-    from machinery import gpu_report
+    from experiments import gpu_report
     device = choose_device("auto")
     report = {"quick": args.quick, "machine": {**machine_info(), "cuda": torch.version.cuda}}
     part = functools.partial(gpu_report.part, report)  # each part on its own: one that fails is reported as such
@@ -700,7 +701,7 @@ def bench_gpu_check(args):
 def training_runs(quick, device, tmp):
     """python train.py as it comes, then with --compile and with --dtype float16 (each where it
     applies: --compile needs a compiler; float16's loss scaling is for CUDA)."""
-    from machinery import gpu_report
+    from experiments import gpu_report
     base = QUICK + ["--sample_tokens", "20", "--log_interval", "1"] if quick else []  # (quick: it times start-up too)
     variants = [("default", [])] + [("compile", ["--compile"]), ("float16", ["--dtype", "float16"])] * (
         device.type == "cuda" and not quick)
@@ -710,7 +711,7 @@ def training_runs(quick, device, tmp):
 def startup(training, device, tmp, quick):
     """When train.py's first line, device line and first step come (a short run that reports
     every step), and what of its start-up is torch's (the probe) and what tinyllm's own."""
-    from machinery import gpu_report
+    from experiments import gpu_report
     split = gpu_report.startup_split(device.type)
     if quick:  # the default run at a toy size reports every step already
         run = dict(training[0], label="python train.py (--quick)")

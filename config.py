@@ -65,7 +65,7 @@ class GPTConfig:
 class TrainConfig:
     """How a run trains. Saved in every checkpoint; --resume continues with the saved values."""
     data: str = setting("data/input.txt", "training text: a .txt file, a folder (searched recursively), a .jsonl "
-                                          "file with a \"text\" field, a Q&A .json list, or a folder written by machinery.prepare")
+                                          "file with a \"text\" field, a Q&A .json list, or a folder written by tools.prepare")
     data_ext: str = setting(".txt", "file endings read from a --data folder, comma-separated, e.g. .txt,.md,.py")
     tokenizer: str = setting("char", "characters; byte-level BPE learned from the training split; or GPT-2's "
                                      "(tiktoken's files, needs network once)", ("char", "bpe", "gpt2"))
@@ -222,7 +222,7 @@ PICTURES = ("attention", "surprise", "temperature", "embeddings")
 
 @dataclass
 class PictureConfig:
-    """What machinery/pictures.py draws from a checkpoint, and where."""
+    """What tools/pictures.py draws from a checkpoint, and where."""
     out_dir: str = setting("pictures", "folder the PNGs are written to (attention.png, surprise.png, ...)")
     only: str = setting(",".join(PICTURES), "which pictures, comma-separated: " + ", ".join(PICTURES))
     prompt: str = setting("O Romeo, I will th", "text whose attention is drawn, and after which the next-token "

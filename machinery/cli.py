@@ -20,7 +20,7 @@ from config import TinyLLMError
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one `error:` line like every other user error, and a tool run
-    as a module names itself as it is run (python -m machinery.prepare)."""
+    as a module names itself as it is run (python -m tools.prepare)."""
 
     def __init__(self, *args, **kwargs):
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)

@@ -1,8 +1,5 @@
-"""Pictures of training runs: a run's loss, learning rate and gradient norm (train.py redraws
-them after every evaluation), and several runs' curves overlaid to compare them.
-
-    python -m machinery.plots checkpoints/lr_conservative checkpoints/lr_default --out compare.png
-"""
+"""Pictures of a training run: its loss, learning rate and gradient norm, which train.py redraws
+after every evaluation (tools/plots.py overlays several runs' curves)."""
 
 import json
 import math
@@ -107,51 +104,3 @@ def draw_lr_schedule(train_cfg):
     path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
     plot_lr_schedule(train_cfg, path)
     log(f"wrote {path}")
-
-
-# ----------------------------------------------------------------------------- comparing runs
-
-def read_history(run_dir):
-    path = os.path.join(run_dir, "history.json") if os.path.isdir(run_dir) else run_dir
-    try:
-        with open(path, encoding="utf-8") as f:
-            history = json.load(f)
-        split_history(history)  # checks every row has a kind
-        return history
-    except FileNotFoundError:
-        raise TinyLLMError(f"{path} not found: give run folders written by train.py") from None
-    except (ValueError, TypeError, KeyError) as e:
-        raise TinyLLMError(f"{path} is not a train.py history ({type(e).__name__}: {e})") from None
-
-
-def compare_runs(run_dirs, out, labels=None):
-    """One PNG with every run's val loss (solid, at evaluations) and train loss (dashed,
-    every log_interval steps), one colour per run, labelled by its folder name."""
-    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
-    fig, ax = new_plot(height=4.5)
-    for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):
-        progress, evals = split_history(read_history(run_dir))
-        color = f"C{i % 10}"
-        ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color=color, markersize=3,
-                label=f"{label} val (best {min(h['val_loss'] for h in evals):.3f})" if evals else f"{label} val")
-        ax.plot([h["step"] for h in progress], [step_loss(h) for h in progress], "--", color=color, alpha=0.6,
-                label=f"{label} train")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="runs compared")
-    save_plot(fig, ax, out)
-    return out
-
-
-def main(argv=None):
-    parser = ArgumentParser(description="Overlay several train.py runs' train and val loss in one PNG.")
-    parser.add_argument("runs", nargs="+", help="run folders (each with the history.json train.py writes)")
-    parser.add_argument("--out", default="compare.png", help="the PNG to write (default: %(default)s)")
-    parser.add_argument("--labels", default=None, help="comma-separated labels (default: the folder names)")
-    args = parser.parse_args(argv)
-    labels = args.labels.split(",") if args.labels else None
-    if labels and len(labels) != len(args.runs):
-        raise TinyLLMError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
-    log(f"wrote {compare_runs(args.runs, args.out, labels)}")
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,5 +1,5 @@
 """Where training text comes from: read this when you need to know how a folder, a JSONL
-file, a Q&A list or a corpus prepared by machinery/prepare.py becomes the text (or the token ids) that
+file, a Q&A list or a corpus prepared by tools/prepare.py becomes the text (or the token ids) that
 utils.tokenize turns into train and val streams.
 
 Sources: a .txt file, a folder of text files (searched recursively), a .jsonl file with a
@@ -150,18 +150,18 @@ def load_prepared(path):
         meta["val_chars"] = int(meta["val_chars"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise TinyLLMError(f"{meta_path} is corrupt or incomplete ({type(e).__name__}: {e}); "
-                           f"run python -m machinery.prepare again") from None
+                           f"run python -m tools.prepare again") from None
     splits = []
     for name in ("train", "val"):
         file = os.path.join(path, f"{name}.bin")
         if not os.path.isfile(file) or os.path.getsize(file) < dtype.itemsize:
-            raise TinyLLMError(f"{file} is missing or empty; run python -m machinery.prepare again")
+            raise TinyLLMError(f"{file} is missing or empty; run python -m tools.prepare again")
         splits.append(np.memmap(file, dtype=dtype, mode="r"))
     return meta, splits[0], splits[1]
 
 
 def prepared_streams(path, tokenizer=None):
-    """(tokenizer, train ids, val ids, characters per val token) of a folder written by machinery/prepare.py. A
+    """(tokenizer, train ids, val ids, characters per val token) of a folder written by tools/prepare.py. A
     tokenizer given (resume, fine-tuning) must be the one the folder was prepared with."""
     meta, train_ids, val_ids = load_prepared(path)
     if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:

@@ -126,7 +126,7 @@ def test_the_targets_are_judged_on_an_h100_class_gpu_only():
 
 
 def test_a_part_of_the_report_that_fails_is_reported_and_the_rest_goes_on():
-    from machinery import gpu_report
+    from experiments import gpu_report
     report = {"quick": True, "machine": {"gpu": None, "cpu": "a CPU", "torch": "2.x", "python": "3.x", "git": None,
                                          "date": "today"}}
     gpu_report.part(report, "gpu_tests", lambda: {"summary": "2 passed"})
@@ -138,7 +138,7 @@ def test_a_part_of_the_report_that_fails_is_reported_and_the_rest_goes_on():
 
 
 def test_each_line_of_a_command_is_stamped_when_it_arrives():
-    from machinery import gpu_report
+    from experiments import gpu_report
     script = "import sys, time; print('one', flush=True); time.sleep(0.5); print('two'); sys.exit(3)"
     result = gpu_report.run_stamped([sys.executable, "-c", script])
     (t1, one), (t2, two) = result["lines"]

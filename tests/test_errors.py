@@ -17,7 +17,7 @@ from conftest import TINY_FLAGS, Payload, assert_one_line_error, cli
 import generate
 import train
 
-from machinery import plots, prepare
+from tools import plots, prepare
 from machinery.checkpoint import load_checkpoint, save_checkpoint
 
 

@@ -1,6 +1,7 @@
 """The house rules that keep the code readable: the root holds the design card's scripts and the
-lesson, one package beside it holds the machinery, every function fits on a screen, and the
-modules import only down the flow of the work, never up it and never in a circle."""
+lesson; beside it, folders named for whom they serve (machinery/ for a run, tools/, experiments/)
+import one way; every function fits on a screen, and the modules import only down the flow of
+the work, never up it and never in a circle."""
 
 import ast
 import collections
@@ -25,15 +26,30 @@ LEVELS = {
     "machinery.bpe": 1, "model": 1, "sampling": 1, "machinery.muon": 1,
     "machinery.sources": 2, "utils": 2, "optim": 2, "machinery.device": 2,
     "machinery.precision": 2, "machinery.distributed": 2, "machinery.checkpoint": 2, "machinery.safety": 2, "machinery.plots": 2,
-    "machinery.budget": 2, "machinery.records": 3, "machinery.setup": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3, "machinery.annotate": 3,
-    "machinery.prepare": 3, "machinery.train_cli": 3, "machinery.beam": 2,
-    "train": 4, "generate": 4, "machinery.pictures": 4, "machinery.gpu_report": 4,
-    "bench": 5,
+    "machinery.budget": 2, "machinery.records": 3, "machinery.setup": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3,
+    "machinery.annotate": 3, "machinery.train_cli": 3, "machinery.beam": 2,
+    "train": 4, "generate": 4,
+    "tools.prepare": 5, "tools.pictures": 5, "tools.plots": 5,
+    "experiments.gpu_report": 6, "bench": 6,
 }
-ENTRY_SCRIPTS = ("train", "generate", "bench")  # what the package must never import
+# The folders by whom they serve, in the one direction imports go: the lesson and what a run
+# needs besides it (machinery/), then the stand-alone tools, then the experiments and reports.
+FOLDERS = ("machinery", "tools", "experiments")
+ENTRY_SCRIPTS = ("train", "generate", "bench")  # what the packages must never import
 MODULES = sorted([os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))]
-                 + [f"machinery.{os.path.basename(p)[:-3]}" for p in glob.glob(os.path.join(ROOT, "machinery", "*.py"))
-                    if not p.endswith("__init__.py")])
+                 + [f"{folder}.{os.path.basename(p)[:-3]}" for folder in FOLDERS
+                    for p in glob.glob(os.path.join(ROOT, folder, "*.py")) if not p.endswith("__init__.py")])
+
+
+def folder_rank(name):
+    """0 for the lesson and machinery/, 1 for tools/, 2 for experiments/ (bench.py is their command line)."""
+    return 2 if name == "bench" else FOLDERS.index(name.split(".")[0]) if "." in name else 0
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_the_folders_import_one_way(name):
+    upward = [m for m in imports_of(name) if folder_rank(m) > folder_rank(name)]
+    assert not upward, f"{name} imports {upward}"
 
 
 def tree(name):
@@ -72,7 +88,7 @@ def test_imports_go_down_the_flow(name):
 def test_the_package_never_imports_the_entry_scripts_and_nothing_imports_in_a_circle():
     graph = {name: imports_of(name) for name in MODULES}
     for name, imported in graph.items():
-        if name.startswith("machinery."):
+        if name.split(".")[0] in FOLDERS:
             assert not imported & set(ENTRY_SCRIPTS), f"{name} imports {imported & set(ENTRY_SCRIPTS)}"
     done, path = set(), []
 

@@ -14,7 +14,8 @@ from conftest import ROOT, assert_one_line_error, cli, complex_rope, rope_angles
 import model as model_module
 from model import GPT
 
-from machinery import pictures, train_cli
+from machinery import train_cli
+from tools import pictures
 from machinery.checkpoint import load_model
 
 COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")

@@ -17,7 +17,8 @@ import generate
 from sampling import filter_logits
 import train
 
-from machinery import budget, hardware, plots, prepare, train_cli
+from machinery import budget, hardware, train_cli
+from tools import plots, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.setup import TrainState
 from machinery.sources import load_prepared

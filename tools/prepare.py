@@ -1,7 +1,7 @@
 """Tokenize a corpus once, to disk, for corpora larger than memory.
 
-    python -m machinery.prepare --input big.txt --out data/big                        # char tokenizer, like train.py
-    python -m machinery.prepare --input notes/ --data_ext .md,.txt --tokenizer bpe --vocab_size 4096 --out data/notes
+    python -m tools.prepare --input big.txt --out data/big                        # char tokenizer, like train.py
+    python -m tools.prepare --input notes/ --data_ext .md,.txt --tokenizer bpe --vocab_size 4096 --out data/notes
     python train.py --data data/big
 
 The input (a .txt file, a folder searched recursively for the endings in --data_ext, a .jsonl

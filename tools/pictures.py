@@ -1,14 +1,14 @@
 """See inside a trained model: pictures a learner would rather look at than read.
 
-    python -m machinery.pictures checkpoints/best.pt --out_dir docs
-    python -m machinery.pictures checkpoints/best.pt --only attention --prompt "To be, or not" --layer 1 --head 2
+    python -m tools.pictures checkpoints/best.pt --out_dir docs
+    python -m tools.pictures checkpoints/best.pt --only attention --prompt "To be, or not" --layer 1 --head 2
 
 Each picture is a PNG in --out_dir, announced by one line that says what to look for:
   attention.png    every layer's and head's attention weights over the prompt's tokens
   surprise.png     the start of the val split, each character coloured by the model's loss on it
   temperature.png  the next-token distribution after the prompt at several temperatures
   embeddings.png   a char model's token embeddings, projected to 2-D (PCA)
-Every flag: python -m machinery.pictures --help.
+Every flag: python -m tools.pictures --help.
 """
 
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
