@@ -95,14 +95,15 @@ def train_loop(run):
     --target_loss, when --overfit_batch is done, or on Ctrl-C or SIGTERM (which save, then exit)."""
     cfg, state = run.cfg, run.state
     log_interval = 1 if run.options.overfit_batch else cfg.log_interval
+    clock = budget.Budget(run, records.time_sample(run)) if cfg.time_budget else None  # how much time is left
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
-    clock = budget.Budget(run, records.time_sample(run)) if cfg.time_budget and not run.options.overfit_batch else None
     stop_reason, signum = None, 0
     with setup.guarded(run) as stop:  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
         while True:
             at_end = budget.at_end(state, cfg)  # max_steps reached, or the time budget spent
             if (state.step % cfg.eval_interval == 0 or at_end) and state.step != state.last_eval_step:
-                stop_reason = evaluate(run, meter, clock) or stop_reason  # --patience, --target_loss
+                early = evaluate(run, meter, clock)  # --patience, --target_loss
+                stop_reason = stop_reason or early
                 at_end = budget.at_end(state, cfg)
             if at_end or stop_reason:
                 break
@@ -117,13 +118,14 @@ def train_loop(run):
             # --- its figures: averaged over log_interval steps onto a progress line and into the history
             meter.add({"loss": loss, "lr": lr, "grad_norm": grad_norm})
             if state.step % log_interval == 0:
-                stop_reason = log_progress(run, meter, clock) or stop_reason  # --overfit_batch done
-            if cfg.save_interval and state.step % cfg.save_interval == 0:
+                done = log_progress(run, meter, clock)  # --overfit_batch done
+                stop_reason = stop_reason or done
+            if cfg.save_interval and state.step % cfg.save_interval == 0 and not run.options.overfit_batch:
                 with meter.paused():
                     records.save_periodic(run)  # ckpt_STEP.pt
             signum = records.stop_signal(run, stop)  # Ctrl-C or SIGTERM came (every rank agrees)
             if signum:
-                stop_reason = f"stopped by signal {signum}"
+                stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
     with meter.paused():  # the steps since the last line are read before the last save
         return records.finish(run, stop_reason, signum, clock)  # the last save, a summary, a sample

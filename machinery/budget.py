@@ -16,7 +16,6 @@ import time
 
 from config import TinyLLMError, parse_duration
 
-from machinery import STARTED  # noqa: F401 (when python train.py started: a budget counts from there)
 from machinery.distributed import broadcast_from_master
 
 
@@ -25,7 +24,6 @@ def now():
     return time.perf_counter()
 
 
-RECENT_LINES = 2  # the pace of a time budget is that of the steps of the latest progress lines
 SAFETY = 0.01     # of a time budget: for the process's exit, and drift after the last estimate
 
 
@@ -65,12 +63,13 @@ def steps_shown(state, cfg):
     return "?" if end == math.inf else f"{math.ceil(end)}"
 
 
-def resume_at(state, cfg, saved_max_steps):
-    """A resumed run given a new --max_steps: progress goes on from where the old end had it,
-    to 1 at the new end."""
-    if not cfg.time_budget and cfg.max_steps != saved_max_steps and state.step >= cfg.warmup_steps:
-        start, _ = start_and_end(state, cfg)
-        state.progress_from = [state.step, progress(state.step, start, saved_max_steps)]
+def resume_at(state, cfg, old_end):
+    """A resumed run given a new end (--max_steps): progress goes on from where the old end had
+    it, to 1 at the new end."""
+    if state.step >= cfg.warmup_steps:
+        start = state.progress_from or [cfg.warmup_steps, 0.0]
+        state.progress_from = [state.step, progress(state.step, start, old_end)]
+    state.end_step = None
 
 
 class Budget:
@@ -82,57 +81,65 @@ class Budget:
         self.master, self.world = run.master, run.world
         self.started, self.earlier = run.started, run.state.seconds
         self.sample_seconds = sample_seconds  # the closing sample's, measured before the first step
-        self.eval_seconds = 0.0               # the latest evaluation's, its saves and plots included
 
     def spent(self):
         return self.earlier + now() - self.started
 
     def evaluated(self, seconds, state, cfg, step_seconds):
-        """An evaluation took seconds: the end, re-aimed with them."""
-        self.eval_seconds = seconds
+        """An evaluation took seconds (its saves and plots included): room is kept for one more
+        at the end, and the end is re-aimed."""
+        state.eval_seconds = seconds
         self.aim(state, cfg, step_seconds)
 
-    def end_step(self, state, cfg, step_seconds, eval_seconds):
+    def end_step(self, state, cfg, step_seconds):
         """The step at which the budget runs out: the most steps that fit, with the evaluations due
         among them, in what is left less the last evaluation, the closing sample and SAFETY (an
         evaluation that came unforeseen would pull the end in to where it is, leaving the
-        schedule short of its end). Refuses a budget that leaves no step after the warmup."""
-        left = self.seconds * (1 - SAFETY) - self.spent() - eval_seconds - self.sample_seconds
-        if left <= 0 and state.step <= cfg.warmup_steps:
-            need = self.spent() + eval_seconds + self.sample_seconds + cfg.warmup_steps * (step_seconds or 0)
-            raise TinyLLMError(
-                f"--time_budget {cfg.time_budget} is too short here: {self.spent():.1f}s are gone, an evaluation takes "
-                f"{eval_seconds:.1f}s and the closing sample {self.sample_seconds:.1f}s, which leaves no time after "
-                f"the warmup ({cfg.warmup_steps} steps); give at least {2 * need / (1 - SAFETY):.0f}s")
-        if not step_seconds:  # no step timed yet
+        schedule short of its end). None before a step is timed. A budget that would end the run
+        within its warmup is refused."""
+        left = self.seconds * (1 - SAFETY) - self.spent() - state.eval_seconds - self.sample_seconds
+        if not step_seconds:
+            if left <= 0:
+                raise self.too_short(state, cfg, 0.0)
             return None
-
         first = state.step + (state.last_eval_step == state.step)  # the first step that may still evaluate
 
         def fits(n):  # n more steps, and the evaluations on the way (at steps first to step + n - 1)
             evaluations = max(0, (state.step + n - 1) // cfg.eval_interval - (first - 1) // cfg.eval_interval)
-            return n * step_seconds + evaluations * eval_seconds <= left
+            return n * step_seconds + evaluations * state.eval_seconds <= left
 
-        n = max(0, int(left / (step_seconds + eval_seconds / cfg.eval_interval)))  # about right; then exactly
+        n = max(0, int(left / (step_seconds + state.eval_seconds / cfg.eval_interval)))  # about right; then exactly
         while fits(n + 1):
             n += 1
         while n > 0 and not fits(n):
             n -= 1
+        if state.step + n <= cfg.warmup_steps:
+            raise self.too_short(state, cfg, step_seconds)
         return state.step + n
+
+    def too_short(self, state, cfg, step_seconds):
+        need = self.spent() + state.eval_seconds + self.sample_seconds + 2 * cfg.warmup_steps * step_seconds
+        return TinyLLMError(
+            f"--time_budget {cfg.time_budget} is too short here: {self.spent():.1f}s are gone, an evaluation takes "
+            f"{state.eval_seconds:.1f}s, a step {1000 * step_seconds:.0f}ms and the closing sample "
+            f"{self.sample_seconds:.1f}s, which leaves no time after the warmup ({cfg.warmup_steps} steps); give at "
+            f"least {need / (1 - SAFETY):.0f}s")
 
     def aim(self, state, cfg, step_seconds):
         """At a progress line or an evaluation: aim the run's progress at the step where the
         budget runs out, from where it is now, in a straight line (rank 0 estimates, every rank
-        follows; an error on rank 0 is the same one-line error on every rank)."""
+        follows; an error on rank 0 is the same one-line error on every rank). During the warmup
+        the line starts at the warmup's end."""
         end = None
         if self.master:
             try:
-                end = self.end_step(state, cfg, step_seconds, self.eval_seconds)
+                end = self.end_step(state, cfg, step_seconds)
             except TinyLLMError as e:
                 end = str(e)
         end = broadcast_from_master(end, self.world)
         if isinstance(end, str):
             raise TinyLLMError(end)
-        if end is not None and state.step >= cfg.warmup_steps:
-            state.progress_from = [state.step, run_progress(state, cfg)]
+        if end is not None:
+            if state.step >= cfg.warmup_steps:
+                state.progress_from = [state.step, run_progress(state, cfg)]
             state.end_step = end

@@ -83,10 +83,10 @@ def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     (a run's state gives where its progress was last aimed; without one, the settings' plan)."""
     start, end = budget.start_and_end(state, train_cfg) if state else ([train_cfg.warmup_steps, 0.0],
                                                                        train_cfg.max_steps)
-    end = train_cfg.max_steps if end == math.inf else math.ceil(end)
-    taken = [(h["step"] - 1, h["lr"]) for h in (state.history if state else []) if h["kind"] == "train"]
-    first = taken[-1][0] + 1 if taken else 0
-    planned = [(s, get_lr(s, budget.progress(s, start, end), train_cfg)) for s in range(first, end + 1)]
+    taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]
+    first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
+    planned = [] if end == math.inf else [(s, get_lr(s, budget.progress(s, start, end), train_cfg))
+                                          for s in range(first, math.ceil(end) + 1)]  # a budget's end: once estimated
     fig, ax = new_plot()
     ax.plot([s for s, _ in taken + planned], [lr for _, lr in taken + planned])
     if upto is not None:

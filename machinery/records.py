@@ -39,7 +39,7 @@ class Meter:
 
     def __init__(self, run):
         self.run, self.state, self.pending, self.seconds, self.steps, self.recent = run, run.state, [], 0.0, 0, []
-        self.mark, self.started = budget.now(), budget.now()
+        self.mark = budget.now()
 
     def add(self, figures):
         self.pending.append((self.state.step, figures))  # the step number after it: its loss is step - 1's
@@ -79,10 +79,17 @@ class Meter:
             self.last_pause = self.mark - start
 
     def row(self):
-        """The figures of the steps since the last row, averaged, with their speed; resets the window."""
+        """The figures of the steps since the last row, each averaged over the steps where it is
+        finite (float16 skips a step whose gradients overflowed: its norm is inf), with their
+        speed; resets the window."""
         self.settle()
-        window = self.state.window
-        figures = {k: sum(f[k] for f in window) / len(window) for k in window[-1]} if window else {}
+        figures = {}
+        for row in self.state.window:
+            for k, v in row.items():
+                figures.setdefault(k, [])
+                if v is not None and math.isfinite(v):
+                    figures[k].append(v)
+        figures = {k: sum(v) / len(v) if v else None for k, v in figures.items()}
         ms = 1000 * self.seconds / max(1, self.steps)
         if self.steps:
             self.recent = (self.recent + [(self.steps, self.seconds)])[-2:]
@@ -117,7 +124,7 @@ def progress_line(run, figures, ms, steps_shown):
                           "tok_per_s": tokens_per_s, "seconds": elapsed(run)})
     end = steps_shown
     eta = format_seconds((float(end) - state.step) * ms / 1000) if end != "?" else "?"
-    shown = " | ".join(f"{k} {v:{FORMATS.get(k, '.4g')}}" for k, v in figures.items())
+    shown = " | ".join(f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
     line = f"step {state.step:>6}/{end} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     mfu = model_flops_utilization(run, tokens_per_s)
     return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
@@ -174,7 +181,7 @@ def evaluation(run, losses):
 
 def elapsed(run):
     """Training wall time of the whole run so far, over every process (resumes)."""
-    return run.state.seconds + budget.now() - run.started
+    return run.state.seconds + budget.now() - run.trained_from
 
 
 def save(run, name):
@@ -222,6 +229,8 @@ def finish(run, stop_reason, signum, budget):
     a summary (the history, the trained model, ...). After a stop signal: save last.pt, say how
     to resume, and exit with the signal's code (130 for Ctrl-C, 143 for SIGTERM)."""
     state = run.state
+    if signum and run.options.overfit_batch:  # it writes nothing
+        sys.exit(128 + signum)
     if signum:
         save(run, "last.pt")
         run.say(f"saved {os.path.join(run.out_dir, 'last.pt')} at step {state.step}. "

@@ -78,6 +78,9 @@ CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interva
                         "grad_accum_steps", "out_dir", "tag"}
 
 
+RETIRED = {"replans"}  # settings older versions saved that no longer exist: a resume drops them
+
+
 def conflicting_flags(given, saved, changeable, words):
     """The flags given that contradict a checkpoint's saved settings, as '--k v (words saved)'."""
     return [f"--{k} {v} ({words} {saved[k]})" for k, v in given.items()
@@ -87,7 +90,8 @@ def conflicting_flags(given, saved, changeable, words):
 def resume_configs(checkpoint, given, path):
     """The configs of a resumed run: the saved ones, overridden by the flags given this time
     that can safely change mid-run. A flag that would change anything else is refused."""
-    saved = checkpoint["train_config"]
+    saved = {k: v for k, v in checkpoint["train_config"].items() if k not in RETIRED} \
+        if isinstance(checkpoint["train_config"], dict) else checkpoint["train_config"]
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(saved, dict) or set(saved) - names:
         unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]

@@ -18,6 +18,7 @@ import torch
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 
 from machinery import calibrate
+from machinery import budget
 from machinery.budget import resume_at
 from machinery.checkpoint import grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
 from machinery.cli import log, warn
@@ -47,6 +48,7 @@ class TrainState:
     window: list = field(default_factory=list)   # the figures of the steps since the last progress row
     progress_from: list = None       # [step, progress] where the run's progress was last aimed (budget.py)
     end_step: float = None           # a --time_budget run's estimated end (budget.py)
+    eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
     seconds: float = 0.0             # training wall time over every process of the run (resumes)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
@@ -82,6 +84,7 @@ class Run:
     val_batch: object = None
     train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
     state: TrainState = None
+    trained_from: float = 0.0   # when this process's training began: the run's training time counts from there
 
     @property
     def master(self):  # rank 0: the only process that prints and writes files
@@ -125,6 +128,8 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     elif not options.overfit_batch:
         claim_out_dir(out_dir, options.overwrite, rank == 0, say, keep=options.init_from)
     check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
+    if options.overfit_batch:  # trains to a loss near 0, or to max_steps: never to a time budget
+        train_cfg = dataclasses.replace(train_cfg, time_budget="")
     run = Run(options, given, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads))
     if source:
         run.source, run.source_path = source, last
@@ -207,6 +212,7 @@ def ready(run, train_step):
     if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
         run.scaler.load_state_dict(run.source["scaler"])
     print_header(run)
+    run.trained_from = budget.now()
 
 
 def set_precision(run, dtype):
@@ -221,22 +227,40 @@ def restore(run, checkpoint):
     state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
     for row in state.history:  # rows written before progress rows existed were evaluations
         row.setdefault("kind", "eval")
-    if state.window and not isinstance(state.window[0], dict):  # an older version's (loss, norm) pairs
-        state.window = [{"loss": loss, "grad_norm": norm} for loss, norm in state.window]
-    if checkpoint.get("decay_from"):  # an older version's moved end: [step, peak, share of the cosine done]
-        state.progress_from = [checkpoint["decay_from"][0], (list(checkpoint["decay_from"]) + [0.0])[2]]
-    saved = checkpoint["train_config"]["max_steps"]
-    if run.cfg.time_budget and state.end_step is None and (state.plan or {}).get("max_steps"):
-        state.end_step = saved  # an older version's planned end
-    if not run.cfg.time_budget and run.cfg.max_steps != saved:
+    older_version(state, checkpoint, run.cfg)
+    old_end = end_of_saved_run(state, checkpoint["train_config"])
+    if not run.cfg.time_budget and run.cfg.max_steps != old_end:  # a new --max_steps
         if state.step >= run.cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
                                f"would not train it further")
-        resume_at(state, run.cfg, saved)
-        run.say(f"--max_steps {saved} -> {run.cfg.max_steps}: the LR decays from where it is at step {state.step} "
+        resume_at(state, run.cfg, old_end)
+        run.say(f"--max_steps {run.cfg.max_steps}: the LR decays from where it is at step {state.step} "
                 f"to {run.cfg.min_lr:g} at step {run.cfg.max_steps}")
     set_rng_state(checkpoint["rng"])
     return state
+
+
+def end_of_saved_run(state, saved):
+    """Where the resumed run was to end: its max_steps, or its time budget's latest estimate."""
+    if not saved.get("time_budget"):
+        return saved["max_steps"]
+    return state.end_step if state.end_step is not None else math.inf
+
+
+def older_version(state, checkpoint, cfg):
+    """Fill in what checkpoints of older versions kept otherwise: a window of (loss, norm) pairs,
+    and the moved end of their cosine (decay_from: [step, peak, share done], or [step, lr] for a
+    new cosine from lr) with the planned max_steps of a time budget."""
+    if state.window and not isinstance(state.window[0], dict):
+        state.window = [{"loss": loss, "lr": state.lr, "grad_norm": norm} for loss, norm in state.window]
+    moved = checkpoint.get("decay_from")
+    if moved and len(moved) == 3:
+        state.progress_from = [moved[0], moved[2]]
+    elif moved:  # the progress at which the cosine gives lr
+        share = 2 * (moved[1] - cfg.min_lr) / max(cfg.lr - cfg.min_lr, 1e-12) - 1
+        state.progress_from = [moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi]
+    if checkpoint["train_config"].get("time_budget") and state.end_step is None and (state.plan or {}).get("max_steps"):
+        state.end_step = checkpoint["train_config"]["max_steps"]  # the planned end
 
 
 # ----------------------------------------------------------------------------- what the user is told

@@ -121,6 +121,26 @@ def test_a_budgeted_run_resumes_where_it_was_and_still_ends_in_time(shakespeare_
     assert_progress_rises_to_the_end(progress, cfg.warmup_steps)  # ...and on to the end
 
 
+def test_a_budgeted_run_resumed_with_max_steps_goes_on_from_its_progress(shakespeare_head, tmp_path, capsys,
+                                                                          monkeypatch):
+    """--max_steps on resume ends a budgeted run at a step count instead: its progress goes on from
+    where the budget's estimated end had it (not from the preset's max_steps), to 1 at the new end."""
+    clock, progress = on_a_clock_of_steps(monkeypatch, lambda n: 0.02)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 32, signal.SIGTERM)
+        code, _, err = budget_run(capsys, shakespeare_head, tmp_path / "budget")
+    assert code == 143, err
+    stopped = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
+    at_stop = budget.run_progress(TrainState(**{k: stopped[k] for k in ("step", "progress_from", "end_step")}),
+                                  TrainConfig(**stopped["train_config"]))
+    assert 0 < at_stop < 1
+    resumed_from = len(progress)
+    code, out, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget", "--max_steps", "60")
+    assert code == 0, err
+    assert progress[resumed_from] == pytest.approx(at_stop, rel=1e-9) and len(progress) == 60
+    assert all(0 <= b - a for a, b in zip(progress[resumed_from:], progress[resumed_from + 1:]))
+
+
 def test_a_budget_too_short_for_one_evaluation_is_one_line(shakespeare_head, tmp_path, capsys):
     code, _, err = cli(capsys, train.main, *TINY_SHAPE, *QUICK, "--data", shakespeare_head, "--time_budget",
                        "0.001s", "--out_dir", tmp_path)
