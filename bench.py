@@ -39,12 +39,12 @@ from config import GREEDY, PRESETS, GPTConfig, Sampler, RunOptions, TinyLLMError
 import sampling
 import train
 
-from machinery import beam, hardware
+from machinery import beam, hardware, records
 from machinery.annotate import forced_steps, model_odds
 from machinery.calibrate import interleaved
 from machinery.cli import (ArgumentParser, add_config_flags, bool_flag, check_writable, explicit_flags, format_seconds,
                            log, run_cli)
-from machinery.device import choose_device, flops_per_token, peak_flops
+from machinery.device import choose_device, flops_per_token
 from machinery.plots import new_plot, save_plot, split_history
 from tools.plots import read_history
 
@@ -142,9 +142,7 @@ def bench_train(args):
     rows = []
     for (name, _), run, ms in zip(variants, runs, times):
         median = statistics.median(ms)
-        tokens_per_s = run.cfg.batch_size * run.model_cfg.block_size / median * 1000
-        peak = peak_flops(run.device, run.dtype)
-        mfu = flops_per_token(run.model) * tokens_per_s / peak if peak else None
+        tokens_per_s, mfu = records.speed(run, median)
         rows.append({"variant": name, "dtype": run.dtype, "ms_per_step": median, "ms_min": min(ms),
                      "tokens_per_s": tokens_per_s, "mfu": mfu, "params": run.model.num_params(), "step_ms": ms,
                      "speedup": rows[0]["ms_per_step"] / median if rows else 1.0})
@@ -781,9 +779,7 @@ def steady_speed(quick, tmp):
     shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
     run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
     ms = statistics.median(time_steps([run], 3, steps)[0])
-    tokens_per_s = run.cfg.batch_size * run.model_cfg.block_size / ms * 1000
-    peak = peak_flops(run.device, run.dtype)
-    mfu = flops_per_token(run.model) * tokens_per_s / peak if peak else None
+    tokens_per_s, mfu = records.speed(run, ms)
     log(f"{run.preset} ({run.dtype}), warm: {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
         + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
     return {"preset": run.preset, "dtype": run.dtype, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": mfu}

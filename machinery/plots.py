@@ -1,16 +1,13 @@
 """Pictures of a training run: its loss, learning rate and gradient norm, which train.py redraws
 after every evaluation (tools/plots.py overlays several runs' curves)."""
 
-import json
 import math
 import os
 
-from config import TinyLLMError
 from optim import get_lr
 
 from machinery import budget
-
-from machinery.cli import ArgumentParser, log, run_cli, warn
+from machinery.cli import log, warn
 
 DPI = 90  # pixels per inch: a 7-inch-wide figure is 630 pixels
 

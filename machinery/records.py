@@ -23,7 +23,7 @@ import sampling
 from machinery import budget
 from machinery.checkpoint import make_checkpoint, save_checkpoint
 from machinery.cli import format_seconds
-from machinery.device import flops_per_token, out_of_memory_as_error, peak_flops, rng_state
+from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
 from machinery.distributed import all_ranks_max, all_ranks_mean, teardown_distributed
 from machinery.plots import plot_history
 from machinery.safety import prune_periodic
@@ -118,22 +118,23 @@ def non_finite(run, step, figures):
 
 def progress_line(run, figures, ms, steps_shown):
     """A progress line and a history row: the averaged figures, ms/step, tokens/s, ETA and (on GPUs we know) MFU."""
-    state, cfg = run.state, run.cfg
-    tokens_per_s = cfg.batch_size * run.model_cfg.block_size / ms * 1000 if ms else 0.0
+    state = run.state
+    tokens_per_s, mfu = speed(run, ms)
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": elapsed(run)})
     end = steps_shown
     eta = format_seconds((float(end) - state.step) * ms / 1000) if end != "?" else "?"
     shown = " | ".join(f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
     line = f"step {state.step:>6}/{end} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
-    mfu = model_flops_utilization(run, tokens_per_s)
     return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
 
 
-def model_flops_utilization(run, tokens_per_s):
-    """The share of the chip's peak FLOP/s the steps use (None where the peak is not known)."""
+def speed(run, ms):
+    """(tokens per second, MFU) of steps of ms milliseconds: MFU is the share of the chips' peak
+    FLOP/s the steps use (None where the peak is not known)."""
+    tokens_per_s = run.cfg.batch_size * run.model_cfg.block_size / ms * 1000 if ms else 0.0
     peak = peak_flops(run.device, run.dtype)
-    return flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
+    return tokens_per_s, flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
 
 
 # ----------------------------------------------------------------------------- evaluations
@@ -224,7 +225,7 @@ def stop_signal(run, stop):
 
 # ----------------------------------------------------------------------------- the end of a run
 
-def finish(run, stop_reason, signum, budget):
+def finish(run, stop_reason, signum, clock):
     """Save what the last evaluation did not, say how the run ended, show a sample, and return
     a summary (the history, the trained model, ...). After a stop signal: save last.pt, say how
     to resume, and exit with the signal's code (130 for Ctrl-C, 143 for SIGTERM)."""
@@ -245,10 +246,10 @@ def finish(run, stop_reason, signum, budget):
                                                  f" | {run.out_dir}/: best.pt, last.pt, history.csv"
                                                  + (", loss.png" if run.cfg.plots else "")))
     if run.cfg.sample_tokens and run.master:
-        with out_of_memory_as_error(f"out of memory on the closing sample"):
+        with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
             run.say("sample:\n" + closing_sample(run))
-    if budget and run.master:
-        run.say(f"time budget {run.cfg.time_budget}: {format_seconds(budget.spent())} used, {state.step:,} steps "
+    if clock and run.master:  # a time budget's
+        run.say(f"time budget {run.cfg.time_budget}: {format_seconds(clock.spent())} used, {state.step:,} steps "
                 f"(python train.py --max_steps {state.step} trains as many, decaying by steps)")
     teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
