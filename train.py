@@ -95,21 +95,21 @@ def train_loop(run):
     --target_loss, when --overfit_batch is done, or on Ctrl-C or SIGTERM (which save, then exit)."""
     cfg, state = run.cfg, run.state
     log_interval = 1 if run.options.overfit_batch else cfg.log_interval
-    clock = budget.Budget(run, records.time_sample(run)) if cfg.time_budget else None  # how much time is left
+    clock = budget.Clock(run, records.time_sample)  # how far the run is: by its steps, or its time (--time_budget)
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
     stop_reason, signum = None, 0
     with setup.guarded(run) as stop:  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
         while True:
-            at_end = budget.at_end(state, cfg)  # max_steps reached, or the time budget spent
+            at_end = clock.at_end()  # max_steps reached, or the time budget spent
             if (state.step % cfg.eval_interval == 0 or at_end) and state.step != state.last_eval_step:
                 early = evaluate(run, meter, clock)  # --patience, --target_loss
                 stop_reason = stop_reason or early
-                at_end = budget.at_end(state, cfg)
+                at_end = clock.at_end()
             if at_end or stop_reason:
                 break
 
             # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
-            progress = budget.run_progress(state, cfg)  # 0 at the end of the warmup, 1 at the end of the run
+            progress = clock.progress()  # 0 at the end of the warmup, 1 at the end of the run
             lr = get_lr(state.step, progress, cfg)
             loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                          cfg.grad_clip, run.ctx, run.scaler)
@@ -133,13 +133,12 @@ def train_loop(run):
 
 def evaluate(run, meter, clock):
     """The losses of both splits, recorded: a line, a history row, last.pt and best.pt, the plots.
-    A time budget re-aims the end with the time it took. Returns why the run stops early, else None."""
+    A time budget re-aims its end with the time it took. Returns why the run stops early, else None."""
     with meter.paused():  # not step time
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
         early = records.evaluation(run, losses)
-    if clock:
-        clock.evaluated(meter.last_pause, run.state, run.cfg, meter.step_seconds())
+    clock.evaluated(meter.last_pause, meter.step_seconds())
     return early
 
 
@@ -148,11 +147,10 @@ def log_progress(run, meter, clock):
     the end at the latest pace. Returns why the run stops (--overfit_batch done), else None."""
     state, cfg = run.state, run.cfg
     figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
-    line = records.progress_line(run, figures, ms, budget.steps_shown(state, cfg))
+    line = records.progress_line(run, figures, ms, clock.steps_shown())
     if not run.options.overfit_batch or state.step % cfg.log_interval == 0:
         run.say(line)
-    if clock:
-        clock.aim(state, cfg, meter.step_seconds())
+    clock.paced(meter.step_seconds())  # a time budget: the end, at the latest pace
     if run.options.overfit_batch and figures["loss"] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
     return None

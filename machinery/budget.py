@@ -72,6 +72,34 @@ def resume_at(state, cfg, old_end):
     state.end_step = None
 
 
+class Clock:
+    """A run's progress as the loop asks for it: progress() for the schedule, at_end() for the
+    loop, and what the loop tells it, evaluated() and paced(), which a time budget uses to aim the
+    end and a run of --max_steps does not need. time_sample: the closing sample's seconds, asked
+    for only under a time budget, which keeps room for it."""
+
+    def __init__(self, run, time_sample):
+        self.state, self.cfg = run.state, run.cfg
+        self.budget = Budget(run, time_sample(run)) if run.cfg.time_budget else None
+
+    def progress(self):
+        return run_progress(self.state, self.cfg)
+
+    def at_end(self):
+        return at_end(self.state, self.cfg)
+
+    def steps_shown(self):
+        return steps_shown(self.state, self.cfg)
+
+    def evaluated(self, seconds, step_seconds):
+        if self.budget:
+            self.budget.evaluated(seconds, self.state, self.cfg, step_seconds)
+
+    def paced(self, step_seconds):
+        if self.budget:
+            self.budget.aim(self.state, self.cfg, step_seconds)
+
+
 class Budget:
     """A --time_budget run's time: how much of it is spent (this process's, from when python
     train.py started, and the run's earlier processes'), and where that puts the run's end."""

@@ -248,8 +248,8 @@ def finish(run, stop_reason, signum, clock):
     if run.cfg.sample_tokens and run.master:
         with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
             run.say("sample:\n" + closing_sample(run))
-    if clock and run.master:  # a time budget's
-        run.say(f"time budget {run.cfg.time_budget}: {format_seconds(clock.spent())} used, {state.step:,} steps "
+    if clock.budget and run.master:
+        run.say(f"time budget {run.cfg.time_budget}: {format_seconds(clock.budget.spent())} used, {state.step:,} steps "
                 f"(python train.py --max_steps {state.step} trains as many, decaying by steps)")
     teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
