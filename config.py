@@ -74,14 +74,14 @@ class TrainConfig:
     tag: str = setting("", "a name for the run: it labels its curves in machinery.plots and, without --out_dir, "
                            "its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
-    max_steps: int = setting(2000, "optimizer steps; the cosine decay of the LR ends here")
+    max_steps: int = setting(2000, "optimizer steps; the LR schedule (optim.get_lr) ends here")
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the LR decays over the "
                                    "run's time, its end estimated at every progress line from the pace of the latest "
                                    "steps, so that the run, evaluations, checkpoints and the closing sample included, "
                                    "ends in time; empty = off. A CPU or Mac's default preset (tiny) uses 5m; an "
                                    "explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
-    min_lr: float = setting(2e-4, "the LR the cosine decays to at max_steps, and stays at")
+    min_lr: float = setting(2e-4, "the LR's floor: where the schedule ends at max_steps, and stays")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (never biases or norm gains)")
     optimizer: str = setting("adamw", "AdamW for every weight, or Muon for the blocks' matrices and AdamW "

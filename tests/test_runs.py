@@ -131,8 +131,9 @@ def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump():
     start, end = budget.start_and_end(state, cfg)
     assert start == [30, pytest.approx(0.4)] and end == 100
     assert [budget.progress(s, start, end) for s in (30, 65, 100, 200)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
-    lrs = [get_lr(s, budget.progress(s, start, end), cfg) for s in range(30, 101)]
-    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == cfg.min_lr
+    progress = [budget.progress(s, start, end) for s in range(30, 101)]  # whatever get_lr makes of it
+    assert all(0 < b - a <= 0.6 / 70 + 1e-12 for a, b in zip(progress, progress[1:]))  # no jump: a straight line
+    assert get_lr(100, progress[-1], cfg) == cfg.min_lr
 
 
 
