@@ -43,7 +43,8 @@ def attention(q, k, v, mask, dropout=0.0):
     """Scaled dot-product attention, as the formula reads: softmax(q k^T / sqrt(hs) + mask) v.
     Each query scores every key; the mask's -inf sends the future's scores to weight 0; each
     row of weights sums to 1, so a query's output is a weighted mean of the values.
-    q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S). Returns (B, nh, T, hs)."""
+    q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal triangle.
+    Returns (B, nh, T, hs)."""
     weights = F.dropout(attention_weights(q, k, mask), dropout)  # (B, nh, T, S)
     return weights @ v  # (B, nh, T, hs)
 
@@ -52,6 +53,8 @@ def attention_weights(q, k, mask):
     """softmax(q k^T / sqrt(hs) + mask): (B, nh, T, S), row t saying how much query t takes from
     each key. Dividing by sqrt(hs) keeps the scores' spread independent of the head size."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    if mask is None:  # training's plain causal triangle
+        mask = causal_mask(q.size(-2), k.size(-2), q.device)
     return torch.softmax(scores + mask, dim=-1)
 
 
@@ -60,8 +63,8 @@ def fused_attention(q, k, v, mask, dropout=0.0):
     kernel, F.scaled_dot_product_attention (through kernels.py, which runs it in float32 under a
     CPU's bfloat16 autocast, faster there): faster, and without building the (T, S) weights in
     memory. The model calls this; CausalSelfAttention.fused = False runs the formula above
-    instead. When S == T the mask is the lower triangle, which the kernel makes itself (is_causal)."""
-    if q.size(-2) == k.size(-2):
+    instead. A mask of None is the causal triangle, which the kernel makes itself (is_causal)."""
+    if mask is None:
         return kernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
     return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
@@ -159,10 +162,12 @@ class GPT(nn.Module):
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
-        else:
+        elif config.pos == "rope":
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            raise ValueError(f"pos {config.pos!r} has no position code in model.py")
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = make_norm(config)
@@ -203,7 +208,9 @@ class GPT(nn.Module):
             # one), the rest empty and after every query, so the mask hides them
             start, S = cache.pos, self.config.block_size
         x, rope = self.embed(idx, start)  # (B, T, C)
-        mask = causal_mask(T, S, idx.device, start)  # (T, S)
+        # the mask, added to every layer's attention scores: in training the plain causal triangle,
+        # None (the fused kernel makes it itself); a variant that adds to it passes the whole (T, S)
+        mask = None if cache is None else causal_mask(T, S, idx.device, start)  # (T, S)
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -224,7 +231,7 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         elif self.config.pos == "sinusoidal":
             x = x + self.pos_table[positions]
-        else:
+        elif self.config.pos == "rope":
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         return self.drop(x), rope
 

@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: tiny models and tiny data, so the whole suite runs in well under
 two minutes on a 2-core CPU, offline, writing only into temporary folders."""
 
+import dataclasses
 import functools
 import os
 import signal
@@ -109,6 +110,12 @@ def fixed_batch(batch_size=4, block_size=16, vocab_size=65, seed=0):
 
 
 # ----------------------------------------------------------------------------- models and runs
+
+# the model's switches and every combination of them, as config.py offers them: a new choice is tested with no edit
+GPT_SWITCHES = {f.name: f.metadata["choices"] for f in dataclasses.fields(GPTConfig) if f.name in ("norm", "mlp", "pos")}
+SWITCH_COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in GPT_SWITCHES["norm"] for m in GPT_SWITCHES["mlp"]
+                       for p in GPT_SWITCHES["pos"]]
+
 
 def tiny_model_config(**overrides):
     values = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)

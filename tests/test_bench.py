@@ -178,8 +178,9 @@ def test_the_cache_check_tells_a_right_cache_from_a_wrong_one(trained, monkeypat
     right = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)  # past block_size: restarts too
     assert right["agrees"] and right["max_diff"] <= right["tolerance"] and right["parts_at"] is None
     assert "KV cache agrees" in bench.describe_cache_check(right, "float32")
-    # a cache that forgets every earlier position: each new token attends to itself alone
-    monkeypatch.setattr(sampling.KVCache, "update", lambda self, layer, k, v: (k, v))
+    # a cache that forgets every earlier position: each slot holds the newest token's key and value
+    monkeypatch.setattr(sampling.KVCache, "update", lambda self, layer, k, v: (
+        k[:, :, -1:].expand(-1, -1, self.block_size, -1), v[:, :, -1:].expand(-1, -1, self.block_size, -1)))
     wrong = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)
     assert not wrong["agrees"] and wrong["max_diff"] > 100 * wrong["tolerance"]
     line = bench.describe_cache_check(wrong, "float32")

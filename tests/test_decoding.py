@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from config import GREEDY, Sampler
 
-from conftest import cli, tiny_model_config
+from conftest import SWITCH_COMBINATIONS, cli, tiny_model_config
 import generate
 from model import GPT
 import sampling
@@ -22,8 +22,7 @@ from machinery import beam, graphs
 from machinery.checkpoint import load_model
 from machinery.sources import encode_prompt
 
-COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
-                for p in ("learned", "sinusoidal", "rope")]
+COMBINATIONS = SWITCH_COMBINATIONS  # every norm x mlp x pos that config.py offers
 
 
 def fx_record(step, static, keep):

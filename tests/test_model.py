@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from config import GREEDY, Sampler, TinyLLMError
-from conftest import checkpoint_of, tiny_model_config
+from conftest import GPT_SWITCHES, SWITCH_COMBINATIONS, checkpoint_of, tiny_model_config
 from model import GPT
 import sampling
 from sampling import filter_logits, sample_next
@@ -24,7 +24,7 @@ def test_logits_shape_and_loss():
     assert loss.ndim == 0
 
 
-@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+@pytest.mark.parametrize("pos", GPT_SWITCHES["pos"])
 def test_causality(pos):
     torch.manual_seed(0)
     model = GPT(tiny_model_config(pos=pos)).eval()
@@ -134,8 +134,7 @@ def test_sample_next_temperature_zero_is_argmax():
     assert sample_next(logits, GREEDY).tolist() == [[1], [0]]
 
 
-COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
-                for p in ("learned", "sinusoidal", "rope")]
+COMBINATIONS = SWITCH_COMBINATIONS  # every norm x mlp x pos that config.py offers
 
 
 @pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
@@ -262,3 +261,14 @@ def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkey
     steps = [c for c in calls if c[0][2] == 1]  # one new token per row
     assert len(steps) > 10 and len(set(steps)) == 1, set(steps)
     assert steps[0][1][2] == 8  # every step reads all block_size slots
+
+
+def test_the_fused_path_uses_a_mask_it_is_given_even_in_training_shape():
+    """A variant that adds to the mask (ALiBi's biases, say) hands it to every layer; the fused
+    kernel must use it, and take its causal shortcut only for a mask of None."""
+    from model import attention, causal_mask, fused_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    given = torch.zeros(6, 6)  # every query sees every key: not the causal triangle
+    assert torch.allclose(fused_attention(q, k, v, given), attention(q, k, v, given), atol=1e-5)
+    assert torch.allclose(fused_attention(q, k, v, None), attention(q, k, v, causal_mask(6, 6, "cpu")), atol=1e-5)

@@ -10,7 +10,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from conftest import ROOT, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config, write_head
+from conftest import ROOT, SWITCH_COMBINATIONS, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config, write_head
 import model as model_module
 from model import GPT
 
@@ -18,8 +18,7 @@ from machinery import train_cli
 from tools import pictures
 from machinery.checkpoint import load_model
 
-COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in ("layernorm", "rmsnorm") for m in ("gelu", "swiglu")
-                for p in ("learned", "sinusoidal", "rope")]
+COMBINATIONS = SWITCH_COMBINATIONS  # every norm x mlp x pos that config.py offers
 
 
 # ----------------------------------------------------------------------------- a GPT written out by hand
