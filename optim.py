@@ -1,12 +1,12 @@
-"""How the weights move: the learning-rate schedule (linear warmup, then cosine decay) and
-AdamW with weight decay on matrices only. (--optimizer muon swaps the blocks' matrices to Muon,
-a deep dive: machinery/muon.py.)"""
+"""How the weights move: the learning-rate schedule (linear warmup, then cosine decay over the
+run's progress) and AdamW with weight decay on matrices only. (--optimizer muon swaps the blocks'
+matrices to Muon, a deep dive: machinery/muon.py.)"""
 
 import math
 
 import torch
 
-from machinery import muon, precision
+from machinery import muon
 
 
 def get_lr(step, progress, cfg):
@@ -30,13 +30,11 @@ def make_optimizer(model, cfg, device):
     """AdamW that decays matrices (embeddings, linear weights) but not biases or norm gains."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer == "muon":  # a deep dive (machinery/muon.py)
-        return precision.finite_steps_only(muon.Muon.for_model(params, cfg))
+        return muon.Muon.for_model(params, cfg)
     groups = [
         {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # fused: the whole update in one kernel per tensor (faster on CPUs too)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  fused=device.type in ("cuda", "cpu", "mps"))
-    # the same AdamW, with a hook that makes step() skip a step whose gradients are not finite
-    return precision.finite_steps_only(optimizer)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type in ("cuda", "cpu", "mps"))

@@ -4,7 +4,7 @@ gradients are not finite is skipped so that nothing non-finite reaches the weigh
 
 train.train_step uses what is built here through PyTorch's public API: the autocast context,
 torch.amp.GradScaler's scale / unscale_ / step / update, and optimizer.step(), which
-optim.make_optimizer has made skip a step that is not finite (finite_steps_only).
+setup.ready has made skip a step that is not finite (finite_steps_only).
 """
 
 import contextlib

@@ -25,7 +25,7 @@ from machinery.cli import log, warn
 from machinery.device import (choose_device, configure_matmul, describe, out_of_memory_as_error, seed_everything,
                               set_rng_state, set_threads)
 from machinery.distributed import rank_seed, setup_distributed, wrap
-from machinery.precision import autocast, explain_dtype, make_scaler, measured_on, resolve_dtype
+from machinery.precision import autocast, explain_dtype, finite_steps_only, make_scaler, measured_on, resolve_dtype
 from machinery.safety import StopRequest, claim_out_dir, conflicting_flags, find_resume, resume_configs
 from machinery.sources import check_splits, load_corpus
 
@@ -191,11 +191,13 @@ def load_data(run):
 
 def ready(run, train_step):
     """Everything between building the model and the first step: a resumed run gets back its
-    optimizer, progress and random state; each process gets batches of its own; the model is
+    optimizer, progress and random state; the optimizer skips a step that is not finite
+    (precision.finite_steps_only); each process gets batches of its own; the model is
     compiled and wrapped for DDP when asked; the precision is set (where --dtype auto leaves it
     to measurement, a few trial steps of train_step measure it: calibrate.py)."""
     cfg = run.cfg
     run.model_cfg = run.model.config
+    finite_steps_only(run.optimizer)  # optimizer.step() skips a step whose gradients are not finite
     run.state = restore(run, run.source) if run.options.resume and run.source else TrainState()
     if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
         seed_everything(rank_seed(cfg.seed, run.rank, run.state.step))

@@ -19,6 +19,7 @@ import train
 from machinery import checkpoint as checkpoint_module
 from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from machinery.muon import orthogonalize
+from machinery.precision import finite_steps_only
 
 CPU = torch.device("cpu")
 NO_CTX = contextlib.nullcontext()
@@ -101,7 +102,7 @@ def test_a_non_finite_step_is_skipped_without_touching_weights_or_optimizer():
     with torch.no_grad():
         model.ln_f.weight.fill_(float("nan"))
     before = copy.deepcopy(model.state_dict())
-    opt = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1), CPU)
+    opt = finite_steps_only(make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1), CPU))  # as set-up makes it
     batch = fixed_batches(1)[0]
     loss, norm = train.train_step(model, opt, lambda: batch, 1e-3, 1, 1.0, NO_CTX)
     assert not math.isfinite(loss.item()) and not math.isfinite(norm.item())  # the caller sees what happened
