@@ -12,9 +12,8 @@ from machinery import muon
 def get_lr(step, progress, cfg):
     """The learning rate of a step: linear warmup from lr/warmup_steps up to lr over the first
     warmup_steps steps, then cosine decay from lr to min_lr as the run's progress goes from 0
-    (the end of the warmup) to 1 (the end of the run), then min_lr. progress is how far the run
-    is, by its steps (max_steps) or, under --time_budget, by its time (machinery/budget.py):
-    a new schedule shape is a new formula here, and it works either way."""
+    (the end of the warmup) to 1 (the end of the run), then min_lr. A new schedule shape is a new
+    formula of step and progress here; how progress advances is the run's business, not this one's."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))

@@ -39,7 +39,7 @@ def build(run):
     run.optimizer = make_optimizer(run.model, cfg, run.device)  # AdamW: optim.py
     # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
     # its share of batch_size, in grad_accum_steps micro-batches
-    block_size, micro_batch = model.config.block_size, cfg.batch_size // run.world // cfg.grad_accum_steps
+    block_size, micro_batch = model.config.block_size, run.micro_batch  # batch_size // processes // grad_accum_steps
     run.next_batch = lambda: get_batch(corpus.train, micro_batch, block_size, run.device)
     run.val_batch = lambda: get_batch(corpus.val, micro_batch, block_size, run.device)
 
@@ -137,7 +137,7 @@ def evaluate(run, meter, clock):
     with meter.paused():  # not step time
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
-        early = records.evaluation(run, losses)
+        early = records.evaluation(run, losses, clock.steps_shown())
     clock.evaluated(meter.last_pause, meter.step_seconds())
     return early
 

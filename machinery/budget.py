@@ -51,24 +51,11 @@ def run_progress(state, cfg):
     return progress(state.step, *start_and_end(state, cfg))
 
 
-def at_end(state, cfg):
-    """Whether the run has taken its last step: max_steps, or where a time budget runs out."""
-    return state.step >= start_and_end(state, cfg)[1]
-
-
-def steps_shown(state, cfg):
-    """The step the run ends at, as a progress line shows it: max_steps, a time budget's
-    estimate, or ? before its first."""
-    _, end = start_and_end(state, cfg)
-    return "?" if end == math.inf else f"{math.ceil(end)}"
-
-
 def resume_at(state, cfg, old_end):
     """A resumed run given a new end (--max_steps): progress goes on from where the old end had
     it, to 1 at the new end."""
     if state.step >= cfg.warmup_steps:
-        start = state.progress_from or [cfg.warmup_steps, 0.0]
-        state.progress_from = [state.step, progress(state.step, start, old_end)]
+        state.progress_from = [state.step, progress(state.step, start_and_end(state, cfg)[0], old_end)]
     state.end_step = None
 
 
@@ -86,10 +73,13 @@ class Clock:
         return run_progress(self.state, self.cfg)
 
     def at_end(self):
-        return at_end(self.state, self.cfg)
+        """Whether the run has taken its last step: max_steps, or where a time budget runs out."""
+        return self.state.step >= start_and_end(self.state, self.cfg)[1]
 
     def steps_shown(self):
-        return steps_shown(self.state, self.cfg)
+        """The step the run ends at, as a line shows it: max_steps, a budget's estimate, or ? before its first."""
+        end = start_and_end(self.state, self.cfg)[1]
+        return "?" if end == math.inf else f"{math.ceil(end)}"
 
     def evaluated(self, seconds, step_seconds):
         if self.budget:

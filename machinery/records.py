@@ -139,8 +139,9 @@ def speed(run, ms):
 
 # ----------------------------------------------------------------------------- evaluations
 
-def evaluation(run, losses):
-    """Record an evaluation ({"train": loss, "val": loss} of this process): a line and a history
+def evaluation(run, losses, steps_shown):
+    """Record an evaluation ({"train": loss, "val": loss} of this process; steps_shown: the run's
+    end as the line shows it): a line and a history
     row, last.pt (and best.pt when val improved), the plots. Returns why the run stops early
     (--patience, --target_loss), else None."""
     state, cfg = run.state, run.cfg
@@ -156,8 +157,7 @@ def evaluation(run, losses):
     state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
                           "lr": state.lr, "grad_norm": state.grad_norm, "seconds": elapsed(run)})
     bits = val_loss / run.corpus.chars_per_token / math.log(2)
-    from machinery.budget import steps_shown
-    line = (f"eval {state.step:>6}/{steps_shown(state, cfg)} | train {train_loss:.4f} | val {val_loss:.4f} "
+    line = (f"eval {state.step:>6}/{steps_shown} | train {train_loss:.4f} | val {val_loss:.4f} "
             f"({bits:.3f} bits/char)")
     if state.step == 0:
         line += f" | uniform baseline ln(V) = {math.log(run.model_cfg.vocab_size):.4f}"
