@@ -1,15 +1,12 @@
-"""The GPU report, python bench.py gpu_check: read this when you want to know how its figures are
-made. It runs tinyllm's commands as a user runs them, each in a process of its own from the
-repository's root, and stamps every line of their output with the seconds since the process
-was started; bench.py adds what it measures in its own process (the KV cache's agreement in
-every precision) and the targets, and this module writes it all as one Markdown page and one
-JSON file.
+"""The GPU report, python bench.py gpu_check: one command that runs tinyllm's commands as a user
+runs them, each in a process of its own with every output line stamped with the seconds since
+it started; measures in its own process what needs no process of its own (the KV cache against
+recomputation in every precision, warm speed); and writes it all, beside the targets, as one
+Markdown page and one JSON file. Start-up is split by a probe process that imports torch,
+starts the device and builds a first optimizer: the rest of train.py's time before its device
+line is tinyllm's own set-up (by subtraction, so it carries their noise)."""
 
-Start-up is split by a probe, a fresh process that imports torch, starts the device and builds
-a first optimizer, timing each: what train.py takes before its device line beyond those is
-tinyllm's own set-up (by subtraction, so it carries their noise).
-"""
-
+import functools
 import json
 import os
 import re
@@ -20,9 +17,27 @@ import tempfile
 import threading
 import time
 
-from machinery.cli import log
+import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sampling
+import train
+from config import GREEDY
+from experiments.runs import ROOT, machine_info, new_run, time_steps
+from machinery import hardware, records
+from machinery.annotate import forced_steps
+from machinery.cli import log
+from machinery.device import choose_device
+from machinery.plots import split_history
+
+
+# What the report's figures should be on an H100-class GPU (docs/platforms.md). The report checks
+# them where the GPU's name says H100 or H200, and shows them beside the figures elsewhere.
+GPU_TARGETS = {"train_wall": 45.0, "train_best_val": 1.440, "decode_ms": 0.5, "cache_speedup": 3.0,
+               "first_over_warm": 2.0, "generate_wall": 5.5}
+
+# --quick: the report's every step at a toy size, a smoke test that runs anywhere (the tests run it)
+QUICK = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "4",
+         "--max_steps", "10", "--warmup_steps", "2", "--eval_interval", "5", "--eval_iters", "2", "--plots", "false"]
 
 # A fresh process's start-up, piece by piece: the seconds since the epoch after each.
 PROBE = """
@@ -40,7 +55,256 @@ print(json.dumps(stamps))
 """
 
 
+def bench_gpu_check(args):
+    """The GPU report, one command: the GPU's tests under the README's test command; start-up
+    timestamps of train.py and generate.py, split into torch's share and tinyllm's; the default
+    run, --compile and --dtype float16 as a user runs them (wall, best val, ms/step, MFU);
+    decoding in float32 and bfloat16, first call and warm; generate.py's 1,000 tokens, start-up
+    included; and the KV cache's agreement with recomputation in every dtype x compile. Written as
+    Markdown (--out_md) and JSON (--out). --quick: all of it at a toy size, no GPU tests."""
+    device = choose_device("auto")
+    report = {"quick": args.quick, "machine": {**machine_info(), "cuda": torch.version.cuda}}
+    measure = functools.partial(part, report)  # each part on its own: one that fails is reported as such
+    log(f"gpu_check on {report['machine']['gpu'] or device}: the GPU tests")
+    measure("gpu_tests", lambda: {"summary": "not run (--quick)"} if args.quick else gpu_tests())
+    with tempfile.TemporaryDirectory(prefix="tinyllm-gpu-check-", ignore_cleanup_errors=True) as tmp:
+        try:
+            log("training as a user runs it")
+            measure("training", training_runs, args.quick, device, tmp)
+            measure("startup", startup, report["training"], device, tmp, args.quick)
+            log("decoding")
+            measure("decoding", decoding, args.quick, device, tmp)
+            measure("generate", generate_runs, os.path.join(tmp, "default", "best.pt"),
+                 40 if args.quick else 1000, 1 if args.quick else 3)
+            log("the KV cache against recomputation")
+            compiled = not args.quick and all(r["code"] == 0 for r in report.get("training", []))
+            measure("checks", cache_checks, args.quick, device, tmp, compiled)
+            measure("speed", steady_speed, args.quick, tmp)
+            if hardware.gpu_count() > 1:
+                measure("torchrun_ok", torchrun_check, tmp)
+        finally:  # whatever happened, the page says what was measured
+            report["targets"] = target_rows(report)
+            write(report, args.out_md)
+    report.update({k: report["speed"].get(k) for k in ("ms_per_step", "tokens_per_s", "mfu")})  # as the JSON had them
+    return report
+
+
+# ----------------------------------------------------------------------------- the report's parts, in the order it runs them
+
+
+def gpu_tests():
+    """python -m pytest -q tests/test_gpu.py, the README's test command on the GPU's tests."""
+    if not os.path.isdir(os.path.join(ROOT, "tests")):
+        return {"summary": "not run: no tests/ folder beside bench.py"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
+                          cwd=ROOT, capture_output=True, text=True)
+    summary = (done.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
+    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
+    log(f"  tests/test_gpu.py: {summary}")
+    return {"summary": summary, "code": done.returncode, **counts,
+            "output": done.stdout.strip().splitlines()[-30:] if done.returncode else []}
+
+
+def training_runs(quick, device, tmp):
+    """python train.py as it comes, then with --compile and with --dtype float16 (each where it
+    applies: --compile needs a compiler; float16's loss scaling is for CUDA)."""
+    base = QUICK + ["--sample_tokens", "20", "--log_interval", "1"] if quick else []  # (quick: it times start-up too)
+    variants = [("default", [])] + [("compile", ["--compile"]), ("float16", ["--dtype", "float16"])] * (
+        device.type == "cuda" and not quick)
+    return [train_run(base + flags, os.path.join(tmp, name)) for name, flags in variants]
+
+
+def train_run(flags, out_dir):
+    """python train.py FLAGS --out_dir OUT_DIR, as a user runs it: its wall time, when its first
+    line, its device line, its first progress line and its exit came, its best val loss, the
+    median ms/step of its progress lines and the MFU its last one printed."""
+    result = run_stamped([sys.executable, "-u", os.path.join(ROOT, "train.py"), *flags, "--out_dir", out_dir])
+    history = []
+    if os.path.isfile(os.path.join(out_dir, "history.json")):
+        with open(os.path.join(out_dir, "history.json"), encoding="utf-8") as f:
+            history = json.load(f)
+    evals = [h["val_loss"] for h in history if h["kind"] == "eval"]
+    steps = [h["ms_per_step"] for h in history if h["kind"] == "train" and h["ms_per_step"]]
+    mfu = [float(m) for _, line in result["lines"] for m in re.findall(r"MFU ([0-9.]+)%", line)]
+    device = next((line for _, line in result["lines"] if line.startswith("device ")), "")
+    result.update(best_val=min(evals) if evals else None, ms_per_step=statistics.median(steps) if steps else None,
+                  mfu=mfu[-1] if mfu else None, steps=max((h["step"] for h in history), default=0), device=device,
+                  first_line=result["lines"][0][0] if result["lines"] else None,
+                  device_line=stamp_of(result, "device "), first_step=stamp_of(result, "step "))
+    log(f"  {describe_run(result)}")
+    return result
+
+
+def describe_run(r):
+    if r["code"]:
+        return f"exit {r['code']}: {(r['stderr'] or ['?'])[-1]}"
+    best = f"best val {r['best_val']:.4f}" if r["best_val"] is not None else "no evaluation"
+    ms = f", {r['ms_per_step']:.1f} ms/step" if r["ms_per_step"] else ""
+    return f"{best} in {r['wall']:.1f} s ({r['steps']} steps{ms}" + (f", MFU {r['mfu']:.1f}%)" if r["mfu"] else ")")
+
+
+def startup(training, device, tmp, quick):
+    """When train.py's first line, device line and first step come (a short run that reports
+    every step), and what of its start-up is torch's (the probe) and what tinyllm's own."""
+    split = startup_split(device.type)
+    if quick:  # the default run at a toy size reports every step already
+        run = dict(training[0], label="python train.py (--quick)")
+    else:
+        short = ["--max_steps", "20", "--eval_interval", "1000", "--eval_iters", "2", "--plots", "false",
+                 "--log_interval", "1", "--sample_tokens", "0"]
+        run = dict(train_run(short, os.path.join(tmp, "startup")), label="python train.py (20 steps, a line each)")
+    if "error" not in split and run["device_line"] is not None:
+        split["train.py's own set-up"] = run["device_line"] - sum(split.values())
+    log("  start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items() if isinstance(v, float)))
+    return {"split": split, "runs": [run]}
+
+
+def startup_split(device_type):
+    """The seconds a fresh Python process takes to start, import torch, start the device and
+    build a first optimizer (torch's own work, which every script pays before its own)."""
+    before = time.time()
+    done = subprocess.run([sys.executable, "-c", PROBE, device_type], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    stamps = json.loads(done.stdout)
+    names, times = ["python"] + [k for k in stamps if k != "python"], [before] + list(stamps.values())
+    return {name: times[i + 1] - times[i] for i, name in enumerate(names)}
+
+
+def decoding(quick, device, tmp):
+    """bench.py generate in a process of its own for each dtype, so that each first call is a
+    process's first, as generate.py's is."""
+    from machinery.precision import has_native_bf16
+    dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device)
+    shape = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16"] if quick else []
+    new_tokens, rows, results = 24 if quick else 1000, [], {}
+    for dtype in dtypes:
+        out = os.path.join(tmp, f"generate-{dtype}.json")
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "generate", "--preset", "small", *shape,
+                               "--dtype", dtype, "--new_tokens", str(new_tokens), "--repeats", "1" if quick else "3",
+                               "--out", out], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            rows.append([dtype, "failed", (done.stderr.strip().splitlines() or ["?"])[-1], "", ""])
+            continue
+        with open(out, encoding="utf-8") as f:
+            results[dtype] = json.load(f)
+        for path in ("replayed", "kv_cache", "full_recompute"):
+            if path in results[dtype]:
+                r = results[dtype][path]
+                rows.append([dtype, path, f"{r['first_ms_per_token']:.3f}", f"{r['ms_per_token']:.3f}",
+                             f"{r['first_seconds'] / r['seconds']:.2f}"])
+    return {"preset": "small" + (" (--quick: a toy shape)" if quick else ""), "new_tokens": new_tokens,
+            "rows": rows, "results": results}
+
+
+def generate_runs(checkpoint, new_tokens, repeats, prompt="ROMEO:"):
+    """python generate.py CHECKPOINT --prompt PROMPT --max_new_tokens N --seed 42, repeats times:
+    each one's wall time, and when its first generated text came (after the prompt it echoes)."""
+    cmd = [sys.executable, "-u", os.path.join(ROOT, "generate.py"), checkpoint, "--prompt", prompt,
+           "--max_new_tokens", str(new_tokens), "--seed", "42"]
+    runs = [run_stamped(cmd) for _ in range(repeats)]
+    walls = [r["wall"] for r in runs if r["code"] == 0]
+    echoed, arrived, first = len(prompt.encode()), 0, None
+    for t, size in runs[0]["chunks"]:
+        arrived += size
+        if arrived > echoed:
+            first = t
+            break
+    result = {"command": runs[0]["command"], "new_tokens": new_tokens, "walls": walls,
+              "wall": statistics.median(walls) if walls else None, "first_output": first,
+              "code": next((r["code"] for r in runs if r["code"]), 0),
+              "stderr": next((r["stderr"] for r in runs if r["code"]), [])}
+    log(f"  generate.py, {new_tokens} tokens: " + (f"{result['wall']:.2f} s wall (median of {len(walls)})" if walls
+                                                    else f"failed: {(result['stderr'] or ['?'])[-1]}"))
+    return result
+
+
+def cache_checks(quick, device, tmp, compiled=True):
+    """Every dtype x compile trains a few steps, then the KV cache (replayed where the device
+    records it) must compute what recomputation computes, within the precision's tolerance.
+    compiled False: no --compile (quick, or train.py --compile failed here: no compiler)."""
+    from machinery.precision import has_native_bf16
+    preset, steps = ("tiny", 4) if quick else ("small", 20)
+    shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
+    dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device) + ["float16"] * (device.type == "cuda")
+    rows = []
+    for dtype in dtypes:
+        for compile in (False, True) if compiled else (False,):
+            given = {**shape, "dtype": dtype, "compile": compile, "max_steps": steps, "eval_interval": steps,
+                     "log_interval": steps, "eval_iters": 2, "sample_tokens": 0, "plots": False}
+            run = new_run(preset, given, os.path.join(tmp, f"check-{dtype}-{compile}"))
+            _, evals = split_history(train.train_loop(run)["history"])
+            cache = check_cache(run.model.eval(), run.ctx, run.dtype, 48 if quick else 250)
+            line = describe_cache_check(cache, run.dtype)
+            rows.append({"dtype": dtype, "compile": compile, "val_first": evals[0]["val_loss"],
+                         "val_last": evals[-1]["val_loss"], "cache_agrees": cache["agrees"], "cache": cache, "line": line})
+            log(f"check {dtype:<9} compile={compile!s:<5} val {evals[0]['val_loss']:.3f} -> "
+                f"{evals[-1]['val_loss']:.3f} | {line}")
+    return rows
+
+
+def check_cache(model, ctx, dtype, n=250):
+    """Does the KV cache compute what recomputation computes, here? Over a greedy text of n
+    tokens (recomputed), the largest difference between the two's logits, judged against the
+    precision's tolerance (8 units in the last place of the largest logit; TF32's where CUDA
+    multiplies float32 in TF32); and where the two greedy texts first part, with the recomputed
+    top-2 margin there. Once they part every later token differs, so a share of agreeing tokens
+    measures nothing; a parting at a near-tie is rounding, not a wrong cache."""
+    device = model.wte.weight.device
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    with ctx:
+        full_text, cached_text = (sampling.generate(model, prompt, n, GREEDY, use_cache=c)
+                                  for c in (False, True))
+        new = full_text[:, 1:]
+        full, cached = (torch.stack([logits[0].float() for _, logits in forced_steps(model, prompt, new, c)])
+                        for c in (False, True))  # each (n, V)
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    if dtype == "float32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        eps = 2.0 ** -10  # TF32 keeps 10 bits of mantissa
+    tolerance, diff = 8 * eps * full.abs().max().item(), (cached - full).abs().max().item()
+    parted = (cached_text != full_text)[0].nonzero()
+    parts_at = parted[0].item() - 1 if len(parted) else None  # among the new tokens
+    margin = None
+    if parts_at is not None:
+        top2 = full[parts_at].topk(2).values
+        margin = (top2[0] - top2[1]).item()
+    return {"tokens": n, "max_diff": diff, "tolerance": tolerance, "agrees": diff <= tolerance, "parts_at": parts_at,
+            "margin": margin}
+
+
+def describe_cache_check(cache, dtype):
+    verdict = "KV cache agrees with recompute" if cache["agrees"] else "KV cache DISAGREES with recompute"
+    line = (f"{verdict}: largest logit difference {cache['max_diff']:.2g} over {cache['tokens']} teacher-forced "
+            f"tokens (tolerance {cache['tolerance']:.2g} in {dtype})")
+    if cache["parts_at"] is None:
+        return line + "; the greedy texts are the same"
+    return line + (f"; the greedy texts part at token {cache['parts_at']}, where the recomputed top-2 margin "
+                   f"is {cache['margin']:.3g}")
+
+
+def steady_speed(quick, tmp):
+    """The default preset's ms/step, tokens/s and MFU once warm, timed in this process."""
+    preset, steps = ("tiny", 4) if quick else (None, 20)
+    shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
+    run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
+    ms = statistics.median(time_steps([run], 3, steps)[0])
+    tokens_per_s, mfu = records.speed(run, ms)
+    log(f"{run.preset} ({run.dtype}), warm: {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
+        + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
+    return {"preset": run.preset, "dtype": run.dtype, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+
+def torchrun_check(tmp):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={hardware.gpu_count()}",
+           os.path.join(ROOT, "train.py"), "--preset", "small", "--max_steps", "20", "--sample_tokens", "0",
+           "--out_dir", os.path.join(tmp, "ddp")]
+    ok = subprocess.run(cmd).returncode == 0
+    log(f"torchrun on {hardware.gpu_count()} GPUs: {'ok' if ok else 'FAILED'}")
+    return ok
+
+
 # ----------------------------------------------------------------------------- running a command as a user does
+
 
 def run_stamped(cmd, timeout=1800):
     """Run cmd (python ... as a list) from the repository's root. Returns its exit code, wall
@@ -85,85 +349,35 @@ def stamp_of(result, prefix):
     return next((t for t, line in result["lines"] if line.startswith(prefix)), None)
 
 
-def startup_split(device_type):
-    """The seconds a fresh Python process takes to start, import torch, start the device and
-    build a first optimizer (torch's own work, which every script pays before its own)."""
-    before = time.time()
-    done = subprocess.run([sys.executable, "-c", PROBE, device_type], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    stamps = json.loads(done.stdout)
-    names, times = ["python"] + [k for k in stamps if k != "python"], [before] + list(stamps.values())
-    return {name: times[i + 1] - times[i] for i, name in enumerate(names)}
-
-
-# ----------------------------------------------------------------------------- train.py and generate.py
-
-def train_run(flags, out_dir):
-    """python train.py FLAGS --out_dir OUT_DIR, as a user runs it: its wall time, when its first
-    line, its device line, its first progress line and its exit came, its best val loss, the
-    median ms/step of its progress lines and the MFU its last one printed."""
-    result = run_stamped([sys.executable, "-u", os.path.join(ROOT, "train.py"), *flags, "--out_dir", out_dir])
-    history = []
-    if os.path.isfile(os.path.join(out_dir, "history.json")):
-        with open(os.path.join(out_dir, "history.json"), encoding="utf-8") as f:
-            history = json.load(f)
-    evals = [h["val_loss"] for h in history if h["kind"] == "eval"]
-    steps = [h["ms_per_step"] for h in history if h["kind"] == "train" and h["ms_per_step"]]
-    mfu = [float(m) for _, line in result["lines"] for m in re.findall(r"MFU ([0-9.]+)%", line)]
-    device = next((line for _, line in result["lines"] if line.startswith("device ")), "")
-    result.update(best_val=min(evals) if evals else None, ms_per_step=statistics.median(steps) if steps else None,
-                  mfu=mfu[-1] if mfu else None, steps=max((h["step"] for h in history), default=0), device=device,
-                  first_line=result["lines"][0][0] if result["lines"] else None,
-                  device_line=stamp_of(result, "device "), first_step=stamp_of(result, "step "))
-    log(f"  {describe_run(result)}")
-    return result
-
-
-def describe_run(r):
-    if r["code"]:
-        return f"exit {r['code']}: {(r['stderr'] or ['?'])[-1]}"
-    best = f"best val {r['best_val']:.4f}" if r["best_val"] is not None else "no evaluation"
-    ms = f", {r['ms_per_step']:.1f} ms/step" if r["ms_per_step"] else ""
-    return f"{best} in {r['wall']:.1f} s ({r['steps']} steps{ms}" + (f", MFU {r['mfu']:.1f}%)" if r["mfu"] else ")")
-
-
-def generate_runs(checkpoint, new_tokens, repeats, prompt="ROMEO:"):
-    """python generate.py CHECKPOINT --prompt PROMPT --max_new_tokens N --seed 42, repeats times:
-    each one's wall time, and when its first generated text came (after the prompt it echoes)."""
-    cmd = [sys.executable, "-u", os.path.join(ROOT, "generate.py"), checkpoint, "--prompt", prompt,
-           "--max_new_tokens", str(new_tokens), "--seed", "42"]
-    runs = [run_stamped(cmd) for _ in range(repeats)]
-    walls = [r["wall"] for r in runs if r["code"] == 0]
-    echoed, arrived, first = len(prompt.encode()), 0, None
-    for t, size in runs[0]["chunks"]:
-        arrived += size
-        if arrived > echoed:
-            first = t
-            break
-    result = {"command": runs[0]["command"], "new_tokens": new_tokens, "walls": walls,
-              "wall": statistics.median(walls) if walls else None, "first_output": first,
-              "code": next((r["code"] for r in runs if r["code"]), 0),
-              "stderr": next((r["stderr"] for r in runs if r["code"]), [])}
-    log(f"  generate.py, {new_tokens} tokens: " + (f"{result['wall']:.2f} s wall (median of {len(walls)})" if walls
-                                                    else f"failed: {(result['stderr'] or ['?'])[-1]}"))
-    return result
-
-
-def gpu_tests():
-    """python -m pytest -q tests/test_gpu.py, the README's test command on the GPU's tests."""
-    if not os.path.isdir(os.path.join(ROOT, "tests")):
-        return {"summary": "not run: no tests/ folder beside bench.py"}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-                          cwd=ROOT, capture_output=True, text=True)
-    summary = (done.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
-    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
-    log(f"  tests/test_gpu.py: {summary}")
-    return {"summary": summary, "code": done.returncode, **counts,
-            "output": done.stdout.strip().splitlines()[-30:] if done.returncode else []}
-
-
 # ----------------------------------------------------------------------------- the page
+
+
+def target_rows(report):
+    """Each target beside its figure; met or not only on an H100-class GPU, the class they are for."""
+    t, judged = GPU_TARGETS, any(name in (report["machine"]["gpu"] or "") for name in ("H100", "H200"))
+    training, gen = report.get("training"), report.get("generate", {})  # (a part that failed holds an error)
+    default = training[0] if isinstance(training, list) and training[0]["code"] == 0 else {}
+    results = report.get("decoding", {}).get("results", {})
+    f32 = results.get("float32", {})
+    fast = f32.get("replayed") or f32.get("kv_cache")
+    users = [r.get("replayed") or r.get("kv_cache") for r in results.values()]  # what generate.py decodes with
+    worst_first = max((p["first_seconds"] / p["seconds"] for p in users if p), default=None)
+    rows = [("python train.py: wall, process start to exit", default.get("wall"), t["train_wall"], "s"),
+            ("python train.py: best val loss", default.get("best_val"), t["train_best_val"], ""),
+            ("decoding with the cache, float32, ms/token", fast and fast["ms_per_token"], t["decode_ms"], ""),
+            ("the cache against recomputing, float32", fast and f32["full_recompute"]["seconds"] / fast["seconds"],
+             t["cache_speedup"], "x"),
+            ("decoding's first call / warm, worst dtype", worst_first, t["first_over_warm"], "x"),
+            (f"python generate.py, {gen.get('new_tokens', 1000):,} tokens, wall", gen.get("wall"), t["generate_wall"],
+             "s")]
+    out = []
+    for name, value, target, unit in rows:
+        at_least = unit == "x" and "first" not in name
+        met = "-" if not judged or value is None else ("yes" if (value >= target if at_least else value <= target) else "NO")
+        out.append({"figure": name, "measured": "-" if value is None else f"{value:.3f}{unit}",
+                    "target": f"{'>=' if at_least else '<='} {target:g}{unit}", "met": met})
+    return out
+
 
 def seconds(x, digits=1):
     return "-" if x is None else f"{x:.{digits}f} s"

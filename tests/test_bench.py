@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import bench
+from experiments import ablation, gpu_report, scaling, speed
 from config import TinyLLMError
 from conftest import TINY_FLAGS, cli, tiny_model_config, tiny_train_config, write_head
 from conftest import TINY_SHAPE as SHAPE
@@ -18,14 +19,14 @@ import train
 
 
 def test_parse_compare():
-    assert bench.parse_compare(None) == [("as given", {})]
-    assert bench.parse_compare("dtype=float32,bfloat16") == [("dtype=float32", {"dtype": "float32"}),
+    assert speed.parse_compare(None) == [("as given", {})]
+    assert speed.parse_compare("dtype=float32,bfloat16") == [("dtype=float32", {"dtype": "float32"}),
                                                               ("dtype=bfloat16", {"dtype": "bfloat16"})]
-    assert bench.parse_compare("n_layer=1,2")[1] == ("n_layer=2", {"n_layer": 2})
-    assert bench.parse_compare("compile=false,true")[1][1] == {"compile": True}
+    assert speed.parse_compare("n_layer=1,2")[1] == ("n_layer=2", {"n_layer": 2})
+    assert speed.parse_compare("compile=false,true")[1][1] == {"compile": True}
     for bad in ("nonsense=1,2", "n_layer", "n_layer=one,two"):
         with pytest.raises(TinyLLMError):
-            bench.parse_compare(bad)
+            speed.parse_compare(bad)
 
 
 def test_train_mode_interleaves_variants_and_gives_ratios(tmp_path):
@@ -51,16 +52,16 @@ def test_time_to_target_runs_train_py_and_reads_its_history(shakespeare_head, tm
     real_run = subprocess.run
 
     def train_py_here(cmd, **kwargs):  # python train.py ARGS, run in this process (a start-up less)
-        if cmd[:2] != [sys.executable, os.path.join(bench.ROOT, "train.py")]:
+        if cmd[:2] != [sys.executable, os.path.join(speed.ROOT, "train.py")]:
             return real_run(cmd, **kwargs)  # git, for machine_info
         code, out, err = cli(capsys, train.main, *cmd[2:])
         return subprocess.CompletedProcess(cmd, code, out, err)
-    monkeypatch.setattr(bench.subprocess, "run", train_py_here)
+    monkeypatch.setattr(speed.subprocess, "run", train_py_here)
     flags = ["--", "--data", shakespeare_head, *TINY_FLAGS, "--max_steps", "60", "--eval_interval", "10", "--lr", "1e-2"]
     hit = bench.main(["time_to_target", "--target", "3.9", "--out", str(tmp_path / "t.json"), *flags])["run"]
     assert hit["reached"] and hit["val_loss"] <= 3.9 and hit["seconds"] > 0
     assert hit["evals"][-1]["step"] == hit["step"] < 60  # train.py stopped itself at the target
-    miss = bench.reached(hit["evals"], 0.1, 5.0, None, "miss")  # the same evaluations against a target never met
+    miss = speed.reached(hit["evals"], 0.1, 5.0, None, "miss")  # the same evaluations against a target never met
     assert not miss["reached"] and miss["seconds"] is None and miss["step"] is None
 
 
@@ -85,7 +86,7 @@ def test_ablation_trains_each_variant_and_writes_a_table(shakespeare_head, tmp_p
     assert "| rope " in report and "vs vanilla" in report and "![val loss by variant](ablation.png)" in report
     assert (md.parent / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(TinyLLMError, match="bogus"):
-        bench.select_variants("vanilla,bogus")
+        ablation.select_variants("vanilla,bogus")
 
 
 def test_gpu_check_runs_as_a_smoke_test_on_a_cpu(tmp_path):
@@ -118,27 +119,25 @@ def test_the_targets_are_judged_on_an_h100_class_gpu_only():
         return {"machine": {"gpu": gpu}, "training": [{"code": 0, "wall": wall, "best_val": best}],
                 "generate": {"wall": 5.0, "new_tokens": 1000},
                 "decoding": {"results": {"float32": {"replayed": timing, "full_recompute": {"seconds": 4.0}}}}}
-    met = [t["met"] for t in bench.target_rows(report("NVIDIA H100 80GB HBM3", 44.0, 1.43, 0.3, 1.5))]
+    met = [t["met"] for t in gpu_report.target_rows(report("NVIDIA H100 80GB HBM3", 44.0, 1.43, 0.3, 1.5))]
     assert met == ["yes"] * 6
-    met = [t["met"] for t in bench.target_rows(report("NVIDIA H200", 46.0, 1.45, 0.6, 2.5))]
+    met = [t["met"] for t in gpu_report.target_rows(report("NVIDIA H200", 46.0, 1.45, 0.6, 2.5))]
     assert met == ["NO", "NO", "NO", "yes", "NO", "yes"]  # 4x faster than recomputing; 5.0 s <= 5.5 s
-    assert [t["met"] for t in bench.target_rows(report("Tesla T4", 44.0, 1.43, 0.3, 1.5))] == ["-"] * 6
+    assert [t["met"] for t in gpu_report.target_rows(report("Tesla T4", 44.0, 1.43, 0.3, 1.5))] == ["-"] * 6
 
 
 def test_a_part_of_the_report_that_fails_is_reported_and_the_rest_goes_on():
-    from experiments import gpu_report
     report = {"quick": True, "machine": {"gpu": None, "cpu": "a CPU", "torch": "2.x", "python": "3.x", "git": None,
                                          "date": "today"}}
     gpu_report.part(report, "gpu_tests", lambda: {"summary": "2 passed"})
     gpu_report.part(report, "training", lambda: 1 / 0)
-    report["targets"] = bench.target_rows(report)
+    report["targets"] = gpu_report.target_rows(report)
     page = gpu_report.markdown(report)
     assert "2 passed" in page and "failed: ZeroDivisionError: division by zero" in page
     assert "## Decoding\n\nnot measured" in page and all(t["measured"] == "-" for t in report["targets"])
 
 
 def test_each_line_of_a_command_is_stamped_when_it_arrives():
-    from experiments import gpu_report
     script = "import sys, time; print('one', flush=True); time.sleep(0.5); print('two'); sys.exit(3)"
     result = gpu_report.run_stamped([sys.executable, "-c", script])
     (t1, one), (t2, two) = result["lines"]
@@ -156,12 +155,12 @@ def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path, monk
     # the commands are recorded, not run (tests/test_cli.py runs generate.py itself): what is
     # checked is what this mode times, interleaved, and what it reports
     commands = []
-    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or
+    monkeypatch.setattr(speed.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or
                         subprocess.CompletedProcess(cmd, 0, "", ""))
     result = bench.main(["sample", "--checkpoint", str(trained[0] / "best.pt"), "--new_tokens", "20", "--repeats", "2",
                          "--out", str(tmp_path / "s.json")])
     timed = [c[1:] for c in commands if c[0] == sys.executable]  # (machine_info asks git too)
-    assert timed == [[os.path.join(bench.ROOT, "generate.py"), str(trained[0] / "best.pt"), "--max_new_tokens", "20",
+    assert timed == [[os.path.join(speed.ROOT, "generate.py"), str(trained[0] / "best.pt"), "--max_new_tokens", "20",
                       "--seed", "42"], ["-c", "import generate"]] * 2
     assert result["wall_s"] == statistics.median(result["runs"]["generate.py"])  # what the README quotes
     assert result["import_s"] == statistics.median(result["runs"]["import only"])
@@ -175,40 +174,40 @@ def test_the_cache_check_tells_a_right_cache_from_a_wrong_one(trained, monkeypat
     import sampling
     from machinery.checkpoint import load_model
     gpt, _, _ = load_model(str(trained[0] / "best.pt"))  # block_size 16
-    right = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)  # past block_size: restarts too
+    right = gpu_report.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)  # past block_size: restarts too
     assert right["agrees"] and right["max_diff"] <= right["tolerance"] and right["parts_at"] is None
-    assert "KV cache agrees" in bench.describe_cache_check(right, "float32")
+    assert "KV cache agrees" in gpu_report.describe_cache_check(right, "float32")
     # a cache that forgets every earlier position: each slot holds the newest token's key and value
     monkeypatch.setattr(sampling.KVCache, "update", lambda self, layer, k, v: (
         k[:, :, -1:].expand(-1, -1, self.block_size, -1), v[:, :, -1:].expand(-1, -1, self.block_size, -1)))
-    wrong = bench.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)
+    wrong = gpu_report.check_cache(gpt, contextlib.nullcontext(), "float32", n=40)
     assert not wrong["agrees"] and wrong["max_diff"] > 100 * wrong["tolerance"]
-    line = bench.describe_cache_check(wrong, "float32")
+    line = gpu_report.describe_cache_check(wrong, "float32")
     assert "DISAGREES" in line and (wrong["parts_at"] is None or "part at token" in line)
 
 
 def test_the_power_law_fit_and_the_isoflop_minimum_recover_what_made_the_data():
     C = [1e12 * 2 ** k for k in range(5)]
-    L_inf, a, alpha, err = bench.fit_power_law(C, [1.3 + 40 * c ** -0.12 for c in C])
+    L_inf, a, alpha, err = scaling.fit_power_law(C, [1.3 + 40 * c ** -0.12 for c in C])
     assert L_inf == pytest.approx(1.3, abs=0.01) and alpha == pytest.approx(0.12, abs=0.002) and err < 1e-3
     # loss falling in a straight line against log(C), as a small study's frontier can: a free fit
     # puts the floor far below 0; the floor is 0 instead, never negative
-    L_inf, a, alpha, err = bench.fit_power_law(C, [2.0 - 0.12 * k for k in range(5)])
+    L_inf, a, alpha, err = scaling.fit_power_law(C, [2.0 - 0.12 * k for k in range(5)])
     assert L_inf == 0 and 0 < alpha < 0.5 and err < 0.02
     # loss a parabola in log(params) with its lowest point at 200,000 parameters
     rows = [{"params": n, "val": 1.5 + 0.1 * (math.log(n) - math.log(2e5)) ** 2} for n in (3e4, 1e5, 3e5, 1e6)]
-    params, loss = bench.isoflop_minimum(rows)
+    params, loss = scaling.isoflop_minimum(rows)
     assert params == pytest.approx(2e5, rel=0.01) and loss == pytest.approx(1.5, abs=1e-6)
 
 
 def test_the_scaling_study_runs_end_to_end_and_reuses_only_when_asked(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(bench, "SCALING_SHAPES", [(1, 16, 2), (1, 24, 2), (1, 32, 2), (1, 48, 2), (2, 64, 2)])
-    monkeypatch.setattr(bench, "DATA_FRACTIONS", [0.25, 1])
-    monkeypatch.setattr(bench, "SCALING_EVAL_ITERS", 2)
+    monkeypatch.setattr(scaling, "SCALING_SHAPES", [(1, 16, 2), (1, 24, 2), (1, 32, 2), (1, 48, 2), (2, 64, 2)])
+    monkeypatch.setattr(scaling, "DATA_FRACTIONS", [0.25, 1])
+    monkeypatch.setattr(scaling, "SCALING_EVAL_ITERS", 2)
     data = write_head(tmp_path / "data.txt", 30_000)
     argv = ["scaling", "--quick", "--minutes", "0.1", "--data", data, "--out", str(tmp_path / "s.json"),
             "--out_png", str(tmp_path / "s.png")]
-    monkeypatch.setattr(bench, "plan_scaling", lambda seconds, flops, minutes, budgets, default: [20, 40, 80])
+    monkeypatch.setattr(scaling, "plan_scaling", lambda seconds, flops, minutes, budgets, default: [20, 40, 80])
     result = bench.main(argv)
     iso = [r for r in result["runs"] if r["kind"] == "iso"]
     assert len(iso) == 9 and {r["budget"] for r in iso} == {20, 40, 80}  # 3 sizes x 3 budgets (quick)
@@ -216,8 +215,8 @@ def test_the_scaling_study_runs_end_to_end_and_reuses_only_when_asked(tmp_path, 
     assert (tmp_path / "s.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "ETA" in out and "compute-optimal size about" in out
-    monkeypatch.setattr(bench, "scaling_run", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(bench, "step_seconds", lambda *a, **k: pytest.fail("measured again"))
-    monkeypatch.setattr(bench, "draw_scaling", lambda *a: None)
+    monkeypatch.setattr(scaling, "scaling_run", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(scaling, "step_seconds", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(scaling, "draw_scaling", lambda *a: None)
     again = bench.main(argv + ["--reuse"])  # asked: the saved plan, nothing trained or measured again
     assert again["runs"] == result["runs"] and again["probe"] == result["probe"]

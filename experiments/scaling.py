@@ -1,0 +1,223 @@
+"""Scaling laws on this machine (bench.py scaling): every shape at every compute budget
+(IsoFLOP curves), the compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one
+shape on shares of the training text."""
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import train
+from experiments.runs import new_run, time_steps
+from machinery.cli import format_seconds, log
+from machinery.device import flops_per_token
+from machinery.plots import new_plot, save_plot, split_history
+
+
+# (n_layer, n_embd, n_head): model sizes from about 30 thousand to 1.3 million parameters (43x),
+# the default tiny preset's 2 x 160 among them; the rest of each run is the tiny preset's
+SCALING_SHAPES = [(1, 48, 2), (2, 64, 2), (2, 96, 3), (2, 160, 5), (3, 192, 6)]
+
+
+DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
+
+
+SCALING_EVAL_ITERS = 30  # batches per split at each evaluation: a val loss to about 0.01
+
+
+def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
+    """A tiny-preset run of the given shape, trained by train.py's loop to steps (warmup a tenth
+    of it, the cosine to its end), on the first data_fraction of the training split. Evaluated
+    evals times, the last at the end: {"params", "flops", "val", "best_val", "train", "seconds"}."""
+    n_layer, n_embd, n_head = shape
+    run = new_run("tiny", {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": steps,
+                           "warmup_steps": max(1, min(100, steps // 10)), "eval_iters": SCALING_EVAL_ITERS,
+                           "eval_interval": max(1, steps // evals), "log_interval": steps, "sample_tokens": 0,
+                           "plots": False, "dtype": dtype, "data": data}, out_dir)
+    run.corpus.train = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # the batches read it lazily
+    t0 = time.perf_counter()
+    _, evals = split_history(train.train_loop(run)["history"])
+    vals = [e for e in evals if e["step"] > 0]  # the step-0 evaluation is the untrained model's
+    tokens = steps * run.cfg.batch_size * run.model_cfg.block_size
+    return {"params": run.model.num_params(), "flops": flops_per_token(run.model) * tokens, "steps": steps,
+            "val": vals[-1]["val_loss"], "best_val": min(v["val_loss"] for v in vals), "train": vals[-1]["train_loss"],
+            "seconds": time.perf_counter() - t0, "dtype": run.dtype}
+
+
+def step_seconds(shapes, out_dir, data):
+    """(seconds per training step, training FLOPs per step) of each shape on this machine (3
+    untimed and 5 timed steps each, interleaved), and the precision --dtype auto takes here."""
+    runs = []
+    for i, (n_layer, n_embd, n_head) in enumerate(shapes):
+        given = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": 10, "warmup_steps": 1,
+                 "plots": False, "sample_tokens": 0, "data": data,
+                 "dtype": runs[0].dtype if runs else "auto"}  # measured once, by the first
+        runs.append(new_run("tiny", given, os.path.join(out_dir, f"probe{i}")))
+    times = time_steps(runs, 3, 5)
+    return ([statistics.mean(t) / 1000 for t in times],
+            [flops_per_token(r.model) * r.cfg.batch_size * r.model_cfg.block_size for r in runs], runs[0].dtype)
+
+
+def plan_scaling(seconds, flops, minutes, budgets, default):
+    """The study's compute budgets (training FLOPs), 2x apart, as large as lets every shape train
+    at every budget and the default shape on each share of the text (for half the steps the
+    largest budget gives it) within minutes on this machine."""
+    per_flop = sum(s / f for s, f in zip(seconds, flops))  # seconds for a FLOP of every shape
+    share = [2.0 ** -k for k in range(budgets - 1, -1, -1)]  # 1/2^(n-1) ... 1/2, 1
+    data = len(DATA_FRACTIONS) / 2 * seconds[default] / flops[default]  # seconds per FLOP of the top budget
+    top = minutes * 60 / (per_flop * sum(share) + data)
+    return [top * x for x in share]
+
+
+def fit_power_law(C, L):
+    """L(C) = L_inf + a * C^(-alpha), least squares with L_inf >= 0 (a loss has no negative floor):
+    for each alpha on a grid, L_inf and a are a linear fit (a alone when L_inf would fall below
+    0); the alpha with the smallest error (and a > 0) wins. Returns (L_inf, a, alpha, rms error),
+    or None when no alpha fits a falling curve. L_inf = 0 says this range of compute shows no
+    floor yet: the points lie on a straight line in log-log."""
+    C, L = torch.tensor(C, dtype=torch.float64), torch.tensor(L, dtype=torch.float64)
+    alphas = torch.linspace(0.01, 1.5, 1491, dtype=torch.float64)
+    x = (C / C.min())[None, :] ** -alphas[:, None]  # (alphas, points)
+    X = torch.stack([torch.ones_like(x), x], dim=2)  # (alphas, points, 2)
+    coef = torch.linalg.lstsq(X, L.expand(len(alphas), -1)[..., None]).solution[..., 0]  # (alphas, 2)
+    floorless = torch.stack([torch.zeros(len(alphas), dtype=torch.float64), (x @ L) / (x * x).sum(1)], dim=1)
+    coef = torch.where((coef[:, :1] < 0), floorless, coef)
+    err = ((X @ coef[..., None])[..., 0] - L).pow(2).mean(1).sqrt().masked_fill(coef[:, 1] <= 0, math.inf)
+    k = int(err.argmin())
+    if not math.isfinite(err[k]):
+        return None
+    alpha = alphas[k].item()
+    return coef[k, 0].item(), coef[k, 1].item() * C.min().item() ** alpha, alpha, err[k].item()
+
+
+def isoflop_minimum(rows):
+    """The compute-optimal point of one budget: a parabola through loss against log(params) of its
+    best three runs around the lowest, its vertex where it lies inside them, else the lowest run.
+    Returns (params, loss)."""
+    rows = sorted(rows, key=lambda r: r["params"])
+    i = min(range(len(rows)), key=lambda j: rows[j]["val"])
+    around = rows[max(0, min(i - 1, len(rows) - 3)):][:3]
+    x = torch.tensor([math.log(r["params"]) for r in around], dtype=torch.float64)
+    y = torch.tensor([r["val"] for r in around], dtype=torch.float64)
+    a, b, c = torch.linalg.lstsq(torch.stack([x ** 2, x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0].tolist()
+    if len(around) == 3 and a > 0 and x[0] <= -b / (2 * a) <= x[-1]:
+        vertex = -b / (2 * a)
+        return math.exp(vertex), a * vertex ** 2 + b * vertex + c
+    return rows[i]["params"], rows[i]["val"]
+
+
+def bench_scaling(args):
+    """Scaling laws on this machine: every shape at every compute budget (IsoFLOP curves), the
+    compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one shape on fractions of
+    the training text; progress with an ETA, plots, and the size five minutes of compute buys."""
+    shapes = SCALING_SHAPES[1:4] if args.quick else SCALING_SHAPES
+    budgets_n, minutes = (3, 3.0) if args.quick else (args.budgets, args.minutes)
+    saved = {}
+    if args.reuse and os.path.exists(args.out):
+        with open(args.out, encoding="utf-8") as f:
+            saved = json.load(f)
+    done, probe = {r["key"]: r for r in saved.get("runs", [])}, saved.get("probe")
+    with tempfile.TemporaryDirectory(prefix="tinyllm-scaling-") as tmp:
+        default = shapes.index((2, 160, 5)) if (2, 160, 5) in shapes else len(shapes) // 2
+        if not probe:  # --reuse keeps the saved plan, so the saved runs are the plan's runs
+            seconds, flops, dtype = step_seconds(shapes, tmp, args.data)
+            probe = {"seconds": seconds, "flops": flops, "dtype": dtype,
+                     "budgets": plan_scaling(seconds, flops, minutes, budgets_n, default),
+                     "five_minutes": 0.9 * 300 / seconds[default] * flops[default]}  # the default run's 5 minutes
+        seconds, flops, dtype, budgets, five_minutes = (probe[k] for k in ("seconds", "flops", "dtype", "budgets",
+                                                                           "five_minutes"))
+        for (L, C, H), s, f in zip(shapes, seconds, flops):
+            log(f"{L} x {C}: {1000 * s:.0f} ms/step in {dtype}, {f:.2e} FLOPs/step")
+        data_steps = max(10, round(budgets[-1] / flops[default] / 2))
+        plan = [("iso", shape, max(10, round(b / f)), b, 1.0) for b in budgets for shape, f in zip(shapes, flops)]
+        plan += [("data", shapes[default], data_steps, None, frac) for frac in DATA_FRACTIONS]
+        rows, t0 = [], time.perf_counter()
+        expected = [steps * seconds[shapes.index(shape)] for _, shape, steps, _, _ in plan]
+        for i, (kind, shape, steps, budget, frac) in enumerate(plan):
+            key = f"{kind} {shape} {steps} {budget} {frac}"
+            if key in done:
+                row = done[key]
+            else:
+                row = {"key": key, "kind": kind, "shape": list(shape), "budget": budget, "data_fraction": frac,
+                       **scaling_run(shape, steps, os.path.join(tmp, f"run{i}"), dtype, args.data, frac,
+                                     evals=4 if kind == "data" else 1)}
+            rows.append(row)
+            spent = time.perf_counter() - t0
+            left = sum(expected[i + 1:]) * spent / max(1e-9, sum(expected[:i + 1]))
+            log(f"run {i + 1}/{len(plan)} {kind:<4} {shape[0]} x {shape[1]:<3} {row['params']:>9,} params | "
+                f"{steps:>5} steps | {row['flops']:.2e} FLOPs | data {frac:.3g} | val {row['val']:.4f} "
+                f"(best {row['best_val']:.4f}) | {row['seconds']:.0f} s | elapsed {format_seconds(spent)}, "
+                f"ETA {format_seconds(left)}")
+            with open(args.out, "w", encoding="utf-8") as f:  # (kept up to date: --reuse continues an interrupted study)
+                json.dump({"probe": probe, "runs": rows}, f, indent=1)
+    return {"probe": probe, **summarize_scaling(rows, budgets, five_minutes, args)}
+
+
+def summarize_scaling(rows, budgets, five_minutes, args):
+    """The frontier, the fit, what it says at five minutes of compute, the plots and the markdown."""
+    iso = [r for r in rows if r["kind"] == "iso"]
+    frontier = []
+    for b in budgets:
+        at = [r for r in iso if r["budget"] == b]
+        n_opt, l_opt = isoflop_minimum(at)
+        frontier.append({"flops": statistics.mean(r["flops"] for r in at), "params": n_opt, "val": l_opt})
+    l_inf, a, alpha, err = fit_power_law([p["flops"] for p in frontier], [p["val"] for p in frontier])
+    fits = [fit_power_law([p["flops"] for j, p in enumerate(frontier) if j != k],
+                          [p["val"] for j, p in enumerate(frontier) if j != k]) for k in range(len(frontier))]
+    alphas = [f[2] for f in fits if f]
+    spread = math.sqrt((len(alphas) - 1) / len(alphas) * sum((x - statistics.mean(alphas)) ** 2 for x in alphas))
+    logs = torch.tensor([[math.log(p["flops"]), math.log(p["params"])] for p in frontier], dtype=torch.float64)
+    slope, icpt = torch.linalg.lstsq(torch.stack([logs[:, 0], torch.ones(len(logs), dtype=torch.float64)], 1),
+                                     logs[:, 1:]).solution[:, 0].tolist()
+    n_five = math.exp(slope * math.log(five_minutes) + icpt)
+    result = {"runs": rows, "frontier": frontier, "fit": {"L_inf": l_inf, "a": a, "alpha": alpha, "alpha_jackknife": spread,
+              "rms": err}, "params_vs_flops_exponent": slope, "five_minutes_flops": five_minutes,
+              "optimal_params_at_five_minutes": n_five,
+              "predicted_loss_at_five_minutes": l_inf + a * five_minutes ** -alpha}
+    log(f"fit: L(C) = {l_inf:.3f} + {a:.3g} C^-{alpha:.3f} (alpha {alpha:.3f} +- {spread:.3f} by jackknife, rms "
+        f"{err:.4f}); compute-optimal params ~ C^{slope:.2f}")
+    log(f"five minutes here: {five_minutes:.2e} FLOPs -> compute-optimal size about {n_five:,.0f} parameters, "
+        f"predicted val {result['predicted_loss_at_five_minutes']:.3f}")
+    draw_scaling(result, budgets, args.out_png)
+    return result
+
+
+def draw_scaling(result, budgets, path):
+    """Three panels: loss against parameters at each budget (the IsoFLOP curves); loss against
+    training FLOPs with the frontier and its fitted law; loss against the share of the text."""
+    fig, axes = new_plot(4.2, 15, grid=(1, 3))
+    iso, data = ([r for r in result["runs"] if r["kind"] == k] for k in ("iso", "data"))
+    for b in budgets:
+        at = sorted((r for r in iso if r["budget"] == b), key=lambda r: r["params"])
+        axes[0][0].plot([r["params"] for r in at], [r["val"] for r in at], marker="o", label=f"{b:.1e} FLOPs")
+    axes[0][0].plot([p["params"] for p in result["frontier"]], [p["val"] for p in result["frontier"]], "k*",
+                    markersize=10, label="compute-optimal")
+    axes[0][0].set(xscale="log", xlabel="parameters", ylabel="val loss (nats/token)", title="IsoFLOP: loss by size")
+    for shape in sorted({tuple(r["shape"]) for r in iso}):
+        at = [r for r in iso if tuple(r["shape"]) == shape]
+        axes[0][1].plot([r["flops"] for r in at], [r["val"] for r in at], marker="o", linestyle="none",
+                        label=f"{shape[0]} x {shape[1]} ({at[0]['params']:,})")
+    fit, five = result["fit"], result["five_minutes_flops"]
+    c = torch.logspace(math.log10(min(r["flops"] for r in iso)), math.log10(five * 2), 100).tolist()
+    axes[0][1].plot(c, [fit["L_inf"] + fit["a"] * x ** -fit["alpha"] for x in c], "k-",
+                    label=f"L = {fit['L_inf']:.2f} + {fit['a']:.3g} C^-{fit['alpha']:.3f}")
+    axes[0][1].axvline(five, color="grey", linestyle="--", label="five minutes here")
+    axes[0][1].set(xscale="log", xlabel="training FLOPs", ylabel="val loss", title="loss against compute")
+    fracs = [r["data_fraction"] for r in data]
+    axes[0][2].plot(fracs, [r["val"] for r in data], marker="o", label="at the end")
+    axes[0][2].plot(fracs, [r["best_val"] for r in data], marker="s", label="best of 4 evaluations")
+    axes[0][2].plot(fracs, [r["train"] for r in data], marker=".", linestyle=":", label="train loss at the end")
+    axes[0][2].set(xscale="log", xlabel="share of the training text", ylabel="loss",
+                   title=f"one model, {data[0]['steps'] if data else 0} steps, less text" if data else "")
+    axes[0][2].set_xticks(fracs, [f"1/{round(1 / f)}" if f < 1 else "all" for f in fracs])
+    axes[0][2].minorticks_off()
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_plot(fig, None, path)
+    log(f"wrote {path}")
