@@ -127,7 +127,7 @@ def main(argv=None):
         check_writable(cfg.output_file, "--output_file")
     blocks = [sample_checkpoint(path, cfg, sampler, prompt, device, several=len(paths) > 1) for path in paths]
     if cfg.output_file:
-        with open(cfg.output_file, "w", encoding="utf-8") as f:
+        with open(cfg.output_file, "w", encoding="utf-8", newline="") as f:  # the text exactly, on every platform
             f.write("\n\n".join(blocks) + "\n")
         log(f"wrote {cfg.output_file}")
 

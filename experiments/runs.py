@@ -38,9 +38,12 @@ def machine_info():
 
 
 def peak_memory_mib(device):
-    """CUDA: the allocator's high-water mark. Elsewhere: the process's peak resident memory."""
+    """CUDA: the allocator's high-water mark. A CPU: the process's peak resident memory. MPS: None
+    (torch keeps no high-water mark there, and its memory is not the process's resident set)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return None
     try:
         import resource  # Unix only
     except ImportError:

@@ -20,6 +20,12 @@ def follow(context, rows):
         cache.v = [v[rows] if v is not None else None for v in cache.v]
 
 
+def score_dtype(device):
+    """Totals of hundreds of log-probabilities are kept in float64, so that rounding never picks
+    between two beams; MPS has no float64, and float32 is near enough there."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @torch.inference_mode()
 def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
     """The continuation of idx (1, T) with the highest score that a beam of beam_width finds.
@@ -28,10 +34,11 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
     leaves the beam. Returns (new tokens (1, n), total log-probability)."""
     context, prompt = Context(model, use_cache, replay=False), idx.size(1)  # (follow moves the cache)
     beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
-    totals = torch.zeros(1, dtype=torch.float64, device=idx.device)  # (k,) their total log-probabilities
+    dtype = score_dtype(idx.device)
+    totals = torch.zeros(1, dtype=dtype, device=idx.device)  # (k,) their total log-probabilities
     finished = []  # (total log-probability, new tokens) of the continuations that stopped
     for _ in range(max_new_tokens):
-        logp = F.log_softmax(context.next_logits(beams).double(), dim=-1)  # (k, V)
+        logp = F.log_softmax(context.next_logits(beams).to(dtype), dim=-1)  # (k, V)
         V = logp.size(-1)
         # every beam extended by every token is one of k * V candidates, flattened to one row:
         # candidate flat is beam flat // V extended by token flat % V. A beam adds at most one

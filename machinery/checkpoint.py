@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import pickle
+import time
 import warnings
 
 import regex
@@ -44,7 +45,7 @@ def save_checkpoint(path, checkpoint):
             write(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -52,6 +53,19 @@ def save_checkpoint(path, checkpoint):
         fd = os.open(folder, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
+
+
+def replace_file(src, dst):
+    """os.replace, tried again for a few seconds on PermissionError: on Windows a file that
+    another process holds open (a virus scanner, a synced folder, generate.py reading best.pt)
+    cannot be replaced ("Access is denied") until it lets go. dst stays whole meanwhile."""
+    for wait in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, None):
+        try:
+            return os.replace(src, dst)
+        except PermissionError:
+            if wait is None:
+                raise
+            time.sleep(wait)
 
 
 def load_checkpoint(path):

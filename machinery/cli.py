@@ -116,6 +116,7 @@ def check_writable(path, flag, make_folder=False):
 def run_cli(main, argv=None):
     """Run a script's main(): a user error, or a file that cannot be read or written, becomes one
     `error:` line on stderr and exit status 2, never a traceback."""
+    writes_any_text()
     try:
         main(argv)
     except TinyLLMError as e:
@@ -136,6 +137,18 @@ def run_cli(main, argv=None):
         traceback.print_exc()  # a bug: its traceback, then out without the usual teardown (see leave)
         leave(1)
     leave(0)
+
+
+def writes_any_text():
+    """A model writes whatever characters it was trained on, and a legacy code page (Windows'
+    cp1252 for a redirect or a pipe) cannot encode most of them: its UnicodeEncodeError would end
+    the run. Output into a file or a pipe is written as UTF-8, so it holds the exact text; a
+    console that cannot show a character shows its escape (\\u0416) instead."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+        if encoding == "utf8" or not hasattr(stream, "reconfigure"):
+            continue
+        stream.reconfigure(**({"errors": "backslashreplace"} if stream.isatty() else {"encoding": "utf-8"}))
 
 
 def in_process_group():

@@ -97,6 +97,7 @@ def rng_state():
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # a CPU run never starts CUDA
+        "mps": hardware.mps_rng_state(),
     }
 
 
@@ -108,6 +109,8 @@ def set_rng_state(state):
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if state.get("mps") is not None and hardware.mps_available():
+        hardware.set_mps_rng_state(state["mps"])
     saved = list(state.get("cuda", []))
     here = hardware.gpu_count()
     for i, cuda_state in enumerate(saved[:here]):

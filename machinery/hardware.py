@@ -58,6 +58,15 @@ def set_gpu_rng_state(state, index):
     torch.cuda.set_rng_state(state, device=index)
 
 
+def mps_rng_state():
+    """A Mac GPU's generator (dropout there draws from it), or None without one."""
+    return torch.mps.get_rng_state() if mps_available() else None
+
+
+def set_mps_rng_state(state):
+    torch.mps.set_rng_state(state)
+
+
 def set_matmul_precision(precision):
     """'high' lets float32 matmuls use TF32 tensor cores; 'highest' is torch's default."""
     torch.set_float32_matmul_precision(precision)

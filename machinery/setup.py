@@ -21,7 +21,7 @@ from machinery import calibrate
 from machinery import budget
 from machinery.budget import resume_at
 from machinery.checkpoint import grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
-from machinery.cli import log, warn
+from machinery.cli import first_line, log, warn
 from machinery.device import (choose_device, configure_matmul, describe, out_of_memory_as_error, seed_everything,
                               set_rng_state, set_threads)
 from machinery.distributed import rank_seed, setup_distributed, wrap
@@ -207,6 +207,8 @@ def ready(run, train_step):
         run.next_batch = lambda: fixed
         run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
     set_precision(run, resolve_dtype(cfg.dtype, run.device))
+    if cfg.compile:
+        check_compiles(run, train_step)
     if cfg.dtype == "auto" and measured_on(run.device):  # a resumed run keeps what its first process measured
         plan = run.state.plan if (run.state.plan or {}).get("dtype") else calibrate.measure_dtype(run, train_step)
         run.state.plan = plan
@@ -215,6 +217,21 @@ def ready(run, train_step):
         run.scaler.load_state_dict(run.source["scaler"])
     print_header(run)
     run.trained_from = budget.now()
+
+
+def check_compiles(run, train_step):
+    """--compile compiles at the first step, and fails there where torch's compiler lacks what it
+    needs (a C++ compiler: on Windows, Visual C++). One trial step finds out before the run writes
+    anything, and keeps the compiled code for the steps that follow."""
+    cfg = run.cfg
+    try:
+        with calibrate.trial(run):
+            train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip,
+                       run.ctx, run.scaler)
+    except Exception as e:
+        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        raise TinyLLMError(f"--compile failed on this machine ({first_line(e)}); run without --compile") from None
 
 
 def set_precision(run, dtype):

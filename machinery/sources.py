@@ -21,6 +21,9 @@ from machinery.checkpoint import extend_tokenizer, tokenizer_from_dict
 from machinery.cli import warn
 
 
+# Text is read as "utf-8-sig" (a byte-order mark, which PowerShell and Notepad write, is dropped)
+# with universal newlines (CRLF read as LF): the same text gives the same tokens on every platform.
+
 def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
     """Stream a text source as (text, document_ends) pieces, never holding it all in memory:
     a .txt file (one document, read in chunks cut at line ends), a folder (every file whose
@@ -44,12 +47,12 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
     try:
         if os.path.isdir(path):
             for file in folder_files(path, extensions):
-                with open(file, encoding="utf-8") as f:
+                with open(file, encoding="utf-8-sig") as f:
                     text = document(f.read())
                 if text:
                     yield text, True
         elif path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         record = json.loads(line)
@@ -59,7 +62,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
                         if text:
                             yield text, True
         elif path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 records = json.load(f)
             if not isinstance(records, list):
                 raise TinyLLMError(f"{path}: expected a JSON list of {{\"question\": ..., \"answer\": ...}} records")
@@ -68,7 +71,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
                 if text:
                     yield text, True
         else:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 while chunk := f.read(chunk_chars):
                     chunk += f.readline()  # end the piece at a line end
                     yield clean_text(chunk) if clean else chunk, False
@@ -217,7 +220,7 @@ def read_prompt(cfg):
     if not cfg.prompt_file:
         return cfg.prompt
     try:
-        with open(cfg.prompt_file, encoding="utf-8") as f:
+        with open(cfg.prompt_file, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError:
         raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None

@@ -5,6 +5,7 @@ never costs a loadable last.pt, neither mid-run nor in the middle of writing a c
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,7 @@ def test_a_second_ctrl_c_aborts_at_once():
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # a second Ctrl-C does not wait
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="sweep.sh needs bash")
 def test_sweep_script_writes_reproducible_files_with_generate_defaults(trained, tmp_path):
     sweeps = [subprocess.Popen(["bash", os.path.join(ROOT, "sweep.sh"), str(trained[0] / "best.pt")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -190,6 +192,7 @@ WRITER_CRASHES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash test forks its writers (POSIX only)")
 def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
     script = tmp_path / "crashes.py"
     script.write_text(WRITER_CRASHES.format(root=ROOT))
