@@ -6,6 +6,8 @@ imported by name), so a test replaces one of them here. Tests never replace torc
 functions, which torch's internals (its compiler, its optimizers) read too.
 """
 
+import warnings
+
 import torch
 
 
@@ -41,6 +43,20 @@ def cpu_has_avx512_bf16():
 
 def cpu_has_amx():
     return getattr(torch.cpu, AMX_PROBE, lambda: False)()
+
+
+def torch_version():
+    """(major, minor) of the torch running, e.g. (2, 5)."""
+    return tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
+def autocast_works(device_type, dtype):
+    """Whether torch's autocast runs dtype on this kind of device, or turns itself off (with a
+    warning) and leaves the model in float32: MPS's bfloat16 needs torch 2.6 and macOS 14."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device_type, dtype=getattr(torch, dtype)):
+            return torch.is_autocast_enabled(device_type)
 
 
 def gradient_scaler(device_type):

@@ -57,6 +57,10 @@ def resolve_dtype(name, device):
     if name == "bfloat16" and not native and device.type != "mps":
         warn(f"{describe(device)} has no native bfloat16: it is emulated and slower than "
              f"{'float16' if device.type == 'cuda' else 'float32'}")
+    if device.type == "mps" and name != "float32" and not hardware.autocast_works("mps", name):
+        warn(f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs torch 2.6 and "
+             f"macOS 14): training in float32")
+        return "float32"
     return name
 
 
@@ -83,6 +87,9 @@ def make_scaler(device, dtype):
     device's gradient scaler; refuse where torch has none that works. Other dtypes: None."""
     if dtype != "float16":
         return None
+    if device.type == "mps" and hardware.torch_version() < (2, 8):  # its unscale_ makes a float64 tensor there
+        raise TinyLLMError(f"--dtype float16 on a Mac needs torch 2.8 or later, whose gradient scaler works on MPS "
+                           f"(this is {'.'.join(map(str, hardware.torch_version()))}); use --dtype float32, or upgrade torch")
     with warnings.catch_warnings():  # a scaler that disables itself warns; we say it better below
         warnings.simplefilter("ignore")
         scaler = hardware.gradient_scaler(device.type)

@@ -75,8 +75,22 @@ def test_mocked_mac_decisions(monkeypatch):
     mps = choose_device("auto")
     assert mps.type == "mps" and default_preset("mps") == "tiny"
     assert resolve_dtype("auto", mps) == "float32"
+    monkeypatch.setattr(hardware, "torch_version", lambda: (2, 8))
     scaler = make_scaler(mps, "float16")  # float16 on a Mac gets the MPS scaler, which is enabled
     assert scaler is not None and scaler.is_enabled()
+    monkeypatch.setattr(hardware, "torch_version", lambda: (2, 7))  # whose scaler makes float64 on MPS
+    with pytest.raises(TinyLLMError, match="torch 2.8 or later"):
+        make_scaler(mps, "float16")
+
+
+@pytest.mark.parametrize("works, dtype", [(True, "bfloat16"), (False, "float32")])
+def test_mocked_mac_trains_in_the_precision_autocast_really_runs(monkeypatch, capsys, works, dtype):
+    """torch 2.5's MPS autocast, or macOS 13's, turns bfloat16 off with a warning and trains in
+    float32: the run says float32 then, not bfloat16."""
+    assert hardware.autocast_works("cpu", "bfloat16")  # the question itself, asked of this torch
+    monkeypatch.setattr(hardware, "autocast_works", lambda device_type, name: works)
+    assert resolve_dtype("bfloat16", torch.device("mps")) == dtype
+    assert ("training in float32" in capsys.readouterr().err) == (not works)
 
 
 def test_mocked_no_cuda_float16_is_refused_where_no_scaler_works(monkeypatch):
