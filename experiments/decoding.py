@@ -16,18 +16,15 @@ from machinery.cli import log
 
 
 def repeated_ngrams(text, n=3):
-    """The share of the text's word n-grams that are repeats of an earlier one: 0 when every
-    one is new, near 1 when the text loops."""
+    """The share of the text's word n-grams that repeat an earlier one: 0 all new, near 1 when it loops."""
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def bench_decoding(args):
-    """The decoding lesson, measured on one checkpoint and prompt: greedy, beam search and
-    sampling at several temperatures (several seeds each). For every text: its log-probability
-    per token under the model (temperature 1, scored alike for every method), the share of
-    repeated word 3-grams, the seconds it took, and the text itself."""
+    """Each method's texts (sampling: several seeds per temperature), scored alike by log-probability per
+    token at temperature 1, with their share of repeated word 3-grams and their seconds."""
     from machinery.checkpoint import load_model
     from machinery.sources import encode_prompt
     if not os.path.isfile(args.checkpoint):

@@ -1,10 +1,6 @@
-"""The GPU report, python bench.py gpu_check: one command that runs tinyllm's commands as a user
-runs them, each in a process of its own with every output line stamped with the seconds since
-it started; measures in its own process what needs no process of its own (the KV cache against
-recomputation in every precision, warm speed); and writes it all, beside the targets, as one
-Markdown page and one JSON file. Start-up is split by a probe process that imports torch,
-starts the device and builds a first optimizer: the rest of train.py's time before its device
-line is tinyllm's own set-up (by subtraction, so it carries their noise)."""
+"""The GPU report (python bench.py gpu_check): tinyllm's commands run as a user runs them, each in its own
+process with every output line time-stamped, and what needs no process of its own (the KV cache against
+recomputation, warm speed), written beside the targets as one Markdown page and one JSON file."""
 
 import functools
 import json
@@ -30,8 +26,7 @@ from machinery.device import choose_device
 from machinery.plots import split_history
 
 
-# What the report's figures should be on an H100-class GPU (docs/platforms.md). The report checks
-# them where the GPU's name says H100 or H200, and shows them beside the figures elsewhere.
+# What the report's figures should be on an H100-class GPU (docs/platforms.md), judged only on an H100 or H200
 GPU_TARGETS = {"train_wall": 45.0, "train_best_val": 1.440, "decode_ms": 0.5, "cache_speedup": 3.0,
                "first_over_warm": 2.0, "generate_wall": 5.5}
 
@@ -56,12 +51,8 @@ print(json.dumps(stamps))
 
 
 def bench_gpu_check(args):
-    """The GPU report, one command: the GPU's tests under the README's test command; start-up
-    timestamps of train.py and generate.py, split into torch's share and tinyllm's; the default
-    run, --compile and --dtype float16 as a user runs them (wall, best val, ms/step, MFU);
-    decoding in float32 and bfloat16, first call and warm; generate.py's 1,000 tokens, start-up
-    included; and the KV cache's agreement with recomputation in every dtype x compile. Written as
-    Markdown (--out_md) and JSON (--out). --quick: all of it at a toy size, no GPU tests."""
+    """Every part of the report in turn, written as Markdown (--out_md) and returned for the JSON (--out).
+    --quick: all of it at a toy size, without the GPU tests."""
     device = choose_device("auto")
     report = {"quick": args.quick, "machine": {**machine_info(), "cuda": torch.version.cuda}}
     measure = functools.partial(part, report)  # each part on its own: one that fails is reported as such
@@ -89,7 +80,7 @@ def bench_gpu_check(args):
     return report
 
 
-# ----------------------------------------------------------------------------- the report's parts, in the order it runs them
+# ----------------------------------------------------------------------------- the report's parts, in order
 
 
 def gpu_tests():
@@ -115,9 +106,8 @@ def training_runs(quick, device, tmp):
 
 
 def train_run(flags, out_dir):
-    """python train.py FLAGS --out_dir OUT_DIR, as a user runs it: its wall time, when its first
-    line, its device line, its first progress line and its exit came, its best val loss, the
-    median ms/step of its progress lines and the MFU its last one printed."""
+    """python train.py FLAGS --out_dir OUT_DIR as a user runs it: wall time, when its first, device and first
+    progress lines came, best val loss, median ms/step and the last MFU printed."""
     result = run_stamped([sys.executable, "-u", os.path.join(ROOT, "train.py"), *flags, "--out_dir", out_dir])
     history = []
     if os.path.isfile(os.path.join(out_dir, "history.json")):
@@ -144,8 +134,8 @@ def describe_run(r):
 
 
 def startup(training, device, tmp, quick):
-    """When train.py's first line, device line and first step come (a short run that reports
-    every step), and what of its start-up is torch's (the probe) and what tinyllm's own."""
+    """When train.py's first line, device line and first step come (a short run that reports every step), and
+    what of its start-up is torch's (the probe) and tinyllm's own (by subtraction, so with both's noise)."""
     split = startup_split(device.type)
     if quick:  # the default run at a toy size reports every step already
         run = dict(training[0], label="python train.py (--quick)")
@@ -220,9 +210,7 @@ def generate_runs(checkpoint, new_tokens, repeats, prompt="ROMEO:"):
 
 
 def cache_checks(quick, device, tmp, compiled=True):
-    """Every dtype x compile trains a few steps, then the KV cache (replayed where the device
-    records it) must compute what recomputation computes, within the precision's tolerance.
-    compiled False: no --compile (quick, or train.py --compile failed here: no compiler)."""
+    """Every dtype x compile (compiled False: no --compile) trains a few steps, then check_cache."""
     from machinery.precision import has_native_bf16
     preset, steps = ("tiny", 4) if quick else ("small", 20)
     shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
@@ -244,12 +232,9 @@ def cache_checks(quick, device, tmp, compiled=True):
 
 
 def check_cache(model, ctx, dtype, n=250):
-    """Does the KV cache compute what recomputation computes, here? Over a greedy text of n
-    tokens (recomputed), the largest difference between the two's logits, judged against the
-    precision's tolerance (8 units in the last place of the largest logit; TF32's where CUDA
-    multiplies float32 in TF32); and where the two greedy texts first part, with the recomputed
-    top-2 margin there. Once they part every later token differs, so a share of agreeing tokens
-    measures nothing; a parting at a near-tie is rounding, not a wrong cache."""
+    """The KV cache against recomputation over a greedy text of n tokens: the largest logit difference,
+    against 8 ulps of the largest logit (TF32's where CUDA uses it); where the greedy texts first part (every
+    later token differs), with the top-2 margin there (a near-tie: rounding, not a wrong cache)."""
     device = model.wte.weight.device
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with ctx:
@@ -307,9 +292,8 @@ def torchrun_check(tmp):
 
 
 def run_stamped(cmd, timeout=1800):
-    """Run cmd (python ... as a list) from the repository's root. Returns its exit code, wall
-    seconds, the seconds at which its standard output first showed anything, and its lines,
-    each (seconds since the start when it arrived, text); and its standard error's last lines."""
+    """Run cmd from the repository's root: its code, wall seconds, first_output (when stdout first showed
+    anything), lines [(seconds since the start, text)], chunks, and stderr's last lines."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err)

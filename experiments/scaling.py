@@ -1,6 +1,5 @@
-"""Scaling laws on this machine (bench.py scaling): every shape at every compute budget
-(IsoFLOP curves), the compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one
-shape on shares of the training text."""
+"""Scaling laws on this machine (bench.py scaling): every shape at every compute budget (IsoFLOP curves),
+the compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one shape on less of the text."""
 
 import json
 import math
@@ -30,9 +29,8 @@ SCALING_EVAL_ITERS = 30  # batches per split at each evaluation: a val loss to a
 
 
 def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
-    """A tiny-preset run of the given shape, trained by train.py's loop to steps (warmup a tenth
-    of it, the cosine to its end), on the first data_fraction of the training split. Evaluated
-    evals times, the last at the end: {"params", "flops", "val", "best_val", "train", "seconds"}."""
+    """A tiny-preset run of shape trained to steps (a tenth of them warmup) on the first data_fraction of
+    the train split and evaluated evals times, the last at the end: {"params", "flops", "val", ...}."""
     n_layer, n_embd, n_head = shape
     run = new_run("tiny", {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": steps,
                            "warmup_steps": max(1, min(100, steps // 10)), "eval_iters": SCALING_EVAL_ITERS,
@@ -74,11 +72,9 @@ def plan_scaling(seconds, flops, minutes, budgets, default):
 
 
 def fit_power_law(C, L):
-    """L(C) = L_inf + a * C^(-alpha), least squares with L_inf >= 0 (a loss has no negative floor):
-    for each alpha on a grid, L_inf and a are a linear fit (a alone when L_inf would fall below
-    0); the alpha with the smallest error (and a > 0) wins. Returns (L_inf, a, alpha, rms error),
-    or None when no alpha fits a falling curve. L_inf = 0 says this range of compute shows no
-    floor yet: the points lie on a straight line in log-log."""
+    """(L_inf, a, alpha, rms error) of L(C) = L_inf + a * C^(-alpha) by least squares, L_inf >= 0 (a loss has
+    no negative floor): a linear fit per alpha on a grid, the best with a > 0 wins; None if none fits a
+    falling curve. L_inf = 0: no floor in this range of compute yet, a straight line in log-log."""
     C, L = torch.tensor(C, dtype=torch.float64), torch.tensor(L, dtype=torch.float64)
     alphas = torch.linspace(0.01, 1.5, 1491, dtype=torch.float64)
     x = (C / C.min())[None, :] ** -alphas[:, None]  # (alphas, points)
@@ -95,9 +91,8 @@ def fit_power_law(C, L):
 
 
 def isoflop_minimum(rows):
-    """The compute-optimal point of one budget: a parabola through loss against log(params) of its
-    best three runs around the lowest, its vertex where it lies inside them, else the lowest run.
-    Returns (params, loss)."""
+    """The compute-optimal (params, loss) of one budget: the vertex of a parabola in log(params) through its
+    three runs around the lowest, where it lies among them, else the lowest run."""
     rows = sorted(rows, key=lambda r: r["params"])
     i = min(range(len(rows)), key=lambda j: rows[j]["val"])
     around = rows[max(0, min(i - 1, len(rows) - 3)):][:3]
@@ -111,9 +106,7 @@ def isoflop_minimum(rows):
 
 
 def bench_scaling(args):
-    """Scaling laws on this machine: every shape at every compute budget (IsoFLOP curves), the
-    compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one shape on fractions of
-    the training text; progress with an ETA, plots, and the size five minutes of compute buys."""
+    """The study, with progress and an ETA, saved after every run (--reuse continues it); then its summary."""
     shapes = SCALING_SHAPES[1:4] if args.quick else SCALING_SHAPES
     budgets_n, minutes = (3, 3.0) if args.quick else (args.budgets, args.minutes)
     saved = {}

@@ -64,10 +64,9 @@ def bench_train(args):
 
 
 def bench_generate(args):
-    """Decoding speed, ms per token, on random weights of the preset's shape: with the KV cache
-    (its one-token step recorded in a CUDA graph and replayed, where the device records one;
-    then the step as it is) and recomputing the whole context. Each path's first call, which pays
-    for allocations and kernel choices, is timed on its own, then its warm calls, interleaved."""
+    """Decoding ms per token on random weights of the preset's shape: the KV cache (replayed from a CUDA graph
+    where the device records one, and as it is) against full recompute. Each path's first call (allocations,
+    kernel choices) is timed alone, then its warm calls, interleaved."""
     from model import GPT
 
     from machinery import graphs

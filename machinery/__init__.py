@@ -1,6 +1,5 @@
-"""What a run needs besides the lesson, one module per concern. Importing the package does
-nothing but note the time: python train.py's first line imports it, before torch loads, and a
-time budget counts from there (budget.py)."""
+"""What a run needs besides the lesson, one module per concern. Importing it only notes the time:
+train.py imports it first, before torch loads, so a time budget counts from there."""
 
 import time
 

@@ -1,15 +1,5 @@
-"""generate.py --show_probs: sampled text annotated with the odds the model gave it.
-
-For every new token: its probability under the distribution it was drawn from (the sampler's
-own, sampling.next_token_probs: after temperature, top-k and top-p, of the logits generation
-hands to SamplerOdds), the entropy of that distribution in bits (how many ways the model was
-torn: 0 bits is certain, 1 bit a coin toss), and with --show_top K the K most likely tokens. A
-terminal gets the text coloured by probability; a file or a pipe gets one aligned row per token.
-Every sample ends with its mean log-probability, perplexity and mean entropy.
-
-sampling.generate hands each step's tokens and logits to SamplerOdds, which gives them with their
-odds to an Annotator; generate.sample_checkpoint asks that for each sample's report.
-"""
+"""generate.py --show_probs: each new token with its probability under the distribution it was drawn
+from, that distribution's entropy in bits and, with --show_top K, the K likeliest tokens."""
 
 import math
 import sys
@@ -45,16 +35,14 @@ def entropy_bits(probs):
 
 
 def paint(text, p):
-    """text in the ANSI colour of probability p's band. Line ends stay outside the colour
-    codes, which some terminals would otherwise carry onto the next line."""
+    """text in the colour of p's band, line ends outside the codes (some terminals carry colour over them)."""
     code = next(code for low, code, _ in BANDS if p >= low)
     return "\n".join(f"\033[{code}m{part}{RESET}" if part else "" for part in text.split("\n"))
 
 
 class SamplerOdds:
-    """sampling.generate's on_token for --show_probs: every step's tokens (B, 1) and the
-    distribution they were drawn from (next_token_probs of the step's logits: temperature,
-    top-k, top-p), handed to the annotator together."""
+    """sampling.generate's on_token: hands each step's tokens (B, 1) to the annotator with the
+    distribution they were drawn from (next_token_probs of the step's logits)."""
 
     def __init__(self, annotator, sampler):
         self.annotator, self.sampler = annotator, sampler  # config.Sampler: how the tokens were drawn
@@ -65,9 +53,8 @@ class SamplerOdds:
 
 @torch.inference_mode()
 def forced_steps(model, idx, new_tokens, use_cache=True):
-    """Generation's logits at every step of a given continuation new_tokens (B, n) of idx (B, T),
-    computed as generation computes them (sampling.Context: the context rule, the KV cache), the
-    given tokens fed in as if sampled: yields (token (B, 1), logits (B, V)) per step."""
+    """Yields (token (B, 1), logits (B, V)) per step of new_tokens (B, n) fed after idx (B, T) as if
+    sampled, the logits computed as generation computes them (sampling.Context: context rule, KV cache)."""
     context = Context(model, use_cache)
     for t in range(new_tokens.size(1)):
         logits = context.next_logits(idx)  # (B, V)
@@ -77,8 +64,7 @@ def forced_steps(model, idx, new_tokens, use_cache=True):
 
 
 def model_odds(model, idx, new_tokens, use_cache=True):
-    """The model's own distribution (temperature 1) at every step of the continuation: yields
-    (token (B, 1), probs (B, V)). For --show_probs after beam search, and for scoring any decoding."""
+    """forced_steps with the model's own distribution (temperature 1): yields (token (B, 1), probs (B, V))."""
     for token, logits in forced_steps(model, idx, new_tokens, use_cache):
         yield token, torch.softmax(logits.float(), dim=-1)
 
@@ -88,10 +74,9 @@ def legend():
 
 
 def token_piece(tokenizer, token):
-    """One token's text; or its bytes, for a byte-level token that is only part of a
-    character (a UTF-8 sequence cut short, which has no text of its own)."""
+    """One token's text, or its bytes where it is only part of a UTF-8 character (which has no text)."""
     text = tokenizer.decode([token])
-    if "\ufffd" in text and isinstance(tokenizer, ByteLevelTokenizer):  # BPE and GPT-2
+    if "\ufffd" in text and isinstance(tokenizer, ByteLevelTokenizer):
         raw = tokenizer.enc.decode_single_token_bytes(token)
         try:
             raw.decode("utf-8")
@@ -101,8 +86,7 @@ def token_piece(tokenizer, token):
 
 
 def token_label(tokenizer, token):
-    """One token as a row shows it: its text quoted, line ends and tabs escaped ('\\n'), or
-    its bytes, b'\\xe2\\x80'."""
+    """A row's token: its text quoted, line ends and tabs escaped ('\\n'), or its bytes, b'\\xe2\\x80'."""
     return repr(token_piece(tokenizer, token))
 
 
@@ -112,9 +96,8 @@ def columns(text):
 
 
 class Pieces:
-    """Sampled tokens to text, one piece at a time, each with the joint probability of the
-    tokens that make it: a byte-level token can end mid-character, so it waits for the
-    tokens that complete the character."""
+    """Sampled tokens to text in whole characters, each piece with the joint probability of its
+    tokens: a byte-level token can end mid-character, and then waits for the rest."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.p = tokenizer, [], 1.0
@@ -137,8 +120,7 @@ class Pieces:
 
 
 def summary(steps):
-    """Mean log-probability (nats), perplexity exp(-mean), mean entropy and total log-probability of a
-    sample's steps."""
+    """A sample's mean and total log-probability (nats), perplexity exp(-mean) and mean entropy."""
     total = sum(math.log(s.p) for s in steps)
     mean_logp, mean_h = total / len(steps), sum(s.entropy for s in steps) / len(steps)
     return (f"{len(steps)} tokens: mean log-probability {mean_logp:.3f} nats | perplexity {math.exp(-mean_logp):.3f} "
@@ -146,9 +128,7 @@ def summary(steps):
 
 
 class Annotator:
-    """Collects every sample's Steps as the sampler yields them (generate.sample calls begin,
-    add for each step, then end) and writes them out: the first sample live while it is
-    streamed, every sample afterwards on request (report)."""
+    """Every sample's Steps as drawn (begin, add, end): the first written live, any one later by report."""
 
     def __init__(self, tokenizer, top=0, colour=False):
         self.tokenizer, self.top, self.colour = tokenizer, top, colour
@@ -201,7 +181,7 @@ class Annotator:
     def report(self, i):
         """Sample i as text annotated: coloured, or followed by its rows; then its summary."""
         steps = self.samples[i]
-        if not self.rows_mode:  # coloured text
+        if not self.rows_mode:
             pieces, body = Pieces(self.tokenizer), self.tokenizer.decode(self.prompt)
             for s in steps:
                 if s.token != self.stop and (piece := pieces.add(s.token, s.p)):

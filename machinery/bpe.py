@@ -1,13 +1,6 @@
-"""Byte-level tokenizers: BPE learned from your text (--tokenizer bpe) and OpenAI's GPT-2
-(--tokenizer gpt2), both encoded by tiktoken. A deep dive: the default run uses characters
-(utils.py) and never calls this.
-
-The textbook algorithm: start from the 256 byte values, count every adjacent pair of tokens in
-the text, merge the most frequent pair into a new token, and repeat until the vocabulary is
-full. train_bpe does exactly that, fast: it counts over each distinct pre-token ("word") once,
-keeps the pair counts in a heap, and after each merge recounts only the words that held the
-merged pair.
-"""
+"""Byte-level tokenizers, encoded by tiktoken (fast, in Rust): BPE learned from your text (--tokenizer bpe)
+and OpenAI's GPT-2 (--tokenizer gpt2); the default run uses characters (utils.py). train_bpe is textbook
+BPE made fast: distinct words counted once, pair counts in a heap, only merged words recounted."""
 
 import heapq
 from collections import Counter
@@ -18,9 +11,7 @@ import tiktoken
 from config import EOT, TinyLLMError
 
 
-# GPT-2's pre-tokenisation regex, exactly as in tiktoken's gpt2 encoding: it cuts text into
-# contractions, words, numbers, punctuation runs and whitespace, each with an optional
-# leading space. BPE merges never cross these pieces, so " the" and "the." stay apart.
+# GPT-2's pre-tokenisation regex, as in tiktoken: BPE merges never cross the pieces it cuts text into
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
@@ -49,9 +40,8 @@ def _merge(ids, pair, new_id):
 
 
 def _merge_words(words, freqs, where, pair, new_id, counts):
-    """Merge pair into new_id in every word that contains it, and update counts and where by the
-    difference between each word's old and new pairs. Returns the pairs whose count changed
-    and is still positive (they need a fresh heap entry)."""
+    """Merge pair into new_id in every word holding it, updating counts and where. Returns the pairs
+    whose count changed and is still positive: they need a fresh heap entry."""
     delta = Counter()
     for w in where.pop(pair):
         old, n = words[w], freqs[w]
@@ -81,27 +71,19 @@ def _merge_words(words, freqs, where, pair, new_id, counts):
 
 
 def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), verbose=False):
-    """Learn a byte-level BPE vocabulary from `text`.
-
-    Returns the list of token byte strings in rank order: tokens[i] is the bytes of token i.
-    The first 256 are the single bytes 0..255, each later one is the merge of two earlier ones.
-    vocab_size counts the special tokens too, so len(tokens) == vocab_size - len(special_tokens)
-    (or fewer, if the text runs out of pairs to merge).
-
-    Each round merges the most frequent adjacent pair. Ties go to the pair whose byte strings
-    (left, right) sort first, so the result is fully deterministic.
-    """
+    """BPE learned from text: the token byte strings by rank, the 256 single bytes first, then merges of
+    two earlier ones, vocab_size - len(special_tokens) in all (fewer if the text runs out of pairs). Each
+    round merges the most frequent pair; a tie goes to the (left, right) bytes that sort first."""
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
         raise TinyLLMError(f"bpe vocab_size must be at least {256 + len(special_tokens)} "
                            f"(256 bytes + {len(special_tokens)} special), got {vocab_size}")
 
-    # 1. pre-tokenise into unique pieces ("words") with their counts; BPE only ever sees
-    #    one word at a time, so each distinct word is processed once, weighted by its count
+    # 1. pre-tokenise into distinct words with their counts: merges never cross a word, so each is done once
     word_counts = Counter()
     for chunk in split_special(text, special_tokens):
         word_counts.update(regex.findall(pattern, chunk))
-    words = [list(w.encode("utf-8")) for w in word_counts]  # each word as a list of token ids
+    words = [list(w.encode("utf-8")) for w in word_counts]
     freqs = list(word_counts.values())
 
     # 2. count every adjacent pair, and remember which words contain it
@@ -114,9 +96,8 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
             counts[pair] += n
             where.setdefault(pair, set()).add(w)
 
-    # 3. a max-heap of (count, pair), keyed for the tie rule. Instead of updating entries in
-    #    place we push a fresh one whenever a count changes; an entry whose count no longer
-    #    matches `counts` is stale and skipped when popped ("lazy invalidation").
+    # 3. a max-heap of (count, pair), keyed for the tie rule. A changed count pushes a fresh entry;
+    #    one that no longer matches `counts` is stale, skipped when popped ("lazy invalidation")
     def entry(pair):
         return (-counts[pair], tokens[pair[0]], tokens[pair[1]], pair)
     heap = [entry(pair) for pair in counts]
@@ -126,9 +107,8 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
     while len(tokens) < target and heap:
         neg_count, _, _, pair = heapq.heappop(heap)
         if counts.get(pair, 0) != -neg_count:
-            continue  # stale entry
-        # the new token is the two byte strings glued. Should those bytes already be a token
-        # (two different pairs spelling the same string; rare), reuse its id: ranks are unique
+            continue
+        # two different pairs can spell the same bytes (rare): reuse that token's id, ranks are unique
         merged = tokens[pair[0]] + tokens[pair[1]]
         new_id = token_id.get(merged)
         if new_id is None:
@@ -144,11 +124,10 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
     return tokens
 
 
-# ----------------------------------------------------------------------------- the tokenizers, encoded by tiktoken (a fast Rust encoder)
+# ----------------------------------------------------------------------------- the tokenizers
 
 class ByteLevelTokenizer:
-    """Byte-level: any text encodes, and a slice of ids can end mid-character. Subclasses set
-    self.enc, a tiktoken.Encoding."""
+    """Byte-level: any text encodes, and ids can end mid-character. Subclasses set self.enc (tiktoken)."""
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special="all")  # "<|endoftext|>" in text -> eot_id
@@ -161,9 +140,8 @@ class ByteLevelTokenizer:
 
 
 class BPETokenizer(ByteLevelTokenizer):
-    """Our trained byte-level BPE; tiktoken does the encoding (the tests check it gives the ids
-    of the textbook algorithm: repeatedly merge the adjacent pair of lowest rank).
-    Ids: 0..len(tokens)-1 are the byte tokens by rank, then the special tokens in order."""
+    """Our trained BPE, encoded by tiktoken (the tests check it gives the textbook algorithm's ids).
+    Ids: 0..len(tokens)-1 are the tokens by rank, then the special tokens in order."""
 
     def __init__(self, tokens, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
         self.tokens = [bytes(t) for t in tokens]
@@ -193,8 +171,7 @@ def gpt2_encoding():
 
 
 class GPT2Tokenizer(ByteLevelTokenizer):
-    """OpenAI's GPT-2 tokenizer (50,257 tokens, "<|endoftext|>" = 50256). tiktoken downloads
-    its files on first use and caches them, so this needs network at least once."""
+    """OpenAI's GPT-2 tokenizer: 50,257 tokens, "<|endoftext|>" = 50256."""
 
     def __init__(self):
         try:

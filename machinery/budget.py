@@ -1,15 +1,7 @@
-"""How far a run is: the progress that optim.get_lr's schedule is a function of, 0 at the end
-of the warmup and 1 at the end of the run.
-
-A run given --max_steps ends at max_steps, and its progress moves on by one step's share at
-every step. A --time_budget run (the default on a CPU or a Mac) ends when its time is up: at
-every progress line aim() estimates the step at which the time will be spent, from the pace of
-the latest steps, the last evaluation and the closing sample, and progress goes on in a
-straight line from where it is to 1 at that step. So the learning rate never jumps, whatever
-the machine's pace does, and it reaches min_lr as the time runs out. A resume that gives a new
---max_steps re-aims the same way. Where progress was last aimed from and the end it aims at are
-TrainState's progress_from and end_step: every checkpoint saves them.
-"""
+"""A run's progress, which optim.get_lr's schedule is a function of: 0 at the end of the warmup, 1 at the
+end (max_steps, or where a --time_budget runs out). A time budget re-estimates its end at every progress
+line and goes on in a straight line from where it is, so the LR never jumps whatever the pace does, and
+reaches min_lr as the time runs out. TrainState.progress_from and end_step hold the aim."""
 
 import math
 import time
@@ -28,8 +20,7 @@ SAFETY = 0.01     # of a time budget: for the process's exit, and drift after th
 
 
 def progress(step, progress_from, end_step):
-    """How far the run is at step: from progress_from = [step0, progress0], in a straight line
-    to 1 at end_step."""
+    """Progress at step: a straight line from progress_from = [step0, progress0] to 1 at end_step."""
     step0, progress0 = progress_from
     if step >= end_step:
         return 1.0
@@ -39,8 +30,8 @@ def progress(step, progress_from, end_step):
 
 
 def start_and_end(state, cfg):
-    """(progress_from, end_step) of the run now: from the end of the warmup at 0 unless re-aimed
-    since; to max_steps, or to a time budget's latest estimate (none yet: progress waits at 0)."""
+    """(progress_from, end_step): from 0 at the warmup's end unless re-aimed; to max_steps, or to a time
+    budget's latest estimate (none yet: progress waits at 0)."""
     start = state.progress_from or [cfg.warmup_steps, 0.0]
     end = (state.end_step if state.end_step is not None else math.inf) if cfg.time_budget else cfg.max_steps
     return start, end
@@ -52,18 +43,15 @@ def run_progress(state, cfg):
 
 
 def resume_at(state, cfg, old_end):
-    """A resumed run given a new end (--max_steps): progress goes on from where the old end had
-    it, to 1 at the new end."""
+    """A new end on resume (--max_steps): progress goes on from where old_end had it, to 1 at the new end."""
     if state.step >= cfg.warmup_steps:
         state.progress_from = [state.step, progress(state.step, start_and_end(state, cfg)[0], old_end)]
     state.end_step = None
 
 
 class Clock:
-    """A run's progress as the loop asks for it: progress() for the schedule, at_end() for the
-    loop, and what the loop tells it, evaluated() and paced(), which a time budget uses to aim the
-    end and a run of --max_steps does not need. time_sample: the closing sample's seconds, asked
-    for only under a time budget, which keeps room for it."""
+    """The loop's progress and end; evaluated() and paced() matter only to a time budget, which aims its end
+    by them. time_sample(run): the closing sample's seconds, asked only under a budget (it keeps room)."""
 
     def __init__(self, run, time_sample):
         self.state, self.cfg = run.state, run.cfg
@@ -91,8 +79,7 @@ class Clock:
 
 
 class Budget:
-    """A --time_budget run's time: how much of it is spent (this process's, from when python
-    train.py started, and the run's earlier processes'), and where that puts the run's end."""
+    """A --time_budget run's time spent (since train.py started, plus earlier processes') and its end."""
 
     def __init__(self, run, sample_seconds):
         self.seconds = parse_duration(run.cfg.time_budget)
@@ -104,17 +91,14 @@ class Budget:
         return self.earlier + now() - self.started
 
     def evaluated(self, seconds, state, cfg, step_seconds):
-        """An evaluation took seconds (its saves and plots included): room is kept for one more
-        at the end, and the end is re-aimed."""
+        """An evaluation took seconds (saves and plots included): keep room for one more, and re-aim."""
         state.eval_seconds = seconds
         self.aim(state, cfg, step_seconds)
 
     def end_step(self, state, cfg, step_seconds):
-        """The step at which the budget runs out: the most steps that fit, with the evaluations due
-        among them, in what is left less the last evaluation, the closing sample and SAFETY (an
-        evaluation that came unforeseen would pull the end in to where it is, leaving the
-        schedule short of its end). None before a step is timed. A budget that would end the run
-        within its warmup is refused."""
+        """Where the budget runs out: the most steps (and their due evaluations) that fit in what is left
+        less one more evaluation (an unforeseen one would cut the schedule short), the closing sample and
+        SAFETY. None before a step is timed; an end within the warmup is refused."""
         left = self.seconds * (1 - SAFETY) - self.spent() - state.eval_seconds - self.sample_seconds
         if not step_seconds:
             if left <= 0:
@@ -144,10 +128,8 @@ class Budget:
             f"least {need / (1 - SAFETY):.0f}s")
 
     def aim(self, state, cfg, step_seconds):
-        """At a progress line or an evaluation: aim the run's progress at the step where the
-        budget runs out, from where it is now, in a straight line (rank 0 estimates, every rank
-        follows; an error on rank 0 is the same one-line error on every rank). During the warmup
-        the line starts at the warmup's end."""
+        """Aim progress straight from here (in the warmup: from its end) to where the budget runs out.
+        Rank 0 estimates, every rank follows; an error on rank 0 is raised on every rank."""
         end = None
         if self.master:
             try:

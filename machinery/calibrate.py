@@ -1,9 +1,5 @@
-"""--dtype auto on a CPU with bfloat16 instructions (AVX512-BF16, AMX): bfloat16 can be faster
-or slower than float32 there, so both are timed with a few trial steps before training starts,
-and bfloat16 is taken only if it is clearly faster. The trial steps leave nothing behind: the
-weights, the optimizer, the loss scale and every random number generator are put back. A
-resumed run keeps what its first process measured (TrainState.plan).
-"""
+"""--dtype auto on a CPU with bfloat16 instructions, where bfloat16 can be faster or slower than float32:
+trial steps time both, and bfloat16 is taken only if clearly faster (a resume keeps TrainState.plan)."""
 
 import contextlib
 import copy
@@ -15,9 +11,8 @@ from machinery.distributed import broadcast_from_master
 from machinery.precision import autocast
 
 
-# bfloat16 must beat float32 by this much before --dtype auto takes it: at equal steps it
-# ends about 0.012 higher in val loss (docs/recipe_search.md), which about a quarter more
-# steps win back in a five-minute run.
+# bfloat16 must beat float32 by this much: at equal steps it ends about 0.012 higher in val loss
+# (docs/recipe_search.md), which about a quarter more steps win back in a five-minute run
 BF16_MARGIN = 1.25
 UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allocations and kernel choices
 TIMED_STEPS = 8          # per candidate precision, after those
@@ -30,7 +25,6 @@ def measure_dtype(run, train_step):
 
 
 def choose_dtype(seconds):
-    """bfloat16 only if it is clearly faster than float32 here."""
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
     if ratio >= BF16_MARGIN:
         return {"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"}
@@ -39,8 +33,7 @@ def choose_dtype(seconds):
 
 @contextlib.contextmanager
 def trial(run):
-    """Train for measurement only: afterwards the weights, the optimizer's state, the loss
-    scale and every random number generator are exactly as they were."""
+    """Train for measurement only: weights, optimizer state, loss scale and every RNG are put back after."""
     weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     optimizer = copy.deepcopy(run.optimizer.state_dict())
     scaler = copy.deepcopy(run.scaler.state_dict()) if run.scaler else None
@@ -57,9 +50,8 @@ def trial(run):
 
 
 def interleaved(calls, untimed, timed):
-    """Seconds of each timed call of each function in calls, the functions interleaved call by
-    call so that a machine that drifts slows them alike. The first untimed calls of each pay
-    one-time costs (allocations, kernel choices, compilation) and are not timed."""
+    """Seconds of each timed call of each function, interleaved so that drift slows them alike; the first
+    untimed calls pay one-time costs (allocations, kernel choices, compilation)."""
     times = [[] for _ in calls]
     for i in range(untimed + timed):
         for call, seconds in zip(calls, times):

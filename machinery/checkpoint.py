@@ -1,13 +1,6 @@
-"""Checkpoint files: read this when you need to know what a checkpoint holds, how it is
-written so that a crash at any moment never leaves a broken file, how it is read back without
-ever running code from it, and how a model (and its tokenizer) is rebuilt from one. Both
-train.py and generate.py load through here.
-
-A checkpoint is a dict of tensors and plain Python data:
-    model         the weights (state_dict)          model_config   GPTConfig as a dict
-    tokenizer     the tokenizer as plain data       step, best_val_loss, history, ...
-and, in last.pt, what --resume needs: optimizer, train_config, rng, scaler.
-"""
+"""Checkpoint files: written atomically, read without running code, a model and tokenizer rebuilt from
+one. A checkpoint is a dict of tensors and plain data: model (state_dict), model_config (GPTConfig as a
+dict), tokenizer, step, best_val_loss, history, ...; last.pt adds optimizer, train_config, rng, scaler."""
 
 import contextlib
 import dataclasses
@@ -29,14 +22,12 @@ from machinery.cli import first_line
 CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")
 
 
-# torch's own writer and reader, named here: a test stands in for them (a disk that fills up
-# half-way through a file, a record of how a file is read) without replacing torch's functions
+# torch's writer and reader by names of ours: a test stands in for them without replacing torch's functions
 write, read = torch.save, torch.load
 
 
 def save_checkpoint(path, checkpoint):
-    """Write atomically: a temp file in the same folder, flushed and fsynced, then renamed
-    over the target. A crash at any moment leaves the old file intact."""
+    """Write atomically (a temp file beside it, fsynced, renamed over it): a crash leaves the old file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -94,9 +85,8 @@ def load_checkpoint(path):
 
 
 def refused_as_unsafe(error):
-    """Whether torch.load(weights_only=True) refused a file because it holds more than tensors
-    and plain data (torch's message then advises weights_only=False, which we never do). A
-    library may raise its own error while handling torch's (transformers does): the chain counts."""
+    """Whether torch.load(weights_only=True) refused a file for holding more than tensors and plain data;
+    the whole chain counts, as a library (transformers) may raise its own error while handling torch's."""
     seen = set()
     while error is not None and id(error) not in seen:  # a chain can loop back on itself
         if "weights only" in str(error).lower():
@@ -134,10 +124,9 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 
 def extend_tokenizer(tokenizer, text, extend, path):
-    """(tokenizer, old_ids, added) for training on text: the tokenizer as it is when it knows
-    every character of text (old_ids None, added []); when it lacks some and extend (fine-tuning),
-    a char tokenizer that also knows them, appended after the known ones, with old_ids[i] the id
-    token i had before (None for an added character) and added the new characters; else an error."""
+    """(tokenizer, old_ids, added) for text: the tokenizer, None, [] if it knows every character; else with
+    extend (fine-tuning) a char tokenizer with the new characters appended, old_ids[i] the id token i had
+    (None: added), and the added characters; else a TinyLLMError."""
     missing = tokenizer.unknown_chars(text)
     if not missing:
         return tokenizer, None, []
@@ -179,9 +168,8 @@ def tokenizer_from_dict(d):
 
 
 def load_model(path):
-    """(model, tokenizer, checkpoint) for sampling or evaluation: loaded on the CPU, model in
-    eval mode (move it where it should run), optimizer state dropped, since only training
-    needs it and on a GPU it would take as much memory again as the weights."""
+    """(model, tokenizer, checkpoint) on the CPU, model in eval mode, optimizer state dropped: only training
+    needs it, and on a GPU it would take as much memory again as the weights."""
     checkpoint = load_checkpoint(path)
     checkpoint.pop("optimizer", None)
     model = model_from_checkpoint(checkpoint, path).eval()
@@ -189,7 +177,6 @@ def load_model(path):
 
 
 def make_checkpoint(model, model_cfg, tokenizer, **extra):
-    """A checkpoint dict: the weights, the model's shape and the tokenizer, plus extra entries."""
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model_cfg),
             "tokenizer": tokenizer.to_dict(), **extra}
 
@@ -202,10 +189,8 @@ def describe_checkpoint(checkpoint):
 
 @torch.no_grad()
 def grow_vocabulary(model, old_ids):
-    """Give a model (fine-tuned on text with new characters) a new vocabulary: token i of the
-    new one takes the embedding row old_ids[i], or, where old_ids[i] is None (a token the
-    model has never seen), the mean of the old rows, a neutral start. The tied output head
-    follows, since it is the same matrix; every other weight is kept."""
+    """A new vocabulary for fine-tuning on new characters: token i's embedding is old row old_ids[i], or
+    where None the mean of the old rows, a neutral start. The tied output head follows."""
     old = model.wte.weight
     known = [i for i in old_ids if i is not None]
     rows = [old[i] if i is not None else old[known].mean(dim=0) for i in old_ids]

@@ -1,11 +1,5 @@
-"""The command line: read this when you need to know how a flag is made from a setting in
-config.py (with its meaning, allowed values and the default this machine will use), how bad
-input becomes one `error:` line and exit status 2 instead of a traceback, how outputs are
-checked for writability before long work starts, and how the scripts print.
-
-The scripts' main() run under run_cli (all but config.py's, which takes no input); those
-whose flags are settings of config.py build them with add_config_flags.
-"""
+"""The scripts' command line: flags made from config.py's settings, bad input as one `error:` line and
+exit status 2 instead of a traceback, outputs checked for writability before long work, and printing."""
 
 import argparse
 import dataclasses
@@ -41,10 +35,9 @@ def bool_flag(text):
 
 
 def add_config_flags(parser, cls, defaults=None, names=None, title=None):
-    """One --flag per field of cls, spelled like the field, with its meaning, allowed values and
-    default in --help. defaults: {name: (value, where it comes from)} for defaults that are not
-    the dataclass's own (a preset's, or what auto means on this machine). Every flag's value
-    is None unless given, so the user's choices can be told from the defaults."""
+    """One --flag per field of cls, with its meaning, allowed values and default in --help. defaults:
+    {name: (value, where it comes from)} where not the dataclass's own (a preset's, auto's meaning here).
+    A flag not given is None, so the user's choices can be told from the defaults."""
     group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
@@ -66,7 +59,6 @@ def add_config_flags(parser, cls, defaults=None, names=None, title=None):
 
 
 def explicit_flags(args):
-    """The settings given on the command line: {name: value}."""
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
@@ -97,8 +89,7 @@ def first_line(e):
 
 
 def check_writable(path, flag, make_folder=False):
-    """Find out before long work, not after it, whether the file path can be written; with
-    make_folder, its folder is created first (where the save would create it too)."""
+    """Check before long work that path can be written (make_folder: make its folder, as a save would)."""
     if os.path.isdir(path):
         raise TinyLLMError(f"{flag} {path} is a folder")
     existed = os.path.exists(path)
@@ -134,7 +125,7 @@ def run_cli(main, argv=None):
     except Exception:
         if not in_process_group():
             raise
-        traceback.print_exc()  # a bug: its traceback, then out without the usual teardown (see leave)
+        traceback.print_exc()  # a bug: its traceback, then out without the usual teardown
         leave(1)
     leave(0)
 
@@ -158,11 +149,9 @@ def in_process_group():
 
 
 def leave(code):
-    """Exit with code. One of several processes under torchrun, still in their process group (an
-    error, a stop signal) or just out of it (a finished run), leaves at once (os._exit, its output
-    flushed first): the usual teardown at interpreter exit could abort it, status -6 and
-    "terminate called without an active exception", as threads of the group's library outlive
-    the objects they work on. Checkpoints and history are written, synced and closed by then."""
+    """Exit with code; one of several processes under torchrun leaves at once (os._exit, output flushed):
+    the usual teardown could abort it (status -6, "terminate called without an active exception"), as the
+    process group library's threads outlive the objects they work on. Files are written and synced by then."""
     sys.stdout.flush()
     sys.stderr.flush()
     if in_process_group() or ("RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"):

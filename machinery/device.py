@@ -1,16 +1,5 @@
-"""Where the numbers are computed: read this when you need to know how a run picks its device
-(a CUDA GPU, an Apple-silicon Mac, the CPU), how many CPU threads it uses, how its random
-number generators are seeded and saved for an exact resume, and how fast the chip could go
-(for MFU). precision.py decides the number format, distributed.py handles several processes.
-
-What `python train.py` picks with no flags (the README's per-platform table):
-    CUDA, compute capability 8.0+ (A100, L4, H100, RTX 30xx+)  small, bfloat16 autocast, TF32 matmuls
-    CUDA, older (T4, V100)                                    small, float16 autocast + gradient scaler
-    Apple silicon (MPS)                                       tiny for 5 minutes, float32
-    CPU with AVX512-BF16 or AMX (recent Xeon, EPYC, Ryzen)    tiny for 5 minutes, bfloat16 autocast if
-                                                              it measures 1.25x float32's speed (calibrate.py)
-    other CPUs                                                tiny for 5 minutes, float32
-"""
+"""Where the numbers are computed: the device (a CUDA GPU, an Apple-silicon Mac, the CPU), its threads,
+the random number generators (seeded, and saved for an exact resume) and the chip's peak FLOP/s (MFU)."""
 
 import contextlib
 import random
@@ -72,9 +61,7 @@ def configure_matmul(device):
 # ----------------------------------------------------------------------------- threads
 
 def set_threads(n=0):
-    """Use n CPU threads for torch's kernels; 0 keeps torch's default, one per physical core.
-    Returns the count in use. (The scripts also shorten how long an idle OpenMP thread spins
-    before it sleeps: machinery/openmp.py.)"""
+    """Use n CPU threads for torch's kernels (0: torch's default, one per physical core); returns how many."""
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
@@ -102,8 +89,7 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Restore what rng_state saved. A run resumed on fewer GPUs than it was saved on gets
-    the states of the GPUs it has, and is told which could not be restored."""
+    """Restore what rng_state saved; on fewer GPUs than saved, those it has, with a note about the rest."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, key, pos, has_gauss, cached = state["numpy"]
@@ -122,9 +108,8 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- peak FLOPs, for MFU
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s, by the exact name the GPU gives (hardware.gpu_name),
-# per autocast dtype. float32 means TF32 where the GPU has it (configure_matmul turns it on).
-# A name that is not here gets no MFU rather than a wrong one.
+# Dense tensor-core peaks in TFLOP/s per autocast dtype, by the GPU's exact name; float32 means TF32 where
+# the GPU has it (configure_matmul turns it on). A name not here gets no MFU rather than a wrong one.
 _A100 = {"bfloat16": 312, "float16": 312, "float32": 156}
 _H100_SXM = {"bfloat16": 989, "float16": 989, "float32": 495}
 _V100_SXM = {"float16": 125, "float32": 15.7}

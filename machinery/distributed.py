@@ -1,10 +1,5 @@
-"""Several processes under torchrun (DDP): read this when you need to know how the ranks find
-each other (Gloo on CPUs, NCCL on GPUs), how their gradients are averaged once per step, and
-how they agree on evaluations, stop signals and plans. Without torchrun every function here
-is a no-op for one process.
-
-`torchrun --nproc_per_node=N train.py ...` sets RANK, LOCAL_RANK and WORLD_SIZE for each process.
-"""
+"""Several processes under torchrun (DDP: Gloo on CPUs, NCCL on GPUs), which sets RANK, LOCAL_RANK and
+WORLD_SIZE for each. Without torchrun every function here is a no-op for one process."""
 
 import contextlib
 import os
@@ -19,8 +14,8 @@ from machinery import hardware
 
 
 def setup_distributed(device):
-    """(rank, world size, device). Without torchrun's variables this is a plain single process.
-    Each GPU process binds its own GPU at init, so NCCL knows its device from the start."""
+    """(rank, world size, device); (0, 1, device) without torchrun. Each GPU process binds its own GPU at
+    init, so NCCL knows its device from the start."""
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -68,7 +63,6 @@ def rank_seed(seed, rank, step):
 
 
 def all_ranks_mean(values, world, device):
-    """Average a list of floats over the ranks (no-op for one process)."""
     if world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -77,7 +71,6 @@ def all_ranks_mean(values, world, device):
 
 
 def all_ranks_max(value, world, device):
-    """The largest of an int over the ranks (no-op for one process)."""
     if world == 1:
         return value
     t = torch.tensor([value], device=device)

@@ -1,15 +1,6 @@
-"""CUDA graphs for decoding: read this when you want to know how sampling.py's one-token step
-runs on an NVIDIA GPU. A small model's decoding step is a few hundred short kernels, and
-launching them from Python costs more than running them; a CUDA graph records the step's
-kernels once and replays them with one launch. That needs a step whose shapes, memory and
-control flow are the same every time: sampling.decode reads the position from the cache's
-tensor and writes the cache in place, so it qualifies.
-
-replayable(step, token, keep) hands back step itself on a CPU or a Mac, and on CUDA a Replayed
-step: the recorded step replayed on a fixed input buffer. The first replay is checked against
-the step run as it is; a recording that fails or disagrees leaves decoding as it was, with one
-warning line. Elsewhere the tests stand in a recording of their own for record (the one seam).
-"""
+"""CUDA graphs for decoding: a small model's one-token step is a few hundred short kernels that cost more
+to launch from Python than to run, so a graph replays them in one launch. That needs the same shapes, memory
+and control flow every step: sampling.decode reads its position from a tensor, writes the cache in place."""
 
 import contextlib
 
@@ -38,9 +29,8 @@ def recorder(device):
 
 
 def replayable(step, token, keep):
-    """step(token) -> logits as a function that replays a recording of it where the device can
-    record one (CUDA), else step itself. keep: the tensors step changes in place besides what it
-    writes by position (the cache's position), put back after each trial run."""
+    """step(token) -> logits replayed from a recording where the device records one (CUDA), else step. keep:
+    the tensors step changes in place other than by position (the cache's position), put back after trials."""
     record = recorder(token.device) if ENABLED else None
     return Replayed(step, record, keep) if record else step
 
@@ -84,9 +74,8 @@ def without_autocast_cache():
 
 
 class Replayed:
-    """step as a recording replayed: each call copies its token into the recording's input and
-    replays it. The first call records, replays once and runs step as it is from the same
-    state, to compare; a failure or a disagreement makes every later call run step as it is."""
+    """step recorded, each call replayed on its token. The first call also runs step from the same state to
+    compare; a failure or a disagreement warns once, and every later call runs step as it is."""
 
     def __init__(self, step, record, keep):
         self.step, self.record, self.keep = step, record, keep

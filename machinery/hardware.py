@@ -1,10 +1,6 @@
-"""What this machine has: the one place tinyllm asks torch about the hardware (is there a CUDA
-GPU, which, how many; a Mac's GPU; a CPU's bfloat16 instructions) or tells it to change how the
-hardware works. Read this when you want to know how a test stands in for a machine it is not
-on: every caller asks through these functions by module (hardware.cuda_available(), never
-imported by name), so a test replaces one of them here. Tests never replace torch's own
-functions, which torch's internals (its compiler, its optimizers) read too.
-"""
+"""The one place tinyllm asks torch about the hardware or changes how it works. Callers use the module
+(hardware.cuda_available(), never imported by name), so a test stands in for a machine here rather than in
+torch, whose own functions torch's internals (compiler, optimizers) read too."""
 
 import warnings
 
@@ -66,7 +62,6 @@ def gradient_scaler(device_type):
 
 
 def use_gpu(device):
-    """Make device this process's current GPU (each process of a multi-GPU run has its own)."""
     torch.cuda.set_device(device)
 
 

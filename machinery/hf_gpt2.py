@@ -1,14 +1,6 @@
-"""OpenAI's GPT-2 weights in and out of our GPT, through Hugging Face transformers.
-
-    python -m machinery.hf_gpt2 import gpt2 --out checkpoints/gpt2.pt      # then: python generate.py --checkpoint checkpoints/gpt2.pt
-    python -m machinery.hf_gpt2 import path/to/hf_folder --out checkpoints/mine.pt
-    python -m machinery.hf_gpt2 export --checkpoint checkpoints/best.pt --out hf_model/
-
-Our GPT with pos="learned", norm="layernorm", mlp="gelu", bias=True is GPT-2's architecture
-exactly, so every weight maps one to one: only the names differ, and four matrices are stored
-transposed (HF keeps them in Conv1D layers). transformers is needed for this file only
-(pip install transformers) and is imported inside the functions that use it.
-"""
+"""OpenAI's GPT-2 weights in and out of our GPT through Hugging Face transformers, which only this file needs
+(imported where used). Our GPT with pos="learned", norm="layernorm", mlp="gelu", bias=True is GPT-2
+exactly: every weight maps one to one, by another name, four of them transposed (CONV1D)."""
 
 import contextlib
 import dataclasses
@@ -81,11 +73,8 @@ def config_from_hf(hf, source, dropout=0.0):
 
 
 def load_gpt2(name_or_path, dropout=0.0):
-    """Our GPT (eval mode, float32) holding pretrained GPT-2 weights.
-
-    name_or_path: gpt2 | gpt2-medium | gpt2-large | gpt2-xl (downloaded once by transformers, then
-    cached), another Hub id, or a local folder written by save_pretrained. dropout is stored in the
-    config, for fine-tuning with train.py --init_from; loading itself is unaffected."""
+    """Our GPT (eval mode, float32) with the GPT-2 weights of name_or_path: a Hub id such as gpt2 (downloaded
+    once, then cached) or a save_pretrained folder. dropout only goes into the config, for fine-tuning."""
     name = str(name_or_path)
     # a path that does not exist is a typo, not a Hub id: say so instead of asking the Hub
     if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1):
@@ -129,9 +118,7 @@ def load_gpt2(name_or_path, dropout=0.0):
 
 
 def gpt2_checkpoint(model, tokenizer=None):
-    """A checkpoint dict for checkpoint.save_checkpoint: generate.py --checkpoint samples from it and
-    train.py --init_from fine-tunes it. tokenizer defaults to OpenAI's GPT-2 tokenizer; pass the
-    tokenizer dict yourself for a GPT-2-shaped model trained on another vocabulary."""
+    """A checkpoint dict of model; tokenizer: its dict, by default OpenAI's GPT-2 tokenizer's."""
     if tokenizer is None:
         if model.config.vocab_size < GPT2_VOCAB_SIZE:
             raise TinyLLMError(f"the model has a vocabulary of {model.config.vocab_size} tokens, too few for the "
@@ -162,9 +149,8 @@ def eot_id(tokenizer, vocab_size):
 
 
 def export_hf(source, folder):
-    """Write one of our GPT-2-compatible models (a checkpoint dict or a GPT) as a Hugging Face
-    folder that GPT2LMHeadModel.from_pretrained(folder) loads. Only the model is written: for
-    the GPT-2 tokenizer use AutoTokenizer.from_pretrained("gpt2")."""
+    """Write a GPT-2-compatible model (a checkpoint dict or a GPT) as a folder GPT2LMHeadModel.from_pretrained
+    loads; only the model (the GPT-2 tokenizer is AutoTokenizer.from_pretrained("gpt2"))."""
     if isinstance(source, GPT):
         model, tokenizer = source, None
     else:

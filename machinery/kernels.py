@@ -1,6 +1,4 @@
-"""Speed-only variants of the PyTorch kernels the model calls: the same function, computed
-faster on some machines. Read this when you want to know why attention runs in float32 under
-bfloat16 autocast on a CPU."""
+"""Speed-only variants of the PyTorch kernels the model calls: the same function, faster on some machines."""
 
 import torch
 import torch.nn.functional as F
@@ -9,10 +7,9 @@ fused_kernel = F.scaled_dot_product_attention  # by a name of ours, so a test ca
 
 
 def scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
-    """F.scaled_dot_product_attention; under bfloat16 autocast on a CPU, in float32. There a
-    bfloat16 attention (its backward above all) ran several times slower than float32's,
-    while the matmuls around it keep bfloat16's speed. An additive float mask is given in q's
-    dtype, as the kernel requires."""
+    """F.scaled_dot_product_attention, in float32 under bfloat16 autocast on a CPU: there bfloat16 attention
+    (its backward above all) ran several times slower than float32, while the matmuls around it keep
+    bfloat16's speed. A float mask is given in q's dtype, as the kernel requires."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False):

@@ -1,7 +1,6 @@
-"""Muon: a deep dive behind --optimizer muon (every preset trains with AdamW). Muon takes SGD
-momentum and replaces each update matrix by its nearest orthogonal matrix, so every direction
-of a weight moves by the same amount, however small its gradient. It suits the blocks' hidden
-matrices; embeddings, norms and biases keep AdamW (here written out, in Muon.step)."""
+"""Muon (--optimizer muon; every preset trains with AdamW): SGD momentum with each update matrix replaced by
+its nearest orthogonal matrix, so every direction of a weight moves alike, however small its gradient.
+For the blocks' hidden matrices; the other weights keep AdamW, written out here."""
 
 import torch
 
@@ -27,9 +26,8 @@ class Muon(torch.optim.Optimizer):
 
     @classmethod
     def for_model(cls, named_params, cfg):
-        """Muon on the blocks' 2-D weights (lr muon_lr, no decay); AdamW on the other matrices
-        (decayed) and on the vectors (not decayed). The schedule sets every group's lr (optim.set_lr);
-        the Muon group steps at lr times lr_scale, muon_lr / lr, so muon_lr is its peak."""
+        """Muon on the blocks' 2-D weights (no decay); AdamW on the other matrices (decayed) and vectors
+        (not). The schedule sets every group's lr; Muon's steps at lr * lr_scale, so muon_lr is its peak."""
         hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
         groups = [
             {"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0},

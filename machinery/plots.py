@@ -13,8 +13,7 @@ DPI = 90  # pixels per inch: a 7-inch-wide figure is 630 pixels
 
 
 def new_plot(height=3, width=7, grid=None):
-    """A figure and its axes from matplotlib's file-only backend (no display needed): one
-    axes, or a grid=(rows, cols) of them as a 2-D array."""
+    """A figure and its axes (a 2-D array for grid=(rows, cols)) from matplotlib's file-only backend."""
     import matplotlib  # imported here: generate.py and the tests that never plot skip its start-up
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -24,8 +23,7 @@ def new_plot(height=3, width=7, grid=None):
 
 
 def save_plot(fig, ax, path):
-    """Write the figure to path and close it. With ax: a line plot's legend, grid and tight
-    layout first; without: the figure exactly as drawn, at its own size."""
+    """Write the figure to path and close it; with ax, a line plot's legend, grid and tight layout first."""
     import matplotlib.pyplot as plt
     if ax is not None:
         if ax.get_legend_handles_labels()[0]:
@@ -38,8 +36,7 @@ def save_plot(fig, ax, path):
 
 
 def split_history(history):
-    """(progress rows, evaluation rows): the rows written every log_interval steps and the
-    rows written at each evaluation."""
+    """(progress rows, evaluation rows): written every log_interval steps, and at each evaluation."""
     return [h for h in history if h["kind"] == "train"], [h for h in history if h["kind"] == "eval"]
 
 

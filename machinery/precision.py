@@ -1,11 +1,5 @@
-"""Number formats: read this when you need to know which precision a run computes in and why
-(float32, bfloat16 autocast, or float16 autocast with loss scaling), and how a step whose
-gradients are not finite is skipped so that nothing non-finite reaches the weights.
-
-train.train_step uses what is built here through PyTorch's public API: the autocast context,
-torch.amp.GradScaler's scale / unscale_ / step / update, and optimizer.step(), which
-setup.ready has made skip a step that is not finite (finite_steps_only).
-"""
+"""Number formats: which precision a run computes in (float32, bfloat16, or float16 with loss scaling),
+and an optimizer.step() that skips non-finite steps, both used through PyTorch's public API only."""
 
 import contextlib
 import warnings
@@ -39,16 +33,14 @@ def has_native_bf16(device):
 
 
 def measured_on(device):
-    """Whether --dtype auto decides by timing both precisions (calibrate.py) on this device: a
-    CPU with bfloat16 instructions, where bfloat16 can be faster or slower than float32."""
+    """Whether --dtype auto times both precisions here (calibrate.py): on a CPU with bfloat16 instructions."""
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def resolve_dtype(name, device):
-    """The autocast precision: auto means bfloat16 where it is native (about 0.01 higher loss at
-    equal steps, for faster steps), float16 with a gradient scaler on older GPUs, float32
-    elsewhere. On a CPU with bfloat16 instructions that bfloat16 is provisional: calibrate.py
-    times both and keeps the faster (measured_on)."""
+    """The autocast precision. auto: bfloat16 where native (about 0.01 higher loss at equal steps, for faster
+    steps; on a CPU provisionally, as calibrate.py keeps the faster), float16 with a gradient scaler on older
+    GPUs, float32 elsewhere."""
     native = has_native_bf16(device)
     if name == "auto":
         if native:
@@ -102,14 +94,9 @@ def make_scaler(device, dtype):
 # ----------------------------------------------------------------------------- a step that is not finite
 
 def finite_steps_only(optimizer):
-    """Make optimizer.step() skip a step whose gradients are not finite (a loss that overflowed,
-    a learning rate far too high): the weights and the optimizer's state stay exactly as they
-    were, in every precision, so nothing non-finite reaches the weights. Under float16,
-    torch.amp.GradScaler.step skips such a step itself (for fused AdamW this then stands aside;
-    another optimizer's finite step is checked once more here). Fused AdamW
-    takes the skip as a flag on the device (found_inf: the protocol torch's own scaler uses), so
-    the step never waits for a GPU; another optimizer is told by its gradients' removal, which
-    reads the flag on the host. Returns the optimizer, with a pre- and a post-step hook."""
+    """The optimizer, hooked so that a step with non-finite gradients leaves weights and state exactly as
+    they were, in every precision. Fused AdamW is told by a flag on the device (found_inf, as GradScaler
+    does), so no step waits for a GPU; another optimizer by removing its gradients, a read on the host."""
     ours = []  # holds True while the flag on the optimizer is this function's
 
     def before_step(opt, args, kwargs):

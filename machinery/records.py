@@ -1,11 +1,6 @@
-"""What a run writes down, around the loop in train.py: read this when you need to know how a
-step's figures become progress lines and history rows, how evaluations are recorded and saved,
-and how a run ends.
-
-The loop hands each step's figures over as one dict ({"loss": ..., "lr": ..., "grad_norm": ...}):
-every figure in it is averaged over the steps of a progress line, printed on the line, and kept
-in history.json and history.csv, so a new figure is one more entry in train.py's dict.
-"""
+"""What a run writes down around train.py's loop: progress lines, evaluations, checkpoints, history, the end.
+Each step's figures come as one dict ({"loss": ..., "lr": ..., "grad_norm": ...}), each averaged per
+progress line, printed and kept in history.json and .csv: a new figure is one more entry in that dict."""
 
 import contextlib
 import csv
@@ -33,9 +28,8 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure is pr
 
 
 class Meter:
-    """This process's steps since the last progress line: their figures (tensors stay on the
-    device until a line or a save needs them: reading one makes a GPU wait) and the time they
-    took, evaluations and saves left out."""
+    """This process's steps since the last progress line: their figures, on the device until a line or a
+    save needs them (reading one makes a GPU wait), and their time, evaluations and saves left out."""
 
     def __init__(self, run):
         self.run, self.state, self.pending, self.seconds, self.steps, self.recent = run, run.state, [], 0.0, 0, []
@@ -45,9 +39,8 @@ class Meter:
         self.pending.append((self.state.step, figures))  # the step number after it: its loss is step - 1's
 
     def settle(self):
-        """Read the pending figures from the device in one go, into the state's window. A loss or
-        a gradient norm that is not finite stops the run with an error: such a step was skipped,
-        and because every save and line reads the steps here first, nothing after it is kept."""
+        """Read the pending figures in one go into the state's window. A non-finite loss or norm stops the
+        run: that step was skipped, and every save and line settles first, so nothing after it is kept."""
         if not self.pending:
             return
         self.seconds += budget.now() - self.mark  # the device has finished these steps only now
@@ -79,9 +72,7 @@ class Meter:
             self.last_pause = self.mark - start
 
     def row(self):
-        """The figures of the steps since the last row, each averaged over the steps where it is
-        finite (float16 skips a step whose gradients overflowed: its norm is inf), with their
-        speed; resets the window."""
+        """(figures, ms per step) since the last row, each figure averaged where finite; resets the window."""
         self.settle()
         figures = {}
         for row in self.state.window:
@@ -130,8 +121,7 @@ def progress_line(run, figures, ms, steps_shown):
 
 
 def speed(run, ms):
-    """(tokens per second, MFU) of steps of ms milliseconds: MFU is the share of the chips' peak
-    FLOP/s the steps use (None where the peak is not known)."""
+    """(tokens per second, MFU: the share of the chips' peak FLOP/s used, None if unknown) at ms per step."""
     tokens_per_s = run.cfg.batch_size * run.model_cfg.block_size / ms * 1000 if ms else 0.0
     peak = peak_flops(run.device, run.dtype)
     return tokens_per_s, flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
@@ -140,13 +130,10 @@ def speed(run, ms):
 # ----------------------------------------------------------------------------- evaluations
 
 def evaluation(run, losses, steps_shown):
-    """Record an evaluation ({"train": loss, "val": loss} of this process; steps_shown: the run's
-    end as the line shows it): a line and a history
-    row, last.pt (and best.pt when val improved), the plots. Returns why the run stops early
-    (--patience, --target_loss), else None."""
+    """Record an evaluation (losses: this process's {"train", "val"}; steps_shown: the end as lines show it):
+    a line, a history row, last.pt (best.pt if val improved), plots. Returns why the run stops, or None."""
     state, cfg = run.state, run.cfg
-    # each rank evaluated its share of the batches; the average is the same everywhere,
-    # so every rank takes the same best / early-stopping decisions
+    # each rank evaluated its share; the mean is the same everywhere, and so is every decision below
     train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
     improved = val_loss < state.best_val_loss
     if improved:
@@ -196,7 +183,6 @@ def save(run, name):
 
 
 def save_periodic(run):
-    """ckpt_STEP.pt, keeping the last keep_last of them."""
     save(run, f"ckpt_{run.state.step:07d}.pt")
     if run.master:
         prune_periodic(run.out_dir, run.cfg.keep_last)
@@ -226,9 +212,8 @@ def stop_signal(run, stop):
 # ----------------------------------------------------------------------------- the end of a run
 
 def finish(run, stop_reason, signum, clock):
-    """Save what the last evaluation did not, say how the run ended, show a sample, and return
-    a summary (the history, the trained model, ...). After a stop signal: save last.pt, say how
-    to resume, and exit with the signal's code (130 for Ctrl-C, 143 for SIGTERM)."""
+    """Save what the last evaluation did not, report, sample, and return a summary dict. After a stop signal:
+    save last.pt, say how to resume, and exit with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM)."""
     state = run.state
     if signum and run.options.overfit_batch:  # it writes nothing
         sys.exit(128 + signum)
@@ -257,9 +242,8 @@ def finish(run, stop_reason, signum, clock):
 
 
 def closing_sample(run, tokens=None):
-    """What the model writes now: sample_tokens tokens at temperature 0.8 from a line end,
-    decoded as generate.py decodes: in float32, whatever the training precision (at this size a
-    bfloat16 decoding step was no faster, even on an H100)."""
+    """sample_tokens tokens at temperature 0.8 from a line end, in float32 as generate.py decodes, whatever
+    the training precision: at this size a bfloat16 decoding step was no faster, even on an H100."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
     out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(temperature=0.8),

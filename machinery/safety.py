@@ -1,7 +1,5 @@
-"""Never lose a run: read this when you need to know how a run folder is protected from a
-second run, what a resumed run may change and what it may not, and how Ctrl-C or SIGTERM let
-the step finish and save before the process leaves. (Checkpoints themselves are written
-atomically and read safely: checkpoint.py.)"""
+"""Never lose a run: a run folder is guarded from a second run, a resume may change only what does not
+define the run, and Ctrl-C or SIGTERM let the step finish and save before the process leaves."""
 
 import contextlib
 import dataclasses
@@ -39,9 +37,8 @@ def describe_run(out_dir):
 
 
 def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
-    """Refuse to start a fresh run over another run's checkpoints, and find out now, not after
-    an hour of training, whether the folder can be written. With overwrite, clear the old run,
-    unless that would delete keep (the checkpoint this run fine-tunes from)."""
+    """Refuse a fresh run over another run's checkpoints, and check now, not after an hour of training, that
+    the folder is writable. overwrite clears the old run, unless that would delete keep (the --init_from)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
     existing = run_files(out_dir)
@@ -63,7 +60,6 @@ def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
 
 
 def prune_periodic(out_dir, keep_last):
-    """Keep only the newest keep_last ckpt_STEP.pt files."""
     periodic = [n for n in run_files(out_dir) if n.startswith("ckpt_")]
     for name in periodic[:-keep_last]:
         os.remove(os.path.join(out_dir, name))
@@ -71,8 +67,7 @@ def prune_periodic(out_dir, keep_last):
 
 # ----------------------------------------------------------------------------- resuming
 
-# Settings a resumed run may change: how often it reports and saves, how long it runs, and
-# where it runs. The rest (model shape, tokenizer, data, batch, optimizer) define the run.
+# Settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
 CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
                         "patience", "target_loss", "plots", "sample_tokens", "device", "dtype", "compile", "threads",
                         "grad_accum_steps", "out_dir", "tag"}
@@ -112,9 +107,8 @@ def resume_configs(checkpoint, given, path):
 
 
 def find_resume(last_path, needed, say=log):
-    """The checkpoint --resume continues: last_path, or None to start fresh when there is none
-    yet (so the same command works the first time and after every disconnect). needed: the
-    entries a resumable checkpoint must hold."""
+    """The checkpoint --resume continues, or None when last_path is not there yet: the same command then
+    starts a run and continues it after every disconnect. needed: the entries it must hold."""
     if not os.path.isfile(last_path):
         say(f"--resume: no {last_path} yet, starting a fresh run")
         return None

@@ -1,11 +1,6 @@
-"""Setting a run up, around the lesson in train.py: read this when you need to know where a run
-runs (processes, device, precision, seeds), which folder it writes, which checkpoint it resumes
-or fine-tunes from, and how a resumed run gets back exactly where it was.
-
-train.setup_run calls start (before the model exists), load_data (from train.build) and ready
-(once the model and its optimizer exist). What they set up is a Run, read but never changed
-while the run trains: the numbers that change are its TrainState, which every checkpoint saves.
-"""
+"""Setting a run up around train.py's lesson: start (before the model exists), load_data and ready (once
+the model and optimizer exist) fill in a Run, only read while it trains; what changes is its TrainState,
+which every checkpoint saves, so that a resumed run gets back exactly where it was."""
 
 import contextlib
 import dataclasses
@@ -60,8 +55,7 @@ RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals
 
 @dataclass
 class Run:
-    """A run as set up: its settings, where it runs, what it trains. Written by start, train.build
-    and ready, then only read."""
+    """A run as set up by start, train.build and ready, then only read: settings, device, model, data."""
     options: RunOptions
     given: dict                 # the flags given on the command line, {name: value}
     preset: str
@@ -114,9 +108,8 @@ class Run:
 # ----------------------------------------------------------------------------- before the model is built
 
 def start(model_cfg, train_cfg, options, preset, given, started):
-    """Everything before the model is built, in order: processes and device, the run folder
-    (resume it, or refuse to overwrite another run), the checkpoint to start from, and the seed
-    (the same on every rank: identical initial weights)."""
+    """Everything before the model is built: processes and device, the run folder, the checkpoint to start
+    from, and the seed (the same on every rank: identical initial weights)."""
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
     out_dir, last = train_cfg.out_dir, os.path.join(train_cfg.out_dir, "last.pt")
@@ -150,10 +143,8 @@ def resumed_preset(checkpoint, options, preset, out_dir):
 
 
 def load_source(path, given):
-    """The checkpoint a fine-tuning run starts from: one of ours (.pt), or OpenAI's GPT-2
-    weights by name (gpt2, gpt2-medium, ...) or from a Hugging Face folder. The model keeps
-    its shape: model flags that say otherwise are refused rather than ignored; --dropout may
-    change (it changes no weight)."""
+    """The checkpoint a fine-tuning run starts from: ours (.pt), or GPT-2's by name or Hugging Face folder.
+    Its shape stays: differing model flags are refused, not ignored; --dropout may (it changes no weight)."""
     if path.endswith(".pt"):
         source = load_checkpoint(path)
     else:
@@ -168,10 +159,8 @@ def load_source(path, given):
 
 
 def load_data(run):
-    """(corpus, model) for train.build: the run's text as a utils.Corpus (sources.load_corpus:
-    a file, a folder, JSONL, Q&A, or a corpus prepared on disk), each split checked to hold one
-    window at least; and the GPT a resumed or fine-tuned run starts from, on the CPU, its
-    vocabulary grown by characters the text adds (else None, for a fresh run)."""
+    """(corpus, model): the run's text as a utils.Corpus, each split checked to hold a window; and the GPT a
+    resumed or fine-tuned run starts from, on the CPU, grown by any new characters (None for a fresh run)."""
     cfg, model, tokenizer = run.cfg, None, None
     if run.source:
         model = model_from_checkpoint(run.source, run.source_path)
@@ -190,14 +179,11 @@ def load_data(run):
 # ----------------------------------------------------------------------------- after the model is built
 
 def ready(run, train_step):
-    """Everything between building the model and the first step: a resumed run gets back its
-    optimizer, progress and random state; the optimizer skips a step that is not finite
-    (precision.finite_steps_only); each process gets batches of its own; the model is
-    compiled and wrapped for DDP when asked; the precision is set (where --dtype auto leaves it
-    to measurement, a few trial steps of train_step measure it: calibrate.py)."""
+    """Everything between building the model and the first step: resumed state, non-finite steps skipped,
+    batches per process, compile and DDP, the precision (by train_step's trial steps if --dtype auto asks)."""
     cfg = run.cfg
     run.model_cfg = run.model.config
-    finite_steps_only(run.optimizer)  # optimizer.step() skips a step whose gradients are not finite
+    finite_steps_only(run.optimizer)
     run.state = restore(run, run.source) if run.options.resume and run.source else TrainState()
     if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
         seed_everything(rank_seed(cfg.seed, run.rank, run.state.step))
@@ -239,8 +225,7 @@ def set_precision(run, dtype):
 
 
 def restore(run, checkpoint):
-    """The TrainState of a resumed run, exactly where it was: optimizer moments, progress, every
-    RNG. A new --max_steps moves the end of its progress (budget.resume_at)."""
+    """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps re-aims progress."""
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
@@ -308,9 +293,8 @@ def print_header(run):
 
 @contextlib.contextmanager
 def guarded(run):
-    """Around the loop: Ctrl-C or SIGTERM asks it to finish its step and stop (the loop looks
-    at stop.signum after every step; a second Ctrl-C aborts); running out of device memory is
-    one error line saying what to try."""
+    """Around the loop: Ctrl-C or SIGTERM sets stop.signum, which the loop reads after every step (a second
+    Ctrl-C aborts); running out of device memory is one error line saying what to try."""
     with out_of_memory_as_error(f"out of memory on {describe(run.device)}: {OUT_OF_MEMORY}"), \
             StopRequest(announce=run.master) as stop:
         yield stop

@@ -1,11 +1,5 @@
-"""Where training text comes from: read this when you need to know how a folder, a JSONL
-file, a Q&A list or a corpus prepared by tools/prepare.py becomes the text (or the token ids) that
-utils.tokenize turns into train and val streams.
-
-Sources: a .txt file, a folder of text files (searched recursively), a .jsonl file with a
-"text" field per line, a Q&A .json list, or a folder written by prepare.py (memory-mapped
-tokens, for corpora larger than memory). Several documents are joined with "<|endoftext|>",
-so the model learns where a document (or an answer) ends."""
+"""Where training text comes from: a .txt file, a folder of text files, a .jsonl file, a Q&A .json list,
+or a folder of token ids from tools/prepare.py (memory-mapped, for corpora larger than memory)."""
 
 import hashlib
 import json
@@ -25,11 +19,9 @@ from machinery.cli import warn
 # with universal newlines (CRLF read as LF): the same text gives the same tokens on every platform.
 
 def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
-    """Stream a text source as (text, document_ends) pieces, never holding it all in memory:
-    a .txt file (one document, read in chunks cut at line ends), a folder (every file whose
-    name ends in one of extensions, searched recursively, a document each), a .jsonl file (the
-    "text" field of each line), or a .json list of {"question": ..., "answer": ...} records.
-    clean=True normalises whitespace and drops exact duplicate documents."""
+    """A text source as (text, document_ends) pieces, never all in memory: a .txt file (one document, in
+    chunks cut at line ends), a folder (a document per file ending in extensions), a .jsonl file ("text"
+    per line) or a Q&A .json list. clean: normalise whitespace and drop exact duplicate documents."""
     if not os.path.exists(path):
         raise TinyLLMError(f"data file {path} not found")
     seen = set()
@@ -83,8 +75,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
 
 
 def folder_files(folder, extensions=".txt"):
-    """Every file under folder whose name ends in one of the comma-separated extensions, in a
-    fixed (sorted) order; hidden files and folders (.git, ...) are skipped."""
+    """The files under folder ending in one of the comma-separated extensions, sorted, hidden ones skipped."""
     endings = tuple(e.strip().lower() for e in extensions.split(",") if e.strip())
     found = []
     for root, dirs, files in os.walk(folder):
@@ -96,7 +87,6 @@ def folder_files(folder, extensions=".txt"):
 
 
 def qa_document(record, n, path="data"):
-    """One Q&A record as the text the model learns from."""
     if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "answer")):
         rid = record.get("id", n) if isinstance(record, dict) else n
         raise TinyLLMError(f"{path}: record {rid} needs string fields \"question\" and \"answer\"")
@@ -116,9 +106,8 @@ def clean_text(text):
 
 
 def iter_stream(path, clean=False, extensions=".txt"):
-    """The source as a stream of text pieces. A plain text file flows as it is; a source of
-    several documents has each one wrapped in "<|endoftext|>", so the model learns where
-    a document (or an answer) ends."""
+    """The source as text pieces, a plain text file as it is; several documents each wrapped in
+    "<|endoftext|>", so the model learns where a document (or an answer) ends."""
     multi_doc = os.path.isdir(path) or path.endswith((".json", ".jsonl"))
     if multi_doc:
         yield EOT
@@ -127,7 +116,6 @@ def iter_stream(path, clean=False, extensions=".txt"):
 
 
 def read_text(path, clean=False, extensions=".txt"):
-    """The whole source as one string."""
     text = "".join(iter_stream(path, clean, extensions))
     if not text.replace(EOT, "").strip():
         raise TinyLLMError(f"data file {path} is empty")
@@ -164,8 +152,8 @@ def load_prepared(path):
 
 
 def prepared_streams(path, tokenizer=None):
-    """(tokenizer, train ids, val ids, characters per val token) of a folder written by tools/prepare.py. A
-    tokenizer given (resume, fine-tuning) must be the one the folder was prepared with."""
+    """(tokenizer, train ids, val ids, characters per val token) of a prepared folder. A tokenizer given
+    (resume, fine-tuning) must be the one the folder was prepared with."""
     meta, train_ids, val_ids = load_prepared(path)
     if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
         raise TinyLLMError(f"{path} was prepared with a different tokenizer than the checkpoint's")
@@ -175,12 +163,10 @@ def prepared_streams(path, tokenizer=None):
 # ----------------------------------------------------------------------------- a run's corpus
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
-    """cfg.data as train and val token streams (utils.Corpus), tokenized by utils.tokenize (a
-    fresh tokenizer of cfg.tokenizer's kind, vocab_size for BPE); a folder from prepare.py is
-    read from disk as it is. A given char tokenizer (resume, fine-tuning) that lacks some of the
-    text's characters is extended with them when extend (fine-tuning: Corpus.added, old_ids),
-    and refused otherwise."""
-    if is_prepared(cfg.data):  # the tokens are on disk already
+    """cfg.data as a utils.Corpus, tokenized by tokenizer or a fresh one of cfg.tokenizer's kind (vocab_size:
+    BPE's target); a prepared folder as it is. A char tokenizer that lacks some of the text's characters is
+    extended with them when extend (Corpus.added, old_ids), else refused."""
+    if is_prepared(cfg.data):
         return Corpus(*prepared_streams(cfg.data, tokenizer), added=[])
     text = read_text(cfg.data, cfg.clean, cfg.data_ext)
     old_ids, added = None, []
@@ -229,9 +215,8 @@ def read_prompt(cfg):
 
 
 def encode_prompt(tokenizer, prompt, qa=False):
-    """Token ids for the prompt. Characters the vocabulary lacks are dropped with a
-    warning; an empty prompt starts from a line end. With qa, the prompt is a question,
-    framed as the Q&A training documents were."""
+    """The prompt's token ids, characters the vocabulary lacks dropped with a warning (empty: start_ids).
+    With qa, the prompt is a question, framed as the Q&A training documents were."""
     if qa:
         if tokenizer.eot_id is None:
             raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")

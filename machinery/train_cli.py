@@ -1,6 +1,5 @@
-"""train.py's command line: read this when you need to know how the flags become a run's
-settings (the preset this machine gets, the defaults --help shows for "auto"), or what
---eval_only measures. What every flag means is written once, in config.py."""
+"""train.py's command line: flags on top of the preset this machine gets (--help saying what "auto" means
+here), and the modes that do not train, --eval_only and --plot_lr. What each flag means is in config.py."""
 
 import math
 import os
@@ -58,9 +57,9 @@ def parse_flags(argv=None):
 def other_mode(options, train_cfg, given):
     """--eval_only or --plot_lr: do it and return True. False: this run trains."""
     if options.eval_only is not None:
-        eval_only(options, train_cfg, given)  # a checkpoint's loss over every position of the val split
+        eval_only(options, train_cfg, given)
     elif options.plot_lr:
-        plots.draw_lr_schedule(train_cfg)  # a picture of the learning-rate schedule, no training
+        plots.draw_lr_schedule(train_cfg)
     else:
         return False
     return True
@@ -81,7 +80,7 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
     set_threads(threads)
     model, tokenizer, checkpoint = load_model(path)
     model.to(device)
-    corpus, data = validation_split(checkpoint, tokenizer, data)  # the split the run was validated on
+    corpus, data = validation_split(checkpoint, tokenizer, data)
     val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
     loss = evaluate_full(model, val_ids, model.config.block_size, batch_size, device, autocast(device, "float32"))
     bpc = loss / corpus.chars_per_token / math.log(2)
@@ -92,9 +91,8 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 
 @torch.no_grad()
 def evaluate_full(model, ids, block_size, batch_size, device, ctx):
-    """Mean loss over every position of ids exactly once: consecutive, non-overlapping windows,
-    then the last positions that do not fill a window. (train.py's estimate_loss samples random
-    windows instead: quick, and good enough to follow a run.)"""
+    """Mean loss over every position of ids exactly once: consecutive windows, then the tail that fills none
+    (train.py's estimate_loss samples random windows instead: quick, and good enough to follow a run)."""
     model.eval()
     n = (len(ids) - 1) // block_size  # whole windows; a split shorter than one is all tail
     windows = ids[:n * block_size + 1].unfold(0, block_size + 1, block_size) if n else ids[:0].view(0, block_size + 1)

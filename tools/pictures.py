@@ -1,15 +1,6 @@
-"""See inside a trained model: pictures a learner would rather look at than read.
-
-    python -m tools.pictures checkpoints/best.pt --out_dir docs
-    python -m tools.pictures checkpoints/best.pt --only attention --prompt "To be, or not" --layer 1 --head 2
-
-Each picture is a PNG in --out_dir, announced by one line that says what to look for:
-  attention.png    every layer's and head's attention weights over the prompt's tokens
-  surprise.png     the start of the val split, each character coloured by the model's loss on it
-  temperature.png  the next-token distribution after the prompt at several temperatures
-  embeddings.png   a char model's token embeddings, projected to 2-D (PCA)
-Every flag: python -m tools.pictures --help.
-"""
+"""See inside a trained model, each picture a PNG announced by a line saying what to look for: attention
+(each layer's and head's weights over the prompt), surprise (the val split coloured by the model's loss),
+temperature (the next-token distribution at several temperatures), embeddings (a char model's, by PCA)."""
 
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
@@ -45,10 +36,9 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """Every layer's attention weights for idx (1, T): a list of (nh, T, T), one per layer.
-    Forward hooks on the blocks' attention modules catch each one's input during one ordinary
-    forward pass and recompute its weights from it by model.attention_weights, from the module's
-    own q and k, RoPE included; the forward itself runs as always, through the fused kernel."""
+    """(logits (1, T, V), [attention weights (nh, T, T) per layer]) for idx (1, T). Hooks recompute each
+    layer's weights from its own q and k (RoPE included) by model.attention_weights, while the forward
+    itself runs as always, through the fused kernel."""
     maps = []
 
     def catch(attn, args, output):  # args: what Block.forward passed, (x, mask, rope, cache)
@@ -105,9 +95,8 @@ def attention_colours():
 # ----------------------------------------------------------------------------- surprise
 
 def val_passage(cfg, tokenizer, checkpoint):
-    """The token ids (n,) of the passage at the start of the val split: the split
-    train.py --eval_only scores (the checkpoint's own data, clean and data_ext, unless --data),
-    cut after the token that reaches passage_chars characters."""
+    """Token ids (n,) from the start of the val split --eval_only scores (the checkpoint's data unless
+    --data), cut after the token that reaches passage_chars characters."""
     corpus, _ = validation_split(checkpoint, tokenizer, cfg.data)
     ids = np.asarray(corpus.val[:4 * cfg.passage_chars + 1], dtype=np.int64).tolist()  # a byte token may be 1/4 char
     pieces, chars = Pieces(tokenizer), 0
@@ -122,9 +111,8 @@ def val_passage(cfg, tokenizer, checkpoint):
 
 @torch.no_grad()
 def token_losses(model, ids):
-    """The loss (nats) on every token of ids (n,) but the first, each predicted from the tokens
-    before it in its window: consecutive windows of block_size, the windows train_cli.evaluate_full
-    scores the val split in: over the whole split, their mean is --eval_only's loss. Returns (n - 1,)."""
+    """The loss (nats) on every token of ids (n,) but the first, (n - 1,), in train_cli.evaluate_full's
+    windows: over the whole val split, their mean is --eval_only's loss."""
     T, device = model.config.block_size, model.wte.weight.device
     losses = []
     for start in range(0, len(ids) - 1, T):
@@ -135,9 +123,8 @@ def token_losses(model, ids):
 
 
 def char_surprise(tokenizer, ids, losses):
-    """[(character, bits)] of the passage: each token's loss in bits, shared evenly by the
-    characters it (or, for a character split over byte tokens, they) decode to; the first
-    token, predicted from nothing here, gets NaN."""
+    """[(character, bits)]: the loss of the tokens that make each piece of text, shared evenly by its
+    characters; the first token, predicted from nothing here, gets NaN."""
     out, pieces, bits = [], Pieces(tokenizer), 0.0
     for i, token in enumerate(ids.tolist()):
         bits += losses[i - 1].item() / math.log(2) if i else math.nan

@@ -1,7 +1,4 @@
-"""Several training runs' curves overlaid in one picture, to compare them.
-
-    python -m tools.plots checkpoints/lr_conservative checkpoints/lr_default --out compare.png
-"""
+"""Several training runs' curves overlaid in one picture, to compare them."""
 
 import json
 import os
@@ -11,8 +8,6 @@ from config import TinyLLMError
 from machinery.cli import ArgumentParser, log, run_cli
 from machinery.plots import new_plot, save_plot, split_history, step_loss
 
-
-# ----------------------------------------------------------------------------- comparing runs
 
 def read_history(run_dir):
     path = os.path.join(run_dir, "history.json") if os.path.isdir(run_dir) else run_dir

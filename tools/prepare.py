@@ -1,16 +1,6 @@
-"""Tokenize a corpus once, to disk, for corpora larger than memory.
-
-    python -m tools.prepare --input big.txt --out data/big                        # char tokenizer, like train.py
-    python -m tools.prepare --input notes/ --data_ext .md,.txt --tokenizer bpe --vocab_size 4096 --out data/notes
-    python train.py --data data/big
-
-The input (a .txt file, a folder searched recursively for the endings in --data_ext, a .jsonl
-file with a "text" field, or a Q&A .json list) is streamed in pieces; documents are wrapped
-in "<|endoftext|>"; the first 90% of the text (cut at a character, inside a document if need
-be, as train.py cuts its token stream) goes to data/NAME/train.bin and the rest to val.bin
-(uint16 when the vocabulary fits, else uint32), with a meta.json describing the tokenizer.
-train.py reads the .bin files through np.memmap.
-"""
+"""Tokenize a corpus larger than memory once, to disk, streaming it in pieces: the first 90% of its text
+(cut at a character, as train.py cuts its tokens) to train.bin and the rest to val.bin, uint16 where the
+vocabulary fits, else uint32, with meta.json for the tokenizer. train.py --data memory-maps the folder."""
 
 import contextlib
 import json
