@@ -19,6 +19,9 @@ def setup_distributed(device):
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
+        raise TinyLLMError("several processes on a Mac's GPU: torch cannot join them (Gloo takes no MPS "
+                           "tensors); give torchrun --device cpu, or train in one process")
     if device.type == "cuda":
         processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), hardware.gpu_count()
         if processes > gpus:  # two processes on one GPU: NCCL would fail or hang

@@ -165,6 +165,14 @@ def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monke
     assert calls == [("set_device", torch.device("cuda:1")), ("nccl", {"device_id": torch.device("cuda:1")})]
 
 
+def test_mocked_torchrun_on_a_mac_gpu_is_refused_before_joining(monkeypatch):
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "start_process_group", lambda backend, **kw: pytest.fail("joined"))
+    with pytest.raises(TinyLLMError, match="--device cpu"):
+        distributed.setup_distributed(torch.device("mps"))
+
+
 def test_mocked_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(monkeypatch):
     calls = []
     monkeypatch.setattr(hardware, "set_matmul_precision", calls.append)
