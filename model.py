@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from config import GPTConfig
 
-from machinery import kernels
-
 
 # ----------------------------------------------------------------------------- attention
 
@@ -60,13 +58,17 @@ def attention_weights(q, k, mask):
 
 def fused_attention(q, k, v, mask, dropout=0.0):
     """attention(), the same function (the tests check it to float precision), by PyTorch's fused
-    kernel, F.scaled_dot_product_attention (through kernels.py, which runs it in float32 under a
-    CPU's bfloat16 autocast, faster there): faster, and without building the (T, S) weights in
-    memory. The model calls this; CausalSelfAttention.fused = False runs the formula above
-    instead. A mask of None is the causal triangle, which the kernel makes itself (is_causal)."""
-    if mask is None:
-        return kernels.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-    return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    kernel: faster, and without building the (T, S) weights in memory. The model calls this;
+    CausalSelfAttention.fused = False runs the formula above instead. A mask of None is the
+    causal triangle, which the kernel makes itself (is_causal)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # in float32: on CPUs a bfloat16 attention (its backward above all) ran several times
+        # slower than float32's, while the matmuls around it keep bfloat16's speed
+        with torch.autocast("cpu", enabled=False):
+            return fused_attention(q.float(), k.float(), v.float(), mask, dropout)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)  # the kernel adds a float mask in q's dtype
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
 
 
 class CausalSelfAttention(nn.Module):

@@ -199,6 +199,21 @@ def rope_angles(n_positions, head_size, start=0):
     return angles.cos(), angles.sin()
 
 
+class KernelCalls(torch.overrides.TorchFunctionMode):
+    """Within: every call of F.scaled_dot_product_attention, as (q, k, attn_mask), seen through
+    torch's public hook for watching its functions (nothing of torch is replaced)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls.append((args[0], args[1], kwargs.get("attn_mask")))
+        return func(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- the scripts, as a user runs them
 
 def path_with_this_python():

@@ -21,7 +21,7 @@ from conftest import ROOT
 
 # The flow of the work, bottom to top: a module may import from its own level or below.
 LEVELS = {
-    "config": 0, "machinery.cli": 0, "machinery.openmp": 0, "machinery.kernels": 0, "machinery.hardware": 0,
+    "config": 0, "machinery.cli": 0, "machinery.openmp": 0, "machinery.hardware": 0,
     "machinery.graphs": 0,
     "machinery.bpe": 1, "model": 1, "sampling": 1, "machinery.muon": 1,
     "machinery.sources": 2, "utils": 2, "optim": 2, "machinery.device": 2,

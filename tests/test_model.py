@@ -7,12 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from config import GREEDY, Sampler, TinyLLMError
-from conftest import GPT_SWITCHES, SWITCH_COMBINATIONS, checkpoint_of, tiny_model_config
+from conftest import GPT_SWITCHES, SWITCH_COMBINATIONS, KernelCalls, checkpoint_of, tiny_model_config
 from model import GPT
 import sampling
 from sampling import filter_logits, sample_next
 
-from machinery import kernels
 
 
 def test_logits_shape_and_loss():
@@ -191,16 +190,12 @@ def test_swiglu_keeps_the_parameter_count_close():
 def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
     # a speed choice with a test of its own: bfloat16 attention (its backward above all) was several
     # times slower than float32's on CPUs, while the matmuls around it keep bfloat16's speed
-    seen = []
-    from machinery import kernels
-    real = kernels.fused_kernel
-    monkeypatch.setattr(kernels, "fused_kernel", lambda q, k, v, **kw: seen.append(q.dtype) or real(q, k, v, **kw))
     model = GPT(tiny_model_config(pos="rope"))
     idx = torch.randint(0, 65, (2, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with KernelCalls() as kernel, torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(idx, idx)
     loss.backward()
-    assert seen and set(seen) == {torch.float32}
+    assert kernel.calls and {q.dtype for q, _, _ in kernel.calls} == {torch.float32}
     assert logits.dtype == torch.bfloat16  # the rest of the forward pass did run in bfloat16
 
 
@@ -249,15 +244,11 @@ def test_the_causal_mask_lets_each_query_see_the_keys_up_to_its_own_position():
 
 def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkeypatch):
     # the cache's whole buffers are attended to, its unfilled slots masked: the same shapes every step
-    calls, real = [], kernels.fused_kernel
-
-    def recording(q, k, v, attn_mask=None, **kwargs):
-        calls.append((tuple(q.shape), tuple(k.shape), None if attn_mask is None else tuple(attn_mask.shape)))
-        return real(q, k, v, attn_mask=attn_mask, **kwargs)
-    monkeypatch.setattr(kernels, "fused_kernel", recording)
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=8)).eval()
-    sampling.generate(model, torch.zeros(2, 3, dtype=torch.long), 20, GREEDY)  # past block_size: refills too
+    with KernelCalls() as kernel:
+        sampling.generate(model, torch.zeros(2, 3, dtype=torch.long), 20, GREEDY)  # past block_size: refills too
+    calls = [(tuple(q.shape), tuple(k.shape), None if m is None else tuple(m.shape)) for q, k, m in kernel.calls]
     steps = [c for c in calls if c[0][2] == 1]  # one new token per row
     assert len(steps) > 10 and len(set(steps)) == 1, set(steps)
     assert steps[0][1][2] == 8  # every step reads all block_size slots
