@@ -1,12 +1,11 @@
-"""Never lose a run: a run folder is guarded from a second run, a resume may change only what does not
-define the run, and Ctrl-C or SIGTERM let the step finish and save before the process leaves."""
+"""Never lose a run: a run folder is guarded from a second run, and Ctrl-C or SIGTERM let the step finish
+and save before the process leaves (what a resume may change: resume.py)."""
 
 import contextlib
-import dataclasses
 import os
 import signal
 
-from config import GPTConfig, TinyLLMError, TrainConfig, step_exact
+from config import TinyLLMError
 
 from machinery.checkpoint import describe_checkpoint, load_checkpoint
 from machinery.cli import check_writable, log
@@ -63,62 +62,6 @@ def prune_periodic(out_dir, keep_last):
     periodic = [n for n in run_files(out_dir) if n.startswith("ckpt_")]
     for name in periodic[:-keep_last]:
         os.remove(os.path.join(out_dir, name))
-
-
-# ----------------------------------------------------------------------------- resuming
-
-# Settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
-CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
-                        "patience", "target_loss", "plots", "sample_tokens", "device", "dtype", "compile", "threads",
-                        "grad_accum_steps", "out_dir", "tag"}
-
-
-RETIRED = {"replans"}  # settings older versions saved that no longer exist: a resume drops them
-
-
-def conflicting_flags(given, saved, changeable, words):
-    """The flags given that contradict a checkpoint's saved settings, as '--k v (words saved)'."""
-    return [f"--{k} {v} ({words} {saved[k]})" for k, v in given.items()
-            if k in saved and k not in changeable and v != saved[k]]
-
-
-def resume_configs(checkpoint, given, path):
-    """The configs of a resumed run: the saved ones, overridden by the flags given this time
-    that can safely change mid-run. A flag that would change anything else is refused."""
-    saved = {k: v for k, v in checkpoint["train_config"].items() if k not in RETIRED} \
-        if isinstance(checkpoint["train_config"], dict) else checkpoint["train_config"]
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(saved, dict) or set(saved) - names:
-        unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]
-        raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
-                           f"version of tinyllm?); fine-tune from its weights with --init_from instead")
-    try:
-        model_cfg = GPTConfig(**checkpoint["model_config"])
-        train_cfg = TrainConfig(**saved)
-    except TypeError as e:
-        raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
-    current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
-    refused = conflicting_flags(given, current, CHANGEABLE_ON_RESUME, "the run has")
-    if refused:
-        raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
-                           ". Drop the flag, or start a new run with another --out_dir (or --tag)")
-    changes = step_exact({k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}, given)
-    return model_cfg, dataclasses.replace(train_cfg, **changes)
-
-
-def find_resume(last_path, needed, say=log):
-    """The checkpoint --resume continues, or None when last_path is not there yet: the same command then
-    starts a run and continues it after every disconnect. needed: the entries it must hold."""
-    if not os.path.isfile(last_path):
-        say(f"--resume: no {last_path} yet, starting a fresh run")
-        return None
-    checkpoint = load_checkpoint(last_path)
-    missing = [k for k in needed if k not in checkpoint]
-    if missing:
-        raise TinyLLMError(f"{last_path} lacks the training state --resume needs (missing: {', '.join(missing)}); "
-                           f"fine-tune from its weights with --init_from instead")
-    say(f"resuming {last_path} at step {checkpoint['step']}")
-    return checkpoint
 
 
 # ----------------------------------------------------------------------------- stopping

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -14,43 +14,21 @@ from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch
 
 from machinery import calibrate
 from machinery import budget
-from machinery.budget import resume_at
 from machinery.checkpoint import grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
 from machinery.cli import first_line, log, warn
 from machinery.device import (choose_device, configure_matmul, describe, out_of_memory_as_error, seed_everything,
-                              set_rng_state, set_threads)
+                              set_threads)
 from machinery.distributed import rank_seed, setup_distributed, wrap
 from machinery.precision import autocast, explain_dtype, finite_steps_only, make_scaler, measured_on, resolve_dtype
-from machinery.safety import StopRequest, claim_out_dir, conflicting_flags, find_resume, resume_configs
+from machinery.resume import (RESUMABLE, TrainState, conflicting_flags, find_resume, restore, resume_configs,
+                              resumed_preset)
+from machinery.safety import StopRequest, claim_out_dir
 from machinery.sources import check_splits, load_corpus
 
 
 # what to try when training runs out of device memory (train.main's guard says it too)
 OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (the same batch in pieces), "
                  "or a smaller model")
-
-
-@dataclass
-class TrainState:
-    """The numbers that change as a run trains: saved in every checkpoint, so --resume continues exactly."""
-    step: int = 0
-    best_val_loss: float = math.inf
-    evals_without_improvement: int = 0
-    last_eval_step: int = -1
-    lr: float = 0.0                  # of the latest step
-    grad_norm: float = None          # of the latest step; None before the first
-    history: list = field(default_factory=list)  # a row per progress line and per evaluation
-    window: list = field(default_factory=list)   # the figures of the steps since the last progress row
-    progress_from: list = None       # [step, progress] where the run's progress was last aimed (budget.py)
-    end_step: float = None           # a --time_budget run's estimated end (budget.py)
-    eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
-    seconds: float = 0.0             # training wall time over every process of the run (resumes)
-    plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
-
-
-# what a checkpoint must hold for --resume (older versions did not write the later fields)
-RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals_without_improvement",
-             "last_eval_step", "lr", "grad_norm", "history")
 
 
 @dataclass
@@ -133,15 +111,6 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     return run
 
 
-def resumed_preset(checkpoint, options, preset, out_dir):
-    """A resumed run keeps the preset it was started with."""
-    saved = checkpoint.get("preset", preset)
-    if options.preset and options.preset != saved:
-        raise TinyLLMError(f"{out_dir}/last.pt is a run of preset '{saved}'; --resume cannot switch it to "
-                           f"--preset {options.preset} (drop the flag, or start another --out_dir)")
-    return saved
-
-
 def load_source(path, given):
     """The checkpoint a fine-tuning run starts from: ours (.pt), or GPT-2's by name or Hugging Face folder.
     Its shape stays: differing model flags are refused, not ignored; --dropout may (it changes no weight)."""
@@ -222,49 +191,6 @@ def check_compiles(run, train_step):
 
 def set_precision(run, dtype):
     run.dtype, run.ctx, run.scaler = dtype, autocast(run.device, dtype), make_scaler(run.device, dtype)
-
-
-def restore(run, checkpoint):
-    """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps re-aims progress."""
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    names = {f.name for f in dataclasses.fields(TrainState)}
-    state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
-    for row in state.history:  # rows written before progress rows existed were evaluations
-        row.setdefault("kind", "eval")
-    older_version(state, checkpoint, run.cfg)
-    old_end = end_of_saved_run(state, checkpoint["train_config"])
-    if not run.cfg.time_budget and run.cfg.max_steps != old_end:  # a new --max_steps
-        if state.step >= run.cfg.max_steps:
-            raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
-                               f"would not train it further")
-        resume_at(state, run.cfg, old_end)
-        run.say(f"--max_steps {run.cfg.max_steps}: the LR decays from where it is at step {state.step} "
-                f"to {run.cfg.min_lr:g} at step {run.cfg.max_steps}")
-    set_rng_state(checkpoint["rng"])
-    return state
-
-
-def end_of_saved_run(state, saved):
-    """Where the resumed run was to end: its max_steps, or its time budget's latest estimate."""
-    if not saved.get("time_budget"):
-        return saved["max_steps"]
-    return state.end_step if state.end_step is not None else math.inf
-
-
-def older_version(state, checkpoint, cfg):
-    """Fill in what checkpoints of older versions kept otherwise: a window of (loss, norm) pairs,
-    and the moved end of their cosine (decay_from: [step, peak, share done], or [step, lr] for a
-    new cosine from lr) with the planned max_steps of a time budget."""
-    if state.window and not isinstance(state.window[0], dict):
-        state.window = [{"loss": loss, "lr": state.lr, "grad_norm": norm} for loss, norm in state.window]
-    moved = checkpoint.get("decay_from")
-    if moved and len(moved) == 3:
-        state.progress_from = [moved[0], moved[2]]
-    elif moved:  # the progress at which the cosine gives lr
-        share = 2 * (moved[1] - cfg.min_lr) / max(cfg.lr - cfg.min_lr, 1e-12) - 1
-        state.progress_from = [moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi]
-    if checkpoint["train_config"].get("time_budget") and state.end_step is None and (state.plan or {}).get("max_steps"):
-        state.end_step = checkpoint["train_config"]["max_steps"]  # the planned end
 
 
 # ----------------------------------------------------------------------------- what the user is told

@@ -26,7 +26,7 @@ LEVELS = {
     "machinery.bpe": 1, "model": 1, "sampling": 1, "machinery.muon": 1,
     "machinery.sources": 2, "utils": 2, "optim": 2, "machinery.device": 2,
     "machinery.precision": 2, "machinery.distributed": 2, "machinery.checkpoint": 2, "machinery.safety": 2, "machinery.plots": 2,
-    "machinery.budget": 2, "machinery.records": 3, "machinery.setup": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3,
+    "machinery.budget": 2, "machinery.resume": 3, "machinery.records": 3, "machinery.setup": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3,
     "machinery.annotate": 3, "machinery.train_cli": 3, "machinery.beam": 2,
     "train": 4, "generate": 4,
     "tools.prepare": 5, "tools.pictures": 5, "tools.plots": 5,

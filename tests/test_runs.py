@@ -20,7 +20,7 @@ import train
 from machinery import budget, hardware, train_cli
 from tools import plots, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.setup import TrainState
+from machinery.resume import TrainState
 from machinery.sources import load_prepared
 from optim import get_lr
 
