@@ -85,24 +85,27 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
     build(run)
+    # run.state: the step and every number that changes (a resumed run's, as saved); run.train_model:
+    # run.model as the steps call it (compiled, wrapped for DDP, or itself); run.ctx: the forward
+    # pass's precision (an autocast, or nothing for float32); run.scaler: float16's loss scaling or None
     setup.ready(run, train_step)
     return run
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, write down their figures. The loop ends at
-    the run's end (max_steps, or where a --time_budget runs out), or early: on --patience or
-    --target_loss, when --overfit_batch is done, or on Ctrl-C or SIGTERM (which save, then exit)."""
+    """Evaluate now and then, take optimizer steps, write down their figures. The loop ends at max_steps (or a
+    --time_budget's end), or early: --patience, --target_loss, --overfit_batch done, Ctrl-C or SIGTERM."""
     cfg, state = run.cfg, run.state
     log_interval = 1 if run.options.overfit_batch else cfg.log_interval
-    clock = budget.Clock(run, records.time_sample)  # how far the run is: by its steps, or its time (--time_budget)
+    # progress = (step - warmup_steps) / (max_steps - warmup_steps); a --time_budget's end is estimated from the pace
+    clock = budget.Clock(run, records.time_sample)
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
     stop_reason, signum = None, 0
     with setup.guarded(run) as stop:  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
         while True:
             at_end = clock.at_end()  # max_steps reached, or the time budget spent
             if (state.step % cfg.eval_interval == 0 or at_end) and state.step != state.last_eval_step:
-                early = evaluate(run, meter, clock)  # --patience, --target_loss
+                early = evaluate(run, meter, clock)  # a reason to stop early (--patience, --target_loss), or None
                 stop_reason = stop_reason or early
                 at_end = clock.at_end()
             if at_end or stop_reason:
@@ -128,7 +131,7 @@ def train_loop(run):
                 stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
     with meter.paused():  # the steps since the last line are read before the last save
-        return records.finish(run, stop_reason, signum, clock)  # the last save, a summary, a sample
+        return records.finish(run, stop_reason, signum, clock)  # last.pt, the summary line, a closing sample
 
 
 def evaluate(run, meter, clock):
@@ -137,7 +140,7 @@ def evaluate(run, meter, clock):
     with meter.paused():  # not step time
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
-        early = records.evaluation(run, losses, clock.steps_shown())
+        early = records.evaluation(run, losses, clock.steps_shown())  # a line, a row, last.pt, best.pt if better
     clock.evaluated(meter.last_pause, meter.step_seconds())
     return early
 
