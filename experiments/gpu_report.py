@@ -18,7 +18,7 @@ import torch
 import sampling
 import train
 from config import GREEDY
-from experiments.runs import ROOT, machine_info, new_run, time_steps
+from experiments.runs import ROOT, machine_info, markdown_table, new_run, step_times
 from machinery import hardware, records
 from machinery.annotate import forced_steps
 from machinery.cli import log
@@ -31,8 +31,9 @@ GPU_TARGETS = {"train_wall": 45.0, "train_best_val": 1.440, "decode_ms": 0.5, "c
                "first_over_warm": 2.0, "generate_wall": 5.5}
 
 # --quick: the report's every step at a toy size, a smoke test that runs anywhere (the tests run it)
-QUICK = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "4",
-         "--max_steps", "10", "--warmup_steps", "2", "--eval_interval", "5", "--eval_iters", "2", "--plots", "false"]
+TOY = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4)
+QUICK = [a for k, v in TOY.items() for a in (f"--{k}", str(v))] + [
+    "--max_steps", "10", "--warmup_steps", "2", "--eval_interval", "5", "--eval_iters", "2", "--plots", "false"]
 
 # A fresh process's start-up, piece by piece: the seconds since the epoch after each.
 PROBE = """
@@ -121,11 +122,11 @@ def train_run(flags, out_dir):
                   mfu=mfu[-1] if mfu else None, steps=max((h["step"] for h in history), default=0), device=device,
                   first_line=result["lines"][0][0] if result["lines"] else None,
                   device_line=stamp_of(result, "device "), first_step=stamp_of(result, "step "))
-    log(f"  {describe_run(result)}")
+    log(f"  {run_summary(result)}")
     return result
 
 
-def describe_run(r):
+def run_summary(r):
     if r["code"]:
         return f"exit {r['code']}: {(r['stderr'] or ['?'])[-1]}"
     best = f"best val {r['best_val']:.4f}" if r["best_val"] is not None else "no evaluation"
@@ -166,7 +167,7 @@ def decoding(quick, device, tmp):
     process's first, as generate.py's is."""
     from machinery.precision import has_native_bf16
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device)
-    shape = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16"] if quick else []
+    shape = [a for k, v in TOY.items() if k != "batch_size" for a in (f"--{k}", str(v))] if quick else []
     new_tokens, rows, results = 24 if quick else 1000, [], {}
     for dtype in dtypes:
         out = os.path.join(tmp, f"generate-{dtype}.json")
@@ -213,7 +214,7 @@ def cache_checks(quick, device, tmp, compiled=True):
     """Every dtype x compile (compiled False: no --compile) trains a few steps, then check_cache."""
     from machinery.precision import has_native_bf16
     preset, steps = ("tiny", 4) if quick else ("small", 20)
-    shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
+    shape = TOY if quick else {}
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device) + ["float16"] * (device.type == "cuda")
     rows = []
     for dtype in dtypes:
@@ -270,9 +271,9 @@ def describe_cache_check(cache, dtype):
 def steady_speed(quick, tmp):
     """The default preset's ms/step, tokens/s and MFU once warm, timed in this process."""
     preset, steps = ("tiny", 4) if quick else (None, 20)
-    shape = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4) if quick else {}
+    shape = TOY if quick else {}
     run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
-    ms = statistics.median(time_steps([run], 3, steps)[0])
+    ms = statistics.median(step_times([run], 3, steps)[0])
     tokens_per_s, mfu = records.speed(run, ms)
     log(f"{run.preset} ({run.dtype}), warm: {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
         + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
@@ -374,8 +375,8 @@ def markdown(report):
            f"torch {m['torch']}" + (f" (CUDA {m['cuda']})" if m.get("cuda") else "") + f", Python {m['python']}, "
            f"commit {m['git'] or 'unknown'}, {m['date']}, `python bench.py gpu_check{' --quick' if report['quick'] else ''}`",
            ""]
-    out += table(["figure", "measured", "target", "met"], [[t["figure"], t["measured"], t["target"], t["met"]]
-                                                            for t in report["targets"]])
+    out += markdown_table(["figure", "measured", "target", "met"],
+                          [[t["figure"], t["measured"], t["target"], t["met"]] for t in report["targets"]]).splitlines()
     for key, title, render in SECTIONS:
         out += ["", f"## {title}", ""]
         part = report.get(key)
@@ -401,27 +402,30 @@ def startup_page(report, startup):
                      seconds(g["walls"][0], 2)])
     split = startup["split"]
     return (["Seconds since the process started, as its output arrived:", ""]
-            + table(["command", "first line", "device line", "first step / first generated text", "exit"], rows)
+            + markdown_table(["command", "first line", "device line", "first step / first generated text", "exit"],
+                             rows).splitlines()
             + ["", "What a fresh process spends before any of tinyllm's own work (a probe), and train.py's own "
                    "set-up up to its device line (the rest, by subtraction):", ""]
-            + table(list(split), [[seconds(v, 2) if isinstance(v, float) else v for v in split.values()]]))
+            + markdown_table(list(split), [[seconds(v, 2) if isinstance(v, float) else v
+                                            for v in split.values()]]).splitlines())
 
 
 def training_page(report, training):
-    rows = [[f"`{r['command']}`", seconds(r["wall"]), describe_run(r) if r["code"] or r["best_val"] is None else
+    rows = [[f"`{r['command']}`", seconds(r["wall"]), run_summary(r) if r["code"] or r["best_val"] is None else
              f"{r['best_val']:.4f}", r["steps"], f"{r['ms_per_step']:.1f}" if r["ms_per_step"] else "-",
              f"{r['mfu']:.1f}%" if r["mfu"] else "-"] for r in training]
     speed = report.get("speed", {})
     warm = [] if "ms_per_step" not in speed else [
         "", f"Warm, in one process: preset {speed['preset']} ({speed['dtype']}), {speed['ms_per_step']:.1f} ms/step, "
             f"{speed['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * speed['mfu']:.1f}%" if speed["mfu"] else "")]
-    return table(["command", "wall", "best val", "steps", "ms/step", "MFU"], rows) + warm
+    return markdown_table(["command", "wall", "best val", "steps", "ms/step", "MFU"], rows).splitlines() + warm
 
 
 def decoding_page(report, decoding):
     return ([f"`bench.py generate`: preset {decoding['preset']}, batch 1, {decoding['new_tokens']} tokens, greedy; "
              f"each dtype in a process of its own; the first call of each path, then the median of the warm calls", ""]
-            + table(["dtype", "path", "first call, ms/token", "warm, ms/token", "first / warm"], decoding["rows"]))
+            + markdown_table(["dtype", "path", "first call, ms/token", "warm, ms/token", "first / warm"],
+                             decoding["rows"]).splitlines())
 
 
 def generate_page(report, g):
@@ -432,18 +436,14 @@ def generate_page(report, g):
 
 
 def checks_page(report, checks):
-    return table(["dtype", "compile", "val loss", "check"],
-                 [[c["dtype"], c["compile"], f"{c['val_first']:.3f} -> {c['val_last']:.3f}", c["line"]] for c in checks])
+    return markdown_table(["dtype", "compile", "val loss", "check"],
+                          [[c["dtype"], c["compile"], f"{c['val_first']:.3f} -> {c['val_last']:.3f}", c["line"]]
+                           for c in checks]).splitlines()
 
 
 SECTIONS = [("gpu_tests", "The GPU tests", tests_page), ("startup", "Start-up", startup_page),
             ("training", "Training runs", training_page), ("decoding", "Decoding", decoding_page),
             ("generate", "generate.py", generate_page), ("checks", "The KV cache against recomputation", checks_page)]
-
-
-def table(headers, rows):
-    return [f"| {' | '.join(map(str, headers))} |", f"|{' --- |' * len(headers)}"] + \
-           [f"| {' | '.join(map(str, row))} |" for row in rows]
 
 
 def write(report, path):

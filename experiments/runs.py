@@ -12,7 +12,7 @@ import torch
 import train
 from config import RunOptions, build_configs, default_preset
 from machinery import hardware
-from machinery.calibrate import interleaved
+from machinery.calibrate import interleaved, trial_step
 from machinery.cli import log
 from machinery.device import choose_device
 
@@ -68,16 +68,13 @@ def new_run(preset, given, out_dir):
     return train.setup_run(model_cfg, train_cfg, RunOptions(), preset, given)
 
 
-def time_steps(runs, untimed, steps):
+def step_times(runs, untimed, steps):
     """Milliseconds of each timed optimizer step of each run, the runs interleaved step by step."""
     log(f"{untimed} untimed steps, then {steps} timed steps" + (", variants interleaved" if len(runs) > 1 else ""))
 
     def step_of(run):
-        cfg = run.cfg
-
         def step():
-            train.train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
-                             cfg.grad_clip, run.ctx, run.scaler)
+            trial_step(run, train.train_step, run.ctx, run.scaler)
             sync(run.device)
         return step
 

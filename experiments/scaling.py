@@ -11,7 +11,7 @@ import time
 import torch
 
 import train
-from experiments.runs import new_run, time_steps
+from experiments.runs import new_run, step_times
 from machinery.cli import format_seconds, log
 from machinery.device import flops_per_token
 from machinery.plots import new_plot, save_plot, split_history
@@ -55,7 +55,7 @@ def step_seconds(shapes, out_dir, data):
                  "plots": False, "sample_tokens": 0, "data": data,
                  "dtype": runs[0].dtype if runs else "auto"}  # measured once, by the first
         runs.append(new_run("tiny", given, os.path.join(out_dir, f"probe{i}")))
-    times = time_steps(runs, 3, 5)
+    times = step_times(runs, 3, 5)
     return ([statistics.mean(t) / 1000 for t in times],
             [flops_per_token(r.model) * r.cfg.batch_size * r.model_cfg.block_size for r in runs], runs[0].dtype)
 

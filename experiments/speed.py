@@ -16,12 +16,12 @@ import torch
 
 import sampling
 from config import GREEDY, GPTConfig, TinyLLMError, TrainConfig, build_configs
-from experiments.runs import ROOT, new_run, peak_memory_mib, sync, time_steps
+from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
 from machinery import records
 from machinery.cli import bool_flag, explicit_flags, log
 from machinery.device import choose_device
 from machinery.plots import split_history
-from tools.plots import read_history
+from tools.compare import read_history
 
 
 def parse_compare(text):
@@ -45,7 +45,7 @@ def bench_train(args):
     with tempfile.TemporaryDirectory(prefix="tinyllm-bench-") as tmp:
         runs = [new_run(args.preset, {**explicit_flags(args), **overrides}, os.path.join(tmp, str(i)))
                 for i, (_, overrides) in enumerate(variants)]
-        times = time_steps(runs, args.untimed, args.steps)
+        times = step_times(runs, args.untimed, args.steps)
     rows = []
     for (name, _), run, ms in zip(variants, runs, times):
         median = statistics.median(ms)

@@ -62,17 +62,21 @@ def interleaved(calls, untimed, timed):
     return times
 
 
+def trial_step(run, train_step, ctx, scaler=None):
+    """One of the run's training steps at its peak learning rate, for measuring (within trial())."""
+    cfg = run.cfg
+    return train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip,
+                      ctx, scaler)
+
+
 def time_steps(run, train_step, dtypes):
     """Mean seconds of one optimizer step in each dtype (float32 or bfloat16: no loss scaler).
     A run's length is a sum of steps, and step times are skewed: the mean, not the median."""
-    cfg = run.cfg
-
     def step_in(dtype):
         ctx = autocast(run.device, dtype)
 
         def step():
-            loss, _ = train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
-                                 cfg.grad_clip, ctx)
+            loss, _ = trial_step(run, train_step, ctx)
             loss.item()  # wait for the device to finish the step
         return step
 

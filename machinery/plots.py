@@ -1,5 +1,5 @@
 """Pictures of a training run: its loss, learning rate and gradient norm, which train.py redraws
-after every evaluation (tools/plots.py overlays several runs' curves)."""
+after every evaluation (tools/compare.py overlays several runs' curves)."""
 
 import math
 import os

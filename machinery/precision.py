@@ -1,5 +1,5 @@
 """Number formats: which precision a run computes in (float32, bfloat16, or float16 with loss scaling),
-and an optimizer.step() that skips non-finite steps, both used through PyTorch's public API only."""
+and an optimizer.step() that skips a step whose gradients are not finite."""
 
 import contextlib
 import warnings

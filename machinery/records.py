@@ -242,11 +242,11 @@ def finish(run, stop_reason, signum, clock):
 
 
 def closing_sample(run, tokens=None):
-    """sample_tokens tokens at temperature 0.8 from a line end, in float32 as generate.py decodes, whatever
+    """sample_tokens tokens at generate.py's default temperature from a line end, in float32 as generate.py decodes, whatever
     the training precision: at this size a bfloat16 decoding step was no faster, even on an H100."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
-    out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(temperature=0.8),
+    out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(),
                             generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())

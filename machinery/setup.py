@@ -178,11 +178,9 @@ def check_compiles(run, train_step):
     """--compile compiles at the first step, and fails there where torch's compiler lacks what it
     needs (a C++ compiler: on Windows, Visual C++). One trial step finds out before the run writes
     anything, and keeps the compiled code for the steps that follow."""
-    cfg = run.cfg
     try:
         with calibrate.trial(run):
-            train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip,
-                       run.ctx, run.scaler)
+            calibrate.trial_step(run, train_step, run.ctx, run.scaler)
     except Exception as e:
         if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
             raise

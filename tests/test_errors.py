@@ -17,7 +17,7 @@ from conftest import TINY_FLAGS, Payload, assert_one_line_error, cli
 import generate
 import train
 
-from tools import plots, prepare
+from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -166,7 +166,7 @@ def test_other_scripts_reject_bad_input(tmp_path, capsys):
     cases = [
         (prepare.main, ["--input", tmp_path / "missing.txt", "--out", tmp_path / "out"], "not found"),
         (prepare.main, ["--input", a_file, "--out", a_file], "is a file"),
-        (plots.main, [tmp_path, "--out", tmp_path / "c.png"], "history.json"),
+        (compare.main, [tmp_path, "--out", tmp_path / "c.png"], "history.json"),
         (bench.main, ["train", "--steps", "0", "--out", tmp_path / "b.json"], "--steps"),
         (bench.main, ["ablation", "--only", "nothing", "--out", tmp_path / "a.json", "--out_md", tmp_path / "a.md"],
          "nothing"),

@@ -29,7 +29,7 @@ LEVELS = {
     "machinery.budget": 2, "machinery.resume": 3, "machinery.records": 3, "machinery.setup": 3, "machinery.calibrate": 3, "machinery.hf_gpt2": 3,
     "machinery.annotate": 3, "machinery.train_cli": 3, "machinery.beam": 2,
     "train": 4, "generate": 4,
-    "tools.prepare": 5, "tools.pictures": 5, "tools.plots": 5,
+    "tools.prepare": 5, "tools.pictures": 5, "tools.compare": 5,
     "experiments.runs": 6, "experiments.speed": 7, "experiments.decoding": 7, "experiments.ablation": 7,
     "experiments.scaling": 7, "experiments.gpu_report": 7, "bench": 8,
 }

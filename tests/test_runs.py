@@ -18,7 +18,7 @@ from sampling import filter_logits
 import train
 
 from machinery import budget, hardware, train_cli
-from tools import plots, prepare
+from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.resume import TrainState
 from machinery.sources import load_prepared
@@ -260,7 +260,7 @@ def test_the_history_has_progress_rows_and_plots_compare_runs(trained, tmp_path,
     assert [h["step"] for h in progress] == list(range(10, 61, 10)) and [h["step"] for h in evals] == [0, 30, 60]
     assert evals[0]["grad_norm"] is None and all(h["grad_norm"] > 0 for h in progress)  # no fake 0 at step 0
     assert all(h["seconds"] >= 0 for h in history) and all(h["ms_per_step"] > 0 for h in progress)
-    code, out, err = cli(capsys, plots.main, trained[0], trained[0], "--labels", "a,b", "--out", tmp_path / "c.png")
+    code, out, err = cli(capsys, compare.main, trained[0], trained[0], "--labels", "a,b", "--out", tmp_path / "c.png")
     assert code == 0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
