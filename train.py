@@ -87,23 +87,25 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     build(run)
     # run.state: the step and every number that changes (a resumed run's, as saved); run.train_model:
     # run.model as the steps call it (compiled, wrapped for DDP, or itself); run.ctx: the forward
-    # pass's precision (an autocast, or nothing for float32); run.scaler: float16's loss scaling or None
+    # pass's precision (an autocast, or nothing for float32); run.scaler: float16's loss scaling or None.
+    # train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
     setup.ready(run, train_step)
     return run
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, write down their figures. The loop ends at max_steps (or a
-    --time_budget's end), or early: --patience, --target_loss, --overfit_batch done, Ctrl-C or SIGTERM."""
+    """Evaluate now and then, take optimizer steps, write down their figures, until the run's end or a stop."""
     cfg, state = run.cfg, run.state
     log_interval = 1 if run.options.overfit_batch else cfg.log_interval
-    # progress = (step - warmup_steps) / (max_steps - warmup_steps); a --time_budget's end is estimated from the pace
+    # progress = (step - warmup_steps) / (max_steps - warmup_steps). Under --time_budget max_steps is replaced by
+    # an end re-estimated from the pace at every line, progress going on straight to it: the LR never jumps
     clock = budget.Clock(run, records.time_sample)
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
     stop_reason, signum = None, 0
     with setup.guarded(run) as stop:  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
         while True:
             at_end = clock.at_end()  # max_steps reached, or the time budget spent
+            # (last_eval_step: where the latest evaluation was, set by records.evaluation: never twice at a step)
             if (state.step % cfg.eval_interval == 0 or at_end) and state.step != state.last_eval_step:
                 early = evaluate(run, meter, clock)  # a reason to stop early (--patience, --target_loss), or None
                 stop_reason = stop_reason or early
@@ -126,8 +128,7 @@ def train_loop(run):
             if cfg.save_interval and state.step % cfg.save_interval == 0 and not run.options.overfit_batch:
                 with meter.paused():
                     records.save_periodic(run)  # ckpt_STEP.pt
-            signum = records.stop_signal(run, stop)  # Ctrl-C or SIGTERM came (every rank agrees)
-            if signum:
+            if signum := records.stop_signal(run, stop):  # Ctrl-C or SIGTERM came (every rank agrees)
                 stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
     with meter.paused():  # the steps since the last line are read before the last save
