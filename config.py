@@ -15,9 +15,12 @@ class TinyLLMError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback."""
 
 
-def setting(default, help, choices=None, aliases=()):
-    """A dataclass field that also carries its --help text, allowed values and extra flag spellings."""
-    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING):
+    """A dataclass field that also carries its --help text, allowed values and extra flag spellings.
+    before: what a checkpoint saved without the setting meant (a new default schedule, say, with the
+    old one as before), so that resuming or loading an older run goes on as it was."""
+    extra = {} if before is dataclasses.MISSING else {"before": before}
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases, **extra})
 
 
 def _require(ok, message):
@@ -342,6 +345,12 @@ def make_config(cls, values):
     """An instance of cls from the entries of values that are its fields; the rest keep their defaults."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def from_saved(cls, saved):
+    """cls from the settings a checkpoint saved; a setting it predates takes its `before` value."""
+    older = {f.name: f.metadata["before"] for f in dataclasses.fields(cls) if "before" in f.metadata}
+    return cls(**{**{k: v for k, v in older.items() if k not in saved}, **saved})
 
 
 def step_exact(values, given):

@@ -12,7 +12,7 @@ import warnings
 import regex
 import torch
 
-from config import GPTConfig, TinyLLMError
+from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
 from utils import CharTokenizer
 
@@ -104,7 +104,7 @@ def unsafe_file(what):
 def model_from_checkpoint(checkpoint, path="checkpoint"):
     """Build the GPT a checkpoint describes and load its weights, refusing non-finite ones."""
     try:
-        config = GPTConfig(**checkpoint["model_config"])
+        config = from_saved(GPTConfig, checkpoint["model_config"])
     except TypeError as e:
         raise TinyLLMError(f"{path}: unreadable model config ({e})") from None
     except TinyLLMError as e:

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from config import GPTConfig, TinyLLMError, TrainConfig, step_exact
+from config import GPTConfig, TinyLLMError, TrainConfig, from_saved, step_exact
 
 from machinery.budget import resume_at
 from machinery.checkpoint import load_checkpoint
@@ -76,8 +76,7 @@ def resume_configs(checkpoint, given, path):
         raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
                            f"version of tinyllm?); fine-tune from its weights with --init_from instead")
     try:
-        model_cfg = GPTConfig(**checkpoint["model_config"])
-        train_cfg = TrainConfig(**saved)
+        model_cfg, train_cfg = from_saved(GPTConfig, checkpoint["model_config"]), from_saved(TrainConfig, saved)
     except TypeError as e:
         raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
     current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}

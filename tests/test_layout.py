@@ -123,8 +123,8 @@ LESSON = ("utils", "model", "optim", "train", "sampling")
 @pytest.mark.parametrize("name", LESSON)
 def test_every_function_of_the_lesson_reads_in_one_go(name):
     long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree(name))
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 40]
-    assert not long
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 50]
+    assert not long, "a function of the lesson fits on a screen (50 lines)"
 
 
 def test_the_readme_lists_the_lesson_in_order():
@@ -147,7 +147,7 @@ def flag_tables():
 def test_the_readme_lists_every_flag_as_config_py_describes_it():
     import config
     readme = flag_tables()
-    assert config.markdown_flags() in readme
+    assert config.markdown_flags() in readme, "docs/flags.md is generated: python config.py > docs/flags.md"
     assert config.markdown_flags((config.Sampler, config.SampleConfig)) in readme
     assert config.markdown_presets() in readme
 
@@ -189,7 +189,7 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
 def test_the_flags_page_is_what_python_config_py_prints(capsys):
     import config
     config.main()
-    assert capsys.readouterr().out == flag_tables()
+    assert capsys.readouterr().out == flag_tables(), "docs/flags.md is generated: python config.py > docs/flags.md"
 
 
 # words that tell the story of how the code was written rather than what it does

@@ -103,7 +103,7 @@ def test_a_checkpoint_held_open_for_a_moment_is_saved_all_the_same(tmp_path, mon
 
     monkeypatch.setattr(os, "replace", held_once)
     checkpoint.save_checkpoint(path, {"step": 2})
-    assert refused == [path] and torch.load(path)["step"] == 2
+    assert refused == [path] and torch.load(path, weights_only=True)["step"] == 2
     assert os.listdir(tmp_path) == ["best.pt"]  # no temporary file left behind
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import GREEDY, RunOptions, Sampler, TrainConfig
+from config import GREEDY, RunOptions, Sampler, TrainConfig, from_saved, setting
 from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head, snapshot, tiny_model_config, tiny_train_config
 import generate
 from sampling import filter_logits
@@ -20,7 +20,7 @@ import train
 from machinery import budget, hardware, train_cli
 from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.resume import TrainState
+from machinery.resume import TrainState, resume_configs
 from machinery.sources import load_prepared
 from optim import get_lr
 
@@ -36,6 +36,26 @@ def run_copy(trained, tmp_path):
 
 
 # ----------------------------------------------------------------------------- never lose work
+
+def test_a_setting_newer_than_a_checkpoint_means_there_what_it_meant_before(trained, monkeypatch):
+    """A new setting whose default changes behaviour (a new default schedule, say) is given its
+    `before` value in config.py: a run saved before it existed resumes as it was."""
+    @dataclasses.dataclass
+    class Settings:
+        schedule: str = setting("wsd", "the LR's shape", ("wsd", "cosine"), before="cosine")
+        steps: int = setting(10, "steps")
+    assert from_saved(Settings, {"steps": 5}) == Settings(schedule="cosine", steps=5)
+    assert from_saved(Settings, {"steps": 5, "schedule": "wsd"}).schedule == "wsd"
+    assert from_saved(Settings, {}).steps == 10  # no `before`: a missing setting takes its default
+    # as a resume reads last.pt: warmup_steps given a `before` of 7, a checkpoint without it resumes with 7
+    warmup = {f.name: f for f in dataclasses.fields(TrainConfig)}["warmup_steps"]
+    monkeypatch.setattr(warmup, "metadata", {**warmup.metadata, "before": 7})
+    checkpoint = load_checkpoint(str(trained[0] / "last.pt"))
+    del checkpoint["train_config"]["warmup_steps"]
+    _, train_cfg = resume_configs(checkpoint, {}, "last.pt")
+    assert train_cfg.warmup_steps == 7
+
+
 
 def test_a_second_run_into_a_trained_folder_is_refused_and_leaves_it_untouched(run_copy, capsys):
     folder, data = run_copy
