@@ -146,12 +146,15 @@ def evaluate(run, meter, clock):
     return early
 
 
+FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints on a progress line (others: .4g)
+
+
 def log_progress(run, meter, clock):
     """A progress line and a history row for the steps since the last one; a time budget re-aims
     the end at the latest pace. Returns why the run stops (--overfit_batch done), else None."""
     state, cfg = run.state, run.cfg
     figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
-    line = records.progress_line(run, figures, ms, clock.steps_shown())
+    line = records.progress_line(run, figures, ms, clock.steps_shown(), FORMATS)
     if not run.options.overfit_batch or state.step % cfg.log_interval == 0:
         run.say(line)
     clock.paced(meter.step_seconds())  # a time budget: the end, at the latest pace

@@ -24,8 +24,6 @@ from machinery.plots import plot_history
 from machinery.safety import prune_periodic
 from machinery.sources import start_ids
 
-FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure is printed on a progress line; any other: .4g
-
 
 class Meter:
     """This process's steps since the last progress line: their figures, on the device until a line or a
@@ -107,15 +105,16 @@ def non_finite(run, step, figures):
 
 # ----------------------------------------------------------------------------- progress lines
 
-def progress_line(run, figures, ms, steps_shown):
-    """A progress line and a history row: the averaged figures, ms/step, tokens/s, ETA and (on GPUs we know) MFU."""
+def progress_line(run, figures, ms, steps_shown, formats):
+    """A progress line and a history row: the averaged figures (each as formats says, else .4g), ms/step,
+    tokens/s, ETA and (on GPUs we know) MFU."""
     state = run.state
     tokens_per_s, mfu = speed(run, ms)
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": elapsed(run)})
     end = steps_shown
     eta = format_seconds((float(end) - state.step) * ms / 1000) if end != "?" else "?"
-    shown = " | ".join(f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
+    shown = " | ".join(f"{k} {'-' if v is None else format(v, formats.get(k, '.4g'))}" for k, v in figures.items())
     line = f"step {state.step:>6}/{end} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
 
