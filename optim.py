@@ -16,7 +16,9 @@ def get_lr(step, progress, cfg):
     formula of step and progress here; how progress advances is the run's business, not this one's."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if progress >= 1.0:  # the run's end (and any step past it): the floor, whatever the shape before it
+        return cfg.min_lr
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer, lr):

@@ -1,7 +1,7 @@
 """A run's progress, which optim.get_lr's schedule is a function of: 0 at the end of the warmup, 1 at the
 end (max_steps, or where a --time_budget runs out). A time budget re-estimates its end at every progress
-line and goes on in a straight line from where it is, so the LR never jumps whatever the pace does, and
-reaches min_lr as the time runs out. TrainState.progress_from and end_step hold the aim."""
+line and goes on in a straight line from where it is, so the LR never rises and reaches min_lr as the
+time runs out (at once, if the pace falls so far that the end comes now). TrainState.progress_from and end_step hold the aim."""
 
 import math
 import time
