@@ -89,7 +89,7 @@ def gpu_tests():
     if not os.path.isdir(os.path.join(ROOT, "tests")):
         return {"summary": "not run: no tests/ folder beside bench.py"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace")
     summary = (done.stdout.strip().splitlines() or ["no output"])[-1].strip("= ")
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error)", summary)}
     log(f"  tests/test_gpu.py: {summary}")
@@ -154,7 +154,7 @@ def startup_split(device_type):
     """The seconds a fresh Python process takes to start, import torch, start the device and
     build a first optimizer (torch's own work, which every script pays before its own)."""
     before = time.time()
-    done = subprocess.run([sys.executable, "-c", PROBE, device_type], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", PROBE, device_type], capture_output=True, encoding="utf-8", errors="replace", cwd=ROOT)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     stamps = json.loads(done.stdout)
@@ -173,7 +173,7 @@ def decoding(quick, device, tmp):
         out = os.path.join(tmp, f"generate-{dtype}.json")
         done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "generate", "--preset", "small", *shape,
                                "--dtype", dtype, "--new_tokens", str(new_tokens), "--repeats", "1" if quick else "3",
-                               "--out", out], cwd=ROOT, capture_output=True, text=True)
+                               "--out", out], cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace")
         if done.returncode:
             rows.append([dtype, "failed", (done.stderr.strip().splitlines() or ["?"])[-1], "", ""])
             continue

@@ -131,7 +131,7 @@ def bench_sample(args):
     for _ in range(args.repeats):
         for name, cmd in runs.items():
             t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", cwd=ROOT)
             seconds[name].append(time.perf_counter() - t0)
             if done.returncode != 0:
                 raise TinyLLMError(f"{name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -150,7 +150,7 @@ def time_to_target(preset, target, extra, label):
                "--target_loss", str(target), "--plots", "false", "--sample_tokens", "0", "--out_dir", out_dir]
         log(f"[{label}] {' '.join(cmd[1:])}")
         t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace")
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             raise TinyLLMError(f"train.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -139,7 +139,10 @@ def writes_any_text():
         encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
         if encoding == "utf8" or not hasattr(stream, "reconfigure"):
             continue
-        stream.reconfigure(**({"errors": "backslashreplace"} if stream.isatty() else {"encoding": "utf-8"}))
+        try:
+            stream.reconfigure(errors="backslashreplace", **({} if stream.isatty() else {"encoding": "utf-8"}))
+        except (ValueError, OSError):  # a stream closed or detached: leave it as it is
+            pass
 
 
 def in_process_group():

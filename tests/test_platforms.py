@@ -17,6 +17,7 @@ from conftest import ROOT, TINY_SHAPE, assert_one_line_error, cli, subprocess_en
 from machinery import beam, checkpoint, hardware
 from machinery.device import rng_state, set_rng_state
 from machinery.precision import finite_steps_only
+from machinery.setup import raised_by_compiler
 from model import GPT
 from optim import make_optimizer
 from machinery.sources import read_text
@@ -177,3 +178,26 @@ def test_mocked_mac_random_state_is_saved_and_restored(monkeypatch):
     assert state["mps"] is saved
     set_rng_state(state)
     assert restored == [saved]
+
+
+def test_a_compiler_error_is_known_by_where_it_was_raised():
+    """torch 2.5 raises a missing Visual C++ (or Triton) as a plain RuntimeError from its compiler's
+    code: that is a compile failure too; the same error raised elsewhere, or running out of memory, is not."""
+    def raised_from(filename, error):
+        try:
+            exec(compile("raise error", filename, "exec"), {"error": error})
+        except Exception as e:
+            return e
+    assert raised_by_compiler(raised_from("/site-packages/torch/_inductor/cpp_builder.py",
+                                          RuntimeError("Compiler: cl is not found.")))
+    assert not raised_by_compiler(raised_from("/work/model.py", RuntimeError("shapes do not match")))
+    assert not raised_by_compiler(raised_from("/site-packages/torch/_inductor/graph.py",
+                                              torch.OutOfMemoryError("out of memory")))
+
+
+def test_an_undecodable_name_in_an_error_line_is_escaped_not_a_crash(tmp_path):
+    """A file name Python could not decode (a lone surrogate) in an error line on a cp1252 stderr."""
+    script = "import sys; from machinery.cli import run_cli; run_cli(lambda argv: print('bad \\udcff', file=sys.stderr))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT,
+                          env=subprocess_env(PYTHONIOENCODING="cp1252"), timeout=60)
+    assert done.returncode == 0 and done.stderr.strip() == b"bad \\udcff", done.stderr
