@@ -22,9 +22,6 @@ from machinery.cli import first_line
 CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")
 
 
-# torch's writer and reader by names of ours: a test stands in for them without replacing torch's functions
-write, read = torch.save, torch.load
-
 
 def save_checkpoint(path, checkpoint):
     """Write atomically (a temp file beside it, fsynced, renamed over it): a crash leaves the old file."""
@@ -33,7 +30,7 @@ def save_checkpoint(path, checkpoint):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            write(checkpoint, f)
+            torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         replace_file(tmp, path)
@@ -67,7 +64,7 @@ def load_checkpoint(path):
     try:
         with warnings.catch_warnings():  # torch warns at length about old pickle protocols
             warnings.simplefilter("ignore")
-            checkpoint = read(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if refused_as_unsafe(e):
             raise unsafe_file(f"checkpoint {path}") from None

@@ -133,14 +133,13 @@ def test_sweep_script_writes_reproducible_files_with_generate_defaults(trained, 
 # or at one the round arranges inside the write (half-way through the bytes; after the bytes
 # but before the rename), and then loads last.pt as tinyllm does, reporting what it found.
 WRITER_CRASHES = textwrap.dedent("""
-    import io, json, os, random, signal, sys, time
+    import builtins, io, json, os, random, signal, sys, time
     sys.path.insert(0, {root!r})
     import torch
-    from machinery import checkpoint as checkpoint_module
     from machinery.checkpoint import load_checkpoint, save_checkpoint
 
     path, rounds = sys.argv[1], sys.argv[2].split(",")
-    real_save, real_replace = checkpoint_module.write, os.replace
+    real_open, real_replace = builtins.open, os.replace
 
     def checkpoint(n):
         return {{"model": {{"w": torch.full((1 << 19,), float(n))}}, "model_config": {{}}, "tokenizer": {{}}, "step": n}}
@@ -149,14 +148,20 @@ WRITER_CRASHES = textwrap.dedent("""
         def stop_here():
             os.write(pipe, b"!")
             time.sleep(60)
-        def half_then_stop(obj, f):  # the writer stops with half of the file written
-            data = io.BytesIO()
-            real_save(obj, data)
-            f.write(data.getvalue()[:data.tell() // 2])
-            f.flush()
-            stop_here()
+        class HalfThenStop(io.RawIOBase):  # the writer stops with half of the 2 MiB file written
+            def __init__(self, name):
+                self.file, self.written = real_open(name, "wb"), 0
+            def writable(self):
+                return True
+            def write(self, data):
+                if self.written + len(data) > 1 << 20:
+                    self.file.flush()
+                    stop_here()
+                self.written += len(data)
+                return self.file.write(data)
         if arranged == "mid_write":
-            checkpoint_module.write = lambda obj, f, *a, **k: half_then_stop(obj, f) if n > 1 else real_save(obj, f)
+            builtins.open = lambda name, mode="r", *a, **k: (HalfThenStop(name) if n > 1 and ".tmp." in str(name)
+                                                             else real_open(name, mode, *a, **k))
         if arranged == "before_rename":
             os.replace = lambda *a: stop_here() if n > 1 else real_replace(*a)
         for n in range(1, 10 ** 6):

@@ -51,6 +51,15 @@ def test_a_gpu_run_trains_resumes_and_samples_the_same_text_for_the_same_seed(tm
     assert texts[0] == texts[1] and len(texts[0]) > 150
 
 
+def test_a_checkpoint_saved_from_the_gpu_loads_onto_the_cpu(tmp_path):
+    script = ("import sys, torch; sys.path.insert(0, '.'); from machinery.checkpoint import load_checkpoint; "
+              "torch.save({'model': {'w': torch.ones(2, device='cuda')}, 'model_config': {}, 'tokenizer': {}}, "
+              f"{str(tmp_path / 'gpu.pt')!r}); print(load_checkpoint({str(tmp_path / 'gpu.pt')!r})['model']['w'].device)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env=subprocess_env(gpu=True), timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "cpu", done.stderr[-3000:]
+
+
 def test_the_kv_cache_agrees_with_recompute_in_every_precision_the_gpu_has():
     out = on_gpu("bench.py", "gpu_check", "--quick", "--out", os.devnull, "--out_md", os.devnull, timeout=600)
     checks = [line for line in out.splitlines() if line.startswith("check ")]

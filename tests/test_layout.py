@@ -270,7 +270,7 @@ def owner(target, namespace):
 def test_no_test_replaces_anything_of_torch_or_another_library(path):
     """torch's own code reads its functions too (its compiler read a replaced MPS probe and
     failed), so tests stand in for a machine or a failing disk through the project's own seams
-    (machinery/hardware.py, checkpoint.write and .read, ...), never by replacing a library's."""
+    (machinery/hardware.py, a file that fails to write, ...), never by replacing a library's."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     namespace = {}

@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 import regex
-import tiktoken
 import torch
 
 from config import EOT, TinyLLMError
