@@ -12,7 +12,7 @@ import torch
 import train
 from config import RunOptions, build_configs, default_preset
 from machinery import hardware
-from machinery.calibrate import interleaved, trial_step
+from machinery.precision import interleaved, trial_step
 from machinery.cli import log
 from machinery.device import choose_device
 

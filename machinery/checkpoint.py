@@ -1,5 +1,5 @@
 """Checkpoint files: written atomically, read without running code, a model and tokenizer rebuilt from
-one. A checkpoint is a dict of tensors and plain data: model (state_dict), model_config (GPTConfig as a
+one; a run folder that holds a run is never taken by a fresh one. A checkpoint is a dict of tensors and plain data: model (state_dict), model_config (GPTConfig as a
 dict), tokenizer, step, best_val_loss, history, ...; last.pt adds optimizer, train_config, rng, scaler."""
 
 import contextlib
@@ -17,7 +17,7 @@ from model import GPT
 from utils import CharTokenizer
 
 from machinery.bpe import BPETokenizer, GPT2Tokenizer
-from machinery.cli import first_line
+from machinery.cli import check_writable, first_line, log
 
 CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")
 
@@ -196,3 +196,56 @@ def grow_vocabulary(model, old_ids):
     model.lm_head = torch.nn.Linear(model.config.n_embd, len(old_ids), bias=False, device=old.device, dtype=old.dtype)
     model.lm_head.weight = model.wte.weight
     model.config = dataclasses.replace(model.config, vocab_size=len(old_ids))
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def run_files(out_dir):
+    """The checkpoint files of a run folder, newest name last ([] when there are none)."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = os.listdir(out_dir)
+    periodic = sorted(n for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
+    return [n for n in ("best.pt", "last.pt") if n in names] + periodic
+
+
+def describe_run(out_dir):
+    """A few words about the run in out_dir, from its last.pt (or best.pt)."""
+    for name in ("last.pt", "best.pt"):
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            try:
+                checkpoint = load_checkpoint(path)
+            except TinyLLMError:
+                return f"{name} (unreadable)"
+            return f"{name} at {describe_checkpoint(checkpoint)}"
+    return ", ".join(run_files(out_dir))
+
+
+def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
+    """Refuse a fresh run over another run's checkpoints, and check now, not after an hour of training, that
+    the folder is writable. overwrite clears the old run, unless that would delete keep (the --init_from)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
+    existing = run_files(out_dir)
+    if existing and not overwrite:
+        raise TinyLLMError(f"{out_dir} already holds a run ({describe_run(out_dir)}); to keep it, continue it with "
+                           f"--resume or pick another --out_dir (or --tag NAME); to replace it, add --overwrite")
+    doomed = {os.path.realpath(os.path.join(out_dir, name)) for name in existing}
+    if keep and os.path.realpath(keep) in doomed:
+        raise TinyLLMError(f"--overwrite would delete {keep}, the checkpoint --init_from starts from; "
+                           f"fine-tune into another --out_dir (or --tag NAME)")
+    if not master:
+        return
+    check_writable(os.path.join(out_dir, f".write_test.{os.getpid()}"), "--out_dir", make_folder=True)
+    if existing:
+        say(f"--overwrite: removing the previous run's {', '.join(existing)} from {out_dir}")
+        for name in existing + ["history.csv", "history.json"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+
+
+def prune_periodic(out_dir, keep_last):
+    periodic = [n for n in run_files(out_dir) if n.startswith("ckpt_")]
+    for name in periodic[:-keep_last]:
+        os.remove(os.path.join(out_dir, name))

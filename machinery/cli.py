@@ -1,9 +1,11 @@
 """The scripts' command line: flags made from config.py's settings, bad input as one `error:` line and
-exit status 2 instead of a traceback, outputs checked for writability before long work, and printing."""
+exit status 2 instead of a traceback, outputs checked for writability before long work, printing, and Ctrl-C or SIGTERM letting a training
+step finish and save before the process leaves."""
 
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import traceback
 
@@ -165,3 +167,28 @@ def leave(code):
 def fail(message):
     print(f"error: {message}", file=sys.stderr, flush=True)
     leave(2)
+
+
+# ----------------------------------------------------------------------------- stopping
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts."""
+
+    def __init__(self, announce=True):
+        self.signum = None
+        self.announce = announce
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt")
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

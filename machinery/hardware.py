@@ -5,6 +5,7 @@ torch, whose own functions torch's internals (compiler, optimizers) read too."""
 import warnings
 
 import torch
+import torch.distributed
 
 
 def cuda_available():
@@ -63,6 +64,11 @@ def gradient_scaler(device_type):
 
 def use_gpu(device):
     torch.cuda.set_device(device)
+
+
+def join_processes(backend, **options):
+    """Join torchrun's other processes: Gloo (CPUs) or NCCL (GPUs)."""
+    torch.distributed.init_process_group(backend, **options)
 
 
 def set_gpu_rng_state(state, index):

@@ -16,12 +16,11 @@ from config import GREEDY, Sampler, TinyLLMError
 import sampling
 
 from machinery import budget
-from machinery.checkpoint import make_checkpoint, save_checkpoint
+from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
 from machinery.cli import format_seconds
 from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
 from machinery.distributed import all_ranks_max, all_ranks_mean, teardown_distributed
 from machinery.plots import plot_history
-from machinery.safety import prune_periodic
 from machinery.sources import start_ids
 
 

@@ -13,17 +13,16 @@ import torch
 
 from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 
-from machinery import calibrate
 from machinery import budget
-from machinery.checkpoint import grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
-from machinery.cli import first_line, log, warn
+from machinery.checkpoint import claim_out_dir, grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
+from machinery.cli import StopRequest, first_line, log, warn
 from machinery.device import (choose_device, configure_matmul, describe, out_of_memory_as_error, seed_everything,
                               set_threads)
 from machinery.distributed import rank_seed, setup_distributed, wrap
-from machinery.precision import autocast, explain_dtype, finite_steps_only, make_scaler, measured_on, resolve_dtype
+from machinery.precision import (autocast, explain_dtype, finite_steps_only, make_scaler, measure_dtype,
+                                 measured_on, resolve_dtype, trial, trial_step)
 from machinery.resume import (RESUMABLE, TrainState, conflicting_flags, find_resume, restore, resume_configs,
                               resumed_preset)
-from machinery.safety import StopRequest, claim_out_dir
 from machinery.sources import check_splits, load_corpus
 
 
@@ -166,7 +165,7 @@ def ready(run, train_step):
     if cfg.compile:
         check_compiles(run, train_step)
     if cfg.dtype == "auto" and measured_on(run.device):  # a resumed run keeps what its first process measured
-        plan = run.state.plan if (run.state.plan or {}).get("dtype") else calibrate.measure_dtype(run, train_step)
+        plan = run.state.plan if (run.state.plan or {}).get("dtype") else measure_dtype(run, train_step)
         run.state.plan = plan
         set_precision(run, plan["dtype"])
     if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
@@ -180,8 +179,8 @@ def check_compiles(run, train_step):
     needs (a C++ compiler: on Windows, Visual C++). One trial step finds out before the run writes
     anything, and keeps the compiled code for the steps that follow."""
     try:
-        with calibrate.trial(run):
-            calibrate.trial_step(run, train_step, run.ctx, run.scaler)
+        with trial(run):
+            trial_step(run, train_step, run.ctx, run.scaler)
     except Exception as e:
         if not raised_by_compiler(e):
             raise

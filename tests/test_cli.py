@@ -19,7 +19,7 @@ import generate
 import train
 
 from machinery.checkpoint import load_checkpoint
-from machinery.safety import StopRequest
+from machinery.cli import StopRequest
 
 
 def start_training(*args):

@@ -157,7 +157,7 @@ def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monke
     monkeypatch.setenv("WORLD_SIZE", "2")
     calls = []
     monkeypatch.setattr(hardware, "use_gpu", lambda d: calls.append(("set_device", d)))
-    monkeypatch.setattr(distributed, "start_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    monkeypatch.setattr(hardware, "join_processes", lambda backend, **kw: calls.append((backend, kw)))
     rank, world, dev = distributed.setup_distributed(CUDA)
     assert (rank, world, dev) == (1, 2, torch.device("cuda:1"))
     # the process's own GPU is current before NCCL starts, and NCCL is told which it is
@@ -167,7 +167,7 @@ def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monke
 def test_mocked_torchrun_on_a_mac_gpu_is_refused_before_joining(monkeypatch):
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(distributed, "start_process_group", lambda backend, **kw: pytest.fail("joined"))
+    monkeypatch.setattr(hardware, "join_processes", lambda backend, **kw: pytest.fail("joined"))
     with pytest.raises(TinyLLMError, match="--device cpu"):
         distributed.setup_distributed(torch.device("mps"))
 
