@@ -1,6 +1,7 @@
 """Checkpoint files: written atomically, read without running code, a model and tokenizer rebuilt from
-one; a run folder that holds a run is never taken by a fresh one. A checkpoint is a dict of tensors and plain data: model (state_dict), model_config (GPTConfig as a
-dict), tokenizer, step, best_val_loss, history, ...; last.pt adds optimizer, train_config, rng, scaler."""
+one; a run folder that holds a run is never taken by a fresh one. A checkpoint is a dict of tensors and
+plain data: model (state_dict), model_config (GPTConfig as a dict), tokenizer, step, best_val_loss,
+history, ...; last.pt adds optimizer, train_config, rng, scaler."""
 
 import contextlib
 import dataclasses
