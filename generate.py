@@ -20,7 +20,7 @@ from config import Sampler, SampleConfig, check_beam, make_config
 import sampling
 
 from machinery.annotate import Annotator, Pieces, SamplerOdds, model_odds
-from machinery.beam import beam_search
+from deep_dives.beam import beam_search
 from machinery.checkpoint import describe_checkpoint, load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, describe, out_of_memory_as_error, set_threads

@@ -1,12 +1,12 @@
 """How the weights move: the learning-rate schedule (linear warmup, then cosine decay over the
 run's progress) and AdamW with weight decay on matrices only. (--optimizer muon swaps the blocks'
-matrices to Muon, a deep dive: machinery/muon.py.)"""
+matrices to Muon, a deep dive: deep_dives/muon.py.)"""
 
 import math
 
 import torch
 
-from machinery import muon
+from deep_dives import muon
 
 
 def get_lr(step, progress, cfg):
@@ -30,7 +30,7 @@ def set_lr(optimizer, lr):
 def make_optimizer(model, cfg, device):
     """AdamW that decays matrices (embeddings, linear weights) but not biases or norm gains."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.optimizer == "muon":  # a deep dive (machinery/muon.py)
+    if cfg.optimizer == "muon":  # a deep dive (deep_dives/muon.py)
         return muon.Muon.for_model(params, cfg)
     groups = [
         {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},

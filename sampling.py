@@ -6,7 +6,7 @@ token costs one position's work instead of the whole context's; the context rule
 what the model sees once the text outgrows block_size); the sampler (temperature, top-k,
 top-p). generate.py is the command line around this; the sample train.py prints at the end of
 a run comes from here too. Beam search (generate.py --beam), which keeps the most likely
-continuations instead of drawing one, is a deep dive beside it: machinery/beam.py.
+continuations instead of drawing one, is a deep dive beside it: deep_dives/beam.py.
 """
 
 import functools
@@ -14,7 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from machinery import graphs
+from deep_dives import graphs
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -3,7 +3,7 @@ train/val split -> random (x, y) batches, y being x shifted by one token.
 
 A model only ever sees integers: the tokenizer turns text into ids and ids back into text. The
 one to read is CharTokenizer, one token per character. The byte-level ones (--tokenizer bpe,
-gpt2) have the same methods and are a deep dive (machinery/bpe.py). Where the text comes from
+gpt2) have the same methods and are a deep dive (deep_dives/bpe.py). Where the text comes from
 (a file, a folder, JSONL, a corpus tokenized to disk) is machinery/sources.py's business."""
 
 import re
@@ -66,7 +66,7 @@ def make_tokenizer(kind, text, vocab_size, verbose=False):
     vocab_size 0 means BPE_VOCAB_SIZE)."""
     if kind == "char":
         return CharTokenizer.from_text(text)
-    from machinery import bpe  # the byte-level ones: a deep dive, imported only when asked for
+    from deep_dives import bpe  # the byte-level ones: a deep dive, imported only when asked for
     if kind == "bpe":
         return bpe.BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
     if kind == "gpt2":

@@ -10,7 +10,7 @@ import torch
 
 import sampling
 from config import Sampler, TinyLLMError
-from machinery import beam
+from deep_dives import beam
 from machinery.annotate import model_odds
 from machinery.cli import log
 

@@ -69,7 +69,7 @@ def bench_generate(args):
     kernel choices) is timed alone, then its warm calls, interleaved."""
     from model import GPT
 
-    from machinery import graphs
+    from deep_dives import graphs
     from machinery.precision import autocast, resolve_dtype  # generation only
     preset = args.preset or "small"  # the README's KV-cache figure; the default help says so
     given = explicit_flags(args)

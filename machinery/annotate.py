@@ -10,7 +10,7 @@ import torch
 
 from sampling import Context, next_token_probs
 
-from machinery.bpe import ByteLevelTokenizer
+from deep_dives.bpe import ByteLevelTokenizer
 
 LN2 = math.log(2)
 

@@ -17,7 +17,7 @@ from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
 from utils import CharTokenizer
 
-from machinery.bpe import BPETokenizer, GPT2Tokenizer
+from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.cli import check_writable, first_line, log
 
 CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")

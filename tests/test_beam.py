@@ -16,7 +16,7 @@ from conftest import assert_one_line_error, cli, float32_sum_tolerance, tiny_mod
 from model import GPT
 import sampling
 
-from machinery import beam
+from deep_dives import beam
 from machinery.annotate import model_odds
 
 COMBINATIONS = [dict(pos="learned"), dict(pos="rope", mlp="swiglu", norm="rmsnorm"), dict(pos="sinusoidal")]

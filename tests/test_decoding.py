@@ -1,4 +1,4 @@
-"""The decoding step a GPU records and replays (machinery/graphs.py): on the CPU the tests record
+"""The decoding step a GPU records and replays (deep_dives/graphs.py): on the CPU the tests record
 it with torch.fx instead of a CUDA graph (the seam graphs.recorder), which, like a CUDA graph,
 replays the tensor operations of one call and nothing of its Python: a step that kept a Python
 number from token to token would replay a stale one. The replayed step must give the tokens of
@@ -18,7 +18,7 @@ import generate
 from model import GPT
 import sampling
 
-from machinery import beam, graphs
+from deep_dives import beam, graphs
 from machinery.checkpoint import load_model
 from machinery.sources import encode_prompt
 

@@ -20,7 +20,7 @@ from sampling import next_token_probs, sample_next
 
 from machinery import annotate
 from machinery.annotate import Annotator, Pieces, SamplerOdds, token_label
-from machinery.bpe import BPETokenizer, GPT2Tokenizer
+from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.checkpoint import load_model
 
 SETTINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8),

@@ -71,7 +71,7 @@ import torch
 import sampling
 from config import GREEDY, GPTConfig
 from model import GPT
-from machinery import graphs
+from deep_dives import graphs
 torch.manual_seed(0)
 for switches in (dict(pos="learned"), dict(pos="rope", mlp="swiglu", norm="rmsnorm")):
     model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, **switches)).cuda().eval()

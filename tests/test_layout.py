@@ -21,21 +21,24 @@ from conftest import ROOT
 
 # The flow of the work, bottom to top: a module may import from its own level or below.
 LEVELS = {
-    "config": 0, "machinery.cli": 0, "machinery.openmp": 0, "machinery.hardware": 0,
-    "machinery.graphs": 0,
-    "machinery.bpe": 1, "model": 1, "sampling": 1, "machinery.muon": 1,
-    "machinery.sources": 2, "utils": 2, "optim": 2, "machinery.device": 2,
-    "machinery.precision": 2, "machinery.distributed": 2, "machinery.checkpoint": 2, "machinery.plots": 2,
-    "machinery.budget": 2, "machinery.resume": 3, "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3,
-    "machinery.annotate": 3, "machinery.train_cli": 3, "machinery.beam": 2,
+    # the lesson, and the deep dives it calls on
+    "config": 0, "deep_dives.graphs": 0, "deep_dives.bpe": 1, "deep_dives.muon": 1, "model": 1, "sampling": 1,
+    "utils": 2, "optim": 2, "deep_dives.beam": 2,
+    # what a run needs besides the lesson
+    "machinery.cli": 0, "machinery.openmp": 0, "machinery.hardware": 0,
+    "machinery.sources": 2, "machinery.device": 2, "machinery.precision": 2, "machinery.distributed": 2,
+    "machinery.checkpoint": 2, "machinery.plots": 2, "machinery.budget": 2,
+    "machinery.resume": 3, "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3,
+    "machinery.annotate": 3, "machinery.train_cli": 3,
+    # the scripts a learner runs, the stand-alone tools, the experiments and their command line
     "train": 4, "generate": 4,
     "tools.prepare": 5, "tools.pictures": 5, "tools.compare": 5,
     "experiments.runs": 6, "experiments.speed": 7, "experiments.decoding": 7, "experiments.ablation": 7,
     "experiments.scaling": 7, "experiments.gpu_report": 7, "bench": 8,
 }
-# The folders by whom they serve, in the one direction imports go: the lesson and what a run
-# needs besides it (machinery/), then the stand-alone tools, then the experiments and reports.
-FOLDERS = ("machinery", "tools", "experiments")
+# The folders by whom they serve, in the one direction imports go: the lesson and its deep dives,
+# what a run needs besides them (machinery/), the scripts and stand-alone tools, the experiments.
+FOLDERS = ("deep_dives", "machinery", "tools", "experiments")
 ENTRY_SCRIPTS = ("train", "generate", "bench")  # what machinery/ and tools/ must never import
 # experiments/ drive train.py's own set-up and loop, so they import train; bench.py is their command line
 MODULES = sorted([os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))]
@@ -44,8 +47,11 @@ MODULES = sorted([os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT,
 
 
 def folder_rank(name):
-    """0 for the lesson and machinery/, 1 for tools/, 2 for experiments/ (bench.py is their command line)."""
-    return 2 if name == "bench" else FOLDERS.index(name.split(".")[0]) if "." in name else 0
+    """0: the lesson and deep_dives/; 1: machinery/; 2: the scripts (train.py, generate.py) and tools/;
+    3: experiments/ and bench.py, their command line."""
+    if "." not in name:
+        return {"train": 2, "generate": 2, "bench": 3}.get(name, 0)
+    return {"deep_dives": 0, "machinery": 1, "tools": 2, "experiments": 3}[name.split(".")[0]]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -14,7 +14,8 @@ import torch
 import train
 from config import TrainConfig, make_config
 from conftest import ROOT, TINY_SHAPE, assert_one_line_error, cli, subprocess_env, tiny_model_config
-from machinery import beam, checkpoint, hardware
+from deep_dives import beam
+from machinery import checkpoint, hardware
 from machinery.device import rng_state, set_rng_state
 from machinery.precision import finite_steps_only
 from machinery.setup import raised_by_compiler

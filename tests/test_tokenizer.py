@@ -14,7 +14,7 @@ from config import EOT, TinyLLMError
 from conftest import corpus_head
 from utils import CharTokenizer, make_tokenizer
 
-from machinery.bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, special_regex, train_bpe
+from deep_dives.bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, special_regex, train_bpe
 from machinery.checkpoint import tokenizer_from_dict
 
 UNICODE_TEXT = ("Café naïve façade — señor Müller.\n"
@@ -258,7 +258,7 @@ def test_gpt2_tokenizer():
 def test_gpt2_offline_raises_a_clear_error(monkeypatch):
     def offline():
         raise ConnectionError("no network")
-    from machinery import bpe
+    from deep_dives import bpe
     monkeypatch.setattr(bpe, "gpt2_encoding", offline)
     for build in (GPT2Tokenizer, lambda: make_tokenizer("gpt2", "", 0), lambda: tokenizer_from_dict({"kind": "gpt2"})):
         with pytest.raises(TinyLLMError) as err:

@@ -17,7 +17,7 @@ from optim import make_optimizer
 import train
 
 from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from machinery.muon import orthogonalize
+from deep_dives.muon import orthogonalize
 from machinery.precision import finite_steps_only
 
 CPU = torch.device("cpu")

@@ -3,10 +3,10 @@ to launch from Python than to run, so a graph replays them in one launch. That n
 and control flow every step: sampling.decode reads its position from a tensor, writes the cache in place."""
 
 import contextlib
+import sys
 
 import torch
 
-from machinery.cli import warn
 
 ENABLED = True  # False: every step runs as it is (bench.py times both)
 WARMUP = 2      # steps run on the recording stream first: cuBLAS and the allocator set up outside the recording
@@ -116,5 +116,5 @@ class Replayed:
             t.copy_(s)
 
     def give_up(self, why):
-        warn(f"{why}; decoding without a CUDA graph")
+        print(f"warning: {why}; decoding without a CUDA graph", file=sys.stderr, flush=True)
         self.eager = True
