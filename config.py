@@ -302,28 +302,27 @@ def _check_choices(config):
 # ----------------------------------------------------------------------------- presets
 
 # Each preset overrides some fields of GPTConfig and TrainConfig; flags override the preset.
-# "tiny" is the default on a CPU or a Mac: five minutes of training, planned on the machine it
-# runs on (time_budget), in the shape that learned most in that time on the 2-core CPUs measured
-# (docs/recipe_search.md): 2 layers 160 wide, block 128, batch 32, weight decay 1.0. Its
-# max_steps applies only with --time_budget off. "speedrun" is the fastest route found to val
-# 1.886 (bench.py time_to_target). "reference" and "small" are nanoGPT's two shakespeare_char
-# recipes (its README's CPU run, and train_shakespeare_char.py), for like-for-like comparisons;
-# "small" is the default on a CUDA GPU, its cosine planned to 2,000 steps instead of nanoGPT's
-# 5,000: on an H100 the val loss bottomed near step 2,000 and climbed after it, and a 2,000-step
-# run reached a lower best val (1.4454) in 47.5 s (docs/platforms.md). Every preset trains with AdamW.
+# Every preset trains with AdamW; measured in docs/recipe_search.md and docs/platforms.md.
 PRESETS = {
+    # the default on a CPU or a Mac: five minutes (time_budget; max_steps counts only without it), in
+    # the shape that learned most in that time on the 2-core CPUs measured
     "tiny": dict(n_layer=2, n_head=5, n_embd=160, block_size=128, dropout=0.0, pos="rope", mlp="swiglu",
                  batch_size=32, time_budget="5m", max_steps=2000, lr=3e-3, min_lr=3e-4, warmup_steps=100,
                  weight_decay=1.0, eval_interval=500, eval_iters=20),
+    # the fastest route found to val 1.886 (bench.py time_to_target)
     "speedrun": dict(n_layer=2, n_head=4, n_embd=128, block_size=64, dropout=0.0, pos="rope", mlp="swiglu",
                      batch_size=32, max_steps=400, lr=5e-3, min_lr=0.0, warmup_steps=30, weight_decay=0.0,
                      eval_interval=20, eval_iters=8, plots=False, sample_tokens=0),
+    # nanoGPT's two shakespeare_char recipes, for like-for-like comparisons: its README's CPU run, and
+    # train_shakespeare_char.py, which is the default on a CUDA GPU with its cosine over 2,000 steps
+    # instead of 5,000 (on an H100 val bottomed near step 2,000: a lower best val, 1.4454, in 47.5 s)
     "reference": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, batch_size=12,
                       max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99,
                       eval_interval=250, eval_iters=20),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
                   batch_size=64, max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99,
                   eval_interval=250, eval_iters=20),
+    # small with RoPE, SwiGLU and RMSNorm; and a larger model for a GPU
     "small-modern": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, pos="rope", mlp="swiglu",
                          norm="rmsnorm", bias=False, batch_size=64, max_steps=5000, lr=1e-3, min_lr=1e-4,
                          warmup_steps=100, beta2=0.99, eval_interval=250, eval_iters=20),
