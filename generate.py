@@ -19,7 +19,7 @@ import torch
 from config import Sampler, SampleConfig, check_beam, make_config
 import sampling
 
-from machinery.annotate import Annotator, Pieces, SamplerOdds, model_odds
+from machinery.annotate import Annotator, SamplerOdds, WholeCharacters, model_odds
 from deep_dives.beam import beam_search
 from machinery.checkpoint import describe_checkpoint, load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
@@ -36,7 +36,7 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
     shown = [t for t in prompt_ids if t != stop]
-    pieces = Pieces(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
+    pieces = WholeCharacters(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
 
     def show(token, logits):  # token (B, 1): the first sample's new token, printed as it comes
         if token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):

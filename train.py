@@ -80,8 +80,8 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
     """A run ready for its first step: where it runs, and the checkpoint it starts from
-    (setup.start), what it trains (build), and how far it got (setup.ready: a resume's state;
-    --compile, DDP; the precision, measured for --dtype auto; the start-up lines)."""
+    (setup.start), what it trains (build), and how far it got (setup.before_first_step: a
+    resume's state; --compile, DDP; the precision, measured for --dtype auto; the start-up lines)."""
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
     build(run)
@@ -89,7 +89,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     # run.model as the steps call it (compiled, wrapped for DDP, or itself); run.ctx: the forward
     # pass's precision (an autocast, or nothing for float32); run.scaler: float16's loss scaling or None.
     # train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
-    setup.ready(run, train_step)
+    setup.before_first_step(run, train_step)
     return run
 
 
@@ -102,7 +102,8 @@ def train_loop(run):
     clock = budget.Clock(run, records.time_sample)
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
     stop_reason, signum = None, 0
-    with setup.guarded(run) as stop:  # Ctrl-C or SIGTERM: finish the step, then stop; out of memory: one error line
+    # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum); out of memory: one error line
+    with setup.stops_and_out_of_memory(run) as stop:
         while True:
             at_end = clock.at_end()  # max_steps reached, or the time budget spent
             # (last_eval_step: where the latest evaluation was, set by records.evaluation: never twice at a step)
@@ -186,7 +187,7 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 
 def main(argv=None, started=None):
     options, model_cfg, train_cfg, preset, given = train_cli.parse_flags(argv)  # the flags on top of a preset
-    if not train_cli.other_mode(options, train_cfg, given):  # --eval_only, --plot_lr: no training
+    if not train_cli.instead_of_training(options, train_cfg, given):  # --eval_only, --plot_lr: no training
         with device.out_of_memory_as_error(f"out of memory: {setup.OUT_OF_MEMORY}"):  # one error line
             train(model_cfg, train_cfg, options, preset, given, started)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from sampling import Context
 
 
-def follow(context, rows):
+def reorder_cache(context, rows):
     """Row i of the context continues row rows[i] of the last call, its cached keys and values that row's."""
     cache = context.cache
     if cache is not None:
@@ -25,7 +25,7 @@ def score_dtype(device):
 def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
     """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T) that beam_width beams
     find, scored by total / length ** length_penalty (0: the plain sum); stop_token ends a continuation."""
-    context, prompt = Context(model, use_cache, replay=False), idx.size(1)  # (follow moves the cache)
+    context, prompt = Context(model, use_cache, replay=False), idx.size(1)  # (reorder_cache moves it)
     beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
     dtype = score_dtype(idx.device)
     totals = torch.zeros(1, dtype=dtype, device=idx.device)  # (k,) their total log-probabilities
@@ -43,7 +43,7 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
         keep = (~stops).nonzero()[:beam_width, 0]
         if len(keep) == 0:
             break
-        follow(context, rows[keep])
+        reorder_cache(context, rows[keep])
         beams = torch.cat((beams[rows[keep]], tokens[keep, None]), dim=1)
         totals = best[keep]
         if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:

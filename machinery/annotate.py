@@ -95,7 +95,7 @@ def columns(text):
     return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
-class Pieces:
+class WholeCharacters:
     """Sampled tokens to text in whole characters, each piece with the joint probability of its
     tokens: a byte-level token can end mid-character, and then waits for the rest."""
 
@@ -139,7 +139,7 @@ class Annotator:
         """A new batch of n_samples continuations of prompt_ids (the stop token left out), each
         ending at the stop token (None: at max_new_tokens only)."""
         self.samples, self.prompt, self.stop, self.live = [[] for _ in range(n_samples)], prompt_ids, stop, live
-        self.pieces = Pieces(self.tokenizer)
+        self.pieces = WholeCharacters(self.tokenizer)
         if self.colour:
             self.write(legend() + "\n")
         if live and not self.rows_mode:
@@ -182,7 +182,7 @@ class Annotator:
         """Sample i as text annotated: coloured, or followed by its rows; then its summary."""
         steps = self.samples[i]
         if not self.rows_mode:
-            pieces, body = Pieces(self.tokenizer), self.tokenizer.decode(self.prompt)
+            pieces, body = WholeCharacters(self.tokenizer), self.tokenizer.decode(self.prompt)
             for s in steps:
                 if s.token != self.stop and (piece := pieces.add(s.token, s.p)):
                     body += paint(*piece)

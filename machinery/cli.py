@@ -1,6 +1,6 @@
 """The scripts' command line: flags made from config.py's settings, bad input as one `error:` line and
-exit status 2 instead of a traceback, outputs checked for writability before long work, printing, and Ctrl-C or SIGTERM letting a training
-step finish and save before the process leaves."""
+exit status 2 instead of a traceback, outputs checked for writability before long work, printing,
+and Ctrl-C or SIGTERM letting a training step finish and save before the process leaves."""
 
 import argparse
 import dataclasses

@@ -35,7 +35,7 @@ class Meter:
     def add(self, figures):
         self.pending.append((self.state.step, figures))  # the step number after it: its loss is step - 1's
 
-    def settle(self):
+    def read_pending(self):
         """Read the pending figures in one go into the state's window. A non-finite loss or norm stops the
         run: that step was skipped, and every save and line settles first, so nothing after it is kept."""
         if not self.pending:
@@ -60,7 +60,7 @@ class Meter:
     @contextlib.contextmanager
     def paused(self):
         """Time inside (an evaluation, a save) is not step time; its seconds are kept in self.last_pause."""
-        self.settle()
+        self.read_pending()
         start = budget.now()
         try:
             yield
@@ -70,7 +70,7 @@ class Meter:
 
     def row(self):
         """(figures, ms per step) since the last row, each figure averaged where finite; resets the window."""
-        self.settle()
+        self.read_pending()
         figures = {}
         for row in self.state.window:
             for k, v in row.items():

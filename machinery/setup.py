@@ -1,4 +1,4 @@
-"""Setting a run up around train.py's lesson: start (before the model exists), load_data and ready (once
+"""Setting a run up around train.py's lesson: start (before the model exists), load_data and before_first_step (once
 the model and optimizer exist) fill in a Run, only read while it trains; what changes is its TrainState,
 which every checkpoint saves, so that a resumed run gets back exactly where it was."""
 
@@ -33,7 +33,7 @@ OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (t
 
 @dataclass
 class Run:
-    """A run as set up by start, train.build and ready, then only read: settings, device, model, data."""
+    """A run as set up by start, train.build and before_first_step, then only read: settings, device, model, data."""
     options: RunOptions
     given: dict                 # the flags given on the command line, {name: value}
     preset: str
@@ -147,7 +147,7 @@ def load_data(run):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def ready(run, train_step):
+def before_first_step(run, train_step):
     """Everything between building the model and the first step: resumed state, non-finite steps skipped,
     batches per process, compile and DDP, the precision (by train_step's trial steps if --dtype auto asks)."""
     cfg = run.cfg
@@ -227,7 +227,7 @@ def print_header(run):
 
 
 @contextlib.contextmanager
-def guarded(run):
+def stops_and_out_of_memory(run):
     """Around the loop: Ctrl-C or SIGTERM sets stop.signum, which the loop reads after every step (a second
     Ctrl-C aborts); running out of device memory is one error line saying what to try."""
     with out_of_memory_as_error(f"out of memory on {describe(run.device)}: {OUT_OF_MEMORY}"), \

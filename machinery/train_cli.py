@@ -54,7 +54,7 @@ def parse_flags(argv=None):
 
 # ----------------------------------------------------------------------------- the modes that do not train
 
-def other_mode(options, train_cfg, given):
+def instead_of_training(options, train_cfg, given):
     """--eval_only or --plot_lr: do it and return True. False: this run trains."""
     if options.eval_only is not None:
         eval_only(options, train_cfg, given)

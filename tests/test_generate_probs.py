@@ -19,7 +19,7 @@ import sampling
 from sampling import next_token_probs, sample_next
 
 from machinery import annotate
-from machinery.annotate import Annotator, Pieces, SamplerOdds, token_label
+from machinery.annotate import Annotator, WholeCharacters, SamplerOdds, token_label
 from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.checkpoint import load_model
 
@@ -235,7 +235,7 @@ def test_byte_tokens_that_end_mid_character_show_their_bytes(byte_level, kind):
     assert [tok.enc.decode_single_token_bytes(i) for i in ids] == [b"\xc3", b"\xaf"]
     assert [token_label(tok, i) for i in ids] == ["b'\\xc3'", "b'\\xaf'"]
     assert token_label(tok, tok.encode("a")[0]) == "'a'" and token_label(tok, tok.eot_id) == "'<|endoftext|>'"
-    pieces = Pieces(tok)
+    pieces = WholeCharacters(tok)
     assert pieces.add(ids[0], 0.5) is None  # half a character waits for the rest...
     assert pieces.add(ids[1], 0.4) == ("ï", pytest.approx(0.2))  # ...and is shown with the joint probability
     notes = Annotator(tok, colour=True)

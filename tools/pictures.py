@@ -16,7 +16,7 @@ from model import attention_weights, lm_loss
 from sampling import next_token_probs
 from utils import CharTokenizer
 
-from machinery.annotate import Pieces, entropy_bits, token_piece
+from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.checkpoint import load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, set_threads
@@ -99,7 +99,7 @@ def val_passage(cfg, tokenizer, checkpoint):
     --data), cut after the token that reaches passage_chars characters."""
     corpus, _ = validation_split(checkpoint, tokenizer, cfg.data)
     ids = np.asarray(corpus.val[:4 * cfg.passage_chars + 1], dtype=np.int64).tolist()  # a byte token may be 1/4 char
-    pieces, chars = Pieces(tokenizer), 0
+    pieces, chars = WholeCharacters(tokenizer), 0
     for n, token in enumerate(ids, 1):
         if piece := pieces.add(token, 1.0):
             chars += len(piece[0])
@@ -125,7 +125,7 @@ def token_losses(model, ids):
 def char_surprise(tokenizer, ids, losses):
     """[(character, bits)]: the loss of the tokens that make each piece of text, shared evenly by its
     characters; the first token, predicted from nothing here, gets NaN."""
-    out, pieces, bits = [], Pieces(tokenizer), 0.0
+    out, pieces, bits = [], WholeCharacters(tokenizer), 0.0
     for i, token in enumerate(ids.tolist()):
         bits += losses[i - 1].item() / math.log(2) if i else math.nan
         if piece := pieces.add(token, 1.0):
