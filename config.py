@@ -86,6 +86,9 @@ class TrainConfig:
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR's floor: where the schedule ends at max_steps, and stays")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))
+    lr_schedule: str = setting("cosine", "the LR's decay after warmup (optim.get_lr), from lr to min_lr over the "
+                                         "run's progress: a cosine, or a straight line", ("cosine", "linear"),
+                               before="cosine")
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (never biases or norm gains)")
     optimizer: str = setting("adamw", "AdamW for every weight, or Muon for the blocks' matrices and AdamW "
                                       "for the rest", ("adamw", "muon"))

@@ -1,5 +1,5 @@
-"""How the weights move: the learning-rate schedule (linear warmup, then cosine decay over the
-run's progress) and AdamW with weight decay on matrices only. (--optimizer muon swaps the blocks'
+"""How the weights move: the learning-rate schedule (linear warmup, then a decay over the run's
+progress: --lr_schedule) and AdamW with weight decay on matrices only. (--optimizer muon swaps the blocks'
 matrices to Muon, a deep dive: deep_dives/muon.py.)"""
 
 import math
@@ -11,14 +11,19 @@ from deep_dives import muon
 
 def get_lr(step, progress, cfg):
     """The learning rate of a step: linear warmup from lr/warmup_steps up to lr over the first
-    warmup_steps steps, then cosine decay from lr to min_lr as the run's progress goes from 0
-    (the end of the warmup) to 1 (the end of the run), then min_lr. A new schedule shape is a new
-    formula of step and progress here; how progress advances is the run's business, not this one's."""
+    warmup_steps steps, then a decay from lr to min_lr as the run's progress goes from 0 (the end
+    of the warmup) to 1 (the end of the run), then min_lr. The decay's shape is cfg.lr_schedule;
+    a new shape is a new choice of it in config.py and a formula of step and progress here. How
+    progress advances (by steps, or with a time budget's clock) is the run's business, not this one's:
+    the last step taken is one step's share short of 1, so a shape still steep there ends that far
+    above min_lr (the cosine is flat there)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if progress >= 1.0:  # the run's end (and any step past it): the floor, whatever the shape before it
         return cfg.min_lr
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "linear":  # a straight line down to the floor
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
 def set_lr(optimizer, lr):

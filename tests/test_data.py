@@ -51,7 +51,7 @@ def test_batches_reach_the_last_token():
 
 
 def test_lr_schedule_warmup_cosine_and_floor():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100)
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100, lr_schedule="cosine")
 
     def lr(step):  # a run's progress by its steps: 0 at the end of the warmup, 1 at max_steps
         return get_lr(step, budget.progress(step, [cfg.warmup_steps, 0.0], cfg.max_steps), cfg)
@@ -64,6 +64,14 @@ def test_lr_schedule_warmup_cosine_and_floor():
     lrs = [lr(s) for s in range(100, 1100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))         # monotone decay
     assert get_lr(500, 0.5, cfg) == lr(600) and get_lr(5, 1.0, cfg) == lr(5)  # progress drives the decay, not the warmup
+
+
+def test_the_linear_schedule_falls_in_a_straight_line_to_the_floor():
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, lr_schedule="linear")
+    assert get_lr(9, 0.0, cfg) == pytest.approx(1e-3)                       # the warmup is the same
+    assert get_lr(50, 0.25, cfg) == pytest.approx(1e-3 - 0.25 * 9e-4)       # a quarter of the way down
+    assert get_lr(50, 0.75, cfg) - get_lr(50, 0.5, cfg) == pytest.approx(get_lr(50, 0.5, cfg) - get_lr(50, 0.25, cfg))
+    assert get_lr(50, 1.0, cfg) == 1e-4
 
 
 def test_missing_and_empty_data_are_clear_errors(tmp_path):
