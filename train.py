@@ -13,6 +13,8 @@ with plain arguments, whose comment says what it does: take it at its word.
 import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
 
 import dataclasses
+import os
+import sys
 
 import torch
 
@@ -75,7 +77,12 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
 def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes.
     started: when the run began, for a time budget (python train.py: when the process started)."""
-    return train_loop(setup_run(model_cfg, train_cfg, options, preset, given, started))
+    with device.out_of_memory_as_error(f"out of memory: {OUT_OF_MEMORY}"):  # one error line, not a traceback
+        return train_loop(setup_run(model_cfg, train_cfg, options, preset, given, started))
+
+
+OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (the same batch in pieces), "
+                 "or a smaller model")
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
@@ -102,8 +109,8 @@ def train_loop(run):
     clock = budget.Clock(run, records.time_sample)
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
     stop_reason, signum = None, 0
-    # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum); out of memory: one error line
-    with setup.stops_and_out_of_memory(run) as stop:
+    # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)
+    with cli.StopRequest(announce=run.master) as stop:
         while True:
             at_end = clock.at_end()  # max_steps reached, or the time budget spent
             # (last_eval_step: where the latest evaluation was, set by records.evaluation: never twice at a step)
@@ -133,18 +140,29 @@ def train_loop(run):
                 stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
     with meter.paused():  # the steps since the last line are read before the last save
-        return records.finish(run, stop_reason, signum, clock)  # last.pt, the summary line, a closing sample
+        return finish(run, stop_reason, signum, clock)
 
 
 def evaluate(run, meter, clock):
-    """The losses of both splits, recorded: a line, a history row, last.pt and best.pt, the plots.
-    A time budget re-aims its end with the time it took. Returns why the run stops early, else None."""
+    """The losses of both splits: a line and a history row, last.pt (and best.pt if val improved), the
+    history files and plots. Returns why the run stops early (--patience, --target_loss), else None."""
+    cfg, state = run.cfg, run.state
     with meter.paused():  # not step time
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
-        early = records.evaluation(run, losses, clock.steps_shown())  # a line, a row, last.pt, best.pt if better
-    clock.evaluated(meter.last_pause, meter.step_seconds())
-    return early
+        val_loss, improved = records.evaluation(run, losses, clock.steps_shown())  # the line and the row
+        if not run.options.overfit_batch:  # (which writes nothing)
+            records.save(run, "last.pt")
+            if improved:
+                records.save(run, "best.pt")
+            records.write_history(run)  # history.json, history.csv and the plots
+    clock.evaluated(meter.last_pause, meter.step_seconds())  # a time budget keeps room for the next one
+    if cfg.patience and state.evals_without_improvement >= cfg.patience:
+        return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
+                f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.out_dir, 'best.pt')})")
+    if cfg.target_loss and val_loss <= cfg.target_loss:
+        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
+    return None
 
 
 FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints on a progress line (others: .4g)
@@ -162,6 +180,28 @@ def log_progress(run, meter, clock):
     if run.options.overfit_batch and figures["loss"] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
     return None
+
+
+def finish(run, stop_reason, signum, clock):
+    """After the last step: last.pt if steps came after the last evaluation, the closing lines and sample;
+    returns a summary dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal
+    (130 for Ctrl-C, 143 for SIGTERM)."""
+    state, writes = run.state, not run.options.overfit_batch
+    if writes and (signum or state.last_eval_step != state.step):
+        records.save(run, "last.pt")
+    if signum:
+        if writes:
+            run.say(f"saved {os.path.join(run.out_dir, 'last.pt')} at step {state.step}. "
+                    f"Resume with: python train.py --resume --out_dir {run.out_dir}")
+        sys.exit(128 + signum)
+    for line in (stop_reason, records.done_line(run), clock.summary()):
+        if line:
+            run.say(line)
+    if run.cfg.sample_tokens and run.master:
+        run.say("sample:\n" + records.closing_sample(run))
+    distributed.teardown_distributed(run.world)
+    return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
+            "seconds": records.elapsed(run), "stop_reason": stop_reason, "model": run.model}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -188,8 +228,7 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 def main(argv=None, started=None):
     options, model_cfg, train_cfg, preset, given = train_cli.parse_flags(argv)  # the flags on top of a preset
     if not train_cli.instead_of_training(options, train_cfg, given):  # --eval_only, --plot_lr: no training
-        with device.out_of_memory_as_error(f"out of memory: {setup.OUT_OF_MEMORY}"):  # one error line
-            train(model_cfg, train_cfg, options, preset, given, started)
+        train(model_cfg, train_cfg, options, preset, given, started)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import time
 
 from config import TinyLLMError, parse_duration
 
+from machinery.cli import format_seconds
 from machinery.distributed import broadcast_from_master
 
 
@@ -76,6 +77,14 @@ class Clock:
     def paced(self, step_seconds):
         if self.budget:
             self.budget.aim(self.state, self.cfg, step_seconds)
+
+    def summary(self):
+        """A time budget's closing line: the time used, and the --max_steps that trains as many steps (else None)."""
+        if self.budget:
+            return (f"time budget {self.cfg.time_budget}: {format_seconds(self.budget.spent())} used, "
+                    f"{self.state.step:,} steps (python train.py --max_steps {self.state.step} trains as many, "
+                    f"decaying by steps)")
+        return None
 
 
 class Budget:

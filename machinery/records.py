@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 
 import torch
 
@@ -19,7 +18,7 @@ from machinery import budget
 from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
 from machinery.cli import format_seconds
 from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
-from machinery.distributed import all_ranks_max, all_ranks_mean, teardown_distributed
+from machinery.distributed import all_ranks_max, all_ranks_mean
 from machinery.plots import plot_history
 from machinery.sources import start_ids
 
@@ -128,10 +127,10 @@ def speed(run, ms):
 # ----------------------------------------------------------------------------- evaluations
 
 def evaluation(run, losses, steps_shown):
-    """Record an evaluation (losses: this process's {"train", "val"}; steps_shown: the end as lines show it):
-    a line, a history row, last.pt (best.pt if val improved), plots. Returns why the run stops, or None."""
-    state, cfg = run.state, run.cfg
-    # each rank evaluated its share; the mean is the same everywhere, and so is every decision below
+    """An evaluation's line and history row (losses: this process's {"train", "val"}; steps_shown: the
+    end as lines show it), and the best val loss so far. Returns (val loss, whether it improved)."""
+    state = run.state
+    # each rank evaluated its share; the mean is the same everywhere, and so is every decision after it
     train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
     improved = val_loss < state.best_val_loss
     if improved:
@@ -147,20 +146,7 @@ def evaluation(run, losses, steps_shown):
     if state.step == 0:
         line += f" | uniform baseline ln(V) = {math.log(run.model_cfg.vocab_size):.4f}"
     run.say(line + (" | new best" if improved else ""))
-    if not run.options.overfit_batch:
-        save(run, "last.pt")
-        if improved:
-            save(run, "best.pt")
-        if run.master:
-            write_history(state.history, run.out_dir)
-            if cfg.plots:
-                plot_history(state.history, run.out_dir, run.model_cfg.vocab_size, cfg, state)
-    if cfg.patience and state.evals_without_improvement >= cfg.patience:
-        return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
-                f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.out_dir, 'best.pt')})")
-    if cfg.target_loss and val_loss <= cfg.target_loss:
-        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
-    return None
+    return val_loss, improved
 
 
 # ----------------------------------------------------------------------------- files
@@ -186,8 +172,11 @@ def save_periodic(run):
         prune_periodic(run.out_dir, run.cfg.keep_last)
 
 
-def write_history(history, out_dir):
-    """history.json, and history.csv with a column for every figure any row has."""
+def write_history(run):
+    """history.json, history.csv with a column for every figure any row has, and the plots (rank 0)."""
+    history, out_dir = run.state.history, run.out_dir
+    if not run.master:
+        return
     fields = list(dict.fromkeys(k for row in history for k in row))
     with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -195,6 +184,8 @@ def write_history(history, out_dir):
         writer.writerows(history)
     with open(os.path.join(out_dir, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
+    if run.cfg.plots:
+        plot_history(history, out_dir, run.model_cfg.vocab_size, run.cfg, run.state)
 
 
 def stop_signal(run, stop):
@@ -209,34 +200,12 @@ def stop_signal(run, stop):
 
 # ----------------------------------------------------------------------------- the end of a run
 
-def finish(run, stop_reason, signum, clock):
-    """Save what the last evaluation did not, report, sample, and return a summary dict. After a stop signal:
-    save last.pt, say how to resume, and exit with 128 + the signal (130 for Ctrl-C, 143 for SIGTERM)."""
-    state = run.state
-    if signum and run.options.overfit_batch:  # it writes nothing
-        sys.exit(128 + signum)
-    if signum:
-        save(run, "last.pt")
-        run.say(f"saved {os.path.join(run.out_dir, 'last.pt')} at step {state.step}. "
-                f"Resume with: python train.py --resume --out_dir {run.out_dir}")
-        sys.exit(128 + signum)
-    if state.last_eval_step != state.step and not run.options.overfit_batch:  # stopped between evaluations
-        save(run, "last.pt")
-    if stop_reason:
-        run.say(stop_reason)
-    run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total training time "
-            f"{format_seconds(elapsed(run))}" + ("" if run.options.overfit_batch else
-                                                 f" | {run.out_dir}/: best.pt, last.pt, history.csv"
-                                                 + (", loss.png" if run.cfg.plots else "")))
-    if run.cfg.sample_tokens and run.master:
-        with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
-            run.say("sample:\n" + closing_sample(run))
-    if clock.budget and run.master:
-        run.say(f"time budget {run.cfg.time_budget}: {format_seconds(clock.budget.spent())} used, {state.step:,} steps "
-                f"(python train.py --max_steps {state.step} trains as many, decaying by steps)")
-    teardown_distributed(run.world)
-    return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
-            "seconds": elapsed(run), "stop_reason": stop_reason, "model": run.model}
+def done_line(run):
+    """The run's last line: steps, best val loss, training time, what it wrote."""
+    files = "" if run.options.overfit_batch else (f" | {run.out_dir}/: best.pt, last.pt, history.csv"
+                                                   + (", loss.png" if run.cfg.plots else ""))
+    return (f"done: {run.state.step} steps | best val loss {run.state.best_val_loss:.4f} | total training time "
+            f"{format_seconds(elapsed(run))}" + files)
 
 
 def closing_sample(run, tokens=None):
@@ -244,8 +213,9 @@ def closing_sample(run, tokens=None):
     the training precision: at this size a bfloat16 decoding step was no faster, even on an H100."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
-    out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(),
-                            generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
+    with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
+        out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(),
+                                generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())
 

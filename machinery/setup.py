@@ -2,7 +2,6 @@
 the model and optimizer exist) fill in a Run, only read while it trains; what changes is its TrainState,
 which every checkpoint saves, so that a resumed run gets back exactly where it was."""
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -15,8 +14,8 @@ from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch
 
 from machinery import budget
 from machinery.checkpoint import claim_out_dir, grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
-from machinery.cli import StopRequest, first_line, log, warn
-from machinery.device import (choose_device, configure_matmul, describe, out_of_memory_as_error, seed_everything,
+from machinery.cli import first_line, log, warn
+from machinery.device import (choose_device, configure_matmul, describe, seed_everything,
                               set_threads)
 from machinery.distributed import rank_seed, setup_distributed, wrap
 from machinery.precision import (autocast, explain_dtype, finite_steps_only, make_scaler, measure_dtype,
@@ -24,11 +23,6 @@ from machinery.precision import (autocast, explain_dtype, finite_steps_only, mak
 from machinery.resume import (RESUMABLE, TrainState, conflicting_flags, find_resume, restore, resume_configs,
                               resumed_preset)
 from machinery.sources import check_splits, load_corpus
-
-
-# what to try when training runs out of device memory (train.main's guard says it too)
-OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (the same batch in pieces), "
-                 "or a smaller model")
 
 
 @dataclass
@@ -224,12 +218,3 @@ def print_header(run):
     if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps:
         warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never "
              f"reaches its peak nor decays; use a smaller --warmup_steps")
-
-
-@contextlib.contextmanager
-def stops_and_out_of_memory(run):
-    """Around the loop: Ctrl-C or SIGTERM sets stop.signum, which the loop reads after every step (a second
-    Ctrl-C aborts); running out of device memory is one error line saying what to try."""
-    with out_of_memory_as_error(f"out of memory on {describe(run.device)}: {OUT_OF_MEMORY}"), \
-            StopRequest(announce=run.master) as stop:
-        yield stop
