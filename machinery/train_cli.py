@@ -14,7 +14,7 @@ from model import lm_loss
 from machinery import cli, plots
 from machinery.checkpoint import load_model
 from machinery.device import choose_device, set_threads
-from machinery.precision import autocast, measured_on, resolve_dtype
+from machinery.precision import measured_on, resolve_dtype
 from machinery.sources import validation_split
 
 
@@ -75,14 +75,14 @@ def eval_only(options, train_cfg, given):
 
 def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
     """Loss, perplexity and bits per character over the whole val split a checkpoint's run was
-    validated on (or data's), every position once (evaluate_full)."""
+    validated on (or data's), every position once (token_losses)."""
     device = choose_device(device_name)
     set_threads(threads)
     model, tokenizer, checkpoint = load_model(path)
     model.to(device)
     corpus, data = validation_split(checkpoint, tokenizer, data)
     val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    loss = evaluate_full(model, val_ids, model.config.block_size, batch_size, device, autocast(device, "float32"))
+    loss = token_losses(model, val_ids, batch_size).mean().item()
     bpc = loss / corpus.chars_per_token / math.log(2)
     cli.log(f"{path} on the val split of {data} ({len(val_ids):,} tokens, every position once):")
     cli.log(f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | {bpc:.4f} bits per character")
@@ -90,20 +90,19 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 
 
 @torch.no_grad()
-def evaluate_full(model, ids, block_size, batch_size, device, ctx):
-    """Mean loss over every position of ids exactly once: consecutive windows, then the tail that fills none
-    (train.py's estimate_loss samples random windows instead: quick, and good enough to follow a run)."""
+def token_losses(model, ids, batch_size=1):
+    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each predicted once: in consecutive
+    windows of block_size, then the tail that fills none, batch_size windows at a time. Their mean is
+    --eval_only's loss (train.py's estimate_loss samples random windows: quick, and good enough to follow a run)."""
     model.eval()
-    n = (len(ids) - 1) // block_size  # whole windows; a split shorter than one is all tail
-    windows = ids[:n * block_size + 1].unfold(0, block_size + 1, block_size) if n else ids[:0].view(0, block_size + 1)
-    tail = len(ids) - 1 - len(windows) * block_size
-    chunks = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+    T, device = model.config.block_size, model.wte.weight.device
+    n = (len(ids) - 1) // T  # whole windows; a split shorter than one is all tail
+    windows = ids[:n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
+    chunks = [windows[i:i + batch_size] for i in range(0, n, batch_size)]
+    tail = len(ids) - 1 - n * T
     chunks += [ids[-tail - 1:][None]] if tail > 0 else []
-    total, count = 0.0, 0
-    for rows in chunks:  # (b, T+1)
-        x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
-        with ctx:
-            logits, _ = model(x)
-        total = total + lm_loss(logits, y, reduction="sum")
-        count += y.numel()
-    return total.item() / count
+    losses = []
+    for rows in chunks:  # (b, t + 1): t inputs, each with its next token
+        logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)
+        losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
+    return torch.cat(losses)

@@ -153,7 +153,7 @@ def test_surprise_scores_the_val_split_as_eval_only_does(trained, tmp_path, caps
 
     gpt, tok, _ = load_model(str(path))  # and the losses behind it, position by position, to float precision
     val = torch.tensor(tok.encode(data.read_text()[2700:]))
-    losses = pictures.token_losses(gpt, val)
+    losses = train_cli.token_losses(gpt, val)  # one window at a time, where --eval_only took 8
     assert losses.shape == (len(val) - 1,)
     assert losses.mean().item() == pytest.approx(expected["loss"], rel=1e-5)
     chars = pictures.char_surprise(tok, val, losses)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from config import PictureConfig, Sampler, TinyLLMError, make_config
-from model import attention_weights, lm_loss
+from model import attention_weights
 from sampling import next_token_probs
 from utils import CharTokenizer
 
@@ -20,6 +20,7 @@ from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.checkpoint import load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, set_threads
+from machinery.train_cli import token_losses
 from machinery.plots import DPI, new_plot, save_plot
 from machinery.sources import encode_prompt, validation_split
 
@@ -110,18 +111,6 @@ def val_passage(cfg, tokenizer, checkpoint):
 
 
 @torch.no_grad()
-def token_losses(model, ids):
-    """The loss (nats) on every token of ids (n,) but the first, (n - 1,), in train_cli.evaluate_full's
-    windows: over the whole val split, their mean is --eval_only's loss."""
-    T, device = model.config.block_size, model.wte.weight.device
-    losses = []
-    for start in range(0, len(ids) - 1, T):
-        window = ids[start:start + T + 1].to(device)  # (t + 1,): t inputs, each with its next token
-        logits, _ = model(window[None, :-1])  # (1, t, V)
-        losses.append(lm_loss(logits, window[None, 1:], reduction="none").cpu())  # (t,)
-    return torch.cat(losses)
-
-
 def char_surprise(tokenizer, ids, losses):
     """[(character, bits)]: the loss of the tokens that make each piece of text, shared evenly by its
     characters; the first token, predicted from nothing here, gets NaN."""
