@@ -174,9 +174,10 @@ def load_model(path):
     return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
 
 
-def make_checkpoint(model, model_cfg, tokenizer, **extra):
-    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model_cfg),
-            "tokenizer": tokenizer.to_dict(), **extra}
+def make_checkpoint(model, tokenizer, **extra):
+    """A checkpoint dict: the weights, the model's shape, the tokenizer (as its to_dict()), and extra."""
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer,
+            **extra}
 
 
 def describe_checkpoint(checkpoint):

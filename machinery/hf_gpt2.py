@@ -3,7 +3,6 @@
 exactly: every weight maps one to one, by another name, four of them transposed (CONV1D)."""
 
 import contextlib
-import dataclasses
 import os
 
 import torch
@@ -11,7 +10,8 @@ import torch
 from config import GPTConfig, TinyLLMError
 from model import GPT
 
-from machinery.checkpoint import load_checkpoint, model_from_checkpoint, refused_as_unsafe, save_checkpoint, unsafe_file
+from machinery.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, refused_as_unsafe,
+                                 save_checkpoint, unsafe_file)
 from machinery.cli import ArgumentParser, check_writable, first_line, log, run_cli
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -124,8 +124,7 @@ def gpt2_checkpoint(model, tokenizer=None):
             raise TinyLLMError(f"the model has a vocabulary of {model.config.vocab_size} tokens, too few for the "
                                f"GPT-2 tokenizer's {GPT2_VOCAB_SIZE}; pass the tokenizer it was trained with")
         tokenizer = {"kind": "gpt2"}
-    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-            "tokenizer": tokenizer, "step": 0}
+    return make_checkpoint(model, tokenizer, step=0)
 
 
 # ----------------------------------------------------------------------------- ours -> Hugging Face

@@ -160,7 +160,7 @@ def save(run, name):
     """OUT_DIR/name: a checkpoint of the run as it stands (rank 0 writes it)."""
     if run.master:
         save_checkpoint(os.path.join(run.out_dir, name), make_checkpoint(
-            run.model, run.model_cfg, run.corpus.tokenizer, optimizer=run.optimizer.state_dict(),
+            run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
             train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rng_state(),
             scaler=run.scaler.state_dict() if run.scaler else None,
             **{**dataclasses.asdict(run.state), "seconds": elapsed(run)}))
