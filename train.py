@@ -29,15 +29,15 @@ from machinery import budget, cli, device, distributed, records, setup, train_cl
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
 def build(run):
-    """The batches, the GPT and its optimizer, stored on run (a setup.Run, which holds the run's
-    settings: cfg, model_cfg, device, world, the number of processes)."""
+    """The corpus, the GPT, its optimizer and the batches, stored on run (a setup.Run, which holds the
+    run's settings: cfg, model_cfg, device, world, the number of processes)."""
     cfg = run.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
     corpus, model = setup.load_data(run)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
         model = GPT(dataclasses.replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    run.model = model.to(run.device)
+    run.corpus, run.model = corpus, model.to(run.device)
     run.optimizer = make_optimizer(run.model, cfg, run.device)  # AdamW: optim.py
     # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
     # its share of batch_size, in grad_accum_steps micro-batches

@@ -27,9 +27,10 @@ from machinery.sources import check_splits, load_corpus
 
 @dataclass
 class Run:
-    """A run as set up by start, train.build and before_first_step, then only read: settings, device, model, data."""
+    """A run, only read while it trains: its settings and where it runs (start), what it trains (train.build: the
+    corpus, model, optimizer and batches), and how (before_first_step: the state, the model as steps call it,
+    the precision)."""
     options: RunOptions
-    given: dict                 # the flags given on the command line, {name: value}
     preset: str
     model_cfg: GPTConfig
     cfg: TrainConfig
@@ -59,10 +60,6 @@ class Run:
     @property
     def out_dir(self):
         return self.cfg.out_dir
-
-    @property
-    def tokenizer(self):
-        return self.corpus.tokenizer
 
     @property
     def eval_iters(self):  # batches per split this process evaluates: its share of cfg.eval_iters
@@ -95,7 +92,7 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
     if options.overfit_batch:  # trains to a loss near 0, or to max_steps: never to a time budget
         train_cfg = dataclasses.replace(train_cfg, time_budget="")
-    run = Run(options, given, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads))
+    run = Run(options, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads))
     if source:
         run.source, run.source_path = source, last
     elif options.init_from:
@@ -135,7 +132,6 @@ def load_data(run):
         grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
         run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_path} "
                 f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
-    run.corpus = corpus
     return corpus, model
 
 

@@ -174,14 +174,14 @@ def test_new_characters_start_at_the_mean_row_and_every_other_weight_is_kept(run
     base = load_checkpoint(str(folder / "best.pt"))
     cfg = tiny_train_config(str(notes), tmp_path / "tuned")
     run = train.setup_run(tiny_model_config(), cfg, RunOptions(init_from=str(folder / "best.pt")))  # not trained yet
-    old_chars, chars = base["tokenizer"]["chars"], run.tokenizer.chars
+    old_chars, chars = base["tokenizer"]["chars"], run.corpus.tokenizer.chars
     old_wte, wte = base["model"]["wte.weight"], run.model.wte.weight.detach()
     added = [c for c in chars if c not in old_chars]
     assert chars[:len(old_chars)] == old_chars and set(added) == set("éï“”+") - set(old_chars)
     assert torch.equal(wte[:len(old_chars)], old_wte[:len(old_chars)])  # every known character keeps its row
     for c in added:  # a new character starts from the mean of the rows the model has
         assert torch.allclose(wte[chars.index(c)], old_wte.mean(dim=0), atol=1e-7)
-    eot_old, eot = base["tokenizer"].get("special_tokens", []), run.tokenizer.eot_id
+    eot_old, eot = base["tokenizer"].get("special_tokens", []), run.corpus.tokenizer.eot_id
     assert eot_old == ["<|endoftext|>"] and torch.equal(wte[eot], old_wte[len(old_chars)])  # <|endoftext|> too
     assert run.model.lm_head.weight is run.model.wte.weight and wte.shape[0] == len(chars) + 1  # the head grew along
     for name, weight in run.model.state_dict().items():
