@@ -40,6 +40,6 @@ def make_optimizer(model, cfg, device):
         {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # fused: the whole update in one kernel per tensor (faster on CPUs too). Not on a Mac, where
-    # fused AdamW cannot be told to skip a step that is not finite (docs/platforms.md)
+    # fused: the whole update in one kernel per tensor (faster on CPUs too). Not on a Mac, whose fused
+    # kernel refuses float16's skip flag (torch 2.5-2.7: docs/platforms.md)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))

@@ -1,7 +1,6 @@
-"""Number formats: which precision a run computes in (float32, bfloat16, or float16 with loss scaling),
-an optimizer.step() that skips a step whose gradients are not finite, and --dtype auto on a CPU with
-bfloat16 instructions, where bfloat16 can be faster or slower than float32: trial steps time both, and
-bfloat16 is taken only if clearly faster (a resume keeps TrainState.plan)."""
+"""Number formats: which precision a run computes in (float32, bfloat16, or float16 with loss scaling), and
+--dtype auto on a CPU with bfloat16 instructions, where bfloat16 can be faster or slower than float32: trial
+steps time both, and bfloat16 is taken only if clearly faster (a resume keeps TrainState.plan)."""
 
 import contextlib
 import copy
@@ -95,40 +94,6 @@ def make_scaler(device, dtype):
         raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch does not provide on "
                            f"{device}; use --dtype bfloat16 or float32")
     return scaler
-
-
-# ----------------------------------------------------------------------------- a step that is not finite
-
-def finite_steps_only(optimizer):
-    """The optimizer, hooked so that a step with non-finite gradients leaves weights and state exactly as
-    they were, in every precision. Fused AdamW is told by a flag on the device (found_inf, as GradScaler
-    does), so no step waits for a GPU; another optimizer by removing its gradients, a read on the host."""
-    ours = []  # holds True while the flag on the optimizer is this function's
-
-    def before_step(opt, args, kwargs):
-        if hasattr(opt, "found_inf") and not ours:
-            return  # float16's GradScaler set it: the scaler has decided
-        ours.clear()
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        finite = torch.stack(torch._foreach_norm(grads)).isfinite().all()  # on the device: no wait
-        if getattr(opt, "_step_supports_amp_scaling", False):
-            opt.grad_scale, opt.found_inf = None, (~finite).float()
-            ours.append(True)
-        elif not finite.item():
-            for group in opt.param_groups:  # a parameter without a gradient is not updated
-                for p in group["params"]:
-                    p.grad = None
-
-    def after_step(opt, args, kwargs):
-        if ours:
-            del opt.grad_scale, opt.found_inf
-            ours.clear()
-
-    optimizer.register_step_pre_hook(before_step)
-    optimizer.register_step_post_hook(after_step)
-    return optimizer
 
 
 # ----------------------------------------------------------------------------- --dtype auto, measured

@@ -36,7 +36,7 @@ class Meter:
 
     def read_pending(self):
         """Read the pending figures in one go into the state's window. A non-finite loss or norm stops the
-        run: that step was skipped, and every save and line settles first, so nothing after it is kept."""
+        run, and every save and evaluation reads them first, so no weights after it are ever saved."""
         if not self.pending:
             return
         self.seconds += budget.now() - self.mark  # the device has finished these steps only now
@@ -96,7 +96,7 @@ def non_finite(run, step, figures):
     cfg, last = run.cfg, os.path.join(run.out_dir, "last.pt")
     return TinyLLMError(
         f"step {step - 1}: non-finite values (loss {figures.get('loss')}, grad norm {figures.get('grad_norm')}); "
-        f"the step was skipped. Likely causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip "
+        f"the run stops here. Likely causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip "
         f"{cfg.grad_clip:g}), or float16 overflow (--dtype bfloat16 or float32). Nothing non-finite was saved; "
         f"last good checkpoint: {last if run.state.last_eval_step >= 0 and not run.options.overfit_batch else 'none'}")
 

@@ -18,7 +18,7 @@ from machinery.cli import first_line, log, warn
 from machinery.device import (choose_device, configure_matmul, describe, seed_everything,
                               set_threads)
 from machinery.distributed import rank_seed, setup_distributed, wrap
-from machinery.precision import (autocast, explain_dtype, finite_steps_only, make_scaler, measure_dtype,
+from machinery.precision import (autocast, explain_dtype, make_scaler, measure_dtype,
                                  measured_on, resolve_dtype, trial, trial_step)
 from machinery.resume import (RESUMABLE, TrainState, conflicting_flags, find_resume, restore, resume_configs,
                               resumed_preset)
@@ -138,11 +138,10 @@ def load_data(run):
 # ----------------------------------------------------------------------------- after the model is built
 
 def before_first_step(run, train_step):
-    """Everything between building the model and the first step: resumed state, non-finite steps skipped,
+    """Everything between building the model and the first step: resumed state,
     batches per process, compile and DDP, the precision (by train_step's trial steps if --dtype auto asks)."""
     cfg = run.cfg
     run.model_cfg = run.model.config
-    finite_steps_only(run.optimizer)
     run.state = restore(run, run.source) if run.options.resume and run.source else TrainState()
     if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
         seed_everything(rank_seed(cfg.seed, run.rank, run.state.step))
