@@ -5,7 +5,6 @@ which every checkpoint saves, so that a resumed run gets back exactly where it w
 import dataclasses
 import math
 import os
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -170,21 +169,10 @@ def check_compiles(run, train_step):
     try:
         with trial(run):
             trial_step(run, train_step, run.ctx, run.scaler)
-    except Exception as e:
-        if not raised_by_compiler(e):
-            raise
+    except torch.OutOfMemoryError:
+        raise  # train()'s own line says what to try
+    except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError: any error counts
         raise TinyLLMError(f"--compile failed on this machine ({first_line(e)}); run without --compile") from None
-
-
-def raised_by_compiler(e):
-    """Whether torch's compiler raised e: one of its own errors, or any other raised in its code (torch 2.5
-    raises a missing Visual C++ or Triton as a plain RuntimeError). Running out of memory is not one."""
-    if isinstance(e, torch.OutOfMemoryError):
-        return False
-    frames = traceback.extract_tb(e.__traceback__)
-    raised_in = frames[-1].filename.replace(os.sep, "/") if frames else ""
-    return (type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
-            or "/torch/_inductor/" in raised_in or "/torch/_dynamo/" in raised_in)
 
 
 def set_precision(run, dtype):
