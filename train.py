@@ -106,7 +106,7 @@ def train_loop(run):
     log_interval = 1 if run.options.overfit_batch else cfg.log_interval
     # progress = (step - warmup_steps) / (max_steps - warmup_steps). Under --time_budget max_steps is replaced by
     # an end re-estimated from the pace at every line, progress going on in a straight line to it
-    clock = budget.Clock(run, records.time_sample)
+    clock = budget.Clock(run)
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
     stop_reason, signum = None, 0
     # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)

@@ -6,7 +6,10 @@ time runs out (at once, if the pace falls so far that the end comes now). TrainS
 import math
 import time
 
-from config import TinyLLMError, parse_duration
+import torch
+
+from config import GREEDY, TinyLLMError, parse_duration
+import sampling
 
 from machinery.cli import format_seconds
 from machinery.distributed import broadcast_from_master
@@ -52,9 +55,9 @@ def resume_at(state, cfg, old_end):
 
 class Clock:
     """The loop's progress and end; evaluated() and paced() matter only to a time budget, which aims its end
-    by them. time_sample(run): the closing sample's seconds, asked only under a budget (it keeps room)."""
+    by them, keeping room for the closing sample."""
 
-    def __init__(self, run, time_sample):
+    def __init__(self, run):
         self.state, self.cfg = run.state, run.cfg
         self.budget = Budget(run, time_sample(run)) if run.cfg.time_budget else None
 
@@ -152,3 +155,17 @@ class Budget:
             if state.step >= cfg.warmup_steps:
                 state.progress_from = [state.step, run_progress(state, cfg)]
             state.end_step = end
+
+
+def time_sample(run):
+    """Seconds the closing sample will take, from 16 timed tokens (0 without one)."""
+    n = run.cfg.sample_tokens
+    if not n:
+        return 0.0
+    start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
+    model = run.model.eval()
+    sampling.generate(model, start, 2, GREEDY).tolist()  # once untimed
+    t0 = now()
+    sampling.generate(model, start, 16, GREEDY).tolist()  # (.tolist(): a GPU has finished only now)
+    model.train()
+    return (now() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token

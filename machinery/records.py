@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from config import GREEDY, Sampler, TinyLLMError
+from config import Sampler, TinyLLMError
 import sampling
 
 from machinery import budget
@@ -218,17 +218,3 @@ def closing_sample(run, tokens=None):
                                 generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())
-
-
-def time_sample(run):
-    """Seconds the closing sample will take, from 16 timed tokens (0 without one)."""
-    n = run.cfg.sample_tokens
-    if not n:
-        return 0.0
-    start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
-    model = run.model.eval()
-    sampling.generate(model, start, 2, GREEDY).tolist()  # once untimed
-    t0 = budget.now()
-    sampling.generate(model, start, 16, GREEDY).tolist()  # (.tolist(): a GPU has finished only now)
-    model.train()
-    return (budget.now() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token
