@@ -113,7 +113,6 @@ def train_loop(run):
     with cli.StopRequest(announce=run.master) as stop:
         while True:
             at_end = clock.at_end()  # max_steps reached, or the time budget spent
-            # (last_eval_step: where the latest evaluation was, set by records.evaluation: never twice at a step)
             if (state.step % cfg.eval_interval == 0 or at_end) and state.step != state.last_eval_step:
                 early = evaluate(run, meter, clock)  # a reason to stop early (--patience, --target_loss), or None
                 stop_reason = stop_reason or early
@@ -150,7 +149,15 @@ def evaluate(run, meter, clock):
     with meter.paused():  # not step time
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
-        val_loss, improved = records.evaluation(run, losses, clock.steps_shown())  # the line and the row
+        # each process evaluated its share: the mean is the same everywhere, and so is every decision after it
+        train_loss, val_loss = distributed.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
+        improved = val_loss < state.best_val_loss
+        state.best_val_loss = val_loss if improved else state.best_val_loss
+        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        state.last_eval_step = state.step  # never two evaluations at one step
+        state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
+                              "lr": state.lr, "grad_norm": state.grad_norm, "seconds": records.elapsed(run)})
+        run.say(records.evaluation_line(run, train_loss, val_loss, clock.steps_shown(), improved))
         if not run.options.overfit_batch:  # (which writes nothing)
             records.save(run, "last.pt")
             if improved:
@@ -174,6 +181,8 @@ def log_progress(run, meter, clock):
     state, cfg = run.state, run.cfg
     figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
     line = records.progress_line(run, figures, ms, clock.steps_shown(), FORMATS)
+    state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
+                          "tok_per_s": records.speed(run, ms)[0], "seconds": records.elapsed(run)})
     if not run.options.overfit_batch or state.step % cfg.log_interval == 0:
         run.say(line)
     clock.paced(meter.step_seconds())  # a time budget: the end, at the latest pace

@@ -18,7 +18,7 @@ from machinery import budget
 from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
 from machinery.cli import format_seconds
 from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
-from machinery.distributed import all_ranks_max, all_ranks_mean
+from machinery.distributed import all_ranks_max
 from machinery.plots import plot_history
 from machinery.sources import start_ids
 
@@ -104,12 +104,10 @@ def non_finite(run, step, figures):
 # ----------------------------------------------------------------------------- progress lines
 
 def progress_line(run, figures, ms, steps_shown, formats):
-    """A progress line and a history row: the averaged figures (each as formats says, else .4g), ms/step,
-    tokens/s, ETA and (on GPUs we know) MFU."""
+    """A progress line: the averaged figures (each as formats says, else .4g), ms/step, tokens/s, ETA and
+    (on GPUs we know) MFU."""
     state = run.state
     tokens_per_s, mfu = speed(run, ms)
-    state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
-                          "tok_per_s": tokens_per_s, "seconds": elapsed(run)})
     end = steps_shown
     eta = format_seconds((float(end) - state.step) * ms / 1000) if end != "?" else "?"
     shown = " | ".join(f"{k} {'-' if v is None else format(v, formats.get(k, '.4g'))}" for k, v in figures.items())
@@ -126,27 +124,14 @@ def speed(run, ms):
 
 # ----------------------------------------------------------------------------- evaluations
 
-def evaluation(run, losses, steps_shown):
-    """An evaluation's line and history row (losses: this process's {"train", "val"}; steps_shown: the
-    end as lines show it), and the best val loss so far. Returns (val loss, whether it improved)."""
-    state = run.state
-    # each rank evaluated its share; the mean is the same everywhere, and so is every decision after it
-    train_loss, val_loss = all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
-    improved = val_loss < state.best_val_loss
-    if improved:
-        state.best_val_loss, state.evals_without_improvement = val_loss, 0
-    else:
-        state.evals_without_improvement += 1
-    state.last_eval_step = state.step
-    state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
-                          "lr": state.lr, "grad_norm": state.grad_norm, "seconds": elapsed(run)})
+def evaluation_line(run, train_loss, val_loss, steps_shown, improved):
+    """An evaluation's line: both losses, val's bits per character, the uniform baseline at step 0."""
+    step = run.state.step
     bits = val_loss / run.corpus.chars_per_token / math.log(2)
-    line = (f"eval {state.step:>6}/{steps_shown} | train {train_loss:.4f} | val {val_loss:.4f} "
-            f"({bits:.3f} bits/char)")
-    if state.step == 0:
+    line = f"eval {step:>6}/{steps_shown} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
+    if step == 0:
         line += f" | uniform baseline ln(V) = {math.log(run.model_cfg.vocab_size):.4f}"
-    run.say(line + (" | new best" if improved else ""))
-    return val_loss, improved
+    return line + (" | new best" if improved else "")
 
 
 # ----------------------------------------------------------------------------- files

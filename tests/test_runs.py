@@ -280,6 +280,9 @@ def test_the_history_has_progress_rows_and_plots_compare_runs(trained, tmp_path,
     assert [h["step"] for h in progress] == list(range(10, 61, 10)) and [h["step"] for h in evals] == [0, 30, 60]
     assert evals[0]["grad_norm"] is None and all(h["grad_norm"] > 0 for h in progress)  # no fake 0 at step 0
     assert all(h["seconds"] >= 0 for h in history) and all(h["ms_per_step"] > 0 for h in progress)
+    saved = load_checkpoint(str(trained[0] / "last.pt"))
+    tokens = saved["train_config"]["batch_size"] * saved["model_config"]["block_size"]  # per step
+    assert all(h["tok_per_s"] == pytest.approx(tokens / h["ms_per_step"] * 1000) for h in progress)
     code, out, err = cli(capsys, compare.main, trained[0], trained[0], "--labels", "a,b", "--out", tmp_path / "c.png")
     assert code == 0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
