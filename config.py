@@ -257,8 +257,7 @@ class PictureConfig:
                  f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
         _require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got "
                                                   f"{self.passage_chars}")
-        _require(self.threads >= 0, f"--threads must be 0 (auto) or more, got {self.threads}")
-        _check_choices(self)
+        _check_common(self, "--")
 
     def pictures(self):
         """The pictures asked for, in the order they are drawn."""
@@ -270,8 +269,10 @@ class PictureConfig:
 
 
 def _check_common(config, flag=""):
-    """What the scripts' settings share: a seed NumPy accepts, a thread count, the allowed choices."""
-    _require(0 <= config.seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {config.seed}")
+    """What the scripts' settings share: a seed NumPy accepts (where they have one), a thread count, the
+    allowed choices."""
+    seed = getattr(config, "seed", 0)
+    _require(0 <= seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {seed}")
     _require(config.threads >= 0, f"{flag}threads must be 0 (auto) or more, got {config.threads}")
     _check_choices(config)
 

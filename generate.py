@@ -95,7 +95,7 @@ def header(cfg, sampler, path, checkpoint, prompt):
         settings = f"seed={cfg.seed} " + "".join(f"{k}={v} " for k, v in dataclasses.asdict(sampler).items())
     settings += (f"max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
                  f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
-    if cfg.show_probs:  # only then, so that a file without annotations reads as it always did
+    if cfg.show_probs:  # only then: a header names only the settings that shaped the file
         settings += f" show_probs=True show_top={cfg.show_top}"
     source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
     return f"# checkpoint: {path} ({describe_checkpoint(checkpoint)})\n# {settings}\n# prompt{source}: {prompt!r}"

@@ -41,7 +41,7 @@ def split_history(history):
 
 
 def step_loss(row):
-    """A progress row's training loss (older histories call it train_loss)."""
+    """A progress row's training loss ("loss"; "train_loss" in a history.json written by an older tinyllm)."""
     return row["loss"] if "loss" in row else row["train_loss"]
 
 

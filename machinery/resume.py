@@ -34,7 +34,7 @@ class TrainState:
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 
-# what a checkpoint must hold for --resume (older versions did not write the later fields)
+# what a checkpoint must hold for --resume (a checkpoint missing one is refused with a hint)
 RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals_without_improvement",
              "last_eval_step", "lr", "grad_norm", "history")
 
