@@ -19,7 +19,8 @@ from deep_dives import graphs
 
 # ----------------------------------------------------------------------------- the loop
 
-def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None, generator=None, on_token=None):
+def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None, generator=None, on_token=None,
+             replay=True):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
     stop_token; returns (B, T + new), a row that stopped earlier going on past its stop_token (cut
     it there). Each step: the logits of the next token (Context: the context rule and the KV
@@ -28,8 +29,8 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits
     they were drawn from (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
-    generate.py loads is in eval mode already)."""
-    context = Context(model, use_cache)
+    generate.py loads is in eval mode already). replay=False: never from a CUDA graph (a comparison)."""
+    context = Context(model, use_cache, replay)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
         for _ in range(max_new_tokens):

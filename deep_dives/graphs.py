@@ -8,19 +8,7 @@ import sys
 import torch
 
 
-ENABLED = True  # False: every step runs as it is (bench.py times both)
 WARMUP = 2      # steps run on the recording stream first: cuBLAS and the allocator set up outside the recording
-
-
-@contextlib.contextmanager
-def disabled():
-    """Within: decode without recording (for a comparison)."""
-    global ENABLED
-    before, ENABLED = ENABLED, False
-    try:
-        yield
-    finally:
-        ENABLED = before
 
 
 def recorder(device):
@@ -31,7 +19,7 @@ def recorder(device):
 def replayable(step, token, keep):
     """step(token) -> logits replayed from a recording where the device records one (CUDA), else step. keep:
     the tensors step changes in place other than by position (the cache's position), put back after trials."""
-    record = recorder(token.device) if ENABLED else None
+    record = recorder(token.device)
     return Replayed(step, record, keep) if record else step
 
 

@@ -2,7 +2,6 @@
 (generate), generate.py end to end (sample) and the time until a validation loss is reached
 (time_to_target). A figure is printed beside a baseline measured in the same process."""
 
-import contextlib
 import dataclasses
 import argparse
 import os
@@ -90,8 +89,8 @@ def bench_generate(args):
         use_cache, replay = paths[name]
         sync(device)
         t0 = time.perf_counter()
-        with ctx, (contextlib.nullcontext() if replay else graphs.disabled()):
-            out = sampling.generate(model, prompt, args.new_tokens, GREEDY, use_cache=use_cache)
+        with ctx:
+            out = sampling.generate(model, prompt, args.new_tokens, GREEDY, use_cache=use_cache, replay=replay)
         sync(device)
         return out, time.perf_counter() - t0
 

@@ -48,12 +48,11 @@ def recorded(monkeypatch):
 def decode_three_ways(model, prompt, n, **sampler):
     """The same generation recomputing the context, with the cache stepped as it is, and with the
     cache's step recorded and replayed (the recorded fixture on)."""
-    def run(use_cache):
+    def run(use_cache, replay=True):
         generator = torch.Generator().manual_seed(7)
-        return sampling.generate(model, prompt, n, Sampler(**sampler), use_cache=use_cache, generator=generator)
-    with graphs.disabled():
-        full, cached = run(False), run(True)
-    return full, cached, run(True)
+        return sampling.generate(model, prompt, n, Sampler(**sampler), use_cache=use_cache, generator=generator,
+                                 replay=replay)
+    return run(False, replay=False), run(True, replay=False), run(True)
 
 
 @pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
@@ -94,8 +93,7 @@ def test_a_recording_that_cannot_be_trusted_is_not_used_and_says_so_in_one_line(
     model = GPT(tiny_model_config(block_size=8)).eval()
     prompt = torch.randint(0, 65, (1, 3))
     out = sampling.generate(model, prompt, 20, GREEDY)
-    with graphs.disabled():
-        assert torch.equal(out, sampling.generate(model, prompt, 20, GREEDY))
+    assert torch.equal(out, sampling.generate(model, prompt, 20, GREEDY, replay=False))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"warning: {why}"), err
 
@@ -173,9 +171,8 @@ def test_qa_frames_the_question_and_stops_at_the_end_of_text(trained, capsys, re
     model, tokenizer, _ = load_model(str(trained[0] / "best.pt"))
     question = "Who art thou?"
     ids = torch.tensor([encode_prompt(tokenizer, question, qa=True)])
-    with graphs.disabled():  # the plain path: the context recomputed at every step
-        new = sampling.generate(model, ids, 60, GREEDY, use_cache=False,
-                                stop_token=tokenizer.eot_id)[0, ids.size(1):].tolist()
+    new = sampling.generate(model, ids, 60, GREEDY, use_cache=False, stop_token=tokenizer.eot_id,
+                            replay=False)[0, ids.size(1):].tolist()  # the plain path: the context recomputed each step
     new = new[:new.index(tokenizer.eot_id)] if tokenizer.eot_id in new else new
     code, out, _ = cli(capsys, generate.main, trained[0] / "best.pt", "--qa", "--prompt", question,
                        "--temperature", "0", "--max_new_tokens", "60")
