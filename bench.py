@@ -18,7 +18,7 @@ go through train.py's own set-up and loop and read its records (history.json), n
 console output.
 """
 
-import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
+import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import json
 import os

@@ -9,7 +9,7 @@
 The same seed on the same machine gives the same text; beam search draws nothing, so it needs no seed. Every flag: python generate.py --help.
 """
 
-import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
+import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import dataclasses
 import sys

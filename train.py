@@ -10,7 +10,7 @@ resuming, devices, precision, several processes, the time budget) is a call into
 with plain arguments, whose comment says what it does: take it at its word.
 """
 
-import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
+import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import dataclasses
 import os

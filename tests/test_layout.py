@@ -25,7 +25,7 @@ LEVELS = {
     "config": 0, "deep_dives.graphs": 0, "deep_dives.bpe": 1, "deep_dives.muon": 1, "model": 1, "sampling": 1,
     "utils": 2, "optim": 2, "deep_dives.beam": 2,
     # what a run needs besides the lesson
-    "machinery.cli": 0, "machinery.openmp": 0, "machinery.hardware": 0,
+    "machinery.cli": 0, "machinery.hardware": 0,
     "machinery.sources": 2, "machinery.device": 2, "machinery.precision": 2, "machinery.distributed": 2,
     "machinery.checkpoint": 2, "machinery.plots": 2, "machinery.budget": 2,
     "machinery.resume": 3, "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3,

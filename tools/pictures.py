@@ -2,7 +2,7 @@
 (each layer's and head's weights over the prompt), surprise (the val split coloured by the model's loss),
 temperature (the next-token distribution at several temperatures), embeddings (a char model's, by PCA)."""
 
-import machinery.openmp  # noqa: F401 (before torch loads: OpenMP's idle threads soon sleep)
+import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import math
 import os
