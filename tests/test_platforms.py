@@ -180,3 +180,14 @@ def test_an_undecodable_name_in_an_error_line_is_escaped_not_a_crash(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, cwd=ROOT,
                           env=subprocess_env(PYTHONIOENCODING="cp1252"), timeout=60)
     assert done.returncode == 0 and done.stderr.strip() == b"bad \\udcff", done.stderr
+
+
+@pytest.mark.parametrize("own", [{}, {"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "5"}])
+def test_importing_machinery_first_shortens_openmps_spin_unless_the_user_set_it(own):
+    """Before torch loads OpenMP, the scripts' first import sets GOMP_SPINCOUNT (a busy second process
+    made idle spinning threads slow a 2-core machine), unless the user chose OpenMP's waiting themselves."""
+    env = {k: v for k, v in subprocess_env(**own).items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") or k in own}
+    done = subprocess.run([sys.executable, "-c", "import machinery, os; print(os.environ.get('GOMP_SPINCOUNT'))"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    expected = {(): "10000", ("OMP_WAIT_POLICY",): "None", ("GOMP_SPINCOUNT",): "5"}[tuple(own)]
+    assert done.stdout.strip() == expected, done.stderr
