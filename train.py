@@ -152,8 +152,10 @@ def evaluate(run, meter, clock):
         # each process evaluated its share: the mean is the same everywhere, and so is every decision after it
         train_loss, val_loss = distributed.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
         improved = val_loss < state.best_val_loss
-        state.best_val_loss = val_loss if improved else state.best_val_loss
-        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        if improved:
+            state.best_val_loss, state.evals_without_improvement = val_loss, 0
+        else:
+            state.evals_without_improvement += 1
         state.last_eval_step = state.step  # never two evaluations at one step
         state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
                               "lr": state.lr, "grad_norm": state.grad_norm, "seconds": records.elapsed(run)})
@@ -180,9 +182,10 @@ def log_progress(run, meter, clock):
     the end at the latest pace. Returns why the run stops (--overfit_batch done), else None."""
     state, cfg = run.state, run.cfg
     figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
-    line = records.progress_line(run, figures, ms, clock.steps_shown(), FORMATS)
+    tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
+    line = records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.steps_shown(), FORMATS)
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
-                          "tok_per_s": records.speed(run, ms)[0], "seconds": records.elapsed(run)})
+                          "tok_per_s": tokens_per_s, "seconds": records.elapsed(run)})
     if not run.options.overfit_batch or state.step % cfg.log_interval == 0:
         run.say(line)
     clock.paced(meter.step_seconds())  # a time budget: the end, at the latest pace

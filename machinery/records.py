@@ -103,11 +103,10 @@ def non_finite(run, step, figures):
 
 # ----------------------------------------------------------------------------- progress lines
 
-def progress_line(run, figures, ms, steps_shown, formats):
+def progress_line(run, figures, ms, tokens_per_s, mfu, steps_shown, formats):
     """A progress line: the averaged figures (each as formats says, else .4g), ms/step, tokens/s, ETA and
     (on GPUs we know) MFU."""
     state = run.state
-    tokens_per_s, mfu = speed(run, ms)
     end = steps_shown
     eta = format_seconds((float(end) - state.step) * ms / 1000) if end != "?" else "?"
     shown = " | ".join(f"{k} {'-' if v is None else format(v, formats.get(k, '.4g'))}" for k, v in figures.items())

@@ -137,8 +137,8 @@ def load_data(run):
 # ----------------------------------------------------------------------------- after the model is built
 
 def before_first_step(run, train_step):
-    """Everything between building the model and the first step: resumed state,
-    batches per process, compile and DDP, the precision (by train_step's trial steps if --dtype auto asks)."""
+    """Everything between building the model and the first step: resumed state, batches per process,
+    compile and DDP, the precision (by train_step's trial steps if --dtype auto asks)."""
     cfg = run.cfg
     run.model_cfg = run.model.config
     run.state = restore(run, run.source) if run.options.resume and run.source else TrainState()
