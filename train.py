@@ -23,7 +23,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, set_lr
 from utils import get_batch
 
-from machinery import budget, cli, device, distributed, records, setup, train_cli
+from machinery import budget, cli, device, records, setup, train_cli
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -59,7 +59,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     batch_loss = 0.0                                         # the batch's mean loss: each micro-batch adds its share
     for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
         x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
-        with distributed.sync_gradients(model, micro_step == grad_accum_steps - 1):  # DDP: average at the last (else a no-op)
+        with device.sync_gradients(model, micro_step == grad_accum_steps - 1):  # DDP: average at the last (else a no-op)
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
@@ -103,7 +103,6 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, write down their figures, until the run's end or a stop."""
     cfg, state = run.cfg, run.state
-    log_interval = 1 if run.options.overfit_batch else cfg.log_interval
     # progress = (step - warmup_steps) / (max_steps - warmup_steps). Under --time_budget max_steps is replaced by
     # an end re-estimated from the pace at every line, progress going on in a straight line to it
     clock = budget.Clock(run)
@@ -129,10 +128,10 @@ def train_loop(run):
 
             # --- its figures: averaged over log_interval steps onto a progress line and into the history
             meter.add({"loss": loss, "lr": lr, "grad_norm": grad_norm})
-            if state.step % log_interval == 0:
+            if state.step % cfg.log_interval == 0:
                 done = log_progress(run, meter, clock)  # --overfit_batch done
                 stop_reason = stop_reason or done
-            if cfg.save_interval and state.step % cfg.save_interval == 0 and not run.options.overfit_batch:
+            if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
                 with meter.paused():
                     records.save_periodic(run)  # ckpt_STEP.pt
             if signum := records.stop_signal(run, stop):  # Ctrl-C or SIGTERM came (every rank agrees)
@@ -150,7 +149,7 @@ def evaluate(run, meter, clock):
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
         # each process evaluated its share: the mean is the same everywhere, and so is every decision after it
-        train_loss, val_loss = distributed.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
+        train_loss, val_loss = device.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
         improved = val_loss < state.best_val_loss
         if improved:
             state.best_val_loss, state.evals_without_improvement = val_loss, 0
@@ -160,7 +159,7 @@ def evaluate(run, meter, clock):
         state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
                               "lr": state.lr, "grad_norm": state.grad_norm, "seconds": records.elapsed(run)})
         run.say(records.evaluation_line(run, train_loss, val_loss, clock.steps_shown(), improved))
-        if not run.options.overfit_batch:  # (which writes nothing)
+        if run.writes:
             records.save(run, "last.pt")
             if improved:
                 records.save(run, "best.pt")
@@ -180,14 +179,12 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 def log_progress(run, meter, clock):
     """A progress line and a history row for the steps since the last one; a time budget re-aims
     the end at the latest pace. Returns why the run stops (--overfit_batch done), else None."""
-    state, cfg = run.state, run.cfg
+    state = run.state
     figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
     tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
-    line = records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.steps_shown(), FORMATS)
+    run.say(records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.steps_shown(), FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": records.elapsed(run)})
-    if not run.options.overfit_batch or state.step % cfg.log_interval == 0:
-        run.say(line)
     clock.paced(meter.step_seconds())  # a time budget: the end, at the latest pace
     if run.options.overfit_batch and figures["loss"] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
@@ -198,11 +195,11 @@ def finish(run, stop_reason, signum, clock):
     """After the last step: last.pt if steps came after the last evaluation, the closing lines and sample;
     returns a summary dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal
     (130 for Ctrl-C, 143 for SIGTERM)."""
-    state, writes = run.state, not run.options.overfit_batch
-    if writes and (signum or state.last_eval_step != state.step):
+    state = run.state
+    if run.writes and (signum or state.last_eval_step != state.step):
         records.save(run, "last.pt")
     if signum:
-        if writes:
+        if run.writes:
             run.say(f"saved {os.path.join(run.out_dir, 'last.pt')} at step {state.step}. "
                     f"Resume with: python train.py --resume --out_dir {run.out_dir}")
         sys.exit(128 + signum)
@@ -211,7 +208,7 @@ def finish(run, stop_reason, signum, clock):
             run.say(line)
     if run.cfg.sample_tokens and run.master:
         run.say("sample:\n" + records.closing_sample(run))
-    distributed.teardown_distributed(run.world)
+    device.teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
             "seconds": records.elapsed(run), "stop_reason": stop_reason, "model": run.model}
 

@@ -19,11 +19,11 @@ import sampling
 import train
 from config import GREEDY
 from experiments.runs import ROOT, machine_info, markdown_table, new_run, step_times
-from machinery import hardware, records
+from machinery import records
 from machinery.annotate import forced_steps
 from machinery.cli import log
-from machinery.device import choose_device
-from machinery.plots import split_history
+from machinery.device import choose_device, gpu_count, has_native_bf16
+from machinery.records import split_history
 
 
 # What the report's figures should be on an H100-class GPU (docs/platforms.md), judged only on an H100 or H200
@@ -72,7 +72,7 @@ def bench_gpu_check(args):
             compiled = not args.quick and all(r["code"] == 0 for r in report.get("training", []))
             measure("checks", cache_checks, args.quick, device, tmp, compiled)
             measure("speed", steady_speed, args.quick, tmp)
-            if hardware.gpu_count() > 1:
+            if gpu_count() > 1:
                 measure("torchrun_ok", torchrun_check, tmp)
         finally:  # whatever happened, the page says what was measured
             report["targets"] = target_rows(report)
@@ -165,7 +165,6 @@ def startup_split(device_type):
 def decoding(quick, device, tmp):
     """bench.py generate in a process of its own for each dtype, so that each first call is a
     process's first, as generate.py's is."""
-    from machinery.precision import has_native_bf16
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device)
     shape = [a for k, v in TOY.items() if k != "batch_size" for a in (f"--{k}", str(v))] if quick else []
     new_tokens, rows, results = 24 if quick else 1000, [], {}
@@ -212,7 +211,6 @@ def generate_runs(checkpoint, new_tokens, repeats, prompt="ROMEO:"):
 
 def cache_checks(quick, device, tmp, compiled=True):
     """Every dtype x compile (compiled False: no --compile) trains a few steps, then check_cache."""
-    from machinery.precision import has_native_bf16
     preset, steps = ("tiny", 4) if quick else ("small", 20)
     shape = TOY if quick else {}
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device) + ["float16"] * (device.type == "cuda")
@@ -281,11 +279,11 @@ def steady_speed(quick, tmp):
 
 
 def torchrun_check(tmp):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={hardware.gpu_count()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpu_count()}",
            os.path.join(ROOT, "train.py"), "--preset", "small", "--max_steps", "20", "--sample_tokens", "0",
            "--out_dir", os.path.join(tmp, "ddp")]
     ok = subprocess.run(cmd).returncode == 0
-    log(f"torchrun on {hardware.gpu_count()} GPUs: {'ok' if ok else 'FAILED'}")
+    log(f"torchrun on {gpu_count()} GPUs: {'ok' if ok else 'FAILED'}")
     return ok
 
 

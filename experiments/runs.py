@@ -11,10 +11,8 @@ import torch
 
 import train
 from config import RunOptions, build_configs, default_preset
-from machinery import hardware
-from machinery.precision import interleaved, trial_step
 from machinery.cli import log
-from machinery.device import choose_device
+from machinery.device import choose_device, cuda_available, gpu_name, interleaved, trial_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +30,7 @@ def machine_info():
     except OSError:  # no git here
         git = ""
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": hardware.gpu_name() if hardware.cuda_available() else None,
+            "gpu": gpu_name() if cuda_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "git": git.strip() or None,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 

@@ -14,7 +14,7 @@ import train
 from experiments.runs import new_run, step_times
 from machinery.cli import format_seconds, log
 from machinery.device import flops_per_token
-from machinery.plots import new_plot, save_plot, split_history
+from machinery.records import new_plot, save_plot, split_history
 
 
 # (n_layer, n_embd, n_head): model sizes from about 30 thousand to 1.3 million parameters (43x),

@@ -18,8 +18,8 @@ from config import GREEDY, GPTConfig, TinyLLMError, TrainConfig, build_configs
 from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
 from machinery import records
 from machinery.cli import bool_flag, explicit_flags, log
-from machinery.device import choose_device
-from machinery.plots import split_history
+from machinery.device import autocast, choose_device, resolve_dtype
+from machinery.records import split_history
 from tools.compare import read_history
 
 
@@ -69,7 +69,6 @@ def bench_generate(args):
     from model import GPT
 
     from deep_dives import graphs
-    from machinery.precision import autocast, resolve_dtype  # generation only
     preset = args.preset or "small"  # the README's KV-cache figure; the default help says so
     given = explicit_flags(args)
     model_cfg, train_cfg = build_configs(given, preset)

@@ -12,7 +12,7 @@ from config import GREEDY, TinyLLMError, parse_duration
 import sampling
 
 from machinery.cli import format_seconds
-from machinery.distributed import broadcast_from_master
+from machinery.device import broadcast_from_master
 
 
 def now():

@@ -1,32 +1,125 @@
-"""Where the numbers are computed: the device (a CUDA GPU, an Apple-silicon Mac, the CPU), its threads,
-the random number generators (seeded, and saved for an exact resume) and the chip's peak FLOP/s (MFU)."""
+"""Where the numbers are computed and in what format: the device (a CUDA GPU, an Apple-silicon Mac, the CPU)
+and its threads, the random generators (seeded, and saved for an exact resume), several processes under
+torchrun (DDP), the precision (float32, bfloat16, or float16 with loss scaling; --dtype auto timed on a CPU)
+and the chip's peak FLOP/s for MFU. The functions of the first section are the one place tinyllm asks torch
+what the machine has: a test stands in for a machine by replacing them here, never torch's own, which
+torch's internals (compiler, optimizers) read too."""
 
 import contextlib
+import copy
+import os
 import random
+import statistics
+import time
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import TinyLLMError
+from config import MAX_SEED, TinyLLMError
 
-from machinery import hardware
-from machinery.cli import log
+from machinery.cli import log, warn
+
+
+# ----------------------------------------------------------------------------- what the machine has
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def mps_available():
+    return torch.backends.mps.is_available()
+
+
+def gpu_count():
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+def gpu_name(device=None):
+    return torch.cuda.get_device_name(device)
+
+
+def gpu_capability(device=None):
+    """(major, minor): 8.0 and up (Ampere) compute bfloat16 natively."""
+    return torch.cuda.get_device_capability(device)
+
+
+# torch's own probes of the CPU's instructions are private: a test checks that this torch has them,
+# so that a renamed probe fails a test instead of quietly answering "no bfloat16"
+AVX512_BF16_PROBE, AMX_PROBE = "_is_avx512_bf16_supported", "_is_amx_tile_supported"
+
+
+def cpu_has_avx512_bf16():
+    return getattr(torch.cpu, AVX512_BF16_PROBE, lambda: False)()
+
+
+def cpu_has_amx():
+    return getattr(torch.cpu, AMX_PROBE, lambda: False)()
+
+
+def torch_version():
+    """(major, minor) of the torch running, e.g. (2, 5)."""
+    return tuple(int(x) for x in torch.__version__.split(".")[:2])
+
+
+def autocast_works(device_type, dtype):
+    """Whether torch's autocast runs dtype on this kind of device, or turns itself off (with a
+    warning) and leaves the model in float32: MPS's bfloat16 needs torch 2.6 and macOS 14."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast(device_type, dtype=getattr(torch, dtype)):
+            return torch.is_autocast_enabled(device_type)
+
+
+def gradient_scaler(device_type):
+    """torch's loss scaler for float16 on this kind of device. It turns itself off (is_enabled()
+    False) where that device is missing, or where torch has no scaler for it."""
+    return torch.amp.GradScaler(device_type)
+
+
+def use_gpu(device):
+    torch.cuda.set_device(device)
+
+
+def join_processes(backend, **options):
+    """Join torchrun's other processes: Gloo (CPUs) or NCCL (GPUs)."""
+    dist.init_process_group(backend, **options)
+
+
+def set_gpu_rng_state(state, index):
+    torch.cuda.set_rng_state(state, device=index)
+
+
+def mps_rng_state():
+    """A Mac GPU's generator (dropout there draws from it), or None without one."""
+    return torch.mps.get_rng_state() if mps_available() else None
+
+
+def set_mps_rng_state(state):
+    torch.mps.set_rng_state(state)
+
+
+def set_matmul_precision(precision):
+    """'high' lets float32 matmuls use TF32 tensor cores; 'highest' is torch's default."""
+    torch.set_float32_matmul_precision(precision)
 
 
 # ----------------------------------------------------------------------------- the device
 
 def choose_device(name="auto"):
     if name == "auto":
-        if hardware.cuda_available():
+        if cuda_available():
             return torch.device("cuda")
-        if hardware.mps_available():
+        if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise TinyLLMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if name.startswith("cuda") and not hardware.cuda_available():
+    if name.startswith("cuda") and not cuda_available():
         raise TinyLLMError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    if name == "mps" and not hardware.mps_available():
+    if name == "mps" and not mps_available():
         raise TinyLLMError("--device mps asked for, but MPS is not available here; use --device cpu")
     return torch.device(name)
 
@@ -34,11 +127,9 @@ def choose_device(name="auto"):
 def describe(device):
     """The device in words, for the start-up line: 'cuda (Tesla T4)', 'cpu'."""
     if device.type == "cuda":
-        return f"{device} ({hardware.gpu_name(device)})"
+        return f"{device} ({gpu_name(device)})"
     return str(device)
 
-
-# ----------------------------------------------------------------------------- errors and speed
 
 @contextlib.contextmanager
 def out_of_memory_as_error(hint):
@@ -55,10 +146,8 @@ def configure_matmul(device):
     """TF32 matmuls for float32 work on GPUs that have them (Ampere and later). Never on a CPU,
     where 'high' precision made some matmuls ten times slower."""
     if device.type == "cuda":
-        hardware.set_matmul_precision("high")
+        set_matmul_precision("high")
 
-
-# ----------------------------------------------------------------------------- threads
 
 def set_threads(n=0):
     """Use n CPU threads for torch's kernels (0: torch's default, one per physical core); returns how many."""
@@ -84,7 +173,7 @@ def rng_state():
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # a CPU run never starts CUDA
-        "mps": hardware.mps_rng_state(),
+        "mps": mps_rng_state(),
     }
 
 
@@ -95,12 +184,12 @@ def set_rng_state(state):
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("mps") is not None and hardware.mps_available():
-        hardware.set_mps_rng_state(state["mps"])
+    if state.get("mps") is not None and mps_available():
+        set_mps_rng_state(state["mps"])
     saved = list(state.get("cuda", []))
-    here = hardware.gpu_count()
+    here = gpu_count()
     for i, cuda_state in enumerate(saved[:here]):
-        hardware.set_gpu_rng_state(cuda_state, i)
+        set_gpu_rng_state(cuda_state, i)
     if len(saved) > here:
         log(f"note: the checkpoint holds the CUDA random state of {len(saved)} GPU(s), this machine has {here}; "
             f"restored {min(here, len(saved))}, so dropout on the rest continues from a fresh seed")
@@ -135,7 +224,7 @@ def peak_flops(device, dtype):
     """The GPU's peak FLOP/s for this dtype, or None (with one notice) when we do not know it."""
     if device.type != "cuda":
         return None
-    name = hardware.gpu_name(device)
+    name = gpu_name(device)
     peak = PEAK_TFLOPS.get(name, {}).get(dtype)
     if peak is None:
         log(f"note: MFU is not shown: the {dtype} peak of {name!r} is not in device.PEAK_TFLOPS")
@@ -147,3 +236,231 @@ def flops_per_token(model):
     """Forward + backward FLOPs per token at full context (the PaLM appendix estimate)."""
     c = model.config
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def setup_distributed(device):
+    """(rank, world size, device); (0, 1, device) without torchrun. Each GPU process binds its own GPU at
+    init, so NCCL knows its device from the start."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
+        raise TinyLLMError("several processes on a Mac's GPU: torch cannot join them (Gloo takes no MPS "
+                           "tensors); give torchrun --device cpu, or train in one process")
+    if device.type == "cuda":
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), gpu_count()
+        if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
+            raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
+                               f"--nproc_per_node={gpus} or less, or --device cpu")
+        device = torch.device(f"cuda:{local_rank}")
+        use_gpu(device)
+        join_processes("nccl", device_id=device)
+    else:
+        join_processes("gloo")
+    return rank, world, device
+
+
+def teardown_distributed(world):
+    if world > 1:  # leave together: a rank that tears down early can abort the others
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap(model, world, device):
+    """The model each rank trains: DDP averages the gradients over the ranks during backward."""
+    if world == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def sync_gradients(model, last_micro_step):
+    """Under DDP, all-reduce the gradients only once per step: after the last micro-batch."""
+    if last_micro_step or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def rank_seed(seed, rank, step):
+    """Each rank draws its own batches: a seed of its own, also for a run resumed at step."""
+    return (seed + 1000 * rank + 7919 * step) % (MAX_SEED + 1)
+
+
+def all_ranks_mean(values, world, device):
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
+def all_ranks_max(value, world, device):
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast_from_master(obj, world):
+    """Rank 0's object (plain Python data) on every rank; the object itself for one process."""
+    if world == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ----------------------------------------------------------------------------- the precision
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX: the CPU multiplies bfloat16 matrices in  Without them
+    torch still runs bfloat16, by converting, which is slower than float32."""
+    return cpu_has_avx512_bf16() or cpu_has_amx()
+
+
+def has_native_bf16(device):
+    """bfloat16 that the chip computes natively. torch.cuda.is_bf16_supported() also counts a
+    T4 (compute capability 7.5), which only emulates it: slowly, and without flash attention.
+    MPS is counted out: its bfloat16 needs macOS 14 and is not needed for a tiny model."""
+    if device.type == "cuda":
+        return gpu_capability(device) >= (8, 0)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def measured_on(device):
+    """Whether --dtype auto times both precisions here (measure_dtype, below): on a CPU with bfloat16 instructions."""
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def resolve_dtype(name, device):
+    """The autocast precision. auto: bfloat16 where native (about 0.01 higher loss at equal steps, for faster
+    steps; on a CPU provisionally, as measure_dtype keeps the faster), float16 with a gradient scaler on older
+    GPUs, float32 elsewhere."""
+    native = has_native_bf16(device)
+    if name == "auto":
+        if native:
+            return "bfloat16"
+        return "float16" if device.type == "cuda" else "float32"
+    if name == "bfloat16" and not native and device.type != "mps":
+        warn(f"{describe(device)} has no native bfloat16: it is emulated and slower than "
+             f"{'float16' if device.type == 'cuda' else 'float32'}")
+    if device.type == "mps" and name != "float32" and not autocast_works("mps", name):
+        warn(f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs torch 2.6 and "
+             f"macOS 14): training in float32")
+        return "float32"
+    return name
+
+
+def explain_dtype(asked, dtype):
+    """For the start-up line: the dtype, and why when --dtype auto chose it."""
+    if asked != "auto":
+        return dtype
+    why = {"bfloat16": "native on this chip", "float16": "no native bfloat16: loss scaling on",
+           "float32": "no native bfloat16 here"}[dtype]
+    return f"{dtype} auto: {why}"
+
+
+def autocast(device, dtype):
+    """Run the forward pass in dtype (the weights stay float32); a no-op for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+# ----------------------------------------------------------------------------- float16's loss scaling
+
+def make_scaler(device, dtype):
+    """float16 gradients underflow without loss scaling, so float16 training needs the
+    device's gradient scaler; refuse where torch has none that works. Other dtypes: None."""
+    if dtype != "float16":
+        return None
+    if device.type == "mps" and torch_version() < (2, 8):  # its unscale_ makes a float64 tensor there
+        raise TinyLLMError(f"--dtype float16 on a Mac needs torch 2.8 or later, whose gradient scaler works on MPS "
+                           f"(this is {'.'.join(map(str, torch_version()))}); use --dtype float32, or upgrade torch")
+    with warnings.catch_warnings():  # a scaler that disables itself warns; we say it better below
+        warnings.simplefilter("ignore")
+        scaler = gradient_scaler(device.type)
+    if not scaler.is_enabled():
+        raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch does not provide on "
+                           f"{device}; use --dtype bfloat16 or float32")
+    return scaler
+
+
+# ----------------------------------------------------------------------------- --dtype auto, measured
+
+# bfloat16 must beat float32 by this much: at equal steps it ends about 0.012 higher in val loss
+# (docs/recipe_search.md), which about a quarter more steps win back in a five-minute run
+BF16_MARGIN = 1.25
+UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allocations and kernel choices
+TIMED_STEPS = 8          # per candidate precision, after those
+
+
+def measure_dtype(run, train_step):
+    """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows)."""
+    seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
+    return broadcast_from_master(choose_dtype(seconds), run.world)
+
+
+def choose_dtype(seconds):
+    ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
+    if ratio >= BF16_MARGIN:
+        return {"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"}
+    return {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"}
+
+
+@contextlib.contextmanager
+def trial(run):
+    """Train for measurement only: weights, optimizer state, loss scale and every RNG are put back after."""
+    weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    optimizer = copy.deepcopy(run.optimizer.state_dict())
+    scaler = copy.deepcopy(run.scaler.state_dict()) if run.scaler else None
+    rng = rng_state()
+    try:
+        yield
+    finally:
+        run.model.load_state_dict(weights)
+        run.optimizer.load_state_dict(optimizer)
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.scaler:
+            run.scaler.load_state_dict(scaler)
+        set_rng_state(rng)
+
+
+def interleaved(calls, untimed, timed):
+    """Seconds of each timed call of each function, interleaved so that drift slows them alike; the first
+    untimed calls pay one-time costs (allocations, kernel choices, compilation)."""
+    times = [[] for _ in calls]
+    for i in range(untimed + timed):
+        for call, seconds in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            if i >= untimed:
+                seconds.append(time.perf_counter() - t0)
+    return times
+
+
+def trial_step(run, train_step, ctx, scaler=None):
+    """One of the run's training steps at its peak learning rate, for measuring (within trial())."""
+    cfg = run.cfg
+    return train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip,
+                      ctx, scaler)
+
+
+def time_steps(run, train_step, dtypes):
+    """Mean seconds of one optimizer step in each dtype (float32 or bfloat16: no loss scaler).
+    A run's length is a sum of steps, and step times are skewed: the mean, not the median."""
+    def step_in(dtype):
+        ctx = autocast(run.device, dtype)
+
+        def step():
+            loss, _ = trial_step(run, train_step, ctx)
+            loss.item()  # wait for the device to finish the step
+        return step
+
+    with trial(run):
+        times = interleaved([step_in(dtype) for dtype in dtypes], UNTIMED_STEPS, TIMED_STEPS)
+    return {dtype: statistics.mean(t) for dtype, t in zip(dtypes, times)}

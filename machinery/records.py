@@ -1,6 +1,7 @@
-"""What a run writes down around train.py's loop: progress lines, evaluations, checkpoints, history, the end.
-Each step's figures come as one dict ({"loss": ..., "lr": ..., "grad_norm": ...}), each averaged per
-progress line, printed and kept in history.json and .csv: a new figure is one more entry in that dict."""
+"""What a run writes down around train.py's loop: progress lines, evaluations, checkpoints, history, the end,
+and the pictures of its loss, learning rate and gradient norm (redrawn after every evaluation; tools/compare.py
+overlays several runs'). Each step's figures come as one dict ({"loss": ..., "lr": ..., "grad_norm": ...}),
+each averaged per progress line, printed and kept in history.json and .csv: a new figure is one more entry."""
 
 import contextlib
 import csv
@@ -12,14 +13,13 @@ import os
 import torch
 
 from config import Sampler, TinyLLMError
+from optim import get_lr
 import sampling
 
 from machinery import budget
 from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
-from machinery.cli import format_seconds
-from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
-from machinery.distributed import all_ranks_max
-from machinery.plots import plot_history
+from machinery.cli import format_seconds, log, warn
+from machinery.device import all_ranks_max, describe, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
 from machinery.sources import start_ids
 
 
@@ -98,7 +98,7 @@ def non_finite(run, step, figures):
         f"step {step - 1}: non-finite values (loss {figures.get('loss')}, grad norm {figures.get('grad_norm')}); "
         f"the run stops here. Likely causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip "
         f"{cfg.grad_clip:g}), or float16 overflow (--dtype bfloat16 or float32). Nothing non-finite was saved; "
-        f"last good checkpoint: {last if run.state.last_eval_step >= 0 and not run.options.overfit_batch else 'none'}")
+        f"last good checkpoint: {last if run.state.last_eval_step >= 0 and run.writes else 'none'}")
 
 
 # ----------------------------------------------------------------------------- progress lines
@@ -186,7 +186,7 @@ def stop_signal(run, stop):
 
 def done_line(run):
     """The run's last line: steps, best val loss, training time, what it wrote."""
-    files = "" if run.options.overfit_batch else (f" | {run.out_dir}/: best.pt, last.pt, history.csv"
+    files = "" if not run.writes else (f" | {run.out_dir}/: best.pt, last.pt, history.csv"
                                                    + (", loss.png" if run.cfg.plots else ""))
     return (f"done: {run.state.step} steps | best val loss {run.state.best_val_loss:.4f} | total training time "
             f"{format_seconds(elapsed(run))}" + files)
@@ -202,3 +202,96 @@ def closing_sample(run, tokens=None):
                                 generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())
+
+
+# ----------------------------------------------------------------------------- pictures
+
+DPI = 90  # pixels per inch: a 7-inch-wide figure is 630 pixels
+
+
+def new_plot(height=3, width=7, grid=None):
+    """A figure and its axes (a 2-D array for grid=(rows, cols)) from matplotlib's file-only backend."""
+    import matplotlib  # imported here: generate.py and the tests that never plot skip its start-up
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if grid:
+        return plt.subplots(*grid, figsize=(width, height), dpi=DPI, squeeze=False)
+    return plt.subplots(figsize=(width, height), dpi=DPI)
+
+
+def save_plot(fig, ax, path):
+    """Write the figure to path and close it; with ax, a line plot's legend, grid and tight layout first."""
+    import matplotlib.pyplot as plt
+    if ax is not None:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def split_history(history):
+    """(progress rows, evaluation rows): written every log_interval steps, and at each evaluation."""
+    return [h for h in history if h["kind"] == "train"], [h for h in history if h["kind"] == "eval"]
+
+
+def step_loss(row):
+    """A progress row's training loss ("loss"; "train_loss" in a history.json written by an older tinyllm)."""
+    return row["loss"] if "loss" in row else row["train_loss"]
+
+
+def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
+    """loss.png (train and val, the ln(V) baseline, the best point), lr.png, grad_norm.png."""
+    progress, evals = split_history(history)
+    fig, ax = new_plot(height=4)
+    if progress:
+        ax.plot([h["step"] for h in progress], [step_loss(h) for h in progress], color="C0", alpha=0.5,
+                linewidth=1, label=f"train (mean of every {train_cfg.log_interval} steps)")
+    ax.plot([h["step"] for h in evals], [h["train_loss"] for h in evals], "o-", color="C0", markersize=3,
+            label="train (evaluation)")
+    ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color="C1", markersize=3, label="val")
+    ax.axhline(math.log(vocab_size), color="gray", linestyle="--", label=f"uniform ln(V) = {math.log(vocab_size):.2f}")
+    best = min(evals, key=lambda h: h["val_loss"])
+    ax.plot([best["step"]], [best["val_loss"]], "r*", markersize=12, label=f"best val {best['val_loss']:.3f}")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    save_plot(fig, ax, os.path.join(out_dir, "loss.png"))
+
+    plot_lr_schedule(train_cfg, os.path.join(out_dir, "lr.png"), upto=history[-1]["step"], state=state)
+
+    fig, ax = new_plot()
+    norms = [h for h in progress if h["grad_norm"] is not None]  # no norm before the first step
+    ax.plot([h["step"] for h in norms], [h["grad_norm"] for h in norms], label="grad norm (before clipping)")
+    if train_cfg.grad_clip > 0:
+        ax.axhline(train_cfg.grad_clip, color="gray", linestyle="--", label=f"clip at {train_cfg.grad_clip}")
+    ax.set(xlabel="step", ylabel="global L2 norm", title="gradient norm")
+    save_plot(fig, ax, os.path.join(out_dir, "grad_norm.png"))
+
+
+def plot_lr_schedule(train_cfg, path, upto=None, state=None):
+    """Draw the LR schedule: the steps a run took at the LRs it logged, the rest as planned now
+    (a run's state gives where its progress was last aimed; without one, the settings' plan)."""
+    start, end = budget.start_and_end(state, train_cfg) if state else ([train_cfg.warmup_steps, 0.0],
+                                                                       train_cfg.max_steps)
+    taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]
+    first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
+    planned = [] if end == math.inf else [(s, get_lr(s, budget.progress(s, start, end), train_cfg))
+                                          for s in range(first, math.ceil(end) + 1)]  # a budget's end: once estimated
+    fig, ax = new_plot()
+    ax.plot([s for s, _ in taken + planned], [lr for _, lr in taken + planned])
+    if upto is not None:
+        ax.axvline(upto, color="gray", linestyle=":", label=f"step {upto}")
+    ax.set(xlabel="step", ylabel="learning rate",
+           title=f"optim.get_lr: warmup {train_cfg.warmup_steps} steps, peak {train_cfg.lr:g}, floor {train_cfg.min_lr:g}")
+    save_plot(fig, ax, path)
+
+
+def draw_lr_schedule(train_cfg):
+    """--plot_lr: the schedule of these settings in OUT_DIR/lr_schedule.png."""
+    if train_cfg.time_budget:
+        warn(f"--time_budget {train_cfg.time_budget}: a run's end follows its pace; this draws the schedule "
+             f"of --max_steps {train_cfg.max_steps} (give --max_steps to choose)")
+    path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
+    plot_lr_schedule(train_cfg, path)
+    log(f"wrote {path}")

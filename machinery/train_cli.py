@@ -11,10 +11,9 @@ from config import (PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, 
                     preset_defaults)
 from model import lm_loss
 
-from machinery import cli, plots
+from machinery import cli, records
 from machinery.checkpoint import load_model
-from machinery.device import choose_device, set_threads
-from machinery.precision import measured_on, resolve_dtype
+from machinery.device import choose_device, measured_on, resolve_dtype, set_threads
 from machinery.sources import validation_split
 
 
@@ -59,7 +58,7 @@ def instead_of_training(options, train_cfg, given):
     if options.eval_only is not None:
         eval_only(options, train_cfg, given)
     elif options.plot_lr:
-        plots.draw_lr_schedule(train_cfg)
+        records.draw_lr_schedule(train_cfg)
     else:
         return False
     return True

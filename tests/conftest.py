@@ -57,10 +57,10 @@ def tests_leave_the_tree_as_they_found_it():
 @pytest.fixture(scope="session", autouse=True)
 def no_mps():
     """On a Mac, too, the tests run on the CPU unless they mock a device on purpose (through
-    the project's seam, machinery/hardware.py: never torch's own function, which torch reads too)."""
-    from machinery import hardware
+    the project's functions that ask torch, in machinery/device.py: never torch's own, which torch reads too)."""
+    from machinery import device
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hardware, "mps_available", lambda: False)
+        patch.setattr(device, "mps_available", lambda: False)
         yield
 
 

@@ -19,7 +19,7 @@ import train
 
 from machinery import budget
 from machinery.checkpoint import load_checkpoint
-from machinery.resume import TrainState
+from machinery.setup import TrainState
 
 QUICK = ["--eval_iters", "2", "--plots", "false", "--eval_interval", "40", "--warmup_steps", "10"]
 

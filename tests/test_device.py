@@ -19,10 +19,9 @@ import sampling
 import train
 
 from machinery import device as device_module
-from machinery import distributed, hardware, records
+from machinery import records
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.device import choose_device, peak_flops, rng_state, set_rng_state
-from machinery.precision import autocast, make_scaler, resolve_dtype
+from machinery.device import autocast, choose_device, make_scaler, peak_flops, resolve_dtype, rng_state, set_rng_state
 from machinery.sources import start_ids
 
 CPU = torch.device("cpu")
@@ -33,13 +32,13 @@ CUDA = torch.device("cuda")
 def fake_gpu(monkeypatch):
     """Pretend a CUDA GPU is present: set(name, capability, count) picks which one."""
     def set_gpu(name, capability, count=1):
-        monkeypatch.setattr(hardware, "cuda_available", lambda: True)
-        monkeypatch.setattr(hardware, "gpu_count", lambda: count)
-        monkeypatch.setattr(hardware, "gpu_name", lambda *a: name)
-        monkeypatch.setattr(hardware, "gpu_capability", lambda *a: capability)
+        monkeypatch.setattr(device_module, "cuda_available", lambda: True)
+        monkeypatch.setattr(device_module, "gpu_count", lambda: count)
+        monkeypatch.setattr(device_module, "gpu_name", lambda *a: name)
+        monkeypatch.setattr(device_module, "gpu_capability", lambda *a: capability)
         # torch makes a working CUDA scaler only where CUDA is: the CPU's, a working one, stands in
-        real_scaler = hardware.gradient_scaler
-        monkeypatch.setattr(hardware, "gradient_scaler", lambda kind: real_scaler("cpu" if kind == "cuda" else kind))
+        real_scaler = device_module.gradient_scaler
+        monkeypatch.setattr(device_module, "gradient_scaler", lambda kind: real_scaler("cpu" if kind == "cuda" else kind))
     return set_gpu
 
 
@@ -69,15 +68,15 @@ def test_mocked_t4_asking_for_bf16_warns_that_it_is_emulated(fake_gpu, capsys):
 
 
 def test_mocked_mac_decisions(monkeypatch):
-    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
-    monkeypatch.setattr(hardware, "mps_available", lambda: True)
+    monkeypatch.setattr(device_module, "cuda_available", lambda: False)
+    monkeypatch.setattr(device_module, "mps_available", lambda: True)
     mps = choose_device("auto")
     assert mps.type == "mps" and default_preset("mps") == "tiny"
     assert resolve_dtype("auto", mps) == "float32"
-    monkeypatch.setattr(hardware, "torch_version", lambda: (2, 8))
+    monkeypatch.setattr(device_module, "torch_version", lambda: (2, 8))
     scaler = make_scaler(mps, "float16")  # float16 on a Mac gets the MPS scaler, which is enabled
     assert scaler is not None and scaler.is_enabled()
-    monkeypatch.setattr(hardware, "torch_version", lambda: (2, 7))  # whose scaler makes float64 on MPS
+    monkeypatch.setattr(device_module, "torch_version", lambda: (2, 7))  # whose scaler makes float64 on MPS
     with pytest.raises(TinyLLMError, match="torch 2.8 or later"):
         make_scaler(mps, "float16")
 
@@ -86,8 +85,8 @@ def test_mocked_mac_decisions(monkeypatch):
 def test_mocked_mac_trains_in_the_precision_autocast_really_runs(monkeypatch, capsys, works, dtype):
     """torch 2.5's MPS autocast, or macOS 13's, turns bfloat16 off with a warning and trains in
     float32: the run says float32 then, not bfloat16."""
-    assert hardware.autocast_works("cpu", "bfloat16")  # the question itself, asked of this torch
-    monkeypatch.setattr(hardware, "autocast_works", lambda device_type, name: works)
+    assert device_module.autocast_works("cpu", "bfloat16")  # the question itself, asked of this torch
+    monkeypatch.setattr(device_module, "autocast_works", lambda device_type, name: works)
     assert resolve_dtype("bfloat16", torch.device("mps")) == dtype
     assert ("training in float32" in capsys.readouterr().err) == (not works)
 
@@ -104,17 +103,17 @@ def test_mocked_no_cuda_float16_is_refused_where_no_scaler_works(monkeypatch):
 def test_the_cpu_capability_probe_asks_functions_this_torch_has():
     # cpu_has_native_bf16 asks torch's private probes; were they renamed, it would quietly say
     # "no bfloat16" and never measure. This fails instead.
-    for name in (hardware.AVX512_BF16_PROBE, hardware.AMX_PROBE):
+    for name in (device_module.AVX512_BF16_PROBE, device_module.AMX_PROBE):
         assert isinstance(getattr(torch.cpu, name)(), bool), name
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, dtype", [
     (True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
 def test_mocked_cpu_capabilities_decide_what_auto_starts_from(monkeypatch, capsys, avx512_bf16, amx, dtype):
-    monkeypatch.setattr(hardware, "cuda_available", lambda: False)
-    monkeypatch.setattr(hardware, "mps_available", lambda: False)
-    monkeypatch.setattr(hardware, "cpu_has_avx512_bf16", lambda: avx512_bf16)
-    monkeypatch.setattr(hardware, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(device_module, "cuda_available", lambda: False)
+    monkeypatch.setattr(device_module, "mps_available", lambda: False)
+    monkeypatch.setattr(device_module, "cpu_has_avx512_bf16", lambda: avx512_bf16)
+    monkeypatch.setattr(device_module, "cpu_has_amx", lambda: amx)
     assert choose_device("auto") == CPU and default_preset("cpu") == "tiny"
     assert resolve_dtype("auto", CPU) == dtype  # bfloat16 only where the CPU computes it natively
     assert resolve_dtype("bfloat16", CPU) == "bfloat16"  # allowed on CPU: CPU autocast supports it
@@ -144,7 +143,7 @@ def test_mocked_resume_on_fewer_gpus_restores_what_applies(fake_gpu, monkeypatch
     state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved on 2 GPUs
     fake_gpu("NVIDIA L4", (8, 9), count=1)
     restored = []
-    monkeypatch.setattr(hardware, "set_gpu_rng_state", lambda s, index: restored.append(index))  # one GPU at a time
+    monkeypatch.setattr(device_module, "set_gpu_rng_state", lambda s, index: restored.append(index))  # one GPU at a time
     set_rng_state(state)
     assert restored == [0]
     assert "2 GPU(s), this machine has 1" in capsys.readouterr().out
@@ -156,9 +155,9 @@ def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monke
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     calls = []
-    monkeypatch.setattr(hardware, "use_gpu", lambda d: calls.append(("set_device", d)))
-    monkeypatch.setattr(hardware, "join_processes", lambda backend, **kw: calls.append((backend, kw)))
-    rank, world, dev = distributed.setup_distributed(CUDA)
+    monkeypatch.setattr(device_module, "use_gpu", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(device_module, "join_processes", lambda backend, **kw: calls.append((backend, kw)))
+    rank, world, dev = device_module.setup_distributed(CUDA)
     assert (rank, world, dev) == (1, 2, torch.device("cuda:1"))
     # the process's own GPU is current before NCCL starts, and NCCL is told which it is
     assert calls == [("set_device", torch.device("cuda:1")), ("nccl", {"device_id": torch.device("cuda:1")})]
@@ -167,14 +166,14 @@ def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monke
 def test_mocked_torchrun_on_a_mac_gpu_is_refused_before_joining(monkeypatch):
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(hardware, "join_processes", lambda backend, **kw: pytest.fail("joined"))
+    monkeypatch.setattr(device_module, "join_processes", lambda backend, **kw: pytest.fail("joined"))
     with pytest.raises(TinyLLMError, match="--device cpu"):
-        distributed.setup_distributed(torch.device("mps"))
+        device_module.setup_distributed(torch.device("mps"))
 
 
 def test_mocked_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(monkeypatch):
     calls = []
-    monkeypatch.setattr(hardware, "set_matmul_precision", calls.append)
+    monkeypatch.setattr(device_module, "set_matmul_precision", calls.append)
     device_module.configure_matmul(CUDA)
     device_module.configure_matmul(CPU)
     assert calls == ["high"]
@@ -326,7 +325,7 @@ def test_a_bfloat16_runs_closing_sample_is_decoded_in_float32_as_generate_py_doe
 
 def test_train_never_sets_tf32_precision_on_cpu(shakespeare_head, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(hardware, "set_matmul_precision", calls.append)
+    monkeypatch.setattr(device_module, "set_matmul_precision", calls.append)
     train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=2))
     import bench
     bench.main(["train", "--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",

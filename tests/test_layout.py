@@ -25,10 +25,10 @@ LEVELS = {
     "config": 0, "deep_dives.graphs": 0, "deep_dives.bpe": 1, "deep_dives.muon": 1, "model": 1, "sampling": 1,
     "utils": 2, "optim": 2, "deep_dives.beam": 2,
     # what a run needs besides the lesson
-    "machinery.cli": 0, "machinery.hardware": 0,
-    "machinery.sources": 2, "machinery.device": 2, "machinery.precision": 2, "machinery.distributed": 2,
-    "machinery.checkpoint": 2, "machinery.plots": 2, "machinery.budget": 2,
-    "machinery.resume": 3, "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3,
+    "machinery.cli": 0,
+    "machinery.sources": 2, "machinery.device": 2,
+    "machinery.checkpoint": 2, "machinery.budget": 2,
+    "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3,
     "machinery.annotate": 3, "machinery.train_cli": 3,
     # the scripts a learner runs, the stand-alone tools, the experiments and their command line
     "train": 4, "generate": 4,
@@ -276,7 +276,7 @@ def owner(target, namespace):
 def test_no_test_replaces_anything_of_torch_or_another_library(path):
     """torch's own code reads its functions too (its compiler read a replaced MPS probe and
     failed), so tests stand in for a machine or a failing disk through the project's own seams
-    (machinery/hardware.py, a file that fails to write, ...), never by replacing a library's."""
+    (the functions in machinery/device.py that ask torch, a file that fails to write, ...), never a library's."""
     with open(path, encoding="utf-8") as f:
         source = f.read()
     namespace = {}

@@ -15,7 +15,7 @@ import train
 from config import TrainConfig, make_config
 from conftest import ROOT, TINY_SHAPE, assert_one_line_error, cli, subprocess_env, tiny_model_config
 from deep_dives import beam
-from machinery import checkpoint, hardware
+from machinery import checkpoint, device
 from machinery.device import rng_state, set_rng_state
 from model import GPT
 from optim import make_optimizer
@@ -165,9 +165,9 @@ def test_beam_search_holds_no_float64_where_the_device_has_none(monkeypatch):
 def test_mocked_mac_random_state_is_saved_and_restored(monkeypatch):
     """Dropout on a Mac draws from the MPS generator: a resume puts it back as it was saved."""
     saved, restored = torch.arange(8, dtype=torch.uint8), []
-    monkeypatch.setattr(hardware, "mps_available", lambda: True)
-    monkeypatch.setattr(hardware, "mps_rng_state", lambda: saved)
-    monkeypatch.setattr(hardware, "set_mps_rng_state", restored.append)
+    monkeypatch.setattr(device, "mps_available", lambda: True)
+    monkeypatch.setattr(device, "mps_rng_state", lambda: saved)
+    monkeypatch.setattr(device, "set_mps_rng_state", restored.append)
     state = rng_state()
     assert state["mps"] is saved
     set_rng_state(state)

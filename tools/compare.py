@@ -6,7 +6,7 @@ import os
 from config import TinyLLMError
 
 from machinery.cli import ArgumentParser, log, run_cli
-from machinery.plots import new_plot, save_plot, split_history, step_loss
+from machinery.records import new_plot, save_plot, split_history, step_loss
 
 
 def read_history(run_dir):
