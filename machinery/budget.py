@@ -54,12 +54,15 @@ def resume_at(state, cfg, old_end):
 
 
 class Clock:
-    """The loop's progress and end; evaluated() and paced() matter only to a time budget, which aims its end
-    by them, keeping room for the closing sample."""
+    """The loop's progress and end. Under a --time_budget it also keeps the time spent (since train.py started,
+    plus earlier processes') and aims the end at every evaluation and progress line, keeping room for the
+    closing sample."""
 
     def __init__(self, run):
-        self.state, self.cfg = run.state, run.cfg
-        self.budget = Budget(run, time_sample(run)) if run.cfg.time_budget else None
+        self.state, self.cfg, self.master, self.world = run.state, run.cfg, run.master, run.world
+        self.seconds = parse_duration(run.cfg.time_budget) if run.cfg.time_budget else None
+        self.started, self.earlier = run.started, run.state.seconds
+        self.sample_seconds = time_sample(run) if self.seconds else 0.0  # measured before the first step
 
     def progress(self):
         return run_progress(self.state, self.cfg)
@@ -73,48 +76,43 @@ class Clock:
         end = start_and_end(self.state, self.cfg)[1]
         return "?" if end == math.inf else f"{math.ceil(end)}"
 
-    def evaluated(self, seconds, step_seconds):
-        if self.budget:
-            self.budget.evaluated(seconds, self.state, self.cfg, step_seconds)
-
-    def paced(self, step_seconds):
-        if self.budget:
-            self.budget.aim(self.state, self.cfg, step_seconds)
-
-    def summary(self):
-        """A time budget's closing line: the time used, and the --max_steps that trains as many steps (else None)."""
-        if self.budget:
-            return (f"time budget {self.cfg.time_budget}: {format_seconds(self.budget.spent())} used, "
-                    f"{self.state.step:,} steps (python train.py --max_steps {self.state.step} trains as many, "
-                    f"decaying by steps)")
-        return None
-
-
-class Budget:
-    """A --time_budget run's time spent (since train.py started, plus earlier processes') and its end."""
-
-    def __init__(self, run, sample_seconds):
-        self.seconds = parse_duration(run.cfg.time_budget)
-        self.master, self.world = run.master, run.world
-        self.started, self.earlier = run.started, run.state.seconds
-        self.sample_seconds = sample_seconds  # the closing sample's, measured before the first step
-
     def spent(self):
         return self.earlier + now() - self.started
 
-    def evaluated(self, seconds, state, cfg, step_seconds):
-        """An evaluation took seconds (saves and plots included): keep room for one more, and re-aim."""
-        state.eval_seconds = seconds
-        self.aim(state, cfg, step_seconds)
+    def evaluated(self, seconds, step_seconds):
+        """An evaluation took seconds (saves and plots included): a budget keeps room for one more, and re-aims."""
+        if self.seconds:
+            self.state.eval_seconds = seconds
+            self.paced(step_seconds)
 
-    def end_step(self, state, cfg, step_seconds):
+    def paced(self, step_seconds):
+        """A budget aims progress straight from here (in the warmup: from its end) to where its time runs out.
+        Rank 0 estimates, every rank follows; an error on rank 0 is raised on every rank."""
+        if not self.seconds:
+            return
+        state, cfg, end = self.state, self.cfg, None
+        if self.master:
+            try:
+                end = self.end_step(step_seconds)
+            except TinyLLMError as e:
+                end = str(e)
+        end = broadcast_from_master(end, self.world)
+        if isinstance(end, str):
+            raise TinyLLMError(end)
+        if end is not None:
+            if state.step >= cfg.warmup_steps:
+                state.progress_from = [state.step, run_progress(state, cfg)]
+            state.end_step = end
+
+    def end_step(self, step_seconds):
         """Where the budget runs out: the most steps (and their due evaluations) that fit in what is left
         less one more evaluation (an unforeseen one would cut the schedule short), the closing sample and
         SAFETY. None before a step is timed; an end within the warmup is refused."""
+        state, cfg = self.state, self.cfg
         left = self.seconds * (1 - SAFETY) - self.spent() - state.eval_seconds - self.sample_seconds
         if not step_seconds:
             if left <= 0:
-                raise self.too_short(state, cfg, 0.0)
+                raise self.too_short(0.0)
             return None
         first = state.step + (state.last_eval_step == state.step)  # the first step that may still evaluate
 
@@ -128,10 +126,11 @@ class Budget:
         while n > 0 and not fits(n):
             n -= 1
         if state.step + n <= cfg.warmup_steps:
-            raise self.too_short(state, cfg, step_seconds)
+            raise self.too_short(step_seconds)
         return state.step + n
 
-    def too_short(self, state, cfg, step_seconds):
+    def too_short(self, step_seconds):
+        state, cfg = self.state, self.cfg
         need = self.spent() + state.eval_seconds + self.sample_seconds + 2 * cfg.warmup_steps * step_seconds
         return TinyLLMError(
             f"--time_budget {cfg.time_budget} is too short here: {self.spent():.1f}s are gone, an evaluation takes "
@@ -139,22 +138,13 @@ class Budget:
             f"{self.sample_seconds:.1f}s, which leaves no time after the warmup ({cfg.warmup_steps} steps); give at "
             f"least {need / (1 - SAFETY):.0f}s")
 
-    def aim(self, state, cfg, step_seconds):
-        """Aim progress straight from here (in the warmup: from its end) to where the budget runs out.
-        Rank 0 estimates, every rank follows; an error on rank 0 is raised on every rank."""
-        end = None
-        if self.master:
-            try:
-                end = self.end_step(state, cfg, step_seconds)
-            except TinyLLMError as e:
-                end = str(e)
-        end = broadcast_from_master(end, self.world)
-        if isinstance(end, str):
-            raise TinyLLMError(end)
-        if end is not None:
-            if state.step >= cfg.warmup_steps:
-                state.progress_from = [state.step, run_progress(state, cfg)]
-            state.end_step = end
+    def summary(self):
+        """A time budget's closing line: the time used, and the --max_steps that trains as many steps (else None)."""
+        if self.seconds:
+            return (f"time budget {self.cfg.time_budget}: {format_seconds(self.spent())} used, "
+                    f"{self.state.step:,} steps (python train.py --max_steps {self.state.step} trains as many, "
+                    f"decaying by steps)")
+        return None
 
 
 def time_sample(run):

@@ -133,10 +133,8 @@ def run_cli(main, argv=None):
 
 
 def writes_any_text():
-    """A model writes whatever characters it was trained on, and a legacy code page (Windows'
-    cp1252 for a redirect or a pipe) cannot encode most of them: its UnicodeEncodeError would end
-    the run. Output into a file or a pipe is written as UTF-8, so it holds the exact text; a
-    console that cannot show a character shows its escape (\\u0416) instead."""
+    """A model writes any character it was trained on, which a legacy code page (Windows' cp1252) cannot
+    encode: a file or a pipe gets UTF-8; a console shows what it cannot as an escape (\\u0416)."""
     for stream in (sys.stdout, sys.stderr):
         encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
         if encoding == "utf8" or not hasattr(stream, "reconfigure"):
@@ -154,9 +152,8 @@ def in_process_group():
 
 
 def leave(code):
-    """Exit with code; one of several processes under torchrun leaves at once (os._exit, output flushed):
-    the usual teardown could abort it (status -6, "terminate called without an active exception"), as the
-    process group library's threads outlive the objects they work on. Files are written and synced by then."""
+    """Exit with code; one of several processes under torchrun leaves at once (os._exit, output flushed): the
+    usual teardown could abort it (status -6), as the process group's threads outlive what they work on."""
     sys.stdout.flush()
     sys.stderr.flush()
     if in_process_group() or ("RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"):

@@ -65,8 +65,7 @@ def torch_version():
 
 
 def autocast_works(device_type, dtype):
-    """Whether torch's autocast runs dtype on this kind of device, or turns itself off (with a
-    warning) and leaves the model in float32: MPS's bfloat16 needs torch 2.6 and macOS 14."""
+    """Whether autocast runs dtype here or turns itself off (MPS's bfloat16 needs torch 2.6 and macOS 14)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.autocast(device_type, dtype=getattr(torch, dtype)):
@@ -74,8 +73,7 @@ def autocast_works(device_type, dtype):
 
 
 def gradient_scaler(device_type):
-    """torch's loss scaler for float16 on this kind of device. It turns itself off (is_enabled()
-    False) where that device is missing, or where torch has no scaler for it."""
+    """float16's loss scaler; is_enabled() is False where the device is missing or torch has none for it."""
     return torch.amp.GradScaler(device_type)
 
 
@@ -143,8 +141,7 @@ def out_of_memory_as_error(hint):
 
 
 def configure_matmul(device):
-    """TF32 matmuls for float32 work on GPUs that have them (Ampere and later). Never on a CPU,
-    where 'high' precision made some matmuls ten times slower."""
+    """TF32 matmuls for float32 on GPUs (Ampere and later); never on a CPU, where some got ten times slower."""
     if device.type == "cuda":
         set_matmul_precision("high")
 
@@ -241,8 +238,7 @@ def flops_per_token(model):
 # ----------------------------------------------------------------------------- several processes
 
 def setup_distributed(device):
-    """(rank, world size, device); (0, 1, device) without torchrun. Each GPU process binds its own GPU at
-    init, so NCCL knows its device from the start."""
+    """(rank, world size, device); (0, 1, device) without torchrun. A GPU process binds its GPU at init, for NCCL."""
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
