@@ -1,22 +1,7 @@
-"""Benchmarks: how fast tinyllm trains and generates, how soon it reaches a validation loss,
-and what each modern part buys. A figure is printed next to a baseline measured in the same
-process wherever there is one (variants interleaved step by step: shared machines drift by a
-quarter and more), and written with a description of the machine as JSON to --out.
-
-    python bench.py train --preset reference --compare dtype=float32,bfloat16   # ms/step, tokens/s, ratios
-    python bench.py generate --preset small --new_tokens 1000                  # KV cache vs recompute
-    python bench.py sample --checkpoint checkpoints/best.pt                     # generate.py, start-up included
-    python bench.py time_to_target --target 1.886 --preset speedrun --baseline reference
-    python bench.py ablation --preset tiny --max_steps 400
-    python bench.py decoding --checkpoint checkpoints/best.pt --prompt "To be or not"   # greedy, beam, sampling
-    python bench.py scaling                                                    # scaling laws, about 30 minutes
-    python bench.py gpu_check                                                  # the GPU report, once on a GPU
-
-This file is the command line; each mode lives in experiments/ (speed.py: train, generate,
-sample, time_to_target; decoding.py; ablation.py; scaling.py; gpu_report.py). Training runs
-go through train.py's own set-up and loop and read its records (history.json), never its
-console output.
-"""
+"""Benchmarks: how fast tinyllm trains and generates, how soon it reaches a validation loss, and what each
+modern part buys; each mode lives in experiments/, and docs/benchmarks.md shows the commands. A figure is
+printed next to a baseline measured in the same process wherever there is one (variants interleaved step by
+step: shared machines drift by a quarter and more), and written with a description of the machine to --out."""
 
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
@@ -107,13 +92,11 @@ def main(argv=None):
                        ("--out_png", getattr(args, "out_png", None))):
         if path:  # checked now, not after an hour of benchmarks
             check_writable(path, flag, make_folder=True)
-    if args.mode == "time_to_target":
-        result = speed.bench_time_to_target(args, extra)
-    else:
-        modes = {"train": speed.bench_train, "generate": speed.bench_generate, "sample": speed.bench_sample,
-                 "ablation": ablation.bench_ablation, "decoding": decoding.bench_decoding,
-                 "scaling": scaling.bench_scaling, "gpu_check": gpu_report.bench_gpu_check}
-        result = modes[args.mode](args)
+    modes = {"train": speed.bench_train, "generate": speed.bench_generate, "sample": speed.bench_sample,
+             "time_to_target": lambda a: speed.bench_time_to_target(a, extra),
+             "ablation": ablation.bench_ablation, "decoding": decoding.bench_decoding,
+             "scaling": scaling.bench_scaling, "gpu_check": gpu_report.bench_gpu_check}
+    result = modes[args.mode](args)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump({"mode": args.mode, "machine": machine_info(), **result}, f, indent=1)
     log(f"wrote {args.out}")

@@ -12,7 +12,9 @@ import sampling
 from config import Sampler, TinyLLMError
 from deep_dives import beam
 from machinery.annotate import model_odds
+from machinery.checkpoint import load_model
 from machinery.cli import log
+from machinery.sources import encode_prompt
 
 
 def repeated_ngrams(text, n=3):
@@ -25,8 +27,6 @@ def repeated_ngrams(text, n=3):
 def bench_decoding(args):
     """Each method's texts (sampling: several seeds per temperature), scored alike by log-probability per
     token at temperature 1, with their share of repeated word 3-grams and their seconds."""
-    from machinery.checkpoint import load_model
-    from machinery.sources import encode_prompt
     if not os.path.isfile(args.checkpoint):
         raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
     model, tokenizer, _ = load_model(args.checkpoint)
@@ -40,7 +40,7 @@ def bench_decoding(args):
             if width:
                 new, _ = beam.beam_search(model, idx, args.new_tokens, width)
             else:
-                generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+                generator = torch.Generator().manual_seed(seed or 0)
                 new = sampling.generate(model, idx, args.new_tokens, Sampler(temperature=temperature),
                                         generator=generator)[:, idx.size(1):]
             seconds = time.perf_counter() - t0

@@ -1,8 +1,8 @@
 """The GPU report (python bench.py gpu_check): tinyllm's commands run as a user runs them, each in its own
-process with every output line time-stamped, and what needs no process of its own (the KV cache against
-recomputation, warm speed), written beside the targets as one Markdown page and one JSON file."""
+process with every output line time-stamped, written beside the targets as one Markdown page and one JSON file."""
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -24,6 +24,7 @@ from machinery.annotate import forced_steps
 from machinery.cli import log
 from machinery.device import choose_device, gpu_count, has_native_bf16
 from machinery.records import split_history
+from tools.compare import read_history
 
 
 # What the report's figures should be on an H100-class GPU (docs/platforms.md), judged only on an H100 or H200
@@ -52,8 +53,7 @@ print(json.dumps(stamps))
 
 
 def bench_gpu_check(args):
-    """Every part of the report in turn, written as Markdown (--out_md) and returned for the JSON (--out).
-    --quick: all of it at a toy size, without the GPU tests."""
+    """Every part of the report in turn, written as Markdown (--out_md) and returned for the JSON (--out)."""
     device = choose_device("auto")
     report = {"quick": args.quick, "machine": {**machine_info(), "cuda": torch.version.cuda}}
     measure = functools.partial(part, report)  # each part on its own: one that fails is reported as such
@@ -76,13 +76,14 @@ def bench_gpu_check(args):
                 measure("torchrun_ok", torchrun_check, tmp)
         finally:  # whatever happened, the page says what was measured
             report["targets"] = target_rows(report)
-            write(report, args.out_md)
-    report.update({k: report["speed"].get(k) for k in ("ms_per_step", "tokens_per_s", "mfu")})  # as the JSON had them
+            with open(args.out_md, "w", encoding="utf-8") as f:
+                f.write(markdown(report))
+            log(f"wrote {args.out_md}")
+    report.update({k: report["speed"].get(k) for k in ("ms_per_step", "tokens_per_s", "mfu")})  # top-level too
     return report
 
 
 # ----------------------------------------------------------------------------- the report's parts, in order
-
 
 def gpu_tests():
     """python -m pytest -q tests/test_gpu.py, the README's test command on the GPU's tests."""
@@ -98,8 +99,7 @@ def gpu_tests():
 
 
 def training_runs(quick, device, tmp):
-    """python train.py as it comes, then with --compile and with --dtype float16 (each where it
-    applies: --compile needs a compiler; float16's loss scaling is for CUDA)."""
+    """python train.py as it comes, then on CUDA with --compile and with --dtype float16 (its loss scaling)."""
     base = QUICK + ["--sample_tokens", "20", "--log_interval", "1"] if quick else []  # (quick: it times start-up too)
     variants = [("default", [])] + [("compile", ["--compile"]), ("float16", ["--dtype", "float16"])] * (
         device.type == "cuda" and not quick)
@@ -107,13 +107,10 @@ def training_runs(quick, device, tmp):
 
 
 def train_run(flags, out_dir):
-    """python train.py FLAGS --out_dir OUT_DIR as a user runs it: wall time, when its first, device and first
-    progress lines came, best val loss, median ms/step and the last MFU printed."""
+    """python train.py FLAGS --out_dir OUT_DIR as a user runs it, with what its output and history.json say."""
     result = run_stamped([sys.executable, "-u", os.path.join(ROOT, "train.py"), *flags, "--out_dir", out_dir])
-    history = []
-    if os.path.isfile(os.path.join(out_dir, "history.json")):
-        with open(os.path.join(out_dir, "history.json"), encoding="utf-8") as f:
-            history = json.load(f)
+    path = os.path.join(out_dir, "history.json")
+    history = read_history(path) if os.path.isfile(path) else []
     evals = [h["val_loss"] for h in history if h["kind"] == "eval"]
     steps = [h["ms_per_step"] for h in history if h["kind"] == "train" and h["ms_per_step"]]
     mfu = [float(m) for _, line in result["lines"] for m in re.findall(r"MFU ([0-9.]+)%", line)]
@@ -135,8 +132,7 @@ def run_summary(r):
 
 
 def startup(training, device, tmp, quick):
-    """When train.py's first line, device line and first step come (a short run that reports every step), and
-    what of its start-up is torch's (the probe) and tinyllm's own (by subtraction, so with both's noise)."""
+    """When train.py's first lines come, and what of its start-up is torch's (the probe) and its own (the rest)."""
     split = startup_split(device.type)
     if quick:  # the default run at a toy size reports every step already
         run = dict(training[0], label="python train.py (--quick)")
@@ -151,8 +147,7 @@ def startup(training, device, tmp, quick):
 
 
 def startup_split(device_type):
-    """The seconds a fresh Python process takes to start, import torch, start the device and
-    build a first optimizer (torch's own work, which every script pays before its own)."""
+    """Seconds a fresh process takes to start Python, import torch, start the device, build an optimizer."""
     before = time.time()
     done = subprocess.run([sys.executable, "-c", PROBE, device_type], capture_output=True, encoding="utf-8", errors="replace", cwd=ROOT)
     if done.returncode != 0:
@@ -163,12 +158,10 @@ def startup_split(device_type):
 
 
 def decoding(quick, device, tmp):
-    """bench.py generate in a process of its own for each dtype, so that each first call is a
-    process's first, as generate.py's is."""
-    dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device)
+    """bench.py generate in a process per dtype, so that each first call is a process's first, as generate.py's is."""
     shape = [a for k, v in TOY.items() if k != "batch_size" for a in (f"--{k}", str(v))] if quick else []
     new_tokens, rows, results = 24 if quick else 1000, [], {}
-    for dtype in dtypes:
+    for dtype in ["float32"] + ["bfloat16"] * has_native_bf16(device):
         out = os.path.join(tmp, f"generate-{dtype}.json")
         done = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "generate", "--preset", "small", *shape,
                                "--dtype", dtype, "--new_tokens", str(new_tokens), "--repeats", "1" if quick else "3",
@@ -188,18 +181,13 @@ def decoding(quick, device, tmp):
 
 
 def generate_runs(checkpoint, new_tokens, repeats, prompt="ROMEO:"):
-    """python generate.py CHECKPOINT --prompt PROMPT --max_new_tokens N --seed 42, repeats times:
-    each one's wall time, and when its first generated text came (after the prompt it echoes)."""
+    """python generate.py CHECKPOINT, repeats times: the wall times, and when the first text after the prompt came."""
     cmd = [sys.executable, "-u", os.path.join(ROOT, "generate.py"), checkpoint, "--prompt", prompt,
            "--max_new_tokens", str(new_tokens), "--seed", "42"]
     runs = [run_stamped(cmd) for _ in range(repeats)]
     walls = [r["wall"] for r in runs if r["code"] == 0]
-    echoed, arrived, first = len(prompt.encode()), 0, None
-    for t, size in runs[0]["chunks"]:
-        arrived += size
-        if arrived > echoed:
-            first = t
-            break
+    arrived = itertools.accumulate(size for _, size in runs[0]["chunks"])
+    first = next((t for (t, _), n in zip(runs[0]["chunks"], arrived) if n > len(prompt.encode())), None)
     result = {"command": runs[0]["command"], "new_tokens": new_tokens, "walls": walls,
               "wall": statistics.median(walls) if walls else None, "first_output": first,
               "code": next((r["code"] for r in runs if r["code"]), 0),
@@ -211,8 +199,7 @@ def generate_runs(checkpoint, new_tokens, repeats, prompt="ROMEO:"):
 
 def cache_checks(quick, device, tmp, compiled=True):
     """Every dtype x compile (compiled False: no --compile) trains a few steps, then check_cache."""
-    preset, steps = ("tiny", 4) if quick else ("small", 20)
-    shape = TOY if quick else {}
+    preset, steps, shape = ("tiny", 4, TOY) if quick else ("small", 20, {})
     dtypes = ["float32"] + ["bfloat16"] * has_native_bf16(device) + ["float16"] * (device.type == "cuda")
     rows = []
     for dtype in dtypes:
@@ -231,14 +218,12 @@ def cache_checks(quick, device, tmp, compiled=True):
 
 
 def check_cache(model, ctx, dtype, n=250):
-    """The KV cache against recomputation over a greedy text of n tokens: the largest logit difference,
-    against 8 ulps of the largest logit (TF32's where CUDA uses it); where the greedy texts first part (every
-    later token differs), with the top-2 margin there (a near-tie: rounding, not a wrong cache)."""
+    """The KV cache against recomputation over a greedy text of n tokens: the largest logit difference against 8
+    ulps of the largest logit; where the greedy texts part, the top-2 margin there (a near-tie: rounding)."""
     device = model.wte.weight.device
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with ctx:
-        full_text, cached_text = (sampling.generate(model, prompt, n, GREEDY, use_cache=c)
-                                  for c in (False, True))
+        full_text, cached_text = (sampling.generate(model, prompt, n, GREEDY, use_cache=c) for c in (False, True))
         new = full_text[:, 1:]
         full, cached = (torch.stack([logits[0].float() for _, logits in forced_steps(model, prompt, new, c)])
                         for c in (False, True))  # each (n, V)
@@ -248,12 +233,9 @@ def check_cache(model, ctx, dtype, n=250):
     tolerance, diff = 8 * eps * full.abs().max().item(), (cached - full).abs().max().item()
     parted = (cached_text != full_text)[0].nonzero()
     parts_at = parted[0].item() - 1 if len(parted) else None  # among the new tokens
-    margin = None
-    if parts_at is not None:
-        top2 = full[parts_at].topk(2).values
-        margin = (top2[0] - top2[1]).item()
+    top2 = None if parts_at is None else full[parts_at].topk(2).values
     return {"tokens": n, "max_diff": diff, "tolerance": tolerance, "agrees": diff <= tolerance, "parts_at": parts_at,
-            "margin": margin}
+            "margin": None if top2 is None else (top2[0] - top2[1]).item()}
 
 
 def describe_cache_check(cache, dtype):
@@ -268,8 +250,7 @@ def describe_cache_check(cache, dtype):
 
 def steady_speed(quick, tmp):
     """The default preset's ms/step, tokens/s and MFU once warm, timed in this process."""
-    preset, steps = ("tiny", 4) if quick else (None, 20)
-    shape = TOY if quick else {}
+    preset, steps, shape = ("tiny", 4, TOY) if quick else (None, 20, {})
     run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
     ms = statistics.median(step_times([run], 3, steps)[0])
     tokens_per_s, mfu = records.speed(run, ms)
@@ -289,10 +270,8 @@ def torchrun_check(tmp):
 
 # ----------------------------------------------------------------------------- running a command as a user does
 
-
 def run_stamped(cmd, timeout=1800):
-    """Run cmd from the repository's root: its code, wall seconds, first_output (when stdout first showed
-    anything), lines [(seconds since the start, text)], chunks, and stderr's last lines."""
+    """Run cmd from the repository's root, each piece of its stdout stamped with the seconds since the start."""
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
@@ -328,12 +307,10 @@ def part(report, key, fn, *args):
 
 
 def stamp_of(result, prefix):
-    """When the first line starting with prefix arrived (seconds since the start), or None."""
     return next((t for t, line in result["lines"] if line.startswith(prefix)), None)
 
 
 # ----------------------------------------------------------------------------- the page
-
 
 def target_rows(report):
     """Each target beside its figure; met or not only on an H100-class GPU, the class they are for."""
@@ -442,9 +419,3 @@ def checks_page(report, checks):
 SECTIONS = [("gpu_tests", "The GPU tests", tests_page), ("startup", "Start-up", startup_page),
             ("training", "Training runs", training_page), ("decoding", "Decoding", decoding_page),
             ("generate", "generate.py", generate_page), ("checks", "The KV cache against recomputation", checks_page)]
-
-
-def write(report, path):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(markdown(report))
-    log(f"wrote {path}")

@@ -1,6 +1,6 @@
-"""What every experiment shares: the machine a result came from, a training run set up by
-train.py itself, optimizer steps timed with the variants interleaved, and a Markdown table."""
+"""What every experiment shares: the machine, a run set up by train.py, timed steps, a Markdown table."""
 
+import contextlib
 import datetime
 import os
 import platform
@@ -19,16 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def machine_info():
     """Enough to tell two result files apart: numbers from different machines do not compare."""
-    cpu = platform.processor() or platform.machine()
-    try:  # platform.processor() is often just "x86_64" on Linux; /proc/cpuinfo has the model name
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
+    cpu, git = platform.processor() or platform.machine(), ""
+    # platform.processor() is often just "x86_64" on Linux; /proc/cpuinfo has the model name
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    with contextlib.suppress(OSError):  # no git here
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    except OSError:  # no git here
-        git = ""
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": gpu_name() if cuda_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "git": git.strip() or None,
@@ -58,8 +54,7 @@ def sync(device):
 
 
 def new_run(preset, given, out_dir):
-    """A training run set up by train.py itself (data, model, optimizer), not yet stepped.
-    given: settings as flags would give them; the preset fills in the rest."""
+    """A training run set up by train.py itself, not yet stepped; given: settings as flags would give them."""
     preset = preset or default_preset(choose_device(given.get("device", "auto")).type)
     given = {"time_budget": "", **given, "out_dir": out_dir}  # benchmarks fix their steps; no planning
     model_cfg, train_cfg = build_configs(given, preset)

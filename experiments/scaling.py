@@ -17,25 +17,21 @@ from machinery.device import flops_per_token
 from machinery.records import new_plot, save_plot, split_history
 
 
-# (n_layer, n_embd, n_head): model sizes from about 30 thousand to 1.3 million parameters (43x),
-# the default tiny preset's 2 x 160 among them; the rest of each run is the tiny preset's
+# model sizes from about 30 thousand to 1.3 million parameters (43x), the default tiny preset's 2 x 160
+# among them; the rest of each run is the tiny preset's
+SHAPE_FIELDS = ("n_layer", "n_embd", "n_head")
 SCALING_SHAPES = [(1, 48, 2), (2, 64, 2), (2, 96, 3), (2, 160, 5), (3, 192, 6)]
-
-
 DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
-
-
 SCALING_EVAL_ITERS = 30  # batches per split at each evaluation: a val loss to about 0.01
 
 
 def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
     """A tiny-preset run of shape trained to steps (a tenth of them warmup) on the first data_fraction of
     the train split and evaluated evals times, the last at the end: {"params", "flops", "val", ...}."""
-    n_layer, n_embd, n_head = shape
-    run = new_run("tiny", {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": steps,
-                           "warmup_steps": max(1, min(100, steps // 10)), "eval_iters": SCALING_EVAL_ITERS,
-                           "eval_interval": max(1, steps // evals), "log_interval": steps, "sample_tokens": 0,
-                           "plots": False, "dtype": dtype, "data": data}, out_dir)
+    given = {**dict(zip(SHAPE_FIELDS, shape)), "max_steps": steps, "warmup_steps": max(1, min(100, steps // 10)),
+             "eval_iters": SCALING_EVAL_ITERS, "eval_interval": max(1, steps // evals), "log_interval": steps,
+             "sample_tokens": 0, "plots": False, "dtype": dtype, "data": data}
+    run = new_run("tiny", given, out_dir)
     run.corpus.train = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # the batches read it lazily
     t0 = time.perf_counter()
     _, evals = split_history(train.train_loop(run)["history"])
@@ -47,13 +43,11 @@ def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
 
 
 def step_seconds(shapes, out_dir, data):
-    """(seconds per training step, training FLOPs per step) of each shape on this machine (3
-    untimed and 5 timed steps each, interleaved), and the precision --dtype auto takes here."""
+    """(seconds per training step, training FLOPs per step) of each shape here, and the precision --dtype auto takes."""
     runs = []
-    for i, (n_layer, n_embd, n_head) in enumerate(shapes):
-        given = {"n_layer": n_layer, "n_embd": n_embd, "n_head": n_head, "max_steps": 10, "warmup_steps": 1,
-                 "plots": False, "sample_tokens": 0, "data": data,
-                 "dtype": runs[0].dtype if runs else "auto"}  # measured once, by the first
+    for i, shape in enumerate(shapes):
+        given = {**dict(zip(SHAPE_FIELDS, shape)), "max_steps": 10, "warmup_steps": 1, "plots": False,
+                 "sample_tokens": 0, "data": data, "dtype": runs[0].dtype if runs else "auto"}  # measured by the first
         runs.append(new_run("tiny", given, os.path.join(out_dir, f"probe{i}")))
     times = step_times(runs, 3, 5)
     return ([statistics.mean(t) / 1000 for t in times],
@@ -61,9 +55,8 @@ def step_seconds(shapes, out_dir, data):
 
 
 def plan_scaling(seconds, flops, minutes, budgets, default):
-    """The study's compute budgets (training FLOPs), 2x apart, as large as lets every shape train
-    at every budget and the default shape on each share of the text (for half the steps the
-    largest budget gives it) within minutes on this machine."""
+    """The study's compute budgets (training FLOPs), 2x apart, as large as lets every shape train at every budget
+    and the default shape on each share of the text (half the top budget's steps) within minutes here."""
     per_flop = sum(s / f for s, f in zip(seconds, flops))  # seconds for a FLOP of every shape
     share = [2.0 ** -k for k in range(budgets - 1, -1, -1)]  # 1/2^(n-1) ... 1/2, 1
     data = len(DATA_FRACTIONS) / 2 * seconds[default] / flops[default]  # seconds per FLOP of the top budget
@@ -72,9 +65,8 @@ def plan_scaling(seconds, flops, minutes, budgets, default):
 
 
 def fit_power_law(C, L):
-    """(L_inf, a, alpha, rms error) of L(C) = L_inf + a * C^(-alpha) by least squares, L_inf >= 0 (a loss has
-    no negative floor): a linear fit per alpha on a grid, the best with a > 0 wins; None if none fits a
-    falling curve. L_inf = 0: no floor in this range of compute yet, a straight line in log-log."""
+    """(L_inf, a, alpha, rms error) of L(C) = L_inf + a * C^(-alpha) by least squares, L_inf >= 0 (a loss has no
+    negative floor), from a linear fit per alpha on a grid, the best with a > 0; None if none fits a falling curve."""
     C, L = torch.tensor(C, dtype=torch.float64), torch.tensor(L, dtype=torch.float64)
     alphas = torch.linspace(0.01, 1.5, 1491, dtype=torch.float64)
     x = (C / C.min())[None, :] ** -alphas[:, None]  # (alphas, points)
@@ -151,7 +143,7 @@ def bench_scaling(args):
 
 
 def summarize_scaling(rows, budgets, five_minutes, args):
-    """The frontier, the fit, what it says at five minutes of compute, the plots and the markdown."""
+    """The frontier, the fit, what it says at five minutes of compute, and the plots."""
     iso = [r for r in rows if r["kind"] == "iso"]
     frontier = []
     for b in budgets:
@@ -180,8 +172,7 @@ def summarize_scaling(rows, budgets, five_minutes, args):
 
 
 def draw_scaling(result, budgets, path):
-    """Three panels: loss against parameters at each budget (the IsoFLOP curves); loss against
-    training FLOPs with the frontier and its fitted law; loss against the share of the text."""
+    """Three panels: the IsoFLOP curves, loss against compute with the fitted law, loss against the share of text."""
     fig, axes = new_plot(4.2, 15, grid=(1, 3))
     iso, data = ([r for r in result["runs"] if r["kind"] == k] for k in ("iso", "data"))
     for b in budgets:
@@ -205,7 +196,7 @@ def draw_scaling(result, budgets, path):
     axes[0][2].plot(fracs, [r["best_val"] for r in data], marker="s", label="best of 4 evaluations")
     axes[0][2].plot(fracs, [r["train"] for r in data], marker=".", linestyle=":", label="train loss at the end")
     axes[0][2].set(xscale="log", xlabel="share of the training text", ylabel="loss",
-                   title=f"one model, {data[0]['steps'] if data else 0} steps, less text" if data else "")
+                   title=f"one model, {data[0]['steps']} steps, less text" if data else "")
     axes[0][2].set_xticks(fracs, [f"1/{round(1 / f)}" if f < 1 else "all" for f in fracs])
     axes[0][2].minorticks_off()
     for ax in axes[0]:

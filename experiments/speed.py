@@ -1,6 +1,5 @@
-"""Speed: training throughput (bench.py train), decoding with and without the KV cache
-(generate), generate.py end to end (sample) and the time until a validation loss is reached
-(time_to_target). A figure is printed beside a baseline measured in the same process."""
+"""Speed (bench.py train, generate, sample, time_to_target): training throughput, decoding with and without the
+KV cache, generate.py end to end, and the time until a validation loss is reached."""
 
 import dataclasses
 import argparse
@@ -15,6 +14,8 @@ import torch
 
 import sampling
 from config import GREEDY, GPTConfig, TinyLLMError, TrainConfig, build_configs
+from model import GPT
+from deep_dives import graphs
 from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
 from machinery import records
 from machinery.cli import bool_flag, explicit_flags, log
@@ -63,12 +64,8 @@ def bench_train(args):
 
 
 def bench_generate(args):
-    """Decoding ms per token on random weights of the preset's shape: the KV cache (replayed from a CUDA graph
-    where the device records one, and as it is) against full recompute. Each path's first call (allocations,
-    kernel choices) is timed alone, then its warm calls, interleaved."""
-    from model import GPT
-
-    from deep_dives import graphs
+    """Decoding ms per token on random weights of the preset's shape: the KV cache (also replayed from a CUDA graph
+    where the device records one) against full recompute; each path's first call alone, then its warm calls."""
     preset = args.preset or "small"  # the README's KV-cache figure; the default help says so
     given = explicit_flags(args)
     model_cfg, train_cfg = build_configs(given, preset)
@@ -118,8 +115,7 @@ def bench_generate(args):
 
 
 def bench_sample(args):
-    """`python generate.py CHECKPOINT --max_new_tokens N` as a user runs it, start-up included,
-    next to the floor under it: starting Python and importing generate.py. Interleaved."""
+    """python generate.py as a user runs it, next to the floor under it: starting Python and importing generate.py."""
     if not os.path.isfile(args.checkpoint):
         raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
     runs = {"generate.py": [sys.executable, os.path.join(ROOT, "generate.py"), args.checkpoint, "--max_new_tokens",
@@ -141,8 +137,7 @@ def bench_sample(args):
 
 
 def time_to_target(preset, target, extra, label):
-    """Run train.py in its own process until val <= target; the seconds run from just before the
-    process starts (interpreter, imports and data loading included) to its exit."""
+    """Run train.py in its own process until val <= target: the seconds from just before it starts to its exit."""
     with tempfile.TemporaryDirectory(prefix="tinyllm-ttt-") as out_dir:
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), *(["--preset", preset] if preset else []), *extra,
                "--target_loss", str(target), "--plots", "false", "--sample_tokens", "0", "--out_dir", out_dir]
