@@ -69,7 +69,8 @@ def bench_gpu_check(args):
             measure("generate", generate_runs, os.path.join(tmp, "default", "best.pt"),
                  40 if args.quick else 1000, 1 if args.quick else 3)
             log("the KV cache against recomputation")
-            compiled = not args.quick and all(r["code"] == 0 for r in report.get("training", []))
+            trained = report["training"] if isinstance(report["training"], list) else []  # (else: its error)
+            compiled = not args.quick and bool(trained) and all(r["code"] == 0 for r in trained)
             measure("checks", cache_checks, args.quick, device, tmp, compiled)
             measure("speed", steady_speed, args.quick, tmp)
             if gpu_count() > 1:

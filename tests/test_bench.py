@@ -1,6 +1,7 @@
 """bench.py: each mode runs on tiny settings, reads train.py's records (never its console
 text), and writes its figures, with ratios against the baseline measured in the same run."""
 
+import argparse
 import json
 import math
 import os
@@ -135,6 +136,20 @@ def test_a_part_of_the_report_that_fails_is_reported_and_the_rest_goes_on():
     page = gpu_report.markdown(report)
     assert "2 passed" in page and "failed: ZeroDivisionError: division by zero" in page
     assert "## Decoding\n\nnot measured" in page and all(t["measured"] == "-" for t in report["targets"])
+
+
+def test_the_report_goes_on_after_its_training_part_fails(tmp_path, monkeypatch):
+    def fail(*args):
+        raise RuntimeError("no training here")
+    for name in ("training_runs", "startup", "decoding", "generate_runs", "steady_speed"):
+        monkeypatch.setattr(gpu_report, name, fail)
+    checked = []
+    monkeypatch.setattr(gpu_report, "cache_checks", lambda quick, device, tmp, compiled: checked.append(compiled) or [])
+    args = argparse.Namespace(quick=False, out_md=str(tmp_path / "r.md"))
+    monkeypatch.setattr(gpu_report, "gpu_tests", lambda: {"summary": "not run"})
+    report = gpu_report.bench_gpu_check(args)
+    assert report["training"] == {"error": "RuntimeError: no training here"} and checked == [False]
+    assert "failed: RuntimeError: no training here" in (tmp_path / "r.md").read_text()
 
 
 def test_each_line_of_a_command_is_stamped_when_it_arrives():
