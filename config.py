@@ -1,9 +1,5 @@
-"""Every setting of tinyllm in one place: what it means, its default, the values it may take,
-and the named presets. train.py, generate.py, bench.py and the tools in machinery/ build their flags and
-their --help from the dataclasses below (cli.add_config_flags), so a setting is described once.
-
-    python config.py        # the presets and the flags as markdown tables: docs/flags.md
-"""
+"""Every setting of tinyllm, described once: the scripts build their flags and --help from these dataclasses
+(cli.add_config_flags). `python config.py` prints the presets and the flags as docs/flags.md."""
 
 import dataclasses
 import math
@@ -16,9 +12,8 @@ class TinyLLMError(Exception):
 
 
 def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING):
-    """A dataclass field that also carries its --help text, allowed values and extra flag spellings.
-    before: what a checkpoint saved without the setting meant (a new default schedule, say, with the
-    old one as before), so that resuming or loading an older run goes on as it was."""
+    """A dataclass field with its --help text, allowed values and extra flag spellings. before: what a
+    checkpoint saved without the setting meant, so that an older run resumes or loads as it was."""
     extra = {} if before is dataclasses.MISSING else {"before": before}
     return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases, **extra})
 
@@ -55,10 +50,9 @@ class GPTConfig:
         _require(self.vocab_size >= 0, f"vocab_size must be 0 (from the tokenizer) or more, got {self.vocab_size}")
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
             _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        _require(self.n_embd % self.n_head == 0,
-                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        _check_choices(self)
+        _check_common(self)
         if self.pos == "rope":
             _require((self.n_embd // self.n_head) % 2 == 0,
                      f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
@@ -79,16 +73,13 @@ class TrainConfig:
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule (optim.get_lr) ends here")
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the LR decays over the "
-                                   "run's time, its end estimated at every progress line from the pace of the latest "
-                                   "steps, so that the run, evaluations, checkpoints and the closing sample included, "
-                                   "ends in time; empty = off. A CPU or Mac's default preset (tiny) uses 5m; an "
-                                   "explicit --max_steps turns it off")
+                                   "run's time, its end re-estimated from the recent pace so the whole run ends in "
+                                   "time; empty = off. The tiny preset uses 5m; an explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR's floor: where the schedule ends at max_steps, and stays")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))
-    lr_schedule: str = setting("cosine", "the LR's decay after warmup (optim.get_lr), from lr to min_lr over the "
-                                         "run's progress: a cosine, or a straight line", ("cosine", "linear"),
-                               before="cosine")
+    lr_schedule: str = setting("cosine", "the LR's decay from lr to min_lr after warmup: a cosine or a straight line",
+                               ("cosine", "linear"), before="cosine")
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (never biases or norm gains)")
     optimizer: str = setting("adamw", "AdamW for every weight, or Muon for the blocks' matrices and AdamW "
                                       "for the rest", ("adamw", "muon"))
@@ -109,8 +100,7 @@ class TrainConfig:
     dtype: str = setting("auto", "precision of the forward pass (autocast); auto: on a CPU with bfloat16 "
                                  "instructions (AVX512-BF16, AMX) both are timed at start-up and bfloat16 is taken "
                                  "only if clearly faster; bfloat16 on GPUs from A100/L4/RTX 30xx; float16 + loss "
-                                 "scaling on older GPUs; else float32",
-                         ("auto", "float32", "bfloat16", "float16"))
+                                 "scaling on older GPUs; else float32", ("auto", "float32", "bfloat16", "float16"))
     compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs; compiling takes a minute)")
     threads: int = setting(0, THREADS_HELP)
     sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
@@ -136,7 +126,7 @@ class TrainConfig:
         _require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
         _require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
                  f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
-        parse_duration(self.time_budget, "time_budget")
+        parse_duration(self.time_budget)
         _check_common(self)
 
 
@@ -151,15 +141,13 @@ class RunOptions:
                                  "optimizer: fine-tuning; new characters in --data extend a char vocabulary")
     eval_only: str = setting(None, "evaluate a checkpoint (default OUT_DIR/best.pt) on every position of the "
                                    "val split, then exit; writes nothing")
-    overfit_batch: bool = setting(False, "sanity check: train on one fixed batch until the loss is near 0; "
-                                         "writes nothing")
+    overfit_batch: bool = setting(False, "sanity check: fit one fixed batch until the loss is near 0; writes nothing")
     plot_lr: bool = setting(False, "draw the LR schedule of these settings to OUT_DIR/lr_schedule.png, then exit")
 
 
 @dataclass
 class Sampler:
-    """How the next token is drawn from the model's logits (sampling.py). Every field is a flag of
-    generate.py, written in its output's header and refused by --beam, which draws nothing."""
+    """How each next token is drawn from the model's logits (sampling.py); --beam draws none, so refuses these."""
     temperature: float = setting(0.8, "divide the logits by this before sampling; 0 = greedy (always the most "
                                       "likely token); otherwise at least 0.001")
     top_k: int = setting(0, "keep only the k most likely tokens (and any tied with the k-th); 0 = off")
@@ -177,8 +165,7 @@ GREEDY = Sampler(temperature=0)
 
 @dataclass
 class SampleConfig:
-    """What generate.py writes besides how each token is drawn (Sampler), and how (and sweep.sh,
-    which passes only what you set)."""
+    """What generate.py writes, and how, besides how each token is drawn (Sampler)."""
     prompt: str = setting("", "text to continue; empty starts from a line end")
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
     max_new_tokens: int = setting(500, "tokens to generate per sample; may exceed the model's block_size")
@@ -218,8 +205,7 @@ class SampleConfig:
 
 def check_beam(cfg, sampler):
     """Beam search draws nothing: any sampler setting given with --beam is refused."""
-    default = Sampler()
-    given = [f"--{f.name}" for f in dataclasses.fields(Sampler) if getattr(sampler, f.name) != getattr(default, f.name)]
+    given = [f"--{f.name}" for f in dataclasses.fields(Sampler) if getattr(sampler, f.name) != f.default]
     _require(not (cfg.beam and given), f"beam search draws nothing, so {', '.join(given)} cannot apply: drop it")
 
 
@@ -245,12 +231,11 @@ class PictureConfig:
 
     def __post_init__(self):
         names = [n.strip() for n in self.only.split(",") if n.strip()]
-        unknown = [n for n in names if n not in PICTURES]
-        _require(names and not unknown, f"--only takes {', '.join(PICTURES)}, got {self.only!r}")
+        _require(names and set(names) <= set(PICTURES), f"--only takes {', '.join(PICTURES)}, got {self.only!r}")
         _require(self.layer >= -1, f"--layer must be -1 (every layer) or a layer number, got {self.layer}")
         _require(self.head >= -1, f"--head must be -1 (every head) or a head number, got {self.head}")
         try:
-            temps = [float(t) for t in self.temperatures.split(",")]
+            temps = self.temperature_list()
         except ValueError:
             temps = []
         _require(temps and all(math.isfinite(t) and 1e-3 <= t <= 1e3 for t in temps),
@@ -269,38 +254,31 @@ class PictureConfig:
 
 
 def _check_common(config, flag=""):
-    """What the scripts' settings share: a seed NumPy accepts (where they have one), a thread count, the
-    allowed choices."""
-    seed = getattr(config, "seed", 0)
+    """What the settings share: a seed NumPy accepts and a thread count (where they have them), the choices."""
+    seed, threads = getattr(config, "seed", 0), getattr(config, "threads", 0)
     _require(0 <= seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {seed}")
-    _require(config.threads >= 0, f"{flag}threads must be 0 (auto) or more, got {config.threads}")
-    _check_choices(config)
+    _require(threads >= 0, f"{flag}threads must be 0 (auto) or more, got {threads}")
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices and value not in choices:
+            raise TinyLLMError(f"{f.name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
 
 
-def parse_duration(text, name="time_budget"):
+def parse_duration(text):
     """Seconds in a duration such as 5m, 300s, 300, 1h30m or 2.5m; None for an empty string."""
     if not text:
         return None
     match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
     seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (3600, 60, 1)) if v) if match else 0
     _require(seconds > 0 and math.isfinite(seconds),
-             f"{name} must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
+             f"time_budget must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds
 
 
 def check_batch_split(batch_size, grad_accum_steps, processes=1):
-    """A batch must split evenly over the processes and then into micro-batches."""
     if batch_size % (processes * grad_accum_steps):
         over = f"the number of processes ({processes}) times " if processes > 1 else ""
-        raise TinyLLMError(f"batch_size ({batch_size}) must be divisible by {over}grad_accum_steps "
-                           f"({grad_accum_steps})")
-
-
-def _check_choices(config):
-    for f in dataclasses.fields(config):
-        choices, value = f.metadata.get("choices"), getattr(config, f.name)
-        if choices and value not in choices:
-            raise TinyLLMError(f"{f.name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+        raise TinyLLMError(f"batch_size ({batch_size}) must be divisible by {over}grad_accum_steps ({grad_accum_steps})")
 
 
 # ----------------------------------------------------------------------------- presets
@@ -308,8 +286,7 @@ def _check_choices(config):
 # Each preset overrides some fields of GPTConfig and TrainConfig; flags override the preset.
 # Every preset trains with AdamW; measured in docs/recipe_search.md and docs/platforms.md.
 PRESETS = {
-    # the default on a CPU or a Mac: five minutes (time_budget; max_steps counts only without it), in
-    # the shape that learned most in that time on the 2-core CPUs measured
+    # the default on a CPU or a Mac: the shape that learned most in five minutes on the 2-core CPUs measured
     "tiny": dict(n_layer=2, n_head=5, n_embd=160, block_size=128, dropout=0.0, pos="rope", mlp="swiglu",
                  batch_size=32, time_budget="5m", max_steps=2000, lr=3e-3, min_lr=3e-4, warmup_steps=100,
                  weight_decay=1.0, eval_interval=500, eval_iters=20),
@@ -318,8 +295,7 @@ PRESETS = {
                      batch_size=32, max_steps=400, lr=5e-3, min_lr=0.0, warmup_steps=30, weight_decay=0.0,
                      eval_interval=20, eval_iters=8, plots=False, sample_tokens=0),
     # nanoGPT's two shakespeare_char recipes, for like-for-like comparisons: its README's CPU run, and
-    # train_shakespeare_char.py, which is the default on a CUDA GPU with its cosine over 2,000 steps
-    # instead of 5,000 (on an H100 val bottomed near step 2,000: a lower best val, 1.4454, in 47.5 s)
+    # train_shakespeare_char.py (the CUDA default) with its cosine over 2,000 steps, where val bottoms out, not 5,000
     "reference": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, batch_size=12,
                       max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99,
                       eval_interval=250, eval_iters=20),
@@ -337,15 +313,13 @@ PRESETS = {
 
 
 def default_preset(device_type):
-    """The preset `python train.py` uses when none is named: a GPU gets the classic model,
-    a CPU or a Mac the one that trains in minutes."""
+    """A GPU gets the classic model, a CPU or a Mac the one that trains in minutes."""
     return "small" if device_type == "cuda" else "tiny"
 
 
 # ----------------------------------------------------------------------------- settings from flags
 
 def make_config(cls, values):
-    """An instance of cls from the entries of values that are its fields; the rest keep their defaults."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
 
@@ -353,12 +327,11 @@ def make_config(cls, values):
 def from_saved(cls, saved):
     """cls from the settings a checkpoint saved; a setting it predates takes its `before` value."""
     older = {f.name: f.metadata["before"] for f in dataclasses.fields(cls) if "before" in f.metadata}
-    return cls(**{**{k: v for k, v in older.items() if k not in saved}, **saved})
+    return cls(**{**older, **saved})
 
 
 def step_exact(values, given):
-    """values, without a time budget when --max_steps was given: a step count makes a run
-    step-exact, so the preset's budget, or a resumed run's, no longer applies."""
+    """values without a time budget when --max_steps was given: a step count overrides a preset's or a resumed run's."""
     return {**values, "time_budget": ""} if "max_steps" in given else values
 
 
@@ -374,17 +347,10 @@ def build_configs(given, preset):
     return make_config(GPTConfig, values), make_config(TrainConfig, values)
 
 
-def preset_defaults(preset, auto=None):
-    """The defaults --help shows: the preset's values, and what auto resolves to on this machine."""
-    out = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
-    out.update(auto or {})
-    return out
-
-
-# ----------------------------------------------------------------------------- the README's table
+# ----------------------------------------------------------------------------- docs/flags.md
 
 def markdown_flags(classes=(GPTConfig, TrainConfig, RunOptions)):
-    """Every flag with its meaning and base default, as a markdown table (the README pastes it)."""
+    """Every flag with its meaning and base default, as a markdown table."""
     rows = ["| flag | meaning | default |", "| --- | --- | --- |"]
     for cls in classes:
         for f in dataclasses.fields(cls):
@@ -401,13 +367,9 @@ PRESET_COLUMNS = ("n_layer", "n_head", "n_embd", "block_size", "pos", "mlp", "no
                   "batch_size", "time_budget", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta2")
 
 
-def dataclass_defaults(cls):
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
 def markdown_presets():
     """The presets side by side, every value spelled out (a preset's or the base default)."""
-    base = {**dataclass_defaults(GPTConfig), **dataclass_defaults(TrainConfig)}
+    base = {f.name: f.default for cls in (GPTConfig, TrainConfig) for f in dataclasses.fields(cls)}
     rows = ["| preset | " + " | ".join(PRESET_COLUMNS) + " |", "| --- " * (len(PRESET_COLUMNS) + 1) + "|"]
     for name, preset in PRESETS.items():
         rows.append(f"| `{name}` | " + " | ".join(str(preset.get(c, base[c])) or "-" for c in PRESET_COLUMNS) + " |")

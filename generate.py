@@ -28,10 +28,8 @@ from machinery.sources import encode_prompt, read_prompt
 
 
 def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, annotator=None):
-    """num_samples continuations of the prompt, sampled together as one batch. Each stops
-    at the end-of-text token, when the tokenizer has one (unless --no_stop). Returns a list
-    of (text, new tokens, whether it stopped at end-of-text). An annotator (--show_probs) gets
-    every step's tokens and the distribution they were drawn from, and streams them with their odds."""
+    """num_samples continuations of the prompt as one batch, each cut at end-of-text unless --no_stop: [(text,
+    new tokens, whether it stopped)]. An annotator (--show_probs) shows each step's tokens with their odds."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
@@ -44,7 +42,7 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
             sys.stdout.flush()
 
     on_token = None
-    if annotator:  # each step's tokens with the distribution they were drawn from
+    if annotator:
         annotator.begin(shown, cfg.num_samples, stop, live=stream)
         on_token = SamplerOdds(annotator, sampler)
     elif stream:
@@ -67,9 +65,8 @@ def finished(tokenizer, shown, row, stop):
 
 
 def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
-    """The one continuation of the prompt that beam search of width --beam finds (the seed plays
-    no part: beam search draws nothing). Returns [(text, new tokens, whether it stopped)], as
-    sample does. An annotator gets the model's own distribution at every step of it."""
+    """[(text, new tokens, whether it stopped)] of the one continuation beam search of width --beam finds
+    (no seed: it draws nothing). An annotator gets the model's own distribution at every step."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     new, _ = beam_search(model, idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache,
@@ -114,8 +111,7 @@ def build_parser(device):
 
 
 def main(argv=None):
-    parser = build_parser(choose_device("auto"))
-    args = parser.parse_args(argv)
+    args = build_parser(choose_device("auto")).parse_args(argv)
     paths = args.checkpoints + args.checkpoint or ["checkpoints/best.pt"]
     flags = explicit_flags(args)
     cfg, sampler = make_config(SampleConfig, flags), make_config(Sampler, flags)
@@ -133,8 +129,7 @@ def main(argv=None):
 
 
 def sample_checkpoint(path, cfg, sampler, prompt, device, several=False):
-    """Sample one checkpoint and print its samples (streamed, when there is just one);
-    returns the block the output file gets for it."""
+    """Sample one checkpoint and print its samples (streamed when alone); returns its block of the output file."""
     model, tokenizer, checkpoint = load_model(path)  # on the CPU; only the model moves
     model.to(device)
     prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)

@@ -20,9 +20,6 @@ from utils import CharTokenizer
 from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.cli import check_writable, first_line, log
 
-CHECKPOINT_KEYS = ("model", "model_config", "tokenizer")
-
-
 
 def save_checkpoint(path, checkpoint):
     """Write atomically (a temp file beside it, fsynced, renamed over it): a crash leaves the old file."""
@@ -45,9 +42,8 @@ def save_checkpoint(path, checkpoint):
 
 
 def replace_file(src, dst):
-    """os.replace, tried again for a few seconds on PermissionError: on Windows a file that
-    another process holds open (a virus scanner, a synced folder, generate.py reading best.pt)
-    cannot be replaced ("Access is denied") until it lets go. dst stays whole meanwhile."""
+    """os.replace, retried for a few seconds on PermissionError: on Windows a file another process holds open
+    (a virus scanner, a synced folder, generate.py reading best.pt) cannot be replaced until it lets go."""
     for wait in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, None):
         try:
             return os.replace(src, dst)
@@ -66,13 +62,11 @@ def load_checkpoint(path):
         with warnings.catch_warnings():  # torch warns at length about old pickle protocols
             warnings.simplefilter("ignore")
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if refused_as_unsafe(e):
+    except Exception as e:  # a truncated zip, random bytes, an empty file...
+        if isinstance(e, pickle.UnpicklingError) and refused_as_unsafe(e):
             raise unsafe_file(f"checkpoint {path}") from None
         raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}") from None
-    except Exception as e:  # a truncated zip, random bytes, an empty file...
-        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}") from None
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in ("model", "model_config", "tokenizer")):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint (missing model, config or tokenizer)")
     model = checkpoint["model"]
     if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
@@ -122,9 +116,8 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 
 def extend_tokenizer(tokenizer, text, extend, path):
-    """(tokenizer, old_ids, added) for text: the tokenizer, None, [] if it knows every character; else with
-    extend (fine-tuning) a char tokenizer with the new characters appended, old_ids[i] the id token i had
-    (None: added), and the added characters; else a TinyLLMError."""
+    """(tokenizer, None, []) if the tokenizer knows every character of text; else with extend (fine-tuning) a char
+    tokenizer with the new ones appended, old_ids (token i's former id, None if new) and the new characters."""
     missing = tokenizer.unknown_chars(text)
     if not missing:
         return tokenizer, None, []
@@ -233,8 +226,7 @@ def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
     if existing and not overwrite:
         raise TinyLLMError(f"{out_dir} already holds a run ({describe_run(out_dir)}); to keep it, continue it with "
                            f"--resume or pick another --out_dir (or --tag NAME); to replace it, add --overwrite")
-    doomed = {os.path.realpath(os.path.join(out_dir, name)) for name in existing}
-    if keep and os.path.realpath(keep) in doomed:
+    if keep and os.path.realpath(keep) in {os.path.realpath(os.path.join(out_dir, name)) for name in existing}:
         raise TinyLLMError(f"--overwrite would delete {keep}, the checkpoint --init_from starts from; "
                            f"fine-tune into another --out_dir (or --tag NAME)")
     if not master:

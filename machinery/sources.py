@@ -50,8 +50,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
                         record = json.loads(line)
                         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                             raise TinyLLMError(f"{path} line {n}: expected an object with a \"text\" string")
-                        text = document(record["text"])
-                        if text:
+                        if text := document(record["text"]):
                             yield text, True
         elif path.endswith(".json"):
             with open(path, encoding="utf-8-sig") as f:
@@ -59,8 +58,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
             if not isinstance(records, list):
                 raise TinyLLMError(f"{path}: expected a JSON list of {{\"question\": ..., \"answer\": ...}} records")
             for n, record in enumerate(records):
-                text = document(qa_document(record, n, path))
-                if text:
+                if text := document(qa_document(record, n, path)):
                     yield text, True
         else:
             with open(path, encoding="utf-8-sig") as f:
@@ -124,13 +122,9 @@ def read_text(path, clean=False, extensions=".txt"):
 
 # ----------------------------------------------------------------------------- prepared corpora
 
-def is_prepared(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "meta.json"))
-
-
 def load_prepared(path):
-    """A folder written by prepare.py: (meta, train tokens, val tokens), the tokens as
-    read-only memory maps, so a corpus larger than memory trains without loading it."""
+    """A folder written by tools.prepare: (meta, train tokens, val tokens), the tokens as read-only memory
+    maps, so a corpus larger than memory trains without loading it."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -151,23 +145,18 @@ def load_prepared(path):
     return meta, splits[0], splits[1]
 
 
-def prepared_streams(path, tokenizer=None):
-    """(tokenizer, train ids, val ids, characters per val token) of a prepared folder. A tokenizer given
-    (resume, fine-tuning) must be the one the folder was prepared with."""
-    meta, train_ids, val_ids = load_prepared(path)
-    if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
-        raise TinyLLMError(f"{path} was prepared with a different tokenizer than the checkpoint's")
-    return tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids, meta["val_chars"] / max(1, len(val_ids))
-
-
 # ----------------------------------------------------------------------------- a run's corpus
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     """cfg.data as a utils.Corpus, tokenized by tokenizer or a fresh one of cfg.tokenizer's kind (vocab_size:
     BPE's target); a prepared folder as it is. A char tokenizer that lacks some of the text's characters is
     extended with them when extend (Corpus.added, old_ids), else refused."""
-    if is_prepared(cfg.data):
-        return Corpus(*prepared_streams(cfg.data, tokenizer), added=[])
+    if os.path.isdir(cfg.data) and os.path.isfile(os.path.join(cfg.data, "meta.json")):  # from tools.prepare
+        meta, train_ids, val_ids = load_prepared(cfg.data)
+        if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:  # resuming or fine-tuning
+            raise TinyLLMError(f"{cfg.data} was prepared with a different tokenizer than the checkpoint's")
+        chars_per_token = meta["val_chars"] / max(1, len(val_ids))
+        return Corpus(tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids, chars_per_token, added=[])
     text = read_text(cfg.data, cfg.clean, cfg.data_ext)
     old_ids, added = None, []
     if tokenizer is not None:

@@ -7,8 +7,7 @@ import os
 import numpy as np
 import torch
 
-from config import (PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config,
-                    preset_defaults)
+from config import PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config
 from model import lm_loss
 
 from machinery import cli, records
@@ -32,16 +31,16 @@ def build_parser(device):
         epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "
                f"shown are that preset's where it sets them. Flags override the preset.")
     cli.add_config_flags(parser, RunOptions, auto, title="what to do")
-    cli.add_config_flags(parser, GPTConfig, preset_defaults(preset, auto), title="model (GPTConfig)")
-    cli.add_config_flags(parser, TrainConfig, preset_defaults(preset, auto), title="training (TrainConfig)")
+    defaults = {**{k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}, **auto}  # what --help shows
+    cli.add_config_flags(parser, GPTConfig, defaults, title="model (GPTConfig)")
+    cli.add_config_flags(parser, TrainConfig, defaults, title="training (TrainConfig)")
     return parser
 
 
 def parse_flags(argv=None):
     """(options, model_cfg, train_cfg, preset, given): the flags on top of the preset, which is
     --preset or the one that suits this machine's device. given: the flags set on the command line."""
-    parser = build_parser(choose_device("auto"))
-    given = cli.explicit_flags(parser.parse_args(argv))
+    given = cli.explicit_flags(build_parser(choose_device("auto")).parse_args(argv))
     options = make_config(RunOptions, given)
     device = choose_device(given.get("device", "auto"))
     preset = options.preset or default_preset(device.type)
@@ -56,20 +55,13 @@ def parse_flags(argv=None):
 def instead_of_training(options, train_cfg, given):
     """--eval_only or --plot_lr: do it and return True. False: this run trains."""
     if options.eval_only is not None:
-        eval_only(options, train_cfg, given)
+        path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")  # --eval_only alone: best.pt
+        evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
     elif options.plot_lr:
         records.draw_lr_schedule(train_cfg)
     else:
         return False
     return True
-
-
-# ----------------------------------------------------------------------------- --eval_only
-
-def eval_only(options, train_cfg, given):
-    """--eval_only [PATH]: evaluate_checkpoint on PATH, by default the run folder's best.pt."""
-    path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
-    return evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
 
 
 def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
@@ -90,9 +82,8 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 
 @torch.no_grad()
 def token_losses(model, ids, batch_size=1):
-    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each predicted once: in consecutive
-    windows of block_size, then the tail that fills none, batch_size windows at a time. Their mean is
-    --eval_only's loss (train.py's estimate_loss samples random windows: quick, and good enough to follow a run)."""
+    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each predicted once: whole windows of
+    block_size, then the tail, batch_size at a time. Their mean is --eval_only's (estimate_loss samples windows)."""
     model.eval()
     T, device = model.config.block_size, model.wte.weight.device
     n = (len(ids) - 1) // T  # whole windows; a split shorter than one is all tail
