@@ -68,7 +68,7 @@ class TrainConfig:
                                      "(tiktoken's files, needs network once)", ("char", "bpe", "gpt2"))
     clean: bool = setting(False, "normalise whitespace and drop exact duplicate documents")
     out_dir: str = setting("checkpoints", "where checkpoints, history and plots go (checkpoints/TAG with --tag)")
-    tag: str = setting("", "a name for the run: it labels its curves in machinery.plots and, without --out_dir, "
+    tag: str = setting("", "a name for the run: it labels its curves in tools.compare and, without --out_dir, "
                            "its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule (optim.get_lr) ends here")
