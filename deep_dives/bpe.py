@@ -45,16 +45,14 @@ def _merge_words(words, freqs, where, pair, new_id, counts):
     delta = Counter()
     for w in where.pop(pair):
         old, n = words[w], freqs[w]
-        new = _merge(old, pair, new_id)
-        words[w] = new
+        words[w] = new = _merge(old, pair, new_id)
         old_pairs, new_pairs = list(zip(old, old[1:])), list(zip(new, new[1:]))
         for p in old_pairs:
             delta[p] -= n
         for p in new_pairs:
             delta[p] += n
-        for p in set(old_pairs) - set(new_pairs):
-            if p != pair:
-                where[p].discard(w)
+        for p in set(old_pairs) - set(new_pairs) - {pair}:  # (pair itself left `where` above)
+            where[p].discard(w)
         for p in set(new_pairs) - set(old_pairs):
             where.setdefault(p, set()).add(w)
     changed = []
@@ -108,13 +106,10 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
         neg_count, _, _, pair = heapq.heappop(heap)
         if counts.get(pair, 0) != -neg_count:
             continue
-        # two different pairs can spell the same bytes (rare): reuse that token's id, ranks are unique
         merged = tokens[pair[0]] + tokens[pair[1]]
-        new_id = token_id.get(merged)
-        if new_id is None:
-            new_id = len(tokens)
+        new_id = token_id.setdefault(merged, len(tokens))  # two pairs can spell the same bytes (rare): one id
+        if new_id == len(tokens):
             tokens.append(merged)
-            token_id[merged] = new_id
             if verbose and (new_id - 255) % 100 == 0:
                 print(f"bpe merge {new_id - 255}/{n_merges}: {merged!r} (count {-neg_count})", flush=True)
 
@@ -123,8 +118,6 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
             heapq.heappush(heap, entry(p))
     return tokens
 
-
-# ----------------------------------------------------------------------------- the tokenizers
 
 class ByteLevelTokenizer:
     """Byte-level: any text encodes, and ids can end mid-character. Subclasses set self.enc (tiktoken)."""

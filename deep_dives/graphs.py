@@ -67,8 +67,7 @@ class Replayed:
 
     def __init__(self, step, record, keep):
         self.step, self.record, self.keep = step, record, keep
-        self.static = self.replay = None
-        self.eager = False
+        self.static, self.replay, self.eager = None, None, False
 
     def __call__(self, token):
         if self.eager:

@@ -12,8 +12,6 @@ from sampling import Context, next_token_probs
 
 from deep_dives.bpe import ByteLevelTokenizer
 
-LN2 = math.log(2)
-
 # probability bands, most likely first: (lowest p in the band, ANSI colour, what the legend says)
 BANDS = ((0.5, "32", "p >= 0.5"), (0.2, "33", "0.2 to 0.5"), (0.05, "35", "0.05 to 0.2"), (0.0, "31", "below 0.05"))
 RESET = "\033[0m"
@@ -31,7 +29,7 @@ class Step:
 
 def entropy_bits(probs):
     """H = -sum p log2 p over each row of probs (B, V), where p = 0 adds nothing."""
-    return torch.special.entr(probs.float()).sum(dim=-1) / LN2  # (B,)
+    return torch.special.entr(probs.float()).sum(dim=-1) / math.log(2)  # (B,)
 
 
 def paint(text, p):
@@ -41,8 +39,7 @@ def paint(text, p):
 
 
 class SamplerOdds:
-    """sampling.generate's on_token: hands each step's tokens (B, 1) to the annotator with the
-    distribution they were drawn from (next_token_probs of the step's logits)."""
+    """sampling.generate's on_token: each step's tokens (B, 1) to the annotator with the distribution drawn from."""
 
     def __init__(self, annotator, sampler):
         self.annotator, self.sampler = annotator, sampler  # config.Sampler: how the tokens were drawn
@@ -69,10 +66,6 @@ def model_odds(model, idx, new_tokens, use_cache=True):
         yield token, torch.softmax(logits.float(), dim=-1)
 
 
-def legend():
-    return "probability of each new token: " + "  ".join(paint(words, low) for low, _, words in BANDS)
-
-
 def token_piece(tokenizer, token):
     """One token's text, or its bytes where it is only part of a UTF-8 character (which has no text)."""
     text = tokenizer.decode([token])
@@ -88,11 +81,6 @@ def token_piece(tokenizer, token):
 def token_label(tokenizer, token):
     """A row's token: its text quoted, line ends and tabs escaped ('\\n'), or its bytes, b'\\xe2\\x80'."""
     return repr(token_piece(tokenizer, token))
-
-
-def columns(text):
-    """How many terminal columns text takes: wide characters (CJK, most emoji) take two."""
-    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 class WholeCharacters:
@@ -141,7 +129,7 @@ class Annotator:
         self.samples, self.prompt, self.stop, self.live = [[] for _ in range(n_samples)], prompt_ids, stop, live
         self.pieces = WholeCharacters(self.tokenizer)
         if self.colour:
-            self.write(legend() + "\n")
+            self.write("probability of each new token: " + "  ".join(paint(w, low) for low, _, w in BANDS) + "\n")
         if live and not self.rows_mode:
             self.write(self.tokenizer.decode(prompt_ids))
 
@@ -181,22 +169,18 @@ class Annotator:
     def report(self, i):
         """Sample i as text annotated: coloured, or followed by its rows; then its summary."""
         steps = self.samples[i]
-        if not self.rows_mode:
-            pieces, body = WholeCharacters(self.tokenizer), self.tokenizer.decode(self.prompt)
-            for s in steps:
-                if s.token != self.stop and (piece := pieces.add(s.token, s.p)):
-                    body += paint(*piece)
-            if piece := pieces.flush():
-                body += paint(*piece)
-        else:
-            body = self.text(i) + "\n" + "\n".join(self.row(s) for s in steps)
-        return body + "\n" + summary(steps)
+        if self.rows_mode:
+            return self.text(i) + "\n" + "\n".join(self.row(s) for s in steps) + "\n" + summary(steps)
+        pieces = WholeCharacters(self.tokenizer)
+        found = [pieces.add(s.token, s.p) for s in steps if s.token != self.stop] + [pieces.flush()]
+        return self.tokenizer.decode(self.prompt) + "".join(paint(*p) for p in found if p) + "\n" + summary(steps)
 
     def row(self, step):
         """token  p=0.731  H=1.20 bits  top: 'e' 0.73, 'a' 0.10"""
         label = token_label(self.tokenizer, step.token)
+        columns = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in label)  # CJK, most emoji: two
         shown = paint(label, step.p) if self.colour else label
-        line = f"{shown}{' ' * max(0, LABEL_WIDTH - columns(label))} p={step.p:.3f}  H={step.entropy:.2f} bits"
+        line = f"{shown}{' ' * max(0, LABEL_WIDTH - columns)} p={step.p:.3f}  H={step.entropy:.2f} bits"
         if step.top:
             line += "  top: " + ", ".join(f"{token_label(self.tokenizer, t)} {p:.3f}" for t, p in step.top)
         return line

@@ -18,6 +18,7 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token
 GPT2_EOT = 50256
 LAYERNORM_EPS = 1e-5        # torch's default, which our nn.LayerNorm uses; GPT-2's too
+GPT2_SWITCHES = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}  # our GPT's switches set as GPT-2
 
 # HF's Conv1D stores its weight as (in, out), the transpose of nn.Linear's (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -29,9 +30,7 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 def hf_name(key):
     """Our parameter name -> GPT2LMHeadModel's: blocks.3.mlp.c_fc.weight -> transformer.h.3.mlp.c_fc.weight."""
-    if key.startswith("blocks."):
-        key = "h." + key[len("blocks."):]
-    return "transformer." + key
+    return "transformer." + ("h." + key.removeprefix("blocks.") if key.startswith("blocks.") else key)
 
 
 def import_transformers():
@@ -41,8 +40,6 @@ def import_transformers():
         raise TinyLLMError("Hugging Face transformers is not installed: pip install transformers") from None
     return transformers
 
-
-# ----------------------------------------------------------------------------- Hugging Face -> ours
 
 def config_from_hf(hf, source, dropout=0.0):
     """Our GPTConfig for an HF config, or one TinyLLMError listing every setting our GPT cannot represent."""
@@ -69,7 +66,7 @@ def config_from_hf(hf, source, dropout=0.0):
     if problems:
         raise TinyLLMError(f"{source} is not a GPT-2 our model can represent: {'; '.join(problems)}")
     return GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head,
-                     n_embd=hf.n_embd, dropout=dropout, bias=True, norm="layernorm", mlp="gelu", pos="learned")
+                     n_embd=hf.n_embd, dropout=dropout, **GPT2_SWITCHES)
 
 
 def load_gpt2(name_or_path, dropout=0.0):
@@ -106,8 +103,7 @@ def load_gpt2(name_or_path, dropout=0.0):
             theirs = hf_state.pop(hf_name(key), None)
             if theirs is None:
                 raise TinyLLMError(f"{name}: weight {hf_name(key)} is missing")
-            if key.endswith(CONV1D):
-                theirs = theirs.t()
+            theirs = theirs.t() if key.endswith(CONV1D) else theirs
             if theirs.shape != ours.shape:
                 raise TinyLLMError(f"{name}: {hf_name(key)} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
             ours.copy_(theirs)  # also casts a float16/bfloat16 checkpoint to our float32
@@ -125,16 +121,6 @@ def gpt2_checkpoint(model, tokenizer=None):
                                f"GPT-2 tokenizer's {GPT2_VOCAB_SIZE}; pass the tokenizer it was trained with")
         tokenizer = {"kind": "gpt2"}
     return make_checkpoint(model, tokenizer, step=0)
-
-
-# ----------------------------------------------------------------------------- ours -> Hugging Face
-
-def check_gpt2_compatible(config):
-    """GPT-2 has learned positions, LayerNorm with biases, a 4x GELU MLP and biased Linears."""
-    expected = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
-    wrong = [f"{k}={getattr(config, k)!r} (GPT-2 has {v!r})" for k, v in expected.items() if getattr(config, k) != v]
-    if wrong:
-        raise TinyLLMError(f"this model cannot be exported as GPT-2: {'; '.join(wrong)}")
 
 
 def eot_id(tokenizer, vocab_size):
@@ -155,7 +141,9 @@ def export_hf(source, folder):
     else:
         model, tokenizer = model_from_checkpoint(source), source.get("tokenizer")
     c = model.config
-    check_gpt2_compatible(c)
+    wrong = [f"{k}={getattr(c, k)!r} (GPT-2 has {v!r})" for k, v in GPT2_SWITCHES.items() if getattr(c, k) != v]
+    if wrong:
+        raise TinyLLMError(f"this model cannot be exported as GPT-2: {'; '.join(wrong)}")
     transformers = import_transformers()
     eot = eot_id(tokenizer, c.vocab_size)
     hf_config = transformers.GPT2Config(
@@ -165,14 +153,12 @@ def export_hf(source, folder):
         bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True)
     hf = transformers.GPT2LMHeadModel(hf_config)
     hf_state = hf.state_dict()
+    ours = {hf_name(k): v.t() if k.endswith(CONV1D) else v  # lm_head: tied to wte on both sides
+            for k, v in model.state_dict().items() if k != "lm_head.weight"}
     with torch.no_grad():
-        written = set()
-        for key, ours in model.state_dict().items():
-            if key == "lm_head.weight":
-                continue  # tied to wte on both sides
-            hf_state[hf_name(key)].copy_(ours.t() if key.endswith(CONV1D) else ours)
-            written.add(hf_name(key))
-    unwritten = [k for k in hf_state if k not in written and k != "lm_head.weight" and not k.endswith(HF_BUFFERS)]
+        for name, weight in ours.items():
+            hf_state[name].copy_(weight)
+    unwritten = [k for k in hf_state if k not in ours and k != "lm_head.weight" and not k.endswith(HF_BUFFERS)]
     assert not unwritten, f"HF weights left at their random init: {unwritten}"
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr(), "HF lm_head is not tied"
     try:
@@ -181,8 +167,6 @@ def export_hf(source, folder):
         raise TinyLLMError(f"could not write the Hugging Face folder {folder}: {e.strerror or first_line(e)}") from None
     return hf_config
 
-
-# ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
     parser = ArgumentParser(description="OpenAI GPT-2 weights in and out of tinyllm via Hugging Face.")

@@ -26,20 +26,16 @@ from machinery.sources import encode_prompt, validation_split
 
 
 def short_label(tokenizer, token):
-    """A token as an axis label: spaces and line ends made visible; a byte-level token that is
-    only part of a character shows its bytes in hex."""
+    """A token as an axis label: spaces and line ends made visible, part of a character as its bytes in hex."""
     piece = token_piece(tokenizer, token)
     text = piece if isinstance(piece, str) else piece.decode("utf-8", errors="backslashreplace")
     return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
 
 
-# ----------------------------------------------------------------------------- attention
-
 @torch.no_grad()
 def attention_maps(model, idx):
-    """(logits (1, T, V), [attention weights (nh, T, T) per layer]) for idx (1, T). Hooks recompute each
-    layer's weights from its own q and k (RoPE included) by model.attention_weights, while the forward
-    itself runs as always, through the fused kernel."""
+    """(logits (1, T, V), [attention weights (nh, T, T) per layer]) for idx (1, T). Hooks recompute each layer's
+    weights from its own q and k (RoPE included), while the forward itself runs through the fused kernel."""
     maps = []
 
     def catch(attn, args, output):  # args: what Block.forward passed, (x, mask, rope, cache)
@@ -68,16 +64,15 @@ def draw_attention(model, tokenizer, ids, cfg, path):
     labels = [short_label(tokenizer, t) for t in ids]
     label_size = min(9.0, panel * DPI / T * 0.7)  # points: about a cell's height
     rotation = 90 if max(len(label) for label in labels) > 1 else 0  # single characters read upright
+    ticks, tick_labels = (range(T), labels) if label_size >= 4.5 else ([], [])  # tokens shown where they can be read
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
             ax = axes[r][c]
             weights = np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future)
-            ax.imshow(weights, cmap=attention_colours(), vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if label_size >= 4.5:  # the prompt is short enough for its tokens to be read on the axes
-                ax.set_xticks(range(T), labels, fontsize=label_size, rotation=rotation)
-                ax.set_yticks(range(T), labels, fontsize=label_size)
+            ax.imshow(weights, cmap="Blues", vmin=0.0, vmax=1.0)
+            ax.set_facecolor("#dddddd")  # grey shows through where the masked future leaves the heatmap clear
+            ax.set_xticks(ticks, tick_labels, fontsize=label_size, rotation=rotation)
+            ax.set_yticks(ticks, tick_labels, fontsize=label_size)
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
     fig.suptitle("attention: row = the token looking, column = the token looked at; darker = more "
                  "(each row sums to 1), grey = the masked future", fontsize=8)
@@ -87,13 +82,6 @@ def draw_attention(model, tokenizer, ids, cfg, path):
             f"that attend to the token just before (a dark line below the diagonal), heads that stay on the "
             f"token itself, and heads that reach back to the start of a word or line")
 
-
-def attention_colours():
-    import matplotlib
-    return matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")  # grey: the masked future
-
-
-# ----------------------------------------------------------------------------- surprise
 
 def val_passage(cfg, tokenizer, checkpoint):
     """Token ids (n,) from the start of the val split --eval_only scores (the checkpoint's data unless
@@ -125,7 +113,7 @@ def char_surprise(tokenizer, ids, losses):
 
 def draw_surprise(model, tokenizer, ids, path, width=72):
     """The passage in a grid of width characters (a line end starts a new row), each cell
-    coloured by its bits; returns (bits per character, as --eval_only computes it, the look-for line)."""
+    coloured by its bits (bits per character as --eval_only computes them); returns the look-for line."""
     losses = token_losses(model, ids)
     chars = char_surprise(tokenizer, ids, losses)
     rows = [[]]
@@ -134,8 +122,7 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
         if ch == "\n" or len(rows[-1]) == width:
             rows.append([])
     grid = np.full((len(rows), width), np.nan)
-    fig, axes = new_plot(0.2 * len(rows) + 1.0, 9.0, grid=(1, 1))
-    ax = axes[0][0]
+    fig, ax = new_plot(0.2 * len(rows) + 1.0, 9.0)
     for r, row in enumerate(rows):
         for c, (ch, bits) in enumerate(row):
             grid[r, c] = bits
@@ -148,12 +135,10 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9)
     fig.tight_layout()
     save_plot(fig, None, path)
-    return bpc, (f"{len(chars)} characters of the val split coloured by the model's loss on each, pale = "
-                 f"expected, dark red = surprising; {bpc:.4f} bits per character over {len(ids)} tokens. Look "
-                 f"for the first letters of words and names (surprising) against the ends of words (predictable)")
+    return (f"{len(chars)} characters of the val split coloured by the model's loss on each, pale = "
+            f"expected, dark red = surprising; {bpc:.4f} bits per character over {len(ids)} tokens. Look "
+            f"for the first letters of words and names (surprising) against the ends of words (predictable)")
 
-
-# ----------------------------------------------------------------------------- temperature and embeddings
 
 @torch.no_grad()
 def draw_temperature(model, tokenizer, ids, cfg, path, shown=12):
@@ -197,25 +182,7 @@ def draw_embeddings(model, tokenizer, path):
 
 def letter_colour(label):
     """Colour by kind of character, so clusters of a kind stand out."""
-    if label in "aeiouAEIOU":
-        return "C3"
-    if label.isupper():
-        return "C0"
-    if label.isalpha():
-        return "C2"
-    return "black"
-
-
-# ----------------------------------------------------------------------------- command line
-
-def build_parser():
-    parser = ArgumentParser(description="Draw what a trained tinyllm checkpoint has learned: attention, "
-                                        "surprise, temperature and embeddings, as PNGs.")
-    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", metavar="CHECKPOINT.pt",
-                        help="the checkpoint to look inside (default: %(default)s)")
-    add_config_flags(parser, PictureConfig, {"device": ("auto", f"{choose_device('auto').type} here")},
-                     title="pictures")
-    return parser
+    return "C3" if label in "aeiouAEIOU" else "C0" if label.isupper() else "C2" if label.isalpha() else "black"
 
 
 def check_request(cfg, model, tokenizer, ids, names, only_given):
@@ -238,7 +205,13 @@ def check_request(cfg, model, tokenizer, ids, names, only_given):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = ArgumentParser(description="Draw what a trained tinyllm checkpoint has learned: attention, "
+                                        "surprise, temperature and embeddings, as PNGs.")
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", metavar="CHECKPOINT.pt",
+                        help="the checkpoint to look inside (default: %(default)s)")
+    add_config_flags(parser, PictureConfig, {"device": ("auto", f"{choose_device('auto').type} here")},
+                     title="pictures")
+    args = parser.parse_args(argv)
     given = explicit_flags(args)
     cfg = make_config(PictureConfig, given)
     device = choose_device(cfg.device)
@@ -254,14 +227,10 @@ def main(argv=None):
     for name, path in paths.items():
         with warnings.catch_warnings():  # a character the font lacks is drawn as a box; no need to say so
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            if name == "attention":
-                said = draw_attention(model, tokenizer, ids, cfg, path)
-            elif name == "surprise":
-                said = draw_surprise(model, tokenizer, passage, path)[1]
-            elif name == "temperature":
-                said = draw_temperature(model, tokenizer, ids, cfg, path)
-            else:
-                said = draw_embeddings(model, tokenizer, path)
+            said = {"attention": lambda: draw_attention(model, tokenizer, ids, cfg, path),
+                    "surprise": lambda: draw_surprise(model, tokenizer, passage, path),
+                    "temperature": lambda: draw_temperature(model, tokenizer, ids, cfg, path),
+                    "embeddings": lambda: draw_embeddings(model, tokenizer, path)}[name]()
         log(f"wrote {path}: {said}")
 
 

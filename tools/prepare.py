@@ -54,11 +54,6 @@ def tokenizer_text(cfg, max_chars):
     return "".join(sorted(chars)) + (EOT if has_eot else "")
 
 
-def cut_at_byte(text, n_bytes):
-    """The number of characters of text that fit in its first n_bytes UTF-8 bytes."""
-    return len(text.encode("utf-8")[:max(0, n_bytes)].decode("utf-8", errors="ignore"))
-
-
 def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1):
     """Write out/train.bin, out/val.bin and out/meta.json for the source cfg.data; return the meta."""
     if not os.path.exists(cfg.data):
@@ -96,37 +91,35 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
 
 
 def write_splits(cfg, tokenizer, dtype, out, total_bytes, val_fraction):
-    """Stream the source through the tokenizer into out/train.bin.tmp and out/val.bin.tmp; the
-    temporary files are removed if anything goes wrong (an existing dataset stays untouched)."""
+    """Stream the source through the tokenizer into out/train.bin.tmp and out/val.bin.tmp, removed on failure."""
     split_at = total_bytes * (1 - val_fraction)  # the first 90% of the bytes train, the rest validates
     paths = {name: os.path.join(out, f"{name}.bin.tmp") for name in ("train", "val")}
-    counts, val_chars, seen, done = {"train": 0, "val": 0}, 0, 0, False
+    counts, val_chars, seen = {"train": 0, "val": 0}, 0, 0
     t0 = last_report = time.perf_counter()
     try:
         with open(paths["train"], "wb") as train_file, open(paths["val"], "wb") as val_file:
             files = {"train": train_file, "val": val_file}
             for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
-                n_bytes = len(text.encode("utf-8"))
-                cut = cut_at_byte(text, int(split_at - seen)) if seen < split_at else 0
+                data = text.encode("utf-8")  # a character that split_at's byte cuts goes to val
+                cut = len(data[:int(split_at - seen)].decode("utf-8", errors="ignore")) if seen < split_at else 0
                 for split, part in (("train", text[:cut]), ("val", text[cut:])):
                     if part:
                         ids = np.asarray(tokenizer.encode(part), dtype=dtype)
                         ids.tofile(files[split])
                         counts[split] += len(ids)
                         val_chars += len(part) if split == "val" else 0
-                seen += n_bytes
+                seen += len(data)
                 if time.perf_counter() - last_report > 2:  # the first line once there is a rate to show
                     last_report = time.perf_counter()
                     report_progress(seen, total_bytes, sum(counts.values()), last_report - t0)
         if counts["val"] == 0 or counts["train"] == 0:
             raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
-        done = True
-        return counts, val_chars
-    finally:
-        if not done:
-            for path in paths.values():
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
+    except BaseException:
+        for path in paths.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise
+    return counts, val_chars
 
 
 def report_progress(seen, total, tokens, seconds):
