@@ -1,4 +1,4 @@
-"""What a run needs besides the lesson, one module per concern. Importing it does two things, which is why
+"""What a run needs besides the lesson, a module per stage. Importing it does two things, which is why
 the scripts import it first, before torch loads:
 - it notes the time (STARTED), so that a time budget counts from the process's start;
 - it tells OpenMP that an idle thread spins only briefly before it sleeps (GOMP_SPINCOUNT=10000, read once,
