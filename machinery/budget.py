@@ -1,7 +1,6 @@
-"""A run's progress, which optim.get_lr's schedule is a function of: 0 at the end of the warmup, 1 at the
-end (max_steps, or where a --time_budget runs out). A time budget re-estimates its end at every progress
-line and goes on in a straight line from where it is, so the LR never rises and reaches min_lr as the
-time runs out (at once, if the pace falls so far that the end comes now). TrainState.progress_from and end_step hold the aim."""
+"""A run's progress, which optim.get_lr's schedule is a function of: 0 at the end of the warmup, 1 at the end
+(max_steps, or where a --time_budget runs out). A time budget re-estimates its end at every progress line and
+goes on in a straight line from where it is, so the LR never rises and reaches min_lr as the time runs out."""
 
 import math
 import time
@@ -54,9 +53,8 @@ def resume_at(state, cfg, old_end):
 
 
 class Clock:
-    """The loop's progress and end. Under a --time_budget it also keeps the time spent (since train.py started,
-    plus earlier processes') and aims the end at every evaluation and progress line, keeping room for the
-    closing sample."""
+    """The loop's progress and end. A --time_budget also keeps the time spent (earlier processes' included) and
+    aims the end at every evaluation and progress line, keeping room for the closing sample."""
 
     def __init__(self, run):
         self.state, self.cfg, self.master, self.world = run.state, run.cfg, run.master, run.world

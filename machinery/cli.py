@@ -15,8 +15,8 @@ from config import TinyLLMError
 # ----------------------------------------------------------------------------- flags from settings
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line like every other user error, and a tool run
-    as a module names itself as it is run (python -m tools.prepare)."""
+    """argparse, but a bad flag is one `error:` line like every other user error, and a module of machinery/
+    names itself as it is run (python -m machinery.hf_gpt2)."""
 
     def __init__(self, *args, **kwargs):
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -107,8 +107,7 @@ def check_writable(path, flag, make_folder=False):
 
 
 def run_cli(main, argv=None):
-    """Run a script's main(): a user error, or a file that cannot be read or written, becomes one
-    `error:` line on stderr and exit status 2, never a traceback."""
+    """Run a script's main(): a user error, or a file it cannot read or write, is one `error:` line and status 2."""
     writes_any_text()
     try:
         main(argv)
@@ -172,8 +171,7 @@ class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts."""
 
     def __init__(self, announce=True):
-        self.signum = None
-        self.announce = announce
+        self.signum, self.announce = None, announce
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -1,9 +1,6 @@
-"""Where the numbers are computed and in what format: the device (a CUDA GPU, an Apple-silicon Mac, the CPU)
-and its threads, the random generators (seeded, and saved for an exact resume), several processes under
-torchrun (DDP), the precision (float32, bfloat16, or float16 with loss scaling; --dtype auto timed on a CPU)
-and the chip's peak FLOP/s for MFU. The functions of the first section are the one place tinyllm asks torch
-what the machine has: a test stands in for a machine by replacing them here, never torch's own, which
-torch's internals (compiler, optimizers) read too."""
+"""Where the numbers are computed and in what format: the device, the random generators, several processes
+(DDP), the precision, and peak FLOP/s for MFU. The first section is the one place tinyllm asks torch what the
+machine has: tests replace those functions, never torch's own, which torch's internals read too."""
 
 import contextlib
 import copy
@@ -59,8 +56,7 @@ def cpu_has_amx():
     return getattr(torch.cpu, AMX_PROBE, lambda: False)()
 
 
-def torch_version():
-    """(major, minor) of the torch running, e.g. (2, 5)."""
+def torch_version():  # (major, minor), e.g. (2, 5)
     return tuple(int(x) for x in torch.__version__.split(".")[:2])
 
 
@@ -82,7 +78,6 @@ def use_gpu(device):
 
 
 def join_processes(backend, **options):
-    """Join torchrun's other processes: Gloo (CPUs) or NCCL (GPUs)."""
     dist.init_process_group(backend, **options)
 
 
@@ -108,11 +103,7 @@ def set_matmul_precision(precision):
 
 def choose_device(name="auto"):
     if name == "auto":
-        if cuda_available():
-            return torch.device("cuda")
-        if mps_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if cuda_available() else "mps" if mps_available() else "cpu")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise TinyLLMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if name.startswith("cuda") and not cuda_available():
@@ -124,9 +115,7 @@ def choose_device(name="auto"):
 
 def describe(device):
     """The device in words, for the start-up line: 'cuda (Tesla T4)', 'cpu'."""
-    if device.type == "cuda":
-        return f"{device} ({gpu_name(device)})"
-    return str(device)
+    return f"{device} ({gpu_name(device)})" if device.type == "cuda" else str(device)
 
 
 @contextlib.contextmanager
@@ -266,9 +255,7 @@ def teardown_distributed(world):
 
 def wrap(model, world, device):
     """The model each rank trains: DDP averages the gradients over the ranks during backward."""
-    if world == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model if world == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def sync_gradients(model, last_micro_step):
@@ -311,20 +298,16 @@ def broadcast_from_master(obj, world):
 # ----------------------------------------------------------------------------- the precision
 
 def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX: the CPU multiplies bfloat16 matrices in  Without them
-    torch still runs bfloat16, by converting, which is slower than float32."""
+    """AVX512-BF16 or AMX; without them torch converts bfloat16, which is slower than float32."""
     return cpu_has_avx512_bf16() or cpu_has_amx()
 
 
 def has_native_bf16(device):
-    """bfloat16 that the chip computes natively. torch.cuda.is_bf16_supported() also counts a
-    T4 (compute capability 7.5), which only emulates it: slowly, and without flash attention.
+    """bfloat16 computed natively: torch.cuda.is_bf16_supported() also counts a T4, which emulates it slowly.
     MPS is counted out: its bfloat16 needs macOS 14 and is not needed for a tiny model."""
     if device.type == "cuda":
         return gpu_capability(device) >= (8, 0)
-    if device.type == "cpu":
-        return cpu_has_native_bf16()
-    return False
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def measured_on(device):
@@ -333,14 +316,11 @@ def measured_on(device):
 
 
 def resolve_dtype(name, device):
-    """The autocast precision. auto: bfloat16 where native (about 0.01 higher loss at equal steps, for faster
-    steps; on a CPU provisionally, as measure_dtype keeps the faster), float16 with a gradient scaler on older
-    GPUs, float32 elsewhere."""
+    """The autocast precision. auto: bfloat16 where native (on a CPU provisionally: measure_dtype keeps the
+    faster), float16 with a gradient scaler on older GPUs, float32 elsewhere."""
     native = has_native_bf16(device)
     if name == "auto":
-        if native:
-            return "bfloat16"
-        return "float16" if device.type == "cuda" else "float32"
+        return "bfloat16" if native else "float16" if device.type == "cuda" else "float32"
     if name == "bfloat16" and not native and device.type != "mps":
         warn(f"{describe(device)} has no native bfloat16: it is emulated and slower than "
              f"{'float16' if device.type == 'cuda' else 'float32'}")
@@ -370,8 +350,7 @@ def autocast(device, dtype):
 # ----------------------------------------------------------------------------- float16's loss scaling
 
 def make_scaler(device, dtype):
-    """float16 gradients underflow without loss scaling, so float16 training needs the
-    device's gradient scaler; refuse where torch has none that works. Other dtypes: None."""
+    """float16's gradients underflow without the device's loss scaler: refused where none works. Others: None."""
     if dtype != "float16":
         return None
     if device.type == "mps" and torch_version() < (2, 8):  # its unscale_ makes a float64 tensor there
@@ -398,14 +377,12 @@ TIMED_STEPS = 8          # per candidate precision, after those
 def measure_dtype(run, train_step):
     """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows)."""
     seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
-    return broadcast_from_master(choose_dtype(seconds), run.world)
-
-
-def choose_dtype(seconds):
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
     if ratio >= BF16_MARGIN:
-        return {"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"}
-    return {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"}
+        plan = {"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"}
+    else:
+        plan = {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"}
+    return broadcast_from_master(plan, run.world)
 
 
 @contextlib.contextmanager
@@ -451,11 +428,7 @@ def time_steps(run, train_step, dtypes):
     A run's length is a sum of steps, and step times are skewed: the mean, not the median."""
     def step_in(dtype):
         ctx = autocast(run.device, dtype)
-
-        def step():
-            loss, _ = trial_step(run, train_step, ctx)
-            loss.item()  # wait for the device to finish the step
-        return step
+        return lambda: trial_step(run, train_step, ctx)[0].item()  # .item(): the device has finished the step
 
     with trial(run):
         times = interleaved([step_in(dtype) for dtype in dtypes], UNTIMED_STEPS, TIMED_STEPS)

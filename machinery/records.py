@@ -1,7 +1,5 @@
-"""What a run writes down around train.py's loop: progress lines, evaluations, checkpoints, history, the end,
-and the pictures of its loss, learning rate and gradient norm (redrawn after every evaluation; tools/compare.py
-overlays several runs'). Each step's figures come as one dict ({"loss": ..., "lr": ..., "grad_norm": ...}),
-each averaged per progress line, printed and kept in history.json and .csv: a new figure is one more entry."""
+"""What a run writes down around train.py's loop: progress lines, evaluations, checkpoints, history and its
+pictures. A step's figures are one dict ({"loss": ..., "lr": ...}): a new figure is one more entry."""
 
 import contextlib
 import csv
@@ -70,13 +68,10 @@ class Meter:
     def row(self):
         """(figures, ms per step) since the last row, each figure averaged where finite; resets the window."""
         self.read_pending()
-        figures = {}
-        for row in self.state.window:
-            for k, v in row.items():
-                figures.setdefault(k, [])
-                if v is not None and math.isfinite(v):
-                    figures[k].append(v)
-        figures = {k: sum(v) / len(v) if v else None for k, v in figures.items()}
+        window = self.state.window
+        finite = {k: [row[k] for row in window if row.get(k) is not None and math.isfinite(row[k])]
+                  for k in dict.fromkeys(k for row in window for k in row)}
+        figures = {k: sum(v) / len(v) if v else None for k, v in finite.items()}
         ms = 1000 * self.seconds / max(1, self.steps)
         if self.steps:
             self.recent = (self.recent + [(self.steps, self.seconds)])[-2:]
@@ -104,13 +99,11 @@ def non_finite(run, step, figures):
 # ----------------------------------------------------------------------------- progress lines
 
 def progress_line(run, figures, ms, tokens_per_s, mfu, steps_shown, formats):
-    """A progress line: the averaged figures (each as formats says, else .4g), ms/step, tokens/s, ETA and
-    (on GPUs we know) MFU."""
-    state = run.state
-    end = steps_shown
-    eta = format_seconds((float(end) - state.step) * ms / 1000) if end != "?" else "?"
+    """A progress line: the averaged figures (each as formats says, else .4g), ms/step, tokens/s, ETA, MFU."""
+    step = run.state.step
+    eta = format_seconds((float(steps_shown) - step) * ms / 1000) if steps_shown != "?" else "?"
     shown = " | ".join(f"{k} {'-' if v is None else format(v, formats.get(k, '.4g'))}" for k, v in figures.items())
-    line = f"step {state.step:>6}/{end} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
+    line = f"step {step:>6}/{steps_shown} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
 
 
@@ -192,13 +185,13 @@ def done_line(run):
             f"{format_seconds(elapsed(run))}" + files)
 
 
-def closing_sample(run, tokens=None):
-    """sample_tokens tokens at generate.py's default temperature from a line end, in float32 as generate.py decodes, whatever
-    the training precision: at this size a bfloat16 decoding step was no faster, even on an H100."""
+def closing_sample(run):
+    """sample_tokens tokens as generate.py draws them by default, in float32 whatever the training precision:
+    at this size a bfloat16 decoding step is no faster, even on an H100."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
     with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
-        out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(),
+        out = sampling.generate(run.model, start, run.cfg.sample_tokens, Sampler(),
                                 generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())
@@ -270,8 +263,7 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
 
 
 def plot_lr_schedule(train_cfg, path, upto=None, state=None):
-    """Draw the LR schedule: the steps a run took at the LRs it logged, the rest as planned now
-    (a run's state gives where its progress was last aimed; without one, the settings' plan)."""
+    """The LR schedule: the steps a run took at the LRs it logged, the rest as its state (else its settings) plans."""
     start, end = budget.start_and_end(state, train_cfg) if state else ([train_cfg.warmup_steps, 0.0],
                                                                        train_cfg.max_steps)
     taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]

@@ -1,8 +1,5 @@
-"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned. start (before the model exists),
-load_data and before_first_step (once the model and optimizer exist) fill in a Run, only read while it
-trains; what changes is its TrainState, which every checkpoint saves whole, so that --resume gets back the
-optimizer, the progress and every random generator exactly, changing only the settings that do not define
-the run (checkpoints of older versions included)."""
+"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: a Run, only read while it trains,
+and its TrainState, which every checkpoint saves whole so that --resume continues exactly."""
 
 import dataclasses
 import math
@@ -43,22 +40,16 @@ class TrainState:
 # what a checkpoint must hold for --resume (a checkpoint missing one is refused with a hint)
 RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals_without_improvement",
              "last_eval_step", "lr", "grad_norm", "history")
-
-
-# Settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
+# settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
 CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
                         "patience", "target_loss", "plots", "sample_tokens", "device", "dtype", "compile", "threads",
                         "grad_accum_steps", "out_dir", "tag"}
-
-
-RETIRED = {"replans"}  # settings older versions saved that no longer exist: a resume drops them
+RETIRED = {"replans"}  # settings that older versions saved and this one lacks: a resume drops them
 
 
 @dataclass
 class Run:
-    """A run, only read while it trains: its settings and where it runs (start), what it trains (train.build: the
-    corpus, model, optimizer and batches), and how (before_first_step: the state, the model as steps call it,
-    the precision)."""
+    """A run: its settings and device (start), what it trains (train.build), and how (before_first_step)."""
     options: RunOptions
     preset: str
     model_cfg: GPTConfig
@@ -110,16 +101,18 @@ class Run:
 # ----------------------------------------------------------------------------- before the model is built
 
 def start(model_cfg, train_cfg, options, preset, given, started):
-    """Everything before the model is built: processes and device, the run folder, the checkpoint to start
-    from, and the seed (the same on every rank: identical initial weights)."""
+    """Processes, device, run folder, the checkpoint to start from, and the seed (every rank's: the same weights)."""
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
     out_dir, last = train_cfg.out_dir, os.path.join(train_cfg.out_dir, "last.pt")
-    source = find_resume(last, RESUMABLE, say) if options.resume else None
+    source = find_resume(last, say) if options.resume else None
     if source:
         model_cfg, train_cfg = resume_configs(source, given, last)
         train_cfg = dataclasses.replace(train_cfg, out_dir=out_dir)
-        preset = resumed_preset(source, options, preset, out_dir)
+        preset = source.get("preset", preset)  # a resumed run keeps the preset it was started with
+        if options.preset and options.preset != preset:
+            raise TinyLLMError(f"{out_dir}/last.pt is a run of preset '{preset}'; --resume cannot switch it to "
+                               f"--preset {options.preset} (drop the flag, or start another --out_dir)")
     elif not options.overfit_batch:
         claim_out_dir(out_dir, options.overwrite, rank == 0, say, keep=options.init_from)
     check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
@@ -152,8 +145,7 @@ def load_source(path, given):
 
 
 def load_data(run):
-    """(corpus, model): the run's text as a utils.Corpus, each split checked to hold a window; and the GPT a
-    resumed or fine-tuned run starts from, on the CPU, grown by any new characters (None for a fresh run)."""
+    """(corpus, model): the checked text, and the GPT a resumed or fine-tuned run starts from (else None)."""
     cfg, model, tokenizer = run.cfg, None, None
     if run.source:
         model = model_from_checkpoint(run.source, run.source_path)
@@ -171,8 +163,7 @@ def load_data(run):
 # ----------------------------------------------------------------------------- after the model is built
 
 def before_first_step(run, train_step):
-    """Everything between building the model and the first step: resumed state, batches per process,
-    compile and DDP, the precision (by train_step's trial steps if --dtype auto asks)."""
+    """Between building the model and the first step: the state, each rank's seed, compile, DDP, the precision."""
     cfg = run.cfg
     run.model_cfg = run.model.config
     run.state = restore(run, run.source) if run.options.resume and run.source else TrainState()
@@ -197,9 +188,8 @@ def before_first_step(run, train_step):
 
 
 def check_compiles(run, train_step):
-    """--compile compiles at the first step, and fails there where torch's compiler lacks what it
-    needs (a C++ compiler: on Windows, Visual C++). One trial step finds out before the run writes
-    anything, and keeps the compiled code for the steps that follow."""
+    """One trial step: --compile fails where torch's compiler lacks a C++ compiler (on Windows, Visual C++);
+    this finds out before the run writes anything, and keeps the compiled code for the steps that follow."""
     try:
         with trial(run):
             trial_step(run, train_step, run.ctx, run.scaler)
@@ -232,21 +222,21 @@ def print_header(run):
     if cfg.time_budget:
         run.say(f"time budget {cfg.time_budget}: the LR decays over the run's time; the end is estimated at every "
                 f"progress line from the pace of the latest steps" + (", continuing" if run.state.step else ""))
-    if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps:
+    elif cfg.max_steps <= cfg.warmup_steps:
         warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never "
              f"reaches its peak nor decays; use a smaller --warmup_steps")
 
 
 # ----------------------------------------------------------------------------- --resume: the checkpoint and its settings
 
-def find_resume(last_path, needed, say=log):
+def find_resume(last_path, say):
     """The checkpoint --resume continues, or None when last_path is not there yet: the same command then
-    starts a run and continues it after every disconnect. needed: the entries it must hold."""
+    starts a run and continues it after every disconnect."""
     if not os.path.isfile(last_path):
         say(f"--resume: no {last_path} yet, starting a fresh run")
         return None
     checkpoint = load_checkpoint(last_path)
-    missing = [k for k in needed if k not in checkpoint]
+    missing = [k for k in RESUMABLE if k not in checkpoint]
     if missing:
         raise TinyLLMError(f"{last_path} lacks the training state --resume needs (missing: {', '.join(missing)}); "
                            f"fine-tune from its weights with --init_from instead")
@@ -255,15 +245,13 @@ def find_resume(last_path, needed, say=log):
 
 
 def resume_configs(checkpoint, given, path):
-    """The configs of a resumed run: the saved ones, overridden by the flags given this time
-    that can safely change mid-run. A flag that would change anything else is refused."""
-    saved = {k: v for k, v in checkpoint["train_config"].items() if k not in RETIRED} \
-        if isinstance(checkpoint["train_config"], dict) else checkpoint["train_config"]
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    if not isinstance(saved, dict) or set(saved) - names:
-        unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]
+    """The saved configs, overridden by the flags given that may change mid-run; any other flag is refused."""
+    saved, names = checkpoint["train_config"], {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - names - RETIRED) if isinstance(saved, dict) else ["(not a dict)"]
+    if unknown:
         raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
                            f"version of tinyllm?); fine-tune from its weights with --init_from instead")
+    saved = {k: v for k, v in saved.items() if k not in RETIRED}
     try:
         model_cfg, train_cfg = from_saved(GPTConfig, checkpoint["model_config"]), from_saved(TrainConfig, saved)
     except TypeError as e:
@@ -283,15 +271,6 @@ def conflicting_flags(given, saved, changeable, words):
             if k in saved and k not in changeable and v != saved[k]]
 
 
-def resumed_preset(checkpoint, options, preset, out_dir):
-    """A resumed run keeps the preset it was started with."""
-    saved = checkpoint.get("preset", preset)
-    if options.preset and options.preset != saved:
-        raise TinyLLMError(f"{out_dir}/last.pt is a run of preset '{saved}'; --resume cannot switch it to "
-                           f"--preset {options.preset} (drop the flag, or start another --out_dir)")
-    return saved
-
-
 # ----------------------------------------------------------------------------- --resume: the state put back
 
 def restore(run, checkpoint):
@@ -302,7 +281,9 @@ def restore(run, checkpoint):
     for row in state.history:  # rows written before progress rows existed were evaluations
         row.setdefault("kind", "eval")
     older_version(state, checkpoint, run.cfg)
-    old_end = end_of_saved_run(state, checkpoint["train_config"])
+    saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or its time budget's latest estimate
+    old_end = ((math.inf if state.end_step is None else state.end_step) if saved.get("time_budget")
+               else saved["max_steps"])
     if not run.cfg.time_budget and run.cfg.max_steps != old_end:  # a new --max_steps
         if state.step >= run.cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
@@ -314,17 +295,9 @@ def restore(run, checkpoint):
     return state
 
 
-def end_of_saved_run(state, saved):
-    """Where the resumed run was to end: its max_steps, or its time budget's latest estimate."""
-    if not saved.get("time_budget"):
-        return saved["max_steps"]
-    return state.end_step if state.end_step is not None else math.inf
-
-
 def older_version(state, checkpoint, cfg):
-    """Fill in what checkpoints of older versions kept otherwise: a window of (loss, norm) pairs,
-    and the moved end of their cosine (decay_from: [step, peak, share done], or [step, lr] for a
-    new cosine from lr) with the planned max_steps of a time budget."""
+    """What older versions' checkpoints kept otherwise: a window of (loss, norm) pairs, a time budget's planned
+    max_steps, and the moved end of their cosine (decay_from: [step, peak, share done], or [step, lr])."""
     if state.window and not isinstance(state.window[0], dict):
         state.window = [{"loss": loss, "lr": state.lr, "grad_norm": norm} for loss, norm in state.window]
     moved = checkpoint.get("decay_from")
