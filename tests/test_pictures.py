@@ -34,10 +34,17 @@ def linear(x, sd, name):
     return x @ sd[f"{name}.weight"].T + sd.get(f"{name}.bias", 0)
 
 
+REFERENCE_FORMULAS = {"pos": ("learned", "sinusoidal", "rope"), "norm": ("layernorm", "rmsnorm"),
+                      "mlp": ("gelu", "swiglu")}
+
+
 def reference_forward(gpt, idx):
     """(logits (T, V), [attention (nh, T, T) per layer]) for one sequence idx (T,), from the
     state dict alone: none of model.py's code runs."""
     c, sd = gpt.config, {k: v.double() for k, v in gpt.state_dict().items()}
+    for switch, written in REFERENCE_FORMULAS.items():  # a new model variant needs its formula here too
+        assert getattr(c, switch) in written, (f"reference_forward (tests/test_pictures.py) has no formula for "
+                                               f"{switch}={getattr(c, switch)!r}: add it beside {written}")
     T, nh, hs = len(idx), c.n_head, c.n_embd // c.n_head
     x = sd["wte.weight"][idx]  # (T, C)
     if c.pos == "learned":
