@@ -1,7 +1,6 @@
-"""Benchmarks: how fast tinyllm trains and generates, how soon it reaches a validation loss, and what each
-modern part buys; each mode lives in experiments/, and docs/benchmarks.md shows the commands. A figure is
-printed next to a baseline measured in the same process wherever there is one (variants interleaved step by
-step: shared machines drift by a quarter and more), and written with a description of the machine to --out."""
+"""Benchmarks: how fast tinyllm trains and generates, how soon it reaches a validation loss, what each modern part
+buys (modes in experiments/, commands in docs/benchmarks.md). Figures sit beside a baseline from the same process,
+interleaved step by step (shared machines drift by a quarter and more); --out also records the machine."""
 
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 

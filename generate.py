@@ -1,13 +1,6 @@
-"""Sample text from a trained checkpoint.
-
-    python generate.py --seed 42                                  # checkpoints/best.pt
-    python generate.py checkpoints/best.pt --prompt "ROMEO:" --temperature 0.8 --top_k 40 --num_samples 3
-    python generate.py checkpoints/ckpt_0000500.pt checkpoints/best.pt   # compare checkpoints, same prompt and seed
-    python generate.py checkpoints/best.pt --prompt "ROMEO:" --show_top 3   # each token's odds (machinery/annotate.py)
-    python generate.py checkpoints/best.pt --prompt "To be or not" --beam 4  # the most probable continuation beam 4 finds
-
-The same seed on the same machine gives the same text; beam search draws nothing, so it needs no seed. Every flag: python generate.py --help.
-"""
+"""Sample text from trained checkpoints; several are sampled with the same prompt and seed, to compare them.
+The same seed on the same machine gives the same text; beam search (--beam N) draws nothing, so it needs no seed.
+Examples: README.md and docs/generation.md; every flag: python generate.py --help."""
 
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
@@ -28,8 +21,7 @@ from machinery.sources import encode_prompt, read_prompt
 
 
 def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, annotator=None):
-    """num_samples continuations of the prompt as one batch, each cut at end-of-text unless --no_stop: [(text,
-    new tokens, whether it stopped)]. An annotator (--show_probs) shows each step's tokens with their odds."""
+    """[(text, new tokens, whether it stopped)] of num_samples continuations of the prompt, sampled as one batch."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
@@ -65,8 +57,7 @@ def finished(tokenizer, shown, row, stop):
 
 
 def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
-    """[(text, new tokens, whether it stopped)] of the one continuation beam search of width --beam finds
-    (no seed: it draws nothing). An annotator gets the model's own distribution at every step."""
+    """[(text, new tokens, whether it stopped)] of the one continuation beam search of width --beam finds."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     new, _ = beam_search(model, idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache,
@@ -86,10 +77,8 @@ def sample_label(i, cfg, n_new, stopped):
 
 def header(cfg, sampler, path, checkpoint, prompt):
     """The output file's header: everything that shaped the text below it."""
-    if cfg.beam:
-        settings = f"beam={cfg.beam} length_penalty={cfg.length_penalty} "
-    else:  # the seed, and every setting of the sampler
-        settings = f"seed={cfg.seed} " + "".join(f"{k}={v} " for k, v in dataclasses.asdict(sampler).items())
+    settings = f"beam={cfg.beam} length_penalty={cfg.length_penalty} " if cfg.beam else (
+        f"seed={cfg.seed} " + "".join(f"{k}={v} " for k, v in dataclasses.asdict(sampler).items()))
     settings += (f"max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
                  f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
     if cfg.show_probs:  # only then: a header names only the settings that shaped the file
@@ -134,9 +123,8 @@ def sample_checkpoint(path, cfg, sampler, prompt, device, several=False):
     model.to(device)
     prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
-    annotator = None
-    if cfg.show_probs:  # colours only for a person at a terminal; a file or a pipe gets plain rows
-        annotator = Annotator(tokenizer, cfg.show_top, colour=sys.stdout.isatty() and not cfg.output_file)
+    colour = sys.stdout.isatty() and not cfg.output_file  # for a person at a terminal; a file or a pipe: plain rows
+    annotator = Annotator(tokenizer, cfg.show_top, colour=colour) if cfg.show_probs else None
     if several:
         log(f"\n{'=' * 20} {path} ({describe_checkpoint(checkpoint)}) {'=' * 20}")
     with out_of_memory_as_error(f"out of memory on {describe(device)}: try a smaller --num_samples, or --device cpu"):

@@ -40,8 +40,7 @@ def _merge(ids, pair, new_id):
 
 
 def _merge_words(words, freqs, where, pair, new_id, counts):
-    """Merge pair into new_id in every word holding it, updating counts and where. Returns the pairs
-    whose count changed and is still positive: they need a fresh heap entry."""
+    """Merge pair into new_id in every word holding it, updating counts and where; returns pairs to push again."""
     delta = Counter()
     for w in where.pop(pair):
         old, n = words[w], freqs[w]
@@ -69,9 +68,8 @@ def _merge_words(words, freqs, where, pair, new_id, counts):
 
 
 def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), verbose=False):
-    """BPE learned from text: the token byte strings by rank, the 256 single bytes first, then merges of
-    two earlier ones, vocab_size - len(special_tokens) in all (fewer if the text runs out of pairs). Each
-    round merges the most frequent pair; a tie goes to the (left, right) bytes that sort first."""
+    """The token byte strings by rank: the 256 bytes, then merges, vocab_size - len(special_tokens) in all (fewer
+    if pairs run out). Each round merges the most frequent pair; a tie goes to the (left, right) bytes that sort first."""
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
         raise TinyLLMError(f"bpe vocab_size must be at least {256 + len(special_tokens)} "

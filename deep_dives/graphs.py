@@ -24,8 +24,7 @@ def replayable(step, token, keep):
 
 
 def record_cuda(step, static, keep):
-    """A CUDA graph of step(static) on static's GPU: a few warm-up runs on a side stream (each put
-    back), then the recording, which runs nothing. Returns replay() -> the recording's output."""
+    """replay() -> step(static)'s output, from a CUDA graph recorded on static's GPU (recording runs nothing)."""
     device, saved = static.device, [t.clone() for t in keep]
     with torch.cuda.device(device):  # (streams, recording and replay on the tensors' own GPU)
         stream = torch.cuda.Stream(device)

@@ -29,13 +29,11 @@ class Muon(torch.optim.Optimizer):
         """Muon on the blocks' 2-D weights (no decay); AdamW on the other matrices (decayed) and vectors
         (not). The schedule sets every group's lr; Muon's steps at lr * lr_scale, so muon_lr is its peak."""
         hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
-        groups = [
-            {"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0},
-            {"params": [p for n, p in named_params if p.dim() >= 2 and not any(p is h for h in hidden)],
-             "use_muon": False, "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
-            {"params": [p for _, p in named_params if p.dim() < 2], "use_muon": False, "lr_scale": 1.0,
-             "weight_decay": 0.0},
-        ]
+        groups = [{"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0},
+                  {"params": [p for n, p in named_params if p.dim() >= 2 and not any(p is h for h in hidden)],
+                   "use_muon": False, "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
+                  {"params": [p for _, p in named_params if p.dim() < 2], "use_muon": False, "lr_scale": 1.0,
+                   "weight_decay": 0.0}]
         return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
     @torch.no_grad()

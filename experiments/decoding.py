@@ -25,8 +25,7 @@ def repeated_ngrams(text, n=3):
 
 
 def bench_decoding(args):
-    """Each method's texts (sampling: several seeds per temperature), scored alike by log-probability per
-    token at temperature 1, with their share of repeated word 3-grams and their seconds."""
+    """Each method's texts, all scored by log-probability per token at temperature 1 and repeated word 3-grams."""
     if not os.path.isfile(args.checkpoint):
         raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
     model, tokenizer, _ = load_model(args.checkpoint)

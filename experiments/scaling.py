@@ -26,8 +26,7 @@ SCALING_EVAL_ITERS = 30  # batches per split at each evaluation: a val loss to a
 
 
 def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
-    """A tiny-preset run of shape trained to steps (a tenth of them warmup) on the first data_fraction of
-    the train split and evaluated evals times, the last at the end: {"params", "flops", "val", ...}."""
+    """A tiny-preset run of shape for steps on the first data_fraction of the train split: {"params", "flops", ...}."""
     given = {**dict(zip(SHAPE_FIELDS, shape)), "max_steps": steps, "warmup_steps": max(1, min(100, steps // 10)),
              "eval_iters": SCALING_EVAL_ITERS, "eval_interval": max(1, steps // evals), "log_interval": steps,
              "sample_tokens": 0, "plots": False, "dtype": dtype, "data": data}
@@ -124,12 +123,10 @@ def bench_scaling(args):
         expected = [steps * seconds[shapes.index(shape)] for _, shape, steps, _, _ in plan]
         for i, (kind, shape, steps, budget, frac) in enumerate(plan):
             key = f"{kind} {shape} {steps} {budget} {frac}"
-            if key in done:
-                row = done[key]
-            else:
-                row = {"key": key, "kind": kind, "shape": list(shape), "budget": budget, "data_fraction": frac,
-                       **scaling_run(shape, steps, os.path.join(tmp, f"run{i}"), dtype, args.data, frac,
-                                     evals=4 if kind == "data" else 1)}
+            row = done[key] if key in done else {
+                "key": key, "kind": kind, "shape": list(shape), "budget": budget, "data_fraction": frac,
+                **scaling_run(shape, steps, os.path.join(tmp, f"run{i}"), dtype, args.data, frac,
+                              evals=4 if kind == "data" else 1)}
             rows.append(row)
             spent = time.perf_counter() - t0
             left = sum(expected[i + 1:]) * spent / max(1e-9, sum(expected[:i + 1]))

@@ -25,8 +25,7 @@ from tools.compare import read_history
 
 
 def parse_compare(text):
-    """--compare dtype=float32,bfloat16 -> [("dtype=float32", {"dtype": "float32"}), ...];
-    none -> one variant, the settings as given. The first is the baseline."""
+    """--compare dtype=float32,bfloat16 -> [("dtype=float32", {"dtype": "float32"}), ...], the first the baseline."""
     if not text:
         return [("as given", {})]
     name, _, values = text.partition("=")
@@ -64,8 +63,7 @@ def bench_train(args):
 
 
 def bench_generate(args):
-    """Decoding ms per token on random weights of the preset's shape: the KV cache (also replayed from a CUDA graph
-    where the device records one) against full recompute; each path's first call alone, then its warm calls."""
+    """Decoding ms per token: the KV cache (also replayed from a CUDA graph where it can) against full recompute."""
     preset = args.preset or "small"  # the README's KV-cache figure; the default help says so
     given = explicit_flags(args)
     model_cfg, train_cfg = build_configs(given, preset)
@@ -73,13 +71,11 @@ def bench_generate(args):
     torch.manual_seed(train_cfg.seed)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size or 65)
     model = GPT(model_cfg).to(device).eval()  # random weights: the time per token depends on the shapes only
-    # float32 unless --dtype says otherwise, as generate.py samples
-    dtype = resolve_dtype(given["dtype"], device) if "dtype" in given else "float32"
+    dtype = resolve_dtype(given["dtype"], device) if "dtype" in given else "float32"  # as generate.py samples
     ctx = autocast(device, dtype)
     prompt = torch.zeros((args.num_samples, 1), dtype=torch.long, device=device)
-    paths = {"kv_cache": (True, False), "full_recompute": (False, False)}  # name: (use_cache, replay)
-    if graphs.recorder(device):
-        paths = {"replayed": (True, True), **paths}
+    paths = {"replayed": (True, True)} if graphs.recorder(device) else {}  # name: (use_cache, replay)
+    paths |= {"kv_cache": (True, False), "full_recompute": (False, False)}
 
     def timed(name):
         use_cache, replay = paths[name]

@@ -23,8 +23,7 @@ def read_history(run_dir):
 
 
 def compare_runs(run_dirs, out, labels=None):
-    """One PNG with every run's val loss (solid, at evaluations) and train loss (dashed,
-    every log_interval steps), one colour per run, labelled by its folder name."""
+    """One PNG with every run's val loss (solid) and train loss (dashed), a colour per run."""
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     fig, ax = new_plot(height=4.5)
     for i, (run_dir, label) in enumerate(zip(run_dirs, labels)):

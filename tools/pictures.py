@@ -84,8 +84,7 @@ def draw_attention(model, tokenizer, ids, cfg, path):
 
 
 def val_passage(cfg, tokenizer, checkpoint):
-    """Token ids (n,) from the start of the val split --eval_only scores (the checkpoint's data unless
-    --data), cut after the token that reaches passage_chars characters."""
+    """Token ids (n,) from the start of the val split --eval_only scores, up to passage_chars characters."""
     corpus, _ = validation_split(checkpoint, tokenizer, cfg.data)
     ids = np.asarray(corpus.val[:4 * cfg.passage_chars + 1], dtype=np.int64).tolist()  # a byte token may be 1/4 char
     pieces, chars = WholeCharacters(tokenizer), 0
@@ -100,8 +99,7 @@ def val_passage(cfg, tokenizer, checkpoint):
 
 @torch.no_grad()
 def char_surprise(tokenizer, ids, losses):
-    """[(character, bits)]: the loss of the tokens that make each piece of text, shared evenly by its
-    characters; the first token, predicted from nothing here, gets NaN."""
+    """[(character, bits)]: each piece's tokens' loss shared by its characters; the first token (no context) NaN."""
     out, pieces, bits = [], WholeCharacters(tokenizer), 0.0
     for i, token in enumerate(ids.tolist()):
         bits += losses[i - 1].item() / math.log(2) if i else math.nan
@@ -112,8 +110,7 @@ def char_surprise(tokenizer, ids, losses):
 
 
 def draw_surprise(model, tokenizer, ids, path, width=72):
-    """The passage in a grid of width characters (a line end starts a new row), each cell
-    coloured by its bits (bits per character as --eval_only computes them); returns the look-for line."""
+    """The passage in a grid of width characters, each cell coloured by its bits; returns the look-for line."""
     losses = token_losses(model, ids)
     chars = char_surprise(tokenizer, ids, losses)
     rows = [[]]
@@ -172,17 +169,13 @@ def draw_embeddings(model, tokenizer, path):
     ax.scatter(xy[:, 0], xy[:, 1], s=4, color="lightgray")
     for token, (x, y) in enumerate(xy):
         label = short_label(tokenizer, token) if token != tokenizer.eot_id else "EOT"
-        ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=letter_colour(label))
+        kind = "C3" if label in "aeiouAEIOU" else "C0" if label.isupper() else "C2" if label.isalpha() else "black"
+        ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=kind)  # clusters of a kind stand out
     ax.set(xlabel="first principal direction", ylabel="second principal direction",
            title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
     save_plot(fig, ax, path)
     return (f"every character's embedding projected onto its two main directions ({share:.0%} of the variance). "
             f"Look for the vowels near one another, capitals apart from lower case, and punctuation in its own corner")
-
-
-def letter_colour(label):
-    """Colour by kind of character, so clusters of a kind stand out."""
-    return "C3" if label in "aeiouAEIOU" else "C0" if label.isupper() else "C2" if label.isalpha() else "black"
 
 
 def check_request(cfg, model, tokenizer, ids, names, only_given):
