@@ -50,7 +50,6 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
 
 
 def finished(tokenizer, shown, row, stop):
-    """(text, new tokens, whether it stopped) of one continuation row, cut at the stop token."""
     stopped = stop in row
     row = row[:row.index(stop)] if stopped else row
     return tokenizer.decode(shown + row), len(row), stopped

@@ -16,15 +16,13 @@ def reorder_cache(context, rows):
 
 
 def score_dtype(device):
-    """Totals of hundreds of log-probabilities are kept in float64, so that rounding never picks
-    between two beams; MPS has no float64, and float32 is near enough there."""
+    """float64 for totals of hundreds of log-probabilities, so rounding never picks a beam; MPS has none: float32."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
 @torch.inference_mode()
 def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
-    """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T) that beam_width beams
-    find, scored by total / length ** length_penalty (0: the plain sum); stop_token ends a continuation."""
+    """(new tokens (1, n), total log-prob) of idx (1, T)'s best continuation, by total / length ** length_penalty."""
     context, prompt = Context(model, use_cache, replay=False), idx.size(1)  # (reorder_cache moves it)
     beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
     dtype = score_dtype(idx.device)

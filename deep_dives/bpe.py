@@ -69,7 +69,7 @@ def _merge_words(words, freqs, where, pair, new_id, counts):
 
 def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), verbose=False):
     """The token byte strings by rank: the 256 bytes, then merges, vocab_size - len(special_tokens) in all (fewer
-    if pairs run out). Each round merges the most frequent pair; a tie goes to the (left, right) bytes that sort first."""
+    if pairs run out). Each round merges the most frequent pair; a tie to the (left, right) bytes that sort first."""
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
         raise TinyLLMError(f"bpe vocab_size must be at least {256 + len(special_tokens)} "
@@ -131,8 +131,7 @@ class ByteLevelTokenizer:
 
 
 class BPETokenizer(ByteLevelTokenizer):
-    """Our trained BPE, encoded by tiktoken (the tests check it gives the textbook algorithm's ids).
-    Ids: 0..len(tokens)-1 are the tokens by rank, then the special tokens in order."""
+    """Our trained BPE, encoded by tiktoken: ids 0..len(tokens)-1 are the tokens by rank, then the special tokens."""
 
     def __init__(self, tokens, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
         self.tokens = [bytes(t) for t in tokens]

@@ -23,7 +23,6 @@ from machinery import records
 from machinery.annotate import forced_steps
 from machinery.cli import log
 from machinery.device import choose_device, gpu_count, has_native_bf16
-from machinery.records import split_history
 from tools.compare import read_history
 
 
@@ -87,7 +86,6 @@ def bench_gpu_check(args):
 # ----------------------------------------------------------------------------- the report's parts, in order
 
 def gpu_tests():
-    """python -m pytest -q tests/test_gpu.py, the README's test command on the GPU's tests."""
     if not os.path.isdir(os.path.join(ROOT, "tests")):
         return {"summary": "not run: no tests/ folder beside bench.py"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py"],
@@ -208,7 +206,7 @@ def cache_checks(quick, device, tmp, compiled=True):
             given = {**shape, "dtype": dtype, "compile": compile, "max_steps": steps, "eval_interval": steps,
                      "log_interval": steps, "eval_iters": 2, "sample_tokens": 0, "plots": False}
             run = new_run(preset, given, os.path.join(tmp, f"check-{dtype}-{compile}"))
-            _, evals = split_history(train.train_loop(run)["history"])
+            _, evals = records.split_history(train.train_loop(run)["history"])
             cache = check_cache(run.model.eval(), run.ctx, run.dtype, 48 if quick else 250)
             line = describe_cache_check(cache, run.dtype)
             rows.append({"dtype": dtype, "compile": compile, "val_first": evals[0]["val_loss"],
@@ -299,7 +297,6 @@ def run_stamped(cmd, timeout=1800):
 
 
 def part(report, key, fn, *args):
-    """report[key] = fn(*args); a part that fails holds its error instead, and the report goes on."""
     try:
         report[key] = fn(*args)
     except Exception as e:  # (not KeyboardInterrupt: Ctrl-C still stops the report)
@@ -345,7 +342,6 @@ def seconds(x, digits=1):
 
 
 def markdown(report):
-    """The report as one Markdown page, what a bug report can quote whole."""
     m = report["machine"]
     out = [f"# tinyllm GPU report: {m['gpu'] or 'no GPU, ' + m['cpu']}", "",
            f"torch {m['torch']}" + (f" (CUDA {m['cuda']})" if m.get("cuda") else "") + f", Python {m['python']}, "

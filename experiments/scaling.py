@@ -140,7 +140,6 @@ def bench_scaling(args):
 
 
 def summarize_scaling(rows, budgets, five_minutes, args):
-    """The frontier, the fit, what it says at five minutes of compute, and the plots."""
     iso = [r for r in rows if r["kind"] == "iso"]
     frontier = []
     for b in budgets:

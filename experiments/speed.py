@@ -20,7 +20,6 @@ from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
 from machinery import records
 from machinery.cli import bool_flag, explicit_flags, log
 from machinery.device import autocast, choose_device, resolve_dtype
-from machinery.records import split_history
 from tools.compare import read_history
 
 
@@ -143,7 +142,7 @@ def time_to_target(preset, target, extra, label):
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             raise TinyLLMError(f"train.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        _, evals = split_history(read_history(out_dir))
+        _, evals = records.split_history(read_history(out_dir))
     return reached(evals, target, wall, preset, label)
 
 
