@@ -122,8 +122,9 @@ def sample_checkpoint(path, cfg, sampler, prompt, device, several=False):
     model.to(device)
     prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
-    colour = sys.stdout.isatty() and not cfg.output_file  # for a person at a terminal; a file or a pipe: plain rows
-    annotator = Annotator(tokenizer, cfg.show_top, colour=colour) if cfg.show_probs else None
+    annotator = None
+    if cfg.show_probs:  # colours only for a person at a terminal; a file or a pipe gets plain rows
+        annotator = Annotator(tokenizer, cfg.show_top, colour=sys.stdout.isatty() and not cfg.output_file)
     if several:
         log(f"\n{'=' * 20} {path} ({describe_checkpoint(checkpoint)}) {'=' * 20}")
     with out_of_memory_as_error(f"out of memory on {describe(device)}: try a smaller --num_samples, or --device cpu"):
