@@ -204,7 +204,6 @@ class SampleConfig:
 
 
 def check_beam(cfg, sampler):
-    """Beam search draws nothing: any sampler setting given with --beam is refused."""
     given = [f"--{f.name}" for f in dataclasses.fields(Sampler) if getattr(sampler, f.name) != f.default]
     _require(not (cfg.beam and given), f"beam search draws nothing, so {', '.join(given)} cannot apply: drop it")
 
@@ -240,12 +239,10 @@ class PictureConfig:
             temps = []
         _require(temps and all(math.isfinite(t) and 1e-3 <= t <= 1e3 for t in temps),
                  f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
-        _require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got "
-                                                  f"{self.passage_chars}")
+        _require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got {self.passage_chars}")
         _check_common(self, "--")
 
     def pictures(self):
-        """The pictures asked for, in the order they are drawn."""
         asked = {name.strip() for name in self.only.split(",")}
         return [name for name in PICTURES if name in asked]
 
@@ -254,7 +251,6 @@ class PictureConfig:
 
 
 def _check_common(config, flag=""):
-    """What the settings share: a seed NumPy accepts and a thread count (where they have them), the choices."""
     seed, threads = getattr(config, "seed", 0), getattr(config, "threads", 0)
     _require(0 <= seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {seed}")
     _require(threads >= 0, f"{flag}threads must be 0 (auto) or more, got {threads}")
@@ -283,8 +279,7 @@ def check_batch_split(batch_size, grad_accum_steps, processes=1):
 
 # ----------------------------------------------------------------------------- presets
 
-# Each preset overrides some fields of GPTConfig and TrainConfig; flags override the preset.
-# Every preset trains with AdamW; measured in docs/recipe_search.md and docs/platforms.md.
+# Each preset overrides some fields of GPTConfig and TrainConfig (measured in docs/recipe_search.md, docs/platforms.md)
 PRESETS = {
     # the default on a CPU or a Mac: the shape that learned most in five minutes on the 2-core CPUs measured
     "tiny": dict(n_layer=2, n_head=5, n_embd=160, block_size=128, dropout=0.0, pos="rope", mlp="swiglu",
@@ -350,7 +345,6 @@ def build_configs(given, preset):
 # ----------------------------------------------------------------------------- docs/flags.md
 
 def markdown_flags(classes=(GPTConfig, TrainConfig, RunOptions)):
-    """Every flag with its meaning and base default, as a markdown table."""
     rows = ["| flag | meaning | default |", "| --- | --- | --- |"]
     for cls in classes:
         for f in dataclasses.fields(cls):
@@ -368,7 +362,6 @@ PRESET_COLUMNS = ("n_layer", "n_head", "n_embd", "block_size", "pos", "mlp", "no
 
 
 def markdown_presets():
-    """The presets side by side, every value spelled out (a preset's or the base default)."""
     base = {f.name: f.default for cls in (GPTConfig, TrainConfig) for f in dataclasses.fields(cls)}
     rows = ["| preset | " + " | ".join(PRESET_COLUMNS) + " |", "| --- " * (len(PRESET_COLUMNS) + 1) + "|"]
     for name, preset in PRESETS.items():

@@ -20,7 +20,6 @@ LABEL_WIDTH = 12  # a row's token column; longer BPE tokens push their row's num
 
 @dataclass
 class Step:
-    """One sampled token of one sample."""
     token: int
     p: float        # its probability under the distribution it was drawn from
     entropy: float  # of that distribution, in bits
@@ -50,8 +49,7 @@ class SamplerOdds:
 
 @torch.inference_mode()
 def forced_steps(model, idx, new_tokens, use_cache=True):
-    """Yields (token (B, 1), logits (B, V)) per step of new_tokens (B, n) fed after idx (B, T) as if
-    sampled, the logits computed as generation computes them (sampling.Context: context rule, KV cache)."""
+    """(token (B, 1), logits (B, V)) per token of new_tokens (B, n) after idx (B, T), as generation computes them."""
     context = Context(model, use_cache)
     for t in range(new_tokens.size(1)):
         logits = context.next_logits(idx)  # (B, V)
@@ -84,8 +82,7 @@ def token_label(tokenizer, token):
 
 
 class WholeCharacters:
-    """Sampled tokens to text in whole characters, each piece with the joint probability of its
-    tokens: a byte-level token can end mid-character, and then waits for the rest."""
+    """Sampled tokens to whole characters with their joint probability: a byte-level token can end mid-character."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.p = tokenizer, [], 1.0
@@ -124,8 +121,7 @@ class Annotator:
         self.samples, self.prompt, self.live, self.pieces = [], [], False, None
 
     def begin(self, prompt_ids, n_samples, stop=None, live=False):
-        """A new batch of n_samples continuations of prompt_ids (the stop token left out), each
-        ending at the stop token (None: at max_new_tokens only)."""
+        """A new batch of n_samples continuations of prompt_ids, each ending at stop (None: at max_new_tokens)."""
         self.samples, self.prompt, self.stop, self.live = [[] for _ in range(n_samples)], prompt_ids, stop, live
         self.pieces = WholeCharacters(self.tokenizer)
         if self.colour:
@@ -147,14 +143,12 @@ class Annotator:
                 self.show(steps[-1])
 
     def show(self, step):
-        """Stream one step of the first sample: its row, or its text in its colour."""
         if self.rows_mode:
             self.write(self.row(step) + "\n")
         elif step.token != self.stop and (piece := self.pieces.add(step.token, step.p)):
             self.write(paint(*piece))
 
     def end(self):
-        """After the last step: a streamed sample gets its text (under its rows) and summary."""
         if not self.live:
             return
         if self.rows_mode:
@@ -167,7 +161,6 @@ class Annotator:
         return self.tokenizer.decode(self.prompt + [s.token for s in self.samples[i] if s.token != self.stop])
 
     def report(self, i):
-        """Sample i as text annotated: coloured, or followed by its rows; then its summary."""
         steps = self.samples[i]
         if self.rows_mode:
             return self.text(i) + "\n" + "\n".join(self.row(s) for s in steps) + "\n" + summary(steps)

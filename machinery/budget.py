@@ -33,15 +33,13 @@ def progress(step, progress_from, end_step):
 
 
 def start_and_end(state, cfg):
-    """(progress_from, end_step): from 0 at the warmup's end unless re-aimed; to max_steps, or to a time
-    budget's latest estimate (none yet: progress waits at 0)."""
+    """(progress_from, end_step): from 0 at the warmup's end unless re-aimed, to max_steps or a budget's estimate."""
     start = state.progress_from or [cfg.warmup_steps, 0.0]
     end = (state.end_step if state.end_step is not None else math.inf) if cfg.time_budget else cfg.max_steps
     return start, end
 
 
 def run_progress(state, cfg):
-    """The progress of the run's next step."""
     return progress(state.step, *start_and_end(state, cfg))
 
 
@@ -53,8 +51,7 @@ def resume_at(state, cfg, old_end):
 
 
 class Clock:
-    """The loop's progress and end. A --time_budget also keeps the time spent (earlier processes' included) and
-    aims the end at every evaluation and progress line, keeping room for the closing sample."""
+    """The loop's progress and end; a --time_budget's end is re-aimed from the time spent (resumes included)."""
 
     def __init__(self, run):
         self.state, self.cfg, self.master, self.world = run.state, run.cfg, run.master, run.world
@@ -66,7 +63,6 @@ class Clock:
         return run_progress(self.state, self.cfg)
 
     def at_end(self):
-        """Whether the run has taken its last step: max_steps, or where a time budget runs out."""
         return self.state.step >= start_and_end(self.state, self.cfg)[1]
 
     def steps_shown(self):
@@ -84,8 +80,7 @@ class Clock:
             self.paced(step_seconds)
 
     def paced(self, step_seconds):
-        """A budget aims progress straight from here (in the warmup: from its end) to where its time runs out.
-        Rank 0 estimates, every rank follows; an error on rank 0 is raised on every rank."""
+        """A budget aims progress straight from here (in the warmup: from its end) to where its time runs out."""
         if not self.seconds:
             return
         state, cfg, end = self.state, self.cfg, None
@@ -103,9 +98,8 @@ class Clock:
             state.end_step = end
 
     def end_step(self, step_seconds):
-        """Where the budget runs out: the most steps (and their due evaluations) that fit in what is left
-        less one more evaluation (an unforeseen one would cut the schedule short), the closing sample and
-        SAFETY. None before a step is timed; an end within the warmup is refused."""
+        """The most steps (and their evaluations) that fit in what is left less the closing sample, SAFETY and one
+        more evaluation: an unforeseen one would cut the schedule short. None before a step is timed."""
         state, cfg = self.state, self.cfg
         left = self.seconds * (1 - SAFETY) - self.spent() - state.eval_seconds - self.sample_seconds
         if not step_seconds:
@@ -142,7 +136,6 @@ class Clock:
             return (f"time budget {self.cfg.time_budget}: {format_seconds(self.spent())} used, "
                     f"{self.state.step:,} steps (python train.py --max_steps {self.state.step} trains as many, "
                     f"decaying by steps)")
-        return None
 
 
 def time_sample(run):

@@ -1,7 +1,6 @@
-"""Checkpoint files: written atomically, read without running code, a model and tokenizer rebuilt from
-one; a run folder that holds a run is never taken by a fresh one. A checkpoint is a dict of tensors and
-plain data: model (state_dict), model_config (GPTConfig as a dict), tokenizer, step, best_val_loss,
-history, ...; last.pt adds optimizer, train_config, rng, scaler."""
+"""Checkpoint files, written atomically and read without running code; a run folder holding a run is never taken by a
+fresh one. A checkpoint is a dict of tensors and plain data: model (state_dict), model_config (GPTConfig as a dict),
+tokenizer, step, best_val_loss, history, ...; last.pt adds optimizer, train_config, rng, scaler."""
 
 import contextlib
 import dataclasses
@@ -42,8 +41,7 @@ def save_checkpoint(path, checkpoint):
 
 
 def replace_file(src, dst):
-    """os.replace, retried for a few seconds on PermissionError: on Windows a file another process holds open
-    (a virus scanner, a synced folder, generate.py reading best.pt) cannot be replaced until it lets go."""
+    """os.replace, retried for seconds on PermissionError: on Windows a file held open elsewhere cannot be replaced."""
     for wait in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, None):
         try:
             return os.replace(src, dst)
@@ -54,8 +52,7 @@ def replace_file(src, dst):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint onto the CPU without ever running code from it (weights_only=True),
-    and check it is ours. Every problem is one TinyLLMError naming the file."""
+    """Read a checkpoint onto the CPU without ever running code from it (weights_only=True), and check it is ours."""
     if not os.path.isfile(path):
         raise TinyLLMError(f"checkpoint {path} not found (train one with: python train.py)")
     try:
@@ -77,8 +74,7 @@ def load_checkpoint(path):
 
 
 def refused_as_unsafe(error):
-    """Whether torch.load(weights_only=True) refused a file for holding more than tensors and plain data;
-    the whole chain counts, as a library (transformers) may raise its own error while handling torch's."""
+    """Whether torch.load(weights_only=True) refused a file, anywhere in the chain: transformers raises its own error."""
     seen = set()
     while error is not None and id(error) not in seen:  # a chain can loop back on itself
         if "weights only" in str(error).lower():
@@ -94,7 +90,6 @@ def unsafe_file(what):
 
 
 def model_from_checkpoint(checkpoint, path="checkpoint"):
-    """Build the GPT a checkpoint describes and load its weights, refusing non-finite ones."""
     try:
         config = from_saved(GPTConfig, checkpoint["model_config"])
     except TypeError as e:
@@ -129,7 +124,6 @@ def extend_tokenizer(tokenizer, text, extend, path):
 
 
 def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
-    """The checkpoint's tokenizer, checked to fit a model of vocab_size token embeddings."""
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size > vocab_size:
         raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -159,8 +153,7 @@ def tokenizer_from_dict(d):
 
 
 def load_model(path):
-    """(model, tokenizer, checkpoint) on the CPU, model in eval mode, optimizer state dropped: only training
-    needs it, and on a GPU it would take as much memory again as the weights."""
+    """(model in eval mode, tokenizer, checkpoint) on the CPU, without the optimizer state: only training needs it."""
     checkpoint = load_checkpoint(path)
     checkpoint.pop("optimizer", None)
     model = model_from_checkpoint(checkpoint, path).eval()
@@ -168,9 +161,7 @@ def load_model(path):
 
 
 def make_checkpoint(model, tokenizer, **extra):
-    """A checkpoint dict: the weights, the model's shape, the tokenizer (as its to_dict()), and extra."""
-    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer,
-            **extra}
+    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, **extra}
 
 
 def describe_checkpoint(checkpoint):
@@ -181,8 +172,7 @@ def describe_checkpoint(checkpoint):
 
 @torch.no_grad()
 def grow_vocabulary(model, old_ids):
-    """A new vocabulary for fine-tuning on new characters: token i's embedding is old row old_ids[i], or
-    where None the mean of the old rows, a neutral start. The tied output head follows."""
+    """Token i's embedding becomes old row old_ids[i], or where None the mean of the old rows: a neutral start."""
     old = model.wte.weight
     known = [i for i in old_ids if i is not None]
     rows = [old[i] if i is not None else old[known].mean(dim=0) for i in old_ids]
@@ -205,7 +195,6 @@ def run_files(out_dir):
 
 
 def describe_run(out_dir):
-    """A few words about the run in out_dir, from its last.pt (or best.pt)."""
     for name in ("last.pt", "best.pt"):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):

@@ -1,8 +1,8 @@
-"""The scripts' command line: flags made from config.py's settings, bad input as one `error:` line and
-exit status 2 instead of a traceback, outputs checked for writability before long work, printing,
-and Ctrl-C or SIGTERM letting a training step finish and save before the process leaves."""
+"""The scripts' command line: flags from config.py's settings, bad input as one `error:` line (status 2), outputs
+checked before long work, printing, and Ctrl-C or SIGTERM letting a training step finish and save first."""
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -15,8 +15,7 @@ from config import TinyLLMError
 # ----------------------------------------------------------------------------- flags from settings
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one `error:` line like every other user error, and a module of machinery/
-    names itself as it is run (python -m machinery.hf_gpt2)."""
+    """argparse, with a bad flag as one `error:` line, and a machinery/ module named as run (python -m machinery.x)."""
 
     def __init__(self, *args, **kwargs):
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -37,8 +36,7 @@ def bool_flag(text):
 
 
 def add_config_flags(parser, cls, defaults=None, names=None, title=None):
-    """One --flag per field of cls, with its meaning, allowed values and default in --help. defaults:
-    {name: (value, where it comes from)} where not the dataclass's own (a preset's, auto's meaning here).
+    """One --flag per field of cls; defaults: {name: (value, where it comes from)} where not the dataclass's own.
     A flag not given is None, so the user's choices can be told from the defaults."""
     group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
     for f in dataclasses.fields(cls):
@@ -76,8 +74,7 @@ def warn(message):
 
 
 def format_seconds(seconds):
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
+    h, rest = divmod(int(round(seconds)), 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
@@ -85,7 +82,6 @@ def format_seconds(seconds):
 # ----------------------------------------------------------------------------- errors
 
 def first_line(e):
-    """An exception's message cut to one line, for an `error:` line."""
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
@@ -98,8 +94,7 @@ def check_writable(path, flag, make_folder=False):
     try:
         if make_folder:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            pass
+        open(path, "a", encoding="utf-8").close()
     except OSError as e:
         raise TinyLLMError(f"cannot write {flag} {path}: {e.strerror or e}") from None
     if not existed:
@@ -132,20 +127,16 @@ def run_cli(main, argv=None):
 
 
 def writes_any_text():
-    """A model writes any character it was trained on, which a legacy code page (Windows' cp1252) cannot
-    encode: a file or a pipe gets UTF-8; a console shows what it cannot as an escape (\\u0416)."""
+    """Any character a model writes: a file or pipe gets UTF-8, a legacy code page (cp1252) an escape (\\u0416)."""
     for stream in (sys.stdout, sys.stderr):
         encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
         if encoding == "utf8" or not hasattr(stream, "reconfigure"):
             continue
-        try:
+        with contextlib.suppress(ValueError, OSError):  # a stream closed or detached: leave it as it is
             stream.reconfigure(errors="backslashreplace", **({} if stream.isatty() else {"encoding": "utf-8"}))
-        except (ValueError, OSError):  # a stream closed or detached: leave it as it is
-            pass
 
 
 def in_process_group():
-    """Whether this process is one of several under torchrun, still in their process group."""
     dist = sys.modules.get("torch.distributed")  # (imported by then if it is; no import here)
     return dist is not None and dist.is_available() and dist.is_initialized()
 

@@ -43,8 +43,7 @@ def gpu_capability(device=None):
     return torch.cuda.get_device_capability(device)
 
 
-# torch's own probes of the CPU's instructions are private: a test checks that this torch has them,
-# so that a renamed probe fails a test instead of quietly answering "no bfloat16"
+# torch's CPU probes are private: a test checks this torch has them, lest a renamed one quietly answer "no bfloat16"
 AVX512_BF16_PROBE, AMX_PROBE = "_is_avx512_bf16_supported", "_is_amx_tile_supported"
 
 
@@ -120,7 +119,6 @@ def describe(device):
 
 @contextlib.contextmanager
 def out_of_memory_as_error(hint):
-    """The device running out of memory becomes one line saying what to try, not a traceback."""
     try:
         yield
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a RuntimeError saying so on MPS
@@ -172,8 +170,7 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if state.get("mps") is not None and mps_available():
         set_mps_rng_state(state["mps"])
-    saved = list(state.get("cuda", []))
-    here = gpu_count()
+    saved, here = list(state.get("cuda", [])), gpu_count()
     for i, cuda_state in enumerate(saved[:here]):
         set_gpu_rng_state(cuda_state, i)
     if len(saved) > here:
@@ -207,7 +204,6 @@ PEAK_TFLOPS = {
 
 
 def peak_flops(device, dtype):
-    """The GPU's peak FLOP/s for this dtype, or None (with one notice) when we do not know it."""
     if device.type != "cuda":
         return None
     name = gpu_name(device)
@@ -260,9 +256,7 @@ def wrap(model, world, device):
 
 def sync_gradients(model, last_micro_step):
     """Under DDP, all-reduce the gradients only once per step: after the last micro-batch."""
-    if last_micro_step or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    return contextlib.nullcontext() if last_micro_step or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def rank_seed(seed, rank, step):
@@ -287,7 +281,7 @@ def all_ranks_max(value, world, device):
 
 
 def broadcast_from_master(obj, world):
-    """Rank 0's object (plain Python data) on every rank; the object itself for one process."""
+    """Rank 0's object (plain Python data) on every rank."""
     if world == 1:
         return obj
     holder = [obj]
@@ -316,8 +310,7 @@ def measured_on(device):
 
 
 def resolve_dtype(name, device):
-    """The autocast precision. auto: bfloat16 where native (on a CPU provisionally: measure_dtype keeps the
-    faster), float16 with a gradient scaler on older GPUs, float32 elsewhere."""
+    """The autocast precision; auto's bfloat16 on a CPU is provisional: measure_dtype keeps the faster."""
     native = has_native_bf16(device)
     if name == "auto":
         return "bfloat16" if native else "float16" if device.type == "cuda" else "float32"
@@ -332,7 +325,6 @@ def resolve_dtype(name, device):
 
 
 def explain_dtype(asked, dtype):
-    """For the start-up line: the dtype, and why when --dtype auto chose it."""
     if asked != "auto":
         return dtype
     why = {"bfloat16": "native on this chip", "float16": "no native bfloat16: loss scaling on",
@@ -341,10 +333,8 @@ def explain_dtype(asked, dtype):
 
 
 def autocast(device, dtype):
-    """Run the forward pass in dtype (the weights stay float32); a no-op for float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+    """Run the forward pass in dtype (the weights stay float32)."""
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 # ----------------------------------------------------------------------------- float16's loss scaling
@@ -404,8 +394,7 @@ def trial(run):
 
 
 def interleaved(calls, untimed, timed):
-    """Seconds of each timed call of each function, interleaved so that drift slows them alike; the first
-    untimed calls pay one-time costs (allocations, kernel choices, compilation)."""
+    """Seconds of each timed call of each function, interleaved so that drift slows them alike."""
     times = [[] for _ in calls]
     for i in range(untimed + timed):
         for call, seconds in zip(calls, times):
@@ -424,8 +413,7 @@ def trial_step(run, train_step, ctx, scaler=None):
 
 
 def time_steps(run, train_step, dtypes):
-    """Mean seconds of one optimizer step in each dtype (float32 or bfloat16: no loss scaler).
-    A run's length is a sum of steps, and step times are skewed: the mean, not the median."""
+    """Mean seconds of a step in each dtype (no loss scaler): a run's length is a sum of skewed step times."""
     def step_in(dtype):
         ctx = autocast(run.device, dtype)
         return lambda: trial_step(run, train_step, ctx)[0].item()  # .item(): the device has finished the step

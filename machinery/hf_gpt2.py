@@ -1,6 +1,5 @@
-"""OpenAI's GPT-2 weights in and out of our GPT through Hugging Face transformers, which only this file needs
-(imported where used). Our GPT with pos="learned", norm="layernorm", mlp="gelu", bias=True is GPT-2
-exactly: every weight maps one to one, by another name, four of them transposed (CONV1D)."""
+"""OpenAI's GPT-2 weights in and out of our GPT through Hugging Face transformers (imported only where used). Our GPT
+with GPT2_SWITCHES is GPT-2 exactly: every weight maps one to one, by another name, four of them transposed (CONV1D)."""
 
 import contextlib
 import os
@@ -22,10 +21,8 @@ GPT2_SWITCHES = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": T
 
 # HF's Conv1D stores its weight as (in, out), the transpose of nn.Linear's (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# HF names for the tanh approximation of GELU that our MLP computes (same function, same numbers to ~1e-7)
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-# constant causal-mask buffers of older transformers versions: not weights, nothing to copy
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for our MLP's tanh GELU (equal to ~1e-7)
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # some transformers versions' constant causal masks: not weights
 
 
 def hf_name(key):
@@ -43,26 +40,20 @@ def import_transformers():
 
 def config_from_hf(hf, source, dropout=0.0):
     """Our GPTConfig for an HF config, or one TinyLLMError listing every setting our GPT cannot represent."""
-    problems = []
     if getattr(hf, "model_type", None) != "gpt2":
-        problems.append(f"model_type is {getattr(hf, 'model_type', None)!r}, not 'gpt2'")
-    else:
-        act = hf.activation_function
-        if act not in TANH_GELUS:
-            problems.append(f"activation_function {act!r} (ours is the tanh GELU, 'gelu_new')")
-        if hf.n_inner not in (None, 4 * hf.n_embd):
-            problems.append(f"n_inner {hf.n_inner} (ours is 4 * n_embd = {4 * hf.n_embd})")
-        if abs(hf.layer_norm_epsilon - LAYERNORM_EPS) > 1e-12:
-            problems.append(f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is {LAYERNORM_EPS})")
-        if not getattr(hf, "scale_attn_weights", True):
-            problems.append("scale_attn_weights=False (ours divides scores by sqrt(head size))")
-        if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
-            problems.append("scale_attn_by_inverse_layer_idx=True")
-        if getattr(hf, "add_cross_attention", False):
-            problems.append("add_cross_attention=True")
-        if not getattr(hf, "tie_word_embeddings", True):
-            problems.append("tie_word_embeddings=False (our lm_head is always wte)")
-        # reorder_and_upcast_attn changes only mixed-precision rounding, not the function: fine
+        problems = [f"model_type is {getattr(hf, 'model_type', None)!r}, not 'gpt2'"]
+    else:  # (reorder_and_upcast_attn changes only mixed-precision rounding, not the function: fine)
+        act, eps = hf.activation_function, hf.layer_norm_epsilon
+        problems = [why for wrong, why in (
+            (act not in TANH_GELUS, f"activation_function {act!r} (ours is the tanh GELU, 'gelu_new')"),
+            (hf.n_inner not in (None, 4 * hf.n_embd), f"n_inner {hf.n_inner} (ours is 4 * n_embd = {4 * hf.n_embd})"),
+            (abs(eps - LAYERNORM_EPS) > 1e-12, f"layer_norm_epsilon {eps} (ours is {LAYERNORM_EPS})"),
+            (not getattr(hf, "scale_attn_weights", True),
+             "scale_attn_weights=False (ours divides scores by sqrt(head size))"),
+            (getattr(hf, "scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=True"),
+            (getattr(hf, "add_cross_attention", False), "add_cross_attention=True"),
+            (not getattr(hf, "tie_word_embeddings", True), "tie_word_embeddings=False (our lm_head is always wte)"),
+        ) if wrong]
     if problems:
         raise TinyLLMError(f"{source} is not a GPT-2 our model can represent: {'; '.join(problems)}")
     return GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head,
@@ -70,8 +61,7 @@ def config_from_hf(hf, source, dropout=0.0):
 
 
 def load_gpt2(name_or_path, dropout=0.0):
-    """Our GPT (eval mode, float32) with the GPT-2 weights of name_or_path: a Hub id such as gpt2 (downloaded
-    once, then cached) or a save_pretrained folder. dropout only goes into the config, for fine-tuning."""
+    """Our GPT (eval mode, float32) with the GPT-2 weights of a Hub id or a save_pretrained folder."""
     name = str(name_or_path)
     # a path that does not exist is a typo, not a Hub id: say so instead of asking the Hub
     if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1):
@@ -134,8 +124,7 @@ def eot_id(tokenizer, vocab_size):
 
 
 def export_hf(source, folder):
-    """Write a GPT-2-compatible model (a checkpoint dict or a GPT) as a folder GPT2LMHeadModel.from_pretrained
-    loads; only the model (the GPT-2 tokenizer is AutoTokenizer.from_pretrained("gpt2"))."""
+    """A GPT-2-like model (a checkpoint dict or a GPT) as a GPT2LMHeadModel folder, without the tokenizer (gpt2's)."""
     if isinstance(source, GPT):
         model, tokenizer = source, None
     else:

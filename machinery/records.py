@@ -22,8 +22,7 @@ from machinery.sources import start_ids
 
 
 class Meter:
-    """This process's steps since the last progress line: their figures, on the device until a line or a
-    save needs them (reading one makes a GPU wait), and their time, evaluations and saves left out."""
+    """This process's steps since the last progress line: their time, and figures kept on the device (a read waits)."""
 
     def __init__(self, run):
         self.run, self.state, self.pending, self.seconds, self.steps, self.recent = run, run.state, [], 0.0, 0, []
@@ -99,7 +98,6 @@ def non_finite(run, step, figures):
 # ----------------------------------------------------------------------------- progress lines
 
 def progress_line(run, figures, ms, tokens_per_s, mfu, steps_shown, formats):
-    """A progress line: the averaged figures (each as formats says, else .4g), ms/step, tokens/s, ETA, MFU."""
     step = run.state.step
     eta = format_seconds((float(steps_shown) - step) * ms / 1000) if steps_shown != "?" else "?"
     shown = " | ".join(f"{k} {'-' if v is None else format(v, formats.get(k, '.4g'))}" for k, v in figures.items())
@@ -117,7 +115,6 @@ def speed(run, ms):
 # ----------------------------------------------------------------------------- evaluations
 
 def evaluation_line(run, train_loss, val_loss, steps_shown, improved):
-    """An evaluation's line: both losses, val's bits per character, the uniform baseline at step 0."""
     step = run.state.step
     bits = val_loss / run.corpus.chars_per_token / math.log(2)
     line = f"eval {step:>6}/{steps_shown} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
@@ -134,7 +131,6 @@ def elapsed(run):
 
 
 def save(run, name):
-    """OUT_DIR/name: a checkpoint of the run as it stands (rank 0 writes it)."""
     if run.master:
         save_checkpoint(os.path.join(run.out_dir, name), make_checkpoint(
             run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
@@ -150,7 +146,6 @@ def save_periodic(run):
 
 
 def write_history(run):
-    """history.json, history.csv with a column for every figure any row has, and the plots (rank 0)."""
     history, out_dir = run.state.history, run.out_dir
     if not run.master:
         return
@@ -166,8 +161,7 @@ def write_history(run):
 
 
 def stop_signal(run, stop):
-    """The signal that asked the run to stop (0: none), the same on every rank. One process
-    looks every step; several agree at progress lines, so no step waits for the others."""
+    """The signal that asked the run to stop (0: none); several processes agree at progress lines, so no step waits."""
     if run.world == 1:
         return stop.signum or 0
     if run.state.step % run.cfg.log_interval:
@@ -178,7 +172,6 @@ def stop_signal(run, stop):
 # ----------------------------------------------------------------------------- the end of a run
 
 def done_line(run):
-    """The run's last line: steps, best val loss, training time, what it wrote."""
     files = "" if not run.writes else (f" | {run.out_dir}/: best.pt, last.pt, history.csv"
                                                    + (", loss.png" if run.cfg.plots else ""))
     return (f"done: {run.state.step} steps | best val loss {run.state.best_val_loss:.4f} | total training time "
@@ -186,8 +179,7 @@ def done_line(run):
 
 
 def closing_sample(run):
-    """sample_tokens tokens as generate.py draws them by default, in float32 whatever the training precision:
-    at this size a bfloat16 decoding step is no faster, even on an H100."""
+    """The closing sample as generate.py draws it, in float32: at this size bfloat16 decodes no faster, even on H100s."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
     with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
@@ -213,7 +205,6 @@ def new_plot(height=3, width=7, grid=None):
 
 
 def save_plot(fig, ax, path):
-    """Write the figure to path and close it; with ax, a line plot's legend, grid and tight layout first."""
     import matplotlib.pyplot as plt
     if ax is not None:
         if ax.get_legend_handles_labels()[0]:
@@ -280,7 +271,6 @@ def plot_lr_schedule(train_cfg, path, upto=None, state=None):
 
 
 def draw_lr_schedule(train_cfg):
-    """--plot_lr: the schedule of these settings in OUT_DIR/lr_schedule.png."""
     if train_cfg.time_budget:
         warn(f"--time_budget {train_cfg.time_budget}: a run's end follows its pace; this draws the schedule "
              f"of --max_steps {train_cfg.max_steps} (give --max_steps to choose)")

@@ -129,8 +129,7 @@ def start(model_cfg, train_cfg, options, preset, given, started):
 
 
 def load_source(path, given):
-    """The checkpoint a fine-tuning run starts from: ours (.pt), or GPT-2's by name or Hugging Face folder.
-    Its shape stays: differing model flags are refused, not ignored; --dropout may (it changes no weight)."""
+    """A fine-tuning run's start (a .pt, or GPT-2's): its shape stays; --dropout may change (it changes no weight)."""
     if path.endswith(".pt"):
         source = load_checkpoint(path)
     else:
@@ -188,8 +187,7 @@ def before_first_step(run, train_step):
 
 
 def check_compiles(run, train_step):
-    """One trial step: --compile fails where torch's compiler lacks a C++ compiler (on Windows, Visual C++);
-    this finds out before the run writes anything, and keeps the compiled code for the steps that follow."""
+    """One trial step before the run writes anything: --compile fails without a C++ compiler (Windows: Visual C++)."""
     try:
         with trial(run):
             trial_step(run, train_step, run.ctx, run.scaler)
@@ -230,8 +228,7 @@ def print_header(run):
 # ----------------------------------------------------------------------------- --resume: the checkpoint and its settings
 
 def find_resume(last_path, say):
-    """The checkpoint --resume continues, or None when last_path is not there yet: the same command then
-    starts a run and continues it after every disconnect."""
+    """The checkpoint --resume continues, or None: then the same command starts a run and continues it later."""
     if not os.path.isfile(last_path):
         say(f"--resume: no {last_path} yet, starting a fresh run")
         return None

@@ -15,13 +15,11 @@ from machinery.checkpoint import extend_tokenizer, tokenizer_from_dict
 from machinery.cli import warn
 
 
-# Text is read as "utf-8-sig" (a byte-order mark, which PowerShell and Notepad write, is dropped)
-# with universal newlines (CRLF read as LF): the same text gives the same tokens on every platform.
+# Text is read as "utf-8-sig" (dropping the byte-order mark PowerShell and Notepad write) with universal newlines
+# (CRLF read as LF): the same text gives the same tokens on every platform.
 
 def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
-    """A text source as (text, document_ends) pieces, never all in memory: a .txt file (one document, in
-    chunks cut at line ends), a folder (a document per file ending in extensions), a .jsonl file ("text"
-    per line) or a Q&A .json list. clean: normalise whitespace and drop exact duplicate documents."""
+    """A text source as (text, document_ends) pieces, never all in memory (a .txt file is one document, in chunks)."""
     if not os.path.exists(path):
         raise TinyLLMError(f"data file {path} not found")
     seen = set()
@@ -73,7 +71,6 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
 
 
 def folder_files(folder, extensions=".txt"):
-    """The files under folder ending in one of the comma-separated extensions, sorted, hidden ones skipped."""
     endings = tuple(e.strip().lower() for e in extensions.split(",") if e.strip())
     found = []
     for root, dirs, files in os.walk(folder):
@@ -104,8 +101,7 @@ def clean_text(text):
 
 
 def iter_stream(path, clean=False, extensions=".txt"):
-    """The source as text pieces, a plain text file as it is; several documents each wrapped in
-    "<|endoftext|>", so the model learns where a document (or an answer) ends."""
+    """The source as text pieces, each of several documents wrapped in EOT: the model learns where one ends."""
     multi_doc = os.path.isdir(path) or path.endswith((".json", ".jsonl"))
     if multi_doc:
         yield EOT
@@ -123,8 +119,7 @@ def read_text(path, clean=False, extensions=".txt"):
 # ----------------------------------------------------------------------------- prepared corpora
 
 def load_prepared(path):
-    """A folder written by tools.prepare: (meta, train tokens, val tokens), the tokens as read-only memory
-    maps, so a corpus larger than memory trains without loading it."""
+    """A tools.prepare folder: (meta, train tokens, val tokens), memory-mapped: a corpus larger than memory trains."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -148,9 +143,8 @@ def load_prepared(path):
 # ----------------------------------------------------------------------------- a run's corpus
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
-    """cfg.data as a utils.Corpus, tokenized by tokenizer or a fresh one of cfg.tokenizer's kind (vocab_size:
-    BPE's target); a prepared folder as it is. A char tokenizer that lacks some of the text's characters is
-    extended with them when extend (Corpus.added, old_ids), else refused."""
+    """cfg.data as a utils.Corpus, tokenized by tokenizer or a fresh one (vocab_size: BPE's target). A char tokenizer
+    lacking some of the text's characters is extended with them when extend (Corpus.added, old_ids), else refused."""
     if os.path.isdir(cfg.data) and os.path.isfile(os.path.join(cfg.data, "meta.json")):  # from tools.prepare
         meta, train_ids, val_ids = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:  # resuming or fine-tuning
@@ -167,8 +161,7 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
 
 
 def validation_split(checkpoint, tokenizer, data=None):
-    """(corpus, data): the source a checkpoint's run was validated on, tokenized and split as
-    it was then (its data, clean and data_ext), or another source given as data."""
+    """(corpus, data): the source a checkpoint's run was validated on (or data), tokenized and split as then."""
     saved = checkpoint.get("train_config", {})
     data = data or saved.get("data", TrainConfig.data)
     cfg = TrainConfig(data=data, clean=saved.get("clean", False), data_ext=saved.get("data_ext", ".txt"))
@@ -204,8 +197,7 @@ def read_prompt(cfg):
 
 
 def encode_prompt(tokenizer, prompt, qa=False):
-    """The prompt's token ids, characters the vocabulary lacks dropped with a warning (empty: start_ids).
-    With qa, the prompt is a question, framed as the Q&A training documents were."""
+    """The prompt's ids, characters the vocabulary lacks dropped with a warning; qa frames it as Q&A training did."""
     if qa:
         if tokenizer.eot_id is None:
             raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
@@ -221,8 +213,7 @@ def encode_prompt(tokenizer, prompt, qa=False):
 
 
 def start_ids(tokenizer):
-    """Where sampling starts without a prompt: a line end (byte-level tokenizers can always
-    encode one; a char vocabulary without it starts from its first character)."""
+    """Where sampling starts without a prompt: a line end, or a char vocabulary's first character if it has none."""
     if isinstance(tokenizer, CharTokenizer) and "\n" not in tokenizer.stoi:
         return [0]
     return tokenizer.encode("\n")

@@ -16,8 +16,6 @@ from machinery.device import choose_device, measured_on, resolve_dtype, set_thre
 from machinery.sources import validation_split
 
 
-# ----------------------------------------------------------------------------- flags to settings
-
 def build_parser(device):
     preset = default_preset(device.type)
     if device.type == "cuda":  # (asking the GPU would start CUDA in every process, --device cpu or not)
@@ -38,8 +36,7 @@ def build_parser(device):
 
 
 def parse_flags(argv=None):
-    """(options, model_cfg, train_cfg, preset, given): the flags on top of the preset, which is
-    --preset or the one that suits this machine's device. given: the flags set on the command line."""
+    """(options, model_cfg, train_cfg, preset, given): the flags given on top of --preset or this machine's."""
     given = cli.explicit_flags(build_parser(choose_device("auto")).parse_args(argv))
     options = make_config(RunOptions, given)
     device = choose_device(given.get("device", "auto"))
@@ -49,8 +46,6 @@ def parse_flags(argv=None):
     model_cfg, train_cfg = build_configs(given, preset)
     return options, model_cfg, train_cfg, preset, given
 
-
-# ----------------------------------------------------------------------------- the modes that do not train
 
 def instead_of_training(options, train_cfg, given):
     """--eval_only or --plot_lr: do it and return True. False: this run trains."""
@@ -65,8 +60,7 @@ def instead_of_training(options, train_cfg, given):
 
 
 def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
-    """Loss, perplexity and bits per character over the whole val split a checkpoint's run was
-    validated on (or data's), every position once (token_losses)."""
+    """Loss, perplexity and bits per character on every position of the checkpoint's val split (or data's)."""
     device = choose_device(device_name)
     set_threads(threads)
     model, tokenizer, checkpoint = load_model(path)
@@ -82,8 +76,8 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 
 @torch.no_grad()
 def token_losses(model, ids, batch_size=1):
-    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each predicted once: whole windows of
-    block_size, then the tail, batch_size at a time. Their mean is --eval_only's (estimate_loss samples windows)."""
+    """The loss (nats) of every token of ids (n,) but the first, (n - 1,): whole windows of block_size, then the tail.
+    Their mean is --eval_only's (estimate_loss samples windows)."""
     model.eval()
     T, device = model.config.block_size, model.wte.weight.device
     n = (len(ids) - 1) // T  # whole windows; a split shorter than one is all tail
