@@ -12,8 +12,7 @@ class TinyLLMError(Exception):
 
 
 def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING):
-    """A dataclass field with its --help text, allowed values and extra flag spellings. before: what a
-    checkpoint saved without the setting meant, so that an older run resumes or loads as it was."""
+    """A dataclass field with its --help text; before: what a checkpoint saved without it meant (it loads as it was)."""
     extra = {} if before is dataclasses.MISSING else {"before": before}
     return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases, **extra})
 
@@ -297,7 +296,6 @@ PRESETS = {
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
                   batch_size=64, max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99,
                   eval_interval=250, eval_iters=20),
-    # small with RoPE, SwiGLU and RMSNorm; and a larger model for a GPU
     "small-modern": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, pos="rope", mlp="swiglu",
                          norm="rmsnorm", bias=False, batch_size=64, max_steps=5000, lr=1e-3, min_lr=1e-4,
                          warmup_steps=100, beta2=0.99, eval_interval=250, eval_iters=20),

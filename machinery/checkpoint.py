@@ -111,8 +111,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 
 def extend_tokenizer(tokenizer, text, extend, path):
-    """(tokenizer, None, []) if the tokenizer knows every character of text; else with extend (fine-tuning) a char
-    tokenizer with the new ones appended, old_ids (token i's former id, None if new) and the new characters."""
+    """(tokenizer, old_ids, new characters): with extend, a char tokenizer grown by text's unknown ones, else refused."""
     missing = tokenizer.unknown_chars(text)
     if not missing:
         return tokenizer, None, []
@@ -207,8 +206,7 @@ def describe_run(out_dir):
 
 
 def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
-    """Refuse a fresh run over another run's checkpoints, and check now, not after an hour of training, that
-    the folder is writable. overwrite clears the old run, unless that would delete keep (the --init_from)."""
+    """Refuse a fresh run over another run's checkpoints, and check now, not after an hour of training, it can write."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
     existing = run_files(out_dir)

@@ -28,16 +28,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def bool_flag(text):
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def add_config_flags(parser, cls, defaults=None, names=None, title=None):
-    """One --flag per field of cls; defaults: {name: (value, where it comes from)} where not the dataclass's own.
-    A flag not given is None, so the user's choices can be told from the defaults."""
+    """One --flag per field of cls; one not given is None, so the user's choices can be told from the defaults."""
     group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:

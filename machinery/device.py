@@ -281,7 +281,6 @@ def all_ranks_max(value, world, device):
 
 
 def broadcast_from_master(obj, world):
-    """Rank 0's object (plain Python data) on every rank."""
     if world == 1:
         return obj
     holder = [obj]
@@ -368,10 +367,8 @@ def measure_dtype(run, train_step):
     """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows)."""
     seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
-    if ratio >= BF16_MARGIN:
-        plan = {"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"}
-    else:
-        plan = {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"}
+    plan = ({"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"} if ratio >= BF16_MARGIN
+            else {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"})
     return broadcast_from_master(plan, run.world)
 
 

@@ -39,7 +39,6 @@ def import_transformers():
 
 
 def config_from_hf(hf, source, dropout=0.0):
-    """Our GPTConfig for an HF config, or one TinyLLMError listing every setting our GPT cannot represent."""
     if getattr(hf, "model_type", None) != "gpt2":
         problems = [f"model_type is {getattr(hf, 'model_type', None)!r}, not 'gpt2'"]
     else:  # (reorder_and_upcast_attn changes only mixed-precision rounding, not the function: fine)
@@ -118,9 +117,7 @@ def eot_id(tokenizer, vocab_size):
     kind = tokenizer.get("kind") if tokenizer else None
     if kind == "gpt2" or (kind is None and vocab_size == GPT2_VOCAB_SIZE):  # a bare GPT of GPT-2's size
         return GPT2_EOT
-    if kind == "bpe":
-        return tokenizer.get("special_tokens", {}).get("<|endoftext|>")
-    return None
+    return tokenizer.get("special_tokens", {}).get("<|endoftext|>") if kind == "bpe" else None
 
 
 def export_hf(source, folder):

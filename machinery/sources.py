@@ -143,8 +143,7 @@ def load_prepared(path):
 # ----------------------------------------------------------------------------- a run's corpus
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
-    """cfg.data as a utils.Corpus, tokenized by tokenizer or a fresh one (vocab_size: BPE's target). A char tokenizer
-    lacking some of the text's characters is extended with them when extend (Corpus.added, old_ids), else refused."""
+    """cfg.data as a utils.Corpus; a char tokenizer lacking some characters is extended when extend, else refused."""
     if os.path.isdir(cfg.data) and os.path.isfile(os.path.join(cfg.data, "meta.json")):  # from tools.prepare
         meta, train_ids, val_ids = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:  # resuming or fine-tuning
@@ -214,6 +213,4 @@ def encode_prompt(tokenizer, prompt, qa=False):
 
 def start_ids(tokenizer):
     """Where sampling starts without a prompt: a line end, or a char vocabulary's first character if it has none."""
-    if isinstance(tokenizer, CharTokenizer) and "\n" not in tokenizer.stoi:
-        return [0]
-    return tokenizer.encode("\n")
+    return [0] if isinstance(tokenizer, CharTokenizer) and "\n" not in tokenizer.stoi else tokenizer.encode("\n")

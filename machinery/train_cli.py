@@ -76,8 +76,7 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
 
 @torch.no_grad()
 def token_losses(model, ids, batch_size=1):
-    """The loss (nats) of every token of ids (n,) but the first, (n - 1,): whole windows of block_size, then the tail.
-    Their mean is --eval_only's (estimate_loss samples windows)."""
+    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once (estimate_loss samples windows)."""
     model.eval()
     T, device = model.config.block_size, model.wte.weight.device
     n = (len(ids) - 1) // T  # whole windows; a split shorter than one is all tail
