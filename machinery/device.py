@@ -367,8 +367,10 @@ def measure_dtype(run, train_step):
     """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows)."""
     seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
-    plan = ({"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"} if ratio >= BF16_MARGIN
-            else {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"})
+    if ratio >= BF16_MARGIN:
+        plan = {"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"}
+    else:
+        plan = {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"}
     return broadcast_from_master(plan, run.world)
 
 
