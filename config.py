@@ -71,9 +71,8 @@ class TrainConfig:
                            "its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule (optim.get_lr) ends here")
-    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: the LR decays over the "
-                                   "run's time, its end re-estimated from the recent pace so the whole run ends in "
-                                   "time; empty = off. The tiny preset uses 5m; an explicit --max_steps turns it off")
+    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: after the warmup the LR "
+                                   "decays over the time left, to its floor as the time runs out; empty = off. The tiny preset uses 5m; an explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR's floor: where the schedule ends at max_steps, and stays")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))

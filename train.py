@@ -103,8 +103,8 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, write down their figures, until the run's end or a stop."""
     cfg, state = run.cfg, run.state
-    # progress = (step - warmup_steps) / (max_steps - warmup_steps). Under --time_budget max_steps is replaced by
-    # an end re-estimated from the pace at every line, progress going on in a straight line to it
+    # progress = (step - warmup_steps) / (max_steps - warmup_steps); under --time_budget the share of its
+    # time after the warmup that is spent (less what the closing evaluation and sample need)
     clock = budget.Clock(run)
     meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
     stop_reason, signum = None, 0
@@ -112,10 +112,11 @@ def train_loop(run):
     with cli.StopRequest(announce=run.master) as stop:
         while True:
             at_end = clock.at_end()  # max_steps reached, or the time budget spent
-            if (state.step % cfg.eval_interval == 0 or at_end) and state.step != state.last_eval_step:
+            scheduled = state.step % cfg.eval_interval == 0 and clock.room_for_evaluation()
+            if (scheduled or at_end) and state.step != state.last_eval_step:
                 early = evaluate(run, meter, clock)  # a reason to stop early (--patience, --target_loss), or None
                 stop_reason = stop_reason or early
-                at_end = clock.at_end()
+                at_end = clock.at_end()  # (the evaluation took time)
             if at_end or stop_reason:
                 break
 
@@ -164,7 +165,7 @@ def evaluate(run, meter, clock):
             if improved:
                 records.save(run, "best.pt")
             records.write_history(run)  # history.json, history.csv and the plots
-    clock.evaluated(meter.last_pause, meter.step_seconds())  # a time budget keeps room for the next one
+    clock.evaluated(meter.last_pause)  # a time budget keeps as much for the last one
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
                 f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.out_dir, 'best.pt')})")
@@ -177,15 +178,14 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 
 
 def log_progress(run, meter, clock):
-    """A progress line and a history row for the steps since the last one; a time budget re-aims
-    the end at the latest pace. Returns why the run stops (--overfit_batch done), else None."""
+    """A progress line and a history row for the steps since the last one. Returns why the run
+    stops (--overfit_batch done), else None."""
     state = run.state
     figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
     tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
     run.say(records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.steps_shown(), FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": records.elapsed(run)})
-    clock.paced(meter.step_seconds())  # a time budget: the end, at the latest pace
     if run.options.overfit_batch and figures["loss"] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
     return None

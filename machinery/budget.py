@@ -1,6 +1,6 @@
-"""A run's progress, which optim.get_lr's schedule is a function of: 0 at the end of the warmup, 1 at the end
-(max_steps, or where a --time_budget runs out). A time budget re-estimates its end at every progress line and
-goes on in a straight line from where it is, so the LR never rises and reaches min_lr as the time runs out."""
+"""A run's progress, which optim.get_lr's schedule is a function of: 0 at the end of the warmup, 1 at the end.
+Without a --time_budget it counts steps up to max_steps; with one it counts seconds, the share of the time
+usable after the warmup that is spent, so the run ends as its time runs out with the LR at its floor."""
 
 import math
 import time
@@ -11,7 +11,7 @@ from config import GREEDY, TinyLLMError, parse_duration
 import sampling
 
 from machinery.cli import format_seconds
-from machinery.device import broadcast_from_master
+from machinery.device import all_ranks_mean
 
 
 def now():
@@ -19,116 +19,92 @@ def now():
     return time.perf_counter()
 
 
-SAFETY = 0.01     # of a time budget: for the process's exit, and drift after the last estimate
+SAFETY = 0.01     # of a time budget: for the process's exit and the device's last queued steps
 
 
-def progress(step, progress_from, end_step):
-    """Progress at step: a straight line from progress_from = [step0, progress0] to 1 at end_step."""
-    step0, progress0 = progress_from
-    if step >= end_step:
+def progress(at, progress_from, end):
+    """Progress at `at` (a step, or seconds spent): a straight line from progress_from = [at0, progress0] to 1 at end."""
+    at0, progress0 = progress_from
+    if at >= end:
         return 1.0
-    if step <= step0:
+    if at <= at0:
         return progress0
-    return progress0 + (1 - progress0) * (step - step0) / (end_step - step0)
-
-
-def start_and_end(state, cfg):
-    """(progress_from, end_step): from 0 at the warmup's end unless re-aimed, to max_steps or a budget's estimate."""
-    start = state.progress_from or [cfg.warmup_steps, 0.0]
-    end = (state.end_step if state.end_step is not None else math.inf) if cfg.time_budget else cfg.max_steps
-    return start, end
-
-
-def run_progress(state, cfg):
-    return progress(state.step, *start_and_end(state, cfg))
+    return progress0 + (1 - progress0) * (at - at0) / (end - at0)
 
 
 def resume_at(state, cfg, old_end):
-    """A new end on resume (--max_steps): progress goes on from where old_end had it, to 1 at the new end."""
+    """A new end on resume (--max_steps): progress goes on from where old_end (None: a time budget) had it."""
     if state.step >= cfg.warmup_steps:
-        state.progress_from = [state.step, progress(state.step, start_and_end(state, cfg)[0], old_end)]
-    state.end_step = None
+        now = state.progress if old_end is None else progress(state.step, state.progress_from or
+                                                               [cfg.warmup_steps, 0.0], old_end)
+        state.progress_from = [state.step, now]
 
 
 class Clock:
-    """The loop's progress and end; a --time_budget's end is re-aimed from the time spent (resumes included)."""
+    """The loop's progress: steps to max_steps, or under a --time_budget the time spent (resumes included)."""
 
     def __init__(self, run):
-        self.state, self.cfg, self.master, self.world = run.state, run.cfg, run.master, run.world
+        self.state, self.cfg, self.world, self.device = run.state, run.cfg, run.world, run.device
         self.seconds = parse_duration(run.cfg.time_budget) if run.cfg.time_budget else None
         self.started, self.earlier = run.started, run.state.seconds
-        self.sample_seconds = time_sample(run) if self.seconds else 0.0  # measured before the first step
+        self.sample_seconds = self.agreed(time_sample(run)) if self.seconds else 0.0  # before the first step
+        self.first = None  # (step, seconds spent) at this process's first step after the warmup: its pace
 
-    def progress(self):
-        return run_progress(self.state, self.cfg)
-
-    def at_end(self):
-        return self.state.step >= start_and_end(self.state, self.cfg)[1]
-
-    def steps_shown(self):
-        """The step the run ends at, as a line shows it: max_steps, a budget's estimate, or ? before its first."""
-        end = start_and_end(self.state, self.cfg)[1]
-        return "?" if end == math.inf else f"{math.ceil(end)}"
+    def agreed(self, seconds):
+        """Several processes read their clocks a little apart: every one takes their mean, so all decide alike."""
+        return all_ranks_mean([seconds], self.world, self.device)[0]
 
     def spent(self):
-        return self.earlier + now() - self.started
+        return self.agreed(self.earlier + now() - self.started)
 
-    def evaluated(self, seconds, step_seconds):
-        """An evaluation took seconds (saves and plots included): a budget keeps room for one more, and re-aims."""
-        if self.seconds:
-            self.state.eval_seconds = seconds
-            self.paced(step_seconds)
+    def usable(self):
+        """The budget less the closing sample, one evaluation at the end and SAFETY."""
+        return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
-    def paced(self, step_seconds):
-        """A budget aims progress straight from here (in the warmup: from its end) to where its time runs out."""
+    def progress(self):
+        """How far the run is, 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
+        state, cfg = self.state, self.cfg
         if not self.seconds:
-            return
-        state, cfg, end = self.state, self.cfg, None
-        if self.master:
-            try:
-                end = self.end_step(step_seconds)
-            except TinyLLMError as e:
-                end = str(e)
-        end = broadcast_from_master(end, self.world)
-        if isinstance(end, str):
-            raise TinyLLMError(end)
-        if end is not None:
-            if state.step >= cfg.warmup_steps:
-                state.progress_from = [state.step, run_progress(state, cfg)]
-            state.end_step = end
+            return progress(state.step, state.progress_from or [cfg.warmup_steps, 0.0], cfg.max_steps)
+        spent = self.spent()
+        if state.progress_from is None:  # the decay has not begun
+            if spent >= self.usable():
+                raise self.too_short(spent)
+            if state.step < cfg.warmup_steps:
+                return 0.0
+            state.progress_from = [spent, 0.0]  # the warmup's end, in seconds
+        self.first = self.first or (state.step, spent)
+        state.progress = progress(spent, state.progress_from, self.usable())
+        return state.progress
 
-    def end_step(self, step_seconds):
-        """The most steps (and their evaluations) that fit in what is left less the closing sample, SAFETY and one
-        more evaluation: an unforeseen one would cut the schedule short. None before a step is timed."""
-        state, cfg = self.state, self.cfg
-        left = self.seconds * (1 - SAFETY) - self.spent() - state.eval_seconds - self.sample_seconds
-        if not step_seconds:
-            if left <= 0:
-                raise self.too_short(0.0)
-            return None
-        first = state.step + (state.last_eval_step == state.step)  # the first step that may still evaluate
+    def at_end(self):
+        return self.progress() >= 1 if self.seconds else self.state.step >= self.cfg.max_steps
 
-        def fits(n):  # n more steps, and the evaluations on the way (at steps first to step + n - 1)
-            evaluations = max(0, (state.step + n - 1) // cfg.eval_interval - (first - 1) // cfg.eval_interval)
-            return n * step_seconds + evaluations * state.eval_seconds <= left
+    def room_for_evaluation(self):
+        """False where a budget's scheduled evaluation would leave no time for steps (the one at the end comes
+        soon): progress would jump to the end over it, and the last step's LR stay above the floor."""
+        return not self.seconds or self.spent() + self.state.eval_seconds < self.usable()
 
-        n = max(0, int(left / (step_seconds + state.eval_seconds / cfg.eval_interval)))  # about right; then exactly
-        while fits(n + 1):
-            n += 1
-        while n > 0 and not fits(n):
-            n -= 1
-        if state.step + n <= cfg.warmup_steps:
-            raise self.too_short(step_seconds)
-        return state.step + n
+    def evaluated(self, seconds):
+        """An evaluation took seconds (saves and plots included): a budget keeps that much for the last one."""
+        self.state.eval_seconds = self.agreed(seconds)
 
-    def too_short(self, step_seconds):
-        state, cfg = self.state, self.cfg
-        need = self.spent() + state.eval_seconds + self.sample_seconds + 2 * cfg.warmup_steps * step_seconds
+    def steps_shown(self):
+        """The step the run ends at, as a line shows it: max_steps, or a budget's estimate at its pace so far."""
+        if not self.seconds:
+            return f"{self.cfg.max_steps}"
+        step, spent = self.state.step, self.spent()
+        if not self.first or step == self.first[0] or spent <= self.first[1]:
+            return "?"
+        pace = (spent - self.first[1]) / (step - self.first[0])  # seconds per step, evaluations included
+        return f"{step + max(0, math.ceil((self.usable() - spent) / pace))}"
+
+    def too_short(self, spent):
+        cfg = self.cfg
         return TinyLLMError(
-            f"--time_budget {cfg.time_budget} is too short here: {self.spent():.1f}s are gone, an evaluation takes "
-            f"{state.eval_seconds:.1f}s, a step {1000 * step_seconds:.0f}ms and the closing sample "
-            f"{self.sample_seconds:.1f}s, which leaves no time after the warmup ({cfg.warmup_steps} steps); give at "
-            f"least {need / (1 - SAFETY):.0f}s")
+            f"--time_budget {cfg.time_budget} is too short here: {spent:.1f}s were gone before the warmup's "
+            f"{cfg.warmup_steps} steps were done (an evaluation takes {self.state.eval_seconds:.1f}s and the closing "
+            f"sample {self.sample_seconds:.1f}s); give a longer budget, or fewer --warmup_steps")
 
     def summary(self):
         """A time budget's closing line: the time used, and the --max_steps that trains as many steps (else None)."""

@@ -25,7 +25,7 @@ class Meter:
     """This process's steps since the last progress line: their time, and figures kept on the device (a read waits)."""
 
     def __init__(self, run):
-        self.run, self.state, self.pending, self.seconds, self.steps, self.recent = run, run.state, [], 0.0, 0, []
+        self.run, self.state, self.pending, self.seconds, self.steps = run, run.state, [], 0.0, 0
         self.mark = budget.now()
 
     def add(self, figures):
@@ -72,17 +72,8 @@ class Meter:
                   for k in dict.fromkeys(k for row in window for k in row)}
         figures = {k: sum(v) / len(v) if v else None for k, v in finite.items()}
         ms = 1000 * self.seconds / max(1, self.steps)
-        if self.steps:
-            self.recent = (self.recent + [(self.steps, self.seconds)])[-2:]
         self.state.window, self.seconds, self.steps = [], 0.0, 0
         return figures, ms
-
-    def step_seconds(self):
-        """Seconds per step over the latest progress lines (None before any)."""
-        if not self.recent:
-            return None
-        steps, seconds = (sum(column) for column in zip(*self.recent))
-        return seconds / steps
 
 
 def non_finite(run, step, figures):
@@ -254,13 +245,13 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
 
 
 def plot_lr_schedule(train_cfg, path, upto=None, state=None):
-    """The LR schedule: the steps a run took at the LRs it logged, the rest as its state (else its settings) plans."""
-    start, end = budget.start_and_end(state, train_cfg) if state else ([train_cfg.warmup_steps, 0.0],
-                                                                       train_cfg.max_steps)
+    """The LR schedule: the steps a run took at the LRs it logged, the rest as planned (under a time budget: none)."""
+    start = (state and state.progress_from) or [train_cfg.warmup_steps, 0.0]
     taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]
     first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
-    planned = [] if end == math.inf else [(s, get_lr(s, budget.progress(s, start, end), train_cfg))
-                                          for s in range(first, math.ceil(end) + 1)]  # a budget's end: once estimated
+    planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace: not drawn
+        (s, get_lr(s, budget.progress(s, start, train_cfg.max_steps), train_cfg))
+        for s in range(first, train_cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot([s for s, _ in taken + planned], [lr for _, lr in taken + planned])
     if upto is not None:

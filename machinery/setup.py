@@ -30,8 +30,8 @@ class TrainState:
     grad_norm: float = None          # of the latest step; None before the first
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
     window: list = field(default_factory=list)   # the figures of the steps since the last progress row
-    progress_from: list = None       # [step, progress] where the run's progress was last aimed (budget.py)
-    end_step: float = None           # a --time_budget run's estimated end (budget.py)
+    progress_from: list = None       # [step, progress] (a time budget: [seconds, progress]) its progress runs on from
+    progress: float = 0.0            # a time budget's, of the latest step (budget.py)
     eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
     seconds: float = 0.0             # training wall time over every process of the run (resumes)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
@@ -218,8 +218,8 @@ def print_header(run):
             + (f" ({' x '.join(split)} of {run.micro_batch})" if split else "")
             + f" | train {len(tokens.train):,} tokens, val {len(tokens.val):,} tokens")
     if cfg.time_budget:
-        run.say(f"time budget {cfg.time_budget}: the LR decays over the run's time; the end is estimated at every "
-                f"progress line from the pace of the latest steps" + (", continuing" if run.state.step else ""))
+        run.say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left, less the "
+                f"closing evaluation and sample" + (", continuing" if run.state.step else ""))
     elif cfg.max_steps <= cfg.warmup_steps:
         warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never "
              f"reaches its peak nor decays; use a smaller --warmup_steps")
@@ -271,16 +271,15 @@ def conflicting_flags(given, saved, changeable, words):
 # ----------------------------------------------------------------------------- --resume: the state put back
 
 def restore(run, checkpoint):
-    """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps re-aims progress."""
+    """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps moves progress's end."""
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
     for row in state.history:  # rows written before progress rows existed were evaluations
         row.setdefault("kind", "eval")
     older_version(state, checkpoint, run.cfg)
-    saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or its time budget's latest estimate
-    old_end = ((math.inf if state.end_step is None else state.end_step) if saved.get("time_budget")
-               else saved["max_steps"])
+    saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget
+    old_end = None if saved.get("time_budget") else saved["max_steps"]
     if not run.cfg.time_budget and run.cfg.max_steps != old_end:  # a new --max_steps
         if state.step >= run.cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
@@ -293,8 +292,9 @@ def restore(run, checkpoint):
 
 
 def older_version(state, checkpoint, cfg):
-    """What older versions' checkpoints kept otherwise: a window of (loss, norm) pairs, a time budget's planned
-    max_steps, and the moved end of their cosine (decay_from: [step, peak, share done], or [step, lr])."""
+    """What older versions' checkpoints kept otherwise: a window of (loss, norm) pairs, the moved end of their
+    cosine (decay_from: [step, peak, share done], or [step, lr]), and a time budget's progress in steps to its
+    estimated end (end_step) or planned max_steps."""
     if state.window and not isinstance(state.window[0], dict):
         state.window = [{"loss": loss, "lr": state.lr, "grad_norm": norm} for loss, norm in state.window]
     moved = checkpoint.get("decay_from")
@@ -303,5 +303,8 @@ def older_version(state, checkpoint, cfg):
     elif moved:  # the progress at which the cosine gives lr
         share = 2 * (moved[1] - cfg.min_lr) / max(cfg.lr - cfg.min_lr, 1e-12) - 1
         state.progress_from = [moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi]
-    if checkpoint["train_config"].get("time_budget") and state.end_step is None and (state.plan or {}).get("max_steps"):
-        state.end_step = checkpoint["train_config"]["max_steps"]  # the planned end
+    saved = checkpoint["train_config"]
+    if saved.get("time_budget") and "progress" not in checkpoint and state.step >= cfg.warmup_steps:
+        end = checkpoint.get("end_step") or (state.plan or {}).get("max_steps") or saved["max_steps"]
+        state.progress = budget.progress(state.step, state.progress_from or [cfg.warmup_steps, 0.0], end)
+        state.progress_from = [state.seconds, state.progress]  # on in seconds from where it was

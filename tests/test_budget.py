@@ -1,5 +1,5 @@
-"""--time_budget (budget.py): the run's progress, which the LR schedule is a function of, moves
-with measured time, its end estimated at every progress line. Tiny budgeted runs on a clock
+"""--time_budget (budget.py): the run's progress, which the LR schedule is a function of, is the
+share of the time after the warmup that is spent, less what the end needs. Tiny budgeted runs on a clock
 that only their own steps and evaluations move (budget.now, replaced where it is read) check the
 same on any machine: the run ends in time with its progress at the end, follows a pace that
 changes without a jump, resumes where it was, and runs whatever schedule optim.get_lr holds
@@ -18,8 +18,7 @@ from conftest import ROOT, TINY_SHAPE, assert_one_line_error, cli, interrupt_at,
 import train
 
 from machinery import budget
-from machinery.checkpoint import load_checkpoint
-from machinery.setup import TrainState
+from machinery.checkpoint import load_checkpoint, save_checkpoint
 
 QUICK = ["--eval_iters", "2", "--plots", "false", "--eval_interval", "40", "--warmup_steps", "10"]
 
@@ -57,14 +56,15 @@ def budget_run(capsys, data, out_dir, budget_seconds=3.0, *extra):
                "--time_budget", f"{budget_seconds}s", "--out_dir", out_dir, *extra)
 
 
-def assert_progress_rises_to_the_end(progress, warmup_steps):
-    """After the warmup, progress never falls nor jumps (no step moves it more than three times a
-    steady run's step), and the last step is within three such steps of the end, as the last
-    step of a run of --max_steps is one step before it."""
-    after = progress[warmup_steps:]
-    steady = 1 / len(after)
-    assert all(0 <= b - a <= 3 * steady for a, b in zip(after, after[1:]))
-    assert 1 - 3 * steady <= after[-1] < 1
+def assert_progress_rises_to_the_end(progress, warmup_steps, eval_interval=40):
+    """After the warmup, progress never falls and moves by at most three times a steady run's step,
+    but across an evaluation (its time is the run's time too); the last step is within three such
+    steps of the end, as the last step of a run of --max_steps is one step before it."""
+    steady = 1 / (len(progress) - warmup_steps)
+    for step in range(warmup_steps + 1, len(progress)):
+        moved = progress[step] - progress[step - 1]
+        assert 0 <= moved and (moved <= 3 * steady or step % eval_interval == 0), (step, moved, steady)
+    assert 1 - 3 * steady <= progress[-1] < 1
 
 
 @pytest.mark.parametrize("drift", ["steady", "slows", "speeds_up"])
@@ -108,17 +108,13 @@ def test_a_budgeted_run_resumes_where_it_was_and_still_ends_in_time(shakespeare_
         code, out, err = budget_run(capsys, shakespeare_head, tmp_path / "budget")
     assert code == 143, err
     stopped = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
-    assert stopped["step"] == 32 and stopped["end_step"] > 32 and stopped["progress_from"][0] >= 10
-    progress_at_stop = budget.run_progress(TrainState(**{k: stopped[k] for k in ("step", "progress_from", "end_step")}),
-                                           TrainConfig(**stopped["train_config"]))
-    resumed_from = len(progress)
+    assert stopped["step"] == 32 and stopped["progress"] == progress[-1] > 0  # the last step's, saved
     code, resumed, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget")
     assert code == 0 and "continuing" in resumed, err
     last = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
     cfg = TrainConfig(**last["train_config"])
     assert last["step"] > 32 and 0.9 * 3 < clock() <= 3  # the two processes together filled the budget
-    assert progress[resumed_from] == pytest.approx(progress_at_stop, rel=1e-9)  # it went on where it was...
-    assert_progress_rises_to_the_end(progress, cfg.warmup_steps)  # ...and on to the end
+    assert_progress_rises_to_the_end(progress, cfg.warmup_steps)  # on from where it was to the end, no jump
 
 
 def test_a_budgeted_run_resumed_with_max_steps_goes_on_from_its_progress(shakespeare_head, tmp_path, capsys,
@@ -131,14 +127,33 @@ def test_a_budgeted_run_resumed_with_max_steps_goes_on_from_its_progress(shakesp
         code, _, err = budget_run(capsys, shakespeare_head, tmp_path / "budget")
     assert code == 143, err
     stopped = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
-    at_stop = budget.run_progress(TrainState(**{k: stopped[k] for k in ("step", "progress_from", "end_step")}),
-                                  TrainConfig(**stopped["train_config"]))
+    at_stop = stopped["progress"]
     assert 0 < at_stop < 1
     resumed_from = len(progress)
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget", "--max_steps", "60")
     assert code == 0, err
     assert progress[resumed_from] == pytest.approx(at_stop, rel=1e-9) and len(progress) == 60
     assert all(0 <= b - a for a, b in zip(progress[resumed_from:], progress[resumed_from + 1:]))
+
+
+def test_a_budgeted_checkpoint_of_the_previous_version_resumes_where_its_progress_was(shakespeare_head, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """The previous version counted a budget's progress in steps, on to an end it estimated (end_step)."""
+    clock, progress = on_a_clock_of_steps(monkeypatch, lambda n: 0.02)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 32, signal.SIGTERM)
+        code, _, err = budget_run(capsys, shakespeare_head, tmp_path / "budget")
+    assert code == 143, err
+    path = str(tmp_path / "budget" / "last.pt")
+    checkpoint = load_checkpoint(path)
+    del checkpoint["progress"]
+    checkpoint["progress_from"], checkpoint["end_step"] = [20, 0.25], 100  # at step 32: 0.25 + 0.75 * 12 / 80
+    save_checkpoint(path, checkpoint)
+    resumed_from = len(progress)
+    code, _, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget")
+    assert code == 0, err
+    assert progress[resumed_from] == pytest.approx(0.3625) and progress[-1] > 0.95 and clock() <= 3
+    assert all(a <= b for a, b in zip(progress[resumed_from:], progress[resumed_from + 1:]))
 
 
 def test_a_budget_too_short_for_one_evaluation_is_one_line(shakespeare_head, tmp_path, capsys):
