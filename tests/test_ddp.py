@@ -156,8 +156,8 @@ def test_ranks_agree_on_a_stop_signal_and_the_run_resumes_under_torchrun(shakesp
     assert torch.isfinite(logits).all()
 
 
-def test_a_time_budget_that_fails_on_rank_0_fails_every_rank_with_one_line(shakespeare_head, tmp_path):
-    # rank 0 plans alone; were its error not handed on, rank 1 would wait for the plan forever
+def test_a_time_budget_too_short_fails_every_rank_with_one_line(shakespeare_head, tmp_path):
+    # the ranks read one clock (their mean): one failing alone would leave the other waiting forever
     shape = ["--device", "cpu", "--data", shakespeare_head, "--out_dir", tmp_path / "run", "--n_layer", "1",
              "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "16", "--eval_iters", "1",
              "--sample_tokens", "0", "--plots", "false", "--warmup_steps", "10", "--time_budget", "0.001s"]
