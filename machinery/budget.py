@@ -32,11 +32,15 @@ def progress(at, progress_from, end):
     return progress0 + (1 - progress0) * (at - at0) / (end - at0)
 
 
+def by_steps(step, state, cfg, end):
+    """Progress at step of a run that ends at step end: from the state's progress_from, else 0 at the warmup's end."""
+    return progress(step, (state and state.progress_from) or [cfg.warmup_steps, 0.0], end)
+
+
 def resume_at(state, cfg, old_end):
     """A new end on resume (--max_steps): progress goes on from where old_end (None: a time budget) had it."""
     if state.step >= cfg.warmup_steps:
-        now = state.progress if old_end is None else progress(state.step, state.progress_from or
-                                                               [cfg.warmup_steps, 0.0], old_end)
+        now = state.progress if old_end is None else by_steps(state.step, state, cfg, old_end)
         state.progress_from = [state.step, now]
 
 
@@ -65,7 +69,7 @@ class Clock:
         """How far the run is, 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
         state, cfg = self.state, self.cfg
         if not self.seconds:
-            return progress(state.step, state.progress_from or [cfg.warmup_steps, 0.0], cfg.max_steps)
+            return by_steps(state.step, state, cfg, cfg.max_steps)
         spent = self.spent()
         if state.progress_from is None:  # the decay has not begun
             if spent >= self.usable():

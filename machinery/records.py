@@ -246,11 +246,10 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
 
 def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     """The LR schedule: the steps a run took at the LRs it logged, the rest as planned (under a time budget: none)."""
-    start = (state and state.progress_from) or [train_cfg.warmup_steps, 0.0]
     taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]
     first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
     planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace: not drawn
-        (s, get_lr(s, budget.progress(s, start, train_cfg.max_steps), train_cfg))
+        (s, get_lr(s, budget.by_steps(s, state, train_cfg, train_cfg.max_steps), train_cfg))
         for s in range(first, train_cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot([s for s, _ in taken + planned], [lr for _, lr in taken + planned])

@@ -306,5 +306,5 @@ def older_version(state, checkpoint, cfg):
     saved = checkpoint["train_config"]
     if saved.get("time_budget") and "progress" not in checkpoint and state.step >= cfg.warmup_steps:
         end = checkpoint.get("end_step") or (state.plan or {}).get("max_steps") or saved["max_steps"]
-        state.progress = budget.progress(state.step, state.progress_from or [cfg.warmup_steps, 0.0], end)
+        state.progress = budget.by_steps(state.step, state, cfg, end)
         state.progress_from = [state.seconds, state.progress]  # on in seconds from where it was
