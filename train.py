@@ -112,11 +112,11 @@ def train_loop(run):
     with cli.StopRequest(announce=run.master) as stop:
         while True:
             at_end = clock.at_end()  # max_steps reached, or the time budget spent
+            # an evaluation every eval_interval steps (under a budget, if time is left for steps after it) and
+            # at the end, never twice at one step (a resumed run starts where its last evaluation was)
             scheduled = state.step % cfg.eval_interval == 0 and clock.room_for_evaluation()
             if (scheduled or at_end) and state.step != state.last_eval_step:
-                early = evaluate(run, meter, clock)  # a reason to stop early (--patience, --target_loss), or None
-                stop_reason = stop_reason or early
-                at_end = clock.at_end()  # (the evaluation took time)
+                stop_reason = stop_reason or evaluate(run, meter, clock)  # --patience, --target_loss: stop early
             if at_end or stop_reason:
                 break
 
