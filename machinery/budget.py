@@ -65,24 +65,27 @@ class Clock:
         """The budget less the closing sample, one evaluation at the end and SAFETY."""
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
+    def at_end(self):
+        """max_steps reached, or the time budget spent (before the decay began: too short, an error)."""
+        if not self.seconds:
+            return self.state.step >= self.cfg.max_steps
+        spent = self.spent()
+        if spent >= self.usable() and self.state.progress_from is None:
+            raise self.too_short(spent)
+        return spent >= self.usable()
+
     def progress(self):
         """How far the run is, 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
         state, cfg = self.state, self.cfg
         if not self.seconds:
             return by_steps(state.step, state, cfg, cfg.max_steps)
+        if state.step < cfg.warmup_steps and state.progress_from is None:
+            return 0.0
         spent = self.spent()
-        if state.progress_from is None:  # the decay has not begun
-            if spent >= self.usable():
-                raise self.too_short(spent)
-            if state.step < cfg.warmup_steps:
-                return 0.0
-            state.progress_from = [spent, 0.0]  # the warmup's end, in seconds
+        state.progress_from = state.progress_from or [spent, 0.0]  # the warmup's end, in seconds
         self.first = self.first or (state.step, spent)
         state.progress = progress(spent, state.progress_from, self.usable())
         return state.progress
-
-    def at_end(self):
-        return self.progress() >= 1 if self.seconds else self.state.step >= self.cfg.max_steps
 
     def room_for_evaluation(self):
         """False where a budget's scheduled evaluation would leave no time for steps (the one at the end comes
