@@ -163,3 +163,22 @@ def test_a_time_budget_too_short_fails_every_rank_with_one_line(shakespeare_head
              "--sample_tokens", "0", "--plots", "false", "--warmup_steps", "10", "--time_budget", "0.001s"]
     for code, _, err in two_ranks(os.path.join(ROOT, "train.py"), *shape, timeout=60):
         assert_one_line_error(code, err, "too short")
+
+
+def test_a_time_budget_ends_every_rank_at_the_same_step_with_the_lr_at_its_floor(shakespeare_head, tmp_path):
+    # every rank reads the clock at every step and takes the ranks' mean: a rank that ended alone would
+    # leave the other waiting in its next step's gradient exchange until the timeout
+    budget_seconds = 15
+    shape = ["--device", "cpu", "--data", shakespeare_head, "--out_dir", tmp_path / "run", "--n_layer", "1",
+             "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "16", "--eval_iters", "1",
+             "--sample_tokens", "0", "--plots", "false", "--warmup_steps", "5", "--eval_interval", "100",
+             "--log_interval", "10", "--time_budget", f"{budget_seconds}s"]
+    t0 = time.perf_counter()
+    for code, _, err in two_ranks(os.path.join(ROOT, "train.py"), *shape, timeout=90):
+        assert code == 0, err[-2000:]
+    took = time.perf_counter() - t0
+    last = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    cfg = last["train_config"]
+    assert last["step"] > 5 and last["progress"] > 0.99 and last["last_eval_step"] == last["step"]
+    assert last["lr"] <= cfg["min_lr"] + 0.01 * (cfg["lr"] - cfg["min_lr"])  # the last step's, at the floor
+    assert took < budget_seconds + 10  # the margin is for a busy machine
