@@ -14,8 +14,8 @@ def get_lr(step, progress, cfg):
     warmup_steps steps, then a decay from lr to min_lr as the run's progress goes from 0 (the end
     of the warmup) to 1 (the end of the run), then min_lr. The decay's shape is cfg.lr_schedule;
     a new shape is a new choice of it in config.py and a formula of step and progress here. How
-    progress advances is the run's business, not this one's. The last step taken is one step's
-    share short of 1, so a shape still steep there ends that far above min_lr (the cosine is flat)."""
+    progress advances is the run's business, not this one's. The last step of --max_steps is one
+    step's share short of 1, so a shape still steep there ends that far above min_lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if progress >= 1.0:  # the run's end (and any step past it): the floor, whatever the shape before it

@@ -52,7 +52,6 @@ class Clock:
         self.seconds = parse_duration(run.cfg.time_budget) if run.cfg.time_budget else None
         self.started, self.earlier = run.started, run.state.seconds
         self.sample_seconds = self.agreed(time_sample(run)) if self.seconds else 0.0  # before the first step
-        self.first = None  # (step, seconds spent) at this process's first step after the warmup: its pace
 
     def agreed(self, seconds):
         """Several processes read their clocks a little apart: every one takes their mean, so all decide alike."""
@@ -83,9 +82,14 @@ class Clock:
             return 0.0
         spent = self.spent()
         state.progress_from = state.progress_from or [spent, 0.0]  # the warmup's end, in seconds
-        self.first = self.first or (state.step, spent)
-        state.progress = progress(spent, state.progress_from, self.usable())
+        # to 1 one step before the time is spent: the last step is at the end of the schedule
+        state.progress = progress(spent, state.progress_from, self.usable() - self.pace(spent))
         return state.progress
+
+    def pace(self, spent):
+        """Seconds a step since the warmup, evaluations included (0 before the first)."""
+        steps = self.state.step - self.cfg.warmup_steps
+        return (spent - self.state.progress_from[0]) / steps if steps > 0 and self.state.progress_from else 0.0
 
     def room_for_evaluation(self):
         """False where a budget's scheduled evaluation would leave no time for steps (the one at the end comes
@@ -100,11 +104,9 @@ class Clock:
         """The step the run ends at, as a line shows it: max_steps, or a budget's estimate at its pace so far."""
         if not self.seconds:
             return f"{self.cfg.max_steps}"
-        step, spent = self.state.step, self.spent()
-        if not self.first or step == self.first[0] or spent <= self.first[1]:
-            return "?"
-        pace = (spent - self.first[1]) / (step - self.first[0])  # seconds per step, evaluations included
-        return f"{step + max(0, math.ceil((self.usable() - spent) / pace))}"
+        spent = self.spent()
+        pace = self.pace(spent)
+        return f"{self.state.step + max(0, math.ceil((self.usable() - spent) / pace))}" if pace > 0 else "?"
 
     def too_short(self, spent):
         cfg = self.cfg
@@ -116,9 +118,9 @@ class Clock:
     def summary(self):
         """A time budget's closing line: the time used, and the --max_steps that trains as many steps (else None)."""
         if self.seconds:
-            return (f"time budget {self.cfg.time_budget}: {format_seconds(self.spent())} used, "
-                    f"{self.state.step:,} steps (python train.py --max_steps {self.state.step} trains as many, "
-                    f"decaying by steps)")
+            return (f"time budget {self.cfg.time_budget}: {format_seconds(self.spent())} used, {self.state.step:,} "
+                    f"steps, the last at LR {self.state.lr:.4g} (floor {self.cfg.min_lr:g}) (python train.py "
+                    f"--max_steps {self.state.step} trains as many, decaying by steps)")
 
 
 def time_sample(run):

@@ -6,6 +6,7 @@ changes without a jump, resumes where it was, and runs whatever schedule optim.g
 (the tests watch progress, not the LR, so they hold for any schedule); one run on the real
 clock checks that it ends in time."""
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def assert_progress_rises_to_the_end(progress, warmup_steps, eval_interval=40):
     for step in range(warmup_steps + 1, len(progress)):
         moved = progress[step] - progress[step - 1]
         assert 0 <= moved and (moved <= 3 * steady or step % eval_interval == 0), (step, moved, steady)
-    assert 1 - 3 * steady <= progress[-1] < 1
+    assert 1 - 3 * steady <= progress[-1] <= 1
 
 
 @pytest.mark.parametrize("drift", ["steady", "slows", "speeds_up"])
@@ -99,6 +100,19 @@ def test_a_budget_runs_whatever_schedule_get_lr_holds(shakespeare_head, tmp_path
     held = [lr for lr in lrs[cfg.warmup_steps:] if lr == cfg.lr]
     assert 0.6 * len(lrs) < len(held) < 0.85 * len(lrs)  # the stable part: about 80% of the steps after the warmup
     assert lrs[-1] <= cfg.min_lr + 0.05 * (cfg.lr - cfg.min_lr) and clock() <= 3  # down at the end, in time
+
+
+@pytest.mark.parametrize("schedule", next(f for f in dataclasses.fields(TrainConfig)
+                                           if f.name == "lr_schedule").metadata["choices"])
+def test_every_schedule_config_offers_takes_its_last_budgeted_step_at_the_floor(shakespeare_head, tmp_path, capsys,
+                                                                                monkeypatch, schedule):
+    lrs, step = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda m, o, b, lr, *a, **k: lrs.append(lr) or step(m, o, b, lr, *a, **k))
+    clock, _ = on_a_clock_of_steps(monkeypatch, lambda n: 0.0137)  # the budget's end falls inside a step
+    code, out, err = budget_run(capsys, shakespeare_head, tmp_path / "run", 3.0, "--lr_schedule", schedule)
+    cfg = TrainConfig(**load_checkpoint(str(tmp_path / "run" / "last.pt"))["train_config"])
+    assert code == 0 and cfg.lr_schedule == schedule, err
+    assert lrs[-1] == cfg.min_lr and clock() <= 3 and f"the last at LR {cfg.min_lr:.4g}" in out
 
 
 def test_a_budgeted_run_resumes_where_it_was_and_still_ends_in_time(shakespeare_head, tmp_path, capsys, monkeypatch):
