@@ -176,14 +176,14 @@ class SampleConfig:
     qa: bool = setting(False, "the prompt is a question: frame it as in Q&A training and stop after the answer")
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
     show_probs: bool = setting(False, "annotate each new token with its probability under the distribution it "
-                                      "was drawn from (after temperature, top-k, top-p; greedy: temperature 1's) "
+                                      "was drawn from (after the sampling settings; greedy: temperature 1's) "
                                       "and that distribution's entropy; a terminal gets colours, a file or pipe "
                                       "one row per token; each sample ends with its perplexity")
     show_top: int = setting(0, "with the annotations, also list the K most likely tokens at each step "
                                "(implies --show_probs); 0 = off, at most 20")
     beam: int = setting(None, "beam search instead of sampling: keep the N most probable continuations at each "
-                              "step and print the most probable one at the end (deterministic: no seed, no "
-                              "temperature, top-k or top-p; one sample); 1 = greedy")
+                              "step and print the most probable one at the end (deterministic: no seed, none "
+                              "of the sampling settings; one sample); 1 = greedy")
     length_penalty: float = setting(0.0, "beam search: a continuation's score is its total log-probability divided "
                                          "by its length to this power; 0 = the plain sum (lengths differ only when "
                                          "a continuation stops at <|endoftext|>)")

@@ -3,8 +3,8 @@
 Read it top to bottom: generate (the loop: the logits of the next token, one token drawn from
 them, appended, repeat); the KV cache, which keeps each layer's keys and values so that a new
 token costs one position's work instead of the whole context's; the context rule (Context:
-what the model sees once the text outgrows block_size); the sampler (temperature, top-k,
-top-p). generate.py is the command line around this; the sample train.py prints at the end of
+what the model sees once the text outgrows block_size); the sampler (config.Sampler: temperature,
+top-k, ...). generate.py is the command line around this; the sample train.py prints at the end of
 a run comes from here too. Beam search (generate.py --beam), which keeps the most likely
 continuations instead of drawing one, is a deep dive beside it: deep_dives/beam.py.
 """
@@ -24,8 +24,8 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
     stop_token; returns (B, T + new), a row that stopped earlier going on past its stop_token (cut
     it there). Each step: the logits of the next token (Context: the context rule and the KV
-    cache), one token drawn from them by the sampler's rules (sample_next; config.Sampler:
-    temperature, top-k, top-p), appended.
+    cache), one token drawn from them by the sampler's rules (sample_next; config.Sampler's
+    settings), appended.
     on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits
     they were drawn from (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
