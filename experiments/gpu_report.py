@@ -22,7 +22,7 @@ from experiments.runs import ROOT, machine_info, markdown_table, new_run, step_t
 from machinery import records
 from machinery.annotate import forced_steps
 from machinery.cli import log
-from machinery.device import choose_device, gpu_count, has_native_bf16
+from machinery.device import choose_device, has_native_bf16, machine
 from tools.compare import read_history
 
 
@@ -72,7 +72,7 @@ def bench_gpu_check(args):
             compiled = not args.quick and bool(trained) and all(r["code"] == 0 for r in trained)
             measure("checks", cache_checks, args.quick, device, tmp, compiled)
             measure("speed", steady_speed, args.quick, tmp)
-            if gpu_count() > 1:
+            if machine().gpus > 1:
                 measure("torchrun_ok", torchrun_check, tmp)
         finally:  # whatever happened, the page says what was measured
             report["targets"] = target_rows(report)
@@ -259,11 +259,11 @@ def steady_speed(quick, tmp):
 
 
 def torchrun_check(tmp):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpu_count()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={machine().gpus}",
            os.path.join(ROOT, "train.py"), "--preset", "small", "--max_steps", "20", "--sample_tokens", "0",
            "--out_dir", os.path.join(tmp, "ddp")]
     ok = subprocess.run(cmd).returncode == 0
-    log(f"torchrun on {gpu_count()} GPUs: {'ok' if ok else 'FAILED'}")
+    log(f"torchrun on {machine().gpus} GPUs: {'ok' if ok else 'FAILED'}")
     return ok
 
 

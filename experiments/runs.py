@@ -12,7 +12,7 @@ import torch
 import train
 from config import RunOptions, build_configs, default_preset
 from machinery.cli import log
-from machinery.device import choose_device, cuda_available, gpu_name, interleaved, trial_step
+from machinery.device import choose_device, gpu, interleaved, machine, trial_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def machine_info():
     with contextlib.suppress(OSError):  # no git here
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "gpu": gpu_name() if cuda_available() else None,
+            "gpu": gpu()[0] if machine().cuda else None,
             "torch": torch.__version__, "python": platform.python_version(), "git": git.strip() or None,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 

@@ -1,6 +1,7 @@
 """Where the numbers are computed and in what format: the device, the random generators, several processes
 (DDP), the precision, and peak FLOP/s for MFU. The first section is the one place tinyllm asks torch what the
-machine has: tests replace those functions, never torch's own, which torch's internals read too."""
+machine has (machine, gpu) or acts on a GPU: tests replace those functions, never torch's own, which torch's
+internals read too."""
 
 import contextlib
 import copy
@@ -9,6 +10,7 @@ import random
 import statistics
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,41 +24,25 @@ from machinery.cli import log, warn
 
 # ----------------------------------------------------------------------------- what the machine has
 
-def cuda_available():
-    return torch.cuda.is_available()
-
-
-def mps_available():
-    return torch.backends.mps.is_available()
-
-
-def gpu_count():
-    return torch.cuda.device_count() if cuda_available() else 0
-
-
-def gpu_name(device=None):
-    return torch.cuda.get_device_name(device)
-
-
-def gpu_capability(device=None):
-    """(major, minor): 8.0 and up (Ampere) compute bfloat16 natively."""
-    return torch.cuda.get_device_capability(device)
-
-
 # torch's CPU probes are private: a test checks this torch has them, lest a renamed one quietly answer "no bfloat16"
 AVX512_BF16_PROBE, AMX_PROBE = "_is_avx512_bf16_supported", "_is_amx_tile_supported"
 
 
-def cpu_has_avx512_bf16():
-    return getattr(torch.cpu, AVX512_BF16_PROBE, lambda: False)()
+def machine():
+    """What this machine has: CUDA, a Mac's GPU (MPS), the GPUs, a CPU's native bfloat16 (AVX512-BF16,
+    AMX) and torch's (major, minor) version. Asking costs nothing and starts no GPU."""
+    cuda = torch.cuda.is_available()
+    return SimpleNamespace(cuda=cuda, mps=torch.backends.mps.is_available(),
+                           gpus=torch.cuda.device_count() if cuda else 0,
+                           avx512_bf16=getattr(torch.cpu, AVX512_BF16_PROBE, lambda: False)(),
+                           amx=getattr(torch.cpu, AMX_PROBE, lambda: False)(),
+                           torch=tuple(int(x) for x in torch.__version__.split(".")[:2]))
 
 
-def cpu_has_amx():
-    return getattr(torch.cpu, AMX_PROBE, lambda: False)()
-
-
-def torch_version():  # (major, minor), e.g. (2, 5)
-    return tuple(int(x) for x in torch.__version__.split(".")[:2])
+def gpu(device=None):
+    """A CUDA GPU's (name, (major, minor) compute capability): 8.0 and up (Ampere) compute bfloat16 natively.
+    Asking starts CUDA, so only a run on the GPU asks."""
+    return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
 
 
 def autocast_works(device_type, dtype):
@@ -86,35 +72,31 @@ def set_gpu_rng_state(state, index):
 
 def mps_rng_state():
     """A Mac GPU's generator (dropout there draws from it), or None without one."""
-    return torch.mps.get_rng_state() if mps_available() else None
+    return torch.mps.get_rng_state() if machine().mps else None
 
 
 def set_mps_rng_state(state):
     torch.mps.set_rng_state(state)
 
 
-def set_matmul_precision(precision):
-    """'high' lets float32 matmuls use TF32 tensor cores; 'highest' is torch's default."""
-    torch.set_float32_matmul_precision(precision)
-
-
 # ----------------------------------------------------------------------------- the device
 
 def choose_device(name="auto"):
+    has = machine()
     if name == "auto":
-        return torch.device("cuda" if cuda_available() else "mps" if mps_available() else "cpu")
+        return torch.device("cuda" if has.cuda else "mps" if has.mps else "cpu")
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise TinyLLMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
-    if name.startswith("cuda") and not cuda_available():
+    if name.startswith("cuda") and not has.cuda:
         raise TinyLLMError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")
-    if name == "mps" and not mps_available():
+    if name == "mps" and not has.mps:
         raise TinyLLMError("--device mps asked for, but MPS is not available here; use --device cpu")
     return torch.device(name)
 
 
 def describe(device):
     """The device in words, for the start-up line: 'cuda (Tesla T4)', 'cpu'."""
-    return f"{device} ({gpu_name(device)})" if device.type == "cuda" else str(device)
+    return f"{device} ({gpu(device)[0]})" if device.type == "cuda" else str(device)
 
 
 @contextlib.contextmanager
@@ -130,7 +112,7 @@ def out_of_memory_as_error(hint):
 def configure_matmul(device):
     """TF32 matmuls for float32 on GPUs (Ampere and later); never on a CPU, where some got ten times slower."""
     if device.type == "cuda":
-        set_matmul_precision("high")
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores ('highest', torch's default, has none)
 
 
 def set_threads(n=0):
@@ -168,9 +150,10 @@ def set_rng_state(state):
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state.get("mps") is not None and mps_available():
+    has = machine()
+    if state.get("mps") is not None and has.mps:
         set_mps_rng_state(state["mps"])
-    saved, here = list(state.get("cuda", [])), gpu_count()
+    saved, here = list(state.get("cuda", [])), has.gpus
     for i, cuda_state in enumerate(saved[:here]):
         set_gpu_rng_state(cuda_state, i)
     if len(saved) > here:
@@ -206,7 +189,7 @@ PEAK_TFLOPS = {
 def peak_flops(device, dtype):
     if device.type != "cuda":
         return None
-    name = gpu_name(device)
+    name = gpu(device)[0]
     peak = PEAK_TFLOPS.get(name, {}).get(dtype)
     if peak is None:
         log(f"note: MFU is not shown: the {dtype} peak of {name!r} is not in device.PEAK_TFLOPS")
@@ -231,7 +214,7 @@ def setup_distributed(device):
         raise TinyLLMError("several processes on a Mac's GPU: torch cannot join them (Gloo takes no MPS "
                            "tensors); give torchrun --device cpu, or train in one process")
     if device.type == "cuda":
-        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), gpu_count()
+        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), machine().gpus
         if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
             raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
                                f"--nproc_per_node={gpus} or less, or --device cpu")
@@ -292,14 +275,15 @@ def broadcast_from_master(obj, world):
 
 def cpu_has_native_bf16():
     """AVX512-BF16 or AMX; without them torch converts bfloat16, which is slower than float32."""
-    return cpu_has_avx512_bf16() or cpu_has_amx()
+    has = machine()
+    return has.avx512_bf16 or has.amx
 
 
 def has_native_bf16(device):
     """bfloat16 computed natively: torch.cuda.is_bf16_supported() also counts a T4, which emulates it slowly.
     MPS is counted out: its bfloat16 needs macOS 14 and is not needed for a tiny model."""
     if device.type == "cuda":
-        return gpu_capability(device) >= (8, 0)
+        return gpu(device)[1] >= (8, 0)
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
@@ -342,9 +326,10 @@ def make_scaler(device, dtype):
     """float16's gradients underflow without the device's loss scaler: refused where none works. Others: None."""
     if dtype != "float16":
         return None
-    if device.type == "mps" and torch_version() < (2, 8):  # its unscale_ makes a float64 tensor there
+    version = machine().torch
+    if device.type == "mps" and version < (2, 8):  # its unscale_ makes a float64 tensor there
         raise TinyLLMError(f"--dtype float16 on a Mac needs torch 2.8 or later, whose gradient scaler works on MPS "
-                           f"(this is {'.'.join(map(str, torch_version()))}); use --dtype float32, or upgrade torch")
+                           f"(this is {'.'.join(map(str, version))}); use --dtype float32, or upgrade torch")
     with warnings.catch_warnings():  # a scaler that disables itself warns; we say it better below
         warnings.simplefilter("ignore")
         scaler = gradient_scaler(device.type)

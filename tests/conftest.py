@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -59,9 +60,21 @@ def no_mps():
     """On a Mac, too, the tests run on the CPU unless they mock a device on purpose (through
     the project's functions that ask torch, in machinery/device.py: never torch's own, which torch reads too)."""
     from machinery import device
+    real = device.machine
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(device, "mps_available", lambda: False)
+        patch.setattr(device, "machine", lambda: SimpleNamespace(**{**vars(real()), "mps": False}))
         yield
+
+
+@pytest.fixture
+def fake_machine(monkeypatch):
+    """pretend(**facts): machinery.device.machine() answers these (cuda, mps, gpus, avx512_bf16, amx, torch)."""
+    from machinery import device
+
+    def pretend(**facts):
+        real = device.machine
+        monkeypatch.setattr(device, "machine", lambda: SimpleNamespace(**{**vars(real()), **facts}))
+    return pretend
 
 
 @pytest.fixture(scope="session", autouse=True)

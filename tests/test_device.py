@@ -29,17 +29,24 @@ CUDA = torch.device("cuda")
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
+def fake_gpu(monkeypatch, fake_machine):
     """Pretend a CUDA GPU is present: set(name, capability, count) picks which one."""
     def set_gpu(name, capability, count=1):
-        monkeypatch.setattr(device_module, "cuda_available", lambda: True)
-        monkeypatch.setattr(device_module, "gpu_count", lambda: count)
-        monkeypatch.setattr(device_module, "gpu_name", lambda *a: name)
-        monkeypatch.setattr(device_module, "gpu_capability", lambda *a: capability)
+        fake_machine(cuda=True, gpus=count)
+        monkeypatch.setattr(device_module, "gpu", lambda *a: (name, capability))
         # torch makes a working CUDA scaler only where CUDA is: the CPU's, a working one, stands in
         real_scaler = device_module.gradient_scaler
         monkeypatch.setattr(device_module, "gradient_scaler", lambda kind: real_scaler("cpu" if kind == "cuda" else kind))
     return set_gpu
+
+
+@pytest.fixture
+def matmul_precision():
+    """torch's float32 matmul precision at its default, 'highest', and put back as it was after the test."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
 
 
 @pytest.mark.parametrize("name, capability, dtype", [
@@ -67,16 +74,14 @@ def test_mocked_t4_asking_for_bf16_warns_that_it_is_emulated(fake_gpu, capsys):
     assert "emulated" in capsys.readouterr().err
 
 
-def test_mocked_mac_decisions(monkeypatch):
-    monkeypatch.setattr(device_module, "cuda_available", lambda: False)
-    monkeypatch.setattr(device_module, "mps_available", lambda: True)
+def test_mocked_mac_decisions(fake_machine):
+    fake_machine(cuda=False, mps=True, torch=(2, 8))
     mps = choose_device("auto")
     assert mps.type == "mps" and default_preset("mps") == "tiny"
     assert resolve_dtype("auto", mps) == "float32"
-    monkeypatch.setattr(device_module, "torch_version", lambda: (2, 8))
     scaler = make_scaler(mps, "float16")  # float16 on a Mac gets the MPS scaler, which is enabled
     assert scaler is not None and scaler.is_enabled()
-    monkeypatch.setattr(device_module, "torch_version", lambda: (2, 7))  # whose scaler makes float64 on MPS
+    fake_machine(torch=(2, 7))  # whose scaler makes float64 on MPS
     with pytest.raises(TinyLLMError, match="torch 2.8 or later"):
         make_scaler(mps, "float16")
 
@@ -101,7 +106,7 @@ def test_mocked_no_cuda_float16_is_refused_where_no_scaler_works(monkeypatch):
 
 
 def test_the_cpu_capability_probe_asks_functions_this_torch_has():
-    # cpu_has_native_bf16 asks torch's private probes; were they renamed, it would quietly say
+    # machine() asks torch's private probes; were they renamed, it would quietly say
     # "no bfloat16" and never measure. This fails instead.
     for name in (device_module.AVX512_BF16_PROBE, device_module.AMX_PROBE):
         assert isinstance(getattr(torch.cpu, name)(), bool), name
@@ -109,11 +114,8 @@ def test_the_cpu_capability_probe_asks_functions_this_torch_has():
 
 @pytest.mark.parametrize("avx512_bf16, amx, dtype", [
     (True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")])
-def test_mocked_cpu_capabilities_decide_what_auto_starts_from(monkeypatch, capsys, avx512_bf16, amx, dtype):
-    monkeypatch.setattr(device_module, "cuda_available", lambda: False)
-    monkeypatch.setattr(device_module, "mps_available", lambda: False)
-    monkeypatch.setattr(device_module, "cpu_has_avx512_bf16", lambda: avx512_bf16)
-    monkeypatch.setattr(device_module, "cpu_has_amx", lambda: amx)
+def test_mocked_cpu_capabilities_decide_what_auto_starts_from(fake_machine, capsys, avx512_bf16, amx, dtype):
+    fake_machine(cuda=False, mps=False, avx512_bf16=avx512_bf16, amx=amx)
     assert choose_device("auto") == CPU and default_preset("cpu") == "tiny"
     assert resolve_dtype("auto", CPU) == dtype  # bfloat16 only where the CPU computes it natively
     assert resolve_dtype("bfloat16", CPU) == "bfloat16"  # allowed on CPU: CPU autocast supports it
@@ -171,12 +173,11 @@ def test_mocked_torchrun_on_a_mac_gpu_is_refused_before_joining(monkeypatch):
         device_module.setup_distributed(torch.device("mps"))
 
 
-def test_mocked_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(monkeypatch):
-    calls = []
-    monkeypatch.setattr(device_module, "set_matmul_precision", calls.append)
-    device_module.configure_matmul(CUDA)
+def test_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(matmul_precision):
     device_module.configure_matmul(CPU)
-    assert calls == ["high"]
+    assert torch.get_float32_matmul_precision() == "highest"
+    device_module.configure_matmul(CUDA)  # a setting of torch's: it needs no GPU to be made
+    assert torch.get_float32_matmul_precision() == "high"
 
 
 # ----------------------------------------------------------------------------- float16's loss scaling
@@ -323,14 +324,12 @@ def test_a_bfloat16_runs_closing_sample_is_decoded_in_float32_as_generate_py_doe
     assert printed == tokenizer.decode(out[0].tolist())
 
 
-def test_train_never_sets_tf32_precision_on_cpu(shakespeare_head, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(device_module, "set_matmul_precision", calls.append)
+def test_train_never_sets_tf32_precision_on_cpu(shakespeare_head, tmp_path, matmul_precision):
     train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=2))
     import bench
     bench.main(["train", "--device", "cpu", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
                 "--batch_size", "4", "--steps", "1", "--untimed", "0", "--out", str(tmp_path / "b.json")])
-    assert calls == []
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch, capsys):

@@ -1,6 +1,8 @@
 """--dtype auto on a CPU with native bfloat16 (machinery/device.py): the decision is tested with
 mocked timings, and the trial steps that measure it leave nothing behind."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,7 +14,8 @@ from machinery import device
 
 def fake_step_times(monkeypatch, float32, bfloat16, native=True):
     """Pretend the CPU has native bfloat16 and that a step took these seconds in each precision."""
-    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    real = device.machine
+    monkeypatch.setattr(device, "machine", lambda: SimpleNamespace(**{**vars(real()), "avx512_bf16": native, "amx": native}))
     measured = []
 
     def timed(run, train_step, dtypes):

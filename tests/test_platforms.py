@@ -162,10 +162,10 @@ def test_beam_search_holds_no_float64_where_the_device_has_none(monkeypatch):
     assert watch.seen == [] and torch.equal(new32, new64) and total32 == pytest.approx(total64, rel=1e-5)
 
 
-def test_mocked_mac_random_state_is_saved_and_restored(monkeypatch):
+def test_mocked_mac_random_state_is_saved_and_restored(monkeypatch, fake_machine):
     """Dropout on a Mac draws from the MPS generator: a resume puts it back as it was saved."""
     saved, restored = torch.arange(8, dtype=torch.uint8), []
-    monkeypatch.setattr(device, "mps_available", lambda: True)
+    fake_machine(mps=True)
     monkeypatch.setattr(device, "mps_rng_state", lambda: saved)
     monkeypatch.setattr(device, "set_mps_rng_state", restored.append)
     state = rng_state()

@@ -237,9 +237,8 @@ def test_prepare_splits_a_single_small_file_by_characters(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- a CLI that tells the truth
 
-def test_mocked_cpu_host_help_shows_meanings_and_the_defaults_actually_used(capsys, monkeypatch):
-    monkeypatch.setattr(device, "cuda_available", lambda: False)  # a CUDA host would default to 'small'
-    monkeypatch.setattr(device, "mps_available", lambda: False)
+def test_mocked_cpu_host_help_shows_meanings_and_the_defaults_actually_used(capsys, fake_machine):
+    fake_machine(cuda=False, mps=False)  # a CUDA host would default to 'small'
     code, out, _ = cli(capsys, train.main, "--help")
     assert code == 0 and "None" not in out
     text = " ".join(out.split())
@@ -252,8 +251,7 @@ def test_mocked_cpu_host_help_shows_meanings_and_the_defaults_actually_used(caps
 
 def test_mocked_gpu_host_help_never_asks_the_gpu(monkeypatch):
     """Asking the GPU for its compute capability would start CUDA in every process that prints --help."""
-    monkeypatch.setattr(device, "gpu_capability", lambda *a: pytest.fail("asked the GPU"))
-    monkeypatch.setattr(device, "gpu_name", lambda *a: pytest.fail("asked the GPU"))
+    monkeypatch.setattr(device, "gpu", lambda *a: pytest.fail("asked the GPU"))
     help_text = " ".join(train_cli.build_parser(torch.device("cuda")).format_help().split())
     assert "bfloat16 from compute capability 8.0, else float16" in help_text
 
