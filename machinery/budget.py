@@ -5,10 +5,7 @@ usable after the warmup that is spent, so the run ends as its time runs out with
 import math
 import time
 
-import torch
-
-from config import GREEDY, TinyLLMError, parse_duration
-import sampling
+from config import TinyLLMError, parse_duration
 
 from machinery.cli import format_seconds
 from machinery.device import all_ranks_mean
@@ -51,7 +48,7 @@ class Clock:
         self.state, self.cfg, self.world, self.device = run.state, run.cfg, run.world, run.device
         self.seconds = parse_duration(run.cfg.time_budget) if run.cfg.time_budget else None
         self.started, self.earlier = run.started, run.state.seconds
-        self.sample_seconds = self.agreed(time_sample(run)) if self.seconds else 0.0  # before the first step
+        self.sample_seconds = self.agreed(run.sample_seconds) if self.seconds else 0.0
 
     def agreed(self, seconds):
         """Several processes read their clocks a little apart: every one takes their mean, so all decide alike."""
@@ -122,16 +119,3 @@ class Clock:
                     f"steps, the last at LR {self.state.lr:.4g} (floor {self.cfg.min_lr:g}) (python train.py "
                     f"--max_steps {self.state.step} trains as many, decaying by steps)")
 
-
-def time_sample(run):
-    """Seconds the closing sample will take, from 16 timed tokens (0 without one)."""
-    n = run.cfg.sample_tokens
-    if not n:
-        return 0.0
-    start = torch.zeros((1, 1), dtype=torch.long, device=run.device)
-    model = run.model.eval()
-    sampling.generate(model, start, 2, GREEDY).tolist()  # once untimed
-    t0 = now()
-    sampling.generate(model, start, 16, GREEDY).tolist()  # (.tolist(): a GPU has finished only now)
-    model.train()
-    return (now() - t0) / 16 * n * 1.2  # longer contexts cost a little more per token

@@ -169,15 +169,26 @@ def done_line(run):
             f"{format_seconds(elapsed(run))}" + files)
 
 
-def closing_sample(run):
-    """The closing sample as generate.py draws it, in float32: at this size bfloat16 decodes no faster, even on H100s."""
+def closing_sample(run, tokens=None):
+    """The closing sample as generate.py draws it (tokens: cfg.sample_tokens), in float32: at this size bfloat16
+    decodes no faster, even on H100s."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
     with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
-        out = sampling.generate(run.model, start, run.cfg.sample_tokens, Sampler(),
+        out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(),
                                 generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())
+
+
+def sample_seconds(run):
+    """Seconds the closing sample will take, from 16 timed tokens (0 without one), for a time budget to keep."""
+    if not run.cfg.sample_tokens:
+        return 0.0
+    closing_sample(run, 2)  # once untimed
+    t0 = budget.now()
+    closing_sample(run, 16)  # (decoded: a GPU has finished these tokens)
+    return (budget.now() - t0) / 16 * run.cfg.sample_tokens * 1.2  # longer contexts cost a little more per token
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -16,6 +16,7 @@ from machinery.cli import first_line, log, warn
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, rank_seed, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, setup_distributed, trial, trial_step, wrap)
+from machinery.records import sample_seconds
 from machinery.sources import check_splits, load_corpus
 
 
@@ -71,6 +72,7 @@ class Run:
     val_batch: object = None
     train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
     state: TrainState = None
+    sample_seconds: float = 0.0  # the closing sample's, timed before the first step for a time budget to keep
     trained_from: float = 0.0   # when this process's training began: the run's training time counts from there
 
     @property
@@ -183,6 +185,8 @@ def before_first_step(run, train_step):
     if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
         run.scaler.load_state_dict(run.source["scaler"])
     print_header(run)
+    if cfg.time_budget:
+        run.sample_seconds = sample_seconds(run)
     run.trained_from = budget.now()
 
 

@@ -218,3 +218,12 @@ def test_a_budget_with_max_steps_is_refused_and_max_steps_alone_turns_the_preset
     from config import build_configs
     assert build_configs({}, "tiny")[1].time_budget == "5m"            # the default run on a CPU
     assert build_configs({"max_steps": 10}, "tiny")[1].time_budget == ""
+
+
+def test_a_budget_keeps_the_time_of_the_closing_sample_measured_before_the_first_step(shakespeare_head, tmp_path):
+    from conftest import tiny_model_config, tiny_train_config
+    for tokens in (0, 400):
+        cfg = tiny_train_config(shakespeare_head, tmp_path / str(tokens), time_budget="60s", sample_tokens=tokens)
+        run = train.setup_run(tiny_model_config(), cfg)
+        assert (run.sample_seconds > 0) == (tokens > 0)
+        assert budget.Clock(run).usable() == pytest.approx(60 * (1 - budget.SAFETY) - run.sample_seconds)
