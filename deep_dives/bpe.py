@@ -99,8 +99,7 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
     heap = [entry(pair) for pair in counts]
     heapq.heapify(heap)
 
-    target = vocab_size - len(special_tokens)
-    while len(tokens) < target and heap:
+    while len(tokens) < vocab_size - len(special_tokens) and heap:
         neg_count, _, _, pair = heapq.heappop(heap)
         if counts.get(pair, 0) != -neg_count:
             continue

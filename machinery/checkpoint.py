@@ -112,7 +112,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 def extend_tokenizer(tokenizer, text, extend, path):
     """(tokenizer, old_ids, new characters): with extend, a char tokenizer grown by text's unknown ones, else refused."""
-    missing = tokenizer.unknown_chars(text)
+    missing = tokenizer.unknown_chars(text) if tokenizer is not None else []
     if not missing:
         return tokenizer, None, []
     if not extend:

@@ -151,9 +151,7 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
         chars_per_token = meta["val_chars"] / max(1, len(val_ids))
         return Corpus(tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids, chars_per_token, added=[])
     text = read_text(cfg.data, cfg.clean, cfg.data_ext)
-    old_ids, added = None, []
-    if tokenizer is not None:
-        tokenizer, old_ids, added = extend_tokenizer(tokenizer, text, extend, cfg.data)
+    tokenizer, old_ids, added = extend_tokenizer(tokenizer, text, extend, cfg.data)
     corpus = tokenize(text, tokenizer, cfg.tokenizer, vocab_size)
     corpus.added, corpus.old_ids = added, old_ids
     return corpus

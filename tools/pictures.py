@@ -97,7 +97,6 @@ def val_passage(cfg, tokenizer, checkpoint):
     return torch.tensor(ids)
 
 
-@torch.no_grad()
 def char_surprise(tokenizer, ids, losses):
     """[(character, bits)]: each piece's tokens' loss shared by its characters; the first token (no context) NaN."""
     out, pieces, bits = [], WholeCharacters(tokenizer), 0.0

@@ -47,11 +47,10 @@ def tokenizer_text(cfg, max_chars):
             if total >= max_chars:
                 break
         return "".join(parts)
-    chars, has_eot = set(), False
+    chars = set()
     for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
-        has_eot |= EOT in text
-        chars.update(text.replace(EOT, ""))
-    return "".join(sorted(chars)) + (EOT if has_eot else "")
+        chars.update(text.replace(EOT, ""))  # (a char tokenizer has the end-of-text token whatever its text)
+    return "".join(sorted(chars))
 
 
 def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1):
