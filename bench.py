@@ -23,8 +23,7 @@ def build_parser():
         p = modes.add_parser(name, help=summary, description=summary)
         p.add_argument("--out", default=os.path.join("bench_results", f"{name}.json"), help="where the JSON goes")
         if train_flags:  # train.py's settings: preset, model shape, batch, device, dtype, threads, ...
-            p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: as train.py; "
-                                                          f"small for generate)")
+            p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: as train.py; small for generate)")
             add_config_flags(p, GPTConfig)
             add_config_flags(p, TrainConfig)
         return p
@@ -87,10 +86,11 @@ def main(argv=None):
             raise TinyLLMError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if getattr(args, "untimed", 0) < 0:
         raise TinyLLMError(f"--untimed must be 0 or more, got {args.untimed}")
-    for flag, path in (("--out", args.out), ("--out_md", getattr(args, "out_md", None)),
-                       ("--out_png", getattr(args, "out_png", None))):
-        if path:  # checked now, not after an hour of benchmarks
-            check_writable(path, flag, make_folder=True)
+    for name in ("out", "out_md", "out_png"):
+        if getattr(args, name, None):  # checked now, not after an hour of benchmarks
+            check_writable(getattr(args, name), f"--{name}", make_folder=True)
+    if "checkpoint" in args and not os.path.isfile(args.checkpoint):  # sample and decoding read one
+        raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
     modes = {"train": speed.bench_train, "generate": speed.bench_generate, "sample": speed.bench_sample,
              "time_to_target": lambda a: speed.bench_time_to_target(a, extra),
              "ablation": ablation.bench_ablation, "decoding": decoding.bench_decoding,

@@ -59,10 +59,10 @@ def bench_ablation(args):
     ax.set(xlabel="step", ylabel="val loss (nats/token)", title="val loss by variant")
     png = os.path.splitext(args.out_md)[0] + ".png"
     save_plot(fig, ax, png)
-    machine = machine_info()
+    m = machine_info()
     with open(args.out_md, "w", encoding="utf-8") as f:
         f.write(f"# Ablation\n\nEach row is a train.py run with the same settings but the switches shown. "
-                f"Machine: {machine['cpu']}{', ' + machine['gpu'] if machine['gpu'] else ''}; torch {machine['torch']}; "
-                f"{machine['date']}.\n\n{table}\n![val loss by variant]({os.path.basename(png)})\n")
+                f"Machine: {m['cpu']}{', ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}; {m['date']}.\n\n"
+                f"{table}\n![val loss by variant]({os.path.basename(png)})\n")
     log(f"wrote {args.out_md} and {png}")
     return {"variants": rows, "markdown": args.out_md, "plot": png}

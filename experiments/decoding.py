@@ -2,14 +2,13 @@
 checkpoint and prompt, each text scored by the model's log-probability and its repetition."""
 
 import math
-import os
 import statistics
 import time
 
 import torch
 
 import sampling
-from config import Sampler, TinyLLMError
+from config import Sampler
 from deep_dives import beam
 from machinery.annotate import model_odds
 from machinery.checkpoint import load_model
@@ -26,8 +25,6 @@ def repeated_ngrams(text, n=3):
 
 def bench_decoding(args):
     """Each method's texts, all scored by log-probability per token at temperature 1 and repeated word 3-grams."""
-    if not os.path.isfile(args.checkpoint):
-        raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
     model, tokenizer, _ = load_model(args.checkpoint)
     idx = torch.tensor([encode_prompt(tokenizer, args.prompt)])  # (1, T), as generate.py encodes it
     methods = [("greedy", 0, None)] + [(f"beam {w}", None, w) for w in args.beams]

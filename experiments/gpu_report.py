@@ -148,12 +148,13 @@ def startup(training, device, tmp, quick):
 def startup_split(device_type):
     """Seconds a fresh process takes to start Python, import torch, start the device, build an optimizer."""
     before = time.time()
-    done = subprocess.run([sys.executable, "-c", PROBE, device_type], capture_output=True, encoding="utf-8", errors="replace", cwd=ROOT)
+    done = subprocess.run([sys.executable, "-c", PROBE, device_type], cwd=ROOT, capture_output=True, encoding="utf-8",
+                          errors="replace")
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    stamps = json.loads(done.stdout)
-    names, times = ["python"] + [k for k in stamps if k != "python"], [before] + list(stamps.values())
-    return {name: times[i + 1] - times[i] for i, name in enumerate(names)}
+    stamps = json.loads(done.stdout)  # in the probe's order: each piece ends at its stamp, the first at Python's start
+    times = [before, *stamps.values()]
+    return {name: end - start for name, start, end in zip(stamps, times, times[1:])}
 
 
 def decoding(quick, device, tmp):
@@ -170,9 +171,8 @@ def decoding(quick, device, tmp):
             continue
         with open(out, encoding="utf-8") as f:
             results[dtype] = json.load(f)
-        for path in ("replayed", "kv_cache", "full_recompute"):
-            if path in results[dtype]:
-                r = results[dtype][path]
+        for path, r in results[dtype].items():  # (in bench.py generate's order)
+            if path in ("replayed", "kv_cache", "full_recompute"):
                 rows.append([dtype, path, f"{r['first_ms_per_token']:.3f}", f"{r['ms_per_token']:.3f}",
                              f"{r['first_seconds'] / r['seconds']:.2f}"])
     return {"preset": "small" + (" (--quick: a toy shape)" if quick else ""), "new_tokens": new_tokens,
@@ -209,10 +209,10 @@ def cache_checks(quick, device, tmp, compiled=True):
             _, evals = records.split_history(train.train_loop(run)["history"])
             cache = check_cache(run.model.eval(), run.ctx, run.dtype, 48 if quick else 250)
             line = describe_cache_check(cache, run.dtype)
-            rows.append({"dtype": dtype, "compile": compile, "val_first": evals[0]["val_loss"],
-                         "val_last": evals[-1]["val_loss"], "cache_agrees": cache["agrees"], "cache": cache, "line": line})
-            log(f"check {dtype:<9} compile={compile!s:<5} val {evals[0]['val_loss']:.3f} -> "
-                f"{evals[-1]['val_loss']:.3f} | {line}")
+            first, last = evals[0]["val_loss"], evals[-1]["val_loss"]
+            rows.append({"dtype": dtype, "compile": compile, "val_first": first, "val_last": last,
+                         "cache_agrees": cache["agrees"], "cache": cache, "line": line})
+            log(f"check {dtype:<9} compile={compile!s:<5} val {first:.3f} -> {last:.3f} | {line}")
     return rows
 
 
@@ -276,10 +276,9 @@ def run_stamped(cmd, timeout=1800):
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
-        lines, first, pending, chunks = [], None, b"", []
+        lines, pending, chunks = [], b"", []
         while chunk := proc.stdout.read1(1 << 16):
             now = time.perf_counter() - start
-            first = now if first is None else first
             chunks.append((now, len(chunk)))
             pending += chunk
             *done, pending = pending.split(b"\n")
@@ -292,8 +291,8 @@ def run_stamped(cmd, timeout=1800):
     if pending:
         lines.append((wall, pending.decode("utf-8", "replace")))
     shown = ["python"] + [os.path.relpath(a, ROOT) if a.startswith(ROOT + os.sep) else a for a in cmd[1:] if a != "-u"]
-    return {"command": " ".join(shown), "code": code, "wall": wall, "first_output": first, "lines": lines,
-            "chunks": chunks, "stderr": stderr}
+    return {"command": " ".join(shown), "code": code, "wall": wall, "first_output": chunks[0][0] if chunks else None,
+            "lines": lines, "chunks": chunks, "stderr": stderr}
 
 
 def part(report, key, fn, *args):
@@ -331,7 +330,8 @@ def target_rows(report):
     out = []
     for name, value, target, unit in rows:
         at_least = unit == "x" and "first" not in name
-        met = "-" if not judged or value is None else ("yes" if (value >= target if at_least else value <= target) else "NO")
+        reached = value is not None and (value >= target if at_least else value <= target)
+        met = ("yes" if reached else "NO") if judged and value is not None else "-"
         out.append({"figure": name, "measured": "-" if value is None else f"{value:.3f}{unit}",
                     "target": f"{'>=' if at_least else '<='} {target:g}{unit}", "met": met})
     return out
@@ -343,10 +343,10 @@ def seconds(x, digits=1):
 
 def markdown(report):
     m = report["machine"]
+    command = "python bench.py gpu_check" + (" --quick" if report["quick"] else "")
     out = [f"# tinyllm GPU report: {m['gpu'] or 'no GPU, ' + m['cpu']}", "",
            f"torch {m['torch']}" + (f" (CUDA {m['cuda']})" if m.get("cuda") else "") + f", Python {m['python']}, "
-           f"commit {m['git'] or 'unknown'}, {m['date']}, `python bench.py gpu_check{' --quick' if report['quick'] else ''}`",
-           ""]
+           f"commit {m['git'] or 'unknown'}, {m['date']}, `{command}`", ""]
     out += markdown_table(["figure", "measured", "target", "met"],
                           [[t["figure"], t["measured"], t["target"], t["met"]] for t in report["targets"]]).splitlines()
     for key, title, render in SECTIONS:
@@ -362,7 +362,8 @@ def markdown(report):
 
 
 def tests_page(report, tests):
-    return [f"`python -m pytest -q tests/test_gpu.py`: {tests['summary']}"] + [f"    {line}" for line in tests.get("output", [])]
+    return ([f"`python -m pytest -q tests/test_gpu.py`: {tests['summary']}"]
+            + [f"    {line}" for line in tests.get("output", [])])
 
 
 def startup_page(report, startup):

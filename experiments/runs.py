@@ -36,12 +36,9 @@ def peak_memory_mib(device):
     (torch keeps no high-water mark there, and its memory is not the process's resident set)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
+    if device.type == "mps" or sys.platform == "win32":  # (resource, below, is Unix only)
         return None
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return None
+    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 

@@ -112,8 +112,7 @@ def bench_scaling(args):
             probe = {"seconds": seconds, "flops": flops, "dtype": dtype,
                      "budgets": plan_scaling(seconds, flops, minutes, budgets_n, default),
                      "five_minutes": 0.9 * 300 / seconds[default] * flops[default]}  # the default run's 5 minutes
-        seconds, flops, dtype, budgets, five_minutes = (probe[k] for k in ("seconds", "flops", "dtype", "budgets",
-                                                                           "five_minutes"))
+        seconds, flops, dtype, budgets = (probe[k] for k in ("seconds", "flops", "dtype", "budgets"))
         for (L, C, H), s, f in zip(shapes, seconds, flops):
             log(f"{L} x {C}: {1000 * s:.0f} ms/step in {dtype}, {f:.2e} FLOPs/step")
         data_steps = max(10, round(budgets[-1] / flops[default] / 2))
@@ -134,9 +133,9 @@ def bench_scaling(args):
                 f"{steps:>5} steps | {row['flops']:.2e} FLOPs | data {frac:.3g} | val {row['val']:.4f} "
                 f"(best {row['best_val']:.4f}) | {row['seconds']:.0f} s | elapsed {format_seconds(spent)}, "
                 f"ETA {format_seconds(left)}")
-            with open(args.out, "w", encoding="utf-8") as f:  # (kept up to date: --reuse continues an interrupted study)
+            with open(args.out, "w", encoding="utf-8") as f:  # after every run: --reuse continues an interrupted study
                 json.dump({"probe": probe, "runs": rows}, f, indent=1)
-    return {"probe": probe, **summarize_scaling(rows, budgets, five_minutes, args)}
+    return {"probe": probe, **summarize_scaling(rows, budgets, probe["five_minutes"], args)}
 
 
 def summarize_scaling(rows, budgets, five_minutes, args):
@@ -146,17 +145,16 @@ def summarize_scaling(rows, budgets, five_minutes, args):
         at = [r for r in iso if r["budget"] == b]
         n_opt, l_opt = isoflop_minimum(at)
         frontier.append({"flops": statistics.mean(r["flops"] for r in at), "params": n_opt, "val": l_opt})
-    l_inf, a, alpha, err = fit_power_law([p["flops"] for p in frontier], [p["val"] for p in frontier])
-    fits = [fit_power_law([p["flops"] for j, p in enumerate(frontier) if j != k],
-                          [p["val"] for j, p in enumerate(frontier) if j != k]) for k in range(len(frontier))]
+    C, L = [p["flops"] for p in frontier], [p["val"] for p in frontier]
+    l_inf, a, alpha, err = fit_power_law(C, L)
+    fits = [fit_power_law(C[:k] + C[k + 1:], L[:k] + L[k + 1:]) for k in range(len(C))]  # each point left out
     alphas = [f[2] for f in fits if f]
-    spread = math.sqrt((len(alphas) - 1) / len(alphas) * sum((x - statistics.mean(alphas)) ** 2 for x in alphas))
-    logs = torch.tensor([[math.log(p["flops"]), math.log(p["params"])] for p in frontier], dtype=torch.float64)
-    slope, icpt = torch.linalg.lstsq(torch.stack([logs[:, 0], torch.ones(len(logs), dtype=torch.float64)], 1),
-                                     logs[:, 1:]).solution[:, 0].tolist()
+    spread = math.sqrt(len(alphas) - 1) * statistics.pstdev(alphas)  # the jackknife's standard error
+    slope, icpt = statistics.linear_regression([math.log(c) for c in C], [math.log(p["params"]) for p in frontier])
     n_five = math.exp(slope * math.log(five_minutes) + icpt)
-    result = {"runs": rows, "frontier": frontier, "fit": {"L_inf": l_inf, "a": a, "alpha": alpha, "alpha_jackknife": spread,
-              "rms": err}, "params_vs_flops_exponent": slope, "five_minutes_flops": five_minutes,
+    result = {"runs": rows, "frontier": frontier,
+              "fit": {"L_inf": l_inf, "a": a, "alpha": alpha, "alpha_jackknife": spread, "rms": err},
+              "params_vs_flops_exponent": slope, "five_minutes_flops": five_minutes,
               "optimal_params_at_five_minutes": n_five,
               "predicted_loss_at_five_minutes": l_inf + a * five_minutes ** -alpha}
     log(f"fit: L(C) = {l_inf:.3f} + {a:.3g} C^-{alpha:.3f} (alpha {alpha:.3f} +- {spread:.3f} by jackknife, rms "

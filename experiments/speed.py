@@ -1,8 +1,9 @@
 """Speed (bench.py train, generate, sample, time_to_target): training throughput, decoding with and without the
 KV cache, generate.py end to end, and the time until a validation loss is reached."""
 
-import dataclasses
 import argparse
+import dataclasses
+import functools
 import os
 import statistics
 import subprocess
@@ -19,7 +20,7 @@ from deep_dives import graphs
 from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
 from machinery import records
 from machinery.cli import bool_flag, explicit_flags, log
-from machinery.device import autocast, choose_device, resolve_dtype
+from machinery.device import autocast, choose_device, interleaved, resolve_dtype
 from tools.compare import read_history
 
 
@@ -111,19 +112,16 @@ def bench_generate(args):
 
 def bench_sample(args):
     """python generate.py as a user runs it, next to the floor under it: starting Python and importing generate.py."""
-    if not os.path.isfile(args.checkpoint):
-        raise TinyLLMError(f"checkpoint {args.checkpoint} not found (train one with: python train.py)")
     runs = {"generate.py": [sys.executable, os.path.join(ROOT, "generate.py"), args.checkpoint, "--max_new_tokens",
                             str(args.new_tokens), "--seed", "42", *(["--no_cache"] if args.no_cache else [])],
             "import only": [sys.executable, "-c", "import generate"]}
-    seconds = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, cmd in runs.items():
-            t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", cwd=ROOT)
-            seconds[name].append(time.perf_counter() - t0)
-            if done.returncode != 0:
-                raise TinyLLMError(f"{name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+    def run(name):
+        done = subprocess.run(runs[name], capture_output=True, encoding="utf-8", errors="replace", cwd=ROOT)
+        if done.returncode != 0:
+            raise TinyLLMError(f"{name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+
+    seconds = dict(zip(runs, interleaved([functools.partial(run, name) for name in runs], 0, args.repeats)))
     wall, floor = (statistics.median(seconds[name]) for name in runs)
     log(f"result: {args.new_tokens} tokens in {wall:.2f} s wall, start-up included (median of {args.repeats}); "
         f"Python + imports alone {floor:.2f} s; sampling {1000 * (wall - floor) / args.new_tokens:.2f} ms per token")
