@@ -49,10 +49,11 @@ def build(run):
 # ----------------------------------------------------------------------------- one optimizer step
 
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
-    """One optimizer step, in the order that is the lesson. Returns the batch's loss and the
-    gradient norm before clipping as tensors: reading their values makes a GPU wait, so the loop
-    reads them only now and then. ctx: the forward pass's precision (an autocast; nothing for
-    float32); scaler: float16's loss scaling, a torch.amp.GradScaler (None for other dtypes)."""
+    """One optimizer step, in the order that is the lesson. Returns the step's figures: the batch's
+    loss, the LR and the gradient norm before clipping, the loss and norm as tensors (reading their
+    values makes a GPU wait, so the loop reads them only now and then). ctx: the forward pass's
+    precision (an autocast; nothing for float32); scaler: float16's loss scaling, a
+    torch.amp.GradScaler (None for other dtypes)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
     set_lr(optimizer, lr)                                    # 1. this step's learning rate
     optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
@@ -69,7 +70,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))  # 7. clip (0: measure only)
     scaler.step(optimizer)                                   # 8. update the weights (not if a gradient is inf or NaN)
     scaler.update()                                          # (float16: the scale adapts)
-    return batch_loss, grad_norm
+    return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -123,12 +124,12 @@ def train_loop(run):
             # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
             progress = clock.progress()  # 0 at the end of the warmup, 1 at the end of the run
             lr = get_lr(state.step, progress, cfg)
-            loss, grad_norm = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
-                                         cfg.grad_clip, run.ctx, run.scaler)
+            figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
+                                 cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
             # --- its figures: averaged over log_interval steps onto a progress line and into the history
-            meter.add({"loss": loss, "lr": lr, "grad_norm": grad_norm})
+            meter.add(figures)
             if state.step % cfg.log_interval == 0:
                 done = log_progress(run, meter, clock)  # --overfit_batch done
                 stop_reason = stop_reason or done

@@ -400,7 +400,7 @@ def time_steps(run, train_step, dtypes):
     """Mean seconds of a step in each dtype (no loss scaler): a run's length is a sum of skewed step times."""
     def step_in(dtype):
         ctx = autocast(run.device, dtype)
-        return lambda: trial_step(run, train_step, ctx)[0].item()  # .item(): the device has finished the step
+        return lambda: trial_step(run, train_step, ctx)["loss"].item()  # .item(): the device has finished the step
 
     with trial(run):
         times = interleaved([step_in(dtype) for dtype in dtypes], UNTIMED_STEPS, TIMED_STEPS)

@@ -52,10 +52,10 @@ def test_step_order_clips_before_the_optimizer_step_with_the_scheduled_lr():
 
     opt.step = recording_step
     batch = fixed_batches(1)[0]
-    loss, pre_clip = train.train_step(model, opt, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
-    assert pre_clip > 0.05                          # the logged norm is the one before clipping
+    figures = train.train_step(model, opt, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
+    assert figures["grad_norm"] > 0.05                          # the logged norm is the one before clipping
     assert seen["norm"] == pytest.approx(0.05, rel=1e-4)   # the optimizer saw clipped gradients
-    assert seen["lrs"] == [0.0123, 0.0123]          # and this step's scheduled LR
+    assert seen["lrs"] == [0.0123, 0.0123] == [figures["lr"]] * 2  # and this step's scheduled LR
 
 
 def test_gradients_are_zeroed_each_step():
@@ -78,7 +78,7 @@ def test_gradient_accumulation_matches_one_big_batch():
     train.train_step(model, opt, lambda: (x, y), 0.0, 1, 0.0, NO_CTX)
     micro = iter([(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.0)
-    loss4, _ = train.train_step(twin, twin_opt, lambda: next(micro), 0.0, 4, 0.0, NO_CTX)
+    train.train_step(twin, twin_opt, lambda: next(micro), 0.0, 4, 0.0, NO_CTX)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
 
