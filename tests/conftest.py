@@ -126,8 +126,17 @@ def fixed_batch(batch_size=4, block_size=16, vocab_size=65, seed=0):
 
 # the model's switches and every combination of them, as config.py offers them: a new choice is tested with no edit
 GPT_SWITCHES = {f.name: f.metadata["choices"] for f in dataclasses.fields(GPTConfig) if f.name in ("norm", "mlp", "pos")}
-SWITCH_COMBINATIONS = [dict(norm=n, mlp=m, pos=p) for n in GPT_SWITCHES["norm"] for m in GPT_SWITCHES["mlp"]
-                       for p in GPT_SWITCHES["pos"]]
+# the variants the model tests run (the cache, the fused kernel, the pictures' reference, the replayed step): every
+# combination of the switches, then settings that are no choice (a number, on or off), one line each: dict(window=4)
+MODEL_VARIANTS = [dict(norm=n, mlp=m, pos=p) for n in GPT_SWITCHES["norm"] for m in GPT_SWITCHES["mlp"]
+                  for p in GPT_SWITCHES["pos"]] + [
+    dict(bias=False),
+]
+
+
+def variant_id(variant):
+    """A test's name for a variant: 'rmsnorm-swiglu-rope', 'bias=False'."""
+    return "-".join(str(v) if k in GPT_SWITCHES else f"{k}={v}" for k, v in variant.items())
 
 
 def tiny_model_config(**overrides):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from config import GREEDY, Sampler
 
-from conftest import SWITCH_COMBINATIONS, cli, tiny_model_config
+from conftest import MODEL_VARIANTS, cli, tiny_model_config, variant_id
 import generate
 from model import GPT
 import sampling
@@ -21,9 +21,6 @@ import sampling
 from deep_dives import beam, graphs
 from machinery.checkpoint import load_model
 from machinery.sources import encode_prompt
-
-COMBINATIONS = SWITCH_COMBINATIONS  # every norm x mlp x pos that config.py offers
-
 
 def fx_record(step, static, keep):
     """A recording of step(static) as torch.fx sees it: its tensor operations, replayed on the
@@ -55,7 +52,7 @@ def decode_three_ways(model, prompt, n, **sampler):
     return run(False, replay=False), run(True, replay=False), run(True)
 
 
-@pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
+@pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("sampler", [dict(temperature=0), dict(temperature=1.0, top_k=20, top_p=0.9)],
                          ids=["greedy", "seeded"])
 def test_the_replayed_step_gives_the_tokens_of_the_plain_paths(switches, sampler, recorded, capsys):

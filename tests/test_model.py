@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from config import GREEDY, Sampler, TinyLLMError
-from conftest import GPT_SWITCHES, SWITCH_COMBINATIONS, KernelCalls, checkpoint_of, tiny_model_config
+from conftest import GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, tiny_model_config, variant_id
 from model import GPT
 import sampling
 from sampling import filter_logits, sample_next
@@ -133,10 +133,7 @@ def test_sample_next_temperature_zero_is_argmax():
     assert sample_next(logits, GREEDY).tolist() == [[1], [0]]
 
 
-COMBINATIONS = SWITCH_COMBINATIONS  # every norm x mlp x pos that config.py offers
-
-
-@pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
+@pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
 def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
     """Next-token logits with and without the cache agree at every step, well past block_size."""
     torch.manual_seed(0)
@@ -161,7 +158,7 @@ def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
 
 def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
     from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    for switches in COMBINATIONS:
+    for switches in MODEL_VARIANTS:
         torch.manual_seed(0)
         model = GPT(tiny_model_config(**switches))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -208,7 +205,7 @@ def test_generation_builds_no_autograd_graph(monkeypatch):
     assert seen == [(False, True)] * 5  # inference mode at every step: no graph kept alive by the cache
 
 
-@pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
+@pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
 def test_the_formula_as_written_is_what_the_fused_kernel_computes(switches):
     """attention() as the lesson writes it, softmax(q k^T / sqrt(hs) + mask) v, and the fused
     kernel the model runs by default give the same logits, the same gradients, and the same

@@ -10,7 +10,8 @@ import matplotlib.image
 import pytest
 import torch
 
-from conftest import ROOT, SWITCH_COMBINATIONS, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config, write_head
+from conftest import (ROOT, MODEL_VARIANTS, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config,
+                      variant_id, write_head)
 import model as model_module
 from model import GPT
 
@@ -18,16 +19,13 @@ from machinery import train_cli
 from tools import pictures
 from machinery.checkpoint import load_model
 
-COMBINATIONS = SWITCH_COMBINATIONS  # every norm x mlp x pos that config.py offers
-
-
 # ----------------------------------------------------------------------------- a GPT written out by hand
 
 def norm(x, sd, name, kind):
     if kind == "rmsnorm":
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * sd[f"{name}.weight"]
     mean, var = x.mean(-1, keepdim=True), x.var(-1, keepdim=True, unbiased=False)
-    return (x - mean) / torch.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+    return (x - mean) / torch.sqrt(var + 1e-5) * sd[f"{name}.weight"] + sd.get(f"{name}.bias", 0)
 
 
 def linear(x, sd, name):
@@ -73,7 +71,7 @@ def reference_forward(gpt, idx):
     return norm(x, sd, "ln_f", c.norm) @ sd["wte.weight"].T, maps
 
 
-@pytest.mark.parametrize("switches", COMBINATIONS, ids=lambda s: "-".join(s.values()))
+@pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
 def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_d_with_the_future_masked(switches):
     torch.manual_seed(0)
     gpt = GPT(tiny_model_config(block_size=12, n_head=4, **switches)).eval()
