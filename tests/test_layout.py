@@ -140,6 +140,17 @@ def test_the_readme_lists_the_lesson_in_order():
     assert tuple(listed) == LESSON
 
 
+def test_the_readme_gives_the_lessons_length_as_it_is():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    lines = 0
+    for name in LESSON:
+        with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
+            lines += len(f.read().splitlines())
+    said = re.findall(r"five files (?:and|are) ([\d,]+) lines", readme)
+    assert said and all(int(n.replace(",", "")) == lines for n in said), f"the lesson is {lines} lines"
+
+
 @pytest.mark.parametrize("name", sorted(LEVELS))
 def test_every_module_says_what_it_is_for(name):
     assert ast.get_docstring(tree(name))
