@@ -29,6 +29,10 @@ DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then c
 THREADS_HELP = "CPU threads for torch's kernels; 0 = auto: one per physical core"
 
 
+# GPTConfig's fields that are the model's size; each other field is a variant of it (norm, mlp, pos, ...)
+SHAPE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+
+
 @dataclass
 class GPTConfig:
     """The model's shape. Saved in every checkpoint, so a checkpoint rebuilds its own model."""
@@ -140,7 +144,8 @@ class RunOptions:
     eval_only: str = setting(None, "evaluate a checkpoint (default OUT_DIR/best.pt) on every position of the "
                                    "val split, then exit; writes nothing")
     overfit_batch: bool = setting(False, "sanity check: fit one fixed batch until the loss is near 0; writes nothing")
-    plot_lr: bool = setting(False, "draw the LR schedule of these settings to OUT_DIR/lr_schedule.png, then exit")
+    plot_lr: bool = setting(False, "draw the LR schedule of these settings to OUT_DIR/lr_schedule.png and print it "
+                                   "at every tenth of the run, then exit")
 
 
 @dataclass

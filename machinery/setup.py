@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved, step_exact
+from config import (SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved,
+                    step_exact)
 
 from machinery import budget
 from machinery.checkpoint import claim_out_dir, grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
@@ -213,9 +214,9 @@ def print_header(run):
     precision = (run.state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, run.dtype)
     run.say(f"device {describe(run.device)} ({precision}, {run.threads} threads){processes} "
             f"| preset {run.preset} | data {cfg.data}")
+    variants = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in dataclasses.fields(m) if f.name not in SHAPE)
     run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-            f"block {m.block_size}, vocab {m.vocab_size} | norm {m.norm}, mlp {m.mlp}, pos {m.pos} "
-            f"| optimizer {cfg.optimizer}")
+            f"block {m.block_size}, vocab {m.vocab_size} | {variants} | optimizer {cfg.optimizer}")
     split = [f"{run.world} processes"] if run.world > 1 else []
     split += [f"{cfg.grad_accum_steps} micro-batches"] if cfg.grad_accum_steps > 1 else []
     run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"

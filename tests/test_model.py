@@ -1,12 +1,13 @@
 """The GPT itself: shapes, causality, initialisation, tying, parameter count, sampling."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from config import GREEDY, Sampler, TinyLLMError
+from config import GREEDY, SHAPE, GPTConfig, Sampler, TinyLLMError
 from conftest import GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, tiny_model_config, variant_id
 from model import GPT
 import sampling
@@ -131,6 +132,15 @@ def test_generation_crops_context_past_block_size():
 def test_sample_next_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
     assert sample_next(logits, GREEDY).tolist() == [[1], [0]]
+
+
+def test_every_variant_of_the_model_is_run_by_the_model_tests():
+    """Each setting of GPTConfig beyond its shape is away from its default in one of MODEL_VARIANTS, so the
+    cache, the fused kernel, the replayed step and the pictures' reference are checked with it on."""
+    default = GPTConfig()
+    varied = {k for variant in MODEL_VARIANTS for k, v in variant.items() if v != getattr(default, k)}
+    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in SHAPE and f.name not in varied]
+    assert not missing, f"add a line for {', '.join(missing)} to MODEL_VARIANTS in tests/conftest.py"
 
 
 @pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)

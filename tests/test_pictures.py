@@ -3,6 +3,7 @@ from the weights alone, catching it changes nothing and training never pays for 
 surprise picture's bits per character are --eval_only's; the PNGs open at their sizes; bad
 input is one error line; a BPE model works too."""
 
+import dataclasses
 import math
 import re
 
@@ -10,6 +11,7 @@ import matplotlib.image
 import pytest
 import torch
 
+from config import SHAPE
 from conftest import (ROOT, MODEL_VARIANTS, assert_one_line_error, cli, complex_rope, rope_angles, tiny_model_config,
                       variant_id, write_head)
 import model as model_module
@@ -40,9 +42,11 @@ def reference_forward(gpt, idx):
     """(logits (T, V), [attention (nh, T, T) per layer]) for one sequence idx (T,), from the
     state dict alone: none of model.py's code runs."""
     c, sd = gpt.config, {k: v.double() for k, v in gpt.state_dict().items()}
-    for switch, written in REFERENCE_FORMULAS.items():  # a new model variant needs its formula here too
-        assert getattr(c, switch) in written, (f"reference_forward (tests/test_pictures.py) has no formula for "
-                                               f"{switch}={getattr(c, switch)!r}: add it beside {written}")
+    for f in dataclasses.fields(c):  # every variant of the model, a setting beyond its shape, needs its formula here
+        written = REFERENCE_FORMULAS.get(f.name, ())
+        assert f.name in SHAPE or getattr(c, f.name) in written, (
+            f"reference_forward (tests/test_pictures.py) has no formula for {f.name}={getattr(c, f.name)!r}: add it "
+            f"to REFERENCE_FORMULAS beside {written}")
     T, nh, hs = len(idx), c.n_head, c.n_embd // c.n_head
     x = sd["wte.weight"][idx]  # (T, C)
     if c.pos == "learned":
