@@ -277,4 +277,8 @@ def draw_lr_schedule(train_cfg):
              f"of --max_steps {train_cfg.max_steps} (give --max_steps to choose)")
     path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
     plot_lr_schedule(train_cfg, path)
+    end = train_cfg.max_steps
+    steps = {train_cfg.warmup_steps} | {round(end * i / 10) for i in range(11)}  # every tenth, and the peak
+    log("lr at step " + ", ".join(f"{s}: {get_lr(s, budget.by_steps(s, None, train_cfg, end), train_cfg):.3g}"
+                                  for s in sorted(steps)))
     log(f"wrote {path}")

@@ -74,6 +74,16 @@ def test_the_linear_schedule_falls_in_a_straight_line_to_the_floor():
     assert get_lr(50, 1.0, cfg) == 1e-4
 
 
+def test_plot_lr_also_prints_the_schedule_at_every_tenth_of_the_run(tmp_path, capsys):
+    code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "100", "--warmup_steps", "10", "--lr", "1e-3",
+                       "--min_lr", "1e-4", "--lr_schedule", "linear", "--out_dir", tmp_path)
+    printed = dict(pair.split(": ") for pair in out.split("lr at step ")[1].splitlines()[0].split(", "))
+    assert code == 0 and list(printed) == ["0", "10", "20", "30", "40", "50", "60", "70", "80", "90", "100"]
+    assert float(printed["10"]) == 1e-3 and float(printed["100"]) == 1e-4  # the peak after the warmup, the floor
+    assert float(printed["50"]) == pytest.approx(1e-3 - 40 / 90 * 9e-4, rel=1e-2)  # 40 of the line's 90 steps down
+    assert (tmp_path / "lr_schedule.png").exists()
+
+
 def test_missing_and_empty_data_are_clear_errors(tmp_path):
     with pytest.raises(TinyLLMError, match="not found"):
         load_corpus(str(tmp_path / "nope.txt"))
