@@ -140,15 +140,16 @@ def test_the_readme_lists_the_lesson_in_order():
     assert tuple(listed) == LESSON
 
 
-def test_the_readme_gives_the_lessons_length_as_it_is():
+def test_the_readme_gives_the_lessons_length_within_a_tenth():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     lines = 0
     for name in LESSON:
         with open(os.path.join(ROOT, f"{name}.py"), encoding="utf-8") as f:
             lines += len(f.read().splitlines())
-    said = re.findall(r"five files (?:and|are) ([\d,]+) lines", readme)
-    assert said and all(int(n.replace(",", "")) == lines for n in said), f"the lesson is {lines} lines"
+    said = re.findall(r"five files (?:and|are) about ([\d,]+) lines", readme)  # about: a learner's change keeps it true
+    assert said and all(abs(int(n.replace(",", "")) - lines) <= 0.1 * lines for n in said), \
+        f"the lesson is {lines} lines"
 
 
 @pytest.mark.parametrize("name", sorted(LEVELS))
