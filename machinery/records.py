@@ -256,7 +256,8 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
 
 
 def plot_lr_schedule(train_cfg, path, upto=None, state=None):
-    """The LR schedule: the steps a run took at the LRs it logged, the rest as planned (under a time budget: none)."""
+    """The LR schedule: the steps a run took at the LRs it logged, the rest as planned (under a time budget: none).
+    Returns the planned [(step, lr)]."""
     taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]
     first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
     planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace: not drawn
@@ -269,6 +270,7 @@ def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     ax.set(xlabel="step", ylabel="learning rate",
            title=f"optim.get_lr: warmup {train_cfg.warmup_steps} steps, peak {train_cfg.lr:g}, floor {train_cfg.min_lr:g}")
     save_plot(fig, ax, path)
+    return planned
 
 
 def draw_lr_schedule(train_cfg):
@@ -276,9 +278,7 @@ def draw_lr_schedule(train_cfg):
         warn(f"--time_budget {train_cfg.time_budget}: a run's end follows its pace; this draws the schedule "
              f"of --max_steps {train_cfg.max_steps} (give --max_steps to choose)")
     path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
-    plot_lr_schedule(train_cfg, path)
-    end = train_cfg.max_steps
-    steps = {train_cfg.warmup_steps} | {round(end * i / 10) for i in range(11)}  # every tenth, and the peak
-    log("lr at step " + ", ".join(f"{s}: {get_lr(s, budget.by_steps(s, None, train_cfg, end), train_cfg):.3g}"
-                                  for s in sorted(steps)))
+    planned = dict(plot_lr_schedule(train_cfg, path))
+    steps = {train_cfg.warmup_steps} | {round(train_cfg.max_steps * i / 10) for i in range(11)}  # tenths, the peak
+    log("lr at step " + ", ".join(f"{s}: {planned[s]:.3g}" for s in sorted(steps)))
     log(f"wrote {path}")
