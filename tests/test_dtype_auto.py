@@ -1,8 +1,6 @@
 """--dtype auto on a CPU with native bfloat16 (machinery/device.py): the decision is tested with
 mocked timings, and the trial steps that measure it leave nothing behind."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -12,10 +10,9 @@ import train
 from machinery import device
 
 
-def fake_step_times(monkeypatch, float32, bfloat16, native=True):
+def fake_step_times(monkeypatch, fake_machine, float32, bfloat16, native=True):
     """Pretend the CPU has native bfloat16 and that a step took these seconds in each precision."""
-    real = device.machine
-    monkeypatch.setattr(device, "machine", lambda: SimpleNamespace(**{**vars(real()), "avx512_bf16": native, "amx": native}))
+    fake_machine(avx512_bf16=native, amx=native)
     measured = []
 
     def timed(run, train_step, dtypes):
@@ -31,9 +28,9 @@ def fake_step_times(monkeypatch, float32, bfloat16, native=True):
     (0.30, 0.26, "float32", "float32: bfloat16 was 1.15x here"),    # faster, but not by the margin
     (0.30, 0.37, "float32", "float32: bfloat16 was 0.81x here"),    # AVX512-BF16 without AMX, measured
 ])
-def test_mocked_cpu_timings_decide_auto_precision(shakespeare_head, tmp_path, monkeypatch, capsys,
+def test_mocked_cpu_timings_decide_auto_precision(shakespeare_head, tmp_path, monkeypatch, fake_machine, capsys,
                                                   float32, bfloat16, chosen, words):
-    measured = fake_step_times(monkeypatch, float32, bfloat16)
+    measured = fake_step_times(monkeypatch, fake_machine, float32, bfloat16)
     cfg = tiny_train_config(shakespeare_head, tmp_path, dtype="auto", max_steps=2, eval_interval=2)
     run = train.setup_run(tiny_model_config(), cfg)
     assert measured == [["float32", "bfloat16"]] and run.dtype == chosen
@@ -41,11 +38,12 @@ def test_mocked_cpu_timings_decide_auto_precision(shakespeare_head, tmp_path, mo
     assert run.state.plan["dtype"] == chosen  # saved with every checkpoint, so a resume keeps it
 
 
-def test_mocked_cpu_without_native_bfloat16_or_with_a_given_dtype_measures_nothing(shakespeare_head, tmp_path, monkeypatch):
-    measured = fake_step_times(monkeypatch, 0.3, 0.1, native=False)
+def test_mocked_cpu_without_native_bfloat16_or_with_a_given_dtype_measures_nothing(
+        shakespeare_head, tmp_path, monkeypatch, fake_machine):
+    measured = fake_step_times(monkeypatch, fake_machine, 0.3, 0.1, native=False)
     run = train.setup_run(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "a", dtype="auto"))
     assert run.dtype == "float32"
-    fake_step_times(monkeypatch, 0.3, 0.1, native=True)
+    fake_step_times(monkeypatch, fake_machine, 0.3, 0.1, native=True)
     run = train.setup_run(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "b", dtype="float32"))
     assert run.dtype == "float32" and measured == [] and run.state.plan is None
 
