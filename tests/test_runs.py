@@ -348,3 +348,12 @@ def test_several_checkpoints_are_sampled_alike_and_a_single_sample_is_streamed(t
     generate.main([str(best), *flags])
     monkeypatch.undo()
     assert len(writes) >= 30 and "".join(writes).strip() == alone[best].strip()
+
+
+def test_the_start_up_line_shows_every_setting_of_the_model_beyond_its_shape(shakespeare_head, tmp_path, capsys,
+                                                                             monkeypatch):
+    from machinery import setup
+    monkeypatch.setattr(setup, "SHAPE", tuple(n for n in setup.SHAPE if n != "bias"))  # bias as a variant, say
+    train.train(tiny_model_config(pos="rope"), tiny_train_config(shakespeare_head, tmp_path, max_steps=1))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("model "))
+    assert "| bias True, norm layernorm, mlp gelu, pos rope |" in line
