@@ -26,8 +26,8 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     it there). Each step: the logits of the next token (Context: the context rule and the KV
     cache), one token drawn from them by the sampler's rules (sample_next; config.Sampler's
     settings), appended.
-    on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits
-    they were drawn from (generate.py streams them; --show_probs shows their odds).
+    on_token(tokens (B, 1), logits (B, V), idx (B, T)) sees each step's tokens as they come, with the
+    logits and the tokens so far they were drawn from (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
     generate.py loads is in eval mode already). replay=False: never from a CUDA graph (a comparison)."""
     context = Context(model, use_cache, replay)
@@ -35,10 +35,10 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
         for _ in range(max_new_tokens):
             logits = context.next_logits(idx)  # (B, V)
-            next_token = sample_next(logits, sampler, generator)  # (B, 1)
-            idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
+            next_token = sample_next(logits, sampler, idx, generator)  # (B, 1)
             if on_token is not None:
-                on_token(next_token, logits)
+                on_token(next_token, logits, idx)
+            idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
             if stop_token is not None:
                 done |= next_token[:, 0] == stop_token
                 if done.all():
@@ -127,10 +127,11 @@ def decode(model, cache, token):
 
 # ----------------------------------------------------------------------------- the sampler
 
-def filter_logits(logits, sampler):
-    """Set to -inf every logit outside the candidates: top_k > 0 keeps the k most likely
+def filter_logits(logits, sampler, idx):
+    """Set to -inf every logit (B, V) outside the candidates: top_k > 0 keeps the k most likely
     (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
-    smallest set whose probability reaches top_p."""
+    smallest set whose probability reaches top_p. idx (B, T): the tokens so far, for a rule
+    that looks back at them (a repetition penalty). The most likely token always survives."""
     top_k, top_p = sampler.top_k, sampler.top_p
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
@@ -146,19 +147,19 @@ def filter_logits(logits, sampler):
     return logits
 
 
-def next_token_probs(logits, sampler):
+def next_token_probs(logits, sampler, idx):
     """The distribution the next token is drawn from, probs (B, V), for logits (B, V): divide by
     the temperature, keep the top-k / top-p candidates, softmax. Temperature 0 (greedy) draws
     nothing: it takes the most likely token. Its distribution here is the one at temperature 1
     after top-k / top-p, the model's own odds among the candidates, in which greedy's pick is
     the most likely token (the candidates always include it)."""
-    logits = filter_logits(logits.float() / (sampler.temperature or 1.0), sampler)
+    logits = filter_logits(logits.float() / (sampler.temperature or 1.0), sampler, idx)
     return F.softmax(logits, dim=-1)  # (B, V)
 
 
-def sample_next(logits, sampler, generator=None):
-    """Pick one token per row from logits (B, V): (B, 1). Temperature 0 is greedy."""
-    if sampler.temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # (B, 1); greedy needs no softmax
-    probs = next_token_probs(logits, sampler)  # (B, V)
+def sample_next(logits, sampler, idx, generator=None):
+    """Pick one token per row from logits (B, V) after idx (B, T): (B, 1). Temperature 0 is greedy."""
+    if sampler.temperature == 0:  # the most likely candidate; greedy needs no softmax
+        return filter_logits(logits.float(), sampler, idx).argmax(dim=-1, keepdim=True)  # (B, 1)
+    probs = next_token_probs(logits, sampler, idx)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

@@ -43,8 +43,8 @@ class SamplerOdds:
     def __init__(self, annotator, sampler):
         self.annotator, self.sampler = annotator, sampler  # config.Sampler: how the tokens were drawn
 
-    def __call__(self, token, logits):
-        self.annotator.add(token, next_token_probs(logits, self.sampler))
+    def __call__(self, token, logits, idx):
+        self.annotator.add(token, next_token_probs(logits, self.sampler, idx))
 
 
 @torch.inference_mode()

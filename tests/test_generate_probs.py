@@ -3,6 +3,7 @@ without the KV cache; the text is the text without the flag; the same seed print
 numbers; byte-level tokens that end mid-character are shown honestly."""
 
 import ast
+import functools
 import math
 import re
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from config import Sampler
 
-from conftest import assert_one_line_error, cli, tiny_model_config
+from conftest import assert_one_line_error, cli, no_tokens, tiny_model_config
 import generate
 from model import GPT
 import sampling
@@ -59,11 +60,12 @@ def entropy(p):
 def test_the_distribution_is_the_one_sample_next_draws_from(setting):
     torch.manual_seed(0)
     logits = torch.randn(4, 40) * 3
-    probs = next_token_probs(logits, Sampler(**setting))
+    probs = next_token_probs(logits, Sampler(**setting), no_tokens(logits))
     assert torch.allclose(probs.double(), reference_probs(logits, **setting), atol=1e-6)
     for seed in range(5):
-        token = sample_next(logits, Sampler(**setting), generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(token, sample_next(logits, Sampler(**setting), generator=torch.Generator().manual_seed(seed)))
+        draw = functools.partial(sample_next, logits, Sampler(**setting), no_tokens(logits))
+        token = draw(generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(token, draw(generator=torch.Generator().manual_seed(seed)))
         if setting["temperature"]:  # the draw is multinomial over exactly these probabilities
             assert torch.equal(token, torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)))
         else:  # greedy: the most likely token, and its p is the largest in the temperature-1 distribution

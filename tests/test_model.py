@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from config import GREEDY, SHAPE, GPTConfig, Sampler, TinyLLMError
-from conftest import GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, tiny_model_config, variant_id
+from conftest import (GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, no_tokens, tiny_model_config,
+                      variant_id)
 from model import GPT
 import sampling
 from sampling import filter_logits, sample_next
@@ -83,21 +84,21 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
 def test_top_k_keeps_exactly_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, Sampler(top_k=7))
+    kept = filter_logits(logits, Sampler(top_k=7), no_tokens(logits))
     assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
     assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.8)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.8), no_tokens(probs)))
     assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.3)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.3), no_tokens(probs)))
     assert kept.tolist() == [[True, False, False, False, False]]
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, Sampler(top_p=p)))
+        kept = torch.isfinite(filter_logits(logits, Sampler(top_p=p), no_tokens(logits)))
         probs = F.softmax(logits, dim=-1)
         for row in range(3):
             mass = probs[row][kept[row]]
@@ -107,7 +108,8 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_top_p_of_zero_still_keeps_the_most_likely_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
-    assert torch.isfinite(filter_logits(logits, Sampler(top_p=1e-9))).tolist() == [[False, True, False], [True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, Sampler(top_p=1e-9), no_tokens(logits)))
+    assert kept.tolist() == [[False, True, False], [True, False, False]]
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_reproducible():
@@ -131,7 +133,24 @@ def test_generation_crops_context_past_block_size():
 
 def test_sample_next_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, GREEDY).tolist() == [[1], [0]]
+    assert sample_next(logits, GREEDY, no_tokens(logits)).tolist() == [[1], [0]]
+
+
+def test_the_sampler_sees_the_tokens_so_far_at_every_step(monkeypatch):
+    """A rule that looks back at the tokens so far (a repetition penalty) goes in filter_logits: it gets them,
+    prompt included, at every step, sampled or greedy, and on_token gets the same."""
+    model = GPT(tiny_model_config(block_size=8)).eval()
+    prompt = torch.randint(0, 65, (2, 3), generator=torch.Generator().manual_seed(0))
+    real = sampling.filter_logits
+    for sampler in (GREEDY, Sampler(temperature=0.8, top_k=5)):
+        seen, shown = [], []
+        monkeypatch.setattr(sampling, "filter_logits",
+                            lambda logits, s, idx: seen.append(idx.clone()) or real(logits, s, idx))
+        out = sampling.generate(model, prompt, 12, sampler, generator=torch.Generator().manual_seed(1),
+                                on_token=lambda token, logits, idx: shown.append(idx.clone()))
+        so_far = [out[:, :3 + t] for t in range(12)]  # 3 + 12 tokens: past block_size, the context cropped
+        assert len(seen) == len(shown) == 12
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(so_far, seen, shown))
 
 
 def test_every_variant_of_the_model_is_run_by_the_model_tests():
