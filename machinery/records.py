@@ -32,8 +32,7 @@ class Meter:
         self.pending.append((self.state.step, figures))  # the step number after it: its loss is step - 1's
 
     def read_pending(self):
-        """Read the pending figures in one go into the state's window. A non-finite loss or norm stops the
-        run, and every save and evaluation reads them first, so no weights after it are ever saved."""
+        """Moves the figures to the window in one device read; raises on a non-finite one (every save reads first)."""
         if not self.pending:
             return
         self.seconds += budget.now() - self.mark  # the device has finished these steps only now
@@ -86,7 +85,7 @@ def non_finite(run, step, figures):
         f"last good checkpoint: {last if run.state.last_eval_step >= 0 and run.writes else 'none'}")
 
 
-# ----------------------------------------------------------------------------- progress lines
+# ----------------------------------------------------------------------------- the lines a run prints
 
 def progress_line(run, figures, ms, tokens_per_s, mfu, steps_shown, formats):
     step = run.state.step
@@ -102,8 +101,6 @@ def speed(run, ms):
     peak = peak_flops(run.device, run.dtype)
     return tokens_per_s, flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
 
-
-# ----------------------------------------------------------------------------- evaluations
 
 def evaluation_line(run, train_loss, val_loss, steps_shown, improved):
     step = run.state.step
@@ -170,8 +167,7 @@ def done_line(run):
 
 
 def closing_sample(run, tokens=None):
-    """The closing sample as generate.py draws it (tokens: cfg.sample_tokens), in float32: at this size bfloat16
-    decodes no faster, even on H100s."""
+    """The closing sample as generate.py draws it (tokens: cfg.sample_tokens), in float32: bfloat16 is no faster."""
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
     with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
@@ -256,11 +252,10 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
 
 
 def plot_lr_schedule(train_cfg, path, upto=None, state=None):
-    """The LR schedule: the steps a run took at the LRs it logged, the rest as planned (under a time budget: none).
-    Returns the planned [(step, lr)]."""
+    """Draws the logged LRs, then the rest as planned (not under a time budget); returns the planned [(step, lr)]."""
     taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]
     first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
-    planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace: not drawn
+    planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace
         (s, get_lr(s, budget.by_steps(s, state, train_cfg, train_cfg.max_steps), train_cfg))
         for s in range(first, train_cfg.max_steps + 1)]
     fig, ax = new_plot()
