@@ -74,7 +74,7 @@ def load_checkpoint(path):
 
 
 def refused_as_unsafe(error):
-    """Whether torch.load(weights_only=True) refused a file, anywhere in the chain: transformers raises its own error."""
+    """Whether torch.load(weights_only=True) refused a file, anywhere in the chain (transformers wraps the error)."""
     seen = set()
     while error is not None and id(error) not in seen:  # a chain can loop back on itself
         if "weights only" in str(error).lower():
@@ -111,7 +111,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
 
 
 def extend_tokenizer(tokenizer, text, extend, path):
-    """(tokenizer, old_ids, new characters): with extend, a char tokenizer grown by text's unknown ones, else refused."""
+    """(tokenizer, old_ids, new characters): a char tokenizer grown by text's unknown ones if extend, else an error."""
     missing = tokenizer.unknown_chars(text) if tokenizer is not None else []
     if not missing:
         return tokenizer, None, []
@@ -198,15 +198,14 @@ def describe_run(out_dir):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
             try:
-                checkpoint = load_checkpoint(path)
+                return f"{name} at {describe_checkpoint(load_checkpoint(path))}"
             except TinyLLMError:
                 return f"{name} (unreadable)"
-            return f"{name} at {describe_checkpoint(checkpoint)}"
     return ", ".join(run_files(out_dir))
 
 
 def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
-    """Refuse a fresh run over another run's checkpoints, and check now, not after an hour of training, it can write."""
+    """Refuse a fresh run over another run's checkpoints; check it can write before, not after, an hour of training."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
     existing = run_files(out_dir)
