@@ -1,5 +1,4 @@
-"""Where training text comes from: a .txt file, a folder of text files, a .jsonl file, a Q&A .json list,
-or a folder of token ids from tools/prepare.py (memory-mapped, for corpora larger than memory)."""
+"""Training text (a .txt file, a folder of them, .jsonl, a Q&A .json list, a tools/prepare.py folder), and prompts."""
 
 import hashlib
 import json
@@ -15,8 +14,7 @@ from machinery.checkpoint import extend_tokenizer, tokenizer_from_dict
 from machinery.cli import warn
 
 
-# Text is read as "utf-8-sig" (dropping the byte-order mark PowerShell and Notepad write) with universal newlines
-# (CRLF read as LF): the same text gives the same tokens on every platform.
+# Read as "utf-8-sig" (dropping PowerShell's and Notepad's byte-order mark), CRLF as LF: the same tokens everywhere.
 
 def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
     """A text source as (text, document_ends) pieces, never all in memory (a .txt file is one document, in chunks)."""
@@ -116,7 +114,7 @@ def read_text(path, clean=False, extensions=".txt"):
     return text
 
 
-# ----------------------------------------------------------------------------- prepared corpora
+# ----------------------------------------------------------------------------- a run's corpus
 
 def load_prepared(path):
     """A tools.prepare folder: (meta, train tokens, val tokens), memory-mapped: a corpus larger than memory trains."""
@@ -139,8 +137,6 @@ def load_prepared(path):
         splits.append(np.memmap(file, dtype=dtype, mode="r"))
     return meta, splits[0], splits[1]
 
-
-# ----------------------------------------------------------------------------- a run's corpus
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     """cfg.data as a utils.Corpus; a char tokenizer lacking some characters is extended when extend, else refused."""
