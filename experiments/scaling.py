@@ -17,8 +17,7 @@ from machinery.device import flops_per_token
 from machinery.records import new_plot, save_plot, split_history
 
 
-# model sizes from about 30 thousand to 1.3 million parameters (43x), the default tiny preset's 2 x 160
-# among them; the rest of each run is the tiny preset's
+# from about 30 thousand to 1.3 million parameters (43x), the tiny preset's 2 x 160 among them; the rest is tiny's
 SHAPE_FIELDS = ("n_layer", "n_embd", "n_head")
 SCALING_SHAPES = [(1, 48, 2), (2, 64, 2), (2, 96, 3), (2, 160, 5), (3, 192, 6)]
 DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
@@ -54,11 +53,10 @@ def step_seconds(shapes, out_dir, data):
 
 
 def plan_scaling(seconds, flops, minutes, budgets, default):
-    """The study's compute budgets (training FLOPs), 2x apart, as large as lets every shape train at every budget
-    and the default shape on each share of the text (half the top budget's steps) within minutes here."""
+    """Compute budgets (training FLOPs) 2x apart, the largest that let every run of the study end in minutes here."""
     per_flop = sum(s / f for s, f in zip(seconds, flops))  # seconds for a FLOP of every shape
     share = [2.0 ** -k for k in range(budgets - 1, -1, -1)]  # 1/2^(n-1) ... 1/2, 1
-    data = len(DATA_FRACTIONS) / 2 * seconds[default] / flops[default]  # seconds per FLOP of the top budget
+    data = len(DATA_FRACTIONS) / 2 * seconds[default] / flops[default]  # the data runs' seconds per top-budget FLOP
     top = minutes * 60 / (per_flop * sum(share) + data)
     return [top * x for x in share]
 
