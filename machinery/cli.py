@@ -141,8 +141,7 @@ def in_process_group():
 
 
 def leave(code):
-    """Exit with code; one of several processes under torchrun leaves at once (os._exit, output flushed): the
-    usual teardown could abort it (status -6), as the process group's threads outlive what they work on."""
+    """Exit with code, under torchrun at once (os._exit): the process group's threads could abort the teardown (-6)."""
     sys.stdout.flush()
     sys.stderr.flush()
     if in_process_group() or ("RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"):
