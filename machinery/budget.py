@@ -1,6 +1,5 @@
-"""A run's progress, which optim.get_lr's schedule is a function of: 0 at the end of the warmup, 1 at the end.
-Without a --time_budget it counts steps up to max_steps; with one it counts seconds, the share of the time
-usable after the warmup that is spent, so the run ends as its time runs out with the LR at its floor."""
+"""A run's progress, what optim.get_lr's schedule follows: 0 at the end of the warmup, 1 at the end. It counts steps
+to max_steps, or under a --time_budget the share spent of the time usable after the warmup: the LR ends at its floor."""
 
 import math
 import time
@@ -20,7 +19,7 @@ SAFETY = 0.01     # of a time budget: for the process's exit and the device's la
 
 
 def progress(at, progress_from, end):
-    """Progress at `at` (a step, or seconds spent): a straight line from progress_from = [at0, progress0] to 1 at end."""
+    """Progress at `at` (a step, or seconds spent): a line from progress_from = [at0, progress0] to 1 at end."""
     at0, progress0 = progress_from
     if at >= end:
         return 1.0
@@ -58,7 +57,6 @@ class Clock:
         return self.agreed(self.earlier + now() - self.started)
 
     def usable(self):
-        """The budget less the closing sample, one evaluation at the end and SAFETY."""
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
     def at_end(self):
@@ -71,7 +69,6 @@ class Clock:
         return spent >= self.usable()
 
     def progress(self):
-        """How far the run is, 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
         state, cfg = self.state, self.cfg
         if not self.seconds:
             return by_steps(state.step, state, cfg, cfg.max_steps)
@@ -89,8 +86,7 @@ class Clock:
         return (spent - self.state.progress_from[0]) / steps if steps > 0 and self.state.progress_from else 0.0
 
     def room_for_evaluation(self):
-        """False where a budget's scheduled evaluation would leave no time for steps (the one at the end comes
-        soon): progress would jump to the end over it, and the last step's LR stay above the floor."""
+        """False where an evaluation would leave a budget no time for steps: the last step's LR would miss the floor."""
         return not self.seconds or self.spent() + self.state.eval_seconds < self.usable()
 
     def evaluated(self, seconds):
