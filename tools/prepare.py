@@ -1,6 +1,5 @@
-"""Tokenize a corpus larger than memory once, to disk, streaming it in pieces: the first 90% of its text
-(cut at a character, as train.py cuts its tokens) to train.bin and the rest to val.bin, uint16 where the
-vocabulary fits, else uint32, with meta.json for the tokenizer. train.py --data memory-maps the folder."""
+"""Tokenize a corpus larger than memory once, streaming: the first 90% of its text (cut at a character, as train.py
+cuts its tokens) to train.bin, the rest to val.bin, with meta.json; train.py --data memory-maps the folder."""
 
 import contextlib
 import json
@@ -26,8 +25,7 @@ def source_size(cfg):
 
 
 def dropped_on_reading(path):
-    """The bytes of a text file that reading it drops: a byte-order mark, and the \\r of each
-    \\r\\n. The 90/10 cut falls where it falls in the text read, CRLF file or LF."""
+    """Bytes reading a text file drops (a byte-order mark, each \\r\\n's \\r): the 90/10 cut is the same CRLF or LF."""
     with open(path, "rb") as f:
         dropped, last = 3 if f.read(3) == b"\xef\xbb\xbf" else 0, b""
         f.seek(0)
@@ -54,7 +52,6 @@ def tokenizer_text(cfg, max_chars):
 
 
 def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1):
-    """Write out/train.bin, out/val.bin and out/meta.json for the source cfg.data; return the meta."""
     if not os.path.exists(cfg.data):
         raise TinyLLMError(f"input {cfg.data} not found")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -78,8 +75,7 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
             "val_chars": val_chars, "clean": cfg.clean}
     with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f)
-    # replace the old dataset only now, meta.json last: a folder caught halfway has no meta.json
-    # and is refused, rather than pairing new token ids with the old tokenizer
+    # meta.json is deleted first, renamed in last: a folder caught halfway is refused, not read with the old tokenizer
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, "meta.json"))
     for name in ("train.bin", "val.bin", "meta.json"):
