@@ -106,7 +106,6 @@ def training_runs(quick, device, tmp):
 
 
 def train_run(flags, out_dir):
-    """python train.py FLAGS --out_dir OUT_DIR as a user runs it, with what its output and history.json say."""
     result = run_stamped([sys.executable, "-u", os.path.join(ROOT, "train.py"), *flags, "--out_dir", out_dir])
     path = os.path.join(out_dir, "history.json")
     history = read_history(path) if os.path.isfile(path) else []

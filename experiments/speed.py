@@ -1,5 +1,4 @@
-"""Speed (bench.py train, generate, sample, time_to_target): training throughput, decoding with and without the
-KV cache, generate.py end to end, and the time until a validation loss is reached."""
+"""Speed (bench.py train, generate, sample, time_to_target): steps, decoding, generate.py, the time to a val loss."""
 
 import argparse
 import dataclasses
@@ -145,7 +144,6 @@ def time_to_target(preset, target, extra, label):
 
 
 def reached(evals, target, wall, preset, label):
-    """What a run's evaluations say about a target: reached or not, where, and in how long."""
     hit = next((h for h in evals if h["val_loss"] <= target), None)
     best = min(evals, key=lambda h: h["val_loss"])
     log(f"[{label}] " + (f"val {hit['val_loss']:.4f} <= {target} at step {hit['step']}: {wall:.1f} s from process "
