@@ -69,6 +69,7 @@ class Clock:
         return spent >= self.usable()
 
     def progress(self):
+        """How far the run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
         state, cfg = self.state, self.cfg
         if not self.seconds:
             return by_steps(state.step, state, cfg, cfg.max_steps)
