@@ -25,6 +25,7 @@ def _require(ok, message):
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # the vocabulary --tokenizer bpe learns unless --vocab_size says otherwise
 EOT = "<|endoftext|>"       # the token between documents; every tokenizer has it
+DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch's kernels; 0 = auto: one per physical core"
 
@@ -98,7 +99,7 @@ class TrainConfig:
     patience: int = setting(0, "stop after N evaluations without a better val loss; 0 = off")
     target_loss: float = setting(0.0, "stop as soon as an evaluation's val loss is at or below this; 0 = off")
     seed: int = setting(1337, f"seed of every random number generator, 0 to {MAX_SEED}")
-    device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
+    device: str = setting("auto", DEVICE_HELP, DEVICES)
     dtype: str = setting("auto", "precision of the forward pass (autocast); auto: on a CPU with bfloat16 "
                                  "instructions (AVX512-BF16, AMX) both are timed at start-up and bfloat16 is taken "
                                  "only if clearly faster; bfloat16 on GPUs from A100/L4/RTX 30xx; float16 + loss "
@@ -175,7 +176,7 @@ class SampleConfig:
     seed: int = setting(1337, f"seed of the sampler, 0 to {MAX_SEED}: same seed, same machine, same text")
     num_samples: int = setting(1, "samples drawn together as one batch")
     output_file: str = setting("", "also write the samples here, under a header with every setting")
-    device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
+    device: str = setting("auto", DEVICE_HELP, DEVICES)
     threads: int = setting(0, THREADS_HELP)
     no_cache: bool = setting(False, "recompute the whole context for every token instead of using the KV cache")
     qa: bool = setting(False, "the prompt is a question: frame it as in Q&A training and stop after the answer")
@@ -228,7 +229,7 @@ class PictureConfig:
                             "(as train.py --eval_only does)")
     passage_chars: int = setting(600, "surprise: colour the first N characters of the val split; the bits per "
                                       "character printed are over the same passage")
-    device: str = setting("auto", DEVICE_HELP, ("auto", "cpu", "cuda", "mps"))
+    device: str = setting("auto", DEVICE_HELP, DEVICES)
     threads: int = setting(0, THREADS_HELP)
 
     def __post_init__(self):

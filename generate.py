@@ -46,10 +46,11 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
         annotator.end()
     elif stream:
         sys.stdout.write("\n")
-    return [finished(tokenizer, shown, row, stop) for row in out[:, idx.size(1):].tolist()]
+    return [cut_at_stop(tokenizer, shown, row, stop) for row in out[:, idx.size(1):].tolist()]
 
 
-def finished(tokenizer, shown, row, stop):
+def cut_at_stop(tokenizer, shown, row, stop):
+    """(text, new tokens, whether it stopped) of a row of new tokens, cut at the stop token."""
     stopped = stop in row
     row = row[:row.index(stop)] if stopped else row
     return tokenizer.decode(shown + row), len(row), stopped
@@ -66,7 +67,7 @@ def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
         annotator.begin(shown, 1, stop)
         for token, probs in model_odds(model, idx, new, use_cache=not cfg.no_cache):
             annotator.add(token, probs)
-    return [finished(tokenizer, shown, new[0].tolist(), stop)]
+    return [cut_at_stop(tokenizer, shown, new[0].tolist(), stop)]
 
 
 def sample_label(i, cfg, n_new, stopped):

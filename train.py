@@ -34,7 +34,7 @@ def build(run):
     cfg = run.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
-    corpus, model = setup.load_data(run)
+    corpus, model = setup.load_corpus_and_model(run)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
         model = GPT(dataclasses.replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
     run.corpus, run.model = corpus, model.to(run.device)
@@ -159,7 +159,7 @@ def evaluate(run, meter, clock):
         state.last_eval_step = state.step  # never two evaluations at one step
         state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
                               "lr": state.lr, "grad_norm": state.grad_norm, "seconds": records.elapsed(run)})
-        run.say(records.evaluation_line(run, train_loss, val_loss, clock.steps_shown(), improved))
+        run.say(records.evaluation_line(run, train_loss, val_loss, clock.end_step(), improved))
         if run.writes:
             records.save(run, "last.pt")
             if improved:
@@ -183,7 +183,7 @@ def log_progress(run, meter, clock):
     state = run.state
     figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
     tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
-    run.say(records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.steps_shown(), FORMATS))
+    run.say(records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.end_step(), FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": records.elapsed(run)})
     if run.options.overfit_batch and figures["loss"] < 0.01:
@@ -236,7 +236,7 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 
 def main(argv=None, started=None):
     options, model_cfg, train_cfg, preset, given = train_cli.parse_flags(argv)  # the flags on top of a preset
-    if not train_cli.instead_of_training(options, train_cfg, given):  # --eval_only, --plot_lr: no training
+    if not train_cli.eval_or_plot(options, train_cfg, given):  # --eval_only, --plot_lr: no training
         train(model_cfg, train_cfg, options, preset, given, started)
 
 

@@ -109,8 +109,8 @@ def train_run(flags, out_dir):
     result = run_stamped([sys.executable, "-u", os.path.join(ROOT, "train.py"), *flags, "--out_dir", out_dir])
     path = os.path.join(out_dir, "history.json")
     history = read_history(path) if os.path.isfile(path) else []
-    evals = [h["val_loss"] for h in history if h["kind"] == "eval"]
-    steps = [h["ms_per_step"] for h in history if h["kind"] == "train" and h["ms_per_step"]]
+    progress, evals = records.split_history(history)
+    evals, steps = [h["val_loss"] for h in evals], [h["ms_per_step"] for h in progress if h["ms_per_step"]]
     mfu = [float(m) for _, line in result["lines"] for m in re.findall(r"MFU ([0-9.]+)%", line)]
     device = next((line for _, line in result["lines"] if line.startswith("device ")), "")
     result.update(best_val=min(evals) if evals else None, ms_per_step=statistics.median(steps) if steps else None,

@@ -94,13 +94,13 @@ class Clock:
         """An evaluation took seconds (saves and plots included): a budget keeps that much for the last one."""
         self.state.eval_seconds = self.agreed(seconds)
 
-    def steps_shown(self):
-        """The step the run ends at, as a line shows it: max_steps, or a budget's estimate at its pace so far."""
+    def end_step(self):
+        """The step the run ends at: max_steps, or a budget's estimate at its pace so far (None before it has one)."""
         if not self.seconds:
-            return f"{self.cfg.max_steps}"
+            return self.cfg.max_steps
         spent = self.spent()
         pace = self.pace(spent)
-        return f"{self.state.step + max(0, math.ceil((self.usable() - spent) / pace))}" if pace > 0 else "?"
+        return self.state.step + max(0, math.ceil((self.usable() - spent) / pace)) if pace > 0 else None
 
     def too_short(self, spent):
         cfg = self.cfg

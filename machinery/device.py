@@ -273,23 +273,19 @@ def broadcast_from_master(obj, world):
 
 # ----------------------------------------------------------------------------- the precision
 
-def cpu_has_native_bf16():
-    """AVX512-BF16 or AMX; without them torch converts bfloat16, which is slower than float32."""
-    has = machine()
-    return has.avx512_bf16 or has.amx
-
-
 def has_native_bf16(device):
-    """bfloat16 computed natively: torch.cuda.is_bf16_supported() also counts a T4, which emulates it slowly.
-    MPS is counted out: its bfloat16 needs macOS 14 and is not needed for a tiny model."""
+    """bfloat16 computed natively: torch.cuda.is_bf16_supported() also counts a T4, which emulates it slowly; a CPU
+    without AVX512-BF16 or AMX converts it, slower than float32. MPS is counted out: its bfloat16 needs macOS 14."""
     if device.type == "cuda":
         return gpu(device)[1] >= (8, 0)
-    return device.type == "cpu" and cpu_has_native_bf16()
+    has = machine()
+    return device.type == "cpu" and (has.avx512_bf16 or has.amx)
 
 
 def measured_on(device):
-    """Whether --dtype auto times both precisions here (measure_dtype, below): on a CPU with bfloat16 instructions."""
-    return device.type == "cpu" and cpu_has_native_bf16()
+    """Whether --dtype auto times both precisions here (measure_dtype, below): a CPU with bfloat16 instructions,
+    where bfloat16 can still lose to float32."""
+    return device.type == "cpu" and has_native_bf16(device)
 
 
 def resolve_dtype(name, device):

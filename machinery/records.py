@@ -87,11 +87,11 @@ def non_finite(run, step, figures):
 
 # ----------------------------------------------------------------------------- the lines a run prints
 
-def progress_line(run, figures, ms, tokens_per_s, mfu, steps_shown, formats):
+def progress_line(run, figures, ms, tokens_per_s, mfu, end_step, formats):
     step = run.state.step
-    eta = format_seconds((float(steps_shown) - step) * ms / 1000) if steps_shown != "?" else "?"
+    eta = "?" if end_step is None else format_seconds((end_step - step) * ms / 1000)
     shown = " | ".join(f"{k} {'-' if v is None else format(v, formats.get(k, '.4g'))}" for k, v in figures.items())
-    line = f"step {step:>6}/{steps_shown} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
+    line = f"step {step:>6}/{end_step or '?'} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
 
 
@@ -102,10 +102,10 @@ def speed(run, ms):
     return tokens_per_s, flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
 
 
-def evaluation_line(run, train_loss, val_loss, steps_shown, improved):
+def evaluation_line(run, train_loss, val_loss, end_step, improved):
     step = run.state.step
     bits = val_loss / run.corpus.chars_per_token / math.log(2)
-    line = f"eval {step:>6}/{steps_shown} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
+    line = f"eval {step:>6}/{end_step or '?'} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
     if step == 0:
         line += f" | uniform baseline ln(V) = {math.log(run.model_cfg.vocab_size):.4f}"
     return line + (" | new best" if improved else "")
@@ -253,7 +253,7 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
 
 def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     """Draws the logged LRs, then the rest as planned (not under a time budget); returns the planned [(step, lr)]."""
-    taken = [(h["step"], h["lr"]) for h in (state.history if state else []) if h["kind"] == "train" and h["lr"]]
+    taken = [(h["step"], h["lr"]) for h in split_history(state.history if state else [])[0] if h["lr"]]
     first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
     planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace
         (s, get_lr(s, budget.by_steps(s, state, train_cfg, train_cfg.max_steps), train_cfg))

@@ -146,7 +146,7 @@ def load_source(path, given):
     return source
 
 
-def load_data(run):
+def load_corpus_and_model(run):
     """(corpus, model): the checked text, and the GPT a resumed or fine-tuned run starts from (else None)."""
     cfg, model, tokenizer = run.cfg, None, None
     if run.source:

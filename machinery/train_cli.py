@@ -47,7 +47,7 @@ def parse_flags(argv=None):
     return options, model_cfg, train_cfg, preset, given
 
 
-def instead_of_training(options, train_cfg, given):
+def eval_or_plot(options, train_cfg, given):
     """--eval_only or --plot_lr: do it and return True. False: this run trains."""
     if options.eval_only is not None:
         path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")  # --eval_only alone: best.pt
