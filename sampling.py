@@ -131,7 +131,8 @@ def filter_logits(logits, sampler, idx):
     """Set to -inf every logit (B, V) outside the candidates: top_k > 0 keeps the k most likely
     (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
     smallest set whose probability reaches top_p. idx (B, T): the tokens so far, for a rule
-    that looks back at them (a repetition penalty). The most likely token always survives."""
+    that looks back at them (a repetition penalty). The logits come divided by the temperature
+    (greedy: by 1). The most likely token always survives."""
     top_k, top_p = sampler.top_k, sampler.top_p
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
