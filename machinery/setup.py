@@ -280,8 +280,6 @@ def restore(run, checkpoint):
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
-    for row in state.history:  # rows written before progress rows existed were evaluations
-        row.setdefault("kind", "eval")
     older_version(state, checkpoint, run.cfg)
     saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget
     old_end = None if saved.get("time_budget") else saved["max_steps"]
@@ -297,9 +295,12 @@ def restore(run, checkpoint):
 
 
 def older_version(state, checkpoint, cfg):
-    """What older versions' checkpoints kept otherwise: a window of (loss, norm) pairs, the moved end of their
-    cosine (decay_from: [step, peak, share done], or [step, lr]), and a time budget's progress in steps to its
-    estimated end (end_step) or planned max_steps."""
+    """What older versions' checkpoints kept otherwise, in this version's state: history rows without a kind
+    (evaluations), a window of (loss, norm) pairs, the moved end of their cosine (decay_from: [step, peak, share
+    done], or [step, lr]), and a time budget's progress in steps to its estimated end (end_step) or planned
+    max_steps. (Settings they saved that this version lacks: RETIRED.)"""
+    for row in state.history:
+        row.setdefault("kind", "eval")
     if state.window and not isinstance(state.window[0], dict):
         state.window = [{"loss": loss, "lr": state.lr, "grad_norm": norm} for loss, norm in state.window]
     moved = checkpoint.get("decay_from")
