@@ -130,19 +130,22 @@ def test_extending_a_finished_run_goes_on_at_the_floor_and_honours_the_new_setti
 
 def test_a_checkpoint_of_the_previous_version_resumes_on_the_schedule_it_had(run_copy, capsys):
     """The previous version saved --replans' setting, the moved end of its cosine as decay_from =
-    [step, peak, share done] and the window as (loss, grad norm) pairs: such a run resumes, its
-    progress going on from where that cosine had it."""
+    [step, peak, share done] and the window as (loss, grad norm) pairs; an older one, history rows
+    without a kind: such a run resumes, its progress going on from where that cosine had it."""
     folder, _ = run_copy
     checkpoint = load_checkpoint(str(folder / "last.pt"))
     for name in ("progress_from", "progress", "eval_seconds"):
         checkpoint.pop(name)
     checkpoint["train_config"] = {**checkpoint["train_config"], "replans": "", "max_steps": 80}
     checkpoint["decay_from"], checkpoint["window"] = [50, checkpoint["train_config"]["lr"], 0.5], [(2.0, 1.0)]
+    evals = [{k: v for k, v in row.items() if k != "kind"} for row in checkpoint["history"] if row["kind"] == "eval"]
+    checkpoint["history"] = evals  # its history: evaluations alone, without a kind
     save_checkpoint(str(folder / "last.pt"), checkpoint)
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "70", "--plots", "false")
     assert code == 0, err
     last = load_checkpoint(str(folder / "last.pt"))
     assert last["step"] == 70 and last["progress_from"] == [60, pytest.approx(0.5 + 0.5 * 10 / 30)]
+    assert [row["kind"] for row in last["history"][:len(evals)]] == ["eval"] * len(evals)
 
 
 def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump():
