@@ -2,11 +2,12 @@
 with GPT2_SWITCHES is GPT-2 exactly: every weight maps one to one, by another name, four of them transposed (CONV1D)."""
 
 import contextlib
+import dataclasses
 import os
 
 import torch
 
-from config import GPTConfig, TinyLLMError
+from config import SHAPE, GPTConfig, TinyLLMError
 from model import GPT
 
 from machinery.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, refused_as_unsafe,
@@ -17,7 +18,8 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token
 GPT2_EOT = 50256
 LAYERNORM_EPS = 1e-5        # torch's default, which our nn.LayerNorm uses; GPT-2's too
-GPT2_SWITCHES = {"pos": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}  # our GPT's switches set as GPT-2
+# GPT-2 is our GPT with biases and every setting beyond its shape at its default (a new variant is off by default)
+GPT2_SWITCHES = {"bias": True, **{f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in SHAPE}}
 
 # HF's Conv1D stores its weight as (in, out), the transpose of nn.Linear's (out, in)
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from config import GREEDY, TinyLLMError  # noqa: E402
-from conftest import ROOT, Payload, assert_one_line_error, cli, tiny_model_config  # noqa: E402
+from config import GREEDY, GPTConfig, TinyLLMError  # noqa: E402
+from conftest import MODEL_VARIANTS, ROOT, Payload, assert_one_line_error, cli, tiny_model_config, variant_id  # noqa: E402
 from model import GPT  # noqa: E402
 import sampling  # noqa: E402
 
@@ -97,12 +97,15 @@ def test_export_round_trip(tmp_path, as_checkpoint):
         assert max_diff(model(ids)[0], hf(ids).logits) < 1e-5
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(norm="rmsnorm"), "norm"), (dict(pos="rope"), "pos"), (dict(pos="sinusoidal"), "pos"),
-    (dict(mlp="swiglu"), "mlp"), (dict(bias=False), "bias"),
-])
-def test_export_refuses_what_gpt2_cannot_hold(tmp_path, overrides, field):
+GPT2_LIKE = GPTConfig(bias=True)  # every setting beyond the shape at its default: GPT-2's
+
+
+@pytest.mark.parametrize("overrides", [v for v in MODEL_VARIANTS if any(getattr(GPT2_LIKE, k) != x for k, x in v.items())],
+                         ids=variant_id)
+def test_export_refuses_what_gpt2_cannot_hold(tmp_path, overrides):
+    """Every model variant the tests run that is not GPT-2 (a new setting's included) is refused, naming the setting."""
     model = GPT(tiny_model_config(**overrides))
+    field = next(k for k, x in overrides.items() if getattr(GPT2_LIKE, k) != x)
     with pytest.raises(TinyLLMError, match=f"{field}="):
         export_hf(gpt2_checkpoint(model, tokenizer=TOKENIZER), tmp_path / "hf")
     with pytest.raises(TinyLLMError, match=f"{field}="):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from config import GREEDY, RunOptions, Sampler, TrainConfig, from_saved, setting
+from config import GREEDY, GPTConfig, RunOptions, Sampler, TrainConfig, from_saved, setting
 from conftest import (TINY_FLAGS, assert_one_line_error, cli, corpus_head, no_tokens, snapshot, tiny_model_config,
                       tiny_train_config)
 import generate
@@ -359,6 +359,10 @@ def test_the_start_up_line_shows_every_setting_of_the_model_beyond_its_shape(sha
                                                                              monkeypatch):
     from machinery import setup
     monkeypatch.setattr(setup, "SHAPE", tuple(n for n in setup.SHAPE if n != "bias"))  # bias as a variant, say
-    train.train(tiny_model_config(pos="rope"), tiny_train_config(shakespeare_head, tmp_path, max_steps=1))
+    model_cfg = tiny_model_config(pos="rope")
+    train.train(model_cfg, tiny_train_config(shakespeare_head, tmp_path, max_steps=1))
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("model "))
-    assert "| bias True, norm layernorm, mlp gelu, pos rope |" in line
+    shown = line.split(" | ")[1].split(", ")
+    assert shown == [f"{f.name} {getattr(model_cfg, f.name)}" for f in dataclasses.fields(GPTConfig)
+                     if f.name not in setup.SHAPE]
+    assert "bias True" in shown and "pos rope" in shown
