@@ -22,7 +22,9 @@ def get_lr(step, progress, cfg):
         return cfg.min_lr
     if cfg.lr_schedule == "linear":  # a straight line down to the floor
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))  # cosine
+    if cfg.lr_schedule == "cosine":
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"optim.get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
 
 
 def set_lr(optimizer, lr):

@@ -74,6 +74,14 @@ def test_the_linear_schedule_falls_in_a_straight_line_to_the_floor():
     assert get_lr(50, 1.0, cfg) == 1e-4
 
 
+def test_a_schedule_get_lr_has_no_formula_for_is_an_error_not_the_cosine():
+    cfg = TrainConfig(warmup_steps=10)
+    cfg.lr_schedule = "quadratic"  # a choice added to config.py alone
+    assert get_lr(5, 0.0, cfg) == cfg.lr * 6 / 10  # the warmup is every shape's
+    with pytest.raises(ValueError, match="quadratic"):
+        get_lr(50, 0.5, cfg)
+
+
 def test_plot_lr_also_prints_the_schedule_at_every_tenth_of_the_run(tmp_path, capsys):
     code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "100", "--warmup_steps", "10", "--lr", "1e-3",
                        "--min_lr", "1e-4", "--lr_schedule", "linear", "--out_dir", tmp_path)
