@@ -128,11 +128,13 @@ def decode(model, cache, token):
 # ----------------------------------------------------------------------------- the sampler
 
 def filter_logits(logits, sampler, idx):
-    """Set to -inf every logit (B, V) outside the candidates: top_k > 0 keeps the k most likely
-    (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the
-    smallest set whose probability reaches top_p. idx (B, T): the tokens so far, for a rule
-    that looks back at them (a repetition penalty). The logits come divided by the temperature
-    (greedy: by 1). The most likely token always survives."""
+    """The logits (B, V) the next token is drawn from, given the model's own and idx (B, T), the
+    tokens so far: divided by the temperature (greedy: by 1), then every logit outside the
+    candidates set to -inf: top_k > 0 keeps the k most likely (and any tied with the k-th, as
+    Hugging Face and nanoGPT do); top_p < 1 keeps the smallest set whose probability reaches
+    top_p. The most likely token always survives. A rule on the model's own logits (a
+    repetition penalty, which reads idx) goes before the temperature; one on the candidates, after."""
+    logits = logits / (sampler.temperature or 1.0)
     top_k, top_p = sampler.top_k, sampler.top_p
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
@@ -149,13 +151,11 @@ def filter_logits(logits, sampler, idx):
 
 
 def next_token_probs(logits, sampler, idx):
-    """The distribution the next token is drawn from, probs (B, V), for logits (B, V): divide by
-    the temperature, keep the top-k / top-p candidates, softmax. Temperature 0 (greedy) draws
-    nothing: it takes the most likely token. Its distribution here is the one at temperature 1
-    after top-k / top-p, the model's own odds among the candidates, in which greedy's pick is
-    the most likely token (the candidates always include it)."""
-    logits = filter_logits(logits.float() / (sampler.temperature or 1.0), sampler, idx)
-    return F.softmax(logits, dim=-1)  # (B, V)
+    """The distribution the next token is drawn from, probs (B, V), for logits (B, V) after idx
+    (B, T): filter_logits' logits, softmaxed. Temperature 0 (greedy) draws nothing: it takes the
+    most likely token. Its distribution here is the one at temperature 1 after top-k / top-p, the
+    model's own odds among the candidates, in which greedy's pick is the most likely token."""
+    return F.softmax(filter_logits(logits.float(), sampler, idx), dim=-1)  # (B, V)
 
 
 def sample_next(logits, sampler, idx, generator=None):

@@ -84,21 +84,21 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
 def test_top_k_keeps_exactly_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, Sampler(top_k=7), no_tokens(logits))
+    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7), no_tokens(logits))
     assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
     assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.8), no_tokens(probs)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8), no_tokens(probs)))
     assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(top_p=0.3), no_tokens(probs)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3), no_tokens(probs)))
     assert kept.tolist() == [[True, False, False, False, False]]
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, Sampler(top_p=p), no_tokens(logits)))
+        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p), no_tokens(logits)))
         probs = F.softmax(logits, dim=-1)
         for row in range(3):
             mass = probs[row][kept[row]]
@@ -108,7 +108,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_top_p_of_zero_still_keeps_the_most_likely_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
-    kept = torch.isfinite(filter_logits(logits, Sampler(top_p=1e-9), no_tokens(logits)))
+    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9), no_tokens(logits)))
     assert kept.tolist() == [[False, True, False], [True, False, False]]
 
 
