@@ -13,6 +13,7 @@ with plain arguments, whose comment says what it does: take it at its word.
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import dataclasses
+import functools
 import os
 import sys
 
@@ -29,21 +30,22 @@ from machinery import budget, cli, device, records, setup, train_cli
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
 def build(run):
-    """The corpus, the GPT, its optimizer and the batches, stored on run (a setup.Run, which holds the
-    run's settings: cfg, model_cfg, device, world, the number of processes)."""
+    """(corpus, model, optimizer, next_batch, val_batch) of a run whose settings setup.start made: run.cfg,
+    run.model_cfg, run.device, run.world (the number of processes)."""
     cfg = run.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
     corpus, model = setup.load_corpus_and_model(run)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
         model = GPT(dataclasses.replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    run.corpus, run.model = corpus, model.to(run.device)
-    run.optimizer = make_optimizer(run.model, cfg, run.device)  # AdamW: optim.py
+    model = model.to(run.device)
+    optimizer = make_optimizer(model, cfg, run.device)  # AdamW: optim.py
     # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
     # its share of batch_size, in grad_accum_steps micro-batches
     block_size, micro_batch = model.config.block_size, run.micro_batch  # batch_size // processes // grad_accum_steps
-    run.next_batch = lambda: get_batch(corpus.train, micro_batch, block_size, run.device)
-    run.val_batch = lambda: get_batch(corpus.val, micro_batch, block_size, run.device)
+    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, run.device)  # () -> (x, y)
+    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, run.device)
+    return corpus, model, optimizer, next_batch, val_batch
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -91,7 +93,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     resume's state; --compile, DDP; the precision, measured for --dtype auto; the start-up lines)."""
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
-    build(run)
+    run.corpus, run.model, run.optimizer, run.next_batch, run.val_batch = build(run)
     # run.state: the step and every number that changes (a resumed run's, as saved); run.train_model:
     # run.model as the steps call it (compiled, wrapped for DDP, or itself); run.ctx: the forward
     # pass's precision (an autocast, or nothing for float32); run.scaler: float16's loss scaling or None.
