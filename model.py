@@ -1,8 +1,8 @@
 """The GPT: a decoder-only Transformer. Nothing here knows about files or training.
 
-Read it top to bottom. First GPT-2 itself: causal self-attention (the mask, the formula, the
-module), the MLP, the block, and the GPT with its forward pass (token ids -> logits -> loss),
-which is all training uses. Then the modern parts that three switches of config.GPTConfig put in
+Read it top to bottom. First GPT-2 itself: causal self-attention (the mask, the module and its
+formula, the fused kernel), the MLP, the block, and the GPT with its forward pass (token ids ->
+logits -> loss), which is all training uses. Then the modern parts that three switches of config.GPTConfig put in
 GPT-2's place: norm "rmsnorm" (RMSNorm for LayerNorm), mlp "swiglu" (SwiGLU for the GELU MLP)
 and pos "rope" or "sinusoidal" (rotary or fixed positions for the learned table). GPTConfig's
 defaults are GPT-2's; the preset a CPU trains by default, tiny, turns on RoPE and SwiGLU. The
@@ -37,40 +37,6 @@ def causal_mask(T, S, device, start=None):
     return torch.zeros(T, S, device=device).masked_fill(key_pos > query_pos, float("-inf"))  # (T, S)
 
 
-def attention(q, k, v, mask, dropout=0.0):
-    """Scaled dot-product attention, as the formula reads: softmax(q k^T / sqrt(hs) + mask) v.
-    Each query scores every key; the mask's -inf sends the future's scores to weight 0; each
-    row of weights sums to 1, so a query's output is a weighted mean of the values.
-    q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal triangle.
-    Returns (B, nh, T, hs)."""
-    weights = F.dropout(attention_weights(q, k, mask), dropout)  # (B, nh, T, S)
-    return weights @ v  # (B, nh, T, hs)
-
-
-def attention_weights(q, k, mask):
-    """softmax(q k^T / sqrt(hs) + mask): (B, nh, T, S), row t saying how much query t takes from
-    each key. Dividing by sqrt(hs) keeps the scores' spread independent of the head size."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
-    if mask is None:  # training's plain causal triangle
-        mask = causal_mask(q.size(-2), k.size(-2), q.device)
-    return torch.softmax(scores + mask, dim=-1)
-
-
-def fused_attention(q, k, v, mask, dropout=0.0):
-    """attention(), the same function (the tests check it to float precision), by PyTorch's fused
-    kernel: faster, and without building the (T, S) weights in memory. The model calls this;
-    CausalSelfAttention.fused = False runs the formula above instead. A mask of None is the
-    causal triangle, which the kernel makes itself (is_causal)."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # in float32: on CPUs a bfloat16 attention (its backward above all) ran several times
-        # slower than float32's, while the matmuls around it keep bfloat16's speed
-        with torch.autocast("cpu", enabled=False):
-            return fused_attention(q.float(), k.float(), v.float(), mask, dropout)
-    if mask is not None and mask.is_floating_point():
-        mask = mask.to(q.dtype)  # the kernel adds a float mask in q's dtype
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention: every position makes a query, a key and a value;
     each head scores its query against the keys of the positions up to its own, and takes
@@ -82,7 +48,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.layer = layer  # this block's index: where its keys and values sit in the KV cache
         self.dropout = config.dropout
-        self.fused = True  # False: attention() as written (slower, the same numbers)
+        self.fused = True  # False: attention as the formula reads (slower, the same numbers)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -92,8 +58,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.queries_keys_values(x, rope)  # each (B, nh, T, hs)
         if cache is not None:  # generation: the keys and values of the earlier positions come from the cache
             k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs): the cache's S = block_size slots
-        attend = fused_attention if self.fused else attention
-        y = attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = self.attention(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side (view needs contiguous memory)
         return self.resid_dropout(self.c_proj(y))
 
@@ -106,6 +71,42 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
+
+    def attention(self, q, k, v, mask):
+        """Scaled dot-product attention, as the formula reads: softmax(q k^T / sqrt(hs) + mask) v.
+        Each query scores every key; the mask's -inf sends the future's scores to weight 0; each
+        row of weights sums to 1, so a query's output is a weighted mean of the values.
+        q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal triangle.
+        Returns (B, nh, T, hs). With self.fused (the default), fused_attention computes the same
+        (the tests check it to float precision); a variant that changes the scores beyond an
+        additive mask (a cap, say) sets self.fused = False and changes attention_weights."""
+        dropout = self.dropout if self.training else 0.0
+        if self.fused:
+            return fused_attention(q, k, v, mask, dropout)
+        weights = F.dropout(self.attention_weights(q, k, mask), dropout)  # (B, nh, T, S)
+        return weights @ v  # (B, nh, T, hs)
+
+    def attention_weights(self, q, k, mask):
+        """softmax(q k^T / sqrt(hs) + mask): (B, nh, T, S), row t saying how much query t takes from
+        each key. Dividing by sqrt(hs) keeps the scores' spread independent of the head size."""
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+        if mask is None:  # training's plain causal triangle
+            mask = causal_mask(q.size(-2), k.size(-2), q.device)
+        return torch.softmax(scores + mask, dim=-1)
+
+
+def fused_attention(q, k, v, mask, dropout=0.0):
+    """CausalSelfAttention.attention, the same function, by PyTorch's fused kernel: faster, and
+    without building the (T, S) weights in memory. A mask of None is the causal triangle, which
+    the kernel makes itself (is_causal)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # in float32: on CPUs a bfloat16 attention (its backward above all) ran several times
+        # slower than float32's, while the matmuls around it keep bfloat16's speed
+        with torch.autocast("cpu", enabled=False):
+            return fused_attention(q.float(), k.float(), v.float(), mask, dropout)
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)  # the kernel adds a float mask in q's dtype
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
 
 
 # ----------------------------------------------------------------------------- the MLP and the block

@@ -236,7 +236,7 @@ def test_generation_builds_no_autograd_graph(monkeypatch):
 
 @pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
 def test_the_formula_as_written_is_what_the_fused_kernel_computes(switches):
-    """attention() as the lesson writes it, softmax(q k^T / sqrt(hs) + mask) v, and the fused
+    """CausalSelfAttention.attention as the lesson writes it, softmax(q k^T / sqrt(hs) + mask) v, and the fused
     kernel the model runs by default give the same logits, the same gradients, and the same
     cached generation, past block_size."""
     torch.manual_seed(0)
@@ -283,9 +283,12 @@ def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkey
 def test_the_fused_path_uses_a_mask_it_is_given_even_in_training_shape():
     """A variant that adds to the mask (ALiBi's biases, say) hands it to every layer; the fused
     kernel must use it, and take its causal shortcut only for a mask of None."""
-    from model import attention, causal_mask, fused_attention
+    from model import CausalSelfAttention, causal_mask, fused_attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
     given = torch.zeros(6, 6)  # every query sees every key: not the causal triangle
-    assert torch.allclose(fused_attention(q, k, v, given), attention(q, k, v, given), atol=1e-5)
-    assert torch.allclose(fused_attention(q, k, v, None), attention(q, k, v, causal_mask(6, 6, "cpu")), atol=1e-5)
+    formula = CausalSelfAttention(tiny_model_config(), 0)
+    formula.fused = False
+    assert torch.allclose(fused_attention(q, k, v, given), formula.attention(q, k, v, given), atol=1e-5)
+    assert torch.allclose(fused_attention(q, k, v, None), formula.attention(q, k, v, causal_mask(6, 6, "cpu")),
+                          atol=1e-5)

@@ -109,7 +109,7 @@ def test_catching_attention_changes_nothing_and_training_keeps_the_fused_kernel(
     fused = []
     real_attend = model_module.fused_attention
     monkeypatch.setattr(model_module, "fused_attention", lambda *a, **k: fused.append(1) or real_attend(*a, **k))
-    monkeypatch.setattr(model_module, "attention_weights",
+    monkeypatch.setattr(model_module.CausalSelfAttention, "attention_weights",
                         lambda *a, **k: pytest.fail("training built the attention matrix"))
     gpt.train()
     _, loss = gpt(idx[:, :-1], idx[:, 1:])

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from config import PictureConfig, Sampler, TinyLLMError, make_config
-from model import attention_weights
 from sampling import next_token_probs
 from utils import CharTokenizer
 
@@ -41,7 +40,7 @@ def attention_maps(model, idx):
     def catch(attn, args, output):  # args: what Block.forward passed, (x, mask, rope, cache)
         x, mask, rope = args[:3]
         q, k, _ = attn.queries_keys_values(x, rope)  # each (1, nh, T, hs)
-        maps.append(attention_weights(q.float(), k.float(), mask)[0])  # (nh, T, T)
+        maps.append(attn.attention_weights(q.float(), k.float(), mask)[0])  # (nh, T, T)
 
     hooks = [block.attn.register_forward_hook(catch) for block in model.blocks]
     try:
