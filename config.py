@@ -207,8 +207,9 @@ class SampleConfig:
         _check_common(self, "--")
 
 
-def check_beam(cfg, sampler):
-    given = [f"--{f.name}" for f in dataclasses.fields(Sampler) if getattr(sampler, f.name) != f.default]
+def check_beam(cfg, flags):
+    """--beam with a flag of the sampler (flags: those given, {name: value}), even at its default: one error line."""
+    given = [f"--{f.name}" for f in dataclasses.fields(Sampler) if f.name in flags]
     _require(not (cfg.beam and given), f"beam search draws nothing, so {', '.join(given)} cannot apply: drop it")
 
 

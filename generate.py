@@ -104,7 +104,7 @@ def main(argv=None):
     paths = args.checkpoints + args.checkpoint or ["checkpoints/best.pt"]
     flags = explicit_flags(args)
     cfg, sampler = make_config(SampleConfig, flags), make_config(Sampler, flags)
-    check_beam(cfg, sampler)
+    check_beam(cfg, flags)
     device = choose_device(cfg.device)
     set_threads(cfg.threads)
     prompt = read_prompt(cfg)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import MAX_SEED, TinyLLMError
+from config import DEVICES, MAX_SEED, TinyLLMError
 
 from machinery.cli import log, warn
 
@@ -85,7 +85,7 @@ def choose_device(name="auto"):
     has = machine()
     if name == "auto":
         return torch.device("cuda" if has.cuda else "mps" if has.mps else "cpu")
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+    if name.split(":")[0] not in DEVICES or name.startswith("auto"):  # ("auto:1" is no device either)
         raise TinyLLMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if name.startswith("cuda") and not has.cuda:
         raise TinyLLMError(f"--device {name} asked for, but CUDA is not available here; use --device cpu")

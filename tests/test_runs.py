@@ -322,8 +322,9 @@ def test_every_sampler_setting_is_in_the_header_and_refused_by_beam_search(train
     for f in dataclasses.fields(Sampler):
         assert f"{f.name}={getattr(Sampler(), f.name)}" in header
         other = 0.5 if isinstance(f.default, float) and f.default != 0.5 else f.default + 1  # not the default
-        code, _, err = cli(capsys, generate.main, trained[0] / "best.pt", "--beam", "2", f"--{f.name}", str(other))
-        assert_one_line_error(code, err, f"--{f.name}", "beam search draws nothing")
+        for value in (other, f.default):  # given at its default, it is refused all the same
+            code, _, err = cli(capsys, generate.main, trained[0] / "best.pt", "--beam", "2", f"--{f.name}", str(value))
+            assert_one_line_error(code, err, f"--{f.name}", "beam search draws nothing")
 
 
 def test_top_k_keeps_the_tokens_tied_with_the_kth():
