@@ -10,6 +10,7 @@ import torch
 import sampling
 from config import Sampler
 from deep_dives import beam
+from experiments.runs import markdown_table
 from machinery.annotate import model_odds
 from machinery.checkpoint import load_model
 from machinery.cli import log
@@ -54,18 +55,16 @@ def bench_decoding(args):
 def write_decoding_md(rows, args):
     """A table (sampling: the mean over seeds and their range) and each method's first text."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    lines = [f"| method | log-probability per token | repeated word 3-grams | seconds for {args.new_tokens} tokens |",
-             "| --- | --- | --- | --- |"]
-    for m in methods:
-        rs = [r for r in rows if r["method"] == m]
 
-        def cell(key, scale=1.0, fmt="{:.3f}"):
-            values = [scale * r[key] for r in rs]
-            mean = fmt.format(statistics.mean(values))
-            return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))} to {fmt.format(max(values))})"
-        lines.append(f"| {m} | {cell('logp_per_token')} | {cell('repeated_3grams', 100, '{:.0f}%')} | "
-                     f"{cell('seconds', fmt='{:.2f}')} |")
+    def cell(method, key, scale=1.0, fmt="{:.3f}"):
+        values = [scale * r[key] for r in rows if r["method"] == method]
+        mean = fmt.format(statistics.mean(values))
+        return mean if len(values) == 1 else f"{mean} ({fmt.format(min(values))} to {fmt.format(max(values))})"
+    table = markdown_table(
+        ["method", "log-probability per token", "repeated word 3-grams", f"seconds for {args.new_tokens} tokens"],
+        [[m, cell(m, "logp_per_token"), cell(m, "repeated_3grams", 100, "{:.0f}%"), cell(m, "seconds", fmt="{:.2f}")]
+         for m in methods])
     texts = [f"**{m}**\n\n```\n{args.prompt}{next(r for r in rows if r['method'] == m)['text']}\n```" for m in methods]
     with open(args.out_md, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n\n" + "\n\n".join(texts) + "\n")
+        f.write(table + "\n" + "\n\n".join(texts) + "\n")
     log(f"wrote {args.out_md}")
