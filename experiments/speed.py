@@ -17,10 +17,9 @@ from config import GREEDY, GPTConfig, TinyLLMError, TrainConfig, build_configs
 from model import GPT
 from deep_dives import graphs
 from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
-from machinery import records
+from machinery import plots, records
 from machinery.cli import bool_flag, explicit_flags, log
 from machinery.device import autocast, choose_device, interleaved, resolve_dtype
-from tools.compare import read_history
 
 
 def parse_compare(text):
@@ -139,7 +138,7 @@ def time_to_target(preset, target, extra, label):
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             raise TinyLLMError(f"train.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        _, evals = records.split_history(read_history(out_dir))
+        _, evals = plots.split_history(plots.read_history(out_dir))
     return reached(evals, target, wall, preset, label)
 
 

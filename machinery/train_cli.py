@@ -10,7 +10,7 @@ import torch
 from config import PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config
 from model import lm_loss
 
-from machinery import cli, records
+from machinery import cli, plots
 from machinery.checkpoint import load_model
 from machinery.device import choose_device, measured_on, resolve_dtype, set_threads
 from machinery.sources import validation_split
@@ -53,7 +53,7 @@ def eval_or_plot(options, train_cfg, given):
         path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")  # --eval_only alone: best.pt
         evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
     elif options.plot_lr:
-        records.draw_lr_schedule(train_cfg)
+        plots.draw_lr_schedule(train_cfg)
     else:
         return False
     return True

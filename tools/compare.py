@@ -1,25 +1,11 @@
 """Several training runs' curves overlaid in one picture, to compare them."""
 
-import json
 import os
 
 from config import TinyLLMError
 
 from machinery.cli import ArgumentParser, log, run_cli
-from machinery.records import new_plot, save_plot, split_history, step_loss
-
-
-def read_history(run_dir):
-    path = os.path.join(run_dir, "history.json") if os.path.isdir(run_dir) else run_dir
-    try:
-        with open(path, encoding="utf-8") as f:
-            history = json.load(f)
-        split_history(history)  # checks every row has a kind
-        return history
-    except FileNotFoundError:
-        raise TinyLLMError(f"{path} not found: give run folders written by train.py") from None
-    except (ValueError, TypeError, KeyError) as e:
-        raise TinyLLMError(f"{path} is not a train.py history ({type(e).__name__}: {e})") from None
+from machinery.plots import new_plot, read_history, save_plot, split_history, step_loss
 
 
 def compare_runs(run_dirs, out, labels=None):
