@@ -205,10 +205,10 @@ class GPT(nn.Module):
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
         if cache is None:  # training: the T positions 0..T-1, each query looking at the keys up to its own
             start, S = 0, T
-        else:  # generation (sampling.py): the cache holds each layer's keys and values of the tokens so
-            # far, cache.pos of them, in buffers of block_size slots; idx continues them, and the
-            # keys are all block_size slots: those before start + T filled (earlier calls, and this
-            # one), the rest empty and after every query, so the mask hides them
+        else:  # generation (read it with sampling.py's KVCache): the cache holds each layer's keys
+            # and values of the tokens so far, cache.pos of them, in buffers of block_size slots; idx
+            # continues them, and the keys are all block_size slots: those before start + T filled
+            # (earlier calls, and this one), the rest empty and after every query, so the mask hides them
             start, S = cache.pos, self.config.block_size
         x, rope = self.embed(idx, start)  # (B, T, C)
         # the mask, added to every layer's attention scores: in training the plain causal triangle,

@@ -7,6 +7,9 @@ what the model sees once the text outgrows block_size); the sampler (config.Samp
 top-k, ...). generate.py is the command line around this; the sample train.py prints at the end of
 a run comes from here too. Beam search (generate.py --beam), which keeps the most likely
 continuations instead of drawing one, is a deep dive beside it: deep_dives/beam.py.
+
+In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval(); out = generate(model, idx,
+100, config.Sampler(temperature=0.8)); tokenizer.decode(out[0].tolist()).
 """
 
 import functools
