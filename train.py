@@ -14,6 +14,7 @@ import machinery  # noqa: F401 (first, before torch loads: the start time, and O
 
 import dataclasses
 import functools
+import math
 import os
 import sys
 
@@ -108,7 +109,7 @@ def train_loop(run):
     # progress = (step - warmup_steps) / (max_steps - warmup_steps); under --time_budget the share of its
     # time after the warmup that is spent (less what the closing evaluation and sample need)
     clock = budget.Clock(run)
-    meter = records.Meter(run)  # the figures and the time of the steps since the last progress line
+    meter = records.Meter(run)  # step time, and the steps' figures on the device until read (a read waits)
     stop_reason, signum = None, 0
     # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)
     with cli.StopRequest(announce=run.master) as stop:
@@ -123,24 +124,28 @@ def train_loop(run):
                 break
 
             # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
-            progress = clock.progress()  # 0 at the end of the warmup, 1 at the end of the run
-            lr = get_lr(state.step, progress, cfg)
+            if state.progress_from is None and state.step >= cfg.warmup_steps:
+                state.progress_from = clock.start()  # the warmup is over: progress 0 is here
+            state.progress = clock.progress()  # 0 at the end of the warmup, 1 at the end of the run
+            lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                  cfg.grad_clip, run.ctx, run.scaler)
             state.step += 1
 
             # --- its figures: averaged over log_interval steps onto a progress line and into the history
-            meter.add(figures)
+            meter.add(state.step, figures)
             if state.step % cfg.log_interval == 0:
                 done = log_progress(run, meter, clock)  # --overfit_batch done
                 stop_reason = stop_reason or done
             if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
+                read_figures(state, meter)
                 with meter.paused():
                     records.save_periodic(run)  # ckpt_STEP.pt
             if signum := records.stop_signal(run, stop):  # Ctrl-C or SIGTERM came (every rank agrees)
                 stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
-    with meter.paused():  # the steps since the last line are read before the last save
+    read_figures(state, meter)  # the steps since the last line, before the last save
+    with meter.paused():
         return finish(run, stop_reason, signum, clock)
 
 
@@ -148,6 +153,7 @@ def evaluate(run, meter, clock):
     """The losses of both splits: a line and a history row, last.pt (and best.pt if val improved), the
     history files and plots. Returns why the run stops early (--patience, --target_loss), else None."""
     cfg, state = run.cfg, run.state
+    read_figures(state, meter)  # the steps' figures, saved with the state
     with meter.paused():  # not step time
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
@@ -167,13 +173,22 @@ def evaluate(run, meter, clock):
             if improved:
                 records.save(run, "best.pt")
             records.write_history(run)  # history.json, history.csv and the plots
-    clock.evaluated(meter.last_pause)  # a time budget keeps as much for the last one
+    state.eval_seconds = clock.agreed(meter.last_pause)  # saves and plots included: a time budget keeps as much for the last
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
                 f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.out_dir, 'best.pt')})")
     if cfg.target_loss and val_loss <= cfg.target_loss:
         return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
     return None
+
+
+def read_figures(state, meter):
+    """The figures of the steps since the last read, from the device: into the window of the next progress line, and
+    the latest LR and gradient norm (float16 skips a step whose norm is inf: None)."""
+    for figures in meter.read():
+        state.window.append(figures)
+        state.lr, norm = figures.get("lr", state.lr), figures.get("grad_norm")
+        state.grad_norm = norm if norm is not None and math.isfinite(norm) else None
 
 
 FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints on a progress line (others: .4g)
@@ -183,7 +198,9 @@ def log_progress(run, meter, clock):
     """A progress line and a history row for the steps since the last one. Returns why the run
     stops (--overfit_batch done), else None."""
     state = run.state
-    figures, ms = meter.row()  # the steps' figures, averaged (a loss that is not finite stops the run here)
+    read_figures(state, meter)  # (a loss that is not finite stops the run here)
+    figures, ms = records.average(state.window), meter.ms_per_step()  # the steps' figures, averaged
+    state.window = []
     tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
     run.say(records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.end_step(), FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,

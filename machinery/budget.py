@@ -34,14 +34,15 @@ def by_steps(step, state, cfg, end):
 
 
 def resume_at(state, cfg, old_end):
-    """A new end on resume (--max_steps): progress goes on from where old_end (None: a time budget) had it."""
-    if state.step >= cfg.warmup_steps:
-        now = state.progress if old_end is None else by_steps(state.step, state, cfg, old_end)
-        state.progress_from = [state.step, now]
+    """A resumed run's progress_from for a new end (--max_steps): on from where old_end (None: a time budget) had it."""
+    if state.step < cfg.warmup_steps:
+        return state.progress_from
+    return [state.step, state.progress if old_end is None else by_steps(state.step, state, cfg, old_end)]
 
 
 class Clock:
-    """The loop's progress: steps to max_steps, or under a --time_budget the time spent (resumes included)."""
+    """The loop's progress: steps to max_steps, or under a --time_budget the time spent (resumes included). It reads
+    the state and writes nothing: train.py writes where progress starts, the latest progress, an evaluation's time."""
 
     def __init__(self, run):
         self.state, self.cfg, self.world, self.device = run.state, run.cfg, run.world, run.device
@@ -68,18 +69,20 @@ class Clock:
             raise self.too_short(spent)
         return spent >= self.usable()
 
+    def start(self):
+        """Where progress 0 is, the warmup's end: [this step, 0.0], or under a time budget [the seconds spent, 0.0]."""
+        return [self.spent() if self.seconds else self.state.step, 0.0]
+
     def progress(self):
         """How far the run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
         state, cfg = self.state, self.cfg
         if not self.seconds:
             return by_steps(state.step, state, cfg, cfg.max_steps)
-        if state.step < cfg.warmup_steps and state.progress_from is None:
+        if state.progress_from is None:
             return 0.0
         spent = self.spent()
-        state.progress_from = state.progress_from or [spent, 0.0]  # the warmup's end, in seconds
         # to 1 one step before the time is spent: the last step is at the end of the schedule
-        state.progress = progress(spent, state.progress_from, self.usable() - self.pace(spent))
-        return state.progress
+        return progress(spent, state.progress_from, self.usable() - self.pace(spent))
 
     def pace(self, spent):
         """Seconds a step since the warmup, evaluations included (0 before the first)."""
@@ -89,10 +92,6 @@ class Clock:
     def room_for_evaluation(self):
         """False where an evaluation would leave a budget no time for steps: the last step's LR would miss the floor."""
         return not self.seconds or self.spent() + self.state.eval_seconds < self.usable()
-
-    def evaluated(self, seconds):
-        """An evaluation took seconds (saves and plots included): a budget keeps that much for the last one."""
-        self.state.eval_seconds = self.agreed(seconds)
 
     def end_step(self):
         """The step the run ends at: max_steps, or a budget's estimate at its pace so far (None before it has one)."""

@@ -4,6 +4,7 @@ tokenizer, step, best_val_loss, history, ...; last.pt adds optimizer, train_conf
 
 import contextlib
 import dataclasses
+import math
 import os
 import pickle
 import time
@@ -17,6 +18,7 @@ from model import GPT
 from utils import CharTokenizer
 
 from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
+from machinery.budget import progress
 from machinery.cli import check_writable, first_line, log
 
 
@@ -157,6 +159,52 @@ def load_model(path):
     checkpoint.pop("optimizer", None)
     model = model_from_checkpoint(checkpoint, path).eval()
     return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
+
+
+# ----------------------------------------------------------------------------- a run's state, for --resume
+
+# what a checkpoint must hold for --resume (a checkpoint missing one is refused with a hint)
+RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals_without_improvement",
+             "last_eval_step", "lr", "grad_norm", "history")
+RETIRED = {"replans"}  # settings that older versions saved and this one lacks: a resume drops them
+
+
+def load_resumable(path):
+    """A checkpoint that --resume can continue, in this version's format (upgrade)."""
+    checkpoint = load_checkpoint(path)
+    missing = [k for k in RESUMABLE if k not in checkpoint]
+    if missing:
+        raise TinyLLMError(f"{path} lacks the training state --resume needs (missing: {', '.join(missing)}); "
+                           f"fine-tune from its weights with --init_from instead")
+    return upgrade(checkpoint)
+
+
+def upgrade(checkpoint):
+    """An older version's resumable checkpoint in this version's format: settings it had that this one lacks dropped
+    (RETIRED; one it lacks takes its config.setting's `before`), history rows without a kind (evaluations), a window
+    of (loss, norm) pairs, the moved end of its cosine (decay_from: [step, peak, share done], or [step, lr]), and a
+    time budget's progress in steps to its estimated end (end_step) or planned max_steps."""
+    saved, step = checkpoint["train_config"], checkpoint["step"]
+    if not isinstance(saved, dict):
+        return checkpoint  # refused by the resume with a reason
+    for name in RETIRED & set(saved):
+        del saved[name]
+    for row in checkpoint["history"]:
+        row.setdefault("kind", "eval")
+    window = checkpoint.get("window")
+    if window and not isinstance(window[0], dict):
+        checkpoint["window"] = [{"loss": loss, "lr": checkpoint["lr"], "grad_norm": norm} for loss, norm in window]
+    moved = checkpoint.pop("decay_from", None)
+    if moved and len(moved) == 3:
+        checkpoint["progress_from"] = [moved[0], moved[2]]
+    elif moved:  # the progress at which the cosine gives lr
+        share = 2 * (moved[1] - saved["min_lr"]) / max(saved["lr"] - saved["min_lr"], 1e-12) - 1
+        checkpoint["progress_from"] = [moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi]
+    if saved.get("time_budget") and "progress" not in checkpoint and step >= saved["warmup_steps"]:
+        end = checkpoint.get("end_step") or (checkpoint.get("plan") or {}).get("max_steps") or saved["max_steps"]
+        at = progress(step, checkpoint.get("progress_from") or [saved["warmup_steps"], 0.0], end)
+        checkpoint["progress"], checkpoint["progress_from"] = at, [checkpoint.get("seconds", 0.0), at]  # on in seconds
+    return checkpoint
 
 
 def make_checkpoint(model, tokenizer, **extra):

@@ -21,40 +21,41 @@ from machinery.sources import start_ids
 
 
 class Meter:
-    """This process's steps since the last progress line: their time, and figures kept on the device (a read waits)."""
+    """This process's step time, and the steps' figures, kept on the device until read (a read makes it wait).
+    It writes nothing of the run's state: train.py keeps what it reads."""
 
     def __init__(self, run):
-        self.run, self.state, self.pending, self.seconds, self.steps = run, run.state, [], 0.0, 0
+        self.run, self.pending, self.seconds, self.steps = run, [], 0.0, 0
         self.mark = budget.now()
 
-    def add(self, figures):
-        self.pending.append((self.state.step, figures))  # the step number after it: its loss is step - 1's
+    def add(self, step, figures):
+        self.pending.append((step, figures))  # step: the count after it (its loss is step - 1's)
 
-    def read_pending(self):
-        """Moves the figures to the window in one device read; raises on a non-finite one (every save reads first)."""
+    def read(self):
+        """The figures of the steps since the last read, as floats, in one device read; raises on a non-finite one."""
         if not self.pending:
-            return
+            return []
         self.seconds += budget.now() - self.mark  # the device has finished these steps only now
         self.steps += len(self.pending)
         tensors = [v.detach().float().reshape(()) for _, f in self.pending for v in f.values() if torch.is_tensor(v)]
-        read = iter(torch.stack(tensors).tolist() if tensors else [])  # one wait for the device
+        values = iter(torch.stack(tensors).tolist() if tensors else [])  # one wait for the device
+        read = []
         for step, f in self.pending:
-            figures = {k: next(read) if torch.is_tensor(v) else float(v) for k, v in f.items()}
+            figures = {k: next(values) if torch.is_tensor(v) else float(v) for k, v in f.items()}
             # float16's scaler skips a step whose gradients overflowed, by design: its norm is inf
             if not math.isfinite(figures.get("loss", 0.0)) or (
                     self.run.scaler is None and not math.isfinite(figures.get("grad_norm", 0.0))):
                 raise non_finite(self.run, step, figures)
-            self.state.window.append(figures)
-            self.state.lr = figures.get("lr", self.state.lr)
-            norm = figures.get("grad_norm")
-            self.state.grad_norm = norm if norm is not None and math.isfinite(norm) else None
+            read.append(figures)
         self.pending = []
         self.mark = budget.now()
+        return read
 
     @contextlib.contextmanager
     def paused(self):
         """Time inside (an evaluation, a save) is not step time; its seconds are kept in self.last_pause."""
-        self.read_pending()
+        if self.pending:  # the steps' time ends when the device has done them: read them first
+            raise RuntimeError("Meter.paused(): read the figures first")
         start = budget.now()
         try:
             yield
@@ -62,16 +63,18 @@ class Meter:
             self.mark = budget.now()
             self.last_pause = self.mark - start
 
-    def row(self):
-        """(figures, ms per step) since the last row, each figure averaged where finite; resets the window."""
-        self.read_pending()
-        window = self.state.window
-        finite = {k: [row[k] for row in window if row.get(k) is not None and math.isfinite(row[k])]
-                  for k in dict.fromkeys(k for row in window for k in row)}
-        figures = {k: sum(v) / len(v) if v else None for k, v in finite.items()}
+    def ms_per_step(self):
+        """Milliseconds a step since the last call (steps read so far); starts counting again."""
         ms = 1000 * self.seconds / max(1, self.steps)
-        self.state.window, self.seconds, self.steps = [], 0.0, 0
-        return figures, ms
+        self.seconds, self.steps = 0.0, 0
+        return ms
+
+
+def average(window):
+    """Each figure's mean over the window's rows (a list of dicts), over its finite values (None where none is)."""
+    finite = {k: [row[k] for row in window if row.get(k) is not None and math.isfinite(row[k])]
+              for k in dict.fromkeys(k for row in window for k in row)}
+    return {k: sum(v) / len(v) if v else None for k, v in finite.items()}
 
 
 def non_finite(run, step, figures):

@@ -12,7 +12,8 @@ from config import (SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, che
                     step_exact)
 
 from machinery import budget
-from machinery.checkpoint import claim_out_dir, grow_vocabulary, load_checkpoint, model_from_checkpoint, tokenizer_of
+from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
+                                  tokenizer_of)
 from machinery.cli import first_line, log, warn
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, rank_seed, resolve_dtype, seed_everything, set_rng_state,
@@ -23,7 +24,8 @@ from machinery.sources import check_splits, load_corpus
 
 @dataclass
 class TrainState:
-    """The numbers that change as a run trains: saved in every checkpoint, so --resume continues exactly."""
+    """The numbers that change as a run trains: made here (fresh, or as a resume saved them), then written by train.py
+    alone. Saved in every checkpoint, so --resume continues exactly."""
     step: int = 0
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0
@@ -33,20 +35,16 @@ class TrainState:
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
     window: list = field(default_factory=list)   # the figures of the steps since the last progress row
     progress_from: list = None       # [step, progress] (a time budget: [seconds, progress]) its progress runs on from
-    progress: float = 0.0            # a time budget's, of the latest step (budget.py)
+    progress: float = 0.0            # of the latest step: 0 at the warmup's end, 1 at the run's (budget.Clock)
     eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
     seconds: float = 0.0             # training wall time over every process of the run (resumes)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 
-# what a checkpoint must hold for --resume (a checkpoint missing one is refused with a hint)
-RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals_without_improvement",
-             "last_eval_step", "lr", "grad_norm", "history")
 # settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
 CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
                         "patience", "target_loss", "plots", "sample_tokens", "device", "dtype", "compile", "threads",
                         "grad_accum_steps", "out_dir", "tag"}
-RETIRED = {"replans"}  # settings that older versions saved and this one lacks: a resume drops them
 
 
 @dataclass
@@ -233,15 +231,12 @@ def print_header(run):
 # ----------------------------------------------------------------------------- --resume: the checkpoint and its settings
 
 def find_resume(last_path, say):
-    """The checkpoint --resume continues, or None: then the same command starts a run and continues it later."""
+    """The checkpoint --resume continues (in this version's format), or None: then the same command starts a run and
+    continues it later."""
     if not os.path.isfile(last_path):
         say(f"--resume: no {last_path} yet, starting a fresh run")
         return None
-    checkpoint = load_checkpoint(last_path)
-    missing = [k for k in RESUMABLE if k not in checkpoint]
-    if missing:
-        raise TinyLLMError(f"{last_path} lacks the training state --resume needs (missing: {', '.join(missing)}); "
-                           f"fine-tune from its weights with --init_from instead")
+    checkpoint = load_resumable(last_path)
     say(f"resuming {last_path} at step {checkpoint['step']}")
     return checkpoint
 
@@ -249,11 +244,10 @@ def find_resume(last_path, say):
 def resume_configs(checkpoint, given, path):
     """The saved configs, overridden by the flags given that may change mid-run; any other flag is refused."""
     saved, names = checkpoint["train_config"], {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(saved) - names - RETIRED) if isinstance(saved, dict) else ["(not a dict)"]
+    unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]
     if unknown:
         raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
                            f"version of tinyllm?); fine-tune from its weights with --init_from instead")
-    saved = {k: v for k, v in saved.items() if k not in RETIRED}
     try:
         model_cfg, train_cfg = from_saved(GPTConfig, checkpoint["model_config"]), from_saved(TrainConfig, saved)
     except TypeError as e:
@@ -280,37 +274,14 @@ def restore(run, checkpoint):
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
-    older_version(state, checkpoint, run.cfg)
     saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget
     old_end = None if saved.get("time_budget") else saved["max_steps"]
     if not run.cfg.time_budget and run.cfg.max_steps != old_end:  # a new --max_steps
         if state.step >= run.cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
                                f"would not train it further")
-        budget.resume_at(state, run.cfg, old_end)
+        state.progress_from = budget.resume_at(state, run.cfg, old_end)
         run.say(f"--max_steps {run.cfg.max_steps}: the LR decays from where it is at step {state.step} "
                 f"to {run.cfg.min_lr:g} at step {run.cfg.max_steps}")
     set_rng_state(checkpoint["rng"])
     return state
-
-
-def older_version(state, checkpoint, cfg):
-    """What older versions' checkpoints kept otherwise, in this version's state: history rows without a kind
-    (evaluations), a window of (loss, norm) pairs, the moved end of their cosine (decay_from: [step, peak, share
-    done], or [step, lr]), and a time budget's progress in steps to its estimated end (end_step) or planned
-    max_steps. (Settings they saved that this version lacks: RETIRED.)"""
-    for row in state.history:
-        row.setdefault("kind", "eval")
-    if state.window and not isinstance(state.window[0], dict):
-        state.window = [{"loss": loss, "lr": state.lr, "grad_norm": norm} for loss, norm in state.window]
-    moved = checkpoint.get("decay_from")
-    if moved and len(moved) == 3:
-        state.progress_from = [moved[0], moved[2]]
-    elif moved:  # the progress at which the cosine gives lr
-        share = 2 * (moved[1] - cfg.min_lr) / max(cfg.lr - cfg.min_lr, 1e-12) - 1
-        state.progress_from = [moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi]
-    saved = checkpoint["train_config"]
-    if saved.get("time_budget") and "progress" not in checkpoint and state.step >= cfg.warmup_steps:
-        end = checkpoint.get("end_step") or (state.plan or {}).get("max_steps") or saved["max_steps"]
-        state.progress = budget.by_steps(state.step, state, cfg, end)
-        state.progress_from = [state.seconds, state.progress]  # on in seconds from where it was

@@ -286,8 +286,8 @@ def test_a_training_step_never_waits_for_the_device(accum):
 
 def test_the_loop_reads_the_device_only_at_progress_lines(shakespeare_head, tmp_path, monkeypatch):
     reads = []
-    real = records.Meter.read_pending
-    monkeypatch.setattr(records.Meter, "read_pending", lambda meter: reads.append(len(meter.pending)) or real(meter))
+    real = records.Meter.read
+    monkeypatch.setattr(records.Meter, "read", lambda meter: reads.append(len(meter.pending)) or real(meter))
     cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=20, eval_interval=20, log_interval=10)
     train.train(tiny_model_config(), cfg)
     assert [n for n in reads if n] == [10, 10]  # one read for every ten steps

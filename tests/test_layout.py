@@ -122,6 +122,26 @@ def test_every_function_fits_on_a_screen(name):
     assert not long
 
 
+def writes_to_the_state(node):
+    """Whether node assigns to, or appends to, a field of a run's state (state.x, run.state.x, self.state.x)."""
+    def of_state(target):
+        inner = target.value if isinstance(target, ast.Attribute) else None
+        return inner is not None and (isinstance(inner, ast.Name) and inner.id == "state"
+                                      or isinstance(inner, ast.Attribute) and inner.attr == "state")
+    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(of_state(t) for target in targets for t in ast.walk(target) if isinstance(t, ast.Attribute))
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("append", "extend")
+            and of_state(node.func.value))
+
+
+@pytest.mark.parametrize("name", sorted(set(LEVELS) - {"train", "machinery.setup"}))
+def test_the_runs_state_is_written_by_train_py_alone(name):
+    """machinery.setup makes a TrainState (fresh, or as a resume saved it); after that only train.py's loop writes it."""
+    writes = [node.lineno for node in ast.walk(tree(name)) if writes_to_the_state(node)]
+    assert not writes, f"{name} writes the run's state at line(s) {writes}: let it return the value, train.py keep it"
+
+
 # The lesson: the files the README asks a learner to read, in order.
 LESSON = ("utils", "model", "optim", "train", "sampling")
 

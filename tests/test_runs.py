@@ -151,7 +151,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_on_the_schedule_it_had(run
 def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump():
     cfg = TrainConfig(warmup_steps=10, max_steps=100)
     state = TrainState(step=30)  # 30 steps into a run of 60: progress 0.4
-    budget.resume_at(state, cfg, old_end=60)
+    state.progress_from = budget.resume_at(state, cfg, old_end=60)
     start, end = state.progress_from, cfg.max_steps
     assert start == [30, pytest.approx(0.4)]
     assert [budget.progress(s, start, end) for s in (30, 65, 100, 200)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
