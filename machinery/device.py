@@ -1,7 +1,8 @@
 """Where the numbers are computed and in what format: the device, the random generators, several processes
 (DDP), the precision, and peak FLOP/s for MFU. The first section is the one place tinyllm asks torch what the
-machine has (machine, gpu) or acts on a GPU: tests replace those functions, never torch's own, which torch's
-internals read too."""
+machine has (machine, gpu, autocast_works, gradient_scaler): tests replace those functions, never torch's own, which
+torch's internals read too. What to do on a machine is decided from its facts by plain functions (processes_plan,
+device_states), which tests call with the facts of any machine."""
 
 import contextlib
 import copy
@@ -56,27 +57,6 @@ def autocast_works(device_type, dtype):
 def gradient_scaler(device_type):
     """float16's loss scaler; is_enabled() is False where the device is missing or torch has none for it."""
     return torch.amp.GradScaler(device_type)
-
-
-def use_gpu(device):
-    torch.cuda.set_device(device)
-
-
-def join_processes(backend, **options):
-    dist.init_process_group(backend, **options)
-
-
-def set_gpu_rng_state(state, index):
-    torch.cuda.set_rng_state(state, device=index)
-
-
-def mps_rng_state():
-    """A Mac GPU's generator (dropout there draws from it), or None without one."""
-    return torch.mps.get_rng_state() if machine().mps else None
-
-
-def set_mps_rng_state(state):
-    torch.mps.set_rng_state(state)
 
 
 # ----------------------------------------------------------------------------- the device
@@ -139,7 +119,7 @@ def rng_state():
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # a CPU run never starts CUDA
-        "mps": mps_rng_state(),
+        "mps": torch.mps.get_rng_state() if machine().mps else None,  # dropout on a Mac's GPU draws from it
     }
 
 
@@ -150,15 +130,22 @@ def set_rng_state(state):
     name, key, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    has = machine()
-    if state.get("mps") is not None and has.mps:
-        set_mps_rng_state(state["mps"])
-    saved, here = list(state.get("cuda", [])), has.gpus
-    for i, cuda_state in enumerate(saved[:here]):
-        set_gpu_rng_state(cuda_state, i)
-    if len(saved) > here:
-        log(f"note: the checkpoint holds the CUDA random state of {len(saved)} GPU(s), this machine has {here}; "
-            f"restored {min(here, len(saved))}, so dropout on the rest continues from a fresh seed")
+    gpus, mps, note = device_states(state, machine())
+    if mps is not None:
+        torch.mps.set_rng_state(mps)
+    for index, gpu_state in enumerate(gpus):
+        torch.cuda.set_rng_state(gpu_state, device=index)
+    if note:
+        log(note)
+
+
+def device_states(state, has):
+    """(the GPUs' states to restore, the Mac GPU's or None, a note or None) of a saved rng_state on a machine `has`."""
+    saved = list(state.get("cuda", []))
+    note = None if len(saved) <= has.gpus else (
+        f"note: the checkpoint holds the CUDA random state of {len(saved)} GPU(s), this machine has {has.gpus}; "
+        f"restored {has.gpus}, so dropout on the rest continues from a fresh seed")
+    return saved[:has.gpus], state.get("mps") if has.mps else None, note
 
 
 # ----------------------------------------------------------------------------- peak FLOPs, for MFU
@@ -206,24 +193,32 @@ def flops_per_token(model):
 # ----------------------------------------------------------------------------- several processes
 
 def setup_distributed(device):
-    """(rank, world size, device); (0, 1, device) without torchrun. A GPU process binds its GPU at init, for NCCL."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    """(rank, world size, device); (0, 1, device) without torchrun. A GPU process binds its GPU before NCCL starts."""
+    rank, world, device, backend = processes_plan(device, os.environ, machine().gpus)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif backend:
+        dist.init_process_group(backend)
+    return rank, world, device
+
+
+def processes_plan(device, env, gpus):
+    """(rank, world size, device, backend or None) of this process under torchrun's variables env, on a machine of
+    gpus GPUs: checked before joining, where a wrong count would fail or hang."""
+    if "RANK" not in env:
+        return 0, 1, device, None
+    rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
         raise TinyLLMError("several processes on a Mac's GPU: torch cannot join them (Gloo takes no MPS "
                            "tensors); give torchrun --device cpu, or train in one process")
-    if device.type == "cuda":
-        processes, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", world)), machine().gpus
-        if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
-            raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
-                               f"--nproc_per_node={gpus} or less, or --device cpu")
-        device = torch.device(f"cuda:{local_rank}")
-        use_gpu(device)
-        join_processes("nccl", device_id=device)
-    else:
-        join_processes("gloo")
-    return rank, world, device
+    if device.type != "cuda":
+        return rank, world, device, "gloo"
+    processes = int(env.get("LOCAL_WORLD_SIZE", world))
+    if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
+        raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
+                           f"--nproc_per_node={gpus} or less, or --device cpu")
+    return rank, world, torch.device(f"cuda:{local_rank}"), "nccl"
 
 
 def teardown_distributed(world):

@@ -6,6 +6,7 @@ and the decision is asserted. The rest run the CPU code paths that stand in for 
 import contextlib
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -140,37 +141,31 @@ def test_mocked_unknown_gpu_or_dtype_has_no_mfu_and_says_so_once(fake_gpu, capsy
     assert out.count("MFU") == 1 and name in out
 
 
-def test_mocked_resume_on_fewer_gpus_restores_what_applies(fake_gpu, monkeypatch, capsys):
-    state = rng_state()
-    state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]  # saved on 2 GPUs
-    fake_gpu("NVIDIA L4", (8, 9), count=1)
-    restored = []
-    monkeypatch.setattr(device_module, "set_gpu_rng_state", lambda s, index: restored.append(index))  # one GPU at a time
-    set_rng_state(state)
-    assert restored == [0]
-    assert "2 GPU(s), this machine has 1" in capsys.readouterr().out
+def test_a_resume_on_fewer_gpus_restores_those_it_has_and_says_so():
+    state = {"cuda": [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)], "mps": None}  # 2 GPUs
+    gpus, mps, note = device_module.device_states(state, SimpleNamespace(gpus=1, mps=False))
+    assert len(gpus) == 1 and torch.equal(gpus[0], state["cuda"][0]) and mps is None
+    assert "2 GPU(s), this machine has 1" in note
+    gpus, _, note = device_module.device_states(state, SimpleNamespace(gpus=2, mps=False))
+    assert len(gpus) == 2 and note is None
 
 
-def test_mocked_two_gpus_nccl_binds_each_rank_to_its_gpu_at_init(fake_gpu, monkeypatch):
-    fake_gpu("NVIDIA H100 80GB HBM3", (9, 0), count=2)
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    calls = []
-    monkeypatch.setattr(device_module, "use_gpu", lambda d: calls.append(("set_device", d)))
-    monkeypatch.setattr(device_module, "join_processes", lambda backend, **kw: calls.append((backend, kw)))
-    rank, world, dev = device_module.setup_distributed(CUDA)
-    assert (rank, world, dev) == (1, 2, torch.device("cuda:1"))
-    # the process's own GPU is current before NCCL starts, and NCCL is told which it is
-    assert calls == [("set_device", torch.device("cuda:1")), ("nccl", {"device_id": torch.device("cuda:1")})]
+TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
 
 
-def test_mocked_torchrun_on_a_mac_gpu_is_refused_before_joining(monkeypatch):
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(device_module, "join_processes", lambda backend, **kw: pytest.fail("joined"))
-    with pytest.raises(TinyLLMError, match="--device cpu"):
-        device_module.setup_distributed(torch.device("mps"))
+def test_under_torchrun_each_gpu_rank_takes_its_own_gpu_with_nccl_and_a_cpu_rank_gloo():
+    assert device_module.processes_plan(CUDA, TORCHRUN, gpus=2) == (1, 2, torch.device("cuda:1"), "nccl")
+    assert device_module.processes_plan(CPU, TORCHRUN, gpus=2) == (1, 2, CPU, "gloo")
+    assert device_module.processes_plan(CUDA, {}, gpus=2) == (0, 1, CUDA, None)  # no torchrun: one process
+
+
+@pytest.mark.parametrize("device, env, words", [
+    (torch.device("mps"), TORCHRUN, "--device cpu"),                              # Gloo takes no MPS tensors
+    (CUDA, {**TORCHRUN, "LOCAL_WORLD_SIZE": "2"}, "--nproc_per_node=1"),          # two processes, one GPU
+])
+def test_torchrun_that_cannot_work_here_is_refused_before_joining(device, env, words):
+    with pytest.raises(TinyLLMError, match=words):
+        device_module.processes_plan(device, env, gpus=1)
 
 
 def test_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(matmul_precision):

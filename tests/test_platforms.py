@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -162,16 +163,19 @@ def test_beam_search_holds_no_float64_where_the_device_has_none(monkeypatch):
     assert watch.seen == [] and torch.equal(new32, new64) and total32 == pytest.approx(total64, rel=1e-5)
 
 
-def test_mocked_mac_random_state_is_saved_and_restored(monkeypatch, fake_machine):
+def test_a_macs_random_state_is_restored_on_a_mac_and_left_elsewhere():
     """Dropout on a Mac draws from the MPS generator: a resume puts it back as it was saved."""
-    saved, restored = torch.arange(8, dtype=torch.uint8), []
-    fake_machine(mps=True)
-    monkeypatch.setattr(device, "mps_rng_state", lambda: saved)
-    monkeypatch.setattr(device, "set_mps_rng_state", restored.append)
+    saved = {"cuda": [], "mps": torch.arange(8, dtype=torch.uint8)}
+    assert device.device_states(saved, SimpleNamespace(gpus=0, mps=True))[1] is saved["mps"]
+    assert device.device_states(saved, SimpleNamespace(gpus=0, mps=False))[1] is None
+
+
+@pytest.mark.skipif(not torch.backends.mps.is_available(), reason="needs a Mac's GPU (MPS)")
+def test_on_a_mac_the_gpus_random_state_is_saved_and_restored():
     state = rng_state()
-    assert state["mps"] is saved
+    first = torch.rand(4, device="mps")
     set_rng_state(state)
-    assert restored == [saved]
+    assert torch.equal(torch.rand(4, device="mps"), first)
 
 
 def test_an_undecodable_name_in_an_error_line_is_escaped_not_a_crash(tmp_path):
