@@ -94,13 +94,11 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     resume's state; --compile, DDP; the precision, measured for --dtype auto; the start-up lines)."""
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
-    run.corpus, run.model, run.optimizer, run.next_batch, run.val_batch = build(run)
-    # run.state: the step and every number that changes (a resumed run's, as saved); run.train_model:
-    # run.model as the steps call it (compiled, wrapped for DDP, or itself); run.ctx: the forward
-    # pass's precision (an autocast, or nothing for float32); run.scaler: float16's loss scaling or None.
-    # train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
-    setup.before_first_step(run, train_step)
-    return run
+    # the run whole: run.state, the step and every number that changes (a resumed run's, as saved);
+    # run.train_model, run.model as the steps call it (compiled, wrapped for DDP, or itself); run.ctx, the
+    # forward pass's precision (an autocast, or nothing for float32); run.scaler, float16's loss scaling or
+    # None. train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
+    return setup.before_first_step(run, *build(run), train_step)
 
 
 def train_loop(run):

@@ -1,5 +1,5 @@
-"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: a Run, only read while it trains,
-and its TrainState, which every checkpoint saves whole so that --resume continues exactly."""
+"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: a Run, made once and only read while it
+trains, and its TrainState, which every checkpoint saves whole so that --resume continues exactly."""
 
 import dataclasses
 import math
@@ -47,9 +47,10 @@ CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interva
                         "grad_accum_steps", "out_dir", "tag"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """A run: its settings and device (start), what it trains (train.build), and how (before_first_step)."""
+    """A run: its settings and device (start), what it trains (train.build), and how (before_first_step); fixed once
+    made (the numbers that change as it trains are its state's)."""
     options: RunOptions
     preset: str
     model_cfg: GPTConfig
@@ -119,14 +120,12 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
     if options.overfit_batch:  # trains to a loss near 0, or to max_steps: never to a time budget
         train_cfg = dataclasses.replace(train_cfg, time_budget="")
-    run = Run(options, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads))
-    if source:
-        run.source, run.source_path = source, last
-    elif options.init_from:
-        run.source, run.source_path = load_source(options.init_from, given), options.init_from
+    if options.init_from and not source:
+        source, last = load_source(options.init_from, given), options.init_from
     configure_matmul(device)
     seed_everything(train_cfg.seed)
-    return run
+    return Run(options, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads),
+               source, last if source else "")
 
 
 def load_source(path, given):
@@ -162,31 +161,31 @@ def load_corpus_and_model(run):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def before_first_step(run, train_step):
-    """Between building the model and the first step: the state, each rank's seed, compile, DDP, the precision."""
+def before_first_step(run, corpus, model, optimizer, next_batch, val_batch, train_step):
+    """The run whole, with what train.build made: the state, each rank's seed, compile, DDP, the precision."""
     cfg = run.cfg
-    run.model_cfg = run.model.config
-    run.state = restore(run, run.source) if run.options.resume and run.source else TrainState()
+    run = dataclasses.replace(run, model_cfg=model.config, corpus=corpus, model=model, optimizer=optimizer,
+                              next_batch=next_batch, val_batch=val_batch)
+    state = restore(run, run.source) if run.options.resume and run.source else TrainState()
     if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
-        seed_everything(rank_seed(cfg.seed, run.rank, run.state.step))
-    run.train_model = wrap(torch.compile(run.model) if cfg.compile else run.model, run.world, run.device)
+        seed_everything(rank_seed(cfg.seed, run.rank, state.step))
     if run.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
-        fixed = run.next_batch()
-        run.next_batch = lambda: fixed
+        fixed = next_batch()
+        next_batch = lambda: fixed
         run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
-    set_precision(run, resolve_dtype(cfg.dtype, run.device))
+    train_model = wrap(torch.compile(model) if cfg.compile else model, run.world, run.device)
+    run = dataclasses.replace(run, state=state, train_model=train_model, next_batch=next_batch,
+                              **precision(run.device, resolve_dtype(cfg.dtype, run.device)))
     if cfg.compile:
         check_compiles(run, train_step)
     if cfg.dtype == "auto" and measured_on(run.device):  # a resumed run keeps what its first process measured
-        plan = run.state.plan if (run.state.plan or {}).get("dtype") else measure_dtype(run, train_step)
-        run.state.plan = plan
-        set_precision(run, plan["dtype"])
+        state.plan = state.plan if (state.plan or {}).get("dtype") else measure_dtype(run, train_step)
+        run = dataclasses.replace(run, **precision(run.device, state.plan["dtype"]))
     if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
         run.scaler.load_state_dict(run.source["scaler"])
     print_header(run)
-    if cfg.time_budget:
-        run.sample_seconds = sample_seconds(run)
-    run.trained_from = budget.now()
+    return dataclasses.replace(run, sample_seconds=sample_seconds(run) if cfg.time_budget else 0.0,
+                               trained_from=budget.now())
 
 
 def check_compiles(run, train_step):
@@ -200,8 +199,9 @@ def check_compiles(run, train_step):
         raise TinyLLMError(f"--compile failed on this machine ({first_line(e)}); run without --compile") from None
 
 
-def set_precision(run, dtype):
-    run.dtype, run.ctx, run.scaler = dtype, autocast(run.device, dtype), make_scaler(run.device, dtype)
+def precision(device, dtype):
+    """The forward pass's precision: its name, its autocast context and float16's loss scaler (else None)."""
+    return {"dtype": dtype, "ctx": autocast(device, dtype), "scaler": make_scaler(device, dtype)}
 
 
 # ----------------------------------------------------------------------------- what the user is told
