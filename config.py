@@ -57,9 +57,8 @@ class GPTConfig:
         _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check_common(self)
-        if self.pos == "rope":
-            _require((self.n_embd // self.n_head) % 2 == 0,
-                     f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+        _require(self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+                 f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
 
 
 @dataclass
@@ -248,8 +247,7 @@ class PictureConfig:
         _check_common(self, "--")
 
     def pictures(self):
-        asked = {name.strip() for name in self.only.split(",")}
-        return [name for name in PICTURES if name in asked]
+        return [name for name in PICTURES if name in {n.strip() for n in self.only.split(",")}]
 
     def temperature_list(self):
         return [float(t) for t in self.temperatures.split(",")]

@@ -30,8 +30,7 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
 
     def show(token, logits, idx):  # token (B, 1): the first sample's new token, printed as it comes
         if token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):
-            sys.stdout.write(piece[0])
-            sys.stdout.flush()
+            print(piece[0], end="", flush=True)
 
     on_token = None
     if annotator:

@@ -19,13 +19,6 @@ def special_regex(special_tokens):
     return "(" + "|".join(regex.escape(s) for s in special_tokens) + ")"
 
 
-def split_special(text, special_tokens):
-    """Cut the text at the special tokens (dropping them), so no merge ever spans one."""
-    if not special_tokens:
-        return [text]
-    return regex.split(special_regex(special_tokens), text)[::2]
-
-
 def _merge(ids, pair, new_id):
     """Replace every non-overlapping occurrence of `pair` in `ids`, left to right."""
     out, i = [], 0
@@ -76,8 +69,9 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
                            f"(256 bytes + {len(special_tokens)} special), got {vocab_size}")
 
     # 1. pre-tokenise into distinct words with their counts: merges never cross a word, so each is done once
+    chunks = regex.split(special_regex(special_tokens), text)[::2] if special_tokens else [text]  # no merge spans one
     word_counts = Counter()
-    for chunk in split_special(text, special_tokens):
+    for chunk in chunks:
         word_counts.update(regex.findall(pattern, chunk))
     words = [list(w.encode("utf-8")) for w in word_counts]
     freqs = list(word_counts.values())

@@ -194,6 +194,5 @@ def draw_scaling(result, budgets, path):
     for ax in axes[0]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     save_plot(fig, None, path)
     log(f"wrote {path}")

@@ -2,7 +2,6 @@
 from, that distribution's entropy in bits and, with --show_top K, the K likeliest tokens."""
 
 import math
-import sys
 import unicodedata
 from dataclasses import dataclass
 
@@ -118,7 +117,6 @@ class Annotator:
     def __init__(self, tokenizer, top=0, colour=False):
         self.tokenizer, self.top, self.colour = tokenizer, top, colour
         self.rows_mode = top > 0 or not colour  # alternatives need a row per token; colours need a terminal
-        self.samples, self.prompt, self.live, self.pieces = [], [], False, None
 
     def begin(self, prompt_ids, n_samples, stop=None, live=False):
         """A new batch of n_samples continuations of prompt_ids, each ending at stop (None: at max_new_tokens)."""
@@ -179,5 +177,4 @@ class Annotator:
         return line
 
     def write(self, text):
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        print(text, end="", flush=True)

@@ -66,7 +66,10 @@ class Clock:
             return self.state.step >= self.cfg.max_steps
         spent = self.spent()
         if spent >= self.usable() and self.state.progress_from is None:
-            raise self.too_short(spent)
+            raise TinyLLMError(f"--time_budget {self.cfg.time_budget} is too short here: {spent:.1f}s were gone "
+                               f"before the warmup's {self.cfg.warmup_steps} steps were done (an evaluation takes "
+                               f"{self.state.eval_seconds:.1f}s and the closing sample {self.sample_seconds:.1f}s); "
+                               f"give a longer budget, or fewer --warmup_steps")
         return spent >= self.usable()
 
     def start(self):
@@ -100,13 +103,6 @@ class Clock:
         spent = self.spent()
         pace = self.pace(spent)
         return self.state.step + max(0, math.ceil((self.usable() - spent) / pace)) if pace > 0 else None
-
-    def too_short(self, spent):
-        cfg = self.cfg
-        return TinyLLMError(
-            f"--time_budget {cfg.time_budget} is too short here: {spent:.1f}s were gone before the warmup's "
-            f"{cfg.warmup_steps} steps were done (an evaluation takes {self.state.eval_seconds:.1f}s and the closing "
-            f"sample {self.sample_seconds:.1f}s); give a longer budget, or fewer --warmup_steps")
 
     def summary(self):
         """A time budget's closing line: the time used, and the --max_steps that trains as many steps (else None)."""

@@ -46,8 +46,7 @@ def add_config_flags(parser, cls, defaults=None, names=None, title=None):
         default, source = (defaults or {}).get(f.name, (f.default, None))
         shown = "none" if default in ("", None) else default
         help = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta.get("choices") else "")
-        help += f" (default: {shown}" + (f", {source})" if source else ")")
-        help = help.replace("%", "%%")
+        help = (help + f" (default: {shown}" + (f", {source})" if source else ")")).replace("%", "%%")
         if f.type is bool:  # a bare --flag means true; --flag false still works
             group.add_argument(*flags, dest=f.name, type=bool_flag, nargs="?", const=True, default=None,
                                metavar="BOOL", help=help)

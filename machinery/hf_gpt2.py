@@ -16,7 +16,6 @@ from machinery.cli import ArgumentParser, check_writable, first_line, log, run_c
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token
-GPT2_EOT = 50256
 LAYERNORM_EPS = 1e-5        # torch's default, which our nn.LayerNorm uses; GPT-2's too
 # GPT-2 is our GPT with biases and every setting beyond its shape at its default (a new variant is off by default)
 GPT2_SWITCHES = {"bias": True, **{f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in SHAPE}}
@@ -27,9 +26,11 @@ TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # HF's names for ou
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # some transformers versions' constant causal masks: not weights
 
 
-def hf_name(key):
-    """Our parameter name -> GPT2LMHeadModel's: blocks.3.mlp.c_fc.weight -> transformer.h.3.mlp.c_fc.weight."""
-    return "transformer." + ("h." + key.removeprefix("blocks.") if key.startswith("blocks.") else key)
+def as_hf(model):
+    """Our weights by GPT2LMHeadModel's names (blocks.3.mlp.c_fc.weight -> transformer.h.3.mlp.c_fc.weight) and in its
+    layout, as views sharing our storage; lm_head left out: it is wte, on both sides."""
+    return {"transformer." + ("h." + k.removeprefix("blocks.") if k.startswith("blocks.") else k):
+            v.t() if k.endswith(CONV1D) else v for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
 def import_transformers():
@@ -88,15 +89,12 @@ def load_gpt2(name_or_path, dropout=0.0):
         raise TinyLLMError(f"{name}: lm_head differs from the token embedding; our GPT needs them tied")
     model = GPT(config)
     with torch.no_grad():
-        for key, ours in model.state_dict().items():  # these share storage with the parameters
-            if key == "lm_head.weight":
-                continue  # tied: filled through wte
-            theirs = hf_state.pop(hf_name(key), None)
+        for key, ours in as_hf(model).items():
+            theirs = hf_state.pop(key, None)
             if theirs is None:
-                raise TinyLLMError(f"{name}: weight {hf_name(key)} is missing")
-            theirs = theirs.t() if key.endswith(CONV1D) else theirs
+                raise TinyLLMError(f"{name}: weight {key} is missing")
             if theirs.shape != ours.shape:
-                raise TinyLLMError(f"{name}: {hf_name(key)} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
+                raise TinyLLMError(f"{name}: {key} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
             ours.copy_(theirs)  # also casts a float16/bfloat16 checkpoint to our float32
     leftover = [k for k in hf_state if not k.endswith(HF_BUFFERS)]
     if leftover:
@@ -118,16 +116,14 @@ def eot_id(tokenizer, vocab_size):
     """The end-of-text id for the HF config's bos/eos, or None when the tokenizer has none."""
     kind = tokenizer.get("kind") if tokenizer else None
     if kind == "gpt2" or (kind is None and vocab_size == GPT2_VOCAB_SIZE):  # a bare GPT of GPT-2's size
-        return GPT2_EOT
+        return GPT2_VOCAB_SIZE - 1  # <|endoftext|>
     return tokenizer.get("special_tokens", {}).get("<|endoftext|>") if kind == "bpe" else None
 
 
 def export_hf(source, folder):
     """A GPT-2-like model (a checkpoint dict or a GPT) as a GPT2LMHeadModel folder, without the tokenizer (gpt2's)."""
-    if isinstance(source, GPT):
-        model, tokenizer = source, None
-    else:
-        model, tokenizer = model_from_checkpoint(source), source.get("tokenizer")
+    model, tokenizer = ((source, None) if isinstance(source, GPT)
+                        else (model_from_checkpoint(source), source.get("tokenizer")))
     c = model.config
     wrong = [f"{k}={getattr(c, k)!r} (GPT-2 has {v!r})" for k, v in GPT2_SWITCHES.items() if getattr(c, k) != v]
     if wrong:
@@ -141,8 +137,7 @@ def export_hf(source, folder):
         bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True)
     hf = transformers.GPT2LMHeadModel(hf_config)
     hf_state = hf.state_dict()
-    ours = {hf_name(k): v.t() if k.endswith(CONV1D) else v  # lm_head: tied to wte on both sides
-            for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    ours = as_hf(model)
     with torch.no_grad():
         for name, weight in ours.items():
             hf_state[name].copy_(weight)

@@ -20,9 +20,7 @@ def new_plot(height=3, width=7, grid=None):
     import matplotlib  # imported here: generate.py and the tests that never plot skip its start-up
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    if grid:
-        return plt.subplots(*grid, figsize=(width, height), dpi=DPI, squeeze=False)
-    return plt.subplots(figsize=(width, height), dpi=DPI)
+    return plt.subplots(*(grid or (1, 1)), figsize=(width, height), dpi=DPI, squeeze=not grid)
 
 
 def save_plot(fig, ax, path):
@@ -31,7 +29,7 @@ def save_plot(fig, ax, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         ax.grid(alpha=0.3)
-        fig.tight_layout()
+    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

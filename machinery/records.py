@@ -152,9 +152,7 @@ def write_history(run):
 
 def stop_signal(run, stop):
     """The signal that asked the run to stop (0: none); several processes agree at progress lines, so no step waits."""
-    if run.world == 1:
-        return stop.signum or 0
-    if run.state.step % run.cfg.log_interval:
+    if run.world > 1 and run.state.step % run.cfg.log_interval:
         return 0
     return all_ranks_max(stop.signum or 0, run.world, run.device)
 

@@ -19,7 +19,7 @@ from machinery.device import (autocast, choose_device, configure_matmul, describ
                               measure_dtype, measured_on, rank_seed, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, setup_distributed, trial, trial_step, wrap)
 from machinery.records import sample_seconds
-from machinery.sources import check_splits, load_corpus
+from machinery.sources import check_long_enough, load_corpus
 
 
 @dataclass
@@ -107,7 +107,10 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
     out_dir, last = train_cfg.out_dir, os.path.join(train_cfg.out_dir, "last.pt")
-    source = find_resume(last, say) if options.resume else None
+    source = load_resumable(last) if options.resume and os.path.isfile(last) else None
+    if options.resume:  # without a last.pt yet, the same command starts the run now and continues it later
+        say(f"resuming {last} at step {source['step']}" if source
+            else f"--resume: no {last} yet, starting a fresh run")
     if source:
         model_cfg, train_cfg = resume_configs(source, given, last)
         train_cfg = dataclasses.replace(train_cfg, out_dir=out_dir)
@@ -151,7 +154,9 @@ def load_corpus_and_model(run):
         tokenizer = tokenizer_of(run.source, model.config.vocab_size, run.source_path)
     # vocab_size is BPE's target size; the GPT's own comes from the tokenizer
     corpus = load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
-    check_splits(corpus, (model.config if model else run.model_cfg).block_size, cfg.data)
+    block_size = (model.config if model else run.model_cfg).block_size  # refused before the model is built
+    check_long_enough(corpus.train, block_size, "train", cfg.data)
+    check_long_enough(corpus.val, block_size, "validation", cfg.data)
     if model is not None and corpus.added:  # characters the checkpoint never saw: a new embedding row each
         grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
         run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_path} "
@@ -229,17 +234,6 @@ def print_header(run):
 
 
 # ----------------------------------------------------------------------------- --resume: the checkpoint and its settings
-
-def find_resume(last_path, say):
-    """The checkpoint --resume continues (in this version's format), or None: then the same command starts a run and
-    continues it later."""
-    if not os.path.isfile(last_path):
-        say(f"--resume: no {last_path} yet, starting a fresh run")
-        return None
-    checkpoint = load_resumable(last_path)
-    say(f"resuming {last_path} at step {checkpoint['step']}")
-    return checkpoint
-
 
 def resume_configs(checkpoint, given, path):
     """The saved configs, overridden by the flags given that may change mid-run; any other flag is refused."""

@@ -163,12 +163,6 @@ def validation_split(checkpoint, tokenizer, data=None):
     return corpus, data
 
 
-def check_splits(corpus, block_size, path):
-    """Refuse, before the model is built or trained, a source whose train or val split is shorter than one window."""
-    check_long_enough(corpus.train, block_size, "train", path)
-    check_long_enough(corpus.val, block_size, "validation", path)
-
-
 def check_long_enough(ids, block_size, name, path):
     if len(ids) < block_size + 1:
         raise TinyLLMError(f"{path}: the {name} split has {len(ids)} tokens but block_size {block_size} "

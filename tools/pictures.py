@@ -75,7 +75,6 @@ def draw_attention(model, tokenizer, ids, cfg, path):
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
     fig.suptitle("attention: row = the token looking, column = the token looked at; darker = more "
                  "(each row sums to 1), grey = the masked future", fontsize=8)
-    fig.tight_layout()
     save_plot(fig, None, path)
     return (f"one heatmap per layer (rows) and head (columns) over the prompt's {T} tokens. Look for heads "
             f"that attend to the token just before (a dark line below the diagonal), heads that stay on the "
@@ -128,7 +127,6 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     chars_per_token = len(tokenizer.decode(ids.tolist())) / len(ids)
     bpc = losses.mean().item() / chars_per_token / math.log(2)
     ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9)
-    fig.tight_layout()
     save_plot(fig, None, path)
     return (f"{len(chars)} characters of the val split coloured by the model's loss on each, pale = "
             f"expected, dark red = surprising; {bpc:.4f} bits per character over {len(ids)} tokens. Look "
