@@ -13,6 +13,7 @@ from config import Sampler, SampleConfig, check_beam, make_config
 import sampling
 
 from machinery.annotate import Annotator, SamplerOdds, WholeCharacters, model_odds
+from deep_dives import graphs
 from deep_dives.beam import beam_search
 from machinery.checkpoint import describe_checkpoint, load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
@@ -39,8 +40,9 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
     elif stream:
         sys.stdout.write(tokenizer.decode(shown))
         on_token = show
+    # on a GPU the cache's one-token step is replayed from a CUDA graph: one launch, not hundreds (deep_dives/graphs.py)
     out = sampling.generate(model, idx, cfg.max_new_tokens, sampler, use_cache=not cfg.no_cache, stop_token=stop,
-                            generator=generator, on_token=on_token)
+                            generator=generator, on_token=on_token, replay=graphs.replayable)
     if annotator:
         annotator.end()
     elif stream:

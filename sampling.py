@@ -17,13 +17,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from deep_dives import graphs
-
 
 # ----------------------------------------------------------------------------- the loop
 
 def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None, generator=None, on_token=None,
-             replay=True):
+             replay=None):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
     stop_token; returns (B, T + new), a row that stopped earlier going on past its stop_token (cut
     it there). Each step: the logits of the next token (Context: the context rule and the KV
@@ -32,7 +30,8 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     on_token(tokens (B, 1), logits (B, V), idx (B, T)) sees each step's tokens as they come, with the
     logits and the tokens so far they were drawn from (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
-    generate.py loads is in eval mode already). replay=False: never from a CUDA graph (a comparison)."""
+    generate.py loads is in eval mode already). replay: None, or a function that makes the cache's one-token step
+    faster and gives what it gives (generate.py passes deep_dives.graphs.replayable: on a GPU, a CUDA graph)."""
     context = Context(model, use_cache, replay)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
@@ -82,7 +81,7 @@ class Context:
     next_logits(idx) gives the logits of the token after each row of idx (B, T), each call's
     idx one token longer than the last call's (the first call's is the prompt)."""
 
-    def __init__(self, model, use_cache=True, replay=True):
+    def __init__(self, model, use_cache=True, replay=None):
         self.model, self.use_cache, self.replay = model, use_cache, replay
         self.start, self.cache, self.step = None, None, None  # the context is idx[:, start:]
 
@@ -110,13 +109,11 @@ class Context:
         """The logits (B, T, V) of context (B, T), its keys and values written into the cache."""
         if self.cache is None:  # the first call: the cache, and the step that goes on from it
             self.cache = KVCache(self.model.config.n_layer, self.model.config.block_size, context.device)
-            # self.step: decode (below) on a CPU or a Mac. On a CUDA GPU, graphs.replayable hands
-            # back a function that gives what decode gives, by replaying a recording of its kernels
-            # (a CUDA graph): one launch instead of a few hundred small ones from Python, which at
-            # this size take longer than the work. (It needs to know what decode changes in place:
-            # the cache's position.)
+            # self.step: decode (below), or what replay makes of it (generate.py's: on a CUDA GPU a
+            # recording of its kernels, replayed in one launch; it needs to know what decode changes
+            # in place: the cache's position)
             step = functools.partial(decode, self.model, self.cache)  # decode(token), with this model and cache
-            self.step = graphs.replayable(step, context[:, -1:], keep=[self.cache.pos]) if self.replay else step
+            self.step = self.replay(step, context[:, -1:], keep=[self.cache.pos]) if self.replay else step
         self.cache.pos.zero_()
         logits, _ = self.model(context, cache=self.cache)
         return logits

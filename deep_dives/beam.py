@@ -23,7 +23,7 @@ def score_dtype(device):
 @torch.inference_mode()
 def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
     """(new tokens (1, n), total log-prob) of idx (1, T)'s best continuation, by total / length ** length_penalty."""
-    context, prompt = Context(model, use_cache, replay=False), idx.size(1)  # (reorder_cache moves it)
+    context, prompt = Context(model, use_cache), idx.size(1)  # (reorder_cache moves it)
     beams = idx  # (k, T + t): the live continuations, one row each (k = 1 before the first step)
     dtype = score_dtype(idx.device)
     totals = torch.zeros(1, dtype=dtype, device=idx.device)  # (k,) their total log-probabilities

@@ -16,6 +16,7 @@ import time
 import torch
 
 import sampling
+from deep_dives import graphs
 import train
 from config import GREEDY
 from experiments.runs import ROOT, machine_info, markdown_table, new_run, step_times
@@ -220,7 +221,8 @@ def check_cache(model, ctx, dtype, n=250):
     device = model.wte.weight.device
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     with ctx:
-        full_text, cached_text = (sampling.generate(model, prompt, n, GREEDY, use_cache=c) for c in (False, True))
+        full_text, cached_text = (sampling.generate(model, prompt, n, GREEDY, use_cache=c, replay=graphs.replayable)
+                                  for c in (False, True))  # the cache as generate.py decodes with it
         new = full_text[:, 1:]
         full, cached = (torch.stack([logits[0].float() for _, logits in forced_steps(model, prompt, new, c)])
                         for c in (False, True))  # each (n, V)

@@ -80,7 +80,8 @@ def bench_generate(args):
         sync(device)
         t0 = time.perf_counter()
         with ctx:
-            out = sampling.generate(model, prompt, args.new_tokens, GREEDY, use_cache=use_cache, replay=replay)
+            out = sampling.generate(model, prompt, args.new_tokens, GREEDY, use_cache=use_cache,
+                                    replay=graphs.replayable if replay else None)
         sync(device)
         return out, time.perf_counter() - t0
 

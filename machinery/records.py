@@ -12,6 +12,7 @@ import torch
 
 from config import Sampler, TinyLLMError
 import sampling
+from deep_dives import graphs
 
 from machinery import budget, plots
 from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
@@ -171,7 +172,7 @@ def closing_sample(run, tokens=None):
     run.model.eval()
     start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
     with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
-        out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(),
+        out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(), replay=graphs.replayable,
                                 generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())

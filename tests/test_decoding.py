@@ -45,11 +45,11 @@ def recorded(monkeypatch):
 def decode_three_ways(model, prompt, n, **sampler):
     """The same generation recomputing the context, with the cache stepped as it is, and with the
     cache's step recorded and replayed (the recorded fixture on)."""
-    def run(use_cache, replay=True):
+    def run(use_cache, replay=None):
         generator = torch.Generator().manual_seed(7)
         return sampling.generate(model, prompt, n, Sampler(**sampler), use_cache=use_cache, generator=generator,
                                  replay=replay)
-    return run(False, replay=False), run(True, replay=False), run(True)
+    return run(False), run(True), run(True, replay=graphs.replayable)
 
 
 @pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
@@ -89,8 +89,8 @@ def test_a_recording_that_cannot_be_trusted_is_not_used_and_says_so_in_one_line(
     torch.manual_seed(0)
     model = GPT(tiny_model_config(block_size=8)).eval()
     prompt = torch.randint(0, 65, (1, 3))
-    out = sampling.generate(model, prompt, 20, GREEDY)
-    assert torch.equal(out, sampling.generate(model, prompt, 20, GREEDY, replay=False))
+    out = sampling.generate(model, prompt, 20, GREEDY, replay=graphs.replayable)
+    assert torch.equal(out, sampling.generate(model, prompt, 20, GREEDY))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(f"warning: {why}"), err
 
@@ -134,6 +134,7 @@ def test_a_stop_token_ends_generation_as_brute_force_says(rows, recorded):
     expected = brute_greedy(model, prompt, 10, stop)
     assert expected.size(1) < free.size(1) or rows > 1
     assert torch.equal(sampling.generate(model, prompt, 10, GREEDY, stop_token=stop), expected)
+    assert torch.equal(sampling.generate(model, prompt, 10, GREEDY, stop_token=stop, replay=graphs.replayable), expected)
 
 
 def every_ending(model, prompt, V, n, stop):
@@ -168,8 +169,8 @@ def test_qa_frames_the_question_and_stops_at_the_end_of_text(trained, capsys, re
     model, tokenizer, _ = load_model(str(trained[0] / "best.pt"))
     question = "Who art thou?"
     ids = torch.tensor([encode_prompt(tokenizer, question, qa=True)])
-    new = sampling.generate(model, ids, 60, GREEDY, use_cache=False, stop_token=tokenizer.eot_id,
-                            replay=False)[0, ids.size(1):].tolist()  # the plain path: the context recomputed each step
+    new = sampling.generate(model, ids, 60, GREEDY, use_cache=False,
+                            stop_token=tokenizer.eot_id)[0, ids.size(1):].tolist()  # the plain path: the context recomputed each step
     new = new[:new.index(tokenizer.eot_id)] if tokenizer.eot_id in new else new
     code, out, _ = cli(capsys, generate.main, trained[0] / "best.pt", "--qa", "--prompt", question,
                        "--temperature", "0", "--max_new_tokens", "60")
