@@ -10,16 +10,14 @@ import pickle
 import time
 import warnings
 
-import regex
 import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
-from utils import CharTokenizer
 
-from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.budget import progress
 from machinery.cli import check_writable, first_line, log
+from machinery.sources import tokenizer_from_dict
 
 
 def save_checkpoint(path, checkpoint):
@@ -112,45 +110,12 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
     return model
 
 
-def extend_tokenizer(tokenizer, text, extend, path):
-    """(tokenizer, old_ids, new characters): a char tokenizer grown by text's unknown ones if extend, else an error."""
-    missing = tokenizer.unknown_chars(text) if tokenizer is not None else []
-    if not missing:
-        return tokenizer, None, []
-    if not extend:
-        raise TinyLLMError(f"{path} has characters the checkpoint's vocabulary lacks: {''.join(missing)[:40]!r}")
-    bigger = CharTokenizer(tokenizer.chars + missing, list(tokenizer.special_tokens))
-    old_ids = list(range(len(tokenizer.chars))) + [None] * len(missing) + list(tokenizer.special_tokens.values())
-    return bigger, old_ids, missing
-
-
 def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size > vocab_size:
         raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens but the model only "
                            f"{vocab_size} token embeddings")
     return tokenizer
-
-
-def tokenizer_from_dict(d):
-    """The tokenizer a checkpoint (or a prepared corpus's meta.json) describes, checked field by field."""
-    kind = d.get("kind") if isinstance(d, dict) else None
-    try:
-        if kind == "char":
-            chars, special = d["chars"], d.get("special_tokens", [])
-            if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
-                raise ValueError("chars must be distinct single characters")
-            if not all(isinstance(s, str) for s in special):
-                raise ValueError("special_tokens must be strings")
-            return CharTokenizer(chars, special)
-        if kind == "bpe":
-            special = sorted(d["special_tokens"], key=d["special_tokens"].get)  # names in id order
-            return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
-    except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
-        raise TinyLLMError(f"the {kind} tokenizer data is incomplete or malformed ({type(e).__name__}: {e})") from None
-    if kind == "gpt2":
-        return GPT2Tokenizer()
-    raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected a dict with kind char, bpe or gpt2)")
 
 
 def load_model(path):

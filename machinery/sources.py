@@ -1,4 +1,5 @@
-"""Training text (a .txt file, a folder of them, .jsonl, a Q&A .json list, a tools/prepare.py folder), and prompts."""
+"""Training text (a .txt file, a folder of them, .jsonl, a Q&A .json list, a tools/prepare.py folder), its tokenizer
+as a checkpoint saves it (and grown by a fine-tune's new characters), and prompts."""
 
 import hashlib
 import json
@@ -6,11 +7,13 @@ import os
 import re
 
 import numpy as np
+import regex
 
 from config import EOT, TinyLLMError, TrainConfig
 from utils import CharTokenizer, Corpus, tokenize
 
-from machinery.checkpoint import extend_tokenizer, tokenizer_from_dict
+from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
+
 from machinery.cli import warn
 
 
@@ -151,6 +154,41 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     corpus = tokenize(text, tokenizer, cfg.tokenizer, vocab_size)
     corpus.added, corpus.old_ids = added, old_ids
     return corpus
+
+
+# ----------------------------------------------------------------------------- tokenizers saved, and grown
+
+def tokenizer_from_dict(d):
+    """The tokenizer a checkpoint (or a prepared corpus's meta.json) describes, checked field by field."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    try:
+        if kind == "char":
+            chars, special = d["chars"], d.get("special_tokens", [])
+            if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+                raise ValueError("chars must be distinct single characters")
+            if not all(isinstance(s, str) for s in special):
+                raise ValueError("special_tokens must be strings")
+            return CharTokenizer(chars, special)
+        if kind == "bpe":
+            special = sorted(d["special_tokens"], key=d["special_tokens"].get)  # names in id order
+            return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
+    except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
+        raise TinyLLMError(f"the {kind} tokenizer data is incomplete or malformed ({type(e).__name__}: {e})") from None
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected a dict with kind char, bpe or gpt2)")
+
+
+def extend_tokenizer(tokenizer, text, extend, path):
+    """(tokenizer, old_ids, new characters): a char tokenizer grown by text's unknown ones if extend, else an error."""
+    missing = tokenizer.unknown_chars(text) if tokenizer is not None else []
+    if not missing:
+        return tokenizer, None, []
+    if not extend:
+        raise TinyLLMError(f"{path} has characters the checkpoint's vocabulary lacks: {''.join(missing)[:40]!r}")
+    bigger = CharTokenizer(tokenizer.chars + missing, list(tokenizer.special_tokens))
+    old_ids = list(range(len(tokenizer.chars))) + [None] * len(missing) + list(tokenizer.special_tokens.values())
+    return bigger, old_ids, missing
 
 
 def validation_split(checkpoint, tokenizer, data=None):

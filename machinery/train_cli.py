@@ -1,19 +1,14 @@
 """train.py's command line: flags on top of the preset this machine gets (--help saying what "auto" means
-here), and the modes that do not train, --eval_only and --plot_lr. What each flag means is in config.py."""
+here), and the modes that do not train, --eval_only (evaluation.py) and --plot_lr (plots.py). What each flag
+means is in config.py."""
 
-import math
 import os
 
-import numpy as np
-import torch
-
 from config import PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config
-from model import lm_loss
 
 from machinery import cli, plots
-from machinery.checkpoint import load_model
 from machinery.device import choose_device, measured_on, resolve_dtype, set_threads
-from machinery.sources import validation_split
+from machinery.evaluation import evaluate_checkpoint
 
 
 def build_parser(device):
@@ -57,35 +52,3 @@ def eval_or_plot(options, train_cfg, given):
     else:
         return False
     return True
-
-
-def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
-    """Loss, perplexity and bits per character on every position of the checkpoint's val split (or data's)."""
-    device = choose_device(device_name)
-    set_threads(threads)
-    model, tokenizer, checkpoint = load_model(path)
-    model.to(device)
-    corpus, data = validation_split(checkpoint, tokenizer, data)
-    val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    loss = token_losses(model, val_ids, batch_size).mean().item()
-    bpc = loss / corpus.chars_per_token / math.log(2)
-    cli.log(f"{path} on the val split of {data} ({len(val_ids):,} tokens, every position once):")
-    cli.log(f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | {bpc:.4f} bits per character")
-    return {"loss": loss, "perplexity": math.exp(loss), "bpc": bpc}
-
-
-@torch.no_grad()
-def token_losses(model, ids, batch_size=1):
-    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once (estimate_loss samples windows)."""
-    model.eval()
-    T, device = model.config.block_size, model.wte.weight.device
-    n = (len(ids) - 1) // T  # whole windows; a split shorter than one is all tail
-    windows = ids[:n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
-    chunks = [windows[i:i + batch_size] for i in range(0, n, batch_size)]
-    tail = len(ids) - 1 - n * T
-    chunks += [ids[-tail - 1:][None]] if tail > 0 else []
-    losses = []
-    for rows in chunks:  # (b, t + 1): t inputs, each with its next token
-        logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)
-        losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
-    return torch.cat(losses)

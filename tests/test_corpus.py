@@ -15,7 +15,7 @@ import train
 from utils import get_batch
 
 from tools import prepare
-from machinery.checkpoint import tokenizer_from_dict
+from machinery.sources import tokenizer_from_dict
 from machinery.sources import iter_pieces, load_prepared
 from machinery.sources import read_text as load_corpus
 

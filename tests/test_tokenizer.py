@@ -15,7 +15,7 @@ from conftest import corpus_head
 from utils import CharTokenizer, make_tokenizer
 
 from deep_dives.bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, special_regex, train_bpe
-from machinery.checkpoint import tokenizer_from_dict
+from machinery.sources import tokenizer_from_dict
 
 UNICODE_TEXT = ("Café naïve façade — señor Müller.\n"
                 "Emoji: 😀🎉 👩‍👩‍👧 ok?\n"
