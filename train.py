@@ -112,7 +112,7 @@ def train_loop(run):
     # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)
     with cli.StopRequest(announce=run.master) as stop:
         while True:
-            at_end = clock.at_end()  # max_steps reached, or the time budget spent
+            at_end = clock.time_is_up() if cfg.time_budget else state.step >= cfg.max_steps
             # an evaluation every eval_interval steps (under a budget, if time is left for steps after it) and
             # at the end, never twice at one step (a resumed run starts where its last evaluation was)
             scheduled = state.step % cfg.eval_interval == 0 and clock.room_for_evaluation()

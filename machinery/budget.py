@@ -60,10 +60,9 @@ class Clock:
     def usable(self):
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
-    def at_end(self):
-        """max_steps reached, or the time budget spent (before the decay began: too short, an error)."""
-        if not self.seconds:
-            return self.state.step >= self.cfg.max_steps
+    def time_is_up(self):
+        """A time budget's end: its time spent, less what the last evaluation and the closing sample will take (spent
+        before the warmup was over: too short, an error)."""
         spent = self.spent()
         if spent >= self.usable() and self.state.progress_from is None:
             raise TinyLLMError(f"--time_budget {self.cfg.time_budget} is too short here: {spent:.1f}s were gone "
