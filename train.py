@@ -94,10 +94,9 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     resume's state; --compile, DDP; the precision, measured for --dtype auto; the start-up lines)."""
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
-    # the run whole: run.state, the step and every number that changes (a resumed run's, as saved);
-    # run.train_model, run.model as the steps call it (compiled, wrapped for DDP, or itself); run.ctx, the
-    # forward pass's precision (an autocast, or nothing for float32); run.scaler, float16's loss scaling or
-    # None. train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
+    # the run whole: its state (the step and every number that changes), train_model (the model compiled or
+    # wrapped for DDP, else itself), ctx (the forward pass's autocast) and scaler (float16's, else None).
+    # train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
     return setup.before_first_step(run, *build(run), train_step)
 
 
