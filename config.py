@@ -11,10 +11,12 @@ class TinyLLMError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback."""
 
 
-def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING):
-    """A dataclass field with its --help text; before: what a checkpoint saved without it meant (it loads as it was)."""
+def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING, changeable=False):
+    """A dataclass field with its --help text; before: what a checkpoint saved without it meant (it loads as it was);
+    changeable: a resumed run may take a new value (else --resume refuses the flag: the setting defines the run)."""
     extra = {} if before is dataclasses.MISSING else {"before": before}
-    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases, **extra})
+    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases,
+                                            "changeable": changeable, **extra})
 
 
 def _require(ok, message):
@@ -70,11 +72,12 @@ class TrainConfig:
     tokenizer: str = setting("char", "characters; byte-level BPE learned from the training split; or GPT-2's "
                                      "(tiktoken's files, needs network once)", ("char", "bpe", "gpt2"))
     clean: bool = setting(False, "normalise whitespace and drop exact duplicate documents")
-    out_dir: str = setting("checkpoints", "where checkpoints, history and plots go (checkpoints/TAG with --tag)")
+    out_dir: str = setting("checkpoints", "where checkpoints, history and plots go (checkpoints/TAG with --tag)",
+                           changeable=True)
     tag: str = setting("", "a name for the run: it labels its curves in tools.compare and, without --out_dir, "
-                           "its folder is checkpoints/TAG")
+                           "its folder is checkpoints/TAG", changeable=True)
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
-    max_steps: int = setting(2000, "optimizer steps; the LR schedule (optim.get_lr) ends here")
+    max_steps: int = setting(2000, "optimizer steps; the LR schedule (optim.get_lr) ends here", changeable=True)
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: after the warmup the LR "
                                    "decays over the time left, to its floor as the time runs out; empty = off. The tiny preset uses 5m; an explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
@@ -89,24 +92,29 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW's first-moment decay")
     beta2: float = setting(0.95, "AdamW's second-moment decay")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 = off")
-    grad_accum_steps: int = setting(1, "split each batch into this many micro-batches: the same step, less memory")
-    eval_interval: int = setting(250, "evaluate, save last.pt (and best.pt when val improves) every N steps")
-    eval_iters: int = setting(20, "batches per split an evaluation averages")
-    log_interval: int = setting(50, "a progress line and a history row every N steps")
-    save_interval: int = setting(0, "also keep ckpt_STEP.pt every N steps; 0 = off")
-    keep_last: int = setting(3, "how many ckpt_STEP.pt files to keep")
-    patience: int = setting(0, "stop after N evaluations without a better val loss; 0 = off")
-    target_loss: float = setting(0.0, "stop as soon as an evaluation's val loss is at or below this; 0 = off")
+    grad_accum_steps: int = setting(1, "split each batch into this many micro-batches: the same step, less memory",
+                                    changeable=True)
+    eval_interval: int = setting(250, "evaluate, save last.pt (and best.pt when val improves) every N steps",
+                                 changeable=True)
+    eval_iters: int = setting(20, "batches per split an evaluation averages", changeable=True)
+    log_interval: int = setting(50, "a progress line and a history row every N steps", changeable=True)
+    save_interval: int = setting(0, "also keep ckpt_STEP.pt every N steps; 0 = off", changeable=True)
+    keep_last: int = setting(3, "how many ckpt_STEP.pt files to keep", changeable=True)
+    patience: int = setting(0, "stop after N evaluations without a better val loss; 0 = off", changeable=True)
+    target_loss: float = setting(0.0, "stop as soon as an evaluation's val loss is at or below this; 0 = off",
+                                 changeable=True)
     seed: int = setting(1337, f"seed of every random number generator, 0 to {MAX_SEED}")
-    device: str = setting("auto", DEVICE_HELP, DEVICES)
+    device: str = setting("auto", DEVICE_HELP, DEVICES, changeable=True)
     dtype: str = setting("auto", "precision of the forward pass (autocast); auto: on a CPU with bfloat16 "
                                  "instructions (AVX512-BF16, AMX) both are timed at start-up and bfloat16 is taken "
                                  "only if clearly faster; bfloat16 on GPUs from A100/L4/RTX 30xx; float16 + loss "
-                                 "scaling on older GPUs; else float32", ("auto", "float32", "bfloat16", "float16"))
-    compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs; compiling takes a minute)")
-    threads: int = setting(0, THREADS_HELP)
-    sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
-    plots: bool = setting(True, "redraw loss.png, lr.png and grad_norm.png after every evaluation")
+                                 "scaling on older GPUs; else float32", ("auto", "float32", "bfloat16", "float16"),
+                         changeable=True)
+    compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs; compiling takes a minute)",
+                            changeable=True)
+    threads: int = setting(0, THREADS_HELP, changeable=True)
+    sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none", changeable=True)
+    plots: bool = setting(True, "redraw loss.png, lr.png and grad_norm.png after every evaluation", changeable=True)
 
     def __post_init__(self):
         for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
@@ -354,7 +362,8 @@ def markdown_flags(classes=(GPTConfig, TrainConfig, RunOptions)):
             flag = " ".join(f"`{s}`" for s in (f"--{f.name}", *meta.get("aliases", ())))
             choices = " (" + " \\| ".join(meta["choices"]) + ")" if meta.get("choices") else ""
             default = "" if f.default in ("", None) else f"`{f.default}`"
-            meaning = meta["help"].replace("|", "\\|") + choices
+            resumed = "; `--resume` may change it" if meta["changeable"] else ""
+            meaning = meta["help"].replace("|", "\\|") + choices + resumed
             rows.append(f"| {flag} | {meaning} | {default} |")
     return "\n".join(rows) + "\n"
 

@@ -41,10 +41,9 @@ class TrainState:
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 
-# settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
-CHANGEABLE_ON_RESUME = {"max_steps", "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
-                        "patience", "target_loss", "plots", "sample_tokens", "device", "dtype", "compile", "threads",
-                        "grad_accum_steps", "out_dir", "tag"}
+# settings a resumed run may change (config.setting's changeable); the rest (model shape, tokenizer, data, batch,
+# optimizer) define the run
+CHANGEABLE_ON_RESUME = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["changeable"]}
 
 
 @dataclass(frozen=True)
