@@ -72,8 +72,9 @@ class Clock:
         return spent >= self.usable()
 
     def start(self):
-        """Where progress 0 is, the warmup's end: [this step, 0.0], or under a time budget [the seconds spent, 0.0]."""
-        return [self.spent() if self.seconds else self.state.step, 0.0]
+        """Where progress 0 is, the warmup's end: [warmup_steps, 0.0], or under a time budget [the seconds spent, 0.0]
+        (a step run resumed from a checkpoint that kept no progress_from goes on where its schedule was)."""
+        return [self.spent() if self.seconds else self.cfg.warmup_steps, 0.0]
 
     def progress(self):
         """How far the run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""

@@ -159,6 +159,25 @@ def test_interrupted_and_resumed_run_is_bit_identical(shakespeare_head, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_step_run_saved_without_its_progress_resumes_on_its_schedule(shakespeare_head, tmp_path, monkeypatch):
+    """A run by steps saved after its warmup by a version that kept no progress_from (the warmup's end was implied)
+    resumes where its schedule was, not from the peak again."""
+    full = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "full"))
+    cut_cfg = tiny_train_config(shakespeare_head, tmp_path / "cut")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 12, signal.SIGTERM)
+        with pytest.raises(SystemExit):
+            train.train(tiny_model_config(), cut_cfg)
+    path = str(tmp_path / "cut" / "last.pt")
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["step"] == 12 > cut_cfg.warmup_steps
+    checkpoint["progress_from"] = None
+    del checkpoint["progress"]
+    save_checkpoint(path, checkpoint)
+    resumed = train.train(tiny_model_config(), cut_cfg, RunOptions(resume=True))
+    assert without_timings(resumed["history"]) == without_timings(full["history"])
+
+
 def test_init_from_starts_with_the_weights_and_a_fresh_optimizer(shakespeare_head, tmp_path):
     first = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "a", max_steps=10))
     assert load_checkpoint(str(tmp_path / "a" / "last.pt"))["optimizer"]["state"]  # moments to leave behind
