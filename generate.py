@@ -12,7 +12,7 @@ import torch
 from config import Sampler, SampleConfig, check_beam, make_config
 import sampling
 
-from machinery.annotate import Annotator, SamplerOdds, WholeCharacters, model_odds
+from machinery.annotate import Annotator, WholeCharacters, model_odds
 from deep_dives import graphs
 from deep_dives.beam import beam_search
 from machinery.checkpoint import describe_checkpoint, load_model
@@ -33,13 +33,14 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
         if token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):
             print(piece[0], end="", flush=True)
 
-    on_token = None
+    def odds(token, logits, idx):  # each step's tokens (B, 1) to the annotator, with the distribution drawn from
+        annotator.add(token, sampling.next_token_probs(logits, sampler, idx))
+
     if annotator:
         annotator.begin(shown, cfg.num_samples, stop, live=stream)
-        on_token = SamplerOdds(annotator, sampler)
     elif stream:
         sys.stdout.write(tokenizer.decode(shown))
-        on_token = show
+    on_token = odds if annotator else show if stream else None
     # on a GPU the cache's one-token step is replayed from a CUDA graph: one launch, not hundreds (deep_dives/graphs.py)
     out = sampling.generate(model, idx, cfg.max_new_tokens, sampler, use_cache=not cfg.no_cache, stop_token=stop,
                             generator=generator, on_token=on_token, replay=graphs.replayable)

@@ -5,9 +5,8 @@ formula, the fused kernel), the MLP, the block, and the GPT with its forward pas
 logits -> loss), which is all training uses. Then the modern parts that three switches of config.GPTConfig put in
 GPT-2's place: norm "rmsnorm" (RMSNorm for LayerNorm), mlp "swiglu" (SwiGLU for the GELU MLP)
 and pos "rope" or "sinusoidal" (rotary or fixed positions for the learned table). GPTConfig's
-defaults are GPT-2's; the preset a CPU trains by default, tiny, turns on RoPE and SwiGLU. The
-other settings are the shape: vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias.
-Generation is the chapter after train.py, sampling.py; the KV cache that forward takes is its.
+defaults are GPT-2's; the preset a CPU trains by default, tiny, turns on RoPE and SwiGLU. The KV
+cache that forward takes is generation's (sampling.py, the chapter after train.py).
 
 The layer names are OpenAI's GPT-2 names, kept so its published weights load by name
 (machinery/hf_gpt2.py): wte / wpe are the token / position embeddings, c_attn / c_proj / c_fc the

@@ -1,12 +1,9 @@
 """Generation, the chapter after train.py: how a trained GPT writes text, one token at a time.
 
-Read it top to bottom: generate (the loop: the logits of the next token, one token drawn from
-them, appended, repeat); the KV cache, which keeps each layer's keys and values so that a new
-token costs one position's work instead of the whole context's; the context rule (Context:
-what the model sees once the text outgrows block_size); the sampler (config.Sampler: temperature,
-top-k, ...). generate.py is the command line around this; the sample train.py prints at the end of
-a run comes from here too. Beam search (generate.py --beam), which keeps the most likely
-continuations instead of drawing one, is a deep dive beside it: deep_dives/beam.py.
+Read it top to bottom: generate (the loop: next-token logits, one token drawn, appended); the KV
+cache, so that a new token costs one position's work instead of the whole context's; the context
+rule (Context: what the model sees once the text outgrows block_size); the sampler (config.Sampler).
+generate.py is the command line around it; beam search is a deep dive beside it (deep_dives/beam.py).
 
 In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval(); out = generate(model, idx,
 100, config.Sampler(temperature=0.8)); tokenizer.decode(out[0].tolist()).

@@ -31,8 +31,7 @@ from machinery import budget, cli, device, records, setup, train_cli
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
 def build(run):
-    """(corpus, model, optimizer, next_batch, val_batch) of a run whose settings setup.start made: run.cfg,
-    run.model_cfg, run.device, run.world (the number of processes)."""
+    """(corpus, model, optimizer, next_batch, val_batch) of the settings setup.start made."""
     cfg = run.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
@@ -89,9 +88,7 @@ OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (t
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """A run ready for its first step: where it runs, and the checkpoint it starts from
-    (setup.start), what it trains (build), and how far it got (setup.before_first_step: a
-    resume's state; --compile, DDP; the precision, measured for --dtype auto; the start-up lines)."""
+    """A run ready for its first step: where it runs and what it starts from, what it trains, how far it got."""
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
     # the run whole: its state (the step and every number that changes), train_model (the model compiled or
@@ -173,7 +170,7 @@ def evaluate(run, meter, clock):
     state.eval_seconds = clock.agreed(meter.last_pause)  # saves and plots included: a time budget keeps as much for the last
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
-                f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.out_dir, 'best.pt')})")
+                f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.cfg.out_dir, 'best.pt')})")
     if cfg.target_loss and val_loss <= cfg.target_loss:
         return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
     return None
@@ -192,8 +189,7 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 
 
 def log_progress(run, meter, clock):
-    """A progress line and a history row for the steps since the last one. Returns why the run
-    stops (--overfit_batch done), else None."""
+    """A progress line and a history row for the steps since the last one; why the run stops (--overfit_batch)."""
     state = run.state
     read_figures(state, meter)  # (a loss that is not finite stops the run here)
     figures, ms = records.average(state.window), meter.ms_per_step()  # the steps' figures, averaged
@@ -208,16 +204,15 @@ def log_progress(run, meter, clock):
 
 
 def finish(run, stop_reason, signum, clock):
-    """After the last step: last.pt if steps came after the last evaluation, the closing lines and sample;
-    returns a summary dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal
-    (130 for Ctrl-C, 143 for SIGTERM)."""
+    """After the last step: last.pt if steps came after the last evaluation, the closing lines and sample, a summary
+    dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
     state = run.state
     if run.writes and (signum or state.last_eval_step != state.step):
         records.save(run, "last.pt")
     if signum:
         if run.writes:
-            run.say(f"saved {os.path.join(run.out_dir, 'last.pt')} at step {state.step}. "
-                    f"Resume with: python train.py --resume --out_dir {run.out_dir}")
+            run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
+                    f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
         sys.exit(128 + signum)
     for line in (stop_reason, records.done_line(run), clock.summary()):
         if line:

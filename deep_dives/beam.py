@@ -9,8 +9,7 @@ from sampling import Context
 
 def reorder_cache(context, rows):
     """Row i of the context continues row rows[i] of the last call, its cached keys and values that row's."""
-    cache = context.cache
-    if cache is not None:
+    if (cache := context.cache) is not None:
         cache.k = [k[rows] if k is not None else None for k in cache.k]
         cache.v = [v[rows] if v is not None else None for v in cache.v]
 

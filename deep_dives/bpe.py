@@ -15,20 +15,13 @@ from config import EOT, TinyLLMError
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-def special_regex(special_tokens):
-    return "(" + "|".join(regex.escape(s) for s in special_tokens) + ")"
-
-
 def _merge(ids, pair, new_id):
     """Replace every non-overlapping occurrence of `pair` in `ids`, left to right."""
     out, i = [], 0
     while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
+        hit = i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]
+        out.append(new_id if hit else ids[i])
+        i += 2 if hit else 1
     return out
 
 
@@ -69,10 +62,9 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
                            f"(256 bytes + {len(special_tokens)} special), got {vocab_size}")
 
     # 1. pre-tokenise into distinct words with their counts: merges never cross a word, so each is done once
-    chunks = regex.split(special_regex(special_tokens), text)[::2] if special_tokens else [text]  # no merge spans one
-    word_counts = Counter()
-    for chunk in chunks:
-        word_counts.update(regex.findall(pattern, chunk))
+    specials = "|".join(regex.escape(s) for s in special_tokens)
+    chunks = regex.split(specials, text) if special_tokens else [text]  # no merge spans a special token
+    word_counts = Counter(word for chunk in chunks for word in regex.findall(pattern, chunk))
     words = [list(w.encode("utf-8")) for w in word_counts]
     freqs = list(word_counts.values())
 

@@ -8,9 +8,6 @@ import sys
 import torch
 
 
-WARMUP = 2      # steps run on the recording stream first: cuBLAS and the allocator set up outside the recording
-
-
 def recorder(device):
     """The function that records a step on device, or None where none does (a CPU, a Mac)."""
     return record_cuda if device.type == "cuda" else None
@@ -30,7 +27,7 @@ def record_cuda(step, static, keep):
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            for _ in range(WARMUP):
+            for _ in range(2):  # steps on this stream first: cuBLAS and the allocator set up outside the recording
                 step(static)
                 for t, s in zip(keep, saved):
                     t.copy_(s)

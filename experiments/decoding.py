@@ -37,9 +37,8 @@ def bench_decoding(args):
             if width:
                 new, _ = beam.beam_search(model, idx, args.new_tokens, width)
             else:
-                generator = torch.Generator().manual_seed(seed or 0)
                 new = sampling.generate(model, idx, args.new_tokens, Sampler(temperature=temperature),
-                                        generator=generator)[:, idx.size(1):]
+                                        generator=torch.Generator().manual_seed(seed or 0))[:, idx.size(1):]
             seconds = time.perf_counter() - t0
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model_odds(model, idx, new)) / new.size(1)
             text = tokenizer.decode(new[0].tolist())

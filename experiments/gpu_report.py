@@ -113,10 +113,11 @@ def train_run(flags, out_dir):
     evals, steps = [h["val_loss"] for h in evals], [h["ms_per_step"] for h in progress if h["ms_per_step"]]
     mfu = [float(m) for _, line in result["lines"] for m in re.findall(r"MFU ([0-9.]+)%", line)]
     device = next((line for _, line in result["lines"] if line.startswith("device ")), "")
+    stamps = {p: next((t for t, line in result["lines"] if line.startswith(p)), None) for p in ("device ", "step ")}
     result.update(best_val=min(evals) if evals else None, ms_per_step=statistics.median(steps) if steps else None,
                   mfu=mfu[-1] if mfu else None, steps=max((h["step"] for h in history), default=0), device=device,
                   first_line=result["lines"][0][0] if result["lines"] else None,
-                  device_line=stamp_of(result, "device "), first_step=stamp_of(result, "step "))
+                  device_line=stamps["device "], first_step=stamps["step "])
     log(f"  {run_summary(result)}")
     return result
 
@@ -131,29 +132,25 @@ def run_summary(r):
 
 def startup(training, device, tmp, quick):
     """When train.py's first lines come, and what of its start-up is torch's (the probe) and its own (the rest)."""
-    split = startup_split(device.type)
+    before = time.time()
+    probe = subprocess.run([sys.executable, "-c", PROBE, device.type], cwd=ROOT, capture_output=True, encoding="utf-8",
+                           errors="replace")
     if quick:  # the default run at a toy size reports every step already
         run = dict(training[0], label="python train.py (--quick)")
     else:
         short = ["--max_steps", "20", "--eval_interval", "1000", "--eval_iters", "2", "--plots", "false",
                  "--log_interval", "1", "--sample_tokens", "0"]
         run = dict(train_run(short, os.path.join(tmp, "startup")), label="python train.py (20 steps, a line each)")
-    if "error" not in split and run["device_line"] is not None:
-        split["train.py's own set-up"] = run["device_line"] - sum(split.values())
+    if probe.returncode:
+        split = {"error": (probe.stderr.strip().splitlines() or ["?"])[-1]}
+    else:
+        stamps = json.loads(probe.stdout)  # in order: each piece ends at its stamp, the first at Python's start
+        times = [before, *stamps.values()]
+        split = {name: end - start for name, start, end in zip(stamps, times, times[1:])}
+        if run["device_line"] is not None:
+            split["train.py's own set-up"] = run["device_line"] - sum(split.values())
     log("  start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items() if isinstance(v, float)))
     return {"split": split, "runs": [run]}
-
-
-def startup_split(device_type):
-    """Seconds a fresh process takes to start Python, import torch, start the device, build an optimizer."""
-    before = time.time()
-    done = subprocess.run([sys.executable, "-c", PROBE, device_type], cwd=ROOT, capture_output=True, encoding="utf-8",
-                          errors="replace")
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
-    stamps = json.loads(done.stdout)  # in the probe's order: each piece ends at its stamp, the first at Python's start
-    times = [before, *stamps.values()]
-    return {name: end - start for name, start, end in zip(stamps, times, times[1:])}
 
 
 def decoding(quick, device, tmp):
@@ -303,10 +300,6 @@ def part(report, key, fn, *args):
         log(f"  {key} failed: {report[key]['error']}")
 
 
-def stamp_of(result, prefix):
-    return next((t for t, line in result["lines"] if line.startswith(prefix)), None)
-
-
 # ----------------------------------------------------------------------------- the page
 
 def target_rows(report):
@@ -409,9 +402,8 @@ def generate_page(report, g):
 
 
 def checks_page(report, checks):
-    return markdown_table(["dtype", "compile", "val loss", "check"],
-                          [[c["dtype"], c["compile"], f"{c['val_first']:.3f} -> {c['val_last']:.3f}", c["line"]]
-                           for c in checks]).splitlines()
+    rows = [[c["dtype"], c["compile"], f"{c['val_first']:.3f} -> {c['val_last']:.3f}", c["line"]] for c in checks]
+    return markdown_table(["dtype", "compile", "val loss", "check"], rows).splitlines()
 
 
 SECTIONS = [("gpu_tests", "The GPU tests", tests_page), ("startup", "Start-up", startup_page),

@@ -140,10 +140,6 @@ def time_to_target(preset, target, extra, label):
         if done.returncode != 0:
             raise TinyLLMError(f"train.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
         _, evals = plots.split_history(plots.read_history(out_dir))
-    return reached(evals, target, wall, preset, label)
-
-
-def reached(evals, target, wall, preset, label):
     hit = next((h for h in evals if h["val_loss"] <= target), None)
     best = min(evals, key=lambda h: h["val_loss"])
     log(f"[{label}] " + (f"val {hit['val_loss']:.4f} <= {target} at step {hit['step']}: {wall:.1f} s from process "

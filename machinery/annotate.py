@@ -3,11 +3,11 @@ from, that distribution's entropy in bits and, with --show_top K, the K likelies
 
 import math
 import unicodedata
-from dataclasses import dataclass
+from collections import namedtuple
 
 import torch
 
-from sampling import Context, next_token_probs
+from sampling import Context
 
 from deep_dives.bpe import ByteLevelTokenizer
 
@@ -15,14 +15,9 @@ from deep_dives.bpe import ByteLevelTokenizer
 BANDS = ((0.5, "32", "p >= 0.5"), (0.2, "33", "0.2 to 0.5"), (0.05, "35", "0.05 to 0.2"), (0.0, "31", "below 0.05"))
 RESET = "\033[0m"
 LABEL_WIDTH = 12  # a row's token column; longer BPE tokens push their row's numbers right
-
-
-@dataclass
-class Step:
-    token: int
-    p: float        # its probability under the distribution it was drawn from
-    entropy: float  # of that distribution, in bits
-    top: list       # [(token id, probability)], most likely first; empty without --show_top
+# a sample's step: its token, p (its probability under the distribution it was drawn from), that distribution's
+# entropy in bits, and top: [(token id, probability)], most likely first (empty without --show_top)
+Step = namedtuple("Step", "token p entropy top")
 
 
 def entropy_bits(probs):
@@ -34,16 +29,6 @@ def paint(text, p):
     """text in the colour of p's band, line ends outside the codes (some terminals carry colour over them)."""
     code = next(code for low, code, _ in BANDS if p >= low)
     return "\n".join(f"\033[{code}m{part}{RESET}" if part else "" for part in text.split("\n"))
-
-
-class SamplerOdds:
-    """sampling.generate's on_token: each step's tokens (B, 1) to the annotator with the distribution drawn from."""
-
-    def __init__(self, annotator, sampler):
-        self.annotator, self.sampler = annotator, sampler  # config.Sampler: how the tokens were drawn
-
-    def __call__(self, token, logits, idx):
-        self.annotator.add(token, next_token_probs(logits, self.sampler, idx))
 
 
 @torch.inference_mode()
@@ -98,8 +83,7 @@ class WholeCharacters:
         return self.take(self.tokenizer.decode(self.ids)) if self.ids else None
 
     def take(self, text):
-        piece = (text, self.p)
-        self.ids, self.p = [], 1.0
+        piece, self.ids, self.p = (text, self.p), [], 1.0
         return piece
 
 

@@ -41,8 +41,7 @@ def resume_at(state, cfg, old_end):
 
 
 class Clock:
-    """The loop's progress: steps to max_steps, or under a --time_budget the time spent (resumes included). It reads
-    the state and writes nothing: train.py writes where progress starts, the latest progress, an evaluation's time."""
+    """The loop's progress: steps to max_steps, or a --time_budget's time spent (with resumes); it writes nothing."""
 
     def __init__(self, run):
         self.state, self.cfg, self.world, self.device = run.state, run.cfg, run.world, run.device
@@ -61,8 +60,7 @@ class Clock:
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
     def time_is_up(self):
-        """A time budget's end: its time spent, less what the last evaluation and the closing sample will take (spent
-        before the warmup was over: too short, an error)."""
+        """A budget's end, with room for the last evaluation and closing sample (reached in the warmup: an error)."""
         spent = self.spent()
         if spent >= self.usable() and self.state.progress_from is None:
             raise TinyLLMError(f"--time_budget {self.cfg.time_budget} is too short here: {spent:.1f}s were gone "

@@ -103,8 +103,7 @@ def model_from_checkpoint(checkpoint, path="checkpoint"):
         model.load_state_dict(state)
     except RuntimeError as e:
         raise TinyLLMError(f"{path}: weights do not fit the model config ({first_line(e)})") from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
+    if bad := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
         raise TinyLLMError(f"{path}: non-finite weights (NaN or inf) in {bad[0]}" +
                            (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
     return model
@@ -137,18 +136,16 @@ RETIRED = {"replans"}  # settings that older versions saved and this one lacks: 
 def load_resumable(path):
     """A checkpoint that --resume can continue, in this version's format (upgrade)."""
     checkpoint = load_checkpoint(path)
-    missing = [k for k in RESUMABLE if k not in checkpoint]
-    if missing:
+    if missing := [k for k in RESUMABLE if k not in checkpoint]:
         raise TinyLLMError(f"{path} lacks the training state --resume needs (missing: {', '.join(missing)}); "
                            f"fine-tune from its weights with --init_from instead")
     return upgrade(checkpoint)
 
 
 def upgrade(checkpoint):
-    """An older version's resumable checkpoint in this version's format: settings it had that this one lacks dropped
-    (RETIRED; one it lacks takes its config.setting's `before`), history rows without a kind (evaluations), a window
-    of (loss, norm) pairs, the moved end of its cosine (decay_from: [step, peak, share done], or [step, lr]), and a
-    time budget's progress in steps to its estimated end (end_step) or planned max_steps."""
+    """An older version's resumable checkpoint in this version's format: RETIRED settings dropped, history rows given
+    a kind, (loss, norm) windows as dicts, a moved cosine end (decay_from: [step, peak, share done] or [step, lr]) and
+    a budget's progress in steps (to end_step or max_steps) as progress; a setting it lacks takes its `before`."""
     saved, step = checkpoint["train_config"], checkpoint["step"]
     if not isinstance(saved, dict):
         return checkpoint  # refused by the resume with a reason

@@ -101,7 +101,12 @@ def check_writable(path, flag, make_folder=False):
 
 def run_cli(main, argv=None):
     """Run a script's main(): a user error, or a file it cannot read or write, is one `error:` line and status 2."""
-    writes_any_text()
+    # any character a model writes: a file or pipe gets UTF-8, a legacy code page (cp1252) an escape (\u0416)
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
+        if encoding != "utf8" and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(ValueError, OSError):  # a stream closed or detached: leave it as it is
+                stream.reconfigure(errors="backslashreplace", **({} if stream.isatty() else {"encoding": "utf-8"}))
     try:
         main(argv)
     except TinyLLMError as e:
@@ -122,16 +127,6 @@ def run_cli(main, argv=None):
         traceback.print_exc()  # a bug: its traceback, then out without the usual teardown
         leave(1)
     leave(0)
-
-
-def writes_any_text():
-    """Any character a model writes: a file or pipe gets UTF-8, a legacy code page (cp1252) an escape (\\u0416)."""
-    for stream in (sys.stdout, sys.stderr):
-        encoding = (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "")
-        if encoding == "utf8" or not hasattr(stream, "reconfigure"):
-            continue
-        with contextlib.suppress(ValueError, OSError):  # a stream closed or detached: leave it as it is
-            stream.reconfigure(errors="backslashreplace", **({} if stream.isatty() else {"encoding": "utf-8"}))
 
 
 def in_process_group():

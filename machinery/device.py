@@ -1,8 +1,7 @@
-"""Where the numbers are computed and in what format: the device, the random generators, several processes
-(DDP), the precision, and peak FLOP/s for MFU. The first section is the one place tinyllm asks torch what the
-machine has (machine, gpu, autocast_works, gradient_scaler): tests replace those functions, never torch's own, which
-torch's internals read too. What to do on a machine is decided from its facts by plain functions (processes_plan,
-device_states), which tests call with the facts of any machine."""
+"""Where the numbers are computed and in what format: the device, the random generators, several processes (DDP),
+the precision, and peak FLOP/s for MFU. The first section is the one place tinyllm asks torch what the machine has
+(machine, gpu, autocast_works, gradient_scaler): tests replace those, never torch's own functions, which torch's
+internals read too. Plain functions (processes_plan, device_states) decide from those facts, which tests make up."""
 
 import contextlib
 import copy
@@ -30,8 +29,7 @@ AVX512_BF16_PROBE, AMX_PROBE = "_is_avx512_bf16_supported", "_is_amx_tile_suppor
 
 
 def machine():
-    """What this machine has: CUDA, a Mac's GPU (MPS), the GPUs, a CPU's native bfloat16 (AVX512-BF16,
-    AMX) and torch's (major, minor) version. Asking costs nothing and starts no GPU."""
+    """What this machine has (torch's version as (major, minor)); asking costs nothing and starts no GPU."""
     cuda = torch.cuda.is_available()
     return SimpleNamespace(cuda=cuda, mps=torch.backends.mps.is_available(),
                            gpus=torch.cuda.device_count() if cuda else 0,
@@ -41,8 +39,7 @@ def machine():
 
 
 def gpu(device=None):
-    """A CUDA GPU's (name, (major, minor) compute capability): 8.0 and up (Ampere) compute bfloat16 natively.
-    Asking starts CUDA, so only a run on the GPU asks."""
+    """A CUDA GPU's (name, (major, minor) compute capability); asking starts CUDA, so only a run on the GPU asks."""
     return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
 
 
@@ -180,8 +177,7 @@ def peak_flops(device, dtype):
     peak = PEAK_TFLOPS.get(name, {}).get(dtype)
     if peak is None:
         log(f"note: MFU is not shown: the {dtype} peak of {name!r} is not in device.PEAK_TFLOPS")
-        return None
-    return peak * 1e12
+    return peak and peak * 1e12
 
 
 def flops_per_token(model):
@@ -258,14 +254,6 @@ def all_ranks_max(value, world, device):
     return int(t.item())
 
 
-def broadcast_from_master(obj, world):
-    if world == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 # ----------------------------------------------------------------------------- the precision
 
 def has_native_bf16(device):
@@ -278,8 +266,7 @@ def has_native_bf16(device):
 
 
 def measured_on(device):
-    """Whether --dtype auto times both precisions here (measure_dtype, below): a CPU with bfloat16 instructions,
-    where bfloat16 can still lose to float32."""
+    """Whether --dtype auto times both precisions here (measure_dtype): native bfloat16 can still lose on a CPU."""
     return device.type == "cpu" and has_native_bf16(device)
 
 
@@ -343,11 +330,13 @@ def measure_dtype(run, train_step):
     """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows)."""
     seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
-    if ratio >= BF16_MARGIN:
-        plan = {"dtype": "bfloat16", "dtype_note": f"bfloat16: {ratio:.2f}x float32 here, measured"}
-    else:
-        plan = {"dtype": "float32", "dtype_note": f"float32: bfloat16 was {ratio:.2f}x here, measured"}
-    return broadcast_from_master(plan, run.world)
+    plan = (dict(dtype="bfloat16", dtype_note=f"bfloat16: {ratio:.2f}x float32 here, measured") if ratio >= BF16_MARGIN
+            else dict(dtype="float32", dtype_note=f"float32: bfloat16 was {ratio:.2f}x here, measured"))
+    if run.world > 1:
+        holder = [plan]
+        dist.broadcast_object_list(holder, src=0)
+        plan = holder[0]
+    return plan
 
 
 @contextlib.contextmanager
@@ -382,9 +371,8 @@ def interleaved(calls, untimed, timed):
 
 def trial_step(run, train_step, ctx, scaler=None):
     """One of the run's training steps at its peak learning rate, for measuring (within trial())."""
-    cfg = run.cfg
-    return train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip,
-                      ctx, scaler)
+    return train_step(run.train_model, run.optimizer, run.next_batch, run.cfg.lr, run.cfg.grad_accum_steps,
+                      run.cfg.grad_clip, ctx, scaler)
 
 
 def time_steps(run, train_step, dtypes):

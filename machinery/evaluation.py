@@ -1,5 +1,4 @@
-"""train.py --eval_only: a checkpoint's loss, perplexity and bits per character on every position of its val split,
-where training's estimate_loss averages random windows. tools/pictures.py colours the same per-token losses."""
+"""train.py --eval_only: a checkpoint's loss and bits per character on every position of its val split (not windows)."""
 
 import math
 

@@ -96,8 +96,7 @@ def load_gpt2(name_or_path, dropout=0.0):
             if theirs.shape != ours.shape:
                 raise TinyLLMError(f"{name}: {key} has shape {tuple(theirs.shape)}, expected {tuple(ours.shape)}")
             ours.copy_(theirs)  # also casts a float16/bfloat16 checkpoint to our float32
-    leftover = [k for k in hf_state if not k.endswith(HF_BUFFERS)]
-    if leftover:
+    if leftover := [k for k in hf_state if not k.endswith(HF_BUFFERS)]:
         raise TinyLLMError(f"{name}: {len(leftover)} weights have no place in our GPT, e.g. {leftover[0]}")
     return model.float().eval()
 
@@ -112,24 +111,19 @@ def gpt2_checkpoint(model, tokenizer=None):
     return make_checkpoint(model, tokenizer, step=0)
 
 
-def eot_id(tokenizer, vocab_size):
-    """The end-of-text id for the HF config's bos/eos, or None when the tokenizer has none."""
-    kind = tokenizer.get("kind") if tokenizer else None
-    if kind == "gpt2" or (kind is None and vocab_size == GPT2_VOCAB_SIZE):  # a bare GPT of GPT-2's size
-        return GPT2_VOCAB_SIZE - 1  # <|endoftext|>
-    return tokenizer.get("special_tokens", {}).get("<|endoftext|>") if kind == "bpe" else None
-
-
 def export_hf(source, folder):
     """A GPT-2-like model (a checkpoint dict or a GPT) as a GPT2LMHeadModel folder, without the tokenizer (gpt2's)."""
     model, tokenizer = ((source, None) if isinstance(source, GPT)
                         else (model_from_checkpoint(source), source.get("tokenizer")))
     c = model.config
-    wrong = [f"{k}={getattr(c, k)!r} (GPT-2 has {v!r})" for k, v in GPT2_SWITCHES.items() if getattr(c, k) != v]
-    if wrong:
+    if wrong := [f"{k}={getattr(c, k)!r} (GPT-2 has {v!r})" for k, v in GPT2_SWITCHES.items() if getattr(c, k) != v]:
         raise TinyLLMError(f"this model cannot be exported as GPT-2: {'; '.join(wrong)}")
     transformers = import_transformers()
-    eot = eot_id(tokenizer, c.vocab_size)
+    kind = tokenizer.get("kind") if tokenizer else None  # eot: the end-of-text id for bos/eos, None where none is
+    if kind == "gpt2" or (kind is None and c.vocab_size == GPT2_VOCAB_SIZE):  # a bare GPT of GPT-2's size
+        eot = GPT2_VOCAB_SIZE - 1  # <|endoftext|>
+    else:
+        eot = tokenizer.get("special_tokens", {}).get("<|endoftext|>") if kind == "bpe" else None
     hf_config = transformers.GPT2Config(
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         n_inner=None, activation_function="gelu_new", layer_norm_epsilon=LAYERNORM_EPS,

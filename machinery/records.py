@@ -22,8 +22,7 @@ from machinery.sources import start_ids
 
 
 class Meter:
-    """This process's step time, and the steps' figures, kept on the device until read (a read makes it wait).
-    It writes nothing of the run's state: train.py keeps what it reads."""
+    """This process's step time, and the steps' figures kept on the device until read (a read waits); no state."""
 
     def __init__(self, run):
         self.run, self.pending, self.seconds, self.steps = run, [], 0.0, 0
@@ -48,8 +47,7 @@ class Meter:
                     self.run.scaler is None and not math.isfinite(figures.get("grad_norm", 0.0))):
                 raise non_finite(self.run, step, figures)
             read.append(figures)
-        self.pending = []
-        self.mark = budget.now()
+        self.pending, self.mark = [], budget.now()
         return read
 
     @contextlib.contextmanager
@@ -80,7 +78,7 @@ def average(window):
 
 def non_finite(run, step, figures):
     """The error a step that was not finite stops the run with (step: the count after it), saying what to try."""
-    cfg, last = run.cfg, os.path.join(run.out_dir, "last.pt")
+    cfg, last = run.cfg, os.path.join(run.cfg.out_dir, "last.pt")
     return TinyLLMError(
         f"step {step - 1}: non-finite values (loss {figures.get('loss')}, grad norm {figures.get('grad_norm')}); "
         f"the run stops here. Likely causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip "
@@ -123,7 +121,7 @@ def elapsed(run):
 
 def save(run, name):
     if run.master:
-        save_checkpoint(os.path.join(run.out_dir, name), make_checkpoint(
+        save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(
             run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
             train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rng_state(),
             scaler=run.scaler.state_dict() if run.scaler else None,
@@ -133,11 +131,11 @@ def save(run, name):
 def save_periodic(run):
     save(run, f"ckpt_{run.state.step:07d}.pt")
     if run.master:
-        prune_periodic(run.out_dir, run.cfg.keep_last)
+        prune_periodic(run.cfg.out_dir, run.cfg.keep_last)
 
 
 def write_history(run):
-    history, out_dir = run.state.history, run.out_dir
+    history, out_dir = run.state.history, run.cfg.out_dir
     if not run.master:
         return
     fields = list(dict.fromkeys(k for row in history for k in row))
@@ -161,8 +159,8 @@ def stop_signal(run, stop):
 # ----------------------------------------------------------------------------- the end of a run
 
 def done_line(run):
-    files = "" if not run.writes else (f" | {run.out_dir}/: best.pt, last.pt, history.csv"
-                                                   + (", loss.png" if run.cfg.plots else ""))
+    files = "" if not run.writes else (f" | {run.cfg.out_dir}/: best.pt, last.pt, history.csv"
+                                       + (", loss.png" if run.cfg.plots else ""))
     return (f"done: {run.state.step} steps | best val loss {run.state.best_val_loss:.4f} | total training time "
             f"{format_seconds(elapsed(run))}" + files)
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from config import (SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved,
-                    step_exact)
+from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved, step_exact
 
 from machinery import budget
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
@@ -24,8 +23,7 @@ from machinery.sources import check_long_enough, load_corpus
 
 @dataclass
 class TrainState:
-    """The numbers that change as a run trains: made here (fresh, or as a resume saved them), then written by train.py
-    alone. Saved in every checkpoint, so --resume continues exactly."""
+    """The numbers that change as a run trains: made here (fresh or as saved), then written by train.py alone."""
     step: int = 0
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0
@@ -41,15 +39,13 @@ class TrainState:
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 
-# settings a resumed run may change (config.setting's changeable); the rest (model shape, tokenizer, data, batch,
-# optimizer) define the run
+# settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
 CHANGEABLE_ON_RESUME = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["changeable"]}
 
 
 @dataclass(frozen=True)
 class Run:
-    """A run: its settings and device (start), what it trains (train.build), and how (before_first_step); fixed once
-    made (the numbers that change as it trains are its state's)."""
+    """A run: its settings and device (start), what it trains (train.build), how (before_first_step); then fixed."""
     options: RunOptions
     preset: str
     model_cfg: GPTConfig
@@ -81,10 +77,6 @@ class Run:
     @property
     def writes(self):  # --overfit_batch, a sanity check, writes nothing
         return not self.options.overfit_batch
-
-    @property
-    def out_dir(self):
-        return self.cfg.out_dir
 
     @property
     def eval_iters(self):  # batches per split this process evaluates: its share of cfg.eval_iters
@@ -137,8 +129,7 @@ def load_source(path, given):
     else:
         from machinery.hf_gpt2 import gpt2_checkpoint, load_gpt2  # needs transformers: imported only when asked
         source = gpt2_checkpoint(load_gpt2(path))
-    differ = conflicting_flags(given, source["model_config"], ("dropout", "vocab_size"), "it has")
-    if differ:
+    if differ := conflicting_flags(given, source["model_config"], ("dropout", "vocab_size"), "it has"):
         raise TinyLLMError(f"--init_from {path} keeps that model's shape; drop {', '.join(differ)}")
     if "dropout" in given:
         source["model_config"] = {**source["model_config"], "dropout": given["dropout"]}
@@ -204,7 +195,6 @@ def check_compiles(run, train_step):
 
 
 def precision(device, dtype):
-    """The forward pass's precision: its name, its autocast context and float16's loss scaler (else None)."""
     return {"dtype": dtype, "ctx": autocast(device, dtype), "scaler": make_scaler(device, dtype)}
 
 
@@ -246,8 +236,7 @@ def resume_configs(checkpoint, given, path):
     except TypeError as e:
         raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
     current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
-    refused = conflicting_flags(given, current, CHANGEABLE_ON_RESUME, "the run has")
-    if refused:
+    if refused := conflicting_flags(given, current, CHANGEABLE_ON_RESUME, "the run has"):
         raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
                            ". Drop the flag, or start a new run with another --out_dir (or --tag)")
     changes = step_exact({k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}, given)

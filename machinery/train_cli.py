@@ -1,6 +1,5 @@
-"""train.py's command line: flags on top of the preset this machine gets (--help saying what "auto" means
-here), and the modes that do not train, --eval_only (evaluation.py) and --plot_lr (plots.py). What each flag
-means is in config.py."""
+"""train.py's command line: flags on top of the preset this machine gets (--help saying what "auto" means here),
+and the modes that do not train, --eval_only (evaluation.py) and --plot_lr (plots.py); what flags mean: config.py."""
 
 import os
 

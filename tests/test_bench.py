@@ -62,7 +62,7 @@ def test_time_to_target_runs_train_py_and_reads_its_history(shakespeare_head, tm
     hit = bench.main(["time_to_target", "--target", "3.9", "--out", str(tmp_path / "t.json"), *flags])["run"]
     assert hit["reached"] and hit["val_loss"] <= 3.9 and hit["seconds"] > 0
     assert hit["evals"][-1]["step"] == hit["step"] < 60  # train.py stopped itself at the target
-    miss = speed.reached(hit["evals"], 0.1, 5.0, None, "miss")  # the same evaluations against a target never met
+    miss = speed.time_to_target(None, 0.1, flags[1:], "miss")  # the same run against a target never met
     assert not miss["reached"] and miss["seconds"] is None and miss["step"] is None
 
 

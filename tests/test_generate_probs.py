@@ -20,7 +20,7 @@ import sampling
 from sampling import next_token_probs, sample_next
 
 from machinery import annotate
-from machinery.annotate import Annotator, WholeCharacters, SamplerOdds, token_label
+from machinery.annotate import Annotator, WholeCharacters, token_label
 from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
 from machinery.checkpoint import load_model
 
@@ -96,7 +96,8 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
             return real(logits, *a, **k)
         monkeypatch.setattr(sampling, "sample_next", recording)
         collected = Collected()
-        odds = SamplerOdds(collected, Sampler(**setting))
+        def odds(token, logits, idx, sampler=Sampler(**setting)):  # as generate.sample's on_token for --show_probs
+            collected.add(token, next_token_probs(logits, sampler, idx))
         sampling.generate(gpt, prompt, 20, Sampler(**setting), use_cache=use_cache, generator=torch.Generator().manual_seed(1),
                           on_token=odds)
         steps = collected.steps
