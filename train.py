@@ -161,7 +161,8 @@ def evaluate(run, meter, clock):
         state.last_eval_step = state.step  # never two evaluations at one step
         state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
                               "lr": state.lr, "grad_norm": state.grad_norm, "seconds": records.elapsed(run)})
-        run.say(records.evaluation_line(run, train_loss, val_loss, clock.end_step(), improved))
+        run.say(records.evaluation_line(state.step, clock.end_step(), train_loss, val_loss,
+                                        run.corpus.chars_per_token, run.model_cfg.vocab_size, improved))
         if run.writes:
             records.save(run, "last.pt")
             if improved:
@@ -195,7 +196,7 @@ def log_progress(run, meter, clock):
     figures, ms = records.average(state.window), meter.ms_per_step()  # the steps' figures, averaged
     state.window = []
     tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
-    run.say(records.progress_line(run, figures, ms, tokens_per_s, mfu, clock.end_step(), FORMATS))
+    run.say(records.progress_line(state.step, clock.end_step(), figures, ms, tokens_per_s, mfu, FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": records.elapsed(run)})
     if run.options.overfit_batch and figures["loss"] < 0.01:
@@ -214,7 +215,9 @@ def finish(run, stop_reason, signum, clock):
             run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
                     f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
         sys.exit(128 + signum)
-    for line in (stop_reason, records.done_line(run), clock.summary()):
+    done = records.done_line(state.step, state.best_val_loss, records.elapsed(run), run.writes and run.cfg.out_dir,
+                             run.cfg.plots)
+    for line in (stop_reason, done, clock.summary()):
         if line:
             run.say(line)
     if run.cfg.sample_tokens and run.master:

@@ -88,8 +88,7 @@ def non_finite(run, step, figures):
 
 # ----------------------------------------------------------------------------- the lines a run prints
 
-def progress_line(run, figures, ms, tokens_per_s, mfu, end_step, formats):
-    step = run.state.step
+def progress_line(step, end_step, figures, ms, tokens_per_s, mfu, formats):
     eta = "?" if end_step is None else format_seconds((end_step - step) * ms / 1000)
     shown = " | ".join(f"{k} {'-' if v is None else format(v, formats.get(k, '.4g'))}" for k, v in figures.items())
     line = f"step {step:>6}/{end_step or '?'} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
@@ -103,12 +102,11 @@ def speed(run, ms):
     return tokens_per_s, flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
 
 
-def evaluation_line(run, train_loss, val_loss, end_step, improved):
-    step = run.state.step
-    bits = val_loss / run.corpus.chars_per_token / math.log(2)
+def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab_size, improved):
+    bits = val_loss / chars_per_token / math.log(2)
     line = f"eval {step:>6}/{end_step or '?'} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
     if step == 0:
-        line += f" | uniform baseline ln(V) = {math.log(run.model_cfg.vocab_size):.4f}"
+        line += f" | uniform baseline ln(V) = {math.log(vocab_size):.4f}"
     return line + (" | new best" if improved else "")
 
 
@@ -158,11 +156,11 @@ def stop_signal(run, stop):
 
 # ----------------------------------------------------------------------------- the end of a run
 
-def done_line(run):
-    files = "" if not run.writes else (f" | {run.cfg.out_dir}/: best.pt, last.pt, history.csv"
-                                       + (", loss.png" if run.cfg.plots else ""))
-    return (f"done: {run.state.step} steps | best val loss {run.state.best_val_loss:.4f} | total training time "
-            f"{format_seconds(elapsed(run))}" + files)
+def done_line(step, best_val_loss, seconds, out_dir, plots):
+    """out_dir: where the run wrote its files ("": nowhere)."""
+    files = f" | {out_dir}/: best.pt, last.pt, history.csv" + (", loss.png" if plots else "") if out_dir else ""
+    return (f"done: {step} steps | best val loss {best_val_loss:.4f} | total training time "
+            f"{format_seconds(seconds)}" + files)
 
 
 def closing_sample(run, tokens=None):
