@@ -27,6 +27,7 @@ def _require(ok, message):
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # the vocabulary --tokenizer bpe learns unless --vocab_size says otherwise
 EOT = "<|endoftext|>"       # the token between documents; every tokenizer has it
+TRAIN_FRACTION = 0.9        # of a text, the first part trains and the rest validates (utils.py, tools/prepare.py)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch's kernels; 0 = auto: one per physical core"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import BPE_VOCAB_SIZE, EOT, TinyLLMError
+from config import BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, TinyLLMError
 
 
 # ----------------------------------------------------------------------------- text to token ids and back
@@ -92,17 +92,17 @@ def tokenize(text, tokenizer=None, kind="char", vocab_size=0):
     from the text (BPE from the first 90% only, so that validation stays unseen); a resumed or
     fine-tuned run brings its own."""
     if tokenizer is None:
-        tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * 0.9)], vocab_size)
+        tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * TRAIN_FRACTION)], vocab_size)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
     train_ids, val_ids = split_train_val(ids)
     chars_per_token = len(tokenizer.decode(val_ids.tolist())) / max(1, len(val_ids))
     return Corpus(tokenizer, train_ids, val_ids, chars_per_token)
 
 
-def split_train_val(ids, train_fraction=0.9):
+def split_train_val(ids):
     """Contiguous split: the first 90% trains, the rest validates. Tokens are never
     shuffled, since next-token prediction needs them in order."""
-    n = int(len(ids) * train_fraction)
+    n = int(len(ids) * TRAIN_FRACTION)
     return ids[:n], ids[n:]
 
 

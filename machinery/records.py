@@ -157,10 +157,9 @@ def stop_signal(run, stop):
 # ----------------------------------------------------------------------------- the end of a run
 
 def done_line(step, best_val_loss, seconds, out_dir, plots):
-    """out_dir: where the run wrote its files ("": nowhere)."""
     files = f" | {out_dir}/: best.pt, last.pt, history.csv" + (", loss.png" if plots else "") if out_dir else ""
-    return (f"done: {step} steps | best val loss {best_val_loss:.4f} | total training time "
-            f"{format_seconds(seconds)}" + files)
+    return (f"done: {step} steps | best val loss {best_val_loss:.4f} | total training time {format_seconds(seconds)}"
+            + files)
 
 
 def closing_sample(run, tokens=None):

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from config import EOT, TinyLLMError, TrainConfig, make_config
+from config import EOT, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
 from utils import make_tokenizer
 
 from machinery.checkpoint import replace_file
@@ -47,7 +47,7 @@ def tokenizer_text(cfg, max_chars):
     return "".join(sorted(chars))
 
 
-def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1):
+def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20):
     if not os.path.exists(cfg.data):
         raise TinyLLMError(f"input {cfg.data} not found")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -64,7 +64,7 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
     log(f"tokenizer {cfg.tokenizer}: {tokenizer.vocab_size:,} tokens (built in {time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
-    counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_bytes, val_fraction)
+    counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_bytes)
     elapsed = time.perf_counter() - t0
     meta = {"source": os.path.abspath(cfg.data), "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
             "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
@@ -81,9 +81,9 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20, val_fraction=0.1)
     return meta
 
 
-def write_splits(cfg, tokenizer, dtype, out, total_bytes, val_fraction):
+def write_splits(cfg, tokenizer, dtype, out, total_bytes):
     """Stream the source through the tokenizer into out/train.bin.tmp and out/val.bin.tmp, removed on failure."""
-    split_at = total_bytes * (1 - val_fraction)  # the first 90% of the bytes train, the rest validates
+    split_at = total_bytes * TRAIN_FRACTION  # the first 90% of the bytes train, the rest validates
     paths = {name: os.path.join(out, f"{name}.bin.tmp") for name in ("train", "val")}
     counts, val_chars, seen = {"train": 0, "val": 0}, 0, 0
     t0 = last_report = time.perf_counter()
