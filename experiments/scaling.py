@@ -1,6 +1,8 @@
 """Scaling laws on this machine (bench.py scaling): every shape at every compute budget (IsoFLOP curves),
 the compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one shape on less of the text."""
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -11,6 +13,7 @@ import time
 import torch
 
 import train
+from utils import get_batch
 from experiments.runs import new_run, step_times
 from machinery.cli import format_seconds, log
 from machinery.device import flops_per_token
@@ -30,7 +33,9 @@ def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
              "eval_iters": SCALING_EVAL_ITERS, "eval_interval": max(1, steps // evals), "log_interval": steps,
              "sample_tokens": 0, "plots": False, "dtype": dtype, "data": data}
     run = new_run("tiny", given, out_dir)
-    run.corpus.train = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # the batches read it lazily
+    part = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # train.build's batches, from part alone
+    run = dataclasses.replace(run, next_batch=functools.partial(get_batch, part, run.micro_batch,
+                                                                run.model_cfg.block_size, run.device))
     t0 = time.perf_counter()
     _, evals = split_history(train.train_loop(run)["history"])
     vals = [e for e in evals if e["step"] > 0]  # the step-0 evaluation is the untrained model's

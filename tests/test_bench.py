@@ -17,6 +17,7 @@ from config import TinyLLMError
 from conftest import TINY_FLAGS, cli, tiny_model_config, tiny_train_config, write_head
 from conftest import TINY_SHAPE as SHAPE
 import train
+import utils
 
 
 def test_parse_compare():
@@ -213,6 +214,19 @@ def test_the_power_law_fit_and_the_isoflop_minimum_recover_what_made_the_data():
     rows = [{"params": n, "val": 1.5 + 0.1 * (math.log(n) - math.log(2e5)) ** 2} for n in (3e4, 1e5, 3e5, 1e6)]
     params, loss = scaling.isoflop_minimum(rows)
     assert params == pytest.approx(2e5, rel=0.01) and loss == pytest.approx(1.5, abs=1e-6)
+
+
+def test_a_scaling_run_on_part_of_the_text_draws_every_training_batch_from_that_part(tmp_path, monkeypatch):
+    data, drawn_from = write_head(tmp_path / "data.txt", 30_000), []
+
+    def noted(tokens, *args, **kwargs):
+        drawn_from.append(len(tokens))
+        return utils.get_batch(tokens, *args, **kwargs)
+    monkeypatch.setattr(scaling, "get_batch", noted)
+    monkeypatch.setattr(scaling, "SCALING_EVAL_ITERS", 2)
+    scaling.scaling_run((1, 16, 2), 4, str(tmp_path / "run"), "float32", data, data_fraction=0.25)
+    train_tokens = len(utils.tokenize(open(data, encoding="utf-8").read()).train)
+    assert len(drawn_from) >= 4 and set(drawn_from) == {int(train_tokens * 0.25)}  # every step's batch, and no other
 
 
 def test_the_scaling_study_runs_end_to_end_and_reuses_only_when_asked(tmp_path, monkeypatch, capsys):
