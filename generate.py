@@ -121,8 +121,7 @@ def main(argv=None):
 
 def sample_checkpoint(path, cfg, sampler, prompt, device, several=False):
     """Sample one checkpoint and print its samples (streamed when alone); returns its block of the output file."""
-    model, tokenizer, checkpoint = load_model(path)  # on the CPU; only the model moves
-    model.to(device)
+    model, tokenizer, checkpoint = load_model(path, device)  # read on the CPU; only the model moves
     prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
     annotator = None

@@ -117,11 +117,11 @@ def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
     return tokenizer
 
 
-def load_model(path):
-    """(model in eval mode, tokenizer, checkpoint) on the CPU, without the optimizer state: only training needs it."""
+def load_model(path, device="cpu"):
+    """(model in eval mode on device, tokenizer, checkpoint read on the CPU less the optimizer state: training's)."""
     checkpoint = load_checkpoint(path)
     checkpoint.pop("optimizer", None)
-    model = model_from_checkpoint(checkpoint, path).eval()
+    model = model_from_checkpoint(checkpoint, path).to(device).eval()
     return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
 
 

@@ -17,8 +17,7 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
     """Loss, perplexity and bits per character on every position of the checkpoint's val split (or data's)."""
     device = choose_device(device_name)
     set_threads(threads)
-    model, tokenizer, checkpoint = load_model(path)
-    model.to(device)
+    model, tokenizer, checkpoint = load_model(path, device)
     corpus, data = validation_split(checkpoint, tokenizer, data)
     val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
     loss = token_losses(model, val_ids, batch_size).mean().item()

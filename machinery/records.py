@@ -25,8 +25,7 @@ class Meter:
     """This process's step time, and the steps' figures kept on the device until read (a read waits); no state."""
 
     def __init__(self, run):
-        self.run, self.pending, self.seconds, self.steps = run, [], 0.0, 0
-        self.mark = budget.now()
+        self.run, self.pending, self.seconds, self.steps, self.mark = run, [], 0.0, 0, budget.now()
 
     def add(self, step, figures):
         self.pending.append((step, figures))  # step: the count after it (its loss is step - 1's)
@@ -105,9 +104,8 @@ def speed(run, ms):
 def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab_size, improved):
     bits = val_loss / chars_per_token / math.log(2)
     line = f"eval {step:>6}/{end_step or '?'} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
-    if step == 0:
-        line += f" | uniform baseline ln(V) = {math.log(vocab_size):.4f}"
-    return line + (" | new best" if improved else "")
+    baseline = f" | uniform baseline ln(V) = {math.log(vocab_size):.4f}" if step == 0 else ""
+    return line + baseline + (" | new best" if improved else "")
 
 
 # ----------------------------------------------------------------------------- files

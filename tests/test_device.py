@@ -333,9 +333,9 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
     seen = {}
     real_load_model = generate.load_model
 
-    def recording_load_model(path):
+    def recording_load_model(path, device):
         seen["checkpoint"] = real_load_model(path)[2]
-        return real_load_model(path)
+        return real_load_model(path, device)
 
     def fake_sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, **options):
         seen["model_device"] = next(model.parameters()).device

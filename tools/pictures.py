@@ -206,8 +206,7 @@ def main(argv=None):
     cfg = make_config(PictureConfig, given)
     device = choose_device(cfg.device)
     set_threads(cfg.threads)
-    model, tokenizer, checkpoint = load_model(args.checkpoint)
-    model.to(device)
+    model, tokenizer, checkpoint = load_model(args.checkpoint, device)
     ids = encode_prompt(tokenizer, cfg.prompt)
     names = check_request(cfg, model, tokenizer, ids, cfg.pictures(), "only" in given)
     paths = {name: os.path.join(cfg.out_dir, f"{name}.png") for name in names}
