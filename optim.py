@@ -11,11 +11,11 @@ from deep_dives import muon
 
 def get_lr(step, progress, cfg):
     """The learning rate of a step: linear warmup from lr/warmup_steps up to lr over the first
-    warmup_steps steps, then a decay from lr to min_lr as the run's progress goes from 0 (the end
-    of the warmup) to 1 (the end of the run), then min_lr. The decay's shape is cfg.lr_schedule;
-    a new shape is a new choice of it in config.py and a formula of step and progress here. How
-    progress advances is the run's business, not this one's. The last step of --max_steps is one
-    step's share short of 1, so a shape still steep there ends that far above min_lr."""
+    warmup_steps steps, then a decay from lr to min_lr as the run's progress (below) goes from 0
+    (the end of the warmup) to 1 (the end of the run), then min_lr. The decay's shape is
+    cfg.lr_schedule; a new shape is a new choice of it in config.py and a formula of step and
+    progress here. The last step of --max_steps is one step's share short of 1, so a shape still
+    steep there ends that far above min_lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if progress >= 1.0:  # the run's end (and any step past it): the floor, whatever the shape before it
@@ -25,6 +25,18 @@ def get_lr(step, progress, cfg):
     if cfg.lr_schedule == "cosine":
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"optim.get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
+
+
+def progress(at, start, end):
+    """How far a run is, what get_lr's decay follows: a line from start = [at0, progress0] to 1 at end, then 1.
+    A run of --max_steps: (step - warmup_steps) / (max_steps - warmup_steps), from start = [warmup_steps, 0.0]
+    (resumed with a new --max_steps, from where it was); a --time_budget's counts seconds (machinery/budget.py)."""
+    at0, progress0 = start
+    if at >= end:
+        return 1.0
+    if at <= at0:
+        return progress0
+    return progress0 + (1 - progress0) * (at - at0) / (end - at0)
 
 
 def set_lr(optimizer, lr):

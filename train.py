@@ -100,8 +100,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, write down their figures, until the run's end or a stop."""
     cfg, state = run.cfg, run.state
-    # progress = (step - warmup_steps) / (max_steps - warmup_steps); under --time_budget the share of its
-    # time after the warmup that is spent (less what the closing evaluation and sample need)
+    # how far the run is (optim.progress): steps to max_steps, or a --time_budget's seconds to its end
     clock = budget.Clock(run)
     meter = records.Meter(run)  # step time, and the steps' figures on the device until read (a read waits)
     stop_reason, signum = None, 0

@@ -1,10 +1,11 @@
-"""A run's progress, what optim.get_lr's schedule follows: 0 at the end of the warmup, 1 at the end. It counts steps
-to max_steps, or under a --time_budget the share spent of the time usable after the warmup: the LR ends at its floor."""
+"""How a run's progress (optim.progress, what get_lr follows) advances: steps to max_steps, or under a --time_budget
+the share spent of the time usable after the warmup, so that the LR ends at its floor."""
 
 import math
 import time
 
 from config import TinyLLMError, parse_duration
+from optim import progress
 
 from machinery.cli import format_seconds
 from machinery.device import all_ranks_mean
@@ -16,16 +17,6 @@ def now():
 
 
 SAFETY = 0.01     # of a time budget: for the process's exit and the device's last queued steps
-
-
-def progress(at, progress_from, end):
-    """Progress at `at` (a step, or seconds spent): a line from progress_from = [at0, progress0] to 1 at end."""
-    at0, progress0 = progress_from
-    if at >= end:
-        return 1.0
-    if at <= at0:
-        return progress0
-    return progress0 + (1 - progress0) * (at - at0) / (end - at0)
 
 
 def by_steps(step, state, cfg, end):
@@ -70,8 +61,7 @@ class Clock:
         return spent >= self.usable()
 
     def start(self):
-        """Where progress 0 is, the warmup's end: [warmup_steps, 0.0], or under a time budget [the seconds spent, 0.0]
-        (a step run resumed from a checkpoint that kept no progress_from goes on where its schedule was)."""
+        """Where progress 0 is, the warmup's end: [warmup_steps, 0.0] whenever asked, or [the seconds spent, 0.0]."""
         return [self.spent() if self.seconds else self.cfg.warmup_steps, 0.0]
 
     def progress(self):

@@ -14,8 +14,8 @@ import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
+from optim import progress
 
-from machinery.budget import progress
 from machinery.cli import check_writable, first_line, log
 from machinery.sources import tokenizer_from_dict
 

@@ -130,8 +130,7 @@ def export_hf(source, folder):
         resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,  # our one dropout is all three of theirs
         bos_token_id=eot, eos_token_id=eot, tie_word_embeddings=True)
     hf = transformers.GPT2LMHeadModel(hf_config)
-    hf_state = hf.state_dict()
-    ours = as_hf(model)
+    hf_state, ours = hf.state_dict(), as_hf(model)
     with torch.no_grad():
         for name, weight in ours.items():
             hf_state[name].copy_(weight)
