@@ -79,20 +79,18 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
 def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes.
     started: when the run began, for a time budget (python train.py: when the process started)."""
-    with device.out_of_memory_as_error(f"out of memory: {OUT_OF_MEMORY}"):  # one error line, not a traceback
+    with device.out_of_memory_as_error("out of memory: try a smaller --batch_size, or --grad_accum_steps 2 or more "
+                                       "(the same batch in pieces), or a smaller model"):  # one line, no traceback
         return train_loop(setup_run(model_cfg, train_cfg, options, preset, given, started))
 
 
-OUT_OF_MEMORY = ("try a smaller --batch_size, or --grad_accum_steps 2 or more (the same batch in pieces), "
-                 "or a smaller model")
-
-
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """A run ready for its first step: where it runs and what it starts from, what it trains, how far it got."""
+    """A run ready for its first step, a setup.Run fixed from here on: cfg and model_cfg (config.py), device, world
+    (processes) and master (rank 0: it alone prints and writes); build's corpus, model, optimizer, next_batch and
+    val_batch; train_model (the model compiled or wrapped for DDP, else itself), ctx (the forward pass's autocast),
+    scaler (float16's, else None) and state (setup.TrainState: the step and every number that changes)."""
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
-    # the run whole: its state (the step and every number that changes), train_model (the model compiled or
-    # wrapped for DDP, else itself), ctx (the forward pass's autocast) and scaler (float16's, else None).
     # train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
     return setup.before_first_step(run, *build(run), train_step)
 
