@@ -1,7 +1,7 @@
 """The check after a change of one kind, in one command: docs/flags.md written again from config.py (a new
 setting's row), then the tests nearest that kind (docs/changing.md says what each covers).
 
-    python tests/check.py schedule      # or: sampler, model, figure; all: the whole suite
+    python tests/check.py schedule      # or: sampler, model, figure, resume; all: the whole suite
 """
 
 import os
@@ -10,14 +10,15 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NEAREST = {  # the pytest arguments of each kind of change
+NEAREST = {  # the pytest arguments of each kind of change: its nearest files whole, and the run tests naming it
     "schedule": ["tests/test_data.py", "tests/test_budget.py", "tests/test_runs.py",
-                 "-k", "lr_schedule or test_budget or progress or max_steps"],
+                 "-k", "not test_runs or lr_schedule or progress or max_steps"],
     "sampler": ["tests/test_model.py", "tests/test_generate_probs.py", "tests/test_runs.py",
-                "-k", "top or greedy or temperature or test_generate_probs or header"],
+                "-k", "not test_runs or top or greedy or temperature or header or beam"],
     "model": ["tests/test_model.py", "tests/test_pictures.py", "tests/test_hf_gpt2.py", "tests/test_runs.py",
               "-k", "not test_runs or start_up"],
     "figure": ["tests/test_runs.py", "tests/test_train.py", "-k", "history or resume"],
+    "resume": ["tests/test_runs.py", "tests/test_train.py", "-k", "resume"],  # a resume continues exactly
     "all": [],
 }
 

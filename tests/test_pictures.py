@@ -39,10 +39,13 @@ REFERENCE_FORMULAS = {"pos": ("learned", "sinusoidal", "rope"), "norm": ("layern
 
 
 def missing_formula(c):
-    """'name=value' of the first model setting reference_forward has no formula for (None: it has them all)."""
-    for f in dataclasses.fields(c):  # a variant of the model, a setting beyond its shape, needs its formula here
-        if f.name not in SHAPE and getattr(c, f.name) not in REFERENCE_FORMULAS.get(f.name, ()):
-            return f"{f.name}={getattr(c, f.name)!r}"
+    """'name=value' of the first model setting reference_forward has no formula for (None: it has them all). A
+    setting at its default is GPT-2's own (docs/changing.md), which the function below is: a new setting, off, is
+    checked with the rest; on, it needs its formula here."""
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        if f.name not in SHAPE and value != f.default and value not in REFERENCE_FORMULAS.get(f.name, ()):
+            return f"{f.name}={value!r}"
     return None
 
 
