@@ -33,7 +33,7 @@ def scaling_run(shape, steps, out_dir, dtype, data, data_fraction=1.0, evals=1):
              "eval_iters": SCALING_EVAL_ITERS, "eval_interval": max(1, steps // evals), "log_interval": steps,
              "sample_tokens": 0, "plots": False, "dtype": dtype, "data": data}
     run = new_run("tiny", given, out_dir)
-    part = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # train.build's batches, from part alone
+    part = run.corpus.train[:int(len(run.corpus.train) * data_fraction)]  # the training batches come from part alone
     run = dataclasses.replace(run, next_batch=functools.partial(get_batch, part, run.micro_batch,
                                                                 run.model_cfg.block_size, run.device))
     t0 = time.perf_counter()
