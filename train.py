@@ -87,8 +87,9 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
     """A run ready for its first step, a setup.Run fixed from here on: cfg and model_cfg (config.py), device, world
     (processes) and master (rank 0: it alone prints and writes); build's corpus, model, optimizer, next_batch and
-    val_batch; train_model (the model compiled or wrapped for DDP, else itself), ctx (the forward pass's autocast),
-    scaler (float16's, else None) and state (setup.TrainState: the step and every number that changes)."""
+    val_batch; micro_batch and eval_iters (this process's share of batch_size and eval_iters); train_model (the model
+    compiled or wrapped for DDP, else itself), ctx (the forward pass's autocast), scaler (float16's, else None); and
+    state (setup.TrainState: every number that changes, step, best_val_loss, last_eval_step, progress, history...)."""
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
     # train_step is handed over for trial steps that leave no trace: --dtype auto's timing, --compile's check
