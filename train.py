@@ -22,7 +22,7 @@ import torch
 
 from config import RunOptions
 from model import GPT
-from optim import get_lr, make_optimizer, set_lr
+from optim import get_lr, make_optimizer, progress, set_lr
 from utils import get_batch
 
 from machinery import budget, cli, device, records, setup, train_cli
@@ -99,7 +99,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, write down their figures, until the run's end or a stop."""
     cfg, state = run.cfg, run.state
-    # how far the run is (optim.progress): steps to max_steps, or a --time_budget's seconds to its end
+    # a --time_budget's clock: its progress, its end and room for an evaluation; the ETA of a run of steps
     clock = budget.Clock(run)
     meter = records.Meter(run)  # step time, and the steps' figures on the device until read (a read waits)
     stop_reason, signum = None, 0
@@ -118,7 +118,10 @@ def train_loop(run):
             # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
             if state.progress_from is None and state.step >= cfg.warmup_steps:
                 state.progress_from = clock.start()  # the warmup is over: progress 0 is here
-            state.progress = clock.progress()  # 0 at the end of the warmup, 1 at the end of the run
+            if cfg.time_budget:  # the share spent of the budget's time after the warmup (machinery/budget.py)
+                state.progress = clock.progress()
+            else:  # (step - warmup_steps) / (max_steps - warmup_steps), or on from where a resume moved max_steps
+                state.progress = progress(state.step, state.progress_from or [cfg.warmup_steps, 0.0], cfg.max_steps)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                  cfg.grad_clip, run.ctx, run.scaler)

@@ -65,10 +65,8 @@ class Clock:
         return [self.spent() if self.seconds else self.cfg.warmup_steps, 0.0]
 
     def progress(self):
-        """How far the run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
-        state, cfg = self.state, self.cfg
-        if not self.seconds:
-            return by_steps(state.step, state, cfg, cfg.max_steps)
+        """How far a budget's run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
+        state = self.state
         if state.progress_from is None:
             return 0.0
         spent = self.spent()

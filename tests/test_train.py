@@ -13,7 +13,7 @@ import torch
 from config import RunOptions, TinyLLMError, TrainConfig
 from conftest import Payload, checkpoint_of, fixed_batch, interrupt_at, tiny_model_config, tiny_train_config
 from model import GPT
-from optim import make_optimizer
+from optim import get_lr, make_optimizer
 import train
 
 from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -56,6 +56,17 @@ def test_step_order_clips_before_the_optimizer_step_with_the_scheduled_lr():
     assert figures["grad_norm"] > 0.05                          # the logged norm is the one before clipping
     assert seen["norm"] == pytest.approx(0.05, rel=1e-4)   # the optimizer saw clipped gradients
     assert seen["lrs"] == [0.0123, 0.0123] == [figures["lr"]] * 2  # and this step's scheduled LR
+
+
+@pytest.mark.parametrize("lr_schedule", ["cosine", "linear"])
+def test_a_run_of_steps_takes_each_step_at_get_lr_of_its_share_of_the_steps_after_the_warmup(shakespeare_head,
+                                                                                             tmp_path, lr_schedule):
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=12, warmup_steps=4, log_interval=1,
+                            eval_interval=100, lr_schedule=lr_schedule)
+    history = train.train(tiny_model_config(), cfg)["history"]
+    lrs = [row["lr"] for row in history if row["kind"] == "train"]  # a row per step: log_interval 1
+    progress = [max(0, step - 4) / (12 - 4) for step in range(12)]  # (step - warmup_steps) / (max_steps - warmup_steps)
+    assert lrs == pytest.approx([get_lr(step, p, cfg) for step, p in enumerate(progress)], rel=1e-6)
 
 
 def test_gradients_are_zeroed_each_step():
