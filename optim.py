@@ -27,7 +27,7 @@ def get_lr(step, progress, cfg):
     raise ValueError(f"optim.get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
 
 
-def progress(at, start, end):
+def run_progress(at, start, end):
     """How far a run is, what get_lr's decay follows: a line from start = [at0, progress0] to 1 at end, then 1.
     A run of --max_steps: (step - warmup_steps) / (max_steps - warmup_steps), from start = [warmup_steps, 0.0]
     (resumed with a new --max_steps, from where it was); under a --time_budget, at and end are seconds (budget.py)."""

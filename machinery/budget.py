@@ -1,11 +1,11 @@
-"""How a run's progress (optim.progress, what get_lr follows) advances: steps to max_steps, or under a --time_budget
+"""How a run's progress (optim.run_progress, what get_lr follows) advances: steps to max_steps, or under a --time_budget
 the share spent of the time usable after the warmup, so that the LR ends at its floor."""
 
 import math
 import time
 
 from config import TinyLLMError, parse_duration
-from optim import progress
+from optim import run_progress
 
 from machinery.cli import format_seconds
 from machinery.device import all_ranks_mean
@@ -21,7 +21,7 @@ SAFETY = 0.01     # of a time budget: for the process's exit and the device's la
 
 def by_steps(step, state, cfg, end):
     """Progress at step of a run that ends at step end: from the state's progress_from, else 0 at the warmup's end."""
-    return progress(step, (state and state.progress_from) or [cfg.warmup_steps, 0.0], end)
+    return run_progress(step, (state and state.progress_from) or [cfg.warmup_steps, 0.0], end)
 
 
 def resume_at(state, cfg, old_end):
@@ -71,7 +71,7 @@ class Clock:
             return 0.0
         spent = self.spent()
         # to 1 one step before the time is spent: the last step is at the end of the schedule
-        return progress(spent, state.progress_from, self.usable() - self.pace(spent))
+        return run_progress(spent, state.progress_from, self.usable() - self.pace(spent))
 
     def pace(self, spent):
         """Seconds a step since the warmup, evaluations included (0 before the first)."""

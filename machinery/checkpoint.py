@@ -14,7 +14,7 @@ import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
-from optim import progress
+from optim import run_progress
 
 from machinery.cli import check_writable, first_line, log
 from machinery.sources import tokenizer_from_dict
@@ -164,7 +164,7 @@ def upgrade(checkpoint):
         checkpoint["progress_from"] = [moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi]
     if saved.get("time_budget") and "progress" not in checkpoint and step >= saved["warmup_steps"]:
         end = checkpoint.get("end_step") or (checkpoint.get("plan") or {}).get("max_steps") or saved["max_steps"]
-        at = progress(step, checkpoint.get("progress_from") or [saved["warmup_steps"], 0.0], end)
+        at = run_progress(step, checkpoint.get("progress_from") or [saved["warmup_steps"], 0.0], end)
         checkpoint["progress"], checkpoint["progress_from"] = at, [checkpoint.get("seconds", 0.0), at]  # on in seconds
     return checkpoint
 

@@ -6,11 +6,10 @@ import torch
 
 from config import TinyLLMError, TrainConfig
 from conftest import TINY_FLAGS, assert_one_line_error, cli, write_head
-from optim import get_lr
+from optim import get_lr, run_progress
 import train
 from utils import CharTokenizer, get_batch, split_train_val
 
-from machinery import budget
 from machinery.sources import check_long_enough, read_text as load_corpus
 
 
@@ -54,7 +53,7 @@ def test_lr_schedule_warmup_cosine_and_floor():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100, lr_schedule="cosine")
 
     def lr(step):  # a run's progress by its steps: 0 at the end of the warmup, 1 at max_steps
-        return get_lr(step, budget.progress(step, [cfg.warmup_steps, 0.0], cfg.max_steps), cfg)
+        return get_lr(step, run_progress(step, [cfg.warmup_steps, 0.0], cfg.max_steps), cfg)
 
     assert lr(0) == pytest.approx(1e-5)            # near zero at the start
     assert lr(99) == pytest.approx(1e-3)           # peak at the end of warmup

@@ -23,7 +23,7 @@ from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.setup import TrainState, resume_configs
 from machinery.sources import load_prepared
-from optim import get_lr
+from optim import get_lr, run_progress
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
@@ -124,7 +124,7 @@ def test_extending_a_finished_run_goes_on_at_the_floor_and_honours_the_new_setti
     cfg = TrainConfig(**last["train_config"])
     assert last["progress_from"] == [60, 1.0]  # the run had reached its end: its progress stays there...
     assert [h["lr"] for h in progress] == [cfg.min_lr, cfg.min_lr]
-    assert reached == get_lr(59, budget.progress(59, [cfg.warmup_steps, 0.0], 60), cfg)  # its last step before
+    assert reached == get_lr(59, run_progress(59, [cfg.warmup_steps, 0.0], 60), cfg)  # its last step before
     assert "decays from" in out  # ...and the LR at the floor, with no jump
 
 
@@ -154,8 +154,8 @@ def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump():
     state.progress_from = budget.resume_at(state, cfg, old_end=60)
     start, end = state.progress_from, cfg.max_steps
     assert start == [30, pytest.approx(0.4)]
-    assert [budget.progress(s, start, end) for s in (30, 65, 100, 200)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
-    progress = [budget.progress(s, start, end) for s in range(30, 101)]  # whatever get_lr makes of it
+    assert [run_progress(s, start, end) for s in (30, 65, 100, 200)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
+    progress = [run_progress(s, start, end) for s in range(30, 101)]  # whatever get_lr makes of it
     assert all(0 < b - a <= 0.6 / 70 + 1e-12 for a, b in zip(progress, progress[1:]))  # no jump: a straight line
     assert get_lr(100, progress[-1], cfg) == cfg.min_lr
 
