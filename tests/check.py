@@ -11,8 +11,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NEAREST = {  # the pytest arguments of each kind of change: its nearest files whole, and the run tests naming it
-    "schedule": ["tests/test_data.py", "tests/test_budget.py", "tests/test_runs.py",
-                 "-k", "not test_runs or lr_schedule or progress or max_steps"],
+    "schedule": ["tests/test_data.py", "tests/test_budget.py", "tests/test_runs.py", "tests/test_train.py",
+                 "-k", "test_data or test_budget or lr_schedule or progress or max_steps or get_lr or step_order"],
     "sampler": ["tests/test_model.py", "tests/test_generate_probs.py", "tests/test_runs.py",
                 "-k", "not test_runs or top or greedy or temperature or header or beam"],
     "model": ["tests/test_model.py", "tests/test_pictures.py", "tests/test_hf_gpt2.py", "tests/test_runs.py",

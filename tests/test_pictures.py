@@ -34,6 +34,7 @@ def linear(x, sd, name):
     return x @ sd[f"{name}.weight"].T + sd.get(f"{name}.bias", 0)
 
 
+# the settings' values reference_forward has formulas for; a number's setting names its type (window=int)
 REFERENCE_FORMULAS = {"pos": ("learned", "sinusoidal", "rope"), "norm": ("layernorm", "rmsnorm"),
                       "mlp": ("gelu", "swiglu")}
 
@@ -43,8 +44,9 @@ def missing_formula(c):
     setting at its default is GPT-2's own (docs/changing.md), which the function below is: a new setting, off, is
     checked with the rest; on, it needs its formula here."""
     for f in dataclasses.fields(c):
-        value = getattr(c, f.name)
-        if f.name not in SHAPE and value != f.default and value not in REFERENCE_FORMULAS.get(f.name, ()):
+        value, known = getattr(c, f.name), REFERENCE_FORMULAS.get(f.name, ())
+        if f.name not in SHAPE and value != f.default and not (
+                isinstance(value, known) if isinstance(known, type) else value in known):
             return f"{f.name}={value!r}"
     return None
 
