@@ -300,11 +300,11 @@ PRESETS = {
     # the fastest route found to val 1.886 (bench.py time_to_target)
     "speedrun": dict(n_layer=2, n_head=4, n_embd=128, block_size=64, dropout=0.0, pos="rope", mlp="swiglu",
                      batch_size=32, max_steps=400, lr=5e-3, min_lr=0.0, warmup_steps=30, weight_decay=0.0,
-                     eval_interval=20, eval_iters=8, plots=False, sample_tokens=0),
+                     eval_interval=20, eval_iters=8, plots=False, sample_tokens=0, lr_schedule="cosine"),
     # nanoGPT's two shakespeare_char recipes, for like-for-like comparisons: its README's CPU run, and
     # train_shakespeare_char.py (the CUDA default) with its cosine over 2,000 steps, where val bottoms out, not 5,000
     "reference": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, batch_size=12,
-                      max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99,
+                      max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, lr_schedule="cosine",
                       eval_interval=250, eval_iters=20),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
                   batch_size=64, max_steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99,

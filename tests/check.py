@@ -15,8 +15,8 @@ NEAREST = {  # the pytest arguments of each kind of change: its nearest files wh
                  "-k", "test_data or test_budget or lr_schedule or progress or max_steps or get_lr or step_order"],
     "sampler": ["tests/test_model.py", "tests/test_generate_probs.py", "tests/test_runs.py",
                 "-k", "not test_runs or top or greedy or temperature or header or beam"],
-    "model": ["tests/test_model.py", "tests/test_pictures.py", "tests/test_hf_gpt2.py", "tests/test_runs.py",
-              "-k", "not test_runs or start_up"],
+    "model": ["tests/test_model.py", "tests/test_pictures.py", "tests/test_hf_gpt2.py", "tests/test_decoding.py",
+              "tests/test_runs.py", "-k", "not test_runs or start_up"],
     "figure": ["tests/test_runs.py", "tests/test_train.py", "-k", "history or resume"],
     "resume": ["tests/test_runs.py", "tests/test_train.py", "-k", "resume"],  # a resume continues exactly
     "all": [],

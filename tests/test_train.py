@@ -40,7 +40,7 @@ def test_optimizer_groups_decay_only_matrices():
 def test_step_order_clips_before_the_optimizer_step_with_the_scheduled_lr():
     torch.manual_seed(0)
     model = GPT(tiny_model_config())
-    opt = make_optimizer(model, TrainConfig(lr=1.0, min_lr=0.0, weight_decay=0.0), CPU)
+    opt = make_optimizer(model, TrainConfig(lr=1.0, weight_decay=0.0), CPU)
     seen = {}
     real_step = opt.step
 
