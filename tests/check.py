@@ -2,11 +2,19 @@
 setting's row), then the tests nearest that kind (docs/changing.md says what each covers).
 
     python tests/check.py schedule      # or: sampler, model, figure, resume; all: the whole suite
+    python tests/check.py try --window 4 -- --repetition_penalty 1.3   # your change, end to end (below)
+
+try: a run of seconds with the training flags given, the same run resumed from its half-way checkpoint
+(the lines after it must be the same), a time budget's closing line (its last LR at the floor), and a
+sample past block_size with the generate.py flags after "--", with the KV cache and without (the same text).
 """
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +31,49 @@ NEAREST = {  # the pytest arguments of each kind of change: its nearest files wh
 }
 
 
+def run(*args):
+    """A script of the repository with args: its output; a failure stops the check with the script's own error."""
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, encoding="utf-8")
+    if done.returncode:
+        sys.exit(f"error: python {' '.join(args)} failed:\n{done.stderr.strip()}")
+    return done.stdout
+
+
+def after(lines, step):
+    """The step and eval lines after step, without their timings (ms/step, tok/s, ETA differ run to run)."""
+    kept = [re.sub(r" \| [0-9.,]+ ms/step.*", "", line) for line in lines.splitlines()]
+    return [line for line in kept if re.match(r"(step|eval) +(\d+)/", line) and int(line.split()[1].split("/")[0]) > step]
+
+
+def try_it(train_flags, sample_flags):
+    """A change end to end: exact resume, a budget's floor, the cache against recomputation (see the top)."""
+    quick = ["--preset", "speedrun", "--log_interval", "10", "--dtype", "float32", "--overwrite", *train_flags]
+    with tempfile.TemporaryDirectory(prefix="tinyllm-try-") as tmp:
+        whole, resumed = os.path.join(tmp, "whole"), os.path.join(tmp, "resumed")
+        straight = run("train.py", *quick, "--max_steps", "60", "--save_interval", "30", "--out_dir", whole)
+        os.makedirs(resumed)
+        shutil.copy(os.path.join(whole, "ckpt_0000030.pt"), os.path.join(resumed, "last.pt"))
+        again = run("train.py", "--resume", "--out_dir", resumed)
+        same = after(straight, 30) == after(again, 30) and after(straight, 30)
+        print("resume from step 30: " + (f"the same {len(after(straight, 30))} lines" if same else "DIFFERENT:"))
+        if not same:
+            print("\n".join(["straight:", *after(straight, 30), "resumed:", *after(again, 30)]))
+        budget = run("train.py", *quick, "--time_budget", "15s", "--out_dir", os.path.join(tmp, "budget"))
+        print("".join(line for line in budget.splitlines(keepends=True) if " used, " in line), end="")
+        sample = ["generate.py", os.path.join(whole, "best.pt"), "--max_new_tokens", "200", "--seed", "42", *sample_flags]
+        cached, recomputed = run(*sample), run(*sample, "--no_cache")
+        print("sample past block_size, with the cache and without: " + ("the same text" if cached == recomputed
+                                                                          else "DIFFERENT"))
+        return 0 if same and cached == recomputed else 1
+
+
 def main(argv):
+    if argv[:1] == ["try"]:
+        rest = argv[1:]
+        split = rest.index("--") if "--" in rest else len(rest)
+        sys.exit(try_it(rest[:split], rest[split + 1:]))
     if len(argv) != 1 or argv[0] not in NEAREST:
-        print(f"error: give one of {', '.join(NEAREST)}: python tests/check.py schedule", file=sys.stderr)
+        print(f"error: give one of {', '.join(NEAREST)}, or try: python tests/check.py schedule", file=sys.stderr)
         sys.exit(2)
     flags = subprocess.run([sys.executable, "config.py"], cwd=ROOT, capture_output=True, encoding="utf-8", check=True)
     with open(os.path.join(ROOT, "docs", "flags.md"), "w", encoding="utf-8", newline="\n") as f:
