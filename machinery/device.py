@@ -168,6 +168,7 @@ PEAK_TFLOPS = {
     "NVIDIA GeForce RTX 3090": {"bfloat16": 71, "float16": 71, "float32": 35.6},
     "NVIDIA GeForce RTX 4090": {"bfloat16": 165, "float16": 165, "float32": 82.6},
 }
+UNKNOWN_PEAKS = set()  # (GPU, dtype) pairs this process has said it has no peak for
 
 
 def peak_flops(device, dtype):
@@ -175,7 +176,8 @@ def peak_flops(device, dtype):
         return None
     name = gpu(device)[0]
     peak = PEAK_TFLOPS.get(name, {}).get(dtype)
-    if peak is None:
+    if peak is None and (name, dtype) not in UNKNOWN_PEAKS:  # said once, not at every progress line
+        UNKNOWN_PEAKS.add((name, dtype))
         log(f"note: MFU is not shown: the {dtype} peak of {name!r} is not in device.PEAK_TFLOPS")
     return peak and peak * 1e12
 

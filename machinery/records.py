@@ -111,8 +111,8 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
 # ----------------------------------------------------------------------------- files
 
 def elapsed(run):
-    """Training wall time of the whole run so far, over every process (resumes)."""
-    return run.state.seconds + budget.now() - run.trained_from
+    """The run's wall time so far, every process's from its start (resumes), set-up included: a time budget's."""
+    return run.state.seconds + budget.now() - run.started
 
 
 def save(run, name):
@@ -156,7 +156,7 @@ def stop_signal(run, stop):
 
 def done_line(step, best_val_loss, seconds, out_dir, plots):
     files = f" | {out_dir}/: best.pt, last.pt, history.csv" + (", loss.png" if plots else "") if out_dir else ""
-    return (f"done: {step} steps | best val loss {best_val_loss:.4f} | total training time {format_seconds(seconds)}"
+    return (f"done: {step} steps | best val loss {best_val_loss:.4f} | total time {format_seconds(seconds)}"
             + files)
 
 

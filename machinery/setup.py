@@ -35,7 +35,7 @@ class TrainState:
     progress_from: list = None       # [step, progress] (a time budget: [seconds, progress]) its progress runs on from
     progress: float = 0.0            # of the latest step: 0 at the warmup's end, 1 at the run's (budget.Clock)
     eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
-    seconds: float = 0.0             # training wall time over every process of the run (resumes)
+    seconds: float = 0.0             # wall time of every process of the run, set-up included (records.elapsed)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 
@@ -68,7 +68,6 @@ class Run:
     train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
     state: TrainState = None
     sample_seconds: float = 0.0  # the closing sample's, timed before the first step for a time budget to keep
-    trained_from: float = 0.0   # when this process's training began: the run's training time counts from there
 
     @property
     def master(self):  # rank 0: the only process that prints and writes files
@@ -179,8 +178,7 @@ def before_first_step(run, corpus, model, optimizer, next_batch, val_batch, trai
     if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
         run.scaler.load_state_dict(run.source["scaler"])
     print_header(run)
-    return dataclasses.replace(run, sample_seconds=sample_seconds(run) if cfg.time_budget else 0.0,
-                               trained_from=budget.now())
+    return dataclasses.replace(run, sample_seconds=sample_seconds(run) if cfg.time_budget else 0.0)
 
 
 def check_compiles(run, train_step):

@@ -131,6 +131,29 @@ def test_a_budgeted_run_resumes_where_it_was_and_still_ends_in_time(shakespeare_
     assert_progress_rises_to_the_end(progress, cfg.warmup_steps)  # on from where it was to the end, no jump
 
 
+def test_a_budgeted_run_counts_each_process_set_up_on_one_clock_so_a_resume_never_steps_back(
+        shakespeare_head, tmp_path, capsys, monkeypatch):
+    """A budget counts each process from its start, its set-up included (0.5 s on the budget's clock for the
+    first process here, a step's 0.02 s for the resumed one): the resumed run's progress goes on from where the
+    stopped one left it, moved on by the new set-up, not back by the first one's."""
+    clock, progress = on_a_clock_of_steps(monkeypatch, lambda n: 0.02)
+    offset, fake, build, set_up = {"seconds": 0.0}, budget.now, train.build, [0.5, 0.02]
+    monkeypatch.setattr(budget, "now", lambda: fake() + offset["seconds"])
+
+    def a_set_up_that_takes_its_time(run):
+        offset["seconds"] += set_up.pop(0)
+        return build(run)
+    monkeypatch.setattr(train, "build", a_set_up_that_takes_its_time)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 32, signal.SIGTERM)
+        code, _, err = budget_run(capsys, shakespeare_head, tmp_path / "budget")
+    assert code == 143, err
+    code, _, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget")
+    assert code == 0 and not set_up, err
+    assert progress[32] >= progress[31]  # the first resumed step's progress: on from the last stopped one's
+    assert_progress_rises_to_the_end(progress, 10)
+
+
 def test_a_budgeted_run_resumed_with_max_steps_goes_on_from_its_progress(shakespeare_head, tmp_path, capsys,
                                                                           monkeypatch):
     """--max_steps on resume ends a budgeted run at a step count instead: its progress goes on from
