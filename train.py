@@ -116,9 +116,9 @@ def train_loop(run):
                 break
 
             # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
-            if state.progress_from is None and state.step >= cfg.warmup_steps:
-                state.progress_from = clock.start()  # the warmup is over: progress 0 is here
             if cfg.time_budget:  # the share spent of the budget's time after the warmup (machinery/budget.py)
+                if state.progress_from is None and state.step >= cfg.warmup_steps:
+                    state.progress_from = clock.start()  # the warmup is over: progress 0 is here
                 state.progress = clock.progress()
             else:  # (step - warmup_steps) / (max_steps - warmup_steps), or on from where a resume moved max_steps
                 state.progress = run_progress(state.step, state.progress_from or [cfg.warmup_steps, 0.0], cfg.max_steps)
@@ -216,8 +216,8 @@ def finish(run, stop_reason, signum, clock):
             run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
                     f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
         sys.exit(128 + signum)
-    done = records.done_line(state.step, state.best_val_loss, records.elapsed(run), run.writes and run.cfg.out_dir,
-                             run.cfg.plots)
+    done = records.done_line(state.step, state.best_val_loss, records.elapsed(run),
+                             run.cfg.out_dir if run.writes else "", run.cfg.plots)
     for line in (stop_reason, done, clock.summary()):
         if line:
             run.say(line)

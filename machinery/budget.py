@@ -61,8 +61,8 @@ class Clock:
         return spent >= self.usable()
 
     def start(self):
-        """Where progress 0 is, the warmup's end: [warmup_steps, 0.0] whenever asked, or [the seconds spent, 0.0]."""
-        return [self.spent() if self.seconds else self.cfg.warmup_steps, 0.0]
+        """Where a budget's progress 0 is, the warmup's end: [the seconds spent, 0.0]."""
+        return [self.spent(), 0.0]
 
     def progress(self):
         """How far a budget's run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""

@@ -32,7 +32,7 @@ class TrainState:
     grad_norm: float = None          # of the latest step; None before the first
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
     window: list = field(default_factory=list)   # the figures of the steps since the last progress row
-    progress_from: list = None       # [step, progress] (a time budget: [seconds, progress]) its progress runs on from
+    progress_from: list = None       # a budget's [seconds, progress] from the warmup's end; a new --max_steps' [step, ...]
     progress: float = 0.0            # of the latest step: 0 at the warmup's end, 1 at the run's (budget.Clock)
     eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
     seconds: float = 0.0             # wall time of every process of the run, set-up included (records.elapsed)
