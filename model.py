@@ -28,8 +28,8 @@ def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
     may not (the softmax turns -inf into weight 0). The T queries sit at positions start to
     start + T - 1, the S keys at 0 to S - 1; a query sees the keys at its own position and
-    before. In training start is 0 and S is T: the lower triangle. (GPT.forward says what
-    generation passes; start defaults to S - T, the last T of the S positions.)"""
+    before. In training start is 0 and S is T: the lower triangle. (Generation's queries continue
+    a KV cache: sampling.KVCache.mask; start defaults to S - T, the last T of the S positions.)"""
     start = S - T if start is None else start  # an int, or a tensor (sampling.KVCache.pos)
     query_pos = start + torch.arange(T, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -202,22 +202,14 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
-        if cache is None:  # training: the T positions 0..T-1, each query looking at the keys up to its own
-            start, S = 0, T
-        else:  # generation (read it with sampling.py's KVCache): the cache holds each layer's keys
-            # and values of the tokens so far, cache.pos of them, in buffers of block_size slots; idx
-            # continues them, and the keys are all block_size slots: those before start + T filled
-            # (earlier calls, and this one), the rest empty and after every query, so the mask hides them
-            start, S = cache.pos, self.config.block_size
+        start = 0 if cache is None else cache.pos  # generation: idx continues the cache's tokens (sampling.py)
         x, rope = self.embed(idx, start)  # (B, T, C)
-        # the mask, added to every layer's attention scores: in training the plain causal triangle,
-        # None (the fused kernel makes it itself); a variant that adds to it passes the whole (T, S)
-        mask = None if cache is None else causal_mask(T, S, idx.device, start)  # (T, S)
+        # the mask added to every layer's attention scores: in training None, the causal triangle the fused kernel
+        # makes itself (a variant that adds to it passes causal_mask's (T, T)); with a cache, sampling.KVCache.mask
+        mask = None if cache is None else cache.mask(T)
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-        if cache is not None:
-            cache.pos += T  # every layer has stored these T positions: the next call continues after them
         loss = None
         if targets is not None:
             loss = lm_loss(logits, targets)

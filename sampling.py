@@ -14,6 +14,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from model import causal_mask
+
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -59,7 +61,7 @@ class KVCache:
         self.k = [None] * n_layer
         self.v = [None] * n_layer
         self.block_size = block_size
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # GPT.forward adds each call's T to it
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # decode adds each call's T to it
 
     def update(self, layer, k, v):
         """Store this step's k, v (B, nh, T, hs) at their positions; return the buffers (B, nh, block_size, hs)."""
@@ -71,6 +73,11 @@ class KVCache:
         self.k[layer].index_copy_(2, slots, k)  # k into slots pos.. of dimension 2, the positions
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
+
+    def mask(self, T):
+        """(T, block_size): the attention mask of T new queries at positions pos.. against the buffers' keys,
+        each seeing the slots up to its own position, not the (empty or stale) ones after (model.causal_mask)."""
+        return causal_mask(T, self.block_size, self.pos.device, start=self.pos)
 
 
 class Context:
@@ -112,13 +119,14 @@ class Context:
             step = functools.partial(decode, self.model, self.cache)  # decode(token), with this model and cache
             self.step = self.replay(step, context[:, -1:], keep=[self.cache.pos]) if self.replay else step
         self.cache.pos.zero_()
-        logits, _ = self.model(context, cache=self.cache)
-        return logits
+        return decode(self.model, self.cache, context)
 
 
-def decode(model, cache, token):
-    """The logits (B, 1, V) of the token after token (B, 1), whose keys and values join the cache."""
-    logits, _ = model(token, cache=cache)
+def decode(model, cache, tokens):
+    """The logits (B, T, V) of tokens (B, T) after the cache's: their keys and values join it (each layer's
+    attention writes its own), and the cache's position moves on past them."""
+    logits, _ = model(tokens, cache=cache)
+    cache.pos += tokens.size(1)
     return logits
 
 
