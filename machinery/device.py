@@ -147,8 +147,8 @@ def device_states(state, has):
 
 # ----------------------------------------------------------------------------- peak FLOPs, for MFU
 
-# Dense tensor-core peaks in TFLOP/s per autocast dtype, by the GPU's exact name; float32 means TF32 where
-# the GPU has it (configure_matmul turns it on). A name not here gets no MFU rather than a wrong one.
+# Dense tensor-core peaks in TFLOP/s per autocast dtype, by the GPU's exact name; float32 means TF32 where the GPU
+# has it (configure_matmul turns it on). A name not here gets no MFU rather than a wrong one (mfu_note says so).
 _A100 = {"bfloat16": 312, "float16": 312, "float32": 156}
 _H100_SXM = {"bfloat16": 989, "float16": 989, "float32": 495}
 _V100_SXM = {"float16": 125, "float32": 15.7}
@@ -168,24 +168,23 @@ PEAK_TFLOPS = {
     "NVIDIA GeForce RTX 3090": {"bfloat16": 71, "float16": 71, "float32": 35.6},
     "NVIDIA GeForce RTX 4090": {"bfloat16": 165, "float16": 165, "float32": 82.6},
 }
-UNKNOWN_PEAKS = set()  # (GPU, dtype) pairs this process has said it has no peak for
 
 
 def peak_flops(device, dtype):
-    if device.type != "cuda":
-        return None
-    name = gpu(device)[0]
-    peak = PEAK_TFLOPS.get(name, {}).get(dtype)
-    if peak is None and (name, dtype) not in UNKNOWN_PEAKS:  # said once, not at every progress line
-        UNKNOWN_PEAKS.add((name, dtype))
-        log(f"note: MFU is not shown: the {dtype} peak of {name!r} is not in device.PEAK_TFLOPS")
+    """The chip's peak FLOP/s at dtype, None where unknown (a CPU, a Mac, a GPU or dtype not in the table)."""
+    peak = PEAK_TFLOPS.get(gpu(device)[0], {}).get(dtype) if device.type == "cuda" else None
     return peak and peak * 1e12
+
+
+def mfu_note(device, dtype):
+    """A start-up line where a GPU's progress lines will show no MFU (its peak at dtype unknown), else None."""
+    if device.type == "cuda" and not peak_flops(device, dtype):
+        return f"note: MFU is not shown: the {dtype} peak of {gpu(device)[0]!r} is not in device.PEAK_TFLOPS"
 
 
 def flops_per_token(model):
     """Forward + backward FLOPs per token at full context (the PaLM appendix estimate)."""
-    c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+    return 6 * model.num_params() + 12 * model.config.n_layer * model.config.n_embd * model.config.block_size
 
 
 # ----------------------------------------------------------------------------- several processes

@@ -15,7 +15,7 @@ from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoin
                                   tokenizer_of)
 from machinery.cli import first_line, log, warn
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
-                              measure_dtype, measured_on, rank_seed, resolve_dtype, seed_everything, set_rng_state,
+                              measure_dtype, measured_on, mfu_note, rank_seed, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, setup_distributed, trial, trial_step, wrap)
 from machinery.records import sample_seconds
 from machinery.sources import check_long_enough, load_corpus
@@ -204,6 +204,8 @@ def print_header(run):
     precision = (run.state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, run.dtype)
     run.say(f"device {describe(run.device)} ({precision}, {run.threads} threads){processes} "
             f"| preset {run.preset} | data {cfg.data}")
+    if note := mfu_note(run.device, run.dtype):
+        run.say(note)
     variants = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in dataclasses.fields(m) if f.name not in SHAPE)
     run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"block {m.block_size}, vocab {m.vocab_size} | {variants} | optimizer {cfg.optimizer}")

@@ -18,10 +18,9 @@ def build_parser(device):
         dtype = "measured at start-up here" if measured_on(device) else f"{resolve_dtype('auto', device)} here"
     auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
             "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
-    parser = cli.ArgumentParser(
-        description="Train a GPT language model on a text file.",
-        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "
-               f"shown are that preset's where it sets them. Flags override the preset.")
+    epilog = (f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "
+              f"shown are that preset's where it sets them. Flags override the preset.")
+    parser = cli.ArgumentParser(description="Train a GPT language model on a text file.", epilog=epilog)
     cli.add_config_flags(parser, RunOptions, auto, title="what to do")
     defaults = {**{k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}, **auto}  # what --help shows
     cli.add_config_flags(parser, GPTConfig, defaults, title="model (GPTConfig)")

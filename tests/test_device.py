@@ -131,15 +131,16 @@ def test_mocked_cpu_capabilities_decide_what_auto_starts_from(fake_machine, caps
 def test_mocked_gpu_mfu_peaks_by_exact_name_and_dtype(fake_gpu, name, dtype, tflops):
     fake_gpu(name, (8, 0))
     assert peak_flops(CUDA, dtype) == pytest.approx(tflops * 1e12)
+    assert device_module.mfu_note(CUDA, dtype) is None  # a known peak: MFU on every progress line, no note
 
 
 @pytest.mark.parametrize("name, dtype", [("NVIDIA RTX A1000", "bfloat16"), ("Tesla T4", "bfloat16")])
-def test_mocked_unknown_gpu_or_dtype_has_no_mfu_and_says_so_once(fake_gpu, capsys, monkeypatch, name, dtype):
+def test_mocked_unknown_gpu_or_dtype_has_no_mfu_and_says_so_in_a_start_up_line(fake_gpu, capsys, name, dtype):
     fake_gpu(name, (8, 6))
-    monkeypatch.setattr(device_module, "UNKNOWN_PEAKS", set())  # as a fresh process has it
-    assert peak_flops(CUDA, dtype) is None and peak_flops(CUDA, dtype) is None  # asked at every progress line
-    out = capsys.readouterr().out
-    assert out.count("MFU") == 1 and name in out
+    assert peak_flops(CUDA, dtype) is None and capsys.readouterr().out == ""  # asked at every progress line: silent
+    note = device_module.mfu_note(CUDA, dtype)
+    assert "MFU is not shown" in note and name in note and dtype in note
+    assert device_module.mfu_note(CPU, dtype) is None  # no peak on a CPU, and nothing to say
 
 
 def test_a_resume_on_fewer_gpus_restores_those_it_has_and_says_so():
