@@ -27,7 +27,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
 
     def document(text):
         if clean:
-            text = clean_text(text)
+            text = clean_text(text).strip()
             key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
             if key in seen:
                 return None
@@ -63,7 +63,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
             with open(path, encoding="utf-8-sig") as f:
                 while chunk := f.read(chunk_chars):
                     chunk += f.readline()  # end the piece at a line end
-                    yield clean_text(chunk) if clean else chunk, False
+                    yield clean_text(chunk) if clean else chunk, False  # (its line ends kept: they join it to the next)
             yield "", True
     except UnicodeDecodeError:
         raise TinyLLMError(f"data file {file} is not UTF-8 text") from None
@@ -94,11 +94,11 @@ def qa_prompt(question):
 
 
 def clean_text(text):
-    """Light curation: unify line ends, trim trailing spaces, squeeze runs of spaces and blank lines."""
+    """Light curation: unify line ends, trim trailing spaces, squeeze runs of spaces and blank lines; the ends kept."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = re.sub(r"[ \t]+\n", "\n", text)
     text = re.sub(r"[ \t]{2,}", " ", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 def iter_stream(path, clean=False, extensions=".txt"):

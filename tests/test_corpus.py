@@ -100,6 +100,19 @@ def test_clean_normalises_whitespace_and_drops_duplicates(tmp_path):
     assert len(list(iter_pieces(str(path)))) == 3
 
 
+def test_clean_reads_a_large_text_file_in_pieces_without_joining_lines_at_their_seams(tmp_path):
+    from machinery.sources import clean_text
+    path = tmp_path / "book.txt"
+    text = "".join(f"  Line {i} of   the book.  \n" + "\n" * (i % 4) for i in range(200))
+    path.write_bytes(text.replace("\n", "\r\n").encode())  # Windows line ends, cleaned too
+    pieces = [t for t, _ in iter_pieces(str(path), clean=True, chunk_chars=50)]  # many pieces, each at a line end
+    assert len(pieces) > 50
+    cleaned = clean_text(text).strip()  # the whole text cleaned at once
+    # the same lines in the same order; a run of blank lines split between two pieces may keep one more
+    assert [line for line in "".join(pieces).strip().split("\n") if line] == [l for l in cleaned.split("\n") if l]
+    assert "\n\n\n\n" not in "".join(pieces) and cleaned.startswith("Line 0 of the book.\n")
+
+
 def test_tiny_model_learns_to_answer_and_stop(tmp_path):
     records = [{"question": q, "answer": a} for q, a in [
         ("Who are you?", "I am tinyllm."), ("What is your name?", "My name is tinyllm."),
