@@ -28,8 +28,8 @@ def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
     may not (the softmax turns -inf into weight 0). The T queries sit at positions start to
     start + T - 1, the S keys at 0 to S - 1; a query sees the keys at its own position and
-    before. In training start is 0 and S is T: the lower triangle. (Generation's queries continue
-    a KV cache: sampling.KVCache.mask; start defaults to S - T, the last T of the S positions.)"""
+    before. In training start is 0 and S is T: the lower triangle. (GPT.forward says what
+    generation passes; start defaults to S - T, the last T of the S positions.)"""
     start = S - T if start is None else start  # an int, or a tensor (sampling.KVCache.pos)
     query_pos = start + torch.arange(T, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -202,11 +202,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
-        start = 0 if cache is None else cache.pos  # generation: idx continues the cache's tokens (sampling.py)
+        start = 0 if cache is None else cache.pos  # generation: idx continues the cache's tokens (sampling.KVCache)
         x, rope = self.embed(idx, start)  # (B, T, C)
-        # the mask added to every layer's attention scores: in training None, the causal triangle the fused kernel
-        # makes itself (a variant that adds to it passes causal_mask's (T, T)); with a cache, sampling.KVCache.mask
-        mask = None if cache is None else cache.mask(T)
+        # the mask added to every layer's attention scores: in training None, the causal triangle the fused kernel makes
+        # itself (a variant that adds to it passes causal_mask's (T, T)); with a cache, the T queries against the keys
+        # of its block_size slots, those after each query's position (empty, or stale) hidden
+        mask = None if cache is None else causal_mask(T, self.config.block_size, idx.device, start)  # (T, S)
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)

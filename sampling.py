@@ -14,8 +14,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from model import causal_mask
-
 
 # ----------------------------------------------------------------------------- the loop
 
@@ -73,11 +71,6 @@ class KVCache:
         self.k[layer].index_copy_(2, slots, k)  # k into slots pos.. of dimension 2, the positions
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
-
-    def mask(self, T):
-        """(T, block_size): the attention mask of T new queries at positions pos.. against the buffers' keys,
-        each seeing the slots up to its own position, not the (empty or stale) ones after (model.causal_mask)."""
-        return causal_mask(T, self.block_size, self.pos.device, start=self.pos)
 
 
 class Context:
