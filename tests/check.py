@@ -17,6 +17,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from config import TrainConfig  # noqa: E402 (the repository's own, whichever folder this runs from)
 
 NEAREST = {  # the pytest arguments of each kind of change: its nearest files whole, and the run tests naming it
     "schedule": ["tests/test_data.py", "tests/test_budget.py", "tests/test_runs.py", "tests/test_train.py",
@@ -47,7 +49,10 @@ def after(lines, step):
 
 def try_it(train_flags, sample_flags):
     """A change end to end: exact resume, a budget's floor, the cache against recomputation (see the top)."""
-    quick = ["--preset", "speedrun", "--log_interval", "10", "--dtype", "float32", "--overwrite", *train_flags]
+    default = TrainConfig()  # speedrun's small, fast model, with the default schedule and floor (a change may set them)
+    quick = ["--preset", "speedrun", "--lr_schedule", default.lr_schedule, "--min_lr", f"{default.min_lr:g}",
+             "--warmup_steps", "10", "--log_interval", "10", "--dtype", "float32", "--overwrite", *train_flags]
+    print("python train.py " + " ".join(quick), flush=True)  # the flags each run starts from
     with tempfile.TemporaryDirectory(prefix="tinyllm-try-") as tmp:
         whole, resumed = os.path.join(tmp, "whole"), os.path.join(tmp, "resumed")
         straight = run("train.py", *quick, "--max_steps", "60", "--save_interval", "30", "--out_dir", whole)

@@ -6,7 +6,6 @@ changes without a jump, resumes where it was, and runs whatever schedule optim.g
 (the tests watch progress, not the LR, so they hold for any schedule); one run on the real
 clock checks that it ends in time."""
 
-import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 import pytest
 
 from config import TrainConfig
-from conftest import ROOT, TINY_SHAPE, assert_one_line_error, cli, interrupt_at, subprocess_env
+from conftest import ROOT, SCHEDULES, TINY_SHAPE, assert_one_line_error, cli, interrupt_at, subprocess_env
 import train
 
 from machinery import budget
@@ -102,8 +101,7 @@ def test_a_budget_runs_whatever_schedule_get_lr_holds(shakespeare_head, tmp_path
     assert lrs[-1] <= cfg.min_lr + 0.05 * (cfg.lr - cfg.min_lr) and clock() <= 3  # down at the end, in time
 
 
-@pytest.mark.parametrize("schedule", next(f for f in dataclasses.fields(TrainConfig)
-                                           if f.name == "lr_schedule").metadata["choices"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_every_schedule_config_offers_takes_its_last_budgeted_step_at_the_floor(shakespeare_head, tmp_path, capsys,
                                                                                 monkeypatch, schedule):
     lrs, step = [], train.train_step

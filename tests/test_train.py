@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from config import RunOptions, TinyLLMError, TrainConfig
-from conftest import Payload, checkpoint_of, fixed_batch, interrupt_at, tiny_model_config, tiny_train_config
+from conftest import SCHEDULES, Payload, checkpoint_of, fixed_batch, interrupt_at, tiny_model_config, tiny_train_config
 from model import GPT
 from optim import get_lr, make_optimizer
 import train
@@ -58,7 +58,7 @@ def test_step_order_clips_before_the_optimizer_step_with_the_scheduled_lr():
     assert seen["lrs"] == [0.0123, 0.0123] == [figures["lr"]] * 2  # and this step's scheduled LR
 
 
-@pytest.mark.parametrize("lr_schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("lr_schedule", SCHEDULES)  # every choice config.py offers
 def test_a_run_of_steps_takes_each_step_at_get_lr_of_its_share_of_the_steps_after_the_warmup(shakespeare_head,
                                                                                              tmp_path, lr_schedule):
     cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=12, warmup_steps=4, log_interval=1,
