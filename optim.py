@@ -39,6 +39,12 @@ def run_progress(at, start, end):
     return progress0 + (1 - progress0) * (at - at0) / (end - at0)
 
 
+def steps_progress(step, cfg, start=None, end=None):
+    """A run of steps' progress: (step - warmup_steps) / (max_steps - warmup_steps); from start where a resume
+    moved max_steps (state.progress_from); end: another last step (a resume's old one)."""
+    return run_progress(step, start or [cfg.warmup_steps, 0.0], cfg.max_steps if end is None else end)
+
+
 def set_lr(optimizer, lr):
     """Give every parameter group this step's learning rate."""
     for group in optimizer.param_groups:

@@ -22,7 +22,7 @@ import torch
 
 from config import RunOptions
 from model import GPT
-from optim import get_lr, make_optimizer, run_progress, set_lr
+from optim import get_lr, make_optimizer, set_lr, steps_progress
 from utils import get_batch
 
 from machinery import budget, cli, device, records, setup, train_cli
@@ -121,7 +121,7 @@ def train_loop(run):
                     state.progress_from = clock.start()  # the warmup is over: progress 0 is here
                 state.progress = clock.progress()
             else:  # (step - warmup_steps) / (max_steps - warmup_steps), or on from where a resume moved max_steps
-                state.progress = run_progress(state.step, state.progress_from or [cfg.warmup_steps, 0.0], cfg.max_steps)
+                state.progress = steps_progress(state.step, cfg, state.progress_from)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                  cfg.grad_clip, run.ctx, run.scaler)

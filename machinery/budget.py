@@ -5,7 +5,7 @@ import math
 import time
 
 from config import TinyLLMError, parse_duration
-from optim import run_progress
+from optim import run_progress, steps_progress
 
 from machinery.cli import format_seconds
 from machinery.device import all_ranks_mean
@@ -19,16 +19,12 @@ def now():
 SAFETY = 0.01     # of a time budget: for the process's exit and the device's last queued steps
 
 
-def by_steps(step, state, cfg, end):
-    """Progress at step of a run that ends at step end: from the state's progress_from, else 0 at the warmup's end."""
-    return run_progress(step, (state and state.progress_from) or [cfg.warmup_steps, 0.0], end)
-
-
 def resume_at(state, cfg, old_end):
     """A resumed run's progress_from for a new end (--max_steps): on from where old_end (None: a time budget) had it."""
     if state.step < cfg.warmup_steps:
         return state.progress_from
-    return [state.step, state.progress if old_end is None else by_steps(state.step, state, cfg, old_end)]
+    return [state.step, state.progress if old_end is None else steps_progress(state.step, cfg, state.progress_from,
+                                                                                old_end)]
 
 
 class Clock:

@@ -6,9 +6,8 @@ import math
 import os
 
 from config import TinyLLMError
-from optim import get_lr
+from optim import get_lr, steps_progress
 
-from machinery import budget
 from machinery.cli import log, warn
 
 
@@ -90,7 +89,7 @@ def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     taken = [(h["step"], h["lr"]) for h in split_history(state.history if state else [])[0] if h["lr"]]
     first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
     planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace
-        (s, get_lr(s, budget.by_steps(s, state, train_cfg, train_cfg.max_steps), train_cfg))
+        (s, get_lr(s, steps_progress(s, train_cfg, state and state.progress_from), train_cfg))
         for s in range(first, train_cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot([s for s, _ in taken + planned], [lr for _, lr in taken + planned])
