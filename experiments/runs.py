@@ -12,7 +12,8 @@ import torch
 import train
 from config import RunOptions, build_configs, default_preset
 from machinery.cli import log
-from machinery.device import choose_device, gpu, interleaved, machine, trial_step
+from machinery.device import choose_device, gpu, machine
+from machinery.precision import interleaved, trial_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def step_times(runs, untimed, steps):
 
     def step_of(run):
         def step():
-            trial_step(run, train.train_step, run.ctx, run.scaler)
+            trial_step(run, run.ctx, run.scaler)
             sync(run.device)
         return step
 

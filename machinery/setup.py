@@ -14,9 +14,10 @@ from machinery import budget
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
                                   tokenizer_of)
 from machinery.cli import first_line, log, warn
-from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
-                              measure_dtype, measured_on, mfu_note, rank_seed, resolve_dtype, seed_everything,
-                              set_rng_state, set_threads, setup_distributed, trial, trial_step, wrap)
+from machinery.device import (choose_device, configure_matmul, describe, mfu_note, rank_seed, seed_everything,
+                              set_rng_state, set_threads, setup_distributed, wrap)
+from machinery.precision import (autocast, explain_dtype, make_scaler, measure_dtype, measured_on, resolve_dtype, trial,
+                                 trial_step)
 from machinery.records import sample_seconds
 from machinery.sources import check_long_enough, load_corpus
 
@@ -155,7 +156,7 @@ def load_corpus_and_model(run):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def before_first_step(run, corpus, model, optimizer, next_batch, val_batch, train_step):
+def before_first_step(run, corpus, model, optimizer, next_batch, val_batch):
     """The run whole, with what train.build made: the state, each rank's seed, compile, DDP, the precision."""
     cfg = run.cfg
     run = dataclasses.replace(run, model_cfg=model.config, corpus=corpus, model=model, optimizer=optimizer,
@@ -171,9 +172,9 @@ def before_first_step(run, corpus, model, optimizer, next_batch, val_batch, trai
     run = dataclasses.replace(run, state=state, train_model=train_model, next_batch=next_batch,
                               **precision(run.device, resolve_dtype(cfg.dtype, run.device)))
     if cfg.compile:
-        check_compiles(run, train_step)
+        check_compiles(run)
     if cfg.dtype == "auto" and measured_on(run.device):  # a resumed run keeps what its first process measured
-        state.plan = state.plan if (state.plan or {}).get("dtype") else measure_dtype(run, train_step)
+        state.plan = state.plan if (state.plan or {}).get("dtype") else measure_dtype(run)
         run = dataclasses.replace(run, **precision(run.device, state.plan["dtype"]))
     if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
         run.scaler.load_state_dict(run.source["scaler"])
@@ -181,11 +182,11 @@ def before_first_step(run, corpus, model, optimizer, next_batch, val_batch, trai
     return dataclasses.replace(run, sample_seconds=sample_seconds(run) if cfg.time_budget else 0.0)
 
 
-def check_compiles(run, train_step):
+def check_compiles(run):
     """One trial step before the run writes anything: --compile fails without a C++ compiler (Windows: Visual C++)."""
     try:
         with trial(run):
-            trial_step(run, train_step, run.ctx, run.scaler)
+            trial_step(run, run.ctx, run.scaler)
     except torch.OutOfMemoryError:
         raise  # train()'s own line says what to try
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError: any error counts

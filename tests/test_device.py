@@ -15,14 +15,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from config import GREEDY, RunOptions, Sampler, TinyLLMError, TrainConfig, default_preset
 from conftest import complex_rope, fixed_batch, rope_angles, tiny_model_config, tiny_train_config
 from model import GPT, apply_rope
-from optim import make_optimizer
+from optim import make_optimizer, train_step
 import sampling
 import train
 
 from machinery import device as device_module
 from machinery import records
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.device import autocast, choose_device, make_scaler, peak_flops, resolve_dtype
+from machinery.device import choose_device, peak_flops
+from machinery.precision import autocast, make_scaler, resolve_dtype
 from machinery.sources import start_ids
 
 CPU = torch.device("cpu")
@@ -187,7 +188,7 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     before = copy.deepcopy(model.state_dict())
     batch = fixed_batch()
-    train.train_step(model, optimizer, lambda: batch, 1e-3, 1, 1.0, autocast(CPU, "float16"),
+    train_step(model, optimizer, lambda: batch, 1e-3, 1, 1.0, autocast(CPU, "float16"),
                      torch.amp.GradScaler("cpu"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # skipped, not half taken
 
@@ -277,7 +278,7 @@ def test_a_training_step_never_waits_for_the_device(accum):
     batch = fixed_batch()
     with SyncCounter() as counter:
         for _ in range(3):
-            train.train_step(model, optimizer, lambda: batch, 1e-3, accum, 1.0, contextlib.nullcontext())
+            train_step(model, optimizer, lambda: batch, 1e-3, accum, 1.0, contextlib.nullcontext())
     assert counter.syncs == 0
 
 
