@@ -6,6 +6,7 @@ one to read is CharTokenizer, one token per character. The byte-level ones (--to
 gpt2) have the same methods and are a deep dive (deep_dives/bpe.py). Where the text comes from
 (a file, a folder, JSONL, a corpus tokenized to disk) is machinery/sources.py's business."""
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -85,6 +86,11 @@ class Corpus:
     chars_per_token: float     # of the val split, to report bits per character
     added: list = None         # fine-tuning: characters the checkpoint's char tokenizer lacked and now has
     old_ids: list = None       # with added: the id each token had before (None for new ones)
+
+
+def bits_per_char(loss, chars_per_token):
+    """A loss in nats per token as bits per character: comparable between tokenizers."""
+    return loss / chars_per_token / math.log(2)
 
 
 def tokenize(text, tokenizer=None, kind="char", vocab_size=0):

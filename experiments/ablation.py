@@ -1,12 +1,12 @@
 """What each modern part buys (bench.py ablation): train.py runs at equal settings that differ
 only in the model's switches, a table and a plot of their validation losses."""
 
-import math
 import os
 import tempfile
 
 import train
 from config import TinyLLMError
+from utils import bits_per_char
 from experiments.runs import machine_info, markdown_table, new_run
 from machinery.cli import explicit_flags, log
 from machinery.plots import new_plot, save_plot, split_history
@@ -44,7 +44,7 @@ def bench_ablation(args):
             best = min(evals, key=lambda h: h["val_loss"])
             rows.append({"name": name, **VARIANTS[name], "params": run.model.num_params(),
                          "best_val_loss": best["val_loss"], "best_step": best["step"],
-                         "bpc": best["val_loss"] / run.corpus.chars_per_token / math.log(2),
+                         "bpc": bits_per_char(best["val_loss"], run.corpus.chars_per_token),
                          "seconds": summary["seconds"], "curve": [(h["step"], h["val_loss"]) for h in evals]})
     base = rows[0]["best_val_loss"]
     table = markdown_table(["variant", "norm", "mlp", "pos", "optimizer", "params", "best val loss",

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from model import lm_loss
+from utils import bits_per_char
 
 from machinery.checkpoint import load_model
 from machinery.cli import log
@@ -21,7 +22,7 @@ def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
     corpus, data = validation_split(checkpoint, tokenizer, data)
     val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
     loss = token_losses(model, val_ids, batch_size).mean().item()
-    bpc = loss / corpus.chars_per_token / math.log(2)
+    bpc = bits_per_char(loss, corpus.chars_per_token)
     log(f"{path} on the val split of {data} ({len(val_ids):,} tokens, every position once):")
     log(f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | {bpc:.4f} bits per character")
     return {"loss": loss, "perplexity": math.exp(loss), "bpc": bpc}

@@ -13,6 +13,7 @@ import torch
 from config import Sampler, TinyLLMError
 import sampling
 from deep_dives import graphs
+from utils import bits_per_char
 
 from machinery import budget, plots
 from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
@@ -102,7 +103,7 @@ def speed(run, ms):
 
 
 def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab_size, improved):
-    bits = val_loss / chars_per_token / math.log(2)
+    bits = bits_per_char(val_loss, chars_per_token)
     line = f"eval {step:>6}/{end_step or '?'} | train {train_loss:.4f} | val {val_loss:.4f} ({bits:.3f} bits/char)"
     baseline = f" | uniform baseline ln(V) = {math.log(vocab_size):.4f}" if step == 0 else ""
     return line + baseline + (" | new best" if improved else "")
