@@ -46,12 +46,6 @@ def steps_progress(step, cfg, start=None, end=None):
     return run_progress(step, start or [cfg.warmup_steps, 0.0], cfg.max_steps if end is None else end)
 
 
-def set_lr(optimizer, lr):
-    """Give every parameter group this step's learning rate."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
 def make_optimizer(model, cfg, device):
     """AdamW that decays matrices (embeddings, linear weights) but not biases or norm gains."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -72,7 +66,8 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     reads them only now and then). ctx: the forward pass's precision (an autocast; nothing for float32);
     scaler: float16's loss scaling, a torch.amp.GradScaler (None for other dtypes)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
-    set_lr(optimizer, lr)                                    # 1. this step's learning rate
+    for group in optimizer.param_groups:                     # 1. this step's learning rate, every group's
+        group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
     batch_loss = 0.0                                         # the batch's mean loss: each micro-batch adds its share
     for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches

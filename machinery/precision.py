@@ -1,6 +1,5 @@
-"""The precision of a run's forward pass (float32, bfloat16 or float16 under autocast; the weights stay float32):
-what this device computes natively, --dtype auto (timing both on a CPU with bfloat16 instructions), and float16's loss
-scaling. What the machine has is asked of machinery/device.py, where tests stand in for a machine."""
+"""The forward pass's precision (float32, or bfloat16 or float16 under autocast): what a device computes natively,
+--dtype auto's timing, float16's loss scaling. What the machine has is asked of device.py (tests stand in there)."""
 
 import contextlib
 import copy
@@ -17,8 +16,6 @@ from optim import train_step
 from machinery import device as hardware
 from machinery.cli import warn
 
-
-# ----------------------------------------------------------------------------- the precision
 
 def has_native_bf16(device):
     """bfloat16 computed natively: torch.cuda.is_bf16_supported() also counts a T4, which emulates it slowly; a CPU

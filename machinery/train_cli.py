@@ -7,8 +7,8 @@ from config import PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, d
 
 from machinery import cli, plots
 from machinery.device import choose_device, set_threads
-from machinery.precision import measured_on, resolve_dtype
 from machinery.evaluation import evaluate_checkpoint
+from machinery.precision import measured_on, resolve_dtype
 
 
 def build_parser(device):
