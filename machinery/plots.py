@@ -108,5 +108,6 @@ def draw_lr_schedule(train_cfg):
     path = os.path.join(train_cfg.out_dir, "lr_schedule.png")
     planned = dict(plot_lr_schedule(train_cfg, path))
     steps = {train_cfg.warmup_steps} | {round(train_cfg.max_steps * i / 10) for i in range(11)}  # tenths, the peak
+    steps = {s for s in steps if s <= train_cfg.max_steps}  # (a run that ends within its warmup has no peak)
     log("lr at step " + ", ".join(f"{s}: {planned[s]:.3g}" for s in sorted(steps)))
     log(f"wrote {path}")

@@ -91,6 +91,13 @@ def test_plot_lr_also_prints_the_schedule_at_every_tenth_of_the_run(tmp_path, ca
     assert (tmp_path / "lr_schedule.png").exists()
 
 
+def test_plot_lr_of_a_run_that_ends_within_its_warmup_prints_the_steps_it_has(tmp_path, capsys):
+    code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "50", "--warmup_steps", "100", "--out_dir",
+                       tmp_path)
+    printed = dict(pair.split(": ") for pair in out.split("lr at step ")[1].splitlines()[0].split(", "))
+    assert code == 0 and list(printed)[-1] == "50" and "100" not in printed
+
+
 def test_missing_and_empty_data_are_clear_errors(tmp_path):
     with pytest.raises(TinyLLMError, match="not found"):
         load_corpus(str(tmp_path / "nope.txt"))
