@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from config import BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, TinyLLMError
+from deep_dives import bpe  # the byte-level tokenizers: a deep dive
 
 
 # ----------------------------------------------------------------------------- text to token ids and back
@@ -67,7 +68,6 @@ def make_tokenizer(kind, text, vocab_size, verbose=False):
     vocab_size 0 means BPE_VOCAB_SIZE)."""
     if kind == "char":
         return CharTokenizer.from_text(text)
-    from deep_dives import bpe  # the byte-level ones: a deep dive, imported only when asked for
     if kind == "bpe":
         return bpe.BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
     if kind == "gpt2":
@@ -88,6 +88,11 @@ class Corpus:
     old_ids: list = None       # with added: the id each token had before (None for new ones)
 
 
+def chars_per_token(tokenizer, ids):
+    """Characters per token of ids; <|endoftext|> counts as one, a boundary like a line end (not its 13 letters)."""
+    return len(tokenizer.decode(list(ids)).replace(EOT, "\n")) / max(1, len(ids))
+
+
 def bits_per_char(loss, chars_per_token):
     """A loss in nats per token as bits per character: comparable between tokenizers."""
     return loss / chars_per_token / math.log(2)
@@ -101,8 +106,7 @@ def tokenize(text, tokenizer=None, kind="char", vocab_size=0):
         tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * TRAIN_FRACTION)], vocab_size)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
     train_ids, val_ids = split_train_val(ids)
-    chars_per_token = len(tokenizer.decode(val_ids.tolist())) / max(1, len(val_ids))
-    return Corpus(tokenizer, train_ids, val_ids, chars_per_token)
+    return Corpus(tokenizer, train_ids, val_ids, chars_per_token(tokenizer, val_ids.tolist()))
 
 
 def split_train_val(ids):

@@ -12,7 +12,7 @@ from conftest import corpus_head, snapshot, tiny_model_config, tiny_train_config
 from generate import encode_prompt
 import sampling
 import train
-from utils import get_batch
+from utils import get_batch, tokenize
 
 from tools import prepare
 from machinery.sources import tokenizer_from_dict
@@ -63,6 +63,27 @@ def test_prepare_jsonl_with_char_tokenizer_and_uint16(tmp_path):
     _, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
     tok = tokenizer_from_dict(meta["tokenizer"])
     assert tok.decode(np.concatenate([train_ids, val_ids]).tolist()) == load_corpus(str(path))
+
+
+def test_bits_per_character_count_end_of_text_as_one_character_in_memory_and_prepared(tmp_path):
+    path = tmp_path / "data.jsonl"  # short documents: many <|endoftext|> tokens in the val split
+    path.write_text("\n".join(json.dumps({"text": f"doc {i}: " + "xy" * (i % 5)}) for i in range(300)) + "\n")
+    corpus = tokenize(load_corpus(str(path)))  # char tokens, <|endoftext|> too: one character each
+    assert EOT in corpus.tokenizer.decode(corpus.val.tolist()) and corpus.chars_per_token == 1.0
+    meta = prepare.prepare(TrainConfig(data=str(path)), str(tmp_path / "out"))
+    _, _, val_ids = load_prepared(str(tmp_path / "out"))
+    assert meta["val_chars"] == len(val_ids)
+
+
+def test_prepare_learns_bpe_from_the_training_split_alone_and_never_cuts_an_end_of_text(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for i in range(20):  # a word only the last 2% of the text has: the validation split's
+        (tmp_path / "docs" / f"{i:02d}.txt").write_text("zqxjv " * 10 if i >= 19 else "the " * 100, encoding="utf-8")
+    cfg = TrainConfig(data=str(tmp_path / "docs"), tokenizer="bpe")
+    learned = prepare.tokenizer_text(cfg, 10**9, prepare.source_size(cfg))
+    assert "the" in learned and "zqxjv" not in learned
+    text = "ab" + EOT + "cd"
+    assert [prepare.train_chars(text, 0, at) for at in (1, 3, 14, 15, 16)] == [1, 2, 2, 15, 16]  # EOT: 2 to 14
 
 
 def test_a_failed_prepare_leaves_the_previous_dataset_as_it_was(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from config import PictureConfig, Sampler, TinyLLMError, make_config
 from sampling import next_token_probs
-from utils import CharTokenizer, bits_per_char
+from utils import CharTokenizer, bits_per_char, chars_per_token
 
 from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.checkpoint import load_model
@@ -124,8 +124,7 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     image = ax.imshow(grid, cmap="YlOrRd", vmin=0.0, vmax=8.0, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="bits")
     ax.set_axis_off()
-    chars_per_token = len(tokenizer.decode(ids.tolist())) / len(ids)
-    bpc = bits_per_char(losses.mean().item(), chars_per_token)
+    bpc = bits_per_char(losses.mean().item(), chars_per_token(tokenizer, ids.tolist()))
     ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9)
     save_plot(fig, None, path)
     return (f"{len(chars)} characters of the val split coloured by the model's loss on each, pale = "

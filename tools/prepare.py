@@ -31,14 +31,16 @@ def source_size(cfg):
     return size
 
 
-def tokenizer_text(cfg, max_chars):
-    """What the tokenizer is built from: every character for char; the first max_chars for BPE."""
+def tokenizer_text(cfg, max_chars, total_bytes):
+    """What the tokenizer is built from: every character for char; for BPE the first max_chars of the training
+    split, so that the validation text stays unseen."""
     if cfg.tokenizer != "char":
-        parts, total = [], 0
+        parts, total, seen = [], 0, 0
         for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
-            parts.append(text)
-            total += len(text)
-            if total >= max_chars:
+            cut = train_chars(text, seen, total_bytes * TRAIN_FRACTION)
+            parts.append(text[:cut])
+            total, seen = total + cut, seen + len(text.encode("utf-8"))
+            if total >= max_chars or cut < len(text):
                 break
         return "".join(parts)
     chars = set()
@@ -57,9 +59,9 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20):
     if total_bytes == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
     t0 = time.perf_counter()
-    what = "every character" if cfg.tokenizer == "char" else f"the first {tokenizer_sample_mb} MB"
+    what = "every character" if cfg.tokenizer == "char" else f"the first {tokenizer_sample_mb} MB of the training split"
     log(f"building the {cfg.tokenizer} tokenizer from {what} of {total_bytes / 2**20:,.1f} MB ...")
-    tokenizer = make_tokenizer(cfg.tokenizer, tokenizer_text(cfg, tokenizer_sample_mb * 2**20), vocab_size,
+    tokenizer = make_tokenizer(cfg.tokenizer, tokenizer_text(cfg, tokenizer_sample_mb * 2**20, total_bytes), vocab_size,
                                verbose=cfg.tokenizer == "bpe")
     log(f"tokenizer {cfg.tokenizer}: {tokenizer.vocab_size:,} tokens (built in {time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -81,6 +83,16 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20):
     return meta
 
 
+def train_chars(text, seen, split_at):
+    """How many of text's characters train, text starting seen bytes into the source: those before byte split_at
+    (a character or an <|endoftext|> the byte cuts validates)."""
+    if seen >= split_at:
+        return 0
+    cut = len(text.encode("utf-8")[:int(split_at - seen)].decode("utf-8", errors="ignore"))
+    eot = text.find(EOT, max(0, cut - len(EOT) + 1))
+    return eot if -1 < eot < cut else cut
+
+
 def write_splits(cfg, tokenizer, dtype, out, total_bytes):
     """Stream the source through the tokenizer into out/train.bin.tmp and out/val.bin.tmp, removed on failure."""
     split_at = total_bytes * TRAIN_FRACTION  # the first 90% of the bytes train, the rest validates
@@ -91,15 +103,14 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
         with open(paths["train"], "wb") as train_file, open(paths["val"], "wb") as val_file:
             files = {"train": train_file, "val": val_file}
             for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
-                data = text.encode("utf-8")  # a character that split_at's byte cuts goes to val
-                cut = len(data[:int(split_at - seen)].decode("utf-8", errors="ignore")) if seen < split_at else 0
+                cut = train_chars(text, seen, split_at)
                 for split, part in (("train", text[:cut]), ("val", text[cut:])):
                     if part:
                         ids = np.asarray(tokenizer.encode(part), dtype=dtype)
                         ids.tofile(files[split])
                         counts[split] += len(ids)
-                        val_chars += len(part) if split == "val" else 0
-                seen += len(data)
+                        val_chars += len(part.replace(EOT, "\n")) if split == "val" else 0  # (EOT: one character)
+                seen += len(text.encode("utf-8"))
                 if time.perf_counter() - last_report > 2:  # the first line once there is a rate to show
                     last_report = time.perf_counter()
                     report_progress(seen, total_bytes, sum(counts.values()), last_report - t0)
