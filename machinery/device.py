@@ -1,7 +1,7 @@
-"""Where the numbers are computed: the device and its CPU threads, the random generators, several processes (DDP), and
-peak FLOP/s for MFU (the precision: precision.py). The first section is the one place tinyllm asks torch what the machine has
-(machine, gpu, autocast_works, gradient_scaler): tests replace those, never torch's own functions, which torch's
-internals read too. Plain functions (processes_plan, device_states) decide from those facts, which tests make up."""
+"""Where the numbers are computed: the device and its CPU threads, the random generators, several processes (DDP),
+peak FLOP/s for MFU (the precision: precision.py). The first section is the one place tinyllm asks torch what the
+machine has (machine, gpu, autocast_works, gradient_scaler): tests replace those, never torch's own functions, which
+torch's internals read too. Plain functions (processes_plan, device_states) decide from those facts, which tests make up."""
 
 import contextlib
 import os
