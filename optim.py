@@ -1,8 +1,7 @@
 """How the weights move: the learning-rate schedule (linear warmup, then a decay over the run's
-progress: --lr_schedule), AdamW with weight decay on matrices only, and one optimizer step that applies them
-(train_step). (--optimizer muon swaps the blocks' matrices to Muon, a deep dive: deep_dives/muon.py.)"""
+progress: --lr_schedule) and AdamW with weight decay on matrices only; train.py's train_step applies them.
+(--optimizer muon swaps the blocks' matrices to Muon, a deep dive: deep_dives/muon.py.)"""
 
-import contextlib
 import math
 
 import torch
@@ -58,29 +57,3 @@ def make_optimizer(model, cfg, device):
     # fused: the whole update in one kernel per tensor (faster on CPUs too). Not on a Mac, whose fused
     # kernel refuses float16's skip flag (torch 2.5-2.7: docs/platforms.md)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
-
-
-def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
-    """One optimizer step, in the order that is the lesson. Returns its figures: the batch's loss, the LR and
-    the gradient norm before clipping, loss and norm as tensors (reading one makes a GPU wait, so the loop
-    reads them only now and then). ctx: the forward pass's precision (an autocast; nothing for float32);
-    scaler: float16's loss scaling, a torch.amp.GradScaler (None for other dtypes)."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
-    for group in optimizer.param_groups:                     # 1. this step's learning rate, every group's
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
-    batch_loss = 0.0                                         # the batch's mean loss: each micro-batch adds its share
-    for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
-        x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
-        sync = micro_step == grad_accum_steps - 1 or not hasattr(model, "no_sync")  # DDP: average the processes'
-        with contextlib.nullcontext() if sync else model.no_sync():                 # gradients once, at the last
-            with ctx:
-                _, loss = model(x, y)                        # 4. forward, 5. the loss
-            loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
-            scaler.scale(loss).backward()                    # 6. backward (float16 scales the loss up first: no underflow)
-        batch_loss = batch_loss + loss.detach()
-    scaler.unscale_(optimizer)                               # (float16: the scale divided back out)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))  # 7. clip (0: measure only)
-    scaler.step(optimizer)                                   # 8. update the weights (not if a gradient is inf or NaN)
-    scaler.update()                                          # (float16: the scale adapts)
-    return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}

@@ -3,8 +3,8 @@
     python train.py     # data/input.txt (Shakespeare): preset tiny on a CPU (5 minutes), small on a GPU (config.py)
     python train.py --preset small --max_steps 50 --seed 1
 
-build makes the batches, the model and the optimizer; train_loop takes optimizer steps
-(optim.train_step) at the schedule's learning rate, evaluating now and then (estimate_loss)
+build makes the batches, the model and the optimizer; train_step takes one optimizer step;
+train_loop repeats it at the schedule's learning rate, evaluating now and then (estimate_loss)
 and writing down each step's figures. What keeps a run safe on every machine (the run folder,
 resuming, devices, precision, several processes, the time budget) is a call into machinery/
 with plain arguments, whose comment says what it does: take it at its word.
@@ -12,6 +12,7 @@ with plain arguments, whose comment says what it does: take it at its word.
 
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -22,7 +23,7 @@ import torch
 
 from config import RunOptions
 from model import GPT
-from optim import get_lr, make_optimizer, steps_progress, train_step
+from optim import get_lr, make_optimizer, steps_progress
 from utils import get_batch
 
 from machinery import budget, cli, device, records, setup, train_cli
@@ -48,6 +49,34 @@ def build(run):
     return corpus, model, optimizer, next_batch, val_batch
 
 
+# ----------------------------------------------------------------------------- one optimizer step
+
+def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
+    """One optimizer step, in the order that is the lesson. Returns its figures: the batch's loss, the LR and
+    the gradient norm before clipping, loss and norm as tensors (reading one makes a GPU wait, so the loop
+    reads them only now and then). ctx: the forward pass's precision (an autocast; nothing for float32);
+    scaler: float16's loss scaling, a torch.amp.GradScaler (None for other dtypes)."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
+    for group in optimizer.param_groups:                     # 1. this step's learning rate, every group's
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
+    batch_loss = 0.0                                         # the batch's mean loss: each micro-batch adds its share
+    for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
+        x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
+        sync = micro_step == grad_accum_steps - 1 or not hasattr(model, "no_sync")  # DDP: average the processes'
+        with contextlib.nullcontext() if sync else model.no_sync():                 # gradients once, at the last
+            with ctx:
+                _, loss = model(x, y)                        # 4. forward, 5. the loss
+            loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
+            scaler.scale(loss).backward()                    # 6. backward (float16 scales the loss up first: no underflow)
+        batch_loss = batch_loss + loss.detach()
+    scaler.unscale_(optimizer)                               # (float16: the scale divided back out)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))  # 7. clip (0: measure only)
+    scaler.step(optimizer)                                   # 8. update the weights (not if a gradient is inf or NaN)
+    scaler.update()                                          # (float16: the scale adapts)
+    return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
@@ -67,8 +96,9 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
-    # a resume's state, optimizer and random numbers as saved; --compile, DDP and the precision (--dtype auto timed)
-    return setup.before_first_step(run, *build(run))
+    # a resume's state, optimizer and random numbers as saved; --compile, DDP and the precision (--dtype auto
+    # timed): train_step is handed over for trial steps that leave no trace
+    return setup.before_first_step(run, *build(run), train_step)
 
 
 def train_loop(run):

@@ -65,7 +65,7 @@ def step_times(runs, untimed, steps):
 
     def step_of(run):
         def step():
-            trial_step(run, run.ctx, run.scaler)
+            trial_step(run, train.train_step, run.ctx, run.scaler)
             sync(run.device)
         return step
 

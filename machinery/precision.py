@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from config import TinyLLMError
-from optim import train_step
 
 from machinery import device as hardware
 from machinery.cli import warn
@@ -87,9 +86,9 @@ UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allo
 TIMED_STEPS = 8          # per candidate precision, after those
 
 
-def measure_dtype(run):
+def measure_dtype(run, train_step):
     """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows)."""
-    seconds = time_steps(run, ["float32", "bfloat16"])  # {dtype: seconds per step}
+    seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
     plan = (dict(dtype="bfloat16", dtype_note=f"bfloat16: {ratio:.2f}x float32 here, measured") if ratio >= BF16_MARGIN
             else dict(dtype="float32", dtype_note=f"float32: bfloat16 was {ratio:.2f}x here, measured"))
@@ -130,17 +129,17 @@ def interleaved(calls, untimed, timed):
     return times
 
 
-def trial_step(run, ctx, scaler=None):
+def trial_step(run, train_step, ctx, scaler=None):
     """One of the run's training steps at its peak learning rate, for measuring (within trial())."""
     return train_step(run.train_model, run.optimizer, run.next_batch, run.cfg.lr, run.cfg.grad_accum_steps,
                       run.cfg.grad_clip, ctx, scaler)
 
 
-def time_steps(run, dtypes):
+def time_steps(run, train_step, dtypes):
     """Mean seconds of a step in each dtype (no loss scaler): a run's length is a sum of skewed step times."""
     def step_in(dtype):
         ctx = autocast(run.device, dtype)
-        return lambda: trial_step(run, ctx)["loss"].item()  # .item(): the device has finished the step
+        return lambda: trial_step(run, train_step, ctx)["loss"].item()  # .item(): the device has finished the step
 
     with trial(run):
         times = interleaved([step_in(dtype) for dtype in dtypes], UNTIMED_STEPS, TIMED_STEPS)

@@ -156,7 +156,7 @@ def load_corpus_and_model(run):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def before_first_step(run, corpus, model, optimizer, next_batch, val_batch):
+def before_first_step(run, corpus, model, optimizer, next_batch, val_batch, train_step):
     """The run whole, with what train.build made: the state, each rank's seed, compile, DDP, the precision."""
     cfg = run.cfg
     run = dataclasses.replace(run, model_cfg=model.config, corpus=corpus, model=model, optimizer=optimizer,
@@ -172,9 +172,9 @@ def before_first_step(run, corpus, model, optimizer, next_batch, val_batch):
     run = dataclasses.replace(run, state=state, train_model=train_model, next_batch=next_batch,
                               **precision(run.device, resolve_dtype(cfg.dtype, run.device)))
     if cfg.compile:
-        check_compiles(run)
+        check_compiles(run, train_step)
     if cfg.dtype == "auto" and measured_on(run.device):  # a resumed run keeps what its first process measured
-        state.plan = state.plan if (state.plan or {}).get("dtype") else measure_dtype(run)
+        state.plan = state.plan if (state.plan or {}).get("dtype") else measure_dtype(run, train_step)
         run = dataclasses.replace(run, **precision(run.device, state.plan["dtype"]))
     if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
         run.scaler.load_state_dict(run.source["scaler"])
@@ -182,11 +182,11 @@ def before_first_step(run, corpus, model, optimizer, next_batch, val_batch):
     return dataclasses.replace(run, sample_seconds=sample_seconds(run) if cfg.time_budget else 0.0)
 
 
-def check_compiles(run):
+def check_compiles(run, train_step):
     """One trial step before the run writes anything: --compile fails without a C++ compiler (Windows: Visual C++)."""
     try:
         with trial(run):
-            trial_step(run, run.ctx, run.scaler)
+            trial_step(run, train_step, run.ctx, run.scaler)
     except torch.OutOfMemoryError:
         raise  # train()'s own line says what to try
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError: any error counts

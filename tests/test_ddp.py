@@ -17,7 +17,7 @@ import torch
 
 from conftest import ROOT, assert_one_line_error, fixed_batch, subprocess_env, tiny_model_config
 from model import GPT
-from optim import train_step
+import train
 
 from machinery.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -36,7 +36,7 @@ DDP_STEP = textwrap.dedent("""
     sys.path.insert(0, os.path.join({root!r}, "tests"))
     from conftest import tiny_model_config
     from model import GPT
-    from optim import train_step
+    import train
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -49,7 +49,7 @@ DDP_STEP = textwrap.dedent("""
         size = half // accum
         micro = iter([(x[i:i + size], y[i:i + size]) for i in range(0, half, size)])
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        train_step(DDP(model), opt, lambda: next(micro), 1.0, accum, 1.0, contextlib.nullcontext())
+        train.train_step(DDP(model), opt, lambda: next(micro), 1.0, accum, 1.0, contextlib.nullcontext())
         if rank == 0:
             torch.save(model.state_dict(), {out!r}.format(accum))
     dist.barrier()  # leave together: a rank tearing down while its peer still works can abort it
@@ -89,7 +89,7 @@ def test_one_ddp_step_equals_one_single_process_step_with_and_without_accumulati
     torch.manual_seed(0)
     model = GPT(tiny_model_config())
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_step(model, opt, lambda: (x, y), 1.0, 1, 1.0, contextlib.nullcontext())
+    train.train_step(model, opt, lambda: (x, y), 1.0, 1, 1.0, contextlib.nullcontext())
     for accum in (1, 2):
         ddp_state = torch.load(tmp_path / f"ddp_{accum}.pt", weights_only=True)
         for name, value in model.state_dict().items():

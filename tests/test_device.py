@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from config import GREEDY, RunOptions, Sampler, TinyLLMError, TrainConfig, default_preset
 from conftest import complex_rope, fixed_batch, rope_angles, tiny_model_config, tiny_train_config
 from model import GPT, apply_rope
-from optim import make_optimizer, train_step
+from optim import make_optimizer
 import sampling
 import train
 
@@ -188,7 +188,7 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     before = copy.deepcopy(model.state_dict())
     batch = fixed_batch()
-    train_step(model, optimizer, lambda: batch, 1e-3, 1, 1.0, autocast(CPU, "float16"),
+    train.train_step(model, optimizer, lambda: batch, 1e-3, 1, 1.0, autocast(CPU, "float16"),
                      torch.amp.GradScaler("cpu"))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # skipped, not half taken
 
@@ -278,7 +278,7 @@ def test_a_training_step_never_waits_for_the_device(accum):
     batch = fixed_batch()
     with SyncCounter() as counter:
         for _ in range(3):
-            train_step(model, optimizer, lambda: batch, 1e-3, accum, 1.0, contextlib.nullcontext())
+            train.train_step(model, optimizer, lambda: batch, 1e-3, accum, 1.0, contextlib.nullcontext())
     assert counter.syncs == 0
 
 

@@ -13,7 +13,7 @@ import torch
 from config import RunOptions, TinyLLMError, TrainConfig
 from conftest import SCHEDULES, Payload, checkpoint_of, fixed_batch, interrupt_at, tiny_model_config, tiny_train_config
 from model import GPT
-from optim import get_lr, make_optimizer, train_step
+from optim import get_lr, make_optimizer
 import train
 
 from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -52,7 +52,7 @@ def test_step_order_clips_before_the_optimizer_step_with_the_scheduled_lr():
 
     opt.step = recording_step
     batch = fixed_batches(1)[0]
-    figures = train_step(model, opt, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
+    figures = train.train_step(model, opt, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
     assert figures["grad_norm"] > 0.05                          # the logged norm is the one before clipping
     assert seen["norm"] == pytest.approx(0.05, rel=1e-4)   # the optimizer saw clipped gradients
     assert seen["lrs"] == [0.0123, 0.0123] == [figures["lr"]] * 2  # and this step's scheduled LR
@@ -74,9 +74,9 @@ def test_gradients_are_zeroed_each_step():
     model = GPT(tiny_model_config())
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: weights stay put, grads are comparable
     batch = fixed_batches(1)[0]
-    train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
+    train.train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
     first = [p.grad.clone() for p in model.parameters()]
-    train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
+    train.train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
     assert all(torch.allclose(a, p.grad) for a, p in zip(first, model.parameters()))
 
 
@@ -86,10 +86,10 @@ def test_gradient_accumulation_matches_one_big_batch():
     twin = copy.deepcopy(model)
     (x, y), = fixed_batches(1, batch_size=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_step(model, opt, lambda: (x, y), 0.0, 1, 0.0, NO_CTX)
+    train.train_step(model, opt, lambda: (x, y), 0.0, 1, 0.0, NO_CTX)
     micro = iter([(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.0)
-    train_step(twin, twin_opt, lambda: next(micro), 0.0, 4, 0.0, NO_CTX)
+    train.train_step(twin, twin_opt, lambda: next(micro), 0.0, 4, 0.0, NO_CTX)
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
 
@@ -337,7 +337,7 @@ def test_muon_gives_hidden_matrices_orthogonal_updates_and_adamw_the_rest():
     assert muon == {id(p) for p in hidden} and id(model.wte.weight) not in muon
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = fixed_batch()
-    train_step(model, opt, lambda: batch, 1e-3, 1, 0.0, NO_CTX)
+    train.train_step(model, opt, lambda: batch, 1e-3, 1, 0.0, NO_CTX)
     for name, p in model.named_parameters():
         change = (p.detach() - before[name]).float()
         if id(p) in muon:  # directions move alike, whatever their gradients: a flat spectrum of the update
@@ -389,7 +389,7 @@ def test_muons_matrices_step_at_muon_lr_times_the_schedule_and_the_rest_at_the_s
         opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=muon_lr, weight_decay=0.0), CPU)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         batch = fixed_batch()
-        train_step(model, opt, lambda: batch, 5e-4, 1, 0.0, NO_CTX)  # the schedule's LR: half the peak
+        train.train_step(model, opt, lambda: batch, 5e-4, 1, 0.0, NO_CTX)  # the schedule's LR: half the peak
         changes.append({n: (p.detach() - before[n]).norm().item() for n, p in model.named_parameters()})
     hidden = "blocks.0.attn.c_attn.weight"
     # muon_lr is the Muon group's peak: at half the peak it steps at half muon_lr, so twice muon_lr moves twice as far
