@@ -88,11 +88,8 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """A run ready for its first step, a setup.Run fixed from here on: cfg and model_cfg (config.py), device, world
-    (processes) and master (rank 0: it alone prints and writes); build's corpus, model, optimizer, next_batch and
-    val_batch; micro_batch and eval_iters (this process's share of batch_size and eval_iters); train_model (the model
-    compiled or wrapped for DDP, else itself), ctx (the forward pass's autocast), scaler (float16's, else None); and
-    state (setup.TrainState: every number that changes, step, best_val_loss, last_eval_step, progress, history...)."""
+    """A run ready for its first step, a setup.Run only read from here on (its fields: machinery/setup.py); what
+    changes as it trains is its state, a setup.TrainState (step, best_val_loss, progress, history...)."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
@@ -123,7 +120,7 @@ def train_loop(run):
             # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
             if cfg.time_budget:  # the share spent of the budget's time after the warmup (machinery/budget.py)
                 if state.progress_from is None and state.step >= cfg.warmup_steps:
-                    state.progress_from = clock.start()  # the warmup is over: progress 0 is here
+                    state.progress_from = [clock.spent(), 0.0]  # the warmup is over: progress 0 is here
                 state.progress = clock.progress()
             else:  # (step - warmup_steps) / (max_steps - warmup_steps), or on from where a resume moved max_steps
                 state.progress = steps_progress(state.step, cfg, state.progress_from)
@@ -166,7 +163,7 @@ def evaluate(run, meter, clock):
             state.evals_without_improvement += 1
         state.last_eval_step = state.step  # never two evaluations at one step
         state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
-                              "lr": state.lr, "grad_norm": state.grad_norm, "seconds": records.elapsed(run)})
+                              "lr": state.lr, "grad_norm": state.grad_norm, "seconds": budget.elapsed(run)})
         run.say(records.evaluation_line(state.step, clock.end_step(), train_loss, val_loss,
                                         run.corpus.chars_per_token, run.model_cfg.vocab_size, improved))
         if run.writes:
@@ -204,7 +201,7 @@ def log_progress(run, meter, clock):
     tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
     run.say(records.progress_line(state.step, clock.end_step(), figures, ms, tokens_per_s, mfu, FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
-                          "tok_per_s": tokens_per_s, "seconds": records.elapsed(run)})
+                          "tok_per_s": tokens_per_s, "seconds": budget.elapsed(run)})
     if run.options.overfit_batch and figures["loss"] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
     return None
@@ -221,7 +218,7 @@ def finish(run, stop_reason, signum, clock):
             run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
                     f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
         sys.exit(128 + signum)
-    done = records.done_line(state.step, state.best_val_loss, records.elapsed(run),
+    done = records.done_line(state.step, state.best_val_loss, budget.elapsed(run),
                              run.cfg.out_dir if run.writes else "", run.cfg.plots)
     for line in (stop_reason, done, clock.summary()):
         if line:
@@ -230,7 +227,7 @@ def finish(run, stop_reason, signum, clock):
         run.say("sample:\n" + records.closing_sample(run))
     device.teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
-            "seconds": records.elapsed(run), "stop_reason": stop_reason, "model": run.model}
+            "seconds": budget.elapsed(run), "stop_reason": stop_reason, "model": run.model}
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -12,8 +12,7 @@ import torch
 import train
 from config import RunOptions, build_configs, default_preset
 from machinery.cli import log
-from machinery.device import choose_device, gpu, machine
-from machinery.precision import interleaved, trial_step
+from machinery.device import choose_device, gpu, interleaved, machine, trial_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,8 +19,7 @@ from deep_dives import graphs
 from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
 from machinery import plots, records
 from machinery.cli import bool_flag, explicit_flags, log
-from machinery.device import choose_device
-from machinery.precision import autocast, interleaved, resolve_dtype
+from machinery.device import autocast, choose_device, interleaved, resolve_dtype
 
 
 def parse_compare(text):

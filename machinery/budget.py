@@ -16,6 +16,11 @@ def now():
     return time.perf_counter()
 
 
+def elapsed(run):
+    """The run's wall time so far, every process's from its start (resumes), set-up included: a time budget's."""
+    return run.state.seconds + now() - run.started
+
+
 SAFETY = 0.01     # of a time budget: for the process's exit and the device's last queued steps
 
 
@@ -31,9 +36,8 @@ class Clock:
     """The loop's progress: steps to max_steps, or a --time_budget's time spent (with resumes); it writes nothing."""
 
     def __init__(self, run):
-        self.state, self.cfg, self.world, self.device = run.state, run.cfg, run.world, run.device
+        self.run, self.state, self.cfg, self.world, self.device = run, run.state, run.cfg, run.world, run.device
         self.seconds = parse_duration(run.cfg.time_budget) if run.cfg.time_budget else None
-        self.started, self.earlier = run.started, run.state.seconds
         self.sample_seconds = self.agreed(run.sample_seconds) if self.seconds else 0.0
 
     def agreed(self, seconds):
@@ -41,7 +45,7 @@ class Clock:
         return all_ranks_mean([seconds], self.world, self.device)[0]
 
     def spent(self):
-        return self.agreed(self.earlier + now() - self.started)
+        return self.agreed(elapsed(self.run))
 
     def usable(self):
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
@@ -55,10 +59,6 @@ class Clock:
                                f"{self.state.eval_seconds:.1f}s and the closing sample {self.sample_seconds:.1f}s); "
                                f"give a longer budget, or fewer --warmup_steps")
         return spent >= self.usable()
-
-    def start(self):
-        """Where a budget's progress 0 is, the warmup's end: [the seconds spent, 0.0]."""
-        return [self.spent(), 0.0]
 
     def progress(self):
         """How far a budget's run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""

@@ -1,6 +1,5 @@
-"""Checkpoint files, written atomically and read without running code; a run folder holding a run is never taken by a
-fresh one. A checkpoint is a dict of tensors and plain data: model (state_dict), model_config (GPTConfig as a dict),
-tokenizer, step, best_val_loss, history, ...; last.pt adds optimizer, train_config, rng, scaler."""
+"""Checkpoint files, written atomically and read without running code; a fresh run never takes a run's folder.
+A checkpoint: model, model_config, tokenizer, step, history, ...; last.pt adds optimizer, train_config, rng, scaler."""
 
 import contextlib
 import dataclasses

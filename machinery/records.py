@@ -111,18 +111,13 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
 
 # ----------------------------------------------------------------------------- files
 
-def elapsed(run):
-    """The run's wall time so far, every process's from its start (resumes), set-up included: a time budget's."""
-    return run.state.seconds + budget.now() - run.started
-
-
 def save(run, name):
     if run.master:
         save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(
             run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
             train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rng_state(),
             scaler=run.scaler.state_dict() if run.scaler else None,
-            **{**dataclasses.asdict(run.state), "seconds": elapsed(run)}))
+            **{**dataclasses.asdict(run.state), "seconds": budget.elapsed(run)}))
 
 
 def save_periodic(run):
@@ -157,8 +152,7 @@ def stop_signal(run, stop):
 
 def done_line(step, best_val_loss, seconds, out_dir, plots):
     files = f" | {out_dir}/: best.pt, last.pt, history.csv" + (", loss.png" if plots else "") if out_dir else ""
-    return (f"done: {step} steps | best val loss {best_val_loss:.4f} | total time {format_seconds(seconds)}"
-            + files)
+    return f"done: {step} steps | best val loss {best_val_loss:.4f} | total time {format_seconds(seconds)}" + files
 
 
 def closing_sample(run, tokens=None):

@@ -14,10 +14,9 @@ from machinery import budget
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
                                   tokenizer_of)
 from machinery.cli import first_line, log, warn
-from machinery.device import (choose_device, configure_matmul, describe, mfu_note, rank_seed, seed_everything,
-                              set_rng_state, set_threads, setup_distributed, wrap)
-from machinery.precision import (autocast, explain_dtype, make_scaler, measure_dtype, measured_on, resolve_dtype, trial,
-                                 trial_step)
+from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
+                              measure_dtype, measured_on, mfu_note, rank_seed, resolve_dtype, seed_everything,
+                              set_rng_state, set_threads, setup_distributed, trial, trial_step, wrap)
 from machinery.records import sample_seconds
 from machinery.sources import check_long_enough, load_corpus
 

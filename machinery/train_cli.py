@@ -6,9 +6,8 @@ import os
 from config import PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config
 
 from machinery import cli, plots
-from machinery.device import choose_device, set_threads
+from machinery.device import choose_device, measured_on, resolve_dtype, set_threads
 from machinery.evaluation import evaluate_checkpoint
-from machinery.precision import measured_on, resolve_dtype
 
 
 def build_parser(device):

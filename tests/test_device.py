@@ -22,8 +22,7 @@ import train
 from machinery import device as device_module
 from machinery import records
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.device import choose_device, peak_flops
-from machinery.precision import autocast, make_scaler, resolve_dtype
+from machinery.device import autocast, choose_device, make_scaler, peak_flops, resolve_dtype
 from machinery.sources import start_ids
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""--dtype auto on a CPU with native bfloat16 (machinery/precision.py): the decision is tested with
+"""--dtype auto on a CPU with native bfloat16 (machinery/device.py): the decision is tested with
 mocked timings, and the trial steps that measure it leave nothing behind."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model_config, tiny_train_config
 import train
 
-from machinery import precision
+from machinery import device
 
 
 def fake_step_times(monkeypatch, fake_machine, float32, bfloat16, native=True):
@@ -19,7 +19,7 @@ def fake_step_times(monkeypatch, fake_machine, float32, bfloat16, native=True):
         measured.append(list(dtypes))
         return {"float32": float32, "bfloat16": bfloat16}
 
-    monkeypatch.setattr(precision, "time_steps", timed)
+    monkeypatch.setattr(device, "time_steps", timed)
     return measured
 
 
@@ -52,7 +52,7 @@ def test_the_trial_steps_leave_weights_optimizer_and_random_numbers_as_they_were
     run = train.setup_run(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, dtype="float32"))
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     rng = torch.get_rng_state()
-    seconds = precision.time_steps(run, train.train_step, ["float32"])
+    seconds = device.time_steps(run, train.train_step, ["float32"])
     assert seconds["float32"] > 0
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state()) and not run.optimizer.state

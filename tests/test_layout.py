@@ -26,7 +26,7 @@ LEVELS = {
     "utils": 2, "optim": 2, "deep_dives.beam": 2,
     # what a run needs besides the lesson
     "machinery.cli": 0,
-    "machinery.sources": 2, "machinery.device": 2, "machinery.precision": 2,
+    "machinery.sources": 2, "machinery.device": 2,
     "machinery.checkpoint": 2, "machinery.budget": 2, "machinery.plots": 2,
     "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3, "machinery.evaluation": 3,
     "machinery.annotate": 3, "machinery.train_cli": 3,
