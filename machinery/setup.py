@@ -35,7 +35,7 @@ class TrainState:
     progress_from: list = None       # a budget's [seconds, progress] from the warmup's end; a new --max_steps' [step, ...]
     progress: float = 0.0            # of the latest step: 0 at the warmup's end, 1 at the run's (budget.Clock)
     eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
-    seconds: float = 0.0             # wall time of every process of the run, set-up included (records.elapsed)
+    seconds: float = 0.0             # wall time of every process of the run, set-up included (budget.elapsed)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 

@@ -83,7 +83,7 @@ def test_prepare_learns_bpe_from_the_training_split_alone_and_never_cuts_an_end_
     learned = prepare.tokenizer_text(cfg, 10**9, prepare.source_size(cfg))
     assert "the" in learned and "zqxjv" not in learned
     text = "ab" + EOT + "cd"
-    assert [prepare.train_chars(text, 0, at) for at in (1, 3, 14, 15, 16)] == [1, 2, 2, 15, 16]  # EOT: 2 to 14
+    assert [prepare.train_chars(text, 0, at)[0] for at in (1, 3, 14, 15, 16)] == [1, 2, 2, 15, 16]  # EOT: 2 to 14
 
 
 def test_a_failed_prepare_leaves_the_previous_dataset_as_it_was(tmp_path):

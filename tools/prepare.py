@@ -37,9 +37,9 @@ def tokenizer_text(cfg, max_chars, total_bytes):
     if cfg.tokenizer != "char":
         parts, total, seen = [], 0, 0
         for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
-            cut = train_chars(text, seen, total_bytes * TRAIN_FRACTION)
+            cut, size = train_chars(text, seen, total_bytes * TRAIN_FRACTION)
             parts.append(text[:cut])
-            total, seen = total + cut, seen + len(text.encode("utf-8"))
+            total, seen = total + cut, seen + size
             if total >= max_chars or cut < len(text):
                 break
         return "".join(parts)
@@ -59,7 +59,7 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20):
     if total_bytes == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
     t0 = time.perf_counter()
-    what = "every character" if cfg.tokenizer == "char" else f"the first {tokenizer_sample_mb} MB of the training split"
+    what = "every character" if cfg.tokenizer == "char" else f"the first {tokenizer_sample_mb} MB of the train split"
     log(f"building the {cfg.tokenizer} tokenizer from {what} of {total_bytes / 2**20:,.1f} MB ...")
     tokenizer = make_tokenizer(cfg.tokenizer, tokenizer_text(cfg, tokenizer_sample_mb * 2**20, total_bytes), vocab_size,
                                verbose=cfg.tokenizer == "bpe")
@@ -84,13 +84,12 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20):
 
 
 def train_chars(text, seen, split_at):
-    """How many of text's characters train, text starting seen bytes into the source: those before byte split_at
-    (a character or an <|endoftext|> the byte cuts validates)."""
-    if seen >= split_at:
-        return 0
-    cut = len(text.encode("utf-8")[:int(split_at - seen)].decode("utf-8", errors="ignore"))
+    """(how many of text's characters train, its UTF-8 bytes), text starting seen bytes into the source: those before
+    byte split_at train (a character or an <|endoftext|> the byte cuts validates)."""
+    data = text.encode("utf-8")
+    cut = len(data[:max(0, int(split_at - seen))].decode("utf-8", errors="ignore"))
     eot = text.find(EOT, max(0, cut - len(EOT) + 1))
-    return eot if -1 < eot < cut else cut
+    return eot if -1 < eot < cut else cut, len(data)
 
 
 def write_splits(cfg, tokenizer, dtype, out, total_bytes):
@@ -103,14 +102,14 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
         with open(paths["train"], "wb") as train_file, open(paths["val"], "wb") as val_file:
             files = {"train": train_file, "val": val_file}
             for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext):
-                cut = train_chars(text, seen, split_at)
+                cut, size = train_chars(text, seen, split_at)
                 for split, part in (("train", text[:cut]), ("val", text[cut:])):
                     if part:
                         ids = np.asarray(tokenizer.encode(part), dtype=dtype)
                         ids.tofile(files[split])
                         counts[split] += len(ids)
                         val_chars += len(part.replace(EOT, "\n")) if split == "val" else 0  # (EOT: one character)
-                seen += len(text.encode("utf-8"))
+                seen += size
                 if time.perf_counter() - last_report > 2:  # the first line once there is a rate to show
                     last_report = time.perf_counter()
                     report_progress(seen, total_bytes, sum(counts.values()), last_report - t0)
