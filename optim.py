@@ -27,22 +27,11 @@ def get_lr(step, progress, cfg):
     raise ValueError(f"optim.get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
 
 
-def run_progress(at, start, end):
-    """How far a run is, what get_lr's decay follows: a line from start = [at0, progress0] to 1 at end, then 1.
-    A run of --max_steps: (step - warmup_steps) / (max_steps - warmup_steps), from start = [warmup_steps, 0.0]
-    (resumed with a new --max_steps, from where it was); under a --time_budget, at and end are seconds (budget.py)."""
-    at0, progress0 = start
-    if at >= end:
-        return 1.0
-    if at <= at0:
-        return progress0
-    return progress0 + (1 - progress0) * (at - at0) / (end - at0)
-
-
-def steps_progress(step, cfg, start=None, end=None):
-    """A run of steps' progress: (step - warmup_steps) / (max_steps - warmup_steps); from start where a resume
-    moved max_steps (state.progress_from); end: another last step (a resume's old one)."""
-    return run_progress(step, start or [cfg.warmup_steps, 0.0], cfg.max_steps if end is None else end)
+def advance(progress, used, left):
+    """How far the run is after a step that used `used` of the `left` steps (or seconds, under --time_budget) that
+    were left before it: that share of the rest of the way to 1. Over N steps after the warmup it goes 1/N, 2/N,
+    ..., 1; a resume with a new --max_steps goes on from where it was to 1 at the new end."""
+    return 1.0 if used >= left else progress + (1.0 - progress) * used / left
 
 
 def make_optimizer(model, cfg, device):

@@ -23,7 +23,7 @@ import torch
 
 from config import RunOptions
 from model import GPT
-from optim import get_lr, make_optimizer, steps_progress
+from optim import advance, get_lr, make_optimizer
 from utils import get_batch
 
 from machinery import budget, cli, device, records, setup, train_cli
@@ -101,14 +101,14 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, write down their figures, until the run's end or a stop."""
     cfg, state = run.cfg, run.state
-    # a --time_budget's clock: its progress, its end and room for an evaluation; the ETA of a run of steps
+    # how far the run is, by steps or by a --time_budget's seconds: its end, room for an evaluation, the ETA
     clock = budget.Clock(run)
     meter = records.Meter(run)  # step time, and the steps' figures on the device until read (a read waits)
     stop_reason, signum = None, 0
     # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)
     with cli.StopRequest(announce=run.master) as stop:
         while True:
-            at_end = clock.time_is_up() if cfg.time_budget else state.step >= cfg.max_steps
+            at_end = clock.at_end()  # max_steps taken, or a --time_budget's time spent
             # an evaluation every eval_interval steps (under a budget, if time is left for steps after it) and
             # at the end, never twice at one step (a resumed run starts where its last evaluation was)
             scheduled = state.step % cfg.eval_interval == 0 and clock.room_for_evaluation()
@@ -117,13 +117,12 @@ def train_loop(run):
             if at_end or stop_reason:
                 break
 
-            # --- one optimizer step, at the schedule's learning rate: a function of how far the run is
-            if cfg.time_budget:  # the share spent of the budget's time after the warmup (machinery/budget.py)
-                if state.progress_from is None and state.step >= cfg.warmup_steps:
-                    state.progress_from = [clock.spent(), 0.0]  # the warmup is over: progress 0 is here
-                state.progress = clock.progress()
-            else:  # (step - warmup_steps) / (max_steps - warmup_steps), or on from where a resume moved max_steps
-                state.progress = steps_progress(state.step, cfg, state.progress_from)
+            # --- one optimizer step, at the schedule's learning rate: a function of how far the run is, 0 through
+            # the warmup, then each step moves it toward 1 by the share it used of what was left: 1 of the steps
+            # to max_steps, or under --time_budget its seconds of the time left (machinery/budget.py)
+            used, left = clock.lap()
+            if state.step > cfg.warmup_steps:
+                state.progress = advance(state.progress, used, left)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                  cfg.grad_clip, run.ctx, run.scaler)

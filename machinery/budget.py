@@ -1,11 +1,10 @@
-"""How a run's progress (optim.run_progress, what get_lr follows) advances: steps to max_steps, or under a --time_budget
-the share spent of the time usable after the warmup, so that the LR ends at its floor."""
+"""How far a run is, what get_lr's decay follows (optim.advance): by steps to max_steps, or under a --time_budget by
+seconds of the time usable, so that the last step's LR is at its floor."""
 
 import math
 import time
 
 from config import TinyLLMError, parse_duration
-from optim import run_progress, steps_progress
 
 from machinery.cli import format_seconds
 from machinery.device import all_ranks_mean
@@ -24,21 +23,15 @@ def elapsed(run):
 SAFETY = 0.01     # of a time budget: for the process's exit and the device's last queued steps
 
 
-def resume_at(state, cfg, old_end):
-    """A resumed run's progress_from for a new end (--max_steps): on from where old_end (None: a time budget) had it."""
-    if state.step < cfg.warmup_steps:
-        return state.progress_from
-    return [state.step, state.progress if old_end is None else steps_progress(state.step, cfg, state.progress_from,
-                                                                                old_end)]
-
-
 class Clock:
-    """The loop's progress: steps to max_steps, or a --time_budget's time spent (with resumes); it writes nothing."""
+    """How far the loop is: steps to max_steps, or a --time_budget's time spent (with resumes); it writes nothing."""
 
     def __init__(self, run):
         self.run, self.state, self.cfg, self.world, self.device = run, run.state, run.cfg, run.world, run.device
         self.seconds = parse_duration(run.cfg.time_budget) if run.cfg.time_budget else None
         self.sample_seconds = self.agreed(run.sample_seconds) if self.seconds else 0.0
+        self.first = self.last = self.spent() if self.seconds else 0.0  # at this process's start of steps
+        self.first_step = run.state.step
 
     def agreed(self, seconds):
         """Several processes read their clocks a little apart: every one takes their mean, so all decide alike."""
@@ -50,29 +43,33 @@ class Clock:
     def usable(self):
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
+    def at_end(self):
+        return self.time_is_up() if self.seconds else self.state.step >= self.cfg.max_steps
+
     def time_is_up(self):
         """A budget's end, with room for the last evaluation and closing sample (reached in the warmup: an error)."""
         spent = self.spent()
-        if spent >= self.usable() and self.state.progress_from is None:
+        if spent >= self.usable() and self.state.step <= self.cfg.warmup_steps:
             raise TinyLLMError(f"--time_budget {self.cfg.time_budget} is too short here: {spent:.1f}s were gone "
                                f"before the warmup's {self.cfg.warmup_steps} steps were done (an evaluation takes "
                                f"{self.state.eval_seconds:.1f}s and the closing sample {self.sample_seconds:.1f}s); "
                                f"give a longer budget, or fewer --warmup_steps")
         return spent >= self.usable()
 
-    def progress(self):
-        """How far a budget's run is: 0 at the end of the warmup (and before it), 1 at its end (and after it)."""
-        state = self.state
-        if state.progress_from is None:
-            return 0.0
+    def lap(self):
+        """(what the last step used, what was left before it): 1 of the steps to max_steps, or under a budget its
+        seconds (the evaluation after it included) of those usable, less one step's: the last step is at the end."""
+        if not self.seconds:
+            return 1, self.cfg.max_steps - self.state.step + 1
         spent = self.spent()
-        # to 1 one step before the time is spent: the last step is at the end of the schedule
-        return run_progress(spent, state.progress_from, self.usable() - self.pace(spent))
+        used, left = spent - self.last, self.usable() - self.pace(spent) - self.last
+        self.last = spent
+        return used, left
 
     def pace(self, spent):
-        """Seconds a step since the warmup, evaluations included (0 before the first)."""
-        steps = self.state.step - self.cfg.warmup_steps
-        return (spent - self.state.progress_from[0]) / steps if steps > 0 and self.state.progress_from else 0.0
+        """Seconds a step in this process, evaluations included (0 before its first)."""
+        steps = self.state.step - self.first_step
+        return (spent - self.first) / steps if steps > 0 else 0.0
 
     def room_for_evaluation(self):
         """False where an evaluation would leave a budget no time for steps: the last step's LR would miss the floor."""

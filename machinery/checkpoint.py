@@ -13,7 +13,6 @@ import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
-from optim import run_progress
 
 from machinery.cli import check_writable, first_line, log
 from machinery.sources import tokenizer_from_dict
@@ -143,8 +142,9 @@ def load_resumable(path):
 
 def upgrade(checkpoint):
     """An older version's resumable checkpoint in this version's format: RETIRED settings dropped, history rows given
-    a kind, (loss, norm) windows as dicts, a moved cosine end (decay_from: [step, peak, share done] or [step, lr]) and
-    a budget's progress in steps (to end_step or max_steps) as progress; a setting it lacks takes its `before`."""
+    a kind, (loss, norm) windows as dicts, and the latest step's progress from the line its decay followed
+    (progress_from: [step, progress], decay_from: [step, peak, share done] or [step, lr]) to max_steps or a budget's
+    end_step, where it saved none (a budget's progress in seconds is kept); a setting it lacks takes its `before`."""
     saved, step = checkpoint["train_config"], checkpoint["step"]
     if not isinstance(saved, dict):
         return checkpoint  # refused by the resume with a reason
@@ -155,16 +155,19 @@ def upgrade(checkpoint):
     window = checkpoint.get("window")
     if window and not isinstance(window[0], dict):
         checkpoint["window"] = [{"loss": loss, "lr": checkpoint["lr"], "grad_norm": norm} for loss, norm in window]
+    older = {"progress_from", "decay_from"} & set(checkpoint) or "progress" not in checkpoint
+    at0, progress0 = checkpoint.pop("progress_from", None) or [saved["warmup_steps"], 0.0]
     moved = checkpoint.pop("decay_from", None)
     if moved and len(moved) == 3:
-        checkpoint["progress_from"] = [moved[0], moved[2]]
+        at0, progress0 = moved[0], moved[2]
     elif moved:  # the progress at which the cosine gives lr
         share = 2 * (moved[1] - saved["min_lr"]) / max(saved["lr"] - saved["min_lr"], 1e-12) - 1
-        checkpoint["progress_from"] = [moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi]
-    if saved.get("time_budget") and "progress" not in checkpoint and step >= saved["warmup_steps"]:
+        at0, progress0 = moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi
+    if older and not (saved.get("time_budget") and "progress" in checkpoint):
         end = checkpoint.get("end_step") or (checkpoint.get("plan") or {}).get("max_steps") or saved["max_steps"]
-        at = run_progress(step, checkpoint.get("progress_from") or [saved["warmup_steps"], 0.0], end)
-        checkpoint["progress"], checkpoint["progress_from"] = at, [checkpoint.get("seconds", 0.0), at]  # on in seconds
+        at = step - 1  # the latest step
+        checkpoint["progress"] = (1.0 if at >= end else progress0 if at <= at0 else
+                                  progress0 + (1 - progress0) * (at - at0) / (end - at0))
     return checkpoint
 
 

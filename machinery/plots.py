@@ -6,7 +6,7 @@ import math
 import os
 
 from config import TinyLLMError
-from optim import get_lr, steps_progress
+from optim import advance, get_lr
 
 from machinery.cli import log, warn
 
@@ -87,10 +87,7 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
 def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     """Draws the logged LRs, then the rest as planned (not under a time budget); returns the planned [(step, lr)]."""
     taken = [(h["step"], h["lr"]) for h in split_history(state.history if state else [])[0] if h["lr"]]
-    first = taken[-1][0] + 1 if taken else 0  # (a progress row's LR is the mean of its steps')
-    planned = [] if state and train_cfg.time_budget else [  # a budget's steps to come follow its pace
-        (s, get_lr(s, steps_progress(s, train_cfg, state and state.progress_from), train_cfg))
-        for s in range(first, train_cfg.max_steps + 1)]
+    planned = [] if state and train_cfg.time_budget else planned_lrs(train_cfg, state)  # a budget's: its pace
     fig, ax = new_plot()
     ax.plot([s for s, _ in taken + planned], [lr for _, lr in taken + planned])
     if upto is not None:
@@ -98,6 +95,16 @@ def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     ax.set(xlabel="step", ylabel="learning rate",
            title=f"optim.get_lr: warmup {train_cfg.warmup_steps} steps, peak {train_cfg.lr:g}, floor {train_cfg.min_lr:g}")
     save_plot(fig, ax, path)
+    return planned
+
+
+def planned_lrs(cfg, state=None):
+    """[(step, lr)] from state's step (resumed) or 0 to max_steps, each at the progress the loop would give it."""
+    step, progress, planned = (state.step, state.progress, []) if state else (0, 0.0, [])
+    for s in range(step, cfg.max_steps + 1):
+        if s > cfg.warmup_steps:
+            progress = advance(progress, 1, cfg.max_steps - s + 1)
+        planned.append((s, get_lr(s, progress, cfg)))
     return planned
 
 

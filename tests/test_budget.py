@@ -155,7 +155,7 @@ def test_a_budgeted_run_counts_each_process_set_up_on_one_clock_so_a_resume_neve
 def test_a_budgeted_run_resumed_with_max_steps_goes_on_from_its_progress(shakespeare_head, tmp_path, capsys,
                                                                           monkeypatch):
     """--max_steps on resume ends a budgeted run at a step count instead: its progress goes on from
-    where the budget's estimated end had it (not from the preset's max_steps), to 1 at the new end."""
+    where the budget had it (not from the preset's max_steps), a step's share of the rest at a time, to 1 at the end."""
     clock, progress = on_a_clock_of_steps(monkeypatch, lambda n: 0.02)
     with monkeypatch.context() as m:
         interrupt_at(m, 32, signal.SIGTERM)
@@ -167,7 +167,7 @@ def test_a_budgeted_run_resumed_with_max_steps_goes_on_from_its_progress(shakesp
     resumed_from = len(progress)
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget", "--max_steps", "60")
     assert code == 0, err
-    assert progress[resumed_from] == pytest.approx(at_stop, rel=1e-9) and len(progress) == 60
+    assert progress[resumed_from] == pytest.approx(at_stop + (1 - at_stop) / 29, rel=1e-9) and len(progress) == 60
     assert all(0 <= b - a for a, b in zip(progress[resumed_from:], progress[resumed_from + 1:]))
 
 
@@ -182,12 +182,12 @@ def test_a_budgeted_checkpoint_of_the_previous_version_resumes_where_its_progres
     path = str(tmp_path / "budget" / "last.pt")
     checkpoint = load_checkpoint(path)
     del checkpoint["progress"]
-    checkpoint["progress_from"], checkpoint["end_step"] = [20, 0.25], 100  # at step 32: 0.25 + 0.75 * 12 / 80
+    checkpoint["progress_from"], checkpoint["end_step"] = [20, 0.25], 100  # at step 31: 0.25 + 0.75 * 11 / 80
     save_checkpoint(path, checkpoint)
     resumed_from = len(progress)
     code, _, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget")
     assert code == 0, err
-    assert progress[resumed_from] == pytest.approx(0.3625) and progress[-1] > 0.95 and clock() <= 3
+    assert progress[resumed_from] == pytest.approx(0.353125) and progress[-1] > 0.95 and clock() <= 3
     assert all(a <= b for a, b in zip(progress[resumed_from:], progress[resumed_from + 1:]))
 
 

@@ -6,7 +6,7 @@ import torch
 
 from config import TinyLLMError, TrainConfig
 from conftest import TINY_FLAGS, assert_one_line_error, cli, write_head
-from optim import get_lr, run_progress
+from optim import advance, get_lr
 import train
 from utils import CharTokenizer, get_batch, split_train_val
 
@@ -53,7 +53,7 @@ def test_lr_schedule_warmup_cosine_and_floor():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100, lr_schedule="cosine")
 
     def lr(step):  # a run's progress by its steps: 0 at the end of the warmup, 1 at max_steps
-        return get_lr(step, run_progress(step, [cfg.warmup_steps, 0.0], cfg.max_steps), cfg)
+        return get_lr(step, min(1.0, max(0.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))), cfg)
 
     assert lr(0) == pytest.approx(1e-5)            # near zero at the start
     assert lr(99) == pytest.approx(1e-3)           # peak at the end of warmup
@@ -63,6 +63,16 @@ def test_lr_schedule_warmup_cosine_and_floor():
     lrs = [lr(s) for s in range(100, 1100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))         # monotone decay
     assert get_lr(500, 0.5, cfg) == lr(600) and get_lr(5, 1.0, cfg) == lr(5)  # progress drives the decay, not the warmup
+
+
+def test_a_run_of_steps_advances_its_progress_in_equal_shares_to_1_at_its_end():
+    progress = [0.0]  # the warmup's end; then each of 8 steps uses 1 of the steps left
+    for left in range(8, 0, -1):
+        progress.append(advance(progress[-1], 1, left))
+    assert progress == pytest.approx([k / 8 for k in range(9)]) and progress[-1] == 1.0
+    moved = [advance(0.4, 1, left) for left in (4, 1, 0)]  # a resume with a new end: on from 0.4 to 1 in 4
+    assert moved == pytest.approx([0.55, 1.0, 1.0])
+    assert advance(0.5, 2.5, 10.0) == pytest.approx(0.625)  # seconds alike: 2.5 s of the 10 s left
 
 
 def test_the_linear_schedule_falls_in_a_straight_line_to_the_floor():

@@ -18,12 +18,12 @@ import generate
 from sampling import filter_logits
 import train
 
-from machinery import budget, device, train_cli
+from machinery import device, train_cli
 from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.setup import TrainState, resume_configs
+from machinery.setup import resume_configs
 from machinery.sources import load_prepared
-from optim import get_lr, run_progress
+from optim import get_lr
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
@@ -110,7 +110,7 @@ def test_one_resume_command_starts_a_run_then_continues_it(trained, tmp_path, ca
     assert code == 0 and "resuming" in out and load_checkpoint(str(folder / "last.pt"))["step"] == 20
 
 
-def test_extending_a_finished_run_goes_on_at_the_floor_and_honours_the_new_settings(run_copy, capsys):
+def test_extending_a_finished_run_goes_on_down_to_the_floor_and_honours_the_new_settings(run_copy, capsys):
     folder, data = run_copy
     reached = load_checkpoint(str(folder / "last.pt"))["lr"]
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "100",
@@ -122,10 +122,11 @@ def test_extending_a_finished_run_goes_on_at_the_floor_and_honours_the_new_setti
     progress = [h for h in last["history"] if h["kind"] == "train" and h["step"] > 60]
     assert [h["step"] for h in progress] == [80, 100]  # the new log_interval
     cfg = TrainConfig(**last["train_config"])
-    assert last["progress_from"] == [60, 1.0]  # the run had reached its end: its progress stays there...
-    assert [h["lr"] for h in progress] == [cfg.min_lr, cfg.min_lr]
-    assert reached == get_lr(59, run_progress(59, [cfg.warmup_steps, 0.0], 60), cfg)  # its last step before
-    assert "decays from" in out  # ...and the LR at the floor, with no jump
+    at_59 = 1 - 1 / 55  # the last step's progress of a run of 60 with a warmup of 5, one step's share short of 1
+    assert last["progress"] == pytest.approx(1 - (1 - at_59) / 41)  # its steps 60..99 take the rest in 41 shares
+    assert reached == pytest.approx(get_lr(59, at_59, cfg))
+    assert reached >= progress[0]["lr"] >= progress[1]["lr"] > cfg.min_lr
+    assert "decays from" in out  # ...and the LR goes on down to its floor, with no jump
 
 
 def test_a_checkpoint_of_the_previous_version_resumes_on_the_schedule_it_had(run_copy, capsys):
@@ -134,7 +135,7 @@ def test_a_checkpoint_of_the_previous_version_resumes_on_the_schedule_it_had(run
     without a kind: such a run resumes, its progress going on from where that cosine had it."""
     folder, _ = run_copy
     checkpoint = load_checkpoint(str(folder / "last.pt"))
-    for name in ("progress_from", "progress", "eval_seconds"):
+    for name in ("progress", "eval_seconds"):
         checkpoint.pop(name)
     checkpoint["train_config"] = {**checkpoint["train_config"], "replans": "", "max_steps": 80}
     checkpoint["decay_from"], checkpoint["window"] = [50, checkpoint["train_config"]["lr"], 0.5], [(2.0, 1.0)]
@@ -144,21 +145,23 @@ def test_a_checkpoint_of_the_previous_version_resumes_on_the_schedule_it_had(run
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "70", "--plots", "false")
     assert code == 0, err
     last = load_checkpoint(str(folder / "last.pt"))
-    assert last["step"] == 70 and last["progress_from"] == [60, pytest.approx(0.5 + 0.5 * 10 / 30)]
+    at_59 = 0.5 + 0.5 * 9 / 30  # the latest step's, on the line of that cosine; then on to 1 at step 70
+    assert last["step"] == 70 and last["progress"] == pytest.approx(at_59 + (1 - at_59) * 10 / 11)
     assert [row["kind"] for row in last["history"][:len(evals)]] == ["eval"] * len(evals)
 
 
-def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump():
-    cfg = TrainConfig(warmup_steps=10, max_steps=100)
-    state = TrainState(step=30)  # 30 steps into a run of 60: progress 0.4
-    state.progress_from = budget.resume_at(state, cfg, old_end=60)
-    start, end = state.progress_from, cfg.max_steps
-    assert start == [30, pytest.approx(0.4)]
-    assert [run_progress(s, start, end) for s in (30, 65, 100, 200)] == pytest.approx([0.4, 0.7, 1.0, 1.0])
-    progress = [run_progress(s, start, end) for s in range(30, 101)]  # whatever get_lr makes of it
-    assert all(0 < b - a <= 0.6 / 70 + 1e-12 for a, b in zip(progress, progress[1:]))  # no jump: a straight line
-    assert get_lr(100, progress[-1], cfg) == cfg.min_lr
-
+def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump(run_copy, capsys):
+    folder, _ = run_copy  # the run of 60 steps put back to step 30, its latest step at progress 0.38
+    checkpoint = load_checkpoint(str(folder / "last.pt"))
+    checkpoint["step"], checkpoint["progress"] = 30, 19 / 50
+    save_checkpoint(str(folder / "last.pt"), checkpoint)
+    code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "100",
+                         "--log_interval", "1", "--eval_interval", "1000", "--plots", "false")
+    assert code == 0 and "decays from where it is at step 30" in out, err
+    cfg = TrainConfig(**load_checkpoint(str(folder / "last.pt"))["train_config"])
+    lrs = [h["lr"] for h in load_checkpoint(str(folder / "last.pt"))["history"] if h["kind"] == "train"][-70:]
+    progress = [0.38 + 0.62 * k / 71 for k in range(1, 71)]  # steps 30..99: a straight line on to 1 at step 100
+    assert lrs == pytest.approx([get_lr(30 + k, p, cfg) for k, p in enumerate(progress)])
 
 
 def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
