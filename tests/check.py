@@ -4,9 +4,11 @@ setting's row), then the tests nearest that kind (docs/changing.md says what eac
     python tests/check.py schedule      # or: sampler, model, figure, resume; all: the whole suite
     python tests/check.py try --window 4 -- --repetition_penalty 1.3   # your change, end to end (below)
 
-try: a run of seconds with the training flags given, the same run resumed from its half-way checkpoint
-(the lines after it must be the same), a time budget's closing line (its last LR at the floor), and a
-sample past block_size with the generate.py flags after "--", with the KV cache and without (the same text).
+try: a run of seconds with the training flags given (its last progress line: a new figure shows there; its
+schedule at every tenth: a new shape shows there), the same run resumed from its half-way checkpoint (the lines
+after it must be the same), a time budget's closing line (its last LR at the floor), and a sample past
+block_size with the generate.py flags after "--" (its first lines shown), with the KV cache and without (the
+same text).
 """
 
 import os
@@ -56,6 +58,9 @@ def try_it(train_flags, sample_flags):
     with tempfile.TemporaryDirectory(prefix="tinyllm-try-") as tmp:
         whole, resumed = os.path.join(tmp, "whole"), os.path.join(tmp, "resumed")
         straight = run("train.py", *quick, "--max_steps", "60", "--save_interval", "30", "--out_dir", whole)
+        print("last progress line: " + [line for line in straight.splitlines() if line.startswith("step")][-1])
+        lrs = run("train.py", *quick, "--max_steps", "60", "--plot_lr", "--out_dir", os.path.join(tmp, "plot"))
+        print("".join(line for line in lrs.splitlines(keepends=True) if line.startswith("lr at step")), end="")
         os.makedirs(resumed)
         shutil.copy(os.path.join(whole, "ckpt_0000030.pt"), os.path.join(resumed, "last.pt"))
         again = run("train.py", "--resume", "--out_dir", resumed)
@@ -67,6 +72,7 @@ def try_it(train_flags, sample_flags):
         print("".join(line for line in budget.splitlines(keepends=True) if " used, " in line), end="")
         sample = ["generate.py", os.path.join(whole, "best.pt"), "--max_new_tokens", "200", "--seed", "42", *sample_flags]
         cached, recomputed = run(*sample), run(*sample, "--no_cache")
+        print("sample: " + " / ".join(cached.strip().splitlines()[:3]))
         print("sample past block_size, with the cache and without: " + ("the same text" if cached == recomputed
                                                                           else "DIFFERENT"))
         return 0 if same and cached == recomputed else 1
