@@ -28,9 +28,10 @@ def get_lr(step, progress, cfg):
 
 
 def advance(progress, used, left):
-    """How far the run is after a step that used `used` of the `left` steps (or seconds, under --time_budget) that
-    were left before it: that share of the rest of the way to 1. Over N steps after the warmup it goes 1/N, 2/N,
-    ..., 1; a resume with a new --max_steps goes on from where it was to 1 at the new end."""
+    """How far the run is after a step: a run of steps is at (step - warmup_steps) / (max_steps - warmup_steps).
+    Written so that a time budget and a resume with a new --max_steps fit too: the step used `used` of the `left`
+    steps (or seconds) that were left before it, so progress moves that share of the rest of the way to 1. By steps
+    (used 1) that is 1/N, 2/N, ..., 1 over the N steps after the warmup."""
     return 1.0 if used >= left else progress + (1.0 - progress) * used / left
 
 

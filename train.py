@@ -88,8 +88,10 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """A run ready for its first step, a setup.Run only read from here on (its fields: machinery/setup.py); what
-    changes as it trains is its state, a setup.TrainState (step, best_val_loss, progress, history...)."""
+    """A run ready for its first step, a setup.Run only read from here on: its settings (cfg, model_cfg, options),
+    corpus, model (train_model: the one that trains, compiled or wrapped for DDP), optimizer, next_batch and
+    val_batch, ctx and scaler (the precision), device, world (processes), master and writes (this process prints,
+    saves); what changes as it trains is its state, a setup.TrainState (step, best_val_loss, progress, history...)."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
@@ -99,7 +101,9 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
 
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, write down their figures, until the run's end or a stop."""
+    """Evaluate now and then, take optimizer steps, write down their figures. The run ends at max_steps or when a
+    --time_budget is spent (clock.at_end), or early: --patience and --target_loss (evaluate), --overfit_batch
+    (log_progress), Ctrl-C or SIGTERM (records.stop_signal); then finish saves and says why."""
     cfg, state = run.cfg, run.state
     # how far the run is, by steps or by a --time_budget's seconds: its end, room for an evaluation, the ETA
     clock = budget.Clock(run)
@@ -117,10 +121,10 @@ def train_loop(run):
             if at_end or stop_reason:
                 break
 
-            # --- one optimizer step, at the schedule's learning rate: a function of how far the run is, 0 through
-            # the warmup, then each step moves it toward 1 by the share it used of what was left: 1 of the steps
-            # to max_steps, or under --time_budget its seconds of the time left (machinery/budget.py)
-            used, left = clock.lap()
+            # --- one optimizer step, at the schedule's learning rate, a function of how far the run is: 0 through
+            # the warmup, then (step - warmup_steps) / (max_steps - warmup_steps), 1 at max_steps; under a
+            # --time_budget, seconds instead of steps (optim.advance: the share the last step used of what was left)
+            used, left = clock.lap()  # by steps: 1 step, of the max_steps - step + 1 left before it
             if state.step > cfg.warmup_steps:
                 state.progress = advance(state.progress, used, left)
             lr = get_lr(state.step, state.progress, cfg)
