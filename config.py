@@ -276,8 +276,10 @@ def parse_duration(text):
     """Seconds in a duration such as 5m, 300s, 300, 1h30m or 2.5m; None for an empty string."""
     if not text:
         return None
-    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
-    seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (3600, 60, 1)) if v) if match else 0
+    text, number = text.strip(), r"(\d+(?:\.\d+)?)"
+    match = re.fullmatch(f"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)  # a number after a unit needs one
+    seconds = float(text) if re.fullmatch(number, text) else sum(  # a number alone: seconds
+        float(v) * unit for v, unit in zip(match.groups(), (3600, 60, 1)) if v) if match else 0
     _require(seconds > 0 and math.isfinite(seconds),
              f"time_budget must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds

@@ -27,11 +27,12 @@ def get_lr(step, progress, cfg):
     raise ValueError(f"optim.get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
 
 
-def advance(progress, used, left):
-    """How far the run is after a step: a run of steps is at (step - warmup_steps) / (max_steps - warmup_steps).
-    Written so that a time budget and a resume with a new --max_steps fit too: the step used `used` of the `left`
-    steps (or seconds) that were left before it, so progress moves that share of the rest of the way to 1. By steps
-    (used 1) that is 1/N, 2/N, ..., 1 over the N steps after the warmup."""
+def advance(progress, step, used, left, cfg):
+    """How far the run is at a step, what get_lr's decay follows: 0 through the warmup, then by steps (step -
+    warmup_steps) / (max_steps - warmup_steps). Written a step at a time so that a time budget and a new --max_steps
+    fit too: the last step used `used` of the `left` steps (or seconds) left, and progress moves that share to 1."""
+    if step <= cfg.warmup_steps:
+        return progress
     return 1.0 if used >= left else progress + (1.0 - progress) * used / left
 
 

@@ -88,10 +88,9 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """A run ready for its first step, a setup.Run only read from here on: its settings (cfg, model_cfg, options),
-    corpus, model (train_model: the one that trains, compiled or wrapped for DDP), optimizer, next_batch and
-    val_batch, ctx and scaler (the precision), device, world (processes), master and writes (this process prints,
-    saves); what changes as it trains is its state, a setup.TrainState (step, best_val_loss, progress, history...)."""
+    """A setup.Run, only read from here on: settings (cfg, model_cfg, options), corpus, model (train_model: compiled
+    or wrapped for DDP), optimizer, next_batch, val_batch, ctx and scaler (precision), device, world, master and
+    writes (this process prints, saves); what changes is its state (step, best_val_loss, progress, history...)."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                       budget.now() if started is None else started)
@@ -123,10 +122,8 @@ def train_loop(run):
 
             # --- one optimizer step, at the schedule's learning rate, a function of how far the run is: 0 through
             # the warmup, then (step - warmup_steps) / (max_steps - warmup_steps), 1 at max_steps; under a
-            # --time_budget, seconds instead of steps (optim.advance: the share the last step used of what was left)
-            used, left = clock.lap()  # by steps: 1 step, of the max_steps - step + 1 left before it
-            if state.step > cfg.warmup_steps:
-                state.progress = advance(state.progress, used, left)
+            # --time_budget, seconds instead of steps (clock.lap: what the last step used, and what was left)
+            state.progress = advance(state.progress, state.step, *clock.lap(), cfg)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                  cfg.grad_clip, run.ctx, run.scaler)

@@ -44,10 +44,9 @@ class Clock:
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
     def at_end(self):
-        return self.time_is_up() if self.seconds else self.state.step >= self.cfg.max_steps
-
-    def time_is_up(self):
-        """A budget's end, with room for the last evaluation and closing sample (reached in the warmup: an error)."""
+        """max_steps taken, or a budget's end (room kept for the last evaluation and sample; in the warmup: an error)"""
+        if not self.seconds:
+            return self.state.step >= self.cfg.max_steps
         spent = self.spent()
         if spent >= self.usable() and self.state.step <= self.cfg.warmup_steps:
             raise TinyLLMError(f"--time_budget {self.cfg.time_budget} is too short here: {spent:.1f}s were gone "

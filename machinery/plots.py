@@ -102,8 +102,7 @@ def planned_lrs(cfg, state=None):
     """[(step, lr)] from state's step (resumed) or 0 to max_steps, each at the progress the loop would give it."""
     step, progress, planned = (state.step, state.progress, []) if state else (0, 0.0, [])
     for s in range(step, cfg.max_steps + 1):
-        if s > cfg.warmup_steps:
-            progress = advance(progress, 1, cfg.max_steps - s + 1)
+        progress = advance(progress, s, 1, cfg.max_steps - s + 1, cfg)  # as the loop does by steps
         planned.append((s, get_lr(s, progress, cfg)))
     return planned
 

@@ -113,6 +113,7 @@ def start(model_cfg, train_cfg, options, preset, given, started):
         train_cfg = dataclasses.replace(train_cfg, time_budget="")
     if options.init_from and not source:
         source, last = load_source(options.init_from, given), options.init_from
+        train_cfg = dataclasses.replace(train_cfg, tokenizer=tokenizer_kind(source))  # what it trains with
     configure_matmul(device)
     seed_everything(train_cfg.seed)
     return Run(options, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads),
@@ -126,11 +127,16 @@ def load_source(path, given):
     else:
         from machinery.hf_gpt2 import gpt2_checkpoint, load_gpt2  # needs transformers: imported only when asked
         source = gpt2_checkpoint(load_gpt2(path))
-    if differ := conflicting_flags(given, source["model_config"], ("dropout", "vocab_size"), "it has"):
-        raise TinyLLMError(f"--init_from {path} keeps that model's shape; drop {', '.join(differ)}")
+    has = {**source["model_config"], "tokenizer": tokenizer_kind(source)}  # its ids are the model's embedding rows
+    if differ := conflicting_flags(given, has, ("dropout",), "it has"):
+        raise TinyLLMError(f"--init_from {path} keeps that model's shape and tokenizer; drop {', '.join(differ)}")
     if "dropout" in given:
         source["model_config"] = {**source["model_config"], "dropout": given["dropout"]}
     return source
+
+
+def tokenizer_kind(checkpoint):
+    return (checkpoint.get("tokenizer") or {}).get("kind", "char")
 
 
 def load_corpus_and_model(run):
@@ -216,8 +222,8 @@ def print_header(run):
         run.say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left, less the "
                 f"closing evaluation and sample" + (", continuing" if run.state.step else ""))
     elif cfg.max_steps <= cfg.warmup_steps:
-        warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never "
-             f"reaches its peak nor decays; use a smaller --warmup_steps")
+        warn(f"--max_steps {cfg.max_steps} ends within the warmup or with it ({cfg.warmup_steps} steps): the LR "
+             f"never decays; use a smaller --warmup_steps")
 
 
 # ----------------------------------------------------------------------------- --resume: the checkpoint and its settings

@@ -228,7 +228,8 @@ def encode_prompt(tokenizer, prompt, qa=False):
             raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
         prompt = EOT + qa_prompt(prompt)
     if missing := tokenizer.unknown_chars(prompt):
-        kept = "".join(ch for ch in prompt if ch not in set(missing))
+        pieces = tokenizer.split_special(prompt)  # [text, special, text, ...]: special tokens kept whole
+        kept = "".join(p if i % 2 else "".join(ch for ch in p if ch not in set(missing)) for i, p in enumerate(pieces))
         if prompt and not kept:
             raise TinyLLMError(f"no character of the prompt is in the model's vocabulary "
                                f"(missing: {''.join(missing)[:40]!r})")

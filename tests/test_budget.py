@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from config import TrainConfig
+from config import TinyLLMError, TrainConfig, parse_duration
 from conftest import ROOT, SCHEDULES, TINY_SHAPE, assert_one_line_error, cli, interrupt_at, subprocess_env
 import train
 
@@ -189,6 +189,13 @@ def test_a_budgeted_checkpoint_of_the_previous_version_resumes_where_its_progres
     assert code == 0, err
     assert progress[resumed_from] == pytest.approx(0.353125) and progress[-1] > 0.95 and clock() <= 3
     assert all(a <= b for a, b in zip(progress[resumed_from:], progress[resumed_from + 1:]))
+
+
+def test_a_duration_reads_each_number_with_its_unit_and_a_number_alone_as_seconds():
+    assert [parse_duration(d) for d in ("5m", "300s", "300", "1h30m", "2.5m", " 90 ")] == [300, 300, 300, 5400, 150, 90]
+    for wrong in ("1h30", "5x", "0", "-5m", "m"):  # 1h30: an hour and 30 what?
+        with pytest.raises(TinyLLMError, match="positive duration"):
+            parse_duration(wrong)
 
 
 def test_a_budget_too_short_for_one_evaluation_is_one_line(shakespeare_head, tmp_path, capsys):

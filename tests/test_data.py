@@ -66,13 +66,14 @@ def test_lr_schedule_warmup_cosine_and_floor():
 
 
 def test_a_run_of_steps_advances_its_progress_in_equal_shares_to_1_at_its_end():
-    progress = [0.0]  # the warmup's end; then each of 8 steps uses 1 of the steps left
-    for left in range(8, 0, -1):
-        progress.append(advance(progress[-1], 1, left))
-    assert progress == pytest.approx([k / 8 for k in range(9)]) and progress[-1] == 1.0
-    moved = [advance(0.4, 1, left) for left in (4, 1, 0)]  # a resume with a new end: on from 0.4 to 1 in 4
+    cfg = TrainConfig(warmup_steps=2, max_steps=10)
+    progress = [0.0]  # each step's, from step 0: 0 through the warmup, then each step uses 1 of the steps left
+    for step in range(1, 11):
+        progress.append(advance(progress[-1], step, 1, cfg.max_steps - step + 1, cfg))
+    assert progress == pytest.approx([0, 0, 0] + [k / 8 for k in range(1, 9)]) and progress[-1] == 1.0
+    moved = [advance(0.4, 5, 1, left, cfg) for left in (4, 1, 0)]  # a resume with a new end: on from 0.4 to 1 in 4
     assert moved == pytest.approx([0.55, 1.0, 1.0])
-    assert advance(0.5, 2.5, 10.0) == pytest.approx(0.625)  # seconds alike: 2.5 s of the 10 s left
+    assert advance(0.5, 5, 2.5, 10.0, cfg) == pytest.approx(0.625)  # seconds alike: 2.5 s of the 10 s left
 
 
 def test_the_linear_schedule_falls_in_a_straight_line_to_the_floor():

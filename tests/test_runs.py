@@ -79,6 +79,8 @@ def test_what_a_run_cannot_honour_is_refused_and_the_source_is_kept(run_copy, tm
     before, best = snapshot(folder), folder / "best.pt"
     cases = [([*RUN, "--init_from", best, "--out_dir", folder, "--overwrite"], ["--overwrite would delete", "best.pt"]),
              ([*RUN, "--init_from", best, "--out_dir", tmp_path / "t", "--n_layer", "3"], ["--n_layer 3 (it has 2)"]),
+             ([*TUNE, "--init_from", best, "--out_dir", tmp_path / "t", "--tokenizer", "bpe", "--vocab_size", "400"],
+              ["shape and tokenizer", "--tokenizer bpe (it has char)", "--vocab_size 400"]),
              (["--out_dir", folder, "--resume", "--preset", "small"], ["preset 'custom'", "--preset small"])]
     for flags, words in cases:
         code, _, err = cli(capsys, train.main, "--data", data, "--max_steps", "65", *flags)

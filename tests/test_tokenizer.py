@@ -15,7 +15,7 @@ from conftest import corpus_head
 from utils import CharTokenizer, make_tokenizer
 
 from deep_dives.bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, train_bpe
-from machinery.sources import tokenizer_from_dict
+from machinery.sources import encode_prompt, tokenizer_from_dict
 
 UNICODE_TEXT = ("Café naïve façade — señor Müller.\n"
                 "Emoji: 😀🎉 👩‍👩‍👧 ok?\n"
@@ -216,6 +216,13 @@ def test_char_tokenizer_has_one_end_of_text_id(tmp_path):
     loaded = tokenizer_from_dict(torch.load(path, weights_only=True))
     text = "hello" + EOT + "hold"
     assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
+
+
+def test_a_prompt_drops_the_characters_a_vocabulary_lacks_but_keeps_its_end_of_text_whole(capsys):
+    tok = make_tokenizer("char", "Question: who? 3 4 yes\nAnswer: me" + EOT, 0)  # no <, | or >: only in EOT
+    ids = encode_prompt(tok, "is 3 < 4? |yes|", qa=True)
+    assert ids[0] == tok.eot_id and tok.decode(ids) == EOT + "Question: is 3  4? yes\nAnswer:"
+    assert "dropped characters" in capsys.readouterr().err
 
 
 def test_unknown_kinds_raise():
