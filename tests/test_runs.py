@@ -88,6 +88,13 @@ def test_what_a_run_cannot_honour_is_refused_and_the_source_is_kept(run_copy, tm
     assert snapshot(folder) == before
 
 
+def test_fine_tuning_records_the_tokenizer_it_trains_with(bpe_trained, tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS[TINY_FLAGS.index("--batch_size"):], "--init_from", bpe_trained,
+                       "--data", bpe_trained.parent.parent / "data.txt", "--out_dir", tmp_path, "--max_steps", "2")
+    assert code == 0, err  # the preset's tokenizer is char; the checkpoint's, and so the run's, BPE
+    assert load_checkpoint(str(tmp_path / "last.pt"))["train_config"]["tokenizer"] == "bpe"
+
+
 def test_fine_tuning_takes_the_checkpoints_shape_and_a_new_dropout(run_copy, tmp_path, capsys):
     folder, data = run_copy
     short = tmp_path / "short.txt"  # long enough for the checkpoint's block of 16, not for the preset's
