@@ -3,6 +3,7 @@ setting's row), then the tests nearest that kind (docs/changing.md says what eac
 
     python tests/check.py schedule      # or: sampler, model, figure, resume; all: the whole suite
     python tests/check.py try --window 4 -- --repetition_penalty 1.3   # your change, end to end (below)
+    python tests/check.py sampler try -- --min_p 0.1                   # both in one command
 
 try: a run of seconds with the training flags given (its last progress line: a new figure shows there; its
 schedule at every tenth: a new shape shows there), the same run resumed from its half-way checkpoint (the lines
@@ -78,19 +79,25 @@ def try_it(train_flags, sample_flags):
         return 0 if same and cached == recomputed else 1
 
 
+def try_flags(rest):
+    """try's arguments: (training flags, generate.py flags after "--")."""
+    split = rest.index("--") if "--" in rest else len(rest)
+    return rest[:split], rest[split + 1:]
+
+
 def main(argv):
     if argv[:1] == ["try"]:
-        rest = argv[1:]
-        split = rest.index("--") if "--" in rest else len(rest)
-        sys.exit(try_it(rest[:split], rest[split + 1:]))
-    if len(argv) != 1 or argv[0] not in NEAREST:
-        print(f"error: give one of {', '.join(NEAREST)}, or try: python tests/check.py schedule", file=sys.stderr)
+        sys.exit(try_it(*try_flags(argv[1:])))
+    if not argv or argv[0] not in NEAREST or (len(argv) > 1 and argv[1] != "try"):
+        print(f"error: give one of {', '.join(NEAREST)} (then try and its flags to run it end to end too), or try: "
+              f"python tests/check.py schedule try --lr_schedule wsd", file=sys.stderr)
         sys.exit(2)
     flags = subprocess.run([sys.executable, "config.py"], cwd=ROOT, capture_output=True, encoding="utf-8", check=True)
     with open(os.path.join(ROOT, "docs", "flags.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(flags.stdout)
     print("wrote docs/flags.md from config.py", flush=True)
-    sys.exit(subprocess.run([sys.executable, "-m", "pytest", "-q", *NEAREST[argv[0]]], cwd=ROOT).returncode)
+    failed = subprocess.run([sys.executable, "-m", "pytest", "-q", *NEAREST[argv[0]]], cwd=ROOT).returncode
+    sys.exit(failed or (try_it(*try_flags(argv[2:])) if argv[1:2] == ["try"] else 0))
 
 
 if __name__ == "__main__":
