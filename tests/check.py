@@ -5,11 +5,11 @@ setting's row), then the tests nearest that kind (docs/changing.md says what eac
     python tests/check.py try --window 4 -- --repetition_penalty 1.3   # your change, end to end (below)
     python tests/check.py sampler try -- --min_p 0.1                   # both in one command
 
-try: a run of seconds with the training flags given (its last progress line: a new figure shows there; its
-schedule at every tenth: a new shape shows there), the same run resumed from its half-way checkpoint (the lines
-after it must be the same), a time budget's closing line (its last LR at the floor), and a sample past
-block_size with the generate.py flags after "--" (its first lines shown), with the KV cache and without (the
-same text).
+try: a run of seconds with the training flags given (its last progress line: a new figure shows there; its schedule
+at every tenth: a new shape shows there), the same run resumed from its half-way checkpoint (the lines after it must
+be the same), a time budget's closing line (its last LR at the floor; 15 s, or the first run's time if longer), and
+a sample past block_size with the generate.py flags after "--" (its first lines shown), with the KV cache and
+without (the same text).
 """
 
 import os
@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -58,7 +59,9 @@ def try_it(train_flags, sample_flags):
     print("python train.py " + " ".join(quick), flush=True)  # the flags each run starts from
     with tempfile.TemporaryDirectory(prefix="tinyllm-try-") as tmp:
         whole, resumed = os.path.join(tmp, "whole"), os.path.join(tmp, "resumed")
+        started = time.perf_counter()
         straight = run("train.py", *quick, "--max_steps", "60", "--save_interval", "30", "--out_dir", whole)
+        seconds = max(15, round(time.perf_counter() - started))  # a budget the machine's pace fits, loaded or not
         print("last progress line: " + [line for line in straight.splitlines() if line.startswith("step")][-1])
         lrs = run("train.py", *quick, "--max_steps", "60", "--plot_lr", "--out_dir", os.path.join(tmp, "plot"))
         print("".join(line for line in lrs.splitlines(keepends=True) if line.startswith("lr at step")), end="")
@@ -69,7 +72,7 @@ def try_it(train_flags, sample_flags):
         print("resume from step 30: " + (f"the same {len(after(straight, 30))} lines" if same else "DIFFERENT:"))
         if not same:
             print("\n".join(["straight:", *after(straight, 30), "resumed:", *after(again, 30)]))
-        budget = run("train.py", *quick, "--time_budget", "15s", "--out_dir", os.path.join(tmp, "budget"))
+        budget = run("train.py", *quick, "--time_budget", f"{seconds}s", "--out_dir", os.path.join(tmp, "budget"))
         print("".join(line for line in budget.splitlines(keepends=True) if " used, " in line), end="")
         sample = ["generate.py", os.path.join(whole, "best.pt"), "--max_new_tokens", "200", "--seed", "42", *sample_flags]
         cached, recomputed = run(*sample), run(*sample, "--no_cache")

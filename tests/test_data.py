@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from config import TinyLLMError, TrainConfig
-from conftest import TINY_FLAGS, assert_one_line_error, cli, write_head
+from conftest import SCHEDULES, TINY_FLAGS, assert_one_line_error, cli, write_head
 from optim import advance, get_lr
 import train
 from utils import CharTokenizer, get_batch, split_train_val
@@ -74,6 +74,16 @@ def test_a_run_of_steps_advances_its_progress_in_equal_shares_to_1_at_its_end():
     moved = [advance(0.4, 5, 1, left, cfg) for left in (4, 1, 0)]  # a resume with a new end: on from 0.4 to 1 in 4
     assert moved == pytest.approx([0.55, 1.0, 1.0])
     assert advance(0.5, 5, 2.5, 10.0, cfg) == pytest.approx(0.625)  # seconds alike: 2.5 s of the 10 s left
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_schedule_falls_from_the_peak_to_near_its_floor_by_the_last_step(schedule):
+    """What any shape must do after the warmup: start at the peak, never rise, and be near the floor by the last
+    step of a long run (get_lr's floor at progress 1 would hide a shape that ends above it)."""
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, lr_schedule=schedule)
+    lrs = [get_lr(10 + k, k / 1000, cfg) for k in range(1000)]  # the 1,000 steps after the warmup, the last at 0.999
+    assert lrs[0] == pytest.approx(cfg.lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] - cfg.min_lr <= 0.01 * (cfg.lr - cfg.min_lr)
 
 
 def test_the_linear_schedule_falls_in_a_straight_line_to_the_floor():
