@@ -29,8 +29,9 @@ def get_lr(step, progress, cfg):
 
 def advance(progress, step, used, left, cfg):
     """How far the run is at a step, what get_lr's decay follows: 0 through the warmup, then by steps (step -
-    warmup_steps) / (max_steps - warmup_steps). Written a step at a time so that a time budget and a new --max_steps
-    fit too: the last step used `used` of the `left` steps (or seconds) left, and progress moves that share to 1."""
+    warmup_steps) / (max_steps - warmup_steps): with warmup 10 and max_steps 50, 0.5 at step 30. Written a step at a
+    time so that a time budget and a new --max_steps fit too: the last step used `used` (1 step, or its seconds) of
+    the `left` (max_steps - step + 1 steps, or the seconds, left before it); progress moves that share on to 1."""
     if step <= cfg.warmup_steps:
         return progress
     return 1.0 if used >= left else progress + (1.0 - progress) * used / left

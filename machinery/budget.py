@@ -56,8 +56,7 @@ class Clock:
         return spent >= self.usable()
 
     def lap(self):
-        """(what the last step used, what was left before it): 1 of the steps to max_steps, or under a budget its
-        seconds (the evaluation after it included) of those usable, less one step's: the last step is at the end."""
+        """(used, left) for optim.advance: 1 step of those left, or a budget's seconds of the time left, less a step."""
         if not self.seconds:
             return 1, self.cfg.max_steps - self.state.step + 1
         spent = self.spent()
