@@ -27,14 +27,13 @@ def get_lr(step, progress, cfg):
     raise ValueError(f"optim.get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
 
 
-def advance(progress, step, used, left, cfg):
-    """How far the run is at a step, what get_lr's decay follows: 0 through the warmup, then by steps (step -
-    warmup_steps) / (max_steps - warmup_steps): with warmup 10 and max_steps 50, 0.5 at step 30. Written a step at a
-    time so that a time budget and a new --max_steps fit too: the last step used `used` (1 step, or its seconds) of
-    the `left` (max_steps - step + 1 steps, or the seconds, left before it); progress moves that share on to 1."""
+def progress(step, cfg):
+    """How far the run is at a step, what get_lr's decay follows: 0 through the warmup, then the share of the steps
+    after it taken, (step - warmup_steps) / (max_steps - warmup_steps): with warmup 10 and max_steps 50, 0.5 at step 30.
+    (Under a --time_budget the share of its seconds spent takes its place: machinery/budget.py's Clock.progress.)"""
     if step <= cfg.warmup_steps:
-        return progress
-    return 1.0 if used >= left else progress + (1.0 - progress) * used / left
+        return 0.0
+    return min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))
 
 
 def make_optimizer(model, cfg, device):

@@ -23,7 +23,7 @@ import torch
 
 from config import RunOptions
 from model import GPT
-from optim import advance, get_lr, make_optimizer
+from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
 from machinery import budget, cli, device, records, setup, train_cli
@@ -120,10 +120,9 @@ def train_loop(run):
             if at_end or stop_reason:
                 break
 
-            # --- one optimizer step, at the schedule's learning rate, a function of how far the run is: 0 through
-            # the warmup, then (step - warmup_steps) / (max_steps - warmup_steps), 1 at max_steps; under a
-            # --time_budget, seconds instead of steps (clock.lap: what the last step used, and what was left)
-            state.progress = advance(state.progress, state.step, *clock.lap(), cfg)
+            # --- one optimizer step, at the schedule's learning rate, a function of how far the run is: by steps
+            # (optim.progress), or under a --time_budget by the seconds spent of those usable (clock.progress)
+            state.progress = clock.progress(state.progress) if cfg.time_budget else progress(state.step, cfg)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                  cfg.grad_clip, run.ctx, run.scaler)

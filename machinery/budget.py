@@ -1,5 +1,5 @@
-"""How far a run is, what get_lr's decay follows (optim.advance): by steps to max_steps, or under a --time_budget by
-seconds of the time usable, so that the last step's LR is at its floor."""
+"""A --time_budget: how far the run is by seconds of the time usable (what get_lr's decay follows in place of
+optim.progress's steps), so that the last step's LR is at its floor; when it ends; its ETA."""
 
 import math
 import time
@@ -55,14 +55,16 @@ class Clock:
                                f"give a longer budget, or fewer --warmup_steps")
         return spent >= self.usable()
 
-    def lap(self):
-        """(used, left) for optim.advance: 1 step of those left, or a budget's seconds of the time left, less a step."""
-        if not self.seconds:
-            return 1, self.cfg.max_steps - self.state.step + 1
+    def progress(self, progress):
+        """Under a --time_budget, how far the run is at this step (optim.progress by steps): 0 through the warmup,
+        then each step moves it on toward 1 by the share the last step used of the seconds that were left (less a
+        step's): 1 as the usable time runs out, however the pace changes, and never back."""
         spent = self.spent()
         used, left = spent - self.last, self.usable() - self.pace(spent) - self.last
         self.last = spent
-        return used, left
+        if self.state.step <= self.cfg.warmup_steps:
+            return progress
+        return 1.0 if used >= left else progress + (1.0 - progress) * used / left
 
     def pace(self, spent):
         """Seconds a step in this process, evaluations included (0 before its first)."""

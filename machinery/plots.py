@@ -6,7 +6,7 @@ import math
 import os
 
 from config import TinyLLMError
-from optim import advance, get_lr
+from optim import get_lr, progress
 
 from machinery.cli import log, warn
 
@@ -99,12 +99,8 @@ def plot_lr_schedule(train_cfg, path, upto=None, state=None):
 
 
 def planned_lrs(cfg, state=None):
-    """[(step, lr)] from state's step (resumed) or 0 to max_steps, each at the progress the loop would give it."""
-    step, progress, planned = (state.step, state.progress, []) if state else (0, 0.0, [])
-    for s in range(step, cfg.max_steps + 1):
-        progress = advance(progress, s, 1, cfg.max_steps - s + 1, cfg)  # as the loop does by steps
-        planned.append((s, get_lr(s, progress, cfg)))
-    return planned
+    """[(step, lr)] from state's step (resumed) or 0 to max_steps, each at the progress the loop gives it by steps."""
+    return [(s, get_lr(s, progress(s, cfg), cfg)) for s in range(state.step if state else 0, cfg.max_steps + 1)]
 
 
 def draw_lr_schedule(train_cfg):

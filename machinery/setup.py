@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved, step_exact
+from optim import get_lr, progress
 
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
                                   tokenizer_of)
@@ -31,7 +32,7 @@ class TrainState:
     grad_norm: float = None          # of the latest step; None before the first
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
     window: list = field(default_factory=list)   # the figures of the steps since the last progress row
-    progress: float = 0.0            # of the latest step: 0 to the warmup's end, 1 at the run's (optim.advance)
+    progress: float = 0.0            # of the latest step: 0 to the warmup's end, 1 at the run's (optim.progress)
     eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
     seconds: float = 0.0             # wall time of every process of the run, set-up included (budget.elapsed)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
@@ -256,7 +257,7 @@ def conflicting_flags(given, saved, changeable, words):
 # ----------------------------------------------------------------------------- --resume: the state put back
 
 def restore(run, checkpoint):
-    """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps moves the run's end."""
+    """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps is a new schedule."""
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
@@ -266,7 +267,8 @@ def restore(run, checkpoint):
         if state.step >= run.cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
                                f"would not train it further")
-        run.say(f"--max_steps {run.cfg.max_steps}: the LR decays from where it is at step {state.step} "
-                f"to {run.cfg.min_lr:g} at step {run.cfg.max_steps}")
+        lr = get_lr(state.step, progress(state.step, run.cfg), run.cfg)  # the schedule of a run that long
+        run.say(f"--max_steps {run.cfg.max_steps}: the schedule of a run of {run.cfg.max_steps} steps, whose LR at "
+                f"step {state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {run.cfg.min_lr:g} at its end")
     set_rng_state(checkpoint["rng"])
     return state

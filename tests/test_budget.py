@@ -16,6 +16,7 @@ import pytest
 from config import TinyLLMError, TrainConfig, parse_duration
 from conftest import ROOT, SCHEDULES, TINY_SHAPE, assert_one_line_error, cli, interrupt_at, subprocess_env
 import train
+import optim
 
 from machinery import budget
 from machinery.checkpoint import load_checkpoint, save_checkpoint
@@ -152,23 +153,20 @@ def test_a_budgeted_run_counts_each_process_set_up_on_one_clock_so_a_resume_neve
     assert_progress_rises_to_the_end(progress, 10)
 
 
-def test_a_budgeted_run_resumed_with_max_steps_goes_on_from_its_progress(shakespeare_head, tmp_path, capsys,
-                                                                          monkeypatch):
-    """--max_steps on resume ends a budgeted run at a step count instead: its progress goes on from
-    where the budget had it (not from the preset's max_steps), a step's share of the rest at a time, to 1 at the end."""
-    clock, progress = on_a_clock_of_steps(monkeypatch, lambda n: 0.02)
+def test_a_budgeted_run_resumed_with_max_steps_follows_the_schedule_of_a_run_that_long(shakespeare_head, tmp_path,
+                                                                                        capsys, monkeypatch):
+    """--max_steps on resume ends a budgeted run at a step count instead: from the step it is at, its progress is
+    that of a run of --max_steps steps (optim.progress), not the time's."""
+    clock, moved = on_a_clock_of_steps(monkeypatch, lambda n: 0.02)
     with monkeypatch.context() as m:
         interrupt_at(m, 32, signal.SIGTERM)
         code, _, err = budget_run(capsys, shakespeare_head, tmp_path / "budget")
     assert code == 143, err
-    stopped = load_checkpoint(str(tmp_path / "budget" / "last.pt"))
-    at_stop = stopped["progress"]
-    assert 0 < at_stop < 1
-    resumed_from = len(progress)
+    resumed_from = len(moved)
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", tmp_path / "budget", "--max_steps", "60")
-    assert code == 0, err
-    assert progress[resumed_from] == pytest.approx(at_stop + (1 - at_stop) / 29, rel=1e-9) and len(progress) == 60
-    assert all(0 <= b - a for a, b in zip(progress[resumed_from:], progress[resumed_from + 1:]))
+    assert code == 0 and "the schedule of a run of 60 steps" in out, err
+    cfg = TrainConfig(**load_checkpoint(str(tmp_path / "budget" / "last.pt"))["train_config"])
+    assert moved[resumed_from:] == [optim.progress(s, cfg) for s in range(32, 60)]
 
 
 def test_a_budgeted_checkpoint_of_the_previous_version_resumes_where_its_progress_was(shakespeare_head, tmp_path,

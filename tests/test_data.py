@@ -6,7 +6,7 @@ import torch
 
 from config import TinyLLMError, TrainConfig
 from conftest import SCHEDULES, TINY_FLAGS, assert_one_line_error, cli, write_head
-from optim import advance, get_lr
+from optim import get_lr, progress
 import train
 from utils import CharTokenizer, get_batch, split_train_val
 
@@ -52,8 +52,8 @@ def test_batches_reach_the_last_token():
 def test_lr_schedule_warmup_cosine_and_floor():
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100, lr_schedule="cosine")
 
-    def lr(step):  # a run's progress by its steps: 0 at the end of the warmup, 1 at max_steps
-        return get_lr(step, min(1.0, max(0.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))), cfg)
+    def lr(step):  # at the run's progress by its steps: 0 at the end of the warmup, 1 at max_steps
+        return get_lr(step, progress(step, cfg), cfg)
 
     assert lr(0) == pytest.approx(1e-5)            # near zero at the start
     assert lr(99) == pytest.approx(1e-3)           # peak at the end of warmup
@@ -65,15 +65,10 @@ def test_lr_schedule_warmup_cosine_and_floor():
     assert get_lr(500, 0.5, cfg) == lr(600) and get_lr(5, 1.0, cfg) == lr(5)  # progress drives the decay, not the warmup
 
 
-def test_a_run_of_steps_advances_its_progress_in_equal_shares_to_1_at_its_end():
+def test_a_run_of_steps_moves_its_progress_in_equal_shares_from_the_warmups_end_to_1_at_max_steps():
     cfg = TrainConfig(warmup_steps=2, max_steps=10)
-    progress = [0.0]  # each step's, from step 0: 0 through the warmup, then each step uses 1 of the steps left
-    for step in range(1, 11):
-        progress.append(advance(progress[-1], step, 1, cfg.max_steps - step + 1, cfg))
-    assert progress == pytest.approx([0, 0, 0] + [k / 8 for k in range(1, 9)]) and progress[-1] == 1.0
-    moved = [advance(0.4, 5, 1, left, cfg) for left in (4, 1, 0)]  # a resume with a new end: on from 0.4 to 1 in 4
-    assert moved == pytest.approx([0.55, 1.0, 1.0])
-    assert advance(0.5, 5, 2.5, 10.0, cfg) == pytest.approx(0.625)  # seconds alike: 2.5 s of the 10 s left
+    assert [progress(step, cfg) for step in range(12)] == pytest.approx([0, 0, 0] + [k / 8 for k in range(1, 9)] + [1])
+    assert progress(30, TrainConfig(warmup_steps=10, max_steps=50)) == 0.5  # the docstring's example
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

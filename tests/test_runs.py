@@ -23,7 +23,7 @@ from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.setup import resume_configs
 from machinery.sources import load_prepared
-from optim import get_lr
+from optim import get_lr, progress
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
@@ -119,29 +119,27 @@ def test_one_resume_command_starts_a_run_then_continues_it(trained, tmp_path, ca
     assert code == 0 and "resuming" in out and load_checkpoint(str(folder / "last.pt"))["step"] == 20
 
 
-def test_extending_a_finished_run_goes_on_down_to_the_floor_and_honours_the_new_settings(run_copy, capsys):
-    folder, data = run_copy
-    reached = load_checkpoint(str(folder / "last.pt"))["lr"]
+def test_extending_a_finished_run_follows_the_schedule_of_its_new_length_and_honours_the_new_settings(run_copy,
+                                                                                                        capsys):
+    folder, data = run_copy  # a run of 60 steps, its warmup 5
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "100",
                          "--eval_interval", "20", "--log_interval", "20", "--patience", "9", "--plots", "false")
     assert code == 0, err
     last = load_checkpoint(str(folder / "last.pt"))
     assert last["step"] == 100 and last["train_config"]["max_steps"] == 100
     assert last["train_config"]["eval_interval"] == 20 and last["train_config"]["patience"] == 9  # honoured
-    progress = [h for h in last["history"] if h["kind"] == "train" and h["step"] > 60]
-    assert [h["step"] for h in progress] == [80, 100]  # the new log_interval
+    rows = [h for h in last["history"] if h["kind"] == "train" and h["step"] > 60]
+    assert [h["step"] for h in rows] == [80, 100]  # the new log_interval
     cfg = TrainConfig(**last["train_config"])
-    at_59 = 1 - 1 / 55  # the last step's progress of a run of 60 with a warmup of 5, one step's share short of 1
-    assert last["progress"] == pytest.approx(1 - (1 - at_59) / 41)  # its steps 60..99 take the rest in 41 shares
-    assert reached == pytest.approx(get_lr(59, at_59, cfg))
-    assert reached >= progress[0]["lr"] >= progress[1]["lr"] > cfg.min_lr
-    assert "decays from" in out  # ...and the LR goes on down to its floor, with no jump
+    planned = [get_lr(s, progress(s, cfg), cfg) for s in range(60, 100)]  # a run of 100 steps' schedule, from 60 on
+    assert [h["lr"] for h in rows] == pytest.approx([sum(planned[:20]) / 20, sum(planned[20:]) / 20])  # their means
+    assert last["progress"] == 94 / 95 and f"LR at step 60 is {planned[0]:.3g}" in out  # and it says where it is
 
 
-def test_a_checkpoint_of_the_previous_version_resumes_on_the_schedule_it_had(run_copy, capsys):
+def test_a_checkpoint_of_the_previous_version_resumes(run_copy, capsys):
     """The previous version saved --replans' setting, the moved end of its cosine as decay_from =
     [step, peak, share done] and the window as (loss, grad norm) pairs; an older one, history rows
-    without a kind: such a run resumes, its progress going on from where that cosine had it."""
+    without a kind: such a run resumes on the schedule of its settings."""
     folder, _ = run_copy
     checkpoint = load_checkpoint(str(folder / "last.pt"))
     for name in ("progress", "eval_seconds"):
@@ -154,23 +152,22 @@ def test_a_checkpoint_of_the_previous_version_resumes_on_the_schedule_it_had(run
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "70", "--plots", "false")
     assert code == 0, err
     last = load_checkpoint(str(folder / "last.pt"))
-    at_59 = 0.5 + 0.5 * 9 / 30  # the latest step's, on the line of that cosine; then on to 1 at step 70
-    assert last["step"] == 70 and last["progress"] == pytest.approx(at_59 + (1 - at_59) * 10 / 11)
+    assert last["step"] == 70 and last["progress"] == 64 / 65  # the last step's of a run of 70, its warmup 5
     assert [row["kind"] for row in last["history"][:len(evals)]] == ["eval"] * len(evals)
 
 
-def test_a_new_max_steps_moves_the_end_of_the_runs_progress_without_a_jump(run_copy, capsys):
-    folder, _ = run_copy  # the run of 60 steps put back to step 30, its latest step at progress 0.38
+def test_a_new_max_steps_gives_the_schedule_of_a_run_that_long_from_the_step_it_is_at(run_copy, capsys):
+    folder, _ = run_copy  # the run of 60 steps put back to step 30
     checkpoint = load_checkpoint(str(folder / "last.pt"))
-    checkpoint["step"], checkpoint["progress"] = 30, 19 / 50
+    checkpoint["step"], checkpoint["progress"], checkpoint["lr"] = 30, 0.5, 0.000123
     save_checkpoint(str(folder / "last.pt"), checkpoint)
     code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "100",
                          "--log_interval", "1", "--eval_interval", "1000", "--plots", "false")
-    assert code == 0 and "decays from where it is at step 30" in out, err
     cfg = TrainConfig(**load_checkpoint(str(folder / "last.pt"))["train_config"])
+    planned = [get_lr(s, progress(s, cfg), cfg) for s in range(30, 100)]  # steps 30..99 of a run of 100
+    assert code == 0 and f"LR at step 30 is {planned[0]:.3g} (the last step's was 0.000123)" in out, err
     lrs = [h["lr"] for h in load_checkpoint(str(folder / "last.pt"))["history"] if h["kind"] == "train"][-70:]
-    progress = [0.38 + 0.62 * k / 71 for k in range(1, 71)]  # steps 30..99: a straight line on to 1 at step 100
-    assert lrs == pytest.approx([get_lr(30 + k, p, cfg) for k, p in enumerate(progress)])
+    assert lrs == pytest.approx(planned) and lrs[-1] > cfg.min_lr == get_lr(100, progress(100, cfg), cfg)
 
 
 def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
@@ -289,14 +286,14 @@ def test_tag_names_the_run_folder_and_course_spellings_work(trained, tmp_path, c
 
 def test_the_history_has_progress_rows_and_plots_compare_runs(trained, tmp_path, capsys):
     history = json.loads((trained[0] / "history.json").read_text())
-    progress = [h for h in history if h["kind"] == "train"]
+    rows = [h for h in history if h["kind"] == "train"]
     evals = [h for h in history if h["kind"] == "eval"]
-    assert [h["step"] for h in progress] == list(range(10, 61, 10)) and [h["step"] for h in evals] == [0, 30, 60]
-    assert evals[0]["grad_norm"] is None and all(h["grad_norm"] > 0 for h in progress)  # no fake 0 at step 0
-    assert all(h["seconds"] >= 0 for h in history) and all(h["ms_per_step"] > 0 for h in progress)
+    assert [h["step"] for h in rows] == list(range(10, 61, 10)) and [h["step"] for h in evals] == [0, 30, 60]
+    assert evals[0]["grad_norm"] is None and all(h["grad_norm"] > 0 for h in rows)  # no fake 0 at step 0
+    assert all(h["seconds"] >= 0 for h in history) and all(h["ms_per_step"] > 0 for h in rows)
     saved = load_checkpoint(str(trained[0] / "last.pt"))
     tokens = saved["train_config"]["batch_size"] * saved["model_config"]["block_size"]  # per step
-    assert all(h["tok_per_s"] == pytest.approx(tokens / h["ms_per_step"] * 1000) for h in progress)
+    assert all(h["tok_per_s"] == pytest.approx(tokens / h["ms_per_step"] * 1000) for h in rows)
     code, out, err = cli(capsys, compare.main, trained[0], trained[0], "--labels", "a,b", "--out", tmp_path / "c.png")
     assert code == 0 and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 

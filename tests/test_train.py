@@ -375,8 +375,13 @@ def test_ctrl_c_during_the_closing_sample_stops_the_process_at_once(shakespeare_
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what pressing Ctrl-C does now
         return "never printed"
     monkeypatch.setattr(records, "closing_sample", interrupted_sample)
-    code, out, err = cli(capsys, train.main, *TINY_FLAGS, "--sample_tokens", "10", "--max_steps", "4", "--data",
-                         shakespeare_head, "--out_dir", tmp_path / "run")
+    # Ctrl-C as a fresh python process handles it (a test worker may have been left ignoring it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code, out, err = cli(capsys, train.main, *TINY_FLAGS, "--sample_tokens", "10", "--max_steps", "4", "--data",
+                             shakespeare_head, "--out_dir", tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130 and "interrupted" in err and "never printed" not in out
     assert (tmp_path / "run" / "last.pt").exists()
 
