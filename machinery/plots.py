@@ -59,10 +59,10 @@ def read_history(run_dir):
 
 def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
     """loss.png (train and val, the ln(V) baseline, the best point), lr.png, grad_norm.png."""
-    progress, evals = split_history(history)
+    rows, evals = split_history(history)
     fig, ax = new_plot(height=4)
-    if progress:
-        ax.plot([h["step"] for h in progress], [step_loss(h) for h in progress], color="C0", alpha=0.5,
+    if rows:
+        ax.plot([h["step"] for h in rows], [step_loss(h) for h in rows], color="C0", alpha=0.5,
                 linewidth=1, label=f"train (mean of every {train_cfg.log_interval} steps)")
     ax.plot([h["step"] for h in evals], [h["train_loss"] for h in evals], "o-", color="C0", markersize=3,
             label="train (evaluation)")
@@ -76,7 +76,7 @@ def plot_history(history, out_dir, vocab_size, train_cfg, state=None):
     plot_lr_schedule(train_cfg, os.path.join(out_dir, "lr.png"), upto=history[-1]["step"], state=state)
 
     fig, ax = new_plot()
-    norms = [h for h in progress if h["grad_norm"] is not None]  # no norm before the first step
+    norms = [h for h in rows if h["grad_norm"] is not None]  # no norm before the first step
     ax.plot([h["step"] for h in norms], [h["grad_norm"] for h in norms], label="grad norm (before clipping)")
     if train_cfg.grad_clip > 0:
         ax.axhline(train_cfg.grad_clip, color="gray", linestyle="--", label=f"clip at {train_cfg.grad_clip}")
