@@ -78,7 +78,8 @@ class CausalSelfAttention(nn.Module):
         q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal triangle.
         Returns (B, nh, T, hs). With self.fused (the default), fused_attention computes the same
         (the tests check it to float precision); a variant that changes the scores beyond an
-        additive mask (a cap, say) changes attention_weights, and takes this formula when it is on."""
+        additive mask (a cap, say) changes attention_weights, and takes this formula when it is on;
+        one that changes the keys or values both paths see (heads sharing them, say) does it here."""
         dropout = self.dropout if self.training else 0.0
         if self.fused:
             return fused_attention(q, k, v, mask, dropout)

@@ -54,7 +54,7 @@ def build(run):
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
     """One optimizer step, in the order that is the lesson. Returns its figures: the batch's loss, the LR and
     the gradient norm before clipping, loss and norm as tensors (reading one makes a GPU wait, so the loop
-    reads them only now and then). ctx: the forward pass's precision (an autocast; nothing for float32);
+    reads them only now and then); a new entry shows on the progress line and in the history, and resumes. ctx: the forward pass's precision (an autocast; nothing for float32);
     scaler: float16's loss scaling, a torch.amp.GradScaler (None for other dtypes)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
     for group in optimizer.param_groups:                     # 1. this step's learning rate, every group's

@@ -56,9 +56,8 @@ class Clock:
         return spent >= self.usable()
 
     def progress(self, progress):
-        """Under a --time_budget, how far the run is at this step (optim.progress by steps): 0 through the warmup,
-        then each step moves it on toward 1 by the share the last step used of the seconds that were left (less a
-        step's): 1 as the usable time runs out, however the pace changes, and never back."""
+        """Under a --time_budget, how far the run is at this step (optim.progress by steps): 0 through the warmup, then
+        on toward 1 by the share the last step used of the seconds left (less a step's), whatever the pace; never back."""
         spent = self.spent()
         used, left = spent - self.last, self.usable() - self.pace(spent) - self.last
         self.last = spent

@@ -125,7 +125,7 @@ def load_model(path, device="cpu"):
 
 # ----------------------------------------------------------------------------- a run's state, for --resume
 
-# what a checkpoint must hold for --resume (a checkpoint missing one is refused with a hint)
+# what --resume needs: TrainState's fields of every version (a step's figures are in its history rows, any name)
 RESUMABLE = ("optimizer", "train_config", "rng", "step", "best_val_loss", "evals_without_improvement",
              "last_eval_step", "lr", "grad_norm", "history")
 RETIRED = {"replans"}  # settings that older versions saved and this one lacks: a resume drops them

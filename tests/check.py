@@ -100,6 +100,8 @@ def main(argv):
         f.write(flags.stdout)
     print("wrote docs/flags.md from config.py", flush=True)
     failed = subprocess.run([sys.executable, "-m", "pytest", "-q", *NEAREST[argv[0]]], cwd=ROOT).returncode
+    if argv[1:2] != ["try"]:
+        print(f"end to end with your flags: python tests/check.py {argv[0]} try [train.py flags] -- [generate.py flags]")
     sys.exit(failed or (try_it(*try_flags(argv[2:])) if argv[1:2] == ["try"] else 0))
 
 

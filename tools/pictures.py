@@ -33,22 +33,23 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """(logits (1, T, V), [attention weights (nh, T, T) per layer]) for idx (1, T). Hooks recompute each layer's
-    weights from its own q and k (RoPE included), while the forward itself runs through the fused kernel."""
-    maps = []
+    """(logits (1, T, V), [attention weights (nh, T, T) per layer]) for idx (1, T): the weights each layer's formula
+    computes in the forward itself (CausalSelfAttention.attention_weights, for this pass in place of the fused kernel)."""
+    maps, layers = [], [block.attn for block in model.blocks]
 
-    def catch(attn, args, output):  # args: what Block.forward passed, (x, mask, rope, cache)
-        x, mask, rope = args[:3]
-        q, k, _ = attn.queries_keys_values(x, rope)  # each (1, nh, T, hs)
-        maps.append(attn.attention_weights(q.float(), k.float(), mask)[0])  # (nh, T, T)
+    def kept(weights_of):  # the layer's own attention_weights, its result (1, nh, T, T) kept too
+        return lambda q, k, mask: maps.append(weights_of(q, k, mask)) or maps[-1]
 
-    hooks = [block.attn.register_forward_hook(catch) for block in model.blocks]
+    fused = [attn.fused for attn in layers]
+    for attn in layers:
+        attn.fused, attn.attention_weights = False, kept(attn.attention_weights)
     try:
         logits, _ = model(idx)  # (1, T, V)
     finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, maps
+        for attn, was in zip(layers, fused):
+            attn.fused = was
+            del attn.attention_weights  # the method again
+    return logits, [weights[0] for weights in maps]
 
 
 def draw_attention(model, tokenizer, ids, cfg, path):
