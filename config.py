@@ -11,12 +11,13 @@ class TinyLLMError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback."""
 
 
-def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING, changeable=False):
+def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING, changeable=False, example=None):
     """A dataclass field with its --help text; before: what a checkpoint saved without it meant (it loads as it was);
-    changeable: a resumed run may take a new value (else --resume refuses the flag: the setting defines the run)."""
+    changeable: a resumed run may take a new value (else --resume refuses the flag: the setting defines the run);
+    example: a model setting's number the model tests run it at (tests/conftest.py's MODEL_VARIANTS)."""
     extra = {} if before is dataclasses.MISSING else {"before": before}
     return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases,
-                                            "changeable": changeable, **extra})
+                                            "changeable": changeable, "example": example, **extra})
 
 
 def _require(ok, message):

@@ -159,7 +159,7 @@ def test_every_variant_of_the_model_is_run_by_the_model_tests():
     default = GPTConfig()
     varied = {k for variant in MODEL_VARIANTS for k, v in variant.items() if v != getattr(default, k)}
     missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in SHAPE and f.name not in varied]
-    assert not missing, f"add a line for {', '.join(missing)} to MODEL_VARIANTS in tests/conftest.py"
+    assert not missing, f"give {', '.join(missing)} an example= in config.py: a value the model tests run it at"
 
 
 @pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
