@@ -57,9 +57,9 @@ class Clock:
 
     def progress(self, progress):
         """Under a --time_budget, how far the run is at this step (optim.progress by steps): 0 through the warmup, then
-        on toward 1 by the share the last step used of the seconds left (less a step's), whatever the pace; never back."""
+        on toward 1 by the share the last step used of the seconds left less two steps' (a slow last one still at 1)."""
         spent = self.spent()
-        used, left = spent - self.last, self.usable() - self.pace(spent) - self.last
+        used, left = spent - self.last, self.usable() - 2 * self.pace(spent) - self.last
         self.last = spent
         if self.state.step <= self.cfg.warmup_steps:
             return progress

@@ -114,6 +114,22 @@ def test_every_schedule_config_offers_takes_its_last_budgeted_step_at_the_floor(
     assert lrs[-1] == cfg.min_lr and clock() <= 3 and f"the last at LR {cfg.min_lr:.4g}" in out
 
 
+def test_a_budgets_last_step_is_at_the_floor_when_the_steps_jitter(shakespeare_head, tmp_path, capsys, monkeypatch):
+    """Steps of uneven length (every third half as long again as the others, as on a busy machine): wherever the
+    budget's end falls among them, the last step taken is at the floor, not a step short of it."""
+    missed, step = [], train.train_step
+    for k in range(6):  # budgets a fraction of a step apart: the end falls in a different place among the steps
+        with monkeypatch.context() as m:  # each run on a clock of its own
+            lrs = []
+            m.setattr(train, "train_step", lambda gpt, o, b, lr, *a, **k: lrs.append(lr) or step(gpt, o, b, lr, *a, **k))
+            on_a_clock_of_steps(m, lambda n: 0.015 if n % 3 == 2 else 0.01)
+            code, out, err = budget_run(capsys, shakespeare_head, tmp_path / f"run{k}", 1.5 + 0.0017 * k)
+        assert code == 0, err
+        cfg = TrainConfig(**load_checkpoint(str(tmp_path / f"run{k}" / "last.pt"))["train_config"])
+        missed += [(k, lrs[-1])] if lrs[-1] != cfg.min_lr else []
+    assert not missed, f"budgets whose last step was above the floor {cfg.min_lr}: {missed}"
+
+
 def test_a_budgeted_run_resumes_where_it_was_and_still_ends_in_time(shakespeare_head, tmp_path, capsys, monkeypatch):
     clock, progress = on_a_clock_of_steps(monkeypatch, lambda n: 0.02 if n < 25 else 0.025)
     with monkeypatch.context() as m:  # stopped in the middle, as by Ctrl-C or a Colab runtime that disconnects
