@@ -130,7 +130,7 @@ def filter_logits(logits, sampler, idx):
     tokens so far: divided by the temperature (greedy: by 1), then every logit outside the
     candidates set to -inf: top_k > 0 keeps the k most likely (and any tied with the k-th, as
     Hugging Face and nanoGPT do); top_p < 1 keeps the smallest set whose probability reaches
-    top_p. The most likely token always survives. A rule on the model's own logits (a
+    top_p; both always keep the most likely token. A rule on the model's own logits (a
     repetition penalty, which reads idx) goes before the temperature; one on the candidates, after."""
     logits = logits / (sampler.temperature or 1.0)
     top_k, top_p = sampler.top_k, sampler.top_p
