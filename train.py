@@ -52,10 +52,10 @@ def build(run):
 # ----------------------------------------------------------------------------- one optimizer step
 
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
-    """One optimizer step, in the order that is the lesson. Returns its figures: the batch's loss, the LR and
-    the gradient norm before clipping, loss and norm as tensors (reading one makes a GPU wait, so the loop
-    reads them only now and then); a new entry shows on the progress line and in the history, and resumes. ctx: the forward pass's precision (an autocast; nothing for float32);
-    scaler: float16's loss scaling, a torch.amp.GradScaler (None for other dtypes)."""
+    """One optimizer step, in the order that is the lesson. Returns its figures: the batch's loss, the LR and the
+    gradient norm before clipping, loss and norm as tensors (reading one makes a GPU wait, so the loop reads them
+    only now and then; a new entry shows on the progress line and in the history, and resumes). ctx: the forward
+    pass's precision (an autocast; nothing for float32); scaler: float16's torch.amp.GradScaler (else None)."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
     for group in optimizer.param_groups:                     # 1. this step's learning rate, every group's
         group["lr"] = lr
