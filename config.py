@@ -278,9 +278,9 @@ def parse_duration(text):
     if not text:
         return None
     text, number = text.strip(), r"(\d+(?:\.\d+)?)"
-    match = re.fullmatch(f"(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)  # a number after a unit needs one
-    seconds = float(text) if re.fullmatch(number, text) else sum(  # a number alone: seconds
-        float(v) * unit for v, unit in zip(match.groups(), (3600, 60, 1)) if v) if match else 0
+    # a number alone (seconds), or hours, minutes and seconds each with its unit ("1h30" is not a duration)
+    match = re.fullmatch(f"{number}|(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
+    seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (1, 3600, 60, 1)) if v) if match else 0
     _require(seconds > 0 and math.isfinite(seconds),
              f"time_budget must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds
