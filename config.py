@@ -1,5 +1,5 @@
 """Every setting of tinyllm, described once: the scripts build their flags and --help from these dataclasses
-(cli.add_config_flags). `python config.py` prints the presets and the flags as docs/flags.md."""
+(cli.add_config_flags) and docs/flags.md (tools/flags.py), and the presets that set many at once."""
 
 import dataclasses
 import math
@@ -20,7 +20,7 @@ def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING,
                                             "changeable": changeable, "example": example, **extra})
 
 
-def _require(ok, message):
+def require(ok, message):
     if not ok:
         raise TinyLLMError(message)
 
@@ -55,14 +55,14 @@ class GPTConfig:
                        ("learned", "sinusoidal", "rope"))
 
     def __post_init__(self):
-        _require(self.vocab_size >= 0, f"vocab_size must be 0 (from the tokenizer) or more, got {self.vocab_size}")
+        require(self.vocab_size >= 0, f"vocab_size must be 0 (from the tokenizer) or more, got {self.vocab_size}")
         for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        _check_common(self)
-        _require(self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0,
-                 f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check_common(self)
+        require(self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+                f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
 
 
 @dataclass
@@ -121,25 +121,25 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
                      "grad_accum_steps", "keep_last"):
-            _require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_interval", "patience", "sample_tokens"):
-            _require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "weight_decay", "muon_lr", "grad_clip", "target_loss"):
-            _require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
-        _require(self.lr > 0, f"lr must be positive, got {self.lr}")
-        _require(0 <= self.min_lr <= self.lr, f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
-        _require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
-        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
-                 f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        _require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
-        _require(self.target_loss >= 0, f"target_loss must be 0 (off) or positive, got {self.target_loss}")
+            require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+                f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
+        require(self.target_loss >= 0, f"target_loss must be 0 (off) or positive, got {self.target_loss}")
         check_batch_split(self.batch_size, self.grad_accum_steps)
-        _require(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
-        _require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
-        _require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
-                 f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
+        require(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
+        require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
+        require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
+                f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
         parse_duration(self.time_budget)
-        _check_common(self)
+        check_common(self)
 
 
 @dataclass
@@ -167,10 +167,10 @@ class Sampler:
     top_p: float = setting(1.0, "keep the smallest set of tokens whose probability reaches p, in (0, 1]; 1 = off")
 
     def __post_init__(self):
-        _require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
-                 f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
-        _require(self.top_k >= 0, f"--top_k must be 0 (off) or positive, got {self.top_k}")
-        _require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
+        require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
+                f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
+        require(self.top_k >= 0, f"--top_k must be 0 (off) or positive, got {self.top_k}")
+        require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
 
 
 GREEDY = Sampler(temperature=0)
@@ -204,69 +204,28 @@ class SampleConfig:
                                          "a continuation stops at <|endoftext|>)")
 
     def __post_init__(self):
-        _require(self.num_samples >= 1, f"--num_samples must be at least 1, got {self.num_samples}")
-        _require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        _require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
-        _require(0 <= self.show_top <= 20, f"--show_top must be between 0 (off) and 20, got {self.show_top}")
+        require(self.num_samples >= 1, f"--num_samples must be at least 1, got {self.num_samples}")
+        require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
+        require(0 <= self.show_top <= 20, f"--show_top must be between 0 (off) and 20, got {self.show_top}")
         self.show_probs = self.show_probs or self.show_top > 0
-        _require(self.beam is None or self.beam >= 1, f"--beam must be at least 1 (continuations kept), got {self.beam}")
-        _require(not self.beam or self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
-        _require(math.isfinite(self.length_penalty), f"--length_penalty must be a number, got {self.length_penalty}")
-        _require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
-        _check_common(self, "--")
+        require(self.beam is None or self.beam >= 1, f"--beam must be at least 1 (continuations kept), got {self.beam}")
+        require(not self.beam or self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
+        require(math.isfinite(self.length_penalty), f"--length_penalty must be a number, got {self.length_penalty}")
+        require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
+        check_common(self, "--")
 
 
 def check_beam(cfg, flags):
     """--beam with a flag of the sampler (flags: those given, {name: value}), even at its default: one error line."""
     given = [f"--{f.name}" for f in dataclasses.fields(Sampler) if f.name in flags]
-    _require(not (cfg.beam and given), f"beam search draws nothing, so {', '.join(given)} cannot apply: drop it")
+    require(not (cfg.beam and given), f"beam search draws nothing, so {', '.join(given)} cannot apply: drop it")
 
 
-PICTURES = ("attention", "surprise", "temperature", "embeddings")
-
-
-@dataclass
-class PictureConfig:
-    """What tools/pictures.py draws from a checkpoint, and where."""
-    out_dir: str = setting("pictures", "folder the PNGs are written to (attention.png, surprise.png, ...)")
-    only: str = setting(",".join(PICTURES), "which pictures, comma-separated: " + ", ".join(PICTURES))
-    prompt: str = setting("O Romeo, I will th", "text whose attention is drawn, and after which the next-token "
-                                               "distribution is drawn at each temperature")
-    layer: int = setting(-1, "attention: draw only this layer (0 = the first); -1 = every layer")
-    head: int = setting(-1, "attention: draw only this head (0 = the first); -1 = every head")
-    temperatures: str = setting("0.5,0.8,1.0,1.5", "temperature: the temperatures to compare, comma-separated")
-    data: str = setting("", "surprise: score the val split of this text instead of the checkpoint's own "
-                            "(as train.py --eval_only does)")
-    passage_chars: int = setting(600, "surprise: colour the first N characters of the val split; the bits per "
-                                      "character printed are over the same passage")
-    device: str = setting("auto", DEVICE_HELP, DEVICES)
-    threads: int = setting(0, THREADS_HELP)
-
-    def __post_init__(self):
-        names = [n.strip() for n in self.only.split(",") if n.strip()]
-        _require(names and set(names) <= set(PICTURES), f"--only takes {', '.join(PICTURES)}, got {self.only!r}")
-        _require(self.layer >= -1, f"--layer must be -1 (every layer) or a layer number, got {self.layer}")
-        _require(self.head >= -1, f"--head must be -1 (every head) or a head number, got {self.head}")
-        try:
-            temps = self.temperature_list()
-        except ValueError:
-            temps = []
-        _require(temps and all(math.isfinite(t) and 1e-3 <= t <= 1e3 for t in temps),
-                 f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
-        _require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got {self.passage_chars}")
-        _check_common(self, "--")
-
-    def pictures(self):
-        return [name for name in PICTURES if name in {n.strip() for n in self.only.split(",")}]
-
-    def temperature_list(self):
-        return [float(t) for t in self.temperatures.split(",")]
-
-
-def _check_common(config, flag=""):
+def check_common(config, flag=""):
     seed, threads = getattr(config, "seed", 0), getattr(config, "threads", 0)
-    _require(0 <= seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {seed}")
-    _require(threads >= 0, f"{flag}threads must be 0 (auto) or more, got {threads}")
+    require(0 <= seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {seed}")
+    require(threads >= 0, f"{flag}threads must be 0 (auto) or more, got {threads}")
     for f in dataclasses.fields(config):
         choices, value = f.metadata.get("choices"), getattr(config, f.name)
         if choices and value not in choices:
@@ -281,8 +240,8 @@ def parse_duration(text):
     # a number alone (seconds), or hours, minutes and seconds each with its unit ("1h30" is not a duration)
     match = re.fullmatch(f"{number}|(?:{number}h)?(?:{number}m)?(?:{number}s)?", text)
     seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (1, 3600, 60, 1)) if v) if match else 0
-    _require(seconds > 0 and math.isfinite(seconds),
-             f"time_budget must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
+    require(seconds > 0 and math.isfinite(seconds),
+            f"time_budget must be a positive duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds
 
 
@@ -354,43 +313,3 @@ def build_configs(given, preset):
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"{TrainConfig.out_dir}/{values['tag']}"  # f"{field default}/TAG"
     return make_config(GPTConfig, values), make_config(TrainConfig, values)
-
-
-# ----------------------------------------------------------------------------- docs/flags.md
-
-def markdown_flags(classes=(GPTConfig, TrainConfig, RunOptions)):
-    rows = ["| flag | meaning | default |", "| --- | --- | --- |"]
-    for cls in classes:
-        for f in dataclasses.fields(cls):
-            meta = f.metadata
-            flag = " ".join(f"`{s}`" for s in (f"--{f.name}", *meta.get("aliases", ())))
-            choices = " (" + " \\| ".join(meta["choices"]) + ")" if meta.get("choices") else ""
-            default = "" if f.default in ("", None) else f"`{f.default}`"
-            resumed = "; `--resume` may change it" if meta["changeable"] else ""
-            meaning = meta["help"].replace("|", "\\|") + choices + resumed
-            rows.append(f"| {flag} | {meaning} | {default} |")
-    return "\n".join(rows) + "\n"
-
-
-PRESET_COLUMNS = ("n_layer", "n_head", "n_embd", "block_size", "pos", "mlp", "norm", "bias", "dropout",
-                  "batch_size", "time_budget", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta2")
-
-
-def markdown_presets():
-    base = {f.name: f.default for cls in (GPTConfig, TrainConfig) for f in dataclasses.fields(cls)}
-    rows = ["| preset | " + " | ".join(PRESET_COLUMNS) + " |", "| --- " * (len(PRESET_COLUMNS) + 1) + "|"]
-    for name, preset in PRESETS.items():
-        rows.append(f"| `{name}` | " + " | ".join(str(preset.get(c, base[c])) or "-" for c in PRESET_COLUMNS) + " |")
-    return "\n".join(rows) + "\n"
-
-
-def main():
-    print("# Every setting\n\nThe presets and every flag of train.py and generate.py, with their meaning and base "
-          "default, as config.py defines them (this page is `python config.py > docs/flags.md`). A preset's "
-          "values override the base defaults; `--help` shows the defaults your machine and preset will use.\n\n"
-          "## Presets\n\n" + markdown_presets() + "\n## train.py\n\n" + markdown_flags()
-          + "\n## generate.py\n\n" + markdown_flags((Sampler, SampleConfig)), end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -32,7 +32,7 @@ LEVELS = {
     "machinery.annotate": 3, "machinery.train_cli": 3,
     # the scripts a learner runs, the stand-alone tools, the experiments and their command line
     "train": 4, "generate": 4,
-    "tools.prepare": 5, "tools.pictures": 5, "tools.compare": 5,
+    "tools.prepare": 5, "tools.pictures": 5, "tools.compare": 5, "tools.flags": 5,
     "experiments.runs": 6, "experiments.speed": 7, "experiments.decoding": 7, "experiments.ablation": 7,
     "experiments.scaling": 7, "experiments.gpu_report": 7, "bench": 8,
 }
@@ -207,13 +207,14 @@ def test_every_relative_link_in_the_readme_and_docs_resolves():
     assert not broken
 
 
-def test_the_flags_page_is_what_python_config_py_prints_with_every_setting(capsys):
+def test_the_flags_page_is_what_tools_flags_prints_with_every_setting(capsys):
     import config
-    config.main()
+    from tools import flags
+    flags.main()
     printed = capsys.readouterr().out
-    assert printed == flag_tables(), "docs/flags.md is generated: python config.py > docs/flags.md"
-    for table in (config.markdown_presets(), config.markdown_flags(),
-                  config.markdown_flags((config.Sampler, config.SampleConfig))):
+    assert printed == flag_tables(), "docs/flags.md is generated: python -m tools.flags > docs/flags.md"
+    for table in (flags.markdown_presets(), flags.markdown_flags(),
+                  flags.markdown_flags((config.Sampler, config.SampleConfig))):
         assert table in printed
 
 

@@ -217,6 +217,6 @@ def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_train
 
 
 def test_the_readme_lists_the_pictures_flags():
-    import config
+    from tools import flags
     with open(f"{ROOT}/docs/generation.md", encoding="utf-8") as f:
-        assert config.markdown_flags((config.PictureConfig,)) in f.read()
+        assert flags.markdown_flags((pictures.PictureConfig,)) in f.read()

@@ -7,11 +7,12 @@ import machinery  # noqa: F401 (first, before torch loads: the start time, and O
 import math
 import os
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from config import PictureConfig, Sampler, TinyLLMError, make_config
+from config import DEVICE_HELP, DEVICES, THREADS_HELP, Sampler, TinyLLMError, check_common, make_config, require, setting
 from sampling import next_token_probs
 from utils import CharTokenizer, bits_per_char, chars_per_token
 
@@ -23,6 +24,51 @@ from machinery.evaluation import token_losses
 from machinery.plots import DPI, new_plot, save_plot
 from machinery.sources import encode_prompt, validation_split
 
+
+# ----------------------------------------------------------------------------- what to draw
+
+PICTURES = ("attention", "surprise", "temperature", "embeddings")
+
+
+@dataclass
+class PictureConfig:
+    """What tools/pictures.py draws from a checkpoint, and where."""
+    out_dir: str = setting("pictures", "folder the PNGs are written to (attention.png, surprise.png, ...)")
+    only: str = setting(",".join(PICTURES), "which pictures, comma-separated: " + ", ".join(PICTURES))
+    prompt: str = setting("O Romeo, I will th", "text whose attention is drawn, and after which the next-token "
+                                               "distribution is drawn at each temperature")
+    layer: int = setting(-1, "attention: draw only this layer (0 = the first); -1 = every layer")
+    head: int = setting(-1, "attention: draw only this head (0 = the first); -1 = every head")
+    temperatures: str = setting("0.5,0.8,1.0,1.5", "temperature: the temperatures to compare, comma-separated")
+    data: str = setting("", "surprise: score the val split of this text instead of the checkpoint's own "
+                            "(as train.py --eval_only does)")
+    passage_chars: int = setting(600, "surprise: colour the first N characters of the val split; the bits per "
+                                      "character printed are over the same passage")
+    device: str = setting("auto", DEVICE_HELP, DEVICES)
+    threads: int = setting(0, THREADS_HELP)
+
+    def __post_init__(self):
+        names = [n.strip() for n in self.only.split(",") if n.strip()]
+        require(names and set(names) <= set(PICTURES), f"--only takes {', '.join(PICTURES)}, got {self.only!r}")
+        require(self.layer >= -1, f"--layer must be -1 (every layer) or a layer number, got {self.layer}")
+        require(self.head >= -1, f"--head must be -1 (every head) or a head number, got {self.head}")
+        try:
+            temps = self.temperature_list()
+        except ValueError:
+            temps = []
+        require(temps and all(math.isfinite(t) and 1e-3 <= t <= 1e3 for t in temps),
+                f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
+        require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got {self.passage_chars}")
+        check_common(self, "--")
+
+    def pictures(self):
+        return [name for name in PICTURES if name in {n.strip() for n in self.only.split(",")}]
+
+    def temperature_list(self):
+        return [float(t) for t in self.temperatures.split(",")]
+
+
+# ----------------------------------------------------------------------------- the pictures
 
 def short_label(tokenizer, token):
     """A token as an axis label: spaces and line ends made visible, part of a character as its bytes in hex."""
