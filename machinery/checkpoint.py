@@ -3,7 +3,6 @@ A checkpoint: model, model_config, tokenizer, step, history, ...; last.pt adds o
 
 import contextlib
 import dataclasses
-import math
 import os
 import pickle
 import time
@@ -156,12 +155,8 @@ def upgrade(checkpoint):
         checkpoint["window"] = [{"loss": loss, "lr": checkpoint["lr"], "grad_norm": norm} for loss, norm in window]
     older = {"progress_from", "decay_from"} & set(checkpoint) or "progress" not in checkpoint
     at0, progress0 = checkpoint.pop("progress_from", None) or [saved["warmup_steps"], 0.0]
-    moved = checkpoint.pop("decay_from", None)
-    if moved and len(moved) == 3:
+    if (moved := checkpoint.pop("decay_from", None)) and len(moved) == 3:  # [step, lr, progress]: a moved decay's start
         at0, progress0 = moved[0], moved[2]
-    elif moved:  # the progress at which the cosine gives lr
-        share = 2 * (moved[1] - saved["min_lr"]) / max(saved["lr"] - saved["min_lr"], 1e-12) - 1
-        at0, progress0 = moved[0], math.acos(max(-1.0, min(1.0, share))) / math.pi
     if older and not (saved.get("time_budget") and "progress" in checkpoint):
         end = checkpoint.get("end_step") or (checkpoint.get("plan") or {}).get("max_steps") or saved["max_steps"]
         at = step - 1  # the latest step

@@ -95,10 +95,10 @@ def main(argv):
         print(f"error: give one of {', '.join(NEAREST)} (then try and its flags to run it end to end too), or try: "
               f"python tests/check.py schedule try --lr_schedule wsd", file=sys.stderr)
         sys.exit(2)
-    flags = subprocess.run([sys.executable, "config.py"], cwd=ROOT, capture_output=True, encoding="utf-8", check=True)
+    flags = subprocess.run([sys.executable, "-m", "tools.flags"], cwd=ROOT, capture_output=True, encoding="utf-8", check=True)
     with open(os.path.join(ROOT, "docs", "flags.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(flags.stdout)
-    print("wrote docs/flags.md from config.py", flush=True)
+    print("wrote docs/flags.md from config.py (python -m tools.flags)", flush=True)
     failed = subprocess.run([sys.executable, "-m", "pytest", "-q", *NEAREST[argv[0]]], cwd=ROOT).returncode
     if argv[1:2] != ["try"]:
         print(f"end to end with your flags: python tests/check.py {argv[0]} try [train.py flags] -- [generate.py flags]")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import DEVICE_HELP, DEVICES, THREADS_HELP, Sampler, TinyLLMError, check_common, make_config, require, setting
+from config import (DEVICE_HELP, DEVICES, THREADS_HELP, Sampler, TinyLLMError, check_common, make_config, require,
+                    setting)
 from sampling import next_token_probs
 from utils import CharTokenizer, bits_per_char, chars_per_token
 
