@@ -81,7 +81,8 @@ class TrainConfig:
     batch_size: int = setting(32, "sequences per optimizer step (over all processes and micro-batches)")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule (optim.get_lr) ends here", changeable=True)
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m: after the warmup the LR "
-                                   "decays over the time left, to its floor as the time runs out; empty = off. The tiny preset uses 5m; an explicit --max_steps turns it off")
+                                   "decays over the time left, to its floor as the time runs out; empty = off. "
+                                   "The tiny preset uses 5m; an explicit --max_steps turns it off")
     lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR's floor: where the schedule ends at max_steps, and stays")
     warmup_steps: int = setting(100, "steps of linear LR warmup from lr/warmup_steps to lr", aliases=("--warmup",))
@@ -122,19 +123,16 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
                      "grad_accum_steps", "keep_last"):
             require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "patience", "sample_tokens"):
-            require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "min_lr", "weight_decay", "muon_lr", "grad_clip", "target_loss"):
             require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
-        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        for name in ("warmup_steps", "save_interval", "patience", "sample_tokens", "weight_decay", "grad_clip",
+                     "target_loss"):  # (0: none, or off)
+            require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
+        require(self.lr > 0 and self.muon_lr > 0, f"lr and muon_lr must be positive, got {self.lr} and {self.muon_lr}")
         require(0 <= self.min_lr <= self.lr, f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
-        require(self.weight_decay >= 0, f"weight_decay must be 0 or more, got {self.weight_decay}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
                 f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        require(self.grad_clip >= 0, f"grad_clip must be 0 (off) or positive, got {self.grad_clip}")
-        require(self.target_loss >= 0, f"target_loss must be 0 (off) or positive, got {self.target_loss}")
         check_batch_split(self.batch_size, self.grad_accum_steps)
-        require(self.muon_lr > 0, f"muon_lr must be positive, got {self.muon_lr}")
         require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
         require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
                 f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")

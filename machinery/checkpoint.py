@@ -140,9 +140,8 @@ def load_resumable(path):
 
 
 def upgrade(checkpoint):
-    """An older version's resumable checkpoint in this version's format: RETIRED settings dropped, history rows given
-    a kind, (loss, norm) windows as dicts, the latest step's progress on the line its decay followed (progress_from,
-    decay_from) where it saved none or in steps; a setting it lacks takes its `before`."""
+    """An older version's resumable checkpoint in this version's format: RETIRED settings dropped, history rows given a
+    kind, (loss, norm) windows as dicts, the latest step's progress where it saved none (a lacking setting: `before`)."""
     saved, step = checkpoint["train_config"], checkpoint["step"]
     if not isinstance(saved, dict):
         return checkpoint  # refused by the resume with a reason

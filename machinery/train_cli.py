@@ -12,10 +12,9 @@ from machinery.evaluation import evaluate_checkpoint
 
 def build_parser(device):
     preset = default_preset(device.type)
-    if device.type == "cuda":  # (asking the GPU would start CUDA in every process, --device cpu or not)
-        dtype = "bfloat16 from compute capability 8.0, else float16"
-    else:
-        dtype = "measured at start-up here" if measured_on(device) else f"{resolve_dtype('auto', device)} here"
+    # (a GPU is not asked: that would start CUDA in every process, --device cpu or not)
+    dtype = ("bfloat16 from compute capability 8.0, else float16" if device.type == "cuda" else "measured at start-up "
+             "here" if measured_on(device) else f"{resolve_dtype('auto', device)} here")
     auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
             "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
     epilog = (f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "

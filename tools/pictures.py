@@ -26,8 +26,6 @@ from machinery.plots import DPI, new_plot, save_plot
 from machinery.sources import encode_prompt, validation_split
 
 
-# ----------------------------------------------------------------------------- what to draw
-
 PICTURES = ("attention", "surprise", "temperature", "embeddings")
 
 
@@ -68,8 +66,6 @@ class PictureConfig:
     def temperature_list(self):
         return [float(t) for t in self.temperatures.split(",")]
 
-
-# ----------------------------------------------------------------------------- the pictures
 
 def short_label(tokenizer, token):
     """A token as an axis label: spaces and line ends made visible, part of a character as its bytes in hex."""
