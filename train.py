@@ -92,11 +92,11 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     or wrapped for DDP), optimizer, next_batch, val_batch, ctx and scaler (precision), device, world, master and
     writes (this process prints, saves); what changes is its state (step, best_val_loss, progress, history...)."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
-    run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
-                      budget.now() if started is None else started)
+    start = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
+                        budget.now() if started is None else started)
     # a resume's state, optimizer and random numbers as saved; --compile, DDP and the precision (--dtype auto
-    # timed): train_step is handed over for trial steps that leave no trace
-    return setup.before_first_step(run, *build(run), train_step)
+    # timed by trial steps of train_step that leave no trace)
+    return setup.before_first_step(start, *build(start), train_step)
 
 
 def train_loop(run):
@@ -223,7 +223,8 @@ def finish(run, stop_reason, signum, clock):
         if line:
             run.say(line)
     if run.cfg.sample_tokens and run.master:
-        run.say("sample:\n" + records.closing_sample(run))
+        sample = records.closing_sample(run.model, run.corpus.tokenizer, run.cfg.sample_tokens, run.cfg.seed)
+        run.say("sample:\n" + sample)
     device.teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
             "seconds": budget.elapsed(run), "stop_reason": stop_reason, "model": run.model}

@@ -12,7 +12,7 @@ import torch
 import train
 from config import RunOptions, build_configs, default_preset
 from machinery.cli import log
-from machinery.device import choose_device, gpu, interleaved, machine, trial_step
+from machinery.device import choose_device, gpu, interleaved, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,8 @@ def step_times(runs, untimed, steps):
 
     def step_of(run):
         def step():
-            trial_step(run, train.train_step, run.ctx, run.scaler)
+            train.train_step(run.train_model, run.optimizer, run.next_batch, run.cfg.lr, run.cfg.grad_accum_steps,
+                             run.cfg.grad_clip, run.ctx, run.scaler)
             sync(run.device)
         return step
 

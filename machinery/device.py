@@ -321,33 +321,34 @@ UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allo
 TIMED_STEPS = 8          # per candidate precision, after those
 
 
-def measure_dtype(run, train_step):
-    """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows)."""
-    seconds = time_steps(run, train_step, ["float32", "bfloat16"])  # {dtype: seconds per step}
+def measure_dtype(step, model, optimizer, device, world):
+    """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows).
+    step(ctx): one training step of the run's in the forward precision ctx, as trial steps that leave no trace."""
+    seconds = time_steps(step, model, optimizer, device, ["float32", "bfloat16"])  # {dtype: seconds per step}
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
     plan = (dict(dtype="bfloat16", dtype_note=f"bfloat16: {ratio:.2f}x float32 here, measured") if ratio >= BF16_MARGIN
             else dict(dtype="float32", dtype_note=f"float32: bfloat16 was {ratio:.2f}x here, measured"))
-    if run.world > 1:  # every rank takes rank 0's
+    if world > 1:  # every rank takes rank 0's
         dist.broadcast_object_list(holder := [plan], src=0)
         plan = holder[0]
     return plan
 
 
 @contextlib.contextmanager
-def trial(run):
+def trial(model, optimizer, scaler=None):
     """Train for measurement only: weights, optimizer state, loss scale and every RNG are put back after."""
-    weights = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
-    optimizer = copy.deepcopy(run.optimizer.state_dict())
-    scaler = copy.deepcopy(run.scaler.state_dict()) if run.scaler else None
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    scaler_state = copy.deepcopy(scaler.state_dict()) if scaler else None
     rng = rng_state()
     try:
         yield
     finally:
-        run.model.load_state_dict(weights)
-        run.optimizer.load_state_dict(optimizer)
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.scaler:
-            run.scaler.load_state_dict(scaler)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.load_state_dict(scaler_state)
         set_rng_state(rng)
 
 
@@ -363,18 +364,12 @@ def interleaved(calls, untimed, timed):
     return times
 
 
-def trial_step(run, train_step, ctx, scaler=None):
-    """One of the run's training steps at its peak learning rate, for measuring (within trial())."""
-    return train_step(run.train_model, run.optimizer, run.next_batch, run.cfg.lr, run.cfg.grad_accum_steps,
-                      run.cfg.grad_clip, ctx, scaler)
-
-
-def time_steps(run, train_step, dtypes):
-    """Mean seconds of a step in each dtype (no loss scaler): a run's length is a sum of skewed step times."""
+def time_steps(step, model, optimizer, device, dtypes):
+    """Mean seconds of a step(ctx) in each dtype (no loss scaler): a run's length is a sum of skewed step times."""
     def step_in(dtype):
-        ctx = autocast(run.device, dtype)
-        return lambda: trial_step(run, train_step, ctx)["loss"].item()  # .item(): the device has finished the step
+        ctx = autocast(device, dtype)
+        return lambda: step(ctx)["loss"].item()  # .item(): the device has finished the step
 
-    with trial(run):
+    with trial(model, optimizer):
         times = interleaved([step_in(dtype) for dtype in dtypes], UNTIMED_STEPS, TIMED_STEPS)
     return {dtype: statistics.mean(t) for dtype, t in zip(dtypes, times)}

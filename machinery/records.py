@@ -155,22 +155,23 @@ def done_line(step, best_val_loss, seconds, out_dir, plots):
     return f"done: {step} steps | best val loss {best_val_loss:.4f} | total time {format_seconds(seconds)}" + files
 
 
-def closing_sample(run, tokens=None):
-    """The closing sample as generate.py draws it (tokens: cfg.sample_tokens), in float32: bfloat16 is no faster."""
-    run.model.eval()
-    start = torch.tensor([start_ids(run.corpus.tokenizer)], device=run.device)
-    with out_of_memory_as_error(f"out of memory on {describe(run.device)} while sampling: try --sample_tokens 0"):
-        out = sampling.generate(run.model, start, tokens or run.cfg.sample_tokens, Sampler(), replay=graphs.replayable,
-                                generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
-    run.model.train()
-    return run.corpus.tokenizer.decode(out[0].tolist())
+def closing_sample(model, tokenizer, tokens, seed):
+    """The closing sample as generate.py draws it, in float32: bfloat16 is no faster."""
+    model.eval()
+    device = next(model.parameters()).device
+    start = torch.tensor([start_ids(tokenizer)], device=device)
+    with out_of_memory_as_error(f"out of memory on {describe(device)} while sampling: try --sample_tokens 0"):
+        out = sampling.generate(model, start, tokens, Sampler(), replay=graphs.replayable,
+                                generator=torch.Generator(device).manual_seed(seed))
+    model.train()
+    return tokenizer.decode(out[0].tolist())
 
 
-def sample_seconds(run):
-    """Seconds the closing sample will take, from 16 timed tokens (0 without one), for a time budget to keep."""
-    if not run.cfg.sample_tokens:
+def sample_seconds(model, tokenizer, tokens, seed):
+    """Seconds a closing sample of tokens will take, from 16 timed tokens (0 for none), for a time budget to keep."""
+    if not tokens:
         return 0.0
-    closing_sample(run, 2)  # once untimed
+    closing_sample(model, tokenizer, 2, seed)  # once untimed
     t0 = budget.now()
-    closing_sample(run, 16)  # (decoded: a GPU has finished these tokens)
-    return (budget.now() - t0) / 16 * run.cfg.sample_tokens * 1.2  # longer contexts cost a little more per token
+    closing_sample(model, tokenizer, 16, seed)  # (decoded: a GPU has finished these tokens)
+    return (budget.now() - t0) / 16 * tokens * 1.2  # longer contexts cost a little more per token

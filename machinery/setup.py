@@ -16,7 +16,7 @@ from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoin
 from machinery.cli import first_line, log, warn
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, rank_seed, resolve_dtype, seed_everything,
-                              set_rng_state, set_threads, setup_distributed, trial, trial_step, wrap)
+                              set_rng_state, set_threads, setup_distributed, trial, wrap)
 from machinery.records import sample_seconds
 from machinery.sources import check_long_enough, load_corpus
 
@@ -43,8 +43,8 @@ CHANGEABLE_ON_RESUME = {f.name for f in dataclasses.fields(TrainConfig) if f.met
 
 
 @dataclass(frozen=True)
-class Run:
-    """A run: its settings and device (start), what it trains (train.build), how (before_first_step); then fixed."""
+class Start:
+    """A run before its model is built (start): its settings, processes and device, the checkpoint it starts from."""
     options: RunOptions
     preset: str
     model_cfg: GPTConfig
@@ -53,20 +53,9 @@ class Run:
     rank: int                   # this process, of world processes (1 without torchrun)
     world: int
     device: torch.device
-    threads: int = 1
-    source: dict = None         # the checkpoint it resumes (options.resume) or fine-tunes (options.init_from)
-    source_path: str = ""
-    dtype: str = "float32"      # the forward pass's precision, its autocast context and float16's scaler
-    ctx: object = None
-    scaler: object = None
-    corpus: object = None       # utils.Corpus: the train and val token streams, and their tokenizer
-    model: torch.nn.Module = None
-    optimizer: torch.optim.Optimizer = None
-    next_batch: object = None   # () -> (x, y): a training batch of this process
-    val_batch: object = None
-    train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
-    state: TrainState = None
-    sample_seconds: float = 0.0  # the closing sample's, timed before the first step for a time budget to keep
+    threads: int
+    source: dict                # the checkpoint it resumes (options.resume) or fine-tunes (options.init_from), or None
+    source_path: str
 
     @property
     def master(self):  # rank 0: the only process that prints and writes files
@@ -87,6 +76,22 @@ class Run:
     def say(self, text):
         if self.master:
             log(text)
+
+
+@dataclass(frozen=True)
+class Run(Start):
+    """A run whole, made once before its first step (before_first_step), then only read: what changes is its state."""
+    dtype: str                  # the forward pass's precision, its autocast context and float16's scaler (or None)
+    ctx: object
+    scaler: object
+    corpus: object              # utils.Corpus: the train and val token streams, and their tokenizer
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    next_batch: object          # () -> (x, y): a training batch of this process
+    val_batch: object
+    train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
+    state: TrainState
+    sample_seconds: float       # the closing sample's, timed before the first step for a time budget to keep
 
 
 # ----------------------------------------------------------------------------- before the model is built
@@ -117,8 +122,8 @@ def start(model_cfg, train_cfg, options, preset, given, started):
         train_cfg = dataclasses.replace(train_cfg, tokenizer=tokenizer_kind(source))  # what it trains with
     configure_matmul(device)
     seed_everything(train_cfg.seed)
-    return Run(options, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads),
-               source, last if source else "")
+    return Start(options, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads),
+                 source, last if source else "")
 
 
 def load_source(path, given):
@@ -160,45 +165,48 @@ def load_corpus_and_model(run):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def before_first_step(run, corpus, model, optimizer, next_batch, val_batch, train_step):
+def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, train_step):
     """The run whole, with what train.build made: the state, each rank's seed, compile, DDP, the precision."""
-    cfg = run.cfg
-    run = dataclasses.replace(run, model_cfg=model.config, corpus=corpus, model=model, optimizer=optimizer,
-                              next_batch=next_batch, val_batch=val_batch)
-    state = restore(run, run.source) if run.options.resume and run.source else TrainState()
-    if run.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
-        seed_everything(rank_seed(cfg.seed, run.rank, state.step))
-    if run.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
+    cfg, device, resumed = start.cfg, start.device, start.options.resume and start.source
+    state = restore(start, optimizer) if resumed else TrainState()
+    if start.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
+        seed_everything(rank_seed(cfg.seed, start.rank, state.step))
+    if start.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
         fixed = next_batch()
         next_batch = lambda: fixed
-        run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
-    train_model = wrap(torch.compile(model) if cfg.compile else model, run.world, run.device)
-    run = dataclasses.replace(run, state=state, train_model=train_model, next_batch=next_batch,
-                              **precision(run.device, resolve_dtype(cfg.dtype, run.device)))
+        start.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
+    train_model = wrap(torch.compile(model) if cfg.compile else model, start.world, device)
+
+    def step(ctx, scaler=None):  # one of the run's steps at its peak LR: trial steps (device.trial) leave no trace
+        return train_step(train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip, ctx, scaler)
+
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.compile:
-        check_compiles(run, train_step)
-    if cfg.dtype == "auto" and measured_on(run.device):  # a resumed run keeps what its first process measured
-        state.plan = state.plan if (state.plan or {}).get("dtype") else measure_dtype(run, train_step)
-        run = dataclasses.replace(run, **precision(run.device, state.plan["dtype"]))
-    if run.options.resume and run.source and run.source.get("scaler") and run.scaler:
-        run.scaler.load_state_dict(run.source["scaler"])
+        check_compiles(step, model, optimizer, autocast(device, dtype), make_scaler(device, dtype))
+    if cfg.dtype == "auto" and measured_on(device):  # a resumed run keeps what its first process measured
+        if not (state.plan or {}).get("dtype"):
+            state.plan = measure_dtype(step, model, optimizer, device, start.world)
+        dtype = state.plan["dtype"]
+    scaler = make_scaler(device, dtype)
+    if resumed and start.source.get("scaler") and scaler:
+        scaler.load_state_dict(start.source["scaler"])
+    seconds = sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed) if cfg.time_budget else 0.0
+    run = Run(**(vars(start) | {"model_cfg": model.config}), dtype=dtype, ctx=autocast(device, dtype), scaler=scaler,
+              corpus=corpus, model=model, optimizer=optimizer, next_batch=next_batch, val_batch=val_batch,
+              train_model=train_model, state=state, sample_seconds=seconds)
     print_header(run)
-    return dataclasses.replace(run, sample_seconds=sample_seconds(run) if cfg.time_budget else 0.0)
+    return run
 
 
-def check_compiles(run, train_step):
+def check_compiles(step, model, optimizer, ctx, scaler):
     """One trial step before the run writes anything: --compile fails without a C++ compiler (Windows: Visual C++)."""
     try:
-        with trial(run):
-            trial_step(run, train_step, run.ctx, run.scaler)
+        with trial(model, optimizer, scaler):
+            step(ctx, scaler)
     except torch.OutOfMemoryError:
         raise  # train()'s own line says what to try
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError: any error counts
         raise TinyLLMError(f"--compile failed on this machine ({first_line(e)}); run without --compile") from None
-
-
-def precision(device, dtype):
-    return {"dtype": dtype, "ctx": autocast(device, dtype), "scaler": make_scaler(device, dtype)}
 
 
 # ----------------------------------------------------------------------------- what the user is told
@@ -256,9 +264,10 @@ def conflicting_flags(given, saved, changeable, words):
 
 # ----------------------------------------------------------------------------- --resume: the state put back
 
-def restore(run, checkpoint):
+def restore(run, optimizer):
     """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps is a new schedule."""
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoint = run.source
+    optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(TrainState)}
     state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
     saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget

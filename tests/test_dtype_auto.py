@@ -15,7 +15,7 @@ def fake_step_times(monkeypatch, fake_machine, float32, bfloat16, native=True):
     fake_machine(avx512_bf16=native, amx=native)
     measured = []
 
-    def timed(run, train_step, dtypes):
+    def timed(step, model, optimizer, device, dtypes):
         measured.append(list(dtypes))
         return {"float32": float32, "bfloat16": bfloat16}
 
@@ -52,7 +52,10 @@ def test_the_trial_steps_leave_weights_optimizer_and_random_numbers_as_they_were
     run = train.setup_run(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, dtype="float32"))
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     rng = torch.get_rng_state()
-    seconds = device.time_steps(run, train.train_step, ["float32"])
+    cfg = run.cfg
+    step = lambda ctx: train.train_step(run.train_model, run.optimizer, run.next_batch, cfg.lr, cfg.grad_accum_steps,
+                                        cfg.grad_clip, ctx)
+    seconds = device.time_steps(step, run.model, run.optimizer, run.device, ["float32"])
     assert seconds["float32"] > 0
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state()) and not run.optimizer.state

@@ -371,7 +371,7 @@ def test_ctrl_c_during_the_closing_sample_stops_the_process_at_once(shakespeare_
     from conftest import TINY_FLAGS, cli
     from machinery import records
 
-    def interrupted_sample(run):
+    def interrupted_sample(*args):
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what pressing Ctrl-C does now
         return "never printed"
     monkeypatch.setattr(records, "closing_sample", interrupted_sample)
