@@ -6,8 +6,8 @@
 build makes the batches, the model and the optimizer; train_step takes one optimizer step;
 train_loop repeats it at the schedule's learning rate, evaluating now and then (estimate_loss)
 and writing down each step's figures. What keeps a run safe on every machine (the run folder,
-resuming, devices, precision, several processes, the time budget) is a call into machinery/
-with plain arguments, whose comment says what it does: take it at its word.
+resuming, devices, precision, several processes, the time budget) is a call into machinery/,
+whose comment says what it does.
 """
 
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
@@ -88,9 +88,7 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """A setup.Run, only read from here on: settings (cfg, model_cfg, options), corpus, model (train_model: compiled
-    or wrapped for DDP), optimizer, next_batch, val_batch, ctx and scaler (precision), device, world, master and
-    writes (this process prints, saves); what changes is its state (step, best_val_loss, progress, history...)."""
+    """The run (setup.Run), only read from here on; what changes as it trains is run.state (step, history, ...)."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     start = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                         budget.now() if started is None else started)

@@ -79,8 +79,7 @@ def format_seconds(seconds):
 # ----------------------------------------------------------------------------- errors
 
 def first_line(e):
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def check_writable(path, flag, make_folder=False):

@@ -53,7 +53,6 @@ class Start:
     rank: int                   # this process, of world processes (1 without torchrun)
     world: int
     device: torch.device
-    threads: int
     source: dict                # the checkpoint it resumes (options.resume) or fine-tunes (options.init_from), or None
     source_path: str
 
@@ -121,9 +120,9 @@ def start(model_cfg, train_cfg, options, preset, given, started):
         source, last = load_source(options.init_from, given), options.init_from
         train_cfg = dataclasses.replace(train_cfg, tokenizer=tokenizer_kind(source))  # what it trains with
     configure_matmul(device)
+    set_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
-    return Start(options, preset, model_cfg, train_cfg, started, rank, world, device, set_threads(train_cfg.threads),
-                 source, last if source else "")
+    return Start(options, preset, model_cfg, train_cfg, started, rank, world, device, source, last if source else "")
 
 
 def load_source(path, given):
@@ -215,7 +214,7 @@ def print_header(run):
     m, cfg, tokens = run.model_cfg, run.cfg, run.corpus
     processes = f" x {run.world} processes" if run.world > 1 else ""
     precision = (run.state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, run.dtype)
-    run.say(f"device {describe(run.device)} ({precision}, {run.threads} threads){processes} "
+    run.say(f"device {describe(run.device)} ({precision}, {torch.get_num_threads()} threads){processes} "
             f"| preset {run.preset} | data {cfg.data}")
     if note := mfu_note(run.device, run.dtype):
         run.say(note)
