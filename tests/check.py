@@ -5,10 +5,11 @@ setting's row), then the tests nearest that kind (docs/changing.md says what eac
     python tests/check.py try --window 4 -- --repetition_penalty 1.3   # your change, end to end (below)
     python tests/check.py sampler try -- --min_p 0.1                   # both in one command
 
-try: a run of seconds with the training flags given (its last progress line: a new figure shows there; its schedule
-at every tenth: a new shape shows there), the same run resumed from its half-way checkpoint (the lines after it must
-be the same), a time budget's closing line (its last LR at the floor; 15 s, or the first run's time if longer), and
-a sample past block_size with the generate.py flags after "--" (its first lines shown), with the KV cache and
+try: a run of seconds with the training flags given (its start-up line: a model variant shows there; its last
+progress line and history.csv's columns: a new figure shows there; its schedule at every tenth: a new shape shows
+there), the same run resumed from its half-way checkpoint (the lines after it must be the same), a time budget's
+closing line (its last LR at the floor; 10 s, or the first run's time if longer), and a sample past block_size with
+the generate.py flags after "--" (its first lines shown, and the same seed's without them), with the KV cache and
 without (the same text).
 """
 
@@ -61,8 +62,11 @@ def try_it(train_flags, sample_flags):
         whole, resumed = os.path.join(tmp, "whole"), os.path.join(tmp, "resumed")
         started = time.perf_counter()
         straight = run("train.py", *quick, "--max_steps", "60", "--save_interval", "30", "--out_dir", whole)
-        seconds = max(15, round(time.perf_counter() - started))  # a budget the machine's pace fits, loaded or not
+        seconds = max(10, round(time.perf_counter() - started))  # a budget the machine's pace fits, loaded or not
+        print("start-up: " + next(line for line in straight.splitlines() if line.startswith("model ")))
         print("last progress line: " + [line for line in straight.splitlines() if line.startswith("step")][-1])
+        with open(os.path.join(whole, "history.csv"), encoding="utf-8") as f:
+            print("history.csv columns: " + f.readline().strip())
         lrs = run("train.py", *quick, "--max_steps", "60", "--plot_lr", "--out_dir", os.path.join(tmp, "plot"))
         print("".join(line for line in lrs.splitlines(keepends=True) if line.startswith("lr at step")), end="")
         os.makedirs(resumed)
@@ -77,6 +81,10 @@ def try_it(train_flags, sample_flags):
         sample = ["generate.py", os.path.join(whole, "best.pt"), "--max_new_tokens", "200", "--seed", "42", *sample_flags]
         cached, recomputed = run(*sample), run(*sample, "--no_cache")
         print("sample: " + " / ".join(cached.strip().splitlines()[:3]))
+        if sample_flags:  # the same seed without them: a rule that changes the odds changes the text
+            plain = run(*sample[:-len(sample_flags)])
+            print("without " + " ".join(sample_flags) + ": " + ("the same text" if plain == cached else
+                                                                " / ".join(plain.strip().splitlines()[:3])))
         print("sample past block_size, with the cache and without: " + ("the same text" if cached == recomputed
                                                                           else "DIFFERENT"))
         return 0 if same and cached == recomputed else 1
