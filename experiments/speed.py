@@ -75,24 +75,18 @@ def bench_generate(args):
     paths = {"replayed": (True, True)} if graphs.recorder(device) else {}  # name: (use_cache, replay)
     paths |= {"kv_cache": (True, False), "full_recompute": (False, False)}
 
-    def timed(name):
+    def generate_with(name):  # one generation by a path, the device done with it
         use_cache, replay = paths[name]
-        sync(device)
-        t0 = time.perf_counter()
         with ctx:
-            out = sampling.generate(model, prompt, args.new_tokens, GREEDY, use_cache=use_cache,
-                                    replay=graphs.replayable if replay else None)
+            shapes[name] = sampling.generate(model, prompt, args.new_tokens, GREEDY, use_cache=use_cache,
+                                             replay=graphs.replayable if replay else None).shape
         sync(device)
-        return out, time.perf_counter() - t0
 
     log(f"bench generate | preset {preset} | {device} {dtype} | {model.num_params():,} parameters, block "
         f"{model_cfg.block_size} | {args.num_samples} x {args.new_tokens} tokens, greedy, {args.repeats} repeats")
-    first = {name: timed(name)[1] for name in paths}  # the first call of each, the process's first first
-    seconds = {name: [] for name in paths}
-    for _ in range(args.repeats):  # interleaved, so drift hits every path alike
-        for name in paths:
-            out, s = timed(name)
-            seconds[name].append(s)
+    shapes, calls = {}, [functools.partial(generate_with, name) for name in paths]
+    first = {name: s[0] for name, s in zip(paths, interleaved(calls, 0, 1))}  # the process's first call of each
+    seconds = dict(zip(paths, interleaved(calls, 0, args.repeats)))  # interleaved: drift hits every path alike
     result = {name: {"seconds": statistics.median(s), "ms_per_token": 1000 * statistics.median(s) / args.new_tokens,
                      "tokens_per_s": args.num_samples * args.new_tokens / statistics.median(s),
                      "first_seconds": first[name], "first_ms_per_token": 1000 * first[name] / args.new_tokens}
@@ -106,7 +100,7 @@ def bench_generate(args):
            if "replayed" in result else ""))
     return {"preset": preset, "dtype": dtype, "model_config": dataclasses.asdict(model_cfg), **result,
             "speedup": speedup, "new_tokens": args.new_tokens, "num_samples": args.num_samples,
-            "tokens_shape": list(out.shape)}
+            "tokens_shape": list(shapes["kv_cache"])}
 
 
 def bench_sample(args):

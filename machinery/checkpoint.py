@@ -1,5 +1,6 @@
 """Checkpoint files, written atomically and read without running code; a fresh run never takes a run's folder.
-A checkpoint: model, model_config, tokenizer, step, history, ...; last.pt adds optimizer, train_config, rng, scaler."""
+A checkpoint: model, model_config, tokenizer; a run's also its optimizer, train_config, rng (and under torchrun every
+process's, rngs), scaler and TrainState (step, history, ...), which --resume reads."""
 
 import contextlib
 import dataclasses

@@ -241,12 +241,12 @@ def all_ranks_mean(values, world, device):
     return (t / world).tolist()
 
 
-def all_ranks_max(value, world, device):
+def every_rank(value, world):
+    """[rank 0's value, rank 1's, ...], on every rank ([value] in one process)."""
     if world == 1:
-        return value
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+        return [value]
+    dist.all_gather_object(values := [None] * world, value)
+    return values
 
 
 # ----------------------------------------------------------------------------- the precision

@@ -18,7 +18,7 @@ from utils import bits_per_char
 from machinery import budget, plots
 from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
 from machinery.cli import format_seconds
-from machinery.device import all_ranks_max, describe, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
+from machinery.device import describe, every_rank, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
 from machinery.sources import start_ids
 
 
@@ -35,10 +35,10 @@ class Meter:
         """The figures of the steps since the last read, as floats, in one device read; raises on a non-finite one."""
         if not self.pending:
             return []
-        self.seconds += budget.now() - self.mark  # the device has finished these steps only now
-        self.steps += len(self.pending)
         tensors = [v.detach().float().reshape(()) for _, f in self.pending for v in f.values() if torch.is_tensor(v)]
         values = iter(torch.stack(tensors).tolist() if tensors else [])  # one wait for the device
+        self.seconds += budget.now() - self.mark  # the device has finished these steps only now
+        self.steps += len(self.pending)
         read = []
         for step, f in self.pending:
             figures = {k: next(values) if torch.is_tensor(v) else float(v) for k, v in f.items()}
@@ -112,11 +112,12 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
 # ----------------------------------------------------------------------------- files
 
 def save(run, name):
+    rngs = every_rank(rng_state(), run.world)  # each process draws its own batches: a resume puts back each one's
     if run.master:
         save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(
             run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
-            train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rng_state(),
-            scaler=run.scaler.state_dict() if run.scaler else None,
+            train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rngs[0],
+            scaler=run.scaler.state_dict() if run.scaler else None, **({"rngs": rngs} if run.world > 1 else {}),
             **{**dataclasses.asdict(run.state), "seconds": budget.elapsed(run)}))
 
 
@@ -145,7 +146,7 @@ def stop_signal(run, stop):
     """The signal that asked the run to stop (0: none); several processes agree at progress lines, so no step waits."""
     if run.world > 1 and run.state.step % run.cfg.log_interval:
         return 0
-    return all_ranks_max(stop.signum or 0, run.world, run.device)
+    return max(every_rank(stop.signum or 0, run.world))
 
 
 # ----------------------------------------------------------------------------- the end of a run

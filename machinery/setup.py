@@ -168,8 +168,8 @@ def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, tr
     """The run whole, with what train.build made: the state, each rank's seed, compile, DDP, the precision."""
     cfg, device, resumed = start.cfg, start.device, start.options.resume and start.source
     state = restore(start, optimizer) if resumed else TrainState()
-    if start.world > 1:  # each rank draws its own batches (resumed runs too, from the step on)
-        seed_everything(rank_seed(cfg.seed, start.rank, state.step))
+    if start.world > 1 and not (resumed and len(start.source.get("rngs", [])) == start.world):
+        seed_everything(rank_seed(cfg.seed, start.rank, state.step))  # each rank its own batches (a resume: from here)
     if start.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
         fixed = next_batch()
         next_batch = lambda: fixed
@@ -278,5 +278,6 @@ def restore(run, optimizer):
         lr = get_lr(state.step, progress(state.step, run.cfg), run.cfg)  # the schedule of a run that long
         run.say(f"--max_steps {run.cfg.max_steps}: the schedule of a run of {run.cfg.max_steps} steps, whose LR at "
                 f"step {state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {run.cfg.min_lr:g} at its end")
-    set_rng_state(checkpoint["rng"])
+    rngs = checkpoint.get("rngs", [])  # every process's, saved under torchrun
+    set_rng_state(rngs[run.rank] if len(rngs) == run.world else checkpoint["rng"])
     return state

@@ -182,3 +182,21 @@ def test_a_time_budget_ends_every_rank_at_the_same_step_with_the_lr_at_its_floor
     assert last["step"] > 5 and last["progress"] > 0.99 and last["last_eval_step"] == last["step"]
     assert last["lr"] <= cfg["min_lr"] + 0.01 * (cfg["lr"] - cfg["min_lr"])  # the last step's, at the floor
     assert took < budget_seconds + 10  # the margin is for a busy machine
+
+
+def test_a_run_under_torchrun_resumed_from_its_checkpoint_ends_as_the_run_that_went_straight_on(
+        shakespeare_head, tmp_path):
+    # each rank draws its own batches: a resume puts back every rank's random numbers, not rank 0's alone
+    shape = ["--device", "cpu", "--data", shakespeare_head, "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
+             "--block_size", "16", "--batch_size", "8", "--eval_iters", "2", "--sample_tokens", "0", "--plots",
+             "false", "--warmup_steps", "2", "--log_interval", "4", "--eval_interval", "1000", "--max_steps", "8"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for code, _, err in two_ranks(os.path.join(ROOT, "train.py"), *shape, "--save_interval", "4", "--out_dir", straight):
+        assert code == 0, err[-2000:]
+    resumed.mkdir()
+    os.replace(straight / "ckpt_0000004.pt", resumed / "last.pt")
+    for code, _, err in two_ranks(os.path.join(ROOT, "train.py"), "--resume", "--out_dir", resumed):
+        assert code == 0, err[-2000:]
+    a, b = load_checkpoint(str(straight / "last.pt")), load_checkpoint(str(resumed / "last.pt"))
+    assert a["step"] == b["step"] == 8 and a["history"][-1]["val_loss"] == b["history"][-1]["val_loss"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
