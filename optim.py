@@ -30,7 +30,7 @@ def get_lr(step, progress, cfg):
 def progress(step, cfg):
     """How far the run is at a step, what get_lr's decay follows: 0 through the warmup, then the share of the steps
     after it taken, (step - warmup_steps) / (max_steps - warmup_steps): with warmup 10 and max_steps 50, 0.5 at step 30.
-    (Under a --time_budget the share of its seconds spent takes its place: machinery/budget.py's Clock.progress.)"""
+    (Under a --time_budget the share of its seconds spent takes its place: budget.Clock.progress_by_time.)"""
     if step <= cfg.warmup_steps:
         return 0.0
     return min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))

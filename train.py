@@ -119,8 +119,8 @@ def train_loop(run):
                 break
 
             # --- one optimizer step, at the schedule's learning rate, a function of how far the run is: by steps
-            # (optim.progress), or under a --time_budget by the seconds spent of those usable (clock.progress)
-            state.progress = clock.progress(state.progress) if cfg.time_budget else progress(state.step, cfg)
+            # (optim.progress), or under a --time_budget by the seconds spent of those usable
+            state.progress = clock.progress_by_time(state.progress) if cfg.time_budget else progress(state.step, cfg)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
                                  cfg.grad_clip, run.ctx, run.scaler)

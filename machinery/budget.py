@@ -55,7 +55,7 @@ class Clock:
                                f"give a longer budget, or fewer --warmup_steps")
         return spent >= self.usable()
 
-    def progress(self, progress):
+    def progress_by_time(self, progress):
         """Under a --time_budget, how far the run is at this step (optim.progress by steps): 0 through the warmup, then
         on toward 1 by the share the last step used of the seconds left less two steps' (a slow last one still at 1)."""
         spent = self.spent()
