@@ -66,7 +66,10 @@ def reference_forward(gpt, idx):
     maps = []
     for i in range(c.n_layer):
         h = norm(x, sd, f"blocks.{i}.ln_1", c.norm)
-        q, k, v = (linear(h, sd, f"blocks.{i}.attn.c_attn").view(T, 3, nh, hs)[:, j].transpose(0, 1) for j in range(3))
+        qkv = linear(h, sd, f"blocks.{i}.attn.c_attn")  # (T, C + 2 * kv): q, then k and v, their widths read off it
+        kv = (qkv.size(-1) - c.n_embd) // 2  # C; less where key/value heads are fewer than query heads (GQA, MQA)
+        q, k, v = (t.view(T, -1, hs).transpose(0, 1) for t in qkv.split([c.n_embd, kv, kv], dim=-1))  # (heads, T, hs)
+        k, v = (t.repeat_interleave(nh // t.size(0), dim=0) for t in (k, v))  # query head j reads key head j // group
         if c.pos == "rope":
             q, k = (complex_rope(t, *rope_angles(T, hs)) for t in (q, k))
         scores = q @ k.transpose(1, 2) / math.sqrt(hs) + torch.full((T, T), -math.inf).triu(1)  # (nh, T, T)
