@@ -10,7 +10,8 @@ progress line and history.csv's columns: a new figure shows there; its schedule 
 there), the same run resumed from its half-way checkpoint (the lines after it must be the same), a time budget's
 closing line (its last LR at the floor; 10 s, or the first run's time if longer), and a sample past block_size with
 the generate.py flags after "--" (its first lines shown, and the same seed's without them), with the KV cache and
-without (the same text).
+without (the same text). After a kind, try runs the stages that kind can change (STAGES: a sampling rule, the
+sample alone); try alone runs them all. Skipped tests are listed with their reasons (a GPU's, a Mac's).
 """
 
 import os
@@ -52,14 +53,20 @@ def after(lines, step):
     return [line for line in kept if re.match(r"(step|eval) +(\d+)/", line) and int(line.split()[1].split("/")[0]) > step]
 
 
-def try_it(train_flags, sample_flags):
+# what try runs after its first run, for each kind of change (a kind not named, or none: all of them)
+STAGES = {"schedule": ("lr", "resume", "budget"), "sampler": ("sample",), "model": ("resume", "budget", "sample"),
+          "figure": ("resume",), "resume": ("resume",)}
+
+
+def try_it(train_flags, sample_flags, kind=None):
     """A change end to end: exact resume, a budget's floor, the cache against recomputation (see the top)."""
+    stages = STAGES.get(kind, ("lr", "resume", "budget", "sample"))
     default = TrainConfig()  # speedrun's small, fast model, with the default schedule and floor (a change may set them)
     quick = ["--preset", "speedrun", "--lr_schedule", default.lr_schedule, "--min_lr", f"{default.min_lr:g}",
              "--warmup_steps", "10", "--log_interval", "10", "--dtype", "float32", "--overwrite", *train_flags]
     print("python train.py " + " ".join(quick), flush=True)  # the flags each run starts from
     with tempfile.TemporaryDirectory(prefix="tinyllm-try-") as tmp:
-        whole, resumed = os.path.join(tmp, "whole"), os.path.join(tmp, "resumed")
+        whole = os.path.join(tmp, "whole")
         started = time.perf_counter()
         straight = run("train.py", *quick, "--max_steps", "60", "--save_interval", "30", "--out_dir", whole)
         seconds = max(10, round(time.perf_counter() - started))  # a budget the machine's pace fits, loaded or not
@@ -67,27 +74,41 @@ def try_it(train_flags, sample_flags):
         print("last progress line: " + [line for line in straight.splitlines() if line.startswith("step")][-1])
         with open(os.path.join(whole, "history.csv"), encoding="utf-8") as f:
             print("history.csv columns: " + f.readline().strip())
-        lrs = run("train.py", *quick, "--max_steps", "60", "--plot_lr", "--out_dir", os.path.join(tmp, "plot"))
-        print("".join(line for line in lrs.splitlines(keepends=True) if line.startswith("lr at step")), end="")
-        os.makedirs(resumed)
-        shutil.copy(os.path.join(whole, "ckpt_0000030.pt"), os.path.join(resumed, "last.pt"))
-        again = run("train.py", "--resume", "--out_dir", resumed)
-        same = after(straight, 30) == after(again, 30) and after(straight, 30)
-        print("resume from step 30: " + (f"the same {len(after(straight, 30))} lines" if same else "DIFFERENT:"))
-        if not same:
-            print("\n".join(["straight:", *after(straight, 30), "resumed:", *after(again, 30)]))
-        budget = run("train.py", *quick, "--time_budget", f"{seconds}s", "--out_dir", os.path.join(tmp, "budget"))
-        print("".join(line for line in budget.splitlines(keepends=True) if " used, " in line), end="")
-        sample = ["generate.py", os.path.join(whole, "best.pt"), "--max_new_tokens", "200", "--seed", "42", *sample_flags]
-        cached, recomputed = run(*sample), run(*sample, "--no_cache")
-        print("sample: " + " / ".join(cached.strip().splitlines()[:3]))
-        if sample_flags:  # the same seed without them: a rule that changes the odds changes the text
-            plain = run(*sample[:-len(sample_flags)])
-            print("without " + " ".join(sample_flags) + ": " + ("the same text" if plain == cached else
-                                                                " / ".join(plain.strip().splitlines()[:3])))
-        print("sample past block_size, with the cache and without: " + ("the same text" if cached == recomputed
-                                                                          else "DIFFERENT"))
-        return 0 if same and cached == recomputed else 1
+        if "lr" in stages:
+            lrs = run("train.py", *quick, "--max_steps", "60", "--plot_lr", "--out_dir", os.path.join(tmp, "plot"))
+            print("".join(line for line in lrs.splitlines(keepends=True) if line.startswith("lr at step")), end="")
+        same = "resume" not in stages or try_resume(straight, whole, os.path.join(tmp, "resumed"))
+        if "budget" in stages:
+            budget = run("train.py", *quick, "--time_budget", f"{seconds}s", "--out_dir", os.path.join(tmp, "budget"))
+            print("".join(line for line in budget.splitlines(keepends=True) if " used, " in line), end="")
+        cached_same = "sample" not in stages or try_sample(os.path.join(whole, "best.pt"), sample_flags)
+        return 0 if same and cached_same else 1
+
+
+def try_resume(straight, whole, resumed):
+    """Whether the run resumed from its step-30 checkpoint prints the straight run's lines after it."""
+    os.makedirs(resumed)
+    shutil.copy(os.path.join(whole, "ckpt_0000030.pt"), os.path.join(resumed, "last.pt"))
+    again = run("train.py", "--resume", "--out_dir", resumed)
+    same = after(straight, 30) == after(again, 30) and after(straight, 30)
+    print("resume from step 30: " + (f"the same {len(after(straight, 30))} lines" if same else "DIFFERENT:"))
+    if not same:
+        print("\n".join(["straight:", *after(straight, 30), "resumed:", *after(again, 30)]))
+    return bool(same)
+
+
+def try_sample(checkpoint, sample_flags):
+    """A sample past block_size with the flags, and whether the KV cache's text is recomputation's."""
+    sample = ["generate.py", checkpoint, "--max_new_tokens", "200", "--seed", "42", *sample_flags]
+    cached, recomputed = run(*sample), run(*sample, "--no_cache")
+    print("sample: " + " / ".join(cached.strip().splitlines()[:3]))
+    if sample_flags:  # the same seed without them: a rule that changes the odds changes the text
+        plain = run(*sample[:-len(sample_flags)])
+        print("without " + " ".join(sample_flags) + ": " + ("the same text" if plain == cached else
+                                                            " / ".join(plain.strip().splitlines()[:3])))
+    print("sample past block_size, with the cache and without: " + ("the same text" if cached == recomputed
+                                                                      else "DIFFERENT"))
+    return cached == recomputed
 
 
 def try_flags(rest):
@@ -107,10 +128,10 @@ def main(argv):
     with open(os.path.join(ROOT, "docs", "flags.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(flags.stdout)
     print("wrote docs/flags.md from config.py (python -m tools.flags)", flush=True)
-    failed = subprocess.run([sys.executable, "-m", "pytest", "-q", *NEAREST[argv[0]]], cwd=ROOT).returncode
+    failed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *NEAREST[argv[0]]], cwd=ROOT).returncode
     if argv[1:2] != ["try"]:
         print(f"end to end with your flags: python tests/check.py {argv[0]} try [train.py flags] -- [generate.py flags]")
-    sys.exit(failed or (try_it(*try_flags(argv[2:])) if argv[1:2] == ["try"] else 0))
+    sys.exit(failed or (try_it(*try_flags(argv[2:]), kind=argv[0]) if argv[1:2] == ["try"] else 0))
 
 
 if __name__ == "__main__":
