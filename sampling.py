@@ -51,8 +51,9 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, and pos, the position of the
     next token. Buffers of block_size positions are allocated once and written in place, so a
     step writes one new column instead of copying the whole cache. Attention reads the whole
-    buffers, the mask hiding the slots not filled yet, so every step computes with the same
-    shapes. pos is a tensor on the model's device rather than a Python number, so that a
+    buffers, so every step computes with the same shapes: GPT.forward's mask, causal_mask(T,
+    block_size, start=pos), gives -inf to the slots after each new query's position (not filled
+    yet, or stale from before the context restarted). pos is a tensor on the model's device rather than a Python number, so that a
     decoding step holds nothing that changes from token to token (Context.fill says why)."""
 
     def __init__(self, n_layer, block_size, device):
