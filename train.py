@@ -26,7 +26,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
-from machinery import budget, cli, device, records, setup, train_cli
+from machinery import budget, cli, device, records, setup
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -250,8 +250,8 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 # ----------------------------------------------------------------------------- command line
 
 def main(argv=None, started=None):
-    options, model_cfg, train_cfg, preset, given = train_cli.parse_flags(argv)  # the flags on top of a preset
-    if not train_cli.eval_or_plot(options, train_cfg, given):  # --eval_only, --plot_lr: no training
+    options, model_cfg, train_cfg, preset, given = setup.parse_flags(argv)  # the flags on top of a preset
+    if not setup.eval_or_plot(options, train_cfg, given):  # --eval_only, --plot_lr: no training
         train(model_cfg, train_cfg, options, preset, given, started)
 
 

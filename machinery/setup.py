@@ -1,5 +1,6 @@
-"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: a Run, made once and only read while it
-trains, and its TrainState, which every checkpoint saves whole so that --resume continues exactly."""
+"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: train.py's flags on top of the preset this
+machine gets (and the modes that do not train, --eval_only and --plot_lr), then a Run, made once and only read while
+it trains, and its TrainState, which every checkpoint saves whole so that --resume continues exactly."""
 
 import dataclasses
 import math
@@ -8,15 +9,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved, step_exact
+from config import (PRESETS, SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, check_batch_split,
+                    default_preset, from_saved, make_config, step_exact)
 from optim import get_lr, progress
 
+from machinery import plots
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
                                   tokenizer_of)
-from machinery.cli import first_line, log, warn
+from machinery.cli import ArgumentParser, add_config_flags, explicit_flags, first_line, log, warn
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, rank_seed, resolve_dtype, seed_everything,
                               set_rng_state, set_threads, setup_distributed, trial, wrap)
+from machinery.evaluation import evaluate_checkpoint
 from machinery.records import sample_seconds
 from machinery.sources import check_long_enough, load_corpus
 
@@ -91,6 +95,50 @@ class Run(Start):
     train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
     state: TrainState
     sample_seconds: float       # the closing sample's, timed before the first step for a time budget to keep
+
+
+# ----------------------------------------------------------------------------- train.py's command line
+
+def build_parser(device):
+    """train.py's flags, --help showing the defaults of device's preset and what "auto" means there."""
+    preset = default_preset(device.type)
+    # (a GPU is not asked: that would start CUDA in every process, --device cpu or not)
+    dtype = ("bfloat16 from compute capability 8.0, else float16" if device.type == "cuda" else "measured at start-up "
+             "here" if measured_on(device) else f"{resolve_dtype('auto', device)} here")
+    auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
+            "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
+    epilog = (f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "
+              f"shown are that preset's where it sets them. Flags override the preset.")
+    parser = ArgumentParser(description="Train a GPT language model on a text file.", epilog=epilog)
+    add_config_flags(parser, RunOptions, auto, title="what to do")
+    defaults = {**{k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}, **auto}  # what --help shows
+    add_config_flags(parser, GPTConfig, defaults, title="model (GPTConfig)")
+    add_config_flags(parser, TrainConfig, defaults, title="training (TrainConfig)")
+    return parser
+
+
+def parse_flags(argv=None):
+    """(options, model_cfg, train_cfg, preset, given): the flags given on top of --preset or this machine's."""
+    given = explicit_flags(build_parser(choose_device("auto")).parse_args(argv))
+    options = make_config(RunOptions, given)
+    device = choose_device(given.get("device", "auto"))
+    preset = options.preset or default_preset(device.type)
+    if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
+        log(f"no --preset given: using '{preset}' for {device.type}")
+    model_cfg, train_cfg = build_configs(given, preset)
+    return options, model_cfg, train_cfg, preset, given
+
+
+def eval_or_plot(options, train_cfg, given):
+    """--eval_only or --plot_lr: do it and return True. False: this run trains."""
+    if options.eval_only is not None:
+        path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")  # --eval_only alone: best.pt
+        evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
+    elif options.plot_lr:
+        plots.draw_lr_schedule(train_cfg)
+    else:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- before the model is built

@@ -29,7 +29,7 @@ LEVELS = {
     "machinery.sources": 2, "machinery.device": 2,
     "machinery.checkpoint": 2, "machinery.budget": 2, "machinery.plots": 2,
     "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3, "machinery.evaluation": 3,
-    "machinery.annotate": 3, "machinery.train_cli": 3,
+    "machinery.annotate": 3,
     # the scripts a learner runs, the stand-alone tools, the experiments and their command line
     "train": 4, "generate": 4,
     "tools.prepare": 5, "tools.pictures": 5, "tools.compare": 5, "tools.flags": 5,
