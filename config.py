@@ -1,5 +1,5 @@
-"""Every setting of tinyllm, described once: the scripts build their flags and --help from these dataclasses
-(cli.add_config_flags) and docs/flags.md (tools/flags.py), and the presets that set many at once."""
+"""The settings of training and sampling, each described once, and the presets that set many at once: the scripts
+build their flags and --help from these dataclasses (cli.add_config_flags), tools/flags.py builds docs/flags.md."""
 
 import dataclasses
 import math
@@ -127,8 +127,9 @@ class TrainConfig:
             require(math.isfinite(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_interval", "patience", "sample_tokens", "weight_decay", "grad_clip",
                      "target_loss"):  # (0: none, or off)
-            require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
-        require(self.lr > 0 and self.muon_lr > 0, f"lr and muon_lr must be positive, got {self.lr} and {self.muon_lr}")
+            require(getattr(self, name) >= 0, f"{name} must be 0 (off) or more, got {getattr(self, name)}")
+        for name in ("lr", "muon_lr"):
+            require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         require(0 <= self.min_lr <= self.lr, f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
                 f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")

@@ -28,8 +28,8 @@ def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
     may not (the softmax turns -inf into weight 0). A query sees the keys at its own position
     and before. In training the T queries are the T keys (S = T): the lower triangle. start is
-    generation's, once the KV cache holds S keys (sampling.py): the T queries' first position,
-    by default the last T of the S."""
+    generation's, whose S keys are the KV cache's slots (sampling.py): the T queries' first
+    position, by default the last T of the S."""
     start = S - T if start is None else start  # an int, or a tensor (sampling.KVCache.pos)
     query_pos = start + torch.arange(T, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -206,7 +206,7 @@ class GPT(nn.Module):
         start = 0 if cache is None else cache.pos  # generation: idx continues the cache's tokens (sampling.KVCache)
         x, rope = self.embed(idx, start)  # (B, T, C)
         # the mask added to every layer's attention scores: in training None, the causal triangle the fused kernel makes
-        # itself (a variant that adds to it passes causal_mask's (T, T)); generation's, with the cache, is sampling.py's:
+        # itself (a variant that adds to it passes causal_mask's (T, T)); generation's (sampling.py explains the cache):
         # the T queries against the keys of its block_size slots, those after each query's position hidden
         mask = None if cache is None else causal_mask(T, self.config.block_size, idx.device, start)  # (T, S)
         for block in self.blocks:

@@ -53,8 +53,9 @@ class KVCache:
     step writes one new column instead of copying the whole cache. Attention reads the whole
     buffers, so every step computes with the same shapes: GPT.forward's mask, causal_mask(T,
     block_size, start=pos), gives -inf to the slots after each new query's position (not filled
-    yet, or stale from before the context restarted). pos is a tensor on the model's device rather than a Python number, so that a
-    decoding step holds nothing that changes from token to token (Context.fill says why)."""
+    yet, or stale from before the context restarted). pos is a tensor on the model's device
+    rather than a Python number, so that a decoding step holds nothing that changes from token
+    to token (Context.fill says why)."""
 
     def __init__(self, n_layer, block_size, device):
         self.k = [None] * n_layer

@@ -85,6 +85,7 @@ def bench_generate(args):
     log(f"bench generate | preset {preset} | {device} {dtype} | {model.num_params():,} parameters, block "
         f"{model_cfg.block_size} | {args.num_samples} x {args.new_tokens} tokens, greedy, {args.repeats} repeats")
     shapes, calls = {}, [functools.partial(generate_with, name) for name in paths]
+    sync(device)  # the model's weights are on the device before the first timed call
     first = {name: s[0] for name, s in zip(paths, interleaved(calls, 0, 1))}  # the process's first call of each
     seconds = dict(zip(paths, interleaved(calls, 0, args.repeats)))  # interleaved: drift hits every path alike
     result = {name: {"seconds": statistics.median(s), "ms_per_token": 1000 * statistics.median(s) / args.new_tokens,

@@ -155,7 +155,8 @@ def upgrade(checkpoint):
         checkpoint["window"] = [{"loss": loss, "lr": checkpoint["lr"], "grad_norm": norm} for loss, norm in window]
     older = {"progress_from", "decay_from"} & set(checkpoint) or "progress" not in checkpoint
     at0, progress0 = checkpoint.pop("progress_from", None) or [saved["warmup_steps"], 0.0]
-    if (moved := checkpoint.pop("decay_from", None)) and len(moved) == 3:  # [step, lr, progress]: a moved decay's start
+    # [step, lr, progress]: where a moved decay went on from (the oldest form, [step, lr], resumes by steps)
+    if (moved := checkpoint.pop("decay_from", None)) and len(moved) == 3:
         at0, progress0 = moved[0], moved[2]
     if older and not (saved.get("time_budget") and "progress" in checkpoint):
         end = checkpoint.get("end_step") or (checkpoint.get("plan") or {}).get("max_steps") or saved["max_steps"]

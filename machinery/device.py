@@ -242,7 +242,7 @@ def all_ranks_mean(values, world, device):
 
 
 def every_rank(value, world):
-    """[rank 0's value, rank 1's, ...], on every rank ([value] in one process)."""
+    """[rank 0's value, rank 1's, ...], on every rank ([value] in one process); every rank must call it."""
     if world == 1:
         return [value]
     dist.all_gather_object(values := [None] * world, value)

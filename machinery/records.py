@@ -112,6 +112,7 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
 # ----------------------------------------------------------------------------- files
 
 def save(run, name):
+    """name in the run folder, from rank 0; every rank calls it (each one's random state is gathered for it)."""
     rngs = every_rank(rng_state(), run.world)  # each process draws its own batches: a resume puts back each one's
     if run.master:
         save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(

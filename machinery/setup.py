@@ -59,6 +59,7 @@ class Start:
     device: torch.device
     source: dict                # the checkpoint it resumes (options.resume) or fine-tunes (options.init_from), or None
     source_path: str
+    resumed: bool               # source is this run's own last.pt (--resume found one), not a fine-tune's start
 
     @property
     def master(self):  # rank 0: the only process that prints and writes files
@@ -94,7 +95,7 @@ class Run(Start):
     val_batch: object
     train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
     state: TrainState
-    sample_seconds: float       # the closing sample's, timed before the first step for a time budget to keep
+    sample_seconds: float       # the closing sample's, timed before the first step for a time budget to keep (else 0)
 
 
 # ----------------------------------------------------------------------------- train.py's command line
@@ -136,9 +137,7 @@ def eval_or_plot(options, train_cfg, given):
         evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
     elif options.plot_lr:
         plots.draw_lr_schedule(train_cfg)
-    else:
-        return False
-    return True
+    return options.eval_only is not None or options.plot_lr
 
 
 # ----------------------------------------------------------------------------- before the model is built
@@ -164,13 +163,14 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
     if options.overfit_batch:  # trains to a loss near 0, or to max_steps: never to a time budget
         train_cfg = dataclasses.replace(train_cfg, time_budget="")
-    if options.init_from and not source:
+    resumed = source is not None
+    if options.init_from and not resumed:
         source, last = load_source(options.init_from, given), options.init_from
         train_cfg = dataclasses.replace(train_cfg, tokenizer=tokenizer_kind(source))  # what it trains with
     configure_matmul(device)
     set_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
-    return Start(options, preset, model_cfg, train_cfg, started, rank, world, device, source, last if source else "")
+    return Start(options, preset, model_cfg, train_cfg, started, rank, world, device, source, last, resumed)
 
 
 def load_source(path, given):
@@ -214,10 +214,14 @@ def load_corpus_and_model(run):
 
 def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, train_step):
     """The run whole, with what train.build made: the state, each rank's seed, compile, DDP, the precision."""
-    cfg, device, resumed = start.cfg, start.device, start.options.resume and start.source
-    state = restore(start, optimizer) if resumed else TrainState()
-    if start.world > 1 and not (resumed and len(start.source.get("rngs", [])) == start.world):
-        seed_everything(rank_seed(cfg.seed, start.rank, state.step))  # each rank its own batches (a resume: from here)
+    cfg, device = start.cfg, start.device
+    state = restore(start, optimizer) if start.resumed else TrainState()
+    # every RNG as saved (under torchrun each rank's); else each rank a seed of its own: each draws its own batches
+    rngs = (start.source.get("rngs") or [start.source["rng"]]) if start.resumed else []
+    if rngs:
+        set_rng_state(rngs[start.rank] if len(rngs) == start.world else rngs[0])
+    if start.world > 1 and len(rngs) != start.world:
+        seed_everything(rank_seed(cfg.seed, start.rank, state.step))
     if start.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
         fixed = next_batch()
         next_batch = lambda: fixed
@@ -235,14 +239,14 @@ def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, tr
             state.plan = measure_dtype(step, model, optimizer, device, start.world)
         dtype = state.plan["dtype"]
     scaler = make_scaler(device, dtype)
-    if resumed and start.source.get("scaler") and scaler:
+    if start.resumed and start.source.get("scaler") and scaler:
         scaler.load_state_dict(start.source["scaler"])
-    seconds = sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed) if cfg.time_budget else 0.0
     run = Run(**(vars(start) | {"model_cfg": model.config}), dtype=dtype, ctx=autocast(device, dtype), scaler=scaler,
               corpus=corpus, model=model, optimizer=optimizer, next_batch=next_batch, val_batch=val_batch,
-              train_model=train_model, state=state, sample_seconds=seconds)
-    print_header(run)
-    return run
+              train_model=train_model, state=state, sample_seconds=0.0)
+    print_header(run)  # (before the closing sample is timed: the start-up lines come first)
+    seconds = sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed) if cfg.time_budget else 0.0
+    return dataclasses.replace(run, sample_seconds=seconds)
 
 
 def check_compiles(step, model, optimizer, ctx, scaler):
@@ -312,7 +316,7 @@ def conflicting_flags(given, saved, changeable, words):
 # ----------------------------------------------------------------------------- --resume: the state put back
 
 def restore(run, optimizer):
-    """A resumed run's TrainState, optimizer and RNGs exactly as saved; a new --max_steps is a new schedule."""
+    """A resumed run's TrainState and optimizer exactly as saved; a new --max_steps is a new schedule."""
     checkpoint = run.source
     optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(TrainState)}
@@ -326,6 +330,4 @@ def restore(run, optimizer):
         lr = get_lr(state.step, progress(state.step, run.cfg), run.cfg)  # the schedule of a run that long
         run.say(f"--max_steps {run.cfg.max_steps}: the schedule of a run of {run.cfg.max_steps} steps, whose LR at "
                 f"step {state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {run.cfg.min_lr:g} at its end")
-    rngs = checkpoint.get("rngs", [])  # every process's, saved under torchrun
-    set_rng_state(rngs[run.rank] if len(rngs) == run.world else checkpoint["rng"])
     return state

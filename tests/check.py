@@ -81,6 +81,8 @@ def try_it(train_flags, sample_flags, kind=None):
         if "budget" in stages:
             budget = run("train.py", *quick, "--time_budget", f"{seconds}s", "--out_dir", os.path.join(tmp, "budget"))
             print("".join(line for line in budget.splitlines(keepends=True) if " used, " in line), end="")
+        if sample_flags and "sample" not in stages:
+            print(f"({kind} try samples nothing: the generate.py flags {' '.join(sample_flags)} were not used)")
         cached_same = "sample" not in stages or try_sample(os.path.join(whole, "best.pt"), sample_flags)
         return 0 if same and cached_same else 1
 

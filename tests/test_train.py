@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import dataclasses
 import io
 import math
 import os
@@ -200,6 +201,10 @@ def test_init_from_starts_with_the_weights_and_a_fresh_optimizer(shakespeare_hea
     train.train_loop(run)
     steps = [int(s["step"]) for s in load_checkpoint(str(tmp_path / "b" / "last.pt"))["optimizer"]["state"].values()]
     assert steps and set(steps) == {2}  # AdamW counted this run's two steps, not the old run's twelve
+    # with --resume too, as one command that survives disconnects is written: a fine-tune until its own last.pt exists
+    run = train.setup_run(tiny_model_config(), dataclasses.replace(cfg, out_dir=str(tmp_path / "c")),
+                          RunOptions(resume=True, init_from=str(tmp_path / "a" / "last.pt")))
+    assert run.state.step == 0 and not run.state.history and not run.optimizer.state
 
 
 def poison_at(monkeypatch, call):

@@ -60,9 +60,6 @@ class PictureConfig:
         require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got {self.passage_chars}")
         check_common(self, "--")
 
-    def pictures(self):
-        return [name for name in PICTURES if name in {n.strip() for n in self.only.split(",")}]
-
     def temperature_list(self):
         return [float(t) for t in self.temperatures.split(",")]
 
@@ -218,9 +215,9 @@ def draw_embeddings(model, tokenizer, path):
             f"Look for the vowels near one another, capitals apart from lower case, and punctuation in its own corner")
 
 
-def check_request(cfg, model, tokenizer, ids, names, only_given):
-    """Refuse, before drawing anything, what cannot be drawn; returns the pictures to draw."""
-    c = model.config
+def check_request(cfg, model, tokenizer, ids, only_given):
+    """Refuse, before drawing anything, what cannot be drawn; returns the pictures to draw (cfg.only's, in order)."""
+    c, names = model.config, [name for name in PICTURES if name in {n.strip() for n in cfg.only.split(",")}]
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
         raise TinyLLMError(f"--prompt is {len(ids)} tokens but the model sees at most {c.block_size} (its block_size)")
     if "attention" in names and cfg.layer >= c.n_layer:
@@ -251,7 +248,7 @@ def main(argv=None):
     set_threads(cfg.threads)
     model, tokenizer, checkpoint = load_model(args.checkpoint, device)
     ids = encode_prompt(tokenizer, cfg.prompt)
-    names = check_request(cfg, model, tokenizer, ids, cfg.pictures(), "only" in given)
+    names = check_request(cfg, model, tokenizer, ids, "only" in given)
     paths = {name: os.path.join(cfg.out_dir, f"{name}.png") for name in names}
     for path in paths.values():
         check_writable(path, "--out_dir", make_folder=True)

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from config import EOT, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
+from config import BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
 from utils import make_tokenizer
 
 from machinery.checkpoint import replace_file
@@ -134,7 +134,7 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help="a .txt file, a folder, a .jsonl file, or a Q&A .json list")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
     add_config_flags(parser, TrainConfig, names=("tokenizer", "clean", "data_ext"), title="as in train.py")
-    parser.add_argument("--vocab_size", type=int, default=2048, help="vocabulary to learn, with --tokenizer bpe "
+    parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE, help="vocabulary to learn, with --tokenizer bpe "
                                                                       "(default: %(default)s)")
     parser.add_argument("--tokenizer_sample_mb", type=int, default=20,
                         help="MB of text the BPE learns from (default: %(default)s)")
