@@ -14,7 +14,7 @@ class TinyLLMError(Exception):
 def setting(default, help, choices=None, aliases=(), before=dataclasses.MISSING, changeable=False, example=None):
     """A dataclass field with its --help text; before: what a checkpoint saved without it meant (it loads as it was);
     changeable: a resumed run may take a new value (else --resume refuses the flag: the setting defines the run);
-    example: a model setting's number the model tests run it at (tests/conftest.py's MODEL_VARIANTS)."""
+    example: a value the tests run a model setting (a number: tests/conftest.py) or a sampling rule (Sampler) at."""
     extra = {} if before is dataclasses.MISSING else {"before": before}
     return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases,
                                             "changeable": changeable, "example": example, **extra})
@@ -161,9 +161,10 @@ class RunOptions:
 class Sampler:
     """How each next token is drawn from the model's logits (sampling.py); --beam draws none, so refuses these."""
     temperature: float = setting(0.8, "divide the logits by this before sampling; 0 = greedy (always the most "
-                                      "likely token); otherwise at least 0.001")
-    top_k: int = setting(0, "keep only the k most likely tokens (and any tied with the k-th); 0 = off")
-    top_p: float = setting(1.0, "keep the smallest set of tokens whose probability reaches p, in (0, 1]; 1 = off")
+                                      "likely token); otherwise at least 0.001", example=0.5)
+    top_k: int = setting(0, "keep only the k most likely tokens (and any tied with the k-th); 0 = off", example=3)
+    top_p: float = setting(1.0, "keep the smallest set of tokens whose probability reaches p, in (0, 1]; 1 = off",
+                           example=0.5)
 
     def __post_init__(self):
         require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),

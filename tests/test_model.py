@@ -81,6 +81,23 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
     assert all(w in str(err.value) for w in words)
 
 
+@pytest.mark.parametrize("rule", dataclasses.fields(Sampler), ids=lambda f: f.name)
+def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candidate(rule):
+    """Each of config.Sampler's settings at its example= value, on logits where every rule has something to do and
+    with tokens so far for a rule that looks back: the distribution the token is drawn from is not the default
+    sampler's (a rule wired in but never applied fails here), it is a distribution, and greedy picks a candidate."""
+    if rule.metadata.get("example") is None:
+        pytest.skip(f"Sampler.{rule.name} has no example=: give its setting(...) a value at which it changes the odds")
+    torch.manual_seed(0)
+    logits, idx = torch.randn(4, 50) * 3, torch.randint(0, 50, (4, 12))  # (B, V), (B, T)
+    sampler = Sampler(**{rule.name: rule.metadata["example"]})
+    plain, ruled = sampling.next_token_probs(logits, Sampler(), idx), sampling.next_token_probs(logits, sampler, idx)
+    assert not torch.allclose(plain, ruled, atol=1e-4)
+    assert torch.allclose(ruled.sum(-1), torch.ones(4)) and (ruled >= 0).all()
+    greedy = sample_next(logits, dataclasses.replace(sampler, temperature=0), idx)  # (B, 1)
+    assert torch.isfinite(filter_logits(logits, sampler, idx).gather(-1, greedy)).all()
+
+
 def test_top_k_keeps_exactly_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
