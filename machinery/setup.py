@@ -11,7 +11,6 @@ import torch
 
 from config import (PRESETS, SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, check_batch_split,
                     default_preset, from_saved, make_config, step_exact)
-from optim import get_lr, progress
 
 from machinery import plots
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
@@ -327,7 +326,7 @@ def restore(run, optimizer):
         if state.step >= run.cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
                                f"would not train it further")
-        lr = get_lr(state.step, progress(state.step, run.cfg), run.cfg)  # the schedule of a run that long
+        _, lr = plots.planned_lrs(run.cfg, state)[0]  # the LR at this step of the schedule of a run that long
         run.say(f"--max_steps {run.cfg.max_steps}: the schedule of a run of {run.cfg.max_steps} steps, whose LR at "
                 f"step {state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {run.cfg.min_lr:g} at its end")
     return state
