@@ -112,8 +112,7 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
 # ----------------------------------------------------------------------------- files
 
 def save(run, name):
-    """name in the run folder, from rank 0; every rank calls it (each one's random state is gathered for it)."""
-    rngs = every_rank(rng_state(), run.world)  # each process draws its own batches: a resume puts back each one's
+    rngs = every_rank(rng_state(), run.world)  # every rank calls save: a resume puts back each one's random state
     if run.master:
         save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(
             run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
@@ -145,9 +144,7 @@ def write_history(run):
 
 def stop_signal(run, stop):
     """The signal that asked the run to stop (0: none); several processes agree at progress lines, so no step waits."""
-    if run.world > 1 and run.state.step % run.cfg.log_interval:
-        return 0
-    return max(every_rank(stop.signum or 0, run.world))
+    return 0 if run.world > 1 and run.state.step % run.cfg.log_interval else max(every_rank(stop.signum or 0, run.world))
 
 
 # ----------------------------------------------------------------------------- the end of a run

@@ -3,6 +3,7 @@ machine gets (and the modes that do not train, --eval_only and --plot_lr), then 
 it trains, and its TrainState, which every checkpoint saves whole so that --resume continues exactly."""
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -100,7 +101,6 @@ class Run(Start):
 # ----------------------------------------------------------------------------- train.py's command line
 
 def build_parser(device):
-    """train.py's flags, --help showing the defaults of device's preset and what "auto" means there."""
     preset = default_preset(device.type)
     # (a GPU is not asked: that would start CUDA in every process, --device cpu or not)
     dtype = ("bfloat16 from compute capability 8.0, else float16" if device.type == "cuda" else "measured at start-up "
@@ -226,10 +226,7 @@ def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, tr
         next_batch = lambda: fixed
         start.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
     train_model = wrap(torch.compile(model) if cfg.compile else model, start.world, device)
-
-    def step(ctx, scaler=None):  # one of the run's steps at its peak LR: trial steps (device.trial) leave no trace
-        return train_step(train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip, ctx, scaler)
-
+    step = peak_step(train_step, train_model, optimizer, next_batch, cfg)  # for trial steps, which leave no trace
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.compile:
         check_compiles(step, model, optimizer, autocast(device, dtype), make_scaler(device, dtype))
@@ -246,6 +243,11 @@ def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, tr
     print_header(run)  # (before the closing sample is timed: the start-up lines come first)
     seconds = sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed) if cfg.time_budget else 0.0
     return dataclasses.replace(run, sample_seconds=seconds)
+
+
+def peak_step(train_step, model, optimizer, next_batch, cfg):
+    """step(ctx, scaler=None): one of the run's training steps at its peak LR (trial steps, a benchmark's timings)."""
+    return functools.partial(train_step, model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip)
 
 
 def check_compiles(step, model, optimizer, ctx, scaler):
