@@ -26,7 +26,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
-from machinery import budget, cli, device, records, setup
+from machinery import budget, checkpoint, cli, ddp, device, records, setup
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -100,7 +100,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
 def train_loop(run):
     """Evaluate now and then, take optimizer steps, write down their figures. The run ends at max_steps or when a
     --time_budget is spent (clock.at_end), or early: --patience and --target_loss (evaluate), --overfit_batch
-    (log_progress), Ctrl-C or SIGTERM (records.stop_signal); then finish saves and says why."""
+    (log_progress), Ctrl-C or SIGTERM (ddp.stop_signal); then finish saves and says why."""
     cfg, state = run.cfg, run.state
     # how far the run is, by steps or by a --time_budget's seconds: its end, room for an evaluation, the ETA
     clock = budget.Clock(run)
@@ -134,8 +134,8 @@ def train_loop(run):
             if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
                 read_figures(state, meter)
                 with meter.paused():
-                    records.save_periodic(run)  # ckpt_STEP.pt
-            if signum := records.stop_signal(run, stop):  # Ctrl-C or SIGTERM came (every rank agrees)
+                    checkpoint.save_periodic(run)  # ckpt_STEP.pt
+            if signum := ddp.stop_signal(stop.signum, run.world, state.step % cfg.log_interval == 0):  # every rank agrees
                 stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
     read_figures(state, meter)  # the steps since the last line, before the last save
@@ -152,7 +152,7 @@ def evaluate(run, meter, clock):
         losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
                                run.ctx)
         # each process evaluated its share: the mean is the same everywhere, and so is every decision after it
-        train_loss, val_loss = device.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
+        train_loss, val_loss = ddp.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
         improved = val_loss < state.best_val_loss
         if improved:
             state.best_val_loss, state.evals_without_improvement = val_loss, 0
@@ -164,9 +164,9 @@ def evaluate(run, meter, clock):
         run.say(records.evaluation_line(state.step, clock.end_step(), train_loss, val_loss,
                                         run.corpus.chars_per_token, run.model_cfg.vocab_size, improved))
         if run.writes:
-            records.save(run, "last.pt")
+            checkpoint.save(run, "last.pt")
             if improved:
-                records.save(run, "best.pt")
+                checkpoint.save(run, "best.pt")
             records.write_history(run)  # history.json, history.csv and the plots
     state.eval_seconds = clock.agreed(meter.last_pause)  # saves and plots included: a time budget keeps as much for the last
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
@@ -209,7 +209,7 @@ def finish(run, stop_reason, signum, clock):
     dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
     state = run.state
     if run.writes and (signum or state.last_eval_step != state.step):
-        records.save(run, "last.pt")
+        checkpoint.save(run, "last.pt")
     if signum:
         if run.writes:
             run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
@@ -223,7 +223,7 @@ def finish(run, stop_reason, signum, clock):
     if run.cfg.sample_tokens and run.master:
         sample = records.closing_sample(run.model, run.corpus.tokenizer, run.cfg.sample_tokens, run.cfg.seed)
         run.say("sample:\n" + sample)
-    device.teardown_distributed(run.world)
+    ddp.teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
             "seconds": budget.elapsed(run), "stop_reason": stop_reason, "model": run.model}
 

@@ -18,8 +18,9 @@ from model import GPT
 from deep_dives import graphs
 from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
 from machinery import plots, records
-from machinery.cli import bool_flag, explicit_flags, log
+from machinery.cli import bool_flag, explicit_flags
 from machinery.device import autocast, choose_device, interleaved, resolve_dtype
+from machinery.log import log
 
 
 def parse_compare(text):

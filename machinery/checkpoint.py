@@ -14,7 +14,11 @@ import torch
 from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
 
-from machinery.cli import check_writable, first_line, log
+from machinery import budget
+from machinery.cli import check_writable
+from machinery.ddp import every_rank
+from machinery.device import rng_state
+from machinery.log import first_line, log
 from machinery.sources import tokenizer_from_dict
 
 
@@ -168,6 +172,23 @@ def upgrade(checkpoint):
 
 def make_checkpoint(model, tokenizer, **extra):
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, **extra}
+
+
+def save(run, name):
+    """The run's checkpoint out_dir/name: weights, settings, optimizer, every RNG and the TrainState, whole."""
+    rngs = every_rank(rng_state(), run.world)  # every rank calls save: a resume puts back each one's random state
+    if run.master:
+        save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(
+            run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
+            train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rngs[0],
+            scaler=run.scaler.state_dict() if run.scaler else None, **({"rngs": rngs} if run.world > 1 else {}),
+            **{**dataclasses.asdict(run.state), "seconds": budget.elapsed(run)}))
+
+
+def save_periodic(run):
+    save(run, f"ckpt_{run.state.step:07d}.pt")
+    if run.master:
+        prune_periodic(run.cfg.out_dir, run.cfg.keep_last)
 
 
 def describe_checkpoint(checkpoint):

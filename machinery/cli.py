@@ -1,5 +1,5 @@
 """The scripts' command line: flags from config.py's settings, bad input as one `error:` line (status 2), outputs
-checked before long work, printing, and Ctrl-C or SIGTERM letting a training step finish and save first."""
+checked before long work, and Ctrl-C or SIGTERM letting a training step finish and save first."""
 
 import argparse
 import contextlib
@@ -10,6 +10,8 @@ import sys
 import traceback
 
 from config import TinyLLMError
+
+from machinery.log import log
 
 
 # ----------------------------------------------------------------------------- flags from settings
@@ -59,28 +61,7 @@ def explicit_flags(args):
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-# ----------------------------------------------------------------------------- output
-
-def log(*args):
-    """Print one flushed line, so output reads well in a Colab cell and in a log file."""
-    print(*args, flush=True)
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def format_seconds(seconds):
-    h, rest = divmod(int(round(seconds)), 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 # ----------------------------------------------------------------------------- errors
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
 
 def check_writable(path, flag, make_folder=False):
     """Check before long work that path can be written (make_folder: make its folder, as a save would)."""

@@ -1,10 +1,9 @@
-"""Where the numbers are computed and in what format: the device, the random generators, several processes (DDP), the
-precision, and peak FLOP/s for MFU. The first section is the one place tinyllm asks torch what the machine has: tests
+"""Where the numbers are computed and in what format: the device, the random generators, the precision, and peak
+FLOP/s for MFU. The first section is the one place tinyllm asks torch what the machine has: tests
 replace those functions, never torch's own (which torch's internals read too); plain functions decide from the facts."""
 
 import contextlib
 import copy
-import os
 import random
 import statistics
 import time
@@ -14,11 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import DEVICES, MAX_SEED, TinyLLMError
+from config import DEVICES, TinyLLMError
 
-from machinery.cli import log, warn
+from machinery.log import log, warn
 
 
 # ----------------------------------------------------------------------------- what the machine has
@@ -48,11 +46,6 @@ def autocast_works(device_type, dtype):
         warnings.simplefilter("ignore")
         with torch.autocast(device_type, dtype=getattr(torch, dtype)):
             return torch.is_autocast_enabled(device_type)
-
-
-def gradient_scaler(device_type):
-    """float16's loss scaler; is_enabled() is False where the device is missing or torch has none for it."""
-    return torch.amp.GradScaler(device_type)
 
 
 # ----------------------------------------------------------------------------- the device
@@ -186,69 +179,6 @@ def flops_per_token(model):
     return 6 * model.num_params() + 12 * model.config.n_layer * model.config.n_embd * model.config.block_size
 
 
-# ----------------------------------------------------------------------------- several processes
-
-def setup_distributed(device):
-    """(rank, world size, device); (0, 1, device) without torchrun. A GPU process binds its GPU before NCCL starts."""
-    rank, world, device, backend = processes_plan(device, os.environ, machine().gpus)
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    elif backend:
-        dist.init_process_group(backend)
-    return rank, world, device
-
-
-def processes_plan(device, env, gpus):
-    """(rank, world size, device, backend or None) of this process under torchrun's variables env, on a machine of
-    gpus GPUs: checked before joining, where a wrong count would fail or hang."""
-    if "RANK" not in env:
-        return 0, 1, device, None
-    rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
-        raise TinyLLMError("several processes on a Mac's GPU: torch cannot join them (Gloo takes no MPS "
-                           "tensors); give torchrun --device cpu, or train in one process")
-    if device.type != "cuda":
-        return rank, world, device, "gloo"
-    processes = int(env.get("LOCAL_WORLD_SIZE", world))
-    if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
-        raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
-                           f"--nproc_per_node={gpus} or less, or --device cpu")
-    return rank, world, torch.device(f"cuda:{local_rank}"), "nccl"
-
-
-def teardown_distributed(world):
-    if world > 1:  # leave together: a rank that tears down early can abort the others
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def wrap(model, world, device):
-    """The model each rank trains: DDP averages the gradients over the ranks during backward."""
-    return model if world == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def rank_seed(seed, rank, step):
-    """Each rank draws its own batches: a seed of its own, also for a run resumed at step."""
-    return (seed + 1000 * rank + 7919 * step) % (MAX_SEED + 1)
-
-
-def all_ranks_mean(values, world, device):
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-
-def every_rank(value, world):
-    """[rank 0's value, rank 1's, ...], on every rank ([value] in one process); every rank must call it."""
-    if world == 1:
-        return [value]
-    dist.all_gather_object(values := [None] * world, value)
-    return values
-
-
 # ----------------------------------------------------------------------------- the precision
 
 def has_native_bf16(device):
@@ -305,7 +235,7 @@ def make_scaler(device, dtype):
                            f"(this is {'.'.join(map(str, version))}); use --dtype float32, or upgrade torch")
     with warnings.catch_warnings():  # a scaler that disables itself warns; we say it better below
         warnings.simplefilter("ignore")
-        scaler = gradient_scaler(device.type)
+        scaler = torch.amp.GradScaler(device.type)  # is_enabled() False where torch has none for it
     if not scaler.is_enabled():
         raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch does not provide on "
                            f"{device}; use --dtype bfloat16 or float32")

@@ -1,9 +1,8 @@
-"""What a run writes down around train.py's loop: progress lines, evaluations, checkpoints, history and its
-pictures. A step's figures are one dict ({"loss": ..., "lr": ...}): a new figure is one more entry."""
+"""What a run reports around train.py's loop: its progress and evaluation lines, the history files and their
+pictures, the closing sample. A step's figures are one dict ({"loss": ..., "lr": ...}): a new figure is one more entry."""
 
 import contextlib
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -16,9 +15,8 @@ from deep_dives import graphs
 from utils import bits_per_char
 
 from machinery import budget, plots
-from machinery.checkpoint import make_checkpoint, prune_periodic, save_checkpoint
-from machinery.cli import format_seconds
-from machinery.device import describe, every_rank, flops_per_token, out_of_memory_as_error, peak_flops, rng_state
+from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops
+from machinery.log import format_seconds
 from machinery.sources import start_ids
 
 
@@ -111,22 +109,6 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
 
 # ----------------------------------------------------------------------------- files
 
-def save(run, name):
-    rngs = every_rank(rng_state(), run.world)  # every rank calls save: a resume puts back each one's random state
-    if run.master:
-        save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(
-            run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
-            train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rngs[0],
-            scaler=run.scaler.state_dict() if run.scaler else None, **({"rngs": rngs} if run.world > 1 else {}),
-            **{**dataclasses.asdict(run.state), "seconds": budget.elapsed(run)}))
-
-
-def save_periodic(run):
-    save(run, f"ckpt_{run.state.step:07d}.pt")
-    if run.master:
-        prune_periodic(run.cfg.out_dir, run.cfg.keep_last)
-
-
 def write_history(run):
     history, out_dir = run.state.history, run.cfg.out_dir
     if not run.master:
@@ -140,11 +122,6 @@ def write_history(run):
         json.dump(history, f, indent=1)
     if run.cfg.plots:
         plots.plot_history(history, out_dir, run.model_cfg.vocab_size, run.cfg, run.state)
-
-
-def stop_signal(run, stop):
-    """The signal that asked the run to stop (0: none); several processes agree at progress lines, so no step waits."""
-    return 0 if run.world > 1 and run.state.step % run.cfg.log_interval else max(every_rank(stop.signum or 0, run.world))
 
 
 # ----------------------------------------------------------------------------- the end of a run

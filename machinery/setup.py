@@ -16,11 +16,13 @@ from config import (PRESETS, SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainCo
 from machinery import plots
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
                                   tokenizer_of)
-from machinery.cli import ArgumentParser, add_config_flags, explicit_flags, first_line, log, warn
+from machinery.cli import ArgumentParser, add_config_flags, explicit_flags
+from machinery.ddp import rank_seed, setup_distributed, wrap
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
-                              measure_dtype, measured_on, mfu_note, rank_seed, resolve_dtype, seed_everything,
-                              set_rng_state, set_threads, setup_distributed, trial, wrap)
+                              measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
+                              set_threads, trial)
 from machinery.evaluation import evaluate_checkpoint
+from machinery.log import first_line, log, warn
 from machinery.records import sample_seconds
 from machinery.sources import check_long_enough, load_corpus
 

@@ -19,6 +19,7 @@ from optim import make_optimizer
 import sampling
 import train
 
+from machinery import ddp
 from machinery import device as device_module
 from machinery import records
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
@@ -35,9 +36,6 @@ def fake_gpu(monkeypatch, fake_machine):
     def set_gpu(name, capability, count=1):
         fake_machine(cuda=True, gpus=count)
         monkeypatch.setattr(device_module, "gpu", lambda *a: (name, capability))
-        # torch makes a working CUDA scaler only where CUDA is: the CPU's, a working one, stands in
-        real_scaler = device_module.gradient_scaler
-        monkeypatch.setattr(device_module, "gradient_scaler", lambda kind: real_scaler("cpu" if kind == "cuda" else kind))
     return set_gpu
 
 
@@ -61,12 +59,9 @@ def test_mocked_gpu_decisions(fake_gpu, name, capability, dtype):
     fake_gpu(name, capability)
     device = choose_device("auto")
     assert device.type == "cuda" and default_preset(device.type) == "small"
-    assert resolve_dtype("auto", device) == dtype
-    scaler = make_scaler(device, dtype)
-    if dtype == "float16":  # a T4 trains in float16 with a working loss scaler
-        assert scaler is not None and scaler.is_enabled()
-    else:
-        assert scaler is None
+    assert resolve_dtype("auto", device) == dtype  # a T4's float16 trains with its scaler: test_gpu.py
+    if dtype != "float16":
+        assert make_scaler(device, dtype) is None
 
 
 def test_mocked_t4_asking_for_bf16_warns_that_it_is_emulated(fake_gpu, capsys):
@@ -156,9 +151,9 @@ TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
 
 
 def test_under_torchrun_each_gpu_rank_takes_its_own_gpu_with_nccl_and_a_cpu_rank_gloo():
-    assert device_module.processes_plan(CUDA, TORCHRUN, gpus=2) == (1, 2, torch.device("cuda:1"), "nccl")
-    assert device_module.processes_plan(CPU, TORCHRUN, gpus=2) == (1, 2, CPU, "gloo")
-    assert device_module.processes_plan(CUDA, {}, gpus=2) == (0, 1, CUDA, None)  # no torchrun: one process
+    assert ddp.processes_plan(CUDA, TORCHRUN, gpus=2) == (1, 2, torch.device("cuda:1"), "nccl")
+    assert ddp.processes_plan(CPU, TORCHRUN, gpus=2) == (1, 2, CPU, "gloo")
+    assert ddp.processes_plan(CUDA, {}, gpus=2) == (0, 1, CUDA, None)  # no torchrun: one process
 
 
 @pytest.mark.parametrize("device, env, words", [
@@ -167,7 +162,7 @@ def test_under_torchrun_each_gpu_rank_takes_its_own_gpu_with_nccl_and_a_cpu_rank
 ])
 def test_torchrun_that_cannot_work_here_is_refused_before_joining(device, env, words):
     with pytest.raises(TinyLLMError, match=words):
-        device_module.processes_plan(device, env, gpus=1)
+        ddp.processes_plan(device, env, gpus=1)
 
 
 def test_gpu_float32_matmuls_use_tf32_and_a_cpu_never_does(matmul_precision):

@@ -51,6 +51,15 @@ def test_a_gpu_run_trains_resumes_and_samples_the_same_text_for_the_same_seed(tm
     assert texts[0] == texts[1] and len(texts[0]) > 150
 
 
+def test_a_float16_run_as_a_t4_trains_it_steps_with_the_cuda_loss_scaler(tmp_path):
+    """A T4 has no native bfloat16: --dtype auto gives it float16, which trains only with torch's CUDA scaler."""
+    data = write_head(tmp_path / "data.txt", 50_000)
+    out = on_gpu("train.py", "--data", data, "--out_dir", tmp_path / "run", "--preset", "tiny", "--dtype", "float16",
+                 "--max_steps", "30", "--eval_interval", "30", "--eval_iters", "2", "--sample_tokens", "0",
+                 "--plots", "false")
+    assert "float16" in out and "done: 30 steps" in out
+
+
 def test_a_checkpoint_saved_from_the_gpu_loads_onto_the_cpu(tmp_path):
     script = ("import sys, torch; sys.path.insert(0, '.'); from machinery.checkpoint import load_checkpoint; "
               "torch.save({'model': {'w': torch.ones(2, device='cuda')}, 'model_config': {}, 'tokenizer': {}}, "

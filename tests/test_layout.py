@@ -25,8 +25,8 @@ LEVELS = {
     "config": 0, "deep_dives.graphs": 0, "deep_dives.bpe": 1, "deep_dives.muon": 1, "model": 1, "sampling": 1,
     "utils": 2, "optim": 2, "deep_dives.beam": 2,
     # what a run needs besides the lesson
-    "machinery.cli": 0,
-    "machinery.sources": 2, "machinery.device": 2,
+    "machinery.log": 0, "machinery.cli": 0,
+    "machinery.sources": 2, "machinery.device": 2, "machinery.ddp": 2,
     "machinery.checkpoint": 2, "machinery.budget": 2, "machinery.plots": 2,
     "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3, "machinery.evaluation": 3,
     "machinery.annotate": 3,
