@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,6 +80,24 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
 
 # ----------------------------------------------------------------------------- the loop
 
+@dataclass
+class TrainState:
+    """The numbers that change as the run trains, written in this file alone; every checkpoint saves them whole, and
+    --resume puts them back (an older checkpoint without a new field resumes with its default)."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    lr: float = 0.0                  # of the latest step
+    grad_norm: float = None          # of the latest step; None before the first
+    history: list = field(default_factory=list)  # a row per progress line and per evaluation
+    window: list = field(default_factory=list)   # the figures of the steps since the last progress row
+    progress: float = 0.0            # of the latest step: 0 to the warmup's end, 1 at the run's (optim.progress)
+    eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
+    seconds: float = 0.0             # wall time of every process of the run, set-up included (budget.elapsed)
+    plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
+
+
 def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes.
     started: when the run began, for a time budget (python train.py: when the process started)."""
@@ -88,13 +107,15 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """The run (setup.Run), only read from here on; what changes as it trains is run.state (step, history, ...)."""
+    """The run (setup.Run), only read from here on; what changes as it trains is run.state, a TrainState."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     start = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                         budget.now() if started is None else started)
-    # a resume's state, optimizer and random numbers as saved; --compile, DDP and the precision (--dtype auto
-    # timed by trial steps of train_step that leave no trace)
-    return setup.before_first_step(start, *build(start), train_step)
+    corpus, model, optimizer, next_batch, val_batch = build(start)
+    state = setup.restore(start, optimizer, TrainState) if start.resumed else TrainState()  # as saved, optimizer too
+    # random numbers as saved; --compile, DDP and the precision (--dtype auto timed by trial steps of train_step
+    # that leave no trace)
+    return setup.before_first_step(start, corpus, model, optimizer, next_batch, val_batch, state, train_step)
 
 
 def train_loop(run):

@@ -1,12 +1,12 @@
 """Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: train.py's flags on top of the preset this
 machine gets (and the modes that do not train, --eval_only and --plot_lr), then a Run, made once and only read while
-it trains, and its TrainState, which every checkpoint saves whole so that --resume continues exactly."""
+it trains, and a resumed run's state and optimizer as saved, so that --resume continues exactly."""
 
 import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,23 +25,6 @@ from machinery.evaluation import evaluate_checkpoint
 from machinery.log import first_line, log, warn
 from machinery.records import sample_seconds
 from machinery.sources import check_long_enough, load_corpus
-
-
-@dataclass
-class TrainState:
-    """The numbers that change as a run trains: made here (fresh or as saved), then written by train.py alone."""
-    step: int = 0
-    best_val_loss: float = math.inf
-    evals_without_improvement: int = 0
-    last_eval_step: int = -1
-    lr: float = 0.0                  # of the latest step
-    grad_norm: float = None          # of the latest step; None before the first
-    history: list = field(default_factory=list)  # a row per progress line and per evaluation
-    window: list = field(default_factory=list)   # the figures of the steps since the last progress row
-    progress: float = 0.0            # of the latest step: 0 to the warmup's end, 1 at the run's (optim.progress)
-    eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
-    seconds: float = 0.0             # wall time of every process of the run, set-up included (budget.elapsed)
-    plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 
 # settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
@@ -96,7 +79,7 @@ class Run(Start):
     next_batch: object          # () -> (x, y): a training batch of this process
     val_batch: object
     train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
-    state: TrainState
+    state: object               # train.TrainState: the numbers that change as it trains
     sample_seconds: float       # the closing sample's, timed before the first step for a time budget to keep (else 0)
 
 
@@ -213,10 +196,9 @@ def load_corpus_and_model(run):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, train_step):
-    """The run whole, with what train.build made: the state, each rank's seed, compile, DDP, the precision."""
+def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, state, train_step):
+    """The run whole, with what train.py made: each rank's seed, compile, DDP, the precision."""
     cfg, device = start.cfg, start.device
-    state = restore(start, optimizer) if start.resumed else TrainState()
     # every RNG as saved (under torchrun each rank's); else each rank a seed of its own: each draws its own batches
     rngs = (start.source.get("rngs") or [start.source["rng"]]) if start.resumed else []
     if rngs:
@@ -318,12 +300,13 @@ def conflicting_flags(given, saved, changeable, words):
 
 # ----------------------------------------------------------------------------- --resume: the state put back
 
-def restore(run, optimizer):
-    """A resumed run's TrainState and optimizer exactly as saved; a new --max_steps is a new schedule."""
+def restore(run, optimizer, state_type):
+    """A resumed run's state (a state_type: train.TrainState) and optimizer exactly as saved; a new --max_steps is a
+    new schedule."""
     checkpoint = run.source
     optimizer.load_state_dict(checkpoint["optimizer"])
-    names = {f.name for f in dataclasses.fields(TrainState)}
-    state = TrainState(**{k: checkpoint[k] for k in names if k in checkpoint})
+    names = {f.name for f in dataclasses.fields(state_type)}
+    state = state_type(**{k: checkpoint[k] for k in names if k in checkpoint})
     saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget
     old_end = None if saved.get("time_budget") else saved["max_steps"]
     if not run.cfg.time_budget and run.cfg.max_steps != old_end:  # a new --max_steps
