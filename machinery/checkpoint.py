@@ -186,9 +186,11 @@ def save(run, name):
 
 
 def save_periodic(run):
+    """ckpt_STEP.pt, keeping the newest keep_last of them."""
     save(run, f"ckpt_{run.state.step:07d}.pt")
     if run.master:
-        prune_periodic(run.cfg.out_dir, run.cfg.keep_last)
+        for name in [n for n in run_files(run.cfg.out_dir) if n.startswith("ckpt_")][:-run.cfg.keep_last]:
+            os.remove(os.path.join(run.cfg.out_dir, name))
 
 
 def describe_checkpoint(checkpoint):
@@ -251,9 +253,3 @@ def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
         for name in existing + ["history.csv", "history.json"]:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out_dir, name))
-
-
-def prune_periodic(out_dir, keep_last):
-    periodic = [n for n in run_files(out_dir) if n.startswith("ckpt_")]
-    for name in periodic[:-keep_last]:
-        os.remove(os.path.join(out_dir, name))

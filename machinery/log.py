@@ -1,5 +1,4 @@
-"""What the scripts print: flushed lines (a Colab cell and a log file show them at once), warnings, durations,
-an error's first line."""
+"""What the scripts print: flushed lines, warnings, durations, an error's first line."""
 
 import sys
 

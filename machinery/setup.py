@@ -21,9 +21,8 @@ from machinery.ddp import rank_seed, setup_distributed, wrap
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
-from machinery.evaluation import evaluate_checkpoint
 from machinery.log import first_line, log, warn
-from machinery.records import sample_seconds
+from machinery.records import evaluate_checkpoint, sample_seconds
 from machinery.sources import check_long_enough, load_corpus
 
 

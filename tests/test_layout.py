@@ -28,7 +28,7 @@ LEVELS = {
     "machinery.log": 0, "machinery.cli": 0,
     "machinery.sources": 2, "machinery.device": 2, "machinery.ddp": 2,
     "machinery.checkpoint": 2, "machinery.budget": 2, "machinery.plots": 2,
-    "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3, "machinery.evaluation": 3,
+    "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3,
     "machinery.annotate": 3,
     # the scripts a learner runs, the stand-alone tools, the experiments and their command line
     "train": 4, "generate": 4,
