@@ -186,7 +186,6 @@ def save(run, name):
 
 
 def save_periodic(run):
-    """ckpt_STEP.pt, keeping the newest keep_last of them."""
     save(run, f"ckpt_{run.state.step:07d}.pt")
     if run.master:
         for name in [n for n in run_files(run.cfg.out_dir) if n.startswith("ckpt_")][:-run.cfg.keep_last]:

@@ -17,13 +17,7 @@ from machinery.log import log
 # ----------------------------------------------------------------------------- flags from settings
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad flag as one `error:` line, and a machinery/ module named as run (python -m machinery.x)."""
-
-    def __init__(self, *args, **kwargs):
-        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        if "prog" not in kwargs and spec is not None and spec.name.startswith("machinery."):
-            kwargs["prog"] = f"python -m {spec.name}"
-        super().__init__(*args, **kwargs)
+    """argparse, with a bad flag as one `error:` line."""
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -1,5 +1,4 @@
-"""Several processes under torchrun (DDP): which rank and device each process is, the model each trains, and
-the values every rank must agree on (a mean loss, each rank's random state, a stop signal)."""
+"""Several processes under torchrun (DDP): each one's rank and device, the model each trains, what all agree on."""
 
 import os
 
@@ -74,6 +73,5 @@ def every_rank(value, world):
 
 
 def stop_signal(signum, world, at_progress_line):
-    """The signal that asked the run to stop (0: none), the same on every rank; several processes agree only at
-    progress lines, so no step waits for the others."""
+    """The signal that stopped the run (0: none), agreed by every rank at progress lines only: no step waits."""
     return 0 if world > 1 and not at_progress_line else max(every_rank(signum or 0, world))

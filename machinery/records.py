@@ -89,7 +89,7 @@ def non_finite(run, step, figures):
         f"last good checkpoint: {last if run.state.last_eval_step >= 0 and run.writes else 'none'}")
 
 
-# ----------------------------------------------------------------------------- the lines a run prints
+# ----------------------------------------------------------------------------- the lines a run prints, its history files
 
 def progress_line(step, end_step, figures, ms, tokens_per_s, mfu, formats):
     eta = "?" if end_step is None else format_seconds((end_step - step) * ms / 1000)
@@ -111,8 +111,6 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
     baseline = f" | uniform baseline ln(V) = {math.log(vocab_size):.4f}" if step == 0 else ""
     return line + baseline + (" | new best" if improved else "")
 
-
-# ----------------------------------------------------------------------------- files
 
 def write_history(run):
     history, out_dir = run.state.history, run.cfg.out_dir
