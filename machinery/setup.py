@@ -175,21 +175,21 @@ def tokenizer_kind(checkpoint):
     return (checkpoint.get("tokenizer") or {}).get("kind", "char")
 
 
-def load_corpus_and_model(run):
+def load_corpus_and_model(start):
     """(corpus, model): the checked text, and the GPT a resumed or fine-tuned run starts from (else None)."""
-    cfg, model, tokenizer = run.cfg, None, None
-    if run.source:
-        model = model_from_checkpoint(run.source, run.source_path)
-        tokenizer = tokenizer_of(run.source, model.config.vocab_size, run.source_path)
+    cfg, model, tokenizer = start.cfg, None, None
+    if start.source:
+        model = model_from_checkpoint(start.source, start.source_path)
+        tokenizer = tokenizer_of(start.source, model.config.vocab_size, start.source_path)
     # vocab_size is BPE's target size; the GPT's own comes from the tokenizer
-    corpus = load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
-    block_size = (model.config if model else run.model_cfg).block_size  # refused before the model is built
+    corpus = load_corpus(cfg, tokenizer, start.model_cfg.vocab_size, extend=bool(start.options.init_from))
+    block_size = (model.config if model else start.model_cfg).block_size  # refused before the model is built
     check_long_enough(corpus.train, block_size, "train", cfg.data)
     check_long_enough(corpus.val, block_size, "validation", cfg.data)
     if model is not None and corpus.added:  # characters the checkpoint never saw: a new embedding row each
         grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
-        run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_path} "
-                f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
+        start.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {start.source_path} "
+                  f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
     return corpus, model
 
 
@@ -299,20 +299,20 @@ def conflicting_flags(given, saved, changeable, words):
 
 # ----------------------------------------------------------------------------- --resume: the state put back
 
-def restore(run, optimizer, state_type):
+def restore(start, optimizer, state_type):
     """A resumed run's state (a state_type: train.TrainState) and optimizer exactly as saved; a new --max_steps is a
     new schedule."""
-    checkpoint = run.source
+    checkpoint, cfg = start.source, start.cfg
     optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(state_type)}
     state = state_type(**{k: checkpoint[k] for k in names if k in checkpoint})
     saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget
     old_end = None if saved.get("time_budget") else saved["max_steps"]
-    if not run.cfg.time_budget and run.cfg.max_steps != old_end:  # a new --max_steps
-        if state.step >= run.cfg.max_steps:
-            raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {run.cfg.max_steps} "
+    if not cfg.time_budget and cfg.max_steps != old_end:  # a new --max_steps
+        if state.step >= cfg.max_steps:
+            raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
                                f"would not train it further")
-        _, lr = plots.planned_lrs(run.cfg, state)[0]  # the LR at this step of the schedule of a run that long
-        run.say(f"--max_steps {run.cfg.max_steps}: the schedule of a run of {run.cfg.max_steps} steps, whose LR at "
-                f"step {state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {run.cfg.min_lr:g} at its end")
+        _, lr = plots.planned_lrs(cfg, state)[0]  # the LR at this step of the schedule of a run that long
+        start.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
+                  f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
     return state
