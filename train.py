@@ -149,9 +149,8 @@ def train_loop(run):
 
             # --- its figures: averaged over log_interval steps onto a progress line and into the history
             meter.add(state.step, figures)
-            if state.step % cfg.log_interval == 0:
-                done = log_progress(run, meter, clock)  # --overfit_batch done
-                stop_reason = stop_reason or done
+            if state.step % cfg.log_interval == 0:  # (no stop_reason yet: one would have ended the loop above)
+                stop_reason = log_progress(run, meter, clock)  # --overfit_batch done
             if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
                 read_figures(state, meter)
                 with meter.paused():

@@ -100,8 +100,8 @@ def bits_per_char(loss, chars_per_token):
 
 def tokenize(text, tokenizer=None, kind="char", vocab_size=0):
     """text -> token ids -> a contiguous 90/10 train/val split. A fresh run learns its tokenizer
-    from the text (BPE from the first 90% only, so that validation stays unseen); a resumed or
-    fine-tuned run brings its own."""
+    from the text (BPE from the first 90% of the characters only, so that the validation tokens,
+    the last 10%, are text it never learned from, near enough); a resumed or fine-tuned run brings its own."""
     if tokenizer is None:
         tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * TRAIN_FRACTION)], vocab_size)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)

@@ -26,7 +26,7 @@ from machinery.sources import start_ids, validation_split
 
 
 class Meter:
-    """This process's step time, and the steps' figures kept on the device until read (a read waits); no state."""
+    """This process's step time, and the steps' figures kept on the device until read (a read waits)."""
 
     def __init__(self, run):
         self.run, self.pending, self.seconds, self.steps, self.mark = run, [], 0.0, 0, budget.now()
