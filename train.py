@@ -32,21 +32,21 @@ from machinery import budget, checkpoint, cli, ddp, device, records, setup
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
-def build(run):
+def build(start):
     """(corpus, model, optimizer, next_batch, val_batch) of the settings setup.start made."""
-    cfg = run.cfg
+    cfg = start.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
-    corpus, model = setup.load_corpus_and_model(run)
+    corpus, model = setup.load_corpus_and_model(start)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
-        model = GPT(dataclasses.replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    model = model.to(run.device)
-    optimizer = make_optimizer(model, cfg, run.device)  # AdamW: optim.py
+        model = GPT(dataclasses.replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
+    model = model.to(start.device)
+    optimizer = make_optimizer(model, cfg, start.device)  # AdamW: optim.py
     # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
     # its share of batch_size, in grad_accum_steps micro-batches
-    block_size, micro_batch = model.config.block_size, run.micro_batch  # batch_size // processes // grad_accum_steps
-    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, run.device)  # () -> (x, y)
-    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, run.device)
+    block_size, micro_batch = model.config.block_size, start.micro_batch  # batch_size // processes // grad_accum_steps
+    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, start.device)  # () -> (x, y)
+    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, start.device)
     return corpus, model, optimizer, next_batch, val_batch
 
 
@@ -82,8 +82,8 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
 
 @dataclass
 class TrainState:
-    """The numbers that change as the run trains, written in this file alone; every checkpoint saves them whole, and
-    --resume puts them back (an older checkpoint without a new field resumes with its default)."""
+    """The numbers that change as the run trains, written by the loop below (set-up only notes plan); every checkpoint
+    saves them whole, and --resume puts them back (an older checkpoint without a new field resumes with its default)."""
     step: int = 0
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0

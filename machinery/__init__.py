@@ -1,4 +1,4 @@
-"""What a run needs besides the lesson, a module per stage. Imported before torch, it notes the time (STARTED, where a
+"""What a run needs besides the lesson, a module per job. Imported before torch, it notes the time (STARTED, where a
 time budget starts) and sets GOMP_SPINCOUNT=10000: OpenMP's long idle spin made a 2-thread step 2-9x slower beside a
 busy process on 2 cores. A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; after torch, only child processes see it."""
 

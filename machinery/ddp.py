@@ -8,12 +8,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import MAX_SEED, TinyLLMError
 
-from machinery.device import machine
+import machinery.device
 
 
 def setup_distributed(device):
     """(rank, world size, device); (0, 1, device) without torchrun. A GPU process binds its GPU before NCCL starts."""
-    rank, world, device, backend = processes_plan(device, os.environ, machine().gpus)
+    rank, world, device, backend = processes_plan(device, os.environ, machinery.device.machine().gpus)
     if backend == "nccl":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)

@@ -146,7 +146,8 @@ def export_hf(source, folder):
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m machinery.hf_gpt2", description="GPT-2 in and out via Hugging Face.")
+    parser = ArgumentParser(prog="python -m machinery.hf_gpt2",
+                            description="OpenAI GPT-2 weights in and out of tinyllm via Hugging Face.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("import", help="a Hugging Face GPT-2 -> a tinyllm checkpoint")
     p.add_argument("name", help=f"{', '.join(GPT2_NAMES)}, or a save_pretrained folder")

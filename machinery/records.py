@@ -89,7 +89,7 @@ def non_finite(run, step, figures):
         f"last good checkpoint: {last if run.state.last_eval_step >= 0 and run.writes else 'none'}")
 
 
-# ----------------------------------------------------------------------------- the lines a run prints, its history files
+# ----------------------------------------------------------------------------- the lines a run prints, its history
 
 def progress_line(step, end_step, figures, ms, tokens_per_s, mfu, formats):
     eta = "?" if end_step is None else format_seconds((end_step - step) * ms / 1000)

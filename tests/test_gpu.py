@@ -1,7 +1,7 @@
 """On a machine with a CUDA GPU, the GPU itself: a run trains, saves, resumes and samples there
-in its own precision, the same seed samples the same text, and the KV cache agrees with
-recomputation within the precision's tolerance. Everywhere else these tests are skipped, and
-say why. The rest of the suite runs on the CPU whatever the machine has (conftest.py hides
+in its own precision, float16 trains with CUDA's loss scaler, the same seed samples the same
+text, and the KV cache agrees with recomputation within the precision's tolerance. Everywhere
+else these tests are skipped, and say why. The rest of the suite runs on the CPU whatever the machine has (conftest.py hides
 CUDA from it), so these run the scripts in processes that see the GPU."""
 
 import glob
@@ -14,6 +14,8 @@ import sys
 import pytest
 
 from conftest import ROOT, subprocess_env, write_head
+
+from machinery.checkpoint import load_checkpoint
 
 
 def a_gpu_is_here():
@@ -51,13 +53,14 @@ def test_a_gpu_run_trains_resumes_and_samples_the_same_text_for_the_same_seed(tm
     assert texts[0] == texts[1] and len(texts[0]) > 150
 
 
-def test_a_float16_run_as_a_t4_trains_it_steps_with_the_cuda_loss_scaler(tmp_path):
-    """A T4 has no native bfloat16: --dtype auto gives it float16, which trains only with torch's CUDA scaler."""
+def test_a_float16_run_trains_with_the_cuda_loss_scaler_and_saves_its_state(tmp_path):
+    """float16, the precision --dtype auto gives a T4 (no native bfloat16), trains only with torch's CUDA scaler."""
     data = write_head(tmp_path / "data.txt", 50_000)
     out = on_gpu("train.py", "--data", data, "--out_dir", tmp_path / "run", "--preset", "tiny", "--dtype", "float16",
                  "--max_steps", "30", "--eval_interval", "30", "--eval_iters", "2", "--sample_tokens", "0",
                  "--plots", "false")
     assert "float16" in out and "done: 30 steps" in out
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["scaler"]["scale"] > 0  # a resume continues its scale
 
 
 def test_a_checkpoint_saved_from_the_gpu_loads_onto_the_cpu(tmp_path):

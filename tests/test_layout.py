@@ -137,7 +137,8 @@ def writes_to_the_state(node):
 
 @pytest.mark.parametrize("name", sorted(set(LEVELS) - {"train", "machinery.setup"}))
 def test_the_runs_state_is_written_by_train_py_alone(name):
-    """machinery.setup makes a TrainState (fresh, or as a resume saved it); after that only train.py's loop writes it."""
+    """train.py makes the TrainState (fresh, or as setup.restore put a resume back); after set-up only its loop
+    writes it."""
     writes = [node.lineno for node in ast.walk(tree(name)) if writes_to_the_state(node)]
     assert not writes, f"{name} writes the run's state at line(s) {writes}: let it return the value, train.py keep it"
 

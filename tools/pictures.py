@@ -21,9 +21,9 @@ from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.checkpoint import load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, run_cli
 from machinery.device import choose_device, set_threads
-from machinery.records import token_losses
 from machinery.log import log
 from machinery.plots import DPI, new_plot, save_plot
+from machinery.records import token_losses
 from machinery.sources import encode_prompt, validation_split
 
 
