@@ -27,7 +27,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
-from machinery import budget, checkpoint, cli, ddp, device, records, setup
+from machinery import budget, checkpoint, cli, ddp, device, plots, records, setup
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -94,8 +94,25 @@ class TrainState:
     window: list = field(default_factory=list)   # the figures of the steps since the last progress row
     progress: float = 0.0            # of the latest step: 0 to the warmup's end, 1 at the run's (optim.progress)
     eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
-    seconds: float = 0.0             # wall time of every process of the run, set-up included (budget.elapsed)
+    seconds: float = 0.0             # wall time of every process of the run, set-up included (Clock.elapsed)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
+
+
+@dataclass(frozen=True)
+class Run(setup.Start):
+    """What the loop works with, made once (setup_run), then only read: setup.Start's settings, processes and device,
+    and what was built for the first step. What changes as it trains is state."""
+    corpus: object                # utils.Corpus: the train and val token streams, and their tokenizer
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    next_batch: object            # () -> (x, y): a training batch of this process
+    val_batch: object
+    train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
+    dtype: str                    # the forward pass's precision: its autocast context, and float16's scaler (or None)
+    ctx: object
+    scaler: object
+    sample_seconds: float         # the closing sample's, timed before the first step for a time budget to keep (else 0)
+    state: TrainState
 
 
 def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
@@ -107,15 +124,25 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """The run (setup.Run), only read from here on; what changes as it trains is run.state, a TrainState."""
+    """The Run: set-up (machinery/setup.py), then build."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     start = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                         budget.now() if started is None else started)
+    cfg = start.cfg
     corpus, model, optimizer, next_batch, val_batch = build(start)
     state = setup.restore(start, optimizer, TrainState) if start.resumed else TrainState()  # as saved, optimizer too
-    # random numbers as saved; --compile, DDP and the precision (--dtype auto timed by trial steps of train_step
-    # that leave no trace)
-    return setup.before_first_step(start, corpus, model, optimizer, next_batch, val_batch, state, train_step)
+    # random numbers as saved, --overfit_batch's one batch; --compile, DDP
+    train_model, next_batch = setup.before_first_step(start, model, next_batch, state)
+    # the precision: --compile's check and --dtype auto's timing take steps at the peak LR that leave no trace
+    trial_step = functools.partial(train_step, train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps,
+                                   cfg.grad_clip)  # (ctx, scaler) -> figures
+    dtype, ctx, scaler = setup.precision(start, model, optimizer, state, trial_step)
+    setup.print_header(start, model, corpus, dtype, state)
+    # a time budget keeps time for the closing sample, timed here
+    sample_seconds = records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed) if cfg.time_budget else 0.0
+    return Run(**(vars(start) | {"model_cfg": model.config}), corpus=corpus, model=model, optimizer=optimizer,
+               next_batch=next_batch, val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx,
+               scaler=scaler, sample_seconds=sample_seconds, state=state)
 
 
 def train_loop(run):
@@ -124,8 +151,9 @@ def train_loop(run):
     (log_progress), Ctrl-C or SIGTERM (ddp.stop_signal); then finish saves and says why."""
     cfg, state = run.cfg, run.state
     # how far the run is, by steps or by a --time_budget's seconds: its end, room for an evaluation, the ETA
-    clock = budget.Clock(run)
-    meter = records.Meter(run)  # step time, and the steps' figures on the device until read (a read waits)
+    clock = budget.Clock(cfg, state, run.started, run.world, run.device, run.sample_seconds)
+    # step time, and the steps' figures kept on the device until read (a read waits; a non-finite one stops the run)
+    meter = records.Meter(cfg, run.scaler is not None, run.writes)
     stop_reason, signum = None, 0
     # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)
     with cli.StopRequest(announce=run.master) as stop:
@@ -154,7 +182,9 @@ def train_loop(run):
             if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
                 read_figures(state, meter)
                 with meter.paused():
-                    checkpoint.save_periodic(run)  # ckpt_STEP.pt
+                    save(run, clock, f"ckpt_{state.step:07d}.pt")
+                    if run.master:
+                        checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
             if signum := ddp.stop_signal(stop.signum, run.world, state.step % cfg.log_interval == 0):  # every rank agrees
                 stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
@@ -180,14 +210,15 @@ def evaluate(run, meter, clock):
             state.evals_without_improvement += 1
         state.last_eval_step = state.step  # never two evaluations at one step
         state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
-                              "lr": state.lr, "grad_norm": state.grad_norm, "seconds": budget.elapsed(run)})
+                              "lr": state.lr, "grad_norm": state.grad_norm, "seconds": clock.elapsed()})
         run.say(records.evaluation_line(state.step, clock.end_step(), train_loss, val_loss,
                                         run.corpus.chars_per_token, run.model_cfg.vocab_size, improved))
         if run.writes:
-            checkpoint.save(run, "last.pt")
+            save(run, clock, "last.pt")
             if improved:
-                checkpoint.save(run, "best.pt")
-            records.write_history(run)  # history.json, history.csv and the plots
+                save(run, clock, "best.pt")
+            if run.master:
+                records.write_history(cfg, state, run.model_cfg.vocab_size)  # history.json, .csv and the plots
     state.eval_seconds = clock.agreed(meter.last_pause)  # saves and plots included: a time budget keeps as much for the last
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
@@ -215,10 +246,11 @@ def log_progress(run, meter, clock):
     read_figures(state, meter)  # (a loss that is not finite stops the run here)
     figures, ms = records.average(state.window), meter.ms_per_step()  # the steps' figures, averaged
     state.window = []
-    tokens_per_s, mfu = records.speed(run, ms)  # mfu: None where the chip's peak is unknown
+    tokens_per_s, mfu = records.speed(ms, run.cfg.batch_size * run.model_cfg.block_size, run.model, run.device,
+                                      run.dtype, run.world)  # mfu: None where the chip's peak is unknown
     run.say(records.progress_line(state.step, clock.end_step(), figures, ms, tokens_per_s, mfu, FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
-                          "tok_per_s": tokens_per_s, "seconds": budget.elapsed(run)})
+                          "tok_per_s": tokens_per_s, "seconds": clock.elapsed()})
     if run.options.overfit_batch and figures["loss"] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
     return None
@@ -229,13 +261,13 @@ def finish(run, stop_reason, signum, clock):
     dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
     state = run.state
     if run.writes and (signum or state.last_eval_step != state.step):
-        checkpoint.save(run, "last.pt")
+        save(run, clock, "last.pt")
     if signum:
         if run.writes:
             run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
                     f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
         sys.exit(128 + signum)
-    done = records.done_line(state.step, state.best_val_loss, budget.elapsed(run),
+    done = records.done_line(state.step, state.best_val_loss, clock.elapsed(),
                              run.cfg.out_dir if run.writes else "", run.cfg.plots)
     for line in (stop_reason, done, clock.summary()):
         if line:
@@ -245,7 +277,16 @@ def finish(run, stop_reason, signum, clock):
         run.say("sample:\n" + sample)
     ddp.teardown_distributed(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
-            "seconds": budget.elapsed(run), "stop_reason": stop_reason, "model": run.model}
+            "seconds": clock.elapsed(), "stop_reason": stop_reason, "model": run.model}
+
+
+def save(run, clock, name):
+    """out_dir/name: all --resume needs to continue exactly, the TrainState whole (checkpoint.save adds every RNG)."""
+    checkpoint.save(os.path.join(run.cfg.out_dir, name), checkpoint.make_checkpoint(
+        run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
+        train_config=dataclasses.asdict(run.cfg), preset=run.preset,
+        scaler=run.scaler.state_dict() if run.scaler else None,
+        **(dataclasses.asdict(run.state) | {"seconds": clock.elapsed()})), run.world, run.master)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -271,7 +312,12 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 
 def main(argv=None, started=None):
     options, model_cfg, train_cfg, preset, given = setup.parse_flags(argv)  # the flags on top of a preset
-    if not setup.eval_or_plot(options, train_cfg, given):  # --eval_only, --plot_lr: no training
+    if options.eval_only is not None:  # a checkpoint's loss on its whole val split (--eval_only alone: best.pt's)
+        path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
+        records.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
+    elif options.plot_lr:  # the learning rate of every step, drawn without training
+        plots.draw_lr_schedule(train_cfg)
+    else:
         train(model_cfg, train_cfg, options, preset, given, started)
 
 

@@ -11,7 +11,6 @@ import torch
 
 import train
 from config import RunOptions, build_configs, default_preset
-from machinery import setup
 from machinery.device import choose_device, gpu, interleaved, machine
 from machinery.log import log
 
@@ -64,9 +63,9 @@ def step_times(runs, untimed, steps):
     log(f"{untimed} untimed steps, then {steps} timed steps" + (", variants interleaved" if len(runs) > 1 else ""))
 
     def step_of(run):
-        peak = setup.peak_step(train.train_step, run.train_model, run.optimizer, run.next_batch, run.cfg)
-        def step():
-            peak(run.ctx, run.scaler)
+        def step():  # at the peak LR
+            train.train_step(run.train_model, run.optimizer, run.next_batch, run.cfg.lr, run.cfg.grad_accum_steps,
+                             run.cfg.grad_clip, run.ctx, run.scaler)
             sync(run.device)
         return step
 

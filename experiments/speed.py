@@ -16,7 +16,7 @@ import sampling
 from config import GREEDY, GPTConfig, TinyLLMError, TrainConfig, build_configs
 from model import GPT
 from deep_dives import graphs
-from experiments.runs import ROOT, new_run, peak_memory_mib, sync, step_times
+from experiments.runs import ROOT, new_run, peak_memory_mib, step_times, sync
 from machinery import plots, records
 from machinery.cli import bool_flag, explicit_flags
 from machinery.device import autocast, choose_device, interleaved, resolve_dtype
@@ -47,7 +47,8 @@ def bench_train(args):
     rows = []
     for (name, _), run, ms in zip(variants, runs, times):
         median = statistics.median(ms)
-        tokens_per_s, mfu = records.speed(run, median)
+        tokens_per_s, mfu = records.speed(median, run.cfg.batch_size * run.model_cfg.block_size, run.model,
+                                          run.device, run.dtype, run.world)
         rows.append({"variant": name, "dtype": run.dtype, "ms_per_step": median, "ms_min": min(ms),
                      "tokens_per_s": tokens_per_s, "mfu": mfu, "params": run.model.num_params(), "step_ms": ms,
                      "speedup": rows[0]["ms_per_step"] / median if rows else 1.0})

@@ -15,30 +15,29 @@ def now():
     return time.perf_counter()
 
 
-def elapsed(run):
-    """The run's wall time so far, every process's from its start (resumes), set-up included: a time budget's."""
-    return run.state.seconds + now() - run.started
-
-
 SAFETY = 0.01     # of a time budget: for the process's exit and the device's last queued steps
 
 
 class Clock:
     """How far the loop is: steps to max_steps, or a --time_budget's time spent (with resumes); it writes nothing."""
 
-    def __init__(self, run):
-        self.run, self.state, self.cfg, self.world, self.device = run, run.state, run.cfg, run.world, run.device
-        self.seconds = parse_duration(run.cfg.time_budget) if run.cfg.time_budget else None
-        self.sample_seconds = self.agreed(run.sample_seconds) if self.seconds else 0.0
+    def __init__(self, cfg, state, started, world, device, sample_seconds=0.0):  # started: this process's start
+        self.cfg, self.state, self.started, self.world, self.device = cfg, state, started, world, device
+        self.seconds = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        self.sample_seconds = self.agreed(sample_seconds) if self.seconds else 0.0
         self.first = self.last = self.spent() if self.seconds else 0.0  # at this process's start of steps
-        self.first_step = run.state.step
+        self.first_step = state.step
+
+    def elapsed(self):
+        """The run's wall time so far, set-up included: this process's, and those it resumes (state.seconds)."""
+        return self.state.seconds + now() - self.started
 
     def agreed(self, seconds):
         """Several processes read their clocks a little apart: every one takes their mean, so all decide alike."""
         return all_ranks_mean([seconds], self.world, self.device)[0]
 
     def spent(self):
-        return self.agreed(elapsed(self.run))
+        return self.agreed(self.elapsed())
 
     def usable(self):
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds

@@ -14,7 +14,6 @@ import torch
 from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
 
-from machinery import budget
 from machinery.cli import check_writable
 from machinery.ddp import every_rank
 from machinery.device import rng_state
@@ -174,22 +173,17 @@ def make_checkpoint(model, tokenizer, **extra):
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, **extra}
 
 
-def save(run, name):
-    """The run's checkpoint out_dir/name: weights, settings, optimizer, every RNG and the TrainState, whole."""
-    rngs = every_rank(rng_state(), run.world)  # every rank calls save: a resume puts back each one's random state
-    if run.master:
-        save_checkpoint(os.path.join(run.cfg.out_dir, name), make_checkpoint(
-            run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
-            train_config=dataclasses.asdict(run.cfg), preset=run.preset, rng=rngs[0],
-            scaler=run.scaler.state_dict() if run.scaler else None, **({"rngs": rngs} if run.world > 1 else {}),
-            **{**dataclasses.asdict(run.state), "seconds": budget.elapsed(run)}))
+def save(path, checkpoint, world, master):
+    """checkpoint and every process's random state (each rank calls this), written to path by rank 0."""
+    rngs = every_rank(rng_state(), world)
+    if master:
+        save_checkpoint(path, {**checkpoint, "rng": rngs[0], **({"rngs": rngs} if world > 1 else {})})
 
 
-def save_periodic(run):
-    save(run, f"ckpt_{run.state.step:07d}.pt")
-    if run.master:
-        for name in [n for n in run_files(run.cfg.out_dir) if n.startswith("ckpt_")][:-run.cfg.keep_last]:
-            os.remove(os.path.join(run.cfg.out_dir, name))
+def keep_newest(out_dir, keep_last):
+    """Delete the periodic checkpoints (ckpt_STEP.pt) of out_dir but the newest keep_last."""
+    for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
+        os.remove(os.path.join(out_dir, name))
 
 
 def describe_checkpoint(checkpoint):

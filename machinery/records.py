@@ -28,8 +28,9 @@ from machinery.sources import start_ids, validation_split
 class Meter:
     """This process's step time, and the steps' figures kept on the device until read (a read waits)."""
 
-    def __init__(self, run):
-        self.run, self.pending, self.seconds, self.steps, self.mark = run, [], 0.0, 0, budget.now()
+    def __init__(self, cfg, scaled, writes):  # scaled: float16's scaler skips an overflowing step (its norm inf)
+        self.cfg, self.scaled, self.writes, self.pending, self.steps = cfg, scaled, writes, [], 0
+        self.seconds, self.mark = 0.0, budget.now()
 
     def add(self, step, figures):
         self.pending.append((step, figures))  # step: the count after it (its loss is step - 1's)
@@ -45,10 +46,15 @@ class Meter:
         read = []
         for step, f in self.pending:
             figures = {k: next(values) if torch.is_tensor(v) else float(v) for k, v in f.items()}
-            # float16's scaler skips a step whose gradients overflowed, by design: its norm is inf
             if not math.isfinite(figures.get("loss", 0.0)) or (
-                    self.run.scaler is None and not math.isfinite(figures.get("grad_norm", 0.0))):
-                raise non_finite(self.run, step, figures)
+                    not self.scaled and not math.isfinite(figures.get("grad_norm", 0.0))):
+                last = os.path.join(self.cfg.out_dir, "last.pt")
+                raise TinyLLMError(  # (step: the count after it)
+                    f"step {step - 1}: non-finite values (loss {figures.get('loss')}, grad norm "
+                    f"{figures.get('grad_norm')}); the run stops here. Likely causes: learning rate too high (--lr "
+                    f"{self.cfg.lr:g}), clipping off (--grad_clip {self.cfg.grad_clip:g}), or float16 overflow (--dtype "
+                    f"bfloat16 or float32). Nothing non-finite was saved; last good checkpoint: "
+                    f"{last if self.writes and os.path.isfile(last) else 'none'}")
             read.append(figures)
         self.pending, self.mark = [], budget.now()
         return read
@@ -79,16 +85,6 @@ def average(window):
     return {k: sum(v) / len(v) if v else None for k, v in finite.items()}
 
 
-def non_finite(run, step, figures):
-    """The error a step that was not finite stops the run with (step: the count after it), saying what to try."""
-    cfg, last = run.cfg, os.path.join(run.cfg.out_dir, "last.pt")
-    return TinyLLMError(
-        f"step {step - 1}: non-finite values (loss {figures.get('loss')}, grad norm {figures.get('grad_norm')}); "
-        f"the run stops here. Likely causes: learning rate too high (--lr {cfg.lr:g}), clipping off (--grad_clip "
-        f"{cfg.grad_clip:g}), or float16 overflow (--dtype bfloat16 or float32). Nothing non-finite was saved; "
-        f"last good checkpoint: {last if run.state.last_eval_step >= 0 and run.writes else 'none'}")
-
-
 # ----------------------------------------------------------------------------- the lines a run prints, its history
 
 def progress_line(step, end_step, figures, ms, tokens_per_s, mfu, formats):
@@ -98,11 +94,11 @@ def progress_line(step, end_step, figures, ms, tokens_per_s, mfu, formats):
     return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
 
 
-def speed(run, ms):
+def speed(ms, tokens_per_step, model, device, dtype, world):
     """(tokens per second, MFU: the share of the chips' peak FLOP/s used, None if unknown) at ms per step."""
-    tokens_per_s = run.cfg.batch_size * run.model_cfg.block_size / ms * 1000 if ms else 0.0
-    peak = peak_flops(run.device, run.dtype)
-    return tokens_per_s, flops_per_token(run.model) * tokens_per_s / (peak * run.world) if peak else None
+    tokens_per_s = tokens_per_step / ms * 1000 if ms else 0.0
+    peak = peak_flops(device, dtype)
+    return tokens_per_s, flops_per_token(model) * tokens_per_s / (peak * world) if peak else None
 
 
 def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab_size, improved):
@@ -112,10 +108,8 @@ def evaluation_line(step, end_step, train_loss, val_loss, chars_per_token, vocab
     return line + baseline + (" | new best" if improved else "")
 
 
-def write_history(run):
-    history, out_dir = run.state.history, run.cfg.out_dir
-    if not run.master:
-        return
+def write_history(cfg, state, vocab_size):
+    history, out_dir = state.history, cfg.out_dir
     fields = list(dict.fromkeys(k for row in history for k in row))
     with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
@@ -123,8 +117,8 @@ def write_history(run):
         writer.writerows(history)
     with open(os.path.join(out_dir, "history.json"), "w") as f:
         json.dump(history, f, indent=1)
-    if run.cfg.plots:
-        plots.plot_history(history, out_dir, run.model_cfg.vocab_size, run.cfg, run.state)
+    if cfg.plots:
+        plots.plot_history(history, out_dir, vocab_size, cfg, state)
 
 
 # ----------------------------------------------------------------------------- the end of a run

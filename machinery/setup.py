@@ -1,9 +1,8 @@
 """Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: train.py's flags on top of the preset this
-machine gets (and the modes that do not train, --eval_only and --plot_lr), then a Run, made once and only read while
-it trains, and a resumed run's state and optimizer as saved, so that --resume continues exactly."""
+machine gets; where the run starts (Start: processes, device, run folder, the checkpoint it continues); what comes
+before its first step (random states, compile, DDP, the precision); a resumed run's state and optimizer as saved."""
 
 import dataclasses
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from machinery.device import (autocast, choose_device, configure_matmul, describ
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
 from machinery.log import first_line, log, warn
-from machinery.records import evaluate_checkpoint, sample_seconds
 from machinery.sources import check_long_enough, load_corpus
 
 
@@ -66,22 +64,6 @@ class Start:
             log(text)
 
 
-@dataclass(frozen=True)
-class Run(Start):
-    """A run whole, made once before its first step (before_first_step), then only read: what changes is its state."""
-    dtype: str                  # the forward pass's precision, its autocast context and float16's scaler (or None)
-    ctx: object
-    scaler: object
-    corpus: object              # utils.Corpus: the train and val token streams, and their tokenizer
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    next_batch: object          # () -> (x, y): a training batch of this process
-    val_batch: object
-    train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
-    state: object               # train.TrainState: the numbers that change as it trains
-    sample_seconds: float       # the closing sample's, timed before the first step for a time budget to keep (else 0)
-
-
 # ----------------------------------------------------------------------------- train.py's command line
 
 def build_parser(device):
@@ -111,16 +93,6 @@ def parse_flags(argv=None):
         log(f"no --preset given: using '{preset}' for {device.type}")
     model_cfg, train_cfg = build_configs(given, preset)
     return options, model_cfg, train_cfg, preset, given
-
-
-def eval_or_plot(options, train_cfg, given):
-    """--eval_only or --plot_lr: do it and return True. False: this run trains."""
-    if options.eval_only is not None:
-        path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")  # --eval_only alone: best.pt
-        evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
-    elif options.plot_lr:
-        plots.draw_lr_schedule(train_cfg)
-    return options.eval_only is not None or options.plot_lr
 
 
 # ----------------------------------------------------------------------------- before the model is built
@@ -195,42 +167,35 @@ def load_corpus_and_model(start):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def before_first_step(start, corpus, model, optimizer, next_batch, val_batch, state, train_step):
-    """The run whole, with what train.py made: each rank's seed, compile, DDP, the precision."""
-    cfg, device = start.cfg, start.device
+def before_first_step(start, model, next_batch, state):
+    """(train_model, next_batch): random states, --overfit_batch's one batch, compile and DDP."""
     # every RNG as saved (under torchrun each rank's); else each rank a seed of its own: each draws its own batches
     rngs = (start.source.get("rngs") or [start.source["rng"]]) if start.resumed else []
     if rngs:
         set_rng_state(rngs[start.rank] if len(rngs) == start.world else rngs[0])
     if start.world > 1 and len(rngs) != start.world:
-        seed_everything(rank_seed(cfg.seed, start.rank, state.step))
+        seed_everything(rank_seed(start.cfg.seed, start.rank, state.step))
     if start.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
         fixed = next_batch()
         next_batch = lambda: fixed
         start.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
-    train_model = wrap(torch.compile(model) if cfg.compile else model, start.world, device)
-    step = peak_step(train_step, train_model, optimizer, next_batch, cfg)  # for trial steps, which leave no trace
+    return wrap(torch.compile(model) if start.cfg.compile else model, start.world, start.device), next_batch
+
+
+def precision(start, model, optimizer, state, trial_step):
+    """(dtype, ctx, scaler): the forward pass's precision, its autocast and float16's scaler (else None)."""
+    cfg, device = start.cfg, start.device
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.compile:
-        check_compiles(step, model, optimizer, autocast(device, dtype), make_scaler(device, dtype))
+        check_compiles(trial_step, model, optimizer, autocast(device, dtype), make_scaler(device, dtype))
     if cfg.dtype == "auto" and measured_on(device):  # a resumed run keeps what its first process measured
         if not (state.plan or {}).get("dtype"):
-            state.plan = measure_dtype(step, model, optimizer, device, start.world)
+            state.plan = measure_dtype(trial_step, model, optimizer, device, start.world)
         dtype = state.plan["dtype"]
     scaler = make_scaler(device, dtype)
     if start.resumed and start.source.get("scaler") and scaler:
         scaler.load_state_dict(start.source["scaler"])
-    run = Run(**(vars(start) | {"model_cfg": model.config}), dtype=dtype, ctx=autocast(device, dtype), scaler=scaler,
-              corpus=corpus, model=model, optimizer=optimizer, next_batch=next_batch, val_batch=val_batch,
-              train_model=train_model, state=state, sample_seconds=0.0)
-    print_header(run)  # (before the closing sample is timed: the start-up lines come first)
-    seconds = sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed) if cfg.time_budget else 0.0
-    return dataclasses.replace(run, sample_seconds=seconds)
-
-
-def peak_step(train_step, model, optimizer, next_batch, cfg):
-    """step(ctx, scaler=None): one of the run's training steps at its peak LR (trial steps, a benchmark's timings)."""
-    return functools.partial(train_step, model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps, cfg.grad_clip)
+    return dtype, autocast(device, dtype), scaler
 
 
 def check_compiles(step, model, optimizer, ctx, scaler):
@@ -246,25 +211,26 @@ def check_compiles(step, model, optimizer, ctx, scaler):
 
 # ----------------------------------------------------------------------------- what the user is told
 
-def print_header(run):
-    m, cfg, tokens = run.model_cfg, run.cfg, run.corpus
-    processes = f" x {run.world} processes" if run.world > 1 else ""
-    precision = (run.state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, run.dtype)
-    run.say(f"device {describe(run.device)} ({precision}, {torch.get_num_threads()} threads){processes} "
-            f"| preset {run.preset} | data {cfg.data}")
-    if note := mfu_note(run.device, run.dtype):
-        run.say(note)
+def print_header(start, model, corpus, dtype, state):
+    """What the run is: device and precision, the model, the tokens of a step and of the data, the run's end."""
+    m, cfg, say = model.config, start.cfg, start.say
+    processes = f" x {start.world} processes" if start.world > 1 else ""
+    precision = (state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, dtype)
+    say(f"device {describe(start.device)} ({precision}, {torch.get_num_threads()} threads){processes} "
+        f"| preset {start.preset} | data {cfg.data}")
+    if note := mfu_note(start.device, dtype):
+        say(note)
     variants = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in dataclasses.fields(m) if f.name not in SHAPE)
-    run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
-            f"block {m.block_size}, vocab {m.vocab_size} | {variants} | optimizer {cfg.optimizer}")
-    split = [f"{run.world} processes"] if run.world > 1 else []
+    say(f"model {model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+        f"block {m.block_size}, vocab {m.vocab_size} | {variants} | optimizer {cfg.optimizer}")
+    split = [f"{start.world} processes"] if start.world > 1 else []
     split += [f"{cfg.grad_accum_steps} micro-batches"] if cfg.grad_accum_steps > 1 else []
-    run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
-            + (f" ({' x '.join(split)} of {run.micro_batch})" if split else "")
-            + f" | train {len(tokens.train):,} tokens, val {len(tokens.val):,} tokens")
+    say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
+        + (f" ({' x '.join(split)} of {start.micro_batch})" if split else "")
+        + f" | train {len(corpus.train):,} tokens, val {len(corpus.val):,} tokens")
     if cfg.time_budget:
-        run.say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left, less the "
-                f"closing evaluation and sample" + (", continuing" if run.state.step else ""))
+        say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left, less the "
+            f"closing evaluation and sample" + (", continuing" if state.step else ""))
     elif cfg.max_steps <= cfg.warmup_steps:
         warn(f"--max_steps {cfg.max_steps} ends within the warmup or with it ({cfg.warmup_steps} steps): the LR "
              f"never decays; use a smaller --warmup_steps")

@@ -268,4 +268,5 @@ def test_a_budget_keeps_the_time_of_the_closing_sample_measured_before_the_first
         cfg = tiny_train_config(shakespeare_head, tmp_path / str(tokens), time_budget="60s", sample_tokens=tokens)
         run = train.setup_run(tiny_model_config(), cfg)
         assert (run.sample_seconds > 0) == (tokens > 0)
-        assert budget.Clock(run).usable() == pytest.approx(60 * (1 - budget.SAFETY) - run.sample_seconds)
+        clock = budget.Clock(run.cfg, run.state, run.started, run.world, run.device, run.sample_seconds)
+        assert clock.usable() == pytest.approx(60 * (1 - budget.SAFETY) - run.sample_seconds)
