@@ -13,12 +13,11 @@ whose comment says what it does.
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -39,7 +38,7 @@ def build(start):
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
     corpus, model = setup.load_corpus_and_model(start)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
-        model = GPT(dataclasses.replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
+        model = GPT(replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
     model = model.to(start.device)
     optimizer = make_optimizer(model, cfg, start.device)  # AdamW: optim.py
     # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
@@ -246,8 +245,8 @@ def log_progress(run, meter, clock):
     read_figures(state, meter)  # (a loss that is not finite stops the run here)
     figures, ms = records.average(state.window), meter.ms_per_step()  # the steps' figures, averaged
     state.window = []
-    tokens_per_s, mfu = records.speed(ms, run.cfg.batch_size * run.model_cfg.block_size, run.model, run.device,
-                                      run.dtype, run.world)  # mfu: None where the chip's peak is unknown
+    # mfu: None where the chip's peak is unknown
+    tokens_per_s, mfu = records.speed(ms, run.cfg.batch_size, run.model, run.device, run.dtype, run.world)
     run.say(records.progress_line(state.step, clock.end_step(), figures, ms, tokens_per_s, mfu, FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": clock.elapsed()})
@@ -284,9 +283,9 @@ def save(run, clock, name):
     """out_dir/name: all --resume needs to continue exactly, the TrainState whole (checkpoint.save adds every RNG)."""
     checkpoint.save(os.path.join(run.cfg.out_dir, name), checkpoint.make_checkpoint(
         run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
-        train_config=dataclasses.asdict(run.cfg), preset=run.preset,
+        train_config=asdict(run.cfg), preset=run.preset,
         scaler=run.scaler.state_dict() if run.scaler else None,
-        **(dataclasses.asdict(run.state) | {"seconds": clock.elapsed()})), run.world, run.master)
+        **(asdict(run.state) | {"seconds": clock.elapsed()})), run.world, run.master)
 
 
 # ----------------------------------------------------------------------------- evaluation

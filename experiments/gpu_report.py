@@ -249,8 +249,7 @@ def steady_speed(quick, tmp):
     preset, steps, shape = ("tiny", 4, TOY) if quick else (None, 20, {})
     run = new_run(preset, {**shape, "plots": False}, os.path.join(tmp, "speed"))
     ms = statistics.median(step_times([run], 3, steps)[0])
-    tokens_per_s, mfu = records.speed(ms, run.cfg.batch_size * run.model_cfg.block_size, run.model, run.device,
-                                      run.dtype, run.world)
+    tokens_per_s, mfu = records.speed(ms, run.cfg.batch_size, run.model, run.device, run.dtype, run.world)
     log(f"{run.preset} ({run.dtype}), warm: {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s"
         + (f" | MFU {100 * mfu:.1f}%" if mfu else ""))
     return {"preset": run.preset, "dtype": run.dtype, "ms_per_step": ms, "tokens_per_s": tokens_per_s, "mfu": mfu}

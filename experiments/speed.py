@@ -47,8 +47,7 @@ def bench_train(args):
     rows = []
     for (name, _), run, ms in zip(variants, runs, times):
         median = statistics.median(ms)
-        tokens_per_s, mfu = records.speed(median, run.cfg.batch_size * run.model_cfg.block_size, run.model,
-                                          run.device, run.dtype, run.world)
+        tokens_per_s, mfu = records.speed(median, run.cfg.batch_size, run.model, run.device, run.dtype, run.world)
         rows.append({"variant": name, "dtype": run.dtype, "ms_per_step": median, "ms_min": min(ms),
                      "tokens_per_s": tokens_per_s, "mfu": mfu, "params": run.model.num_params(), "step_ms": ms,
                      "speedup": rows[0]["ms_per_step"] / median if rows else 1.0})

@@ -94,9 +94,9 @@ def progress_line(step, end_step, figures, ms, tokens_per_s, mfu, formats):
     return line + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
 
 
-def speed(ms, tokens_per_step, model, device, dtype, world):
+def speed(ms, batch_size, model, device, dtype, world):
     """(tokens per second, MFU: the share of the chips' peak FLOP/s used, None if unknown) at ms per step."""
-    tokens_per_s = tokens_per_step / ms * 1000 if ms else 0.0
+    tokens_per_s = batch_size * model.config.block_size / ms * 1000 if ms else 0.0
     peak = peak_flops(device, dtype)
     return tokens_per_s, flops_per_token(model) * tokens_per_s / (peak * world) if peak else None
 

@@ -135,8 +135,8 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help="a .txt file, a folder, a .jsonl file, or a Q&A .json list")
     parser.add_argument("--out", required=True, help="output folder, e.g. data/NAME")
     add_config_flags(parser, TrainConfig, names=("tokenizer", "clean", "data_ext"), title="as in train.py")
-    parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE, help="vocabulary to learn, with --tokenizer bpe "
-                                                                      "(default: %(default)s)")
+    parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE,
+                        help="vocabulary to learn, with --tokenizer bpe (default: %(default)s)")
     parser.add_argument("--tokenizer_sample_mb", type=int, default=20,
                         help="MB of text the BPE learns from (default: %(default)s)")
     args = parser.parse_args(argv)
