@@ -101,8 +101,9 @@ def test_gpu_check_runs_as_a_smoke_test_on_a_cpu(tmp_path):
     assert default["code"] == 0 and default["best_val"] < 4.2 and default["steps"] == 10
     assert 0 < default["first_line"] < default["device_line"] <= default["first_step"] < default["wall"]
     split = result["startup"]["split"]
-    assert list(split) == ["python", "import torch", "device start", "first optimizer", "train.py's own set-up"]
-    assert all(v >= 0 for v in list(split.values())[:4]) and split["import torch"] > 0.05  # torch takes time to import
+    assert list(split) == ["python", "import torch", "device start", "first optimizer", "together"]
+    assert all(v >= 0 for v in split.values()) and split["import torch"] > 0.05  # torch takes time to import
+    assert abs(split["together"] - sum(list(split.values())[:4])) < 1e-9
     generated = result["generate"]
     assert generated["code"] == 0 and 0 < generated["first_output"] < generated["wall"]
     float32 = result["decoding"]["results"]["float32"]
@@ -120,11 +121,13 @@ def test_the_targets_are_judged_on_an_h100_class_gpu_only():
         timing = {"seconds": 1.0, "ms_per_token": ms, "first_seconds": first}
         return {"machine": {"gpu": gpu}, "training": [{"code": 0, "wall": wall, "best_val": best}],
                 "generate": {"wall": 5.0, "new_tokens": 1000},
-                "decoding": {"results": {"float32": {"replayed": timing, "full_recompute": {"seconds": 4.0}}}}}
+                "decoding": {"results": {"float32": {"replayed": timing, "full_recompute": {"seconds": 4.0}},
+                                         "bfloat16": {"replayed": {**timing, "first_seconds": 9.0}}}}}
     met = [t["met"] for t in gpu_report.target_rows(report("NVIDIA H100 80GB HBM3", 44.0, 1.43, 0.3, 1.5))]
     assert met == ["yes"] * 6
     met = [t["met"] for t in gpu_report.target_rows(report("NVIDIA H200", 46.0, 1.45, 0.6, 2.5))]
     assert met == ["NO", "NO", "NO", "yes", "NO", "yes"]  # 4x faster than recomputing; 5.0 s <= 5.5 s
+    # the first call is judged in float32, which generate.py decodes in, not in bfloat16 (first call 9x warm here)
     assert [t["met"] for t in gpu_report.target_rows(report("Tesla T4", 44.0, 1.43, 0.3, 1.5))] == ["-"] * 6
 
 
