@@ -67,7 +67,7 @@ def build_parser():
                                                          "interrupted study, or new plots and fit from a finished one)")
     p.add_argument("--out_png", default=os.path.join("bench_results", "scaling.png"))
     p.add_argument("--data", default=TrainConfig.data, help="the text (default: %(default)s)")
-    p = mode("gpu_check", "the GPU report, once on a GPU (10 to 15 minutes): tests, start-up, training runs, "
+    p = mode("gpu_check", "the GPU report, once on a GPU (about 8 minutes on an H200): tests, start-up, training runs, "
                           "decoding, generate.py, the KV cache in every precision", False)
     p.add_argument("--quick", action="store_true", help="all of it at a toy size, without the GPU tests (a smoke test "
                                                         "on any device)")
