@@ -130,8 +130,11 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     cfg = start.cfg
     corpus, model, optimizer, next_batch, val_batch = build(start)
     state = setup.restore(start, optimizer, TrainState) if start.resumed else TrainState()  # as saved, optimizer too
-    # random numbers as saved, --overfit_batch's one batch; --compile, DDP
-    train_model, next_batch = setup.before_first_step(start, model, next_batch, state)
+    setup.set_random_state(start, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
+    if start.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
+        next_batch = setup.one_fixed_batch(start, next_batch)
+    train_model = torch.compile(model) if cfg.compile else model  # --compile: the steps run a compiled model
+    train_model = ddp.wrap(train_model, start.world, start.device)  # torchrun: DDP averages the processes' gradients
     # the precision: --compile's check and --dtype auto's timing take steps at the peak LR that leave no trace
     trial_step = functools.partial(train_step, train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps,
                                    cfg.grad_clip)  # (ctx, scaler) -> figures
@@ -198,9 +201,9 @@ def evaluate(run, meter, clock):
     cfg, state = run.cfg, run.state
     read_figures(state, meter)  # the steps' figures, saved with the state
     with meter.paused():  # not step time
-        losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, run.eval_iters,
-                               run.ctx)
-        # each process evaluated its share: the mean is the same everywhere, and so is every decision after it
+        eval_iters = math.ceil(cfg.eval_iters / run.world)  # batches per split: this process's share
+        losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, eval_iters, run.ctx)
+        # the processes' mean is the same everywhere, and so is every decision after it
         train_loss, val_loss = ddp.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
         improved = val_loss < state.best_val_loss
         if improved:

@@ -3,7 +3,6 @@ machine gets; where the run starts (Start: processes, device, run folder, the ch
 before its first step (random states, compile, DDP, the precision); a resumed run's state and optimizer as saved."""
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from machinery import plots
 from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
                                   tokenizer_of)
 from machinery.cli import ArgumentParser, add_config_flags, explicit_flags
-from machinery.ddp import rank_seed, setup_distributed, wrap
+from machinery.ddp import rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
@@ -50,10 +49,6 @@ class Start:
     @property
     def writes(self):  # --overfit_batch, a sanity check, writes nothing
         return not self.options.overfit_batch
-
-    @property
-    def eval_iters(self):  # batches per split this process evaluates: its share of cfg.eval_iters
-        return math.ceil(self.cfg.eval_iters / self.world)
 
     @property
     def micro_batch(self):  # sequences per forward pass of this process
@@ -167,19 +162,21 @@ def load_corpus_and_model(start):
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def before_first_step(start, model, next_batch, state):
-    """(train_model, next_batch): random states, --overfit_batch's one batch, compile and DDP."""
-    # every RNG as saved (under torchrun each rank's); else each rank a seed of its own: each draws its own batches
+def set_random_state(start, state):
+    """Every RNG as saved on --resume (under torchrun each rank's); else under torchrun each rank a seed of its own,
+    so that each draws its own batches (the weights are the same: start seeded every rank alike before the build)."""
     rngs = (start.source.get("rngs") or [start.source["rng"]]) if start.resumed else []
     if rngs:
         set_rng_state(rngs[start.rank] if len(rngs) == start.world else rngs[0])
     if start.world > 1 and len(rngs) != start.world:
         seed_everything(rank_seed(start.cfg.seed, start.rank, state.step))
-    if start.options.overfit_batch:  # every step trains on one batch, drawn once (after the seeds are set)
-        fixed = next_batch()
-        next_batch = lambda: fixed
-        start.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
-    return wrap(torch.compile(model) if start.cfg.compile else model, start.world, start.device), next_batch
+
+
+def one_fixed_batch(start, next_batch):
+    """--overfit_batch: () -> the same batch every step, drawn once (after the seeds are set)."""
+    fixed = next_batch()
+    start.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
+    return lambda: fixed
 
 
 def precision(start, model, optimizer, state, trial_step):
