@@ -132,34 +132,24 @@ def run_summary(r):
 
 def startup(training, device, tmp, quick):
     """When train.py's first lines come, beside what a bare script pays for torch before any work (the probe)."""
-    probes = 1 if quick else 3
-    split = probe_split(device, probes)
+    before = time.time()
+    probe = subprocess.run([sys.executable, "-c", PROBE, device.type], cwd=ROOT, capture_output=True, encoding="utf-8",
+                           errors="replace")
     if quick:  # the default run at a toy size reports every step already
         run = dict(training[0], label="python train.py (--quick)")
     else:
         short = ["--max_steps", "20", "--eval_interval", "1000", "--eval_iters", "2", "--plots", "false",
                  "--log_interval", "1", "--sample_tokens", "0"]
         run = dict(train_run(short, os.path.join(tmp, "startup")), label="python train.py (20 steps, a line each)")
-    if "error" not in split:  # (not subtracted from train.py's times: it pays these pieces in another order)
-        split["together"] = sum(split.values())
-    log("  start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items() if isinstance(v, float)))
-    return {"split": split, "runs": [run], "probes": probes}
-
-
-def probe_split(device, repeats):
-    """The probe's pieces of start-up, each the median of repeats fresh processes (one process's import of torch
-    alone varies by most of a second)."""
-    splits = []
-    for _ in range(repeats):
-        before = time.time()
-        probe = subprocess.run([sys.executable, "-c", PROBE, device.type], cwd=ROOT, capture_output=True,
-                               encoding="utf-8", errors="replace")
-        if probe.returncode:
-            return {"error": (probe.stderr.strip().splitlines() or ["?"])[-1]}
+    if probe.returncode:
+        split = {"error": (probe.stderr.strip().splitlines() or ["?"])[-1]}
+    else:  # (not subtracted from train.py's times: it pays these pieces in another order)
         stamps = json.loads(probe.stdout)  # in order: each piece ends at its stamp, the first at Python's start
         times = [before, *stamps.values()]
-        splits.append({name: end - start for name, start, end in zip(stamps, times, times[1:])})
-    return {name: statistics.median(s[name] for s in splits) for name in splits[0]}
+        split = {name: end - start for name, start, end in zip(stamps, times, times[1:])}
+        split["together"] = sum(split.values())
+    log("  start-up: " + ", ".join(f"{k} {v:.2f} s" for k, v in split.items() if isinstance(v, float)))
+    return {"split": split, "runs": [run]}
 
 
 def decoding(quick, device, tmp):
@@ -379,8 +369,7 @@ def startup_page(report, startup):
             + markdown_table(["command", "first line", "device line", "first step / first generated text", "exit"],
                              rows).splitlines()
             + ["", "What a bare script pays before any work of its own: Python, `import torch`, the device's "
-                   "first use and the first optimizer's construction (a probe, each piece the median of "
-                   f"{startup.get('probes', 1)} processes):", ""]
+                   "first use and the first optimizer's construction (a probe process):", ""]
             + markdown_table(list(split), [[seconds(v, 2) if isinstance(v, float) else v
                                             for v in split.values()]]).splitlines())
 
