@@ -92,7 +92,7 @@ class TrainState:
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
     window: list = field(default_factory=list)   # the figures of the steps since the last progress row
     progress: float = 0.0            # of the latest step: 0 to the warmup's end, 1 at the run's (optim.progress)
-    eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a time budget keeps room for one)
+    eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a budget keeps room)
     seconds: float = 0.0             # wall time of every process of the run, set-up included (Clock.elapsed)
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
@@ -141,7 +141,8 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     dtype, ctx, scaler = setup.precision(start, model, optimizer, state, trial_step)
     setup.print_header(start, model, corpus, dtype, state)
     # a time budget keeps time for the closing sample, timed here
-    sample_seconds = records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed) if cfg.time_budget else 0.0
+    sample_seconds = (records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed)
+                      if cfg.time_budget else 0.0)
     return Run(**(vars(start) | {"model_cfg": model.config}), corpus=corpus, model=model, optimizer=optimizer,
                next_batch=next_batch, val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx,
                scaler=scaler, sample_seconds=sample_seconds, state=state)
@@ -187,7 +188,8 @@ def train_loop(run):
                     save(run, clock, f"ckpt_{state.step:07d}.pt")
                     if run.master:
                         checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
-            if signum := ddp.stop_signal(stop.signum, run.world, state.step % cfg.log_interval == 0):  # every rank agrees
+            # Ctrl-C or SIGTERM on any rank: every rank agrees, at progress lines
+            if signum := ddp.stop_signal(stop.signum, run.world, state.step % cfg.log_interval == 0):
                 stop_reason = stop_reason or f"stopped by signal {signum}"
                 break
     read_figures(state, meter)  # the steps since the last line, before the last save

@@ -128,7 +128,8 @@ def fixed_batch(batch_size=4, block_size=16, vocab_size=65, seed=0):
 GPT_SWITCHES = {f.name: f.metadata["choices"] for f in dataclasses.fields(GPTConfig) if f.name in ("norm", "mlp", "pos")}
 SCHEDULES = next(f for f in dataclasses.fields(TrainConfig) if f.name == "lr_schedule").metadata["choices"]
 # the variants the model tests run (the cache, the fused kernel, the pictures' reference, the replayed step): every
-# combination of the switches, each on/off setting flipped (bias=False), each number at its setting's example= (a window setting with example=4 runs at 4)
+# combination of the switches, each on/off setting flipped (bias=False), each number at its setting's example=
+# (a window setting with example=4 runs at 4)
 MODEL_VARIANTS = [dict(norm=n, mlp=m, pos=p) for n in GPT_SWITCHES["norm"] for m in GPT_SWITCHES["mlp"]
                   for p in GPT_SWITCHES["pos"]] + [
     {f.name: not f.default} for f in dataclasses.fields(GPTConfig) if f.type is bool] + [

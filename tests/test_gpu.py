@@ -1,8 +1,8 @@
 """On a machine with a CUDA GPU, the GPU itself: a run trains, saves, resumes and samples there
 in its own precision, float16 trains with CUDA's loss scaler, the same seed samples the same
 text, and the KV cache agrees with recomputation within the precision's tolerance. Everywhere
-else these tests are skipped, and say why. The rest of the suite runs on the CPU whatever the machine has (conftest.py hides
-CUDA from it), so these run the scripts in processes that see the GPU."""
+else these tests are skipped, and say why. The rest of the suite runs on the CPU whatever the
+machine has (conftest.py hides CUDA from it), so these run the scripts in processes that see the GPU."""
 
 import glob
 import json
