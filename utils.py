@@ -99,21 +99,21 @@ def bits_per_char(loss, chars_per_token):
 
 
 def tokenize(text, tokenizer=None, kind="char", vocab_size=0):
-    """text -> token ids -> a contiguous 90/10 train/val split. A fresh run learns its tokenizer
-    from the text (BPE from the first 90% of the characters only, so that the validation tokens,
-    the last 10%, are text it never learned from, near enough); a resumed or fine-tuned run brings its own."""
+    """text -> a contiguous 90/10 train/val split of its characters -> each part's token ids. A fresh
+    run learns its tokenizer from the text (BPE from the training part only, so that validation is
+    text it never learned from); a resumed or fine-tuned run brings its own."""
+    train_text, val_text = split_train_val(text)
     if tokenizer is None:
-        tokenizer = make_tokenizer(kind, text if kind == "char" else text[:int(len(text) * TRAIN_FRACTION)], vocab_size)
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
-    train_ids, val_ids = split_train_val(ids)
-    return Corpus(tokenizer, train_ids, val_ids, chars_per_token(tokenizer, val_ids.tolist()))
+        tokenizer = make_tokenizer(kind, text if kind == "char" else train_text, vocab_size)
+    train_ids, val_ids = (torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in (train_text, val_text))
+    return Corpus(tokenizer, train_ids, val_ids, chars_per_token(tokenizer, val_ids.tolist()))  # ids: (N,)
 
 
-def split_train_val(ids):
-    """Contiguous split: the first 90% trains, the rest validates. Tokens are never
-    shuffled, since next-token prediction needs them in order."""
-    n = int(len(ids) * TRAIN_FRACTION)
-    return ids[:n], ids[n:]
+def split_train_val(seq):
+    """Contiguous split: the first 90% trains, the rest validates. Text is never
+    shuffled, since next-token prediction needs it in order."""
+    n = int(len(seq) * TRAIN_FRACTION)
+    return seq[:n], seq[n:]
 
 
 # ----------------------------------------------------------------------------- batches

@@ -1,5 +1,5 @@
 """Tokenize a corpus larger than memory once, streaming: the first 90% of its bytes (cut at a character; train.py cuts
-at 90% of the tokens) to train.bin, the rest to val.bin, with meta.json; train.py --data memory-maps the folder."""
+at 90% of the characters, the same cut for ASCII text) to train.bin, the rest to val.bin, with meta.json; train.py --data memory-maps the folder."""
 
 import contextlib
 import json
