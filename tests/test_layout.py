@@ -1,7 +1,6 @@
 """The house rules that keep the code readable: the root holds the design card's scripts and the
 lesson; beside it, folders named for whom they serve (machinery/ for a run, tools/, experiments/)
-import one way; every function fits on a screen, and the modules import only down the flow of
-the work, never up it and never in a circle."""
+import one way, and no modules import each other in a circle; every function fits on a screen."""
 
 import ast
 import collections
@@ -19,23 +18,6 @@ import pytest
 from conftest import ROOT
 
 
-# The flow of the work, bottom to top: a module may import from its own level or below.
-LEVELS = {
-    # the lesson, and the deep dives it calls on
-    "config": 0, "deep_dives.graphs": 0, "deep_dives.bpe": 1, "deep_dives.muon": 1, "model": 1, "sampling": 1,
-    "utils": 2, "optim": 2, "deep_dives.beam": 2,
-    # what a run needs besides the lesson
-    "machinery.log": 0, "machinery.cli": 0,
-    "machinery.sources": 2, "machinery.device": 2, "machinery.ddp": 2,
-    "machinery.checkpoint": 2, "machinery.budget": 2, "machinery.plots": 2,
-    "machinery.records": 3, "machinery.setup": 3, "machinery.hf_gpt2": 3,
-    "machinery.annotate": 3,
-    # the scripts a learner runs, the stand-alone tools, the experiments and their command line
-    "train": 4, "generate": 4,
-    "tools.prepare": 5, "tools.pictures": 5, "tools.compare": 5, "tools.flags": 5,
-    "experiments.runs": 6, "experiments.speed": 7, "experiments.decoding": 7, "experiments.ablation": 7,
-    "experiments.scaling": 7, "experiments.gpu_report": 7, "bench": 8,
-}
 # The folders by whom they serve, in the one direction imports go: the lesson and its deep dives,
 # what a run needs besides them (machinery/), the scripts and stand-alone tools, the experiments.
 FOLDERS = ("deep_dives", "machinery", "tools", "experiments")
@@ -83,16 +65,6 @@ def test_the_root_holds_the_design_cards_scripts_and_at_most_three_more():
     assert set(card) <= set(root) and len(root) <= 8, root
 
 
-def test_every_module_has_a_place_in_the_flow():
-    assert MODULES == sorted(LEVELS)
-
-
-@pytest.mark.parametrize("name", sorted(LEVELS))
-def test_imports_go_down_the_flow(name):
-    upward = [m for m in imports_of(name) if LEVELS[m] > LEVELS[name]]
-    assert not upward, f"{name} imports {upward}, which sit above it"
-
-
 def test_the_package_never_imports_the_entry_scripts_and_nothing_imports_in_a_circle():
     graph = {name: imports_of(name) for name in MODULES}
     for name, imported in graph.items():
@@ -115,7 +87,7 @@ def test_the_package_never_imports_the_entry_scripts_and_nothing_imports_in_a_ci
         visit(name)
 
 
-@pytest.mark.parametrize("name", sorted(LEVELS))
+@pytest.mark.parametrize("name", MODULES)
 def test_every_function_fits_on_a_screen(name):
     long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree(name))
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
@@ -135,7 +107,7 @@ def writes_to_the_state(node):
             and of_state(node.func.value))
 
 
-@pytest.mark.parametrize("name", sorted(set(LEVELS) - {"train", "machinery.setup"}))
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"train", "machinery.setup"}))
 def test_the_runs_state_is_written_by_train_py_alone(name):
     """train.py makes the TrainState (fresh, or as setup.restore put a resume back); after set-up only its loop
     writes it."""
@@ -173,7 +145,7 @@ def test_the_readme_gives_the_lessons_length_within_a_tenth():
         f"the lesson is {lines} lines"
 
 
-@pytest.mark.parametrize("name", sorted(LEVELS))
+@pytest.mark.parametrize("name", MODULES)
 def test_every_module_says_what_it_is_for(name):
     assert ast.get_docstring(tree(name))
 
