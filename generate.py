@@ -17,7 +17,7 @@ from deep_dives import graphs
 from deep_dives.beam import beam_search
 from machinery.checkpoint import describe_checkpoint, load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, run_cli
-from machinery.device import choose_device, describe, out_of_memory_as_error, set_threads
+from machinery.device import auto_meanings, choose_device, describe, out_of_memory_as_error, set_threads
 from machinery.log import log
 from machinery.sources import encode_prompt, read_prompt
 
@@ -96,9 +96,8 @@ def build_parser(device):
                         help="one or more checkpoints; several are sampled with the same prompt and seed "
                              "(default: checkpoints/best.pt)")
     parser.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same, as a flag")
-    auto = {"device": ("auto", f"{device.type} here"), "threads": (0, f"{set_threads(0)} here")}
     add_config_flags(parser, Sampler, title="how each token is drawn")
-    add_config_flags(parser, SampleConfig, auto, title="sampling")
+    add_config_flags(parser, SampleConfig, auto_meanings(device), title="sampling")
     return parser
 
 

@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from config import RunOptions
+from config import PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config
 from model import GPT
 from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
-from machinery import budget, checkpoint, cli, ddp, device, plots, records, setup
+from machinery import budget, checkpoint, cli, ddp, device, evaluation, plots, records, run_folder, setup
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -187,7 +187,7 @@ def train_loop(run):
                 with meter.paused():
                     save(run, clock, f"ckpt_{state.step:07d}.pt")
                     if run.master:
-                        checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
+                        run_folder.keep_newest(cfg.out_dir, cfg.keep_last)
             # Ctrl-C or SIGTERM on any rank: every rank agrees, at progress lines
             if signum := ddp.stop_signal(stop.signum, run.world, state.step % cfg.log_interval == 0):
                 stop_reason = stop_reason or f"stopped by signal {signum}"
@@ -314,11 +314,39 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 
 # ----------------------------------------------------------------------------- command line
 
+def build_parser(here):
+    """A flag per setting of config.py (cli.add_config_flags); --help shows the defaults of the preset of here,
+    a device."""
+    preset = default_preset(here.type)
+    parser = cli.ArgumentParser(description="Train a GPT language model on a text file.", epilog=(
+        f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults shown are "
+        f"that preset's where it sets them. Flags override the preset."))
+    auto = {**device.auto_meanings(here), "preset": (preset, f"on this machine ({here.type})")}
+    cli.add_config_flags(parser, RunOptions, auto, title="what to do")
+    defaults = {**{k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}, **auto}
+    cli.add_config_flags(parser, GPTConfig, defaults, title="model (GPTConfig)")
+    cli.add_config_flags(parser, TrainConfig, defaults, title="training (TrainConfig)")
+    return parser
+
+
+def parse_flags(argv=None):
+    """(options, model_cfg, train_cfg, preset, given): the flags given, on top of --preset or this machine's."""
+    given = cli.explicit_flags(build_parser(device.choose_device("auto")).parse_args(argv))
+    options = make_config(RunOptions, given)
+    here = device.choose_device(given.get("device", "auto"))
+    preset = options.preset or default_preset(here.type)
+    if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
+        print(f"no --preset given: using '{preset}' for {here.type}", flush=True)
+    model_cfg, train_cfg = build_configs(given, preset)
+    return options, model_cfg, train_cfg, preset, given
+
+
 def main(argv=None, started=None):
-    options, model_cfg, train_cfg, preset, given = setup.parse_flags(argv)  # the flags on top of a preset
+    options, model_cfg, train_cfg, preset, given = parse_flags(argv)  # the flags on top of a preset
     if options.eval_only is not None:  # a checkpoint's loss on its whole val split (--eval_only alone: best.pt's)
         path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
-        records.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size, train_cfg.threads)
+        evaluation.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size,
+                                       train_cfg.threads)
     elif options.plot_lr:  # the learning rate of every step, drawn without training
         plots.draw_lr_schedule(train_cfg)
     else:

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from config import DEVICES, TinyLLMError
 
@@ -210,6 +209,14 @@ def resolve_dtype(name, device):
     return name
 
 
+def auto_meanings(device):
+    """{setting: (default, what it is here)} of the settings whose "auto" this machine decides, for --help. (A GPU is
+    not asked: that would start CUDA in every process, --device cpu or not.)"""
+    dtype = ("bfloat16 from compute capability 8.0, else float16" if device.type == "cuda" else "measured at start-up "
+             "here" if measured_on(device) else f"{resolve_dtype('auto', device)} here")
+    return {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype), "threads": (0, f"{set_threads(0)} here")}
+
+
 def explain_dtype(asked, dtype):
     if asked != "auto":
         return dtype
@@ -251,17 +258,14 @@ UNTIMED_STEPS = 2        # per candidate precision: the first steps pay for allo
 TIMED_STEPS = 8          # per candidate precision, after those
 
 
-def measure_dtype(step, model, optimizer, device, world):
-    """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (rank 0's choice, every rank follows).
+def measure_dtype(step, model, optimizer, device):
+    """{"dtype", "dtype_note"}: float32 and bfloat16 timed on this machine (under torchrun the caller sends rank 0's).
     step(ctx): one training step of the run's in the forward precision ctx, as trial steps that leave no trace."""
     seconds = time_steps(step, model, optimizer, device, ["float32", "bfloat16"])  # {dtype: seconds per step}
     ratio = seconds["float32"] / seconds["bfloat16"]  # bfloat16's speed, in float32's
-    plan = (dict(dtype="bfloat16", dtype_note=f"bfloat16: {ratio:.2f}x float32 here, measured") if ratio >= BF16_MARGIN
-            else dict(dtype="float32", dtype_note=f"float32: bfloat16 was {ratio:.2f}x here, measured"))
-    if world > 1:  # every rank takes rank 0's
-        dist.broadcast_object_list(holder := [plan], src=0)
-        plan = holder[0]
-    return plan
+    if ratio >= BF16_MARGIN:
+        return dict(dtype="bfloat16", dtype_note=f"bfloat16: {ratio:.2f}x float32 here, measured")
+    return dict(dtype="float32", dtype_note=f"float32: bfloat16 was {ratio:.2f}x here, measured")
 
 
 @contextlib.contextmanager

@@ -1,6 +1,5 @@
 """What a run reports around train.py's loop: its progress and evaluation lines (a step's figures are one dict, so
-a new figure is one more entry), the history files and their pictures, the closing sample; and --eval_only's loss of
-a checkpoint on every position of its val split."""
+a new figure is one more entry), the history files and their pictures, the closing sample."""
 
 import contextlib
 import csv
@@ -8,21 +7,17 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 
 from config import Sampler, TinyLLMError
-from model import lm_loss
 import sampling
 from deep_dives import graphs
 from utils import bits_per_char
 
 from machinery import budget, plots
-from machinery.checkpoint import load_model
-from machinery.device import (choose_device, describe, flops_per_token, out_of_memory_as_error, peak_flops,
-                              set_threads)
-from machinery.log import format_seconds, log
-from machinery.sources import start_ids, validation_split
+from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops
+from machinery.log import format_seconds
+from machinery.sources import start_ids
 
 
 class Meter:
@@ -148,36 +143,3 @@ def sample_seconds(model, tokenizer, tokens, seed):
     t0 = budget.now()
     closing_sample(model, tokenizer, 16, seed)  # (decoded: a GPU has finished these tokens)
     return (budget.now() - t0) / 16 * tokens * 1.2  # longer contexts cost a little more per token
-
-
-# ----------------------------------------------------------------------------- --eval_only: a checkpoint's loss
-
-def evaluate_checkpoint(path, data, device_name, batch_size, threads=0):
-    """Loss, perplexity and bits per character on every position of the checkpoint's val split (or data's)."""
-    device = choose_device(device_name)
-    set_threads(threads)
-    model, tokenizer, checkpoint = load_model(path, device)
-    corpus, data = validation_split(checkpoint, tokenizer, data)
-    val_ids = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    loss = token_losses(model, val_ids, batch_size).mean().item()
-    bpc = bits_per_char(loss, corpus.chars_per_token)
-    log(f"{path} on the val split of {data} ({len(val_ids):,} tokens, every position once):")
-    log(f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | {bpc:.4f} bits per character")
-    return {"loss": loss, "perplexity": math.exp(loss), "bpc": bpc}
-
-
-@torch.no_grad()
-def token_losses(model, ids, batch_size=1):
-    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once (estimate_loss samples windows)."""
-    model.eval()
-    T, device = model.config.block_size, model.wte.weight.device
-    n = (len(ids) - 1) // T  # whole windows; a split shorter than one is all tail
-    windows = ids[:n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
-    chunks = [windows[i:i + batch_size] for i in range(0, n, batch_size)]
-    tail = len(ids) - 1 - n * T
-    chunks += [ids[-tail - 1:][None]] if tail > 0 else []
-    losses = []
-    for rows in chunks:  # (b, t + 1): t inputs, each with its next token
-        logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)
-        losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
-    return torch.cat(losses)

@@ -1,6 +1,5 @@
-"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: train.py's flags on top of the preset this
-machine gets; where the run starts (Start: processes, device, run folder, the checkpoint it continues); what comes
-before its first step (random states, --overfit_batch, the precision); a resumed run's state and optimizer as saved."""
+"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: where the run starts (Start: processes,
+device, run folder, the checkpoint it continues); what comes before its first step (random states, --overfit_batch, the precision); a resumed run's state and optimizer as saved."""
 
 import dataclasses
 import os
@@ -8,18 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from config import (PRESETS, SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, build_configs, check_batch_split,
-                    default_preset, from_saved, make_config, step_exact)
+from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved, step_exact
+from optim import get_lr, progress
 
-from machinery import plots
-from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
-                                  tokenizer_of)
-from machinery.cli import ArgumentParser, add_config_flags, explicit_flags
-from machinery.ddp import rank_seed, setup_distributed
+from machinery.checkpoint import grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint, tokenizer_of
+from machinery.ddp import every_rank, rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
 from machinery.log import first_line, log, warn
+from machinery.run_folder import claim_out_dir
 from machinery.sources import check_long_enough, load_corpus
 
 
@@ -57,37 +54,6 @@ class Start:
     def say(self, text):
         if self.master:
             log(text)
-
-
-# ----------------------------------------------------------------------------- train.py's command line
-
-def build_parser(device):
-    preset = default_preset(device.type)
-    # (a GPU is not asked: that would start CUDA in every process, --device cpu or not)
-    dtype = ("bfloat16 from compute capability 8.0, else float16" if device.type == "cuda" else "measured at start-up "
-             "here" if measured_on(device) else f"{resolve_dtype('auto', device)} here")
-    auto = {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
-            "threads": (0, f"{set_threads(0)} here"), "preset": (preset, f"on this machine ({device.type})")}
-    epilog = (f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults "
-              f"shown are that preset's where it sets them. Flags override the preset.")
-    parser = ArgumentParser(description="Train a GPT language model on a text file.", epilog=epilog)
-    add_config_flags(parser, RunOptions, auto, title="what to do")
-    defaults = {**{k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}, **auto}  # what --help shows
-    add_config_flags(parser, GPTConfig, defaults, title="model (GPTConfig)")
-    add_config_flags(parser, TrainConfig, defaults, title="training (TrainConfig)")
-    return parser
-
-
-def parse_flags(argv=None):
-    """(options, model_cfg, train_cfg, preset, given): the flags given on top of --preset or this machine's."""
-    given = explicit_flags(build_parser(choose_device("auto")).parse_args(argv))
-    options = make_config(RunOptions, given)
-    device = choose_device(given.get("device", "auto"))
-    preset = options.preset or default_preset(device.type)
-    if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
-        log(f"no --preset given: using '{preset}' for {device.type}")
-    model_cfg, train_cfg = build_configs(given, preset)
-    return options, model_cfg, train_cfg, preset, given
 
 
 # ----------------------------------------------------------------------------- before the model is built
@@ -187,7 +153,8 @@ def precision(start, model, optimizer, state, trial_step):
         check_compiles(trial_step, model, optimizer, autocast(device, dtype), make_scaler(device, dtype))
     if cfg.dtype == "auto" and measured_on(device):  # a resumed run keeps what its first process measured
         if not (state.plan or {}).get("dtype"):
-            state.plan = measure_dtype(trial_step, model, optimizer, device, start.world)
+            # timings differ between processes: every rank takes rank 0's choice
+            state.plan = every_rank(measure_dtype(trial_step, model, optimizer, device), start.world)[0]
         dtype = state.plan["dtype"]
     scaler = make_scaler(device, dtype)
     if start.resumed and start.source.get("scaler") and scaler:
@@ -275,7 +242,7 @@ def restore(start, optimizer, state_type):
         if state.step >= cfg.max_steps:
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
                                f"would not train it further")
-        _, lr = plots.planned_lrs(cfg, state)[0]  # the LR at this step of the schedule of a run that long
+        lr = get_lr(state.step, progress(state.step, cfg), cfg)  # the LR at this step of a run that long
         start.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
                   f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
     return state

@@ -18,7 +18,7 @@ import generate
 from sampling import filter_logits
 import train
 
-from machinery import device, setup
+from machinery import device
 from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
 from machinery.setup import resume_configs
@@ -265,12 +265,12 @@ def test_mocked_cpu_host_help_shows_meanings_and_the_defaults_actually_used(caps
 def test_mocked_gpu_host_help_never_asks_the_gpu(monkeypatch):
     """Asking the GPU for its compute capability would start CUDA in every process that prints --help."""
     monkeypatch.setattr(device, "gpu", lambda *a: pytest.fail("asked the GPU"))
-    help_text = " ".join(setup.build_parser(torch.device("cuda")).format_help().split())
+    help_text = " ".join(train.build_parser(torch.device("cuda")).format_help().split())
     assert "bfloat16 from compute capability 8.0, else float16" in help_text
 
 
 def test_bool_flags_are_bare_switches_and_still_take_values(tmp_path):
-    parser = setup.build_parser(torch.device("cpu"))
+    parser = train.build_parser(torch.device("cpu"))
     args = parser.parse_args(["--compile", "--clean", "--plots", "false", "--overwrite"])
     assert args.compile is True and args.clean is True and args.plots is False and args.overwrite is True
 

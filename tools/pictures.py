@@ -23,7 +23,7 @@ from machinery.cli import ArgumentParser, add_config_flags, check_writable, expl
 from machinery.device import choose_device, set_threads
 from machinery.log import log
 from machinery.plots import DPI, new_plot, save_plot
-from machinery.records import token_losses
+from machinery.evaluation import token_losses
 from machinery.sources import encode_prompt, validation_split
 
 
