@@ -1,6 +1,7 @@
 """Distributed data parallel on CPU with Gloo and two processes, launched by torchrun: a DDP
 step equals a single-process step, the ranks agree on a stop signal that only one of them
-got, and a run resumes under torchrun exactly, with only rank 0 writing."""
+got and on --dtype auto's measured precision, and a run resumes under torchrun exactly, with
+only rank 0 writing."""
 
 import contextlib
 import json
@@ -94,6 +95,35 @@ def test_one_ddp_step_equals_one_single_process_step_with_and_without_accumulati
         ddp_state = torch.load(tmp_path / f"ddp_{accum}.pt", weights_only=True)
         for name, value in model.state_dict().items():
             assert torch.allclose(value, ddp_state[name], atol=1e-6), (accum, name)
+
+
+# Set-up under two ranks whose --dtype auto timings disagree (rank 0 finds bfloat16 faster, rank 1 float32): each rank
+# prints the precision it will train in.
+DTYPE_AUTO = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, os.path.join({root!r}, "tests"))
+    from conftest import tiny_model_config, tiny_train_config
+    import train
+    from machinery import ddp, setup
+    rank = int(os.environ["RANK"])
+    setup.measured_on = lambda device: True  # as on a CPU with bfloat16 instructions
+    setup.measure_dtype = lambda *a: {{"dtype": ("bfloat16", "float32")[rank], "dtype_note": f"rank {{rank}}'s timing"}}
+    cfg = tiny_train_config({data!r}, {out!r}, dtype="auto", batch_size=4)
+    run = train.setup_run(tiny_model_config(), cfg)
+    print("dtype", run.dtype, run.state.plan["dtype_note"], flush=True)
+    ddp.teardown_distributed(run.world)
+    os._exit(0)
+""")
+
+
+def test_every_rank_trains_in_rank_0s_measured_precision(shakespeare_head, tmp_path):
+    script = tmp_path / "dtype_auto.py"
+    script.write_text(DTYPE_AUTO.format(root=ROOT, data=shakespeare_head, out=str(tmp_path / "run")))
+    results = two_ranks(script)
+    for code, _, err in results:
+        assert code == 0, err[-2000:]
+    lines = [next(line for line in out.splitlines() if line.startswith("dtype ")) for _, out, _ in results]
+    assert lines == ["dtype bfloat16 rank 0's timing"] * 2
 
 
 def rank_process(rank, marker):
