@@ -50,6 +50,7 @@ class CausalSelfAttention(nn.Module):
         self.fused = True  # False: attention as the formula reads (slower, the same numbers)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)  # of the weights, where the formula computes them
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, mask, rope=None, cache=None):
@@ -80,10 +81,9 @@ class CausalSelfAttention(nn.Module):
         (the tests check it to float precision); a variant that changes the scores beyond an
         additive mask (a cap, say) changes attention_weights, and takes this formula when it is on;
         one that changes the keys or values both paths see (heads sharing them, say) does it here."""
-        dropout = self.dropout if self.training else 0.0
         if self.fused:
-            return fused_attention(q, k, v, mask, dropout)
-        weights = F.dropout(self.attention_weights(q, k, mask), dropout)  # (B, nh, T, S)
+            return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        weights = self.attn_dropout(self.attention_weights(q, k, mask))  # (B, nh, T, S)
         return weights @ v  # (B, nh, T, hs)
 
     def attention_weights(self, q, k, mask):

@@ -117,9 +117,15 @@ def test_catching_attention_changes_nothing_and_training_keeps_the_fused_kernel(
         plain, _ = gpt(idx)
     caught, maps = pictures.attention_maps(gpt, idx)
     assert torch.allclose(caught, plain, atol=1e-5) and len(maps) == 2  # the formula's forward is the kernel's
-    assert all(block.attn.fused and "attention_weights" not in vars(block.attn) for block in gpt.blocks)  # put back
+    assert all(block.attn.fused for block in gpt.blocks)  # put back
     with torch.no_grad():
         assert torch.equal(gpt(idx)[0], plain)
+    for fused in (False, True):  # the formula's path too, where the weights pass attn_dropout: nothing listens now
+        for block in gpt.blocks:
+            block.attn.fused = fused
+        with torch.no_grad():
+            gpt(idx)
+    assert len(maps) == 2
 
     fused = []
     real_attend = model_module.fused_attention

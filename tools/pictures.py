@@ -75,22 +75,21 @@ def short_label(tokenizer, token):
 @torch.no_grad()
 def attention_maps(model, idx):
     """(logits (1, T, V), [attention weights (nh, T, T) per layer]) for idx (1, T): the weights each layer's formula
-    computes in the forward itself (CausalSelfAttention.attention_weights, for this pass in place of the fused kernel)."""
+    computes in the forward itself (CausalSelfAttention.attention_weights, for this pass in place of the fused kernel),
+    seen as they go into its attn_dropout."""
     maps, layers = [], [block.attn for block in model.blocks]
-
-    def kept(weights_of):  # the layer's own attention_weights, its result (1, nh, T, T) kept too
-        return lambda q, k, mask: maps.append(weights_of(q, k, mask)) or maps[-1]
-
     fused = [attn.fused for attn in layers]
+    hooks = [attn.attn_dropout.register_forward_pre_hook(lambda module, args: maps.append(args[0][0]))
+             for attn in layers]  # args: (weights (1, nh, T, T),)
     for attn in layers:
-        attn.fused, attn.attention_weights = False, kept(attn.attention_weights)
+        attn.fused = False
     try:
         logits, _ = model(idx)  # (1, T, V)
     finally:
-        for attn, was in zip(layers, fused):
+        for attn, was, hook in zip(layers, fused, hooks):
             attn.fused = was
-            del attn.attention_weights  # the method again
-    return logits, [weights[0] for weights in maps]
+            hook.remove()
+    return logits, maps
 
 
 def draw_attention(model, tokenizer, ids, cfg, path):
