@@ -13,7 +13,7 @@ import torch
 
 from config import Sampler
 
-from conftest import assert_one_line_error, cli, no_tokens, tiny_model_config
+from conftest import assert_one_line_error, cli, tiny_model_config
 import generate
 from model import GPT
 import sampling
@@ -60,10 +60,10 @@ def entropy(p):
 def test_the_distribution_is_the_one_sample_next_draws_from(setting):
     torch.manual_seed(0)
     logits = torch.randn(4, 40) * 3
-    probs = next_token_probs(logits, Sampler(**setting), no_tokens(logits))
+    probs = next_token_probs(logits, Sampler(**setting))
     assert torch.allclose(probs.double(), reference_probs(logits, **setting), atol=1e-6)
     for seed in range(5):
-        draw = functools.partial(sample_next, logits, Sampler(**setting), no_tokens(logits))
+        draw = functools.partial(sample_next, logits, Sampler(**setting))
         token = draw(generator=torch.Generator().manual_seed(seed))
         assert torch.equal(token, draw(generator=torch.Generator().manual_seed(seed)))
         if setting["temperature"]:  # the draw is multinomial over exactly these probabilities
@@ -96,8 +96,8 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
             return real(logits, *a, **k)
         monkeypatch.setattr(sampling, "sample_next", recording)
         collected = Collected()
-        def odds(token, logits, idx, sampler=Sampler(**setting)):  # as generate.sample's on_token for --show_probs
-            collected.add(token, next_token_probs(logits, sampler, idx))
+        def odds(token, logits, sampler=Sampler(**setting)):  # as generate.sample's on_token for --show_probs
+            collected.add(token, next_token_probs(logits, sampler))
         sampling.generate(gpt, prompt, 20, Sampler(**setting), use_cache=use_cache, generator=torch.Generator().manual_seed(1),
                           on_token=odds)
         steps = collected.steps

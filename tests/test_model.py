@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from config import GREEDY, SHAPE, GPTConfig, Sampler, TinyLLMError
-from conftest import (GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, no_tokens, tiny_model_config,
+from conftest import (GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, tiny_model_config,
                       variant_id)
 from model import GPT
 import sampling
@@ -83,39 +83,39 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
 
 @pytest.mark.parametrize("rule", dataclasses.fields(Sampler), ids=lambda f: f.name)
 def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candidate(rule):
-    """Each of config.Sampler's settings at its example= value, on logits where every rule has something to do and
-    with tokens so far for a rule that looks back: the distribution the token is drawn from is not the default
+    """Each of config.Sampler's settings at its example= value, on logits where every rule has something to do: the
+    distribution the token is drawn from is not the default
     sampler's (a rule wired in but never applied fails here), it is a distribution, and greedy picks a candidate."""
     if rule.metadata.get("example") is None:
         pytest.skip(f"Sampler.{rule.name} has no example=: give its setting(...) a value at which it changes the odds")
     torch.manual_seed(0)
-    logits, idx = torch.randn(4, 50) * 3, torch.randint(0, 50, (4, 12))  # (B, V), (B, T)
+    logits = torch.randn(4, 50) * 3  # (B, V)
     sampler = Sampler(**{rule.name: rule.metadata["example"]})
-    plain, ruled = sampling.next_token_probs(logits, Sampler(), idx), sampling.next_token_probs(logits, sampler, idx)
+    plain, ruled = sampling.next_token_probs(logits, Sampler()), sampling.next_token_probs(logits, sampler)
     assert not torch.allclose(plain, ruled, atol=1e-4)
     assert torch.allclose(ruled.sum(-1), torch.ones(4)) and (ruled >= 0).all()
-    greedy = sample_next(logits, dataclasses.replace(sampler, temperature=0), idx)  # (B, 1)
-    assert torch.isfinite(filter_logits(logits, sampler, idx).gather(-1, greedy)).all()
+    greedy = sample_next(logits, dataclasses.replace(sampler, temperature=0))  # (B, 1)
+    assert torch.isfinite(filter_logits(logits, sampler).gather(-1, greedy)).all()
 
 
 def test_top_k_keeps_exactly_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7), no_tokens(logits))
+    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7))
     assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
     assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8), no_tokens(probs)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8)))
     assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3), no_tokens(probs)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3)))
     assert kept.tolist() == [[True, False, False, False, False]]
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p), no_tokens(logits)))
+        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p)))
         probs = F.softmax(logits, dim=-1)
         for row in range(3):
             mass = probs[row][kept[row]]
@@ -125,7 +125,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_top_p_of_zero_still_keeps_the_most_likely_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
-    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9), no_tokens(logits)))
+    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9)))
     assert kept.tolist() == [[False, True, False], [True, False, False]]
 
 
@@ -150,24 +150,7 @@ def test_generation_crops_context_past_block_size():
 
 def test_sample_next_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, GREEDY, no_tokens(logits)).tolist() == [[1], [0]]
-
-
-def test_the_sampler_sees_the_tokens_so_far_at_every_step(monkeypatch):
-    """A rule that looks back at the tokens so far (a repetition penalty) goes in filter_logits: it gets them,
-    prompt included, at every step, sampled or greedy, and on_token gets the same."""
-    model = GPT(tiny_model_config(block_size=8)).eval()
-    prompt = torch.randint(0, 65, (2, 3), generator=torch.Generator().manual_seed(0))
-    real = sampling.filter_logits
-    for sampler in (GREEDY, Sampler(temperature=0.8, top_k=5)):
-        seen, shown = [], []
-        monkeypatch.setattr(sampling, "filter_logits",
-                            lambda logits, s, idx: seen.append(idx.clone()) or real(logits, s, idx))
-        out = sampling.generate(model, prompt, 12, sampler, generator=torch.Generator().manual_seed(1),
-                                on_token=lambda token, logits, idx: shown.append(idx.clone()))
-        so_far = [out[:, :3 + t] for t in range(12)]  # 3 + 12 tokens: past block_size, the context cropped
-        assert len(seen) == len(shown) == 12
-        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(so_far, seen, shown))
+    assert sample_next(logits, GREEDY).tolist() == [[1], [0]]
 
 
 def test_every_variant_of_the_model_is_run_by_the_model_tests():
