@@ -2,7 +2,7 @@
 setting's row), then the tests nearest that kind (docs/changing.md says what each covers).
 
     python tests/check.py schedule      # or: sampler, model, figure, resume; all: the whole suite
-    python tests/check.py try --window 4 -- --min_p 0.1              # your new flags (these two are examples)
+    python tests/check.py try --window 4 -- --min_p 0.1                # your new flags (these two are examples)
     python tests/check.py sampler try -- --min_p 0.1                   # both in one command
 
 try: a run of seconds with the training flags given (its start-up line: a model variant shows there; its last
