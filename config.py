@@ -28,6 +28,7 @@ def require(ok, message):
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # the vocabulary --tokenizer bpe learns unless --vocab_size says otherwise
 EOT = "<|endoftext|>"       # the token between documents; every tokenizer has it
+TEMPERATURES = (1e-3, 1e3)  # a sampling temperature's range (and 0, greedy): past it the odds are greedy's or uniform
 TRAIN_FRACTION = 0.9        # of a text, the first part trains and the rest validates (utils.py, tools/prepare.py)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
@@ -167,7 +168,7 @@ class Sampler:
                            example=0.5)
 
     def __post_init__(self):
-        require(self.temperature == 0 or (math.isfinite(self.temperature) and 1e-3 <= self.temperature <= 1e3),
+        require(self.temperature == 0 or TEMPERATURES[0] <= self.temperature <= TEMPERATURES[1],
                 f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
         require(self.top_k >= 0, f"--top_k must be 0 (off) or positive, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import (DEVICE_HELP, DEVICES, THREADS_HELP, Sampler, TinyLLMError, check_common, make_config, require,
-                    setting)
+from config import (DEVICE_HELP, DEVICES, TEMPERATURES, THREADS_HELP, Sampler, TinyLLMError, check_common, make_config,
+                    require, setting)
 from sampling import next_token_probs
 from utils import CharTokenizer, bits_per_char, chars_per_token
 
@@ -56,7 +56,7 @@ class PictureConfig:
             temps = self.temperature_list()
         except ValueError:
             temps = []
-        require(temps and all(math.isfinite(t) and 1e-3 <= t <= 1e3 for t in temps),
+        require(temps and all(TEMPERATURES[0] <= t <= TEMPERATURES[1] for t in temps),
                 f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
         require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got {self.passage_chars}")
         check_common(self, "--")
