@@ -11,8 +11,7 @@ import sys
 from config import PRESETS, GPTConfig, TinyLLMError, TrainConfig
 from experiments import ablation, decoding, gpu_report, scaling, speed
 from experiments.runs import machine_info
-from machinery.cli import ArgumentParser, add_config_flags, check_writable, run_cli
-from machinery.log import log
+from machinery.cli import ArgumentParser, add_config_flags, check_writable, log, run_cli
 
 
 def build_parser():

@@ -16,9 +16,8 @@ from machinery.annotate import Annotator, WholeCharacters, model_odds
 from deep_dives import graphs
 from deep_dives.beam import beam_search
 from machinery.checkpoint import describe_checkpoint, load_model
-from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, run_cli
+from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import auto_meanings, choose_device, describe, out_of_memory_as_error, set_threads
-from machinery.log import log
 from machinery.sources import encode_prompt, read_prompt
 
 

@@ -315,8 +315,7 @@ def estimate_loss(model, batch_fns, eval_iters, ctx):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser(here):
-    """A flag per setting of config.py (cli.add_config_flags); --help shows the defaults of the preset of here,
-    a device."""
+    """A flag per setting of config.py; --help shows the defaults of the preset of here (a device)."""
     preset = default_preset(here.type)
     parser = cli.ArgumentParser(description="Train a GPT language model on a text file.", epilog=(
         f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults shown are "

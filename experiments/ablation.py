@@ -8,8 +8,7 @@ import train
 from config import TinyLLMError
 from utils import bits_per_char
 from experiments.runs import machine_info, markdown_table, new_run
-from machinery.cli import explicit_flags
-from machinery.log import log
+from machinery.cli import explicit_flags, log
 from machinery.plots import new_plot, save_plot, split_history
 
 

@@ -13,7 +13,7 @@ from deep_dives import beam
 from experiments.runs import markdown_table
 from machinery.annotate import model_odds
 from machinery.checkpoint import load_model
-from machinery.log import log
+from machinery.cli import log
 from machinery.sources import encode_prompt
 
 

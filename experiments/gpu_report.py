@@ -22,8 +22,8 @@ from config import GREEDY
 from experiments.runs import ROOT, machine_info, markdown_table, new_run, step_times
 from machinery import plots, records
 from machinery.annotate import forced_steps
+from machinery.cli import log
 from machinery.device import choose_device, has_native_bf16, machine
-from machinery.log import log
 
 
 # What the report's figures should be on an H100-class GPU (docs/platforms.md), judged only on an H100 or H200

@@ -11,8 +11,8 @@ import torch
 
 import train
 from config import RunOptions, build_configs, default_preset
+from machinery.cli import log
 from machinery.device import choose_device, gpu, interleaved, machine
-from machinery.log import log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,8 +15,8 @@ import torch
 import train
 from utils import get_batch
 from experiments.runs import new_run, step_times
+from machinery.cli import format_seconds, log
 from machinery.device import flops_per_token
-from machinery.log import format_seconds, log
 from machinery.plots import new_plot, save_plot, split_history
 
 

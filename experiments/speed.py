@@ -18,9 +18,8 @@ from model import GPT
 from deep_dives import graphs
 from experiments.runs import ROOT, new_run, peak_memory_mib, step_times, sync
 from machinery import plots, records
-from machinery.cli import bool_flag, explicit_flags
+from machinery.cli import bool_flag, explicit_flags, log
 from machinery.device import autocast, choose_device, interleaved, resolve_dtype
-from machinery.log import log
 
 
 def parse_compare(text):

@@ -6,8 +6,8 @@ import time
 
 from config import TinyLLMError, parse_duration
 
+from machinery.cli import format_seconds
 from machinery.ddp import all_ranks_mean
-from machinery.log import format_seconds
 
 
 def now():

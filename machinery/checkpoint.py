@@ -14,9 +14,9 @@ import torch
 from config import GPTConfig, TinyLLMError, from_saved
 from model import GPT
 
+from machinery.cli import first_line
 from machinery.ddp import every_rank
 from machinery.device import rng_state
-from machinery.log import first_line
 from machinery.sources import tokenizer_from_dict
 
 

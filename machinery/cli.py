@@ -1,5 +1,6 @@
 """The scripts' command line: flags from config.py's settings, bad input as one `error:` line (status 2), outputs
-checked before long work, and Ctrl-C or SIGTERM letting a training step finish and save first."""
+checked before long work, Ctrl-C or SIGTERM letting a training step finish and save first; and what the scripts
+print: flushed lines, warnings, durations."""
 
 import argparse
 import contextlib
@@ -11,7 +12,26 @@ import traceback
 
 from config import TinyLLMError
 
-from machinery.log import log
+
+# ----------------------------------------------------------------------------- printing
+
+def log(*args):
+    """Print one flushed line, so output reads well in a Colab cell and in a log file."""
+    print(*args, flush=True)
+
+
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def format_seconds(seconds):
+    h, rest = divmod(int(round(seconds)), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 # ----------------------------------------------------------------------------- flags from settings

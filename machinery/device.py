@@ -15,7 +15,7 @@ import torch
 
 from config import DEVICES, TinyLLMError
 
-from machinery.log import log, warn
+from machinery.cli import log, warn
 
 
 # ----------------------------------------------------------------------------- what the machine has
@@ -214,7 +214,8 @@ def auto_meanings(device):
     not asked: that would start CUDA in every process, --device cpu or not.)"""
     dtype = ("bfloat16 from compute capability 8.0, else float16" if device.type == "cuda" else "measured at start-up "
              "here" if measured_on(device) else f"{resolve_dtype('auto', device)} here")
-    return {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype), "threads": (0, f"{set_threads(0)} here")}
+    threads = (0, f"{set_threads(0)} here")
+    return {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype), "threads": threads}
 
 
 def explain_dtype(asked, dtype):

@@ -10,8 +10,8 @@ from model import lm_loss
 from utils import bits_per_char
 
 from machinery.checkpoint import load_model
+from machinery.cli import log
 from machinery.device import choose_device, set_threads
-from machinery.log import log
 from machinery.sources import validation_split
 
 

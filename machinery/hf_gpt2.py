@@ -12,8 +12,7 @@ from model import GPT
 
 from machinery.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, refused_as_unsafe,
                                  save_checkpoint, unsafe_file)
-from machinery.cli import ArgumentParser, check_writable, run_cli
-from machinery.log import first_line, log
+from machinery.cli import ArgumentParser, check_writable, first_line, log, run_cli
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GPT2_VOCAB_SIZE = 50257     # OpenAI's BPE vocabulary; "<|endoftext|>" is the last token

@@ -8,7 +8,7 @@ import os
 from config import TinyLLMError
 from optim import get_lr, progress
 
-from machinery.log import log, warn
+from machinery.cli import log, warn
 
 
 DPI = 90  # pixels per inch: a 7-inch-wide figure is 630 pixels

@@ -15,8 +15,8 @@ from deep_dives import graphs
 from utils import bits_per_char
 
 from machinery import budget, plots
+from machinery.cli import format_seconds
 from machinery.device import describe, flops_per_token, out_of_memory_as_error, peak_flops
-from machinery.log import format_seconds
 from machinery.sources import start_ids
 
 

@@ -7,8 +7,7 @@ import os
 from config import TinyLLMError
 
 from machinery.checkpoint import describe_checkpoint, load_checkpoint
-from machinery.cli import check_writable
-from machinery.log import log
+from machinery.cli import check_writable, log
 
 
 def run_files(out_dir):

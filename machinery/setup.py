@@ -11,11 +11,11 @@ from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, chec
 from optim import get_lr, progress
 
 from machinery.checkpoint import grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint, tokenizer_of
+from machinery.cli import first_line, log, warn
 from machinery.ddp import every_rank, rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
-from machinery.log import first_line, log, warn
 from machinery.run_folder import claim_out_dir
 from machinery.sources import check_long_enough, load_corpus
 

@@ -14,7 +14,7 @@ from utils import CharTokenizer, Corpus, tokenize
 
 from deep_dives.bpe import BPETokenizer, GPT2Tokenizer
 
-from machinery.log import warn
+from machinery.cli import warn
 
 
 # Read as "utf-8-sig" (dropping PowerShell's and Notepad's byte-order mark), CRLF as LF: the same tokens everywhere.

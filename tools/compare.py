@@ -4,8 +4,7 @@ import os
 
 from config import TinyLLMError
 
-from machinery.cli import ArgumentParser, run_cli
-from machinery.log import log
+from machinery.cli import ArgumentParser, log, run_cli
 from machinery.plots import new_plot, read_history, save_plot, split_history, step_loss
 
 

@@ -12,8 +12,7 @@ from config import BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, TinyLLMError, TrainConfi
 from utils import make_tokenizer
 
 from machinery.checkpoint import replace_file
-from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, run_cli
-from machinery.log import format_seconds, log
+from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, format_seconds, log, run_cli
 from machinery.sources import iter_stream
 
 
