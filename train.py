@@ -335,7 +335,7 @@ def parse_flags(argv=None):
     here = device.choose_device(given.get("device", "auto"))
     preset = options.preset or default_preset(here.type)
     if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
-        print(f"no --preset given: using '{preset}' for {here.type}", flush=True)
+        cli.log(f"no --preset given: using '{preset}' for {here.type}")
     model_cfg, train_cfg = build_configs(given, preset)
     return options, model_cfg, train_cfg, preset, given
 
