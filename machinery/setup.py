@@ -1,5 +1,6 @@
 """Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: where the run starts (Start: processes,
-device, run folder, the checkpoint it continues); what comes before its first step (random states, --overfit_batch, the precision); a resumed run's state and optimizer as saved."""
+device, run folder, the checkpoint it continues); what comes before its first step (random states, --overfit_batch,
+the precision); a resumed run's state and optimizer as saved."""
 
 import dataclasses
 import os
