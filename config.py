@@ -70,7 +70,7 @@ class GPTConfig:
 class TrainConfig:
     """How a run trains. Saved in every checkpoint; --resume continues with the saved values."""
     data: str = setting("data/input.txt", "training text: a .txt file, a folder (searched recursively), a .jsonl "
-                                          "file with a \"text\" field, a Q&A .json list, or a folder written by tools.prepare")
+                                          "file with a \"text\" field, a Q&A .json list, or a tools.prepare folder")
     data_ext: str = setting(".txt", "file endings read from a --data folder, comma-separated, e.g. .txt,.md,.py")
     tokenizer: str = setting("char", "characters; byte-level BPE learned from the training split; or GPT-2's "
                                      "(tiktoken's files, needs network once)", ("char", "bpe", "gpt2"))
@@ -249,7 +249,7 @@ def parse_duration(text):
 def check_batch_split(batch_size, grad_accum_steps, processes=1):
     if batch_size % (processes * grad_accum_steps):
         over = f"the number of processes ({processes}) times " if processes > 1 else ""
-        raise TinyLLMError(f"batch_size ({batch_size}) must be divisible by {over}grad_accum_steps ({grad_accum_steps})")
+        raise TinyLLMError(f"batch_size ({batch_size}) must divide by {over}grad_accum_steps ({grad_accum_steps})")
 
 
 # ----------------------------------------------------------------------------- presets

@@ -68,10 +68,10 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
-            scaler.scale(loss).backward()                    # 6. backward (float16 scales the loss up first: no underflow)
+            scaler.scale(loss).backward()                    # 6. backward (float16 scales the loss up: no underflow)
         batch_loss = batch_loss + loss.detach()
     scaler.unscale_(optimizer)                               # (float16: the scale divided back out)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))  # 7. clip (0: measure only)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip (0: measure only)
     scaler.step(optimizer)                                   # 8. update the weights (not if a gradient is inf or NaN)
     scaler.update()                                          # (float16: the scale adapts)
     return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
@@ -223,7 +223,7 @@ def evaluate(run, meter, clock):
                 save(run, clock, "best.pt")
             if run.master:
                 records.write_history(cfg, state, run.model_cfg.vocab_size)  # history.json, .csv and the plots
-    state.eval_seconds = clock.agreed(meter.last_pause)  # saves and plots included: a time budget keeps as much for the last
+    state.eval_seconds = clock.agreed(meter.last_pause)  # saves, plots included: a budget keeps as much for the last
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
                 f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.cfg.out_dir, 'best.pt')})")

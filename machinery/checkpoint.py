@@ -143,8 +143,8 @@ def load_resumable(path):
 
 
 def upgrade(checkpoint):
-    """An older version's resumable checkpoint in this version's format: RETIRED settings dropped, history rows given a
-    kind, (loss, norm) windows as dicts, the latest step's progress where it saved none (a lacking setting: `before`)."""
+    """An older version's resumable checkpoint in this format: RETIRED settings dropped, history rows given a kind,
+    (loss, norm) windows as dicts, the latest step's progress where it saved none (a lacking setting: `before`)."""
     saved, step = checkpoint["train_config"], checkpoint["step"]
     if not isinstance(saved, dict):
         return checkpoint  # refused by the resume with a reason
@@ -169,7 +169,7 @@ def upgrade(checkpoint):
 
 
 def make_checkpoint(model, tokenizer, **extra):
-    return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "tokenizer": tokenizer, **extra}
+    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=tokenizer, **extra)
 
 
 def save(path, checkpoint, world, master):

@@ -93,7 +93,7 @@ def plot_lr_schedule(train_cfg, path, upto=None, state=None):
     if upto is not None:
         ax.axvline(upto, color="gray", linestyle=":", label=f"step {upto}")
     ax.set(xlabel="step", ylabel="learning rate",
-           title=f"optim.get_lr: warmup {train_cfg.warmup_steps} steps, peak {train_cfg.lr:g}, floor {train_cfg.min_lr:g}")
+           title=f"get_lr: warmup {train_cfg.warmup_steps} steps, peak {train_cfg.lr:g}, floor {train_cfg.min_lr:g}")
     save_plot(fig, ax, path)
     return planned
 

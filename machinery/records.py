@@ -47,7 +47,7 @@ class Meter:
                 raise TinyLLMError(  # (step: the count after it)
                     f"step {step - 1}: non-finite values (loss {figures.get('loss')}, grad norm "
                     f"{figures.get('grad_norm')}); the run stops here. Likely causes: learning rate too high (--lr "
-                    f"{self.cfg.lr:g}), clipping off (--grad_clip {self.cfg.grad_clip:g}), or float16 overflow (--dtype "
+                    f"{self.cfg.lr:g}), clipping off (--grad_clip {self.cfg.grad_clip:g}), float16 overflow (--dtype "
                     f"bfloat16 or float32). Nothing non-finite was saved; last good checkpoint: "
                     f"{last if self.writes and os.path.isfile(last) else 'none'}")
             read.append(figures)

@@ -201,7 +201,7 @@ def print_header(start, model, corpus, dtype, state):
              f"never decays; use a smaller --warmup_steps")
 
 
-# ----------------------------------------------------------------------------- --resume: the checkpoint and its settings
+# ------------------------------------------------------------------------- --resume: the checkpoint and its settings
 
 def resume_configs(checkpoint, given, path):
     """The saved configs, overridden by the flags given that may change mid-run; any other flag is refused."""

@@ -57,7 +57,7 @@ class PictureConfig:
             temps = []
         require(temps and all(TEMPERATURES[0] <= t <= TEMPERATURES[1] for t in temps),
                 f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
-        require(1 <= self.passage_chars <= 5000, f"--passage_chars must be between 1 and 5000, got {self.passage_chars}")
+        require(1 <= self.passage_chars <= 5000, f"--passage_chars must be in 1..5000, got {self.passage_chars}")
         check_common(self, "--")
 
     def temperature_list(self):

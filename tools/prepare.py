@@ -1,5 +1,5 @@
-"""Tokenize a corpus larger than memory once, streaming: the first 90% of its bytes (cut at a character; train.py cuts
-at 90% of the characters, the same cut for ASCII text) to train.bin, the rest to val.bin, with meta.json; train.py --data memory-maps the folder."""
+"""Tokenize a corpus larger than memory once, streaming: its first 90% of bytes (cut at a character; train.py cuts at
+90% of the characters: the same for ASCII) to train.bin, the rest to val.bin, with meta.json (train.py --data DIR)."""
 
 import contextlib
 import json
@@ -126,7 +126,7 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
 def report_progress(seen, total, tokens, seconds):
     rate = seen / seconds
     log(f"prepare {seen / 2**20:,.1f}/{total / 2**20:,.1f} MB ({100 * seen / total:.0f}%) | {tokens:,} tokens | "
-        f"{rate / 2**20:.1f} MB/s, {tokens / seconds:,.0f} tokens/s | ETA {format_seconds(max(0, total - seen) / rate)}")
+        f"{rate / 2**20:.1f} MB/s, {tokens / seconds:,.0f} tok/s | ETA {format_seconds(max(0, total - seen) / rate)}")
 
 
 def main(argv=None):
