@@ -26,10 +26,10 @@ from config import GPTConfig
 
 def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where a query may look at a key, -inf where it
-    may not (the softmax turns -inf into weight 0). A query sees the keys at its own position
-    and before. In training the T queries are the T keys (S = T): the lower triangle. start is
-    generation's, whose S keys are the KV cache's slots (sampling.py): the T queries' first
-    position, by default the last T of the S."""
+    may not (the softmax turns -inf into weight 0). Query i is at position start + i and sees
+    the keys at positions 0 to start + i. Training: S = T, start 0, the lower triangle.
+    Generation keeps the keys of the tokens so far in S = block_size slots (the KV cache): with
+    5 cached and 1 new token, start = 5 and the query sees slots 0-5, not the empty ones after."""
     start = S - T if start is None else start  # an int, or a tensor (sampling.KVCache.pos)
     query_pos = start + torch.arange(T, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
