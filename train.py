@@ -273,9 +273,8 @@ def finish(run, stop_reason, signum, clock):
         sys.exit(128 + signum)
     done = records.done_line(state.step, state.best_val_loss, clock.elapsed(),
                              run.cfg.out_dir if run.writes else "", run.cfg.plots)
-    for line in (stop_reason, done, clock.summary()):
-        if line:
-            run.say(line)
+    for line in filter(None, (stop_reason, done, clock.summary())):  # (each may be None)
+        run.say(line)
     if run.cfg.sample_tokens and run.master:
         sample = records.closing_sample(run.model, run.corpus.tokenizer, run.cfg.sample_tokens, run.cfg.seed)
         run.say("sample:\n" + sample)

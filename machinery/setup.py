@@ -185,7 +185,8 @@ def print_header(start, model, corpus, dtype, state):
         f"| preset {start.preset} | data {cfg.data}")
     if note := mfu_note(start.device, dtype):
         say(note)
-    variants = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in dataclasses.fields(m) if f.name not in SHAPE)
+    variants = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in dataclasses.fields(m)  # a number's 0: off, unsaid
+                         if f.name not in SHAPE and getattr(m, f.name) not in (0, False))
     say(f"model {model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
         f"block {m.block_size}, vocab {m.vocab_size} | {variants} | optimizer {cfg.optimizer}")
     split = [f"{start.world} processes"] if start.world > 1 else []
