@@ -249,7 +249,7 @@ def parse_duration(text):
 def check_batch_split(batch_size, grad_accum_steps, processes=1):
     if batch_size % (processes * grad_accum_steps):
         over = f"the number of processes ({processes}) times " if processes > 1 else ""
-        raise TinyLLMError(f"batch_size ({batch_size}) must divide by {over}grad_accum_steps ({grad_accum_steps})")
+        raise TinyLLMError(f"batch_size ({batch_size}) is not divisible by {over}grad_accum_steps ({grad_accum_steps})")
 
 
 # ----------------------------------------------------------------------------- presets
