@@ -168,8 +168,8 @@ class Sampler:
                            example=0.5)
 
     def __post_init__(self):
-        require(self.temperature == 0 or TEMPERATURES[0] <= self.temperature <= TEMPERATURES[1],
-                f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
+        require(self.temperature == 0 or TEMPERATURES[0] <= self.temperature <= TEMPERATURES[1], "--temperature must "
+                f"be 0 (greedy) or between {TEMPERATURES[0]:g} and {TEMPERATURES[1]:g}, got {self.temperature}")
         require(self.top_k >= 0, f"--top_k must be 0 (off) or positive, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
 

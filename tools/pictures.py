@@ -55,8 +55,8 @@ class PictureConfig:
             temps = self.temperature_list()
         except ValueError:
             temps = []
-        require(temps and all(TEMPERATURES[0] <= t <= TEMPERATURES[1] for t in temps),
-                f"--temperatures must be numbers between 0.001 and 1000, comma-separated, got {self.temperatures!r}")
+        require(temps and all(TEMPERATURES[0] <= t <= TEMPERATURES[1] for t in temps), "--temperatures must be numbers "
+                f"between {TEMPERATURES[0]:g} and {TEMPERATURES[1]:g}, comma-separated, got {self.temperatures!r}")
         require(1 <= self.passage_chars <= 5000, f"--passage_chars must be in 1..5000, got {self.passage_chars}")
         check_common(self, "--")
 
