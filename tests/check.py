@@ -1,5 +1,6 @@
 """The check after a change of one kind, in one command: docs/flags.md written again from config.py (a new
-setting's row), then the tests nearest that kind (docs/changing.md says what each covers).
+setting's row), then the tests nearest that kind (docs/changing.md says what each covers) and, for a model variant or
+a sampling rule, how many of them ran each setting (a new one's too: window=4: 5 passed, 1 skipped).
 
     python tests/check.py schedule      # or: sampler, model, figure, resume; all: the whole suite
     python tests/check.py try --window 4 -- --min_p 0.1                # your new flags (these two are examples)
@@ -21,10 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from config import TrainConfig  # noqa: E402 (the repository's own, whichever folder this runs from)
+from config import GPTConfig, Sampler, TrainConfig  # noqa: E402 (the repository's own, whichever folder this runs from)
 
 NEAREST = {  # the pytest arguments of each kind of change: its nearest files whole, and the run tests naming it
     "schedule": ["tests/test_data.py", "tests/test_budget.py", "tests/test_runs.py", "tests/test_train.py",
@@ -51,6 +55,31 @@ def after(lines, step):
     """The step and eval lines after step, without their timings (ms/step, tok/s, ETA differ run to run)."""
     kept = [re.sub(r" \| [0-9.,]+ ms/step.*", "", line) for line in lines.splitlines()]
     return [line for line in kept if re.match(r"(step|eval) +(\d+)/", line) and int(line.split()[1].split("/")[0]) > step]
+
+
+def variant_names(kind):
+    """What the tests' names say of each setting a kind of change adds: a model's choices ('rope'), its on/off
+    settings flipped ('bias=False') and its numbers at example= ('window=4'); a sampling rule's name ('top_p')."""
+    if kind == "sampler":
+        return [f.name for f in fields(Sampler)]
+    if kind != "model":
+        return []
+    return [c for f in fields(GPTConfig) for c in f.metadata["choices"] or ()] + [
+        f"{f.name}={not f.default}" for f in fields(GPTConfig) if f.type is bool] + [
+        f"{f.name}={f.metadata['example']}" for f in fields(GPTConfig) if f.metadata.get("example") is not None]
+
+
+def tests_naming(report, names):
+    """'name: N passed, M skipped' for each name, from the tests that ran it (a pytest --junitxml report)."""
+    counts = {name: Counter() for name in names}
+    for case in ET.parse(report).iter("testcase"):
+        params = re.search(r"\[(.*)\]$", case.get("name", ""))
+        outcome = next((tag for tag in ("failure", "error", "skipped") if case.find(tag) is not None), "passed")
+        for name in names:
+            if params and name in re.split(r"-(?=[a-z])", params.group(1)):
+                counts[name][outcome] += 1
+    return [f"{name}: " + (", ".join(f"{n} {outcome}" for outcome, n in c.items()) or "no test") for name, c in
+            counts.items()]
 
 
 # what try runs after its first run, for each kind of change (a kind not named, or none: all of them)
@@ -130,7 +159,12 @@ def main(argv):
     with open(os.path.join(ROOT, "docs", "flags.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(flags.stdout)
     print("wrote docs/flags.md from config.py (python -m tools.flags)", flush=True)
-    failed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *NEAREST[argv[0]]], cwd=ROOT).returncode
+    with tempfile.TemporaryDirectory(prefix="tinyllm-check-") as tmp:
+        report = os.path.join(tmp, "report.xml")
+        failed = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", f"--junitxml={report}",
+                                 *NEAREST[argv[0]]], cwd=ROOT).returncode
+        if names := variant_names(argv[0]):  # a new setting: did tests run it?
+            print("the tests that ran each setting: " + "; ".join(tests_naming(report, names)))
     if argv[1:2] != ["try"]:
         print(f"end to end with your flags: python tests/check.py {argv[0]} try [train.py flags] -- [generate.py flags]")
     sys.exit(failed or (try_it(*try_flags(argv[2:]), kind=argv[0]) if argv[1:2] == ["try"] else 0))

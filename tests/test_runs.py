@@ -373,6 +373,6 @@ def test_the_start_up_line_shows_every_setting_of_the_model_beyond_its_shape_but
     train.train(model_cfg, tiny_train_config(shakespeare_head, tmp_path, max_steps=1))
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("model "))
     shown = line.split(" | ")[1].split(", ")
-    assert shown == [f"{f.name} {getattr(model_cfg, f.name)}" for f in dataclasses.fields(GPTConfig)
-                     if f.name not in setup.SHAPE and f.name != "bias"]
+    assert shown == [f"{f.name} {getattr(model_cfg, f.name)}" for f in dataclasses.fields(GPTConfig)  # a new
+                     if f.name not in setup.SHAPE and getattr(model_cfg, f.name) not in (0, False)]  # window 0: unsaid
     assert "pos rope" in shown

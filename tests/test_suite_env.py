@@ -1,6 +1,6 @@
 """The suite's own environment: under the README's command (pytest-xdist workers), a GPU test
 sees CUDA as the user started pytest with, while every other test runs on the CPU. This runs on
-any machine: it starts pytest with two workers on a one-test file that loads tests/conftest.py,
+any machine: it starts pytest with a worker on a one-test file that loads tests/conftest.py,
 as the suite does, and reads what a worker saw."""
 
 import json
@@ -35,7 +35,7 @@ def worker_sees(tmp_path, user_value):
                PATH=path_with_this_python(), OMP_NUM_THREADS="1")
     if user_value is not None:
         env["CUDA_VISIBLE_DEVICES"] = user_value
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider", "-p", "conftest",
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "1", "-p", "no:cacheprovider", "-p", "conftest",
                            "--rootdir", str(tmp_path), str(tmp_path / "test_probe.py")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
