@@ -29,12 +29,12 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
     shown = [t for t in prompt_ids if t != stop]
     pieces = WholeCharacters(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
 
-    def show(token, logits):  # token (B, 1): the first sample's new token, printed as it comes
+    def show(token, logits, idx):  # token (B, 1): the first sample's new token, printed as it comes
         if token[0, 0] != stop and (piece := pieces.add(token[0, 0].item(), 1.0)):
             print(piece[0], end="", flush=True)
 
-    def odds(token, logits):  # each step's tokens (B, 1) to the annotator, with the distribution drawn from
-        annotator.add(token, sampling.next_token_probs(logits, sampler))
+    def odds(token, logits, idx):  # each step's tokens (B, 1) to the annotator, with the distribution drawn from
+        annotator.add(token, sampling.next_token_probs(logits, sampler, idx))
 
     if annotator:
         annotator.begin(shown, cfg.num_samples, stop, live=stream)

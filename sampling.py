@@ -24,8 +24,8 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     it there). Each step: the logits of the next token (Context: the context rule and the KV
     cache), one token drawn from them by the sampler's rules (sample_next; config.Sampler's
     settings), appended.
-    on_token(tokens (B, 1), logits (B, V)) sees each step's tokens as they come, with the logits they
-    were drawn from (generate.py streams them; --show_probs shows their odds).
+    on_token(tokens (B, 1), logits (B, V), idx (B, T)) sees each step's tokens as they come, with the logits they
+    were drawn from and the tokens before them (generate.py streams them; --show_probs shows their odds).
     The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
     generate.py loads is in eval mode already). replay: None, or a function that makes the cache's one-token step
     faster and gives what it gives (generate.py passes deep_dives.graphs.replayable: on a GPU, a CUDA graph)."""
@@ -34,9 +34,9 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
         for _ in range(max_new_tokens):
             logits = context.next_logits(idx)  # (B, V)
-            next_token = sample_next(logits, sampler, generator)  # (B, 1)
+            next_token = sample_next(logits, sampler, idx, generator)  # (B, 1)
             if on_token is not None:
-                on_token(next_token, logits)
+                on_token(next_token, logits, idx)
             idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
             if stop_token is not None:
                 done |= next_token[:, 0] == stop_token
@@ -127,12 +127,12 @@ def decode(model, cache, tokens):
 
 # ----------------------------------------------------------------------------- the sampler
 
-def filter_logits(logits, sampler):
-    """The logits (B, V) the next token is drawn from, given the model's own: divided by the
-    temperature (greedy: by 1), then every logit outside the candidates set to -inf: top_k > 0
-    keeps the k most likely (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1
-    keeps the smallest set whose probability reaches top_p; both always keep the most likely
-    token. A rule on the model's own logits goes before the temperature; one on the candidates, after."""
+def filter_logits(logits, sampler, idx):
+    """The logits (B, V) the next token is drawn from, given the model's own for the token after idx (B, T): divided by
+    the temperature (greedy: by 1), then every logit outside the candidates set to -inf: top_k > 0 keeps the k most
+    likely (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the smallest set whose
+    probability reaches top_p; both always keep the most likely token. A rule on the model's own logits goes before the
+    temperature (one on the tokens so far, a repetition penalty, reads idx); one on the candidates, after."""
     logits = logits / (sampler.temperature or 1.0)
     top_k, top_p = sampler.top_k, sampler.top_p
     if top_k and top_k < logits.size(-1):
@@ -149,17 +149,17 @@ def filter_logits(logits, sampler):
     return logits
 
 
-def next_token_probs(logits, sampler):
-    """The distribution the next token is drawn from, probs (B, V), for logits (B, V):
+def next_token_probs(logits, sampler, idx):
+    """The distribution the next token is drawn from, probs (B, V), for logits (B, V) after idx (B, T):
     filter_logits' logits, softmaxed. Temperature 0 (greedy) draws nothing: it takes the
     most likely token. Its distribution here is the one at temperature 1 after top-k / top-p, the
     model's own odds among the candidates, in which greedy's pick is the most likely token."""
-    return F.softmax(filter_logits(logits.float(), sampler), dim=-1)  # (B, V)
+    return F.softmax(filter_logits(logits.float(), sampler, idx), dim=-1)  # (B, V)
 
 
-def sample_next(logits, sampler, generator=None):
-    """Pick one token per row from logits (B, V): (B, 1). Temperature 0 is greedy."""
+def sample_next(logits, sampler, idx, generator=None):
+    """Pick one token per row (B, 1) from logits (B, V), those of the token after idx (B, T). Temperature 0: greedy."""
     if sampler.temperature == 0:  # the most likely candidate; greedy needs no softmax
-        return filter_logits(logits.float(), sampler).argmax(dim=-1, keepdim=True)  # (B, 1)
-    probs = next_token_probs(logits, sampler)  # (B, V)
+        return filter_logits(logits.float(), sampler, idx).argmax(dim=-1, keepdim=True)  # (B, 1)
+    probs = next_token_probs(logits, sampler, idx)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)

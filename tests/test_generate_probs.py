@@ -60,10 +60,11 @@ def entropy(p):
 def test_the_distribution_is_the_one_sample_next_draws_from(setting):
     torch.manual_seed(0)
     logits = torch.randn(4, 40) * 3
-    probs = next_token_probs(logits, Sampler(**setting))
+    so_far = torch.randint(0, 40, (4, 6))  # (B, T): the tokens before these logits
+    probs = next_token_probs(logits, Sampler(**setting), so_far)
     assert torch.allclose(probs.double(), reference_probs(logits, **setting), atol=1e-6)
     for seed in range(5):
-        draw = functools.partial(sample_next, logits, Sampler(**setting))
+        draw = functools.partial(sample_next, logits, Sampler(**setting), so_far)
         token = draw(generator=torch.Generator().manual_seed(seed))
         assert torch.equal(token, draw(generator=torch.Generator().manual_seed(seed)))
         if setting["temperature"]:  # the draw is multinomial over exactly these probabilities
@@ -96,8 +97,10 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
             return real(logits, *a, **k)
         monkeypatch.setattr(sampling, "sample_next", recording)
         collected = Collected()
-        def odds(token, logits, sampler=Sampler(**setting)):  # as generate.sample's on_token for --show_probs
-            collected.add(token, next_token_probs(logits, sampler))
+        def odds(token, logits, idx, sampler=Sampler(**setting)):  # as generate.sample's on_token for --show_probs
+            collected.add(token, next_token_probs(logits, sampler, idx))
+            befores.append(idx.clone())  # the tokens so far at each step: a rule that looks back reads them
+        befores = []
         sampling.generate(gpt, prompt, 20, Sampler(**setting), use_cache=use_cache, generator=torch.Generator().manual_seed(1),
                           on_token=odds)
         steps = collected.steps
@@ -105,6 +108,7 @@ def test_the_odds_beside_the_sampling_are_the_distribution_of_every_step(use_cac
         out = sampling.generate(gpt, prompt, 20, Sampler(**setting), use_cache=use_cache, generator=torch.Generator().manual_seed(1))
         plain = out[:, prompt.size(1):].split(1, dim=1)
         assert len(steps) == len(seen) == 20  # 3 + 20 tokens: the context is cropped on the way
+        assert all(torch.equal(before, out[:, :prompt.size(1) + i]) for i, before in enumerate(befores))
         for (token, probs), logits, same in zip(steps, seen, plain):
             assert torch.equal(token, same)
             assert torch.allclose(probs.double(), reference_probs(logits, **setting), atol=1e-6)

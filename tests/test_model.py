@@ -81,6 +81,11 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
     assert all(w in str(err.value) for w in words)
 
 
+def so_far(logits):
+    """The tokens so far (B, 1) for next-token logits (B, V): one token, 0, for the rules that read none."""
+    return torch.zeros(logits.size(0), 1, dtype=torch.long)
+
+
 @pytest.mark.parametrize("rule", dataclasses.fields(Sampler), ids=lambda f: f.name)
 def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candidate(rule):
     """Each of config.Sampler's settings at its example= value, on logits where every rule has something to do: the
@@ -90,32 +95,34 @@ def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candida
         pytest.skip(f"Sampler.{rule.name} has no example=: give its setting(...) a value at which it changes the odds")
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3  # (B, V)
+    # the tokens so far (B, T), for a rule that reads them: the likeliest three among them, each twice
+    idx = torch.cat([torch.randint(0, 50, (4, 10)), logits.topk(3, dim=-1).indices.repeat(1, 2)], dim=1)
     sampler = Sampler(**{rule.name: rule.metadata["example"]})
-    plain, ruled = sampling.next_token_probs(logits, Sampler()), sampling.next_token_probs(logits, sampler)
+    plain, ruled = sampling.next_token_probs(logits, Sampler(), idx), sampling.next_token_probs(logits, sampler, idx)
     assert not torch.allclose(plain, ruled, atol=1e-4)
     assert torch.allclose(ruled.sum(-1), torch.ones(4)) and (ruled >= 0).all()
-    greedy = sample_next(logits, dataclasses.replace(sampler, temperature=0))  # (B, 1)
-    assert torch.isfinite(filter_logits(logits, sampler).gather(-1, greedy)).all()
+    greedy = sample_next(logits, dataclasses.replace(sampler, temperature=0), idx)  # (B, 1)
+    assert torch.isfinite(filter_logits(logits, sampler, idx).gather(-1, greedy)).all()
 
 
 def test_top_k_keeps_exactly_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7))
+    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7), so_far(logits))
     assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
     assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8), so_far(probs.log())))
     assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3)))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3), so_far(probs.log())))
     assert kept.tolist() == [[True, False, False, False, False]]
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p)))
+        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p), so_far(logits)))
         probs = F.softmax(logits, dim=-1)
         for row in range(3):
             mass = probs[row][kept[row]]
@@ -125,7 +132,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_top_p_of_zero_still_keeps_the_most_likely_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
-    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9)))
+    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9), so_far(logits)))
     assert kept.tolist() == [[False, True, False], [True, False, False]]
 
 
@@ -150,7 +157,7 @@ def test_generation_crops_context_past_block_size():
 
 def test_sample_next_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, GREEDY).tolist() == [[1], [0]]
+    assert sample_next(logits, GREEDY, so_far(logits)).tolist() == [[1], [0]]
 
 
 def test_every_variant_of_the_model_is_run_by_the_model_tests():

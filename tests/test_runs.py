@@ -338,10 +338,11 @@ def test_every_sampler_setting_is_in_the_header_and_refused_by_beam_search(train
 
 def test_top_k_keeps_the_tokens_tied_with_the_kth():
     logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
-    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=2)))
+    so_far = torch.zeros(1, 1, dtype=torch.long)  # (B, T): the tokens before, which top-k does not read
+    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=2), so_far))
     assert kept.tolist() == [[True, True, True, True, False]]
-    assert math.isinf(filter_logits(logits, Sampler(temperature=1.0, top_k=1))[0, 1])
-    assert np.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=5)).numpy()).all()
+    assert math.isinf(filter_logits(logits, Sampler(temperature=1.0, top_k=1), so_far)[0, 1])
+    assert np.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=5), so_far).numpy()).all()
 
 
 def test_several_checkpoints_are_sampled_alike_and_a_single_sample_is_streamed(trained, tmp_path, capsys,

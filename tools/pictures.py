@@ -176,8 +176,8 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
 def draw_temperature(model, tokenizer, ids, cfg, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    by_t = {t: next_token_probs(logits, Sampler(temperature=t))[0].cpu() for t in cfg.temperature_list()}  # (V,)
-    order = next_token_probs(logits, Sampler(temperature=1.0))[0].cpu().argsort(descending=True)[:shown].tolist()
+    by_t = {t: next_token_probs(logits, Sampler(temperature=t), idx)[0].cpu() for t in cfg.temperature_list()}  # (V,)
+    order = next_token_probs(logits, Sampler(temperature=1.0), idx)[0].cpu().argsort(descending=True)[:shown].tolist()
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
