@@ -51,6 +51,12 @@ def missing_formula(c):
     return None
 
 
+def reference_mask(c, T):
+    """(T, T), or (nh, T, T) for a mask of each head's: added to the scores, -inf above the diagonal (the future). A
+    mask variant (a window's cut, ALiBi's biases) is a formula here, and a line of REFERENCE_FORMULAS."""
+    return torch.full((T, T), -math.inf).triu(1)
+
+
 def reference_forward(gpt, idx):
     """(logits (T, V), [attention (nh, T, T) per layer]) for one sequence idx (T,), from the
     state dict alone: none of model.py's code runs."""
@@ -72,7 +78,7 @@ def reference_forward(gpt, idx):
         k, v = (t.repeat_interleave(nh // t.size(0), dim=0) for t in (k, v))  # query head j reads key head j // group
         if c.pos == "rope":
             q, k = (complex_rope(t, *rope_angles(T, hs)) for t in (q, k))
-        scores = q @ k.transpose(1, 2) / math.sqrt(hs) + torch.full((T, T), -math.inf).triu(1)  # (nh, T, T)
+        scores = q @ k.transpose(1, 2) / math.sqrt(hs) + reference_mask(c, T)  # (nh, T, T)
         maps.append(torch.softmax(scores, dim=-1))
         y = (maps[-1] @ v).transpose(0, 1).reshape(T, c.n_embd)
         x = x + linear(y, sd, f"blocks.{i}.attn.c_proj")
@@ -102,7 +108,7 @@ def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_d_with_the_future_maske
         assert (drawn.triu(1) == 0).all()  # the future gets exactly nothing
     if missing := missing_formula(gpt.config):  # a new variant: the checks above hold, the hand-written GPT lacks it
         pytest.skip(f"reference_forward (tests/test_pictures.py) has no formula for {missing}; add it to "
-                    f"REFERENCE_FORMULAS and the function to check the drawn maps against it")
+                    f"REFERENCE_FORMULAS and the function (a mask's to reference_mask) to check the drawn maps")
     ref_logits, ref_maps = reference_forward(gpt, idx)
     assert torch.allclose(logits[0].double(), ref_logits, atol=1e-4)  # the hand-written GPT is this GPT
     for drawn, ref in zip(maps, ref_maps):
