@@ -141,6 +141,11 @@ def variant_id(variant):
     return "-".join(str(v) if k in GPT_SWITCHES else f"{k}={v}" for k, v in variant.items())
 
 
+def no_tokens(logits):
+    """No tokens so far (B, 0), for the sampler tests of next-token logits (B, V) alone."""
+    return torch.zeros(logits.size(0), 0, dtype=torch.long)
+
+
 def tiny_model_config(**overrides):
     values = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     values.update(overrides)

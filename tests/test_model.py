@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from config import GREEDY, SHAPE, GPTConfig, Sampler, TinyLLMError
-from conftest import (GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, tiny_model_config,
+from conftest import (GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, no_tokens, tiny_model_config,
                       variant_id)
 from model import GPT
 import sampling
@@ -81,11 +81,6 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
     assert all(w in str(err.value) for w in words)
 
 
-def so_far(logits):
-    """The tokens so far (B, 1) for next-token logits (B, V): one token, 0, for the rules that read none."""
-    return torch.zeros(logits.size(0), 1, dtype=torch.long)
-
-
 @pytest.mark.parametrize("rule", dataclasses.fields(Sampler), ids=lambda f: f.name)
 def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candidate(rule):
     """Each of config.Sampler's settings at its example= value, on logits where every rule has something to do: the
@@ -108,21 +103,21 @@ def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candida
 def test_top_k_keeps_exactly_k():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7), so_far(logits))
+    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7), no_tokens(logits))
     assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
     assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8), so_far(probs.log())))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8), no_tokens(probs)))
     assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3), so_far(probs.log())))
+    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3), no_tokens(probs)))
     assert kept.tolist() == [[True, False, False, False, False]]
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p), so_far(logits)))
+        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p), no_tokens(logits)))
         probs = F.softmax(logits, dim=-1)
         for row in range(3):
             mass = probs[row][kept[row]]
@@ -132,7 +127,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
 
 def test_top_p_of_zero_still_keeps_the_most_likely_token():
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
-    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9), so_far(logits)))
+    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9), no_tokens(logits)))
     assert kept.tolist() == [[False, True, False], [True, False, False]]
 
 
@@ -157,7 +152,7 @@ def test_generation_crops_context_past_block_size():
 
 def test_sample_next_temperature_zero_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, GREEDY, so_far(logits)).tolist() == [[1], [0]]
+    assert sample_next(logits, GREEDY, no_tokens(logits)).tolist() == [[1], [0]]
 
 
 def test_every_variant_of_the_model_is_run_by_the_model_tests():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from config import GREEDY, GPTConfig, RunOptions, Sampler, TrainConfig, from_saved, setting
-from conftest import (TINY_FLAGS, assert_one_line_error, cli, corpus_head, snapshot, tiny_model_config,
+from conftest import (TINY_FLAGS, assert_one_line_error, cli, corpus_head, no_tokens, snapshot, tiny_model_config,
                       tiny_train_config)
 import generate
 from sampling import filter_logits
@@ -338,11 +338,10 @@ def test_every_sampler_setting_is_in_the_header_and_refused_by_beam_search(train
 
 def test_top_k_keeps_the_tokens_tied_with_the_kth():
     logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
-    so_far = torch.zeros(1, 1, dtype=torch.long)  # (B, T): the tokens before, which top-k does not read
-    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=2), so_far))
+    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=2), no_tokens(logits)))
     assert kept.tolist() == [[True, True, True, True, False]]
-    assert math.isinf(filter_logits(logits, Sampler(temperature=1.0, top_k=1), so_far)[0, 1])
-    assert np.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=5), so_far).numpy()).all()
+    assert math.isinf(filter_logits(logits, Sampler(temperature=1.0, top_k=1), no_tokens(logits))[0, 1])
+    assert np.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_k=5), no_tokens(logits)).numpy()).all()
 
 
 def test_several_checkpoints_are_sampled_alike_and_a_single_sample_is_streamed(trained, tmp_path, capsys,
