@@ -26,7 +26,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
-from machinery import budget, checkpoint, cli, ddp, device, evaluation, plots, records, run_folder, setup
+from machinery import budget, checkpoint, cli, ddp, device, records, setup
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -187,7 +187,7 @@ def train_loop(run):
                 with meter.paused():
                     save(run, clock, f"ckpt_{state.step:07d}.pt")
                     if run.master:
-                        run_folder.keep_newest(cfg.out_dir, cfg.keep_last)
+                        checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
             # Ctrl-C or SIGTERM on any rank: every rank agrees, at progress lines
             if signum := ddp.stop_signal(stop.signum, run.world, state.step % cfg.log_interval == 0):
                 stop_reason = stop_reason or f"stopped by signal {signum}"
@@ -343,10 +343,10 @@ def main(argv=None, started=None):
     options, model_cfg, train_cfg, preset, given = parse_flags(argv)  # the flags on top of a preset
     if options.eval_only is not None:  # a checkpoint's loss on its whole val split (--eval_only alone: best.pt's)
         path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
-        evaluation.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size,
+        records.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size,
                                        train_cfg.threads)
     elif options.plot_lr:  # the learning rate of every step, drawn without training
-        plots.draw_lr_schedule(train_cfg)
+        records.draw_lr_schedule(train_cfg)
     else:
         train(model_cfg, train_cfg, options, preset, given, started)
 

@@ -17,7 +17,7 @@ from conftest import (ROOT, MODEL_VARIANTS, assert_one_line_error, cli, complex_
 import model as model_module
 from model import GPT
 
-from machinery import evaluation
+from machinery import records
 from tools import pictures
 from machinery.checkpoint import load_model
 
@@ -163,7 +163,7 @@ def test_every_picture_opens_at_its_size_and_says_what_to_look_for(trained, tmp_
                                                       ("attention", "surprise", "temperature", "embeddings")]
     assert all("Look" in line for line in lines)
     assert "200 characters of the val split" in lines[1] and "over 200 tokens" in lines[1]  # --passage_chars
-    # the model: 2 layers x 2 heads, so 2.2-inch heatmaps at 90 dpi; plots.new_plot's 7 inches wide
+    # the model: 2 layers x 2 heads, so 2.2-inch heatmaps at 90 dpi; records.new_plot's 7 inches wide
     assert png_size(tmp_path / "docs" / "attention.png") == (450, 468)
     assert png_size(tmp_path / "docs" / "surprise.png")[0] == 810
     assert png_size(tmp_path / "docs" / "temperature.png") == (630, 360)
@@ -182,14 +182,14 @@ def test_surprise_scores_the_val_split_as_eval_only_does(trained, tmp_path, caps
                          "--data", data, "--passage_chars", 5000)  # more than the whole val split: all of it
     assert code in (0, None), err
     drawn = float(re.search(r"([\d.]+) bits per character over 300 tokens", out).group(1))
-    expected = evaluation.evaluate_checkpoint(str(path), str(data), "cpu", 8)
+    expected = records.evaluate_checkpoint(str(path), str(data), "cpu", 8)
     assert drawn == pytest.approx(expected["bpc"], abs=1e-4)
     printed = float(re.search(r"([\d.]+) bits per character", capsys.readouterr().out).group(1))
     assert f"{drawn:.4f}" == f"{printed:.4f}"
 
     gpt, tok, _ = load_model(str(path))  # and the losses behind it, position by position, to float precision
     val = torch.tensor(tok.encode(data.read_text()[2700:]))
-    losses = evaluation.token_losses(gpt, val)  # one window at a time, where --eval_only took 8
+    losses = records.token_losses(gpt, val)  # one window at a time, where --eval_only took 8
     assert losses.shape == (len(val) - 1,)
     assert losses.mean().item() == pytest.approx(expected["loss"], rel=1e-5)
     chars = pictures.char_surprise(tok, val, losses)
@@ -203,7 +203,7 @@ def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(bpe_trai
     assert "skipped embeddings.png" in out and "char model" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attention.png", "surprise.png", "temperature.png"]
     drawn = float(re.search(r"([\d.]+) bits per character over", out).group(1))
-    assert drawn == pytest.approx(evaluation.evaluate_checkpoint(str(bpe_trained), None, "cpu", 8)["bpc"], abs=1e-4)
+    assert drawn == pytest.approx(records.evaluate_checkpoint(str(bpe_trained), None, "cpu", 8)["bpc"], abs=1e-4)
 
 
 def test_bad_input_is_one_line_error_before_anything_is_drawn(trained, bpe_trained, tmp_path, capsys):
