@@ -31,21 +31,21 @@ from machinery import budget, checkpoint, cli, ddp, device, records, setup
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
-def build(start):
-    """(corpus, model, optimizer, next_batch, val_batch) of the settings setup.start made."""
-    cfg = start.cfg
+def build(run):
+    """(corpus, model, optimizer, next_batch, val_batch) of the run setup.start made (its settings, device, source)."""
+    cfg = run.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
-    corpus, model = setup.load_corpus_and_model(start)
+    corpus, model = setup.load_corpus_and_model(run)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
-        model = GPT(replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    model = model.to(start.device)
-    optimizer = make_optimizer(model, cfg, start.device)  # AdamW: optim.py
+        model = GPT(replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
+    model = model.to(run.device)
+    optimizer = make_optimizer(model, cfg, run.device)  # AdamW: optim.py
     # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
     # its share of batch_size, in grad_accum_steps micro-batches
-    block_size, micro_batch = model.config.block_size, start.micro_batch  # batch_size // processes // grad_accum_steps
-    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, start.device)  # () -> (x, y)
-    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, start.device)
+    block_size, micro_batch = model.config.block_size, run.micro_batch  # batch_size // processes // grad_accum_steps
+    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, run.device)  # () -> (x, y)
+    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, run.device)
     return corpus, model, optimizer, next_batch, val_batch
 
 
@@ -97,23 +97,6 @@ class TrainState:
     plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
 
 
-@dataclass(frozen=True)
-class Run(setup.Start):
-    """What the loop works with, made once (setup_run), then only read: setup.Start's settings, processes and device,
-    and what was built for the first step. What changes as it trains is state."""
-    corpus: object                # utils.Corpus: the train and val token streams, and their tokenizer
-    model: GPT
-    optimizer: torch.optim.Optimizer
-    next_batch: object            # () -> (x, y): a training batch of this process
-    val_batch: object
-    train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
-    dtype: str                    # the forward pass's precision: its autocast context, and float16's scaler (or None)
-    ctx: object
-    scaler: object
-    sample_seconds: float         # the closing sample's, timed before the first step for a time budget to keep (else 0)
-    state: TrainState
-
-
 def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes.
     started: when the run began, for a time budget (python train.py: when the process started)."""
@@ -123,29 +106,29 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """The Run: set-up (machinery/setup.py), then build."""
+    """The run (a setup.Run): set-up (machinery/setup.py), then build, then precision; frozen from here on."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
-    start = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
-                        budget.now() if started is None else started)
-    cfg = start.cfg
-    corpus, model, optimizer, next_batch, val_batch = build(start)
-    state = setup.restore(start, optimizer, TrainState) if start.resumed else TrainState()  # as saved, optimizer too
-    setup.set_random_state(start, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
-    if start.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
-        next_batch = setup.one_fixed_batch(start, next_batch)
+    run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
+                      budget.now() if started is None else started)
+    cfg = run.cfg
+    corpus, model, optimizer, next_batch, val_batch = build(run)
+    state = setup.restore(run, optimizer, TrainState) if run.resumed else TrainState()  # as saved, optimizer too
+    setup.set_random_state(run, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
+    if run.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
+        next_batch = setup.one_fixed_batch(run, next_batch)
     train_model = torch.compile(model) if cfg.compile else model  # --compile: the steps run a compiled model
-    train_model = ddp.wrap(train_model, start.world, start.device)  # torchrun: DDP averages the processes' gradients
+    train_model = ddp.wrap(train_model, run.world, run.device)  # torchrun: DDP averages the processes' gradients
     # the precision: --compile's check and --dtype auto's timing take steps at the peak LR that leave no trace
     trial_step = functools.partial(train_step, train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps,
                                    cfg.grad_clip)  # (ctx, scaler) -> figures
-    dtype, ctx, scaler = setup.precision(start, model, optimizer, state, trial_step)
-    setup.print_header(start, model, corpus, dtype, state)
+    dtype, ctx, scaler = setup.precision(run, model, optimizer, state, trial_step)
+    setup.print_header(run, model, corpus, dtype, state)
     # a time budget keeps time for the closing sample, timed here
     sample_seconds = (records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed)
                       if cfg.time_budget else 0.0)
-    return Run(**(vars(start) | {"model_cfg": model.config}), corpus=corpus, model=model, optimizer=optimizer,
-               next_batch=next_batch, val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx,
-               scaler=scaler, sample_seconds=sample_seconds, state=state)
+    return replace(run, model_cfg=model.config, corpus=corpus, model=model, optimizer=optimizer, next_batch=next_batch,
+                   val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx, scaler=scaler,
+                   sample_seconds=sample_seconds, state=state)
 
 
 def train_loop(run):

@@ -1,6 +1,6 @@
-"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: where the run starts (Start: processes,
-device, run folder, the checkpoint it continues); what comes before its first step (random states, --overfit_batch,
-the precision); a resumed run's state and optimizer as saved."""
+"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: the Run, what the loop works with; where the
+run starts (start: processes, device, run folder, the checkpoint it continues); what comes before its first step
+(random states, --overfit_batch, the precision); a resumed run's state and optimizer as saved."""
 
 import dataclasses
 import os
@@ -26,8 +26,10 @@ CHANGEABLE_ON_RESUME = {f.name for f in dataclasses.fields(TrainConfig) if f.met
 
 
 @dataclass(frozen=True)
-class Start:
-    """A run before its model is built (start): its settings, processes and device, the checkpoint it starts from."""
+class Run:
+    """What a run works with, frozen: start makes one of its settings, processes, device and the checkpoint it starts
+    from; train.setup_run its copy with what it builds for the first step, which the loop only reads. What changes as
+    the run trains is its state."""
     options: RunOptions
     preset: str
     model_cfg: GPTConfig
@@ -39,6 +41,18 @@ class Start:
     source: dict                # the checkpoint it resumes (options.resume) or fine-tunes (options.init_from), or None
     source_path: str
     resumed: bool               # source is this run's own last.pt (--resume found one), not a fine-tune's start
+    # what train.setup_run builds once the run has started (None before)
+    corpus: object = None       # utils.Corpus: the train and val token streams, and their tokenizer
+    model: torch.nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    next_batch: object = None   # () -> (x, y): a training batch of this process
+    val_batch: object = None
+    train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
+    dtype: str = None           # the forward pass's precision: its autocast context, and float16's scaler (or None)
+    ctx: object = None
+    scaler: object = None
+    sample_seconds: float = 0.0  # the closing sample's, timed before the first step for a time budget to keep
+    state: object = None        # train.TrainState: the numbers that change as the run trains
 
     @property
     def master(self):  # rank 0: the only process that prints and writes files
@@ -87,7 +101,7 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     configure_matmul(device)
     set_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
-    return Start(options, preset, model_cfg, train_cfg, started, rank, world, device, source, last, resumed)
+    return Run(options, preset, model_cfg, train_cfg, started, rank, world, device, source, last, resumed)
 
 
 def load_source(path, given):
@@ -109,57 +123,57 @@ def tokenizer_kind(checkpoint):
     return (checkpoint.get("tokenizer") or {}).get("kind", "char")
 
 
-def load_corpus_and_model(start):
+def load_corpus_and_model(run):
     """(corpus, model): the checked text, and the GPT a resumed or fine-tuned run starts from (else None)."""
-    cfg, model, tokenizer = start.cfg, None, None
-    if start.source:
-        model = model_from_checkpoint(start.source, start.source_path)
-        tokenizer = tokenizer_of(start.source, model.config.vocab_size, start.source_path)
+    cfg, model, tokenizer = run.cfg, None, None
+    if run.source:
+        model = model_from_checkpoint(run.source, run.source_path)
+        tokenizer = tokenizer_of(run.source, model.config.vocab_size, run.source_path)
     # vocab_size is BPE's target size; the GPT's own comes from the tokenizer
-    corpus = load_corpus(cfg, tokenizer, start.model_cfg.vocab_size, extend=bool(start.options.init_from))
-    block_size = (model.config if model else start.model_cfg).block_size  # refused before the model is built
+    corpus = load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
+    block_size = (model.config if model else run.model_cfg).block_size  # refused before the model is built
     check_long_enough(corpus.train, block_size, "train", cfg.data)
     check_long_enough(corpus.val, block_size, "validation", cfg.data)
     if model is not None and corpus.added:  # characters the checkpoint never saw: a new embedding row each
         grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
-        start.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {start.source_path} "
+        run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_path} "
                   f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
     return corpus, model
 
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def set_random_state(start, state):
+def set_random_state(run, state):
     """Every RNG as saved on --resume (under torchrun each rank's); else under torchrun each rank a seed of its own,
     so that each draws its own batches (the weights are the same: start seeded every rank alike before the build)."""
-    rngs = (start.source.get("rngs") or [start.source["rng"]]) if start.resumed else []
+    rngs = (run.source.get("rngs") or [run.source["rng"]]) if run.resumed else []
     if rngs:
-        set_rng_state(rngs[start.rank] if len(rngs) == start.world else rngs[0])
-    if start.world > 1 and len(rngs) != start.world:
-        seed_everything(rank_seed(start.cfg.seed, start.rank, state.step))
+        set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0])
+    if run.world > 1 and len(rngs) != run.world:
+        seed_everything(rank_seed(run.cfg.seed, run.rank, state.step))
 
 
-def one_fixed_batch(start, next_batch):
+def one_fixed_batch(run, next_batch):
     """--overfit_batch: () -> the same batch every step, drawn once (after the seeds are set)."""
     fixed = next_batch()
-    start.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
+    run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
     return lambda: fixed
 
 
-def precision(start, model, optimizer, state, trial_step):
+def precision(run, model, optimizer, state, trial_step):
     """(dtype, ctx, scaler): the forward pass's precision, its autocast and float16's scaler (else None)."""
-    cfg, device = start.cfg, start.device
+    cfg, device = run.cfg, run.device
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.compile:
         check_compiles(trial_step, model, optimizer, autocast(device, dtype), make_scaler(device, dtype))
     if cfg.dtype == "auto" and measured_on(device):  # a resumed run keeps what its first process measured
         if not (state.plan or {}).get("dtype"):
             # timings differ between processes: every rank takes rank 0's choice
-            state.plan = every_rank(measure_dtype(trial_step, model, optimizer, device), start.world)[0]
+            state.plan = every_rank(measure_dtype(trial_step, model, optimizer, device), run.world)[0]
         dtype = state.plan["dtype"]
     scaler = make_scaler(device, dtype)
-    if start.resumed and start.source.get("scaler") and scaler:
-        scaler.load_state_dict(start.source["scaler"])
+    if run.resumed and run.source.get("scaler") and scaler:
+        scaler.load_state_dict(run.source["scaler"])
     return dtype, autocast(device, dtype), scaler
 
 
@@ -176,23 +190,23 @@ def check_compiles(step, model, optimizer, ctx, scaler):
 
 # ----------------------------------------------------------------------------- what the user is told
 
-def print_header(start, model, corpus, dtype, state):
+def print_header(run, model, corpus, dtype, state):
     """What the run is: device and precision, the model, the tokens of a step and of the data, the run's end."""
-    m, cfg, say = model.config, start.cfg, start.say
-    processes = f" x {start.world} processes" if start.world > 1 else ""
+    m, cfg, say = model.config, run.cfg, run.say
+    processes = f" x {run.world} processes" if run.world > 1 else ""
     precision = (state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, dtype)
-    say(f"device {describe(start.device)} ({precision}, {torch.get_num_threads()} threads){processes} "
-        f"| preset {start.preset} | data {cfg.data}")
-    if note := mfu_note(start.device, dtype):
+    say(f"device {describe(run.device)} ({precision}, {torch.get_num_threads()} threads){processes} "
+        f"| preset {run.preset} | data {cfg.data}")
+    if note := mfu_note(run.device, dtype):
         say(note)
     variants = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in dataclasses.fields(m)  # a number's 0: off, unsaid
                          if f.name not in SHAPE and getattr(m, f.name) not in (0, False))
     say(f"model {model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
         f"block {m.block_size}, vocab {m.vocab_size} | {variants} | optimizer {cfg.optimizer}")
-    split = [f"{start.world} processes"] if start.world > 1 else []
+    split = [f"{run.world} processes"] if run.world > 1 else []
     split += [f"{cfg.grad_accum_steps} micro-batches"] if cfg.grad_accum_steps > 1 else []
     say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
-        + (f" ({' x '.join(split)} of {start.micro_batch})" if split else "")
+        + (f" ({' x '.join(split)} of {run.micro_batch})" if split else "")
         + f" | train {len(corpus.train):,} tokens, val {len(corpus.val):,} tokens")
     if cfg.time_budget:
         say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left, less the "
@@ -231,10 +245,10 @@ def conflicting_flags(given, saved, changeable, words):
 
 # ----------------------------------------------------------------------------- --resume: the state put back
 
-def restore(start, optimizer, state_type):
+def restore(run, optimizer, state_type):
     """A resumed run's state (a state_type: train.TrainState) and optimizer exactly as saved; a new --max_steps is a
     new schedule."""
-    checkpoint, cfg = start.source, start.cfg
+    checkpoint, cfg = run.source, run.cfg
     optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(state_type)}
     state = state_type(**{k: checkpoint[k] for k in names if k in checkpoint})
@@ -245,6 +259,6 @@ def restore(start, optimizer, state_type):
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
                                f"would not train it further")
         lr = get_lr(state.step, progress(state.step, cfg), cfg)  # the LR at this step of a run that long
-        start.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
+        run.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
                   f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
     return state
