@@ -8,7 +8,7 @@ a sampling rule, how many of them ran each setting (a new one's too: window=4: 5
 
 try: a run of seconds with the training flags given (its start-up line: a model variant shows there; its last
 progress line and history.csv's columns: a new figure shows there; its schedule at every tenth: a new shape shows
-there), the same run resumed from its half-way checkpoint (the lines after it must be the same), a time budget's
+there; its ms/step beside the same run's without the flags: a variant's cost), the same run resumed from its half-way checkpoint (the lines after it must be the same), a time budget's
 closing line (its last LR at the floor; 10 s, or the first run's time if longer), and a sample past block_size with
 the generate.py flags after "--" (its first lines shown, and the same seed's without them), with the KV cache and
 without (the same text). After a kind, try runs the stages that kind can change (STAGES: a sampling rule, the
@@ -83,13 +83,13 @@ def tests_naming(report, names):
 
 
 # what try runs after its first run, for each kind of change (a kind not named, or none: all of them)
-STAGES = {"schedule": ("lr", "resume", "budget"), "sampler": ("sample",), "model": ("resume", "budget", "sample"),
-          "figure": ("resume",), "resume": ("resume",)}
+STAGES = {"schedule": ("lr", "resume", "budget"), "sampler": ("sample",),
+          "model": ("speed", "resume", "budget", "sample"), "figure": ("resume",), "resume": ("resume",)}
 
 
 def try_it(train_flags, sample_flags, kind=None):
     """A change end to end: exact resume, a budget's floor, the cache against recomputation (see the top)."""
-    stages = STAGES.get(kind, ("lr", "resume", "budget", "sample"))
+    stages = STAGES.get(kind, ("lr", "speed", "resume", "budget", "sample"))
     default = TrainConfig()  # speedrun's small, fast model, with the default schedule and floor (a change may set them)
     quick = ["--preset", "speedrun", "--lr_schedule", default.lr_schedule, "--min_lr", f"{default.min_lr:g}",
              "--warmup_steps", "10", "--log_interval", "10", "--dtype", "float32", "--overwrite", *train_flags]
@@ -103,6 +103,12 @@ def try_it(train_flags, sample_flags, kind=None):
         print("last progress line: " + [line for line in straight.splitlines() if line.startswith("step")][-1])
         with open(os.path.join(whole, "history.csv"), encoding="utf-8") as f:
             print("history.csv columns: " + f.readline().strip())
+        if "speed" in stages and train_flags:  # the flags' cost: the same run without them
+            plain = run("train.py", *quick[:len(quick) - len(train_flags)], "--max_steps", "60", "--out_dir",
+                        os.path.join(tmp, "plain"))
+            mine, theirs = ms_per_step(straight), ms_per_step(plain)
+            print(f"ms/step after the first progress line, one run each: {mine:.1f} with {' '.join(train_flags)}, "
+                  f"{theirs:.1f} without ({mine / theirs:.2f}x)")
         if "lr" in stages:
             lrs = run("train.py", *quick, "--max_steps", "60", "--plot_lr", "--out_dir", os.path.join(tmp, "plot"))
             print("".join(line for line in lrs.splitlines(keepends=True) if line.startswith("lr at step")), end="")
@@ -114,6 +120,12 @@ def try_it(train_flags, sample_flags, kind=None):
             print(f"({kind} try samples nothing: the generate.py flags {' '.join(sample_flags)} were not used)")
         cached_same = "sample" not in stages or try_sample(os.path.join(whole, "best.pt"), sample_flags)
         return 0 if same and cached_same else 1
+
+
+def ms_per_step(lines):
+    """The mean ms/step of a run's progress lines but the first (its steps include the start-up's warm-up)."""
+    times = [float(ms.replace(",", "")) for ms in re.findall(r"([0-9.,]+) ms/step", lines)][1:]
+    return sum(times) / max(len(times), 1)
 
 
 def try_resume(straight, whole, resumed):
