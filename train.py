@@ -112,7 +112,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
                       budget.now() if started is None else started)
     cfg = run.cfg
     corpus, model, optimizer, next_batch, val_batch = build(run)
-    state = setup.restore(run, optimizer, TrainState) if run.resumed else TrainState()  # as saved, optimizer too
+    state = checkpoint.restore(run, optimizer, TrainState) if run.resumed else TrainState()  # as saved, optimizer too
     setup.set_random_state(run, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
     if run.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
         next_batch = setup.one_fixed_batch(run, next_batch)

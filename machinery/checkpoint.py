@@ -1,6 +1,7 @@
 """Checkpoint files, written atomically and read without running code, and turned back into a model and tokenizer.
 A checkpoint: model, model_config, tokenizer; a run's also its optimizer, train_config, rng (and under torchrun every
-process's, rngs), scaler and TrainState (step, history, ...), which --resume reads. And the run folder that holds
+process's, rngs), scaler and TrainState (step, history, ...), which --resume reads: the settings it keeps and may
+change, the state and optimizer put back as saved, an older version's checkpoint upgraded. And the run folder that holds
 them: a fresh run never takes one that holds another run's checkpoints (--overwrite replaces them), and a run keeps
 only its newest periodic checkpoints (--keep_last)."""
 
@@ -13,8 +14,9 @@ import warnings
 
 import torch
 
-from config import GPTConfig, TinyLLMError, from_saved
+from config import GPTConfig, TinyLLMError, TrainConfig, from_saved, step_exact
 from model import GPT
+from optim import get_lr, progress
 
 from machinery.cli import check_writable, first_line, log
 from machinery.ddp import every_rank
@@ -127,6 +129,36 @@ def load_model(path, device="cpu"):
     return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
 
 
+def make_checkpoint(model, tokenizer, **extra):
+    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=tokenizer, **extra)
+
+
+def save(path, checkpoint, world, master):
+    """checkpoint and every process's random state (each rank calls this), written to path by rank 0."""
+    rngs = every_rank(rng_state(), world)
+    if master:
+        save_checkpoint(path, {**checkpoint, "rng": rngs[0], **({"rngs": rngs} if world > 1 else {})})
+
+
+def describe_checkpoint(checkpoint):
+    """'step 900, best val 1.5123': where a checkpoint's run stood."""
+    val = checkpoint.get("best_val_loss")
+    return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
+
+
+@torch.no_grad()
+def grow_vocabulary(model, old_ids):
+    """Token i's embedding becomes old row old_ids[i], or where None the mean of the old rows: a neutral start."""
+    old = model.wte.weight
+    known = [i for i in old_ids if i is not None]
+    rows = [old[i] if i is not None else old[known].mean(dim=0) for i in old_ids]
+    model.wte = torch.nn.Embedding(len(old_ids), model.config.n_embd, device=old.device, dtype=old.dtype)
+    model.wte.weight.copy_(torch.stack(rows))
+    model.lm_head = torch.nn.Linear(model.config.n_embd, len(old_ids), bias=False, device=old.device, dtype=old.dtype)
+    model.lm_head.weight = model.wte.weight
+    model.config = dataclasses.replace(model.config, vocab_size=len(old_ids))
+
+
 # ----------------------------------------------------------------------------- a run's state, for --resume
 
 # what --resume needs: TrainState's fields of every version (a step's figures are in its history rows, any name)
@@ -170,34 +202,54 @@ def upgrade(checkpoint):
     return checkpoint
 
 
-def make_checkpoint(model, tokenizer, **extra):
-    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=tokenizer, **extra)
+# settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
+CHANGEABLE_ON_RESUME = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["changeable"]}
 
 
-def save(path, checkpoint, world, master):
-    """checkpoint and every process's random state (each rank calls this), written to path by rank 0."""
-    rngs = every_rank(rng_state(), world)
-    if master:
-        save_checkpoint(path, {**checkpoint, "rng": rngs[0], **({"rngs": rngs} if world > 1 else {})})
+def resume_configs(checkpoint, given, path):
+    """The saved configs, overridden by the flags given that may change mid-run; any other flag is refused."""
+    saved, names = checkpoint["train_config"], {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]
+    if unknown:
+        raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
+                           f"version of tinyllm?); fine-tune from its weights with --init_from instead")
+    try:
+        model_cfg, train_cfg = from_saved(GPTConfig, checkpoint["model_config"]), from_saved(TrainConfig, saved)
+    except TypeError as e:
+        raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
+    current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
+    if refused := conflicting_flags(given, current, CHANGEABLE_ON_RESUME, "the run has"):
+        raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
+                           ". Drop the flag, or start a new run with another --out_dir (or --tag)")
+    changes = step_exact({k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}, given)
+    return model_cfg, dataclasses.replace(train_cfg, **changes)
 
 
-def describe_checkpoint(checkpoint):
-    """'step 900, best val 1.5123': where a checkpoint's run stood."""
-    val = checkpoint.get("best_val_loss")
-    return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
+def conflicting_flags(given, saved, changeable, words):
+    """The flags given that contradict a checkpoint's saved settings, as '--k v (words saved)'."""
+    return [f"--{k} {v} ({words} {saved[k]})" for k, v in given.items()
+            if k in saved and k not in changeable and v != saved[k]]
 
 
-@torch.no_grad()
-def grow_vocabulary(model, old_ids):
-    """Token i's embedding becomes old row old_ids[i], or where None the mean of the old rows: a neutral start."""
-    old = model.wte.weight
-    known = [i for i in old_ids if i is not None]
-    rows = [old[i] if i is not None else old[known].mean(dim=0) for i in old_ids]
-    model.wte = torch.nn.Embedding(len(old_ids), model.config.n_embd, device=old.device, dtype=old.dtype)
-    model.wte.weight.copy_(torch.stack(rows))
-    model.lm_head = torch.nn.Linear(model.config.n_embd, len(old_ids), bias=False, device=old.device, dtype=old.dtype)
-    model.lm_head.weight = model.wte.weight
-    model.config = dataclasses.replace(model.config, vocab_size=len(old_ids))
+# ----------------------------------------------------------------------------- --resume: the state put back
+
+def restore(run, optimizer, state_type):
+    """A resumed run's state (a state_type: train.TrainState) and optimizer exactly as saved; a new --max_steps is a
+    new schedule."""
+    checkpoint, cfg = run.source, run.cfg
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    names = {f.name for f in dataclasses.fields(state_type)}
+    state = state_type(**{k: checkpoint[k] for k in names if k in checkpoint})
+    saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget
+    old_end = None if saved.get("time_budget") else saved["max_steps"]
+    if not cfg.time_budget and cfg.max_steps != old_end:  # a new --max_steps
+        if state.step >= cfg.max_steps:
+            raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
+                               f"would not train it further")
+        lr = get_lr(state.step, progress(state.step, cfg), cfg)  # the LR at this step of a run that long
+        run.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
+                  f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
+    return state
 
 
 # ----------------------------------------------------------------------------- the run folder (--out_dir)

@@ -1,6 +1,6 @@
 """Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: the Run, what the loop works with; where the
-run starts (start: processes, device, run folder, the checkpoint it continues); what comes before its first step
-(random states, --overfit_batch, the precision); a resumed run's state and optimizer as saved."""
+run starts (start: processes, device, run folder, the checkpoint it continues or fine-tunes); what comes before its
+first step (random states, --overfit_batch, the precision) and what the user is told of it."""
 
 import dataclasses
 import os
@@ -8,21 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
-from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split, from_saved, step_exact
-from optim import get_lr, progress
+from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 
-from machinery.checkpoint import (claim_out_dir, grow_vocabulary, load_checkpoint, load_resumable, model_from_checkpoint,
-                                  tokenizer_of)
+from machinery.checkpoint import (claim_out_dir, conflicting_flags, grow_vocabulary, load_checkpoint, load_resumable,
+                                  model_from_checkpoint, resume_configs, tokenizer_of)
 from machinery.cli import first_line, log, warn
 from machinery.ddp import every_rank, rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
 from machinery.sources import check_long_enough, load_corpus
-
-
-# settings a resumed run may change; the rest (model shape, tokenizer, data, batch, optimizer) define the run
-CHANGEABLE_ON_RESUME = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["changeable"]}
 
 
 @dataclass(frozen=True)
@@ -214,51 +209,3 @@ def print_header(run, model, corpus, dtype, state):
     elif cfg.max_steps <= cfg.warmup_steps:
         warn(f"--max_steps {cfg.max_steps} ends within the warmup or with it ({cfg.warmup_steps} steps): the LR "
              f"never decays; use a smaller --warmup_steps")
-
-
-# ------------------------------------------------------------------------- --resume: the checkpoint and its settings
-
-def resume_configs(checkpoint, given, path):
-    """The saved configs, overridden by the flags given that may change mid-run; any other flag is refused."""
-    saved, names = checkpoint["train_config"], {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(saved) - names) if isinstance(saved, dict) else ["(not a dict)"]
-    if unknown:
-        raise TinyLLMError(f"{path}: unknown train_config setting(s) {', '.join(unknown)} (written by another "
-                           f"version of tinyllm?); fine-tune from its weights with --init_from instead")
-    try:
-        model_cfg, train_cfg = from_saved(GPTConfig, checkpoint["model_config"]), from_saved(TrainConfig, saved)
-    except TypeError as e:
-        raise TinyLLMError(f"{path}: unreadable settings ({e})") from None
-    current = {**dataclasses.asdict(model_cfg), **dataclasses.asdict(train_cfg)}
-    if refused := conflicting_flags(given, current, CHANGEABLE_ON_RESUME, "the run has"):
-        raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
-                           ". Drop the flag, or start a new run with another --out_dir (or --tag)")
-    changes = step_exact({k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}, given)
-    return model_cfg, dataclasses.replace(train_cfg, **changes)
-
-
-def conflicting_flags(given, saved, changeable, words):
-    """The flags given that contradict a checkpoint's saved settings, as '--k v (words saved)'."""
-    return [f"--{k} {v} ({words} {saved[k]})" for k, v in given.items()
-            if k in saved and k not in changeable and v != saved[k]]
-
-
-# ----------------------------------------------------------------------------- --resume: the state put back
-
-def restore(run, optimizer, state_type):
-    """A resumed run's state (a state_type: train.TrainState) and optimizer exactly as saved; a new --max_steps is a
-    new schedule."""
-    checkpoint, cfg = run.source, run.cfg
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    names = {f.name for f in dataclasses.fields(state_type)}
-    state = state_type(**{k: checkpoint[k] for k in names if k in checkpoint})
-    saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget
-    old_end = None if saved.get("time_budget") else saved["max_steps"]
-    if not cfg.time_budget and cfg.max_steps != old_end:  # a new --max_steps
-        if state.step >= cfg.max_steps:
-            raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
-                               f"would not train it further")
-        lr = get_lr(state.step, progress(state.step, cfg), cfg)  # the LR at this step of a run that long
-        run.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
-                  f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
-    return state
