@@ -248,7 +248,7 @@ def restore(run, optimizer, state_type):
                                f"would not train it further")
         lr = get_lr(state.step, progress(state.step, cfg), cfg)  # the LR at this step of a run that long
         run.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
-                  f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
+                f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
     return state
 
 

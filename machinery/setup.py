@@ -132,7 +132,7 @@ def load_corpus_and_model(run):
     if model is not None and corpus.added:  # characters the checkpoint never saw: a new embedding row each
         grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
         run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_path} "
-                  f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
+                f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
     return corpus, model
 
 
