@@ -312,9 +312,10 @@ def build_parser(here):
 
 def parse_flags(argv=None):
     """(options, model_cfg, train_cfg, preset, given): the flags given, on top of --preset or this machine's."""
-    given = cli.explicit_flags(build_parser(device.choose_device("auto")).parse_args(argv))
+    auto = device.choose_device("auto")  # --help's defaults are this machine's
+    given = cli.explicit_flags(build_parser(auto).parse_args(argv))
     options = make_config(RunOptions, given)
-    here = device.choose_device(given.get("device", "auto"))
+    here = device.choose_device(given["device"]) if "device" in given else auto
     preset = options.preset or default_preset(here.type)
     if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
         cli.log(f"no --preset given: using '{preset}' for {here.type}")
@@ -327,7 +328,7 @@ def main(argv=None, started=None):
     if options.eval_only is not None:  # a checkpoint's loss on its whole val split (--eval_only alone: best.pt's)
         path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
         records.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size,
-                                       train_cfg.threads)
+                                    train_cfg.threads)
     elif options.plot_lr:  # the learning rate of every step, drawn without training
         records.draw_lr_schedule(train_cfg)
     else:

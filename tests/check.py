@@ -8,11 +8,12 @@ a sampling rule, how many of them ran each setting (a new one's too: window=4: 5
 
 try: a run of seconds with the training flags given (its start-up line: a model variant shows there; its last
 progress line and history.csv's columns: a new figure shows there; its schedule at every tenth: a new shape shows
-there; its ms/step beside the same run's without the flags: a variant's cost), the same run resumed from its half-way checkpoint (the lines after it must be the same), a time budget's
-closing line (its last LR at the floor; 10 s, or the first run's time if longer), and a sample past block_size with
-the generate.py flags after "--" (its first lines shown, and the same seed's without them), with the KV cache and
-without (the same text). After a kind, try runs the stages that kind can change (STAGES: a sampling rule, the
-sample alone); try alone runs them all. Skipped tests are listed with their reasons (a GPU's, a Mac's).
+there; its ms/step beside the same run's without the flags: a variant's cost), the same run resumed from its
+half-way checkpoint (the lines after it must be the same), a time budget's closing line (its last LR at the floor;
+10 s, or the first run's time if longer), and a sample past block_size with the generate.py flags after "--" (its
+first lines shown, and the same seed's without them), with the KV cache and without (the same text). After a kind,
+try runs the stages that kind can change (STAGES: a sampling rule, the sample alone); try alone runs them all.
+Skipped tests are listed with their reasons (a GPU's, a Mac's).
 """
 
 import os
@@ -107,8 +108,9 @@ def try_it(train_flags, sample_flags, kind=None):
             plain = run("train.py", *quick[:len(quick) - len(train_flags)], "--max_steps", "60", "--out_dir",
                         os.path.join(tmp, "plain"))
             mine, theirs = ms_per_step(straight), ms_per_step(plain)
-            print(f"ms/step after the first progress line, one run each: {mine:.1f} with {' '.join(train_flags)}, "
-                  f"{theirs:.1f} without ({mine / theirs:.2f}x)")
+            if mine and theirs:  # (a --log_interval of 60 or more prints one progress line: nothing to compare)
+                print(f"ms/step after the first progress line, one run each: {mine:.1f} with {' '.join(train_flags)}, "
+                      f"{theirs:.1f} without ({mine / theirs:.2f}x)")
         if "lr" in stages:
             lrs = run("train.py", *quick, "--max_steps", "60", "--plot_lr", "--out_dir", os.path.join(tmp, "plot"))
             print("".join(line for line in lrs.splitlines(keepends=True) if line.startswith("lr at step")), end="")
@@ -125,7 +127,7 @@ def try_it(train_flags, sample_flags, kind=None):
 def ms_per_step(lines):
     """The mean ms/step of a run's progress lines but the first (its steps include the start-up's warm-up)."""
     times = [float(ms.replace(",", "")) for ms in re.findall(r"([0-9.,]+) ms/step", lines)][1:]
-    return sum(times) / max(len(times), 1)
+    return sum(times) / len(times) if times else None
 
 
 def try_resume(straight, whole, resumed):

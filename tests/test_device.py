@@ -64,6 +64,13 @@ def test_mocked_gpu_decisions(fake_gpu, name, capability, dtype):
         assert make_scaler(device, dtype) is None
 
 
+def test_mocked_gpu_machine_trains_device_cpu_with_the_cpus_preset(fake_gpu):
+    """Without --preset, the preset is that of the device the run trains on, --device's where it is given."""
+    fake_gpu("Tesla T4", (7, 5))
+    assert train.parse_flags([])[3] == "small"
+    assert train.parse_flags(["--device", "cpu"])[3] == "tiny"
+
+
 def test_mocked_t4_asking_for_bf16_warns_that_it_is_emulated(fake_gpu, capsys):
     fake_gpu("Tesla T4", (7, 5))
     assert resolve_dtype("bfloat16", CUDA) == "bfloat16"

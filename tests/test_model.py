@@ -84,8 +84,8 @@ def test_bad_model_config_is_a_clear_error(overrides, words):
 @pytest.mark.parametrize("rule", dataclasses.fields(Sampler), ids=lambda f: f.name)
 def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candidate(rule):
     """Each of config.Sampler's settings at its example= value, on logits where every rule has something to do: the
-    distribution the token is drawn from is not the default
-    sampler's (a rule wired in but never applied fails here), it is a distribution, and greedy picks a candidate."""
+    distribution the token is drawn from is not the default sampler's (a rule wired in but never applied fails
+    here), it is a distribution, and greedy picks a candidate."""
     if rule.metadata.get("example") is None:
         pytest.skip(f"Sampler.{rule.name} has no example=: give its setting(...) a value at which it changes the odds")
     torch.manual_seed(0)
