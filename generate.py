@@ -23,10 +23,9 @@ from machinery.sources import encode_prompt, read_prompt
 
 def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, annotator=None):
     """[(text, new tokens, whether it stopped)] of num_samples continuations of the prompt, sampled as one batch."""
-    stop = None if cfg.no_stop else tokenizer.eot_id
+    stop, shown = stop_and_shown(tokenizer, prompt_ids, cfg)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
-    shown = [t for t in prompt_ids if t != stop]
     pieces = WholeCharacters(tokenizer)  # (a byte-level token can end mid-character: pieces waits for the rest)
 
     def show(token, logits, idx):  # token (B, 1): the first sample's new token, printed as it comes
@@ -51,6 +50,12 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
     return [cut_at_stop(tokenizer, shown, row, stop) for row in out[:, idx.size(1):].tolist()]
 
 
+def stop_and_shown(tokenizer, prompt_ids, cfg):
+    """The token a sample ends at (None with --no_stop), and the prompt as shown: without that token (--qa's)."""
+    stop = None if cfg.no_stop else tokenizer.eot_id
+    return stop, [t for t in prompt_ids if t != stop]
+
+
 def cut_at_stop(tokenizer, shown, row, stop):
     """(text, new tokens, whether it stopped) of a row of new tokens, cut at the stop token."""
     stopped = stop in row
@@ -60,11 +65,10 @@ def cut_at_stop(tokenizer, shown, row, stop):
 
 def beam(model, tokenizer, prompt_ids, cfg, device, annotator=None):
     """[(text, new tokens, whether it stopped)] of the one continuation beam search of width --beam finds."""
-    stop = None if cfg.no_stop else tokenizer.eot_id
+    stop, shown = stop_and_shown(tokenizer, prompt_ids, cfg)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
     new, _ = beam_search(model, idx, cfg.max_new_tokens, cfg.beam, use_cache=not cfg.no_cache,
                         stop_token=stop, length_penalty=cfg.length_penalty)  # (1, n)
-    shown = [t for t in prompt_ids if t != stop]
     if annotator:
         annotator.begin(shown, 1, stop)
         for token, probs in model_odds(model, idx, new, use_cache=not cfg.no_cache):
