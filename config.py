@@ -61,7 +61,7 @@ class GPTConfig:
             require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        check_common(self)
+        check_settings(self)
         require(self.pos != "rope" or (self.n_embd // self.n_head) % 2 == 0,
                 f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
 
@@ -139,7 +139,7 @@ class TrainConfig:
         require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
                 f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")
         parse_duration(self.time_budget)
-        check_common(self)
+        check_settings(self)
 
 
 @dataclass
@@ -214,7 +214,7 @@ class SampleConfig:
         require(not self.beam or self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
         require(math.isfinite(self.length_penalty), f"--length_penalty must be a number, got {self.length_penalty}")
         require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
-        check_common(self, "--")
+        check_settings(self, "--")
 
 
 def check_beam(cfg, flags):
@@ -223,7 +223,7 @@ def check_beam(cfg, flags):
     require(not (cfg.beam and given), f"beam search draws nothing, so {', '.join(given)} cannot apply: drop it")
 
 
-def check_common(config, flag=""):
+def check_settings(config, flag=""):
     seed, threads = getattr(config, "seed", 0), getattr(config, "threads", 0)
     require(0 <= seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {seed}")
     require(threads >= 0, f"{flag}threads must be 0 (auto) or more, got {threads}")
@@ -299,7 +299,7 @@ def from_saved(cls, saved):
     return cls(**{**older, **saved})
 
 
-def step_exact(values, given):
+def drop_budget_for_max_steps(values, given):
     """values without a time budget when --max_steps was given: a step count overrides a preset's or a resumed run's."""
     return {**values, "time_budget": ""} if "max_steps" in given else values
 
@@ -310,7 +310,7 @@ def build_configs(given, preset):
         raise TinyLLMError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     if given.get("time_budget") and "max_steps" in given:
         raise TinyLLMError("give --time_budget or --max_steps, not both")
-    values = step_exact({**PRESETS[preset], **given}, given)
+    values = drop_budget_for_max_steps({**PRESETS[preset], **given}, given)
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"{TrainConfig.out_dir}/{values['tag']}"  # f"{field default}/TAG"
     return make_config(GPTConfig, values), make_config(TrainConfig, values)

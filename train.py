@@ -139,7 +139,7 @@ def train_loop(run):
     # how far the run is, by steps or by a --time_budget's seconds: its end, room for an evaluation, the ETA
     clock = budget.Clock(cfg, state, run.started, run.world, run.device, run.sample_seconds)
     # step time, and the steps' figures kept on the device until read (a read waits; a non-finite one stops the run)
-    meter = records.Meter(cfg, run.scaler is not None, run.writes)
+    meter = records.Meter(cfg, run.scaler is not None, run.writes_files)
     stop_reason, signum = None, 0
     # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)
     with cli.StopRequest(announce=run.master) as stop:
@@ -165,7 +165,7 @@ def train_loop(run):
             meter.add(state.step, figures)
             if state.step % cfg.log_interval == 0:  # (no stop_reason yet: one would have ended the loop above)
                 stop_reason = log_progress(run, meter, clock)  # --overfit_batch done
-            if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
+            if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes_files:
                 read_figures(state, meter)
                 with meter.paused():
                     save(run, clock, f"ckpt_{state.step:07d}.pt")
@@ -200,13 +200,14 @@ def evaluate(run, meter, clock):
                               "lr": state.lr, "grad_norm": state.grad_norm, "seconds": clock.elapsed()})
         run.say(records.evaluation_line(state.step, clock.end_step(), train_loss, val_loss,
                                         run.corpus.chars_per_token, run.model_cfg.vocab_size, improved))
-        if run.writes:
+        if run.writes_files:
             save(run, clock, "last.pt")
             if improved:
                 save(run, clock, "best.pt")
             if run.master:
                 records.write_history(cfg, state, run.model_cfg.vocab_size)  # history.json, .csv and the plots
-    state.eval_seconds = clock.agreed(meter.last_pause)  # saves, plots included: a budget keeps as much for the last
+    # its seconds, saves and plots included: a time budget keeps as much for the last evaluation
+    state.eval_seconds = clock.ranks_mean(meter.last_pause)
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
                 f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.cfg.out_dir, 'best.pt')})")
@@ -247,15 +248,15 @@ def finish(run, stop_reason, signum, clock):
     """After the last step: last.pt if steps came after the last evaluation, the closing lines and sample, a summary
     dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
     state = run.state
-    if run.writes and (signum or state.last_eval_step != state.step):
+    if run.writes_files and (signum or state.last_eval_step != state.step):
         save(run, clock, "last.pt")
     if signum:
-        if run.writes:
+        if run.writes_files:
             run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
                     f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
         sys.exit(128 + signum)
     done = records.done_line(state.step, state.best_val_loss, clock.elapsed(),
-                             run.cfg.out_dir if run.writes else "", run.cfg.plots)
+                             run.cfg.out_dir if run.writes_files else "", run.cfg.plots)
     for line in filter(None, (stop_reason, done, clock.summary())):  # (each may be None)
         run.say(line)
     if run.cfg.sample_tokens and run.master:

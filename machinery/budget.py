@@ -24,22 +24,22 @@ class Clock:
     def __init__(self, cfg, state, started, world, device, sample_seconds=0.0):  # started: this process's start
         self.cfg, self.state, self.started, self.world, self.device = cfg, state, started, world, device
         self.seconds = parse_duration(cfg.time_budget) if cfg.time_budget else None
-        self.sample_seconds = self.agreed(sample_seconds) if self.seconds else 0.0
-        self.first = self.last = self.spent() if self.seconds else 0.0  # at this process's start of steps
+        self.sample_seconds = self.ranks_mean(sample_seconds) if self.seconds else 0.0
+        self.spent_at_start = self.spent_at_last_step = self.spent() if self.seconds else 0.0  # of this process
         self.first_step = state.step
 
     def elapsed(self):
         """The run's wall time so far, set-up included: this process's, and those it resumes (state.seconds)."""
         return self.state.seconds + now() - self.started
 
-    def agreed(self, seconds):
+    def ranks_mean(self, seconds):
         """Several processes read their clocks a little apart: every one takes their mean, so all decide alike."""
         return all_ranks_mean([seconds], self.world, self.device)[0]
 
     def spent(self):
-        return self.agreed(self.elapsed())
+        return self.ranks_mean(self.elapsed())
 
-    def usable(self):
+    def usable_seconds(self):
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds
 
     def at_end(self):
@@ -47,19 +47,20 @@ class Clock:
         if not self.seconds:
             return self.state.step >= self.cfg.max_steps
         spent = self.spent()
-        if spent >= self.usable() and self.state.step <= self.cfg.warmup_steps:
+        if spent >= self.usable_seconds() and self.state.step <= self.cfg.warmup_steps:
             raise TinyLLMError(f"--time_budget {self.cfg.time_budget} is too short here: {spent:.1f}s were gone "
                                f"before the warmup's {self.cfg.warmup_steps} steps were done (an evaluation takes "
                                f"{self.state.eval_seconds:.1f}s and the closing sample {self.sample_seconds:.1f}s); "
                                f"give a longer budget, or fewer --warmup_steps")
-        return spent >= self.usable()
+        return spent >= self.usable_seconds()
 
     def progress_by_time(self, progress):
         """Under a --time_budget, how far the run is at this step (optim.progress by steps): 0 through the warmup, then
         on toward 1 by the share the last step used of the seconds left less two steps' (a slow last one still at 1)."""
         spent = self.spent()
-        used, left = spent - self.last, self.usable() - 2 * self.pace(spent) - self.last
-        self.last = spent
+        used = spent - self.spent_at_last_step
+        left = self.usable_seconds() - 2 * self.pace(spent) - self.spent_at_last_step
+        self.spent_at_last_step = spent
         if self.state.step <= self.cfg.warmup_steps:
             return progress
         return 1.0 if used >= left else progress + (1.0 - progress) * used / left
@@ -67,11 +68,11 @@ class Clock:
     def pace(self, spent):
         """Seconds a step in this process, evaluations included (0 before its first)."""
         steps = self.state.step - self.first_step
-        return (spent - self.first) / steps if steps > 0 else 0.0
+        return (spent - self.spent_at_start) / steps if steps > 0 else 0.0
 
     def room_for_evaluation(self):
         """False where an evaluation would leave a budget no time for steps: the last step's LR would miss the floor."""
-        return not self.seconds or self.spent() + self.state.eval_seconds < self.usable()
+        return not self.seconds or self.spent() + self.state.eval_seconds < self.usable_seconds()
 
     def end_step(self):
         """The step the run ends at: max_steps, or a budget's estimate at its pace so far (None before it has one)."""
@@ -79,7 +80,7 @@ class Clock:
             return self.cfg.max_steps
         spent = self.spent()
         pace = self.pace(spent)
-        return self.state.step + max(0, math.ceil((self.usable() - spent) / pace)) if pace > 0 else None
+        return self.state.step + max(0, math.ceil((self.usable_seconds() - spent) / pace)) if pace > 0 else None
 
     def summary(self):
         """A time budget's closing line: the time used, and the --max_steps that trains as many steps (else None)."""

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from config import GPTConfig, TinyLLMError, TrainConfig, from_saved, step_exact
+from config import GPTConfig, TinyLLMError, TrainConfig, drop_budget_for_max_steps, from_saved
 from model import GPT
 from optim import get_lr, progress
 
@@ -221,7 +221,7 @@ def resume_configs(checkpoint, given, path):
     if refused := conflicting_flags(given, current, CHANGEABLE_ON_RESUME, "the run has"):
         raise TinyLLMError(f"--resume continues the run in {path}, which cannot change " + "; ".join(refused) +
                            ". Drop the flag, or start a new run with another --out_dir (or --tag)")
-    changes = step_exact({k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}, given)
+    changes = drop_budget_for_max_steps({k: v for k, v in given.items() if k in CHANGEABLE_ON_RESUME}, given)
     return model_cfg, dataclasses.replace(train_cfg, **changes)
 
 

@@ -28,8 +28,8 @@ from machinery.sources import start_ids, validation_split
 class Meter:
     """This process's step time, and the steps' figures kept on the device until read (a read waits)."""
 
-    def __init__(self, cfg, scaled, writes):  # scaled: float16's scaler skips an overflowing step (its norm inf)
-        self.cfg, self.scaled, self.writes, self.pending, self.steps = cfg, scaled, writes, [], 0
+    def __init__(self, cfg, scaled, writes_files):  # scaled: float16's scaler skips an overflowing step (its norm inf)
+        self.cfg, self.scaled, self.writes_files, self.pending, self.steps = cfg, scaled, writes_files, [], 0
         self.seconds, self.mark = 0.0, budget.now()
 
     def add(self, step, figures):
@@ -54,7 +54,7 @@ class Meter:
                     f"{figures.get('grad_norm')}); the run stops here. Likely causes: learning rate too high (--lr "
                     f"{self.cfg.lr:g}), clipping off (--grad_clip {self.cfg.grad_clip:g}), float16 overflow (--dtype "
                     f"bfloat16 or float32). Nothing non-finite was saved; last good checkpoint: "
-                    f"{last if self.writes and os.path.isfile(last) else 'none'}")
+                    f"{last if self.writes_files and os.path.isfile(last) else 'none'}")
             read.append(figures)
         self.pending, self.mark = [], budget.now()
         return read

@@ -54,7 +54,7 @@ class Run:
         return self.rank == 0
 
     @property
-    def writes(self):  # --overfit_batch, a sanity check, writes nothing
+    def writes_files(self):  # --overfit_batch, a sanity check, writes nothing
         return not self.options.overfit_batch
 
     @property

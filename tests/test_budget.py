@@ -269,4 +269,4 @@ def test_a_budget_keeps_the_time_of_the_closing_sample_measured_before_the_first
         run = train.setup_run(tiny_model_config(), cfg)
         assert (run.sample_seconds > 0) == (tokens > 0)
         clock = budget.Clock(run.cfg, run.state, run.started, run.world, run.device, run.sample_seconds)
-        assert clock.usable() == pytest.approx(60 * (1 - budget.SAFETY) - run.sample_seconds)
+        assert clock.usable_seconds() == pytest.approx(60 * (1 - budget.SAFETY) - run.sample_seconds)

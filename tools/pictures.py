@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import (DEVICE_HELP, DEVICES, TEMPERATURES, THREADS_HELP, Sampler, TinyLLMError, check_common, make_config,
-                    require, setting)
+from config import (DEVICE_HELP, DEVICES, TEMPERATURES, THREADS_HELP, Sampler, TinyLLMError, check_settings,
+                    make_config, require, setting)
 from sampling import next_token_probs
 from utils import CharTokenizer, bits_per_char, chars_per_token
 
@@ -57,7 +57,7 @@ class PictureConfig:
         require(temps and all(TEMPERATURES[0] <= t <= TEMPERATURES[1] for t in temps), "--temperatures must be numbers "
                 f"between {TEMPERATURES[0]:g} and {TEMPERATURES[1]:g}, comma-separated, got {self.temperatures!r}")
         require(1 <= self.passage_chars <= 5000, f"--passage_chars must be in 1..5000, got {self.passage_chars}")
-        check_common(self, "--")
+        check_settings(self, "--")
 
     def temperature_list(self):
         return [float(t) for t in self.temperatures.split(",")]
