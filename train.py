@@ -106,29 +106,30 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 
 
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """The run (a setup.Run): set-up (machinery/setup.py), then build, then precision; frozen from here on."""
+    """The Run, made once: set-up (machinery/setup.py), then build, then precision; only read from here on."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
-    run = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
-                      budget.now() if started is None else started)
-    cfg = run.cfg
-    corpus, model, optimizer, next_batch, val_batch = build(run)
-    state = checkpoint.restore(run, optimizer, TrainState) if run.resumed else TrainState()  # as saved, optimizer too
-    setup.set_random_state(run, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
-    if run.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
-        next_batch = setup.one_fixed_batch(run, next_batch)
+    start = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
+                        budget.now() if started is None else started)
+    cfg = start.cfg
+    corpus, model, optimizer, next_batch, val_batch = build(start)
+    # a resumed run's state and optimizer as saved; a fresh run's from zero
+    state = checkpoint.restore(start, optimizer, TrainState) if start.resumed else TrainState()
+    setup.set_random_state(start, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
+    if start.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
+        next_batch = setup.one_fixed_batch(start, next_batch)
     train_model = torch.compile(model) if cfg.compile else model  # --compile: the steps run a compiled model
-    train_model = ddp.wrap(train_model, run.world, run.device)  # torchrun: DDP averages the processes' gradients
+    train_model = ddp.wrap(train_model, start.world, start.device)  # torchrun: DDP averages the processes' gradients
     # the precision: --compile's check and --dtype auto's timing take steps at the peak LR that leave no trace
     trial_step = functools.partial(train_step, train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps,
                                    cfg.grad_clip)  # (ctx, scaler) -> figures
-    dtype, ctx, scaler = setup.precision(run, model, optimizer, state, trial_step)
-    setup.print_header(run, model, corpus, dtype, state)
+    dtype, ctx, scaler = setup.precision(start, model, optimizer, state, trial_step)
+    setup.print_header(start, model, corpus, dtype, state)
     # a time budget keeps time for the closing sample, timed here
     sample_seconds = (records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed)
                       if cfg.time_budget else 0.0)
-    return replace(run, model_cfg=model.config, corpus=corpus, model=model, optimizer=optimizer, next_batch=next_batch,
-                   val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx, scaler=scaler,
-                   sample_seconds=sample_seconds, state=state)
+    return setup.Run(**(vars(start) | {"model_cfg": model.config}), corpus=corpus, model=model, optimizer=optimizer,
+                     next_batch=next_batch, val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx,
+                     scaler=scaler, sample_seconds=sample_seconds, state=state)
 
 
 def train_loop(run):

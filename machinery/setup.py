@@ -1,6 +1,6 @@
-"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: the Run, what the loop works with; where the
-run starts (start: processes, device, run folder, the checkpoint it continues or fine-tunes); what comes before its
-first step (random states, --overfit_batch, the precision) and what the user is told of it."""
+"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: where the run starts (start, a Start:
+processes, device, run folder, the checkpoint it continues or fine-tunes), the Run the loop works with; what comes
+before its first step (random states, --overfit_batch, the precision) and what the user is told of it."""
 
 import dataclasses
 import os
@@ -21,10 +21,9 @@ from machinery.sources import check_long_enough, load_corpus
 
 
 @dataclass(frozen=True)
-class Run:
-    """What a run works with, frozen: start makes one of its settings, processes, device and the checkpoint it starts
-    from; train.setup_run its copy with what it builds for the first step, which the loop only reads. What changes as
-    the run trains is its state."""
+class Start:
+    """A run before its model is built (start makes it): its settings, processes, device and the checkpoint it
+    starts from."""
     options: RunOptions
     preset: str
     model_cfg: GPTConfig
@@ -36,18 +35,6 @@ class Run:
     source: dict                # the checkpoint it resumes (options.resume) or fine-tunes (options.init_from), or None
     source_path: str
     resumed: bool               # source is this run's own last.pt (--resume found one), not a fine-tune's start
-    # what train.setup_run builds once the run has started (None before)
-    corpus: object = None       # utils.Corpus: the train and val token streams, and their tokenizer
-    model: torch.nn.Module = None
-    optimizer: torch.optim.Optimizer = None
-    next_batch: object = None   # () -> (x, y): a training batch of this process
-    val_batch: object = None
-    train_model: torch.nn.Module = None  # the model as the steps call it: compiled and/or wrapped in DDP
-    dtype: str = None           # the forward pass's precision: its autocast context, and float16's scaler (or None)
-    ctx: object = None
-    scaler: object = None
-    sample_seconds: float = 0.0  # the closing sample's, timed before the first step for a time budget to keep
-    state: object = None        # train.TrainState: the numbers that change as the run trains
 
     @property
     def master(self):  # rank 0: the only process that prints and writes files
@@ -64,6 +51,23 @@ class Run:
     def say(self, text):
         if self.master:
             log(text)
+
+
+@dataclass(frozen=True)
+class Run(Start):
+    """What the loop works with, made once by train.setup_run and then only read: the Start, and what was built for
+    the first step. What changes as the run trains is inside its state."""
+    corpus: object       # utils.Corpus: the train and val token streams, and their tokenizer
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    next_batch: object   # () -> (x, y): a training batch of this process
+    val_batch: object
+    train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
+    dtype: str           # the forward pass's precision: its autocast context, and float16's scaler (or None)
+    ctx: object
+    scaler: object
+    sample_seconds: float  # the closing sample's, timed before the first step for a time budget to keep
+    state: object        # train.TrainState: the numbers that change as the run trains
 
 
 # ----------------------------------------------------------------------------- before the model is built
@@ -96,7 +100,7 @@ def start(model_cfg, train_cfg, options, preset, given, started):
     configure_matmul(device)
     set_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
-    return Run(options, preset, model_cfg, train_cfg, started, rank, world, device, source, last, resumed)
+    return Start(options, preset, model_cfg, train_cfg, started, rank, world, device, source, last, resumed)
 
 
 def load_source(path, given):
