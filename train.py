@@ -31,21 +31,21 @@ from machinery import budget, checkpoint, cli, ddp, device, records, setup
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
 
-def build(run):
-    """(corpus, model, optimizer, next_batch, val_batch) of the run setup.start made (its settings, device, source)."""
-    cfg = run.cfg
+def build(start):
+    """(corpus, model, optimizer, next_batch, val_batch) of the run setup.start_run made (settings, device, source)."""
+    cfg = start.cfg
     # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
     # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
-    corpus, model = setup.load_corpus_and_model(run)
+    corpus, model = setup.load_corpus_and_model(start)
     if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
-        model = GPT(replace(run.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    model = model.to(run.device)
-    optimizer = make_optimizer(model, cfg, run.device)  # AdamW: optim.py
+        model = GPT(replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
+    model = model.to(start.device)
+    optimizer = make_optimizer(model, cfg, start.device)  # AdamW: optim.py
     # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
     # its share of batch_size, in grad_accum_steps micro-batches
-    block_size, micro_batch = model.config.block_size, run.micro_batch  # batch_size // processes // grad_accum_steps
-    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, run.device)  # () -> (x, y)
-    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, run.device)
+    block_size, micro_batch = model.config.block_size, start.micro_batch  # batch_size // processes // grad_accum
+    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, start.device)  # () -> (x, y)
+    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, start.device)
     return corpus, model, optimizer, next_batch, val_batch
 
 
@@ -81,8 +81,8 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
 
 @dataclass
 class TrainState:
-    """The numbers that change as the run trains, written by the loop below (set-up only notes plan); every checkpoint
-    saves them whole, and --resume puts them back (an older checkpoint without a new field resumes with its default)."""
+    """The numbers that change as the run trains, written by this file alone (the loop; set-up notes plan); every
+    checkpoint saves them whole, and --resume puts them back (an older checkpoint lacking a new field: its default)."""
     step: int = 0
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0
@@ -108,7 +108,7 @@ def train(model_cfg, train_cfg, options=None, preset="custom", given=None, start
 def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
     """The Run, made once: set-up (machinery/setup.py), then build, then precision; only read from here on."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
-    start = setup.start(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
+    start = setup.start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
                         budget.now() if started is None else started)
     cfg = start.cfg
     corpus, model, optimizer, next_batch, val_batch = build(start)
@@ -122,14 +122,17 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     # the precision: --compile's check and --dtype auto's timing take steps at the peak LR that leave no trace
     trial_step = functools.partial(train_step, train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps,
                                    cfg.grad_clip)  # (ctx, scaler) -> figures
-    dtype, ctx, scaler = setup.precision(start, model, optimizer, state, trial_step)
+    dtype, ctx, scaler, state.plan = setup.precision(start, model, optimizer, state.plan, trial_step)
+    # the loop's step: lr -> the figures of train_step with this run's model, optimizer, batches and precision
+    step = functools.partial(train_step, train_model, optimizer, next_batch, grad_accum_steps=cfg.grad_accum_steps,
+                             grad_clip=cfg.grad_clip, ctx=ctx, scaler=scaler)
     setup.print_header(start, model, corpus, dtype, state)
     # a time budget keeps time for the closing sample, timed here
     sample_seconds = (records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed)
                       if cfg.time_budget else 0.0)
     return setup.Run(**(vars(start) | {"model_cfg": model.config}), corpus=corpus, model=model, optimizer=optimizer,
                      next_batch=next_batch, val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx,
-                     scaler=scaler, sample_seconds=sample_seconds, state=state)
+                     scaler=scaler, train_step=step, sample_seconds=sample_seconds, state=state)
 
 
 def train_loop(run):
@@ -158,8 +161,7 @@ def train_loop(run):
             # (optim.progress), or under a --time_budget by the seconds spent of those usable
             state.progress = clock.progress_by_time(state.progress) if cfg.time_budget else progress(state.step, cfg)
             lr = get_lr(state.step, state.progress, cfg)
-            figures = train_step(run.train_model, run.optimizer, run.next_batch, lr, cfg.grad_accum_steps,
-                                 cfg.grad_clip, run.ctx, run.scaler)
+            figures = run.train_step(lr)  # train_step, above, with this run's model, optimizer, batches, precision
             state.step += 1
 
             # --- its figures: averaged over log_interval steps onto a progress line and into the history

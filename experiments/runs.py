@@ -64,8 +64,7 @@ def step_times(runs, untimed, steps):
 
     def step_of(run):
         def step():  # at the peak LR
-            train.train_step(run.train_model, run.optimizer, run.next_batch, run.cfg.lr, run.cfg.grad_accum_steps,
-                             run.cfg.grad_clip, run.ctx, run.scaler)
+            run.train_step(run.cfg.lr)
             sync(run.device)
         return step
 

@@ -233,10 +233,10 @@ def conflicting_flags(given, saved, changeable, words):
 
 # ----------------------------------------------------------------------------- --resume: the state put back
 
-def restore(run, optimizer, state_type):
+def restore(start, optimizer, state_type):
     """A resumed run's state (a state_type: train.TrainState) and optimizer exactly as saved; a new --max_steps is a
     new schedule."""
-    checkpoint, cfg = run.source, run.cfg
+    checkpoint, cfg = start.source, start.cfg
     optimizer.load_state_dict(checkpoint["optimizer"])
     names = {f.name for f in dataclasses.fields(state_type)}
     state = state_type(**{k: checkpoint[k] for k in names if k in checkpoint})
@@ -247,7 +247,7 @@ def restore(run, optimizer, state_type):
             raise TinyLLMError(f"the run is already at step {state.step}; --max_steps {cfg.max_steps} "
                                f"would not train it further")
         lr = get_lr(state.step, progress(state.step, cfg), cfg)  # the LR at this step of a run that long
-        run.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
+        start.say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps, whose LR at step "
                 f"{state.step} is {lr:.3g} (the last step's was {state.lr:.3g}), down to {cfg.min_lr:g} at its end")
     return state
 

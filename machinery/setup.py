@@ -1,4 +1,4 @@
-"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: where the run starts (start, a Start:
+"""Setting a run up around train.py's lesson, fresh, resumed or fine-tuned: where the run starts (start_run, a Start:
 processes, device, run folder, the checkpoint it continues or fine-tunes), the Run the loop works with; what comes
 before its first step (random states, --overfit_batch, the precision) and what the user is told of it."""
 
@@ -22,7 +22,7 @@ from machinery.sources import check_long_enough, load_corpus
 
 @dataclass(frozen=True)
 class Start:
-    """A run before its model is built (start makes it): its settings, processes, device and the checkpoint it
+    """A run before its model is built (start_run makes it): its settings, processes, device and the checkpoint it
     starts from."""
     options: RunOptions
     preset: str
@@ -66,13 +66,14 @@ class Run(Start):
     dtype: str           # the forward pass's precision: its autocast context, and float16's scaler (or None)
     ctx: object
     scaler: object
+    train_step: object   # lr -> figures: train.train_step with this run's model, optimizer, batches and precision
     sample_seconds: float  # the closing sample's, timed before the first step for a time budget to keep
     state: object        # train.TrainState: the numbers that change as the run trains
 
 
 # ----------------------------------------------------------------------------- before the model is built
 
-def start(model_cfg, train_cfg, options, preset, given, started):
+def start_run(model_cfg, train_cfg, options, preset, given, started):
     """Processes, device, run folder, the checkpoint to start from, and the seed (every rank's: the same weights)."""
     rank, world, device = setup_distributed(choose_device(train_cfg.device))
     say = log if rank == 0 else (lambda *a: None)
@@ -122,58 +123,59 @@ def tokenizer_kind(checkpoint):
     return (checkpoint.get("tokenizer") or {}).get("kind", "char")
 
 
-def load_corpus_and_model(run):
+def load_corpus_and_model(start):
     """(corpus, model): the checked text, and the GPT a resumed or fine-tuned run starts from (else None)."""
-    cfg, model, tokenizer = run.cfg, None, None
-    if run.source:
-        model = model_from_checkpoint(run.source, run.source_path)
-        tokenizer = tokenizer_of(run.source, model.config.vocab_size, run.source_path)
+    cfg, model, tokenizer = start.cfg, None, None
+    if start.source:
+        model = model_from_checkpoint(start.source, start.source_path)
+        tokenizer = tokenizer_of(start.source, model.config.vocab_size, start.source_path)
     # vocab_size is BPE's target size; the GPT's own comes from the tokenizer
-    corpus = load_corpus(cfg, tokenizer, run.model_cfg.vocab_size, extend=bool(run.options.init_from))
-    block_size = (model.config if model else run.model_cfg).block_size  # refused before the model is built
+    corpus = load_corpus(cfg, tokenizer, start.model_cfg.vocab_size, extend=bool(start.options.init_from))
+    block_size = (model.config if model else start.model_cfg).block_size  # refused before the model is built
     check_long_enough(corpus.train, block_size, "train", cfg.data)
     check_long_enough(corpus.val, block_size, "validation", cfg.data)
     if model is not None and corpus.added:  # characters the checkpoint never saw: a new embedding row each
         grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
-        run.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {run.source_path} "
+        start.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {start.source_path} "
                 f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
     return corpus, model
 
 
 # ----------------------------------------------------------------------------- after the model is built
 
-def set_random_state(run, state):
+def set_random_state(start, state):
     """Every RNG as saved on --resume (under torchrun each rank's); else under torchrun each rank a seed of its own,
     so that each draws its own batches (the weights are the same: start seeded every rank alike before the build)."""
-    rngs = (run.source.get("rngs") or [run.source["rng"]]) if run.resumed else []
+    rngs = (start.source.get("rngs") or [start.source["rng"]]) if start.resumed else []
     if rngs:
-        set_rng_state(rngs[run.rank] if len(rngs) == run.world else rngs[0])
-    if run.world > 1 and len(rngs) != run.world:
-        seed_everything(rank_seed(run.cfg.seed, run.rank, state.step))
+        set_rng_state(rngs[start.rank] if len(rngs) == start.world else rngs[0])
+    if start.world > 1 and len(rngs) != start.world:
+        seed_everything(rank_seed(start.cfg.seed, start.rank, state.step))
 
 
-def one_fixed_batch(run, next_batch):
+def one_fixed_batch(start, next_batch):
     """--overfit_batch: () -> the same batch every step, drawn once (after the seeds are set)."""
     fixed = next_batch()
-    run.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
+    start.say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
     return lambda: fixed
 
 
-def precision(run, model, optimizer, state, trial_step):
-    """(dtype, ctx, scaler): the forward pass's precision, its autocast and float16's scaler (else None)."""
-    cfg, device = run.cfg, run.device
+def precision(start, model, optimizer, plan, trial_step):
+    """(dtype, ctx, scaler, plan): the forward pass's precision, its autocast, float16's scaler (else None), and what
+    --dtype auto measured ({"dtype", "dtype_note"}; plan: a resumed run's as saved, else None)."""
+    cfg, device = start.cfg, start.device
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.compile:
         check_compiles(trial_step, model, optimizer, autocast(device, dtype), make_scaler(device, dtype))
     if cfg.dtype == "auto" and measured_on(device):  # a resumed run keeps what its first process measured
-        if not (state.plan or {}).get("dtype"):
+        if not (plan or {}).get("dtype"):
             # timings differ between processes: every rank takes rank 0's choice
-            state.plan = every_rank(measure_dtype(trial_step, model, optimizer, device), run.world)[0]
-        dtype = state.plan["dtype"]
+            plan = every_rank(measure_dtype(trial_step, model, optimizer, device), start.world)[0]
+        dtype = plan["dtype"]
     scaler = make_scaler(device, dtype)
-    if run.resumed and run.source.get("scaler") and scaler:
-        scaler.load_state_dict(run.source["scaler"])
-    return dtype, autocast(device, dtype), scaler
+    if start.resumed and start.source.get("scaler") and scaler:
+        scaler.load_state_dict(start.source["scaler"])
+    return dtype, autocast(device, dtype), scaler, plan
 
 
 def check_compiles(step, model, optimizer, ctx, scaler):
@@ -189,23 +191,23 @@ def check_compiles(step, model, optimizer, ctx, scaler):
 
 # ----------------------------------------------------------------------------- what the user is told
 
-def print_header(run, model, corpus, dtype, state):
+def print_header(start, model, corpus, dtype, state):
     """What the run is: device and precision, the model, the tokens of a step and of the data, the run's end."""
-    m, cfg, say = model.config, run.cfg, run.say
-    processes = f" x {run.world} processes" if run.world > 1 else ""
+    m, cfg, say = model.config, start.cfg, start.say
+    processes = f" x {start.world} processes" if start.world > 1 else ""
     precision = (state.plan or {}).get("dtype_note") or explain_dtype(cfg.dtype, dtype)
-    say(f"device {describe(run.device)} ({precision}, {torch.get_num_threads()} threads){processes} "
-        f"| preset {run.preset} | data {cfg.data}")
-    if note := mfu_note(run.device, dtype):
+    say(f"device {describe(start.device)} ({precision}, {torch.get_num_threads()} threads){processes} "
+        f"| preset {start.preset} | data {cfg.data}")
+    if note := mfu_note(start.device, dtype):
         say(note)
     variants = ", ".join(f"{f.name} {getattr(m, f.name)}" for f in dataclasses.fields(m)  # a number's 0: off, unsaid
                          if f.name not in SHAPE and getattr(m, f.name) not in (0, False))
     say(f"model {model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
         f"block {m.block_size}, vocab {m.vocab_size} | {variants} | optimizer {cfg.optimizer}")
-    split = [f"{run.world} processes"] if run.world > 1 else []
+    split = [f"{start.world} processes"] if start.world > 1 else []
     split += [f"{cfg.grad_accum_steps} micro-batches"] if cfg.grad_accum_steps > 1 else []
     say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
-        + (f" ({' x '.join(split)} of {run.micro_batch})" if split else "")
+        + (f" ({' x '.join(split)} of {start.micro_batch})" if split else "")
         + f" | train {len(corpus.train):,} tokens, val {len(corpus.val):,} tokens")
     if cfg.time_budget:
         say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left, less the "

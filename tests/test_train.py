@@ -95,6 +95,19 @@ def test_gradient_accumulation_matches_one_big_batch():
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_a_runs_step_trains_on_the_whole_batch_in_its_micro_batches(shakespeare_head, tmp_path, monkeypatch):
+    drawn, draw = [], train.get_batch
+
+    def counted(*args):  # the sequences of each draw a step takes (an evaluation draws without a graph)
+        x, y = draw(*args)
+        drawn.extend([len(x)] if torch.is_grad_enabled() else [])
+        return x, y
+    monkeypatch.setattr(train, "get_batch", counted)
+    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=3, batch_size=8, grad_accum_steps=2)
+    train.train(tiny_model_config(), cfg)
+    assert drawn == [4] * 6  # 3 steps of 2 micro-batches of 4
+
+
 def test_evaluation_runs_in_eval_mode_without_a_graph():
     model = GPT(tiny_model_config(dropout=0.1))
     seen = []
