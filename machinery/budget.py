@@ -23,7 +23,7 @@ class Clock:
 
     def __init__(self, cfg, state, started, world, device, sample_seconds=0.0):  # started: this process's start
         self.cfg, self.state, self.started, self.world, self.device = cfg, state, started, world, device
-        self.seconds = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        self.seconds, self.read_at = parse_duration(cfg.time_budget) if cfg.time_budget else None, None
         self.sample_seconds = self.ranks_mean(sample_seconds) if self.seconds else 0.0
         self.spent_at_start = self.spent_at_last_step = self.spent() if self.seconds else 0.0  # of this process
         self.first_step = state.step
@@ -37,7 +37,11 @@ class Clock:
         return all_ranks_mean([seconds], self.world, self.device)[0]
 
     def spent(self):
-        return self.ranks_mean(self.elapsed())
+        """The run's seconds, every process's mean: read once a step and again after an evaluation, for a mean
+        waits for every process (and a GPU's queued steps)."""
+        if self.read_at != (self.state.step, self.state.last_eval_step):
+            self.read_at, self.spent_then = (self.state.step, self.state.last_eval_step), self.ranks_mean(self.elapsed())
+        return self.spent_then
 
     def usable_seconds(self):
         return self.seconds * (1 - SAFETY) - self.state.eval_seconds - self.sample_seconds

@@ -83,6 +83,18 @@ def test_a_budget_ends_in_time_at_the_end_of_its_schedule_whatever_the_pace(shak
     assert_progress_rises_to_the_end(progress, TrainConfig(**last["train_config"]).warmup_steps)
 
 
+def test_a_budget_reads_the_processes_clocks_once_a_step(shakespeare_head, tmp_path, capsys, monkeypatch):
+    """Under torchrun a reading is every process's mean, which waits for all of them (and for a GPU): once a step,
+    twice an evaluation (its seconds, and the clock after it), and at the start (the sample's seconds, the clock)."""
+    _, progress = on_a_clock_of_steps(monkeypatch, lambda n: 0.01)
+    reads = []
+    monkeypatch.setattr(budget, "all_ranks_mean", lambda values, world, device: reads.append(values) or values)
+    code, out, err = budget_run(capsys, shakespeare_head, tmp_path / "run")
+    assert code == 0, err
+    evaluations = out.count("\neval ")
+    assert len(progress) > 100 and len(reads) <= 3 + len(progress) + 2 * evaluations
+
+
 def test_a_budget_runs_whatever_schedule_get_lr_holds(shakespeare_head, tmp_path, capsys, monkeypatch):
     """A learner's schedule (here: warmup, then hold lr until 80% of the progress, then straight
     down to min_lr) is a new get_lr; the time budget drives it as it drives the cosine."""
