@@ -39,8 +39,9 @@ class Clock:
     def spent(self):
         """The run's seconds, every process's mean: read once a step and again after an evaluation, for a mean
         waits for every process (and a GPU's queued steps)."""
-        if self.read_at != (self.state.step, self.state.last_eval_step):
-            self.read_at, self.spent_then = (self.state.step, self.state.last_eval_step), self.ranks_mean(self.elapsed())
+        at = (self.state.step, self.state.last_eval_step)
+        if self.read_at != at:
+            self.read_at, self.spent_then = at, self.ranks_mean(self.elapsed())
         return self.spent_then
 
     def usable_seconds(self):
