@@ -26,7 +26,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
-from machinery import budget, checkpoint, cli, ddp, device, records, setup
+from machinery import budget, checkpoint, cli, ddp, device, plots, records, resume, setup
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -109,11 +109,11 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     """The Run, made once: set-up (machinery/setup.py), then build, then precision; only read from here on."""
     # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
     start = setup.start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
-                        budget.now() if started is None else started)
+                            budget.now() if started is None else started)
     cfg = start.cfg
     corpus, model, optimizer, next_batch, val_batch = build(start)
     # a resumed run's state and optimizer as saved; a fresh run's from zero
-    state = checkpoint.restore(start, optimizer, TrainState) if start.resumed else TrainState()
+    state = resume.restore(start, optimizer, TrainState) if start.resumed else TrainState()
     setup.set_random_state(start, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
     if start.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
         next_batch = setup.one_fixed_batch(start, next_batch)
@@ -334,7 +334,7 @@ def main(argv=None, started=None):
         records.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size,
                                     train_cfg.threads)
     elif options.plot_lr:  # the learning rate of every step, drawn without training
-        records.draw_lr_schedule(train_cfg)
+        plots.draw_lr_schedule(train_cfg)
     else:
         train(model_cfg, train_cfg, options, preset, given, started)
 

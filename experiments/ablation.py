@@ -9,7 +9,7 @@ from config import TinyLLMError
 from utils import bits_per_char
 from experiments.runs import machine_info, markdown_table, new_run
 from machinery.cli import explicit_flags, log
-from machinery.records import new_plot, save_plot, split_history
+from machinery.plots import new_plot, save_plot, split_history
 
 
 # Every run sets all three switches, so a preset that picks (say) RoPE cannot leak into "vanilla".

@@ -20,7 +20,7 @@ from deep_dives import graphs
 import train
 from config import GREEDY
 from experiments.runs import ROOT, machine_info, markdown_table, new_run, step_times
-from machinery import records
+from machinery import plots, records
 from machinery.annotate import forced_steps
 from machinery.cli import log
 from machinery.device import choose_device, has_native_bf16, machine
@@ -108,8 +108,8 @@ def training_runs(quick, device, tmp):
 def train_run(flags, out_dir):
     result = run_stamped([sys.executable, "-u", os.path.join(ROOT, "train.py"), *flags, "--out_dir", out_dir])
     path = os.path.join(out_dir, "history.json")
-    history = records.read_history(path) if os.path.isfile(path) else []
-    progress, evals = records.split_history(history)
+    history = plots.read_history(path) if os.path.isfile(path) else []
+    progress, evals = plots.split_history(history)
     evals, steps = [h["val_loss"] for h in evals], [h["ms_per_step"] for h in progress if h["ms_per_step"]]
     mfu = [float(m) for _, line in result["lines"] for m in re.findall(r"MFU ([0-9.]+)%", line)]
     device = next((line for _, line in result["lines"] if line.startswith("device ")), "")
@@ -201,7 +201,7 @@ def cache_checks(quick, device, tmp, compiled=True):
             given = {**shape, "dtype": dtype, "compile": compile, "max_steps": steps, "eval_interval": steps,
                      "log_interval": steps, "eval_iters": 2, "sample_tokens": 0, "plots": False}
             run = new_run(preset, given, os.path.join(tmp, f"check-{dtype}-{compile}"))
-            _, evals = records.split_history(train.train_loop(run)["history"])
+            _, evals = plots.split_history(train.train_loop(run)["history"])
             cache = check_cache(run.model.eval(), run.ctx, run.dtype, 48 if quick else 250)
             line = describe_cache_check(cache, run.dtype)
             first, last = evals[0]["val_loss"], evals[-1]["val_loss"]

@@ -62,11 +62,8 @@ def step_times(runs, untimed, steps):
     """Milliseconds of each timed optimizer step of each run, the runs interleaved step by step."""
     log(f"{untimed} untimed steps, then {steps} timed steps" + (", variants interleaved" if len(runs) > 1 else ""))
 
-    def step_of(run):
-        def step():  # at the peak LR
-            run.train_step(run.cfg.lr)
-            sync(run.device)
-        return step
+    def step_of(run):  # () -> one step at the peak LR, waited for
+        return lambda: (run.train_step(run.cfg.lr), sync(run.device))
 
     return [[1000 * s for s in seconds] for seconds in interleaved([step_of(run) for run in runs], untimed, steps)]
 

@@ -17,7 +17,7 @@ from utils import get_batch
 from experiments.runs import new_run, step_times
 from machinery.cli import format_seconds, log
 from machinery.device import flops_per_token
-from machinery.records import new_plot, save_plot, split_history
+from machinery.plots import new_plot, save_plot, split_history
 
 
 # from about 30 thousand to 1.3 million parameters (43x), the tiny preset's 2 x 160 among them; the rest is tiny's

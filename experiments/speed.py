@@ -17,7 +17,7 @@ from config import GREEDY, GPTConfig, TinyLLMError, TrainConfig, build_configs
 from model import GPT
 from deep_dives import graphs
 from experiments.runs import ROOT, new_run, peak_memory_mib, step_times, sync
-from machinery import records
+from machinery import plots, records
 from machinery.cli import bool_flag, explicit_flags, log
 from machinery.device import autocast, choose_device, interleaved, resolve_dtype
 
@@ -134,7 +134,7 @@ def time_to_target(preset, target, extra, label):
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             raise TinyLLMError(f"train.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-        _, evals = records.split_history(records.read_history(out_dir))
+        _, evals = plots.split_history(plots.read_history(out_dir))
     hit = next((h for h in evals if h["val_loss"] <= target), None)
     best = min(evals, key=lambda h: h["val_loss"])
     log(f"[{label}] " + (f"val {hit['val_loss']:.4f} <= {target} at step {hit['step']}: {wall:.1f} s from process "

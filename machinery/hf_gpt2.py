@@ -11,7 +11,7 @@ from config import SHAPE, GPTConfig, TinyLLMError
 from model import GPT
 
 from machinery.checkpoint import (load_checkpoint, make_checkpoint, model_from_checkpoint, refused_as_unsafe,
-                                 save_checkpoint, unsafe_file)
+                                  save_checkpoint, unsafe_file)
 from machinery.cli import ArgumentParser, check_writable, first_line, log, run_cli
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -10,13 +10,13 @@ import torch
 
 from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 
-from machinery.checkpoint import (claim_out_dir, conflicting_flags, grow_vocabulary, load_checkpoint, load_resumable,
-                                  model_from_checkpoint, resume_configs, tokenizer_of)
+from machinery.checkpoint import claim_out_dir, load_checkpoint, model_from_checkpoint, tokenizer_of
 from machinery.cli import first_line, log, warn
 from machinery.ddp import every_rank, rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
+from machinery.resume import conflicting_flags, load_resumable, resume_configs
 from machinery.sources import check_long_enough, load_corpus
 
 
@@ -137,8 +137,21 @@ def load_corpus_and_model(start):
     if model is not None and corpus.added:  # characters the checkpoint never saw: a new embedding row each
         grow_vocabulary(model, corpus.old_ids + list(range(tokenizer.vocab_size, model.config.vocab_size)))
         start.say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} that {start.source_path} "
-                f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
+                  f"lacked to the vocabulary ({tokenizer.vocab_size} -> {corpus.tokenizer.vocab_size} tokens)")
     return corpus, model
+
+
+@torch.no_grad()
+def grow_vocabulary(model, old_ids):
+    """Token i's embedding becomes old row old_ids[i], or where None the mean of the old rows: a neutral start."""
+    old = model.wte.weight
+    known = [i for i in old_ids if i is not None]
+    rows = [old[i] if i is not None else old[known].mean(dim=0) for i in old_ids]
+    model.wte = torch.nn.Embedding(len(old_ids), model.config.n_embd, device=old.device, dtype=old.dtype)
+    model.wte.weight.copy_(torch.stack(rows))
+    model.lm_head = torch.nn.Linear(model.config.n_embd, len(old_ids), bias=False, device=old.device, dtype=old.dtype)
+    model.lm_head.weight = model.wte.weight
+    model.config = dataclasses.replace(model.config, vocab_size=len(old_ids))
 
 
 # ----------------------------------------------------------------------------- after the model is built

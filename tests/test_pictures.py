@@ -163,7 +163,7 @@ def test_every_picture_opens_at_its_size_and_says_what_to_look_for(trained, tmp_
                                                       ("attention", "surprise", "temperature", "embeddings")]
     assert all("Look" in line for line in lines)
     assert "200 characters of the val split" in lines[1] and "over 200 tokens" in lines[1]  # --passage_chars
-    # the model: 2 layers x 2 heads, so 2.2-inch heatmaps at 90 dpi; records.new_plot's 7 inches wide
+    # the model: 2 layers x 2 heads, so 2.2-inch heatmaps at 90 dpi; plots.new_plot's 7 inches wide
     assert png_size(tmp_path / "docs" / "attention.png") == (450, 468)
     assert png_size(tmp_path / "docs" / "surprise.png")[0] == 810
     assert png_size(tmp_path / "docs" / "temperature.png") == (630, 360)

@@ -20,7 +20,8 @@ import train
 
 from machinery import device
 from tools import compare, prepare
-from machinery.checkpoint import load_checkpoint, load_model, resume_configs, save_checkpoint
+from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
+from machinery.resume import resume_configs
 from machinery.sources import load_prepared
 from optim import get_lr, progress
 

@@ -5,7 +5,7 @@ import os
 from config import TinyLLMError
 
 from machinery.cli import ArgumentParser, log, run_cli
-from machinery.records import new_plot, read_history, save_plot, split_history, step_loss
+from machinery.plots import new_plot, read_history, save_plot, split_history, step_loss
 
 
 def compare_runs(run_dirs, out, labels=None):

@@ -21,7 +21,8 @@ from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.checkpoint import load_model
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
 from machinery.device import choose_device, set_threads
-from machinery.records import DPI, new_plot, save_plot, token_losses
+from machinery.plots import DPI, new_plot, save_plot
+from machinery.records import token_losses
 from machinery.sources import encode_prompt, validation_split
 
 
