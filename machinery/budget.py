@@ -23,7 +23,8 @@ class Clock:
 
     def __init__(self, cfg, state, started, world, device, sample_seconds=0.0):  # started: this process's start
         self.cfg, self.state, self.started, self.world, self.device = cfg, state, started, world, device
-        self.seconds, self.read_at = parse_duration(cfg.time_budget) if cfg.time_budget else None, None
+        self.seconds = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        self.read_at = None  # the (step, last evaluation) of the latest reading of the clock
         self.sample_seconds = self.ranks_mean(sample_seconds) if self.seconds else 0.0
         self.spent_at_start = self.spent_at_last_step = self.spent() if self.seconds else 0.0  # of this process
         self.first_step = state.step

@@ -158,7 +158,7 @@ def grow_vocabulary(model, old_ids):
 
 def set_random_state(start, state):
     """Every RNG as saved on --resume (under torchrun each rank's); else under torchrun each rank a seed of its own,
-    so that each draws its own batches (the weights are the same: start seeded every rank alike before the build)."""
+    so that each draws its own batches (the weights are alike: start_run seeded every rank alike before the build)."""
     rngs = (start.source.get("rngs") or [start.source["rng"]]) if start.resumed else []
     if rngs:
         set_rng_state(rngs[start.rank] if len(rngs) == start.world else rngs[0])
