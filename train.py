@@ -119,20 +119,20 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
         next_batch = setup.one_fixed_batch(start, next_batch)
     train_model = torch.compile(model) if cfg.compile else model  # --compile: the steps run a compiled model
     train_model = ddp.wrap(train_model, start.world, start.device)  # torchrun: DDP averages the processes' gradients
-    # the precision: --compile's check and --dtype auto's timing take steps at the peak LR that leave no trace
-    trial_step = functools.partial(train_step, train_model, optimizer, next_batch, cfg.lr, cfg.grad_accum_steps,
-                                   cfg.grad_clip)  # (ctx, scaler) -> figures
-    dtype, ctx, scaler, state.plan = setup.precision(start, model, optimizer, state.plan, trial_step)
-    # the loop's step: lr -> the figures of train_step with this run's model, optimizer, batches and precision
+    # the run's step: train_step bound to this run's model, optimizer, batches, accumulation and clipping
     step = functools.partial(train_step, train_model, optimizer, next_batch, grad_accum_steps=cfg.grad_accum_steps,
-                             grad_clip=cfg.grad_clip, ctx=ctx, scaler=scaler)
+                             grad_clip=cfg.grad_clip)
+    # the precision: --compile's check and --dtype auto's timing take trial steps at the peak LR that leave no trace
+    dtype, ctx, scaler, state.plan = setup.precision(start, model, optimizer, state.plan,
+                                                     lambda ctx, scaler=None: step(cfg.lr, ctx=ctx, scaler=scaler))
     setup.print_header(start, model, corpus, dtype, state)
     # a time budget keeps time for the closing sample, timed here
     sample_seconds = (records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed)
                       if cfg.time_budget else 0.0)
     return setup.Run(**(vars(start) | {"model_cfg": model.config}), corpus=corpus, model=model, optimizer=optimizer,
                      next_batch=next_batch, val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx,
-                     scaler=scaler, train_step=step, sample_seconds=sample_seconds, state=state)
+                     scaler=scaler, train_step=functools.partial(step, ctx=ctx, scaler=scaler),
+                     sample_seconds=sample_seconds, state=state)
 
 
 def train_loop(run):
