@@ -257,6 +257,7 @@ def finish(run, stop_reason, signum, clock):
         if run.writes_files:
             run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
                     f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
+        ddp.teardown_distributed(run.world)  # torchrun ends every rank once one exits: rank 0 must have saved
         sys.exit(128 + signum)
     done = records.done_line(state.step, state.best_val_loss, clock.elapsed(),
                              run.cfg.out_dir if run.writes_files else "", run.cfg.plots)

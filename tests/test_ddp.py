@@ -1,7 +1,7 @@
 """Distributed data parallel on CPU with Gloo and two processes, launched by torchrun: a DDP
 step equals a single-process step, the ranks agree on a stop signal that only one of them
-got and on --dtype auto's measured precision, and a run resumes under torchrun exactly, with
-only rank 0 writing."""
+got (no rank leaving before rank 0 has saved) and on --dtype auto's measured precision, and a
+run resumes under torchrun exactly, with only rank 0 writing."""
 
 import contextlib
 import json
@@ -126,6 +126,17 @@ def test_every_rank_trains_in_rank_0s_measured_precision(shakespeare_head, tmp_p
     assert lines == ["dtype bfloat16 rank 0's timing"] * 2
 
 
+# train.py with rank 0's checkpoint writes after step 0 taking 2 seconds longer
+SLOW_SAVE = textwrap.dedent("""
+    import runpy, sys, time
+    sys.path.insert(0, {root!r})
+    import machinery.checkpoint
+    write = machinery.checkpoint.save_checkpoint
+    machinery.checkpoint.save_checkpoint = lambda path, ckpt: (time.sleep(2 if ckpt["step"] else 0), write(path, ckpt))
+    runpy.run_path({root!r} + "/train.py", run_name="__main__")
+""")
+
+
 def rank_process(rank, marker):
     """The pid of the torchrun worker of this rank whose command line holds marker (Linux /proc)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -147,8 +158,10 @@ def test_ranks_agree_on_a_stop_signal_that_only_one_got_and_rank_0_saves(shakesp
     shape = ["--device", "cpu", "--data", shakespeare_head, "--out_dir", out, "--n_layer", "1", "--n_embd", "32",
              "--n_head", "2", "--block_size", "16", "--batch_size", "16", "--eval_iters", "4", "--lr", "1e-2",
              "--sample_tokens", "0", "--log_interval", "5", "--eval_interval", "1000"]
-    proc = subprocess.Popen([*LAUNCH, os.path.join(ROOT, "train.py"), *map(str, shape), "--max_steps", "5000",
-                             "--plots", "false"],
+    # rank 0 writes slowly (a big model, a slow disk): rank 1 must not exit before it has saved, or torchrun ends it
+    script = tmp_path / "slow_save.py"
+    script.write_text(SLOW_SAVE.format(root=ROOT))
+    proc = subprocess.Popen([*LAUNCH, str(script), *map(str, shape), "--max_steps", "5000", "--plots", "false"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env=subprocess_env(PYTHONPATH=ROOT), start_new_session=True)
     try:
