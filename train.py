@@ -126,6 +126,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     dtype, ctx, scaler, state.plan = setup.precision(start, model, optimizer, state.plan,
                                                      lambda ctx, scaler=None: step(cfg.lr, ctx=ctx, scaler=scaler))
     setup.print_header(start, model, corpus, dtype, state)
+    setup.clear_replaced_run(start)  # --overwrite: the previous run's files go now, the new one's input checked
     # a time budget keeps time for the closing sample, timed here
     sample_seconds = (records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed)
                       if cfg.time_budget else 0.0)

@@ -165,7 +165,7 @@ def describe_run(out_dir):
     return ", ".join(run_files(out_dir))
 
 
-def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
+def claim_out_dir(out_dir, overwrite, master=True, keep=""):
     """Refuse a fresh run over another run's checkpoints; check it can write before, not after, an hour of training."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
@@ -176,10 +176,13 @@ def claim_out_dir(out_dir, overwrite, master=True, say=log, keep=""):
     if keep and os.path.realpath(keep) in {os.path.realpath(os.path.join(out_dir, name)) for name in existing}:
         raise TinyLLMError(f"--overwrite would delete {keep}, the checkpoint --init_from starts from; "
                            f"fine-tune into another --out_dir (or --tag NAME)")
-    if not master:
-        return
-    check_writable(os.path.join(out_dir, f".write_test.{os.getpid()}"), "--out_dir", make_folder=True)
-    if existing:
+    if master:
+        check_writable(os.path.join(out_dir, f".write_test.{os.getpid()}"), "--out_dir", make_folder=True)
+
+
+def clear_out_dir(out_dir, say=log):
+    """--overwrite: the previous run's checkpoints and history go, once its replacement is set up (bad input first)."""
+    if existing := run_files(out_dir):
         say(f"--overwrite: removing the previous run's {', '.join(existing)} from {out_dir}")
         for name in existing + ["history.csv", "history.json"]:
             with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,7 @@ import torch
 
 from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 
-from machinery.checkpoint import claim_out_dir, load_checkpoint, model_from_checkpoint, tokenizer_of
+from machinery.checkpoint import claim_out_dir, clear_out_dir, load_checkpoint, model_from_checkpoint, tokenizer_of
 from machinery.cli import first_line, log, warn
 from machinery.ddp import every_rank, rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
@@ -90,7 +90,7 @@ def start_run(model_cfg, train_cfg, options, preset, given, started):
             raise TinyLLMError(f"{out_dir}/last.pt is a run of preset '{preset}'; --resume cannot switch it to "
                                f"--preset {options.preset} (drop the flag, or start another --out_dir)")
     elif not options.overfit_batch:
-        claim_out_dir(out_dir, options.overwrite, rank == 0, say, keep=options.init_from)
+        claim_out_dir(out_dir, options.overwrite, rank == 0, keep=options.init_from)
     check_batch_split(train_cfg.batch_size, train_cfg.grad_accum_steps, world)
     if options.overfit_batch:  # trains to a loss near 0, or to max_steps: never to a time budget
         train_cfg = dataclasses.replace(train_cfg, time_budget="")
@@ -203,6 +203,12 @@ def check_compiles(step, model, optimizer, ctx, scaler):
 
 
 # ----------------------------------------------------------------------------- what the user is told
+
+def clear_replaced_run(start):
+    """--overwrite: the previous run's files go only now, after every check of the new run's input and set-up."""
+    if start.options.overwrite and start.master and not start.resumed and start.writes_files:
+        clear_out_dir(start.cfg.out_dir, start.say)
+
 
 def print_header(start, model, corpus, dtype, state):
     """What the run is: device and precision, the model, the tokens of a step and of the data, the run's end."""

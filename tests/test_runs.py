@@ -68,6 +68,10 @@ def test_a_second_run_into_a_trained_folder_is_refused_and_leaves_it_untouched(r
         assert code == 0, err
     after = snapshot(folder)
     assert {k: v for k, v in after.items() if k != "lr_schedule.png"} == before  # best.pt byte for byte
+    # --overwrite removes the run only once the new one's input is checked: a typo leaves it
+    code, _, err = cli(capsys, train.main, *RUN, "--data", folder / "typo.txt", "--out_dir", folder, "--overwrite")
+    assert_one_line_error(code, err, "typo.txt")
+    assert snapshot(folder) == after
     code, out, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", folder, "--max_steps", "5",
                          "--overwrite")
     assert code == 0 and "removing the previous run" in out
