@@ -16,8 +16,12 @@ from config import TinyLLMError
 # ----------------------------------------------------------------------------- printing
 
 def log(*args):
-    """Print one flushed line, so output reads well in a Colab cell and in a log file."""
-    print(*args, flush=True)
+    """Print one flushed line, so output reads well in a Colab cell and in a log file. A reader that has gone (`| tee`
+    ended by the same Ctrl-C, `| head`) ends the printing; a training run then saves and stops (StopRequest)."""
+    try:
+        print(*args, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def warn(message):
@@ -144,20 +148,22 @@ def fail(message):
 # ----------------------------------------------------------------------------- stopping
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts."""
+    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts. So does SIGPIPE
+    (not on Windows): the output's reader has gone (`| head`)."""
 
     def __init__(self, announce=True):
         self.signum, self.announce = None, announce
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        signums = (signal.SIGINT, signal.SIGTERM, *([signal.SIGPIPE] if hasattr(signal, "SIGPIPE") else []))
+        self.previous = {s: signal.signal(s, self.handle) for s in signums}
         return self
 
     def handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
-        if self.announce:
+        first, self.signum = self.signum is None, self.signum or signum  # a Ctrl-C that ended `| tee` too: 130
+        if self.announce and first and signum in (signal.SIGINT, signal.SIGTERM):  # (SIGPIPE: nobody reads)
             log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt")
 
     def __exit__(self, *exc):
