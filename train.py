@@ -243,7 +243,8 @@ def log_progress(run, meter, clock):
     run.say(records.progress_line(state.step, clock.end_step(), figures, ms, tokens_per_s, mfu, FORMATS))
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": clock.elapsed()})
-    if run.options.overfit_batch and figures["loss"] < 0.01:
+    # --overfit_batch: done near 0, by the processes' mean loss (each has its own batch): the ranks stop together
+    if run.options.overfit_batch and ddp.all_ranks_mean([figures["loss"]], run.world, run.device)[0] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
     return None
 

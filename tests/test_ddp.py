@@ -182,6 +182,16 @@ def test_ranks_agree_on_a_stop_signal_that_only_one_got_and_rank_0_saves(shakesp
     assert 10 <= stopped < 5000 and stopped % 5 == 0  # where the ranks compare notes: a progress line
 
 
+def test_overfit_batch_ends_every_rank_at_the_same_step(shakespeare_head):
+    # each rank fits its own batch: a rank deciding alone would wait for the other at the exit while it steps on
+    shape = ["--device", "cpu", "--data", shakespeare_head, "--n_layer", "1", "--n_embd", "64", "--n_head", "2",
+             "--block_size", "64", "--batch_size", "4", "--max_steps", "1000", "--overfit_batch", "--log_interval", "1",
+             "--lr", "5e-3", "--min_lr", "5e-3", "--warmup_steps", "1", "--weight_decay", "0", "--eval_iters", "1",
+             "--sample_tokens", "0", "--plots", "false", "--dtype", "float32", "--seed", "1"]
+    (code0, out, err), (code1, _, _) = two_ranks(os.path.join(ROOT, "train.py"), *shape, timeout=60)
+    assert code0 == code1 == 0 and "overfit_batch: loss below 0.01" in out, err[-2000:]
+
+
 def test_a_time_budget_too_short_fails_every_rank_with_one_line(shakespeare_head, tmp_path):
     # the ranks read one clock (their mean): one failing alone would leave the other waiting forever
     shape = ["--device", "cpu", "--data", shakespeare_head, "--out_dir", tmp_path / "run", "--n_layer", "1",
