@@ -5,11 +5,12 @@ Examples: README.md and docs/generation.md; every flag: python generate.py --hel
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import dataclasses
+import os
 import sys
 
 import torch
 
-from config import Sampler, SampleConfig, check_beam, make_config
+from config import Sampler, SampleConfig, TinyLLMError, check_beam, make_config
 import sampling
 
 from machinery.annotate import Annotator, WholeCharacters, model_odds
@@ -114,6 +115,8 @@ def main(argv=None):
     set_threads(cfg.threads)
     prompt = read_prompt(cfg)
     if cfg.output_file:
+        if cfg.output_file.endswith(".pt") or os.path.realpath(cfg.output_file) in map(os.path.realpath, paths):
+            raise TinyLLMError(f"--output_file {cfg.output_file} would replace a checkpoint: name a .txt file")
         check_writable(cfg.output_file, "--output_file")
     blocks = [sample_checkpoint(path, cfg, sampler, prompt, device, several=len(paths) > 1) for path in paths]
     if cfg.output_file:

@@ -103,6 +103,15 @@ def test_an_unwritable_output_file_is_refused_before_sampling(trained, tmp_path,
     assert_one_line_error(code, err, "Permission denied")
 
 
+def test_samples_never_replace_a_checkpoint(trained, tmp_path, capsys):
+    ckpt = tmp_path / "best.pt"
+    shutil.copy(trained[0] / "best.pt", ckpt)
+    for target in (ckpt, tmp_path / "." / "best.pt", tmp_path / "other.pt"):
+        code, _, err = cli(capsys, generate.main, ckpt, "--max_new_tokens", 5, "--output_file", target)
+        assert_one_line_error(code, err, "would replace a checkpoint")
+    assert ckpt.read_bytes() == (trained[0] / "best.pt").read_bytes()
+
+
 def test_running_out_of_device_memory_says_what_to_try(trained, tmp_path, capsys, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
