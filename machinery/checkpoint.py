@@ -28,7 +28,11 @@ def save_checkpoint(path, checkpoint):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as e:  # torch's own error for a failed write (a full disk): the OSError under it
+                raise OSError(e.__context__.errno, e.__context__.strerror, path) if isinstance(
+                    e.__context__, OSError) else e
             f.flush()
             os.fsync(f.fileno())
         replace_file(tmp, path)

@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import bench
-from conftest import TINY_FLAGS, Payload, assert_one_line_error, cli
+from conftest import ROOT, TINY_FLAGS, Payload, assert_one_line_error, cli, subprocess_env
 import generate
 import train
 
@@ -101,6 +103,17 @@ def test_an_unwritable_output_file_is_refused_before_sampling(trained, tmp_path,
     monkeypatch.setattr(generate, "sample", lambda *a, **k: pytest.fail("sampled before checking the output"))
     code, _, err = cli(capsys, generate.main, trained[0] / "last.pt", "--output_file", target)
     assert_one_line_error(code, err, "Permission denied")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="limits a child's file size with setrlimit (POSIX)")
+def test_a_checkpoint_that_cannot_be_written_is_one_line_error(trained, tmp_path):
+    import resource  # a disk that fills up, as the operating system reports it: no file may grow past 20 kB
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # noqa: E731
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *TINY_FLAGS, "--data", trained[1],
+                           "--out_dir", tmp_path / "run"], capture_output=True, text=True, env=subprocess_env(),
+                          preexec_fn=limit, timeout=120)
+    assert_one_line_error(proc.returncode, proc.stderr, "File too large", "last.pt")
+    assert not os.listdir(tmp_path / "run")  # no half-written file left
 
 
 def test_samples_never_replace_a_checkpoint(trained, tmp_path, capsys):
