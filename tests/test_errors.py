@@ -141,6 +141,13 @@ def test_running_out_of_memory_while_a_run_is_set_up_is_one_line_too(trained, tm
     assert_one_line_error(code, err, "out of memory", "--batch_size", "--grad_accum_steps")
 
 
+def test_a_model_too_big_for_the_cpus_memory_is_one_line(trained, tmp_path, capsys):
+    # a block's first matrix alone, n_embd x 3 n_embd floats, is 12 TB: the CPU allocator refuses at once
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", tmp_path / "run",
+                       "--n_embd", 2**20, "--n_head", 1, "--device", "cpu")
+    assert_one_line_error(code, err, "out of memory", "--batch_size", "smaller model")
+
+
 def test_a_plain_pickle_prints_no_torch_warning(bad, capsys):
     with warnings.catch_warnings(record=True) as seen:  # what would reach the user's terminal
         warnings.simplefilter("always")
