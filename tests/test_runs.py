@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -15,15 +16,16 @@ from config import GREEDY, GPTConfig, RunOptions, Sampler, TrainConfig, from_sav
 from conftest import (TINY_FLAGS, assert_one_line_error, cli, corpus_head, no_tokens, snapshot, tiny_model_config,
                       tiny_train_config)
 import generate
+from model import GPT
 from sampling import filter_logits
 import train
 
 from machinery import device
 from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.resume import resume_configs
+from machinery.resume import restore, resume_configs
 from machinery.sources import load_prepared
-from optim import get_lr, progress
+from optim import get_lr, make_optimizer, progress
 
 RUN = [*TINY_FLAGS, "--eval_interval", "10", "--log_interval", "5"]
 TUNE = RUN[:RUN.index("--n_layer")] + RUN[RUN.index("--n_layer") + 2:]  # fine-tuning keeps the checkpoint's 2 layers
@@ -158,6 +160,18 @@ def test_a_checkpoint_of_the_previous_version_resumes(run_copy, capsys):
     last = load_checkpoint(str(folder / "last.pt"))
     assert last["step"] == 70 and last["progress"] == 64 / 65  # the last step's of a run of 70, its warmup 5
     assert [row["kind"] for row in last["history"][:len(evals)]] == ["eval"] * len(evals)
+
+
+def test_a_resumed_optimizer_keeps_its_machines_kernels_and_takes_the_saved_state(trained):
+    # a run saved where AdamW is fused (a CPU, a GPU) and resumed on a Mac, where optim.py chooses the plain kernel
+    checkpoint = load_checkpoint(str(trained[0] / "last.pt"))
+    assert {group["fused"] for group in checkpoint["optimizer"]["param_groups"]} == {True}
+    model_cfg, cfg = resume_configs(checkpoint, {}, "last.pt")
+    optimizer = make_optimizer(GPT(model_cfg), cfg, torch.device("mps"))  # (only its choice of kernel: no Mac asked)
+    start = types.SimpleNamespace(source=checkpoint, cfg=cfg, say=print)
+    state = restore(start, optimizer, train.TrainState)
+    assert state.step == checkpoint["step"] and optimizer.state_dict()["state"]  # the moments, as saved
+    assert [group["fused"] for group in optimizer.param_groups] == [False, False]
 
 
 def test_a_new_max_steps_gives_the_schedule_of_a_run_that_long_from_the_step_it_is_at(run_copy, capsys):
