@@ -5,6 +5,7 @@ print: flushed lines, warnings, durations."""
 import argparse
 import contextlib
 import dataclasses
+import errno
 import os
 import signal
 import sys
@@ -16,12 +17,15 @@ from config import TinyLLMError
 # ----------------------------------------------------------------------------- printing
 
 def log(*args):
-    """Print one flushed line, so output reads well in a Colab cell and in a log file. A reader that has gone (`| tee`
-    ended by the same Ctrl-C, `| head`) ends the printing; a training run then saves and stops (StopRequest)."""
+    """Print one flushed line, so output reads well in a Colab cell and in a log file. If its reader has gone (`| head`,
+    `| tee` ended by the same Ctrl-C; Windows: EINVAL), a training loop saves and stops (StopRequest); else exit 141."""
     try:
         print(*args, flush=True)
-    except BrokenPipeError:
+    except OSError as e:
+        if StopRequest.active is None or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        StopRequest.active.signum = StopRequest.active.signum or OUTPUT_GONE
 
 
 def warn(message):
@@ -147,25 +151,30 @@ def fail(message):
 
 # ----------------------------------------------------------------------------- stopping
 
+OUTPUT_GONE = 13  # the signal number a stop for a reader gone (log) stands for: exit 141, as SIGPIPE's
+
+
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts. So does SIGPIPE
-    (not on Windows): the output's reader has gone (`| head`)."""
+    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts. So does a reader of
+    the output gone (log). active: the request of the loop running now, else None."""
+    active = None
 
     def __init__(self, announce=True):
         self.signum, self.announce = None, announce
 
     def __enter__(self):
-        signums = (signal.SIGINT, signal.SIGTERM, *([signal.SIGPIPE] if hasattr(signal, "SIGPIPE") else []))
-        self.previous = {s: signal.signal(s, self.handle) for s in signums}
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        StopRequest.active = self
         return self
 
     def handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
+        if self.signum not in (None, OUTPUT_GONE) and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        first, self.signum = self.signum is None, self.signum or signum  # a Ctrl-C that ended `| tee` too: 130
-        if self.announce and first and signum in (signal.SIGINT, signal.SIGTERM):  # (SIGPIPE: nobody reads)
+        self.signum = signum  # (after a reader gone: the Ctrl-C that ended `| tee` too, exit 130)
+        if self.announce:
             log(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt")
 
     def __exit__(self, *exc):
+        StopRequest.active = None
         for s, handler in self.previous.items():
             signal.signal(s, handler)

@@ -97,25 +97,28 @@ def test_kill_9_then_ctrl_c_then_resume_and_the_same_seed_samples_the_same_text(
     assert code == 0 and other.startswith("ROMEO:") and other != seeded[0].stdout, err
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGPIPE"), reason="no pipes' signal on Windows")
-@pytest.mark.parametrize("ctrl_c", [True, False])
-def test_a_run_whose_output_reader_has_gone_saves_and_stops(tmp_path, ctrl_c):
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="pauses the run with SIGSTOP (POSIX)")
+@pytest.mark.parametrize("gone", ["| tee, and Ctrl-C", "| head", "| head, at set-up"])
+def test_a_run_whose_output_reader_has_gone_saves_and_stops(tmp_path, gone):
     """`python train.py | tee log` and Ctrl-C, which ends tee too, so the line saying the signal came meets a closed
-    pipe (exit 130); or `| head`, the reader gone by itself (exit 141, as a pipe's writer)."""
+    pipe: saved, exit 130; or `| head`, the reader gone by itself: saved, exit 141 (a pipe's writer's); gone before
+    the first step: exit 141 at once, nothing trained."""
     data, out = write_head(tmp_path / "small.txt", 20_000), tmp_path / "run"
     proc = start_training("--data", data, "--out_dir", out, *TINY_SHAPE, "--max_steps", "5000", "--eval_interval",
                           "1000", "--eval_iters", "1", "--log_interval", "10", "--sample_tokens", "0")
     try:
-        while not (line := proc.stdout.readline()).startswith("step     20/"):
+        while not (line := proc.stdout.readline()).startswith("device" if "set-up" in gone else "step     20/"):
             assert line, proc.stderr.read()
+        proc.send_signal(signal.SIGSTOP)  # the run paused: the reader goes and Ctrl-C comes before its next line
         proc.stdout.close()  # the reader has gone
-        if ctrl_c:
+        if "Ctrl-C" in gone:
             proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
         code = proc.wait(timeout=60)
     finally:  # a failure leaves no 5000-step run behind
         proc.kill()
-    assert code == (130 if ctrl_c else 141), proc.stderr.read()
-    assert load_checkpoint(str(out / "last.pt"))["step"] >= 20
+    assert code == (130 if "Ctrl-C" in gone else 141), proc.stderr.read()
+    assert not (out / "last.pt").exists() if "set-up" in gone else load_checkpoint(str(out / "last.pt"))["step"] >= 20
 
 
 def test_a_second_ctrl_c_aborts_at_once():
