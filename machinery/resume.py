@@ -83,10 +83,10 @@ def restore(start, optimizer, state_type):
     """A resumed run's state (a state_type: train.TrainState) and optimizer exactly as saved; a new --max_steps is a
     new schedule."""
     checkpoint, cfg = start.source, start.cfg
+    # this machine's kernel (optim.py), not the saver's, given before loading: torch places each saved tensor for it
     kernels = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for group, chosen in zip(optimizer.param_groups, kernels):  # this machine's kernels (optim.py), not the saver's
-        group.update(chosen)
+    groups = [{**saved, **kernel} for saved, kernel in zip(checkpoint["optimizer"]["param_groups"], kernels)]
+    optimizer.load_state_dict({**checkpoint["optimizer"], "param_groups": groups})
     names = {f.name for f in dataclasses.fields(state_type)}
     state = state_type(**{k: checkpoint[k] for k in names if k in checkpoint})
     saved = checkpoint["train_config"]  # the saved run's end: its max_steps, or None for a time budget

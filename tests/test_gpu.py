@@ -102,3 +102,33 @@ def test_the_decoding_step_replayed_from_a_cuda_graph_gives_the_plain_steps_toke
                           env=subprocess_env(gpu=True, PYTHONPATH=ROOT), timeout=300)
     assert done.returncode == 0 and "replayed" in done.stdout, done.stderr[-3000:]
     assert "warning" not in done.stderr, done.stderr  # recorded and replayed: no fallback to the plain step
+
+
+# A run saved with the plain AdamW kernel (a Mac's) resumed on this device's fused one: one step with the saved moments
+RESUME_FUSED = """
+import sys, types, torch
+from dataclasses import asdict
+from config import GPTConfig, TrainConfig
+from model import GPT
+from optim import make_optimizer
+from machinery.resume import restore
+import train
+device, cfg = torch.device(sys.argv[1]), TrainConfig()
+model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)).to(device)
+x = torch.randint(0, 16, (2, 8), device=device)
+saved = make_optimizer(model, cfg, torch.device("mps"))  # (the Mac's choice of kernel only: nothing asks a Mac)
+model(x, x)[1].backward()
+saved.step()
+optimizer = make_optimizer(model, cfg, device)
+restore(types.SimpleNamespace(source={"optimizer": saved.state_dict(), "train_config": asdict(cfg), "step": 1},
+                              cfg=cfg, say=print), optimizer, train.TrainState)
+model(x, x)[1].backward()
+optimizer.step()
+print("fused" if optimizer.param_groups[0]["fused"] else "plain", "step taken")
+"""
+
+
+def test_a_run_saved_with_the_plain_adamw_kernel_resumes_with_the_fused_one():
+    done = subprocess.run([sys.executable, "-c", RESUME_FUSED, "cuda"], capture_output=True, text=True, cwd=ROOT,
+                          env=subprocess_env(gpu=True, PYTHONPATH=ROOT), timeout=300)
+    assert done.returncode == 0 and "fused step taken" in done.stdout, done.stderr[-3000:]
