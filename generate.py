@@ -115,7 +115,7 @@ def main(argv=None):
     set_threads(cfg.threads)
     prompt = read_prompt(cfg)
     if cfg.output_file:
-        if cfg.output_file.endswith(".pt") or os.path.realpath(cfg.output_file) in map(os.path.realpath, paths):
+        if cfg.output_file.lower().endswith(".pt") or os.path.realpath(cfg.output_file) in map(os.path.realpath, paths):
             raise TinyLLMError(f"--output_file {cfg.output_file} would replace a checkpoint: name a .txt file")
         check_writable(cfg.output_file, "--output_file")
     blocks = [sample_checkpoint(path, cfg, sampler, prompt, device, several=len(paths) > 1) for path in paths]

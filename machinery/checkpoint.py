@@ -28,14 +28,15 @@ def save_checkpoint(path, checkpoint):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            try:
-                torch.save(checkpoint, f)
-            except RuntimeError as e:  # torch's own error for a failed write (a full disk): the OSError under it
-                raise OSError(e.__context__.errno, e.__context__.strerror, path) if isinstance(
-                    e.__context__, OSError) else e
+            torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         replace_file(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk: said with the file's name (torch's error has it underneath)
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise
+        raise OSError(error.errno, error.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

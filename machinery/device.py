@@ -72,7 +72,7 @@ def out_of_memory_as_error(hint):
     try:
         yield
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a RuntimeError saying so on MPS and CPUs
-        if isinstance(e, torch.OutOfMemoryError) or any(w in str(e) for w in ("out of memory", "CPUAllocator")):
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "CPUAllocator" in str(e):
             raise TinyLLMError(hint) from None
         raise
 
