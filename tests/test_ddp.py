@@ -126,13 +126,13 @@ def test_every_rank_trains_in_rank_0s_measured_precision(shakespeare_head, tmp_p
     assert lines == ["dtype bfloat16 rank 0's timing"] * 2
 
 
-# train.py with rank 0's checkpoint writes after step 0 taking 2 seconds longer
+# train.py with rank 0's checkpoint writes after step 0 taking a second longer
 SLOW_SAVE = textwrap.dedent("""
     import runpy, sys, time
     sys.path.insert(0, {root!r})
     import machinery.checkpoint
     write = machinery.checkpoint.save_checkpoint
-    machinery.checkpoint.save_checkpoint = lambda path, ckpt: (time.sleep(2 if ckpt["step"] else 0), write(path, ckpt))
+    machinery.checkpoint.save_checkpoint = lambda path, ckpt: (time.sleep(1 if ckpt["step"] else 0), write(path, ckpt))
     runpy.run_path({root!r} + "/train.py", run_name="__main__")
 """)
 

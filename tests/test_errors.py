@@ -6,8 +6,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 import torch
 
 import bench
-from conftest import ROOT, TINY_FLAGS, Payload, assert_one_line_error, cli, subprocess_env
+from conftest import TINY_FLAGS, Payload, assert_one_line_error, cli
 import generate
 import train
 
@@ -105,14 +103,16 @@ def test_an_unwritable_output_file_is_refused_before_sampling(trained, tmp_path,
     assert_one_line_error(code, err, "Permission denied")
 
 
-@pytest.mark.skipif(os.name != "posix", reason="limits a process's file size with setrlimit (POSIX)")
-def test_a_checkpoint_that_cannot_be_written_is_one_line_error(trained, tmp_path):
-    # a disk that fills up, as the operating system reports it: no file of train.py's may grow past 20 kB
-    limited = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)); "
-               f"sys.argv[0] = {os.path.join(ROOT, 'train.py')!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", limited, *map(str, TINY_FLAGS), "--data", trained[1], "--out_dir",
-                           tmp_path / "run"], capture_output=True, text=True, env=subprocess_env(), timeout=120)
-    assert_one_line_error(proc.returncode, proc.stderr, "File too large", "last.pt")
+@pytest.mark.skipif(os.name != "posix", reason="limits the size of a file with setrlimit (POSIX)")
+def test_a_checkpoint_that_cannot_be_written_is_one_line_error(trained, tmp_path, capsys):
+    import resource  # a disk that fills up, as the operating system reports it: no file may grow past 20 kB
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", tmp_path / "run")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert_one_line_error(code, err, "File too large", "last.pt")
     assert not os.listdir(tmp_path / "run")  # no half-written file left
 
 
