@@ -202,13 +202,13 @@ def check_compiles(step, model, optimizer, ctx, scaler):
         raise TinyLLMError(f"--compile failed on this machine ({first_line(e)}); run without --compile") from None
 
 
-# ----------------------------------------------------------------------------- what the user is told
-
 def clear_replaced_run(start):
     """--overwrite: the previous run's files go only now, after every check of the new run's input and set-up."""
     if start.options.overwrite and start.master and not start.resumed and start.writes_files:
         clear_out_dir(start.cfg.out_dir, start.say)
 
+
+# ----------------------------------------------------------------------------- what the user is told
 
 def print_header(start, model, corpus, dtype, state):
     """What the run is: device and precision, the model, the tokens of a step and of the data, the run's end."""
