@@ -25,7 +25,7 @@ def log(*args):
         if StopRequest.active is None or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
             raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        StopRequest.active.signum = StopRequest.active.signum or OUTPUT_GONE
+        StopRequest.active.signum = StopRequest.active.signum or StopRequest.OUTPUT_GONE
 
 
 def warn(message):
@@ -151,13 +151,11 @@ def fail(message):
 
 # ----------------------------------------------------------------------------- stopping
 
-OUTPUT_GONE = 13  # the signal number a stop for a reader gone (log) stands for: exit 141, as SIGPIPE's
-
-
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit; a second Ctrl-C aborts. So does a reader of
     the output gone (log). active: the request of the loop running now, else None."""
     active = None
+    OUTPUT_GONE = 13  # the signal number a stop for a reader gone stands for: exit 141, as SIGPIPE's
 
     def __init__(self, announce=True):
         self.signum, self.announce = None, announce
@@ -168,7 +166,7 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
-        if self.signum not in (None, OUTPUT_GONE) and signum == signal.SIGINT:
+        if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum  # (after a reader gone: the Ctrl-C that ended `| tee` too, exit 130)
         if self.announce:

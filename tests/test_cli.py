@@ -19,7 +19,7 @@ import generate
 import train
 
 from machinery.checkpoint import load_checkpoint
-from machinery.cli import OUTPUT_GONE, StopRequest, log
+from machinery.cli import StopRequest, log
 
 
 def start_training(*args):
@@ -128,7 +128,7 @@ def test_a_reader_gone_stops_a_training_loop_to_save_and_anything_else_at_once(m
         log("eval 0")
     with StopRequest(announce=True) as stop:
         log("step 10")
-        assert stop.signum == OUTPUT_GONE == 141 - 128
+        assert stop.signum == StopRequest.OUTPUT_GONE == 141 - 128
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # no KeyboardInterrupt: save, then exit 130
         assert stop.signum == signal.SIGINT
 
