@@ -26,7 +26,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, progress
 from utils import get_batch
 
-from machinery import budget, checkpoint, cli, ddp, device, plots, records, resume, setup
+from machinery import budget, checkpoint, cli, ddp, device, plots, records, setup
 
 
 # ----------------------------------------------------------------------------- the data, the model, the optimizer
@@ -113,7 +113,7 @@ def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, s
     cfg = start.cfg
     corpus, model, optimizer, next_batch, val_batch = build(start)
     # a resumed run's state and optimizer as saved; a fresh run's from zero
-    state = resume.restore(start, optimizer, TrainState) if start.resumed else TrainState()
+    state = checkpoint.restore(start, optimizer, TrainState) if start.resumed else TrainState()
     setup.set_random_state(start, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
     if start.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
         next_batch = setup.one_fixed_batch(start, next_batch)

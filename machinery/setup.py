@@ -10,13 +10,13 @@ import torch
 
 from config import SHAPE, GPTConfig, RunOptions, TinyLLMError, TrainConfig, check_batch_split
 
-from machinery.checkpoint import claim_out_dir, clear_out_dir, load_checkpoint, model_from_checkpoint, tokenizer_of
+from machinery.checkpoint import (claim_out_dir, clear_out_dir, conflicting_flags, load_checkpoint, load_resumable,
+                                  model_from_checkpoint, resume_configs, tokenizer_of)
 from machinery.cli import first_line, log, warn
 from machinery.ddp import every_rank, rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
-from machinery.resume import conflicting_flags, load_resumable, resume_configs
 from machinery.sources import check_long_enough, load_corpus
 
 

@@ -111,7 +111,7 @@ from dataclasses import asdict
 from config import GPTConfig, TrainConfig
 from model import GPT
 from optim import make_optimizer
-from machinery.resume import restore
+from machinery.checkpoint import restore
 import train
 device, cfg = torch.device(sys.argv[1]), TrainConfig()
 model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)).to(device)

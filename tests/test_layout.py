@@ -109,7 +109,7 @@ def writes_to_the_state(node):
 
 @pytest.mark.parametrize("name", sorted(set(MODULES) - {"train"}))
 def test_the_runs_state_is_written_by_train_py_alone(name):
-    """train.py makes the TrainState (fresh, or as resume.restore put a resume back) and alone writes it."""
+    """train.py makes the TrainState (fresh, or as checkpoint.restore put a resume back) and alone writes it."""
     writes = [node.lineno for node in ast.walk(tree(name)) if writes_to_the_state(node)]
     assert not writes, f"{name} writes the run's state at line(s) {writes}: let it return the value, train.py keep it"
 

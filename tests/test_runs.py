@@ -23,7 +23,7 @@ import train
 from machinery import device
 from tools import compare, prepare
 from machinery.checkpoint import load_checkpoint, load_model, save_checkpoint
-from machinery.resume import restore, resume_configs
+from machinery.checkpoint import restore, resume_configs
 from machinery.sources import load_prepared
 from optim import get_lr, make_optimizer, progress
 
