@@ -109,11 +109,17 @@ def tokenize(text, tokenizer=None, kind="char", vocab_size=0):
     return Corpus(tokenizer, train_ids, val_ids, chars_per_token(tokenizer, val_ids.tolist()))  # ids: (N,)
 
 
-def split_train_val(seq):
+def split_train_val(text):
     """Contiguous split: the first 90% trains, the rest validates. Text is never
     shuffled, since next-token prediction needs it in order."""
-    n = int(len(seq) * TRAIN_FRACTION)
-    return seq[:n], seq[n:]
+    n = whole_eot(text, int(len(text) * TRAIN_FRACTION))  # never inside an <|endoftext|>: one token
+    return text[:n], text[n:]
+
+
+def whole_eot(text, n):
+    """n, or where n falls inside an <|endoftext|>, that marker's start (it goes whole to the part after)."""
+    eot = text.find(EOT, max(0, n - len(EOT) + 1), n + len(EOT) - 1)
+    return eot if -1 < eot < n else n
 
 
 # ----------------------------------------------------------------------------- batches

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from config import TinyLLMError, TrainConfig
+from config import EOT, TinyLLMError, TrainConfig
 from conftest import SCHEDULES, TINY_FLAGS, assert_one_line_error, cli, write_head
 from optim import get_lr, progress
 import train
@@ -21,11 +21,14 @@ def test_char_tokenizer_round_trip():
     assert CharTokenizer(**{"chars": tok.to_dict()["chars"]}).encode(text) == tok.encode(text)
 
 
-def test_split_is_contiguous_and_unshuffled():
-    ids = torch.arange(1000)
-    train, val = split_train_val(ids)
-    assert len(train) == 900 and len(val) == 100
-    assert torch.equal(torch.cat([train, val]), ids)
+def test_split_is_contiguous_and_unshuffled_and_never_cuts_an_end_of_text():
+    text = "".join(chr(65 + i % 26) for i in range(1000))
+    train, val = split_train_val(text)
+    assert len(train) == 900 and len(val) == 100 and train + val == text
+    for start in range(885, 901):  # the 90% cut at 900 falls inside the marker, or just before or after it
+        text = "a" * start + EOT + "b" * (1000 - start - len(EOT))
+        train, val = split_train_val(text)
+        assert train + val == text and (EOT in train) != (EOT in val), start  # whole, in one part
 
 
 def test_every_batch_target_is_input_shifted_by_one():

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from config import BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
-from utils import make_tokenizer
+from utils import make_tokenizer, whole_eot
 
 from machinery.checkpoint import replace_file
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, format_seconds, log, run_cli
@@ -88,8 +88,7 @@ def train_chars(text, seen, split_at):
     byte split_at train (a character or an <|endoftext|> the byte cuts validates)."""
     data = text.encode("utf-8")
     cut = len(data[:max(0, int(split_at - seen))].decode("utf-8", errors="ignore"))
-    eot = text.find(EOT, max(0, cut - len(EOT) + 1))
-    return eot if -1 < eot < cut else cut, len(data)
+    return whole_eot(text, cut), len(data)
 
 
 def write_splits(cfg, tokenizer, dtype, out, total_bytes):
