@@ -164,6 +164,8 @@ def main(argv=None):
         huggingface_hub.utils.logging.set_verbosity_error()
 
     if args.command == "import":
+        if os.path.exists(args.out):  # it may be a trained run's checkpoint
+            raise TinyLLMError(f"--out {args.out} already exists; give a new path, or delete it first")
         check_writable(args.out, "--out", make_folder=True)
         log(f"loading {args.name} through transformers (a Hub name is downloaded once, then cached)")
         model = load_gpt2(args.name, dropout=args.dropout)

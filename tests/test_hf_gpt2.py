@@ -191,3 +191,14 @@ def test_a_hugging_face_folder_whose_weights_carry_code_is_refused_without_unsaf
         assert_one_line_error(code, err, "contains objects other than tensors and plain data")
         assert "weights_only" not in err and "trust" not in err  # never the advice to load it unsafely
     assert not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_an_import_never_writes_over_an_existing_file(tmp_path, capsys):
+    from machinery import hf_gpt2
+    folder, out = tmp_path / "hf", tmp_path / "last.pt"
+    transformers.GPT2LMHeadModel(hf_config(n_embd=8, vocab_size=50257)).save_pretrained(folder)  # importable
+    capsys.readouterr()  # (transformers' progress bar)
+    out.write_bytes(b"a trained run")
+    code, _, err = cli(capsys, hf_gpt2.main, "import", folder, "--out", out)
+    assert_one_line_error(code, err, "already exists")
+    assert out.read_bytes() == b"a trained run"
