@@ -134,7 +134,6 @@ class TrainConfig:
         require(0 <= self.min_lr <= self.lr, f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
                 f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
-        check_batch_split(self.batch_size, self.grad_accum_steps)
         require(all(e.strip() for e in self.data_ext.split(",")), f"data_ext needs file endings, got {self.data_ext!r}")
         require("/" not in self.tag and "\\" not in self.tag and self.tag not in (".", ".."),
                 f"tag must be a plain name (it becomes a folder name), got {self.tag!r}")

@@ -188,6 +188,19 @@ def test_a_new_max_steps_gives_the_schedule_of_a_run_that_long_from_the_step_it_
     assert lrs == pytest.approx(planned) and lrs[-1] > cfg.min_lr == get_lr(100, progress(100, cfg), cfg)
 
 
+def test_grad_accum_steps_must_split_the_batch_of_the_run_itself_fresh_or_resumed(run_copy, tmp_path, capsys):
+    folder, data = run_copy
+    checkpoint = load_checkpoint(str(folder / "last.pt"))
+    checkpoint["train_config"]["batch_size"] = 12  # a run of batch 12 (the preset's is 32), which 3 splits
+    save_checkpoint(str(folder / "last.pt"), checkpoint)
+    code, out, err = cli(capsys, train.main, "--resume", "--out_dir", folder, "--max_steps", "61",
+                         "--grad_accum_steps", "3")
+    assert code == 0 and "done: 61 steps" in out, err
+    code, _, err = cli(capsys, train.main, *RUN, "--data", data, "--out_dir", tmp_path / "new", "--batch_size", "8",
+                       "--grad_accum_steps", "3")
+    assert_one_line_error(code, err, "batch_size (8) is not divisible by grad_accum_steps (3)")
+
+
 def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
     folder, _ = run_copy
     for flags, words in ((["--n_embd", "80"], "--n_embd 80"), (["--batch_size", "4"], "--batch_size 4"),
