@@ -88,6 +88,13 @@ def test_the_held_out_traceback_cases_are_one_line_errors(bad, trained, tmp_path
         assert "weights_only" not in err and "Weights only" not in err  # no hint to load anything unsafely
 
 
+def test_every_checkpoint_and_its_prompt_are_checked_before_the_first_is_sampled(trained, bad, capsys, monkeypatch):
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: pytest.fail("sampled before checking every checkpoint"))
+    for last, words in ((bad / "missing.pt", "not found"), (bad / "nan.pt", "non-finite")):
+        code, _, err = cli(capsys, generate.main, trained[0] / "best.pt", last, "--max_new_tokens", 5)
+        assert_one_line_error(code, err, words)
+
+
 def test_an_unwritable_output_file_is_refused_before_sampling(trained, tmp_path, capsys, monkeypatch):
     target = tmp_path / "locked" / "out.txt"
     target.parent.mkdir()
