@@ -22,7 +22,8 @@ Step = namedtuple("Step", "token p entropy top")
 
 def entropy_bits(probs):
     """H = -sum p log2 p over each row of probs (B, V), where p = 0 adds nothing."""
-    return torch.special.entr(probs.float()).sum(dim=-1) / math.log(2)  # (B,)
+    p = probs.float()  # (torch.special.entr is missing on a Mac's GPU in older torch: written out instead)
+    return -(p * p.clamp_min(1e-30).log()).sum(dim=-1) / math.log(2)  # (B,)
 
 
 def paint(text, p):
