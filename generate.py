@@ -46,8 +46,8 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, ann
                             generator=generator, on_token=on_token, replay=graphs.replayable)
     if annotator:
         annotator.end()
-    elif stream:
-        sys.stdout.write("\n")
+    elif stream:  # the last tokens, whole characters or not: the text as decoded (an output file has it too)
+        sys.stdout.write((pieces.flush() or ("",))[0] + "\n")
     return [cut_at_stop(tokenizer, shown, row, stop) for row in out[:, idx.size(1):].tolist()]
 
 

@@ -272,3 +272,17 @@ def test_show_top_out_of_range_is_one_line_error(trained, capsys):
     for value in ("-1", "21"):
         code, _, err = cli(capsys, generate.main, trained[0] / "best.pt", "--show_top", value)
         assert_one_line_error(code, err, "--show_top")
+
+
+def test_a_streamed_sample_that_ends_mid_character_shows_its_last_tokens(monkeypatch, capsys):
+    tokenizer = BPETokenizer([bytes([i]) for i in range(256)])  # bytes alone: "é" is two tokens, 0xC3 0xA9
+    new = [ord("a"), 0xC3]  # the sample ends after the first byte of "é"
+
+    def fake_generate(model, idx, max_new_tokens, sampler, on_token=None, **kwargs):  # the project's, where used
+        for token in new:
+            on_token(torch.tensor([[token]]), None, None)
+        return torch.cat([idx, torch.tensor([new])], dim=1)
+    monkeypatch.setattr(generate.sampling, "generate", fake_generate)
+    cfg = generate.SampleConfig(max_new_tokens=2)
+    samples = generate.sample(None, tokenizer, tokenizer.encode("x"), cfg, Sampler(), torch.device("cpu"), stream=True)
+    assert capsys.readouterr().out == samples[0][0] + "\n" == "xa\ufffd\n"  # as an output file has it
