@@ -106,7 +106,7 @@ def start_run(model_cfg, train_cfg, options, preset, given, started):
 
 def load_source(path, given):
     """A fine-tuning run's start (a .pt, or GPT-2's): its shape stays; --dropout may change (it changes no weight)."""
-    if path.endswith(".pt"):
+    if path.lower().endswith(".pt"):
         source = load_checkpoint(path)
     else:
         from machinery.hf_gpt2 import gpt2_checkpoint, load_gpt2  # needs transformers: imported only when asked

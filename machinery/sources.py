@@ -42,7 +42,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
                     text = document(f.read())
                 if text:
                     yield text, True
-        elif path.endswith(".jsonl"):
+        elif path.lower().endswith(".jsonl"):
             with open(path, encoding="utf-8-sig") as f:
                 for n, line in enumerate(f, 1):
                     if line.strip():
@@ -51,7 +51,7 @@ def iter_pieces(path, clean=False, extensions=".txt", chunk_chars=1 << 20):
                             raise TinyLLMError(f"{path} line {n}: expected an object with a \"text\" string")
                         if text := document(record["text"]):
                             yield text, True
-        elif path.endswith(".json"):
+        elif path.lower().endswith(".json"):
             with open(path, encoding="utf-8-sig") as f:
                 records = json.load(f)
             if not isinstance(records, list):
@@ -103,7 +103,7 @@ def clean_text(text):
 
 def iter_stream(path, clean=False, extensions=".txt"):
     """The source as text pieces, each of several documents wrapped in EOT: the model learns where one ends."""
-    multi_doc = os.path.isdir(path) or path.endswith((".json", ".jsonl"))
+    multi_doc = os.path.isdir(path) or path.lower().endswith((".json", ".jsonl"))
     if multi_doc:
         yield EOT
     for text, ends in iter_pieces(path, clean, extensions):

@@ -98,7 +98,7 @@ def test_a_failed_prepare_leaves_the_previous_dataset_as_it_was(tmp_path):
 
 
 def test_bad_records_are_clear_errors(tmp_path):
-    qa = tmp_path / "qa.json"
+    qa = tmp_path / "qa.JSON"
     qa.write_text(json.dumps([{"question": "Hi?", "answer": "Hello."}, {"id": 7, "question": "No answer?"}]))
     with pytest.raises(TinyLLMError, match="record 7.*answer"):
         load_corpus(str(qa))
@@ -113,7 +113,7 @@ def test_bad_records_are_clear_errors(tmp_path):
 
 
 def test_clean_normalises_whitespace_and_drops_duplicates(tmp_path):
-    path = tmp_path / "docs.jsonl"
+    path = tmp_path / "docs.JSONL"  # (an ending in capitals, as Windows may name it, reads alike)
     texts = ["Hello   world  \r\n\n\n\nagain", "unique", "Hello world\n\nagain"]
     path.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     kept = [t for t, _ in iter_pieces(str(path), clean=True)]

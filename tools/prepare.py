@@ -19,7 +19,7 @@ from machinery.sources import iter_stream
 def source_size(cfg):
     """Bytes of text the stream will carry (a JSON file's own size counts quotes and escapes); of a text file, its
     size less what reading drops (a byte-order mark, each \\r\\n's \\r): the 90/10 cut is the same CRLF or LF."""
-    if not os.path.isfile(cfg.data) or cfg.data.endswith((".json", ".jsonl")) or cfg.clean:
+    if not os.path.isfile(cfg.data) or cfg.data.lower().endswith((".json", ".jsonl")) or cfg.clean:
         log(f"measuring {cfg.data} ...")
         return sum(len(text.encode("utf-8")) for text in iter_stream(cfg.data, cfg.clean, cfg.data_ext))
     with open(cfg.data, "rb") as f:
