@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from config import PRESETS, GPTConfig, TinyLLMError, TrainConfig
+from config import PRESETS, GPTConfig, Sampler, TinyLLMError, TrainConfig, make_config
 from experiments import ablation, decoding, gpu_report, scaling, speed
 from experiments.runs import machine_info
 from machinery.cli import ArgumentParser, add_config_flags, check_writable, log, run_cli
@@ -81,11 +81,18 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if extra and args.mode != "time_to_target":
         raise TinyLLMError(f"flags after -- go to train.py, which only time_to_target runs, not {args.mode}")
-    for name in ("steps", "new_tokens", "num_samples", "repeats", "seeds"):
-        if getattr(args, name, 1) < 1:
-            raise TinyLLMError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("steps", "new_tokens", "num_samples", "repeats", "seeds", "budgets", "beams"):
+        value = getattr(args, name, 1)
+        if min(value if isinstance(value, list) else [value]) < 1:  # (--beams: a list of widths)
+            raise TinyLLMError(f"--{name} must be at least 1, got {value}")
     if getattr(args, "untimed", 0) < 0:
         raise TinyLLMError(f"--untimed must be 0 or more, got {args.untimed}")
+    if getattr(args, "minutes", 1) <= 0:
+        raise TinyLLMError(f"--minutes must be more than 0, got {args.minutes}")
+    for t in getattr(args, "temperatures", []):  # (decoding's: each as generate.py would take it)
+        make_config(Sampler, {"temperature": t})
+    if not getattr(args, "out_png", ".png").lower().endswith(".png"):
+        raise TinyLLMError(f"--out_png must name a .png file, got {args.out_png}")
     for name in ("out", "out_md", "out_png"):
         if getattr(args, name, None):  # checked now, not after an hour of benchmarks
             check_writable(getattr(args, name), f"--{name}", make_folder=True)

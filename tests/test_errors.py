@@ -204,6 +204,15 @@ def test_other_scripts_reject_bad_input(tmp_path, capsys):
         (prepare.main, ["--input", tmp_path / "missing.txt", "--out", tmp_path / "out"], "not found"),
         (prepare.main, ["--input", a_file, "--out", a_file], "is a file"),
         (compare.main, [tmp_path, "--out", tmp_path / "c.png"], "history.json"),
+        (compare.main, [tmp_path, "--out", tmp_path / "c.txt"], ".png"),
+        (prepare.main, ["--input", tmp_path, "--out", tmp_path / "p", "--tokenizer", "bpe", "--vocab_size", "100"],
+         "at least 257"),
+        (bench.main, ["decoding", "--checkpoint", a_file, "--beams", "4,0", "--out", tmp_path / "d.json"], "--beams"),
+        (bench.main, ["decoding", "--checkpoint", a_file, "--temperatures", "1,-1", "--out", tmp_path / "d.json"],
+         "temperature"),
+        (bench.main, ["scaling", "--budgets", "0", "--out", tmp_path / "s.json"], "--budgets"),
+        (bench.main, ["scaling", "--minutes", "-1", "--out", tmp_path / "s.json"], "--minutes"),
+        (bench.main, ["scaling", "--out_png", tmp_path / "s.txt", "--out", tmp_path / "s.json"], ".png"),
         (bench.main, ["train", "--steps", "0", "--out", tmp_path / "b.json"], "--steps"),
         (bench.main, ["ablation", "--only", "nothing", "--out", tmp_path / "a.json", "--out_md", tmp_path / "a.md"],
          "nothing"),
@@ -215,8 +224,9 @@ def test_other_scripts_reject_bad_input(tmp_path, capsys):
         (generate.main, [tmp_path / "none.pt"], "not found"),
     ]
     for main, argv, words in cases:
-        code, _, err = cli(capsys, main, *argv)
+        code, out, err = cli(capsys, main, *argv)
         assert_one_line_error(code, err, words)
+        assert "measuring" not in out  # (prepare: refused before reading the input)
 
 
 def test_an_output_in_a_folder_not_made_yet_is_writable_and_nothing_is_left(tmp_path):

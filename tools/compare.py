@@ -31,6 +31,8 @@ def main(argv=None):
     parser.add_argument("--labels", default=None, help="comma-separated labels (default: the folder names)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else None
+    if not args.out.lower().endswith(".png"):
+        raise TinyLLMError(f"--out must name a .png file, got {args.out}")
     if labels and len(labels) != len(args.runs):
         raise TinyLLMError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
     log(f"wrote {compare_runs(args.runs, args.out, labels)}")

@@ -55,6 +55,7 @@ def prepare(cfg, out, vocab_size=2048, tokenizer_sample_mb=20):
     if os.path.exists(out) and not os.path.isdir(out):
         raise TinyLLMError(f"--out {out} is a file, not a folder")
     check_writable(os.path.join(out, "meta.json"), "--out", make_folder=True)
+    make_tokenizer(cfg.tokenizer, "", vocab_size)  # now, not after measuring: a size BPE cannot have, GPT-2's files
     total_bytes = source_size(cfg)
     if total_bytes == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
