@@ -106,8 +106,9 @@ def bench_generate(args):
 
 def bench_sample(args):
     """python generate.py as a user runs it, next to the floor under it: starting Python and importing generate.py."""
-    runs = {"generate.py": [sys.executable, os.path.join(ROOT, "generate.py"), args.checkpoint, "--max_new_tokens",
-                            str(args.new_tokens), "--seed", "42", *(["--no_cache"] if args.no_cache else [])],
+    runs = {"generate.py": [sys.executable, os.path.join(ROOT, "generate.py"), os.path.abspath(args.checkpoint),
+                            "--max_new_tokens", str(args.new_tokens), "--seed", "42",
+                            *(["--no_cache"] if args.no_cache else [])],
             "import only": [sys.executable, "-c", "import generate"]}
 
     def run(name):

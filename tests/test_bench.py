@@ -176,7 +176,8 @@ def test_sample_mode_times_generate_py_with_its_start_up(trained, tmp_path, monk
     commands = []
     monkeypatch.setattr(speed.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or
                         subprocess.CompletedProcess(cmd, 0, "", ""))
-    result = bench.main(["sample", "--checkpoint", str(trained[0] / "best.pt"), "--new_tokens", "20", "--repeats", "2",
+    monkeypatch.chdir(trained[0])  # a checkpoint named from the folder the command runs in
+    result = bench.main(["sample", "--checkpoint", "best.pt", "--new_tokens", "20", "--repeats", "2",
                          "--out", str(tmp_path / "s.json")])
     timed = [c[1:] for c in commands if c[0] == sys.executable]  # (machine_info asks git too)
     assert timed == [[os.path.join(speed.ROOT, "generate.py"), str(trained[0] / "best.pt"), "--max_new_tokens", "20",
