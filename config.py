@@ -225,7 +225,7 @@ def check_beam(cfg, flags):
 def check_settings(config, flag=""):
     seed, threads = getattr(config, "seed", 0), getattr(config, "threads", 0)
     require(0 <= seed <= MAX_SEED, f"{flag}seed must be between 0 and {MAX_SEED}, got {seed}")
-    require(threads >= 0, f"{flag}threads must be 0 (auto) or more, got {threads}")
+    require(0 <= threads <= 1024, f"{flag}threads must be 0 (auto) to 1024, got {threads}")  # (100,000 crashed OpenMP)
     for f in dataclasses.fields(config):
         choices, value = f.metadata.get("choices"), getattr(config, f.name)
         if choices and value not in choices:

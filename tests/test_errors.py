@@ -220,6 +220,7 @@ def test_other_scripts_reject_bad_input(tmp_path, capsys):
         (generate.main, ["--top_p", "1.5"], "--top_p"),
         (generate.main, ["--top_k", "-3"], "--top_k"),
         (generate.main, ["--num_samples", "0"], "--num_samples"),
+        (generate.main, ["--threads", "100000"], "--threads"),
         (generate.main, ["--prompt", "a", "--prompt_file", __file__], "not both"),
         (generate.main, [tmp_path / "none.pt"], "not found"),
     ]
