@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import EOT, GREEDY, TinyLLMError, TrainConfig
-from conftest import corpus_head, snapshot, tiny_model_config, tiny_train_config
+from conftest import TINY_FLAGS, corpus_head, snapshot, tiny_model_config, tiny_train_config
 from generate import encode_prompt
 import sampling
 import train
@@ -53,6 +53,10 @@ def test_prepare_a_folder_then_train_from_the_memmaps(tmp_path):
     result = train.train(tiny_model_config(), cfg)
     assert result["model"].config.vocab_size == 400
     assert result["history"][-1]["val_loss"] < result["history"][0]["val_loss"]
+    assert torch.load(tmp_path / "run" / "last.pt")["train_config"]["tokenizer"] == "bpe"  # as trained, not "char"
+    for flags in (["--tokenizer", "char"], ["--vocab_size", "500"], ["--clean", "true"]):  # prepare's to decide
+        with pytest.raises(TinyLLMError, match=f"tools.prepare.*drop {flags[0]}"):
+            train.main([*TINY_FLAGS, "--data", str(tmp_path / "out"), "--out_dir", str(tmp_path / "r2"), *flags])
 
 
 def test_prepare_jsonl_with_char_tokenizer_and_uint16(tmp_path):
