@@ -295,6 +295,9 @@ def make_config(cls, values):
 def from_saved(cls, saved):
     """cls from the settings a checkpoint saved; a setting it predates takes its `before` value."""
     older = {f.name: f.metadata["before"] for f in dataclasses.fields(cls) if "before" in f.metadata}
+    for f in dataclasses.fields(cls):  # a value of another type (n_head 2.0) would fail only later, in a traceback
+        if f.name in saved and not isinstance(saved[f.name], (int, float) if f.type is float else f.type):
+            raise TypeError(f"{f.name} is {saved[f.name]!r}, not {f.type.__name__}")
     return cls(**{**older, **saved})
 
 

@@ -152,8 +152,8 @@ class GPT2Tokenizer(ByteLevelTokenizer):
         try:
             self.enc = gpt2_encoding()
         except Exception as e:  # offline: a requests/connection error, or a broken cache
-            raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
-                               "use --tokenizer bpe or --tokenizer char instead") from e
+            raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}): they are downloaded "
+                               "once, then cached (train.py can use --tokenizer bpe or char instead)") from e
         self.vocab_size = self.enc.n_vocab
         self.eot_id = self.enc.eot_token
 

@@ -269,7 +269,7 @@ def resume_configs(checkpoint, given, path):
 
 def conflicting_flags(given, saved, changeable, words):
     """The flags given that contradict a checkpoint's saved settings, as '--k v (words saved)'."""
-    return [f"--{k} {v} ({words} {saved[k]})" for k, v in given.items()
+    return [f"--{k} {v} ({words} {saved[k] if saved[k] != '' else 'none'})" for k, v in given.items()
             if k in saved and k not in changeable and v != saved[k]]
 
 

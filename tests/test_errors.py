@@ -41,6 +41,7 @@ def bad(trained, tmp_path_factory):
     variant("tokenizer_too_big.pt", tokenizer={"kind": "char", "chars": [chr(200 + i) for i in range(100)]})
     variant("nan.pt", model={k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                              for k, v in good["model"].items()})
+    variant("n_head_float.pt", model_config={**good["model_config"], "n_head": 2.0})
     variant("no_history/last.pt", history=None)
     variant("unknown_key/last.pt", train_config={**good["train_config"], "bogus_setting": 1})
 
@@ -74,6 +75,7 @@ def test_the_held_out_traceback_cases_are_one_line_errors(bad, trained, tmp_path
         (generate.main, [bad / "tokenizer_bpe_no_fields.pt"], "incomplete or malformed"),
         (generate.main, [bad / "tokenizer_too_big.pt"], "100 tokens"),
         (generate.main, [bad / "nan.pt"], "non-finite"),
+        (generate.main, [bad / "n_head_float.pt"], "unreadable model config"),
         (generate.main, [bad / "unsafe.pt"], "contains objects other than tensors and plain data"),
         (generate.main, [bad / "plain.pt"], "contains objects other than tensors and plain data"),
         (train.main, [*TINY_FLAGS, "--data", bad / "corrupt_meta", "--out_dir", tmp_path / "r1"], "meta.json"),

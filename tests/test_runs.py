@@ -204,7 +204,8 @@ def test_grad_accum_steps_must_split_the_batch_of_the_run_itself_fresh_or_resume
 def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
     folder, _ = run_copy
     for flags, words in ((["--n_embd", "80"], "--n_embd 80"), (["--batch_size", "4"], "--batch_size 4"),
-                         (["--tokenizer", "bpe"], "--tokenizer bpe"), (["--max_steps", "30"], "step 60")):
+                         (["--tokenizer", "bpe"], "--tokenizer bpe"), (["--max_steps", "30"], "step 60"),
+                         (["--time_budget", "5m"], "--time_budget 5m (the run has none)")):
         code, _, err = cli(capsys, train.main, "--resume", "--out_dir", folder, *flags)
         assert_one_line_error(code, err, words)
 
