@@ -118,20 +118,19 @@ def main(argv=None):
         if cfg.output_file.lower().endswith(".pt") or os.path.realpath(cfg.output_file) in map(os.path.realpath, paths):
             raise TinyLLMError(f"--output_file {cfg.output_file} would replace a checkpoint: name a .txt file")
         check_writable(cfg.output_file, "--output_file")
-    # every checkpoint read, and the prompt encoded for each, before any is sampled: a bad last one fails at once
-    loaded = [(path, *load_model(path)) for path in paths]  # (path, model, tokenizer, checkpoint), on the CPU
-    prompts = [encode_prompt(tokenizer, prompt, cfg.qa) for _, _, tokenizer, _ in loaded]
-    blocks = [sample_checkpoint(*one, prompt_ids, cfg, sampler, prompt, device, several=len(paths) > 1)
-              for one, prompt_ids in zip(loaded, prompts)]
+    for path in paths[1:]:  # the others read (one at a time), and the prompt encoded for each, before the first
+        encode_prompt(load_model(path)[1], prompt, cfg.qa, say=lambda _: None)  # is sampled (warned of then)
+    blocks = [sample_checkpoint(path, cfg, sampler, prompt, device, several=len(paths) > 1) for path in paths]
     if cfg.output_file:
         with open(cfg.output_file, "w", encoding="utf-8", newline="") as f:  # the text exactly, on every platform
             f.write("\n\n".join(blocks) + "\n")
         log(f"wrote {cfg.output_file}")
 
 
-def sample_checkpoint(path, model, tokenizer, checkpoint, prompt_ids, cfg, sampler, prompt, device, several=False):
+def sample_checkpoint(path, cfg, sampler, prompt, device, several=False):
     """Sample one checkpoint and print its samples (streamed when alone); returns its block of the output file."""
-    model = model.to(device)
+    model, tokenizer, checkpoint = load_model(path, device)  # read on the CPU; only the model moves
+    prompt_ids = encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
     annotator = None
     if cfg.show_probs:  # colours only for a person at a terminal; a file or a pipe gets plain rows

@@ -226,7 +226,7 @@ def read_prompt(cfg):
         raise TinyLLMError(f"cannot read --prompt_file {cfg.prompt_file}: {e.strerror or e}") from None
 
 
-def encode_prompt(tokenizer, prompt, qa=False):
+def encode_prompt(tokenizer, prompt, qa=False, say=warn):
     """The prompt's ids, characters the vocabulary lacks dropped with a warning; qa frames it as Q&A training did."""
     if qa:
         if tokenizer.eot_id is None:
@@ -238,7 +238,7 @@ def encode_prompt(tokenizer, prompt, qa=False):
         if prompt and not kept:
             raise TinyLLMError(f"no character of the prompt is in the model's vocabulary "
                                f"(missing: {''.join(missing)[:40]!r})")
-        warn(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
+        say(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
         prompt = kept
     return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
 

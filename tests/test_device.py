@@ -337,7 +337,7 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
     seen = {}
     real_load_model = generate.load_model
 
-    def recording_load_model(path, device="cpu"):
+    def recording_load_model(path, device):
         seen["checkpoint"] = real_load_model(path)[2]
         return real_load_model(path, device)
 
