@@ -5,6 +5,7 @@ interleaved step by step (shared machines drift by a quarter and more); --out al
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import json
+import math
 import os
 import sys
 
@@ -81,14 +82,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if extra and args.mode != "time_to_target":
         raise TinyLLMError(f"flags after -- go to train.py, which only time_to_target runs, not {args.mode}")
-    for name in ("steps", "new_tokens", "num_samples", "repeats", "seeds", "budgets", "beams"):
+    for name in ("steps", "new_tokens", "num_samples", "repeats", "seeds", "beams"):
         value = getattr(args, name, 1)
         if min(value if isinstance(value, list) else [value]) < 1:  # (--beams: a list of widths)
             raise TinyLLMError(f"--{name} must be at least 1, got {value}")
     if getattr(args, "untimed", 0) < 0:
         raise TinyLLMError(f"--untimed must be 0 or more, got {args.untimed}")
-    if getattr(args, "minutes", 1) <= 0:
-        raise TinyLLMError(f"--minutes must be more than 0, got {args.minutes}")
+    if not 0 < getattr(args, "minutes", 1) < math.inf or getattr(args, "budgets", 2) < 2:  # (the fit needs 2)
+        raise TinyLLMError(f"--minutes must be a number above 0 and --budgets 2 or more, got {args.minutes} and "
+                           f"{args.budgets}")
     for t in getattr(args, "temperatures", []):  # (decoding's: each as generate.py would take it)
         make_config(Sampler, {"temperature": t})
     if not getattr(args, "out_png", ".png").lower().endswith(".png"):

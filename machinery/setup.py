@@ -17,7 +17,7 @@ from machinery.ddp import every_rank, rank_seed, setup_distributed
 from machinery.device import (autocast, choose_device, configure_matmul, describe, explain_dtype, make_scaler,
                               measure_dtype, measured_on, mfu_note, resolve_dtype, seed_everything, set_rng_state,
                               set_threads, trial)
-from machinery.sources import check_long_enough, load_corpus, prepared_kind
+from machinery.sources import check_long_enough, load_corpus, prepared_meta
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,12 @@ def start_run(model_cfg, train_cfg, options, preset, given, started):
     if options.init_from and not resumed:
         source, last = load_source(options.init_from, given), options.init_from
         train_cfg = dataclasses.replace(train_cfg, tokenizer=tokenizer_kind(source))  # what it trains with
-    if kind := prepared_kind(train_cfg.data):  # a tools.prepare folder: its tokenizer and text are made
-        if fixed := [f"--{k}" for k in ("tokenizer", "vocab_size", "clean", "data_ext") if k in given]:
-            raise TinyLLMError(f"{train_cfg.data} was made by tools.prepare, which fixed its tokenizer and text; "
-                               f"drop {', '.join(fixed)} (or prepare it again with them)")
-        train_cfg = dataclasses.replace(train_cfg, tokenizer=kind)  # what it trains with
+    if meta := prepared_meta(train_cfg.data):  # a tools.prepare folder: its tokenizer and text are made
+        made = {k: meta[k] for k in ("vocab_size", "clean") if k in meta} | {"tokenizer": meta["tokenizer"].get("kind")}
+        if differ := conflicting_flags(given, made, (), "it has"):
+            raise TinyLLMError(f"{train_cfg.data} was made by tools.prepare, which fixed its tokenizer and text: "
+                               f"drop {', '.join(differ)}, or prepare it again with them")
+        train_cfg = dataclasses.replace(train_cfg, tokenizer=made["tokenizer"])  # what it trains with
     configure_matmul(device)
     set_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)

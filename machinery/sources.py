@@ -141,14 +141,14 @@ def load_prepared(path):
     return meta, splits[0], splits[1]
 
 
-def prepared_kind(path):
-    """The tokenizer kind of a tools.prepare folder (meta.json's), else None."""
-    return load_prepared(path)[0]["tokenizer"].get("kind") if os.path.isfile(os.path.join(path, "meta.json")) else None
+def prepared_meta(path):
+    """A tools.prepare folder's meta.json, checked; None for other data."""
+    return load_prepared(path)[0] if os.path.isfile(os.path.join(path, "meta.json")) else None
 
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     """cfg.data as a utils.Corpus; a char tokenizer lacking some characters is extended when extend, else refused."""
-    if prepared_kind(cfg.data):  # from tools.prepare
+    if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # from tools.prepare
         meta, train_ids, val_ids = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:  # resuming or fine-tuning
             raise TinyLLMError(f"{cfg.data} was prepared with a different tokenizer than the checkpoint's")

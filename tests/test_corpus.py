@@ -57,6 +57,8 @@ def test_prepare_a_folder_then_train_from_the_memmaps(tmp_path):
     for flags in (["--tokenizer", "char"], ["--vocab_size", "500"], ["--clean", "true"]):  # prepare's to decide
         with pytest.raises(TinyLLMError, match=f"tools.prepare.*drop {flags[0]}"):
             train.main([*TINY_FLAGS, "--data", str(tmp_path / "out"), "--out_dir", str(tmp_path / "r2"), *flags])
+    same = ["--tokenizer", "bpe", "--vocab_size", "400", "--clean", "false", "--max_steps", "1"]  # what it has: fine
+    assert train.main([*TINY_FLAGS, "--data", str(tmp_path / "out"), "--out_dir", str(tmp_path / "r3"), *same]) is None
 
 
 def test_prepare_jsonl_with_char_tokenizer_and_uint16(tmp_path):
