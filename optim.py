@@ -1,36 +1,30 @@
 """How the weights move: the learning-rate schedule (linear warmup, then a decay over the run's
-progress: --lr_schedule) and AdamW with weight decay on matrices only; train.py's train_step applies them.
-(--optimizer muon swaps the blocks' matrices to Muon, a deep dive: deep_dives/muon.py.)"""
+progress) and AdamW with weight decay on matrices only. train.py's train_step applies them.
+At the end, Muon (--optimizer muon): an alternative for the blocks' matrices."""
 
 import math
 
 import torch
 
-from deep_dives import muon
-
 
 def get_lr(step, progress, cfg):
-    """The learning rate of a step: linear warmup from lr/warmup_steps up to lr over the first
-    warmup_steps steps, then a decay from lr to min_lr as the run's progress (below) goes from 0
-    (the end of the warmup) to 1 (the end of the run), then min_lr. The decay's shape is
-    cfg.lr_schedule; a new shape is a new choice of it in config.py and a formula of step and
-    progress here. The last step of --max_steps is one step's share short of 1, so a shape still
-    steep there ends that far above min_lr."""
+    """The learning rate of a step: a linear warmup up to cfg.lr over warmup_steps steps, then a
+    decay to min_lr as the run's progress goes from 0 (the warmup's end) to 1 (the run's end).
+    A new shape is a new choice of lr_schedule in config.py and a formula of progress here."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if progress >= 1.0:  # the run's end (and any step past it): the floor, whatever the shape before it
+    if progress >= 1.0:
         return cfg.min_lr
-    if cfg.lr_schedule == "linear":  # a straight line down to the floor
+    if cfg.lr_schedule == "linear":
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     if cfg.lr_schedule == "cosine":
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"optim.get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
+    raise ValueError(f"get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
 
 
 def progress(step, cfg):
-    """How far the run is at a step, what get_lr's decay follows: 0 through the warmup, then the share of the steps
-    after it taken, (step - warmup_steps) / (max_steps - warmup_steps): with warmup 10 and max_steps 50, 0.5 at step 30.
-    (Under a --time_budget the share of its seconds spent takes its place: budget.Clock.progress_by_time.)"""
+    """How far a run of max_steps is at a step: 0 through the warmup, then the share of the steps
+    after it taken. (Under a --time_budget, train.py counts the share of the time spent instead.)"""
     if step <= cfg.warmup_steps:
         return 0.0
     return min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))
@@ -39,12 +33,68 @@ def progress(step, cfg):
 def make_optimizer(model, cfg, device):
     """AdamW that decays matrices (embeddings, linear weights) but not biases or norm gains."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.optimizer == "muon":  # a deep dive (deep_dives/muon.py)
-        return muon.Muon.for_model(params, cfg)
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    # fused: the whole update in one kernel per tensor (faster on CPUs too). Not on a Mac, whose fused
-    # kernel refuses float16's skip flag (torch 2.5-2.7: docs/platforms.md)
+    if cfg.optimizer == "muon":
+        return Muon.for_model(params, cfg)
+    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # fused: one kernel per tensor, faster on CPUs too; not on a Mac, whose fused kernel
+    # mishandles float16's skipped steps in torch 2.5-2.7 (docs/platforms.md)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+
+
+# ----------------------------------------------------------------------------- Muon
+
+def orthogonalize(g, steps=5):
+    """About U V^T of g = U S V^T (every singular value pushed towards 1), by a quintic
+    Newton-Schulz iteration whose coefficients trade exactness for speed."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = g.size(0) > g.size(1)
+    x = g.T if tall else g
+    x = x / (x.norm() + 1e-7)  # spectral norm <= 1, where the iteration converges
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD momentum whose update of each hidden matrix is made orthogonal, so every direction of a
+    weight moves alike however small its gradient; AdamW, written out, for the other weights."""
+
+    def __init__(self, groups, lr, betas=(0.9, 0.95), momentum=0.95, eps=1e-8):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps))
+
+    @classmethod
+    def for_model(cls, named_params, cfg):
+        """Muon on the blocks' matrices, stepping at lr * lr_scale so that muon_lr is its peak;
+        AdamW on the other matrices (decayed) and vectors (not)."""
+        hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
+        rest = [p for _, p in named_params if p.dim() >= 2 and not any(p is h for h in hidden)]
+        groups = [{"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0},
+                  {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
+                  {"params": [p for _, p in named_params if p.dim() < 2], "use_muon": False, "lr_scale": 1.0,
+                   "weight_decay": 0.0}]
+        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if group["use_muon"]:
+                    buf = state.setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = orthogonalize(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.add_(update, alpha=-group["lr"] * group["lr_scale"] * scale)
+                    continue
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                state["m"].lerp_(p.grad, 1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = state["m"] / (1 - beta1 ** state["step"])
+                v_hat = state["v"] / (1 - beta2 ** state["step"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(m_hat, v_hat.sqrt().add_(group["eps"]), value=-group["lr"])

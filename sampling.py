@@ -2,14 +2,11 @@
 
 Read it top to bottom: generate (the loop: next-token logits, one token drawn, appended); the KV
 cache, so that a new token costs one position's work instead of the whole context's; the context
-rule (Context: what the model sees once the text outgrows block_size); the sampler (config.Sampler).
-generate.py is the command line around it; beam search is a deep dive beside it (deep_dives/beam.py).
+rule (what the model sees once the text outgrows block_size); the sampler; beam search.
 
-In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval(); out = generate(model, idx,
-100, config.Sampler(temperature=0.8)); tokenizer.decode(out[0].tolist()).
+In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval();
+out = generate(model, idx, 100, config.Sampler(temperature=0.8)); tokenizer.decode(out[0].tolist())
 """
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,23 +15,18 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- the loop
 
 def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None, generator=None, on_token=None,
-             replay=None):
-    """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has produced
-    stop_token; returns (B, T + new), a row that stopped earlier going on past its stop_token (cut
-    it there). Each step: the logits of the next token (Context: the context rule and the KV
-    cache), one token drawn from them by the sampler's rules (sample_next; config.Sampler's
-    settings), appended.
-    on_token(tokens (B, 1), logits (B, V), idx (B, T)) sees each step's tokens as they come, with the logits they
-    were drawn from and the tokens before them (generate.py streams them; --show_probs shows their odds).
-    The model samples as it is: call model.eval() first, or dropout stays on (a checkpoint that
-    generate.py loads is in eval mode already). replay: None, or a function that makes the cache's one-token step
-    faster and gives what it gives (generate.py passes deep_dives.graphs.replayable: on a GPU, a CUDA graph)."""
-    context = Context(model, use_cache, replay)
+             context=None):
+    """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has made
+    stop_token (a row that stopped earlier goes on past it: cut it there). Returns (B, T + new).
+    on_token(token (B, 1), logits (B, V), idx) sees each step as it comes (generate.py streams it).
+    context: a Context to go on with (a chat's, whose cache holds the conversation so far).
+    Call model.eval() first, or dropout stays on."""
+    context = context or Context(model, use_cache)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    with torch.inference_mode():  # no autograd graph: each step, and the cache, is plain inference
+    with torch.inference_mode():  # no autograd graph
         for _ in range(max_new_tokens):
             logits = context.next_logits(idx)  # (B, V)
-            next_token = sample_next(logits, sampler, idx, generator)  # (B, 1)
+            next_token = sample_next(logits, sampler, generator)  # (B, 1)
             if on_token is not None:
                 on_token(next_token, logits, idx)
             idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
@@ -48,41 +40,31 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
 # ----------------------------------------------------------------------------- the KV cache and the context rule
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, and pos, the position of the
-    next token. Buffers of block_size positions are allocated once and written in place, so a
-    step writes one new column instead of copying the whole cache. Attention reads the whole
-    buffers, so every step computes with the same shapes: GPT.forward's mask, causal_mask(T,
-    block_size, start=pos), gives -inf to the slots after each new query's position (not filled
-    yet, or stale from before the context restarted). pos is a tensor on the model's device
-    rather than a Python number, so that a decoding step holds nothing that changes from token
-    to token (Context.fill says why)."""
+    """Every layer's keys and values of the tokens so far, in buffers of block_size positions
+    allocated once and written in place; pos: where the next token goes. Attention reads the whole
+    buffers, and the mask (model.causal_mask) hides the slots after each query's position."""
 
-    def __init__(self, n_layer, block_size, device):
-        self.k = [None] * n_layer
-        self.v = [None] * n_layer
-        self.block_size = block_size
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # decode adds each call's T to it
+    def __init__(self, n_layer, block_size):
+        self.k, self.v = [None] * n_layer, [None] * n_layer
+        self.block_size, self.pos = block_size, 0
 
     def update(self, layer, k, v):
-        """Store this step's k, v (B, nh, T, hs) at their positions; return the buffers (B, nh, block_size, hs)."""
-        if self.k[layer] is None:  # zeros, not empty memory: a hidden slot gets weight 0, and 0 times a NaN is NaN
+        """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return the buffers (B, nh, block_size, hs)."""
+        if self.k[layer] is None:  # zeros, not empty memory: a hidden slot's weight is 0, and 0 * NaN is NaN
             B, nh, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
-            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
-        slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,): pos, pos + 1, ...
-        self.k[layer].index_copy_(2, slots, k)  # k into slots pos.. of dimension 2, the positions
-        self.v[layer].index_copy_(2, slots, v)
+            self.k[layer], self.v[layer] = k.new_zeros(B, nh, self.block_size, hs), v.new_zeros(B, nh, self.block_size, hs)
+        self.k[layer][:, :, self.pos:self.pos + k.size(2)] = k
+        self.v[layer][:, :, self.pos:self.pos + v.size(2)] = v
         return self.k[layer], self.v[layer]
 
 
 class Context:
-    """What the model sees while it generates: the context rule and the KV cache.
-    next_logits(idx) gives the logits of the token after each row of idx (B, T), each call's
-    idx one token longer than the last call's (the first call's is the prompt)."""
+    """What the model sees while it generates. next_logits(idx) gives the logits of the token after
+    each row of idx (B, T); each call's idx continues the last call's (by one token, or more)."""
 
-    def __init__(self, model, use_cache=True, replay=None):
-        self.model, self.use_cache, self.replay = model, use_cache, replay
-        self.start, self.cache, self.step = None, None, None  # the context is idx[:, start:]
+    def __init__(self, model, use_cache=True):
+        self.model, self.use_cache = model, use_cache
+        self.start, self.cache = None, None  # the context is idx[:, start:]
 
     def next_logits(self, idx):
         block_size = self.model.config.block_size
@@ -90,76 +72,82 @@ class Context:
             self.start = max(0, idx.size(1) - block_size)
         full = idx.size(1) - self.start > block_size
         if full:
-            # The context is full. Sliding it on by one token (idx[:, -block_size:]) would move
-            # every token to a new position, while each cached key was computed at its old one,
-            # with older tokens in view: the cache would be stale. So the context restarts from
-            # its newest block_size // 2 tokens and the cache is filled again, about once every
-            # block_size / 2 new tokens; with or without the cache, the text is the same.
+            # Sliding on by one token would move every token to a new position, while each cached
+            # key was computed at its old one: so the context restarts from its newest
+            # block_size // 2 tokens and the cache is filled again, once every block_size / 2 tokens.
             self.start = idx.size(1) - max(1, block_size // 2)
         if not self.use_cache:  # recompute the whole context
-            logits, _ = self.model(idx[:, self.start:])
-        elif self.cache is None or full:  # the whole context into the cache, from position 0
-            logits = self.fill(idx[:, self.start:])
-        else:  # only the newest token: the cache holds the rest
-            logits = self.step(idx[:, -1:])
+            return self.model(idx[:, self.start:])[0][:, -1, :]
+        if self.cache is None or full:  # the whole context into an empty cache
+            self.cache = KVCache(self.model.config.n_layer, block_size)
+        new = idx[:, self.start + self.cache.pos:]  # (B, T): the tokens the cache lacks
+        logits, _ = self.model(new, cache=self.cache)
+        self.cache.pos += new.size(1)
         return logits[:, -1, :]  # (B, V)
-
-    def fill(self, context):
-        """The logits (B, T, V) of context (B, T), its keys and values written into the cache."""
-        if self.cache is None:  # the first call: the cache, and the step that goes on from it
-            self.cache = KVCache(self.model.config.n_layer, self.model.config.block_size, context.device)
-            # self.step: decode (below), or what replay makes of it (generate.py's: on a CUDA GPU a
-            # recording of its kernels, replayed in one launch; it needs to know what decode changes
-            # in place: the cache's position)
-            step = functools.partial(decode, self.model, self.cache)  # decode(token), with this model and cache
-            self.step = self.replay(step, context[:, -1:], keep=[self.cache.pos]) if self.replay else step
-        self.cache.pos.zero_()
-        return decode(self.model, self.cache, context)
-
-
-def decode(model, cache, tokens):
-    """The logits (B, T, V) of tokens (B, T) after the cache's: their keys and values join it (each layer's
-    attention writes its own), and the cache's position moves on past them."""
-    logits, _ = model(tokens, cache=cache)
-    cache.pos += tokens.size(1)
-    return logits
 
 
 # ----------------------------------------------------------------------------- the sampler
 
-def filter_logits(logits, sampler, idx):
-    """The logits (B, V) the next token is drawn from, given the model's own for the token after idx (B, T): divided by
-    the temperature (greedy: by 1), then every logit outside the candidates set to -inf: top_k > 0 keeps the k most
-    likely (and any tied with the k-th, as Hugging Face and nanoGPT do); top_p < 1 keeps the smallest set whose
-    probability reaches top_p; both always keep the most likely token. A rule on the model's own logits goes before the
-    temperature (one on the tokens so far, a repetition penalty, reads idx); one on the candidates, after."""
+def filter_logits(logits, sampler):
+    """The logits (B, V) a token is drawn from: divided by the temperature (greedy: by 1), then
+    every logit outside the candidates set to -inf. top_k keeps the k most likely (and any tied
+    with the k-th); top_p keeps the fewest whose probability reaches top_p; both keep the likeliest."""
     logits = logits / (sampler.temperature or 1.0)
-    top_k, top_p = sampler.top_k, sampler.top_p
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+    if sampler.top_k and sampler.top_k < logits.size(-1):
+        kth = torch.topk(logits, sampler.top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if sampler.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         sorted_probs = F.softmax(sorted_logits, dim=-1)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
-        drop = before >= top_p
-        drop[..., 0] = False  # the most likely token always survives (even with top_p 0)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampler.top_p  # the mass ahead of each token
+        drop[..., 0] = False  # the most likely token always stays
         sorted_logits[drop] = float("-inf")
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
 
-def next_token_probs(logits, sampler, idx):
-    """The distribution the next token is drawn from, probs (B, V), for logits (B, V) after idx (B, T):
-    filter_logits' logits, softmaxed. Temperature 0 (greedy) draws nothing: it takes the
-    most likely token. Its distribution here is the one at temperature 1 after top-k / top-p, the
-    model's own odds among the candidates, in which greedy's pick is the most likely token."""
-    return F.softmax(filter_logits(logits.float(), sampler, idx), dim=-1)  # (B, V)
+def next_token_probs(logits, sampler):
+    """The distribution (B, V) the next token is drawn from. Greedy draws nothing; its distribution
+    here is temperature 1's among the candidates, in which its pick is the most likely token."""
+    return F.softmax(filter_logits(logits.float(), sampler), dim=-1)
 
 
-def sample_next(logits, sampler, idx, generator=None):
-    """Pick one token per row (B, 1) from logits (B, V), those of the token after idx (B, T). Temperature 0: greedy."""
-    if sampler.temperature == 0:  # the most likely candidate; greedy needs no softmax
-        return filter_logits(logits.float(), sampler, idx).argmax(dim=-1, keepdim=True)  # (B, 1)
-    probs = next_token_probs(logits, sampler, idx)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+def sample_next(logits, sampler, generator=None):
+    """One token per row (B, 1) from logits (B, V); temperature 0 takes the most likely."""
+    if sampler.temperature == 0:
+        return filter_logits(logits.float(), sampler).argmax(dim=-1, keepdim=True)
+    return torch.multinomial(next_token_probs(logits, sampler), num_samples=1, generator=generator)
+
+
+# ----------------------------------------------------------------------------- beam search
+
+@torch.inference_mode()
+def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
+    """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T) found by
+    keeping the beam_width likeliest at each step, scored by total / length ** length_penalty."""
+    context, prompt = Context(model, use_cache), idx.size(1)
+    dtype = torch.float32 if idx.device.type == "mps" else torch.float64  # MPS has no float64
+    beams, totals = idx, torch.zeros(1, dtype=dtype, device=idx.device)  # (k, T + t), (k,)
+    finished = []  # (total, new tokens) of the continuations that stopped
+    for _ in range(max_new_tokens):
+        logp = F.log_softmax(context.next_logits(beams).to(dtype), dim=-1)  # (k, V)
+        V = logp.size(-1)
+        # the k * V candidates in one row; a beam adds at most one stopped one, so the best
+        # 2 * beam_width hold beam_width live ones
+        best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
+        rows, tokens = flat // V, flat % V  # the beam each candidate extends, and by which token
+        stops = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
+        finished += [(t, torch.cat((beams[r, prompt:], tok[None])))
+                     for t, r, tok in zip(best[stops].tolist(), rows[stops], tokens[stops])]
+        keep = (~stops).nonzero()[:beam_width, 0]
+        if len(keep) == 0:
+            break
+        if context.cache is not None:  # each row's cache follows the beam it grew from
+            context.cache.k = [k[rows[keep]] for k in context.cache.k]
+            context.cache.v = [v[rows[keep]] for v in context.cache.v]
+        beams, totals = torch.cat((beams[rows[keep]], tokens[keep, None]), dim=1), best[keep]
+        if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:
+            break  # a plain sum only falls as a continuation grows: no live beam can win now
+    candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]
+    total, new = max(candidates, key=lambda c: c[0] / max(1, len(c[1])) ** length_penalty)
+    return new[None], total

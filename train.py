@@ -1,348 +1,628 @@
 """Train a GPT on a text file: the lesson, top to bottom.
 
-    python train.py     # data/input.txt (Shakespeare): preset tiny on a CPU (5 minutes), small on a GPU (config.py)
+    python train.py     # data/input.txt: preset tiny on a CPU (five minutes), small on a GPU
     python train.py --preset small --max_steps 50 --seed 1
 
-build makes the batches, the model and the optimizer; train_step takes one optimizer step;
-train_loop repeats it at the schedule's learning rate, evaluating now and then (estimate_loss)
-and writing down each step's figures. What keeps a run safe on every machine (the run folder,
-resuming, devices, precision, several processes, the time budget) is a call into machinery/,
-whose comment says what it does.
+In the order it runs: one optimizer step (train_step) and an evaluation (estimate_loss); the set-up
+(settings, run folder, data, model, optimizer, precision); the loop (an evaluation now and then, each
+step at the schedule's learning rate, a progress line every log_interval steps) and a time budget's
+clock; the end (last.pt, a summary, a sample). Files, devices, processes and printing are machinery/'s.
 """
 
 import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
 
 import contextlib
+import csv
+import dataclasses
 import functools
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+import time
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
-from config import PRESETS, GPTConfig, RunOptions, TrainConfig, build_configs, default_preset, make_config
-from model import GPT
+from config import (MAX_SEED, PRESETS, RESUME_MAY_CHANGE, GPTConfig, RunOptions, Sampler, TinyLLMError, TrainConfig,
+                    build_configs, default_preset, from_saved, make_config, parse_duration)
+from model import GPT, lm_loss
 from optim import get_lr, make_optimizer, progress
-from utils import get_batch
+from sampling import generate
+from utils import bits_per_char, get_batch
 
-from machinery import budget, checkpoint, cli, ddp, device, plots, records, setup
-
-
-# ----------------------------------------------------------------------------- the data, the model, the optimizer
-
-def build(start):
-    """(corpus, model, optimizer, next_batch, val_batch) of the run setup.start_run made (settings, device, source)."""
-    cfg = start.cfg
-    # the text (cfg.data) as token ids, split 90/10 into train and val (utils.tokenize); a resumed
-    # or fine-tuned run also gets its checkpoint's GPT (and tokenizer) back, a fresh run None
-    corpus, model = setup.load_corpus_and_model(start)
-    if model is None:  # a fresh GPT: random weights, one embedding row per token of the tokenizer
-        model = GPT(replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    model = model.to(start.device)
-    optimizer = make_optimizer(model, cfg, start.device)  # AdamW: optim.py
-    # batches: random windows of block_size tokens, y one token ahead of x. Each process takes
-    # its share of batch_size, in grad_accum_steps micro-batches
-    block_size, micro_batch = model.config.block_size, start.micro_batch  # batch_size // processes // grad_accum
-    next_batch = functools.partial(get_batch, corpus.train, micro_batch, block_size, start.device)  # () -> (x, y)
-    val_batch = functools.partial(get_batch, corpus.val, micro_batch, block_size, start.device)
-    return corpus, model, optimizer, next_batch, val_batch
+from machinery import checkpoint, cli, ddp, device as devices, plots, sources
 
 
-# ----------------------------------------------------------------------------- one optimizer step
+# ----------------------------------------------------------------------------- one step, and an evaluation
 
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
-    """One optimizer step, in the order that is the lesson. Returns its figures: the batch's loss, the LR and the
-    gradient norm before clipping, loss and norm as tensors (reading one makes a GPU wait, so the loop reads them
-    only now and then; a new entry shows on the progress line and in the history, and resumes). ctx: the forward
-    pass's precision (an autocast; nothing for float32); scaler: float16's torch.amp.GradScaler (else None)."""
-    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing but opt.step()
-    for group in optimizer.param_groups:                     # 1. this step's learning rate, every group's
+    """One optimizer step, in the order that is the lesson. Returns its figures as tensors: reading one
+    makes a GPU wait, so the loop reads them only now and then. A new entry shows on the progress line
+    and in the history. ctx: the forward pass's precision (autocast); scaler: float16's, else None."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing
+    for group in optimizer.param_groups:                     # 1. this step's learning rate
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)                    # 2. forget the last step's gradients
-    batch_loss = 0.0                                         # the batch's mean loss: each micro-batch adds its share
+    batch_loss = 0.0
     for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
         x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
-        sync = micro_step == grad_accum_steps - 1 or not hasattr(model, "no_sync")  # DDP: average the processes'
-        with contextlib.nullcontext() if sync else model.no_sync():                 # gradients once, at the last
+        sync = micro_step == grad_accum_steps - 1 or not hasattr(model, "no_sync")  # DDP: average the
+        with contextlib.nullcontext() if sync else model.no_sync():                 # gradients once
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
-            scaler.scale(loss).backward()                    # 6. backward (float16 scales the loss up: no underflow)
+            scaler.scale(loss).backward()                    # 6. backward (float16 scales the loss: no underflow)
         batch_loss = batch_loss + loss.detach()
-    scaler.unscale_(optimizer)                               # (float16: the scale divided back out)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip (0: measure only)
-    scaler.step(optimizer)                                   # 8. update the weights (not if a gradient is inf or NaN)
-    scaler.update()                                          # (float16: the scale adapts)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip (0: measure)
+    scaler.step(optimizer)                                   # 8. update the weights (float16: not if inf)
+    scaler.update()
     return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
 
 
-# ----------------------------------------------------------------------------- the loop
-
-@dataclass
-class TrainState:
-    """The numbers that change as the run trains, written by this file alone (the loop; set-up notes plan); every
-    checkpoint saves them whole, and --resume puts them back (an older checkpoint lacking a new field: its default)."""
-    step: int = 0
-    best_val_loss: float = math.inf
-    evals_without_improvement: int = 0
-    last_eval_step: int = -1
-    lr: float = 0.0                  # of the latest step
-    grad_norm: float = None          # of the latest step; None before the first
-    history: list = field(default_factory=list)  # a row per progress line and per evaluation
-    window: list = field(default_factory=list)   # the figures of the steps since the last progress row
-    progress: float = 0.0            # of the latest step: 0 to the warmup's end, 1 at the run's (optim.progress)
-    eval_seconds: float = 0.0        # the latest evaluation's, saves and plots included (a budget keeps room)
-    seconds: float = 0.0             # wall time of every process of the run, set-up included (Clock.elapsed)
-    plan: dict = None                # what --dtype auto measured: {"dtype", "dtype_note"}
-
-
-def train(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """Train; return a summary dict. Under torchrun every rank runs this; rank 0 alone prints and writes.
-    started: when the run began, for a time budget (python train.py: when the process started)."""
-    with device.out_of_memory_as_error("out of memory: try a smaller --batch_size, or --grad_accum_steps 2 or more "
-                                       "(the same batch in pieces), or a smaller model"):  # one line, no traceback
-        return train_loop(setup_run(model_cfg, train_cfg, options, preset, given, started))
-
-
-def setup_run(model_cfg, train_cfg, options=None, preset="custom", given=None, started=None):
-    """The Run, made once: set-up (machinery/setup.py), then build, then precision; only read from here on."""
-    # processes, the device, the run folder (a trained run is never overwritten), the checkpoint to start from
-    start = setup.start_run(model_cfg, train_cfg, options or RunOptions(), preset, given or {},
-                            budget.now() if started is None else started)
-    cfg = start.cfg
-    corpus, model, optimizer, next_batch, val_batch = build(start)
-    # a resumed run's state and optimizer as saved; a fresh run's from zero
-    state = checkpoint.restore(start, optimizer, TrainState) if start.resumed else TrainState()
-    setup.set_random_state(start, state)  # --resume: every RNG as saved; torchrun: each rank its own batches
-    if start.options.overfit_batch:  # a sanity check: every step trains on one batch; nothing is written
-        next_batch = setup.one_fixed_batch(start, next_batch)
-    train_model = torch.compile(model) if cfg.compile else model  # --compile: the steps run a compiled model
-    train_model = ddp.wrap(train_model, start.world, start.device)  # torchrun: DDP averages the processes' gradients
-    # the run's step: train_step bound to this run's model, optimizer, batches, accumulation and clipping
-    step = functools.partial(train_step, train_model, optimizer, next_batch, grad_accum_steps=cfg.grad_accum_steps,
-                             grad_clip=cfg.grad_clip)
-    # the precision: --compile's check and --dtype auto's timing take trial steps at the peak LR that leave no trace
-    dtype, ctx, scaler, state.plan = setup.precision(start, model, optimizer, state.plan,
-                                                     lambda ctx, scaler=None: step(cfg.lr, ctx=ctx, scaler=scaler))
-    setup.print_header(start, model, corpus, dtype, state)
-    setup.clear_replaced_run(start)  # --overwrite: the previous run's files go now, the new one's input checked
-    # a time budget keeps time for the closing sample, timed here
-    sample_seconds = (records.sample_seconds(model, corpus.tokenizer, cfg.sample_tokens, cfg.seed)
-                      if cfg.time_budget else 0.0)
-    return setup.Run(**(vars(start) | {"model_cfg": model.config}), corpus=corpus, model=model, optimizer=optimizer,
-                     next_batch=next_batch, val_batch=val_batch, train_model=train_model, dtype=dtype, ctx=ctx,
-                     scaler=scaler, train_step=functools.partial(step, ctx=ctx, scaler=scaler),
-                     sample_seconds=sample_seconds, state=state)
-
-
-def train_loop(run):
-    """Evaluate now and then, take optimizer steps, write down their figures. The run ends at max_steps or when a
-    --time_budget is spent (clock.at_end), or early: --patience and --target_loss (evaluate), --overfit_batch
-    (log_progress), Ctrl-C or SIGTERM (ddp.stop_signal); then finish saves and says why."""
-    cfg, state = run.cfg, run.state
-    # how far the run is, by steps or by a --time_budget's seconds: its end, room for an evaluation, the ETA
-    clock = budget.Clock(cfg, state, run.started, run.world, run.device, run.sample_seconds)
-    # step time, and the steps' figures kept on the device until read (a read waits; a non-finite one stops the run)
-    meter = records.Meter(cfg, run.scaler is not None, run.writes_files)
-    stop_reason, signum = None, 0
-    # Ctrl-C or SIGTERM: finish the step, then stop (stop.signum; a second Ctrl-C aborts)
-    with cli.StopRequest(announce=run.master) as stop:
-        while True:
-            at_end = clock.at_end()  # max_steps taken, or a --time_budget's time spent
-            # an evaluation every eval_interval steps (under a budget, if time is left for steps after it) and
-            # at the end, never twice at one step (a resumed run starts where its last evaluation was)
-            scheduled = state.step % cfg.eval_interval == 0 and clock.room_for_evaluation()
-            if (scheduled or at_end) and state.step != state.last_eval_step:
-                stop_reason = stop_reason or evaluate(run, meter, clock)  # --patience, --target_loss: stop early
-            if at_end or stop_reason:
-                break
-
-            # --- one optimizer step, at the schedule's learning rate, a function of how far the run is: by steps
-            # (optim.progress), or under a --time_budget by the seconds spent of those usable
-            state.progress = clock.progress_by_time(state.progress) if cfg.time_budget else progress(state.step, cfg)
-            lr = get_lr(state.step, state.progress, cfg)
-            figures = run.train_step(lr)  # train_step, above, with this run's model, optimizer, batches, precision
-            state.step += 1
-
-            # --- its figures: averaged over log_interval steps onto a progress line and into the history
-            meter.add(state.step, figures)
-            if state.step % cfg.log_interval == 0:  # (no stop_reason yet: one would have ended the loop above)
-                stop_reason = log_progress(run, meter, clock)  # --overfit_batch done
-            if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes_files:
-                read_figures(state, meter)
-                with meter.paused():
-                    save(run, clock, f"ckpt_{state.step:07d}.pt")
-                    if run.master:
-                        checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
-            # Ctrl-C or SIGTERM on any rank: every rank agrees, at progress lines
-            if signum := ddp.stop_signal(stop.signum, run.world, state.step % cfg.log_interval == 0):
-                stop_reason = stop_reason or f"stopped by signal {signum}"
-                break
-    read_figures(state, meter)  # the steps since the last line, before the last save
-    with meter.paused():
-        return finish(run, stop_reason, signum, clock)
-
-
-def evaluate(run, meter, clock):
-    """The losses of both splits: a line and a history row, last.pt (and best.pt if val improved), the
-    history files and plots. Returns why the run stops early (--patience, --target_loss), else None."""
-    cfg, state = run.cfg, run.state
-    read_figures(state, meter)  # the steps' figures, saved with the state
-    with meter.paused():  # not step time
-        eval_iters = math.ceil(cfg.eval_iters / run.world)  # batches per split: this process's share
-        losses = estimate_loss(run.train_model, {"train": run.next_batch, "val": run.val_batch}, eval_iters, run.ctx)
-        # the processes' mean is the same everywhere, and so is every decision after it
-        train_loss, val_loss = ddp.all_ranks_mean([losses["train"], losses["val"]], run.world, run.device)
-        improved = val_loss < state.best_val_loss
-        if improved:
-            state.best_val_loss, state.evals_without_improvement = val_loss, 0
-        else:
-            state.evals_without_improvement += 1
-        state.last_eval_step = state.step  # never two evaluations at one step
-        state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
-                              "lr": state.lr, "grad_norm": state.grad_norm, "seconds": clock.elapsed()})
-        run.say(records.evaluation_line(state.step, clock.end_step(), train_loss, val_loss,
-                                        run.corpus.chars_per_token, run.model_cfg.vocab_size, improved))
-        if run.writes_files:
-            save(run, clock, "last.pt")
-            if improved:
-                save(run, clock, "best.pt")
-            if run.master:
-                records.write_history(cfg, state, run.model_cfg.vocab_size)  # history.json, .csv and the plots
-    # its seconds, saves and plots included: a time budget keeps as much for the last evaluation
-    state.eval_seconds = clock.ranks_mean(meter.last_pause)
-    if cfg.patience and state.evals_without_improvement >= cfg.patience:
-        return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
-                f"(best {state.best_val_loss:.4f} kept in {os.path.join(run.cfg.out_dir, 'best.pt')})")
-    if cfg.target_loss and val_loss <= cfg.target_loss:
-        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
-    return None
-
-
-def read_figures(state, meter):
-    """The figures of the steps since the last read, from the device: into the window of the next progress line, and
-    the latest LR and gradient norm (float16 skips a step whose norm is inf: None)."""
-    for figures in meter.read():
-        state.window.append(figures)
-        state.lr, norm = figures.get("lr", state.lr), figures.get("grad_norm")
-        state.grad_norm = norm if norm is not None and math.isfinite(norm) else None
-
-
-FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints on a progress line (others: .4g)
-
-
-def log_progress(run, meter, clock):
-    """A progress line and a history row for the steps since the last one; why the run stops (--overfit_batch)."""
-    state = run.state
-    read_figures(state, meter)  # (a loss that is not finite stops the run here)
-    figures, ms = records.average(state.window), meter.ms_per_step()  # the steps' figures, averaged
-    state.window = []
-    # mfu: None where the chip's peak is unknown
-    tokens_per_s, mfu = records.speed(ms, run.cfg.batch_size, run.model, run.device, run.dtype, run.world)
-    run.say(records.progress_line(state.step, clock.end_step(), figures, ms, tokens_per_s, mfu, FORMATS))
-    state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
-                          "tok_per_s": tokens_per_s, "seconds": clock.elapsed()})
-    # --overfit_batch: done near 0, by the processes' mean loss (each has its own batch): the ranks stop together
-    if run.options.overfit_batch and ddp.all_ranks_mean([figures["loss"]], run.world, run.device)[0] < 0.01:
-        return f"overfit_batch: loss below 0.01 at step {state.step}"
-    return None
-
-
-def finish(run, stop_reason, signum, clock):
-    """After the last step: last.pt if steps came after the last evaluation, the closing lines and sample, a summary
-    dict. Stopped by a signal: last.pt, how to resume, and exit status 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
-    state = run.state
-    if run.writes_files and (signum or state.last_eval_step != state.step):
-        save(run, clock, "last.pt")
-    if signum:
-        if run.writes_files:
-            run.say(f"saved {os.path.join(run.cfg.out_dir, 'last.pt')} at step {state.step}. "
-                    f"Resume with: python train.py --resume --out_dir {run.cfg.out_dir}")
-        ddp.teardown_distributed(run.world)  # torchrun ends every rank once one exits: rank 0 must have saved
-        sys.exit(128 + signum)
-    done = records.done_line(state.step, state.best_val_loss, clock.elapsed(),
-                             run.cfg.out_dir if run.writes_files else "", run.cfg.plots)
-    for line in filter(None, (stop_reason, done, clock.summary())):  # (each may be None)
-        run.say(line)
-    if run.cfg.sample_tokens and run.master:
-        sample = records.closing_sample(run.model, run.corpus.tokenizer, run.cfg.sample_tokens, run.cfg.seed)
-        run.say("sample:\n" + sample)
-    ddp.teardown_distributed(run.world)
-    return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
-            "seconds": clock.elapsed(), "stop_reason": stop_reason, "model": run.model}
-
-
-def save(run, clock, name):
-    """out_dir/name: all --resume needs to continue exactly, the TrainState whole (checkpoint.save adds every RNG)."""
-    checkpoint.save(os.path.join(run.cfg.out_dir, name), checkpoint.make_checkpoint(
-        run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
-        train_config=asdict(run.cfg), preset=run.preset,
-        scaler=run.scaler.state_dict() if run.scaler else None,
-        **(asdict(run.state) | {"seconds": clock.elapsed()})), run.world, run.master)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
 @torch.no_grad()
-def estimate_loss(model, batch_fns, eval_iters, ctx):
+def estimate_loss(model, batches, eval_iters, ctx):
     """Mean loss over eval_iters random batches of each split, in eval mode (no dropout)."""
     model.eval()
     out = {}
-    for split, next_batch in batch_fns.items():
+    for split, next_batch in batches.items():
         total = 0.0
         for _ in range(eval_iters):
             x, y = next_batch()
             with ctx:
-                _, loss = model(x, y)
-            total = total + loss
+                total = total + model(x, y)[1]
         out[split] = total.item() / eval_iters  # one wait for the device per split
     model.train()
     return out
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- a run
 
-def build_parser(here):
-    """A flag per setting of config.py; --help shows the defaults of the preset of here (a device)."""
-    preset = default_preset(here.type)
-    parser = cli.ArgumentParser(description="Train a GPT language model on a text file.", epilog=(
-        f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', and the defaults shown are "
-        f"that preset's where it sets them. Flags override the preset."))
-    auto = {**device.auto_meanings(here), "preset": (preset, f"on this machine ({here.type})")}
-    cli.add_config_flags(parser, RunOptions, auto, title="what to do")
-    defaults = {**{k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}, **auto}
-    cli.add_config_flags(parser, GPTConfig, defaults, title="model (GPTConfig)")
-    cli.add_config_flags(parser, TrainConfig, defaults, title="training (TrainConfig)")
-    return parser
+@dataclass
+class TrainState:
+    """What changes as the run trains: saved whole in every checkpoint, put back by --resume."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    lr: float = 0.0             # the latest step's
+    grad_norm: float = None     # the latest step's (None before the first)
+    progress: float = 0.0       # the latest step's: 0 to the warmup's end, 1 at the run's (get_lr)
+    seconds: float = 0.0        # the run's wall time so far, every process of it
+    decay_start: float = None   # under a time budget: the seconds at the warmup's end
+    eval_seconds: float = 0.0   # the latest evaluation's, saves included: a budget keeps as much at its end
+    history: list = field(default_factory=list)  # a row per progress line and per evaluation
+    window: list = field(default_factory=list)   # the figures of the steps since the last progress line
+    measured: dict = None       # what --dtype auto measured: a resume keeps its choice
 
+
+@dataclass
+class Run:
+    """What the loop works with, set up once; what changes as it trains is in state."""
+    cfg: TrainConfig
+    options: RunOptions
+    preset: str
+    rank: int                   # this process, of world (1 without torchrun)
+    world: int
+    device: torch.device
+    corpus: sources.Corpus
+    model: GPT
+    train_model: torch.nn.Module  # the model as the steps call it: compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    batches: dict               # "train", "val": () -> (x, y), this process's share of a batch
+    state: TrainState
+    started: float              # when this process began (python train.py: its first line)
+    budget: float               # a --time_budget's seconds, else None
+    dtype: str = "float32"      # the forward pass's precision, its autocast and float16's scaler
+    ctx: object = None
+    scaler: object = None
+    train_step: object = None   # lr -> figures: train_step bound to all of the above
+    sample_seconds: float = 0.0  # what the closing sample takes: a budget keeps it free
+    pending: list = field(default_factory=list)  # the figures of the steps taken, not read yet
+    timer: list = field(default_factory=list)    # the steps' clock: [started at, seconds, steps]
+    first: tuple = None         # (step, seconds) where this process's pace counts from
+    pause: float = 0.0          # the latest evaluation's or save's seconds
+
+    @property
+    def master(self):  # rank 0 alone prints and writes
+        return self.rank == 0
+
+    @property
+    def writes(self):  # --overfit_batch writes nothing
+        return not self.options.overfit_batch
+
+    def say(self, text):
+        if self.master:
+            cli.log(text)
+
+    def elapsed(self):  # this process's seconds, set-up included, and those of the processes before it
+        return self.state.seconds + time.perf_counter() - self.started
+
+
+def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None):
+    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints and writes."""
+    with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size, or --grad_accum_steps 2 "
+                                        "(the same batch in pieces), or a smaller model"):
+        started = time.perf_counter() if started is None else started  # a time budget counts from here
+        return train_loop(set_up(model_cfg, cfg, options or RunOptions(), preset, given or {}, started))
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def set_up(model_cfg, cfg, options, preset, given, started):
+    """Everything before the first step, each input checked before the run writes anything."""
+    rank, world, device = ddp.setup(devices.choose_device(cfg.device))
+    say = cli.log if rank == 0 else (lambda text: None)
+    model_cfg, cfg, preset, source, path, resumed = settings(model_cfg, cfg, options, preset, given, say)
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise TinyLLMError(f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
+                           f"({cfg.grad_accum_steps}) times the processes ({world})")
+    devices.set_threads(cfg.threads)
+    devices.seed_everything(cfg.seed)  # every rank alike: the same initial weights
+    corpus, model = data_and_model(model_cfg, cfg, source, path, options, say)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg, device)  # AdamW: optim.py
+    # batches: random windows of block_size tokens; each process takes its share, in micro-batches
+    block_size, micro_batch = model.config.block_size, cfg.batch_size // world // cfg.grad_accum_steps
+    train_ids = corpus.train[:max(block_size + 1, int(len(corpus.train) * cfg.data_fraction))]
+    batches = {split: functools.partial(get_batch, ids, micro_batch, block_size, device)
+               for split, ids in (("train", train_ids), ("val", corpus.val))}
+    state = restore(source, optimizer, cfg, rank, world, say) if resumed else TrainState()
+    if world > 1 and len(source.get("rngs", []) if resumed else []) != world:  # each rank its own batches
+        devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
+    if options.overfit_batch:  # a sanity check: every step trains on one batch
+        fixed = batches["train"]()
+        batches["train"] = lambda: fixed
+        say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
+    train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
+    run = Run(cfg, options, preset, rank, world, device, corpus, model, train_model, optimizer, batches, state,
+              started, parse_duration(cfg.time_budget))
+    set_precision(run, source if resumed else {})
+    print_header(run, micro_batch)
+    if options.overwrite and run.master and run.writes and not resumed:  # the old run's files go only now
+        checkpoint.clear_out_dir(cfg.out_dir)
+    if run.budget and cfg.sample_tokens:  # a budget keeps time for the closing sample: 16 tokens timed
+        closing_sample(run, 2)
+        t0 = time.perf_counter()
+        closing_sample(run, 16)
+        run.sample_seconds = ddp.mean([(time.perf_counter() - t0) / 16 * cfg.sample_tokens * 1.2], world, device)[0]
+    return run
+
+
+def settings(model_cfg, cfg, options, preset, given, say):
+    """The run's settings and what it starts from: --resume's last.pt (its settings, but for those a resume
+    may change), --init_from's model, or nothing (the run folder claimed). Also whether it resumes."""
+    last = os.path.join(cfg.out_dir, "last.pt")
+    source = checkpoint.load(last) if options.resume and os.path.isfile(last) else None
+    if options.resume:  # without a last.pt yet, the same command starts the run now and continues it later
+        say(f"resuming {last} at {checkpoint.where(source)}" if source else f"--resume: no {last} yet, starting "
+                                                                            f"a fresh run")
+    if source:
+        saved, required = source.get("train_config"), ["optimizer", "rng", *asdict(TrainState())]
+        if any(k not in source for k in required) or set(saved or ()) != set(asdict(cfg)):
+            raise TinyLLMError(f"{last} was written by another version of tinyllm and cannot be resumed; "
+                               f"fine-tune from its weights with --init_from instead")
+        model_cfg, saved = from_saved(GPTConfig, source["model_config"], last), from_saved(TrainConfig, saved, last)
+        if refused := contradicted(given, {**asdict(model_cfg), **asdict(saved)}, RESUME_MAY_CHANGE):
+            raise TinyLLMError(f"--resume continues the run in {last}, which cannot change {refused}; drop the "
+                               f"flag, or start a new run with another --out_dir")
+        if options.preset and options.preset != source.get("preset"):
+            raise TinyLLMError(f"{last} is a run of preset {source.get('preset')!r}: --resume keeps it")
+        changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE} | {"out_dir": cfg.out_dir}
+        cfg = dataclasses.replace(saved, **changes | ({"time_budget": ""} if "max_steps" in given else {}))
+        return model_cfg, cfg, source.get("preset", preset), source, last, True
+    if not options.overfit_batch:
+        checkpoint.claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
+    if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
+        source, last = fine_tune_source(options.init_from, given), options.init_from
+        cfg = dataclasses.replace(cfg, tokenizer=source["tokenizer"].get("kind", "char"))
+    if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # tools.prepare fixed its tokenizer and text
+        meta = sources.load_prepared(cfg.data)[0]
+        made = {"vocab_size": meta["vocab_size"], "clean": meta["clean"], "tokenizer": meta["tokenizer"]["kind"]}
+        if refused := contradicted(given, made, ()):
+            raise TinyLLMError(f"{cfg.data} was made by tools.prepare with its own tokenizer and text: drop {refused}")
+        cfg = dataclasses.replace(cfg, tokenizer=made["tokenizer"])
+    if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
+        cfg = dataclasses.replace(cfg, time_budget="")
+    return model_cfg, cfg, preset, source, last, False
+
+
+def contradicted(given, saved, may_change):
+    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    return "; ".join(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})" for k, v in given.items()
+                     if k in saved and k not in may_change and v != saved[k])
+
+
+def fine_tune_source(path, given):
+    """--init_from: a checkpoint, or GPT-2's weights. Its shape stays; --dropout may change (it is no weight)."""
+    if path.lower().endswith(".pt"):
+        source = checkpoint.load(path)
+    else:
+        from machinery.hf_gpt2 import gpt2_checkpoint  # needs transformers: imported only here
+        source = gpt2_checkpoint(path)
+    has = {**source["model_config"], "tokenizer": source["tokenizer"].get("kind", "char")}
+    if refused := contradicted(given, has, ("dropout",)):
+        raise TinyLLMError(f"--init_from {path} keeps that model's shape and tokenizer: drop {refused}")
+    source["model_config"] |= {k: v for k, v in given.items() if k == "dropout"}
+    return source
+
+
+def data_and_model(model_cfg, cfg, source, path, options, say):
+    """The text split 90/10 into token ids (by the source's tokenizer, if any), and the GPT it trains."""
+    model = tokenizer = None
+    if source:
+        model = checkpoint.model_of(source, path)
+        tokenizer = checkpoint.tokenizer_of(source, model.config.vocab_size, path)
+    corpus = sources.load_corpus(cfg, tokenizer, model_cfg.vocab_size, extend=bool(options.init_from))
+    block_size = (model.config if model else model_cfg).block_size
+    sources.check_long_enough(corpus.train, block_size, "train", cfg.data)
+    sources.check_long_enough(corpus.val, block_size, "validation", cfg.data)
+    if model is None:  # a fresh GPT: random weights, one embedding row per token
+        return corpus, GPT(dataclasses.replace(model_cfg, vocab_size=corpus.tokenizer.vocab_size))
+    if corpus.added:  # characters the checkpoint never saw: an embedding row each, the old rows' mean
+        old, ids = model.wte.weight.detach(), corpus.old_ids + list(range(tokenizer.vocab_size, len(model.wte.weight)))
+        rows = torch.stack([old[i] if i is not None else old[[i for i in ids if i is not None]].mean(0) for i in ids])
+        model.config = dataclasses.replace(model.config, vocab_size=len(ids))
+        model.wte = torch.nn.Embedding.from_pretrained(rows, freeze=False)
+        model.lm_head = torch.nn.Linear(model.config.n_embd, len(ids), bias=False)
+        model.lm_head.weight = model.wte.weight
+        say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} to the vocabulary of {path}")
+    return corpus, model
+
+
+def restore(source, optimizer, cfg, rank, world, say):
+    """A resumed run's state, optimizer and random numbers as saved; a new --max_steps is a new schedule."""
+    # this machine's optimizer kernel, given before loading: torch places the saved step tensors for it
+    groups = [{**saved, **{k: g[k] for k in ("fused", "foreach") if k in g}}
+              for saved, g in zip(source["optimizer"]["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**source["optimizer"], "param_groups": groups})
+    state = TrainState(**{k: source[k] for k in asdict(TrainState())})
+    rngs = source.get("rngs") or [source["rng"]]
+    devices.set_rng_state(rngs[rank] if len(rngs) == world else rngs[0])
+    saved = source["train_config"]
+    if not cfg.time_budget and (saved["time_budget"] or cfg.max_steps != saved["max_steps"]):
+        if state.step >= cfg.max_steps:
+            raise TinyLLMError(f"the run is at step {state.step} already: --max_steps {cfg.max_steps} trains no more")
+        say(f"--max_steps {cfg.max_steps}: the schedule of a run of {cfg.max_steps} steps from here, LR "
+            f"{get_lr(state.step, progress(state.step, cfg), cfg):.3g} now, down to {cfg.min_lr:g} at its end")
+    return state
+
+
+def set_precision(run, saved):
+    """The run's dtype, autocast, float16's scaler and bound step. --compile and --dtype auto take trial steps
+    that leave no trace: a missing compiler (Windows) is found before anything is written, and a CPU with
+    native bfloat16 takes it only where it measures faster (a resume keeps the choice)."""
+    cfg, device, state = run.cfg, run.device, run.state
+    step = functools.partial(train_step, run.train_model, run.optimizer, run.batches["train"],
+                             grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip)
+    dtype = devices.resolve_dtype(cfg.dtype, device)
+    if cfg.compile:
+        try:
+            with devices.trial(run.model, run.optimizer, scaler := devices.make_scaler(device, dtype)):
+                step(cfg.lr, ctx=devices.autocast(device, dtype), scaler=scaler)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
+            raise TinyLLMError(f"--compile failed on this machine ({cli.first_line(e)}); run without it") from None
+    if cfg.dtype == "auto" and device.type == "cpu" and devices.native_bf16(device):
+        if not state.measured:  # timings differ between processes: every rank takes rank 0's choice
+            measured = devices.measure_dtype(lambda ctx: step(cfg.lr, ctx=ctx), run.model, run.optimizer, device)
+            state.measured = ddp.every_rank(measured, run.world)[0]
+        dtype = state.measured["dtype"]
+    run.dtype, run.ctx, run.scaler = dtype, devices.autocast(device, dtype), devices.make_scaler(device, dtype)
+    if saved.get("scaler") and run.scaler:
+        run.scaler.load_state_dict(saved["scaler"])
+    run.train_step = functools.partial(step, ctx=run.ctx, scaler=run.scaler)
+
+
+def print_header(run, micro_batch):
+    """What the run is: device and precision, the model, the tokens of a step and of the data, its end."""
+    cfg, m = run.cfg, run.model.config
+    precision = (run.state.measured or {}).get("dtype_note") or run.dtype + " auto" * (cfg.dtype == "auto")
+    processes = f" x {run.world} processes" * (run.world > 1)
+    run.say(f"device {devices.describe(run.device)} ({precision}, {torch.get_num_threads()} threads){processes} | "
+            f"preset {run.preset} | data {cfg.data}")
+    run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+            f"block {m.block_size}, vocab {m.vocab_size} | norm {m.norm}, mlp {m.mlp}, pos {m.pos} | "
+            f"optimizer {cfg.optimizer}")
+    split = f" ({run.world} processes x {cfg.grad_accum_steps} micro-batches of {micro_batch})"
+    run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
+            + split * (run.world * cfg.grad_accum_steps > 1)
+            + f" | train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens")
+    if run.budget:
+        run.say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left")
+    elif cfg.max_steps <= cfg.warmup_steps:
+        cli.warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps): the LR never decays")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_loop(run):
+    """Evaluate now and then, take optimizer steps, write down their figures, until max_steps or a budget's
+    end, or an early stop: --patience, --target_loss (evaluate), --overfit_batch (log_progress), Ctrl-C or
+    SIGTERM (the step is finished, then last.pt saved); finish says why."""
+    cfg, state = run.cfg, run.state
+    run.timer, run.first = [time.perf_counter(), 0.0, 0], (state.step, clock(run))
+    stop_reason, signum = None, 0
+    with cli.StopRequest(announce=run.master) as stop:
+        while True:
+            seconds = clock(run) if run.budget else 0.0
+            at_end = state.progress >= 1.0 if run.budget else state.step >= cfg.max_steps
+            # an evaluation every eval_interval steps (under a budget, if time is left for steps after it)
+            # and at the end, never twice at one step (a resumed run starts where its last one was)
+            room = not run.budget or seconds + state.eval_seconds < budget_end(run)
+            if (at_end or state.step % cfg.eval_interval == 0 and room) and state.step != state.last_eval_step:
+                stop_reason = evaluate(run)  # --patience, --target_loss: why the run stops early
+                seconds = clock(run) if run.budget else 0.0
+            if at_end or stop_reason:  # (a stop signal during the last evaluation still counts)
+                signum = max(ddp.every_rank(stop.signum or 0, run.world))
+                break
+
+            # one optimizer step, at the schedule's learning rate: a function of how far the run is, by
+            # steps, or under a --time_budget by the share of its time spent
+            state.progress = budget_progress(run, seconds) if run.budget else progress(state.step, cfg)
+            run.pending.append(run.train_step(get_lr(state.step, state.progress, cfg)))
+            state.step += 1
+
+            # its figures: a progress line and a history row every log_interval steps, averaged
+            if state.step % cfg.log_interval == 0:
+                stop_reason = log_progress(run)  # --overfit_batch done
+            if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
+                save(run, f"ckpt_{state.step:07d}.pt")
+                if run.master:
+                    checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
+            # Ctrl-C or SIGTERM on any rank: all agree at progress lines (none waits on a step)
+            if run.world == 1 or state.step % cfg.log_interval == 0:
+                signum = max(ddp.every_rank(stop.signum or 0, run.world))
+            if signum:
+                stop_reason = f"stopped by signal {signum}"
+                break
+    read_figures(run)  # the steps since the last line, before the last save
+    return finish(run, stop_reason, signum)
+
+
+def read_figures(run):
+    """The figures of the steps since the last read, from the device in one read (a wait), into the window
+    of the next progress line; the steps' clock counts until now. A loss that is not finite stops the run."""
+    tensors = [v.detach().float().reshape(()) for f in run.pending for v in f.values() if torch.is_tensor(v)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    for n, figures in enumerate(run.pending, run.state.step - len(run.pending)):
+        figures = {k: next(values) if torch.is_tensor(v) else float(v) for k, v in figures.items()}
+        if not math.isfinite(figures["loss"]) or not (run.scaler or math.isfinite(figures["grad_norm"])):
+            raise TinyLLMError(f"step {n}: the loss or the gradient is not finite (loss {figures['loss']}); the run "
+                               f"stops here. Try a lower --lr, clipping (--grad_clip 1), or --dtype bfloat16 or "
+                               f"float32. Nothing non-finite was saved")
+        run.state.window.append(figures)
+        run.state.lr = figures["lr"]
+        run.state.grad_norm = figures["grad_norm"] if math.isfinite(figures["grad_norm"]) else None  # float16's skip
+    now = time.perf_counter()
+    run.timer, run.pending = [now, run.timer[1] + now - run.timer[0], run.timer[2] + len(run.pending)], []
+
+
+@contextlib.contextmanager
+def paused(run):
+    """An evaluation or a save: the steps' figures read first, its time kept out of the steps' clock."""
+    read_figures(run)
+    start = time.perf_counter()
+    yield
+    run.timer[0] = time.perf_counter()
+    run.pause = run.timer[0] - start
+
+
+FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints (others: .4g)
+
+
+def log_progress(run):
+    """A progress line and a history row of the steps since the last one; why the run stops (--overfit_batch)."""
+    state = run.state
+    read_figures(run)
+    figures = {k: sum(v) / len(v) if (v := [r[k] for r in state.window if r[k] is not None]) else None
+               for k in state.window[0]}
+    ms, state.window = 1000 * run.timer[1] / max(1, run.timer[2]), []
+    run.timer[1:] = [0.0, 0]
+    tokens_per_s = run.cfg.batch_size * run.model.config.block_size / ms * 1000 if ms else 0.0
+    end = end_step(run, ms / 1000)
+    eta = cli.format_seconds((end - state.step) * ms / 1000) if end else "?"
+    shown = " | ".join(f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
+    run.say(f"step {state.step:>6}/{end or '?'} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}")
+    state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
+                          "tok_per_s": tokens_per_s, "seconds": run.elapsed()})
+    # --overfit_batch: done near 0, by the processes' mean loss (each has its own batch)
+    if run.options.overfit_batch and ddp.mean([figures["loss"]], run.world, run.device)[0] < 0.01:
+        return f"overfit_batch: loss below 0.01 at step {state.step}"
+
+
+def evaluate(run):
+    """Both splits' losses: a line and a history row, last.pt (and best.pt if val improved), history.csv and
+    loss.png. Returns why the run stops early (--patience, --target_loss), else None."""
+    cfg, state = run.cfg, run.state
+    with paused(run):
+        losses = estimate_loss(run.train_model, run.batches, math.ceil(cfg.eval_iters / run.world), run.ctx)
+        train_loss, val_loss = ddp.mean([losses["train"], losses["val"]], run.world, run.device)  # alike on all
+        improved = val_loss < state.best_val_loss
+        state.best_val_loss = min(val_loss, state.best_val_loss)
+        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        state.last_eval_step = state.step
+        state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
+                              "lr": state.lr, "grad_norm": state.grad_norm, "seconds": run.elapsed()})
+        bits = bits_per_char(val_loss, run.corpus.chars_per_token)
+        baseline = f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}" * (state.step == 0)
+        run.say(f"eval {state.step:>6}/{end_step(run) or '?'} | train {train_loss:.4f} | val {val_loss:.4f} "
+                f"({bits:.3f} bits/char){baseline}" + " | new best" * improved)
+        if run.writes:
+            save(run, "last.pt")
+            if improved:
+                save(run, "best.pt")
+            if run.master:
+                write_history(run)
+    state.eval_seconds = ddp.mean([run.pause], run.world, run.device)[0]  # a budget keeps as much for the last
+    if cfg.patience and state.evals_without_improvement >= cfg.patience:
+        return f"early stop: val loss has not improved for {cfg.patience} evaluations (best {state.best_val_loss:.4f})"
+    if cfg.target_loss and val_loss <= cfg.target_loss:
+        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
+
+
+def write_history(run):
+    """history.csv, a row per progress line and evaluation, and loss.png."""
+    history = run.state.history
+    with open(os.path.join(run.cfg.out_dir, "history.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+        writer.writeheader()
+        writer.writerows(history)
+    if run.cfg.plots:
+        plots.plot_loss(history, os.path.join(run.cfg.out_dir, "loss.png"), run.model.config.vocab_size)
+
+
+def save(run, name):
+    """out_dir/name: all --resume needs to go on exactly, every rank's random state included (all ranks call)."""
+    with paused(run):
+        rngs = ddp.every_rank(devices.rng_state(), run.world)
+        if run.master:
+            checkpoint.save(os.path.join(run.cfg.out_dir, name), checkpoint.make(
+                run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
+                train_config=asdict(run.cfg), preset=run.preset, scaler=run.scaler and run.scaler.state_dict(),
+                rng=rngs[0], **{"rngs": rngs} if run.world > 1 else {}, **asdict(run.state) | {"seconds": run.elapsed()}))
+
+
+# ----------------------------------------------------------------------------- a time budget
+
+def clock(run):
+    """The run's seconds so far, every rank's mean (their clocks read a little apart: all decide alike)."""
+    return ddp.mean([run.elapsed()], run.world, run.device)[0]
+
+
+def budget_end(run):
+    """When the steps must end: the budget, less room for the closing evaluation and sample (and 1% to exit)."""
+    return run.budget * 0.99 - run.state.eval_seconds - run.sample_seconds
+
+
+def budget_progress(run, seconds):
+    """How far a budgeted run is at this step: 0 through the warmup, then the share spent of the time from
+    the warmup's end to the budget's, counted at this step's end: the step that crosses it is at 1."""
+    state, cfg = run.state, run.cfg
+    if state.step <= cfg.warmup_steps:
+        if seconds >= budget_end(run):
+            raise TinyLLMError(f"--time_budget {cfg.time_budget} is too short here: {seconds:.1f}s were gone "
+                               f"before the warmup's {cfg.warmup_steps} steps; give a longer budget or fewer "
+                               f"--warmup_steps")
+        state.decay_start = seconds
+        return 0.0
+    pace = (seconds - run.first[1]) / max(1, state.step - run.first[0])  # a step's seconds, evaluations included
+    return min(1.0, (seconds + pace - state.decay_start) / max(1e-9, budget_end(run) - state.decay_start))
+
+
+def end_step(run, pace=None):
+    """The step the run ends at: max_steps, or a budget's estimate at its pace so far (None before one)."""
+    if not run.budget:
+        return run.cfg.max_steps
+    steps, seconds = run.state.step - run.first[0], run.elapsed() - run.first[1]
+    pace = seconds / steps if steps else pace
+    return run.state.step + max(0, math.ceil((budget_end(run) - run.elapsed()) / pace)) if pace else None
+
+
+# ----------------------------------------------------------------------------- the end
+
+def finish(run, stop_reason, signum):
+    """last.pt if steps came after the last evaluation, the closing lines and sample, a summary. Stopped by a
+    signal: last.pt, how to resume, and exit status 128 + the signal (130 Ctrl-C, 143 SIGTERM)."""
+    state, cfg = run.state, run.cfg
+    if run.writes and (signum or state.last_eval_step != state.step):
+        save(run, "last.pt")
+    if signum:
+        if run.writes:
+            run.say(f"saved {os.path.join(cfg.out_dir, 'last.pt')} at step {state.step}. "
+                    f"Resume with: python train.py --resume --out_dir {cfg.out_dir}")
+        ddp.leave_together(run.world)
+        sys.exit(128 + signum)
+    files = f" | {cfg.out_dir}/: best.pt, last.pt, history.csv" + ", loss.png" * cfg.plots if run.writes else ""
+    for line in (stop_reason, f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
+                              f"{cli.format_seconds(run.elapsed())}{files}"):
+        if line:
+            run.say(line)
+    if run.budget:
+        run.say(f"time budget {cfg.time_budget}: {cli.format_seconds(clock(run))} used, {state.step:,} steps, the "
+                f"last at LR {state.lr:.4g} (floor {cfg.min_lr:g})")
+    if cfg.sample_tokens and run.master:
+        run.say("sample:\n" + closing_sample(run, cfg.sample_tokens))
+    ddp.leave_together(run.world)
+    return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history, "model": run.model,
+            "seconds": run.elapsed(), "stop_reason": stop_reason, "corpus": run.corpus, "dtype": run.dtype}
+
+
+def closing_sample(run, tokens):
+    """A sample as generate.py draws it (its seed, in float32: bfloat16 is no faster here)."""
+    start = torch.tensor([sources.start_ids(run.corpus.tokenizer)], device=run.device)
+    out = generate(run.model.eval(), start, tokens, Sampler(),
+                   generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
+    run.model.train()
+    return run.corpus.tokenizer.decode(out[0].tolist())
+
+
+# ----------------------------------------------------------------------------- --eval_only
+
+def evaluate_checkpoint(path, data, device, batch_size, threads=0):
+    """Loss, perplexity and bits per character on every position of a checkpoint's val split (or data's)."""
+    devices.set_threads(threads)
+    model, tokenizer, saved = checkpoint.load_model(path, devices.choose_device(device))
+    corpus, data = sources.validation_split(saved, tokenizer, data)
+    val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
+    loss = token_losses(model, val, batch_size).mean().item()
+    cli.log(f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\nloss {loss:.4f} "
+            f"nats/token | perplexity {math.exp(loss):.3f} | {bits_per_char(loss, corpus.chars_per_token):.4f} "
+            f"bits per character")
+
+
+@torch.no_grad()
+def token_losses(model, ids, batch_size=1):
+    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once, in windows of block_size."""
+    model.eval()
+    T, device = model.config.block_size, model.wte.weight.device
+    n = (len(ids) - 1) // T  # whole windows, then the tail
+    windows = ids[:n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
+    chunks = [windows[i:i + batch_size] for i in range(0, n, batch_size)]
+    tail = len(ids) - 1 - n * T
+    chunks += [ids[-tail - 1:][None]] if tail > 0 else []
+    losses = []
+    for rows in chunks:  # (b, t + 1): t inputs, each with its next token
+        logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)
+        losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
+    return torch.cat(losses)
+
+
+# ----------------------------------------------------------------------------- the command line
 
 def parse_flags(argv=None):
     """(options, model_cfg, train_cfg, preset, given): the flags given, on top of --preset or this machine's."""
-    auto = device.choose_device("auto")  # --help's defaults are this machine's
-    given = cli.explicit_flags(build_parser(auto).parse_args(argv))
+    here = devices.choose_device("auto")
+    preset = default_preset(here.type)
+    parser = cli.ArgumentParser(description="Train a GPT language model on a text file.", epilog=(
+        f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', whose defaults are shown. "
+        f"--resume may change only: {', '.join(RESUME_MAY_CHANGE)}."))
+    defaults = {**{k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}, **devices.auto_meanings(here),
+                "preset": (preset, f"on this machine ({here.type})")}
+    for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
+        cli.add_config_flags(parser, cls, defaults, title=title)
+    given = cli.given_flags(parser.parse_args(argv))
     options = make_config(RunOptions, given)
-    here = device.choose_device(given["device"]) if "device" in given else auto
+    here = devices.choose_device(given["device"]) if "device" in given else here
     preset = options.preset or default_preset(here.type)
     if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
         cli.log(f"no --preset given: using '{preset}' for {here.type}")
-    model_cfg, train_cfg = build_configs(given, preset)
-    return options, model_cfg, train_cfg, preset, given
+    return options, *build_configs(given, preset), preset, given
 
 
 def main(argv=None, started=None):
-    options, model_cfg, train_cfg, preset, given = parse_flags(argv)  # the flags on top of a preset
-    if options.eval_only is not None:  # a checkpoint's loss on its whole val split (--eval_only alone: best.pt's)
-        path = options.eval_only or os.path.join(train_cfg.out_dir, "best.pt")
-        records.evaluate_checkpoint(path, given.get("data"), train_cfg.device, train_cfg.batch_size,
-                                    train_cfg.threads)
-    elif options.plot_lr:  # the learning rate of every step, drawn without training
-        plots.draw_lr_schedule(train_cfg)
+    options, model_cfg, cfg, preset, given = parse_flags(argv)
+    if options.eval_only is not None:  # --eval_only alone: best.pt's
+        path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
+        evaluate_checkpoint(path, given.get("data"), cfg.device, cfg.batch_size, cfg.threads)
+    elif options.plot_lr:
+        plots.draw_lr_schedule(cfg)
     else:
-        train(model_cfg, train_cfg, options, preset, given, started)
+        train(model_cfg, cfg, options, preset, given, started)
 
 
 if __name__ == "__main__":
-    # bad input: one error: line and exit status 2, never a traceback. A time budget counts from
-    # the process's start, importing torch included (machinery.STARTED: this file's first line)
+    # bad input: one error: line and exit status 2. A time budget counts from the process's start
     cli.run_cli(lambda argv: main(argv, started=machinery.STARTED))

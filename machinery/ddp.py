@@ -1,4 +1,4 @@
-"""Several processes under torchrun (DDP): each one's rank and device, the model each trains, what all agree on."""
+"""Several processes under torchrun (DDP): each one's rank and device, and what they all agree on."""
 
 import os
 
@@ -6,57 +6,48 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import MAX_SEED, TinyLLMError
+from config import TinyLLMError
 
-import machinery.device
-
-
-def setup_distributed(device):
-    """(rank, world size, device); (0, 1, device) without torchrun. A GPU process binds its GPU before NCCL starts."""
-    rank, world, device, backend = processes_plan(device, os.environ, machinery.device.machine().gpus)
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    elif backend:
-        dist.init_process_group(backend)
-    return rank, world, device
+from machinery import device as devices
 
 
-def processes_plan(device, env, gpus):
-    """(rank, world size, device, backend or None) of this process under torchrun's variables env, on a machine of
-    gpus GPUs: checked before joining, where a wrong count would fail or hang."""
-    if "RANK" not in env:
-        return 0, 1, device, None
-    rank, local_rank, world = (int(env[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+def setup(device):
+    """(rank, world size, device); (0, 1, device) without torchrun. Checked before joining, where a
+    wrong count would fail or hang; a GPU process binds its GPU before NCCL starts. A process joins its
+    group once, however many runs it trains (tools.ablation under torchrun)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
-        raise TinyLLMError("several processes on a Mac's GPU: torch cannot join them (Gloo takes no MPS "
-                           "tensors); give torchrun --device cpu, or train in one process")
+        raise TinyLLMError("torch cannot join several processes on a Mac's GPU; give torchrun --device cpu")
     if device.type != "cuda":
-        return rank, world, device, "gloo"
-    processes = int(env.get("LOCAL_WORLD_SIZE", world))
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return rank, world, device
+    gpus, processes = devices.machine().gpus, int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
         raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
                            f"--nproc_per_node={gpus} or less, or --device cpu")
-    return rank, world, torch.device(f"cuda:{local_rank}"), "nccl"
+    device = torch.device(f"cuda:{local_rank}")
+    torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", device_id=device)
+    return rank, world, device
 
 
-def teardown_distributed(world):
-    if world > 1:  # leave together: a rank that tears down early can abort the others
+def leave_together(world):
+    """Every rank waits here for the others: torchrun ends them all once one exits, rank 0 saving or not."""
+    if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
 
 
 def wrap(model, world, device):
-    """The model each rank trains: DDP averages the gradients over the ranks during backward."""
+    """DDP averages the gradients over the ranks during backward."""
     return model if world == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def rank_seed(seed, rank, step):
-    """Each rank draws its own batches: a seed of its own, also for a run resumed at step."""
-    return (seed + 1000 * rank + 7919 * step) % (MAX_SEED + 1)
-
-
-def all_ranks_mean(values, world, device):
+def mean(values, world, device):
+    """The ranks' mean of each value, the same on every rank."""
     if world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -65,13 +56,8 @@ def all_ranks_mean(values, world, device):
 
 
 def every_rank(value, world):
-    """[rank 0's value, rank 1's, ...], on every rank ([value] in one process); every rank must call it."""
+    """[rank 0's value, rank 1's, ...] on every rank; every rank must call it."""
     if world == 1:
         return [value]
     dist.all_gather_object(values := [None] * world, value)
     return values
-
-
-def stop_signal(signum, world, at_progress_line):
-    """The signal that stopped the run (0: none), agreed by every rank at progress lines only: no step waits."""
-    return 0 if world > 1 and not at_progress_line else max(every_rank(signum or 0, world))

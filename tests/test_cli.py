@@ -1,251 +1,352 @@
-"""The scripts as a user runs them, in their own processes: train, kill -9, resume, Ctrl-C,
-resume, then sample the same text twice for the same seed; sweep.sh is reproducible; kill -9
-never costs a loadable last.pt, neither mid-run nor in the middle of writing a checkpoint."""
+"""The scripts' command lines (machinery/cli.py): bad input as one `error:` line, --help, the flags' spellings,
+running out of memory or disk, --overwrite that never loses a run; stopping train.py's processes (signals, pipes
+that close, kill -9); sweep.sh; output in a legacy code page."""
 
-import json
+import io
 import os
-import random
+import select
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
+import traceback
 
 import pytest
+import torch
 
-from conftest import ROOT, TINY_SHAPE, cli, interrupt_at, subprocess_env, write_head
-import generate
 import train
+from config import PRESETS
+from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
+from machinery import checkpoint, cli as machinery_cli, device as devices
 
-from machinery.checkpoint import load_checkpoint
-from machinery.cli import StopRequest, log
-
-
-def start_training(*args):
-    """python train.py ARGS in its own process, its output readable line by line."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)], env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 
 
-def side_by_side(commands, timeout=120, **env):
-    """Run python with each argument list at the same time (one thread each: two fill two cores);
-    their CompletedProcesses, in order."""
-    procs = [subprocess.Popen([sys.executable, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=ROOT, env=subprocess_env(**env)) for args in commands]
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ----------------------------------------------------------------------------- bad input, flags, --help
+
+@pytest.mark.parametrize("argv, word", [
+    (["--n_embd", "32", "--n_head", "3"], "n_head"),
+    (["--dropout", "1"], "dropout"),
+    (["--lr", "-1"], "lr"),
+    (["--lr", "0.01", "--min_lr", "0.1"], "min_lr"),
+    (["--beta1", "1"], "beta1"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--time_budget", "nonsense"], "time_budget"),
+    (["--time_budget", "5m", "--max_steps", "10"], "--max_steps"),
+    (["--preset", "nope"], "nope"),
+    (["--device", "cuda"], "cuda"),  # CUDA is hidden from the tests: a machine without it
+    (["--tag", "a/b"], "tag"),
+    (["--seed", "-1"], "seed"),
+    (["--threads", "2000"], "threads"),
+    (["--data", "missing.txt"], "missing.txt"),
+    (["--data_fraction", "0"], "data_fraction"),
+    (["--no_such_flag", "1"], "--no_such_flag"),
+    (["--norm", "bogus"], "norm"),
+    (["--plots", "maybe"], "--plots"),
+    (["--grad_accum_steps", "3"], "grad_accum_steps"),  # batch 8
+])
+def test_train_refuses_nonsense_in_one_line_and_writes_nothing(text_file, tmp_path, capsys, argv, word):
+    steps = [] if "--time_budget" in argv else ["--max_steps", 2]  # not the preset's five minutes, if it is not refused
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run", *steps,
+                       *argv)
+    assert_one_line_error(code, err, word)
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+
+
+def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
+    options, _, cfg, _, _ = train.parse_flags(["--overwrite", "--plots", "false", "--tag", "night",
+                                               "--lr-max", "0.01", "--warmup", "7"])
+    assert options.overwrite and not cfg.plots and os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
+    assert cfg.lr == 0.01 and cfg.warmup_steps == 7
+    assert train.parse_flags(["--plots", "--preset", "tiny"])[2].plots
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_help_shows_this_machines_preset_and_what_auto_means_here(fake_machine, monkeypatch, capsys, gpu):
+    if gpu:  # a CUDA machine: --help must not start CUDA to ask the GPU
+        fake_machine(cuda=True, mps=False, gpus=1)
+        monkeypatch.setattr(devices, "gpu", lambda *a: pytest.fail("--help asked the GPU"))
+    precision = torch.get_float32_matmul_precision()
+    code, out, _ = cli(capsys, train.main, "--help")
+    torch.set_float32_matmul_precision(precision)  # (a mocked GPU turned TF32 on)
+    out = " ".join(out.split())
+    preset, device = ("small", "cuda") if gpu else ("tiny", "cpu")
+    assert code == 0 and f"'{preset}'" in out and f"{device} here" in out
+    for name, value in PRESETS[preset].items():
+        assert f"default: {value}, preset {preset})" in out, name
+    assert f"(default: 0, {torch.get_num_threads()} here)" in out  # --threads auto
+
+
+# ----------------------------------------------------------------------------- memory and disk
+
+@pytest.mark.parametrize("memory", ["device", "cpu"])
+def test_running_out_of_memory_is_one_line_saying_what_to_try(text_file, tmp_path, capsys, monkeypatch, memory):
+    def out_of_memory(*args):
+        if memory == "cpu":  # the allocator's own error: more bytes than any machine has
+            torch.empty(2**62, dtype=torch.uint8)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "make_optimizer", out_of_memory)
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run")
+    assert_one_line_error(code, err, "out of memory", "--batch_size")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="limits a file's size with setrlimit (POSIX)")
+@pytest.mark.parametrize("blocked", ["read-only folder", "full disk"])
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_previous_file_is_kept(trained, tmp_path, capsys,
+                                                                                       blocked):
+    import resource
+    run = shutil.copytree(os.path.dirname(trained[0]), tmp_path / "run")  # best.pt, last.pt, history.csv
+    before = folder_bytes(run)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if blocked == "read-only folder":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder all the same")
+        run.chmod(0o555)
+    else:  # the disk fills up, as the system says it: no file may grow past 20 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
     try:
-        outputs = [p.communicate(timeout=timeout) for p in procs]
-    finally:  # a timeout or a failure leaves none of them running
-        for p in procs:
-            p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+        code, _, err = cli(capsys, train.main, "--resume", "--out_dir", run, "--max_steps", 62)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        run.chmod(0o755)
+    assert_one_line_error(code, err, "last.pt")
+    assert folder_bytes(run) == before  # last.pt as it was, nothing half-written left
 
 
-def eval_step(line):
-    """The step of an evaluation line ("eval     30/5000 | ..."), or None for any other line."""
-    return int(line.split()[1].split("/")[0]) if line.startswith("eval ") else None
+def test_overwrite_never_loses_a_run_to_bad_input(trained, tmp_path, capsys):
+    run = shutil.copytree(os.path.dirname(trained[0]), tmp_path / "run")  # best.pt, last.pt, history.csv
+    before = folder_bytes(run)
+    for extra, words in (([], ["--overwrite"]), (["--overwrite", "--data", tmp_path / "typo.txt"], ["typo.txt"])):
+        code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", run, *extra)
+        assert_one_line_error(code, err, *words)
+        assert folder_bytes(run) == before
 
 
-def run_until_it_has_saved_after(proc, step):
-    """Read the training process's lines until it has evaluated (and saved last.pt) past step."""
-    while True:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        if (eval_step(line) or -1) > step:
-            return eval_step(line)
+# ----------------------------------------------------------------------------- stopping
+
+def read_until(fd, prefix, timeout=60):
+    """What fd gives up to a line that starts with prefix."""
+    text, deadline = b"", time.monotonic() + timeout
+    while not any(line.startswith(prefix) for line in text.split(b"\n")[:-1]):
+        assert select.select([fd], [], [], max(0, deadline - time.monotonic()))[0], text
+        text += (chunk := os.read(fd, 1 << 16))
+        assert chunk, text  # the process has ended
+    return text
 
 
-def test_kill_9_then_ctrl_c_then_resume_and_the_same_seed_samples_the_same_text(tmp_path, capsys, monkeypatch):
-    """The learner's path through interruptions: kill -9 lands in a training process mid-run
-    (after it has saved at least once), and the last.pt left loads; the same command resumes,
-    and Ctrl-C then finishes the step, saves and says how to resume; the run resumes to the
-    end; the same seed samples the same text in two processes. (The DDP test sends a real
-    SIGTERM to a training process; the same handler serves both signals.)"""
-    data, out = write_head(tmp_path / "small.txt", 20_000), tmp_path / "run"
-    argv = ["--data", data, "--out_dir", out, *TINY_SHAPE, "--max_steps", "5000", "--eval_interval", "20",
-            "--eval_iters", "1", "--log_interval", "10", "--sample_tokens", "20", "--resume"]
-    proc = start_training(*argv)
+class Child:
+    """train.py's command line in a process forked from this one, which has imported torch: no start-up to pay
+    (exec: `python train.py` itself). Its stdout goes into a pipe: read here (self.stdout) or by another process
+    (pipe given), in the encoding given (the interpreter's for PYTHONIOENCODING)."""
+
+    def __init__(self, argv, err_file, pipe=None, encoding="utf-8", exec=False):
+        read, write = pipe or os.pipe()
+        self.stdout, self.err_file, self.status, self.pid = None if pipe else read, err_file, None, os.fork()
+        if self.pid == 0:
+            code = 99
+            try:
+                os.close(read)  # the reader's end: when the reader goes, the pipe is closed
+                os.dup2(write, 1)
+                os.dup2(os.open(err_file, os.O_WRONLY | os.O_CREAT), 2)
+                if exec:
+                    os.execve(sys.executable, [sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)],
+                              script_env())
+                torch.set_num_threads(1)  # OpenMP's threads are the parent's: a child using them would hang
+                sys.stdout, sys.stderr = (open(fd, "w", encoding=encoding, closefd=False) for fd in (1, 2))
+                machinery_cli.run_cli(train.main, [str(a) for a in argv])
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                traceback.print_exc(file=sys.stderr)
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        if not pipe:
+            os.close(write)
+
+    def poll(self):
+        if self.status is None and (done := os.waitpid(self.pid, os.WNOHANG))[0]:
+            self.status = done[1]
+        return self.status
+
+    def wait(self, timeout=60):
+        """(exit status, stdout, stderr) once it has ended; a negative status is the signal that ended it."""
+        out, deadline = b"", time.monotonic() + timeout
+        while self.stdout and select.select([self.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
+            if not (chunk := os.read(self.stdout, 1 << 16)):
+                break
+            out += chunk
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = None if self.status is None else os.waitstatus_to_exitcode(self.status)
+        self.end()
+        return code, out.decode(), open(self.err_file, encoding="utf-8", errors="replace").read()
+
+    def end(self):
+        """Killed if still running: a failed test leaves no endless run behind."""
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.status = os.waitpid(self.pid, 0)[1]
+        if self.stdout:
+            os.close(self.stdout)
+            self.stdout = None
+
+
+def endless_run(text_file, out_dir, *flags):
+    return [*TINY_FLAGS, "--data", text_file, "--out_dir", out_dir, "--max_steps", 100_000, *flags]
+
+
+@needs_fork
+def test_signals_stop_a_run_that_saves_and_resume_finishes_it_and_kill_9_leaves_a_loadable_file(
+        text_file, tmp_path, capsys):
+    every = {"sigint": 1000, "sigterm": 1000, "sigkill": 10}  # lines and saves: none after step 0's, or many
+    argv = {name: endless_run(text_file, tmp_path / name, "--log_interval", n, "--eval_interval", n, "--resume")
+            for name, n in every.items()}
+    children = {name: Child(args, tmp_path / f"{name}.err", exec=name == "sigint")  # side by side; Ctrl-C to
+                for name, args in argv.items()}                                       # `python train.py` itself
     try:
-        run_until_it_has_saved_after(proc, 0)
-        time.sleep(random.Random(0).uniform(0.0, 0.2))
-    finally:  # (and a failure above leaves no 5000-step run behind)
-        proc.kill()  # SIGKILL: no chance to clean up, maybe in the middle of a save
-    proc.wait()
-    killed_at = load_checkpoint(str(out / "last.pt"))["step"]
-    assert 0 < killed_at < 5000
-
-    interrupt_at(monkeypatch, 15, signal.SIGINT)  # resumed by the same command; Ctrl-C during its 15th step
-    code, stopped, err = cli(capsys, train.main, *argv)
-    monkeypatch.undo()
-    assert code == 130, err
-    assert f"saved {out}/last.pt at step {killed_at + 15}. Resume with: python train.py --resume --out_dir {out}" \
-        in stopped
-    assert load_checkpoint(str(out / "last.pt"))["step"] == killed_at + 15
-
-    code, resumed, err = cli(capsys, train.main, *argv, "--max_steps", killed_at + 35)
-    assert code == 0, err
-    for words in ("resuming", "preset tiny", "parameters", "tokens per step", "sample:"):
-        assert words in resumed
-    assert load_checkpoint(str(out / "last.pt"))["step"] == killed_at + 35
-
-    seeded = side_by_side([[os.path.join(ROOT, "generate.py"), out / "best.pt", "--max_new_tokens", "60", "--prompt",
-                            "ROMEO:", "--seed", 42]] * 2)
-    assert all(r.returncode == 0 and r.stdout.startswith("ROMEO:") for r in seeded), seeded[0].stderr
-    assert seeded[0].stdout == seeded[1].stdout  # same seed, two processes, the same text
-    code, other, err = cli(capsys, generate.main, out / "best.pt", "--max_new_tokens", "60", "--prompt", "ROMEO:",
-                           "--seed", "43")
-    assert code == 0 and other.startswith("ROMEO:") and other != seeded[0].stdout, err
+        for name, child in children.items():
+            read_until(child.stdout, b"step" if name == "sigkill" else b"eval")
+            if name != "sigkill":  # after that line is out (a signal that lands in a print fails: see below)
+                time.sleep(0.05)
+            os.kill(child.pid, getattr(signal, name.upper()))  # kill: likely in step 10's evaluation and save
+        results = {name: child.wait() for name, child in children.items()}
+    finally:
+        for child in children.values():
+            child.end()
+    for name, code in (("sigint", 130), ("sigterm", 143), ("sigkill", -signal.SIGKILL)):
+        assert results[name][0] == code and "Traceback" not in results[name][2], results[name]
+    assert checkpoint.load(str(tmp_path / "sigkill" / "last.pt"))  # loadable, whenever the kill came
+    stopped = [checkpoint.load(str(tmp_path / name / "last.pt"))["step"] for name in ("sigint", "sigterm")]
+    assert min(stopped) > 0 and "--resume" in results["sigint"][1] and "--resume" in results["sigterm"][1]
+    code, out, err = cli(capsys, train.main, *argv["sigint"], "--max_steps", stopped[0] + 3)
+    assert code == 0 and f"step {stopped[0]}" in out and "done" in out, err
+    assert checkpoint.load(str(tmp_path / "sigint" / "last.pt"))["step"] == stopped[0] + 3
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="pauses the run with SIGSTOP (POSIX)")
-def test_ctrl_c_on_a_run_piped_into_tee_still_saves(tmp_path):
-    """`python train.py | tee log` and Ctrl-C, which ends tee too: the line saying the signal came meets a closed
-    pipe, and the run still saves and exits 130."""
-    data, out = write_head(tmp_path / "small.txt", 20_000), tmp_path / "run"
-    proc = start_training("--data", data, "--out_dir", out, *TINY_SHAPE, "--max_steps", "5000", "--eval_interval",
-                          "1000", "--eval_iters", "1", "--log_interval", "10", "--sample_tokens", "0")
-    try:
-        while not (line := proc.stdout.readline()).startswith("step     20/"):
-            assert line, proc.stderr.read()
-        proc.send_signal(signal.SIGSTOP)  # the run paused: tee goes and Ctrl-C comes in whichever order
-        proc.stdout.close()
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGCONT)
-        code = proc.wait(timeout=60)
-    finally:  # a failure leaves no 5000-step run behind
-        proc.kill()
-    assert code == 130, proc.stderr.read()
-    assert load_checkpoint(str(out / "last.pt"))["step"] >= 20
+class CtrlCWhileALineIsWritten(io.RawIOBase):
+    """A terminal that a Ctrl-C reaches while it takes the first progress line."""
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if bytes(data).startswith(b"step") and not getattr(self, "sent", False):
+            self.sent = True
+            signal.raise_signal(signal.SIGINT)  # runs the handler now, as CPython does after a write to stdout
+        return len(data)
 
 
-def test_a_reader_gone_stops_a_training_loop_to_save_and_anything_else_at_once(monkeypatch):
-    """`| head`: in a training loop (StopRequest) a line to a closed pipe asks it to save and stop (exit 141, a pipe's
-    writer's), and a Ctrl-C after it is still a first Ctrl-C; before or after the loop it ends the script (141)."""
-    read, write = os.pipe()
-    os.close(read)  # the reader has gone
-    monkeypatch.setattr(sys, "stdout", os.fdopen(write, "w"))
-    with pytest.raises(BrokenPipeError):
-        log("eval 0")
-    with StopRequest(announce=True) as stop:
-        log("step 10")
-        assert stop.signum == StopRequest.OUTPUT_GONE == 141 - 128
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # no KeyboardInterrupt: save, then exit 130
-        assert stop.signum == signal.SIGINT
+def test_a_ctrl_c_that_lands_while_a_line_is_written_still_saves(text_file, tmp_path, capsys, monkeypatch):
+    terminal = io.TextIOWrapper(io.BufferedWriter(CtrlCWhileALineIsWritten()), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", terminal)
+    code, _, err = cli(capsys, train.main, *endless_run(text_file, tmp_path, "--log_interval", 2))
+    assert code == 130 and checkpoint.load(str(tmp_path / "last.pt"))["step"] >= 2, err
 
 
-def test_a_second_ctrl_c_aborts_at_once():
-    with StopRequest(announce=False) as stop:
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # the first asks the loop to save and stop
-        assert stop.signum == signal.SIGINT
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # a later SIGTERM still just asks
-        with pytest.raises(KeyboardInterrupt):
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # a second Ctrl-C does not wait
+def test_a_second_ctrl_c_aborts_at_once(text_file, tmp_path, capsys, monkeypatch):
+    real = train.train_step
+
+    def ctrl_c_twice(*args, **kwargs):  # real signals, the second while the first is being honoured
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "train_step", ctrl_c_twice)
+    code, out, _ = cli(capsys, train.main, *endless_run(text_file, tmp_path, "--eval_interval", 1000))
+    assert code == 130 and "--resume" not in out
+    assert checkpoint.load(str(tmp_path / "last.pt"))["step"] == 0  # step 0's evaluation saved; nothing since
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="sweep.sh needs bash")
-def test_sweep_script_writes_reproducible_files_with_generate_defaults(trained, tmp_path):
-    sweeps = [subprocess.Popen(["bash", os.path.join(ROOT, "sweep.sh"), str(trained[0] / "best.pt")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=subprocess_env(TEMPS="1.0", TOP_KS="5", MAX_NEW_TOKENS="20",
-                                                  OUT_DIR=str(tmp_path / run_dir)))
-              for run_dir in ("a", "b")]  # side by side: one thread each
-    outputs = []
-    for sweep, run_dir in zip(sweeps, ("a", "b")):
-        _, err = sweep.communicate(timeout=120)
-        assert sweep.returncode == 0, err
-        outputs.append({p.name: p.read_text() for p in (tmp_path / run_dir).iterdir()})
-    assert sorted(outputs[0]) == ["samples_T1.0_k5.txt"]
-    assert outputs[0] == outputs[1]
-    text = outputs[0]["samples_T1.0_k5.txt"]
-    assert "temperature=1.0 top_k=5" in text
-    assert "seed=1337" in text and "num_samples=1" in text  # generate.py's own defaults
-
-
-# ----------------------------------------------------------------------------- kill -9 inside a save
-
-# The crash test for the checkpoint writer. One process imports torch once, then forks a writer
-# for each round, which saves checkpoints 1, 2, 3, ... of a few MB as fast as it can, saying
-# over a pipe when each one is complete. The driver kills it with SIGKILL, at a random moment
-# or at one the round arranges inside the write (half-way through the bytes; after the bytes
-# but before the rename), and then loads last.pt as tinyllm does, reporting what it found.
-WRITER_CRASHES = textwrap.dedent("""
-    import builtins, io, json, os, random, signal, sys, time
-    sys.path.insert(0, {root!r})
-    import torch
-    from machinery.checkpoint import load_checkpoint, save_checkpoint
-
-    path, rounds = sys.argv[1], sys.argv[2].split(",")
-    real_open, real_replace = builtins.open, os.replace
-
-    def checkpoint(n):
-        return {{"model": {{"w": torch.full((1 << 19,), float(n))}}, "model_config": {{}}, "tokenizer": {{}}, "step": n}}
-
-    def writer(pipe, arranged):
-        def stop_here():
-            os.write(pipe, b"!")
-            time.sleep(60)
-        class HalfThenStop(io.RawIOBase):  # the writer stops with half of the 2 MiB file written
-            def __init__(self, name):
-                self.file, self.written = real_open(name, "wb"), 0
-            def writable(self):
-                return True
-            def write(self, data):
-                if self.written + len(data) > 1 << 20:
-                    self.file.flush()
-                    stop_here()
-                self.written += len(data)
-                return self.file.write(data)
-        if arranged == "mid_write":
-            builtins.open = lambda name, mode="r", *a, **k: (HalfThenStop(name) if n > 1 and ".tmp." in str(name)
-                                                             else real_open(name, mode, *a, **k))
-        if arranged == "before_rename":
-            os.replace = lambda *a: stop_here() if n > 1 else real_replace(*a)
-        for n in range(1, 10 ** 6):
-            save_checkpoint(path, checkpoint(n))
-            os.write(pipe, b".")
-
-    rng = random.Random(0)
-    for kind in rounds:
-        if os.path.exists(path):
-            os.remove(path)
+@needs_fork
+@pytest.mark.skipif(not (shutil.which("tee") and shutil.which("head")), reason="needs tee and head")
+def test_a_run_whose_output_pipe_closes_saves_and_stops(text_file, tmp_path):
+    """`train.py | tee log` and a Ctrl-C to both: exit 130. `train.py | head`: exit 141, as a pipe's writer."""
+    children, readers = {}, {}
+    for name, reader in (("tee", ["tee", tmp_path / "log"]), ("head", ["head", "-n", "10"])):
         read, write = os.pipe()
-        child = os.fork()
-        if child == 0:
-            os.close(read)
-            writer(write, kind)
-            os._exit(0)
+        every = 1000 if name == "tee" else 1  # tee: no line after step 0's while the Ctrl-C comes (see above)
+        children[name] = Child(endless_run(text_file, tmp_path / name, "--log_interval", every, "--eval_interval",
+                                           1000), tmp_path / f"{name}.err", pipe=(read, write))
+        readers[name] = subprocess.Popen(reader, stdin=read,
+                                         stdout=subprocess.PIPE if name == "tee" else subprocess.DEVNULL)
+        os.close(read)  # the pipe's ends are the child's and its reader's alone
         os.close(write)
-        complete = 0
-        while complete < 1 or (kind == "random" and complete < 3):
-            complete += os.read(read, 1) == b"."
-        if kind == "random":
-            time.sleep(rng.uniform(0, 0.05))
-        else:
-            while os.read(read, 1) != b"!":
-                complete += 1
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
-        complete += os.read(read, 1 << 16).count(b".")  # saves completed while the kill was on its way
-        os.close(read)
-        found = load_checkpoint(path)
-        print(json.dumps({{"kind": kind, "complete": complete, "step": found["step"],
-                           "whole": bool((found["model"]["w"] == found["step"]).all())}}), flush=True)
-""")
+    try:
+        read_until(readers["tee"].stdout.fileno(), b"eval")
+        time.sleep(0.05)
+        os.kill(children["tee"].pid, signal.SIGSTOP)  # Ctrl-C reaches tee first: the run's next line meets a
+        readers["tee"].send_signal(signal.SIGINT)     # closed pipe
+        readers["tee"].wait(60)
+        os.kill(children["tee"].pid, signal.SIGINT)
+        os.kill(children["tee"].pid, signal.SIGCONT)
+        results = {name: child.wait() for name, child in children.items()}
+    finally:
+        for child in children.values():
+            child.end()
+        for reader in readers.values():
+            reader.kill()
+            reader.wait()
+        readers["tee"].stdout.close()
+    assert results["tee"][0] == 130 and results["head"][0] == 141, results
+    for name in ("tee", "head"):
+        assert checkpoint.load(str(tmp_path / name / "last.pt"))["step"] > 0
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="the crash test forks its writers (POSIX only)")
-def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path):
-    script = tmp_path / "crashes.py"
-    script.write_text(WRITER_CRASHES.format(root=ROOT))
-    rounds = ["mid_write", "before_rename"] + ["random"] * 5
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "last.pt"), ",".join(rounds)],
-                          capture_output=True, text=True, timeout=120, env=subprocess_env())
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["kind"] for r in results] == rounds
-    for r in results:
-        assert r["whole"], r  # never a mix of two checkpoints
-        if r["kind"] == "random":  # the one in flight may or may not have been renamed in yet
-            assert r["step"] in (r["complete"], r["complete"] + 1), r
-        else:  # killed inside the write of checkpoint 2: checkpoint 1 is what loads
-            assert r["step"] == r["complete"] == 1, r
+# ----------------------------------------------------------------------------- sweep.sh, a legacy code page
+
+OUTSIDE_CP1252 = "Жили-были→дед и баба⇒ у самого синего моря. Ёж↔ёлка! "  # Cyrillic and arrows
+
+
+def side_by_side(commands, cwd, **env):
+    """Each command run at once: {name: (exit status, stdout, stderr)}."""
+    procs = {name: subprocess.Popen(list(map(str, command)), cwd=cwd, env=script_env(**env), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, encoding="utf-8")
+             for name, command in commands.items()}
+    try:
+        outputs = {name: proc.communicate(timeout=120) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    return {name: (procs[name].returncode, *output) for name, output in outputs.items()}
+
+
+@pytest.fixture(scope="module")
+def cp1252_runs(tmp_path_factory):
+    """On a text outside cp1252, printing into pipes in cp1252 (PYTHONIOENCODING=cp1252: what Windows gives a
+    redirect): train.py (forked), then generate.py and sweep.sh side by side with the same settings.
+    {name: (exit status, stdout, stderr)}, and their folder."""
+    folder = tmp_path_factory.mktemp("cp1252")
+    (folder / "text.txt").write_text(OUTSIDE_CP1252 * 200, encoding="utf-8")
+    results = {"train": Child([*TINY_FLAGS, "--data", folder / "text.txt", "--out_dir", folder / "run", "--max_steps",
+                               3, "--sample_tokens", 30], folder / "train.err", encoding="cp1252").wait()}
+    commands = {"generate": [sys.executable, os.path.join(ROOT, "generate.py"), "run/best.pt", "--temperature", 0.8,
+                             "--seed", 7, "--max_new_tokens", 40, "--prompt", "Жили", "--output_file", "plain.txt"]}
+    if shutil.which("bash"):  # the same settings
+        commands["sweep"] = ["bash", os.path.join(ROOT, "sweep.sh"), "run/best.pt"]
+    results.update(side_by_side(commands, folder, PYTHONIOENCODING="cp1252", TEMPS="0.8", SEED="7",
+                                MAX_NEW_TOKENS="40", PROMPT="Жили", OUT_DIR="sweep"))
+    return results, folder
+
+
+@needs_fork
+def test_train_and_generate_print_any_character_into_a_legacy_code_page(cp1252_runs):
+    results, folder = cp1252_runs
+    for code, _, err in (results["train"], results["generate"]):
+        assert code == 0 and "Traceback" not in err, err
+    sample = results["train"][1].split("sample:", 1)[1]  # read as UTF-8, and not as \u escapes:
+    assert set(sample) - set(sample.encode("cp1252", "ignore").decode("cp1252"))  # characters outside cp1252
+    printed = results["generate"][1].rsplit("wrote", 1)[0]
+    assert "Жили" in printed and (folder / "plain.txt").read_text(encoding="utf-8").endswith(printed)
+
+
+@needs_fork
+@pytest.mark.skipif(not shutil.which("bash"), reason="sweep.sh needs bash")
+def test_sweep_writes_per_temperature_what_a_plain_generate_call_writes(cp1252_runs):
+    results, folder = cp1252_runs
+    assert results["sweep"][0] == 0, results["sweep"][2]
+    written = (folder / "sweep" / "samples_T0.8.txt").read_text(encoding="utf-8")
+    assert written == (folder / "plain.txt").read_text(encoding="utf-8") and "temperature=0.8" in written

@@ -1,134 +1,422 @@
-"""Tokenizer, corpus split, batches and the learning-rate schedule."""
+"""The data path: the char tokenizer, the 90/10 split and batches; every source load_corpus reads and its
+errors; BPE; tools.prepare's memory-mapped folders; prompts."""
 
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
 
+import numpy as np
 import pytest
+import regex
 import torch
 
-from config import EOT, TinyLLMError, TrainConfig
-from conftest import SCHEDULES, TINY_FLAGS, assert_one_line_error, cli, write_head
-from optim import get_lr, progress
+import bpe
+import generate
 import train
+from bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, train_bpe
+from config import EOT, TinyLLMError, TrainConfig
+from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head
 from utils import CharTokenizer, get_batch, split_train_val
 
-from machinery.sources import check_long_enough, read_text as load_corpus
+from machinery.checkpoint import load
+from machinery.sources import (clean_text, encode_prompt, iter_documents, load_corpus, load_prepared,
+                               tokenizer_from_dict)
+from tools import prepare
+
+CPU = torch.device("cpu")
+UNICODE = "Café naïve — Müller 😀🎉 👩‍👩‍👧 中文测试，日本語 한국어\n  tabs\tand   spaces  \n"
 
 
-def test_char_tokenizer_round_trip():
-    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
-    tok = CharTokenizer.from_text(text)
-    assert tok.chars == sorted(set(text))
+def corpus(path, **settings):
+    return load_corpus(TrainConfig(data=str(path), **settings), vocab_size=300)  # (bpe's)
+
+
+def stream(tokenizer, *splits):
+    """The text the token streams (tensors or memmaps) spell, end to end."""
+    return tokenizer.decode(np.concatenate([np.asarray(s, dtype=np.int64) for s in splits]).tolist())
+
+
+def train_cli(capsys, data, out, *flags):
+    return cli(capsys, train.main, *TINY_FLAGS, "--data", data, "--out_dir", out, "--max_steps", "2", *flags)
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# ----------------------------------------------------------------------------- chars, split, batches
+
+def test_char_tokenizer_round_trip_with_end_of_text_as_one_id_after_the_characters():
+    tok = CharTokenizer.from_text("hello world" + EOT + "hi\n")
+    assert tok.chars == sorted(set("hello worldhi\n")) and tok.eot_id == len(tok.chars) == tok.vocab_size - 1
+    assert tok.encode("hi" + EOT + "h") == [tok.stoi["h"], tok.stoi["i"], tok.eot_id, tok.stoi["h"]]
+    text = "hold " + EOT + EOT + "\nworld"
     assert tok.decode(tok.encode(text)) == text
-    assert CharTokenizer(**{"chars": tok.to_dict()["chars"]}).encode(text) == tok.encode(text)
 
 
-def test_split_is_contiguous_and_unshuffled_and_never_cuts_an_end_of_text():
+def test_split_is_contiguous_90_10_and_never_cuts_an_end_of_text():
     text = "".join(chr(65 + i % 26) for i in range(1000))
-    train, val = split_train_val(text)
-    assert len(train) == 900 and len(val) == 100 and train + val == text
-    for start in range(885, 901):  # the 90% cut at 900 falls inside the marker, or just before or after it
+    assert split_train_val(text) == (text[:900], text[900:])
+    for start in range(885, 902):  # the cut at 900 falls before, inside or after the marker
         text = "a" * start + EOT + "b" * (1000 - start - len(EOT))
-        train, val = split_train_val(text)
-        assert train + val == text and (EOT in train) != (EOT in val), start  # whole, in one part
+        train_part, val_part = split_train_val(text)
+        assert train_part + val_part == text and train_part.count(EOT) + val_part.count(EOT) == 1, start
+        assert abs(len(train_part) - 900) <= len(EOT), start
 
 
-def test_every_batch_target_is_input_shifted_by_one():
-    data = torch.arange(500)  # token value == position, so a shift is easy to see
+def test_batch_targets_are_inputs_shifted_by_one_and_reach_the_last_token():
+    data, seen = torch.arange(20), set()
     torch.manual_seed(0)
-    for _ in range(20):
-        x, y = get_batch(data, 8, 16, torch.device("cpu"))
-        assert x.shape == y.shape == (8, 16)
-        assert torch.equal(y, x + 1)
-        assert torch.equal(x[:, 1:], y[:, :-1])
-        assert int(y.max()) < 500
-
-
-def test_batches_reach_the_last_token():
-    data = torch.arange(20)
-    torch.manual_seed(0)
-    seen = set()
-    for _ in range(200):
-        _, y = get_batch(data, 4, 8, torch.device("cpu"))
+    for _ in range(100):
+        x, y = get_batch(data, 4, 8, CPU)
+        assert x.shape == y.shape == (4, 8) and torch.equal(y, x + 1)
         seen.update(y.flatten().tolist())
     assert 19 in seen and 0 not in seen
 
 
-def test_lr_schedule_warmup_cosine_and_floor():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=1100, lr_schedule="cosine")
-
-    def lr(step):  # at the run's progress by its steps: 0 at the end of the warmup, 1 at max_steps
-        return get_lr(step, progress(step, cfg), cfg)
-
-    assert lr(0) == pytest.approx(1e-5)            # near zero at the start
-    assert lr(99) == pytest.approx(1e-3)           # peak at the end of warmup
-    assert lr(100) == pytest.approx(1e-3)
-    assert lr(600) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half-way through the cosine
-    assert lr(1100) == 1e-4 and lr(5000) == 1e-4   # at min_lr at the end, and held there
-    lrs = [lr(s) for s in range(100, 1100)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))         # monotone decay
-    assert get_lr(500, 0.5, cfg) == lr(600) and get_lr(5, 1.0, cfg) == lr(5)  # progress drives the decay, not the warmup
+def test_memmap_batches_equal_in_memory_batches(tmp_path):
+    ids = np.random.default_rng(0).integers(0, 3000, size=2000).astype(np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    on_disk = np.memmap(tmp_path / "train.bin", dtype=np.uint16, mode="r")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        a = get_batch(on_disk, 8, 32, CPU)
+        torch.manual_seed(seed)
+        b = get_batch(torch.from_numpy(ids.astype(np.int64)), 8, 32, CPU)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[0].dtype == torch.int64
 
 
-def test_a_run_of_steps_moves_its_progress_in_equal_shares_from_the_warmups_end_to_1_at_max_steps():
-    cfg = TrainConfig(warmup_steps=2, max_steps=10)
-    assert [progress(step, cfg) for step in range(12)] == pytest.approx([0, 0, 0] + [k / 8 for k in range(1, 9)] + [1])
-    assert progress(30, TrainConfig(warmup_steps=10, max_steps=50)) == 0.5  # the docstring's example
+# ----------------------------------------------------------------------------- sources
+
+def test_a_text_file_is_its_text_split_90_10(tmp_path):
+    text = corpus_head(2000)
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    c = corpus(tmp_path / "a.txt")
+    assert c.tokenizer.decode(c.train.tolist()) == text[:1800] and stream(c.tokenizer, c.train, c.val) == text
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_every_schedule_falls_from_the_peak_to_near_its_floor_by_the_last_step(schedule):
-    """What any shape must do after the warmup: start at the peak, never rise, and be near the floor by the last
-    step of a long run (get_lr's floor at progress 1 would hide a shape that ends above it)."""
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, lr_schedule=schedule)
-    lrs = [get_lr(10 + k, k / 1000, cfg) for k in range(1000)]  # the 1,000 steps after the warmup, the last at 0.999
-    assert lrs[0] == pytest.approx(cfg.lr) and all(a >= b for a, b in zip(lrs, lrs[1:]))
-    assert lrs[-1] - cfg.min_lr <= 0.01 * (cfg.lr - cfg.min_lr)
+def test_a_folder_is_searched_recursively_for_the_data_ext_endings_skipping_hidden_files(tmp_path):
+    for name, text in (("a.md", "alpha"), ("deep/b.PY", "beta"), ("deep/skip.txt", "ZZZ"), (".hid.md", "QQQ"),
+                       (".git/c.md", "QQQ"), ("deep/.cache/d.md", "QQQ")):
+        (tmp_path / "notes" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "notes" / name).write_text(text)
+    c = corpus(tmp_path / "notes", data_ext=".md, .py")
+    assert stream(c.tokenizer, c.train, c.val) == EOT + "alpha" + EOT + "beta" + EOT
 
 
-def test_the_linear_schedule_falls_in_a_straight_line_to_the_floor():
-    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, lr_schedule="linear")
-    assert get_lr(9, 0.0, cfg) == pytest.approx(1e-3)                       # the warmup is the same
-    assert get_lr(50, 0.25, cfg) == pytest.approx(1e-3 - 0.25 * 9e-4)       # a quarter of the way down
-    assert get_lr(50, 0.75, cfg) - get_lr(50, 0.5, cfg) == pytest.approx(get_lr(50, 0.5, cfg) - get_lr(50, 0.25, cfg))
-    assert get_lr(50, 1.0, cfg) == 1e-4
+def test_jsonl_texts_and_qa_records_are_documents_joined_by_end_of_text(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 3}\n')
+    (tmp_path / "qa.json").write_text(json.dumps([{"question": " Hi? ", "answer": "Hello. "}] * 2))
+    c = corpus(tmp_path / "d.jsonl")
+    assert stream(c.tokenizer, c.train, c.val) == EOT + "one" + EOT + "two" + EOT
+    c = corpus(tmp_path / "qa.json")
+    assert stream(c.tokenizer, c.train, c.val) == EOT + ("Question: Hi?\nAnswer: Hello." + EOT) * 2
 
 
-def test_a_schedule_get_lr_has_no_formula_for_is_an_error_not_the_cosine():
-    cfg = TrainConfig(warmup_steps=10)
-    cfg.lr_schedule = "no_such_shape"  # a choice added to config.py alone
-    assert get_lr(5, 0.0, cfg) == cfg.lr * 6 / 10  # the warmup is every shape's
-    with pytest.raises(ValueError, match="no_such_shape"):
-        get_lr(50, 0.5, cfg)
+@pytest.mark.parametrize("name, content, words", [
+    ("d.jsonl", '{"text": "fine"}\n{"body": "no text"}\n', ["line 2"]),
+    ("d.jsonl", '{"text": "fine"}\n["not an object"]\n', ["line 2"]),
+    ("d.jsonl", '{"text": "fine"}\n{"text": 5}\n', ["line 2"]),
+    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, {"id": 7, "question": "No answer?"}]', ["record 7"]),
+    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, "a string"]', ["record 1"]),
+    ("qa.json", '{"question": "Hi?", "answer": "not in a list"}', ["list"]),
+    ("qa.json", '[{"question": "Hi?"', ["JSON"]),
+])
+def test_a_bad_record_is_one_error_line_naming_it(tmp_path, capsys, name, content, words):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TinyLLMError):
+        corpus(tmp_path / name)
+    code, _, err = train_cli(capsys, tmp_path / name, tmp_path / "run")
+    assert_one_line_error(code, err, name, *words)
 
 
-def test_plot_lr_also_prints_the_schedule_at_every_tenth_of_the_run(tmp_path, capsys):
-    code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "100", "--warmup_steps", "10", "--lr", "1e-3",
-                       "--min_lr", "1e-4", "--lr_schedule", "linear", "--out_dir", tmp_path)
-    printed = dict(pair.split(": ") for pair in out.split("lr at step ")[1].splitlines()[0].split(", "))
-    assert code == 0 and list(printed) == ["0", "10", "20", "30", "40", "50", "60", "70", "80", "90", "100"]
-    assert float(printed["10"]) == 1e-3 and float(printed["100"]) == 1e-4  # the peak after the warmup, the floor
-    assert float(printed["50"]) == pytest.approx(1e-3 - 40 / 90 * 9e-4, rel=1e-2)  # 40 of the line's 90 steps down
-    assert (tmp_path / "lr_schedule.png").exists()
+def test_invalid_json_in_a_jsonl_file_names_its_line(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n\n{"text": "ok"}\n{oops\n')
+    code, _, err = train_cli(capsys, tmp_path / "d.jsonl", tmp_path / "run")
+    assert_one_line_error(code, err, "d.jsonl", "line 4")
 
 
-def test_plot_lr_of_a_run_that_ends_within_its_warmup_prints_the_steps_it_has(tmp_path, capsys):
-    code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "50", "--warmup_steps", "100", "--out_dir",
-                       tmp_path)
-    printed = dict(pair.split(": ") for pair in out.split("lr at step ")[1].splitlines()[0].split(", "))
-    assert code == 0 and list(printed)[-1] == "50" and "100" not in printed
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "qa.json").write_text(json.dumps([{"question": "Hi?", "answer": "Yes."}]), encoding="utf-8-sig")
+    c = corpus(tmp_path / "qa.json")
+    assert stream(c.tokenizer, c.train, c.val) == EOT + "Question: Hi?\nAnswer: Yes." + EOT
+    (tmp_path / "a.txt").write_text("To be or not to be\n" * 5, encoding="utf-8-sig")
+    c = corpus(tmp_path / "a.txt")
+    assert "\ufeff" not in c.tokenizer.chars and stream(c.tokenizer, c.train, c.val) == "To be or not to be\n" * 5
 
 
-def test_missing_and_empty_data_are_clear_errors(tmp_path):
-    with pytest.raises(TinyLLMError, match="not found"):
-        load_corpus(str(tmp_path / "nope.txt"))
-    (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(TinyLLMError, match="empty"):
-        load_corpus(str(tmp_path / "empty.txt"))
-    with pytest.raises(TinyLLMError, match="block_size 64"):
-        check_long_enough(torch.arange(10), 64, "val", "x.txt")
+def test_crlf_and_lf_give_the_same_tokens_and_split_in_memory_and_prepared(tmp_path, capsys):
+    text = (corpus_head(2500) + UNICODE) * 2
+    (tmp_path / "lf.txt").write_bytes(text.encode())
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    (tmp_path / "bom_crlf.txt").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    lf = corpus(tmp_path / "lf.txt")
+    for name in ("lf", "crlf", "bom_crlf"):
+        c = corpus(tmp_path / f"{name}.txt")
+        assert c.tokenizer.chars == lf.tokenizer.chars and torch.equal(c.train, lf.train) and torch.equal(c.val, lf.val)
+        assert cli(capsys, prepare.main, "--input", tmp_path / f"{name}.txt", "--out", tmp_path / name)[0] == 0
+        for split in ("train.bin", "val.bin"):
+            assert (tmp_path / name / split).read_bytes() == (tmp_path / "lf" / split).read_bytes(), (name, split)
+    assert json.loads((tmp_path / "bom_crlf" / "meta.json").read_text())["tokenizer"] == lf.tokenizer.to_dict()
 
 
-def test_a_split_shorter_than_one_window_is_one_error_line_before_any_training(tmp_path, capsys):
-    data = write_head(tmp_path / "short.txt", 150)  # val: 15 characters; block_size 16 needs 17
-    code, out, err = cli(capsys, train.main, "--data", data, "--out_dir", tmp_path / "run", *TINY_FLAGS)
-    assert_one_line_error(code, err, "the validation split has 15 tokens", "block_size 16")
-    assert not (tmp_path / "run" / "last.pt").exists()
+def test_clean_normalises_whitespace_and_drops_duplicate_documents(tmp_path):
+    texts = ["Hello   world  \r\n\n\n\nagain", "unique", "Hello world\n\nagain\n", "unique"]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    c = corpus(tmp_path / "d.jsonl", clean=True)
+    assert stream(c.tokenizer, c.train, c.val) == EOT + "Hello world\n\nagain" + EOT + "unique" + EOT
+    c = corpus(tmp_path / "d.jsonl")
+    assert stream(c.tokenizer, c.train, c.val).count(EOT) == 5
+
+
+def test_clean_reads_a_large_text_in_pieces_without_joining_lines_at_their_seams(tmp_path):
+    line = "a" + " " * 30 + "b   \n"  # 36 characters: the first piece's 2**20th falls in a run of spaces
+    text = line * (2**21 // len(line))
+    (tmp_path / "big.txt").write_text(text)
+    pieces = list(iter_documents(str(tmp_path / "big.txt"), clean=True))
+    assert len(pieces) >= 2 and "".join(pieces) == clean_text(text) == "a b\n" * (2**21 // len(line))
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("latin1.txt", "café ".encode("latin-1") * 100, ["latin1.txt", "UTF-8"]),
+    ("docs/b.txt", b"fine " * 100 + b"\xff", ["b.txt", "UTF-8"]),  # a folder's file
+    ("missing.txt", None, ["missing.txt", "not found"]),
+    ("blank.txt", b" \r\n\n", ["empty"]),
+    ("docs/a.md", b"no .txt here", ["--data_ext"]),
+    ("short.txt", corpus_head(150).encode(), ["validation", "block_size 16"]),  # val: 15 tokens, a window 17
+])
+def test_unusable_data_is_one_error_line_before_any_training(tmp_path, capsys, name, content, words):
+    if content is not None:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    data = tmp_path / name.split("/")[0]
+    code, out, err = train_cli(capsys, data, tmp_path / "run")
+    assert_one_line_error(code, err, *words)
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- BPE
+
+def reference_bpe(text, n_tokens):
+    """Textbook BPE, recounting every pair each round: the most frequent pair, a tie to the smallest byte pair,
+    merged left to right; words never span an <|endoftext|>."""
+    words = Counter(w for chunk in text.split(EOT) for w in regex.findall(GPT2_PATTERN, chunk))
+    seqs = {w: [bytes([b]) for b in w.encode()] for w in words}
+    tokens = [bytes([b]) for b in range(256)]
+    while len(tokens) < n_tokens:
+        pairs = Counter()
+        for w, seq in seqs.items():
+            for pair in zip(seq, seq[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        tokens += [best[0] + best[1]] if best[0] + best[1] not in tokens else []
+        for w, seq in seqs.items():
+            out, i = [], 0
+            while i < len(seq):
+                hit = i + 1 < len(seq) and (seq[i], seq[i + 1]) == best
+                out.append(best[0] + best[1] if hit else seq[i])
+                i += 2 if hit else 1
+            seqs[w] = out
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return BPETokenizer.train(corpus_head(20_000) + UNICODE, 400)
+
+
+def test_bpe_training_is_deterministic_and_starts_with_the_256_bytes():
+    text = corpus_head(10_000)
+    tokens = train_bpe(text, 350)
+    assert tokens == train_bpe(text, 350) and len(tokens) == 349 and len(set(tokens)) == 349
+    assert tokens[:256] == [bytes([b]) for b in range(256)]
+
+
+def test_bpe_matches_a_plain_reference_bpe():
+    text = corpus_head(3000) + EOT + UNICODE * 3 + EOT + "aaaa abab aaab"
+    assert train_bpe(text, 330) == reference_bpe(text, 329)
+    assert train_bpe("ba dc", 300, special_tokens=())[256:] == reference_bpe("ba dc", 300)[256:] == [b" d", b" dc",
+                                                                                                      b"ba"]
+
+
+def test_no_merge_crosses_a_special_token():
+    text = ("ab" + EOT + "cd" + EOT) * 50
+    tok = BPETokenizer.train(text, 300)
+    assert {bytes(t) for t in tok.tokens[256:]} == {b"ab", b"cd"}
+    assert tok.encode("ab" + EOT) == [256 + tok.tokens[256:].index(b"ab"), tok.eot_id]
+
+
+def test_bpe_round_trips_unicode_and_end_of_text(bpe_tok):
+    assert bpe_tok.vocab_size == 400 and bpe_tok.eot_id == 399 and bpe_tok.encode(EOT) == [399]
+    text = UNICODE + EOT + "Second document, नमस्ते.\n" + EOT
+    ids = bpe_tok.encode(text)
+    assert ids.count(399) == 2 and bpe_tok.decode(ids) == text and len(ids) < len(text.encode())
+
+
+def test_decoding_a_split_character_never_crashes(bpe_tok):
+    ids = bpe_tok.encode("😀")
+    assert len(ids) > 1 and bpe_tok.decode(ids[:1]) == "\ufffd"
+    assert all(isinstance(bpe_tok.decode(ids[i:j]), str) for i in range(len(ids)) for j in range(i, len(ids) + 1))
+
+
+def test_to_dict_and_tokenizer_from_dict_round_trip(bpe_tok, tmp_path):
+    char = CharTokenizer.from_text("hello" + EOT)
+    text = UNICODE + EOT + "hello"
+    for tok, sample in ((bpe_tok, text), (char, "hole" + EOT + "hell")):
+        torch.save(tok.to_dict(), tmp_path / "tok.pt")
+        loaded = tokenizer_from_dict(torch.load(tmp_path / "tok.pt", weights_only=True))
+        assert type(loaded) is type(tok) and loaded.to_dict() == tok.to_dict() and loaded.eot_id == tok.eot_id
+        assert loaded.encode(sample) == tok.encode(sample) and loaded.decode(tok.encode(sample)) == sample
+
+
+def test_a_bpe_vocabulary_too_small_is_one_error(tmp_path, capsys):
+    assert train_bpe("abc", 257) == [bytes([b]) for b in range(256)]  # the smallest: bytes and <|endoftext|>
+    (tmp_path / "a.txt").write_text(corpus_head(1000))
+    code, _, err = cli(capsys, prepare.main, "--input", tmp_path / "a.txt", "--out", tmp_path / "out", "--tokenizer",
+                       "bpe", "--vocab_size", "256")
+    assert_one_line_error(code, err, "257")
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_the_gpt2_tokenizer_offline_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    def offline():
+        raise ConnectionError("no network")
+    monkeypatch.setattr(bpe, "gpt2_encoding", offline)
+    with pytest.raises(TinyLLMError, match="GPT-2"):
+        tokenizer_from_dict({"kind": "gpt2"})  # a gpt2 checkpoint's tokenizer
+    (tmp_path / "a.txt").write_text(corpus_head(1000))
+    code, _, err = train_cli(capsys, tmp_path / "a.txt", tmp_path / "run", "--tokenizer", "gpt2")
+    assert_one_line_error(code, err, "GPT-2", "--tokenizer")
+
+
+def gpt2_cached():
+    """Whether tiktoken has GPT-2's files on disk, looked for as tiktoken does, without the network."""
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR",
+                                                                os.path.join(tempfile.gettempdir(), "data-gym-cache")))
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    urls = [base + name for name in ("vocab.bpe", "encoder.json")]
+    return bool(cache) and all(os.path.isfile(os.path.join(cache, hashlib.sha1(u.encode()).hexdigest())) for u in urls)
+
+
+@pytest.mark.skipif(not gpt2_cached(), reason="tiktoken's GPT-2 files are not cached here; the tests are offline")
+def test_the_gpt2_tokenizer():
+    tok = GPT2Tokenizer()
+    ids = tok.encode("Hello world" + EOT)
+    assert tok.vocab_size == 50257 and ids[-1] == tok.eot_id == 50256 and tok.decode(ids) == "Hello world" + EOT
+    assert tokenizer_from_dict(tok.to_dict()).encode(UNICODE) == tok.encode(UNICODE)
+
+
+# ----------------------------------------------------------------------------- tools.prepare
+
+def write_docs(folder, n=6, size=1500):
+    folder.mkdir()
+    docs = [corpus_head(n * size)[i * size:(i + 1) * size] for i in range(n)]
+    for i, doc in enumerate(docs):
+        (folder / f"doc{i}.txt").write_text(doc, encoding="utf-8")
+    return docs
+
+
+def test_prepare_a_folder_then_train_from_the_memmaps_with_flags_that_agree(tmp_path, capsys):
+    docs = write_docs(tmp_path / "docs")
+    assert cli(capsys, prepare.main, "--input", tmp_path / "docs", "--out", tmp_path / "out")[0] == 0
+    c = corpus(tmp_path / "out")
+    assert isinstance(c.train, np.memmap) and c.train.dtype == np.uint16
+    assert stream(c.tokenizer, c.train, c.val) == EOT + "".join(d + EOT for d in docs)
+    code, _, err = train_cli(capsys, tmp_path / "out", tmp_path / "run", "--tokenizer", "char", "--clean", "false")
+    assert code == 0, err
+    assert load(str(tmp_path / "run" / "last.pt"))["tokenizer"] == c.tokenizer.to_dict()
+    code, _, err = train_cli(capsys, tmp_path / "out", tmp_path / "run2", "--tokenizer", "bpe")
+    assert_one_line_error(code, err, "--tokenizer bpe")
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_prepare_stores_ids_as_uint16_or_past_65536_tokens_as_uint32(tmp_path, capsys, wide):
+    if wide:  # a char vocabulary of 70,000 distinct characters
+        path, text = tmp_path / "wide.txt", "".join(chr(c) for c in range(0x4E00, 0x4E00 + 72_048)
+                                                    if not 0xD800 <= c < 0xE000) * 2
+        path.write_text(text, encoding="utf-8")
+    else:
+        path = tmp_path / "d.jsonl"
+        path.write_text("\n".join(json.dumps({"text": f"record {i}: " + "abc" * (i % 7)}) for i in range(100)))
+        text = "".join(iter_documents(str(path)))
+    assert cli(capsys, prepare.main, "--input", path, "--out", tmp_path / "out")[0] == 0
+    meta, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
+    assert train_ids.dtype == val_ids.dtype == (np.uint32 if wide else np.uint16)
+    assert (meta["vocab_size"] > 2**16) == wide and int(max(train_ids.max(), val_ids.max())) >= 2**16 * wide
+    assert stream(tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids) == text  # no id cut to 16 bits
+
+
+def test_prepare_learns_bpe_from_the_training_split_alone_and_never_cuts_an_end_of_text(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("the cat " * 450 + "zqxjv " * 40)  # zqxjv: in the validation part only
+    (tmp_path / "docs").mkdir()
+    docs = ["the cat " * 50] * 9 + ["zqxjv " * 66]  # the 90% cut falls inside the last doc's leading marker
+    for i, doc in enumerate(docs):
+        (tmp_path / "docs" / f"{i}.txt").write_text(doc)
+    full = EOT + "".join(d + EOT for d in docs)
+    assert 0 < full.find(EOT, int(len(full) * 0.9) - len(EOT) + 1) < int(len(full) * 0.9)  # (the test's premise)
+    for source in ("one.txt", "docs"):
+        assert cli(capsys, prepare.main, "--input", tmp_path / source, "--out", tmp_path / "out", "--tokenizer",
+                   "bpe", "--vocab_size", "300")[0] == 0
+        meta, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
+        tok = tokenizer_from_dict(meta["tokenizer"])
+        learned = [bytes(t) for t in tok.tokens[256:]]
+        assert b" cat" in learned and not any(set(t) & set(b"zqxjv") for t in learned), source
+    assert list(train_ids).count(tok.eot_id) == 9 and val_ids[0] == tok.eot_id
+    assert tok.decode(val_ids.tolist()) == EOT + docs[-1] + EOT
+
+
+def test_a_failed_prepare_leaves_the_previous_dataset_byte_for_byte(tmp_path, capsys, monkeypatch):
+    write_docs(tmp_path / "docs")
+    assert cli(capsys, prepare.main, "--input", tmp_path / "docs", "--out", tmp_path / "out")[0] == 0
+    before = files(tmp_path / "out")
+    for name in ("doc0.txt", "doc1.txt"):  # new text and characters: every file would change
+        (tmp_path / "docs" / name).write_text("Ωmega " * 300)
+    real = prepare.pieces
+
+    def disk_full_midway(*args):
+        yield from list(real(*args))[:3]
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(prepare, "pieces", disk_full_midway)
+    code, _, err = cli(capsys, prepare.main, "--input", tmp_path / "docs", "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "space")
+    assert files(tmp_path / "out") == before  # nothing replaced, no .tmp left
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_bits_per_character_count_end_of_text_as_one_character_in_memory_and_prepared(tmp_path, capsys, kind):
+    path = tmp_path / "d.jsonl"  # short documents: many <|endoftext|> in the val split
+    path.write_text("\n".join(json.dumps({"text": f"doc {i}: " + "xy " * (i % 5)}) for i in range(200)))
+    in_memory = corpus(path, tokenizer=kind)
+    val_text = split_train_val("".join(iter_documents(str(path))))[1]
+    assert val_text.count(EOT) > 10
+    expected = len(val_text.replace(EOT, "\n")) / len(in_memory.val)
+    assert cli(capsys, prepare.main, "--input", path, "--out", tmp_path / "out", "--tokenizer", kind,
+               "--vocab_size", "300")[0] == 0
+    prepared = corpus(tmp_path / "out")
+    assert np.array_equal(prepared.val, in_memory.val.numpy())
+    assert in_memory.chars_per_token == pytest.approx(expected) and prepared.chars_per_token == pytest.approx(expected)
+    assert (expected == 1.0) == (kind == "char")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_a_prompt_drops_unknown_characters_with_a_warning_and_keeps_end_of_text_whole(capsys):
+    tok = CharTokenizer.from_text("Question: who? 3 4 yes\nAnswer: me")  # no <, | or >: only in the marker
+    ids = encode_prompt(tok, "is 3 < 4? |yes|" + EOT, qa=True)
+    assert tok.decode(ids) == EOT + "Question: is 3  4? yes" + EOT + "\nAnswer:" and ids[0] == tok.eot_id
+    err = capsys.readouterr().err
+    assert err.startswith("warning:") and "<" in err and "|" in err
+    assert encode_prompt(tok, "who?") == tok.encode("who?") and not capsys.readouterr().err
+    with pytest.raises(TinyLLMError):
+        encode_prompt(tok, "ЖЖ|")  # no character it knows
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "p.txt").write_bytes("café".encode("latin-1"))
+    code, _, err = cli(capsys, generate.main, tmp_path / "none.pt", "--prompt_file", tmp_path / "p.txt")
+    assert_one_line_error(code, err, "--prompt_file", "UTF-8")

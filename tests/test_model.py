@@ -1,299 +1,306 @@
-"""The GPT itself: shapes, causality, initialisation, tying, parameter count, sampling."""
+"""The GPT (model.py) and its decoding (sampling.py): shapes, causality, initialisation, every combination of the
+model's switches against recomputation and the attention formula, the sampler, generation and beam search."""
 
-import dataclasses
+import ast
+import itertools
 import math
+import os
+from dataclasses import fields
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from config import GREEDY, SHAPE, GPTConfig, Sampler, TinyLLMError
-from conftest import (GPT_SWITCHES, MODEL_VARIANTS, KernelCalls, checkpoint_of, no_tokens, tiny_model_config,
-                      variant_id)
-from model import GPT
-import sampling
-from sampling import filter_logits, sample_next
+import model as model_module
+from config import GREEDY, GPTConfig, Sampler, TinyLLMError
+from conftest import ROOT, tiny_model
+from model import GPT, MLP, SwiGLU, apply_rope, causal_mask, rope_tables
+from sampling import Context, beam_search, filter_logits, generate, next_token_probs, sample_next
+
+SWITCHES = [f for f in fields(GPTConfig) if f.metadata["choices"]]  # norm, mlp, pos, and any switch to come
+COMBOS = [dict(zip([f.name for f in SWITCHES], values))
+          for values in itertools.product(*(f.metadata["choices"] for f in SWITCHES))]
+COMBO_IDS = ["-".join(combo.values()) for combo in COMBOS]
 
 
-
-def test_logits_shape_and_loss():
-    model = GPT(tiny_model_config())
-    idx = torch.randint(0, 65, (3, 16))
-    logits, loss = model(idx)
-    assert logits.shape == (3, 16, 65) and loss is None
-    _, loss = model(idx, idx)
-    assert loss.ndim == 0
+def sharp(model):
+    """Attention far from uniform (queries and keys 10 times larger): a key cached wrong shows in the logits."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.c_attn.weight.mul_(10)
+    return model.eval()
 
 
-@pytest.mark.parametrize("pos", GPT_SWITCHES["pos"])
-def test_causality(pos):
+def test_logits_shape_and_loss_near_ln_vocab_untrained():
     torch.manual_seed(0)
-    model = GPT(tiny_model_config(pos=pos)).eval()
-    idx = torch.randint(0, 65, (1, 16))
-    logits, _ = model(idx)
-    for t in (0, 5, 15):
-        changed = idx.clone()
-        changed[0, t] = (changed[0, t] + 1) % 65
-        logits2, _ = model(changed)
-        assert torch.allclose(logits[0, :t], logits2[0, :t], atol=1e-6)   # the past never sees the future
-        assert not torch.allclose(logits[0, t], logits2[0, t])            # the changed position does move
-
-
-def test_initial_loss_is_near_uniform():
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config(n_embd=64, n_layer=2, n_head=4))
-    idx = torch.randint(0, 65, (8, 16))
-    _, loss = model(idx, torch.randint(0, 65, (8, 16)))
+    model = GPT(tiny_model(vocab_size=65, n_embd=64, n_head=4))
+    idx, targets = torch.randint(0, 65, (8, 16)), torch.randint(0, 65, (8, 16))
+    assert model(idx)[0].shape == (8, 16, 65) and model(idx)[1] is None
+    logits, loss = model(idx, targets)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, 65), targets.view(-1)).item())
     assert abs(loss.item() - math.log(65)) < 0.1
 
 
-def test_weight_tying_is_one_tensor():
-    model = GPT(tiny_model_config())
+@pytest.mark.parametrize("switches", COMBOS, ids=COMBO_IDS)
+def test_a_later_token_never_changes_an_earlier_positions_logits(switches):
+    torch.manual_seed(0)
+    model = GPT(tiny_model(**switches)).eval()
+    idx = torch.randint(0, 65, (1, 16))
+    changed = torch.where(torch.arange(16) == 9, (idx + 1) % 65, idx)
+    before, after = model(idx)[0], model(changed)[0]
+    assert torch.allclose(before[0, :9], after[0, :9], atol=1e-6)
+    assert not torch.allclose(before[0, 9], after[0, 9], atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_tied_embedding_is_one_tensor_and_the_parameter_count_matches_its_formula(bias):
+    V, T, L, C, b = 65, 16, 3, 48, int(bias)
+    model = GPT(tiny_model(vocab_size=V, block_size=T, n_layer=L, n_embd=C, n_head=4, bias=bias, norm="layernorm",
+                           mlp="gelu", pos="learned"))
     assert model.lm_head.weight is model.wte.weight
-    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+    norm = C + C * b
+    attention = 3 * C * C + 3 * C * b + C * C + C * b
+    mlp = 4 * C * C + 4 * C * b + 4 * C * C + C * b
+    assert model.num_params() == V * C + T * C + L * (2 * norm + attention + mlp) + norm  # the tied matrix once
 
 
-def test_parameter_count_matches_formula():
-    V, T, L, C = 65, 16, 3, 48
-    model = GPT(tiny_model_config(vocab_size=V, block_size=T, n_layer=L, n_embd=C, n_head=4))
-    per_layer = 2 * C + (3 * C * C + 3 * C) + (C * C + C) + 2 * C + (4 * C * C + 4 * C) + (4 * C * C + C)
-    assert model.num_params() == V * C + T * C + L * per_layer + 2 * C
-
-
-def test_gpt2_initialisation_scales_residual_projections():
+def test_gpt2_init_starts_the_residual_projections_smaller():
     torch.manual_seed(0)
-    model = GPT(tiny_model_config(n_embd=256, n_head=4, n_layer=8))
-    fc = model.blocks[0].mlp.c_fc.weight.std().item()
-    proj = model.blocks[0].attn.c_proj.weight.std().item()
-    assert fc == pytest.approx(0.02, rel=0.05)
-    assert proj == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    model = GPT(tiny_model(n_layer=(L := 8), n_embd=128, n_head=4, bias=True))
+    for block in model.blocks:
+        for layer in (block.attn.c_proj, block.mlp.c_proj):
+            assert layer.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.05)
+            assert not layer.bias.any()
+        for layer in (block.attn.c_attn, block.mlp.c_fc):
+            assert layer.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (dict(n_embd=30, n_head=4), ["n_embd (30)", "n_head (4)"]),
-    (dict(n_layer=0), ["n_layer"]),
-    (dict(dropout=1.5), ["dropout"]),
-    (dict(norm="batchnorm"), ["norm"]),
-])
-def test_bad_model_config_is_a_clear_error(overrides, words):
-    with pytest.raises(TinyLLMError) as err:
-        tiny_model_config(**overrides)
-    assert all(w in str(err.value) for w in words)
+@pytest.mark.parametrize("overrides, name", [
+    (dict(n_embd=30, n_head=4), "n_head"), (dict(n_layer=0), "n_layer"), (dict(block_size=0), "block_size"),
+    (dict(vocab_size=-1), "vocab_size"), (dict(dropout=1.0), "dropout"), (dict(norm="batchnorm"), "norm"),
+    (dict(pos="rope", n_embd=6, n_head=2), "rope"), (dict(mlp="relu"), "mlp")])
+def test_a_bad_model_config_is_a_tinyllm_error(overrides, name):
+    with pytest.raises(TinyLLMError, match=name):
+        tiny_model(**overrides)
 
 
-@pytest.mark.parametrize("rule", dataclasses.fields(Sampler), ids=lambda f: f.name)
-def test_every_sampling_rule_at_its_example_changes_the_odds_and_keeps_a_candidate(rule):
-    """Each of config.Sampler's settings at its example= value, on logits where every rule has something to do: the
-    distribution the token is drawn from is not the default sampler's (a rule wired in but never applied fails
-    here), it is a distribution, and greedy picks a candidate."""
-    if rule.metadata.get("example") is None:
-        pytest.skip(f"Sampler.{rule.name} has no example=: give its setting(...) a value at which it changes the odds")
+CALLS = [0, 1, 3, 1, 1, 5, 1, 2, 1, 1, 1]  # the tokens added before each call: 5 + 17, far past block_size 8
+
+
+@pytest.mark.parametrize("switches", COMBOS, ids=COMBO_IDS)
+def test_the_cache_and_the_formula_give_recomputations_logits_past_block_size(switches):
+    """At every step, one token or several at once, far past block_size: the KV cache's next-token logits are
+    recomputation's, and the attention formula (fused = False) gives the fused kernel's, with a mask (the cache's)
+    and without one (the causal triangle)."""
     torch.manual_seed(0)
-    logits = torch.randn(4, 50) * 3  # (B, V)
-    # the tokens so far (B, T), for a rule that reads them: the likeliest three among them, each twice
-    idx = torch.cat([torch.randint(0, 50, (4, 10)), logits.topk(3, dim=-1).indices.repeat(1, 2)], dim=1)
-    sampler = Sampler(**{rule.name: rule.metadata["example"]})
-    plain, ruled = sampling.next_token_probs(logits, Sampler(), idx), sampling.next_token_probs(logits, sampler, idx)
-    assert not torch.allclose(plain, ruled, atol=1e-4)
-    assert torch.allclose(ruled.sum(-1), torch.ones(4)) and (ruled >= 0).all()
-    greedy = sample_next(logits, dataclasses.replace(sampler, temperature=0), idx)  # (B, 1)
-    assert torch.isfinite(filter_logits(logits, sampler, idx).gather(-1, greedy)).all()
+    model = sharp(GPT(tiny_model(block_size=8, n_head=3, n_embd=24, **switches)))
+    tokens = torch.randint(0, 65, (2, 40))
+    runs = {}
+    for fused, use_cache in itertools.product((True, False), repeat=2):
+        for block in model.blocks:
+            block.attn.fused = fused
+        context, end, logits = Context(model, use_cache), 5, []
+        for added in CALLS:
+            end += added
+            logits.append(context.next_logits(tokens[:, :end]))
+        runs[fused, use_cache] = torch.stack(logits)
+    for (fused, use_cache), logits in runs.items():
+        gap = (logits - runs[True, False]).abs().amax(dim=(1, 2))
+        assert (gap < 1e-5).all(), f"fused={fused} cache={use_cache}: calls {gap.gt(1e-5).nonzero().flatten().tolist()}"
 
 
-def test_top_k_keeps_exactly_k():
+@pytest.mark.parametrize("sampler", [GREEDY, Sampler(temperature=1.0, top_k=20)], ids=["greedy", "seeded"])
+def test_generation_and_a_chat_write_the_same_tokens_with_and_without_the_cache_past_block_size(sampler):
+    """A chat: generate, then the user's turn (several tokens at once), then generate on with the same Context."""
     torch.manual_seed(0)
-    logits = torch.randn(4, 50)
-    kept = filter_logits(logits, Sampler(temperature=1.0, top_k=7), no_tokens(logits))
-    assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
-    assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
-
-
-def test_top_p_keeps_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.8), no_tokens(probs)))
-    assert kept.tolist() == [[True, True, True, False, False]]   # 0.5 + 0.2 < 0.8 <= 0.85
-    kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=0.3), no_tokens(probs)))
-    assert kept.tolist() == [[True, False, False, False, False]]
-    torch.manual_seed(1)
-    logits = torch.randn(3, 100)
-    for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p), no_tokens(logits)))
-        probs = F.softmax(logits, dim=-1)
-        for row in range(3):
-            mass = probs[row][kept[row]]
-            assert mass.sum() >= p - 1e-6                 # reaches p
-            assert mass.sum() - mass.min() < p            # and no token could be dropped
-
-
-def test_top_p_of_zero_still_keeps_the_most_likely_token():
-    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.0]])
-    kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=1e-9), no_tokens(logits)))
-    assert kept.tolist() == [[False, True, False], [True, False, False]]
-
-
-def test_greedy_is_deterministic_and_seeded_sampling_reproducible():
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config()).eval()
-    idx = torch.randint(0, 65, (2, 5))
-    a = sampling.generate(model, idx, 20, GREEDY)
-    b = sampling.generate(model, idx, 20, GREEDY)
-    assert torch.equal(a, b) and a.shape == (2, 25)
-    s1 = sampling.generate(model, idx, 20, Sampler(temperature=1.0), generator=torch.Generator().manual_seed(42))
-    s2 = sampling.generate(model, idx, 20, Sampler(temperature=1.0), generator=torch.Generator().manual_seed(42))
-    s3 = sampling.generate(model, idx, 20, Sampler(temperature=1.0), generator=torch.Generator().manual_seed(43))
-    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
-
-
-def test_generation_crops_context_past_block_size():
-    model = GPT(tiny_model_config(block_size=8)).eval()
-    out = sampling.generate(model, torch.zeros(1, 3, dtype=torch.long), 30, GREEDY)
-    assert out.shape == (1, 33)
-
-
-def test_sample_next_temperature_zero_is_argmax():
-    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
-    assert sample_next(logits, GREEDY, no_tokens(logits)).tolist() == [[1], [0]]
-
-
-def test_every_variant_of_the_model_is_run_by_the_model_tests():
-    """Each setting of GPTConfig beyond its shape is away from its default in one of MODEL_VARIANTS, so the
-    cache, the fused kernel, the replayed step and the pictures' reference are checked with it on."""
-    default = GPTConfig()
-    varied = {k for variant in MODEL_VARIANTS for k, v in variant.items() if v != getattr(default, k)}
-    missing = [f.name for f in dataclasses.fields(GPTConfig) if f.name not in SHAPE and f.name not in varied]
-    assert not missing, f"give {', '.join(missing)} an example= in config.py: a value the model tests run it at"
-
-
-ODD_HEADS = dict(n_head=3, n_embd=24)  # a per-head formula must work at any count (the tiny preset has 5 heads)
-
-
-@pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
-def test_kv_cache_matches_full_recompute_at_every_step(switches, monkeypatch):
-    """Next-token logits with and without the cache agree at every step, well past block_size."""
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config(block_size=8, **ODD_HEADS, **switches)).eval()
-    seen = {True: [], False: []}
-    real = sampling.sample_next
+    model = sharp(GPT(tiny_model(block_size=8, pos="rope")))
+    turns = [torch.randint(0, 65, (2, n)) for n in (5, 4, 7)]  # the model answers 8 tokens to each
+    results = {}
     for use_cache in (True, False):
-        def recording(logits, *a, _log=seen[use_cache], **k):  # keep every step's logits, then sample as usual
-            _log.append(logits.clone())
-            return real(logits, *a, **k)
-        monkeypatch.setattr(sampling, "sample_next", recording)
-        torch.manual_seed(1)  # the same prompt both times
-        out = sampling.generate(model, torch.randint(0, 65, (2, 5)), 30, GREEDY, use_cache=use_cache)
-        seen[use_cache].append(out)
-    *cached_logits, cached_out = seen[True]
-    *full_logits, full_out = seen[False]
-    assert len(cached_logits) == len(full_logits) == 30   # 5 + 30 tokens: far beyond block_size 8
-    for step, (a, b) in enumerate(zip(cached_logits, full_logits)):
-        assert torch.allclose(a, b, atol=1e-4), f"step {step}: max diff {(a - b).abs().max():.2e}"
-    assert torch.equal(cached_out, full_out)
+        context, idx, seen = Context(model, use_cache), torch.zeros(2, 0, dtype=torch.long), []
+        for turn in turns:
+            idx = generate(model, torch.cat((idx, turn), dim=1), 8, sampler, context=context,
+                           generator=torch.Generator().manual_seed(len(seen)), on_token=lambda *a: seen.append(a[1]))
+        results[use_cache] = idx, torch.stack(seen)
+    assert results[True][0].shape == (2, 40) and torch.equal(results[True][0], results[False][0])
+    assert torch.allclose(results[True][1], results[False][1], atol=1e-5)
 
 
-def test_every_combination_trains_saves_reloads_and_generates(tmp_path):
-    from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    for switches in MODEL_VARIANTS:
-        torch.manual_seed(0)
-        model = GPT(tiny_model_config(**switches))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        idx = torch.randint(0, 65, (4, 16))
-        first = None
-        for _ in range(5):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            first = first if first is not None else loss.item()
-        assert loss.item() < first
-        path = str(tmp_path / "m.pt")
-        save_checkpoint(path, checkpoint_of(model))
-        loaded = model_from_checkpoint(load_checkpoint(path)).eval()
-        model.eval()
-        assert torch.equal(sampling.generate(loaded, idx[:1, :3], 10, GREEDY), sampling.generate(model, idx[:1, :3], 10, GREEDY))
+def test_causal_mask_lets_each_query_see_the_keys_up_to_its_position():
+    visible = lambda *args, **kwargs: (causal_mask(*args, device="cpu", **kwargs) == 0).int().tolist()  # noqa: E731
+    assert visible(3, 3) == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]  # training: the lower triangle
+    assert visible(2, 4) == [[1, 1, 1, 0], [1, 1, 1, 1]]  # the new queries are the last positions
+    assert visible(2, 6, start=2) == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]  # the cache's unfilled slots hidden
 
 
-def test_swiglu_keeps_the_parameter_count_close():
-    gelu = GPT(tiny_model_config(n_embd=384, n_head=6)).num_params()
-    swiglu = GPT(tiny_model_config(n_embd=384, n_head=6, mlp="swiglu")).num_params()
-    assert abs(swiglu - gelu) / gelu < 0.01
+def test_rope_turns_each_pair_as_a_complex_number_by_its_positions_angle():
+    T, hs = 7, 8
+    x = torch.randn(2, 3, T, hs)
+    got = apply_rope(x, *rope_tables(T, hs))
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, hs, 2).double() / hs)
+    turned = torch.complex(x[..., 0::2].double(), x[..., 1::2].double()) * torch.polar(torch.ones_like(angles), angles)
+    assert torch.allclose(got.double(), torch.stack((turned.real, turned.imag), dim=-1).flatten(-2), atol=1e-5)
+    assert apply_rope(x.bfloat16(), *rope_tables(T, hs)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("width", [32, 160, 384])
+def test_swiglu_holds_about_as_many_parameters_as_the_gelu_mlp(width):
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    config = tiny_model(n_embd=width, n_head=2)
+    assert count(SwiGLU(config)) == pytest.approx(count(MLP(config)), rel=0.05)
 
 
 def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
-    # a speed choice with a test of its own: bfloat16 attention (its backward above all) was several
-    # times slower than float32's on CPUs, while the matmuls around it keep bfloat16's speed
-    model = GPT(tiny_model_config(pos="rope"))
+    seen, real = [], model_module.fused_attention  # the dtype of every attention's output, where the model calls it
+    monkeypatch.setattr(model_module, "fused_attention", lambda *a: seen.append((out := real(*a)).dtype) or out)
+    torch.manual_seed(0)
+    model = GPT(tiny_model(pos="rope"))
     idx = torch.randint(0, 65, (2, 16))
-    with KernelCalls() as kernel, torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, loss = model(idx, idx)
     loss.backward()
-    assert kernel.calls and {q.dtype for q, _, _ in kernel.calls} == {torch.float32}
-    assert logits.dtype == torch.bfloat16  # the rest of the forward pass did run in bfloat16
+    assert logits.dtype == torch.bfloat16  # the rest of the forward pass ran in bfloat16
+    assert seen and set(seen) == {torch.float32}
 
 
-def test_generation_builds_no_autograd_graph(monkeypatch):
-    seen = []
-    real = sampling.sample_next
-    monkeypatch.setattr(sampling, "sample_next", lambda logits, *a, **k: seen.append(
-        (logits.requires_grad, torch.is_inference_mode_enabled())) or real(logits, *a, **k))
-    sampling.generate(GPT(tiny_model_config()), torch.zeros(1, 3, dtype=torch.long), 5, GREEDY)
-    assert seen == [(False, True)] * 5  # inference mode at every step: no graph kept alive by the cache
+# ----------------------------------------------------------------------------- the sampler
 
-
-@pytest.mark.parametrize("switches", MODEL_VARIANTS, ids=variant_id)
-def test_the_formula_as_written_is_what_the_fused_kernel_computes(switches):
-    """CausalSelfAttention.attention as the lesson writes it, softmax(q k^T / sqrt(hs) + mask) v, and the fused
-    kernel the model runs by default give the same logits, the same gradients, and the same
-    cached generation, past block_size."""
+def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
+    kept = torch.isfinite(filter_logits(torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]]), Sampler(temperature=1.0, top_k=2)))
+    assert kept.tolist() == [[True, False, True, True, False]]
     torch.manual_seed(0)
-    model = GPT(tiny_model_config(block_size=8, **ODD_HEADS, **switches))
-    idx = torch.randint(0, 65, (3, 9))
-    results = {}
-    for fused in (True, False):
-        for block in model.blocks:
-            block.attn.fused = fused
-        model.zero_grad()
-        logits, loss = model(idx[:, :-1], idx[:, 1:])
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        model.eval()
-        text = sampling.generate(model, idx[:1, :3], 20, GREEDY)
-        model.train()
-        results[fused] = (logits.detach(), grads, text)
-    (fast, fast_grads, fast_text), (plain, plain_grads, plain_text) = results[True], results[False]
-    assert torch.allclose(fast, plain, atol=1e-5), (fast - plain).abs().max()
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast_grads, plain_grads))
-    assert torch.equal(fast_text, plain_text)
+    logits = torch.randn(4, 50)
+    kept = filter_logits(logits, Sampler(temperature=0.5, top_k=7))
+    assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
+    assert torch.equal(kept[torch.isfinite(kept)], (logits / 0.5)[torch.isfinite(kept)])  # the temperature's
 
 
-def test_the_causal_mask_lets_each_query_see_the_keys_up_to_its_own_position():
-    from model import causal_mask
-    assert causal_mask(3, 3, "cpu").isinf().tolist() == [[False, True, True], [False, False, True],
-                                                          [False, False, False]]
-    # two new queries after two cached keys: each also sees the cached ones
-    assert causal_mask(2, 4, "cpu").isinf().tolist() == [[False, False, False, True], [False, False, False, False]]
+def test_top_p_keeps_the_smallest_set_reaching_p_and_always_the_likeliest():
+    probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
+    for p, n in ((0.8, 3), (0.6, 2), (1e-9, 1)):  # 0.5 + 0.2 < 0.8 <= 0.85
+        kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=p)))
+        assert kept.tolist() == [[i < n for i in range(5)]], p
+    torch.manual_seed(1)
+    logits = torch.randn(3, 100)
+    for p in (0.1, 0.5, 0.9):
+        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p)))
+        for row, keep in zip(F.softmax(logits, dim=-1), kept):
+            assert row[keep].sum() >= p - 1e-6 and row[keep].sum() - row[keep].min() < p and keep[row.argmax()]
 
 
-def test_every_decoding_step_with_the_cache_computes_with_the_same_shapes(monkeypatch):
-    # the cache's whole buffers are attended to, its unfilled slots masked: the same shapes every step
+def test_temperature_0_is_argmax_and_a_seeded_draw_repeats():
     torch.manual_seed(0)
-    model = GPT(tiny_model_config(block_size=8)).eval()
-    with KernelCalls() as kernel:
-        sampling.generate(model, torch.zeros(2, 3, dtype=torch.long), 20, GREEDY)  # past block_size: refills too
-    calls = [(tuple(q.shape), tuple(k.shape), None if m is None else tuple(m.shape)) for q, k, m in kernel.calls]
-    steps = [c for c in calls if c[0][2] == 1]  # one new token per row
-    assert len(steps) > 10 and len(set(steps)) == 1, set(steps)
-    assert steps[0][1][2] == 8  # every step reads all block_size slots
+    logits = torch.randn(4, 40) * 3
+    assert torch.equal(sample_next(logits, GREEDY), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_next(logits, Sampler(temperature=0, top_k=3)), logits.argmax(-1, keepdim=True))
+    sampler = Sampler(temperature=0.7, top_k=10)
+    assert torch.allclose(next_token_probs(logits, Sampler(temperature=0.7)), F.softmax(logits / 0.7, dim=-1))
+    draws = [sample_next(logits, sampler, torch.Generator().manual_seed(s)) for s in (1, 1, 2, 3)]
+    assert torch.equal(draws[0], draws[1]) and not (torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[3]))
+    assert torch.isfinite(filter_logits(logits, sampler).gather(1, draws[2])).all()  # a candidate, always
 
 
-def test_the_fused_path_uses_a_mask_it_is_given_even_in_training_shape():
-    """A variant that adds to the mask (ALiBi's biases, say) hands it to every layer; the fused
-    kernel must use it, and take its causal shortcut only for a mask of None."""
-    from model import CausalSelfAttention, causal_mask, fused_attention
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
-    given = torch.zeros(6, 6)  # every query sees every key: not the causal triangle
-    formula = CausalSelfAttention(tiny_model_config(), 0)
-    formula.fused = False
-    assert torch.allclose(fused_attention(q, k, v, given), formula.attention(q, k, v, given), atol=1e-5)
-    assert torch.allclose(fused_attention(q, k, v, None), formula.attention(q, k, v, causal_mask(6, 6, "cpu")),
-                          atol=1e-5)
+# ----------------------------------------------------------------------------- generation
+
+class MarkovChain(torch.nn.Module):
+    """A stand-in model whose next-token probabilities are a row of a table, by the last token alone."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = torch.tensor(table).log()  # (V, V)
+        self.config = GPTConfig(vocab_size=len(table), block_size=64, n_layer=1, n_head=1, n_embd=2)
+
+    def forward(self, idx, targets=None, cache=None):
+        return self.table[idx], None  # (B, T, V)
+
+
+def test_a_stop_token_ends_generation_once_every_row_has_made_it():
+    chain = MarkovChain([[0.1 if j != (i + 1) % 5 else 0.6 for j in range(5)] for i in range(5)])  # i -> i + 1
+    out = generate(chain, torch.tensor([[1], [4]]), 10, GREEDY, stop_token=3)
+    assert out.tolist() == [[1, 2, 3, 4, 0], [4, 0, 1, 2, 3]]  # the first row goes on after its stop
+    assert generate(chain, torch.tensor([[1]]), 10, GREEDY, stop_token=3).tolist() == [[1, 2, 3]]
+
+
+def test_generation_builds_no_autograd_graph():
+    model = GPT(tiny_model())  # parameters that require gradients
+    context, seen = Context(model), []
+    out = generate(model, torch.zeros(1, 3, dtype=torch.long), 5, GREEDY, context=context,
+                   on_token=lambda t, logits, i: seen.append((logits.requires_grad, torch.is_inference_mode_enabled())))
+    assert seen == [(False, True)] * 5
+    assert not any(k.requires_grad for k in context.cache.k + context.cache.v)
+    assert not out.requires_grad and not out.is_inference()  # a tensor autograd may use later
+
+
+# ----------------------------------------------------------------------------- beam search
+
+def peaked(seed, vocab_size=65, block_size=8, **switches):
+    """Far from uniform next-token distributions (the embedding scaled): greedy and beam search can disagree."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_model(vocab_size=vocab_size, block_size=block_size, **switches)).eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(30)
+    return model
+
+
+def total_logprob(model, prompt, new):
+    """new's total log-probability after prompt, each token's context recomputed by generation's context rule."""
+    context, idx, total = Context(model, use_cache=False), prompt, 0.0
+    for token in new[0].tolist():
+        total += F.log_softmax(context.next_logits(idx)[0].double(), dim=-1)[token].item()
+        idx = torch.cat((idx, torch.tensor([[token]])), dim=1)
+    return total
+
+
+def test_beam_width_1_is_greedy():
+    model = peaked(0)
+    prompt = torch.randint(0, 65, (1, 3))
+    new, total = beam_search(model, prompt, 20, 1)  # past block_size 8
+    assert torch.equal(new, generate(model, prompt, 20, GREEDY)[:, 3:])
+    assert total == pytest.approx(total_logprob(model, prompt, new), abs=1e-4)
+
+
+@pytest.mark.parametrize("stop, length_penalty", [(None, 0.0), (2, 0.0), (2, 1.0), (2, 2.0)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_beam_holding_every_candidate_finds_the_brute_force_best(seed, stop, length_penalty):
+    V, n = 4, 4
+    model = peaked(seed, vocab_size=V, block_size=16)
+    prompt = torch.randint(0, V, (1, 2), generator=torch.Generator().manual_seed(seed))
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=n)))  # every continuation, (V^n, n)
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.cat((prompt.expand(len(seqs), -1), seqs), 1))[0].double(), dim=-1)
+    steps = logp[:, 1:-1].gather(2, seqs[:, :, None])[:, :, 0]  # (V^n, n)
+    endings = {}  # a continuation ends at its first stop token
+    for seq, lp in zip(seqs.tolist(), steps):
+        cut = seq.index(stop) + 1 if stop in seq else n
+        endings[tuple(seq[:cut])] = lp[:cut].sum().item()
+    best = max(endings, key=lambda s: endings[s] / len(s) ** length_penalty)
+    new, total = beam_search(model, prompt, n, V ** (n - 1), stop_token=stop, length_penalty=length_penalty)
+    assert tuple(new[0].tolist()) == best and total == pytest.approx(endings[best], abs=1e-5)
+
+
+def test_a_stopped_continuation_competes_by_the_length_rule():
+    """The plain sum favours a short continuation that stops (token 2); length_penalty 1, the mean, a longer one."""
+    chain = MarkovChain([[1e-9, 0.6, 0.4], [0.5, 0.5, 1e-9], [1 / 3, 1 / 3, 1 / 3]])
+    new, total = beam_search(chain, torch.tensor([[0]]), 3, 2, use_cache=False, stop_token=2)
+    assert new.tolist() == [[2]] and total == pytest.approx(math.log(0.4))  # beats 0 1 (0.3), and all that follow
+    new, total = beam_search(chain, torch.tensor([[0]]), 3, 2, use_cache=False, stop_token=2, length_penalty=1.0)
+    assert new.tolist() == [[1, 0, 1]] and total == pytest.approx(math.log(0.6 * 0.5 * 0.6))  # -0.57 a token
+
+
+@pytest.mark.parametrize("width", [2, 5])
+def test_the_cache_changes_nothing_in_beam_search(width):
+    torch.manual_seed(width)
+    model = sharp(GPT(tiny_model(block_size=8, pos="rope")))  # a cache that followed the wrong beam shows
+    prompt = torch.randint(0, 65, (1, 5))
+    (cached, cached_total), (full, full_total) = (beam_search(model, prompt, 20, width, use_cache=c) for c in (1, 0))
+    assert torch.equal(cached, full) and cached_total == pytest.approx(full_total, abs=1e-4)
+    assert cached_total == pytest.approx(total_logprob(model, prompt, cached), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["config.py", "model.py", "utils.py", "optim.py", "sampling.py", "bpe.py"])
+def test_the_lesson_imports_nothing_of_the_scripts_machinery_or_tools(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {m.split(".")[0] for m in imported} & {"train", "generate", "machinery", "tools"}

@@ -1,420 +1,426 @@
-"""The trainer: step order, evaluation, learning, checkpoints, resume and safety."""
+"""train.py: the step, the schedule, the loop, checkpoints and their safety, resuming, fine-tuning, a time budget."""
 
 import contextlib
-import copy
-import dataclasses
-import io
 import math
 import os
+import pickle
 import signal
+import time
 
 import pytest
 import torch
 
-from config import RunOptions, TinyLLMError, TrainConfig
-from conftest import SCHEDULES, Payload, checkpoint_of, fixed_batch, interrupt_at, tiny_model_config, tiny_train_config
-from model import GPT
-from optim import get_lr, make_optimizer
 import train
-
-from machinery.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from deep_dives.muon import orthogonalize
+from config import GPTConfig, RunOptions, TinyLLMError, TrainConfig
+from conftest import (TINY_FLAGS, assert_one_line_error, cli, corpus_head, interrupt_at, tiny_model, tiny_run,
+                      without_timings)
+from machinery import checkpoint
+from model import GPT
+from optim import Muon, get_lr, make_optimizer, orthogonalize, progress
 
 CPU = torch.device("cpu")
 NO_CTX = contextlib.nullcontext()
+SCHEDULES = next(f for f in TrainConfig.__dataclass_fields__.values() if f.name == "lr_schedule").metadata["choices"]
 
 
-def fixed_batches(n, batch_size=8, block_size=16):
-    return [fixed_batch(batch_size, block_size, seed=seed) for seed in range(n)]
+def batches(n, batch_size=8, block_size=16, vocab_size=65):
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, vocab_size, (n, batch_size, block_size + 1), generator=g)
+    return [(d[:, :-1], d[:, 1:]) for d in data]
 
 
-def test_optimizer_groups_decay_only_matrices():
-    model = GPT(tiny_model_config())
-    opt = make_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.1), CPU)
-    decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- the step and the schedule
+
+def test_optimizer_decays_only_matrices():
+    model = GPT(tiny_model())
+    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1), CPU).param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    assert opt.defaults["betas"] == (0.9, 0.95)
 
 
-def test_step_order_clips_before_the_optimizer_step_with_the_scheduled_lr():
+def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
     torch.manual_seed(0)
-    model = GPT(tiny_model_config())
-    opt = make_optimizer(model, TrainConfig(lr=1.0, weight_decay=0.0), CPU)
-    seen = {}
-    real_step = opt.step
+    model = GPT(tiny_model())
+    optimizer = make_optimizer(model, TrainConfig(weight_decay=0.0), CPU)
+    seen, real_step = {}, optimizer.step
 
     def recording_step(*a, **k):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        seen["norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
-        seen["lrs"] = [g["lr"] for g in opt.param_groups]
+        seen["norm"] = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
+        seen["lrs"] = [g["lr"] for g in optimizer.param_groups]
         return real_step(*a, **k)
 
-    opt.step = recording_step
-    batch = fixed_batches(1)[0]
-    figures = train.train_step(model, opt, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
-    assert figures["grad_norm"] > 0.05                          # the logged norm is the one before clipping
-    assert seen["norm"] == pytest.approx(0.05, rel=1e-4)   # the optimizer saw clipped gradients
-    assert seen["lrs"] == [0.0123, 0.0123] == [figures["lr"]] * 2  # and this step's scheduled LR
+    optimizer.step = recording_step
+    batch = batches(1)[0]
+    figures = train.train_step(model, optimizer, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
+    assert figures["grad_norm"] > 0.05 and seen["norm"] == pytest.approx(0.05, rel=1e-4)  # logged before clipping
+    assert seen["lrs"] == [0.0123, 0.0123]
+
+
+def test_gradient_accumulation_is_one_big_batch_and_gradients_start_from_zero():
+    x, y = batches(1, batch_size=8)[0]
+    halves = iter([(x[:4], y[:4]), (x[4:], y[4:])] * 2)
+    results = []
+    for accum, next_batch in ((1, lambda: (x, y)), (2, lambda: next(halves))):
+        torch.manual_seed(0)
+        model = GPT(tiny_model())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):  # a second step: gradients left over from the first would add up
+            loss = train.train_step(model, optimizer, next_batch, 0.1, accum, 0.0, NO_CTX)["loss"]
+        results.append((weights(model), loss))
+    (one, loss_one), (two, loss_two) = results
+    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one) and loss_one == pytest.approx(loss_two.item())
 
 
 @pytest.mark.parametrize("lr_schedule", SCHEDULES)  # every choice config.py offers
-def test_a_run_of_steps_takes_each_step_at_get_lr_of_its_share_of_the_steps_after_the_warmup(shakespeare_head,
-                                                                                             tmp_path, lr_schedule):
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=12, warmup_steps=4, log_interval=1,
-                            eval_interval=100, lr_schedule=lr_schedule)
-    history = train.train(tiny_model_config(), cfg)["history"]
-    lrs = [row["lr"] for row in history if row["kind"] == "train"]  # a row per step: log_interval 1
-    progress = [max(0, step - 4) / (12 - 4) for step in range(12)]  # (step - warmup_steps) / (max_steps - warmup_steps)
-    assert lrs == pytest.approx([get_lr(step, p, cfg) for step, p in enumerate(progress)], rel=1e-6)
+def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(text_file, tmp_path, lr_schedule):
+    cfg = tiny_run(text_file, tmp_path, max_steps=12, warmup_steps=4, log_interval=1, eval_interval=100,
+                   lr_schedule=lr_schedule)
+    lrs = [row["lr"] for row in train.train(tiny_model(), cfg)["history"] if row["kind"] == "train"]
+    assert lrs == pytest.approx([get_lr(s, max(0, s - 4) / 8, cfg) for s in range(12)], rel=1e-6)
+    assert lrs[4] == cfg.lr and lrs[0] == cfg.lr / 4  # warmup up to the peak
+    assert get_lr(12, 1.0, cfg) == cfg.min_lr and progress(12, cfg) == 1.0
 
 
-def test_gradients_are_zeroed_each_step():
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config())
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: weights stay put, grads are comparable
-    batch = fixed_batches(1)[0]
-    train.train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
-    first = [p.grad.clone() for p in model.parameters()]
-    train.train_step(model, opt, lambda: batch, 0.0, 1, 0.0, NO_CTX)
-    assert all(torch.allclose(a, p.grad) for a, p in zip(first, model.parameters()))
+def test_plot_lr_prints_the_schedule_at_every_tenth(tmp_path, capsys):
+    code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "100", "--warmup_steps", "10", "--lr", "1e-3",
+                       "--min_lr", "1e-4", "--out_dir", tmp_path)
+    assert code == 0 and os.path.getsize(tmp_path / "lr_schedule.png") > 0
+    assert "10: 0.001" in out and "100: 0.0001" in out
 
 
-def test_gradient_accumulation_matches_one_big_batch():
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config())
-    twin = copy.deepcopy(model)
-    (x, y), = fixed_batches(1, batch_size=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    train.train_step(model, opt, lambda: (x, y), 0.0, 1, 0.0, NO_CTX)
-    micro = iter([(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)])
-    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.0)
-    train.train_step(twin, twin_opt, lambda: next(micro), 0.0, 4, 0.0, NO_CTX)
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+# ----------------------------------------------------------------------------- the loop
+
+def test_a_tiny_run_learns_writes_its_files_and_samples(text_file, tmp_path, capsys):
+    summary = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=60, eval_interval=30, lr=1e-2,
+                                                 plots=True, sample_tokens=30))
+    evals = [h for h in summary["history"] if h["kind"] == "eval"]
+    vocab = summary["model"].config.vocab_size
+    assert evals[0]["val_loss"] > math.log(vocab) - 0.2 and evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.8
+    assert {"best.pt", "last.pt", "history.csv", "loss.png"} <= set(os.listdir(tmp_path))
+    rows = (tmp_path / "history.csv").read_text().splitlines()
+    assert rows[0].startswith("kind,step") and len(rows) == 1 + 3 + 6  # 3 evaluations, a row per 10 steps
+    out = capsys.readouterr().out
+    assert "done: 60 steps" in out and len(out.split("sample:\n")[1]) >= 30
 
 
-def test_a_runs_step_trains_on_the_whole_batch_in_its_micro_batches(shakespeare_head, tmp_path, monkeypatch):
-    drawn, draw = [], train.get_batch
-
-    def counted(*args):  # the sequences of each draw a step takes (an evaluation draws without a graph)
-        x, y = draw(*args)
-        drawn.extend([len(x)] if torch.is_grad_enabled() else [])
-        return x, y
-    monkeypatch.setattr(train, "get_batch", counted)
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=3, batch_size=8, grad_accum_steps=2)
-    train.train(tiny_model_config(), cfg)
-    assert drawn == [4] * 6  # 3 steps of 2 micro-batches of 4
-
-
-def test_evaluation_runs_in_eval_mode_without_a_graph():
-    model = GPT(tiny_model_config(dropout=0.1))
+def test_evaluation_is_in_eval_mode_without_a_graph():
+    model = GPT(tiny_model(dropout=0.5))
     seen = []
-    model.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.is_grad_enabled(), o[0].requires_grad)))
-    batches = fixed_batches(3)
-    it = iter(batches * 2)
-    losses = train.estimate_loss(model, {"train": lambda: next(it), "val": lambda: next(it)}, 3, NO_CTX)
-    assert set(losses) == {"train", "val"}
-    assert seen and all(s == (False, False, False) for s in seen)
-    assert model.training  # back to training mode afterwards
+    batch = batches(1)[0]
+
+    def next_batch():
+        seen.append((model.training, torch.is_grad_enabled()))
+        return batch
+
+    losses = [train.estimate_loss(model, {"val": next_batch}, 2, NO_CTX)["val"] for _ in range(2)]
+    assert seen == [(False, False)] * 4 and losses[0] == losses[1] and model.training  # no dropout, back to train
 
 
-def test_tiny_run_learns_well_below_uniform(shakespeare_head, tmp_path):
-    torch.manual_seed(0)
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=200, eval_interval=200, eval_iters=5, lr=1e-2,
-                            min_lr=1e-3, batch_size=16, warmup_steps=10, plots=True)
-    result = train.train(tiny_model_config(n_embd=64, block_size=32), cfg, preset="test")
-    baseline = math.log(len(set(open(shakespeare_head).read())))
-    assert result["history"][0]["val_loss"] == pytest.approx(baseline, abs=0.15)
-    assert result["best_val_loss"] < baseline - 1.3
-    for name in ("best.pt", "last.pt", "history.csv", "history.json", "loss.png", "lr.png", "grad_norm.png"):
-        assert os.path.getsize(tmp_path / name) > 0
+def test_overfit_batch_fits_one_batch_and_writes_nothing(text_file, tmp_path, capsys):
+    code, out, _ = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run",
+                       "--overfit_batch", "--max_steps", "400", "--n_embd", "64", "--batch_size", "4", "--warmup_steps",
+                       "0", "--lr", "1e-2", "--min_lr", "1e-2", "--weight_decay", "0", "--log_interval", "25")
+    assert code == 0 and "overfit_batch: loss below 0.01" in out and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("eval_interval", [400, 1])  # 1: an evaluation right after the overfit step must not undo it
-def test_model_overfits_one_batch(shakespeare_head, tmp_path, eval_interval):
-    torch.manual_seed(0)
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=400, eval_interval=eval_interval, lr=1e-2,
-                            min_lr=1e-2, warmup_steps=0, batch_size=4, weight_decay=0.0)
-    result = train.train(tiny_model_config(n_embd=64, block_size=16), cfg, RunOptions(overfit_batch=True))
-    assert result["stop_reason"] == f"overfit_batch: loss below 0.01 at step {result['step']}"  # it stopped there
-    assert result["step"] < 400
+def test_a_non_finite_loss_stops_the_run_and_nothing_non_finite_is_saved(text_file, tmp_path, monkeypatch):
+    real, calls = train.train_step, []
 
-
-def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
-    torch.manual_seed(0)
-    model = GPT(tiny_model_config(pos="rope", norm="rmsnorm", mlp="swiglu")).eval()
-    path = str(tmp_path / "m.pt")
-    save_checkpoint(path, checkpoint_of(model))
-    loaded = model_from_checkpoint(load_checkpoint(path), path).eval()
-    idx = torch.randint(0, 65, (2, 16))
-    assert torch.equal(model(idx)[0], loaded(idx)[0])
-
-
-def test_checkpoint_contents(shakespeare_head, tmp_path):
-    train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=5))
-    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
-    for key in ("model", "model_config", "tokenizer", "optimizer", "step", "best_val_loss", "train_config", "rng"):
-        assert key in ckpt
-    assert ckpt["step"] == 5 and ckpt["tokenizer"]["kind"] == "char"
-
-
-def without_timings(history):
-    return [{k: v for k, v in row.items() if k not in ("seconds", "ms_per_step", "tok_per_s")} for row in history]
-
-
-@pytest.mark.parametrize("stop_after, signum, code", [(7, signal.SIGTERM, 143), (10, signal.SIGINT, 130)])
-def test_interrupted_and_resumed_run_is_bit_identical(shakespeare_head, tmp_path, monkeypatch, stop_after, signum, code):
-    model_cfg = tiny_model_config(dropout=0.1)  # dropout exercises the RNG state too
-    full_cfg = tiny_train_config(shakespeare_head, tmp_path / "full", max_steps=20, eval_interval=5)
-    full = train.train(model_cfg, full_cfg)
-
-    cut_cfg = tiny_train_config(shakespeare_head, tmp_path / "cut", max_steps=20, eval_interval=5)
-    with monkeypatch.context() as m:
-        interrupt_at(m, stop_after, signum)
-        with pytest.raises(SystemExit) as exit_info:
-            train.train(model_cfg, cut_cfg)
-    assert exit_info.value.code == code
-    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["step"] == stop_after
-    resumed = train.train(model_cfg, cut_cfg, RunOptions(resume=True))
-
-    assert without_timings(resumed["history"]) == without_timings(full["history"])
-    a, b = full["model"].state_dict(), resumed["model"].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_step_run_saved_without_its_progress_resumes_on_its_schedule(shakespeare_head, tmp_path, monkeypatch):
-    """A run by steps saved after its warmup by a version that kept no progress_from (the warmup's end was implied)
-    resumes where its schedule was, not from the peak again."""
-    full = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "full"))
-    cut_cfg = tiny_train_config(shakespeare_head, tmp_path / "cut")
-    with monkeypatch.context() as m:
-        interrupt_at(m, 12, signal.SIGTERM)
-        with pytest.raises(SystemExit):
-            train.train(tiny_model_config(), cut_cfg)
-    path = str(tmp_path / "cut" / "last.pt")
-    checkpoint = load_checkpoint(path)
-    assert checkpoint["step"] == 12 > cut_cfg.warmup_steps
-    checkpoint["progress_from"] = None
-    del checkpoint["progress"]
-    save_checkpoint(path, checkpoint)
-    resumed = train.train(tiny_model_config(), cut_cfg, RunOptions(resume=True))
-    assert without_timings(resumed["history"]) == without_timings(full["history"])
-
-
-def test_init_from_starts_with_the_weights_and_a_fresh_optimizer(shakespeare_head, tmp_path):
-    first = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path / "a", max_steps=10))
-    assert load_checkpoint(str(tmp_path / "a" / "last.pt"))["optimizer"]["state"]  # moments to leave behind
-    cfg = tiny_train_config(shakespeare_head, tmp_path / "b", max_steps=2, lr=1e-2, min_lr=1e-2, warmup_steps=0)
-    run = train.setup_run(tiny_model_config(), cfg, RunOptions(init_from=str(tmp_path / "a" / "last.pt")))
-    a, b = first["model"].state_dict(), run.model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the checkpoint's weights, exactly
-    assert not run.optimizer.state  # and no moments from the old optimizer
-    train.train_loop(run)
-    steps = [int(s["step"]) for s in load_checkpoint(str(tmp_path / "b" / "last.pt"))["optimizer"]["state"].values()]
-    assert steps and set(steps) == {2}  # AdamW counted this run's two steps, not the old run's twelve
-    # with --resume too, as one command that survives disconnects is written: a fine-tune until its own last.pt exists
-    run = train.setup_run(tiny_model_config(), dataclasses.replace(cfg, out_dir=str(tmp_path / "c")),
-                          RunOptions(resume=True, init_from=str(tmp_path / "a" / "last.pt")))
-    assert run.state.step == 0 and not run.state.history and not run.optimizer.state
-
-
-def poison_at(monkeypatch, call):
-    """Before train_step call number call, fill a weight with NaN: that step's loss is not finite."""
-    calls, real = {"n": 0}, train.train_step
-
-    def poisoned(model, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == call:
+    def poisoned(model, *a, **k):  # step 7 starts from a NaN weight
+        calls.append(1)
+        if len(calls) == 7:
             with torch.no_grad():
-                next(model.parameters()).fill_(float("nan"))
+                next(model.parameters()).fill_(math.nan)
         return real(model, *a, **k)
+
     monkeypatch.setattr(train, "train_step", poisoned)
-
-
-def test_nan_stops_the_run_and_nothing_non_finite_is_saved(shakespeare_head, tmp_path, monkeypatch):
-    poison_at(monkeypatch, 4)
-    with pytest.raises(TinyLLMError) as err:
-        train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20))
-    message = str(err.value)
-    assert "step 3" in message and "--lr" in message and "last.pt" in message
-    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
-
-
-def test_ctrl_c_after_a_non_finite_step_stops_with_the_error_and_saves_nothing(shakespeare_head, tmp_path,
-                                                                               monkeypatch, capsys):
-    poison_at(monkeypatch, 7)
-    interrupt_at(monkeypatch, 8, signal.SIGINT)  # between progress lines: the NaN is read by the save
     with pytest.raises(TinyLLMError, match="step 6"):
-        train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20))
-    assert "saved" not in capsys.readouterr().out
-    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
-    assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+        train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=20))
+    saved = checkpoint.load(str(tmp_path / "last.pt"))
+    assert saved["step"] == 5 and all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
-def test_patience_stops_early_and_keeps_the_best(shakespeare_head, tmp_path, monkeypatch):
-    vals = iter([2.0, 1.5, 1.6, 1.7, 1.8, 1.9])
+def scripted_val_losses(monkeypatch, vals):
+    vals = iter(vals)
     monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
-    result = train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=50, patience=2))
-    assert result["step"] == 15   # evals at 0, 5 (best), 10, 15: two without improvement
-    best = load_checkpoint(str(tmp_path / "best.pt"))
-    assert best["step"] == 5 and best["best_val_loss"] == 1.5
 
 
-def test_the_patience_count_survives_a_resume(shakespeare_head, tmp_path, monkeypatch):
-    vals = iter([2.0, 1.5, 1.6, 1.7, 1.8, 1.9])
-    monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
-    cfg = tiny_train_config(shakespeare_head, tmp_path, max_steps=50, patience=2)
+def test_patience_stops_early_keeps_the_best_and_its_count_survives_a_resume(text_file, tmp_path, monkeypatch):
+    cfg = tiny_run(text_file, tmp_path, max_steps=50, patience=2)
+    scripted_val_losses(monkeypatch, [2.0, 1.5, 1.6, 1.7])
     with monkeypatch.context() as m:
         interrupt_at(m, 12, signal.SIGTERM)  # after the evaluation at 10, the first without improvement
         with pytest.raises(SystemExit):
-            train.train(tiny_model_config(), cfg)
-    assert load_checkpoint(str(tmp_path / "last.pt"))["evals_without_improvement"] == 1
-    result = train.train(tiny_model_config(), cfg, RunOptions(resume=True))
-    assert result["step"] == 15  # the second evaluation without improvement, as in the run without a break
+            train.train(tiny_model(), cfg)
+    result = train.train(tiny_model(), cfg, RunOptions(resume=True))
+    assert result["step"] == 15 and "early stop" in result["stop_reason"]  # evaluations at 0, 5 (best), 10, 15
+    best = checkpoint.load(str(tmp_path / "best.pt"))
+    assert best["step"] == 5 and best["best_val_loss"] == 1.5
 
 
-def test_periodic_checkpoints_keep_the_newest(shakespeare_head, tmp_path):
-    train.train(tiny_model_config(), tiny_train_config(shakespeare_head, tmp_path, max_steps=20, save_interval=4,
-                                                       keep_last=2))
+def test_a_target_loss_stops_at_the_first_evaluation_that_meets_it(text_file, tmp_path, monkeypatch):
+    scripted_val_losses(monkeypatch, [4.0, 3.0, 2.0, 1.0])
+    result = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=50, target_loss=2.5))
+    assert result["step"] == 10 and "target reached" in result["stop_reason"]
+
+
+def test_periodic_checkpoints_keep_the_newest(text_file, tmp_path):
+    train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=20, save_interval=4, keep_last=2))
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == ["ckpt_0000016.pt", "ckpt_0000020.pt"]
 
 
-def test_corrupt_truncated_and_foreign_checkpoints_are_clear_errors(tmp_path):
-    good = tmp_path / "good.pt"
-    model = GPT(tiny_model_config())
-    save_checkpoint(str(good), checkpoint_of(model))
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"this is not a checkpoint")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"weights": torch.zeros(3)}, foreign)
-    for path, words in [(truncated, "could not be loaded"), (garbage, "could not be loaded"),
-                        (foreign, "not a tinyllm checkpoint"), (tmp_path / "missing.pt", "not found")]:
-        with pytest.raises(TinyLLMError) as err:
-            load_checkpoint(str(path))
-        assert str(path) in str(err.value) and words in str(err.value)
-        assert "\n" not in str(err.value)
+def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path, monkeypatch):
+    """The scaling study's data-limited runs: every training batch from the first part of the split, val from all."""
+    seen = []
+    real = train.get_batch
+    monkeypatch.setattr(train, "get_batch", lambda data, *a: (seen.append(len(data)), real(data, *a))[1])
+    summary = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=6, data_fraction=0.25))
+    train_tokens, val_tokens = len(summary["corpus"].train), len(summary["corpus"].val)
+    assert set(seen) == {int(train_tokens * 0.25), val_tokens}
+    assert seen.count(int(train_tokens * 0.25)) == 6 + 3 * 2  # six steps, evaluations at 0, 5 and 6 of two batches
 
 
-def test_a_pickle_carrying_code_is_refused(tmp_path):
+def test_eval_only_scores_every_position_of_the_val_split(trained, capsys):
+    path, data = trained
+    code, out, _ = cli(capsys, train.main, "--eval_only", path, "--device", "cpu")
+    model, tokenizer, saved = checkpoint.load_model(path)
+    val = torch.tensor(tokenizer.encode(corpus_head(20_000)[18_000:]))
+    expected = train.token_losses(model, val).mean().item()
+    assert code == 0 and f"loss {expected:.4f}" in out and len(train.token_losses(model, val)) == len(val) - 1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_a_checkpoint_gives_back_the_model_and_loads_without_running_code(trained, tmp_path):
+    path, _ = trained
+    model, tokenizer, saved = checkpoint.load_model(path)
+    assert {"model", "model_config", "tokenizer", "optimizer", "train_config", "rng", "step", "history"} <= set(
+        checkpoint.load(path))
+    torch.load(path, weights_only=True)  # plain tensors and data
+    idx = torch.tensor([tokenizer.encode("ROMEO:")])
+    reloaded = checkpoint.model_of(checkpoint.load(path)).eval()
+    assert torch.equal(model(idx)[0], reloaded(idx)[0])
+
+
+def test_corrupt_truncated_foreign_and_unsafe_checkpoints_are_one_error_line(trained, tmp_path, capsys):
+    good = open(trained[0], "rb").read()
     marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.pt"
-    torch.save({"model": Payload(str(marker)), "model_config": {}, "tokenizer": {}}, evil)
-    with pytest.raises(TinyLLMError, match="contains objects other than tensors and plain data") as err:
-        load_checkpoint(str(evil))
-    assert "weights_only" not in str(err.value) and "trust" not in str(err.value)  # no hint to load it unsafely
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "truncated.pt").write_bytes(good[:len(good) // 2])
+    (tmp_path / "random.pt").write_bytes(os.urandom(1000))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    torch.save({"model": {"w": torch.zeros(1)}, "model_config": {}, "tokenizer": {}, "x": Payload()},
+               tmp_path / "unsafe.pt")
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": 1}))
+    for name in ("truncated.pt", "random.pt", "foreign.pt", "unsafe.pt", "plain.pkl", "missing.pt"):
+        code, _, err = cli(capsys, train.main, "--init_from", tmp_path / name, "--out_dir", tmp_path / "run")
+        assert_one_line_error(code, err)
     assert not marker.exists()
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    save_checkpoint(path, {"v": torch.arange(10_000.0)})
-    real_open = open
+    checkpoint.save(path, {"step": 1})
+    monkeypatch.setattr(checkpoint, "replace_file", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(OSError) as error:
+        checkpoint.save(path, {"step": 2})
+    assert error.value.filename == path and torch.load(path, weights_only=True)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left
 
-    class FullDisk(io.RawIOBase):  # the disk fills up after 20,000 bytes of the new file
-        def __init__(self, name):
-            self.file, self.written = real_open(name, "wb"), 0
 
-        def writable(self):
-            return True
+def test_a_file_held_open_for_a_moment_is_still_replaced(tmp_path, monkeypatch):
+    """Windows refuses to replace a file another process holds open: the save waits and tries again."""
+    refusals = [PermissionError(13, "Access is denied")]
+    real = os.replace
 
-        def write(self, data):
-            if self.written + len(data) > 20_000:
-                raise OSError(28, "No space left on device")
-            self.written += len(data)
-            return self.file.write(data)
+    def busy_once(src, dst):
+        if refusals:
+            raise refusals.pop()
+        return real(src, dst)
 
-        def close(self):
-            self.file.close()
-            super().close()
+    monkeypatch.setattr(checkpoint.os, "replace", busy_once)
+    checkpoint.save(str(tmp_path / "last.pt"), {"step": 2})
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2 and not refusals
 
-    monkeypatch.setattr("builtins.open", lambda name, mode="r", *a, **k: FullDisk(name) if ".tmp." in str(name)
-                        else real_open(name, mode, *a, **k))
-    with pytest.raises((OSError, RuntimeError)):  # (torch reports the disk's error as a RuntimeError)
-        save_checkpoint(path, {"v": torch.arange(10_000.0) + 1})
-    monkeypatch.undo()
-    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.arange(10_000.0))  # the old file, whole
-    assert os.listdir(tmp_path) == ["last.pt"]  # and no temporary file left behind
+
+# ----------------------------------------------------------------------------- resuming
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_and_resumed_run_is_the_run_that_went_straight_on(text_file, tmp_path, monkeypatch, signum,
+                                                                         code):
+    model_cfg = tiny_model(dropout=0.1)  # dropout draws random numbers: the generators are put back too
+    full = train.train(model_cfg, tiny_run(text_file, tmp_path / "full"))
+    cut = tiny_run(text_file, tmp_path / "cut")
+    with monkeypatch.context() as m:
+        interrupt_at(m, 8, signum)  # between evaluations, mid-window of a progress line
+        with pytest.raises(SystemExit) as stopped:
+            train.train(model_cfg, cut)
+    assert stopped.value.code == code and checkpoint.load(str(tmp_path / "cut" / "last.pt"))["step"] == 8
+    resumed = train.train(model_cfg, cut, RunOptions(resume=True))
+    assert without_timings(resumed["history"]) == without_timings(full["history"])
+    assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
+
+
+def test_one_resume_command_starts_a_run_then_continues_it(text_file, tmp_path, capsys):
+    argv = [*TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path, "--resume", "--eval_interval", "5"]
+    assert cli(capsys, train.main, *argv, "--max_steps", "10")[0] == 0
+    code, out, _ = cli(capsys, train.main, *argv, "--max_steps", "20", "--eval_iters", "3")  # it may change these
+    assert code == 0 and "resuming" in out and "done: 20 steps" in out
+    assert checkpoint.load(str(tmp_path / "last.pt"))["train_config"]["eval_iters"] == 3
+    for flag, value in (("--n_embd", "64"), ("--lr", "0.1"), ("--batch_size", "4"), ("--data", "other.txt")):
+        code, _, err = cli(capsys, train.main, *argv, flag, value)
+        assert_one_line_error(code, err, flag)
+
+
+def test_a_new_max_steps_follows_the_schedule_of_a_run_that_long(text_file, tmp_path, capsys):
+    cfg = tiny_run(text_file, tmp_path, max_steps=10, warmup_steps=2, log_interval=1)
+    train.train(tiny_model(), cfg)
+    longer = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=30, warmup_steps=2, log_interval=1),
+                         RunOptions(resume=True), given={"max_steps": 30})
+    lrs = [h["lr"] for h in longer["history"] if h["kind"] == "train"][10:]
+    longer_cfg = tiny_run(text_file, tmp_path, max_steps=30, warmup_steps=2)
+    assert lrs == pytest.approx([get_lr(s, progress(s, longer_cfg), longer_cfg) for s in range(10, 30)])
+    with pytest.raises(TinyLLMError, match="step 30"):
+        train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=20), RunOptions(resume=True),
+                    given={"max_steps": 20})
+
+
+def test_a_checkpoint_of_another_version_is_refused_for_resume_but_fine_tunes(trained, tmp_path, capsys):
+    old = checkpoint.load(trained[0])
+    del old["window"]  # a field this version saves
+    os.makedirs(tmp_path / "run")
+    checkpoint.save(str(tmp_path / "run" / "last.pt"), old)
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS[:-8], "--data", trained[1], "--out_dir", tmp_path / "run",
+                       "--resume")
+    assert_one_line_error(code, err, "--init_from")
+    code, out, _ = cli(capsys, train.main, "--init_from", tmp_path / "run" / "last.pt", "--out_dir", tmp_path / "ft",
+                       "--data", trained[1], "--max_steps", "2", "--device", "cpu", "--dtype", "float32",
+                       "--sample_tokens", "0", "--plots", "false")
+    assert code == 0, out
+
+
+def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(trained, tmp_path):
+    saved = checkpoint.load(trained[0])
+    for group in saved["optimizer"]["param_groups"]:
+        group["fused"] = None  # as a Mac saves it
+    model = checkpoint.model_of(saved)
+    optimizer = make_optimizer(model, TrainConfig(), CPU)
+    train.restore(saved, optimizer, TrainConfig(max_steps=60, **{"warmup_steps": 5}), 0, 1, print)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    first = next(iter(saved["optimizer"]["state"].values()))
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_keeps_the_shape(trained, tmp_path, capsys):
+    path, data = trained
+    common = ["--init_from", path, "--data", data, "--device", "cpu", "--dtype", "float32", "--sample_tokens", "0"]
+    for flag, value in (("--n_layer", "3"), ("--tokenizer", "bpe")):
+        assert_one_line_error(*cli(capsys, train.main, *common, "--out_dir", tmp_path / "x", flag, value)[::2], flag)
+    code, out, _ = cli(capsys, train.main, *common, "--out_dir", tmp_path / "ft", "--max_steps", "1",
+                       "--dropout", "0.2", "--eval_interval", "100")
+    tuned = checkpoint.load(str(tmp_path / "ft" / "last.pt"))
+    base = checkpoint.load(path)
+    assert code == 0 and tuned["model_config"]["dropout"] == 0.2
+    assert max(s["step"].item() for s in tuned["optimizer"]["state"].values()) == 1  # fresh moments
+    changed = [k for k in base["model"] if not torch.equal(base["model"][k], tuned["model"][k])]
+    assert changed and tuned["model_config"]["n_layer"] == base["model_config"]["n_layer"]
+
+
+def test_new_characters_grow_the_vocabulary_each_from_the_mean_row(trained, tmp_path, capsys):
+    path, data = trained
+    new_text = tmp_path / "new.txt"
+    new_text.write_text(corpus_head(20_000) + "\nжук ЖУК\n" * 20, encoding="utf-8")
+    base = checkpoint.load(path)
+    code, out, _ = cli(capsys, train.main, "--init_from", path, "--data", new_text, "--out_dir", tmp_path / "ft",
+                       "--max_steps", "1", "--lr", "1e-9", "--min_lr", "0", "--device", "cpu", "--dtype", "float32",
+                       "--sample_tokens", "0", "--weight_decay", "0")
+    tuned = checkpoint.load(str(tmp_path / "ft" / "last.pt"))
+    old, new = base["model"]["wte.weight"], tuned["model"]["wte.weight"]
+    n = len(base["tokenizer"]["chars"])
+    assert code == 0 and "added 6 character(s)" in out and new.shape[0] == old.shape[0] + 6
+    assert torch.allclose(new[:n], old[:n], atol=1e-6) and torch.allclose(new[-1], old[-1], atol=1e-6)  # EOT last
+    assert torch.allclose(new[n:n + 6], old.mean(0).expand(6, -1), atol=1e-6)  # the mean of every old row
 
 
 # ----------------------------------------------------------------------------- Muon
 
-def test_muon_gives_hidden_matrices_orthogonal_updates_and_adamw_the_rest():
-    torch.manual_seed(0)
-    g = torch.linalg.qr(torch.randn(96, 32))[0] @ torch.diag(torch.logspace(-1, 0, 32))  # singular values 0.1 to 1
-    singular = torch.linalg.svdvals(orthogonalize(g))
-    assert 0.5 < singular.min() and singular.max() < 1.3  # a spread of 10x squeezed to about one
-    model = GPT(tiny_model_config())
-    opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, weight_decay=0.0), CPU)
-    muon = {id(p) for g in opt.param_groups if g["use_muon"] for p in g["params"]}
-    hidden = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
-    assert muon == {id(p) for p in hidden} and id(model.wte.weight) not in muon
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batch = fixed_batch()
-    train.train_step(model, opt, lambda: batch, 1e-3, 1, 0.0, NO_CTX)
-    for name, p in model.named_parameters():
-        change = (p.detach() - before[name]).float()
-        if id(p) in muon:  # directions move alike, whatever their gradients: a flat spectrum of the update
-            s, g = torch.linalg.svdvals(change), torch.linalg.svdvals(p.grad)
-            half = len(s) // 2  # the spread between the largest and the middle singular value
-            assert s[0] / s[half] < 2 < g[0] / g[half], name
-        else:  # AdamW's first step moves a weight by about the learning rate, g / sqrt(g^2) = +-1 times lr
-            assert change.abs().median() == pytest.approx(1e-3, rel=0.05), name
+def test_muon_steps_hidden_matrices_orthogonally_and_the_rest_by_adamw():
+    g = torch.randn(64, 16)
+    s = torch.linalg.svdvals(orthogonalize(g))
+    assert s.max() < 1.3 and s.min() > 0.5  # every direction moves alike
+    model = GPT(tiny_model())
+    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02)
+    optimizer = make_optimizer(model, cfg, CPU)
+    muon, rest, vectors = optimizer.param_groups
+    assert isinstance(optimizer, Muon) and muon["use_muon"] and muon["lr_scale"] == pytest.approx(20)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].startswith("blocks.") and p.dim() == 2 for p in muon["params"])
+    assert rest["weight_decay"] == cfg.weight_decay and vectors["weight_decay"] == 0.0
 
 
-def test_a_muon_run_learns_and_resumes_exactly(shakespeare_head, tmp_path, monkeypatch):
-    cfg = tiny_train_config(shakespeare_head, tmp_path / "full", optimizer="muon", max_steps=30, eval_interval=10,
-                            lr=1e-2)
-    full = train.train(tiny_model_config(), cfg)
+def test_a_muon_run_learns_and_resumes_exactly(text_file, tmp_path, monkeypatch):
+    full = train.train(tiny_model(), tiny_run(text_file, tmp_path / "full", optimizer="muon"))
     evals = [h["val_loss"] for h in full["history"] if h["kind"] == "eval"]
     assert evals[-1] < evals[0] - 0.5
-    cut = tiny_train_config(shakespeare_head, tmp_path / "cut", optimizer="muon", max_steps=30, eval_interval=10,
-                            lr=1e-2)
+    cut = tiny_run(text_file, tmp_path / "cut", optimizer="muon")
     with monkeypatch.context() as m:
-        interrupt_at(m, 13, signal.SIGINT)
+        interrupt_at(m, 12, signal.SIGTERM)
         with pytest.raises(SystemExit):
-            train.train(tiny_model_config(), cut)
-    resumed = train.train(tiny_model_config(), cut, RunOptions(resume=True))
-    a, b = full["model"].state_dict(), resumed["model"].state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # Muon's momentum buffers came back too
+            train.train(tiny_model(), cut)
+    resumed = train.train(tiny_model(), cut, RunOptions(resume=True))
+    assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
 
 
-def test_ctrl_c_during_the_closing_sample_stops_the_process_at_once(shakespeare_head, tmp_path, capsys, monkeypatch):
-    """After the loop, a stop signal no longer waits for a step: Ctrl-C while the closing sample is
-    written is Python's own KeyboardInterrupt, exit status 130, and the run's checkpoints stay."""
-    from conftest import TINY_FLAGS, cli
-    from machinery import records
+# ----------------------------------------------------------------------------- a time budget
 
-    def interrupted_sample(*args):
-        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what pressing Ctrl-C does now
-        return "never printed"
-    monkeypatch.setattr(records, "closing_sample", interrupted_sample)
-    # Ctrl-C as a fresh python process handles it (a test worker may have been left ignoring it)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        code, out, err = cli(capsys, train.main, *TINY_FLAGS, "--sample_tokens", "10", "--max_steps", "4", "--data",
-                             shakespeare_head, "--out_dir", tmp_path / "run")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert code == 130 and "interrupted" in err and "never printed" not in out
-    assert (tmp_path / "run" / "last.pt").exists()
+def test_a_budget_ends_in_time_with_its_last_step_at_the_floor(text_file, tmp_path, capsys):
+    for schedule in SCHEDULES:
+        started = time.perf_counter()
+        cfg = tiny_run(text_file, tmp_path / schedule, time_budget="3s", warmup_steps=5, lr_schedule=schedule,
+                       eval_interval=50, sample_tokens=20)
+        summary = train.train(tiny_model(), cfg, started=started)
+        took = time.perf_counter() - started
+        steps = [h for h in summary["history"] if h["kind"] == "train"]
+        assert 2.6 < took < 3.1 and summary["step"] > 20
+        assert checkpoint.load(str(tmp_path / schedule / "last.pt"))["lr"] == cfg.min_lr  # the last step's
+        assert all(a["lr"] >= b["lr"] for a, b in zip(steps[1:], steps[2:]))  # decays over the run
+    assert "the last at LR 0.0003 (floor 0.0003)" in capsys.readouterr().out
 
 
-def test_muons_matrices_step_at_muon_lr_times_the_schedule_and_the_rest_at_the_schedule():
-    changes = []
-    for muon_lr in (0.02, 0.04):
-        torch.manual_seed(0)
-        model = GPT(tiny_model_config())
-        opt = make_optimizer(model, TrainConfig(optimizer="muon", lr=1e-3, muon_lr=muon_lr, weight_decay=0.0), CPU)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        batch = fixed_batch()
-        train.train_step(model, opt, lambda: batch, 5e-4, 1, 0.0, NO_CTX)  # the schedule's LR: half the peak
-        changes.append({n: (p.detach() - before[n]).norm().item() for n, p in model.named_parameters()})
-    hidden = "blocks.0.attn.c_attn.weight"
-    # muon_lr is the Muon group's peak: at half the peak it steps at half muon_lr, so twice muon_lr moves twice as far
-    assert changes[1][hidden] == pytest.approx(2 * changes[0][hidden], rel=1e-4)
-    assert changes[1]["wte.weight"] == pytest.approx(changes[0]["wte.weight"], rel=1e-6)  # AdamW's: the schedule alone
+def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_floor(text_file, tmp_path, monkeypatch):
+    cfg = tiny_run(text_file, tmp_path, time_budget="4s", warmup_steps=5, eval_interval=1000)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 30, signal.SIGTERM)
+        with pytest.raises(SystemExit):
+            train.train(tiny_model(), cfg)
+    spent = checkpoint.load(str(tmp_path / "last.pt"))["seconds"]
+    started = time.perf_counter()
+    summary = train.train(tiny_model(), cfg, RunOptions(resume=True), started=started)
+    assert spent + time.perf_counter() - started == pytest.approx(4.0, abs=0.4)
+    assert summary["step"] > 30 and checkpoint.load(str(tmp_path / "last.pt"))["lr"] == cfg.min_lr
+
+
+def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, capsys):
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path,
+                       "--time_budget", "0.5s", "--warmup_steps", "100000")
+    assert_one_line_error(code, err, "--time_budget")
+
+
+def test_max_steps_turns_a_presets_budget_off(tmp_path, capsys):
+    code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "50", "--out_dir", tmp_path)
+    assert code == 0 and "50: " in out and "warning" not in out

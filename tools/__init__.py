@@ -1,2 +1,2 @@
-"""Stand-alone tools, each a command (python -m tools.NAME): prepare a corpus larger than memory, draw what
-a trained model has learned, compare runs, write docs/flags.md. Nothing in the lesson or machinery/ uses them."""
+"""Commands that stand alone, each run as python -m tools.NAME: a corpus prepared to disk, pictures of a
+trained model, runs compared, and the experiments (ablation, decoding, scaling)."""

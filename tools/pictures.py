@@ -1,71 +1,33 @@
-"""See inside a trained model, each picture a PNG announced by a line saying what to look for: attention
-(each layer's and head's weights over the prompt), surprise (the val split coloured by the model's loss),
-temperature (the next-token distribution at several temperatures), embeddings (a char model's, by PCA)."""
+"""See inside a trained model, each picture a PNG with a line saying what to look for: attention (each
+layer's and head's weights over the prompt), surprise (the val split coloured by the model's loss),
+temperature (the next-token distribution at several temperatures), embeddings (a char model's, by PCA).
 
-import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
+    python -m tools.pictures checkpoints/best.pt --only attention,surprise
+"""
+
+import machinery  # noqa: F401 (first, before torch loads)
 
 import math
 import os
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from config import (DEVICE_HELP, DEVICES, TEMPERATURES, THREADS_HELP, Sampler, TinyLLMError, check_settings,
-                    make_config, require, setting)
+from config import DEVICE_HELP, Sampler, TinyLLMError
 from sampling import next_token_probs
+from train import token_losses
 from utils import CharTokenizer, bits_per_char, chars_per_token
 
+from machinery import checkpoint, cli, device as devices, sources
 from machinery.annotate import WholeCharacters, entropy_bits, token_piece
-from machinery.checkpoint import load_model
-from machinery.cli import ArgumentParser, add_config_flags, check_writable, explicit_flags, log, run_cli
-from machinery.device import choose_device, set_threads
-from machinery.plots import DPI, new_plot, save_plot
-from machinery.records import token_losses
-from machinery.sources import encode_prompt, validation_split
-
+from machinery.plots import new_plot, save_plot
 
 PICTURES = ("attention", "surprise", "temperature", "embeddings")
 
 
-@dataclass
-class PictureConfig:
-    """What tools/pictures.py draws from a checkpoint, and where."""
-    out_dir: str = setting("pictures", "folder the PNGs are written to (attention.png, surprise.png, ...)")
-    only: str = setting(",".join(PICTURES), "which pictures, comma-separated: " + ", ".join(PICTURES))
-    prompt: str = setting("O Romeo, I will th", "text whose attention is drawn, and after which the next-token "
-                                               "distribution is drawn at each temperature")
-    layer: int = setting(-1, "attention: draw only this layer (0 = the first); -1 = every layer")
-    head: int = setting(-1, "attention: draw only this head (0 = the first); -1 = every head")
-    temperatures: str = setting("0.5,0.8,1.0,1.5", "temperature: the temperatures to compare, comma-separated")
-    data: str = setting("", "surprise: score the val split of this text instead of the checkpoint's own "
-                            "(as train.py --eval_only does)")
-    passage_chars: int = setting(600, "surprise: colour the first N characters of the val split; the bits per "
-                                      "character printed are over the same passage")
-    device: str = setting("auto", DEVICE_HELP, DEVICES)
-    threads: int = setting(0, THREADS_HELP)
-
-    def __post_init__(self):
-        names = [n.strip() for n in self.only.split(",") if n.strip()]
-        require(names and set(names) <= set(PICTURES), f"--only takes {', '.join(PICTURES)}, got {self.only!r}")
-        require(self.layer >= -1, f"--layer must be -1 (every layer) or a layer number, got {self.layer}")
-        require(self.head >= -1, f"--head must be -1 (every head) or a head number, got {self.head}")
-        try:
-            temps = self.temperature_list()
-        except ValueError:
-            temps = []
-        require(temps and all(TEMPERATURES[0] <= t <= TEMPERATURES[1] for t in temps), "--temperatures must be numbers "
-                f"between {TEMPERATURES[0]:g} and {TEMPERATURES[1]:g}, comma-separated, got {self.temperatures!r}")
-        require(1 <= self.passage_chars <= 5000, f"--passage_chars must be in 1..5000, got {self.passage_chars}")
-        check_settings(self, "--")
-
-    def temperature_list(self):
-        return [float(t) for t in self.temperatures.split(",")]
-
-
 def short_label(tokenizer, token):
-    """A token as an axis label: spaces and line ends made visible, part of a character as its bytes in hex."""
+    """A token as an axis label: spaces and line ends made visible, part of a character as its bytes."""
     piece = token_piece(tokenizer, token)
     text = piece if isinstance(piece, str) else piece.decode("utf-8", errors="backslashreplace")
     return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
@@ -73,93 +35,79 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """(logits (1, T, V), [attention weights (nh, T, T) per layer]) for idx (1, T): the weights each layer's formula
-    computes in the forward itself (CausalSelfAttention.attention_weights, for this pass in place of the fused kernel),
-    seen as they go into its attn_dropout."""
+    """[attention weights (nh, T, T) per layer] of idx (1, T): what each layer's formula computes in the
+    forward pass (attention_weights, in place of the fused kernel for this pass), seen as it is used."""
     maps, layers = [], [block.attn for block in model.blocks]
-    fused = [attn.fused for attn in layers]
-    hooks = [attn.attn_dropout.register_forward_pre_hook(lambda module, args: maps.append(args[0][0]))
-             for attn in layers]  # args: (weights (1, nh, T, T),)
+    hooks = [attn.attn_dropout.register_forward_pre_hook(lambda module, args: maps.append(args[0][0])) for attn in layers]
     for attn in layers:
         attn.fused = False
     try:
-        logits, _ = model(idx)  # (1, T, V)
+        model(idx)
     finally:
-        for attn, was, hook in zip(layers, fused, hooks):
-            attn.fused = was
+        for attn, hook in zip(layers, hooks):
+            attn.fused = True
             hook.remove()
-    return logits, maps
+    return maps
 
 
-def draw_attention(model, tokenizer, ids, cfg, path):
-    """A grid of heatmaps, layers down and heads across (or the one --layer / --head asks for)."""
-    _, maps = attention_maps(model, torch.tensor([ids], device=model.wte.weight.device))
-    layers = [cfg.layer] if cfg.layer >= 0 else list(range(model.config.n_layer))
-    heads = [cfg.head] if cfg.head >= 0 else list(range(model.config.n_head))
-    panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches per heatmap
+def draw_attention(model, tokenizer, ids, args, path):
+    """Heatmaps, layers down and heads across (or the one --layer / --head asks for)."""
+    maps = attention_maps(model, torch.tensor([ids], device=model.wte.weight.device))
+    layers = [args.layer] if args.layer >= 0 else list(range(model.config.n_layer))
+    heads = [args.head] if args.head >= 0 else list(range(model.config.n_head))
+    panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches a heatmap
     fig, axes = new_plot(len(layers) * panel + 0.8, len(heads) * panel + 0.6, grid=(len(layers), len(heads)))
-    T = len(ids)
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    labels = [short_label(tokenizer, t) for t in ids]
-    label_size = min(9.0, panel * DPI / T * 0.7)  # points: about a cell's height
-    rotation = 90 if max(len(label) for label in labels) > 1 else 0  # single characters read upright
-    ticks, tick_labels = (range(T), labels) if label_size >= 4.5 else ([], [])  # tokens shown where they can be read
+    T, labels = len(ids), [short_label(tokenizer, t) for t in ids]
+    size = min(9.0, panel * 90 / T * 0.7)  # points: about a cell's height; too small to read: no labels
+    ticks, tick_labels = (range(T), labels) if size >= 4.5 else ([], [])
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
             ax = axes[r][c]
-            weights = np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future)
-            ax.imshow(weights, cmap="Blues", vmin=0.0, vmax=1.0)
-            ax.set_facecolor("#dddddd")  # grey shows through where the masked future leaves the heatmap clear
-            ax.set_xticks(ticks, tick_labels, fontsize=label_size, rotation=rotation)
-            ax.set_yticks(ticks, tick_labels, fontsize=label_size)
+            future = np.triu(np.ones((T, T), dtype=bool), k=1)
+            ax.imshow(np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future), cmap="Blues",
+                      vmin=0.0, vmax=1.0)
+            ax.set_facecolor("#dddddd")  # grey where the masked future is
+            ax.set_xticks(ticks, tick_labels, fontsize=size, rotation=90 if max(map(len, labels)) > 1 else 0)
+            ax.set_yticks(ticks, tick_labels, fontsize=size)
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
-    fig.suptitle("attention: row = the token looking, column = the token looked at; darker = more "
-                 "(each row sums to 1), grey = the masked future", fontsize=8)
+    fig.suptitle("attention: row = the token looking, column = the token looked at; darker = more; grey = the "
+                 "masked future", fontsize=8)
     save_plot(fig, None, path)
-    return (f"one heatmap per layer (rows) and head (columns) over the prompt's {T} tokens. Look for heads "
-            f"that attend to the token just before (a dark line below the diagonal), heads that stay on the "
-            f"token itself, and heads that reach back to the start of a word or line")
+    return (f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads that attend to the token "
+            f"just before (a line below the diagonal) and heads that reach back to the start of a word or line")
 
 
-def val_passage(cfg, tokenizer, checkpoint):
-    """Token ids (n,) from the start of the val split --eval_only scores, up to passage_chars characters."""
-    corpus, _ = validation_split(checkpoint, tokenizer, cfg.data)
-    ids = np.asarray(corpus.val[:4 * cfg.passage_chars + 1], dtype=np.int64).tolist()  # a byte token may be 1/4 char
+def val_passage(args, tokenizer, saved):
+    """Token ids (n,) from the start of the val split --eval_only scores, passage_chars characters long."""
+    corpus, _ = sources.validation_split(saved, tokenizer, args.data)
+    ids = np.asarray(corpus.val[:4 * args.passage_chars + 1], dtype=np.int64).tolist()  # a byte token: 1/4 char
     pieces, chars = WholeCharacters(tokenizer), 0
     for n, token in enumerate(ids, 1):
-        if piece := pieces.add(token, 1.0):
-            chars += len(piece[0])
-        if chars >= cfg.passage_chars:
-            ids = ids[:max(n, 2)]  # at least one token to predict
-            break
+        chars += len((pieces.add(token, 1.0) or ("",))[0])
+        if chars >= args.passage_chars:
+            return torch.tensor(ids[:max(n, 2)])  # at least one token to predict
     return torch.tensor(ids)
 
 
-def char_surprise(tokenizer, ids, losses):
-    """[(character, bits)]: each piece's tokens' loss shared by its characters; the first token (no context) NaN."""
-    out, pieces, bits = [], WholeCharacters(tokenizer), 0.0
-    for i, token in enumerate(ids.tolist()):
-        bits += losses[i - 1].item() / math.log(2) if i else math.nan
-        if piece := pieces.add(token, 1.0):
-            out += [(ch, bits / len(piece[0])) for ch in piece[0]]
-            bits = 0.0
-    return out
-
-
 def draw_surprise(model, tokenizer, ids, path, width=72):
-    """The passage in a grid of width characters, each cell coloured by its bits; returns the look-for line."""
+    """The passage in a grid, each character coloured by its share of its token's loss in bits."""
     losses = token_losses(model, ids)
-    chars = char_surprise(tokenizer, ids, losses)
+    chars, pieces, bits = [], WholeCharacters(tokenizer), 0.0
+    for i, token in enumerate(ids.tolist()):
+        bits += losses[i - 1].item() / math.log(2) if i else math.nan  # the first token has no context
+        if piece := pieces.add(token, 1.0):
+            chars += [(ch, bits / len(piece[0])) for ch in piece[0]]
+            bits = 0.0
     rows = [[]]
-    for ch, bits in chars:
-        rows[-1].append(("\u21b5" if ch == "\n" else ch, bits))
+    for ch, b in chars:
+        rows[-1].append(("\u21b5" if ch == "\n" else ch, b))
         if ch == "\n" or len(rows[-1]) == width:
             rows.append([])
     grid = np.full((len(rows), width), np.nan)
     fig, ax = new_plot(0.2 * len(rows) + 1.0, 9.0)
     for r, row in enumerate(rows):
-        for c, (ch, bits) in enumerate(row):
-            grid[r, c] = bits
+        for c, (ch, b) in enumerate(row):
+            grid[r, c] = b
             ax.text(c, r, ch, ha="center", va="center", fontsize=7, family="monospace")
     image = ax.imshow(grid, cmap="YlOrRd", vmin=0.0, vmax=8.0, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="bits")
@@ -167,17 +115,15 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     bpc = bits_per_char(losses.mean().item(), chars_per_token(tokenizer, ids.tolist()))
     ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9)
     save_plot(fig, None, path)
-    return (f"{len(chars)} characters of the val split coloured by the model's loss on each, pale = "
-            f"expected, dark red = surprising; {bpc:.4f} bits per character over {len(ids)} tokens. Look "
-            f"for the first letters of words and names (surprising) against the ends of words (predictable)")
+    return (f"{len(chars)} characters of the val split coloured by the model's loss, pale = expected, dark red = "
+            f"surprising; {bpc:.4f} bits per character. Look for the first letters of words against their ends")
 
 
 @torch.no_grad()
-def draw_temperature(model, tokenizer, ids, cfg, path, shown=12):
-    idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
-    logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    by_t = {t: next_token_probs(logits, Sampler(temperature=t), idx)[0].cpu() for t in cfg.temperature_list()}  # (V,)
-    order = next_token_probs(logits, Sampler(temperature=1.0), idx)[0].cpu().argsort(descending=True)[:shown].tolist()
+def draw_temperature(model, tokenizer, ids, args, path, shown=12):
+    logits = model(torch.tensor([ids], device=model.wte.weight.device))[0][:, -1]  # (1, V): the next token's
+    by_t = {t: next_token_probs(logits, Sampler(temperature=t))[0].cpu() for t in args.temperatures}  # each (V,)
+    order = next_token_probs(logits, Sampler(temperature=1.0))[0].cpu().argsort(descending=True)[:shown].tolist()
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
@@ -185,12 +131,10 @@ def draw_temperature(model, tokenizer, ids, cfg, path, shown=12):
         ax.bar(np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width, heights, width,
                label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits")
     ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
-    end = tokenizer.decode(ids)[-24:]
-    ax.set(ylabel="probability", title=f"the next token after {end!r} at each temperature")
+    ax.set(ylabel="probability", title=f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature")
     save_plot(fig, ax, path)
-    return (f"the next-token distribution after the prompt at temperatures {cfg.temperatures}. Look at how a "
-            f"low temperature piles the probability onto the favourite (low entropy) and a high one spreads it "
-            f"over the rest (high entropy)")
+    return ("the next-token distribution after the prompt at each temperature. Look at how a low temperature piles "
+            "the probability onto the favourite and a high one spreads it over the rest")
 
 
 @torch.no_grad()
@@ -206,61 +150,60 @@ def draw_embeddings(model, tokenizer, path):
     for token, (x, y) in enumerate(xy):
         label = short_label(tokenizer, token) if token != tokenizer.eot_id else "EOT"
         kind = "C3" if label in "aeiouAEIOU" else "C0" if label.isupper() else "C2" if label.isalpha() else "black"
-        ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=kind)  # clusters of a kind stand out
+        ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=kind)
     ax.set(xlabel="first principal direction", ylabel="second principal direction",
            title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
     save_plot(fig, ax, path)
-    return (f"every character's embedding projected onto its two main directions ({share:.0%} of the variance). "
-            f"Look for the vowels near one another, capitals apart from lower case, and punctuation in its own corner")
-
-
-def check_request(cfg, model, tokenizer, ids, only_given):
-    """Refuse, before drawing anything, what cannot be drawn; returns the pictures to draw (cfg.only's, in order)."""
-    c, names = model.config, [name for name in PICTURES if name in {n.strip() for n in cfg.only.split(",")}]
-    if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
-        raise TinyLLMError(f"--prompt is {len(ids)} tokens but the model sees at most {c.block_size} (its block_size)")
-    if "attention" in names and cfg.layer >= c.n_layer:
-        raise TinyLLMError(f"--layer {cfg.layer}: the model has {c.n_layer} layers (0 to {c.n_layer - 1})")
-    if "attention" in names and cfg.head >= c.n_head:
-        raise TinyLLMError(f"--head {cfg.head}: the model has {c.n_head} heads per layer (0 to {c.n_head - 1})")
-    if "embeddings" in names and not isinstance(tokenizer, CharTokenizer):
-        kind = type(tokenizer).__name__.removesuffix("Tokenizer").lower()
-        why = f"the embeddings picture labels each point with its character, so it needs a char model (this is {kind})"
-        if only_given:
-            raise TinyLLMError(why)
-        log(f"skipped embeddings.png: {why}")
-        names = [n for n in names if n != "embeddings"]
-    return names
+    return (f"every character's embedding on its two main directions ({share:.0%} of the variance). Look for "
+            f"the vowels together, capitals apart from lower case, and punctuation in its own corner")
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Draw what a trained tinyllm checkpoint has learned: attention, "
-                                        "surprise, temperature and embeddings, as PNGs.")
-    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", metavar="CHECKPOINT.pt",
-                        help="the checkpoint to look inside (default: %(default)s)")
-    add_config_flags(parser, PictureConfig, {"device": ("auto", f"{choose_device('auto').type} here")},
-                     title="pictures")
+    parser = cli.ArgumentParser(description="Draw what a trained checkpoint has learned, as PNGs.")
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s")
+    parser.add_argument("--out_dir", default="pictures", help="where the PNGs go (default: %(default)s)")
+    parser.add_argument("--only", help=f"some of: {', '.join(PICTURES)} (default: all)")
+    parser.add_argument("--prompt", default="O Romeo, I will th", help="attention's and temperature's text")
+    parser.add_argument("--layer", type=int, default=-1, help="attention: only this layer (0 = the first)")
+    parser.add_argument("--head", type=int, default=-1, help="attention: only this head (0 = the first)")
+    parser.add_argument("--temperatures", default="0.5,0.8,1.0,1.5", help="temperature: comma-separated")
+    parser.add_argument("--data", default="", help="surprise: this text's val split instead of the checkpoint's")
+    parser.add_argument("--passage_chars", type=int, default=600, help="surprise: characters coloured")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
-    given = explicit_flags(args)
-    cfg = make_config(PictureConfig, given)
-    device = choose_device(cfg.device)
-    set_threads(cfg.threads)
-    model, tokenizer, checkpoint = load_model(args.checkpoint, device)
-    ids = encode_prompt(tokenizer, cfg.prompt)
-    names = check_request(cfg, model, tokenizer, ids, "only" in given)
-    paths = {name: os.path.join(cfg.out_dir, f"{name}.png") for name in names}
+    asked = [n.strip() for n in (args.only or ",".join(PICTURES)).split(",")]
+    names = [n for n in PICTURES if n in asked]
+    try:
+        args.temperatures = [Sampler(temperature=float(t)).temperature for t in args.temperatures.split(",")]
+    except (ValueError, TinyLLMError):
+        raise TinyLLMError(f"--temperatures takes numbers between 0.001 and 1000, got {args.temperatures!r}") from None
+    if not names or len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
+        raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
+    model, tokenizer, saved = checkpoint.load_model(args.checkpoint, devices.choose_device(args.device))
+    ids, c = sources.encode_prompt(tokenizer, args.prompt), model.config
+    if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
+        raise TinyLLMError(f"--prompt is {len(ids)} tokens but the model sees at most {c.block_size}")
+    if "attention" in names and not (-1 <= args.layer < c.n_layer and -1 <= args.head < c.n_head):
+        raise TinyLLMError(f"--layer and --head: the model has {c.n_layer} layers of {c.n_head} heads, from 0")
+    if "embeddings" in names and not isinstance(tokenizer, CharTokenizer):
+        why = "the embeddings picture labels each point with its character, so it needs a char model"
+        if args.only:
+            raise TinyLLMError(why)
+        cli.log(f"skipped embeddings.png: {why}")
+        names.remove("embeddings")
+    paths = {name: os.path.join(args.out_dir, f"{name}.png") for name in names}
     for path in paths.values():
-        check_writable(path, "--out_dir", make_folder=True)
-    passage = val_passage(cfg, tokenizer, checkpoint) if "surprise" in names else None
+        cli.check_writable(path, "--out_dir", make_folder=True)
+    passage = val_passage(args, tokenizer, saved) if "surprise" in names else None
     for name, path in paths.items():
-        with warnings.catch_warnings():  # a character the font lacks is drawn as a box; no need to say so
+        with warnings.catch_warnings():  # a character the font lacks is drawn as a box
             warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            said = {"attention": lambda: draw_attention(model, tokenizer, ids, cfg, path),
+            said = {"attention": lambda: draw_attention(model, tokenizer, ids, args, path),
                     "surprise": lambda: draw_surprise(model, tokenizer, passage, path),
-                    "temperature": lambda: draw_temperature(model, tokenizer, ids, cfg, path),
+                    "temperature": lambda: draw_temperature(model, tokenizer, ids, args, path),
                     "embeddings": lambda: draw_embeddings(model, tokenizer, path)}[name]()
-        log(f"wrote {path}: {said}")
+        cli.log(f"wrote {path}: {said}")
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run_cli(main)
