@@ -112,8 +112,8 @@ class BPETokenizer(ByteLevelTokenizer):
                                      mergeable_ranks=ranks, special_tokens=self.special_tokens)
 
     @classmethod
-    def train(cls, text, vocab_size, verbose=False):
-        return cls(train_bpe(text, vocab_size, verbose=verbose))
+    def train(cls, text, vocab_size, special_tokens=(EOT,), verbose=False):
+        return cls(train_bpe(text, vocab_size, special_tokens=special_tokens, verbose=verbose), special_tokens=special_tokens)
 
     def to_dict(self):  # bytes as hex: a checkpoint holds plain data only
         return {"kind": "bpe", "pattern": self.pattern, "tokens": [t.hex() for t in self.tokens],
@@ -126,15 +126,20 @@ def gpt2_encoding():
 
 
 class GPT2Tokenizer(ByteLevelTokenizer):
-    """OpenAI's GPT-2 tokenizer: 50,257 tokens, "<|endoftext|>" = 50256."""
+    """OpenAI's GPT-2 tokenizer: 50,257 tokens, "<|endoftext|>" = 50256; other special tokens after them."""
 
-    def __init__(self):
+    def __init__(self, special_tokens=(EOT,)):
         try:
-            self.enc = gpt2_encoding()
+            gpt2 = gpt2_encoding()
         except Exception as e:  # offline, or a broken cache
             raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}): they are "
                                "downloaded once, then cached (train.py can use --tokenizer bpe or char)") from None
-        self.vocab_size, self.eot_id = self.enc.n_vocab, self.enc.eot_token
+        more = [s for s in special_tokens if s != EOT]
+        self.special_tokens = {EOT: gpt2.eot_token, **{s: gpt2.n_vocab + i for i, s in enumerate(more)}}
+        self.enc = gpt2 if not more else tiktoken.Encoding(  # tiktoken's own way to extend an encoding
+            name="gpt2-chat", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
+            special_tokens=self.special_tokens)
+        self.vocab_size, self.eot_id = self.enc.n_vocab, gpt2.eot_token
 
     def to_dict(self):
-        return {"kind": "gpt2"}
+        return {"kind": "gpt2", "special_tokens": list(self.special_tokens)}

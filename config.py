@@ -21,7 +21,8 @@ def require(ok, message):
 
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # what --tokenizer bpe learns unless --vocab_size says otherwise
-EOT = "<|endoftext|>"       # the token between documents; every tokenizer has it
+EOT = "<|endoftext|>"       # the token between documents, and at the end of each answer; every tokenizer has it
+USER, ASSISTANT = "<|user|>", "<|assistant|>"  # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
 TRAIN_FRACTION = 0.9        # the first 90% of a text trains, the rest validates
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
@@ -62,6 +63,8 @@ class TrainConfig:
     data_ext: str = setting(".txt", "file endings read from a --data folder, e.g. .txt,.md")
     data_fraction: float = setting(1.0, "train on this first share of the training split; 1 = all of it")
     tokenizer: str = setting("char", "characters, BPE learned from the text, or GPT-2's", ("char", "bpe", "gpt2"))
+    loss_on: str = setting("answers", "conversations: learn from the assistant's answers only, or every token",
+                           ("answers", "all"))
     clean: bool = setting(False, "normalise whitespace and drop duplicate documents")
     out_dir: str = setting("checkpoints", "where checkpoints, history and plots go")
     tag: str = setting("", "a name for the run: its folder is checkpoints/TAG")
@@ -94,17 +97,21 @@ class TrainConfig:
     threads: int = setting(0, THREADS_HELP)
     sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
     plots: bool = setting(True, "redraw loss.png after every evaluation")
+    lora_rank: int = setting(0, "with --init_from: freeze the model, train rank-R matrices beside its attention "
+                                "(LoRA); 0 = off")
+    lora_alpha: float = setting(16.0, "LoRA's scale: the matrices' product is multiplied by alpha / rank")
+    lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
 
     def __post_init__(self):
         for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps",
                      "keep_last"):
             require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "save_interval", "patience", "sample_tokens", "weight_decay", "grad_clip",
-                     "target_loss", "min_lr"):
+                     "target_loss", "min_lr", "lora_rank"):
             require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr", "muon_lr", "weight_decay", "grad_clip", "target_loss"):
+        for name in ("lr", "muon_lr", "weight_decay", "grad_clip", "target_loss", "lora_alpha"):
             value = getattr(self, name)
-            require(math.isfinite(value) and (value > 0 or name not in ("lr", "muon_lr")),
+            require(math.isfinite(value) and (value > 0 or name not in ("lr", "muon_lr", "lora_alpha")),
                     f"{name} must be a positive number, got {value}")
         require(self.min_lr <= self.lr, f"min_lr must be at most lr ({self.lr}), got {self.min_lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1)")
@@ -162,7 +169,7 @@ class SampleConfig:
     device: str = setting("auto", DEVICE_HELP, DEVICES)
     threads: int = setting(0, THREADS_HELP)
     no_cache: bool = setting(False, "recompute the whole context for every token instead of the KV cache")
-    qa: bool = setting(False, "the prompt is a question: frame it as in Q&A training, stop after the answer")
+    qa: bool = setting(False, "the prompt is a question: ask it as the chat template does, stop after the answer")
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
     show_probs: bool = setting(False, "show each new token's probability and its distribution's entropy")
     show_top: int = setting(0, "with --show_probs, also list the K most likely tokens (at most 20)")

@@ -121,8 +121,9 @@ class Block(nn.Module):
 
 def lm_loss(logits, targets, reduction="mean"):
     """Next-token cross-entropy: each (b, t) is one classification over the vocabulary, so logits
-    (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,). In float32 even under autocast."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+    (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,). In float32 even under autocast.
+    A target of -100 is no target: a conversation's questions are context, only its answers count."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
 
 
 class GPT(nn.Module):

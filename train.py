@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+import lora
 from config import (MAX_SEED, PRESETS, RESUME_MAY_CHANGE, GPTConfig, RunOptions, Sampler, TinyLLMError, TrainConfig,
                     build_configs, default_preset, from_saved, make_config, parse_duration)
 from model import GPT, lm_loss
@@ -114,6 +115,7 @@ class Run:
     state: TrainState
     started: float              # when this process began (python train.py: its first line)
     budget: float               # a --time_budget's seconds, else None
+    lora: dict                  # a LoRA run's base and adapter settings, else None
     dtype: str = "float32"      # the forward pass's precision, its autocast and float16's scaler
     ctx: object = None
     scaler: object = None
@@ -160,14 +162,15 @@ def set_up(model_cfg, cfg, options, preset, given, started):
                            f"({cfg.grad_accum_steps}) times the processes ({world})")
     devices.set_threads(cfg.threads)
     devices.seed_everything(cfg.seed)  # every rank alike: the same initial weights
-    corpus, model = data_and_model(model_cfg, cfg, source, path, options, say)
+    corpus, model, adapter = data_and_model(model_cfg, cfg, source, path, options, say)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg, device)  # AdamW: optim.py
     # batches: random windows of block_size tokens; each process takes its share, in micro-batches
     block_size, micro_batch = model.config.block_size, cfg.batch_size // world // cfg.grad_accum_steps
-    train_ids = corpus.train[:max(block_size + 1, int(len(corpus.train) * cfg.data_fraction))]
-    batches = {split: functools.partial(get_batch, ids, micro_batch, block_size, device)
-               for split, ids in (("train", train_ids), ("val", corpus.val))}
+    n = max(block_size + 1, int(len(corpus.train) * cfg.data_fraction))  # --data_fraction: the first part
+    splits = {"train": (corpus.train[:n], corpus.train_targets), "val": (corpus.val, corpus.val_targets)}
+    batches = {split: functools.partial(get_batch, ids, micro_batch, block_size, device, targets=targets)
+               for split, (ids, targets) in splits.items()}  # targets: a conversation's answers, else None
     state = restore(source, optimizer, cfg, rank, world, say) if resumed else TrainState()
     if world > 1 and len(source.get("rngs", []) if resumed else []) != world:  # each rank its own batches
         devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
@@ -177,7 +180,7 @@ def set_up(model_cfg, cfg, options, preset, given, started):
         say("overfit_batch: training on one fixed batch, writing nothing; the loss should fall towards 0")
     train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
     run = Run(cfg, options, preset, rank, world, device, corpus, model, train_model, optimizer, batches, state,
-              started, parse_duration(cfg.time_budget))
+              started, parse_duration(cfg.time_budget), adapter)
     set_precision(run, source if resumed else {})
     print_header(run, micro_batch)
     if options.overwrite and run.master and run.writes and not resumed:  # the old run's files go only now
@@ -225,6 +228,8 @@ def settings(model_cfg, cfg, options, preset, given, say):
         cfg = dataclasses.replace(cfg, tokenizer=made["tokenizer"])
     if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
         cfg = dataclasses.replace(cfg, time_budget="")
+    if cfg.lora_rank and not options.init_from:
+        raise TinyLLMError("--lora_rank adapts a trained model: give it with --init_from")
     return model_cfg, cfg, preset, source, last, False
 
 
@@ -259,16 +264,23 @@ def data_and_model(model_cfg, cfg, source, path, options, say):
     sources.check_long_enough(corpus.train, block_size, "train", cfg.data)
     sources.check_long_enough(corpus.val, block_size, "validation", cfg.data)
     if model is None:  # a fresh GPT: random weights, one embedding row per token
-        return corpus, GPT(dataclasses.replace(model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    if corpus.added:  # characters the checkpoint never saw: an embedding row each, the old rows' mean
-        old, ids = model.wte.weight.detach(), corpus.old_ids + list(range(tokenizer.vocab_size, len(model.wte.weight)))
-        rows = torch.stack([old[i] if i is not None else old[[i for i in ids if i is not None]].mean(0) for i in ids])
-        model.config = dataclasses.replace(model.config, vocab_size=len(ids))
-        model.wte = torch.nn.Embedding.from_pretrained(rows, freeze=False)
-        model.lm_head = torch.nn.Linear(model.config.n_embd, len(ids), bias=False)
-        model.lm_head.weight = model.wte.weight
-        say(f"added {len(corpus.added)} character(s) {''.join(corpus.added)[:60]!r} to the vocabulary of {path}")
-    return corpus, model
+        return corpus, GPT(dataclasses.replace(model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
+    rows = None  # each embedding row's row in the source model (None: a new token); None: the same rows
+    if corpus.added:  # tokens the checkpoint never saw: each a row at the old rows' mean, and a little noise
+        old, rows = model.wte.weight.detach(), corpus.old_ids + list(range(tokenizer.vocab_size, len(model.wte.weight)))
+        mean = old[[i for i in rows if i is not None]].mean(0)  # (noise: under LoRA, no two new rows alike)
+        checkpoint.with_embedding(model, torch.stack([old[i] if i is not None else mean + 0.02 * torch.randn_like(mean)
+                                                      for i in rows]))
+        say(f"added {len(corpus.added)} token(s) {''.join(corpus.added)[:60]!r} to the vocabulary of {path}")
+    if not cfg.lora_rank:  # (an adapter fine-tuned in full: merged first)
+        return corpus, lora.merge(model), None
+    if not (adapter := source.get("lora")):  # the model frozen, small matrices beside it trained (lora.py)
+        lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
+        return corpus, model, dict(base=os.path.abspath(path), rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                   mlp=cfg.lora_mlp)  # a LoRA run's checkpoints name its base
+    if rows:  # an adapter trained on with new tokens: their rows, through those it had
+        adapter = adapter | {"rows": [i if i is None or not adapter["rows"] else adapter["rows"][i] for i in rows]}
+    return corpus, model, adapter
 
 
 def restore(source, optimizer, cfg, rank, world, say):
@@ -323,7 +335,9 @@ def print_header(run, micro_batch):
     processes = f" x {run.world} processes" * (run.world > 1)
     run.say(f"device {devices.describe(run.device)} ({precision}, {torch.get_num_threads()} threads){processes} | "
             f"preset {run.preset} | data {cfg.data}")
-    run.say(f"model {run.model.num_params():,} parameters: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    part = f" ({trained:,} trained: {100 * trained / run.model.num_params():.2f}%, LoRA)" * bool(run.lora)
+    run.say(f"model {run.model.num_params():,} parameters{part}: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"block {m.block_size}, vocab {m.vocab_size} | norm {m.norm}, mlp {m.mlp}, pos {m.pos} | "
             f"optimizer {cfg.optimizer}")
     split = f" ({run.world} processes x {cfg.grad_accum_steps} micro-batches of {micro_batch})"
@@ -481,7 +495,7 @@ def save(run, name):
         if run.master:
             checkpoint.save(os.path.join(run.cfg.out_dir, name), checkpoint.make(
                 run.model, run.corpus.tokenizer.to_dict(), optimizer=run.optimizer.state_dict(),
-                train_config=asdict(run.cfg), preset=run.preset, scaler=run.scaler and run.scaler.state_dict(),
+                train_config=asdict(run.cfg), preset=run.preset, scaler=run.scaler and run.scaler.state_dict(), lora=run.lora,
                 rng=rngs[0], **{"rngs": rngs} if run.world > 1 else {}, **asdict(run.state) | {"seconds": run.elapsed()}))
 
 
@@ -567,7 +581,8 @@ def evaluate_checkpoint(path, data, device, batch_size, threads=0):
     model, tokenizer, saved = checkpoint.load_model(path, devices.choose_device(device))
     corpus, data = sources.validation_split(saved, tokenizer, data)
     val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    loss = token_losses(model, val, batch_size).mean().item()
+    losses = token_losses(model, val, batch_size)  # of tokens 1..n-1: a conversation's answers' alone
+    loss = (losses if corpus.val_targets is None else losses[corpus.val_targets[1:]]).mean().item()
     cli.log(f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\nloss {loss:.4f} "
             f"nats/token | perplexity {math.exp(loss):.3f} | {bits_per_char(loss, corpus.chars_per_token):.4f} "
             f"bits per character")

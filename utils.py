@@ -26,8 +26,8 @@ class CharTokenizer:
         self.eot_id = self.special_tokens.get(EOT)
 
     @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text.replace(EOT, ""))))
+    def from_text(cls, text, special_tokens=(EOT,)):
+        return cls(sorted(set("".join(cls([], special_tokens).split_special(text)[::2]))), special_tokens)
 
     def encode(self, text):
         ids = []
@@ -65,21 +65,28 @@ def whole_eot(text, n):
     return eot if -1 < eot < n else n
 
 
-def get_batch(data, batch_size, block_size, device):
+def get_batch(data, batch_size, block_size, device, targets=None):
     """Random windows of a 1-D token stream: x (B, T) and y (B, T), y[b, t] being the token after
-    x[b, t]. data: a tensor, or a NumPy memmap of which only the B windows are read from disk."""
+    x[b, t]. data: a tensor, or a NumPy memmap of which only the B windows are read from disk.
+    targets: None, or a bool tensor as long as data, False where a token is context, not a target."""
     ix = torch.randint(len(data) - block_size, (batch_size,))
     windows = torch.stack([torch.from_numpy(np.asarray(data[i:i + block_size + 1], dtype=np.int64))
                            for i in ix.tolist()])  # (B, T + 1)
     x, y = windows[:, :-1], windows[:, 1:]  # each (B, T)
+    if targets is not None:  # a target of -100 counts for nothing in the loss (model.lm_loss)
+        y = y.masked_fill(~torch.stack([targets[i + 1:i + block_size + 1] for i in ix.tolist()]), -100)
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 
 def chars_per_token(tokenizer, ids):
-    """<|endoftext|> counts as one character, a boundary like a line end."""
-    return len(tokenizer.decode(list(ids)).replace(EOT, "\n")) / max(1, len(ids))
+    return text_length(tokenizer.decode(list(ids)), tokenizer.special_tokens) / max(1, len(ids))
+
+
+def text_length(text, special_tokens):
+    """Characters of text, a special token (<|endoftext|>, a role) one, a boundary like a line end."""
+    return len(re.sub("|".join(map(re.escape, special_tokens)), "\n", text)) if special_tokens else len(text)
 
 
 def bits_per_char(loss, chars_per_token):

@@ -1,5 +1,6 @@
 """Checkpoint files: written atomically, read without running code (weights_only), turned back into a
-model and tokenizer; and the run folder that holds them, which a fresh run never takes from another."""
+model and tokenizer (a LoRA adapter's with its base); and the run folder that holds them, which a fresh
+run never takes from another."""
 
 import contextlib
 import dataclasses
@@ -11,6 +12,7 @@ import warnings
 import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
+from lora import adapter, add_adapters
 from model import GPT
 
 from machinery.cli import check_writable, first_line
@@ -89,7 +91,18 @@ def unsafe_file(what):
 
 
 def model_of(checkpoint, path="checkpoint"):
-    """The GPT a checkpoint holds (on the CPU), its weights checked."""
+    """The GPT a checkpoint holds (on the CPU), its weights checked. A LoRA adapter's: its base, with the
+    embedding rows the base lacks added, and the adapter beside it."""
+    if lora := checkpoint.get("lora"):
+        model, weights = model_of(load(lora["base"]), lora["base"]), dict(checkpoint["model"])
+        base, new = model.wte.weight.detach(), iter(weights.pop("new_rows"))
+        if lora["rows"]:  # the base's rows, and new tokens' rows, in the order of the run's tokenizer
+            with_embedding(model, torch.stack([base[r] if r is not None else next(new) for r in lora["rows"]]))
+        add_adapters(model, lora["rank"], lora["alpha"], lora["mlp"])
+        if sorted(weights) != sorted(adapter(model)) or model.config.vocab_size != checkpoint["model_config"]["vocab_size"]:
+            raise TinyLLMError(f"{path}: its adapter does not fit its base, {lora['base']}")
+        model.load_state_dict(weights, strict=False)
+        return model
     model = GPT(from_saved(GPTConfig, checkpoint["model_config"], path))
     # weights saved from torch.compile or DDP carry a prefix
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
@@ -117,8 +130,23 @@ def load_model(path, device="cpu"):
     return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
 
 
-def make(model, tokenizer, **extra):
-    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), tokenizer=tokenizer, **extra)
+def make(model, tokenizer, lora=None, **extra):
+    """A checkpoint: the weights, the model's shape, the tokenizer. A LoRA run's holds the adapter and the
+    embedding rows its base lacks, and names the base (lora): kilobytes, not the model."""
+    weights = model.state_dict()
+    if lora:
+        new = [i for i, r in enumerate(lora["rows"] or ()) if r is None]
+        weights = adapter(model) | {"new_rows": weights["wte.weight"][new]}
+    return dict(model=weights, model_config=dataclasses.asdict(model.config), tokenizer=tokenizer, lora=lora, **extra)
+
+
+def with_embedding(model, rows):
+    """model with a new token embedding, rows (V, C), and the output layer tied to it."""
+    model.config = dataclasses.replace(model.config, vocab_size=len(rows))
+    model.wte = torch.nn.Embedding.from_pretrained(rows, freeze=False)
+    model.lm_head = torch.nn.Linear(model.config.n_embd, len(rows), bias=False)
+    model.lm_head.weight = model.wte.weight
+    return model
 
 
 def where(checkpoint):

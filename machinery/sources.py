@@ -1,6 +1,7 @@
-"""Training text and its tokens: a .txt file, a folder of them, .jsonl, a Q&A .json list, or a
-tools/prepare.py folder; the tokenizer a checkpoint saves (grown by a fine-tune's new characters);
-prompts. Files are read as "utf-8-sig" (no byte-order mark) with CRLF as LF: the same tokens everywhere."""
+"""Training text and its tokens: a .txt file, a folder of them, .jsonl (text or conversations), a Q&A .json
+list, or a tools/prepare.py folder; conversations in the chat template, and which of their tokens are targets;
+the tokenizer a checkpoint saves (grown by a fine-tune's new tokens); prompts. Files are read as "utf-8-sig"
+(no byte-order mark) with CRLF as LF: the same tokens everywhere."""
 
 import hashlib
 import json
@@ -13,7 +14,7 @@ import regex
 import torch
 
 from bpe import BPETokenizer, GPT2Tokenizer
-from config import BPE_VOCAB_SIZE, EOT, TinyLLMError, TrainConfig
+from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, USER, TinyLLMError, TrainConfig
 from utils import CharTokenizer, chars_per_token, split_train_val
 
 from machinery.cli import warn
@@ -21,7 +22,8 @@ from machinery.cli import warn
 
 def iter_documents(path, clean=False, extensions=".txt"):
     """The source's text in pieces, never all in memory: several documents each end with EOT, so
-    that the model learns where one ends; a .txt file is one document, read in chunks."""
+    that the model learns where one ends; a .txt file is one document, read in chunks. Conversations
+    and Q&A records are written in the chat template (chat_document)."""
     if not os.path.exists(path):
         raise TinyLLMError(f"data file {path} not found")
     seen = set()
@@ -32,7 +34,7 @@ def iter_documents(path, clean=False, extensions=".txt"):
             key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
             text = "" if key in seen else text
             seen.add(key)
-        return text + EOT if text else ""
+        return text + EOT * (not text.endswith(EOT)) if text else ""
 
     file = path
     try:
@@ -44,12 +46,14 @@ def iter_documents(path, clean=False, extensions=".txt"):
         elif path.lower().endswith((".json", ".jsonl")):
             yield EOT
             for n, record in records(path):
-                if path.lower().endswith(".jsonl"):
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise TinyLLMError(f"{path} line {n}: expected an object with a \"text\" string")
+                where = f"{path} {'line' if path.lower().endswith('.jsonl') else 'record'} {n}"
+                if isinstance(record, dict) and isinstance(record.get("text"), str):
                     yield document(record["text"])
+                elif isinstance(record, dict) and ("messages" in record or "question" in record):
+                    yield document(chat_document(record, where))
                 else:
-                    yield document(qa_document(record, n, path))
+                    raise TinyLLMError(f"{where}: expected an object with \"text\", \"messages\", or \"question\" "
+                                       f"and \"answer\"")
         else:
             with open(path, encoding="utf-8-sig") as f:
                 while chunk := f.read(1 << 20):
@@ -74,7 +78,7 @@ def records(path):
         data = json.load(f)
     if not isinstance(data, list):
         raise TinyLLMError(f"{path}: expected a JSON list of {{\"question\": ..., \"answer\": ...}} records")
-    yield from enumerate(data)
+    yield from enumerate(data, 1)
 
 
 def folder_files(folder, extensions=".txt"):
@@ -88,15 +92,26 @@ def folder_files(folder, extensions=".txt"):
     return found
 
 
-def qa_document(record, n, path="data"):
-    if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("question", "answer")):
-        name = record.get("id", n) if isinstance(record, dict) else n
-        raise TinyLLMError(f"{path}: record {name} needs string fields \"question\" and \"answer\"")
-    return qa_prompt(record["question"]) + " " + record["answer"].strip()
+def chat_document(record, where):
+    """A conversation in the chat template, each turn <|user|>question\n<|assistant|>answer<|endoftext|>:
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}, or a Q&A record."""
+    messages = record.get("messages")
+    if "messages" not in record:
+        messages = [{"role": "user", "content": record.get("question")},
+                    {"role": "assistant", "content": record.get("answer")}]
+    if not isinstance(messages, list) or not messages:
+        raise TinyLLMError(f"{where}: \"messages\" must be a list of {{\"role\": ..., \"content\": ...}}")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            raise TinyLLMError(f"{where}: each message needs a role, user or assistant, and a string content")
+    if messages[-1]["role"] != "assistant":
+        raise TinyLLMError(f"{where}: a conversation must end with the assistant's answer")
+    return "".join(turn(m["role"], m["content"]) for m in messages)
 
 
-def qa_prompt(question):
-    return f"Question: {question.strip()}\nAnswer:"
+def turn(role, content):
+    """One turn of the chat template; the model learns to write the assistant's, and to end it."""
+    return f"{USER}{content.strip()}\n" if role == "user" else f"{ASSISTANT}{content.strip()}{EOT}"
 
 
 def clean_text(text):
@@ -114,19 +129,23 @@ class Corpus:
     train: object              # 1-D token ids: a LongTensor, or a read-only np.memmap
     val: object
     chars_per_token: float     # of the val split: a loss in bits per character
-    added: list = ()           # fine-tuning: characters the checkpoint's tokenizer lacked, now added
+    train_targets: object = None  # conversations: True where a token is a target, else None (every token is)
+    val_targets: object = None
+    added: list = ()           # fine-tuning: characters and special tokens the checkpoint's tokenizer lacked
     old_ids: list = None       # with added: the id each token had before (None: new)
 
 
 def make_tokenizer(kind, text, vocab_size=0, verbose=False):
+    """A new tokenizer of text, with <|endoftext|> and the chat template's tokens that text holds."""
+    special = [EOT] + [s for s in (USER, ASSISTANT) if s in text]
     if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, verbose=verbose)
-    return GPT2Tokenizer() if kind == "gpt2" else CharTokenizer.from_text(text)
+        return BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, special, verbose=verbose)
+    return GPT2Tokenizer(special) if kind == "gpt2" else CharTokenizer.from_text(text, special)
 
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
-    """cfg.data, split 90/10 and tokenized: by the tokenizer given (a resumed or fine-tuned run's; a char
-    one lacking characters grows when extend) or by a new one (BPE learns from the training part only)."""
+    """cfg.data, split 90/10 and tokenized: by the tokenizer given (a resumed or fine-tuned run's, grown by
+    new characters and chat tokens when extend) or by a new one (BPE learns from the training part only)."""
     if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # made by tools.prepare: memory-mapped
         meta, train_ids, val_ids = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
@@ -139,14 +158,38 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     added, old_ids = [], None
     if tokenizer is None:
         tokenizer = make_tokenizer(cfg.tokenizer, text if cfg.tokenizer == "char" else train_text, vocab_size)
-    elif missing := tokenizer.unknown_chars(text):
-        if not extend:
-            raise TinyLLMError(f"{cfg.data} has characters the checkpoint's vocabulary lacks: {''.join(missing)[:40]!r}")
-        added, n = missing, len(tokenizer.chars)
-        old_ids = list(range(n)) + [None] * len(missing) + list(tokenizer.special_tokens.values())
-        tokenizer = CharTokenizer(tokenizer.chars + missing, list(tokenizer.special_tokens))
+    else:
+        special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
+        chars = tokenizer.unknown_chars(re.sub("|".join(map(re.escape, special)), "", text) if special else text)
+        if (added := chars + special) and not extend:
+            raise TinyLLMError(f"{cfg.data} has tokens the checkpoint's vocabulary lacks: {''.join(added)[:40]!r}")
+        if added:
+            tokenizer, old_ids = grown(tokenizer, chars, special)
     train_ids, val_ids = (torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in (train_text, val_text))
-    return Corpus(tokenizer, train_ids, val_ids, chars_per_token(tokenizer, val_ids.tolist()), added, old_ids)
+    targets = [answer_targets(ids, tokenizer) if cfg.loss_on == "answers" else None for ids in (train_ids, val_ids)]
+    return Corpus(tokenizer, train_ids, val_ids, chars_per_token(tokenizer, val_ids.tolist()), *targets, added, old_ids)
+
+
+def grown(tokenizer, chars, special):
+    """The tokenizer with new characters (a char one's) and special tokens, and the id each token had before."""
+    names, ordinary = list(tokenizer.special_tokens) + special, tokenizer.vocab_size - len(tokenizer.special_tokens)
+    bigger = (CharTokenizer(tokenizer.chars + chars, names) if isinstance(tokenizer, CharTokenizer)
+              else BPETokenizer(tokenizer.tokens, tokenizer.pattern, names) if isinstance(tokenizer, BPETokenizer)
+              else GPT2Tokenizer(names))
+    return bigger, [*range(ordinary), *[None] * len(chars), *tokenizer.special_tokens.values(), *[None] * len(special)]
+
+
+def answer_targets(ids, tokenizer):
+    """True at each answer's tokens and the <|endoftext|> that ends it: what a chat model learns to write.
+    None where there is no conversation (every token is a target)."""
+    start = tokenizer.special_tokens.get(ASSISTANT)
+    if start is None:
+        return None
+    targets, inside = [], False
+    for token in ids.tolist():
+        targets.append(inside and token != start)
+        inside = token == start or inside and token != tokenizer.eot_id
+    return torch.tensor(targets)
 
 
 def load_prepared(path):
@@ -187,7 +230,7 @@ def tokenizer_from_dict(d):
     except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
         raise TinyLLMError(f"the {kind} tokenizer data is malformed ({type(e).__name__}: {e})") from None
     if kind == "gpt2":
-        return GPT2Tokenizer()
+        return GPT2Tokenizer(d.get("special_tokens", [EOT]))
     raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
 
 
@@ -195,7 +238,7 @@ def validation_split(checkpoint, tokenizer, data=None):
     """(corpus, data): the text a checkpoint's run was validated on (or data), split as it was then."""
     saved = checkpoint.get("train_config", {})
     cfg = TrainConfig(data=data or saved.get("data", TrainConfig.data), clean=saved.get("clean", False),
-                      data_ext=saved.get("data_ext", ".txt"))
+                      data_ext=saved.get("data_ext", ".txt"), loss_on=saved.get("loss_on", "answers"))
     corpus = load_corpus(cfg, tokenizer)
     check_long_enough(corpus.val, 1, "validation", cfg.data)
     return corpus, cfg.data
@@ -221,10 +264,10 @@ def read_prompt(cfg):
 
 def encode_prompt(tokenizer, prompt, qa=False, say=warn):
     """The prompt's ids, characters the vocabulary lacks dropped with a warning; qa frames it as Q&A training."""
-    if qa:
-        if tokenizer.eot_id is None:
-            raise TinyLLMError("--qa needs a model trained on Q&A data (its vocabulary has no <|endoftext|>)")
-        prompt = EOT + qa_prompt(prompt)
+    if qa:  # the chat template's first turn, up to where the answer begins
+        if ASSISTANT not in tokenizer.special_tokens:
+            raise TinyLLMError("--qa needs a model fine-tuned on conversations (its vocabulary has no <|assistant|>)")
+        prompt = EOT + turn("user", prompt) + ASSISTANT
     if missing := tokenizer.unknown_chars(prompt):
         pieces = tokenizer.split_special(prompt)  # [text, special, text, ...]: special tokens kept whole
         kept = "".join(p if i % 2 else "".join(ch for ch in p if ch not in missing) for i, p in enumerate(pieces))

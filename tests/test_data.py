@@ -17,7 +17,7 @@ import bpe
 import generate
 import train
 from bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, train_bpe
-from config import EOT, TinyLLMError, TrainConfig
+from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
 from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head
 from utils import CharTokenizer, get_batch, split_train_val
 
@@ -113,15 +113,15 @@ def test_jsonl_texts_and_qa_records_are_documents_joined_by_end_of_text(tmp_path
     c = corpus(tmp_path / "d.jsonl")
     assert stream(c.tokenizer, c.train, c.val) == EOT + "one" + EOT + "two" + EOT
     c = corpus(tmp_path / "qa.json")
-    assert stream(c.tokenizer, c.train, c.val) == EOT + ("Question: Hi?\nAnswer: Hello." + EOT) * 2
+    assert stream(c.tokenizer, c.train, c.val) == EOT + (f"{USER}Hi?\n{ASSISTANT}Hello." + EOT) * 2
 
 
 @pytest.mark.parametrize("name, content, words", [
     ("d.jsonl", '{"text": "fine"}\n{"body": "no text"}\n', ["line 2"]),
     ("d.jsonl", '{"text": "fine"}\n["not an object"]\n', ["line 2"]),
     ("d.jsonl", '{"text": "fine"}\n{"text": 5}\n', ["line 2"]),
-    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, {"id": 7, "question": "No answer?"}]', ["record 7"]),
-    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, "a string"]', ["record 1"]),
+    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, {"id": 7, "question": "No answer?"}]', ["record 2"]),
+    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, "a string"]', ["record 2"]),
     ("qa.json", '{"question": "Hi?", "answer": "not in a list"}', ["list"]),
     ("qa.json", '[{"question": "Hi?"', ["JSON"]),
 ])
@@ -142,7 +142,7 @@ def test_invalid_json_in_a_jsonl_file_names_its_line(tmp_path, capsys):
 def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "qa.json").write_text(json.dumps([{"question": "Hi?", "answer": "Yes."}]), encoding="utf-8-sig")
     c = corpus(tmp_path / "qa.json")
-    assert stream(c.tokenizer, c.train, c.val) == EOT + "Question: Hi?\nAnswer: Yes." + EOT
+    assert stream(c.tokenizer, c.train, c.val) == EOT + f"{USER}Hi?\n{ASSISTANT}Yes." + EOT
     (tmp_path / "a.txt").write_text("To be or not to be\n" * 5, encoding="utf-8-sig")
     c = corpus(tmp_path / "a.txt")
     assert "\ufeff" not in c.tokenizer.chars and stream(c.tokenizer, c.train, c.val) == "To be or not to be\n" * 5
@@ -406,9 +406,9 @@ def test_bits_per_character_count_end_of_text_as_one_character_in_memory_and_pre
 # ----------------------------------------------------------------------------- prompts
 
 def test_a_prompt_drops_unknown_characters_with_a_warning_and_keeps_end_of_text_whole(capsys):
-    tok = CharTokenizer.from_text("Question: who? 3 4 yes\nAnswer: me")  # no <, | or >: only in the marker
-    ids = encode_prompt(tok, "is 3 < 4? |yes|" + EOT, qa=True)
-    assert tok.decode(ids) == EOT + "Question: is 3  4? yes" + EOT + "\nAnswer:" and ids[0] == tok.eot_id
+    tok = CharTokenizer.from_text(f"{USER}who? 3 4 yes\n{ASSISTANT}me", (EOT, USER, ASSISTANT))  # no <, | or >
+    ids = encode_prompt(tok, "so 3 < 4? |yes|" + EOT, qa=True)
+    assert tok.decode(ids) == f"{EOT}{USER}so 3  4? yes{EOT}\n{ASSISTANT}" and ids[0] == tok.eot_id
     err = capsys.readouterr().err
     assert err.startswith("warning:") and "<" in err and "|" in err
     assert encode_prompt(tok, "who?") == tok.encode("who?") and not capsys.readouterr().err

@@ -15,7 +15,6 @@ from conftest import assert_one_line_error, cli, corpus_head, tiny_model, tiny_r
 import sampling
 from sampling import beam_search, next_token_probs
 from machinery import checkpoint
-from machinery.sources import iter_documents
 
 ROW = re.compile(r"^(?P<label>.+?) +p=(?P<p>[\d.]+)  H=(?P<h>[\d.]+) bits(?:  top: (?P<top>.*))?$")
 
@@ -142,25 +141,6 @@ def test_a_stopped_sample_is_annotated_up_to_its_stop(stopper, tmp_path, capsys)
         labels = [row["label"] for row in rows(block)]
         assert stop is None or (len(text) == 6 + stop and labels[-1] == repr(EOT) and EOT not in labels[:-1])
         assert len(labels) == (30 if stop is None else stop + 1) and f"\n{len(labels)} tokens: " in block
-
-
-def test_qa_frames_the_question_as_qa_training_and_stops_at_the_end_of_text(stopper, tmp_path, capsys, monkeypatch):
-    data = tmp_path / "qa.json"
-    data.write_text('[{"question": "Who art thou?", "answer": "ANSWER"}]', encoding="utf-8")
-    trained_on = "".join(iter_documents(str(data)))
-    framing = trained_on[:trained_on.index(" ANSWER")]  # what a Q&A run saw before each answer
-    model, tok, _ = checkpoint.load_model(stopper)
-    known = EOT + "".join(ch for ch in framing.removeprefix(EOT) if ch in tok.stoi)  # this vocabulary lacks Q
-    assert framing.startswith(EOT) and known != framing
-    ids = torch.tensor([tok.encode(known)])
-    new = sampling.generate(model, ids, 40, GREEDY, stop_token=tok.eot_id)[0, ids.size(1):].tolist()
-    assert new[-1] == tok.eot_id and len(new) < 40
-    prompts, real = [], generate.generate
-    monkeypatch.setattr(generate, "generate", lambda *a, **k: prompts.append(a[1].tolist()) or real(*a, **k))
-    printed, err = run(capsys, stopper, "--qa", "--prompt", "Who art thou?", "--temperature", 0, "--max_new_tokens", 40)
-    assert prompts == [ids.tolist()]
-    assert printed == known.removeprefix(EOT) + tok.decode(new[:-1]) + "\n"
-    assert f"stopped at <|endoftext|> after {len(new) - 1} tokens" in err and "'Q'" in err
 
 
 def test_beam_with_show_probs_reports_the_models_odds(trained, tmp_path, capsys):

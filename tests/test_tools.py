@@ -343,7 +343,7 @@ def test_train_init_from_the_folder_fine_tunes_it(hf_folder, text_file, tmp_path
                          "--plots", "false")
     assert code == 0 and "done: 3 steps" in out, err
     saved = checkpoint.load(str(tmp_path / "run" / "last.pt"))
-    assert saved["tokenizer"] == {"kind": "gpt2"} and saved["model_config"]["n_embd"] == 16
+    assert saved["tokenizer"]["kind"] == "gpt2" and saved["model_config"]["n_embd"] == 16
     moved = (saved["model"]["wpe.weight"] - hf_folder[1].transformer.wpe.weight).abs().max()
     assert 0 < moved < 0.05  # from GPT-2's weights, a few steps on
 

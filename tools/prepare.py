@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from config import BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
-from utils import whole_eot
+from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, USER, TinyLLMError, TrainConfig, make_config
+from utils import CharTokenizer, text_length, whole_eot
 
 from machinery import cli
 from machinery.checkpoint import replace_file
@@ -55,9 +55,11 @@ def prepare(cfg, out, vocab_size=BPE_VOCAB_SIZE, sample_mb=20):
     if total_bytes == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
     t0 = time.perf_counter()
-    if cfg.tokenizer == "char":  # every character of the source
-        text = "".join(sorted(set().union(*(set(t.replace(EOT, "")) for t in iter_documents(cfg.data, cfg.clean,
-                                                                                            cfg.data_ext)))))
+    if cfg.tokenizer == "char":  # every character of the source, and the special tokens it holds
+        chars, special = set(), CharTokenizer([], (EOT, USER, ASSISTANT))
+        for t in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
+            chars |= set("".join(special.split_special(t)[::2])) | set(special.split_special(t)[1::2])
+        text = "".join(sorted(chars))
     else:  # the first sample_mb of the training part: the validation text stays unseen
         parts, size = [], 0
         for train_part, val_part in pieces(cfg, total_bytes):
@@ -97,7 +99,7 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
                     ids.tofile(file)
                     counts[i] += len(ids)
                     seen += len(part.encode("utf-8"))
-                val_chars += len(parts[1].replace(EOT, "\n"))  # an <|endoftext|> is one character
+                val_chars += text_length(parts[1], tokenizer.special_tokens)
                 if time.perf_counter() - shown > 2:
                     shown, rate = time.perf_counter(), seen / (time.perf_counter() - t0)
                     cli.log(f"prepare {seen / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | {sum(counts):,} tokens | "

@@ -1,0 +1,60 @@
+"""LoRA (Hu et al., 2021): fine-tune a large model by training two small matrices beside each of its
+linear layers, and nothing else. A layer's weight W (out x in) is frozen; beside it, B (out x r) and
+A (r x in), of a small rank r, make the update: y = x W^T + (x A^T B^T) * alpha / r. B starts at 0,
+so the adapted model starts as the base. A fine-tune then trains r * (in + out) numbers a layer instead
+of out * in, and saves only those: the adapter, a file of kilobytes beside the model it adapts.
+
+    python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --lora_rank 8 --out_dir lora
+    python -m lora merge lora/best.pt --out merged.pt       # a plain checkpoint, the adapter folded in
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear, and the low-rank update beside it."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))  # (r, in)
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))  # (out, r): 0, no change at first
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear draws its weights
+
+    def forward(self, x):  # (B, T, in) -> (B, T, out)
+        return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scale
+
+    def merged(self):
+        """The plain nn.Linear with the update folded into its weight: W + B A * alpha / r."""
+        with torch.no_grad():
+            self.base.weight += self.lora_b @ self.lora_a * self.scale
+        return self.base
+
+
+def add_adapters(model, rank, alpha, mlp=False):
+    """Freeze every weight of model, then put a LoRALinear over each attention projection (and the MLP's)."""
+    model.requires_grad_(False)
+    for block in model.blocks:
+        block.attn.c_attn = LoRALinear(block.attn.c_attn, rank, alpha)
+        block.attn.c_proj = LoRALinear(block.attn.c_proj, rank, alpha)
+        if mlp:
+            block.mlp.c_fc = LoRALinear(block.mlp.c_fc, rank, alpha)
+            block.mlp.c_proj = LoRALinear(block.mlp.c_proj, rank, alpha)
+    return model
+
+
+def adapter(model):
+    """The adapter's weights alone, by their names in the adapted model."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def merge(model):
+    """model with every LoRALinear replaced by its merged nn.Linear: a plain GPT again."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merged())
+    return model.requires_grad_(True)

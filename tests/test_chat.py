@@ -1,0 +1,213 @@
+"""Conversations: the chat template, the loss on the answers, the chat in a terminal, LoRA."""
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import chat
+import lora
+import train
+from config import ASSISTANT, EOT, GREEDY, USER, RunOptions, TrainConfig
+from conftest import ROOT, assert_one_line_error, cli, interrupt_at, script_env, tiny_model, tiny_run, without_timings
+from machinery import checkpoint, sources
+from model import GPT, lm_loss
+from sampling import generate
+from utils import get_batch
+import tools.merge
+
+CONVERSATIONS = [[("My name is Ada.", "Nice to meet you, Ada."), ("What is my name?", "Your name is Ada.")],
+                 [("My name is Tom.", "Nice to meet you, Tom."), ("What is my name?", "Your name is Tom.")],
+                 [("Hello!", "Hello. What shall we talk about?")]] * 20
+
+
+def write_chats(path, conversations=CONVERSATIONS):
+    with open(path, "w", encoding="utf-8") as f:
+        for conversation in conversations:
+            messages = [{"role": r, "content": c} for q, a in conversation for r, c in (("user", q), ("assistant", a))]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- conversations as data
+
+def test_conversations_and_qa_records_become_the_chat_template(tmp_path):
+    chats = write_chats(tmp_path / "c.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]])
+    (tmp_path / "qa.json").write_text(json.dumps([{"question": "Who?", "answer": "Me."}]), encoding="utf-8")
+    assert "".join(sources.iter_documents(chats)) == (
+        f"{EOT}{USER}My name is Ada.\n{ASSISTANT}Nice to meet you, Ada.{EOT}{USER}What is my name?\n"
+        f"{ASSISTANT}Your name is Ada.{EOT}{USER}Hello!\n{ASSISTANT}Hello. What shall we talk about?{EOT}")
+    assert "".join(sources.iter_documents(str(tmp_path / "qa.json"))) == f"{EOT}{USER}Who?\n{ASSISTANT}Me.{EOT}"
+
+
+@pytest.mark.parametrize("record, word", [({"messages": [{"role": "system", "content": "x"}]}, "role"),
+                                          ({"messages": [{"role": "user"}]}, "content"),
+                                          ({"messages": [{"role": "user", "content": "hi"}]}, "end"),
+                                          ({"messages": "hi"}, "list"), ({"question": "no answer"}, "content")])
+def test_a_bad_record_is_one_error_line_naming_it_before_training(tmp_path, capsys, record, word):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
+    code, _, err = cli(capsys, train.main, "--data", path, "--out_dir", tmp_path / "run", "--device", "cpu")
+    assert_one_line_error(code, err, "line 2", word)
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_every_tokenizer_gets_the_role_tokens_as_single_tokens(tmp_path, kind):
+    corpus = sources.load_corpus(TrainConfig(data=write_chats(tmp_path / "c.jsonl"), tokenizer=kind), vocab_size=300)
+    tokenizer = corpus.tokenizer
+    for token in (EOT, USER, ASSISTANT):
+        assert tokenizer.encode(token) == [tokenizer.special_tokens[token]]
+    assert tokenizer.decode(tokenizer.encode(f"{USER}hi\n{ASSISTANT}yo{EOT}")) == f"{USER}hi\n{ASSISTANT}yo{EOT}"
+
+
+def test_the_loss_counts_the_answers_and_their_end_only(tmp_path):
+    cfg = TrainConfig(data=write_chats(tmp_path / "c.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]]))
+    corpus = sources.load_corpus(cfg)
+    tokenizer, ids, targets = corpus.tokenizer, torch.cat([corpus.train, corpus.val]), None
+    targets = sources.answer_targets(ids, tokenizer)
+    answers = tokenizer.decode([t for t, keep in zip(ids.tolist(), targets.tolist()) if keep])
+    assert answers == f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}Hello. What shall we talk about?{EOT}"
+    assert sources.load_corpus(TrainConfig(data=cfg.data, loss_on="all")).train_targets is None
+
+
+def test_a_masked_position_takes_no_gradient():
+    torch.manual_seed(0)
+    model = GPT(tiny_model())
+    x, y = torch.randint(0, 65, (2, 16)), torch.randint(0, 65, (2, 16))
+    logits = model(x)[0].detach().requires_grad_()
+    y[:, :8] = -100  # what get_batch makes of the questions' positions
+    lm_loss(logits, y).backward()
+    assert logits.grad[:, :8].abs().sum() == 0 and logits.grad[:, 8:].abs().sum() > 0
+    full = lm_loss(logits.detach()[:, 8:], y[:, 8:])
+    assert lm_loss(logits.detach(), y) == pytest.approx(full.item())  # the mean over the answers alone
+    data, keep = torch.arange(40), torch.arange(40) % 2 == 0
+    torch.manual_seed(1)
+    bx, by = get_batch(data, 4, 8, torch.device("cpu"), targets=keep)
+    assert ((by == -100) == (bx % 2 == 0)).all()  # y is x + 1: kept where y is even
+
+
+# ----------------------------------------------------------------------------- a chat model
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny model trained on the conversations until it answers them: its best.pt."""
+    folder = tmp_path_factory.mktemp("chat")
+    cfg = tiny_run(write_chats(folder / "c.jsonl"), folder / "run", max_steps=300, lr=1e-2, eval_interval=300,
+                   warmup_steps=10, batch_size=16, weight_decay=0.0)
+    train.train(tiny_model(block_size=64, n_embd=48), cfg)
+    return str(folder / "run" / "best.pt")
+
+
+def test_qa_asks_a_question_as_the_chat_template_does(chat_model, tmp_path, capsys):
+    code, out, _ = cli(capsys, __import__("generate").main, chat_model, "--qa", "--prompt", "Hello!",
+                       "--temperature", "0", "--max_new_tokens", "60")
+    assert code == 0 and "Hello. What shall we talk about?" in out
+
+
+def read_until(fd, marker, timeout=30):
+    text, end = b"", time.time() + timeout
+    while marker.encode() not in text and time.time() < end:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                text += os.read(fd, 4096)
+            except OSError:
+                break
+    return text.decode()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="a pseudo-terminal needs a Unix")
+def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
+    """Typed at a real terminal: the same question gets the answer each conversation's first turn asks for."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "chat.py", chat_model, "--temperature", "0", "--max_new_tokens", "40"],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=script_env(), start_new_session=True)
+    os.close(slave)
+    try:
+        said = [read_until(master, "you> ")]
+        for line in ("My name is Tom.", "What is my name?", "/reset", "My name is Ada.", "What is my name?", "/quit"):
+            os.write(master, line.encode() + b"\n")
+            said.append(read_until(master, "you> ") if line != "/quit" else "")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    assert "Your name is Tom." in said[2] and "Your name is Ada." in said[5], said
+
+
+def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(chat_model, monkeypatch, capsys):
+    typed = iter(["My name is Ada.", "What is my name?", "Hello!", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
+    fed, real_logits = [], chat.Context.next_logits
+
+    def counting(context, idx):  # the tokens each call hands the model
+        fed.append(idx.size(1) - (context.start or 0) - (context.cache.pos if context.cache else 0))
+        return real_logits(context, idx)
+
+    real_generate, calls = chat.generate, []
+
+    def ctrl_c_in_the_third_answer(*args, on_token, **kwargs):
+        calls.append([])
+
+        def token(*a):
+            on_token(*a)
+            calls[-1].append(1)
+            if len(calls) == 3 and len(calls[-1]) == 3:
+                raise KeyboardInterrupt
+        return real_generate(*args, on_token=token, **kwargs)
+
+    monkeypatch.setattr(chat.Context, "next_logits", counting)
+    monkeypatch.setattr(chat, "generate", ctrl_c_in_the_third_answer)
+    chat.main([chat_model, "--temperature", "0", "--max_new_tokens", "40"])
+    out = capsys.readouterr().out
+    assert "Your name is Ada." in out and "[stopped]" in out and out.count("model> ") == 3
+    assert max(fed[1:]) <= 25  # a turn hands the model its new tokens, not the conversation again
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def test_lora_trains_rank_r_matrices_and_starts_as_the_base():
+    torch.manual_seed(0)
+    base = GPT(tiny_model())
+    x = torch.randint(0, 65, (2, 16))
+    before = base(x)[0]
+    model = lora.add_adapters(base, rank=4, alpha=8, mlp=True)
+    C, L = 32, 2
+    per_block = 4 * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # r (in + out) per adapted layer
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == L * per_block
+    assert torch.equal(model(x)[0], before)  # B starts at 0
+
+
+def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(trained, tmp_path, monkeypatch, capsys):
+    base_path, data = trained
+    base = checkpoint.load(base_path)
+    common = ["--init_from", base_path, "--data", write_chats(tmp_path / "c.jsonl"), "--lora_rank", "4",
+              "--max_steps", "20", "--eval_interval", "10", "--device", "cpu", "--dtype", "float32",
+              "--sample_tokens", "0", "--lr", "1e-2"]
+    assert cli(capsys, train.main, *common, "--out_dir", tmp_path / "full")[0] == 0
+    with monkeypatch.context() as m:
+        interrupt_at(m, 15, signal.SIGTERM)
+        assert cli(capsys, train.main, *common, "--out_dir", tmp_path / "cut")[0] == 143
+    code, out, _ = cli(capsys, train.main, *common[2:], "--resume", "--out_dir", tmp_path / "cut")
+    assert code == 0 and "LoRA" in out
+    full, cut = (checkpoint.load(str(tmp_path / d / "last.pt")) for d in ("full", "cut"))
+    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])  # the resume was exact
+    assert without_timings(full["history"]) == without_timings(cut["history"])
+    assert os.path.getsize(tmp_path / "full" / "last.pt") < os.path.getsize(base_path) / 5
+    assert all(torch.equal(base["model"][k], v) for k, v in checkpoint.load(base_path)["model"].items())
+    adapted = checkpoint.model_of(full).eval()  # the base, and the adapter beside it
+    frozen = {k: v for k, v in adapted.state_dict().items() if ".lora_" not in k and "wte" not in k and "lm_head" not in k}
+    assert all(torch.equal(v, base["model"][k.replace(".base", "")]) for k, v in frozen.items())
+    assert cli(capsys, tools.merge.main, str(tmp_path / "full" / "last.pt"), "--out", tmp_path / "m.pt")[0] == 0
+    merged = checkpoint.load_model(str(tmp_path / "m.pt"))[0]
+    x = torch.tensor([[0, 5, 9, 3] * 4])
+    assert torch.allclose(merged(x)[0], adapted(x)[0], atol=1e-5)
+    code, out, _ = cli(capsys, __import__("generate").main, tmp_path / "full" / "last.pt", "--max_new_tokens", "10")
+    assert code == 0 and out.strip()

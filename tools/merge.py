@@ -1,0 +1,33 @@
+"""Fold a LoRA adapter into its base: a plain checkpoint, which generate.py, chat.py and --init_from read
+without the base.
+
+    python -m tools.merge lora/best.pt --out merged.pt
+"""
+
+import os
+
+from config import TinyLLMError
+from lora import merge
+
+from machinery import checkpoint, cli
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(description="Merge a LoRA adapter into its base model: a plain checkpoint.")
+    parser.add_argument("adapter", help="a checkpoint of a run trained with --lora_rank")
+    parser.add_argument("--out", required=True, metavar="PATH.pt", help="the merged checkpoint to write")
+    args = parser.parse_args(argv)
+    saved = checkpoint.load(args.adapter)
+    if not saved.get("lora"):
+        raise TinyLLMError(f"{args.adapter} is not a LoRA adapter (no --lora_rank run wrote it)")
+    if os.path.exists(args.out):  # it may be a trained run's checkpoint
+        raise TinyLLMError(f"--out {args.out} already exists; give a new path")
+    cli.check_writable(args.out, "--out", make_folder=True)
+    model = merge(checkpoint.model_of(saved, args.adapter))
+    checkpoint.save(args.out, checkpoint.make(model, saved["tokenizer"], step=saved.get("step"),
+                                              best_val_loss=saved.get("best_val_loss")))
+    cli.log(f"wrote {args.out}: {saved['lora']['base']} with the adapter of {args.adapter} folded in")
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)
