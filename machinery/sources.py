@@ -187,7 +187,7 @@ def answer_targets(ids, tokenizer):
         return None
     targets, inside = [], False
     for token in ids.tolist():
-        targets.append(inside and token != start)
+        targets.append(inside)
         inside = token == start or inside and token != tokenizer.eot_id
     return torch.tensor(targets)
 
