@@ -120,17 +120,12 @@ class BPETokenizer(ByteLevelTokenizer):
                 "special_tokens": dict(self.special_tokens)}
 
 
-def gpt2_encoding():
-    """tiktoken's GPT-2 encoding: from its cache, or downloaded on first use."""
-    return tiktoken.get_encoding("gpt2")
-
-
 class GPT2Tokenizer(ByteLevelTokenizer):
     """OpenAI's GPT-2 tokenizer: 50,257 tokens, "<|endoftext|>" = 50256; other special tokens after them."""
 
     def __init__(self, special_tokens=(EOT,)):
         try:
-            gpt2 = gpt2_encoding()
+            gpt2 = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline, or a broken cache
             raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}): they are "
                                "downloaded once, then cached (train.py can use --tokenizer bpe or char)") from None

@@ -6,7 +6,6 @@
 The conversation is kept in the chat template, <|user|>message\\n<|assistant|>answer<|endoftext|>, and each
 answer sees all of it. The KV cache carries over from turn to turn: a turn computes only its new tokens.
 Past block_size, the context restarts from its newest half, as in generation (sampling.Context).
-/reset starts a new conversation; /quit or Ctrl-D leaves; Ctrl-C stops an answer.
 """
 
 import machinery  # noqa: F401 (first, before torch loads: OpenMP's idle threads soon sleep)
@@ -38,7 +37,7 @@ def answer(model, tokenizer, conversation, context, sampler, generator, max_new_
     except KeyboardInterrupt:  # the answer ends here; the chat goes on
         stopped = True
     print((pieces.flush() or ("",))[0] + " [stopped]" * stopped, flush=True)
-    return new[:new.index(stop)] + [stop] if stop in new else new + [stop], stopped
+    return new if stop in new else new + [stop], stopped  # generate stops at the stop token
 
 
 def main(argv=None):
@@ -50,7 +49,7 @@ def main(argv=None):
     sampler, cfg = make_config(Sampler, flags), make_config(SampleConfig, {"max_new_tokens": 300} | flags)
     device = devices.choose_device(cfg.device)
     devices.set_threads(cfg.threads)
-    model, tokenizer, _ = checkpoint.load_model(flags.get("checkpoint") or "checkpoints/best.pt", device)
+    model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)
     if ASSISTANT not in tokenizer.special_tokens:
         raise TinyLLMError("this model has not learned the chat template: fine-tune it on conversations first "
                            "(python train.py --init_from CHECKPOINT --data data/chat_example.jsonl)")

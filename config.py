@@ -1,5 +1,4 @@
-"""Every setting of training and sampling, with its meaning (the scripts' --help comes from here), and the
-presets that set many at once."""
+"""Every setting of training and sampling (the scripts' --help comes from here), and the presets."""
 
 import math
 import re
@@ -21,7 +20,7 @@ def require(ok, message):
 
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # what --tokenizer bpe learns unless --vocab_size says otherwise
-EOT = "<|endoftext|>"       # the token between documents, and at the end of each answer; every tokenizer has it
+EOT = "<|endoftext|>"       # between documents and after each answer; every tokenizer has it
 USER, ASSISTANT = "<|user|>", "<|assistant|>"  # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
 TRAIN_FRACTION = 0.9        # the first 90% of a text trains, the rest validates
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -33,11 +32,11 @@ THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
 class GPTConfig:
     """The model's shape, saved in every checkpoint."""
     vocab_size: int = setting(0, f"token ids; 0 = the tokenizer's (bpe learns {BPE_VOCAB_SIZE})")
-    block_size: int = setting(128, "context length: the most tokens the model sees at once")
+    block_size: int = setting(128, "context length: tokens the model sees at once")
     n_layer: int = setting(4, "Transformer blocks")
     n_head: int = setting(4, "attention heads per block; must divide n_embd")
     n_embd: int = setting(128, "width of the residual stream")
-    dropout: float = setting(0.0, "dropout probability while training, in [0, 1)")
+    dropout: float = setting(0.0, "dropout probability while training")
     bias: bool = setting(True, "biases in Linear and LayerNorm layers, as in GPT-2")
     norm: str = setting("layernorm", "normalisation layer", ("layernorm", "rmsnorm"))
     mlp: str = setting("gelu", "MLP: GELU 4x wide, or SwiGLU 8/3x wide", ("gelu", "swiglu"))
@@ -58,21 +57,21 @@ class GPTConfig:
 @dataclass
 class TrainConfig:
     """How a run trains, saved in every checkpoint."""
-    data: str = setting("data/input.txt", "training text: a .txt file, a folder, a .jsonl file with a \"text\" "
-                                          "field, a Q&A .json list, or a tools.prepare folder")
+    data: str = setting("data/input.txt", "training text: .txt, a folder, .jsonl (a \"text\" field), Q&A .json, "
+                                          "or a tools.prepare folder")
     data_ext: str = setting(".txt", "file endings read from a --data folder, e.g. .txt,.md")
-    data_fraction: float = setting(1.0, "train on this first share of the training split; 1 = all of it")
+    data_fraction: float = setting(1.0, "train on this first share of the training split; 1 = all")
     tokenizer: str = setting("char", "characters, BPE learned from the text, or GPT-2's", ("char", "bpe", "gpt2"))
-    loss_on: str = setting("answers", "conversations: learn from the assistant's answers only, or every token",
+    loss_on: str = setting("answers", "conversations: learn from the answers only, or every token",
                            ("answers", "all"))
     clean: bool = setting(False, "normalise whitespace and drop duplicate documents")
     out_dir: str = setting("checkpoints", "where checkpoints, history and plots go")
-    tag: str = setting("", "a name for the run: its folder is checkpoints/TAG")
+    tag: str = setting("", "run name: its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule ends here")
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m; empty = off")
-    lr: float = setting(2e-3, "peak learning rate, reached at the end of warmup", aliases=("--lr-max", "--lr_max"))
-    min_lr: float = setting(2e-4, "the LR's floor, reached at the end of the run")
+    lr: float = setting(2e-3, "peak learning rate, reached after warmup", aliases=("--lr-max", "--lr_max"))
+    min_lr: float = setting(2e-4, "the LR at the end of the run")
     warmup_steps: int = setting(100, "steps of linear warmup up to lr", aliases=("--warmup",))
     lr_schedule: str = setting("cosine", "the decay from lr to min_lr after warmup", ("cosine", "linear"))
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
@@ -81,25 +80,24 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW's first-moment decay")
     beta2: float = setting(0.95, "AdamW's second-moment decay")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 = off")
-    grad_accum_steps: int = setting(1, "split each batch into this many micro-batches (less memory)")
+    grad_accum_steps: int = setting(1, "micro-batches per batch (less memory)")
     eval_interval: int = setting(250, "evaluate and save every N steps")
-    eval_iters: int = setting(20, "batches per split an evaluation averages")
+    eval_iters: int = setting(20, "batches per split in an evaluation")
     log_interval: int = setting(50, "a progress line every N steps")
     save_interval: int = setting(0, "also keep ckpt_STEP.pt every N steps; 0 = off")
-    keep_last: int = setting(3, "how many ckpt_STEP.pt files to keep")
+    keep_last: int = setting(3, "ckpt_STEP.pt files to keep")
     patience: int = setting(0, "stop after N evaluations without a better val loss; 0 = off")
     target_loss: float = setting(0.0, "stop once val loss is at or below this; 0 = off")
-    seed: int = setting(1337, f"seed of every random number generator, 0 to {MAX_SEED}")
+    seed: int = setting(1337, f"seed of every random generator, 0 to {MAX_SEED}")
     device: str = setting("auto", DEVICE_HELP, DEVICES)
-    dtype: str = setting("auto", "precision of the forward pass; auto: bfloat16 where it is native and faster, "
-                                 "float16 on older GPUs, else float32", ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = setting("auto", "forward pass precision; auto: bfloat16 where native and faster, float16 on older "
+                                 "GPUs, else float32", ("auto", "float32", "bfloat16", "float16"))
     compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs)")
     threads: int = setting(0, THREADS_HELP)
     sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
     plots: bool = setting(True, "redraw loss.png after every evaluation")
-    lora_rank: int = setting(0, "with --init_from: freeze the model, train rank-R matrices beside its attention "
-                                "(LoRA); 0 = off")
-    lora_alpha: float = setting(16.0, "LoRA's scale: the matrices' product is multiplied by alpha / rank")
+    lora_rank: int = setting(0, "with --init_from: freeze the model, train rank-R LoRA beside attention; 0 = off")
+    lora_alpha: float = setting(16.0, "LoRA's scale: the matrices' product times alpha / rank")
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
 
     def __post_init__(self):
@@ -114,9 +112,9 @@ class TrainConfig:
             require(math.isfinite(value) and (value > 0 or name not in ("lr", "muon_lr", "lora_alpha")),
                     f"{name} must be a positive number, got {value}")
         require(self.min_lr <= self.lr, f"min_lr must be at most lr ({self.lr}), got {self.min_lr}")
-        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1 and beta2 must be in [0, 1)")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         require(0 < self.data_fraction <= 1, f"data_fraction must be in (0, 1], got {self.data_fraction}")
-        require(self.tag not in (".", "..") and not set("/\\") & set(self.tag), f"tag must be a plain name")
+        require(self.tag not in (".", "..") and not set("/\\") & set(self.tag), "tag must be a plain name")
         parse_duration(self.time_budget)
         check_choices(self)
 
@@ -131,11 +129,10 @@ RESUME_MAY_CHANGE = ("out_dir", "tag", "max_steps", "time_budget", "grad_accum_s
 class RunOptions:
     """What train.py does with the settings; never saved."""
     preset: str = setting("", "start from a preset: tiny on a CPU or Mac, small on a CUDA GPU")
-    resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh when there is none")
+    resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")
     overwrite: bool = setting(False, "start afresh though OUT_DIR holds another run")
-    init_from: str = setting("", "start from this checkpoint's weights (or gpt2, gpt2-medium, ...) with a "
-                                 "fresh optimizer: fine-tuning")
-    eval_only: str = setting(None, "the loss of a checkpoint (default OUT_DIR/best.pt) on its whole val split")
+    init_from: str = setting("", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium, ...), fresh optimizer")
+    eval_only: str = setting(None, "a checkpoint's loss on its whole val split; OUT_DIR/best.pt if none is named")
     overfit_batch: bool = setting(False, "sanity check: fit one batch until the loss is near 0; writes nothing")
     plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
 
@@ -143,7 +140,7 @@ class RunOptions:
 @dataclass
 class Sampler:
     """How each next token is drawn from the logits (sampling.sample_next)."""
-    temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (the most likely token)")
+    temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (the likeliest token)")
     top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
     top_p: float = setting(1.0, "keep the fewest tokens whose probability reaches p; 1 = off")
 
@@ -163,17 +160,17 @@ class SampleConfig:
     prompt: str = setting("", "text to continue; empty starts from a line end")
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
     max_new_tokens: int = setting(500, "tokens to generate per sample")
-    seed: int = setting(1337, f"seed of the sampler, 0 to {MAX_SEED}: same seed, same machine, same text")
-    num_samples: int = setting(1, "samples drawn together as one batch")
-    output_file: str = setting("", "also write the samples here, under a header with every setting")
+    seed: int = setting(1337, f"sampler seed, 0 to {MAX_SEED}: same seed, same machine, same text")
+    num_samples: int = setting(1, "samples, drawn as one batch")
+    output_file: str = setting("", "also write the samples here, under a header of every setting")
     device: str = setting("auto", DEVICE_HELP, DEVICES)
     threads: int = setting(0, THREADS_HELP)
-    no_cache: bool = setting(False, "recompute the whole context for every token instead of the KV cache")
-    qa: bool = setting(False, "the prompt is a question: ask it as the chat template does, stop after the answer")
+    no_cache: bool = setting(False, "recompute the whole context per token, no KV cache")
+    qa: bool = setting(False, "the prompt is a question: ask it in the chat template, stop after the answer")
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
-    show_probs: bool = setting(False, "show each new token's probability and its distribution's entropy")
+    show_probs: bool = setting(False, "show each new token's probability and the distribution's entropy")
     show_top: int = setting(0, "with --show_probs, also list the K most likely tokens (at most 20)")
-    beam: int = setting(None, "beam search: keep the N most probable continuations; prints the best")
+    beam: int = setting(None, "beam search: keep the N likeliest continuations, print the best")
     length_penalty: float = setting(0.0, "beam search: divide a score by length to this power")
 
     def __post_init__(self):
@@ -190,7 +187,7 @@ class SampleConfig:
 
 
 def check_choices(config):
-    """A setting with choices has one of them; a seed fits NumPy; threads are a number OpenMP survives."""
+    """A setting is one of its choices; seed and threads fit NumPy and OpenMP."""
     require(0 <= getattr(config, "seed", 0) <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}")
     require(0 <= getattr(config, "threads", 0) <= 1024, "threads must be 0 (auto) to 1024")
     for f in fields(config):
@@ -200,7 +197,7 @@ def check_choices(config):
 
 
 def parse_duration(text):
-    """Seconds in a duration such as 5m, 300s, 300, 1h30m or 2.5m; None for an empty one."""
+    """Seconds in 5m, 300s, 300, 1h30m or 2.5m; None for an empty one."""
     if not text:
         return None
     number = r"(\d+(?:\.\d+)?)"
@@ -209,8 +206,6 @@ def parse_duration(text):
     require(0 < seconds < math.inf, f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds
 
-
-# ----------------------------------------------------------------------------- presets
 
 PRESETS = {
     # the default on a CPU or a Mac: the shape that learned most in five minutes on the 2-core CPUs measured
@@ -240,7 +235,7 @@ def make_config(cls, values):
 
 
 def from_saved(cls, saved, path):
-    """cls from the settings a checkpoint saved, each of its type (n_head 2.0 would fail later, in a traceback)."""
+    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail later, in a traceback)."""
     for f in fields(cls):
         if f.name in saved and not isinstance(saved[f.name], (int, float) if f.type is float else f.type):
             raise TinyLLMError(f"{path}: unreadable settings ({f.name} is {saved[f.name]!r})")
@@ -251,7 +246,7 @@ def from_saved(cls, saved, path):
 
 
 def build_configs(given, preset):
-    """GPTConfig and TrainConfig: the defaults, then the preset, then the flags given ({name: value})."""
+    """GPTConfig and TrainConfig: the defaults, then the preset, then the flags given."""
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     require(not (given.get("time_budget") and "max_steps" in given), "give --time_budget or --max_steps, not both")
     values = {**PRESETS[preset], **given}

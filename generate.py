@@ -1,5 +1,5 @@
 """Sample text from trained checkpoints; several are sampled with the same prompt and seed, to compare.
-The same seed on the same machine gives the same text; beam search (--beam N) draws nothing.
+The same seed on the same machine gives the same text.
 
     python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """
@@ -19,7 +19,7 @@ from machinery import checkpoint, cli, device as devices, sources
 from machinery.annotate import Annotator, WholeCharacters, model_odds
 
 
-def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream=False, annotator=None):
+def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator):
     """[(text, new tokens, whether it stopped)] of num_samples continuations of the prompt, drawn as one batch."""
     stop = None if cfg.no_stop else tokenizer.eot_id
     shown = [t for t in prompt_ids if t != stop]  # the prompt as printed (--qa's starts with the stop token)
@@ -68,9 +68,9 @@ def header(cfg, sampler, path, saved, prompt):
     return f"# checkpoint: {path} ({checkpoint.where(saved)})\n# {settings}\n# prompt{source}: {prompt!r}"
 
 
-def sample_checkpoint(path, cfg, sampler, prompt, device, several=False):
+def sample_checkpoint(path, model, tokenizer, saved, cfg, sampler, prompt, device, several):
     """Sample one checkpoint and print its samples (streamed when alone); returns its block of the output file."""
-    model, tokenizer, saved = checkpoint.load_model(path, device)  # read on the CPU; only the model moves
+    model.to(device)  # read on the CPU; only the model moves
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
     annotator = cfg.show_probs and Annotator(tokenizer, cfg.show_top, colour=sys.stdout.isatty() and not cfg.output_file)
@@ -112,9 +112,12 @@ def main(argv=None):
         if cfg.output_file.lower().endswith(".pt") or os.path.realpath(cfg.output_file) in map(os.path.realpath, paths):
             raise TinyLLMError(f"--output_file {cfg.output_file} would replace a checkpoint: name a .txt file")
         cli.check_writable(cfg.output_file, "--output_file")
-    for path in paths[1:]:  # the others read, and the prompt encoded for each, before the first is sampled
-        sources.encode_prompt(checkpoint.load_model(path)[1], prompt, cfg.qa, say=lambda _: None)
-    blocks = [sample_checkpoint(path, cfg, sampler, prompt, device, several=len(paths) > 1) for path in paths]
+    # each read once, before the first is sampled; popped, so that one model at a time is on the device
+    loaded = [checkpoint.load_model(path) for path in paths]
+    for _, tokenizer, _ in loaded[1:]:  # and the prompt encoded for each
+        sources.encode_prompt(tokenizer, prompt, cfg.qa, say=lambda _: None)
+    several = len(paths) > 1
+    blocks = [sample_checkpoint(path, *loaded.pop(0), cfg, sampler, prompt, device, several) for path in paths]
     if cfg.output_file:
         with open(cfg.output_file, "w", encoding="utf-8", newline="") as f:  # the text exactly, on every platform
             f.write("\n\n".join(blocks) + "\n")

@@ -3,7 +3,6 @@
 Read it top to bottom: causal self-attention (the mask, the formula, the fused kernel), the MLP,
 the block, and the GPT's forward pass (token ids -> logits -> loss). Then the modern parts that
 three settings put in GPT-2's place: RMSNorm (norm), SwiGLU (mlp), RoPE or sinusoids (pos).
-The KV cache that forward takes is generation's (sampling.py).
 
 Layer names are GPT-2's, so its published weights load by name: wte / wpe are the token /
 position embeddings, c_attn / c_proj / c_fc the linear layers, ln_1 / ln_2 / ln_f the norms.
@@ -61,7 +60,7 @@ class CausalSelfAttention(nn.Module):
     def attention(self, q, k, v, mask):
         """softmax(q k^T / sqrt(hs) + mask) v: each query's weights over the keys sum to 1, the
         future's are 0. q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal
-        triangle. By default PyTorch's fused kernel computes the same, faster."""
+        triangle."""
         if self.fused:
             return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.attn_dropout(self.attention_weights(q, k, mask)) @ v  # (B, nh, T, hs)

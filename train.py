@@ -3,23 +3,20 @@
     python train.py     # data/input.txt: preset tiny on a CPU (five minutes), small on a GPU
     python train.py --preset small --max_steps 50 --seed 1
 
-In the order it runs: one optimizer step (train_step) and an evaluation (estimate_loss); the set-up
-(settings, run folder, data, model, optimizer, precision); the loop (an evaluation now and then, each
-step at the schedule's learning rate, a progress line every log_interval steps) and a time budget's
-clock; the end (last.pt, a summary, a sample). Files, devices, processes and printing are machinery/'s.
+In order: one step and an evaluation, the set-up, the loop, a time budget, the end. Files, devices, processes
+and printing are machinery/'s.
 """
 
-import machinery  # noqa: F401 (first, before torch loads: the start time, and OpenMP's idle threads soon sleep)
+import machinery  # noqa: F401 (first, before torch: it notes the start time and has idle OpenMP threads sleep soon)
 
 import contextlib
 import csv
-import dataclasses
 import functools
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -38,9 +35,7 @@ from machinery import checkpoint, cli, ddp, device as devices, plots, sources
 # ----------------------------------------------------------------------------- one step, and an evaluation
 
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
-    """One optimizer step, in the order that is the lesson. Returns its figures as tensors: reading one
-    makes a GPU wait, so the loop reads them only now and then. A new entry shows on the progress line
-    and in the history. ctx: the forward pass's precision (autocast); scaler: float16's, else None."""
+    """One optimizer step. Its figures stay tensors: reading one makes a GPU wait, so the loop reads them later."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls below do nothing
     for group in optimizer.param_groups:                     # 1. this step's learning rate
         group["lr"] = lr
@@ -48,8 +43,8 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     batch_loss = 0.0
     for micro_step in range(grad_accum_steps):               # a batch may come in micro-batches
         x, y = next_batch()                                  # 3. a batch: y is x shifted by one token
-        sync = micro_step == grad_accum_steps - 1 or not hasattr(model, "no_sync")  # DDP: average the
-        with contextlib.nullcontext() if sync else model.no_sync():                 # gradients once
+        sync = micro_step == grad_accum_steps - 1 or not hasattr(model, "no_sync")  # DDP: average once a step
+        with contextlib.nullcontext() if sync else model.no_sync():
             with ctx:
                 _, loss = model(x, y)                        # 4. forward, 5. the loss
             loss = loss / grad_accum_steps                   # the micro-batches' gradients add up to the batch's
@@ -57,7 +52,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
         batch_loss = batch_loss + loss.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)  # 7. clip (0: measure)
-    scaler.step(optimizer)                                   # 8. update the weights (float16: not if inf)
+    scaler.step(optimizer)                                   # 8. update the weights (float16: skipped if inf)
     scaler.update()
     return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
 
@@ -78,21 +73,21 @@ def estimate_loss(model, batches, eval_iters, ctx):
     return out
 
 
-# ----------------------------------------------------------------------------- a run
+# ----------------------------------------------------------------------------- a run, and its set-up
 
 @dataclass
 class TrainState:
-    """What changes as the run trains: saved whole in every checkpoint, put back by --resume."""
+    """What changes as the run trains: saved in every checkpoint, put back by --resume."""
     step: int = 0
     best_val_loss: float = math.inf
     evals_without_improvement: int = 0
     last_eval_step: int = -1
     lr: float = 0.0             # the latest step's
     grad_norm: float = None     # the latest step's (None before the first)
-    progress: float = 0.0       # the latest step's: 0 to the warmup's end, 1 at the run's (get_lr)
-    seconds: float = 0.0        # the run's wall time so far, every process of it
+    progress: float = 0.0       # the latest step's: 0 until the warmup ends, 1 at the run's end
+    seconds: float = 0.0        # wall time so far, the processes before a resume included
     decay_start: float = None   # under a time budget: the seconds at the warmup's end
-    eval_seconds: float = 0.0   # the latest evaluation's, saves included: a budget keeps as much at its end
+    eval_seconds: float = 0.0   # the latest evaluation's, saves included: a budget keeps as much for the last
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
     window: list = field(default_factory=list)   # the figures of the steps since the last progress line
     measured: dict = None       # what --dtype auto measured: a resume keeps its choice
@@ -113,16 +108,18 @@ class Run:
     optimizer: torch.optim.Optimizer
     batches: dict               # "train", "val": () -> (x, y), this process's share of a batch
     state: TrainState
-    started: float              # when this process began (python train.py: its first line)
+    started: float              # when this process began
     budget: float               # a --time_budget's seconds, else None
     lora: dict                  # a LoRA run's base and adapter settings, else None
-    dtype: str = "float32"      # the forward pass's precision, its autocast and float16's scaler
-    ctx: object = None
-    scaler: object = None
+    dtype: str = "float32"
+    ctx: object = None          # the forward pass's autocast
+    scaler: object = None       # float16's
     train_step: object = None   # lr -> figures: train_step bound to all of the above
     sample_seconds: float = 0.0  # what the closing sample takes: a budget keeps it free
     pending: list = field(default_factory=list)  # the figures of the steps taken, not read yet
-    timer: list = field(default_factory=list)    # the steps' clock: [started at, seconds, steps]
+    clock_start: float = 0.0    # the steps' clock: when it last started,
+    step_seconds: float = 0.0   # what it counted since the last progress line,
+    timed_steps: int = 0        # and in how many steps
     first: tuple = None         # (step, seconds) where this process's pace counts from
     pause: float = 0.0          # the latest evaluation's or save's seconds
 
@@ -138,19 +135,16 @@ class Run:
         if self.master:
             cli.log(text)
 
-    def elapsed(self):  # this process's seconds, set-up included, and those of the processes before it
+    def elapsed(self):  # this process's seconds, set-up included, plus those before a resume
         return self.state.seconds + time.perf_counter() - self.started
 
 
 def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints and writes."""
-    with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size, or --grad_accum_steps 2 "
-                                        "(the same batch in pieces), or a smaller model"):
+    with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"):
         started = time.perf_counter() if started is None else started  # a time budget counts from here
         return train_loop(set_up(model_cfg, cfg, options or RunOptions(), preset, given or {}, started))
 
-
-# ----------------------------------------------------------------------------- set-up
 
 def set_up(model_cfg, cfg, options, preset, given, started):
     """Everything before the first step, each input checked before the run writes anything."""
@@ -161,10 +155,10 @@ def set_up(model_cfg, cfg, options, preset, given, started):
         raise TinyLLMError(f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
                            f"({cfg.grad_accum_steps}) times the processes ({world})")
     devices.set_threads(cfg.threads)
-    devices.seed_everything(cfg.seed)  # every rank alike: the same initial weights
+    devices.seed_everything(cfg.seed)  # the same initial weights on every rank
     corpus, model, adapter = data_and_model(model_cfg, cfg, source, path, options, say)
     model = model.to(device)
-    optimizer = make_optimizer(model, cfg, device)  # AdamW: optim.py
+    optimizer = make_optimizer(model, cfg, device)  # optim.py
     # batches: random windows of block_size tokens; each process takes its share, in micro-batches
     block_size, micro_batch = model.config.block_size, cfg.batch_size // world // cfg.grad_accum_steps
     n = max(block_size + 1, int(len(corpus.train) * cfg.data_fraction))  # --data_fraction: the first part
@@ -172,7 +166,7 @@ def set_up(model_cfg, cfg, options, preset, given, started):
     batches = {split: functools.partial(get_batch, ids, micro_batch, block_size, device, targets=targets)
                for split, (ids, targets) in splits.items()}  # targets: a conversation's answers, else None
     state = restore(source, optimizer, cfg, rank, world, say) if resumed else TrainState()
-    if world > 1 and len(source.get("rngs", []) if resumed else []) != world:  # each rank its own batches
+    if world > 1 and len(source.get("rngs", []) if resumed else []) != world:  # each rank draws its own batches
         devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
     if options.overfit_batch:  # a sanity check: every step trains on one batch
         fixed = batches["train"]()
@@ -185,7 +179,7 @@ def set_up(model_cfg, cfg, options, preset, given, started):
     print_header(run, micro_batch)
     if options.overwrite and run.master and run.writes and not resumed:  # the old run's files go only now
         checkpoint.clear_out_dir(cfg.out_dir)
-    if run.budget and cfg.sample_tokens:  # a budget keeps time for the closing sample: 16 tokens timed
+    if run.budget and cfg.sample_tokens:  # a budget keeps time for the closing sample: time 16 tokens
         closing_sample(run, 2)
         t0 = time.perf_counter()
         closing_sample(run, 16)
@@ -194,13 +188,12 @@ def set_up(model_cfg, cfg, options, preset, given, started):
 
 
 def settings(model_cfg, cfg, options, preset, given, say):
-    """The run's settings and what it starts from: --resume's last.pt (its settings, but for those a resume
-    may change), --init_from's model, or nothing (the run folder claimed). Also whether it resumes."""
+    """The settings, what the run starts from (last.pt, --init_from's model, or None), and whether it resumes."""
     last = os.path.join(cfg.out_dir, "last.pt")
     source = checkpoint.load(last) if options.resume and os.path.isfile(last) else None
     if options.resume:  # without a last.pt yet, the same command starts the run now and continues it later
-        say(f"resuming {last} at {checkpoint.where(source)}" if source else f"--resume: no {last} yet, starting "
-                                                                            f"a fresh run")
+        say(f"resuming {last} at {checkpoint.where(source)}" if source else
+            f"--resume: no {last} yet, starting a fresh run")
     if source:
         saved, required = source.get("train_config"), ["optimizer", "rng", *asdict(TrainState())]
         if any(k not in source for k in required) or set(saved or ()) != set(asdict(cfg)):
@@ -213,21 +206,21 @@ def settings(model_cfg, cfg, options, preset, given, say):
         if options.preset and options.preset != source.get("preset"):
             raise TinyLLMError(f"{last} is a run of preset {source.get('preset')!r}: --resume keeps it")
         changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE} | {"out_dir": cfg.out_dir}
-        cfg = dataclasses.replace(saved, **changes | ({"time_budget": ""} if "max_steps" in given else {}))
+        cfg = replace(saved, **changes | ({"time_budget": ""} if "max_steps" in given else {}))
         return model_cfg, cfg, source.get("preset", preset), source, last, True
     if not options.overfit_batch:
         checkpoint.claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
     if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
         source, last = fine_tune_source(options.init_from, given), options.init_from
-        cfg = dataclasses.replace(cfg, tokenizer=source["tokenizer"].get("kind", "char"))
+        cfg = replace(cfg, tokenizer=source["tokenizer"].get("kind", "char"))
     if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # tools.prepare fixed its tokenizer and text
         meta = sources.load_prepared(cfg.data)[0]
         made = {"vocab_size": meta["vocab_size"], "clean": meta["clean"], "tokenizer": meta["tokenizer"]["kind"]}
         if refused := contradicted(given, made, ()):
             raise TinyLLMError(f"{cfg.data} was made by tools.prepare with its own tokenizer and text: drop {refused}")
-        cfg = dataclasses.replace(cfg, tokenizer=made["tokenizer"])
+        cfg = replace(cfg, tokenizer=made["tokenizer"])
     if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
-        cfg = dataclasses.replace(cfg, time_budget="")
+        cfg = replace(cfg, time_budget="")
     if cfg.lora_rank and not options.init_from:
         raise TinyLLMError("--lora_rank adapts a trained model: give it with --init_from")
     return model_cfg, cfg, preset, source, last, False
@@ -240,7 +233,7 @@ def contradicted(given, saved, may_change):
 
 
 def fine_tune_source(path, given):
-    """--init_from: a checkpoint, or GPT-2's weights. Its shape stays; --dropout may change (it is no weight)."""
+    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change (it is no weight)."""
     if path.lower().endswith(".pt"):
         source = checkpoint.load(path)
     else:
@@ -254,7 +247,7 @@ def fine_tune_source(path, given):
 
 
 def data_and_model(model_cfg, cfg, source, path, options, say):
-    """The text split 90/10 into token ids (by the source's tokenizer, if any), and the GPT it trains."""
+    """The text as train and val token ids (by the source's tokenizer, if any), and the GPT to train."""
     model = tokenizer = None
     if source:
         model = checkpoint.model_of(source, path)
@@ -263,29 +256,29 @@ def data_and_model(model_cfg, cfg, source, path, options, say):
     block_size = (model.config if model else model_cfg).block_size
     sources.check_long_enough(corpus.train, block_size, "train", cfg.data)
     sources.check_long_enough(corpus.val, block_size, "validation", cfg.data)
-    if model is None:  # a fresh GPT: random weights, one embedding row per token
-        return corpus, GPT(dataclasses.replace(model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
-    rows = None  # each embedding row's row in the source model (None: a new token); None: the same rows
-    if corpus.added:  # tokens the checkpoint never saw: each a row at the old rows' mean, and a little noise
+    if model is None:  # a fresh GPT, random weights
+        return corpus, GPT(replace(model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
+    rows = None  # per embedding row, its row in the source model (None: a new token); None: rows unchanged
+    if corpus.added:  # new tokens: each a row at the old rows' mean, plus a little noise
         old, rows = model.wte.weight.detach(), corpus.old_ids + list(range(tokenizer.vocab_size, len(model.wte.weight)))
-        mean = old[[i for i in rows if i is not None]].mean(0)  # (noise: under LoRA, no two new rows alike)
+        mean = old[[i for i in rows if i is not None]].mean(0)  # noise: under LoRA no two new rows alike
         checkpoint.with_embedding(model, torch.stack([old[i] if i is not None else mean + 0.02 * torch.randn_like(mean)
                                                       for i in rows]))
         say(f"added {len(corpus.added)} token(s) {''.join(corpus.added)[:60]!r} to the vocabulary of {path}")
-    if not cfg.lora_rank:  # (an adapter fine-tuned in full: merged first)
+    if not cfg.lora_rank:  # an adapter's model fine-tuned in full is merged first
         return corpus, lora.merge(model), None
-    if not (adapter := source.get("lora")):  # the model frozen, small matrices beside it trained (lora.py)
+    if not (adapter := source.get("lora")):  # a new adapter: the model frozen, small matrices trained beside it
         lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)
         return corpus, model, dict(base=os.path.abspath(path), rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                    mlp=cfg.lora_mlp)  # a LoRA run's checkpoints name its base
-    if rows:  # an adapter trained on with new tokens: their rows, through those it had
+    if rows:  # an adapter trained on with new tokens: its rows mapped on to the base's
         adapter = adapter | {"rows": [i if i is None or not adapter["rows"] else adapter["rows"][i] for i in rows]}
     return corpus, model, adapter
 
 
 def restore(source, optimizer, cfg, rank, world, say):
     """A resumed run's state, optimizer and random numbers as saved; a new --max_steps is a new schedule."""
-    # this machine's optimizer kernel, given before loading: torch places the saved step tensors for it
+    # keep this machine's optimizer kernel (fused, foreach): torch places the saved step tensors for it
     groups = [{**saved, **{k: g[k] for k in ("fused", "foreach") if k in g}}
               for saved, g in zip(source["optimizer"]["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({**source["optimizer"], "param_groups": groups})
@@ -302,9 +295,7 @@ def restore(source, optimizer, cfg, rank, world, say):
 
 
 def set_precision(run, saved):
-    """The run's dtype, autocast, float16's scaler and bound step. --compile and --dtype auto take trial steps
-    that leave no trace: a missing compiler (Windows) is found before anything is written, and a CPU with
-    native bfloat16 takes it only where it measures faster (a resume keeps the choice)."""
+    """The run's dtype, autocast, scaler and bound step; --compile and --dtype auto take trial steps first."""
     cfg, device, state = run.cfg, run.device, run.state
     step = functools.partial(train_step, run.train_model, run.optimizer, run.batches["train"],
                              grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip)
@@ -317,7 +308,7 @@ def set_precision(run, saved):
             raise
         except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
             raise TinyLLMError(f"--compile failed on this machine ({cli.first_line(e)}); run without it") from None
-    if cfg.dtype == "auto" and device.type == "cpu" and devices.native_bf16(device):
+    if cfg.dtype == "auto" and device.type == "cpu" and devices.native_bf16(device):  # bfloat16 if it is faster
         if not state.measured:  # timings differ between processes: every rank takes rank 0's choice
             measured = devices.measure_dtype(lambda ctx: step(cfg.lr, ctx=ctx), run.model, run.optimizer, device)
             state.measured = ddp.every_rank(measured, run.world)[0]
@@ -329,21 +320,21 @@ def set_precision(run, saved):
 
 
 def print_header(run, micro_batch):
-    """What the run is: device and precision, the model, the tokens of a step and of the data, its end."""
+    """The run's opening lines: device and precision, model, tokens, and how it ends."""
     cfg, m = run.cfg, run.model.config
-    precision = (run.state.measured or {}).get("dtype_note") or run.dtype + " auto" * (cfg.dtype == "auto")
-    processes = f" x {run.world} processes" * (run.world > 1)
+    precision = (run.state.measured or {}).get("dtype_note") or run.dtype + (" auto" if cfg.dtype == "auto" else "")
+    processes = f" x {run.world} processes" if run.world > 1 else ""
     run.say(f"device {devices.describe(run.device)} ({precision}, {torch.get_num_threads()} threads){processes} | "
             f"preset {run.preset} | data {cfg.data}")
     trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    part = f" ({trained:,} trained: {100 * trained / run.model.num_params():.2f}%, LoRA)" * bool(run.lora)
+    part = f" ({trained:,} trained: {100 * trained / run.model.num_params():.2f}%, LoRA)" if run.lora else ""
     run.say(f"model {run.model.num_params():,} parameters{part}: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, "
             f"block {m.block_size}, vocab {m.vocab_size} | norm {m.norm}, mlp {m.mlp}, pos {m.pos} | "
             f"optimizer {cfg.optimizer}")
     split = f" ({run.world} processes x {cfg.grad_accum_steps} micro-batches of {micro_batch})"
-    run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}"
-            + split * (run.world * cfg.grad_accum_steps > 1)
-            + f" | train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens")
+    split = split if run.world * cfg.grad_accum_steps > 1 else ""
+    run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block {m.block_size}{split}"
+            f" | train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens")
     if run.budget:
         run.say(f"time budget {cfg.time_budget}: after the warmup the LR decays over the time left")
     elif cfg.max_steps <= cfg.warmup_steps:
@@ -353,40 +344,36 @@ def print_header(run, micro_batch):
 # ----------------------------------------------------------------------------- the loop
 
 def train_loop(run):
-    """Evaluate now and then, take optimizer steps, write down their figures, until max_steps or a budget's
-    end, or an early stop: --patience, --target_loss (evaluate), --overfit_batch (log_progress), Ctrl-C or
-    SIGTERM (the step is finished, then last.pt saved); finish says why."""
+    """Evaluate now and then and take steps until the run's end or an early stop; finish says why."""
     cfg, state = run.cfg, run.state
-    run.timer, run.first = [time.perf_counter(), 0.0, 0], (state.step, clock(run))
+    run.clock_start, run.first = time.perf_counter(), (state.step, clock(run))
     stop_reason, signum = None, 0
     with cli.StopRequest(announce=run.master) as stop:
         while True:
             seconds = clock(run) if run.budget else 0.0
             at_end = state.progress >= 1.0 if run.budget else state.step >= cfg.max_steps
-            # an evaluation every eval_interval steps (under a budget, if time is left for steps after it)
-            # and at the end, never twice at one step (a resumed run starts where its last one was)
+            # evaluate every eval_interval steps (under a budget, if time is left for steps after it) and
+            # at the end, never twice at one step (a resumed run starts at its last evaluation)
             room = not run.budget or seconds + state.eval_seconds < budget_end(run)
             if (at_end or state.step % cfg.eval_interval == 0 and room) and state.step != state.last_eval_step:
-                stop_reason = evaluate(run)  # --patience, --target_loss: why the run stops early
+                stop_reason = evaluate(run) or stop_reason  # --patience, --target_loss
                 seconds = clock(run) if run.budget else 0.0
-            if at_end or stop_reason:  # (a stop signal during the last evaluation still counts)
+            if at_end or stop_reason:  # a stop signal during the last evaluation still counts
                 signum = max(ddp.every_rank(stop.signum or 0, run.world))
                 break
 
-            # one optimizer step, at the schedule's learning rate: a function of how far the run is, by
-            # steps, or under a --time_budget by the share of its time spent
+            # one step at the schedule's learning rate: by how far the run is, in steps or in a --time_budget
             state.progress = budget_progress(run, seconds) if run.budget else progress(state.step, cfg)
             run.pending.append(run.train_step(get_lr(state.step, state.progress, cfg)))
             state.step += 1
 
-            # its figures: a progress line and a history row every log_interval steps, averaged
             if state.step % cfg.log_interval == 0:
                 stop_reason = log_progress(run)  # --overfit_batch done
             if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes:
                 save(run, f"ckpt_{state.step:07d}.pt")
                 if run.master:
                     checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
-            # Ctrl-C or SIGTERM on any rank: all agree at progress lines (none waits on a step)
+            # Ctrl-C or SIGTERM on any rank stops all; they compare only at progress lines (a wait)
             if run.world == 1 or state.step % cfg.log_interval == 0:
                 signum = max(ddp.every_rank(stop.signum or 0, run.world))
             if signum:
@@ -397,44 +384,43 @@ def train_loop(run):
 
 
 def read_figures(run):
-    """The figures of the steps since the last read, from the device in one read (a wait), into the window
-    of the next progress line; the steps' clock counts until now. A loss that is not finite stops the run."""
+    """The pending steps' figures into the window, read in one wait for the device; stops at a non-finite loss."""
     tensors = [v.detach().float().reshape(()) for f in run.pending for v in f.values() if torch.is_tensor(v)]
     values = iter(torch.stack(tensors).tolist() if tensors else [])
     for n, figures in enumerate(run.pending, run.state.step - len(run.pending)):
         figures = {k: next(values) if torch.is_tensor(v) else float(v) for k, v in figures.items()}
         if not math.isfinite(figures["loss"]) or not (run.scaler or math.isfinite(figures["grad_norm"])):
-            raise TinyLLMError(f"step {n}: the loss or the gradient is not finite (loss {figures['loss']}); the run "
-                               f"stops here. Try a lower --lr, clipping (--grad_clip 1), or --dtype bfloat16 or "
-                               f"float32. Nothing non-finite was saved")
+            raise TinyLLMError(f"step {n}: the loss or the gradient is not finite (loss {figures['loss']}); nothing "
+                               f"non-finite was saved. Try a lower --lr, --grad_clip 1, or --dtype bfloat16 or float32")
         run.state.window.append(figures)
         run.state.lr = figures["lr"]
-        run.state.grad_norm = figures["grad_norm"] if math.isfinite(figures["grad_norm"]) else None  # float16's skip
+        run.state.grad_norm = figures["grad_norm"] if math.isfinite(figures["grad_norm"]) else None  # a float16 skip
     now = time.perf_counter()
-    run.timer, run.pending = [now, run.timer[1] + now - run.timer[0], run.timer[2] + len(run.pending)], []
+    run.step_seconds, run.timed_steps = run.step_seconds + now - run.clock_start, run.timed_steps + len(run.pending)
+    run.clock_start, run.pending = now, []
 
 
 @contextlib.contextmanager
 def paused(run):
-    """An evaluation or a save: the steps' figures read first, its time kept out of the steps' clock."""
+    """Around an evaluation or a save: the steps' figures read first, its time kept off the steps' clock."""
     read_figures(run)
     start = time.perf_counter()
     yield
-    run.timer[0] = time.perf_counter()
-    run.pause = run.timer[0] - start
+    run.clock_start = time.perf_counter()
+    run.pause = run.clock_start - start
 
 
 FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints (others: .4g)
 
 
 def log_progress(run):
-    """A progress line and a history row of the steps since the last one; why the run stops (--overfit_batch)."""
+    """A progress line and a history row: the mean figures of the steps since the last; why --overfit_batch stops."""
     state = run.state
     read_figures(run)
     figures = {k: sum(v) / len(v) if (v := [r[k] for r in state.window if r[k] is not None]) else None
                for k in state.window[0]}
-    ms, state.window = 1000 * run.timer[1] / max(1, run.timer[2]), []
-    run.timer[1:] = [0.0, 0]
+    ms, state.window = 1000 * run.step_seconds / max(1, run.timed_steps), []
+    run.step_seconds, run.timed_steps = 0.0, 0
     tokens_per_s = run.cfg.batch_size * run.model.config.block_size / ms * 1000 if ms else 0.0
     end = end_step(run, ms / 1000)
     eta = cli.format_seconds((end - state.step) * ms / 1000) if end else "?"
@@ -442,18 +428,17 @@ def log_progress(run):
     run.say(f"step {state.step:>6}/{end or '?'} | {shown} | {ms:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}")
     state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
                           "tok_per_s": tokens_per_s, "seconds": run.elapsed()})
-    # --overfit_batch: done near 0, by the processes' mean loss (each has its own batch)
+    # --overfit_batch: done when the processes' mean loss is near 0 (each has its own batch)
     if run.options.overfit_batch and ddp.mean([figures["loss"]], run.world, run.device)[0] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
 
 
 def evaluate(run):
-    """Both splits' losses: a line and a history row, last.pt (and best.pt if val improved), history.csv and
-    loss.png. Returns why the run stops early (--patience, --target_loss), else None."""
+    """Both splits' losses, a line, a history row and the run's files; returns why the run stops early, or None."""
     cfg, state = run.cfg, run.state
     with paused(run):
         losses = estimate_loss(run.train_model, run.batches, math.ceil(cfg.eval_iters / run.world), run.ctx)
-        train_loss, val_loss = ddp.mean([losses["train"], losses["val"]], run.world, run.device)  # alike on all
+        train_loss, val_loss = ddp.mean([losses["train"], losses["val"]], run.world, run.device)  # same on all ranks
         improved = val_loss < state.best_val_loss
         state.best_val_loss = min(val_loss, state.best_val_loss)
         state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
@@ -461,9 +446,9 @@ def evaluate(run):
         state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss,
                               "lr": state.lr, "grad_norm": state.grad_norm, "seconds": run.elapsed()})
         bits = bits_per_char(val_loss, run.corpus.chars_per_token)
-        baseline = f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}" * (state.step == 0)
+        baseline = f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}" if state.step == 0 else ""
         run.say(f"eval {state.step:>6}/{end_step(run) or '?'} | train {train_loss:.4f} | val {val_loss:.4f} "
-                f"({bits:.3f} bits/char){baseline}" + " | new best" * improved)
+                f"({bits:.3f} bits/char){baseline}{' | new best' if improved else ''}")
         if run.writes:
             save(run, "last.pt")
             if improved:
@@ -489,7 +474,7 @@ def write_history(run):
 
 
 def save(run, name):
-    """out_dir/name: all --resume needs to go on exactly, every rank's random state included (all ranks call)."""
+    """out_dir/name: all --resume needs to go on exactly, every rank's random state too. All ranks call it."""
     with paused(run):
         rngs = ddp.every_rank(devices.rng_state(), run.world)
         if run.master:
@@ -502,7 +487,7 @@ def save(run, name):
 # ----------------------------------------------------------------------------- a time budget
 
 def clock(run):
-    """The run's seconds so far, every rank's mean (their clocks read a little apart: all decide alike)."""
+    """The run's seconds so far, the ranks' mean: their clocks differ a little, and all must decide alike."""
     return ddp.mean([run.elapsed()], run.world, run.device)[0]
 
 
@@ -512,14 +497,13 @@ def budget_end(run):
 
 
 def budget_progress(run, seconds):
-    """How far a budgeted run is at this step: 0 through the warmup, then the share spent of the time from
-    the warmup's end to the budget's, counted at this step's end: the step that crosses it is at 1."""
+    """How far a budgeted run is: 0 through the warmup, then the share spent of the time from the warmup's end
+    to the budget's, counted at this step's end (the step that crosses it is at 1)."""
     state, cfg = run.state, run.cfg
     if state.step <= cfg.warmup_steps:
         if seconds >= budget_end(run):
-            raise TinyLLMError(f"--time_budget {cfg.time_budget} is too short here: {seconds:.1f}s were gone "
-                               f"before the warmup's {cfg.warmup_steps} steps; give a longer budget or fewer "
-                               f"--warmup_steps")
+            raise TinyLLMError(f"--time_budget {cfg.time_budget} is too short here: {seconds:.1f}s were gone before "
+                               f"the warmup's {cfg.warmup_steps} steps; give more time or fewer --warmup_steps")
         state.decay_start = seconds
         return 0.0
     pace = (seconds - run.first[1]) / max(1, state.step - run.first[0])  # a step's seconds, evaluations included
@@ -549,11 +533,11 @@ def finish(run, stop_reason, signum):
                     f"Resume with: python train.py --resume --out_dir {cfg.out_dir}")
         ddp.leave_together(run.world)
         sys.exit(128 + signum)
-    files = f" | {cfg.out_dir}/: best.pt, last.pt, history.csv" + ", loss.png" * cfg.plots if run.writes else ""
-    for line in (stop_reason, f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
-                              f"{cli.format_seconds(run.elapsed())}{files}"):
-        if line:
-            run.say(line)
+    files = f" | {cfg.out_dir}/: best.pt, last.pt, history.csv" + (", loss.png" if cfg.plots else "")
+    if stop_reason:
+        run.say(stop_reason)
+    run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
+            f"{cli.format_seconds(run.elapsed())}{files if run.writes else ''}")
     if run.budget:
         run.say(f"time budget {cfg.time_budget}: {cli.format_seconds(clock(run))} used, {state.step:,} steps, the "
                 f"last at LR {state.lr:.4g} (floor {cfg.min_lr:g})")
@@ -573,9 +557,9 @@ def closing_sample(run, tokens):
     return run.corpus.tokenizer.decode(out[0].tolist())
 
 
-# ----------------------------------------------------------------------------- --eval_only
+# ----------------------------------------------------------------------------- --eval_only, and the command line
 
-def evaluate_checkpoint(path, data, device, batch_size, threads=0):
+def evaluate_checkpoint(path, data, device, batch_size, threads):
     """Loss, perplexity and bits per character on every position of a checkpoint's val split (or data's)."""
     devices.set_threads(threads)
     model, tokenizer, saved = checkpoint.load_model(path, devices.choose_device(device))
@@ -604,8 +588,6 @@ def token_losses(model, ids, batch_size=1):
         losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
     return torch.cat(losses)
 
-
-# ----------------------------------------------------------------------------- the command line
 
 def parse_flags(argv=None):
     """(options, model_cfg, train_cfg, preset, given): the flags given, on top of --preset or this machine's."""

@@ -54,15 +54,15 @@ class CharTokenizer:
 
 def split_train_val(text):
     """The first 90% trains, the rest validates: never shuffled, since the model learns text in order.
-    The cut never falls inside an <|endoftext|> (one token)."""
+    The cut never falls inside a special token like <|endoftext|>."""
     n = whole_eot(text, int(len(text) * TRAIN_FRACTION))
     return text[:n], text[n:]
 
 
 def whole_eot(text, n):
-    """n, or where n falls inside an <|endoftext|>, the marker's start."""
-    eot = text.find(EOT, max(0, n - len(EOT) + 1), n + len(EOT) - 1)
-    return eot if -1 < eot < n else n
+    """n, or where n falls inside a special token (<|endoftext|>, <|user|>, ...), the token's start."""
+    start = text.rfind("<|", max(0, n - 20), n + 1)
+    return start if start != -1 and text.find("|>", start) + 2 > n else n
 
 
 def get_batch(data, batch_size, block_size, device, targets=None):

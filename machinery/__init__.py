@@ -1,6 +1,6 @@
-"""What a run needs besides the lesson, a module per job. Imported before torch, it notes the time (STARTED, where a
-time budget starts) and sets GOMP_SPINCOUNT=10000: OpenMP's long idle spin made a 2-thread step 2-9x slower beside a
-busy process on 2 cores. A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins; after torch, only child processes see it."""
+"""What a run needs besides the lesson. Imported before torch, it notes the start time (STARTED, where a time budget
+starts) and sets GOMP_SPINCOUNT=10000: OpenMP's long idle spin made a 2-thread step 2-9x slower beside a busy
+process on 2 cores. A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
 
 import os
 import time

@@ -86,13 +86,13 @@ class Annotator:
     def __init__(self, tokenizer, top=0, colour=False):
         self.tokenizer, self.top, self.colour = tokenizer, top, colour and not top
 
-    def begin(self, prompt_ids, n_samples, stop=None, live=False):
+    def begin(self, prompt_ids, n_samples, stop, live):
         self.samples, self.prompt, self.stop, self.live = [[] for _ in range(n_samples)], prompt_ids, stop, live
         self.pieces = WholeCharacters(self.tokenizer)
         if self.colour:
             print("probability of each new token: " + "  ".join(paint(w, low) for low, _, w in BANDS))
-        if live and self.colour:
-            print(self.tokenizer.decode(prompt_ids), end="", flush=True)
+            if live:
+                print(self.tokenizer.decode(prompt_ids), end="", flush=True)
 
     def add(self, token, probs):
         """One step of every sample: token (B, 1) drawn from probs (B, V)."""

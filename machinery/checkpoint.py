@@ -1,6 +1,5 @@
-"""Checkpoint files: written atomically, read without running code (weights_only), turned back into a
-model and tokenizer (a LoRA adapter's with its base); and the run folder that holds them, which a fresh
-run never takes from another."""
+"""Checkpoint files: written atomically, read without running code, turned back into a model and tokenizer
+(a LoRA adapter's with its base); and the run folder (--out_dir) that holds them."""
 
 import contextlib
 import dataclasses
@@ -20,7 +19,7 @@ from machinery.sources import tokenizer_from_dict
 
 
 def save(path, checkpoint):
-    """Write atomically: a temp file beside it, flushed to disk, renamed over it. A crash leaves the old file."""
+    """Written to a temp file, then renamed over path: a crash leaves the old file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -46,17 +45,16 @@ def save(path, checkpoint):
 
 def replace_file(src, dst):
     """os.replace, tried again for seconds: on Windows a file another process holds open cannot be replaced."""
-    for wait in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, None):
+    for wait in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
         try:
             return os.replace(src, dst)
         except PermissionError:
-            if wait is None:
-                raise
             time.sleep(wait)
+    os.replace(src, dst)
 
 
 def load(path):
-    """A checkpoint read onto the CPU without running code from it (weights_only=True), checked to be ours."""
+    """A checkpoint read onto the CPU without running code from it, checked to be ours."""
     if not os.path.isfile(path):
         raise TinyLLMError(f"checkpoint {path} not found (train one with: python train.py)")
     try:
@@ -91,8 +89,8 @@ def unsafe_file(what):
 
 
 def model_of(checkpoint, path="checkpoint"):
-    """The GPT a checkpoint holds (on the CPU), its weights checked. A LoRA adapter's: its base, with the
-    embedding rows the base lacks added, and the adapter beside it."""
+    """The GPT a checkpoint holds, its weights checked. A LoRA adapter's: its base, with the embedding rows
+    the base lacks added, and the adapter beside it."""
     if lora := checkpoint.get("lora"):
         model, weights = model_of(load(lora["base"]), lora["base"]), dict(checkpoint["model"])
         base, new = model.wte.weight.detach(), iter(weights.pop("new_rows"))
@@ -131,8 +129,7 @@ def load_model(path, device="cpu"):
 
 
 def make(model, tokenizer, lora=None, **extra):
-    """A checkpoint: the weights, the model's shape, the tokenizer. A LoRA run's holds the adapter and the
-    embedding rows its base lacks, and names the base (lora): kilobytes, not the model."""
+    """A checkpoint. A LoRA run's holds only the adapter and the embedding rows its base lacks: kilobytes."""
     weights = model.state_dict()
     if lora:
         new = [i for i, r in enumerate(lora["rows"] or ()) if r is None]
@@ -154,8 +151,6 @@ def where(checkpoint):
     val = checkpoint.get("best_val_loss")
     return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
 
-
-# ----------------------------------------------------------------------------- the run folder (--out_dir)
 
 def run_files(out_dir):
     """The checkpoints of a run folder, the periodic ones oldest first."""

@@ -1,5 +1,5 @@
-"""The scripts' command line: flags from config.py's settings, bad input as one `error:` line
-(exit status 2), Ctrl-C or SIGTERM letting a training step finish and save first; and printing."""
+"""The scripts' command line: flags from config.py's settings, bad input as one `error:` line (exit 2),
+Ctrl-C or SIGTERM finishing a training step and saving first; and printing."""
 
 import argparse
 import contextlib
@@ -14,15 +14,19 @@ from config import TinyLLMError
 
 
 def log(*args):
-    """One flushed line (a Colab cell, a log file). If its reader has gone (`| head`, or a `| tee` the
-    same Ctrl-C ended; EINVAL on Windows), a training loop saves and stops (StopRequest); else exit 141."""
+    """One flushed line. If its reader has gone (`| head`, a `| tee` the same Ctrl-C ended; EINVAL on
+    Windows), a training loop saves and stops (StopRequest); else exit 141."""
     try:
         print(*args, flush=True)
     except OSError as e:
         if StopRequest.active is None or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
             raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        silence_stdout()
         StopRequest.active.signum = StopRequest.active.signum or StopRequest.OUTPUT_GONE
+
+
+def silence_stdout():
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def warn(message):
@@ -38,8 +42,6 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-# ----------------------------------------------------------------------------- flags from settings
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
@@ -53,8 +55,7 @@ def bool_flag(text):
 
 
 def add_config_flags(parser, cls, defaults=None, names=None, title=None):
-    """A --flag per field of cls; one not given stays None, so the user's choices are told from defaults.
-    defaults: {name: (value, where it comes from)} to show in --help in place of the field's."""
+    """A --flag per field of cls, None unless given; defaults: {name: (value, where from)} for --help."""
     group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
@@ -91,11 +92,9 @@ def check_writable(path, flag, make_folder=False):
         os.remove(path)
 
 
-# ----------------------------------------------------------------------------- errors and exits
-
 def run_cli(main, argv=None):
     """Run a script's main(): bad input, or a file it cannot read or write, is one `error:` line and exit 2."""
-    # any character a model writes: a file or pipe gets UTF-8, a legacy console (cp1252) an escape (\u0416)
+    # a file or pipe gets UTF-8, a legacy console (cp1252) an escape (\u0416)
     for stream in (sys.stdout, sys.stderr):
         if (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "") != "utf8":
             with contextlib.suppress(AttributeError, ValueError, OSError):
@@ -106,7 +105,7 @@ def run_cli(main, argv=None):
         fail(str(e))
     except OSError as e:
         if isinstance(e, BrokenPipeError):  # `| head` stopped reading
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            silence_stdout()  # no second error at exit
             leave(141)
         fail(f"{e.strerror or e}: {e.filename}" if e.filename else f"{e.strerror or e}")
     except KeyboardInterrupt:
@@ -117,7 +116,7 @@ def run_cli(main, argv=None):
     except Exception:
         if not in_process_group():
             raise
-        traceback.print_exc()  # a bug under torchrun: its traceback, then out without the teardown
+        traceback.print_exc()  # a bug under torchrun: its traceback, then out at once
         leave(1)
     leave(0)
 
@@ -142,8 +141,7 @@ def fail(message):
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to finish its step, save and exit (a second Ctrl-C aborts);
-    so does a reader of the output gone (log). active: the request of the loop running now."""
+    """Ctrl-C, SIGTERM or a reader gone (log): the active loop finishes its step, saves and exits."""
     active = None
     OUTPUT_GONE = 13  # the signal a reader gone stands for: exit 141, as SIGPIPE's
 
@@ -156,15 +154,15 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
-        if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
+        if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:  # a second Ctrl-C aborts
             raise KeyboardInterrupt
         self.signum = signum  # (after a reader gone: the Ctrl-C that ended `| tee` too, exit 130)
-        if self.announce:  # past the print buffer: the signal may have come while it was printing a line
+        if self.announce:  # os.write: the signal may have come while print was writing a line
             try:
                 os.write(sys.stdout.fileno(), f"\n{signal.Signals(signum).name} received: finishing this step, "
                                               f"then saving last.pt\n".encode())
-            except BrokenPipeError:  # the same Ctrl-C ended `| tee`: what the run prints now goes nowhere
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except BrokenPipeError:  # the same Ctrl-C ended `| tee`
+                silence_stdout()
             except (OSError, ValueError):  # no file behind stdout
                 pass
 

@@ -12,9 +12,8 @@ from machinery import device as devices
 
 
 def setup(device):
-    """(rank, world size, device); (0, 1, device) without torchrun. Checked before joining, where a
-    wrong count would fail or hang; a GPU process binds its GPU before NCCL starts. A process joins its
-    group once, however many runs it trains (tools.ablation under torchrun)."""
+    """(rank, world size, device); (0, 1, device) without torchrun. A process joins its group once, however
+    many runs it trains (tools.ablation)."""
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -36,7 +35,7 @@ def setup(device):
 
 
 def leave_together(world):
-    """Every rank waits here for the others: torchrun ends them all once one exits, rank 0 saving or not."""
+    """Every rank waits here: torchrun ends them all once one exits, rank 0 saving or not."""
     if world > 1:
         dist.barrier()
 

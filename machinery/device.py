@@ -1,6 +1,5 @@
-"""Where the numbers are computed and in what format: the device, the random generators, the
-precision. machine() and gpu() are the one place tinyllm asks torch what the machine has: tests
-stand in for other machines through them, never through torch's own functions."""
+"""The device, the random generators and the precision. machine() and gpu() are the one place tinyllm asks
+torch what the machine has: tests stand in for other machines there."""
 
 import contextlib
 import copy
@@ -73,8 +72,6 @@ def out_of_memory_as_error(hint):
         raise
 
 
-# ----------------------------------------------------------------------------- random numbers
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -91,7 +88,7 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Put back what rng_state saved; on fewer GPUs than it saved, those there are, with a note."""
+    """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, key, *rest = state["numpy"]
@@ -107,11 +104,8 @@ def set_rng_state(state):
             f"{has.gpus}; dropout on the rest continues from a fresh seed")
 
 
-# ----------------------------------------------------------------------------- the precision
-
 def native_bf16(device):
-    """bfloat16 computed natively: a GPU from compute capability 8.0 (a T4 emulates it, slowly), a CPU
-    with AVX512-BF16 or AMX. A Mac's needs macOS 14: counted out."""
+    """bfloat16 in hardware: a GPU from compute capability 8.0 (a T4 emulates it), a CPU with AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return gpu(device)[1] >= (8, 0)
     return device.type == "cpu" and machine().bf16_cpu
@@ -151,18 +145,16 @@ def make_scaler(device, dtype):
     return scaler
 
 
-# bfloat16 must beat float32 by this much: at equal steps it ends about 0.012 higher in val loss,
-# which about a quarter more steps win back in a five-minute run
+# bfloat16 must beat float32 by this much: it ends ~0.012 higher in val loss, won back by ~25% more steps
 BF16_MARGIN = 1.25
 
 
 def measure_dtype(step, model, optimizer, device):
-    """float32 or bfloat16, whichever trains faster here by BF16_MARGIN, and why. step(ctx) is one of
-    the run's training steps; they are interleaved (drift slows both alike) and leave no trace."""
+    """float32 or bfloat16, whichever trains faster here, and why; step(ctx) runs one training step."""
     seconds = {"float32": 0.0, "bfloat16": 0.0}
     with trial(model, optimizer):
         for i in range(10):  # the first two of each pay for allocations: not counted
-            for dtype in seconds:
+            for dtype in seconds:  # interleaved: drift slows both alike
                 t0 = time.perf_counter()
                 step(autocast(device, dtype))["loss"].item()  # .item(): the step is done
                 seconds[dtype] += (time.perf_counter() - t0) * (i >= 2)
@@ -173,7 +165,7 @@ def measure_dtype(step, model, optimizer, device):
 
 @contextlib.contextmanager
 def trial(model, optimizer, scaler=None):
-    """Steps for a check or a measurement: weights, optimizer, loss scale and every RNG put back after."""
+    """Steps that leave no trace: weights, optimizer, loss scale and every RNG put back after."""
     saved = [{k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()),
              copy.deepcopy(scaler.state_dict()) if scaler else None, rng_state()]
     try:

@@ -13,7 +13,6 @@ from model import GPT
 
 from machinery import checkpoint, cli
 
-GPT2_VOCAB_SIZE = 50257
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF's are (in, out)
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # some transformers versions' constant masks: not weights
 
@@ -25,10 +24,10 @@ def hf_names(model):
             v.t() if k.endswith(CONV1D) else v for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
-def config_from_hf(hf, name, dropout=0.0):
+def config_from_hf(hf, name):
     """Our GPTConfig of a Hugging Face config, refused where our model cannot be that one."""
-    if getattr(hf, "model_type", None) != "gpt2":
-        problems = [f"model_type is {getattr(hf, 'model_type', None)!r}, not 'gpt2'"]
+    if hf.model_type != "gpt2":
+        problems = [f"model_type is {hf.model_type!r}, not 'gpt2'"]
     else:
         problems = [why for wrong, why in (
             (hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
@@ -43,10 +42,10 @@ def config_from_hf(hf, name, dropout=0.0):
     if problems:
         raise TinyLLMError(f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
     return GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head,
-                     n_embd=hf.n_embd, dropout=dropout, bias=True)
+                     n_embd=hf.n_embd, bias=True)
 
 
-def load_gpt2(name, dropout=0.0):
+def load_gpt2(name):
     """Our GPT (eval mode, float32) with the GPT-2 weights of a Hub name or a save_pretrained folder."""
     if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1):
         raise TinyLLMError(f"GPT-2 folder {name} not found")  # a typo, not a Hub name
@@ -59,7 +58,7 @@ def load_gpt2(name, dropout=0.0):
         hf_config = transformers.AutoConfig.from_pretrained(name)
     except Exception as e:  # not found, offline, unreadable...
         raise TinyLLMError(f"could not load the config of {what}: {cli.first_line(e)}") from None
-    config = config_from_hf(hf_config, name, dropout)  # refused before gigabytes are downloaded
+    config = config_from_hf(hf_config, name)  # refused before gigabytes are downloaded
     try:
         hf_state = transformers.GPT2LMHeadModel.from_pretrained(name, config=hf_config).state_dict()
     except Exception as e:
@@ -78,7 +77,7 @@ def load_gpt2(name, dropout=0.0):
             ours.copy_(theirs)  # float16 or bfloat16 weights cast to our float32
     if leftover := [k for k in hf_state if not k.endswith(HF_BUFFERS)]:
         raise TinyLLMError(f"{name}: {len(leftover)} weights have no place in our GPT, e.g. {leftover[0]}")
-    return model.float().eval()
+    return model.eval()
 
 
 def gpt2_checkpoint(name):

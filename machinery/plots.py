@@ -1,5 +1,4 @@
-"""The pictures: a run's loss.png (after every evaluation), --plot_lr's schedule, and the figure
-helpers every picture of tinyllm uses (tools/)."""
+"""Pictures: a run's loss.png, --plot_lr's schedule, and the figure helpers that tools/ use too."""
 
 import math
 import os
@@ -10,8 +9,8 @@ from machinery.cli import log, warn
 
 
 def new_plot(height=3, width=7, grid=None):
-    """A figure and its axes (a 2-D array for grid=(rows, cols)) from matplotlib's file-only backend."""
-    import matplotlib  # here: the scripts that never draw skip its start-up
+    """A figure and its axes (a 2-D array for grid=(rows, cols)), drawn to files only."""
+    import matplotlib  # imported here: scripts that never draw skip its slow start
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt.subplots(*(grid or (1, 1)), figsize=(width, height), dpi=90, squeeze=not grid)
@@ -44,9 +43,9 @@ def plot_loss(history, path, vocab_size):
 
 
 def draw_lr_schedule(cfg):
-    """--plot_lr: get_lr at every step of a run of max_steps, drawn and printed at every tenth."""
+    """--plot_lr: the LR at every step of max_steps, drawn, and printed at every tenth."""
     if cfg.time_budget:
-        warn(f"--time_budget {cfg.time_budget}: a budget's end follows its pace; this is --max_steps {cfg.max_steps}'s")
+        warn(f"--time_budget {cfg.time_budget}: its end depends on its pace; drawn for --max_steps {cfg.max_steps}")
     lrs = [get_lr(s, progress(s, cfg), cfg) for s in range(cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot(lrs)
@@ -55,6 +54,6 @@ def draw_lr_schedule(cfg):
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
     save_plot(fig, ax, path)
     steps = sorted({s for s in [cfg.warmup_steps] + [round(cfg.max_steps * i / 10) for i in range(11)]
-                    if s <= cfg.max_steps})  # the tenths and the peak
+                    if s <= cfg.max_steps})  # the peak and the tenths
     log("lr at step " + ", ".join(f"{s}: {lrs[s]:.3g}" for s in steps))
     log(f"wrote {path}")

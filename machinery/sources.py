@@ -1,7 +1,6 @@
-"""Training text and its tokens: a .txt file, a folder of them, .jsonl (text or conversations), a Q&A .json
-list, or a tools/prepare.py folder; conversations in the chat template, and which of their tokens are targets;
-the tokenizer a checkpoint saves (grown by a fine-tune's new tokens); prompts. Files are read as "utf-8-sig"
-(no byte-order mark) with CRLF as LF: the same tokens everywhere."""
+"""Training text and its tokens: a .txt file, a folder of them, .jsonl, a Q&A .json list, or a tools/prepare.py
+folder; the chat template; the tokenizer a checkpoint saves; prompts. Files are read as "utf-8-sig" (no
+byte-order mark) with CRLF as LF: the same tokens everywhere."""
 
 import hashlib
 import json
@@ -21,9 +20,8 @@ from machinery.cli import warn
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
-    """The source's text in pieces, never all in memory: several documents each end with EOT, so
-    that the model learns where one ends; a .txt file is one document, read in chunks. Conversations
-    and Q&A records are written in the chat template (chat_document)."""
+    """The source's text in pieces: a .txt file in chunks, or documents each ending with EOT, so that
+    the model learns where one ends."""
     if not os.path.exists(path):
         raise TinyLLMError(f"data file {path} not found")
     seen = set()
@@ -81,7 +79,7 @@ def records(path):
     yield from enumerate(data, 1)
 
 
-def folder_files(folder, extensions=".txt"):
+def folder_files(folder, extensions):
     endings = tuple(e.strip().lower() for e in extensions.split(",") if e.strip())
     found = []
     for root, dirs, files in os.walk(folder):
@@ -93,8 +91,7 @@ def folder_files(folder, extensions=".txt"):
 
 
 def chat_document(record, where):
-    """A conversation in the chat template, each turn <|user|>question\n<|assistant|>answer<|endoftext|>:
-    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}, or a Q&A record."""
+    """{"messages": [{"role": "user", "content": ...}, ...]}, or a Q&A record, in the chat template."""
     messages = record.get("messages")
     if "messages" not in record:
         messages = [{"role": "user", "content": record.get("question")},
@@ -110,7 +107,7 @@ def chat_document(record, where):
 
 
 def turn(role, content):
-    """One turn of the chat template; the model learns to write the assistant's, and to end it."""
+    """<|user|>question\n, or <|assistant|>answer<|endoftext|>: the model learns to end its turn."""
     return f"{USER}{content.strip()}\n" if role == "user" else f"{ASSISTANT}{content.strip()}{EOT}"
 
 
@@ -144,8 +141,8 @@ def make_tokenizer(kind, text, vocab_size=0, verbose=False):
 
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
-    """cfg.data, split 90/10 and tokenized: by the tokenizer given (a resumed or fine-tuned run's, grown by
-    new characters and chat tokens when extend) or by a new one (BPE learns from the training part only)."""
+    """cfg.data, split 90/10 and tokenized: by the tokenizer given (grown by new characters and chat tokens
+    when extend) or by a new one (BPE learns from the training part only)."""
     if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # made by tools.prepare: memory-mapped
         meta, train_ids, val_ids = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
@@ -180,8 +177,7 @@ def grown(tokenizer, chars, special):
 
 
 def answer_targets(ids, tokenizer):
-    """True at each answer's tokens and the <|endoftext|> that ends it: what a chat model learns to write.
-    None where there is no conversation (every token is a target)."""
+    """True at each answer's tokens and the <|endoftext|> that ends it: what a chat model learns to write."""
     start = tokenizer.special_tokens.get(ASSISTANT)
     if start is None:
         return None
@@ -193,7 +189,7 @@ def answer_targets(ids, tokenizer):
 
 
 def load_prepared(path):
-    """A tools.prepare folder: (meta, train tokens, val tokens), memory-mapped: a corpus larger than memory."""
+    """A tools.prepare folder: (meta, train tokens, val tokens), memory-mapped: larger than memory."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -214,7 +210,7 @@ def load_prepared(path):
 
 
 def tokenizer_from_dict(d):
-    """The tokenizer a checkpoint (or a prepared folder's meta.json) describes, checked."""
+    """The tokenizer a checkpoint or a prepared folder's meta.json describes, checked."""
     kind = d.get("kind") if isinstance(d, dict) else None
     try:
         if kind == "char":
@@ -263,7 +259,7 @@ def read_prompt(cfg):
 
 
 def encode_prompt(tokenizer, prompt, qa=False, say=warn):
-    """The prompt's ids, characters the vocabulary lacks dropped with a warning; qa frames it as Q&A training."""
+    """The prompt's ids, characters the vocabulary lacks dropped with a warning."""
     if qa:  # the chat template's first turn, up to where the answer begins
         if ASSISTANT not in tokenizer.special_tokens:
             raise TinyLLMError("--qa needs a model fine-tuned on conversations (its vocabulary has no <|assistant|>)")

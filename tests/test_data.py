@@ -57,14 +57,15 @@ def test_char_tokenizer_round_trip_with_end_of_text_as_one_id_after_the_characte
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_split_is_contiguous_90_10_and_never_cuts_an_end_of_text():
+@pytest.mark.parametrize("special", [EOT, USER])
+def test_split_is_contiguous_90_10_and_never_cuts_a_special_token(special):
     text = "".join(chr(65 + i % 26) for i in range(1000))
     assert split_train_val(text) == (text[:900], text[900:])
-    for start in range(885, 902):  # the cut at 900 falls before, inside or after the marker
-        text = "a" * start + EOT + "b" * (1000 - start - len(EOT))
+    for start in range(885, 902):  # the cut at 900 falls before, inside or after the token
+        text = "a" * start + special + "b" * (1000 - start - len(special))
         train_part, val_part = split_train_val(text)
-        assert train_part + val_part == text and train_part.count(EOT) + val_part.count(EOT) == 1, start
-        assert abs(len(train_part) - 900) <= len(EOT), start
+        assert train_part + val_part == text and train_part.count(special) + val_part.count(special) == 1, start
+        assert abs(len(train_part) - 900) <= len(special), start
 
 
 def test_batch_targets_are_inputs_shifted_by_one_and_reach_the_last_token():
@@ -284,9 +285,13 @@ def test_a_bpe_vocabulary_too_small_is_one_error(tmp_path, capsys):
 
 
 def test_the_gpt2_tokenizer_offline_is_one_clear_error(monkeypatch, tmp_path, capsys):
-    def offline():
-        raise ConnectionError("no network")
-    monkeypatch.setattr(bpe, "gpt2_encoding", offline)
+    real = bpe.tiktoken.get_encoding
+
+    def offline(name):
+        if name == "gpt2":
+            raise ConnectionError("no network")
+        return real(name)
+    monkeypatch.setattr(bpe.tiktoken, "get_encoding", offline)
     with pytest.raises(TinyLLMError, match="GPT-2"):
         tokenizer_from_dict({"kind": "gpt2"})  # a gpt2 checkpoint's tokenizer
     (tmp_path / "a.txt").write_text(corpus_head(1000))

@@ -334,9 +334,10 @@ def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys
 
 def test_train_init_from_the_folder_fine_tunes_it(hf_folder, text_file, tmp_path, capsys, monkeypatch):
     import tiktoken  # GPT-2's own tokenizer files are downloaded: offline, a byte-level one of its size stands in
-    monkeypatch.setattr(bpe, "gpt2_encoding", lambda: tiktoken.Encoding(
+    real, offline = tiktoken.get_encoding, tiktoken.Encoding(
         name="gpt2-offline", pat_str=bpe.GPT2_PATTERN, mergeable_ranks={bytes([b]): b for b in range(256)},
-        special_tokens={"<|endoftext|>": 50256}))
+        special_tokens={"<|endoftext|>": 50256})
+    monkeypatch.setattr(bpe.tiktoken, "get_encoding", lambda name: offline if name == "gpt2" else real(name))
     code, out, err = cli(capsys, train.main, "--init_from", hf_folder[0], "--data", text_file, "--out_dir",
                          tmp_path / "run", "--max_steps", 3, "--eval_interval", 3, "--eval_iters", 1, "--batch_size", 4,
                          "--warmup_steps", 1, "--device", "cpu", "--dtype", "float32", "--sample_tokens", 0,

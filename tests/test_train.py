@@ -128,7 +128,8 @@ def test_evaluation_is_in_eval_mode_without_a_graph():
 def test_overfit_batch_fits_one_batch_and_writes_nothing(text_file, tmp_path, capsys):
     code, out, _ = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run",
                        "--overfit_batch", "--max_steps", "400", "--n_embd", "64", "--batch_size", "4", "--warmup_steps",
-                       "0", "--lr", "1e-2", "--min_lr", "1e-2", "--weight_decay", "0", "--log_interval", "25")
+                       "0", "--lr", "1e-2", "--min_lr", "1e-2", "--weight_decay", "0", "--log_interval", "25",
+                       "--eval_interval", "25")  # an evaluation on a progress line must not undo the stop
     assert code == 0 and "overfit_batch: loss below 0.01" in out and not (tmp_path / "run").exists()
 
 
@@ -397,7 +398,7 @@ def test_a_budget_ends_in_time_with_its_last_step_at_the_floor(text_file, tmp_pa
         summary = train.train(tiny_model(), cfg, started=started)
         took = time.perf_counter() - started
         steps = [h for h in summary["history"] if h["kind"] == "train"]
-        assert 2.6 < took < 3.1 and summary["step"] > 20
+        assert 2.5 < took < 3.3 and summary["step"] > 20  # a step or two of slack on a busy machine
         assert checkpoint.load(str(tmp_path / schedule / "last.pt"))["lr"] == cfg.min_lr  # the last step's
         assert all(a["lr"] >= b["lr"] for a, b in zip(steps[1:], steps[2:]))  # decays over the run
     assert "the last at LR 0.0003 (floor 0.0003)" in capsys.readouterr().out
@@ -412,7 +413,7 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_floor(text_fi
     spent = checkpoint.load(str(tmp_path / "last.pt"))["seconds"]
     started = time.perf_counter()
     summary = train.train(tiny_model(), cfg, RunOptions(resume=True), started=started)
-    assert spent + time.perf_counter() - started == pytest.approx(4.0, abs=0.4)
+    assert spent + time.perf_counter() - started == pytest.approx(4.0, abs=0.5)
     assert summary["step"] > 30 and checkpoint.load(str(tmp_path / "last.pt"))["lr"] == cfg.min_lr
 
 

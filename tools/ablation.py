@@ -48,10 +48,10 @@ def main(argv=None):
                      "out_dir": os.path.join(tmp, name)}
             given.setdefault("max_steps", 600)  # equal steps, not a time budget
             summary = train.train(*build_configs(given, args.preset), preset=args.preset, given=given)
-            evals = [h for h in summary["history"] if h["kind"] == "eval"]
-            best = min(h["val_loss"] for h in evals)
+            best = summary["best_val_loss"]
             rows.append((name, summary["model"].num_params(), best,
                          bits_per_char(best, summary["corpus"].chars_per_token), summary["seconds"]))
+            evals = [h for h in summary["history"] if h["kind"] == "eval"]
             fig_ax[1].plot([h["step"] for h in evals], [h["val_loss"] for h in evals], marker=".", label=name)
     cli.log("| variant | params | best val loss | vs " + names[0] + " | val bits/char | seconds |\n|---|---|---|---|---|---|")
     for name, params, best, bpc, seconds in rows:

@@ -1,4 +1,4 @@
-"""Several training runs' loss curves in one picture: python -m tools.compare checkpoints/a checkpoints/b"""
+"""Several runs' loss curves in one picture: python -m tools.compare checkpoints/a checkpoints/b"""
 
 import csv
 import os
@@ -16,16 +16,16 @@ def read_history(run_dir):
         with open(path, encoding="utf-8", newline="") as f:
             return [{k: float(v) if k != "kind" and v else v for k, v in row.items()} for row in csv.DictReader(f)]
     except FileNotFoundError:
-        raise TinyLLMError(f"{path} not found: give run folders written by train.py") from None
+        raise TinyLLMError(f"{path} not found: give run folders of train.py") from None
     except ValueError as e:
         raise TinyLLMError(f"{path} is not a train.py history ({e})") from None
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Overlay several train.py runs' train and val loss in one PNG.")
-    parser.add_argument("runs", nargs="+", help="run folders (each with the history.csv train.py writes)")
+    parser = cli.ArgumentParser(description="Overlay train.py runs' train and val loss in one PNG.")
+    parser.add_argument("runs", nargs="+", help="run folders, each with its history.csv")
     parser.add_argument("--out", default="compare.png", help="the PNG to write (default: %(default)s)")
-    parser.add_argument("--labels", default=None, help="comma-separated labels (default: the folder names)")
+    parser.add_argument("--labels", help="comma-separated labels (default: the folder names)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.normpath(d)) for d in args.runs]
     if not args.out.lower().endswith(".png"):

@@ -57,8 +57,9 @@ def main(argv=None):
                                generator=torch.Generator().manual_seed(seed))
                 new = out[:, idx.size(1):]
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model_odds(model, idx, new)) / new.size(1)
-            texts.setdefault(name, tokenizer.decode(new[0].tolist()))
-            scores.append((logp, repeated_ngrams(tokenizer.decode(new[0].tolist()))))
+            text = tokenizer.decode(new[0].tolist())
+            texts.setdefault(name, text)
+            scores.append((logp, repeated_ngrams(text)))
         logp, repeats = (statistics.mean(s[i] for s in scores) for i in (0, 1))
         cli.log(f"| {name} | {logp:.3f} | {100 * repeats:.0f}% |")
     for name, text in texts.items():

@@ -1,6 +1,6 @@
-"""See inside a trained model, each picture a PNG with a line saying what to look for: attention (each
-layer's and head's weights over the prompt), surprise (the val split coloured by the model's loss),
-temperature (the next-token distribution at several temperatures), embeddings (a char model's, by PCA).
+"""See inside a trained model, a PNG each with what to look for: attention (each layer's and head's
+weights over the prompt), surprise (the val split coloured by loss), temperature (the next-token
+distribution at several temperatures), embeddings (a char model's, by PCA).
 
     python -m tools.pictures checkpoints/best.pt --only attention,surprise
 """
@@ -27,7 +27,7 @@ PICTURES = ("attention", "surprise", "temperature", "embeddings")
 
 
 def short_label(tokenizer, token):
-    """A token as an axis label: spaces and line ends made visible, part of a character as its bytes."""
+    """A token as an axis label: spaces and line ends visible, part of a character as bytes."""
     piece = token_piece(tokenizer, token)
     text = piece if isinstance(piece, str) else piece.decode("utf-8", errors="backslashreplace")
     return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
@@ -35,17 +35,16 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """[attention weights (nh, T, T) per layer] of idx (1, T): what each layer's formula computes in the
-    forward pass (attention_weights, in place of the fused kernel for this pass), seen as it is used."""
-    maps, layers = [], [block.attn for block in model.blocks]
-    hooks = [attn.attn_dropout.register_forward_pre_hook(lambda module, args: maps.append(args[0][0])) for attn in layers]
-    for attn in layers:
-        attn.fused = False
+    """[attention weights (nh, T, T) per layer] of idx (1, T), caught as the formula's path uses them."""
+    maps, hooks = [], []
+    for block in model.blocks:
+        block.attn.fused = False  # the fused kernel never builds the weights
+        hooks.append(block.attn.attn_dropout.register_forward_pre_hook(lambda module, args: maps.append(args[0][0])))
     try:
         model(idx)
     finally:
-        for attn, hook in zip(layers, hooks):
-            attn.fused = True
+        for block, hook in zip(model.blocks, hooks):
+            block.attn.fused = True
             hook.remove()
     return maps
 
@@ -60,10 +59,10 @@ def draw_attention(model, tokenizer, ids, args, path):
     T, labels = len(ids), [short_label(tokenizer, t) for t in ids]
     size = min(9.0, panel * 90 / T * 0.7)  # points: about a cell's height; too small to read: no labels
     ticks, tick_labels = (range(T), labels) if size >= 4.5 else ([], [])
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
             ax = axes[r][c]
-            future = np.triu(np.ones((T, T), dtype=bool), k=1)
             ax.imshow(np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future), cmap="Blues",
                       vmin=0.0, vmax=1.0)
             ax.set_facecolor("#dddddd")  # grey where the masked future is
@@ -78,7 +77,7 @@ def draw_attention(model, tokenizer, ids, args, path):
 
 
 def val_passage(args, tokenizer, saved):
-    """Token ids (n,) from the start of the val split --eval_only scores, passage_chars characters long."""
+    """Token ids (n,): the first passage_chars characters of the val split --eval_only scores."""
     corpus, _ = sources.validation_split(saved, tokenizer, args.data)
     ids = np.asarray(corpus.val[:4 * args.passage_chars + 1], dtype=np.int64).tolist()  # a byte token: 1/4 char
     pieces, chars = WholeCharacters(tokenizer), 0
@@ -177,7 +176,7 @@ def main(argv=None):
         args.temperatures = [Sampler(temperature=float(t)).temperature for t in args.temperatures.split(",")]
     except (ValueError, TinyLLMError):
         raise TinyLLMError(f"--temperatures takes numbers between 0.001 and 1000, got {args.temperatures!r}") from None
-    if not names or len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
+    if len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
         raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
     model, tokenizer, saved = checkpoint.load_model(args.checkpoint, devices.choose_device(args.device))
     ids, c = sources.encode_prompt(tokenizer, args.prompt), model.config
@@ -195,14 +194,14 @@ def main(argv=None):
     for path in paths.values():
         cli.check_writable(path, "--out_dir", make_folder=True)
     passage = val_passage(args, tokenizer, saved) if "surprise" in names else None
-    for name, path in paths.items():
-        with warnings.catch_warnings():  # a character the font lacks is drawn as a box
-            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-            said = {"attention": lambda: draw_attention(model, tokenizer, ids, args, path),
-                    "surprise": lambda: draw_surprise(model, tokenizer, passage, path),
-                    "temperature": lambda: draw_temperature(model, tokenizer, ids, args, path),
-                    "embeddings": lambda: draw_embeddings(model, tokenizer, path)}[name]()
-        cli.log(f"wrote {path}: {said}")
+    draw = {"attention": lambda path: draw_attention(model, tokenizer, ids, args, path),
+            "surprise": lambda path: draw_surprise(model, tokenizer, passage, path),
+            "temperature": lambda path: draw_temperature(model, tokenizer, ids, args, path),
+            "embeddings": lambda path: draw_embeddings(model, tokenizer, path)}
+    with warnings.catch_warnings():  # a character the font lacks is drawn as a box
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        for name, path in paths.items():
+            cli.log(f"wrote {path}: {draw[name](path)}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from machinery.sources import iter_documents, make_tokenizer
 
 
 def source_size(cfg):
-    """Bytes of text the source gives: a text file's size less what reading drops (a byte-order mark, the \\r of
-    each \\r\\n), so the 90/10 cut falls at the same text, CRLF or LF; other sources are read through once."""
+    """Bytes of text the source gives: a text file's size less what reading drops (a byte-order mark, each
+    \\r of \\r\\n), so CRLF and LF cut at the same text; other sources are read through once."""
     if not os.path.isfile(cfg.data) or cfg.data.lower().endswith((".json", ".jsonl")) or cfg.clean:
         cli.log(f"measuring {cfg.data} ...")
         return sum(len(text.encode("utf-8")) for text in iter_documents(cfg.data, cfg.clean, cfg.data_ext))
@@ -44,7 +44,7 @@ def pieces(cfg, total_bytes):
         yield text[:cut], text[cut:]
 
 
-def prepare(cfg, out, vocab_size=BPE_VOCAB_SIZE, sample_mb=20):
+def prepare(cfg, out, vocab_size, sample_mb):
     if not os.path.exists(cfg.data):
         raise TinyLLMError(f"input {cfg.data} not found")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -57,8 +57,9 @@ def prepare(cfg, out, vocab_size=BPE_VOCAB_SIZE, sample_mb=20):
     t0 = time.perf_counter()
     if cfg.tokenizer == "char":  # every character of the source, and the special tokens it holds
         chars, special = set(), CharTokenizer([], (EOT, USER, ASSISTANT))
-        for t in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
-            chars |= set("".join(special.split_special(t)[::2])) | set(special.split_special(t)[1::2])
+        for doc in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
+            parts = special.split_special(doc)
+            chars |= set("".join(parts[::2])) | set(parts[1::2])
         text = "".join(sorted(chars))
     else:  # the first sample_mb of the training part: the validation text stays unseen
         parts, size = [], 0
@@ -88,7 +89,7 @@ def prepare(cfg, out, vocab_size=BPE_VOCAB_SIZE, sample_mb=20):
 
 
 def write_splits(cfg, tokenizer, dtype, out, total_bytes):
-    """The source through the tokenizer into train.bin.tmp and val.bin.tmp (removed on failure), with progress."""
+    """The source tokenized into train.bin.tmp and val.bin.tmp (removed on failure), with progress."""
     paths = [os.path.join(out, f"{name}.bin.tmp") for name in ("train", "val")]
     counts, val_chars, seen, t0, shown = [0, 0], 0, 0, time.perf_counter(), time.perf_counter()
     try:

@@ -22,7 +22,7 @@ from config import TinyLLMError, TrainConfig, build_configs
 from machinery import cli
 from machinery.plots import new_plot, save_plot
 
-# from about 30 thousand to 1.3 million parameters, the tiny preset's 2 x 160 among them; the rest is tiny's
+# about 30 thousand to 1.3 million parameters, the tiny preset's 2 x 160 among them
 SHAPES = [(1, 48, 2), (2, 64, 2), (2, 96, 3), (2, 160, 5), (3, 192, 6)]  # (n_layer, n_embd, n_head)
 DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
 
@@ -32,8 +32,9 @@ def run(shape, steps, out_dir, data, evals=1, **given):
     given = {**dict(zip(("n_layer", "n_embd", "n_head"), shape)), "max_steps": steps, "data": data,
              "warmup_steps": max(1, min(100, steps // 10)), "eval_iters": 30, "eval_interval": max(1, steps // evals),
              "log_interval": min(steps, 5), "sample_tokens": 0, "plots": False, "out_dir": out_dir, **given}
-    summary = train.train(*build_configs(given, "tiny"), preset="tiny", given=given)
-    model, cfg = summary["model"], build_configs(given, "tiny")[1]
+    model_cfg, cfg = build_configs(given, "tiny")
+    summary = train.train(model_cfg, cfg, preset="tiny", given=given)
+    model = summary["model"]
     vals = [h for h in summary["history"] if h["kind"] == "eval" and h["step"] > 0]  # step 0's is the untrained model's
     flops = 6 * model.num_params() * cfg.batch_size * model.config.block_size  # per step, forward and backward
     return {"params": model.num_params(), "flops": flops * steps, "steps": steps, "val": vals[-1]["val_loss"],
@@ -43,8 +44,8 @@ def run(shape, steps, out_dir, data, evals=1, **given):
 
 
 def fit_power_law(C, L):
-    """(L_inf, a, alpha, rms error) of L(C) = L_inf + a C^-alpha by least squares with L_inf >= 0: a linear
-    fit for each alpha on a grid, the best with a > 0; None if none fits a falling curve."""
+    """(L_inf, a, alpha, rms error) of L(C) = L_inf + a C^-alpha, L_inf >= 0: a linear least-squares fit
+    for each alpha on a grid, the best with a > 0; None if no falling curve fits."""
     C, L = torch.tensor(C, dtype=torch.float64), torch.tensor(L, dtype=torch.float64)
     alphas = torch.linspace(0.01, 1.5, 1491, dtype=torch.float64)
     x = (C / C.min())[None, :] ** -alphas[:, None]  # (alphas, points)
@@ -61,8 +62,8 @@ def fit_power_law(C, L):
 
 
 def isoflop_minimum(rows):
-    """The compute-optimal (params, loss) of one budget: the vertex of a parabola in log(params) through the
-    three runs around the lowest, where it lies among them; else the lowest run."""
+    """One budget's compute-optimal (params, loss): the vertex of a parabola in log(params) through the three
+    runs around the lowest, if it lies among them; else the lowest run."""
     rows = sorted(rows, key=lambda r: r["params"])
     i = min(range(len(rows)), key=lambda j: rows[j]["val"])
     around = rows[max(0, min(i - 1, len(rows) - 3)):][:3]
@@ -75,8 +76,8 @@ def isoflop_minimum(rows):
 
 
 def study(args):
-    """Probe each size's step time, plan budgets 2x apart that fit in --minutes, run the plan (saved after every
-    run: --reuse continues it), then fit and draw."""
+    """Time a step of each size, plan budgets 2x apart that fit in --minutes, run the plan (saved after each run:
+    --reuse goes on), then fit and draw."""
     shapes = SHAPES[1:4] if args.quick else SHAPES
     n_budgets, minutes = (3, 3.0) if args.quick else (args.budgets, args.minutes)
     saved = {}
@@ -114,21 +115,23 @@ def study(args):
                     f"ETA {cli.format_seconds(eta)}")
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump({"probe": probe, "runs": rows}, f, indent=1)
-    return summarize(rows, probe["budgets"], 0.9 * 300 / probe["seconds"][mid] * probe["flops"][mid], args.out_png)
+    summarize(rows, probe["budgets"], 0.9 * 300 / probe["seconds"][mid] * probe["flops"][mid], args.out_png)
 
 
 def summarize(rows, budgets, five_minutes, path):
     iso, data = [r for r in rows if r["kind"] == "iso"], [r for r in rows if r["kind"] == "data"]
+    fig, axes = new_plot(4.2, 15, grid=(1, 3))
     frontier = []
     for b in budgets:
-        at = [r for r in iso if r["budget"] == b]
+        at = sorted((r for r in iso if r["budget"] == b), key=lambda r: r["params"])
         params, loss = isoflop_minimum(at)
         frontier.append({"flops": statistics.mean(r["flops"] for r in at), "params": params, "val": loss})
+        axes[0][0].plot([r["params"] for r in at], [r["val"] for r in at], marker="o", label=f"{b:.1e} FLOPs")
     C, L = [p["flops"] for p in frontier], [p["val"] for p in frontier]
     fit = fit_power_law(C, L) if len(set(C)) > 1 else None
     if fit is None:  # the budgets too close, or the loss not falling with compute: nothing to fit
         cli.log("no power law fits these runs: the loss does not fall with compute (give more --minutes)")
-        l_inf, a, alpha, err = min(L), 0.0, 0.0, math.nan
+        l_inf, a, alpha = min(L), 0.0, 0.0
     else:
         l_inf, a, alpha, err = fit
         slope, icpt = statistics.linear_regression([math.log(c) for c in C], [math.log(p["params"]) for p in frontier])
@@ -137,10 +140,6 @@ def summarize(rows, budgets, five_minutes, path):
                 f"{math.exp(slope * math.log(five_minutes) + icpt):,.0f} parameters")
     cli.log("less text, one size: " + ", ".join(f"{r['data_fraction']:.3g}: val {r['val']:.4f} train {r['train']:.4f}"
                                                 for r in data))
-    fig, axes = new_plot(4.2, 15, grid=(1, 3))
-    for b in budgets:
-        at = sorted((r for r in iso if r["budget"] == b), key=lambda r: r["params"])
-        axes[0][0].plot([r["params"] for r in at], [r["val"] for r in at], marker="o", label=f"{b:.1e} FLOPs")
     axes[0][0].plot([p["params"] for p in frontier], L, "k*", ms=10, label="compute-optimal")
     axes[0][0].set(xscale="log", xlabel="parameters", ylabel="val loss", title="IsoFLOP: loss by size")
     axes[0][1].plot([r["flops"] for r in iso], [r["val"] for r in iso], "o", label="runs")
@@ -159,7 +158,6 @@ def summarize(rows, budgets, five_minutes, path):
         ax.grid(alpha=0.3)
     save_plot(fig, None, path)
     cli.log(f"wrote {path}")
-    return {"frontier": frontier, "fit": {"L_inf": l_inf, "a": a, "alpha": alpha, "rms": err}, "data": data}
 
 
 def main(argv=None):
