@@ -220,6 +220,9 @@ PRESETS = {
     "small-modern": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, pos="rope",
                          mlp="swiglu", norm="rmsnorm", batch_size=64, max_steps=5000, lr=1e-3, min_lr=1e-4,
                          beta2=0.99),
+    # seconds, not minutes: to check that a change runs, learns, resumes and samples (docs/changing.md)
+    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200, warmup_steps=10,
+                  lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5, log_interval=10),
     "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, dropout=0.2, bias=False, batch_size=64,
                    max_steps=10000, lr=6e-4, min_lr=6e-5, warmup_steps=200, beta2=0.99, eval_interval=500),
 }

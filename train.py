@@ -114,7 +114,6 @@ class Run:
     dtype: str = "float32"
     ctx: object = None          # the forward pass's autocast
     scaler: object = None       # float16's
-    train_step: object = None   # lr -> figures: train_step bound to all of the above
     sample_seconds: float = 0.0  # what the closing sample takes: a budget keeps it free
     pending: list = field(default_factory=list)  # the figures of the steps taken, not read yet
     clock_start: float = 0.0    # the steps' clock: when it last started,
@@ -295,7 +294,7 @@ def restore(source, optimizer, cfg, rank, world, say):
 
 
 def set_precision(run, saved):
-    """The run's dtype, autocast, scaler and bound step; --compile and --dtype auto take trial steps first."""
+    """The run's dtype, autocast and scaler; --compile and --dtype auto take trial steps first."""
     cfg, device, state = run.cfg, run.device, run.state
     step = functools.partial(train_step, run.train_model, run.optimizer, run.batches["train"],
                              grad_accum_steps=cfg.grad_accum_steps, grad_clip=cfg.grad_clip)
@@ -316,7 +315,6 @@ def set_precision(run, saved):
     run.dtype, run.ctx, run.scaler = dtype, devices.autocast(device, dtype), devices.make_scaler(device, dtype)
     if saved.get("scaler") and run.scaler:
         run.scaler.load_state_dict(saved["scaler"])
-    run.train_step = functools.partial(step, ctx=run.ctx, scaler=run.scaler)
 
 
 def print_header(run, micro_batch):
@@ -364,7 +362,9 @@ def train_loop(run):
 
             # one step at the schedule's learning rate: by how far the run is, in steps or in a --time_budget
             state.progress = budget_progress(run, seconds) if run.budget else progress(state.step, cfg)
-            run.pending.append(run.train_step(get_lr(state.step, state.progress, cfg)))
+            lr = get_lr(state.step, state.progress, cfg)
+            run.pending.append(train_step(run.train_model, run.optimizer, run.batches["train"], lr,
+                                          cfg.grad_accum_steps, cfg.grad_clip, run.ctx, run.scaler))
             state.step += 1
 
             if state.step % cfg.log_interval == 0:
