@@ -100,7 +100,7 @@ def test_a_masked_position_takes_no_gradient():
 def chat_model(tmp_path_factory):
     """A tiny model trained on the conversations until it answers them: its best.pt."""
     folder = tmp_path_factory.mktemp("chat")
-    cfg = tiny_run(write_chats(folder / "c.jsonl"), folder / "run", max_steps=300, lr=1e-2, eval_interval=300,
+    cfg = tiny_run(write_chats(folder / "c.jsonl"), folder / "run", max_steps=200, lr=1e-2, eval_interval=200,
                    warmup_steps=10, batch_size=16, weight_decay=0.0)
     train.train(tiny_model(block_size=64, n_embd=48), cfg)
     return str(folder / "run" / "best.pt")
