@@ -36,7 +36,7 @@ def answer(model, tokenizer, conversation, context, sampler, generator, max_new_
         stopped = False
     except KeyboardInterrupt:  # the answer ends here; the chat goes on
         stopped = True
-    print((pieces.flush() or ("",))[0] + " [stopped]" * stopped, flush=True)
+    print((pieces.flush() or ("",))[0] + (" [stopped]" if stopped else ""), flush=True)
     return new if stop in new else new + [stop], stopped  # generate stops at the stop token
 
 

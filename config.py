@@ -151,7 +151,6 @@ class Sampler:
         require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
 
 
-GREEDY = Sampler(temperature=0)
 
 
 @dataclass

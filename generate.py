@@ -63,7 +63,9 @@ def header(cfg, sampler, path, saved, prompt):
     settings = f"beam={cfg.beam} length_penalty={cfg.length_penalty}" if cfg.beam else f"seed={cfg.seed} " + " ".join(
         f"{k}={v}" for k, v in dataclasses.asdict(sampler).items())
     settings += (f" max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} qa={cfg.qa} "
-                 f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}" + f" show_top={cfg.show_top}" * cfg.show_probs)
+                 f"no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
+    if cfg.show_probs:
+        settings += f" show_top={cfg.show_top}"
     source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
     return f"# checkpoint: {path} ({checkpoint.where(saved)})\n# {settings}\n# prompt{source}: {prompt!r}"
 
@@ -78,8 +80,8 @@ def sample_checkpoint(path, model, tokenizer, saved, cfg, sampler, prompt, devic
         cli.log(f"\n{'=' * 20} {path} ({checkpoint.where(saved)}) {'=' * 20}")
     with devices.out_of_memory_as_error(f"out of memory on {devices.describe(device)}: try fewer --num_samples"):
         samples = sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator)
-    labels = [f"--- sample {i + 1}/{cfg.num_samples}" + (f" (stopped at <|endoftext|> after {n} tokens)" * s) + " ---"
-              for i, (_, n, s) in enumerate(samples)]
+    labels = [f"--- sample {i + 1}/{cfg.num_samples}" + (f" (stopped at <|endoftext|> after {n} tokens)" if s else "")
+              + " ---" for i, (_, n, s) in enumerate(samples)]
     if stream:  # printed as it was sampled
         if samples[0][2]:
             print(f"(stopped at <|endoftext|> after {samples[0][1]} tokens)", file=sys.stderr, flush=True)

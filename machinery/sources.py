@@ -32,7 +32,9 @@ def iter_documents(path, clean=False, extensions=".txt"):
             key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
             text = "" if key in seen else text
             seen.add(key)
-        return text + EOT * (not text.endswith(EOT)) if text else ""
+        if text and not text.endswith(EOT):  # a conversation ends with EOT already
+            text += EOT
+        return text
 
     file = path
     try:

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import GPTConfig, TrainConfig  # noqa: E402
+from config import GPTConfig, Sampler, TrainConfig  # noqa: E402
 
 # tiny models gain little from a second thread; pytest-xdist's workers share the cores
 torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
@@ -82,6 +82,9 @@ def text_file(tmp_path):
     path = tmp_path / "head.txt"
     path.write_text(corpus_head(30_000), encoding="utf-8")
     return str(path)
+
+
+GREEDY = Sampler(temperature=0)  # the likeliest token, every time
 
 
 def tiny_model(**overrides):

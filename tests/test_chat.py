@@ -15,8 +15,9 @@ import torch
 import chat
 import lora
 import train
-from config import ASSISTANT, EOT, GREEDY, USER, RunOptions, TrainConfig
-from conftest import ROOT, assert_one_line_error, cli, interrupt_at, script_env, tiny_model, tiny_run, without_timings
+from config import ASSISTANT, EOT, USER, RunOptions, TrainConfig
+from conftest import (GREEDY, ROOT, assert_one_line_error, cli, interrupt_at, script_env, tiny_model, tiny_run,
+                      without_timings)
 from machinery import checkpoint, sources
 from model import GPT, lm_loss
 from sampling import generate

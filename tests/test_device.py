@@ -14,8 +14,8 @@ import torch
 import generate
 import sampling
 import train
-from config import GREEDY, RunOptions, TinyLLMError, TrainConfig
-from conftest import cli, tiny_model, tiny_run
+from config import RunOptions, TinyLLMError, TrainConfig
+from conftest import GREEDY, cli, tiny_model, tiny_run
 from machinery import checkpoint, device as devices
 from model import GPT
 from optim import make_optimizer

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import generate
-from config import EOT, GREEDY, Sampler
-from conftest import assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
+from config import EOT, Sampler
+from conftest import GREEDY, assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
 import sampling
 from sampling import beam_search, next_token_probs
 from machinery import checkpoint

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from config import GREEDY, GPTConfig, Sampler, TinyLLMError
-from conftest import ROOT, tiny_model
+from config import GPTConfig, Sampler, TinyLLMError
+from conftest import GREEDY, ROOT, tiny_model
 from model import GPT, MLP, SwiGLU, apply_rope, causal_mask, rope_tables
 from sampling import Context, beam_search, filter_logits, generate, next_token_probs, sample_next
 

@@ -18,8 +18,7 @@ import bpe
 import model as model_module
 import sampling
 import train
-from config import GREEDY
-from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
+from conftest import GREEDY, ROOT, TINY_FLAGS, assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
 from utils import CharTokenizer, split_train_val
 
 from machinery import checkpoint, hf_gpt2
