@@ -93,8 +93,10 @@ def tiny_model(**overrides):
 
 def tiny_run(data, out_dir, **overrides):
     """A tiny in-process run's settings: float32 always (--dtype auto times bfloat16 on a CPU that has it,
-    and the suite must train alike on every machine); no plots or sample unless a test asks."""
+    and the suite must train alike on every machine); no plots or sample unless a test asks. The schedule and
+    weight decay are named, so that a new default changes no test's run."""
     return TrainConfig(**{**dict(data=str(data), out_dir=str(out_dir), batch_size=8, max_steps=20, lr=3e-3,
+                                 lr_schedule="cosine", weight_decay=0.1,
                                  min_lr=3e-4, warmup_steps=5, eval_interval=5, eval_iters=2, log_interval=10,
                                  sample_tokens=0, device="cpu", dtype="float32", plots=False), **overrides})
 
