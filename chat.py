@@ -1,7 +1,7 @@
 """Chat in the terminal with a model fine-tuned on conversations: type a message, the answer streams back.
 
-    python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --out_dir chat --max_steps 300
-    python chat.py chat/best.pt
+    python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --tag chat --max_steps 300
+    python chat.py checkpoints/chat/last.pt
 
 The conversation is kept in the chat template, <|user|>message\\n<|assistant|>answer<|endoftext|>, and each
 answer sees all of it. The KV cache carries over from turn to turn: a turn computes only its new tokens.

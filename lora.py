@@ -4,8 +4,8 @@ A (r x in), of a small rank r, make the update: y = x W^T + (x A^T B^T) * alpha 
 so the adapted model starts as the base. A fine-tune then trains r * (in + out) numbers a layer instead
 of out * in, and saves only those: the adapter, a file of kilobytes beside the model it adapts.
 
-    python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --lora_rank 8 --out_dir lora
-    python -m tools.merge lora/best.pt --out merged.pt      # a plain checkpoint, the adapter folded in
+    python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --lora_rank 8 --tag lora
+    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt      # a plain checkpoint, the adapter folded in
 """
 
 import math

@@ -1,7 +1,7 @@
 """Fold a LoRA adapter into its base: a plain checkpoint, which generate.py, chat.py and --init_from read
 without the base.
 
-    python -m tools.merge lora/best.pt --out merged.pt
+    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt
 """
 
 import os
