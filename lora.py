@@ -5,7 +5,7 @@ so the adapted model starts as the base. A fine-tune then trains r * (in + out) 
 of out * in, and saves only those: the adapter, a file of kilobytes beside the model it adapts.
 
     python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --lora_rank 8 --tag lora
-    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt      # a plain checkpoint, the adapter folded in
+    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # the adapter folded in
 """
 
 import math
