@@ -12,7 +12,7 @@ import machinery  # noqa: F401 (first, before torch loads: OpenMP's idle threads
 
 import torch
 
-from config import ASSISTANT, Sampler, SampleConfig, TinyLLMError, make_config
+from config import ASSISTANT, SamplerConfig, GenerateConfig, TinyLLMError, make_config
 from sampling import Context, generate
 
 from machinery import checkpoint, cli, device as devices, sources
@@ -43,10 +43,10 @@ def answer(model, tokenizer, conversation, context, sampler, generator, max_new_
 def main(argv=None):
     parser = cli.ArgumentParser(description="Chat with a checkpoint fine-tuned on conversations.")
     parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s")
-    cli.add_config_flags(parser, Sampler, title="how each token is drawn")
-    cli.add_config_flags(parser, SampleConfig, names=("seed", "max_new_tokens", "device", "threads"), title="chat")
+    cli.add_config_flags(parser, SamplerConfig, title="how each token is drawn")
+    cli.add_config_flags(parser, GenerateConfig, names=("seed", "max_new_tokens", "device", "threads"), title="chat")
     flags = cli.given_flags(parser.parse_args(argv))
-    sampler, cfg = make_config(Sampler, flags), make_config(SampleConfig, {"max_new_tokens": 300} | flags)
+    sampler, cfg = make_config(SamplerConfig, flags), make_config(GenerateConfig, {"max_new_tokens": 300} | flags)
     device = devices.choose_device(cfg.device)
     devices.set_threads(cfg.threads)
     model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)

@@ -138,7 +138,7 @@ class RunOptions:
 
 
 @dataclass
-class Sampler:
+class SamplerConfig:
     """How each next token is drawn from the logits (sampling.sample_next)."""
     temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (the likeliest token)")
     top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
@@ -154,7 +154,7 @@ class Sampler:
 
 
 @dataclass
-class SampleConfig:
+class GenerateConfig:
     """What generate.py writes, and how."""
     prompt: str = setting("", "text to continue; empty starts from a line end")
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from config import Sampler, SampleConfig, TinyLLMError, make_config
+from config import SamplerConfig, GenerateConfig, TinyLLMError, make_config
 from sampling import beam_search, generate, next_token_probs
 
 from machinery import checkpoint, cli, device as devices, sources
@@ -100,12 +100,12 @@ def main(argv=None):
     parser.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT.pt",
                         help="one or more checkpoints, sampled alike (default: checkpoints/best.pt)")
     parser.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same, as a flag")
-    cli.add_config_flags(parser, Sampler, title="how each token is drawn")
-    cli.add_config_flags(parser, SampleConfig, devices.auto_meanings(here), title="sampling")
+    cli.add_config_flags(parser, SamplerConfig, title="how each token is drawn")
+    cli.add_config_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
     args = parser.parse_args(argv)
     paths, flags = args.checkpoints + args.checkpoint or ["checkpoints/best.pt"], cli.given_flags(args)
-    cfg, sampler = make_config(SampleConfig, flags), make_config(Sampler, flags)
-    if cfg.beam and (drawn := [f"--{f.name}" for f in dataclasses.fields(Sampler) if f.name in flags]):
+    cfg, sampler = make_config(GenerateConfig, flags), make_config(SamplerConfig, flags)
+    if cfg.beam and (drawn := [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]):
         raise TinyLLMError(f"beam search draws nothing, so {', '.join(drawn)} cannot apply: drop it")
     device = devices.choose_device(cfg.device)
     devices.set_threads(cfg.threads)

@@ -5,7 +5,7 @@ cache, so that a new token costs one position's work instead of the whole contex
 rule (what the model sees once the text outgrows block_size); the sampler; beam search.
 
 In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval();
-out = generate(model, idx, 100, config.Sampler(temperature=0.8)); tokenizer.decode(out[0].tolist())
+out = generate(model, idx, 100, config.SamplerConfig(temperature=0.8)); tokenizer.decode(out[0].tolist())
 """
 
 import torch

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import lora
-from config import (MAX_SEED, PRESETS, RESUME_MAY_CHANGE, GPTConfig, RunOptions, Sampler, TinyLLMError, TrainConfig,
+from config import (MAX_SEED, PRESETS, RESUME_MAY_CHANGE, GPTConfig, RunOptions, SamplerConfig, TinyLLMError, TrainConfig,
                     build_configs, default_preset, from_saved, make_config, parse_duration)
 from model import GPT, lm_loss
 from optim import get_lr, make_optimizer, progress
@@ -551,7 +551,7 @@ def finish(run, stop_reason, signum):
 def closing_sample(run, tokens):
     """A sample as generate.py draws it (its seed, in float32: bfloat16 is no faster here)."""
     start = torch.tensor([sources.start_ids(run.corpus.tokenizer)], device=run.device)
-    out = generate(run.model.eval(), start, tokens, Sampler(),
+    out = generate(run.model.eval(), start, tokens, SamplerConfig(),
                    generator=torch.Generator(run.device).manual_seed(run.cfg.seed))
     run.model.train()
     return run.corpus.tokenizer.decode(out[0].tolist())

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import GPTConfig, Sampler, TrainConfig  # noqa: E402
+from config import GPTConfig, SamplerConfig, TrainConfig  # noqa: E402
 
 # tiny models gain little from a second thread; pytest-xdist's workers share the cores
 torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
@@ -84,7 +84,7 @@ def text_file(tmp_path):
     return str(path)
 
 
-GREEDY = Sampler(temperature=0)  # the likeliest token, every time
+GREEDY = SamplerConfig(temperature=0)  # the likeliest token, every time
 
 
 def tiny_model(**overrides):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import generate
-from config import EOT, Sampler
+from config import EOT, SamplerConfig
 from conftest import GREEDY, assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
 import sampling
 from sampling import beam_search, next_token_probs
@@ -30,7 +30,7 @@ def sampled(path, prompt, seed, max_new_tokens, n=1, stop=True, **sampler):
     model, tok, _ = checkpoint.load_model(path)
     idx = torch.tensor([tok.encode(prompt)] * n)
     stop = tok.eot_id if stop else None
-    out = sampling.generate(model, idx, max_new_tokens, Sampler(**sampler), stop_token=stop,
+    out = sampling.generate(model, idx, max_new_tokens, SamplerConfig(**sampler), stop_token=stop,
                             generator=torch.Generator().manual_seed(seed))[:, idx.size(1):].tolist()
     return [prompt + tok.decode(row[:row.index(stop)] if stop in row else row) for row in out]
 
@@ -121,7 +121,7 @@ def test_show_probs_prints_the_odds_each_token_was_drawn_with(trained, tmp_path,
     text = out.read_text(encoding="utf-8") if where == "file" else printed
     found = rows(text)
     assert len(found) == 10 and all(row["top"] for row in found)
-    logps = replay(trained[0], "ROMEO:", found, lambda logits: next_token_probs(logits, Sampler(**sampler)))
+    logps = replay(trained[0], "ROMEO:", found, lambda logits: next_token_probs(logits, SamplerConfig(**sampler)))
     mean = float(re.search(r"mean log-probability (-?[\d.]+) nats", text)[1])
     assert mean == pytest.approx(sum(logps) / len(logps), abs=1.1e-3)
     assert sampled(trained[0], "ROMEO:", 3, 10, stop=False, **sampler)[0] + "\n" in text  # the text, as without it

@@ -91,8 +91,8 @@ def test_a_checkpoint_saved_from_the_gpu_loads_onto_the_cpu(tmp_path):
 
 KV_CACHE = """
 import torch
-from config import GPTConfig, Sampler
-GREEDY = Sampler(temperature=0)
+from config import GPTConfig, SamplerConfig
+GREEDY = SamplerConfig(temperature=0)
 from model import GPT
 from sampling import Context, generate
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}  # of the largest logit

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_module
-from config import GPTConfig, Sampler, TinyLLMError
+from config import GPTConfig, SamplerConfig, TinyLLMError
 from conftest import GREEDY, ROOT, tiny_model
 from model import GPT, MLP, SwiGLU, apply_rope, causal_mask, rope_tables
 from sampling import Context, beam_search, filter_logits, generate, next_token_probs, sample_next
@@ -109,7 +109,7 @@ def test_the_cache_and_the_formula_give_recomputations_logits_past_block_size(sw
         assert (gap < 1e-5).all(), f"fused={fused} cache={use_cache}: calls {gap.gt(1e-5).nonzero().flatten().tolist()}"
 
 
-@pytest.mark.parametrize("sampler", [GREEDY, Sampler(temperature=1.0, top_k=20)], ids=["greedy", "seeded"])
+@pytest.mark.parametrize("sampler", [GREEDY, SamplerConfig(temperature=1.0, top_k=20)], ids=["greedy", "seeded"])
 def test_generation_and_a_chat_write_the_same_tokens_with_and_without_the_cache_past_block_size(sampler):
     """A chat: generate, then the user's turn (several tokens at once), then generate on with the same Context."""
     torch.manual_seed(0)
@@ -166,11 +166,11 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
 # ----------------------------------------------------------------------------- the sampler
 
 def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
-    kept = torch.isfinite(filter_logits(torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]]), Sampler(temperature=1.0, top_k=2)))
+    kept = torch.isfinite(filter_logits(torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]]), SamplerConfig(temperature=1.0, top_k=2)))
     assert kept.tolist() == [[True, False, True, True, False]]
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, Sampler(temperature=0.5, top_k=7))
+    kept = filter_logits(logits, SamplerConfig(temperature=0.5, top_k=7))
     assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7, dim=-1).values[:, -1:])
     assert torch.equal(kept[torch.isfinite(kept)], (logits / 0.5)[torch.isfinite(kept)])  # the temperature's
 
@@ -178,12 +178,12 @@ def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
 def test_top_p_keeps_the_smallest_set_reaching_p_and_always_the_likeliest():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
     for p, n in ((0.8, 3), (0.6, 2), (1e-9, 1)):  # 0.5 + 0.2 < 0.8 <= 0.85
-        kept = torch.isfinite(filter_logits(probs.log(), Sampler(temperature=1.0, top_p=p)))
+        kept = torch.isfinite(filter_logits(probs.log(), SamplerConfig(temperature=1.0, top_p=p)))
         assert kept.tolist() == [[i < n for i in range(5)]], p
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = torch.isfinite(filter_logits(logits, Sampler(temperature=1.0, top_p=p)))
+        kept = torch.isfinite(filter_logits(logits, SamplerConfig(temperature=1.0, top_p=p)))
         for row, keep in zip(F.softmax(logits, dim=-1), kept):
             assert row[keep].sum() >= p - 1e-6 and row[keep].sum() - row[keep].min() < p and keep[row.argmax()]
 
@@ -192,9 +192,9 @@ def test_temperature_0_is_argmax_and_a_seeded_draw_repeats():
     torch.manual_seed(0)
     logits = torch.randn(4, 40) * 3
     assert torch.equal(sample_next(logits, GREEDY), logits.argmax(-1, keepdim=True))
-    assert torch.equal(sample_next(logits, Sampler(temperature=0, top_k=3)), logits.argmax(-1, keepdim=True))
-    sampler = Sampler(temperature=0.7, top_k=10)
-    assert torch.allclose(next_token_probs(logits, Sampler(temperature=0.7)), F.softmax(logits / 0.7, dim=-1))
+    assert torch.equal(sample_next(logits, SamplerConfig(temperature=0, top_k=3)), logits.argmax(-1, keepdim=True))
+    sampler = SamplerConfig(temperature=0.7, top_k=10)
+    assert torch.allclose(next_token_probs(logits, SamplerConfig(temperature=0.7)), F.softmax(logits / 0.7, dim=-1))
     draws = [sample_next(logits, sampler, torch.Generator().manual_seed(s)) for s in (1, 1, 2, 3)]
     assert torch.equal(draws[0], draws[1]) and not (torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[3]))
     assert torch.isfinite(filter_logits(logits, sampler).gather(1, draws[2])).all()  # a candidate, always

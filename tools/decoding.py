@@ -11,7 +11,7 @@ import statistics
 
 import torch
 
-from config import Sampler, TinyLLMError
+from config import SamplerConfig, TinyLLMError
 from sampling import beam_search, generate
 
 from machinery import checkpoint, cli, sources
@@ -36,7 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         beams = [int(w) for w in args.beams.split(",")]
-        temperatures = [Sampler(temperature=float(t)).temperature for t in args.temperatures.split(",")]
+        temperatures = [SamplerConfig(temperature=float(t)).temperature for t in args.temperatures.split(",")]
     except (ValueError, TinyLLMError):
         raise TinyLLMError("--beams takes whole numbers, --temperatures numbers from 0.001 to 1000") from None
     if min(beams + [args.new_tokens, args.seeds]) < 1:
@@ -53,7 +53,7 @@ def main(argv=None):
             if width:
                 new = beam_search(model, idx, args.new_tokens, width)[0]
             else:
-                out = generate(model, idx, args.new_tokens, Sampler(temperature=temperature),
+                out = generate(model, idx, args.new_tokens, SamplerConfig(temperature=temperature),
                                generator=torch.Generator().manual_seed(seed))
                 new = out[:, idx.size(1):]
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model_odds(model, idx, new)) / new.size(1)

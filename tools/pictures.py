@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import torch
 
-from config import DEVICE_HELP, Sampler, TinyLLMError
+from config import DEVICE_HELP, SamplerConfig, TinyLLMError
 from sampling import next_token_probs
 from train import token_losses
 from utils import CharTokenizer, bits_per_char, chars_per_token
@@ -121,8 +121,8 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
 @torch.no_grad()
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     logits = model(torch.tensor([ids], device=model.wte.weight.device))[0][:, -1]  # (1, V): the next token's
-    by_t = {t: next_token_probs(logits, Sampler(temperature=t))[0].cpu() for t in args.temperatures}  # each (V,)
-    order = next_token_probs(logits, Sampler(temperature=1.0))[0].cpu().argsort(descending=True)[:shown].tolist()
+    by_t = {t: next_token_probs(logits, SamplerConfig(temperature=t))[0].cpu() for t in args.temperatures}  # each (V,)
+    order = next_token_probs(logits, SamplerConfig(temperature=1.0))[0].cpu().argsort(descending=True)[:shown].tolist()
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
@@ -173,7 +173,7 @@ def main(argv=None):
     asked = [n.strip() for n in (args.only or ",".join(PICTURES)).split(",")]
     names = [n for n in PICTURES if n in asked]
     try:
-        args.temperatures = [Sampler(temperature=float(t)).temperature for t in args.temperatures.split(",")]
+        args.temperatures = [SamplerConfig(temperature=float(t)).temperature for t in args.temperatures.split(",")]
     except (ValueError, TinyLLMError):
         raise TinyLLMError(f"--temperatures takes numbers between 0.001 and 1000, got {args.temperatures!r}") from None
     if len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
