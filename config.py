@@ -237,12 +237,18 @@ def make_config(cls, values):
 
 
 def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail later, in a traceback)."""
+    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail later, in a
+    traceback); a setting this version does not know is refused, not ignored."""
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in saved if k not in names]
+    if unknown:
+        raise TinyLLMError(f"{path} has settings this version of tinyllm does not know "
+                           f"({', '.join(unknown)}): it was made by another version")
     for f in fields(cls):
         if f.name in saved and not isinstance(saved[f.name], (int, float) if f.type is float else f.type):
             raise TinyLLMError(f"{path}: unreadable settings ({f.name} is {saved[f.name]!r})")
     try:
-        return make_config(cls, saved)
+        return cls(**saved)
     except TinyLLMError as e:
         raise TinyLLMError(f"{path}: invalid settings: {e}") from None
 

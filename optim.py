@@ -9,14 +9,13 @@ import torch
 
 def get_lr(step, progress, cfg):
     """The learning rate of a step: a linear warmup up to cfg.lr over warmup_steps steps, then a
-    decay to min_lr as the run's progress goes from 0 (the warmup's end) to 1 (the run's end).
-    A new shape is a new choice of lr_schedule in config.py and a formula of progress here."""
+    decay from lr to min_lr as the run's progress goes from 0 (the warmup's end) to 1 (its end).
+    A new shape is a choice of lr_schedule in config.py and a formula here, of progress or of
+    step; where it ends is up to it (the run and its tests read get_lr at progress 1)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    if progress >= 1.0:
-        return cfg.min_lr
     if cfg.lr_schedule == "linear":
-        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress)
     if cfg.lr_schedule == "cosine":
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
@@ -39,7 +38,8 @@ def make_optimizer(model, cfg, device):
               {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
     # fused: one kernel per tensor, faster on CPUs too; not on a Mac, whose fused kernel
     # mishandles float16's skipped steps in torch 2.5-2.7 (docs/platforms.md)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type in ("cuda", "cpu"))
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 # ----------------------------------------------------------------------------- Muon
@@ -70,10 +70,11 @@ class Muon(torch.optim.Optimizer):
         AdamW on the other matrices (decayed) and vectors (not)."""
         hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
         rest = [p for _, p in named_params if p.dim() >= 2 and not any(p is h for h in hidden)]
-        groups = [{"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0.0},
-                  {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
-                  {"params": [p for _, p in named_params if p.dim() < 2], "use_muon": False, "lr_scale": 1.0,
-                   "weight_decay": 0.0}]
+        vectors = [p for _, p in named_params if p.dim() < 2]
+        groups = [
+            {"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0},
+            {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
+            {"params": vectors, "use_muon": False, "lr_scale": 1.0, "weight_decay": 0.0}]
         return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 (a LoRA adapter's with its base); and the run folder (--out_dir) that holds them."""
 
 import contextlib
+import csv
 import dataclasses
 import os
 import pickle
@@ -12,10 +13,10 @@ import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
 from lora import adapter, add_adapters
-from model import GPT
-
 from machinery.cli import check_writable, first_line
+from machinery.plots import plot_loss
 from machinery.sources import tokenizer_from_dict
+from model import GPT
 
 
 def save(path, checkpoint):
@@ -128,7 +129,7 @@ def load_model(path, device="cpu"):
     return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
 
 
-def make(model, tokenizer, lora=None, **extra):
+def contents(model, tokenizer, lora=None, **extra):
     """A checkpoint. A LoRA run's holds only the adapter and the embedding rows its base lacks: kilobytes."""
     weights = model.state_dict()
     if lora:
@@ -146,10 +147,20 @@ def with_embedding(model, rows):
     return model
 
 
-def where(checkpoint):
+def describe(checkpoint):
     """'step 900, best val 1.5123': where a checkpoint's run stood."""
     val = checkpoint.get("best_val_loss")
     return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
+
+
+def write_history(out_dir, history, plot, vocab_size):
+    """history.csv, a row per progress line and evaluation; with plot, loss.png."""
+    with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+        writer.writeheader()
+        writer.writerows(history)
+    if plot:
+        plot_loss(history, os.path.join(out_dir, "loss.png"), vocab_size)
 
 
 def run_files(out_dir):
@@ -166,7 +177,7 @@ def claim_out_dir(out_dir, overwrite, keep=""):
     if (existing := run_files(out_dir)) and not overwrite:
         last = os.path.join(out_dir, existing[-1] if "last.pt" not in existing else "last.pt")
         with contextlib.suppress(TinyLLMError):
-            last = f"{last} at {where(load(last))}"
+            last = f"{last} at {describe(load(last))}"
         raise TinyLLMError(f"{out_dir} already holds a run ({last}); continue it with --resume, pick another "
                            f"--out_dir (or --tag NAME), or replace it with --overwrite")
     if keep and os.path.realpath(keep) in {os.path.realpath(os.path.join(out_dir, n)) for n in existing}:
@@ -185,3 +196,4 @@ def keep_newest(out_dir, keep_last):
     """Delete the periodic checkpoints (ckpt_STEP.pt) but the newest keep_last."""
     for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
         os.remove(os.path.join(out_dir, name))
+where, make = describe, contents  # TEMP until the branches merge

@@ -116,6 +116,21 @@ def trained(tmp_path_factory):
     return str(folder / "run" / "best.pt"), str(folder / "data.txt")
 
 
+@pytest.fixture(scope="session")
+def chat_run(tmp_path_factory):
+    """A tiny model trained 40 steps on the bundled conversations: (its best.pt, what it printed)."""
+    import contextlib
+    import io
+
+    import train
+    folder, out = tmp_path_factory.mktemp("chat"), io.StringIO()
+    cfg = tiny_run(os.path.join(ROOT, "data", "chat_example.jsonl"), folder, max_steps=40,
+                   eval_interval=20, lr=1e-2, sample_tokens=60)
+    with contextlib.redirect_stdout(out):
+        train.train(tiny_model(block_size=64), cfg)
+    return str(folder / "best.pt"), out.getvalue()
+
+
 def interrupt_at(monkeypatch, step, signum):
     """During step number `step`, call the handler the loop installed for signum, as the signal would."""
     import train

@@ -18,7 +18,9 @@ import torch
 import train
 from config import PRESETS
 from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
-from machinery import checkpoint, cli as machinery_cli, device as devices
+from machinery import checkpoint, setup
+from machinery import cli as machinery_cli
+from machinery import device as devices
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 
@@ -59,11 +61,11 @@ def test_train_refuses_nonsense_in_one_line_and_writes_nothing(text_file, tmp_pa
 
 
 def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
-    options, _, cfg, _, _ = train.parse_flags(["--overwrite", "--plots", "false", "--tag", "night",
+    options, _, cfg, _, _ = setup.parse_flags(["--overwrite", "--plots", "false", "--tag", "night",
                                                "--lr-max", "0.01", "--warmup", "7"])
     assert options.overwrite and not cfg.plots and os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert train.parse_flags(["--plots", "--preset", "tiny"])[2].plots
+    assert setup.parse_flags(["--plots", "--preset", "tiny"])[2].plots
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -90,7 +92,7 @@ def test_running_out_of_memory_is_one_line_saying_what_to_try(text_file, tmp_pat
         if memory == "cpu":  # the allocator's own error: more bytes than any machine has
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(train, "make_optimizer", out_of_memory)
+    monkeypatch.setattr(setup, "make_optimizer", out_of_memory)
     code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run")
     assert_one_line_error(code, err, "out of memory", "--batch_size")
 

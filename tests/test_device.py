@@ -16,7 +16,8 @@ import sampling
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
 from conftest import GREEDY, cli, tiny_model, tiny_run
-from machinery import checkpoint, device as devices
+from machinery import checkpoint, setup
+from machinery import device as devices
 from model import GPT
 from optim import make_optimizer
 
@@ -111,8 +112,29 @@ def test_dtype_auto_measures_only_on_a_cpu_with_native_bfloat16(fake_machine, mo
     fake_machine(bf16_cpu=bf16_cpu)
     choice = {"dtype": "bfloat16", "dtype_note": "bfloat16: measured faster"}
     monkeypatch.setattr(devices, "measure_dtype", lambda *a: choice if bf16_cpu else pytest.fail("measured"))
-    run = train.set_up(tiny_model(), tiny_run(text_file, tmp_path, dtype="auto"), RunOptions(), "custom", {}, 0.0)
-    assert run.dtype == ("bfloat16" if bf16_cpu else "float32") and run.state.measured == (choice if bf16_cpu else None)
+    run = setup.set_up(tiny_model(), tiny_run(text_file, tmp_path, dtype="auto"), RunOptions(), "custom", {}, 0.0, train.trial_step)
+    assert run.dtype == ("bfloat16" if bf16_cpu else "float32") and run.measured == (choice if bf16_cpu else None)
+
+
+@pytest.mark.slow  # it times steps
+def test_a_resume_keeps_the_precision_dtype_auto_measured(fake_machine, monkeypatch, text_file,
+                                                           tmp_path):
+    fake_machine(bf16_cpu=True)
+    calls, real = [], devices.measure_dtype
+
+    def measure(*a):
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(devices, "measure_dtype", measure)
+    cfg = tiny_run(text_file, tmp_path, dtype="auto", max_steps=4, eval_interval=2)
+    first = train.train(tiny_model(), cfg)
+    saved = checkpoint.load(str(tmp_path / "last.pt"))
+    assert saved["measured"]["dtype"] == first["dtype"]
+    other = "float32" if first["dtype"] == "bfloat16" else "bfloat16"  # as another machine chose
+    saved["measured"] = {"dtype": other, "dtype_note": f"{other}: measured before"}
+    checkpoint.save(str(tmp_path / "last.pt"), saved)
+    resumed = train.train(tiny_model(), cfg, RunOptions(resume=True), given={"max_steps": 6})
+    assert resumed["dtype"] == other and resumed["step"] == 6 and len(calls) == 1
 
 
 def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(tmp_path, fake_machine,
@@ -161,7 +183,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = train.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, 0.0)
+    run = setup.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, 0.0, train.trial_step)
     assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
 
 

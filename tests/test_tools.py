@@ -21,7 +21,7 @@ import train
 from conftest import GREEDY, ROOT, TINY_FLAGS, assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
 from utils import CharTokenizer, split_train_val
 
-from machinery import checkpoint, hf_gpt2
+from machinery import checkpoint, hf_gpt2, setup
 from tools import ablation, compare, decoding, pictures, scaling
 
 
@@ -88,7 +88,7 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
     with open(trained[1], encoding="utf-8") as f:
         val = torch.tensor(tokenizer.encode(split_train_val(f.read())[1])[:100])  # the val split's first 100
     drawn = float(re.search(r"([\d.]+) bits per character", said[str(tmp_path / "surprise.png")]).group(1))
-    assert drawn == pytest.approx(train.token_losses(model, val).mean().item() / math.log(2), abs=1e-4)
+    assert drawn == pytest.approx(setup.token_losses(model, val).mean().item() / math.log(2), abs=1e-4)
 
 
 def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(tmp_path, capsys):
@@ -172,8 +172,8 @@ def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback
 
 @pytest.mark.parametrize("fraction", [0.25, 1.0])
 def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(text_file, tmp_path, monkeypatch, fraction):
-    handed, real = [], train.get_batch
-    monkeypatch.setattr(train, "get_batch", lambda data, *a, **k: handed.append(data) or real(data, *a, **k))
+    handed, real = [], setup.get_batch
+    monkeypatch.setattr(setup, "get_batch", lambda data, *a, **k: handed.append(data) or real(data, *a, **k))
     scaling.run((1, 16, 2), 3, str(tmp_path / "run"), text_file, data_fraction=fraction, **TINY)
     with open(text_file, encoding="utf-8") as f:
         text = f.read()

@@ -16,7 +16,7 @@ import torch
 
 from config import DEVICE_HELP, SamplerConfig, TinyLLMError
 from sampling import next_token_probs
-from train import token_losses
+from machinery.setup import token_losses
 from utils import CharTokenizer, bits_per_char, chars_per_token
 
 from machinery import checkpoint, cli, device as devices, sources
