@@ -1,4 +1,4 @@
-"""Every setting of training and sampling (the scripts' --help comes from here), and the presets."""
+"""Every setting of training and sampling (--help is made from them), and the presets."""
 
 import math
 import re
@@ -18,10 +18,18 @@ def require(ok, message):
         raise TinyLLMError(message)
 
 
+def at_least(config, low, *names):
+    for name in names:
+        value = getattr(config, name)
+        words = "at least 1" if low == 1 else f"{low} or more"
+        require(value >= low, f"{name} must be {words}, got {value}")
+
+
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048       # what --tokenizer bpe learns unless --vocab_size says otherwise
 EOT = "<|endoftext|>"       # between documents and after each answer; every tokenizer has it
-USER, ASSISTANT = "<|user|>", "<|assistant|>"  # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
+# the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
 TRAIN_FRACTION = 0.9        # the first 90% of a text trains, the rest validates
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
@@ -44,10 +52,10 @@ class GPTConfig:
                        ("learned", "sinusoidal", "rope"))
 
     def __post_init__(self):
-        require(self.vocab_size >= 0, f"vocab_size must be 0 (the tokenizer's) or more, got {self.vocab_size}")
-        for name in ("block_size", "n_layer", "n_head", "n_embd"):
-            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        at_least(self, 0, "vocab_size")
+        at_least(self, 1, "block_size", "n_layer", "n_head", "n_embd")
+        require(self.n_embd % self.n_head == 0,
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         require(self.pos != "rope" or self.n_embd // self.n_head % 2 == 0,
                 f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
@@ -57,11 +65,12 @@ class GPTConfig:
 @dataclass
 class TrainConfig:
     """How a run trains, saved in every checkpoint."""
-    data: str = setting("data/input.txt", "training text: .txt, a folder, .jsonl (a \"text\" field), Q&A .json, "
-                                          "or a tools.prepare folder")
+    data: str = setting("data/input.txt", "training text: .txt, a folder, .jsonl (a \"text\" "
+                                          "field), Q&A .json, or a tools.prepare folder")
     data_ext: str = setting(".txt", "file endings read from a --data folder, e.g. .txt,.md")
     data_fraction: float = setting(1.0, "train on this first share of the training split; 1 = all")
-    tokenizer: str = setting("char", "characters, BPE learned from the text, or GPT-2's", ("char", "bpe", "gpt2"))
+    tokenizer: str = setting("char", "characters, BPE learned from the text, or GPT-2's",
+                             ("char", "bpe", "gpt2"))
     loss_on: str = setting("answers", "conversations: learn from the answers only, or every token",
                            ("answers", "all"))
     clean: bool = setting(False, "normalise whitespace and drop duplicate documents")
@@ -70,10 +79,12 @@ class TrainConfig:
     batch_size: int = setting(32, "sequences per optimizer step")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule ends here")
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m; empty = off")
-    lr: float = setting(2e-3, "peak learning rate, reached after warmup", aliases=("--lr-max", "--lr_max"))
-    min_lr: float = setting(2e-4, "the LR at the end of the run")
+    lr: float = setting(2e-3, "peak learning rate, reached after warmup",
+                        aliases=("--lr-max", "--lr_max"))
+    min_lr: float = setting(2e-4, "the LR the decay schedules end at")
     warmup_steps: int = setting(100, "steps of linear warmup up to lr", aliases=("--warmup",))
-    lr_schedule: str = setting("cosine", "the decay from lr to min_lr after warmup", ("cosine", "linear"))
+    lr_schedule: str = setting("cosine", "the decay from lr to min_lr after warmup",
+                               ("cosine", "linear"))
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))
     muon_lr: float = setting(0.02, "Muon's peak learning rate")
@@ -90,39 +101,43 @@ class TrainConfig:
     target_loss: float = setting(0.0, "stop once val loss is at or below this; 0 = off")
     seed: int = setting(1337, f"seed of every random generator, 0 to {MAX_SEED}")
     device: str = setting("auto", DEVICE_HELP, DEVICES)
-    dtype: str = setting("auto", "forward pass precision; auto: bfloat16 where native and faster, float16 on older "
-                                 "GPUs, else float32", ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = setting("auto", "forward pass precision; auto: bfloat16 where native and faster, "
+                                 "float16 on older GPUs, else float32",
+                         ("auto", "float32", "bfloat16", "float16"))
     compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs)")
     threads: int = setting(0, THREADS_HELP)
     sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
     plots: bool = setting(True, "redraw loss.png after every evaluation")
-    lora_rank: int = setting(0, "with --init_from: freeze the model, train rank-R LoRA beside attention; 0 = off")
+    lora_rank: int = setting(0, "with --init_from: freeze the model, train rank-R LoRA beside "
+                                "attention; 0 = off")
     lora_alpha: float = setting(16.0, "LoRA's scale: the matrices' product times alpha / rank")
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
 
     def __post_init__(self):
-        for name in ("batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval", "grad_accum_steps",
-                     "keep_last"):
-            require(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_interval", "patience", "sample_tokens", "weight_decay", "grad_clip",
-                     "target_loss", "min_lr", "lora_rank"):
-            require(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
+        at_least(self, 1, "batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
+                 "grad_accum_steps", "keep_last")
+        at_least(self, 0, "warmup_steps", "save_interval", "patience", "sample_tokens",
+                 "weight_decay", "grad_clip", "target_loss", "min_lr", "lora_rank")
         for name in ("lr", "muon_lr", "weight_decay", "grad_clip", "target_loss", "lora_alpha"):
             value = getattr(self, name)
-            require(math.isfinite(value) and (value > 0 or name not in ("lr", "muon_lr", "lora_alpha")),
-                    f"{name} must be a positive number, got {value}")
+            positive = value > 0 or name not in ("lr", "muon_lr", "lora_alpha")
+            require(math.isfinite(value) and positive, f"{name} must be a positive number, "
+                                                       f"got {value}")
         require(self.min_lr <= self.lr, f"min_lr must be at most lr ({self.lr}), got {self.min_lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        require(0 < self.data_fraction <= 1, f"data_fraction must be in (0, 1], got {self.data_fraction}")
-        require(self.tag not in (".", "..") and not set("/\\") & set(self.tag), "tag must be a plain name")
+        require(0 < self.data_fraction <= 1,
+                f"data_fraction must be in (0, 1], got {self.data_fraction}")
+        plain = self.tag not in (".", "..") and not set("/\\") & set(self.tag)
+        require(plain, "tag must be a plain name")
         parse_duration(self.time_budget)
         check_choices(self)
 
 
-# what --resume may change; the rest (shape, data, tokenizer, batch, optimizer, schedule) defines the run
-RESUME_MAY_CHANGE = ("out_dir", "tag", "max_steps", "time_budget", "grad_accum_steps", "eval_interval",
-                     "eval_iters", "log_interval", "save_interval", "keep_last", "patience", "target_loss",
-                     "device", "dtype", "compile", "threads", "sample_tokens", "plots")
+# what --resume may change; the rest (shape, data, tokenizer, batch, optimizer, schedule) is the run
+RESUME_MAY_CHANGE = ("out_dir", "tag", "max_steps", "time_budget", "grad_accum_steps",
+                     "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
+                     "patience", "target_loss", "device", "dtype", "compile", "threads",
+                     "sample_tokens", "plots")
 
 
 @dataclass
@@ -131,22 +146,25 @@ class RunOptions:
     preset: str = setting("", "start from a preset: tiny on a CPU or Mac, small on a CUDA GPU")
     resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")
     overwrite: bool = setting(False, "start afresh though OUT_DIR holds another run")
-    init_from: str = setting("", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium, ...), fresh optimizer")
-    eval_only: str = setting(None, "a checkpoint's loss on its whole val split; OUT_DIR/best.pt if none is named")
-    overfit_batch: bool = setting(False, "sanity check: fit one batch until the loss is near 0; writes nothing")
+    init_from: str = setting("", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium, ...) "
+                                 "with a fresh optimizer")
+    eval_only: str = setting(None, "a checkpoint's loss on its whole val split; OUT_DIR/best.pt "
+                                   "if none is named")
+    overfit_batch: bool = setting(False, "sanity check: fit one batch until the loss is near 0; "
+                                         "writes nothing")
     plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
 
 
 @dataclass
 class SamplerConfig:
-    """How each next token is drawn from the logits (sampling.sample_next)."""
+    """How each next token is drawn from the logits and the text so far (sampling.filter_logits)."""
     temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (the likeliest token)")
     top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
     top_p: float = setting(1.0, "keep the fewest tokens whose probability reaches p; 1 = off")
 
     def __post_init__(self):
-        require(self.temperature == 0 or 1e-3 <= self.temperature <= 1e3,
-                f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}")
+        require(self.temperature == 0 or 1e-3 <= self.temperature <= 1e3, f"--temperature must be "
+                f"0 (greedy) or between 0.001 and 1000, got {self.temperature}")
         require(self.top_k >= 0, f"--top_k must be 0 (off) or more, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
 
@@ -165,22 +183,24 @@ class GenerateConfig:
     device: str = setting("auto", DEVICE_HELP, DEVICES)
     threads: int = setting(0, THREADS_HELP)
     no_cache: bool = setting(False, "recompute the whole context per token, no KV cache")
-    qa: bool = setting(False, "the prompt is a question: ask it in the chat template, stop after the answer")
+    qa: bool = setting(False, "the prompt is a question: ask it in the chat template, stop after "
+                              "the answer")
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
-    show_probs: bool = setting(False, "show each new token's probability and the distribution's entropy")
+    show_probs: bool = setting(False, "show each new token's probability and the entropy")
     show_top: int = setting(0, "with --show_probs, also list the K most likely tokens (at most 20)")
     beam: int = setting(None, "beam search: keep the N likeliest continuations, print the best")
     length_penalty: float = setting(0.0, "beam search: divide a score by length to this power")
 
     def __post_init__(self):
-        require(self.num_samples >= 1, f"--num_samples must be at least 1, got {self.num_samples}")
-        require(self.max_new_tokens >= 1, f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        at_least(self, 1, "num_samples", "max_new_tokens")
         require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
-        require(0 <= self.show_top <= 20, f"--show_top must be between 0 (off) and 20, got {self.show_top}")
+        require(0 <= self.show_top <= 20, f"--show_top must be 0 (off) to 20, got {self.show_top}")
         self.show_probs = self.show_probs or self.show_top > 0
         require(self.beam is None or self.beam >= 1, f"--beam must be at least 1, got {self.beam}")
-        require(not self.beam or self.num_samples == 1, "beam search finds one continuation: drop --num_samples")
-        require(math.isfinite(self.length_penalty), f"--length_penalty must be a number, got {self.length_penalty}")
+        require(not self.beam or self.num_samples == 1,
+                "beam search finds one continuation: drop --num_samples")
+        require(math.isfinite(self.length_penalty),
+                f"--length_penalty must be a number, got {self.length_penalty}")
         require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
         check_choices(self)
 
@@ -201,29 +221,35 @@ def parse_duration(text):
         return None
     number = r"(\d+(?:\.\d+)?)"
     match = re.fullmatch(f"{number}|(?:{number}h)?(?:{number}m)?(?:{number}s)?", text.strip())
-    seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (1, 3600, 60, 1)) if v) if match else 0
-    require(0 < seconds < math.inf, f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}")
+    seconds = 0
+    if match:
+        seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (1, 3600, 60, 1)) if v)
+    require(0 < seconds < math.inf,
+            f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds
 
 
 PRESETS = {
-    # the default on a CPU or a Mac: the shape that learned most in five minutes on the 2-core CPUs measured
-    "tiny": dict(n_layer=2, n_head=5, n_embd=160, block_size=128, pos="rope", mlp="swiglu", batch_size=32,
-                 time_budget="5m", lr=3e-3, min_lr=3e-4, weight_decay=1.0, eval_interval=500),
+    # the default on a CPU or a Mac: what learned most in five minutes on the 2-core CPUs measured
+    "tiny": dict(n_layer=2, n_head=5, n_embd=160, block_size=128, pos="rope", mlp="swiglu",
+                 batch_size=32, time_budget="5m", lr=3e-3, min_lr=3e-4, weight_decay=1.0,
+                 eval_interval=500),
     # nanoGPT's CPU recipe from its README, for like-for-like comparisons
-    "reference": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False, batch_size=12, lr=1e-3,
-                      min_lr=1e-4, beta2=0.99),
+    "reference": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False, batch_size=12,
+                      lr=1e-3, min_lr=1e-4, beta2=0.99),
     # nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
-    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, batch_size=64,
-                  lr=1e-3, min_lr=1e-4, beta2=0.99),
-    "small-modern": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, pos="rope",
-                         mlp="swiglu", norm="rmsnorm", batch_size=64, max_steps=5000, lr=1e-3, min_lr=1e-4,
-                         beta2=0.99),
-    # seconds, not minutes: to check that a change runs, learns, resumes and samples (docs/changing.md)
-    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200, warmup_steps=10,
-                  lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5, log_interval=10),
-    "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, dropout=0.2, bias=False, batch_size=64,
-                   max_steps=10000, lr=6e-4, min_lr=6e-5, warmup_steps=200, beta2=0.99, eval_interval=500),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
+                  batch_size=64, lr=1e-3, min_lr=1e-4, beta2=0.99),
+    "small-modern": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
+                         pos="rope", mlp="swiglu", norm="rmsnorm", batch_size=64, max_steps=5000,
+                         lr=1e-3, min_lr=1e-4, beta2=0.99),
+    # seconds, not minutes: to check that a change runs, learns, resumes and samples
+    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200,
+                  warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5,
+                  log_interval=10),
+    "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, dropout=0.2, bias=False,
+                   batch_size=64, max_steps=10000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
+                   beta2=0.99, eval_interval=500),
 }
 
 
@@ -245,7 +271,8 @@ def from_saved(cls, saved, path):
         raise TinyLLMError(f"{path} has settings this version of tinyllm does not know "
                            f"({', '.join(unknown)}): it was made by another version")
     for f in fields(cls):
-        if f.name in saved and not isinstance(saved[f.name], (int, float) if f.type is float else f.type):
+        kind = (int, float) if f.type is float else f.type  # an int is a float setting too
+        if f.name in saved and not isinstance(saved[f.name], kind):
             raise TinyLLMError(f"{path}: unreadable settings ({f.name} is {saved[f.name]!r})")
     try:
         return cls(**saved)
@@ -256,7 +283,8 @@ def from_saved(cls, saved, path):
 def build_configs(given, preset):
     """GPTConfig and TrainConfig: the defaults, then the preset, then the flags given."""
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    require(not (given.get("time_budget") and "max_steps" in given), "give --time_budget or --max_steps, not both")
+    require(not (given.get("time_budget") and "max_steps" in given),
+            "give --time_budget or --max_steps, not both")
     values = {**PRESETS[preset], **given}
     if "max_steps" in given:  # a step count turns a preset's budget off
         values["time_budget"] = ""

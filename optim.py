@@ -71,10 +71,10 @@ class Muon(torch.optim.Optimizer):
         hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
         rest = [p for _, p in named_params if p.dim() >= 2 and not any(p is h for h in hidden)]
         vectors = [p for _, p in named_params if p.dim() < 2]
-        groups = [
-            {"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr, "weight_decay": 0},
-            {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
-            {"params": vectors, "use_muon": False, "lr_scale": 1.0, "weight_decay": 0.0}]
+        scale, decay = cfg.muon_lr / cfg.lr, cfg.weight_decay
+        groups = [{"params": hidden, "use_muon": True, "lr_scale": scale, "weight_decay": 0.0},
+                  {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": decay},
+                  {"params": vectors, "use_muon": False, "lr_scale": 1.0, "weight_decay": 0.0}]
         return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
     @torch.no_grad()

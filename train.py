@@ -4,7 +4,7 @@
     python train.py --preset small --max_steps 50 --seed 1
 
 In order: one step and an evaluation, the loop, its progress lines, evaluations and saves, a time
-budget, the end. The set-up before the loop (settings, data, model, precision) is machinery/setup.py.
+budget, the end. The set-up before the loop (settings, data, model, precision): machinery/setup.py.
 """
 
 import machinery  # noqa: F401 (first, before torch: it notes the start time, calms OpenMP)
@@ -25,7 +25,7 @@ from machinery import device as devices
 from optim import get_lr, progress
 from utils import bits_per_char
 
-# ----------------------------------------------------------------------------- one step, an evaluation
+# ------------------------------------------------------------------------- one step, an evaluation
 
 
 def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ctx, scaler=None):
@@ -70,7 +70,7 @@ def estimate_loss(model, batches, eval_iters, ctx):
     return out
 
 
-# ----------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------------- the loop
 
 def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes."""
@@ -135,7 +135,7 @@ def train_loop(run):
     return finish(run, stop_reason, signum)
 
 
-# ----------------------------------------------------------------------------- progress lines
+# ---------------------------------------------------------------------------------- progress lines
 
 def read_figures(run):
     """The window's figures read from the device in one wait; a non-finite loss stops the run."""
@@ -197,7 +197,7 @@ def paused(run):
     run.line = (run.line[0], run.line[1] + run.pause)
 
 
-# ----------------------------------------------------------------------------- evaluations, saves
+# ------------------------------------------------------------------------------ evaluations, saves
 
 def evaluate(run):
     """Both splits' losses, a line, a history row, the run's files; why the run stops, or None."""
@@ -233,7 +233,7 @@ def evaluate(run):
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
                 f"(best {state.best_val_loss:.4f})")
     if cfg.target_loss and val_loss <= cfg.target_loss:
-        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at step {state.step}"
+        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
 
 
 def save(run, name):
@@ -254,7 +254,7 @@ def save(run, name):
     checkpoint.save(os.path.join(run.cfg.out_dir, name), contents)
 
 
-# ----------------------------------------------------------------------------- a time budget
+# ----------------------------------------------------------------------------------- a time budget
 
 def clock(run):
     """The run's seconds so far, the ranks' mean: their clocks differ, and all must decide alike."""
@@ -295,7 +295,7 @@ def end_step(run, pace=None):
     return run.state.step + max(0, math.ceil((budget_end(run) - run.elapsed()) / pace))
 
 
-# ----------------------------------------------------------------------------- the end
+# ----------------------------------------------------------------------------------------- the end
 
 def finish(run, stop_reason, signum):
     """last.pt if steps came after the last evaluation, the closing lines and sample, a summary.
@@ -312,7 +312,9 @@ def finish(run, stop_reason, signum):
         sys.exit(128 + signum)
     if stop_reason:
         run.say(stop_reason)
-    files = f" | {cfg.out_dir}/: best.pt, last.pt, history.csv" + (", loss.png" if cfg.plots else "")
+    files = f" | {cfg.out_dir}/: best.pt, last.pt, history.csv"
+    if cfg.plots:
+        files += ", loss.png"
     run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
             f"{cli.format_seconds(run.elapsed())}{files if run.writes else ''}")
     if run.budget:

@@ -1,6 +1,7 @@
-"""What a run needs besides the lesson. Imported before torch, it notes the start time (STARTED, where a time budget
-starts) and sets GOMP_SPINCOUNT=10000: OpenMP's long idle spin made a 2-thread step 2-9x slower beside a busy
-process on 2 cores. A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins."""
+"""What a run needs besides the lesson. Imported before torch, it notes the start time (STARTED:
+a time budget starts there) and sets GOMP_SPINCOUNT=10000: OpenMP's long idle spin made a
+2-thread step 2-9x slower beside a busy process on 2 cores. A user's OMP_WAIT_POLICY or
+GOMP_SPINCOUNT wins."""
 
 import os
 import time

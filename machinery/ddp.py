@@ -1,4 +1,4 @@
-"""Several processes under torchrun (DDP): each one's rank and device, and what they all agree on."""
+"""Several processes under torchrun (DDP): each one's rank and device, what they all agree on."""
 
 import os
 
@@ -7,26 +7,26 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TinyLLMError
-
 from machinery import device as devices
 
 
 def setup(device):
-    """(rank, world size, device); (0, 1, device) without torchrun. A process joins its group once, however
-    many runs it trains (tools.ablation)."""
+    """(rank, world size, device); (0, 1, device) without torchrun. A process joins its group
+    once, however many runs it trains (tools.ablation)."""
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
-        raise TinyLLMError("torch cannot join several processes on a Mac's GPU; give torchrun --device cpu")
+        raise TinyLLMError("torch cannot join several processes on a Mac's GPU; "
+                           "give torchrun --device cpu")
     if device.type != "cuda":
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         return rank, world, device
     gpus, processes = devices.machine().gpus, int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
-        raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give torchrun "
-                           f"--nproc_per_node={gpus} or less, or --device cpu")
+        raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give "
+                           f"torchrun --nproc_per_node={gpus} or less, or --device cpu")
     device = torch.device(f"cuda:{local_rank}")
     torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -42,7 +42,9 @@ def leave_together(world):
 
 def wrap(model, world, device):
     """DDP averages the gradients over the ranks during backward."""
-    return model if world == 1 else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def mean(values, world, device):

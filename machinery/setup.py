@@ -152,7 +152,7 @@ def make_batches(corpus, block_size, cfg, world, device):
             for split, (ids, targets) in splits.items()}
 
 
-# ----------------------------------------------------------------------------- the settings
+# ------------------------------------------------------------------------------------ the settings
 
 def settings(model_cfg, cfg, options, preset, given, say):
     """The settings, what the run starts from and whether it resumes: (model_cfg, cfg, preset,
@@ -163,7 +163,8 @@ def settings(model_cfg, cfg, options, preset, given, say):
         source = checkpoint.load(last)
         say(f"resuming {last} at {checkpoint.describe(source)}")
         if options.preset and options.preset != source.get("preset"):
-            raise TinyLLMError(f"{last} is a run of preset {source.get('preset')!r}: --resume keeps it")
+            raise TinyLLMError(f"{last} is a run of preset {source.get('preset')!r}: "
+                               f"--resume keeps it")
         model_cfg, cfg = resumed_settings(source, cfg, given, last)
         return model_cfg, cfg, source.get("preset", preset), source, last, True
     if options.resume:  # the same command starts the run now and continues it later
@@ -220,7 +221,7 @@ def contradicted(given, saved, may_change):
 
 
 def fine_tune_source(path, given):
-    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change (it is no weight)."""
+    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
     if path.lower().endswith(".pt"):
         source = checkpoint.load(path)
     else:
@@ -236,7 +237,7 @@ def fine_tune_source(path, given):
     return source
 
 
-# ----------------------------------------------------------------------------- data and model
+# ---------------------------------------------------------------------------------- data and model
 
 def data_and_model(model_cfg, cfg, source, path, options, say):
     """The text as train and val token ids (by the source's tokenizer, if any), the GPT to train,
@@ -245,7 +246,8 @@ def data_and_model(model_cfg, cfg, source, path, options, say):
     if source:
         model = checkpoint.model_of(source, path)
         tokenizer = checkpoint.tokenizer_of(source, model.config.vocab_size, path)
-    corpus = sources.load_corpus(cfg, tokenizer, model_cfg.vocab_size, extend=bool(options.init_from))
+    extend = bool(options.init_from)  # a fine-tune's new characters grow the vocabulary
+    corpus = sources.load_corpus(cfg, tokenizer, model_cfg.vocab_size, extend=extend)
     block_size = (model.config if model else model_cfg).block_size
     sources.check_long_enough(corpus.train, block_size, "train", cfg.data)
     sources.check_long_enough(corpus.val, block_size, "validation", cfg.data)
@@ -303,7 +305,7 @@ def restore(source, optimizer, cfg, rank, world, say):
     return state
 
 
-# ----------------------------------------------------------------------------- precision, header
+# ------------------------------------------------------------------------------- precision, header
 
 def set_precision(run, saved, step):
     """The run's dtype, autocast and scaler; --compile and --dtype auto take trial steps first."""
@@ -363,7 +365,7 @@ def print_header(run):
                  f"steps): the LR never decays")
 
 
-# ----------------------------------------------------------------------------- the closing sample
+# ------------------------------------------------------------------------------ the closing sample
 
 def time_closing_sample(run):
     """The closing sample's seconds, timed on 16 tokens, with a margin: a budget keeps them free."""
@@ -392,7 +394,7 @@ def closing_sample(run, tokens):
     return tokenizer.decode(out[:out.index(stop)] if stop in out else out)
 
 
-# ----------------------------------------------------------------------------- --eval_only: a checkpoint scored
+# ---------------------------------------------------------------- --eval_only: a checkpoint scored
 
 def evaluate_checkpoint(path, data, device, batch_size, threads):
     """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
@@ -429,7 +431,7 @@ def token_losses(model, ids, batch_size=1):
     return torch.cat(losses)
 
 
-# ----------------------------------------------------------------------------- the command line
+# -------------------------------------------------------------------------------- the command line
 
 def parse_flags(argv=None):
     """(options, model_cfg, train_cfg, preset, given): the flags given, on top of --preset or
