@@ -1,8 +1,6 @@
 """What each modern part of the model buys: train.py runs at equal settings that differ only in the
-model's switches, and a table and a plot of their validation losses.
-
-    python -m tools.ablation --max_steps 600     # then any train.py flag: --preset, --n_layer, ...
-"""
+model's switches, and a table and a plot of their validation losses:
+python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_layer, ...)."""
 
 import machinery  # noqa: F401 (first, before torch loads)
 

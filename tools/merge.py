@@ -1,7 +1,5 @@
 """Fold a LoRA adapter into its base: a plain checkpoint, which needs the base no more.
-
-    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt
-"""
+python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt"""
 
 import os
 

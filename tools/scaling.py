@@ -1,9 +1,6 @@
 """Scaling laws on this machine: every model size at every compute budget (IsoFLOP curves), the
 compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one size on less of the text.
-About 30 minutes; --quick takes about 3.
-
-    python -m tools.scaling --quick
-"""
+About 30 minutes; python -m tools.scaling --quick takes about 3."""
 
 import machinery  # noqa: F401 (first, before torch loads)
 
@@ -137,15 +134,13 @@ def summarize(rows, budgets, five_minutes, path):
     data = [r for r in rows if r["kind"] == "data"]
     fig, axes = new_plot(4.2, 15, grid=(1, 3))
     by_size, by_compute, by_data = axes[0]
-    C, sizes, L = [], [], []  # the compute-optimal points: FLOPs, parameters, loss
+    frontier = []  # the compute-optimal points: (FLOPs, parameters, loss)
     for b in budgets:
         at = [r for r in iso if r["budget"] == b]  # by size, as SHAPES are
-        C.append(statistics.mean(r["flops"] for r in at))
-        params, loss = isoflop_minimum(at)
-        sizes.append(params)
-        L.append(loss)
+        frontier.append((statistics.mean(r["flops"] for r in at), *isoflop_minimum(at)))
         by_size.plot([r["params"] for r in at], [r["val"] for r in at], "o-",
                      label=f"{b:.1e} FLOPs")
+    C, sizes, L = zip(*frontier)
     fit = fit_power_law(C, L) if len(set(C)) > 1 else None
     if fit is None:  # the budgets too close, or the loss not falling with compute: nothing to fit
         cli.log("no power law fits these runs: the loss does not fall with compute "
