@@ -1,11 +1,12 @@
 """LoRA (Hu et al., 2021): fine-tune a large model by training two small matrices beside each of its
 linear layers, and nothing else. A layer's weight W (out x in) is frozen; beside it, B (out x r) and
 A (r x in), of a small rank r, make the update: y = x W^T + (x A^T B^T) * alpha / r. B starts at 0,
-so the adapted model starts as the base. A fine-tune then trains r * (in + out) numbers a layer instead
-of out * in, and saves only those: the adapter, a file of kilobytes beside the model it adapts.
+so the adapted model starts as the base. A fine-tune then trains r * (in + out) numbers a layer
+instead of out * in, and saves only those: the adapter, kilobytes beside the model it adapts.
 
-    python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --lora_rank 8 --tag lora
-    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # the adapter folded in
+    python train.py --init_from checkpoints/best.pt --lora_rank 8 --tag lora \
+        --data data/chat_example.jsonl
+    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # folded in
 """
 
 import math
@@ -21,7 +22,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base, self.scale = base, alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))  # (r, in)
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))  # (out, r): 0, no change at first
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear draws its weights
 
     def forward(self, x):  # (B, T, in) -> (B, T, out)
@@ -35,7 +36,7 @@ class LoRALinear(nn.Module):
 
 
 def add_adapters(model, rank, alpha, mlp=False):
-    """Freeze every weight of model, then put a LoRALinear over each attention projection (and the MLP's)."""
+    """Freeze model, then wrap each attention projection (and the MLP's) in a LoRALinear."""
     model.requires_grad_(False)
     for block in model.blocks:
         block.attn.c_attn = LoRALinear(block.attn.c_attn, rank, alpha)

@@ -3,9 +3,8 @@
 import math
 import os
 
-from optim import get_lr, progress
-
 from machinery.cli import log, warn
+from optim import get_lr, progress
 
 
 def new_plot(height=3, width=7, grid=None):
@@ -28,16 +27,23 @@ def save_plot(fig, ax, path):
     plt.close(fig)
 
 
+def draw_losses(ax, history, color, label=""):
+    """A run's train loss at each logged step (dashed) and val loss at each evaluation."""
+    steps = [h for h in history if h["kind"] == "train"]
+    evals = [h for h in history if h["kind"] == "eval"]
+    ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], "--", color=color, alpha=0.6,
+            label=f"{label}train")
+    best = min(h["val_loss"] for h in evals)  # train.py writes history.csv after an evaluation
+    ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color=color, ms=3,
+            label=f"{label}val (best {best:.3f})")
+
+
 def plot_loss(history, path, vocab_size):
-    """Train and val loss by step, the uniform ln(V) baseline, the best val marked."""
-    rows, evals = [h for h in history if h["kind"] == "train"], [h for h in history if h["kind"] == "eval"]
+    """Train and val loss by step, and the loss of a uniform guess, ln(V)."""
     fig, ax = new_plot(height=4)
-    ax.plot([h["step"] for h in rows], [h["loss"] for h in rows], color="C0", alpha=0.5, label="train (steps)")
-    ax.plot([h["step"] for h in evals], [h["train_loss"] for h in evals], "o-", color="C0", ms=3, label="train")
-    ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color="C1", ms=3, label="val")
-    ax.axhline(math.log(vocab_size), color="gray", linestyle="--", label=f"uniform ln(V) = {math.log(vocab_size):.2f}")
-    best = min(evals, key=lambda h: h["val_loss"])
-    ax.plot([best["step"]], [best["val_loss"]], "r*", ms=12, label=f"best val {best['val_loss']:.3f}")
+    draw_losses(ax, history, "C0")
+    uniform = math.log(vocab_size)
+    ax.axhline(uniform, color="gray", linestyle="--", label=f"uniform ln(V) = {uniform:.2f}")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
     save_plot(fig, ax, path)
 
@@ -45,15 +51,16 @@ def plot_loss(history, path, vocab_size):
 def draw_lr_schedule(cfg):
     """--plot_lr: the LR at every step of max_steps, drawn, and printed at every tenth."""
     if cfg.time_budget:
-        warn(f"--time_budget {cfg.time_budget}: its end depends on its pace; drawn for --max_steps {cfg.max_steps}")
+        warn(f"--time_budget {cfg.time_budget}: its end depends on its pace; "
+             f"drawn for --max_steps {cfg.max_steps}")
     lrs = [get_lr(s, progress(s, cfg), cfg) for s in range(cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot(lrs)
-    ax.set(xlabel="step", ylabel="learning rate", title=f"{cfg.lr_schedule}: warmup {cfg.warmup_steps} steps, "
-                                                        f"peak {cfg.lr:g}, floor {cfg.min_lr:g}")
+    ax.set(xlabel="step", ylabel="learning rate",
+           title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, floor {cfg.min_lr:g}")
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
     save_plot(fig, ax, path)
-    steps = sorted({s for s in [cfg.warmup_steps] + [round(cfg.max_steps * i / 10) for i in range(11)]
-                    if s <= cfg.max_steps})  # the peak and the tenths
+    tenths = [round(cfg.max_steps * i / 10) for i in range(11)]
+    steps = sorted({s for s in [cfg.warmup_steps] + tenths if s <= cfg.max_steps})  # the peak too
     log("lr at step " + ", ".join(f"{s}: {lrs[s]:.3g}" for s in steps))
     log(f"wrote {path}")

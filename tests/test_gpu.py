@@ -74,7 +74,7 @@ from machinery import checkpoint
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32)).cuda().eval()
 chars = {"kind": "char", "chars": [chr(33 + i) for i in range(64)], "special_tokens": ["<|endoftext|>"]}
-checkpoint.save(sys.argv[1], checkpoint.make(model, chars, step=0))
+checkpoint.save(sys.argv[1], checkpoint.contents(model, chars, step=0))
 with torch.no_grad():
     torch.save(model(torch.arange(16, device="cuda")[None])[0].cpu(), sys.argv[1] + ".logits")  # what the GPU gave
 """

@@ -1,5 +1,6 @@
-"""The tools on a trained tiny model: pictures (the attention drawn is the formula's), compare, the scaling
-study (a data-limited run trains on its part only), ablation, decoding; and GPT-2 weights through Hugging Face."""
+"""The tools on a trained tiny model: pictures (the attention drawn is the formula's), compare, the
+scaling study (a data-limited run trains on its part only), ablation, decoding; and GPT-2 weights
+through Hugging Face."""
 
 import ast
 import csv
@@ -13,16 +14,24 @@ import signal
 import matplotlib.image
 import pytest
 import torch
+from conftest import (
+    GREEDY,
+    ROOT,
+    TINY_FLAGS,
+    assert_one_line_error,
+    cli,
+    corpus_head,
+    tiny_model,
+    tiny_run,
+)
 
 import bpe
 import model as model_module
 import sampling
 import train
-from conftest import GREEDY, ROOT, TINY_FLAGS, assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
-from utils import CharTokenizer, split_train_val
-
 from machinery import checkpoint, hf_gpt2, setup
 from tools import ablation, compare, decoding, pictures, scaling
+from utils import CharTokenizer, split_train_val
 
 
 def opens(*paths):
@@ -33,39 +42,52 @@ def opens(*paths):
 # ----------------------------------------------------------------------------- pictures
 
 def hand_attention(model, x, layer, head):
-    """softmax(q k^T / sqrt(hs)) with the future masked, from block `layer`'s weights; x: its input (T, C)."""
-    sd, p, x = {k: v.double() for k, v in model.state_dict().items()}, f"blocks.{layer}.", x.double()
+    """softmax(q k^T / sqrt(hs)) with the future masked, from block `layer`'s weights; x: its
+    input (T, C)."""
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    p, x = f"blocks.{layer}.", x.double()
     h = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
     h = h * sd[p + "ln_1.weight"] + sd[p + "ln_1.bias"]
     qkv = h @ sd[p + "attn.c_attn.weight"].T + sd[p + "attn.c_attn.bias"]  # (T, 3C): q, k, v
     C, T, hs = x.size(-1), x.size(0), x.size(-1) // model.config.n_head
-    q, k = qkv[:, head * hs:(head + 1) * hs], qkv[:, C + head * hs:C + (head + 1) * hs]
-    scores = (q @ k.T / math.sqrt(hs)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    q = qkv[:, head * hs:(head + 1) * hs]
+    k = qkv[:, C + head * hs:C + (head + 1) * hs]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    scores = (q @ k.T / math.sqrt(hs)).masked_fill(future, -math.inf)
     return torch.softmax(scores, dim=-1)
 
 
 @pytest.mark.parametrize("layer, head", [(0, 1), (1, 0)])
-def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_hs_with_the_future_masked(trained, layer, head):
+def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_hs_with_the_future_masked(
+        trained, layer, head):
     model, tokenizer, _ = checkpoint.load_model(trained[0])
     idx = torch.tensor([tokenizer.encode("ROMEO: I will th")])
     inputs = []
-    hook = model.blocks[layer].register_forward_pre_hook(lambda module, args: inputs.append(args[0][0]))
+    hook = model.blocks[layer].register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0][0]))
     maps = pictures.attention_maps(model, idx)
     hook.remove()
     assert len(maps) == 2 and maps[layer].shape == (2, 16, 16)
-    assert torch.allclose(maps[layer][head].double(), hand_attention(model, inputs[0], layer, head), atol=1e-5)
+    expected = hand_attention(model, inputs[0], layer, head)
+    assert torch.allclose(maps[layer][head].double(), expected, atol=1e-5)
 
 
-def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(trained, monkeypatch):
+def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
+        trained, monkeypatch):
     model = checkpoint.load_model(trained[0])[0]
-    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
     with torch.no_grad():
         before = model(idx)[0]
     maps = pictures.attention_maps(model, idx)
     with pytest.raises(ValueError):  # a forward pass that fails puts the kernel back too
         pictures.attention_maps(model, torch.zeros(1, 17, dtype=torch.long))
     fused, real = [], model_module.fused_attention
-    monkeypatch.setattr(model_module, "fused_attention", lambda *a, **k: fused.append(1) or real(*a, **k))
+
+    def counted(*args, **kwargs):
+        fused.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(model_module, "fused_attention", counted)
     with torch.no_grad():
         assert torch.equal(model(idx)[0], before)
     assert len(fused) == 2  # every layer on the fused kernel
@@ -76,9 +98,10 @@ def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
     assert len(maps) == 2
 
 
-def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_losses(trained, tmp_path, capsys):
-    code, out, err = cli(capsys, pictures.main, trained[0], "--out_dir", tmp_path, "--prompt", "ROMEO: I will",
-                         "--passage_chars", 100, "--device", "cpu")
+def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_losses(
+        trained, tmp_path, capsys):
+    code, out, err = cli(capsys, pictures.main, trained[0], "--out_dir", tmp_path,
+                         "--prompt", "ROMEO: I will", "--passage_chars", 100, "--device", "cpu")
     assert code == 0, err
     said = dict(re.match(r"wrote (.*?\.png): (.*)", line).groups() for line in out.splitlines())
     assert sorted(said) == sorted(str(tmp_path / f"{n}.png") for n in pictures.PICTURES)
@@ -86,32 +109,45 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
     assert all("Look" in line for line in said.values())
     model, tokenizer, _ = checkpoint.load_model(trained[0])
     with open(trained[1], encoding="utf-8") as f:
-        val = torch.tensor(tokenizer.encode(split_train_val(f.read())[1])[:100])  # the val split's first 100
-    drawn = float(re.search(r"([\d.]+) bits per character", said[str(tmp_path / "surprise.png")]).group(1))
-    assert drawn == pytest.approx(setup.token_losses(model, val).mean().item() / math.log(2), abs=1e-4)
+        val_text = split_train_val(f.read())[1]
+    val = torch.tensor(tokenizer.encode(val_text)[:100])  # the val split's first 100
+    surprise = said[str(tmp_path / "surprise.png")]
+    drawn = float(re.search(r"([\d.]+) bits per character", surprise).group(1))
+    expected = setup.token_losses(model, val).mean().item() / math.log(2)
+    assert drawn == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text(corpus_head(12_000).replace("e", "é"), encoding="utf-8")  # é: two bytes
-    train.train(tiny_model(vocab_size=300), tiny_run(data, tmp_path / "run", tokenizer="bpe", max_steps=4,
-                                                     eval_interval=4, eval_iters=1))
-    code, out, err = cli(capsys, pictures.main, best := tmp_path / "run" / "best.pt", "--out_dir", tmp_path / "p",
+    run = tiny_run(data, tmp_path / "run", tokenizer="bpe", max_steps=4, eval_interval=4,
+                   eval_iters=1)
+    train.train(tiny_model(vocab_size=300), run)
+    best = tmp_path / "run" / "best.pt"
+    code, out, err = cli(capsys, pictures.main, best, "--out_dir", tmp_path / "p",
                          "--prompt", "Roméo", "--passage_chars", 100)
     assert code == 0, err
     assert "skipped embeddings.png" in out and "char model" in out
-    assert sorted(os.listdir(tmp_path / "p")) == ["attention.png", "surprise.png", "temperature.png"]
+    drawn = sorted(os.listdir(tmp_path / "p"))
+    assert drawn == ["attention.png", "surprise.png", "temperature.png"]
     opens(*(tmp_path / "p").iterdir())
-    code, out, err = cli(capsys, pictures.main, best, "--out_dir", tmp_path / "e", "--only", "embeddings")
+    code, out, err = cli(capsys, pictures.main, best, "--out_dir", tmp_path / "e",
+                         "--only", "embeddings")
     assert_one_line_error(code, err, "char model")
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("argv, word", [(["--only", "attention", "--layer", "2"], "--layer"),
-                                        (["--head", "2"], "--head"), (["--only", "attention,bogus"], "--only"),
-                                        (["--prompt", "e" * 17], "--prompt"), (["--temperatures", "0,x"], "--temp")])
-def test_bad_pictures_input_is_one_error_line_and_nothing_is_drawn(trained, tmp_path, capsys, argv, word):
-    code, _, err = cli(capsys, pictures.main, trained[0], "--out_dir", tmp_path / "p", "--prompt", "ROMEO", *argv)
+@pytest.mark.parametrize("argv, word", [
+    (["--only", "attention", "--layer", "2"], "--layer"),
+    (["--head", "2"], "--head"),
+    (["--only", "attention,bogus"], "--only"),
+    (["--prompt", "e" * 17], "--prompt"),
+    (["--temperatures", "0,x"], "--temp"),
+])
+def test_bad_pictures_input_is_one_error_line_and_nothing_is_drawn(
+        trained, tmp_path, capsys, argv, word):
+    code, _, err = cli(capsys, pictures.main, trained[0], "--out_dir", tmp_path / "p",
+                       "--prompt", "ROMEO", *argv)
     assert_one_line_error(code, err, word)
     assert not (tmp_path / "p").exists() or not os.listdir(tmp_path / "p")
 
@@ -119,25 +155,33 @@ def test_bad_pictures_input_is_one_error_line_and_nothing_is_drawn(trained, tmp_
 # ----------------------------------------------------------------------------- compare
 
 def test_compare_draws_two_runs_histories_in_one_png(trained, tmp_path, capsys, monkeypatch):
+    run_dir = os.path.dirname(trained[0])
     os.makedirs(tmp_path / "b")
-    shutil.copy(os.path.join(os.path.dirname(trained[0]), "history.csv"), tmp_path / "b")
+    shutil.copy(os.path.join(run_dir, "history.csv"), tmp_path / "b")
     with open(tmp_path / "b" / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     vals = [float(r["val_loss"]) for r in rows if r["kind"] == "eval"]
     lines, real = {}, compare.save_plot
-    monkeypatch.setattr(compare, "save_plot", lambda fig, ax, path: lines.update(
-        {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}) or real(fig, ax, path))
-    code, out, err = cli(capsys, compare.main, os.path.dirname(trained[0]), tmp_path / "b", "--labels", "one,two",
+
+    def save_and_catch(fig, ax, path):
+        lines.update({line.get_label(): list(line.get_ydata()) for line in ax.get_lines()})
+        real(fig, ax, path)
+    monkeypatch.setattr(compare, "save_plot", save_and_catch)
+    code, out, err = cli(capsys, compare.main, run_dir, tmp_path / "b", "--labels", "one,two",
                          "--out", tmp_path / "c.png")
     assert code == 0, err
     opens(tmp_path / "c.png")
     assert lines[f"two val (best {min(vals):.3f})"] == pytest.approx(vals)
-    assert lines["one train"] == pytest.approx([float(r["loss"]) for r in rows if r["kind"] == "train"])
+    train_losses = [float(r["loss"]) for r in rows if r["kind"] == "train"]
+    assert lines["one train"] == pytest.approx(train_losses)
 
 
-@pytest.mark.parametrize("case, word", [("out", "--out"), ("labels", "--labels"), ("no history", "history.csv")])
+@pytest.mark.parametrize("case, word", [
+    ("out", "--out"), ("labels", "--labels"), ("no history", "history.csv")])
 def test_bad_compare_input_is_one_error_line(trained, tmp_path, capsys, case, word):
-    runs = [os.path.dirname(trained[0])] * 2 if case != "no history" else [os.path.dirname(trained[0]), tmp_path]
+    runs = [os.path.dirname(trained[0])] * 2
+    if case == "no history":
+        runs[1] = tmp_path
     flags = {"out": ["--out", tmp_path / "c.jpg"], "labels": ["--labels", "one"]}.get(case, [])
     code, _, err = cli(capsys, compare.main, *runs, "--out", tmp_path / "c.png", *flags)
     assert_one_line_error(code, err, word)
@@ -158,42 +202,59 @@ def test_fit_power_law_recovers_the_law_its_points_were_made_by(law):
 
 def test_isoflop_minimum_is_the_parabolas_vertex_or_the_lowest_run():
     params = [1e4, 3e4, 1e5, 3e5, 1e6]
-    vertex = scaling.isoflop_minimum([dict(params=p, val=2 + 0.3 * math.log(p / 5e4) ** 2) for p in params])
-    assert vertex == pytest.approx((5e4, 2.0))
-    falling = [dict(params=p, val=3 - math.log(p) / 10) for p in params]  # no vertex among them: the lowest run
+    bowl = [dict(params=p, val=2 + 0.3 * math.log(p / 5e4) ** 2) for p in params]
+    assert scaling.isoflop_minimum(bowl) == pytest.approx((5e4, 2.0))
+    falling = [dict(params=p, val=3 - math.log(p) / 10) for p in params]  # no vertex: the lowest
     assert scaling.isoflop_minimum(falling) == (1e6, falling[-1]["val"])
 
 
-def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback(tmp_path):
-    rows = [dict(kind="iso", budget=b, flops=b, params=p, val=v + (p != 3e4) / 10)
-            for b, v in ((1e9, 2.0), (2e9, 2.5)) for p in (1e4, 3e4, 1e5)]
+def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback(
+        tmp_path, monkeypatch, capsys):
+    rows = []
+    for budget, val in ((1e9, 2.0), (2e9, 2.5)):
+        for params in (1e4, 3e4, 1e5):
+            rows.append(dict(kind="iso", budget=budget, flops=budget, params=params,
+                             val=val + (params != 3e4) / 10))
+    monkeypatch.setattr(scaling, "save_plot", lambda fig, ax, path: None)  # drawn, not saved
     scaling.summarize(rows, [1e9, 2e9], 1e10, str(tmp_path / "s.png"))
+    assert "no power law fits" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fraction", [0.25, 1.0])
-def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(text_file, tmp_path, monkeypatch, fraction):
+def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(
+        text_file, tmp_path, monkeypatch):
     handed, real = [], setup.get_batch
-    monkeypatch.setattr(setup, "get_batch", lambda data, *a, **k: handed.append(data) or real(data, *a, **k))
-    scaling.run((1, 16, 2), 3, str(tmp_path / "run"), text_file, data_fraction=fraction, **TINY)
+
+    def get_batch(data, *args, **kwargs):
+        handed.append(data)
+        return real(data, *args, **kwargs)
+    monkeypatch.setattr(setup, "get_batch", get_batch)
+    scaling.run((1, 16, 2), 3, str(tmp_path / "run"), text_file, data_fraction=0.25, **TINY)
     with open(text_file, encoding="utf-8") as f:
         text = f.read()
-    train_ids, val_ids = (torch.tensor(CharTokenizer.from_text(text).encode(part)) for part in split_train_val(text))
+    tokenizer = CharTokenizer.from_text(text)
+    train_ids, val_ids = (torch.tensor(tokenizer.encode(part)) for part in split_train_val(text))
     trained_on = [d for d in handed if not torch.equal(torch.as_tensor(d), val_ids)]
-    assert len(trained_on) >= 3 and len(handed) > len(trained_on)  # every step, and the val split for evaluation
+    assert len(trained_on) >= 3 and len(handed) > len(trained_on)  # every step, and evaluations
     for data in trained_on:
-        assert torch.equal(torch.as_tensor(data), train_ids[:int(len(train_ids) * fraction)])
+        assert torch.equal(torch.as_tensor(data), train_ids[:int(len(train_ids) * 0.25)])
 
 
-def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(tmp_path, monkeypatch, capsys):
-    """The probe (each size's step time) is given in the JSON: the plan does not depend on this machine's speed."""
+def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(
+        tmp_path, monkeypatch, capsys):
+    """The probe (each size's step time) is given in the JSON: the plan does not depend on this
+    machine's speed."""
     data, out = tmp_path / "data.txt", tmp_path / "scaling.json"
     data.write_text(corpus_head(4000), encoding="utf-8")
     monkeypatch.setattr(scaling, "SHAPES", [(1, 8, 2), (1, 16, 2)])
     monkeypatch.setattr(scaling, "DATA_FRACTIONS", [0.5])
     calls, real = [], scaling.run
-    monkeypatch.setattr(scaling, "run", lambda *a, **k: calls.append(k) or real(*a, **{**k, **TINY}))
-    probe = {"seconds": [1, 1], "flops": [1, 1], "budgets": [10, 20], "dtype": "float32"}  # 10 and 20 steps
-    out.write_text(json.dumps({"probe": probe, "runs": []}))
+
+    def run(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **{**kwargs, **TINY})
+    monkeypatch.setattr(scaling, "run", run)
+    probe = {"seconds": [1, 1], "flops": [1, 1], "budgets": [10, 20], "dtype": "float32"}
+    out.write_text(json.dumps({"probe": probe, "runs": []}))  # budgets of 10 and 20 steps
     argv = ["--reuse", "--data", data, "--out", out, "--out_png", tmp_path / "s.png"]
     code, printed, err = cli(capsys, scaling.main, *argv)
     assert code == 0, err
@@ -202,79 +263,94 @@ def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(t
     assert saved["probe"] == probe and len(saved["runs"]) == len(calls) == 2 * 2 + 1
     assert [r["steps"] for r in saved["runs"] if r["kind"] == "iso"] == [10, 10, 20, 20]
     assert calls[-1]["data_fraction"] == 0.5 and "fit: L(C) =" in printed
-    out.write_text(json.dumps({**saved, "runs": saved["runs"][:-1]}))  # as if stopped before the last run
+    out.write_text(json.dumps({**saved, "runs": saved["runs"][:-1]}))  # stopped before the last
     calls.clear()
+    monkeypatch.setattr(scaling, "summarize", lambda *args: None)  # drawn above
     code, printed, err = cli(capsys, scaling.main, *argv)
     assert code == 0 and len(calls) == 1, err
     again = json.loads(out.read_text())["runs"]
     assert again[:-1] == saved["runs"][:-1] and again[-1]["key"] == saved["runs"][-1]["key"]
 
 
-# ----------------------------------------------------------------------------- ablation and decoding
+# ----------------------------------------------------------------------------- ablation, decoding
 
 def test_ablation_prints_a_row_per_variant_and_draws_them(text_file, tmp_path, capsys):
-    code, out, err = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS, "--data", text_file,
-                         "--max_steps", 4, "--eval_interval", 2, "--warmup_steps", 1, "--out", tmp_path / "a.png")
+    code, out, err = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS,
+                         "--data", text_file, "--max_steps", 4, "--eval_interval", 2,
+                         "--warmup_steps", 1, "--out", tmp_path / "a.png")
     assert code == 0, err
-    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
     params = {row[0]: int(row[1].replace(",", "")) for row in cells[1:]}
     assert sorted(params) == ["rope", "vanilla"]
-    assert params["vanilla"] - params["rope"] == 16 * 32  # the learned position table: the switches reached the model
+    # the learned position table: the switches reached the model
+    assert params["vanilla"] - params["rope"] == 16 * 32
     opens(tmp_path / "a.png")
 
 
 def test_an_unknown_ablation_variant_is_one_error_line(tmp_path, capsys):
-    code, _, err = cli(capsys, ablation.main, "--only", "vanilla,bogus", "--out", tmp_path / "a.png")
+    code, _, err = cli(capsys, ablation.main, "--only", "vanilla,bogus",
+                       "--out", tmp_path / "a.png")
     assert_one_line_error(code, err, "bogus")
 
 
-def test_ctrl_c_during_a_runs_last_evaluation_stops_the_ablation(text_file, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_during_a_runs_last_evaluation_stops_the_ablation(
+        text_file, tmp_path, capsys, monkeypatch):
     real, evals = train.estimate_loss, []
 
-    def evaluate_and_ctrl_c(*a, **k):
+    def evaluate_and_ctrl_c(*args, **kwargs):
         evals.append(1)
         if len(evals) == 2:  # the first variant's last evaluation: Ctrl-C, as the signal would
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-        return real(*a, **k)
+        return real(*args, **kwargs)
     monkeypatch.setattr(train, "estimate_loss", evaluate_and_ctrl_c)
-    code, out, _ = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS, "--data", text_file,
-                       "--max_steps", 2, "--eval_interval", 2, "--warmup_steps", 1, "--out", tmp_path / "a.png")
+    code, out, _ = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS,
+                       "--data", text_file, "--max_steps", 2, "--eval_interval", 2,
+                       "--warmup_steps", 1, "--out", tmp_path / "a.png")
     assert code == 130 and "--- rope" not in out
 
 
 def test_decoding_prints_a_row_per_method(trained, capsys):
-    code, out, err = cli(capsys, decoding.main, trained[0], "--prompt", "ROMEO:", "--new_tokens", 24, "--beams", 2,
-                         "--temperatures", "0.8,1.2", "--seeds", 2)
+    code, out, err = cli(capsys, decoding.main, trained[0], "--prompt", "ROMEO:",
+                         "--new_tokens", 24, "--beams", 2, "--temperatures", "0.8,1.2",
+                         "--seeds", 2)
     assert code == 0, err
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
-    assert [r[0] for r in rows[1:]] == ["greedy", "beam 2", "sampling, T = 0.8", "sampling, T = 1.2"]
+    table = [line for line in out.splitlines() if line.startswith("| ")]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
+    methods = ["greedy", "beam 2", "sampling, T = 0.8", "sampling, T = 1.2"]
+    assert [r[0] for r in rows[1:]] == methods
     assert all(float(r[1]) < 0 and 0 <= float(r[2].rstrip("%")) <= 100 for r in rows[1:])
 
 
-@pytest.mark.parametrize("text, low, high", [("to be or not to be that is the question", 0, 0),
-                                             ("la di da " * 30, 0.95, 1), ("two words", 0, 0)])
+@pytest.mark.parametrize("text, low, high", [
+    ("to be or not to be that is the question", 0, 0),
+    ("la di da " * 30, 0.95, 1),
+    ("two words", 0, 0),
+])
 def test_repeated_ngrams_is_0_for_new_text_and_near_1_for_a_loop(text, low, high):
     assert low <= decoding.repeated_ngrams(text) <= high
 
 
-@pytest.mark.parametrize("flag, value", [("--beams", "x"), ("--beams", "0"), ("--temperatures", "hot"),
-                                         ("--temperatures", "-1")])
+@pytest.mark.parametrize("flag, value", [
+    ("--beams", "x"), ("--beams", "0"), ("--temperatures", "hot"), ("--temperatures", "-1")])
 def test_bad_decoding_input_is_one_error_line(trained, capsys, flag, value):
-    assert_one_line_error(*cli(capsys, decoding.main, trained[0], flag, value)[::2], flag)
+    code, _, err = cli(capsys, decoding.main, trained[0], flag, value)
+    assert_one_line_error(code, err, flag)
 
 
-# ----------------------------------------------------------------------------- GPT-2 through Hugging Face
+# ----------------------------------------------------------------------------- GPT-2, Hugging Face
 
 def hf_config(**overrides):
     transformers = pytest.importorskip("transformers")
-    return transformers.GPT2Config(**{**dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50257,
-                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                             initializer_range=0.3), **overrides})
+    settings = dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50257,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3)
+    return transformers.GPT2Config(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    """A tiny random GPT2LMHeadModel as save_pretrained writes it (GPT-2's vocabulary), its biases and gains moved."""
+    """A tiny random GPT2LMHeadModel as save_pretrained writes it (GPT-2's vocabulary), its
+    biases and gains moved."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_config()).eval()
@@ -294,18 +370,27 @@ def test_a_hugging_face_gpt2_loads_with_its_logits_and_greedy_continuation(hf_fo
     with torch.no_grad():
         assert (model(ids)[0] - hf(ids).logits).abs().max() < 1e-4
         for _ in range(12):  # Hugging Face's model, greedy
-            theirs = torch.cat((theirs, hf(theirs).logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+            next_id = hf(theirs).logits[:, -1].argmax(-1, keepdim=True)
+            theirs = torch.cat((theirs, next_id), dim=1)
     assert len(theirs[:, 4:].unique()) > 4  # varied text: a wrong position would show
     assert torch.equal(sampling.generate(model, ids[:, :4], 12, GREEDY), theirs)
 
 
-@pytest.mark.parametrize("change, word", [(dict(activation_function="relu"), "activation_function"),
-                                          ("bert", "model_type"), (dict(n_inner=48), "n_inner"),
-                                          (dict(tie_word_embeddings=False), "tie_word_embeddings")])
-def test_a_config_our_model_cannot_be_is_refused_naming_the_setting(tmp_path, capsys, change, word):
-    config = hf_config(**change) if isinstance(change, dict) else pytest.importorskip("transformers").BertConfig()
+@pytest.mark.parametrize("change, word", [
+    (dict(activation_function="relu"), "activation_function"),
+    ("bert", "model_type"),
+    (dict(n_inner=48), "n_inner"),
+    (dict(tie_word_embeddings=False), "tie_word_embeddings"),
+])
+def test_a_config_our_model_cannot_be_is_refused_naming_the_setting(
+        tmp_path, capsys, change, word):
+    if change == "bert":
+        config = pytest.importorskip("transformers").BertConfig()
+    else:
+        config = hf_config(**change)
     config.save_pretrained(tmp_path / "hf")  # the config is checked before any weight is read
-    code, _, err = cli(capsys, train.main, "--init_from", tmp_path / "hf", "--out_dir", tmp_path / "run")
+    code, _, err = cli(capsys, train.main, "--init_from", tmp_path / "hf",
+                       "--out_dir", tmp_path / "run")
     assert_one_line_error(code, err, word)
 
 
@@ -324,22 +409,31 @@ def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys
     config = hf_config(n_layer=1, vocab_size=64, bos_token_id=0, eos_token_id=0)
     folder, marker = tmp_path / "evil", tmp_path / "ran"
     config.save_pretrained(folder)
-    torch.save({**transformers.GPT2LMHeadModel(config).state_dict(), "x": Payload(str(marker))},
-               folder / "pytorch_model.bin")
+    weights = {**transformers.GPT2LMHeadModel(config).state_dict(), "x": Payload(str(marker))}
+    torch.save(weights, folder / "pytorch_model.bin")
     argv = ["--init_from", folder, "--out_dir", tmp_path / "run", "--device", "cpu"]
-    assert_one_line_error(*cli(capsys, train.main, *argv)[::2], "tensors")
+    code, _, err = cli(capsys, train.main, *argv)
+    assert_one_line_error(code, err, "tensors")
     assert not marker.exists()
 
 
-def test_train_init_from_the_folder_fine_tunes_it(hf_folder, text_file, tmp_path, capsys, monkeypatch):
-    import tiktoken  # GPT-2's own tokenizer files are downloaded: offline, a byte-level one of its size stands in
-    real, offline = tiktoken.get_encoding, tiktoken.Encoding(
-        name="gpt2-offline", pat_str=bpe.GPT2_PATTERN, mergeable_ranks={bytes([b]): b for b in range(256)},
+def test_train_init_from_the_folder_fine_tunes_it(
+        hf_folder, text_file, tmp_path, capsys, monkeypatch):
+    # GPT-2's own tokenizer files are downloaded: offline, a byte-level one of its size stands in
+    import tiktoken
+    real = tiktoken.get_encoding
+    offline = tiktoken.Encoding(
+        name="gpt2-offline", pat_str=bpe.GPT2_PATTERN,
+        mergeable_ranks={bytes([b]): b for b in range(256)},
         special_tokens={"<|endoftext|>": 50256})
-    monkeypatch.setattr(bpe.tiktoken, "get_encoding", lambda name: offline if name == "gpt2" else real(name))
-    code, out, err = cli(capsys, train.main, "--init_from", hf_folder[0], "--data", text_file, "--out_dir",
-                         tmp_path / "run", "--max_steps", 3, "--eval_interval", 3, "--eval_iters", 1, "--batch_size", 4,
-                         "--warmup_steps", 1, "--device", "cpu", "--dtype", "float32", "--sample_tokens", 0,
+
+    def get_encoding(name):
+        return offline if name == "gpt2" else real(name)
+    monkeypatch.setattr(bpe.tiktoken, "get_encoding", get_encoding)
+    code, out, err = cli(capsys, train.main, "--init_from", hf_folder[0], "--data", text_file,
+                         "--out_dir", tmp_path / "run", "--max_steps", 3, "--eval_interval", 3,
+                         "--eval_iters", 1, "--batch_size", 4, "--warmup_steps", 1,
+                         "--device", "cpu", "--dtype", "float32", "--sample_tokens", 0,
                          "--plots", "false")
     assert code == 0 and "done: 3 steps" in out, err
     saved = checkpoint.load(str(tmp_path / "run" / "last.pt"))
@@ -353,6 +447,6 @@ def test_hf_gpt2_imports_transformers_only_inside_its_functions():
         tree = ast.parse(f.read())
 
     def imported(nodes):
-        return {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names} | {
-            n.module for n in nodes if isinstance(n, ast.ImportFrom)}
+        names = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        return names | {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
     assert "transformers" not in imported(tree.body) and "transformers" in imported(ast.walk(tree))

@@ -1,2 +1,2 @@
-"""Commands that stand alone, each run as python -m tools.NAME: a corpus prepared to disk, pictures of a
-trained model, runs compared, and the experiments (ablation, decoding, scaling)."""
+"""Commands that stand alone, each run as python -m tools.NAME: a corpus prepared, pictures of a
+model, runs compared, and the experiments (ablation, decoding, scaling)."""

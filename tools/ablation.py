@@ -1,20 +1,18 @@
 """What each modern part of the model buys: train.py runs at equal settings that differ only in the
-model's switches, and a table and a plot of their validation losses.
-
-    python -m tools.ablation --max_steps 600     # then any train.py flag: --preset, --n_layer, ...
-"""
+model's switches, and a table and a plot of their validation losses:
+python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_layer, ...)."""
 
 import machinery  # noqa: F401 (first, before torch loads)
 
+# isort: split
 import os
 import tempfile
 
 import train
-from config import GPTConfig, TrainConfig, TinyLLMError, build_configs
-from utils import bits_per_char
-
+from config import GPTConfig, TinyLLMError, TrainConfig, build_configs
 from machinery import cli
 from machinery.plots import new_plot, save_plot
+from utils import bits_per_char
 
 # every run sets all three switches, so that a preset's choice cannot leak into "vanilla"
 VARIANTS = {
@@ -29,35 +27,41 @@ VARIANTS = {
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Train each variant of the model at equal settings; compare.")
-    parser.add_argument("--only", default=",".join(VARIANTS), help=f"some of: {', '.join(VARIANTS)}")
+    parser = cli.ArgumentParser(description="Train each variant of the model alike; compare.")
+    choices = ", ".join(VARIANTS)
+    parser.add_argument("--only", default=",".join(VARIANTS), help=f"some of: {choices}")
     parser.add_argument("--out", default="ablation.png", help="the plot (default: %(default)s)")
-    parser.add_argument("--preset", default="tiny", help="the settings every run starts from (default: tiny)")
+    parser.add_argument("--preset", default="tiny", help="every run's settings (default: tiny)")
     cli.add_config_flags(parser, GPTConfig)
     cli.add_config_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")]
-    if unknown := [n for n in names if n not in VARIANTS]:
-        raise TinyLLMError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise TinyLLMError(f"unknown variant(s) {', '.join(unknown)}; choose from {choices}")
     cli.check_writable(args.out, "--out", make_folder=True)
-    rows, fig_ax = [], new_plot(height=4)
+    rows = []
+    fig, ax = new_plot(height=4)
     with tempfile.TemporaryDirectory(prefix="tinyllm-ablation-") as tmp:
         for name in names:
             cli.log(f"--- {name}: {VARIANTS[name]}")
-            given = {**cli.given_flags(args), "sample_tokens": 0, "plots": False, **VARIANTS[name],
-                     "out_dir": os.path.join(tmp, name)}
+            given = {**cli.given_flags(args), "sample_tokens": 0, "plots": False, **VARIANTS[name]}
+            given["out_dir"] = os.path.join(tmp, name)
             given.setdefault("max_steps", 600)  # equal steps, not a time budget
-            summary = train.train(*build_configs(given, args.preset), preset=args.preset, given=given)
+            model_cfg, cfg = build_configs(given, args.preset)
+            summary = train.train(model_cfg, cfg, preset=args.preset, given=given)
             best = summary["best_val_loss"]
-            rows.append((name, summary["model"].num_params(), best,
-                         bits_per_char(best, summary["corpus"].chars_per_token), summary["seconds"]))
+            bpc = bits_per_char(best, summary["corpus"].chars_per_token)
+            rows.append((name, summary["model"].num_params(), best, bpc, summary["seconds"]))
             evals = [h for h in summary["history"] if h["kind"] == "eval"]
-            fig_ax[1].plot([h["step"] for h in evals], [h["val_loss"] for h in evals], marker=".", label=name)
-    cli.log("| variant | params | best val loss | vs " + names[0] + " | val bits/char | seconds |\n|---|---|---|---|---|---|")
+            ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], ".-", label=name)
+    cli.log(f"| variant | params | best val loss | vs {names[0]} | val bits/char | seconds |")
+    cli.log("|---|---|---|---|---|---|")
     for name, params, best, bpc, seconds in rows:
-        cli.log(f"| {name} | {params:,} | {best:.4f} | {best - rows[0][2]:+.4f} | {bpc:.3f} | {seconds:.0f} |")
-    fig_ax[1].set(xlabel="step", ylabel="val loss (nats/token)", title="val loss by variant")
-    save_plot(*fig_ax, args.out)
+        vs = best - rows[0][2]
+        cli.log(f"| {name} | {params:,} | {best:.4f} | {vs:+.4f} | {bpc:.3f} | {seconds:.0f} |")
+    ax.set(xlabel="step", ylabel="val loss (nats/token)", title="val loss by variant")
+    save_plot(fig, ax, args.out)
     cli.log(f"wrote {args.out}")
 
 

@@ -4,9 +4,8 @@ import csv
 import os
 
 from config import TinyLLMError
-
 from machinery import cli
-from machinery.plots import new_plot, save_plot
+from machinery.plots import draw_losses, new_plot, save_plot
 
 
 def read_history(run_dir):
@@ -14,7 +13,8 @@ def read_history(run_dir):
     path = os.path.join(run_dir, "history.csv")
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            return [{k: float(v) if k != "kind" and v else v for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = list(csv.DictReader(f))
+        return [{k: float(v) if k != "kind" and v else v for k, v in row.items()} for row in rows]
     except FileNotFoundError:
         raise TinyLLMError(f"{path} not found: give run folders of train.py") from None
     except ValueError as e:
@@ -24,23 +24,20 @@ def read_history(run_dir):
 def main(argv=None):
     parser = cli.ArgumentParser(description="Overlay train.py runs' train and val loss in one PNG.")
     parser.add_argument("runs", nargs="+", help="run folders, each with its history.csv")
-    parser.add_argument("--out", default="compare.png", help="the PNG to write (default: %(default)s)")
+    parser.add_argument("--out", default="compare.png", help="the PNG (default: %(default)s)")
     parser.add_argument("--labels", help="comma-separated labels (default: the folder names)")
     args = parser.parse_args(argv)
-    labels = args.labels.split(",") if args.labels else [os.path.basename(os.path.normpath(d)) for d in args.runs]
+    if args.labels:
+        labels = args.labels.split(",")
+    else:
+        labels = [os.path.basename(os.path.normpath(d)) for d in args.runs]
     if not args.out.lower().endswith(".png"):
         raise TinyLLMError(f"--out must name a .png file, got {args.out}")
     if len(labels) != len(args.runs):
         raise TinyLLMError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
     fig, ax = new_plot(height=4.5)
     for i, (run_dir, label) in enumerate(zip(args.runs, labels)):
-        history = read_history(run_dir)
-        steps, evals = [h for h in history if h["kind"] == "train"], [h for h in history if h["kind"] == "eval"]
-        best = f" (best {min(h['val_loss'] for h in evals):.3f})" if evals else ""
-        ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color=f"C{i % 10}", ms=3,
-                label=f"{label} val{best}")
-        ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], "--", color=f"C{i % 10}", alpha=0.6,
-                label=f"{label} train")
+        draw_losses(ax, read_history(run_dir), f"C{i % 10}", f"{label} ")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="runs compared")
     save_plot(fig, ax, args.out)
     cli.log(f"wrote {args.out}")

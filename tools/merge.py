@@ -1,21 +1,17 @@
-"""Fold a LoRA adapter into its base: a plain checkpoint, which generate.py, chat.py and --init_from read
-without the base.
-
-    python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt
-"""
+"""Fold a LoRA adapter into its base: a plain checkpoint, which needs the base no more.
+python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt"""
 
 import os
 
 from config import TinyLLMError
 from lora import merge
-
 from machinery import checkpoint, cli
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Merge a LoRA adapter into its base model: a plain checkpoint.")
+    parser = cli.ArgumentParser(description="Fold a LoRA adapter into its base model.")
     parser.add_argument("adapter", help="a checkpoint of a run trained with --lora_rank")
-    parser.add_argument("--out", required=True, metavar="PATH.pt", help="the merged checkpoint to write")
+    parser.add_argument("--out", required=True, metavar="PATH.pt", help="the checkpoint to write")
     args = parser.parse_args(argv)
     saved = checkpoint.load(args.adapter)
     if not saved.get("lora"):
@@ -24,9 +20,10 @@ def main(argv=None):
         raise TinyLLMError(f"--out {args.out} already exists; give a new path")
     cli.check_writable(args.out, "--out", make_folder=True)
     model = merge(checkpoint.model_of(saved, args.adapter))
-    checkpoint.save(args.out, checkpoint.make(model, saved["tokenizer"], step=saved.get("step"),
+    checkpoint.save(args.out, checkpoint.contents(model, saved["tokenizer"], step=saved.get("step"),
                                               best_val_loss=saved.get("best_val_loss")))
-    cli.log(f"wrote {args.out}: {saved['lora']['base']} with the adapter of {args.adapter} folded in")
+    base = saved["lora"]["base"]
+    cli.log(f"wrote {args.out}: {base} with the adapter of {args.adapter} folded in")
 
 
 if __name__ == "__main__":
