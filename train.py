@@ -193,15 +193,14 @@ def paused(run):
     read_figures(run)
     start = time.perf_counter()
     yield
-    run.pause = time.perf_counter() - start
-    run.line = (run.line[0], run.line[1] + run.pause)
+    run.line = (run.line[0], run.line[1] + time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------ evaluations, saves
 
 def evaluate(run):
     """Both splits' losses, a line, a history row, the run's files; why the run stops, or None."""
-    cfg, state = run.cfg, run.state
+    cfg, state, start = run.cfg, run.state, time.perf_counter()
     with paused(run):
         iters = math.ceil(cfg.eval_iters / run.world)
         losses = estimate_loss(run.train_model, run.batches, iters, run.ctx)
@@ -228,7 +227,7 @@ def evaluate(run):
                 checkpoint.write_history(cfg.out_dir, state.history, cfg.plots,
                                          run.model.config.vocab_size)
     # a budget keeps as much time for the last evaluation
-    state.eval_seconds = ddp.mean([run.pause], run.world, run.device)[0]
+    state.eval_seconds = ddp.mean([time.perf_counter() - start], run.world, run.device)[0]
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
                 f"(best {state.best_val_loss:.4f})")

@@ -79,7 +79,6 @@ class Run:
     sample_seconds: float = 0.0  # what the closing sample takes: a budget keeps it free
     first: tuple = None         # (step, seconds) where this process's pace counts from
     line: tuple = None          # (step, clock) of the last progress line; pauses move the clock
-    pause: float = 0.0          # the latest evaluation's or save's seconds
 
     @property
     def master(self):  # rank 0 alone prints and writes
