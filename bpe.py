@@ -14,7 +14,7 @@ from config import EOT, TinyLLMError
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 
-def merge(ids, pair, new_id):
+def replace_pair(ids, pair, new_id):
     """Every non-overlapping pair in ids, left to right, replaced by new_id."""
     out, i = [], 0
     while i < len(ids):
@@ -63,7 +63,7 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
         delta = Counter()
         for w in where.pop(pair):
             old, n = words[w], freqs[w]
-            words[w] = new = merge(old, pair, new_id)
+            words[w] = new = replace_pair(old, pair, new_id)
             old_pairs, new_pairs = list(zip(old, old[1:])), list(zip(new, new[1:]))
             for p in old_pairs:
                 delta[p] -= n
