@@ -101,7 +101,7 @@ def chat_document(record, where):
     for m in messages:
         m = m if isinstance(m, dict) else {}
         if m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
-            raise TinyLLMError(f"{where}: a message needs a role (user or assistant) and text")
+            raise TinyLLMError(f"{where}: a message needs a role (user or assistant) and content")
     if messages[-1]["role"] != "assistant":
         raise TinyLLMError(f"{where}: a conversation must end with the assistant's answer")
     return "".join(turn(m["role"], m["content"]) for m in messages)
