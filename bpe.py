@@ -9,12 +9,14 @@ import regex  # tiktoken's dependency: it knows \p{L} and possessive ++
 import tiktoken
 
 from config import EOT, TinyLLMError
+from utils import split_special
 
 # GPT-2's pre-tokenisation: merges never cross the pieces it cuts text into
-GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_PATTERN = (r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"
+                r"|\s++$|\s+(?!\S)|\s")
 
 
-def merge(ids, pair, new_id):
+def replace_pair(ids, pair, new_id):
     """Every non-overlapping pair in ids, left to right, replaced by new_id."""
     out, i = [], 0
     while i < len(ids):
@@ -29,9 +31,9 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
     (a tie to the pair whose bytes sort first), vocab_size - len(special_tokens) tokens in all."""
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
-        raise TinyLLMError(f"bpe vocab_size must be at least {256 + len(special_tokens)}, got {vocab_size}")
+        raise TinyLLMError(f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
     # 1. distinct words with their counts: merges never cross a word (nor a special token)
-    chunks = regex.split("|".join(map(regex.escape, special_tokens)), text) if special_tokens else [text]
+    chunks = split_special(text, special_tokens)[::2]
     word_counts = Counter(word for chunk in chunks for word in regex.findall(pattern, chunk))
     words, freqs = [list(w.encode("utf-8")) for w in word_counts], list(word_counts.values())
     # 2. every adjacent pair's count, and the words holding it
@@ -54,16 +56,16 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
         if counts.get(pair, 0) != -neg_count:
             continue
         merged = tokens[pair[0]] + tokens[pair[1]]
-        new_id = token_id.setdefault(merged, len(tokens))  # two pairs can spell the same bytes: one id
+        new_id = token_id.setdefault(merged, len(tokens))  # two pairs can spell the same bytes
         if new_id == len(tokens):
             tokens.append(merged)
             if verbose and (new_id - 255) % 100 == 0:
-                print(f"bpe merge {new_id - 255}/{n_merges}: {merged!r} (count {-neg_count})", flush=True)
+                print(f"bpe merge {new_id - 255}/{n_merges}: {merged!r} x{-neg_count}", flush=True)
         # 4. rewrite only the words holding the pair, and adjust the counts
         delta = Counter()
         for w in where.pop(pair):
             old, n = words[w], freqs[w]
-            words[w] = new = merge(old, pair, new_id)
+            words[w] = new = replace_pair(old, pair, new_id)
             old_pairs, new_pairs = list(zip(old, old[1:])), list(zip(new, new[1:]))
             for p in old_pairs:
                 delta[p] -= n
@@ -111,29 +113,27 @@ class BPETokenizer(ByteLevelTokenizer):
         self.enc = tiktoken.Encoding(name=f"tinyllm-bpe-{self.vocab_size}", pat_str=pattern,
                                      mergeable_ranks=ranks, special_tokens=self.special_tokens)
 
-    @classmethod
-    def train(cls, text, vocab_size, special_tokens=(EOT,), verbose=False):
-        return cls(train_bpe(text, vocab_size, special_tokens=special_tokens, verbose=verbose), special_tokens=special_tokens)
-
     def to_dict(self):  # bytes as hex: a checkpoint holds plain data only
         return {"kind": "bpe", "pattern": self.pattern, "tokens": [t.hex() for t in self.tokens],
                 "special_tokens": dict(self.special_tokens)}
 
 
 class GPT2Tokenizer(ByteLevelTokenizer):
-    """OpenAI's GPT-2 tokenizer: 50,257 tokens, "<|endoftext|>" = 50256; other special tokens after them."""
+    """OpenAI's GPT-2 tokenizer: 50,257 tokens, <|endoftext|> the last; our special tokens after."""
 
     def __init__(self, special_tokens=(EOT,)):
         try:
             gpt2 = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline, or a broken cache
-            raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}): they are "
-                               "downloaded once, then cached (train.py can use --tokenizer bpe or char)") from None
-        more = [s for s in special_tokens if s != EOT]
-        self.special_tokens = {EOT: gpt2.eot_token, **{s: gpt2.n_vocab + i for i, s in enumerate(more)}}
-        self.enc = gpt2 if not more else tiktoken.Encoding(  # tiktoken's own way to extend an encoding
-            name="gpt2-chat", pat_str=gpt2._pat_str, mergeable_ranks=gpt2._mergeable_ranks,
-            special_tokens=self.special_tokens)
+            raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
+                               "train.py can use --tokenizer bpe or char") from None
+        more = {s: gpt2.n_vocab + i for i, s in enumerate(t for t in special_tokens if t != EOT)}
+        self.special_tokens = {EOT: gpt2.eot_token, **more}
+        self.enc = gpt2
+        if more:  # tiktoken's own way to extend an encoding
+            self.enc = tiktoken.Encoding(name="gpt2-chat", pat_str=gpt2._pat_str,
+                                         mergeable_ranks=gpt2._mergeable_ranks,
+                                         special_tokens=self.special_tokens)
         self.vocab_size, self.eot_id = self.enc.n_vocab, gpt2.eot_token
 
     def to_dict(self):

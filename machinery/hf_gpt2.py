@@ -1,5 +1,5 @@
-"""OpenAI's GPT-2 weights into our GPT, through Hugging Face transformers (imported only here): our GPT
-with biases and GPT-2's switches is GPT-2 exactly, every weight by another name, four transposed.
+"""OpenAI's GPT-2 weights into our GPT, through Hugging Face transformers (imported only here): our
+GPT with biases is GPT-2 exactly, every weight by another name, the four TRANSPOSED ones (in, out).
 
     python train.py --init_from gpt2 --data mytext.txt    # fine-tune GPT-2 on your text
 """
@@ -9,50 +9,51 @@ import os
 import torch
 
 from config import GPTConfig, TinyLLMError
+from machinery import checkpoint, cli
 from model import GPT
 
-from machinery import checkpoint, cli
-
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # HF's are (in, out)
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # some transformers versions' constant masks: not weights
+TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # some versions' constant masks: not weights
+OUR_SWITCHES = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "add_cross_attention": False, "tie_word_embeddings": True}
 
 
 def hf_names(model):
-    """Our weights by GPT2LMHeadModel's names (blocks.3.mlp.c_fc.weight -> transformer.h.3.mlp.c_fc.weight), as
-    views in its layout; lm_head left out: it is wte on both sides."""
-    return {"transformer." + ("h." + k.removeprefix("blocks.") if k.startswith("blocks.") else k):
-            v.t() if k.endswith(CONV1D) else v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    """Our weights by GPT2LMHeadModel's names, as views in its layout; lm_head is wte: left out."""
+    state = model.state_dict()
+    state.pop("lm_head.weight", None)
+    return {"transformer." + k.replace("blocks.", "h.", 1): v.t() if k.endswith(TRANSPOSED) else v
+            for k, v in state.items()}
 
 
 def config_from_hf(hf, name):
     """Our GPTConfig of a Hugging Face config, refused where our model cannot be that one."""
-    if hf.model_type != "gpt2":
-        problems = [f"model_type is {hf.model_type!r}, not 'gpt2'"]
-    else:
+    problems = [f"model_type is {hf.model_type!r}, not 'gpt2'"]
+    if hf.model_type == "gpt2":
         problems = [why for wrong, why in (
             (hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
              f"activation_function {hf.activation_function!r} (ours is the tanh GELU)"),
             (hf.n_inner not in (None, 4 * hf.n_embd), f"n_inner {hf.n_inner} (ours is 4 * n_embd)"),
-            (abs(hf.layer_norm_epsilon - 1e-5) > 1e-12, f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is 1e-05)"),
-            (not getattr(hf, "scale_attn_weights", True), "scale_attn_weights=False"),
-            (getattr(hf, "scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx=True"),
-            (getattr(hf, "add_cross_attention", False), "add_cross_attention=True"),
-            (not getattr(hf, "tie_word_embeddings", True), "tie_word_embeddings=False"),
+            (abs(hf.layer_norm_epsilon - 1e-5) > 1e-12,
+             f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is 1e-05)"),
         ) if wrong]
+        problems += [f"{k}={not ours}" for k, ours in OUR_SWITCHES.items()
+                     if bool(getattr(hf, k, ours)) != ours]
     if problems:
         raise TinyLLMError(f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
-    return GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer, n_head=hf.n_head,
-                     n_embd=hf.n_embd, bias=True)
+    return GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
+                     n_head=hf.n_head, n_embd=hf.n_embd, bias=True)
 
 
 def load_gpt2(name):
-    """Our GPT (eval mode, float32) with the GPT-2 weights of a Hub name or a save_pretrained folder."""
-    if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1):
-        raise TinyLLMError(f"GPT-2 folder {name} not found")  # a typo, not a Hub name
+    """Our GPT (eval mode, float32) with GPT-2's weights from the Hub or a save_pretrained dir."""
+    a_path = os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
+    if a_path and not os.path.isdir(name):  # a typo, not a Hub name
+        raise TinyLLMError(f"GPT-2 folder {name} not found")
     try:
         import transformers
     except ImportError:
-        raise TinyLLMError("Hugging Face transformers is not installed: pip install transformers") from None
+        raise TinyLLMError("transformers is not installed: pip install transformers") from None
     what = f"{name!r} (a GPT-2 name such as gpt2 or gpt2-medium, or a save_pretrained folder)"
     try:
         hf_config = transformers.AutoConfig.from_pretrained(name)
@@ -67,7 +68,7 @@ def load_gpt2(name):
         raise TinyLLMError(f"could not load the weights of {what}: {cli.first_line(e)}") from None
     lm_head = hf_state.pop("lm_head.weight", None)  # ours is wte: refused if theirs is not
     if lm_head is not None and not torch.equal(lm_head, hf_state["transformer.wte.weight"]):
-        raise TinyLLMError(f"{name}: lm_head differs from the token embedding; our GPT needs them tied")
+        raise TinyLLMError(f"{name}: lm_head differs from the token embedding; ours are tied")
     model = GPT(config)
     with torch.no_grad():
         for key, ours in hf_names(model).items():
@@ -75,8 +76,9 @@ def load_gpt2(name):
             if theirs is None or theirs.shape != ours.shape:
                 raise TinyLLMError(f"{name}: weight {key} is missing or of another shape")
             ours.copy_(theirs)  # float16 or bfloat16 weights cast to our float32
-    if leftover := [k for k in hf_state if not k.endswith(HF_BUFFERS)]:
-        raise TinyLLMError(f"{name}: {len(leftover)} weights have no place in our GPT, e.g. {leftover[0]}")
+    leftover = [k for k in hf_state if not k.endswith(HF_BUFFERS)]
+    if leftover:
+        raise TinyLLMError(f"{name}: {len(leftover)} weights unknown to our GPT: {leftover[0]}...")
     return model.eval()
 
 

@@ -1,6 +1,6 @@
-"""Training text and its tokens: a .txt file, a folder of them, .jsonl, a Q&A .json list, or a tools/prepare.py
-folder; the chat template; the tokenizer a checkpoint saves; prompts. Files are read as "utf-8-sig" (no
-byte-order mark) with CRLF as LF: the same tokens everywhere."""
+"""Training text and its tokens: a .txt file, a folder of them, .jsonl, a Q&A .json list, or a
+tools/prepare.py folder; the chat template; the tokenizer a checkpoint saves; prompts. Files are
+read as "utf-8-sig" (no byte-order mark) with CRLF as LF: the same tokens everywhere."""
 
 import hashlib
 import json
@@ -12,16 +12,14 @@ import numpy as np
 import regex
 import torch
 
-from bpe import BPETokenizer, GPT2Tokenizer
+from bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, train_bpe
 from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, USER, TinyLLMError, TrainConfig
-from utils import CharTokenizer, chars_per_token, split_train_val
-
 from machinery.cli import warn
+from utils import CharTokenizer, chars_per_token, split_special, split_train_val
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
-    """The source's text in pieces: a .txt file in chunks, or documents each ending with EOT, so that
-    the model learns where one ends."""
+    """The source's text in pieces: a .txt file in chunks, or documents each ending with EOT."""
     if not os.path.exists(path):
         raise TinyLLMError(f"data file {path} not found")
     seen = set()
@@ -45,15 +43,14 @@ def iter_documents(path, clean=False, extensions=".txt"):
                     yield document(f.read())
         elif path.lower().endswith((".json", ".jsonl")):
             yield EOT
-            for n, record in records(path):
-                where = f"{path} {'line' if path.lower().endswith('.jsonl') else 'record'} {n}"
+            for where, record in records(path):
                 if isinstance(record, dict) and isinstance(record.get("text"), str):
                     yield document(record["text"])
                 elif isinstance(record, dict) and ("messages" in record or "question" in record):
                     yield document(chat_document(record, where))
                 else:
-                    raise TinyLLMError(f"{where}: expected an object with \"text\", \"messages\", or \"question\" "
-                                       f"and \"answer\"")
+                    raise TinyLLMError(f'{where}: expected an object with "text", "messages", '
+                                       'or "question" and "answer"')
         else:
             with open(path, encoding="utf-8-sig") as f:
                 while chunk := f.read(1 << 20):
@@ -66,19 +63,20 @@ def iter_documents(path, clean=False, extensions=".txt"):
 
 
 def records(path):
-    """(number, record) of a .jsonl file's lines, or of a .json file's list."""
+    """(where, record) of a .jsonl file's lines, or of a .json file's list: where names it."""
     with open(path, encoding="utf-8-sig") as f:
         if path.lower().endswith(".jsonl"):
             for n, line in enumerate(f, 1):
                 try:
-                    yield from [(n, json.loads(line))] if line.strip() else []
+                    if line.strip():
+                        yield f"{path} line {n}", json.loads(line)
                 except json.JSONDecodeError as e:
                     raise TinyLLMError(f"{path} line {n} is not valid JSON: {e}") from None
             return
         data = json.load(f)
     if not isinstance(data, list):
-        raise TinyLLMError(f"{path}: expected a JSON list of {{\"question\": ..., \"answer\": ...}} records")
-    yield from enumerate(data, 1)
+        raise TinyLLMError(f'{path}: expected a JSON list of {{"question": ..., "answer": ...}}')
+    yield from ((f"{path} record {n}", record) for n, record in enumerate(data, 1))
 
 
 def folder_files(folder, extensions):
@@ -86,30 +84,31 @@ def folder_files(folder, extensions):
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, n) for n in sorted(files) if n.lower().endswith(endings) and n[0] != "."]
+        names = [n for n in sorted(files) if n.lower().endswith(endings) and n[0] != "."]
+        found += [os.path.join(root, n) for n in names]
     if not found:
-        raise TinyLLMError(f"folder {folder} has no files ending in {', '.join(endings) or '?'} (see --data_ext)")
+        raise TinyLLMError(f"folder {folder} has no {', '.join(endings) or '?'} files (--data_ext)")
     return found
 
 
 def chat_document(record, where):
-    """{"messages": [{"role": "user", "content": ...}, ...]}, or a Q&A record, in the chat template."""
-    messages = record.get("messages")
-    if "messages" not in record:
-        messages = [{"role": "user", "content": record.get("question")},
-                    {"role": "assistant", "content": record.get("answer")}]
+    """{"messages": [{"role": "user", "content": ...}, ...]} or a Q&A record, as chat template."""
+    qa = [{"role": "user", "content": record.get("question")},
+          {"role": "assistant", "content": record.get("answer")}]
+    messages = record.get("messages", qa)
     if not isinstance(messages, list) or not messages:
-        raise TinyLLMError(f"{where}: \"messages\" must be a list of {{\"role\": ..., \"content\": ...}}")
+        raise TinyLLMError(f'{where}: "messages" must be a list of {{"role": ..., "content": ...}}')
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
-            raise TinyLLMError(f"{where}: each message needs a role, user or assistant, and a string content")
+        m = m if isinstance(m, dict) else {}
+        if m.get("role") not in ("user", "assistant") or not isinstance(m.get("content"), str):
+            raise TinyLLMError(f"{where}: a message needs a role (user or assistant) and content")
     if messages[-1]["role"] != "assistant":
         raise TinyLLMError(f"{where}: a conversation must end with the assistant's answer")
     return "".join(turn(m["role"], m["content"]) for m in messages)
 
 
 def turn(role, content):
-    """<|user|>question\n, or <|assistant|>answer<|endoftext|>: the model learns to end its turn."""
+    """<|user|>question\n or <|assistant|>answer<|endoftext|>: the model learns to end its turn."""
     return f"{USER}{content.strip()}\n" if role == "user" else f"{ASSISTANT}{content.strip()}{EOT}"
 
 
@@ -119,8 +118,6 @@ def clean_text(text):
     return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]{2,}", " ", text))
 
 
-# ----------------------------------------------------------------------------- a run's corpus
-
 @dataclass
 class Corpus:
     """A source, tokenized: the tokenizer and the two token streams."""
@@ -128,58 +125,60 @@ class Corpus:
     train: object              # 1-D token ids: a LongTensor, or a read-only np.memmap
     val: object
     chars_per_token: float     # of the val split: a loss in bits per character
-    train_targets: object = None  # conversations: True where a token is a target, else None (every token is)
+    train_targets: object = None  # conversations: True where a token is a target (None: all are)
     val_targets: object = None
-    added: list = ()           # fine-tuning: characters and special tokens the checkpoint's tokenizer lacked
+    added: list = ()           # fine-tuning: characters and special tokens the tokenizer lacked
     old_ids: list = None       # with added: the id each token had before (None: new)
 
 
 def make_tokenizer(kind, text, vocab_size=0, verbose=False):
-    """A new tokenizer of text, with <|endoftext|> and the chat template's tokens that text holds."""
+    """A new tokenizer of text, with <|endoftext|> and the chat template's tokens text holds."""
     special = [EOT] + [s for s in (USER, ASSISTANT) if s in text]
-    if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size or BPE_VOCAB_SIZE, special, verbose=verbose)
-    return GPT2Tokenizer(special) if kind == "gpt2" else CharTokenizer.from_text(text, special)
+    return tokenizer_from_dict({"kind": kind, "special_tokens": special}, text, vocab_size, verbose)
 
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
-    """cfg.data, split 90/10 and tokenized: by the tokenizer given (grown by new characters and chat tokens
-    when extend) or by a new one (BPE learns from the training part only)."""
+    """cfg.data split 90/10 and tokenized by the tokenizer given (grown if extend) or a new one."""
     if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # made by tools.prepare: memory-mapped
         meta, train_ids, val_ids = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
-            raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the checkpoint's")
-        return Corpus(tokenizer_from_dict(meta["tokenizer"]), train_ids, val_ids, meta["val_chars"] / len(val_ids))
+            raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the model's")
+        tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        return Corpus(tokenizer, train_ids, val_ids, meta["val_chars"] / len(val_ids))
     text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if not text.replace(EOT, "").strip():
         raise TinyLLMError(f"data file {cfg.data} is empty")
     train_text, val_text = split_train_val(text)
     added, old_ids = [], None
-    if tokenizer is None:
-        tokenizer = make_tokenizer(cfg.tokenizer, text if cfg.tokenizer == "char" else train_text, vocab_size)
+    if tokenizer is None:  # char learns every character, BPE only from the training part
+        learned = text if cfg.tokenizer == "char" else train_text
+        tokenizer = make_tokenizer(cfg.tokenizer, learned, vocab_size)
     else:
         special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
-        chars = tokenizer.unknown_chars(re.sub("|".join(map(re.escape, special)), "", text) if special else text)
-        if (added := chars + special) and not extend:
-            raise TinyLLMError(f"{cfg.data} has tokens the checkpoint's vocabulary lacks: {''.join(added)[:40]!r}")
+        chars = tokenizer.unknown_chars("".join(split_special(text, special)[::2]))
+        added = chars + special
+        if added and not extend:
+            raise TinyLLMError(f"{cfg.data} has tokens the model lacks: {''.join(added)[:40]!r}")
         if added:
             tokenizer, old_ids = grown(tokenizer, chars, special)
-    train_ids, val_ids = (torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in (train_text, val_text))
-    targets = [answer_targets(ids, tokenizer) if cfg.loss_on == "answers" else None for ids in (train_ids, val_ids)]
-    return Corpus(tokenizer, train_ids, val_ids, chars_per_token(tokenizer, val_ids.tolist()), *targets, added, old_ids)
+    ids = [torch.tensor(tokenizer.encode(t), dtype=torch.long) for t in (train_text, val_text)]
+    targets = [answer_targets(i, tokenizer) if cfg.loss_on == "answers" else None for i in ids]
+    per_token = chars_per_token(tokenizer, ids[1].tolist())  # of the val split
+    return Corpus(tokenizer, *ids, per_token, *targets, added, old_ids)
 
 
 def grown(tokenizer, chars, special):
-    """The tokenizer with new characters (a char one's) and special tokens, and the id each token had before."""
-    names, ordinary = list(tokenizer.special_tokens) + special, tokenizer.vocab_size - len(tokenizer.special_tokens)
-    bigger = (CharTokenizer(tokenizer.chars + chars, names) if isinstance(tokenizer, CharTokenizer)
-              else BPETokenizer(tokenizer.tokens, tokenizer.pattern, names) if isinstance(tokenizer, BPETokenizer)
-              else GPT2Tokenizer(names))
-    return bigger, [*range(ordinary), *[None] * len(chars), *tokenizer.special_tokens.values(), *[None] * len(special)]
+    """The tokenizer grown by characters (a char one) and special tokens; each token's old id."""
+    d = tokenizer.to_dict() | {"special_tokens": list(tokenizer.special_tokens) + special}
+    if chars:  # only a char tokenizer lacks characters
+        d["chars"] = tokenizer.chars + chars
+    ordinary = tokenizer.vocab_size - len(tokenizer.special_tokens)
+    old_ids = [*range(ordinary), *[None] * len(chars), *tokenizer.special_tokens.values()]
+    return tokenizer_from_dict(d), old_ids + [None] * len(special)
 
 
 def answer_targets(ids, tokenizer):
-    """True at each answer's tokens and the <|endoftext|> that ends it: what a chat model learns to write."""
+    """True at each answer's tokens and the <|endoftext|> ending it: what a chat model learns."""
     start = tokenizer.special_tokens.get(ASSISTANT)
     if start is None:
         return None
@@ -191,7 +190,7 @@ def answer_targets(ids, tokenizer):
 
 
 def load_prepared(path):
-    """A tools.prepare folder: (meta, train tokens, val tokens), memory-mapped: larger than memory."""
+    """A tools.prepare folder: (meta, train tokens, val tokens), memory-mapped."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -201,7 +200,8 @@ def load_prepared(path):
             raise ValueError("unexpected dtype or tokenizer")
         meta["val_chars"] = int(meta["val_chars"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise TinyLLMError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); run tools.prepare again") from None
+        raise TinyLLMError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); "
+                           "run tools.prepare again") from None
     splits = []
     for name in ("train", "val"):
         file = os.path.join(path, f"{name}.bin")
@@ -211,32 +211,39 @@ def load_prepared(path):
     return meta, *splits
 
 
-def tokenizer_from_dict(d):
-    """The tokenizer a checkpoint or a prepared folder's meta.json describes, checked."""
-    kind = d.get("kind") if isinstance(d, dict) else None
+def tokenizer_from_dict(d, text=None, vocab_size=0, verbose=False):
+    """Every tokenizer kind is made here: the one a to_dict() describes, or, given text, learned."""
+    d = d if isinstance(d, dict) else {}
+    kind = d.get("kind")
     try:
+        special = d.get("special_tokens", [EOT] if kind == "gpt2" else [])  # (gpt2_checkpoint)
+        if isinstance(special, dict):  # bpe's: name -> id
+            special = sorted(special, key=special.get)
+        if not all(isinstance(s, str) for s in special):
+            raise ValueError("special_tokens must be strings")
+        if kind == "char" and text is not None:
+            return CharTokenizer.from_text(text, special)
         if kind == "char":
-            chars, special = d["chars"], d.get("special_tokens", [])
-            if not all(isinstance(c, str) and len(c) == 1 for c in chars) or len(set(chars)) != len(chars):
+            if list("".join(d["chars"])) != d["chars"] or len(set(d["chars"])) != len(d["chars"]):
                 raise ValueError("chars must be distinct single characters")
-            if not all(isinstance(s, str) for s in special):
-                raise ValueError("special_tokens must be strings")
-            return CharTokenizer(chars, special)
+            return CharTokenizer(d["chars"], special)
+        if kind == "bpe" and text is not None:
+            tokens = train_bpe(text, vocab_size or BPE_VOCAB_SIZE, GPT2_PATTERN, special, verbose)
+            return BPETokenizer(tokens, GPT2_PATTERN, special)
         if kind == "bpe":
-            special = sorted(d["special_tokens"], key=d["special_tokens"].get)  # names in id order
             return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
+        if kind == "gpt2":
+            return GPT2Tokenizer(special)
     except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
-        raise TinyLLMError(f"the {kind} tokenizer data is malformed ({type(e).__name__}: {e})") from None
-    if kind == "gpt2":
-        return GPT2Tokenizer(d.get("special_tokens", [EOT]))
+        raise TinyLLMError(f"the {kind} tokenizer is malformed ({type(e).__name__}: {e})") from None
     raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
 
 
 def validation_split(checkpoint, tokenizer, data=None):
-    """(corpus, data): the text a checkpoint's run was validated on (or data), split as it was then."""
+    """(corpus, data): the text a checkpoint's run validated on (or data), split as it was."""
     saved = checkpoint.get("train_config", {})
-    cfg = TrainConfig(data=data or saved.get("data", TrainConfig.data), clean=saved.get("clean", False),
-                      data_ext=saved.get("data_ext", ".txt"), loss_on=saved.get("loss_on", "answers"))
+    kept = {k: saved[k] for k in ("clean", "data_ext", "loss_on") if k in saved}
+    cfg = TrainConfig(data=data or saved.get("data", TrainConfig.data), **kept)
     corpus = load_corpus(cfg, tokenizer)
     check_long_enough(corpus.val, 1, "validation", cfg.data)
     return corpus, cfg.data
@@ -244,11 +251,9 @@ def validation_split(checkpoint, tokenizer, data=None):
 
 def check_long_enough(ids, block_size, name, path):
     if len(ids) < block_size + 1:
-        raise TinyLLMError(f"{path}: the {name} split has {len(ids)} tokens but block_size {block_size} needs "
-                           f"at least {block_size + 1}; use more text or a smaller --block_size")
+        raise TinyLLMError(f"{path}: the {name} split has {len(ids)} tokens; block_size "
+                           f"{block_size} needs {block_size + 1}: add text or lower --block_size")
 
-
-# ----------------------------------------------------------------------------- prompts
 
 def read_prompt(cfg):
     if not cfg.prompt_file:
@@ -264,18 +269,19 @@ def encode_prompt(tokenizer, prompt, qa=False, say=warn):
     """The prompt's ids, characters the vocabulary lacks dropped with a warning."""
     if qa:  # the chat template's first turn, up to where the answer begins
         if ASSISTANT not in tokenizer.special_tokens:
-            raise TinyLLMError("--qa needs a model fine-tuned on conversations (its vocabulary has no <|assistant|>)")
+            raise TinyLLMError("--qa needs a model fine-tuned on conversations")
         prompt = EOT + turn("user", prompt) + ASSISTANT
-    if missing := tokenizer.unknown_chars(prompt):
-        pieces = tokenizer.split_special(prompt)  # [text, special, text, ...]: special tokens kept whole
-        kept = "".join(p if i % 2 else "".join(ch for ch in p if ch not in missing) for i, p in enumerate(pieces))
-        if not kept:
-            raise TinyLLMError(f"no character of the prompt is in the model's vocabulary ({''.join(missing)[:40]!r})")
-        say(f"dropped characters the vocabulary lacks: {''.join(missing)[:40]!r}")
-        prompt = kept
+    missing = "".join(tokenizer.unknown_chars(prompt))
+    if missing:
+        pieces = split_special(prompt, tokenizer.special_tokens)  # special tokens kept whole
+        pieces[::2] = [p.translate(str.maketrans("", "", missing)) for p in pieces[::2]]
+        prompt = "".join(pieces)
+        if not prompt:
+            raise TinyLLMError(f"the model knows no character of the prompt ({missing[:40]!r})")
+        say(f"dropped characters the vocabulary lacks: {missing[:40]!r}")
     return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
 
 
 def start_ids(tokenizer):
-    """Where sampling starts without a prompt: a line end, or a char vocabulary's first character."""
-    return [0] if isinstance(tokenizer, CharTokenizer) and "\n" not in tokenizer.stoi else tokenizer.encode("\n")
+    """Where sampling starts without a prompt: a line end, or else the vocabulary's first token."""
+    return [0] if tokenizer.unknown_chars("\n") else tokenizer.encode("\n")

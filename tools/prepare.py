@@ -1,5 +1,5 @@
-"""Tokenize a corpus larger than memory once, streaming: its first 90% of bytes (cut at a character) to
-train.bin, the rest to val.bin, with meta.json. Then: python train.py --data DIR.
+"""Tokenize a corpus larger than memory once, streaming: its first 90% of bytes (cut at a
+character) to train.bin, the rest to val.bin, with meta.json. Then: python train.py --data DIR.
 
     python -m tools.prepare --input big.txt --out data/big --tokenizer bpe
 """
@@ -11,27 +11,11 @@ import time
 
 import numpy as np
 
-from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, TRAIN_FRACTION, USER, TinyLLMError, TrainConfig, make_config
-from utils import CharTokenizer, text_length, whole_eot
-
+from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
 from machinery import cli
 from machinery.checkpoint import replace_file
 from machinery.sources import iter_documents, make_tokenizer
-
-
-def source_size(cfg):
-    """Bytes of text the source gives: a text file's size less what reading drops (a byte-order mark, each
-    \\r of \\r\\n), so CRLF and LF cut at the same text; other sources are read through once."""
-    if not os.path.isfile(cfg.data) or cfg.data.lower().endswith((".json", ".jsonl")) or cfg.clean:
-        cli.log(f"measuring {cfg.data} ...")
-        return sum(len(text.encode("utf-8")) for text in iter_documents(cfg.data, cfg.clean, cfg.data_ext))
-    with open(cfg.data, "rb") as f:
-        size, last = os.path.getsize(cfg.data) - 3 * (f.read(3) == b"\xef\xbb\xbf"), b""
-        f.seek(0)
-        while block := f.read(1 << 24):
-            size -= (last + block).count(b"\r\n")  # (a pair split between two blocks counts once)
-            last = block[-1:]
-    return size
+from utils import text_length, whole_eot
 
 
 def pieces(cfg, total_bytes):
@@ -39,7 +23,8 @@ def pieces(cfg, total_bytes):
     seen = 0
     for text in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
         data = text.encode("utf-8")
-        cut = whole_eot(text, len(data[:max(0, int(total_bytes * TRAIN_FRACTION - seen))].decode("utf-8", "ignore")))
+        train_bytes = max(0, int(total_bytes * TRAIN_FRACTION - seen))
+        cut = whole_eot(text, len(data[:train_bytes].decode("utf-8", "ignore")))
         seen += len(data)
         yield text[:cut], text[cut:]
 
@@ -47,19 +32,18 @@ def pieces(cfg, total_bytes):
 def prepare(cfg, out, vocab_size, sample_mb):
     if not os.path.exists(cfg.data):
         raise TinyLLMError(f"input {cfg.data} not found")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise TinyLLMError(f"--out {out} is a file, not a folder")
     cli.check_writable(os.path.join(out, "meta.json"), "--out", make_folder=True)
-    make_tokenizer(cfg.tokenizer, "", vocab_size)  # now: a size BPE cannot have, GPT-2's files missing
-    total_bytes = source_size(cfg)
+    make_tokenizer(cfg.tokenizer, "", vocab_size)  # early: a size BPE cannot have, no GPT-2 files
+    cli.log(f"measuring {cfg.data} ...")  # as read: CRLF and LF files cut at the same text
+    total_bytes = sum(len(t.encode()) for t in iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if total_bytes == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
     t0 = time.perf_counter()
     if cfg.tokenizer == "char":  # every character of the source, and the special tokens it holds
-        chars, special = set(), CharTokenizer([], (EOT, USER, ASSISTANT))
+        chars = set()
         for doc in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
-            parts = special.split_special(doc)
-            chars |= set("".join(parts[::2])) | set(parts[1::2])
+            doc_tokenizer = make_tokenizer("char", doc)
+            chars |= set(doc_tokenizer.chars) | set(doc_tokenizer.special_tokens)
         text = "".join(sorted(chars))
     else:  # the first sample_mb of the training part: the validation text stays unseen
         parts, size = [], 0
@@ -70,26 +54,26 @@ def prepare(cfg, out, vocab_size, sample_mb):
                 break
         text = "".join(parts)
     tokenizer = make_tokenizer(cfg.tokenizer, text, vocab_size, verbose=True)
-    cli.log(f"tokenizer {cfg.tokenizer}: {tokenizer.vocab_size:,} tokens ({time.perf_counter() - t0:.1f}s)")
+    cli.log(f"tokenizer: {tokenizer.vocab_size:,} tokens ({time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_bytes)
-    meta = {"source": os.path.abspath(cfg.data), "tokenizer": tokenizer.to_dict(), "vocab_size": tokenizer.vocab_size,
-            "dtype": np.dtype(dtype).name, "train_tokens": counts[0], "val_tokens": counts[1],
-            "val_chars": val_chars, "clean": cfg.clean}
+    meta = dict(source=os.path.abspath(cfg.data), tokenizer=tokenizer.to_dict(),
+                vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
+                train_tokens=counts[0], val_tokens=counts[1], val_chars=val_chars, clean=cfg.clean)
     with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f)
-    # meta.json goes first and comes back last: a folder caught halfway is refused, not read with the old tokenizer
+    # meta.json goes first and comes back last: a folder caught halfway is refused
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, "meta.json"))
     for name in ("train.bin", "val.bin", "meta.json"):
         replace_file(os.path.join(out, f"{name}.tmp"), os.path.join(out, name))
-    cli.log(f"wrote {out}/train.bin ({counts[0]:,} tokens), val.bin ({counts[1]:,} tokens), meta.json "
-            f"in {cli.format_seconds(time.perf_counter() - t0)}")
+    cli.log(f"wrote {out}/train.bin ({counts[0]:,} tokens), val.bin ({counts[1]:,} tokens), "
+            f"meta.json in {cli.format_seconds(time.perf_counter() - t0)}")
     return meta
 
 
 def write_splits(cfg, tokenizer, dtype, out, total_bytes):
-    """The source tokenized into train.bin.tmp and val.bin.tmp (removed on failure), with progress."""
+    """The source tokenized into train.bin.tmp and val.bin.tmp (gone on failure), with progress."""
     paths = [os.path.join(out, f"{name}.bin.tmp") for name in ("train", "val")]
     counts, val_chars, seen, t0, shown = [0, 0], 0, 0, time.perf_counter(), time.perf_counter()
     try:
@@ -103,8 +87,9 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
                 val_chars += text_length(parts[1], tokenizer.special_tokens)
                 if time.perf_counter() - shown > 2:
                     shown, rate = time.perf_counter(), seen / (time.perf_counter() - t0)
-                    cli.log(f"prepare {seen / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | {sum(counts):,} tokens | "
-                            f"{rate / 2**20:.1f} MB/s | ETA {cli.format_seconds(max(0, total_bytes - seen) / rate)}")
+                    eta = cli.format_seconds(max(0, total_bytes - seen) / rate)
+                    cli.log(f"prepare {seen / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | "
+                            f"{sum(counts):,} tokens | {rate / 2**20:.1f} MB/s | ETA {eta}")
         if 0 in counts:
             raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
     except BaseException:
@@ -116,15 +101,18 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Tokenize a corpus to train.bin and val.bin for train.py --data.")
-    parser.add_argument("--input", required=True, help="a .txt file, a folder, a .jsonl file, or a Q&A .json list")
+    parser = cli.ArgumentParser(description="Tokenize a corpus for train.py --data, once.")
+    parser.add_argument("--input", required=True, help="a .txt, a folder, .jsonl or Q&A .json")
     parser.add_argument("--out", required=True, help="the output folder, e.g. data/NAME")
-    cli.add_config_flags(parser, TrainConfig, names=("tokenizer", "clean", "data_ext"), title="as in train.py")
-    parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE, help="BPE's vocabulary (default: %(default)s)")
-    parser.add_argument("--tokenizer_sample_mb", type=int, default=20, help="MB of text BPE learns from (default: 20)")
+    cli.add_config_flags(parser, TrainConfig, names=("tokenizer", "clean", "data_ext"),
+                         title="as in train.py")
+    parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE,
+                        help="BPE's vocabulary (default: %(default)s)")
+    parser.add_argument("--tokenizer_sample_mb", type=int, default=20,
+                        help="MB of text BPE learns from (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.tokenizer_sample_mb < 1:
-        raise TinyLLMError(f"--tokenizer_sample_mb must be at least 1, got {args.tokenizer_sample_mb}")
+        raise TinyLLMError(f"--tokenizer_sample_mb must be >= 1, got {args.tokenizer_sample_mb}")
     cfg = make_config(TrainConfig, {**cli.given_flags(args), "data": args.input})
     prepare(cfg, args.out, args.vocab_size, args.tokenizer_sample_mb)
 
