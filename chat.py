@@ -1,9 +1,6 @@
-"""Chat in the terminal with a model fine-tuned on conversations: type a message, the answer
-streams back.
+"""Chat with a model fine-tuned on conversations: type a message, the answer streams back.
 
-    python train.py --init_from checkpoints/best.pt --data data/chat_example.jsonl \\
-        --tag chat --max_steps 300
-    python chat.py checkpoints/chat/last.pt
+    python chat.py checkpoints/chat/last.pt    # README.md's "Teach it to answer" trains it
 
 The conversation is kept in the chat template, <|user|>message\\n<|assistant|>answer<|endoftext|>,
 and each answer sees all of it. The KV cache carries over from turn to turn: a turn computes only
@@ -57,9 +54,8 @@ def main(argv=None):
     devices.set_threads(cfg.threads)
     model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)
     if ASSISTANT not in tokenizer.special_tokens:
-        raise TinyLLMError("this model has not learned the chat template: fine-tune it on "
-                           "conversations first (python train.py --init_from CHECKPOINT "
-                           "--data data/chat_example.jsonl)")
+        raise TinyLLMError("this model has not learned the chat template: fine-tune it first "
+                           "(train.py --init_from CHECKPOINT --data data/chat_example.jsonl)")
     generator = torch.Generator(device).manual_seed(cfg.seed)
     conversation, context = [tokenizer.eot_id], Context(model)
     cli.log("type a message; /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops an answer")
@@ -83,8 +79,7 @@ def main(argv=None):
             reply, stopped = answer(model, tokenizer, conversation, context, sampler, generator,
                                     cfg.max_new_tokens)
             conversation += reply
-            if stopped:  # the answer may have left the cache half-written
-                context = Context(model)
+            context = Context(model) if stopped else context  # the cache may be half-written
     print()
 
 

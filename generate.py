@@ -54,9 +54,8 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator
         pieces.end_stream()
     results = []
     for row in new.tolist():
-        stopped = stop in row
-        row = row[:row.index(stop)] if stopped else row
-        results.append((tokenizer.decode(shown + row), len(row), stopped))
+        cut = row[:row.index(stop)] if stop in row else row
+        results.append((tokenizer.decode(shown + cut), len(cut), cut != row))
     return results
 
 
@@ -77,32 +76,25 @@ def header(cfg, sampler, path, saved, prompt):
 
 
 def sample_checkpoint(path, loaded, cfg, sampler, prompt, device, several):
-    """Sample one checkpoint (model, tokenizer, saved) and print its samples (streamed when
-    alone); returns its block of the output file."""
+    """One checkpoint's samples, printed (streamed when alone): its block of the output file."""
     model, tokenizer, saved = loaded
     model.to(device)  # read on the CPU; only the model moves
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
-    annotator = None
-    if cfg.show_probs:
-        colour = sys.stdout.isatty() and not cfg.output_file
-        annotator = Annotator(tokenizer, cfg.show_top, colour)
+    annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file) if cfg.show_probs else None
     if several:
         cli.log(f"\n{'=' * 20} {path} ({checkpoint.where(saved)}) {'=' * 20}")
     hint = f"out of memory on {devices.describe(device)}: try fewer --num_samples"
     with devices.out_of_memory_as_error(hint):
         samples = sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator)
     if stream:  # printed as it was sampled
-        _, n, stopped = samples[0]
-        if stopped:
-            print(f"(stopped at {EOT} after {n} tokens)", file=sys.stderr, flush=True)
+        if samples[0][2]:
+            print(f"(stopped at {EOT} after {samples[0][1]} tokens)", file=sys.stderr, flush=True)
         return None
     blocks = []
     for i, (text, n, stopped) in enumerate(samples):
-        label = f"--- sample {i + 1}/{cfg.num_samples}"
-        if stopped:
-            label += f" (stopped at {EOT} after {n} tokens)"
-        label += " ---"
+        ended = f" (stopped at {EOT} after {n} tokens)" if stopped else ""
+        label = f"--- sample {i + 1}/{cfg.num_samples}{ended} ---"
         text = annotator.report(i) if annotator else text
         if cfg.num_samples > 1 or stopped:
             cli.log(label)
@@ -130,12 +122,11 @@ def main(argv=None):
     device = devices.choose_device(cfg.device)
     devices.set_threads(cfg.threads)
     prompt = sources.read_prompt(cfg)
-    if cfg.output_file:
-        replaced = os.path.realpath(cfg.output_file) in map(os.path.realpath, paths)
-        if cfg.output_file.lower().endswith(".pt") or replaced:
-            raise TinyLLMError(f"--output_file {cfg.output_file} would replace a checkpoint: "
-                               "name a .txt file")
-        cli.check_writable(cfg.output_file, "--output_file")
+    out = cfg.output_file
+    if out:
+        if out.lower().endswith(".pt") or os.path.realpath(out) in map(os.path.realpath, paths):
+            raise TinyLLMError(f"--output_file {out} would replace a checkpoint: name a .txt file")
+        cli.check_writable(out, "--output_file")
     # all read, and the prompt encoded for each, before the first is sampled: a typo fails at once
     loaded = [checkpoint.load_model(path) for path in paths]
     for _, tokenizer, _ in loaded[1:]:
@@ -143,10 +134,10 @@ def main(argv=None):
     several, blocks = len(paths) > 1, []
     for path in paths:  # popped, so that one model at a time is on the device
         blocks.append(sample_checkpoint(path, loaded.pop(0), cfg, sampler, prompt, device, several))
-    if cfg.output_file:
-        with open(cfg.output_file, "w", encoding="utf-8", newline="") as f:  # the text exactly
+    if out:
+        with open(out, "w", encoding="utf-8", newline="") as f:  # the text exactly
             f.write("\n\n".join(blocks) + "\n")
-        cli.log(f"wrote {cfg.output_file}")
+        cli.log(f"wrote {out}")
 
 
 if __name__ == "__main__":

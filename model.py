@@ -62,7 +62,7 @@ class CausalSelfAttention(nn.Module):
         triangle."""
         if self.fused:
             return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
-        return self.attn_dropout(self.attention_weights(q, k, mask)) @ v
+        return self.attn_dropout(self.attention_weights(q, k, mask)) @ v  # (B, nh, T, hs)
 
     def attention_weights(self, q, k, mask):
         """softmax(q k^T / sqrt(hs) + mask): (B, nh, T, S). Dividing by sqrt(hs) keeps the scores'
@@ -82,8 +82,7 @@ def fused_attention(q, k, v, mask, dropout=0.0):
             return fused_attention(q.float(), k.float(), v.float(), mask, dropout)
     if mask is not None:
         mask = mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=mask is None)
 
 
 # ------------------------------------------------------------------------- the MLP and the block
@@ -183,9 +182,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         # training: None, the causal triangle the fused kernel makes itself; generation: the new
         # queries against the cache's block_size slots, those after each query's position hidden
-        mask = None
-        if cache is not None:
-            mask = causal_mask(T, self.config.block_size, idx.device, start)  # (T, S)
+        mask = None if cache is None else causal_mask(T, self.config.block_size, idx.device, start)
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -231,16 +228,14 @@ class SwiGLU(nn.Module):
 def rope_tables(n_positions, head_size, base=10000.0):
     """RoPE's cos and sin, each (n_positions, hs/2): position p turns pair i of a head's query and
     key by the angle p * base^(-2i/hs), fast for the first pairs, slow for the last."""
-    pairs = torch.arange(0, head_size, 2, dtype=torch.float32)  # 2i, (hs/2,)
-    inv_freq = 1.0 / (base ** (pairs / head_size))
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
     """Turn each pair (x[2i], x[2i+1]) by its position's angle: then q.k depends on two positions
-    only through their distance. x: (..., T, hs); cos, sin: (T, hs/2). In float32, returned in
-    x's dtype."""
+    only through their distance. x: (..., T, hs); cos, sin: (T, hs/2); computed in float32."""
     even, odd = x[..., 0::2].float(), x[..., 1::2].float()  # each (..., T, hs/2)
     turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (.., hs/2, 2)
     return turned.flatten(-2).type_as(x)  # (..., T, hs)

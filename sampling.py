@@ -49,11 +49,9 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at pos..pos+T-1; return the buffers (B, nh, block_size, hs)."""
-        if self.k[layer] is None:
-            # zeros, not empty memory: a hidden slot's weight is 0, and 0 * NaN is NaN
-            B, nh, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, nh, self.block_size, hs)
-            self.v[layer] = v.new_zeros(B, nh, self.block_size, hs)
+        if self.k[layer] is None:  # zeros: a hidden slot's weight is 0, and 0 * NaN is NaN
+            shape = (k.size(0), k.size(1), self.block_size, k.size(3))
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         self.k[layer][:, :, self.pos:self.pos + k.size(2)] = k
         self.v[layer][:, :, self.pos:self.pos + v.size(2)] = v
         return self.k[layer], self.v[layer]
@@ -117,8 +115,7 @@ def sample_next(logits, idx, sampler, generator=None):
     """One token per row (B, 1) from logits (B, V); temperature 0 takes the most likely."""
     if sampler.temperature == 0:
         return filter_logits(logits.float(), idx, sampler).argmax(dim=-1, keepdim=True)
-    probs = next_token_probs(logits, idx, sampler)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return torch.multinomial(next_token_probs(logits, idx, sampler), 1, generator=generator)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -137,8 +134,7 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
         V = logp.size(-1)
         # the k * V candidates in one row; a beam adds at most one stopped one, so the best
         # 2 * beam_width hold beam_width live ones
-        scores = (totals[:, None] + logp).flatten()
-        best, flat = scores.topk(min(2 * beam_width, scores.numel()))
+        best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
         rows, tokens = flat // V, flat % V  # the beam each candidate extends, and by which token
         stops = tokens == stop_token if stop_token is not None else tokens < 0  # (B,): none
         for total, row, token in zip(best[stops].tolist(), rows[stops], tokens[stops]):
@@ -149,8 +145,7 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
         if context.cache is not None:  # each row's cache follows the beam it grew from
             context.cache.k = [k[rows[keep]] for k in context.cache.k]
             context.cache.v = [v[rows[keep]] for v in context.cache.v]
-        beams = torch.cat((beams[rows[keep]], tokens[keep, None]), dim=1)
-        totals = best[keep]
+        beams, totals = torch.cat((beams[rows[keep]], tokens[keep, None]), 1), best[keep]
         if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:
             break  # a plain sum only falls as a continuation grows: no live beam can win now
     candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]

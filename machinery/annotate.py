@@ -2,6 +2,7 @@
 from, that distribution's entropy in bits and, with --show_top K, the K likeliest tokens."""
 
 import math
+import sys
 import unicodedata
 from collections import namedtuple
 
@@ -66,14 +67,12 @@ class WholeCharacters:
         self.ids.append(token)
         self.p *= p
         text = self.tokenizer.decode(self.ids)
-        return None if text.endswith("\ufffd") else self.take(text)
+        return None if text.endswith("\ufffd") else self.flush()
 
     def flush(self):
-        """What is left at the end, whole characters or not (None: nothing)."""
-        return self.take(self.tokenizer.decode(self.ids)) if self.ids else None
-
-    def take(self, text):
-        piece, self.ids, self.p = (text, self.p), [], 1.0
+        """(text, probability) of the tokens so far, whole characters or not."""
+        piece = (self.tokenizer.decode(self.ids), self.p)
+        self.ids, self.p = [], 1.0
         return piece
 
     def stream(self, token):
@@ -83,9 +82,8 @@ class WholeCharacters:
             print(piece[0], end="", flush=True)
 
     def end_stream(self, tail=""):
-        """Print what is left, whole characters or not, then tail and a line end."""
-        piece = self.flush()
-        print((piece[0] if piece else "") + tail, flush=True)
+        """Print what is left, then tail and a line end."""
+        print(self.flush()[0] + tail, flush=True)
 
 
 def summary(steps):
@@ -100,8 +98,9 @@ class Annotator:
     """Every sample's Steps as drawn (begin, add, end): the first written as it comes (live), any
     one later by report. A terminal gets colours; a file, a pipe or --show_top a row per token."""
 
-    def __init__(self, tokenizer, top=0, colour=False):
-        self.tokenizer, self.top, self.colour = tokenizer, top, colour and not top
+    def __init__(self, tokenizer, top=0, to_file=False):
+        self.tokenizer, self.top = tokenizer, top
+        self.colour = sys.stdout.isatty() and not to_file and not top
 
     def begin(self, prompt_ids, n_samples, stop, live):
         self.samples, self.prompt = [[] for _ in range(n_samples)], prompt_ids
@@ -114,8 +113,7 @@ class Annotator:
 
     def add(self, token, probs):
         """One step of every sample: token (B, 1) drawn from probs (B, V)."""
-        p = probs.gather(1, token)[:, 0].tolist()  # (B,)
-        entropy = entropy_bits(probs).tolist()  # (B,)
+        p, entropy = probs.gather(1, token)[:, 0].tolist(), entropy_bits(probs).tolist()
         top = probs.topk(min(self.top, probs.size(-1)), dim=-1) if self.top else None
         for b, steps in enumerate(self.samples):
             if steps and steps[-1].token == self.stop:

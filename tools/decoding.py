@@ -24,7 +24,7 @@ def temperatures(text):
     try:
         return [SamplerConfig(temperature=float(t)).temperature for t in text.split(",")]
     except (ValueError, TinyLLMError):
-        raise argparse.ArgumentTypeError(f"numbers from 0.001 to 1000, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"0 or numbers from 0.001 to 1000, got {text!r}") from None
 
 
 def repeated_ngrams(text, n=3):
@@ -70,8 +70,7 @@ def main(argv=None):
             text = tokenizer.decode(new[0].tolist())
             texts.setdefault(name, text)
             scores.append((logp, repeated_ngrams(text)))
-        logp = statistics.mean(s[0] for s in scores)
-        repeats = statistics.mean(s[1] for s in scores)
+        logp, repeats = map(statistics.mean, zip(*scores))
         cli.log(f"| {name} | {logp:.3f} | {100 * repeats:.0f}% |")
     for name, text in texts.items():
         cli.log(f"\n{name}:\n{args.prompt}{text}")

@@ -42,9 +42,8 @@ def attention_maps(model, idx):
     maps, hooks = [], []
     for block in model.blocks:
         block.attn.fused = False  # the fused kernel never builds the weights
-        hook = block.attn.attn_dropout.register_forward_pre_hook(
-            lambda module, args: maps.append(args[0][0]))
-        hooks.append(hook)
+        dropout = block.attn.attn_dropout  # the weights go through it
+        hooks.append(dropout.register_forward_pre_hook(lambda _, args: maps.append(args[0][0])))
     try:
         model(idx)
     finally:
@@ -59,9 +58,7 @@ def draw_attention(model, tokenizer, ids, args, path):
     maps = attention_maps(model, torch.tensor([ids], device=model.wte.weight.device))
     layers = [args.layer] if args.layer >= 0 else list(range(model.config.n_layer))
     heads = [args.head] if args.head >= 0 else list(range(model.config.n_head))
-    panel = min(2.2, 8.4 / len(heads))  # inches a heatmap
-    if len(layers) == len(heads) == 1:
-        panel = 6.0
+    panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches
     grid = (len(layers), len(heads))
     fig, axes = new_plot(len(layers) * panel + 0.8, len(heads) * panel + 0.6, grid=grid)
     T, labels = len(ids), [short_label(tokenizer, t) for t in ids]
@@ -81,9 +78,8 @@ def draw_attention(model, tokenizer, ids, args, path):
     fig.suptitle("attention: row = the token looking, column = the token looked at; "
                  "darker = more; grey = the masked future", fontsize=8)
     save_plot(fig, None, path)
-    return (f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads that "
-            "attend to the token just before (a line below the diagonal) and heads that reach "
-            "back to the start of a word or line")
+    return (f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads on the "
+            "token just before (a line below the diagonal) and heads reaching back to words")
 
 
 def val_passage(args, tokenizer, saved):
@@ -103,10 +99,9 @@ def val_passage(args, tokenizer, saved):
 def draw_surprise(model, tokenizer, ids, path, width=72):
     """The passage in a grid, each character coloured by its share of its token's loss in bits."""
     losses = token_losses(model, ids)
-    chars, pieces, bits = [], WholeCharacters(tokenizer), math.nan  # the first token: no context
+    chars, pieces, bits = [], WholeCharacters(tokenizer), 0.0
     for i, token in enumerate(ids.tolist()):
-        if i:
-            bits += losses[i - 1].item() / math.log(2)
+        bits += losses[i - 1].item() / math.log(2) if i else math.nan  # the first has no context
         piece = pieces.add(token)
         if piece:
             chars += [(ch, bits / len(piece[0])) for ch in piece[0]]
@@ -130,35 +125,29 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)",
                  fontsize=9)
     save_plot(fig, None, path)
-    return (f"{len(chars)} characters of the val split coloured by the model's loss, pale = "
-            f"expected, dark red = surprising; {bpc:.4f} bits per character. Look for the first "
-            "letters of words against their ends")
+    return (f"{len(chars)} characters of the val split coloured by loss: pale expected, dark red "
+            f"surprising ({bpc:.4f} bits per character). Look at first letters against the rest")
 
 
 @torch.no_grad()
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    by_t = {}  # each (V,)
-    for t in args.temperatures:
-        by_t[t] = next_token_probs(logits, idx, SamplerConfig(temperature=t))[0].cpu()
-    plain = next_token_probs(logits, idx, SamplerConfig(temperature=1.0))[0].cpu()
-    order = plain.argsort(descending=True)[:shown].tolist()
+    by_t = {t: next_token_probs(logits, idx, SamplerConfig(temperature=t))[0].cpu()
+            for t in args.temperatures}  # each (V,)
+    order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
-        rest = 1.0 - probs[order].sum().item()
-        entropy = entropy_bits(probs[None])[0].item()
-        ax.bar(np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width,
-               probs[order].tolist() + [rest], width,
-               label=f"T = {t:g}: entropy {entropy:.2f} bits")
+        heights = probs[order].tolist() + [1.0 - probs[order].sum().item()]  # then the rest
+        ax.bar(np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width, heights, width,
+               label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits")
     ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
     title = f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature"
     ax.set(ylabel="probability", title=title)
     save_plot(fig, ax, path)
-    return ("the next-token distribution after the prompt at each temperature. Look at how a low "
-            "temperature piles the probability onto the favourite and a high one spreads it over "
-            "the rest")
+    return ("the next-token distribution after the prompt at each temperature: a low one piles the "
+            "probability onto the favourite, a high one spreads it over the rest")
 
 
 @torch.no_grad()
@@ -173,19 +162,15 @@ def draw_embeddings(model, tokenizer, path):
     ax.scatter(xy[:, 0], xy[:, 1], s=4, color="lightgray")
     for token, (x, y) in enumerate(xy):
         label = short_label(tokenizer, token) if token != tokenizer.eot_id else "EOT"
-        if label in "aeiouAEIOU":
-            colour = "C3"
-        elif label.isupper():
-            colour = "C0"
-        else:
-            colour = "C2" if label.isalpha() else "black"
+        colour = "C2" if label.isalpha() else "black"
+        colour = "C0" if label.isupper() else colour
+        colour = "C3" if label in "aeiouAEIOU" else colour
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=colour)
     ax.set(xlabel="first principal direction", ylabel="second principal direction",
            title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
     save_plot(fig, ax, path)
-    return (f"every character's embedding on its two main directions ({share:.0%} of the "
-            "variance). Look for the vowels together, capitals apart from lower case, and "
-            "punctuation in its own corner")
+    return (f"each character's embedding on its two main directions ({share:.0%} of the variance). "
+            "Look for the vowels together, capitals apart, and punctuation in its own corner")
 
 
 def main(argv=None):
@@ -195,8 +180,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="pictures",
                         help="where the PNGs go (default: %(default)s)")
     parser.add_argument("--only", help=f"some of: {', '.join(PICTURES)} (default: all)")
-    parser.add_argument("--prompt", default="O Romeo, I will th",
-                        help="attention's and temperature's text")
+    parser.add_argument("--prompt", default="O Romeo, I will th", help="attention and temperature")
     parser.add_argument("--layer", type=int, default=-1, help="attention: only this layer, from 0")
     parser.add_argument("--head", type=int, default=-1, help="attention: only this head, from 0")
     parser.add_argument("--temperatures", type=temperatures, default="0.5,0.8,1.0,1.5",
@@ -215,8 +199,7 @@ def main(argv=None):
     model, tokenizer, saved = checkpoint.load_model(args.checkpoint, device)
     ids, c = sources.encode_prompt(tokenizer, args.prompt), model.config
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
-        raise TinyLLMError(f"--prompt is {len(ids)} tokens but the model sees at most "
-                           f"{c.block_size}")
+        raise TinyLLMError(f"--prompt is {len(ids)} tokens; the model sees at most {c.block_size}")
     if "attention" in names and not (-1 <= args.layer < c.n_layer and -1 <= args.head < c.n_head):
         raise TinyLLMError(f"--layer and --head: the model has {c.n_layer} layers of "
                            f"{c.n_head} heads, from 0")
