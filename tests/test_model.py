@@ -23,14 +23,14 @@ from sampling import Context, beam_search, filter_logits, generate, next_token_p
 # number takes the example value written here (test_every_model_setting_has_an_example names any
 # missing). Every combination of the choices runs; then each other value once, the rest from BASE.
 EXAMPLES = dict(vocab_size=50, block_size=5, n_layer=3, n_head=4, n_embd=36, dropout=0.1)
-BASE = dict(vocab_size=65, block_size=8, n_layer=2, n_head=3, n_embd=24,
-            norm="rmsnorm", mlp="swiglu", pos="rope")  # the last choices: most code runs
+BASE = dict(vocab_size=65, block_size=8, n_layer=2, n_head=3, n_embd=24, dropout=0.0, bias=True,
+            norm="rmsnorm", mlp="swiglu", pos="rope")  # the last choices: the most code runs
 CHOICES = [f for f in fields(GPTConfig) if f.metadata["choices"]]  # norm, mlp, pos, and any to come
 VARIANTS = [dict(zip([f.name for f in CHOICES], values))
             for values in itertools.product(*(f.metadata["choices"] for f in CHOICES))]
 for f in fields(GPTConfig):
     if f.type is bool:
-        VARIANTS.append({f.name: not f.default})  # the default runs in the combinations
+        VARIANTS.append({f.name: not BASE.get(f.name, f.default)})  # BASE's: in the combinations
     elif f.name in EXAMPLES:
         VARIANTS.append({f.name: EXAMPLES[f.name]})
 
