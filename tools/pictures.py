@@ -146,8 +146,8 @@ def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     title = f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature"
     ax.set(ylabel="probability", title=title)
     save_plot(fig, ax, path)
-    return ("the next-token distribution after the prompt at each temperature: a low one piles the "
-            "probability onto the favourite, a high one spreads it over the rest")
+    return ("the next-token distribution after the prompt at each temperature. Look at how a low "
+            "one piles the probability onto the favourite and a high one spreads it over the rest")
 
 
 @torch.no_grad()
