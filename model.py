@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from config import GPTConfig
 
-
 # ----------------------------------------------------------------------------- attention
 
 def causal_mask(T, S, device, start=None):
@@ -26,7 +25,7 @@ def causal_mask(T, S, device, start=None):
     start = S - T if start is None else start
     query_pos = start + torch.arange(T, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    return torch.zeros(T, S, device=device).masked_fill(key_pos > query_pos, float("-inf"))  # (T, S)
+    return torch.zeros(T, S, device=device).masked_fill(key_pos > query_pos, float("-inf"))
 
 
 class CausalSelfAttention(nn.Module):
@@ -39,7 +38,7 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer  # where this block's keys and values sit in the KV cache
         self.dropout = config.dropout
         self.fused = True  # False: attention as the formula reads (slower, the same numbers)
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -51,7 +50,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:  # RoPE turns q and k by their positions (below)
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # generation: the earlier positions' keys and values come from the cache
+        if cache is not None:  # generation: the earlier positions' keys and values are cached
             k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs)
         y = self.attention(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
@@ -75,18 +74,18 @@ class CausalSelfAttention(nn.Module):
 
 
 def fused_attention(q, k, v, mask, dropout=0.0):
-    """The attention formula by PyTorch's fused kernel, which never builds the (T, S) weights; a mask
-    of None is the causal triangle, which the kernel makes itself."""
+    """The attention formula by PyTorch's fused kernel, which never builds the (T, S) weights; a
+    mask of None is the causal triangle, which the kernel makes itself."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # on CPUs a bfloat16 attention ran several times slower than float32's
         with torch.autocast("cpu", enabled=False):
             return fused_attention(q.float(), k.float(), v.float(), mask, dropout)
     if mask is not None:
         mask = mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=mask is None)
 
 
-# ----------------------------------------------------------------------------- the MLP and the block
+# ------------------------------------------------------------------------- the MLP and the block
 
 class MLP(nn.Module):
     """Position-wise: widen 4x, GELU, project back."""
@@ -121,8 +120,9 @@ class Block(nn.Module):
 def lm_loss(logits, targets, reduction="mean"):
     """Next-token cross-entropy: each (b, t) is one classification over the vocabulary, so logits
     (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,). In float32 even under autocast.
-    A target of -100 is no target: a conversation's questions are context, only its answers count."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+    A target of -100 is no target: a conversation's questions are context, its answers count."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 class GPT(nn.Module):
@@ -136,7 +136,8 @@ class GPT(nn.Module):
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
         elif config.pos == "sinusoidal":  # fixed tables: buffers, not saved in checkpoints
-            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+            table = sinusoidal_table(config.block_size, config.n_embd)
+            self.register_buffer("pos_table", table, persistent=False)
         else:
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -181,7 +182,7 @@ class GPT(nn.Module):
         x = self.drop(x)
         # training: None, the causal triangle the fused kernel makes itself; generation: the new
         # queries against the cache's block_size slots, those after each query's position hidden
-        mask = None if cache is None else causal_mask(T, self.config.block_size, idx.device, start)  # (T, S)
+        mask = None if cache is None else causal_mask(T, self.config.block_size, idx.device, start)
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
@@ -191,7 +192,9 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------- the modern parts
 
 def make_norm(config):
-    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else nn.LayerNorm(config.n_embd, bias=config.bias)
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class RMSNorm(nn.Module):
@@ -207,13 +210,13 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """The MLP with a gate: silu(x W_gate) * (x W_value), projected back. Three matrices 8/3 * n_embd
-    wide hold about as many parameters as the GELU MLP's two 4x ones."""
+    """The MLP with a gate: silu(x W_gate) * (x W_value), projected back. Three matrices
+    8/3 * n_embd wide hold about as many parameters as the GELU MLP's two 4x ones."""
 
     def __init__(self, config):
         super().__init__()
         hidden = 8 * round(8 * config.n_embd / 3 / 8)  # to a multiple of 8 (kernels like it)
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value in one matmul
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -225,23 +228,24 @@ class SwiGLU(nn.Module):
 def rope_tables(n_positions, head_size, base=10000.0):
     """RoPE's cos and sin, each (n_positions, hs/2): position p turns pair i of a head's query and
     key by the angle p * base^(-2i/hs), fast for the first pairs, slow for the last."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
     """Turn each pair (x[2i], x[2i+1]) by its position's angle: then q.k depends on two positions
-    only through their distance. x: (..., T, hs); cos, sin: (T, hs/2). In float32, returned in x's dtype."""
+    only through their distance. x: (..., T, hs); cos, sin: (T, hs/2); computed in float32."""
     even, odd = x[..., 0::2].float(), x[..., 1::2].float()  # each (..., T, hs/2)
-    turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (..., T, hs/2, 2)
+    turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (.., hs/2, 2)
     return turned.flatten(-2).type_as(x)  # (..., T, hs)
 
 
 def sinusoidal_table(n_positions, dim):
     """"Attention Is All You Need"'s positions: sines and cosines of position * 10000^(-2i/dim)."""
     pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pairs = torch.arange(0, dim, 2, dtype=torch.float32)  # 2i, (dim/2,)
+    inv_freq = torch.exp(pairs * (-math.log(10000.0) / dim))
     table = torch.zeros(n_positions, dim)
     table[:, 0::2] = torch.sin(pos * inv_freq)
     table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])  # (an odd dim has one cosine fewer)

@@ -5,17 +5,16 @@ cache, so that a new token costs one position's work instead of the whole contex
 rule (what the model sees once the text outgrows block_size); the sampler; beam search.
 
 In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval();
-out = generate(model, idx, 100, config.SamplerConfig(temperature=0.8)); tokenizer.decode(out[0].tolist())
+out = generate(model, idx, 100, config.SamplerConfig()); tokenizer.decode(out[0].tolist())
 """
 
 import torch
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------- the loop
 
-def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None, generator=None, on_token=None,
-             context=None):
+def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None,
+             generator=None, on_token=None, context=None):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has made
     stop_token (a row that stopped earlier goes on past it: cut it there). Returns (B, T + new).
     on_token(token (B, 1), logits (B, V), idx) sees each step as it comes (generate.py streams it).
@@ -26,7 +25,7 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     with torch.inference_mode():  # no autograd graph
         for _ in range(max_new_tokens):
             logits = context.next_logits(idx)  # (B, V)
-            next_token = sample_next(logits, sampler, generator)  # (B, 1)
+            next_token = sample_next(logits, idx, sampler, generator)  # (B, 1)
             if on_token is not None:
                 on_token(next_token, logits, idx)
             idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
@@ -37,7 +36,7 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
     return idx.clone()  # outside inference mode: a tensor autograd may use
 
 
-# ----------------------------------------------------------------------------- the KV cache and the context rule
+# ----------------------------------------------------------------------------- the KV cache
 
 class KVCache:
     """Every layer's keys and values of the tokens so far, in buffers of block_size positions
@@ -49,10 +48,10 @@ class KVCache:
         self.block_size, self.pos = block_size, 0
 
     def update(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) at positions pos..pos+T-1; return the buffers (B, nh, block_size, hs)."""
-        if self.k[layer] is None:  # zeros, not empty memory: a hidden slot's weight is 0, and 0 * NaN is NaN
-            B, nh, _, hs = k.shape
-            self.k[layer], self.v[layer] = k.new_zeros(B, nh, self.block_size, hs), v.new_zeros(B, nh, self.block_size, hs)
+        """Store k, v (B, nh, T, hs) at pos..pos+T-1; return the buffers (B, nh, block_size, hs)."""
+        if self.k[layer] is None:  # zeros: a hidden slot's weight is 0, and 0 * NaN is NaN
+            shape = (k.size(0), k.size(1), self.block_size, k.size(3))
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
         self.k[layer][:, :, self.pos:self.pos + k.size(2)] = k
         self.v[layer][:, :, self.pos:self.pos + v.size(2)] = v
         return self.k[layer], self.v[layer]
@@ -74,7 +73,7 @@ class Context:
         if full:
             # Sliding on by one token would move every token to a new position, while each cached
             # key was computed at its old one: so the context restarts from its newest
-            # block_size // 2 tokens and the cache is filled again, once every block_size / 2 tokens.
+            # block_size // 2 tokens and the cache is filled again, every block_size / 2 tokens.
             self.start = idx.size(1) - max(1, block_size // 2)
         if not self.use_cache:  # recompute the whole context
             return self.model(idx[:, self.start:])[0][:, -1, :]
@@ -88,43 +87,44 @@ class Context:
 
 # ----------------------------------------------------------------------------- the sampler
 
-def filter_logits(logits, sampler):
-    """The logits (B, V) a token is drawn from: divided by the temperature (greedy: by 1), then
-    every logit outside the candidates set to -inf. top_k keeps the k most likely (and any tied
-    with the k-th); top_p keeps the fewest whose probability reaches top_p; both keep the likeliest."""
+def filter_logits(logits, idx, sampler):
+    """The logits (B, V) a token is drawn from after idx (B, T), the text so far: divided by the
+    temperature (greedy: by 1), then every logit outside the candidates set to -inf. top_k keeps
+    the k likeliest (and any tied with the k-th); top_p the fewest whose probabilities reach it."""
     logits = logits / (sampler.temperature or 1.0)
     if sampler.top_k and sampler.top_k < logits.size(-1):
         kth = torch.topk(logits, sampler.top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampler.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = F.softmax(sorted_logits, dim=-1)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampler.top_p  # the mass ahead of each token
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= sampler.top_p  # the mass ahead of each token
         drop[..., 0] = False  # the most likely token always stays
         sorted_logits[drop] = float("-inf")
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
 
-def next_token_probs(logits, sampler):
+def next_token_probs(logits, idx, sampler):
     """The distribution (B, V) the next token is drawn from. Greedy draws nothing; its distribution
     here is temperature 1's among the candidates, in which its pick is the most likely token."""
-    return F.softmax(filter_logits(logits.float(), sampler), dim=-1)
+    return F.softmax(filter_logits(logits.float(), idx, sampler), dim=-1)
 
 
-def sample_next(logits, sampler, generator=None):
+def sample_next(logits, idx, sampler, generator=None):
     """One token per row (B, 1) from logits (B, V); temperature 0 takes the most likely."""
     if sampler.temperature == 0:
-        return filter_logits(logits.float(), sampler).argmax(dim=-1, keepdim=True)
-    return torch.multinomial(next_token_probs(logits, sampler), num_samples=1, generator=generator)
+        return filter_logits(logits.float(), idx, sampler).argmax(dim=-1, keepdim=True)
+    return torch.multinomial(next_token_probs(logits, idx, sampler), 1, generator=generator)
 
 
 # ----------------------------------------------------------------------------- beam search
 
 @torch.inference_mode()
-def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0):
-    """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T) found by
-    keeping the beam_width likeliest at each step, scored by total / length ** length_penalty."""
+def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None,
+                length_penalty=0.0):
+    """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T): the
+    beam_width likeliest kept at each step, scored by total / length ** length_penalty."""
     context, prompt = Context(model, use_cache), idx.size(1)
     dtype = torch.float32 if idx.device.type == "mps" else torch.float64  # MPS has no float64
     beams, totals = idx, torch.zeros(1, dtype=dtype, device=idx.device)  # (k, T + t), (k,)
@@ -136,16 +136,16 @@ def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_tok
         # 2 * beam_width hold beam_width live ones
         best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
         rows, tokens = flat // V, flat % V  # the beam each candidate extends, and by which token
-        stops = tokens == stop_token if stop_token is not None else torch.zeros_like(tokens, dtype=torch.bool)
-        finished += [(t, torch.cat((beams[r, prompt:], tok[None])))
-                     for t, r, tok in zip(best[stops].tolist(), rows[stops], tokens[stops])]
+        stops = tokens == stop_token if stop_token is not None else tokens < 0  # (B,): none
+        for total, row, token in zip(best[stops].tolist(), rows[stops], tokens[stops]):
+            finished.append((total, torch.cat((beams[row, prompt:], token[None]))))
         keep = (~stops).nonzero()[:beam_width, 0]
         if len(keep) == 0:
             break
         if context.cache is not None:  # each row's cache follows the beam it grew from
             context.cache.k = [k[rows[keep]] for k in context.cache.k]
             context.cache.v = [v[rows[keep]] for v in context.cache.v]
-        beams, totals = torch.cat((beams[rows[keep]], tokens[keep, None]), dim=1), best[keep]
+        beams, totals = torch.cat((beams[rows[keep]], tokens[keep, None]), 1), best[keep]
         if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:
             break  # a plain sum only falls as a continuation grows: no live beam can win now
     candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]

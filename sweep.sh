@@ -1,19 +1,15 @@
 #!/usr/bin/env bash
-# Sample one checkpoint at several temperatures (and optionally top-k / top-p values), one file
-# per setting, each under a header naming the checkpoint, the seed and every sampling setting.
+# Sample one checkpoint at several temperatures (and top-k / top-p values, if given), one file per
+# setting, each under a header naming the checkpoint, the seed and every sampling setting.
 #
 #   bash sweep.sh                                   # checkpoints/best.pt at T = 0.5 0.8 1.0 1.2
 #   TEMPS="0.7 1.0" TOP_KS="0 40" TOP_PS="1.0 0.9" SEED=7 bash sweep.sh checkpoints/last.pt
 #
-# SEED, NUM_SAMPLES, MAX_NEW_TOKENS and PROMPT are passed on only when set, so everything else
-# is generate.py's default: a sweep file and a plain generate.py call with the same settings
-# hold the same text. Same seed, same machine, same files.
+# SEED, NUM_SAMPLES, MAX_NEW_TOKENS and PROMPT are passed on only when set, so a sweep file holds
+# what a plain generate.py call with the same settings writes.
 set -euo pipefail
 
 checkpoint=${1:-checkpoints/best.pt}
-temps=${TEMPS:-"0.5 0.8 1.0 1.2"}
-top_ks=${TOP_KS:-0}
-top_ps=${TOP_PS:-1.0}
 out_dir=${OUT_DIR:-samples}
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -24,9 +20,9 @@ given=()
 [ -n "${PROMPT:-}" ] && given+=(--prompt "$PROMPT")
 
 mkdir -p "$out_dir"
-for t in $temps; do
-  for k in $top_ks; do
-    for p in $top_ps; do
+for t in ${TEMPS:-0.5 0.8 1.0 1.2}; do
+  for k in ${TOP_KS:-0}; do
+    for p in ${TOP_PS:-1.0}; do
       name="samples_T${t}"
       [ "$k" != 0 ] && name+="_k${k}"
       [ "$p" != 1.0 ] && [ "$p" != 1 ] && name+="_p${p}"

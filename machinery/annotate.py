@@ -2,39 +2,42 @@
 from, that distribution's entropy in bits and, with --show_top K, the K likeliest tokens."""
 
 import math
+import sys
 import unicodedata
 from collections import namedtuple
 
 import torch
 
 from bpe import ByteLevelTokenizer
-from sampling import Context
+from config import SamplerConfig
+from sampling import Context, next_token_probs
 
 # probability bands, most likely first: (lowest p, ANSI colour, the legend's words)
-BANDS = ((0.5, "32", "p >= 0.5"), (0.2, "33", "0.2 to 0.5"), (0.05, "35", "0.05 to 0.2"), (0.0, "31", "below 0.05"))
-Step = namedtuple("Step", "token p entropy top")  # top: [(token id, probability)], most likely first
+BANDS = ((0.5, "32", "p >= 0.5"), (0.2, "33", "0.2 to 0.5"), (0.05, "35", "0.05 to 0.2"),
+         (0.0, "31", "below 0.05"))
+Step = namedtuple("Step", "token p entropy top")  # top: [(token id, probability)], likeliest first
+MODELS_OWN = SamplerConfig(temperature=1.0)  # the model's own distribution: nothing filtered
 
 
 def entropy_bits(probs):
-    """H = -sum p log2 p over each row of probs (B, V) (written out: older torch on a Mac lacks entr)."""
+    """H = -sum p log2 p over each row of probs (B, V) (older torch on a Mac lacks entr)."""
     p = probs.float()
     return -(p * p.clamp_min(1e-30).log()).sum(dim=-1) / math.log(2)  # (B,)
 
 
 def paint(text, p):
-    """text in the colour of p's band, line ends outside the codes (some terminals carry colour over them)."""
+    """text in p's band's colour, line ends outside the codes (terminals carry colour over them)."""
     code = next(code for low, code, _ in BANDS if p >= low)
     return "\n".join(f"\033[{code}m{part}\033[0m" if part else "" for part in text.split("\n"))
 
 
 @torch.inference_mode()
 def model_odds(model, idx, new_tokens, use_cache=True):
-    """(token (B, 1), the model's own distribution (B, V)) for each of new_tokens (B, n) after idx (B, T)."""
+    """(token (B, 1), the model's probs (B, V)) for each of new_tokens (B, n) after idx (B, T)."""
     context = Context(model, use_cache)
     for t in range(new_tokens.size(1)):
-        probs = torch.softmax(context.next_logits(idx).float(), dim=-1)
         token = new_tokens[:, t:t + 1]
-        yield token, probs
+        yield token, next_token_probs(context.next_logits(idx), idx, MODELS_OWN)
         idx = torch.cat((idx, token), dim=1)
 
 
@@ -51,61 +54,76 @@ def token_piece(tokenizer, token):
 
 
 class WholeCharacters:
-    """Tokens to whole characters, with their joint probability: a byte-level token can end mid-character."""
+    """Tokens to whole characters, with their joint probability: a byte-level token can end
+    mid-character. The stop token, if given, is no text."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.p = tokenizer, [], 1.0
+    def __init__(self, tokenizer, stop=None):
+        self.tokenizer, self.stop, self.ids, self.p = tokenizer, stop, [], 1.0
 
-    def add(self, token, p):
+    def add(self, token, p=1.0):
         """(text, probability) once the tokens so far make whole characters, else None."""
+        if token == self.stop:
+            return None
         self.ids.append(token)
         self.p *= p
         text = self.tokenizer.decode(self.ids)
-        return None if text.endswith("\ufffd") else self.take(text)
+        return None if text.endswith("\ufffd") else self.flush()
 
     def flush(self):
-        """What is left at the end, whole characters or not (None: nothing)."""
-        return self.take(self.tokenizer.decode(self.ids)) if self.ids else None
-
-    def take(self, text):
-        piece, self.ids, self.p = (text, self.p), [], 1.0
+        """(text, probability) of the tokens so far, whole characters or not."""
+        piece = (self.tokenizer.decode(self.ids), self.p)
+        self.ids, self.p = [], 1.0
         return piece
+
+    def stream(self, token):
+        """Print the text as soon as the tokens make whole characters."""
+        piece = self.add(token)
+        if piece:
+            print(piece[0], end="", flush=True)
+
+    def end_stream(self, tail=""):
+        """Print what is left, then tail and a line end."""
+        print(self.flush()[0] + tail, flush=True)
 
 
 def summary(steps):
     total = sum(math.log(s.p) for s in steps)
     mean, entropy = total / len(steps), sum(s.entropy for s in steps) / len(steps)
-    return (f"{len(steps)} tokens: mean log-probability {mean:.3f} nats | perplexity {math.exp(-mean):.3f} "
-            f"| mean entropy {entropy:.3f} bits | total log-probability {total:.3f} nats")
+    return (f"{len(steps)} tokens: mean log-probability {mean:.3f} nats "
+            f"| perplexity {math.exp(-mean):.3f} | mean entropy {entropy:.3f} bits "
+            f"| total log-probability {total:.3f} nats")
 
 
 class Annotator:
-    """Every sample's Steps as drawn (begin, add, end): the first written as it comes (live), any one later
-    by report. A terminal gets colours; a file, a pipe or --show_top a row per token."""
+    """Every sample's Steps as drawn (begin, add, end): the first written as it comes (live), any
+    one later by report. A terminal gets colours; a file, a pipe or --show_top a row per token."""
 
-    def __init__(self, tokenizer, top=0, colour=False):
-        self.tokenizer, self.top, self.colour = tokenizer, top, colour and not top
+    def __init__(self, tokenizer, top=0, to_file=False):
+        self.tokenizer, self.top = tokenizer, top
+        self.colour = sys.stdout.isatty() and not to_file and not top
 
     def begin(self, prompt_ids, n_samples, stop, live):
-        self.samples, self.prompt, self.stop, self.live = [[] for _ in range(n_samples)], prompt_ids, stop, live
-        self.pieces = WholeCharacters(self.tokenizer)
+        self.samples, self.prompt = [[] for _ in range(n_samples)], prompt_ids
+        self.stop, self.live = stop, live
+        self.pieces = WholeCharacters(self.tokenizer, stop)
         if self.colour:
-            print("probability of each new token: " + "  ".join(paint(w, low) for low, _, w in BANDS))
+            print("probability of each new token: " + "  ".join(paint(w, p) for p, _, w in BANDS))
             if live:
                 print(self.tokenizer.decode(prompt_ids), end="", flush=True)
 
     def add(self, token, probs):
         """One step of every sample: token (B, 1) drawn from probs (B, V)."""
-        p, entropy = probs.gather(1, token)[:, 0].tolist(), entropy_bits(probs).tolist()  # each (B,)
+        p, entropy = probs.gather(1, token)[:, 0].tolist(), entropy_bits(probs).tolist()
         top = probs.topk(min(self.top, probs.size(-1)), dim=-1) if self.top else None
         for b, steps in enumerate(self.samples):
             if steps and steps[-1].token == self.stop:
                 continue  # this sample has ended; the batch goes on for the others
             alternatives = list(zip(top.indices[b].tolist(), top.values[b].tolist())) if top else []
             steps.append(Step(token[b, 0].item(), p[b], entropy[b], alternatives))
-            if self.live and b == 0:
-                print(self.row(steps[-1]) if not self.colour else self.painted([steps[-1]], flush=False),
-                      end="" if self.colour else "\n", flush=True)
+            if self.live and b == 0 and self.colour:
+                print(self.painted(steps[-1:], flush=False), end="", flush=True)
+            elif self.live and b == 0:
+                print(self.row(steps[-1]), flush=True)
 
     def end(self):
         if self.live:
@@ -113,25 +131,29 @@ class Annotator:
             print(tail + "\n" + summary(self.samples[0]), flush=True)
 
     def text(self, i):
-        return self.tokenizer.decode(self.prompt + [s.token for s in self.samples[i] if s.token != self.stop])
+        tokens = [s.token for s in self.samples[i] if s.token != self.stop]
+        return self.tokenizer.decode(self.prompt + tokens)
 
     def painted(self, steps, flush):
         """The steps' whole characters in colour (flush: and what is left)."""
-        found = [self.pieces.add(s.token, s.p) for s in steps if s.token != self.stop]
-        return "".join(paint(*p) for p in found + [self.pieces.flush() if flush else None] if p)
+        found = [self.pieces.add(s.token, s.p) for s in steps]
+        found.append(self.pieces.flush() if flush else None)
+        return "".join(paint(*piece) for piece in found if piece)
 
     def report(self, i):
         steps = self.samples[i]
         if not self.colour:
-            return self.text(i) + "\n" + "\n".join(self.row(s) for s in steps) + "\n" + summary(steps)
-        self.pieces = WholeCharacters(self.tokenizer)
-        return self.tokenizer.decode(self.prompt) + self.painted(steps, flush=True) + "\n" + summary(steps)
+            return "\n".join([self.text(i), *map(self.row, steps), summary(steps)])
+        self.pieces = WholeCharacters(self.tokenizer, self.stop)
+        text = self.tokenizer.decode(self.prompt) + self.painted(steps, flush=True)
+        return text + "\n" + summary(steps)
 
     def row(self, step):
         """token  p=0.731  H=1.20 bits  top: 'e' 0.731, 'a' 0.100"""
         label = repr(token_piece(self.tokenizer, step.token))
-        columns = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in label)  # CJK: two
+        columns = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in label)  # CJK
         line = f"{label}{' ' * max(0, 12 - columns)} p={step.p:.3f}  H={step.entropy:.2f} bits"
         if step.top:
-            line += "  top: " + ", ".join(f"{token_piece(self.tokenizer, t)!r} {p:.3f}" for t, p in step.top)
+            pieces = (f"{token_piece(self.tokenizer, t)!r} {p:.3f}" for t, p in step.top)
+            line += "  top: " + ", ".join(pieces)
         return line

@@ -196,4 +196,3 @@ def keep_newest(out_dir, keep_last):
     """Delete the periodic checkpoints (ckpt_STEP.pt) but the newest keep_last."""
     for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
         os.remove(os.path.join(out_dir, name))
-where, make = describe, contents  # TEMP until the branches merge

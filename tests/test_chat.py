@@ -11,71 +11,89 @@ import time
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    assert_one_line_error,
+    cli,
+    interrupt_at,
+    script_env,
+    tiny_model,
+    tiny_run,
+    without_timings,
+)
 
 import chat
+import generate
 import lora
+import tools.merge
 import train
-from config import ASSISTANT, EOT, USER, RunOptions, TrainConfig
-from conftest import (GREEDY, ROOT, assert_one_line_error, cli, interrupt_at, script_env, tiny_model, tiny_run,
-                      without_timings)
+from config import ASSISTANT, EOT, USER, TrainConfig
 from machinery import checkpoint, sources
 from model import GPT, lm_loss
-from sampling import generate
 from utils import get_batch
-import tools.merge
 
-CONVERSATIONS = [[("My name is Ada.", "Nice to meet you, Ada."), ("What is my name?", "Your name is Ada.")],
-                 [("My name is Tom.", "Nice to meet you, Tom."), ("What is my name?", "Your name is Tom.")],
-                 [("Hello!", "Hello. What shall we talk about?")]] * 20
+ADA = [("My name is Ada.", "Nice to meet you, Ada."), ("What is my name?", "Your name is Ada.")]
+TOM = [("My name is Tom.", "Nice to meet you, Tom."), ("What is my name?", "Your name is Tom.")]
+CONVERSATIONS = [ADA, TOM, [("Hello!", "Hello. What shall we talk about?")]] * 20
 
 
 def write_chats(path, conversations=CONVERSATIONS):
     with open(path, "w", encoding="utf-8") as f:
         for conversation in conversations:
-            messages = [{"role": r, "content": c} for q, a in conversation for r, c in (("user", q), ("assistant", a))]
+            messages = []
+            for question, answer in conversation:
+                messages.append({"role": "user", "content": question})
+                messages.append({"role": "assistant", "content": answer})
             f.write(json.dumps({"messages": messages}) + "\n")
     return str(path)
 
 
-# ----------------------------------------------------------------------------- conversations as data
+# ------------------------------------------------------------------------- conversations as data
 
 def test_conversations_and_qa_records_become_the_chat_template(tmp_path):
     chats = write_chats(tmp_path / "c.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]])
-    (tmp_path / "qa.json").write_text(json.dumps([{"question": "Who?", "answer": "Me."}]), encoding="utf-8")
+    qa = tmp_path / "qa.json"
+    qa.write_text(json.dumps([{"question": "Who?", "answer": "Me."}]), encoding="utf-8")
     assert "".join(sources.iter_documents(chats)) == (
-        f"{EOT}{USER}My name is Ada.\n{ASSISTANT}Nice to meet you, Ada.{EOT}{USER}What is my name?\n"
-        f"{ASSISTANT}Your name is Ada.{EOT}{USER}Hello!\n{ASSISTANT}Hello. What shall we talk about?{EOT}")
-    assert "".join(sources.iter_documents(str(tmp_path / "qa.json"))) == f"{EOT}{USER}Who?\n{ASSISTANT}Me.{EOT}"
+        f"{EOT}{USER}My name is Ada.\n{ASSISTANT}Nice to meet you, Ada.{EOT}"
+        f"{USER}What is my name?\n{ASSISTANT}Your name is Ada.{EOT}"
+        f"{USER}Hello!\n{ASSISTANT}Hello. What shall we talk about?{EOT}")
+    assert "".join(sources.iter_documents(str(qa))) == f"{EOT}{USER}Who?\n{ASSISTANT}Me.{EOT}"
 
 
-@pytest.mark.parametrize("record, word", [({"messages": [{"role": "system", "content": "x"}]}, "role"),
-                                          ({"messages": [{"role": "user"}]}, "content"),
-                                          ({"messages": [{"role": "user", "content": "hi"}]}, "end"),
-                                          ({"messages": "hi"}, "list"), ({"question": "no answer"}, "content")])
+@pytest.mark.parametrize("record, word", [
+    ({"messages": [{"role": "system", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user"}]}, "content"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "end"),
+    ({"messages": "hi"}, "list"), ({"question": "no answer"}, "content")])
 def test_a_bad_record_is_one_error_line_naming_it_before_training(tmp_path, capsys, record, word):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n", encoding="utf-8")
-    code, _, err = cli(capsys, train.main, "--data", path, "--out_dir", tmp_path / "run", "--device", "cpu")
+    lines = [json.dumps({"text": "fine"}), json.dumps(record)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    code, _, err = cli(capsys, train.main, "--data", path, "--out_dir", tmp_path / "run",
+                       "--device", "cpu")
     assert_one_line_error(code, err, "line 2", word)
     assert not list(tmp_path.rglob("*.pt"))
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_every_tokenizer_gets_the_role_tokens_as_single_tokens(tmp_path, kind):
-    corpus = sources.load_corpus(TrainConfig(data=write_chats(tmp_path / "c.jsonl"), tokenizer=kind), vocab_size=300)
-    tokenizer = corpus.tokenizer
+    cfg = TrainConfig(data=write_chats(tmp_path / "c.jsonl"), tokenizer=kind)
+    tokenizer = sources.load_corpus(cfg, vocab_size=300).tokenizer
     for token in (EOT, USER, ASSISTANT):
         assert tokenizer.encode(token) == [tokenizer.special_tokens[token]]
-    assert tokenizer.decode(tokenizer.encode(f"{USER}hi\n{ASSISTANT}yo{EOT}")) == f"{USER}hi\n{ASSISTANT}yo{EOT}"
+    text = f"{USER}hi\n{ASSISTANT}yo{EOT}"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 def test_the_loss_counts_the_answers_and_their_end_only(tmp_path):
     cfg = TrainConfig(data=write_chats(tmp_path / "c.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]]))
     corpus = sources.load_corpus(cfg)
-    tokenizer, ids, targets = corpus.tokenizer, torch.cat([corpus.train, corpus.val]), None
+    tokenizer, ids = corpus.tokenizer, torch.cat([corpus.train, corpus.val])
     targets = sources.answer_targets(ids, tokenizer)
     answers = tokenizer.decode([t for t, keep in zip(ids.tolist(), targets.tolist()) if keep])
-    assert answers == f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}Hello. What shall we talk about?{EOT}"
+    assert answers == (f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}"
+                       f"Hello. What shall we talk about?{EOT}")
     assert sources.load_corpus(TrainConfig(data=cfg.data, loss_on="all")).train_targets is None
 
 
@@ -88,7 +106,7 @@ def test_a_masked_position_takes_no_gradient():
     lm_loss(logits, y).backward()
     assert logits.grad[:, :8].abs().sum() == 0 and logits.grad[:, 8:].abs().sum() > 0
     full = lm_loss(logits.detach()[:, 8:], y[:, 8:])
-    assert lm_loss(logits.detach(), y) == pytest.approx(full.item())  # the mean over the answers alone
+    assert lm_loss(logits.detach(), y) == pytest.approx(full.item())  # the answers' mean alone
     data, keep = torch.arange(40), torch.arange(40) % 2 == 0
     torch.manual_seed(1)
     bx, by = get_batch(data, 4, 8, torch.device("cpu"), targets=keep)
@@ -101,14 +119,14 @@ def test_a_masked_position_takes_no_gradient():
 def chat_model(tmp_path_factory):
     """A tiny model trained on the conversations until it answers them: its best.pt."""
     folder = tmp_path_factory.mktemp("chat")
-    cfg = tiny_run(write_chats(folder / "c.jsonl"), folder / "run", max_steps=200, lr=1e-2, eval_interval=200,
-                   warmup_steps=10, batch_size=16, weight_decay=0.0)
+    cfg = tiny_run(write_chats(folder / "c.jsonl"), folder / "run", max_steps=200, lr=1e-2,
+                   eval_interval=200, warmup_steps=10, batch_size=16, weight_decay=0.0)
     train.train(tiny_model(block_size=64, n_embd=48), cfg)
     return str(folder / "run" / "best.pt")
 
 
 def test_qa_asks_a_question_as_the_chat_template_does(chat_model, tmp_path, capsys):
-    code, out, _ = cli(capsys, __import__("generate").main, chat_model, "--qa", "--prompt", "Hello!",
+    code, out, _ = cli(capsys, generate.main, chat_model, "--qa", "--prompt", "Hello!",
                        "--temperature", "0", "--max_new_tokens", "60")
     assert code == 0 and "Hello. What shall we talk about?" in out
 
@@ -124,16 +142,21 @@ def read_until(fd, marker, timeout=30):
     return text.decode()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="a pseudo-terminal needs a Unix")
 def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
-    """Typed at a real terminal: the same question gets the answer each conversation's first turn asks for."""
+    """Typed at a real terminal: the same question gets the answer each conversation's first turn
+    asks for."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "chat.py", chat_model, "--temperature", "0", "--max_new_tokens", "40"],
-                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=script_env(), start_new_session=True)
+    argv = [sys.executable, "chat.py", chat_model, "--temperature", "0", "--max_new_tokens", "40"]
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
+                            env=script_env(), start_new_session=True)
     os.close(slave)
     try:
         said = [read_until(master, "you> ")]
-        for line in ("My name is Tom.", "What is my name?", "/reset", "My name is Ada.", "What is my name?", "/quit"):
+        typed = ("My name is Tom.", "What is my name?", "/reset", "My name is Ada.",
+                 "What is my name?", "/quit")
+        for line in typed:
             os.write(master, line.encode() + b"\n")
             said.append(read_until(master, "you> ") if line != "/quit" else "")
         assert proc.wait(timeout=30) == 0
@@ -143,13 +166,15 @@ def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
     assert "Your name is Tom." in said[2] and "Your name is Ada." in said[5], said
 
 
-def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(chat_model, monkeypatch, capsys):
+def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(chat_model, monkeypatch,
+                                                                          capsys):
     typed = iter(["My name is Ada.", "What is my name?", "Hello!", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
     fed, real_logits = [], chat.Context.next_logits
 
     def counting(context, idx):  # the tokens each call hands the model
-        fed.append(idx.size(1) - (context.start or 0) - (context.cache.pos if context.cache else 0))
+        cached = context.cache.pos if context.cache else 0
+        fed.append(idx.size(1) - (context.start or 0) - cached)
         return real_logits(context, idx)
 
     real_generate, calls = chat.generate, []
@@ -181,17 +206,18 @@ def test_lora_trains_rank_r_matrices_and_starts_as_the_base():
     before = base(x)[0]
     model = lora.add_adapters(base, rank=4, alpha=8, mlp=True)
     C, L = 32, 2
-    per_block = 4 * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # r (in + out) per adapted layer
+    per_block = 4 * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # r (in + out) a layer
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == L * per_block
     assert torch.equal(model(x)[0], before)  # B starts at 0
 
 
-def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(trained, tmp_path, monkeypatch, capsys):
-    base_path, data = trained
+def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(trained, tmp_path,
+                                                                             monkeypatch, capsys):
+    base_path = trained[0]
     base = checkpoint.load(base_path)
-    common = ["--init_from", base_path, "--data", write_chats(tmp_path / "c.jsonl"), "--lora_rank", "4",
-              "--max_steps", "20", "--eval_interval", "10", "--device", "cpu", "--dtype", "float32",
-              "--sample_tokens", "0", "--lr", "1e-2"]
+    common = ["--init_from", base_path, "--data", write_chats(tmp_path / "c.jsonl"),
+              "--lora_rank", "4", "--max_steps", "20", "--eval_interval", "10", "--device", "cpu",
+              "--dtype", "float32", "--sample_tokens", "0", "--lr", "1e-2"]
     assert cli(capsys, train.main, *common, "--out_dir", tmp_path / "full")[0] == 0
     with monkeypatch.context() as m:
         interrupt_at(m, 15, signal.SIGTERM)
@@ -199,16 +225,20 @@ def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(tra
     code, out, _ = cli(capsys, train.main, *common[2:], "--resume", "--out_dir", tmp_path / "cut")
     assert code == 0 and "LoRA" in out
     full, cut = (checkpoint.load(str(tmp_path / d / "last.pt")) for d in ("full", "cut"))
-    assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])  # the resume was exact
+    for name, weights in full["model"].items():  # the resume was exact
+        assert torch.equal(weights, cut["model"][name])
     assert without_timings(full["history"]) == without_timings(cut["history"])
     assert os.path.getsize(tmp_path / "full" / "last.pt") < os.path.getsize(base_path) / 5
-    assert all(torch.equal(base["model"][k], v) for k, v in checkpoint.load(base_path)["model"].items())
+    for name, weights in checkpoint.load(base_path)["model"].items():
+        assert torch.equal(base["model"][name], weights)
     adapted = checkpoint.model_of(full).eval()  # the base, and the adapter beside it
-    frozen = {k: v for k, v in adapted.state_dict().items() if ".lora_" not in k and "wte" not in k and "lm_head" not in k}
-    assert all(torch.equal(v, base["model"][k.replace(".base", "")]) for k, v in frozen.items())
-    assert cli(capsys, tools.merge.main, str(tmp_path / "full" / "last.pt"), "--out", tmp_path / "m.pt")[0] == 0
+    for name, weights in adapted.state_dict().items():
+        if ".lora_" not in name and "wte" not in name and "lm_head" not in name:  # frozen
+            assert torch.equal(weights, base["model"][name.replace(".base", "")])
+    last = str(tmp_path / "full" / "last.pt")
+    assert cli(capsys, tools.merge.main, last, "--out", tmp_path / "m.pt")[0] == 0
     merged = checkpoint.load_model(str(tmp_path / "m.pt"))[0]
     x = torch.tensor([[0, 5, 9, 3] * 4])
     assert torch.allclose(merged(x)[0], adapted(x)[0], atol=1e-5)
-    code, out, _ = cli(capsys, __import__("generate").main, tmp_path / "full" / "last.pt", "--max_new_tokens", "10")
+    code, out, _ = cli(capsys, generate.main, last, "--max_new_tokens", "10")
     assert code == 0 and out.strip()

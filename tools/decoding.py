@@ -6,45 +6,54 @@ checkpoint and prompt, each text scored by the model's log-probability per token
 
 import machinery  # noqa: F401 (first, before torch loads)
 
+# isort: split
+import argparse
 import math
 import statistics
 
 import torch
 
 from config import SamplerConfig, TinyLLMError
-from sampling import beam_search, generate
-
 from machinery import checkpoint, cli, sources
 from machinery.annotate import model_odds
+from sampling import beam_search, generate
+
+
+def temperatures(text):
+    """--temperatures, comma-separated, each checked as --temperature is (an argparse type)."""
+    try:
+        return [SamplerConfig(temperature=float(t)).temperature for t in text.split(",")]
+    except (ValueError, TinyLLMError):
+        raise argparse.ArgumentTypeError(f"0 or numbers from 0.001 to 1000, got {text!r}") from None
 
 
 def repeated_ngrams(text, n=3):
-    """The share of the text's word n-grams that repeat an earlier one: 0 all new, near 1 when it loops."""
+    """The share of the word n-grams that repeat an earlier one: 0 all new, near 1 in a loop."""
     words = text.split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Greedy, beam search and sampling from one checkpoint, scored.")
+    parser = cli.ArgumentParser(description="Greedy, beam search and sampling, scored.")
     parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt")
     parser.add_argument("--prompt", default="To be or not")
     parser.add_argument("--new_tokens", type=int, default=300)
     parser.add_argument("--beams", default="4,8", help="beam widths, comma-separated")
-    parser.add_argument("--temperatures", default="0.5,0.8,1.0,1.2", help="comma-separated")
+    parser.add_argument("--temperatures", type=temperatures, default="0.5,0.8,1.0,1.2",
+                        help="comma-separated")
     parser.add_argument("--seeds", type=int, default=3, help="samples per temperature")
     args = parser.parse_args(argv)
     try:
         beams = [int(w) for w in args.beams.split(",")]
-        temperatures = [SamplerConfig(temperature=float(t)).temperature for t in args.temperatures.split(",")]
-    except (ValueError, TinyLLMError):
-        raise TinyLLMError("--beams takes whole numbers, --temperatures numbers from 0.001 to 1000") from None
+    except ValueError:
+        raise TinyLLMError("--beams takes whole numbers, comma-separated") from None
     if min(beams + [args.new_tokens, args.seeds]) < 1:
         raise TinyLLMError("--beams, --new_tokens and --seeds must be at least 1")
     model, tokenizer, _ = checkpoint.load_model(args.checkpoint)
-    idx = torch.tensor([sources.encode_prompt(tokenizer, args.prompt)])  # (1, T), as generate.py encodes it
+    idx = torch.tensor([sources.encode_prompt(tokenizer, args.prompt)])  # (1, T), as generate.py's
     methods = [("greedy", 0, None, [0])] + [(f"beam {w}", None, w, [0]) for w in beams]
-    methods += [(f"sampling, T = {t:g}", t, None, range(args.seeds)) for t in temperatures]
+    methods += [(f"sampling, T = {t:g}", t, None, range(args.seeds)) for t in args.temperatures]
     cli.log("| method | log-probability per token | repeated word 3-grams |\n|---|---|---|")
     texts = {}
     for name, temperature, width, seeds in methods:
@@ -56,11 +65,12 @@ def main(argv=None):
                 out = generate(model, idx, args.new_tokens, SamplerConfig(temperature=temperature),
                                generator=torch.Generator().manual_seed(seed))
                 new = out[:, idx.size(1):]
-            logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in model_odds(model, idx, new)) / new.size(1)
+            odds = model_odds(model, idx, new)
+            logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in odds) / new.size(1)
             text = tokenizer.decode(new[0].tolist())
             texts.setdefault(name, text)
             scores.append((logp, repeated_ngrams(text)))
-        logp, repeats = (statistics.mean(s[i] for s in scores) for i in (0, 1))
+        logp, repeats = map(statistics.mean, zip(*scores))
         cli.log(f"| {name} | {logp:.3f} | {100 * repeats:.0f}% |")
     for name, text in texts.items():
         cli.log(f"\n{name}:\n{args.prompt}{text}")

@@ -7,6 +7,7 @@ distribution at several temperatures), embeddings (a char model's, by PCA).
 
 import machinery  # noqa: F401 (first, before torch loads)
 
+# isort: split
 import math
 import os
 import warnings
@@ -15,13 +16,14 @@ import numpy as np
 import torch
 
 from config import DEVICE_HELP, SamplerConfig, TinyLLMError
-from sampling import next_token_probs
-from machinery.setup import token_losses
-from utils import CharTokenizer, bits_per_char, chars_per_token
-
-from machinery import checkpoint, cli, device as devices, sources
+from machinery import checkpoint, cli, sources
+from machinery import device as devices
 from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.plots import new_plot, save_plot
+from machinery.setup import token_losses
+from sampling import next_token_probs
+from tools.decoding import temperatures
+from utils import CharTokenizer, bits_per_char, chars_per_token
 
 PICTURES = ("attention", "surprise", "temperature", "embeddings")
 
@@ -30,16 +32,18 @@ def short_label(tokenizer, token):
     """A token as an axis label: spaces and line ends visible, part of a character as bytes."""
     piece = token_piece(tokenizer, token)
     text = piece if isinstance(piece, str) else piece.decode("utf-8", errors="backslashreplace")
-    return text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5") or "\u2205"
+    text = text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5")
+    return text or "\u2205"
 
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """[attention weights (nh, T, T) per layer] of idx (1, T), caught as the formula's path uses them."""
+    """[attention weights (nh, T, T) per layer] of idx (1, T), caught as the formula uses them."""
     maps, hooks = [], []
     for block in model.blocks:
         block.attn.fused = False  # the fused kernel never builds the weights
-        hooks.append(block.attn.attn_dropout.register_forward_pre_hook(lambda module, args: maps.append(args[0][0])))
+        dropout = block.attn.attn_dropout  # the weights go through it
+        hooks.append(dropout.register_forward_pre_hook(lambda _, args: maps.append(args[0][0])))
     try:
         model(idx)
     finally:
@@ -54,35 +58,39 @@ def draw_attention(model, tokenizer, ids, args, path):
     maps = attention_maps(model, torch.tensor([ids], device=model.wte.weight.device))
     layers = [args.layer] if args.layer >= 0 else list(range(model.config.n_layer))
     heads = [args.head] if args.head >= 0 else list(range(model.config.n_head))
-    panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches a heatmap
-    fig, axes = new_plot(len(layers) * panel + 0.8, len(heads) * panel + 0.6, grid=(len(layers), len(heads)))
+    panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches
+    grid = (len(layers), len(heads))
+    fig, axes = new_plot(len(layers) * panel + 0.8, len(heads) * panel + 0.6, grid=grid)
     T, labels = len(ids), [short_label(tokenizer, t) for t in ids]
-    size = min(9.0, panel * 90 / T * 0.7)  # points: about a cell's height; too small to read: no labels
-    ticks, tick_labels = (range(T), labels) if size >= 4.5 else ([], [])
+    size = min(9.0, panel * 90 / T * 0.7)  # points: about a cell's height
+    ticks, tick_labels = (range(T), labels) if size >= 4.5 else ([], [])  # too small: no labels
+    rotation = 90 if max(map(len, labels)) > 1 else 0
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
     for r, layer in enumerate(layers):
         for c, head in enumerate(heads):
             ax = axes[r][c]
-            ax.imshow(np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future), cmap="Blues",
-                      vmin=0.0, vmax=1.0)
+            weights = np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future)
+            ax.imshow(weights, cmap="Blues", vmin=0.0, vmax=1.0)
             ax.set_facecolor("#dddddd")  # grey where the masked future is
-            ax.set_xticks(ticks, tick_labels, fontsize=size, rotation=90 if max(map(len, labels)) > 1 else 0)
+            ax.set_xticks(ticks, tick_labels, fontsize=size, rotation=rotation)
             ax.set_yticks(ticks, tick_labels, fontsize=size)
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
-    fig.suptitle("attention: row = the token looking, column = the token looked at; darker = more; grey = the "
-                 "masked future", fontsize=8)
+    fig.suptitle("attention: row = the token looking, column = the token looked at; "
+                 "darker = more; grey = the masked future", fontsize=8)
     save_plot(fig, None, path)
-    return (f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads that attend to the token "
-            f"just before (a line below the diagonal) and heads that reach back to the start of a word or line")
+    return (f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads on the "
+            "token just before (a line below the diagonal) and heads reaching back to words")
 
 
 def val_passage(args, tokenizer, saved):
     """Token ids (n,): the first passage_chars characters of the val split --eval_only scores."""
     corpus, _ = sources.validation_split(saved, tokenizer, args.data)
-    ids = np.asarray(corpus.val[:4 * args.passage_chars + 1], dtype=np.int64).tolist()  # a byte token: 1/4 char
+    ids = corpus.val[:4 * args.passage_chars + 1]  # a byte token: a quarter of a character
+    ids = np.asarray(ids, dtype=np.int64).tolist()
     pieces, chars = WholeCharacters(tokenizer), 0
     for n, token in enumerate(ids, 1):
-        chars += len((pieces.add(token, 1.0) or ("",))[0])
+        piece = pieces.add(token)
+        chars += len(piece[0]) if piece else 0
         if chars >= args.passage_chars:
             return torch.tensor(ids[:max(n, 2)])  # at least one token to predict
     return torch.tensor(ids)
@@ -93,8 +101,9 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     losses = token_losses(model, ids)
     chars, pieces, bits = [], WholeCharacters(tokenizer), 0.0
     for i, token in enumerate(ids.tolist()):
-        bits += losses[i - 1].item() / math.log(2) if i else math.nan  # the first token has no context
-        if piece := pieces.add(token, 1.0):
+        bits += losses[i - 1].item() / math.log(2) if i else math.nan  # the first has no context
+        piece = pieces.add(token)
+        if piece:
             chars += [(ch, bits / len(piece[0])) for ch in piece[0]]
             bits = 0.0
     rows = [[]]
@@ -108,32 +117,37 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
         for c, (ch, b) in enumerate(row):
             grid[r, c] = b
             ax.text(c, r, ch, ha="center", va="center", fontsize=7, family="monospace")
-    image = ax.imshow(grid, cmap="YlOrRd", vmin=0.0, vmax=8.0, aspect="auto", interpolation="nearest")
+    image = ax.imshow(grid, cmap="YlOrRd", vmin=0.0, vmax=8.0, aspect="auto",
+                      interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="bits")
     ax.set_axis_off()
     bpc = bits_per_char(losses.mean().item(), chars_per_token(tokenizer, ids.tolist()))
-    ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9)
+    ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)",
+                 fontsize=9)
     save_plot(fig, None, path)
-    return (f"{len(chars)} characters of the val split coloured by the model's loss, pale = expected, dark red = "
-            f"surprising; {bpc:.4f} bits per character. Look for the first letters of words against their ends")
+    return (f"{len(chars)} characters of the val split coloured by loss: pale expected, dark red "
+            f"surprising ({bpc:.4f} bits per character). Look at first letters against the rest")
 
 
 @torch.no_grad()
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
-    logits = model(torch.tensor([ids], device=model.wte.weight.device))[0][:, -1]  # (1, V): the next token's
-    by_t = {t: next_token_probs(logits, SamplerConfig(temperature=t))[0].cpu() for t in args.temperatures}  # each (V,)
-    order = next_token_probs(logits, SamplerConfig(temperature=1.0))[0].cpu().argsort(descending=True)[:shown].tolist()
+    idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
+    logits = model(idx)[0][:, -1]  # (1, V): the next token's
+    by_t = {t: next_token_probs(logits, idx, SamplerConfig(temperature=t))[0].cpu()
+            for t in args.temperatures}  # each (V,)
+    order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
-        heights = probs[order].tolist() + [1.0 - probs[order].sum().item()]  # the shown tokens, then the rest
+        heights = probs[order].tolist() + [1.0 - probs[order].sum().item()]  # then the rest
         ax.bar(np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width, heights, width,
                label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits")
     ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
-    ax.set(ylabel="probability", title=f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature")
+    title = f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature"
+    ax.set(ylabel="probability", title=title)
     save_plot(fig, ax, path)
-    return ("the next-token distribution after the prompt at each temperature. Look at how a low temperature piles "
-            "the probability onto the favourite and a high one spreads it over the rest")
+    return ("the next-token distribution after the prompt at each temperature. Look at how a low "
+            "one piles the probability onto the favourite and a high one spreads it over the rest")
 
 
 @torch.no_grad()
@@ -148,44 +162,49 @@ def draw_embeddings(model, tokenizer, path):
     ax.scatter(xy[:, 0], xy[:, 1], s=4, color="lightgray")
     for token, (x, y) in enumerate(xy):
         label = short_label(tokenizer, token) if token != tokenizer.eot_id else "EOT"
-        kind = "C3" if label in "aeiouAEIOU" else "C0" if label.isupper() else "C2" if label.isalpha() else "black"
-        ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=kind)
+        colour = "C2" if label.isalpha() else "black"
+        colour = "C0" if label.isupper() else colour
+        colour = "C3" if label in "aeiouAEIOU" else colour
+        ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=colour)
     ax.set(xlabel="first principal direction", ylabel="second principal direction",
            title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
     save_plot(fig, ax, path)
-    return (f"every character's embedding on its two main directions ({share:.0%} of the variance). Look for "
-            f"the vowels together, capitals apart from lower case, and punctuation in its own corner")
+    return (f"each character's embedding on its two main directions ({share:.0%} of the variance). "
+            "Look for the vowels together, capitals apart, and punctuation in its own corner")
 
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Draw what a trained checkpoint has learned, as PNGs.")
-    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s")
-    parser.add_argument("--out_dir", default="pictures", help="where the PNGs go (default: %(default)s)")
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt",
+                        help="default: %(default)s")
+    parser.add_argument("--out_dir", default="pictures",
+                        help="where the PNGs go (default: %(default)s)")
     parser.add_argument("--only", help=f"some of: {', '.join(PICTURES)} (default: all)")
-    parser.add_argument("--prompt", default="O Romeo, I will th", help="attention's and temperature's text")
-    parser.add_argument("--layer", type=int, default=-1, help="attention: only this layer (0 = the first)")
-    parser.add_argument("--head", type=int, default=-1, help="attention: only this head (0 = the first)")
-    parser.add_argument("--temperatures", default="0.5,0.8,1.0,1.5", help="temperature: comma-separated")
-    parser.add_argument("--data", default="", help="surprise: this text's val split instead of the checkpoint's")
-    parser.add_argument("--passage_chars", type=int, default=600, help="surprise: characters coloured")
+    parser.add_argument("--prompt", default="O Romeo, I will th", help="attention and temperature")
+    parser.add_argument("--layer", type=int, default=-1, help="attention: only this layer, from 0")
+    parser.add_argument("--head", type=int, default=-1, help="attention: only this head, from 0")
+    parser.add_argument("--temperatures", type=temperatures, default="0.5,0.8,1.0,1.5",
+                        help="temperature: comma-separated")
+    parser.add_argument("--data", default="",
+                        help="surprise: this text's val split instead of the checkpoint's")
+    parser.add_argument("--passage_chars", type=int, default=600,
+                        help="surprise: characters coloured")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     asked = [n.strip() for n in (args.only or ",".join(PICTURES)).split(",")]
     names = [n for n in PICTURES if n in asked]
-    try:
-        args.temperatures = [SamplerConfig(temperature=float(t)).temperature for t in args.temperatures.split(",")]
-    except (ValueError, TinyLLMError):
-        raise TinyLLMError(f"--temperatures takes numbers between 0.001 and 1000, got {args.temperatures!r}") from None
     if len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
         raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
-    model, tokenizer, saved = checkpoint.load_model(args.checkpoint, devices.choose_device(args.device))
+    device = devices.choose_device(args.device)
+    model, tokenizer, saved = checkpoint.load_model(args.checkpoint, device)
     ids, c = sources.encode_prompt(tokenizer, args.prompt), model.config
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
-        raise TinyLLMError(f"--prompt is {len(ids)} tokens but the model sees at most {c.block_size}")
+        raise TinyLLMError(f"--prompt is {len(ids)} tokens; the model sees at most {c.block_size}")
     if "attention" in names and not (-1 <= args.layer < c.n_layer and -1 <= args.head < c.n_head):
-        raise TinyLLMError(f"--layer and --head: the model has {c.n_layer} layers of {c.n_head} heads, from 0")
+        raise TinyLLMError(f"--layer and --head: the model has {c.n_layer} layers of "
+                           f"{c.n_head} heads, from 0")
     if "embeddings" in names and not isinstance(tokenizer, CharTokenizer):
-        why = "the embeddings picture labels each point with its character, so it needs a char model"
+        why = "the embeddings picture labels each point with its character: it needs a char model"
         if args.only:
             raise TinyLLMError(why)
         cli.log(f"skipped embeddings.png: {why}")
