@@ -127,9 +127,8 @@ def resolve_dtype(name, device):
 
 def autocast(device, dtype):
     """The forward pass in dtype; the weights stay float32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+    return (contextlib.nullcontext() if dtype == "float32"
+            else torch.autocast(device.type, dtype=getattr(torch, dtype)))
 
 
 def make_scaler(device, dtype):
