@@ -1,5 +1,4 @@
-"""Checkpoint files: written atomically, read without running code, turned back into a model and tokenizer
-(a LoRA adapter's with its base); and the run folder (--out_dir) that holds them."""
+"""Checkpoints, written atomically and read without running code; the run folder (--out_dir)."""
 
 import contextlib
 import csv
@@ -30,8 +29,8 @@ def save(path, checkpoint):
             f.flush()
             os.fsync(f.fileno())
         replace_file(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk: said with the file's name (torch's error wraps it)
-        error = e if isinstance(e, OSError) else e.__context__
+    except (OSError, RuntimeError) as e:  # a full disk, said with the file's name
+        error = e if isinstance(e, OSError) else e.__context__  # torch's error wraps it
         if not isinstance(error, OSError):
             raise
         raise OSError(error.errno, error.strerror, path) from None
@@ -45,7 +44,7 @@ def save(path, checkpoint):
 
 
 def replace_file(src, dst):
-    """os.replace, tried again for seconds: on Windows a file another process holds open cannot be replaced."""
+    """os.replace, retried for seconds: Windows cannot replace a file another process holds open."""
     for wait in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
         try:
             return os.replace(src, dst)
@@ -65,51 +64,54 @@ def load(path):
     except Exception as e:  # a truncated zip, random bytes, an empty file...
         if isinstance(e, pickle.UnpicklingError) and refused_as_unsafe(e):
             raise unsafe_file(f"checkpoint {path}") from None
-        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}") from None
-    ours = isinstance(checkpoint, dict) and all(isinstance(checkpoint.get(k), dict) for k in
-                                                ("model", "model_config", "tokenizer"))
-    if not ours or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in checkpoint["model"].items()):
+        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): "
+                           f"{first_line(e)}") from None
+    ours = isinstance(checkpoint, dict) and all(
+        isinstance(checkpoint.get(k), dict) for k in ("model", "model_config", "tokenizer"))
+    if not ours or not all(isinstance(k, str) and torch.is_tensor(v)
+                           for k, v in checkpoint["model"].items()):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint")
     return checkpoint
 
 
 def refused_as_unsafe(error):
-    """Whether torch.load(weights_only=True) refused a file, anywhere in the chain (transformers wraps it)."""
-    seen = set()
-    while error is not None and id(error) not in seen:  # a chain can loop
-        if "weights only" in str(error).lower():
-            return True
-        seen.add(id(error))
+    """Whether weights_only=True refused the file, anywhere in the chain: transformers wraps it."""
+    chain = []
+    while error is not None and error not in chain:  # a chain can loop
+        chain.append(error)
         error = error.__cause__ or error.__context__
-    return False
+    return any("weights only" in str(e).lower() for e in chain)
 
 
 def unsafe_file(what):
-    return TinyLLMError(f"{what} holds objects other than tensors and plain data; tinyllm loads only those, "
-                        f"so that loading a file never runs code")
+    return TinyLLMError(f"{what} holds objects other than tensors and plain data; tinyllm loads "
+                        f"only those, so that loading a file never runs code")
 
 
 def model_of(checkpoint, path="checkpoint"):
-    """The GPT a checkpoint holds, its weights checked. A LoRA adapter's: its base, with the embedding rows
-    the base lacks added, and the adapter beside it."""
-    if lora := checkpoint.get("lora"):
+    """The GPT a checkpoint holds, weights checked; a LoRA adapter's: its base and the adapter."""
+    lora = checkpoint.get("lora")
+    if lora:
         model, weights = model_of(load(lora["base"]), lora["base"]), dict(checkpoint["model"])
         base, new = model.wte.weight.detach(), iter(weights.pop("new_rows"))
-        if lora["rows"]:  # the base's rows, and new tokens' rows, in the order of the run's tokenizer
-            with_embedding(model, torch.stack([base[r] if r is not None else next(new) for r in lora["rows"]]))
+        if lora["rows"]:  # the base's rows and new tokens', in the order of the run's tokenizer
+            rows = [base[r] if r is not None else next(new) for r in lora["rows"]]
+            with_embedding(model, torch.stack(rows))
         add_adapters(model, lora["rank"], lora["alpha"], lora["mlp"])
-        if sorted(weights) != sorted(adapter(model)) or model.config.vocab_size != checkpoint["model_config"]["vocab_size"]:
+        vocab_size = checkpoint["model_config"]["vocab_size"]
+        if sorted(weights) != sorted(adapter(model)) or model.config.vocab_size != vocab_size:
             raise TinyLLMError(f"{path}: its adapter does not fit its base, {lora['base']}")
         model.load_state_dict(weights, strict=False)
         return model
     model = GPT(from_saved(GPTConfig, checkpoint["model_config"], path))
-    # weights saved from torch.compile or DDP carry a prefix
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in checkpoint["model"].items()}
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v  # as compiled, or under DDP
+             for k, v in checkpoint["model"].items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise TinyLLMError(f"{path}: its weights do not fit its model config ({first_line(e)})") from None
-    if bad := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise TinyLLMError(f"{path}: its weights do not fit its config ({first_line(e)})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
         raise TinyLLMError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}")
     return model
 
@@ -117,12 +119,13 @@ def model_of(checkpoint, path="checkpoint"):
 def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size > vocab_size:
-        raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}")
+        raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model "
+                           f"{vocab_size}")
     return tokenizer
 
 
 def load_model(path, device="cpu"):
-    """(the model in eval mode on device, its tokenizer, the checkpoint read on the CPU, less the optimizer)."""
+    """(the model in eval mode on device, its tokenizer, the checkpoint on the CPU, no optimizer)"""
     checkpoint = load(path)
     checkpoint.pop("optimizer", None)
     model = model_of(checkpoint, path).to(device).eval()
@@ -130,12 +133,13 @@ def load_model(path, device="cpu"):
 
 
 def contents(model, tokenizer, lora=None, **extra):
-    """A checkpoint. A LoRA run's holds only the adapter and the embedding rows its base lacks: kilobytes."""
+    """A checkpoint. A LoRA run's holds the adapter and the embedding rows its base lacks: kB."""
     weights = model.state_dict()
     if lora:
         new = [i for i, r in enumerate(lora["rows"] or ()) if r is None]
         weights = adapter(model) | {"new_rows": weights["wte.weight"][new]}
-    return dict(model=weights, model_config=dataclasses.asdict(model.config), tokenizer=tokenizer, lora=lora, **extra)
+    return dict(model=weights, model_config=dataclasses.asdict(model.config), tokenizer=tokenizer,
+                lora=lora, **extra)
 
 
 def with_embedding(model, rows):
@@ -150,13 +154,14 @@ def with_embedding(model, rows):
 def describe(checkpoint):
     """'step 900, best val 1.5123': where a checkpoint's run stood."""
     val = checkpoint.get("best_val_loss")
-    return f"step {checkpoint.get('step', '?')}" + (f", best val {val:.4f}" if isinstance(val, float) else "")
+    best = f", best val {val:.4f}" if isinstance(val, float) else ""
+    return f"step {checkpoint.get('step', '?')}{best}"
 
 
 def write_history(out_dir, history, plot, vocab_size):
     """history.csv, a row per progress line and evaluation; with plot, loss.png."""
     with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         writer.writeheader()
         writer.writerows(history)
     if plot:
@@ -171,22 +176,23 @@ def run_files(out_dir):
 
 
 def claim_out_dir(out_dir, overwrite, keep=""):
-    """Refuse a fresh run over another run's checkpoints; check that it can write before, not after, training."""
+    """Refuse a fresh run over another run's checkpoints; check it can write before training."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
-    if (existing := run_files(out_dir)) and not overwrite:
-        last = os.path.join(out_dir, existing[-1] if "last.pt" not in existing else "last.pt")
+    existing = run_files(out_dir)
+    if existing and not overwrite:
+        last = os.path.join(out_dir, "last.pt" if "last.pt" in existing else existing[-1])
         with contextlib.suppress(TinyLLMError):
             last = f"{last} at {describe(load(last))}"
-        raise TinyLLMError(f"{out_dir} already holds a run ({last}); continue it with --resume, pick another "
-                           f"--out_dir (or --tag NAME), or replace it with --overwrite")
-    if keep and os.path.realpath(keep) in {os.path.realpath(os.path.join(out_dir, n)) for n in existing}:
-        raise TinyLLMError(f"--overwrite would delete {keep}, which --init_from starts from; use another --out_dir")
-    check_writable(os.path.join(out_dir, f".write_test.{os.getpid()}"), "--out_dir", make_folder=True)
+        raise TinyLLMError(f"{out_dir} already holds a run ({last}); continue it with --resume, "
+                           f"pick another --out_dir (or --tag NAME), or replace it: --overwrite")
+    if keep and os.path.realpath(keep) in {os.path.realpath(f"{out_dir}/{n}") for n in existing}:
+        raise TinyLLMError(f"--overwrite would delete --init_from's {keep}; use another --out_dir")
+    check_writable(os.path.join(out_dir, f".test.{os.getpid()}"), "--out_dir", make_folder=True)
 
 
 def clear_out_dir(out_dir):
-    """--overwrite: the old run's files go once the new one is set up (its bad input refused first)."""
+    """--overwrite: the old run's files go once the new one is set up (bad input refused first)."""
     for name in run_files(out_dir) + ["history.csv", "history.json"]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))

@@ -1,5 +1,5 @@
-"""The scripts' command line: flags from config.py's settings, bad input as one `error:` line (exit 2),
-Ctrl-C or SIGTERM finishing a training step and saving first; and printing."""
+"""The scripts' command line: flags from config.py's settings, bad input as one `error:` line
+(exit 2), Ctrl-C or SIGTERM finishing a training step and saving first; and printing."""
 
 import argparse
 import contextlib
@@ -14,15 +14,16 @@ from config import TinyLLMError
 
 
 def log(*args):
-    """One flushed line. If its reader has gone (`| head`, a `| tee` the same Ctrl-C ended; EINVAL on
-    Windows), a training loop saves and stops (StopRequest); else exit 141."""
+    """One flushed line. If its reader has gone (`| head`, a `| tee` the same Ctrl-C ended;
+    EINVAL on Windows), a training loop saves and stops (StopRequest); else exit 141."""
     try:
         print(*args, flush=True)
     except OSError as e:
-        if StopRequest.active is None or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
+        stop = StopRequest.active
+        if stop is None or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
             raise
         silence_stdout()
-        StopRequest.active.signum = StopRequest.active.signum or StopRequest.OUTPUT_GONE
+        stop.signum = stop.signum or StopRequest.OUTPUT_GONE
 
 
 def silence_stdout():
@@ -48,29 +49,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def bool_flag(text):
-    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-    if text.lower() not in words:
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return words[text.lower()]
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def add_config_flags(parser, cls, defaults=None, names=None, title=None):
-    """A --flag per field of cls, None unless given; defaults: {name: (value, where from)} for --help."""
+    """A --flag per field of cls, None unless given; defaults {name: (value, source)} for --help."""
     group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
         default, source = (defaults or {}).get(f.name, (f.default, None))
-        help = f.metadata["help"] + (f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else "")
         shown = "none" if default in ("", None) else default
-        help = f"{help} (default: {shown}{', ' + source if source else ''})".replace("%", "%%")
-        flags = [f"--{f.name}", *f.metadata["aliases"]]
+        shown = f"{shown}, {source}" if source else shown
+        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+        how = dict(dest=f.name, type=f.type, metavar=f.name.upper())
         if f.type is bool:  # a bare --flag means true; --flag false works too
-            group.add_argument(*flags, dest=f.name, type=bool_flag, nargs="?", const=True, metavar="BOOL", help=help)
+            how.update(type=bool_flag, nargs="?", const=True, metavar="BOOL")
         elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
-            group.add_argument(*flags, dest=f.name, nargs="?", const="", metavar="PATH.pt", help=help)
-        else:
-            group.add_argument(*flags, dest=f.name, type=f.type, metavar=f.name.upper(), help=help)
+            how.update(nargs="?", const="", metavar="PATH.pt")
+        help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
+        group.add_argument(f"--{f.name}", *f.metadata["aliases"], help=help, **how)
 
 
 def given_flags(args):
@@ -93,12 +93,13 @@ def check_writable(path, flag, make_folder=False):
 
 
 def run_cli(main, argv=None):
-    """Run a script's main(): bad input, or a file it cannot read or write, is one `error:` line and exit 2."""
+    """Run main(argv): bad input, or a file it cannot read or write: one `error:` line, exit 2."""
     # a file or pipe gets UTF-8, a legacy console (cp1252) an escape (\u0416)
     for stream in (sys.stdout, sys.stderr):
-        if (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").replace("_", "") != "utf8":
-            with contextlib.suppress(AttributeError, ValueError, OSError):
-                stream.reconfigure(errors="backslashreplace", **({} if stream.isatty() else {"encoding": "utf-8"}))
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no reconfigure, closed
+            if stream.encoding.lower().replace("-", "").replace("_", "") != "utf8":
+                encoding = stream.encoding if stream.isatty() else "utf-8"
+                stream.reconfigure(encoding=encoding, errors="backslashreplace")
     try:
         main(argv)
     except TinyLLMError as e:
@@ -112,7 +113,8 @@ def run_cli(main, argv=None):
         print("interrupted", file=sys.stderr, flush=True)
         leave(130)
     except SystemExit as e:  # a stop signal's 130 or 143, or argparse's
-        leave(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
+        code = 0 if e.code is None else e.code  # as sys.exit: None is 0, a message 1
+        leave(code if isinstance(code, int) else 1)
     except Exception:
         if not in_process_group():
             raise
@@ -127,7 +129,7 @@ def in_process_group():
 
 
 def leave(code):
-    """Exit; under torchrun at once (os._exit): the process group's threads could abort the teardown."""
+    """Exit; under torchrun at once (os._exit): the process group's threads can abort a teardown."""
     sys.stdout.flush()
     sys.stderr.flush()
     if in_process_group() or os.environ.get("WORLD_SIZE", "1") != "1":
@@ -141,7 +143,7 @@ def fail(message):
 
 
 class StopRequest:
-    """Ctrl-C, SIGTERM or a reader gone (log): the active loop finishes its step, saves and exits."""
+    """Ctrl-C, SIGTERM or a reader gone (log): the active loop ends its step, saves and exits."""
     active = None
     OUTPUT_GONE = 13  # the signal a reader gone stands for: exit 141, as SIGPIPE's
 
@@ -154,13 +156,14 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame):
-        if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:  # a second Ctrl-C aborts
-            raise KeyboardInterrupt
+        if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts
         self.signum = signum  # (after a reader gone: the Ctrl-C that ended `| tee` too, exit 130)
         if self.announce:  # os.write: the signal may have come while print was writing a line
+            name = signal.Signals(signum).name
             try:
-                os.write(sys.stdout.fileno(), f"\n{signal.Signals(signum).name} received: finishing this step, "
-                                              f"then saving last.pt\n".encode())
+                os.write(sys.stdout.fileno(),
+                         f"\n{name} received: finishing this step, then saving last.pt\n".encode())
             except BrokenPipeError:  # the same Ctrl-C ended `| tee`
                 silence_stdout()
             except (OSError, ValueError):  # no file behind stdout

@@ -1,5 +1,5 @@
-"""The device, the random generators and the precision. machine() and gpu() are the one place tinyllm asks
-torch what the machine has: tests stand in for other machines there."""
+"""The device, the random generators and the precision. machine() and gpu() are the one place
+tinyllm asks torch what the machine has: tests stand in for other machines there."""
 
 import contextlib
 import copy
@@ -12,16 +12,15 @@ import numpy as np
 import torch
 
 from config import TinyLLMError
-
 from machinery.cli import log, warn
 
 
 def machine():
     """What this machine has; asking starts no GPU."""
-    cuda = torch.cuda.is_available()
-    return SimpleNamespace(cuda=cuda, mps=torch.backends.mps.is_available(), gpus=torch.cuda.device_count() if cuda else 0,
-                           bf16_cpu=getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                           or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)(),
+    bf16_cpu = any(getattr(torch.cpu, probe, lambda: False)()  # private: an older torch lacks them
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return SimpleNamespace(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(),
+                           gpus=torch.cuda.device_count(), bf16_cpu=bf16_cpu,
                            torch=tuple(int(x) for x in torch.__version__.split(".")[:2]))
 
 
@@ -31,7 +30,7 @@ def gpu(device=None):
 
 
 def autocast_works(device_type, dtype):
-    """Whether autocast runs dtype here or turns itself off (MPS's bfloat16 needs torch 2.6 and macOS 14)."""
+    """Whether autocast runs dtype here or turns itself off (MPS bfloat16: torch 2.6, macOS 14)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.autocast(device_type, dtype=getattr(torch, dtype)):
@@ -46,8 +45,8 @@ def choose_device(name="auto"):
     if kind not in ("cpu", "cuda", "mps") or (kind != "cuda" and name != kind):
         raise TinyLLMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if not {"cpu": True, "cuda": has.cuda, "mps": has.mps}[kind]:
-        raise TinyLLMError(f"--device {name} asked for, but {kind.upper()} is not available here; use --device cpu")
-    if kind == "cuda":  # float32 matmuls on TF32 tensor cores; never on a CPU, where some got ten times slower
+        raise TinyLLMError(f"no {kind.upper()} here for --device {name}; use --device cpu")
+    if kind == "cuda":  # float32 matmuls on TF32 tensor cores (not on CPUs: some got 10x slower)
         torch.set_float32_matmul_precision("high")
     return torch.device(name)
 
@@ -66,8 +65,9 @@ def set_threads(n=0):
 def out_of_memory_as_error(hint):
     try:
         yield
-    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a RuntimeError saying so on MPS and CPUs
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "CPUAllocator" in str(e):
+    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a RuntimeError on MPS and CPUs
+        oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+        if oom or "CPUAllocator" in str(e):
             raise TinyLLMError(hint) from None
         raise
 
@@ -79,18 +79,18 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """Every generator a run draws from, as plain data and tensors (a weights_only load reads them)."""
+    """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
+    A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
     name, key, *rest = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(key.astype(np.int64)), *rest],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # a CPU run starts no CUDA
-            "mps": torch.mps.get_rng_state() if machine().mps else None}  # a Mac's dropout draws from it
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(key.astype(np.int64)), *rest],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "mps": torch.mps.get_rng_state() if machine().mps else None}
 
 
 def set_rng_state(state):
     """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(state["python"])
     name, key, *rest = state["numpy"]
     np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
@@ -100,12 +100,12 @@ def set_rng_state(state):
     for index, gpu_state in enumerate(state["cuda"][:has.gpus]):
         torch.cuda.set_rng_state(gpu_state, device=index)
     if len(state["cuda"]) > has.gpus:
-        log(f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this machine has "
-            f"{has.gpus}; dropout on the rest continues from a fresh seed")
+        log(f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this "
+            f"machine has {has.gpus}; dropout on the rest continues from a fresh seed")
 
 
 def native_bf16(device):
-    """bfloat16 in hardware: a GPU from compute capability 8.0 (a T4 emulates it), a CPU with AVX512-BF16 or AMX."""
+    """Native bfloat16: a GPU from compute capability 8.0 (a T4 emulates it), AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return gpu(device)[1] >= (8, 0)
     return device.type == "cpu" and machine().bf16_cpu
@@ -114,43 +114,45 @@ def native_bf16(device):
 def resolve_dtype(name, device):
     """The forward pass's precision; auto's bfloat16 on a CPU is then timed (measure_dtype)."""
     if name == "auto":
-        return "bfloat16" if native_bf16(device) else "float16" if device.type == "cuda" else "float32"
+        fallback = "float16" if device.type == "cuda" else "float32"
+        return "bfloat16" if native_bf16(device) else fallback
     if name == "bfloat16" and device.type != "mps" and not native_bf16(device):
         warn(f"{describe(device)} has no native bfloat16: it is emulated and slower")
     if device.type == "mps" and name != "float32" and not autocast_works("mps", name):
-        warn(f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs torch 2.6 and "
-             f"macOS 14): training in float32")
+        warn(f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs "
+             f"torch 2.6 and macOS 14): training in float32")
         return "float32"
     return name
 
 
 def autocast(device, dtype):
     """The forward pass in dtype; the weights stay float32."""
-    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    return (contextlib.nullcontext() if dtype == "float32"
+            else torch.autocast(device.type, dtype=getattr(torch, dtype)))
 
 
 def make_scaler(device, dtype):
-    """float16's gradients underflow without a loss scaler: refused where none works. Others: None."""
+    """float16's gradients underflow without a loss scaler: refused where none works; else None."""
     if dtype != "float16":
         return None
-    if device.type == "mps" and machine().torch < (2, 8):  # its unscale_ makes a float64 tensor there
-        raise TinyLLMError(f"--dtype float16 on a Mac needs torch 2.8 or later (this is {torch.__version__}); "
-                           f"use --dtype float32, or upgrade torch")
+    if device.type == "mps" and machine().torch < (2, 8):  # its unscale_ makes float64 there
+        raise TinyLLMError(f"--dtype float16 on a Mac needs torch 2.8 or later (this is "
+                           f"{torch.__version__}); use --dtype float32, or upgrade torch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scaler = torch.amp.GradScaler(device.type)
     if not scaler.is_enabled():
-        raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch lacks on {device}; "
-                           f"use --dtype bfloat16 or float32")
+        raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch lacks on "
+                           f"{device}; use --dtype bfloat16 or float32")
     return scaler
 
 
-# bfloat16 must beat float32 by this much: it ends ~0.012 higher in val loss, won back by ~25% more steps
+# bfloat16 must be this much faster: it ends ~0.012 higher in val loss, won back by ~25% more steps
 BF16_MARGIN = 1.25
 
 
 def measure_dtype(step, model, optimizer, device):
-    """float32 or bfloat16, whichever trains faster here, and why; step(ctx) runs one training step."""
+    """float32 or bfloat16, whichever trains faster here, and why; step(ctx) takes a step."""
     seconds = {"float32": 0.0, "bfloat16": 0.0}
     with trial(model, optimizer):
         for i in range(10):  # the first two of each pay for allocations: not counted
@@ -160,28 +162,31 @@ def measure_dtype(step, model, optimizer, device):
                 seconds[dtype] += (time.perf_counter() - t0) * (i >= 2)
     ratio = seconds["float32"] / seconds["bfloat16"]
     dtype = "bfloat16" if ratio >= BF16_MARGIN else "float32"
-    return {"dtype": dtype, "dtype_note": f"{dtype}: bfloat16 measured at {ratio:.2f}x float32's speed"}
+    note = f"{dtype}: bfloat16 measured at {ratio:.2f}x float32's speed"
+    return {"dtype": dtype, "dtype_note": note}
 
 
 @contextlib.contextmanager
 def trial(model, optimizer, scaler=None):
     """Steps that leave no trace: weights, optimizer, loss scale and every RNG put back after."""
-    saved = [{k: v.detach().clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()),
-             copy.deepcopy(scaler.state_dict()) if scaler else None, rng_state()]
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments, rngs = copy.deepcopy(optimizer.state_dict()), rng_state()
+    scale = scaler.state_dict() if scaler else None  # a new dict of numbers
     try:
         yield
     finally:
-        model.load_state_dict(saved[0])
-        optimizer.load_state_dict(saved[1])
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(moments)
         optimizer.zero_grad(set_to_none=True)
         if scaler:
-            scaler.load_state_dict(saved[2])
-        set_rng_state(saved[3])
+            scaler.load_state_dict(scale)
+        set_rng_state(rngs)
 
 
 def auto_meanings(device):
-    """{setting: (default, what it is here)} for --help (a GPU is not asked: that would start CUDA)."""
-    dtype = ("bfloat16 from compute capability 8.0, else float16" if device.type == "cuda"
-             else "measured at start-up here" if native_bf16(device) else "float32 here")
+    """{setting: (default, what it is here)} for --help, asking no GPU: that would start CUDA."""
+    dtype = "bfloat16 from compute capability 8.0, else float16"
+    if device.type != "cuda":
+        dtype = "measured at start-up here" if native_bf16(device) else "float32 here"
     return {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
             "threads": (0, f"{set_threads(0)} here")}

@@ -1,8 +1,9 @@
-"""Shared fixtures and helpers: tiny models and tiny data, offline, writing only into temporary folders.
+"""Shared fixtures and helpers: tiny models and tiny data, offline, writing only into temporary
+folders.
 
 CPU tests run on the CPU whatever the machine has: CUDA is hidden from this process and from every
-script a test starts, except the GPU tests (test_gpu.py), which see what the user started pytest with.
-The first process to import this file keeps that in USER_CUDA; pytest-xdist's workers inherit it."""
+script a test starts, except the GPU tests (test_gpu.py), which see the GPUs pytest was started
+with. The first process to import this file keeps those in USER_CUDA; xdist's workers inherit it."""
 
 import os
 import signal
@@ -24,14 +25,17 @@ sys.path.insert(0, ROOT)
 
 from config import GPTConfig, SamplerConfig, TrainConfig  # noqa: E402
 
-# tiny models gain little from a second thread; pytest-xdist's workers share the cores
-torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+# tiny models gain nothing from a second thread, which waits for the first on a busy machine;
+# pytest-xdist's workers share the cores
+torch.set_num_threads(1)
 
 
 def tree_state():
-    done = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=ROOT,
-                          capture_output=True, text=True)
-    return None if done.returncode else sorted(l for l in done.stdout.splitlines() if "__pycache__" not in l)
+    done = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                          cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        return None
+    return sorted(line for line in done.stdout.splitlines() if "__pycache__" not in line)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,28 +52,35 @@ def cpu_and_offline():
     real_machine, real_connect = device.machine, socket.socket.connect
 
     def local_only(sock, address):
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not str(address[0]).startswith(("127.", "::1", "local")):
+        local = str(address[0]).startswith(("127.", "::1", "local"))
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not local:
             raise OSError(f"a test tried to reach {address[0]}: tests run offline")
         return real_connect(sock, address)
 
+    def without_mps():
+        return SimpleNamespace(**(vars(real_machine()) | {"mps": False}))
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(device, "machine", lambda: SimpleNamespace(**{**vars(real_machine()), "mps": False}))
+        patch.setattr(device, "machine", without_mps)
         patch.setattr(socket.socket, "connect", local_only)
         yield
 
 
 @pytest.fixture
 def fake_machine(monkeypatch):
-    """pretend(**facts): machinery.device.machine() answers these (cuda, mps, gpus, bf16_cpu, torch)."""
+    """pretend(**facts): device.machine() answers these (cuda, mps, gpus, bf16_cpu, torch)."""
     from machinery import device
 
     def pretend(**facts):
         real = device.machine
-        monkeypatch.setattr(device, "machine", lambda: SimpleNamespace(**{**vars(real()), **facts}))
+
+        def machine():
+            return SimpleNamespace(**(vars(real()) | facts))
+        monkeypatch.setattr(device, "machine", machine)
     return pretend
 
 
-# ----------------------------------------------------------------------------- data, models, runs
+# ---------------------------------------------------------------------------- data, models, runs
 
 def corpus_head(chars):
     with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
@@ -88,37 +99,41 @@ GREEDY = SamplerConfig(temperature=0)  # the likeliest token, every time
 
 
 def tiny_model(**overrides):
-    return GPTConfig(**{**dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32), **overrides})
+    shape = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    return GPTConfig(**(shape | overrides))
 
 
 def tiny_run(data, out_dir, **overrides):
-    """A tiny in-process run's settings: float32 always (--dtype auto times bfloat16 on a CPU that has it,
-    and the suite must train alike on every machine); no plots or sample unless a test asks. The schedule and
-    weight decay are named, so that a new default changes no test's run."""
-    return TrainConfig(**{**dict(data=str(data), out_dir=str(out_dir), batch_size=8, max_steps=20, lr=3e-3,
-                                 lr_schedule="cosine", weight_decay=0.1,
-                                 min_lr=3e-4, warmup_steps=5, eval_interval=5, eval_iters=2, log_interval=10,
-                                 sample_tokens=0, device="cpu", dtype="float32", plots=False), **overrides})
+    """A tiny in-process run's settings: float32 always (--dtype auto times bfloat16 on a CPU that
+    has it, and the suite must train alike on every machine); no plots or sample unless a test
+    asks. The schedule and weight decay are named, so that a new default changes no test's run."""
+    settings = dict(data=str(data), out_dir=str(out_dir), batch_size=8, max_steps=20, lr=3e-3,
+                    lr_schedule="cosine", weight_decay=0.1, min_lr=3e-4, warmup_steps=5,
+                    eval_interval=5, eval_iters=2, log_interval=10, sample_tokens=0, device="cpu",
+                    dtype="float32", plots=False)
+    return TrainConfig(**(settings | overrides))
 
 
 # the same as flags, for the command line
-TINY_FLAGS = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "8",
-              "--device", "cpu", "--dtype", "float32", "--eval_iters", "2", "--sample_tokens", "0", "--plots", "false"]
+TINY_FLAGS = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
+              "--batch_size", "8", "--device", "cpu", "--dtype", "float32", "--eval_iters", "2",
+              "--sample_tokens", "0", "--plots", "false"]
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A tiny model trained for 60 steps on the corpus's first 20,000 characters: (its best.pt, the data file)."""
+    """A tiny model trained 60 steps on the corpus's first 20,000 characters: (best.pt, data)."""
     import train
     folder = tmp_path_factory.mktemp("trained")
     (folder / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
-    train.train(tiny_model(), tiny_run(folder / "data.txt", folder / "run", max_steps=60, eval_interval=30, lr=1e-2))
+    cfg = tiny_run(folder / "data.txt", folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
+    train.train(tiny_model(), cfg)
     return str(folder / "run" / "best.pt"), str(folder / "data.txt")
 
 
 @pytest.fixture(scope="session")
 def chat_run(tmp_path_factory):
-    """A tiny model trained 40 steps on the bundled conversations: (its best.pt, what it printed)."""
+    """A tiny model trained 40 steps on the bundled conversations: (best.pt, what it printed)."""
     import contextlib
     import io
 
@@ -132,7 +147,7 @@ def chat_run(tmp_path_factory):
 
 
 def interrupt_at(monkeypatch, step, signum):
-    """During step number `step`, call the handler the loop installed for signum, as the signal would."""
+    """During step `step`, call the handler the loop installed for signum, as the signal would."""
     import train
     real, calls = train.train_step, []
 
@@ -146,19 +161,20 @@ def interrupt_at(monkeypatch, step, signum):
 
 
 def without_timings(history):
-    return [{k: v for k, v in row.items() if k not in ("ms_per_step", "tok_per_s", "seconds")} for row in history]
+    timings = ("ms_per_step", "tok_per_s", "seconds")
+    return [{k: v for k, v in row.items() if k not in timings} for row in history]
 
 
-# ----------------------------------------------------------------------------- the scripts, as a user runs them
+# --------------------------------------------------------------- the scripts, as a user runs them
 
 def script_env(**extra):
-    """A script's environment: one thread (two processes share two cores), no GPU, `python` is this one."""
+    """A script's environment: one thread (two processes share two cores), no GPU, this python."""
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     return dict(os.environ, OMP_NUM_THREADS="1", PATH=path, **extra)
 
 
 def cli(capsys, main, *argv):
-    """A script's main() run in this process as its command line would: (exit status, stdout, stderr)."""
+    """A script's main() run in this process as its command line would: (exit code, out, err)."""
     from machinery.cli import run_cli
     try:
         run_cli(main, [str(a) for a in argv])
@@ -171,6 +187,7 @@ def cli(capsys, main, *argv):
 def assert_one_line_error(code, err, *words):
     """Bad input: exit status 2 and one `error:` line naming the problem, never a traceback."""
     lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (code, err)
+    assert code == 2 and len(lines) == 1, (code, err)
+    assert lines[0].startswith("error:"), (code, err)
     for w in words:
         assert w in lines[0], lines[0]

@@ -1,6 +1,6 @@
-"""The scripts' command lines (machinery/cli.py): bad input as one `error:` line, --help, the flags' spellings,
-running out of memory or disk, --overwrite that never loses a run; stopping train.py's processes (signals, pipes
-that close, kill -9); sweep.sh; output in a legacy code page."""
+"""The scripts' command lines (machinery/cli.py): bad input as one `error:` line, --help, the flags'
+spellings, running out of memory or disk, --overwrite that never loses a run; stopping train.py's
+processes (signals, pipes that close, kill -9); sweep.sh; output in a legacy code page."""
 
 import io
 import os
@@ -14,10 +14,10 @@ import traceback
 
 import pytest
 import torch
+from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
 
 import train
 from config import PRESETS
-from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
 from machinery import checkpoint, setup
 from machinery import cli as machinery_cli
 from machinery import device as devices
@@ -29,7 +29,7 @@ def folder_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-# ----------------------------------------------------------------------------- bad input, flags, --help
+# ------------------------------------------------------------------- bad input, flags, --help
 
 @pytest.mark.parametrize("argv, word", [
     (["--n_embd", "32", "--n_head", "3"], "n_head"),
@@ -52,10 +52,12 @@ def folder_bytes(folder):
     (["--plots", "maybe"], "--plots"),
     (["--grad_accum_steps", "3"], "grad_accum_steps"),  # batch 8
 ])
-def test_train_refuses_nonsense_in_one_line_and_writes_nothing(text_file, tmp_path, capsys, argv, word):
-    steps = [] if "--time_budget" in argv else ["--max_steps", 2]  # not the preset's five minutes, if it is not refused
-    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run", *steps,
-                       *argv)
+def test_train_refuses_nonsense_in_one_line_and_writes_nothing(text_file, tmp_path, capsys, argv,
+                                                               word):
+    # not the preset's five minutes, should it not be refused
+    steps = [] if "--time_budget" in argv else ["--max_steps", 2]
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir",
+                       tmp_path / "run", *steps, *argv)
     assert_one_line_error(code, err, word)
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
 
@@ -63,13 +65,15 @@ def test_train_refuses_nonsense_in_one_line_and_writes_nothing(text_file, tmp_pa
 def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
     options, _, cfg, _, _ = setup.parse_flags(["--overwrite", "--plots", "false", "--tag", "night",
                                                "--lr-max", "0.01", "--warmup", "7"])
-    assert options.overwrite and not cfg.plots and os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
+    assert options.overwrite and not cfg.plots
+    assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
     assert setup.parse_flags(["--plots", "--preset", "tiny"])[2].plots
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_help_shows_this_machines_preset_and_what_auto_means_here(fake_machine, monkeypatch, capsys, gpu):
+def test_help_shows_this_machines_preset_and_what_auto_means_here(fake_machine, monkeypatch, capsys,
+                                                                  gpu):
     if gpu:  # a CUDA machine: --help must not start CUDA to ask the GPU
         fake_machine(cuda=True, mps=False, gpus=1)
         monkeypatch.setattr(devices, "gpu", lambda *a: pytest.fail("--help asked the GPU"))
@@ -87,22 +91,25 @@ def test_help_shows_this_machines_preset_and_what_auto_means_here(fake_machine, 
 # ----------------------------------------------------------------------------- memory and disk
 
 @pytest.mark.parametrize("memory", ["device", "cpu"])
-def test_running_out_of_memory_is_one_line_saying_what_to_try(text_file, tmp_path, capsys, monkeypatch, memory):
+def test_running_out_of_memory_is_one_line_saying_what_to_try(text_file, tmp_path, capsys,
+                                                              monkeypatch, memory):
     def out_of_memory(*args):
         if memory == "cpu":  # the allocator's own error: more bytes than any machine has
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(setup, "make_optimizer", out_of_memory)
-    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run")
+    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir",
+                       tmp_path / "run")
     assert_one_line_error(code, err, "out of memory", "--batch_size")
 
 
 @pytest.mark.skipif(os.name != "posix", reason="limits a file's size with setrlimit (POSIX)")
 @pytest.mark.parametrize("blocked", ["read-only folder", "full disk"])
-def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_previous_file_is_kept(trained, tmp_path, capsys,
-                                                                                       blocked):
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_previous_file_is_kept(
+        trained, tmp_path, capsys, blocked):
     import resource
-    run = shutil.copytree(os.path.dirname(trained[0]), tmp_path / "run")  # best.pt, last.pt, history.csv
+    # best.pt, last.pt, history.csv
+    run = shutil.copytree(os.path.dirname(trained[0]), tmp_path / "run")
     before = folder_bytes(run)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     if blocked == "read-only folder":
@@ -121,34 +128,45 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_previous_file_i
 
 
 def test_overwrite_never_loses_a_run_to_bad_input(trained, tmp_path, capsys):
-    run = shutil.copytree(os.path.dirname(trained[0]), tmp_path / "run")  # best.pt, last.pt, history.csv
+    # best.pt, last.pt, history.csv
+    run = shutil.copytree(os.path.dirname(trained[0]), tmp_path / "run")
     before = folder_bytes(run)
-    for extra, words in (([], ["--overwrite"]), (["--overwrite", "--data", tmp_path / "typo.txt"], ["typo.txt"])):
-        code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", run, *extra)
+    typo = ["--overwrite", "--data", tmp_path / "typo.txt"]
+    for extra, words in (([], ["--overwrite"]), (typo, ["typo.txt"])):
+        code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", run,
+                           *extra)
         assert_one_line_error(code, err, *words)
         assert folder_bytes(run) == before
 
 
 # ----------------------------------------------------------------------------- stopping
 
+def left(deadline):
+    return max(0, deadline - time.monotonic())
+
+
 def read_until(fd, prefix, timeout=60):
     """What fd gives up to a line that starts with prefix."""
     text, deadline = b"", time.monotonic() + timeout
     while not any(line.startswith(prefix) for line in text.split(b"\n")[:-1]):
-        assert select.select([fd], [], [], max(0, deadline - time.monotonic()))[0], text
-        text += (chunk := os.read(fd, 1 << 16))
+        assert select.select([fd], [], [], left(deadline))[0], text
+        chunk = os.read(fd, 1 << 16)
         assert chunk, text  # the process has ended
+        text += chunk
     return text
 
 
 class Child:
-    """train.py's command line in a process forked from this one, which has imported torch: no start-up to pay
-    (exec: `python train.py` itself). Its stdout goes into a pipe: read here (self.stdout) or by another process
-    (pipe given), in the encoding given (the interpreter's for PYTHONIOENCODING)."""
+    """train.py's command line in a process forked from this one, which has imported torch: no
+    start-up to pay (exec: `python train.py` itself). Its stdout goes into a pipe: read here
+    (self.stdout) or by another process (pipe given), in the encoding given (the interpreter's for
+    PYTHONIOENCODING)."""
 
     def __init__(self, argv, err_file, pipe=None, encoding="utf-8", exec=False):
         read, write = pipe or os.pipe()
-        self.stdout, self.err_file, self.status, self.pid = None if pipe else read, err_file, None, os.fork()
+        self.stdout = None if pipe else read
+        self.err_file, self.status = err_file, None
+        self.pid = os.fork()
         if self.pid == 0:
             code = 99
             try:
@@ -156,10 +174,11 @@ class Child:
                 os.dup2(write, 1)
                 os.dup2(os.open(err_file, os.O_WRONLY | os.O_CREAT), 2)
                 if exec:
-                    os.execve(sys.executable, [sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)],
-                              script_env())
-                torch.set_num_threads(1)  # OpenMP's threads are the parent's: a child using them would hang
-                sys.stdout, sys.stderr = (open(fd, "w", encoding=encoding, closefd=False) for fd in (1, 2))
+                    script = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)]
+                    os.execve(sys.executable, script, script_env())
+                torch.set_num_threads(1)  # OpenMP's threads are the parent's: using them would hang
+                sys.stdout = open(1, "w", encoding=encoding, closefd=False)
+                sys.stderr = open(2, "w", encoding=encoding, closefd=False)
                 machinery_cli.run_cli(train.main, [str(a) for a in argv])
             except SystemExit as e:
                 code = e.code
@@ -172,15 +191,19 @@ class Child:
             os.close(write)
 
     def poll(self):
-        if self.status is None and (done := os.waitpid(self.pid, os.WNOHANG))[0]:
-            self.status = done[1]
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = status
         return self.status
 
     def wait(self, timeout=60):
-        """(exit status, stdout, stderr) once it has ended; a negative status is the signal that ended it."""
+        """(exit status, stdout, stderr) once it has ended; a negative status: the signal that
+        ended it."""
         out, deadline = b"", time.monotonic() + timeout
-        while self.stdout and select.select([self.stdout], [], [], max(0, deadline - time.monotonic()))[0]:
-            if not (chunk := os.read(self.stdout, 1 << 16)):
+        while self.stdout and select.select([self.stdout], [], [], left(deadline))[0]:
+            chunk = os.read(self.stdout, 1 << 16)
+            if not chunk:
                 break
             out += chunk
         while self.poll() is None and time.monotonic() < deadline:
@@ -203,29 +226,35 @@ def endless_run(text_file, out_dir, *flags):
     return [*TINY_FLAGS, "--data", text_file, "--out_dir", out_dir, "--max_steps", 100_000, *flags]
 
 
+@pytest.mark.slow
 @needs_fork
 def test_signals_stop_a_run_that_saves_and_resume_finishes_it_and_kill_9_leaves_a_loadable_file(
         text_file, tmp_path, capsys):
-    every = {"sigint": 1000, "sigterm": 1000, "sigkill": 10}  # lines and saves: none after step 0's, or many
-    argv = {name: endless_run(text_file, tmp_path / name, "--log_interval", n, "--eval_interval", n, "--resume")
-            for name, n in every.items()}
-    children = {name: Child(args, tmp_path / f"{name}.err", exec=name == "sigint")  # side by side; Ctrl-C to
-                for name, args in argv.items()}                                       # `python train.py` itself
+    # lines and saves: none after step 0's, or many
+    every = {"sigint": 1000, "sigterm": 1000, "sigkill": 10}
+    argv = {name: endless_run(text_file, tmp_path / name, "--log_interval", n, "--eval_interval", n,
+                              "--resume") for name, n in every.items()}
+    # side by side; the Ctrl-C to `python train.py` itself
+    children = {name: Child(args, tmp_path / f"{name}.err", exec=name == "sigint")
+                for name, args in argv.items()}
     try:
         for name, child in children.items():
             read_until(child.stdout, b"step" if name == "sigkill" else b"eval")
-            if name != "sigkill":  # after that line is out (a signal that lands in a print fails: see below)
+            if name != "sigkill":  # after that line is out (a signal in a print: see below)
                 time.sleep(0.05)
-            os.kill(child.pid, getattr(signal, name.upper()))  # kill: likely in step 10's evaluation and save
+            # the kill: likely in step 10's evaluation and save
+            os.kill(child.pid, getattr(signal, name.upper()))
         results = {name: child.wait() for name, child in children.items()}
     finally:
         for child in children.values():
             child.end()
     for name, code in (("sigint", 130), ("sigterm", 143), ("sigkill", -signal.SIGKILL)):
         assert results[name][0] == code and "Traceback" not in results[name][2], results[name]
-    assert checkpoint.load(str(tmp_path / "sigkill" / "last.pt"))  # loadable, whenever the kill came
-    stopped = [checkpoint.load(str(tmp_path / name / "last.pt"))["step"] for name in ("sigint", "sigterm")]
-    assert min(stopped) > 0 and "--resume" in results["sigint"][1] and "--resume" in results["sigterm"][1]
+    assert checkpoint.load(str(tmp_path / "sigkill" / "last.pt"))  # loadable, whenever killed
+    stopped = [checkpoint.load(str(tmp_path / name / "last.pt"))["step"]
+               for name in ("sigint", "sigterm")]
+    assert min(stopped) > 0
+    assert "--resume" in results["sigint"][1] and "--resume" in results["sigterm"][1]
     code, out, err = cli(capsys, train.main, *argv["sigint"], "--max_steps", stopped[0] + 3)
     assert code == 0 and f"step {stopped[0]}" in out and "done" in out, err
     assert checkpoint.load(str(tmp_path / "sigint" / "last.pt"))["step"] == stopped[0] + 3
@@ -239,11 +268,12 @@ class CtrlCWhileALineIsWritten(io.RawIOBase):
     def write(self, data):
         if bytes(data).startswith(b"step") and not getattr(self, "sent", False):
             self.sent = True
-            signal.raise_signal(signal.SIGINT)  # runs the handler now, as CPython does after a write to stdout
+            signal.raise_signal(signal.SIGINT)  # its handler runs now, as after a real write
         return len(data)
 
 
-def test_a_ctrl_c_that_lands_while_a_line_is_written_still_saves(text_file, tmp_path, capsys, monkeypatch):
+def test_a_ctrl_c_that_lands_while_a_line_is_written_still_saves(text_file, tmp_path, capsys,
+                                                                 monkeypatch):
     terminal = io.TextIOWrapper(io.BufferedWriter(CtrlCWhileALineIsWritten()), encoding="utf-8")
     monkeypatch.setattr(sys, "stdout", terminal)
     code, _, err = cli(capsys, train.main, *endless_run(text_file, tmp_path, "--log_interval", 2))
@@ -258,30 +288,37 @@ def test_a_second_ctrl_c_aborts_at_once(text_file, tmp_path, capsys, monkeypatch
         signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
     monkeypatch.setattr(train, "train_step", ctrl_c_twice)
-    code, out, _ = cli(capsys, train.main, *endless_run(text_file, tmp_path, "--eval_interval", 1000))
+    argv = endless_run(text_file, tmp_path, "--eval_interval", 1000)
+    code, out, _ = cli(capsys, train.main, *argv)
     assert code == 130 and "--resume" not in out
-    assert checkpoint.load(str(tmp_path / "last.pt"))["step"] == 0  # step 0's evaluation saved; nothing since
+    # step 0's evaluation saved, nothing since
+    assert checkpoint.load(str(tmp_path / "last.pt"))["step"] == 0
 
 
+@pytest.mark.slow
 @needs_fork
 @pytest.mark.skipif(not (shutil.which("tee") and shutil.which("head")), reason="needs tee and head")
 def test_a_run_whose_output_pipe_closes_saves_and_stops(text_file, tmp_path):
-    """`train.py | tee log` and a Ctrl-C to both: exit 130. `train.py | head`: exit 141, as a pipe's writer."""
+    """`train.py | tee log` and a Ctrl-C to both: exit 130. `train.py | head`: exit 141, as a pipe's
+    writer."""
     children, readers = {}, {}
     for name, reader in (("tee", ["tee", tmp_path / "log"]), ("head", ["head", "-n", "10"])):
         read, write = os.pipe()
-        every = 1000 if name == "tee" else 1  # tee: no line after step 0's while the Ctrl-C comes (see above)
-        children[name] = Child(endless_run(text_file, tmp_path / name, "--log_interval", every, "--eval_interval",
-                                           1000), tmp_path / f"{name}.err", pipe=(read, write))
-        readers[name] = subprocess.Popen(reader, stdin=read,
-                                         stdout=subprocess.PIPE if name == "tee" else subprocess.DEVNULL)
+        # tee: no line after step 0's while the Ctrl-C comes (see above)
+        every = 1000 if name == "tee" else 1
+        argv = endless_run(text_file, tmp_path / name, "--log_interval", every, "--eval_interval",
+                           1000)
+        children[name] = Child(argv, tmp_path / f"{name}.err", pipe=(read, write))
+        out = subprocess.PIPE if name == "tee" else subprocess.DEVNULL
+        readers[name] = subprocess.Popen(reader, stdin=read, stdout=out)
         os.close(read)  # the pipe's ends are the child's and its reader's alone
         os.close(write)
     try:
         read_until(readers["tee"].stdout.fileno(), b"eval")
         time.sleep(0.05)
-        os.kill(children["tee"].pid, signal.SIGSTOP)  # Ctrl-C reaches tee first: the run's next line meets a
-        readers["tee"].send_signal(signal.SIGINT)     # closed pipe
+        # Ctrl-C reaches tee first: the run's next line meets a closed pipe
+        os.kill(children["tee"].pid, signal.SIGSTOP)
+        readers["tee"].send_signal(signal.SIGINT)
         readers["tee"].wait(60)
         os.kill(children["tee"].pid, signal.SIGINT)
         os.kill(children["tee"].pid, signal.SIGCONT)
@@ -298,16 +335,18 @@ def test_a_run_whose_output_pipe_closes_saves_and_stops(text_file, tmp_path):
         assert checkpoint.load(str(tmp_path / name / "last.pt"))["step"] > 0
 
 
-# ----------------------------------------------------------------------------- sweep.sh, a legacy code page
+# ------------------------------------------------------------------ sweep.sh, a legacy code page
 
 OUTSIDE_CP1252 = "Жили-были→дед и баба⇒ у самого синего моря. Ёж↔ёлка! "  # Cyrillic and arrows
 
 
 def side_by_side(commands, cwd, **env):
     """Each command run at once: {name: (exit status, stdout, stderr)}."""
-    procs = {name: subprocess.Popen(list(map(str, command)), cwd=cwd, env=script_env(**env), stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, encoding="utf-8")
-             for name, command in commands.items()}
+    procs = {}
+    for name, command in commands.items():
+        procs[name] = subprocess.Popen(list(map(str, command)), cwd=cwd, env=script_env(**env),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       encoding="utf-8")
     try:
         outputs = {name: proc.communicate(timeout=120) for name, proc in procs.items()}
     finally:
@@ -318,15 +357,17 @@ def side_by_side(commands, cwd, **env):
 
 @pytest.fixture(scope="module")
 def cp1252_runs(tmp_path_factory):
-    """On a text outside cp1252, printing into pipes in cp1252 (PYTHONIOENCODING=cp1252: what Windows gives a
-    redirect): train.py (forked), then generate.py and sweep.sh side by side with the same settings.
-    {name: (exit status, stdout, stderr)}, and their folder."""
+    """On a text outside cp1252, printing into pipes in cp1252 (PYTHONIOENCODING=cp1252: what
+    Windows gives a redirect): train.py (forked), then generate.py and sweep.sh side by side with
+    the same settings. {name: (exit status, stdout, stderr)}, and their folder."""
     folder = tmp_path_factory.mktemp("cp1252")
     (folder / "text.txt").write_text(OUTSIDE_CP1252 * 200, encoding="utf-8")
-    results = {"train": Child([*TINY_FLAGS, "--data", folder / "text.txt", "--out_dir", folder / "run", "--max_steps",
-                               3, "--sample_tokens", 30], folder / "train.err", encoding="cp1252").wait()}
-    commands = {"generate": [sys.executable, os.path.join(ROOT, "generate.py"), "run/best.pt", "--temperature", 0.8,
-                             "--seed", 7, "--max_new_tokens", 40, "--prompt", "Жили", "--output_file", "plain.txt"]}
+    argv = [*TINY_FLAGS, "--data", folder / "text.txt", "--out_dir", folder / "run", "--max_steps",
+            3, "--sample_tokens", 30]
+    results = {"train": Child(argv, folder / "train.err", encoding="cp1252").wait()}
+    commands = {"generate": [sys.executable, os.path.join(ROOT, "generate.py"), "run/best.pt",
+                             "--temperature", 0.8, "--seed", 7, "--max_new_tokens", 40, "--prompt",
+                             "Жили", "--output_file", "plain.txt"]}
     if shutil.which("bash"):  # the same settings
         commands["sweep"] = ["bash", os.path.join(ROOT, "sweep.sh"), "run/best.pt"]
     results.update(side_by_side(commands, folder, PYTHONIOENCODING="cp1252", TEMPS="0.8", SEED="7",
@@ -334,21 +375,26 @@ def cp1252_runs(tmp_path_factory):
     return results, folder
 
 
+@pytest.mark.slow
 @needs_fork
 def test_train_and_generate_print_any_character_into_a_legacy_code_page(cp1252_runs):
     results, folder = cp1252_runs
     for code, _, err in (results["train"], results["generate"]):
         assert code == 0 and "Traceback" not in err, err
-    sample = results["train"][1].split("sample:", 1)[1]  # read as UTF-8, and not as \u escapes:
-    assert set(sample) - set(sample.encode("cp1252", "ignore").decode("cp1252"))  # characters outside cp1252
+    sample = results["train"][1].split("sample:", 1)[1]
+    # read as UTF-8, and not as \u escapes: characters outside cp1252
+    assert set(sample) - set(sample.encode("cp1252", "ignore").decode("cp1252"))
     printed = results["generate"][1].rsplit("wrote", 1)[0]
-    assert "Жили" in printed and (folder / "plain.txt").read_text(encoding="utf-8").endswith(printed)
+    assert "Жили" in printed
+    assert (folder / "plain.txt").read_text(encoding="utf-8").endswith(printed)
 
 
+@pytest.mark.slow
 @needs_fork
 @pytest.mark.skipif(not shutil.which("bash"), reason="sweep.sh needs bash")
 def test_sweep_writes_per_temperature_what_a_plain_generate_call_writes(cp1252_runs):
     results, folder = cp1252_runs
     assert results["sweep"][0] == 0, results["sweep"][2]
     written = (folder / "sweep" / "samples_T0.8.txt").read_text(encoding="utf-8")
-    assert written == (folder / "plain.txt").read_text(encoding="utf-8") and "temperature=0.8" in written
+    assert written == (folder / "plain.txt").read_text(encoding="utf-8")
+    assert "temperature=0.8" in written

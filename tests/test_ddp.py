@@ -1,6 +1,7 @@
-"""machinery/ddp.py: two processes under torchrun (Gloo, on the CPU): a DDP step equals a single-process step, the
-ranks agree on a stop signal only one of them got, and a run resumed under torchrun ends as the run that went
-straight on. Without torchrun: what cannot work here is refused before joining."""
+"""machinery/ddp.py: two processes under torchrun (Gloo, on the CPU): a DDP step equals a
+single-process step, the ranks agree on a stop signal only one of them got, and a run resumed under
+torchrun ends as the run that went straight on. Without torchrun: what cannot work here is refused
+before joining."""
 
 import contextlib
 import dataclasses
@@ -11,16 +12,18 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY_FLAGS, corpus_head, script_env, tiny_model, without_timings
 
 import train
 from config import TinyLLMError
-from conftest import ROOT, TINY_FLAGS, corpus_head, script_env, tiny_model, without_timings
 from machinery import checkpoint
 from model import GPT
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch.distributed is not available")
 
-# Each rank runs the four in turn, in one process group (a process joins once, however many runs it trains)
+# Each rank runs the four in turn, in one process group (a process joins once, however many runs it
+# trains)
 WORKER = """
 import contextlib, os, shutil, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -30,7 +33,8 @@ from machinery import ddp
 from model import GPT
 plan, out = torch.load(sys.argv[2], weights_only=True), os.path.dirname(sys.argv[2])
 
-# 1. one optimizer step of a model wrapped in DDP, each rank on its half of a fixed batch, in micro-batches
+# 1. one optimizer step of a model wrapped in DDP, each rank on its half of a fixed batch, in
+# micro-batches
 rank, world, device = ddp.setup(torch.device("cpu"))
 x, y = plan["batch"]
 half = len(x) // world
@@ -41,12 +45,13 @@ for accum in (1, 2):
     size = half // accum
     micro = iter([(x[i:i + size], y[i:i + size]) for i in range(0, half, size)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    train.train_step(ddp.wrap(model, world, device), optimizer, lambda: next(micro), 0.5, accum, 0.0,
-                     contextlib.nullcontext())
+    train.train_step(ddp.wrap(model, world, device), optimizer, lambda: next(micro), 0.5, accum,
+                     0.0, contextlib.nullcontext())
     if rank == 0:
         torch.save(model.state_dict(), f"{out}/ddp_{accum}.pt")
 
-# 2. a run straight to its end; 3. the same run, where rank 1 alone gets SIGTERM during step 5; 4. its resume
+# 2. a run straight to its end; 3. the same run, where rank 1 alone gets SIGTERM during step 5;
+# 4. its resume
 train.main(plan["flags"] + ["--out_dir", f"{out}/straight"])
 real, steps = train.train_step, []
 def sigterm_to_rank_1_in_step_5(*a, **k):
@@ -74,14 +79,16 @@ def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     (out / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     windows = torch.randint(0, 65, (8, 17), generator=torch.Generator().manual_seed(1))
-    flags = [*TINY_FLAGS, "--data", str(out / "data.txt"), "--max_steps", "12", "--log_interval", "4",
-             "--eval_interval", "6", "--warmup_steps", "2", "--lr", "1e-2", "--min_lr", "1e-3"]
-    torch.save({"batch": (windows[:, :-1], windows[:, 1:]), "model": dataclasses.asdict(tiny_model()),
-                "flags": flags}, out / "plan.pt")
+    flags = [*TINY_FLAGS, "--data", str(out / "data.txt"), "--max_steps", "12", "--log_interval",
+             "4", "--eval_interval", "6", "--warmup_steps", "2", "--lr", "1e-2", "--min_lr", "1e-3"]
+    plan = {"batch": (windows[:, :-1], windows[:, 1:]), "model": dataclasses.asdict(tiny_model()),
+            "flags": flags}
+    torch.save(plan, out / "plan.pt")
     (out / "worker.py").write_text(WORKER)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             out / "worker.py", ROOT, out / "plan.pt"], cwd=out, env=script_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               out / "worker.py", ROOT, out / "plan.pt"]
+    proc = subprocess.Popen(command, cwd=out, env=script_env(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output = proc.communicate(timeout=120)[0]
     finally:
@@ -91,30 +98,35 @@ def launch(tmp_path_factory):
     return output, out
 
 
+@pytest.mark.slow
 def test_one_ddp_step_equals_one_single_process_step_with_and_without_accumulation(launch):
     _, out = launch
     x, y = torch.load(out / "plan.pt", weights_only=True)["batch"]
     torch.manual_seed(0)
     model = GPT(tiny_model())
-    train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), lambda: (x, y), 0.5, 1, 0.0,
-                     contextlib.nullcontext())
+    train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), lambda: (x, y), 0.5, 1,
+                     0.0, contextlib.nullcontext())
     for accum in (1, 2):
         ddp = torch.load(out / f"ddp_{accum}.pt", weights_only=True)
         for name, value in model.state_dict().items():
             assert torch.allclose(value, ddp[name], atol=1e-6), (accum, name)
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_a_stop_signal_only_one_rank_got_and_rank_0_saves(launch):
     output, out = launch
     assert "rank 0 exit 143" in output and "rank 1 exit 143" in output, output[-3000:]
     assert output.count("Resume with") == 1  # rank 0 alone says how to go on
-    assert 5 <= checkpoint.load(str(out / "stopped.pt"))["step"] < 12  # the step of rank 1's signal, or a later one
+    # the step of rank 1's signal, or a later one
+    assert 5 <= checkpoint.load(str(out / "stopped.pt"))["step"] < 12
 
 
+@pytest.mark.slow
 def test_a_run_resumed_under_torchrun_ends_as_the_run_that_went_straight_on(launch):
     output, out = launch
     assert f"resuming {out}/resumed/last.pt" in output
-    straight, resumed = (checkpoint.load(str(out / name / "last.pt")) for name in ("straight", "resumed"))
+    straight = checkpoint.load(str(out / "straight" / "last.pt"))
+    resumed = checkpoint.load(str(out / "resumed" / "last.pt"))
     assert straight["step"] == resumed["step"] == 12
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
     assert without_timings(straight["history"]) == without_timings(resumed["history"])
@@ -122,8 +134,9 @@ def test_a_run_resumed_under_torchrun_ends_as_the_run_that_went_straight_on(laun
 
 
 @pytest.mark.parametrize("machine, device, words", [
-    (dict(cuda=True, mps=False, gpus=1), "cuda", "--nproc_per_node"),  # two processes, one GPU: NCCL would hang
-    (dict(cuda=False, mps=True, gpus=0), "mps", "--device cpu"),        # Gloo takes no MPS tensors
+    # two processes, one GPU: NCCL would hang; Gloo takes no MPS tensors
+    (dict(cuda=True, mps=False, gpus=1), "cuda", "--nproc_per_node"),
+    (dict(cuda=False, mps=True, gpus=0), "mps", "--device cpu"),
 ])
 def test_processes_that_cannot_work_here_are_refused_in_one_line_before_joining(
         fake_machine, monkeypatch, text_file, tmp_path, machine, device, words):
@@ -133,7 +146,8 @@ def test_processes_that_cannot_work_here_are_refused_in_one_line_before_joining(
     precision = torch.get_float32_matmul_precision()
     try:  # (main, not run_cli: under torchrun, run_cli would end this process)
         with pytest.raises(TinyLLMError) as refused:
-            train.main([*TINY_FLAGS, "--device", device, "--data", text_file, "--out_dir", str(tmp_path / "run")])
+            train.main([*TINY_FLAGS, "--device", device, "--data", text_file, "--out_dir",
+                        str(tmp_path / "run")])
     finally:
         torch.set_float32_matmul_precision(precision)  # a mocked GPU turned TF32 on
     assert words in str(refused.value) and "\n" not in str(refused.value)

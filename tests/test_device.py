@@ -1,21 +1,21 @@
-"""machinery/device.py: the device and precision decisions on machines this one stands in for (fake_machine,
-and the project's own seams machinery.device.gpu and autocast_works), and the CPU paths that stand in for a
-GPU's: bfloat16 autocast and float16's loss scaler."""
+"""machinery/device.py: the device and precision decisions on machines this one stands in for
+(fake_machine, and the project's own seams machinery.device.gpu and autocast_works), and the CPU
+paths that stand in for a GPU's: bfloat16 autocast and float16's loss scaler."""
 
 import copy
 import math
 import random
-import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import GREEDY, cli, tiny_model, tiny_run
 
 import generate
 import sampling
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
-from conftest import GREEDY, cli, tiny_model, tiny_run
 from machinery import checkpoint, setup
 from machinery import device as devices
 from model import GPT
@@ -46,14 +46,17 @@ def draws():
     return random.random(), np.random.rand(), torch.rand(3).tolist()
 
 
-@pytest.mark.parametrize("capability, dtype", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")])
-def test_mocked_cuda_machine_chooses_its_precision(fake_machine, monkeypatch, highest_precision, capability, dtype):
+@pytest.mark.parametrize("capability, dtype", [((7, 5), "float16"), ((8, 0), "bfloat16"),
+                                               ((9, 0), "bfloat16")])
+def test_mocked_cuda_machine_chooses_its_precision(fake_machine, monkeypatch, highest_precision,
+                                                   capability, dtype):
     fake_machine(cuda=True, mps=False, gpus=1)
     monkeypatch.setattr(devices, "gpu", lambda device=None: ("a GPU", capability))
     device = devices.choose_device("auto")
     assert device.type == "cuda" and torch.get_float32_matmul_precision() == "high"  # TF32 on a GPU
     assert devices.resolve_dtype("auto", device) == dtype
-    if dtype == "float16":  # with its scaler, refused where none works: torch's CUDA one needs CUDA, hidden here
+    # float16 with its scaler, refused where none works: torch's CUDA one needs CUDA, hidden here
+    if dtype == "float16":
         with pytest.raises(TinyLLMError, match="scaler"):
             devices.make_scaler(device, dtype)
     else:
@@ -61,7 +64,8 @@ def test_mocked_cuda_machine_chooses_its_precision(fake_machine, monkeypatch, hi
 
 
 @pytest.mark.parametrize("works", [True, False])
-def test_mocked_mac_trains_in_the_precision_its_autocast_really_runs(fake_machine, monkeypatch, capsys, works):
+def test_mocked_mac_trains_in_the_precision_its_autocast_really_runs(fake_machine, monkeypatch,
+                                                                     capsys, works):
     fake_machine(cuda=False, mps=True, gpus=0)
     monkeypatch.setattr(devices, "autocast_works", lambda device_type, dtype: works)
     assert devices.choose_device("auto") == MPS and devices.resolve_dtype("auto", MPS) == "float32"
@@ -82,23 +86,30 @@ def test_mocked_mac_float16_needs_torch_2_8_and_its_adamw_is_not_fused(fake_mach
 
 
 @pytest.mark.parametrize("speedup, dtype", [(3.0, "bfloat16"), (1.1, "float32")])
-def test_dtype_auto_takes_bfloat16_only_where_it_measures_faster_by_the_margin_and_leaves_no_trace(speedup, dtype):
+def test_dtype_auto_takes_bfloat16_only_where_it_measures_faster_by_the_margin_and_leaves_no_trace(
+        monkeypatch, speedup, dtype):
     torch.manual_seed(0)
     model = GPT(tiny_model())
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     x = torch.randint(0, 65, (4, 16))
-    train.train_step(model, optimizer, lambda: (x, x), 1e-2, 1, 1.0, devices.autocast(CPU, "float32"))
+    train.train_step(model, optimizer, lambda: (x, x), 1e-2, 1, 1.0,
+                     devices.autocast(CPU, "float32"))
+    clock = [0.0]  # the clock measure_dtype reads: the steps move it, no real seconds pass
+    monkeypatch.setattr(devices, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
-    def step(ctx):  # it moves the weights, the optimizer and every generator, as slow as this test says
+    def step(ctx):  # moves weights, optimizer and every generator; as slow as the test says
         random.random(), np.random.rand(), torch.rand(1)
+        moments = [t for s in optimizer.state.values() for t in s.values()]
         with torch.no_grad():
-            for t in [*model.parameters(), *(t for s in optimizer.state.values() for t in s.values())]:
+            for t in [*model.parameters(), *moments]:
                 t.add_(1)
         optimizer.param_groups[0]["lr"] = 5.0
-        time.sleep(0.01 / speedup if getattr(ctx, "fast_dtype", None) == torch.bfloat16 else 0.01)
+        bfloat16 = getattr(ctx, "fast_dtype", None) == torch.bfloat16
+        clock[0] += 0.01 / speedup if bfloat16 else 0.01
         return {"loss": torch.tensor(1.0)}
 
-    weights, state, rngs = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), devices.rng_state()
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    rngs = devices.rng_state()
     expected = draws()
     devices.set_rng_state(rngs)
     assert devices.measure_dtype(step, model, optimizer, CPU)["dtype"] == dtype
@@ -107,13 +118,20 @@ def test_dtype_auto_takes_bfloat16_only_where_it_measures_faster_by_the_margin_a
 
 
 @pytest.mark.parametrize("bf16_cpu", [False, True])
-def test_dtype_auto_measures_only_on_a_cpu_with_native_bfloat16(fake_machine, monkeypatch, text_file, tmp_path,
-                                                                 bf16_cpu):
+def test_dtype_auto_measures_only_on_a_cpu_with_native_bfloat16(fake_machine, monkeypatch,
+                                                                 text_file, tmp_path, bf16_cpu):
     fake_machine(bf16_cpu=bf16_cpu)
     choice = {"dtype": "bfloat16", "dtype_note": "bfloat16: measured faster"}
-    monkeypatch.setattr(devices, "measure_dtype", lambda *a: choice if bf16_cpu else pytest.fail("measured"))
-    run = setup.set_up(tiny_model(), tiny_run(text_file, tmp_path, dtype="auto"), RunOptions(), "custom", {}, 0.0, train.trial_step)
-    assert run.dtype == ("bfloat16" if bf16_cpu else "float32") and run.measured == (choice if bf16_cpu else None)
+
+    def measure(*a):
+        if not bf16_cpu:
+            pytest.fail("measured")
+        return choice
+    monkeypatch.setattr(devices, "measure_dtype", measure)
+    cfg = tiny_run(text_file, tmp_path, dtype="auto")
+    run = setup.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, 0.0, train.trial_step)
+    expected = (choice, "bfloat16") if bf16_cpu else (None, "float32")
+    assert (run.measured, run.dtype) == expected
 
 
 @pytest.mark.slow  # it times steps
@@ -137,11 +155,12 @@ def test_a_resume_keeps_the_precision_dtype_auto_measured(fake_machine, monkeypa
     assert resumed["dtype"] == other and resumed["step"] == 6 and len(calls) == 1
 
 
-def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(tmp_path, fake_machine,
-                                                                                             capsys):
+def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(
+        tmp_path, fake_machine, capsys):
     torch.save(devices.rng_state(), tmp_path / "rng.pt")
     expected = draws()
-    devices.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # plain data and tensors only
+    # plain data and tensors only
+    devices.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
     assert capsys.readouterr().out == ""
     fake_machine(gpus=0, mps=False)  # a checkpoint of a 2-GPU run, resumed on this CPU
@@ -154,25 +173,29 @@ def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore
 
 def cpu_float16_works():
     try:
-        return devices.autocast_works("cpu", "float16") and devices.make_scaler(CPU, "float16").is_enabled()
+        works = devices.autocast_works("cpu", "float16")
+        return works and devices.make_scaler(CPU, "float16").is_enabled()
     except TinyLLMError:
         return False
 
 
-needs_cpu_float16 = pytest.mark.skipif(not cpu_float16_works(),
-                                       reason="this torch has no CPU GradScaler or float16 autocast")
+needs_cpu_float16 = pytest.mark.skipif(
+    not cpu_float16_works(), reason="this torch has no CPU GradScaler or float16 autocast")
 
 
 @needs_cpu_float16
 def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     torch.manual_seed(0)
     model = GPT(tiny_model())
-    optimizer, scaler = make_optimizer(model, TrainConfig(), CPU), devices.make_scaler(CPU, "float16")
+    optimizer = make_optimizer(model, TrainConfig(), CPU)
+    scaler = devices.make_scaler(CPU, "float16")
     model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
     before, scale = {k: v.clone() for k, v in model.state_dict().items()}, scaler.get_scale()
     x = torch.randint(0, 65, (4, 16))
-    train.train_step(model, optimizer, lambda: (x, x), 1e-2, 1, 1.0, devices.autocast(CPU, "float16"), scaler)
-    assert same(model.state_dict(), before) and scaler.get_scale() < scale  # skipped, and the scale backed off
+    train.train_step(model, optimizer, lambda: (x, x), 1e-2, 1, 1.0,
+                     devices.autocast(CPU, "float16"), scaler)
+    assert same(model.state_dict(), before)  # skipped
+    assert scaler.get_scale() < scale  # and the scale backed off
 
 
 @needs_cpu_float16
@@ -183,14 +206,16 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = setup.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, 0.0, train.trial_step)
+    run = setup.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, 0.0,
+                       train.trial_step)
     assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
 
 
-def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_on(text_file, tmp_path, capsys,
-                                                                                    highest_precision):
-    result = train.train(tiny_model(), tiny_run(text_file, tmp_path, dtype="bfloat16", max_steps=10, lr=1e-2,
-                                                eval_interval=5, sample_tokens=10))
+def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_on(
+        text_file, tmp_path, capsys, highest_precision):
+    cfg = tiny_run(text_file, tmp_path, dtype="bfloat16", max_steps=10, lr=1e-2, eval_interval=5,
+                   sample_tokens=10)
+    result = train.train(tiny_model(), cfg)
     evals = [row["val_loss"] for row in result["history"] if row["kind"] == "eval"]
     assert result["dtype"] == "bfloat16" and len(evals) == 3 and evals[-1] < evals[0] - 0.3
     assert "sample:" in capsys.readouterr().out
@@ -206,9 +231,11 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
     seen, load_model = {}, checkpoint.load_model
 
     def recording_load_model(path, device="cpu"):
-        seen["model"], _, seen["saved"] = out = load_model(path, device)
+        out = load_model(path, device)
+        seen["model"], _, seen["saved"] = out
         return out
-    monkeypatch.setattr(devices, "choose_device", lambda name="auto": torch.device("meta"))  # a device not the CPU
+    # a device not the CPU
+    monkeypatch.setattr(devices, "choose_device", lambda name="auto": torch.device("meta"))
     monkeypatch.setattr(checkpoint, "load_model", recording_load_model)
     monkeypatch.setattr(generate, "sample", lambda *a, **k: [("text", 4, False)])
     code, _, err = cli(capsys, generate.main, trained[0], "--max_new_tokens", 4)

@@ -1,5 +1,5 @@
-"""The GPU itself, where there is one (elsewhere skipped, saying why). conftest.py hides CUDA from this process,
-so each check runs in a process that sees the GPUs pytest was started with."""
+"""The GPU itself, where there is one (elsewhere skipped, saying why). conftest.py hides CUDA from
+this process, so each check runs in a process that sees the GPUs pytest was started with."""
 
 import csv
 import glob
@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, USER_CUDA, corpus_head, script_env
 
 from machinery import checkpoint
@@ -20,50 +19,63 @@ def gpu_env():
     """This process's environment with the CUDA_VISIBLE_DEVICES the user started pytest with."""
     env = script_env()
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env if os.environ[USER_CUDA] == "<unset>" else {**env, "CUDA_VISIBLE_DEVICES": os.environ[USER_CUDA]}
+    if os.environ[USER_CUDA] != "<unset>":
+        env["CUDA_VISIBLE_DEVICES"] = os.environ[USER_CUDA]
+    return env
 
 
 def a_gpu_is_here():  # asked only where a driver is: a torch start costs seconds
-    if os.environ[USER_CUDA] in ("", "-1") or not (glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi")):
+    if os.environ[USER_CUDA] in ("", "-1"):
+        return False
+    if not (glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi")):
         return False
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
                            capture_output=True, text=True, env=gpu_env(), timeout=120)
     return probe.stdout.strip() == "True"
 
 
-pytestmark = pytest.mark.skipif(not a_gpu_is_here(), reason="no CUDA GPU visible here")
+pytestmark = pytest.mark.slow  # every check starts a process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def a_gpu():
+    """Asked once, when the first of these tests runs, not when the suite is collected."""
+    if not a_gpu_is_here():
+        pytest.skip("no CUDA GPU visible here")
 
 
 def on_gpu(*argv, timeout=300):
-    done = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=ROOT, env=gpu_env(),
-                          timeout=timeout)
+    done = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
+                          cwd=ROOT, env=gpu_env(), timeout=timeout)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
 
 def test_a_gpu_run_trains_resumes_and_samples_the_same_text_for_the_same_seed(tmp_path):
     (tmp_path / "data.txt").write_text(corpus_head(100_000), encoding="utf-8")
-    flags = ["--data", tmp_path / "data.txt", "--out_dir", tmp_path / "run", "--device", "cuda", "--n_layer", 2,
-             "--n_embd", 64, "--n_head", 4, "--block_size", 64, "--batch_size", 32, "--lr", "3e-3", "--warmup_steps",
-             10, "--eval_interval", 50, "--eval_iters", 4, "--sample_tokens", 0, "--plots", "false"]
+    flags = ["--data", tmp_path / "data.txt", "--out_dir", tmp_path / "run", "--device", "cuda",
+             "--n_layer", 2, "--n_embd", 64, "--n_head", 4, "--block_size", 64, "--batch_size", 32,
+             "--lr", "3e-3", "--warmup_steps", 10, "--eval_interval", 50, "--eval_iters", 4,
+             "--sample_tokens", 0, "--plots", "false"]
     assert "device cuda" in on_gpu("train.py", *flags, "--max_steps", 100)
     with open(tmp_path / "run" / "history.csv", newline="") as f:
         evals = [float(row["val_loss"]) for row in csv.DictReader(f) if row["kind"] == "eval"]
     assert evals[-1] < evals[0] - 0.5
     out = on_gpu("train.py", *flags, "--resume", "--max_steps", 150)
     assert "resuming" in out and "done: 150 steps" in out
-    texts = [on_gpu("generate.py", tmp_path / "run" / "best.pt", "--device", "cuda", "--max_new_tokens", 200,
-                    "--seed", 7) for _ in range(2)]
+    argv = [tmp_path / "run" / "best.pt", "--device", "cuda", "--max_new_tokens", 200, "--seed", 7]
+    texts = [on_gpu("generate.py", *argv) for _ in range(2)]
     assert texts[0] == texts[1] and len(texts[0]) > 150
 
 
 def test_a_float16_run_trains_with_the_cuda_loss_scaler_and_saves_its_state(tmp_path):
     (tmp_path / "data.txt").write_text(corpus_head(50_000), encoding="utf-8")
-    out = on_gpu("train.py", "--data", tmp_path / "data.txt", "--out_dir", tmp_path / "run", "--preset", "tiny",
-                 "--device", "cuda", "--dtype", "float16", "--max_steps", 30, "--eval_interval", 30, "--eval_iters", 2,
-                 "--sample_tokens", 0, "--plots", "false")
+    out = on_gpu("train.py", "--data", tmp_path / "data.txt", "--out_dir", tmp_path / "run",
+                 "--preset", "tiny", "--device", "cuda", "--dtype", "float16", "--max_steps", 30,
+                 "--eval_interval", 30, "--eval_iters", 2, "--sample_tokens", 0, "--plots", "false")
     assert "float16" in out and "done: 30 steps" in out
-    assert checkpoint.load(str(tmp_path / "run" / "last.pt"))["scaler"]["scale"] > 0  # a resume goes on with it
+    # a resume goes on with it
+    assert checkpoint.load(str(tmp_path / "run" / "last.pt"))["scaler"]["scale"] > 0
 
 
 SAVE_ON_GPU = """
@@ -73,20 +85,22 @@ from model import GPT
 from machinery import checkpoint
 torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32)).cuda().eval()
-chars = {"kind": "char", "chars": [chr(33 + i) for i in range(64)], "special_tokens": ["<|endoftext|>"]}
+chars = {"kind": "char", "chars": [chr(33 + i) for i in range(64)],
+         "special_tokens": ["<|endoftext|>"]}
 checkpoint.save(sys.argv[1], checkpoint.contents(model, chars, step=0))
-with torch.no_grad():
-    torch.save(model(torch.arange(16, device="cuda")[None])[0].cpu(), sys.argv[1] + ".logits")  # what the GPU gave
+with torch.no_grad():  # what the GPU gave
+    torch.save(model(torch.arange(16, device="cuda")[None])[0].cpu(), sys.argv[1] + ".logits")
 """
 
 
 def test_a_checkpoint_saved_from_the_gpu_loads_onto_the_cpu(tmp_path):
     on_gpu("-c", SAVE_ON_GPU, tmp_path / "gpu.pt")
-    model, tokenizer, _ = checkpoint.load_model(str(tmp_path / "gpu.pt"))  # this process sees no GPU
+    model, tokenizer, _ = checkpoint.load_model(str(tmp_path / "gpu.pt"))  # here: no GPU seen
     assert next(model.parameters()).device.type == "cpu" and tokenizer.vocab_size == 65
     with torch.no_grad():
         logits = model(torch.arange(16)[None])[0]
-    assert torch.allclose(logits, torch.load(tmp_path / "gpu.pt.logits", weights_only=True), atol=1e-4)
+    on_the_gpu = torch.load(tmp_path / "gpu.pt.logits", weights_only=True)
+    assert torch.allclose(logits, on_the_gpu, atol=1e-4)
 
 
 KV_CACHE = """
@@ -99,18 +113,22 @@ TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}  # of the large
 dtypes = ["float32", "float16"] + ["bfloat16"] * torch.cuda.is_bf16_supported()
 for pos in ("learned", "rope"):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=64, pos=pos)).cuda().eval()
+    cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=64, pos=pos)
+    model = GPT(cfg).cuda().eval()
     prompt = torch.randint(0, 65, (2, 5), device="cuda")
-    assert torch.equal(generate(model, prompt, 40, GREEDY), generate(model, prompt, 40, GREEDY, use_cache=False))
+    recomputed = generate(model, prompt, 40, GREEDY, use_cache=False)
+    assert torch.equal(generate(model, prompt, 40, GREEDY), recomputed)
     for name in dtypes:
         idx, cached, full, worst = prompt, Context(model, True), Context(model, False), 0.0
-        with torch.no_grad(), torch.autocast("cuda", getattr(torch, name), enabled=name != "float32"):
+        autocast = torch.autocast("cuda", getattr(torch, name), enabled=name != "float32")
+        with torch.no_grad(), autocast:
             for _ in range(40):  # 45 tokens > block_size 16: the cache is refilled
                 a, b = cached.next_logits(idx).float(), full.next_logits(idx).float()
                 worst = max(worst, ((a - b).abs().max() / b.abs().max()).item())
                 top2 = b.topk(2).values
                 sure = top2[:, 0] - top2[:, 1] > 2 * TOLERANCE[name] * b.abs().max()
-                assert not (sure & (a.argmax(-1) != b.argmax(-1))).any(), (pos, name)  # the same greedy token
+                # the same greedy token
+                assert not (sure & (a.argmax(-1) != b.argmax(-1))).any(), (pos, name)
                 idx = torch.cat((idx, b.argmax(-1, keepdim=True)), dim=1)
         assert worst < TOLERANCE[name], (pos, name, worst)
         print("agrees", pos, name, worst)
@@ -126,17 +144,24 @@ RESUME_FUSED = """
 import dataclasses, sys, torch
 import optim, train
 from config import GPTConfig, RunOptions, TrainConfig
-from machinery import checkpoint
+from machinery import checkpoint, setup
 data, out = sys.argv[1:3]
-cfg = TrainConfig(data=data, out_dir=out, batch_size=8, max_steps=3, eval_interval=3, eval_iters=1, warmup_steps=1,
-                  sample_tokens=0, plots=False, device="cuda", dtype="float32")
+cfg = TrainConfig(data=data, out_dir=out, batch_size=8, max_steps=3, eval_interval=3, eval_iters=1,
+                  warmup_steps=1, sample_tokens=0, plots=False, device="cuda", dtype="float32")
 shape = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
-fused = lambda: checkpoint.load(out + "/last.pt")["optimizer"]["param_groups"][0]["fused"]
-train.make_optimizer = lambda model, cfg, device: optim.make_optimizer(model, cfg, torch.device("mps"))  # a Mac's
+
+def fused():
+    return checkpoint.load(out + "/last.pt")["optimizer"]["param_groups"][0]["fused"]
+
+def as_a_mac_makes_it(model, cfg, device):
+    return optim.make_optimizer(model, cfg, torch.device("mps"))
+
+setup.make_optimizer = as_a_mac_makes_it
 train.train(shape, cfg)
 print("saved fused", fused())
-train.make_optimizer = optim.make_optimizer
-train.train(shape, dataclasses.replace(cfg, max_steps=6), RunOptions(resume=True), given={"max_steps": 6})
+setup.make_optimizer = optim.make_optimizer
+train.train(shape, dataclasses.replace(cfg, max_steps=6), RunOptions(resume=True),
+            given={"max_steps": 6})
 print("resumed fused", fused())
 """
 
@@ -144,4 +169,5 @@ print("resumed fused", fused())
 def test_a_run_saved_with_the_plain_adamw_kernel_resumes_with_the_fused_one(tmp_path):
     (tmp_path / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     out = on_gpu("-c", RESUME_FUSED, tmp_path / "data.txt", tmp_path / "run")
-    assert "saved fused False" in out and "done: 6 steps" in out and "resumed fused True" in out, out
+    assert "saved fused False" in out and "done: 6 steps" in out, out
+    assert "resumed fused True" in out, out
