@@ -18,16 +18,10 @@ USER_CUDA = "TINYLLM_USER_CUDA_VISIBLE_DEVICES"
 os.environ.setdefault(USER_CUDA, os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"))
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-import torch  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import GPTConfig, SamplerConfig, TrainConfig  # noqa: E402
-
-# tiny models gain nothing from a second thread, which waits for the first on a busy machine;
-# pytest-xdist's workers share the cores
-torch.set_num_threads(1)
 
 
 def tree_state():
@@ -47,8 +41,13 @@ def tests_leave_the_tree_as_they_found_it():
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_and_offline():
-    """A Mac's GPU is hidden as CUDA is; a connection anywhere but this machine fails at once."""
+    """A Mac's GPU is hidden as CUDA is; a connection anywhere but this machine fails at once.
+    One torch thread: tiny models gain nothing from a second, and xdist's workers share the cores.
+    (torch is imported here, not above: xdist's controller, which runs no test, skips it.)"""
+    import torch
+
     from machinery import device
+    torch.set_num_threads(1)
     real_machine, real_connect = device.machine, socket.socket.connect
 
     def local_only(sock, address):

@@ -125,6 +125,7 @@ def chat_model(tmp_path_factory):
     return str(folder / "run" / "best.pt")
 
 
+@pytest.mark.slow  # trains or loads for seconds
 def test_qa_asks_a_question_as_the_chat_template_does(chat_model, tmp_path, capsys):
     code, out, _ = cli(capsys, generate.main, chat_model, "--qa", "--prompt", "Hello!",
                        "--temperature", "0", "--max_new_tokens", "60")
@@ -166,6 +167,7 @@ def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
     assert "Your name is Tom." in said[2] and "Your name is Ada." in said[5], said
 
 
+@pytest.mark.slow  # trains or loads for seconds
 def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(chat_model, monkeypatch,
                                                                           capsys):
     typed = iter(["My name is Ada.", "What is my name?", "Hello!", "/quit"])
@@ -211,6 +213,7 @@ def test_lora_trains_rank_r_matrices_and_starts_as_the_base():
     assert torch.equal(model(x)[0], before)  # B starts at 0
 
 
+@pytest.mark.slow  # trains or loads for seconds
 def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(trained, tmp_path,
                                                                              monkeypatch, capsys):
     base_path = trained[0]

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 
-import matplotlib.image
 import pytest
 import torch
 from conftest import (
@@ -35,6 +34,7 @@ from utils import CharTokenizer, split_train_val
 
 
 def opens(*paths):
+    import matplotlib.image  # here: its import is slow, and most tests draw nothing
     for path in paths:
         assert matplotlib.image.imread(str(path)).ndim == 3, path
 
@@ -98,6 +98,7 @@ def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
     assert len(maps) == 2
 
 
+@pytest.mark.slow  # draws four pictures: seconds
 def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_losses(
         trained, tmp_path, capsys):
     code, out, err = cli(capsys, pictures.main, trained[0], "--out_dir", tmp_path,
@@ -117,6 +118,7 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
     assert drawn == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.slow  # draws pictures: seconds
 def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text(corpus_head(12_000).replace("e", "é"), encoding="utf-8")  # é: two bytes
@@ -239,6 +241,7 @@ def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(
         assert torch.equal(torch.as_tensor(data), train_ids[:int(len(train_ids) * 0.25)])
 
 
+@pytest.mark.slow  # trains or loads for seconds
 def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(
         tmp_path, monkeypatch, capsys):
     """The probe (each size's step time) is given in the JSON: the plan does not depend on this
@@ -362,6 +365,7 @@ def hf_folder(tmp_path_factory):
     return folder, hf
 
 
+@pytest.mark.slow  # trains or loads for seconds
 def test_a_hugging_face_gpt2_loads_with_its_logits_and_greedy_continuation(hf_folder):
     folder, hf = hf_folder
     model = hf_gpt2.load_gpt2(str(folder))
@@ -376,6 +380,7 @@ def test_a_hugging_face_gpt2_loads_with_its_logits_and_greedy_continuation(hf_fo
     assert torch.equal(sampling.generate(model, ids[:, :4], 12, GREEDY), theirs)
 
 
+@pytest.mark.slow  # imports transformers: seconds
 @pytest.mark.parametrize("change, word", [
     (dict(activation_function="relu"), "activation_function"),
     ("bert", "model_type"),
@@ -404,6 +409,7 @@ class Payload:
         return open, (self.target, "w")
 
 
+@pytest.mark.slow  # imports transformers: seconds
 def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = hf_config(n_layer=1, vocab_size=64, bos_token_id=0, eos_token_id=0)
