@@ -3,8 +3,8 @@
     python train.py     # data/input.txt: preset tiny on a CPU (five minutes), small on a GPU
     python train.py --preset small --max_steps 50 --seed 1
 
-In order: one step and an evaluation, the loop, its progress lines, evaluations and saves, a time
-budget, the end. The set-up before the loop (settings, data, model, precision): machinery/setup.py.
+In order: one step and an evaluation; the set-up, the loop, its progress lines, evaluations and
+saves, the end. machinery/training.py holds the set-up's parts and the time budget's clock.
 """
 
 import machinery  # noqa: F401 (first, before torch: it notes the start time, calms OpenMP)
@@ -19,10 +19,11 @@ from dataclasses import asdict
 
 import torch
 
-from config import RunOptions, TinyLLMError
-from machinery import checkpoint, cli, ddp, plots, setup
+from config import MAX_SEED, RunOptions, TinyLLMError, parse_duration
+from machinery import checkpoint, cli, ddp, plots, training
 from machinery import device as devices
-from optim import get_lr, progress
+from machinery.training import Run, TrainState
+from optim import get_lr, make_optimizer, progress
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------- one step, an evaluation
@@ -74,16 +75,51 @@ def estimate_loss(model, batches, eval_iters, ctx):
 
 def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes."""
-    started = time.perf_counter() if started is None else started  # a time budget counts from here
     with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size or model, "
                                         "or --grad_accum_steps 2"):
-        run = setup.set_up(model_cfg, cfg, options or RunOptions(), preset, given or {}, started,
-                           trial_step)
-        return train_loop(run)
+        return train_loop(set_up(model_cfg, cfg, options or RunOptions(), preset, given or {},
+                                 started))
+
+
+def set_up(model_cfg, cfg, options, preset, given, started=None):
+    """Everything before the first step, in order, each input checked before the run writes
+    anything: machinery/training.py's functions. A time budget counts from started."""
+    started = time.perf_counter() if started is None else started
+    rank, world, device = ddp.setup(devices.choose_device(cfg.device))
+    say = cli.log if rank == 0 else (lambda text: None)
+    model_cfg, cfg, preset, source, path, resumed = training.settings(
+        model_cfg, cfg, options, preset, given, world, say)
+    devices.set_threads(cfg.threads)
+    devices.seed_everything(cfg.seed)  # the same initial weights on every rank
+    corpus, model, adapter = training.data_and_model(model_cfg, cfg, source, path, options, say)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg, device)  # optim.py
+    state = TrainState()
+    if resumed:  # the state, the optimizer's moments and the random generators as saved
+        state = training.restore(source, optimizer, cfg, rank, world, say)
+    if world > 1 and len(source.get("rngs", []) if resumed else []) != world:
+        # each rank draws its own batches
+        devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
+    train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
+    batches = training.make_batches(corpus, model.config.block_size, cfg, world, device)
+    if options.overfit_batch:  # a sanity check: every step trains on one batch
+        fixed = batches["train"]()
+        batches["train"] = lambda: fixed
+        say("overfit_batch: training on one fixed batch, writing nothing; "
+            "the loss should fall towards 0")
+    run = Run(cfg, options, preset, rank, world, device, corpus, model, train_model, optimizer,
+              batches, state, started, adapter, parse_duration(cfg.time_budget))
+    training.set_precision(run, source if resumed else {}, trial_step)
+    training.print_header(run)
+    if options.overwrite and run.master and run.writes and not resumed:  # the old run's go now
+        checkpoint.clear_out_dir(cfg.out_dir)
+    if run.budget and cfg.sample_tokens:  # a budget keeps the closing sample's time free
+        run.sample_seconds = training.time_closing_sample(run)
+    return run
 
 
 def trial_step(run, ctx, scaler):
-    """A step at the peak LR: --dtype auto times these, --compile tries one."""
+    """A step at the peak LR: --dtype auto times such steps, --compile tries one."""
     cfg = run.cfg
     return train_step(run.train_model, run.optimizer, run.batches["train"], cfg.lr,
                       cfg.grad_accum_steps, cfg.grad_clip, ctx, scaler)
@@ -92,18 +128,18 @@ def trial_step(run, ctx, scaler):
 def train_loop(run):
     """Evaluate now and then and take steps until the run's end or an early stop."""
     cfg, state = run.cfg, run.state
-    run.first = (state.step, clock(run))
+    run.first = (state.step, training.clock(run))
     run.line = (state.step, time.perf_counter())
     stop_reason, signum = None, 0
     with cli.StopRequest(announce=run.master) as stop:
         while True:
-            seconds = clock(run) if run.budget else 0.0
+            seconds = training.clock(run) if run.budget else 0.0
             at_end = state.step >= cfg.max_steps
             if run.budget:
                 at_end = state.progress >= 1.0
             # evaluate every eval_interval steps (under a budget, if time is left for steps after
             # it) and at the end, never twice at one step (a resume starts at its last one)
-            room = not run.budget or seconds + state.eval_seconds < budget_end(run)
+            room = not run.budget or seconds + state.eval_seconds < training.budget_end(run)
             due = at_end or (state.step % cfg.eval_interval == 0 and room)
             if due and state.step != state.last_eval_step:
                 stop_reason = evaluate(run) or stop_reason  # --patience, --target_loss
@@ -116,7 +152,7 @@ def train_loop(run):
             # one step at the schedule's learning rate: by how far the run is, in steps or time
             state.progress = progress(state.step, cfg)
             if run.budget:
-                state.progress = budget_progress(run, seconds)
+                state.progress = training.budget_progress(run, seconds)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.batches["train"], lr,
                                  cfg.grad_accum_steps, cfg.grad_clip, run.ctx, run.scaler)
@@ -173,7 +209,7 @@ def log_progress(run):
     run.line = (state.step, time.perf_counter())
     ms = 1000 * since / max(1, steps)
     tokens_per_s = run.cfg.batch_size * run.model.config.block_size / ms * 1000 if ms else 0.0
-    end = end_step(run, ms / 1000)
+    end = training.end_step(run, ms / 1000)
     eta = cli.format_seconds((end - state.step) * ms / 1000) if end else "?"
     shown = [f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}"
              for k, v in figures.items()]
@@ -214,7 +250,7 @@ def evaluate(run):
                               "val_loss": val_loss, "lr": state.lr, "grad_norm": state.grad_norm,
                               "seconds": run.elapsed()})
         bits = bits_per_char(val_loss, run.corpus.chars_per_token)
-        line = (f"eval {state.step:>6}/{end_step(run) or '?'} | train {train_loss:.4f} | "
+        line = (f"eval {state.step:>6}/{training.end_step(run) or '?'} | train {train_loss:.4f} | "
                 f"val {val_loss:.4f} ({bits:.3f} bits/char)")
         if state.step == 0:
             line += f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}"
@@ -253,47 +289,6 @@ def save(run, name):
     checkpoint.save(os.path.join(run.cfg.out_dir, name), contents)
 
 
-# ----------------------------------------------------------------------------------- a time budget
-
-def clock(run):
-    """The run's seconds so far, the ranks' mean: their clocks differ, and all must decide alike."""
-    return ddp.mean([run.elapsed()], run.world, run.device)[0]
-
-
-def budget_end(run):
-    """When the steps must end: the budget, less room for the closing evaluation and sample (and
-    1% to exit)."""
-    return run.budget * 0.99 - run.state.eval_seconds - run.sample_seconds
-
-
-def budget_progress(run, seconds):
-    """How far a budgeted run is: 0 through the warmup, then the share spent of the time from the
-    warmup's end to the budget's, counted at this step's end (the step that crosses it is at 1)."""
-    state, cfg = run.state, run.cfg
-    if state.step <= cfg.warmup_steps:
-        if seconds >= budget_end(run):
-            raise TinyLLMError(f"--time_budget {cfg.time_budget} is too short here: {seconds:.1f}s "
-                               f"were gone before the warmup's {cfg.warmup_steps} steps; give more "
-                               f"time or fewer --warmup_steps")
-        state.decay_start = seconds
-        return 0.0
-    pace = (seconds - run.first[1]) / max(1, state.step - run.first[0])  # evaluations included
-    span = max(1e-9, budget_end(run) - state.decay_start)
-    return min(1.0, (seconds + pace - state.decay_start) / span)
-
-
-def end_step(run, pace=None):
-    """The step the run ends at: max_steps, or a budget's estimate at its pace so far (None before
-    one)."""
-    if not run.budget:
-        return run.cfg.max_steps
-    steps, seconds = run.state.step - run.first[0], run.elapsed() - run.first[1]
-    pace = seconds / steps if steps else pace
-    if not pace:
-        return None
-    return run.state.step + max(0, math.ceil((budget_end(run) - run.elapsed()) / pace))
-
-
 # ----------------------------------------------------------------------------------------- the end
 
 def finish(run, stop_reason, signum):
@@ -317,10 +312,10 @@ def finish(run, stop_reason, signum):
     run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
             f"{cli.format_seconds(run.elapsed())}{files if run.writes else ''}")
     if run.budget:
-        run.say(f"time budget {cfg.time_budget}: {cli.format_seconds(clock(run))} used, "
+        run.say(f"time budget {cfg.time_budget}: {cli.format_seconds(training.clock(run))} used, "
                 f"{state.step:,} steps, the last at LR {state.lr:.4g} (min_lr {cfg.min_lr:g})")
     if cfg.sample_tokens and run.master:
-        run.say("sample:\n" + setup.closing_sample(run, cfg.sample_tokens))
+        run.say("sample:\n" + training.closing_sample(run, cfg.sample_tokens))
     ddp.leave_together(run.world)
     return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
             "model": run.model, "seconds": run.elapsed(), "stop_reason": stop_reason,
@@ -328,10 +323,11 @@ def finish(run, stop_reason, signum):
 
 
 def main(argv=None, started=None):
-    options, model_cfg, cfg, preset, given = setup.parse_flags(argv)
+    options, model_cfg, cfg, preset, given = training.parse_flags(argv)
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
-        setup.evaluate_checkpoint(path, given.get("data"), cfg.device, cfg.batch_size, cfg.threads)
+        training.evaluate_checkpoint(path, given.get("data"), cfg.device, cfg.batch_size,
+                                     cfg.threads)
     elif options.plot_lr:
         plots.draw_lr_schedule(cfg)
     else:

@@ -18,7 +18,7 @@ from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
 
 import train
 from config import PRESETS
-from machinery import checkpoint, setup
+from machinery import checkpoint, training
 from machinery import cli as machinery_cli
 from machinery import device as devices
 
@@ -63,12 +63,13 @@ def test_train_refuses_nonsense_in_one_line_and_writes_nothing(text_file, tmp_pa
 
 
 def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
-    options, _, cfg, _, _ = setup.parse_flags(["--overwrite", "--plots", "false", "--tag", "night",
-                                               "--lr-max", "0.01", "--warmup", "7"])
+    argv = ["--overwrite", "--plots", "false", "--tag", "night", "--lr-max", "0.01",
+            "--warmup", "7"]
+    options, _, cfg, _, _ = training.parse_flags(argv)
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert setup.parse_flags(["--plots", "--preset", "tiny"])[2].plots
+    assert training.parse_flags(["--plots", "--preset", "tiny"])[2].plots
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -97,7 +98,7 @@ def test_running_out_of_memory_is_one_line_saying_what_to_try(text_file, tmp_pat
         if memory == "cpu":  # the allocator's own error: more bytes than any machine has
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(setup, "make_optimizer", out_of_memory)
+    monkeypatch.setattr(train, "make_optimizer", out_of_memory)
     code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir",
                        tmp_path / "run")
     assert_one_line_error(code, err, "out of memory", "--batch_size")

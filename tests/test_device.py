@@ -16,7 +16,7 @@ import generate
 import sampling
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
-from machinery import checkpoint, setup
+from machinery import checkpoint
 from machinery import device as devices
 from model import GPT
 from optim import make_optimizer
@@ -129,7 +129,7 @@ def test_dtype_auto_measures_only_on_a_cpu_with_native_bfloat16(fake_machine, mo
         return choice
     monkeypatch.setattr(devices, "measure_dtype", measure)
     cfg = tiny_run(text_file, tmp_path, dtype="auto")
-    run = setup.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, 0.0, train.trial_step)
+    run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, 0.0)
     expected = (choice, "bfloat16") if bf16_cpu else (None, "float32")
     assert (run.measured, run.dtype) == expected
 
@@ -206,8 +206,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = setup.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, 0.0,
-                       train.trial_step)
+    run = train.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, 0.0)
     assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
 
 

@@ -28,7 +28,7 @@ import bpe
 import model as model_module
 import sampling
 import train
-from machinery import checkpoint, hf_gpt2, setup
+from machinery import checkpoint, hf_gpt2, training
 from tools import ablation, compare, decoding, pictures, scaling
 from utils import CharTokenizer, split_train_val
 
@@ -114,7 +114,7 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
     val = torch.tensor(tokenizer.encode(val_text)[:100])  # the val split's first 100
     surprise = said[str(tmp_path / "surprise.png")]
     drawn = float(re.search(r"([\d.]+) bits per character", surprise).group(1))
-    expected = setup.token_losses(model, val).mean().item() / math.log(2)
+    expected = training.token_losses(model, val).mean().item() / math.log(2)
     assert drawn == pytest.approx(expected, abs=1e-4)
 
 
@@ -224,12 +224,12 @@ def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback
 
 def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(
         text_file, tmp_path, monkeypatch):
-    handed, real = [], setup.get_batch
+    handed, real = [], training.get_batch
 
     def get_batch(data, *args, **kwargs):
         handed.append(data)
         return real(data, *args, **kwargs)
-    monkeypatch.setattr(setup, "get_batch", get_batch)
+    monkeypatch.setattr(training, "get_batch", get_batch)
     scaling.run((1, 16, 2), 3, str(tmp_path / "run"), text_file, data_fraction=0.25, **TINY)
     with open(text_file, encoding="utf-8") as f:
         text = f.read()

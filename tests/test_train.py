@@ -28,7 +28,7 @@ from conftest import (
 import generate
 import train
 from config import ASSISTANT, EOT, USER, RunOptions, TinyLLMError, TrainConfig
-from machinery import checkpoint, setup, sources
+from machinery import checkpoint, sources, training
 from model import GPT
 from optim import Muon, get_lr, make_optimizer, orthogonalize, progress
 
@@ -212,12 +212,12 @@ def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path,
     """The scaling study's data-limited runs: every training batch from the first part of the
     split, val from all."""
     seen = []
-    real = setup.get_batch
+    real = training.get_batch
 
     def recording_get_batch(data, *a, **k):
         seen.append(len(data))
         return real(data, *a, **k)
-    monkeypatch.setattr(setup, "get_batch", recording_get_batch)
+    monkeypatch.setattr(training, "get_batch", recording_get_batch)
     summary = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=6,
                                                  data_fraction=0.25))
     train_tokens, val_tokens = len(summary["corpus"].train), len(summary["corpus"].val)
@@ -231,7 +231,7 @@ def test_eval_only_scores_every_position_of_the_val_split(trained, capsys):
     code, out, _ = cli(capsys, train.main, "--eval_only", path, "--device", "cpu")
     model, tokenizer, saved = checkpoint.load_model(path)
     val = torch.tensor(tokenizer.encode(corpus_head(20_000)[18_000:]))
-    losses = setup.token_losses(model, val)
+    losses = training.token_losses(model, val)
     assert code == 0 and f"loss {losses.mean().item():.4f}" in out
     assert len(losses) == len(val) - 1
 
@@ -246,7 +246,7 @@ def test_eval_only_of_a_chat_model_scores_its_answers_alone(chat_run, capsys):
     for token in ids.tolist():
         answer.append(inside)
         inside = token == tokenizer.encode(ASSISTANT)[0] or (inside and token != tokenizer.eot_id)
-    losses = setup.token_losses(model, ids)
+    losses = training.token_losses(model, ids)
     answers_only = losses[torch.tensor(answer[1:])].mean().item()
     assert code == 0 and f"loss {answers_only:.4f}" in out
     assert abs(answers_only - losses.mean().item()) > 1e-3  # not every token's
@@ -403,7 +403,7 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
         group["fused"] = None  # as a Mac saves it
     model = checkpoint.model_of(saved)
     optimizer = make_optimizer(model, TrainConfig(), CPU)
-    setup.restore(saved, optimizer, TrainConfig(max_steps=60, warmup_steps=5), 0, 1, print)
+    training.restore(saved, optimizer, TrainConfig(max_steps=60, warmup_steps=5), 0, 1, print)
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
@@ -512,7 +512,7 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, war
     started = time.perf_counter()
     cfg = tiny_run(text_file, tmp_path, time_budget="3s", warmup_steps=5, eval_interval=10**6,
                    eval_iters=1)
-    run = setup.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, started, train.trial_step)
+    run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, started)
     val = run.batches["val"]
 
     def slow_val():  # the evaluations' batches come slowly
@@ -541,14 +541,17 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end
 
 @pytest.mark.slow
 def test_a_budget_counts_from_the_process_start_imports_included(text_file, tmp_path):
-    """python train.py --time_budget 7s ends 7 s after it starts, not after its imports."""
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "train.py", *TINY_FLAGS, "--data", text_file,
-                           "--out_dir", tmp_path, "--time_budget", "7s", "--warmup_steps", "5"],
-                          cwd=ROOT, env=script_env(), capture_output=True, text=True)
-    took = time.perf_counter() - started
-    assert done.returncode == 0, done.stderr
-    assert 6.5 < took < 8.0  # its imports alone take seconds
+    """python train.py --time_budget 7s ends 7 s after it starts, not 7 s after its imports."""
+    def seconds(*argv):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=script_env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return time.perf_counter() - started
+    imports = seconds("-c", "import train")  # on this machine, as busy as it is now
+    took = seconds("train.py", *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path,
+                   "--time_budget", "7s", "--warmup_steps", "5")
+    assert 6.5 < took < 7.2 + imports / 2
 
 
 def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, capsys):

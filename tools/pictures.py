@@ -20,7 +20,7 @@ from machinery import checkpoint, cli, sources
 from machinery import device as devices
 from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.plots import new_plot, save_plot
-from machinery.setup import token_losses
+from machinery.training import token_losses
 from sampling import next_token_probs
 from tools.decoding import temperatures
 from utils import CharTokenizer, bits_per_char, chars_per_token

@@ -1,7 +1,7 @@
-"""A run's set-up, before train.py's loop: the settings (checked against a resumed or fine-tuned
-checkpoint), the data and the model (new tokens, LoRA), the optimizer, the precision, the opening
-lines. Plain functions, called in this order by train.train. Then train.py's --eval_only and
-command line."""
+"""What a training run needs besides the lesson, as plain functions: the set-up that train.set_up
+calls in order (the settings, checked against a resumed or fine-tuned checkpoint; the data and
+the model, with new tokens and LoRA; the precision; the opening lines), the time budget's clock,
+the closing sample, --eval_only, and train.py's command line."""
 
 import functools
 import math
@@ -15,7 +15,6 @@ import torch
 import lora
 from config import (
     ASSISTANT,
-    MAX_SEED,
     PRESETS,
     RESUME_MAY_CHANGE,
     USER,
@@ -28,12 +27,11 @@ from config import (
     default_preset,
     from_saved,
     make_config,
-    parse_duration,
 )
 from machinery import checkpoint, cli, ddp, sources
 from machinery import device as devices
 from model import GPT, lm_loss
-from optim import get_lr, make_optimizer, progress
+from optim import get_lr, progress
 from sampling import generate
 from utils import bits_per_char, get_batch
 
@@ -57,7 +55,7 @@ class TrainState:
 
 @dataclass
 class Run:
-    """What the loop works with, set up once; what the steps change is in state."""
+    """What the loop works with; state holds what a checkpoint saves, the rest is this process's."""
     cfg: TrainConfig
     options: RunOptions
     preset: str
@@ -72,6 +70,7 @@ class Run:
     state: TrainState
     started: float              # when this process began: a time budget counts from there
     lora: dict                  # a LoRA run's base and adapter settings, else None
+    budget: float = None        # a --time_budget's seconds
     measured: dict = None       # what --dtype auto measured: a resume keeps its choice
     dtype: str = "float32"
     ctx: object = None          # the forward pass's autocast
@@ -88,55 +87,12 @@ class Run:
     def writes(self):  # --overfit_batch writes nothing
         return not self.options.overfit_batch
 
-    @property
-    def budget(self):  # a --time_budget's seconds, else None
-        return parse_duration(self.cfg.time_budget)
-
     def say(self, text):
         if self.master:
             cli.log(text)
 
     def elapsed(self):  # this process's seconds, set-up included, plus those before a resume
         return self.state.seconds + time.perf_counter() - self.started
-
-
-def set_up(model_cfg, cfg, options, preset, given, started, step):
-    """Everything before the first step, each input checked before the run writes anything.
-    step(run, ctx, scaler) takes one training step: --dtype auto and --compile try it first."""
-    rank, world, device = ddp.setup(devices.choose_device(cfg.device))
-    say = cli.log if rank == 0 else (lambda text: None)
-    model_cfg, cfg, preset, source, path, resumed = settings(model_cfg, cfg, options, preset, given,
-                                                            say)
-    if cfg.batch_size % (world * cfg.grad_accum_steps):
-        raise TinyLLMError(f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
-                           f"({cfg.grad_accum_steps}) times the processes ({world})")
-    devices.set_threads(cfg.threads)
-    devices.seed_everything(cfg.seed)  # the same initial weights on every rank
-    corpus, model, adapter = data_and_model(model_cfg, cfg, source, path, options, say)
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg, device)  # optim.py
-    state = TrainState()
-    if resumed:
-        state = restore(source, optimizer, cfg, rank, world, say)
-    if world > 1 and len(source.get("rngs", []) if resumed else []) != world:
-        # each rank draws its own batches
-        devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
-    train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
-    batches = make_batches(corpus, model.config.block_size, cfg, world, device)
-    if options.overfit_batch:  # a sanity check: every step trains on one batch
-        fixed = batches["train"]()
-        batches["train"] = lambda: fixed
-        say("overfit_batch: training on one fixed batch, writing nothing; "
-            "the loss should fall towards 0")
-    run = Run(cfg, options, preset, rank, world, device, corpus, model, train_model, optimizer,
-              batches, state, started, adapter)
-    set_precision(run, source if resumed else {}, step)
-    print_header(run)
-    if options.overwrite and run.master and run.writes and not resumed:  # the old run's go now
-        checkpoint.clear_out_dir(cfg.out_dir)
-    if run.budget and cfg.sample_tokens:
-        run.sample_seconds = time_closing_sample(run)
-    return run
 
 
 def make_batches(corpus, block_size, cfg, world, device):
@@ -153,7 +109,7 @@ def make_batches(corpus, block_size, cfg, world, device):
 
 # ------------------------------------------------------------------------------------ the settings
 
-def settings(model_cfg, cfg, options, preset, given, say):
+def settings(model_cfg, cfg, options, preset, given, world, say):
     """The settings, what the run starts from and whether it resumes: (model_cfg, cfg, preset,
     source, its path, resumed); the source is last.pt when it resumes, --init_from's model when it
     fine-tunes, else None."""
@@ -165,6 +121,7 @@ def settings(model_cfg, cfg, options, preset, given, say):
             raise TinyLLMError(f"{last} is a run of preset {source.get('preset')!r}: "
                                f"--resume keeps it")
         model_cfg, cfg = resumed_settings(source, cfg, given, last)
+        check_batch(cfg, world)
         return model_cfg, cfg, source.get("preset", preset), source, last, True
     if options.resume:  # the same command starts the run now and continues it later
         say(f"--resume: no {last} yet, starting a fresh run")
@@ -187,7 +144,15 @@ def settings(model_cfg, cfg, options, preset, given, say):
         cfg = replace(cfg, time_budget="")
     if cfg.lora_rank and not options.init_from:
         raise TinyLLMError("--lora_rank adapts a trained model: give it with --init_from")
+    check_batch(cfg, world)
     return model_cfg, cfg, preset, source, last, False
+
+
+def check_batch(cfg, world):
+    """A batch splits evenly into the processes' micro-batches."""
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise TinyLLMError(f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
+                           f"({cfg.grad_accum_steps}) times the processes ({world})")
 
 
 def resumed_settings(source, cfg, given, last):
@@ -362,6 +327,51 @@ def print_header(run):
     elif cfg.max_steps <= cfg.warmup_steps:
         cli.warn(f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} "
                  f"steps): the LR never decays")
+
+
+# ------------------------------------------------------------------------- the time budget's clock
+
+def clock(run):
+    """The run's seconds so far, the ranks' mean: their clocks differ, and all must decide alike."""
+    return ddp.mean([run.elapsed()], run.world, run.device)[0]
+
+
+def budget_end(run):
+    """When the steps must end: the budget, less room for the closing evaluation and sample (and
+    1% to exit)."""
+    return run.budget * 0.99 - run.state.eval_seconds - run.sample_seconds
+
+
+def pace(run, seconds):
+    """A step's seconds in this process so far, evaluations included; None before its first."""
+    steps = run.state.step - run.first[0]
+    return (seconds - run.first[1]) / steps if steps else None
+
+
+def budget_progress(run, seconds):
+    """How far a budgeted run is: 0 through the warmup, then the share spent of the time from the
+    warmup's end to the budget's, counted at this step's end (the step that crosses it is at 1)."""
+    state, cfg = run.state, run.cfg
+    if state.step <= cfg.warmup_steps:
+        if seconds >= budget_end(run):
+            raise TinyLLMError(f"--time_budget {cfg.time_budget} is too short here: {seconds:.1f}s "
+                               f"were gone before the warmup's {cfg.warmup_steps} steps; give more "
+                               f"time or fewer --warmup_steps")
+        state.decay_start = seconds
+        return 0.0
+    span = max(1e-9, budget_end(run) - state.decay_start)
+    return min(1.0, (seconds + (pace(run, seconds) or 0.0) - state.decay_start) / span)
+
+
+def end_step(run, line_pace=None):
+    """The step the run ends at: max_steps, or a budget's estimate at its pace so far (the
+    progress line's before a step of this process; None before either)."""
+    if not run.budget:
+        return run.cfg.max_steps
+    step_seconds = pace(run, run.elapsed()) or line_pace
+    if not step_seconds:
+        return None
+    return run.state.step + max(0, math.ceil((budget_end(run) - run.elapsed()) / step_seconds))
 
 
 # ------------------------------------------------------------------------------ the closing sample
