@@ -260,8 +260,8 @@ def evaluate(run):
             if improved:
                 save(run, "best.pt")
             if run.master:
-                checkpoint.write_history(cfg.out_dir, state.history, cfg.plots,
-                                         run.model.config.vocab_size)
+                plots.write_history(cfg.out_dir, state.history, cfg.plots,
+                                    run.model.config.vocab_size)
     # a budget keeps as much time for the last evaluation
     state.eval_seconds = ddp.mean([time.perf_counter() - start], run.world, run.device)[0]
     if cfg.patience and state.evals_without_improvement >= cfg.patience:

@@ -1,7 +1,6 @@
 """Checkpoints, written atomically and read without running code; the run folder (--out_dir)."""
 
 import contextlib
-import csv
 import dataclasses
 import os
 import pickle
@@ -13,7 +12,6 @@ import torch
 from config import GPTConfig, TinyLLMError, from_saved
 from lora import adapter, add_adapters
 from machinery.cli import check_writable, first_line
-from machinery.plots import plot_loss
 from machinery.sources import tokenizer_from_dict
 from model import GPT
 
@@ -156,16 +154,6 @@ def describe(checkpoint):
     val = checkpoint.get("best_val_loss")
     best = f", best val {val:.4f}" if isinstance(val, float) else ""
     return f"step {checkpoint.get('step', '?')}{best}"
-
-
-def write_history(out_dir, history, plot, vocab_size):
-    """history.csv, a row per progress line and evaluation; with plot, loss.png."""
-    with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
-        writer.writeheader()
-        writer.writerows(history)
-    if plot:
-        plot_loss(history, os.path.join(out_dir, "loss.png"), vocab_size)
 
 
 def run_files(out_dir):

@@ -1,5 +1,7 @@
-"""Pictures: a run's loss.png, --plot_lr's schedule, and the figure helpers that tools/ use too."""
+"""Pictures: a run's loss.png (and its history.csv), --plot_lr's schedule, and the figure helpers
+that tools/ use too."""
 
+import csv
 import math
 import os
 
@@ -46,6 +48,16 @@ def plot_loss(history, path, vocab_size):
     ax.axhline(uniform, color="gray", linestyle="--", label=f"uniform ln(V) = {uniform:.2f}")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
     save_plot(fig, ax, path)
+
+
+def write_history(out_dir, history, plot, vocab_size):
+    """history.csv, a row per progress line and evaluation; with plot, loss.png."""
+    with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
+        writer.writeheader()
+        writer.writerows(history)
+    if plot:
+        plot_loss(history, os.path.join(out_dir, "loss.png"), vocab_size)
 
 
 def draw_lr_schedule(cfg):
