@@ -121,7 +121,13 @@ def main(argv=None):
         raise TinyLLMError(f"beam search draws nothing: drop {', '.join(drawn)}")
     device = devices.choose_device(cfg.device)
     devices.set_threads(cfg.threads)
-    prompt = sources.read_prompt(cfg)
+    prompt = cfg.prompt
+    if cfg.prompt_file:
+        try:
+            with open(cfg.prompt_file, encoding="utf-8-sig") as f:
+                prompt = f.read()
+        except UnicodeDecodeError:
+            raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
     out = cfg.output_file
     if out:
         if out.lower().endswith(".pt") or os.path.realpath(out) in map(os.path.realpath, paths):

@@ -114,7 +114,7 @@ def model_of(checkpoint, path="checkpoint"):
     return model
 
 
-def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
+def tokenizer_of(checkpoint, vocab_size, path):
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size > vocab_size:
         raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model "
@@ -123,7 +123,7 @@ def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
 
 
 def load_model(path, device="cpu"):
-    """(the model in eval mode on device, its tokenizer, the checkpoint on the CPU, no optimizer)"""
+    """(the model in eval mode on device, its tokenizer, the checkpoint without its optimizer)"""
     checkpoint = load(path)
     checkpoint.pop("optimizer", None)
     model = model_of(checkpoint, path).to(device).eval()
@@ -163,7 +163,7 @@ def run_files(out_dir):
     return [n for n in ("best.pt", "last.pt") if n in names] + periodic
 
 
-def claim_out_dir(out_dir, overwrite, keep=""):
+def claim_out_dir(out_dir, overwrite, keep):
     """Refuse a fresh run over another run's checkpoints; check it can write before training."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
@@ -187,6 +187,5 @@ def clear_out_dir(out_dir):
 
 
 def keep_newest(out_dir, keep_last):
-    """Delete the periodic checkpoints (ckpt_STEP.pt) but the newest keep_last."""
     for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
         os.remove(os.path.join(out_dir, name))
