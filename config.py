@@ -260,8 +260,7 @@ def make_config(cls, values):
 
 
 def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail later, in a
-    traceback); an unknown setting is refused, not ignored."""
+    """cls from a checkpoint's settings, each of its type: n_head 2.0 would fail in a traceback."""
     names = {f.name for f in fields(cls)}
     unknown = [k for k in saved if k not in names]
     if unknown:

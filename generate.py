@@ -1,5 +1,4 @@
 """Sample text from trained checkpoints; several get the same prompt and seed, to compare.
-The same seed on the same machine gives the same text.
 
     python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """

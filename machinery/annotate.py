@@ -54,8 +54,7 @@ def token_piece(tokenizer, token):
 
 
 class WholeCharacters:
-    """Tokens to whole characters, with their joint probability: a byte-level token can end
-    mid-character. The stop token is no text."""
+    """Tokens to whole characters and their joint probability: a token can end mid-character."""
 
     def __init__(self, tokenizer, stop=None):
         self.tokenizer, self.stop, self.ids, self.p = tokenizer, stop, [], 1.0

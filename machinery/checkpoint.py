@@ -82,8 +82,7 @@ def refused_as_unsafe(error):
 
 
 def unsafe_file(what):
-    return TinyLLMError(f"{what} holds objects other than tensors and plain data; tinyllm loads "
-                        f"only those, so that loading a file never runs code")
+    return TinyLLMError(f"{what} holds more than tensors and plain data: loading it could run code")
 
 
 def model_of(checkpoint, path="checkpoint"):

@@ -40,8 +40,7 @@ def draw_losses(ax, history, color, label=""):
 
 
 def write_history(out_dir, history, plot, vocab_size):
-    """history.csv, a row per progress line and evaluation; with plot, loss.png: the losses by step
-    and a uniform guess's, ln(V)."""
+    """history.csv, a row per progress line and evaluation; with plot, loss.png."""
     with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         writer.writeheader()
