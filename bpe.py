@@ -26,7 +26,7 @@ def replace_pair(ids, pair, new_id):
     return out
 
 
-def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), verbose=False):
+def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
     """The tokens' bytes by rank: the 256 bytes, then one merge a round of the most frequent pair
     (a tie to the pair whose bytes sort first), vocab_size - len(special_tokens) tokens in all."""
     n_merges = vocab_size - 256 - len(special_tokens)
@@ -34,7 +34,7 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN, special_tokens=(EOT,), ver
         raise TinyLLMError(f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
     # 1. distinct words with their counts: merges never cross a word (nor a special token)
     chunks = split_special(text, special_tokens)[::2]
-    word_counts = Counter(word for chunk in chunks for word in regex.findall(pattern, chunk))
+    word_counts = Counter(word for chunk in chunks for word in regex.findall(GPT2_PATTERN, chunk))
     words, freqs = [list(w.encode("utf-8")) for w in word_counts], list(word_counts.values())
     # 2. every adjacent pair's count, and the words holding it
     tokens = [bytes([b]) for b in range(256)]

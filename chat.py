@@ -2,9 +2,8 @@
 
     python chat.py checkpoints/chat/last.pt    # README.md's "Teach it to answer" trains it
 
-The conversation is kept in the chat template, <|user|>message\\n<|assistant|>answer<|endoftext|>,
-and each answer sees all of it. The KV cache carries over from turn to turn: a turn computes only
-its new tokens. Past block_size, the context restarts from its newest half (sampling.Context).
+Each answer sees the whole conversation. The KV cache carries over from turn to turn: a turn
+computes only its new tokens. Past block_size, the context restarts from its newest half.
 """
 
 import machinery  # noqa: F401 (first, before torch loads: OpenMP's idle threads soon sleep)
@@ -20,8 +19,7 @@ from sampling import Context, generate
 
 
 def answer(model, tokenizer, conversation, context, sampler, generator, max_new_tokens):
-    """The model's turn after the conversation (ids), printed as it comes: (its ids, ending with
-    <|endoftext|>, and whether Ctrl-C stopped it)."""
+    """The model's turn, printed as it comes: (its ids, EOT last; whether Ctrl-C stopped it)."""
     new, stop = [], tokenizer.eot_id
     pieces = WholeCharacters(tokenizer, stop)
 

@@ -21,8 +21,7 @@ def require(ok, message):
 def at_least(config, low, *names):
     for name in names:
         value = getattr(config, name)
-        words = "at least 1" if low == 1 else f"{low} or more"
-        require(value >= low, f"{name} must be {words}, got {value}")
+        require(value >= low, f"{name} must be at least {low}, got {value}")
 
 
 MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
@@ -133,7 +132,7 @@ class TrainConfig:
         check_choices(self)
 
 
-# what --resume may change; the rest (shape, data, tokenizer, batch, optimizer, schedule) is the run
+# what --resume may change; the rest (shape, data, optimizer, schedule...) is the run
 RESUME_MAY_CHANGE = ("out_dir", "tag", "max_steps", "time_budget", "grad_accum_steps",
                      "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
                      "patience", "target_loss", "device", "dtype", "compile", "threads",
@@ -167,8 +166,6 @@ class SamplerConfig:
                 f"0 (greedy) or between 0.001 and 1000, got {self.temperature}")
         require(self.top_k >= 0, f"--top_k must be 0 (off) or more, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
-
-
 
 
 @dataclass
@@ -263,8 +260,7 @@ def make_config(cls, values):
 
 
 def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail later, in a
-    traceback); a setting this version does not know is refused, not ignored."""
+    """cls from a checkpoint's settings, each of its type: n_head 2.0 would fail in a traceback."""
     names = {f.name for f in fields(cls)}
     unknown = [k for k in saved if k not in names]
     if unknown:

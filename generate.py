@@ -1,5 +1,4 @@
 """Sample text from trained checkpoints; several get the same prompt and seed, to compare.
-The same seed on the same machine gives the same text.
 
     python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """
@@ -121,7 +120,13 @@ def main(argv=None):
         raise TinyLLMError(f"beam search draws nothing: drop {', '.join(drawn)}")
     device = devices.choose_device(cfg.device)
     devices.set_threads(cfg.threads)
-    prompt = sources.read_prompt(cfg)
+    prompt = cfg.prompt
+    if cfg.prompt_file:
+        try:
+            with open(cfg.prompt_file, encoding="utf-8-sig") as f:
+                prompt = f.read()
+        except UnicodeDecodeError:
+            raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
     out = cfg.output_file
     if out:
         if out.lower().endswith(".pt") or os.path.realpath(out) in map(os.path.realpath, paths):

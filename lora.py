@@ -36,7 +36,6 @@ class LoRALinear(nn.Module):
 
 
 def add_adapters(model, rank, alpha, mlp=False):
-    """Freeze model, then wrap each attention projection (and the MLP's) in a LoRALinear."""
     model.requires_grad_(False)
     for block in model.blocks:
         block.attn.c_attn = LoRALinear(block.attn.c_attn, rank, alpha)
@@ -48,7 +47,6 @@ def add_adapters(model, rank, alpha, mlp=False):
 
 
 def adapter(model):
-    """The adapter's weights alone, by their names in the adapted model."""
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 

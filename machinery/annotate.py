@@ -54,8 +54,7 @@ def token_piece(tokenizer, token):
 
 
 class WholeCharacters:
-    """Tokens to whole characters, with their joint probability: a byte-level token can end
-    mid-character. The stop token, if given, is no text."""
+    """Tokens to whole characters and their joint probability: a token can end mid-character."""
 
     def __init__(self, tokenizer, stop=None):
         self.tokenizer, self.stop, self.ids, self.p = tokenizer, stop, [], 1.0
@@ -69,20 +68,17 @@ class WholeCharacters:
         text = self.tokenizer.decode(self.ids)
         return None if text.endswith("\ufffd") else self.flush()
 
-    def flush(self):
-        """(text, probability) of the tokens so far, whole characters or not."""
+    def flush(self):  # whole characters or not
         piece = (self.tokenizer.decode(self.ids), self.p)
         self.ids, self.p = [], 1.0
         return piece
 
-    def stream(self, token):
-        """Print the text as soon as the tokens make whole characters."""
+    def stream(self, token):  # printed as soon as the tokens make whole characters
         piece = self.add(token)
         if piece:
             print(piece[0], end="", flush=True)
 
     def end_stream(self, tail=""):
-        """Print what is left, then tail and a line end."""
         print(self.flush()[0] + tail, flush=True)
 
 
@@ -98,7 +94,7 @@ class Annotator:
     """Every sample's Steps as drawn (begin, add, end): the first written as it comes (live), any
     one later by report. A terminal gets colours; a file, a pipe or --show_top a row per token."""
 
-    def __init__(self, tokenizer, top=0, to_file=False):
+    def __init__(self, tokenizer, top, to_file):
         self.tokenizer, self.top = tokenizer, top
         self.colour = sys.stdout.isatty() and not to_file and not top
 

@@ -82,8 +82,7 @@ def refused_as_unsafe(error):
 
 
 def unsafe_file(what):
-    return TinyLLMError(f"{what} holds objects other than tensors and plain data; tinyllm loads "
-                        f"only those, so that loading a file never runs code")
+    return TinyLLMError(f"{what} holds more than tensors and plain data: loading it could run code")
 
 
 def model_of(checkpoint, path="checkpoint"):
@@ -114,7 +113,7 @@ def model_of(checkpoint, path="checkpoint"):
     return model
 
 
-def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
+def tokenizer_of(checkpoint, vocab_size, path):
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size > vocab_size:
         raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model "
@@ -123,7 +122,7 @@ def tokenizer_of(checkpoint, vocab_size, path="checkpoint"):
 
 
 def load_model(path, device="cpu"):
-    """(the model in eval mode on device, its tokenizer, the checkpoint on the CPU, no optimizer)"""
+    """(the model in eval mode on device, its tokenizer, the checkpoint without its optimizer)"""
     checkpoint = load(path)
     checkpoint.pop("optimizer", None)
     model = model_of(checkpoint, path).to(device).eval()
@@ -163,7 +162,7 @@ def run_files(out_dir):
     return [n for n in ("best.pt", "last.pt") if n in names] + periodic
 
 
-def claim_out_dir(out_dir, overwrite, keep=""):
+def claim_out_dir(out_dir, overwrite, keep):
     """Refuse a fresh run over another run's checkpoints; check it can write before training."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
@@ -187,6 +186,5 @@ def clear_out_dir(out_dir):
 
 
 def keep_newest(out_dir, keep_last):
-    """Delete the periodic checkpoints (ckpt_STEP.pt) but the newest keep_last."""
     for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
         os.remove(os.path.join(out_dir, name))

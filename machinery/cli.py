@@ -147,7 +147,7 @@ class StopRequest:
     active = None
     OUTPUT_GONE = 13  # the signal a reader gone stands for: exit 141, as SIGPIPE's
 
-    def __init__(self, announce=True):
+    def __init__(self, announce):
         self.signum, self.announce = None, announce
 
     def __enter__(self):

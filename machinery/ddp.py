@@ -48,7 +48,6 @@ def wrap(model, world, device):
 
 
 def mean(values, world, device):
-    """The ranks' mean of each value, the same on every rank."""
     if world == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -24,7 +24,7 @@ def machine():
                            torch=tuple(int(x) for x in torch.__version__.split(".")[:2]))
 
 
-def gpu(device=None):
+def gpu(device):
     """A CUDA GPU's name and (major, minor) compute capability; asking starts CUDA."""
     return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
 
@@ -37,7 +37,7 @@ def autocast_works(device_type, dtype):
             return torch.is_autocast_enabled(device_type)
 
 
-def choose_device(name="auto"):
+def choose_device(name):
     has = machine()
     if name == "auto":
         name = "cuda" if has.cuda else "mps" if has.mps else "cpu"
@@ -55,7 +55,7 @@ def describe(device):
     return f"{device} ({gpu(device)[0]})" if device.type == "cuda" else str(device)
 
 
-def set_threads(n=0):
+def set_threads(n):
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()

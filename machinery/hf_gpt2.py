@@ -83,5 +83,4 @@ def load_gpt2(name):
 
 
 def gpt2_checkpoint(name):
-    """--init_from gpt2: a checkpoint of GPT-2's weights, with its tokenizer."""
     return checkpoint.contents(load_gpt2(name), {"kind": "gpt2"}, step=0)

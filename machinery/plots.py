@@ -1,5 +1,4 @@
-"""Pictures: a run's loss.png (and its history.csv), --plot_lr's schedule, and the figure helpers
-that tools/ use too."""
+"""A run's history.csv and loss.png, --plot_lr's schedule, and the figure helpers tools/ use."""
 
 import csv
 import math
@@ -40,16 +39,6 @@ def draw_losses(ax, history, color, label=""):
             label=f"{label}val (best {best:.3f})")
 
 
-def plot_loss(history, path, vocab_size):
-    """Train and val loss by step, and the loss of a uniform guess, ln(V)."""
-    fig, ax = new_plot(height=4)
-    draw_losses(ax, history, "C0")
-    uniform = math.log(vocab_size)
-    ax.axhline(uniform, color="gray", linestyle="--", label=f"uniform ln(V) = {uniform:.2f}")
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-    save_plot(fig, ax, path)
-
-
 def write_history(out_dir, history, plot, vocab_size):
     """history.csv, a row per progress line and evaluation; with plot, loss.png."""
     with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
@@ -57,7 +46,12 @@ def write_history(out_dir, history, plot, vocab_size):
         writer.writeheader()
         writer.writerows(history)
     if plot:
-        plot_loss(history, os.path.join(out_dir, "loss.png"), vocab_size)
+        fig, ax = new_plot(height=4)
+        draw_losses(ax, history, "C0")
+        uniform = math.log(vocab_size)
+        ax.axhline(uniform, color="gray", linestyle="--", label=f"uniform ln(V) = {uniform:.2f}")
+        ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+        save_plot(fig, ax, os.path.join(out_dir, "loss.png"))
 
 
 def draw_lr_schedule(cfg):

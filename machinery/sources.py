@@ -1,6 +1,5 @@
-"""Training text and its tokens: a .txt file, a folder of them, .jsonl, a Q&A .json list, or a
-tools/prepare.py folder; the chat template; the tokenizer a checkpoint saves; prompts. Files are
-read as "utf-8-sig" (no byte-order mark) with CRLF as LF: the same tokens everywhere."""
+"""Training text and its tokens, the chat template, tokenizers, prompts. Files are read as
+"utf-8-sig" (no byte-order mark) with CRLF as LF: the same tokens everywhere."""
 
 import hashlib
 import json
@@ -107,8 +106,7 @@ def chat_document(record, where):
     return "".join(turn(m["role"], m["content"]) for m in messages)
 
 
-def turn(role, content):
-    """<|user|>question\n or <|assistant|>answer<|endoftext|>: the model learns to end its turn."""
+def turn(role, content):  # an answer ends with EOT: the model learns to end its turn
     return f"{USER}{content.strip()}\n" if role == "user" else f"{ASSISTANT}{content.strip()}{EOT}"
 
 
@@ -120,7 +118,6 @@ def clean_text(text):
 
 @dataclass
 class Corpus:
-    """A source, tokenized: the tokenizer and the two token streams."""
     tokenizer: object
     train: object              # 1-D token ids: a LongTensor, or a read-only np.memmap
     val: object
@@ -132,14 +129,13 @@ class Corpus:
 
 
 def make_tokenizer(kind, text, vocab_size=0, verbose=False):
-    """A new tokenizer of text, with <|endoftext|> and the chat template's tokens text holds."""
     special = [EOT] + [s for s in (USER, ASSISTANT) if s in text]
     return tokenizer_from_dict({"kind": kind, "special_tokens": special}, text, vocab_size, verbose)
 
 
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     """cfg.data split 90/10 and tokenized by the tokenizer given (grown if extend) or a new one."""
-    if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # made by tools.prepare: memory-mapped
+    if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # made by tools.prepare
         meta, train_ids, val_ids = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
             raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the model's")
@@ -190,7 +186,6 @@ def answer_targets(ids, tokenizer):
 
 
 def load_prepared(path):
-    """A tools.prepare folder: (meta, train tokens, val tokens), memory-mapped."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -213,10 +208,9 @@ def load_prepared(path):
 
 def tokenizer_from_dict(d, text=None, vocab_size=0, verbose=False):
     """Every tokenizer kind is made here: the one a to_dict() describes, or, given text, learned."""
-    d = d if isinstance(d, dict) else {}
     kind = d.get("kind")
     try:
-        special = d.get("special_tokens", [EOT] if kind == "gpt2" else [])  # (gpt2_checkpoint)
+        special = d.get("special_tokens", [EOT] if kind == "gpt2" else [])
         if isinstance(special, dict):  # bpe's: name -> id
             special = sorted(special, key=special.get)
         if not all(isinstance(s, str) for s in special):
@@ -228,7 +222,7 @@ def tokenizer_from_dict(d, text=None, vocab_size=0, verbose=False):
                 raise ValueError("chars must be distinct single characters")
             return CharTokenizer(d["chars"], special)
         if kind == "bpe" and text is not None:
-            tokens = train_bpe(text, vocab_size or BPE_VOCAB_SIZE, GPT2_PATTERN, special, verbose)
+            tokens = train_bpe(text, vocab_size or BPE_VOCAB_SIZE, special, verbose)
             return BPETokenizer(tokens, GPT2_PATTERN, special)
         if kind == "bpe":
             return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
@@ -253,16 +247,6 @@ def check_long_enough(ids, block_size, name, path):
     if len(ids) < block_size + 1:
         raise TinyLLMError(f"{path}: the {name} split has {len(ids)} tokens; block_size "
                            f"{block_size} needs {block_size + 1}: add text or lower --block_size")
-
-
-def read_prompt(cfg):
-    if not cfg.prompt_file:
-        return cfg.prompt
-    try:
-        with open(cfg.prompt_file, encoding="utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
 
 
 def encode_prompt(tokenizer, prompt, qa=False, say=warn):

@@ -9,7 +9,6 @@ from machinery.plots import draw_losses, new_plot, save_plot
 
 
 def read_history(run_dir):
-    """A run's history.csv rows, numbers as floats."""
     path = os.path.join(run_dir, "history.csv")
     try:
         with open(path, encoding="utf-8", newline="") as f:
