@@ -326,8 +326,8 @@ def main(argv=None, started=None):
     options, model_cfg, cfg, preset, given = training.parse_flags(argv)
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
-        training.evaluate_checkpoint(path, given.get("data"), cfg.device, cfg.batch_size,
-                                     cfg.threads)
+        checkpoint.evaluate_checkpoint(path, given.get("data"), cfg.device, cfg.batch_size,
+                                       cfg.threads)
     elif options.plot_lr:
         plots.draw_lr_schedule(cfg)
     else:

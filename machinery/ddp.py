@@ -59,5 +59,6 @@ def every_rank(value, world):
     """[rank 0's value, rank 1's, ...] on every rank; every rank must call it."""
     if world == 1:
         return [value]
-    dist.all_gather_object(values := [None] * world, value)
+    values = [None] * world
+    dist.all_gather_object(values, value)
     return values

@@ -63,7 +63,7 @@ def draw_lr_schedule(cfg):
     fig, ax = new_plot()
     ax.plot(lrs)
     ax.set(xlabel="step", ylabel="learning rate",
-           title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, floor {cfg.min_lr:g}")
+           title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}")
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
     save_plot(fig, ax, path)
     tenths = [round(cfg.max_steps * i / 10) for i in range(11)]

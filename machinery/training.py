@@ -1,7 +1,7 @@
 """What a training run needs besides the lesson, as plain functions: the set-up that train.set_up
 calls in order (the settings, checked against a resumed or fine-tuned checkpoint; the data and
 the model, with new tokens and LoRA; the precision; the opening lines), the time budget's clock,
-the closing sample, --eval_only, and train.py's command line."""
+the closing sample, and train.py's command line."""
 
 import functools
 import math
@@ -9,7 +9,6 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import torch
 
 import lora
@@ -30,10 +29,10 @@ from config import (
 )
 from machinery import checkpoint, cli, ddp, sources
 from machinery import device as devices
-from model import GPT, lm_loss
+from model import GPT
 from optim import get_lr, progress
 from sampling import generate
-from utils import bits_per_char, get_batch
+from utils import get_batch
 
 
 @dataclass
@@ -401,43 +400,6 @@ def closing_sample(run, tokens):
                    generator=torch.Generator(run.device).manual_seed(run.cfg.seed))[0].tolist()
     run.model.train()
     return tokenizer.decode(out[:out.index(stop)] if stop in out else out)
-
-
-# ---------------------------------------------------------------- --eval_only: a checkpoint scored
-
-def evaluate_checkpoint(path, data, device, batch_size, threads):
-    """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
-    data's): a conversation's answers alone, as its run was trained."""
-    devices.set_threads(threads)
-    model, tokenizer, saved = checkpoint.load_model(path, devices.choose_device(device))
-    corpus, data = sources.validation_split(saved, tokenizer, data)
-    val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    losses = token_losses(model, val, batch_size)  # of tokens 1..n-1
-    if corpus.val_targets is not None:
-        losses = losses[corpus.val_targets[1:]]
-    loss = losses.mean().item()
-    cli.log(f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\n"
-            f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | "
-            f"{bits_per_char(loss, corpus.chars_per_token):.4f} bits per character")
-
-
-@torch.no_grad()
-def token_losses(model, ids, batch_size=1):
-    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once, in windows
-    of block_size."""
-    model.eval()
-    T, device = model.config.block_size, model.wte.weight.device
-    n = (len(ids) - 1) // T  # whole windows, then the tail
-    windows = ids[:n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
-    chunks = [windows[i:i + batch_size] for i in range(0, n, batch_size)]
-    tail = len(ids) - 1 - n * T
-    if tail > 0:
-        chunks.append(ids[-tail - 1:][None])
-    losses = []
-    for rows in chunks:  # (b, t + 1): t inputs, each with its next token
-        logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)
-        losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
-    return torch.cat(losses)
 
 
 # -------------------------------------------------------------------------------- the command line

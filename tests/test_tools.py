@@ -114,7 +114,7 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
     val = torch.tensor(tokenizer.encode(val_text)[:100])  # the val split's first 100
     surprise = said[str(tmp_path / "surprise.png")]
     drawn = float(re.search(r"([\d.]+) bits per character", surprise).group(1))
-    expected = training.token_losses(model, val).mean().item() / math.log(2)
+    expected = checkpoint.token_losses(model, val).mean().item() / math.log(2)
     assert drawn == pytest.approx(expected, abs=1e-4)
 
 

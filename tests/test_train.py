@@ -231,7 +231,7 @@ def test_eval_only_scores_every_position_of_the_val_split(trained, capsys):
     code, out, _ = cli(capsys, train.main, "--eval_only", path, "--device", "cpu")
     model, tokenizer, saved = checkpoint.load_model(path)
     val = torch.tensor(tokenizer.encode(corpus_head(20_000)[18_000:]))
-    losses = training.token_losses(model, val)
+    losses = checkpoint.token_losses(model, val)
     assert code == 0 and f"loss {losses.mean().item():.4f}" in out
     assert len(losses) == len(val) - 1
 
@@ -246,7 +246,7 @@ def test_eval_only_of_a_chat_model_scores_its_answers_alone(chat_run, capsys):
     for token in ids.tolist():
         answer.append(inside)
         inside = token == tokenizer.encode(ASSISTANT)[0] or (inside and token != tokenizer.eot_id)
-    losses = training.token_losses(model, ids)
+    losses = checkpoint.token_losses(model, ids)
     answers_only = losses[torch.tensor(answer[1:])].mean().item()
     assert code == 0 and f"loss {answers_only:.4f}" in out
     assert abs(answers_only - losses.mean().item()) > 1e-3  # not every token's

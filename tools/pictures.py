@@ -19,8 +19,8 @@ from config import DEVICE_HELP, SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, sources
 from machinery import device as devices
 from machinery.annotate import WholeCharacters, entropy_bits, token_piece
+from machinery.checkpoint import token_losses
 from machinery.plots import new_plot, save_plot
-from machinery.training import token_losses
 from sampling import next_token_probs
 from tools.decoding import temperatures
 from utils import CharTokenizer, bits_per_char, chars_per_token
