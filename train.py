@@ -71,7 +71,7 @@ def estimate_loss(model, batches, eval_iters, ctx):
     return out
 
 
-# ---------------------------------------------------------------------------------------- the loop
+# -------------------------------------------------------------------------------- set-up, the loop
 
 def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None):
     """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes."""
