@@ -315,8 +315,7 @@ def print_header(run):
             f"mlp {m.mlp}, pos {m.pos} | optimizer {cfg.optimizer}")
     split = ""
     if run.world * cfg.grad_accum_steps > 1:
-        micro_batch = cfg.batch_size // run.world // cfg.grad_accum_steps
-        split = f" ({run.world} processes x {cfg.grad_accum_steps} micro-batches of {micro_batch})"
+        split = f" ({run.world} processes x {cfg.grad_accum_steps} micro-batches)"
     run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block "
             f"{m.block_size}{split} | train {len(run.corpus.train):,} tokens, val "
             f"{len(run.corpus.val):,} tokens")
