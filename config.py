@@ -142,7 +142,8 @@ RESUME_MAY_CHANGE = ("out_dir", "tag", "max_steps", "time_budget", "grad_accum_s
 @dataclass
 class RunOptions:
     """What train.py does with the settings; never saved."""
-    preset: str = setting("", "start from a preset: tiny on a CPU or Mac, small on a CUDA GPU")
+    preset: str = setting("", "start from a preset: tiny on a CPU or Mac, sized to the "
+                                     "machine's pace; small on a CUDA GPU")
     resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")
     overwrite: bool = setting(False, "start afresh though OUT_DIR holds another run")
     init_from: str = setting("", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium, ...) "
@@ -248,6 +249,17 @@ PRESETS = {
                    batch_size=64, max_steps=10000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
                    beta2=0.99, eval_interval=500),
 }
+
+
+# What the tiny preset trains instead under a time budget, by the epochs of the text its shape
+# would see in the budget at the pace measured at start-up: (from, to, settings). Each row won on
+# data/input.txt (best val, whole val split) at such a pace: 5-minute runs on a 2-core Intel Xeon
+# (AMX), torch 2.15, 2026-11-27. python -m tools.scaling --budget measures rows on your machine.
+SIZED = [
+    (3, 8, dict(n_layer=2, n_embd=128, n_head=4)),
+    (8, 13, dict()),
+    (13, 20, dict(n_layer=3, n_embd=192, n_head=6, dropout=0.1)),
+]
 
 
 def default_preset(device_type):

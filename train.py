@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 import torch
 
-from config import MAX_SEED, RunOptions, TinyLLMError, parse_duration
+from config import MAX_SEED, RunOptions, TinyLLMError, build_configs, parse_duration
 from machinery import checkpoint, cli, ddp, plots, training
 from machinery import device as devices
 from machinery.training import Run, TrainState
@@ -73,17 +73,19 @@ def estimate_loss(model, batches, eval_iters, ctx):
 
 # -------------------------------------------------------------------------------- set-up, the loop
 
-def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None):
-    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes."""
+def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None, fit=False):
+    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes.
+    fit: the shape is chosen by this machine's pace (training.fit_to_machine)."""
     with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size or model, "
                                         "or --grad_accum_steps 2"):
         return train_loop(set_up(model_cfg, cfg, options or RunOptions(), preset, given or {},
-                                 started))
+                                 started, fit))
 
 
-def set_up(model_cfg, cfg, options, preset, given, started=None):
+def set_up(model_cfg, cfg, options, preset, given, started=None, fit=False):
     """Everything before the first step, in order, each input checked before the run writes
-    anything: machinery/training.py's functions. A time budget counts from started."""
+    anything: machinery/training.py's functions. A time budget counts from started. fit: a fresh
+    run's shape may change by this machine's pace, and the set-up starts again with it."""
     started = time.perf_counter() if started is None else started
     rank, world, device = ddp.setup(devices.choose_device(cfg.device))
     say = cli.log if rank == 0 else (lambda text: None)
@@ -110,6 +112,11 @@ def set_up(model_cfg, cfg, options, preset, given, started=None):
     run = Run(cfg, options, preset, rank, world, device, corpus, model, train_model, optimizer,
               batches, state, started, adapter, parse_duration(cfg.time_budget))
     training.set_precision(run, source if resumed else {}, trial_step)
+    if fit and not resumed:
+        row = training.fit_to_machine(run, trial_step, given)
+        if row:
+            given = given | row
+            return set_up(*build_configs(given, preset), options, preset, given, started)
     training.print_header(run)
     if options.overwrite and run.master and run.writes and not resumed:  # the old run's go now
         checkpoint.clear_out_dir(cfg.out_dir)
@@ -331,7 +338,8 @@ def main(argv=None, started=None):
     elif options.plot_lr:
         plots.draw_lr_schedule(cfg)
     else:
-        train(model_cfg, cfg, options, preset, given, started)
+        fit = training.fits_machine(options, cfg, given)
+        train(model_cfg, cfg, options, preset, given, started, fit)
 
 
 if __name__ == "__main__":

@@ -151,15 +151,22 @@ def make_scaler(device, dtype):
 BF16_MARGIN = 1.25
 
 
-def measure_dtype(step, model, optimizer, device):
-    """float32 or bfloat16, whichever trains faster here, and why; step(ctx) takes a step."""
-    seconds = {"float32": 0.0, "bfloat16": 0.0}
+def step_seconds(step, model, optimizer, device, dtypes, steps=8):
+    """{dtype: a step's seconds}; step(ctx) takes a step. The first two of each pay for
+    allocations and are not counted; the dtypes take turns, so drift slows each alike."""
+    seconds = dict.fromkeys(dtypes, 0.0)
     with trial(model, optimizer):
-        for i in range(10):  # the first two of each pay for allocations: not counted
-            for dtype in seconds:  # interleaved: drift slows both alike
+        for i in range(steps + 2):
+            for dtype in seconds:
                 t0 = time.perf_counter()
                 step(autocast(device, dtype))["loss"].item()  # .item(): the step is done
                 seconds[dtype] += (time.perf_counter() - t0) * (i >= 2)
+    return {dtype: total / steps for dtype, total in seconds.items()}
+
+
+def measure_dtype(step, model, optimizer, device):
+    """float32 or bfloat16, whichever trains faster here, and why; step(ctx) takes a step."""
+    seconds = step_seconds(step, model, optimizer, device, ("float32", "bfloat16"))
     ratio = seconds["float32"] / seconds["bfloat16"]
     dtype = "bfloat16" if ratio >= BF16_MARGIN else "float32"
     note = f"{dtype}: bfloat16 measured at {ratio:.2f}x float32's speed"

@@ -16,6 +16,7 @@ from config import (
     ASSISTANT,
     PRESETS,
     RESUME_MAY_CHANGE,
+    SIZED,
     USER,
     GPTConfig,
     RunOptions,
@@ -268,7 +269,7 @@ def restore(source, optimizer, cfg, rank, world, say):
     return state
 
 
-# ------------------------------------------------------------------------------- precision, header
+# --------------------------------------------------------------------------------------- precision
 
 def set_precision(run, saved, step):
     """The run's dtype, autocast and scaler; --compile and --dtype auto take trial steps first."""
@@ -296,6 +297,49 @@ def set_precision(run, saved, step):
     if saved.get("scaler") and run.scaler:
         run.scaler.load_state_dict(saved["scaler"])
 
+
+# --------------------------------------------------------------------- the shape for this machine
+
+SHAPE = ("n_layer", "n_head", "n_embd")
+
+
+def fits_machine(options, cfg, given):
+    """Whether the run picks its shape by this machine's pace: a time budget, and no preset, shape
+    or model to start from. (A resumed run keeps the shape it chose.)"""
+    chosen = options.preset or options.init_from or any(k in given for k in SHAPE)
+    return bool(cfg.time_budget) and not chosen
+
+
+def sized_row(epochs, preset):
+    """The settings config.SIZED gives for this many epochs in the budget; None where no row
+    fits (or the preset is not tiny's, which the rows were measured on)."""
+    if preset != "tiny":
+        return None
+    return next((row for low, high, row in SIZED if low <= epochs < high), None)
+
+
+def fit_to_machine(run, step, given):
+    """The settings that change the run's shape, after its model's timed steps: the row for the
+    epochs of the text it would see in the budget at this pace. It says what it chose and why."""
+    seconds = devices.step_seconds(lambda ctx: step(run, ctx, None), run.model, run.optimizer,
+                                   run.device, [run.dtype], steps=4)[run.dtype]
+    seconds = ddp.every_rank(seconds, run.world)[0]  # every rank decides alike
+    tokens = run.cfg.batch_size * run.model.config.block_size / seconds * run.budget
+    epochs = tokens / (len(run.corpus.train) * run.cfg.data_fraction)
+    why = (f"measured {tokens / run.budget:,.0f} tok/s: about {tokens / 1e6:.1f}M tokens in "
+           f"{run.cfg.time_budget}, {epochs:.1f} epochs of this text")
+    row = sized_row(epochs, run.preset)
+    if row is None:
+        run.say(f"{why}: no measured shape fits, so preset {run.preset} as it is")
+        return {}
+    row = {k: v for k, v in row.items() if k not in given}  # a flag given wins
+    s = asdict(run.model.config) | asdict(run.cfg) | row
+    run.say(f"{why}: shape {s['n_layer']} x {s['n_embd']} ({s['n_head']} heads), dropout "
+            f"{s['dropout']}, weight decay {s['weight_decay']}")
+    return row
+
+
+# -------------------------------------------------------------------------------------- the header
 
 def print_header(run):
     """The run's opening lines: device and precision, model, tokens, and how it ends."""

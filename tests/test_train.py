@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,8 +28,19 @@ from conftest import (
 
 import generate
 import train
-from config import ASSISTANT, EOT, USER, RunOptions, TinyLLMError, TrainConfig
+from config import (
+    ASSISTANT,
+    EOT,
+    PRESETS,
+    SIZED,
+    USER,
+    RunOptions,
+    TinyLLMError,
+    TrainConfig,
+    build_configs,
+)
 from machinery import checkpoint, sources, training
+from machinery import device as devices
 from model import GPT
 from optim import Muon, get_lr, make_optimizer, orthogonalize, progress
 
@@ -552,6 +564,66 @@ def test_a_budget_counts_from_the_process_start_imports_included(text_file, tmp_
     took = seconds("train.py", *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path,
                    "--time_budget", "7s", "--warmup_steps", "5")
     assert 6.5 < took < 7.2 + imports / 2
+
+
+def sized_set_up(text_file, tmp_path, *argv):
+    """python train.py's set-up with a 5-minute budget, no preset and no shape: (run, its lines)."""
+    flags = ["--data", text_file, "--out_dir", tmp_path, "--time_budget", "5m", "--threads", "1",
+             "--dtype", "float32", "--sample_tokens", "0", "--plots", "false", *argv]
+    options, model_cfg, cfg, preset, given = training.parse_flags([str(a) for a in flags])
+    assert training.fits_machine(options, cfg, given)
+    return train.set_up(model_cfg, cfg, options, preset, given, fit=True), given
+
+
+def pace_for(epochs, text_file, monkeypatch):
+    """Steps timed at the pace that sees this many epochs of text_file in 5 minutes (mocked: a
+    real pace is this machine's). Tiny's batch is 32 x 128 tokens."""
+    train_tokens = len(corpus_head(30_000)) * 0.9  # the 90/10 split
+    seconds = 32 * 128 * 300 / (epochs * train_tokens)
+    monkeypatch.setattr(devices, "step_seconds", lambda *a, **k: {"float32": seconds})
+
+
+@pytest.mark.parametrize("row", range(len(SIZED)))
+def test_a_budget_without_a_shape_trains_the_row_for_the_epochs_it_measures(text_file, tmp_path,
+                                                                            monkeypatch, capsys,
+                                                                            row):
+    low, high, settings = SIZED[row]
+    pace_for(math.sqrt(low * high), text_file, monkeypatch)
+    run, given = sized_set_up(text_file, tmp_path)
+    model_cfg, cfg = build_configs(given | settings, "tiny")
+    assert run.model.config == replace(model_cfg, vocab_size=run.model.config.vocab_size)
+    assert run.cfg == cfg
+    assert f"{math.sqrt(low * high):.1f} epochs" in capsys.readouterr().out
+
+
+def test_a_flag_given_wins_over_the_row_and_beyond_the_rows_tiny_stays(text_file, tmp_path,
+                                                                       monkeypatch, capsys):
+    low, high, settings = SIZED[-1]
+    pace_for(math.sqrt(low * high), text_file, monkeypatch)
+    run = sized_set_up(text_file, tmp_path, "--dropout", "0.05", "--weight_decay", "0.3")[0]
+    assert (run.model.config.dropout, run.cfg.weight_decay) == (0.05, 0.3)
+    assert run.model.config.n_layer == settings.get("n_layer", PRESETS["tiny"]["n_layer"])
+    pace_for(high * 2, text_file, monkeypatch)
+    run = sized_set_up(text_file, tmp_path / "beyond")[0]
+    tiny = build_configs({}, "tiny")[0]
+    assert run.model.config == replace(tiny, vocab_size=run.model.config.vocab_size)
+    assert "no measured shape fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--preset", "tiny"], ["--n_layer", "3"], ["--max_steps", "9"],
+                                  ["--preset", "small", "--time_budget", "5m"]])
+def test_a_preset_a_shape_or_a_step_count_given_is_never_sized(argv):
+    options, _, cfg, _, given = training.parse_flags(argv)
+    assert not training.fits_machine(options, cfg, given)
+
+
+def test_a_resumed_run_keeps_its_shape(trained, monkeypatch):
+    monkeypatch.setattr(devices, "step_seconds", None)  # a resume measures no pace
+    argv = ["--resume", "--out_dir", os.path.dirname(trained[0]), "--data", trained[1],
+            "--time_budget", "5m", "--dtype", "float32", "--sample_tokens", "0"]
+    options, model_cfg, cfg, preset, given = training.parse_flags(argv)
+    run = train.set_up(model_cfg, cfg, options, preset, given, fit=True)
+    assert run.model.config == checkpoint.load_model(trained[0])[0].config
 
 
 def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, capsys):
