@@ -304,10 +304,10 @@ SHAPE = ("n_layer", "n_head", "n_embd")
 
 
 def fits_machine(options, cfg, given):
-    """Whether the run picks its shape by this machine's pace: a time budget, and no preset, shape
-    or model to start from. (A resumed run keeps the shape it chose.)"""
+    """Whether the run picks its shape by this machine's pace: a time budget (--overfit_batch has
+    none), and no preset, shape or model to start from. (A resumed run keeps the shape it chose.)"""
     chosen = options.preset or options.init_from or any(k in given for k in SHAPE)
-    return bool(cfg.time_budget) and not chosen
+    return bool(cfg.time_budget) and not (chosen or options.overfit_batch)
 
 
 def sized_row(epochs, preset):

@@ -611,7 +611,8 @@ def test_a_flag_given_wins_over_the_row_and_beyond_the_rows_tiny_stays(text_file
 
 
 @pytest.mark.parametrize("argv", [["--preset", "tiny"], ["--n_layer", "3"], ["--max_steps", "9"],
-                                  ["--preset", "small", "--time_budget", "5m"]])
+                                  ["--preset", "small", "--time_budget", "5m"],
+                                  ["--overfit_batch"]])
 def test_a_preset_a_shape_or_a_step_count_given_is_never_sized(argv):
     options, _, cfg, _, given = training.parse_flags(argv)
     assert not training.fits_machine(options, cfg, given)

@@ -1,6 +1,7 @@
 """Scaling laws on this machine: every model size at every compute budget (IsoFLOP curves), the
 compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one size on less of the text.
-About 30 minutes; python -m tools.scaling --quick takes about 3."""
+About 30 minutes; python -m tools.scaling --quick takes about 3. --sized measures config.SIZED's
+rows here instead: about 30 minutes, or 3 with --quick."""
 
 import machinery  # noqa: F401 (first, before torch loads)
 
@@ -15,8 +16,9 @@ import time
 import torch
 
 import train
-from config import TinyLLMError, TrainConfig, build_configs
+from config import SIZED, TinyLLMError, TrainConfig, build_configs
 from machinery import cli
+from machinery.checkpoint import token_losses
 from machinery.plots import new_plot, save_plot
 
 # about 30 thousand to 1.3 million parameters, the tiny preset's 2 x 160 among them
@@ -179,11 +181,36 @@ def summarize(rows, budgets, five_minutes, path):
     cli.log(f"wrote {path}")
 
 
+def sized(args):
+    """config.SIZED's rows here: the tiny preset and each row's settings trained in time budgets
+    2x apart (half the time is a machine half as fast), scored on the whole val split. A line per
+    budget: the tiny shape's epochs in it, as train.py estimates them by its pace; the best."""
+    candidates = [{}] + [row for _, _, row in SIZED if row]
+    with tempfile.TemporaryDirectory(prefix="tinyllm-sized-") as tmp:
+        for seconds in [20, 40] if args.quick else [75, 150, 300]:
+            scores = []
+            for i, settings in enumerate(candidates):
+                given = settings | dict(time_budget=f"{seconds}s", data=args.data, plots=False,
+                                        sample_tokens=0, out_dir=f"{tmp}/{seconds}-{i}")
+                summary = train.train(*build_configs(given, "tiny"), "tiny", given=given)
+                val = torch.as_tensor(summary["corpus"].val)
+                scores.append(token_losses(summary["model"], val, 32).mean().item())
+                if not settings:  # the pace train.py would measure: the tiny shape's
+                    ms = [h["ms_per_step"] for h in summary["history"] if h["kind"] == "train"]
+                    tokens = 32 * 128 * 1000 / statistics.median(ms) * seconds
+                    epochs = tokens / len(summary["corpus"].train)
+            best = candidates[scores.index(min(scores))] or "the tiny preset"
+            losses = ", ".join(f"{s:.4f}" for s in scores)
+            cli.log(f"{seconds}s: {epochs:.1f} epochs for the tiny shape | val {losses} | "
+                    f"best {best}")
+
+
 def main(argv=None):
     parser = cli.ArgumentParser(description="Scaling laws here: sizes x compute, and less text.")
     parser.add_argument("--minutes", type=float, default=23.0, help="what the runs may take (23)")
     parser.add_argument("--budgets", type=int, default=4, help="compute budgets, 2x apart (4)")
     parser.add_argument("--quick", action="store_true", help="3 sizes, 3 budgets, about 3 minutes")
+    parser.add_argument("--sized", action="store_true", help="config.SIZED's rows, not the study")
     parser.add_argument("--reuse", action="store_true", help="go on with the runs in --out")
     parser.add_argument("--data", default=TrainConfig.data, help="the text (%(default)s)")
     parser.add_argument("--out", default="scaling.json", help="the runs so far (%(default)s)")
@@ -196,7 +223,10 @@ def main(argv=None):
         raise TinyLLMError(f"--out_png must name a .png file, got {args.out_png}")
     cli.check_writable(args.out, "--out", make_folder=True)
     cli.check_writable(args.out_png, "--out_png", make_folder=True)
-    study(args)
+    if args.sized:
+        sized(args)
+    else:
+        study(args)
 
 
 if __name__ == "__main__":
