@@ -252,11 +252,10 @@ PRESETS = {
 
 
 # What the tiny preset trains under a time budget, by the epochs of the text its shape would see
-# in the budget at the pace measured at start-up: (from, to, settings on top of tiny). Measured on
-# data/input.txt, best val on the whole val split, with 5-minute paces of a 2-core Intel Xeon
-# (AMX), torch 2.15, 2026-11-27: at 6 epochs 2 x 128 tied tiny (1.534, 1.535) and dropout 0.1
-# fell behind; at 15 epochs 3 x 192 beat it (1.482 against 1.498, 1.502). tools.scaling --sized
-# measures rows on your machine.
+# in it at the pace timed at start-up: (from, to, settings on top of tiny). Best val on the whole
+# val split of data/input.txt, 5-minute paces of a 2-core Intel Xeon (AMX), torch 2.15, 2026-11-27:
+# at 6 epochs 2 x 128 tied tiny (1.534, 1.535) and other weight decays lost; at 18, 3 x 192 won
+# (1.483 against 1.498-1.502; 4 x 192 1.484, 3 x 256 1.496; dropout halves a CPU step's pace).
 SIZED = [
     (3, 14, dict()),
     (14, 26, dict(n_layer=3, n_embd=192, n_head=6)),

@@ -74,8 +74,7 @@ def estimate_loss(model, batches, eval_iters, ctx):
 # -------------------------------------------------------------------------------- set-up, the loop
 
 def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None, fit=False):
-    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes.
-    fit: the shape is chosen by this machine's pace (training.fit_to_machine)."""
+    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes."""
     with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size or model, "
                                         "or --grad_accum_steps 2"):
         return train_loop(set_up(model_cfg, cfg, options or RunOptions(), preset, given or {},

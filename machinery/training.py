@@ -333,9 +333,10 @@ def fit_to_machine(run, step, given):
         run.say(f"{why}: no measured shape fits, so preset {run.preset} as it is")
         return {}
     row = {k: v for k, v in row.items() if k not in given}  # a flag given wins
-    s = asdict(run.model.config) | asdict(run.cfg) | row
-    run.say(f"{why}: shape {s['n_layer']} x {s['n_embd']} ({s['n_head']} heads), dropout "
-            f"{s['dropout']}, weight decay {s['weight_decay']}")
+    shape = asdict(run.model.config) | row
+    others = "".join(f", {k} {v}" for k, v in row.items() if k not in SHAPE)
+    run.say(f"{why}: shape {shape['n_layer']} x {shape['n_embd']} ({shape['n_head']} heads)"
+            f"{others}")
     return row
 
 

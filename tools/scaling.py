@@ -16,7 +16,7 @@ import time
 import torch
 
 import train
-from config import SIZED, TinyLLMError, TrainConfig, build_configs
+from config import TinyLLMError, TrainConfig, build_configs
 from machinery import cli
 from machinery.checkpoint import token_losses
 from machinery.plots import new_plot, save_plot
@@ -182,27 +182,28 @@ def summarize(rows, budgets, five_minutes, path):
 
 
 def sized(args):
-    """config.SIZED's rows here: the tiny preset and each row's settings trained in time budgets
-    2x apart (half the time is a machine half as fast), scored on the whole val split. A line per
-    budget: the tiny shape's epochs in it, as train.py estimates them by its pace; the best."""
-    candidates = [{}] + [row for _, _, row in SIZED if row]
+    """Rows for config.SIZED here: the three largest SHAPES trained in time budgets 2x apart (half
+    the time is a machine half as fast), scored on the whole val split. A line per budget: the
+    tiny shape's epochs in it, as train.py estimates them by its pace, and the best shape."""
     with tempfile.TemporaryDirectory(prefix="tinyllm-sized-") as tmp:
         for seconds in [20, 40] if args.quick else [75, 150, 300]:
             scores = []
-            for i, settings in enumerate(candidates):
-                given = settings | dict(time_budget=f"{seconds}s", data=args.data, plots=False,
-                                        sample_tokens=0, out_dir=f"{tmp}/{seconds}-{i}")
+            for shape in SHAPES[2:]:
+                given = dict(zip(("n_layer", "n_embd", "n_head"), shape), plots=False,
+                             time_budget=f"{seconds}s", data=args.data, sample_tokens=0,
+                             out_dir=f"{tmp}/{seconds}-{shape[1]}")
+                if args.quick:  # a short warmup: the big shape may take seconds a step
+                    given["warmup_steps"] = 20
                 summary = train.train(*build_configs(given, "tiny"), "tiny", given=given)
                 val = torch.as_tensor(summary["corpus"].val)
                 scores.append(token_losses(summary["model"], val, 32).mean().item())
-                if not settings:  # the pace train.py would measure: the tiny shape's
+                if shape == (2, 160, 5):  # the pace train.py would measure: the tiny shape's
                     ms = [h["ms_per_step"] for h in summary["history"] if h["kind"] == "train"]
                     tokens = 32 * 128 * 1000 / statistics.median(ms) * seconds
                     epochs = tokens / len(summary["corpus"].train)
-            best = candidates[scores.index(min(scores))] or "the tiny preset"
-            losses = ", ".join(f"{s:.4f}" for s in scores)
-            cli.log(f"{seconds}s: {epochs:.1f} epochs for the tiny shape | val {losses} | "
-                    f"best {best}")
+            best = SHAPES[2:][scores.index(min(scores))]
+            cli.log(f"{seconds}s: {epochs:.1f} epochs for the tiny shape | val " +
+                    ", ".join(f"{s:.4f}" for s in scores) + f" | best {best[0]} x {best[1]}")
 
 
 def main(argv=None):
@@ -210,7 +211,7 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=23.0, help="what the runs may take (23)")
     parser.add_argument("--budgets", type=int, default=4, help="compute budgets, 2x apart (4)")
     parser.add_argument("--quick", action="store_true", help="3 sizes, 3 budgets, about 3 minutes")
-    parser.add_argument("--sized", action="store_true", help="config.SIZED's rows, not the study")
+    parser.add_argument("--sized", action="store_true", help="rows for config.SIZED, not the study")
     parser.add_argument("--reuse", action="store_true", help="go on with the runs in --out")
     parser.add_argument("--data", default=TrainConfig.data, help="the text (%(default)s)")
     parser.add_argument("--out", default="scaling.json", help="the runs so far (%(default)s)")
