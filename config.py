@@ -257,8 +257,8 @@ PRESETS = {
 # at 6 epochs 2 x 128 tied tiny (1.534, 1.535) and other weight decays lost; at 18, 3 x 192 won
 # (1.483 against 1.498-1.502; 4 x 192 1.484, 3 x 256 1.496; dropout halves a CPU step's pace).
 SIZED = [
-    (3, 14, dict()),
-    (14, 26, dict(n_layer=3, n_embd=192, n_head=6)),
+    (3, 12, dict()),
+    (12, 26, dict(n_layer=3, n_embd=192, n_head=6)),
 ]
 
 
