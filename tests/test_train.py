@@ -618,6 +618,13 @@ def test_a_preset_a_shape_or_a_step_count_given_is_never_sized(argv):
     assert not training.fits_machine(options, cfg, given)
 
 
+def test_the_rows_size_the_tiny_preset_alone():
+    """A CUDA GPU's small preset under --time_budget keeps its shape: no row was measured on it."""
+    low, high, settings = SIZED[-1]
+    assert training.sized_row((low + high) / 2, "tiny") == settings
+    assert training.sized_row((low + high) / 2, "small") is None
+
+
 def test_a_resumed_run_keeps_its_shape(trained, monkeypatch):
     monkeypatch.setattr(devices, "step_seconds", None)  # a resume measures no pace
     argv = ["--resume", "--out_dir", os.path.dirname(trained[0]), "--data", trained[1],
