@@ -194,7 +194,7 @@ def sized(args):
                              out_dir=f"{tmp}/{seconds}-{shape[1]}")
                 if args.quick:  # a short warmup: the big shape may take seconds a step
                     given["warmup_steps"] = 20
-                summary = train.train(*build_configs(given, "tiny"), "tiny", given=given)
+                summary = train.train(*build_configs(given, "tiny"), preset="tiny", given=given)
                 val = torch.as_tensor(summary["corpus"].val)
                 scores.append(token_losses(summary["model"], val, 32).mean().item())
                 if shape == (2, 160, 5):  # the pace train.py would measure: the tiny shape's
