@@ -194,12 +194,14 @@ def sized(args):
                              out_dir=f"{tmp}/{seconds}-{shape[1]}")
                 if args.quick:  # a short warmup: the big shape may take seconds a step
                     given["warmup_steps"] = 20
-                summary = train.train(*build_configs(given, "tiny"), preset="tiny", given=given)
+                model_cfg, cfg = build_configs(given, "tiny")
+                summary = train.train(model_cfg, cfg, preset="tiny", given=given)
                 val = torch.as_tensor(summary["corpus"].val)
                 scores.append(token_losses(summary["model"], val, 32).mean().item())
                 if shape == (2, 160, 5):  # the pace train.py would measure: the tiny shape's
                     ms = [h["ms_per_step"] for h in summary["history"] if h["kind"] == "train"]
-                    tokens = 32 * 128 * 1000 / statistics.median(ms) * seconds
+                    tokens = cfg.batch_size * model_cfg.block_size * 1000 / statistics.median(ms)
+                    tokens *= seconds
                     epochs = tokens / len(summary["corpus"].train)
             best = SHAPES[2:][scores.index(min(scores))]
             cli.log(f"{seconds}s: {epochs:.1f} epochs for the tiny shape | val " +
