@@ -30,7 +30,10 @@ def causal_mask(T, S, device, start=None):
 
 class CausalSelfAttention(nn.Module):
     """Every position makes a query, a key and a value; each head takes the softmax-weighted mean
-    of the values of the positions up to its own. The heads, side by side, are projected back."""
+    of the values of the positions up to its own. The heads, side by side, are projected back.
+    A change to its shapes meets their readers: sampling.KVCache (k and v, (B, nh, T, hs)),
+    lora.add_adapters (c_attn, c_proj), machinery/hf_gpt2.py (c_attn as GPT-2's q, k, v) and
+    tools/pictures.py (attention_weights)."""
 
     def __init__(self, config, layer):
         super().__init__()

@@ -88,9 +88,10 @@ class Context:
 # ----------------------------------------------------------------------------- the sampler
 
 def filter_logits(logits, idx, sampler):
-    """The logits (B, V) a token is drawn from after idx (B, T), the text so far: divided by the
-    temperature (greedy: by 1), then every logit outside the candidates set to -inf. top_k keeps
-    the k likeliest (and any tied with the k-th); top_p the fewest whose probabilities reach it."""
+    """The logits (B, V) a token is drawn from after idx (B, T), the whole text so far (prompt
+    included, never cropped to block_size): divided by the temperature (greedy: by 1), then every
+    logit outside the candidates set to -inf. top_k keeps the k likeliest (and any tied with the
+    k-th); top_p the fewest whose probabilities reach it."""
     logits = logits / (sampler.temperature or 1.0)
     if sampler.top_k and sampler.top_k < logits.size(-1):
         kth = torch.topk(logits, sampler.top_k, dim=-1).values[..., -1:]  # (B, 1)

@@ -14,16 +14,15 @@ import contextlib
 import math
 import os
 import sys
-import time
 from dataclasses import asdict
 
 import torch
 
-from config import MAX_SEED, RunOptions, TinyLLMError, build_configs, parse_duration
+from config import MAX_SEED, RunOptions, TinyLLMError
 from machinery import checkpoint, cli, ddp, plots, training
 from machinery import device as devices
 from machinery.training import Run, TrainState
-from optim import get_lr, make_optimizer, progress
+from optim import get_lr, make_optimizer
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------- one step, an evaluation
@@ -73,19 +72,18 @@ def estimate_loss(model, batches, eval_iters, ctx):
 
 # -------------------------------------------------------------------------------- set-up, the loop
 
-def train(model_cfg, cfg, options=None, preset="custom", given=None, started=None, fit=False):
-    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes."""
+def train(model_cfg, cfg, options=None, preset="custom", given=None, clock=None):
+    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes.
+    clock() gives this process's seconds so far (a time budget counts them): from now if None."""
     with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size or model, "
                                         "or --grad_accum_steps 2"):
         return train_loop(set_up(model_cfg, cfg, options or RunOptions(), preset, given or {},
-                                 started, fit))
+                                 clock or machinery.stopwatch()))
 
 
-def set_up(model_cfg, cfg, options, preset, given, started=None, fit=False):
+def set_up(model_cfg, cfg, options, preset, given, clock):
     """Everything before the first step, in order, each input checked before the run writes
-    anything: machinery/training.py's functions. A time budget counts from started. fit: a fresh
-    run's shape may change by this machine's pace, and the set-up starts again with it."""
-    started = time.perf_counter() if started is None else started
+    anything: machinery/training.py's functions."""
     rank, world, device = ddp.setup(devices.choose_device(cfg.device))
     say = cli.log if rank == 0 else (lambda text: None)
     model_cfg, cfg, preset, source, path, resumed = training.settings(
@@ -108,19 +106,15 @@ def set_up(model_cfg, cfg, options, preset, given, started=None, fit=False):
         batches["train"] = lambda: fixed
         say("overfit_batch: training on one fixed batch, writing nothing; "
             "the loss should fall towards 0")
+    budget = training.run_length(cfg, clock, world, device)
     run = Run(cfg, options, preset, rank, world, device, corpus, model, train_model, optimizer,
-              batches, state, started, adapter, parse_duration(cfg.time_budget))
+              batches, state, clock, budget, adapter)
     training.set_precision(run, source if resumed else {}, trial_step)
-    if fit and not resumed:
-        row = training.fit_to_machine(run, trial_step, given)
-        if row:
-            given = given | row
-            return set_up(*build_configs(given, preset), options, preset, given, started)
     training.print_header(run)
     if options.overwrite and run.master and run.writes and not resumed:  # the old run's go now
         checkpoint.clear_out_dir(cfg.out_dir)
-    if run.budget and cfg.sample_tokens:  # a budget keeps the closing sample's time free
-        run.sample_seconds = training.time_closing_sample(run)
+    if cfg.time_budget and cfg.sample_tokens:  # a budget keeps the closing sample's time free
+        budget.sample_seconds = training.time_closing_sample(run)
     return run
 
 
@@ -133,20 +127,15 @@ def trial_step(run, ctx, scaler):
 
 def train_loop(run):
     """Evaluate now and then and take steps until the run's end or an early stop."""
-    cfg, state = run.cfg, run.state
-    run.first = (state.step, training.clock(run))
-    run.line = (state.step, time.perf_counter())
+    cfg, state, budget = run.cfg, run.state, run.budget
+    run.line = (state.step, run.clock())
     stop_reason, signum = None, 0
     with cli.StopRequest(announce=run.master) as stop:
         while True:
-            seconds = training.clock(run) if run.budget else 0.0
-            at_end = state.step >= cfg.max_steps
-            if run.budget:
-                at_end = state.progress >= 1.0
-            # evaluate every eval_interval steps (under a budget, if time is left for steps after
-            # it) and at the end, never twice at one step (a resume starts at its last one)
-            room = not run.budget or seconds + state.eval_seconds < training.budget_end(run)
-            due = at_end or (state.step % cfg.eval_interval == 0 and room)
+            at_end = budget.over(state)
+            # evaluate every eval_interval steps (under a time budget, if time is left for steps
+            # after it) and at the end, never twice at one step (a resume starts at its last one)
+            due = at_end or (state.step % cfg.eval_interval == 0 and budget.room_for_eval(state))
             if due and state.step != state.last_eval_step:
                 stop_reason = evaluate(run) or stop_reason  # --patience, --target_loss
             # Ctrl-C or SIGTERM on any rank stops all; under DDP they compare at progress lines
@@ -156,9 +145,7 @@ def train_loop(run):
                 break
 
             # one step at the schedule's learning rate: by how far the run is, in steps or time
-            state.progress = progress(state.step, cfg)
-            if run.budget:
-                state.progress = training.budget_progress(run, seconds)
+            state.progress = budget.progress(state)
             lr = get_lr(state.step, state.progress, cfg)
             figures = train_step(run.train_model, run.optimizer, run.batches["train"], lr,
                                  cfg.grad_accum_steps, cfg.grad_clip, run.ctx, run.scaler)
@@ -211,11 +198,11 @@ def log_progress(run):
         values = [f[k] for f in state.window if f[k] is not None]
         figures[k] = sum(values) / len(values) if values else None
     state.window = []
-    steps, since = state.step - run.line[0], time.perf_counter() - run.line[1]
-    run.line = (state.step, time.perf_counter())
+    steps, since = state.step - run.line[0], run.clock() - run.line[1]
+    run.line = (state.step, run.clock())
     ms = 1000 * since / max(1, steps)
     tokens_per_s = run.cfg.batch_size * run.model.config.block_size / ms * 1000 if ms else 0.0
-    end = training.end_step(run, ms / 1000)
+    end = run.budget.end_step(state, ms / 1000)
     eta = cli.format_seconds((end - state.step) * ms / 1000) if end else "?"
     shown = [f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}"
              for k, v in figures.items()]
@@ -233,16 +220,16 @@ def paused(run):
     """Around an evaluation or a save: the steps' figures read first, its time kept off the
     progress line's clock."""
     read_figures(run)
-    start = time.perf_counter()
+    start = run.clock()
     yield
-    run.line = (run.line[0], run.line[1] + time.perf_counter() - start)
+    run.line = (run.line[0], run.line[1] + run.clock() - start)
 
 
 # ------------------------------------------------------------------------------ evaluations, saves
 
 def evaluate(run):
     """Both splits' losses, a line, a history row, the run's files; why the run stops, or None."""
-    cfg, state, start = run.cfg, run.state, time.perf_counter()
+    cfg, state, start = run.cfg, run.state, run.clock()
     with paused(run):
         iters = math.ceil(cfg.eval_iters / run.world)
         losses = estimate_loss(run.train_model, run.batches, iters, run.ctx)
@@ -256,8 +243,9 @@ def evaluate(run):
                               "val_loss": val_loss, "lr": state.lr, "grad_norm": state.grad_norm,
                               "seconds": run.elapsed()})
         bits = bits_per_char(val_loss, run.corpus.chars_per_token)
-        line = (f"eval {state.step:>6}/{training.end_step(run) or '?'} | train {train_loss:.4f} | "
-                f"val {val_loss:.4f} ({bits:.3f} bits/char)")
+        end = run.budget.end_step(state) or "?"
+        line = (f"eval {state.step:>6}/{end} | train {train_loss:.4f} | val {val_loss:.4f} "
+                f"({bits:.3f} bits/char)")
         if state.step == 0:
             line += f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}"
         run.say(line + (" | new best" if improved else ""))
@@ -269,7 +257,7 @@ def evaluate(run):
                 plots.write_history(cfg.out_dir, state.history, cfg.plots,
                                     run.model.config.vocab_size)
     # a budget keeps as much time for the last evaluation
-    state.eval_seconds = ddp.mean([time.perf_counter() - start], run.world, run.device)[0]
+    state.eval_seconds = ddp.mean([run.clock() - start], run.world, run.device)[0]
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
                 f"(best {state.best_val_loss:.4f})")
@@ -290,8 +278,7 @@ def save(run, name):
     contents = checkpoint.contents(
         run.model, run.corpus.tokenizer.to_dict(), lora=run.lora,
         optimizer=run.optimizer.state_dict(), train_config=asdict(run.cfg), preset=run.preset,
-        scaler=run.scaler.state_dict() if run.scaler else None, measured=run.measured,
-        rng=rngs[0], **state)
+        scaler=run.scaler.state_dict() if run.scaler else None, rng=rngs[0], **state)
     checkpoint.save(os.path.join(run.cfg.out_dir, name), contents)
 
 
@@ -317,9 +304,10 @@ def finish(run, stop_reason, signum):
         files += ", loss.png"
     run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
             f"{cli.format_seconds(run.elapsed())}{files if run.writes else ''}")
-    if run.budget:
-        run.say(f"time budget {cfg.time_budget}: {cli.format_seconds(training.clock(run))} used, "
-                f"{state.step:,} steps, the last at LR {state.lr:.4g} (min_lr {cfg.min_lr:g})")
+    if cfg.time_budget:
+        used = cli.format_seconds(run.budget.now(state))
+        run.say(f"time budget {cfg.time_budget}: {used} used, {state.step:,} steps, the last at LR "
+                f"{state.lr:.4g} (min_lr {cfg.min_lr:g})")
     if cfg.sample_tokens and run.master:
         run.say("sample:\n" + training.closing_sample(run, cfg.sample_tokens))
     ddp.leave_together(run.world)
@@ -328,7 +316,7 @@ def finish(run, stop_reason, signum):
             "corpus": run.corpus, "dtype": run.dtype}
 
 
-def main(argv=None, started=None):
+def main(argv=None, clock=None):
     options, model_cfg, cfg, preset, given = training.parse_flags(argv)
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
@@ -337,10 +325,9 @@ def main(argv=None, started=None):
     elif options.plot_lr:
         plots.draw_lr_schedule(cfg)
     else:
-        fit = training.fits_machine(options, cfg, given)
-        train(model_cfg, cfg, options, preset, given, started, fit)
+        train(model_cfg, cfg, options, preset, given, clock)
 
 
 if __name__ == "__main__":
     # bad input: one error: line and exit status 2. A time budget counts from the process's start
-    cli.run_cli(lambda argv: main(argv, started=machinery.STARTED))
+    cli.run_cli(lambda argv: main(argv, clock=machinery.seconds))

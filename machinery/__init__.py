@@ -10,3 +10,14 @@ STARTED = time.perf_counter()
 
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
+def seconds():
+    """This process's seconds so far: python train.py's time budget counts them."""
+    return time.perf_counter() - STARTED
+
+
+def stopwatch():
+    """A clock from now: () -> the seconds since this call (a run started inside a program)."""
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start

@@ -3,8 +3,8 @@ tinyllm asks torch what the machine has: tests stand in for other machines there
 
 import contextlib
 import copy
+import platform
 import random
-import time
 import warnings
 from types import SimpleNamespace
 
@@ -17,11 +17,22 @@ from machinery.cli import log, warn
 
 def machine():
     """What this machine has; asking starts no GPU."""
-    bf16_cpu = any(getattr(torch.cpu, probe, lambda: False)()  # private: an older torch lacks them
-                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    cpu = torch.cpu  # private probes: an older torch lacks them
     return SimpleNamespace(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(),
-                           gpus=torch.cuda.device_count(), bf16_cpu=bf16_cpu,
+                           gpus=torch.cuda.device_count(), vendor=cpu_vendor(),
+                           amx=getattr(cpu, "_is_amx_tile_supported", bool)(),
+                           avx512_bf16=getattr(cpu, "_is_avx512_bf16_supported", bool)(),
                            torch=tuple(int(x) for x in torch.__version__.split(".")[:2]))
+
+
+def cpu_vendor():
+    """AMD or Intel, from /proc/cpuinfo (Linux) or the processor's name (Windows); else ''."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read(4096)
+    except OSError:
+        text = platform.processor()  # Windows: "... Family 25 Model 97 ..., AuthenticAMD"
+    return "AMD" if "AuthenticAMD" in text else "Intel" if "GenuineIntel" in text else ""
 
 
 def gpu(device):
@@ -108,21 +119,40 @@ def native_bf16(device):
     """Native bfloat16: a GPU from compute capability 8.0 (a T4 emulates it), AVX512-BF16 or AMX."""
     if device.type == "cuda":
         return gpu(device)[1] >= (8, 0)
-    return device.type == "cpu" and machine().bf16_cpu
+    has = machine()
+    return device.type == "cpu" and (has.amx or has.avx512_bf16)
+
+
+def auto_dtype(device):
+    """(dtype, why) that --dtype auto trains in here, decided by what the device is. On a CPU, by
+    what a step of the default model measured, bfloat16 against float32 (2 threads, 2026-11):
+    AMD Zen 4 1.50-1.59x and Zen 5 1.79-1.86x faster, Intel with AMX 1.50-1.58x faster, Intel with
+    AVX512-BF16 but no AMX 0.76-0.86x (slower). python -m tools.precision measures it here."""
+    has = machine()
+    if device.type == "cuda" and native_bf16(device):
+        return "bfloat16", "compute capability 8.0+"
+    if device.type == "cuda":
+        return "float16", "below compute capability 8.0"
+    if device.type == "mps" or not (has.amx or has.avx512_bf16):
+        return "float32", "no native bfloat16"
+    if has.amx:
+        return "bfloat16", "Intel with AMX"
+    if has.vendor == "AMD":
+        return "bfloat16", "AMD with AVX512-BF16"
+    return "float32", "AVX512-BF16 without AMX is slower"
 
 
 def resolve_dtype(name, device):
-    """The forward pass's precision; auto's bfloat16 on a CPU is then timed (measure_dtype)."""
+    """(the forward pass's precision, why): --dtype auto's rule, or the dtype given."""
     if name == "auto":
-        fallback = "float16" if device.type == "cuda" else "float32"
-        return "bfloat16" if native_bf16(device) else fallback
+        return auto_dtype(device)
     if name == "bfloat16" and device.type != "mps" and not native_bf16(device):
         warn(f"{describe(device)} has no native bfloat16: it is emulated and slower")
     if device.type == "mps" and name != "float32" and not autocast_works("mps", name):
         warn(f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs "
              f"torch 2.6 and macOS 14): training in float32")
-        return "float32"
-    return name
+        return "float32", "autocast cannot run it here"
+    return name, "given"
 
 
 def autocast(device, dtype):
@@ -147,32 +177,6 @@ def make_scaler(device, dtype):
     return scaler
 
 
-# bfloat16 must be this much faster: it ends ~0.012 higher in val loss, won back by ~25% more steps
-BF16_MARGIN = 1.25
-
-
-def step_seconds(step, model, optimizer, device, dtypes, steps=8):
-    """{dtype: a step's seconds}; step(ctx) takes a step. The first two of each pay for
-    allocations and are not counted; the dtypes take turns, so drift slows each alike."""
-    seconds = dict.fromkeys(dtypes, 0.0)
-    with trial(model, optimizer):
-        for i in range(steps + 2):
-            for dtype in seconds:
-                t0 = time.perf_counter()
-                step(autocast(device, dtype))["loss"].item()  # .item(): the step is done
-                seconds[dtype] += (time.perf_counter() - t0) * (i >= 2)
-    return {dtype: total / steps for dtype, total in seconds.items()}
-
-
-def measure_dtype(step, model, optimizer, device):
-    """float32 or bfloat16, whichever trains faster here, and why; step(ctx) takes a step."""
-    seconds = step_seconds(step, model, optimizer, device, ("float32", "bfloat16"))
-    ratio = seconds["float32"] / seconds["bfloat16"]
-    dtype = "bfloat16" if ratio >= BF16_MARGIN else "float32"
-    note = f"{dtype}: bfloat16 measured at {ratio:.2f}x float32's speed"
-    return {"dtype": dtype, "dtype_note": note}
-
-
 @contextlib.contextmanager
 def trial(model, optimizer, scaler=None):
     """Steps that leave no trace: weights, optimizer, loss scale and every RNG put back after."""
@@ -194,6 +198,6 @@ def auto_meanings(device):
     """{setting: (default, what it is here)} for --help, asking no GPU: that would start CUDA."""
     dtype = "bfloat16 from compute capability 8.0, else float16"
     if device.type != "cuda":
-        dtype = "measured at start-up here" if native_bf16(device) else "float32 here"
+        dtype = "{} here: {}".format(*auto_dtype(device))
     return {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
             "threads": (0, f"{set_threads(0)} here")}

@@ -4,9 +4,7 @@ the model, with new tokens and LoRA; the precision; the opening lines), the time
 the closing sample, and train.py's command line."""
 
 import functools
-import math
 import os
-import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -16,7 +14,6 @@ from config import (
     ASSISTANT,
     PRESETS,
     RESUME_MAY_CHANGE,
-    SIZED,
     USER,
     GPTConfig,
     RunOptions,
@@ -31,7 +28,7 @@ from config import (
 from machinery import checkpoint, cli, ddp, sources
 from machinery import device as devices
 from model import GPT
-from optim import get_lr, progress
+from optim import Steps, TimeBudget, get_lr, progress
 from sampling import generate
 from utils import get_batch
 
@@ -68,15 +65,13 @@ class Run:
     optimizer: torch.optim.Optimizer
     batches: dict               # "train", "val": () -> (x, y), this process's share of a batch
     state: TrainState
-    started: float              # when this process began: a time budget counts from there
+    clock: object               # () -> this process's seconds so far: a time budget counts them
+    budget: object              # how far the run is: optim.Steps, or optim.TimeBudget
     lora: dict                  # a LoRA run's base and adapter settings, else None
-    budget: float = None        # a --time_budget's seconds
-    measured: dict = None       # what --dtype auto measured: a resume keeps its choice
     dtype: str = "float32"
+    dtype_why: str = ""         # how --dtype auto chose it
     ctx: object = None          # the forward pass's autocast
     scaler: object = None       # float16's
-    sample_seconds: float = 0.0  # what the closing sample takes: a budget keeps it free
-    first: tuple = None         # (step, seconds) where this process's pace counts from
     line: tuple = None          # (step, clock) of the last progress line; pauses move the clock
 
     @property
@@ -92,7 +87,7 @@ class Run:
             cli.log(text)
 
     def elapsed(self):  # this process's seconds, set-up included, plus those before a resume
-        return self.state.seconds + time.perf_counter() - self.started
+        return self.state.seconds + self.clock()
 
 
 def make_batches(corpus, block_size, cfg, world, device):
@@ -272,72 +267,22 @@ def restore(source, optimizer, cfg, rank, world, say):
 # --------------------------------------------------------------------------------------- precision
 
 def set_precision(run, saved, step):
-    """The run's dtype, autocast and scaler; --compile and --dtype auto take trial steps first."""
+    """The run's dtype, autocast and scaler (float16's, as saved); --compile tries a step first."""
     cfg, device = run.cfg, run.device
-    dtype = devices.resolve_dtype(cfg.dtype, device)
+    run.dtype, run.dtype_why = devices.resolve_dtype(cfg.dtype, device)
+    run.ctx = devices.autocast(device, run.dtype)
+    run.scaler = devices.make_scaler(device, run.dtype)
+    if saved.get("scaler") and run.scaler:
+        run.scaler.load_state_dict(saved["scaler"])
     if cfg.compile:
-        scaler = devices.make_scaler(device, dtype)
         try:
-            with devices.trial(run.model, run.optimizer, scaler):
-                step(run, devices.autocast(device, dtype), scaler)
+            with devices.trial(run.model, run.optimizer, run.scaler):
+                step(run, run.ctx, run.scaler)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
             raise TinyLLMError(f"--compile failed on this machine ({cli.first_line(e)}); "
                                f"run without it") from None
-    if cfg.dtype == "auto" and device.type == "cpu" and devices.native_bf16(device):
-        run.measured = saved.get("measured")  # bfloat16 if it is faster; a resume keeps it
-        if not run.measured:  # timings differ between processes: every rank takes rank 0's
-            measured = devices.measure_dtype(lambda ctx: step(run, ctx, None), run.model,
-                                             run.optimizer, device)
-            run.measured = ddp.every_rank(measured, run.world)[0]
-        dtype = run.measured["dtype"]
-    run.dtype, run.ctx = dtype, devices.autocast(device, dtype)
-    run.scaler = devices.make_scaler(device, dtype)
-    if saved.get("scaler") and run.scaler:
-        run.scaler.load_state_dict(saved["scaler"])
-
-
-# --------------------------------------------------------------------- the shape for this machine
-
-SHAPE = ("n_layer", "n_head", "n_embd")
-
-
-def fits_machine(options, cfg, given):
-    """Whether the run picks its shape by this machine's pace: a time budget (--overfit_batch has
-    none), and no preset, shape or model to start from. (A resumed run keeps the shape it chose.)"""
-    chosen = options.preset or options.init_from or any(k in given for k in SHAPE)
-    return bool(cfg.time_budget) and not (chosen or options.overfit_batch)
-
-
-def sized_row(epochs, preset):
-    """The settings config.SIZED gives for this many epochs in the budget; None where no row
-    fits (or the preset is not tiny's, which the rows were measured on)."""
-    if preset != "tiny":
-        return None
-    return next((row for low, high, row in SIZED if low <= epochs < high), None)
-
-
-def fit_to_machine(run, step, given):
-    """The settings that change the run's shape, after its model's timed steps: the row for the
-    epochs of the text it would see in the budget at this pace. It says what it chose and why."""
-    seconds = devices.step_seconds(lambda ctx: step(run, ctx, None), run.model, run.optimizer,
-                                   run.device, [run.dtype], steps=4)[run.dtype]
-    seconds = ddp.every_rank(seconds, run.world)[0]  # every rank decides alike
-    tokens = run.cfg.batch_size * run.model.config.block_size / seconds * run.budget
-    epochs = tokens / (len(run.corpus.train) * run.cfg.data_fraction)
-    why = (f"measured {tokens / run.budget:,.0f} tok/s: about {tokens / 1e6:.1f}M tokens in "
-           f"{run.cfg.time_budget}, {epochs:.1f} epochs of this text")
-    row = sized_row(epochs, run.preset)
-    if row is None:
-        run.say(f"{why}: no measured shape fits, so preset {run.preset} as it is")
-        return {}
-    row = {k: v for k, v in row.items() if k not in given}  # a flag given wins
-    shape = asdict(run.model.config) | row
-    others = "".join(f", {k} {v}" for k, v in row.items() if k not in SHAPE)
-    run.say(f"{why}: shape {shape['n_layer']} x {shape['n_embd']} ({shape['n_head']} heads)"
-            f"{others}")
-    return row
 
 
 # -------------------------------------------------------------------------------------- the header
@@ -345,9 +290,7 @@ def fit_to_machine(run, step, given):
 def print_header(run):
     """The run's opening lines: device and precision, model, tokens, and how it ends."""
     cfg, m, model = run.cfg, run.model.config, run.model
-    precision = run.dtype + (" auto" if cfg.dtype == "auto" else "")
-    if run.measured:
-        precision = run.measured["dtype_note"]
+    precision = run.dtype + (f": {run.dtype_why}" if cfg.dtype == "auto" else "")
     processes = f" x {run.world} processes" if run.world > 1 else ""
     run.say(f"device {devices.describe(run.device)} ({precision}, {torch.get_num_threads()} "
             f"threads){processes} | preset {run.preset} | data {cfg.data}")
@@ -364,7 +307,7 @@ def print_header(run):
     run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = batch {cfg.batch_size} x block "
             f"{m.block_size}{split} | train {len(run.corpus.train):,} tokens, val "
             f"{len(run.corpus.val):,} tokens")
-    if run.budget:
+    if cfg.time_budget:
         run.say(f"time budget {cfg.time_budget}: after the warmup the {cfg.lr_schedule} schedule "
                 f"runs over the time left")
     elif cfg.max_steps <= cfg.warmup_steps:
@@ -374,47 +317,12 @@ def print_header(run):
 
 # ------------------------------------------------------------------------- the time budget's clock
 
-def clock(run):
-    """The run's seconds so far, the ranks' mean: their clocks differ, and all must decide alike."""
-    return ddp.mean([run.elapsed()], run.world, run.device)[0]
-
-
-def budget_end(run):
-    """When the steps must end: the budget, less room for the closing evaluation and sample (and
-    1% to exit)."""
-    return run.budget * 0.99 - run.state.eval_seconds - run.sample_seconds
-
-
-def pace(run, seconds):
-    """A step's seconds in this process so far, evaluations included; None before its first."""
-    steps = run.state.step - run.first[0]
-    return (seconds - run.first[1]) / steps if steps else None
-
-
-def budget_progress(run, seconds):
-    """How far a budgeted run is: 0 through the warmup, then the share spent of the time from the
-    warmup's end to the budget's, counted at this step's end (the step that crosses it is at 1)."""
-    state, cfg = run.state, run.cfg
-    if state.step <= cfg.warmup_steps:
-        if seconds >= budget_end(run):
-            raise TinyLLMError(f"--time_budget {cfg.time_budget} is too short here: {seconds:.1f}s "
-                               f"were gone before the warmup's {cfg.warmup_steps} steps; give more "
-                               f"time or fewer --warmup_steps")
-        state.decay_start = seconds
-        return 0.0
-    span = max(1e-9, budget_end(run) - state.decay_start)
-    return min(1.0, (seconds + (pace(run, seconds) or 0.0) - state.decay_start) / span)
-
-
-def end_step(run, line_pace=None):
-    """The step the run ends at: max_steps, or a budget's estimate at its pace so far (the
-    progress line's before a step of this process; None before either)."""
-    if not run.budget:
-        return run.cfg.max_steps
-    step_seconds = pace(run, run.elapsed()) or line_pace
-    if not step_seconds:
-        return None
-    return run.state.step + max(0, math.ceil((budget_end(run) - run.elapsed()) / step_seconds))
+def run_length(cfg, clock, world, device):
+    """How far the run is: by its steps, or by a time budget's clock, the ranks' mean (their clocks
+    differ, and all must decide alike)."""
+    if not cfg.time_budget:
+        return Steps(cfg)
+    return TimeBudget(cfg, lambda: ddp.mean([clock()], world, device)[0])
 
 
 # ------------------------------------------------------------------------------ the closing sample
@@ -422,9 +330,9 @@ def end_step(run, line_pace=None):
 def time_closing_sample(run):
     """The closing sample's seconds, timed on 16 tokens, with a margin: a budget keeps them free."""
     closing_sample(run, 2)  # the first pays for allocations
-    start = time.perf_counter()
+    start = run.clock()
     closing_sample(run, 16)
-    seconds = (time.perf_counter() - start) / 16 * run.cfg.sample_tokens * 1.2
+    seconds = (run.clock() - start) / 16 * run.cfg.sample_tokens * 1.2
     return ddp.mean([seconds], run.world, run.device)[0]
 
 
@@ -452,20 +360,34 @@ def parse_flags(argv=None):
     """(options, model_cfg, train_cfg, preset, given): the flags given, on top of --preset or
     this machine's."""
     here = devices.choose_device("auto")
-    preset = default_preset(here.type)
+    preset, machine = machine_preset(here, {})
     parser = cli.ArgumentParser(description="Train a GPT language model on a text file.", epilog=(
         f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', whose "
         f"defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}."))
     defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
     defaults |= devices.auto_meanings(here)
-    defaults["preset"] = (preset, f"on this machine ({here.type})")
+    defaults["preset"] = (preset, f"for {machine} here")
     for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
         cli.add_config_flags(parser, cls, defaults, title=title)
     given = cli.given_flags(parser.parse_args(argv))
     options = make_config(RunOptions, given)
     if "device" in given:
         here = devices.choose_device(given["device"])
-    preset = options.preset or default_preset(here.type)
-    if not options.preset and os.environ.get("RANK", "0") == "0" and not options.resume:
-        cli.log(f"no --preset given: using '{preset}' for {here.type}")
+    preset, machine = machine_preset(here, given)
+    if options.preset:
+        preset = options.preset
+    elif os.environ.get("RANK", "0") == "0" and not options.resume:
+        cli.log(f"no --preset given: using '{preset}' for {machine}")
     return options, *build_configs(given, preset), preset, given
+
+
+def machine_preset(device, given):
+    """(the preset a run without --preset trains here, the facts that chose it): the device, the
+    precision --dtype gives (auto: by what the device is) and the threads."""
+    dtype, threads = given.get("dtype", "auto"), given.get("threads") or torch.get_num_threads()
+    if device.type == "cuda":  # small whatever its precision: asking would start CUDA
+        return default_preset("cuda", dtype, threads), "cuda"
+    if dtype == "auto":
+        dtype = devices.auto_dtype(device)[0]
+    why = f"{device.type} in {dtype} on {threads} threads"
+    return default_preset(device.type, dtype, threads), why

@@ -67,7 +67,8 @@ def cpu_and_offline():
 
 @pytest.fixture
 def fake_machine(monkeypatch):
-    """pretend(**facts): device.machine() answers these (cuda, mps, gpus, bf16_cpu, torch)."""
+    """pretend(**facts): device.machine() answers these (cuda, mps, gpus, vendor, amx,
+    avx512_bf16, torch)."""
     from machinery import device
 
     def pretend(**facts):

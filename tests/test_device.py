@@ -2,10 +2,8 @@
 (fake_machine, and the project's own seams machinery.device.gpu and autocast_works), and the CPU
 paths that stand in for a GPU's: bfloat16 autocast and float16's loss scaler."""
 
-import copy
 import math
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch
 from conftest import GREEDY, cli, tiny_model, tiny_run
 
 import generate
+import machinery
 import sampling
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
@@ -54,7 +53,7 @@ def test_mocked_cuda_machine_chooses_its_precision(fake_machine, monkeypatch, hi
     monkeypatch.setattr(devices, "gpu", lambda device=None: ("a GPU", capability))
     device = devices.choose_device("auto")
     assert device.type == "cuda" and torch.get_float32_matmul_precision() == "high"  # TF32 on a GPU
-    assert devices.resolve_dtype("auto", device) == dtype
+    assert devices.resolve_dtype("auto", device)[0] == dtype
     # float16 with its scaler, refused where none works: torch's CUDA one needs CUDA, hidden here
     if dtype == "float16":
         with pytest.raises(TinyLLMError, match="scaler"):
@@ -68,9 +67,10 @@ def test_mocked_mac_trains_in_the_precision_its_autocast_really_runs(fake_machin
                                                                      capsys, works):
     fake_machine(cuda=False, mps=True, gpus=0)
     monkeypatch.setattr(devices, "autocast_works", lambda device_type, dtype: works)
-    assert devices.choose_device("auto") == MPS and devices.resolve_dtype("auto", MPS) == "float32"
+    assert devices.choose_device("auto") == MPS
+    assert devices.resolve_dtype("auto", MPS)[0] == "float32"
     capsys.readouterr()
-    assert devices.resolve_dtype("bfloat16", MPS) == ("bfloat16" if works else "float32")
+    assert devices.resolve_dtype("bfloat16", MPS)[0] == ("bfloat16" if works else "float32")
     assert ("float32" in capsys.readouterr().err) == (not works)  # said, not silent
 
 
@@ -85,74 +85,36 @@ def test_mocked_mac_float16_needs_torch_2_8_and_its_adamw_is_not_fused(fake_mach
     assert make_optimizer(model, TrainConfig(), CPU).defaults["fused"]
 
 
-@pytest.mark.parametrize("speedup, dtype", [(3.0, "bfloat16"), (1.1, "float32")])
-def test_dtype_auto_takes_bfloat16_only_where_it_measures_faster_by_the_margin_and_leaves_no_trace(
-        monkeypatch, speedup, dtype):
-    torch.manual_seed(0)
-    model = GPT(tiny_model())
-    optimizer = make_optimizer(model, TrainConfig(), CPU)
-    x = torch.randint(0, 65, (4, 16))
-    train.train_step(model, optimizer, lambda: (x, x), 1e-2, 1, 1.0,
-                     devices.autocast(CPU, "float32"))
-    clock = [0.0]  # the clock measure_dtype reads: the steps move it, no real seconds pass
-    monkeypatch.setattr(devices, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    def step(ctx):  # moves weights, optimizer and every generator; as slow as the test says
-        random.random(), np.random.rand(), torch.rand(1)
-        moments = [t for s in optimizer.state.values() for t in s.values()]
-        with torch.no_grad():
-            for t in [*model.parameters(), *moments]:
-                t.add_(1)
-        optimizer.param_groups[0]["lr"] = 5.0
-        bfloat16 = getattr(ctx, "fast_dtype", None) == torch.bfloat16
-        clock[0] += 0.01 / speedup if bfloat16 else 0.01
-        return {"loss": torch.tensor(1.0)}
-
-    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
-    rngs = devices.rng_state()
-    expected = draws()
-    devices.set_rng_state(rngs)
-    assert devices.measure_dtype(step, model, optimizer, CPU)["dtype"] == dtype
-    assert same(model.state_dict(), weights) and same(optimizer.state_dict(), state)
-    assert draws() == expected
+# each kind of CPU, and the precision --dtype auto takes there: bfloat16 where it measured faster
+CPUS = {
+    "Intel with AMX": (dict(vendor="Intel", amx=True, avx512_bf16=True), "bfloat16"),
+    "AMD Zen 4 or 5": (dict(vendor="AMD", amx=False, avx512_bf16=True), "bfloat16"),
+    "Intel with AVX512-BF16 alone": (dict(vendor="Intel", amx=False, avx512_bf16=True), "float32"),
+    "no bfloat16": (dict(vendor="AMD", amx=False, avx512_bf16=False), "float32"),
+}
 
 
-@pytest.mark.parametrize("bf16_cpu", [False, True])
-def test_dtype_auto_measures_only_on_a_cpu_with_native_bfloat16(fake_machine, monkeypatch,
-                                                                 text_file, tmp_path, bf16_cpu):
-    fake_machine(bf16_cpu=bf16_cpu)
-    choice = {"dtype": "bfloat16", "dtype_note": "bfloat16: measured faster"}
-
-    def measure(*a):
-        if not bf16_cpu:
-            pytest.fail("measured")
-        return choice
-    monkeypatch.setattr(devices, "measure_dtype", measure)
+@pytest.mark.parametrize("kind", CPUS)
+def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says_which(
+        fake_machine, text_file, tmp_path, capsys, kind):
+    facts, dtype = CPUS[kind]
+    fake_machine(cuda=False, mps=False, **facts)
     cfg = tiny_run(text_file, tmp_path, dtype="auto")
-    run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, 0.0)
-    expected = (choice, "bfloat16") if bf16_cpu else (None, "float32")
-    assert (run.measured, run.dtype) == expected
+    run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, machinery.stopwatch())
+    header = capsys.readouterr().out.splitlines()[0]
+    assert run.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
+    fake_machine(vendor="")  # a CPU whose maker is unknown takes bfloat16 only with AMX
+    assert devices.auto_dtype(CPU)[0] == ("bfloat16" if facts["amx"] else "float32")
 
 
-@pytest.mark.slow  # it times steps
-def test_a_resume_keeps_the_precision_dtype_auto_measured(fake_machine, monkeypatch, text_file,
-                                                           tmp_path):
-    fake_machine(bf16_cpu=True)
-    calls, real = [], devices.measure_dtype
-
-    def measure(*a):
-        calls.append(1)
-        return real(*a)
-    monkeypatch.setattr(devices, "measure_dtype", measure)
-    cfg = tiny_run(text_file, tmp_path, dtype="auto", max_steps=4, eval_interval=2)
-    first = train.train(tiny_model(), cfg)
-    saved = checkpoint.load(str(tmp_path / "last.pt"))
-    assert saved["measured"]["dtype"] == first["dtype"]
-    other = "float32" if first["dtype"] == "bfloat16" else "bfloat16"  # as another machine chose
-    saved["measured"] = {"dtype": other, "dtype_note": f"{other}: measured before"}
-    checkpoint.save(str(tmp_path / "last.pt"), saved)
-    resumed = train.train(tiny_model(), cfg, RunOptions(resume=True), given={"max_steps": 6})
-    assert resumed["dtype"] == other and resumed["step"] == 6 and len(calls) == 1
+def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(text_file, tmp_path,
+                                                                         monkeypatch):
+    """No step before the loop: the precision and the model come from what the machine is."""
+    def no_step(*args, **kwargs):
+        pytest.fail("a step was taken at start-up")
+    monkeypatch.setattr(train, "train_step", no_step)
+    cfg = tiny_run(text_file, tmp_path, dtype="auto", time_budget="5m", sample_tokens=10)
+    train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, machinery.stopwatch())
 
 
 def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(
@@ -206,7 +168,8 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = train.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, 0.0)
+    run = train.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {},
+                       machinery.stopwatch())
     assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
 
 

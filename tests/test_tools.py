@@ -29,7 +29,7 @@ import model as model_module
 import sampling
 import train
 from machinery import checkpoint, hf_gpt2, training
-from tools import ablation, compare, decoding, pictures, scaling
+from tools import ablation, compare, decoding, pictures, precision, scaling
 from utils import CharTokenizer, split_train_val
 
 
@@ -276,6 +276,21 @@ def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(
 
 
 # ----------------------------------------------------------------------------- ablation, decoding
+
+@pytest.mark.slow  # times steps of the default model
+def test_precision_times_both_dtypes_and_names_the_flag_the_ratio_calls_for(capsys):
+    code, out, err = cli(capsys, precision.main, "--steps", 1, "--threads", 1)
+    assert code == 0, err
+    ratio = float(re.search(r"bfloat16 at ([0-9.]+)x float32's speed", out).group(1))
+    best = "bfloat16" if ratio >= precision.MARGIN else "float32"
+    assert f"pass --dtype {best} " in out
+
+
+@pytest.mark.parametrize("argv", [["--steps", "0"], ["--threads", "-1"]], ids=["no steps",
+                                                                             "threads below 0"])
+def test_bad_precision_input_is_one_error_line(capsys, argv):
+    assert_one_line_error(*cli(capsys, precision.main, *argv)[::2], "--steps")
+
 
 def test_ablation_prints_a_row_per_variant_and_draws_them(text_file, tmp_path, capsys):
     code, out, err = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS,

@@ -1,7 +1,7 @@
 """Scaling laws on this machine: every model size at every compute budget (IsoFLOP curves), the
 compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one size on less of the text.
-About 30 minutes; python -m tools.scaling --quick takes about 3. --sized measures config.SIZED's
-rows here instead: about 30 minutes, or 3 with --quick."""
+About 30 minutes; python -m tools.scaling --quick takes about 3. --sized finds the best shape
+for a five-minute run on this machine instead: about 30 minutes, or 3 with --quick."""
 
 import machinery  # noqa: F401 (first, before torch loads)
 
@@ -182,9 +182,9 @@ def summarize(rows, budgets, five_minutes, path):
 
 
 def sized(args):
-    """Rows for config.SIZED here: the three largest SHAPES trained in time budgets 2x apart (half
-    the time is a machine half as fast), scored on the whole val split. A line per budget: the
-    tiny shape's epochs in it, as train.py estimates them by its pace, and the best shape."""
+    """The best shape for this machine: the three largest SHAPES trained in time budgets 2x apart
+    (half the time stands for a machine half as fast), scored on the whole val split. A line per
+    budget, then the flags that train the best shape of the longest here."""
     with tempfile.TemporaryDirectory(prefix="tinyllm-sized-") as tmp:
         for seconds in [20, 40] if args.quick else [75, 150, 300]:
             scores = []
@@ -194,18 +194,14 @@ def sized(args):
                              out_dir=f"{tmp}/{seconds}-{shape[1]}")
                 if args.quick:  # a short warmup: the big shape may take seconds a step
                     given["warmup_steps"] = 20
-                model_cfg, cfg = build_configs(given, "tiny")
-                summary = train.train(model_cfg, cfg, preset="tiny", given=given)
+                summary = train.train(*build_configs(given, "tiny"), preset="tiny", given=given)
                 val = torch.as_tensor(summary["corpus"].val)
                 scores.append(token_losses(summary["model"], val, 32).mean().item())
-                if shape == (2, 160, 5):  # the pace train.py would measure: the tiny shape's
-                    ms = [h["ms_per_step"] for h in summary["history"] if h["kind"] == "train"]
-                    tokens = cfg.batch_size * model_cfg.block_size * 1000 / statistics.median(ms)
-                    tokens *= seconds
-                    epochs = tokens / len(summary["corpus"].train)
             best = SHAPES[2:][scores.index(min(scores))]
-            cli.log(f"{seconds}s: {epochs:.1f} epochs for the tiny shape | val " +
-                    ", ".join(f"{s:.4f}" for s in scores) + f" | best {best[0]} x {best[1]}")
+            cli.log(f"{seconds}s: val " + ", ".join(f"{s:.4f}" for s in scores) +
+                    f" | best {best[0]} x {best[1]}")
+    flags = " ".join(f"--{k} {v}" for k, v in zip(("n_layer", "n_embd", "n_head"), best))
+    cli.log(f"the best shape here in {seconds}s: python train.py --preset tiny {flags}")
 
 
 def main(argv=None):
@@ -213,7 +209,7 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=23.0, help="what the runs may take (23)")
     parser.add_argument("--budgets", type=int, default=4, help="compute budgets, 2x apart (4)")
     parser.add_argument("--quick", action="store_true", help="3 sizes, 3 budgets, about 3 minutes")
-    parser.add_argument("--sized", action="store_true", help="rows for config.SIZED, not the study")
+    parser.add_argument("--sized", action="store_true", help="the best shape for 5 minutes here")
     parser.add_argument("--reuse", action="store_true", help="go on with the runs in --out")
     parser.add_argument("--data", default=TrainConfig.data, help="the text (%(default)s)")
     parser.add_argument("--out", default="scaling.json", help="the runs so far (%(default)s)")
