@@ -5,6 +5,7 @@ CPU tests run on the CPU whatever the machine has: CUDA is hidden from this proc
 script a test starts, except the GPU tests (test_gpu.py), which see the GPUs pytest was started
 with. The first process to import this file keeps those in USER_CUDA; xdist's workers inherit it."""
 
+import dataclasses
 import os
 import signal
 import socket
@@ -22,6 +23,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import GPTConfig, SamplerConfig, TrainConfig  # noqa: E402
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """A parametrized case's id says what it is: flags as typed, settings as name=value."""
+    if dataclasses.is_dataclass(val):
+        val = {f.name: getattr(val, f.name) for f in dataclasses.fields(val)
+               if getattr(val, f.name) != f.default}
+    if isinstance(val, dict):
+        return ",".join(f"{k}={v}" for k, v in val.items()) or "defaults"
+    if isinstance(val, (list, tuple)):
+        return " ".join(map(str, val))
+    if isinstance(val, bytes):
+        return repr(val[:24])
+    return None  # pytest's own
 
 
 def tree_state():

@@ -156,6 +156,7 @@ def test_bad_pictures_input_is_one_error_line_and_nothing_is_drawn(
 
 # ----------------------------------------------------------------------------- compare
 
+@pytest.mark.slow  # draws
 def test_compare_draws_two_runs_histories_in_one_png(trained, tmp_path, capsys, monkeypatch):
     run_dir = os.path.dirname(trained[0])
     os.makedirs(tmp_path / "b")
@@ -210,6 +211,7 @@ def test_isoflop_minimum_is_the_parabolas_vertex_or_the_lowest_run():
     assert scaling.isoflop_minimum(falling) == (1e6, falling[-1]["val"])
 
 
+@pytest.mark.slow  # draws
 def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback(
         tmp_path, monkeypatch, capsys):
     rows = []
@@ -292,6 +294,7 @@ def test_bad_precision_input_is_one_error_line(capsys, argv):
     assert_one_line_error(*cli(capsys, precision.main, *argv)[::2], "--steps")
 
 
+@pytest.mark.slow  # draws
 def test_ablation_prints_a_row_per_variant_and_draws_them(text_file, tmp_path, capsys):
     code, out, err = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS,
                          "--data", text_file, "--max_steps", 4, "--eval_interval", 2,
@@ -438,6 +441,7 @@ def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys
     assert not marker.exists()
 
 
+@pytest.mark.slow  # imports transformers: seconds
 def test_train_init_from_the_folder_fine_tunes_it(
         hf_folder, text_file, tmp_path, capsys, monkeypatch):
     # GPT-2's own tokenizer files are downloaded: offline, a byte-level one of its size stands in

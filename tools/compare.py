@@ -34,9 +34,10 @@ def main(argv=None):
         raise TinyLLMError(f"--out must name a .png file, got {args.out}")
     if len(labels) != len(args.runs):
         raise TinyLLMError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
+    histories = [read_history(run_dir) for run_dir in args.runs]  # each checked before drawing
     fig, ax = new_plot(height=4.5)
-    for i, (run_dir, label) in enumerate(zip(args.runs, labels)):
-        draw_losses(ax, read_history(run_dir), f"C{i % 10}", f"{label} ")
+    for i, (history, label) in enumerate(zip(histories, labels)):
+        draw_losses(ax, history, f"C{i % 10}", f"{label} ")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="runs compared")
     save_plot(fig, ax, args.out)
     cli.log(f"wrote {args.out}")
