@@ -12,8 +12,10 @@ from config import EOT, TinyLLMError
 from utils import split_special
 
 # GPT-2's pre-tokenisation: merges never cross the pieces it cuts text into
-GPT2_PATTERN = (r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"
-                r"|\s++$|\s+(?!\S)|\s")
+GPT2_PATTERN = (
+    r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++"
+    r"|\s++$|\s+(?!\S)|\s"
+)
 
 
 def replace_pair(ids, pair, new_id):
@@ -49,6 +51,7 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
     # matches `counts` is stale, skipped when popped
     def entry(pair):
         return (-counts[pair], tokens[pair[0]], tokens[pair[1]], pair)
+
     heap = [entry(pair) for pair in counts]
     heapq.heapify(heap)
     while len(tokens) < vocab_size - len(special_tokens) and heap:
@@ -110,12 +113,20 @@ class BPETokenizer(ByteLevelTokenizer):
         self.special_tokens = {s: len(self.tokens) + i for i, s in enumerate(special_tokens)}
         self.vocab_size = len(self.tokens) + len(self.special_tokens)
         self.eot_id = self.special_tokens.get(EOT)
-        self.enc = tiktoken.Encoding(name=f"tinyllm-bpe-{self.vocab_size}", pat_str=pattern,
-                                     mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        self.enc = tiktoken.Encoding(
+            name=f"tinyllm-bpe-{self.vocab_size}",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
 
     def to_dict(self):  # bytes as hex: a checkpoint holds plain data only
-        return {"kind": "bpe", "pattern": self.pattern, "tokens": [t.hex() for t in self.tokens],
-                "special_tokens": dict(self.special_tokens)}
+        return {
+            "kind": "bpe",
+            "pattern": self.pattern,
+            "tokens": [t.hex() for t in self.tokens],
+            "special_tokens": dict(self.special_tokens),
+        }
 
 
 class GPT2Tokenizer(ByteLevelTokenizer):
@@ -125,15 +136,20 @@ class GPT2Tokenizer(ByteLevelTokenizer):
         try:
             gpt2 = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline, or a broken cache
-            raise TinyLLMError(f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
-                               "train.py can use --tokenizer bpe or char") from None
+            raise TinyLLMError(
+                f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
+                "train.py can use --tokenizer bpe or char"
+            ) from None
         more = {s: gpt2.n_vocab + i for i, s in enumerate(t for t in special_tokens if t != EOT)}
         self.special_tokens = {EOT: gpt2.eot_token, **more}
         self.enc = gpt2
         if more:  # tiktoken's own way to extend an encoding
-            self.enc = tiktoken.Encoding(name="gpt2-chat", pat_str=gpt2._pat_str,
-                                         mergeable_ranks=gpt2._mergeable_ranks,
-                                         special_tokens=self.special_tokens)
+            self.enc = tiktoken.Encoding(
+                name="gpt2-chat",
+                pat_str=gpt2._pat_str,
+                mergeable_ranks=gpt2._mergeable_ranks,
+                special_tokens=self.special_tokens,
+            )
         self.vocab_size, self.eot_id = self.enc.n_vocab, gpt2.eot_token
 
     def to_dict(self):

@@ -30,8 +30,16 @@ def answer(model, tokenizer, conversation, context, sampler, generator, max_new_
     idx = torch.tensor([conversation], device=next(model.parameters()).device)
     stopped = False
     try:
-        generate(model, idx, max_new_tokens, sampler, stop_token=stop, generator=generator,
-                 on_token=show, context=context)
+        generate(
+            model,
+            idx,
+            max_new_tokens,
+            sampler,
+            stop_token=stop,
+            generator=generator,
+            on_token=show,
+            context=context,
+        )
     except KeyboardInterrupt:  # the answer ends here; the chat goes on
         stopped = True
     pieces.end_stream(" [stopped]" if stopped else "")
@@ -40,8 +48,9 @@ def answer(model, tokenizer, conversation, context, sampler, generator, max_new_
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Chat with a checkpoint fine-tuned on conversations.")
-    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt",
-                        help="default: %(default)s")
+    parser.add_argument(
+        "checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s"
+    )
     cli.add_config_flags(parser, SamplerConfig, title="how each token is drawn")
     names = ("seed", "max_new_tokens", "device", "threads")
     cli.add_config_flags(parser, GenerateConfig, names=names, title="chat")
@@ -52,8 +61,10 @@ def main(argv=None):
     devices.set_threads(cfg.threads)
     model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)
     if ASSISTANT not in tokenizer.special_tokens:
-        raise TinyLLMError("this model has not learned the chat template: fine-tune it first "
-                           "(train.py --init_from CHECKPOINT --data data/chat_example.jsonl)")
+        raise TinyLLMError(
+            "this model has not learned the chat template: fine-tune it first "
+            "(train.py --init_from CHECKPOINT --data data/chat_example.jsonl)"
+        )
     generator = torch.Generator(device).manual_seed(cfg.seed)
     conversation, context = [tokenizer.eot_id], Context(model)
     cli.log("type a message; /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops an answer")
@@ -74,8 +85,9 @@ def main(argv=None):
             turn = sources.turn("user", message) + ASSISTANT
             conversation += sources.encode_prompt(tokenizer, turn)
             print("model> ", end="", flush=True)
-            reply, stopped = answer(model, tokenizer, conversation, context, sampler, generator,
-                                    cfg.max_new_tokens)
+            reply, stopped = answer(
+                model, tokenizer, conversation, context, sampler, generator, cfg.max_new_tokens
+            )
             conversation += reply
             context = Context(model) if stopped else context  # the cache may be half-written
     print()

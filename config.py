@@ -24,12 +24,12 @@ def at_least(config, low, *names):
         require(value >= low, f"{name} must be at least {low}, got {value}")
 
 
-MAX_SEED = 2**32 - 1        # NumPy's seeds are 32-bit
-BPE_VOCAB_SIZE = 2048       # what --tokenizer bpe learns unless --vocab_size says otherwise
-EOT = "<|endoftext|>"       # between documents and after each answer; every tokenizer has it
+MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
+BPE_VOCAB_SIZE = 2048  # what --tokenizer bpe learns unless --vocab_size says otherwise
+EOT = "<|endoftext|>"  # between documents and after each answer; every tokenizer has it
 # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
-TRAIN_FRACTION = 0.9        # the first 90% of a text trains, the rest validates
+TRAIN_FRACTION = 0.9  # the first 90% of a text trains, the rest validates
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
@@ -38,6 +38,7 @@ THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
 @dataclass
 class GPTConfig:
     """The model's shape, saved in every checkpoint."""
+
     vocab_size: int = setting(0, f"token ids; 0 = the tokenizer's (bpe learns {BPE_VOCAB_SIZE})")
     block_size: int = setting(128, "context length: tokens the model sees at once")
     n_layer: int = setting(4, "Transformer blocks")
@@ -47,43 +48,58 @@ class GPTConfig:
     bias: bool = setting(True, "biases in Linear and LayerNorm layers, as in GPT-2")
     norm: str = setting("layernorm", "normalisation layer", ("layernorm", "rmsnorm"))
     mlp: str = setting("gelu", "MLP: GELU 4x wide, or SwiGLU 8/3x wide", ("gelu", "swiglu"))
-    pos: str = setting("learned", "positions: a learned table, fixed sinusoids, or rotary (RoPE)",
-                       ("learned", "sinusoidal", "rope"))
+    pos: str = setting(
+        "learned",
+        "positions: a learned table, fixed sinusoids, or rotary (RoPE)",
+        ("learned", "sinusoidal", "rope"),
+    )
 
     def __post_init__(self):
         at_least(self, 0, "vocab_size")
         at_least(self, 1, "block_size", "n_layer", "n_head", "n_embd")
-        require(self.n_embd % self.n_head == 0,
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        require(
+            self.n_embd % self.n_head == 0,
+            f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
+        )
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
-        require(self.pos != "rope" or self.n_embd // self.n_head % 2 == 0,
-                f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+        require(
+            self.pos != "rope" or self.n_embd // self.n_head % 2 == 0,
+            f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}",
+        )
         check_choices(self)
 
 
 @dataclass
 class TrainConfig:
     """How a run trains, saved in every checkpoint."""
-    data: str = setting("data/input.txt", "training text: .txt, a folder, .jsonl (a \"text\" "
-                                          "field), Q&A .json, or a tools.prepare folder")
+
+    data: str = setting(
+        "data/input.txt",
+        'training text: .txt, a folder, .jsonl (a "text" '
+        "field), Q&A .json, or a tools.prepare folder",
+    )
     data_ext: str = setting(".txt", "file endings read from a --data folder, e.g. .txt,.md")
     data_fraction: float = setting(1.0, "train on this first share of the training split; 1 = all")
-    tokenizer: str = setting("char", "characters, BPE learned from the text, or GPT-2's",
-                             ("char", "bpe", "gpt2"))
-    loss_on: str = setting("answers", "conversations: learn from the answers only, or every token",
-                           ("answers", "all"))
+    tokenizer: str = setting(
+        "char", "characters, BPE learned from the text, or GPT-2's", ("char", "bpe", "gpt2")
+    )
+    loss_on: str = setting(
+        "answers", "conversations: learn from the answers only, or every token", ("answers", "all")
+    )
     clean: bool = setting(False, "normalise whitespace and drop duplicate documents")
     out_dir: str = setting("checkpoints", "where checkpoints, history and plots go")
     tag: str = setting("", "run name: its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule ends here")
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m; empty = off")
-    lr: float = setting(2e-3, "peak learning rate, reached after warmup",
-                        aliases=("--lr-max", "--lr_max"))
+    lr: float = setting(
+        2e-3, "peak learning rate, reached after warmup", aliases=("--lr-max", "--lr_max")
+    )
     min_lr: float = setting(2e-4, "the LR the decay schedules end at")
     warmup_steps: int = setting(100, "steps of linear warmup up to lr", aliases=("--warmup",))
-    lr_schedule: str = setting("cosine", "the decay from lr to min_lr after warmup",
-                               ("cosine", "linear"))
+    lr_schedule: str = setting(
+        "cosine", "the decay from lr to min_lr after warmup", ("cosine", "linear")
+    )
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))
     muon_lr: float = setting(0.02, "Muon's peak learning rate")
@@ -100,32 +116,59 @@ class TrainConfig:
     target_loss: float = setting(0.0, "stop once val loss is at or below this; 0 = off")
     seed: int = setting(1337, f"seed of every random generator, 0 to {MAX_SEED}")
     device: str = setting("auto", DEVICE_HELP, DEVICES)
-    dtype: str = setting("auto", "forward pass precision; auto: bfloat16 where native and faster, "
-                                 "float16 on older GPUs, else float32",
-                         ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = setting(
+        "auto",
+        "forward pass precision; auto: bfloat16 where native and faster, "
+        "float16 on older GPUs, else float32",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
     compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs)")
     threads: int = setting(0, THREADS_HELP)
     sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
     plots: bool = setting(True, "redraw loss.png after every evaluation")
-    lora_rank: int = setting(0, "with --init_from: freeze the model, train rank-R LoRA beside "
-                                "attention; 0 = off")
+    lora_rank: int = setting(
+        0, "with --init_from: freeze the model, train rank-R LoRA beside attention; 0 = off"
+    )
     lora_alpha: float = setting(16.0, "LoRA's scale: the matrices' product times alpha / rank")
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
 
     def __post_init__(self):
-        at_least(self, 1, "batch_size", "max_steps", "eval_interval", "eval_iters", "log_interval",
-                 "grad_accum_steps", "keep_last")
-        at_least(self, 0, "warmup_steps", "save_interval", "patience", "sample_tokens",
-                 "weight_decay", "grad_clip", "target_loss", "min_lr", "lora_rank")
+        at_least(
+            self,
+            1,
+            "batch_size",
+            "max_steps",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+            "grad_accum_steps",
+            "keep_last",
+        )
+        at_least(
+            self,
+            0,
+            "warmup_steps",
+            "save_interval",
+            "patience",
+            "sample_tokens",
+            "weight_decay",
+            "grad_clip",
+            "target_loss",
+            "min_lr",
+            "lora_rank",
+        )
         for name in ("lr", "muon_lr", "weight_decay", "grad_clip", "target_loss", "lora_alpha"):
             value = getattr(self, name)
             positive = value > 0 or name not in ("lr", "muon_lr", "lora_alpha")
-            require(math.isfinite(value) and positive, f"{name} must be a positive number, "
-                                                       f"got {value}")
+            require(
+                math.isfinite(value) and positive, f"{name} must be a positive number, got {value}"
+            )
         require(self.min_lr <= self.lr, f"min_lr must be at most lr ({self.lr}), got {self.min_lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        require(0 < self.data_fraction <= 1,
-                f"data_fraction must be in (0, 1], got {self.data_fraction}")
+        require(
+            0 < self.data_fraction <= 1,
+            f"data_fraction must be in (0, 1], got {self.data_fraction}",
+        )
         plain = self.tag not in (".", "..") and not set("/\\") & set(self.tag)
         require(plain, "tag must be a plain name")
         parse_duration(self.time_budget)
@@ -133,38 +176,64 @@ class TrainConfig:
 
 
 # what --resume may change; the rest (shape, data, optimizer, schedule...) is the run
-RESUME_MAY_CHANGE = ("out_dir", "tag", "max_steps", "time_budget", "grad_accum_steps",
-                     "eval_interval", "eval_iters", "log_interval", "save_interval", "keep_last",
-                     "patience", "target_loss", "device", "dtype", "compile", "threads",
-                     "sample_tokens", "plots")
+RESUME_MAY_CHANGE = (
+    "out_dir",
+    "tag",
+    "max_steps",
+    "time_budget",
+    "grad_accum_steps",
+    "eval_interval",
+    "eval_iters",
+    "log_interval",
+    "save_interval",
+    "keep_last",
+    "patience",
+    "target_loss",
+    "device",
+    "dtype",
+    "compile",
+    "threads",
+    "sample_tokens",
+    "plots",
+)
 
 
 @dataclass
 class RunOptions:
     """What train.py does with the settings; never saved."""
-    preset: str = setting("", "start from a preset: mini on a CPU with 2 threads in bfloat16, "
-                                 "tiny on other CPUs and Macs, small on a CUDA GPU")
+
+    preset: str = setting(
+        "",
+        "start from a preset: mini on a CPU with 2 threads in bfloat16, "
+        "tiny on other CPUs and Macs, small on a CUDA GPU",
+    )
     resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")
     overwrite: bool = setting(False, "start afresh though OUT_DIR holds another run")
-    init_from: str = setting("", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium, ...) "
-                                 "with a fresh optimizer")
-    eval_only: str = setting(None, "a checkpoint's loss on its whole val split; OUT_DIR/best.pt "
-                                   "if none is named")
-    overfit_batch: bool = setting(False, "sanity check: fit one batch until the loss is near 0; "
-                                         "writes nothing")
+    init_from: str = setting(
+        "", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium, ...) with a fresh optimizer"
+    )
+    eval_only: str = setting(
+        None, "a checkpoint's loss on its whole val split; OUT_DIR/best.pt if none is named"
+    )
+    overfit_batch: bool = setting(
+        False, "sanity check: fit one batch until the loss is near 0; writes nothing"
+    )
     plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
 
 
 @dataclass
 class SamplerConfig:
     """How each next token is drawn from the logits and the text so far (sampling.filter_logits)."""
+
     temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (the likeliest token)")
     top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
     top_p: float = setting(1.0, "keep the fewest tokens whose probability reaches p; 1 = off")
 
     def __post_init__(self):
-        require(self.temperature == 0 or 1e-3 <= self.temperature <= 1e3, f"--temperature must be "
-                f"0 (greedy) or between 0.001 and 1000, got {self.temperature}")
+        require(
+            self.temperature == 0 or 1e-3 <= self.temperature <= 1e3,
+            f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}",
+        )
         require(self.top_k >= 0, f"--top_k must be 0 (off) or more, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
 
@@ -172,6 +241,7 @@ class SamplerConfig:
 @dataclass
 class GenerateConfig:
     """What generate.py writes, and how."""
+
     prompt: str = setting("", "text to continue; empty starts from a line end")
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
     max_new_tokens: int = setting(500, "tokens to generate per sample")
@@ -181,8 +251,9 @@ class GenerateConfig:
     device: str = setting("auto", DEVICE_HELP, DEVICES)
     threads: int = setting(0, THREADS_HELP)
     no_cache: bool = setting(False, "recompute the whole context per token, no KV cache")
-    qa: bool = setting(False, "the prompt is a question: ask it in the chat template, stop after "
-                              "the answer")
+    qa: bool = setting(
+        False, "the prompt is a question: ask it in the chat template, stop after the answer"
+    )
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
     show_probs: bool = setting(False, "show each new token's probability and the entropy")
     show_top: int = setting(0, "with --show_probs, also list the K most likely tokens (at most 20)")
@@ -195,10 +266,14 @@ class GenerateConfig:
         require(0 <= self.show_top <= 20, f"--show_top must be 0 (off) to 20, got {self.show_top}")
         self.show_probs = self.show_probs or self.show_top > 0
         require(self.beam is None or self.beam >= 1, f"--beam must be at least 1, got {self.beam}")
-        require(not self.beam or self.num_samples == 1,
-                "beam search finds one continuation: drop --num_samples")
-        require(math.isfinite(self.length_penalty),
-                f"--length_penalty must be a number, got {self.length_penalty}")
+        require(
+            not self.beam or self.num_samples == 1,
+            "beam search finds one continuation: drop --num_samples",
+        )
+        require(
+            math.isfinite(self.length_penalty),
+            f"--length_penalty must be a number, got {self.length_penalty}",
+        )
         require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
         check_choices(self)
 
@@ -222,15 +297,28 @@ def parse_duration(text):
     seconds = 0
     if match:
         seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (1, 3600, 60, 1)) if v)
-    require(0 < seconds < math.inf,
-            f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}")
+    require(
+        0 < seconds < math.inf,
+        f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}",
+    )
     return seconds
 
 
 # the default on a CPU or a Mac: what learned most in five minutes on the 2-core CPUs measured
-TINY = dict(n_layer=2, n_head=5, n_embd=160, block_size=128, pos="rope", mlp="swiglu",
-            batch_size=32, time_budget="5m", lr=3e-3, min_lr=3e-4, weight_decay=1.0,
-            eval_interval=500)
+TINY = dict(
+    n_layer=2,
+    n_head=5,
+    n_embd=160,
+    block_size=128,
+    pos="rope",
+    mlp="swiglu",
+    batch_size=32,
+    time_budget="5m",
+    lr=3e-3,
+    min_lr=3e-4,
+    weight_decay=1.0,
+    eval_interval=500,
+)
 
 PRESETS = {
     "tiny": TINY,
@@ -240,21 +328,76 @@ PRESETS = {
     # against 1.506-1.515 on an AMD EPYC Zen 4. Tiny won on 1 thread in float32: 1.601 to 1.688.
     "mini": TINY | dict(n_layer=3, n_head=6, n_embd=192),
     # nanoGPT's CPU recipe from its README, for like-for-like comparisons
-    "reference": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False, batch_size=12,
-                      lr=1e-3, min_lr=1e-4, beta2=0.99),
+    "reference": dict(
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        block_size=64,
+        bias=False,
+        batch_size=12,
+        lr=1e-3,
+        min_lr=1e-4,
+        beta2=0.99,
+    ),
     # nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
-    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
-                  batch_size=64, lr=1e-3, min_lr=1e-4, beta2=0.99),
-    "small-modern": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False,
-                         pos="rope", mlp="swiglu", norm="rmsnorm", batch_size=64, max_steps=5000,
-                         lr=1e-3, min_lr=1e-4, beta2=0.99),
+    "small": dict(
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        block_size=256,
+        dropout=0.2,
+        bias=False,
+        batch_size=64,
+        lr=1e-3,
+        min_lr=1e-4,
+        beta2=0.99,
+    ),
+    "small-modern": dict(
+        n_layer=6,
+        n_head=6,
+        n_embd=384,
+        block_size=256,
+        dropout=0.2,
+        bias=False,
+        pos="rope",
+        mlp="swiglu",
+        norm="rmsnorm",
+        batch_size=64,
+        max_steps=5000,
+        lr=1e-3,
+        min_lr=1e-4,
+        beta2=0.99,
+    ),
     # seconds, not minutes: to check that a change runs, learns, resumes and samples
-    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200,
-                  warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5,
-                  log_interval=10),
-    "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, dropout=0.2, bias=False,
-                   batch_size=64, max_steps=10000, lr=6e-4, min_lr=6e-5, warmup_steps=200,
-                   beta2=0.99, eval_interval=500),
+    "micro": dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=8,
+        max_steps=200,
+        warmup_steps=10,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_interval=50,
+        eval_iters=5,
+        log_interval=10,
+    ),
+    "medium": dict(
+        n_layer=8,
+        n_head=8,
+        n_embd=512,
+        block_size=512,
+        dropout=0.2,
+        bias=False,
+        batch_size=64,
+        max_steps=10000,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=200,
+        beta2=0.99,
+        eval_interval=500,
+    ),
 }
 
 
@@ -278,8 +421,10 @@ def from_saved(cls, saved, path):
     names = {f.name for f in fields(cls)}
     unknown = [k for k in saved if k not in names]
     if unknown:
-        raise TinyLLMError(f"{path} has settings this version of tinyllm does not know "
-                           f"({', '.join(unknown)}): it was made by another version")
+        raise TinyLLMError(
+            f"{path} has settings this version of tinyllm does not know "
+            f"({', '.join(unknown)}): it was made by another version"
+        )
     for f in fields(cls):
         kind = (int, float) if f.type is float else f.type  # an int is a float setting too
         if f.name in saved and not isinstance(saved[f.name], kind):
@@ -293,8 +438,10 @@ def from_saved(cls, saved, path):
 def build_configs(given, preset):
     """GPTConfig and TrainConfig: the defaults, then the preset, then the flags given."""
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    require(not (given.get("time_budget") and "max_steps" in given),
-            "give --time_budget or --max_steps, not both")
+    require(
+        not (given.get("time_budget") and "max_steps" in given),
+        "give --time_budget or --max_steps, not both",
+    )
     values = {**PRESETS[preset], **given}
     if "max_steps" in given:  # a step count turns a preset's budget off
         values["time_budget"] = ""

@@ -1,6 +1,6 @@
 """Sample text from trained checkpoints; several get the same prompt and seed, to compare.
 
-    python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
+python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """
 
 import machinery  # noqa: F401 (first, before torch loads: OpenMP's idle threads soon sleep)
@@ -37,23 +37,32 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator
     elif stream:
         print(tokenizer.decode(shown), end="", flush=True)
     if cfg.beam:
-        new, _ = beam_search(model, idx, cfg.max_new_tokens, cfg.beam, not cfg.no_cache, stop,
-                             cfg.length_penalty)
+        new, _ = beam_search(
+            model, idx, cfg.max_new_tokens, cfg.beam, not cfg.no_cache, stop, cfg.length_penalty
+        )
         if annotator:
             for token, probs in model_odds(model, idx, new, not cfg.no_cache):
                 annotator.add(token, probs)
     else:
         generator = torch.Generator(device).manual_seed(cfg.seed)
-        out = generate(model, idx, cfg.max_new_tokens, sampler, use_cache=not cfg.no_cache,
-                       stop_token=stop, generator=generator, on_token=on_token)
-        new = out[:, idx.size(1):]
+        out = generate(
+            model,
+            idx,
+            cfg.max_new_tokens,
+            sampler,
+            use_cache=not cfg.no_cache,
+            stop_token=stop,
+            generator=generator,
+            on_token=on_token,
+        )
+        new = out[:, idx.size(1) :]
     if annotator:
         annotator.end()
     elif stream:
         pieces.end_stream()
     results = []
     for row in new.tolist():
-        cut = row[:row.index(stop)] if stop in row else row
+        cut = row[: row.index(stop)] if stop in row else row
         results.append((tokenizer.decode(shown + cut), len(cut), cut != row))
     return results
 
@@ -65,8 +74,10 @@ def header(cfg, sampler, path, saved, prompt):
     else:
         drawn = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(sampler).items())
         settings = f"seed={cfg.seed} {drawn}"
-    settings += (f" max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} "
-                 f"qa={cfg.qa} no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}")
+    settings += (
+        f" max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} "
+        f"qa={cfg.qa} no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}"
+    )
     if cfg.show_probs:
         settings += f" show_top={cfg.show_top}"
     source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
@@ -105,10 +116,15 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, device, several):
 def main(argv=None):
     here = devices.choose_device("auto")
     parser = cli.ArgumentParser(description="Sample text from trained tinyllm checkpoints.")
-    parser.add_argument("checkpoints", nargs="*", metavar="CHECKPOINT.pt",
-                        help="checkpoints, sampled alike (default: checkpoints/best.pt)")
-    parser.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH.pt",
-                        help="the same, as a flag")
+    parser.add_argument(
+        "checkpoints",
+        nargs="*",
+        metavar="CHECKPOINT.pt",
+        help="checkpoints, sampled alike (default: checkpoints/best.pt)",
+    )
+    parser.add_argument(
+        "--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same, as a flag"
+    )
     cli.add_config_flags(parser, SamplerConfig, title="how each token is drawn")
     cli.add_config_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
     args = parser.parse_args(argv)

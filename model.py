@@ -18,6 +18,7 @@ from config import GPTConfig
 
 # ----------------------------------------------------------------------------- attention
 
+
 def causal_mask(T, S, device, start=None):
     """(T, S), added to the attention scores: 0 where query i (at position start + i) may see key j,
     -inf where j is later. Training: S = T, the lower triangle. Generation keeps block_size slots of
@@ -90,6 +91,7 @@ def fused_attention(q, k, v, mask, dropout=0.0):
 
 # ------------------------------------------------------------------------- the MLP and the block
 
+
 class MLP(nn.Module):
     """Position-wise: widen 4x, GELU, project back."""
 
@@ -120,12 +122,14 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- the GPT
 
+
 def lm_loss(logits, targets, reduction="mean"):
     """Next-token cross-entropy: each (b, t) is one classification over the vocabulary, so logits
     (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,). In float32 even under autocast.
     A target of -100 is no target: a conversation's questions are context, its answers count."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction=reduction)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
+    )
 
 
 class GPT(nn.Module):
@@ -194,6 +198,7 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------- the modern parts
 
+
 def make_norm(config):
     if config.norm == "rmsnorm":
         return RMSNorm(config.n_embd)
@@ -245,7 +250,7 @@ def apply_rope(x, cos, sin):
 
 
 def sinusoidal_table(n_positions, dim):
-    """"Attention Is All You Need"'s positions: sines and cosines of position * 10000^(-2i/dim)."""
+    """ "Attention Is All You Need"'s positions: sines and cosines of position * 10000^(-2i/dim)."""
     pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
     pairs = torch.arange(0, dim, 2, dtype=torch.float32)  # 2i, (dim/2,)
     inv_freq = torch.exp(pairs * (-math.log(10000.0) / dim))

@@ -78,10 +78,12 @@ class TimeBudget:
             self.first = (state.step, seconds)
         if state.step <= self.cfg.warmup_steps:
             if seconds >= self.end(state):
-                raise TinyLLMError(f"--time_budget {self.cfg.time_budget} is too short here: "
-                                   f"{seconds:.1f}s were gone before the warmup's "
-                                   f"{self.cfg.warmup_steps} steps; give more time or fewer "
-                                   f"--warmup_steps")
+                raise TinyLLMError(
+                    f"--time_budget {self.cfg.time_budget} is too short here: "
+                    f"{seconds:.1f}s were gone before the warmup's "
+                    f"{self.cfg.warmup_steps} steps; give more time or fewer "
+                    f"--warmup_steps"
+                )
             state.decay_start = seconds
             return 0.0
         span = max(1e-9, self.end(state) - state.decay_start)
@@ -114,8 +116,10 @@ def make_optimizer(model, cfg, device):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer == "muon":
         return Muon.for_model(params, cfg)
-    groups = [{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     # fused: one kernel per tensor, faster on CPUs too; not on a Mac, whose fused kernel
     # mishandles float16's skipped steps in torch 2.5-2.7 (docs/platforms.md)
     fused = device.type in ("cuda", "cpu")
@@ -123,6 +127,7 @@ def make_optimizer(model, cfg, device):
 
 
 # ----------------------------------------------------------------------------- Muon
+
 
 def orthogonalize(g, steps=5):
     """About U V^T of g = U S V^T (every singular value pushed towards 1), by a quintic
@@ -152,9 +157,11 @@ class Muon(torch.optim.Optimizer):
         rest = [p for _, p in named_params if p.dim() >= 2 and not any(p is h for h in hidden)]
         vectors = [p for _, p in named_params if p.dim() < 2]
         scale, decay = cfg.muon_lr / cfg.lr, cfg.weight_decay
-        groups = [{"params": hidden, "use_muon": True, "lr_scale": scale, "weight_decay": 0.0},
-                  {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": decay},
-                  {"params": vectors, "use_muon": False, "lr_scale": 1.0, "weight_decay": 0.0}]
+        groups = [
+            {"params": hidden, "use_muon": True, "lr_scale": scale, "weight_decay": 0.0},
+            {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": decay},
+            {"params": vectors, "use_muon": False, "lr_scale": 1.0, "weight_decay": 0.0},
+        ]
         return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
     @torch.no_grad()

@@ -13,8 +13,18 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- the loop
 
-def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=None,
-             generator=None, on_token=None, context=None):
+
+def generate(
+    model,
+    idx,
+    max_new_tokens,
+    sampler,
+    use_cache=True,
+    stop_token=None,
+    generator=None,
+    on_token=None,
+    context=None,
+):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has made
     stop_token (a row that stopped earlier goes on past it: cut it there). Returns (B, T + new).
     on_token(token (B, 1), logits (B, V), idx) sees each step as it comes (generate.py streams it).
@@ -38,6 +48,7 @@ def generate(model, idx, max_new_tokens, sampler, use_cache=True, stop_token=Non
 
 # ----------------------------------------------------------------------------- the KV cache
 
+
 class KVCache:
     """Every layer's keys and values of the tokens so far, in buffers of block_size positions
     allocated once and written in place; pos: where the next token goes. Attention reads the whole
@@ -52,8 +63,8 @@ class KVCache:
         if self.k[layer] is None:  # zeros: a hidden slot's weight is 0, and 0 * NaN is NaN
             shape = (k.size(0), k.size(1), self.block_size, k.size(3))
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
-        self.k[layer][:, :, self.pos:self.pos + k.size(2)] = k
-        self.v[layer][:, :, self.pos:self.pos + v.size(2)] = v
+        self.k[layer][:, :, self.pos : self.pos + k.size(2)] = k
+        self.v[layer][:, :, self.pos : self.pos + v.size(2)] = v
         return self.k[layer], self.v[layer]
 
 
@@ -76,16 +87,17 @@ class Context:
             # block_size // 2 tokens and the cache is filled again, every block_size / 2 tokens.
             self.start = idx.size(1) - max(1, block_size // 2)
         if not self.use_cache:  # recompute the whole context
-            return self.model(idx[:, self.start:])[0][:, -1, :]
+            return self.model(idx[:, self.start :])[0][:, -1, :]
         if self.cache is None or full:  # the whole context into an empty cache
             self.cache = KVCache(self.model.config.n_layer, block_size)
-        new = idx[:, self.start + self.cache.pos:]  # (B, T): the tokens the cache lacks
+        new = idx[:, self.start + self.cache.pos :]  # (B, T): the tokens the cache lacks
         logits, _ = self.model(new, cache=self.cache)
         self.cache.pos += new.size(1)
         return logits[:, -1, :]  # (B, V)
 
 
 # ----------------------------------------------------------------------------- the sampler
+
 
 def filter_logits(logits, idx, sampler):
     """The logits (B, V) a token is drawn from after idx (B, T), the whole text so far (prompt
@@ -121,9 +133,11 @@ def sample_next(logits, idx, sampler, generator=None):
 
 # ----------------------------------------------------------------------------- beam search
 
+
 @torch.inference_mode()
-def beam_search(model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None,
-                length_penalty=0.0):
+def beam_search(
+    model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0
+):
     """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T): the
     beam_width likeliest kept at each step, scored by total / length ** length_penalty."""
     context, prompt = Context(model, use_cache), idx.size(1)

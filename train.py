@@ -32,6 +32,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     """One optimizer step. Its figures stay tensors: reading one makes a GPU wait, so the loop
     reads them later. A new figure is a new entry here: it reaches the progress line and history."""
     scaler = scaler or torch.amp.GradScaler(enabled=False)  # disabled: its calls do nothing
+    # fmt: off
     for group in optimizer.param_groups:           # 1. this step's learning rate
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)          # 2. forget the last step's gradients
@@ -50,6 +51,7 @@ def train_step(model, optimizer, next_batch, lr, grad_accum_steps, grad_clip, ct
     # 7. clip the gradient's norm (grad_clip 0: only measure it)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     scaler.step(optimizer)                         # 8. update the weights (float16: not if inf)
+    # fmt: on
     scaler.update()
     return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
 
@@ -72,13 +74,23 @@ def estimate_loss(model, batches, eval_iters, ctx):
 
 # -------------------------------------------------------------------------------- set-up, the loop
 
+
 def train(model_cfg, cfg, options=None, preset="custom", given=None, clock=None):
     """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes.
     clock() gives this process's seconds so far (a time budget counts them): from now if None."""
-    with devices.out_of_memory_as_error("out of memory: try a smaller --batch_size or model, "
-                                        "or --grad_accum_steps 2"):
-        return train_loop(set_up(model_cfg, cfg, options or RunOptions(), preset, given or {},
-                                 clock or machinery.stopwatch()))
+    with devices.out_of_memory_as_error(
+        "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
+    ):
+        return train_loop(
+            set_up(
+                model_cfg,
+                cfg,
+                options or RunOptions(),
+                preset,
+                given or {},
+                clock or machinery.stopwatch(),
+            )
+        )
 
 
 def set_up(model_cfg, cfg, options, preset, given, clock):
@@ -87,7 +99,8 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     rank, world, device = ddp.setup(devices.choose_device(cfg.device))
     say = cli.log if rank == 0 else (lambda text: None)
     model_cfg, cfg, preset, source, path, resumed = training.settings(
-        model_cfg, cfg, options, preset, given, world, say)
+        model_cfg, cfg, options, preset, given, world, say
+    )
     devices.set_threads(cfg.threads)
     devices.seed_everything(cfg.seed)  # the same initial weights on every rank
     corpus, model, adapter = training.data_and_model(model_cfg, cfg, source, path, options, say)
@@ -104,11 +117,28 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     if options.overfit_batch:  # a sanity check: every step trains on one batch
         fixed = batches["train"]()
         batches["train"] = lambda: fixed
-        say("overfit_batch: training on one fixed batch, writing nothing; "
-            "the loss should fall towards 0")
+        say(
+            "overfit_batch: training on one fixed batch, writing nothing; "
+            "the loss should fall towards 0"
+        )
     budget = training.run_length(cfg, clock, world, device)
-    run = Run(cfg, options, preset, rank, world, device, corpus, model, train_model, optimizer,
-              batches, state, clock, budget, adapter)
+    run = Run(
+        cfg,
+        options,
+        preset,
+        rank,
+        world,
+        device,
+        corpus,
+        model,
+        train_model,
+        optimizer,
+        batches,
+        state,
+        clock,
+        budget,
+        adapter,
+    )
     training.set_precision(run, source if resumed else {}, trial_step)
     training.print_header(run)
     if options.overwrite and run.master and run.writes and not resumed:  # the old run's go now
@@ -121,8 +151,16 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
 def trial_step(run, ctx, scaler):
     """A step at the peak LR: --dtype auto times such steps, --compile tries one."""
     cfg = run.cfg
-    return train_step(run.train_model, run.optimizer, run.batches["train"], cfg.lr,
-                      cfg.grad_accum_steps, cfg.grad_clip, ctx, scaler)
+    return train_step(
+        run.train_model,
+        run.optimizer,
+        run.batches["train"],
+        cfg.lr,
+        cfg.grad_accum_steps,
+        cfg.grad_clip,
+        ctx,
+        scaler,
+    )
 
 
 def train_loop(run):
@@ -147,8 +185,16 @@ def train_loop(run):
             # one step at the schedule's learning rate: by how far the run is, in steps or time
             state.progress = budget.progress(state)
             lr = get_lr(state.step, state.progress, cfg)
-            figures = train_step(run.train_model, run.optimizer, run.batches["train"], lr,
-                                 cfg.grad_accum_steps, cfg.grad_clip, run.ctx, run.scaler)
+            figures = train_step(
+                run.train_model,
+                run.optimizer,
+                run.batches["train"],
+                lr,
+                cfg.grad_accum_steps,
+                cfg.grad_clip,
+                run.ctx,
+                run.scaler,
+            )
             state.window.append(figures)
             state.step += 1
 
@@ -166,20 +212,25 @@ def train_loop(run):
 
 # ---------------------------------------------------------------------------------- progress lines
 
+
 def read_figures(run):
     """The window's figures read from the device in one wait; a non-finite loss stops the run."""
     window = run.state.window
-    tensors = [v.detach().float().reshape(()) for f in window for v in f.values()
-               if torch.is_tensor(v)]
+    tensors = [
+        v.detach().float().reshape(()) for f in window for v in f.values() if torch.is_tensor(v)
+    ]
     values = iter(torch.stack(tensors).tolist() if tensors else [])
     for n, figures in enumerate(window, run.state.step - len(window)):
         for k, v in figures.items():
             figures[k] = next(values) if torch.is_tensor(v) else v
-        if not math.isfinite(figures["loss"]) or not (run.scaler or math.isfinite(
-                figures["grad_norm"])):
-            raise TinyLLMError(f"step {n}: the loss or the gradient is not finite (loss "
-                               f"{figures['loss']}); nothing non-finite was saved. Try a lower "
-                               f"--lr, --grad_clip 1, or --dtype bfloat16 or float32")
+        if not math.isfinite(figures["loss"]) or not (
+            run.scaler or math.isfinite(figures["grad_norm"])
+        ):
+            raise TinyLLMError(
+                f"step {n}: the loss or the gradient is not finite (loss "
+                f"{figures['loss']}); nothing non-finite was saved. Try a lower "
+                f"--lr, --grad_clip 1, or --dtype bfloat16 or float32"
+            )
         run.state.lr = figures["lr"]
         grad_norm = figures["grad_norm"]
         run.state.grad_norm = grad_norm if math.isfinite(grad_norm) else None  # float16 skipped
@@ -204,12 +255,23 @@ def log_progress(run):
     tokens_per_s = run.cfg.batch_size * run.model.config.block_size / ms * 1000 if ms else 0.0
     end = run.budget.end_step(state, ms / 1000)
     eta = cli.format_seconds((end - state.step) * ms / 1000) if end else "?"
-    shown = [f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}"
-             for k, v in figures.items()]
-    run.say(f"step {state.step:>6}/{end or '?'} | {' | '.join(shown)} | {ms:.1f} ms/step | "
-            f"{tokens_per_s:,.0f} tok/s | ETA {eta}")
-    state.history.append({"kind": "train", "step": state.step, **figures, "ms_per_step": ms,
-                          "tok_per_s": tokens_per_s, "seconds": run.elapsed()})
+    shown = [
+        f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items()
+    ]
+    run.say(
+        f"step {state.step:>6}/{end or '?'} | {' | '.join(shown)} | {ms:.1f} ms/step | "
+        f"{tokens_per_s:,.0f} tok/s | ETA {eta}"
+    )
+    state.history.append(
+        {
+            "kind": "train",
+            "step": state.step,
+            **figures,
+            "ms_per_step": ms,
+            "tok_per_s": tokens_per_s,
+            "seconds": run.elapsed(),
+        }
+    )
     # --overfit_batch: done when the processes' mean loss is near 0 (each has its own batch)
     if run.options.overfit_batch and ddp.mean([figures["loss"]], run.world, run.device)[0] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
@@ -227,6 +289,7 @@ def paused(run):
 
 # ------------------------------------------------------------------------------ evaluations, saves
 
+
 def evaluate(run):
     """Both splits' losses, a line, a history row, the run's files; why the run stops, or None."""
     cfg, state, start = run.cfg, run.state, run.clock()
@@ -239,13 +302,23 @@ def evaluate(run):
         state.best_val_loss = min(val_loss, state.best_val_loss)
         state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
         state.last_eval_step = state.step
-        state.history.append({"kind": "eval", "step": state.step, "train_loss": train_loss,
-                              "val_loss": val_loss, "lr": state.lr, "grad_norm": state.grad_norm,
-                              "seconds": run.elapsed()})
+        state.history.append(
+            {
+                "kind": "eval",
+                "step": state.step,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "lr": state.lr,
+                "grad_norm": state.grad_norm,
+                "seconds": run.elapsed(),
+            }
+        )
         bits = bits_per_char(val_loss, run.corpus.chars_per_token)
         end = run.budget.end_step(state) or "?"
-        line = (f"eval {state.step:>6}/{end} | train {train_loss:.4f} | val {val_loss:.4f} "
-                f"({bits:.3f} bits/char)")
+        line = (
+            f"eval {state.step:>6}/{end} | train {train_loss:.4f} | val {val_loss:.4f} "
+            f"({bits:.3f} bits/char)"
+        )
         if state.step == 0:
             line += f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}"
         run.say(line + (" | new best" if improved else ""))
@@ -254,13 +327,16 @@ def evaluate(run):
             if improved:
                 save(run, "best.pt")
             if run.master:
-                plots.write_history(cfg.out_dir, state.history, cfg.plots,
-                                    run.model.config.vocab_size)
+                plots.write_history(
+                    cfg.out_dir, state.history, cfg.plots, run.model.config.vocab_size
+                )
     # a budget keeps as much time for the last evaluation
     state.eval_seconds = ddp.mean([run.clock() - start], run.world, run.device)[0]
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
-        return (f"early stop: val loss has not improved for {cfg.patience} evaluations "
-                f"(best {state.best_val_loss:.4f})")
+        return (
+            f"early stop: val loss has not improved for {cfg.patience} evaluations "
+            f"(best {state.best_val_loss:.4f})"
+        )
     if cfg.target_loss and val_loss <= cfg.target_loss:
         return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
 
@@ -276,13 +352,21 @@ def save(run, name):
     if run.world > 1:
         state["rngs"] = rngs
     contents = checkpoint.contents(
-        run.model, run.corpus.tokenizer.to_dict(), lora=run.lora,
-        optimizer=run.optimizer.state_dict(), train_config=asdict(run.cfg), preset=run.preset,
-        scaler=run.scaler.state_dict() if run.scaler else None, rng=rngs[0], **state)
+        run.model,
+        run.corpus.tokenizer.to_dict(),
+        lora=run.lora,
+        optimizer=run.optimizer.state_dict(),
+        train_config=asdict(run.cfg),
+        preset=run.preset,
+        scaler=run.scaler.state_dict() if run.scaler else None,
+        rng=rngs[0],
+        **state,
+    )
     checkpoint.save(os.path.join(run.cfg.out_dir, name), contents)
 
 
 # ----------------------------------------------------------------------------------------- the end
+
 
 def finish(run, stop_reason, signum):
     """last.pt if steps came after the last evaluation, the closing lines and sample, a summary.
@@ -293,8 +377,10 @@ def finish(run, stop_reason, signum):
         save(run, "last.pt")
     if signum:
         if run.writes:
-            run.say(f"saved {os.path.join(cfg.out_dir, 'last.pt')} at step {state.step}. "
-                    f"Resume with: python train.py --resume --out_dir {cfg.out_dir}")
+            run.say(
+                f"saved {os.path.join(cfg.out_dir, 'last.pt')} at step {state.step}. "
+                f"Resume with: python train.py --resume --out_dir {cfg.out_dir}"
+            )
         ddp.leave_together(run.world)
         sys.exit(128 + signum)
     if stop_reason:
@@ -302,26 +388,38 @@ def finish(run, stop_reason, signum):
     files = f" | {cfg.out_dir}/: best.pt, last.pt, history.csv"
     if cfg.plots:
         files += ", loss.png"
-    run.say(f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
-            f"{cli.format_seconds(run.elapsed())}{files if run.writes else ''}")
+    run.say(
+        f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
+        f"{cli.format_seconds(run.elapsed())}{files if run.writes else ''}"
+    )
     if cfg.time_budget:
         used = cli.format_seconds(run.budget.now(state))
-        run.say(f"time budget {cfg.time_budget}: {used} used, {state.step:,} steps, the last at LR "
-                f"{state.lr:.4g} (min_lr {cfg.min_lr:g})")
+        run.say(
+            f"time budget {cfg.time_budget}: {used} used, {state.step:,} steps, the last at LR "
+            f"{state.lr:.4g} (min_lr {cfg.min_lr:g})"
+        )
     if cfg.sample_tokens and run.master:
         run.say("sample:\n" + training.closing_sample(run, cfg.sample_tokens))
     ddp.leave_together(run.world)
-    return {"step": state.step, "best_val_loss": state.best_val_loss, "history": state.history,
-            "model": run.model, "seconds": run.elapsed(), "stop_reason": stop_reason,
-            "corpus": run.corpus, "dtype": run.dtype}
+    return {
+        "step": state.step,
+        "best_val_loss": state.best_val_loss,
+        "history": state.history,
+        "model": run.model,
+        "seconds": run.elapsed(),
+        "stop_reason": stop_reason,
+        "corpus": run.corpus,
+        "dtype": run.dtype,
+    }
 
 
 def main(argv=None, clock=None):
     options, model_cfg, cfg, preset, given = training.parse_flags(argv)
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
-        checkpoint.evaluate_checkpoint(path, given.get("data"), cfg.device, cfg.batch_size,
-                                       cfg.threads)
+        checkpoint.evaluate_checkpoint(
+            path, given.get("data"), cfg.device, cfg.batch_size, cfg.threads
+        )
     elif options.plot_lr:
         plots.draw_lr_schedule(cfg)
     else:

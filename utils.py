@@ -73,11 +73,12 @@ def get_batch(data, batch_size, block_size, device, targets=None):
     x[b, t]. data: a tensor, or a NumPy memmap of which only the B windows are read from disk.
     targets: None, or a bool tensor as long as data, False where a token is context only."""
     starts = torch.randint(len(data) - block_size, (batch_size,)).tolist()
-    windows = torch.stack([torch.from_numpy(np.asarray(data[i:i + block_size + 1], dtype=np.int64))
-                           for i in starts])  # (B, T + 1)
+    windows = torch.stack(
+        [torch.from_numpy(np.asarray(data[i : i + block_size + 1], dtype=np.int64)) for i in starts]
+    )  # (B, T + 1)
     x, y = windows[:, :-1], windows[:, 1:]  # each (B, T)
     if targets is not None:  # a target of -100 counts for nothing in the loss (model.lm_loss)
-        y = y.masked_fill(~torch.stack([targets[i + 1:i + block_size + 1] for i in starts]), -100)
+        y = y.masked_fill(~torch.stack([targets[i + 1 : i + block_size + 1] for i in starts]), -100)
     if device.type == "cuda":  # pinned memory: the copy overlaps the GPU's work
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y))
     return x.to(device), y.to(device)

@@ -13,8 +13,12 @@ from config import SamplerConfig
 from sampling import Context, next_token_probs
 
 # probability bands, most likely first: (lowest p, ANSI colour, the legend's words)
-BANDS = ((0.5, "32", "p >= 0.5"), (0.2, "33", "0.2 to 0.5"), (0.05, "35", "0.05 to 0.2"),
-         (0.0, "31", "below 0.05"))
+BANDS = (
+    (0.5, "32", "p >= 0.5"),
+    (0.2, "33", "0.2 to 0.5"),
+    (0.05, "35", "0.05 to 0.2"),
+    (0.0, "31", "below 0.05"),
+)
 Step = namedtuple("Step", "token p entropy top")  # top: [(token id, probability)], likeliest first
 MODELS_OWN = SamplerConfig(temperature=1.0)  # the model's own distribution: nothing filtered
 
@@ -36,7 +40,7 @@ def model_odds(model, idx, new_tokens, use_cache=True):
     """(token (B, 1), the model's probs (B, V)) for each of new_tokens (B, n) after idx (B, T)."""
     context = Context(model, use_cache)
     for t in range(new_tokens.size(1)):
-        token = new_tokens[:, t:t + 1]
+        token = new_tokens[:, t : t + 1]
         yield token, next_token_probs(context.next_logits(idx), idx, MODELS_OWN)
         idx = torch.cat((idx, token), dim=1)
 
@@ -85,9 +89,11 @@ class WholeCharacters:
 def summary(steps):
     total = sum(math.log(s.p) for s in steps)
     mean, entropy = total / len(steps), sum(s.entropy for s in steps) / len(steps)
-    return (f"{len(steps)} tokens: mean log-probability {mean:.3f} nats "
-            f"| perplexity {math.exp(-mean):.3f} | mean entropy {entropy:.3f} bits "
-            f"| total log-probability {total:.3f} nats")
+    return (
+        f"{len(steps)} tokens: mean log-probability {mean:.3f} nats "
+        f"| perplexity {math.exp(-mean):.3f} | mean entropy {entropy:.3f} bits "
+        f"| total log-probability {total:.3f} nats"
+    )
 
 
 class Annotator:

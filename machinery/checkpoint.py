@@ -68,12 +68,15 @@ def load(path):
     except Exception as e:  # a truncated zip, random bytes, an empty file...
         if isinstance(e, pickle.UnpicklingError) and refused_as_unsafe(e):
             raise unsafe_file(f"checkpoint {path}") from None
-        raise TinyLLMError(f"checkpoint {path} could not be loaded (truncated or corrupt): "
-                           f"{first_line(e)}") from None
+        raise TinyLLMError(
+            f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}"
+        ) from None
     ours = isinstance(checkpoint, dict) and all(
-        isinstance(checkpoint.get(k), dict) for k in ("model", "model_config", "tokenizer"))
-    if not ours or not all(isinstance(k, str) and torch.is_tensor(v)
-                           for k, v in checkpoint["model"].items()):
+        isinstance(checkpoint.get(k), dict) for k in ("model", "model_config", "tokenizer")
+    )
+    if not ours or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in checkpoint["model"].items()
+    ):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint")
     return checkpoint
 
@@ -107,8 +110,10 @@ def model_of(checkpoint, path="checkpoint"):
         model.load_state_dict(weights, strict=False)
         return model
     model = GPT(from_saved(GPTConfig, checkpoint["model_config"], path))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v  # as compiled, or under DDP
-             for k, v in checkpoint["model"].items()}
+    state = {
+        k.removeprefix("_orig_mod.").removeprefix("module."): v  # as compiled, or under DDP
+        for k, v in checkpoint["model"].items()
+    }
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -122,8 +127,9 @@ def model_of(checkpoint, path="checkpoint"):
 def tokenizer_of(checkpoint, vocab_size, path):
     tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size > vocab_size:
-        raise TinyLLMError(f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model "
-                           f"{vocab_size}")
+        raise TinyLLMError(
+            f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}"
+        )
     return tokenizer
 
 
@@ -141,8 +147,13 @@ def contents(model, tokenizer, lora=None, **extra):
     if lora:
         new = [i for i, r in enumerate(lora["rows"] or ()) if r is None]
         weights = adapter(model) | {"new_rows": weights["wte.weight"][new]}
-    return dict(model=weights, model_config=dataclasses.asdict(model.config), tokenizer=tokenizer,
-                lora=lora, **extra)
+    return dict(
+        model=weights,
+        model_config=dataclasses.asdict(model.config),
+        tokenizer=tokenizer,
+        lora=lora,
+        **extra,
+    )
 
 
 def with_embedding(model, rows):
@@ -177,8 +188,10 @@ def claim_out_dir(out_dir, overwrite, keep):
         last = os.path.join(out_dir, "last.pt" if "last.pt" in existing else existing[-1])
         with contextlib.suppress(TinyLLMError):
             last = f"{last} at {describe(load(last))}"
-        raise TinyLLMError(f"{out_dir} already holds a run ({last}); continue it with --resume, "
-                           f"pick another --out_dir (or --tag NAME), or replace it: --overwrite")
+        raise TinyLLMError(
+            f"{out_dir} already holds a run ({last}); continue it with --resume, "
+            f"pick another --out_dir (or --tag NAME), or replace it: --overwrite"
+        )
     if keep and os.path.realpath(keep) in {os.path.realpath(f"{out_dir}/{n}") for n in existing}:
         raise TinyLLMError(f"--overwrite would delete --init_from's {keep}; use another --out_dir")
     check_writable(os.path.join(out_dir, f".test.{os.getpid()}"), "--out_dir", make_folder=True)
@@ -198,6 +211,7 @@ def keep_newest(out_dir, keep_last):
 
 # ---------------------------------------------------------------- --eval_only: a checkpoint scored
 
+
 def evaluate_checkpoint(path, data, device, batch_size, threads):
     """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
     data's): a conversation's answers alone, as its run was trained."""
@@ -209,9 +223,11 @@ def evaluate_checkpoint(path, data, device, batch_size, threads):
     if corpus.val_targets is not None:
         losses = losses[corpus.val_targets[1:]]
     loss = losses.mean().item()
-    log(f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\n"
-            f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | "
-            f"{bits_per_char(loss, corpus.chars_per_token):.4f} bits per character")
+    log(
+        f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\n"
+        f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | "
+        f"{bits_per_char(loss, corpus.chars_per_token):.4f} bits per character"
+    )
 
 
 @torch.no_grad()
@@ -221,11 +237,11 @@ def token_losses(model, ids, batch_size=1):
     model.eval()
     T, device = model.config.block_size, model.wte.weight.device
     n = (len(ids) - 1) // T  # whole windows, then the tail
-    windows = ids[:n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
-    chunks = [windows[i:i + batch_size] for i in range(0, n, batch_size)]
+    windows = ids[: n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
+    chunks = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
     tail = len(ids) - 1 - n * T
     if tail > 0:
-        chunks.append(ids[-tail - 1:][None])
+        chunks.append(ids[-tail - 1 :][None])
     losses = []
     for rows in chunks:  # (b, t + 1): t inputs, each with its next token
         logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)

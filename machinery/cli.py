@@ -144,6 +144,7 @@ def fail(message):
 
 class StopRequest:
     """Ctrl-C, SIGTERM or a reader gone (log): the active loop ends its step, saves and exits."""
+
     active = None
     OUTPUT_GONE = 13  # the signal a reader gone stands for: exit 141, as SIGPIPE's
 
@@ -162,8 +163,10 @@ class StopRequest:
         if self.announce:  # os.write: the signal may have come while print was writing a line
             name = signal.Signals(signum).name
             try:
-                os.write(sys.stdout.fileno(),
-                         f"\n{name} received: finishing this step, then saving last.pt\n".encode())
+                os.write(
+                    sys.stdout.fileno(),
+                    f"\n{name} received: finishing this step, then saving last.pt\n".encode(),
+                )
             except BrokenPipeError:  # the same Ctrl-C ended `| tee`
                 silence_stdout()
             except (OSError, ValueError):  # no file behind stdout

@@ -17,16 +17,19 @@ def setup(device):
         return 0, 1, device
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
-        raise TinyLLMError("torch cannot join several processes on a Mac's GPU; "
-                           "give torchrun --device cpu")
+        raise TinyLLMError(
+            "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"
+        )
     if device.type != "cuda":
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         return rank, world, device
     gpus, processes = devices.machine().gpus, int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
-        raise TinyLLMError(f"{processes} processes on this machine but {gpus} GPU(s): give "
-                           f"torchrun --nproc_per_node={gpus} or less, or --device cpu")
+        raise TinyLLMError(
+            f"{processes} processes on this machine but {gpus} GPU(s): give "
+            f"torchrun --nproc_per_node={gpus} or less, or --device cpu"
+        )
     device = torch.device(f"cuda:{local_rank}")
     torch.cuda.set_device(device)
     if not dist.is_initialized():

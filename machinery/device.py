@@ -18,11 +18,15 @@ from machinery.cli import log, warn
 def machine():
     """What this machine has; asking starts no GPU."""
     cpu = torch.cpu  # private probes: an older torch lacks them
-    return SimpleNamespace(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(),
-                           gpus=torch.cuda.device_count(), vendor=cpu_vendor(),
-                           amx=getattr(cpu, "_is_amx_tile_supported", bool)(),
-                           avx512_bf16=getattr(cpu, "_is_avx512_bf16_supported", bool)(),
-                           torch=tuple(int(x) for x in torch.__version__.split(".")[:2]))
+    return SimpleNamespace(
+        cuda=torch.cuda.is_available(),
+        mps=torch.backends.mps.is_available(),
+        gpus=torch.cuda.device_count(),
+        vendor=cpu_vendor(),
+        amx=getattr(cpu, "_is_amx_tile_supported", bool)(),
+        avx512_bf16=getattr(cpu, "_is_avx512_bf16_supported", bool)(),
+        torch=tuple(int(x) for x in torch.__version__.split(".")[:2]),
+    )
 
 
 def cpu_vendor():
@@ -93,10 +97,13 @@ def rng_state():
     """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
     A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
     name, key, *rest = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(key.astype(np.int64)), *rest],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "mps": torch.mps.get_rng_state() if machine().mps else None}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(key.astype(np.int64)), *rest],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "mps": torch.mps.get_rng_state() if machine().mps else None,
+    }
 
 
 def set_rng_state(state):
@@ -108,11 +115,13 @@ def set_rng_state(state):
     has = machine()
     if has.mps and state.get("mps") is not None:
         torch.mps.set_rng_state(state["mps"])
-    for index, gpu_state in enumerate(state["cuda"][:has.gpus]):
+    for index, gpu_state in enumerate(state["cuda"][: has.gpus]):
         torch.cuda.set_rng_state(gpu_state, device=index)
     if len(state["cuda"]) > has.gpus:
-        log(f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this "
-            f"machine has {has.gpus}; dropout on the rest continues from a fresh seed")
+        log(
+            f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this "
+            f"machine has {has.gpus}; dropout on the rest continues from a fresh seed"
+        )
 
 
 def native_bf16(device):
@@ -149,16 +158,21 @@ def resolve_dtype(name, device):
     if name == "bfloat16" and device.type != "mps" and not native_bf16(device):
         warn(f"{describe(device)} has no native bfloat16: it is emulated and slower")
     if device.type == "mps" and name != "float32" and not autocast_works("mps", name):
-        warn(f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs "
-             f"torch 2.6 and macOS 14): training in float32")
+        warn(
+            f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs "
+            f"torch 2.6 and macOS 14): training in float32"
+        )
         return "float32", "autocast cannot run it here"
     return name, "given"
 
 
 def autocast(device, dtype):
     """The forward pass in dtype; the weights stay float32."""
-    return (contextlib.nullcontext() if dtype == "float32"
-            else torch.autocast(device.type, dtype=getattr(torch, dtype)))
+    return (
+        contextlib.nullcontext()
+        if dtype == "float32"
+        else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    )
 
 
 def make_scaler(device, dtype):
@@ -166,14 +180,18 @@ def make_scaler(device, dtype):
     if dtype != "float16":
         return None
     if device.type == "mps" and machine().torch < (2, 8):  # its unscale_ makes float64 there
-        raise TinyLLMError(f"--dtype float16 on a Mac needs torch 2.8 or later (this is "
-                           f"{torch.__version__}); use --dtype float32, or upgrade torch")
+        raise TinyLLMError(
+            f"--dtype float16 on a Mac needs torch 2.8 or later (this is "
+            f"{torch.__version__}); use --dtype float32, or upgrade torch"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scaler = torch.amp.GradScaler(device.type)
     if not scaler.is_enabled():
-        raise TinyLLMError(f"--dtype float16 needs a gradient scaler, which torch lacks on "
-                           f"{device}; use --dtype bfloat16 or float32")
+        raise TinyLLMError(
+            f"--dtype float16 needs a gradient scaler, which torch lacks on "
+            f"{device}; use --dtype bfloat16 or float32"
+        )
     return scaler
 
 
@@ -199,5 +217,8 @@ def auto_meanings(device):
     dtype = "bfloat16 from compute capability 8.0, else float16"
     if device.type != "cuda":
         dtype = "{} here: {}".format(*auto_dtype(device))
-    return {"device": ("auto", f"{device.type} here"), "dtype": ("auto", dtype),
-            "threads": (0, f"{set_threads(0)} here")}
+    return {
+        "device": ("auto", f"{device.type} here"),
+        "dtype": ("auto", dtype),
+        "threads": (0, f"{set_threads(0)} here"),
+    }

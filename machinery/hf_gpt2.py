@@ -14,35 +14,61 @@ from model import GPT
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # some versions' constant masks: not weights
-OUR_SWITCHES = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "add_cross_attention": False, "tie_word_embeddings": True}
+OUR_SWITCHES = {
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+    "tie_word_embeddings": True,
+}
 
 
 def hf_names(model):
     """Our weights by GPT2LMHeadModel's names, as views in its layout; lm_head is wte: left out."""
     state = model.state_dict()
     state.pop("lm_head.weight", None)
-    return {"transformer." + k.replace("blocks.", "h.", 1): v.t() if k.endswith(TRANSPOSED) else v
-            for k, v in state.items()}
+    return {
+        "transformer." + k.replace("blocks.", "h.", 1): v.t() if k.endswith(TRANSPOSED) else v
+        for k, v in state.items()
+    }
 
 
 def config_from_hf(hf, name):
     """Our GPTConfig of a Hugging Face config, refused where our model cannot be that one."""
     problems = [f"model_type is {hf.model_type!r}, not 'gpt2'"]
     if hf.model_type == "gpt2":
-        problems = [why for wrong, why in (
-            (hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
-             f"activation_function {hf.activation_function!r} (ours is the tanh GELU)"),
-            (hf.n_inner not in (None, 4 * hf.n_embd), f"n_inner {hf.n_inner} (ours is 4 * n_embd)"),
-            (abs(hf.layer_norm_epsilon - 1e-5) > 1e-12,
-             f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is 1e-05)"),
-        ) if wrong]
-        problems += [f"{k}={not ours}" for k, ours in OUR_SWITCHES.items()
-                     if bool(getattr(hf, k, ours)) != ours]
+        problems = [
+            why
+            for wrong, why in (
+                (
+                    hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
+                    f"activation_function {hf.activation_function!r} (ours is the tanh GELU)",
+                ),
+                (
+                    hf.n_inner not in (None, 4 * hf.n_embd),
+                    f"n_inner {hf.n_inner} (ours is 4 * n_embd)",
+                ),
+                (
+                    abs(hf.layer_norm_epsilon - 1e-5) > 1e-12,
+                    f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is 1e-05)",
+                ),
+            )
+            if wrong
+        ]
+        problems += [
+            f"{k}={not ours}"
+            for k, ours in OUR_SWITCHES.items()
+            if bool(getattr(hf, k, ours)) != ours
+        ]
     if problems:
         raise TinyLLMError(f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
-    return GPTConfig(vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
-                     n_head=hf.n_head, n_embd=hf.n_embd, bias=True)
+    return GPTConfig(
+        vocab_size=hf.vocab_size,
+        block_size=hf.n_positions,
+        n_layer=hf.n_layer,
+        n_head=hf.n_head,
+        n_embd=hf.n_embd,
+        bias=True,
+    )
 
 
 def load_gpt2(name):

@@ -11,13 +11,16 @@ from optim import get_lr, progress
 def new_plot(height=3, width=7, grid=None):
     """A figure and its axes (a 2-D array for grid=(rows, cols)), drawn to files only."""
     import matplotlib  # imported here: scripts that never draw skip its slow start
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt.subplots(*(grid or (1, 1)), figsize=(width, height), dpi=90, squeeze=not grid)
 
 
 def save_plot(fig, ax, path):
     import matplotlib.pyplot as plt
+
     if ax is not None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
@@ -32,11 +35,23 @@ def draw_losses(ax, history, color, label=""):
     """A run's train loss at each logged step (dashed) and val loss at each evaluation."""
     steps = [h for h in history if h["kind"] == "train"]
     evals = [h for h in history if h["kind"] == "eval"]
-    ax.plot([h["step"] for h in steps], [h["loss"] for h in steps], "--", color=color, alpha=0.6,
-            label=f"{label}train")
+    ax.plot(
+        [h["step"] for h in steps],
+        [h["loss"] for h in steps],
+        "--",
+        color=color,
+        alpha=0.6,
+        label=f"{label}train",
+    )
     best = min(h["val_loss"] for h in evals)  # train.py writes history.csv after an evaluation
-    ax.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", color=color, ms=3,
-            label=f"{label}val (best {best:.3f})")
+    ax.plot(
+        [h["step"] for h in evals],
+        [h["val_loss"] for h in evals],
+        "o-",
+        color=color,
+        ms=3,
+        label=f"{label}val (best {best:.3f})",
+    )
 
 
 def write_history(out_dir, history, plot, vocab_size):
@@ -57,13 +72,18 @@ def write_history(out_dir, history, plot, vocab_size):
 def draw_lr_schedule(cfg):
     """--plot_lr: the LR at every step of max_steps, drawn, and printed at every tenth."""
     if cfg.time_budget:
-        warn(f"--time_budget {cfg.time_budget}: its end depends on its pace; "
-             f"drawn for --max_steps {cfg.max_steps}")
+        warn(
+            f"--time_budget {cfg.time_budget}: its end depends on its pace; "
+            f"drawn for --max_steps {cfg.max_steps}"
+        )
     lrs = [get_lr(s, progress(s, cfg), cfg) for s in range(cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot(lrs)
-    ax.set(xlabel="step", ylabel="learning rate",
-           title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}")
+    ax.set(
+        xlabel="step",
+        ylabel="learning rate",
+        title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}",
+    )
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
     save_plot(fig, ax, path)
     tenths = [round(cfg.max_steps * i / 10) for i in range(11)]

@@ -48,8 +48,10 @@ def iter_documents(path, clean=False, extensions=".txt"):
                 elif isinstance(record, dict) and ("messages" in record or "question" in record):
                     yield document(chat_document(record, where))
                 else:
-                    raise TinyLLMError(f'{where}: expected an object with "text", "messages", '
-                                       'or "question" and "answer"')
+                    raise TinyLLMError(
+                        f'{where}: expected an object with "text", "messages", '
+                        'or "question" and "answer"'
+                    )
         else:
             with open(path, encoding="utf-8-sig") as f:
                 while chunk := f.read(1 << 20):
@@ -92,8 +94,10 @@ def folder_files(folder, extensions):
 
 def chat_document(record, where):
     """{"messages": [{"role": "user", "content": ...}, ...]} or a Q&A record, as chat template."""
-    qa = [{"role": "user", "content": record.get("question")},
-          {"role": "assistant", "content": record.get("answer")}]
+    qa = [
+        {"role": "user", "content": record.get("question")},
+        {"role": "assistant", "content": record.get("answer")},
+    ]
     messages = record.get("messages", qa)
     if not isinstance(messages, list) or not messages:
         raise TinyLLMError(f'{where}: "messages" must be a list of {{"role": ..., "content": ...}}')
@@ -119,13 +123,13 @@ def clean_text(text):
 @dataclass
 class Corpus:
     tokenizer: object
-    train: object              # 1-D token ids: a LongTensor, or a read-only np.memmap
+    train: object  # 1-D token ids: a LongTensor, or a read-only np.memmap
     val: object
-    chars_per_token: float     # of the val split: a loss in bits per character
+    chars_per_token: float  # of the val split: a loss in bits per character
     train_targets: object = None  # conversations: True where a token is a target (None: all are)
     val_targets: object = None
-    added: list = ()           # fine-tuning: characters and special tokens the tokenizer lacked
-    old_ids: list = None       # with added: the id each token had before (None: new)
+    added: list = ()  # fine-tuning: characters and special tokens the tokenizer lacked
+    old_ids: list = None  # with added: the id each token had before (None: new)
 
 
 def make_tokenizer(kind, text, vocab_size=0, verbose=False):
@@ -195,8 +199,9 @@ def load_prepared(path):
             raise ValueError("unexpected dtype or tokenizer")
         meta["val_chars"] = int(meta["val_chars"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise TinyLLMError(f"{meta_path} is corrupt ({type(e).__name__}: {e}); "
-                           "run tools.prepare again") from None
+        raise TinyLLMError(
+            f"{meta_path} is corrupt ({type(e).__name__}: {e}); run tools.prepare again"
+        ) from None
     splits = []
     for name in ("train", "val"):
         file = os.path.join(path, f"{name}.bin")
@@ -245,8 +250,10 @@ def validation_split(checkpoint, tokenizer, data=None):
 
 def check_long_enough(ids, block_size, name, path):
     if len(ids) < block_size + 1:
-        raise TinyLLMError(f"{path}: the {name} split has {len(ids)} tokens; block_size "
-                           f"{block_size} needs {block_size + 1}: add text or lower --block_size")
+        raise TinyLLMError(
+            f"{path}: the {name} split has {len(ids)} tokens; block_size "
+            f"{block_size} needs {block_size + 1}: add text or lower --block_size"
+        )
 
 
 def encode_prompt(tokenizer, prompt, qa=False, say=warn):

@@ -28,8 +28,11 @@ from config import GPTConfig, SamplerConfig, TrainConfig  # noqa: E402
 def pytest_make_parametrize_id(config, val, argname):
     """A parametrized case's id says what it is: flags as typed, settings as name=value."""
     if dataclasses.is_dataclass(val):
-        val = {f.name: getattr(val, f.name) for f in dataclasses.fields(val)
-               if getattr(val, f.name) != f.default}
+        val = {
+            f.name: getattr(val, f.name)
+            for f in dataclasses.fields(val)
+            if getattr(val, f.name) != f.default
+        }
     if isinstance(val, dict):
         return ",".join(f"{k}={v}" for k, v in val.items()) or "defaults"
     if isinstance(val, (list, tuple)):
@@ -40,8 +43,12 @@ def pytest_make_parametrize_id(config, val, argname):
 
 
 def tree_state():
-    done = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         return None
     return sorted(line for line in done.stdout.splitlines() if "__pycache__" not in line)
@@ -62,6 +69,7 @@ def cpu_and_offline():
     import torch
 
     from machinery import device
+
     torch.set_num_threads(1)
     real_machine, real_connect = device.machine, socket.socket.connect
 
@@ -91,11 +99,14 @@ def fake_machine(monkeypatch):
 
         def machine():
             return SimpleNamespace(**(vars(real()) | facts))
+
         monkeypatch.setattr(device, "machine", machine)
+
     return pretend
 
 
 # ---------------------------------------------------------------------------- data, models, runs
+
 
 def corpus_head(chars):
     with open(os.path.join(ROOT, "data", "input.txt"), encoding="utf-8") as f:
@@ -122,23 +133,57 @@ def tiny_run(data, out_dir, **overrides):
     """A tiny in-process run's settings: float32 always (--dtype auto times bfloat16 on a CPU that
     has it, and the suite must train alike on every machine); no plots or sample unless a test
     asks. The schedule and weight decay are named, so that a new default changes no test's run."""
-    settings = dict(data=str(data), out_dir=str(out_dir), batch_size=8, max_steps=20, lr=3e-3,
-                    lr_schedule="cosine", weight_decay=0.1, min_lr=3e-4, warmup_steps=5,
-                    eval_interval=5, eval_iters=2, log_interval=10, sample_tokens=0, device="cpu",
-                    dtype="float32", plots=False)
+    settings = dict(
+        data=str(data),
+        out_dir=str(out_dir),
+        batch_size=8,
+        max_steps=20,
+        lr=3e-3,
+        lr_schedule="cosine",
+        weight_decay=0.1,
+        min_lr=3e-4,
+        warmup_steps=5,
+        eval_interval=5,
+        eval_iters=2,
+        log_interval=10,
+        sample_tokens=0,
+        device="cpu",
+        dtype="float32",
+        plots=False,
+    )
     return TrainConfig(**(settings | overrides))
 
 
 # the same as flags, for the command line
-TINY_FLAGS = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
-              "--batch_size", "8", "--device", "cpu", "--dtype", "float32", "--eval_iters", "2",
-              "--sample_tokens", "0", "--plots", "false"]
+TINY_FLAGS = [
+    "--n_layer",
+    "1",
+    "--n_embd",
+    "32",
+    "--n_head",
+    "2",
+    "--block_size",
+    "16",
+    "--batch_size",
+    "8",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--eval_iters",
+    "2",
+    "--sample_tokens",
+    "0",
+    "--plots",
+    "false",
+]
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny model trained 60 steps on the corpus's first 20,000 characters: (best.pt, data)."""
     import train
+
     folder = tmp_path_factory.mktemp("trained")
     (folder / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     cfg = tiny_run(folder / "data.txt", folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
@@ -153,9 +198,16 @@ def chat_run(tmp_path_factory):
     import io
 
     import train
+
     folder, out = tmp_path_factory.mktemp("chat"), io.StringIO()
-    cfg = tiny_run(os.path.join(ROOT, "data", "chat_example.jsonl"), folder, max_steps=40,
-                   eval_interval=20, lr=1e-2, sample_tokens=60)
+    cfg = tiny_run(
+        os.path.join(ROOT, "data", "chat_example.jsonl"),
+        folder,
+        max_steps=40,
+        eval_interval=20,
+        lr=1e-2,
+        sample_tokens=60,
+    )
     with contextlib.redirect_stdout(out):
         train.train(tiny_model(block_size=64), cfg)
     return str(folder / "best.pt"), out.getvalue()
@@ -164,6 +216,7 @@ def chat_run(tmp_path_factory):
 def interrupt_at(monkeypatch, step, signum):
     """During step `step`, call the handler the loop installed for signum, as the signal would."""
     import train
+
     real, calls = train.train_step, []
 
     def step_then_signal(*a, **k):
@@ -172,6 +225,7 @@ def interrupt_at(monkeypatch, step, signum):
         if len(calls) == step:
             signal.getsignal(signum)(signum, None)
         return out
+
     monkeypatch.setattr(train, "train_step", step_then_signal)
 
 
@@ -182,6 +236,7 @@ def without_timings(history):
 
 # --------------------------------------------------------------- the scripts, as a user runs them
 
+
 def script_env(**extra):
     """A script's environment: one thread (two processes share two cores), no GPU, this python."""
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -191,6 +246,7 @@ def script_env(**extra):
 def cli(capsys, main, *argv):
     """A script's main() run in this process as its command line would: (exit code, out, err)."""
     from machinery.cli import run_cli
+
     try:
         run_cli(main, [str(a) for a in argv])
     except SystemExit as e:

@@ -50,6 +50,7 @@ def write_chats(path, conversations=CONVERSATIONS):
 
 # ------------------------------------------------------------------------- conversations as data
 
+
 def test_conversations_and_qa_records_become_the_chat_template(tmp_path):
     chats = write_chats(tmp_path / "c.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]])
     qa = tmp_path / "qa.json"
@@ -57,21 +58,28 @@ def test_conversations_and_qa_records_become_the_chat_template(tmp_path):
     assert "".join(sources.iter_documents(chats)) == (
         f"{EOT}{USER}My name is Ada.\n{ASSISTANT}Nice to meet you, Ada.{EOT}"
         f"{USER}What is my name?\n{ASSISTANT}Your name is Ada.{EOT}"
-        f"{USER}Hello!\n{ASSISTANT}Hello. What shall we talk about?{EOT}")
+        f"{USER}Hello!\n{ASSISTANT}Hello. What shall we talk about?{EOT}"
+    )
     assert "".join(sources.iter_documents(str(qa))) == f"{EOT}{USER}Who?\n{ASSISTANT}Me.{EOT}"
 
 
-@pytest.mark.parametrize("record, word", [
-    ({"messages": [{"role": "system", "content": "x"}]}, "role"),
-    ({"messages": [{"role": "user"}]}, "content"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "end"),
-    ({"messages": "hi"}, "list"), ({"question": "no answer"}, "content")])
+@pytest.mark.parametrize(
+    "record, word",
+    [
+        ({"messages": [{"role": "system", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user"}]}, "content"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "end"),
+        ({"messages": "hi"}, "list"),
+        ({"question": "no answer"}, "content"),
+    ],
+)
 def test_a_bad_record_is_one_error_line_naming_it_before_training(tmp_path, capsys, record, word):
     path = tmp_path / "bad.jsonl"
     lines = [json.dumps({"text": "fine"}), json.dumps(record)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    code, _, err = cli(capsys, train.main, "--data", path, "--out_dir", tmp_path / "run",
-                       "--device", "cpu")
+    code, _, err = cli(
+        capsys, train.main, "--data", path, "--out_dir", tmp_path / "run", "--device", "cpu"
+    )
     assert_one_line_error(code, err, "line 2", word)
     assert not list(tmp_path.rglob("*.pt"))
 
@@ -92,8 +100,9 @@ def test_the_loss_counts_the_answers_and_their_end_only(tmp_path):
     tokenizer, ids = corpus.tokenizer, torch.cat([corpus.train, corpus.val])
     targets = sources.answer_targets(ids, tokenizer)
     answers = tokenizer.decode([t for t, keep in zip(ids.tolist(), targets.tolist()) if keep])
-    assert answers == (f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}"
-                       f"Hello. What shall we talk about?{EOT}")
+    assert answers == (
+        f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}Hello. What shall we talk about?{EOT}"
+    )
     assert sources.load_corpus(TrainConfig(data=cfg.data, loss_on="all")).train_targets is None
 
 
@@ -115,20 +124,39 @@ def test_a_masked_position_takes_no_gradient():
 
 # ----------------------------------------------------------------------------- a chat model
 
+
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A tiny model trained on the conversations until it answers them: its best.pt."""
     folder = tmp_path_factory.mktemp("chat")
-    cfg = tiny_run(write_chats(folder / "c.jsonl"), folder / "run", max_steps=200, lr=1e-2,
-                   eval_interval=200, warmup_steps=10, batch_size=16, weight_decay=0.0)
+    cfg = tiny_run(
+        write_chats(folder / "c.jsonl"),
+        folder / "run",
+        max_steps=200,
+        lr=1e-2,
+        eval_interval=200,
+        warmup_steps=10,
+        batch_size=16,
+        weight_decay=0.0,
+    )
     train.train(tiny_model(block_size=64, n_embd=48), cfg)
     return str(folder / "run" / "best.pt")
 
 
 @pytest.mark.slow  # trains or loads for seconds
 def test_qa_asks_a_question_as_the_chat_template_does(chat_model, tmp_path, capsys):
-    code, out, _ = cli(capsys, generate.main, chat_model, "--qa", "--prompt", "Hello!",
-                       "--temperature", "0", "--max_new_tokens", "60")
+    code, out, _ = cli(
+        capsys,
+        generate.main,
+        chat_model,
+        "--qa",
+        "--prompt",
+        "Hello!",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "60",
+    )
     assert code == 0 and "Hello. What shall we talk about?" in out
 
 
@@ -150,13 +178,26 @@ def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
     asks for."""
     master, slave = pty.openpty()
     argv = [sys.executable, "chat.py", chat_model, "--temperature", "0", "--max_new_tokens", "40"]
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT,
-                            env=script_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=ROOT,
+        env=script_env(),
+        start_new_session=True,
+    )
     os.close(slave)
     try:
         said = [read_until(master, "you> ")]
-        typed = ("My name is Tom.", "What is my name?", "/reset", "My name is Ada.",
-                 "What is my name?", "/quit")
+        typed = (
+            "My name is Tom.",
+            "What is my name?",
+            "/reset",
+            "My name is Ada.",
+            "What is my name?",
+            "/quit",
+        )
         for line in typed:
             os.write(master, line.encode() + b"\n")
             said.append(read_until(master, "you> ") if line != "/quit" else "")
@@ -168,8 +209,9 @@ def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
 
 
 @pytest.mark.slow  # trains or loads for seconds
-def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(chat_model, monkeypatch,
-                                                                          capsys):
+def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(
+    chat_model, monkeypatch, capsys
+):
     typed = iter(["My name is Ada.", "What is my name?", "Hello!", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
     fed, real_logits = [], chat.Context.next_logits
@@ -189,6 +231,7 @@ def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(chat_m
             calls[-1].append(1)
             if len(calls) == 3 and len(calls[-1]) == 3:
                 raise KeyboardInterrupt
+
         return real_generate(*args, on_token=token, **kwargs)
 
     monkeypatch.setattr(chat.Context, "next_logits", counting)
@@ -200,6 +243,7 @@ def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(chat_m
 
 
 # ----------------------------------------------------------------------------- LoRA
+
 
 def test_lora_trains_rank_r_matrices_and_starts_as_the_base():
     torch.manual_seed(0)
@@ -214,13 +258,31 @@ def test_lora_trains_rank_r_matrices_and_starts_as_the_base():
 
 
 @pytest.mark.slow  # trains or loads for seconds
-def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(trained, tmp_path,
-                                                                             monkeypatch, capsys):
+def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(
+    trained, tmp_path, monkeypatch, capsys
+):
     base_path = trained[0]
     base = checkpoint.load(base_path)
-    common = ["--init_from", base_path, "--data", write_chats(tmp_path / "c.jsonl"),
-              "--lora_rank", "4", "--max_steps", "20", "--eval_interval", "10", "--device", "cpu",
-              "--dtype", "float32", "--sample_tokens", "0", "--lr", "1e-2"]
+    common = [
+        "--init_from",
+        base_path,
+        "--data",
+        write_chats(tmp_path / "c.jsonl"),
+        "--lora_rank",
+        "4",
+        "--max_steps",
+        "20",
+        "--eval_interval",
+        "10",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--sample_tokens",
+        "0",
+        "--lr",
+        "1e-2",
+    ]
     assert cli(capsys, train.main, *common, "--out_dir", tmp_path / "full")[0] == 0
     with monkeypatch.context() as m:
         interrupt_at(m, 15, signal.SIGTERM)

@@ -31,40 +31,63 @@ def folder_bytes(folder):
 
 # ------------------------------------------------------------------- bad input, flags, --help
 
-@pytest.mark.parametrize("argv, word", [
-    (["--n_embd", "32", "--n_head", "3"], "n_head"),
-    (["--dropout", "1"], "dropout"),
-    (["--lr", "-1"], "lr"),
-    (["--lr", "0.01", "--min_lr", "0.1"], "min_lr"),
-    (["--beta1", "1"], "beta1"),
-    (["--batch_size", "0"], "batch_size"),
-    (["--time_budget", "nonsense"], "time_budget"),
-    (["--time_budget", "5m", "--max_steps", "10"], "--max_steps"),
-    (["--preset", "nope"], "nope"),
-    (["--device", "cuda"], "cuda"),  # CUDA is hidden from the tests: a machine without it
-    (["--tag", "a/b"], "tag"),
-    (["--seed", "-1"], "seed"),
-    (["--threads", "2000"], "threads"),
-    (["--data", "missing.txt"], "missing.txt"),
-    (["--data_fraction", "0"], "data_fraction"),
-    (["--no_such_flag", "1"], "--no_such_flag"),
-    (["--norm", "bogus"], "norm"),
-    (["--plots", "maybe"], "--plots"),
-    (["--grad_accum_steps", "3"], "grad_accum_steps"),  # batch 8
-])
-def test_train_refuses_nonsense_in_one_line_and_writes_nothing(text_file, tmp_path, capsys, argv,
-                                                               word):
+
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["--n_embd", "32", "--n_head", "3"], "n_head"),
+        (["--dropout", "1"], "dropout"),
+        (["--lr", "-1"], "lr"),
+        (["--lr", "0.01", "--min_lr", "0.1"], "min_lr"),
+        (["--beta1", "1"], "beta1"),
+        (["--batch_size", "0"], "batch_size"),
+        (["--time_budget", "nonsense"], "time_budget"),
+        (["--time_budget", "5m", "--max_steps", "10"], "--max_steps"),
+        (["--preset", "nope"], "nope"),
+        (["--device", "cuda"], "cuda"),  # CUDA is hidden from the tests: a machine without it
+        (["--tag", "a/b"], "tag"),
+        (["--seed", "-1"], "seed"),
+        (["--threads", "2000"], "threads"),
+        (["--data", "missing.txt"], "missing.txt"),
+        (["--data_fraction", "0"], "data_fraction"),
+        (["--no_such_flag", "1"], "--no_such_flag"),
+        (["--norm", "bogus"], "norm"),
+        (["--plots", "maybe"], "--plots"),
+        (["--grad_accum_steps", "3"], "grad_accum_steps"),  # batch 8
+    ],
+)
+def test_train_refuses_nonsense_in_one_line_and_writes_nothing(
+    text_file, tmp_path, capsys, argv, word
+):
     # not the preset's five minutes, should it not be refused
     steps = [] if "--time_budget" in argv else ["--max_steps", 2]
-    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir",
-                       tmp_path / "run", *steps, *argv)
+    code, _, err = cli(
+        capsys,
+        train.main,
+        *TINY_FLAGS,
+        "--data",
+        text_file,
+        "--out_dir",
+        tmp_path / "run",
+        *steps,
+        *argv,
+    )
     assert_one_line_error(code, err, word)
     assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
 
 
 def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
-    argv = ["--overwrite", "--plots", "false", "--tag", "night", "--lr-max", "0.01",
-            "--warmup", "7"]
+    argv = [
+        "--overwrite",
+        "--plots",
+        "false",
+        "--tag",
+        "night",
+        "--lr-max",
+        "0.01",
+        "--warmup",
+        "7",
+    ]
     options, _, cfg, _, _ = training.parse_flags(argv)
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
@@ -73,8 +96,9 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
 
 
 @pytest.mark.parametrize("gpu", [False, True])
-def test_help_shows_this_machines_preset_and_what_auto_means_here(fake_machine, monkeypatch, capsys,
-                                                                  gpu):
+def test_help_shows_this_machines_preset_and_what_auto_means_here(
+    fake_machine, monkeypatch, capsys, gpu
+):
     if gpu:  # a CUDA machine: --help must not start CUDA to ask the GPU
         fake_machine(cuda=True, mps=False, gpus=1)
         monkeypatch.setattr(devices, "gpu", lambda *a: pytest.fail("--help asked the GPU"))
@@ -91,24 +115,30 @@ def test_help_shows_this_machines_preset_and_what_auto_means_here(fake_machine, 
 
 # ----------------------------------------------------------------------------- memory and disk
 
+
 @pytest.mark.parametrize("memory", ["device", "cpu"])
-def test_running_out_of_memory_is_one_line_saying_what_to_try(text_file, tmp_path, capsys,
-                                                              monkeypatch, memory):
+def test_running_out_of_memory_is_one_line_saying_what_to_try(
+    text_file, tmp_path, capsys, monkeypatch, memory
+):
     def out_of_memory(*args):
         if memory == "cpu":  # the allocator's own error: more bytes than any machine has
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
     monkeypatch.setattr(train, "make_optimizer", out_of_memory)
-    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir",
-                       tmp_path / "run")
+    code, _, err = cli(
+        capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run"
+    )
     assert_one_line_error(code, err, "out of memory", "--batch_size")
 
 
 @pytest.mark.skipif(os.name != "posix", reason="limits a file's size with setrlimit (POSIX)")
 @pytest.mark.parametrize("blocked", ["read-only folder", "full disk"])
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_previous_file_is_kept(
-        trained, tmp_path, capsys, blocked):
+    trained, tmp_path, capsys, blocked
+):
     import resource
+
     # best.pt, last.pt, history.csv
     run = shutil.copytree(os.path.dirname(trained[0]), tmp_path / "run")
     before = folder_bytes(run)
@@ -134,13 +164,15 @@ def test_overwrite_never_loses_a_run_to_bad_input(trained, tmp_path, capsys):
     before = folder_bytes(run)
     typo = ["--overwrite", "--data", tmp_path / "typo.txt"]
     for extra, words in (([], ["--overwrite"]), (typo, ["typo.txt"])):
-        code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", run,
-                           *extra)
+        code, _, err = cli(
+            capsys, train.main, *TINY_FLAGS, "--data", trained[1], "--out_dir", run, *extra
+        )
         assert_one_line_error(code, err, *words)
         assert folder_bytes(run) == before
 
 
 # ----------------------------------------------------------------------------- stopping
+
 
 def left(deadline):
     return max(0, deadline - time.monotonic())
@@ -230,14 +262,21 @@ def endless_run(text_file, out_dir, *flags):
 @pytest.mark.slow
 @needs_fork
 def test_signals_stop_a_run_that_saves_and_resume_finishes_it_and_kill_9_leaves_a_loadable_file(
-        text_file, tmp_path, capsys):
+    text_file, tmp_path, capsys
+):
     # lines and saves: none after step 0's, or many
     every = {"sigint": 1000, "sigterm": 1000, "sigkill": 10}
-    argv = {name: endless_run(text_file, tmp_path / name, "--log_interval", n, "--eval_interval", n,
-                              "--resume") for name, n in every.items()}
+    argv = {
+        name: endless_run(
+            text_file, tmp_path / name, "--log_interval", n, "--eval_interval", n, "--resume"
+        )
+        for name, n in every.items()
+    }
     # side by side; the Ctrl-C to `python train.py` itself
-    children = {name: Child(args, tmp_path / f"{name}.err", exec=name == "sigint")
-                for name, args in argv.items()}
+    children = {
+        name: Child(args, tmp_path / f"{name}.err", exec=name == "sigint")
+        for name, args in argv.items()
+    }
     try:
         for name, child in children.items():
             read_until(child.stdout, b"step" if name == "sigkill" else b"eval")
@@ -252,8 +291,9 @@ def test_signals_stop_a_run_that_saves_and_resume_finishes_it_and_kill_9_leaves_
     for name, code in (("sigint", 130), ("sigterm", 143), ("sigkill", -signal.SIGKILL)):
         assert results[name][0] == code and "Traceback" not in results[name][2], results[name]
     assert checkpoint.load(str(tmp_path / "sigkill" / "last.pt"))  # loadable, whenever killed
-    stopped = [checkpoint.load(str(tmp_path / name / "last.pt"))["step"]
-               for name in ("sigint", "sigterm")]
+    stopped = [
+        checkpoint.load(str(tmp_path / name / "last.pt"))["step"] for name in ("sigint", "sigterm")
+    ]
     assert min(stopped) > 0
     assert "--resume" in results["sigint"][1] and "--resume" in results["sigterm"][1]
     code, out, err = cli(capsys, train.main, *argv["sigint"], "--max_steps", stopped[0] + 3)
@@ -263,6 +303,7 @@ def test_signals_stop_a_run_that_saves_and_resume_finishes_it_and_kill_9_leaves_
 
 class CtrlCWhileALineIsWritten(io.RawIOBase):
     """A terminal that a Ctrl-C reaches while it takes the first progress line."""
+
     def writable(self):
         return True
 
@@ -273,8 +314,9 @@ class CtrlCWhileALineIsWritten(io.RawIOBase):
         return len(data)
 
 
-def test_a_ctrl_c_that_lands_while_a_line_is_written_still_saves(text_file, tmp_path, capsys,
-                                                                 monkeypatch):
+def test_a_ctrl_c_that_lands_while_a_line_is_written_still_saves(
+    text_file, tmp_path, capsys, monkeypatch
+):
     terminal = io.TextIOWrapper(io.BufferedWriter(CtrlCWhileALineIsWritten()), encoding="utf-8")
     monkeypatch.setattr(sys, "stdout", terminal)
     code, _, err = cli(capsys, train.main, *endless_run(text_file, tmp_path, "--log_interval", 2))
@@ -288,6 +330,7 @@ def test_a_second_ctrl_c_aborts_at_once(text_file, tmp_path, capsys, monkeypatch
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(train, "train_step", ctrl_c_twice)
     argv = endless_run(text_file, tmp_path, "--eval_interval", 1000)
     code, out, _ = cli(capsys, train.main, *argv)
@@ -307,8 +350,9 @@ def test_a_run_whose_output_pipe_closes_saves_and_stops(text_file, tmp_path):
         read, write = os.pipe()
         # tee: no line after step 0's while the Ctrl-C comes (see above)
         every = 1000 if name == "tee" else 1
-        argv = endless_run(text_file, tmp_path / name, "--log_interval", every, "--eval_interval",
-                           1000)
+        argv = endless_run(
+            text_file, tmp_path / name, "--log_interval", every, "--eval_interval", 1000
+        )
         children[name] = Child(argv, tmp_path / f"{name}.err", pipe=(read, write))
         out = subprocess.PIPE if name == "tee" else subprocess.DEVNULL
         readers[name] = subprocess.Popen(reader, stdin=read, stdout=out)
@@ -345,9 +389,15 @@ def side_by_side(commands, cwd, **env):
     """Each command run at once: {name: (exit status, stdout, stderr)}."""
     procs = {}
     for name, command in commands.items():
-        procs[name] = subprocess.Popen(list(map(str, command)), cwd=cwd, env=script_env(**env),
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                       encoding="utf-8")
+        procs[name] = subprocess.Popen(
+            list(map(str, command)),
+            cwd=cwd,
+            env=script_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+        )
     try:
         outputs = {name: proc.communicate(timeout=120) for name, proc in procs.items()}
     finally:
@@ -363,16 +413,49 @@ def cp1252_runs(tmp_path_factory):
     the same settings. {name: (exit status, stdout, stderr)}, and their folder."""
     folder = tmp_path_factory.mktemp("cp1252")
     (folder / "text.txt").write_text(OUTSIDE_CP1252 * 200, encoding="utf-8")
-    argv = [*TINY_FLAGS, "--data", folder / "text.txt", "--out_dir", folder / "run", "--max_steps",
-            3, "--sample_tokens", 30]
+    argv = [
+        *TINY_FLAGS,
+        "--data",
+        folder / "text.txt",
+        "--out_dir",
+        folder / "run",
+        "--max_steps",
+        3,
+        "--sample_tokens",
+        30,
+    ]
     results = {"train": Child(argv, folder / "train.err", encoding="cp1252").wait()}
-    commands = {"generate": [sys.executable, os.path.join(ROOT, "generate.py"), "run/best.pt",
-                             "--temperature", 0.8, "--seed", 7, "--max_new_tokens", 40, "--prompt",
-                             "Жили", "--output_file", "plain.txt"]}
+    commands = {
+        "generate": [
+            sys.executable,
+            os.path.join(ROOT, "generate.py"),
+            "run/best.pt",
+            "--temperature",
+            0.8,
+            "--seed",
+            7,
+            "--max_new_tokens",
+            40,
+            "--prompt",
+            "Жили",
+            "--output_file",
+            "plain.txt",
+        ]
+    }
     if shutil.which("bash"):  # the same settings
         commands["sweep"] = ["bash", os.path.join(ROOT, "sweep.sh"), "run/best.pt"]
-    results.update(side_by_side(commands, folder, PYTHONIOENCODING="cp1252", TEMPS="0.8", SEED="7",
-                                MAX_NEW_TOKENS="40", PROMPT="Жили", OUT_DIR="sweep"))
+    results.update(
+        side_by_side(
+            commands,
+            folder,
+            PYTHONIOENCODING="cp1252",
+            TEMPS="0.8",
+            SEED="7",
+            MAX_NEW_TOKENS="40",
+            PROMPT="Жили",
+            OUT_DIR="sweep",
+        )
+    )
     return results, folder
 
 

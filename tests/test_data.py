@@ -60,6 +60,7 @@ def files(folder):
 
 # ------------------------------------------------------------------------ chars, split, batches
 
+
 def test_char_tokenizer_round_trip_with_end_of_text_as_one_id_after_the_characters():
     tok = CharTokenizer.from_text("hello world" + EOT + "hi\n")
     assert tok.chars == sorted(set("hello worldhi\n"))
@@ -105,6 +106,7 @@ def test_memmap_batches_equal_in_memory_batches(tmp_path):
 
 # ----------------------------------------------------------------------------------------- sources
 
+
 def test_a_text_file_is_its_text_split_90_10(tmp_path):
     text = corpus_head(2000)
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
@@ -114,8 +116,14 @@ def test_a_text_file_is_its_text_split_90_10(tmp_path):
 
 
 def test_a_folder_is_searched_recursively_for_the_data_ext_endings_skipping_hidden_files(tmp_path):
-    for name, text in (("a.md", "alpha"), ("deep/b.PY", "beta"), ("deep/skip.txt", "ZZZ"),
-                       (".hid.md", "QQQ"), (".git/c.md", "QQQ"), ("deep/.cache/d.md", "QQQ")):
+    for name, text in (
+        ("a.md", "alpha"),
+        ("deep/b.PY", "beta"),
+        ("deep/skip.txt", "ZZZ"),
+        (".hid.md", "QQQ"),
+        (".git/c.md", "QQQ"),
+        ("deep/.cache/d.md", "QQQ"),
+    ):
         (tmp_path / "notes" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "notes" / name).write_text(text)
     c = corpus(tmp_path / "notes", data_ext=".md, .py")
@@ -131,16 +139,22 @@ def test_jsonl_texts_and_qa_records_are_documents_joined_by_end_of_text(tmp_path
     assert stream(c.tokenizer, c.train, c.val) == EOT + (f"{USER}Hi?\n{ASSISTANT}Hello." + EOT) * 2
 
 
-@pytest.mark.parametrize("name, content, words", [
-    ("d.jsonl", '{"text": "fine"}\n{"body": "no text"}\n', ["line 2"]),
-    ("d.jsonl", '{"text": "fine"}\n["not an object"]\n', ["line 2"]),
-    ("d.jsonl", '{"text": "fine"}\n{"text": 5}\n', ["line 2"]),
-    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, {"id": 7, "question": "No?"}]',
-     ["record 2"]),
-    ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, "a string"]', ["record 2"]),
-    ("qa.json", '{"question": "Hi?", "answer": "not in a list"}', ["list"]),
-    ("qa.json", '[{"question": "Hi?"', ["JSON"]),
-])
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("d.jsonl", '{"text": "fine"}\n{"body": "no text"}\n', ["line 2"]),
+        ("d.jsonl", '{"text": "fine"}\n["not an object"]\n', ["line 2"]),
+        ("d.jsonl", '{"text": "fine"}\n{"text": 5}\n', ["line 2"]),
+        (
+            "qa.json",
+            '[{"question": "Hi?", "answer": "Yes."}, {"id": 7, "question": "No?"}]',
+            ["record 2"],
+        ),
+        ("qa.json", '[{"question": "Hi?", "answer": "Yes."}, "a string"]', ["record 2"]),
+        ("qa.json", '{"question": "Hi?", "answer": "not in a list"}', ["list"]),
+        ("qa.json", '[{"question": "Hi?"', ["JSON"]),
+    ],
+)
 def test_a_bad_record_is_one_error_line_naming_it(tmp_path, capsys, name, content, words):
     (tmp_path / name).write_text(content)
     with pytest.raises(TinyLLMError):
@@ -223,17 +237,21 @@ def test_clean_reads_a_large_text_in_pieces_without_joining_lines_at_their_seams
     assert "".join(pieces) == clean_text(text) == "a b\n" * (2**21 // len(line))
 
 
-@pytest.mark.parametrize("name, content, words", [
-    ("latin1.txt", "café ".encode("latin-1") * 100, ["latin1.txt", "UTF-8"]),
-    ("docs/b.txt", b"fine " * 100 + b"\xff", ["b.txt", "UTF-8"]),  # a folder's file
-    ("missing.txt", None, ["missing.txt", "not found"]),
-    ("blank.txt", b" \r\n\n", ["empty"]),
-    ("docs/a.md", b"no .txt here", ["--data_ext"]),
-    # val: 15 tokens, a window 17
-    ("short.txt", corpus_head(150).encode(), ["validation", "block_size 16"]),
-])
-def test_unusable_data_is_one_error_line_before_any_training(tmp_path, capsys, name, content,
-                                                              words):
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("latin1.txt", "café ".encode("latin-1") * 100, ["latin1.txt", "UTF-8"]),
+        ("docs/b.txt", b"fine " * 100 + b"\xff", ["b.txt", "UTF-8"]),  # a folder's file
+        ("missing.txt", None, ["missing.txt", "not found"]),
+        ("blank.txt", b" \r\n\n", ["empty"]),
+        ("docs/a.md", b"no .txt here", ["--data_ext"]),
+        # val: 15 tokens, a window 17
+        ("short.txt", corpus_head(150).encode(), ["validation", "block_size 16"]),
+    ],
+)
+def test_unusable_data_is_one_error_line_before_any_training(
+    tmp_path, capsys, name, content, words
+):
     if content is not None:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(content)
@@ -244,6 +262,7 @@ def test_unusable_data_is_one_error_line_before_any_training(tmp_path, capsys, n
 
 
 # --------------------------------------------------------------------------------------------- BPE
+
 
 def reference_bpe(text, n_tokens):
     """Textbook BPE, recounting every pair each round: the most frequent pair, a tie to the
@@ -337,6 +356,7 @@ def test_the_gpt2_tokenizer_offline_is_one_clear_error(monkeypatch, tmp_path, ca
         if name == "gpt2":
             raise ConnectionError("no network")
         return real(name)
+
     monkeypatch.setattr(bpe.tiktoken, "get_encoding", offline)
     with pytest.raises(TinyLLMError, match="GPT-2"):
         tokenizer_from_dict({"kind": "gpt2"})  # a gpt2 checkpoint's tokenizer
@@ -366,9 +386,10 @@ def test_the_gpt2_tokenizer():
 
 # ----------------------------------------------------------------------------------- tools.prepare
 
+
 def write_docs(folder, n=6, size=1500):
     folder.mkdir()
-    docs = [corpus_head(n * size)[i * size:(i + 1) * size] for i in range(n)]
+    docs = [corpus_head(n * size)[i * size : (i + 1) * size] for i in range(n)]
     for i, doc in enumerate(docs):
         (folder / f"doc{i}.txt").write_text(doc, encoding="utf-8")
     return docs
@@ -391,8 +412,10 @@ def test_prepare_a_folder_then_train_from_the_memmaps_with_flags_that_agree(tmp_
 @pytest.mark.parametrize("wide", [False, True])
 def test_prepare_stores_ids_as_uint16_or_past_65536_tokens_as_uint32(tmp_path, capsys, wide):
     if wide:  # a char vocabulary of 70,000 distinct characters
-        path, text = tmp_path / "wide.txt", "".join(chr(c) for c in range(0x4E00, 0x4E00 + 72_048)
-                                                    if not 0xD800 <= c < 0xE000) * 2
+        path, text = (
+            tmp_path / "wide.txt",
+            "".join(chr(c) for c in range(0x4E00, 0x4E00 + 72_048) if not 0xD800 <= c < 0xE000) * 2,
+        )
         path.write_text(text, encoding="utf-8")
     else:
         path = tmp_path / "d.jsonl"
@@ -408,8 +431,9 @@ def test_prepare_stores_ids_as_uint16_or_past_65536_tokens_as_uint32(tmp_path, c
     assert stream(tok, train_ids, val_ids) == text  # no id cut to 16 bits
 
 
-def test_prepare_learns_bpe_from_the_training_split_alone_and_never_cuts_an_end_of_text(tmp_path,
-                                                                                        capsys):
+def test_prepare_learns_bpe_from_the_training_split_alone_and_never_cuts_an_end_of_text(
+    tmp_path, capsys
+):
     # zqxjv: in the validation part only
     (tmp_path / "one.txt").write_text("the cat " * 450 + "zqxjv " * 40)
     (tmp_path / "docs").mkdir()
@@ -441,6 +465,7 @@ def test_a_failed_prepare_leaves_the_previous_dataset_byte_for_byte(tmp_path, ca
     def disk_full_midway(*args):
         yield from list(real(*args))[:3]
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(prepare, "pieces", disk_full_midway)
     code, _, err = prepare_cli(capsys, tmp_path / "docs", tmp_path / "out")
     assert_one_line_error(code, err, "space")
@@ -467,6 +492,7 @@ def test_bits_per_character_count_end_of_text_as_one_character(tmp_path, capsys,
 
 
 # ----------------------------------------------------------------------------------------- prompts
+
 
 def test_a_prompt_drops_unknown_characters_with_a_warning_and_keeps_end_of_text_whole(capsys):
     # no <, | or >

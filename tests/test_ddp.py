@@ -19,8 +19,9 @@ from config import TinyLLMError
 from machinery import checkpoint
 from model import GPT
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
 
 # Each rank runs the four in turn, in one process group (a process joins once, however many runs it
 # trains)
@@ -79,16 +80,49 @@ def launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     (out / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     windows = torch.randint(0, 65, (8, 17), generator=torch.Generator().manual_seed(1))
-    flags = [*TINY_FLAGS, "--data", str(out / "data.txt"), "--max_steps", "12", "--log_interval",
-             "4", "--eval_interval", "6", "--warmup_steps", "2", "--lr", "1e-2", "--min_lr", "1e-3"]
-    plan = {"batch": (windows[:, :-1], windows[:, 1:]), "model": dataclasses.asdict(tiny_model()),
-            "flags": flags}
+    flags = [
+        *TINY_FLAGS,
+        "--data",
+        str(out / "data.txt"),
+        "--max_steps",
+        "12",
+        "--log_interval",
+        "4",
+        "--eval_interval",
+        "6",
+        "--warmup_steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--min_lr",
+        "1e-3",
+    ]
+    plan = {
+        "batch": (windows[:, :-1], windows[:, 1:]),
+        "model": dataclasses.asdict(tiny_model()),
+        "flags": flags,
+    }
     torch.save(plan, out / "plan.pt")
     (out / "worker.py").write_text(WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               out / "worker.py", ROOT, out / "plan.pt"]
-    proc = subprocess.Popen(command, cwd=out, env=script_env(), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        out / "worker.py",
+        ROOT,
+        out / "plan.pt",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=out,
+        env=script_env(),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         output = proc.communicate(timeout=120)[0]
     finally:
@@ -104,8 +138,15 @@ def test_one_ddp_step_equals_one_single_process_step_with_and_without_accumulati
     x, y = torch.load(out / "plan.pt", weights_only=True)["batch"]
     torch.manual_seed(0)
     model = GPT(tiny_model())
-    train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.5), lambda: (x, y), 0.5, 1,
-                     0.0, contextlib.nullcontext())
+    train.train_step(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        lambda: (x, y),
+        0.5,
+        1,
+        0.0,
+        contextlib.nullcontext(),
+    )
     for accum in (1, 2):
         ddp = torch.load(out / f"ddp_{accum}.pt", weights_only=True)
         for name, value in model.state_dict().items():
@@ -133,21 +174,34 @@ def test_a_run_resumed_under_torchrun_ends_as_the_run_that_went_straight_on(laun
     assert not any(k.startswith("module.") for k in resumed["model"])
 
 
-@pytest.mark.parametrize("machine, device, words", [
-    # two processes, one GPU: NCCL would hang; Gloo takes no MPS tensors
-    (dict(cuda=True, mps=False, gpus=1), "cuda", "--nproc_per_node"),
-    (dict(cuda=False, mps=True, gpus=0), "mps", "--device cpu"),
-])
+@pytest.mark.parametrize(
+    "machine, device, words",
+    [
+        # two processes, one GPU: NCCL would hang; Gloo takes no MPS tensors
+        (dict(cuda=True, mps=False, gpus=1), "cuda", "--nproc_per_node"),
+        (dict(cuda=False, mps=True, gpus=0), "mps", "--device cpu"),
+    ],
+)
 def test_processes_that_cannot_work_here_are_refused_in_one_line_before_joining(
-        fake_machine, monkeypatch, text_file, tmp_path, machine, device, words):
+    fake_machine, monkeypatch, text_file, tmp_path, machine, device, words
+):
     fake_machine(**machine)
     for name, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="2").items():
         monkeypatch.setenv(name, value)
     precision = torch.get_float32_matmul_precision()
     try:  # (main, not run_cli: under torchrun, run_cli would end this process)
         with pytest.raises(TinyLLMError) as refused:
-            train.main([*TINY_FLAGS, "--device", device, "--data", text_file, "--out_dir",
-                        str(tmp_path / "run")])
+            train.main(
+                [
+                    *TINY_FLAGS,
+                    "--device",
+                    device,
+                    "--data",
+                    text_file,
+                    "--out_dir",
+                    str(tmp_path / "run"),
+                ]
+            )
     finally:
         torch.set_float32_matmul_precision(precision)  # a mocked GPU turned TF32 on
     assert words in str(refused.value) and "\n" not in str(refused.value)

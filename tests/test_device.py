@@ -45,10 +45,12 @@ def draws():
     return random.random(), np.random.rand(), torch.rand(3).tolist()
 
 
-@pytest.mark.parametrize("capability, dtype", [((7, 5), "float16"), ((8, 0), "bfloat16"),
-                                               ((9, 0), "bfloat16")])
-def test_mocked_cuda_machine_chooses_its_precision(fake_machine, monkeypatch, highest_precision,
-                                                   capability, dtype):
+@pytest.mark.parametrize(
+    "capability, dtype", [((7, 5), "float16"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]
+)
+def test_mocked_cuda_machine_chooses_its_precision(
+    fake_machine, monkeypatch, highest_precision, capability, dtype
+):
     fake_machine(cuda=True, mps=False, gpus=1)
     monkeypatch.setattr(devices, "gpu", lambda device=None: ("a GPU", capability))
     device = devices.choose_device("auto")
@@ -63,8 +65,9 @@ def test_mocked_cuda_machine_chooses_its_precision(fake_machine, monkeypatch, hi
 
 
 @pytest.mark.parametrize("works", [True, False])
-def test_mocked_mac_trains_in_the_precision_its_autocast_really_runs(fake_machine, monkeypatch,
-                                                                     capsys, works):
+def test_mocked_mac_trains_in_the_precision_its_autocast_really_runs(
+    fake_machine, monkeypatch, capsys, works
+):
     fake_machine(cuda=False, mps=True, gpus=0)
     monkeypatch.setattr(devices, "autocast_works", lambda device_type, dtype: works)
     assert devices.choose_device("auto") == MPS
@@ -96,7 +99,8 @@ CPUS = {
 
 @pytest.mark.parametrize("kind", CPUS)
 def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says_which(
-        fake_machine, text_file, tmp_path, capsys, kind):
+    fake_machine, text_file, tmp_path, capsys, kind
+):
     facts, dtype = CPUS[kind]
     fake_machine(cuda=False, mps=False, **facts)
     cfg = tiny_run(text_file, tmp_path, dtype="auto")
@@ -107,18 +111,22 @@ def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says
     assert devices.auto_dtype(CPU)[0] == ("bfloat16" if facts["amx"] else "float32")
 
 
-def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(text_file, tmp_path,
-                                                                         monkeypatch):
+def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(
+    text_file, tmp_path, monkeypatch
+):
     """No step before the loop: the precision and the model come from what the machine is."""
+
     def no_step(*args, **kwargs):
         pytest.fail("a step was taken at start-up")
+
     monkeypatch.setattr(train, "train_step", no_step)
     cfg = tiny_run(text_file, tmp_path, dtype="auto", time_budget="5m", sample_tokens=10)
     train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, machinery.stopwatch())
 
 
 def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(
-        tmp_path, fake_machine, capsys):
+    tmp_path, fake_machine, capsys
+):
     torch.save(devices.rng_state(), tmp_path / "rng.pt")
     expected = draws()
     # plain data and tensors only
@@ -142,7 +150,8 @@ def cpu_float16_works():
 
 
 needs_cpu_float16 = pytest.mark.skipif(
-    not cpu_float16_works(), reason="this torch has no CPU GradScaler or float16 autocast")
+    not cpu_float16_works(), reason="this torch has no CPU GradScaler or float16 autocast"
+)
 
 
 @needs_cpu_float16
@@ -154,8 +163,9 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
     before, scale = {k: v.clone() for k, v in model.state_dict().items()}, scaler.get_scale()
     x = torch.randint(0, 65, (4, 16))
-    train.train_step(model, optimizer, lambda: (x, x), 1e-2, 1, 1.0,
-                     devices.autocast(CPU, "float16"), scaler)
+    train.train_step(
+        model, optimizer, lambda: (x, x), 1e-2, 1, 1.0, devices.autocast(CPU, "float16"), scaler
+    )
     assert same(model.state_dict(), before)  # skipped
     assert scaler.get_scale() < scale  # and the scale backed off
 
@@ -168,15 +178,24 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = train.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {},
-                       machinery.stopwatch())
+    run = train.set_up(
+        tiny_model(), cfg, RunOptions(resume=True), "custom", {}, machinery.stopwatch()
+    )
     assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
 
 
 def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_on(
-        text_file, tmp_path, capsys, highest_precision):
-    cfg = tiny_run(text_file, tmp_path, dtype="bfloat16", max_steps=10, lr=1e-2, eval_interval=5,
-                   sample_tokens=10)
+    text_file, tmp_path, capsys, highest_precision
+):
+    cfg = tiny_run(
+        text_file,
+        tmp_path,
+        dtype="bfloat16",
+        max_steps=10,
+        lr=1e-2,
+        eval_interval=5,
+        sample_tokens=10,
+    )
     result = train.train(tiny_model(), cfg)
     evals = [row["val_loss"] for row in result["history"] if row["kind"] == "eval"]
     assert result["dtype"] == "bfloat16" and len(evals) == 3 and evals[-1] < evals[0] - 0.3
@@ -196,6 +215,7 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
         out = load_model(path, device)
         seen["model"], _, seen["saved"] = out
         return out
+
     # a device not the CPU
     monkeypatch.setattr(devices, "choose_device", lambda name="auto": torch.device("meta"))
     monkeypatch.setattr(checkpoint, "load_model", recording_load_model)

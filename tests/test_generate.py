@@ -33,11 +33,12 @@ def sampled(path, prompt, seed, max_new_tokens, n=1, stop=True, **sampler):
     idx = torch.tensor([tok.encode(prompt)] * n)
     stop = tok.eot_id if stop else None
     generator = torch.Generator().manual_seed(seed)
-    out = sampling.generate(model, idx, max_new_tokens, SamplerConfig(**sampler), stop_token=stop,
-                            generator=generator)
+    out = sampling.generate(
+        model, idx, max_new_tokens, SamplerConfig(**sampler), stop_token=stop, generator=generator
+    )
     texts = []
-    for row in out[:, idx.size(1):].tolist():
-        row = row[:row.index(stop)] if stop in row else row
+    for row in out[:, idx.size(1) :].tolist():
+        row = row[: row.index(stop)] if stop in row else row
         texts.append(prompt + tok.decode(row))
     return texts
 
@@ -90,12 +91,32 @@ def test_the_output_file_holds_every_setting_and_the_exact_text(trained, tmp_pat
     prompt_file, out = tmp_path / "prompt.txt", tmp_path / "samples.txt"
     prompt_file.write_text("ROMEO:", encoding="utf-8")
     sampler = dict(temperature=0.9, top_k=10, top_p=0.95)
-    printed, _ = run(capsys, trained[0], "--prompt_file", prompt_file, "--seed", 3,
-                     "--max_new_tokens", 30, "--num_samples", 2, "--no_stop", "--output_file", out,
-                     *sampler_flags(sampler))
+    printed, _ = run(
+        capsys,
+        trained[0],
+        "--prompt_file",
+        prompt_file,
+        "--seed",
+        3,
+        "--max_new_tokens",
+        30,
+        "--num_samples",
+        2,
+        "--no_stop",
+        "--output_file",
+        out,
+        *sampler_flags(sampler),
+    )
     header, body = out.read_text(encoding="utf-8").split("\n\n", 1)
-    settings = ["seed=3", "max_new_tokens=30", "num_samples=2", "qa=False", "no_stop=True",
-                "kv_cache=True", *(f"{k}={v}" for k, v in sampler.items())]
+    settings = [
+        "seed=3",
+        "max_new_tokens=30",
+        "num_samples=2",
+        "qa=False",
+        "no_stop=True",
+        "kv_cache=True",
+        *(f"{k}={v}" for k, v in sampler.items()),
+    ]
     for piece in [trained[0], str(prompt_file), "'ROMEO:'", *settings]:
         assert piece in header
     texts = sampled(trained[0], "ROMEO:", 3, 30, n=2, stop=False, **sampler)
@@ -105,7 +126,8 @@ def test_the_output_file_holds_every_setting_and_the_exact_text(trained, tmp_pat
 
 
 def test_several_checkpoints_are_sampled_alike_and_another_seed_gives_another_text(
-        trained, tmp_path, capsys):
+    trained, tmp_path, capsys
+):
     copy = tmp_path / "copy.pt"
     argv = ["--prompt", "ROMEO:", "--temperature", 1.0, "--max_new_tokens", 20, "--no_stop"]
     shutil.copy(trained[0], copy)
@@ -124,30 +146,63 @@ def test_a_single_sample_is_streamed_token_by_token(trained, capsys, monkeypatch
         def spy(token, logits, idx):
             on_token(token, logits, idx)
             pieces.append(capsys.readouterr().out)
+
         return real(*args, on_token=spy, **kwargs)
+
     monkeypatch.setattr(generate, "generate", watched)
-    rest, _ = run(capsys, trained[0], "--prompt", "ROMEO:", "--seed", 2, "--temperature", 1.0,
-                  "--max_new_tokens", 20, "--no_stop")
+    rest, _ = run(
+        capsys,
+        trained[0],
+        "--prompt",
+        "ROMEO:",
+        "--seed",
+        2,
+        "--temperature",
+        1.0,
+        "--max_new_tokens",
+        20,
+        "--no_stop",
+    )
     [text] = sampled(trained[0], "ROMEO:", 2, 20, stop=False, temperature=1.0)
     assert pieces == [text[:7], *text[7:]] and rest == "\n"  # the prompt, then a character a token
 
 
-@pytest.mark.parametrize("sampler, where", [(dict(temperature=1.0), "file"),
-                                            (dict(temperature=0.7, top_k=5), "pipe"),
-                                            (dict(temperature=1.3, top_p=0.8), "file"),
-                                            (dict(temperature=0, top_k=3), "pipe")])
-def test_show_probs_prints_the_odds_each_token_was_drawn_with(trained, tmp_path, capsys, sampler,
-                                                              where):
+@pytest.mark.parametrize(
+    "sampler, where",
+    [
+        (dict(temperature=1.0), "file"),
+        (dict(temperature=0.7, top_k=5), "pipe"),
+        (dict(temperature=1.3, top_p=0.8), "file"),
+        (dict(temperature=0, top_k=3), "pipe"),
+    ],
+)
+def test_show_probs_prints_the_odds_each_token_was_drawn_with(
+    trained, tmp_path, capsys, sampler, where
+):
     out = tmp_path / "odds.txt"
     to_file = ["--output_file", out] if where == "file" else []
-    printed, _ = run(capsys, trained[0], "--prompt", "ROMEO:", "--max_new_tokens", 10, "--seed", 3,
-                     "--show_top", 3, "--no_stop", *sampler_flags(sampler), *to_file)
+    printed, _ = run(
+        capsys,
+        trained[0],
+        "--prompt",
+        "ROMEO:",
+        "--max_new_tokens",
+        10,
+        "--seed",
+        3,
+        "--show_top",
+        3,
+        "--no_stop",
+        *sampler_flags(sampler),
+        *to_file,
+    )
     text = out.read_text(encoding="utf-8") if where == "file" else printed
     found = rows(text)
     assert len(found) == 10 and all(row["top"] for row in found)
     config = SamplerConfig(**sampler)
-    logps = replay(trained[0], "ROMEO:", found,
-                   lambda logits, idx: next_token_probs(logits, idx, config))
+    logps = replay(
+        trained[0], "ROMEO:", found, lambda logits, idx: next_token_probs(logits, idx, config)
+    )
     mean = float(re.search(r"mean log-probability (-?[\d.]+) nats", text)[1])
     assert mean == pytest.approx(sum(logps) / len(logps), abs=1.1e-3)
     [plain] = sampled(trained[0], "ROMEO:", 3, 10, stop=False, **sampler)
@@ -156,8 +211,23 @@ def test_show_probs_prints_the_odds_each_token_was_drawn_with(trained, tmp_path,
 
 def test_a_stopped_sample_is_annotated_up_to_its_stop(stopper, tmp_path, capsys):
     out = tmp_path / "odds.txt"
-    run(capsys, stopper, "--prompt", "ROMEO:", "--temperature", 1.0, "--seed", 1,
-        "--num_samples", 3, "--max_new_tokens", 30, "--show_probs", "--output_file", out)
+    run(
+        capsys,
+        stopper,
+        "--prompt",
+        "ROMEO:",
+        "--temperature",
+        1.0,
+        "--seed",
+        1,
+        "--num_samples",
+        3,
+        "--max_new_tokens",
+        30,
+        "--show_probs",
+        "--output_file",
+        out,
+    )
     texts = sampled(stopper, "ROMEO:", 1, 30, n=3, temperature=1.0)
     label = r"^--- sample \d/3(?: \(stopped at <\|endoftext\|> after (\d+) tokens\))? ---\n"
     blocks = re.split(label, out.read_text(encoding="utf-8"), flags=re.M)[1:]
@@ -174,28 +244,50 @@ def test_a_stopped_sample_is_annotated_up_to_its_stop(stopper, tmp_path, capsys)
 
 def test_beam_with_show_probs_reports_the_models_odds(trained, tmp_path, capsys):
     out = tmp_path / "beam.txt"
-    run(capsys, trained[0], "--prompt", "ROMEO:", "--beam", 3, "--max_new_tokens", 8,
-        "--show_top", 2, "--output_file", out)
+    run(
+        capsys,
+        trained[0],
+        "--prompt",
+        "ROMEO:",
+        "--beam",
+        3,
+        "--max_new_tokens",
+        8,
+        "--show_top",
+        2,
+        "--output_file",
+        out,
+    )
     text = out.read_text(encoding="utf-8")
     model, tok, _ = checkpoint.load_model(trained[0])
-    new, total = beam_search(model, torch.tensor([tok.encode("ROMEO:")]), 8, 3,
-                             stop_token=tok.eot_id)
-    logps = replay(trained[0], "ROMEO:", rows(text),
-                   lambda logits, idx: torch.softmax(logits.float(), dim=-1))
+    new, total = beam_search(
+        model, torch.tensor([tok.encode("ROMEO:")]), 8, 3, stop_token=tok.eot_id
+    )
+    logps = replay(
+        trained[0], "ROMEO:", rows(text), lambda logits, idx: torch.softmax(logits.float(), dim=-1)
+    )
     assert len(logps) == 8 and sum(logps) == pytest.approx(total, abs=1e-4)
     assert "beam=3" in text and f"total log-probability {total:.3f} nats" in text
     assert "\nROMEO:" + tok.decode(new[0].tolist()) + "\n" in text
 
 
-@pytest.mark.parametrize("target, word", [("out.pt", "--output_file"),
-                                          ("./copy.ckpt", "--output_file"),
-                                          ("missing/out.txt", "--output_file"), (".", "folder")])
+@pytest.mark.parametrize(
+    "target, word",
+    [
+        ("out.pt", "--output_file"),
+        ("./copy.ckpt", "--output_file"),
+        ("missing/out.txt", "--output_file"),
+        (".", "folder"),
+    ],
+)
 def test_an_output_file_replacing_a_checkpoint_or_unwritable_is_refused_first(
-        trained, tmp_path, capsys, target, word):
+    trained, tmp_path, capsys, target, word
+):
     ckpt = tmp_path / "copy.ckpt"
     shutil.copy(trained[0], ckpt)
-    code, out, err = cli(capsys, generate.main, ckpt, "--max_new_tokens", 5,
-                         "--output_file", f"{tmp_path}/{target}")
+    code, out, err = cli(
+        capsys, generate.main, ckpt, "--max_new_tokens", 5, "--output_file", f"{tmp_path}/{target}"
+    )
     assert_one_line_error(code, err, word)
     assert out == "" and ckpt.read_bytes() == open(trained[0], "rb").read()
     assert not (tmp_path / "out.pt").exists()
@@ -203,36 +295,51 @@ def test_an_output_file_replacing_a_checkpoint_or_unwritable_is_refused_first(
 
 @pytest.mark.parametrize("second", ["truncated", "no_prompt_chars"])
 def test_every_checkpoint_is_read_and_its_prompt_encoded_before_the_first_is_sampled(
-        trained, tmp_path, capsys, second):
+    trained, tmp_path, capsys, second
+):
     bad = tmp_path / "second.pt"
     if second == "truncated":
         bad.write_bytes(open(trained[0], "rb").read()[:3000])
     else:  # a vocabulary without R, O, M, E
         saved = checkpoint.load(trained[0])
         chars = saved["tokenizer"]["chars"]
-        saved["tokenizer"]["chars"] = [c if c not in "ROME" else chr(0x3B1 + i)
-                                       for i, c in enumerate(chars)]
+        saved["tokenizer"]["chars"] = [
+            c if c not in "ROME" else chr(0x3B1 + i) for i, c in enumerate(chars)
+        ]
         checkpoint.save(str(bad), saved)
-    code, out, err = cli(capsys, generate.main, trained[0], bad, "--prompt", "ROME",
-                         "--max_new_tokens", 5)
+    code, out, err = cli(
+        capsys, generate.main, trained[0], bad, "--prompt", "ROME", "--max_new_tokens", 5
+    )
     assert_one_line_error(code, err, str(bad) if second == "truncated" else "prompt")
     assert out == ""
 
 
-@pytest.mark.parametrize("flags", ["--top_p 0", "--temperature -1", "--show_top 30", "--beam 0",
-                                   "--length_penalty 1", "--beam 2 --num_samples 2",
-                                   "--prompt a --prompt_file p.txt", "--beam 2 --temperature 0.5",
-                                   "--beam 2 --top_k 3 --top_p 0.9"])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        "--top_p 0",
+        "--temperature -1",
+        "--show_top 30",
+        "--beam 0",
+        "--length_penalty 1",
+        "--beam 2 --num_samples 2",
+        "--prompt a --prompt_file p.txt",
+        "--beam 2 --temperature 0.5",
+        "--beam 2 --top_k 3 --top_p 0.9",
+    ],
+)
 def test_a_bad_flag_is_one_error_line_naming_it(trained, capsys, flags):
     code, out, err = cli(capsys, generate.main, trained[0], *flags.split())
     assert_one_line_error(code, err, flags.split()[-2])
     assert out == ""
 
 
-def test_characters_the_vocabulary_lacks_are_dropped_from_the_prompt_with_a_warning(trained,
-                                                                                   capsys):
-    printed, err = run(capsys, trained[0], "--prompt", "ROMEO€:", "--temperature", 0,
-                       "--max_new_tokens", 10)
+def test_characters_the_vocabulary_lacks_are_dropped_from_the_prompt_with_a_warning(
+    trained, capsys
+):
+    printed, err = run(
+        capsys, trained[0], "--prompt", "ROMEO€:", "--temperature", 0, "--max_new_tokens", 10
+    )
     assert printed == sampled(trained[0], "ROMEO:", 0, 10, temperature=0)[0] + "\n"
     assert err.startswith("warning:") and "€" in err
 
@@ -241,21 +348,34 @@ def test_characters_the_vocabulary_lacks_are_dropped_from_the_prompt_with_a_warn
 def bpe_model(tmp_path_factory):
     """A byte-level BPE model (vocabulary 300) trained for a few steps on text with é and ö."""
     import train
+
     folder = tmp_path_factory.mktemp("bpe")
     text = corpus_head(12_000).replace("e", "é").replace("o", "ö")
     (folder / "data.txt").write_text(text, encoding="utf-8")
-    run = tiny_run(folder / "data.txt", folder / "run", tokenizer="bpe", max_steps=5,
-                   eval_interval=5)
+    run = tiny_run(
+        folder / "data.txt", folder / "run", tokenizer="bpe", max_steps=5, eval_interval=5
+    )
     train.train(tiny_model(vocab_size=300), run)
     return str(folder / "run" / "best.pt")
 
 
-def test_a_bpe_model_shows_split_bytes_as_bytes_and_streams_whole_characters(bpe_model, tmp_path,
-                                                                             capsys):
+def test_a_bpe_model_shows_split_bytes_as_bytes_and_streams_whole_characters(
+    bpe_model, tmp_path, capsys
+):
     """Sampled nearly uniformly (temperature 1000): many byte tokens that end mid-character, and
     some that join."""
-    argv = [bpe_model, "--prompt", "Héllö", "--temperature", 1000, "--seed", 0,
-            "--max_new_tokens", 300, "--no_stop"]
+    argv = [
+        bpe_model,
+        "--prompt",
+        "Héllö",
+        "--temperature",
+        1000,
+        "--seed",
+        0,
+        "--max_new_tokens",
+        300,
+        "--no_stop",
+    ]
     streamed, _ = run(capsys, *argv)
     out = tmp_path / "odds.txt"
     run(capsys, *argv, "--show_probs", "--output_file", out)

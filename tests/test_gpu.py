@@ -29,8 +29,13 @@ def a_gpu_is_here():  # asked only where a driver is: a torch start costs second
         return False
     if not (glob.glob("/dev/nvidia[0-9]*") or shutil.which("nvidia-smi")):
         return False
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
-                           capture_output=True, text=True, env=gpu_env(), timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+        env=gpu_env(),
+        timeout=120,
+    )
     return probe.stdout.strip() == "True"
 
 
@@ -45,18 +50,50 @@ def a_gpu():
 
 
 def on_gpu(*argv, timeout=300):
-    done = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True,
-                          cwd=ROOT, env=gpu_env(), timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=gpu_env(),
+        timeout=timeout,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
 
 def test_a_gpu_run_trains_resumes_and_samples_the_same_text_for_the_same_seed(tmp_path):
     (tmp_path / "data.txt").write_text(corpus_head(100_000), encoding="utf-8")
-    flags = ["--data", tmp_path / "data.txt", "--out_dir", tmp_path / "run", "--device", "cuda",
-             "--n_layer", 2, "--n_embd", 64, "--n_head", 4, "--block_size", 64, "--batch_size", 32,
-             "--lr", "3e-3", "--warmup_steps", 10, "--eval_interval", 50, "--eval_iters", 4,
-             "--sample_tokens", 0, "--plots", "false"]
+    flags = [
+        "--data",
+        tmp_path / "data.txt",
+        "--out_dir",
+        tmp_path / "run",
+        "--device",
+        "cuda",
+        "--n_layer",
+        2,
+        "--n_embd",
+        64,
+        "--n_head",
+        4,
+        "--block_size",
+        64,
+        "--batch_size",
+        32,
+        "--lr",
+        "3e-3",
+        "--warmup_steps",
+        10,
+        "--eval_interval",
+        50,
+        "--eval_iters",
+        4,
+        "--sample_tokens",
+        0,
+        "--plots",
+        "false",
+    ]
     assert "device cuda" in on_gpu("train.py", *flags, "--max_steps", 100)
     with open(tmp_path / "run" / "history.csv", newline="") as f:
         evals = [float(row["val_loss"]) for row in csv.DictReader(f) if row["kind"] == "eval"]
@@ -70,9 +107,29 @@ def test_a_gpu_run_trains_resumes_and_samples_the_same_text_for_the_same_seed(tm
 
 def test_a_float16_run_trains_with_the_cuda_loss_scaler_and_saves_its_state(tmp_path):
     (tmp_path / "data.txt").write_text(corpus_head(50_000), encoding="utf-8")
-    out = on_gpu("train.py", "--data", tmp_path / "data.txt", "--out_dir", tmp_path / "run",
-                 "--preset", "tiny", "--device", "cuda", "--dtype", "float16", "--max_steps", 30,
-                 "--eval_interval", 30, "--eval_iters", 2, "--sample_tokens", 0, "--plots", "false")
+    out = on_gpu(
+        "train.py",
+        "--data",
+        tmp_path / "data.txt",
+        "--out_dir",
+        tmp_path / "run",
+        "--preset",
+        "tiny",
+        "--device",
+        "cuda",
+        "--dtype",
+        "float16",
+        "--max_steps",
+        30,
+        "--eval_interval",
+        30,
+        "--eval_iters",
+        2,
+        "--sample_tokens",
+        0,
+        "--plots",
+        "false",
+    )
     assert "float16" in out and "done: 30 steps" in out
     # a resume goes on with it
     assert checkpoint.load(str(tmp_path / "run" / "last.pt"))["scaler"]["scale"] > 0

@@ -23,11 +23,23 @@ from sampling import Context, beam_search, filter_logits, generate, next_token_p
 # number takes the example value written here (test_every_model_setting_has_an_example names any
 # missing). Every combination of the choices runs; then each other value once, the rest from BASE.
 EXAMPLES = dict(vocab_size=50, block_size=5, n_layer=3, n_head=4, n_embd=36, dropout=0.1)
-BASE = dict(vocab_size=65, block_size=8, n_layer=2, n_head=3, n_embd=24, dropout=0.0, bias=True,
-            norm="rmsnorm", mlp="swiglu", pos="rope")  # the last choices: the most code runs
+BASE = dict(
+    vocab_size=65,
+    block_size=8,
+    n_layer=2,
+    n_head=3,
+    n_embd=24,
+    dropout=0.0,
+    bias=True,
+    norm="rmsnorm",
+    mlp="swiglu",
+    pos="rope",
+)  # the last choices: the most code runs
 CHOICES = [f for f in fields(GPTConfig) if f.metadata["choices"]]  # norm, mlp, pos, and any to come
-VARIANTS = [dict(zip([f.name for f in CHOICES], values))
-            for values in itertools.product(*(f.metadata["choices"] for f in CHOICES))]
+VARIANTS = [
+    dict(zip([f.name for f in CHOICES], values))
+    for values in itertools.product(*(f.metadata["choices"] for f in CHOICES))
+]
 for f in fields(GPTConfig):
     if f.type is bool:
         VARIANTS.append({f.name: not BASE.get(f.name, f.default)})  # BASE's: in the combinations
@@ -40,11 +52,14 @@ def variant_id(variant):
 
 
 def test_every_model_setting_has_an_example():
-    numbers = {f.name for f in fields(GPTConfig)
-               if not f.metadata["choices"] and f.type is not bool}
+    numbers = {
+        f.name for f in fields(GPTConfig) if not f.metadata["choices"] and f.type is not bool
+    }
     missing, stale = numbers - EXAMPLES.keys(), EXAMPLES.keys() - numbers
-    assert not missing, (f"GPTConfig.{', '.join(sorted(missing))} has no example value: add one "
-                         "to EXAMPLES at the top of tests/test_model.py")
+    assert not missing, (
+        f"GPTConfig.{', '.join(sorted(missing))} has no example value: add one "
+        "to EXAMPLES at the top of tests/test_model.py"
+    )
     assert not stale, f"EXAMPLES names {', '.join(sorted(stale))}, which GPTConfig lacks"
 
 
@@ -89,8 +104,19 @@ def test_a_later_token_never_changes_an_earlier_positions_logits(variant):
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_tied_embedding_is_one_tensor_and_the_parameter_count_matches_its_formula(bias):
     V, T, L, C, b = 65, 16, 3, 48, int(bias)
-    model = GPT(tiny_model(vocab_size=V, block_size=T, n_layer=L, n_embd=C, n_head=4, bias=bias,
-                           norm="layernorm", mlp="gelu", pos="learned"))
+    model = GPT(
+        tiny_model(
+            vocab_size=V,
+            block_size=T,
+            n_layer=L,
+            n_embd=C,
+            n_head=4,
+            bias=bias,
+            norm="layernorm",
+            mlp="gelu",
+            pos="learned",
+        )
+    )
     assert model.lm_head.weight is model.wte.weight
     norm = C + C * b
     attention = 3 * C * C + 3 * C * b + C * C + C * b
@@ -111,11 +137,19 @@ def test_gpt2_init_starts_the_residual_projections_smaller():
             assert layer.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
-@pytest.mark.parametrize("overrides, name", [
-    (dict(n_embd=30, n_head=4), "n_head"), (dict(n_layer=0), "n_layer"),
-    (dict(block_size=0), "block_size"), (dict(vocab_size=-1), "vocab_size"),
-    (dict(dropout=1.0), "dropout"), (dict(norm="batchnorm"), "norm"),
-    (dict(pos="rope", n_embd=6, n_head=2), "rope"), (dict(mlp="relu"), "mlp")])
+@pytest.mark.parametrize(
+    "overrides, name",
+    [
+        (dict(n_embd=30, n_head=4), "n_head"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(block_size=0), "block_size"),
+        (dict(vocab_size=-1), "vocab_size"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(norm="batchnorm"), "norm"),
+        (dict(pos="rope", n_embd=6, n_head=2), "rope"),
+        (dict(mlp="relu"), "mlp"),
+    ],
+)
 def test_a_bad_model_config_is_a_tinyllm_error(overrides, name):
     with pytest.raises(TinyLLMError, match=name):
         tiny_model(**overrides)
@@ -151,14 +185,21 @@ def chat(model, turns, sampler, use_cache):
     with the same Context. Returns (the tokens, the logits of each generated one)."""
     context, idx, seen = Context(model, use_cache), torch.zeros(2, 0, dtype=torch.long), []
     for turn in turns:
-        idx = generate(model, torch.cat((idx, turn), dim=1), 8, sampler, context=context,
-                       generator=torch.Generator().manual_seed(len(seen)),
-                       on_token=lambda token, logits, idx: seen.append(logits))
+        idx = generate(
+            model,
+            torch.cat((idx, turn), dim=1),
+            8,
+            sampler,
+            context=context,
+            generator=torch.Generator().manual_seed(len(seen)),
+            on_token=lambda token, logits, idx: seen.append(logits),
+        )
     return idx, torch.stack(seen)
 
 
-@pytest.mark.parametrize("sampler", [GREEDY, SamplerConfig(temperature=1.0, top_k=20)],
-                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "sampler", [GREEDY, SamplerConfig(temperature=1.0, top_k=20)], ids=["greedy", "seeded"]
+)
 def test_generation_and_a_chat_write_the_same_tokens_with_and_without_the_cache(sampler):
     torch.manual_seed(0)
     model = sharp(GPT(tiny_model(block_size=8, pos="rope")))
@@ -209,6 +250,7 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
         out = real(*args)
         seen.append(out.dtype)
         return out
+
     monkeypatch.setattr(model_module, "fused_attention", watched)
     torch.manual_seed(0)
     model = GPT(tiny_model(pos="rope"))
@@ -221,6 +263,7 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the sampler
+
 
 def text_so_far(rows):
     """idx (rows, 3): the text before the logits, which the rules tested here do not read."""
@@ -262,8 +305,9 @@ def test_temperature_0_is_argmax_and_a_seeded_draw_repeats():
     probs = next_token_probs(logits, idx, SamplerConfig(temperature=0.7))
     assert torch.allclose(probs, F.softmax(logits / 0.7, dim=-1))
     sampler = SamplerConfig(temperature=0.7, top_k=10)
-    draws = [sample_next(logits, idx, sampler, torch.Generator().manual_seed(s))
-             for s in (1, 1, 2, 3)]
+    draws = [
+        sample_next(logits, idx, sampler, torch.Generator().manual_seed(s)) for s in (1, 1, 2, 3)
+    ]
     assert torch.equal(draws[0], draws[1])
     assert not (torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[3]))
     kept = filter_logits(logits, idx, sampler)
@@ -272,14 +316,14 @@ def test_temperature_0_is_argmax_and_a_seeded_draw_repeats():
 
 # ----------------------------------------------------------------------------- generation
 
+
 class MarkovChain(torch.nn.Module):
     """A stand-in model whose next-token probabilities are a row of a table, by the last token."""
 
     def __init__(self, table):
         super().__init__()
         self.table = torch.tensor(table).log()  # (V, V)
-        self.config = GPTConfig(vocab_size=len(table), block_size=64, n_layer=1, n_head=1,
-                                n_embd=2)
+        self.config = GPTConfig(vocab_size=len(table), block_size=64, n_layer=1, n_head=1, n_embd=2)
 
     def forward(self, idx, targets=None, cache=None):
         return self.table[idx], None  # (B, T, V)
@@ -300,14 +344,17 @@ def test_generation_builds_no_autograd_graph():
 
     def watch(token, logits, idx):
         seen.append((logits.requires_grad, torch.is_inference_mode_enabled()))
-    out = generate(model, torch.zeros(1, 3, dtype=torch.long), 5, GREEDY, context=context,
-                   on_token=watch)
+
+    out = generate(
+        model, torch.zeros(1, 3, dtype=torch.long), 5, GREEDY, context=context, on_token=watch
+    )
     assert seen == [(False, True)] * 5
     assert not any(k.requires_grad for k in context.cache.k + context.cache.v)
     assert not out.requires_grad and not out.is_inference()  # a tensor autograd may use later
 
 
 # ----------------------------------------------------------------------------- beam search
+
 
 def peaked(seed, vocab_size=65, block_size=8):
     """Far from uniform next-token distributions (the embedding scaled): greedy and beam search can
@@ -353,8 +400,9 @@ def test_a_beam_holding_every_candidate_finds_the_brute_force_best(seed, stop, l
         cut = seq.index(stop) + 1 if stop in seq else n
         endings[tuple(seq[:cut])] = lp[:cut].sum().item()
     best = max(endings, key=lambda s: endings[s] / len(s) ** length_penalty)
-    new, total = beam_search(model, prompt, n, V ** (n - 1), stop_token=stop,
-                             length_penalty=length_penalty)
+    new, total = beam_search(
+        model, prompt, n, V ** (n - 1), stop_token=stop, length_penalty=length_penalty
+    )
     assert tuple(new[0].tolist()) == best and total == pytest.approx(endings[best], abs=1e-5)
 
 
@@ -382,8 +430,9 @@ def test_the_cache_changes_nothing_in_beam_search(width):
     assert cached_total == pytest.approx(total_logprob(model, prompt, cached), abs=1e-4)
 
 
-@pytest.mark.parametrize("name", ["config.py", "model.py", "utils.py", "optim.py", "sampling.py",
-                                  "lora.py", "bpe.py"])
+@pytest.mark.parametrize(
+    "name", ["config.py", "model.py", "utils.py", "optim.py", "sampling.py", "lora.py", "bpe.py"]
+)
 def test_the_lesson_imports_nothing_of_the_scripts_machinery_or_tools(name):
     with open(os.path.join(ROOT, name), encoding="utf-8") as f:
         tree = ast.parse(f.read())

@@ -15,14 +15,17 @@ def test_the_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     (tmp_path / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     flags = [f for f in TINY_FLAGS if f not in ("--plots", "false")]  # the notebook shows loss.png
     flags += ["--data", tmp_path / "data.txt", "--max_steps", "20", "--eval_interval", "20"]
-    env = script_env(TINYLLM_NOTEBOOK_FLAGS=" ".join(f"'{f}'" for f in flags),
-                     TINYLLM_NOTEBOOK_OUT_DIR=str(tmp_path / "run"),
-                     TINYLLM_NOTEBOOK_TEMPS="0.8")  # one temperature: each starts a process
+    env = script_env(
+        TINYLLM_NOTEBOOK_FLAGS=" ".join(f"'{f}'" for f in flags),
+        TINYLLM_NOTEBOOK_OUT_DIR=str(tmp_path / "run"),
+        TINYLLM_NOTEBOOK_TEMPS="0.8",
+    )  # one temperature: each starts a process
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the kernel, and its `!python` (this one), see these
     notebook = nbformat.read(os.path.join(ROOT, "colab.ipynb"), as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
-                                     resources={"metadata": {"path": ROOT}})
+    client = nbclient.NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+    )
     client.execute()
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") for o in outputs)

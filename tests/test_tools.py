@@ -35,11 +35,13 @@ from utils import CharTokenizer, split_train_val
 
 def opens(*paths):
     import matplotlib.image  # here: its import is slow, and most tests draw nothing
+
     for path in paths:
         assert matplotlib.image.imread(str(path)).ndim == 3, path
 
 
 # ----------------------------------------------------------------------------- pictures
+
 
 def hand_attention(model, x, layer, head):
     """softmax(q k^T / sqrt(hs)) with the future masked, from block `layer`'s weights; x: its
@@ -50,8 +52,8 @@ def hand_attention(model, x, layer, head):
     h = h * sd[p + "ln_1.weight"] + sd[p + "ln_1.bias"]
     qkv = h @ sd[p + "attn.c_attn.weight"].T + sd[p + "attn.c_attn.bias"]  # (T, 3C): q, k, v
     C, T, hs = x.size(-1), x.size(0), x.size(-1) // model.config.n_head
-    q = qkv[:, head * hs:(head + 1) * hs]
-    k = qkv[:, C + head * hs:C + (head + 1) * hs]
+    q = qkv[:, head * hs : (head + 1) * hs]
+    k = qkv[:, C + head * hs : C + (head + 1) * hs]
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     scores = (q @ k.T / math.sqrt(hs)).masked_fill(future, -math.inf)
     return torch.softmax(scores, dim=-1)
@@ -59,12 +61,14 @@ def hand_attention(model, x, layer, head):
 
 @pytest.mark.parametrize("layer, head", [(0, 1), (1, 0)])
 def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_hs_with_the_future_masked(
-        trained, layer, head):
+    trained, layer, head
+):
     model, tokenizer, _ = checkpoint.load_model(trained[0])
     idx = torch.tensor([tokenizer.encode("ROMEO: I will th")])
     inputs = []
     hook = model.blocks[layer].register_forward_pre_hook(
-        lambda module, args: inputs.append(args[0][0]))
+        lambda module, args: inputs.append(args[0][0])
+    )
     maps = pictures.attention_maps(model, idx)
     hook.remove()
     assert len(maps) == 2 and maps[layer].shape == (2, 16, 16)
@@ -73,7 +77,8 @@ def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_hs_with_the_future_mask
 
 
 def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
-        trained, monkeypatch):
+    trained, monkeypatch
+):
     model = checkpoint.load_model(trained[0])[0]
     generator = torch.Generator().manual_seed(0)
     idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
@@ -87,6 +92,7 @@ def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
     def counted(*args, **kwargs):
         fused.append(1)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(model_module, "fused_attention", counted)
     with torch.no_grad():
         assert torch.equal(model(idx)[0], before)
@@ -100,9 +106,21 @@ def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
 
 @pytest.mark.slow  # draws four pictures: seconds
 def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_losses(
-        trained, tmp_path, capsys):
-    code, out, err = cli(capsys, pictures.main, trained[0], "--out_dir", tmp_path,
-                         "--prompt", "ROMEO: I will", "--passage_chars", 100, "--device", "cpu")
+    trained, tmp_path, capsys
+):
+    code, out, err = cli(
+        capsys,
+        pictures.main,
+        trained[0],
+        "--out_dir",
+        tmp_path,
+        "--prompt",
+        "ROMEO: I will",
+        "--passage_chars",
+        100,
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     said = dict(re.match(r"wrote (.*?\.png): (.*)", line).groups() for line in out.splitlines())
     assert sorted(said) == sorted(str(tmp_path / f"{n}.png") for n in pictures.PICTURES)
@@ -122,39 +140,56 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
 def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(tmp_path, capsys):
     data = tmp_path / "data.txt"
     data.write_text(corpus_head(12_000).replace("e", "é"), encoding="utf-8")  # é: two bytes
-    run = tiny_run(data, tmp_path / "run", tokenizer="bpe", max_steps=4, eval_interval=4,
-                   eval_iters=1)
+    run = tiny_run(
+        data, tmp_path / "run", tokenizer="bpe", max_steps=4, eval_interval=4, eval_iters=1
+    )
     train.train(tiny_model(vocab_size=300), run)
     best = tmp_path / "run" / "best.pt"
-    code, out, err = cli(capsys, pictures.main, best, "--out_dir", tmp_path / "p",
-                         "--prompt", "Roméo", "--passage_chars", 100)
+    code, out, err = cli(
+        capsys,
+        pictures.main,
+        best,
+        "--out_dir",
+        tmp_path / "p",
+        "--prompt",
+        "Roméo",
+        "--passage_chars",
+        100,
+    )
     assert code == 0, err
     assert "skipped embeddings.png" in out and "char model" in out
     drawn = sorted(os.listdir(tmp_path / "p"))
     assert drawn == ["attention.png", "surprise.png", "temperature.png"]
     opens(*(tmp_path / "p").iterdir())
-    code, out, err = cli(capsys, pictures.main, best, "--out_dir", tmp_path / "e",
-                         "--only", "embeddings")
+    code, out, err = cli(
+        capsys, pictures.main, best, "--out_dir", tmp_path / "e", "--only", "embeddings"
+    )
     assert_one_line_error(code, err, "char model")
     assert not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("argv, word", [
-    (["--only", "attention", "--layer", "2"], "--layer"),
-    (["--head", "2"], "--head"),
-    (["--only", "attention,bogus"], "--only"),
-    (["--prompt", "e" * 17], "--prompt"),
-    (["--temperatures", "0,x"], "--temp"),
-])
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["--only", "attention", "--layer", "2"], "--layer"),
+        (["--head", "2"], "--head"),
+        (["--only", "attention,bogus"], "--only"),
+        (["--prompt", "e" * 17], "--prompt"),
+        (["--temperatures", "0,x"], "--temp"),
+    ],
+)
 def test_bad_pictures_input_is_one_error_line_and_nothing_is_drawn(
-        trained, tmp_path, capsys, argv, word):
-    code, _, err = cli(capsys, pictures.main, trained[0], "--out_dir", tmp_path / "p",
-                       "--prompt", "ROMEO", *argv)
+    trained, tmp_path, capsys, argv, word
+):
+    code, _, err = cli(
+        capsys, pictures.main, trained[0], "--out_dir", tmp_path / "p", "--prompt", "ROMEO", *argv
+    )
     assert_one_line_error(code, err, word)
     assert not (tmp_path / "p").exists() or not os.listdir(tmp_path / "p")
 
 
 # ----------------------------------------------------------------------------- compare
+
 
 @pytest.mark.slow  # draws
 def test_compare_draws_two_runs_histories_in_one_png(trained, tmp_path, capsys, monkeypatch):
@@ -169,9 +204,18 @@ def test_compare_draws_two_runs_histories_in_one_png(trained, tmp_path, capsys, 
     def save_and_catch(fig, ax, path):
         lines.update({line.get_label(): list(line.get_ydata()) for line in ax.get_lines()})
         real(fig, ax, path)
+
     monkeypatch.setattr(compare, "save_plot", save_and_catch)
-    code, out, err = cli(capsys, compare.main, run_dir, tmp_path / "b", "--labels", "one,two",
-                         "--out", tmp_path / "c.png")
+    code, out, err = cli(
+        capsys,
+        compare.main,
+        run_dir,
+        tmp_path / "b",
+        "--labels",
+        "one,two",
+        "--out",
+        tmp_path / "c.png",
+    )
     assert code == 0, err
     opens(tmp_path / "c.png")
     assert lines[f"two val (best {min(vals):.3f})"] == pytest.approx(vals)
@@ -179,8 +223,9 @@ def test_compare_draws_two_runs_histories_in_one_png(trained, tmp_path, capsys, 
     assert lines["one train"] == pytest.approx(train_losses)
 
 
-@pytest.mark.parametrize("case, word", [
-    ("out", "--out"), ("labels", "--labels"), ("no history", "history.csv")])
+@pytest.mark.parametrize(
+    "case, word", [("out", "--out"), ("labels", "--labels"), ("no history", "history.csv")]
+)
 def test_bad_compare_input_is_one_error_line(trained, tmp_path, capsys, case, word):
     runs = [os.path.dirname(trained[0])] * 2
     if case == "no history":
@@ -198,7 +243,7 @@ TINY = dict(block_size=16, batch_size=4, eval_iters=1, device="cpu", dtype="floa
 
 @pytest.mark.parametrize("law", [(1.5, 500.0, 0.25), (0.0, 3.0, 0.1)])
 def test_fit_power_law_recovers_the_law_its_points_were_made_by(law):
-    C = [1e9 * 4 ** k for k in range(6)]
+    C = [1e9 * 4**k for k in range(6)]
     l_inf, a, alpha, rms = scaling.fit_power_law(C, [law[0] + law[1] * c ** -law[2] for c in C])
     assert (l_inf, a, alpha) == pytest.approx(law, rel=1e-6, abs=1e-9) and rms < 1e-9
 
@@ -213,24 +258,34 @@ def test_isoflop_minimum_is_the_parabolas_vertex_or_the_lowest_run():
 
 @pytest.mark.slow  # draws
 def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     rows = []
     for budget, val in ((1e9, 2.0), (2e9, 2.5)):
         for params in (1e4, 3e4, 1e5):
-            rows.append(dict(kind="iso", budget=budget, flops=budget, params=params,
-                             val=val + (params != 3e4) / 10))
+            rows.append(
+                dict(
+                    kind="iso",
+                    budget=budget,
+                    flops=budget,
+                    params=params,
+                    val=val + (params != 3e4) / 10,
+                )
+            )
     monkeypatch.setattr(scaling, "save_plot", lambda fig, ax, path: None)  # drawn, not saved
     scaling.summarize(rows, [1e9, 2e9], 1e10, str(tmp_path / "s.png"))
     assert "no power law fits" in capsys.readouterr().out
 
 
 def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(
-        text_file, tmp_path, monkeypatch):
+    text_file, tmp_path, monkeypatch
+):
     handed, real = [], training.get_batch
 
     def get_batch(data, *args, **kwargs):
         handed.append(data)
         return real(data, *args, **kwargs)
+
     monkeypatch.setattr(training, "get_batch", get_batch)
     scaling.run((1, 16, 2), 3, str(tmp_path / "run"), text_file, data_fraction=0.25, **TINY)
     with open(text_file, encoding="utf-8") as f:
@@ -240,12 +295,13 @@ def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(
     trained_on = [d for d in handed if not torch.equal(torch.as_tensor(d), val_ids)]
     assert len(trained_on) >= 3 and len(handed) > len(trained_on)  # every step, and evaluations
     for data in trained_on:
-        assert torch.equal(torch.as_tensor(data), train_ids[:int(len(train_ids) * 0.25)])
+        assert torch.equal(torch.as_tensor(data), train_ids[: int(len(train_ids) * 0.25)])
 
 
 @pytest.mark.slow  # trains or loads for seconds
 def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     """The probe (each size's step time) is given in the JSON: the plan does not depend on this
     machine's speed."""
     data, out = tmp_path / "data.txt", tmp_path / "scaling.json"
@@ -257,6 +313,7 @@ def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(
     def run(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **{**kwargs, **TINY})
+
     monkeypatch.setattr(scaling, "run", run)
     probe = {"seconds": [1, 1], "flops": [1, 1], "budgets": [10, 20], "dtype": "float32"}
     out.write_text(json.dumps({"probe": probe, "runs": []}))  # budgets of 10 and 20 steps
@@ -279,6 +336,7 @@ def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(
 
 # ----------------------------------------------------------------------------- ablation, decoding
 
+
 @pytest.mark.slow  # times steps of the default model
 def test_precision_times_both_dtypes_and_names_the_flag_the_ratio_calls_for(capsys):
     code, out, err = cli(capsys, precision.main, "--steps", 1, "--threads", 1)
@@ -288,17 +346,32 @@ def test_precision_times_both_dtypes_and_names_the_flag_the_ratio_calls_for(caps
     assert f"pass --dtype {best} " in out
 
 
-@pytest.mark.parametrize("argv", [["--steps", "0"], ["--threads", "-1"]], ids=["no steps",
-                                                                             "threads below 0"])
+@pytest.mark.parametrize(
+    "argv", [["--steps", "0"], ["--threads", "-1"]], ids=["no steps", "threads below 0"]
+)
 def test_bad_precision_input_is_one_error_line(capsys, argv):
     assert_one_line_error(*cli(capsys, precision.main, *argv)[::2], "--steps")
 
 
 @pytest.mark.slow  # draws
 def test_ablation_prints_a_row_per_variant_and_draws_them(text_file, tmp_path, capsys):
-    code, out, err = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS,
-                         "--data", text_file, "--max_steps", 4, "--eval_interval", 2,
-                         "--warmup_steps", 1, "--out", tmp_path / "a.png")
+    code, out, err = cli(
+        capsys,
+        ablation.main,
+        "--only",
+        "vanilla,rope",
+        *TINY_FLAGS,
+        "--data",
+        text_file,
+        "--max_steps",
+        4,
+        "--eval_interval",
+        2,
+        "--warmup_steps",
+        1,
+        "--out",
+        tmp_path / "a.png",
+    )
     assert code == 0, err
     table = [line for line in out.splitlines() if line.startswith("| ")]
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
@@ -310,13 +383,15 @@ def test_ablation_prints_a_row_per_variant_and_draws_them(text_file, tmp_path, c
 
 
 def test_an_unknown_ablation_variant_is_one_error_line(tmp_path, capsys):
-    code, _, err = cli(capsys, ablation.main, "--only", "vanilla,bogus",
-                       "--out", tmp_path / "a.png")
+    code, _, err = cli(
+        capsys, ablation.main, "--only", "vanilla,bogus", "--out", tmp_path / "a.png"
+    )
     assert_one_line_error(code, err, "bogus")
 
 
 def test_ctrl_c_during_a_runs_last_evaluation_stops_the_ablation(
-        text_file, tmp_path, capsys, monkeypatch):
+    text_file, tmp_path, capsys, monkeypatch
+):
     real, evals = train.estimate_loss, []
 
     def evaluate_and_ctrl_c(*args, **kwargs):
@@ -324,17 +399,44 @@ def test_ctrl_c_during_a_runs_last_evaluation_stops_the_ablation(
         if len(evals) == 2:  # the first variant's last evaluation: Ctrl-C, as the signal would
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(train, "estimate_loss", evaluate_and_ctrl_c)
-    code, out, _ = cli(capsys, ablation.main, "--only", "vanilla,rope", *TINY_FLAGS,
-                       "--data", text_file, "--max_steps", 2, "--eval_interval", 2,
-                       "--warmup_steps", 1, "--out", tmp_path / "a.png")
+    code, out, _ = cli(
+        capsys,
+        ablation.main,
+        "--only",
+        "vanilla,rope",
+        *TINY_FLAGS,
+        "--data",
+        text_file,
+        "--max_steps",
+        2,
+        "--eval_interval",
+        2,
+        "--warmup_steps",
+        1,
+        "--out",
+        tmp_path / "a.png",
+    )
     assert code == 130 and "--- rope" not in out
 
 
 def test_decoding_prints_a_row_per_method(trained, capsys):
-    code, out, err = cli(capsys, decoding.main, trained[0], "--prompt", "ROMEO:",
-                         "--new_tokens", 24, "--beams", 2, "--temperatures", "0.8,1.2",
-                         "--seeds", 2)
+    code, out, err = cli(
+        capsys,
+        decoding.main,
+        trained[0],
+        "--prompt",
+        "ROMEO:",
+        "--new_tokens",
+        24,
+        "--beams",
+        2,
+        "--temperatures",
+        "0.8,1.2",
+        "--seeds",
+        2,
+    )
     assert code == 0, err
     table = [line for line in out.splitlines() if line.startswith("| ")]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table]
@@ -343,17 +445,22 @@ def test_decoding_prints_a_row_per_method(trained, capsys):
     assert all(float(r[1]) < 0 and 0 <= float(r[2].rstrip("%")) <= 100 for r in rows[1:])
 
 
-@pytest.mark.parametrize("text, low, high", [
-    ("to be or not to be that is the question", 0, 0),
-    ("la di da " * 30, 0.95, 1),
-    ("two words", 0, 0),
-])
+@pytest.mark.parametrize(
+    "text, low, high",
+    [
+        ("to be or not to be that is the question", 0, 0),
+        ("la di da " * 30, 0.95, 1),
+        ("two words", 0, 0),
+    ],
+)
 def test_repeated_ngrams_is_0_for_new_text_and_near_1_for_a_loop(text, low, high):
     assert low <= decoding.repeated_ngrams(text) <= high
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--beams", "x"), ("--beams", "0"), ("--temperatures", "hot"), ("--temperatures", "-1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--beams", "x"), ("--beams", "0"), ("--temperatures", "hot"), ("--temperatures", "-1")],
+)
 def test_bad_decoding_input_is_one_error_line(trained, capsys, flag, value):
     code, _, err = cli(capsys, decoding.main, trained[0], flag, value)
     assert_one_line_error(code, err, flag)
@@ -361,10 +468,20 @@ def test_bad_decoding_input_is_one_error_line(trained, capsys, flag, value):
 
 # ----------------------------------------------------------------------------- GPT-2, Hugging Face
 
+
 def hf_config(**overrides):
     transformers = pytest.importorskip("transformers")
-    settings = dict(n_layer=2, n_head=2, n_embd=16, n_positions=16, vocab_size=50257,
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.3)
+    settings = dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        n_positions=16,
+        vocab_size=50257,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        initializer_range=0.3,
+    )
     return transformers.GPT2Config(**{**settings, **overrides})
 
 
@@ -399,21 +516,24 @@ def test_a_hugging_face_gpt2_loads_with_its_logits_and_greedy_continuation(hf_fo
 
 
 @pytest.mark.slow  # imports transformers: seconds
-@pytest.mark.parametrize("change, word", [
-    (dict(activation_function="relu"), "activation_function"),
-    ("bert", "model_type"),
-    (dict(n_inner=48), "n_inner"),
-    (dict(tie_word_embeddings=False), "tie_word_embeddings"),
-])
-def test_a_config_our_model_cannot_be_is_refused_naming_the_setting(
-        tmp_path, capsys, change, word):
+@pytest.mark.parametrize(
+    "change, word",
+    [
+        (dict(activation_function="relu"), "activation_function"),
+        ("bert", "model_type"),
+        (dict(n_inner=48), "n_inner"),
+        (dict(tie_word_embeddings=False), "tie_word_embeddings"),
+    ],
+)
+def test_a_config_our_model_cannot_be_is_refused_naming_the_setting(tmp_path, capsys, change, word):
     if change == "bert":
         config = pytest.importorskip("transformers").BertConfig()
     else:
         config = hf_config(**change)
     config.save_pretrained(tmp_path / "hf")  # the config is checked before any weight is read
-    code, _, err = cli(capsys, train.main, "--init_from", tmp_path / "hf",
-                       "--out_dir", tmp_path / "run")
+    code, _, err = cli(
+        capsys, train.main, "--init_from", tmp_path / "hf", "--out_dir", tmp_path / "run"
+    )
     assert_one_line_error(code, err, word)
 
 
@@ -443,23 +563,51 @@ def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys
 
 @pytest.mark.slow  # imports transformers: seconds
 def test_train_init_from_the_folder_fine_tunes_it(
-        hf_folder, text_file, tmp_path, capsys, monkeypatch):
+    hf_folder, text_file, tmp_path, capsys, monkeypatch
+):
     # GPT-2's own tokenizer files are downloaded: offline, a byte-level one of its size stands in
     import tiktoken
+
     real = tiktoken.get_encoding
     offline = tiktoken.Encoding(
-        name="gpt2-offline", pat_str=bpe.GPT2_PATTERN,
+        name="gpt2-offline",
+        pat_str=bpe.GPT2_PATTERN,
         mergeable_ranks={bytes([b]): b for b in range(256)},
-        special_tokens={"<|endoftext|>": 50256})
+        special_tokens={"<|endoftext|>": 50256},
+    )
 
     def get_encoding(name):
         return offline if name == "gpt2" else real(name)
+
     monkeypatch.setattr(bpe.tiktoken, "get_encoding", get_encoding)
-    code, out, err = cli(capsys, train.main, "--init_from", hf_folder[0], "--data", text_file,
-                         "--out_dir", tmp_path / "run", "--max_steps", 3, "--eval_interval", 3,
-                         "--eval_iters", 1, "--batch_size", 4, "--warmup_steps", 1,
-                         "--device", "cpu", "--dtype", "float32", "--sample_tokens", 0,
-                         "--plots", "false")
+    code, out, err = cli(
+        capsys,
+        train.main,
+        "--init_from",
+        hf_folder[0],
+        "--data",
+        text_file,
+        "--out_dir",
+        tmp_path / "run",
+        "--max_steps",
+        3,
+        "--eval_interval",
+        3,
+        "--eval_iters",
+        1,
+        "--batch_size",
+        4,
+        "--warmup_steps",
+        1,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--sample_tokens",
+        0,
+        "--plots",
+        "false",
+    )
     assert code == 0 and "done: 3 steps" in out, err
     saved = checkpoint.load(str(tmp_path / "run" / "last.pt"))
     assert saved["tokenizer"]["kind"] == "gpt2" and saved["model_config"]["n_embd"] == 16
@@ -474,4 +622,5 @@ def test_hf_gpt2_imports_transformers_only_inside_its_functions():
     def imported(nodes):
         names = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
         return names | {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
+
     assert "transformers" not in imported(tree.body) and "transformers" in imported(ast.walk(tree))

@@ -26,15 +26,7 @@ from conftest import (
 
 import generate
 import train
-from config import (
-    ASSISTANT,
-    EOT,
-    USER,
-    RunOptions,
-    TinyLLMError,
-    TrainConfig,
-    build_configs,
-)
+from config import ASSISTANT, EOT, USER, RunOptions, TinyLLMError, TrainConfig, build_configs
 from machinery import checkpoint, sources, training
 from model import GPT
 from optim import Muon, get_lr, make_optimizer, orthogonalize, progress
@@ -61,6 +53,7 @@ def same_weights(a, b):
 
 
 # ---------------------------------------------------------------------- the step and the schedule
+
 
 def test_optimizer_decays_only_matrices():
     model = GPT(tiny_model())
@@ -106,10 +99,18 @@ def test_gradient_accumulation_is_one_big_batch_and_gradients_start_from_zero():
 
 
 @pytest.mark.parametrize("lr_schedule", SCHEDULES)  # every choice config.py offers
-def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(text_file, tmp_path,
-                                                                           lr_schedule):
-    cfg = tiny_run(text_file, tmp_path, max_steps=12, warmup_steps=4, log_interval=1,
-                   eval_interval=100, lr_schedule=lr_schedule)
+def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(
+    text_file, tmp_path, lr_schedule
+):
+    cfg = tiny_run(
+        text_file,
+        tmp_path,
+        max_steps=12,
+        warmup_steps=4,
+        log_interval=1,
+        eval_interval=100,
+        lr_schedule=lr_schedule,
+    )
     lrs = [row["lr"] for row in train.train(tiny_model(), cfg)["history"] if row["kind"] == "train"]
     assert lrs == pytest.approx([get_lr(s, max(0, s - 4) / 8, cfg) for s in range(12)], rel=1e-6)
     assert lrs[4] == cfg.lr and lrs[0] == cfg.lr / 4  # warmup up to the peak
@@ -118,14 +119,29 @@ def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(text_
 
 @pytest.mark.slow  # draws
 def test_plot_lr_prints_the_schedule_at_every_tenth(tmp_path, capsys):
-    code, out, _ = cli(capsys, train.main, "--plot_lr", "--max_steps", "100", "--warmup_steps",
-                       "10", "--lr", "1e-3", "--min_lr", "1e-4", "--lr_schedule", "cosine",
-                       "--out_dir", tmp_path)
+    code, out, _ = cli(
+        capsys,
+        train.main,
+        "--plot_lr",
+        "--max_steps",
+        "100",
+        "--warmup_steps",
+        "10",
+        "--lr",
+        "1e-3",
+        "--min_lr",
+        "1e-4",
+        "--lr_schedule",
+        "cosine",
+        "--out_dir",
+        tmp_path,
+    )
     assert code == 0 and os.path.getsize(tmp_path / "lr_schedule.png") > 0
     assert "10: 0.001" in out and "100: 0.0001" in out
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def test_a_tiny_run_learns_writes_its_files_and_samples(text_file, tmp_path, capsys):
     cfg = tiny_run(text_file, tmp_path, max_steps=60, eval_interval=30, lr=1e-2, sample_tokens=30)
@@ -157,16 +173,40 @@ def test_evaluation_is_in_eval_mode_without_a_graph():
 
 def test_overfit_batch_fits_one_batch_and_writes_nothing(text_file, tmp_path, capsys):
     # an evaluation on a progress line must not undo the stop
-    code, out, _ = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir",
-                       tmp_path / "run", "--overfit_batch", "--max_steps", "400", "--n_embd", "64",
-                       "--batch_size", "4", "--warmup_steps", "0", "--lr", "1e-2", "--min_lr",
-                       "1e-2", "--weight_decay", "0", "--log_interval", "25", "--eval_interval",
-                       "25")
+    code, out, _ = cli(
+        capsys,
+        train.main,
+        *TINY_FLAGS,
+        "--data",
+        text_file,
+        "--out_dir",
+        tmp_path / "run",
+        "--overfit_batch",
+        "--max_steps",
+        "400",
+        "--n_embd",
+        "64",
+        "--batch_size",
+        "4",
+        "--warmup_steps",
+        "0",
+        "--lr",
+        "1e-2",
+        "--min_lr",
+        "1e-2",
+        "--weight_decay",
+        "0",
+        "--log_interval",
+        "25",
+        "--eval_interval",
+        "25",
+    )
     assert code == 0 and "overfit_batch: loss below 0.01" in out and not (tmp_path / "run").exists()
 
 
-def test_a_non_finite_loss_stops_the_run_and_nothing_non_finite_is_saved(text_file, tmp_path,
-                                                                         monkeypatch):
+def test_a_non_finite_loss_stops_the_run_and_nothing_non_finite_is_saved(
+    text_file, tmp_path, monkeypatch
+):
     real, calls = train.train_step, []
 
     def poisoned(model, *a, **k):  # step 7 starts from a NaN weight
@@ -188,8 +228,9 @@ def scripted_val_losses(monkeypatch, vals):
     monkeypatch.setattr(train, "estimate_loss", lambda *a, **k: {"train": 1.0, "val": next(vals)})
 
 
-def test_patience_stops_early_keeps_the_best_and_its_count_survives_a_resume(text_file, tmp_path,
-                                                                             monkeypatch):
+def test_patience_stops_early_keeps_the_best_and_its_count_survives_a_resume(
+    text_file, tmp_path, monkeypatch
+):
     cfg = tiny_run(text_file, tmp_path, max_steps=50, patience=2)
     scripted_val_losses(monkeypatch, [2.0, 1.5, 1.6, 1.7])
     with monkeypatch.context() as m:
@@ -203,16 +244,18 @@ def test_patience_stops_early_keeps_the_best_and_its_count_survives_a_resume(tex
     assert best["step"] == 5 and best["best_val_loss"] == 1.5
 
 
-def test_a_target_loss_stops_at_the_first_evaluation_that_meets_it(text_file, tmp_path,
-                                                                   monkeypatch):
+def test_a_target_loss_stops_at_the_first_evaluation_that_meets_it(
+    text_file, tmp_path, monkeypatch
+):
     scripted_val_losses(monkeypatch, [4.0, 3.0, 2.0, 1.0])
     result = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=50, target_loss=2.5))
     assert result["step"] == 10 and "target reached" in result["stop_reason"]
 
 
 def test_periodic_checkpoints_keep_the_newest(text_file, tmp_path):
-    train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=20, save_interval=4,
-                                       keep_last=2))
+    train.train(
+        tiny_model(), tiny_run(text_file, tmp_path, max_steps=20, save_interval=4, keep_last=2)
+    )
     periodic = sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_"))
     assert periodic == ["ckpt_0000016.pt", "ckpt_0000020.pt"]
 
@@ -226,9 +269,11 @@ def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path,
     def recording_get_batch(data, *a, **k):
         seen.append(len(data))
         return real(data, *a, **k)
+
     monkeypatch.setattr(training, "get_batch", recording_get_batch)
-    summary = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=6,
-                                                 data_fraction=0.25))
+    summary = train.train(
+        tiny_model(), tiny_run(text_file, tmp_path, max_steps=6, data_fraction=0.25)
+    )
     train_tokens, val_tokens = len(summary["corpus"].train), len(summary["corpus"].val)
     assert set(seen) == {int(train_tokens * 0.25), val_tokens}
     # six steps, and evaluations at 0, 5 and 6 of two batches
@@ -267,25 +312,37 @@ def test_a_chat_runs_closing_sample_answers_a_question_in_the_template(chat_run)
     assert sample.startswith(USER) and ASSISTANT in sample and EOT not in sample
 
 
-def test_a_checkpoint_with_a_setting_this_version_does_not_know_is_one_error_line(trained, tmp_path,
-                                                                                 capsys):
+def test_a_checkpoint_with_a_setting_this_version_does_not_know_is_one_error_line(
+    trained, tmp_path, capsys
+):
     saved = checkpoint.load(trained[0])
     saved["model_config"]["rope_theta"] = 10000.0  # from a later version, say
     checkpoint.save(str(tmp_path / "later.pt"), saved)
     later = tmp_path / "later.pt"
-    for main, argv in ((generate.main, [later, "--max_new_tokens", "5"]),
-                       (train.main, ["--init_from", later, "--out_dir", tmp_path])):
+    for main, argv in (
+        (generate.main, [later, "--max_new_tokens", "5"]),
+        (train.main, ["--init_from", later, "--out_dir", tmp_path]),
+    ):
         code, _, err = cli(capsys, main, *argv)
         assert_one_line_error(code, err, "rope_theta")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def test_a_checkpoint_gives_back_the_model_and_loads_without_running_code(trained, tmp_path):
     path, _ = trained
     model, tokenizer, saved = checkpoint.load_model(path)
-    parts = {"model", "model_config", "tokenizer", "optimizer", "train_config", "rng", "step",
-             "history"}
+    parts = {
+        "model",
+        "model_config",
+        "tokenizer",
+        "optimizer",
+        "train_config",
+        "rng",
+        "step",
+        "history",
+    }
     assert parts <= set(checkpoint.load(path))
     torch.load(path, weights_only=True)  # plain tensors and data
     idx = torch.tensor([tokenizer.encode("ROMEO:")])
@@ -293,8 +350,9 @@ def test_a_checkpoint_gives_back_the_model_and_loads_without_running_code(traine
     assert torch.equal(model(idx)[0], reloaded(idx)[0])
 
 
-def test_corrupt_truncated_foreign_and_unsafe_checkpoints_are_one_error_line(trained, tmp_path,
-                                                                            capsys):
+def test_corrupt_truncated_foreign_and_unsafe_checkpoints_are_one_error_line(
+    trained, tmp_path, capsys
+):
     good = open(trained[0], "rb").read()
     marker = tmp_path / "pwned"
 
@@ -302,15 +360,16 @@ def test_corrupt_truncated_foreign_and_unsafe_checkpoints_are_one_error_line(tra
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    (tmp_path / "truncated.pt").write_bytes(good[:len(good) // 2])
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
     (tmp_path / "random.pt").write_bytes(os.urandom(1000))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     unsafe = {"model": {"w": torch.zeros(1)}, "model_config": {}, "tokenizer": {}, "x": Payload()}
     torch.save(unsafe, tmp_path / "unsafe.pt")
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": 1}))
     for name in ("truncated.pt", "random.pt", "foreign.pt", "unsafe.pt", "plain.pkl", "missing.pt"):
-        code, _, err = cli(capsys, train.main, "--init_from", tmp_path / name, "--out_dir",
-                           tmp_path / "run")
+        code, _, err = cli(
+            capsys, train.main, "--init_from", tmp_path / name, "--out_dir", tmp_path / "run"
+        )
         assert_one_line_error(code, err)
     assert not marker.exists()
 
@@ -318,8 +377,10 @@ def test_corrupt_truncated_foreign_and_unsafe_checkpoints_are_one_error_line(tra
 def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     checkpoint.save(path, {"step": 1})
+
     def disk_full(src, dst):
         raise OSError(28, "No space")
+
     monkeypatch.setattr(checkpoint, "replace_file", disk_full)
     with pytest.raises(OSError) as error:
         checkpoint.save(path, {"step": 2})
@@ -344,9 +405,11 @@ def test_a_file_held_open_for_a_moment_is_still_replaced(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- resuming
 
+
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_and_resumed_run_is_the_run_that_went_straight_on(text_file, tmp_path,
-                                                                         monkeypatch, signum, code):
+def test_an_interrupted_and_resumed_run_is_the_run_that_went_straight_on(
+    text_file, tmp_path, monkeypatch, signum, code
+):
     model_cfg = tiny_model(dropout=0.1)  # dropout draws random numbers: generators come back too
     # evaluations at 0, 5, 10 and 12, a progress line at 10
     full = train.train(model_cfg, tiny_run(text_file, tmp_path / "full", max_steps=12))
@@ -363,8 +426,16 @@ def test_an_interrupted_and_resumed_run_is_the_run_that_went_straight_on(text_fi
 
 
 def test_one_resume_command_starts_a_run_then_continues_it(text_file, tmp_path, capsys):
-    argv = [*TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path, "--resume", "--eval_interval",
-            "5"]
+    argv = [
+        *TINY_FLAGS,
+        "--data",
+        text_file,
+        "--out_dir",
+        tmp_path,
+        "--resume",
+        "--eval_interval",
+        "5",
+    ]
     assert cli(capsys, train.main, *argv, "--max_steps", "10")[0] == 0
     # a resume may change these two
     code, out, _ = cli(capsys, train.main, *argv, "--max_steps", "20", "--eval_iters", "3")
@@ -386,23 +457,56 @@ def test_a_new_max_steps_follows_the_schedule_of_a_run_that_long(text_file, tmp_
     expected = [get_lr(s, progress(s, longer_cfg), longer_cfg) for s in range(10, 30)]
     assert lrs == pytest.approx(expected)
     with pytest.raises(TinyLLMError, match="step 30"):
-        train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=20),
-                    RunOptions(resume=True), given={"max_steps": 20})
+        train.train(
+            tiny_model(),
+            tiny_run(text_file, tmp_path, max_steps=20),
+            RunOptions(resume=True),
+            given={"max_steps": 20},
+        )
 
 
-def test_a_checkpoint_of_another_version_is_refused_for_resume_but_fine_tunes(trained, tmp_path,
-                                                                              capsys):
+def test_a_checkpoint_of_another_version_is_refused_for_resume_but_fine_tunes(
+    trained, tmp_path, capsys
+):
     old = checkpoint.load(trained[0])
     del old["window"]  # a field this version saves
     os.makedirs(tmp_path / "run")
     checkpoint.save(str(tmp_path / "run" / "last.pt"), old)
-    code, _, err = cli(capsys, train.main, *TINY_FLAGS[:-8], "--data", trained[1], "--out_dir",
-                       tmp_path / "run", "--resume")
+    code, _, err = cli(
+        capsys,
+        train.main,
+        *TINY_FLAGS[:-8],
+        "--data",
+        trained[1],
+        "--out_dir",
+        tmp_path / "run",
+        "--resume",
+    )
     assert_one_line_error(code, err, "--init_from")
-    code, out, _ = cli(capsys, train.main, "--init_from", tmp_path / "run" / "last.pt",
-                       "--out_dir", tmp_path / "ft", "--data", trained[1], "--max_steps", "2",
-                       "--batch_size", "8", "--eval_iters", "1", "--device", "cpu", "--dtype",
-                       "float32", "--sample_tokens", "0", "--plots", "false")
+    code, out, _ = cli(
+        capsys,
+        train.main,
+        "--init_from",
+        tmp_path / "run" / "last.pt",
+        "--out_dir",
+        tmp_path / "ft",
+        "--data",
+        trained[1],
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "8",
+        "--eval_iters",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--sample_tokens",
+        "0",
+        "--plots",
+        "false",
+    )
     assert code == 0, out
 
 
@@ -420,16 +524,45 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
 
 # ----------------------------------------------------------------------------- fine-tuning
 
+
 def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_keeps_the_shape(
-        trained, tmp_path, capsys):
+    trained, tmp_path, capsys
+):
     path, data = trained
-    common = ["--init_from", path, "--data", data, "--device", "cpu", "--dtype", "float32",
-              "--sample_tokens", "0", "--batch_size", "8", "--eval_iters", "1", "--plots", "false"]
+    common = [
+        "--init_from",
+        path,
+        "--data",
+        data,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--sample_tokens",
+        "0",
+        "--batch_size",
+        "8",
+        "--eval_iters",
+        "1",
+        "--plots",
+        "false",
+    ]
     for flag, value in (("--n_layer", "3"), ("--tokenizer", "bpe")):
         code, _, err = cli(capsys, train.main, *common, "--out_dir", tmp_path / "x", flag, value)
         assert_one_line_error(code, err, flag)
-    code, out, _ = cli(capsys, train.main, *common, "--out_dir", tmp_path / "ft", "--max_steps",
-                       "1", "--dropout", "0.2", "--eval_interval", "100")
+    code, out, _ = cli(
+        capsys,
+        train.main,
+        *common,
+        "--out_dir",
+        tmp_path / "ft",
+        "--max_steps",
+        "1",
+        "--dropout",
+        "0.2",
+        "--eval_interval",
+        "100",
+    )
     tuned = checkpoint.load(str(tmp_path / "ft" / "last.pt"))
     base = checkpoint.load(path)
     assert code == 0 and tuned["model_config"]["dropout"] == 0.2
@@ -443,10 +576,36 @@ def test_new_characters_grow_the_vocabulary_each_from_the_mean_row(trained, tmp_
     new_text = tmp_path / "new.txt"
     new_text.write_text(corpus_head(20_000) + "\nжук ЖУК\n" * 20, encoding="utf-8")
     base = checkpoint.load(path)
-    code, out, _ = cli(capsys, train.main, "--init_from", path, "--data", new_text, "--out_dir",
-                       tmp_path / "ft", "--max_steps", "1", "--lr", "1e-9", "--min_lr", "0",
-                       "--weight_decay", "0", "--batch_size", "8", "--eval_iters", "1", "--device",
-                       "cpu", "--dtype", "float32", "--sample_tokens", "0", "--plots", "false")
+    code, out, _ = cli(
+        capsys,
+        train.main,
+        "--init_from",
+        path,
+        "--data",
+        new_text,
+        "--out_dir",
+        tmp_path / "ft",
+        "--max_steps",
+        "1",
+        "--lr",
+        "1e-9",
+        "--min_lr",
+        "0",
+        "--weight_decay",
+        "0",
+        "--batch_size",
+        "8",
+        "--eval_iters",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--sample_tokens",
+        "0",
+        "--plots",
+        "false",
+    )
     tuned = checkpoint.load(str(tmp_path / "ft" / "last.pt"))
     old, new = base["model"]["wte.weight"], tuned["model"]["wte.weight"]
     n = len(base["tokenizer"]["chars"])
@@ -454,11 +613,12 @@ def test_new_characters_grow_the_vocabulary_each_from_the_mean_row(trained, tmp_
     assert torch.allclose(new[:n], old[:n], atol=1e-6)
     assert torch.allclose(new[-1], old[-1], atol=1e-6)  # EOT last
     # each new row the mean of every old row, and a little noise: no two new tokens look alike
-    assert torch.allclose(new[n:n + 6], old.mean(0).expand(6, -1), atol=0.1)
+    assert torch.allclose(new[n : n + 6], old.mean(0).expand(6, -1), atol=0.1)
     assert not torch.equal(new[n], new[n + 1])
 
 
 # ----------------------------------------------------------------------------- Muon
+
 
 def test_muon_steps_hidden_matrices_orthogonally_and_the_rest_by_adamw():
     g = torch.randn(64, 16)
@@ -490,6 +650,7 @@ def test_a_muon_run_learns_and_resumes_exactly(text_file, tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- a time budget
 
+
 class StepClock:
     """A clock the test controls, for train(clock=...): each training step takes `step` seconds
     on it (install() makes train.train_step move it), nothing else takes any unless it says so."""
@@ -506,6 +667,7 @@ class StepClock:
         def timed_step(*args, **kwargs):
             self.now += self.step
             return real(*args, **kwargs)
+
         monkeypatch.setattr(train, "train_step", timed_step)
         return self
 
@@ -517,11 +679,19 @@ def last_lr_is_the_schedules_end(cfg, summary):
 
 
 @pytest.mark.parametrize("lr_schedule", SCHEDULES)  # every choice config.py offers
-def test_a_budget_ends_in_time_with_its_last_step_at_the_schedules_end(text_file, tmp_path,
-                                                                       monkeypatch, lr_schedule):
+def test_a_budget_ends_in_time_with_its_last_step_at_the_schedules_end(
+    text_file, tmp_path, monkeypatch, lr_schedule
+):
     clock = StepClock(0.05).install(monkeypatch)
-    cfg = tiny_run(text_file, tmp_path, time_budget="1s", warmup_steps=5, lr_schedule=lr_schedule,
-                   eval_interval=1000, sample_tokens=20)
+    cfg = tiny_run(
+        text_file,
+        tmp_path,
+        time_budget="1s",
+        warmup_steps=5,
+        lr_schedule=lr_schedule,
+        eval_interval=1000,
+        sample_tokens=20,
+    )
     summary = train.train(tiny_model(), cfg, clock=clock)
     # its steps end in the step that reaches 99% of the budget (1% is kept to exit)
     assert 0.99 <= clock.now < 0.99 + clock.step and summary["step"] > 15
@@ -531,21 +701,24 @@ def test_a_budget_ends_in_time_with_its_last_step_at_the_schedules_end(text_file
 def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, monkeypatch):
     """Evaluations a tenth of the budget long: the steps end early enough for the last one."""
     clock = StepClock(0.05).install(monkeypatch)
-    cfg = tiny_run(text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10**6,
-                   eval_iters=1)
+    cfg = tiny_run(
+        text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10**6, eval_iters=1
+    )
     run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, clock)
     val = run.batches["val"]
 
     def slow_val():  # the evaluations' batches come slowly
         clock.now += 0.1
         return val()
+
     run.batches["val"] = slow_val
     summary = train.train_loop(run)
     assert 0.99 <= clock.now < 0.99 + clock.step and summary["step"] > 12
 
 
 def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end(
-        text_file, tmp_path, monkeypatch):
+    text_file, tmp_path, monkeypatch
+):
     cfg = tiny_run(text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=1000)
     with monkeypatch.context() as m:
         clock = StepClock(0.05).install(m)
@@ -564,29 +737,61 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end
 def test_a_budget_counts_from_the_process_start_imports_included(text_file, tmp_path):
     """python train.py counts its imports: its first evaluation comes later on its clock than
     the import of torch took, as the same process measured it (-X importtime)."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "train.py", *TINY_FLAGS, "--data",
-                           text_file, "--out_dir", tmp_path, "--time_budget", "1h",
-                           "--target_loss", "10"], cwd=ROOT, env=script_env(),
-                          capture_output=True, text=True)  # it stops at its first evaluation
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "train.py",
+            *TINY_FLAGS,
+            "--data",
+            text_file,
+            "--out_dir",
+            tmp_path,
+            "--time_budget",
+            "1h",
+            "--target_loss",
+            "10",
+        ],
+        cwd=ROOT,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )  # it stops at its first evaluation
     assert done.returncode == 0, done.stderr
-    torch_us = [int(line.split("|")[1]) for line in done.stderr.splitlines()
-                if line.startswith("import time:") and line.split("|")[2].strip() == "torch"]
+    torch_us = [
+        int(line.split("|")[1])
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and line.split("|")[2].strip() == "torch"
+    ]
     first = checkpoint.load(str(tmp_path / "last.pt"))["history"][0]
     assert first["kind"] == "eval" and first["seconds"] > torch_us[0] / 1e6
 
 
-@pytest.mark.parametrize("facts, argv, preset", [
-    (AMX, ["--threads", "2"], "mini"),
-    (AMX, ["--threads", "4", "--max_steps", "9"], "mini"),
-    (AMX, ["--threads", "1"], "tiny"),
-    (AMX, ["--threads", "2", "--dtype", "float32"], "tiny"),
-    (NO_BF16, ["--threads", "2"], "tiny"),
-    (NO_BF16, ["--threads", "2", "--dtype", "bfloat16"], "mini"),
-    (AMX, ["--threads", "2", "--preset", "tiny"], "tiny"),
-], ids=["bf16 on 2 threads", "bf16 on 4 threads, steps", "bf16 on 1 thread", "float32 given",
-        "no bf16", "bf16 given", "preset given"])
-def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(fake_machine, capsys, facts,
-                                                                  argv, preset):
+@pytest.mark.parametrize(
+    "facts, argv, preset",
+    [
+        (AMX, ["--threads", "2"], "mini"),
+        (AMX, ["--threads", "4", "--max_steps", "9"], "mini"),
+        (AMX, ["--threads", "1"], "tiny"),
+        (AMX, ["--threads", "2", "--dtype", "float32"], "tiny"),
+        (NO_BF16, ["--threads", "2"], "tiny"),
+        (NO_BF16, ["--threads", "2", "--dtype", "bfloat16"], "mini"),
+        (AMX, ["--threads", "2", "--preset", "tiny"], "tiny"),
+    ],
+    ids=[
+        "bf16 on 2 threads",
+        "bf16 on 4 threads, steps",
+        "bf16 on 1 thread",
+        "float32 given",
+        "no bf16",
+        "bf16 given",
+        "preset given",
+    ],
+)
+def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
+    fake_machine, capsys, facts, argv, preset
+):
     fake_machine(cuda=False, mps=False, **facts)
     options, model_cfg, cfg, chosen, given = training.parse_flags(argv)
     assert chosen == preset and (model_cfg, cfg) == build_configs(given, preset)
@@ -596,8 +801,19 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(fake_machine, c
 
 def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, capsys):
     # gone before the first step, in the set-up: no seconds to wait
-    code, _, err = cli(capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path,
-                       "--time_budget", "0.01s", "--warmup_steps", "100000")
+    code, _, err = cli(
+        capsys,
+        train.main,
+        *TINY_FLAGS,
+        "--data",
+        text_file,
+        "--out_dir",
+        tmp_path,
+        "--time_budget",
+        "0.01s",
+        "--warmup_steps",
+        "100000",
+    )
     assert_one_line_error(code, err, "--time_budget")
 
 

@@ -52,8 +52,9 @@ def main(argv=None):
             best = summary["best_val_loss"]
             bpc = bits_per_char(best, summary["corpus"].chars_per_token)
             rows.append((name, summary["model"].num_params(), best, bpc, summary["seconds"]))
-            curves[name] = [(h["step"], h["val_loss"]) for h in summary["history"]
-                            if h["kind"] == "eval"]
+            curves[name] = [
+                (h["step"], h["val_loss"]) for h in summary["history"] if h["kind"] == "eval"
+            ]
     cli.log(f"| variant | params | best val loss | vs {names[0]} | val bits/char | seconds |")
     cli.log("|---|---|---|---|---|---|")
     for name, params, best, bpc, seconds in rows:

@@ -30,7 +30,7 @@ def temperatures(text):
 def repeated_ngrams(text, n=3):
     """The share of the word n-grams that repeat an earlier one: 0 all new, near 1 in a loop."""
     words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -40,8 +40,9 @@ def main(argv=None):
     parser.add_argument("--prompt", default="To be or not")
     parser.add_argument("--new_tokens", type=int, default=300)
     parser.add_argument("--beams", default="4,8", help="beam widths, comma-separated")
-    parser.add_argument("--temperatures", type=temperatures, default="0.5,0.8,1.0,1.2",
-                        help="comma-separated")
+    parser.add_argument(
+        "--temperatures", type=temperatures, default="0.5,0.8,1.0,1.2", help="comma-separated"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="samples per temperature")
     args = parser.parse_args(argv)
     try:
@@ -62,9 +63,14 @@ def main(argv=None):
             if width:
                 new = beam_search(model, idx, args.new_tokens, width)[0]
             else:
-                out = generate(model, idx, args.new_tokens, SamplerConfig(temperature=temperature),
-                               generator=torch.Generator().manual_seed(seed))
-                new = out[:, idx.size(1):]
+                out = generate(
+                    model,
+                    idx,
+                    args.new_tokens,
+                    SamplerConfig(temperature=temperature),
+                    generator=torch.Generator().manual_seed(seed),
+                )
+                new = out[:, idx.size(1) :]
             odds = model_odds(model, idx, new)
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in odds) / new.size(1)
             text = tokenizer.decode(new[0].tolist())

@@ -75,24 +75,29 @@ def draw_attention(model, tokenizer, ids, args, path):
             ax.set_xticks(ticks, tick_labels, fontsize=size, rotation=rotation)
             ax.set_yticks(ticks, tick_labels, fontsize=size)
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
-    fig.suptitle("attention: row = the token looking, column = the token looked at; "
-                 "darker = more; grey = the masked future", fontsize=8)
+    fig.suptitle(
+        "attention: row = the token looking, column = the token looked at; "
+        "darker = more; grey = the masked future",
+        fontsize=8,
+    )
     save_plot(fig, None, path)
-    return (f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads on the "
-            "token just before (a line below the diagonal) and heads reaching back to words")
+    return (
+        f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads on the "
+        "token just before (a line below the diagonal) and heads reaching back to words"
+    )
 
 
 def val_passage(args, tokenizer, saved):
     """Token ids (n,): the first passage_chars characters of the val split --eval_only scores."""
     corpus, _ = sources.validation_split(saved, tokenizer, args.data)
-    ids = corpus.val[:4 * args.passage_chars + 1]  # a byte token: a quarter of a character
+    ids = corpus.val[: 4 * args.passage_chars + 1]  # a byte token: a quarter of a character
     ids = np.asarray(ids, dtype=np.int64).tolist()
     pieces, chars = WholeCharacters(tokenizer), 0
     for n, token in enumerate(ids, 1):
         piece = pieces.add(token)
         chars += len(piece[0]) if piece else 0
         if chars >= args.passage_chars:
-            return torch.tensor(ids[:max(n, 2)])  # at least one token to predict
+            return torch.tensor(ids[: max(n, 2)])  # at least one token to predict
     return torch.tensor(ids)
 
 
@@ -117,47 +122,59 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
         for c, (ch, b) in enumerate(row):
             grid[r, c] = b
             ax.text(c, r, ch, ha="center", va="center", fontsize=7, family="monospace")
-    image = ax.imshow(grid, cmap="YlOrRd", vmin=0.0, vmax=8.0, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        grid, cmap="YlOrRd", vmin=0.0, vmax=8.0, aspect="auto", interpolation="nearest"
+    )
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="bits")
     ax.set_axis_off()
     bpc = bits_per_char(losses.mean().item(), chars_per_token(tokenizer, ids.tolist()))
-    ax.set_title(f"surprise: the model's loss on each character ({bpc:.4f} bits per character)",
-                 fontsize=9)
+    ax.set_title(
+        f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9
+    )
     save_plot(fig, None, path)
-    return (f"{len(chars)} characters of the val split coloured by loss: pale expected, dark red "
-            f"surprising ({bpc:.4f} bits per character). Look at first letters against the rest")
+    return (
+        f"{len(chars)} characters of the val split coloured by loss: pale expected, dark red "
+        f"surprising ({bpc:.4f} bits per character). Look at first letters against the rest"
+    )
 
 
 @torch.no_grad()
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    by_t = {t: next_token_probs(logits, idx, SamplerConfig(temperature=t))[0].cpu()
-            for t in args.temperatures}  # each (V,)
+    by_t = {
+        t: next_token_probs(logits, idx, SamplerConfig(temperature=t))[0].cpu()
+        for t in args.temperatures
+    }  # each (V,)
     order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
         heights = probs[order].tolist() + [1.0 - probs[order].sum().item()]  # then the rest
-        ax.bar(np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width, heights, width,
-               label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits")
+        ax.bar(
+            np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width,
+            heights,
+            width,
+            label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits",
+        )
     ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
     title = f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature"
     ax.set(ylabel="probability", title=title)
     save_plot(fig, ax, path)
-    return ("the next-token distribution after the prompt at each temperature. Look at how a low "
-            "one piles the probability onto the favourite and a high one spreads it over the rest")
+    return (
+        "the next-token distribution after the prompt at each temperature. Look at how a low "
+        "one piles the probability onto the favourite and a high one spreads it over the rest"
+    )
 
 
 @torch.no_grad()
 def draw_embeddings(model, tokenizer, path):
     """Each token's embedding row, centred, projected onto its two main directions (PCA by SVD)."""
-    weights = model.wte.weight.float().cpu()[:tokenizer.vocab_size]  # (V, C)
+    weights = model.wte.weight.float().cpu()[: tokenizer.vocab_size]  # (V, C)
     centred = weights - weights.mean(dim=0)
     _, s, v = torch.linalg.svd(centred, full_matrices=False)
     xy = (centred @ v[:2].T).numpy()  # (V, 2)
-    share = (s[:2] ** 2).sum().item() / (s ** 2).sum().item()
+    share = (s[:2] ** 2).sum().item() / (s**2).sum().item()
     fig, ax = new_plot(height=5)
     ax.scatter(xy[:, 0], xy[:, 1], s=4, color="lightgray")
     for token, (x, y) in enumerate(xy):
@@ -166,29 +183,42 @@ def draw_embeddings(model, tokenizer, path):
         colour = "C0" if label.isupper() else colour
         colour = "C3" if label in "aeiouAEIOU" else colour
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=colour)
-    ax.set(xlabel="first principal direction", ylabel="second principal direction",
-           title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
+    ax.set(
+        xlabel="first principal direction",
+        ylabel="second principal direction",
+        title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)",
+    )
     save_plot(fig, ax, path)
-    return (f"each character's embedding on its two main directions ({share:.0%} of the variance). "
-            "Look for the vowels together, capitals apart, and punctuation in its own corner")
+    return (
+        f"each character's embedding on its two main directions ({share:.0%} of the variance). "
+        "Look for the vowels together, capitals apart, and punctuation in its own corner"
+    )
 
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Draw what a trained checkpoint has learned, as PNGs.")
-    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt",
-                        help="default: %(default)s")
-    parser.add_argument("--out_dir", default="pictures",
-                        help="where the PNGs go (default: %(default)s)")
+    parser.add_argument(
+        "checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--out_dir", default="pictures", help="where the PNGs go (default: %(default)s)"
+    )
     parser.add_argument("--only", help=f"some of: {', '.join(PICTURES)} (default: all)")
     parser.add_argument("--prompt", default="O Romeo, I will th", help="attention and temperature")
     parser.add_argument("--layer", type=int, default=-1, help="attention: only this layer, from 0")
     parser.add_argument("--head", type=int, default=-1, help="attention: only this head, from 0")
-    parser.add_argument("--temperatures", type=temperatures, default="0.5,0.8,1.0,1.5",
-                        help="temperature: comma-separated")
-    parser.add_argument("--data", default="",
-                        help="surprise: this text's val split instead of the checkpoint's")
-    parser.add_argument("--passage_chars", type=int, default=600,
-                        help="surprise: characters coloured")
+    parser.add_argument(
+        "--temperatures",
+        type=temperatures,
+        default="0.5,0.8,1.0,1.5",
+        help="temperature: comma-separated",
+    )
+    parser.add_argument(
+        "--data", default="", help="surprise: this text's val split instead of the checkpoint's"
+    )
+    parser.add_argument(
+        "--passage_chars", type=int, default=600, help="surprise: characters coloured"
+    )
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     asked = [n.strip() for n in (args.only or ",".join(PICTURES)).split(",")]
@@ -201,8 +231,9 @@ def main(argv=None):
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
         raise TinyLLMError(f"--prompt is {len(ids)} tokens; the model sees at most {c.block_size}")
     if "attention" in names and not (-1 <= args.layer < c.n_layer and -1 <= args.head < c.n_head):
-        raise TinyLLMError(f"--layer and --head: the model has {c.n_layer} layers of "
-                           f"{c.n_head} heads, from 0")
+        raise TinyLLMError(
+            f"--layer and --head: the model has {c.n_layer} layers of {c.n_head} heads, from 0"
+        )
     if "embeddings" in names and not isinstance(tokenizer, CharTokenizer):
         why = "the embeddings picture labels each point with its character: it needs a char model"
         if args.only:
@@ -213,10 +244,12 @@ def main(argv=None):
     for path in paths.values():
         cli.check_writable(path, "--out_dir", make_folder=True)
     passage = val_passage(args, tokenizer, saved) if "surprise" in names else None
-    draw = {"attention": lambda path: draw_attention(model, tokenizer, ids, args, path),
-            "surprise": lambda path: draw_surprise(model, tokenizer, passage, path),
-            "temperature": lambda path: draw_temperature(model, tokenizer, ids, args, path),
-            "embeddings": lambda path: draw_embeddings(model, tokenizer, path)}
+    draw = {
+        "attention": lambda path: draw_attention(model, tokenizer, ids, args, path),
+        "surprise": lambda path: draw_surprise(model, tokenizer, passage, path),
+        "temperature": lambda path: draw_temperature(model, tokenizer, ids, args, path),
+        "embeddings": lambda path: draw_embeddings(model, tokenizer, path),
+    }
     with warnings.catch_warnings():  # a character the font lacks is drawn as a box
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         for name, path in paths.items():

@@ -40,8 +40,9 @@ def step_seconds(model_cfg, cfg, dtypes, steps):
     for i in range(steps + 2):
         for dtype in dtypes:
             start = time.perf_counter()
-            figures = train.train_step(model, optimizer, batch, cfg.lr, 1, cfg.grad_clip,
-                                       devices.autocast(cpu, dtype))
+            figures = train.train_step(
+                model, optimizer, batch, cfg.lr, 1, cfg.grad_clip, devices.autocast(cpu, dtype)
+            )
             figures["loss"].item()  # the step is done
             seconds[dtype] += (time.perf_counter() - start) * (i >= 2)
     return {dtype: total / steps for dtype, total in seconds.items()}
@@ -62,11 +63,15 @@ def main(argv=None):
     ratio = seconds["float32"] / seconds["bfloat16"]
     best = "bfloat16" if ratio >= MARGIN else "float32"
     auto, why = devices.auto_dtype(cpu)
-    cli.log(f"a step of preset {preset} on {threads} threads: float32 "
-            f"{1000 * seconds['float32']:.1f} ms, bfloat16 {1000 * seconds['bfloat16']:.1f} ms: "
-            f"bfloat16 at {ratio:.2f}x float32's speed")
-    cli.log(f"pass --dtype {best} (bfloat16 pays from {MARGIN}x); --dtype auto takes {auto} "
-            f"here ({why})")
+    cli.log(
+        f"a step of preset {preset} on {threads} threads: float32 "
+        f"{1000 * seconds['float32']:.1f} ms, bfloat16 {1000 * seconds['bfloat16']:.1f} ms: "
+        f"bfloat16 at {ratio:.2f}x float32's speed"
+    )
+    cli.log(
+        f"pass --dtype {best} (bfloat16 pays from {MARGIN}x); --dtype auto takes {auto} "
+        f"here ({why})"
+    )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,16 @@ def prepare(cfg, out, vocab_size, sample_mb):
     cli.log(f"tokenizer: {tokenizer.vocab_size:,} tokens ({time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_bytes)
-    meta = dict(source=os.path.abspath(cfg.data), tokenizer=tokenizer.to_dict(),
-                vocab_size=tokenizer.vocab_size, dtype=np.dtype(dtype).name,
-                train_tokens=counts[0], val_tokens=counts[1], val_chars=val_chars, clean=cfg.clean)
+    meta = dict(
+        source=os.path.abspath(cfg.data),
+        tokenizer=tokenizer.to_dict(),
+        vocab_size=tokenizer.vocab_size,
+        dtype=np.dtype(dtype).name,
+        train_tokens=counts[0],
+        val_tokens=counts[1],
+        val_chars=val_chars,
+        clean=cfg.clean,
+    )
     with open(os.path.join(out, "meta.json.tmp"), "w") as f:
         json.dump(meta, f)
     # meta.json goes first and comes back last: a folder caught halfway is refused
@@ -67,8 +74,10 @@ def prepare(cfg, out, vocab_size, sample_mb):
         os.remove(os.path.join(out, "meta.json"))
     for name in ("train.bin", "val.bin", "meta.json"):
         replace_file(os.path.join(out, f"{name}.tmp"), os.path.join(out, name))
-    cli.log(f"wrote {out}/train.bin ({counts[0]:,} tokens), val.bin ({counts[1]:,} tokens), "
-            f"meta.json in {cli.format_seconds(time.perf_counter() - t0)}")
+    cli.log(
+        f"wrote {out}/train.bin ({counts[0]:,} tokens), val.bin ({counts[1]:,} tokens), "
+        f"meta.json in {cli.format_seconds(time.perf_counter() - t0)}"
+    )
     return meta
 
 
@@ -88,8 +97,10 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
                 if time.perf_counter() - shown > 2:
                     shown, rate = time.perf_counter(), seen / (time.perf_counter() - t0)
                     eta = cli.format_seconds(max(0, total_bytes - seen) / rate)
-                    cli.log(f"prepare {seen / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | "
-                            f"{sum(counts):,} tokens | {rate / 2**20:.1f} MB/s | ETA {eta}")
+                    cli.log(
+                        f"prepare {seen / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | "
+                        f"{sum(counts):,} tokens | {rate / 2**20:.1f} MB/s | ETA {eta}"
+                    )
         if 0 in counts:
             raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
     except BaseException:
@@ -104,12 +115,21 @@ def main(argv=None):
     parser = cli.ArgumentParser(description="Tokenize a corpus for train.py --data, once.")
     parser.add_argument("--input", required=True, help="a .txt, a folder, .jsonl or Q&A .json")
     parser.add_argument("--out", required=True, help="the output folder, e.g. data/NAME")
-    cli.add_config_flags(parser, TrainConfig, names=("tokenizer", "clean", "data_ext"),
-                         title="as in train.py")
-    parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE,
-                        help="BPE's vocabulary (default: %(default)s)")
-    parser.add_argument("--tokenizer_sample_mb", type=int, default=20,
-                        help="MB of text BPE learns from (default: %(default)s)")
+    cli.add_config_flags(
+        parser, TrainConfig, names=("tokenizer", "clean", "data_ext"), title="as in train.py"
+    )
+    parser.add_argument(
+        "--vocab_size",
+        type=int,
+        default=BPE_VOCAB_SIZE,
+        help="BPE's vocabulary (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tokenizer_sample_mb",
+        type=int,
+        default=20,
+        help="MB of text BPE learns from (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.tokenizer_sample_mb < 1:
         raise TinyLLMError(f"--tokenizer_sample_mb must be >= 1, got {args.tokenizer_sample_mb}")

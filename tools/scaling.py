@@ -28,19 +28,37 @@ DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
 
 def run(shape, steps, out_dir, data, evals=1, **given):
     """A tiny-preset run of shape for steps: its parameters, FLOPs, losses and ms/step."""
-    given = dict(zip(("n_layer", "n_embd", "n_head"), shape), max_steps=steps, data=data,
-                 warmup_steps=max(1, min(100, steps // 10)), eval_iters=30,
-                 eval_interval=max(1, steps // evals), log_interval=min(steps, 5), sample_tokens=0,
-                 plots=False, out_dir=out_dir) | given
+    given = (
+        dict(
+            zip(("n_layer", "n_embd", "n_head"), shape),
+            max_steps=steps,
+            data=data,
+            warmup_steps=max(1, min(100, steps // 10)),
+            eval_iters=30,
+            eval_interval=max(1, steps // evals),
+            log_interval=min(steps, 5),
+            sample_tokens=0,
+            plots=False,
+            out_dir=out_dir,
+        )
+        | given
+    )
     model_cfg, cfg = build_configs(given, "tiny")
     summary = train.train(model_cfg, cfg, preset="tiny", given=given)
     model, history = summary["model"], summary["history"]
     last = [h for h in history if h["kind"] == "eval"][-1]
     ms = [h["ms_per_step"] for h in history if h["kind"] == "train"][-1]
     flops = 6 * model.num_params() * cfg.batch_size * model.config.block_size  # a step's, both ways
-    return {"params": model.num_params(), "flops": flops * steps, "steps": steps,
-            "val": last["val_loss"], "train": last["train_loss"], "ms": ms,
-            "flops_per_step": flops, "dtype": summary["dtype"]}
+    return {
+        "params": model.num_params(),
+        "flops": flops * steps,
+        "steps": steps,
+        "val": last["val_loss"],
+        "train": last["train_loss"],
+        "ms": ms,
+        "flops_per_step": flops,
+        "dtype": summary["dtype"],
+    }
 
 
 def fit_power_law(C, L):
@@ -68,10 +86,10 @@ def isoflop_minimum(rows):
     the three runs around the lowest, if it lies among them; else the lowest run."""
     rows = sorted(rows, key=lambda r: r["params"])
     i = min(range(len(rows)), key=lambda j: rows[j]["val"])
-    around = rows[max(0, min(i - 1, len(rows) - 3)):][:3]
+    around = rows[max(0, min(i - 1, len(rows) - 3)) :][:3]
     x = torch.tensor([math.log(r["params"]) for r in around], dtype=torch.float64)
     y = torch.tensor([r["val"] for r in around], dtype=torch.float64)
-    X = torch.stack([x ** 2, x, torch.ones_like(x)], 1)
+    X = torch.stack([x**2, x, torch.ones_like(x)], 1)
     a, b, c = torch.linalg.lstsq(X, y[:, None]).solution[:, 0].tolist()
     if len(around) == 3 and a > 0 and x[0] <= -b / (2 * a) <= x[-1]:
         return math.exp(-b / (2 * a)), c - b * b / (4 * a)
@@ -100,7 +118,7 @@ def study(args):
             per_flop = sum(s / f for s, f in zip(seconds, flops))  # a budget's runs
             per_flop += len(DATA_FRACTIONS) / 2 * seconds[mid] / flops[mid]  # the less-text runs
             top = minutes * 60 / per_flop / (2 - 2 ** (1 - n_budgets))  # budgets 2x apart add up
-            budgets = [top / 2 ** k for k in range(n_budgets)][::-1]
+            budgets = [top / 2**k for k in range(n_budgets)][::-1]
             probe = {"seconds": seconds, "flops": flops, "budgets": budgets, "dtype": dtype}
         plan = []
         for budget in probe["budgets"]:
@@ -114,17 +132,31 @@ def study(args):
             key = f"{kind} {shape} {steps} {budget} {frac}"
             row = done.get(key)
             if row is None:
-                row = {"key": key, "kind": kind, "shape": list(shape), "budget": budget,
-                       "data_fraction": frac}
-                row |= run(shape, steps, f"{tmp}/run{i}", args.data,
-                           4 if kind == "data" else 1, data_fraction=frac, dtype=probe["dtype"])
+                row = {
+                    "key": key,
+                    "kind": kind,
+                    "shape": list(shape),
+                    "budget": budget,
+                    "data_fraction": frac,
+                }
+                row |= run(
+                    shape,
+                    steps,
+                    f"{tmp}/run{i}",
+                    args.data,
+                    4 if kind == "data" else 1,
+                    data_fraction=frac,
+                    dtype=probe["dtype"],
+                )
             rows.append(row)
             spent = time.perf_counter() - t0
-            eta = sum(expected[i + 1:]) * spent / max(1e-9, sum(expected[:i + 1]))
-            cli.log(f"run {i + 1}/{len(plan)} {kind} {shape[0]} x {shape[1]} "
-                    f"({row['params']:,} params) | {steps} steps | data {frac:.3g} "
-                    f"| val {row['val']:.4f} | elapsed {cli.format_seconds(spent)}, "
-                    f"ETA {cli.format_seconds(eta)}")
+            eta = sum(expected[i + 1 :]) * spent / max(1e-9, sum(expected[: i + 1]))
+            cli.log(
+                f"run {i + 1}/{len(plan)} {kind} {shape[0]} x {shape[1]} "
+                f"({row['params']:,} params) | {steps} steps | data {frac:.3g} "
+                f"| val {row['val']:.4f} | elapsed {cli.format_seconds(spent)}, "
+                f"ETA {cli.format_seconds(eta)}"
+            )
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump({"probe": probe, "runs": rows}, f, indent=1)
     five_minutes = 0.9 * 300 / probe["seconds"][mid] * probe["flops"][mid]  # 90% of them training
@@ -140,38 +172,52 @@ def summarize(rows, budgets, five_minutes, path):
     for b in budgets:
         at = [r for r in iso if r["budget"] == b]  # by size, as SHAPES are
         frontier.append((statistics.mean(r["flops"] for r in at), *isoflop_minimum(at)))
-        by_size.plot([r["params"] for r in at], [r["val"] for r in at], "o-",
-                     label=f"{b:.1e} FLOPs")
+        by_size.plot(
+            [r["params"] for r in at], [r["val"] for r in at], "o-", label=f"{b:.1e} FLOPs"
+        )
     C, sizes, L = zip(*frontier)
     fit = fit_power_law(C, L) if len(set(C)) > 1 else None
     if fit is None:  # the budgets too close, or the loss not falling with compute: nothing to fit
-        cli.log("no power law fits these runs: the loss does not fall with compute "
-                "(give more --minutes)")
+        cli.log(
+            "no power law fits these runs: the loss does not fall with compute "
+            "(give more --minutes)"
+        )
         l_inf, a, alpha = min(L), 0.0, 0.0
     else:
         l_inf, a, alpha, err = fit
         log_c, log_n = [math.log(c) for c in C], [math.log(n) for n in sizes]
         slope, icpt = statistics.linear_regression(log_c, log_n)
         best_size = math.exp(slope * math.log(five_minutes) + icpt)
-        cli.log(f"fit: L(C) = {l_inf:.3f} + {a:.3g} C^-{alpha:.3f} (rms {err:.4f}); "
-                f"compute-optimal params ~ C^{slope:.2f}; five minutes here: "
-                f"{five_minutes:.2e} FLOPs, about {best_size:,.0f} parameters")
+        cli.log(
+            f"fit: L(C) = {l_inf:.3f} + {a:.3g} C^-{alpha:.3f} (rms {err:.4f}); "
+            f"compute-optimal params ~ C^{slope:.2f}; five minutes here: "
+            f"{five_minutes:.2e} FLOPs, about {best_size:,.0f} parameters"
+        )
     less = [f"{r['data_fraction']:.3g}: val {r['val']:.4f} train {r['train']:.4f}" for r in data]
     cli.log("less text, one size: " + ", ".join(less))
     by_size.plot(sizes, L, "k*", ms=10, label="compute-optimal")
     by_size.set(xscale="log", xlabel="parameters", ylabel="val loss", title="IsoFLOP: loss by size")
     by_compute.plot([r["flops"] for r in iso], [r["val"] for r in iso], "o", label="runs")
     c = torch.logspace(math.log10(min(C) / 2), math.log10(five_minutes * 2), 100).tolist()
-    by_compute.plot(c, [l_inf + a * x ** -alpha for x in c], "k-",
-                    label=f"L = {l_inf:.2f} + {a:.3g} C^-{alpha:.3f}")
+    by_compute.plot(
+        c,
+        [l_inf + a * x**-alpha for x in c],
+        "k-",
+        label=f"L = {l_inf:.2f} + {a:.3g} C^-{alpha:.3f}",
+    )
     by_compute.axvline(five_minutes, color="grey", linestyle="--", label="five minutes here")
-    by_compute.set(xscale="log", xlabel="training FLOPs", ylabel="val loss",
-                   title="loss against compute")
+    by_compute.set(
+        xscale="log", xlabel="training FLOPs", ylabel="val loss", title="loss against compute"
+    )
     fracs = [r["data_fraction"] for r in data]
     by_data.plot(fracs, [r["val"] for r in data], "o-", label="val at the end")
     by_data.plot(fracs, [r["train"] for r in data], ".:", label="train at the end")
-    by_data.set(xscale="log", xlabel="share of the training text", ylabel="loss",
-                title="one size, less text")
+    by_data.set(
+        xscale="log",
+        xlabel="share of the training text",
+        ylabel="loss",
+        title="one size, less text",
+    )
     by_data.set_xticks(fracs, [f"1/{round(1 / f)}" if f < 1 else "all" for f in fracs])
     by_data.minorticks_off()
     for ax in axes[0]:
@@ -189,17 +235,25 @@ def sized(args):
         for seconds in [20, 40] if args.quick else [75, 150, 300]:
             scores = []
             for shape in SHAPES[2:]:
-                given = dict(zip(("n_layer", "n_embd", "n_head"), shape), plots=False,
-                             time_budget=f"{seconds}s", data=args.data, sample_tokens=0,
-                             out_dir=f"{tmp}/{seconds}-{shape[1]}")
+                given = dict(
+                    zip(("n_layer", "n_embd", "n_head"), shape),
+                    plots=False,
+                    time_budget=f"{seconds}s",
+                    data=args.data,
+                    sample_tokens=0,
+                    out_dir=f"{tmp}/{seconds}-{shape[1]}",
+                )
                 if args.quick:  # a short warmup: the big shape may take seconds a step
                     given["warmup_steps"] = 20
                 summary = train.train(*build_configs(given, "tiny"), preset="tiny", given=given)
                 val = torch.as_tensor(summary["corpus"].val)
                 scores.append(token_losses(summary["model"], val, 32).mean().item())
             best = SHAPES[2:][scores.index(min(scores))]
-            cli.log(f"{seconds}s: val " + ", ".join(f"{s:.4f}" for s in scores) +
-                    f" | best {best[0]} x {best[1]}")
+            cli.log(
+                f"{seconds}s: val "
+                + ", ".join(f"{s:.4f}" for s in scores)
+                + f" | best {best[0]} x {best[1]}"
+            )
     flags = " ".join(f"--{k} {v}" for k, v in zip(("n_layer", "n_embd", "n_head"), best))
     cli.log(f"the best shape here in {seconds}s: python train.py --preset tiny {flags}")
 
@@ -216,8 +270,9 @@ def main(argv=None):
     parser.add_argument("--out_png", default="scaling.png", help="the picture (%(default)s)")
     args = parser.parse_args(argv)
     if not 0 < args.minutes < math.inf or args.budgets < 2:  # the fit needs two points
-        raise TinyLLMError(f"--minutes must be above 0 and --budgets 2 or more, "
-                           f"got {args.minutes}, {args.budgets}")
+        raise TinyLLMError(
+            f"--minutes must be above 0 and --budgets 2 or more, got {args.minutes}, {args.budgets}"
+        )
     if not args.out_png.lower().endswith(".png"):
         raise TinyLLMError(f"--out_png must name a .png file, got {args.out_png}")
     cli.check_writable(args.out, "--out", make_folder=True)
