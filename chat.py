@@ -82,8 +82,7 @@ def main(argv=None):
             conversation, context = [tokenizer.eot_id], Context(model)
             continue
         if message:
-            turn = sources.turn("user", message) + ASSISTANT
-            conversation += sources.encode_prompt(tokenizer, turn)
+            conversation += sources.encode_prompt(tokenizer, sources.question(message))
             print("model> ", end="", flush=True)
             reply, stopped = answer(
                 model, tokenizer, conversation, context, sampler, generator, cfg.max_new_tokens

@@ -29,6 +29,7 @@ BPE_VOCAB_SIZE = 2048  # what --tokenizer bpe learns unless --vocab_size says ot
 EOT = "<|endoftext|>"  # between documents and after each answer; every tokenizer has it
 # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
+SPECIAL_TOKENS = (EOT, USER, ASSISTANT)  # each one token, after a vocabulary's ordinary ones
 TRAIN_FRACTION = 0.9  # the first 90% of a text trains, the rest validates
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"

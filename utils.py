@@ -1,71 +1,30 @@
-"""The data path, in the order it runs: text -> token ids (the tokenizer) -> a train/val split ->
-random (x, y) batches, y being x shifted by one token.
-
-A model only ever sees integers. CharTokenizer is one token per character; bpe.py's tokenizers have
-the same methods. Where the text comes from is machinery/sources.py's business."""
+"""The data path, in the order it runs: text -> token ids (tokenizer.py) -> a train/val split ->
+random (x, y) batches, y being x shifted by one token; and a loss in bits per character. Where
+the text comes from is machinery/sources.py's business."""
 
 import math
-import re
 
 import numpy as np
 import torch
 
-from config import EOT, TRAIN_FRACTION
-
-
-class CharTokenizer:
-    """One token per character: the sorted characters of the text, then "<|endoftext|>" as one more
-    id, so that a model can learn where a document ends."""
-
-    def __init__(self, chars, special_tokens=(EOT,)):
-        self.chars = list(chars)  # id -> character
-        self.stoi = {ch: i for i, ch in enumerate(self.chars)}  # character -> id
-        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(special_tokens)}
-        self.vocab_size = len(self.chars) + len(self.special_tokens)
-        self.eot_id = self.special_tokens.get(EOT)
-
-    @classmethod
-    def from_text(cls, text, special_tokens=(EOT,)):
-        return cls(sorted(set("".join(split_special(text, special_tokens)[::2]))), special_tokens)
-
-    def encode(self, text):
-        ids = []
-        for part in split_special(text, self.special_tokens):  # text and special tokens, in turn
-            if part in self.special_tokens:
-                ids.append(self.special_tokens[part])
-            else:
-                ids += [self.stoi[ch] for ch in part]
-        return ids
-
-    def decode(self, ids):
-        names = {i: s for s, i in self.special_tokens.items()}
-        return "".join(self.chars[i] if i < len(self.chars) else names[i] for i in ids)
-
-    def unknown_chars(self, text):
-        return sorted(set("".join(split_special(text, self.special_tokens)[::2])) - set(self.stoi))
-
-    def to_dict(self):
-        return {"kind": "char", "chars": self.chars, "special_tokens": list(self.special_tokens)}
-
-
-def split_special(text, special_tokens):
-    """[text, special, text, ...]: re.split keeps what its pattern's group matched."""
-    if not special_tokens:
-        return [text]
-    return re.split("(" + "|".join(map(re.escape, special_tokens)) + ")", text)
+from config import SPECIAL_TOKENS, TRAIN_FRACTION
+from tokenizer import split_special
 
 
 def split_train_val(text):
-    """The first 90% trains, the rest validates, unshuffled: the model learns text in order.
-    The cut never falls inside a special token like <|endoftext|>."""
-    n = whole_eot(text, int(len(text) * TRAIN_FRACTION))
+    """The first 90% trains, the rest validates, unshuffled: the model learns text in order."""
+    n = whole_special(text, int(len(text) * TRAIN_FRACTION))
     return text[:n], text[n:]
 
 
-def whole_eot(text, n):
-    """n, or the start of the special token (<|endoftext|>, <|user|>, ...) that n falls inside."""
-    start = text.rfind("<|", max(0, n - 20), n + 1)
-    return start if start != -1 and text.find("|>", start) + 2 > n else n
+def whole_special(text, n):
+    """n, or the start of the special token (<|endoftext|>, a role) that n falls inside: a cut
+    never splits one."""
+    for s in SPECIAL_TOKENS:
+        start = text.find(s, max(0, n - len(s) + 1), n + len(s) - 1)  # one that holds n
+        if 0 <= start < n:
+            return start
+    return n
 
 
 def get_batch(data, batch_size, block_size, device, targets=None):

@@ -8,9 +8,9 @@ from collections import namedtuple
 
 import torch
 
-from bpe import ByteLevelTokenizer
 from config import SamplerConfig
 from sampling import Context, next_token_probs
+from tokenizer import ByteLevelTokenizer
 
 # probability bands, most likely first: (lowest p, ANSI colour, the legend's words)
 BANDS = (

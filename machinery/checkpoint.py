@@ -17,8 +17,8 @@ from lora import adapter, add_adapters
 from machinery import device as devices
 from machinery import sources
 from machinery.cli import check_writable, first_line, log
-from machinery.sources import tokenizer_from_dict
 from model import GPT, lm_loss
+from tokenizer import from_dict
 from utils import bits_per_char
 
 
@@ -125,7 +125,7 @@ def model_of(checkpoint, path="checkpoint"):
 
 
 def tokenizer_of(checkpoint, vocab_size, path):
-    tokenizer = tokenizer_from_dict(checkpoint["tokenizer"])
+    tokenizer = from_dict(checkpoint["tokenizer"])
     if tokenizer.vocab_size > vocab_size:
         raise TinyLLMError(
             f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}"

@@ -1,5 +1,6 @@
-"""Training text and its tokens, the chat template, tokenizers, prompts. Files are read as
-"utf-8-sig" (no byte-order mark) with CRLF as LF: the same tokens everywhere."""
+"""Training text and its tokens: files, folders, conversations in the chat template, tools.prepare
+folders; and prompts. Files are read as "utf-8-sig" (no byte-order mark) with CRLF as LF: the same
+tokens everywhere."""
 
 import hashlib
 import json
@@ -8,13 +9,12 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-import regex
 import torch
 
-from bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, train_bpe
-from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, USER, TinyLLMError, TrainConfig
+from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
 from machinery.cli import warn
-from utils import CharTokenizer, chars_per_token, split_special, split_train_val
+from tokenizer import from_dict, grown, learn, split_special
+from utils import chars_per_token, split_train_val
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
@@ -114,6 +114,11 @@ def turn(role, content):  # an answer ends with EOT: the model learns to end its
     return f"{USER}{content.strip()}\n" if role == "user" else f"{ASSISTANT}{content.strip()}{EOT}"
 
 
+def question(text):
+    """A question in the chat template, up to where its answer begins."""
+    return turn("user", text) + ASSISTANT
+
+
 def clean_text(text):
     """Line ends unified, trailing spaces trimmed, runs of spaces and of blank lines squeezed."""
     text = re.sub(r"[ \t]+\n", "\n", text.replace("\r\n", "\n").replace("\r", "\n"))
@@ -132,27 +137,22 @@ class Corpus:
     old_ids: list = None  # with added: the id each token had before (None: new)
 
 
-def make_tokenizer(kind, text, vocab_size=0, verbose=False):
-    special = [EOT] + [s for s in (USER, ASSISTANT) if s in text]
-    return tokenizer_from_dict({"kind": kind, "special_tokens": special}, text, vocab_size, verbose)
-
-
 def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     """cfg.data split 90/10 and tokenized by the tokenizer given (grown if extend) or a new one."""
-    if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # made by tools.prepare
-        meta, train_ids, val_ids = load_prepared(cfg.data)
-        if tokenizer is not None and tokenizer.to_dict() != meta["tokenizer"]:
+    if is_prepared(cfg.data):
+        corpus = load_prepared(cfg.data)
+        if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
             raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the model's")
-        tokenizer = tokenizer_from_dict(meta["tokenizer"])
-        return Corpus(tokenizer, train_ids, val_ids, meta["val_chars"] / len(val_ids))
+        return corpus
     text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if not text.replace(EOT, "").strip():
         raise TinyLLMError(f"data file {cfg.data} is empty")
     train_text, val_text = split_train_val(text)
     added, old_ids = [], None
     if tokenizer is None:  # char learns every character, BPE only from the training part
-        learned = text if cfg.tokenizer == "char" else train_text
-        tokenizer = make_tokenizer(cfg.tokenizer, learned, vocab_size)
+        tokenizer = learn(
+            cfg.tokenizer, text if cfg.tokenizer == "char" else train_text, vocab_size
+        )
     else:
         special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
         chars = tokenizer.unknown_chars("".join(split_special(text, special)[::2]))
@@ -167,16 +167,6 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     return Corpus(tokenizer, *ids, per_token, *targets, added, old_ids)
 
 
-def grown(tokenizer, chars, special):
-    """The tokenizer grown by characters (a char one) and special tokens; each token's old id."""
-    d = tokenizer.to_dict() | {"special_tokens": list(tokenizer.special_tokens) + special}
-    if chars:  # only a char tokenizer lacks characters
-        d["chars"] = tokenizer.chars + chars
-    ordinary = tokenizer.vocab_size - len(tokenizer.special_tokens)
-    old_ids = [*range(ordinary), *[None] * len(chars), *tokenizer.special_tokens.values()]
-    return tokenizer_from_dict(d), old_ids + [None] * len(special)
-
-
 def answer_targets(ids, tokenizer):
     """True at each answer's tokens and the <|endoftext|> ending it: what a chat model learns."""
     start = tokenizer.special_tokens.get(ASSISTANT)
@@ -189,53 +179,39 @@ def answer_targets(ids, tokenizer):
     return torch.tensor(targets)
 
 
-def load_prepared(path):
+def is_prepared(path):
+    """Whether path is a folder tools.prepare wrote: its tokenizer and splits are fixed."""
+    return os.path.isfile(os.path.join(path, "meta.json"))
+
+
+def prepared_meta(path):
+    """A tools.prepare folder's meta.json: its tokenizer, dtype, sizes and settings."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-        dtype = np.dtype(meta["dtype"])
-        if dtype not in (np.uint16, np.uint32) or not isinstance(meta["tokenizer"], dict):
-            raise ValueError("unexpected dtype or tokenizer")
+        if np.dtype(meta["dtype"]) not in (np.uint16, np.uint32):
+            raise ValueError(f"unexpected dtype {meta['dtype']}")
+        if not isinstance(meta["tokenizer"], dict):
+            raise ValueError("no tokenizer")
         meta["val_chars"] = int(meta["val_chars"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise TinyLLMError(
             f"{meta_path} is corrupt ({type(e).__name__}: {e}); run tools.prepare again"
         ) from None
+    return meta
+
+
+def load_prepared(path):
+    """A tools.prepare folder's Corpus: the splits are read from disk only where batches fall."""
+    meta = prepared_meta(path)
     splits = []
     for name in ("train", "val"):
         file = os.path.join(path, f"{name}.bin")
-        if not os.path.isfile(file) or os.path.getsize(file) < dtype.itemsize:
+        if not os.path.isfile(file) or os.path.getsize(file) < np.dtype(meta["dtype"]).itemsize:
             raise TinyLLMError(f"{file} is missing or empty; run tools.prepare again")
-        splits.append(np.memmap(file, dtype=dtype, mode="r"))
-    return meta, *splits
-
-
-def tokenizer_from_dict(d, text=None, vocab_size=0, verbose=False):
-    """Every tokenizer kind is made here: the one a to_dict() describes, or, given text, learned."""
-    kind = d.get("kind")
-    try:
-        special = d.get("special_tokens", [EOT] if kind == "gpt2" else [])
-        if isinstance(special, dict):  # bpe's: name -> id
-            special = sorted(special, key=special.get)
-        if not all(isinstance(s, str) for s in special):
-            raise ValueError("special_tokens must be strings")
-        if kind == "char" and text is not None:
-            return CharTokenizer.from_text(text, special)
-        if kind == "char":
-            if list("".join(d["chars"])) != d["chars"] or len(set(d["chars"])) != len(d["chars"]):
-                raise ValueError("chars must be distinct single characters")
-            return CharTokenizer(d["chars"], special)
-        if kind == "bpe" and text is not None:
-            tokens = train_bpe(text, vocab_size or BPE_VOCAB_SIZE, special, verbose)
-            return BPETokenizer(tokens, GPT2_PATTERN, special)
-        if kind == "bpe":
-            return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
-        if kind == "gpt2":
-            return GPT2Tokenizer(special)
-    except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
-        raise TinyLLMError(f"the {kind} tokenizer is malformed ({type(e).__name__}: {e})") from None
-    raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
+        splits.append(np.memmap(file, dtype=meta["dtype"], mode="r"))
+    return Corpus(from_dict(meta["tokenizer"]), *splits, meta["val_chars"] / len(splits[1]))
 
 
 def validation_split(checkpoint, tokenizer, data=None):
@@ -261,7 +237,7 @@ def encode_prompt(tokenizer, prompt, qa=False, say=warn):
     if qa:  # the chat template's first turn, up to where the answer begins
         if ASSISTANT not in tokenizer.special_tokens:
             raise TinyLLMError("--qa needs a model fine-tuned on conversations")
-        prompt = EOT + turn("user", prompt) + ASSISTANT
+        prompt = EOT + question(prompt)
     missing = "".join(tokenizer.unknown_chars(prompt))
     if missing:
         pieces = split_special(prompt, tokenizer.special_tokens)  # special tokens kept whole

@@ -133,8 +133,8 @@ def settings(model_cfg, cfg, options, preset, given, world, say):
     if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
         source, last = fine_tune_source(options.init_from, given), options.init_from
         cfg = replace(cfg, tokenizer=source["tokenizer"].get("kind", "char"))
-    if os.path.isfile(os.path.join(cfg.data, "meta.json")):  # tools.prepare fixed its tokenizer
-        meta = sources.load_prepared(cfg.data)[0]
+    if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
+        meta = sources.prepared_meta(cfg.data)
         made = {
             "vocab_size": meta["vocab_size"],
             "clean": meta["clean"],

@@ -14,10 +14,9 @@ import regex
 import torch
 from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head
 
-import bpe
 import generate
+import tokenizer as tokenizers
 import train
-from bpe import GPT2_PATTERN, BPETokenizer, GPT2Tokenizer, train_bpe
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
 from machinery.checkpoint import load
 from machinery.sources import (
@@ -26,10 +25,11 @@ from machinery.sources import (
     iter_documents,
     load_corpus,
     load_prepared,
-    tokenizer_from_dict,
+    prepared_meta,
 )
+from tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, from_dict, train_bpe
 from tools import prepare
-from utils import CharTokenizer, get_batch, split_train_val
+from utils import get_batch, split_train_val
 
 CPU = torch.device("cpu")
 UNICODE = "Café naïve — Müller 😀🎉 👩‍👩‍👧 中文测试，日本語 한국어\n  tabs\tand   spaces  \n"
@@ -334,7 +334,7 @@ def test_to_dict_and_tokenizer_from_dict_round_trip(bpe_tok, tmp_path):
     text = UNICODE + EOT + "hello"
     for tok, sample in ((bpe_tok, text), (char, "hole" + EOT + "hell")):
         torch.save(tok.to_dict(), tmp_path / "tok.pt")
-        loaded = tokenizer_from_dict(torch.load(tmp_path / "tok.pt", weights_only=True))
+        loaded = from_dict(torch.load(tmp_path / "tok.pt", weights_only=True))
         assert type(loaded) is type(tok) and loaded.to_dict() == tok.to_dict()
         assert loaded.eot_id == tok.eot_id and loaded.encode(sample) == tok.encode(sample)
         assert loaded.decode(tok.encode(sample)) == sample
@@ -350,16 +350,16 @@ def test_a_bpe_vocabulary_too_small_is_one_error(tmp_path, capsys):
 
 
 def test_the_gpt2_tokenizer_offline_is_one_clear_error(monkeypatch, tmp_path, capsys):
-    real = bpe.tiktoken.get_encoding
+    real = tokenizers.tiktoken.get_encoding
 
     def offline(name):
         if name == "gpt2":
             raise ConnectionError("no network")
         return real(name)
 
-    monkeypatch.setattr(bpe.tiktoken, "get_encoding", offline)
+    monkeypatch.setattr(tokenizers.tiktoken, "get_encoding", offline)
     with pytest.raises(TinyLLMError, match="GPT-2"):
-        tokenizer_from_dict({"kind": "gpt2"})  # a gpt2 checkpoint's tokenizer
+        from_dict({"kind": "gpt2"})  # a gpt2 checkpoint's tokenizer
     (tmp_path / "a.txt").write_text(corpus_head(1000))
     code, _, err = train_cli(capsys, tmp_path / "a.txt", tmp_path / "run", "--tokenizer", "gpt2")
     assert_one_line_error(code, err, "GPT-2", "--tokenizer")
@@ -381,7 +381,7 @@ def test_the_gpt2_tokenizer():
     ids = tok.encode("Hello world" + EOT)
     assert tok.vocab_size == 50257 and ids[-1] == tok.eot_id == 50256
     assert tok.decode(ids) == "Hello world" + EOT
-    assert tokenizer_from_dict(tok.to_dict()).encode(UNICODE) == tok.encode(UNICODE)
+    assert from_dict(tok.to_dict()).encode(UNICODE) == tok.encode(UNICODE)
 
 
 # ----------------------------------------------------------------------------------- tools.prepare
@@ -423,11 +423,11 @@ def test_prepare_stores_ids_as_uint16_or_past_65536_tokens_as_uint32(tmp_path, c
         path.write_text("\n".join(records))
         text = "".join(iter_documents(str(path)))
     assert prepare_cli(capsys, path, tmp_path / "out")[0] == 0
-    meta, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
+    prepared = load_prepared(str(tmp_path / "out"))
+    train_ids, val_ids, tok = prepared.train, prepared.val, prepared.tokenizer
     assert train_ids.dtype == val_ids.dtype == (np.uint32 if wide else np.uint16)
-    assert (meta["vocab_size"] > 2**16) == wide
+    assert (prepared_meta(str(tmp_path / "out"))["vocab_size"] > 2**16) == wide
     assert int(max(train_ids.max(), val_ids.max())) >= 2**16 * wide
-    tok = tokenizer_from_dict(meta["tokenizer"])
     assert stream(tok, train_ids, val_ids) == text  # no id cut to 16 bits
 
 
@@ -446,8 +446,8 @@ def test_prepare_learns_bpe_from_the_training_split_alone_and_never_cuts_an_end_
     for source in ("one.txt", "docs"):
         flags = ("--tokenizer", "bpe", "--vocab_size", "300")
         assert prepare_cli(capsys, tmp_path / source, tmp_path / "out", *flags)[0] == 0
-        meta, train_ids, val_ids = load_prepared(str(tmp_path / "out"))
-        tok = tokenizer_from_dict(meta["tokenizer"])
+        prepared = load_prepared(str(tmp_path / "out"))
+        train_ids, val_ids, tok = prepared.train, prepared.val, prepared.tokenizer
         learned = [bytes(t) for t in tok.tokens[256:]]
         assert b" cat" in learned and not any(set(t) & set(b"zqxjv") for t in learned), source
     assert list(train_ids).count(tok.eot_id) == 9 and val_ids[0] == tok.eot_id

@@ -24,13 +24,14 @@ from conftest import (
     tiny_run,
 )
 
-import bpe
 import model as model_module
 import sampling
+import tokenizer as tokenizers
 import train
 from machinery import checkpoint, hf_gpt2, training
+from tokenizer import GPT2_PATTERN, CharTokenizer
 from tools import ablation, compare, decoding, pictures, precision, scaling
-from utils import CharTokenizer, split_train_val
+from utils import split_train_val
 
 
 def opens(*paths):
@@ -571,7 +572,7 @@ def test_train_init_from_the_folder_fine_tunes_it(
     real = tiktoken.get_encoding
     offline = tiktoken.Encoding(
         name="gpt2-offline",
-        pat_str=bpe.GPT2_PATTERN,
+        pat_str=GPT2_PATTERN,
         mergeable_ranks={bytes([b]): b for b in range(256)},
         special_tokens={"<|endoftext|>": 50256},
     )
@@ -579,7 +580,7 @@ def test_train_init_from_the_folder_fine_tunes_it(
     def get_encoding(name):
         return offline if name == "gpt2" else real(name)
 
-    monkeypatch.setattr(bpe.tiktoken, "get_encoding", get_encoding)
+    monkeypatch.setattr(tokenizers.tiktoken, "get_encoding", get_encoding)
     code, out, err = cli(
         capsys,
         train.main,

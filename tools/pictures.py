@@ -22,8 +22,9 @@ from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.checkpoint import token_losses
 from machinery.plots import new_plot, save_plot
 from sampling import next_token_probs
+from tokenizer import CharTokenizer
 from tools.decoding import temperatures
-from utils import CharTokenizer, bits_per_char, chars_per_token
+from utils import bits_per_char, chars_per_token
 
 PICTURES = ("attention", "surprise", "temperature", "embeddings")
 

@@ -14,8 +14,9 @@ import numpy as np
 from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
 from machinery import cli
 from machinery.checkpoint import replace_file
-from machinery.sources import iter_documents, make_tokenizer
-from utils import text_length, whole_eot
+from machinery.sources import iter_documents
+from tokenizer import learn
+from utils import text_length, whole_special
 
 
 def pieces(cfg, total_bytes):
@@ -24,7 +25,7 @@ def pieces(cfg, total_bytes):
     for text in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
         data = text.encode("utf-8")
         train_bytes = max(0, int(total_bytes * TRAIN_FRACTION - seen))
-        cut = whole_eot(text, len(data[:train_bytes].decode("utf-8", "ignore")))
+        cut = whole_special(text, len(data[:train_bytes].decode("utf-8", "ignore")))
         seen += len(data)
         yield text[:cut], text[cut:]
 
@@ -33,7 +34,7 @@ def prepare(cfg, out, vocab_size, sample_mb):
     if not os.path.exists(cfg.data):
         raise TinyLLMError(f"input {cfg.data} not found")
     cli.check_writable(os.path.join(out, "meta.json"), "--out", make_folder=True)
-    make_tokenizer(cfg.tokenizer, "", vocab_size)  # early: a size BPE cannot have, no GPT-2 files
+    learn(cfg.tokenizer, "", vocab_size)  # early: a size BPE cannot have, no GPT-2 files
     cli.log(f"measuring {cfg.data} ...")  # as read: CRLF and LF files cut at the same text
     total_bytes = sum(len(t.encode()) for t in iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if total_bytes == 0:
@@ -42,7 +43,7 @@ def prepare(cfg, out, vocab_size, sample_mb):
     if cfg.tokenizer == "char":  # every character of the source, and the special tokens it holds
         chars = set()
         for doc in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
-            doc_tokenizer = make_tokenizer("char", doc)
+            doc_tokenizer = learn("char", doc)
             chars |= set(doc_tokenizer.chars) | set(doc_tokenizer.special_tokens)
         text = "".join(sorted(chars))
     else:  # the first sample_mb of the training part: the validation text stays unseen
@@ -53,7 +54,7 @@ def prepare(cfg, out, vocab_size, sample_mb):
             if size >= sample_mb * 2**20 or val_part:
                 break
         text = "".join(parts)
-    tokenizer = make_tokenizer(cfg.tokenizer, text, vocab_size, verbose=True)
+    tokenizer = learn(cfg.tokenizer, text, vocab_size, verbose=True)
     cli.log(f"tokenizer: {tokenizer.vocab_size:,} tokens ({time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_bytes)

@@ -1,0 +1,258 @@
+"""Text to token ids and back: a model only ever sees integers.
+
+Three tokenizers with the same methods: one token per character (CharTokenizer, read it first),
+byte-level BPE learned from your text (train_bpe, BPETokenizer) and OpenAI's GPT-2
+(GPT2Tokenizer). The byte-level two encode with tiktoken (fast, in Rust). Every tokenizer ends
+its vocabulary with special tokens, such as <|endoftext|> and a chat's roles: one id each.
+"""
+
+import heapq
+import re
+from collections import Counter
+
+import regex  # tiktoken's dependency: it knows \p{L} and possessive ++
+import tiktoken
+
+from config import BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, TinyLLMError
+
+
+class Tokenizer:
+    """What every tokenizer shares: n_ordinary tokens, then the special tokens."""
+
+    def __init__(self, n_ordinary, special_tokens):
+        self.special_tokens = {s: n_ordinary + i for i, s in enumerate(special_tokens)}
+        self.vocab_size = n_ordinary + len(self.special_tokens)
+        self.eot_id = self.special_tokens.get(EOT)
+
+    def unknown_chars(self, text):  # byte-level: every text encodes
+        return []
+
+
+def split_special(text, special_tokens):
+    """[text, special, text, ...]: re.split keeps what its pattern's group matched."""
+    if not special_tokens:
+        return [text]
+    return re.split("(" + "|".join(map(re.escape, special_tokens)) + ")", text)
+
+
+# ------------------------------------------------------------------------------------ characters
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character: the text's characters, sorted, then the special tokens."""
+
+    def __init__(self, chars, special_tokens=(EOT,)):
+        self.chars = list(chars)  # id -> character
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}  # character -> id
+        super().__init__(len(self.chars), special_tokens)
+
+    @classmethod
+    def from_text(cls, text, special_tokens=(EOT,)):
+        return cls(sorted(set("".join(split_special(text, special_tokens)[::2]))), special_tokens)
+
+    def encode(self, text):
+        ids = []
+        for part in split_special(text, self.special_tokens):  # text and special tokens, in turn
+            if part in self.special_tokens:
+                ids.append(self.special_tokens[part])
+            else:
+                ids += [self.stoi[ch] for ch in part]
+        return ids
+
+    def decode(self, ids):
+        names = {i: s for s, i in self.special_tokens.items()}
+        return "".join(self.chars[i] if i < len(self.chars) else names[i] for i in ids)
+
+    def unknown_chars(self, text):
+        return sorted(set("".join(split_special(text, self.special_tokens)[::2])) - set(self.stoi))
+
+    def to_dict(self):
+        return {"kind": "char", "chars": self.chars, "special_tokens": list(self.special_tokens)}
+
+
+# ---------------------------------------------------------------------------- byte-level BPE
+
+# GPT-2's pre-tokenisation: merges never cross the pieces it cuts text into
+GPT2_PATTERN = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"
+
+
+def replace_pair(ids, pair, new_id):
+    """Every non-overlapping pair in ids, left to right, replaced by new_id."""
+    out, i = [], 0
+    while i < len(ids):
+        hit = i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair
+        out.append(new_id if hit else ids[i])
+        i += 2 if hit else 1
+    return out
+
+
+def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
+    """The tokens' bytes by rank: the 256 bytes, then one merge a round of the most frequent pair
+    (a tie to the pair whose bytes sort first), vocab_size - len(special_tokens) tokens in all.
+    Textbook BPE made fast: distinct words counted once, pair counts in a heap, only the merged
+    words recounted."""
+    n_merges = vocab_size - 256 - len(special_tokens)
+    if n_merges < 0:
+        raise TinyLLMError(f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
+    # 1. distinct words with their counts: merges never cross a word (nor a special token)
+    chunks = split_special(text, special_tokens)[::2]
+    word_counts = Counter(word for chunk in chunks for word in regex.findall(GPT2_PATTERN, chunk))
+    words, freqs = [list(w.encode("utf-8")) for w in word_counts], list(word_counts.values())
+    # 2. every adjacent pair's count, and the words holding it
+    tokens = [bytes([b]) for b in range(256)]
+    token_id = {t: i for i, t in enumerate(tokens)}
+    counts, where = Counter(), {}
+    for w, (ids, n) in enumerate(zip(words, freqs)):
+        for pair in zip(ids, ids[1:]):
+            counts[pair] += n
+            where.setdefault(pair, set()).add(w)
+
+    # 3. a heap of (count, pair); a changed count pushes a new entry, and one that no longer
+    # matches `counts` is stale, skipped when popped
+    def entry(pair):
+        return (-counts[pair], tokens[pair[0]], tokens[pair[1]], pair)
+
+    heap = [entry(pair) for pair in counts]
+    heapq.heapify(heap)
+    while len(tokens) < vocab_size - len(special_tokens) and heap:
+        neg_count, _, _, pair = heapq.heappop(heap)
+        if counts.get(pair, 0) != -neg_count:
+            continue
+        merged = tokens[pair[0]] + tokens[pair[1]]
+        new_id = token_id.setdefault(merged, len(tokens))  # two pairs can spell the same bytes
+        if new_id == len(tokens):
+            tokens.append(merged)
+            if verbose and (new_id - 255) % 100 == 0:
+                print(f"bpe merge {new_id - 255}/{n_merges}: {merged!r} x{-neg_count}", flush=True)
+        # 4. rewrite only the words holding the pair, and adjust the counts
+        delta = Counter()
+        for w in where.pop(pair):
+            old, n = words[w], freqs[w]
+            words[w] = new = replace_pair(old, pair, new_id)
+            old_pairs, new_pairs = list(zip(old, old[1:])), list(zip(new, new[1:]))
+            for p in old_pairs:
+                delta[p] -= n
+            for p in new_pairs:
+                delta[p] += n
+            for p in set(old_pairs) - set(new_pairs) - {pair}:
+                where[p].discard(w)
+            for p in set(new_pairs) - set(old_pairs):
+                where.setdefault(p, set()).add(w)
+        for p, d in delta.items():
+            if d:
+                counts[p] += d
+                if counts[p] > 0:
+                    heapq.heappush(heap, entry(p))
+                else:  # gone from every word
+                    del counts[p]
+                    where.pop(p, None)
+    return tokens
+
+
+class ByteLevelTokenizer(Tokenizer):
+    """Any text encodes; ids can end mid-character. Subclasses set self.enc (tiktoken's)."""
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")  # "<|endoftext|>" -> eot_id
+
+    def decode(self, ids):
+        return self.enc.decode(ids, errors="replace")  # a split character shows as U+FFFD
+
+
+class BPETokenizer(ByteLevelTokenizer):
+    """Our trained BPE: ids 0..len(tokens)-1 are the tokens by rank, then the special tokens."""
+
+    def __init__(self, tokens, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
+        self.tokens, self.pattern = [bytes(t) for t in tokens], pattern
+        ranks = {t: i for i, t in enumerate(self.tokens)}
+        if len(ranks) != len(self.tokens):
+            raise TinyLLMError("the bpe tokenizer has duplicate tokens")
+        super().__init__(len(self.tokens), special_tokens)
+        self.enc = tiktoken.Encoding(
+            name=f"tinyllm-bpe-{self.vocab_size}",
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+        )
+
+    def to_dict(self):  # bytes as hex: a checkpoint holds plain data only
+        return {
+            "kind": "bpe",
+            "pattern": self.pattern,
+            "tokens": [t.hex() for t in self.tokens],
+            "special_tokens": dict(self.special_tokens),
+        }
+
+
+class GPT2Tokenizer(ByteLevelTokenizer):
+    """OpenAI's GPT-2 tokenizer: 50,257 tokens, <|endoftext|> its last; our special tokens after."""
+
+    def __init__(self, special_tokens=(EOT,)):
+        try:
+            gpt2 = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline, or a broken cache
+            raise TinyLLMError(
+                f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
+                "train.py can use --tokenizer bpe or char"
+            ) from None
+        special = [EOT] + [s for s in special_tokens if s != EOT]
+        super().__init__(gpt2.eot_token, special)  # GPT-2's own end of text is its last token
+        self.enc = gpt2
+        if len(special) > 1:  # tiktoken's own way to extend an encoding
+            self.enc = tiktoken.Encoding(
+                name="gpt2-chat",
+                pat_str=gpt2._pat_str,
+                mergeable_ranks=gpt2._mergeable_ranks,
+                special_tokens=self.special_tokens,
+            )
+
+    def to_dict(self):
+        return {"kind": "gpt2", "special_tokens": list(self.special_tokens)}
+
+
+# -------------------------------------------------------------------------- made, saved, grown
+
+
+def learn(kind, text, vocab_size=0, verbose=False):
+    """A new tokenizer of kind for text: its characters, or BPE learned from it, or GPT-2's; with
+    the special tokens the text holds (<|endoftext|> always)."""
+    special = [s for s in SPECIAL_TOKENS if s == EOT or s in text]
+    if kind == "char":
+        return CharTokenizer.from_text(text, special)
+    if kind == "bpe":
+        tokens = train_bpe(text, vocab_size or BPE_VOCAB_SIZE, special, verbose)
+        return BPETokenizer(tokens, GPT2_PATTERN, special)
+    return from_dict({"kind": kind, "special_tokens": special})
+
+
+def from_dict(d):
+    """The tokenizer a to_dict() describes: a checkpoint's, or a prepared folder's."""
+    kind = d.get("kind")
+    try:
+        special = d.get("special_tokens", [EOT] if kind == "gpt2" else [])
+        if isinstance(special, dict):  # bpe's: name -> id
+            special = sorted(special, key=special.get)
+        if not all(isinstance(s, str) for s in special):
+            raise ValueError("special_tokens must be strings")
+        if kind == "char":
+            if list("".join(d["chars"])) != d["chars"] or len(set(d["chars"])) != len(d["chars"]):
+                raise ValueError("chars must be distinct single characters")
+            return CharTokenizer(d["chars"], special)
+        if kind == "bpe":
+            return BPETokenizer([bytes.fromhex(h) for h in d["tokens"]], d["pattern"], special)
+        if kind == "gpt2":
+            return GPT2Tokenizer(special)
+    except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
+        raise TinyLLMError(f"the {kind} tokenizer is malformed ({type(e).__name__}: {e})") from None
+    raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
+
+
+def grown(tokenizer, chars, special):
+    """(the tokenizer grown by characters (a char one) and special tokens, each token's old id or
+    None): a fine-tune's text may hold what its model's tokenizer lacks."""
+    d = tokenizer.to_dict() | {"special_tokens": list(tokenizer.special_tokens) + special}
+    if chars:  # only a char tokenizer lacks characters
+        d["chars"] = tokenizer.chars + chars
+    ordinary = tokenizer.vocab_size - len(tokenizer.special_tokens)
+    old_ids = [*range(ordinary), *[None] * len(chars), *tokenizer.special_tokens.values()]
+    return from_dict(d), old_ids + [None] * len(special)
