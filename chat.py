@@ -6,15 +6,13 @@ Each answer sees the whole conversation. The KV cache carries over from turn to 
 computes only its new tokens. Past block_size, the context restarts from its newest half.
 """
 
-import machinery  # noqa: F401 (first, before torch loads: OpenMP's idle threads soon sleep)
-
-# isort: split
-import torch
-
-from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
 from machinery import checkpoint, cli, sources
 from machinery import device as devices
 from machinery.annotate import WholeCharacters
+
+import torch
+
+from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
 from sampling import Context, generate
 
 
@@ -59,7 +57,8 @@ def main(argv=None):
     cfg = make_config(GenerateConfig, {"max_new_tokens": 300} | flags)
     device = devices.choose_device(cfg.device)
     devices.set_threads(cfg.threads)
-    model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)
+    trained = checkpoint.load_model(flags["checkpoint"], device)
+    model, tokenizer = trained.model, trained.tokenizer
     if ASSISTANT not in tokenizer.special_tokens:
         raise TinyLLMError(
             "this model has not learned the chat template: fine-tune it first "

@@ -3,9 +3,10 @@
 python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """
 
-import machinery  # noqa: F401 (first, before torch loads: OpenMP's idle threads soon sleep)
+from machinery import checkpoint, cli, sources
+from machinery import device as devices
+from machinery.annotate import Annotator, WholeCharacters, model_odds
 
-# isort: split
 import dataclasses
 import os
 import sys
@@ -13,9 +14,6 @@ import sys
 import torch
 
 from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
-from machinery import checkpoint, cli, sources
-from machinery import device as devices
-from machinery.annotate import Annotator, WholeCharacters, model_odds
 from sampling import beam_search, generate, next_token_probs
 
 
@@ -81,20 +79,20 @@ def header(cfg, sampler, path, saved, prompt):
     if cfg.show_probs:
         settings += f" show_top={cfg.show_top}"
     source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
-    where = f"# checkpoint: {path} ({checkpoint.describe(saved)})"
+    where = f"# checkpoint: {path} ({checkpoint.where(saved)})"
     return f"{where}\n# {settings}\n# prompt{source}: {prompt!r}"
 
 
 def sample_checkpoint(path, loaded, cfg, sampler, prompt, device, several):
     """One checkpoint's samples, printed (streamed when alone): its block of the output file."""
-    model, tokenizer, saved = loaded
+    model, tokenizer, saved = loaded.model, loaded.tokenizer, loaded.checkpoint
     model.to(device)  # read on the CPU; only the model moves
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
     annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file) if cfg.show_probs else None
     if several:
-        cli.log(f"\n{'=' * 20} {path} ({checkpoint.describe(saved)}) {'=' * 20}")
-    hint = f"out of memory on {devices.describe(device)}: try fewer --num_samples"
+        cli.log(f"\n{'=' * 20} {path} ({checkpoint.where(saved)}) {'=' * 20}")
+    hint = f"out of memory on {devices.name(device)}: try fewer --num_samples"
     with devices.out_of_memory_as_error(hint):
         samples = sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator)
     if stream:  # printed as it was sampled
@@ -150,8 +148,8 @@ def main(argv=None):
         cli.check_writable(out, "--output_file")
     # all read, and the prompt encoded for each, before the first is sampled: a typo fails at once
     loaded = [checkpoint.load_model(path) for path in paths]
-    for _, tokenizer, _ in loaded[1:]:
-        sources.encode_prompt(tokenizer, prompt, cfg.qa, say=lambda _: None)
+    for trained in loaded[1:]:
+        sources.encode_prompt(trained.tokenizer, prompt, cfg.qa, say=lambda _: None)
     several, blocks = len(paths) > 1, []
     for path in paths:  # popped, so that one model at a time is on the device
         blocks.append(sample_checkpoint(path, loaded.pop(0), cfg, sampler, prompt, device, several))

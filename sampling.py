@@ -46,6 +46,11 @@ def generate(
     return idx.clone()  # outside inference mode: a tensor autograd may use
 
 
+def until_stop(ids, stop_token):
+    """A row of generate's tokens, cut at its first stop_token (the rows of a batch run on)."""
+    return ids[: ids.index(stop_token)] if stop_token in ids else ids
+
+
 # ----------------------------------------------------------------------------- the KV cache
 
 

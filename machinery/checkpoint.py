@@ -1,31 +1,32 @@
-"""Checkpoints, written atomically and read without running code; the run folder (--out_dir);
---eval_only, a checkpoint scored on its val split."""
+"""Checkpoints: the file format, written atomically and read without running code, and the run
+folder (--out_dir) that holds them."""
+
+from machinery.cli import check_writable, first_line
 
 import contextlib
 import dataclasses
-import math
 import os
 import pickle
 import time
 import warnings
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
 from lora import adapter, add_adapters
-from machinery import device as devices
-from machinery import sources
-from machinery.cli import check_writable, first_line, log
-from model import GPT, lm_loss
+from model import GPT
 from tokenizer import from_dict
-from utils import bits_per_char
 
 
 def save(path, checkpoint):
-    """Written to a temp file, then renamed over path: a crash leaves the old file."""
+    """Written to a temp file, then renamed over path: a crash leaves the old file. A LoRA
+    adapter names its base relative to itself, so the two can move together."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    if checkpoint.get("lora"):
+        base = relative(checkpoint["lora"]["base"], folder)
+        checkpoint = checkpoint | {"lora": checkpoint["lora"] | {"base": base}}
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -78,7 +79,19 @@ def load(path):
         isinstance(k, str) and torch.is_tensor(v) for k, v in checkpoint["model"].items()
     ):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint")
+    checkpoint["tokenizer"].setdefault("kind", "char")  # the first versions saved no kind
+    if checkpoint.get("lora"):  # its base, as a path from here
+        base = os.path.join(os.path.dirname(os.path.abspath(path)), checkpoint["lora"]["base"])
+        checkpoint["lora"]["base"] = os.path.normpath(base)
     return checkpoint
+
+
+def relative(path, folder):
+    """path from folder, or the absolute path on another drive (Windows)."""
+    try:
+        return os.path.relpath(path, folder)
+    except ValueError:
+        return os.path.abspath(path)
 
 
 def refused_as_unsafe(error):
@@ -124,8 +137,12 @@ def model_of(checkpoint, path="checkpoint"):
     return model
 
 
-def tokenizer_of(checkpoint, vocab_size, path):
-    tokenizer = from_dict(checkpoint["tokenizer"])
+def tokenizer_of(checkpoint, path):
+    """The tokenizer a checkpoint holds, checked to fit its model."""
+    tokenizer, vocab_size = (
+        from_dict(checkpoint["tokenizer"]),
+        checkpoint["model_config"]["vocab_size"],
+    )
     if tokenizer.vocab_size > vocab_size:
         raise TinyLLMError(
             f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}"
@@ -133,12 +150,20 @@ def tokenizer_of(checkpoint, vocab_size, path):
     return tokenizer
 
 
+@dataclass
+class Trained:
+    """A checkpoint's model in eval mode, its tokenizer, and the rest of it (not the optimizer)."""
+
+    model: GPT
+    tokenizer: object
+    checkpoint: dict
+
+
 def load_model(path, device="cpu"):
-    """(the model in eval mode on device, its tokenizer, the checkpoint without its optimizer)"""
     checkpoint = load(path)
     checkpoint.pop("optimizer", None)
     model = model_of(checkpoint, path).to(device).eval()
-    return model, tokenizer_of(checkpoint, model.config.vocab_size, path), checkpoint
+    return Trained(model, tokenizer_of(checkpoint, path), checkpoint)
 
 
 def contents(model, tokenizer, lora=None, **extra):
@@ -165,7 +190,7 @@ def with_embedding(model, rows):
     return model
 
 
-def describe(checkpoint):
+def where(checkpoint):
     """'step 900, best val 1.5123': where a checkpoint's run stood."""
     val = checkpoint.get("best_val_loss")
     best = f", best val {val:.4f}" if isinstance(val, float) else ""
@@ -187,7 +212,7 @@ def claim_out_dir(out_dir, overwrite, keep):
     if existing and not overwrite:
         last = os.path.join(out_dir, "last.pt" if "last.pt" in existing else existing[-1])
         with contextlib.suppress(TinyLLMError):
-            last = f"{last} at {describe(load(last))}"
+            last = f"{last} at {where(load(last))}"
         raise TinyLLMError(
             f"{out_dir} already holds a run ({last}); continue it with --resume, "
             f"pick another --out_dir (or --tag NAME), or replace it: --overwrite"
@@ -207,43 +232,3 @@ def clear_out_dir(out_dir):
 def keep_newest(out_dir, keep_last):
     for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
         os.remove(os.path.join(out_dir, name))
-
-
-# ---------------------------------------------------------------- --eval_only: a checkpoint scored
-
-
-def evaluate_checkpoint(path, data, device, batch_size, threads):
-    """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
-    data's): a conversation's answers alone, as its run was trained."""
-    devices.set_threads(threads)
-    model, tokenizer, saved = load_model(path, devices.choose_device(device))
-    corpus, data = sources.validation_split(saved, tokenizer, data)
-    val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    losses = token_losses(model, val, batch_size)  # of tokens 1..n-1
-    if corpus.val_targets is not None:
-        losses = losses[corpus.val_targets[1:]]
-    loss = losses.mean().item()
-    log(
-        f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\n"
-        f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | "
-        f"{bits_per_char(loss, corpus.chars_per_token):.4f} bits per character"
-    )
-
-
-@torch.no_grad()
-def token_losses(model, ids, batch_size=1):
-    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once, in windows
-    of block_size."""
-    model.eval()
-    T, device = model.config.block_size, model.wte.weight.device
-    n = (len(ids) - 1) // T  # whole windows, then the tail
-    windows = ids[: n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
-    chunks = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
-    tail = len(ids) - 1 - n * T
-    if tail > 0:
-        chunks.append(ids[-tail - 1 :][None])
-    losses = []
-    for rows in chunks:  # (b, t + 1): t inputs, each with its next token
-        logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)
-        losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
-    return torch.cat(losses)

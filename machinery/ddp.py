@@ -1,5 +1,7 @@
 """Several processes under torchrun (DDP): each one's rank and device, what they all agree on."""
 
+from machinery import device as devices
+
 import os
 
 import torch
@@ -7,7 +9,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TinyLLMError
-from machinery import device as devices
 
 
 def setup(device):

@@ -1,18 +1,20 @@
 """The device, the random generators and the precision. machine() and gpu() are the one place
 tinyllm asks torch what the machine has: tests stand in for other machines there."""
 
+from machinery.cli import first_line, log, warn
+
 import contextlib
 import copy
 import platform
 import random
 import warnings
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from config import TinyLLMError
-from machinery.cli import log, warn
 
 
 def machine():
@@ -66,7 +68,8 @@ def choose_device(name):
     return torch.device(name)
 
 
-def describe(device):
+def name(device):
+    """cpu, mps, or cuda:0 with the GPU's name."""
     return f"{device} ({gpu(device)[0]})" if device.type == "cuda" else str(device)
 
 
@@ -156,7 +159,7 @@ def resolve_dtype(name, device):
     if name == "auto":
         return auto_dtype(device)
     if name == "bfloat16" and device.type != "mps" and not native_bf16(device):
-        warn(f"{describe(device)} has no native bfloat16: it is emulated and slower")
+        warn(f"{name(device)} has no native bfloat16: it is emulated and slower")
     if device.type == "mps" and name != "float32" and not autocast_works("mps", name):
         warn(
             f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs "
@@ -193,6 +196,42 @@ def make_scaler(device, dtype):
             f"{device}; use --dtype bfloat16 or float32"
         )
     return scaler
+
+
+@dataclass
+class Precision:
+    """The forward pass's dtype, why it was chosen, its autocast, and float16's loss scaler."""
+
+    dtype: str = "float32"
+    why: str = "given"
+    ctx: object = contextlib.nullcontext()
+    scaler: object = None
+
+
+FLOAT32 = Precision()  # no autocast, no scaler
+
+
+def precision(dtype, device, saved_scaler=None):
+    """The Precision of --dtype here (auto: by what the device is); a resumed scaler's state."""
+    dtype, why = resolve_dtype(dtype, device)
+    scaler = make_scaler(device, dtype)
+    if scaler and saved_scaler:
+        scaler.load_state_dict(saved_scaler)
+    return Precision(dtype, why, autocast(device, dtype), scaler)
+
+
+def try_compiled(step, model, optimizer, scaler):
+    """--compile: one step, undone after, so that a missing compiler is one error line before the
+    run writes anything."""
+    try:
+        with trial(model, optimizer, scaler):
+            step()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
+        raise TinyLLMError(
+            f"--compile failed on this machine ({first_line(e)}); run without it"
+        ) from None
 
 
 @contextlib.contextmanager

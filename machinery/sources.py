@@ -2,6 +2,8 @@
 folders; and prompts. Files are read as "utf-8-sig" (no byte-order mark) with CRLF as LF: the same
 tokens everywhere."""
 
+from machinery.cli import warn
+
 import hashlib
 import json
 import os
@@ -12,7 +14,6 @@ import numpy as np
 import torch
 
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
-from machinery.cli import warn
 from tokenizer import from_dict, grown, learn, split_special
 from utils import chars_per_token, split_train_val
 

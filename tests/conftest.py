@@ -66,9 +66,9 @@ def cpu_and_offline():
     """A Mac's GPU is hidden as CUDA is; a connection anywhere but this machine fails at once.
     One torch thread: tiny models gain nothing from a second, and xdist's workers share the cores.
     (torch is imported here, not above: xdist's controller, which runs no test, skips it.)"""
-    import torch
-
     from machinery import device
+
+    import torch
 
     torch.set_num_threads(1)
     real_machine, real_connect = device.machine, socket.socket.connect

@@ -1,5 +1,7 @@
 """Conversations: the chat template, the loss on the answers, the chat in a terminal, LoRA."""
 
+from machinery import checkpoint, sources
+
 import json
 import os
 import pty
@@ -28,7 +30,6 @@ import lora
 import tools.merge
 import train
 from config import ASSISTANT, EOT, USER, TrainConfig
-from machinery import checkpoint, sources
 from model import GPT, lm_loss
 from utils import get_batch
 
@@ -302,7 +303,7 @@ def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(
             assert torch.equal(weights, base["model"][name.replace(".base", "")])
     last = str(tmp_path / "full" / "last.pt")
     assert cli(capsys, tools.merge.main, last, "--out", tmp_path / "m.pt")[0] == 0
-    merged = checkpoint.load_model(str(tmp_path / "m.pt"))[0]
+    merged = checkpoint.load_model(str(tmp_path / "m.pt")).model
     x = torch.tensor([[0, 5, 9, 3] * 4])
     assert torch.allclose(merged(x)[0], adapted(x)[0], atol=1e-5)
     code, out, _ = cli(capsys, generate.main, last, "--max_new_tokens", "10")

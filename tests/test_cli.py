@@ -2,6 +2,10 @@
 spellings, running out of memory or disk, --overwrite that never loses a run; stopping train.py's
 processes (signals, pipes that close, kill -9); sweep.sh; output in a legacy code page."""
 
+from machinery import checkpoint, settings
+from machinery import cli as machinery_cli
+from machinery import device as devices
+
 import io
 import os
 import select
@@ -17,10 +21,7 @@ import torch
 from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
 
 import train
-from config import PRESETS
-from machinery import checkpoint, training
-from machinery import cli as machinery_cli
-from machinery import device as devices
+from config import PRESETS, build_configs
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 
@@ -88,11 +89,12 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
         "--warmup",
         "7",
     ]
-    options, _, cfg, _, _ = training.parse_flags(argv)
+    options, given = settings.parse_flags(argv)
+    cfg = build_configs(given, "tiny")[1]
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert training.parse_flags(["--plots", "--preset", "tiny"])[2].plots
+    assert settings.parse_flags(["--plots", "--preset", "tiny"])[1]["plots"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])

@@ -1,6 +1,16 @@
 """The data path: the char tokenizer, the 90/10 split and batches; every source load_corpus reads
 and its errors; BPE; tools.prepare's memory-mapped folders; prompts."""
 
+from machinery.checkpoint import load
+from machinery.sources import (
+    clean_text,
+    encode_prompt,
+    iter_documents,
+    load_corpus,
+    load_prepared,
+    prepared_meta,
+)
+
 import errno
 import hashlib
 import json
@@ -18,15 +28,6 @@ import generate
 import tokenizer as tokenizers
 import train
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
-from machinery.checkpoint import load
-from machinery.sources import (
-    clean_text,
-    encode_prompt,
-    iter_documents,
-    load_corpus,
-    load_prepared,
-    prepared_meta,
-)
 from tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, from_dict, train_bpe
 from tools import prepare
 from utils import get_batch, split_train_val

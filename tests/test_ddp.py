@@ -3,6 +3,8 @@ single-process step, the ranks agree on a stop signal only one of them got, and 
 torchrun ends as the run that went straight on. Without torchrun: what cannot work here is refused
 before joining."""
 
+from machinery import checkpoint
+
 import contextlib
 import dataclasses
 import os
@@ -15,8 +17,7 @@ import torch
 from conftest import ROOT, TINY_FLAGS, corpus_head, script_env, tiny_model, without_timings
 
 import train
-from config import TinyLLMError
-from machinery import checkpoint
+from config import TinyLLMError, TrainConfig
 from model import GPT
 
 pytestmark = pytest.mark.skipif(
@@ -29,7 +30,7 @@ WORKER = """
 import contextlib, os, shutil, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
 import train
-from config import GPTConfig
+from config import GPTConfig, TrainConfig
 from machinery import ddp
 from model import GPT
 plan, out = torch.load(sys.argv[2], weights_only=True), os.path.dirname(sys.argv[2])
@@ -46,8 +47,8 @@ for accum in (1, 2):
     size = half // accum
     micro = iter([(x[i:i + size], y[i:i + size]) for i in range(0, half, size)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    train.train_step(ddp.wrap(model, world, device), optimizer, lambda: next(micro), 0.5, accum,
-                     0.0, contextlib.nullcontext())
+    train.train_step(ddp.wrap(model, world, device), optimizer, lambda: next(micro), 0.5,
+                     TrainConfig(grad_accum_steps=accum, grad_clip=0.0))
     if rank == 0:
         torch.save(model.state_dict(), f"{out}/ddp_{accum}.pt")
 
@@ -138,15 +139,8 @@ def test_one_ddp_step_equals_one_single_process_step_with_and_without_accumulati
     x, y = torch.load(out / "plan.pt", weights_only=True)["batch"]
     torch.manual_seed(0)
     model = GPT(tiny_model())
-    train.train_step(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.5),
-        lambda: (x, y),
-        0.5,
-        1,
-        0.0,
-        contextlib.nullcontext(),
-    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    train.train_step(model, optimizer, lambda: (x, y), 0.5, TrainConfig(grad_clip=0.0))
     for accum in (1, 2):
         ddp = torch.load(out / f"ddp_{accum}.pt", weights_only=True)
         for name, value in model.state_dict().items():

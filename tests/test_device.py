@@ -2,6 +2,10 @@
 (fake_machine, and the project's own seams machinery.device.gpu and autocast_works), and the CPU
 paths that stand in for a GPU's: bfloat16 autocast and float16's loss scaler."""
 
+import machinery
+from machinery import checkpoint
+from machinery import device as devices
+
 import math
 import random
 
@@ -11,12 +15,9 @@ import torch
 from conftest import GREEDY, cli, tiny_model, tiny_run
 
 import generate
-import machinery
 import sampling
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
-from machinery import checkpoint
-from machinery import device as devices
 from model import GPT
 from optim import make_optimizer
 
@@ -106,7 +107,7 @@ def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says
     cfg = tiny_run(text_file, tmp_path, dtype="auto")
     run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, machinery.stopwatch())
     header = capsys.readouterr().out.splitlines()[0]
-    assert run.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
+    assert run.precision.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
     fake_machine(vendor="")  # a CPU whose maker is unknown takes bfloat16 only with AMX
     assert devices.auto_dtype(CPU)[0] == ("bfloat16" if facts["amx"] else "float32")
 
@@ -163,9 +164,8 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
     before, scale = {k: v.clone() for k, v in model.state_dict().items()}, scaler.get_scale()
     x = torch.randint(0, 65, (4, 16))
-    train.train_step(
-        model, optimizer, lambda: (x, x), 1e-2, 1, 1.0, devices.autocast(CPU, "float16"), scaler
-    )
+    float16 = devices.Precision("float16", ctx=devices.autocast(CPU, "float16"), scaler=scaler)
+    train.train_step(model, optimizer, lambda: (x, x), 1e-2, TrainConfig(grad_clip=1.0), float16)
     assert same(model.state_dict(), before)  # skipped
     assert scaler.get_scale() < scale  # and the scale backed off
 
@@ -181,7 +181,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     run = train.set_up(
         tiny_model(), cfg, RunOptions(resume=True), "custom", {}, machinery.stopwatch()
     )
-    assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
+    assert run.precision.dtype == "float16" and run.precision.scaler.get_scale() == 1234.0
 
 
 def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_on(
@@ -213,7 +213,7 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
 
     def recording_load_model(path, device="cpu"):
         out = load_model(path, device)
-        seen["model"], _, seen["saved"] = out
+        seen["model"], seen["saved"] = out.model, out.checkpoint
         return out
 
     # a device not the CPU

@@ -2,6 +2,8 @@
 under a header, several checkpoints alike), --show_probs's odds replayed, --qa, --beam, and bad
 input refused before sampling."""
 
+from machinery import checkpoint
+
 import ast
 import math
 import re
@@ -14,7 +16,6 @@ from conftest import assert_one_line_error, cli, corpus_head, tiny_model, tiny_r
 import generate
 import sampling
 from config import EOT, SamplerConfig
-from machinery import checkpoint
 from sampling import beam_search, next_token_probs
 
 ROW = re.compile(r"^(?P<label>.+?) +p=(?P<p>[\d.]+)  H=(?P<h>[\d.]+) bits(?:  top: (?P<top>.*))?$")
@@ -29,7 +30,8 @@ def run(capsys, *argv):
 def sampled(path, prompt, seed, max_new_tokens, n=1, stop=True, **sampler):
     """The texts generate.py should print: sampling.generate from the prompt with the seed, cut at
     the stop token."""
-    model, tok, _ = checkpoint.load_model(path)
+    loaded = checkpoint.load_model(path)
+    model, tok = loaded.model, loaded.tokenizer
     idx = torch.tensor([tok.encode(prompt)] * n)
     stop = tok.eot_id if stop else None
     generator = torch.Generator().manual_seed(seed)
@@ -54,7 +56,8 @@ def sampler_flags(sampler):
 def replay(path, prompt, found, distribution):
     """Each printed row against distribution(logits, idx) of a plain forward pass over the whole
     context so far: its p, entropy and alternatives. Returns the tokens' log-probabilities."""
-    model, tok, _ = checkpoint.load_model(path)
+    loaded = checkpoint.load_model(path)
+    model, tok = loaded.model, loaded.tokenizer
     ids, logps = tok.encode(prompt), []
     for row in found:
         [token] = tok.encode(ast.literal_eval(row["label"]))
@@ -259,7 +262,8 @@ def test_beam_with_show_probs_reports_the_models_odds(trained, tmp_path, capsys)
         out,
     )
     text = out.read_text(encoding="utf-8")
-    model, tok, _ = checkpoint.load_model(trained[0])
+    loaded = checkpoint.load_model(trained[0])
+    model, tok = loaded.model, loaded.tokenizer
     new, total = beam_search(
         model, torch.tensor([tok.encode("ROMEO:")]), 8, 3, stop_token=tok.eot_id
     )
@@ -382,7 +386,8 @@ def test_a_bpe_model_shows_split_bytes_as_bytes_and_streams_whole_characters(
     with open(out, encoding="utf-8", newline="") as f:  # the text exactly: a sampled \r stays one
         report = f.read().split(" ---\n", 1)[1]
     assert report.startswith(streamed)  # the text decoded whole, as the stream printed it
-    _, tok, _ = checkpoint.load_model(bpe_model)
+    loaded = checkpoint.load_model(bpe_model)
+    tok = loaded.tokenizer
     joined = [ch for ch in streamed if ord(ch) > 127 and ch != "\ufffd" and len(tok.encode(ch)) > 1]
     assert joined  # a character made of several tokens
     labels = [ast.literal_eval(row["label"]) for row in rows(report)]

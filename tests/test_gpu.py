@@ -1,6 +1,8 @@
 """The GPU itself, where there is one (elsewhere skipped, saying why). conftest.py hides CUDA from
 this process, so each check runs in a process that sees the GPUs pytest was started with."""
 
+from machinery import checkpoint
+
 import csv
 import glob
 import os
@@ -11,8 +13,6 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, USER_CUDA, corpus_head, script_env
-
-from machinery import checkpoint
 
 
 def gpu_env():
@@ -152,7 +152,8 @@ with torch.no_grad():  # what the GPU gave
 
 def test_a_checkpoint_saved_from_the_gpu_loads_onto_the_cpu(tmp_path):
     on_gpu("-c", SAVE_ON_GPU, tmp_path / "gpu.pt")
-    model, tokenizer, _ = checkpoint.load_model(str(tmp_path / "gpu.pt"))  # here: no GPU seen
+    loaded = checkpoint.load_model(str(tmp_path / "gpu.pt"))
+    model, tokenizer = loaded.model, loaded.tokenizer  # here: no GPU seen
     assert next(model.parameters()).device.type == "cpu" and tokenizer.vocab_size == 65
     with torch.no_grad():
         logits = model(torch.arange(16)[None])[0]

@@ -2,6 +2,9 @@
 scaling study (a data-limited run trains on its part only), ablation, decoding; and GPT-2 weights
 through Hugging Face."""
 
+from machinery import checkpoint, evaluation, hf_gpt2
+from machinery import run as runs
+
 import ast
 import csv
 import json
@@ -28,7 +31,6 @@ import model as model_module
 import sampling
 import tokenizer as tokenizers
 import train
-from machinery import checkpoint, hf_gpt2, training
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from tools import ablation, compare, decoding, pictures, precision, scaling
 from utils import split_train_val
@@ -64,7 +66,8 @@ def hand_attention(model, x, layer, head):
 def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_hs_with_the_future_masked(
     trained, layer, head
 ):
-    model, tokenizer, _ = checkpoint.load_model(trained[0])
+    loaded = checkpoint.load_model(trained[0])
+    model, tokenizer = loaded.model, loaded.tokenizer
     idx = torch.tensor([tokenizer.encode("ROMEO: I will th")])
     inputs = []
     hook = model.blocks[layer].register_forward_pre_hook(
@@ -80,7 +83,7 @@ def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_hs_with_the_future_mask
 def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
     trained, monkeypatch
 ):
-    model = checkpoint.load_model(trained[0])[0]
+    model = checkpoint.load_model(trained[0]).model
     generator = torch.Generator().manual_seed(0)
     idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
     with torch.no_grad():
@@ -127,13 +130,14 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
     assert sorted(said) == sorted(str(tmp_path / f"{n}.png") for n in pictures.PICTURES)
     opens(*said)
     assert all("Look" in line for line in said.values())
-    model, tokenizer, _ = checkpoint.load_model(trained[0])
+    loaded = checkpoint.load_model(trained[0])
+    model, tokenizer = loaded.model, loaded.tokenizer
     with open(trained[1], encoding="utf-8") as f:
         val_text = split_train_val(f.read())[1]
     val = torch.tensor(tokenizer.encode(val_text)[:100])  # the val split's first 100
     surprise = said[str(tmp_path / "surprise.png")]
     drawn = float(re.search(r"([\d.]+) bits per character", surprise).group(1))
-    expected = checkpoint.token_losses(model, val).mean().item() / math.log(2)
+    expected = evaluation.token_losses(model, val).mean().item() / math.log(2)
     assert drawn == pytest.approx(expected, abs=1e-4)
 
 
@@ -281,13 +285,13 @@ def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback
 def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(
     text_file, tmp_path, monkeypatch
 ):
-    handed, real = [], training.get_batch
+    handed, real = [], runs.get_batch
 
     def get_batch(data, *args, **kwargs):
         handed.append(data)
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(training, "get_batch", get_batch)
+    monkeypatch.setattr(runs, "get_batch", get_batch)
     scaling.run((1, 16, 2), 3, str(tmp_path / "run"), text_file, data_fraction=0.25, **TINY)
     with open(text_file, encoding="utf-8") as f:
         text = f.read()

@@ -1,6 +1,10 @@
 """train.py: the step, the schedule, the loop, checkpoints and their safety, resuming, fine-tuning,
 a time budget."""
 
+from machinery import checkpoint, evaluation, settings, sources
+from machinery import run as runs
+from machinery.settings import Start
+
 import contextlib
 import math
 import os
@@ -27,7 +31,6 @@ from conftest import (
 import generate
 import train
 from config import ASSISTANT, EOT, USER, RunOptions, TinyLLMError, TrainConfig, build_configs
-from machinery import checkpoint, sources, training
 from model import GPT
 from optim import Muon, get_lr, make_optimizer, orthogonalize, progress
 
@@ -76,7 +79,8 @@ def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
 
     optimizer.step = recording_step
     batch = batches(1)[0]
-    figures = train.train_step(model, optimizer, lambda: batch, 0.0123, 1, 0.05, NO_CTX)
+    cfg = TrainConfig(grad_accum_steps=1, grad_clip=0.05)
+    figures = train.train_step(model, optimizer, lambda: batch, 0.0123, cfg)
     assert figures["grad_norm"] > 0.05  # logged before clipping
     assert seen["norm"] == pytest.approx(0.05, rel=1e-4)
     assert seen["lrs"] == [0.0123, 0.0123]
@@ -91,7 +95,8 @@ def test_gradient_accumulation_is_one_big_batch_and_gradients_start_from_zero():
         model = GPT(tiny_model())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(2):  # a second step: gradients left over from the first would add up
-            loss = train.train_step(model, optimizer, next_batch, 0.1, accum, 0.0, NO_CTX)["loss"]
+            cfg = TrainConfig(grad_accum_steps=accum, grad_clip=0.0)
+            loss = train.train_step(model, optimizer, next_batch, 0.1, cfg)["loss"]
         results.append((weights(model), loss))
     (one, loss_one), (two, loss_two) = results
     assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
@@ -264,13 +269,13 @@ def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path,
     """The scaling study's data-limited runs: every training batch from the first part of the
     split, val from all."""
     seen = []
-    real = training.get_batch
+    real = runs.get_batch
 
     def recording_get_batch(data, *a, **k):
         seen.append(len(data))
         return real(data, *a, **k)
 
-    monkeypatch.setattr(training, "get_batch", recording_get_batch)
+    monkeypatch.setattr(runs, "get_batch", recording_get_batch)
     summary = train.train(
         tiny_model(), tiny_run(text_file, tmp_path, max_steps=6, data_fraction=0.25)
     )
@@ -283,9 +288,10 @@ def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path,
 def test_eval_only_scores_every_position_of_the_val_split(trained, capsys):
     path, data = trained
     code, out, _ = cli(capsys, train.main, "--eval_only", path, "--device", "cpu")
-    model, tokenizer, saved = checkpoint.load_model(path)
+    loaded = checkpoint.load_model(path)
+    model, tokenizer = loaded.model, loaded.tokenizer
     val = torch.tensor(tokenizer.encode(corpus_head(20_000)[18_000:]))
-    losses = checkpoint.token_losses(model, val)
+    losses = evaluation.token_losses(model, val)
     assert code == 0 and f"loss {losses.mean().item():.4f}" in out
     assert len(losses) == len(val) - 1
 
@@ -293,14 +299,15 @@ def test_eval_only_scores_every_position_of_the_val_split(trained, capsys):
 def test_eval_only_of_a_chat_model_scores_its_answers_alone(chat_run, capsys):
     path, _ = chat_run
     code, out, _ = cli(capsys, train.main, "--eval_only", path, "--device", "cpu")
-    model, tokenizer, saved = checkpoint.load_model(path)
+    loaded = checkpoint.load_model(path)
+    model, tokenizer, saved = loaded.model, loaded.tokenizer, loaded.checkpoint
     corpus, _ = sources.validation_split(saved, tokenizer)
     ids = torch.as_tensor(corpus.val, dtype=torch.long)
     answer, inside = [], False  # each answer's tokens and its <|endoftext|>, found here afresh
     for token in ids.tolist():
         answer.append(inside)
         inside = token == tokenizer.encode(ASSISTANT)[0] or (inside and token != tokenizer.eot_id)
-    losses = checkpoint.token_losses(model, ids)
+    losses = evaluation.token_losses(model, ids)
     answers_only = losses[torch.tensor(answer[1:])].mean().item()
     assert code == 0 and f"loss {answers_only:.4f}" in out
     assert abs(answers_only - losses.mean().item()) > 1e-3  # not every token's
@@ -332,7 +339,8 @@ def test_a_checkpoint_with_a_setting_this_version_does_not_know_is_one_error_lin
 
 def test_a_checkpoint_gives_back_the_model_and_loads_without_running_code(trained, tmp_path):
     path, _ = trained
-    model, tokenizer, saved = checkpoint.load_model(path)
+    loaded = checkpoint.load_model(path)
+    model, tokenizer = loaded.model, loaded.tokenizer
     parts = {
         "model",
         "model_config",
@@ -516,7 +524,10 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
         group["fused"] = None  # as a Mac saves it
     model = checkpoint.model_of(saved)
     optimizer = make_optimizer(model, TrainConfig(), CPU)
-    training.restore(saved, optimizer, TrainConfig(max_steps=60, warmup_steps=5), 0, 1, print)
+    cfg = TrainConfig(max_steps=60, warmup_steps=5)
+    runs.restore(
+        Start(model.config, cfg, "custom", saved, trained[0], resumed=True), optimizer, 0, 1, print
+    )
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
@@ -793,8 +804,8 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    options, model_cfg, cfg, chosen, given = training.parse_flags(argv)
-    assert chosen == preset and (model_cfg, cfg) == build_configs(given, preset)
+    options, given = settings.parse_flags(argv)
+    assert settings.preset_of(options, given) == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
 
@@ -818,5 +829,5 @@ def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, caps
 
 
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = training.parse_flags(["--preset", "tiny", "--max_steps", "50"])[2]
+    cfg = build_configs(settings.parse_flags(["--max_steps", "50"])[1], "tiny")[1]
     assert cfg.max_steps == 50 and not cfg.time_budget and build_configs({}, "tiny")[1].time_budget

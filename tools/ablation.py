@@ -2,16 +2,14 @@
 model's switches, and a table and a plot of their validation losses:
 python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_layer, ...)."""
 
-import machinery  # noqa: F401 (first, before torch loads)
+from machinery import cli
+from machinery.plots import new_plot, save_plot
 
-# isort: split
 import os
 import tempfile
 
 import train
 from config import GPTConfig, TinyLLMError, TrainConfig, build_configs
-from machinery import cli
-from machinery.plots import new_plot, save_plot
 from utils import bits_per_char
 
 # every run sets all three switches, so that a preset's choice cannot leak into "vanilla"

@@ -4,9 +4,9 @@ checkpoint and prompt, each text scored by the model's log-probability per token
     python -m tools.decoding checkpoints/best.pt --prompt "To be or not"
 """
 
-import machinery  # noqa: F401 (first, before torch loads)
+from machinery import checkpoint, cli, sources
+from machinery.annotate import model_odds
 
-# isort: split
 import argparse
 import math
 import statistics
@@ -14,8 +14,6 @@ import statistics
 import torch
 
 from config import SamplerConfig, TinyLLMError
-from machinery import checkpoint, cli, sources
-from machinery.annotate import model_odds
 from sampling import beam_search, generate
 
 
@@ -51,7 +49,8 @@ def main(argv=None):
         raise TinyLLMError("--beams takes whole numbers, comma-separated") from None
     if min(beams + [args.new_tokens, args.seeds]) < 1:
         raise TinyLLMError("--beams, --new_tokens and --seeds must be at least 1")
-    model, tokenizer, _ = checkpoint.load_model(args.checkpoint)
+    trained = checkpoint.load_model(args.checkpoint)
+    model, tokenizer = trained.model, trained.tokenizer
     idx = torch.tensor([sources.encode_prompt(tokenizer, args.prompt)])  # (1, T), as generate.py's
     methods = [("greedy", 0, None, [0])] + [(f"beam {w}", None, w, [0]) for w in beams]
     methods += [(f"sampling, T = {t:g}", t, None, range(args.seeds)) for t in args.temperatures]

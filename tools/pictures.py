@@ -5,9 +5,12 @@ distribution at several temperatures), embeddings (a char model's, by PCA).
     python -m tools.pictures checkpoints/best.pt --only attention,surprise
 """
 
-import machinery  # noqa: F401 (first, before torch loads)
+from machinery import checkpoint, cli, sources
+from machinery import device as devices
+from machinery.annotate import WholeCharacters, entropy_bits, token_piece
+from machinery.evaluation import token_losses
+from machinery.plots import new_plot, save_plot
 
-# isort: split
 import math
 import os
 import warnings
@@ -16,11 +19,6 @@ import numpy as np
 import torch
 
 from config import DEVICE_HELP, SamplerConfig, TinyLLMError
-from machinery import checkpoint, cli, sources
-from machinery import device as devices
-from machinery.annotate import WholeCharacters, entropy_bits, token_piece
-from machinery.checkpoint import token_losses
-from machinery.plots import new_plot, save_plot
 from sampling import next_token_probs
 from tokenizer import CharTokenizer
 from tools.decoding import temperatures
@@ -227,7 +225,8 @@ def main(argv=None):
     if len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
         raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
     device = devices.choose_device(args.device)
-    model, tokenizer, saved = checkpoint.load_model(args.checkpoint, device)
+    trained = checkpoint.load_model(args.checkpoint, device)
+    model, tokenizer, saved = trained.model, trained.tokenizer, trained.checkpoint
     ids, c = sources.encode_prompt(tokenizer, args.prompt), model.config
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
         raise TinyLLMError(f"--prompt is {len(ids)} tokens; the model sees at most {c.block_size}")

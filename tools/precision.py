@@ -5,9 +5,10 @@ what the CPU is (machinery/device.py's auto_dtype), never by a timing.
     python -m tools.precision
 """
 
-import machinery  # noqa: F401 (first, before torch loads)
+from machinery import cli
+from machinery import device as devices
+from machinery.settings import machine_preset
 
-# isort: split
 import time
 from dataclasses import replace
 
@@ -15,9 +16,6 @@ import torch
 
 import train
 from config import TinyLLMError, build_configs
-from machinery import cli
-from machinery import device as devices
-from machinery.training import machine_preset
 from model import GPT
 from optim import make_optimizer
 
@@ -40,9 +38,8 @@ def step_seconds(model_cfg, cfg, dtypes, steps):
     for i in range(steps + 2):
         for dtype in dtypes:
             start = time.perf_counter()
-            figures = train.train_step(
-                model, optimizer, batch, cfg.lr, 1, cfg.grad_clip, devices.autocast(cpu, dtype)
-            )
+            precision = devices.Precision(dtype, ctx=devices.autocast(cpu, dtype))
+            figures = train.train_step(model, optimizer, batch, cfg.lr, cfg, precision)
             figures["loss"].item()  # the step is done
             seconds[dtype] += (time.perf_counter() - start) * (i >= 2)
     return {dtype: total / steps for dtype, total in seconds.items()}

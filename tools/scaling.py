@@ -3,9 +3,10 @@ compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one size on 
 About 30 minutes; python -m tools.scaling --quick takes about 3. --sized finds the best shape
 for a five-minute run on this machine instead: about 30 minutes, or 3 with --quick."""
 
-import machinery  # noqa: F401 (first, before torch loads)
+from machinery import cli
+from machinery.evaluation import token_losses
+from machinery.plots import new_plot, save_plot
 
-# isort: split
 import json
 import math
 import os
@@ -17,9 +18,6 @@ import torch
 
 import train
 from config import TinyLLMError, TrainConfig, build_configs
-from machinery import cli
-from machinery.checkpoint import token_losses
-from machinery.plots import new_plot, save_plot
 
 # about 30 thousand to 1.3 million parameters, the tiny preset's 2 x 160 among them
 SHAPES = [(1, 48, 2), (2, 64, 2), (2, 96, 3), (2, 160, 5), (3, 192, 6)]  # (n_layer, n_embd, n_head)

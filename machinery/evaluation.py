@@ -1,0 +1,52 @@
+"""A trained model scored: the loss of every token of a text, each once (the lesson's
+estimate_loss draws random batches instead), and --eval_only, a checkpoint on its val split."""
+
+from machinery import checkpoint, sources
+from machinery import device as devices
+from machinery.cli import log
+
+import math
+
+import numpy as np
+import torch
+
+from model import lm_loss
+from utils import bits_per_char
+
+
+@torch.no_grad()
+def token_losses(model, ids, batch_size=1):
+    """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once, in windows
+    of block_size."""
+    model.eval()
+    T, device = model.config.block_size, model.wte.weight.device
+    n = (len(ids) - 1) // T  # whole windows, then the tail
+    windows = ids[: n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
+    chunks = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
+    tail = len(ids) - 1 - n * T
+    if tail > 0:
+        chunks.append(ids[-tail - 1 :][None])
+    losses = []
+    for rows in chunks:  # (b, t + 1): t inputs, each with its next token
+        logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)
+        losses.append(lm_loss(logits, rows[:, 1:].to(device), reduction="none").cpu())  # (b * t,)
+    return torch.cat(losses)
+
+
+def evaluate_checkpoint(path, data, device, batch_size, threads):
+    """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
+    data's): a conversation's answers alone, as its run was trained."""
+    devices.set_threads(threads)
+    trained = checkpoint.load_model(path, devices.choose_device(device))
+    model = trained.model
+    corpus, data = sources.validation_split(trained.checkpoint, trained.tokenizer, data)
+    val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
+    losses = token_losses(model, val, batch_size)  # of tokens 1..n-1
+    if corpus.val_targets is not None:
+        losses = losses[corpus.val_targets[1:]]
+    loss = losses.mean().item()
+    log(
+        f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\n"
+        f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | "
+        f"{bits_per_char(loss, corpus.chars_per_token):.4f} bits per character"
+    )
