@@ -18,8 +18,8 @@ def require(ok, message):
         raise TinyLLMError(message)
 
 
-def at_least(config, low, *names):
-    for name in names:
+def at_least(config, low, names):
+    for name in names.split():
         value = getattr(config, name)
         require(value >= low, f"{name} must be at least {low}, got {value}")
 
@@ -57,7 +57,7 @@ class GPTConfig:
 
     def __post_init__(self):
         at_least(self, 0, "vocab_size")
-        at_least(self, 1, "block_size", "n_layer", "n_head", "n_embd")
+        at_least(self, 1, "block_size n_layer n_head n_embd")
         require(
             self.n_embd % self.n_head == 0,
             f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
@@ -134,30 +134,10 @@ class TrainConfig:
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
 
     def __post_init__(self):
-        at_least(
-            self,
-            1,
-            "batch_size",
-            "max_steps",
-            "eval_interval",
-            "eval_iters",
-            "log_interval",
-            "grad_accum_steps",
-            "keep_last",
-        )
-        at_least(
-            self,
-            0,
-            "warmup_steps",
-            "save_interval",
-            "patience",
-            "sample_tokens",
-            "weight_decay",
-            "grad_clip",
-            "target_loss",
-            "min_lr",
-            "lora_rank",
-        )
+        at_least(self, 1, "batch_size max_steps eval_interval eval_iters log_interval keep_last")
+        at_least(self, 1, "grad_accum_steps")
+        at_least(self, 0, "warmup_steps save_interval patience sample_tokens lora_rank min_lr")
+        at_least(self, 0, "weight_decay grad_clip target_loss")
         for name in ("lr", "muon_lr", "weight_decay", "grad_clip", "target_loss", "lora_alpha"):
             value = getattr(self, name)
             positive = value > 0 or name not in ("lr", "muon_lr", "lora_alpha")
@@ -177,26 +157,9 @@ class TrainConfig:
 
 
 # what --resume may change; the rest (shape, data, optimizer, schedule...) is the run
-RESUME_MAY_CHANGE = (
-    "out_dir",
-    "tag",
-    "max_steps",
-    "time_budget",
-    "grad_accum_steps",
-    "eval_interval",
-    "eval_iters",
-    "log_interval",
-    "save_interval",
-    "keep_last",
-    "patience",
-    "target_loss",
-    "device",
-    "dtype",
-    "compile",
-    "threads",
-    "sample_tokens",
-    "plots",
-)
+RESUME_MAY_CHANGE = """out_dir tag max_steps time_budget grad_accum_steps eval_interval eval_iters
+log_interval save_interval keep_last patience target_loss device dtype compile threads
+sample_tokens plots""".split()
 
 
 @dataclass
@@ -262,7 +225,7 @@ class GenerateConfig:
     length_penalty: float = setting(0.0, "beam search: divide a score by length to this power")
 
     def __post_init__(self):
-        at_least(self, 1, "num_samples", "max_new_tokens")
+        at_least(self, 1, "num_samples max_new_tokens")
         require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
         require(0 <= self.show_top <= 20, f"--show_top must be 0 (off) to 20, got {self.show_top}")
         self.show_probs = self.show_probs or self.show_top > 0
@@ -305,100 +268,30 @@ def parse_duration(text):
     return seconds
 
 
-# the default on a CPU or a Mac: what learned most in five minutes on the 2-core CPUs measured
-TINY = dict(
-    n_layer=2,
-    n_head=5,
-    n_embd=160,
-    block_size=128,
-    pos="rope",
-    mlp="swiglu",
-    batch_size=32,
-    time_budget="5m",
-    lr=3e-3,
-    min_lr=3e-4,
-    weight_decay=1.0,
-    eval_interval=500,
-)
-
+# Presets: a model, then how it trains. The default on a CPU or a Mac: tiny or mini, what learned
+# most in five minutes on the 2-core CPUs measured (default_preset picks).
+TINY = dict(n_layer=2, n_head=5, n_embd=160, block_size=128, pos="rope", mlp="swiglu")
+TINY |= dict(batch_size=32, time_budget="5m", lr=3e-3, min_lr=3e-4, weight_decay=1.0)
+NANOGPT = dict(bias=False, lr=1e-3, min_lr=1e-4, beta2=0.99)  # nanoGPT's optimizer settings
+GPU = NANOGPT | dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64)
 PRESETS = {
-    "tiny": TINY,
-    # deeper and wider: the default on a CPU that trains in bfloat16 on 2 threads or more. Best
-    # val on the whole val split after 5 minutes, 2 threads, against tiny's: 1.484-1.490 against
-    # 1.499-1.503 on an Intel Xeon with AMX, 1.520 against 1.518 on a slower one, 1.512-1.513
-    # against 1.506-1.515 on an AMD EPYC Zen 4. Tiny won on 1 thread in float32: 1.601 to 1.688.
-    "mini": TINY | dict(n_layer=3, n_head=6, n_embd=192),
+    "tiny": TINY | dict(eval_interval=500),
+    # tiny, deeper and wider. Best val on the whole val split after 5 minutes, 2 threads, against
+    # tiny's: 1.484-1.490 against 1.499-1.503 on an Intel Xeon with AMX, 1.520 against 1.518 on a
+    # slower one, 1.512-1.513 against 1.506-1.515 on an AMD EPYC Zen 4. On 1 thread in float32
+    # tiny won, 1.601 against 1.688: a bigger model takes too few steps there.
+    "mini": TINY | dict(n_layer=3, n_head=6, n_embd=192, eval_interval=500),
     # nanoGPT's CPU recipe from its README, for like-for-like comparisons
-    "reference": dict(
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        block_size=64,
-        bias=False,
-        batch_size=12,
-        lr=1e-3,
-        min_lr=1e-4,
-        beta2=0.99,
-    ),
+    "reference": NANOGPT | dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     # nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
-    "small": dict(
-        n_layer=6,
-        n_head=6,
-        n_embd=384,
-        block_size=256,
-        dropout=0.2,
-        bias=False,
-        batch_size=64,
-        lr=1e-3,
-        min_lr=1e-4,
-        beta2=0.99,
-    ),
-    "small-modern": dict(
-        n_layer=6,
-        n_head=6,
-        n_embd=384,
-        block_size=256,
-        dropout=0.2,
-        bias=False,
-        pos="rope",
-        mlp="swiglu",
-        norm="rmsnorm",
-        batch_size=64,
-        max_steps=5000,
-        lr=1e-3,
-        min_lr=1e-4,
-        beta2=0.99,
-    ),
+    "small": GPU,
+    "small-modern": GPU | dict(pos="rope", mlp="swiglu", norm="rmsnorm", max_steps=5000),
     # seconds, not minutes: to check that a change runs, learns, resumes and samples
-    "micro": dict(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
-        batch_size=8,
-        max_steps=200,
-        warmup_steps=10,
-        lr=3e-3,
-        min_lr=3e-4,
-        eval_interval=50,
-        eval_iters=5,
-        log_interval=10,
-    ),
-    "medium": dict(
-        n_layer=8,
-        n_head=8,
-        n_embd=512,
-        block_size=512,
-        dropout=0.2,
-        bias=False,
-        batch_size=64,
-        max_steps=10000,
-        lr=6e-4,
-        min_lr=6e-5,
-        warmup_steps=200,
-        beta2=0.99,
-        eval_interval=500,
-    ),
+    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200)
+    | dict(warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5, log_interval=10),
+    "medium": GPU
+    | dict(n_layer=8, n_head=8, n_embd=512, block_size=512, max_steps=10000)
+    | dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500),
 }
 
 

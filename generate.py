@@ -14,7 +14,7 @@ import sys
 import torch
 
 from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
-from sampling import beam_search, generate, next_token_probs
+from sampling import beam_search, generate, next_token_probs, until_stop
 
 
 def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator):
@@ -60,7 +60,7 @@ def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator
         pieces.end_stream()
     results = []
     for row in new.tolist():
-        cut = row[: row.index(stop)] if stop in row else row
+        cut = until_stop(row, stop)
         results.append((tokenizer.decode(shown + cut), len(cut), cut != row))
     return results
 

@@ -49,16 +49,22 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, mask, rope=None, cache=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        # each head takes its own C / nh channels: (B, T, nh, hs) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if rope is not None:  # RoPE turns q and k by their positions (below)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.heads(x, rope)  # each (B, nh, T, hs)
         if cache is not None:  # generation: the earlier positions' keys and values are cached
             k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs)
         y = self.attention(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def heads(self, x, rope=None):
+        """The queries, keys and values of x (B, T, C), each head's own C / nh channels."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        # (B, T, nh, hs) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # RoPE turns q and k by their positions (below)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
     def attention(self, q, k, v, mask):
         """softmax(q k^T / sqrt(hs) + mask) v: each query's weights over the keys sum to 1, the
@@ -168,6 +174,19 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def embed(self, idx, start=0):
+        """(x, rope): the tokens of idx (B, T) embedded with their positions from start, (B, T, C),
+        and RoPE's angles of those positions, each (T, hs/2), or None."""
+        positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,)
+        x, rope = self.wte(idx), None  # (B, T, C)
+        if self.config.pos == "learned":
+            x = x + self.wpe(positions)
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pos_table[positions]
+        else:  # RoPE: the attention turns q and k by these positions' angles
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+        return self.drop(x), rope
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counted once
 
@@ -178,15 +197,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
         start = 0 if cache is None else cache.pos  # generation: idx continues the cached tokens
-        positions = start + torch.arange(T, device=idx.device)  # (T,)
-        x, rope = self.wte(idx), None  # (B, T, C)
-        if self.config.pos == "learned":
-            x = x + self.wpe(positions)
-        elif self.config.pos == "sinusoidal":
-            x = x + self.pos_table[positions]
-        else:  # RoPE: the attention turns q and k by these positions' angles, each (T, hs/2)
-            rope = (self.rope_cos[positions], self.rope_sin[positions])
-        x = self.drop(x)
+        x, rope = self.embed(idx, start)  # (B, T, C)
         # training: None, the causal triangle the fused kernel makes itself; generation: the new
         # queries against the cache's block_size slots, those after each query's position hidden
         mask = None if cache is None else causal_mask(T, self.config.block_size, idx.device, start)

@@ -111,15 +111,18 @@ class TimeBudget:
         return state.step + max(0, math.ceil((self.end(state) - seconds) / step_seconds))
 
 
+def decay_groups(params, weight_decay):
+    """Weight decay on matrices (embeddings, linear weights), not on biases or norm gains."""
+    matrices = {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay}
+    return [matrices, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def make_optimizer(model, cfg, device):
-    """AdamW that decays matrices (embeddings, linear weights) but not biases or norm gains."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """AdamW, its weight decay on matrices (or Muon, for --optimizer muon)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.optimizer == "muon":
-        return Muon.for_model(params, cfg)
-    groups = [
-        {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+        return Muon.for_model(named, cfg)
+    groups = decay_groups([p for _, p in named], cfg.weight_decay)
     # fused: one kernel per tensor, faster on CPUs too; not on a Mac, whose fused kernel
     # mishandles float16's skipped steps in torch 2.5-2.7 (docs/platforms.md)
     fused = device.type in ("cuda", "cpu")
@@ -154,13 +157,11 @@ class Muon(torch.optim.Optimizer):
         """Muon on the blocks' matrices, stepping at lr * lr_scale so that muon_lr is its peak;
         AdamW on the other matrices (decayed) and vectors (not)."""
         hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
-        rest = [p for _, p in named_params if p.dim() >= 2 and not any(p is h for h in hidden)]
-        vectors = [p for _, p in named_params if p.dim() < 2]
-        scale, decay = cfg.muon_lr / cfg.lr, cfg.weight_decay
-        groups = [
-            {"params": hidden, "use_muon": True, "lr_scale": scale, "weight_decay": 0.0},
-            {"params": rest, "use_muon": False, "lr_scale": 1.0, "weight_decay": decay},
-            {"params": vectors, "use_muon": False, "lr_scale": 1.0, "weight_decay": 0.0},
+        rest = [p for _, p in named_params if not any(p is h for h in hidden)]
+        muon = {"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr}
+        groups = [muon | {"weight_decay": 0.0}]
+        groups += [
+            g | {"use_muon": False, "lr_scale": 1.0} for g in decay_groups(rest, cfg.weight_decay)
         ]
         return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 

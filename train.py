@@ -135,6 +135,7 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         state=state,
         clock=clock,
         budget=budget,
+        stop=cli.StopRequest(announce=rank == 0),
         lora=adapter,
     )
     print_header(run)
@@ -150,7 +151,7 @@ def train_loop(run):
     cfg, state, budget = run.cfg, run.state, run.budget
     run.line_step, run.line_time = state.step, run.clock()
     stop_reason, signum = None, 0
-    with cli.StopRequest(announce=run.master) as stop:
+    with run.stop as stop:
         while True:
             at_end = budget.over(state)
             # evaluate every eval_interval steps (under a time budget, if time is left for steps
@@ -400,6 +401,7 @@ def finish(run, stop_reason, signum):
     ddp.leave_together(run.world)
     summary = dict(step=state.step, best_val_loss=state.best_val_loss, history=state.history)
     summary |= dict(model=run.model, corpus=run.corpus, seconds=run.elapsed())
+    summary |= dict(tokens_per_step=run.tokens_per_step)
     return summary | dict(stop_reason=stop_reason, dtype=run.precision.dtype)
 
 

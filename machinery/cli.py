@@ -14,16 +14,8 @@ from config import TinyLLMError
 
 
 def log(*args):
-    """One flushed line. If its reader has gone (`| head`, a `| tee` the same Ctrl-C ended;
-    EINVAL on Windows), a training loop saves and stops (StopRequest); else exit 141."""
-    try:
-        print(*args, flush=True)
-    except OSError as e:
-        stop = StopRequest.active
-        if stop is None or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
-            raise
-        silence_stdout()
-        stop.signum = stop.signum or StopRequest.OUTPUT_GONE
+    """One flushed line (a reader gone: exit 141, but for a training loop's StopRequest.say)."""
+    print(*args, flush=True)
 
 
 def silence_stdout():
@@ -143,17 +135,28 @@ def fail(message):
 
 
 class StopRequest:
-    """Ctrl-C, SIGTERM or a reader gone (log): the active loop ends its step, saves and exits."""
+    """Ctrl-C, SIGTERM, or the reader of its lines gone: the loop inside it ends its step, saves
+    and exits."""
 
-    active = None
     OUTPUT_GONE = 13  # the signal a reader gone stands for: exit 141, as SIGPIPE's
 
     def __init__(self, announce):
-        self.signum, self.announce = None, announce
+        self.signum, self.announce, self.active = None, announce, False
+
+    def say(self, text):
+        """A line. Inside the loop, its reader gone (`| head`, a `| tee` the same Ctrl-C ended;
+        EINVAL on Windows) is a stop: the run saves; outside it, an OSError."""
+        try:
+            log(text)
+        except OSError as e:
+            if not self.active or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
+                raise
+            silence_stdout()
+            self.signum = self.signum or self.OUTPUT_GONE
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        StopRequest.active = self
+        self.active = True
         return self
 
     def handle(self, signum, frame):
@@ -173,6 +176,6 @@ class StopRequest:
                 pass
 
     def __exit__(self, *exc):
-        StopRequest.active = None
+        self.active = False
         for s, handler in self.previous.items():
             signal.signal(s, handler)

@@ -55,6 +55,7 @@ class Run:
     state: TrainState
     clock: object  # () -> this process's seconds so far: a time budget counts them
     budget: object  # how far the run is: optim.Steps, or optim.TimeBudget
+    stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
     lora: dict = None  # a LoRA run's base and adapter settings
     line_step: int = 0  # the step and clock the next progress line counts its pace from
     line_time: float = 0.0
@@ -73,7 +74,7 @@ class Run:
 
     def say(self, text):
         if self.master:
-            cli.log(text)
+            self.stop.say(text)
 
     def elapsed(self):  # this process's seconds, set-up included, plus those before a resume
         return self.state.seconds + self.clock()

@@ -27,7 +27,6 @@ from conftest import (
     tiny_run,
 )
 
-import model as model_module
 import sampling
 import tokenizer as tokenizers
 import train
@@ -78,34 +77,6 @@ def test_the_attention_drawn_is_softmax_of_q_k_over_sqrt_hs_with_the_future_mask
     assert len(maps) == 2 and maps[layer].shape == (2, 16, 16)
     expected = hand_attention(model, inputs[0], layer, head)
     assert torch.allclose(maps[layer][head].double(), expected, atol=1e-5)
-
-
-def test_catching_the_attention_changes_no_logit_and_leaves_the_fused_kernel_on(
-    trained, monkeypatch
-):
-    model = checkpoint.load_model(trained[0]).model
-    generator = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=generator)
-    with torch.no_grad():
-        before = model(idx)[0]
-    maps = pictures.attention_maps(model, idx)
-    with pytest.raises(ValueError):  # a forward pass that fails puts the kernel back too
-        pictures.attention_maps(model, torch.zeros(1, 17, dtype=torch.long))
-    fused, real = [], model_module.fused_attention
-
-    def counted(*args, **kwargs):
-        fused.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model_module, "fused_attention", counted)
-    with torch.no_grad():
-        assert torch.equal(model(idx)[0], before)
-    assert len(fused) == 2  # every layer on the fused kernel
-    for block in model.blocks:  # the formula's path: no hook is left catching its weights
-        block.attn.fused = False
-    with torch.no_grad():
-        model(idx)
-    assert len(maps) == 2
 
 
 @pytest.mark.slow  # draws four pictures: seconds

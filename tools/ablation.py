@@ -8,8 +8,8 @@ from machinery.plots import new_plot, save_plot
 import os
 import tempfile
 
-import train
-from config import GPTConfig, TinyLLMError, TrainConfig, build_configs
+from config import GPTConfig, TinyLLMError, TrainConfig
+from tools import experiment
 from utils import bits_per_char
 
 # every run sets all three switches, so that a preset's choice cannot leak into "vanilla"
@@ -42,11 +42,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="tinyllm-ablation-") as tmp:
         for name in names:
             cli.log(f"--- {name}: {VARIANTS[name]}")
-            given = {**cli.given_flags(args), "sample_tokens": 0, "plots": False, **VARIANTS[name]}
-            given["out_dir"] = os.path.join(tmp, name)
+            given = cli.given_flags(args) | VARIANTS[name] | {"out_dir": os.path.join(tmp, name)}
             given.setdefault("max_steps", 600)  # equal steps, not a time budget
-            model_cfg, cfg = build_configs(given, args.preset)
-            summary = train.train(model_cfg, cfg, preset=args.preset, given=given)
+            summary = experiment(given, args.preset)
             best = summary["best_val_loss"]
             bpc = bits_per_char(best, summary["corpus"].chars_per_token)
             rows.append((name, summary["model"].num_params(), best, bpc, summary["seconds"]))

@@ -37,18 +37,14 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """[attention weights (nh, T, T) per layer] of idx (1, T), caught as the formula uses them."""
-    maps, hooks = [], []
+    """[attention weights (nh, T, T) per layer] of idx (1, T): each block's attention_weights, the
+    formula the fused kernel computes without ever building the weights."""
+    x, rope = model.embed(idx)  # (1, T, C)
+    maps = []
     for block in model.blocks:
-        block.attn.fused = False  # the fused kernel never builds the weights
-        dropout = block.attn.attn_dropout  # the weights go through it
-        hooks.append(dropout.register_forward_pre_hook(lambda _, args: maps.append(args[0][0])))
-    try:
-        model(idx)
-    finally:
-        for block, hook in zip(model.blocks, hooks):
-            block.attn.fused = True
-            hook.remove()
+        q, k, _ = block.attn.heads(block.ln_1(x), rope)  # as the block's attention makes them
+        maps.append(block.attn.attention_weights(q, k, None)[0])
+        x = block(x, None, rope)
     return maps
 
 

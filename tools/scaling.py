@@ -16,8 +16,8 @@ import time
 
 import torch
 
-import train
-from config import TinyLLMError, TrainConfig, build_configs
+from config import TinyLLMError, TrainConfig
+from tools import experiment
 
 # about 30 thousand to 1.3 million parameters, the tiny preset's 2 x 160 among them
 SHAPES = [(1, 48, 2), (2, 64, 2), (2, 96, 3), (2, 160, 5), (3, 192, 6)]  # (n_layer, n_embd, n_head)
@@ -26,37 +26,17 @@ DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
 
 def run(shape, steps, out_dir, data, evals=1, **given):
     """A tiny-preset run of shape for steps: its parameters, FLOPs, losses and ms/step."""
-    given = (
-        dict(
-            zip(("n_layer", "n_embd", "n_head"), shape),
-            max_steps=steps,
-            data=data,
-            warmup_steps=max(1, min(100, steps // 10)),
-            eval_iters=30,
-            eval_interval=max(1, steps // evals),
-            log_interval=min(steps, 5),
-            sample_tokens=0,
-            plots=False,
-            out_dir=out_dir,
-        )
-        | given
+    given = shaped(shape) | dict(max_steps=steps, data=data) | given
+    given |= dict(warmup_steps=max(1, min(100, steps // 10)), eval_iters=30, out_dir=out_dir)
+    summary = experiment(
+        given | dict(eval_interval=max(1, steps // evals), log_interval=min(steps, 5))
     )
-    model_cfg, cfg = build_configs(given, "tiny")
-    summary = train.train(model_cfg, cfg, preset="tiny", given=given)
-    model, history = summary["model"], summary["history"]
+    params, history = summary["model"].num_params(), summary["history"]
     last = [h for h in history if h["kind"] == "eval"][-1]
-    ms = [h["ms_per_step"] for h in history if h["kind"] == "train"][-1]
-    flops = 6 * model.num_params() * cfg.batch_size * model.config.block_size  # a step's, both ways
-    return {
-        "params": model.num_params(),
-        "flops": flops * steps,
-        "steps": steps,
-        "val": last["val_loss"],
-        "train": last["train_loss"],
-        "ms": ms,
-        "flops_per_step": flops,
-        "dtype": summary["dtype"],
-    }
+    flops = 6 * params * summary["tokens_per_step"]  # a step's, forward and backward
+    row = dict(params=params, flops=flops * steps, steps=steps, flops_per_step=flops)
+    row |= dict(val=last["val_loss"], train=last["train_loss"], dtype=summary["dtype"])
+    return row | {"ms": [h["ms_per_step"] for h in history if h["kind"] == "train"][-1]}
 
 
 def fit_power_law(C, L):
@@ -233,27 +213,22 @@ def sized(args):
         for seconds in [20, 40] if args.quick else [75, 150, 300]:
             scores = []
             for shape in SHAPES[2:]:
-                given = dict(
-                    zip(("n_layer", "n_embd", "n_head"), shape),
-                    plots=False,
-                    time_budget=f"{seconds}s",
-                    data=args.data,
-                    sample_tokens=0,
-                    out_dir=f"{tmp}/{seconds}-{shape[1]}",
-                )
+                given = shaped(shape) | dict(time_budget=f"{seconds}s", data=args.data)
+                given["out_dir"] = f"{tmp}/{seconds}-{shape[1]}"
                 if args.quick:  # a short warmup: the big shape may take seconds a step
                     given["warmup_steps"] = 20
-                summary = train.train(*build_configs(given, "tiny"), preset="tiny", given=given)
+                summary = experiment(given)
                 val = torch.as_tensor(summary["corpus"].val)
                 scores.append(token_losses(summary["model"], val, 32).mean().item())
             best = SHAPES[2:][scores.index(min(scores))]
-            cli.log(
-                f"{seconds}s: val "
-                + ", ".join(f"{s:.4f}" for s in scores)
-                + f" | best {best[0]} x {best[1]}"
-            )
-    flags = " ".join(f"--{k} {v}" for k, v in zip(("n_layer", "n_embd", "n_head"), best))
+            shown = ", ".join(f"{s:.4f}" for s in scores)
+            cli.log(f"{seconds}s: val {shown} | best {best[0]} x {best[1]}")
+    flags = " ".join(f"--{k} {v}" for k, v in shaped(best).items())
     cli.log(f"the best shape here in {seconds}s: python train.py --preset tiny {flags}")
+
+
+def shaped(shape):
+    return dict(zip(("n_layer", "n_embd", "n_head"), shape))
 
 
 def main(argv=None):
