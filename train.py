@@ -12,7 +12,6 @@ from machinery import checkpoint, cli, ddp, evaluation, plots, settings, sources
 from machinery import device as devices
 from machinery import run as runs
 from machinery.device import FLOAT32
-from machinery.run import Run, TrainState
 
 import contextlib
 import math
@@ -22,8 +21,8 @@ from dataclasses import asdict
 
 import torch
 
-from config import ASSISTANT, MAX_SEED, USER, RunOptions, SamplerConfig, TinyLLMError, build_configs
-from optim import get_lr, make_optimizer
+from config import ASSISTANT, USER, RunOptions, SamplerConfig, TinyLLMError, build_configs
+from optim import get_lr
 from sampling import generate, until_stop
 from utils import bits_per_char
 
@@ -83,67 +82,17 @@ def train(model_cfg, cfg, options=None, preset="custom", given=None, clock=None)
     options, given, clock = options or RunOptions(), given or {}, clock or machinery.stopwatch()
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
     with devices.out_of_memory_as_error(hint):
-        return train_loop(set_up(model_cfg, cfg, options, preset, given, clock))
-
-
-def set_up(model_cfg, cfg, options, preset, given, clock):
-    """Everything before the first step, in order, each input checked before the run writes."""
-    rank, world, device = ddp.setup(devices.choose_device(cfg.device))
-    say = cli.log if rank == 0 else (lambda text: None)
-    start = settings.start(model_cfg, cfg, options, preset, given, world, say)
-    cfg = start.cfg
-    devices.set_threads(cfg.threads)
-    devices.seed_everything(cfg.seed)  # the same initial weights on every rank
-    corpus = runs.load_corpus(start, say)
-    model, adapter = runs.make_model(start, corpus)
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg, device)  # optim.py
-    state = runs.restore(start, optimizer, rank, world, say) if start.resumed else TrainState()
-    if world > 1 and len(start.source.get("rngs", []) if start.resumed else []) != world:
-        # each rank draws its own batches
-        devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
-    train_model = ddp.wrap(torch.compile(model) if cfg.compile else model, world, device)
-    precision = devices.precision(cfg.dtype, device, start.source and start.source.get("scaler"))
-    batches = runs.make_batches(corpus, model.config.block_size, cfg, world, device)
-    if cfg.compile:  # a missing compiler is one error line, before the run writes
-        devices.try_compiled(
-            lambda: train_step(train_model, optimizer, batches["train"], cfg.lr, cfg, precision),
-            model,
-            optimizer,
-            precision.scaler,
-        )
-    if options.overfit_batch:  # a sanity check: every step trains on one batch
-        fixed = batches["train"]()
-        batches["train"] = lambda: fixed
-        say(
-            "overfit_batch: training on one fixed batch, writing nothing; the loss should fall to 0"
-        )
-    budget = runs.run_length(cfg, clock, world, device)
-    run = Run(
-        cfg=cfg,
-        options=options,
-        preset=start.preset,
-        rank=rank,
-        world=world,
-        device=device,
-        corpus=corpus,
-        model=model,
-        train_model=train_model,
-        optimizer=optimizer,
-        precision=precision,
-        batches=batches,
-        state=state,
-        clock=clock,
-        budget=budget,
-        stop=cli.StopRequest(announce=rank == 0),
-        lora=adapter,
-    )
-    print_header(run)
-    if options.overwrite and run.master and run.writes_files and not start.resumed:
-        checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, its input checked
-    if cfg.time_budget and cfg.sample_tokens:  # a budget keeps the closing sample's time free
-        run.budget.sample_seconds = closing_sample_seconds(run)
-    return run
+        run = runs.set_up(model_cfg, cfg, options, preset, given, clock)  # every input checked
+        cfg = run.cfg
+        if cfg.compile:  # a missing compiler is one error line, before the run writes
+            args = (run.train_model, run.optimizer, run.batches["train"], cfg.lr, cfg)
+            devices.try_compiled(lambda: train_step(*args, run.precision), run.model, run.optimizer)
+        print_header(run)
+        if options.overwrite and run.master and run.writes_files and not run.resumed:
+            checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now
+        if cfg.time_budget and cfg.sample_tokens:  # a budget keeps the closing sample's time free
+            run.budget.sample_seconds = closing_sample_seconds(run)
+        return train_loop(run)
 
 
 def train_loop(run):

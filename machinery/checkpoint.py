@@ -9,7 +9,7 @@ import os
 import pickle
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +17,24 @@ from config import GPTConfig, TinyLLMError, from_saved
 from lora import adapter, add_adapters
 from model import GPT
 from tokenizer import from_dict
+
+
+@dataclass
+class TrainState:
+    """What the steps change: saved in every checkpoint, put back by --resume."""
+
+    step: int = 0
+    best_val_loss: float = float("inf")
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    lr: float = 0.0  # the latest step's
+    grad_norm: float = None  # the latest step's (None before the first)
+    progress: float = 0.0  # the latest step's: 0 through the warmup, 1 at the run's end
+    seconds: float = 0.0  # the run's wall time before this process (a resume's)
+    decay_start: float = None  # under a time budget: the seconds at the warmup's end
+    eval_seconds: float = 0.0  # the latest evaluation's: a budget keeps as much for the last
+    history: list = field(default_factory=list)  # a row per progress line and per evaluation
+    window: list = field(default_factory=list)  # the figures of the steps since the last line
 
 
 def save(path, checkpoint):

@@ -1,39 +1,22 @@
-"""The run: what the loop works with (Run), what a checkpoint saves of it (TrainState), and the
-parts train.set_up builds it from: the corpus and the model (a fine-tune's new tokens, LoRA), the
-batches, a resumed run's state, and how far the run is (by steps, or by a time budget's clock)."""
+"""The run: what the loop works with (Run), and its set-up in plain functions, in order: the
+settings, the corpus and the model (a fine-tune's new tokens, LoRA), the batches, a resumed run's
+state, and how far the run is (by steps, or by a time budget's clock)."""
 
-from machinery import checkpoint, cli, ddp, sources
+from machinery import checkpoint, cli, ddp, settings, sources
 from machinery import device as devices
+from machinery.checkpoint import TrainState
 
 import functools
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 import lora
-from config import RunOptions, TinyLLMError, TrainConfig
+from config import MAX_SEED, RunOptions, TinyLLMError, TrainConfig
 from model import GPT
-from optim import Steps, TimeBudget, get_lr, progress
+from optim import Steps, TimeBudget, get_lr, make_optimizer, progress
 from utils import get_batch
-
-
-@dataclass
-class TrainState:
-    """What the steps change: saved in every checkpoint, put back by --resume."""
-
-    step: int = 0
-    best_val_loss: float = float("inf")
-    evals_without_improvement: int = 0
-    last_eval_step: int = -1
-    lr: float = 0.0  # the latest step's
-    grad_norm: float = None  # the latest step's (None before the first)
-    progress: float = 0.0  # the latest step's: 0 through the warmup, 1 at the run's end
-    seconds: float = 0.0  # the run's wall time before this process (a resume's)
-    decay_start: float = None  # under a time budget: the seconds at the warmup's end
-    eval_seconds: float = 0.0  # the latest evaluation's: a budget keeps as much for the last
-    history: list = field(default_factory=list)  # a row per progress line and per evaluation
-    window: list = field(default_factory=list)  # the figures of the steps since the last line
 
 
 @dataclass
@@ -56,6 +39,7 @@ class Run:
     clock: object  # () -> this process's seconds so far: a time budget counts them
     budget: object  # how far the run is: optim.Steps, or optim.TimeBudget
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
+    resumed: bool = False  # it goes on from its last.pt
     lora: dict = None  # a LoRA run's base and adapter settings
     line_step: int = 0  # the step and clock the next progress line counts its pace from
     line_time: float = 0.0
@@ -78,6 +62,49 @@ class Run:
 
     def elapsed(self):  # this process's seconds, set-up included, plus those before a resume
         return self.state.seconds + self.clock()
+
+
+def set_up(model_cfg, cfg, options, preset, given, clock):
+    """The Run, everything before the first step in order, each input checked; nothing written."""
+    rank, world, device = ddp.setup(devices.choose_device(cfg.device))
+    say = cli.log if rank == 0 else (lambda text: None)
+    start = settings.start(model_cfg, cfg, options, preset, given, world, say)
+    cfg = start.cfg
+    devices.set_threads(cfg.threads)
+    devices.seed_everything(cfg.seed)  # the same initial weights on every rank
+    corpus = load_corpus(start, say)
+    model, adapter = make_model(start, corpus)
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg, device)  # optim.py
+    state = restore(start, optimizer, rank, world, say) if start.resumed else TrainState()
+    if world > 1 and len(start.source.get("rngs", []) if start.resumed else []) != world:
+        # each rank draws its own batches
+        devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
+    batches = make_batches(corpus, model.config.block_size, cfg, world, device)
+    if options.overfit_batch:  # a sanity check: every step trains on one batch
+        fixed = batches["train"]()
+        batches["train"] = lambda: fixed
+        say("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
+    return Run(
+        cfg=cfg,
+        options=options,
+        preset=start.preset,
+        rank=rank,
+        world=world,
+        device=device,
+        corpus=corpus,
+        model=model,
+        train_model=ddp.wrap(torch.compile(model) if cfg.compile else model, world, device),
+        optimizer=optimizer,
+        precision=devices.precision(cfg.dtype, device, start.source and start.source.get("scaler")),
+        batches=batches,
+        state=state,
+        clock=clock,
+        budget=run_length(cfg, clock, world, device),
+        stop=cli.StopRequest(announce=rank == 0),
+        resumed=start.resumed,
+        lora=adapter,
+    )
 
 
 # ---------------------------------------------------------------------- the corpus and the model

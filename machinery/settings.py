@@ -3,7 +3,7 @@ against what the run starts from (its last.pt when it resumes, a model when it f
 
 from machinery import checkpoint, cli, sources
 from machinery import device as devices
-from machinery.run import TrainState
+from machinery.checkpoint import TrainState
 
 import os
 from dataclasses import asdict, dataclass, replace

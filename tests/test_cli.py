@@ -5,6 +5,7 @@ processes (signals, pipes that close, kill -9); sweep.sh; output in a legacy cod
 from machinery import checkpoint, settings
 from machinery import cli as machinery_cli
 from machinery import device as devices
+from machinery import run as runs
 
 import io
 import os
@@ -127,7 +128,7 @@ def test_running_out_of_memory_is_one_line_saying_what_to_try(
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "make_optimizer", out_of_memory)
+    monkeypatch.setattr(runs, "make_optimizer", out_of_memory)
     code, _, err = cli(
         capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run"
     )

@@ -5,6 +5,7 @@ paths that stand in for a GPU's: bfloat16 autocast and float16's loss scaler."""
 import machinery
 from machinery import checkpoint
 from machinery import device as devices
+from machinery import run as runs
 
 import math
 import random
@@ -100,12 +101,13 @@ CPUS = {
 
 @pytest.mark.parametrize("kind", CPUS)
 def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says_which(
-    fake_machine, text_file, tmp_path, capsys, kind
+    fake_machine, text_file, tmp_path, capsys, monkeypatch, kind
 ):
     facts, dtype = CPUS[kind]
     fake_machine(cuda=False, mps=False, **facts)
     cfg = tiny_run(text_file, tmp_path, dtype="auto")
-    run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, machinery.stopwatch())
+    monkeypatch.setattr(train, "train_loop", lambda run: run)  # set up, its header printed
+    run = train.train(tiny_model(), cfg)
     header = capsys.readouterr().out.splitlines()[0]
     assert run.precision.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
     fake_machine(vendor="")  # a CPU whose maker is unknown takes bfloat16 only with AMX
@@ -121,8 +123,9 @@ def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(
         pytest.fail("a step was taken at start-up")
 
     monkeypatch.setattr(train, "train_step", no_step)
+    monkeypatch.setattr(train, "train_loop", lambda run: "set up")  # all before the loop
     cfg = tiny_run(text_file, tmp_path, dtype="auto", time_budget="5m", sample_tokens=10)
-    train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, machinery.stopwatch())
+    assert train.train(tiny_model(), cfg) == "set up"
 
 
 def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(
@@ -178,7 +181,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = train.set_up(
+    run = runs.set_up(
         tiny_model(), cfg, RunOptions(resume=True), "custom", {}, machinery.stopwatch()
     )
     assert run.precision.dtype == "float16" and run.precision.scaler.get_scale() == 1234.0

@@ -715,7 +715,7 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
     cfg = tiny_run(
         text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10**6, eval_iters=1
     )
-    run = train.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, clock)
+    run = runs.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, clock)
     val = run.batches["val"]
 
     def slow_val():  # the evaluations' batches come slowly
