@@ -21,7 +21,7 @@ from dataclasses import asdict
 
 import torch
 
-from config import ASSISTANT, USER, RunOptions, SamplerConfig, TinyLLMError, build_configs
+from config import RunOptions, SamplerConfig, TinyLLMError, build_configs
 from optim import get_lr
 from sampling import generate, until_stop
 from utils import bits_per_char
@@ -84,14 +84,19 @@ def train(model_cfg, cfg, options=None, preset="custom", given=None, clock=None)
     with devices.out_of_memory_as_error(hint):
         run = runs.set_up(model_cfg, cfg, options, preset, given, clock)  # every input checked
         cfg = run.cfg
-        if cfg.compile:  # a missing compiler is one error line, before the run writes
-            args = (run.train_model, run.optimizer, run.batches["train"], cfg.lr, cfg)
-            devices.try_compiled(lambda: train_step(*args, run.precision), run.model, run.optimizer)
+        model, optimizer = run.train_model, run.optimizer
+        if cfg.compile:  # a step, undone: a missing compiler is one error line before any write
+            with devices.compiling(run.model, optimizer, run.precision.scaler):
+                train_step(model, optimizer, run.batches["train"], cfg.lr, cfg, run.precision)
         print_header(run)
         if options.overwrite and run.master and run.writes_files and not run.resumed:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now
         if cfg.time_budget and cfg.sample_tokens:  # a budget keeps the closing sample's time free
-            run.budget.sample_seconds = closing_sample_seconds(run)
+            closing_sample(run, 2)  # the first pays for allocations
+            start = run.clock()
+            closing_sample(run, 16)
+            seconds = (run.clock() - start) / 16 * cfg.sample_tokens * 1.2  # with a margin
+            run.budget.sample_seconds = ddp.mean([seconds], run.world, run.device)[0]
         return train_loop(run)
 
 
@@ -143,24 +148,21 @@ def read_window(run):
     and kept as numbers; the latest step's lr and grad_norm go into the state. A loss that is not
     finite stops the run."""
     state = run.state
-    tensors = [
-        v.float() for figures in state.window for v in figures.values() if torch.is_tensor(v)
-    ]
+    tensors = [v.float() for step in state.window for v in step.values() if torch.is_tensor(v)]
     numbers = iter(torch.stack(tensors).tolist() if tensors else [])
     state.window = [
-        {k: next(numbers) if torch.is_tensor(v) else v for k, v in figures.items()}
-        for figures in state.window
+        {k: next(numbers) if torch.is_tensor(v) else v for k, v in step.items()}
+        for step in state.window
     ]
-    for n, figures in enumerate(state.window, state.step - len(state.window)):
-        gradient_ok = run.precision.scaler or math.isfinite(figures["grad_norm"])  # float16 skips
-        if not (math.isfinite(figures["loss"]) and gradient_ok):
+    for n, step in enumerate(state.window, state.step - len(state.window)):
+        gradient_ok = run.precision.scaler or math.isfinite(step["grad_norm"])  # float16 skips
+        if not (math.isfinite(step["loss"]) and gradient_ok):
             raise TinyLLMError(
-                f"step {n}: the loss or the gradient is not finite (loss {figures['loss']}); "
-                f"nothing non-finite was saved. Try a lower --lr, --grad_clip 1, or --dtype "
-                f"bfloat16 or float32"
+                f"step {n}: the loss or the gradient is not finite (loss {step['loss']}); nothing "
+                f"non-finite was saved. Try a lower --lr, --grad_clip 1, or --dtype float32"
             )
-        state.lr = figures["lr"]
-        state.grad_norm = figures["grad_norm"] if math.isfinite(figures["grad_norm"]) else None
+        state.lr = step["lr"]
+        state.grad_norm = step["grad_norm"] if math.isfinite(step["grad_norm"]) else None
     return state.window
 
 
@@ -180,14 +182,11 @@ def log_progress(run):
     tokens_per_s = run.tokens_per_step / seconds if seconds else 0.0
     end = run.budget.end_step(state, seconds)
     eta = cli.format_seconds((end - state.step) * seconds) if end else "?"
-    shown = [
+    shown = " | ".join(
         f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items()
-    ]
-    shown = " | ".join(shown)
-    run.say(
-        f"step {state.step:>6}/{end or '?'} | {shown} | {1000 * seconds:.1f} ms/step | "
-        f"{tokens_per_s:,.0f} tok/s | ETA {eta}"
     )
+    pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
+    run.say(f"step {state.step:>6}/{end or '?'} | {shown} | {pace}")
     row = {"kind": "train", "step": state.step, **figures, "ms_per_step": 1000 * seconds}
     state.history.append(row | {"tok_per_s": tokens_per_s, "seconds": run.elapsed()})
     # --overfit_batch: done when the processes' mean loss is near 0 (each has its own batch)
@@ -210,10 +209,8 @@ def evaluate(run):
     state.best_val_loss = min(val_loss, state.best_val_loss)
     state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
     state.last_eval_step = state.step
-    row = {"kind": "eval", "step": state.step, "train_loss": train_loss, "val_loss": val_loss}
-    state.history.append(
-        row | {"lr": state.lr, "grad_norm": state.grad_norm, "seconds": run.elapsed()}
-    )
+    row = dict(kind="eval", step=state.step, train_loss=train_loss, val_loss=val_loss)
+    state.history.append(row | dict(lr=state.lr, grad_norm=state.grad_norm, seconds=run.elapsed()))
     bits = bits_per_char(val_loss, run.corpus.chars_per_token)
     line = f"eval {state.step:>6}/{run.budget.end_step(state) or '?'} | train {train_loss:.4f} | "
     line += f"val {val_loss:.4f} ({bits:.3f} bits/char)"
@@ -258,28 +255,24 @@ def save(run, name):
 
 def print_header(run):
     """The run's opening lines: device and precision, model, tokens, and how it ends."""
-    cfg, m, model, precision = run.cfg, run.model.config, run.model, run.precision.dtype
-    if cfg.dtype == "auto":
-        precision += f": {run.precision.why}"
-    processes = f" x {run.world} processes" if run.world > 1 else ""
-    threads = torch.get_num_threads()
-    run.say(
-        f"device {devices.name(run.device)} ({precision}, {threads} threads){processes} | "
-        f"preset {run.preset} | data {cfg.data}"
+    cfg, m, model, precision = run.cfg, run.model.config, run.model, run.precision
+    why = f": {precision.why}" if cfg.dtype == "auto" else ""
+    device = (
+        f"{devices.name(run.device)} ({precision.dtype}{why}, {torch.get_num_threads()} threads)"
     )
+    device += f" x {run.world} processes" if run.world > 1 else ""
+    run.say(f"device {device} | preset {run.preset} | data {cfg.data}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%, LoRA)"
-    run.say(
-        f"model {model.num_params():,} parameters{part if run.lora else ''}: {m.n_layer} layers, "
-        f"{m.n_head} heads, {m.n_embd} wide, block {m.block_size}, vocab {m.vocab_size} | "
-        f"norm {m.norm}, mlp {m.mlp}, pos {m.pos} | optimizer {cfg.optimizer}"
-    )
+    shape = f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}"
+    parts = f"norm {m.norm}, mlp {m.mlp}, pos {m.pos} | optimizer {cfg.optimizer}"
+    params = f"{model.num_params():,} parameters{part if run.lora else ''}"
+    run.say(f"model {params}: {shape}, vocab {m.vocab_size} | {parts}")
     split = f" ({run.world} processes x {cfg.grad_accum_steps} micro-batches)"
-    run.say(
-        f"tokens per step {run.tokens_per_step:,} = batch {cfg.batch_size} x block {m.block_size}"
-        f"{split if run.world * cfg.grad_accum_steps > 1 else ''} | train "
-        f"{len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens"
-    )
+    split = split if run.world * cfg.grad_accum_steps > 1 else ""
+    tokens = f"train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens"
+    batch = f"batch {cfg.batch_size} x block {m.block_size}{split}"
+    run.say(f"tokens per step {run.tokens_per_step:,} = {batch} | {tokens}")
     if cfg.time_budget:
         schedule = f"after the warmup the {cfg.lr_schedule} schedule runs over the time left"
         run.say(f"time budget {cfg.time_budget}: {schedule}")
@@ -293,28 +286,15 @@ def closing_sample(run, tokens):
     model answers the validation split's first question, in the chat template."""
     tokenizer, stop = run.corpus.tokenizer, None
     start = sources.start_ids(tokenizer)
-    if ASSISTANT in tokenizer.special_tokens:
-        ids = run.corpus.val[: 4 * run.model.config.block_size].tolist()
-        user, assistant = tokenizer.special_tokens[USER], tokenizer.special_tokens[ASSISTANT]
-        if user in ids and assistant in ids[ids.index(user) :]:
-            first = ids.index(user)
-            start, stop = ids[first : ids.index(assistant, first) + 1], tokenizer.eot_id
+    question = sources.first_question(run.corpus.val[: 4 * run.model.config.block_size], tokenizer)
+    if question:
+        start, stop = question, tokenizer.eot_id
     idx = torch.tensor([start], device=run.device)
     generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
-    out = generate(
-        run.model.eval(), idx, tokens, SamplerConfig(), stop_token=stop, generator=generator
-    )
-    run.model.train()
+    model = run.model.eval()
+    out = generate(model, idx, tokens, SamplerConfig(), stop_token=stop, generator=generator)
+    model.train()
     return tokenizer.decode(until_stop(out[0].tolist(), stop))
-
-
-def closing_sample_seconds(run):
-    """The closing sample's seconds, timed on 16 tokens, with a margin: a budget keeps them free."""
-    closing_sample(run, 2)  # the first pays for allocations
-    start = run.clock()
-    closing_sample(run, 16)
-    seconds = (run.clock() - start) / 16 * run.cfg.sample_tokens * 1.2
-    return ddp.mean([seconds], run.world, run.device)[0]
 
 
 def finish(run, stop_reason, signum):
@@ -333,14 +313,11 @@ def finish(run, stop_reason, signum):
         sys.exit(128 + signum)
     if stop_reason:
         run.say(stop_reason)
-    files = f" | {cfg.out_dir}/: best.pt, last.pt, history.csv" + (
-        ", loss.png" if cfg.plots else ""
-    )
+    files = "best.pt, last.pt, history.csv" + (", loss.png" if cfg.plots else "")
+    files = f" | {cfg.out_dir}/: {files}" if run.writes_files else ""
     total = cli.format_seconds(run.elapsed())
-    run.say(
-        f"done: {state.step} steps | best val loss {state.best_val_loss:.4f} | total time "
-        f"{total}{files if run.writes_files else ''}"
-    )
+    best = f"best val loss {state.best_val_loss:.4f}"
+    run.say(f"done: {state.step} steps | {best} | total time {total}{files}")
     if cfg.time_budget:
         used = cli.format_seconds(run.budget.now(state))
         last_lr = f"the last at LR {state.lr:.4g} (min_lr {cfg.min_lr:g})"
@@ -361,9 +338,7 @@ def main(argv=None, clock=None):
     model_cfg, cfg = build_configs(given, preset)
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
-        evaluation.evaluate_checkpoint(
-            path, given.get("data"), cfg.device, cfg.batch_size, cfg.threads
-        )
+        evaluation.evaluate_checkpoint(path, given.get("data"), cfg)
     elif options.plot_lr:
         plots.draw_lr_schedule(cfg)
     else:

@@ -220,12 +220,12 @@ def precision(dtype, device, saved_scaler=None):
     return Precision(dtype, why, autocast(device, dtype), scaler)
 
 
-def try_compiled(step, model, optimizer, scaler):
-    """--compile: one step, undone after, so that a missing compiler is one error line before the
-    run writes anything."""
+@contextlib.contextmanager
+def compiling(model, optimizer, scaler):
+    """Around --compile's first step: undone after (trial), a missing compiler one error line."""
     try:
         with trial(model, optimizer, scaler):
-            step()
+            yield
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError

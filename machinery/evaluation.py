@@ -33,15 +33,16 @@ def token_losses(model, ids, batch_size=1):
     return torch.cat(losses)
 
 
-def evaluate_checkpoint(path, data, device, batch_size, threads):
+def evaluate_checkpoint(path, data, cfg):
     """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
-    data's): a conversation's answers alone, as its run was trained."""
-    devices.set_threads(threads)
-    trained = checkpoint.load_model(path, devices.choose_device(device))
+    data's): a conversation's answers alone, as its run was trained. cfg: the device, threads and
+    batch size to score with."""
+    devices.set_threads(cfg.threads)
+    trained = checkpoint.load_model(path, devices.choose_device(cfg.device))
     model = trained.model
     corpus, data = sources.validation_split(trained.checkpoint, trained.tokenizer, data)
     val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    losses = token_losses(model, val, batch_size)  # of tokens 1..n-1
+    losses = token_losses(model, val, cfg.batch_size)  # of tokens 1..n-1
     if corpus.val_targets is not None:
         losses = losses[corpus.val_targets[1:]]
     loss = losses.mean().item()

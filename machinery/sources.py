@@ -120,6 +120,16 @@ def question(text):
     return turn("user", text) + ASSISTANT
 
 
+def first_question(ids, tokenizer):
+    """The ids of the first whole question in ids, up to where its answer begins; else None."""
+    ids = list(map(int, ids))
+    user, assistant = tokenizer.special_tokens.get(USER), tokenizer.special_tokens.get(ASSISTANT)
+    if user not in ids or assistant not in ids[ids.index(user) :]:
+        return None
+    first = ids.index(user)
+    return ids[first : ids.index(assistant, first) + 1]
+
+
 def clean_text(text):
     """Line ends unified, trailing spaces trimmed, runs of spaces and of blank lines squeezed."""
     text = re.sub(r"[ \t]+\n", "\n", text.replace("\r\n", "\n").replace("\r", "\n"))
