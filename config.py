@@ -32,6 +32,8 @@ USER, ASSISTANT = "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = (EOT, USER, ASSISTANT)  # each one token, after a vocabulary's ordinary ones
 TRAIN_FRACTION = 0.9  # the first 90% of a text trains, the rest validates
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+POSITIONS, TOKENIZERS = ("learned", "sinusoidal", "rope"), ("char", "bpe", "gpt2")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
 
@@ -49,23 +51,17 @@ class GPTConfig:
     bias: bool = setting(True, "biases in Linear and LayerNorm layers, as in GPT-2")
     norm: str = setting("layernorm", "normalisation layer", ("layernorm", "rmsnorm"))
     mlp: str = setting("gelu", "MLP: GELU 4x wide, or SwiGLU 8/3x wide", ("gelu", "swiglu"))
-    pos: str = setting(
-        "learned",
-        "positions: a learned table, fixed sinusoids, or rotary (RoPE)",
-        ("learned", "sinusoidal", "rope"),
-    )
+    pos: str = setting("learned", "positions: a table, sinusoids or RoPE", POSITIONS)
 
     def __post_init__(self):
         at_least(self, 0, "vocab_size")
         at_least(self, 1, "block_size n_layer n_head n_embd")
-        require(
-            self.n_embd % self.n_head == 0,
-            f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})",
-        )
+        require(self.n_embd % self.n_head == 0, f"n_head {self.n_head} must divide n_embd")
         require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        head_size = self.n_embd // self.n_head
         require(
-            self.pos != "rope" or self.n_embd // self.n_head % 2 == 0,
-            f"rope needs an even head size, got n_embd/n_head = {self.n_embd // self.n_head}",
+            self.pos != "rope" or head_size % 2 == 0,
+            f"rope needs an even head size, not {head_size}",
         )
         check_choices(self)
 
@@ -75,32 +71,22 @@ class TrainConfig:
     """How a run trains, saved in every checkpoint."""
 
     data: str = setting(
-        "data/input.txt",
-        'training text: .txt, a folder, .jsonl (a "text" '
-        "field), Q&A .json, or a tools.prepare folder",
+        "data/input.txt", "text: .txt, a folder, .jsonl, Q&A .json, tools.prepare's"
     )
     data_ext: str = setting(".txt", "file endings read from a --data folder, e.g. .txt,.md")
     data_fraction: float = setting(1.0, "train on this first share of the training split; 1 = all")
-    tokenizer: str = setting(
-        "char", "characters, BPE learned from the text, or GPT-2's", ("char", "bpe", "gpt2")
-    )
-    loss_on: str = setting(
-        "answers", "conversations: learn from the answers only, or every token", ("answers", "all")
-    )
+    tokenizer: str = setting("char", "characters, BPE learned from the text, GPT-2's", TOKENIZERS)
+    loss_on: str = setting("answers", "a chat's loss: on its answers, or all", ("answers", "all"))
     clean: bool = setting(False, "normalise whitespace and drop duplicate documents")
     out_dir: str = setting("checkpoints", "where checkpoints, history and plots go")
     tag: str = setting("", "run name: its folder is checkpoints/TAG")
     batch_size: int = setting(32, "sequences per optimizer step")
     max_steps: int = setting(2000, "optimizer steps; the LR schedule ends here")
     time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m; empty = off")
-    lr: float = setting(
-        2e-3, "peak learning rate, reached after warmup", aliases=("--lr-max", "--lr_max")
-    )
+    lr: float = setting(2e-3, "peak learning rate, after warmup", aliases=("--lr-max", "--lr_max"))
     min_lr: float = setting(2e-4, "the LR the decay schedules end at")
     warmup_steps: int = setting(100, "steps of linear warmup up to lr", aliases=("--warmup",))
-    lr_schedule: str = setting(
-        "cosine", "the decay from lr to min_lr after warmup", ("cosine", "linear")
-    )
+    lr_schedule: str = setting("cosine", "the decay from lr to min_lr", ("cosine", "linear"))
     weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))
     muon_lr: float = setting(0.02, "Muon's peak learning rate")
@@ -117,19 +103,12 @@ class TrainConfig:
     target_loss: float = setting(0.0, "stop once val loss is at or below this; 0 = off")
     seed: int = setting(1337, f"seed of every random generator, 0 to {MAX_SEED}")
     device: str = setting("auto", DEVICE_HELP, DEVICES)
-    dtype: str = setting(
-        "auto",
-        "forward pass precision; auto: bfloat16 where native and faster, "
-        "float16 on older GPUs, else float32",
-        ("auto", "float32", "bfloat16", "float16"),
-    )
+    dtype: str = setting("auto", "forward pass precision; auto: by what the device is", DTYPES)
     compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs)")
     threads: int = setting(0, THREADS_HELP)
     sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
     plots: bool = setting(True, "redraw loss.png after every evaluation")
-    lora_rank: int = setting(
-        0, "with --init_from: freeze the model, train rank-R LoRA beside attention; 0 = off"
-    )
+    lora_rank: int = setting(0, "with --init_from: rank-R LoRA beside attention; 0 = off")
     lora_alpha: float = setting(16.0, "LoRA's scale: the matrices' product times alpha / rank")
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
 
@@ -141,15 +120,10 @@ class TrainConfig:
         for name in ("lr", "muon_lr", "weight_decay", "grad_clip", "target_loss", "lora_alpha"):
             value = getattr(self, name)
             positive = value > 0 or name not in ("lr", "muon_lr", "lora_alpha")
-            require(
-                math.isfinite(value) and positive, f"{name} must be a positive number, got {value}"
-            )
+            require(math.isfinite(value) and positive, f"{name} must be a positive number")
         require(self.min_lr <= self.lr, f"min_lr must be at most lr ({self.lr}), got {self.min_lr}")
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        require(
-            0 < self.data_fraction <= 1,
-            f"data_fraction must be in (0, 1], got {self.data_fraction}",
-        )
+        require(0 < self.data_fraction <= 1, "data_fraction must be in (0, 1]")
         plain = self.tag not in (".", "..") and not set("/\\") & set(self.tag)
         require(plain, "tag must be a plain name")
         parse_duration(self.time_budget)
@@ -166,22 +140,12 @@ sample_tokens plots""".split()
 class RunOptions:
     """What train.py does with the settings; never saved."""
 
-    preset: str = setting(
-        "",
-        "start from a preset: mini on a CPU with 2 threads in bfloat16, "
-        "tiny on other CPUs and Macs, small on a CUDA GPU",
-    )
+    preset: str = setting("", "start from a preset; none: this machine's (docs/training.md)")
     resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")
     overwrite: bool = setting(False, "start afresh though OUT_DIR holds another run")
-    init_from: str = setting(
-        "", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium, ...) with a fresh optimizer"
-    )
-    eval_only: str = setting(
-        None, "a checkpoint's loss on its whole val split; OUT_DIR/best.pt if none is named"
-    )
-    overfit_batch: bool = setting(
-        False, "sanity check: fit one batch until the loss is near 0; writes nothing"
-    )
+    init_from: str = setting("", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium...)")
+    eval_only: str = setting(None, "score a checkpoint on its whole val split (OUT_DIR/best.pt)")
+    overfit_batch: bool = setting(False, "check: fit one batch until its loss is near 0; no files")
     plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
 
 
@@ -194,10 +158,8 @@ class SamplerConfig:
     top_p: float = setting(1.0, "keep the fewest tokens whose probability reaches p; 1 = off")
 
     def __post_init__(self):
-        require(
-            self.temperature == 0 or 1e-3 <= self.temperature <= 1e3,
-            f"--temperature must be 0 (greedy) or between 0.001 and 1000, got {self.temperature}",
-        )
+        greedy_or_in_range = self.temperature == 0 or 1e-3 <= self.temperature <= 1e3
+        require(greedy_or_in_range, "--temperature must be 0 (greedy) or from 0.001 to 1000")
         require(self.top_k >= 0, f"--top_k must be 0 (off) or more, got {self.top_k}")
         require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
 
@@ -215,9 +177,7 @@ class GenerateConfig:
     device: str = setting("auto", DEVICE_HELP, DEVICES)
     threads: int = setting(0, THREADS_HELP)
     no_cache: bool = setting(False, "recompute the whole context per token, no KV cache")
-    qa: bool = setting(
-        False, "the prompt is a question: ask it in the chat template, stop after the answer"
-    )
+    qa: bool = setting(False, "the prompt is a question, in the chat template: stop at its answer")
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
     show_probs: bool = setting(False, "show each new token's probability and the entropy")
     show_top: int = setting(0, "with --show_probs, also list the K most likely tokens (at most 20)")
@@ -230,14 +190,8 @@ class GenerateConfig:
         require(0 <= self.show_top <= 20, f"--show_top must be 0 (off) to 20, got {self.show_top}")
         self.show_probs = self.show_probs or self.show_top > 0
         require(self.beam is None or self.beam >= 1, f"--beam must be at least 1, got {self.beam}")
-        require(
-            not self.beam or self.num_samples == 1,
-            "beam search finds one continuation: drop --num_samples",
-        )
-        require(
-            math.isfinite(self.length_penalty),
-            f"--length_penalty must be a number, got {self.length_penalty}",
-        )
+        require(not self.beam or self.num_samples == 1, "beam search finds one: drop --num_samples")
+        require(math.isfinite(self.length_penalty), "--length_penalty must be a number")
         require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
         check_choices(self)
 
