@@ -3,6 +3,7 @@
 from machinery import device as devices
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -11,11 +12,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from config import TinyLLMError
 
 
+@dataclass
+class Process:
+    """This process: its rank of world (0 of 1 without torchrun) and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
 def setup(device):
-    """(rank, world size, device); (0, 1, device) without torchrun. A process joins its group
-    once, however many runs it trains (tools.ablation)."""
+    """This Process, in its group under torchrun. A process joins its group once, however many
+    runs it trains (tools.ablation)."""
     if "RANK" not in os.environ:
-        return 0, 1, device
+        return Process(0, 1, device)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
         raise TinyLLMError(
@@ -24,7 +34,7 @@ def setup(device):
     if device.type != "cuda":
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        return rank, world, device
+        return Process(rank, world, device)
     gpus, processes = devices.machine().gpus, int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
         raise TinyLLMError(
@@ -35,7 +45,7 @@ def setup(device):
     torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl", device_id=device)
-    return rank, world, device
+    return Process(rank, world, device)
 
 
 def leave_together(world):

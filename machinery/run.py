@@ -66,7 +66,8 @@ class Run:
 
 def set_up(model_cfg, cfg, options, preset, given, clock):
     """The Run, everything before the first step in order, each input checked; nothing written."""
-    rank, world, device = ddp.setup(devices.choose_device(cfg.device))
+    process = ddp.setup(devices.choose_device(cfg.device))
+    rank, world, device = process.rank, process.world, process.device
     say = cli.log if rank == 0 else (lambda text: None)
     start = settings.start(model_cfg, cfg, options, preset, given, world, say)
     cfg = start.cfg

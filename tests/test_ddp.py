@@ -37,7 +37,8 @@ plan, out = torch.load(sys.argv[2], weights_only=True), os.path.dirname(sys.argv
 
 # 1. one optimizer step of a model wrapped in DDP, each rank on its half of a fixed batch, in
 # micro-batches
-rank, world, device = ddp.setup(torch.device("cpu"))
+process = ddp.setup(torch.device("cpu"))
+rank, world, device = process.rank, process.world, process.device
 x, y = plan["batch"]
 half = len(x) // world
 x, y = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]

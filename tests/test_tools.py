@@ -220,8 +220,9 @@ TINY = dict(block_size=16, batch_size=4, eval_iters=1, device="cpu", dtype="floa
 @pytest.mark.parametrize("law", [(1.5, 500.0, 0.25), (0.0, 3.0, 0.1)])
 def test_fit_power_law_recovers_the_law_its_points_were_made_by(law):
     C = [1e9 * 4**k for k in range(6)]
-    l_inf, a, alpha, rms = scaling.fit_power_law(C, [law[0] + law[1] * c ** -law[2] for c in C])
-    assert (l_inf, a, alpha) == pytest.approx(law, rel=1e-6, abs=1e-9) and rms < 1e-9
+    fit = scaling.fit_power_law(C, [law[0] + law[1] * c ** -law[2] for c in C])
+    assert (fit["l_inf"], fit["a"], fit["alpha"]) == pytest.approx(law, rel=1e-6, abs=1e-9)
+    assert fit["rms"] < 1e-9
 
 
 def test_isoflop_minimum_is_the_parabolas_vertex_or_the_lowest_run():

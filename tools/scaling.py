@@ -40,7 +40,7 @@ def run(shape, steps, out_dir, data, evals=1, **given):
 
 
 def fit_power_law(C, L):
-    """(L_inf, a, alpha, rms error) of L(C) = L_inf + a C^-alpha, L_inf >= 0: a linear least-squares
+    """{l_inf, a, alpha, rms} of L(C) = l_inf + a C^-alpha, l_inf >= 0: a linear least-squares
     fit for each alpha on a grid, the best with a > 0; None if no falling curve fits."""
     C, L = torch.tensor(C, dtype=torch.float64), torch.tensor(L, dtype=torch.float64)
     alphas = torch.linspace(0.01, 1.5, 1491, dtype=torch.float64)
@@ -56,7 +56,8 @@ def fit_power_law(C, L):
     if not math.isfinite(err[k]):
         return None
     alpha = alphas[k].item()
-    return coef[k, 0].item(), coef[k, 1].item() * C.min().item() ** alpha, alpha, err[k].item()
+    a = coef[k, 1].item() * C.min().item() ** alpha
+    return dict(l_inf=coef[k, 0].item(), a=a, alpha=alpha, rms=err[k].item())
 
 
 def isoflop_minimum(rows):
@@ -160,14 +161,14 @@ def summarize(rows, budgets, five_minutes, path):
             "no power law fits these runs: the loss does not fall with compute "
             "(give more --minutes)"
         )
-        l_inf, a, alpha = min(L), 0.0, 0.0
+        fit = dict(l_inf=min(L), a=0.0, alpha=0.0)
     else:
-        l_inf, a, alpha, err = fit
         log_c, log_n = [math.log(c) for c in C], [math.log(n) for n in sizes]
         slope, icpt = statistics.linear_regression(log_c, log_n)
         best_size = math.exp(slope * math.log(five_minutes) + icpt)
         cli.log(
-            f"fit: L(C) = {l_inf:.3f} + {a:.3g} C^-{alpha:.3f} (rms {err:.4f}); "
+            f"fit: L(C) = {fit['l_inf']:.3f} + {fit['a']:.3g} C^-{fit['alpha']:.3f} "
+            f"(rms {fit['rms']:.4f}); "
             f"compute-optimal params ~ C^{slope:.2f}; five minutes here: "
             f"{five_minutes:.2e} FLOPs, about {best_size:,.0f} parameters"
         )
@@ -179,9 +180,9 @@ def summarize(rows, budgets, five_minutes, path):
     c = torch.logspace(math.log10(min(C) / 2), math.log10(five_minutes * 2), 100).tolist()
     by_compute.plot(
         c,
-        [l_inf + a * x**-alpha for x in c],
+        [fit["l_inf"] + fit["a"] * x ** -fit["alpha"] for x in c],
         "k-",
-        label=f"L = {l_inf:.2f} + {a:.3g} C^-{alpha:.3f}",
+        label=f"L = {fit['l_inf']:.2f} + {fit['a']:.3g} C^-{fit['alpha']:.3f}",
     )
     by_compute.axvline(five_minutes, color="grey", linestyle="--", label="five minutes here")
     by_compute.set(
