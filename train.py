@@ -245,8 +245,10 @@ def save(run, name):
         state["rngs"] = rngs
     scaler = run.precision.scaler.state_dict() if run.precision.scaler else None
     contents = checkpoint.contents(run.model, run.corpus.tokenizer.to_dict(), lora=run.lora)
-    contents |= dict(optimizer=run.optimizer.state_dict(), train_config=asdict(run.cfg))
-    contents |= dict(preset=run.preset, scaler=scaler, rng=rngs[0], **state)
+    contents |= dict(optimizer=run.optimizer.state_dict(), scaler=scaler, rng=rngs[0], **state)
+    # the run's settings, and for its model card where and how it trained (tools.export)
+    contents |= dict(train_config=asdict(run.cfg), preset=run.preset, dtype=run.precision.dtype)
+    contents |= dict(device=devices.name(run.device), chars_per_token=run.corpus.chars_per_token)
     checkpoint.save(os.path.join(run.cfg.out_dir, name), contents)
 
 

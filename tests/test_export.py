@@ -1,0 +1,118 @@
+"""tools.export: each kind of model the project trains, as a Hugging Face folder that transformers
+loads with no code of ours, gives the same logits, greedy text and chat prompt."""
+
+from machinery import checkpoint, sources
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head
+
+import generate
+import train
+from tools import export
+
+pytestmark = pytest.mark.slow  # every test loads transformers: seconds
+LLAMA = ["--norm", "rmsnorm", "--mlp", "swiglu", "--pos", "rope"]
+KINDS = {  # the train.py flags of each kind of model
+    "llama": LLAMA,
+    "vanilla": ["--norm", "layernorm", "--mlp", "gelu", "--pos", "learned"],
+    "bpe": [*LLAMA, "--tokenizer", "bpe", "--vocab_size", "300"],
+    "chat": [*LLAMA, "--data", os.path.join("data", "chat_example.jsonl")],
+    "tiny": ["--norm", "layernorm", "--mlp", "swiglu", "--pos", "rope"],  # the CPU presets' parts
+}
+PROMPT = "ROMEO:\nWhat"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{kind: a trained checkpoint}: each kind for a few steps, and a LoRA adapter of the first."""
+    folder = tmp_path_factory.mktemp("export")
+    (folder / "text.txt").write_text(corpus_head(20_000), encoding="utf-8")
+    flags = [*TINY_FLAGS, "--block_size", 64, "--max_steps", 8, "--eval_interval", 8]
+    paths = {}
+    for kind, more in KINDS.items():
+        data = [] if "--data" in more else ["--data", folder / "text.txt"]
+        argv = [*flags, *data, *more, "--out_dir", folder / kind]
+        assert train.main([str(a) for a in argv]) is None
+        paths[kind] = str(folder / kind / "best.pt")
+    lora = ["--init_from", paths["llama"], "--lora_rank", 4, "--out_dir", folder / "lora"]
+    train.main([str(a) for a in [*flags, "--data", folder / "text.txt", *lora, "--lr", 0.05]])
+    return paths | {"merged lora": str(folder / "lora" / "last.pt")}
+
+
+@pytest.mark.parametrize("kind", ["llama", "vanilla", "bpe", "chat", "merged lora"])
+def test_transformers_loads_the_same_model_its_logits_and_greedy_text(runs, tmp_path, capsys, kind):
+    import transformers
+
+    code, out, err = cli(capsys, export.main, runs[kind], tmp_path / "hf")
+    assert code == 0 and {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(
+        os.listdir(tmp_path / "hf")
+    ), err
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = checkpoint.load_model(runs[kind])
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    assert ids[0].tolist() == ours.tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ours.model(ids)[0], atol=1e-5, rtol=0)
+    greedy = model.generate(ids, max_new_tokens=50, do_sample=False)
+    argv = ["--temperature", 0, "--prompt", PROMPT, "--max_new_tokens", 50, "--device", "cpu"]
+    code, out, _ = cli(capsys, generate.main, runs[kind], *argv)
+    assert code == 0 and tokenizer.decode(greedy[0], skip_special_tokens=True) == out[:-1]
+
+
+def test_a_chat_models_template_gives_the_prompt_chat_py_gives(runs, tmp_path, capsys):
+    import transformers
+
+    assert cli(capsys, export.main, runs["chat"], tmp_path / "hf")[0] == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    turns = [("user", " Who are you? "), ("assistant", "A player."), ("user", "And then?")]
+    messages = [{"role": role, "content": content} for role, content in turns]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a dict in transformers 5
+    ours = checkpoint.load_model(runs["chat"]).tokenizer
+    chat = [ours.eot_id] + sources.encode_prompt(ours, sources.question(turns[0][1]))
+    chat += ours.encode(turns[1][1]) + [ours.eot_id]  # the model's answer, then its end
+    assert list(ids) == chat + sources.encode_prompt(ours, sources.question(turns[2][1]))
+
+
+def test_the_model_card_says_what_the_model_is_in_the_hubs_format(runs, tmp_path, capsys):
+    assert cli(capsys, export.main, runs["llama"], tmp_path / "hf")[0] == 0
+    card = (tmp_path / "hf" / "README.md").read_text(encoding="utf-8")
+    saved = checkpoint.load(runs["llama"])
+    meta = card.split("---\n")[1]
+    assert "library_name: transformers" in meta and "pipeline_tag: text-generation" in meta
+    assert f"value: {saved['best_val_loss']:.4f}" in meta and "from_pretrained" in card
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    eot = checkpoint.load_model(runs["llama"]).tokenizer.eot_id
+    assert config["model_type"] == "llama" and config["eos_token_id"] == eot
+
+
+@pytest.mark.parametrize(
+    "case, word",
+    [
+        ("tiny", "--norm"),
+        ("variant", "--pos"),
+        ("exists", "--overwrite"),
+        ("not a checkpoint", "checkpoint"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_leaves_nothing_behind(runs, tmp_path, capsys, case, word):
+    path, folder = runs["tiny" if case == "tiny" else "llama"], tmp_path / "hf"
+    if case == "variant":  # Llama's, but for its positions: no architecture transformers has
+        saved = checkpoint.load(path)
+        saved["model_config"]["pos"] = "sinusoidal"  # a fixed table: no weights to change
+        checkpoint.save(str(tmp_path / "sinusoids.pt"), saved)
+        path = str(tmp_path / "sinusoids.pt")
+    if case == "exists":
+        folder.mkdir()
+    if case == "not a checkpoint":
+        path = str(tmp_path / "notes.txt")
+        (tmp_path / "notes.txt").write_text("hello")
+    before = sorted(os.listdir(tmp_path))
+    code, _, err = cli(capsys, export.main, path, folder)
+    assert_one_line_error(code, err, word)
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, nothing half-written

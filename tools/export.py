@@ -1,0 +1,198 @@
+"""A trained model as a Hugging Face model folder, which transformers loads with no code of ours:
+config.json, model.safetensors, the tokenizer, generation_config.json and a model card.
+
+    python -m tools.export checkpoints/best.pt hf_model
+    hf upload USER/NAME hf_model        # the Hub's own command puts it online
+
+RMSNorm, SwiGLU and RoPE are Llama's architecture; LayerNorm, GELU and a learned position table
+are GPT-2's. A LoRA adapter is merged first."""
+
+from machinery import checkpoint, cli, sources
+from machinery.hf_gpt2 import hf_names
+
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import torch
+
+import lora
+from config import ASSISTANT, EOT, USER, SamplerConfig, TinyLLMError
+from sampling import generate
+from tokenizer import GPT2_PATTERN, CharTokenizer
+from utils import bits_per_char
+
+# transformers' architectures, and the settings of ours each one is
+NEEDS = {
+    "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope"),
+    "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned"),
+}
+# chat.py's prompt: <|endoftext|>, then <|user|>question\n<|assistant|>answer<|endoftext|> a turn
+CHAT = (
+    f"{EOT}{{% for m in messages %}}{{% if m.role == 'user' %}}{USER}{{{{ m.content | trim }}}}\n"
+    f"{{% else %}}{ASSISTANT}{{{{ m.content | trim }}}}{EOT}{{% endif %}}{{% endfor %}}"
+    f"{{% if add_generation_prompt %}}{ASSISTANT}{{% endif %}}"
+)
+
+
+def architecture(c):
+    """(transformers' architecture nearest ours, the settings in which ours differs from it)."""
+    differ = {a: [k for k, v in need.items() if getattr(c, k) != v] for a, need in NEEDS.items()}
+    nearest = min(differ, key=lambda a: len(differ[a]))
+    return nearest, differ[nearest]
+
+
+def llama(model, transformers):
+    """Llama's config, and our weights by its names: RoPE's pairs (2i, 2i+1) moved to (i, i + hs/2),
+    where its rotate_half pairs them."""
+    c, hs = model.config, model.config.n_embd // model.config.n_head
+    shape = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer)
+    shape |= dict(num_attention_heads=c.n_head, num_key_value_heads=c.n_head)
+    shape |= dict(max_position_embeddings=c.block_size)
+    shape["intermediate_size"] = model.blocks[0].mlp.c_proj.in_features
+    config = transformers.LlamaConfig(
+        **shape, attention_bias=c.bias, mlp_bias=c.bias, rms_norm_eps=1e-5
+    )
+    order = torch.cat([torch.arange(0, hs, 2), torch.arange(1, hs, 2)])
+    order = (torch.arange(c.n_head)[:, None] * hs + order).flatten()  # each head's, in turn
+    names = {"wte.": "model.embed_tokens.", "ln_f.": "model.norm.", "blocks.": "model.layers."}
+    names |= {"ln_1.": "input_layernorm.", "ln_2.": "post_attention_layernorm."}
+    names |= {"attn.c_proj.": "self_attn.o_proj.", "mlp.c_proj.": "mlp.down_proj."}
+    out = {}
+    for name, t in model.state_dict().items():
+        for ours, theirs in names.items():
+            name = name.replace(ours, theirs)
+        if "c_attn" in name:  # the queries, keys and values side by side
+            q, k, v = t.chunk(3)
+            for part, t in (("q_proj", q[order]), ("k_proj", k[order]), ("v_proj", v)):
+                out[name.replace("attn.c_attn", f"self_attn.{part}")] = t
+        elif "c_fc" in name:  # SwiGLU's gate and value side by side
+            gate, up = t.chunk(2)
+            out |= {name.replace("c_fc", "gate_proj"): gate, name.replace("c_fc", "up_proj"): up}
+        else:
+            out[name] = t
+    return config, out
+
+
+def gpt2(model, transformers):
+    """GPT-2's config, and our weights by its names."""
+    c = model.config
+    shape = dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd)
+    shape |= dict(n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new")
+    config = transformers.GPT2Config(**shape, layer_norm_epsilon=1e-5)
+    return config, {k: v.contiguous() for k, v in hf_names(model).items()}
+
+
+def hf_tokenizer(tokenizer):
+    """Our tokenizer in the tokenizers library: characters as BPE with no merges; byte-level BPE
+    (ours, or GPT-2's) as GPT-2's is written, its merges those its ranks imply."""
+    import tokenizers  # installed with transformers
+
+    vocab = {ch: i for i, ch in enumerate(getattr(tokenizer, "chars", ()))}
+    merges = []
+    if not isinstance(tokenizer, CharTokenizer):  # bytes as GPT-2's printable characters
+        keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        others = iter(range(256, 512))
+        char = {b: chr(b if b in keep else next(others)) for b in range(256)}
+        ranks = tokenizer.enc._mergeable_ranks  # tiktoken's: a token's bytes -> its id
+        vocab = {"".join(map(char.get, t)): rank for t, rank in ranks.items()}
+        for token in sorted(ranks, key=ranks.get)[256:]:
+            merges.append(tuple("".join(map(char.get, part)) for part in halves(token, ranks)))
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab | tokenizer.special_tokens, merges))
+    pre = tokenizers.pre_tokenizers
+    if merges:  # GPT2_PATTERN's pieces, each as bytes
+        as_bytes = pre.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.pre_tokenizer = pre.Sequence(
+            [pre.Split(tokenizers.Regex(GPT2_PATTERN), "isolated"), as_bytes]
+        )
+    hf.decoder = tokenizers.decoders.ByteLevel() if merges else tokenizers.decoders.Fuse()
+    hf.add_special_tokens(list(tokenizer.special_tokens))
+    return hf
+
+
+def halves(token, ranks):
+    """The two tokens BPE merged into token: its bytes merged as tiktoken would, the pair of the
+    lowest rank first, with the tokens made before it, down to two."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pair_ranks = [ranks.get(a + b, len(ranks)) for a, b in zip(parts, parts[1:])]
+        pair_ranks = [r if r < ranks[token] else len(ranks) for r in pair_ranks]
+        i = pair_ranks.index(min(pair_ranks))
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def model_card(saved, model, arch, name):
+    """What the model card says: the run's record in its checkpoint."""
+    c, cfg, steps = model.config, saved.get("train_config", {}), saved.get("step", 0)
+    card = dict(name=name, arch=arch, params=model.num_params(), steps=steps, dtype="float32")
+    card |= dict(data=os.path.basename(cfg.get("data", "text")), val=saved["best_val_loss"])
+    card |= dict(tokens=steps * cfg.get("batch_size", 0) * c.block_size, device="a machine")
+    card |= {k: saved[k] for k in ("device", "dtype") if k in saved}  # older checkpoints lack them
+    card["shape"] = f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, block {c.block_size}"
+    card["bits"] = bits_per_char(card["val"], saved.get("chars_per_token", math.nan))
+    return card | dict(minutes=saved.get("seconds", 0) / 60)
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(description="Export a checkpoint as a Hugging Face model folder.")
+    parser.add_argument("checkpoint", help="a tinyllm checkpoint (a LoRA adapter is merged)")
+    parser.add_argument("folder", help="the model folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace the folder")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.folder) and not args.overwrite:
+        raise TinyLLMError(f"{args.folder} exists: give another folder, or --overwrite")
+    try:
+        import transformers
+
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        raise TinyLLMError("the export needs transformers: pip install transformers") from None
+    trained = checkpoint.load_model(args.checkpoint)
+    model, tokenizer, saved = lora.merge(trained.model), trained.tokenizer, trained.checkpoint
+    arch, differ = architecture(model.config)
+    if differ:
+        setting = " ".join(f"--{k} {str(getattr(model.config, k)).lower()}" for k in differ)
+        needed = " ".join(f"--{k} {str(NEEDS[arch][k]).lower()}" for k in differ)
+        raise TinyLLMError(f"{setting}: transformers has no such model ({arch}'s needs {needed})")
+    config, weights = {"llama": llama, "gpt2": gpt2}[arch](model, transformers)
+    config.tie_word_embeddings, config.bos_token_id = True, tokenizer.eot_id
+    config.eos_token_id = config.pad_token_id = tokenizer.eot_id
+    idx = torch.tensor([sources.start_ids(tokenizer)])
+    sample = generate(model, idx, 300, SamplerConfig(), generator=torch.Generator().manual_seed(42))
+    card = model_card(saved, model, arch, os.path.basename(os.path.abspath(args.folder)))
+    card["sample"] = tokenizer.decode(sample[0].tolist())
+    parent = os.path.dirname(os.path.abspath(args.folder))
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # nothing half-written left behind
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_config(config)
+        theirs = hf_model.named_parameters()  # biases where ours has none: zeros
+        zeros = {k: torch.zeros_like(v) for k, v in theirs if k.endswith(".bias")}
+        hf_model.load_state_dict(zeros | weights | {"lm_head.weight": model.wte.weight.detach()})
+        hf_model.save_pretrained(tmp)
+        chat = CHAT if ASSISTANT in tokenizer.special_tokens else None
+        fast = dict(eos_token=EOT, chat_template=chat, model_max_length=model.config.block_size)
+        fast = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=hf_tokenizer(tokenizer), **fast
+        )
+        fast.save_pretrained(tmp)
+        path = os.path.join(tmp, "tokenizer_config.json")  # a class every transformers knows
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f) | {"tokenizer_class": "PreTrainedTokenizerFast"}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=2)
+        with open(os.path.join(os.path.dirname(__file__), "model_card.md"), encoding="utf-8") as f:
+            card = f.read().format(**card)  # the Hub's format: YAML metadata, then Markdown
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+        shutil.rmtree(args.folder, ignore_errors=True)
+        os.replace(tmp, args.folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cli.log(f"wrote {args.folder}: {arch}'s architecture, loaded by transformers' from_pretrained")
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)
