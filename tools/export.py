@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 import lora
-from config import ASSISTANT, EOT, USER, SamplerConfig, TinyLLMError
+from config import ASSISTANT, EOT, SamplerConfig, TinyLLMError
 from sampling import generate
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from utils import bits_per_char
@@ -29,19 +29,12 @@ NEEDS = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope"),
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned"),
 }
-# chat.py's prompt: <|endoftext|>, then <|user|>question\n<|assistant|>answer<|endoftext|> a turn
+# the prompt chat.py gives, as machinery/sources.py writes its turns (the tests hold them alike)
 CHAT = (
-    f"{EOT}{{% for m in messages %}}{{% if m.role == 'user' %}}{USER}{{{{ m.content | trim }}}}\n"
-    f"{{% else %}}{ASSISTANT}{{{{ m.content | trim }}}}{EOT}{{% endif %}}{{% endfor %}}"
-    f"{{% if add_generation_prompt %}}{ASSISTANT}{{% endif %}}"
+    "<|endoftext|>{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content | trim }}\n"
+    "{% else %}<|assistant|>{{ m.content | trim }}<|endoftext|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def architecture(c):
-    """(transformers' architecture nearest ours, the settings in which ours differs from it)."""
-    differ = {a: [k for k, v in need.items() if getattr(c, k) != v] for a, need in NEEDS.items()}
-    nearest = min(differ, key=lambda a: len(differ[a]))
-    return nearest, differ[nearest]
 
 
 def llama(model, transformers):
@@ -152,10 +145,11 @@ def main(argv=None):
         raise TinyLLMError("the export needs transformers: pip install transformers") from None
     trained = checkpoint.load_model(args.checkpoint)
     model, tokenizer, saved = lora.merge(trained.model), trained.tokenizer, trained.checkpoint
-    arch, differ = architecture(model.config)
+    arch = "gpt2" if model.config.mlp == "gelu" else "llama"  # the MLP tells the family
+    differ = [k for k, v in NEEDS[arch].items() if getattr(model.config, k) != v]
     if differ:
-        setting = " ".join(f"--{k} {str(getattr(model.config, k)).lower()}" for k in differ)
-        needed = " ".join(f"--{k} {str(NEEDS[arch][k]).lower()}" for k in differ)
+        setting = " ".join(f"--{k} {getattr(model.config, k)}" for k in differ)
+        needed = " ".join(f"--{k} {NEEDS[arch][k]}" for k in differ)
         raise TinyLLMError(f"{setting}: transformers has no such model ({arch}'s needs {needed})")
     config, weights = {"llama": llama, "gpt2": gpt2}[arch](model, transformers)
     config.tie_word_embeddings, config.bos_token_id = True, tokenizer.eot_id
