@@ -154,19 +154,19 @@ def auto_dtype(device):
     return "float32", "AVX512-BF16 without AMX is slower"
 
 
-def resolve_dtype(name, device):
+def resolve_dtype(dtype, device):
     """(the forward pass's precision, why): --dtype auto's rule, or the dtype given."""
-    if name == "auto":
+    if dtype == "auto":
         return auto_dtype(device)
-    if name == "bfloat16" and device.type != "mps" and not native_bf16(device):
+    if dtype == "bfloat16" and device.type != "mps" and not native_bf16(device):
         warn(f"{name(device)} has no native bfloat16: it is emulated and slower")
-    if device.type == "mps" and name != "float32" and not autocast_works("mps", name):
+    if device.type == "mps" and dtype != "float32" and not autocast_works("mps", dtype):
         warn(
-            f"torch {torch.__version__} cannot autocast to {name} on this Mac (bfloat16 needs "
+            f"torch {torch.__version__} cannot autocast to {dtype} on this Mac (bfloat16 needs "
             f"torch 2.6 and macOS 14): training in float32"
         )
         return "float32", "autocast cannot run it here"
-    return name, "given"
+    return dtype, "given"
 
 
 def autocast(device, dtype):

@@ -114,6 +114,12 @@ def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says
     assert devices.auto_dtype(CPU)[0] == ("bfloat16" if facts["amx"] else "float32")
 
 
+def test_bfloat16_asked_of_a_cpu_without_it_is_a_warning_not_a_failure(fake_machine, capsys):
+    fake_machine(cuda=False, mps=False, **CPUS["no bfloat16"][0])
+    assert devices.precision("bfloat16", CPU).dtype == "bfloat16"  # emulated: slow, but it runs
+    assert "no native bfloat16" in capsys.readouterr().err
+
+
 def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(
     text_file, tmp_path, monkeypatch
 ):
