@@ -6,8 +6,7 @@ Each answer sees the whole conversation. The KV cache carries over from turn to 
 computes only its new tokens. Past block_size, the context restarts from its newest half.
 """
 
-from machinery import checkpoint, cli, sources
-from machinery import device as devices
+from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import WholeCharacters
 
 import torch

@@ -222,31 +222,31 @@ def parse_duration(text):
     return seconds
 
 
-# Presets: a model, then how it trains. The default on a CPU or a Mac: tiny or mini, what learned
-# most in five minutes on the 2-core CPUs measured (default_preset picks).
-TINY = dict(n_layer=2, n_head=5, n_embd=160, block_size=128, pos="rope", mlp="swiglu")
-TINY |= dict(batch_size=32, time_budget="5m", lr=3e-3, min_lr=3e-4, weight_decay=1.0)
+# what the CPU presets share: their model's parts and five minutes of training
+FIVE_MINUTES = dict(block_size=128, pos="rope", mlp="swiglu", batch_size=32, time_budget="5m")
+FIVE_MINUTES |= dict(lr=3e-3, min_lr=3e-4, weight_decay=1.0, eval_interval=500)
 NANOGPT = dict(bias=False, lr=1e-3, min_lr=1e-4, beta2=0.99)  # nanoGPT's optimizer settings
-GPU = NANOGPT | dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64)
+# nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
+SMALL = dict(NANOGPT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64)
 PRESETS = {
-    "tiny": TINY | dict(eval_interval=500),
-    # tiny, deeper and wider. Best val on the whole val split after 5 minutes, 2 threads, against
-    # tiny's: 1.484-1.490 against 1.499-1.503 on an Intel Xeon with AMX, 1.520 against 1.518 on a
-    # slower one, 1.512-1.513 against 1.506-1.515 on an AMD EPYC Zen 4. On 1 thread in float32
-    # tiny won, 1.601 against 1.688: a bigger model takes too few steps there.
-    "mini": TINY | dict(n_layer=3, n_head=6, n_embd=192, eval_interval=500),
+    # the default on a CPU or a Mac (default_preset picks): what learned most in five minutes on
+    # the 2-core CPUs measured. mini's best val on the whole val split after 5 minutes, 2 threads,
+    # against tiny's: 1.484-1.490 against 1.499-1.503 on an Intel Xeon with AMX, 1.520 against
+    # 1.518 on a slower one, 1.512-1.513 against 1.506-1.515 on an AMD EPYC Zen 4. On 1 thread in
+    # float32 tiny won, 1.601 against 1.688: a bigger model takes too few steps there.
+    "tiny": dict(FIVE_MINUTES, n_layer=2, n_head=5, n_embd=160),
+    "mini": dict(FIVE_MINUTES, n_layer=3, n_head=6, n_embd=192),
     # nanoGPT's CPU recipe from its README, for like-for-like comparisons
-    "reference": NANOGPT | dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
-    # nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
-    "small": GPU,
-    "small-modern": GPU | dict(pos="rope", mlp="swiglu", norm="rmsnorm", max_steps=5000),
+    "reference": dict(NANOGPT, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+    "small": SMALL,
+    "small-modern": dict(SMALL, pos="rope", mlp="swiglu", norm="rmsnorm", max_steps=5000),
+    "medium": dict(SMALL, n_layer=8, n_head=8, n_embd=512, block_size=512, max_steps=10000),
     # seconds, not minutes: to check that a change runs, learns, resumes and samples
-    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200)
-    | dict(warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5, log_interval=10),
-    "medium": GPU
-    | dict(n_layer=8, n_head=8, n_embd=512, block_size=512, max_steps=10000)
-    | dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500),
+    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200),
 }
+PRESETS["medium"] |= dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500)
+PRESETS["micro"] |= dict(warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5)
+PRESETS["micro"]["log_interval"] = 10
 
 
 def default_preset(device_type, dtype, threads):

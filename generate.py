@@ -3,8 +3,7 @@
 python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """
 
-from machinery import checkpoint, cli, sources
-from machinery import device as devices
+from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Annotator, WholeCharacters, model_odds
 
 import dataclasses

@@ -156,7 +156,9 @@ def beam_search(
         # 2 * beam_width hold beam_width live ones
         best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
         rows, tokens = flat // V, flat % V  # the beam each candidate extends, and by which token
-        stops = tokens == stop_token if stop_token is not None else tokens < 0  # (B,): none
+        stops = torch.zeros_like(tokens, dtype=torch.bool)  # (B,): whether a candidate stops
+        if stop_token is not None:
+            stops = tokens == stop_token
         for total, row, token in zip(best[stops].tolist(), rows[stops], tokens[stops]):
             finished.append((total, torch.cat((beams[row, prompt:], token[None]))))
         keep = (~stops).nonzero()[:beam_width, 0]

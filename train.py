@@ -4,20 +4,17 @@
     python train.py --preset small --max_steps 50 --seed 1
 
 In order: one step and an evaluation; the set-up and the loop; its progress lines, evaluations and
-saves; the opening lines and the end. The set-up's parts are plain functions of machinery/run.py.
+saves; the opening lines and the end. The set-up's parts are plain functions of machinery/runs.py.
 """
 
 import machinery
-from machinery import checkpoint, cli, ddp, evaluation, plots, settings, sources
-from machinery import device as devices
-from machinery import run as runs
-from machinery.device import FLOAT32
+from machinery import checkpoint, cli, ddp, devices, evaluation, plots, runs, settings, sources
+from machinery.devices import FLOAT32
 
 import contextlib
 import math
 import os
 import sys
-from dataclasses import asdict
 
 import torch
 
@@ -123,9 +120,9 @@ def train_loop(run):
             state.progress = budget.progress(state)
             lr = get_lr(state.step, state.progress, cfg)
             batches, model, optimizer = run.batches, run.train_model, run.optimizer
-            state.window.append(
-                train_step(model, optimizer, batches["train"], lr, cfg, run.precision)
-            )
+            figures = train_step(model, optimizer, batches["train"], lr, cfg, run.precision)
+            for name, value in figures.items():  # kept, to be read at the next progress line
+                state.window.setdefault(name, []).append(value)
             state.step += 1
 
             if state.step % cfg.log_interval == 0:
@@ -144,26 +141,27 @@ def train_loop(run):
 
 
 def read_window(run):
-    """The figures of the steps since the last progress line, read from the device in one wait
-    and kept as numbers; the latest step's lr and grad_norm go into the state. A loss that is not
-    finite stops the run."""
-    state = run.state
-    tensors = [v.float() for step in state.window for v in step.values() if torch.is_tensor(v)]
-    numbers = iter(torch.stack(tensors).tolist() if tensors else [])
-    state.window = [
-        {k: next(numbers) if torch.is_tensor(v) else v for k, v in step.items()}
-        for step in state.window
-    ]
-    for n, step in enumerate(state.window, state.step - len(state.window)):
-        gradient_ok = run.precision.scaler or math.isfinite(step["grad_norm"])  # float16 skips
-        if not (math.isfinite(step["loss"]) and gradient_ok):
+    """The figures of the steps since the last progress line, {name: [a number a step]}: the
+    tensors among them read from the device in one wait. The latest lr and grad_norm go into the
+    state; a loss or gradient that is not finite stops the run."""
+    state, window = run.state, dict(run.state.window)
+    tensors = [name for name, values in window.items() if torch.is_tensor(values[0])]
+    if tensors:  # every figure's tensors stacked into one, (figures, steps): one wait
+        numbers = torch.stack([torch.stack(window[name]).float() for name in tensors]).tolist()
+        window.update(zip(tensors, numbers))
+    losses, grad_norms = window.get("loss", []), window.get("grad_norm", [])
+    for n, (loss, grad_norm) in enumerate(zip(losses, grad_norms), state.step - len(losses)):
+        # (float16 skips a step whose gradient overflowed: the step changed nothing)
+        if not (math.isfinite(loss) and (run.precision.scaler or math.isfinite(grad_norm))):
             raise TinyLLMError(
-                f"step {n}: the loss or the gradient is not finite (loss {step['loss']}); nothing "
+                f"step {n}: the loss or the gradient is not finite (loss {loss}); nothing "
                 f"non-finite was saved. Try a lower --lr, --grad_clip 1, or --dtype float32"
             )
-        state.lr = step["lr"]
-        state.grad_norm = step["grad_norm"] if math.isfinite(step["grad_norm"]) else None
-    return state.window
+    if losses:
+        state.lr, grad_norm = window["lr"][-1], grad_norms[-1]
+        state.grad_norm = grad_norm if math.isfinite(grad_norm) else None
+    state.window = window
+    return window
 
 
 FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints (others: .4g)
@@ -172,11 +170,9 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 def log_progress(run):
     """A progress line and a history row: the mean figures of the steps since the last line.
     Returns why --overfit_batch stops, or None."""
-    state, rows, figures = run.state, read_window(run), {}
-    for k in rows[0]:
-        values = [row[k] for row in rows if row[k] is not None]
-        figures[k] = sum(values) / len(values) if values else None
-    state.window = []
+    state = run.state
+    figures = {k: sum(values) / len(values) for k, values in read_window(run).items()}
+    state.window = {}
     seconds = (run.clock() - run.line_time) / max(1, state.step - run.line_step)  # a step's
     run.line_step, run.line_time = state.step, run.clock()
     tokens_per_s = run.tokens_per_step / seconds if seconds else 0.0
@@ -238,18 +234,8 @@ def save(run, name):
     call it."""
     read_window(run)  # the steps' figures go with it, as numbers
     rngs = ddp.every_rank(devices.rng_state(), run.world)
-    if not run.master:
-        return
-    state = asdict(run.state) | {"seconds": run.elapsed()}
-    if run.world > 1:
-        state["rngs"] = rngs
-    scaler = run.precision.scaler.state_dict() if run.precision.scaler else None
-    contents = checkpoint.contents(run.model, run.corpus.tokenizer.to_dict(), lora=run.lora)
-    contents |= dict(optimizer=run.optimizer.state_dict(), scaler=scaler, rng=rngs[0], **state)
-    # the run's settings, and for its model card where and how it trained (tools.export)
-    contents |= dict(train_config=asdict(run.cfg), preset=run.preset, dtype=run.precision.dtype)
-    contents |= dict(device=devices.name(run.device), chars_per_token=run.corpus.chars_per_token)
-    checkpoint.save(os.path.join(run.cfg.out_dir, name), contents)
+    if run.master:
+        checkpoint.save(os.path.join(run.cfg.out_dir, name), checkpoint.of_run(run, rngs))
 
 
 # --------------------------------------------------------------------- the opening lines, the end
@@ -327,10 +313,17 @@ def finish(run, stop_reason, signum):
     if cfg.sample_tokens and run.master:
         run.say("sample:\n" + closing_sample(run, cfg.sample_tokens))
     ddp.leave_together(run.world)
-    summary = dict(step=state.step, best_val_loss=state.best_val_loss, history=state.history)
-    summary |= dict(model=run.model, corpus=run.corpus, seconds=run.elapsed())
-    summary |= dict(tokens_per_step=run.tokens_per_step)
-    return summary | dict(stop_reason=stop_reason, dtype=run.precision.dtype)
+    return {
+        "step": state.step,
+        "best_val_loss": state.best_val_loss,
+        "history": state.history,
+        "stop_reason": stop_reason,
+        "seconds": run.elapsed(),
+        "model": run.model,
+        "corpus": run.corpus,
+        "tokens_per_step": run.tokens_per_step,
+        "dtype": run.precision.dtype,
+    }
 
 
 def main(argv=None, clock=None):

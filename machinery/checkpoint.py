@@ -1,6 +1,7 @@
 """Checkpoints: the file format, written atomically and read without running code, and the run
 folder (--out_dir) that holds them."""
 
+from machinery import devices
 from machinery.cli import check_writable, first_line
 
 import contextlib
@@ -34,7 +35,7 @@ class TrainState:
     decay_start: float = None  # under a time budget: the seconds at the warmup's end
     eval_seconds: float = 0.0  # the latest evaluation's: a budget keeps as much for the last
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
-    window: list = field(default_factory=list)  # the figures of the steps since the last line
+    window: dict = field(default_factory=dict)  # each figure, a value a step since the last line
 
 
 def save(path, checkpoint):
@@ -196,6 +197,30 @@ def contents(model, tokenizer, lora=None, **extra):
         tokenizer=tokenizer,
         lora=lora,
         **extra,
+    )
+
+
+def of_run(run, rngs):
+    """A run's checkpoint: its model and tokenizer; all --resume needs to go on exactly (the
+    optimizer, the state, every rank's random state rngs); and where and how it trained, for its
+    model card (tools.export)."""
+    scaler = run.precision.scaler.state_dict() if run.precision.scaler else None
+    state = dataclasses.asdict(run.state) | {"seconds": run.elapsed()}
+    if run.world > 1:
+        state["rngs"] = rngs
+    return contents(
+        run.model,
+        run.corpus.tokenizer.to_dict(),
+        lora=run.lora,
+        optimizer=run.optimizer.state_dict(),
+        scaler=scaler,
+        rng=rngs[0],
+        train_config=dataclasses.asdict(run.cfg),
+        preset=run.preset,
+        device=devices.name(run.device),
+        dtype=run.precision.dtype,
+        chars_per_token=run.corpus.chars_per_token,
+        **state,
     )
 
 

@@ -1,6 +1,6 @@
 """Several processes under torchrun (DDP): each one's rank and device, what they all agree on."""
 
-from machinery import device as devices
+from machinery import devices
 
 import os
 from dataclasses import dataclass

@@ -1,8 +1,7 @@
 """A trained model scored: the loss of every token of a text, each once (the lesson's
 estimate_loss draws random batches instead), and --eval_only, a checkpoint on its val split."""
 
-from machinery import checkpoint, sources
-from machinery import device as devices
+from machinery import checkpoint, devices, sources
 from machinery.cli import log
 
 import math

@@ -35,31 +35,18 @@ def hf_names(model):
 
 def config_from_hf(hf, name):
     """Our GPTConfig of a Hugging Face config, refused where our model cannot be that one."""
-    problems = [f"model_type is {hf.model_type!r}, not 'gpt2'"]
-    if hf.model_type == "gpt2":
-        problems = [
-            why
-            for wrong, why in (
-                (
-                    hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),
-                    f"activation_function {hf.activation_function!r} (ours is the tanh GELU)",
-                ),
-                (
-                    hf.n_inner not in (None, 4 * hf.n_embd),
-                    f"n_inner {hf.n_inner} (ours is 4 * n_embd)",
-                ),
-                (
-                    abs(hf.layer_norm_epsilon - 1e-5) > 1e-12,
-                    f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is 1e-05)",
-                ),
-            )
-            if wrong
-        ]
-        problems += [
-            f"{k}={not ours}"
-            for k, ours in OUR_SWITCHES.items()
-            if bool(getattr(hf, k, ours)) != ours
-        ]
+    if hf.model_type != "gpt2":
+        raise TinyLLMError(f"{name} is not a GPT-2: its model_type is {hf.model_type!r}")
+    problems = []
+    if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        problems.append(f"activation_function {hf.activation_function!r} (ours is the tanh GELU)")
+    if hf.n_inner not in (None, 4 * hf.n_embd):
+        problems.append(f"n_inner {hf.n_inner} (ours is 4 * n_embd)")
+    if abs(hf.layer_norm_epsilon - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon {hf.layer_norm_epsilon} (ours is 1e-05)")
+    for switch, ours in OUR_SWITCHES.items():
+        if bool(getattr(hf, switch, ours)) != ours:
+            problems.append(f"{switch}={not ours}")
     if problems:
         raise TinyLLMError(f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
     return GPTConfig(

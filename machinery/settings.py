@@ -1,8 +1,7 @@
 """A run's settings: train.py's command line, the preset of this machine, and the settings checked
 against what the run starts from (its last.pt when it resumes, a model when it fine-tunes)."""
 
-from machinery import checkpoint, cli, sources
-from machinery import device as devices
+from machinery import checkpoint, cli, devices, sources
 from machinery.checkpoint import TrainState
 
 import os
@@ -133,7 +132,12 @@ def resumed_settings(source, cfg, given, last):
     """(model_cfg, cfg) of the run in last.pt, with the flags --resume may change."""
     saved = source.get("train_config")
     required = ["optimizer", "rng", *asdict(TrainState())]
-    if any(k not in source for k in required) or set(saved or ()) != set(asdict(cfg)):
+    current = isinstance(source.get("window"), dict)  # (older versions saved a list)
+    if (
+        any(k not in source for k in required)
+        or set(saved or ()) != set(asdict(cfg))
+        or not current
+    ):
         raise TinyLLMError(
             f"{last} was written by another version of tinyllm and cannot be resumed; "
             f"fine-tune from its weights with --init_from instead"

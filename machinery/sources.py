@@ -115,6 +115,14 @@ def turn(role, content):  # an answer ends with EOT: the model learns to end its
     return f"{USER}{content.strip()}\n" if role == "user" else f"{ASSISTANT}{content.strip()}{EOT}"
 
 
+# the same template in Jinja, as a Hugging Face tokenizer holds it (tools.export)
+CHAT_TEMPLATE = (
+    "<|endoftext|>{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content | trim }}\n"
+    "{% else %}<|assistant|>{{ m.content | trim }}<|endoftext|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def question(text):
     """A question in the chat template, up to where its answer begins."""
     return turn("user", text) + ASSISTANT

@@ -66,12 +66,12 @@ def cpu_and_offline():
     """A Mac's GPU is hidden as CUDA is; a connection anywhere but this machine fails at once.
     One torch thread: tiny models gain nothing from a second, and xdist's workers share the cores.
     (torch is imported here, not above: xdist's controller, which runs no test, skips it.)"""
-    from machinery import device
+    from machinery import devices
 
     import torch
 
     torch.set_num_threads(1)
-    real_machine, real_connect = device.machine, socket.socket.connect
+    real_machine, real_connect = devices.machine, socket.socket.connect
 
     def local_only(sock, address):
         local = str(address[0]).startswith(("127.", "::1", "local"))
@@ -83,24 +83,24 @@ def cpu_and_offline():
         return SimpleNamespace(**(vars(real_machine()) | {"mps": False}))
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(device, "machine", without_mps)
+        patch.setattr(devices, "machine", without_mps)
         patch.setattr(socket.socket, "connect", local_only)
         yield
 
 
 @pytest.fixture
 def fake_machine(monkeypatch):
-    """pretend(**facts): device.machine() answers these (cuda, mps, gpus, vendor, amx,
+    """pretend(**facts): devices.machine() answers these (cuda, mps, gpus, vendor, amx,
     avx512_bf16, torch)."""
-    from machinery import device
+    from machinery import devices
 
     def pretend(**facts):
-        real = device.machine
+        real = devices.machine
 
         def machine():
             return SimpleNamespace(**(vars(real()) | facts))
 
-        monkeypatch.setattr(device, "machine", machine)
+        monkeypatch.setattr(devices, "machine", machine)
 
     return pretend
 

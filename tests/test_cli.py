@@ -2,10 +2,8 @@
 spellings, running out of memory or disk, --overwrite that never loses a run; stopping train.py's
 processes (signals, pipes that close, kill -9); sweep.sh; output in a legacy code page."""
 
-from machinery import checkpoint, settings
+from machinery import checkpoint, devices, runs, settings
 from machinery import cli as machinery_cli
-from machinery import device as devices
-from machinery import run as runs
 
 import io
 import os

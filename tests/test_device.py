@@ -1,11 +1,9 @@
-"""machinery/device.py: the device and precision decisions on machines this one stands in for
-(fake_machine, and the project's own seams machinery.device.gpu and autocast_works), and the CPU
+"""machinery/devices.py: the device and precision decisions on machines this one stands in for
+(fake_machine, and the project's own seams machinery.devices.gpu and autocast_works), and the CPU
 paths that stand in for a GPU's: bfloat16 autocast and float16's loss scaler."""
 
 import machinery
-from machinery import checkpoint
-from machinery import device as devices
-from machinery import run as runs
+from machinery import checkpoint, devices, runs
 
 import math
 import random

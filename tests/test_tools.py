@@ -2,8 +2,7 @@
 scaling study (a data-limited run trains on its part only), ablation, decoding; and GPT-2 weights
 through Hugging Face."""
 
-from machinery import checkpoint, evaluation, hf_gpt2
-from machinery import run as runs
+from machinery import checkpoint, evaluation, hf_gpt2, runs
 
 import ast
 import csv

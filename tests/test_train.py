@@ -1,8 +1,7 @@
 """train.py: the step, the schedule, the loop, checkpoints and their safety, resuming, fine-tuning,
 a time budget."""
 
-from machinery import checkpoint, evaluation, settings, sources
-from machinery import run as runs
+from machinery import checkpoint, evaluation, runs, settings, sources
 from machinery.settings import Start
 
 import contextlib

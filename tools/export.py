@@ -29,30 +29,35 @@ NEEDS = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope"),
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned"),
 }
-# the prompt chat.py gives, as machinery/sources.py writes its turns (the tests hold them alike)
-CHAT = (
-    "<|endoftext|>{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content | trim }}\n"
-    "{% else %}<|assistant|>{{ m.content | trim }}<|endoftext|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def llama(model, transformers):
     """Llama's config, and our weights by its names: RoPE's pairs (2i, 2i+1) moved to (i, i + hs/2),
     where its rotate_half pairs them."""
     c, hs = model.config, model.config.n_embd // model.config.n_head
-    shape = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer)
-    shape |= dict(num_attention_heads=c.n_head, num_key_value_heads=c.n_head)
-    shape |= dict(max_position_embeddings=c.block_size)
-    shape["intermediate_size"] = model.blocks[0].mlp.c_proj.in_features
     config = transformers.LlamaConfig(
-        **shape, attention_bias=c.bias, mlp_bias=c.bias, rms_norm_eps=1e-5
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        intermediate_size=model.blocks[0].mlp.c_proj.in_features,
+        num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head,
+        num_key_value_heads=c.n_head,
+        max_position_embeddings=c.block_size,
+        attention_bias=c.bias,
+        mlp_bias=c.bias,
+        rms_norm_eps=1e-5,
     )
     order = torch.cat([torch.arange(0, hs, 2), torch.arange(1, hs, 2)])
     order = (torch.arange(c.n_head)[:, None] * hs + order).flatten()  # each head's, in turn
-    names = {"wte.": "model.embed_tokens.", "ln_f.": "model.norm.", "blocks.": "model.layers."}
-    names |= {"ln_1.": "input_layernorm.", "ln_2.": "post_attention_layernorm."}
-    names |= {"attn.c_proj.": "self_attn.o_proj.", "mlp.c_proj.": "mlp.down_proj."}
+    names = {
+        "wte.": "model.embed_tokens.",
+        "ln_f.": "model.norm.",
+        "blocks.": "model.layers.",
+        "ln_1.": "input_layernorm.",
+        "ln_2.": "post_attention_layernorm.",
+        "attn.c_proj.": "self_attn.o_proj.",
+        "mlp.c_proj.": "mlp.down_proj.",
+    }
     out = {}
     for name, t in model.state_dict().items():
         for ours, theirs in names.items():
@@ -63,7 +68,8 @@ def llama(model, transformers):
                 out[name.replace("attn.c_attn", f"self_attn.{part}")] = t
         elif "c_fc" in name:  # SwiGLU's gate and value side by side
             gate, up = t.chunk(2)
-            out |= {name.replace("c_fc", "gate_proj"): gate, name.replace("c_fc", "up_proj"): up}
+            out[name.replace("c_fc", "gate_proj")] = gate
+            out[name.replace("c_fc", "up_proj")] = up
         else:
             out[name] = t
     return config, out
@@ -72,9 +78,15 @@ def llama(model, transformers):
 def gpt2(model, transformers):
     """GPT-2's config, and our weights by its names."""
     c = model.config
-    shape = dict(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd)
-    shape |= dict(n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new")
-    config = transformers.GPT2Config(**shape, layer_norm_epsilon=1e-5)
+    config = transformers.GPT2Config(
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+    )
     return config, {k: v.contiguous() for k, v in hf_names(model).items()}
 
 
@@ -120,13 +132,20 @@ def halves(token, ranks):
 def model_card(saved, model, arch, name):
     """What the model card says: the run's record in its checkpoint."""
     c, cfg, steps = model.config, saved.get("train_config", {}), saved.get("step", 0)
-    card = dict(name=name, arch=arch, params=model.num_params(), steps=steps, dtype="float32")
-    card |= dict(data=os.path.basename(cfg.get("data", "text")), val=saved["best_val_loss"])
-    card |= dict(tokens=steps * cfg.get("batch_size", 0) * c.block_size, device="a machine")
-    card |= {k: saved[k] for k in ("device", "dtype") if k in saved}  # older checkpoints lack them
-    card["shape"] = f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, block {c.block_size}"
-    card["bits"] = bits_per_char(card["val"], saved.get("chars_per_token", math.nan))
-    return card | dict(minutes=saved.get("seconds", 0) / 60)
+    return {
+        "name": name,
+        "arch": arch,
+        "data": os.path.basename(cfg.get("data", "text")),
+        "params": model.num_params(),
+        "shape": f"{c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, block {c.block_size}",
+        "steps": steps,
+        "tokens": steps * cfg.get("batch_size", 0) * c.block_size,
+        "minutes": saved.get("seconds", 0) / 60,
+        "device": saved.get("device", "a machine"),  # (older checkpoints did not record them)
+        "dtype": saved.get("dtype", "float32"),
+        "val": saved["best_val_loss"],
+        "bits": bits_per_char(saved["best_val_loss"], saved.get("chars_per_token", math.nan)),
+    }
 
 
 def main(argv=None):
@@ -166,7 +185,7 @@ def main(argv=None):
         zeros = {k: torch.zeros_like(v) for k, v in theirs if k.endswith(".bias")}
         hf_model.load_state_dict(zeros | weights | {"lm_head.weight": model.wte.weight.detach()})
         hf_model.save_pretrained(tmp)
-        chat = CHAT if ASSISTANT in tokenizer.special_tokens else None
+        chat = sources.CHAT_TEMPLATE if ASSISTANT in tokenizer.special_tokens else None
         fast = dict(eos_token=EOT, chat_template=chat, model_max_length=model.config.block_size)
         fast = transformers.PreTrainedTokenizerFast(
             tokenizer_object=hf_tokenizer(tokenizer), **fast

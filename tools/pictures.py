@@ -5,8 +5,7 @@ distribution at several temperatures), embeddings (a char model's, by PCA).
     python -m tools.pictures checkpoints/best.pt --only attention,surprise
 """
 
-from machinery import checkpoint, cli, sources
-from machinery import device as devices
+from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.evaluation import token_losses
 from machinery.plots import new_plot, save_plot

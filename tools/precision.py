@@ -1,12 +1,11 @@
 """Whether bfloat16 trains faster than float32 on this CPU, measured: steps of this machine's
 default model timed in each, in turns, and the --dtype to pass. Without it, --dtype auto decides by
-what the CPU is (machinery/device.py's auto_dtype), never by a timing.
+what the CPU is (machinery/devices.py's auto_dtype), never by a timing.
 
     python -m tools.precision
 """
 
-from machinery import cli
-from machinery import device as devices
+from machinery import cli, devices
 from machinery.settings import machine_preset
 
 import time

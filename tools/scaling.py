@@ -26,17 +26,29 @@ DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
 
 def run(shape, steps, out_dir, data, evals=1, **given):
     """A tiny-preset run of shape for steps: its parameters, FLOPs, losses and ms/step."""
-    given = shaped(shape) | dict(max_steps=steps, data=data) | given
-    given |= dict(warmup_steps=max(1, min(100, steps // 10)), eval_iters=30, out_dir=out_dir)
-    summary = experiment(
-        given | dict(eval_interval=max(1, steps // evals), log_interval=min(steps, 5))
-    )
+    settings = {
+        "max_steps": steps,
+        "data": data,
+        "warmup_steps": max(1, min(100, steps // 10)),
+        "eval_iters": 30,
+        "eval_interval": max(1, steps // evals),
+        "log_interval": min(steps, 5),
+        "out_dir": out_dir,
+    }
+    summary = experiment(shaped(shape) | settings | given)
     params, history = summary["model"].num_params(), summary["history"]
     last = [h for h in history if h["kind"] == "eval"][-1]
     flops = 6 * params * summary["tokens_per_step"]  # a step's, forward and backward
-    row = dict(params=params, flops=flops * steps, steps=steps, flops_per_step=flops)
-    row |= dict(val=last["val_loss"], train=last["train_loss"], dtype=summary["dtype"])
-    return row | {"ms": [h["ms_per_step"] for h in history if h["kind"] == "train"][-1]}
+    return {
+        "params": params,
+        "steps": steps,
+        "flops_per_step": flops,
+        "flops": flops * steps,
+        "ms": [h["ms_per_step"] for h in history if h["kind"] == "train"][-1],
+        "val": last["val_loss"],
+        "train": last["train_loss"],
+        "dtype": summary["dtype"],
+    }
 
 
 def fit_power_law(C, L):

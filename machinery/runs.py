@@ -2,8 +2,7 @@
 settings, the corpus and the model (a fine-tune's new tokens, LoRA), the batches, a resumed run's
 state, and how far the run is (by steps, or by a time budget's clock)."""
 
-from machinery import checkpoint, cli, ddp, settings, sources
-from machinery import device as devices
+from machinery import checkpoint, cli, ddp, devices, settings, sources
 from machinery.checkpoint import TrainState
 
 import functools
@@ -73,13 +72,13 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     cfg = start.cfg
     devices.set_threads(cfg.threads)
     devices.seed_everything(cfg.seed)  # the same initial weights on every rank
-    corpus = load_corpus(start, say)
-    model, adapter = make_model(start, corpus)
+    corpus = corpus_for(start, say)
+    model, adapter = model_for(start, corpus)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg, device)  # optim.py
     state = restore(start, optimizer, rank, world, say) if start.resumed else TrainState()
-    if world > 1 and len(start.source.get("rngs", []) if start.resumed else []) != world:
-        # each rank draws its own batches
+    saved_rngs = start.source.get("rngs", []) if start.resumed else []
+    if world > 1 and len(saved_rngs) != world:  # each rank draws its own batches
         devices.seed_everything((cfg.seed + 1000 * rank + 7919 * state.step) % (MAX_SEED + 1))
     batches = make_batches(corpus, model.config.block_size, cfg, world, device)
     if options.overfit_batch:  # a sanity check: every step trains on one batch
@@ -111,7 +110,7 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
 # ---------------------------------------------------------------------- the corpus and the model
 
 
-def load_corpus(start, say):
+def corpus_for(start, say):
     """The text as train and val token ids: by the tokenizer of the model it starts from (grown by
     a fine-tune's new tokens), else by a new one."""
     cfg, tokenizer = start.cfg, None
@@ -131,7 +130,7 @@ def load_corpus(start, say):
     return corpus
 
 
-def make_model(start, corpus):
+def model_for(start, corpus):
     """(the GPT to train, a LoRA run's adapter settings or None): fresh weights, or those of the
     model it starts from, with rows for new tokens, and LoRA's matrices beside them."""
     cfg = start.cfg

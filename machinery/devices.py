@@ -259,5 +259,5 @@ def auto_meanings(device):
     return {
         "device": ("auto", f"{device.type} here"),
         "dtype": ("auto", dtype),
-        "threads": (0, f"{set_threads(0)} here"),
+        "threads": (0, f"{torch.get_num_threads()} here"),
     }
