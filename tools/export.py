@@ -10,6 +10,7 @@ are GPT-2's. A LoRA adapter is merged first."""
 from machinery import checkpoint, cli, sources
 from machinery.hf_gpt2 import hf_names
 
+import dataclasses
 import json
 import math
 import os
@@ -19,16 +20,18 @@ import tempfile
 import torch
 
 import lora
-from config import ASSISTANT, EOT, SamplerConfig, TinyLLMError
+from config import ASSISTANT, EOT, GPTConfig, SamplerConfig, TinyLLMError
 from sampling import generate
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from utils import bits_per_char
 
-# transformers' architectures, and the settings of ours each one is
+# transformers' architectures, and the settings of ours each one is; any other setting of
+# GPTConfig (a new variant) must keep its default, or the export refuses it, naming it
 NEEDS = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope"),
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned"),
 }
+MAPPED = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
 
 
 def llama(model, transformers):
@@ -165,10 +168,12 @@ def main(argv=None):
     trained = checkpoint.load_model(args.checkpoint)
     model, tokenizer, saved = lora.merge(trained.model), trained.tokenizer, trained.checkpoint
     arch = "gpt2" if model.config.mlp == "gelu" else "llama"  # the MLP tells the family
-    differ = [k for k, v in NEEDS[arch].items() if getattr(model.config, k) != v]
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in MAPPED}
+    needs = defaults | NEEDS[arch]  # the setting the architecture has no place for, and its value
+    differ = [k for k, v in needs.items() if getattr(model.config, k) != v]
     if differ:
         setting = " ".join(f"--{k} {getattr(model.config, k)}" for k in differ)
-        needed = " ".join(f"--{k} {NEEDS[arch][k]}" for k in differ)
+        needed = " ".join(f"--{k} {needs[k]}" for k in differ)
         raise TinyLLMError(f"{setting}: transformers has no such model ({arch}'s needs {needed})")
     config, weights = {"llama": llama, "gpt2": gpt2}[arch](model, transformers)
     config.tie_word_embeddings, config.bos_token_id = True, tokenizer.eot_id
