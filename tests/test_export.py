@@ -23,6 +23,7 @@ KINDS = {  # the train.py flags of each kind of model
     "chat": [*LLAMA, "--data", os.path.join("data", "chat_example.jsonl")],
     "tiny": ["--norm", "layernorm", "--mlp", "swiglu", "--pos", "rope"],  # the CPU presets' parts
 }
+KINDS["tiny, no biases"] = [*KINDS["tiny"], "--bias", "False"]
 PROMPT = "ROMEO:\nWhat"
 
 
@@ -43,7 +44,9 @@ def runs(tmp_path_factory):
     return paths | {"merged lora": str(folder / "lora" / "last.pt")}
 
 
-@pytest.mark.parametrize("kind", ["llama", "vanilla", "bpe", "chat", "merged lora"])
+@pytest.mark.parametrize(
+    "kind", ["llama", "tiny, no biases", "vanilla", "bpe", "chat", "merged lora"]
+)
 def test_transformers_loads_the_same_model_its_logits_and_greedy_text(runs, tmp_path, capsys, kind):
     import transformers
 
@@ -94,7 +97,7 @@ def test_the_model_card_says_what_the_model_is_in_the_hubs_format(runs, tmp_path
 @pytest.mark.parametrize(
     "case, word",
     [
-        ("tiny", "--norm"),
+        ("tiny", "--bias"),
         ("variant", "--pos"),
         ("exists", "--overwrite"),
         ("not a checkpoint", "checkpoint"),

@@ -4,8 +4,9 @@ config.json, model.safetensors, the tokenizer, generation_config.json and a mode
     python -m tools.export checkpoints/best.pt hf_model
     hf upload USER/NAME hf_model        # the Hub's own command puts it online
 
-RMSNorm, SwiGLU and RoPE are Llama's architecture; LayerNorm, GELU and a learned position table
-are GPT-2's. A LoRA adapter is merged first."""
+RMSNorm, SwiGLU and RoPE are Llama's architecture; the same with LayerNorm, as the CPU presets
+train, is StableLM's; LayerNorm, GELU and a learned position table are GPT-2's. A LoRA adapter is
+merged first."""
 
 from machinery import checkpoint, cli, sources
 from machinery.hf_gpt2 import hf_names
@@ -29,16 +30,17 @@ from utils import bits_per_char
 # GPTConfig (a new variant) must keep its default, or the export refuses it, naming it
 NEEDS = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", pos="rope"),
+    "stablelm": dict(norm="layernorm", mlp="swiglu", pos="rope", bias=False),  # Llama's, LayerNorm
     "gpt2": dict(norm="layernorm", mlp="gelu", pos="learned"),
 }
 MAPPED = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
 
 
 def llama(model, transformers):
-    """Llama's config, and our weights by its names: RoPE's pairs (2i, 2i+1) moved to (i, i + hs/2),
-    where its rotate_half pairs them."""
+    """Llama's config (StableLM's for LayerNorm), and our weights by their names: RoPE's pairs
+    (2i, 2i+1) moved to (i, i + hs/2), where their rotate_half pairs them."""
     c, hs = model.config, model.config.n_embd // model.config.n_head
-    config = transformers.LlamaConfig(
+    shape = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.n_embd,
         intermediate_size=model.blocks[0].mlp.c_proj.in_features,
@@ -46,10 +48,12 @@ def llama(model, transformers):
         num_attention_heads=c.n_head,
         num_key_value_heads=c.n_head,
         max_position_embeddings=c.block_size,
-        attention_bias=c.bias,
-        mlp_bias=c.bias,
-        rms_norm_eps=1e-5,
     )
+    if c.norm == "rmsnorm":
+        bias = dict(attention_bias=c.bias, mlp_bias=c.bias)
+        config = transformers.LlamaConfig(**shape, **bias, rms_norm_eps=1e-5)
+    else:  # RoPE on the whole head, as ours
+        config = transformers.StableLmConfig(**shape, partial_rotary_factor=1.0)
     order = torch.cat([torch.arange(0, hs, 2), torch.arange(1, hs, 2)])
     order = (torch.arange(c.n_head)[:, None] * hs + order).flatten()  # each head's, in turn
     names = {
@@ -167,15 +171,16 @@ def main(argv=None):
         raise TinyLLMError("the export needs transformers: pip install transformers") from None
     trained = checkpoint.load_model(args.checkpoint)
     model, tokenizer, saved = lora.merge(trained.model), trained.tokenizer, trained.checkpoint
-    arch = "gpt2" if model.config.mlp == "gelu" else "llama"  # the MLP tells the family
+    c = model.config  # the MLP, then the norm, tell the family
+    arch = "gpt2" if c.mlp == "gelu" else {"rmsnorm": "llama", "layernorm": "stablelm"}[c.norm]
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in MAPPED}
     needs = defaults | NEEDS[arch]  # the setting the architecture has no place for, and its value
-    differ = [k for k, v in needs.items() if getattr(model.config, k) != v]
+    differ = [k for k, v in needs.items() if getattr(c, k) != v]
     if differ:
-        setting = " ".join(f"--{k} {getattr(model.config, k)}" for k in differ)
+        setting = " ".join(f"--{k} {getattr(c, k)}" for k in differ)
         needed = " ".join(f"--{k} {needs[k]}" for k in differ)
         raise TinyLLMError(f"{setting}: transformers has no such model ({arch}'s needs {needed})")
-    config, weights = {"llama": llama, "gpt2": gpt2}[arch](model, transformers)
+    config, weights = (gpt2 if arch == "gpt2" else llama)(model, transformers)
     config.tie_word_embeddings, config.bos_token_id = True, tokenizer.eot_id
     config.eos_token_id = config.pad_token_id = tokenizer.eot_id
     idx = torch.tensor([sources.start_ids(tokenizer)])
@@ -191,7 +196,7 @@ def main(argv=None):
         hf_model.load_state_dict(zeros | weights | {"lm_head.weight": model.wte.weight.detach()})
         hf_model.save_pretrained(tmp)
         chat = sources.CHAT_TEMPLATE if ASSISTANT in tokenizer.special_tokens else None
-        fast = dict(eos_token=EOT, chat_template=chat, model_max_length=model.config.block_size)
+        fast = dict(eos_token=EOT, chat_template=chat, model_max_length=c.block_size)
         fast = transformers.PreTrainedTokenizerFast(
             tokenizer_object=hf_tokenizer(tokenizer), **fast
         )
