@@ -6,41 +6,27 @@ Each answer sees the whole conversation. The KV cache carries over from turn to 
 computes only its new tokens. Past block_size, the context restarts from its newest half.
 """
 
-from machinery import checkpoint, cli, devices, sources
-from machinery.annotate import WholeCharacters
-
 import torch
 
 from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
-from sampling import Context, generate
+from machinery import checkpoint, cli, devices, sources
+from machinery.annotate import Printer
+from sampling import Context, tokens
 
 
-def answer(model, tokenizer, conversation, context, sampler, generator, max_new_tokens):
+def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens):
     """The model's turn, printed as it comes: (its ids, EOT last; whether Ctrl-C stopped it)."""
-    new, stop = [], tokenizer.eot_id
-    pieces = WholeCharacters(tokenizer, stop)
-
-    def show(token, logits, idx):
-        new.append(token[0, 0].item())
-        pieces.stream(new[-1])
-
-    idx = torch.tensor([conversation], device=next(model.parameters()).device)
+    new, stop, printer = [], tokenizer.eot_id, Printer(tokenizer, tokenizer.eot_id)
+    idx = torch.tensor([conversation], device=context.model.wte.weight.device)
     stopped = False
     try:
-        generate(
-            model,
-            idx,
-            max_new_tokens,
-            sampler,
-            stop_token=stop,
-            generator=generator,
-            on_token=show,
-            context=context,
-        )
+        for token, probs in tokens(context, idx, max_new_tokens, sampler, stop, generator):
+            new.append(token[0, 0].item())
+            printer.add(token, probs)
     except KeyboardInterrupt:  # the answer ends here; the chat goes on
         stopped = True
-    pieces.end_stream(" [stopped]" if stopped else "")
-    return new if stop in new else new + [stop], stopped  # generate stops at the stop token
+    printer.end(" [stopped]" if stopped else "")
+    return new if stop in new else new + [stop], stopped  # the tokens stop at the stop token
 
 
 def main(argv=None):
@@ -54,8 +40,7 @@ def main(argv=None):
     flags = cli.given_flags(parser.parse_args(argv))
     sampler = make_config(SamplerConfig, flags)
     cfg = make_config(GenerateConfig, {"max_new_tokens": 300} | flags)
-    device = devices.choose_device(cfg.device)
-    devices.set_threads(cfg.threads)
+    device = devices.use(cfg.device, cfg.threads)
     trained = checkpoint.load_model(flags["checkpoint"], device)
     model, tokenizer = trained.model, trained.tokenizer
     if ASSISTANT not in tokenizer.special_tokens:
@@ -83,7 +68,7 @@ def main(argv=None):
             conversation += sources.encode_prompt(tokenizer, sources.question(message))
             print("model> ", end="", flush=True)
             reply, stopped = answer(
-                model, tokenizer, conversation, context, sampler, generator, cfg.max_new_tokens
+                context, tokenizer, conversation, sampler, generator, cfg.max_new_tokens
             )
             conversation += reply
             context = Context(model) if stopped else context  # the cache may be half-written

@@ -1,6 +1,10 @@
-"""Every setting of training and sampling (--help is made from them), and the presets."""
+"""Every setting of training and sampling (--help is made from them), and the presets.
+
+A setting is a field: its default, what it means, and what it may be (one of its choices, or a
+number within its bounds). check() holds every setting to that, once, for every config."""
 
 import math
+import operator
 import re
 from dataclasses import dataclass, field, fields
 
@@ -9,8 +13,11 @@ class TinyLLMError(Exception):
     """A problem with what the user asked for: one `error:` line, no traceback."""
 
 
-def setting(default, help, choices=None, aliases=()):
-    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+def setting(default, help, choices=None, aliases=(), resume=False, **bounds):
+    """A field with its meaning; resume: --resume may change it; bounds: a number's at_least,
+    above, at_most or below."""
+    meaning = dict(help=help, choices=choices, aliases=aliases, resume=resume, bounds=bounds)
+    return field(default=default, metadata=meaning)
 
 
 def require(ok, message):
@@ -18,10 +25,20 @@ def require(ok, message):
         raise TinyLLMError(message)
 
 
-def at_least(config, low, names):
-    for name in names.split():
-        value = getattr(config, name)
-        require(value >= low, f"{name} must be at least {low}, got {value}")
+BOUNDS = dict(at_least=operator.ge, above=operator.gt, at_most=operator.le, below=operator.lt)
+
+
+def check(config):
+    """Each setting one of its choices, and a number within its bounds (None: unset)."""
+    for f in fields(config):
+        value, choices = getattr(config, f.name), f.metadata["choices"]
+        if choices and value not in choices:
+            raise TinyLLMError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if f.type is float:
+            require(math.isfinite(value), f"--{f.name} must be a number, got {value}")
+        for bound, limit in f.metadata["bounds"].items():
+            ok = value is None or BOUNDS[bound](value, limit)
+            require(ok, f"--{f.name} must be {bound.replace('_', ' ')} {limit}, got {value}")
 
 
 MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
@@ -31,109 +48,89 @@ EOT = "<|endoftext|>"  # between documents and after each answer; every tokenize
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = (EOT, USER, ASSISTANT)  # each one token, after a vocabulary's ordinary ones
 TRAIN_FRACTION = 0.9  # the first 90% of a text trains, the rest validates
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES, DTYPES = ("auto", "cpu", "cuda", "mps"), ("auto", "float32", "bfloat16", "float16")
 POSITIONS, TOKENIZERS = ("learned", "sinusoidal", "rope"), ("char", "bpe", "gpt2")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
+SEED_HELP = f"seed of every random generator, 0 to {MAX_SEED}"
 
 
 @dataclass
 class GPTConfig:
     """The model's shape, saved in every checkpoint."""
 
-    vocab_size: int = setting(0, f"token ids; 0 = the tokenizer's (bpe learns {BPE_VOCAB_SIZE})")
-    block_size: int = setting(128, "context length: tokens the model sees at once")
-    n_layer: int = setting(4, "Transformer blocks")
-    n_head: int = setting(4, "attention heads per block; must divide n_embd")
-    n_embd: int = setting(128, "width of the residual stream")
-    dropout: float = setting(0.0, "dropout probability while training")
+    vocab_size: int = setting(0, f"0: the tokenizer's (bpe {BPE_VOCAB_SIZE})", at_least=0)
+    block_size: int = setting(128, "context length: tokens the model sees at once", at_least=1)
+    n_layer: int = setting(4, "Transformer blocks", at_least=1)
+    n_head: int = setting(4, "attention heads per block; must divide n_embd", at_least=1)
+    n_embd: int = setting(128, "width of the residual stream", at_least=1)
+    dropout: float = setting(0.0, "dropout probability while training", at_least=0, below=1)
     bias: bool = setting(True, "biases in Linear and LayerNorm layers, as in GPT-2")
     norm: str = setting("layernorm", "normalisation layer", ("layernorm", "rmsnorm"))
     mlp: str = setting("gelu", "MLP: GELU 4x wide, or SwiGLU 8/3x wide", ("gelu", "swiglu"))
     pos: str = setting("learned", "positions: a table, sinusoids or RoPE", POSITIONS)
 
     def __post_init__(self):
-        at_least(self, 0, "vocab_size")
-        at_least(self, 1, "block_size n_layer n_head n_embd")
+        check(self)
         require(self.n_embd % self.n_head == 0, f"n_head {self.n_head} must divide n_embd")
-        require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         head_size = self.n_embd // self.n_head
-        require(
-            self.pos != "rope" or head_size % 2 == 0,
-            f"rope needs an even head size, not {head_size}",
-        )
-        check_choices(self)
+        even = self.pos != "rope" or head_size % 2 == 0
+        require(even, f"rope needs an even head size, not {head_size}")
 
 
 @dataclass
 class TrainConfig:
     """How a run trains, saved in every checkpoint."""
 
-    data: str = setting(
-        "data/input.txt", "text: .txt, a folder, .jsonl, Q&A .json, tools.prepare's"
-    )
+    data: str = setting("data/input.txt", "text: .txt, a folder, .jsonl, Q&A .json, prepared")
     data_ext: str = setting(".txt", "file endings read from a --data folder, e.g. .txt,.md")
-    data_fraction: float = setting(1.0, "train on this first share of the training split; 1 = all")
+    data_fraction: float = setting(1.0, "train on this first share of it", above=0, at_most=1)
     tokenizer: str = setting("char", "characters, BPE learned from the text, GPT-2's", TOKENIZERS)
     loss_on: str = setting("answers", "a chat's loss: on its answers, or all", ("answers", "all"))
     clean: bool = setting(False, "normalise whitespace and drop duplicate documents")
-    out_dir: str = setting("checkpoints", "where checkpoints, history and plots go")
-    tag: str = setting("", "run name: its folder is checkpoints/TAG")
-    batch_size: int = setting(32, "sequences per optimizer step")
-    max_steps: int = setting(2000, "optimizer steps; the LR schedule ends here")
-    time_budget: str = setting("", "train for this long instead, e.g. 5m, 300s, 1h30m; empty = off")
-    lr: float = setting(2e-3, "peak learning rate, after warmup", aliases=("--lr-max", "--lr_max"))
-    min_lr: float = setting(2e-4, "the LR the decay schedules end at")
-    warmup_steps: int = setting(100, "steps of linear warmup up to lr", aliases=("--warmup",))
+    out_dir: str = setting("checkpoints", "where checkpoints, history and plots go", resume=True)
+    tag: str = setting("", "run name: its folder is checkpoints/TAG", resume=True)
+    batch_size: int = setting(32, "sequences per optimizer step", at_least=1)
+    max_steps: int = setting(2000, "optimizer steps; the LR ends here", at_least=1, resume=True)
+    time_budget: str = setting("", "train this long instead: 5m, 300s, 1h30m", resume=True)
+    lr: float = setting(2e-3, "peak learning rate", None, ("--lr-max", "--lr_max"), above=0)
+    min_lr: float = setting(2e-4, "the LR the decay schedules end at", at_least=0)
+    warmup_steps: int = setting(100, "linear warmup steps to lr", None, ("--warmup",), at_least=0)
     lr_schedule: str = setting("cosine", "the decay from lr to min_lr", ("cosine", "linear"))
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", at_least=0)
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))
-    muon_lr: float = setting(0.02, "Muon's peak learning rate")
-    beta1: float = setting(0.9, "AdamW's first-moment decay")
-    beta2: float = setting(0.95, "AdamW's second-moment decay")
-    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 = off")
-    grad_accum_steps: int = setting(1, "micro-batches per batch (less memory)")
-    eval_interval: int = setting(250, "evaluate and save every N steps")
-    eval_iters: int = setting(20, "batches per split in an evaluation")
-    log_interval: int = setting(50, "a progress line every N steps")
-    save_interval: int = setting(0, "also keep ckpt_STEP.pt every N steps; 0 = off")
-    keep_last: int = setting(3, "ckpt_STEP.pt files to keep")
-    patience: int = setting(0, "stop after N evaluations without a better val loss; 0 = off")
-    target_loss: float = setting(0.0, "stop once val loss is at or below this; 0 = off")
-    seed: int = setting(1337, f"seed of every random generator, 0 to {MAX_SEED}")
-    device: str = setting("auto", DEVICE_HELP, DEVICES)
-    dtype: str = setting("auto", "forward pass precision; auto: by what the device is", DTYPES)
-    compile: bool = setting(False, "torch.compile the model (pays off on long GPU runs)")
-    threads: int = setting(0, THREADS_HELP)
-    sample_tokens: int = setting(300, "length of the sample printed at the end; 0 = none")
-    plots: bool = setting(True, "redraw loss.png after every evaluation")
-    lora_rank: int = setting(0, "with --init_from: rank-R LoRA beside attention; 0 = off")
-    lora_alpha: float = setting(16.0, "LoRA's scale: the matrices' product times alpha / rank")
+    muon_lr: float = setting(0.02, "Muon's peak learning rate", above=0)
+    beta1: float = setting(0.9, "AdamW's first-moment decay", at_least=0, below=1)
+    beta2: float = setting(0.95, "AdamW's second-moment decay", at_least=0, below=1)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 = off", at_least=0)
+    grad_accum_steps: int = setting(1, "a batch in N micro-batches", at_least=1, resume=True)
+    eval_interval: int = setting(250, "evaluate and save every N steps", at_least=1, resume=True)
+    eval_iters: int = setting(20, "batches per split in an evaluation", at_least=1, resume=True)
+    log_interval: int = setting(50, "a progress line every N steps", at_least=1, resume=True)
+    save_interval: int = setting(0, "keep ckpt_STEP.pt every N steps", at_least=0, resume=True)
+    keep_last: int = setting(3, "ckpt_STEP.pt files to keep", at_least=1, resume=True)
+    patience: int = setting(0, "stop after N evals not better; 0 = off", at_least=0, resume=True)
+    target_loss: float = setting(0.0, "stop at this val loss; 0 = off", at_least=0, resume=True)
+    seed: int = setting(1337, SEED_HELP, at_least=0, at_most=MAX_SEED)
+    device: str = setting("auto", DEVICE_HELP, DEVICES, resume=True)
+    dtype: str = setting("auto", "precision of the forward pass", DTYPES, resume=True)
+    compile: bool = setting(False, "torch.compile the model (long GPU runs)", resume=True)
+    threads: int = setting(0, THREADS_HELP, at_least=0, at_most=1024, resume=True)
+    sample_tokens: int = setting(300, "tokens of the closing sample", at_least=0, resume=True)
+    plots: bool = setting(True, "redraw loss.png after every evaluation", resume=True)
+    lora_rank: int = setting(0, "with --init_from: rank-R LoRA beside attention", at_least=0)
+    lora_alpha: float = setting(16.0, "LoRA's scale: its product times alpha / rank", above=0)
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
 
     def __post_init__(self):
-        at_least(self, 1, "batch_size max_steps eval_interval eval_iters log_interval keep_last")
-        at_least(self, 1, "grad_accum_steps")
-        at_least(self, 0, "warmup_steps save_interval patience sample_tokens lora_rank min_lr")
-        at_least(self, 0, "weight_decay grad_clip target_loss")
-        for name in ("lr", "muon_lr", "weight_decay", "grad_clip", "target_loss", "lora_alpha"):
-            value = getattr(self, name)
-            positive = value > 0 or name not in ("lr", "muon_lr", "lora_alpha")
-            require(math.isfinite(value) and positive, f"{name} must be a positive number")
+        check(self)
         require(self.min_lr <= self.lr, f"min_lr must be at most lr ({self.lr}), got {self.min_lr}")
-        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        require(0 < self.data_fraction <= 1, "data_fraction must be in (0, 1]")
         plain = self.tag not in (".", "..") and not set("/\\") & set(self.tag)
         require(plain, "tag must be a plain name")
         parse_duration(self.time_budget)
-        check_choices(self)
 
 
-# what --resume may change; the rest (shape, data, optimizer, schedule...) is the run
-RESUME_MAY_CHANGE = """out_dir tag max_steps time_budget grad_accum_steps eval_interval eval_iters
-log_interval save_interval keep_last patience target_loss device dtype compile threads
-sample_tokens plots""".split()
+RESUME_MAY_CHANGE = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
 
 
 @dataclass
@@ -154,14 +151,13 @@ class SamplerConfig:
     """How each next token is drawn from the logits and the text so far (sampling.filter_logits)."""
 
     temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (the likeliest token)")
-    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off")
-    top_p: float = setting(1.0, "keep the fewest tokens whose probability reaches p; 1 = off")
+    top_k: int = setting(0, "keep only the k most likely tokens; 0 = off", at_least=0)
+    top_p: float = setting(1.0, "keep the fewest tokens whose odds reach p", above=0, at_most=1)
 
     def __post_init__(self):
+        check(self)
         greedy_or_in_range = self.temperature == 0 or 1e-3 <= self.temperature <= 1e3
         require(greedy_or_in_range, "--temperature must be 0 (greedy) or from 0.001 to 1000")
-        require(self.top_k >= 0, f"--top_k must be 0 (off) or more, got {self.top_k}")
-        require(0 < self.top_p <= 1, f"--top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -170,40 +166,27 @@ class GenerateConfig:
 
     prompt: str = setting("", "text to continue; empty starts from a line end")
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
-    max_new_tokens: int = setting(500, "tokens to generate per sample")
-    seed: int = setting(1337, f"sampler seed, 0 to {MAX_SEED}: same seed, same machine, same text")
-    num_samples: int = setting(1, "samples, drawn as one batch")
+    max_new_tokens: int = setting(500, "tokens to generate per sample", at_least=1)
+    seed: int = setting(
+        1337, "sampler seed: the same seed, the same text", at_least=0, at_most=MAX_SEED
+    )
+    num_samples: int = setting(1, "samples, drawn as one batch", at_least=1)
     output_file: str = setting("", "also write the samples here, under a header of every setting")
     device: str = setting("auto", DEVICE_HELP, DEVICES)
-    threads: int = setting(0, THREADS_HELP)
+    threads: int = setting(0, THREADS_HELP, at_least=0, at_most=1024)
     no_cache: bool = setting(False, "recompute the whole context per token, no KV cache")
     qa: bool = setting(False, "the prompt is a question, in the chat template: stop at its answer")
     no_stop: bool = setting(False, "keep generating past the end-of-text token")
     show_probs: bool = setting(False, "show each new token's probability and the entropy")
-    show_top: int = setting(0, "with --show_probs, also list the K most likely tokens (at most 20)")
-    beam: int = setting(None, "beam search: keep the N likeliest continuations, print the best")
+    show_top: int = setting(0, "and the K likeliest tokens (up to 20)", at_least=0, at_most=20)
+    beam: int = setting(None, "beam search: keep the N likeliest texts", at_least=1)
     length_penalty: float = setting(0.0, "beam search: divide a score by length to this power")
 
     def __post_init__(self):
-        at_least(self, 1, "num_samples max_new_tokens")
+        check(self)
         require(not (self.prompt and self.prompt_file), "give --prompt or --prompt_file, not both")
-        require(0 <= self.show_top <= 20, f"--show_top must be 0 (off) to 20, got {self.show_top}")
-        self.show_probs = self.show_probs or self.show_top > 0
-        require(self.beam is None or self.beam >= 1, f"--beam must be at least 1, got {self.beam}")
         require(not self.beam or self.num_samples == 1, "beam search finds one: drop --num_samples")
-        require(math.isfinite(self.length_penalty), "--length_penalty must be a number")
         require(self.beam or self.length_penalty == 0, "--length_penalty applies to --beam only")
-        check_choices(self)
-
-
-def check_choices(config):
-    """A setting is one of its choices; seed and threads fit NumPy and OpenMP."""
-    require(0 <= getattr(config, "seed", 0) <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}")
-    require(0 <= getattr(config, "threads", 0) <= 1024, "threads must be 0 (auto) to 1024")
-    for f in fields(config):
-        choices, value = f.metadata["choices"], getattr(config, f.name)
-        if choices and value not in choices:
-            raise TinyLLMError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def parse_duration(text):
@@ -215,38 +198,63 @@ def parse_duration(text):
     seconds = 0
     if match:
         seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (1, 3600, 60, 1)) if v)
-    require(
-        0 < seconds < math.inf,
-        f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}",
-    )
+    ok = 0 < seconds < math.inf
+    require(ok, f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds
 
 
 # what the CPU presets share: their model's parts and five minutes of training
-FIVE_MINUTES = dict(block_size=128, pos="rope", mlp="swiglu", batch_size=32, time_budget="5m")
-FIVE_MINUTES |= dict(lr=3e-3, min_lr=3e-4, weight_decay=1.0, eval_interval=500)
+FIVE_MINUTES = dict(
+    block_size=128,
+    pos="rope",
+    mlp="swiglu",
+    batch_size=32,
+    time_budget="5m",
+    lr=3e-3,
+    min_lr=3e-4,
+    weight_decay=1.0,
+    eval_interval=500,
+)
 NANOGPT = dict(bias=False, lr=1e-3, min_lr=1e-4, beta2=0.99)  # nanoGPT's optimizer settings
 # nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
 SMALL = dict(NANOGPT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64)
 PRESETS = {
-    # the default on a CPU or a Mac (default_preset picks): what learned most in five minutes on
-    # the 2-core CPUs measured. mini's best val on the whole val split after 5 minutes, 2 threads,
-    # against tiny's: 1.484-1.490 against 1.499-1.503 on an Intel Xeon with AMX, 1.520 against
-    # 1.518 on a slower one, 1.512-1.513 against 1.506-1.515 on an AMD EPYC Zen 4. On 1 thread in
-    # float32 tiny won, 1.601 against 1.688: a bigger model takes too few steps there.
+    # the default on a CPU or a Mac (default_preset picks): of those measured, what learned most
+    # in five minutes on 2-core CPUs; mini takes too few steps on 1 thread or in float32
     "tiny": dict(FIVE_MINUTES, n_layer=2, n_head=5, n_embd=160),
     "mini": dict(FIVE_MINUTES, n_layer=3, n_head=6, n_embd=192),
     # nanoGPT's CPU recipe from its README, for like-for-like comparisons
     "reference": dict(NANOGPT, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     "small": SMALL,
     "small-modern": dict(SMALL, pos="rope", mlp="swiglu", norm="rmsnorm", max_steps=5000),
-    "medium": dict(SMALL, n_layer=8, n_head=8, n_embd=512, block_size=512, max_steps=10000),
+    "medium": dict(
+        SMALL,
+        n_layer=8,
+        n_head=8,
+        n_embd=512,
+        block_size=512,
+        max_steps=10000,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=200,
+        eval_interval=500,
+    ),
     # seconds, not minutes: to check that a change runs, learns, resumes and samples
-    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200),
+    "micro": dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=8,
+        max_steps=200,
+        warmup_steps=10,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_interval=50,
+        eval_iters=5,
+        log_interval=10,
+    ),
 }
-PRESETS["medium"] |= dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500)
-PRESETS["micro"] |= dict(warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5)
-PRESETS["micro"]["log_interval"] = 10
 
 
 def default_preset(device_type, dtype, threads):
@@ -266,8 +274,7 @@ def make_config(cls, values):
 
 def from_saved(cls, saved, path):
     """cls from a checkpoint's settings, each of its type: n_head 2.0 would fail in a traceback."""
-    names = {f.name for f in fields(cls)}
-    unknown = [k for k in saved if k not in names]
+    unknown = [k for k in saved if k not in {f.name for f in fields(cls)}]
     if unknown:
         raise TinyLLMError(
             f"{path} has settings this version of tinyllm does not know "
@@ -283,15 +290,13 @@ def from_saved(cls, saved, path):
         raise TinyLLMError(f"{path}: invalid settings: {e}") from None
 
 
-def build_configs(given, preset):
-    """GPTConfig and TrainConfig: the defaults, then the preset, then the flags given."""
-    require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    require(
-        not (given.get("time_budget") and "max_steps" in given),
-        "give --time_budget or --max_steps, not both",
-    )
-    values = {**PRESETS[preset], **given}
-    if "max_steps" in given:  # a step count turns a preset's budget off
+def build_configs(given, settings):
+    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, or the run a resume
+    continues), then the flags given. A step count turns a budget off; a tag names the folder."""
+    given_both = given.get("time_budget") and "max_steps" in given
+    require(not given_both, "give --time_budget or --max_steps, not both")
+    values = {**settings, **given}
+    if "max_steps" in given:
         values["time_budget"] = ""
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"checkpoints/{values['tag']}"

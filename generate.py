@@ -3,9 +3,6 @@
 python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """
 
-from machinery import checkpoint, cli, devices, sources
-from machinery.annotate import Annotator, WholeCharacters, model_odds
-
 import dataclasses
 import os
 import sys
@@ -13,55 +10,28 @@ import sys
 import torch
 
 from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
-from sampling import beam_search, generate, next_token_probs, until_stop
+from machinery import checkpoint, cli, devices, sources
+from machinery.annotate import Annotator, Printer, model_odds
+from sampling import Context, beam_search, tokens, until_stop
 
 
-def sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator):
-    """[(text, new tokens, whether it stopped)] of num_samples continuations, drawn as one batch."""
-    stop = None if cfg.no_stop else tokenizer.eot_id
-    shown = [t for t in prompt_ids if t != stop]  # the prompt as printed (--qa's starts with stop)
-    idx = torch.tensor([prompt_ids] * cfg.num_samples, dtype=torch.long, device=device)  # (B, T)
-    pieces = WholeCharacters(tokenizer, stop)
-
-    def on_token(token, logits, idx):
-        if annotator:  # every sample's token, with the distribution it was drawn from
-            annotator.add(token, next_token_probs(logits, idx, sampler))
-        elif stream:  # the first sample's, printed as it comes
-            pieces.stream(token[0, 0].item())
-
-    if annotator:
-        annotator.begin(shown, cfg.num_samples, stop, live=stream)
-    elif stream:
-        print(tokenizer.decode(shown), end="", flush=True)
-    if cfg.beam:
-        new, _ = beam_search(
-            model, idx, cfg.max_new_tokens, cfg.beam, not cfg.no_cache, stop, cfg.length_penalty
-        )
-        if annotator:
-            for token, probs in model_odds(model, idx, new, not cfg.no_cache):
-                annotator.add(token, probs)
+def sample(model, prompt_ids, cfg, sampler, stop, shown=None):
+    """The new tokens (B, n) of num_samples continuations of prompt_ids, drawn as one batch, each
+    step shown (an Annotator, a Printer) as it is drawn."""
+    idx = torch.tensor([prompt_ids] * cfg.num_samples, device=model.wte.weight.device)  # (B, T)
+    context = Context(model, use_cache=not cfg.no_cache)
+    if cfg.beam:  # the likeliest continuation; then, to show, the model's odds of its tokens
+        new, _ = beam_search(context, idx, cfg.max_new_tokens, cfg.beam, stop, cfg.length_penalty)
+        steps = model_odds(Context(model, not cfg.no_cache), idx, new) if shown else []
     else:
-        generator = torch.Generator(device).manual_seed(cfg.seed)
-        out = generate(
-            model,
-            idx,
-            cfg.max_new_tokens,
-            sampler,
-            use_cache=not cfg.no_cache,
-            stop_token=stop,
-            generator=generator,
-            on_token=on_token,
-        )
-        new = out[:, idx.size(1) :]
-    if annotator:
-        annotator.end()
-    elif stream:
-        pieces.end_stream()
-    results = []
-    for row in new.tolist():
-        cut = until_stop(row, stop)
-        results.append((tokenizer.decode(shown + cut), len(cut), cut != row))
-    return results
+        generator = torch.Generator(idx.device).manual_seed(cfg.seed)
+        steps = tokens(context, idx, cfg.max_new_tokens, sampler, stop, generator)
+    drawn = []
+    for token, probs in steps:
+        drawn.append(token)
+        if shown:
+            shown.add(token, probs)
+    return new if cfg.beam else torch.cat(drawn, dim=1)
 
 
 def header(cfg, sampler, path, saved, prompt):
@@ -75,35 +45,44 @@ def header(cfg, sampler, path, saved, prompt):
         f" max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} "
         f"qa={cfg.qa} no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}"
     )
-    if cfg.show_probs:
+    if cfg.show_probs or cfg.show_top:
         settings += f" show_top={cfg.show_top}"
     source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
     where = f"# checkpoint: {path} ({checkpoint.where(saved)})"
     return f"{where}\n# {settings}\n# prompt{source}: {prompt!r}"
 
 
-def sample_checkpoint(path, loaded, cfg, sampler, prompt, device, several):
+def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     """One checkpoint's samples, printed (streamed when alone): its block of the output file."""
     model, tokenizer, saved = loaded.model, loaded.tokenizer, loaded.checkpoint
-    model.to(device)  # read on the CPU; only the model moves
+    stop = None if cfg.no_stop else tokenizer.eot_id
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
+    shown_ids = [t for t in prompt_ids if t != stop]  # the prompt as printed (--qa's starts so)
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
-    annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file) if cfg.show_probs else None
+    shown = Printer(tokenizer, stop) if stream else None
+    annotator = None
+    if cfg.show_probs or cfg.show_top:  # every token with its odds
+        shown = annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file, stop, stream)
     if several:
         cli.log(f"\n{'=' * 20} {path} ({checkpoint.where(saved)}) {'=' * 20}")
-    hint = f"out of memory on {devices.name(device)}: try fewer --num_samples"
+    if shown:
+        shown.begin(shown_ids, cfg.num_samples)
+    hint = f"out of memory on {devices.name(model.wte.weight.device)}: try fewer --num_samples"
     with devices.out_of_memory_as_error(hint):
-        samples = sample(model, tokenizer, prompt_ids, cfg, sampler, device, stream, annotator)
-    if stream:  # printed as it was sampled
-        if samples[0][2]:
-            print(f"(stopped at {EOT} after {samples[0][1]} tokens)", file=sys.stderr, flush=True)
-        return None
+        new = sample(model, prompt_ids, cfg, sampler, stop, shown)
+    if shown:
+        shown.end()
     blocks = []
-    for i, (text, n, stopped) in enumerate(samples):
-        ended = f" (stopped at {EOT} after {n} tokens)" if stopped else ""
+    for i, row in enumerate(new.tolist()):
+        cut = until_stop(row, stop)
+        ended = f" (stopped at {EOT} after {len(cut)} tokens)" if cut != row else ""
+        if stream:  # printed as it was sampled: how it ended is left to say
+            if ended:
+                print(ended.strip(), file=sys.stderr, flush=True)
+            return None
         label = f"--- sample {i + 1}/{cfg.num_samples}{ended} ---"
-        text = annotator.report(i) if annotator else text
-        if cfg.num_samples > 1 or stopped:
+        text = annotator.report(i) if annotator else tokenizer.decode(shown_ids + cut)
+        if cfg.num_samples > 1 or ended:
             cli.log(label)
         cli.log(text)
         blocks.append(f"{label}\n{text}")
@@ -131,8 +110,7 @@ def main(argv=None):
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]
     if cfg.beam and drawn:
         raise TinyLLMError(f"beam search draws nothing: drop {', '.join(drawn)}")
-    device = devices.choose_device(cfg.device)
-    devices.set_threads(cfg.threads)
+    device = devices.use(cfg.device, cfg.threads)
     prompt = cfg.prompt
     if cfg.prompt_file:
         try:
@@ -146,12 +124,14 @@ def main(argv=None):
             raise TinyLLMError(f"--output_file {out} would replace a checkpoint: name a .txt file")
         cli.check_writable(out, "--output_file")
     # all read, and the prompt encoded for each, before the first is sampled: a typo fails at once
-    loaded = [checkpoint.load_model(path) for path in paths]
+    loaded = [checkpoint.load_model(path) for path in paths]  # read on the CPU
     for trained in loaded[1:]:
         sources.encode_prompt(trained.tokenizer, prompt, cfg.qa, say=lambda _: None)
     several, blocks = len(paths) > 1, []
     for path in paths:  # popped, so that one model at a time is on the device
-        blocks.append(sample_checkpoint(path, loaded.pop(0), cfg, sampler, prompt, device, several))
+        trained = loaded.pop(0)
+        trained.model.to(device)
+        blocks.append(sample_checkpoint(path, trained, cfg, sampler, prompt, several))
     if out:
         with open(out, "w", encoding="utf-8", newline="") as f:  # the text exactly
             f.write("\n\n".join(blocks) + "\n")

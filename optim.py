@@ -111,22 +111,33 @@ class TimeBudget:
         return state.step + max(0, math.ceil((self.end(state) - seconds) / step_seconds))
 
 
-def decay_groups(params, weight_decay):
-    """Weight decay on matrices (embeddings, linear weights), not on biases or norm gains."""
-    matrices = {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay}
-    return [matrices, {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def param_groups(model, cfg):
+    """The trained parameters in groups, each group with its own settings: weight decay on the
+    matrices (embeddings, linear weights), not on biases or norm gains; under Muon, its own group
+    for the blocks' matrices. A group's lr_scale multiplies the schedule's learning rate for its
+    parameters (train_step). names: what a group holds, so that a resume finds it again."""
+    muon = dict(lr_scale=cfg.muon_lr / cfg.lr, weight_decay=0.0, muon=True)
+    decayed, not_decayed = dict(weight_decay=cfg.weight_decay), dict(weight_decay=0.0)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if cfg.optimizer == "muon" and p.dim() == 2 and name.startswith("blocks."):
+            group = muon
+        else:
+            group = decayed if p.dim() >= 2 else not_decayed
+        group.setdefault("names", []).append(name)
+        group.setdefault("params", []).append(p)
+    return [group for group in (muon, decayed, not_decayed) if "params" in group]
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW, its weight decay on matrices (or Muon, for --optimizer muon)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """AdamW (or Muon, for --optimizer muon) over the model's parameter groups."""
+    groups, betas = param_groups(model, cfg), (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
-        return Muon.for_model(named, cfg)
-    groups = decay_groups([p for _, p in named], cfg.weight_decay)
+        return Muon(groups, lr=cfg.lr, betas=betas)
     # fused: one kernel per tensor, faster on CPUs too; not on a Mac, whose fused kernel
     # mishandles float16's skipped steps in torch 2.5-2.7 (docs/platforms.md)
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 # ----------------------------------------------------------------------------- Muon
@@ -147,35 +158,23 @@ def orthogonalize(g, steps=5):
 
 class Muon(torch.optim.Optimizer):
     """SGD momentum whose update of each hidden matrix is made orthogonal, so every direction of a
-    weight moves alike however small its gradient; AdamW, written out, for the other weights."""
+    weight moves alike however small its gradient; AdamW, written out, for the other weights.
+    A group with muon=True is Muon's; its lr_scale makes muon_lr its peak learning rate."""
 
     def __init__(self, groups, lr, betas=(0.9, 0.95), momentum=0.95, eps=1e-8):
         super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps))
-
-    @classmethod
-    def for_model(cls, named_params, cfg):
-        """Muon on the blocks' matrices, stepping at lr * lr_scale so that muon_lr is its peak;
-        AdamW on the other matrices (decayed) and vectors (not)."""
-        hidden = [p for n, p in named_params if p.dim() == 2 and n.startswith("blocks.")]
-        rest = [p for _, p in named_params if not any(p is h for h in hidden)]
-        muon = {"params": hidden, "use_muon": True, "lr_scale": cfg.muon_lr / cfg.lr}
-        groups = [muon | {"weight_decay": 0.0}]
-        groups += [
-            g | {"use_muon": False, "lr_scale": 1.0} for g in decay_groups(rest, cfg.weight_decay)
-        ]
-        return cls(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 state = self.state[p]
-                if group["use_muon"]:
+                if group.get("muon"):
                     buf = state.setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     update = orthogonalize(p.grad.add(buf, alpha=group["momentum"]))  # Nesterov
                     scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    p.add_(update, alpha=-group["lr"] * group["lr_scale"] * scale)
+                    p.add_(update, alpha=-group["lr"] * scale)
                     continue
                 if not state:
                     state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))

@@ -6,6 +6,7 @@ rule (what the model sees once the text outgrows block_size); the sampler; beam 
 
 In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval();
 out = generate(model, idx, 100, config.SamplerConfig()); tokenizer.decode(out[0].tolist())
+or, a token at a time: for token, probs in tokens(Context(model), idx, 100, sampler): ...
 """
 
 import torch
@@ -14,36 +15,30 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- the loop
 
 
-def generate(
-    model,
-    idx,
-    max_new_tokens,
-    sampler,
-    use_cache=True,
-    stop_token=None,
-    generator=None,
-    on_token=None,
-    context=None,
-):
+def generate(model, idx, max_new_tokens, sampler, stop_token=None, generator=None):
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has made
     stop_token (a row that stopped earlier goes on past it: cut it there). Returns (B, T + new).
-    on_token(token (B, 1), logits (B, V), idx) sees each step as it comes (generate.py streams it).
-    context: a Context to go on with (a chat's, whose cache holds the conversation so far).
     Call model.eval() first, or dropout stays on."""
-    context = context or Context(model, use_cache)
+    steps = tokens(Context(model), idx, max_new_tokens, sampler, stop_token, generator)
+    return torch.cat([idx, *(token for token, _ in steps)], dim=1)
+
+
+@torch.inference_mode()  # no autograd graph
+def tokens(context, idx, max_new_tokens, sampler, stop_token=None, generator=None):
+    """generate's loop, a token at a time: each step's new tokens (B, 1) and the distribution
+    (B, V) they were drawn from, so that a caller can show them as they come. context: the model
+    as it generates (below), a chat's holding the conversation so far."""
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    with torch.inference_mode():  # no autograd graph
-        for _ in range(max_new_tokens):
-            logits = context.next_logits(idx)  # (B, V)
-            next_token = sample_next(logits, idx, sampler, generator)  # (B, 1)
-            if on_token is not None:
-                on_token(next_token, logits, idx)
-            idx = torch.cat((idx, next_token), dim=1)  # (B, T + 1)
-            if stop_token is not None:
-                done |= next_token[:, 0] == stop_token
-                if done.all():
-                    break
-    return idx.clone()  # outside inference mode: a tensor autograd may use
+    for _ in range(max_new_tokens):
+        logits = context.next_logits(idx)  # (B, V)
+        probs = next_token_probs(logits, idx, sampler)  # (B, V)
+        token = sample_next(probs, sampler, generator)  # (B, 1)
+        yield token.clone(), probs  # outside inference mode: tensors autograd may use
+        idx = torch.cat((idx, token), dim=1)  # (B, T + 1)
+        if stop_token is not None:
+            done |= token[:, 0] == stop_token
+            if done.all():
+                break
 
 
 def until_stop(ids, stop_token):
@@ -129,23 +124,22 @@ def next_token_probs(logits, idx, sampler):
     return F.softmax(filter_logits(logits.float(), idx, sampler), dim=-1)
 
 
-def sample_next(logits, idx, sampler, generator=None):
-    """One token per row (B, 1) from logits (B, V); temperature 0 takes the most likely."""
+def sample_next(probs, sampler, generator=None):
+    """One token per row (B, 1) drawn from probs (B, V); temperature 0 takes the most likely."""
     if sampler.temperature == 0:
-        return filter_logits(logits.float(), idx, sampler).argmax(dim=-1, keepdim=True)
-    return torch.multinomial(next_token_probs(logits, idx, sampler), 1, generator=generator)
+        return probs.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 # ----------------------------------------------------------------------------- beam search
 
 
 @torch.inference_mode()
-def beam_search(
-    model, idx, max_new_tokens, beam_width, use_cache=True, stop_token=None, length_penalty=0.0
-):
-    """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T): the
-    beam_width likeliest kept at each step, scored by total / length ** length_penalty."""
-    context, prompt = Context(model, use_cache), idx.size(1)
+def beam_search(context, idx, max_new_tokens, beam_width, stop_token=None, length_penalty=0.0):
+    """(new tokens (1, n), total log-probability) of the best continuation of idx (1, T) by the
+    model of context (a Context): the beam_width likeliest kept at each step, scored by
+    total / length ** length_penalty."""
+    prompt = idx.size(1)
     dtype = torch.float32 if idx.device.type == "mps" else torch.float64  # MPS has no float64
     beams, totals = idx, torch.zeros(1, dtype=dtype, device=idx.device)  # (k, T + t), (k,)
     finished = []  # (total, new tokens) of the continuations that stopped

@@ -13,7 +13,7 @@ from collections import Counter
 import regex  # tiktoken's dependency: it knows \p{L} and possessive ++
 import tiktoken
 
-from config import BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, TinyLLMError
+from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, USER, TinyLLMError
 
 
 class Tokenizer:
@@ -35,6 +35,11 @@ def split_special(text, special_tokens):
     return re.split("(" + "|".join(map(re.escape, special_tokens)) + ")", text)
 
 
+def ordinary(text, special_tokens):
+    """The pieces of text between its special tokens."""
+    return split_special(text, special_tokens)[::2]
+
+
 # ------------------------------------------------------------------------------------ characters
 
 
@@ -48,7 +53,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def from_text(cls, text, special_tokens=(EOT,)):
-        return cls(sorted(set("".join(split_special(text, special_tokens)[::2]))), special_tokens)
+        return cls(sorted(set("".join(ordinary(text, special_tokens)))), special_tokens)
 
     def encode(self, text):
         ids = []
@@ -64,7 +69,7 @@ class CharTokenizer(Tokenizer):
         return "".join(self.chars[i] if i < len(self.chars) else names[i] for i in ids)
 
     def unknown_chars(self, text):
-        return sorted(set("".join(split_special(text, self.special_tokens)[::2])) - set(self.stoi))
+        return sorted(set("".join(ordinary(text, self.special_tokens))) - set(self.stoi))
 
     def to_dict(self):
         return {"kind": "char", "chars": self.chars, "special_tokens": list(self.special_tokens)}
@@ -95,7 +100,7 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
     if n_merges < 0:
         raise TinyLLMError(f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
     # 1. distinct words with their counts: merges never cross a word (nor a special token)
-    chunks = split_special(text, special_tokens)[::2]
+    chunks = ordinary(text, special_tokens)
     word_counts = Counter(word for chunk in chunks for word in regex.findall(GPT2_PATTERN, chunk))
     words, freqs = [list(w.encode("utf-8")) for w in word_counts], list(word_counts.values())
     # 2. every adjacent pair's count, and the words holding it
@@ -247,12 +252,19 @@ def from_dict(d):
     raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
 
 
+def lacking(tokenizer, text):
+    """(characters, chat tokens): what text holds that the tokenizer lacks (a byte-level one lacks
+    no character)."""
+    special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
+    return tokenizer.unknown_chars("".join(ordinary(text, special))), special
+
+
 def grown(tokenizer, chars, special):
     """(the tokenizer grown by characters (a char one) and special tokens, each token's old id or
     None): a fine-tune's text may hold what its model's tokenizer lacks."""
     d = tokenizer.to_dict() | {"special_tokens": list(tokenizer.special_tokens) + special}
     if chars:  # only a char tokenizer lacks characters
         d["chars"] = tokenizer.chars + chars
-    ordinary = tokenizer.vocab_size - len(tokenizer.special_tokens)
-    old_ids = [*range(ordinary), *[None] * len(chars), *tokenizer.special_tokens.values()]
+    ordinary_size = tokenizer.vocab_size - len(tokenizer.special_tokens)
+    old_ids = [*range(ordinary_size), *[None] * len(chars), *tokenizer.special_tokens.values()]
     return from_dict(d), old_ids + [None] * len(special)

@@ -3,22 +3,38 @@
     python train.py     # data/input.txt: this machine's preset, five minutes on a CPU
     python train.py --preset small --max_steps 50 --seed 1
 
-In order: one step and an evaluation; the set-up and the loop; its progress lines, evaluations and
-saves; the opening lines and the end. The set-up's parts are plain functions of machinery/runs.py.
+In order: one step and an evaluation; the loop; its progress lines, evaluations and saves; the
+opening lines and the end; the command line. The set-up is machinery/start.py's.
 """
 
-import machinery
-from machinery import checkpoint, cli, ddp, devices, evaluation, plots, runs, settings, sources
-from machinery.devices import FLOAT32
+import os
+import time
+
+# before torch loads: a time budget counts from here, and OpenMP's idle threads sleep after
+# 10,000 spins (its long default spin made a step 2-9x slower beside a busy process on 2 cores)
+STARTED = time.perf_counter()
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import contextlib
 import math
-import os
 import sys
 
 import torch
 
-from config import RunOptions, SamplerConfig, TinyLLMError, build_configs
+from config import (
+    PRESETS,
+    RESUME_MAY_CHANGE,
+    GPTConfig,
+    RunOptions,
+    SamplerConfig,
+    TinyLLMError,
+    TrainConfig,
+    build_configs,
+    make_config,
+)
+from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
+from machinery.devices import FLOAT32
 from optim import get_lr
 from sampling import generate, until_stop
 from utils import bits_per_char
@@ -30,26 +46,24 @@ def train_step(model, optimizer, next_batch, lr, cfg, precision=FLOAT32):
     """One optimizer step. Its figures stay tensors: reading one makes a GPU wait, so the loop
     reads them later. A new figure is a new entry here: it reaches the progress line and history."""
     scaler = precision.scaler or torch.amp.GradScaler(enabled=False)  # disabled: calls do nothing
-    # fmt: off
-    for group in optimizer.param_groups:           # 1. this step's learning rate
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)          # 2. forget the last step's gradients
+    for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    optimizer.zero_grad(set_to_none=True)  # 2. forget the last step's gradients
     batch_loss = 0.0
-    for micro_step in range(cfg.grad_accum_steps): # a batch may come in micro-batches
-        x, y = next_batch()                        # 3. a batch: y is x shifted by one token
+    for micro_step in range(cfg.grad_accum_steps):  # a batch may come in micro-batches
+        x, y = next_batch()  # 3. a batch: y is x shifted by one token
         # DDP averages the gradients once a step, at the last micro-batch
         last = micro_step == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if last else model.no_sync():
             with precision.ctx:
-                _, loss = model(x, y)              # 4. forward, 5. the loss
-            loss = loss / cfg.grad_accum_steps     # the micro-batches' gradients add up
-            scaler.scale(loss).backward()          # 6. backward (float16 scales: no underflow)
+                _, loss = model(x, y)  # 4. forward, 5. the loss
+            loss = loss / cfg.grad_accum_steps  # the micro-batches' gradients add up
+            scaler.scale(loss).backward()  # 6. backward (float16 scales: no underflow)
         batch_loss = batch_loss + loss.detach()
     scaler.unscale_(optimizer)
     # 7. clip the gradient's norm (grad_clip 0: only measure it)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    scaler.step(optimizer)                         # 8. update the weights (float16: not if inf)
-    # fmt: on
+    scaler.step(optimizer)  # 8. update the weights (float16: not if the gradient overflowed)
     scaler.update()
     return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
 
@@ -70,37 +84,30 @@ def estimate_loss(model, batches, eval_iters, ctx):
     return out
 
 
-# -------------------------------------------------------------------------------- set-up, the loop
+# -------------------------------------------------------------------------------------- the loop
 
 
 def train(model_cfg, cfg, options=None, preset="custom", given=None, clock=None):
     """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes.
     clock() gives this process's seconds so far (a time budget counts them): from now if None."""
-    options, given, clock = options or RunOptions(), given or {}, clock or machinery.stopwatch()
+    began = time.perf_counter()
+    clock = clock or (lambda: time.perf_counter() - began)
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
     with devices.out_of_memory_as_error(hint):
-        run = runs.set_up(model_cfg, cfg, options, preset, given, clock)  # every input checked
-        cfg = run.cfg
-        model, optimizer = run.train_model, run.optimizer
-        if cfg.compile:  # a step, undone: a missing compiler is one error line before any write
-            with devices.compiling(run.model, optimizer, run.precision.scaler):
-                train_step(model, optimizer, run.batches["train"], cfg.lr, cfg, run.precision)
+        run = start.set_up(model_cfg, cfg, options or RunOptions(), preset, given or {}, clock)
         print_header(run)
-        if options.overwrite and run.master and run.writes_files and not run.resumed:
-            checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now
-        if cfg.time_budget and cfg.sample_tokens:  # a budget keeps the closing sample's time free
+        if run.cfg.time_budget and run.cfg.sample_tokens:  # keep the closing sample's time free
             closing_sample(run, 2)  # the first pays for allocations
-            start = run.clock()
+            since = run.clock()
             closing_sample(run, 16)
-            seconds = (run.clock() - start) / 16 * cfg.sample_tokens * 1.2  # with a margin
-            run.budget.sample_seconds = ddp.mean([seconds], run.world, run.device)[0]
+            seconds = (run.clock() - since) / 16 * run.cfg.sample_tokens * 1.2  # with a margin
+            run.budget.sample_seconds = run.process.mean([seconds])[0]
         return train_loop(run)
 
 
 def train_loop(run):
     """Evaluate now and then and take steps until the run's end or an early stop."""
-    cfg, state, budget = run.cfg, run.state, run.budget
-    run.line_step, run.line_time = state.step, run.clock()
+    cfg, state, budget, world = run.cfg, run.state, run.budget, run.process.world
     stop_reason, signum = None, 0
     with run.stop as stop:
         while True:
@@ -109,29 +116,28 @@ def train_loop(run):
             # after it) and at the end, never twice at one step (a resume starts at its last one)
             due = at_end or (state.step % cfg.eval_interval == 0 and budget.room_for_eval(state))
             if due and state.step != state.last_eval_step:
-                stop_reason = evaluate(run) or stop_reason  # --patience, --target_loss
+                with run.meter.paused():  # no step: the pace leaves it out
+                    stop_reason = evaluate(run) or stop_reason  # --patience, --target_loss
             # Ctrl-C or SIGTERM on any rank stops all; under DDP they compare at progress lines
-            if run.world == 1 or state.step % cfg.log_interval == 0 or at_end or stop_reason:
-                signum = max(ddp.every_rank(stop.signum or 0, run.world))
+            if world == 1 or state.step % cfg.log_interval == 0 or at_end or stop_reason:
+                signum = max(run.process.every_rank(stop.signum or 0))
             if at_end or stop_reason or signum:
                 break
 
             # one step at the schedule's learning rate: by how far the run is, in steps or time
             state.progress = budget.progress(state)
-            lr = get_lr(state.step, state.progress, cfg)
-            batches, model, optimizer = run.batches, run.train_model, run.optimizer
-            figures = train_step(model, optimizer, batches["train"], lr, cfg, run.precision)
-            for name, value in figures.items():  # kept, to be read at the next progress line
-                state.window.setdefault(name, []).append(value)
+            state.lr = get_lr(state.step, state.progress, cfg)
+            model, optimizer, batch = run.train_model, run.optimizer, run.batches["train"]
+            run.meter.add(train_step(model, optimizer, batch, state.lr, cfg, run.precision))
             state.step += 1
 
             if state.step % cfg.log_interval == 0:
                 stop_reason = log_progress(run)  # --overfit_batch done
             if cfg.save_interval and state.step % cfg.save_interval == 0 and run.writes_files:
-                save(run, f"ckpt_{state.step:07d}.pt")
+                with run.meter.paused():
+                    save(run, f"ckpt_{state.step:07d}.pt")
                 if run.master:
-                    checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
-                run.line_step, run.line_time = state.step, run.clock()  # the save is no step
+                    runs.keep_newest(cfg.out_dir, cfg.keep_last)
     if signum:
         stop_reason = f"stopped by signal {signum}"
     return finish(run, stop_reason, signum)
@@ -140,28 +146,17 @@ def train_loop(run):
 # ---------------------------------------------------------------------------------- progress lines
 
 
-def read_window(run):
-    """The figures of the steps since the last progress line, {name: [a number a step]}: the
-    tensors among them read from the device in one wait. The latest lr and grad_norm go into the
-    state; a loss or gradient that is not finite stops the run."""
-    state, window = run.state, dict(run.state.window)
-    tensors = [name for name, values in window.items() if torch.is_tensor(values[0])]
-    if tensors:  # every figure's tensors stacked into one, (figures, steps): one wait
-        numbers = torch.stack([torch.stack(window[name]).float() for name in tensors]).tolist()
-        window.update(zip(tensors, numbers))
-    losses, grad_norms = window.get("loss", []), window.get("grad_norm", [])
-    for n, (loss, grad_norm) in enumerate(zip(losses, grad_norms), state.step - len(losses)):
-        # (float16 skips a step whose gradient overflowed: the step changed nothing)
-        if not (math.isfinite(loss) and (run.precision.scaler or math.isfinite(grad_norm))):
+def check_finite(run):
+    """A loss or a gradient that is not finite stops the run, before it is saved."""
+    rows = run.meter.read()
+    for n, row in enumerate(rows, run.state.step - len(rows)):
+        # float16 skips a step whose gradient overflowed: the step changed nothing
+        finite_grad = math.isfinite(row["grad_norm"]) or run.precision.scaler
+        if not (math.isfinite(row["loss"]) and finite_grad):
             raise TinyLLMError(
-                f"step {n}: the loss or the gradient is not finite (loss {loss}); nothing "
+                f"step {n}: the loss or the gradient is not finite (loss {row['loss']}); nothing "
                 f"non-finite was saved. Try a lower --lr, --grad_clip 1, or --dtype float32"
             )
-    if losses:
-        state.lr, grad_norm = window["lr"][-1], grad_norms[-1]
-        state.grad_norm = grad_norm if math.isfinite(grad_norm) else None
-    state.window = window
-    return window
 
 
 FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints (others: .4g)
@@ -171,22 +166,18 @@ def log_progress(run):
     """A progress line and a history row: the mean figures of the steps since the last line.
     Returns why --overfit_batch stops, or None."""
     state = run.state
-    figures = {k: sum(values) / len(values) for k, values in read_window(run).items()}
-    state.window = {}
-    seconds = (run.clock() - run.line_time) / max(1, state.step - run.line_step)  # a step's
-    run.line_step, run.line_time = state.step, run.clock()
+    check_finite(run)
+    figures, seconds = run.meter.line()
     tokens_per_s = run.tokens_per_step / seconds if seconds else 0.0
     end = run.budget.end_step(state, seconds)
     eta = cli.format_seconds((end - state.step) * seconds) if end else "?"
-    shown = " | ".join(
-        f"{k} {'-' if v is None else format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items()
-    )
+    shown = " | ".join(f"{k} {format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
     pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     run.say(f"step {state.step:>6}/{end or '?'} | {shown} | {pace}")
     row = {"kind": "train", "step": state.step, **figures, "ms_per_step": 1000 * seconds}
     state.history.append(row | {"tok_per_s": tokens_per_s, "seconds": run.elapsed()})
     # --overfit_batch: done when the processes' mean loss is near 0 (each has its own batch)
-    if run.options.overfit_batch and ddp.mean([figures["loss"]], run.world, run.device)[0] < 0.01:
+    if run.overfit_batch and run.process.mean([figures["loss"]])[0] < 0.01:
         return f"overfit_batch: loss below 0.01 at step {state.step}"
 
 
@@ -195,21 +186,21 @@ def log_progress(run):
 
 def evaluate(run):
     """Both splits' losses, a line, a history row, the run's files; why the run stops, or None."""
-    cfg, state, start = run.cfg, run.state, run.clock()
-    read_window(run)  # the latest step's lr and grad_norm, for the history row
-    iters = math.ceil(cfg.eval_iters / run.world)
+    cfg, state, since = run.cfg, run.state, run.clock()
+    iters = math.ceil(cfg.eval_iters / run.process.world)
     losses = estimate_loss(run.train_model, run.batches, iters, run.precision.ctx)
     # the ranks' mean, the same on every rank
-    train_loss, val_loss = ddp.mean([losses["train"], losses["val"]], run.world, run.device)
+    train_loss, val_loss = run.process.mean([losses["train"], losses["val"]])
     improved = val_loss < state.best_val_loss
     state.best_val_loss = min(val_loss, state.best_val_loss)
     state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
     state.last_eval_step = state.step
     row = dict(kind="eval", step=state.step, train_loss=train_loss, val_loss=val_loss)
-    state.history.append(row | dict(lr=state.lr, grad_norm=state.grad_norm, seconds=run.elapsed()))
+    state.history.append(row | dict(lr=state.lr, seconds=run.elapsed()))
     bits = bits_per_char(val_loss, run.corpus.chars_per_token)
-    line = f"eval {state.step:>6}/{run.budget.end_step(state) or '?'} | train {train_loss:.4f} | "
-    line += f"val {val_loss:.4f} ({bits:.3f} bits/char)"
+    end = run.budget.end_step(state) or "?"
+    line = f"eval {state.step:>6}/{end} | train {train_loss:.4f} | val {val_loss:.4f} "
+    line += f"({bits:.3f} bits/char)"
     if state.step == 0:
         line += f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}"
     run.say(line + (" | new best" if improved else ""))
@@ -218,10 +209,10 @@ def evaluate(run):
         if improved:
             save(run, "best.pt")
         if run.master:
-            plots.write_history(cfg.out_dir, state.history, cfg.plots, run.model.config.vocab_size)
-    # a budget keeps as much time for the last evaluation; the progress line counts steps only
-    state.eval_seconds = ddp.mean([run.clock() - start], run.world, run.device)[0]
-    run.line_step, run.line_time = state.step, run.clock()
+            vocab_size = run.model.config.vocab_size
+            plots.write_history(cfg.out_dir, state.history, cfg.plots, vocab_size)
+    # a budget keeps as much time for the last evaluation
+    state.eval_seconds = run.process.mean([run.clock() - since])[0]
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
         return f"early stop: val loss has not improved for {evals}"
@@ -232,10 +223,10 @@ def evaluate(run):
 def save(run, name):
     """out_dir/name: all --resume needs to go on exactly, every rank's random state too. All ranks
     call it."""
-    read_window(run)  # the steps' figures go with it, as numbers
-    rngs = ddp.every_rank(devices.rng_state(), run.world)
+    check_finite(run)
+    rngs = run.process.every_rank(devices.rng_state())
     if run.master:
-        checkpoint.save(os.path.join(run.cfg.out_dir, name), checkpoint.of_run(run, rngs))
+        checkpoint.save(os.path.join(run.cfg.out_dir, name), runs.state_of(run, rngs))
 
 
 # --------------------------------------------------------------------- the opening lines, the end
@@ -245,10 +236,9 @@ def print_header(run):
     """The run's opening lines: device and precision, model, tokens, and how it ends."""
     cfg, m, model, precision = run.cfg, run.model.config, run.model, run.precision
     why = f": {precision.why}" if cfg.dtype == "auto" else ""
-    device = (
-        f"{devices.name(run.device)} ({precision.dtype}{why}, {torch.get_num_threads()} threads)"
-    )
-    device += f" x {run.world} processes" if run.world > 1 else ""
+    threads = f"{torch.get_num_threads()} threads"
+    device = f"{devices.name(run.process.device)} ({precision.dtype}{why}, {threads})"
+    device += f" x {run.process.world} processes" if run.process.world > 1 else ""
     run.say(f"device {device} | preset {run.preset} | data {cfg.data}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%, LoRA)"
@@ -256,10 +246,10 @@ def print_header(run):
     parts = f"norm {m.norm}, mlp {m.mlp}, pos {m.pos} | optimizer {cfg.optimizer}"
     params = f"{model.num_params():,} parameters{part if run.lora else ''}"
     run.say(f"model {params}: {shape}, vocab {m.vocab_size} | {parts}")
-    split = f" ({run.world} processes x {cfg.grad_accum_steps} micro-batches)"
-    split = split if run.world * cfg.grad_accum_steps > 1 else ""
+    micro = run.process.world * cfg.grad_accum_steps
+    split = f" ({run.process.world} processes x {cfg.grad_accum_steps} micro-batches)"
     tokens = f"train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens"
-    batch = f"batch {cfg.batch_size} x block {m.block_size}{split}"
+    batch = f"batch {cfg.batch_size} x block {m.block_size}{split if micro > 1 else ''}"
     run.say(f"tokens per step {run.tokens_per_step:,} = {batch} | {tokens}")
     if cfg.time_budget:
         schedule = f"after the warmup the {cfg.lr_schedule} schedule runs over the time left"
@@ -273,14 +263,14 @@ def closing_sample(run, tokens):
     """A sample as generate.py draws it (its seed, in float32: bfloat16 is no faster here). A chat
     model answers the validation split's first question, in the chat template."""
     tokenizer, stop = run.corpus.tokenizer, None
-    start = sources.start_ids(tokenizer)
+    ids = sources.start_ids(tokenizer)
     question = sources.first_question(run.corpus.val[: 4 * run.model.config.block_size], tokenizer)
     if question:
-        start, stop = question, tokenizer.eot_id
-    idx = torch.tensor([start], device=run.device)
-    generator = torch.Generator(run.device).manual_seed(run.cfg.seed)
+        ids, stop = question, tokenizer.eot_id
+    idx = torch.tensor([ids], device=run.process.device)
+    generator = torch.Generator(run.process.device).manual_seed(run.cfg.seed)
     model = run.model.eval()
-    out = generate(model, idx, tokens, SamplerConfig(), stop_token=stop, generator=generator)
+    out = generate(model, idx, tokens, SamplerConfig(), stop, generator)
     model.train()
     return tokenizer.decode(until_stop(out[0].tolist(), stop))
 
@@ -289,15 +279,17 @@ def finish(run, stop_reason, signum):
     """last.pt if steps came after the last evaluation, the closing lines and sample, a summary.
     Stopped by a signal: last.pt, how to resume, exit status 128 + the signal (130 Ctrl-C)."""
     state, cfg = run.state, run.cfg
-    read_window(run)
     if run.writes_files and (signum or state.last_eval_step != state.step):
         save(run, "last.pt")
     if signum:
         if run.writes_files:
             last = os.path.join(cfg.out_dir, "last.pt")
             resume = f"python train.py --resume --out_dir {cfg.out_dir}"
-            run.say(f"saved {last} at step {state.step}. Resume with: {resume}")
-        ddp.leave_together(run.world)
+            said = f"saved {last} at step {state.step}. Resume with: {resume}"
+            run.say(said)
+            if signum == run.stop.OUTPUT_GONE and run.master:  # its reader gone: said here
+                print(f"stopped: the output closed. {said}", file=sys.stderr, flush=True)
+        run.process.leave_together()
         sys.exit(128 + signum)
     if stop_reason:
         run.say(stop_reason)
@@ -312,7 +304,7 @@ def finish(run, stop_reason, signum):
         run.say(f"time budget {cfg.time_budget}: {used} used, {state.step:,} steps, {last_lr}")
     if cfg.sample_tokens and run.master:
         run.say("sample:\n" + closing_sample(run, cfg.sample_tokens))
-    ddp.leave_together(run.world)
+    run.process.leave_together()
     return {
         "step": state.step,
         "best_val_loss": state.best_val_loss,
@@ -326,11 +318,44 @@ def finish(run, stop_reason, signum):
     }
 
 
+# ------------------------------------------------------------------------------- the command line
+
+
+def parse_flags(argv=None):
+    """(options, given): what train.py is asked to do, and the settings given as flags."""
+    here = devices.choose_device("auto")
+    preset, machine = devices.machine_preset(here, {})
+    parser = cli.ArgumentParser(
+        description="Train a GPT language model on a text file.",
+        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
+        f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
+    )
+    defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
+    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
+    for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
+        cli.add_config_flags(parser, cls, defaults, title=title)
+    given = cli.given_flags(parser.parse_args(argv))
+    return make_config(RunOptions, given), given
+
+
+def preset_of(options, given, say=cli.log):
+    """--preset, or this machine's, saying why (but for a resume: it keeps the run's own)."""
+    if options.preset:
+        return options.preset
+    device = devices.choose_device(given.get("device", "auto"))
+    preset, machine = devices.machine_preset(device, given)
+    if not options.resume and os.environ.get("RANK", "0") == "0":  # rank 0 alone, under torchrun
+        say(f"no --preset given: using '{preset}' for {machine}")
+    return preset
+
+
 def main(argv=None, clock=None):
-    options, given = settings.parse_flags(argv)
+    options, given = parse_flags(argv)
     trains = options.eval_only is None and not options.plot_lr
-    preset = settings.preset_of(options, given, say=cli.log if trains else lambda text: None)
-    model_cfg, cfg = build_configs(given, preset)
+    preset = preset_of(options, given, say=cli.log if trains else lambda text: None)
+    if preset not in PRESETS:
+        raise TinyLLMError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    model_cfg, cfg = build_configs(given, PRESETS[preset])
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
         evaluation.evaluate_checkpoint(path, given.get("data"), cfg)
@@ -342,4 +367,4 @@ def main(argv=None, clock=None):
 
 if __name__ == "__main__":
     # bad input: one error: line and exit status 2. A time budget counts from the process's start
-    cli.run_cli(lambda argv: main(argv, clock=machinery.seconds))
+    cli.run_cli(lambda argv: main(argv, clock=lambda: time.perf_counter() - STARTED))

@@ -1,14 +1,16 @@
-"""The data path, in the order it runs: text -> token ids (tokenizer.py) -> a train/val split ->
-random (x, y) batches, y being x shifted by one token; and a loss in bits per character. Where
-the text comes from is machinery/sources.py's business."""
+"""The data, in the order it runs: a text split into train and val, each tokenized
+(tokenizer.py) into the corpus, where a conversation learns from its answers alone; then random
+(x, y) batches, y being x shifted by one token; and a loss in bits per character. Where the text
+comes from (files, folders, conversations) is machinery/sources.py's business."""
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from config import SPECIAL_TOKENS, TRAIN_FRACTION
-from tokenizer import split_special
+from config import ASSISTANT, SPECIAL_TOKENS, TRAIN_FRACTION
+from tokenizer import ordinary
 
 
 def split_train_val(text):
@@ -27,14 +29,45 @@ def whole_special(text, n):
     return n
 
 
+@dataclass
+class Corpus:
+    tokenizer: object
+    train: object  # 1-D token ids: a LongTensor, or a read-only np.memmap
+    val: object
+    chars_per_token: float  # of the val split: a loss in bits per character
+    train_targets: object = None  # conversations: True where a token is a target (None: all are)
+    val_targets: object = None
+    old_ids: list = None  # a tokenizer grown for it: each token's id before (None: a new one)
+
+
+def make_corpus(text, tokenizer, answers_only=True):
+    """text split 90/10 and tokenized; with answers_only, a conversation's targets are its
+    answers."""
+    ids = [torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in split_train_val(text)]
+    targets = [answer_targets(i, tokenizer) if answers_only else None for i in ids]
+    return Corpus(tokenizer, *ids, chars_per_token(tokenizer, ids[1].tolist()), *targets)
+
+
+def answer_targets(ids, tokenizer):
+    """True at each answer's tokens and the <|endoftext|> ending it: what a chat model learns.
+    None without answers: every token is a target."""
+    start = tokenizer.special_tokens.get(ASSISTANT)
+    if start is None:
+        return None
+    targets, inside = [], False
+    for token in ids.tolist():
+        targets.append(inside)
+        inside = token == start or inside and token != tokenizer.eot_id
+    return torch.tensor(targets)
+
+
 def get_batch(data, batch_size, block_size, device, targets=None):
     """Random windows of a 1-D token stream: x (B, T) and y (B, T), y[b, t] being the token after
     x[b, t]. data: a tensor, or a NumPy memmap of which only the B windows are read from disk.
     targets: None, or a bool tensor as long as data, False where a token is context only."""
     starts = torch.randint(len(data) - block_size, (batch_size,)).tolist()
-    windows = torch.stack(
-        [torch.from_numpy(np.asarray(data[i : i + block_size + 1], dtype=np.int64)) for i in starts]
-    )  # (B, T + 1)
+    windows = [np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts]
+    windows = torch.from_numpy(np.stack(windows))  # (B, T + 1)
     x, y = windows[:, :-1], windows[:, 1:]  # each (B, T)
     if targets is not None:  # a target of -100 counts for nothing in the loss (model.lm_loss)
         y = y.masked_fill(~torch.stack([targets[i + 1 : i + block_size + 1] for i in starts]), -100)
@@ -43,13 +76,22 @@ def get_batch(data, batch_size, block_size, device, targets=None):
     return x.to(device), y.to(device)
 
 
+def make_batches(corpus, block_size, micro_batch, data_fraction, device):
+    """{split: () -> (x, y)}: micro_batch random windows of block_size tokens, the train split cut
+    to its first data_fraction."""
+    n = max(block_size + 1, int(len(corpus.train) * data_fraction))
+    train = (corpus.train[:n], micro_batch, block_size, device, corpus.train_targets)
+    val = (corpus.val, micro_batch, block_size, device, corpus.val_targets)
+    return {"train": lambda: get_batch(*train), "val": lambda: get_batch(*val)}
+
+
 def chars_per_token(tokenizer, ids):
     return text_length(tokenizer.decode(list(ids)), tokenizer.special_tokens) / max(1, len(ids))
 
 
 def text_length(text, special_tokens):
     """Characters of text, a special token (<|endoftext|>, a role) one, like a line end."""
-    return len("\n".join(split_special(text, special_tokens)[::2]))
+    return len("\n".join(ordinary(text, special_tokens)))
 
 
 def bits_per_char(loss, chars_per_token):

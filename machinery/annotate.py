@@ -9,7 +9,7 @@ from collections import namedtuple
 import torch
 
 from config import SamplerConfig
-from sampling import Context, next_token_probs
+from sampling import next_token_probs
 from tokenizer import ByteLevelTokenizer
 
 # probability bands, most likely first: (lowest p, ANSI colour, the legend's words)
@@ -36,9 +36,8 @@ def paint(text, p):
 
 
 @torch.inference_mode()
-def model_odds(model, idx, new_tokens, use_cache=True):
+def model_odds(context, idx, new_tokens):
     """(token (B, 1), the model's probs (B, V)) for each of new_tokens (B, n) after idx (B, T)."""
-    context = Context(model, use_cache)
     for t in range(new_tokens.size(1)):
         token = new_tokens[:, t : t + 1]
         yield token, next_token_probs(context.next_logits(idx), idx, MODELS_OWN)
@@ -77,13 +76,23 @@ class WholeCharacters:
         self.ids, self.p = [], 1.0
         return piece
 
-    def stream(self, token):  # printed as soon as the tokens make whole characters
-        piece = self.add(token)
+
+class Printer:
+    """The first sample printed as it is drawn, in whole characters (generate.py, chat.py)."""
+
+    def __init__(self, tokenizer, stop=None):
+        self.tokenizer, self.pieces = tokenizer, WholeCharacters(tokenizer, stop)
+
+    def begin(self, prompt_ids, n_samples=1):
+        print(self.tokenizer.decode(prompt_ids), end="", flush=True)
+
+    def add(self, token, probs=None):  # token (B, 1): the first row's
+        piece = self.pieces.add(token[0, 0].item())
         if piece:
             print(piece[0], end="", flush=True)
 
-    def end_stream(self, tail=""):
-        print(self.flush()[0] + tail, flush=True)
+    def end(self, tail=""):
+        print(self.pieces.flush()[0] + tail, flush=True)
 
 
 def summary(steps):
@@ -100,17 +109,16 @@ class Annotator:
     """Every sample's Steps as drawn (begin, add, end): the first written as it comes (live), any
     one later by report. A terminal gets colours; a file, a pipe or --show_top a row per token."""
 
-    def __init__(self, tokenizer, top, to_file):
-        self.tokenizer, self.top = tokenizer, top
+    def __init__(self, tokenizer, top, to_file, stop, live):
+        self.tokenizer, self.top, self.stop, self.live = tokenizer, top, stop, live
         self.colour = sys.stdout.isatty() and not to_file and not top
 
-    def begin(self, prompt_ids, n_samples, stop, live):
+    def begin(self, prompt_ids, n_samples):
         self.samples, self.prompt = [[] for _ in range(n_samples)], prompt_ids
-        self.stop, self.live = stop, live
-        self.pieces = WholeCharacters(self.tokenizer, stop)
+        self.pieces = WholeCharacters(self.tokenizer, self.stop)
         if self.colour:
             print("probability of each new token: " + "  ".join(paint(w, p) for p, _, w in BANDS))
-            if live:
+            if self.live:
                 print(self.tokenizer.decode(prompt_ids), end="", flush=True)
 
     def add(self, token, probs):

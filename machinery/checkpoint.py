@@ -1,8 +1,5 @@
-"""Checkpoints: the file format, written atomically and read without running code, and the run
-folder (--out_dir) that holds them."""
-
-from machinery import devices
-from machinery.cli import check_writable, first_line
+"""Checkpoints, the file format: what one holds, written atomically, read without running code
+(a file that would run code is refused), and the model and tokenizer it gives back."""
 
 import contextlib
 import dataclasses
@@ -10,32 +7,15 @@ import os
 import pickle
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from config import GPTConfig, TinyLLMError, from_saved
 from lora import adapter, add_adapters
+from machinery.cli import first_line
 from model import GPT
 from tokenizer import from_dict
-
-
-@dataclass
-class TrainState:
-    """What the steps change: saved in every checkpoint, put back by --resume."""
-
-    step: int = 0
-    best_val_loss: float = float("inf")
-    evals_without_improvement: int = 0
-    last_eval_step: int = -1
-    lr: float = 0.0  # the latest step's
-    grad_norm: float = None  # the latest step's (None before the first)
-    progress: float = 0.0  # the latest step's: 0 through the warmup, 1 at the run's end
-    seconds: float = 0.0  # the run's wall time before this process (a resume's)
-    decay_start: float = None  # under a time budget: the seconds at the warmup's end
-    eval_seconds: float = 0.0  # the latest evaluation's: a budget keeps as much for the last
-    history: list = field(default_factory=list)  # a row per progress line and per evaluation
-    window: dict = field(default_factory=dict)  # each figure, a value a step since the last line
 
 
 def save(path, checkpoint):
@@ -131,10 +111,9 @@ def model_of(checkpoint, path="checkpoint"):
     lora = checkpoint.get("lora")
     if lora:
         model, weights = model_of(load(lora["base"]), lora["base"]), dict(checkpoint["model"])
-        base, new = model.wte.weight.detach(), iter(weights.pop("new_rows"))
+        new_rows = weights.pop("new_rows")
         if lora["rows"]:  # the base's rows and new tokens', in the order of the run's tokenizer
-            rows = [base[r] if r is not None else next(new) for r in lora["rows"]]
-            with_embedding(model, torch.stack(rows))
+            with_embedding(model, lora["rows"], new_rows)
         add_adapters(model, lora["rank"], lora["alpha"], lora["mlp"])
         vocab_size = checkpoint["model_config"]["vocab_size"]
         if sorted(weights) != sorted(adapter(model)) or model.config.vocab_size != vocab_size:
@@ -200,34 +179,13 @@ def contents(model, tokenizer, lora=None, **extra):
     )
 
 
-def of_run(run, rngs):
-    """A run's checkpoint: its model and tokenizer; all --resume needs to go on exactly (the
-    optimizer, the state, every rank's random state rngs); and where and how it trained, for its
-    model card (tools.export)."""
-    scaler = run.precision.scaler.state_dict() if run.precision.scaler else None
-    state = dataclasses.asdict(run.state) | {"seconds": run.elapsed()}
-    if run.world > 1:
-        state["rngs"] = rngs
-    return contents(
-        run.model,
-        run.corpus.tokenizer.to_dict(),
-        lora=run.lora,
-        optimizer=run.optimizer.state_dict(),
-        scaler=scaler,
-        rng=rngs[0],
-        train_config=dataclasses.asdict(run.cfg),
-        preset=run.preset,
-        device=devices.name(run.device),
-        dtype=run.precision.dtype,
-        chars_per_token=run.corpus.chars_per_token,
-        **state,
-    )
-
-
-def with_embedding(model, rows):
-    """model with a new token embedding, rows (V, C), and the output layer tied to it."""
+def with_embedding(model, rows, new_rows):
+    """model with its token embedding rebuilt, row i its old row rows[i], or where that is None
+    the next of new_rows; the output layer tied to it."""
+    old, new_rows = model.wte.weight.detach(), iter(new_rows)
+    weights = torch.stack([old[i] if i is not None else next(new_rows) for i in rows])  # (V, C)
     model.config = dataclasses.replace(model.config, vocab_size=len(rows))
-    model.wte = torch.nn.Embedding.from_pretrained(rows, freeze=False)
+    model.wte = torch.nn.Embedding.from_pretrained(weights, freeze=False)
     model.lm_head = torch.nn.Linear(model.config.n_embd, len(rows), bias=False)
     model.lm_head.weight = model.wte.weight
     return model
@@ -238,40 +196,3 @@ def where(checkpoint):
     val = checkpoint.get("best_val_loss")
     best = f", best val {val:.4f}" if isinstance(val, float) else ""
     return f"step {checkpoint.get('step', '?')}{best}"
-
-
-def run_files(out_dir):
-    """The checkpoints of a run folder, the periodic ones oldest first."""
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    periodic = sorted(n for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
-    return [n for n in ("best.pt", "last.pt") if n in names] + periodic
-
-
-def claim_out_dir(out_dir, overwrite, keep):
-    """Refuse a fresh run over another run's checkpoints; check it can write before training."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
-    existing = run_files(out_dir)
-    if existing and not overwrite:
-        last = os.path.join(out_dir, "last.pt" if "last.pt" in existing else existing[-1])
-        with contextlib.suppress(TinyLLMError):
-            last = f"{last} at {where(load(last))}"
-        raise TinyLLMError(
-            f"{out_dir} already holds a run ({last}); continue it with --resume, "
-            f"pick another --out_dir (or --tag NAME), or replace it: --overwrite"
-        )
-    if keep and os.path.realpath(keep) in {os.path.realpath(f"{out_dir}/{n}") for n in existing}:
-        raise TinyLLMError(f"--overwrite would delete --init_from's {keep}; use another --out_dir")
-    check_writable(os.path.join(out_dir, f".test.{os.getpid()}"), "--out_dir", make_folder=True)
-
-
-def clear_out_dir(out_dir):
-    """--overwrite: the old run's files go once the new one is set up (bad input refused first)."""
-    for name in run_files(out_dir) + ["history.csv", "history.json"]:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, name))
-
-
-def keep_newest(out_dir, keep_last):
-    for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
-        os.remove(os.path.join(out_dir, name))

@@ -1,7 +1,5 @@
 """Several processes under torchrun (DDP): each one's rank and device, what they all agree on."""
 
-from machinery import devices
-
 import os
 from dataclasses import dataclass
 
@@ -10,6 +8,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TinyLLMError
+from machinery import devices
 
 
 @dataclass
@@ -19,6 +18,33 @@ class Process:
     rank: int
     world: int
     device: torch.device
+
+    def leave_together(self):
+        """Every rank waits here: torchrun ends them all once one exits, rank 0 saving or not."""
+        if self.world > 1:
+            dist.barrier()
+
+    def wrap(self, model):
+        """DDP averages the gradients over the ranks during backward."""
+        if self.world == 1:
+            return model
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def mean(self, values):
+        """The ranks' mean of each of values, the same on every rank."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def every_rank(self, value):
+        """[rank 0's value, rank 1's, ...] on every rank; every rank must call it."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
 
 def setup(device):
@@ -46,33 +72,3 @@ def setup(device):
     if not dist.is_initialized():
         dist.init_process_group("nccl", device_id=device)
     return Process(rank, world, device)
-
-
-def leave_together(world):
-    """Every rank waits here: torchrun ends them all once one exits, rank 0 saving or not."""
-    if world > 1:
-        dist.barrier()
-
-
-def wrap(model, world, device):
-    """DDP averages the gradients over the ranks during backward."""
-    if world == 1:
-        return model
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def mean(values, world, device):
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-
-def every_rank(value, world):
-    """[rank 0's value, rank 1's, ...] on every rank; every rank must call it."""
-    if world == 1:
-        return [value]
-    values = [None] * world
-    dist.all_gather_object(values, value)
-    return values

@@ -1,8 +1,6 @@
 """The device, the random generators and the precision. machine() and gpu() are the one place
 tinyllm asks torch what the machine has: tests stand in for other machines there."""
 
-from machinery.cli import first_line, log, warn
-
 import contextlib
 import copy
 import platform
@@ -14,7 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from config import TinyLLMError
+from config import TinyLLMError, default_preset
+from machinery.cli import first_line, log, warn
 
 
 def machine():
@@ -77,6 +76,12 @@ def set_threads(n):
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def use(name, threads):
+    """The device --device names, torch on --threads CPU threads (0: one per physical core)."""
+    set_threads(threads)
+    return choose_device(name)
 
 
 @contextlib.contextmanager
@@ -152,6 +157,18 @@ def auto_dtype(device):
     if has.vendor == "AMD":
         return "bfloat16", "AMD with AVX512-BF16"
     return "float32", "AVX512-BF16 without AMX is slower"
+
+
+def machine_preset(device, given):
+    """(the preset a run without --preset trains here, the facts that chose it): the device, the
+    precision --dtype gives (auto: by what the device is) and the threads."""
+    dtype, threads = given.get("dtype", "auto"), given.get("threads") or torch.get_num_threads()
+    if device.type == "cuda":  # small whatever its precision: asking would start CUDA
+        return default_preset("cuda", dtype, threads), "cuda"
+    if dtype == "auto":
+        dtype = auto_dtype(device)[0]
+    why = f"{device.type} in {dtype} on {threads} threads"
+    return default_preset(device.type, dtype, threads), why
 
 
 def resolve_dtype(dtype, device):

@@ -1,14 +1,13 @@
 """A trained model scored: the loss of every token of a text, each once (the lesson's
 estimate_loss draws random batches instead), and --eval_only, a checkpoint on its val split."""
 
-from machinery import checkpoint, devices, sources
-from machinery.cli import log
-
 import math
 
 import numpy as np
 import torch
 
+from machinery import checkpoint, devices, sources
+from machinery.cli import log
 from model import lm_loss
 from utils import bits_per_char
 
@@ -36,8 +35,7 @@ def evaluate_checkpoint(path, data, cfg):
     """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
     data's): a conversation's answers alone, as its run was trained. cfg: the device, threads and
     batch size to score with."""
-    devices.set_threads(cfg.threads)
-    trained = checkpoint.load_model(path, devices.choose_device(cfg.device))
+    trained = checkpoint.load_model(path, devices.use(cfg.device, cfg.threads))
     model = trained.model
     corpus, data = sources.validation_split(trained.checkpoint, trained.tokenizer, data)
     val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))

@@ -4,13 +4,12 @@ GPT with biases is GPT-2 exactly, every weight by another name, the four TRANSPO
     python train.py --init_from gpt2 --data mytext.txt    # fine-tune GPT-2 on your text
 """
 
-from machinery import checkpoint, cli
-
 import os
 
 import torch
 
 from config import GPTConfig, TinyLLMError
+from machinery import checkpoint, cli
 from model import GPT
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -1,11 +1,10 @@
 """A run's history.csv and loss.png, --plot_lr's schedule, and the figure helpers tools/ use."""
 
-from machinery.cli import log, warn
-
 import csv
 import math
 import os
 
+from machinery.cli import log, warn
 from optim import get_lr, progress
 
 

@@ -2,20 +2,18 @@
 folders; and prompts. Files are read as "utf-8-sig" (no byte-order mark) with CRLF as LF: the same
 tokens everywhere."""
 
-from machinery.cli import warn
-
 import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
-import torch
 
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
-from tokenizer import from_dict, grown, learn, split_special
-from utils import chars_per_token, split_train_val
+from machinery.cli import warn
+from tokenizer import from_dict, grown, lacking, learn, split_special
+from utils import Corpus, make_corpus, split_train_val
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
@@ -144,20 +142,9 @@ def clean_text(text):
     return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]{2,}", " ", text))
 
 
-@dataclass
-class Corpus:
-    tokenizer: object
-    train: object  # 1-D token ids: a LongTensor, or a read-only np.memmap
-    val: object
-    chars_per_token: float  # of the val split: a loss in bits per character
-    train_targets: object = None  # conversations: True where a token is a target (None: all are)
-    val_targets: object = None
-    added: list = ()  # fine-tuning: characters and special tokens the tokenizer lacked
-    old_ids: list = None  # with added: the id each token had before (None: new)
-
-
-def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
-    """cfg.data split 90/10 and tokenized by the tokenizer given (grown if extend) or a new one."""
+def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
+    """cfg.data's Corpus: tokenized by the tokenizer given (grown by what the text holds that it
+    lacks, if grow) or by a new one, of vocab_size tokens if BPE."""
     if is_prepared(cfg.data):
         corpus = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
@@ -166,36 +153,18 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, extend=False):
     text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if not text.replace(EOT, "").strip():
         raise TinyLLMError(f"data file {cfg.data} is empty")
-    train_text, val_text = split_train_val(text)
-    added, old_ids = [], None
+    old_ids = None
     if tokenizer is None:  # char learns every character, BPE only from the training part
-        tokenizer = learn(
-            cfg.tokenizer, text if cfg.tokenizer == "char" else train_text, vocab_size
-        )
-    else:
-        special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
-        chars = tokenizer.unknown_chars("".join(split_special(text, special)[::2]))
-        added = chars + special
-        if added and not extend:
-            raise TinyLLMError(f"{cfg.data} has tokens the model lacks: {''.join(added)[:40]!r}")
-        if added:
-            tokenizer, old_ids = grown(tokenizer, chars, special)
-    ids = [torch.tensor(tokenizer.encode(t), dtype=torch.long) for t in (train_text, val_text)]
-    targets = [answer_targets(i, tokenizer) if cfg.loss_on == "answers" else None for i in ids]
-    per_token = chars_per_token(tokenizer, ids[1].tolist())  # of the val split
-    return Corpus(tokenizer, *ids, per_token, *targets, added, old_ids)
-
-
-def answer_targets(ids, tokenizer):
-    """True at each answer's tokens and the <|endoftext|> ending it: what a chat model learns."""
-    start = tokenizer.special_tokens.get(ASSISTANT)
-    if start is None:
-        return None
-    targets, inside = [], False
-    for token in ids.tolist():
-        targets.append(inside)
-        inside = token == start or inside and token != tokenizer.eot_id
-    return torch.tensor(targets)
+        learned_from = text if cfg.tokenizer == "char" else split_train_val(text)[0]
+        tokenizer = learn(cfg.tokenizer, learned_from, vocab_size)
+    chars, special = lacking(tokenizer, text)
+    if (chars or special) and not grow:
+        missing = "".join(chars + special)[:40]
+        raise TinyLLMError(f"{cfg.data} has tokens the model lacks: {missing!r}")
+    if chars or special:
+        tokenizer, old_ids = grown(tokenizer, chars, special)
+    corpus = make_corpus(text, tokenizer, cfg.loss_on == "answers")
+    return replace(corpus, old_ids=old_ids)
 
 
 def is_prepared(path):

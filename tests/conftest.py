@@ -66,9 +66,9 @@ def cpu_and_offline():
     """A Mac's GPU is hidden as CUDA is; a connection anywhere but this machine fails at once.
     One torch thread: tiny models gain nothing from a second, and xdist's workers share the cores.
     (torch is imported here, not above: xdist's controller, which runs no test, skips it.)"""
-    from machinery import devices
-
     import torch
+
+    from machinery import devices
 
     torch.set_num_threads(1)
     real_machine, real_connect = devices.machine, socket.socket.connect
@@ -127,6 +127,16 @@ GREEDY = SamplerConfig(temperature=0)  # the likeliest token, every time
 def tiny_model(**overrides):
     shape = dict(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32)
     return GPTConfig(**(shape | overrides))
+
+
+def generated(model, idx, max_new_tokens, sampler, use_cache=True):
+    """What sampling.generate writes, with or without the KV cache: (B, T + new)."""
+    import torch
+
+    from sampling import Context, tokens
+
+    steps = tokens(Context(model, use_cache), idx, max_new_tokens, sampler)
+    return torch.cat([idx, *(token for token, _ in steps)], dim=1)
 
 
 def tiny_run(data, out_dir, **overrides):

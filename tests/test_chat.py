@@ -1,7 +1,5 @@
 """Conversations: the chat template, the loss on the answers, the chat in a terminal, LoRA."""
 
-from machinery import checkpoint, sources
-
 import json
 import os
 import pty
@@ -29,7 +27,9 @@ import generate
 import lora
 import tools.merge
 import train
+import utils
 from config import ASSISTANT, EOT, USER, TrainConfig
+from machinery import checkpoint, sources
 from model import GPT, lm_loss
 from utils import get_batch
 
@@ -99,7 +99,7 @@ def test_the_loss_counts_the_answers_and_their_end_only(tmp_path):
     cfg = TrainConfig(data=write_chats(tmp_path / "c.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]]))
     corpus = sources.load_corpus(cfg)
     tokenizer, ids = corpus.tokenizer, torch.cat([corpus.train, corpus.val])
-    targets = sources.answer_targets(ids, tokenizer)
+    targets = utils.answer_targets(ids, tokenizer)
     answers = tokenizer.decode([t for t, keep in zip(ids.tolist(), targets.tolist()) if keep])
     assert answers == (
         f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}Hello. What shall we talk about?{EOT}"
@@ -222,21 +222,18 @@ def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(
         fed.append(idx.size(1) - (context.start or 0) - cached)
         return real_logits(context, idx)
 
-    real_generate, calls = chat.generate, []
+    real_tokens, calls = chat.tokens, []
 
-    def ctrl_c_in_the_third_answer(*args, on_token, **kwargs):
-        calls.append([])
-
-        def token(*a):
-            on_token(*a)
-            calls[-1].append(1)
-            if len(calls) == 3 and len(calls[-1]) == 3:
+    def ctrl_c_in_the_third_answer(*args, **kwargs):
+        calls.append(0)
+        for step in real_tokens(*args, **kwargs):
+            calls[-1] += 1
+            if len(calls) == 3 and calls[-1] == 3:
                 raise KeyboardInterrupt
-
-        return real_generate(*args, on_token=token, **kwargs)
+            yield step
 
     monkeypatch.setattr(chat.Context, "next_logits", counting)
-    monkeypatch.setattr(chat, "generate", ctrl_c_in_the_third_answer)
+    monkeypatch.setattr(chat, "tokens", ctrl_c_in_the_third_answer)
     chat.main([chat_model, "--temperature", "0", "--max_new_tokens", "40"])
     out = capsys.readouterr().out
     assert "Your name is Ada." in out and "[stopped]" in out and out.count("model> ") == 3

@@ -2,9 +2,6 @@
 spellings, running out of memory or disk, --overwrite that never loses a run; stopping train.py's
 processes (signals, pipes that close, kill -9); sweep.sh; output in a legacy code page."""
 
-from machinery import checkpoint, devices, runs, settings
-from machinery import cli as machinery_cli
-
 import io
 import os
 import select
@@ -21,6 +18,8 @@ from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
 
 import train
 from config import PRESETS, build_configs
+from machinery import checkpoint, devices, start
+from machinery import cli as machinery_cli
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 
@@ -88,12 +87,12 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
         "--warmup",
         "7",
     ]
-    options, given = settings.parse_flags(argv)
-    cfg = build_configs(given, "tiny")[1]
+    options, given = train.parse_flags(argv)
+    cfg = build_configs(given, PRESETS["tiny"])[1]
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert settings.parse_flags(["--plots", "--preset", "tiny"])[1]["plots"]
+    assert train.parse_flags(["--plots", "--preset", "tiny"])[1]["plots"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -126,7 +125,7 @@ def test_running_out_of_memory_is_one_line_saying_what_to_try(
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runs, "make_optimizer", out_of_memory)
+    monkeypatch.setattr(start, "make_optimizer", out_of_memory)
     code, _, err = cli(
         capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run"
     )

@@ -3,8 +3,6 @@ single-process step, the ranks agree on a stop signal only one of them got, and 
 torchrun ends as the run that went straight on. Without torchrun: what cannot work here is refused
 before joining."""
 
-from machinery import checkpoint
-
 import contextlib
 import dataclasses
 import os
@@ -18,6 +16,7 @@ from conftest import ROOT, TINY_FLAGS, corpus_head, script_env, tiny_model, with
 
 import train
 from config import TinyLLMError, TrainConfig
+from machinery import checkpoint
 from model import GPT
 
 pytestmark = pytest.mark.skipif(
@@ -48,7 +47,7 @@ for accum in (1, 2):
     size = half // accum
     micro = iter([(x[i:i + size], y[i:i + size]) for i in range(0, half, size)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    train.train_step(ddp.wrap(model, world, device), optimizer, lambda: next(micro), 0.5,
+    train.train_step(process.wrap(model), optimizer, lambda: next(micro), 0.5,
                      TrainConfig(grad_accum_steps=accum, grad_clip=0.0))
     if rank == 0:
         torch.save(model.state_dict(), f"{out}/ddp_{accum}.pt")

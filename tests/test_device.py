@@ -2,21 +2,18 @@
 (fake_machine, and the project's own seams machinery.devices.gpu and autocast_works), and the CPU
 paths that stand in for a GPU's: bfloat16 autocast and float16's loss scaler."""
 
-import machinery
-from machinery import checkpoint, devices, runs
-
 import math
 import random
 
 import numpy as np
 import pytest
 import torch
-from conftest import GREEDY, cli, tiny_model, tiny_run
+from conftest import GREEDY, cli, generated, tiny_model, tiny_run
 
 import generate
-import sampling
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
+from machinery import checkpoint, devices, start
 from model import GPT
 from optim import make_optimizer
 
@@ -185,9 +182,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = runs.set_up(
-        tiny_model(), cfg, RunOptions(resume=True), "custom", {}, machinery.stopwatch()
-    )
+    run = start.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, lambda: 0.0)
     assert run.precision.dtype == "float16" and run.precision.scaler.get_scale() == 1234.0
 
 
@@ -210,8 +205,8 @@ def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_
     model = result["model"].eval()
     prompt = torch.randint(0, model.config.vocab_size, (2, 3))
     with devices.autocast(CPU, "bfloat16"):
-        cached = sampling.generate(model, prompt, 10, GREEDY, use_cache=True)
-        assert torch.equal(cached, sampling.generate(model, prompt, 10, GREEDY, use_cache=False))
+        cached = generated(model, prompt, 10, GREEDY, use_cache=True)
+        assert torch.equal(cached, generated(model, prompt, 10, GREEDY, use_cache=False))
     assert torch.get_float32_matmul_precision() == "highest"
 
 
@@ -226,7 +221,7 @@ def test_generate_loads_on_the_cpu_and_moves_only_the_model(trained, monkeypatch
     # a device not the CPU
     monkeypatch.setattr(devices, "choose_device", lambda name="auto": torch.device("meta"))
     monkeypatch.setattr(checkpoint, "load_model", recording_load_model)
-    monkeypatch.setattr(generate, "sample", lambda *a, **k: [("text", 4, False)])
+    monkeypatch.setattr(generate, "sample", lambda *a, **k: torch.zeros(1, 4, dtype=torch.long))
     code, _, err = cli(capsys, generate.main, trained[0], "--max_new_tokens", 4)
     assert code == 0, err
     assert {p.device.type for p in seen["model"].parameters()} == {"meta"}

@@ -1,8 +1,6 @@
 """tools.export: each kind of model the project trains, as a Hugging Face folder that transformers
 loads with no code of ours, gives the same logits, greedy text and chat prompt."""
 
-from machinery import checkpoint, sources
-
 import json
 import os
 
@@ -12,6 +10,7 @@ from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head
 
 import generate
 import train
+from machinery import checkpoint, sources
 from tools import export
 
 pytestmark = pytest.mark.slow  # every test loads transformers: seconds

@@ -2,8 +2,6 @@
 under a header, several checkpoints alike), --show_probs's odds replayed, --qa, --beam, and bad
 input refused before sampling."""
 
-from machinery import checkpoint
-
 import ast
 import math
 import re
@@ -16,7 +14,8 @@ from conftest import assert_one_line_error, cli, corpus_head, tiny_model, tiny_r
 import generate
 import sampling
 from config import EOT, SamplerConfig
-from sampling import beam_search, next_token_probs
+from machinery import checkpoint
+from sampling import Context, beam_search, next_token_probs
 
 ROW = re.compile(r"^(?P<label>.+?) +p=(?P<p>[\d.]+)  H=(?P<h>[\d.]+) bits(?:  top: (?P<top>.*))?$")
 
@@ -143,16 +142,14 @@ def test_several_checkpoints_are_sampled_alike_and_another_seed_gives_another_te
 
 
 def test_a_single_sample_is_streamed_token_by_token(trained, capsys, monkeypatch):
-    pieces, real = [], generate.generate
+    pieces, real = [], generate.tokens
 
-    def watched(*args, on_token, **kwargs):  # what is printed by each token's turn
-        def spy(token, logits, idx):
-            on_token(token, logits, idx)
+    def watched(*args, **kwargs):  # what is printed by each token's turn
+        for step in real(*args, **kwargs):
+            yield step
             pieces.append(capsys.readouterr().out)
 
-        return real(*args, on_token=spy, **kwargs)
-
-    monkeypatch.setattr(generate, "generate", watched)
+    monkeypatch.setattr(generate, "tokens", watched)
     rest, _ = run(
         capsys,
         trained[0],
@@ -264,9 +261,8 @@ def test_beam_with_show_probs_reports_the_models_odds(trained, tmp_path, capsys)
     text = out.read_text(encoding="utf-8")
     loaded = checkpoint.load_model(trained[0])
     model, tok = loaded.model, loaded.tokenizer
-    new, total = beam_search(
-        model, torch.tensor([tok.encode("ROMEO:")]), 8, 3, stop_token=tok.eot_id
-    )
+    prompt = torch.tensor([tok.encode("ROMEO:")])
+    new, total = beam_search(Context(model), prompt, 8, 3, stop_token=tok.eot_id)
     logps = replay(
         trained[0], "ROMEO:", rows(text), lambda logits, idx: torch.softmax(logits.float(), dim=-1)
     )

@@ -1,8 +1,6 @@
 """The GPU itself, where there is one (elsewhere skipped, saying why). conftest.py hides CUDA from
 this process, so each check runs in a process that sees the GPUs pytest was started with."""
 
-from machinery import checkpoint
-
 import csv
 import glob
 import os
@@ -13,6 +11,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, USER_CUDA, corpus_head, script_env
+
+from machinery import checkpoint
 
 
 def gpu_env():
@@ -166,7 +166,7 @@ import torch
 from config import GPTConfig, SamplerConfig
 GREEDY = SamplerConfig(temperature=0)
 from model import GPT
-from sampling import Context, generate
+from sampling import Context, tokens
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}  # of the largest logit
 dtypes = ["float32", "float16"] + ["bfloat16"] * torch.cuda.is_bf16_supported()
 for pos in ("learned", "rope"):
@@ -174,8 +174,8 @@ for pos in ("learned", "rope"):
     cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=64, pos=pos)
     model = GPT(cfg).cuda().eval()
     prompt = torch.randint(0, 65, (2, 5), device="cuda")
-    recomputed = generate(model, prompt, 40, GREEDY, use_cache=False)
-    assert torch.equal(generate(model, prompt, 40, GREEDY), recomputed)
+    cached, full = ([t for t, _ in tokens(Context(model, c), prompt, 40, GREEDY)] for c in (1, 0))
+    assert torch.equal(torch.cat(cached, 1), torch.cat(full, 1))
     for name in dtypes:
         idx, cached, full, worst = prompt, Context(model, True), Context(model, False), 0.0
         autocast = torch.autocast("cuda", getattr(torch, name), enabled=name != "float32")

@@ -16,7 +16,15 @@ from conftest import GREEDY, ROOT, tiny_model
 import model as model_module
 from config import GPTConfig, SamplerConfig, TinyLLMError
 from model import GPT, MLP, SwiGLU, apply_rope, causal_mask, rope_tables
-from sampling import Context, beam_search, filter_logits, generate, next_token_probs, sample_next
+from sampling import (
+    Context,
+    beam_search,
+    filter_logits,
+    generate,
+    next_token_probs,
+    sample_next,
+    tokens,
+)
 
 # The model variants the causality, cache and attention tests run over, from every GPTConfig field.
 # A field with choices takes each of them and a bool both values, by themselves; a field with a
@@ -182,18 +190,14 @@ def test_the_cache_and_the_formula_give_recomputations_logits_past_block_size(va
 
 def chat(model, turns, sampler, use_cache):
     """A chat: generate 8 tokens, then the user's turn (several tokens at once), then generate on
-    with the same Context. Returns (the tokens, the logits of each generated one)."""
+    with the same Context. Returns (the tokens, the distribution of each generated one)."""
     context, idx, seen = Context(model, use_cache), torch.zeros(2, 0, dtype=torch.long), []
     for turn in turns:
-        idx = generate(
-            model,
-            torch.cat((idx, turn), dim=1),
-            8,
-            sampler,
-            context=context,
-            generator=torch.Generator().manual_seed(len(seen)),
-            on_token=lambda token, logits, idx: seen.append(logits),
-        )
+        idx = torch.cat((idx, turn), dim=1)
+        generator = torch.Generator().manual_seed(len(seen))
+        for token, probs in tokens(context, idx, 8, sampler, generator=generator):
+            idx = torch.cat((idx, token), dim=1)
+            seen.append(probs)
     return idx, torch.stack(seen)
 
 
@@ -300,14 +304,13 @@ def test_temperature_0_is_argmax_and_a_seeded_draw_repeats():
     torch.manual_seed(0)
     logits, idx = torch.randn(4, 40) * 3, text_so_far(4)
     argmax = logits.argmax(-1, keepdim=True)
-    assert torch.equal(sample_next(logits, idx, GREEDY), argmax)
-    assert torch.equal(sample_next(logits, idx, SamplerConfig(temperature=0, top_k=3)), argmax)
+    for greedy in (GREEDY, SamplerConfig(temperature=0, top_k=3)):
+        assert torch.equal(sample_next(next_token_probs(logits, idx, greedy), greedy), argmax)
     probs = next_token_probs(logits, idx, SamplerConfig(temperature=0.7))
     assert torch.allclose(probs, F.softmax(logits / 0.7, dim=-1))
     sampler = SamplerConfig(temperature=0.7, top_k=10)
-    draws = [
-        sample_next(logits, idx, sampler, torch.Generator().manual_seed(s)) for s in (1, 1, 2, 3)
-    ]
+    probs = next_token_probs(logits, idx, sampler)
+    draws = [sample_next(probs, sampler, torch.Generator().manual_seed(s)) for s in (1, 1, 2, 3)]
     assert torch.equal(draws[0], draws[1])
     assert not (torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[3]))
     kept = filter_logits(logits, idx, sampler)
@@ -340,16 +343,12 @@ def test_a_stop_token_ends_generation_once_every_row_has_made_it():
 
 def test_generation_builds_no_autograd_graph():
     model = GPT(tiny_model())  # parameters that require gradients
-    context, seen = Context(model), []
-
-    def watch(token, logits, idx):
-        seen.append((logits.requires_grad, torch.is_inference_mode_enabled()))
-
-    out = generate(
-        model, torch.zeros(1, 3, dtype=torch.long), 5, GREEDY, context=context, on_token=watch
-    )
-    assert seen == [(False, True)] * 5
+    context, idx, seen = Context(model), torch.zeros(1, 3, dtype=torch.long), []
+    for token, probs in tokens(context, idx, 5, GREEDY):
+        seen.append((probs.requires_grad, token.requires_grad))
+    assert seen == [(False, False)] * 5
     assert not any(k.requires_grad for k in context.cache.k + context.cache.v)
+    out = generate(model, idx, 5, GREEDY)
     assert not out.requires_grad and not out.is_inference()  # a tensor autograd may use later
 
 
@@ -379,7 +378,7 @@ def total_logprob(model, prompt, new):
 def test_beam_width_1_is_greedy():
     model = peaked(0)
     prompt = torch.randint(0, 65, (1, 3))
-    new, total = beam_search(model, prompt, 20, 1)  # past block_size 8
+    new, total = beam_search(Context(model), prompt, 20, 1)  # past block_size 8
     assert torch.equal(new, generate(model, prompt, 20, GREEDY)[:, 3:])
     assert total == pytest.approx(total_logprob(model, prompt, new), abs=1e-4)
 
@@ -400,9 +399,7 @@ def test_a_beam_holding_every_candidate_finds_the_brute_force_best(seed, stop, l
         cut = seq.index(stop) + 1 if stop in seq else n
         endings[tuple(seq[:cut])] = lp[:cut].sum().item()
     best = max(endings, key=lambda s: endings[s] / len(s) ** length_penalty)
-    new, total = beam_search(
-        model, prompt, n, V ** (n - 1), stop_token=stop, length_penalty=length_penalty
-    )
+    new, total = beam_search(Context(model), prompt, n, V ** (n - 1), stop, length_penalty)
     assert tuple(new[0].tolist()) == best and total == pytest.approx(endings[best], abs=1e-5)
 
 
@@ -411,10 +408,12 @@ def test_a_stopped_continuation_competes_by_the_length_rule():
     mean, a longer one."""
     chain = MarkovChain([[1e-9, 0.6, 0.4], [0.5, 0.5, 1e-9], [1 / 3, 1 / 3, 1 / 3]])
     start = torch.tensor([[0]])
-    new, total = beam_search(chain, start, 3, 2, use_cache=False, stop_token=2)
+    context = Context(chain, use_cache=False)
+    new, total = beam_search(context, start, 3, 2, stop_token=2)
     assert new.tolist() == [[2]]
     assert total == pytest.approx(math.log(0.4))  # beats 0 1 (0.3), and all that follow
-    new, total = beam_search(chain, start, 3, 2, use_cache=False, stop_token=2, length_penalty=1.0)
+    context = Context(chain, use_cache=False)
+    new, total = beam_search(context, start, 3, 2, stop_token=2, length_penalty=1.0)
     assert new.tolist() == [[1, 0, 1]]
     assert total == pytest.approx(math.log(0.6 * 0.5 * 0.6))  # -0.57 a token
 
@@ -424,8 +423,8 @@ def test_the_cache_changes_nothing_in_beam_search(width):
     torch.manual_seed(width)
     model = sharp(GPT(tiny_model(block_size=8, pos="rope")))  # a cache on the wrong beam shows
     prompt = torch.randint(0, 65, (1, 5))
-    cached, cached_total = beam_search(model, prompt, 20, width, use_cache=True)
-    full, full_total = beam_search(model, prompt, 20, width, use_cache=False)
+    cached, cached_total = beam_search(Context(model, use_cache=True), prompt, 20, width)
+    full, full_total = beam_search(Context(model, use_cache=False), prompt, 20, width)
     assert torch.equal(cached, full) and cached_total == pytest.approx(full_total, abs=1e-4)
     assert cached_total == pytest.approx(total_logprob(model, prompt, cached), abs=1e-4)
 

@@ -2,8 +2,6 @@
 scaling study (a data-limited run trains on its part only), ablation, decoding; and GPT-2 weights
 through Hugging Face."""
 
-from machinery import checkpoint, evaluation, hf_gpt2, runs
-
 import ast
 import csv
 import json
@@ -29,6 +27,8 @@ from conftest import (
 import sampling
 import tokenizer as tokenizers
 import train
+import utils
+from machinery import checkpoint, evaluation, hf_gpt2
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from tools import ablation, compare, decoding, pictures, precision, scaling
 from utils import split_train_val
@@ -256,13 +256,13 @@ def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback
 def test_a_data_limited_run_trains_on_the_first_part_of_the_training_split(
     text_file, tmp_path, monkeypatch
 ):
-    handed, real = [], runs.get_batch
+    handed, real = [], utils.get_batch
 
     def get_batch(data, *args, **kwargs):
         handed.append(data)
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(runs, "get_batch", get_batch)
+    monkeypatch.setattr(utils, "get_batch", get_batch)
     scaling.run((1, 16, 2), 3, str(tmp_path / "run"), text_file, data_fraction=0.25, **TINY)
     with open(text_file, encoding="utf-8") as f:
         text = f.read()

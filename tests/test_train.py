@@ -1,9 +1,6 @@
 """train.py: the step, the schedule, the loop, checkpoints and their safety, resuming, fine-tuning,
 a time budget."""
 
-from machinery import checkpoint, evaluation, runs, settings, sources
-from machinery.settings import Start
-
 import contextlib
 import math
 import os
@@ -29,9 +26,20 @@ from conftest import (
 
 import generate
 import train
-from config import ASSISTANT, EOT, USER, RunOptions, TinyLLMError, TrainConfig, build_configs
+import utils
+from config import (
+    ASSISTANT,
+    EOT,
+    PRESETS,
+    USER,
+    RunOptions,
+    TinyLLMError,
+    TrainConfig,
+    build_configs,
+)
+from machinery import checkpoint, ddp, evaluation, sources, start
 from model import GPT
-from optim import Muon, get_lr, make_optimizer, orthogonalize, progress
+from optim import get_lr, make_optimizer, orthogonalize, progress
 
 CPU = torch.device("cpu")
 AMX = dict(vendor="Intel", amx=True, avx512_bf16=True)  # a CPU that trains in bfloat16
@@ -57,12 +65,27 @@ def same_weights(a, b):
 # ---------------------------------------------------------------------- the step and the schedule
 
 
-def test_optimizer_decays_only_matrices():
+def group_of(optimizer):
+    """{id of a parameter: the optimizer group that holds it}."""
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_each_parameter_is_in_one_group_and_only_matrices_decay(name):
     model = GPT(tiny_model())
-    decay, no_decay = make_optimizer(model, TrainConfig(weight_decay=0.1), CPU).param_groups
-    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
-    assert no_decay["weight_decay"] == 0.0 and all(p.dim() < 2 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    cfg = TrainConfig(optimizer=name, weight_decay=0.1, lr=1e-3, muon_lr=0.02)
+    optimizer = make_optimizer(model, cfg, CPU)
+    groups = group_of(optimizer)
+    assert len(groups) == sum(len(g["params"]) for g in optimizer.param_groups)
+    assert len(groups) == len(list(model.parameters()))
+    for n, p in model.named_parameters():
+        group = groups[id(p)]
+        assert dict(zip(map(id, group["params"]), group["names"]))[id(p)] == n  # a resume's key
+        if group.get("muon"):  # Muon's: the blocks' matrices, at muon_lr's peak, undecayed
+            assert name == "muon" and n.startswith("blocks.") and p.dim() == 2
+            assert cfg.lr * group["lr_scale"] == pytest.approx(cfg.muon_lr)
+        else:
+            assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
 
 
 def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
@@ -73,7 +96,7 @@ def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
 
     def recording_step(*a, **k):
         seen["norm"] = torch.stack([p.grad.norm() for p in model.parameters()]).norm().item()
-        seen["lrs"] = [g["lr"] for g in optimizer.param_groups]
+        seen["lrs"] = [(g["lr"], g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
         return real_step(*a, **k)
 
     optimizer.step = recording_step
@@ -82,7 +105,23 @@ def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
     figures = train.train_step(model, optimizer, lambda: batch, 0.0123, cfg)
     assert figures["grad_norm"] > 0.05  # logged before clipping
     assert seen["norm"] == pytest.approx(0.05, rel=1e-4)
-    assert seen["lrs"] == [0.0123, 0.0123]
+    assert all(lr == 0.0123 * scale for lr, scale in seen["lrs"])
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_a_groups_lr_scale_multiplies_the_steps_lr_for_every_optimizer(name):
+    moves = []
+    for scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = GPT(tiny_model())
+        optimizer = make_optimizer(model, TrainConfig(optimizer=name, weight_decay=0.0), CPU)
+        for group in optimizer.param_groups:  # a learner's change: every group 3x faster
+            group["lr_scale"] = group.get("lr_scale", 1.0) * scale
+        before = [p.detach().clone() for p in model.parameters()]
+        train.train_step(model, optimizer, lambda: batches(1)[0], 1e-4, TrainConfig(grad_clip=0))
+        moves.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+    for plain, faster in zip(*moves):  # a first step moves each weight in proportion to its lr
+        assert torch.allclose(faster, 3 * plain, rtol=1e-3, atol=1e-6)
 
 
 def test_gradient_accumulation_is_one_big_batch_and_gradients_start_from_zero():
@@ -268,13 +307,13 @@ def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path,
     """The scaling study's data-limited runs: every training batch from the first part of the
     split, val from all."""
     seen = []
-    real = runs.get_batch
+    real = utils.get_batch
 
     def recording_get_batch(data, *a, **k):
         seen.append(len(data))
         return real(data, *a, **k)
 
-    monkeypatch.setattr(runs, "get_batch", recording_get_batch)
+    monkeypatch.setattr(utils, "get_batch", recording_get_batch)
     summary = train.train(
         tiny_model(), tiny_run(text_file, tmp_path, max_steps=6, data_fraction=0.25)
     )
@@ -524,9 +563,8 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
     model = checkpoint.model_of(saved)
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     cfg = TrainConfig(max_steps=60, warmup_steps=5)
-    runs.restore(
-        Start(model.config, cfg, "custom", saved, trained[0], resumed=True), optimizer, 0, 1, print
-    )
+    begun = start.Start(model.config, cfg, "custom", saved, trained[0], resumed=True)
+    start.restore(begun, optimizer, ddp.Process(0, 1, CPU), print)
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
@@ -630,19 +668,10 @@ def test_new_characters_grow_the_vocabulary_each_from_the_mean_row(trained, tmp_
 # ----------------------------------------------------------------------------- Muon
 
 
-def test_muon_steps_hidden_matrices_orthogonally_and_the_rest_by_adamw():
+def test_muon_makes_an_update_orthogonal():
     g = torch.randn(64, 16)
     s = torch.linalg.svdvals(orthogonalize(g))
     assert s.max() < 1.3 and s.min() > 0.5  # every direction moves alike
-    model = GPT(tiny_model())
-    cfg = TrainConfig(optimizer="muon", lr=1e-3, muon_lr=0.02)
-    optimizer = make_optimizer(model, cfg, CPU)
-    muon, rest, vectors = optimizer.param_groups
-    assert isinstance(optimizer, Muon) and muon["use_muon"]
-    assert muon["lr_scale"] == pytest.approx(20)
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert all(names[id(p)].startswith("blocks.") and p.dim() == 2 for p in muon["params"])
-    assert rest["weight_decay"] == cfg.weight_decay and vectors["weight_decay"] == 0.0
 
 
 def test_a_muon_run_learns_and_resumes_exactly(text_file, tmp_path, monkeypatch):
@@ -714,7 +743,7 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
     cfg = tiny_run(
         text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10**6, eval_iters=1
     )
-    run = runs.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, clock)
+    run = start.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, clock)
     val = run.batches["val"]
 
     def slow_val():  # the evaluations' batches come slowly
@@ -803,8 +832,8 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    options, given = settings.parse_flags(argv)
-    assert settings.preset_of(options, given) == preset
+    options, given = train.parse_flags(argv)
+    assert train.preset_of(options, given) == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
 
@@ -828,5 +857,9 @@ def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, caps
 
 
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = build_configs(settings.parse_flags(["--max_steps", "50"])[1], "tiny")[1]
-    assert cfg.max_steps == 50 and not cfg.time_budget and build_configs({}, "tiny")[1].time_budget
+    cfg = build_configs(train.parse_flags(["--max_steps", "50"])[1], PRESETS["tiny"])[1]
+    assert (
+        cfg.max_steps == 50
+        and not cfg.time_budget
+        and build_configs({}, PRESETS["tiny"])[1].time_budget
+    )

@@ -2,7 +2,7 @@
 model, runs compared, and the experiments (ablation, decoding, precision, scaling), which train
 through experiment()."""
 
-from config import build_configs
+from config import PRESETS, build_configs
 
 
 def experiment(given, preset="tiny"):
@@ -11,4 +11,4 @@ def experiment(given, preset="tiny"):
     import train  # here, not above: the tools that only read files need no torch
 
     given = {"plots": False, "sample_tokens": 0} | given
-    return train.train(*build_configs(given, preset), preset=preset, given=given)
+    return train.train(*build_configs(given, PRESETS[preset]), preset=preset, given=given)

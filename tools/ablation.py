@@ -2,13 +2,12 @@
 model's switches, and a table and a plot of their validation losses:
 python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_layer, ...)."""
 
-from machinery import cli
-from machinery.plots import new_plot, save_plot
-
 import os
 import tempfile
 
 from config import GPTConfig, TinyLLMError, TrainConfig
+from machinery import cli
+from machinery.plots import new_plot, save_plot
 from tools import experiment
 from utils import bits_per_char
 

@@ -1,12 +1,11 @@
 """Several runs' loss curves in one picture: python -m tools.compare checkpoints/a checkpoints/b"""
 
-from machinery import cli
-from machinery.plots import draw_losses, new_plot, save_plot
-
 import csv
 import os
 
 from config import TinyLLMError
+from machinery import cli
+from machinery.plots import draw_losses, new_plot, save_plot
 
 
 def read_history(run_dir):

@@ -4,9 +4,6 @@ checkpoint and prompt, each text scored by the model's log-probability per token
     python -m tools.decoding checkpoints/best.pt --prompt "To be or not"
 """
 
-from machinery import checkpoint, cli, sources
-from machinery.annotate import model_odds
-
 import argparse
 import math
 import statistics
@@ -14,7 +11,9 @@ import statistics
 import torch
 
 from config import SamplerConfig, TinyLLMError
-from sampling import beam_search, generate
+from machinery import checkpoint, cli, sources
+from machinery.annotate import model_odds
+from sampling import Context, beam_search, generate
 
 
 def temperatures(text):
@@ -60,17 +59,12 @@ def main(argv=None):
         scores = []
         for seed in seeds:
             if width:
-                new = beam_search(model, idx, args.new_tokens, width)[0]
+                new = beam_search(Context(model), idx, args.new_tokens, width)[0]
             else:
-                out = generate(
-                    model,
-                    idx,
-                    args.new_tokens,
-                    SamplerConfig(temperature=temperature),
-                    generator=torch.Generator().manual_seed(seed),
-                )
+                sampler, generator = SamplerConfig(temperature), torch.Generator().manual_seed(seed)
+                out = generate(model, idx, args.new_tokens, sampler, generator=generator)
                 new = out[:, idx.size(1) :]
-            odds = model_odds(model, idx, new)
+            odds = model_odds(Context(model), idx, new)
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in odds) / new.size(1)
             text = tokenizer.decode(new[0].tolist())
             texts.setdefault(name, text)

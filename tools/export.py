@@ -8,9 +8,6 @@ RMSNorm, SwiGLU and RoPE are Llama's architecture; the same with LayerNorm, as t
 train, is StableLM's; LayerNorm, GELU and a learned position table are GPT-2's. A LoRA adapter is
 merged first."""
 
-from machinery import checkpoint, cli, sources
-from machinery.hf_gpt2 import hf_names
-
 import dataclasses
 import json
 import math
@@ -22,6 +19,8 @@ import torch
 
 import lora
 from config import ASSISTANT, EOT, GPTConfig, SamplerConfig, TinyLLMError
+from machinery import checkpoint, cli, sources
+from machinery.hf_gpt2 import hf_names
 from sampling import generate
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from utils import bits_per_char

@@ -1,12 +1,11 @@
 """Fold a LoRA adapter into its base: a plain checkpoint, which needs the base no more.
 python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt"""
 
-from machinery import checkpoint, cli
-
 import os
 
 from config import TinyLLMError
 from lora import merge
+from machinery import checkpoint, cli
 
 
 def main(argv=None):

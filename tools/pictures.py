@@ -5,11 +5,6 @@ distribution at several temperatures), embeddings (a char model's, by PCA).
     python -m tools.pictures checkpoints/best.pt --only attention,surprise
 """
 
-from machinery import checkpoint, cli, devices, sources
-from machinery.annotate import WholeCharacters, entropy_bits, token_piece
-from machinery.evaluation import token_losses
-from machinery.plots import new_plot, save_plot
-
 import math
 import os
 import warnings
@@ -18,6 +13,10 @@ import numpy as np
 import torch
 
 from config import DEVICE_HELP, SamplerConfig, TinyLLMError
+from machinery import checkpoint, cli, devices, sources
+from machinery.annotate import WholeCharacters, entropy_bits, token_piece
+from machinery.evaluation import token_losses
+from machinery.plots import new_plot, save_plot
 from sampling import next_token_probs
 from tokenizer import CharTokenizer
 from tools.decoding import temperatures
@@ -36,14 +35,22 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """[attention weights (nh, T, T) per layer] of idx (1, T): each block's attention_weights, the
-    formula the fused kernel computes without ever building the weights."""
-    x, rope = model.embed(idx)  # (1, T, C)
+    """[attention weights (nh, T, T) per layer] of idx (1, T): a forward pass, in which each
+    block's attention, given its input as the block gives it, computes the formula the fused
+    kernel computes without ever building the weights."""
     maps = []
-    for block in model.blocks:
-        q, k, _ = block.attn.heads(block.ln_1(x), rope)  # as the block's attention makes them
-        maps.append(block.attn.attention_weights(q, k, None)[0])
-        x = block(x, None, rope)
+
+    def weights(attn, args):  # args: what the block passes to its attention
+        x, mask, rope = args[:3]
+        q, k, _ = attn.heads(x, rope)
+        maps.append(attn.attention_weights(q, k, mask)[0])
+
+    hooks = [block.attn.register_forward_pre_hook(weights) for block in model.blocks]
+    try:
+        model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return maps
 
 

@@ -5,16 +5,14 @@ what the CPU is (machinery/devices.py's auto_dtype), never by a timing.
     python -m tools.precision
 """
 
-from machinery import cli, devices
-from machinery.settings import machine_preset
-
 import time
 from dataclasses import replace
 
 import torch
 
 import train
-from config import TinyLLMError, build_configs
+from config import PRESETS, TinyLLMError, build_configs
+from machinery import cli, devices
 from model import GPT
 from optim import make_optimizer
 
@@ -53,8 +51,8 @@ def main(argv=None):
         raise TinyLLMError("--steps must be 1 to 10000 and --threads 0 or more")
     threads = devices.set_threads(args.threads)
     cpu = torch.device("cpu")
-    preset = machine_preset(cpu, {"threads": threads})[0]
-    model_cfg, cfg = build_configs({}, preset)
+    preset = devices.machine_preset(cpu, {"threads": threads})[0]
+    model_cfg, cfg = build_configs({}, PRESETS[preset])
     seconds = step_seconds(model_cfg, cfg, ("float32", "bfloat16"), args.steps)
     ratio = seconds["float32"] / seconds["bfloat16"]
     best = "bfloat16" if ratio >= MARGIN else "float32"

@@ -4,10 +4,6 @@ character) to train.bin, the rest to val.bin, with meta.json. Then: python train
     python -m tools.prepare --input big.txt --out data/big --tokenizer bpe
 """
 
-from machinery import cli
-from machinery.checkpoint import replace_file
-from machinery.sources import iter_documents
-
 import contextlib
 import json
 import os
@@ -16,6 +12,9 @@ import time
 import numpy as np
 
 from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
+from machinery import cli
+from machinery.checkpoint import replace_file
+from machinery.sources import iter_documents
 from tokenizer import learn
 from utils import text_length, whole_special
 

@@ -3,10 +3,6 @@ compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one size on 
 About 30 minutes; python -m tools.scaling --quick takes about 3. --sized finds the best shape
 for a five-minute run on this machine instead: about 30 minutes, or 3 with --quick."""
 
-from machinery import cli
-from machinery.evaluation import token_losses
-from machinery.plots import new_plot, save_plot
-
 import json
 import math
 import os
@@ -17,6 +13,9 @@ import time
 import torch
 
 from config import TinyLLMError, TrainConfig
+from machinery import cli
+from machinery.evaluation import token_losses
+from machinery.plots import new_plot, save_plot
 from tools import experiment
 
 # about 30 thousand to 1.3 million parameters, the tiny preset's 2 x 160 among them

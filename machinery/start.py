@@ -1,0 +1,278 @@
+"""A run's start, in the order it begins: where it starts from (a fresh run; its own last.pt when
+it resumes; a trained model when it fine-tunes, in full or through LoRA), each setting given
+checked against that before anything is written; then the corpus, the model, the optimizer and,
+on a resume, the state as it was saved. set_up gives the Run (machinery/runs.py) the loop reads."""
+
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+import lora
+from config import (
+    RESUME_MAY_CHANGE,
+    GPTConfig,
+    TinyLLMError,
+    TrainConfig,
+    build_configs,
+    from_saved,
+)
+from machinery import checkpoint, cli, ddp, devices, sources
+from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir
+from model import GPT
+from optim import Steps, TimeBudget, get_lr, make_optimizer, progress
+from utils import make_batches
+
+
+def set_up(model_cfg, cfg, options, preset, given, clock):
+    """The Run: everything before the first step, in order, each input checked before anything
+    is written; last, --overwrite's old files go."""
+    process = ddp.setup(devices.choose_device(cfg.device))
+    say = cli.log if process.rank == 0 else (lambda text: None)
+    start = begin(model_cfg, cfg, options, preset, given, say)
+    cfg = start.cfg
+    if cfg.batch_size % (process.world * cfg.grad_accum_steps):
+        raise TinyLLMError(
+            f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
+            f"({cfg.grad_accum_steps}) times the processes ({process.world})"
+        )
+    devices.set_threads(cfg.threads)
+    devices.seed_everything(cfg.seed)  # the same initial weights on every rank
+    corpus = corpus_for(start, say)
+    model, adapter = model_for(start, corpus)
+    model = model.to(process.device)
+    optimizer = make_optimizer(model, cfg, process.device)  # optim.py
+    state, rows = restore(start, optimizer, process, say) if start.resumed else (TrainState(), [])
+    saved_rngs = start.source.get("rngs", []) if start.resumed else []
+    if process.world > 1 and len(saved_rngs) != process.world:  # each rank its own batches
+        devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
+    micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
+    block_size = model.config.block_size
+    batches = make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
+    if options.overfit_batch:  # a sanity check: every step trains on one batch
+        fixed = batches["train"]()
+        batches["train"] = lambda: fixed
+        say("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
+    saved_scaler = start.source.get("scaler") if start.source else None
+    precision = devices.precision(cfg.dtype, process.device, saved_scaler)
+    train_model = process.wrap(torch.compile(model) if cfg.compile else model)
+    if cfg.compile:  # compiled now, and undone: a missing compiler is one line before any write
+        with devices.compiling(model, optimizer, precision.scaler), precision.ctx:
+            x, y = batches["train"]()
+            train_model(x, y)[1].backward()
+    budget = Steps(cfg)
+    if cfg.time_budget:  # by the ranks' mean clock: theirs differ, and all must decide alike
+        budget = TimeBudget(cfg, lambda: process.mean([clock()])[0])
+    if options.overwrite and not options.overfit_batch and not start.resumed and process.rank == 0:
+        clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
+    return Run(
+        cfg=cfg,
+        preset=start.preset,
+        process=process,
+        corpus=corpus,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        precision=precision,
+        batches=batches,
+        state=state,
+        meter=Meter(clock, rows),
+        clock=clock,
+        budget=budget,
+        stop=cli.StopRequest(announce=process.rank == 0),
+        overfit_batch=options.overfit_batch,
+        lora=adapter,
+    )
+
+
+# ------------------------------------------------------------------- where the run starts from
+
+
+@dataclass
+class Start:
+    """A run's settings and the checkpoint it starts from: its last.pt when it resumes,
+    --init_from's model when it fine-tunes, else None."""
+
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    preset: str
+    source: dict = None
+    path: str = ""  # the source's
+    resumed: bool = False
+
+
+def begin(model_cfg, cfg, options, preset, given, say):
+    """Where the run starts from, each setting given checked against it."""
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if options.resume and os.path.isfile(last):
+        return resume(last, cfg, options.preset, given, say)
+    if options.resume:  # the same command starts the run now and continues it later
+        say(f"--resume: no {last} yet, starting a fresh run")
+    if not options.overfit_batch:
+        claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
+    source = None
+    if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
+        source = fine_tune_source(options.init_from, given)
+        model_cfg = from_saved(GPTConfig, source["model_config"], options.init_from)
+        cfg = replace(cfg, tokenizer=source["tokenizer"]["kind"])
+    elif cfg.lora_rank:
+        raise TinyLLMError("--lora_rank adapts a trained model: give it with --init_from")
+    if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
+        meta = sources.prepared_meta(cfg.data)
+        made = dict(vocab_size=meta["vocab_size"], clean=meta["clean"])
+        made["tokenizer"] = meta["tokenizer"]["kind"]
+        refused = contradicted(given, made)
+        if refused:
+            why = f"{cfg.data} was made by tools.prepare, with its own tokenizer"
+            raise TinyLLMError(f"{why}: drop {refused}")
+        cfg = replace(cfg, tokenizer=made["tokenizer"])
+    if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
+        cfg = replace(cfg, time_budget="")
+    return Start(model_cfg, cfg, preset, source, options.init_from)
+
+
+def resume(last, cfg, preset, given, say):
+    """The Start of a run going on from its last.pt, with the flags --resume may change."""
+    source = checkpoint.load(last)
+    say(f"resuming {last} at {checkpoint.where(source)}")
+    if preset and preset != source.get("preset"):
+        raise TinyLLMError(f"{last} is a run of preset {source.get('preset')!r}: --resume keeps it")
+    saved = source.get("train_config") or {}
+    required = ["optimizer", "rng", "window", *asdict(TrainState())]
+    if any(k not in source for k in required) or set(saved) != set(asdict(cfg)):
+        raise TinyLLMError(
+            f"{last} was written by another version of tinyllm and cannot be resumed; "
+            f"fine-tune from its weights with --init_from instead"
+        )
+    model_cfg = from_saved(GPTConfig, source["model_config"], last)
+    settings = asdict(model_cfg) | asdict(from_saved(TrainConfig, saved, last))
+    refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
+    if refused:
+        raise TinyLLMError(
+            f"--resume continues the run in {last}, which cannot change {refused}; "
+            f"drop the flag, or start a new run with another --out_dir"
+        )
+    changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
+    return Start(model_cfg, cfg, source.get("preset", "custom"), source, last, resumed=True)
+
+
+def contradicted(given, saved, may_change=()):
+    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    refused = []
+    for k, v in given.items():
+        if k in saved and k not in may_change and v != saved[k]:
+            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
+    return "; ".join(refused)
+
+
+def fine_tune_source(path, given):
+    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
+    if path.lower().endswith(".pt"):
+        source = checkpoint.load(path)
+    else:
+        from machinery.hf_gpt2 import gpt2_checkpoint  # needs transformers: imported only here
+
+        source = gpt2_checkpoint(path)
+    has = {**source["model_config"], "tokenizer": source["tokenizer"]["kind"]}
+    refused = contradicted(given, has, may_change=("dropout",))
+    if refused:
+        why = f"--init_from {path} keeps that model's shape and tokenizer"
+        raise TinyLLMError(f"{why}: drop {refused}")
+    if "dropout" in given:
+        source["model_config"]["dropout"] = given["dropout"]
+    return source
+
+
+# ------------------------------------------------------------------------ the corpus, the model
+
+
+def corpus_for(start, say):
+    """The text as train and val token ids: by the tokenizer of the model it starts from (grown
+    by a fine-tune's new tokens), else by a new one."""
+    tokenizer = checkpoint.tokenizer_of(start.source, start.path) if start.source else None
+    grow = start.source is not None and not start.resumed  # a resumed run's vocabulary is fixed
+    corpus = sources.load_corpus(start.cfg, tokenizer, start.model_cfg.vocab_size, grow)
+    if corpus.old_ids:
+        new = [i for i, old in enumerate(corpus.old_ids) if old is None]
+        added = corpus.tokenizer.decode(new)[:60]
+        say(f"added {len(new)} token(s) {added!r} to the vocabulary of {start.path}")
+    for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
+        sources.check_long_enough(ids, start.model_cfg.block_size, name, start.cfg.data)
+    return corpus
+
+
+def model_for(start, corpus):
+    """(the GPT to train, a LoRA run's adapter settings or None): fresh weights, or those of the
+    model it starts from, with rows for new tokens, and LoRA's matrices beside them."""
+    cfg = start.cfg
+    if start.source is None:  # a fresh GPT, random weights
+        return GPT(replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
+    model = checkpoint.model_of(start.source, start.path)
+    rows = None  # per embedding row, its row in the source model (None: a new token)
+    if corpus.old_ids:
+        rows = grow_vocabulary(model, corpus.old_ids)
+    if not cfg.lora_rank:  # an adapter's model fine-tuned in full is merged first
+        return lora.merge(model), None
+    adapter = start.source.get("lora")
+    if adapter and rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
+        mapped = adapter["rows"]
+        rows = [mapped[i] if mapped and i is not None else i for i in rows]
+        return model, adapter | {"rows": rows}
+    if adapter:
+        return model, adapter
+    lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
+    base = os.path.abspath(start.path)  # its checkpoints name it, relative to themselves
+    settings = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, mlp=cfg.lora_mlp)
+    return model, dict(base=base, rows=rows, **settings)
+
+
+def grow_vocabulary(model, old_ids):
+    """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
+    new rows alike). old_ids: per token, its old row or None. Returns every row's source."""
+    old, old_size = model.wte.weight.detach(), sum(i is not None for i in old_ids)
+    rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
+    mean = old[[i for i in rows if i is not None]].mean(0)
+    checkpoint.with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
+    return rows
+
+
+# ------------------------------------------------------------------------- a resumed run's state
+
+
+def restore(start, optimizer, process, say):
+    """(state, meter rows) of a resumed run as saved, its optimizer and random numbers put back; a
+    new --max_steps is a new schedule."""
+    source, cfg = start.source, start.cfg
+    load_optimizer(optimizer, source["optimizer"], start.path)
+    state = TrainState(**{k: source[k] for k in asdict(TrainState())})
+    rngs = source.get("rngs") or [source["rng"]]
+    devices.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
+    saved = source["train_config"]
+    if not cfg.time_budget and (saved["time_budget"] or cfg.max_steps != saved["max_steps"]):
+        if state.step >= cfg.max_steps:
+            raise TinyLLMError(
+                f"the run is at step {state.step}: --max_steps {cfg.max_steps} trains no more"
+            )
+        now = get_lr(state.step, progress(state.step, cfg), cfg)
+        end = get_lr(cfg.max_steps, 1.0, cfg)
+        steps = f"the schedule of a run of {cfg.max_steps} steps from here"
+        say(f"--max_steps {cfg.max_steps}: {steps}, LR {now:.3g} now, {end:.3g} at its end")
+    return state, source["window"]
+
+
+def load_optimizer(optimizer, saved, path):
+    """The saved optimizer state, each group matched to this optimizer's by the parameters it
+    holds (or refused), keeping this machine's kernel (fused, foreach)."""
+    by_names = {tuple(group.get("names", ())): group for group in saved["param_groups"]}
+    groups = []
+    for group in optimizer.param_groups:
+        match = by_names.get(tuple(group["names"]))
+        if match is None:
+            raise TinyLLMError(
+                f"{path}: its optimizer groups the parameters otherwise than this code does "
+                f"(no group of {', '.join(group['names'][:2])}...): resume it with the code "
+                f"that trained it, or fine-tune from it with --init_from"
+            )
+        groups.append(match | {k: group[k] for k in ("fused", "foreach") if k in group})
+    optimizer.load_state_dict({**saved, "param_groups": groups})
