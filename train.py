@@ -22,17 +22,7 @@ import sys
 
 import torch
 
-from config import (
-    PRESETS,
-    RESUME_MAY_CHANGE,
-    GPTConfig,
-    RunOptions,
-    SamplerConfig,
-    TinyLLMError,
-    TrainConfig,
-    build_configs,
-    make_config,
-)
+from config import PRESETS, RunOptions, SamplerConfig, TinyLLMError, build_configs
 from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
 from machinery.devices import FLOAT32
 from optim import get_lr
@@ -285,10 +275,7 @@ def finish(run, stop_reason, signum):
         if run.writes_files:
             last = os.path.join(cfg.out_dir, "last.pt")
             resume = f"python train.py --resume --out_dir {cfg.out_dir}"
-            said = f"saved {last} at step {state.step}. Resume with: {resume}"
-            run.say(said)
-            if signum == run.stop.OUTPUT_GONE and run.master:  # its reader gone: said here
-                print(f"stopped: the output closed. {said}", file=sys.stderr, flush=True)
+            run.say(f"saved {last} at step {state.step}. Resume with: {resume}")
         run.process.leave_together()
         sys.exit(128 + signum)
     if stop_reason:
@@ -321,23 +308,6 @@ def finish(run, stop_reason, signum):
 # ------------------------------------------------------------------------------- the command line
 
 
-def parse_flags(argv=None):
-    """(options, given): what train.py is asked to do, and the settings given as flags."""
-    here = devices.choose_device("auto")
-    preset, machine = devices.machine_preset(here, {})
-    parser = cli.ArgumentParser(
-        description="Train a GPT language model on a text file.",
-        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
-        f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
-    )
-    defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
-    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
-    for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
-        cli.add_config_flags(parser, cls, defaults, title=title)
-    given = cli.given_flags(parser.parse_args(argv))
-    return make_config(RunOptions, given), given
-
-
 def preset_of(options, given, say=cli.log):
     """--preset, or this machine's, saying why (but for a resume: it keeps the run's own)."""
     if options.preset:
@@ -350,7 +320,7 @@ def preset_of(options, given, say=cli.log):
 
 
 def main(argv=None, clock=None):
-    options, given = parse_flags(argv)
+    options, given = cli.train_flags(argv)
     trains = options.eval_only is None and not options.plot_lr
     preset = preset_of(options, given, say=cli.log if trains else lambda text: None)
     if preset not in PRESETS:

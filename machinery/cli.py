@@ -10,7 +10,15 @@ import signal
 import sys
 import traceback
 
-from config import TinyLLMError
+from config import (
+    PRESETS,
+    RESUME_MAY_CHANGE,
+    GPTConfig,
+    RunOptions,
+    TinyLLMError,
+    TrainConfig,
+    make_config,
+)
 
 
 def log(*args):
@@ -67,6 +75,26 @@ def add_config_flags(parser, cls, defaults=None, names=None, title=None):
 
 def given_flags(args):
     return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def train_flags(argv=None):
+    """(options, given): what train.py is asked to do, and the settings given as flags. --help
+    shows the defaults of this machine's preset."""
+    from machinery import devices  # here, not above: devices prints through this module
+
+    here = devices.choose_device("auto")
+    preset, machine = devices.machine_preset(here, {})
+    parser = ArgumentParser(
+        description="Train a GPT language model on a text file.",
+        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
+        f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
+    )
+    defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
+    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
+    for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
+        add_config_flags(parser, cls, defaults, title=title)
+    given = given_flags(parser.parse_args(argv))
+    return make_config(RunOptions, given), given
 
 
 def check_writable(path, flag, make_folder=False):
@@ -141,18 +169,26 @@ class StopRequest:
     OUTPUT_GONE = 13  # the signal a reader gone stands for: exit 141, as SIGPIPE's
 
     def __init__(self, announce):
-        self.signum, self.announce, self.active = None, announce, False
+        self.signum, self.announce, self.active, self.gone = None, announce, False, False
 
     def say(self, text):
         """A line. Inside the loop, its reader gone (`| head`, a `| tee` the same Ctrl-C ended;
-        EINVAL on Windows) is a stop: the run saves; outside it, an OSError."""
+        EINVAL on Windows) is a stop: the run saves, and its last lines go to stderr; outside the
+        loop, an OSError."""
+        if self.gone:
+            print(text, file=sys.stderr, flush=True)
+            return
         try:
             log(text)
         except OSError as e:
             if not self.active or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
                 raise
-            silence_stdout()
+            self.output_gone()
             self.signum = self.signum or self.OUTPUT_GONE
+
+    def output_gone(self):
+        silence_stdout()  # no second error at exit
+        self.gone = True
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -171,7 +207,7 @@ class StopRequest:
                     f"\n{name} received: finishing this step, then saving last.pt\n".encode(),
                 )
             except BrokenPipeError:  # the same Ctrl-C ended `| tee`
-                silence_stdout()
+                self.output_gone()
             except (OSError, ValueError):  # no file behind stdout
                 pass
 

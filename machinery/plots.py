@@ -18,12 +18,13 @@ def new_plot(height=3, width=7, grid=None):
     return plt.subplots(*(grid or (1, 1)), figsize=(width, height), dpi=90, squeeze=not grid)
 
 
-def save_plot(fig, ax, path):
+def save_plot(fig, path, *axes):
+    """fig to path, each of axes with its grid and, if its lines are labelled, their legend."""
     import matplotlib.pyplot as plt
 
-    if ax is not None:
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -33,25 +34,12 @@ def save_plot(fig, ax, path):
 
 def draw_losses(ax, history, color, label=""):
     """A run's train loss at each logged step (dashed) and val loss at each evaluation."""
-    steps = [h for h in history if h["kind"] == "train"]
-    evals = [h for h in history if h["kind"] == "eval"]
-    ax.plot(
-        [h["step"] for h in steps],
-        [h["loss"] for h in steps],
-        "--",
-        color=color,
-        alpha=0.6,
-        label=f"{label}train",
-    )
-    best = min(h["val_loss"] for h in evals)  # train.py writes history.csv after an evaluation
-    ax.plot(
-        [h["step"] for h in evals],
-        [h["val_loss"] for h in evals],
-        "o-",
-        color=color,
-        ms=3,
-        label=f"{label}val (best {best:.3f})",
-    )
+    steps = [(h["step"], h["loss"]) for h in history if h["kind"] == "train"]
+    evals = [(h["step"], h["val_loss"]) for h in history if h["kind"] == "eval"]
+    best = min(loss for _, loss in evals)  # train.py writes history.csv after an evaluation
+    if steps:  # none before the first progress line
+        ax.plot(*zip(*steps), "--", color=color, alpha=0.6, label=f"{label}train")
+    ax.plot(*zip(*evals), "o-", color=color, ms=3, label=f"{label}val (best {best:.3f})")
 
 
 def write_history(out_dir, history, plot, vocab_size):
@@ -66,7 +54,7 @@ def write_history(out_dir, history, plot, vocab_size):
         uniform = math.log(vocab_size)
         ax.axhline(uniform, color="gray", linestyle="--", label=f"uniform ln(V) = {uniform:.2f}")
         ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
-        save_plot(fig, ax, os.path.join(out_dir, "loss.png"))
+        save_plot(fig, os.path.join(out_dir, "loss.png"), ax)
 
 
 def draw_lr_schedule(cfg):
@@ -85,7 +73,7 @@ def draw_lr_schedule(cfg):
         title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}",
     )
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
-    save_plot(fig, ax, path)
+    save_plot(fig, path, ax)
     tenths = [round(cfg.max_steps * i / 10) for i in range(11)]
     steps = sorted({s for s in [cfg.warmup_steps] + tenths if s <= cfg.max_steps})  # the peak too
     log("lr at step " + ", ".join(f"{s}: {lrs[s]:.3g}" for s in steps))

@@ -7,6 +7,7 @@ with. The first process to import this file keeps those in USER_CUDA; xdist's wo
 
 import dataclasses
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -23,6 +24,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import GPTConfig, SamplerConfig, TrainConfig  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--flags",
+        default="",
+        help='train.py flags for tests/test_promises.py: --flags="--pos rope"',
+    )
+
+
+@pytest.fixture
+def flags(request):
+    """The train.py flags given to pytest with --flags, as a list."""
+    return shlex.split(request.config.getoption("--flags"))
 
 
 def pytest_make_parametrize_id(config, val, argname):
@@ -237,6 +252,59 @@ def interrupt_at(monkeypatch, step, signum):
         return out
 
     monkeypatch.setattr(train, "train_step", step_then_signal)
+
+
+class StepClock:
+    """A clock the test controls, for train(clock=...): each training step takes `step` seconds
+    on it (install() makes train.train_step move it), nothing else takes any unless it says so."""
+
+    def __init__(self, step):
+        self.step, self.now = step, 0.0
+
+    def __call__(self):
+        return self.now
+
+    def install(self, monkeypatch):
+        import train
+
+        real = train.train_step
+
+        def timed_step(*args, **kwargs):
+            self.now += self.step
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(train, "train_step", timed_step)
+        return self
+
+
+def last_lr_is_the_schedules_end(cfg, summary):
+    """A budget's last step is at progress 1: its LR is get_lr's there, whatever the schedule."""
+    from machinery import checkpoint
+    from optim import get_lr
+
+    last = checkpoint.load(str(os.path.join(cfg.out_dir, "last.pt")))
+    return last["lr"] == get_lr(summary["step"] - 1, 1.0, cfg) and last["progress"] == 1.0
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(a, b):
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def same_state(a, b):
+    """Nested dicts, lists and tensors equal, exactly."""
+    import torch
+
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(same_state, a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
 
 def without_timings(history):

@@ -20,6 +20,7 @@ import train
 from config import PRESETS, build_configs
 from machinery import checkpoint, devices, start
 from machinery import cli as machinery_cli
+from machinery.cli import train_flags
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 
@@ -87,12 +88,12 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
         "--warmup",
         "7",
     ]
-    options, given = train.parse_flags(argv)
+    options, given = train_flags(argv)
     cfg = build_configs(given, PRESETS["tiny"])[1]
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert train.parse_flags(["--plots", "--preset", "tiny"])[1]["plots"]
+    assert train_flags(["--plots", "--preset", "tiny"])[1]["plots"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -376,6 +377,7 @@ def test_a_run_whose_output_pipe_closes_saves_and_stops(text_file, tmp_path):
     assert results["tee"][0] == 130 and results["head"][0] == 141, results
     for name in ("tee", "head"):
         assert checkpoint.load(str(tmp_path / name / "last.pt"))["step"] > 0
+        assert "Resume with: python train.py --resume" in results[name][2]  # said where it shows
 
 
 # ------------------------------------------------------------------ sweep.sh, a legacy code page

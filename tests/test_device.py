@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import GREEDY, cli, generated, tiny_model, tiny_run
+from conftest import GREEDY, cli, generated, same_state, tiny_model, tiny_run
 
 import generate
 import train
@@ -27,15 +27,6 @@ def highest_precision():
     torch.set_float32_matmul_precision("highest")
     yield
     torch.set_float32_matmul_precision(before)
-
-
-def same(a, b):
-    """Nested dicts, lists and tensors equal, exactly."""
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(map(same, a, b))
-    return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
 
 def draws():
@@ -170,7 +161,7 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     x = torch.randint(0, 65, (4, 16))
     float16 = devices.Precision("float16", ctx=devices.autocast(CPU, "float16"), scaler=scaler)
     train.train_step(model, optimizer, lambda: (x, x), 1e-2, TrainConfig(grad_clip=1.0), float16)
-    assert same(model.state_dict(), before)  # skipped
+    assert same_state(model.state_dict(), before)  # skipped
     assert scaler.get_scale() < scale  # and the scale backed off
 
 

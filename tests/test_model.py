@@ -29,8 +29,10 @@ from sampling import (
 # The model variants the causality, cache and attention tests run over, from every GPTConfig field.
 # A field with choices takes each of them and a bool both values, by themselves; a field with a
 # number takes the example value written here (test_every_model_setting_has_an_example names any
-# missing). Every combination of the choices runs; then each other value once, the rest from BASE.
-EXAMPLES = dict(vocab_size=50, block_size=5, n_layer=3, n_head=4, n_embd=36, dropout=0.1)
+# missing), or the settings written here when it needs others (n_head=dict(n_head=4, n_embd=48)).
+# Every combination of the choices runs; then each other example once, the rest from BASE.
+EXAMPLES = dict(vocab_size=50, block_size=5, n_layer=3, n_head=dict(n_head=4, n_embd=48))
+EXAMPLES |= dict(n_embd=36, dropout=0.1)
 BASE = dict(
     vocab_size=65,
     block_size=8,
@@ -51,6 +53,8 @@ VARIANTS = [
 for f in fields(GPTConfig):
     if f.type is bool:
         VARIANTS.append({f.name: not BASE.get(f.name, f.default)})  # BASE's: in the combinations
+    elif isinstance(EXAMPLES.get(f.name), dict):  # a value and the settings it needs
+        VARIANTS.append(EXAMPLES[f.name])
     elif f.name in EXAMPLES:
         VARIANTS.append({f.name: EXAMPLES[f.name]})
 

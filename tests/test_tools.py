@@ -30,7 +30,7 @@ import train
 import utils
 from machinery import checkpoint, evaluation, hf_gpt2
 from tokenizer import GPT2_PATTERN, CharTokenizer
-from tools import ablation, compare, decoding, pictures, precision, scaling
+from tools import ablation, compare, decoding, pictures, scaling
 from utils import split_train_val
 
 
@@ -176,9 +176,9 @@ def test_compare_draws_two_runs_histories_in_one_png(trained, tmp_path, capsys, 
     vals = [float(r["val_loss"]) for r in rows if r["kind"] == "eval"]
     lines, real = {}, compare.save_plot
 
-    def save_and_catch(fig, ax, path):
+    def save_and_catch(fig, path, ax):
         lines.update({line.get_label(): list(line.get_ydata()) for line in ax.get_lines()})
-        real(fig, ax, path)
+        real(fig, path, ax)
 
     monkeypatch.setattr(compare, "save_plot", save_and_catch)
     code, out, err = cli(
@@ -248,7 +248,7 @@ def test_a_study_whose_loss_rises_with_compute_is_summarized_without_a_traceback
                     val=val + (params != 3e4) / 10,
                 )
             )
-    monkeypatch.setattr(scaling, "save_plot", lambda fig, ax, path: None)  # drawn, not saved
+    monkeypatch.setattr(scaling, "save_plot", lambda fig, path, *axes: None)  # drawn, not saved
     scaling.summarize(rows, [1e9, 2e9], 1e10, str(tmp_path / "s.png"))
     assert "no power law fits" in capsys.readouterr().out
 
@@ -311,22 +311,6 @@ def test_a_tiny_scaling_study_writes_its_json_and_png_and_reuse_keeps_its_runs(
 
 
 # ----------------------------------------------------------------------------- ablation, decoding
-
-
-@pytest.mark.slow  # times steps of the default model
-def test_precision_times_both_dtypes_and_names_the_flag_the_ratio_calls_for(capsys):
-    code, out, err = cli(capsys, precision.main, "--steps", 1, "--threads", 1)
-    assert code == 0, err
-    ratio = float(re.search(r"bfloat16 at ([0-9.]+)x float32's speed", out).group(1))
-    best = "bfloat16" if ratio >= precision.MARGIN else "float32"
-    assert f"pass --dtype {best} " in out
-
-
-@pytest.mark.parametrize(
-    "argv", [["--steps", "0"], ["--threads", "-1"]], ids=["no steps", "threads below 0"]
-)
-def test_bad_precision_input_is_one_error_line(capsys, argv):
-    assert_one_line_error(*cli(capsys, precision.main, *argv)[::2], "--steps")
 
 
 @pytest.mark.slow  # draws

@@ -2,26 +2,33 @@
 a time budget."""
 
 import contextlib
+import copy
 import math
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
     ROOT,
     TINY_FLAGS,
+    StepClock,
     assert_one_line_error,
     cli,
     corpus_head,
     interrupt_at,
+    last_lr_is_the_schedules_end,
+    same_state,
+    same_weights,
     script_env,
     tiny_model,
     tiny_run,
-    without_timings,
+    weights,
 )
 
 import generate
@@ -37,7 +44,8 @@ from config import (
     TrainConfig,
     build_configs,
 )
-from machinery import checkpoint, ddp, evaluation, sources, start
+from machinery import checkpoint, ddp, devices, evaluation, sources, start
+from machinery.cli import train_flags
 from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
 
@@ -52,14 +60,6 @@ def batches(n, batch_size=8, block_size=16, vocab_size=65):
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, vocab_size, (n, batch_size, block_size + 1), generator=g)
     return [(d[:, :-1], d[:, 1:]) for d in data]
-
-
-def weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def same_weights(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------------- the step and the schedule
@@ -124,6 +124,22 @@ def test_a_groups_lr_scale_multiplies_the_steps_lr_for_every_optimizer(name):
         assert torch.allclose(faster, 3 * plain, rtol=1e-3, atol=1e-6)
 
 
+def test_compiles_trial_step_leaves_the_weights_the_optimizer_and_every_generator_as_they_were():
+    torch.manual_seed(0)
+    model = GPT(tiny_model(dropout=0.1))  # dropout draws from the generators
+    optimizer = make_optimizer(model, TrainConfig(), CPU)
+    batch = batches(1)[0]
+    train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig())  # moments to keep
+    before = (weights(model), copy.deepcopy(optimizer.state_dict()), devices.rng_state())
+    with devices.compiling(model, optimizer, None):  # what set_up runs --compile's first step in
+        train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig())
+        torch.rand(3), random.random(), np.random.rand()
+    after = (weights(model), optimizer.state_dict(), devices.rng_state())
+    assert same_weights(before[0], after[0])
+    assert same_state(before[1], after[1]) and same_state(before[2], after[2])
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_gradient_accumulation_is_one_big_batch_and_gradients_start_from_zero():
     x, y = batches(1, batch_size=8)[0]
     halves = iter([(x[:4], y[:4]), (x[4:], y[4:])] * 2)
@@ -158,6 +174,13 @@ def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(
     assert lrs == pytest.approx([get_lr(s, max(0, s - 4) / 8, cfg) for s in range(12)], rel=1e-6)
     assert lrs[4] == cfg.lr and lrs[0] == cfg.lr / 4  # warmup up to the peak
     assert progress(12, cfg) == 1.0
+
+
+def test_the_linear_schedule_ends_at_min_lr_and_the_cosine_at_min_lr_too():
+    for lr_schedule in ("linear", "cosine"):
+        cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=4, lr_schedule=lr_schedule)
+        assert get_lr(100, 1.0, cfg) == pytest.approx(1e-3)
+        assert get_lr(4, 0.0, cfg) == pytest.approx(1e-2)
 
 
 @pytest.mark.slow  # draws
@@ -452,25 +475,6 @@ def test_a_file_held_open_for_a_moment_is_still_replaced(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- resuming
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_and_resumed_run_is_the_run_that_went_straight_on(
-    text_file, tmp_path, monkeypatch, signum, code
-):
-    model_cfg = tiny_model(dropout=0.1)  # dropout draws random numbers: generators come back too
-    # evaluations at 0, 5, 10 and 12, a progress line at 10
-    full = train.train(model_cfg, tiny_run(text_file, tmp_path / "full", max_steps=12))
-    cut = tiny_run(text_file, tmp_path / "cut", max_steps=12)
-    with monkeypatch.context() as m:
-        interrupt_at(m, 8, signum)  # between evaluations, mid-window of a progress line
-        with pytest.raises(SystemExit) as stopped:
-            train.train(model_cfg, cut)
-    assert stopped.value.code == code
-    assert checkpoint.load(str(tmp_path / "cut" / "last.pt"))["step"] == 8
-    resumed = train.train(model_cfg, cut, RunOptions(resume=True))
-    assert without_timings(resumed["history"]) == without_timings(full["history"])
-    assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
-
-
 def test_one_resume_command_starts_a_run_then_continues_it(text_file, tmp_path, capsys):
     argv = [
         *TINY_FLAGS,
@@ -568,6 +572,30 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
+
+
+def test_a_resume_finds_each_optimizer_group_by_what_it_holds_or_refuses_in_a_line(
+    trained, tmp_path, capsys
+):
+    saved = checkpoint.load(trained[0])
+    os.makedirs(tmp_path / "run")
+    model = checkpoint.model_of(saved)
+    groups = saved["optimizer"]["param_groups"]
+    saved["optimizer"]["param_groups"] = groups[::-1]  # another order: each group still found
+    checkpoint.save(str(tmp_path / "run" / "last.pt"), saved)
+    optimizer = make_optimizer(model, TrainConfig(), CPU)
+    start.load_optimizer(optimizer, saved["optimizer"], "last.pt")
+    state = optimizer.state_dict()["state"]
+    for name in dict(model.named_parameters()):  # each parameter's moments, as saved for it
+        [group] = [g for g in groups if name in g["names"]]
+        saved_moments = saved["optimizer"]["state"][group["params"][group["names"].index(name)]]
+        index = [n for g in optimizer.param_groups for n in g["names"]].index(name)
+        assert torch.equal(state[index]["exp_avg"], saved_moments["exp_avg"])
+    groups[0]["names"] = groups[0]["names"][1:] + groups[0]["names"][:1]  # grouped otherwise
+    checkpoint.save(str(tmp_path / "run" / "last.pt"), saved)
+    flags = ["--resume", "--out_dir", tmp_path / "run", "--data", trained[1], "--device", "cpu"]
+    code, _, err = cli(capsys, train.main, *flags, "--max_steps", 70)
+    assert_one_line_error(code, err, "optimizer", "--init_from")
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -690,53 +718,6 @@ def test_a_muon_run_learns_and_resumes_exactly(text_file, tmp_path, monkeypatch)
 # ----------------------------------------------------------------------------- a time budget
 
 
-class StepClock:
-    """A clock the test controls, for train(clock=...): each training step takes `step` seconds
-    on it (install() makes train.train_step move it), nothing else takes any unless it says so."""
-
-    def __init__(self, step):
-        self.step, self.now = step, 0.0
-
-    def __call__(self):
-        return self.now
-
-    def install(self, monkeypatch):
-        real = train.train_step
-
-        def timed_step(*args, **kwargs):
-            self.now += self.step
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(train, "train_step", timed_step)
-        return self
-
-
-def last_lr_is_the_schedules_end(cfg, summary):
-    """A budget's last step is at progress 1: its LR is get_lr's there, whatever the schedule."""
-    last = checkpoint.load(str(os.path.join(cfg.out_dir, "last.pt")))
-    return last["lr"] == get_lr(summary["step"] - 1, 1.0, cfg) and last["progress"] == 1.0
-
-
-@pytest.mark.parametrize("lr_schedule", SCHEDULES)  # every choice config.py offers
-def test_a_budget_ends_in_time_with_its_last_step_at_the_schedules_end(
-    text_file, tmp_path, monkeypatch, lr_schedule
-):
-    clock = StepClock(0.05).install(monkeypatch)
-    cfg = tiny_run(
-        text_file,
-        tmp_path,
-        time_budget="1s",
-        warmup_steps=5,
-        lr_schedule=lr_schedule,
-        eval_interval=1000,
-        sample_tokens=20,
-    )
-    summary = train.train(tiny_model(), cfg, clock=clock)
-    # its steps end in the step that reaches 99% of the budget (1% is kept to exit)
-    assert 0.99 <= clock.now < 0.99 + clock.step and summary["step"] > 15
-    assert last_lr_is_the_schedules_end(cfg, summary)
-
-
 def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, monkeypatch):
     """Evaluations a tenth of the budget long: the steps end early enough for the last one."""
     clock = StepClock(0.05).install(monkeypatch)
@@ -832,7 +813,7 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    options, given = train.parse_flags(argv)
+    options, given = train_flags(argv)
     assert train.preset_of(options, given) == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
@@ -857,7 +838,7 @@ def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, caps
 
 
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = build_configs(train.parse_flags(["--max_steps", "50"])[1], PRESETS["tiny"])[1]
+    cfg = build_configs(train_flags(["--max_steps", "50"])[1], PRESETS["tiny"])[1]
     assert (
         cfg.max_steps == 50
         and not cfg.time_budget

@@ -59,7 +59,7 @@ def main(argv=None):
     for name, curve in curves.items():
         ax.plot(*zip(*curve), ".-", label=name)
     ax.set(xlabel="step", ylabel="val loss (nats/token)", title="val loss by variant")
-    save_plot(fig, ax, args.out)
+    save_plot(fig, args.out, ax)
     cli.log(f"wrote {args.out}")
 
 

@@ -39,7 +39,7 @@ def main(argv=None):
     for i, (history, label) in enumerate(zip(histories, labels)):
         draw_losses(ax, history, f"C{i % 10}", f"{label} ")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="runs compared")
-    save_plot(fig, ax, args.out)
+    save_plot(fig, args.out, ax)
     cli.log(f"wrote {args.out}")
 
 

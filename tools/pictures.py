@@ -81,7 +81,7 @@ def draw_attention(model, tokenizer, ids, args, path):
         "darker = more; grey = the masked future",
         fontsize=8,
     )
-    save_plot(fig, None, path)
+    save_plot(fig, path)
     return (
         f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads on the "
         "token just before (a line below the diagonal) and heads reaching back to words"
@@ -132,7 +132,7 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     ax.set_title(
         f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9
     )
-    save_plot(fig, None, path)
+    save_plot(fig, path)
     return (
         f"{len(chars)} characters of the val split coloured by loss: pale expected, dark red "
         f"surprising ({bpc:.4f} bits per character). Look at first letters against the rest"
@@ -161,7 +161,7 @@ def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
     title = f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature"
     ax.set(ylabel="probability", title=title)
-    save_plot(fig, ax, path)
+    save_plot(fig, path, ax)
     return (
         "the next-token distribution after the prompt at each temperature. Look at how a low "
         "one piles the probability onto the favourite and a high one spreads it over the rest"
@@ -189,7 +189,7 @@ def draw_embeddings(model, tokenizer, path):
         ylabel="second principal direction",
         title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)",
     )
-    save_plot(fig, ax, path)
+    save_plot(fig, path, ax)
     return (
         f"each character's embedding on its two main directions ({share:.0%} of the variance). "
         "Look for the vowels together, capitals apart, and punctuation in its own corner"

@@ -1,7 +1,6 @@
 """Scaling laws on this machine: every model size at every compute budget (IsoFLOP curves), the
 compute-optimal frontier fitted with L(C) = L_inf + a C^-alpha, and one size on less of the text.
-About 30 minutes; python -m tools.scaling --quick takes about 3. --sized finds the best shape
-for a five-minute run on this machine instead: about 30 minutes, or 3 with --quick."""
+About 30 minutes; python -m tools.scaling --quick takes about 3."""
 
 import json
 import math
@@ -14,7 +13,6 @@ import torch
 
 from config import TinyLLMError, TrainConfig
 from machinery import cli
-from machinery.evaluation import token_losses
 from machinery.plots import new_plot, save_plot
 from tools import experiment
 
@@ -210,33 +208,8 @@ def summarize(rows, budgets, five_minutes, path):
     )
     by_data.set_xticks(fracs, [f"1/{round(1 / f)}" if f < 1 else "all" for f in fracs])
     by_data.minorticks_off()
-    for ax in axes[0]:
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    save_plot(fig, None, path)
+    save_plot(fig, path, *axes[0])
     cli.log(f"wrote {path}")
-
-
-def sized(args):
-    """The best shape for this machine: the three largest SHAPES trained in time budgets 2x apart
-    (half the time stands for a machine half as fast), scored on the whole val split. A line per
-    budget, then the flags that train the best shape of the longest here."""
-    with tempfile.TemporaryDirectory(prefix="tinyllm-sized-") as tmp:
-        for seconds in [20, 40] if args.quick else [75, 150, 300]:
-            scores = []
-            for shape in SHAPES[2:]:
-                given = shaped(shape) | dict(time_budget=f"{seconds}s", data=args.data)
-                given["out_dir"] = f"{tmp}/{seconds}-{shape[1]}"
-                if args.quick:  # a short warmup: the big shape may take seconds a step
-                    given["warmup_steps"] = 20
-                summary = experiment(given)
-                val = torch.as_tensor(summary["corpus"].val)
-                scores.append(token_losses(summary["model"], val, 32).mean().item())
-            best = SHAPES[2:][scores.index(min(scores))]
-            shown = ", ".join(f"{s:.4f}" for s in scores)
-            cli.log(f"{seconds}s: val {shown} | best {best[0]} x {best[1]}")
-    flags = " ".join(f"--{k} {v}" for k, v in shaped(best).items())
-    cli.log(f"the best shape here in {seconds}s: python train.py --preset tiny {flags}")
 
 
 def shaped(shape):
@@ -248,7 +221,6 @@ def main(argv=None):
     parser.add_argument("--minutes", type=float, default=23.0, help="what the runs may take (23)")
     parser.add_argument("--budgets", type=int, default=4, help="compute budgets, 2x apart (4)")
     parser.add_argument("--quick", action="store_true", help="3 sizes, 3 budgets, about 3 minutes")
-    parser.add_argument("--sized", action="store_true", help="the best shape for 5 minutes here")
     parser.add_argument("--reuse", action="store_true", help="go on with the runs in --out")
     parser.add_argument("--data", default=TrainConfig.data, help="the text (%(default)s)")
     parser.add_argument("--out", default="scaling.json", help="the runs so far (%(default)s)")
@@ -262,10 +234,7 @@ def main(argv=None):
         raise TinyLLMError(f"--out_png must name a .png file, got {args.out_png}")
     cli.check_writable(args.out, "--out", make_folder=True)
     cli.check_writable(args.out_png, "--out_png", make_folder=True)
-    if args.sized:
-        sized(args)
-    else:
-        study(args)
+    study(args)
 
 
 if __name__ == "__main__":
