@@ -93,14 +93,9 @@ def main(argv=None):
     here = devices.choose_device("auto")
     parser = cli.ArgumentParser(description="Sample text from trained tinyllm checkpoints.")
     parser.add_argument(
-        "checkpoints",
-        nargs="*",
-        metavar="CHECKPOINT.pt",
-        help="checkpoints, sampled alike (default: checkpoints/best.pt)",
+        "checkpoints", nargs="*", metavar="PATH.pt", help="default: checkpoints/best.pt"
     )
-    parser.add_argument(
-        "--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same, as a flag"
-    )
+    parser.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same")
     cli.add_config_flags(parser, SamplerConfig, title="how each token is drawn")
     cli.add_config_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
     args = parser.parse_args(argv)

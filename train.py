@@ -25,7 +25,7 @@ import torch
 from config import PRESETS, RunOptions, SamplerConfig, TinyLLMError, build_configs
 from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
 from machinery.devices import FLOAT32
-from optim import get_lr
+from optim import get_lr, progress
 from sampling import generate, until_stop
 from utils import bits_per_char
 
@@ -247,6 +247,10 @@ def print_header(run):
     elif cfg.max_steps <= cfg.warmup_steps:
         steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
         cli.warn(f"{steps}: the LR never decays")
+    elif run.state.step:  # a resumed run: where it is in the schedule of its --max_steps
+        now = get_lr(run.state.step, progress(run.state.step, cfg), cfg)
+        end = f"{get_lr(cfg.max_steps, 1.0, cfg):.3g} at step {cfg.max_steps}"
+        run.say(f"from step {run.state.step}: {cfg.lr_schedule} LR {now:.3g} now, {end}")
 
 
 def closing_sample(run, tokens):

@@ -144,7 +144,7 @@ def auto_dtype(device):
     """(dtype, why) that --dtype auto trains in here, decided by what the device is. On a CPU, by
     what a step of the default model measured, bfloat16 against float32 (2 threads, 2026-11):
     AMD Zen 4 1.50-1.59x and Zen 5 1.79-1.86x faster, Intel with AMX 1.50-1.58x faster, Intel with
-    AVX512-BF16 but no AMX 0.76-0.86x (slower). python -m tools.precision measures it here."""
+    AVX512-BF16 but no AMX 0.76-0.86x (slower)."""
     has = machine()
     if device.type == "cuda" and native_bf16(device):
         return "bfloat16", "compute capability 8.0+"
@@ -238,33 +238,22 @@ def precision(dtype, device, saved_scaler=None):
 
 
 @contextlib.contextmanager
-def compiling(model, optimizer, scaler):
-    """Around --compile's first step: undone after (trial), a missing compiler one error line."""
+def compiling(model, optimizer):
+    """Around --compile's first step, which leaves no trace: the weights, the optimizer and every
+    generator put back after. A missing compiler is one error line."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments, rngs = copy.deepcopy(optimizer.state_dict()), rng_state()
     try:
-        with trial(model, optimizer, scaler):
-            yield
+        yield
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
-        raise TinyLLMError(
-            f"--compile failed on this machine ({first_line(e)}); run without it"
-        ) from None
-
-
-@contextlib.contextmanager
-def trial(model, optimizer, scaler=None):
-    """Steps that leave no trace: weights, optimizer, loss scale and every RNG put back after."""
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    moments, rngs = copy.deepcopy(optimizer.state_dict()), rng_state()
-    scale = scaler.state_dict() if scaler else None  # a new dict of numbers
-    try:
-        yield
+        failed = f"--compile failed on this machine ({first_line(e)})"
+        raise TinyLLMError(f"{failed}; run without it") from None
     finally:
         model.load_state_dict(weights)
         optimizer.load_state_dict(moments)
         optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.load_state_dict(scale)
         set_rng_state(rngs)
 
 

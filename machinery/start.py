@@ -20,7 +20,7 @@ from config import (
 from machinery import checkpoint, cli, ddp, devices, sources
 from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir
 from model import GPT
-from optim import Steps, TimeBudget, get_lr, make_optimizer, progress
+from optim import Steps, TimeBudget, make_optimizer
 from utils import make_batches
 
 
@@ -57,7 +57,7 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     precision = devices.precision(cfg.dtype, process.device, saved_scaler)
     train_model = process.wrap(torch.compile(model) if cfg.compile else model)
     if cfg.compile:  # compiled now, and undone: a missing compiler is one line before any write
-        with devices.compiling(model, optimizer, precision.scaler), precision.ctx:
+        with devices.compiling(model, optimizer), precision.ctx:
             x, y = batches["train"]()
             train_model(x, y)[1].backward()
     budget = Steps(cfg)
@@ -241,23 +241,16 @@ def grow_vocabulary(model, old_ids):
 
 
 def restore(start, optimizer, process, say):
-    """(state, meter rows) of a resumed run as saved, its optimizer and random numbers put back; a
-    new --max_steps is a new schedule."""
+    """(state, meter rows) of a resumed run as saved, its optimizer and random numbers put back."""
     source, cfg = start.source, start.cfg
     load_optimizer(optimizer, source["optimizer"], start.path)
     state = TrainState(**{k: source[k] for k in asdict(TrainState())})
     rngs = source.get("rngs") or [source["rng"]]
     devices.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
-    saved = source["train_config"]
-    if not cfg.time_budget and (saved["time_budget"] or cfg.max_steps != saved["max_steps"]):
-        if state.step >= cfg.max_steps:
-            raise TinyLLMError(
-                f"the run is at step {state.step}: --max_steps {cfg.max_steps} trains no more"
-            )
-        now = get_lr(state.step, progress(state.step, cfg), cfg)
-        end = get_lr(cfg.max_steps, 1.0, cfg)
-        steps = f"the schedule of a run of {cfg.max_steps} steps from here"
-        say(f"--max_steps {cfg.max_steps}: {steps}, LR {now:.3g} now, {end:.3g} at its end")
+    new_end = not cfg.time_budget and cfg.max_steps != source["train_config"]["max_steps"]
+    if new_end and state.step >= cfg.max_steps:
+        stop = f"--max_steps {cfg.max_steps} trains no more"
+        raise TinyLLMError(f"the run is at step {state.step}: {stop}")
     return state, source["window"]
 
 

@@ -131,7 +131,7 @@ def test_compiles_trial_step_leaves_the_weights_the_optimizer_and_every_generato
     batch = batches(1)[0]
     train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig())  # moments to keep
     before = (weights(model), copy.deepcopy(optimizer.state_dict()), devices.rng_state())
-    with devices.compiling(model, optimizer, None):  # what set_up runs --compile's first step in
+    with devices.compiling(model, optimizer):  # what set_up runs --compile's first step in
         train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig())
         torch.rand(3), random.random(), np.random.rand()
     after = (weights(model), optimizer.state_dict(), devices.rng_state())

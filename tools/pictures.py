@@ -198,28 +198,15 @@ def draw_embeddings(model, tokenizer, path):
 
 def main(argv=None):
     parser = cli.ArgumentParser(description="Draw what a trained checkpoint has learned, as PNGs.")
-    parser.add_argument(
-        "checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s"
-    )
-    parser.add_argument(
-        "--out_dir", default="pictures", help="where the PNGs go (default: %(default)s)"
-    )
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", help="%(default)s")
+    parser.add_argument("--out_dir", default="pictures", help="where the PNGs go: %(default)s")
     parser.add_argument("--only", help=f"some of: {', '.join(PICTURES)} (default: all)")
     parser.add_argument("--prompt", default="O Romeo, I will th", help="attention and temperature")
     parser.add_argument("--layer", type=int, default=-1, help="attention: only this layer, from 0")
     parser.add_argument("--head", type=int, default=-1, help="attention: only this head, from 0")
-    parser.add_argument(
-        "--temperatures",
-        type=temperatures,
-        default="0.5,0.8,1.0,1.5",
-        help="temperature: comma-separated",
-    )
-    parser.add_argument(
-        "--data", default="", help="surprise: this text's val split instead of the checkpoint's"
-    )
-    parser.add_argument(
-        "--passage_chars", type=int, default=600, help="surprise: characters coloured"
-    )
+    parser.add_argument("--temperatures", type=temperatures, default="0.5,0.8,1.0,1.5", help="T")
+    parser.add_argument("--data", default="", help="surprise: this text's val split instead")
+    parser.add_argument("--passage_chars", type=int, default=600, help="surprise: its length")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     args = parser.parse_args(argv)
     asked = [n.strip() for n in (args.only or ",".join(PICTURES)).split(",")]
