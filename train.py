@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from config import PRESETS, RunOptions, SamplerConfig, TinyLLMError, build_configs
+from config import PRESETS, RunOptions, SamplerConfig, TinyLLMError, build_configs, make_config
 from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
 from machinery.devices import FLOAT32
 from optim import get_lr, progress
@@ -324,7 +324,8 @@ def preset_of(options, given, say=cli.log):
 
 
 def main(argv=None, clock=None):
-    options, given = cli.train_flags(argv)
+    given = cli.train_flags(argv)
+    options = make_config(RunOptions, given)
     trains = options.eval_only is None and not options.plot_lr
     preset = preset_of(options, given, say=cli.log if trains else lambda text: None)
     if preset not in PRESETS:

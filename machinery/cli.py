@@ -10,15 +10,7 @@ import signal
 import sys
 import traceback
 
-from config import (
-    PRESETS,
-    RESUME_MAY_CHANGE,
-    GPTConfig,
-    RunOptions,
-    TinyLLMError,
-    TrainConfig,
-    make_config,
-)
+from config import PRESETS, RESUME_MAY_CHANGE, GPTConfig, RunOptions, TinyLLMError, TrainConfig
 
 
 def log(*args):
@@ -78,7 +70,7 @@ def given_flags(args):
 
 
 def train_flags(argv=None):
-    """(options, given): what train.py is asked to do, and the settings given as flags. --help
+    """train.py's flags given, {name: value}: what to do (RunOptions) and the settings. --help
     shows the defaults of this machine's preset."""
     from machinery import devices  # here, not above: devices prints through this module
 
@@ -93,8 +85,7 @@ def train_flags(argv=None):
     defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
     for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
         add_config_flags(parser, cls, defaults, title=title)
-    given = given_flags(parser.parse_args(argv))
-    return make_config(RunOptions, given), given
+    return given_flags(parser.parse_args(argv))
 
 
 def check_writable(path, flag, make_folder=False):

@@ -50,7 +50,7 @@ TINY = dict(
 
 def configs(flags, data, out_dir, **shape_of_the_test):
     """(GPTConfig, TrainConfig): TINY, then the flags given, then what the test needs."""
-    given = train_flags(flags)[1] | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
+    given = train_flags(flags) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
     return build_configs(given, TINY)
 
 

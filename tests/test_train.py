@@ -43,6 +43,7 @@ from config import (
     TinyLLMError,
     TrainConfig,
     build_configs,
+    make_config,
 )
 from machinery import checkpoint, ddp, devices, evaluation, sources, start
 from machinery.cli import train_flags
@@ -813,7 +814,8 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    options, given = train_flags(argv)
+    given = train_flags(argv)
+    options = make_config(RunOptions, given)
     assert train.preset_of(options, given) == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
@@ -838,7 +840,7 @@ def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, caps
 
 
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = build_configs(train_flags(["--max_steps", "50"])[1], PRESETS["tiny"])[1]
+    cfg = build_configs(train_flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
     assert (
         cfg.max_steps == 50
         and not cfg.time_budget
