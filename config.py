@@ -260,6 +260,15 @@ def from_saved(cls, saved, path):
         raise TinyLLMError(f"{path}: invalid settings: {e}") from None
 
 
+def contradicted(given, saved, may_change=()):
+    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    refused = []
+    for k, v in given.items():
+        if k in saved and k not in may_change and v != saved[k]:
+            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
+    return "; ".join(refused)
+
+
 def build_configs(given, settings):
     """GPTConfig and TrainConfig: the defaults, then settings (a preset's, or the run a resume
     continues), then the flags given. A step count turns a budget off; a tag names the folder."""

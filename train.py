@@ -324,7 +324,7 @@ def preset_of(options, given, say=cli.log):
 
 
 def main(argv=None, clock=None):
-    given = cli.train_flags(argv)
+    given = start.train_flags(argv)
     options = make_config(RunOptions, given)
     trains = options.eval_only is None and not options.plot_lr
     preset = preset_of(options, given, say=cli.log if trains else lambda text: None)

@@ -10,7 +10,7 @@ import signal
 import sys
 import traceback
 
-from config import PRESETS, RESUME_MAY_CHANGE, GPTConfig, RunOptions, TinyLLMError, TrainConfig
+from config import TinyLLMError
 
 
 def log(*args):
@@ -67,25 +67,6 @@ def add_config_flags(parser, cls, defaults=None, names=None, title=None):
 
 def given_flags(args):
     return {k: v for k, v in vars(args).items() if v is not None}
-
-
-def train_flags(argv=None):
-    """train.py's flags given, {name: value}: what to do (RunOptions) and the settings. --help
-    shows the defaults of this machine's preset."""
-    from machinery import devices  # here, not above: devices prints through this module
-
-    here = devices.choose_device("auto")
-    preset, machine = devices.machine_preset(here, {})
-    parser = ArgumentParser(
-        description="Train a GPT language model on a text file.",
-        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
-        f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
-    )
-    defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
-    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
-    for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
-        add_config_flags(parser, cls, defaults, title=title)
-    return given_flags(parser.parse_args(argv))
 
 
 def check_writable(path, flag, make_folder=False):

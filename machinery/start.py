@@ -10,11 +10,14 @@ import torch
 
 import lora
 from config import (
+    PRESETS,
     RESUME_MAY_CHANGE,
     GPTConfig,
+    RunOptions,
     TinyLLMError,
     TrainConfig,
     build_configs,
+    contradicted,
     from_saved,
 )
 from machinery import checkpoint, cli, ddp, devices, sources
@@ -22,6 +25,28 @@ from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir
 from model import GPT
 from optim import Steps, TimeBudget, make_optimizer
 from utils import make_batches
+
+# -------------------------------------------------------- the command line: what the run is asked
+
+
+def train_flags(argv=None):
+    """train.py's flags given, {name: value}: what to do (RunOptions) and the settings. --help
+    shows the defaults of this machine's preset."""
+    here = devices.choose_device("auto")
+    preset, machine = devices.machine_preset(here, {})
+    parser = cli.ArgumentParser(
+        description="Train a GPT language model on a text file.",
+        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
+        f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
+    )
+    defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
+    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
+    for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
+        cli.add_config_flags(parser, cls, defaults, title=title)
+    return cli.given_flags(parser.parse_args(argv))
+
+
+# ----------------------------------------------------------------------------------- the start
 
 
 def set_up(model_cfg, cfg, options, preset, given, clock):
@@ -155,15 +180,6 @@ def resume(last, cfg, preset, given, say):
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
     return Start(model_cfg, cfg, source.get("preset", "custom"), source, last, resumed=True)
-
-
-def contradicted(given, saved, may_change=()):
-    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
-    refused = []
-    for k, v in given.items():
-        if k in saved and k not in may_change and v != saved[k]:
-            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
-    return "; ".join(refused)
 
 
 def fine_tune_source(path, given):

@@ -20,7 +20,7 @@ import train
 from config import PRESETS, RunOptions, build_configs, make_config
 from machinery import checkpoint, devices, start
 from machinery import cli as machinery_cli
-from machinery.cli import train_flags
+from machinery.start import train_flags
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 

@@ -24,7 +24,7 @@ from conftest import (
 import generate
 import train
 from config import RunOptions, TrainConfig, build_configs
-from machinery.cli import train_flags
+from machinery.start import train_flags
 from model import GPT
 from sampling import Context
 

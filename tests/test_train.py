@@ -46,7 +46,7 @@ from config import (
     make_config,
 )
 from machinery import checkpoint, ddp, devices, evaluation, sources, start
-from machinery.cli import train_flags
+from machinery.start import train_flags
 from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
 
