@@ -35,21 +35,11 @@ def sample(model, prompt_ids, cfg, sampler, stop, shown=None):
 
 
 def header(cfg, sampler, path, saved, prompt):
-    """The output file's header: everything that shaped the text below it."""
-    if cfg.beam:
-        settings = f"beam={cfg.beam} length_penalty={cfg.length_penalty}"
-    else:
-        drawn = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(sampler).items())
-        settings = f"seed={cfg.seed} {drawn}"
-    settings += (
-        f" max_new_tokens={cfg.max_new_tokens} num_samples={cfg.num_samples} "
-        f"qa={cfg.qa} no_stop={cfg.no_stop} kv_cache={not cfg.no_cache}"
-    )
-    if cfg.show_probs or cfg.show_top:
-        settings += f" show_top={cfg.show_top}"
-    source = f" (from {cfg.prompt_file})" if cfg.prompt_file else ""
-    where = f"# checkpoint: {path} ({checkpoint.where(saved)})"
-    return f"{where}\n# {settings}\n# prompt{source}: {prompt!r}"
+    """The output file's header: the checkpoint, and every setting that shaped the text below."""
+    drawn = {} if cfg.beam else dataclasses.asdict(sampler)  # beam search draws nothing
+    settings = dataclasses.asdict(cfg) | drawn | {"prompt": prompt}
+    shown = " ".join(f"{k}={v!r}" for k, v in settings.items())
+    return f"# checkpoint: {path} ({checkpoint.where(saved)})\n# {shown}"
 
 
 def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):

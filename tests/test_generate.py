@@ -116,7 +116,7 @@ def test_the_output_file_holds_every_setting_and_the_exact_text(trained, tmp_pat
         "num_samples=2",
         "qa=False",
         "no_stop=True",
-        "kv_cache=True",
+        "no_cache=False",
         *(f"{k}={v}" for k, v in sampler.items()),
     ]
     for piece in [trained[0], str(prompt_file), "'ROMEO:'", *settings]:
