@@ -38,7 +38,7 @@ def header(cfg, sampler, path, saved, prompt):
     """The output file's header: the checkpoint, and every setting that shaped the text below."""
     drawn = {} if cfg.beam else dataclasses.asdict(sampler)  # beam search draws nothing
     settings = dataclasses.asdict(cfg) | drawn | {"prompt": prompt}
-    shown = " ".join(f"{k}={v!r}" for k, v in settings.items())
+    shown = " ".join(f"{k}={v!r}" for k, v in settings.items() if k != "output_file")
     return f"# checkpoint: {path} ({checkpoint.where(saved)})\n# {shown}"
 
 
