@@ -205,8 +205,16 @@ def parse_duration(text):
 
 # what the CPU presets share: their model's parts and five minutes of training
 FIVE_MINUTES = dict(
-    block_size=128, pos="rope", mlp="swiglu", batch_size=32, time_budget="5m"
-) | dict(lr=3e-3, min_lr=3e-4, weight_decay=1.0, eval_interval=500)
+    block_size=128,
+    pos="rope",
+    mlp="swiglu",
+    batch_size=32,
+    time_budget="5m",
+    lr=3e-3,
+    min_lr=3e-4,
+    weight_decay=1.0,
+    eval_interval=500,
+)
 NANOGPT = dict(bias=False, lr=1e-3, min_lr=1e-4, beta2=0.99)  # nanoGPT's optimizer settings
 # nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
 SMALL = dict(NANOGPT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64)
@@ -219,11 +227,33 @@ PRESETS = {
     "reference": dict(NANOGPT, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     "small": SMALL,
     "small-modern": dict(SMALL, pos="rope", mlp="swiglu", norm="rmsnorm", max_steps=5000),
-    "medium": dict(SMALL, n_layer=8, n_head=8, n_embd=512, block_size=512, max_steps=10000)
-    | dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500),
+    "medium": dict(
+        SMALL,
+        n_layer=8,
+        n_head=8,
+        n_embd=512,
+        block_size=512,
+        max_steps=10000,
+        lr=6e-4,
+        min_lr=6e-5,
+        warmup_steps=200,
+        eval_interval=500,
+    ),
     # seconds, not minutes: to check that a change runs, learns, resumes and samples
-    "micro": dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=200)
-    | dict(warmup_steps=10, lr=3e-3, min_lr=3e-4, eval_interval=50, eval_iters=5, log_interval=10),
+    "micro": dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=8,
+        max_steps=200,
+        warmup_steps=10,
+        lr=3e-3,
+        min_lr=3e-4,
+        eval_interval=50,
+        eval_iters=5,
+        log_interval=10,
+    ),
 }
 
 
@@ -240,33 +270,6 @@ def default_preset(device_type, dtype, threads):
 def make_config(cls, values):
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type: n_head 2.0 would fail in a traceback."""
-    unknown = [k for k in saved if k not in {f.name for f in fields(cls)}]
-    if unknown:
-        raise TinyLLMError(
-            f"{path} has settings this version of tinyllm does not know "
-            f"({', '.join(unknown)}): it was made by another version"
-        )
-    for f in fields(cls):
-        kind = (int, float) if f.type is float else f.type  # an int is a float setting too
-        if f.name in saved and not isinstance(saved[f.name], kind):
-            raise TinyLLMError(f"{path}: unreadable settings ({f.name} is {saved[f.name]!r})")
-    try:
-        return cls(**saved)
-    except TinyLLMError as e:
-        raise TinyLLMError(f"{path}: invalid settings: {e}") from None
-
-
-def contradicted(given, saved, may_change=()):
-    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
-    refused = []
-    for k, v in given.items():
-        if k in saved and k not in may_change and v != saved[k]:
-            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
-    return "; ".join(refused)
 
 
 def build_configs(given, settings):

@@ -85,11 +85,10 @@ def main(argv=None):
     parser.add_argument(
         "checkpoints", nargs="*", metavar="PATH.pt", help="default: checkpoints/best.pt"
     )
-    parser.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH.pt", help="the same")
     cli.add_config_flags(parser, SamplerConfig, title="how each token is drawn")
     cli.add_config_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
     args = parser.parse_args(argv)
-    paths = args.checkpoints + args.checkpoint or ["checkpoints/best.pt"]
+    paths = args.checkpoints or ["checkpoints/best.pt"]
     flags = cli.given_flags(args)
     cfg, sampler = make_config(GenerateConfig, flags), make_config(SamplerConfig, flags)
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]

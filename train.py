@@ -24,7 +24,6 @@ import torch
 
 from config import PRESETS, RunOptions, SamplerConfig, TinyLLMError, build_configs, make_config
 from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
-from machinery.devices import FLOAT32
 from optim import get_lr, progress
 from sampling import generate, until_stop
 from utils import bits_per_char
@@ -32,7 +31,7 @@ from utils import bits_per_char
 # ------------------------------------------------------------------------- one step, an evaluation
 
 
-def train_step(model, optimizer, next_batch, lr, cfg, precision=FLOAT32):
+def train_step(model, optimizer, next_batch, lr, cfg, precision):
     """One optimizer step. Its figures stay tensors: reading one makes a GPU wait, so the loop
     reads them later. A new figure is a new entry here: it reaches the progress line and history."""
     scaler = precision.scaler or torch.amp.GradScaler(enabled=False)  # disabled: calls do nothing
@@ -234,7 +233,7 @@ def print_header(run):
     part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%, LoRA)"
     shape = f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}"
     parts = f"norm {m.norm}, mlp {m.mlp}, pos {m.pos} | optimizer {cfg.optimizer}"
-    params = f"{model.num_params():,} parameters{part if run.lora else ''}"
+    params = f"{model.num_params():,} parameters{part if run.adapter else ''}"
     run.say(f"model {params}: {shape}, vocab {m.vocab_size} | {parts}")
     micro = run.process.world * cfg.grad_accum_steps
     split = f" ({run.process.world} processes x {cfg.grad_accum_steps} micro-batches)"

@@ -7,11 +7,11 @@ import os
 import pickle
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from config import GPTConfig, TinyLLMError, from_saved
+from config import GPTConfig, TinyLLMError
 from lora import adapter, add_adapters
 from machinery.cli import first_line
 from model import GPT
@@ -133,6 +133,24 @@ def model_of(checkpoint, path="checkpoint"):
     if bad:
         raise TinyLLMError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}")
     return model
+
+
+def from_saved(cls, saved, path):
+    """cls from a checkpoint's settings, each of its type: n_head 2.0 would fail in a traceback."""
+    unknown = [k for k in saved if k not in {f.name for f in fields(cls)}]
+    if unknown:
+        raise TinyLLMError(
+            f"{path} has settings this version of tinyllm does not know "
+            f"({', '.join(unknown)}): it was made by another version"
+        )
+    for f in fields(cls):
+        kind = (int, float) if f.type is float else f.type  # an int is a float setting too
+        if f.name in saved and not isinstance(saved[f.name], kind):
+            raise TinyLLMError(f"{path}: unreadable settings ({f.name} is {saved[f.name]!r})")
+    try:
+        return cls(**saved)
+    except TinyLLMError as e:
+        raise TinyLLMError(f"{path}: invalid settings: {e}") from None
 
 
 def tokenizer_of(checkpoint, path):

@@ -2,7 +2,6 @@
 tinyllm asks torch what the machine has: tests stand in for other machines there."""
 
 import contextlib
-import copy
 import platform
 import random
 import warnings
@@ -18,14 +17,14 @@ from machinery.cli import first_line, log, warn
 
 def machine():
     """What this machine has; asking starts no GPU."""
-    cpu = torch.cpu  # private probes: an older torch lacks them
+    cpu, lacking = torch.cpu, lambda: False  # private probes: an older torch lacks them
     return SimpleNamespace(
         cuda=torch.cuda.is_available(),
         mps=torch.backends.mps.is_available(),
         gpus=torch.cuda.device_count(),
         vendor=cpu_vendor(),
-        amx=getattr(cpu, "_is_amx_tile_supported", bool)(),
-        avx512_bf16=getattr(cpu, "_is_avx512_bf16_supported", bool)(),
+        amx=getattr(cpu, "_is_amx_tile_supported", lacking)(),
+        avx512_bf16=getattr(cpu, "_is_avx512_bf16_supported", lacking)(),
         torch=tuple(int(x) for x in torch.__version__.split(".")[:2]),
     )
 
@@ -104,11 +103,11 @@ def seed_everything(seed):
 def rng_state():
     """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
     A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
-    name, key, *rest = np.random.get_state()
+    kind, key, *rest = np.random.get_state()
     return {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
-        "numpy": [name, torch.from_numpy(key.astype(np.int64)), *rest],
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), *rest],
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "mps": torch.mps.get_rng_state() if machine().mps else None,
     }
@@ -117,8 +116,8 @@ def rng_state():
 def set_rng_state(state):
     """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
     random.setstate(state["python"])
-    name, key, *rest = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     has = machine()
     if has.mps and state.get("mps") is not None:
@@ -225,9 +224,6 @@ class Precision:
     scaler: object = None
 
 
-FLOAT32 = Precision()  # no autocast, no scaler
-
-
 def precision(dtype, device, saved_scaler=None):
     """The Precision of --dtype here (auto: by what the device is); a resumed scaler's state."""
     dtype, why = resolve_dtype(dtype, device)
@@ -238,11 +234,10 @@ def precision(dtype, device, saved_scaler=None):
 
 
 @contextlib.contextmanager
-def compiling(model, optimizer):
-    """Around --compile's first step, which leaves no trace: the weights, the optimizer and every
-    generator put back after. A missing compiler is one error line."""
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    moments, rngs = copy.deepcopy(optimizer.state_dict()), rng_state()
+def compiling():
+    """Around --compile's first step: a missing compiler is one error line; every random generator
+    as it was before."""
+    rngs = rng_state()
     try:
         yield
     except torch.OutOfMemoryError:
@@ -251,9 +246,6 @@ def compiling(model, optimizer):
         failed = f"--compile failed on this machine ({first_line(e)})"
         raise TinyLLMError(f"{failed}; run without it") from None
     finally:
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(moments)
-        optimizer.zero_grad(set_to_none=True)
         set_rng_state(rngs)
 
 

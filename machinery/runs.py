@@ -89,7 +89,7 @@ class Run:
     budget: object  # how far the run is: optim.Steps, or optim.TimeBudget
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
     overfit_batch: bool = False  # a check that fits one batch and writes nothing
-    lora: dict = None  # a LoRA run's base and adapter settings
+    adapter: dict = None  # a LoRA run's: its base and its settings
 
     @property
     def master(self):  # rank 0 alone prints and writes
@@ -122,7 +122,7 @@ def state_of(run, rngs):
     return checkpoint.contents(
         run.model,
         run.corpus.tokenizer.to_dict(),
-        lora=run.lora,
+        lora=run.adapter,
         optimizer=run.optimizer.state_dict(),
         scaler=scaler,
         rng=rngs[0],

@@ -17,8 +17,6 @@ from config import (
     TinyLLMError,
     TrainConfig,
     build_configs,
-    contradicted,
-    from_saved,
 )
 from machinery import checkpoint, cli, ddp, devices, sources
 from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir
@@ -54,8 +52,8 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     is written; last, --overwrite's old files go."""
     process = ddp.setup(devices.choose_device(cfg.device))
     say = cli.log if process.rank == 0 else (lambda text: None)
-    start = begin(model_cfg, cfg, options, preset, given, say)
-    cfg = start.cfg
+    source = source_of(model_cfg, cfg, options, preset, given, say)
+    cfg = source.cfg
     if cfg.batch_size % (process.world * cfg.grad_accum_steps):
         raise TinyLLMError(
             f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
@@ -63,12 +61,12 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         )
     devices.set_threads(cfg.threads)
     devices.seed_everything(cfg.seed)  # the same initial weights on every rank
-    corpus = corpus_for(start, say)
-    model, adapter = model_for(start, corpus)
+    corpus = corpus_for(source, say)
+    model, adapter = model_for(source, corpus)
     model = model.to(process.device)
     optimizer = make_optimizer(model, cfg, process.device)  # optim.py
-    state, rows = restore(start, optimizer, process, say) if start.resumed else (TrainState(), [])
-    saved_rngs = start.source.get("rngs", []) if start.resumed else []
+    state, rows = restore(source, optimizer, process, say) if source.resumed else (TrainState(), [])
+    saved_rngs = source.saved.get("rngs", []) if source.resumed else []
     if process.world > 1 and len(saved_rngs) != process.world:  # each rank its own batches
         devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
@@ -78,21 +76,19 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         fixed = batches["train"]()
         batches["train"] = lambda: fixed
         say("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
-    saved_scaler = start.source.get("scaler") if start.source else None
+    saved_scaler = source.saved.get("scaler") if source.saved else None
     precision = devices.precision(cfg.dtype, process.device, saved_scaler)
     train_model = process.wrap(torch.compile(model) if cfg.compile else model)
-    if cfg.compile:  # compiled now, and undone: a missing compiler is one line before any write
-        with devices.compiling(model, optimizer), precision.ctx:
-            x, y = batches["train"]()
-            train_model(x, y)[1].backward()
+    if cfg.compile:
+        compile_first(model, train_model, batches["train"](), precision)
     budget = Steps(cfg)
     if cfg.time_budget:  # by the ranks' mean clock: theirs differ, and all must decide alike
         budget = TimeBudget(cfg, lambda: process.mean([clock()])[0])
-    if options.overwrite and not options.overfit_batch and not start.resumed and process.rank == 0:
+    if options.overwrite and not options.overfit_batch and not source.resumed and process.rank == 0:
         clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
     return Run(
         cfg=cfg,
-        preset=start.preset,
+        preset=source.preset,
         process=process,
         corpus=corpus,
         model=model,
@@ -106,40 +102,48 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         budget=budget,
         stop=cli.StopRequest(announce=process.rank == 0),
         overfit_batch=options.overfit_batch,
-        lora=adapter,
+        adapter=adapter,
     )
+
+
+def compile_first(model, train_model, batch, precision):
+    """--compile's first forward and backward, now: a missing compiler is one error line before
+    anything is written. They leave no trace: no gradient, every random generator as it was."""
+    with devices.compiling(), precision.ctx:
+        train_model(*batch)[1].backward()
+    model.zero_grad(set_to_none=True)
 
 
 # ------------------------------------------------------------------- where the run starts from
 
 
 @dataclass
-class Start:
-    """A run's settings and the checkpoint it starts from: its last.pt when it resumes,
-    --init_from's model when it fine-tunes, else None."""
+class Source:
+    """Where a run starts from: its settings, and the checkpoint it goes on from (saved, read from
+    path): its own last.pt when it resumes, --init_from's model when it fine-tunes, else None."""
 
     model_cfg: GPTConfig
     cfg: TrainConfig
     preset: str
-    source: dict = None
-    path: str = ""  # the source's
+    saved: dict = None
+    path: str = ""
     resumed: bool = False
 
 
-def begin(model_cfg, cfg, options, preset, given, say):
+def source_of(model_cfg, cfg, options, preset, given, say):
     """Where the run starts from, each setting given checked against it."""
     last = os.path.join(cfg.out_dir, "last.pt")
     if options.resume and os.path.isfile(last):
-        return resume(last, cfg, options.preset, given, say)
+        return resumed_source(last, cfg, options.preset, given, say)
     if options.resume:  # the same command starts the run now and continues it later
         say(f"--resume: no {last} yet, starting a fresh run")
     if not options.overfit_batch:
         claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
-    source = None
+    saved = None
     if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
-        source = fine_tune_source(options.init_from, given)
-        model_cfg = from_saved(GPTConfig, source["model_config"], options.init_from)
-        cfg = replace(cfg, tokenizer=source["tokenizer"]["kind"])
+        saved = fine_tune_checkpoint(options.init_from, given)
+        model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], options.init_from)
+        cfg = replace(cfg, tokenizer=saved["tokenizer"]["kind"])
     elif cfg.lora_rank:
         raise TinyLLMError("--lora_rank adapts a trained model: give it with --init_from")
     if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
@@ -153,24 +157,24 @@ def begin(model_cfg, cfg, options, preset, given, say):
         cfg = replace(cfg, tokenizer=made["tokenizer"])
     if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
         cfg = replace(cfg, time_budget="")
-    return Start(model_cfg, cfg, preset, source, options.init_from)
+    return Source(model_cfg, cfg, preset, saved, options.init_from)
 
 
-def resume(last, cfg, preset, given, say):
-    """The Start of a run going on from its last.pt, with the flags --resume may change."""
-    source = checkpoint.load(last)
-    say(f"resuming {last} at {checkpoint.where(source)}")
-    if preset and preset != source.get("preset"):
-        raise TinyLLMError(f"{last} is a run of preset {source.get('preset')!r}: --resume keeps it")
-    saved = source.get("train_config") or {}
+def resumed_source(last, cfg, preset, given, say):
+    """The Source of a run going on from its last.pt, with the flags --resume may change."""
+    saved = checkpoint.load(last)
+    say(f"resuming {last} at {checkpoint.where(saved)}")
+    if preset and preset != saved.get("preset"):
+        raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
+    saved_cfg = saved.get("train_config") or {}
     required = ["optimizer", "rng", "window", *asdict(TrainState())]
-    if any(k not in source for k in required) or set(saved) != set(asdict(cfg)):
+    if any(k not in saved for k in required) or set(saved_cfg) != set(asdict(cfg)):
         raise TinyLLMError(
             f"{last} was written by another version of tinyllm and cannot be resumed; "
             f"fine-tune from its weights with --init_from instead"
         )
-    model_cfg = from_saved(GPTConfig, source["model_config"], last)
-    settings = asdict(model_cfg) | asdict(from_saved(TrainConfig, saved, last))
+    model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
+    settings = asdict(model_cfg) | asdict(checkpoint.from_saved(TrainConfig, saved_cfg, last))
     refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
     if refused:
         raise TinyLLMError(
@@ -179,58 +183,67 @@ def resume(last, cfg, preset, given, say):
         )
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
-    return Start(model_cfg, cfg, source.get("preset", "custom"), source, last, resumed=True)
+    return Source(model_cfg, cfg, saved.get("preset", "custom"), saved, last, resumed=True)
 
 
-def fine_tune_source(path, given):
+def contradicted(given, saved, may_change=()):
+    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    refused = []
+    for k, v in given.items():
+        if k in saved and k not in may_change and v != saved[k]:
+            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
+    return "; ".join(refused)
+
+
+def fine_tune_checkpoint(path, given):
     """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
     if path.lower().endswith(".pt"):
-        source = checkpoint.load(path)
+        saved = checkpoint.load(path)
     else:
         from machinery.hf_gpt2 import gpt2_checkpoint  # needs transformers: imported only here
 
-        source = gpt2_checkpoint(path)
-    has = {**source["model_config"], "tokenizer": source["tokenizer"]["kind"]}
+        saved = gpt2_checkpoint(path)
+    has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
     refused = contradicted(given, has, may_change=("dropout",))
     if refused:
         why = f"--init_from {path} keeps that model's shape and tokenizer"
         raise TinyLLMError(f"{why}: drop {refused}")
     if "dropout" in given:
-        source["model_config"]["dropout"] = given["dropout"]
-    return source
+        saved["model_config"]["dropout"] = given["dropout"]
+    return saved
 
 
 # ------------------------------------------------------------------------ the corpus, the model
 
 
-def corpus_for(start, say):
+def corpus_for(source, say):
     """The text as train and val token ids: by the tokenizer of the model it starts from (grown
     by a fine-tune's new tokens), else by a new one."""
-    tokenizer = checkpoint.tokenizer_of(start.source, start.path) if start.source else None
-    grow = start.source is not None and not start.resumed  # a resumed run's vocabulary is fixed
-    corpus = sources.load_corpus(start.cfg, tokenizer, start.model_cfg.vocab_size, grow)
+    tokenizer = checkpoint.tokenizer_of(source.saved, source.path) if source.saved else None
+    grow = source.saved is not None and not source.resumed  # a resumed run's vocabulary is fixed
+    corpus = sources.load_corpus(source.cfg, tokenizer, source.model_cfg.vocab_size, grow)
     if corpus.old_ids:
         new = [i for i, old in enumerate(corpus.old_ids) if old is None]
         added = corpus.tokenizer.decode(new)[:60]
-        say(f"added {len(new)} token(s) {added!r} to the vocabulary of {start.path}")
+        say(f"added {len(new)} token(s) {added!r} to the vocabulary of {source.path}")
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
-        sources.check_long_enough(ids, start.model_cfg.block_size, name, start.cfg.data)
+        sources.check_long_enough(ids, source.model_cfg.block_size, name, source.cfg.data)
     return corpus
 
 
-def model_for(start, corpus):
+def model_for(source, corpus):
     """(the GPT to train, a LoRA run's adapter settings or None): fresh weights, or those of the
     model it starts from, with rows for new tokens, and LoRA's matrices beside them."""
-    cfg = start.cfg
-    if start.source is None:  # a fresh GPT, random weights
-        return GPT(replace(start.model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
-    model = checkpoint.model_of(start.source, start.path)
+    cfg = source.cfg
+    if source.saved is None:  # a fresh GPT, random weights
+        return GPT(replace(source.model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
+    model = checkpoint.model_of(source.saved, source.path)
     rows = None  # per embedding row, its row in the source model (None: a new token)
     if corpus.old_ids:
         rows = grow_vocabulary(model, corpus.old_ids)
     if not cfg.lora_rank:  # an adapter's model fine-tuned in full is merged first
         return lora.merge(model), None
-    adapter = start.source.get("lora")
+    adapter = source.saved.get("lora")
     if adapter and rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
         mapped = adapter["rows"]
         rows = [mapped[i] if mapped and i is not None else i for i in rows]
@@ -238,7 +251,7 @@ def model_for(start, corpus):
     if adapter:
         return model, adapter
     lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
-    base = os.path.abspath(start.path)  # its checkpoints name it, relative to themselves
+    base = os.path.abspath(source.path)  # its checkpoints name it, relative to themselves
     settings = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, mlp=cfg.lora_mlp)
     return model, dict(base=base, rows=rows, **settings)
 
@@ -256,18 +269,18 @@ def grow_vocabulary(model, old_ids):
 # ------------------------------------------------------------------------- a resumed run's state
 
 
-def restore(start, optimizer, process, say):
+def restore(source, optimizer, process, say):
     """(state, meter rows) of a resumed run as saved, its optimizer and random numbers put back."""
-    source, cfg = start.source, start.cfg
-    load_optimizer(optimizer, source["optimizer"], start.path)
-    state = TrainState(**{k: source[k] for k in asdict(TrainState())})
-    rngs = source.get("rngs") or [source["rng"]]
+    saved, cfg = source.saved, source.cfg
+    load_optimizer(optimizer, saved["optimizer"], source.path)
+    state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+    rngs = saved.get("rngs") or [saved["rng"]]
     devices.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
-    new_end = not cfg.time_budget and cfg.max_steps != source["train_config"]["max_steps"]
+    new_end = not cfg.time_budget and cfg.max_steps != saved["train_config"]["max_steps"]
     if new_end and state.step >= cfg.max_steps:
         stop = f"--max_steps {cfg.max_steps} trains no more"
         raise TinyLLMError(f"the run is at step {state.step}: {stop}")
-    return state, source["window"]
+    return state, saved["window"]
 
 
 def load_optimizer(optimizer, saved, path):

@@ -133,7 +133,7 @@ def test_several_checkpoints_are_sampled_alike_and_another_seed_gives_another_te
     copy = tmp_path / "copy.pt"
     argv = ["--prompt", "ROMEO:", "--temperature", 1.0, "--max_new_tokens", 20, "--no_stop"]
     shutil.copy(trained[0], copy)
-    printed, _ = run(capsys, trained[0], "--checkpoint", copy, "--seed", 4, *argv)
+    printed, _ = run(capsys, trained[0], copy, "--seed", 4, *argv)
     [text] = sampled(trained[0], "ROMEO:", 4, 20, stop=False, temperature=1.0)
     assert printed.count(text) == 2
     assert printed.index(trained[0]) < printed.index(text) < printed.index(str(copy))

@@ -31,8 +31,14 @@ from sampling import (
 # number takes the example value written here (test_every_model_setting_has_an_example names any
 # missing), or the settings written here when it needs others (n_head=dict(n_head=4, n_embd=48)).
 # Every combination of the choices runs; then each other example once, the rest from BASE.
-EXAMPLES = dict(vocab_size=50, block_size=5, n_layer=3, n_head=dict(n_head=4, n_embd=48))
-EXAMPLES |= dict(n_embd=36, dropout=0.1)
+EXAMPLES = {
+    "vocab_size": 50,
+    "block_size": 5,
+    "n_layer": 3,
+    "n_head": dict(n_head=4, n_embd=48),
+    "n_embd": 36,
+    "dropout": 0.1,
+}
 BASE = dict(
     vocab_size=65,
     block_size=8,

@@ -6,12 +6,10 @@ import copy
 import math
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -51,6 +49,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
 
 CPU = torch.device("cpu")
+FLOAT32 = devices.Precision()  # no autocast, no loss scaler
 AMX = dict(vendor="Intel", amx=True, avx512_bf16=True)  # a CPU that trains in bfloat16
 NO_BF16 = dict(vendor="AMD", amx=False, avx512_bf16=False)
 NO_CTX = contextlib.nullcontext()
@@ -103,7 +102,7 @@ def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
     optimizer.step = recording_step
     batch = batches(1)[0]
     cfg = TrainConfig(grad_accum_steps=1, grad_clip=0.05)
-    figures = train.train_step(model, optimizer, lambda: batch, 0.0123, cfg)
+    figures = train.train_step(model, optimizer, lambda: batch, 0.0123, cfg, FLOAT32)
     assert figures["grad_norm"] > 0.05  # logged before clipping
     assert seen["norm"] == pytest.approx(0.05, rel=1e-4)
     assert all(lr == 0.0123 * scale for lr, scale in seen["lrs"])
@@ -119,22 +118,21 @@ def test_a_groups_lr_scale_multiplies_the_steps_lr_for_every_optimizer(name):
         for group in optimizer.param_groups:  # a learner's change: every group 3x faster
             group["lr_scale"] = group.get("lr_scale", 1.0) * scale
         before = [p.detach().clone() for p in model.parameters()]
-        train.train_step(model, optimizer, lambda: batches(1)[0], 1e-4, TrainConfig(grad_clip=0))
+        step = (lambda: batches(1)[0], 1e-4, TrainConfig(grad_clip=0), FLOAT32)
+        train.train_step(model, optimizer, *step)
         moves.append([p.detach() - b for p, b in zip(model.parameters(), before)])
     for plain, faster in zip(*moves):  # a first step moves each weight in proportion to its lr
         assert torch.allclose(faster, 3 * plain, rtol=1e-3, atol=1e-6)
 
 
-def test_compiles_trial_step_leaves_the_weights_the_optimizer_and_every_generator_as_they_were():
+def test_compiles_first_step_leaves_the_weights_the_optimizer_and_every_generator_as_they_were():
     torch.manual_seed(0)
     model = GPT(tiny_model(dropout=0.1))  # dropout draws from the generators
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     batch = batches(1)[0]
-    train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig())  # moments to keep
+    train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig(), FLOAT32)  # moments
     before = (weights(model), copy.deepcopy(optimizer.state_dict()), devices.rng_state())
-    with devices.compiling(model, optimizer):  # what set_up runs --compile's first step in
-        train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig())
-        torch.rand(3), random.random(), np.random.rand()
+    start.compile_first(model, model, batch, FLOAT32)  # as set_up runs it, model compiled
     after = (weights(model), optimizer.state_dict(), devices.rng_state())
     assert same_weights(before[0], after[0])
     assert same_state(before[1], after[1]) and same_state(before[2], after[2])
@@ -151,7 +149,7 @@ def test_gradient_accumulation_is_one_big_batch_and_gradients_start_from_zero():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(2):  # a second step: gradients left over from the first would add up
             cfg = TrainConfig(grad_accum_steps=accum, grad_clip=0.0)
-            loss = train.train_step(model, optimizer, next_batch, 0.1, cfg)["loss"]
+            loss = train.train_step(model, optimizer, next_batch, 0.1, cfg, FLOAT32)["loss"]
         results.append((weights(model), loss))
     (one, loss_one), (two, loss_two) = results
     assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
@@ -568,8 +566,8 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
     model = checkpoint.model_of(saved)
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     cfg = TrainConfig(max_steps=60, warmup_steps=5)
-    begun = start.Start(model.config, cfg, "custom", saved, trained[0], resumed=True)
-    start.restore(begun, optimizer, ddp.Process(0, 1, CPU), print)
+    source = start.Source(model.config, cfg, "custom", saved, trained[0], resumed=True)
+    start.restore(source, optimizer, ddp.Process(0, 1, CPU), print)
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])

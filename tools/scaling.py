@@ -120,21 +120,10 @@ def study(args):
             key = f"{kind} {shape} {steps} {budget} {frac}"
             row = done.get(key)
             if row is None:
-                row = {
-                    "key": key,
-                    "kind": kind,
-                    "shape": list(shape),
-                    "budget": budget,
-                    "data_fraction": frac,
-                }
+                row = dict(key=key, kind=kind, shape=list(shape), budget=budget, data_fraction=frac)
+                evals, out = 4 if kind == "data" else 1, f"{tmp}/run{i}"
                 row |= run(
-                    shape,
-                    steps,
-                    f"{tmp}/run{i}",
-                    args.data,
-                    4 if kind == "data" else 1,
-                    data_fraction=frac,
-                    dtype=probe["dtype"],
+                    shape, steps, out, args.data, evals, data_fraction=frac, dtype=probe["dtype"]
                 )
             rows.append(row)
             spent = time.perf_counter() - t0
