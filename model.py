@@ -151,7 +151,7 @@ class GPT(nn.Module):
         elif config.pos == "sinusoidal":  # fixed tables: buffers, not saved in checkpoints
             table = sinusoidal_table(config.block_size, config.n_embd)
             self.register_buffer("pos_table", table, persistent=False)
-        else:
+        elif config.pos == "rope":  # tables of angles: the attention turns q and k by them
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -183,9 +183,17 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         elif self.config.pos == "sinusoidal":
             x = x + self.pos_table[positions]
-        else:  # RoPE: the attention turns q and k by these positions' angles
+        elif self.config.pos == "rope":  # the attention turns q and k by these angles
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         return self.drop(x), rope
+
+    def mask(self, T, start, cache):
+        """What attention adds to its scores, (T, S): in training None, the causal triangle, which
+        the fused kernel makes itself; in generation the T new queries, from position start,
+        against the cache's block_size slots, those after each query's position hidden."""
+        if cache is None:
+            return None
+        return causal_mask(T, self.config.block_size, self.wte.weight.device, start)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counted once
@@ -198,9 +206,7 @@ class GPT(nn.Module):
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
         start = 0 if cache is None else cache.pos  # generation: idx continues the cached tokens
         x, rope = self.embed(idx, start)  # (B, T, C)
-        # training: None, the causal triangle the fused kernel makes itself; generation: the new
-        # queries against the cache's block_size slots, those after each query's position hidden
-        mask = None if cache is None else causal_mask(T, self.config.block_size, idx.device, start)
+        mask = self.mask(T, start, cache)  # (T, S) or None
         for block in self.blocks:
             x = block(x, mask, rope, cache)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
