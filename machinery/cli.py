@@ -14,7 +14,7 @@ from config import TinyLLMError
 
 
 def log(*args):
-    """One flushed line (a reader gone: exit 141, but for a training loop's StopRequest.say)."""
+    """A line, flushed at once: a reader sees progress as it happens."""
     print(*args, flush=True)
 
 

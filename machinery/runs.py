@@ -1,6 +1,6 @@
-"""What the training loop reads (Run), and what a checkpoint of it holds: the steps' state, the
-progress window's figures and their pace (Meter); and the run folder that holds the checkpoints.
-machinery/start.py builds a Run."""
+"""A run as the training loop sees it (Run, built by machinery/start.py): its state, which every
+checkpoint saves (TrainState); the figures of the steps since the last progress line, and their
+pace (Meter); what a checkpoint of the run holds. Then the run folder's rules."""
 
 import contextlib
 import os

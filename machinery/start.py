@@ -64,7 +64,9 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     corpus = corpus_for(source, say)
     model, adapter = model_for(source, corpus)
     model = model.to(process.device)
-    optimizer = make_optimizer(model, cfg, process.device)  # optim.py
+    saved_scaler = source.saved.get("scaler") if source.saved else None
+    precision = devices.precision(cfg.dtype, process.device, saved_scaler)
+    optimizer = make_optimizer(model, cfg, process.device, precision.dtype)  # optim.py
     state, rows = restore(source, optimizer, process, say) if source.resumed else (TrainState(), [])
     saved_rngs = source.saved.get("rngs", []) if source.resumed else []
     if process.world > 1 and len(saved_rngs) != process.world:  # each rank its own batches
@@ -76,8 +78,6 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         fixed = batches["train"]()
         batches["train"] = lambda: fixed
         say("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
-    saved_scaler = source.saved.get("scaler") if source.saved else None
-    precision = devices.precision(cfg.dtype, process.device, saved_scaler)
     train_model = process.wrap(torch.compile(model) if cfg.compile else model)
     if cfg.compile:
         compile_first(model, train_model, batches["train"](), precision)

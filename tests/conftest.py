@@ -180,28 +180,10 @@ def tiny_run(data, out_dir, **overrides):
 
 
 # the same as flags, for the command line
-TINY_FLAGS = [
-    "--n_layer",
-    "1",
-    "--n_embd",
-    "32",
-    "--n_head",
-    "2",
-    "--block_size",
-    "16",
-    "--batch_size",
-    "8",
-    "--device",
-    "cpu",
-    "--dtype",
-    "float32",
-    "--eval_iters",
-    "2",
-    "--sample_tokens",
-    "0",
-    "--plots",
-    "false",
-]
+TINY_FLAGS = (
+    "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 8 --device cpu "
+    "--dtype float32 --eval_iters 2 --sample_tokens 0 --plots false"
+).split()
 
 
 @pytest.fixture(scope="session")
