@@ -132,7 +132,7 @@ def param_groups(model, cfg):
 
 def make_optimizer(model, cfg, device, dtype="float32"):
     """AdamW (or Muon, for --optimizer muon) over the model's parameter groups. dtype: the run's
-    precision, which Muon's orthogonalization takes (bfloat16 halves its cost where it is native)."""
+    precision, which Muon's orthogonalization takes (bfloat16 halves its cost where native)."""
     groups, betas = param_groups(model, cfg), (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         ns_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
