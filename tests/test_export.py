@@ -10,6 +10,7 @@ from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head
 
 import generate
 import train
+from config import DTYPES, default_preset
 from machinery import checkpoint, sources
 from tools import export
 
@@ -20,9 +21,12 @@ KINDS = {  # the train.py flags of each kind of model
     "vanilla": ["--norm", "layernorm", "--mlp", "gelu", "--pos", "learned"],
     "bpe": [*LLAMA, "--tokenizer", "bpe", "--vocab_size", "300"],
     "chat": [*LLAMA, "--data", os.path.join("data", "chat_example.jsonl")],
-    "tiny": ["--norm", "layernorm", "--mlp", "swiglu", "--pos", "rope"],  # the CPU presets' parts
+    "biases everywhere": ["--norm", "layernorm", "--mlp", "swiglu", "--pos", "rope", "--bias", "1"],
 }
-KINDS["tiny, no biases"] = [*KINDS["tiny"], "--bias", "False"]
+# every preset a machine can train without --preset, in its own parts, at a test's size
+MACHINES = [(d, t, n) for d in ("cpu", "cuda", "mps") for t in DTYPES for n in (1, 2, 16)]
+DEFAULTS = sorted({default_preset(*machine) for machine in MACHINES})
+KINDS |= {f"preset {p}": ["--preset", p] for p in DEFAULTS}  # TINY_FLAGS' shape
 PROMPT = "ROMEO:\nWhat"
 
 
@@ -44,7 +48,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "kind", ["llama", "tiny, no biases", "vanilla", "bpe", "chat", "merged lora"]
+    "kind", ["llama", "vanilla", "bpe", "chat", "merged lora", *(f"preset {p}" for p in DEFAULTS)]
 )
 def test_transformers_loads_the_same_model_its_logits_and_greedy_text(runs, tmp_path, capsys, kind):
     import transformers
@@ -96,14 +100,14 @@ def test_the_model_card_says_what_the_model_is_in_the_hubs_format(runs, tmp_path
 @pytest.mark.parametrize(
     "case, word",
     [
-        ("tiny", "--bias"),
+        ("biases everywhere", "--bias"),
         ("variant", "--pos"),
         ("exists", "--overwrite"),
         ("not a checkpoint", "checkpoint"),
     ],
 )
 def test_bad_input_is_one_error_line_and_leaves_nothing_behind(runs, tmp_path, capsys, case, word):
-    path, folder = runs["tiny" if case == "tiny" else "llama"], tmp_path / "hf"
+    path, folder = runs.get(case, runs["llama"]), tmp_path / "hf"
     if case == "variant":  # Llama's, but for its positions: no architecture transformers has
         saved = checkpoint.load(path)
         saved["model_config"]["pos"] = "sinusoidal"  # a fixed table: no weights to change

@@ -238,34 +238,10 @@ def test_evaluation_is_in_eval_mode_without_a_graph():
 
 def test_overfit_batch_fits_one_batch_and_writes_nothing(text_file, tmp_path, capsys):
     # an evaluation on a progress line must not undo the stop
-    code, out, _ = cli(
-        capsys,
-        train.main,
-        *TINY_FLAGS,
-        "--data",
-        text_file,
-        "--out_dir",
-        tmp_path / "run",
-        "--overfit_batch",
-        "--max_steps",
-        "400",
-        "--n_embd",
-        "64",
-        "--batch_size",
-        "4",
-        "--warmup_steps",
-        "0",
-        "--lr",
-        "1e-2",
-        "--min_lr",
-        "1e-2",
-        "--weight_decay",
-        "0",
-        "--log_interval",
-        "25",
-        "--eval_interval",
-        "25",
-    )
+    fits = "--n_embd 64 --bias True --batch_size 4 --warmup_steps 0 --lr 1e-2 --min_lr 1e-2"
+    steps = "--max_steps 400 --weight_decay 0 --log_interval 25 --eval_interval 25"
+    argv = [*TINY_FLAGS, *fits.split(), *steps.split(), "--data", text_file]
+    code, out, _ = cli(capsys, train.main, *argv, "--overfit_batch", "--out_dir", tmp_path / "run")
     assert code == 0 and "overfit_batch: loss below 0.01" in out and not (tmp_path / "run").exists()
 
 
