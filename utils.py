@@ -52,7 +52,7 @@ def answer_targets(ids, tokenizer):
     """True at each answer's tokens and the <|endoftext|> ending it: what a chat model learns.
     None without answers: every token is a target."""
     start = tokenizer.special_tokens.get(ASSISTANT)
-    if start is None:
+    if start is None or not (ids == start).any():  # plain text, a chat model's tokenizer or not
         return None
     targets, inside = [], False
     for token in ids.tolist():

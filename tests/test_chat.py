@@ -105,6 +105,8 @@ def test_the_loss_counts_the_answers_and_their_end_only(tmp_path):
         f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}Hello. What shall we talk about?{EOT}"
     )
     assert sources.load_corpus(TrainConfig(data=cfg.data, loss_on="all")).train_targets is None
+    plain = ids[ids != tokenizer.special_tokens[ASSISTANT]]  # no answer in it: all of it counts
+    assert utils.answer_targets(plain, tokenizer) is None
 
 
 def test_a_masked_position_takes_no_gradient():
