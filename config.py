@@ -121,6 +121,10 @@ class TrainConfig:
     lora_rank: int = setting(0, "with --init_from: rank-R LoRA beside attention", at_least=0)
     lora_alpha: float = setting(16.0, "LoRA's scale: its product times alpha / rank", above=0)
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
+    distill_from: str = setting("", "learn a teacher checkpoint's next-token odds too")
+    distill_temperature: float = setting(4.0, "distillation: both odds softened by it", above=0)
+    distill_alpha: float = setting(0.5, "distillation's share of the loss", at_least=0, at_most=1)
+    dpo_beta: float = setting(0.1, "preference pairs: how far from the reference", above=0)
 
     def __post_init__(self):
         check(self)
@@ -273,6 +277,15 @@ def default_preset(device_type, dtype, threads):
 def make_config(cls, values):
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def contradicted(given, saved, may_change=()):
+    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    refused = []
+    for k, v in given.items():
+        if k in saved and k not in may_change and v != saved[k]:
+            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
+    return "; ".join(refused)
 
 
 def build_configs(given, settings):

@@ -26,6 +26,7 @@ from config import PRESETS, RunOptions, SamplerConfig, TinyLLMError, build_confi
 from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
 from optim import get_lr, progress
 from sampling import generate, until_stop
+from tuning import held_out
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------- one step, an evaluation
@@ -160,6 +161,8 @@ def log_progress(run):
     tokens_per_s = run.tokens_per_step / seconds if seconds else 0.0
     end = run.budget.end_step(state, seconds)
     eta = cli.format_seconds((end - state.step) * seconds) if end else "?"
+    if run.corpus.pairs:  # the held-out pairs: the mean margin, the share the policy prefers more
+        figures |= held_out(run.train_model, run.corpus.pairs["val"], run.process.device)
     shown = " | ".join(f"{k} {format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
     pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     run.say(f"step {state.step:>6}/{end or '?'} | {shown} | {pace}")

@@ -90,6 +90,7 @@ class Run:
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
     overfit_batch: bool = False  # a check that fits one batch and writes nothing
     adapter: dict = None  # a LoRA run's: its base and its settings
+    reference: str = None  # a preference run's: the path of the frozen model it is tuned against
 
     @property
     def master(self):  # rank 0 alone prints and writes
@@ -131,8 +132,43 @@ def state_of(run, rngs):
         device=devices.name(run.process.device),
         dtype=run.precision.dtype,
         chars_per_token=run.corpus.chars_per_token,
+        reference=run.reference,
         **state,
     )
+
+
+# ------------------------------------------------------------------------ a resume puts it back
+
+
+def restore(source, optimizer, process, say):
+    """(state, meter rows) of a resumed run as saved, its optimizer and random numbers put back."""
+    saved, cfg = source.saved, source.cfg
+    load_optimizer(optimizer, saved["optimizer"], source.path)
+    state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
+    rngs = saved.get("rngs") or [saved["rng"]]
+    devices.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
+    new_end = not cfg.time_budget and cfg.max_steps != saved["train_config"]["max_steps"]
+    if new_end and state.step >= cfg.max_steps:
+        stop = f"--max_steps {cfg.max_steps} trains no more"
+        raise TinyLLMError(f"the run is at step {state.step}: {stop}")
+    return state, saved["window"]
+
+
+def load_optimizer(optimizer, saved, path):
+    """The saved optimizer state, each group matched to this optimizer's by the parameters it
+    holds (or refused), keeping this machine's kernel (fused, foreach)."""
+    by_names = {tuple(group.get("names", ())): group for group in saved["param_groups"]}
+    groups = []
+    for group in optimizer.param_groups:
+        match = by_names.get(tuple(group["names"]))
+        if match is None:
+            raise TinyLLMError(
+                f"{path}: its optimizer groups the parameters otherwise than this code does "
+                f"(no group of {', '.join(group['names'][:2])}...): resume it with the code "
+                f"that trained it, or fine-tune from it with --init_from"
+            )
+        groups.append(match | {k: group[k] for k in ("fused", "foreach") if k in group})
+    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 # ------------------------------------------------------------------------------- the run folder

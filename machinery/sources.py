@@ -13,7 +13,7 @@ import numpy as np
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
 from machinery.cli import warn
 from tokenizer import from_dict, grown, lacking, learn, split_special
-from utils import Corpus, make_corpus, split_train_val
+from utils import Corpus, make_corpus, make_pair_corpus, split_train_val
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
@@ -46,10 +46,10 @@ def iter_documents(path, clean=False, extensions=".txt"):
                     yield document(record["text"])
                 elif isinstance(record, dict) and ("messages" in record or "question" in record):
                     yield document(chat_document(record, where))
-                else:
+                else:  # a preference pair too: a file of them tunes a chat model
                     raise TinyLLMError(
-                        f'{where}: expected an object with "text", "messages", '
-                        'or "question" and "answer"'
+                        f'{where}: expected an object with "text", "messages", or "question" and '
+                        '"answer" (a file of "prompt", "chosen" and "rejected" tunes a chat model)'
                     )
         else:
             with open(path, encoding="utf-8-sig") as f:
@@ -58,25 +58,31 @@ def iter_documents(path, clean=False, extensions=".txt"):
                     yield clean_text(chunk) if clean else chunk
     except UnicodeDecodeError:
         raise TinyLLMError(f"data file {file} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise TinyLLMError(f"{path} is not valid JSON: {e}") from None
 
 
 def records(path):
     """(where, record) of a .jsonl file's lines, or of a .json file's list: where names it."""
-    with open(path, encoding="utf-8-sig") as f:
-        if path.lower().endswith(".jsonl"):
-            for n, line in enumerate(f, 1):
-                try:
-                    if line.strip():
-                        yield f"{path} line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TinyLLMError(f"{path} line {n} is not valid JSON: {e}") from None
-            return
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise TinyLLMError(f"data file {path} is not UTF-8 text") from None
+    if path.lower().endswith(".jsonl"):
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                yield f"{path} line {n}", parsed(line, f"{path} line {n}")
+        return
+    data = parsed(text, path)
     if not isinstance(data, list):
         raise TinyLLMError(f'{path}: expected a JSON list of {{"question": ..., "answer": ...}}')
     yield from ((f"{path} record {n}", record) for n, record in enumerate(data, 1))
+
+
+def parsed(text, where):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TinyLLMError(f"{where} is not valid JSON: {e}") from None
 
 
 def folder_files(folder, extensions):
@@ -145,6 +151,17 @@ def clean_text(text):
 def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
     """cfg.data's Corpus: tokenized by the tokenizer given (grown by what the text holds that it
     lacks, if grow) or by a new one, of vocab_size tokens if BPE."""
+    pairs = preference_pairs(cfg.data)
+    if pairs is not None:  # the tokenizer of the model they tune
+        if tokenizer is None:
+            raise TinyLLMError(f"{cfg.data} holds preference pairs: tune a model with --init_from")
+        chars, special = lacking(tokenizer, "".join(text for pair in pairs for text in pair))
+        missing = "".join(chars + special)
+        if missing:
+            raise TinyLLMError(f"{cfg.data} has tokens the model lacks: {missing[:40]!r}")
+        if len(pairs) < 2:
+            raise TinyLLMError(f"{cfg.data}: one pair to train and one held out, at least")
+        return make_pair_corpus(pairs, tokenizer)
     if is_prepared(cfg.data):
         corpus = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
@@ -165,6 +182,25 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
         tokenizer, old_ids = grown(tokenizer, chars, special)
     corpus = make_corpus(text, tokenizer, cfg.loss_on == "answers")
     return replace(corpus, old_ids=old_ids)
+
+
+def preference_pairs(path):
+    """[(chosen text, rejected text)] in the chat template, of a file of {"prompt", "chosen",
+    "rejected"} records; None if path holds anything else."""
+    if not (path.lower().endswith((".json", ".jsonl")) and os.path.isfile(path)):
+        return None
+    pairs = []
+    for where, record in records(path):
+        if not (isinstance(record, dict) and "chosen" in record):
+            if pairs:
+                raise TinyLLMError(f"{where}: expected a preference pair, as the lines before")
+            return None
+        texts = [record.get(k) for k in ("prompt", "chosen", "rejected")]
+        if not all(isinstance(t, str) and t.strip() for t in texts):
+            raise TinyLLMError(f'{where}: a pair needs "prompt", "chosen" and "rejected" texts')
+        question = EOT + turn("user", texts[0])
+        pairs.append(tuple(question + turn("assistant", answer) for answer in texts[1:]))
+    return pairs
 
 
 def is_prepared(path):

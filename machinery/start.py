@@ -17,11 +17,13 @@ from config import (
     TinyLLMError,
     TrainConfig,
     build_configs,
+    contradicted,
 )
 from machinery import checkpoint, cli, ddp, devices, sources
-from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir
+from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir, restore
 from model import GPT
 from optim import Steps, TimeBudget, make_optimizer
+from tuning import Distilled, Preferring
 from utils import make_batches
 
 # -------------------------------------------------------- the command line: what the run is asked
@@ -64,6 +66,7 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     corpus = corpus_for(source, say)
     model, adapter = model_for(source, corpus)
     model = model.to(process.device)
+    stepped, reference = beside(source, corpus, model, say)  # and a frozen model beside it, or not
     saved_scaler = source.saved.get("scaler") if source.saved else None
     precision = devices.precision(cfg.dtype, process.device, saved_scaler)
     optimizer = make_optimizer(model, cfg, process.device, precision.dtype)  # optim.py
@@ -78,7 +81,7 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         fixed = batches["train"]()
         batches["train"] = lambda: fixed
         say("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
-    train_model = process.wrap(torch.compile(model) if cfg.compile else model)
+    train_model = process.wrap(torch.compile(stepped) if cfg.compile else stepped)
     if cfg.compile:
         compile_first(model, train_model, batches["train"](), precision)
     budget = Steps(cfg)
@@ -103,6 +106,7 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         stop=cli.StopRequest(announce=process.rank == 0),
         overfit_batch=options.overfit_batch,
         adapter=adapter,
+        reference=reference,
     )
 
 
@@ -186,15 +190,6 @@ def resumed_source(last, cfg, preset, given, say):
     return Source(model_cfg, cfg, saved.get("preset", "custom"), saved, last, resumed=True)
 
 
-def contradicted(given, saved, may_change=()):
-    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
-    refused = []
-    for k, v in given.items():
-        if k in saved and k not in may_change and v != saved[k]:
-            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
-    return "; ".join(refused)
-
-
 def fine_tune_checkpoint(path, given):
     """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
     if path.lower().endswith(".pt"):
@@ -226,6 +221,12 @@ def corpus_for(source, say):
         new = [i for i, old in enumerate(corpus.old_ids) if old is None]
         added = corpus.tokenizer.decode(new)[:60]
         say(f"added {len(new)} token(s) {added!r} to the vocabulary of {source.path}")
+    if corpus.pairs:  # each pair's texts fit in the model's context, and nothing more is needed
+        longest = max(len(x) for split in corpus.pairs.values() for pair in split for x, _ in pair)
+        if longest > source.model_cfg.block_size:
+            too_long = f"a pair's text is {longest} tokens, more than block_size"
+            raise TinyLLMError(f"{source.cfg.data}: {too_long} {source.model_cfg.block_size}")
+        return corpus
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
         sources.check_long_enough(ids, source.model_cfg.block_size, name, source.cfg.data)
     return corpus
@@ -256,6 +257,31 @@ def model_for(source, corpus):
     return model, dict(base=base, rows=rows, **settings)
 
 
+def beside(source, corpus, model, say):
+    """(what the steps call, the path of a preference run's reference): the model, or it with a
+    frozen model beside, distillation's teacher or preference pairs' reference (tuning.py)."""
+    cfg, device = source.cfg, model.wte.weight.device
+    if cfg.distill_from:
+        teacher = checkpoint.load_model(cfg.distill_from, device)
+        ours = (corpus.tokenizer.to_dict(), model.config.vocab_size)
+        big_enough = teacher.model.config.block_size >= model.config.block_size
+        if (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) != ours or not big_enough:
+            raise TinyLLMError(
+                f"--distill_from {cfg.distill_from} has another tokenizer, vocabulary or a smaller "
+                f"block_size: train the student on its teacher's --data and --tokenizer"
+            )
+        softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
+        say(f"distilling {cfg.distill_from} into this model: {softened}")
+        return Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha), None
+    if corpus.pairs:  # the model it starts from, frozen; a resume's names it
+        path = source.saved["reference"] if source.resumed else os.path.abspath(source.path)
+        reference = lora.merge(checkpoint.model_of(checkpoint.load(path), path)).to(device)
+        held = f"{len(corpus.pairs['train'])} pairs to train, {len(corpus.pairs['val'])} held out"
+        say(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
+        return Preferring(model, reference, cfg.dpo_beta), path
+    return model, None
+
+
 def grow_vocabulary(model, old_ids):
     """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
     new rows alike). old_ids: per token, its old row or None. Returns every row's source."""
@@ -264,37 +290,3 @@ def grow_vocabulary(model, old_ids):
     mean = old[[i for i in rows if i is not None]].mean(0)
     checkpoint.with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
     return rows
-
-
-# ------------------------------------------------------------------------- a resumed run's state
-
-
-def restore(source, optimizer, process, say):
-    """(state, meter rows) of a resumed run as saved, its optimizer and random numbers put back."""
-    saved, cfg = source.saved, source.cfg
-    load_optimizer(optimizer, saved["optimizer"], source.path)
-    state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
-    rngs = saved.get("rngs") or [saved["rng"]]
-    devices.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
-    new_end = not cfg.time_budget and cfg.max_steps != saved["train_config"]["max_steps"]
-    if new_end and state.step >= cfg.max_steps:
-        stop = f"--max_steps {cfg.max_steps} trains no more"
-        raise TinyLLMError(f"the run is at step {state.step}: {stop}")
-    return state, saved["window"]
-
-
-def load_optimizer(optimizer, saved, path):
-    """The saved optimizer state, each group matched to this optimizer's by the parameters it
-    holds (or refused), keeping this machine's kernel (fused, foreach)."""
-    by_names = {tuple(group.get("names", ())): group for group in saved["param_groups"]}
-    groups = []
-    for group in optimizer.param_groups:
-        match = by_names.get(tuple(group["names"]))
-        if match is None:
-            raise TinyLLMError(
-                f"{path}: its optimizer groups the parameters otherwise than this code does "
-                f"(no group of {', '.join(group['names'][:2])}...): resume it with the code "
-                f"that trained it, or fine-tune from it with --init_from"
-            )
-        groups.append(match | {k: group[k] for k in ("fused", "foreach") if k in group})
-    optimizer.load_state_dict({**saved, "param_groups": groups})

@@ -44,11 +44,21 @@ def runs(tmp_path_factory):
         paths[kind] = str(folder / kind / "best.pt")
     lora = ["--init_from", paths["llama"], "--lora_rank", 4, "--out_dir", folder / "lora"]
     train.main([str(a) for a in [*flags, "--data", folder / "text.txt", *lora, "--lr", 0.05]])
+    # the course's last chapter: a student distilled from a teacher, a chat model tuned by DPO
+    student = ["--data", folder / "text.txt", *LLAMA, "--distill_from", paths["llama"]]
+    pair = {"prompt": "Who are you?", "chosen": "A friend, sir.", "rejected": "nobody lol"}
+    (folder / "pairs.jsonl").write_text(f"{json.dumps(pair)}\n" * 4, encoding="utf-8")
+    dpo = ["--data", folder / "pairs.jsonl", "--init_from", paths["chat"]]
+    for kind, more in (("distilled", student), ("dpo", dpo)):
+        train.main([str(a) for a in [*flags, *more, "--out_dir", folder / kind]])
+        paths[kind] = str(folder / kind / "last.pt")
     return paths | {"merged lora": str(folder / "lora" / "last.pt")}
 
 
 @pytest.mark.parametrize(
-    "kind", ["llama", "vanilla", "bpe", "chat", "merged lora", *(f"preset {p}" for p in DEFAULTS)]
+    "kind",
+    ["llama", "vanilla", "bpe", "chat", "merged lora", "distilled", "dpo"]
+    + [f"preset {p}" for p in DEFAULTS],
 )
 def test_transformers_loads_the_same_model_its_logits_and_greedy_text(runs, tmp_path, capsys, kind):
     import transformers

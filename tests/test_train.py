@@ -43,7 +43,7 @@ from config import (
     build_configs,
     make_config,
 )
-from machinery import checkpoint, ddp, devices, evaluation, sources, start
+from machinery import checkpoint, ddp, devices, evaluation, runs, sources, start
 from machinery.start import train_flags
 from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
@@ -543,7 +543,7 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     cfg = TrainConfig(max_steps=60, warmup_steps=5)
     source = start.Source(model.config, cfg, "custom", saved, trained[0], resumed=True)
-    start.restore(source, optimizer, ddp.Process(0, 1, CPU), print)
+    runs.restore(source, optimizer, ddp.Process(0, 1, CPU), print)
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
@@ -559,7 +559,7 @@ def test_a_resume_finds_each_optimizer_group_by_what_it_holds_or_refuses_in_a_li
     saved["optimizer"]["param_groups"] = groups[::-1]  # another order: each group still found
     checkpoint.save(str(tmp_path / "run" / "last.pt"), saved)
     optimizer = make_optimizer(model, TrainConfig(), CPU)
-    start.load_optimizer(optimizer, saved["optimizer"], "last.pt")
+    runs.load_optimizer(optimizer, saved["optimizer"], "last.pt")
     state = optimizer.state_dict()["state"]
     for name in dict(model.named_parameters()):  # each parameter's moments, as saved for it
         [group] = [g for g in groups if name in g["names"]]
