@@ -207,8 +207,7 @@ def parse_duration(text):
     return seconds
 
 
-# what the CPU presets share: their model's parts (StableLM's: no biases, so it publishes) and
-# five minutes of training: a longer warmup, the LR decaying to 0 (docs/experiments.md)
+# what the CPU presets share: StableLM's parts (it publishes), five minutes (docs/experiments.md)
 FIVE_MINUTES = dict(
     block_size=128,
     pos="rope",
