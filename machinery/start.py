@@ -275,7 +275,8 @@ def beside(source, corpus, model, say):
         return Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha), None
     if corpus.pairs:  # the model it starts from, frozen; a resume's names it
         path = source.saved["reference"] if source.resumed else os.path.abspath(source.path)
-        reference = lora.merge(checkpoint.model_of(checkpoint.load(path), path)).to(device)
+        saved = checkpoint.load(path) if source.resumed else source.saved  # loaded once
+        reference = lora.merge(checkpoint.model_of(saved, path)).to(device)
         held = f"{len(corpus.pairs['train'])} pairs to train, {len(corpus.pairs['val'])} held out"
         say(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
         return Preferring(model, reference, cfg.dpo_beta), path
