@@ -1,13 +1,10 @@
 """How the weights move: the learning-rate schedule (linear warmup, then a decay over the run's
-progress), how far a run is (by its steps, or by the clock under a time budget), and AdamW with
-weight decay on matrices only. train.py's train_step applies them.
+progress), and AdamW with weight decay on matrices only. train.py's train_step applies them.
 At the end, Muon (--optimizer muon): an alternative for the blocks' matrices."""
 
 import math
 
 import torch
-
-from config import TinyLLMError, parse_duration
 
 
 def get_lr(step, progress, cfg):
@@ -26,89 +23,10 @@ def get_lr(step, progress, cfg):
 
 def progress(step, cfg):
     """How far a run of max_steps is at a step: 0 through the warmup, then the share of the steps
-    after it taken. (Under a --time_budget, TimeBudget counts the share of the time spent.)"""
+    after it taken. (Under a --time_budget, machinery/budget.py counts the share of time spent.)"""
     if step <= cfg.warmup_steps:
         return 0.0
     return min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))
-
-
-class Steps:
-    """How far a run of max_steps steps is: the loop asks this, or a TimeBudget, the same way."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def progress(self, state):  # of the step about to be taken
-        return progress(state.step, self.cfg)
-
-    def over(self, state):
-        return state.step >= self.cfg.max_steps
-
-    def room_for_eval(self, state):
-        return True
-
-    def end_step(self, state, step_seconds=None):
-        return self.cfg.max_steps
-
-
-class TimeBudget:
-    """How far a run of --time_budget is. clock() gives this process's seconds so far (a resumed
-    run adds state.seconds, those before it). After the warmup, progress is the share spent of the
-    time from the warmup's end to the budget's end: the decay ends as the time does."""
-
-    def __init__(self, cfg, clock):
-        self.cfg, self.clock = cfg, clock
-        self.seconds = parse_duration(cfg.time_budget)
-        self.sample_seconds = 0.0  # what the closing sample takes: the run measures it
-        self.first = None  # (step, seconds) where this process's pace counts from
-
-    def now(self, state):
-        return state.seconds + self.clock()
-
-    def end(self, state):
-        """When the steps must end: the budget, less room for the closing evaluation and sample
-        (and 1% to exit)."""
-        return self.seconds * 0.99 - state.eval_seconds - self.sample_seconds
-
-    def progress(self, state):
-        """0 through the warmup, then the share of the time spent, counted at the end of the step
-        about to be taken (so the step that crosses the end is at 1)."""
-        seconds = self.now(state)
-        if self.first is None:
-            self.first = (state.step, seconds)
-        if state.step <= self.cfg.warmup_steps:
-            if seconds >= self.end(state):
-                raise TinyLLMError(
-                    f"--time_budget {self.cfg.time_budget} is too short here: "
-                    f"{seconds:.1f}s were gone before the warmup's "
-                    f"{self.cfg.warmup_steps} steps; give more time or fewer "
-                    f"--warmup_steps"
-                )
-            state.decay_start = seconds
-            return 0.0
-        span = max(1e-9, self.end(state) - state.decay_start)
-        return min(1.0, (seconds + self.pace(state, seconds) - state.decay_start) / span)
-
-    def over(self, state):
-        return state.progress >= 1.0
-
-    def room_for_eval(self, state):
-        """Whether an evaluation now still leaves time for steps after it."""
-        return self.now(state) + state.eval_seconds < self.end(state)
-
-    def pace(self, state, seconds):
-        """A step's seconds in this process so far, evaluations included; 0 before its first."""
-        steps = state.step - self.first[0] if self.first else 0
-        return (seconds - self.first[1]) / steps if steps else 0.0
-
-    def end_step(self, state, step_seconds=None):
-        """The step the run will end at, at its pace so far (or at step_seconds before a step of
-        this process); None before either."""
-        seconds = self.now(state)
-        step_seconds = self.pace(state, seconds) or step_seconds
-        if not step_seconds:
-            return None
-        return state.step + max(0, math.ceil((self.end(state) - seconds) / step_seconds))
 
 
 def param_groups(model, cfg):

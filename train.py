@@ -86,12 +86,6 @@ def train(model_cfg, cfg, options=None, preset="custom", given=None, clock=None)
     with devices.out_of_memory_as_error(hint):
         run = start.set_up(model_cfg, cfg, options or RunOptions(), preset, given or {}, clock)
         print_header(run)
-        if run.cfg.time_budget and run.cfg.sample_tokens:  # keep the closing sample's time free
-            closing_sample(run, 2)  # the first pays for allocations
-            since = run.clock()
-            closing_sample(run, 16)
-            seconds = (run.clock() - since) / 16 * run.cfg.sample_tokens * 1.2  # with a margin
-            run.budget.sample_seconds = run.process.mean([seconds])[0]
         return train_loop(run)
 
 
@@ -177,15 +171,13 @@ def log_progress(run):
 
 
 def evaluate(run):
-    """Both splits' losses, a line, a history row, the run's files; why the run stops, or None."""
+    """Both splits' losses, a line, a history row, the run's files; why the run stops, or None.
+    The baseline, before any step, is printed and kept in the history: no best, nothing written."""
     cfg, state, since = run.cfg, run.state, run.clock()
     iters = math.ceil(cfg.eval_iters / run.process.world)
     losses = estimate_loss(run.train_model, run.batches, iters, run.precision.ctx)
     # the ranks' mean, the same on every rank
     train_loss, val_loss = run.process.mean([losses["train"], losses["val"]])
-    improved = val_loss < state.best_val_loss
-    state.best_val_loss = min(val_loss, state.best_val_loss)
-    state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
     state.last_eval_step = state.step
     row = dict(kind="eval", step=state.step, train_loss=train_loss, val_loss=val_loss)
     state.history.append(row | dict(lr=state.lr, seconds=run.elapsed()))
@@ -193,22 +185,27 @@ def evaluate(run):
     end = run.budget.end_step(state) or "?"
     line = f"eval {state.step:>6}/{end} | train {train_loss:.4f} | val {val_loss:.4f} "
     line += f"({bits:.3f} bits/char)"
-    if state.step == 0:
+    baseline = state.step == 0  # before any step: nothing to keep yet
+    if baseline:
         line += f" | uniform baseline ln(V) = {math.log(run.model.config.vocab_size):.4f}"
+    improved = val_loss < state.best_val_loss and not baseline
+    if not baseline:
+        state.best_val_loss = min(val_loss, state.best_val_loss)
+        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
     run.say(line + (" | new best" if improved else ""))
-    if run.writes_files:
+    if run.writes_files and not baseline:
         save(run, "last.pt")
         if improved:
             save(run, "best.pt")
         if run.master:
             vocab_size = run.model.config.vocab_size
             plots.write_history(cfg.out_dir, state.history, cfg.plots, vocab_size)
-    # a budget keeps as much time for the last evaluation
-    state.eval_seconds = run.process.mean([run.clock() - since])[0]
+    # a budget keeps as much time for the last evaluation, saves included
+    run.budget.eval_seconds = run.process.mean([run.clock() - since])[0]
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
         return f"early stop: val loss has not improved for {evals}"
-    if cfg.target_loss and val_loss <= cfg.target_loss:
+    if cfg.target_loss and val_loss <= cfg.target_loss and not baseline:
         return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
 
 

@@ -10,6 +10,7 @@ import torch
 
 from config import TinyLLMError, TrainConfig
 from machinery import checkpoint, cli, ddp, devices
+from machinery.budget import Steps
 from model import GPT
 from utils import Corpus
 
@@ -25,8 +26,6 @@ class TrainState:
     lr: float = 0.0  # the latest step's
     progress: float = 0.0  # the latest step's: 0 through the warmup, 1 at the run's end
     seconds: float = 0.0  # the run's wall time before this process (a resume's)
-    decay_start: float = None  # under a time budget: the seconds at the warmup's end
-    eval_seconds: float = 0.0  # the latest evaluation's: a budget keeps as much for the last
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
 
 
@@ -86,7 +85,7 @@ class Run:
     state: TrainState
     meter: Meter
     clock: object  # () -> this process's seconds so far: a time budget counts them
-    budget: object  # how far the run is: optim.Steps, or optim.TimeBudget
+    budget: Steps  # when the run ends: after max_steps, or a TimeBudget (machinery/budget.py)
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
     overfit_batch: bool = False  # a check that fits one batch and writes nothing
     adapter: dict = None  # a LoRA run's: its base and its settings
@@ -118,6 +117,7 @@ def state_of(run, rngs):
     trained, for its model card (tools.export)."""
     scaler = run.precision.scaler.state_dict() if run.precision.scaler else None
     state = asdict(run.state) | {"seconds": run.elapsed(), "window": run.meter.read()}
+    state["budget"] = run.budget.state_dict()
     if run.process.world > 1:
         state["rngs"] = rngs
     return checkpoint.contents(

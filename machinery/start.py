@@ -20,9 +20,10 @@ from config import (
     contradicted,
 )
 from machinery import checkpoint, cli, ddp, devices, sources
+from machinery.budget import budget_of
 from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir, restore
 from model import GPT
-from optim import Steps, TimeBudget, make_optimizer
+from optim import make_optimizer
 from tuning import Distilled, Preferring
 from utils import make_batches
 
@@ -84,9 +85,10 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
     train_model = process.wrap(torch.compile(stepped) if cfg.compile else stepped)
     if cfg.compile:
         compile_first(model, train_model, batches["train"](), precision)
-    budget = Steps(cfg)
-    if cfg.time_budget:  # by the ranks' mean clock: theirs differ, and all must decide alike
-        budget = TimeBudget(cfg, lambda: process.mean([clock()])[0])
+    # by the ranks' mean clock: theirs differ, and all must decide alike
+    budget = budget_of(cfg, lambda: process.mean([clock()])[0])
+    if source.resumed:
+        budget.load_state_dict(source.saved["budget"])
     if options.overwrite and not options.overfit_batch and not source.resumed and process.rank == 0:
         clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
     return Run(
@@ -171,7 +173,7 @@ def resumed_source(last, cfg, preset, given, say):
     if preset and preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
     saved_cfg = saved.get("train_config") or {}
-    required = ["optimizer", "rng", "window", *asdict(TrainState())]
+    required = ["optimizer", "rng", "window", "budget", *asdict(TrainState())]
     if any(k not in saved for k in required) or set(saved_cfg) != set(asdict(cfg)):
         raise TinyLLMError(
             f"{last} was written by another version of tinyllm and cannot be resumed; "

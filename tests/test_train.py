@@ -690,6 +690,29 @@ def test_a_muon_run_learns_and_resumes_exactly(text_file, tmp_path, monkeypatch)
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
 
 
+def test_nothing_is_written_before_the_first_step_and_the_baseline_is_no_best(
+    text_file, tmp_path, monkeypatch
+):
+    class FirstStep(Exception):
+        pass
+
+    def first_step(*args, **kwargs):
+        raise FirstStep
+
+    out = tmp_path / "run"
+    cfg = tiny_run(text_file, out, max_steps=4, eval_interval=2, plots=True, sample_tokens=5)
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", first_step)
+        with pytest.raises(FirstStep):
+            train.train(tiny_model(), cfg)
+    assert os.listdir(out) == []
+    summary = train.train(tiny_model(), cfg, RunOptions(overwrite=True))
+    evals = [row for row in summary["history"] if row["kind"] == "eval"]
+    assert [row["step"] for row in evals] == [0, 2, 4]
+    # the best is the best after a step, even where the untrained model scored better
+    assert summary["best_val_loss"] == min(row["val_loss"] for row in evals[1:])
+
+
 # ----------------------------------------------------------------------------- a time budget
 
 
@@ -747,12 +770,14 @@ def test_a_budget_counts_from_the_process_start_imports_included(text_file, tmp_
             "1h",
             "--target_loss",
             "10",
+            "--eval_interval",
+            "1",
         ],
         cwd=ROOT,
         env=script_env(),
         capture_output=True,
         text=True,
-    )  # it stops at its first evaluation
+    )  # it stops at its first evaluation after a step
     assert done.returncode == 0, done.stderr
     torch_us = [
         int(line.split("|")[1])
