@@ -55,7 +55,7 @@ THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
 SEED_HELP = f"seed of every random generator, 0 to {MAX_SEED}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     """The model's shape, saved in every checkpoint."""
 
@@ -78,7 +78,7 @@ class GPTConfig:
         require(even, f"rope needs an even head size, not {head_size}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """How a run trains, saved in every checkpoint."""
 
@@ -137,7 +137,7 @@ class TrainConfig:
 RESUME_MAY_CHANGE = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
     """What train.py does with the settings; never saved."""
 

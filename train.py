@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from config import PRESETS, RunOptions, SamplerConfig, TinyLLMError, build_configs, make_config
+from config import SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
 from optim import get_lr, progress
 from sampling import generate, until_stop
@@ -77,14 +77,15 @@ def estimate_loss(model, batches, eval_iters, ctx):
 # -------------------------------------------------------------------------------------- the loop
 
 
-def train(model_cfg, cfg, options=None, preset="custom", given=None, clock=None):
-    """Train; return a summary. Under torchrun every rank runs this; rank 0 alone prints, writes.
-    clock() gives this process's seconds so far (a time budget counts them): from now if None."""
+def train(settings, clock=None):
+    """Train from settled settings (machinery/start.py); return a summary. Under torchrun every
+    rank runs this; rank 0 alone prints, writes. clock() gives this process's seconds so far (a
+    time budget counts them): from now if None."""
     began = time.perf_counter()
     clock = clock or (lambda: time.perf_counter() - began)
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
     with devices.out_of_memory_as_error(hint):
-        run = start.set_up(model_cfg, cfg, options or RunOptions(), preset, given or {}, clock)
+        run = start.set_up(settings, clock)
         print_header(run)
         return train_loop(run)
 
@@ -311,32 +312,17 @@ def finish(run, stop_reason, signum):
 # ------------------------------------------------------------------------------- the command line
 
 
-def preset_of(options, given, say=cli.log):
-    """--preset, or this machine's, saying why (but for a resume: it keeps the run's own)."""
-    if options.preset:
-        return options.preset
-    device = devices.choose_device(given.get("device", "auto"))
-    preset, machine = devices.machine_preset(device, given)
-    if not options.resume and os.environ.get("RANK", "0") == "0":  # rank 0 alone, under torchrun
-        say(f"no --preset given: using '{preset}' for {machine}")
-    return preset
-
-
 def main(argv=None, clock=None):
     given = start.train_flags(argv)
-    options = make_config(RunOptions, given)
-    trains = options.eval_only is None and not options.plot_lr
-    preset = preset_of(options, given, say=cli.log if trains else lambda text: None)
-    if preset not in PRESETS:
-        raise TinyLLMError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    model_cfg, cfg = build_configs(given, PRESETS[preset])
+    settings = start.settle(given)  # every setting decided, and checked, here
+    options, cfg = settings.options, settings.cfg
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
         evaluation.evaluate_checkpoint(path, given.get("data"), cfg)
     elif options.plot_lr:
         plots.draw_lr_schedule(cfg)
     else:
-        train(model_cfg, cfg, options, preset, given, clock)
+        train(settings, clock)
 
 
 if __name__ == "__main__":

@@ -47,26 +47,31 @@ class Process:
         return values
 
 
-def setup(device):
-    """This Process, in its group under torchrun. A process joins its group once, however many
-    runs it trains (tools.ablation)."""
-    if "RANK" not in os.environ:
-        return Process(0, 1, device)
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+def check(device):
+    """Refuse, before anything is written, processes under torchrun that cannot work here."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
         raise TinyLLMError(
             "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"
         )
-    if device.type != "cuda":
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        return Process(rank, world, device)
     gpus, processes = devices.machine().gpus, int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if processes > gpus:  # two processes on one GPU: NCCL would fail or hang
+    if device.type == "cuda" and processes > gpus:  # two processes on one GPU: NCCL would hang
         raise TinyLLMError(
             f"{processes} processes on this machine but {gpus} GPU(s): give "
             f"torchrun --nproc_per_node={gpus} or less, or --device cpu"
         )
+
+
+def setup(device):
+    """This Process, in its group under torchrun (check(device) passed). A process joins its group
+    once, however many runs it trains (tools.ablation)."""
+    if "RANK" not in os.environ:
+        return Process(0, 1, device)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type != "cuda":
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return Process(rank, world, device)
     device = torch.device(f"cuda:{local_rank}")
     torch.cuda.set_device(device)
     if not dist.is_initialized():

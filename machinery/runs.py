@@ -140,10 +140,10 @@ def state_of(run, rngs):
 # ------------------------------------------------------------------------ a resume puts it back
 
 
-def restore(source, optimizer, process, say):
+def restore(settings, optimizer, process):
     """(state, meter rows) of a resumed run as saved, its optimizer and random numbers put back."""
-    saved, cfg = source.saved, source.cfg
-    load_optimizer(optimizer, saved["optimizer"], source.path)
+    saved, cfg = settings.saved, settings.cfg
+    load_optimizer(optimizer, saved["optimizer"], settings.path)
     state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
     rngs = saved.get("rngs") or [saved["rng"]]
     devices.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])

@@ -18,6 +18,8 @@ from config import (
     TrainConfig,
     build_configs,
     contradicted,
+    make_config,
+    require,
 )
 from machinery import checkpoint, cli, ddp, devices, sources
 from machinery.budget import budget_of
@@ -47,16 +49,138 @@ def train_flags(argv=None):
     return cli.given_flags(parser.parse_args(argv))
 
 
+# -------------------------------------------------------------------- the run's settings, once
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings, settled before anything is set up; nothing changes them afterwards. saved:
+    the checkpoint it goes on from (read from path), its own last.pt when it resumes, --init_from's
+    model when it fine-tunes, else None. device: where it trains (this machine, probed once)."""
+
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    options: RunOptions = RunOptions()
+    preset: str = "custom"
+    device: torch.device = None
+    saved: dict = None
+    path: str = ""
+    resumed: bool = False
+
+
+def say(text):
+    """A line from rank 0 alone, under torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        cli.log(text)
+
+
+def settle(given):
+    """The settings of train.py's flags given: the preset (without --preset, this machine's,
+    saying why), then what the run starts from, each flag checked against it."""
+    options = make_config(RunOptions, given)
+    device = devices.choose_device(given.get("device", "auto"))  # this machine, probed once
+    preset, machine = devices.machine_preset(device, given)
+    trains = options.eval_only is None and not options.plot_lr
+    if options.preset:
+        preset = options.preset
+    elif trains and not options.resume:  # a resume keeps its run's preset
+        say(f"no --preset given: using '{preset}' for {machine}")
+    require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    model_cfg, cfg = build_configs(given, PRESETS[preset])
+    if not trains:
+        return Settings(model_cfg, cfg, options, preset, device)
+    return settled(model_cfg, cfg, options, given, preset, device)
+
+
+def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=None):
+    """The Settings of a run of these configs: as given, or those of the run it resumes, or with
+    the shape and tokenizer of the model it fine-tunes, or of a prepared corpus."""
+    options, given = options or RunOptions(), given or {}
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if options.resume and os.path.isfile(last):
+        return resumed(last, cfg, options, given)
+    if options.resume:  # the same command starts the run now and continues it later
+        say(f"--resume: no {last} yet, starting a fresh run")
+    device = device or devices.choose_device(cfg.device)
+    ddp.check(device)
+    if not options.overfit_batch:
+        claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
+    saved = None
+    if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
+        saved = fine_tune_checkpoint(options.init_from, given)
+        model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], options.init_from)
+        cfg = replace(cfg, tokenizer=saved["tokenizer"]["kind"])
+    elif cfg.lora_rank:
+        raise TinyLLMError("--lora_rank adapts a trained model: give it with --init_from")
+    if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
+        meta = sources.prepared_meta(cfg.data)
+        made = dict(vocab_size=meta["vocab_size"], clean=meta["clean"])
+        made["tokenizer"] = meta["tokenizer"]["kind"]
+        refused = contradicted(given, made)
+        if refused:
+            why = f"{cfg.data} was made by tools.prepare, with its own tokenizer"
+            raise TinyLLMError(f"{why}: drop {refused}")
+        cfg = replace(cfg, tokenizer=made["tokenizer"])
+    if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
+        cfg = replace(cfg, time_budget="")
+    return Settings(model_cfg, cfg, options, preset, device, saved, options.init_from)
+
+
+def resumed(last, cfg, options, given):
+    """The Settings of a run going on from its last.pt, with the flags --resume may change."""
+    saved = checkpoint.load(last)
+    say(f"resuming {last} at {checkpoint.where(saved)}")
+    if options.preset and options.preset != saved.get("preset"):
+        raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
+    saved_cfg = saved.get("train_config") or {}
+    required = ["optimizer", "rng", "window", "budget", *asdict(TrainState())]
+    if any(k not in saved for k in required) or set(saved_cfg) != set(asdict(cfg)):
+        raise TinyLLMError(
+            f"{last} was written by another version of tinyllm and cannot be resumed; "
+            f"fine-tune from its weights with --init_from instead"
+        )
+    model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
+    settings = asdict(model_cfg) | asdict(checkpoint.from_saved(TrainConfig, saved_cfg, last))
+    refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
+    if refused:
+        raise TinyLLMError(
+            f"--resume continues the run in {last}, which cannot change {refused}; "
+            f"drop the flag, or start a new run with another --out_dir"
+        )
+    changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
+    device = devices.choose_device(cfg.device)
+    ddp.check(device)
+    preset = saved.get("preset", "custom")
+    return Settings(model_cfg, cfg, options, preset, device, saved, last, resumed=True)
+
+
+def fine_tune_checkpoint(path, given):
+    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
+    if path.lower().endswith(".pt"):
+        saved = checkpoint.load(path)
+    else:
+        from machinery.hf_gpt2 import gpt2_checkpoint  # needs transformers: imported only here
+
+        saved = gpt2_checkpoint(path)
+    has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
+    refused = contradicted(given, has, may_change=("dropout",))
+    if refused:
+        why = f"--init_from {path} keeps that model's shape and tokenizer"
+        raise TinyLLMError(f"{why}: drop {refused}")
+    if "dropout" in given:
+        saved["model_config"]["dropout"] = given["dropout"]
+    return saved
+
+
 # ----------------------------------------------------------------------------------- the start
 
 
-def set_up(model_cfg, cfg, options, preset, given, clock):
-    """The Run: everything before the first step, in order, each input checked before anything
-    is written; last, --overwrite's old files go."""
-    process = ddp.setup(devices.choose_device(cfg.device))
-    say = cli.log if process.rank == 0 else (lambda text: None)
-    source = source_of(model_cfg, cfg, options, preset, given, say)
-    cfg = source.cfg
+def set_up(settings, clock):
+    """The Run of settled settings: everything before the first step, in order, each input
+    checked before anything is written; last, --overwrite's old files go."""
+    cfg, options = settings.cfg, settings.options
+    process = ddp.setup(settings.device)
     if cfg.batch_size % (process.world * cfg.grad_accum_steps):
         raise TinyLLMError(
             f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
@@ -64,16 +188,15 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         )
     devices.set_threads(cfg.threads)
     devices.seed_everything(cfg.seed)  # the same initial weights on every rank
-    corpus = corpus_for(source, say)
-    model, adapter = model_for(source, corpus)
+    corpus = corpus_for(settings)
+    model, adapter = model_for(settings, corpus)
     model = model.to(process.device)
-    stepped, reference = beside(source, corpus, model, say)  # and a frozen model beside it, or not
-    saved_scaler = source.saved.get("scaler") if source.saved else None
-    precision = devices.precision(cfg.dtype, process.device, saved_scaler)
+    stepped, reference = beside(settings, corpus, model)  # and a frozen model beside, or not
+    saved = settings.saved if settings.resumed else {}
+    precision = devices.precision(cfg.dtype, process.device, saved.get("scaler"))
     optimizer = make_optimizer(model, cfg, process.device, precision.dtype)  # optim.py
-    state, rows = restore(source, optimizer, process, say) if source.resumed else (TrainState(), [])
-    saved_rngs = source.saved.get("rngs", []) if source.resumed else []
-    if process.world > 1 and len(saved_rngs) != process.world:  # each rank its own batches
+    state, rows = restore(settings, optimizer, process) if saved else (TrainState(), [])
+    if process.world > 1 and len(saved.get("rngs", [])) != process.world:  # each its own batches
         devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
     block_size = model.config.block_size
@@ -87,13 +210,13 @@ def set_up(model_cfg, cfg, options, preset, given, clock):
         compile_first(model, train_model, batches["train"](), precision)
     # by the ranks' mean clock: theirs differ, and all must decide alike
     budget = budget_of(cfg, lambda: process.mean([clock()])[0])
-    if source.resumed:
-        budget.load_state_dict(source.saved["budget"])
-    if options.overwrite and not options.overfit_batch and not source.resumed and process.rank == 0:
+    if saved:
+        budget.load_state_dict(saved["budget"])
+    if options.overwrite and not options.overfit_batch and not saved and process.rank == 0:
         clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
     return Run(
         cfg=cfg,
-        preset=source.preset,
+        preset=settings.preset,
         process=process,
         corpus=corpus,
         model=model,
@@ -120,133 +243,45 @@ def compile_first(model, train_model, batch, precision):
     model.zero_grad(set_to_none=True)
 
 
-# ------------------------------------------------------------------- where the run starts from
-
-
-@dataclass
-class Source:
-    """Where a run starts from: its settings, and the checkpoint it goes on from (saved, read from
-    path): its own last.pt when it resumes, --init_from's model when it fine-tunes, else None."""
-
-    model_cfg: GPTConfig
-    cfg: TrainConfig
-    preset: str
-    saved: dict = None
-    path: str = ""
-    resumed: bool = False
-
-
-def source_of(model_cfg, cfg, options, preset, given, say):
-    """Where the run starts from, each setting given checked against it."""
-    last = os.path.join(cfg.out_dir, "last.pt")
-    if options.resume and os.path.isfile(last):
-        return resumed_source(last, cfg, options.preset, given, say)
-    if options.resume:  # the same command starts the run now and continues it later
-        say(f"--resume: no {last} yet, starting a fresh run")
-    if not options.overfit_batch:
-        claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
-    saved = None
-    if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
-        saved = fine_tune_checkpoint(options.init_from, given)
-        model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], options.init_from)
-        cfg = replace(cfg, tokenizer=saved["tokenizer"]["kind"])
-    elif cfg.lora_rank:
-        raise TinyLLMError("--lora_rank adapts a trained model: give it with --init_from")
-    if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
-        meta = sources.prepared_meta(cfg.data)
-        made = dict(vocab_size=meta["vocab_size"], clean=meta["clean"])
-        made["tokenizer"] = meta["tokenizer"]["kind"]
-        refused = contradicted(given, made)
-        if refused:
-            why = f"{cfg.data} was made by tools.prepare, with its own tokenizer"
-            raise TinyLLMError(f"{why}: drop {refused}")
-        cfg = replace(cfg, tokenizer=made["tokenizer"])
-    if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
-        cfg = replace(cfg, time_budget="")
-    return Source(model_cfg, cfg, preset, saved, options.init_from)
-
-
-def resumed_source(last, cfg, preset, given, say):
-    """The Source of a run going on from its last.pt, with the flags --resume may change."""
-    saved = checkpoint.load(last)
-    say(f"resuming {last} at {checkpoint.where(saved)}")
-    if preset and preset != saved.get("preset"):
-        raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
-    saved_cfg = saved.get("train_config") or {}
-    required = ["optimizer", "rng", "window", "budget", *asdict(TrainState())]
-    if any(k not in saved for k in required) or set(saved_cfg) != set(asdict(cfg)):
-        raise TinyLLMError(
-            f"{last} was written by another version of tinyllm and cannot be resumed; "
-            f"fine-tune from its weights with --init_from instead"
-        )
-    model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
-    settings = asdict(model_cfg) | asdict(checkpoint.from_saved(TrainConfig, saved_cfg, last))
-    refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
-    if refused:
-        raise TinyLLMError(
-            f"--resume continues the run in {last}, which cannot change {refused}; "
-            f"drop the flag, or start a new run with another --out_dir"
-        )
-    changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
-    model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
-    return Source(model_cfg, cfg, saved.get("preset", "custom"), saved, last, resumed=True)
-
-
-def fine_tune_checkpoint(path, given):
-    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
-    if path.lower().endswith(".pt"):
-        saved = checkpoint.load(path)
-    else:
-        from machinery.hf_gpt2 import gpt2_checkpoint  # needs transformers: imported only here
-
-        saved = gpt2_checkpoint(path)
-    has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
-    refused = contradicted(given, has, may_change=("dropout",))
-    if refused:
-        why = f"--init_from {path} keeps that model's shape and tokenizer"
-        raise TinyLLMError(f"{why}: drop {refused}")
-    if "dropout" in given:
-        saved["model_config"]["dropout"] = given["dropout"]
-    return saved
-
-
 # ------------------------------------------------------------------------ the corpus, the model
 
 
-def corpus_for(source, say):
+def corpus_for(settings):
     """The text as train and val token ids: by the tokenizer of the model it starts from (grown
     by a fine-tune's new tokens), else by a new one."""
-    tokenizer = checkpoint.tokenizer_of(source.saved, source.path) if source.saved else None
-    grow = source.saved is not None and not source.resumed  # a resumed run's vocabulary is fixed
-    corpus = sources.load_corpus(source.cfg, tokenizer, source.model_cfg.vocab_size, grow)
+    tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path) if settings.saved else None
+    grow = (
+        settings.saved is not None and not settings.resumed
+    )  # a resumed run's vocabulary is fixed
+    corpus = sources.load_corpus(settings.cfg, tokenizer, settings.model_cfg.vocab_size, grow)
     if corpus.old_ids:
         new = [i for i, old in enumerate(corpus.old_ids) if old is None]
         added = corpus.tokenizer.decode(new)[:60]
-        say(f"added {len(new)} token(s) {added!r} to the vocabulary of {source.path}")
+        say(f"added {len(new)} token(s) {added!r} to the vocabulary of {settings.path}")
     if corpus.pairs:  # each pair's texts fit in the model's context, and nothing more is needed
         longest = max(len(x) for split in corpus.pairs.values() for pair in split for x, _ in pair)
-        if longest > source.model_cfg.block_size:
+        if longest > settings.model_cfg.block_size:
             too_long = f"a pair's text is {longest} tokens, more than block_size"
-            raise TinyLLMError(f"{source.cfg.data}: {too_long} {source.model_cfg.block_size}")
+            raise TinyLLMError(f"{settings.cfg.data}: {too_long} {settings.model_cfg.block_size}")
         return corpus
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
-        sources.check_long_enough(ids, source.model_cfg.block_size, name, source.cfg.data)
+        sources.check_long_enough(ids, settings.model_cfg.block_size, name, settings.cfg.data)
     return corpus
 
 
-def model_for(source, corpus):
+def model_for(settings, corpus):
     """(the GPT to train, a LoRA run's adapter settings or None): fresh weights, or those of the
     model it starts from, with rows for new tokens, and LoRA's matrices beside them."""
-    cfg = source.cfg
-    if source.saved is None:  # a fresh GPT, random weights
-        return GPT(replace(source.model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
-    model = checkpoint.model_of(source.saved, source.path)
+    cfg = settings.cfg
+    if settings.saved is None:  # a fresh GPT, random weights
+        return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
+    model = checkpoint.model_of(settings.saved, settings.path)
     rows = None  # per embedding row, its row in the source model (None: a new token)
     if corpus.old_ids:
         rows = grow_vocabulary(model, corpus.old_ids)
     if not cfg.lora_rank:  # an adapter's model fine-tuned in full is merged first
         return lora.merge(model), None
-    adapter = source.saved.get("lora")
+    adapter = settings.saved.get("lora")
     if adapter and rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
         mapped = adapter["rows"]
         rows = [mapped[i] if mapped and i is not None else i for i in rows]
@@ -254,15 +289,15 @@ def model_for(source, corpus):
     if adapter:
         return model, adapter
     lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
-    base = os.path.abspath(source.path)  # its checkpoints name it, relative to themselves
+    base = os.path.abspath(settings.path)  # its checkpoints name it, relative to themselves
     settings = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, mlp=cfg.lora_mlp)
     return model, dict(base=base, rows=rows, **settings)
 
 
-def beside(source, corpus, model, say):
+def beside(settings, corpus, model):
     """(what the steps call, the path of a preference run's reference): the model, or it with a
     frozen model beside, distillation's teacher or preference pairs' reference (tuning.py)."""
-    cfg, device = source.cfg, model.wte.weight.device
+    cfg, device = settings.cfg, model.wte.weight.device
     if cfg.distill_from:
         teacher = checkpoint.load_model(cfg.distill_from, device)
         ours = (corpus.tokenizer.to_dict(), model.config.vocab_size)
@@ -276,8 +311,8 @@ def beside(source, corpus, model, say):
         say(f"distilling {cfg.distill_from} into this model: {softened}")
         return Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha), None
     if corpus.pairs:  # the model it starts from, frozen; a resume's names it
-        path = source.saved["reference"] if source.resumed else os.path.abspath(source.path)
-        saved = checkpoint.load(path) if source.resumed else source.saved  # loaded once
+        path = settings.saved["reference"] if settings.resumed else os.path.abspath(settings.path)
+        saved = checkpoint.load(path) if settings.resumed else settings.saved  # loaded once
         reference = lora.merge(checkpoint.model_of(saved, path)).to(device)
         held = f"{len(corpus.pairs['train'])} pairs to train, {len(corpus.pairs['val'])} held out"
         say(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
@@ -287,7 +322,7 @@ def beside(source, corpus, model, say):
 
 def grow_vocabulary(model, old_ids):
     """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
-    new rows alike). old_ids: per token, its old row or None. Returns every row's source."""
+    new rows alike). old_ids: per token, its old row or None. Returns every row's settings."""
     old, old_size = model.wte.weight.detach(), sum(i is not None for i in old_ids)
     rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
     mean = old[[i for i in rows if i is not None]].mean(0)

@@ -179,6 +179,15 @@ def tiny_run(data, out_dir, **overrides):
     return TrainConfig(**(settings | overrides))
 
 
+def train_run(model_cfg, cfg, options=None, given=None, clock=None):
+    """train.train on these configs, settled as train.py settles its flags' (given: the flags a
+    user typed, checked against a resume's or a fine-tune's checkpoint)."""
+    import train
+    from machinery.start import settled
+
+    return train.train(settled(model_cfg, cfg, options, given), clock)
+
+
 # the same as flags, for the command line
 TINY_FLAGS = (
     "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 8 --device cpu "
@@ -189,12 +198,10 @@ TINY_FLAGS = (
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny model trained 60 steps on the corpus's first 20,000 characters: (best.pt, data)."""
-    import train
-
     folder = tmp_path_factory.mktemp("trained")
     (folder / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     cfg = tiny_run(folder / "data.txt", folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
-    train.train(tiny_model(), cfg)
+    train_run(tiny_model(), cfg)
     return str(folder / "run" / "best.pt"), str(folder / "data.txt")
 
 
@@ -203,8 +210,6 @@ def chat_run(tmp_path_factory):
     """A tiny model trained 40 steps on the bundled conversations: (best.pt, what it printed)."""
     import contextlib
     import io
-
-    import train
 
     folder, out = tmp_path_factory.mktemp("chat"), io.StringIO()
     cfg = tiny_run(
@@ -216,7 +221,7 @@ def chat_run(tmp_path_factory):
         sample_tokens=60,
     )
     with contextlib.redirect_stdout(out):
-        train.train(tiny_model(block_size=64), cfg)
+        train_run(tiny_model(block_size=64), cfg)
     return str(folder / "best.pt"), out.getvalue()
 
 

@@ -19,6 +19,7 @@ from conftest import (
     script_env,
     tiny_model,
     tiny_run,
+    train_run,
     without_timings,
 )
 
@@ -142,7 +143,7 @@ def chat_model(tmp_path_factory):
         batch_size=16,
         weight_decay=0.0,
     )
-    train.train(tiny_model(block_size=64, n_embd=48), cfg)
+    train_run(tiny_model(block_size=64, n_embd=48), cfg)
     return str(folder / "run" / "best.pt")
 
 

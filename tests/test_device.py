@@ -8,12 +8,13 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import GREEDY, cli, generated, same_state, tiny_model, tiny_run
+from conftest import GREEDY, cli, generated, same_state, tiny_model, tiny_run, train_run
 
 import generate
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
 from machinery import checkpoint, devices, start
+from machinery.start import settled
 from model import GPT
 from optim import make_optimizer
 
@@ -93,7 +94,7 @@ def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says
     fake_machine(cuda=False, mps=False, **facts)
     cfg = tiny_run(text_file, tmp_path, dtype="auto")
     monkeypatch.setattr(train, "train_loop", lambda run: run)  # set up, its header printed
-    run = train.train(tiny_model(), cfg)
+    run = train_run(tiny_model(), cfg)
     header = capsys.readouterr().out.splitlines()[0]
     assert run.precision.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
     fake_machine(vendor="")  # a CPU whose maker is unknown takes bfloat16 only with AMX
@@ -117,7 +118,7 @@ def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(
     monkeypatch.setattr(train, "train_step", no_step)
     monkeypatch.setattr(train, "train_loop", lambda run: "set up")  # all before the loop
     cfg = tiny_run(text_file, tmp_path, dtype="auto", time_budget="5m", sample_tokens=10)
-    assert train.train(tiny_model(), cfg) == "set up"
+    assert train_run(tiny_model(), cfg) == "set up"
 
 
 def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(
@@ -168,12 +169,12 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
 @needs_cpu_float16
 def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(text_file, tmp_path):
     cfg = tiny_run(text_file, tmp_path, dtype="float16", max_steps=4, eval_interval=2)
-    train.train(tiny_model(), cfg)
+    train_run(tiny_model(), cfg)
     saved = checkpoint.load(str(tmp_path / "last.pt"))
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = start.set_up(tiny_model(), cfg, RunOptions(resume=True), "custom", {}, lambda: 0.0)
+    run = start.set_up(settled(tiny_model(), cfg, RunOptions(resume=True)), lambda: 0.0)
     assert run.precision.dtype == "float16" and run.precision.scaler.get_scale() == 1234.0
 
 
@@ -189,7 +190,7 @@ def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_
         eval_interval=5,
         sample_tokens=10,
     )
-    result = train.train(tiny_model(), cfg)
+    result = train_run(tiny_model(), cfg)
     evals = [row["val_loss"] for row in result["history"] if row["kind"] == "eval"]
     assert result["dtype"] == "bfloat16" and len(evals) == 3 and evals[-1] < evals[0] - 0.3
     assert "sample:" in capsys.readouterr().out

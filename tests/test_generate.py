@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_one_line_error, cli, corpus_head, tiny_model, tiny_run
+from conftest import assert_one_line_error, cli, corpus_head, tiny_model, tiny_run, train_run
 
 import generate
 import sampling
@@ -347,7 +347,6 @@ def test_characters_the_vocabulary_lacks_are_dropped_from_the_prompt_with_a_warn
 @pytest.fixture(scope="module")
 def bpe_model(tmp_path_factory):
     """A byte-level BPE model (vocabulary 300) trained for a few steps on text with é and ö."""
-    import train
 
     folder = tmp_path_factory.mktemp("bpe")
     text = corpus_head(12_000).replace("e", "é").replace("o", "ö")
@@ -355,7 +354,7 @@ def bpe_model(tmp_path_factory):
     run = tiny_run(
         folder / "data.txt", folder / "run", tokenizer="bpe", max_steps=5, eval_interval=5
     )
-    train.train(tiny_model(vocab_size=300), run)
+    train_run(tiny_model(vocab_size=300), run)
     return str(folder / "run" / "best.pt")
 
 

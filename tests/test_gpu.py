@@ -202,6 +202,7 @@ RESUME_FUSED = """
 import dataclasses, sys, torch
 import optim, train
 from config import GPTConfig, RunOptions, TrainConfig
+from machinery.start import settled
 from machinery import checkpoint
 data, out = sys.argv[1:3]
 cfg = TrainConfig(data=data, out_dir=out, batch_size=8, max_steps=3, eval_interval=3, eval_iters=1,
@@ -215,11 +216,11 @@ def as_a_mac_makes_it(model, cfg, device):
     return optim.make_optimizer(model, cfg, torch.device("mps"))
 
 train.make_optimizer = as_a_mac_makes_it
-train.train(shape, cfg)
+train.train(settled(shape, cfg))
 print("saved fused", fused())
 train.make_optimizer = optim.make_optimizer
-train.train(shape, dataclasses.replace(cfg, max_steps=6), RunOptions(resume=True),
-            given={"max_steps": 6})
+train.train(settled(shape, dataclasses.replace(cfg, max_steps=6), RunOptions(resume=True),
+                    given={"max_steps": 6}))
 print("resumed fused", fused())
 """
 

@@ -18,11 +18,11 @@ from conftest import (
     interrupt_at,
     last_lr_is_the_schedules_end,
     same_weights,
+    train_run,
     without_timings,
 )
 
 import generate
-import train
 from config import RunOptions, TrainConfig, build_configs
 from machinery.start import train_flags
 from model import GPT
@@ -68,14 +68,14 @@ def test_a_run_stopped_and_resumed_is_the_run_that_went_straight_on(
     # progress lines at 4, 8 and 12; evaluations at 0, 6, 12 and 14: one in a line's window
     steps = dict(max_steps=14, log_interval=4, eval_interval=6)
     model_cfg, straight = configs(flags, text_file, tmp_path / "straight", **steps)
-    full = train.train(model_cfg, straight)
+    full = train_run(model_cfg, straight)
     model_cfg, cut = configs(flags, text_file, tmp_path / "cut", **steps)
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signum)  # after the evaluation at 6, before the line at 8
         with pytest.raises(SystemExit) as stopped:
-            train.train(model_cfg, cut)
+            train_run(model_cfg, cut)
     assert stopped.value.code == code
-    resumed = train.train(model_cfg, cut, RunOptions(resume=True))
+    resumed = train_run(model_cfg, cut, RunOptions(resume=True))
     assert without_timings(resumed["history"]) == without_timings(full["history"])
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
     for run in (straight, cut):  # every figure a number, whatever the intervals
@@ -89,7 +89,7 @@ def test_a_budget_ends_on_time_with_its_last_step_at_the_schedules_end(
     clock = StepClock(0.05).install(monkeypatch)  # a step takes 0.05 s on it, nothing else any
     budget = dict(time_budget="1s", lr_schedule=lr_schedule, eval_interval=1000, sample_tokens=20)
     model_cfg, cfg = configs(flags, text_file, tmp_path, **budget)
-    summary = train.train(model_cfg, cfg, clock=clock)
+    summary = train_run(model_cfg, cfg, clock=clock)
     # its steps end in the step that reaches 99% of the budget (1% is kept to exit)
     assert 0.99 <= clock.now < 0.99 + clock.step and summary["step"] > 15
     assert last_lr_is_the_schedules_end(cfg, summary)
@@ -113,7 +113,7 @@ def test_a_checkpoint_generates_the_same_text_with_and_without_the_cache(
     flags, text_file, tmp_path, capsys
 ):
     model_cfg, cfg = configs(flags, text_file, tmp_path, max_steps=10, eval_interval=5)
-    train.train(model_cfg, cfg)
+    train_run(model_cfg, cfg)
     capsys.readouterr()
     argv = [tmp_path / "best.pt", "--max_new_tokens", 3 * model_cfg.block_size, "--seed", 1]
     texts = [cli(capsys, generate.main, *argv, *extra) for extra in ([], ["--no_cache"])]

@@ -22,6 +22,7 @@ from conftest import (
     corpus_head,
     tiny_model,
     tiny_run,
+    train_run,
 )
 
 import sampling
@@ -118,7 +119,7 @@ def test_a_bpe_checkpoint_gets_its_pictures_and_a_word_about_embeddings(tmp_path
     run = tiny_run(
         data, tmp_path / "run", tokenizer="bpe", max_steps=4, eval_interval=4, eval_iters=1
     )
-    train.train(tiny_model(vocab_size=300), run)
+    train_run(tiny_model(vocab_size=300), run)
     best = tmp_path / "run" / "best.pt"
     code, out, err = cli(
         capsys,

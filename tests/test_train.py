@@ -26,6 +26,7 @@ from conftest import (
     script_env,
     tiny_model,
     tiny_run,
+    train_run,
     weights,
 )
 
@@ -41,10 +42,9 @@ from config import (
     TinyLLMError,
     TrainConfig,
     build_configs,
-    make_config,
 )
 from machinery import checkpoint, ddp, devices, evaluation, runs, sources, start
-from machinery.start import train_flags
+from machinery.start import settled, train_flags
 from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
 
@@ -169,7 +169,7 @@ def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(
         eval_interval=100,
         lr_schedule=lr_schedule,
     )
-    lrs = [row["lr"] for row in train.train(tiny_model(), cfg)["history"] if row["kind"] == "train"]
+    lrs = [row["lr"] for row in train_run(tiny_model(), cfg)["history"] if row["kind"] == "train"]
     assert lrs == pytest.approx([get_lr(s, max(0, s - 4) / 8, cfg) for s in range(12)], rel=1e-6)
     assert lrs[4] == cfg.lr and lrs[0] == cfg.lr / 4  # warmup up to the peak
     assert progress(12, cfg) == 1.0
@@ -210,7 +210,7 @@ def test_plot_lr_prints_the_schedule_at_every_tenth(tmp_path, capsys):
 
 def test_a_tiny_run_learns_writes_its_files_and_samples(text_file, tmp_path, capsys):
     cfg = tiny_run(text_file, tmp_path, max_steps=60, eval_interval=30, lr=1e-2, sample_tokens=30)
-    summary = train.train(tiny_model(), cfg)
+    summary = train_run(tiny_model(), cfg)
     evals = [h["val_loss"] for h in summary["history"] if h["kind"] == "eval"]
     assert evals[0] > math.log(summary["model"].config.vocab_size) - 0.2  # a fresh model: uniform
     assert evals[-1] < evals[0] - 0.8
@@ -259,7 +259,7 @@ def test_a_non_finite_loss_stops_the_run_and_nothing_non_finite_is_saved(
 
     monkeypatch.setattr(train, "train_step", poisoned)
     with pytest.raises(TinyLLMError, match="step 6"):
-        train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=20))
+        train_run(tiny_model(), tiny_run(text_file, tmp_path, max_steps=20))
     saved = checkpoint.load(str(tmp_path / "last.pt"))
     assert saved["step"] == 5 and all(torch.isfinite(t).all() for t in saved["model"].values())
 
@@ -277,8 +277,8 @@ def test_patience_stops_early_keeps_the_best_and_its_count_survives_a_resume(
     with monkeypatch.context() as m:
         interrupt_at(m, 12, signal.SIGTERM)  # after the evaluation at 10, the first no better
         with pytest.raises(SystemExit):
-            train.train(tiny_model(), cfg)
-    result = train.train(tiny_model(), cfg, RunOptions(resume=True))
+            train_run(tiny_model(), cfg)
+    result = train_run(tiny_model(), cfg, RunOptions(resume=True))
     # evaluations at 0, 5 (the best), 10 and 15
     assert result["step"] == 15 and "early stop" in result["stop_reason"]
     best = checkpoint.load(str(tmp_path / "best.pt"))
@@ -289,12 +289,12 @@ def test_a_target_loss_stops_at_the_first_evaluation_that_meets_it(
     text_file, tmp_path, monkeypatch
 ):
     scripted_val_losses(monkeypatch, [4.0, 3.0, 2.0, 1.0])
-    result = train.train(tiny_model(), tiny_run(text_file, tmp_path, max_steps=50, target_loss=2.5))
+    result = train_run(tiny_model(), tiny_run(text_file, tmp_path, max_steps=50, target_loss=2.5))
     assert result["step"] == 10 and "target reached" in result["stop_reason"]
 
 
 def test_periodic_checkpoints_keep_the_newest(text_file, tmp_path):
-    train.train(
+    train_run(
         tiny_model(), tiny_run(text_file, tmp_path, max_steps=20, save_interval=4, keep_last=2)
     )
     periodic = sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_"))
@@ -312,7 +312,7 @@ def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path,
         return real(data, *a, **k)
 
     monkeypatch.setattr(utils, "get_batch", recording_get_batch)
-    summary = train.train(
+    summary = train_run(
         tiny_model(), tiny_run(text_file, tmp_path, max_steps=6, data_fraction=0.25)
     )
     train_tokens, val_tokens = len(summary["corpus"].train), len(summary["corpus"].val)
@@ -474,15 +474,15 @@ def test_one_resume_command_starts_a_run_then_continues_it(text_file, tmp_path, 
 
 def test_a_new_max_steps_follows_the_schedule_of_a_run_that_long(text_file, tmp_path, capsys):
     cfg = tiny_run(text_file, tmp_path, max_steps=10, warmup_steps=2, log_interval=1)
-    train.train(tiny_model(), cfg)
+    train_run(tiny_model(), cfg)
     cfg = tiny_run(text_file, tmp_path, max_steps=30, warmup_steps=2, log_interval=1)
-    longer = train.train(tiny_model(), cfg, RunOptions(resume=True), given={"max_steps": 30})
+    longer = train_run(tiny_model(), cfg, RunOptions(resume=True), given={"max_steps": 30})
     lrs = [h["lr"] for h in longer["history"] if h["kind"] == "train"][10:]
     longer_cfg = tiny_run(text_file, tmp_path, max_steps=30, warmup_steps=2)
     expected = [get_lr(s, progress(s, longer_cfg), longer_cfg) for s in range(10, 30)]
     assert lrs == pytest.approx(expected)
     with pytest.raises(TinyLLMError, match="step 30"):
-        train.train(
+        train_run(
             tiny_model(),
             tiny_run(text_file, tmp_path, max_steps=20),
             RunOptions(resume=True),
@@ -542,8 +542,8 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
     model = checkpoint.model_of(saved)
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     cfg = TrainConfig(max_steps=60, warmup_steps=5)
-    source = start.Source(model.config, cfg, "custom", saved, trained[0], resumed=True)
-    runs.restore(source, optimizer, ddp.Process(0, 1, CPU), print)
+    settings = start.Settings(model.config, cfg, saved=saved, path=trained[0], resumed=True)
+    runs.restore(settings, optimizer, ddp.Process(0, 1, CPU))
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
@@ -678,15 +678,15 @@ def test_muon_makes_an_update_orthogonal():
 
 
 def test_a_muon_run_learns_and_resumes_exactly(text_file, tmp_path, monkeypatch):
-    full = train.train(tiny_model(), tiny_run(text_file, tmp_path / "full", optimizer="muon"))
+    full = train_run(tiny_model(), tiny_run(text_file, tmp_path / "full", optimizer="muon"))
     evals = [h["val_loss"] for h in full["history"] if h["kind"] == "eval"]
     assert evals[-1] < evals[0] - 0.5
     cut = tiny_run(text_file, tmp_path / "cut", optimizer="muon")
     with monkeypatch.context() as m:
         interrupt_at(m, 12, signal.SIGTERM)
         with pytest.raises(SystemExit):
-            train.train(tiny_model(), cut)
-    resumed = train.train(tiny_model(), cut, RunOptions(resume=True))
+            train_run(tiny_model(), cut)
+    resumed = train_run(tiny_model(), cut, RunOptions(resume=True))
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
 
 
@@ -704,9 +704,9 @@ def test_nothing_is_written_before_the_first_step_and_the_baseline_is_no_best(
     with monkeypatch.context() as m:
         m.setattr(train, "train_step", first_step)
         with pytest.raises(FirstStep):
-            train.train(tiny_model(), cfg)
+            train_run(tiny_model(), cfg)
     assert os.listdir(out) == []
-    summary = train.train(tiny_model(), cfg, RunOptions(overwrite=True))
+    summary = train_run(tiny_model(), cfg, RunOptions(overwrite=True))
     evals = [row for row in summary["history"] if row["kind"] == "eval"]
     assert [row["step"] for row in evals] == [0, 2, 4]
     # the best is the best after a step, even where the untrained model scored better
@@ -722,7 +722,7 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
     cfg = tiny_run(
         text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10**6, eval_iters=1
     )
-    run = start.set_up(tiny_model(), cfg, RunOptions(), "custom", {}, clock)
+    run = start.set_up(settled(tiny_model(), cfg, RunOptions()), clock)
     val = run.batches["val"]
 
     def slow_val():  # the evaluations' batches come slowly
@@ -742,11 +742,11 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end
         clock = StepClock(0.05).install(m)
         interrupt_at(m, 8, signal.SIGTERM)
         with pytest.raises(SystemExit):
-            train.train(tiny_model(), cfg, clock=clock)
+            train_run(tiny_model(), cfg, clock=clock)
     spent = checkpoint.load(str(tmp_path / "last.pt"))["seconds"]
     assert spent == pytest.approx(8 * 0.05)
     clock = StepClock(0.05).install(monkeypatch)  # a new process: its clock starts at 0
-    summary = train.train(tiny_model(), cfg, RunOptions(resume=True), clock=clock)
+    summary = train_run(tiny_model(), cfg, RunOptions(resume=True), clock=clock)
     assert 0.99 <= spent + clock.now < 0.99 + clock.step and summary["step"] > 15
     assert last_lr_is_the_schedules_end(cfg, summary)
 
@@ -810,12 +810,10 @@ def test_a_budget_counts_from_the_process_start_imports_included(text_file, tmp_
     ],
 )
 def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
-    fake_machine, capsys, facts, argv, preset
+    fake_machine, capsys, tmp_path, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    given = train_flags(argv)
-    options = make_config(RunOptions, given)
-    assert train.preset_of(options, given) == preset
+    assert start.settle(train_flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
 

@@ -16,6 +16,7 @@ from conftest import (
     same_weights,
     tiny_model,
     tiny_run,
+    train_run,
     without_timings,
 )
 
@@ -101,13 +102,13 @@ def test_a_distilled_run_resumes_exactly_and_a_teacher_of_another_tokenizer_is_r
 ):
     teacher, data = trained
     cfg = tiny_run(data, tmp_path / "straight", max_steps=12, distill_from=teacher)
-    full = train.train(tiny_model(dropout=0.1), cfg)
+    full = train_run(tiny_model(dropout=0.1), cfg)
     cut = tiny_run(data, tmp_path / "cut", max_steps=12, distill_from=teacher)
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signal.SIGTERM)
         with pytest.raises(SystemExit):
-            train.train(tiny_model(dropout=0.1), cut)
-    resumed = train.train(tiny_model(dropout=0.1), cut, RunOptions(resume=True))
+            train_run(tiny_model(dropout=0.1), cut)
+    resumed = train_run(tiny_model(dropout=0.1), cut, RunOptions(resume=True))
     assert without_timings(resumed["history"]) == without_timings(full["history"])
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
     other = tmp_path / "other.txt"
@@ -124,7 +125,7 @@ def chat_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dpo")
     data = os.path.join(ROOT, "data", "chat_example.jsonl")
     cfg = tiny_run(data, folder, max_steps=20, eval_interval=20, lr=1e-2)
-    train.train(tiny_model(block_size=128), cfg)
+    train_run(tiny_model(block_size=128), cfg)
     return str(folder / "best.pt")
 
 
@@ -136,15 +137,15 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     settings = dict(lr=3e-3, dpo_beta=0.5, lora_rank=lora_rank, batch_size=8, max_steps=12)
     options = RunOptions(init_from=chat_checkpoint)
     cfg = tiny_run(PAIRS, tmp_path / "straight", log_interval=3, eval_interval=6, **settings)
-    full = train.train(tiny_model(block_size=128), cfg, options)
+    full = train_run(tiny_model(block_size=128), cfg, options)
     lines = [row for row in full["history"] if row["kind"] == "train"]
     assert lines[-1]["margin"] > 0 and lines[-1]["held_out_acc"] > lines[0]["held_out_acc"]
     cut = tiny_run(PAIRS, tmp_path / "cut", log_interval=3, eval_interval=6, **settings)
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signal.SIGTERM)
         with pytest.raises(SystemExit):
-            train.train(tiny_model(block_size=128), cut, options)
-    resumed = train.train(tiny_model(block_size=128), cut, RunOptions(resume=True))
+            train_run(tiny_model(block_size=128), cut, options)
+    resumed = train_run(tiny_model(block_size=128), cut, RunOptions(resume=True))
     assert without_timings(resumed["history"]) == without_timings(full["history"])
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
 
