@@ -47,6 +47,7 @@ EOT = "<|endoftext|>"  # between documents and after each answer; every tokenize
 # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = (EOT, USER, ASSISTANT)  # each one token, after a vocabulary's ordinary ones
+NO_TARGET = -100  # a target that counts for nothing in the loss: a question's token, say
 TRAIN_FRACTION = 0.9  # the first 90% of a text trains, the rest validates
 DEVICES, DTYPES = ("auto", "cpu", "cuda", "mps"), ("auto", "float32", "bfloat16", "float16")
 POSITIONS, TOKENIZERS = ("learned", "sinusoidal", "rope"), ("char", "bpe", "gpt2")

@@ -7,9 +7,13 @@ instead of out * in, and saves only those: the adapter, kilobytes beside the mod
     python train.py --init_from checkpoints/best.pt --lora_rank 8 --tag lora \
         --data data/chat_example.jsonl
     python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # folded in
+
+At the end, how a run plugs it in: the model it trains, and what its checkpoint holds (the adapter
+and the path of its base; machinery/checkpoint.py reads them back).
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -46,7 +50,7 @@ def add_adapters(model, rank, alpha, mlp=False):
     return model
 
 
-def adapter(model):
+def adapter_state(model):
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
@@ -57,3 +61,32 @@ def merge(model):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
     return model.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------- in a run
+
+
+def adapting(cfg, model, saved, path, rows):
+    """(the model a run trains, what its checkpoint adds) of a run from the model saved (path):
+    under --lora_rank, the model frozen and adapters beside it, or the adapter it saved trained on;
+    without, an adapter's model merged, to fine-tune in full. rows: per embedding row, its row in
+    the saved model (None: a new token), if the run added tokens."""
+    if not cfg.lora_rank:
+        return merge(model), None
+    adapter = saved.get("lora")
+    if adapter is None:
+        add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
+        base = os.path.abspath(path)  # its checkpoints name it, relative to themselves
+        adapter = dict(base=base, rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        adapter["mlp"] = cfg.lora_mlp
+    elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
+        mapped = adapter["rows"]
+        adapter = adapter | {"rows": [mapped[i] if mapped and i is not None else i for i in rows]}
+    return model, lambda: {"lora": adapter, "model": adapter_weights(model, adapter)}
+
+
+def adapter_weights(model, adapter):
+    """What a LoRA run's checkpoint holds of the model: the adapter and the embedding rows its base
+    lacks, kilobytes."""
+    new = [i for i, r in enumerate(adapter["rows"] or ()) if r is None]
+    return adapter_state(model) | {"new_rows": model.state_dict()["wte.weight"][new]}

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import GPTConfig
+from config import NO_TARGET, GPTConfig
 
 # ----------------------------------------------------------------------------- attention
 
@@ -132,9 +132,9 @@ class Block(nn.Module):
 def lm_loss(logits, targets, reduction="mean"):
     """Next-token cross-entropy: each (b, t) is one classification over the vocabulary, so logits
     (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,). In float32 even under autocast.
-    A target of -100 is no target: a conversation's questions are context, its answers count."""
+    A target of NO_TARGET counts for nothing: a conversation's questions are context."""
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=NO_TARGET, reduction=reduction
     )
 
 

@@ -26,7 +26,6 @@ from config import SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
 from optim import get_lr, progress
 from sampling import generate, until_stop
-from tuning import held_out
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------- one step, an evaluation
@@ -156,8 +155,8 @@ def log_progress(run):
     tokens_per_s = run.tokens_per_step / seconds if seconds else 0.0
     end = run.budget.end_step(state, seconds)
     eta = cli.format_seconds((end - state.step) * seconds) if end else "?"
-    if run.corpus.pairs:  # the held-out pairs: the mean margin, the share the policy prefers more
-        figures |= held_out(run.train_model, run.corpus.pairs["val"], run.process.device)
+    if run.variant.figures:  # a variant's own, a tuning run's held-out pairs say
+        figures |= run.variant.figures(run.train_model, run.process.device)
     shown = " | ".join(f"{k} {format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
     pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     run.say(f"step {state.step:>6}/{end or '?'} | {shown} | {pace}")
@@ -231,10 +230,10 @@ def print_header(run):
     device += f" x {run.process.world} processes" if run.process.world > 1 else ""
     run.say(f"device {device} | preset {run.preset} | data {cfg.data}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%, LoRA)"
+    part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%)"
     shape = f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}"
     parts = f"norm {m.norm}, mlp {m.mlp}, pos {m.pos} | optimizer {cfg.optimizer}"
-    params = f"{model.num_params():,} parameters{part if run.adapter else ''}"
+    params = f"{model.num_params():,} parameters{part if trained < model.num_params() else ''}"
     run.say(f"model {params}: {shape}, vocab {m.vocab_size} | {parts}")
     micro = run.process.world * cfg.grad_accum_steps
     split = f" ({run.process.world} processes x {cfg.grad_accum_steps} micro-batches)"

@@ -1,5 +1,6 @@
 """Training against a second model that stays frozen, the course's last chapter. Each is a module
-that train.py's step calls as it calls a GPT: model(x, y) -> (out, loss).
+that train.py's step calls as it calls a GPT: model(x, y) -> (out, loss), and plugs into the run
+as a Variant (machinery/runs.py): what the step trains, its batches, its checkpoint, its figures.
 
 Distillation (Hinton et al., 2015): a student learns a teacher's next-token distribution, softened
 by a temperature, beside the usual targets.
@@ -12,12 +13,19 @@ to its rejected one by more than a frozen copy of itself, its reference, does.
     python train.py --init_from checkpoints/chat/best.pt --data data/preferences.jsonl --tag dpo
 """
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from config import NO_TARGET, TRAIN_FRACTION, TinyLLMError
+from lora import merge
+from machinery import checkpoint, sources
+from machinery.runs import Variant
 from model import lm_loss
-from utils import pair_batch
+from tokenizer import lacking
+from utils import answer_targets
 
 # ----------------------------------------------------------------------------- distillation
 
@@ -26,7 +34,7 @@ def distill_loss(logits, teacher_logits, targets, temperature, alpha):
     """alpha times the KL divergence of the student's next-token distribution from the teacher's,
     both logits divided by the temperature T, times T^2 (softening scales the gradients by 1/T^2);
     plus 1 - alpha times the usual loss. logits (B, T, V); the positions with a target count."""
-    keep = targets.flatten() != -100  # (B*T,)
+    keep = targets.flatten() != NO_TARGET  # (B*T,)
     student = F.log_softmax(logits.flatten(0, 1)[keep].float() / temperature, dim=-1)  # (N, V)
     teacher = F.log_softmax(teacher_logits.flatten(0, 1)[keep].float() / temperature, dim=-1)
     soft = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # per position
@@ -56,12 +64,60 @@ class Distilled(nn.Module):
         return logits, distill_loss(logits, teacher_logits, targets, self.temperature, self.alpha)
 
 
+def distilling(cfg, model, tokenizer, say):
+    """A run of --distill_from: the student learns beside a teacher of its tokenizer."""
+    teacher = checkpoint.load_model(cfg.distill_from)
+    big_enough = teacher.model.config.block_size >= model.config.block_size
+    ours = (tokenizer.to_dict(), model.config.vocab_size)
+    if (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) != ours or not big_enough:
+        raise TinyLLMError(
+            f"--distill_from {cfg.distill_from} has another tokenizer, vocabulary or a smaller "
+            f"block_size: train the student on its teacher's --data and --tokenizer"
+        )
+    softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
+    say(f"distilling {cfg.distill_from} into this model: {softened}")
+    return Variant(Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha))
+
+
 # ----------------------------------------------------------------------------- preference pairs
+
+
+def pair_split(pairs, tokenizer):
+    """Preference pairs [(chosen text, rejected text)] tokenized, each text an (x, y) whose
+    targets are its answer's tokens; {"train": the first 90%, "val": the rest, one at least}."""
+    rows = []
+    for texts in pairs:
+        ids = [torch.tensor(tokenizer.encode(text)) for text in texts]
+        targets = [answer_targets(i, tokenizer)[1:] for i in ids]
+        rows.append([(i[:-1], i[1:].masked_fill(~t, NO_TARGET)) for i, t in zip(ids, targets)])
+    n = min(len(rows) - 1, max(1, int(len(rows) * TRAIN_FRACTION)))
+    return {"train": rows[:n], "val": rows[n:]}
+
+
+def pair_batch(pairs, device):
+    """x, y (2B, T) of preference pairs [(chosen, rejected)], each an (x, y): the chosen rows, then
+    the rejected, each padded at its end with no target."""
+    rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
+    T = max(len(x) for x, _ in rows)
+    x, y = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), NO_TARGET)
+    for r, (ids, targets) in enumerate(rows):
+        x[r, : len(ids)], y[r, : len(ids)] = ids, targets
+    return x.to(device), y.to(device)
+
+
+def pair_batches(pairs, micro_batch, device):
+    """{split: () -> (x, y)}: micro_batch random pairs of the split (pair_batch)."""
+
+    def batch(split):
+        picks = torch.randint(len(pairs[split]), (micro_batch,)).tolist()
+        return pair_batch([pairs[split][i] for i in picks], device)
+
+    return {"train": lambda: batch("train"), "val": lambda: batch("val")}
 
 
 def answer_logps(logits, targets):
     """Each row's log-probability of its target tokens, (B,) of logits (B, T, V): an answer's,
-    given the prompt before it (-100: no target)."""
+    given the prompt before it."""
     return -lm_loss(logits, targets, reduction="none").view(targets.shape).sum(dim=1)
 
 
@@ -102,3 +158,31 @@ def held_out(model, pairs, device):
     model.train()
     margin, share = torch.stack([margins.mean(), (margins > 0).float().mean()]).tolist()
     return {"margin": margin, "held_out_acc": share}
+
+
+def preferring(settings, model, tokenizer, say):
+    """A run on a file of preference pairs: the policy against its reference, the model it starts
+    from, frozen (a resume's checkpoint names it); batches of pairs; held-out figures."""
+    cfg, texts = settings.cfg, sources.preference_pairs(settings.cfg.data)
+    chars, special = lacking(tokenizer, "".join(a + b for a, b in texts))
+    if chars or special:
+        missing = "".join(chars + special)[:40]
+        raise TinyLLMError(f"{cfg.data} has tokens the model lacks: {missing!r}")
+    if len(texts) < 2:
+        raise TinyLLMError(f"{cfg.data}: one pair to train and one held out, at least")
+    pairs = pair_split(texts, tokenizer)
+    longest = max(len(x) for split in pairs.values() for pair in split for x, _ in pair)
+    if longest > model.config.block_size:  # each text fits in the context: no window is needed
+        too_long = f"a pair's text is {longest} tokens, more than block_size"
+        raise TinyLLMError(f"{cfg.data}: {too_long} {model.config.block_size}")
+    path = settings.saved["reference"] if settings.resumed else os.path.abspath(settings.path)
+    saved = checkpoint.load(path) if settings.resumed else settings.saved  # loaded once
+    reference = merge(checkpoint.model_of(saved, path))
+    held = f"{len(pairs['train'])} pairs to train, {len(pairs['val'])} held out"
+    say(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
+    return Variant(
+        Preferring(model, reference, cfg.dpo_beta),
+        batches=lambda micro_batch, device: pair_batches(pairs, micro_batch, device),
+        saved=lambda: {"reference": path},
+        figures=lambda stepped, device: held_out(stepped, pairs["val"], device),
+    )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import ASSISTANT, SPECIAL_TOKENS, TRAIN_FRACTION
+from config import ASSISTANT, NO_TARGET, SPECIAL_TOKENS, TRAIN_FRACTION
 from tokenizer import ordinary
 
 
@@ -38,7 +38,6 @@ class Corpus:
     train_targets: object = None  # conversations: True where a token is a target (None: all are)
     val_targets: object = None
     old_ids: list = None  # a tokenizer grown for it: each token's id before (None: a new one)
-    pairs: dict = None  # preference pairs, "train" and "val": [(chosen, rejected)], each (x, y)
 
 
 def make_corpus(text, tokenizer, answers_only=True):
@@ -47,20 +46,6 @@ def make_corpus(text, tokenizer, answers_only=True):
     ids = [torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in split_train_val(text)]
     targets = [answer_targets(i, tokenizer) if answers_only else None for i in ids]
     return Corpus(tokenizer, *ids, chars_per_token(tokenizer, ids[1].tolist()), *targets)
-
-
-def make_pair_corpus(pairs, tokenizer):
-    """Preference pairs [(chosen text, rejected text)] split 90/10 and tokenized, each text an
-    (x, y) whose targets are its answer's tokens; the chosen texts stand as train and val."""
-    rows = []
-    for texts in pairs:
-        ids = [torch.tensor(tokenizer.encode(text)) for text in texts]
-        targets = [answer_targets(i, tokenizer)[1:] for i in ids]
-        rows.append([(i[:-1], i[1:].masked_fill(~t, -100)) for i, t in zip(ids, targets)])
-    n = min(len(rows) - 1, max(1, int(len(rows) * TRAIN_FRACTION)))  # one held out at least
-    train, val = (torch.cat([chosen[0] for chosen, _ in part]) for part in (rows[:n], rows[n:]))
-    pairs = {"train": rows[:n], "val": rows[n:]}
-    return Corpus(tokenizer, train, val, chars_per_token(tokenizer, val.tolist()), pairs=pairs)
 
 
 def answer_targets(ids, tokenizer):
@@ -84,39 +69,17 @@ def get_batch(data, batch_size, block_size, device, targets=None):
     windows = [np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts]
     windows = torch.from_numpy(np.stack(windows))  # (B, T + 1)
     x, y = windows[:, :-1], windows[:, 1:]  # each (B, T)
-    if targets is not None:  # a target of -100 counts for nothing in the loss (model.lm_loss)
-        y = y.masked_fill(~torch.stack([targets[i + 1 : i + block_size + 1] for i in starts]), -100)
+    if targets is not None:  # a question's tokens are context, no target (model.lm_loss)
+        answers = torch.stack([targets[i + 1 : i + block_size + 1] for i in starts])  # (B, T)
+        y = y.masked_fill(~answers, NO_TARGET)
     if device.type == "cuda":  # pinned memory: the copy overlaps the GPU's work
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y))
     return x.to(device), y.to(device)
 
 
-def pair_batch(pairs, device):
-    """x, y (2B, T) of preference pairs [(chosen, rejected)], each an (x, y): the chosen rows, then
-    the rejected, each padded at its end (y there -100)."""
-    rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
-    T = max(len(x) for x, _ in rows)
-    x, y = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), -100)
-    for r, (ids, targets) in enumerate(rows):
-        x[r, : len(ids)], y[r, : len(ids)] = ids, targets
-    return x.to(device), y.to(device)
-
-
-def get_pairs(pairs, batch_size, device):
-    """x, y (2B, T) of batch_size random preference pairs (pair_batch)."""
-    picks = torch.randint(len(pairs), (batch_size,)).tolist()
-    return pair_batch([pairs[i] for i in picks], device)
-
-
 def make_batches(corpus, block_size, micro_batch, data_fraction, device):
     """{split: () -> (x, y)}: micro_batch random windows of block_size tokens, the train split cut
-    to its first data_fraction; or, of preference pairs, micro_batch random pairs."""
-    if corpus.pairs:
-        train, val = corpus.pairs["train"], corpus.pairs["val"]
-        return {
-            "train": lambda: get_pairs(train, micro_batch, device),
-            "val": lambda: get_pairs(val, micro_batch, device),
-        }
+    to its first data_fraction."""
     n = max(block_size + 1, int(len(corpus.train) * data_fraction))
     train = (corpus.train[:n], micro_batch, block_size, device, corpus.train_targets)
     val = (corpus.val, micro_batch, block_size, device, corpus.val_targets)

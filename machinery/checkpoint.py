@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields
 import torch
 
 from config import GPTConfig, TinyLLMError
-from lora import adapter, add_adapters
 from machinery.cli import first_line
 from model import GPT
 from tokenizer import from_dict
@@ -107,16 +106,18 @@ def unsafe_file(what):
 
 
 def model_of(checkpoint, path="checkpoint"):
-    """The GPT a checkpoint holds, weights checked; a LoRA adapter's: its base and the adapter."""
+    """The GPT a checkpoint holds, weights checked; a LoRA run's: its base and the adapter."""
     lora = checkpoint.get("lora")
     if lora:
+        from lora import adapter_state, add_adapters  # a LoRA run's files alone need it
+
         model, weights = model_of(load(lora["base"]), lora["base"]), dict(checkpoint["model"])
         new_rows = weights.pop("new_rows")
         if lora["rows"]:  # the base's rows and new tokens', in the order of the run's tokenizer
             with_embedding(model, lora["rows"], new_rows)
         add_adapters(model, lora["rank"], lora["alpha"], lora["mlp"])
         vocab_size = checkpoint["model_config"]["vocab_size"]
-        if sorted(weights) != sorted(adapter(model)) or model.config.vocab_size != vocab_size:
+        if sorted(weights) != sorted(adapter_state(model)) or model.config.vocab_size != vocab_size:
             raise TinyLLMError(f"{path}: its adapter does not fit its base, {lora['base']}")
         model.load_state_dict(weights, strict=False)
         return model
@@ -182,19 +183,10 @@ def load_model(path, device="cpu"):
     return Trained(model, tokenizer_of(checkpoint, path), checkpoint)
 
 
-def contents(model, tokenizer, lora=None, **extra):
-    """A checkpoint. A LoRA run's holds the adapter and the embedding rows its base lacks: kB."""
-    weights = model.state_dict()
-    if lora:
-        new = [i for i, r in enumerate(lora["rows"] or ()) if r is None]
-        weights = adapter(model) | {"new_rows": weights["wte.weight"][new]}
-    return dict(
-        model=weights,
-        model_config=dataclasses.asdict(model.config),
-        tokenizer=tokenizer,
-        lora=lora,
-        **extra,
-    )
+def contents(model, tokenizer, **extra):
+    """A checkpoint: the model's weights and settings, the tokenizer, and the extra entries."""
+    weights, settings = model.state_dict(), dataclasses.asdict(model.config)
+    return dict(model=weights, model_config=settings, tokenizer=tokenizer, **extra)
 
 
 def with_embedding(model, rows, new_rows):

@@ -70,6 +70,18 @@ class Meter:
 
 
 @dataclass
+class Variant:
+    """What a variant of training plugs into a run (lora.py, tuning.py; docs/changing.md): what the
+    step trains, called as model(x, y) -> (out, loss); its batches (None: the corpus's); what its
+    checkpoint adds; its figures on each progress line. Plain pretraining is Variant(model)."""
+
+    model: torch.nn.Module
+    batches: object = None  # (micro_batch, device) -> {"train", "val": () -> (x, y)}
+    saved: object = dict  # () -> checkpoint entries, beside (or instead of) the model's own
+    figures: object = None  # (the model the step trains, its device) -> {name: number}
+
+
+@dataclass
 class Run:
     """What the loop reads: state and the meter's rows are what a checkpoint saves."""
 
@@ -87,9 +99,8 @@ class Run:
     clock: object  # () -> this process's seconds so far: a time budget counts them
     budget: Steps  # when the run ends: after max_steps, or a TimeBudget (machinery/budget.py)
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
+    variant: Variant = None  # what the step trains, and what a variant adds to the run
     overfit_batch: bool = False  # a check that fits one batch and writes nothing
-    adapter: dict = None  # a LoRA run's: its base and its settings
-    reference: str = None  # a preference run's: the path of the frozen model it is tuned against
 
     @property
     def master(self):  # rank 0 alone prints and writes
@@ -120,20 +131,21 @@ def state_of(run, rngs):
     state["budget"] = run.budget.state_dict()
     if run.process.world > 1:
         state["rngs"] = rngs
-    return checkpoint.contents(
-        run.model,
-        run.corpus.tokenizer.to_dict(),
-        lora=run.adapter,
-        optimizer=run.optimizer.state_dict(),
-        scaler=scaler,
-        rng=rngs[0],
-        train_config=asdict(run.cfg),
-        preset=run.preset,
-        device=devices.name(run.process.device),
-        dtype=run.precision.dtype,
-        chars_per_token=run.corpus.chars_per_token,
-        reference=run.reference,
-        **state,
+    return (
+        checkpoint.contents(
+            run.model,
+            run.corpus.tokenizer.to_dict(),
+            optimizer=run.optimizer.state_dict(),
+            scaler=scaler,
+            rng=rngs[0],
+            train_config=asdict(run.cfg),
+            preset=run.preset,
+            device=devices.name(run.process.device),
+            dtype=run.precision.dtype,
+            chars_per_token=run.corpus.chars_per_token,
+            **state,
+        )
+        | run.variant.saved()
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
 from machinery.cli import warn
 from tokenizer import from_dict, grown, lacking, learn, split_special
-from utils import Corpus, make_corpus, make_pair_corpus, split_train_val
+from utils import Corpus, make_corpus, split_train_val
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
@@ -152,22 +152,17 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
     """cfg.data's Corpus: tokenized by the tokenizer given (grown by what the text holds that it
     lacks, if grow) or by a new one, of vocab_size tokens if BPE."""
     pairs = preference_pairs(cfg.data)
-    if pairs is not None:  # the tokenizer of the model they tune
-        if tokenizer is None:
-            raise TinyLLMError(f"{cfg.data} holds preference pairs: tune a model with --init_from")
-        chars, special = lacking(tokenizer, "".join(text for pair in pairs for text in pair))
-        missing = "".join(chars + special)
-        if missing:
-            raise TinyLLMError(f"{cfg.data} has tokens the model lacks: {missing[:40]!r}")
-        if len(pairs) < 2:
-            raise TinyLLMError(f"{cfg.data}: one pair to train and one held out, at least")
-        return make_pair_corpus(pairs, tokenizer)
+    if pairs is not None and tokenizer is None:  # the tokenizer of the model they tune
+        raise TinyLLMError(f"{cfg.data} holds preference pairs: tune a model with --init_from")
     if is_prepared(cfg.data):
         corpus = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
             raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the model's")
         return corpus
-    text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
+    if pairs is not None:  # their chosen conversations; a pair's reference knows no new token
+        text, grow = "".join(chosen for chosen, _ in pairs), False
+    else:
+        text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if not text.replace(EOT, "").strip():
         raise TinyLLMError(f"data file {cfg.data} is empty")
     old_ids = None

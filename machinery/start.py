@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-import lora
 from config import (
     PRESETS,
     RESUME_MAY_CHANGE,
@@ -23,10 +22,9 @@ from config import (
 )
 from machinery import checkpoint, cli, ddp, devices, sources
 from machinery.budget import budget_of
-from machinery.runs import Meter, Run, TrainState, claim_out_dir, clear_out_dir, restore
+from machinery.runs import Meter, Run, TrainState, Variant, claim_out_dir, clear_out_dir, restore
 from model import GPT
 from optim import make_optimizer
-from tuning import Distilled, Preferring
 from utils import make_batches
 
 # -------------------------------------------------------- the command line: what the run is asked
@@ -190,8 +188,11 @@ def set_up(settings, clock):
     devices.seed_everything(cfg.seed)  # the same initial weights on every rank
     corpus = corpus_for(settings)
     model, adapter = model_for(settings, corpus)
-    model = model.to(process.device)
-    stepped, reference = beside(settings, corpus, model)  # and a frozen model beside, or not
+    variant = variant_of(settings, corpus, model)
+    if adapter:  # a LoRA run's checkpoint holds its adapter, whatever the step trains
+        adds = variant.saved
+        variant.saved = lambda: adds() | adapter()
+    variant.model.to(process.device)  # the model, and a frozen one beside it
     saved = settings.saved if settings.resumed else {}
     precision = devices.precision(cfg.dtype, process.device, saved.get("scaler"))
     optimizer = make_optimizer(model, cfg, process.device, precision.dtype)  # optim.py
@@ -199,13 +200,18 @@ def set_up(settings, clock):
     if process.world > 1 and len(saved.get("rngs", [])) != process.world:  # each its own batches
         devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
-    block_size = model.config.block_size
-    batches = make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
+    if variant.batches:
+        batches = variant.batches(micro_batch, process.device)
+    else:
+        for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
+            sources.check_long_enough(ids, model.config.block_size, name, cfg.data)
+        block_size = model.config.block_size
+        batches = make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
     if options.overfit_batch:  # a sanity check: every step trains on one batch
         fixed = batches["train"]()
         batches["train"] = lambda: fixed
         say("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
-    train_model = process.wrap(torch.compile(stepped) if cfg.compile else stepped)
+    train_model = process.wrap(torch.compile(variant.model) if cfg.compile else variant.model)
     if cfg.compile:
         compile_first(model, train_model, batches["train"](), precision)
     # by the ranks' mean clock: theirs differ, and all must decide alike
@@ -229,9 +235,8 @@ def set_up(settings, clock):
         clock=clock,
         budget=budget,
         stop=cli.StopRequest(announce=process.rank == 0),
+        variant=variant,
         overfit_batch=options.overfit_batch,
-        adapter=adapter,
-        reference=reference,
     )
 
 
@@ -258,66 +263,38 @@ def corpus_for(settings):
         new = [i for i, old in enumerate(corpus.old_ids) if old is None]
         added = corpus.tokenizer.decode(new)[:60]
         say(f"added {len(new)} token(s) {added!r} to the vocabulary of {settings.path}")
-    if corpus.pairs:  # each pair's texts fit in the model's context, and nothing more is needed
-        longest = max(len(x) for split in corpus.pairs.values() for pair in split for x, _ in pair)
-        if longest > settings.model_cfg.block_size:
-            too_long = f"a pair's text is {longest} tokens, more than block_size"
-            raise TinyLLMError(f"{settings.cfg.data}: {too_long} {settings.model_cfg.block_size}")
-        return corpus
-    for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
-        sources.check_long_enough(ids, settings.model_cfg.block_size, name, settings.cfg.data)
     return corpus
 
 
 def model_for(settings, corpus):
-    """(the GPT to train, a LoRA run's adapter settings or None): fresh weights, or those of the
-    model it starts from, with rows for new tokens, and LoRA's matrices beside them."""
-    cfg = settings.cfg
+    """(the GPT to train, a LoRA run's checkpoint entries or None): fresh weights, or those of the
+    model it starts from, with rows for new tokens, and, when a setting or that model asks for
+    them, LoRA's matrices beside them (lora.py, read only then)."""
     if settings.saved is None:  # a fresh GPT, random weights
         return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
     model = checkpoint.model_of(settings.saved, settings.path)
     rows = None  # per embedding row, its row in the source model (None: a new token)
     if corpus.old_ids:
         rows = grow_vocabulary(model, corpus.old_ids)
-    if not cfg.lora_rank:  # an adapter's model fine-tuned in full is merged first
-        return lora.merge(model), None
-    adapter = settings.saved.get("lora")
-    if adapter and rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
-        mapped = adapter["rows"]
-        rows = [mapped[i] if mapped and i is not None else i for i in rows]
-        return model, adapter | {"rows": rows}
-    if adapter:
-        return model, adapter
-    lora.add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
-    base = os.path.abspath(settings.path)  # its checkpoints name it, relative to themselves
-    settings = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, mlp=cfg.lora_mlp)
-    return model, dict(base=base, rows=rows, **settings)
+    if not (settings.cfg.lora_rank or settings.saved.get("lora")):
+        return model, None
+    import lora
+
+    return lora.adapting(settings.cfg, model, settings.saved, settings.path, rows)
 
 
-def beside(settings, corpus, model):
-    """(what the steps call, the path of a preference run's reference): the model, or it with a
-    frozen model beside, distillation's teacher or preference pairs' reference (tuning.py)."""
-    cfg, device = settings.cfg, model.wte.weight.device
-    if cfg.distill_from:
-        teacher = checkpoint.load_model(cfg.distill_from, device)
-        ours = (corpus.tokenizer.to_dict(), model.config.vocab_size)
-        big_enough = teacher.model.config.block_size >= model.config.block_size
-        if (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) != ours or not big_enough:
-            raise TinyLLMError(
-                f"--distill_from {cfg.distill_from} has another tokenizer, vocabulary or a smaller "
-                f"block_size: train the student on its teacher's --data and --tokenizer"
-            )
-        softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
-        say(f"distilling {cfg.distill_from} into this model: {softened}")
-        return Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha), None
-    if corpus.pairs:  # the model it starts from, frozen; a resume's names it
-        path = settings.saved["reference"] if settings.resumed else os.path.abspath(settings.path)
-        saved = checkpoint.load(path) if settings.resumed else settings.saved  # loaded once
-        reference = lora.merge(checkpoint.model_of(saved, path)).to(device)
-        held = f"{len(corpus.pairs['train'])} pairs to train, {len(corpus.pairs['val'])} held out"
-        say(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
-        return Preferring(model, reference, cfg.dpo_beta), path
-    return model, None
+def variant_of(settings, corpus, model):
+    """What the steps train: the model, or a variant's plug-in (docs/changing.md) whose file is read
+    only when a setting asks for it: tuning.py's teacher (--distill_from), or preference pairs."""
+    if settings.cfg.distill_from:
+        import tuning
+
+        return tuning.distilling(settings.cfg, model, corpus.tokenizer, say)
+    if sources.preference_pairs(settings.cfg.data) is not None:
+        import tuning
+
+        return tuning.preferring(settings, model, corpus.tokenizer, say)
+    return Variant(model)
 
 
 def grow_vocabulary(model, old_ids):

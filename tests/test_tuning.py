@@ -25,8 +25,7 @@ from config import SPECIAL_TOKENS, RunOptions
 from machinery import sources
 from model import GPT
 from tokenizer import CharTokenizer
-from tuning import Distilled, Preferring, answer_logps, distill_loss
-from utils import make_pair_corpus, pair_batch
+from tuning import Distilled, Preferring, answer_logps, distill_loss, pair_batch, pair_split
 
 PAIRS = os.path.join(ROOT, "data", "preferences.jsonl")
 
@@ -86,9 +85,9 @@ def test_a_preference_loss_counts_the_answers_tokens_alone():
 def test_pairs_are_the_chat_template_their_targets_the_answers_and_a_tenth_held_out():
     pairs = sources.preference_pairs(PAIRS)
     tokenizer = CharTokenizer.from_text("".join(a + b for a, b in pairs), SPECIAL_TOKENS)
-    corpus = make_pair_corpus(pairs, tokenizer)
-    assert len(corpus.pairs["val"]) == len(pairs) - int(0.9 * len(pairs)) >= 1
-    x, y = pair_batch(corpus.pairs["val"][:2], torch.device("cpu"))  # (4, T)
+    split = pair_split(pairs, tokenizer)
+    assert len(split["val"]) == len(pairs) - int(0.9 * len(pairs)) >= 1
+    x, y = pair_batch(split["val"][:2], torch.device("cpu"))  # (4, T)
     with open(PAIRS, encoding="utf-8") as f:
         records = [json.loads(line) for line in f][int(0.9 * len(pairs)) :][:2]
     answers = [r["chosen"] for r in records] + [r["rejected"] for r in records]
