@@ -23,7 +23,7 @@ def get_lr(step, progress, cfg):
 
 def progress(step, cfg):
     """How far a run of max_steps is at a step: 0 through the warmup, then the share of the steps
-    after it taken. (Under a --time_budget, machinery/budget.py counts the share of time spent.)"""
+    after it taken. (Under a --time_budget, machinery/runs.py counts the share of time spent.)"""
     if step <= cfg.warmup_steps:
         return 0.0
     return min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))

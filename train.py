@@ -23,9 +23,8 @@ import sys
 import torch
 
 from config import SamplerConfig, TinyLLMError
-from machinery import checkpoint, cli, devices, evaluation, plots, runs, sources, start
+from machinery import checkpoint, cli, devices, runs, sources, start
 from optim import get_lr, progress
-from sampling import generate, until_stop
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------- one step, an evaluation
@@ -121,7 +120,7 @@ def train_loop(run):
                 with run.meter.paused():
                     save(run, f"ckpt_{state.step:07d}.pt")
                 if run.master:
-                    runs.keep_newest(cfg.out_dir, cfg.keep_last)
+                    checkpoint.keep_newest(cfg.out_dir, cfg.keep_last)
     if signum:
         stop_reason = f"stopped by signal {signum}"
     return finish(run, stop_reason, signum)
@@ -198,8 +197,9 @@ def evaluate(run):
         if improved:
             save(run, "best.pt")
         if run.master:
-            vocab_size = run.model.config.vocab_size
-            plots.write_history(cfg.out_dir, state.history, cfg.plots, vocab_size)
+            from machinery.plots import write_history  # read once there is a step to draw
+
+            write_history(cfg.out_dir, state.history, cfg.plots, run.model.config.vocab_size)
     # a budget keeps as much time for the last evaluation, saves included
     run.budget.eval_seconds = run.process.mean([run.clock() - since])[0]
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
@@ -213,7 +213,7 @@ def save(run, name):
     """out_dir/name: all --resume needs to go on exactly, every rank's random state too. All ranks
     call it."""
     check_finite(run)
-    rngs = run.process.every_rank(devices.rng_state())
+    rngs = run.process.every_rank(checkpoint.rng_state())
     if run.master:
         checkpoint.save(os.path.join(run.cfg.out_dir, name), runs.state_of(run, rngs))
 
@@ -255,6 +255,8 @@ def print_header(run):
 def closing_sample(run, tokens):
     """A sample as generate.py draws it (its seed, in float32: bfloat16 is no faster here). A chat
     model answers the validation split's first question, in the chat template."""
+    from sampling import generate, until_stop  # the lesson's next chapter, at the run's end
+
     tokenizer, stop = run.corpus.tokenizer, None
     ids = sources.start_ids(tokenizer)
     question = sources.first_question(run.corpus.val[: 4 * run.model.config.block_size], tokenizer)
@@ -316,10 +318,13 @@ def main(argv=None, clock=None):
     settings = start.settle(given)  # every setting decided, and checked, here
     options, cfg = settings.options, settings.cfg
     if options.eval_only is not None:  # --eval_only alone: best.pt's
-        path = options.eval_only or os.path.join(cfg.out_dir, "best.pt")
-        evaluation.evaluate_checkpoint(path, given.get("data"), cfg)
+        from machinery.evaluation import evaluate_checkpoint
+
+        evaluate_checkpoint(options.eval_only or f"{cfg.out_dir}/best.pt", given.get("data"), cfg)
     elif options.plot_lr:
-        plots.draw_lr_schedule(cfg)
+        from machinery.plots import draw_lr_schedule
+
+        draw_lr_schedule(cfg)
     else:
         train(settings, clock)
 

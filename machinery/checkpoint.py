@@ -1,18 +1,22 @@
 """Checkpoints, the file format: what one holds, written atomically, read without running code
-(a file that would run code is refused), and the model and tokenizer it gives back."""
+(a file that would run code is refused), and the model and tokenizer it gives back. Then the run
+folder that holds them: a fresh run never writes over another's."""
 
 import contextlib
 import dataclasses
 import os
 import pickle
+import random
 import time
 import warnings
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from config import GPTConfig, TinyLLMError
-from machinery.cli import first_line
+from machinery import devices
+from machinery.cli import check_writable, first_line, log
 from model import GPT
 from tokenizer import from_dict
 
@@ -206,3 +210,78 @@ def where(checkpoint):
     val = checkpoint.get("best_val_loss")
     best = f", best val {val:.4f}" if isinstance(val, float) else ""
     return f"step {checkpoint.get('step', '?')}{best}"
+
+
+# ---------------------------------------------------------------------- the random generators
+
+
+def rng_state():
+    """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
+    A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
+    kind, key, *rest = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), *rest],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "mps": torch.mps.get_rng_state() if devices.machine().mps else None,
+    }
+
+
+def set_rng_state(state):
+    """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
+    random.setstate(state["python"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    has = devices.machine()
+    if has.mps and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
+    for index, gpu_state in enumerate(state["cuda"][: has.gpus]):
+        torch.cuda.set_rng_state(gpu_state, device=index)
+    if len(state["cuda"]) > has.gpus:
+        log(
+            f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this "
+            f"machine has {has.gpus}; dropout on the rest continues from a fresh seed"
+        )
+
+
+# ------------------------------------------------------------------ the run folder that holds them
+
+
+def run_files(out_dir):
+    """The checkpoints of a run folder, the periodic ones oldest first."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    periodic = sorted(n for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
+    return [n for n in ("best.pt", "last.pt") if n in names] + periodic
+
+
+def claim_out_dir(out_dir, overwrite, keep):
+    """Refuse a fresh run over another run's checkpoints; check it can write before training."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
+    existing = run_files(out_dir)
+    if existing and not overwrite:
+        last = os.path.join(out_dir, "last.pt" if "last.pt" in existing else existing[-1])
+        with contextlib.suppress(TinyLLMError):
+            last = f"{last} at {where(load(last))}"
+        raise TinyLLMError(
+            f"{out_dir} already holds a run ({last}); continue it with --resume, "
+            f"pick another --out_dir (or --tag NAME), or replace it: --overwrite"
+        )
+    if keep and os.path.realpath(keep) in {os.path.realpath(f"{out_dir}/{n}") for n in existing}:
+        raise TinyLLMError(f"--overwrite would delete --init_from's {keep}; use another --out_dir")
+    test_file = os.path.join(out_dir, f".test.{os.getpid()}")
+    check_writable(test_file, "--out_dir", make_folder=True)
+
+
+def clear_out_dir(out_dir):
+    """--overwrite: the old run's files go once the new one is set up (bad input refused first)."""
+    for name in run_files(out_dir) + ["history.csv", "history.json"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, name))
+
+
+def keep_newest(out_dir, keep_last):
+    for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
+        os.remove(os.path.join(out_dir, name))

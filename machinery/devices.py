@@ -1,7 +1,9 @@
-"""The device, the random generators and the precision. machine() and gpu() are the one place
-tinyllm asks torch what the machine has: tests stand in for other machines there."""
+"""The device, the precision, and several processes under torchrun (DDP): each one's rank and
+device, what they all agree on. machine() and gpu() are the one place tinyllm asks torch what the
+machine has: tests stand in for other machines there."""
 
 import contextlib
+import os
 import platform
 import random
 import warnings
@@ -10,9 +12,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TinyLLMError, default_preset
-from machinery.cli import first_line, log, warn
+from machinery.cli import warn
 
 
 def machine():
@@ -98,37 +102,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every device's generator too
-
-
-def rng_state():
-    """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
-    A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
-    kind, key, *rest = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), *rest],
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "mps": torch.mps.get_rng_state() if machine().mps else None,
-    }
-
-
-def set_rng_state(state):
-    """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
-    random.setstate(state["python"])
-    kind, key, *rest = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    has = machine()
-    if has.mps and state.get("mps") is not None:
-        torch.mps.set_rng_state(state["mps"])
-    for index, gpu_state in enumerate(state["cuda"][: has.gpus]):
-        torch.cuda.set_rng_state(gpu_state, device=index)
-    if len(state["cuda"]) > has.gpus:
-        log(
-            f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this "
-            f"machine has {has.gpus}; dropout on the rest continues from a fresh seed"
-        )
 
 
 def native_bf16(device):
@@ -233,22 +206,6 @@ def precision(dtype, device, saved_scaler=None):
     return Precision(dtype, why, autocast(device, dtype), scaler)
 
 
-@contextlib.contextmanager
-def compiling():
-    """Around --compile's first step: a missing compiler is one error line; every random generator
-    as it was before."""
-    rngs = rng_state()
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
-        failed = f"--compile failed on this machine ({first_line(e)})"
-        raise TinyLLMError(f"{failed}; run without it") from None
-    finally:
-        set_rng_state(rngs)
-
-
 def auto_meanings(device):
     """{setting: (default, what it is here)} for --help, asking no GPU: that would start CUDA."""
     dtype = "bfloat16 from compute capability 8.0, else float16"
@@ -259,3 +216,74 @@ def auto_meanings(device):
         "dtype": ("auto", dtype),
         "threads": (0, f"{torch.get_num_threads()} here"),
     }
+
+
+# ----------------------------------------------------------- several processes, under torchrun
+
+
+@dataclass
+class Process:
+    """This process: its rank of world (0 of 1 without torchrun) and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    def leave_together(self):
+        """Every rank waits here: torchrun ends them all once one exits, rank 0 saving or not."""
+        if self.world > 1:
+            dist.barrier()
+
+    def wrap(self, model):
+        """DDP averages the gradients over the ranks during backward."""
+        if self.world == 1:
+            return model
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def mean(self, values):
+        """The ranks' mean of each of values, the same on every rank."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def every_rank(self, value):
+        """[rank 0's value, rank 1's, ...] on every rank; every rank must call it."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+
+def check_processes(device):
+    """Refuse, before anything is written, processes under torchrun that cannot work here."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
+        raise TinyLLMError(
+            "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"
+        )
+    gpus, processes = machine().gpus, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device.type == "cuda" and processes > gpus:  # two processes on one GPU: NCCL would hang
+        raise TinyLLMError(
+            f"{processes} processes on this machine but {gpus} GPU(s): give "
+            f"torchrun --nproc_per_node={gpus} or less, or --device cpu"
+        )
+
+
+def setup_process(device):
+    """This Process, in its group under torchrun (check_processes passed). A process joins its group
+    once, however many runs it trains (tools.ablation)."""
+    if "RANK" not in os.environ:
+        return Process(0, 1, device)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.type != "cuda":
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return Process(rank, world, device)
+    device = torch.device(f"cuda:{local_rank}")
+    torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", device_id=device)
+    return Process(rank, world, device)

@@ -1,17 +1,18 @@
 """A run as the training loop sees it (Run, built by machinery/start.py): its state, which every
 checkpoint saves (TrainState); the figures of the steps since the last progress line, and their
-pace (Meter); what a checkpoint of the run holds. Then the run folder's rules."""
+pace (Meter); when it ends (Steps, or a TimeBudget); what a variant plugs in (Variant); what a
+checkpoint of the run holds, and how a resume puts it back."""
 
 import contextlib
-import os
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from config import TinyLLMError, TrainConfig
-from machinery import checkpoint, cli, ddp, devices
-from machinery.budget import Steps
+from config import TinyLLMError, TrainConfig, parse_duration
+from machinery import checkpoint, cli, devices
 from model import GPT
+from optim import progress
 from utils import Corpus
 
 
@@ -69,6 +70,112 @@ class Meter:
         self.since += self.clock() - start
 
 
+# ------------------------------------------------------------------- when the run ends: its budget
+# The loop asks Steps or a TimeBudget the same questions: how far the run is at a step (the
+# schedule's progress, optim.get_lr), whether it is over, whether an evaluation fits, and at which
+# step it will end. What one must remember across a resume is its state_dict, in every checkpoint.
+
+
+class Steps:
+    """A run of max_steps steps."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.eval_seconds = 0.0  # the latest evaluation's (a time budget keeps as much)
+
+    def progress(self, state):  # of the step about to be taken
+        return progress(state.step, self.cfg)
+
+    def over(self, state):
+        return state.step >= self.cfg.max_steps
+
+    def room_for_eval(self, state):
+        return True
+
+    def end_step(self, state, step_seconds=None):
+        return self.cfg.max_steps
+
+    def state_dict(self):
+        return {"eval_seconds": self.eval_seconds}
+
+    def load_state_dict(self, saved):
+        self.eval_seconds = saved["eval_seconds"]
+
+
+class TimeBudget(Steps):
+    """A run of --time_budget. clock() gives this process's seconds so far; state.seconds are
+    those before it (a resume's). After the warmup, progress is the share spent of the time from
+    the warmup's end to the steps' end, 99% of the budget (1% is kept for the closing evaluation's
+    time, the sample and the exit): the schedule's decay ends as the time does."""
+
+    def __init__(self, cfg, clock):
+        super().__init__(cfg)
+        self.clock, self.seconds = clock, parse_duration(cfg.time_budget)
+        self.decay_start = None  # the seconds at the warmup's end
+        self.first = None  # (step, seconds) where this process's pace counts from
+
+    def now(self, state):
+        return state.seconds + self.clock()
+
+    def end(self):
+        """When the steps must end: the budget less room for the closing evaluation and 1%."""
+        return self.seconds * 0.99 - self.eval_seconds
+
+    def progress(self, state):
+        """0 through the warmup, then the share of the time spent, counted at the end of the step
+        about to be taken (so the step that crosses the end is at 1)."""
+        seconds = self.now(state)
+        if self.first is None:
+            self.first = (state.step, seconds)
+        if state.step <= self.cfg.warmup_steps or self.decay_start is None:  # None: a resumed run
+            if seconds >= self.end():
+                raise TinyLLMError(
+                    f"--time_budget {self.cfg.time_budget} is too short here: {seconds:.1f}s "
+                    f"were gone before the warmup's {self.cfg.warmup_steps} steps; give more "
+                    f"time or fewer --warmup_steps"
+                )
+            self.decay_start = seconds
+            return 0.0
+        span = max(1e-9, self.end() - self.decay_start)
+        return min(1.0, (seconds + self.pace(state, seconds) - self.decay_start) / span)
+
+    def over(self, state):
+        return state.progress >= 1.0
+
+    def room_for_eval(self, state):
+        """Whether an evaluation now still leaves time for steps after it."""
+        return self.now(state) + self.eval_seconds < self.end()
+
+    def pace(self, state, seconds):
+        """A step's seconds in this process so far, evaluations included; 0 before its first."""
+        steps = state.step - self.first[0] if self.first else 0
+        return (seconds - self.first[1]) / steps if steps else 0.0
+
+    def end_step(self, state, step_seconds=None):
+        """The step the run will end at, at its pace so far (or at step_seconds before a step of
+        this process); None before either."""
+        seconds = self.now(state)
+        step_seconds = self.pace(state, seconds) or step_seconds
+        if not step_seconds:
+            return None
+        return state.step + max(0, math.ceil((self.end() - seconds) / step_seconds))
+
+    def state_dict(self):
+        return super().state_dict() | {"decay_start": self.decay_start}
+
+    def load_state_dict(self, saved):  # a run of max_steps given a time budget: decays from now
+        super().load_state_dict(saved)
+        self.decay_start = saved.get("decay_start")
+
+
+def budget_of(cfg, clock):
+    """The run's end: its time budget, by the clock given, or its step count."""
+    return TimeBudget(cfg, clock) if cfg.time_budget else Steps(cfg)
+
+
+# ---------------------------------------------------------------------------------------- the run
+
+
 @dataclass
 class Variant:
     """What a variant of training plugs into a run (lora.py, tuning.py; docs/changing.md): what the
@@ -87,7 +194,7 @@ class Run:
 
     cfg: TrainConfig
     preset: str
-    process: ddp.Process  # this process's rank of world (1 without torchrun), and its device
+    process: devices.Process  # this process's rank of world (1 without torchrun), and its device
     corpus: Corpus
     model: GPT
     train_model: torch.nn.Module  # the model as the steps call it: compiled, wrapped in DDP
@@ -97,7 +204,7 @@ class Run:
     state: TrainState
     meter: Meter
     clock: object  # () -> this process's seconds so far: a time budget counts them
-    budget: Steps  # when the run ends: after max_steps, or a TimeBudget (machinery/budget.py)
+    budget: Steps  # when the run ends: after max_steps, or a TimeBudget
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
     variant: Variant = None  # what the step trains, and what a variant adds to the run
     overfit_batch: bool = False  # a check that fits one batch and writes nothing
@@ -158,7 +265,7 @@ def restore(settings, optimizer, process):
     load_optimizer(optimizer, saved["optimizer"], settings.path)
     state = TrainState(**{k: saved[k] for k in asdict(TrainState())})
     rngs = saved.get("rngs") or [saved["rng"]]
-    devices.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
+    checkpoint.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
     new_end = not cfg.time_budget and cfg.max_steps != saved["train_config"]["max_steps"]
     if new_end and state.step >= cfg.max_steps:
         stop = f"--max_steps {cfg.max_steps} trains no more"
@@ -181,44 +288,3 @@ def load_optimizer(optimizer, saved, path):
             )
         groups.append(match | {k: group[k] for k in ("fused", "foreach") if k in group})
     optimizer.load_state_dict({**saved, "param_groups": groups})
-
-
-# ------------------------------------------------------------------------------- the run folder
-
-
-def run_files(out_dir):
-    """The checkpoints of a run folder, the periodic ones oldest first."""
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    periodic = sorted(n for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
-    return [n for n in ("best.pt", "last.pt") if n in names] + periodic
-
-
-def claim_out_dir(out_dir, overwrite, keep):
-    """Refuse a fresh run over another run's checkpoints; check it can write before training."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
-    existing = run_files(out_dir)
-    if existing and not overwrite:
-        last = os.path.join(out_dir, "last.pt" if "last.pt" in existing else existing[-1])
-        with contextlib.suppress(TinyLLMError):
-            last = f"{last} at {checkpoint.where(checkpoint.load(last))}"
-        raise TinyLLMError(
-            f"{out_dir} already holds a run ({last}); continue it with --resume, "
-            f"pick another --out_dir (or --tag NAME), or replace it: --overwrite"
-        )
-    if keep and os.path.realpath(keep) in {os.path.realpath(f"{out_dir}/{n}") for n in existing}:
-        raise TinyLLMError(f"--overwrite would delete --init_from's {keep}; use another --out_dir")
-    test_file = os.path.join(out_dir, f".test.{os.getpid()}")
-    cli.check_writable(test_file, "--out_dir", make_folder=True)
-
-
-def clear_out_dir(out_dir):
-    """--overwrite: the old run's files go once the new one is set up (bad input refused first)."""
-    for name in run_files(out_dir) + ["history.csv", "history.json"]:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, name))
-
-
-def keep_newest(out_dir, keep_last):
-    for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
-        os.remove(os.path.join(out_dir, name))

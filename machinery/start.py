@@ -20,9 +20,9 @@ from config import (
     make_config,
     require,
 )
-from machinery import checkpoint, cli, ddp, devices, sources
-from machinery.budget import budget_of
-from machinery.runs import Meter, Run, TrainState, Variant, claim_out_dir, clear_out_dir, restore
+from machinery import checkpoint, cli, devices, sources
+from machinery.checkpoint import claim_out_dir, clear_out_dir
+from machinery.runs import Meter, Run, TrainState, Variant, budget_of, restore
 from model import GPT
 from optim import make_optimizer
 from utils import make_batches
@@ -100,7 +100,7 @@ def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=No
     if options.resume:  # the same command starts the run now and continues it later
         say(f"--resume: no {last} yet, starting a fresh run")
     device = device or devices.choose_device(cfg.device)
-    ddp.check(device)
+    devices.check_processes(device)
     if not options.overfit_batch:
         claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
     saved = None
@@ -148,7 +148,7 @@ def resumed(last, cfg, options, given):
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
     device = devices.choose_device(cfg.device)
-    ddp.check(device)
+    devices.check_processes(device)
     preset = saved.get("preset", "custom")
     return Settings(model_cfg, cfg, options, preset, device, saved, last, resumed=True)
 
@@ -178,7 +178,7 @@ def set_up(settings, clock):
     """The Run of settled settings: everything before the first step, in order, each input
     checked before anything is written; last, --overwrite's old files go."""
     cfg, options = settings.cfg, settings.options
-    process = ddp.setup(settings.device)
+    process = devices.setup_process(settings.device)
     if cfg.batch_size % (process.world * cfg.grad_accum_steps):
         raise TinyLLMError(
             f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
@@ -243,8 +243,17 @@ def set_up(settings, clock):
 def compile_first(model, train_model, batch, precision):
     """--compile's first forward and backward, now: a missing compiler is one error line before
     anything is written. They leave no trace: no gradient, every random generator as it was."""
-    with devices.compiling(), precision.ctx:
-        train_model(*batch)[1].backward()
+    rngs = checkpoint.rng_state()
+    try:
+        with precision.ctx:
+            train_model(*batch)[1].backward()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
+        failed = f"--compile failed on this machine ({cli.first_line(e)})"
+        raise TinyLLMError(f"{failed}; run without it") from None
+    finally:
+        checkpoint.set_rng_state(rngs)
     model.zero_grad(set_to_none=True)
 
 

@@ -1,4 +1,4 @@
-"""machinery/ddp.py: two processes under torchrun (Gloo, on the CPU): a DDP step equals a
+"""machinery/devices.py, several processes: two under torchrun (Gloo, on the CPU): a DDP step equals a
 single-process step, the ranks agree on a stop signal only one of them got, and a run resumed under
 torchrun ends as the run that went straight on. Without torchrun: what cannot work here is refused
 before joining."""
@@ -31,14 +31,14 @@ import contextlib, os, shutil, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
 import train
 from config import GPTConfig, TrainConfig
-from machinery import ddp
+from machinery import devices
 from machinery.devices import Precision
 from model import GPT
 plan, out = torch.load(sys.argv[2], weights_only=True), os.path.dirname(sys.argv[2])
 
 # 1. one optimizer step of a model wrapped in DDP, each rank on its half of a fixed batch, in
 # micro-batches
-process = ddp.setup(torch.device("cpu"))
+process = devices.setup_process(torch.device("cpu"))
 rank, world, device = process.rank, process.world, process.device
 x, y = plan["batch"]
 half = len(x) // world

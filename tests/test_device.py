@@ -124,16 +124,16 @@ def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(
 def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(
     tmp_path, fake_machine, capsys
 ):
-    torch.save(devices.rng_state(), tmp_path / "rng.pt")
+    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
     expected = draws()
     # plain data and tensors only
-    devices.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
     assert capsys.readouterr().out == ""
     fake_machine(gpus=0, mps=False)  # a checkpoint of a 2-GPU run, resumed on this CPU
-    saved = {**devices.rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    saved = {**checkpoint.rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
     expected = draws()
-    devices.set_rng_state(saved)
+    checkpoint.set_rng_state(saved)
     assert draws() == expected  # the others are restored all the same
     assert "2 GPU" in capsys.readouterr().out
 

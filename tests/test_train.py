@@ -43,7 +43,7 @@ from config import (
     TrainConfig,
     build_configs,
 )
-from machinery import checkpoint, ddp, devices, evaluation, runs, sources, start
+from machinery import checkpoint, devices, evaluation, runs, sources, start
 from machinery.start import settled, train_flags
 from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
@@ -131,9 +131,9 @@ def test_compiles_first_step_leaves_the_weights_the_optimizer_and_every_generato
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     batch = batches(1)[0]
     train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig(), FLOAT32)  # moments
-    before = (weights(model), copy.deepcopy(optimizer.state_dict()), devices.rng_state())
+    before = (weights(model), copy.deepcopy(optimizer.state_dict()), checkpoint.rng_state())
     start.compile_first(model, model, batch, FLOAT32)  # as set_up runs it, model compiled
-    after = (weights(model), optimizer.state_dict(), devices.rng_state())
+    after = (weights(model), optimizer.state_dict(), checkpoint.rng_state())
     assert same_weights(before[0], after[0])
     assert same_state(before[1], after[1]) and same_state(before[2], after[2])
     assert all(p.grad is None for p in model.parameters())
@@ -543,7 +543,7 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     cfg = TrainConfig(max_steps=60, warmup_steps=5)
     settings = start.Settings(model.config, cfg, saved=saved, path=trained[0], resumed=True)
-    runs.restore(settings, optimizer, ddp.Process(0, 1, CPU))
+    runs.restore(settings, optimizer, devices.Process(0, 1, CPU))
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
