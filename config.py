@@ -98,7 +98,7 @@ class TrainConfig:
     min_lr: float = setting(2e-4, "the LR the decay schedules end at", at_least=0)
     warmup_steps: int = setting(100, "linear warmup steps to lr", None, ("--warmup",), at_least=0)
     lr_schedule: str = setting("cosine", "the decay from lr to min_lr", ("cosine", "linear"))
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", at_least=0)
+    weight_decay: float = setting(0.1, "decay of AdamW's matrices (Muon's: none)", at_least=0)
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))
     muon_lr: float = setting(0.02, "Muon's peak learning rate", above=0)
     beta1: float = setting(0.9, "AdamW's first-moment decay", at_least=0, below=1)
@@ -172,9 +172,7 @@ class GenerateConfig:
     prompt: str = setting("", "text to continue; empty starts from a line end")
     prompt_file: str = setting("", "read the prompt from this UTF-8 file instead")
     max_new_tokens: int = setting(500, "tokens to generate per sample", at_least=1)
-    seed: int = setting(
-        1337, "sampler seed: the same seed, the same text", at_least=0, at_most=MAX_SEED
-    )
+    seed: int = setting(1337, "sampler seed: same seed, same text", at_least=0, at_most=MAX_SEED)
     num_samples: int = setting(1, "samples, drawn as one batch", at_least=1)
     output_file: str = setting("", "also write the samples here, under a header of every setting")
     device: str = setting("auto", DEVICE_HELP, DEVICES)

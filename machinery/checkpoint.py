@@ -205,6 +205,16 @@ def with_embedding(model, rows, new_rows):
     return model
 
 
+def grow_vocabulary(model, old_ids):
+    """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
+    new rows alike). old_ids: per token, its old row or None. Returns every row's settings."""
+    old, old_size = model.wte.weight.detach(), sum(i is not None for i in old_ids)
+    rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
+    mean = old[[i for i in rows if i is not None]].mean(0)
+    with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
+    return rows
+
+
 def where(checkpoint):
     """'step 900, best val 1.5123': where a checkpoint's run stood."""
     val = checkpoint.get("best_val_loss")

@@ -257,9 +257,15 @@ class Process:
         return values
 
 
-def check_processes(device):
-    """Refuse, before anything is written, processes under torchrun that cannot work here."""
+def check_processes(device, cfg):
+    """Refuse, before anything is written, processes under torchrun that cannot work here, or
+    cannot share cfg's batch."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % (world * cfg.grad_accum_steps):
+        raise TinyLLMError(
+            f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
+            f"({cfg.grad_accum_steps}) times the processes ({world})"
+        )
     if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
         raise TinyLLMError(
             "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"

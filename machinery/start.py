@@ -100,7 +100,7 @@ def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=No
     if options.resume:  # the same command starts the run now and continues it later
         say(f"--resume: no {last} yet, starting a fresh run")
     device = device or devices.choose_device(cfg.device)
-    devices.check_processes(device)
+    devices.check_processes(device, cfg)
     if not options.overfit_batch:
         claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
     saved = None
@@ -148,7 +148,7 @@ def resumed(last, cfg, options, given):
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
     device = devices.choose_device(cfg.device)
-    devices.check_processes(device)
+    devices.check_processes(device, cfg)
     preset = saved.get("preset", "custom")
     return Settings(model_cfg, cfg, options, preset, device, saved, last, resumed=True)
 
@@ -179,11 +179,6 @@ def set_up(settings, clock):
     checked before anything is written; last, --overwrite's old files go."""
     cfg, options = settings.cfg, settings.options
     process = devices.setup_process(settings.device)
-    if cfg.batch_size % (process.world * cfg.grad_accum_steps):
-        raise TinyLLMError(
-            f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
-            f"({cfg.grad_accum_steps}) times the processes ({process.world})"
-        )
     devices.set_threads(cfg.threads)
     devices.seed_everything(cfg.seed)  # the same initial weights on every rank
     corpus = corpus_for(settings)
@@ -264,9 +259,7 @@ def corpus_for(settings):
     """The text as train and val token ids: by the tokenizer of the model it starts from (grown
     by a fine-tune's new tokens), else by a new one."""
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path) if settings.saved else None
-    grow = (
-        settings.saved is not None and not settings.resumed
-    )  # a resumed run's vocabulary is fixed
+    grow = settings.saved is not None and not settings.resumed  # a resume's vocabulary is fixed
     corpus = sources.load_corpus(settings.cfg, tokenizer, settings.model_cfg.vocab_size, grow)
     if corpus.old_ids:
         new = [i for i, old in enumerate(corpus.old_ids) if old is None]
@@ -284,7 +277,7 @@ def model_for(settings, corpus):
     model = checkpoint.model_of(settings.saved, settings.path)
     rows = None  # per embedding row, its row in the source model (None: a new token)
     if corpus.old_ids:
-        rows = grow_vocabulary(model, corpus.old_ids)
+        rows = checkpoint.grow_vocabulary(model, corpus.old_ids)
     if not (settings.cfg.lora_rank or settings.saved.get("lora")):
         return model, None
     import lora
@@ -304,13 +297,3 @@ def variant_of(settings, corpus, model):
 
         return tuning.preferring(settings, model, corpus.tokenizer, say)
     return Variant(model)
-
-
-def grow_vocabulary(model, old_ids):
-    """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
-    new rows alike). old_ids: per token, its old row or None. Returns every row's settings."""
-    old, old_size = model.wte.weight.detach(), sum(i is not None for i in old_ids)
-    rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
-    mean = old[[i for i in rows if i is not None]].mean(0)
-    checkpoint.with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
-    return rows
