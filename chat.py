@@ -11,7 +11,7 @@ import torch
 from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Printer
-from sampling import Context, tokens
+from sampling import Context, token_stream
 
 
 def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens):
@@ -20,7 +20,7 @@ def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens)
     idx = torch.tensor([conversation], device=context.model.wte.weight.device)
     stopped = False
     try:
-        for token, probs in tokens(context, idx, max_new_tokens, sampler, stop, generator):
+        for token, probs in token_stream(context, idx, max_new_tokens, sampler, stop, generator):
             new.append(token[0, 0].item())
             printer.add(token, probs)
     except KeyboardInterrupt:  # the answer ends here; the chat goes on

@@ -12,7 +12,7 @@ import torch
 from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Annotator, Printer, model_odds
-from sampling import Context, beam_search, tokens, until_stop
+from sampling import Context, beam_search, token_stream, until_stop
 
 
 def sample(model, prompt_ids, cfg, sampler, stop, shown=None):
@@ -25,7 +25,7 @@ def sample(model, prompt_ids, cfg, sampler, stop, shown=None):
         steps = model_odds(Context(model, not cfg.no_cache), idx, new) if shown else []
     else:
         generator = torch.Generator(idx.device).manual_seed(cfg.seed)
-        steps = tokens(context, idx, cfg.max_new_tokens, sampler, stop, generator)
+        steps = token_stream(context, idx, cfg.max_new_tokens, sampler, stop, generator)
     drawn = []
     for token, probs in steps:
         drawn.append(token)
@@ -39,7 +39,7 @@ def header(cfg, sampler, path, saved, prompt):
     drawn = {} if cfg.beam else dataclasses.asdict(sampler)  # beam search draws nothing
     settings = dataclasses.asdict(cfg) | drawn | {"prompt": prompt}
     shown = " ".join(f"{k}={v!r}" for k, v in settings.items() if k != "output_file")
-    return f"# checkpoint: {path} ({checkpoint.where(saved)})\n# {shown}"
+    return f"# checkpoint: {path} ({checkpoint.summary(saved)})\n# {shown}"
 
 
 def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
@@ -54,7 +54,7 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     if cfg.show_probs or cfg.show_top:  # every token with its odds
         shown = annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file, stop, stream)
     if several:
-        cli.log(f"\n{'=' * 20} {path} ({checkpoint.where(saved)}) {'=' * 20}")
+        cli.log(f"\n{'=' * 20} {path} ({checkpoint.summary(saved)}) {'=' * 20}")
     if shown:
         shown.begin(shown_ids, cfg.num_samples)
     hint = f"out of memory on {devices.name(model.wte.weight.device)}: try fewer --num_samples"

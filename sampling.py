@@ -6,7 +6,7 @@ rule (what the model sees once the text outgrows block_size); the sampler; beam 
 
 In use: idx = torch.tensor([tokenizer.encode(prompt)]); model.eval();
 out = generate(model, idx, 100, config.SamplerConfig()); tokenizer.decode(out[0].tolist())
-or, a token at a time: for token, probs in tokens(Context(model), idx, 100, sampler): ...
+or, a token at a time: for token, probs in token_stream(Context(model), idx, 100, sampler): ...
 """
 
 import torch
@@ -19,12 +19,12 @@ def generate(model, idx, max_new_tokens, sampler, stop_token=None, generator=Non
     """Continue each row of idx (B, T) by max_new_tokens tokens, or until every row has made
     stop_token (a row that stopped earlier goes on past it: cut it there). Returns (B, T + new).
     Call model.eval() first, or dropout stays on."""
-    steps = tokens(Context(model), idx, max_new_tokens, sampler, stop_token, generator)
+    steps = token_stream(Context(model), idx, max_new_tokens, sampler, stop_token, generator)
     return torch.cat([idx, *(token for token, _ in steps)], dim=1)
 
 
 @torch.inference_mode()  # no autograd graph
-def tokens(context, idx, max_new_tokens, sampler, stop_token=None, generator=None):
+def token_stream(context, idx, max_new_tokens, sampler, stop_token=None, generator=None):
     """generate's loop, a token at a time: each step's new tokens (B, 1) and the distribution
     (B, V) they were drawn from, so that a caller can show them as they come. context: the model
     as it generates (below), a chat's holding the conversation so far."""

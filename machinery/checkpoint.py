@@ -187,7 +187,7 @@ def load_model(path, device="cpu"):
     return Trained(model, tokenizer_of(checkpoint, path), checkpoint)
 
 
-def contents(model, tokenizer, **extra):
+def create(model, tokenizer, **extra):
     """A checkpoint: the model's weights and settings, the tokenizer, and the extra entries."""
     weights, settings = model.state_dict(), dataclasses.asdict(model.config)
     return dict(model=weights, model_config=settings, tokenizer=tokenizer, **extra)
@@ -215,7 +215,7 @@ def grow_vocabulary(model, old_ids):
     return rows
 
 
-def where(checkpoint):
+def summary(checkpoint):
     """'step 900, best val 1.5123': where a checkpoint's run stood."""
     val = checkpoint.get("best_val_loss")
     best = f", best val {val:.4f}" if isinstance(val, float) else ""
@@ -274,7 +274,7 @@ def claim_out_dir(out_dir, overwrite, keep):
     if existing and not overwrite:
         last = os.path.join(out_dir, "last.pt" if "last.pt" in existing else existing[-1])
         with contextlib.suppress(TinyLLMError):
-            last = f"{last} at {where(load(last))}"
+            last = f"{last} at {summary(load(last))}"
         raise TinyLLMError(
             f"{out_dir} already holds a run ({last}); continue it with --resume, "
             f"pick another --out_dir (or --tag NAME), or replace it: --overwrite"

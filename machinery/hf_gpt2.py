@@ -96,4 +96,4 @@ def load_gpt2(name):
 
 
 def gpt2_checkpoint(name):
-    return checkpoint.contents(load_gpt2(name), {"kind": "gpt2"}, step=0)
+    return checkpoint.create(load_gpt2(name), {"kind": "gpt2"}, step=0)

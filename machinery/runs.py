@@ -239,7 +239,7 @@ def state_of(run, rngs):
     if run.process.world > 1:
         state["rngs"] = rngs
     return (
-        checkpoint.contents(
+        checkpoint.create(
             run.model,
             run.corpus.tokenizer.to_dict(),
             optimizer=run.optimizer.state_dict(),

@@ -127,7 +127,7 @@ def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=No
 def resumed(last, cfg, options, given):
     """The Settings of a run going on from its last.pt, with the flags --resume may change."""
     saved = checkpoint.load(last)
-    say(f"resuming {last} at {checkpoint.where(saved)}")
+    say(f"resuming {last} at {checkpoint.summary(saved)}")
     if options.preset and options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
     saved_cfg = saved.get("train_config") or {}

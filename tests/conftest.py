@@ -148,9 +148,9 @@ def generated(model, idx, max_new_tokens, sampler, use_cache=True):
     """What sampling.generate writes, with or without the KV cache: (B, T + new)."""
     import torch
 
-    from sampling import Context, tokens
+    from sampling import Context, token_stream
 
-    steps = tokens(Context(model, use_cache), idx, max_new_tokens, sampler)
+    steps = token_stream(Context(model, use_cache), idx, max_new_tokens, sampler)
     return torch.cat([idx, *(token for token, _ in steps)], dim=1)
 
 

@@ -225,7 +225,7 @@ def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(
         fed.append(idx.size(1) - (context.start or 0) - cached)
         return real_logits(context, idx)
 
-    real_tokens, calls = chat.tokens, []
+    real_tokens, calls = chat.token_stream, []
 
     def ctrl_c_in_the_third_answer(*args, **kwargs):
         calls.append(0)
@@ -236,7 +236,7 @@ def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(
             yield step
 
     monkeypatch.setattr(chat.Context, "next_logits", counting)
-    monkeypatch.setattr(chat, "tokens", ctrl_c_in_the_third_answer)
+    monkeypatch.setattr(chat, "token_stream", ctrl_c_in_the_third_answer)
     chat.main([chat_model, "--temperature", "0", "--max_new_tokens", "40"])
     out = capsys.readouterr().out
     assert "Your name is Ada." in out and "[stopped]" in out and out.count("model> ") == 3

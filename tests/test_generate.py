@@ -142,14 +142,14 @@ def test_several_checkpoints_are_sampled_alike_and_another_seed_gives_another_te
 
 
 def test_a_single_sample_is_streamed_token_by_token(trained, capsys, monkeypatch):
-    pieces, real = [], generate.tokens
+    pieces, real = [], generate.token_stream
 
     def watched(*args, **kwargs):  # what is printed by each token's turn
         for step in real(*args, **kwargs):
             yield step
             pieces.append(capsys.readouterr().out)
 
-    monkeypatch.setattr(generate, "tokens", watched)
+    monkeypatch.setattr(generate, "token_stream", watched)
     rest, _ = run(
         capsys,
         trained[0],

@@ -144,7 +144,7 @@ torch.manual_seed(0)
 model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=1, n_head=2, n_embd=32)).cuda().eval()
 chars = {"kind": "char", "chars": [chr(33 + i) for i in range(64)],
          "special_tokens": ["<|endoftext|>"]}
-checkpoint.save(sys.argv[1], checkpoint.contents(model, chars, step=0))
+checkpoint.save(sys.argv[1], checkpoint.create(model, chars, step=0))
 with torch.no_grad():  # what the GPU gave
     torch.save(model(torch.arange(16, device="cuda")[None])[0].cpu(), sys.argv[1] + ".logits")
 """
@@ -166,7 +166,7 @@ import torch
 from config import GPTConfig, SamplerConfig
 GREEDY = SamplerConfig(temperature=0)
 from model import GPT
-from sampling import Context, tokens
+from sampling import Context, token_stream
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}  # of the largest logit
 dtypes = ["float32", "float16"] + ["bfloat16"] * torch.cuda.is_bf16_supported()
 for pos in ("learned", "rope"):
@@ -174,7 +174,7 @@ for pos in ("learned", "rope"):
     cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=64, pos=pos)
     model = GPT(cfg).cuda().eval()
     prompt = torch.randint(0, 65, (2, 5), device="cuda")
-    cached, full = ([t for t, _ in tokens(Context(model, c), prompt, 40, GREEDY)] for c in (1, 0))
+    cached, full = ([t for t, _ in token_stream(Context(model, c), prompt, 40, GREEDY)] for c in (1, 0))
     assert torch.equal(torch.cat(cached, 1), torch.cat(full, 1))
     for name in dtypes:
         idx, cached, full, worst = prompt, Context(model, True), Context(model, False), 0.0

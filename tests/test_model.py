@@ -23,7 +23,7 @@ from sampling import (
     generate,
     next_token_probs,
     sample_next,
-    tokens,
+    token_stream,
 )
 
 # The model variants the causality, cache and attention tests run over, from every GPTConfig field.
@@ -205,7 +205,7 @@ def chat(model, turns, sampler, use_cache):
     for turn in turns:
         idx = torch.cat((idx, turn), dim=1)
         generator = torch.Generator().manual_seed(len(seen))
-        for token, probs in tokens(context, idx, 8, sampler, generator=generator):
+        for token, probs in token_stream(context, idx, 8, sampler, generator=generator):
             idx = torch.cat((idx, token), dim=1)
             seen.append(probs)
     return idx, torch.stack(seen)
@@ -354,7 +354,7 @@ def test_a_stop_token_ends_generation_once_every_row_has_made_it():
 def test_generation_builds_no_autograd_graph():
     model = GPT(tiny_model())  # parameters that require gradients
     context, idx, seen = Context(model), torch.zeros(1, 3, dtype=torch.long), []
-    for token, probs in tokens(context, idx, 5, GREEDY):
+    for token, probs in token_stream(context, idx, 5, GREEDY):
         seen.append((probs.requires_grad, token.requires_grad))
     assert seen == [(False, False)] * 5
     assert not any(k.requires_grad for k in context.cache.k + context.cache.v)

@@ -22,7 +22,7 @@ def main(argv=None):
     model = merge(checkpoint.model_of(saved, args.adapter))
     checkpoint.save(
         args.out,
-        checkpoint.contents(
+        checkpoint.create(
             model,
             saved["tokenizer"],
             step=saved.get("step"),
