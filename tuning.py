@@ -55,6 +55,10 @@ class Distilled(nn.Module):
         self.teacher.eval()
         return self
 
+    @property
+    def gpt(self):  # the model trained (machinery/runs.py gpt_of)
+        return self.student
+
     def forward(self, idx, targets=None):
         logits, loss = self.student(idx, targets)
         if targets is None or not self.training:
@@ -135,6 +139,10 @@ class Preferring(nn.Module):
         super().train(mode)
         self.reference.eval()
         return self
+
+    @property
+    def gpt(self):  # the model trained (machinery/runs.py gpt_of)
+        return self.policy
 
     def margins(self, idx, targets):
         """(B,): each pair's margin."""

@@ -176,6 +176,14 @@ def budget_of(cfg, clock):
 # ---------------------------------------------------------------------------------------- the run
 
 
+def gpt_of(model):
+    """The GPT inside what a step trains: under DDP (.module), torch.compile (._orig_mod), or a
+    variant's wrapper (.gpt). A LoRA model is a GPT, its adapters inside its layers."""
+    while not isinstance(model, GPT):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model.gpt
+    return model
+
+
 @dataclass
 class Variant:
     """What a variant of training plugs into a run (lora.py, tuning.py; docs/changing.md): what the

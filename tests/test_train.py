@@ -88,6 +88,16 @@ def test_each_parameter_is_in_one_group_and_only_matrices_decay(name):
             assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
 
 
+def test_a_step_reaches_the_gpt_through_compile_a_variant_and_lora():
+    import lora
+    from tuning import Distilled, Preferring
+
+    gpt = lora.add_adapters(GPT(tiny_model()), rank=2, alpha=4)
+    frozen = GPT(tiny_model())
+    for stepped in (gpt, Distilled(gpt, frozen, 2.0, 0.5), Preferring(gpt, frozen, 0.1)):
+        assert runs.gpt_of(torch.compile(stepped)) is gpt  # compiling builds nothing until called
+
+
 def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
     torch.manual_seed(0)
     model = GPT(tiny_model())

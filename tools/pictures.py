@@ -35,22 +35,27 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """[attention weights (nh, T, T) per layer] of idx (1, T): a forward pass, in which each
-    block's attention, given its input as the block gives it, computes the formula the fused
-    kernel computes without ever building the weights."""
-    maps = []
+    """[attention weights (nh, T, T) per layer] of idx (1, T): a forward pass through the model's own
+    attention, written out (not fused) so that each block builds its weights, which are kept."""
+    maps, fused = [], [block.attn.fused for block in model.blocks]
 
-    def weights(attn, args):  # args: what the block passes to its attention
-        x, mask, rope = args[:3]
-        q, k, _ = attn.heads(x, rope)
-        maps.append(attn.attention_weights(q, k, mask)[0])
+    def keeping(attention_weights):  # a block's own, its result kept
+        def kept(*args):
+            weights = attention_weights(*args)  # (1, nh, T, T)
+            maps.append(weights[0])
+            return weights
 
-    hooks = [block.attn.register_forward_pre_hook(weights) for block in model.blocks]
+        return kept
+
+    for block in model.blocks:
+        block.attn.fused = False
+        block.attn.attention_weights = keeping(block.attn.attention_weights)
     try:
         model(idx)
     finally:
-        for hook in hooks:
-            hook.remove()
+        for block, was in zip(model.blocks, fused):
+            block.attn.fused = was
+            del block.attn.attention_weights  # the method again
     return maps
 
 
