@@ -88,6 +88,7 @@ def test_each_parameter_is_in_one_group_and_only_matrices_decay(name):
             assert group["weight_decay"] == (0.1 if p.dim() >= 2 else 0.0)
 
 
+@pytest.mark.slow  # torch.compile's first use loads its compiler: a second
 def test_a_step_reaches_the_gpt_through_compile_a_variant_and_lora():
     import lora
     from tuning import Distilled, Preferring
