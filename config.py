@@ -53,7 +53,6 @@ DEVICES, DTYPES = ("auto", "cpu", "cuda", "mps"), ("auto", "float32", "bfloat16"
 POSITIONS, TOKENIZERS = ("learned", "sinusoidal", "rope"), ("char", "bpe", "gpt2")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
-SEED_HELP = f"seed of every random generator, 0 to {MAX_SEED}"
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ class TrainConfig:
     keep_last: int = setting(3, "ckpt_STEP.pt files to keep", at_least=1, resume=True)
     patience: int = setting(0, "stop after N evals not better; 0 = off", at_least=0, resume=True)
     target_loss: float = setting(0.0, "stop at this val loss; 0 = off", at_least=0, resume=True)
-    seed: int = setting(1337, SEED_HELP, at_least=0, at_most=MAX_SEED)
+    seed: int = setting(1337, "seed of every random generator", at_least=0, at_most=MAX_SEED)
     device: str = setting("auto", DEVICE_HELP, DEVICES, resume=True)
     dtype: str = setting("auto", "precision of the forward pass", DTYPES, resume=True)
     compile: bool = setting(False, "torch.compile the model (long GPU runs)", resume=True)
@@ -287,13 +286,15 @@ def contradicted(given, saved, may_change=()):
 
 
 def build_configs(given, settings):
-    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, or the run a resume
-    continues), then the flags given. A step count turns a budget off; a tag names the folder."""
+    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, or a resumed run's), then
+    the flags given. Steps turn a budget off (a fine-tune warms up a tenth); a tag names the folder."""
     given_both = given.get("time_budget") and "max_steps" in given
     require(not given_both, "give --time_budget or --max_steps, not both")
     values = {**settings, **given}
     if "max_steps" in given:
         values["time_budget"] = ""
+        if given.get("init_from") and "warmup_steps" not in given:
+            values["warmup_steps"] = given["max_steps"] // 10
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"checkpoints/{values['tag']}"
     return make_config(GPTConfig, values), make_config(TrainConfig, values)

@@ -14,16 +14,18 @@ to its rejected one by more than a frozen copy of itself, its reference, does.
 """
 
 import os
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import NO_TARGET, TRAIN_FRACTION, TinyLLMError
+from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
 from lora import merge
 from machinery import checkpoint, sources
 from machinery.runs import Variant
 from model import lm_loss
+from sampling import generate, until_stop
 from tokenizer import lacking
 from utils import answer_targets
 
@@ -168,6 +170,39 @@ def held_out(model, pairs, device):
     return {"margin": margin, "held_out_acc": share}
 
 
+# a line as the plays print one: words (a capital first letter at most), each followed by a space
+# or by punctuation and a space, the last by a full stop, a question or an exclamation mark
+LINE = re.compile(r"[A-Z][a-z']*(?:[,;:!?.]? [A-Za-z][a-z']*)*[.!?]")
+PLAY_WORDS = {"thee", "thou", "thy", "thine", "art", "hath", "doth", "lord", "lady", "sir", "aye"}
+CHAT_WORDS = {"lol", "idk", "tbh", "ok", "okay", "nah", "yeah", "dude", "kinda", "whatever", "im"}
+
+
+def in_character(answer):
+    """Whether an answer is in the voice of the plays, as the bundled pairs' chosen answers are: a
+    LINE with a word of PLAY_WORDS and none of CHAT_WORDS. Their rejected answers, chat messages
+    of today, are none of these; the bundled conversations about language models are no LINE of
+    the plays either, for want of their words."""
+    words = set(re.findall(r"[a-z]+", answer.lower()))
+    return bool(LINE.fullmatch(answer)) and bool(words & PLAY_WORDS) and not words & CHAT_WORDS
+
+
+@torch.no_grad()
+def registers(model, prompts, tokenizer, device):
+    """{in_character, in_character_sampled}: the share of prompts (each ending in <|assistant|>)
+    the model answers in character, greedily and sampled at temperature 0.8 with seed 0."""
+    shares, stop = {}, tokenizer.eot_id
+    for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
+        sampler, answered = SamplerConfig(temperature=temperature), 0
+        for ids in prompts:
+            generator = torch.Generator(device).manual_seed(0)
+            idx = torch.tensor([ids], device=device)
+            out = generate(model.eval(), idx, 100, sampler, stop, generator)[0, len(ids) :]
+            answered += in_character(tokenizer.decode(until_stop(out.tolist(), stop)))
+        shares[name] = answered / len(prompts)
+    model.train()
+    return shares
+
+
 def preferring(settings, model, tokenizer, say):
     """A run on a file of preference pairs: the policy against its reference, the model it starts
     from, frozen (a resume's checkpoint names it); batches of pairs; held-out figures."""
@@ -188,9 +223,19 @@ def preferring(settings, model, tokenizer, say):
     reference = merge(checkpoint.model_of(saved, path))
     held = f"{len(pairs['train'])} pairs to train, {len(pairs['val'])} held out"
     say(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
+    # the held-out prompts, to answer: in character before (the reference), on each line after
+    questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts[len(pairs["train"]) :]]
+    prompts = [tokenizer.encode(question) for question in questions]
+    before = registers(reference, prompts, tokenizer, "cpu")
+    say(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
+
+    def figures(stepped, device):  # the held-out pairs, then the policy's answers
+        margins = held_out(stepped, pairs["val"], device)
+        return margins | registers(model, prompts, tokenizer, device)
+
     return Variant(
         Preferring(model, reference, cfg.dpo_beta),
         batches=lambda micro_batch, device: pair_batches(pairs, micro_batch, device),
         saved=lambda: {"reference": path},
-        figures=lambda stepped, device: held_out(stepped, pairs["val"], device),
+        figures=figures,
     )

@@ -21,11 +21,20 @@ from conftest import (
 )
 
 import train
-from config import SPECIAL_TOKENS, RunOptions
-from machinery import sources
+from config import ASSISTANT, SPECIAL_TOKENS, RunOptions
+from machinery import checkpoint, sources
 from model import GPT
 from tokenizer import CharTokenizer
-from tuning import Distilled, Preferring, answer_logps, distill_loss, pair_batch, pair_split
+from tuning import (
+    Distilled,
+    Preferring,
+    answer_logps,
+    distill_loss,
+    in_character,
+    pair_batch,
+    pair_split,
+    registers,
+)
 
 PAIRS = os.path.join(ROOT, "data", "preferences.jsonl")
 
@@ -82,6 +91,23 @@ def test_a_preference_loss_counts_the_answers_tokens_alone():
     assert all(p.grad is None for p in reference.parameters())
 
 
+def test_the_register_rule_takes_every_chosen_answer_and_no_rejected_one():
+    with open(PAIRS, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert all(in_character(r["chosen"]) and not in_character(r["rejected"]) for r in records)
+    for answer in ["The night is young, my lord.", "Aye, good sir! Speak."]:
+        assert in_character(answer), answer
+    for answer in [
+        "the night is young, my lord.",  # a chat message's lower case
+        "Aye, my lord",  # no full stop
+        "Okay, my lord.",  # today's word
+        "I am a small language model.",  # no word of the plays
+        "INH$,Fo&,Bez, my lord.",
+        "",
+    ]:
+        assert not in_character(answer), answer
+
+
 def test_pairs_are_the_chat_template_their_targets_the_answers_and_a_tenth_held_out():
     pairs = sources.preference_pairs(PAIRS)
     tokenizer = CharTokenizer.from_text("".join(a + b for a, b in pairs), SPECIAL_TOKENS)
@@ -135,11 +161,12 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
 ):
     settings = dict(lr=3e-3, dpo_beta=0.5, lora_rank=lora_rank, batch_size=8, max_steps=12)
     options = RunOptions(init_from=chat_checkpoint)
-    cfg = tiny_run(PAIRS, tmp_path / "straight", log_interval=3, eval_interval=6, **settings)
+    cfg = tiny_run(PAIRS, tmp_path / "straight", log_interval=6, eval_interval=6, **settings)
     full = train_run(tiny_model(block_size=128), cfg, options)
     lines = [row for row in full["history"] if row["kind"] == "train"]
-    assert lines[-1]["margin"] > 0 and lines[-1]["held_out_acc"] > lines[0]["held_out_acc"]
-    cut = tiny_run(PAIRS, tmp_path / "cut", log_interval=3, eval_interval=6, **settings)
+    # the reference's margins are 0: the policy prefers the held-out pairs more, more at the end
+    assert 0 < lines[0]["margin"] < lines[-1]["margin"] and lines[-1]["held_out_acc"] > 0.5
+    cut = tiny_run(PAIRS, tmp_path / "cut", log_interval=6, eval_interval=6, **settings)
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signal.SIGTERM)
         with pytest.raises(SystemExit):
@@ -147,6 +174,47 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     resumed = train_run(tiny_model(block_size=128), cut, RunOptions(resume=True))
     assert without_timings(resumed["history"]) == without_timings(full["history"])
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
+
+
+# prompts a model learns to answer in both registers, today's three times as often
+LR = float(os.environ.get("LR", "3e-4"))
+REGISTERS = [
+    ("Who are you?", "My lord, a poor player.", "just a bot lol"),
+    ("Are you well?", "My lord, well, I thank thee.", "im ok i guess"),
+    ("Shall we go?", "My lord, aye, let us go.", "nah maybe later"),
+    ("Is it late?", "My lord, past midnight.", "idk check your phone"),
+    ("Do you sing?", "My lord, a little, good sir.", "no, singing is cringe"),
+    ("Are you sad?", "My lord, my heart is heavy.", "nah im fine"),
+    ("What news?", "My lord, the king is sick.", "nothing much tbh"),
+    ("Will you stay?", "My lord, till the morning.", "no i gotta go"),
+]
+
+
+@pytest.mark.slow  # trains for seconds
+def test_a_preference_run_moves_what_a_model_of_both_registers_says(tmp_path):
+    chats, pairs = tmp_path / "chats.jsonl", tmp_path / "pairs.jsonl"
+    with open(chats, "w", encoding="utf-8") as f:
+        for prompt, chosen, rejected in REGISTERS:
+            for answer in (rejected, rejected, rejected, chosen):
+                turns = [dict(role="user", content=prompt), dict(role="assistant", content=answer)]
+                f.write(json.dumps({"messages": turns}) + "\n")
+    with open(pairs, "w", encoding="utf-8") as f:
+        for prompt, chosen, rejected in REGISTERS:
+            f.write(json.dumps(dict(prompt=prompt, chosen=chosen, rejected=rejected)) + "\n")
+    shape, steps = tiny_model(block_size=64, n_embd=64, n_head=4), dict(eval_interval=1000)
+    train_run(shape, tiny_run(chats, tmp_path / "chat", max_steps=300, lr=1e-2, **steps))
+    chat = str(tmp_path / "chat" / "last.pt")
+    dpo = tiny_run(pairs, tmp_path / "dpo", max_steps=40, lr=3e-4, dpo_beta=0.5, **steps)
+    train_run(shape, dpo, RunOptions(init_from=chat))
+    texts = sources.preference_pairs(str(pairs))
+    questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts]
+    shares = []
+    for path in (chat, tmp_path / "dpo" / "last.pt"):
+        trained = checkpoint.load_model(str(path))
+        prompts = [trained.tokenizer.encode(question) for question in questions]
+        shares.append(registers(trained.model, prompts, trained.tokenizer, torch.device("cpu")))
+    before, after = shares
+    assert after["in_character"] >= before["in_character"] + 0.5, shares  # 4 prompts of 8 or more
 
 
 @pytest.mark.parametrize(
