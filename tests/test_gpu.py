@@ -203,7 +203,7 @@ import dataclasses, sys, torch
 import optim, train
 from config import GPTConfig, RunOptions, TrainConfig
 from machinery.start import settled
-from machinery import checkpoint
+from machinery import checkpoint, start
 data, out = sys.argv[1:3]
 cfg = TrainConfig(data=data, out_dir=out, batch_size=8, max_steps=3, eval_interval=3, eval_iters=1,
                   warmup_steps=1, sample_tokens=0, plots=False, device="cuda", dtype="float32")
@@ -212,13 +212,13 @@ shape = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
 def fused():
     return checkpoint.load(out + "/last.pt")["optimizer"]["param_groups"][0]["fused"]
 
-def as_a_mac_makes_it(model, cfg, device):
-    return optim.make_optimizer(model, cfg, torch.device("mps"))
+def as_a_mac_makes_it(model, cfg, device, dtype="float32"):
+    return optim.make_optimizer(model, cfg, torch.device("mps"), dtype)
 
-train.make_optimizer = as_a_mac_makes_it
+start.make_optimizer = as_a_mac_makes_it  # where the run's start calls it
 train.train(settled(shape, cfg))
 print("saved fused", fused())
-train.make_optimizer = optim.make_optimizer
+start.make_optimizer = optim.make_optimizer
 train.train(settled(shape, dataclasses.replace(cfg, max_steps=6), RunOptions(resume=True),
                     given={"max_steps": 6}))
 print("resumed fused", fused())
