@@ -189,14 +189,15 @@ def in_character(answer):
 @torch.no_grad()
 def registers(model, prompts, tokenizer, device):
     """{in_character, in_character_sampled}: the share of prompts (each ending in <|assistant|>)
-    the model answers in character, greedily and sampled at temperature 0.8 with seed 0."""
+    the model answers in character, greedily and sampled at temperature 0.8 with seed 0, in 80
+    tokens at most (the bundled answers are shorter)."""
     shares, stop = {}, tokenizer.eot_id
     for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
         sampler, answered = SamplerConfig(temperature=temperature), 0
         for ids in prompts:
             generator = torch.Generator(device).manual_seed(0)
             idx = torch.tensor([ids], device=device)
-            out = generate(model.eval(), idx, 100, sampler, stop, generator)[0, len(ids) :]
+            out = generate(model.eval(), idx, 80, sampler, stop, generator)[0, len(ids) :]
             answered += in_character(tokenizer.decode(until_stop(out.tolist(), stop)))
         shares[name] = answered / len(prompts)
     model.train()
@@ -226,8 +227,9 @@ def preferring(settings, model, tokenizer, say):
     # the held-out prompts, to answer: in character before (the reference), on each line after
     questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts[len(pairs["train"]) :]]
     prompts = [tokenizer.encode(question) for question in questions]
-    before = registers(reference, prompts, tokenizer, "cpu")
-    say(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
+    if not settings.resumed:  # the reference's answers: the run's first lines said them
+        before = registers(reference, prompts, tokenizer, "cpu")
+        say(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
 
     def figures(stepped, device):  # the held-out pairs, then the policy's answers
         margins = held_out(stepped, pairs["val"], device)
