@@ -286,8 +286,8 @@ def contradicted(given, saved, may_change=()):
 
 
 def build_configs(given, settings):
-    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, or a resumed run's), then
-    the flags given. Steps turn a budget off (a fine-tune warms up a tenth); a tag names the folder."""
+    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
+    the flags given. Steps turn a budget off (a fine-tune warms up a tenth); a tag is a folder."""
     given_both = given.get("time_budget") and "max_steps" in given
     require(not given_both, "give --time_budget or --max_steps, not both")
     values = {**settings, **given}

@@ -33,7 +33,7 @@ from utils import bits_per_char
 def train_step(model, optimizer, next_batch, lr, cfg, precision):
     """One optimizer step. Its figures stay tensors: reading one makes a GPU wait, so the loop
     reads them later. A new figure is a new entry here, one number a step: it reaches the progress
-    line and history. model may be wrapped (DDP, compile, a variant): runs.gpt_of(model) is the GPT."""
+    line and history. model may be wrapped (DDP, compile, a variant): runs.gpt_of(model) unwraps."""
     scaler = precision.scaler or torch.amp.GradScaler(enabled=False)  # disabled: calls do nothing
     for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
         group["lr"] = lr * group.get("lr_scale", 1.0)

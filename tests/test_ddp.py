@@ -1,7 +1,7 @@
-"""machinery/devices.py, several processes: two under torchrun (Gloo, on the CPU): a DDP step equals a
-single-process step, the ranks agree on a stop signal only one of them got, and a run resumed under
-torchrun ends as the run that went straight on. Without torchrun: what cannot work here is refused
-before joining."""
+"""Several processes (machinery/devices.py): two under torchrun (Gloo, on the CPU): a DDP step
+equals a single-process step, the ranks agree on a stop signal only one of them got, and a run
+resumed under torchrun ends as the run that went straight on. Without torchrun: what cannot work
+here is refused before joining."""
 
 import contextlib
 import dataclasses

@@ -174,7 +174,8 @@ for pos in ("learned", "rope"):
     cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=64, pos=pos)
     model = GPT(cfg).cuda().eval()
     prompt = torch.randint(0, 65, (2, 5), device="cuda")
-    cached, full = ([t for t, _ in token_stream(Context(model, c), prompt, 40, GREEDY)] for c in (1, 0))
+    steps = [token_stream(Context(model, c), prompt, 40, GREEDY) for c in (1, 0)]
+    cached, full = ([t for t, _ in stream] for stream in steps)
     assert torch.equal(torch.cat(cached, 1), torch.cat(full, 1))
     for name in dtypes:
         idx, cached, full, worst = prompt, Context(model, True), Context(model, False), 0.0

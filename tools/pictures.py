@@ -35,8 +35,8 @@ def short_label(tokenizer, token):
 
 @torch.no_grad()
 def attention_maps(model, idx):
-    """[attention weights (nh, T, T) per layer] of idx (1, T): a forward pass through the model's own
-    attention, written out (not fused) so that each block builds its weights, which are kept."""
+    """[attention weights (nh, T, T) per layer] of idx (1, T): a forward pass through the model's
+    own attention, written out (not fused) so that each block builds its weights, which are kept."""
     maps, fused = [], [block.attn.fused for block in model.blocks]
 
     def keeping(attention_weights):  # a block's own, its result kept
