@@ -155,7 +155,7 @@ def log_progress(run):
     tokens_per_s = run.tokens_per_step / seconds if seconds else 0.0
     end = run.budget.end_step(state, seconds)
     eta = cli.format_seconds((end - state.step) * seconds) if end else "?"
-    if run.variant.figures:  # a variant's own, a tuning run's held-out pairs say
+    if run.variant.figures:  # a variant's own: a preference run's held-out answers
         figures |= run.variant.figures(run.train_model, run.process.device)
     shown = " | ".join(f"{k} {format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
     pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
