@@ -3,6 +3,7 @@
 A setting is a field: its default, what it means, and what it may be (one of its choices, or a
 number within its bounds). check() holds every setting to that, once, for every config."""
 
+import argparse
 import math
 import operator
 import re
@@ -206,22 +207,17 @@ def parse_duration(text):
 
 
 # what the CPU presets share: StableLM's parts (it publishes), five minutes (docs/experiments.md)
-FIVE_MINUTES = dict(
-    block_size=128,
-    pos="rope",
-    mlp="swiglu",
-    bias=False,
-    batch_size=32,
-    time_budget="5m",
-    lr=3e-3,
-    min_lr=0.0,
-    warmup_steps=200,
-    weight_decay=1.0,
-    eval_interval=500,
-)
+STABLELM = dict(pos="rope", mlp="swiglu", bias=False)
+FIVE_MINUTES = dict(STABLELM, block_size=128, batch_size=32, time_budget="5m", eval_interval=500)
+FIVE_MINUTES |= dict(lr=3e-3, min_lr=0.0, warmup_steps=200, weight_decay=1.0)
 NANOGPT = dict(bias=False, lr=1e-3, min_lr=1e-4, beta2=0.99)  # nanoGPT's optimizer settings
 # nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
 SMALL = dict(NANOGPT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64)
+MEDIUM = dict(SMALL, n_layer=8, n_head=8, n_embd=512, block_size=512, max_steps=10000)
+MEDIUM |= dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500)
+# seconds, not minutes: to check that a change runs, learns, resumes and samples
+MICRO = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3, min_lr=3e-4)
+MICRO |= dict(max_steps=200, warmup_steps=10, eval_interval=50, eval_iters=5, log_interval=10)
 PRESETS = {
     # the default on a CPU or a Mac (default_preset picks): of those measured, what learned most
     # in five minutes on 2-core CPUs; mini takes too few steps on 1 thread or in float32
@@ -231,33 +227,8 @@ PRESETS = {
     "reference": dict(NANOGPT, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
     "small": SMALL,
     "small-modern": dict(SMALL, pos="rope", mlp="swiglu", norm="rmsnorm", max_steps=5000),
-    "medium": dict(
-        SMALL,
-        n_layer=8,
-        n_head=8,
-        n_embd=512,
-        block_size=512,
-        max_steps=10000,
-        lr=6e-4,
-        min_lr=6e-5,
-        warmup_steps=200,
-        eval_interval=500,
-    ),
-    # seconds, not minutes: to check that a change runs, learns, resumes and samples
-    "micro": dict(
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=32,
-        batch_size=8,
-        max_steps=200,
-        warmup_steps=10,
-        lr=3e-3,
-        min_lr=3e-4,
-        eval_interval=50,
-        eval_iters=5,
-        log_interval=10,
-    ),
+    "medium": MEDIUM,
+    "micro": MICRO,
 }
 
 
@@ -276,15 +247,6 @@ def make_config(cls, values):
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def contradicted(given, saved, may_change=()):
-    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
-    refused = []
-    for k, v in given.items():
-        if k in saved and k not in may_change and v != saved[k]:
-            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
-    return "; ".join(refused)
-
-
 def build_configs(given, settings):
     """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
     the flags given. Steps turn a budget off (a fine-tune warms up a tenth); a tag is a folder."""
@@ -298,3 +260,37 @@ def build_configs(given, settings):
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"checkpoints/{values['tag']}"
     return make_config(GPTConfig, values), make_config(TrainConfig, values)
+
+
+# ----------------------------------------------------------------------- the flags, from the fields
+
+
+def add_flags(parser, cls, defaults=None, names=None, title=None):
+    """A --flag per field of cls (or of those in names), None unless given. --help shows its
+    meaning, choices and default; defaults {name: (value, why)} replace the field's."""
+    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        default, why = (defaults or {}).get(f.name, (f.default, None))
+        shown = "none" if default in ("", None) else default
+        shown = f"{shown}, {why}" if why else shown
+        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+        how = dict(dest=f.name, type=f.type, metavar=f.name.upper())
+        if f.type is bool:  # a bare --flag means true; --flag false works too
+            how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
+        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
+            how.update(nargs="?", const="", metavar="PATH.pt")
+        help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
+        group.add_argument(f"--{f.name}", *f.metadata["aliases"], help=help, **how)
+
+
+def yes_or_no(text):
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes", "on")
+
+
+def given_flags(args):
+    """The flags given, {name: value}: the settings asked for."""
+    return {k: v for k, v in vars(args).items() if v is not None}

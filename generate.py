@@ -9,7 +9,15 @@ import sys
 
 import torch
 
-from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
+from config import (
+    EOT,
+    GenerateConfig,
+    SamplerConfig,
+    TinyLLMError,
+    add_flags,
+    given_flags,
+    make_config,
+)
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Annotator, Printer, model_odds
 from sampling import Context, beam_search, token_stream, until_stop
@@ -85,11 +93,11 @@ def main(argv=None):
     parser.add_argument(
         "checkpoints", nargs="*", metavar="PATH.pt", help="default: checkpoints/best.pt"
     )
-    cli.add_config_flags(parser, SamplerConfig, title="how each token is drawn")
-    cli.add_config_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
+    add_flags(parser, SamplerConfig, title="how each token is drawn")
+    add_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
     args = parser.parse_args(argv)
     paths = args.checkpoints or ["checkpoints/best.pt"]
-    flags = cli.given_flags(args)
+    flags = given_flags(args)
     cfg, sampler = make_config(GenerateConfig, flags), make_config(SamplerConfig, flags)
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]
     if cfg.beam and drawn:

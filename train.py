@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+import config
 from config import SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, devices, runs, sources, start
 from optim import get_lr, progress
@@ -77,9 +78,8 @@ def estimate_loss(model, batches, eval_iters, ctx):
 
 
 def train(settings, clock=None):
-    """Train from settled settings (machinery/start.py); return a summary. Under torchrun every
-    rank runs this; rank 0 alone prints, writes. clock() gives this process's seconds so far (a
-    time budget counts them): from now if None."""
+    """Train from settled settings (machinery/start.py); return a summary. Every rank of torchrun
+    runs it. clock(): this process's seconds so far, which a time budget counts (None: from now)."""
     began = time.perf_counter()
     clock = clock or (lambda: time.perf_counter() - began)
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
@@ -211,8 +211,7 @@ def evaluate(run):
 
 
 def save(run, name):
-    """out_dir/name: all --resume needs to go on exactly, every rank's random state too. All ranks
-    call it."""
+    """out_dir/name: all --resume needs to go on exactly (each rank's random state); all call it."""
     check_finite(run)
     rngs = run.process.every_rank(checkpoint.rng_state())
     if run.master:
@@ -244,9 +243,6 @@ def print_header(run):
     if cfg.time_budget:
         schedule = f"after the warmup the {cfg.lr_schedule} schedule runs over the time left"
         run.say(f"time budget {cfg.time_budget}: {schedule}")
-    elif cfg.max_steps <= cfg.warmup_steps:
-        steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
-        cli.warn(f"{steps}: the LR never decays")
     elif run.state.step:  # a resumed run: where it is in the schedule of its --max_steps
         now = get_lr(run.state.step, progress(run.state.step, cfg), cfg)
         end = f"{get_lr(cfg.max_steps, 1.0, cfg):.3g} at step {cfg.max_steps}"
@@ -314,8 +310,27 @@ def finish(run, stop_reason, signum):
 # ------------------------------------------------------------------------------- the command line
 
 
+def flags(argv=None):
+    """The flags given, {name: value}: what to do, the model, the training (config.py's settings).
+    --help shows the defaults of this machine's preset."""
+    here = devices.choose_device("auto")
+    preset, machine = devices.machine_preset(here, {})
+    presets, may_change = ", ".join(config.PRESETS), ", ".join(config.RESUME_MAY_CHANGE)
+    parser = cli.ArgumentParser(
+        description="Train a GPT language model on a text file.",
+        epilog=f"Presets: {presets}. Without --preset this machine uses '{preset}', whose defaults "
+        f"are shown. --resume may change only: {may_change}.",
+    )
+    defaults = {k: (v, f"preset {preset}") for k, v in config.PRESETS[preset].items()}
+    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
+    config.add_flags(parser, config.RunOptions, defaults, title="what to do")
+    config.add_flags(parser, config.GPTConfig, defaults, title="model")
+    config.add_flags(parser, config.TrainConfig, defaults, title="training")
+    return config.given_flags(parser.parse_args(argv))
+
+
 def main(argv=None, clock=None):
-    given = start.train_flags(argv)
+    given = flags(argv)
     settings = start.settle(given)  # every setting decided, and checked, here
     options, cfg = settings.options, settings.cfg
     if options.eval_only is not None:  # --eval_only alone: best.pt's

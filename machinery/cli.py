@@ -1,9 +1,8 @@
-"""The scripts' command line: flags from config.py's settings, bad input as one `error:` line
-(exit 2), Ctrl-C or SIGTERM finishing a training step and saving first; and printing."""
+"""The scripts' command line around config.py's flags: bad input as one `error:` line (exit 2),
+Ctrl-C or SIGTERM finishing a training step and saving first; and printing."""
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import os
 import signal
@@ -38,35 +37,6 @@ def first_line(e):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def bool_flag(text):
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("1", "true", "yes", "on")
-
-
-def add_config_flags(parser, cls, defaults=None, names=None, title=None):
-    """A --flag per field of cls, None unless given; defaults {name: (value, source)} for --help."""
-    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
-    for f in dataclasses.fields(cls):
-        if names is not None and f.name not in names:
-            continue
-        default, source = (defaults or {}).get(f.name, (f.default, None))
-        shown = "none" if default in ("", None) else default
-        shown = f"{shown}, {source}" if source else shown
-        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
-        how = dict(dest=f.name, type=f.type, metavar=f.name.upper())
-        if f.type is bool:  # a bare --flag means true; --flag false works too
-            how.update(type=bool_flag, nargs="?", const=True, metavar="BOOL")
-        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
-            how.update(nargs="?", const="", metavar="PATH.pt")
-        help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
-        group.add_argument(f"--{f.name}", *f.metadata["aliases"], help=help, **how)
-
-
-def given_flags(args):
-    return {k: v for k, v in vars(args).items() if v is not None}
 
 
 def check_writable(path, flag, make_folder=False):

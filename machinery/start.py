@@ -16,7 +16,6 @@ from config import (
     TinyLLMError,
     TrainConfig,
     build_configs,
-    contradicted,
     make_config,
     require,
 )
@@ -26,26 +25,6 @@ from machinery.runs import Meter, Run, TrainState, Variant, budget_of, restore
 from model import GPT
 from optim import make_optimizer
 from utils import make_batches
-
-# -------------------------------------------------------- the command line: what the run is asked
-
-
-def train_flags(argv=None):
-    """train.py's flags given, {name: value}: what to do (RunOptions) and the settings. --help
-    shows the defaults of this machine's preset."""
-    here = devices.choose_device("auto")
-    preset, machine = devices.machine_preset(here, {})
-    parser = cli.ArgumentParser(
-        description="Train a GPT language model on a text file.",
-        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
-        f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
-    )
-    defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
-    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
-    for cls, title in ((RunOptions, "what to do"), (GPTConfig, "model"), (TrainConfig, "training")):
-        cli.add_config_flags(parser, cls, defaults, title=title)
-    return cli.given_flags(parser.parse_args(argv))
-
 
 # -------------------------------------------------------------------- the run's settings, once
 
@@ -171,6 +150,15 @@ def fine_tune_checkpoint(path, given):
     return saved
 
 
+def contradicted(given, saved, may_change=()):
+    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    refused = []
+    for k, v in given.items():
+        if k in saved and k not in may_change and v != saved[k]:
+            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
+    return "; ".join(refused)
+
+
 # ----------------------------------------------------------------------------------- the start
 
 
@@ -215,6 +203,9 @@ def set_up(settings, clock):
         budget.load_state_dict(saved["budget"])
     if options.overwrite and not options.overfit_batch and not saved and process.rank == 0:
         clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
+    if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
+        steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
+        cli.warn(f"{steps}: the LR never decays")
     return Run(
         cfg=cfg,
         preset=settings.preset,

@@ -20,7 +20,6 @@ import train
 from config import PRESETS, RunOptions, build_configs, make_config
 from machinery import checkpoint, devices, start
 from machinery import cli as machinery_cli
-from machinery.start import train_flags
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 
@@ -88,13 +87,13 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
         "--warmup",
         "7",
     ]
-    given = train_flags(argv)
+    given = train.flags(argv)
     options = make_config(RunOptions, given)
     cfg = build_configs(given, PRESETS["tiny"])[1]
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert train_flags(["--plots", "--preset", "tiny"])["plots"]
+    assert train.flags(["--plots", "--preset", "tiny"])["plots"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])

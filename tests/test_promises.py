@@ -23,8 +23,8 @@ from conftest import (
 )
 
 import generate
+import train
 from config import RunOptions, TinyLLMError, TrainConfig, build_configs
-from machinery.start import train_flags
 from model import GPT
 from sampling import Context
 
@@ -51,7 +51,7 @@ TINY = dict(
 def configs(flags, data, out_dir, **shape_of_the_test):
     """(GPTConfig, TrainConfig): TINY, then the flags given, then what the test needs. A
     combination the settings refuse skips the test, with the refusal's line."""
-    given = train_flags(flags) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
+    given = train.flags(flags) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
     try:
         return build_configs(given, TINY)
     except TinyLLMError as refused:

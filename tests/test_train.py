@@ -44,7 +44,7 @@ from config import (
     build_configs,
 )
 from machinery import checkpoint, devices, evaluation, runs, sources, start
-from machinery.start import settled, train_flags
+from machinery.start import settled
 from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
 
@@ -824,7 +824,7 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, tmp_path, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    assert start.settle(train_flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
+    assert start.settle(train.flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
 
@@ -847,8 +847,15 @@ def test_a_budget_too_short_for_the_warmup_is_one_line(text_file, tmp_path, caps
     assert_one_line_error(code, err, "--time_budget")
 
 
+def test_a_run_that_ends_within_its_warmup_is_warned(text_file, tmp_path, capsys):
+    for steps, warned in ((2, True), (4, False)):
+        cfg = tiny_run(text_file, tmp_path / str(steps), max_steps=steps, warmup_steps=3)
+        train_run(tiny_model(), cfg)
+        assert ("warning:" in capsys.readouterr().err) == warned
+
+
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = build_configs(train_flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
+    cfg = build_configs(train.flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
     assert (
         cfg.max_steps == 50
         and not cfg.time_budget

@@ -11,7 +11,15 @@ import time
 
 import numpy as np
 
-from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
+from config import (
+    BPE_VOCAB_SIZE,
+    TRAIN_FRACTION,
+    TinyLLMError,
+    TrainConfig,
+    add_flags,
+    given_flags,
+    make_config,
+)
 from machinery import cli
 from machinery.checkpoint import replace_file
 from machinery.sources import iter_documents
@@ -117,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--input", required=True, help="a .txt, a folder, .jsonl or Q&A .json")
     parser.add_argument("--out", required=True, help="the output folder, e.g. data/NAME")
     names = ("tokenizer", "clean", "data_ext")
-    cli.add_config_flags(parser, TrainConfig, names=names, title="as in train.py")
+    add_flags(parser, TrainConfig, names=names, title="as in train.py")
     parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE, help="BPE's: %(default)s")
     parser.add_argument(
         "--tokenizer_sample_mb", type=int, default=20, help="BPE's text: %(default)s"
@@ -125,7 +133,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tokenizer_sample_mb < 1:
         raise TinyLLMError(f"--tokenizer_sample_mb must be >= 1, got {args.tokenizer_sample_mb}")
-    cfg = make_config(TrainConfig, {**cli.given_flags(args), "data": args.input})
+    cfg = make_config(TrainConfig, {**given_flags(args), "data": args.input})
     prepare(cfg, args.out, args.vocab_size, args.tokenizer_sample_mb)
 
 
