@@ -1,6 +1,6 @@
 """A run as the training loop sees it (Run, built by machinery/start.py): its state, which every
 checkpoint saves (TrainState); the figures of the steps since the last progress line, and their
-pace (Meter); when it ends (Steps, or a TimeBudget); what a variant plugs in (Variant); what a
+pace (Meter); when it ends and how far it is (Budget); what a variant plugs in (Variant); what a
 checkpoint of the run holds, and how a resume puts it back."""
 
 import contextlib
@@ -71,46 +71,21 @@ class Meter:
 
 
 # ------------------------------------------------------------------- when the run ends: its budget
-# The loop asks Steps or a TimeBudget the same questions: how far the run is at a step (the
-# schedule's progress, optim.get_lr), whether it is over, whether an evaluation fits, and at which
-# step it will end. What one must remember across a resume is its state_dict, in every checkpoint.
 
 
-class Steps:
-    """A run of max_steps steps."""
+class Budget:
+    """When the run ends, and how far it is: after max_steps steps, or when its --time_budget is
+    spent. The loop asks it at every step; what a resume needs of it is its state_dict.
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.eval_seconds = 0.0  # the latest evaluation's (a time budget keeps as much)
+    progress is 0 through the warmup, then the share taken of the steps, or of the time, from the
+    warmup's end to the run's: the schedule's decay (optim.get_lr) ends as the run does. A time
+    budget's steps end at 99% of it less the last evaluation's time (1%: the sample, the exit).
+    clock() gives this process's seconds so far; state.seconds are those before it (a resume's)."""
 
-    def progress(self, state):  # of the step about to be taken
-        return progress(state.step, self.cfg)
-
-    def over(self, state):
-        return state.step >= self.cfg.max_steps
-
-    def room_for_eval(self, state):
-        return True
-
-    def end_step(self, state, step_seconds=None):
-        return self.cfg.max_steps
-
-    def state_dict(self):
-        return {"eval_seconds": self.eval_seconds}
-
-    def load_state_dict(self, saved):
-        self.eval_seconds = saved["eval_seconds"]
-
-
-class TimeBudget(Steps):
-    """A run of --time_budget. clock() gives this process's seconds so far; state.seconds are
-    those before it (a resume's). After the warmup, progress is the share spent of the time from
-    the warmup's end to the steps' end, 99% of the budget (1% is kept for the closing evaluation's
-    time, the sample and the exit): the schedule's decay ends as the time does."""
-
-    def __init__(self, cfg, clock):
-        super().__init__(cfg)
-        self.clock, self.seconds = clock, parse_duration(cfg.time_budget)
+    def __init__(self, cfg, clock=None):
+        self.cfg, self.clock = cfg, clock
+        self.seconds = parse_duration(cfg.time_budget)  # None: a run of max_steps
+        self.eval_seconds = 0.0  # the latest evaluation's: a time budget keeps as much at its end
         self.decay_start = None  # the seconds at the warmup's end
         self.first = None  # (step, seconds) where this process's pace counts from
 
@@ -118,12 +93,14 @@ class TimeBudget(Steps):
         return state.seconds + self.clock()
 
     def end(self):
-        """When the steps must end: the budget less room for the closing evaluation and 1%."""
+        """When a time budget's steps must end."""
         return self.seconds * 0.99 - self.eval_seconds
 
     def progress(self, state):
-        """0 through the warmup, then the share of the time spent, counted at the end of the step
-        about to be taken (so the step that crosses the end is at 1)."""
+        """Of the step about to be taken; under a time budget, counted at that step's end (so the
+        step that crosses the end is at 1)."""
+        if not self.seconds:
+            return progress(state.step, self.cfg)
         seconds = self.now(state)
         if self.first is None:
             self.first = (state.step, seconds)
@@ -140,11 +117,11 @@ class TimeBudget(Steps):
         return min(1.0, (seconds + self.pace(state, seconds) - self.decay_start) / span)
 
     def over(self, state):
-        return state.progress >= 1.0
+        return state.progress >= 1.0 if self.seconds else state.step >= self.cfg.max_steps
 
     def room_for_eval(self, state):
         """Whether an evaluation now still leaves time for steps after it."""
-        return self.now(state) + self.eval_seconds < self.end()
+        return not self.seconds or self.now(state) + self.eval_seconds < self.end()
 
     def pace(self, state, seconds):
         """A step's seconds in this process so far, evaluations included; 0 before its first."""
@@ -152,8 +129,10 @@ class TimeBudget(Steps):
         return (seconds - self.first[1]) / steps if steps else 0.0
 
     def end_step(self, state, step_seconds=None):
-        """The step the run will end at, at its pace so far (or at step_seconds before a step of
-        this process); None before either."""
+        """The step the run will end at; under a time budget at its pace so far (or at
+        step_seconds before a step of this process), None before either."""
+        if not self.seconds:
+            return self.cfg.max_steps
         seconds = self.now(state)
         step_seconds = self.pace(state, seconds) or step_seconds
         if not step_seconds:
@@ -161,16 +140,10 @@ class TimeBudget(Steps):
         return state.step + max(0, math.ceil((self.end() - seconds) / step_seconds))
 
     def state_dict(self):
-        return super().state_dict() | {"decay_start": self.decay_start}
+        return {"eval_seconds": self.eval_seconds, "decay_start": self.decay_start}
 
     def load_state_dict(self, saved):  # a run of max_steps given a time budget: decays from now
-        super().load_state_dict(saved)
-        self.decay_start = saved.get("decay_start")
-
-
-def budget_of(cfg, clock):
-    """The run's end: its time budget, by the clock given, or its step count."""
-    return TimeBudget(cfg, clock) if cfg.time_budget else Steps(cfg)
+        self.eval_seconds, self.decay_start = saved["eval_seconds"], saved.get("decay_start")
 
 
 # ---------------------------------------------------------------------------------------- the run
@@ -212,7 +185,7 @@ class Run:
     state: TrainState
     meter: Meter
     clock: object  # () -> this process's seconds so far: a time budget counts them
-    budget: Steps  # when the run ends: after max_steps, or a TimeBudget
+    budget: Budget  # when the run ends: after max_steps, or its time budget
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
     variant: Variant = None  # what the step trains, and what a variant adds to the run
     overfit_batch: bool = False  # a check that fits one batch and writes nothing

@@ -21,7 +21,7 @@ from config import (
 )
 from machinery import checkpoint, cli, devices, sources
 from machinery.checkpoint import claim_out_dir, clear_out_dir
-from machinery.runs import Meter, Run, TrainState, Variant, budget_of, restore
+from machinery.runs import Budget, Meter, Run, TrainState, Variant, restore
 from model import GPT
 from optim import make_optimizer
 from utils import make_batches
@@ -198,7 +198,7 @@ def set_up(settings, clock):
     if cfg.compile:
         compile_first(model, train_model, batches["train"](), precision)
     # by the ranks' mean clock: theirs differ, and all must decide alike
-    budget = budget_of(cfg, lambda: process.mean([clock()])[0])
+    budget = Budget(cfg, lambda: process.mean([clock()])[0])
     if saved:
         budget.load_state_dict(saved["budget"])
     if options.overwrite and not options.overfit_batch and not saved and process.rank == 0:

@@ -745,6 +745,28 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
     assert 0.99 <= clock.now < 0.99 + clock.step and summary["step"] > 12
 
 
+def test_a_budget_skips_an_evaluation_that_would_leave_no_time_for_steps(
+    text_file, tmp_path, monkeypatch
+):
+    """Steps of 0.05 s, evaluations of 0.1 s every 2 steps: none but the last starts too late for
+    a step after it (the steps end at 99% of the budget less an evaluation)."""
+    clock = StepClock(0.05).install(monkeypatch)
+    cfg = tiny_run(
+        text_file, tmp_path, time_budget="1s", warmup_steps=2, eval_interval=2, eval_iters=1
+    )
+    run = start.set_up(settled(tiny_model(), cfg, RunOptions()), clock)
+    val = run.batches["val"]
+
+    def slow_val():
+        clock.now += 0.1
+        return val()
+
+    run.batches["val"] = slow_val
+    summary = train.train_loop(run)
+    ends = [row["seconds"] for row in summary["history"] if row["kind"] == "eval"]
+    assert len(ends) > 3 and all(end <= 0.99 - 0.1 for end in ends[:-1])
+
+
 def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end(
     text_file, tmp_path, monkeypatch
 ):
