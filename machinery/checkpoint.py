@@ -1,6 +1,6 @@
-"""Checkpoints, the file format: what one holds, written atomically, read without running code
-(a file that would run code is refused), and the model and tokenizer it gives back. Then the run
-folder that holds them: a fresh run never writes over another's."""
+"""Checkpoint files: written atomically, read without running code (a file that would run code
+is refused); the model and tokenizer every one holds (a run's own entries, and whether --resume
+can read them: machinery/runs.py). Then the run folder: a fresh run never writes over another's."""
 
 import contextlib
 import dataclasses

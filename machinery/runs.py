@@ -5,7 +5,7 @@ checkpoint of the run holds, and how a resume puts it back."""
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -238,6 +238,14 @@ def state_of(run, rngs):
 
 
 # ------------------------------------------------------------------------ a resume puts it back
+
+
+def resumable(saved):
+    """Whether --resume can go on from a checkpoint exactly: it holds all state_of writes, and
+    every setting of this version's TrainConfig."""
+    required = ["optimizer", "rng", "window", "budget", *asdict(TrainState())]
+    settings = {f.name for f in fields(TrainConfig)}
+    return all(k in saved for k in required) and set(saved.get("train_config", ())) == settings
 
 
 def restore(settings, optimizer, process):

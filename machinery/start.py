@@ -21,7 +21,7 @@ from config import (
 )
 from machinery import checkpoint, cli, devices, sources
 from machinery.checkpoint import claim_out_dir, clear_out_dir
-from machinery.runs import Budget, Meter, Run, TrainState, Variant, restore
+from machinery.runs import Budget, Meter, Run, TrainState, Variant, restore, resumable
 from model import GPT
 from optim import make_optimizer
 from utils import make_batches
@@ -109,15 +109,14 @@ def resumed(last, cfg, options, given):
     say(f"resuming {last} at {checkpoint.summary(saved)}")
     if options.preset and options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
-    saved_cfg = saved.get("train_config") or {}
-    required = ["optimizer", "rng", "window", "budget", *asdict(TrainState())]
-    if any(k not in saved for k in required) or set(saved_cfg) != set(asdict(cfg)):
+    if not resumable(saved):
         raise TinyLLMError(
             f"{last} was written by another version of tinyllm and cannot be resumed; "
             f"fine-tune from its weights with --init_from instead"
         )
     model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
-    settings = asdict(model_cfg) | asdict(checkpoint.from_saved(TrainConfig, saved_cfg, last))
+    cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
+    settings = asdict(model_cfg) | asdict(cfg)
     refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
     if refused:
         raise TinyLLMError(
