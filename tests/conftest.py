@@ -218,10 +218,10 @@ TINY_FLAGS = (
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """A tiny model trained 60 steps on the corpus's first 20,000 characters: (best.pt, data)."""
+    """A tiny model trained 30 steps on the corpus's first 20,000 characters: (best.pt, data)."""
     folder = tmp_path_factory.mktemp("trained")
     (folder / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
-    cfg = tiny_run(folder / "data.txt", folder / "run", max_steps=60, eval_interval=30, lr=1e-2)
+    cfg = tiny_run(folder / "data.txt", folder / "run", max_steps=30, eval_interval=15, lr=1e-2)
     train_run(tiny_model(), cfg)
     return str(folder / "run" / "best.pt"), str(folder / "data.txt")
 
