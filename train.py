@@ -4,8 +4,7 @@
     python train.py --preset small --max_steps 50 --seed 1
 
 In order: one step and an evaluation; the loop; its progress lines, evaluations and saves; the
-opening lines and the end; the command line. The set-up is machinery/start.py's.
-"""
+opening lines and the end; the command line. The set-up is machinery/start.py's."""
 
 import os
 import time
@@ -289,7 +288,8 @@ def finish(run, stop_reason, signum):
     run.say(f"done: {state.step} steps | {best} | total time {total}{files}")
     if cfg.time_budget:
         used = cli.format_seconds(run.budget.now(state))
-        last_lr = f"the last at LR {state.lr:.4g} (min_lr {cfg.min_lr:g})"
+        end = get_lr(state.step, 1.0, cfg)  # at progress 1
+        last_lr = f"the last at LR {state.lr:.4g} (the schedule's end: {end:.4g})"
         run.say(f"time budget {cfg.time_budget}: {used} used, {state.step:,} steps, {last_lr}")
     if cfg.sample_tokens and run.master:
         run.say("sample:\n" + closing_sample(run, cfg.sample_tokens))
