@@ -159,14 +159,17 @@ def chat_checkpoint(tmp_path_factory):
 def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     chat_checkpoint, tmp_path, monkeypatch, lora_rank
 ):
+    pairs = tmp_path / "pairs.jsonl"  # half the bundled pairs: 4 held out
+    with open(PAIRS, encoding="utf-8") as f:
+        pairs.write_text("".join(f.readlines()[:40]), encoding="utf-8")
     settings = dict(lr=3e-3, dpo_beta=0.5, lora_rank=lora_rank, batch_size=8, max_steps=12)
     options = RunOptions(init_from=chat_checkpoint)
-    cfg = tiny_run(PAIRS, tmp_path / "straight", log_interval=6, eval_interval=6, **settings)
+    cfg = tiny_run(pairs, tmp_path / "straight", log_interval=6, eval_interval=6, **settings)
     full = train_run(tiny_model(block_size=128), cfg, options)
     lines = [row for row in full["history"] if row["kind"] == "train"]
     # the reference's margins are 0: the policy prefers the held-out pairs more, more at the end
     assert 0 < lines[0]["margin"] < lines[-1]["margin"] and lines[-1]["held_out_acc"] > 0.5
-    cut = tiny_run(PAIRS, tmp_path / "cut", log_interval=6, eval_interval=6, **settings)
+    cut = tiny_run(pairs, tmp_path / "cut", log_interval=6, eval_interval=6, **settings)
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signal.SIGTERM)
         with pytest.raises(SystemExit):
@@ -177,7 +180,6 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
 
 
 # prompts a model learns to answer in both registers, today's three times as often
-LR = float(os.environ.get("LR", "3e-4"))
 REGISTERS = [
     ("Who are you?", "My lord, a poor player.", "just a bot lol"),
     ("Are you well?", "My lord, well, I thank thee.", "im ok i guess"),
