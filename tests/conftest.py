@@ -40,26 +40,6 @@ def flags(request):
     return shlex.split(request.config.getoption("--flags"))
 
 
-def selecting_by_changes(config):  # pytest-testmon: the check of a change (docs/changing.md)
-    return config.getoption("testmon", False) or config.getoption("testmon_forceselect", False)
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_ignore_collect(collection_path, config):
-    """The promises (test_promises.py) run in every check, on its flags, whatever it changed."""
-    if collection_path.name == "test_promises.py" and selecting_by_changes(config):
-        return False
-    return None
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_collection_modifyitems(config, items):
-    promises = [item for item in items if item.path.name == "test_promises.py"]
-    yield
-    if selecting_by_changes(config):
-        items.extend(item for item in promises if item not in items)
-
-
 def pytest_make_parametrize_id(config, val, argname):
     """A parametrized case's id says what it is: flags as typed, settings as name=value."""
     if dataclasses.is_dataclass(val):
@@ -87,7 +67,7 @@ def tree_state():
     if done.returncode:
         return None
     ours = (line for line in done.stdout.splitlines() if "__pycache__" not in line)
-    return sorted(line for line in ours if ".testmondata" not in line)  # the check's map
+    return sorted(ours)
 
 
 @pytest.fixture(scope="session", autouse=True)
