@@ -8,15 +8,7 @@ computes only its new tokens. Past block_size, the context restarts from its new
 
 import torch
 
-from config import (
-    ASSISTANT,
-    GenerateConfig,
-    SamplerConfig,
-    TinyLLMError,
-    add_flags,
-    given_flags,
-    make_config,
-)
+from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Printer
 from sampling import Context, token_stream
@@ -45,7 +37,7 @@ def main(argv=None):
     add_flags(parser, SamplerConfig, title="how each token is drawn")
     names = ("seed", "max_new_tokens", "device", "threads")
     add_flags(parser, GenerateConfig, names=names, title="chat")
-    flags = given_flags(parser.parse_args(argv))
+    flags = vars(parser.parse_args(argv))
     sampler = make_config(SamplerConfig, flags)
     cfg = make_config(GenerateConfig, {"max_new_tokens": 300} | flags)
     device = devices.use(cfg.device, cfg.threads)

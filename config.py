@@ -266,8 +266,9 @@ def build_configs(given, settings):
 
 
 def add_flags(parser, cls, defaults=None, names=None, title=None):
-    """A --flag per field of cls (or of those in names), None unless given. --help shows its
-    meaning, choices and default; defaults {name: (value, why)} replace the field's."""
+    """A --flag per field of cls (or of those in names): vars(parser.parse_args()) holds those
+    given. --help shows its meaning, choices and default; defaults {name: (value, why)} replace
+    the field's."""
     group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
     for f in fields(cls):
         if names is not None and f.name not in names:
@@ -276,7 +277,8 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         shown = "none" if default in ("", None) else default
         shown = f"{shown}, {why}" if why else shown
         choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
-        how = dict(dest=f.name, type=f.type, metavar=f.name.upper())
+        # SUPPRESS: a flag not given is left out of what parse_args returns
+        how = dict(dest=f.name, type=f.type, metavar=f.name.upper(), default=argparse.SUPPRESS)
         if f.type is bool:  # a bare --flag means true; --flag false works too
             how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
         elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
@@ -289,8 +291,3 @@ def yes_or_no(text):
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return text.lower() in ("1", "true", "yes", "on")
-
-
-def given_flags(args):
-    """The flags given, {name: value}: the settings asked for."""
-    return {k: v for k, v in vars(args).items() if v is not None}

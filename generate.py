@@ -9,15 +9,7 @@ import sys
 
 import torch
 
-from config import (
-    EOT,
-    GenerateConfig,
-    SamplerConfig,
-    TinyLLMError,
-    add_flags,
-    given_flags,
-    make_config,
-)
+from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Annotator, Printer, model_odds
 from sampling import Context, beam_search, token_stream, until_stop
@@ -97,7 +89,7 @@ def main(argv=None):
     add_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
     args = parser.parse_args(argv)
     paths = args.checkpoints or ["checkpoints/best.pt"]
-    flags = given_flags(args)
+    flags = vars(args)
     cfg, sampler = make_config(GenerateConfig, flags), make_config(SamplerConfig, flags)
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]
     if cfg.beam and drawn:

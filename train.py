@@ -326,7 +326,7 @@ def flags(argv=None):
     config.add_flags(parser, config.RunOptions, defaults, title="what to do")
     config.add_flags(parser, config.GPTConfig, defaults, title="model")
     config.add_flags(parser, config.TrainConfig, defaults, title="training")
-    return config.given_flags(parser.parse_args(argv))
+    return vars(parser.parse_args(argv))
 
 
 def main(argv=None, clock=None):

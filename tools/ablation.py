@@ -5,7 +5,7 @@ python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_l
 import os
 import tempfile
 
-from config import GPTConfig, TinyLLMError, TrainConfig, add_flags, given_flags
+from config import GPTConfig, TinyLLMError, TrainConfig, add_flags
 from machinery import cli
 from machinery.plots import new_plot, save_plot
 from tools import experiment
@@ -41,7 +41,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="tinyllm-ablation-") as tmp:
         for name in names:
             cli.log(f"--- {name}: {VARIANTS[name]}")
-            given = given_flags(args) | VARIANTS[name] | {"out_dir": os.path.join(tmp, name)}
+            given = vars(args) | VARIANTS[name] | {"out_dir": os.path.join(tmp, name)}
             given.setdefault("max_steps", 600)  # equal steps, not a time budget
             summary = experiment(given, args.preset)
             best = summary["best_val_loss"]

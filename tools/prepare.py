@@ -11,15 +11,7 @@ import time
 
 import numpy as np
 
-from config import (
-    BPE_VOCAB_SIZE,
-    TRAIN_FRACTION,
-    TinyLLMError,
-    TrainConfig,
-    add_flags,
-    given_flags,
-    make_config,
-)
+from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, add_flags, make_config
 from machinery import cli
 from machinery.checkpoint import replace_file
 from machinery.sources import iter_documents
@@ -133,7 +125,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tokenizer_sample_mb < 1:
         raise TinyLLMError(f"--tokenizer_sample_mb must be >= 1, got {args.tokenizer_sample_mb}")
-    cfg = make_config(TrainConfig, {**given_flags(args), "data": args.input})
+    cfg = make_config(TrainConfig, {**vars(args), "data": args.input})
     prepare(cfg, args.out, args.vocab_size, args.tokenizer_sample_mb)
 
 
