@@ -3,6 +3,7 @@ device, what they all agree on. machine() and gpu() are the one place tinyllm as
 machine has: tests stand in for other machines there."""
 
 import contextlib
+import functools
 import os
 import platform
 import random
@@ -19,6 +20,7 @@ from config import TinyLLMError, default_preset
 from machinery.cli import warn
 
 
+@functools.cache  # a machine stays what it is: asked once a process
 def machine():
     """What this machine has; asking starts no GPU."""
     cpu, lacking = torch.cpu, lambda: False  # private probes: an older torch lacks them
