@@ -1,10 +1,9 @@
-"""Train a GPT on a text file: the lesson, top to bottom.
+"""Train a GPT on a text file: the lesson, top to bottom (its set-up: machinery/start.py).
 
     python train.py     # data/input.txt: this machine's preset, five minutes on a CPU
     python train.py --preset small --max_steps 50 --seed 1
 
-In order: one step and an evaluation; the loop; its progress lines, evaluations and saves; the
-opening lines and the end; the command line. The set-up is machinery/start.py's."""
+In order: a step, an evaluation; the loop; progress lines, saves; the opening, the end; main."""
 
 import os
 import time
@@ -231,9 +230,10 @@ def print_header(run):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%)"
     shape = f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}"
-    parts = f"norm {m.norm}, mlp {m.mlp}, pos {m.pos} | optimizer {cfg.optimizer}"
+    shown = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the rest: every variant
+    parts = ", ".join(f"{k} {v}" for k, v in vars(m).items() if k not in shown)
     params = f"{model.num_params():,} parameters{part if trained < model.num_params() else ''}"
-    run.say(f"model {params}: {shape}, vocab {m.vocab_size} | {parts}")
+    run.say(f"model {params}: {shape}, vocab {m.vocab_size} | {parts} | optimizer {cfg.optimizer}")
     micro = run.process.world * cfg.grad_accum_steps
     split = f" ({run.process.world} processes x {cfg.grad_accum_steps} micro-batches)"
     tokens = f"train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens"
