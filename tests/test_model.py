@@ -284,6 +284,24 @@ def text_so_far(rows):
     return torch.zeros(rows, 3, dtype=torch.long)
 
 
+# (a sampler, the text so far, the tokens it keeps of odds 0.5, 0.2, 0.15, 0.1, 0.05): a new
+# rule is tested by its rows
+KEEPS = [
+    (SamplerConfig(temperature=1.0), [0, 1], [1, 1, 1, 1, 1]),
+    (SamplerConfig(temperature=1.0, top_k=2), [0, 1], [1, 1, 0, 0, 0]),
+    (SamplerConfig(temperature=1.0, top_p=0.8), [0, 1], [1, 1, 1, 0, 0]),  # 0.5 + 0.2 < 0.8
+    # top_p reads the odds the temperature made: 0.25 / 0.325 > 0.6 alone
+    (SamplerConfig(temperature=0.5, top_k=4, top_p=0.6), [0, 1], [1, 0, 0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("sampler, text, kept", KEEPS)
+def test_each_rule_keeps_its_tokens_of_the_odds(sampler, text, kept):
+    logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).log()
+    out = filter_logits(logits, torch.tensor([text]), sampler)
+    assert torch.isfinite(out).int().tolist() == [kept]
+
+
 def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
     kept = filter_logits(logits, text_so_far(1), SamplerConfig(temperature=1.0, top_k=2))

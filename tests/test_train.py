@@ -186,11 +186,23 @@ def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(
     assert progress(12, cfg) == 1.0
 
 
-def test_the_linear_schedule_ends_at_min_lr_and_the_cosine_at_min_lr_too():
-    for lr_schedule in ("linear", "cosine"):
-        cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=4, lr_schedule=lr_schedule)
-        assert get_lr(100, 1.0, cfg) == pytest.approx(1e-3)
-        assert get_lr(4, 0.0, cfg) == pytest.approx(1e-2)
+# (lr_schedule, step, progress, its LR) at lr 1e-2, min_lr 1e-3, 4 warmup steps: a new shape's
+# formula is tested by its rows
+SCHEDULE_POINTS = [
+    ("cosine", 0, 0.0, 2.5e-3),  # the warmup: (step + 1) / warmup_steps of lr
+    ("cosine", 4, 0.0, 1e-2),  # the peak
+    ("cosine", 9, 0.5, 5.5e-3),
+    ("cosine", 99, 1.0, 1e-3),  # the end: min_lr
+    ("linear", 0, 0.0, 2.5e-3),
+    ("linear", 9, 0.5, 5.5e-3),
+    ("linear", 99, 1.0, 1e-3),
+]
+
+
+@pytest.mark.parametrize("lr_schedule, step, share, lr", SCHEDULE_POINTS)
+def test_each_schedule_gives_its_lr_at_a_step_and_a_share_of_the_run(lr_schedule, step, share, lr):
+    cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=4, lr_schedule=lr_schedule)
+    assert get_lr(step, share, cfg) == pytest.approx(lr)
 
 
 @pytest.mark.slow  # draws
