@@ -242,10 +242,11 @@ def state_of(run, rngs):
 
 def resumable(saved):
     """Whether --resume can go on from a checkpoint exactly: it holds all state_of writes, and
-    every setting of this version's TrainConfig."""
+    settings this version knows. A setting added since takes its default, which keeps what the
+    code did before it (docs/changing.md)."""
     required = ["optimizer", "rng", "window", "budget", *asdict(TrainState())]
     settings = {f.name for f in fields(TrainConfig)}
-    return all(k in saved for k in required) and set(saved.get("train_config", ())) == settings
+    return all(k in saved for k in required) and set(saved.get("train_config", ())) <= settings
 
 
 def restore(settings, optimizer, process):

@@ -115,8 +115,8 @@ def resumed(last, cfg, options, given):
             f"fine-tune from its weights with --init_from instead"
         )
     model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
-    cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
-    settings = asdict(model_cfg) | asdict(cfg)
+    saved_cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
+    settings = asdict(model_cfg) | asdict(saved_cfg)
     refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
     if refused:
         raise TinyLLMError(

@@ -513,6 +513,19 @@ def test_a_new_max_steps_follows_the_schedule_of_a_run_that_long(text_file, tmp_
         )
 
 
+def test_a_moved_run_saved_before_a_setting_existed_resumes_where_it_is(trained, tmp_path, capsys):
+    """Its --out_dir is where it is now (not where it was saved), a new setting its default."""
+    saved = checkpoint.load(trained[0])
+    del saved["train_config"]["dpo_beta"]  # as a version before that setting saved it
+    os.makedirs(tmp_path / "run")
+    checkpoint.save(str(tmp_path / "run" / "last.pt"), saved)
+    argv = ["--resume", "--data", trained[1], "--out_dir", tmp_path / "run", "--max_steps", 32]
+    code, out, err = cli(capsys, train.main, *argv)
+    assert code == 0 and "done: 32 steps" in out, err
+    resumed = checkpoint.load(str(tmp_path / "run" / "last.pt"))
+    assert resumed["step"] == 32 and resumed["train_config"]["dpo_beta"] == 0.1
+
+
 def test_a_checkpoint_of_another_version_is_refused_for_resume_but_fine_tunes(
     trained, tmp_path, capsys
 ):
