@@ -189,10 +189,11 @@ class GPT(nn.Module):
 
     def mask(self, T, start, cache):
         """What attention adds to its scores, (T, S), or (nh, T, S) for a bias per head. In
-        training None: the causal triangle, which the fused kernel makes itself (a bias by distance
-        returns its own mask, the triangle included). In generation the T new queries, at positions
-        start.., against the cache's block_size slots (slot j holds position j), those after each
-        query's position hidden. Past block_size, sampling.Context restarts at position 0."""
+        training None: the causal triangle, which the fused kernel makes itself (a variant with a
+        bias by distance returns its own mask, the triangle included). In generation the T new
+        queries, at positions start.., against the cache's block_size slots (slot j holds position
+        j), those after each query's position hidden. Past block_size, sampling.Context restarts
+        at position 0."""
         if cache is None:
             return None
         return causal_mask(T, self.config.block_size, self.wte.weight.device, start)
