@@ -30,7 +30,7 @@ def pytest_addoption(parser):
     parser.addoption(
         "--flags",
         default="",
-        help='train.py flags for tests/test_promises.py: --flags="--pos rope"',
+        help='train.py or sampling flags for tests/test_promises.py: --flags="--pos rope"',
     )
 
 
@@ -191,7 +191,8 @@ def train_run(model_cfg, cfg, options=None, given=None, clock=None):
 
 # the same as flags, for the command line
 TINY_FLAGS = (
-    "--n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 8 --device cpu "
+    "--lr_schedule cosine --n_layer 1 --n_embd 32 --n_head 2 --block_size 16 --batch_size 8 "
+    "--device cpu "
     "--dtype float32 --eval_iters 2 --sample_tokens 0 --plots false"
 ).split()
 
