@@ -41,7 +41,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.layer = layer  # where this block's keys and values sit in the KV cache
         self.dropout = config.dropout
-        self.fused = True  # False: attention as the formula reads (slower, the same numbers)
+        self.kept = None  # a list: attention as the formula reads, each call's weights kept
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -70,9 +70,11 @@ class CausalSelfAttention(nn.Module):
         """softmax(q k^T / sqrt(hs) + mask) v: each query's weights over the keys sum to 1, the
         future's are 0. q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal
         triangle."""
-        if self.fused:
+        if self.kept is None:  # the fused kernel: faster, the same numbers
             return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
-        return self.attn_dropout(self.attention_weights(q, k, mask)) @ v  # (B, nh, T, hs)
+        weights = self.attention_weights(q, k, mask)  # (B, nh, T, S)
+        self.kept.append(weights)
+        return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
     def attention_weights(self, q, k, mask):
         """softmax(q k^T / sqrt(hs) + mask): (B, nh, T, S). Dividing by sqrt(hs) keeps the scores'

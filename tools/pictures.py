@@ -36,27 +36,15 @@ def short_label(tokenizer, token):
 @torch.no_grad()
 def attention_maps(model, idx):
     """[attention weights (nh, T, T) per layer] of idx (1, T): a forward pass through the model's
-    own attention, written out (not fused) so that each block builds its weights, which are kept."""
-    maps, fused = [], [block.attn.fused for block in model.blocks]
-
-    def keeping(attention_weights):  # a block's own, its result kept
-        def kept(*args):
-            weights = attention_weights(*args)  # (1, nh, T, T)
-            maps.append(weights[0])
-            return weights
-
-        return kept
-
+    own attention, written out (not fused) so that each block builds its weights, which it keeps."""
     for block in model.blocks:
-        block.attn.fused = False
-        block.attn.attention_weights = keeping(block.attn.attention_weights)
+        block.attn.kept = []
     try:
         model(idx)
+        return [block.attn.kept[0][0] for block in model.blocks]
     finally:
-        for block, was in zip(model.blocks, fused):
-            block.attn.fused = was
-            del block.attn.attention_weights  # the method again
-    return maps
+        for block in model.blocks:
+            block.attn.kept = None  # the fused kernel again
 
 
 def draw_attention(model, tokenizer, ids, args, path):
