@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
 from lora import merge
 from machinery import checkpoint, sources
+from machinery.cli import log
 from machinery.runs import Variant
 from model import lm_loss
 from sampling import generate, until_stop
@@ -70,7 +71,7 @@ class Distilled(nn.Module):
         return logits, distill_loss(logits, teacher_logits, targets, self.temperature, self.alpha)
 
 
-def distilling(cfg, model, tokenizer, say):
+def distilling(cfg, model, tokenizer):
     """A run of --distill_from: the student learns beside a teacher of its tokenizer."""
     teacher = checkpoint.load_model(cfg.distill_from)
     big_enough = teacher.model.config.block_size >= model.config.block_size
@@ -81,7 +82,7 @@ def distilling(cfg, model, tokenizer, say):
             f"block_size: train the student on its teacher's --data and --tokenizer"
         )
     softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
-    say(f"distilling {cfg.distill_from} into this model: {softened}")
+    log(f"distilling {cfg.distill_from} into this model: {softened}")
     return Variant(Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha))
 
 
@@ -204,7 +205,7 @@ def registers(model, prompts, tokenizer, device):
     return shares
 
 
-def preferring(settings, model, tokenizer, say):
+def preferring(settings, model, tokenizer):
     """A run on a file of preference pairs: the policy against its reference, the model it starts
     from, frozen (a resume's checkpoint names it); batches of pairs; held-out figures."""
     cfg, texts = settings.cfg, sources.preference_pairs(settings.cfg.data)
@@ -223,13 +224,13 @@ def preferring(settings, model, tokenizer, say):
     saved = checkpoint.load(path) if settings.resumed else settings.saved  # loaded once
     reference = merge(checkpoint.model_of(saved, path))
     held = f"{len(pairs['train'])} pairs to train, {len(pairs['val'])} held out"
-    say(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
+    log(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
     # the held-out prompts, to answer: in character before (the reference), on each line after
     questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts[len(pairs["train"]) :]]
     prompts = [tokenizer.encode(question) for question in questions]
     if not settings.resumed:  # the reference's answers: the run's first lines said them
         before = registers(reference, prompts, tokenizer, "cpu")
-        say(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
+        log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
 
     def figures(stepped, device):  # the held-out pairs, then the policy's answers
         margins = held_out(stepped, pairs["val"], device)

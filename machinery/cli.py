@@ -13,8 +13,10 @@ from config import TinyLLMError
 
 
 def log(*args):
-    """A line, flushed at once: a reader sees progress as it happens."""
-    print(*args, flush=True)
+    """A line, flushed at once (a reader sees progress as it happens), from rank 0 alone under
+    torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, flush=True)
 
 
 def silence_stdout():

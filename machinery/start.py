@@ -45,12 +45,6 @@ class Settings:
     resumed: bool = False
 
 
-def say(text):
-    """A line from rank 0 alone, under torchrun."""
-    if os.environ.get("RANK", "0") == "0":
-        cli.log(text)
-
-
 def settle(given):
     """The settings of train.py's flags given: the preset (without --preset, this machine's,
     saying why), then what the run starts from, each flag checked against it."""
@@ -61,7 +55,7 @@ def settle(given):
     if options.preset:
         preset = options.preset
     elif trains and not options.resume:  # a resume keeps its run's preset
-        say(f"no --preset given: using '{preset}' for {machine}")
+        cli.log(f"no --preset given: using '{preset}' for {machine}")
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cfg, cfg = build_configs(given, PRESETS[preset])
     if not trains:
@@ -77,7 +71,7 @@ def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=No
     if options.resume and os.path.isfile(last):
         return resumed(last, cfg, options, given)
     if options.resume:  # the same command starts the run now and continues it later
-        say(f"--resume: no {last} yet, starting a fresh run")
+        cli.log(f"--resume: no {last} yet, starting a fresh run")
     device = device or devices.choose_device(cfg.device)
     devices.check_processes(device, cfg)
     if not options.overfit_batch:
@@ -106,7 +100,7 @@ def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=No
 def resumed(last, cfg, options, given):
     """The Settings of a run going on from its last.pt, with the flags --resume may change."""
     saved = checkpoint.load(last)
-    say(f"resuming {last} at {checkpoint.summary(saved)}")
+    cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
     if options.preset and options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
     if not resumable(saved):
@@ -192,7 +186,7 @@ def set_up(settings, clock):
     if options.overfit_batch:  # a sanity check: every step trains on one batch
         fixed = batches["train"]()
         batches["train"] = lambda: fixed
-        say("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
+        cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall towards 0")
     train_model = process.wrap(torch.compile(variant.model) if cfg.compile else variant.model)
     if cfg.compile:
         compile_first(model, train_model, batches["train"](), precision)
@@ -254,7 +248,7 @@ def corpus_for(settings):
     if corpus.old_ids:
         new = [i for i, old in enumerate(corpus.old_ids) if old is None]
         added = corpus.tokenizer.decode(new)[:60]
-        say(f"added {len(new)} token(s) {added!r} to the vocabulary of {settings.path}")
+        cli.log(f"added {len(new)} token(s) {added!r} to the vocabulary of {settings.path}")
     return corpus
 
 
@@ -281,9 +275,9 @@ def variant_of(settings, corpus, model):
     if settings.cfg.distill_from:
         import tuning
 
-        return tuning.distilling(settings.cfg, model, corpus.tokenizer, say)
+        return tuning.distilling(settings.cfg, model, corpus.tokenizer)
     if sources.preference_pairs(settings.cfg.data) is not None:
         import tuning
 
-        return tuning.preferring(settings, model, corpus.tokenizer, say)
+        return tuning.preferring(settings, model, corpus.tokenizer)
     return Variant(model)

@@ -161,7 +161,7 @@ def test_ranks_agree_on_a_stop_signal_only_one_rank_got_and_rank_0_saves(launch)
 @pytest.mark.slow
 def test_a_run_resumed_under_torchrun_ends_as_the_run_that_went_straight_on(launch):
     output, out = launch
-    assert f"resuming {out}/resumed/last.pt" in output
+    assert output.count(f"resuming {out}/resumed/last.pt") == 1  # from rank 0 alone
     straight = checkpoint.load(str(out / "straight" / "last.pt"))
     resumed = checkpoint.load(str(out / "resumed" / "last.pt"))
     assert straight["step"] == resumed["step"] == 12
