@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
 from lora import merge
-from machinery import checkpoint, sources
+from machinery import checkpoint
 from machinery.cli import log
 from machinery.runs import Variant
 from model import lm_loss
@@ -205,10 +205,11 @@ def registers(model, prompts, tokenizer, device):
     return shares
 
 
-def preferring(settings, model, tokenizer):
-    """A run on a file of preference pairs: the policy against its reference, the model it starts
-    from, frozen (a resume's checkpoint names it); batches of pairs; held-out figures."""
-    cfg, texts = settings.cfg, sources.preference_pairs(settings.cfg.data)
+def preferring(settings, model, tokenizer, texts):
+    """A run on preference pairs texts [(chosen, rejected)] (sources.preference_pairs): the policy
+    against its reference, the model it starts from, frozen (a resume's checkpoint names it);
+    batches of pairs; held-out figures."""
+    cfg = settings.cfg
     chars, special = lacking(tokenizer, "".join(a + b for a, b in texts))
     if chars or special:
         missing = "".join(chars + special)[:40]

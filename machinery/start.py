@@ -276,8 +276,9 @@ def variant_of(settings, corpus, model):
         import tuning
 
         return tuning.distilling(settings.cfg, model, corpus.tokenizer)
-    if sources.preference_pairs(settings.cfg.data) is not None:
+    pairs = sources.preference_pairs(settings.cfg.data)
+    if pairs is not None:
         import tuning
 
-        return tuning.preferring(settings, model, corpus.tokenizer)
+        return tuning.preferring(settings, model, corpus.tokenizer, pairs)
     return Variant(model)
