@@ -145,8 +145,7 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 
 
 def log_progress(run):
-    """A progress line and a history row: the mean figures of the steps since the last line.
-    Returns why --overfit_batch stops, or None."""
+    """A line and a history row of the steps' mean figures since the last; why overfit_batch stops."""
     state = run.state
     check_finite(run)
     figures, seconds = run.meter.line()
@@ -154,7 +153,8 @@ def log_progress(run):
     end = run.budget.end_step(state, seconds)
     eta = cli.format_seconds((end - state.step) * seconds) if end else "?"
     if run.variant.figures:  # a variant's own: a preference run's held-out answers
-        figures |= run.variant.figures(run.train_model, run.process.device)
+        with run.meter.paused():  # no step: the pace leaves it out
+            figures |= run.variant.figures(run.train_model, run.process.device)
     shown = " | ".join(f"{k} {format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
     pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
     run.say(f"step {state.step:>6}/{end or '?'} | {shown} | {pace}")

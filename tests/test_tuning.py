@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     ROOT,
+    StepClock,
     assert_one_line_error,
     cli,
     interrupt_at,
@@ -21,6 +22,7 @@ from conftest import (
 )
 
 import train
+import tuning
 from config import ASSISTANT, SPECIAL_TOKENS, RunOptions
 from machinery import checkpoint, sources
 from model import GPT
@@ -177,6 +179,23 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     resumed = train_run(tiny_model(block_size=128), cut, RunOptions(resume=True))
     assert without_timings(resumed["history"]) == without_timings(full["history"])
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
+
+
+def test_a_variants_figures_are_no_step_the_pace_leaves_them_out(
+    chat_checkpoint, tmp_path, monkeypatch
+):
+    clock = StepClock(0.01).install(monkeypatch)  # a step: 10 ms on the run's clock
+
+    def slow_answers(*args):  # the policy's answers on each progress line: 100 s
+        clock.now += 100
+        return {}
+
+    monkeypatch.setattr(tuning, "registers", slow_answers)
+    cfg = tiny_run(PAIRS, tmp_path / "run", max_steps=6, log_interval=2, eval_interval=100)
+    options = RunOptions(init_from=chat_checkpoint)
+    summary = train_run(tiny_model(block_size=128), cfg, options, clock=clock)
+    paces = [row["ms_per_step"] for row in summary["history"] if row["kind"] == "train"]
+    assert paces == pytest.approx([10.0] * 3)
 
 
 # prompts a model learns to answer in both registers, today's three times as often
