@@ -9,7 +9,7 @@ instead of out * in, and saves only those: the adapter, kilobytes beside the mod
     python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # folded in
 
 At the end, how a run plugs it in: the model it trains, and what its checkpoint holds (the adapter
-and the path of its base; machinery/checkpoint.py reads them back).
+and the path of its base; machinery/checkpoint.py writes and reads them).
 """
 
 import math
@@ -67,12 +67,12 @@ def merge(model):
 
 
 def adapting(cfg, model, saved, path, rows):
-    """(the model a run trains, what its checkpoint adds) of a run from the model saved (path):
-    under --lora_rank, the model frozen and adapters beside it, or the adapter it saved trained on;
-    without, an adapter's model merged, to fine-tune in full. rows: per embedding row, its row in
-    the saved model (None: a new token), if the run added tokens."""
+    """The model a run trains from the model saved (path): under --lora_rank, the model frozen and
+    adapters beside it, or the adapter it saved trained on; without, an adapter's model merged, to
+    fine-tune in full. rows: per embedding row, its row in the saved model (None: a new token), if
+    the run added tokens."""
     if not cfg.lora_rank:
-        return merge(model), None
+        return merge(model)
     adapter = saved.get("lora")
     if adapter is None:
         add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
@@ -82,7 +82,8 @@ def adapting(cfg, model, saved, path, rows):
     elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
         mapped = adapter["rows"]
         adapter = adapter | {"rows": [mapped[i] if mapped and i is not None else i for i in rows]}
-    return model, lambda: {"lora": adapter, "model": adapter_weights(model, adapter)}
+    model.lora = adapter  # its checkpoints hold the adapter alone (machinery/checkpoint.create)
+    return model
 
 
 def adapter_weights(model, adapter):

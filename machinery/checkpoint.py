@@ -188,8 +188,13 @@ def load_model(path, device="cpu"):
 
 
 def create(model, tokenizer, **extra):
-    """A checkpoint: the model's weights and settings, the tokenizer, and the extra entries."""
+    """A checkpoint: the model's weights and settings, the tokenizer, and the extra entries. A LoRA
+    model's (lora.py): the adapter and its base's path, not the base's weights."""
     weights, settings = model.state_dict(), dataclasses.asdict(model.config)
+    if getattr(model, "lora", None):
+        from lora import adapter_weights
+
+        weights, extra = adapter_weights(model, model.lora), extra | {"lora": model.lora}
     return dict(model=weights, model_config=settings, tokenizer=tokenizer, **extra)
 
 

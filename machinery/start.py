@@ -163,11 +163,8 @@ def set_up(settings, clock):
     devices.set_threads(cfg.threads)
     devices.seed_everything(cfg.seed)  # the same initial weights on every rank
     corpus = corpus_for(settings)
-    model, adapter = model_for(settings, corpus)
+    model = model_for(settings, corpus)
     variant = variant_of(settings, corpus, model)
-    if adapter:  # a LoRA run's checkpoint holds its adapter, whatever the step trains
-        adds = variant.saved
-        variant.saved = lambda: adds() | adapter()
     variant.model.to(process.device)  # the model, and a frozen one beside it
     saved = settings.saved if settings.resumed else {}
     precision = devices.precision(cfg.dtype, process.device, saved.get("scaler"))
@@ -253,17 +250,17 @@ def corpus_for(settings):
 
 
 def model_for(settings, corpus):
-    """(the GPT to train, a LoRA run's checkpoint entries or None): fresh weights, or those of the
-    model it starts from, with rows for new tokens, and, when a setting or that model asks for
-    them, LoRA's matrices beside them (lora.py, read only then)."""
+    """The GPT to train: fresh weights, or those of the model it starts from, with rows for new
+    tokens, and, when a setting or that model asks for them, LoRA's matrices beside them (lora.py,
+    read only then)."""
     if settings.saved is None:  # a fresh GPT, random weights
-        return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size)), None
+        return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
     model = checkpoint.model_of(settings.saved, settings.path)
     rows = None  # per embedding row, its row in the source model (None: a new token)
     if corpus.old_ids:
         rows = checkpoint.grow_vocabulary(model, corpus.old_ids)
     if not (settings.cfg.lora_rank or settings.saved.get("lora")):
-        return model, None
+        return model
     import lora
 
     return lora.adapting(settings.cfg, model, settings.saved, settings.path, rows)
