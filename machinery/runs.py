@@ -82,7 +82,7 @@ class Budget:
     budget's steps end at 99% of it less the last evaluation's time (1%: the sample, the exit).
     clock() gives this process's seconds so far; state.seconds are those before it (a resume's)."""
 
-    def __init__(self, cfg, clock=None):
+    def __init__(self, cfg, clock):
         self.cfg, self.clock = cfg, clock
         self.seconds = parse_duration(cfg.time_budget)  # None: a run of max_steps
         self.eval_seconds = 0.0  # the latest evaluation's: a time budget keeps as much at its end
