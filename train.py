@@ -213,7 +213,7 @@ def save(run, name):
     check_finite(run)
     rngs = run.process.every_rank(checkpoint.rng_state())
     if run.master:
-        checkpoint.save(os.path.join(run.cfg.out_dir, name), runs.state_of(run, rngs))
+        checkpoint.save(os.path.join(run.cfg.out_dir, name), runs.checkpoint_of(run, rngs))
 
 
 # --------------------------------------------------------------------- the opening lines, the end

@@ -210,7 +210,7 @@ class Run:
         return self.state.seconds + self.clock()
 
 
-def state_of(run, rngs):
+def checkpoint_of(run, rngs):
     """A run's checkpoint: its model and tokenizer; all --resume needs to go on exactly (the
     optimizer, the state, the meter's rows, every rank's random state rngs); and where and how it
     trained, for its model card (tools.export)."""
@@ -241,7 +241,7 @@ def state_of(run, rngs):
 
 
 def resumable(saved):
-    """Whether --resume can go on from a checkpoint exactly: it holds all state_of writes, and
+    """Whether --resume can go on from a checkpoint exactly: it holds all checkpoint_of writes, and
     settings this version knows. A setting added since takes its default, which keeps what the
     code did before it (docs/changing.md)."""
     required = ["optimizer", "rng", "window", "budget", *asdict(TrainState())]
