@@ -145,7 +145,7 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 
 
 def log_progress(run):
-    """A line and a history row of the steps' mean figures since the last; why overfit_batch stops."""
+    """A line and a history row: the steps' mean figures since the last; why overfit_batch stops."""
     state = run.state
     check_finite(run)
     figures, seconds = run.meter.line()

@@ -179,7 +179,7 @@ CALLS = [0, 1, 3, 1, 1, 5, 1, 2, 1, 1, 1]  # tokens added before each call: 5 + 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_the_cache_and_the_formula_give_recomputations_logits_past_block_size(variant):
     """At every step, one token or several at once, far past block_size: the KV cache's next-token
-    logits are recomputation's, and the attention formula (its weights kept) gives the fused kernel's,
+    logits are recomputation's, and the attention formula (weights kept) gives the fused kernel's,
     with a mask (the cache's) and without one (the causal triangle)."""
     model = sharp(variant_model(variant))
     tokens = torch.randint(0, model.config.vocab_size, (2, 40))
