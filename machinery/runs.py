@@ -153,7 +153,12 @@ def gpt_of(model):
     """The GPT inside what a step trains: under DDP (.module), torch.compile (._orig_mod), or a
     variant's wrapper (.gpt). A LoRA model is a GPT, its adapters inside its layers."""
     while not isinstance(model, GPT):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model.gpt
+        if hasattr(model, "module"):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        else:
+            model = model.gpt
     return model
 
 
