@@ -56,8 +56,11 @@ def answer_targets(ids, tokenizer):
         return None
     targets, inside = [], False
     for token in ids.tolist():
-        targets.append(inside)
-        inside = token == start or inside and token != tokenizer.eot_id
+        targets.append(inside)  # after <|assistant|>, up to its <|endoftext|> included
+        if token == start:
+            inside = True
+        elif token == tokenizer.eot_id:
+            inside = False
     return torch.tensor(targets)
 
 
