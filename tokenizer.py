@@ -266,5 +266,6 @@ def grown(tokenizer, chars, special):
     if chars:  # only a char tokenizer lacks characters
         d["chars"] = tokenizer.chars + chars
     ordinary_size = tokenizer.vocab_size - len(tokenizer.special_tokens)
-    old_ids = [*range(ordinary_size), *[None] * len(chars), *tokenizer.special_tokens.values()]
-    return from_dict(d), old_ids + [None] * len(special)
+    old_ids = list(range(ordinary_size)) + [None] * len(chars)  # the ordinary tokens, new ones last
+    old_ids += list(tokenizer.special_tokens.values()) + [None] * len(special)  # then the special
+    return from_dict(d), old_ids

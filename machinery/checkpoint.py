@@ -202,7 +202,10 @@ def with_embedding(model, rows, new_rows):
     """model with its token embedding rebuilt, row i its old row rows[i], or where that is None
     the next of new_rows; the output layer tied to it."""
     old, new_rows = model.wte.weight.detach(), iter(new_rows)
-    weights = torch.stack([old[i] if i is not None else next(new_rows) for i in rows])  # (V, C)
+    weights = []
+    for i in rows:  # a new token takes the next new row
+        weights.append(old[i] if i is not None else next(new_rows))
+    weights = torch.stack(weights)  # (V, C)
     model.config = dataclasses.replace(model.config, vocab_size=len(rows))
     model.wte = torch.nn.Embedding.from_pretrained(weights, freeze=False)
     model.lm_head = torch.nn.Linear(model.config.n_embd, len(rows), bias=False)

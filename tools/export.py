@@ -70,8 +70,8 @@ def llama(model, transformers):
             name = name.replace(ours, theirs)
         if "c_attn" in name:  # the queries, keys and values side by side
             q, k, v = t.chunk(3)
-            for part, t in (("q_proj", q[order]), ("k_proj", k[order]), ("v_proj", v)):
-                out[name.replace("attn.c_attn", f"self_attn.{part}")] = t
+            for part, weight in (("q_proj", q[order]), ("k_proj", k[order]), ("v_proj", v)):
+                out[name.replace("attn.c_attn", f"self_attn.{part}")] = weight
         elif "c_fc" in name:  # SwiGLU's gate and value side by side
             gate, up = t.chunk(2)
             out[name.replace("c_fc", "gate_proj")] = gate
