@@ -160,10 +160,8 @@ def from_saved(cls, saved, path):
 
 def tokenizer_of(checkpoint, path):
     """The tokenizer a checkpoint holds, checked to fit its model."""
-    tokenizer, vocab_size = (
-        from_dict(checkpoint["tokenizer"]),
-        checkpoint["model_config"]["vocab_size"],
-    )
+    tokenizer = from_dict(checkpoint["tokenizer"])
+    vocab_size = checkpoint["model_config"]["vocab_size"]
     if tokenizer.vocab_size > vocab_size:
         raise TinyLLMError(
             f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}"

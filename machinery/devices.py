@@ -162,11 +162,9 @@ def resolve_dtype(dtype, device):
 
 def autocast(device, dtype):
     """The forward pass in dtype; the weights stay float32."""
-    return (
-        contextlib.nullcontext()
-        if dtype == "float32"
-        else torch.autocast(device.type, dtype=getattr(torch, dtype))
-    )
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def make_scaler(device, dtype):
