@@ -69,7 +69,7 @@ def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=No
     options, given = options or RunOptions(), given or {}
     last = os.path.join(cfg.out_dir, "last.pt")
     if options.resume and os.path.isfile(last):
-        return resumed(last, cfg, options, given)
+        return settings_to_resume(last, cfg, options, given)
     if options.resume:  # the same command starts the run now and continues it later
         cli.log(f"--resume: no {last} yet, starting a fresh run")
     device = device or devices.choose_device(cfg.device)
@@ -97,7 +97,7 @@ def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=No
     return Settings(model_cfg, cfg, options, preset, device, saved, options.init_from)
 
 
-def resumed(last, cfg, options, given):
+def settings_to_resume(last, cfg, options, given):
     """The Settings of a run going on from its last.pt, with the flags --resume may change."""
     saved = checkpoint.load(last)
     cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
