@@ -74,12 +74,10 @@ def load(path):
         raise TinyLLMError(
             f"checkpoint {path} could not be loaded (truncated or corrupt): {first_line(e)}"
         ) from None
-    ours = isinstance(checkpoint, dict) and all(
-        isinstance(checkpoint.get(k), dict) for k in ("model", "model_config", "tokenizer")
-    )
-    if not ours or not all(
-        isinstance(k, str) and torch.is_tensor(v) for k, v in checkpoint["model"].items()
-    ):
+    parts = ("model", "model_config", "tokenizer")
+    ours = isinstance(checkpoint, dict) and all(isinstance(checkpoint.get(k), dict) for k in parts)
+    weights = checkpoint["model"].items() if ours else ()
+    if not ours or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint")
     checkpoint["tokenizer"].setdefault("kind", "char")  # the first versions saved no kind
     if checkpoint.get("lora"):  # its base, as a path from here
@@ -287,8 +285,7 @@ def claim_out_dir(out_dir, overwrite, keep):
         )
     if keep and os.path.realpath(keep) in {os.path.realpath(f"{out_dir}/{n}") for n in existing}:
         raise TinyLLMError(f"--overwrite would delete --init_from's {keep}; use another --out_dir")
-    test_file = os.path.join(out_dir, f".test.{os.getpid()}")
-    check_writable(test_file, "--out_dir", make_folder=True)
+    check_writable(os.path.join(out_dir, f".test.{os.getpid()}"), "--out_dir", make_folder=True)
 
 
 def clear_out_dir(out_dir):
