@@ -430,14 +430,16 @@ def test_corrupt_truncated_foreign_and_unsafe_checkpoints_are_one_error_line(
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
     (tmp_path / "random.pt").write_bytes(os.urandom(1000))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    not_weights = {"model": {0: torch.zeros(1)}, "model_config": {}, "tokenizer": {}}
+    torch.save(not_weights, tmp_path / "not_weights.pt")
     unsafe = {"model": {"w": torch.zeros(1)}, "model_config": {}, "tokenizer": {}, "x": Payload()}
     torch.save(unsafe, tmp_path / "unsafe.pt")
     (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"model": 1}))
-    for name in ("truncated.pt", "random.pt", "foreign.pt", "unsafe.pt", "plain.pkl", "missing.pt"):
-        code, _, err = cli(
-            capsys, train.main, "--init_from", tmp_path / name, "--out_dir", tmp_path / "run"
-        )
-        assert_one_line_error(code, err)
+    files = ("truncated.pt", "random.pt", "foreign.pt", "not_weights.pt", "unsafe.pt", "plain.pkl")
+    for name in (*files, "missing.pt"):
+        fine_tune = ("--init_from", tmp_path / name, "--out_dir", tmp_path / "run")
+        assert_one_line_error(*cli(capsys, train.main, *fine_tune)[::2])
+        assert_one_line_error(*cli(capsys, generate.main, tmp_path / name)[::2])
     assert not marker.exists()
 
 
