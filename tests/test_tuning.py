@@ -223,7 +223,7 @@ def test_a_preference_run_moves_what_a_model_of_both_registers_says(tmp_path):
         for prompt, chosen, rejected in REGISTERS:
             f.write(json.dumps(dict(prompt=prompt, chosen=chosen, rejected=rejected)) + "\n")
     shape, steps = tiny_model(block_size=64, n_embd=64, n_head=4), dict(eval_interval=1000)
-    train_run(shape, tiny_run(chats, tmp_path / "chat", max_steps=300, lr=1e-2, **steps))
+    train_run(shape, tiny_run(chats, tmp_path / "chat", max_steps=150, lr=1e-2, **steps))
     chat = str(tmp_path / "chat" / "last.pt")
     dpo = tiny_run(pairs, tmp_path / "dpo", max_steps=40, lr=3e-4, dpo_beta=0.5, **steps)
     train_run(shape, dpo, RunOptions(init_from=chat))
