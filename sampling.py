@@ -150,7 +150,7 @@ def beam_search(context, idx, max_new_tokens, beam_width, stop_token=None, lengt
         # 2 * beam_width hold beam_width live ones
         best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
         rows, tokens = flat // V, flat % V  # the beam each candidate extends, and by which token
-        stops = torch.zeros_like(tokens, dtype=torch.bool)  # (B,): whether a candidate stops
+        stops = torch.zeros_like(tokens, dtype=torch.bool)  # whether each candidate stops
         if stop_token is not None:
             stops = tokens == stop_token
         for total, row, token in zip(best[stops].tolist(), rows[stops], tokens[stops]):

@@ -164,7 +164,7 @@ def gpt_of(model):
 
 @dataclass
 class Variant:
-    """What a variant of training plugs into a run (lora.py, tuning.py; docs/changing.md): what the
+    """What a variant of training plugs into a run (tuning.py; docs/changing.md): what the
     step trains, called as model(x, y) -> (out, loss); its batches (None: the corpus's); what its
     checkpoint adds; its figures on each progress line. Plain pretraining is Variant(model)."""
 
@@ -192,7 +192,7 @@ class Run:
     clock: object  # () -> this process's seconds so far: a time budget counts them
     budget: Budget  # when the run ends: after max_steps, or its time budget
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
-    variant: Variant = None  # what the step trains, and what a variant adds to the run
+    variant: Variant  # what the step trains, and what a variant adds to the run
     overfit_batch: bool = False  # a check that fits one batch and writes nothing
 
     @property

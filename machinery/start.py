@@ -33,7 +33,7 @@ from utils import make_batches
 class Settings:
     """A run's settings, settled before anything is set up; nothing changes them afterwards. saved:
     the checkpoint it goes on from (read from path), its own last.pt when it resumes, --init_from's
-    model when it fine-tunes, else None. device: where it trains (this machine, probed once)."""
+    model when it fine-tunes, else None. device: where it trains."""
 
     model_cfg: GPTConfig
     cfg: TrainConfig
@@ -49,7 +49,7 @@ def settle(given):
     """The settings of train.py's flags given: the preset (without --preset, this machine's,
     saying why), then what the run starts from, each flag checked against it."""
     options = make_config(RunOptions, given)
-    device = devices.choose_device(given.get("device", "auto"))  # this machine, probed once
+    device = devices.choose_device(given.get("device", "auto"))
     preset, machine = devices.machine_preset(device, given)
     trains = options.eval_only is None and not options.plot_lr
     if options.preset:
