@@ -60,10 +60,10 @@ def settle(given):
     model_cfg, cfg = build_configs(given, PRESETS[preset])
     if not trains:
         return Settings(model_cfg, cfg, options, preset, device)
-    return settled(model_cfg, cfg, options, given, preset, device)
+    return settle_configs(model_cfg, cfg, options, given, preset, device)
 
 
-def settled(model_cfg, cfg, options=None, given=None, preset="custom", device=None):
+def settle_configs(model_cfg, cfg, options=None, given=None, preset="custom", device=None):
     """The Settings of a run of these configs: as given, or those of the run it resumes, or with
     the shape and tokenizer of the model it fine-tunes, or of a prepared corpus."""
     options, given = options or RunOptions(), given or {}

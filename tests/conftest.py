@@ -184,9 +184,9 @@ def train_run(model_cfg, cfg, options=None, given=None, clock=None):
     """train.train on these configs, settled as train.py settles its flags' (given: the flags a
     user typed, checked against a resume's or a fine-tune's checkpoint)."""
     import train
-    from machinery.start import settled
+    from machinery.start import settle_configs
 
-    return train.train(settled(model_cfg, cfg, options, given), clock)
+    return train.train(settle_configs(model_cfg, cfg, options, given), clock)
 
 
 # the same as flags, for the command line

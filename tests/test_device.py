@@ -14,7 +14,7 @@ import generate
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
 from machinery import checkpoint, devices, start
-from machinery.start import settled
+from machinery.start import settle_configs
 from model import GPT
 from optim import make_optimizer
 
@@ -174,7 +174,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(tex
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = start.set_up(settled(tiny_model(), cfg, RunOptions(resume=True)), lambda: 0.0)
+    run = start.set_up(settle_configs(tiny_model(), cfg, RunOptions(resume=True)), lambda: 0.0)
     assert run.precision.dtype == "float16" and run.precision.scaler.get_scale() == 1234.0
 
 

@@ -203,7 +203,7 @@ RESUME_FUSED = """
 import dataclasses, sys, torch
 import optim, train
 from config import GPTConfig, RunOptions, TrainConfig
-from machinery.start import settled
+from machinery.start import settle_configs
 from machinery import checkpoint, start
 data, out = sys.argv[1:3]
 cfg = TrainConfig(data=data, out_dir=out, batch_size=8, max_steps=3, eval_interval=3, eval_iters=1,
@@ -217,11 +217,11 @@ def as_a_mac_makes_it(model, cfg, device, dtype="float32"):
     return optim.make_optimizer(model, cfg, torch.device("mps"), dtype)
 
 start.make_optimizer = as_a_mac_makes_it  # where the run's start calls it
-train.train(settled(shape, cfg))
+train.train(settle_configs(shape, cfg))
 print("saved fused", fused())
 start.make_optimizer = optim.make_optimizer
-train.train(settled(shape, dataclasses.replace(cfg, max_steps=6), RunOptions(resume=True),
-                    given={"max_steps": 6}))
+longer = dataclasses.replace(cfg, max_steps=6)
+train.train(settle_configs(shape, longer, RunOptions(resume=True), given={"max_steps": 6}))
 print("resumed fused", fused())
 """
 

@@ -44,7 +44,7 @@ from config import (
     build_configs,
 )
 from machinery import checkpoint, devices, evaluation, runs, sources, start
-from machinery.start import settled
+from machinery.start import settle_configs
 from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
 
@@ -760,7 +760,7 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
     cfg = tiny_run(
         text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10**6, eval_iters=1
     )
-    run = start.set_up(settled(tiny_model(), cfg, RunOptions()), clock)
+    run = start.set_up(settle_configs(tiny_model(), cfg, RunOptions()), clock)
     val = run.batches["val"]
 
     def slow_val():  # the evaluations' batches come slowly
@@ -781,7 +781,7 @@ def test_a_budget_skips_an_evaluation_that_would_leave_no_time_for_steps(
     cfg = tiny_run(
         text_file, tmp_path, time_budget="1s", warmup_steps=2, eval_interval=2, eval_iters=1
     )
-    run = start.set_up(settled(tiny_model(), cfg, RunOptions()), clock)
+    run = start.set_up(settle_configs(tiny_model(), cfg, RunOptions()), clock)
     val = run.batches["val"]
 
     def slow_val():
