@@ -33,7 +33,6 @@ def train_step(model, optimizer, next_batch, lr, cfg, precision):
     """One optimizer step. Its figures stay tensors: reading one makes a GPU wait, so the loop
     reads them later. A new figure is a new entry here, one number a step: it reaches the progress
     line and history. model may be wrapped (DDP, compile, a variant): runs.gpt_of(model) unwraps."""
-    scaler = precision.scaler or torch.amp.GradScaler(enabled=False)  # disabled: calls do nothing
     for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)  # 2. forget the last step's gradients
@@ -46,13 +45,13 @@ def train_step(model, optimizer, next_batch, lr, cfg, precision):
             with precision.ctx:
                 _, loss = model(x, y)  # 4. forward, 5. the loss
             loss = loss / cfg.grad_accum_steps  # the micro-batches' gradients add up
-            scaler.scale(loss).backward()  # 6. backward (float16 scales: no underflow)
+            precision.scaler.scale(loss).backward()  # 6. backward (float16 scales: no underflow)
         batch_loss = batch_loss + loss.detach()
-    scaler.unscale_(optimizer)
+    precision.scaler.unscale_(optimizer)  # float16's scaler: the true gradient, to clip
     # 7. clip the gradient's norm (grad_clip 0: only measure it)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    scaler.step(optimizer)  # 8. update the weights (float16: not if the gradient overflowed)
-    scaler.update()
+    precision.scaler.step(optimizer)  # 8. update the weights (float16: unless it overflowed)
+    precision.scaler.update()
     return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm}
 
 
@@ -133,7 +132,7 @@ def check_finite(run):
     rows = run.meter.read()
     for n, row in enumerate(rows, run.state.step - len(rows)):
         # float16 skips a step whose gradient overflowed: the step changed nothing
-        finite_grad = math.isfinite(row["grad_norm"]) or run.precision.scaler
+        finite_grad = math.isfinite(row["grad_norm"]) or run.precision.scaler.is_enabled()
         if not (math.isfinite(row["loss"]) and finite_grad):
             raise TinyLLMError(
                 f"step {n}: the loss or the gradient is not finite (loss {row['loss']}); nothing "

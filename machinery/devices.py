@@ -8,7 +8,7 @@ import os
 import platform
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -168,9 +168,10 @@ def autocast(device, dtype):
 
 
 def make_scaler(device, dtype):
-    """float16's gradients underflow without a loss scaler: refused where none works; else None."""
+    """float16's loss scaler (its gradients underflow without one), refused where none works; in
+    another dtype a disabled one, whose calls do nothing."""
     if dtype != "float16":
-        return None
+        return torch.amp.GradScaler(enabled=False)
     if device.type == "mps" and machine().torch < (2, 8):  # its unscale_ makes float64 there
         raise TinyLLMError(
             f"--dtype float16 on a Mac needs torch 2.8 or later (this is "
@@ -189,19 +190,19 @@ def make_scaler(device, dtype):
 
 @dataclass
 class Precision:
-    """The forward pass's dtype, why it was chosen, its autocast, and float16's loss scaler."""
+    """The forward pass's dtype, why it was chosen, its autocast, and its loss scaler."""
 
     dtype: str = "float32"
     why: str = "given"
     ctx: object = contextlib.nullcontext()
-    scaler: object = None
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: make_scaler(None, "float32"))
 
 
 def precision(dtype, device, saved_scaler=None):
     """The Precision of --dtype here (auto: by what the device is); a resumed scaler's state."""
     dtype, why = resolve_dtype(dtype, device)
     scaler = make_scaler(device, dtype)
-    if scaler and saved_scaler:
+    if saved_scaler:  # a disabled scaler ignores it
         scaler.load_state_dict(saved_scaler)
     return Precision(dtype, why, autocast(device, dtype), scaler)
 

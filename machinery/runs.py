@@ -219,7 +219,6 @@ def checkpoint_of(run, rngs):
     """A run's checkpoint: its model and tokenizer; all --resume needs to go on exactly (the
     optimizer, the state, the meter's rows, every rank's random state rngs); and where and how it
     trained, for its model card (tools.export)."""
-    scaler = run.precision.scaler.state_dict() if run.precision.scaler else None
     state = asdict(run.state) | {"seconds": run.elapsed(), "window": run.meter.read()}
     state["budget"] = run.budget.state_dict()
     if run.process.world > 1:
@@ -229,7 +228,7 @@ def checkpoint_of(run, rngs):
             run.model,
             run.corpus.tokenizer.to_dict(),
             optimizer=run.optimizer.state_dict(),
-            scaler=scaler,
+            scaler=run.precision.scaler.state_dict(),  # {}: float16's alone has a state
             rng=rngs[0],
             train_config=asdict(run.cfg),
             preset=run.preset,
