@@ -8,7 +8,7 @@ import os
 import platform
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -192,10 +192,10 @@ def make_scaler(device, dtype):
 class Precision:
     """The forward pass's dtype, why it was chosen, its autocast, and its loss scaler."""
 
-    dtype: str = "float32"
-    why: str = "given"
-    ctx: object = contextlib.nullcontext()
-    scaler: torch.amp.GradScaler = field(default_factory=lambda: make_scaler(None, "float32"))
+    dtype: str
+    why: str
+    ctx: object
+    scaler: torch.amp.GradScaler
 
 
 def precision(dtype, device, saved_scaler=None):

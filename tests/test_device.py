@@ -156,11 +156,11 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     torch.manual_seed(0)
     model = GPT(tiny_model())
     optimizer = make_optimizer(model, TrainConfig(), CPU)
-    scaler = devices.make_scaler(CPU, "float16")
+    float16 = devices.precision("float16", CPU)
+    scaler = float16.scaler
     model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
     before, scale = {k: v.clone() for k, v in model.state_dict().items()}, scaler.get_scale()
     x = torch.randint(0, 65, (4, 16))
-    float16 = devices.Precision("float16", ctx=devices.autocast(CPU, "float16"), scaler=scaler)
     train.train_step(model, optimizer, lambda: (x, x), 1e-2, TrainConfig(grad_clip=1.0), float16)
     assert same_state(model.state_dict(), before)  # skipped
     assert scaler.get_scale() < scale  # and the scale backed off

@@ -49,7 +49,7 @@ from model import GPT
 from optim import get_lr, make_optimizer, orthogonalize, progress
 
 CPU = torch.device("cpu")
-FLOAT32 = devices.Precision()  # no autocast, no loss scaler
+FLOAT32 = devices.precision("float32", CPU)  # no autocast, a disabled loss scaler
 AMX = dict(vendor="Intel", amx=True, avx512_bf16=True)  # a CPU that trains in bfloat16
 NO_BF16 = dict(vendor="AMD", amx=False, avx512_bf16=False)
 NO_CTX = contextlib.nullcontext()
