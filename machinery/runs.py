@@ -207,9 +207,8 @@ class Run:
     def tokens_per_step(self):
         return self.cfg.batch_size * self.model.config.block_size
 
-    def say(self, text):
-        if self.master:
-            self.stop.say(text)
+    def say(self, text):  # a line from rank 0 (cli.log); its reader gone stops the run
+        self.stop.say(text)
 
     def elapsed(self):  # this process's seconds, set-up included, plus those before a resume
         return self.state.seconds + self.clock()
