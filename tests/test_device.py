@@ -167,6 +167,30 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
 
 
 @needs_cpu_float16
+def test_a_float16_run_skips_a_step_whose_gradient_overflowed_and_trains_on(
+    text_file, tmp_path, monkeypatch
+):
+    real, calls = train.train_step, []
+
+    def overflowing(model, *args, **kwargs):  # step 3's gradient overflows
+        calls.append(1)
+        if len(calls) != 3:
+            return real(model, *args, **kwargs)
+        hook = model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(train, "train_step", overflowing)
+    cfg = tiny_run(text_file, tmp_path, dtype="float16", max_steps=6, log_interval=1)
+    summary = train_run(tiny_model(), cfg)  # no error: the scaler skipped the step
+    norms = [row["grad_norm"] for row in summary["history"] if row["kind"] == "train"]
+    assert summary["step"] == 6 and math.isinf(norms[2])
+    assert all(math.isfinite(n) for n in norms[:2] + norms[3:])
+
+
+@needs_cpu_float16
 def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(text_file, tmp_path):
     cfg = tiny_run(text_file, tmp_path, dtype="float16", max_steps=4, eval_interval=2)
     train_run(tiny_model(), cfg)
