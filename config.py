@@ -250,7 +250,8 @@ def make_config(cls, values):
 def build_configs(given, settings):
     """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
     the flags given. --max_steps turns the preset's time budget off, and a fine-tune given it warms
-    up for a tenth of its steps; --tag names the run's folder, checkpoints/TAG."""
+    up for a tenth of its steps; --tag names the run's folder, checkpoints/TAG, unless --out_dir
+    is given."""
     given_both = given.get("time_budget") and "max_steps" in given
     require(not given_both, "give --time_budget or --max_steps, not both")
     values = {**settings, **given}
