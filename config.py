@@ -16,7 +16,7 @@ class TinyLLMError(Exception):
 
 def setting(default, help, choices=None, aliases=(), resume=False, **bounds):
     """A field with its meaning; resume: --resume may change it; bounds: a number's at_least,
-    above, at_most or below."""
+    above, at_most or below. A number may default to None, unset, if its help says what that means."""
     meaning = dict(help=help, choices=choices, aliases=aliases, resume=resume, bounds=bounds)
     return field(default=default, metadata=meaning)
 
@@ -35,7 +35,7 @@ def check(config):
         value, choices = getattr(config, f.name), f.metadata["choices"]
         if choices and value not in choices:
             raise TinyLLMError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
-        if f.type is float:
+        if f.type is float and value is not None:
             require(math.isfinite(value), f"--{f.name} must be a number, got {value}")
         for bound, limit in f.metadata["bounds"].items():
             ok = value is None or BOUNDS[bound](value, limit)
@@ -119,13 +119,14 @@ class TrainConfig:
     threads: int = setting(0, THREADS_HELP, at_least=0, at_most=1024, resume=True)
     sample_tokens: int = setting(300, "tokens of the closing sample", at_least=0, resume=True)
     plots: bool = setting(True, "redraw loss.png after every evaluation", resume=True)
-    lora_rank: int = setting(0, "with --init_from: rank-R LoRA beside attention", at_least=0)
+    # the later stages' own settings (STAGE_SETTINGS)
+    lora_rank: int = setting(0, "LoRA beside attention, of rank R; 0 = off", at_least=0)
     lora_alpha: float = setting(16.0, "LoRA's scale: its product times alpha / rank", above=0)
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
-    distill_from: str = setting("", "learn a teacher checkpoint's next-token odds too")
-    distill_temperature: float = setting(4.0, "distillation: both odds softened by it", above=0)
+    distill_from: str = setting("", "the teacher: a checkpoint whose next-token odds to learn")
+    distill_temperature: float = setting(4.0, "both odds softened by it", above=0)
     distill_alpha: float = setting(0.5, "distillation's share of the loss", at_least=0, at_most=1)
-    dpo_beta: float = setting(0.1, "preference pairs: how far from the reference", above=0)
+    dpo_beta: float = setting(0.1, "how far from its reference the policy may move", above=0)
 
     def __post_init__(self):
         check(self)
@@ -136,6 +137,13 @@ class TrainConfig:
 
 
 RESUME_MAY_CHANGE = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
+# each later stage's own settings: flags of its script alone (python STAGE.py --help)
+STAGE_SETTINGS = {
+    "train": (),
+    "finetune": ("loss_on", "lora_rank", "lora_alpha", "lora_mlp"),
+    "distill": ("distill_from", "distill_temperature", "distill_alpha"),
+    "dpo": ("dpo_beta", "lora_rank", "lora_alpha", "lora_mlp"),
+}
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,23 @@ class RunOptions:
     eval_only: str = setting(None, "score a checkpoint on its whole val split (OUT_DIR/best.pt)")
     overfit_batch: bool = setting(False, "check: fit one batch until its loss is near 0; no files")
     plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings, settled once before anything is set up (machinery/settle.py). stage: the
+    script that runs it; saved: the checkpoint it goes on from (read from path), its own last.pt
+    when it resumes, --init_from's model when it fine-tunes, else None; device: where it trains."""
+
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    options: RunOptions
+    stage: str
+    preset: str
+    device: object  # a torch.device
+    saved: dict = None
+    path: str = ""
+    resumed: bool = False
 
 
 @dataclass

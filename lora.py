@@ -4,12 +4,12 @@ A (r x in), of a small rank r, make the update: y = x W^T + (x A^T B^T) * alpha 
 so the adapted model starts as the base. A fine-tune then trains r * (in + out) numbers a layer
 instead of out * in, and saves only those: the adapter, kilobytes beside the model it adapts.
 
-    python train.py --init_from checkpoints/best.pt --lora_rank 8 --tag lora \
+    python finetune.py --init_from checkpoints/best.pt --lora_rank 8 --tag lora \
         --data data/chat_example.jsonl
     python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # folded in
 
-At the end, how a run plugs it in: the model it trains, and what its checkpoint holds (the adapter
-and the path of its base; machinery/checkpoint.py writes and reads them).
+At the end, how a fine-tune (finetune.py, dpo.py) adapts the model it trains, and what its
+checkpoint holds: the adapter and the path of its base (machinery/checkpoint.py writes them).
 """
 
 import math
@@ -63,16 +63,17 @@ def merge(model):
     return model.requires_grad_(True)
 
 
-# ----------------------------------------------------------------------------------- in a run
+# ----------------------------------------------------------------------- in a run, a checkpoint
 
 
-def adapting(cfg, model, saved, path, rows):
-    """The model a run trains from the model saved (path): under --lora_rank, the model frozen and
-    adapters beside it, or the adapter it saved trained on; without, an adapter's model merged, to
-    fine-tune in full. rows: per embedding row, its row in the saved model (None: a new token), if
-    the run added tokens."""
+def adapted(cfg, model, saved, path, rows):
+    """The model a fine-tune trains from the model saved (path): under --lora_rank, the model
+    frozen and adapters beside it (or those a LoRA checkpoint saved, trained on); without, a LoRA
+    model merged, to train in full. rows: per embedding row, its row in the saved model (None: a new token), if the corpus
+    added tokens. model.lora: what its checkpoints hold instead of its weights (checkpoint.create):
+    the adapter's settings and its base's path."""
     if not cfg.lora_rank:
-        return merge(model)
+        return merge(model) if saved.get("lora") else model
     adapter = saved.get("lora")
     if adapter is None:
         add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
@@ -80,9 +81,12 @@ def adapting(cfg, model, saved, path, rows):
         adapter = dict(base=base, rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         adapter["mlp"] = cfg.lora_mlp
     elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
-        mapped = adapter["rows"]
-        adapter = adapter | {"rows": [mapped[i] if mapped and i is not None else i for i in rows]}
-    model.lora = adapter  # its checkpoints hold the adapter alone (machinery/checkpoint.create)
+        old = adapter["rows"]
+        mapped = []
+        for i in rows:
+            mapped.append(old[i] if old and i is not None else i)
+        adapter = adapter | {"rows": mapped}
+    model.lora = adapter
     return model
 
 

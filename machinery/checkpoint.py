@@ -1,6 +1,6 @@
 """Checkpoint files: written atomically, read without running code (a file that would run code
-is refused); the model and tokenizer every one holds (a run's own entries, and whether --resume
-can read them: machinery/runs.py). Then the run folder: a fresh run never writes over another's."""
+is refused); the model and tokenizer every one holds (a run's own entries: train.py's save).
+Then the run folder: a fresh run never writes over another's; last, a resumed optimizer."""
 
 import contextlib
 import dataclasses
@@ -298,3 +298,20 @@ def clear_out_dir(out_dir):
 def keep_newest(out_dir, keep_last):
     for name in [n for n in run_files(out_dir) if n.startswith("ckpt_")][:-keep_last]:
         os.remove(os.path.join(out_dir, name))
+
+
+def load_optimizer(optimizer, saved, path):
+    """The saved optimizer state, each group matched to this optimizer's by the parameters it
+    holds (or refused), keeping this machine's kernel (fused, foreach)."""
+    by_names = {tuple(group.get("names", ())): group for group in saved["param_groups"]}
+    groups = []
+    for group in optimizer.param_groups:
+        match = by_names.get(tuple(group["names"]))
+        if match is None:
+            raise TinyLLMError(
+                f"{path}: its optimizer groups the parameters otherwise than this code does "
+                f"(no group of {', '.join(group['names'][:2])}...): resume it with the code "
+                f"that trained it, or fine-tune from it with --init_from"
+            )
+        groups.append(match | {k: group[k] for k in ("fused", "foreach") if k in group})
+    optimizer.load_state_dict({**saved, "param_groups": groups})

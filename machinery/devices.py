@@ -146,7 +146,8 @@ def machine_preset(device, given):
 
 
 def resolve_dtype(dtype, device):
-    """(the forward pass's precision, why): --dtype auto's rule, or the dtype given."""
+    """(the forward pass's precision, why it is that one): --dtype auto's rule, or the dtype
+    given."""
     if dtype == "auto":
         return auto_dtype(device)
     if dtype == "bfloat16" and device.type != "mps" and not native_bf16(device):
@@ -186,25 +187,6 @@ def make_scaler(device, dtype):
             f"{device}; use --dtype bfloat16 or float32"
         )
     return scaler
-
-
-@dataclass
-class Precision:
-    """The forward pass's dtype, why it was chosen, its autocast, and its loss scaler."""
-
-    dtype: str
-    why: str
-    ctx: object
-    scaler: torch.amp.GradScaler
-
-
-def precision(dtype, device, saved_scaler=None):
-    """The Precision of --dtype here (auto: by what the device is); a resumed scaler's state."""
-    dtype, why = resolve_dtype(dtype, device)
-    scaler = make_scaler(device, dtype)
-    if saved_scaler:  # a disabled scaler ignores it
-        scaler.load_state_dict(saved_scaler)
-    return Precision(dtype, why, autocast(device, dtype), scaler)
 
 
 def auto_meanings(device):

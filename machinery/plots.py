@@ -5,7 +5,6 @@ import math
 import os
 
 from machinery.cli import log, warn
-from optim import get_lr, progress
 
 
 def new_plot(height=3, width=7, grid=None):
@@ -57,14 +56,15 @@ def write_history(out_dir, history, plot, vocab_size):
         save_plot(fig, os.path.join(out_dir, "loss.png"), ax)
 
 
-def draw_lr_schedule(cfg):
-    """--plot_lr: the LR at every step of max_steps, drawn, and printed at every tenth."""
+def draw_lr_schedule(cfg, get_lr):
+    """--plot_lr: the LR of get_lr(step, max_steps, cfg) (train.py's) at every step of max_steps,
+    drawn, and printed at every tenth."""
     if cfg.time_budget:
         warn(
             f"--time_budget {cfg.time_budget}: its end depends on its pace; "
             f"drawn for --max_steps {cfg.max_steps}"
         )
-    lrs = [get_lr(s, progress(s, cfg), cfg) for s in range(cfg.max_steps + 1)]
+    lrs = [get_lr(s, cfg.max_steps, cfg) for s in range(cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot(lrs)
     ax.set(

@@ -46,10 +46,10 @@ def iter_documents(path, clean=False, extensions=".txt"):
                     yield document(record["text"])
                 elif isinstance(record, dict) and ("messages" in record or "question" in record):
                     yield document(chat_document(record, where))
-                else:  # a preference pair too: a file of them tunes a chat model
+                else:  # a preference pair too: a file of them is dpo.py's
                     raise TinyLLMError(
                         f'{where}: expected an object with "text", "messages", or "question" and '
-                        '"answer" (a file of "prompt", "chosen" and "rejected" tunes a chat model)'
+                        '"answer" (a file of "prompt", "chosen" and "rejected" is for dpo.py)'
                     )
         else:
             with open(path, encoding="utf-8-sig") as f:
@@ -151,45 +151,46 @@ def clean_text(text):
 def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
     """cfg.data's Corpus: tokenized by the tokenizer given (grown by what the text holds that it
     lacks, if grow) or by a new one, of vocab_size tokens if BPE."""
-    pairs = preference_pairs(cfg.data)
-    if pairs is not None and tokenizer is None:  # the tokenizer of the model they tune
-        raise TinyLLMError(f"{cfg.data} holds preference pairs: tune a model with --init_from")
     if is_prepared(cfg.data):
         corpus = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
             raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the model's")
         return corpus
-    if pairs is not None:  # their chosen conversations; a pair's reference knows no new token
-        text, grow = "".join(chosen for chosen, _ in pairs), False
-    else:
-        text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
+    text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if not text.replace(EOT, "").strip():
         raise TinyLLMError(f"data file {cfg.data} is empty")
     old_ids = None
     if tokenizer is None:  # char learns every character, BPE only from the training part
         learned_from = text if cfg.tokenizer == "char" else split_train_val(text)[0]
         tokenizer = learn(cfg.tokenizer, learned_from, vocab_size)
+    if not grow:
+        check_known(tokenizer, text, cfg.data)
     chars, special = lacking(tokenizer, text)
-    if (chars or special) and not grow:
-        missing = "".join(chars + special)[:40]
-        raise TinyLLMError(f"{cfg.data} has tokens the model lacks: {missing!r}")
     if chars or special:
         tokenizer, old_ids = grown(tokenizer, chars, special)
     corpus = make_corpus(text, tokenizer, cfg.loss_on == "answers")
     return replace(corpus, old_ids=old_ids)
 
 
+def check_known(tokenizer, text, path):
+    """Refuse a text with characters or special tokens the tokenizer lacks."""
+    chars, special = lacking(tokenizer, text)
+    if chars or special:
+        missing = "".join(chars + special)[:40]
+        raise TinyLLMError(f"{path} has tokens the model lacks: {missing!r}")
+
+
 def preference_pairs(path):
-    """[(chosen text, rejected text)] in the chat template, of a file of {"prompt", "chosen",
-    "rejected"} records; None if path holds anything else."""
+    """[(chosen text, rejected text)] in the chat template, of a .jsonl (or .json) file of
+    {"prompt", "chosen", "rejected"} records."""
     if not (path.lower().endswith((".json", ".jsonl")) and os.path.isfile(path)):
-        return None
+        raise TinyLLMError(f'{path}: expected a .jsonl file of "prompt", "chosen" and "rejected"')
     pairs = []
     for where, record in records(path):
         if not (isinstance(record, dict) and "chosen" in record):
-            if pairs:
-                raise TinyLLMError(f"{where}: expected a preference pair, as the lines before")
-            return None
+            raise TinyLLMError(
+                f'{where}: expected a preference pair: "prompt", "chosen", "rejected"'
+            )
         texts = [record.get(k) for k in ("prompt", "chosen", "rejected")]
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise TinyLLMError(f'{where}: a pair needs "prompt", "chosen" and "rejected" texts')

@@ -180,13 +180,39 @@ def tiny_run(data, out_dir, **overrides):
     return TrainConfig(**(settings | overrides))
 
 
-def train_run(model_cfg, cfg, options=None, given=None, clock=None):
-    """train.train on these configs, settled as train.py settles its flags' (given: the flags a
-    user typed, checked against a resume's or a fine-tune's checkpoint)."""
-    import train
-    from machinery.start import settle_configs
+def train_run(model_cfg, cfg, options=None, given=None, stage="train"):
+    """A run of the stage's script (train, finetune, distill, dpo) on these configs, in this
+    process, settled as the script settles its flags' (given: the flags a user typed, checked
+    against a resume's or a fine-tune's checkpoint). Its time starts now (StepClock's, if
+    installed)."""
+    import importlib
 
-    return train.train(settle_configs(model_cfg, cfg, options, given), clock)
+    import torch
+
+    import train
+    from config import RunOptions
+    from machinery.settle import settle_configs
+
+    options, given = options or RunOptions(), given or {}
+    settings = settle_configs(model_cfg, cfg, options, given, stage, "custom", torch.device("cpu"))
+    if stage == "train":  # its time from now, on a StepClock if one is installed
+        return train.train(settings, started=train.time.perf_counter())
+    return getattr(importlib.import_module(stage), stage)(settings)
+
+
+def untrained(path, data, model_cfg):
+    """A checkpoint of a GPT of random weights whose tokenizer knows data's characters and the
+    chat template's tokens: what finetune.py starts from to learn conversations from scratch."""
+    from config import SPECIAL_TOKENS
+    from machinery import checkpoint, sources
+    from model import GPT
+    from tokenizer import CharTokenizer
+
+    text = "".join(sources.iter_documents(str(data)))
+    tokenizer = CharTokenizer.from_text(text, SPECIAL_TOKENS)
+    model = GPT(dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size))
+    checkpoint.save(str(path), checkpoint.create(model, tokenizer.to_dict(), step=0))
+    return str(path)
 
 
 # the same as flags, for the command line
@@ -209,22 +235,20 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chat_run(tmp_path_factory):
-    """A tiny model trained 40 steps on the bundled conversations: (best.pt, what it printed)."""
+    """A tiny model fine-tuned 40 steps from random weights on the bundled conversations:
+    (best.pt, what it printed)."""
     import contextlib
     import io
 
+    from config import RunOptions
+
     folder, out = tmp_path_factory.mktemp("chat"), io.StringIO()
-    cfg = tiny_run(
-        os.path.join(ROOT, "data", "chat_example.jsonl"),
-        folder,
-        max_steps=40,
-        eval_interval=20,
-        lr=1e-2,
-        sample_tokens=60,
-    )
+    data = os.path.join(ROOT, "data", "chat_example.jsonl")
+    cfg = tiny_run(data, folder / "run", max_steps=40, eval_interval=20, lr=1e-2, sample_tokens=60)
+    start = untrained(folder / "untrained.pt", data, tiny_model(block_size=64))
     with contextlib.redirect_stdout(out):
-        train_run(tiny_model(block_size=64), cfg)
-    return str(folder / "best.pt"), out.getvalue()
+        train_run(tiny_model(), cfg, RunOptions(init_from=start), stage="finetune")
+    return str(folder / "run" / "best.pt"), out.getvalue()
 
 
 def interrupt_at(monkeypatch, step, signum):
@@ -244,8 +268,8 @@ def interrupt_at(monkeypatch, step, signum):
 
 
 class StepClock:
-    """A clock the test controls, for train(clock=...): each training step takes `step` seconds
-    on it (install() makes train.train_step move it), nothing else takes any unless it says so."""
+    """A clock the test controls, as train.py's time.perf_counter (install): each training step
+    takes `step` seconds on it, nothing else takes any unless it says so."""
 
     def __init__(self, step):
         self.step, self.now = step, 0.0
@@ -263,16 +287,19 @@ class StepClock:
             return real(*args, **kwargs)
 
         monkeypatch.setattr(train, "train_step", timed_step)
+        monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=self))
         return self
 
 
 def last_lr_is_the_schedules_end(cfg, summary):
-    """A budget's last step is at progress 1: its LR is get_lr's there, whatever the schedule."""
+    """A budget's last step is the last of its plan, the step before max_steps: its LR is
+    get_lr's there, whatever the schedule."""
     from machinery import checkpoint
-    from optim import get_lr
+    from train import get_lr
 
     last = checkpoint.load(str(os.path.join(cfg.out_dir, "last.pt")))
-    return last["lr"] == get_lr(summary["step"] - 1, 1.0, cfg) and last["progress"] == 1.0
+    ended = last["max_steps"] == summary["step"]
+    return ended and last["lr"] == get_lr(summary["step"] - 1, summary["step"], cfg)
 
 
 def weights(model):

@@ -20,16 +20,18 @@ from conftest import (
     tiny_model,
     tiny_run,
     train_run,
+    untrained,
     without_timings,
 )
 
 import chat
+import finetune
 import generate
 import lora
 import tools.merge
 import train
 import utils
-from config import ASSISTANT, EOT, USER, TrainConfig
+from config import ASSISTANT, EOT, USER, RunOptions, TrainConfig
 from machinery import checkpoint, sources
 from model import GPT, lm_loss
 from utils import get_batch
@@ -143,7 +145,9 @@ def chat_model(tmp_path_factory):
         batch_size=16,
         weight_decay=0.0,
     )
-    train_run(tiny_model(block_size=64, n_embd=48), cfg)
+    chats = str(folder / "c.jsonl")
+    start = untrained(folder / "untrained.pt", chats, tiny_model(block_size=64, n_embd=48))
+    train_run(tiny_model(), cfg, RunOptions(init_from=start), stage="finetune")
     return str(folder / "run" / "best.pt")
 
 
@@ -284,11 +288,12 @@ def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(
         "--lr",
         "1e-2",
     ]
-    assert cli(capsys, train.main, *common, "--out_dir", tmp_path / "full")[0] == 0
+    assert cli(capsys, finetune.main, *common, "--out_dir", tmp_path / "full")[0] == 0
     with monkeypatch.context() as m:
         interrupt_at(m, 15, signal.SIGTERM)
-        assert cli(capsys, train.main, *common, "--out_dir", tmp_path / "cut")[0] == 143
-    code, out, _ = cli(capsys, train.main, *common[2:], "--resume", "--out_dir", tmp_path / "cut")
+        assert cli(capsys, finetune.main, *common, "--out_dir", tmp_path / "cut")[0] == 143
+    resume = [*common[2:], "--resume", "--out_dir", tmp_path / "cut"]
+    code, out, _ = cli(capsys, finetune.main, *resume)
     assert code == 0 and " trained: " in out  # the header: only the adapter trains
     full, cut = (checkpoint.load(str(tmp_path / d / "last.pt")) for d in ("full", "cut"))
     for name, weights in full["model"].items():  # the resume was exact

@@ -18,7 +18,7 @@ from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
 
 import train
 from config import PRESETS, RunOptions, build_configs, make_config
-from machinery import checkpoint, devices, start
+from machinery import checkpoint, devices
 from machinery import cli as machinery_cli
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
@@ -126,7 +126,7 @@ def test_running_out_of_memory_is_one_line_saying_what_to_try(
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(start, "make_optimizer", out_of_memory)
+    monkeypatch.setattr(train, "make_optimizer", out_of_memory)
     code, _, err = cli(
         capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run"
     )

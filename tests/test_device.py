@@ -13,10 +13,8 @@ from conftest import GREEDY, cli, generated, same_state, tiny_model, tiny_run, t
 import generate
 import train
 from config import RunOptions, TinyLLMError, TrainConfig
-from machinery import checkpoint, devices, start
-from machinery.start import settle_configs
+from machinery import checkpoint, devices
 from model import GPT
-from optim import make_optimizer
 
 CPU, MPS = torch.device("cpu"), torch.device("mps")
 
@@ -73,8 +71,8 @@ def test_mocked_mac_float16_needs_torch_2_8_and_its_adamw_is_not_fused(fake_mach
     fake_machine(torch=(2, 8))
     assert devices.make_scaler(MPS, "float16").is_enabled()
     model = GPT(tiny_model())
-    assert not make_optimizer(model, TrainConfig(), MPS).defaults["fused"]
-    assert make_optimizer(model, TrainConfig(), CPU).defaults["fused"]
+    assert not train.make_optimizer(model, TrainConfig(), MPS).defaults["fused"]
+    assert train.make_optimizer(model, TrainConfig(), CPU).defaults["fused"]
 
 
 # each kind of CPU, and the precision --dtype auto takes there: bfloat16 where it measured faster
@@ -93,17 +91,17 @@ def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says
     facts, dtype = CPUS[kind]
     fake_machine(cuda=False, mps=False, **facts)
     cfg = tiny_run(text_file, tmp_path, dtype="auto")
-    monkeypatch.setattr(train, "train_loop", lambda run: run)  # set up, its header printed
+    monkeypatch.setattr(train, "loop", lambda run: run)  # set up, its header printed
     run = train_run(tiny_model(), cfg)
     header = capsys.readouterr().out.splitlines()[0]
-    assert run.precision.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
+    assert run.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
     fake_machine(vendor="")  # a CPU whose maker is unknown takes bfloat16 only with AMX
     assert devices.auto_dtype(CPU)[0] == ("bfloat16" if facts["amx"] else "float32")
 
 
 def test_bfloat16_asked_of_a_cpu_without_it_is_a_warning_not_a_failure(fake_machine, capsys):
     fake_machine(cuda=False, mps=False, **CPUS["no bfloat16"][0])
-    assert devices.precision("bfloat16", CPU).dtype == "bfloat16"  # emulated: slow, but it runs
+    assert devices.resolve_dtype("bfloat16", CPU)[0] == "bfloat16"  # emulated: slow, it runs
     assert "no native bfloat16" in capsys.readouterr().err
 
 
@@ -116,7 +114,7 @@ def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(
         pytest.fail("a step was taken at start-up")
 
     monkeypatch.setattr(train, "train_step", no_step)
-    monkeypatch.setattr(train, "train_loop", lambda run: "set up")  # all before the loop
+    monkeypatch.setattr(train, "loop", lambda run: "set up")  # all before the loop
     cfg = tiny_run(text_file, tmp_path, dtype="auto", time_budget="5m", sample_tokens=10)
     assert train_run(tiny_model(), cfg) == "set up"
 
@@ -155,13 +153,14 @@ needs_cpu_float16 = pytest.mark.skipif(
 def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     torch.manual_seed(0)
     model = GPT(tiny_model())
-    optimizer = make_optimizer(model, TrainConfig(), CPU)
-    float16 = devices.precision("float16", CPU)
-    scaler = float16.scaler
+    optimizer = train.make_optimizer(model, TrainConfig(), CPU)
+    scaler = devices.make_scaler(CPU, "float16")
+    ctx = devices.autocast(CPU, "float16")
     model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
     before, scale = {k: v.clone() for k, v in model.state_dict().items()}, scaler.get_scale()
     x = torch.randint(0, 65, (4, 16))
-    train.train_step(model, optimizer, lambda: (x, x), 1e-2, TrainConfig(grad_clip=1.0), float16)
+    step = (lambda: (x, x), 1e-2, TrainConfig(grad_clip=1.0), ctx, scaler)
+    train.train_step(model, optimizer, *step)
     assert same_state(model.state_dict(), before)  # skipped
     assert scaler.get_scale() < scale  # and the scale backed off
 
@@ -191,15 +190,18 @@ def test_a_float16_run_skips_a_step_whose_gradient_overflowed_and_trains_on(
 
 
 @needs_cpu_float16
-def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(text_file, tmp_path):
+def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(
+    text_file, tmp_path, monkeypatch
+):
     cfg = tiny_run(text_file, tmp_path, dtype="float16", max_steps=4, eval_interval=2)
     train_run(tiny_model(), cfg)
     saved = checkpoint.load(str(tmp_path / "last.pt"))
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    run = start.set_up(settle_configs(tiny_model(), cfg, RunOptions(resume=True)), lambda: 0.0)
-    assert run.precision.dtype == "float16" and run.precision.scaler.get_scale() == 1234.0
+    monkeypatch.setattr(train, "loop", lambda run: run)  # set up
+    run = train_run(tiny_model(), cfg, RunOptions(resume=True))
+    assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
 
 
 def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_on(

@@ -1,16 +1,20 @@
 """tools.export: each kind of model the project trains, as a Hugging Face folder that transformers
 loads with no code of ours, gives the same logits, greedy text and chat prompt."""
 
+import dataclasses
 import json
 import os
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, assert_one_line_error, cli, corpus_head
+from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, corpus_head, untrained
 
+import distill
+import dpo
+import finetune
 import generate
 import train
-from config import DTYPES, default_preset
+from config import DTYPES, GPTConfig, default_preset
 from machinery import checkpoint, sources
 from tools import export
 
@@ -20,7 +24,6 @@ KINDS = {  # the train.py flags of each kind of model
     "llama": LLAMA,
     "vanilla": ["--norm", "layernorm", "--mlp", "gelu", "--pos", "learned"],
     "bpe": [*LLAMA, "--tokenizer", "bpe", "--vocab_size", "300"],
-    "chat": [*LLAMA, "--data", os.path.join("data", "chat_example.jsonl")],
     "biases everywhere": ["--norm", "layernorm", "--mlp", "swiglu", "--pos", "rope", "--bias", "1"],
 }
 # every preset a machine can train without --preset, in its own parts, at a test's size
@@ -45,15 +48,21 @@ def runs(tmp_path_factory):
         argv = [*flags, *data, *more, "--out_dir", folder / kind]
         assert train.main([str(a) for a in argv]) is None
         paths[kind] = str(folder / kind / "best.pt")
+    # the later chapters: a chat model, a LoRA adapter, a student of a teacher, DPO
+    chats = os.path.join(ROOT, "data", "chat_example.jsonl")
+    shape = GPTConfig(n_layer=1, n_embd=32, n_head=2, block_size=64, norm="rmsnorm", mlp="swiglu")
+    start = untrained(folder / "start.pt", chats, dataclasses.replace(shape, pos="rope"))
+    chat = ["--data", chats, "--init_from", start, "--out_dir", folder / "chat"]
+    finetune.main([str(a) for a in [*flags, *chat]])
+    paths["chat"] = str(folder / "chat" / "best.pt")
     lora = ["--init_from", paths["llama"], "--lora_rank", 4, "--out_dir", folder / "lora"]
-    train.main([str(a) for a in [*flags, "--data", folder / "text.txt", *lora, "--lr", 0.05]])
-    # the course's last chapter: a student distilled from a teacher, a chat model tuned by DPO
+    finetune.main([str(a) for a in [*flags, "--data", folder / "text.txt", *lora, "--lr", 0.05]])
     student = ["--data", folder / "text.txt", *LLAMA, "--distill_from", paths["llama"]]
     pair = {"prompt": "Who are you?", "chosen": "A friend, sir.", "rejected": "nobody lol"}
     (folder / "pairs.jsonl").write_text(f"{json.dumps(pair)}\n" * 4, encoding="utf-8")
-    dpo = ["--data", folder / "pairs.jsonl", "--init_from", paths["chat"]]
-    for kind, more in (("distilled", student), ("dpo", dpo)):
-        train.main([str(a) for a in [*flags, *more, "--out_dir", folder / kind]])
+    tuned = ["--data", folder / "pairs.jsonl", "--init_from", paths["chat"]]
+    for kind, script, more in (("distilled", distill, student), ("dpo", dpo, tuned)):
+        script.main([str(a) for a in [*flags, *more, "--out_dir", folder / kind]])
         paths[kind] = str(folder / kind / "last.pt")
     return paths | {"merged lora": str(folder / "lora" / "last.pt")}
 

@@ -459,7 +459,7 @@ def test_the_cache_changes_nothing_in_beam_search(width):
 
 @pytest.mark.parametrize(
     "name",
-    ["config.py", "model.py", "utils.py", "optim.py", "sampling.py", "lora.py", "tokenizer.py"],
+    ["config.py", "model.py", "utils.py", "muon.py", "sampling.py", "lora.py", "tokenizer.py"],
 )
 def test_the_lesson_imports_nothing_of_the_scripts_machinery_or_tools(name):
     with open(os.path.join(ROOT, name), encoding="utf-8") as f:

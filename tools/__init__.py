@@ -4,10 +4,12 @@ through experiment()."""
 
 
 def experiment(given, preset="tiny"):
-    """train.py's run of the settings given, in this process, without plots or a closing sample:
-    its summary."""
+    """train.py's run of the settings given, in this process, without plots or a closing sample,
+    its time budget counted from now: its summary."""
+    import time
+
     import train  # here, not above: the tools that only read files need no torch
-    from machinery.start import settle
+    from machinery.settle import settle
 
     given = {"plots": False, "sample_tokens": 0, "preset": preset} | given
-    return train.train(settle(given))
+    return train.train(settle(given), started=time.perf_counter())

@@ -1,5 +1,5 @@
-"""tuning.py: a student distilled from a frozen teacher, and a policy tuned on preference pairs
-against its frozen reference (DPO); their losses, their runs, resumes and bad input."""
+"""dpo.py: a policy tuned on preference pairs against its frozen reference; its loss, its pairs,
+its run and resume, the in-character measure before and after, bad input."""
 
 import json
 import os
@@ -18,60 +18,20 @@ from conftest import (
     tiny_model,
     tiny_run,
     train_run,
+    untrained,
     without_timings,
 )
 
+import dpo
 import train
-import tuning
 from config import ASSISTANT, SPECIAL_TOKENS, RunOptions
+from dpo import Preferring, answer_logps, pair_batch, pair_split
 from machinery import checkpoint, sources
+from machinery.evaluation import in_character, in_character_shares
 from model import GPT
 from tokenizer import CharTokenizer
-from tuning import (
-    Distilled,
-    Preferring,
-    answer_logps,
-    distill_loss,
-    in_character,
-    pair_batch,
-    pair_split,
-    registers,
-)
 
 PAIRS = os.path.join(ROOT, "data", "preferences.jsonl")
-
-
-def test_the_distillation_loss_is_the_softened_kl_times_t_squared_mixed_with_the_targets():
-    torch.manual_seed(0)
-    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
-    targets = torch.randint(0, 7, (2, 5))
-    targets[0, :2] = -100  # context only: no target, no distillation
-    keep = targets != -100
-    p = F.softmax(teacher[keep] / 4.0, dim=-1)  # the teacher's softened distribution (N, V)
-    log_q = F.log_softmax(student[keep] / 4.0, dim=-1)
-    kl = (p * (p.log() - log_q)).sum(-1).mean()
-    ce = F.cross_entropy(student[keep], targets[keep])
-    for alpha in (0.0, 0.5, 1.0):
-        loss = distill_loss(student, teacher, targets, 4.0, alpha)
-        assert loss.item() == pytest.approx(alpha * 16 * kl.item() + (1 - alpha) * ce.item())
-
-
-def test_a_distilled_student_learns_the_teacher_stays_frozen_in_eval_mode_without_a_graph():
-    torch.manual_seed(0)
-    student, teacher = GPT(tiny_model()), GPT(tiny_model(dropout=0.5))
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    seen = []
-    teacher.register_forward_hook(lambda m, a, out: seen.append((m.training, out[0].requires_grad)))
-    pair = Distilled(student, teacher, 4.0, 0.5).train()
-    x = torch.randint(0, 65, (4, 16))
-    _, loss = pair(x, x.roll(-1, 1))
-    loss.backward()
-    assert seen == [(False, False)]  # no dropout, no graph
-    assert all(p.grad is None for p in teacher.parameters())
-    assert any(p.grad is not None for p in student.parameters())
-    assert same_weights(before, teacher.state_dict())
-    pair.eval()
-    assert pair(x, x.roll(-1, 1))[1] == student(x, x.roll(-1, 1))[1]  # eval: the student's own loss
 
 
 def test_a_preference_loss_counts_the_answers_tokens_alone():
@@ -113,7 +73,7 @@ def test_the_register_rule_takes_every_chosen_answer_and_no_rejected_one():
 def test_pairs_are_the_chat_template_their_targets_the_answers_and_a_tenth_held_out():
     pairs = sources.preference_pairs(PAIRS)
     tokenizer = CharTokenizer.from_text("".join(a + b for a, b in pairs), SPECIAL_TOKENS)
-    split = pair_split(pairs, tokenizer)
+    split = pair_split(pairs, tokenizer, PAIRS)
     assert len(split["val"]) == len(pairs) - int(0.9 * len(pairs)) >= 1
     x, y = pair_batch(split["val"][:2], torch.device("cpu"))  # (4, T)
     with open(PAIRS, encoding="utf-8") as f:
@@ -123,37 +83,15 @@ def test_pairs_are_the_chat_template_their_targets_the_answers_and_a_tenth_held_
         assert tokenizer.decode([t for t in row.tolist() if t != -100]) == answer + "<|endoftext|>"
 
 
-@pytest.mark.slow  # trains for seconds
-def test_a_distilled_run_resumes_exactly_and_a_teacher_of_another_tokenizer_is_refused(
-    trained, tmp_path, monkeypatch, capsys
-):
-    teacher, data = trained
-    cfg = tiny_run(data, tmp_path / "straight", max_steps=12, distill_from=teacher)
-    full = train_run(tiny_model(dropout=0.1), cfg)
-    cut = tiny_run(data, tmp_path / "cut", max_steps=12, distill_from=teacher)
-    with monkeypatch.context() as m:
-        interrupt_at(m, 7, signal.SIGTERM)
-        with pytest.raises(SystemExit):
-            train_run(tiny_model(dropout=0.1), cut)
-    resumed = train_run(tiny_model(dropout=0.1), cut, RunOptions(resume=True))
-    assert without_timings(resumed["history"]) == without_timings(full["history"])
-    assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
-    other = tmp_path / "other.txt"
-    other.write_text("a different text, with other letters: XYZ 0123\n" * 400, encoding="utf-8")
-    argv = ["--distill_from", teacher, "--data", other, "--out_dir", tmp_path / "x"]
-    code, _, err = cli(capsys, train.main, *argv, "--max_steps", 2, "--device", "cpu")
-    assert_one_line_error(code, err, "--distill_from")
-    assert not os.path.exists(tmp_path / "x" / "last.pt")
-
-
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
     """A tiny model fine-tuned on the bundled conversations: it knows the chat template."""
     folder = tmp_path_factory.mktemp("dpo")
     data = os.path.join(ROOT, "data", "chat_example.jsonl")
-    cfg = tiny_run(data, folder, max_steps=20, eval_interval=20, lr=1e-2)
-    train_run(tiny_model(block_size=128), cfg)
-    return str(folder / "best.pt")
+    cfg = tiny_run(data, folder / "run", max_steps=20, eval_interval=20, lr=1e-2)
+    start = untrained(folder / "untrained.pt", data, tiny_model(block_size=128))
+    train_run(tiny_model(), cfg, RunOptions(init_from=start), stage="finetune")
+    return str(folder / "run" / "best.pt")
 
 
 @pytest.mark.slow  # trains for seconds
@@ -167,7 +105,7 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     settings = dict(lr=3e-3, dpo_beta=0.5, lora_rank=lora_rank, batch_size=8, max_steps=12)
     options = RunOptions(init_from=chat_checkpoint)
     cfg = tiny_run(pairs, tmp_path / "straight", log_interval=6, eval_interval=6, **settings)
-    full = train_run(tiny_model(block_size=128), cfg, options)
+    full = train_run(tiny_model(block_size=128), cfg, options, stage="dpo")
     lines = [row for row in full["history"] if row["kind"] == "train"]
     # the reference's margins are 0: the policy prefers the held-out pairs more, more at the end
     assert 0 < lines[0]["margin"] < lines[-1]["margin"] and lines[-1]["held_out_acc"] > 0.5
@@ -175,25 +113,26 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signal.SIGTERM)
         with pytest.raises(SystemExit):
-            train_run(tiny_model(block_size=128), cut, options)
-    resumed = train_run(tiny_model(block_size=128), cut, RunOptions(resume=True))
+            train_run(tiny_model(block_size=128), cut, options, stage="dpo")
+    resumed = train_run(tiny_model(block_size=128), cut, RunOptions(resume=True), stage="dpo")
     assert without_timings(resumed["history"]) == without_timings(full["history"])
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
 
 
-def test_a_variants_figures_are_no_step_the_pace_leaves_them_out(
+def test_a_stages_figures_are_no_step_the_pace_leaves_them_out(
     chat_checkpoint, tmp_path, monkeypatch
 ):
     clock = StepClock(0.01).install(monkeypatch)  # a step: 10 ms on the run's clock
+    held_out = dpo.held_out
 
-    def slow_answers(*args):  # the policy's answers on each progress line: 100 s
+    def slow_figures(*args):  # the held-out pairs on each progress line: 100 s
         clock.now += 100
-        return {}
+        return held_out(*args)
 
-    monkeypatch.setattr(tuning, "registers", slow_answers)
+    monkeypatch.setattr(dpo, "held_out", slow_figures)
     cfg = tiny_run(PAIRS, tmp_path / "run", max_steps=6, log_interval=2, eval_interval=100)
     options = RunOptions(init_from=chat_checkpoint)
-    summary = train_run(tiny_model(block_size=128), cfg, options, clock=clock)
+    summary = train_run(tiny_model(block_size=128), cfg, options, stage="dpo")
     paces = [row["ms_per_step"] for row in summary["history"] if row["kind"] == "train"]
     assert paces == pytest.approx([10.0] * 3)
 
@@ -211,6 +150,13 @@ REGISTERS = [
 ]
 
 
+def shares_of(path, questions):
+    """The in-character shares of a checkpoint's answers to questions."""
+    trained = checkpoint.load_model(str(path))
+    prompts = [trained.tokenizer.encode(question) for question in questions]
+    return in_character_shares(trained.model, prompts, trained.tokenizer, torch.device("cpu"))
+
+
 @pytest.mark.slow  # trains for seconds
 def test_a_preference_run_moves_what_a_model_of_both_registers_says(tmp_path):
     chats, pairs = tmp_path / "chats.jsonl", tmp_path / "pairs.jsonl"
@@ -223,18 +169,19 @@ def test_a_preference_run_moves_what_a_model_of_both_registers_says(tmp_path):
         for prompt, chosen, rejected in REGISTERS:
             f.write(json.dumps(dict(prompt=prompt, chosen=chosen, rejected=rejected)) + "\n")
     shape, steps = tiny_model(block_size=64, n_embd=64, n_head=4), dict(eval_interval=1000)
-    train_run(shape, tiny_run(chats, tmp_path / "chat", max_steps=150, lr=1e-2, **steps))
+    start = untrained(tmp_path / "untrained.pt", chats, shape)
+    chat_cfg = tiny_run(chats, tmp_path / "chat", max_steps=150, lr=1e-2, **steps)
+    train_run(shape, chat_cfg, RunOptions(init_from=start), stage="finetune")
     chat = str(tmp_path / "chat" / "last.pt")
-    dpo = tiny_run(pairs, tmp_path / "dpo", max_steps=40, lr=3e-4, dpo_beta=0.5, **steps)
-    train_run(shape, dpo, RunOptions(init_from=chat))
+    tuned = tiny_run(pairs, tmp_path / "dpo", max_steps=40, lr=3e-4, dpo_beta=0.5, **steps)
+    summary = train_run(shape, tuned, RunOptions(init_from=chat), stage="dpo")
     texts = sources.preference_pairs(str(pairs))
     questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts]
-    shares = []
-    for path in (chat, tmp_path / "dpo" / "last.pt"):
-        trained = checkpoint.load_model(str(path))
-        prompts = [trained.tokenizer.encode(question) for question in questions]
-        shares.append(registers(trained.model, prompts, trained.tokenizer, torch.device("cpu")))
+    shares = [shares_of(path, questions) for path in (chat, tmp_path / "dpo" / "last.pt")]
     before, after = shares
+    # dpo.py's own closing measure: the same, of its held-out prompt
+    held_out = shares_of(tmp_path / "dpo" / "last.pt", questions[-1:])
+    assert summary["in_character"] == held_out["in_character"]
     assert after["in_character"] >= before["in_character"] + 0.5, shares  # 4 prompts of 8 or more
 
 
@@ -253,15 +200,21 @@ def test_a_bad_pair_is_one_error_line_before_anything_is_written(
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (good, record, good)), encoding="utf-8")
     argv = ["--init_from", chat_checkpoint, "--data", path, "--out_dir", tmp_path / "run"]
-    code, _, err = cli(capsys, train.main, *argv, "--max_steps", 2, "--device", "cpu")
+    code, _, err = cli(capsys, dpo.main, *argv, "--max_steps", 2, "--device", "cpu")
     assert_one_line_error(code, err, word, "line 2")
     assert not os.path.exists(tmp_path / "run" / "last.pt")
 
 
-def test_preference_pairs_where_text_is_expected_are_one_error_line(tmp_path, capsys):
+def test_preference_pairs_where_text_is_expected_are_one_error_line_naming_dpo_py(
+    chat_checkpoint, tmp_path, capsys
+):
     argv = ["--data", PAIRS, "--out_dir", tmp_path / "run", "--max_steps", 2, "--device", "cpu"]
-    assert_one_line_error(*cli(capsys, train.main, *argv)[::2], "--init_from")
+    assert_one_line_error(*cli(capsys, train.main, *argv)[::2], "line 1", "dpo.py")
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"text": "some text"}\n' + open(PAIRS, encoding="utf-8").readline())
     argv = ["--data", mixed, "--out_dir", tmp_path / "run", "--max_steps", 2, "--device", "cpu"]
-    assert_one_line_error(*cli(capsys, train.main, *argv)[::2], "line 2", "chosen")
+    assert_one_line_error(*cli(capsys, train.main, *argv)[::2], "line 2", "dpo.py")
+    argv = [*argv, "--init_from", chat_checkpoint]  # text where pairs are expected
+    assert_one_line_error(*cli(capsys, dpo.main, *argv)[::2], "line 1", "chosen")
+    argv = ["--data", PAIRS, "--out_dir", tmp_path / "run", "--max_steps", 2, "--device", "cpu"]
+    assert_one_line_error(*cli(capsys, dpo.main, *argv)[::2], "--init_from")

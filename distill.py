@@ -1,0 +1,89 @@
+"""Distill a trained teacher into a new, smaller GPT (Hinton et al., 2015).
+
+    python train.py --preset small --max_steps 2000 --tag big       # the teacher
+    python distill.py --preset tiny --distill_from checkpoints/big/best.pt --tag student
+
+The student learns the teacher's next-token distribution, softened by a temperature, beside the
+usual targets: softened odds say which wrong tokens are nearly right, which a target alone cannot.
+The teacher stays frozen, in eval mode. The student trains on the teacher's text and tokenizer,
+from fresh weights. The rest is train.py's run: its loop (fit), its checkpoints, its resume.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from config import NO_TARGET, TinyLLMError
+from machinery import checkpoint, cli
+from model import lm_loss
+
+
+def distill_loss(logits, teacher_logits, targets, temperature, alpha):
+    """alpha times the KL divergence of the student's next-token distribution from the teacher's,
+    both logits divided by the temperature T, times T^2 (softening scales the gradients by 1/T^2);
+    plus 1 - alpha times the usual loss. logits (B, T, V); the positions with a target count."""
+    keep = targets.flatten() != NO_TARGET  # (B*T,)
+    student = F.log_softmax(logits.flatten(0, 1)[keep].float() / temperature, dim=-1)  # (N, V)
+    teacher = F.log_softmax(teacher_logits.flatten(0, 1)[keep].float() / temperature, dim=-1)
+    soft = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # per position
+    return alpha * soft * temperature**2 + (1 - alpha) * lm_loss(logits, targets)
+
+
+class Distilled(nn.Module):
+    """A student and its frozen teacher, as a step calls a GPT: model(x, y) -> (logits, loss).
+    Training, the loss is distill_loss; in eval mode, the student's own, comparable with any
+    run's."""
+
+    def __init__(self, student, teacher, temperature, alpha):
+        super().__init__()
+        self.student, self.teacher = student, teacher.requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+
+    def train(self, mode=True):  # the teacher stays in eval mode: no dropout
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, idx, targets=None):
+        logits, loss = self.student(idx, targets)
+        if targets is None or not self.training:
+            return logits, loss
+        with torch.no_grad():  # the teacher's distribution, no graph
+            teacher_logits, _ = self.teacher(idx)
+        return logits, distill_loss(logits, teacher_logits, targets, self.temperature, self.alpha)
+
+
+def distill(settings):
+    """A fresh student on the teacher's text, by its tokenizer; then train.py's fit, whose steps
+    call Distilled."""
+    cfg = settings.cfg
+    process = train.start_process(settings)
+    corpus = train.load_corpus(settings)
+    model = train.make_model(settings, corpus)  # a fresh student (or a resume's)
+    teacher = checkpoint.load_model(cfg.distill_from)
+    check_teacher(cfg, teacher, corpus.tokenizer, model)
+    softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
+    cli.log(f"distilling {cfg.distill_from} into this model: {softened}")
+    trains = Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha)
+    batches = train.corpus_batches(settings, corpus, model, process)
+    return train.fit(settings, process, corpus, model, batches, trains=trains)
+
+
+def check_teacher(cfg, teacher, tokenizer, model):
+    """The student needs its teacher's tokenizer and vocabulary, and a context no longer."""
+    big_enough = teacher.model.config.block_size >= model.config.block_size
+    ours = (tokenizer.to_dict(), model.config.vocab_size)
+    if (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) != ours or not big_enough:
+        raise TinyLLMError(
+            f"--distill_from {cfg.distill_from} has another tokenizer, vocabulary or a smaller "
+            f"block_size: train the student on its teacher's --data and --tokenizer"
+        )
+
+
+def main(argv=None):
+    train.main(argv, "distill", distill, __doc__)
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)

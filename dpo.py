@@ -1,0 +1,166 @@
+"""Tune a chat model on preference pairs with DPO (Rafailov et al., 2023).
+
+    python finetune.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --tag chat \
+        --max_steps 300
+    python dpo.py --init_from checkpoints/chat/best.pt --data data/preferences.jsonl --tag dpo \
+        --max_steps 200 --lr 3e-4
+
+A pair is a prompt, a chosen answer and a rejected one (a line of {"prompt", "chosen",
+"rejected"}). The policy, the model being tuned, learns to prefer each pair's chosen answer to its
+rejected one by more than a frozen copy of itself, its reference, does: no reward model, and the
+reference keeps the policy near what it knew. The loss counts the answers' tokens alone. Each
+progress line gives the held-out pairs' mean margin and the share the policy prefers. Before and
+after, the share of held-out prompts it answers in the voice of the plays (the bundled pairs'
+chosen answers; machinery/evaluation.py). --lora_rank R tunes LoRA adapters instead (lora.py).
+The rest is train.py's run: its loop (fit), its checkpoints, its exact --resume.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train
+from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, TinyLLMError
+from lora import adapted, merge
+from machinery import checkpoint, cli, sources
+from machinery.evaluation import in_character_shares
+from model import lm_loss
+from utils import answer_targets, make_corpus
+
+
+def dpo(settings):
+    """The pairs; the policy (--init_from's model, or a resume's) and its frozen reference; the
+    held-out prompts answered before; then train.py's fit on batches of pairs, whose steps call
+    Preferring; the held-out prompts answered after."""
+    cfg = settings.cfg
+    process = train.start_process(settings)
+    tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)
+    texts = sources.preference_pairs(cfg.data)
+    pairs = pair_split(texts, tokenizer, cfg.data)
+    # their chosen conversations: the run's text (its bits per character, its closing sample)
+    corpus = make_corpus("".join(chosen for chosen, _ in texts), tokenizer)
+    model, _ = train.saved_model(settings, corpus)
+    model = adapted(cfg, model, settings.saved, settings.path, None)
+    longest = max(len(x) for split in pairs.values() for pair in split for x, _ in pair)
+    if longest > model.config.block_size:  # each text fits in the context: no window is needed
+        too_long = f"a pair's text is {longest} tokens, more than block_size"
+        raise TinyLLMError(f"{cfg.data}: {too_long} {model.config.block_size}")
+    # the reference: the model it starts from, which a resume's checkpoint names
+    path = settings.saved["reference"] if settings.resumed else os.path.abspath(settings.path)
+    saved = checkpoint.load(path) if settings.resumed else settings.saved  # loaded once
+    reference = merge(checkpoint.model_of(saved, path))
+    held = f"{len(pairs['train'])} pairs to train, {len(pairs['val'])} held out"
+    cli.log(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
+    questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts[len(pairs["train"]) :]]
+    prompts = [tokenizer.encode(question) for question in questions]
+    if not settings.resumed:  # a resume's first lines said them
+        before = in_character_shares(reference, prompts, tokenizer, "cpu")
+        cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
+    trains = Preferring(model, reference, cfg.dpo_beta)
+    micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
+    batches = pair_batches(pairs, micro_batch, process.device)
+    summary = train.fit(
+        settings,
+        process,
+        corpus,
+        model,
+        batches,
+        trains=trains,
+        figures=lambda: held_out(trains, pairs["val"], process.device),
+        saved={"reference": path},
+    )
+    after = in_character_shares(model, prompts, tokenizer, process.device)
+    cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))
+    return summary | after
+
+
+def pair_split(pairs, tokenizer, data):
+    """Preference pairs [(chosen text, rejected text)] tokenized, each text an (x, y) whose
+    targets are its answer's tokens; {"train": the first 90%, "val": the rest, one at least}.
+    data: the file they came from."""
+    sources.check_known(tokenizer, "".join(a + b for a, b in pairs), data)  # as its reference
+    if len(pairs) < 2:
+        raise TinyLLMError(f"{data}: one pair to train and one held out, at least")
+    rows = []
+    for texts in pairs:
+        ids = [torch.tensor(tokenizer.encode(text)) for text in texts]
+        targets = [answer_targets(i, tokenizer)[1:] for i in ids]
+        rows.append([(i[:-1], i[1:].masked_fill(~t, NO_TARGET)) for i, t in zip(ids, targets)])
+    n = min(len(rows) - 1, max(1, int(len(rows) * TRAIN_FRACTION)))
+    return {"train": rows[:n], "val": rows[n:]}
+
+
+def pair_batch(pairs, device):
+    """x, y (2B, T) of preference pairs [(chosen, rejected)], each an (x, y): the chosen rows, then
+    the rejected, each padded at its end with no target."""
+    rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
+    T = max(len(x) for x, _ in rows)
+    x, y = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), NO_TARGET)
+    for r, (ids, targets) in enumerate(rows):
+        x[r, : len(ids)], y[r, : len(ids)] = ids, targets
+    return x.to(device), y.to(device)
+
+
+def pair_batches(pairs, micro_batch, device):
+    """{split: () -> (x, y)}: micro_batch random pairs of the split (pair_batch)."""
+
+    def batch(split):
+        picks = torch.randint(len(pairs[split]), (micro_batch,)).tolist()
+        return pair_batch([pairs[split][i] for i in picks], device)
+
+    return {"train": lambda: batch("train"), "val": lambda: batch("val")}
+
+
+def answer_logps(logits, targets):
+    """Each row's log-probability of its target tokens, (B,) of logits (B, T, V): an answer's,
+    given the prompt before it."""
+    return -lm_loss(logits, targets, reduction="none").view(targets.shape).sum(dim=1)
+
+
+class Preferring(nn.Module):
+    """A policy and its frozen reference, on rows of pairs (2B, T): the chosen answers, then the
+    rejected ones. margin: by how much more than the reference the policy prefers a pair's chosen
+    answer, in nats; the loss, -log sigmoid(beta * margin), grows the margins."""
+
+    def __init__(self, policy, reference, beta):
+        super().__init__()
+        self.policy, self.reference = policy, reference.requires_grad_(False)
+        self.beta = beta
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.reference.eval()
+        return self
+
+    def margins(self, idx, targets):
+        """(B,): each pair's margin."""
+        logits, _ = self.policy(idx)  # (2B, T, V)
+        with torch.no_grad():
+            reference_logits, _ = self.reference(idx)
+        gain = answer_logps(logits, targets) - answer_logps(reference_logits, targets)  # (2B,)
+        chosen, rejected = gain.chunk(2)
+        return chosen - rejected
+
+    def forward(self, idx, targets):
+        margins = self.margins(idx, targets)
+        return margins, -F.logsigmoid(self.beta * margins).mean()
+
+
+@torch.no_grad()
+def held_out(model, pairs, device):
+    """{margin, held_out_acc} of held-out pairs: the mean margin, the share above 0."""
+    model.eval()
+    margins = model(*pair_batch(pairs, device))[0].float()  # (B,)
+    model.train()
+    margin, share = torch.stack([margins.mean(), (margins > 0).float().mean()]).tolist()
+    return {"margin": margin, "held_out_acc": share}
+
+
+def main(argv=None):
+    train.main(argv, "dpo", dpo, __doc__)
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)

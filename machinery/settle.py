@@ -1,0 +1,136 @@
+"""A run's settings, settled once before anything is written: the flags a training script was
+given (train.py, finetune.py, distill.py, dpo.py) and what the run starts from (a fresh model; its
+own last.pt when it resumes; a trained model when it fine-tunes), each flag checked against it."""
+
+import os
+from dataclasses import asdict, replace
+
+from config import (
+    PRESETS,
+    RESUME_MAY_CHANGE,
+    GPTConfig,
+    RunOptions,
+    Settings,
+    TinyLLMError,
+    TrainConfig,
+    build_configs,
+    make_config,
+    require,
+)
+from machinery import checkpoint, cli, devices, sources
+
+
+def settle(given, stage="train"):
+    """The settings of a training script's flags given (stage: its name): the preset (without
+    --preset, this machine's, saying why), then what the run starts from, each flag checked
+    against it."""
+    options = make_config(RunOptions, given)
+    device = devices.choose_device(given.get("device", "auto"))
+    preset, machine = devices.machine_preset(device, given)
+    trains = options.eval_only is None and not options.plot_lr
+    if options.preset:
+        preset = options.preset
+    elif trains and not options.resume:  # a resume keeps its run's preset
+        cli.log(f"no --preset given: using '{preset}' for {machine}")
+    require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    model_cfg, cfg = build_configs(given, PRESETS[preset])
+    if not trains:
+        return Settings(model_cfg, cfg, options, stage, preset, device)
+    return settle_configs(model_cfg, cfg, options, given, stage, preset, device)
+
+
+def settle_configs(model_cfg, cfg, options, given, stage, preset, device):
+    """The Settings of a run of these configs: as given, or those of the run it resumes, or with
+    the shape and tokenizer of the model it fine-tunes, or of a prepared corpus."""
+    last = os.path.join(cfg.out_dir, "last.pt")
+    if options.resume and os.path.isfile(last):
+        return settings_to_resume(last, cfg, options, given, stage)
+    if stage in ("finetune", "dpo") and not options.init_from:
+        raise TinyLLMError(
+            f"{stage}.py tunes a trained model: give its checkpoint with --init_from"
+        )
+    if stage == "distill" and not cfg.distill_from:
+        raise TinyLLMError(
+            "distill.py learns from a teacher: give its checkpoint with --distill_from"
+        )
+    if options.resume:  # the same command starts the run now and continues it later
+        cli.log(f"--resume: no {last} yet, starting a fresh run")
+    devices.check_processes(device, cfg)
+    if not options.overfit_batch:
+        checkpoint.claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
+    saved = None
+    if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
+        saved = fine_tune_checkpoint(options.init_from, given)
+        model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], options.init_from)
+        cfg = replace(cfg, tokenizer=saved["tokenizer"]["kind"])
+    if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
+        meta = sources.prepared_meta(cfg.data)
+        made = dict(vocab_size=meta["vocab_size"], clean=meta["clean"])
+        made["tokenizer"] = meta["tokenizer"]["kind"]
+        refused = contradicted(given, made)
+        if refused:
+            why = f"{cfg.data} was made by tools.prepare, with its own tokenizer"
+            raise TinyLLMError(f"{why}: drop {refused}")
+        cfg = replace(cfg, tokenizer=made["tokenizer"])
+    if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
+        cfg = replace(cfg, time_budget="")
+    return Settings(model_cfg, cfg, options, stage, preset, device, saved, options.init_from)
+
+
+def settings_to_resume(last, cfg, options, given, stage):
+    """The Settings of a run going on from its last.pt, with the flags --resume may change."""
+    saved = checkpoint.load(last)
+    cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
+    ran = saved.get("stage", "train")
+    if ran != stage:
+        again = f"python {ran}.py --resume --out_dir {cfg.out_dir}"
+        raise TinyLLMError(f"{last} is a run of {ran}.py: resume it with {again}")
+    if options.preset and options.preset != saved.get("preset"):
+        raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
+    if not all(k in saved for k in ("optimizer", "rng", "step", "history")):
+        raise TinyLLMError(
+            f"{last} was written by another version of tinyllm and cannot be resumed; "
+            f"fine-tune from its weights with --init_from instead"
+        )
+    model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
+    saved_cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
+    settings = asdict(model_cfg) | asdict(saved_cfg)
+    refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
+    if refused:
+        raise TinyLLMError(
+            f"--resume continues the run in {last}, which cannot change {refused}; "
+            f"drop the flag, or start a new run with another --out_dir"
+        )
+    changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
+    device = devices.choose_device(cfg.device)
+    devices.check_processes(device, cfg)
+    preset = saved.get("preset", "custom")
+    return Settings(model_cfg, cfg, options, stage, preset, device, saved, last, resumed=True)
+
+
+def fine_tune_checkpoint(path, given):
+    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
+    if path.lower().endswith(".pt"):
+        saved = checkpoint.load(path)
+    else:
+        from machinery.hf_gpt2 import gpt2_checkpoint  # needs transformers: imported only here
+
+        saved = gpt2_checkpoint(path)
+    has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
+    refused = contradicted(given, has, may_change=("dropout",))
+    if refused:
+        why = f"--init_from {path} keeps that model's shape and tokenizer"
+        raise TinyLLMError(f"{why}: drop {refused}")
+    if "dropout" in given:
+        saved["model_config"]["dropout"] = given["dropout"]
+    return saved
+
+
+def contradicted(given, saved, may_change=()):
+    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    refused = []
+    for k, v in given.items():
+        if k in saved and k not in may_change and v != saved[k]:
+            refused.append(f"--{k} {v} (it has {saved[k] if saved[k] != '' else 'none'})")
+    return "; ".join(refused)

@@ -1,0 +1,52 @@
+"""Muon (--optimizer muon): an alternative to AdamW for the blocks' matrices. Its update of each
+hidden matrix is made orthogonal, so every direction of a weight moves alike however small its
+gradient. train.py's make_optimizer builds it over the same parameter groups as AdamW."""
+
+import torch
+
+
+def orthogonalize(g, dtype=torch.float32, steps=5):
+    """About U V^T of g = U S V^T (every singular value pushed towards 1), by a quintic
+    Newton-Schulz iteration in dtype, whose coefficients trade exactness for speed."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = g.size(0) > g.size(1)
+    x = g.T if tall else g
+    x = (x / (x.norm() + 1e-7)).to(dtype)  # spectral norm <= 1, where the iteration converges
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.T if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD momentum whose update of each hidden matrix is made orthogonal, so every direction of a
+    weight moves alike however small its gradient; AdamW, written out, for the other weights.
+    A group with muon=True is Muon's; its lr_scale makes muon_lr its peak learning rate."""
+
+    def __init__(self, groups, lr, betas=(0.9, 0.95), dtype=torch.float32, momentum=0.95):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=1e-8))
+        self.dtype = dtype  # of the orthogonalization
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if group.get("muon"):
+                    buf = state.setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    nesterov = p.grad.add(buf, alpha=group["momentum"])
+                    update = orthogonalize(nesterov, self.dtype)
+                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    p.add_(update, alpha=-group["lr"] * scale)
+                    continue
+                if not state:
+                    state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                state["m"].lerp_(p.grad, 1 - beta1)
+                state["v"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                m_hat = state["m"] / (1 - beta1 ** state["step"])
+                v_hat = state["v"] / (1 - beta2 ** state["step"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(m_hat, v_hat.sqrt().add_(group["eps"]), value=-group["lr"])
