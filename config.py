@@ -16,7 +16,8 @@ class TinyLLMError(Exception):
 
 def setting(default, help, choices=None, aliases=(), resume=False, **bounds):
     """A field with its meaning; resume: --resume may change it; bounds: a number's at_least,
-    above, at_most or below. A number may default to None, unset, if its help says what that means."""
+    above, at_most or below. A number may default to None (unset) where its help says what that
+    means: check() lets it be, and --help shows "none"."""
     meaning = dict(help=help, choices=choices, aliases=aliases, resume=resume, bounds=bounds)
     return field(default=default, metadata=meaning)
 

@@ -69,9 +69,9 @@ def merge(model):
 def adapted(cfg, model, saved, path, rows):
     """The model a fine-tune trains from the model saved (path): under --lora_rank, the model
     frozen and adapters beside it (or those a LoRA checkpoint saved, trained on); without, a LoRA
-    model merged, to train in full. rows: per embedding row, its row in the saved model (None: a new token), if the corpus
-    added tokens. model.lora: what its checkpoints hold instead of its weights (checkpoint.create):
-    the adapter's settings and its base's path."""
+    model merged, to train in full. rows: per embedding row, its row in the saved model (None: a
+    new token), if the corpus added tokens. model.lora: what its checkpoints hold instead of its
+    weights (checkpoint.create): the adapter's settings and its base's path."""
     if not cfg.lora_rank:
         return merge(model) if saved.get("lora") else model
     adapter = saved.get("lora")

@@ -40,7 +40,8 @@ def model_odds(context, idx, new_tokens):
     """(token (B, 1), the model's probs (B, V)) for each of new_tokens (B, n) after idx (B, T)."""
     for t in range(new_tokens.size(1)):
         token = new_tokens[:, t : t + 1]
-        yield token, next_token_probs(context.next_logits(idx), idx, MODELS_OWN)
+        logits = context.next_logits(idx)
+        yield token, next_token_probs(logits, idx, MODELS_OWN, t, new_tokens.size(1))
         idx = torch.cat((idx, token), dim=1)
 
 

@@ -110,10 +110,15 @@ class StopRequest:
     """Ctrl-C, SIGTERM, or the reader of its lines gone: the loop inside it ends its step, saves
     and exits."""
 
-    OUTPUT_GONE = 13  # the signal a reader gone stands for: exit 141, as SIGPIPE's
+    # Python ignores SIGPIPE: a reader gone is an OSError on the next write, which stops the run
+    # as SIGPIPE (13) would, exit status 141
+    OUTPUT_GONE = 13
 
     def __init__(self, announce):
-        self.signum, self.announce, self.active, self.gone = None, announce, False, False
+        self.signum = None  # the signal that stops the loop
+        self.announce = announce  # rank 0 says that it stops
+        self.active = False  # inside the loop
+        self.gone = False  # its reader gone: its last lines go to stderr
 
     def say(self, text):
         """A line. Inside the loop, its reader gone (`| head`, a `| tee` the same Ctrl-C ended;
@@ -142,7 +147,9 @@ class StopRequest:
     def handle(self, signum, frame):
         if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C aborts
-        self.signum = signum  # (after a reader gone: the Ctrl-C that ended `| tee` too, exit 130)
+        # a signal after the reader went replaces OUTPUT_GONE: the Ctrl-C that also ended
+        # `| tee` exits 130, as any Ctrl-C does
+        self.signum = signum
         if self.announce:  # os.write: the signal may have come while print was writing a line
             name = signal.Signals(signum).name
             try:

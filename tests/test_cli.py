@@ -2,6 +2,7 @@
 spellings, running out of memory or disk, --overwrite that never loses a run; stopping train.py's
 processes (signals, pipes that close, kill -9); sweep.sh; output in a legacy code page."""
 
+import dataclasses
 import io
 import os
 import select
@@ -17,7 +18,16 @@ import torch
 from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
 
 import train
-from config import PRESETS, RunOptions, build_configs, make_config
+from config import (
+    PRESETS,
+    RunOptions,
+    TinyLLMError,
+    add_flags,
+    build_configs,
+    check,
+    make_config,
+    setting,
+)
 from machinery import checkpoint, devices
 from machinery import cli as machinery_cli
 
@@ -482,3 +492,21 @@ def test_sweep_writes_per_temperature_what_a_plain_generate_call_writes(cp1252_r
     written = (folder / "sweep" / "samples_T0.8.txt").read_text(encoding="utf-8")
     assert written == (folder / "plain.txt").read_text(encoding="utf-8")
     assert "temperature=0.8" in written
+
+
+def test_a_number_setting_may_be_unset_where_its_help_says_so():
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        min_p: float = setting(None, "keep tokens this likely at least; none: off", above=0)
+
+        def __post_init__(self):
+            check(self)
+
+    assert Settings().min_p is None and Settings(min_p=0.1).min_p == 0.1
+    with pytest.raises(TinyLLMError, match="min_p"):
+        Settings(min_p=0.0)
+    parser = machinery_cli.ArgumentParser()
+    add_flags(parser, Settings)
+    assert vars(parser.parse_args([])) == {}
+    assert vars(parser.parse_args(["--min_p", "0.05"])) == {"min_p": 0.05}
+    assert "(default: none)" in parser.format_help()

@@ -471,3 +471,19 @@ def test_the_lesson_imports_nothing_of_the_scripts_machinery_or_tools(name):
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     assert not {m.split(".")[0] for m in imported} & {"train", "generate", "machinery", "tools"}
+
+
+def test_a_sampling_rule_sees_each_new_tokens_position_and_the_number_asked_for(monkeypatch):
+    import sampling
+
+    seen, real = [], sampling.filter_logits
+
+    def recording(logits, idx, sampler, made, max_new_tokens):
+        seen.append((idx.size(1), made, max_new_tokens))
+        return real(logits, idx, sampler, made, max_new_tokens)
+
+    monkeypatch.setattr(sampling, "filter_logits", recording)
+    torch.manual_seed(0)
+    model = GPT(tiny_model()).eval()
+    sampling.generate(model, torch.zeros(1, 3, dtype=torch.long), 4, GREEDY)
+    assert seen == [(3, 0, 4), (4, 1, 4), (5, 2, 4), (6, 3, 4)]

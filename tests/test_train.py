@@ -505,6 +505,64 @@ def test_a_new_max_steps_follows_the_schedule_of_a_run_that_long(text_file, tmp_
         )
 
 
+def test_a_resume_whose_saved_steps_lack_a_figure_added_since_logs_it_from_the_steps_that_have_it(
+    text_file, tmp_path, monkeypatch
+):
+    cfg = tiny_run(text_file, tmp_path, max_steps=10, log_interval=5, eval_interval=100)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 3, signal.SIGTERM)  # 3 steps into the first line's window
+        with pytest.raises(SystemExit):
+            train_run(tiny_model(), cfg)
+    last = str(tmp_path / "last.pt")
+    saved = checkpoint.load(last)
+    assert len(saved["window"]) == 3
+    for row in saved["window"]:  # as a checkpoint written before grad_norm was a figure
+        del row["grad_norm"]
+    checkpoint.save(last, saved)
+    lines = train_run(tiny_model(), cfg, RunOptions(resume=True))["history"]
+    lines = [row for row in lines if row["kind"] == "train"]
+    assert [row["step"] for row in lines] == [5, 10]
+    assert all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in lines)
+
+
+def test_a_checkpoint_records_its_stage_and_only_its_script_resumes_it(trained, tmp_path, capsys):
+    import finetune
+
+    saved = checkpoint.load(trained[0])
+    assert saved["stage"] == "train"
+    os.makedirs(tmp_path / "run")
+    checkpoint.save(str(tmp_path / "run" / "last.pt"), saved)
+    flags = ["--resume", "--out_dir", tmp_path / "run", "--data", trained[1], "--device", "cpu"]
+    code, _, err = cli(capsys, finetune.main, *flags)
+    assert_one_line_error(code, err, "train.py --resume")
+    assert os.listdir(tmp_path / "run") == ["last.pt"]
+
+
+def test_train_py_refuses_conversations_and_each_stage_shows_its_own_flags(
+    trained, tmp_path, capsys
+):
+    import distill
+    import dpo
+    import finetune
+
+    chats = os.path.join(ROOT, "data", "chat_example.jsonl")
+    argv = ["--init_from", trained[0], "--data", chats, "--out_dir", tmp_path / "run"]
+    code, _, err = cli(capsys, train.main, *argv, "--device", "cpu", "--max_steps", 2)
+    assert_one_line_error(code, err, "conversations", "finetune.py")
+    assert not list((tmp_path / "run").glob("*.pt"))
+    own = {
+        train: [],
+        finetune: ["--lora_rank", "--loss_on"],
+        distill: ["--distill_from", "--distill_temperature"],
+        dpo: ["--dpo_beta", "--lora_rank"],
+    }
+    for script, flags in own.items():
+        code, out, _ = cli(capsys, script.main, "--help")
+        others = {f for fs in own.values() for f in fs} - set(flags)
+        assert code == 0 and all(f in out for f in flags), script
+        assert not any(f"{f} " in out for f in others), script
+
+
 def test_a_moved_run_saved_before_a_setting_existed_resumes_where_it_is(trained, tmp_path, capsys):
     """Its --out_dir is where it is now (not where it was saved), a new setting its default."""
     saved = checkpoint.load(trained[0])

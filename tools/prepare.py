@@ -85,7 +85,11 @@ def prepare(cfg, out, vocab_size, sample_mb):
 def write_splits(cfg, tokenizer, dtype, out, total_bytes):
     """The source tokenized into train.bin.tmp and val.bin.tmp (gone on failure), with progress."""
     paths = [os.path.join(out, f"{name}.bin.tmp") for name in ("train", "val")]
-    counts, val_chars, seen, t0, shown = [0, 0], 0, 0, time.perf_counter(), time.perf_counter()
+    counts = [0, 0]  # tokens written to each split
+    val_chars = 0
+    seen = 0  # bytes of the source read
+    t0 = time.perf_counter()
+    shown = t0  # when progress was last shown
     try:
         with open(paths[0], "wb") as train_file, open(paths[1], "wb") as val_file:
             for parts in pieces(cfg, total_bytes):
