@@ -12,8 +12,9 @@ lines and saves; the opening and closing lines; the flags and main. The later st
 import os
 import time
 
-# before torch loads: a time budget counts from here, and OpenMP's idle threads sleep after
-# 10,000 spins (its long default spin made a step 2-9x slower beside a busy process on 2 cores)
+# before torch loads: a time budget counts from here (a tool that trains several runs in one
+# process sets it anew before each), and OpenMP's idle threads sleep after 10,000 spins (its
+# long default spin made a step 2-9x slower beside a busy process on 2 cores)
 STARTED = time.perf_counter()
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
@@ -34,10 +35,9 @@ from utils import Corpus, bits_per_char, make_batches
 # ------------------------------------------------------------------------- the run, top to bottom
 
 
-def train(settings, started=STARTED):
+def train(settings):
     """Pretraining from settled settings (main, at the bottom): the corpus, a GPT, its batches;
-    then fit trains it. Returns fit's summary. Every rank of torchrun runs it. started: when its
-    time budget began (perf_counter seconds): when python started, or a tool's run in-process."""
+    then fit trains it. Returns fit's summary. Every rank of torchrun runs it."""
     cfg = settings.cfg
     process = start_process(settings)
     corpus = load_corpus(settings)
@@ -48,7 +48,7 @@ def train(settings, started=STARTED):
         )
     model = make_model(settings, corpus)
     batches = corpus_batches(settings, corpus, model, process)
-    return fit(settings, process, corpus, model, batches, started=started)
+    return fit(settings, process, corpus, model, batches)
 
 
 def start_process(settings):
@@ -95,10 +95,6 @@ def saved_model(settings, corpus):
     rows = None
     if corpus.old_ids:
         rows = checkpoint.grow_vocabulary(model, corpus.old_ids)
-    if getattr(model, "lora", None) and settings.stage != "finetune":  # trained in full here
-        from lora import merge
-
-        model = merge(model)
     return model, rows
 
 
@@ -112,14 +108,11 @@ def corpus_batches(settings, corpus, model, process):
     return make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
 
 
-def fit(
-    settings, process, corpus, model, batches, trains=None, figures=None, saved=None, started=None
-):
+def fit(settings, process, corpus, model, batches, trains=None, figures=None, saved=None):
     """Train model on batches: the precision, the optimizer, the run's state (a resume's as it was
     saved), then the loop and the end; a summary. A later stage gives what its steps call
     (trains: model(x, y) -> (out, loss), a wrapper around model), its own figures for each
-    progress line (figures: () -> {name: number}) and its own checkpoint entries (saved).
-    started: when the run's time began (None: when python did)."""
+    progress line (figures: () -> {name: number}) and its own checkpoint entries (saved)."""
     cfg, resumed = settings.cfg, settings.saved if settings.resumed else {}
     trains = trains or model
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
@@ -167,7 +160,7 @@ def fit(
             figures=figures,
             saved=saved or {},
             writes_files=not options.overfit_batch,
-            started=STARTED if started is None else started,
+            started=STARTED,
         )
         print_header(run)
         return loop(run)
@@ -257,9 +250,9 @@ def time_left(state, cfg, now):
 
 def budget_end(state, cfg, left, pace):
     """The step a --time_budget run ends at: as many steps as fit in the seconds left, at pace
-    (a step's seconds in this process so far, evaluations included; 0 before its first step).
-    Planned again before every step, so a machine that slows down ends the run on time, its
-    schedule ending with it. Never within the warmup."""
+    (a step's seconds in this process so far, 0 before its first; an evaluation is no step, and
+    the time it took is no longer left). Planned again before every step, so a machine that
+    slows down ends the run on time, its schedule ending with it. Never within the warmup."""
     if state.step <= cfg.warmup_steps and left <= 0:
         raise TinyLLMError(
             f"--time_budget {cfg.time_budget} is too short here: it was spent before the "

@@ -195,9 +195,12 @@ def train_run(model_cfg, cfg, options=None, given=None, stage="train"):
 
     options, given = options or RunOptions(), given or {}
     settings = settle_configs(model_cfg, cfg, options, given, stage, "custom", torch.device("cpu"))
-    if stage == "train":  # its time from now, on a StepClock if one is installed
-        return train.train(settings, started=train.time.perf_counter())
-    return getattr(importlib.import_module(stage), stage)(settings)
+    started = train.STARTED
+    train.STARTED = train.time.perf_counter()  # its time from now: a StepClock's if installed
+    try:
+        return getattr(importlib.import_module(stage), stage)(settings)
+    finally:
+        train.STARTED = started
 
 
 def untrained(path, data, model_cfg):
