@@ -140,7 +140,6 @@ class TrainConfig:
 RESUME_MAY_CHANGE = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
 # each later stage's own settings: flags of its script alone (python STAGE.py --help)
 STAGE_SETTINGS = {
-    "train": (),
     "finetune": ("loss_on", "lora_rank", "lora_alpha", "lora_mlp"),
     "distill": ("distill_from", "distill_temperature", "distill_alpha"),
     "dpo": ("dpo_beta", "lora_rank", "lora_alpha", "lora_mlp"),

@@ -58,19 +58,15 @@ def dpo(settings):
     if not settings.resumed:  # a resume's first lines said them
         before = in_character_shares(reference, prompts, tokenizer, "cpu")
         cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
-    trains = Preferring(model, reference, cfg.dpo_beta)
+    preferring = Preferring(model, reference, cfg.dpo_beta)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
     batches = pair_batches(pairs, micro_batch, process.device)
-    summary = train.fit(
-        settings,
-        process,
-        corpus,
-        model,
-        batches,
-        trains=trains,
-        figures=lambda: held_out(trains, pairs["val"], process.device),
-        saved={"reference": path},
-    )
+
+    def figures():  # on each progress line: how the policy prefers the held-out pairs
+        return held_out(preferring, pairs["val"], process.device)
+
+    stage = dict(trains=preferring, figures=figures, saved={"reference": path})
+    summary = train.fit(settings, process, corpus, model, batches, **stage)
     after = in_character_shares(model, prompts, tokenizer, process.device)
     cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))
     return summary | after

@@ -42,10 +42,8 @@ def train(settings):
     process = start_process(settings)
     corpus = load_corpus(settings)
     if corpus.train_targets is not None:  # the chat template's answers: finetune.py's stage
-        again = f"python finetune.py --init_from CHECKPOINT --data {cfg.data}"
-        raise TinyLLMError(
-            f"{cfg.data} holds conversations: fine-tune a model on them with {again}"
-        )
+        fine_tune = f"python finetune.py --init_from CHECKPOINT --data {cfg.data}"
+        raise TinyLLMError(f"{cfg.data} holds conversations: fine-tune on them with {fine_tune}")
     model = make_model(settings, corpus)
     batches = corpus_batches(settings, corpus, model, process)
     return fit(settings, process, corpus, model, batches)
@@ -260,7 +258,7 @@ def budget_end(state, cfg, left, pace):
         )
     if not pace:  # no step yet: the plan a resume saved, or the warmup's
         return max(state.max_steps, cfg.warmup_steps + 1)
-    return max(cfg.warmup_steps + 1, state.step + math.floor(left / pace))
+    return max(cfg.warmup_steps + 1, state.step + max(0, math.floor(left / pace)))
 
 
 def restore(settings, optimizer, process):
@@ -443,7 +441,7 @@ def elapsed(run):
 
 
 def read_window(state):
-    """The figures of the steps since the last progress line, as numbers (one wait for a GPU)."""
+    """The figures of the steps since the last progress line, as numbers (a GPU waits for them)."""
     state.window = [{k: float(v) for k, v in row.items()} for row in state.window]
     return state.window
 
@@ -648,7 +646,6 @@ def finish(run, stop_reason, signum):
         "stop_reason": stop_reason,
         "seconds": elapsed(run),
         "model": run.model,
-        "stepped": run.stepped,
         "corpus": run.corpus,
         "tokens_per_step": run.tokens_per_step,
         "dtype": run.dtype,
@@ -676,7 +673,7 @@ def flags(argv=None, stage="train", doc=__doc__):
     config.add_flags(parser, config.RunOptions, defaults, title="what to do")
     config.add_flags(parser, config.GPTConfig, defaults, title="model")
     config.add_flags(parser, TrainConfig, defaults, names, title="training")
-    if config.STAGE_SETTINGS[stage]:
+    if stage in config.STAGE_SETTINGS:
         own = config.STAGE_SETTINGS[stage]
         config.add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
     return vars(parser.parse_args(argv))

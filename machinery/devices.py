@@ -146,8 +146,7 @@ def machine_preset(device, given):
 
 
 def resolve_dtype(dtype, device):
-    """(the forward pass's precision, why it is that one): --dtype auto's rule, or the dtype
-    given."""
+    """(the forward pass's precision, why): --dtype auto's rule, or the dtype given."""
     if dtype == "auto":
         return auto_dtype(device)
     if dtype == "bfloat16" and device.type != "mps" and not native_bf16(device):
