@@ -148,7 +148,7 @@ STAGE_SETTINGS = {
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What train.py does with the settings; never saved."""
+    """What the script does with the settings; never saved."""
 
     preset: str = setting("", "start from a preset; none: this machine's (docs/training.md)")
     resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")

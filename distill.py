@@ -62,23 +62,19 @@ def distill(settings):
     corpus = train.load_corpus(settings)
     model = train.make_model(settings, corpus)  # a fresh student (or a resume's)
     teacher = checkpoint.load_model(cfg.distill_from)
-    check_teacher(cfg, teacher, corpus.tokenizer, model)
-    softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
-    cli.log(f"distilling {cfg.distill_from} into this model: {softened}")
-    trains = Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha)
-    batches = train.corpus_batches(settings, corpus, model, process)
-    return train.fit(settings, process, corpus, model, batches, trains=trains)
-
-
-def check_teacher(cfg, teacher, tokenizer, model):
-    """The student needs its teacher's tokenizer and vocabulary, and a context no longer."""
+    # the student needs its teacher's tokenizer and vocabulary, and a context no longer
     big_enough = teacher.model.config.block_size >= model.config.block_size
-    ours = (tokenizer.to_dict(), model.config.vocab_size)
+    ours = (corpus.tokenizer.to_dict(), model.config.vocab_size)
     if (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) != ours or not big_enough:
         raise TinyLLMError(
             f"--distill_from {cfg.distill_from} has another tokenizer, vocabulary or a smaller "
             f"block_size: train the student on its teacher's --data and --tokenizer"
         )
+    softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
+    cli.log(f"distilling {cfg.distill_from} into this model: {softened}")
+    trains = Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha)
+    batches = train.corpus_batches(settings, corpus, model, process)
+    return train.fit(settings, process, corpus, model, batches, trains=trains)
 
 
 def main(argv=None):

@@ -50,13 +50,13 @@ def dpo(settings):
     # the reference: the model it starts from, which a resume's checkpoint names
     path = settings.saved["reference"] if settings.resumed else os.path.abspath(settings.path)
     saved = checkpoint.load(path) if settings.resumed else settings.saved  # loaded once
-    reference = merge(checkpoint.model_of(saved, path))
+    reference = merge(checkpoint.model_of(saved, path)).to(process.device)
     held = f"{len(pairs['train'])} pairs to train, {len(pairs['val'])} held out"
     cli.log(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
     questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts[len(pairs["train"]) :]]
     prompts = [tokenizer.encode(question) for question in questions]
     if not settings.resumed:  # a resume's first lines said them
-        before = in_character_shares(reference, prompts, tokenizer, "cpu")
+        before = in_character_shares(reference, prompts, tokenizer, process.device)
         cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
     preferring = Preferring(model, reference, cfg.dpo_beta)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps

@@ -50,11 +50,10 @@ def train(settings):
 
 
 def start_process(settings):
-    """This process (its rank of world under torchrun), its threads, and the seed: the same
-    initial weights on every rank."""
+    """This process (its rank of world under torchrun), its threads, and the seed."""
     process = devices.setup_process(settings.device)
     devices.set_threads(settings.cfg.threads)
-    devices.seed_everything(settings.cfg.seed)
+    devices.seed_everything(settings.cfg.seed)  # the same initial weights on every rank
     return process
 
 
@@ -86,9 +85,8 @@ def make_model(settings, corpus):
 
 
 def saved_model(settings, corpus):
-    """(the model a run starts from, rows): --init_from's or a resume's, with a row for each new
-    token of the corpus; rows: per row, its row in the saved model (None: a new token), or None
-    if none was added. A LoRA adapter's model comes with its adapters (finetune.py)."""
+    """(the model a run starts from, rows): --init_from's or a resume's, a row for each new token
+    of the corpus; rows: per row, its row in the saved model (None: a new token), if any was."""
     model = checkpoint.model_of(settings.saved, settings.path)
     rows = None
     if corpus.old_ids:
@@ -97,8 +95,7 @@ def saved_model(settings, corpus):
 
 
 def corpus_batches(settings, corpus, model, process):
-    """{"train", "val": () -> (x, y)}: random windows of the corpus, this process's share of a
-    batch."""
+    """{"train", "val": () -> (x, y)}: random windows of the corpus, this process's share."""
     cfg, block_size = settings.cfg, model.config.block_size
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
         sources.check_long_enough(ids, block_size, name, cfg.data)
@@ -107,10 +104,9 @@ def corpus_batches(settings, corpus, model, process):
 
 
 def fit(settings, process, corpus, model, batches, trains=None, figures=None, saved=None):
-    """Train model on batches: the precision, the optimizer, the run's state (a resume's as it was
-    saved), then the loop and the end; a summary. A later stage gives what its steps call
-    (trains: model(x, y) -> (out, loss), a wrapper around model), its own figures for each
-    progress line (figures: () -> {name: number}) and its own checkpoint entries (saved)."""
+    """Train model on batches: precision, optimizer, state (a resume's as saved), loop, end; a
+    summary. A later stage may give what its steps call (trains: model(x, y) -> (out, loss)), its
+    own figures on each progress line (figures: () -> {name: number}), its own entries (saved)."""
     cfg, resumed = settings.cfg, settings.saved if settings.resumed else {}
     trains = trains or model
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
@@ -583,11 +579,11 @@ def print_header(run):
     tokens = f"train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens"
     batch = f"batch {cfg.batch_size} x block {m.block_size}{split if micro > 1 else ''}"
     run.say(f"tokens per step {run.tokens_per_step:,} = {batch} | {tokens}")
-    state = run.state
     if cfg.time_budget:
         schedule = f"after the warmup the {cfg.lr_schedule} schedule ends as the time does"
         run.say(f"time budget {cfg.time_budget}: {schedule}")
-    elif state.step:  # a resumed run: where it is in the schedule of its --max_steps
+    elif run.state.step:  # a resumed run: where it is in the schedule of its --max_steps
+        state = run.state
         now = get_lr(state.step, state.max_steps, cfg)
         end = f"{get_lr(state.max_steps, state.max_steps, cfg):.3g} at step {state.max_steps}"
         run.say(f"from step {state.step}: {cfg.lr_schedule} LR {now:.3g} now, {end}")

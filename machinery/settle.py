@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, replace
 
 from config import (
+    ASSISTANT,
     PRESETS,
     RESUME_MAY_CHANGE,
     GPTConfig,
@@ -81,7 +82,7 @@ def settings_to_resume(last, cfg, options, given, stage):
     """The Settings of a run going on from its last.pt, with the flags --resume may change."""
     saved = checkpoint.load(last)
     cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
-    ran = saved.get("stage", "train")
+    ran = stage_of(saved)
     if ran != stage:
         again = f"python {ran}.py --resume --out_dir {cfg.out_dir}"
         raise TinyLLMError(f"{last} is a run of {ran}.py: resume it with {again}")
@@ -107,6 +108,18 @@ def settings_to_resume(last, cfg, options, given, stage):
     devices.check_processes(device, cfg)
     preset = saved.get("preset", "custom")
     return Settings(model_cfg, cfg, options, stage, preset, device, saved, last, resumed=True)
+
+
+def stage_of(saved):
+    """The script whose run a checkpoint holds. One written before checkpoints said so: a
+    teacher's student is distill.py's, a reference's policy dpo.py's, a chat model finetune.py's."""
+    if "stage" in saved:
+        return saved["stage"]
+    if saved["train_config"].get("distill_from"):
+        return "distill"
+    if "reference" in saved:
+        return "dpo"
+    return "finetune" if ASSISTANT in saved["tokenizer"]["special_tokens"] else "train"
 
 
 def fine_tune_checkpoint(path, given):

@@ -12,6 +12,5 @@ def experiment(given, preset="tiny"):
     from machinery.settle import settle
 
     given = {"plots": False, "sample_tokens": 0, "preset": preset} | given
-    settings = settle(given)
     train.STARTED = time.perf_counter()  # its time budget counts from now
-    return train.train(settings)
+    return train.train(settle(given))
