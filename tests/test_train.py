@@ -538,6 +538,17 @@ def test_a_checkpoint_records_its_stage_and_only_its_script_resumes_it(trained, 
     assert os.listdir(tmp_path / "run") == ["last.pt"]
 
 
+def test_a_checkpoint_from_before_stages_were_recorded_goes_to_the_script_of_what_it_holds(trained):
+    saved = checkpoint.load(trained[0])
+    del saved["stage"]
+    assert settle.stage_of(saved) == "train"
+    assert settle.stage_of(saved | {"reference": "chat.pt"}) == "dpo"
+    student = saved["train_config"] | {"distill_from": "teacher.pt"}
+    assert settle.stage_of(saved | {"train_config": student}) == "distill"
+    chat = saved["tokenizer"] | {"special_tokens": [EOT, USER, ASSISTANT]}
+    assert settle.stage_of(saved | {"tokenizer": chat}) == "finetune"
+
+
 def test_train_py_refuses_conversations_and_each_stage_shows_its_own_flags(
     trained, tmp_path, capsys
 ):
