@@ -46,7 +46,7 @@ def main(argv=None):
     if ASSISTANT not in tokenizer.special_tokens:
         raise TinyLLMError(
             "this model has not learned the chat template: fine-tune it first "
-            "(train.py --init_from CHECKPOINT --data data/chat_example.jsonl)"
+            "(finetune.py --init_from CHECKPOINT --data data/chat_example.jsonl)"
         )
     generator = torch.Generator(device).manual_seed(cfg.seed)
     conversation, context = [tokenizer.eot_id], Context(model)

@@ -2,8 +2,8 @@
 
     python finetune.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --tag chat \
         --max_steps 300
-    python dpo.py --init_from checkpoints/chat/best.pt --data data/preferences.jsonl --tag dpo \
-        --max_steps 200 --lr 3e-4
+    python dpo.py --init_from checkpoints/chat/last.pt --data data/preferences.jsonl --tag dpo \
+        --max_steps 150 --lr 3e-5 --dpo_beta 0.5
 
 A pair is a prompt, a chosen answer and a rejected one (a line of {"prompt", "chosen",
 "rejected"}). The policy, the model being tuned, learns to prefer each pair's chosen answer to its
@@ -65,7 +65,7 @@ def dpo(settings):
     def figures():  # on each progress line: how the policy prefers the held-out pairs
         return held_out(preferring, pairs["val"], process.device)
 
-    stage = dict(trains=preferring, figures=figures, saved={"reference": path})
+    stage = dict(wrapper=preferring, figures=figures, entries={"reference": path})
     summary = train.fit(settings, process, corpus, model, batches, **stage)
     after = in_character_shares(model, prompts, tokenizer, process.device)
     cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))

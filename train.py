@@ -103,34 +103,34 @@ def corpus_batches(settings, corpus, model, process):
     return make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
 
 
-def fit(settings, process, corpus, model, batches, trains=None, figures=None, saved=None):
+def fit(settings, process, corpus, model, batches, wrapper=None, figures=None, entries=None):
     """Train model on batches: precision, optimizer, state (a resume's as saved), loop, end; a
-    summary. A later stage may give what its steps call (trains: model(x, y) -> (out, loss)), its
-    own figures on each progress line (figures: () -> {name: number}), its own entries (saved)."""
-    cfg, resumed = settings.cfg, settings.saved if settings.resumed else {}
-    trains = trains or model
+    summary. A later stage may give a wrapper for its steps to call, model(x, y) -> (out, loss);
+    figures for each progress line, () -> {name: number}; and its checkpoints' own entries."""
+    cfg, last = settings.cfg, settings.saved if settings.resumed else {}  # last.pt, resumed
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
     with devices.out_of_memory_as_error(hint):
-        trains.to(process.device)  # the model, and a frozen one beside it
+        (wrapper or model).to(process.device)  # the model, and a frozen one beside it
         dtype, why = devices.resolve_dtype(cfg.dtype, process.device)
         ctx = devices.autocast(process.device, dtype)  # the forward pass in dtype
         scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
         optimizer = make_optimizer(model, cfg, process.device, dtype)
         state = TrainState(max_steps=cfg.max_steps)
-        if resumed:
-            scaler.load_state_dict(resumed["scaler"])
+        if last:
+            scaler.load_state_dict(last["scaler"])
             state = restore(settings, optimizer, process)
-        if process.world > 1 and len(resumed.get("rngs", [])) != process.world:  # own batches
+        if process.world > 1 and len(last.get("rngs", [])) != process.world:  # own batches
             devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
         if settings.options.overfit_batch:  # a sanity check: every step trains on one batch
             fixed = batches["train"]()
             batches["train"] = lambda: fixed
             cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
-        stepped = process.wrap(torch.compile(trains) if cfg.compile else trains)
+        stepped = wrapper or model
+        stepped = process.wrap(torch.compile(stepped) if cfg.compile else stepped)
         if cfg.compile:
             compile_first(model, stepped, batches["train"](), ctx, scaler)
         options = settings.options
-        if options.overwrite and not options.overfit_batch and not resumed and process.rank == 0:
+        if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
         if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
             steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
@@ -152,7 +152,7 @@ def fit(settings, process, corpus, model, batches, trains=None, figures=None, sa
             state=state,
             stop=cli.StopRequest(announce=process.rank == 0),
             figures=figures,
-            saved=saved or {},
+            entries=entries or {},
             writes_files=not options.overfit_batch,
             started=STARTED,
         )
@@ -180,7 +180,7 @@ class Run:
     state: "TrainState"
     stop: cli.StopRequest  # Ctrl-C, SIGTERM or a reader gone, during the loop
     figures: object  # a stage's own figures on each progress line: () -> {name: number}, or None
-    saved: dict  # a stage's own checkpoint entries
+    entries: dict  # a stage's own checkpoint entries
     writes_files: bool  # not --overfit_batch, a check that writes nothing
     started: float  # when its time began, in perf_counter seconds: a time budget counts from it
 
@@ -551,7 +551,7 @@ def save(run, name):
         dtype=run.dtype,
         chars_per_token=run.corpus.chars_per_token,
         **state,
-        **run.saved,  # a stage's own entries: dpo.py's reference
+        **run.entries,  # a stage's own: dpo.py's reference
     )
     checkpoint.save(os.path.join(run.cfg.out_dir, name), saved)
 

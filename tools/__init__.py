@@ -1,5 +1,5 @@
 """Commands that stand alone, each run as python -m tools.NAME: a corpus prepared, pictures of a
-model, runs compared, and the experiments (ablation, decoding, precision, scaling), which train
+model, runs compared, and the experiments (ablation, decoding, scaling), which train
 through experiment()."""
 
 
