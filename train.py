@@ -85,8 +85,8 @@ def make_model(settings, corpus):
 
 
 def saved_model(settings, corpus):
-    """(the model a run starts from, rows): --init_from's or a resume's, a row for each new token
-    of the corpus; rows: per row, its row in the saved model (None: a new token), if any was."""
+    """The model a run starts from (--init_from's or a resume's) with a row for each token the
+    corpus added; and rows, None if it added none: each row's row in the saved model, or None."""
     model = checkpoint.model_of(settings.saved, settings.path)
     rows = None
     if corpus.old_ids:
