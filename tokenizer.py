@@ -95,8 +95,7 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
     """The tokens' bytes by rank: the 256 bytes, then one merge a round of the most frequent pair
     (a tie to the pair whose bytes sort first), vocab_size - len(special_tokens) tokens in all.
     Textbook BPE made fast: distinct words counted once, pair counts in a heap, only the merged
-    words recounted. Fast, since a run of --tokenizer bpe learns its tokens before its first step:
-    recounting every pair after every merge would make that wait the corpus times the merges."""
+    words recounted: a run of --tokenizer bpe learns its tokens before its first step, waiting."""
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
         raise TinyLLMError(f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")

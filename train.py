@@ -246,7 +246,8 @@ def budget_end(state, cfg, left, pace):
     """The step a --time_budget run ends at: as many steps as fit in the seconds left, at pace
     (a step's seconds in this process so far, 0 before its first; an evaluation is no step, and
     the time it took is no longer left). Planned again before every step, so a machine that
-    slows down ends the run on time, its schedule ending with it. Never within the warmup."""
+    slows down ends the run on time, its schedule ending with it. Never within the warmup; and
+    a run whose time ran out before the step its plan ended at takes one more, its last."""
     if state.step <= cfg.warmup_steps and left <= 0:
         raise TinyLLMError(
             f"--time_budget {cfg.time_budget} is too short here: it was spent before the "
@@ -254,7 +255,10 @@ def budget_end(state, cfg, left, pace):
         )
     if not pace:  # no step yet: the plan a resume saved, or the warmup's
         return max(state.max_steps, cfg.warmup_steps + 1)
-    return max(cfg.warmup_steps + 1, state.step + max(0, math.floor(left / pace)))
+    planned = state.step + math.floor(left / pace)
+    if planned <= state.step:  # out of time: the step before was the last, or this one is
+        planned = min(state.max_steps, state.step + 1)
+    return max(cfg.warmup_steps + 1, planned)
 
 
 def restore(settings, optimizer, process):
@@ -399,6 +403,7 @@ def loop(run):
                 stop_reason = evaluate(run) or stop_reason  # --patience, --target_loss
                 first_seconds += state.eval_seconds  # no step: the paces leave it out
                 line_started += state.eval_seconds
+                continue  # it took time: plan again
             # Ctrl-C or SIGTERM on any rank stops all; under DDP they compare at progress lines
             if process.world == 1 or state.step % cfg.log_interval == 0 or at_end or stop_reason:
                 signum = max(process.every_rank(stop.signum or 0))

@@ -110,9 +110,7 @@ class StopRequest:
     """Ctrl-C, SIGTERM, or the reader of its lines gone: the loop inside it ends its step, saves
     and exits."""
 
-    # Python ignores SIGPIPE: a reader gone is an OSError on the next write, which stops the run
-    # as SIGPIPE (13) would, exit status 141
-    OUTPUT_GONE = 13
+    OUTPUT_GONE = 13  # Python ignores SIGPIPE: a reader gone stops the run as it would, exit 141
 
     def __init__(self, announce):
         self.signum = None  # the signal that stops the loop
@@ -147,9 +145,7 @@ class StopRequest:
     def handle(self, signum, frame):
         if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C aborts
-        # a signal after the reader went replaces OUTPUT_GONE: the Ctrl-C that also ended
-        # `| tee` exits 130, as any Ctrl-C does
-        self.signum = signum
+        self.signum = signum  # a Ctrl-C that also ended `| tee` exits 130, as any Ctrl-C does
         if self.announce:  # os.write: the signal may have come while print was writing a line
             name = signal.Signals(signum).name
             try:

@@ -856,6 +856,25 @@ def test_a_budget_skips_an_evaluation_that_would_leave_no_time_for_steps(
     assert len(ends) > 3 and all(end <= 0.99 - 0.1 for end in ends[:-1])
 
 
+def test_an_evaluation_that_takes_the_time_left_still_leaves_the_last_step_at_the_schedules_end(
+    text_file, tmp_path, monkeypatch
+):
+    """Steps of 0.05 s; the evaluation at step 10 takes 0.6 s, past the budget's end: the run
+    takes one more step, the last of its schedule, and ends."""
+    clock = StepClock(0.05).install(monkeypatch)
+    real_evaluate = train.evaluate
+
+    def evaluate(run):
+        if run.state.step == 10:
+            clock.now += 0.6
+        return real_evaluate(run)
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    cfg = tiny_run(text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10)
+    summary = train_run(tiny_model(), cfg)
+    assert summary["step"] == 11 and last_lr_is_the_schedules_end(cfg, summary)
+
+
 def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end(
     text_file, tmp_path, monkeypatch
 ):
