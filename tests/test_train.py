@@ -173,7 +173,7 @@ def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(
     lrs = [row["lr"] for row in train_run(tiny_model(), cfg)["history"] if row["kind"] == "train"]
     assert lrs == pytest.approx([get_lr(s, 12, cfg) for s in range(12)], rel=1e-6)
     assert lrs[4] == cfg.lr and lrs[0] == cfg.lr / 4  # warmup up to the peak
-    assert get_lr(12, 12, cfg) == cfg.min_lr  # the decay ends at max_steps, the run's end
+    assert get_lr(12, 12, cfg) == get_lr(13, 12, cfg)  # at max_steps the schedule is at its end
 
 
 # (lr_schedule, step, its LR) at lr 1e-2, min_lr 1e-3, 4 warmup steps, max_steps 14: a new
