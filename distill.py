@@ -72,9 +72,9 @@ def distill(settings):
         )
     softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
     cli.log(f"distilling {cfg.distill_from} into this model: {softened}")
-    wrapper = Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha)
+    stage = train.Stage(Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha))
     batches = train.corpus_batches(settings, corpus, model, process)
-    return train.fit(settings, process, corpus, model, batches, wrapper=wrapper)
+    return train.fit(settings, process, corpus, model, batches, stage)
 
 
 def main(argv=None):

@@ -65,8 +65,8 @@ def dpo(settings):
     def figures():  # on each progress line: how the policy prefers the held-out pairs
         return held_out(preferring, pairs["val"], process.device)
 
-    stage = dict(wrapper=preferring, figures=figures, entries={"reference": path})
-    summary = train.fit(settings, process, corpus, model, batches, **stage)
+    stage = train.Stage(preferring, figures, {"reference": path})
+    summary = train.fit(settings, process, corpus, model, batches, stage)
     after = in_character_shares(model, prompts, tokenizer, process.device)
     cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))
     return summary | after

@@ -103,14 +103,25 @@ def corpus_batches(settings, corpus, model, process):
     return make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
 
 
-def fit(settings, process, corpus, model, batches, wrapper=None, figures=None, entries=None):
+@dataclass
+class Stage:
+    """What a later stage adds to fit's run (pretraining and finetune.py add none): the wrapper
+    its steps call around the model, model(x, y) -> (out, loss); its own figures on each
+    progress line, () -> {name: number}; its checkpoints' own entries."""
+
+    wrapper: torch.nn.Module
+    figures: object = None
+    entries: dict = field(default_factory=dict)
+
+
+def fit(settings, process, corpus, model, batches, stage=None):
     """Train model on batches: precision, optimizer, state (a resume's as saved), loop, end; a
-    summary. A later stage may give a wrapper for its steps to call, model(x, y) -> (out, loss);
-    figures for each progress line, () -> {name: number}; and its checkpoints' own entries."""
+    summary. stage: what a later stage adds (Stage), or None."""
     cfg, last = settings.cfg, settings.saved if settings.resumed else {}  # last.pt, resumed
     hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
     with devices.out_of_memory_as_error(hint):
-        (wrapper or model).to(process.device)  # the model, and a frozen one beside it
+        stepped = stage.wrapper if stage else model  # what a step calls
+        stepped.to(process.device)  # the model, and a frozen one beside it
         dtype, why = devices.resolve_dtype(cfg.dtype, process.device)
         ctx = devices.autocast(process.device, dtype)  # the forward pass in dtype
         scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
@@ -125,7 +136,6 @@ def fit(settings, process, corpus, model, batches, wrapper=None, figures=None, e
             fixed = batches["train"]()
             batches["train"] = lambda: fixed
             cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
-        stepped = wrapper or model
         stepped = process.wrap(torch.compile(stepped) if cfg.compile else stepped)
         if cfg.compile:
             compile_first(model, stepped, batches["train"](), ctx, scaler)
@@ -151,8 +161,8 @@ def fit(settings, process, corpus, model, batches, wrapper=None, figures=None, e
             batches=batches,
             state=state,
             stop=cli.StopRequest(announce=process.rank == 0),
-            figures=figures,
-            entries=entries or {},
+            figures=stage.figures if stage else None,
+            entries=stage.entries if stage else {},
             writes_files=not options.overfit_batch,
             started=STARTED,
         )

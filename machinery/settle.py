@@ -35,34 +35,33 @@ def settle(given, stage="train"):
         cli.log(f"no --preset given: using '{preset}' for {machine}")
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cfg, cfg = build_configs(given, PRESETS[preset])
-    if not trains:
-        return Settings(model_cfg, cfg, options, stage, preset, device)
-    return settle_configs(model_cfg, cfg, options, given, stage, preset, device)
+    settings = Settings(model_cfg, cfg, options, stage, preset, device)
+    return settle_run(settings, given) if trains else settings
 
 
-def settle_configs(model_cfg, cfg, options, given, stage, preset, device):
-    """The Settings of a run of these configs: as given, or those of the run it resumes, or with
-    the shape and tokenizer of the model it fine-tunes, or of a prepared corpus."""
+def settle_run(settings, given):
+    """The Settings of a run of these settings, given these flags: as given, or those of the run
+    it resumes, or with the shape and tokenizer of the model it fine-tunes, or of a prepared
+    corpus."""
+    cfg = settings.cfg
+    options = settings.options
     last = os.path.join(cfg.out_dir, "last.pt")
     if options.resume and os.path.isfile(last):
-        return settings_to_resume(last, cfg, options, given, stage)
-    if stage in ("finetune", "dpo") and not options.init_from:
-        raise TinyLLMError(
-            f"{stage}.py tunes a trained model: give its checkpoint with --init_from"
-        )
-    if stage == "distill" and not cfg.distill_from:
-        raise TinyLLMError(
-            "distill.py learns from a teacher: give its checkpoint with --distill_from"
-        )
+        return settings_to_resume(last, settings, given)
+    if settings.stage in ("finetune", "dpo") and not options.init_from:
+        needs = "tunes a trained model: give its checkpoint with --init_from"
+        raise TinyLLMError(f"{settings.stage}.py {needs}")
+    if settings.stage == "distill" and not cfg.distill_from:
+        raise TinyLLMError("distill.py learns from a teacher: give it with --distill_from")
     if options.resume:  # the same command starts the run now and continues it later
         cli.log(f"--resume: no {last} yet, starting a fresh run")
-    devices.check_processes(device, cfg)
+    devices.check_processes(settings.device, cfg)
     if not options.overfit_batch:
         checkpoint.claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
-    saved = None
     if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
         saved = fine_tune_checkpoint(options.init_from, given)
         model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], options.init_from)
+        settings = replace(settings, model_cfg=model_cfg, saved=saved, path=options.init_from)
         cfg = replace(cfg, tokenizer=saved["tokenizer"]["kind"])
     if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
         meta = sources.prepared_meta(cfg.data)
@@ -75,18 +74,18 @@ def settle_configs(model_cfg, cfg, options, given, stage, preset, device):
         cfg = replace(cfg, tokenizer=made["tokenizer"])
     if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
         cfg = replace(cfg, time_budget="")
-    return Settings(model_cfg, cfg, options, stage, preset, device, saved, options.init_from)
+    return replace(settings, cfg=cfg)
 
 
-def settings_to_resume(last, cfg, options, given, stage):
+def settings_to_resume(last, settings, given):
     """The Settings of a run going on from its last.pt, with the flags --resume may change."""
     saved = checkpoint.load(last)
     cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
     ran = stage_of(saved)
-    if ran != stage:
-        again = f"python {ran}.py --resume --out_dir {cfg.out_dir}"
+    if ran != settings.stage:
+        again = f"python {ran}.py --resume --out_dir {settings.cfg.out_dir}"
         raise TinyLLMError(f"{last} is a run of {ran}.py: resume it with {again}")
-    if options.preset and options.preset != saved.get("preset"):
+    if settings.options.preset and settings.options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
     if not all(k in saved for k in ("optimizer", "rng", "step", "history")):
         raise TinyLLMError(
@@ -95,19 +94,20 @@ def settings_to_resume(last, cfg, options, given, stage):
         )
     model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
     saved_cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
-    settings = asdict(model_cfg) | asdict(saved_cfg)
-    refused = contradicted(given, settings, may_change=RESUME_MAY_CHANGE)
+    values = asdict(model_cfg) | asdict(saved_cfg)
+    refused = contradicted(given, values, may_change=RESUME_MAY_CHANGE)
     if refused:
         raise TinyLLMError(
             f"--resume continues the run in {last}, which cannot change {refused}; "
             f"drop the flag, or start a new run with another --out_dir"
         )
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
-    model_cfg, cfg = build_configs(changes | {"out_dir": cfg.out_dir}, settings)
+    model_cfg, cfg = build_configs(changes | {"out_dir": settings.cfg.out_dir}, values)
     device = devices.choose_device(cfg.device)
     devices.check_processes(device, cfg)
     preset = saved.get("preset", "custom")
-    return Settings(model_cfg, cfg, options, stage, preset, device, saved, last, resumed=True)
+    changed = dict(model_cfg=model_cfg, cfg=cfg, preset=preset, device=device, path=last)
+    return replace(settings, saved=saved, resumed=True, **changed)
 
 
 def stage_of(saved):

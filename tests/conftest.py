@@ -190,11 +190,12 @@ def train_run(model_cfg, cfg, options=None, given=None, stage="train"):
     import torch
 
     import train
-    from config import RunOptions
-    from machinery.settle import settle_configs
+    from config import RunOptions, Settings
+    from machinery.settle import settle_run
 
-    options, given = options or RunOptions(), given or {}
-    settings = settle_configs(model_cfg, cfg, options, given, stage, "custom", torch.device("cpu"))
+    options = options or RunOptions()
+    asked = Settings(model_cfg, cfg, options, stage, "custom", torch.device("cpu"))
+    settings = settle_run(asked, given or {})
     started = train.STARTED
     train.STARTED = train.time.perf_counter()  # its time from now: a StepClock's if installed
     try:

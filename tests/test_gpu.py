@@ -201,27 +201,30 @@ def test_the_kv_cache_agrees_with_recomputation_in_every_precision_the_gpu_has()
 
 RESUME_FUSED = """
 import dataclasses, sys, torch
-import optim, train
-from config import GPTConfig, RunOptions, TrainConfig
-from machinery.start import settle_configs
-from machinery import checkpoint, start
+import train
+from config import GPTConfig, RunOptions, Settings, TrainConfig
+from machinery.settle import settle_run
+from machinery import checkpoint
 data, out = sys.argv[1:3]
 cfg = TrainConfig(data=data, out_dir=out, batch_size=8, max_steps=3, eval_interval=3, eval_iters=1,
                   warmup_steps=1, sample_tokens=0, plots=False, device="cuda", dtype="float32")
 shape = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32)
+cuda = torch.device("cuda")
 
 def fused():
     return checkpoint.load(out + "/last.pt")["optimizer"]["param_groups"][0]["fused"]
 
 def as_a_mac_makes_it(model, cfg, device, dtype="float32"):
-    return optim.make_optimizer(model, cfg, torch.device("mps"), dtype)
+    return make_optimizer(model, cfg, torch.device("mps"), dtype)
 
-start.make_optimizer = as_a_mac_makes_it  # where the run's start calls it
-train.train(settle_configs(shape, cfg))
+make_optimizer = train.make_optimizer
+train.make_optimizer = as_a_mac_makes_it  # where fit calls it
+train.train(settle_run(Settings(shape, cfg, RunOptions(), "train", "custom", cuda), {}))
 print("saved fused", fused())
-start.make_optimizer = optim.make_optimizer
-longer = dataclasses.replace(cfg, max_steps=6)
-train.train(settle_configs(shape, longer, RunOptions(resume=True), given={"max_steps": 6}))
+train.make_optimizer = make_optimizer
+longer = Settings(shape, dataclasses.replace(cfg, max_steps=6), RunOptions(resume=True), "train",
+                  "custom", cuda)
+train.train(settle_run(longer, {"max_steps": 6}))
 print("resumed fused", fused())
 """
 
