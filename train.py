@@ -245,10 +245,9 @@ class TrainState:
     window: list = field(default_factory=list)  # each step's figures since the last line
 
 
-def time_left(state, cfg, now):
-    """Seconds left for steps under a --time_budget, now seconds into the run: 99% of it (1%: the
-    closing sample, the exit), less the last evaluation's time. None: a run of --max_steps."""
-    budget = parse_duration(cfg.time_budget)
+def time_left(state, budget, now):
+    """Seconds left for steps of a budget of seconds, now seconds into the run: 99% of it (1%: the
+    closing sample, the exit), less the last evaluation's time. None: no budget (--max_steps)."""
     return None if budget is None else 0.99 * budget - state.eval_seconds - now
 
 
@@ -394,12 +393,13 @@ def loop(run):
     first_seconds = elapsed(run)
     line_step = state.step  # the progress line's pace counts from here
     line_started = time.perf_counter()
+    budget = parse_duration(cfg.time_budget)  # seconds, or None: a run of --max_steps
     stop_reason, signum = None, 0
     with run.stop as stop:
         while True:
             # by the ranks' mean clock: theirs differ, and all must decide alike
             now = process.mean([elapsed(run)])[0] if cfg.time_budget else 0.0
-            left = time_left(state, cfg, now)
+            left = time_left(state, budget, now)
             if left is not None:  # a time budget: where the run ends, at its pace so far
                 steps = state.step - first_step
                 pace = (now - first_seconds) / steps if steps else 0.0
