@@ -140,7 +140,7 @@ class TrainConfig:
 RESUME_MAY_CHANGE = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
 # each later stage's own settings: flags of its script alone (python STAGE.py --help)
 STAGE_SETTINGS = {
-    "finetune": ("loss_on", "lora_rank", "lora_alpha", "lora_mlp"),
+    "finetune": ("lora_rank", "lora_alpha", "lora_mlp"),
     "distill": ("distill_from", "distill_temperature", "distill_alpha"),
     "dpo": ("dpo_beta", "lora_rank", "lora_alpha", "lora_mlp"),
 }
@@ -174,6 +174,7 @@ class Settings:
     saved: dict = None
     path: str = ""
     resumed: bool = False
+    started: float = 0.0  # when its time began, in perf_counter seconds: a time budget's start
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import train
 from config import NO_TARGET, TinyLLMError
-from machinery import checkpoint, cli
+from machinery import checkpoint, cli, harness
 from model import lm_loss
 
 
@@ -37,7 +37,7 @@ class Distilled(nn.Module):
 
     def __init__(self, student, teacher, temperature, alpha):
         super().__init__()
-        self.student, self.teacher = student, teacher.requires_grad_(False)
+        self.student, self.teacher = student, teacher.requires_grad_(False).eval()
         self.temperature, self.alpha = temperature, alpha
 
     def train(self, mode=True):  # the teacher stays in eval mode: no dropout
@@ -58,7 +58,7 @@ def distill(settings):
     """A fresh student on the teacher's text, by its tokenizer; then train.py's fit, whose steps
     call Distilled."""
     cfg = settings.cfg
-    process = train.start_process(settings)
+    process = harness.start_process(settings)
     corpus = train.load_corpus(settings)
     model = train.make_model(settings, corpus)  # a fresh student (or a resume's)
     teacher = checkpoint.load_model(cfg.distill_from)
@@ -72,7 +72,11 @@ def distill(settings):
         )
     softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
     cli.log(f"distilling {cfg.distill_from} into this model: {softened}")
-    stage = train.Stage(Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha))
+    stage = train.Stage(
+        Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha),
+        loss=f"distillation's: {softened}",
+        evaluation="the student's own cross-entropy, comparable with any run's",
+    )
     batches = train.corpus_batches(settings, corpus, model, process)
     return train.fit(settings, process, corpus, model, batches, stage)
 

@@ -9,8 +9,8 @@ A pair is a prompt, a chosen answer and a rejected one (a line of {"prompt", "ch
 "rejected"}). The policy, the model being tuned, learns to prefer each pair's chosen answer to its
 rejected one by more than a frozen copy of itself, its reference, does: no reward model, and the
 reference keeps the policy near what it knew. The loss counts the answers' tokens alone. Each
-progress line gives the held-out pairs' mean margin and the share the policy prefers. Before and
-after, the share of held-out prompts it answers in the voice of the plays (the bundled pairs'
+evaluation gives DPO's loss, the held-out pairs' mean margin and the share the policy prefers.
+Before and after, the share of held-out prompts it answers in the voice of the plays (the bundled pairs'
 chosen answers; machinery/evaluation.py). --lora_rank R tunes LoRA adapters instead (lora.py).
 The rest is train.py's run: its loop (fit), its checkpoints, its exact --resume.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import train
 from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, TinyLLMError
 from lora import adapted, merge
-from machinery import checkpoint, cli, sources
+from machinery import checkpoint, cli, harness, sources
 from machinery.evaluation import in_character_shares
 from model import lm_loss
 from utils import answer_targets, make_corpus
@@ -35,7 +35,7 @@ def dpo(settings):
     held-out prompts answered before; then train.py's fit on batches of pairs, whose steps call
     Preferring; the held-out prompts answered after."""
     cfg = settings.cfg
-    process = train.start_process(settings)
+    process = harness.start_process(settings)
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)
     texts = sources.preference_pairs(cfg.data)
     pairs = pair_split(texts, tokenizer, cfg.data)
@@ -61,11 +61,15 @@ def dpo(settings):
     preferring = Preferring(model, reference, cfg.dpo_beta)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
     batches = pair_batches(pairs, micro_batch, process.device)
-
-    def figures():  # on each progress line: how the policy prefers the held-out pairs
-        return held_out(preferring, pairs["val"], process.device)
-
-    stage = train.Stage(preferring, figures, {"reference": path})
+    stage = train.Stage(
+        preferring,
+        loss=f"DPO's, -log sigmoid({cfg.dpo_beta:g} x margin), of each pair",
+        evaluation="DPO's loss of each split; the held-out pairs' mean margin, and the share "
+        "the policy prefers (held_out_acc)",
+        evaluate=lambda: held_out(preferring, pairs["val"], process.device),
+        batch="pairs, each a chosen and a rejected answer padded to the longest of the batch",
+        entries={"reference": path},
+    )
     summary = train.fit(settings, process, corpus, model, batches, stage)
     after = in_character_shares(model, prompts, tokenizer, process.device)
     cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))
@@ -122,17 +126,16 @@ class Preferring(nn.Module):
 
     def __init__(self, policy, reference, beta):
         super().__init__()
-        self.policy, self.reference = policy, reference.requires_grad_(False)
+        self.policy, self.reference = policy, reference.requires_grad_(False).eval()
         self.beta = beta
 
-    def train(self, mode=True):
+    def train(self, mode=True):  # the reference stays in eval mode: no dropout, from the start
         super().train(mode)
         self.reference.eval()
         return self
 
-    def margins(self, idx, targets):
-        """(B,): each pair's margin."""
-        logits, _ = self.policy(idx)  # (2B, T, V)
+    def margins(self, logits, idx, targets):
+        """(B,): each pair's margin, of the policy's logits (2B, T, V) on rows idx."""
         with torch.no_grad():
             reference_logits, _ = self.reference(idx)
         gain = answer_logps(logits, targets) - answer_logps(reference_logits, targets)  # (2B,)
@@ -140,15 +143,18 @@ class Preferring(nn.Module):
         return chosen - rejected
 
     def forward(self, idx, targets):
-        margins = self.margins(idx, targets)
-        return margins, -F.logsigmoid(self.beta * margins).mean()
+        """The policy's logits (2B, T, V), as a GPT's; the loss of the pairs' margins."""
+        logits, _ = self.policy(idx)
+        margins = self.margins(logits, idx, targets)
+        return logits, -F.logsigmoid(self.beta * margins).mean()
 
 
 @torch.no_grad()
 def held_out(model, pairs, device):
     """{margin, held_out_acc} of held-out pairs: the mean margin, the share above 0."""
     model.eval()
-    margins = model(*pair_batch(pairs, device))[0].float()  # (B,)
+    idx, targets = pair_batch(pairs, device)
+    margins = model.margins(model.policy(idx)[0], idx, targets).float()  # (B,)
     model.train()
     margin, share = torch.stack([margins.mean(), (margins > 0).float().mean()]).tolist()
     return {"margin": margin, "held_out_acc": share}

@@ -17,13 +17,13 @@ too. The rest is train.py's run: its loop (fit), its checkpoints, its exact --re
 
 import train
 from lora import adapted
-from machinery import cli
+from machinery import cli, harness
 
 
 def finetune(settings):
     """The model of --init_from (or of a resume), its vocabulary grown by the corpus's new tokens,
     adapted under --lora_rank; then train.py's fit."""
-    process = train.start_process(settings)
+    process = harness.start_process(settings)
     corpus = train.load_corpus(settings)
     model, rows = train.saved_model(settings, corpus)
     model = adapted(settings.cfg, model, settings.saved, settings.path, rows)

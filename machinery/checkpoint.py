@@ -113,7 +113,9 @@ def model_of(checkpoint, path="checkpoint"):
     if lora:
         from lora import adapter_state, add_adapters  # a LoRA run's files alone need it
 
-        model, weights = model_of(load(lora["base"]), lora["base"]), dict(checkpoint["model"])
+        base = load(lora["base"])  # its dropout the run's: a fine-tune may change it
+        base["model_config"] |= {"dropout": checkpoint["model_config"]["dropout"]}
+        model, weights = model_of(base, lora["base"]), dict(checkpoint["model"])
         new_rows = weights.pop("new_rows")
         if lora["rows"]:  # the base's rows and new tokens', in the order of the run's tokenizer
             with_embedding(model, lora["rows"], new_rows)

@@ -75,7 +75,7 @@ def in_character_shares(model, prompts, tokenizer, device):
     """{in_character, in_character_sampled}: the share of prompts (each ending in <|assistant|>)
     the model answers in character, greedily and sampled at temperature 0.8 with seed 0, in 80
     tokens at most (the bundled answers are shorter)."""
-    shares, stop = {}, tokenizer.eot_id
+    shares, stop, mode = {}, tokenizer.eot_id, model.training
     for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
         sampler, answered = SamplerConfig(temperature=temperature), 0
         for ids in prompts:
@@ -84,5 +84,5 @@ def in_character_shares(model, prompts, tokenizer, device):
             out = generate(model.eval(), idx, 80, sampler, stop, generator)[0, len(ids) :]
             answered += in_character(tokenizer.decode(until_stop(out.tolist(), stop)))
         shares[name] = answered / len(prompts)
-    model.train()
+    model.train(mode)  # a frozen reference stays in eval mode
     return shares

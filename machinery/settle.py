@@ -21,10 +21,10 @@ from config import (
 from machinery import checkpoint, cli, devices, sources
 
 
-def settle(given, stage="train"):
-    """The settings of a training script's flags given (stage: its name): the preset (without
-    --preset, this machine's, saying why), then what the run starts from, each flag checked
-    against it."""
+def settle(given, stage="train", started=0.0):
+    """The settings of a training script's flags given (stage: its name; started: when its time
+    began): the preset (without --preset, this machine's, saying why), then what the run starts
+    from, each flag checked against it."""
     options = make_config(RunOptions, given)
     device = devices.choose_device(given.get("device", "auto"))
     preset, machine = devices.machine_preset(device, given)
@@ -35,7 +35,7 @@ def settle(given, stage="train"):
         cli.log(f"no --preset given: using '{preset}' for {machine}")
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cfg, cfg = build_configs(given, PRESETS[preset])
-    settings = Settings(model_cfg, cfg, options, stage, preset, device)
+    settings = Settings(model_cfg, cfg, options, stage, preset, device, started=started)
     return settle_run(settings, given) if trains else settings
 
 

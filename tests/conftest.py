@@ -189,19 +189,15 @@ def train_run(model_cfg, cfg, options=None, given=None, stage="train"):
 
     import torch
 
-    import train
     from config import RunOptions, Settings
+    from machinery import harness
     from machinery.settle import settle_run
 
     options = options or RunOptions()
-    asked = Settings(model_cfg, cfg, options, stage, "custom", torch.device("cpu"))
+    started = harness.time.perf_counter()  # its time from now: a StepClock's if installed
+    asked = Settings(model_cfg, cfg, options, stage, "custom", torch.device("cpu"), started=started)
     settings = settle_run(asked, given or {})
-    started = train.STARTED
-    train.STARTED = train.time.perf_counter()  # its time from now: a StepClock's if installed
-    try:
-        return getattr(importlib.import_module(stage), stage)(settings)
-    finally:
-        train.STARTED = started
+    return getattr(importlib.import_module(stage), stage)(settings)
 
 
 def untrained(path, data, model_cfg):
@@ -272,8 +268,8 @@ def interrupt_at(monkeypatch, step, signum):
 
 
 class StepClock:
-    """A clock the test controls, as train.py's time.perf_counter (install): each training step
-    takes `step` seconds on it, nothing else takes any unless it says so."""
+    """A clock the test controls, as the harness's time.perf_counter (install): each training
+    step takes `step` seconds on it, nothing else takes any unless it says so."""
 
     def __init__(self, step):
         self.step, self.now = step, 0.0
@@ -283,6 +279,7 @@ class StepClock:
 
     def install(self, monkeypatch):
         import train
+        from machinery import harness
 
         real = train.train_step
 
@@ -291,7 +288,7 @@ class StepClock:
             return real(*args, **kwargs)
 
         monkeypatch.setattr(train, "train_step", timed_step)
-        monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=self))
+        monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=self))
         return self
 
 

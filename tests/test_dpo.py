@@ -45,7 +45,9 @@ def test_a_preference_loss_counts_the_answers_tokens_alone():
     model = Preferring(policy, reference, beta=0.1)
     x = torch.randint(0, 65, (4, 16))
     y = x.roll(-1, 1).masked_fill(torch.arange(16) < 8, -100)  # 2 pairs, answers after 8 tokens
-    margins, loss = model(x, y)
+    logits, loss = model(x, y)
+    assert torch.equal(logits, policy(x)[0])  # a step's figure of the logits sees the policy's
+    margins = model.margins(logits, x, y)
     gains = answer_logps(policy(x)[0], y) - answer_logps(reference(x)[0], y)
     assert torch.allclose(margins, gains[:2] - gains[2:])
     assert loss.item() == pytest.approx(-F.logsigmoid(0.1 * margins).mean().item())
@@ -85,12 +87,14 @@ def test_pairs_are_the_chat_template_their_targets_the_answers_and_a_tenth_held_
 
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
-    """A tiny model fine-tuned on the bundled conversations: it knows the chat template."""
+    """A tiny model fine-tuned with dropout 0.1 on the bundled conversations: it knows the chat
+    template, and its reference would drop out if it trained."""
     folder = tmp_path_factory.mktemp("dpo")
     data = os.path.join(ROOT, "data", "chat_example.jsonl")
     cfg = tiny_run(data, folder / "run", max_steps=20, eval_interval=20, lr=1e-2)
     start = untrained(folder / "untrained.pt", data, tiny_model(block_size=128))
-    train_run(tiny_model(), cfg, RunOptions(init_from=start), stage="finetune")
+    options = RunOptions(init_from=start)
+    train_run(tiny_model(), cfg, options, {"dropout": 0.1}, stage="finetune")
     return str(folder / "run" / "best.pt")
 
 
@@ -102,19 +106,23 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     pairs = tmp_path / "pairs.jsonl"  # half the bundled pairs: 4 held out
     with open(PAIRS, encoding="utf-8") as f:
         pairs.write_text("".join(f.readlines()[:40]), encoding="utf-8")
-    settings = dict(lr=3e-3, dpo_beta=0.5, lora_rank=lora_rank, batch_size=8, max_steps=12)
+    # a constant LR: a resume at any step goes on as the straight run did; dropout: the frozen
+    # reference must be in eval mode from a resumed run's first step
+    settings = dict(lr=3e-3, min_lr=3e-3, dpo_beta=0.5, lora_rank=lora_rank, max_steps=12)
     options = RunOptions(init_from=chat_checkpoint)
     cfg = tiny_run(pairs, tmp_path / "straight", log_interval=6, eval_interval=6, **settings)
     full = train_run(tiny_model(block_size=128), cfg, options, stage="dpo")
-    lines = [row for row in full["history"] if row["kind"] == "train"]
-    # the reference's margins are 0: the policy prefers the held-out pairs more, more at the end
-    assert 0 < lines[0]["margin"] < lines[-1]["margin"] and lines[-1]["held_out_acc"] > 0.5
+    evals = [row for row in full["history"] if row["kind"] == "eval"]
+    # the reference's margins are 0: the policy prefers the held-out pairs by the end
+    assert evals[0]["margin"] == 0 and evals[0]["held_out_acc"] == 0
+    assert all(row["margin"] > 0 and row["held_out_acc"] >= 0.5 for row in evals[1:])
     cut = tiny_run(pairs, tmp_path / "cut", log_interval=6, eval_interval=6, **settings)
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signal.SIGTERM)
         with pytest.raises(SystemExit):
             train_run(tiny_model(block_size=128), cut, options, stage="dpo")
     resumed = train_run(tiny_model(block_size=128), cut, RunOptions(resume=True), stage="dpo")
+    assert resumed["model"].config.dropout == 0.1
     assert without_timings(resumed["history"]) == without_timings(full["history"])
     assert same_weights(full["model"].state_dict(), resumed["model"].state_dict())
 

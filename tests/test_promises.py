@@ -23,8 +23,8 @@ from conftest import (
 )
 
 import generate
-import train
 from config import RunOptions, SamplerConfig, TinyLLMError, TrainConfig, build_configs
+from machinery import harness
 from model import GPT
 from sampling import Context
 
@@ -64,7 +64,9 @@ def split(flags):
 def configs(flags, data, out_dir, **shape_of_the_test):
     """(GPTConfig, TrainConfig): TINY, then the train.py flags given, then what the test needs. A
     combination the settings refuse skips the test, with the refusal's line."""
-    given = train.flags(split(flags)[0]) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
+    given = (
+        harness.flags(split(flags)[0]) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
+    )
     try:
         return build_configs(given, TINY)
     except TinyLLMError as refused:

@@ -3,6 +3,7 @@ a time budget."""
 
 import contextlib
 import copy
+import json
 import math
 import os
 import pickle
@@ -44,7 +45,7 @@ from config import (
     TrainConfig,
     build_configs,
 )
-from machinery import checkpoint, devices, evaluation, settle, sources
+from machinery import checkpoint, devices, evaluation, harness, settle, sources
 from model import GPT
 from muon import orthogonalize
 from train import get_lr, make_optimizer
@@ -133,7 +134,7 @@ def test_compiles_first_step_leaves_the_weights_the_optimizer_and_every_generato
     batch = batches(1)[0]
     train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig(), *FLOAT32)  # moments
     before = (weights(model), copy.deepcopy(optimizer.state_dict()), checkpoint.rng_state())
-    train.compile_first(model, model, batch, *FLOAT32)  # as fit runs it, model compiled
+    harness.compile_first(model, model, batch, *FLOAT32)  # as fit runs it, model compiled
     after = (weights(model), optimizer.state_dict(), checkpoint.rng_state())
     assert same_weights(before[0], after[0])
     assert same_state(before[1], after[1]) and same_state(before[2], after[2])
@@ -549,21 +550,34 @@ def test_a_checkpoint_from_before_stages_were_recorded_goes_to_the_script_of_wha
     assert settle.stage_of(saved | {"tokenizer": chat}) == "finetune"
 
 
-def test_train_py_refuses_conversations_and_each_stage_shows_its_own_flags(
-    trained, tmp_path, capsys
+def test_train_py_learns_qa_records_from_scratch_and_each_stage_shows_its_own_flags(
+    tmp_path, capsys
 ):
+    """Seed 003's Q&A from scratch: no --init_from, each record in the chat template with its end
+    token, and the loss on the answers alone (--loss_on answers, the default)."""
     import distill
     import dpo
     import finetune
 
-    chats = os.path.join(ROOT, "data", "chat_example.jsonl")
-    argv = ["--init_from", trained[0], "--data", chats, "--out_dir", tmp_path / "run"]
-    code, _, err = cli(capsys, train.main, *argv, "--device", "cpu", "--max_steps", 2)
-    assert_one_line_error(code, err, "conversations", "finetune.py")
-    assert not list((tmp_path / "run").glob("*.pt"))
+    qa = os.path.join(ROOT, "data", "qa_example.json")
+    argv = [*TINY_FLAGS, "--data", qa, "--out_dir", tmp_path / "run", "--max_steps", 2]
+    code, out, err = cli(capsys, train.main, *argv, "--eval_interval", 2, "--block_size", 16)
+    assert code == 0, err
+    saved = checkpoint.load(str(tmp_path / "run" / "last.pt"))
+    assert saved["stage"] == "train" and saved["train_config"]["loss_on"] == "answers"
+    tokenizer = checkpoint.tokenizer_of(saved, "last.pt")
+    with open(qa, encoding="utf-8") as f:
+        first = json.load(f)[0]
+    question = f"{EOT}{USER}{first['question']}\n{ASSISTANT}"  # documents follow an EOT
+    answer = f"{first['answer']}{EOT}"
+    corpus = sources.load_corpus(tiny_run(qa, tmp_path), tokenizer)
+    n, m = len(tokenizer.encode(question)), len(tokenizer.encode(answer))
+    assert tokenizer.decode(corpus.train[: n + m].tolist()) == question + answer
+    targets = corpus.train_targets[: n + m]  # True where a token is a target
+    assert not targets[:n].any() and targets[n:].all()
     own = {
         train: [],
-        finetune: ["--lora_rank", "--loss_on"],
+        finetune: ["--lora_rank"],
         distill: ["--distill_from", "--distill_temperature"],
         dpo: ["--dpo_beta", "--lora_rank"],
     }
@@ -640,7 +654,7 @@ def test_the_resumed_optimizer_takes_the_saved_state_with_this_machines_kernel(t
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     cfg = TrainConfig(max_steps=60, warmup_steps=5)
     settings = Settings(model.config, cfg, RunOptions(), "train", "custom", CPU, saved, trained[0])
-    train.restore(settings, optimizer, devices.Process(0, 1, CPU))
+    harness.restore(settings, optimizer, devices.Process(0, 1, CPU))
     assert all(g["fused"] for g in optimizer.param_groups)
     first = next(iter(saved["optimizer"]["state"].values()))
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first["exp_avg"])
@@ -954,7 +968,7 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, tmp_path, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    assert settle.settle(train.flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
+    assert settle.settle(harness.flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
 
@@ -985,7 +999,7 @@ def test_a_run_that_ends_within_its_warmup_is_warned(text_file, tmp_path, capsys
 
 
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = build_configs(train.flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
+    cfg = build_configs(harness.flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
     assert (
         cfg.max_steps == 50
         and not cfg.time_budget

@@ -12,5 +12,4 @@ def experiment(given, preset="tiny"):
     from machinery.settle import settle
 
     given = {"plots": False, "sample_tokens": 0, "preset": preset} | given
-    train.STARTED = time.perf_counter()  # its time budget counts from now
-    return train.train(settle(given))
+    return train.train(settle(given, started=time.perf_counter()))  # its time counts from now

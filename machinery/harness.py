@@ -1,0 +1,474 @@
+"""What keeps a training run's promises, behind the few calls train.py's loop makes: the state a
+checkpoint saves and --resume puts back, a time budget's plan, Ctrl-C and SIGTERM (on every rank
+alike), --overfit_batch, --compile's trial, --overwrite, the opening, progress and closing lines,
+the saves; and the command line (flags, main). Reading train.py needs none of it."""
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+import config
+from config import SamplerConfig, TinyLLMError, TrainConfig, parse_duration
+from machinery import checkpoint, cli, devices, settle, sources
+from utils import bits_per_char
+
+# ------------------------------------------------------------------------------------ the state
+
+
+@dataclass
+class TrainState:
+    """How far the run is, where it ends, and what it has seen: every checkpoint saves it and
+    --resume puts it back. A field added since a checkpoint was written takes its default."""
+
+    step: int = 0  # the steps taken
+    max_steps: int = 0  # the step the run ends at: --max_steps, or a time budget's plan
+    lr: float = 0.0  # the latest step's
+    seconds: float = 0.0  # the run's wall time before this process (a resume's)
+    eval_seconds: float = 0.0  # the latest evaluation's: a time budget keeps as much at its end
+    best_val_loss: float = float("inf")
+    evals_without_improvement: int = 0
+    last_eval_step: int = -1
+    history: list = field(default_factory=list)  # a row per progress line and per evaluation
+    window: list = field(default_factory=list)  # each step's figures since the last line
+
+
+def restore(settings, optimizer, process):
+    """The state of a resumed run as saved, its optimizer and random numbers put back."""
+    saved, cfg = settings.saved, settings.cfg
+    checkpoint.load_optimizer(optimizer, saved["optimizer"], settings.path)
+    state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
+    rngs = saved.get("rngs") or [saved["rng"]]
+    checkpoint.set_rng_state(rngs[process.rank] if len(rngs) == process.world else rngs[0])
+    if not cfg.time_budget:  # a resume may give a new --max_steps
+        if state.step >= cfg.max_steps and cfg.max_steps != saved["train_config"]["max_steps"]:
+            stop = f"--max_steps {cfg.max_steps} trains no more"
+            raise TinyLLMError(f"the run is at step {state.step}: {stop}")
+        state.max_steps = cfg.max_steps
+    return state
+
+
+# ------------------------------------------------------------------------------- a time budget
+
+
+def time_left(state, budget, now):
+    """Seconds left for steps of a budget of seconds, now seconds into the run: 99% of it (1%: the
+    closing sample, the exit), less the last evaluation's time. None: no budget (--max_steps)."""
+    return None if budget is None else 0.99 * budget - state.eval_seconds - now
+
+
+def budget_end(state, cfg, left, pace):
+    """The step a --time_budget run ends at: as many steps as fit in the seconds left, at pace
+    (a step's seconds in this process so far, 0 before its first). Planned again before every
+    step, so a machine that slows down ends the run on time, its schedule ending with it. Never
+    within the warmup; a run whose time ran out before its planned end takes one more step."""
+    if state.step <= cfg.warmup_steps and left <= 0:
+        raise TinyLLMError(
+            f"--time_budget {cfg.time_budget} is too short here: it was spent before the "
+            f"warmup's {cfg.warmup_steps} steps; give more time or fewer --warmup_steps"
+        )
+    if not pace:  # no step yet: the plan a resume saved, or the warmup's
+        return max(state.max_steps, cfg.warmup_steps + 1)
+    planned = state.step + math.floor(left / pace)
+    if planned <= state.step:  # out of time: the step before was the last, or this one is
+        planned = min(state.max_steps, state.step + 1)
+    return max(cfg.warmup_steps + 1, planned)
+
+
+# ---------------------------------------------------------------------------- setting up a run
+
+
+def start_process(settings):
+    """This process (its rank of world under torchrun), its threads, and the seed."""
+    process = devices.setup_process(settings.device)
+    devices.set_threads(settings.cfg.threads)
+    devices.seed_everything(settings.cfg.seed)  # the same initial weights on every rank
+    return process
+
+
+def out_of_memory():
+    hint = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
+    return devices.out_of_memory_as_error(hint)
+
+
+def compile_first(model, stepped, batch, ctx, scaler):
+    """--compile's first forward and backward, now: a missing compiler is one error line before
+    anything is written. They leave no trace: no gradient, every random generator as it was."""
+    rngs = checkpoint.rng_state()
+    try:
+        with ctx:
+            scaler.scale(stepped(*batch)[1]).backward()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
+        failed = f"--compile failed on this machine ({cli.first_line(e)})"
+        raise TinyLLMError(f"{failed}; run without it") from None
+    finally:
+        checkpoint.set_rng_state(rngs)
+    model.zero_grad(set_to_none=True)
+
+
+def prepare(settings, process, corpus, model, batches, stage, optimizer, precision, get_lr):
+    """The Run of a fit: its state (a resume's as saved), this rank's random numbers, then
+    --overfit_batch, --compile, DDP and --overwrite, each before anything is written; its opening
+    lines. precision: (dtype, why, autocast, scaler)."""
+    cfg, options = settings.cfg, settings.options
+    dtype, why, ctx, scaler = precision
+    last = settings.saved if settings.resumed else {}  # the last.pt it resumes
+    state = TrainState(max_steps=cfg.max_steps)
+    if last:
+        scaler.load_state_dict(last["scaler"])
+        state = restore(settings, optimizer, process)
+    if process.world > 1 and len(last.get("rngs", [])) != process.world:  # own batches
+        devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
+    if options.overfit_batch:  # a sanity check: every step trains on one batch
+        fixed = batches["train"]()
+        batches["train"] = lambda: fixed
+        cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
+    stepped = stage.model
+    stepped = process.wrap(torch.compile(stepped) if cfg.compile else stepped)
+    if cfg.compile:
+        compile_first(model, stepped, batches["train"](), ctx, scaler)
+    if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
+        checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
+    if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
+        steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
+        cli.warn(f"{steps}: the LR never decays")
+    run = Run(settings, process, corpus, model, stepped, optimizer, batches, state, stage)
+    run.dtype, run.why, run.ctx, run.scaler, run.get_lr = dtype, why, ctx, scaler, get_lr
+    print_header(run)
+    return run
+
+
+# ------------------------------------------------------------------------------------- the run
+
+
+class Run:
+    """A fit's pieces and the harness's bookkeeping: what the loop reads (cfg, state, stepped,
+    optimizer, batches, ctx, scaler) and the calls it makes (plan, evaluation_due, over,
+    evaluated, log_progress, save, finish)."""
+
+    def __init__(self, settings, process, corpus, model, stepped, optimizer, batches, state, stage):
+        self.cfg, self.stage, self.settings = settings.cfg, stage, settings
+        self.process, self.corpus, self.model, self.stepped = process, corpus, model, stepped
+        self.optimizer, self.batches, self.state = optimizer, batches, state
+        self.master = process.rank == 0  # rank 0 alone prints and writes
+        self.writes_files = not settings.options.overfit_batch  # a check that writes nothing
+        self.stop = cli.StopRequest(announce=self.master)  # Ctrl-C, SIGTERM, a reader gone
+        self.eval_iters = math.ceil(self.cfg.eval_iters / process.world)  # this rank's share
+        self.started = settings.started  # a time budget counts from it (perf_counter seconds)
+        self.budget = parse_duration(self.cfg.time_budget)  # seconds, or None: --max_steps
+        self.stop_reason, self.signum, self.left = None, 0, None
+        self.first_step, self.first_seconds = state.step, self.elapsed()  # the pace from here
+        self.line_step, self.line_started = state.step, time.perf_counter()  # a line's pace
+
+    def say(self, text):  # a line from rank 0 (cli.log); its reader gone stops the run
+        self.stop.say(text)
+
+    def elapsed(self):
+        """The run's seconds: this process's since it started, plus those before a resume."""
+        return self.state.seconds + time.perf_counter() - self.started
+
+    def plan(self):
+        """Under a time budget, state.max_steps: the steps that fit in the time left at the pace
+        so far, by the ranks' mean clock (theirs differ, and all must decide alike)."""
+        state = self.state
+        now = self.process.mean([self.elapsed()])[0] if self.budget else 0.0
+        self.left = time_left(state, self.budget, now)
+        if self.left is not None:
+            steps = state.step - self.first_step
+            pace = (now - self.first_seconds) / steps if steps else 0.0
+            state.max_steps = budget_end(state, self.cfg, self.left, pace)
+
+    def evaluation_due(self):
+        """Every eval_interval steps (under a time budget, if time is left for steps after it)
+        and at the end; never twice at one step (a resume starts at its last one)."""
+        state = self.state
+        room = self.left is None or self.left > state.eval_seconds
+        due = state.step >= state.max_steps or (state.step % self.cfg.eval_interval == 0 and room)
+        if due and state.step != state.last_eval_step:
+            self.eval_started = time.perf_counter()  # a time budget keeps as much at its end
+            return True
+        return False
+
+    def over(self):
+        """The run ends here: at step max_steps, at an early stop, or at Ctrl-C or SIGTERM on any
+        rank (under DDP the ranks compare at progress lines)."""
+        state, process = self.state, self.process
+        at_end = state.step >= state.max_steps
+        compare = process.world == 1 or state.step % self.cfg.log_interval == 0
+        if compare or at_end or self.stop_reason:
+            self.signum = max(process.every_rank(self.stop.signum or 0))
+        return bool(at_end or self.stop_reason or self.signum)
+
+    # ------------------------------------------------------------------------ progress lines
+
+    def read_window(self):
+        """The figures of the steps since the last line, as numbers (a GPU waits for them)."""
+        state = self.state
+        state.window = [{k: float(v) for k, v in row.items()} for row in state.window]
+        return state.window
+
+    def check_finite(self):
+        """A loss or a gradient that is not finite stops the run, before it is saved."""
+        rows = self.read_window()
+        for n, row in enumerate(rows, self.state.step - len(rows)):
+            # float16 skips a step whose gradient overflowed: the step changed nothing
+            finite_grad = math.isfinite(row.get("grad_norm", 0.0)) or self.scaler.is_enabled()
+            if not (math.isfinite(row["loss"]) and finite_grad):
+                raise TinyLLMError(
+                    f"step {n}: the loss or the gradient is not finite (loss {row['loss']}); "
+                    f"nothing non-finite was saved. Try a lower --lr, --grad_clip 1, or "
+                    f"--dtype float32"
+                )
+
+    def log_progress(self):
+        """A line and a history row: the mean of each figure over the steps since the last line
+        (a resume's saved rows may lack a figure added since), a step's time, the tokens read a
+        second (every rank's), the ETA."""
+        state = self.state
+        seconds = (time.perf_counter() - self.line_started) / (state.step - self.line_step)
+        self.check_finite()
+        rows = self.read_window()
+        tokens = sum(row.pop("tokens", 0.0) for row in rows) * self.process.world
+        figures = {}
+        for name in rows[-1]:
+            values = [row[name] for row in rows if name in row]
+            figures[name] = sum(values) / len(values)
+        tokens_per_s = tokens / len(rows) / seconds if seconds else 0.0
+        eta = cli.format_seconds((state.max_steps - state.step) * seconds)
+        shown = " | ".join(f"{k} {format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
+        pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
+        self.say(f"step {state.step:>6}/{state.max_steps} | {shown} | {pace}")
+        row = {"kind": "train", "step": state.step, **figures, "ms_per_step": 1000 * seconds}
+        state.history.append(row | {"tok_per_s": tokens_per_s, "seconds": self.elapsed()})
+        state.window = []
+        self.line_step, self.line_started = state.step, time.perf_counter()
+        # --overfit_batch: done when the processes' mean loss is near 0 (each has its own batch)
+        if not self.writes_files and self.process.mean([figures["loss"]])[0] < 0.01:
+            self.stop_reason = f"overfit_batch: loss below 0.01 at step {state.step}"
+
+    # ---------------------------------------------------------------------- evaluations, saves
+
+    def evaluated(self, losses):
+        """An evaluation's losses {"train", "val"} (this rank's): a line, a
+        history row, the run's files; --patience or --target_loss may end the run. The baseline,
+        before any step, is printed and kept in the history: no best, nothing written."""
+        cfg, state = self.cfg, self.state
+        train_loss, val_loss = self.process.mean([losses["train"], losses["val"]])
+        own = self.stage.evaluate() if self.stage.evaluate else {}  # a stage's own figures
+        state.last_eval_step = state.step
+        row = dict(kind="eval", step=state.step, train_loss=train_loss, val_loss=val_loss, **own)
+        state.history.append(row | dict(lr=state.lr, seconds=self.elapsed()))
+        baseline = state.step == 0  # before any step: nothing to keep yet
+        end = "?" if baseline and cfg.time_budget else state.max_steps  # no pace yet
+        line = f"eval {state.step:>6}/{end} | train {train_loss:.4f} | val {val_loss:.4f}"
+        if own:
+            line += "".join(f" | {k} {v:.4g}" for k, v in own.items())
+        else:  # a language model's loss: bits per character, and a uniform guess's loss
+            line += f" ({bits_per_char(val_loss, self.corpus.chars_per_token):.3f} bits/char)"
+            if baseline:
+                uniform = math.log(self.model.config.vocab_size)
+                line += f" | uniform baseline ln(V) = {uniform:.4f}"
+        improved = val_loss < state.best_val_loss and not baseline
+        if not baseline:
+            state.best_val_loss = min(val_loss, state.best_val_loss)
+            state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        self.say(line + (" | new best" if improved else ""))
+        if self.writes_files and not baseline:
+            self.save("last.pt")
+            if improved:
+                self.save("best.pt")
+            if self.master:
+                from machinery.plots import write_history  # read once there is a step to draw
+
+                write_history(cfg.out_dir, state.history, cfg.plots, self.model.config.vocab_size)
+        # a time budget keeps as much time for the last evaluation, saves included; the pace
+        # counts steps alone
+        state.eval_seconds = self.process.mean([time.perf_counter() - self.eval_started])[0]
+        self.first_seconds += state.eval_seconds
+        self.line_started += state.eval_seconds
+        if cfg.patience and state.evals_without_improvement >= cfg.patience:
+            evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
+            self.stop_reason = f"early stop: val loss has not improved for {evals}"
+        if cfg.target_loss and val_loss <= cfg.target_loss and not baseline:
+            target = f"val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
+            self.stop_reason = f"target reached: {target}"
+
+    def save(self, name):
+        """out_dir/name: the model and tokenizer, all --resume needs to go on exactly (the
+        optimizer, the state, every rank's random state), and where and how it trained, for its
+        model card (tools.export). Every rank calls it; rank 0 writes."""
+        if not self.writes_files:
+            return
+        self.check_finite()
+        rngs = self.process.every_rank(checkpoint.rng_state())
+        if not self.master:
+            return
+        state = asdict(self.state) | {"seconds": self.elapsed()}
+        if self.process.world > 1:
+            state["rngs"] = rngs
+        saved = checkpoint.create(
+            self.model,
+            self.corpus.tokenizer.to_dict(),
+            stage=self.settings.stage,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),  # {}: float16's alone has a state
+            rng=rngs[0],
+            train_config=asdict(self.cfg),
+            preset=self.settings.preset,
+            device=devices.name(self.process.device),
+            dtype=self.dtype,
+            chars_per_token=self.corpus.chars_per_token,
+            **state,
+            **self.stage.entries,  # a stage's own: dpo.py's reference
+        )
+        checkpoint.save(os.path.join(self.cfg.out_dir, name), saved)
+        if name.startswith("ckpt_"):
+            checkpoint.keep_newest(self.cfg.out_dir, self.cfg.keep_last)
+
+    def finish(self):
+        """last.pt if steps came after the last evaluation, the closing lines and sample, a
+        summary. Stopped by a signal: last.pt, how to resume, exit status 128 + the signal."""
+        state, cfg, signum = self.state, self.cfg, self.signum
+        if signum or state.last_eval_step != state.step:
+            self.save("last.pt")
+        if signum:
+            if self.writes_files:
+                last = os.path.join(cfg.out_dir, "last.pt")
+                resume = f"python {self.settings.stage}.py --resume --out_dir {cfg.out_dir}"
+                self.say(f"saved {last} at step {state.step}. Resume with: {resume}")
+            self.process.leave_together()
+            sys.exit(128 + signum)
+        if self.stop_reason:
+            self.say(self.stop_reason)
+        files = "best.pt, last.pt, history.csv" + (", loss.png" if cfg.plots else "")
+        files = f" | {cfg.out_dir}/: {files}" if self.writes_files else ""
+        total = cli.format_seconds(self.elapsed())
+        best = f"best val loss {state.best_val_loss:.4f}"
+        self.say(f"done: {state.step} steps | {best} | total time {total}{files}")
+        if cfg.time_budget:
+            end = self.get_lr(state.max_steps, state.max_steps, cfg)
+            last_lr = f"the last at LR {state.lr:.4g} (the schedule's end: {end:.4g})"
+            used = f"{cli.format_seconds(self.elapsed())} used, {state.step:,} steps"
+            self.say(f"time budget {cfg.time_budget}: {used}, {last_lr}")
+        if cfg.sample_tokens and self.master:
+            self.say("sample:\n" + closing_sample(self, cfg.sample_tokens))
+        self.process.leave_together()
+        return {
+            "step": state.step,
+            "best_val_loss": state.best_val_loss,
+            "history": state.history,
+            "stop_reason": self.stop_reason,
+            "seconds": self.elapsed(),
+            "model": self.model,
+            "corpus": self.corpus,
+            "dtype": self.dtype,
+            "tokens_per_step": cfg.batch_size * self.model.config.block_size,  # tools.scaling's
+        }
+
+
+FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints (others: .4g)
+
+
+# --------------------------------------------------------------------- the opening lines, the end
+
+
+def print_header(run):
+    """The run's opening lines: device and precision, model, tokens, its loss, how it ends."""
+    cfg, m, model, process = run.cfg, run.model.config, run.model, run.process
+    why = f": {run.why}" if cfg.dtype == "auto" else ""
+    threads = f"{torch.get_num_threads()} threads"
+    device = f"{devices.name(process.device)} ({run.dtype}{why}, {threads})"
+    device += f" x {process.world} processes" if process.world > 1 else ""
+    run.say(f"device {device} | preset {run.settings.preset} | data {cfg.data}")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%)"
+    shape = f"{m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}"
+    shown = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")  # the rest: every variant
+    parts = ", ".join(f"{k} {v}" for k, v in vars(m).items() if k not in shown)
+    params = f"{model.num_params():,} parameters{part if trained < model.num_params() else ''}"
+    run.say(f"model {params}: {shape}, vocab {m.vocab_size} | {parts} | optimizer {cfg.optimizer}")
+    micro = process.world * cfg.grad_accum_steps
+    split = f" ({process.world} processes x {cfg.grad_accum_steps} micro-batches)"
+    if run.stage.batch:  # a stage's own batches
+        run.say(f"batch {cfg.batch_size} {run.stage.batch}{split if micro > 1 else ''}")
+    else:
+        tokens = f"train {len(run.corpus.train):,} tokens, val {len(run.corpus.val):,} tokens"
+        batch = f"batch {cfg.batch_size} x block {m.block_size}{split if micro > 1 else ''}"
+        run.say(f"tokens per step {cfg.batch_size * m.block_size:,} = {batch} | {tokens}")
+    run.say(f"loss: {run.stage.loss} | evaluation: {run.stage.evaluation}")
+    if cfg.time_budget:
+        schedule = f"after the warmup the {cfg.lr_schedule} schedule ends as the time does"
+        run.say(f"time budget {cfg.time_budget}: {schedule}")
+    elif run.state.step:  # a resumed run: where it is in the schedule of its --max_steps
+        state = run.state
+        now = run.get_lr(state.step, state.max_steps, cfg)
+        end = f"{run.get_lr(state.max_steps, state.max_steps, cfg):.3g} at step {state.max_steps}"
+        run.say(f"from step {state.step}: {cfg.lr_schedule} LR {now:.3g} now, {end}")
+
+
+def closing_sample(run, tokens):
+    """A sample as generate.py draws it (its seed, in float32: bfloat16 is no faster here). A chat
+    model answers the validation split's first question, in the chat template."""
+    from sampling import generate, until_stop  # the lesson's next chapter, at the run's end
+
+    tokenizer, stop = run.corpus.tokenizer, None
+    ids = sources.start_ids(tokenizer)
+    question = sources.first_question(run.corpus.val[: 4 * run.model.config.block_size], tokenizer)
+    if question:
+        ids, stop = question, tokenizer.eot_id
+    idx = torch.tensor([ids], device=run.process.device)
+    generator = torch.Generator(run.process.device).manual_seed(run.cfg.seed)
+    model = run.model.eval()
+    out = generate(model, idx, tokens, SamplerConfig(), stop, generator)
+    model.train()
+    return tokenizer.decode(until_stop(out[0].tolist(), stop))
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+def flags(argv=None, stage="train", doc=""):
+    """The flags given, {name: value}: what to do, the model, the training (config.py's settings;
+    a later stage's own too, config.STAGE_SETTINGS). --help shows this machine's preset."""
+    here = devices.choose_device("auto")
+    preset, machine = devices.machine_preset(here, {})
+    presets, may_change = ", ".join(config.PRESETS), ", ".join(config.RESUME_MAY_CHANGE)
+    parser = cli.ArgumentParser(
+        description=doc.split("\n")[0],  # the script's docstring's first line
+        epilog=f"Presets: {presets}. Without --preset this machine uses '{preset}', whose defaults "
+        f"are shown. --resume may change only: {may_change}.",
+    )
+    defaults = {k: (v, f"preset {preset}") for k, v in config.PRESETS[preset].items()}
+    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
+    stages_own = {name for names in config.STAGE_SETTINGS.values() for name in names}
+    names = [f.name for f in fields(TrainConfig) if f.name not in stages_own]
+    config.add_flags(parser, config.RunOptions, defaults, title="what to do")
+    config.add_flags(parser, config.GPTConfig, defaults, title="model")
+    config.add_flags(parser, TrainConfig, defaults, names, title="training")
+    if stage in config.STAGE_SETTINGS:
+        own = config.STAGE_SETTINGS[stage]
+        config.add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
+    return vars(parser.parse_args(argv))
+
+
+def main(argv, stage, run, doc, get_lr, started):
+    """A training script's command line: its flags, its settings settled (its time counted from
+    started), then --eval_only, --plot_lr, or its run(settings)."""
+    given = flags(argv, stage, doc)
+    settings = settle.settle(given, stage, started)  # every setting decided, and checked, here
+    options, cfg = settings.options, settings.cfg
+    if options.eval_only is not None:  # --eval_only alone: best.pt's
+        from machinery.evaluation import evaluate_checkpoint
+
+        evaluate_checkpoint(options.eval_only or f"{cfg.out_dir}/best.pt", given.get("data"), cfg)
+    elif options.plot_lr:
+        from machinery.plots import draw_lr_schedule
+
+        draw_lr_schedule(cfg, get_lr)
+    else:
+        run(settings)
