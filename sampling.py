@@ -29,9 +29,9 @@ def token_stream(context, idx, max_new_tokens, sampler, stop_token=None, generat
     (B, V) they were drawn from, so that a caller can show them as they come. context: the model
     as it generates (below), a chat's holding the conversation so far."""
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    for made in range(max_new_tokens):  # the new tokens made so far
+    for _ in range(max_new_tokens):
         logits = context.next_logits(idx)  # (B, V)
-        probs = next_token_probs(logits, idx, sampler, made, max_new_tokens)  # (B, V)
+        probs = next_token_probs(logits, sampler)  # (B, V)
         token = sample_next(probs, sampler, generator)  # (B, 1)
         yield token.clone(), probs  # outside inference mode: tensors autograd may use
         idx = torch.cat((idx, token), dim=1)  # (B, T + 1)
@@ -99,12 +99,10 @@ class Context:
 # ----------------------------------------------------------------------------- the sampler
 
 
-def filter_logits(logits, idx, sampler, made=0, max_new_tokens=1):
-    """The logits (B, V) a token is drawn from after idx (B, T), the whole text so far (prompt
-    included, never cropped to block_size), when made of the max_new_tokens asked for are made
-    (this token's position among them, from 0): divided by the temperature (greedy: by 1), then
+def filter_logits(logits, sampler):
+    """The logits (B, V) a token is drawn from: divided by the temperature (greedy: by 1), then
     every logit outside the candidates set to -inf. top_k keeps the k likeliest (and any tied with
-    the k-th); top_p the fewest whose probabilities reach it. A new rule may use any of these."""
+    the k-th); top_p the fewest whose probabilities reach it."""
     logits = logits / (sampler.temperature or 1.0)
     if sampler.top_k and sampler.top_k < logits.size(-1):
         kth = torch.topk(logits, sampler.top_k, dim=-1).values[..., -1:]  # (B, 1)
@@ -119,10 +117,10 @@ def filter_logits(logits, idx, sampler, made=0, max_new_tokens=1):
     return logits
 
 
-def next_token_probs(logits, idx, sampler, made=0, max_new_tokens=1):
+def next_token_probs(logits, sampler):
     """The distribution (B, V) the next token is drawn from (filter_logits). Greedy draws nothing;
     its distribution here is temperature 1's among the candidates: its pick is the likeliest."""
-    logits = filter_logits(logits.float(), idx, sampler, made, max_new_tokens)
+    logits = filter_logits(logits.float(), sampler)
     return F.softmax(logits, dim=-1)
 
 

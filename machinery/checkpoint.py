@@ -79,7 +79,8 @@ def load(path):
     weights = checkpoint["model"].items() if ours else ()
     if not ours or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint")
-    checkpoint["tokenizer"].setdefault("kind", "char")  # the first versions saved no kind
+    if "kind" not in checkpoint["tokenizer"]:
+        raise TinyLLMError(f"checkpoint {path} was written by another version of tinyllm")
     if checkpoint.get("lora"):  # its base, as a path from here
         base = os.path.join(os.path.dirname(os.path.abspath(path)), checkpoint["lora"]["base"])
         checkpoint["lora"]["base"] = os.path.normpath(base)
@@ -141,7 +142,9 @@ def model_of(checkpoint, path="checkpoint"):
 
 
 def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type: n_head 2.0 would fail in a traceback."""
+    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail in a traceback),
+    or None where the setting's default is None (off). A setting the checkpoint lacks, added
+    since, takes its default."""
     unknown = [k for k in saved if k not in {f.name for f in fields(cls)}]
     if unknown:
         raise TinyLLMError(
@@ -150,7 +153,8 @@ def from_saved(cls, saved, path):
         )
     for f in fields(cls):
         kind = (int, float) if f.type is float else f.type  # an int is a float setting too
-        if f.name in saved and not isinstance(saved[f.name], kind):
+        off = f.default is None and saved.get(f.name) is None
+        if f.name in saved and not off and not isinstance(saved[f.name], kind):
             raise TinyLLMError(f"{path}: unreadable settings ({f.name} is {saved[f.name]!r})")
     try:
         return cls(**saved)

@@ -6,7 +6,6 @@ import os
 from dataclasses import asdict, replace
 
 from config import (
-    ASSISTANT,
     PRESETS,
     RESUME_MAY_CHANGE,
     GPTConfig,
@@ -81,13 +80,13 @@ def settings_to_resume(last, settings, given):
     """The Settings of a run going on from its last.pt, with the flags --resume may change."""
     saved = checkpoint.load(last)
     cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
-    ran = stage_of(saved)
+    ran = saved.get("stage", settings.stage)  # one without: another version's, refused below
     if ran != settings.stage:
         again = f"python {ran}.py --resume --out_dir {settings.cfg.out_dir}"
         raise TinyLLMError(f"{last} is a run of {ran}.py: resume it with {again}")
     if settings.options.preset and settings.options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
-    if not all(k in saved for k in ("optimizer", "rng", "step", "history")):
+    if not all(k in saved for k in ("stage", "optimizer", "rng", "step", "history")):
         raise TinyLLMError(
             f"{last} was written by another version of tinyllm and cannot be resumed; "
             f"fine-tune from its weights with --init_from instead"
@@ -108,18 +107,6 @@ def settings_to_resume(last, settings, given):
     preset = saved.get("preset", "custom")
     changed = dict(model_cfg=model_cfg, cfg=cfg, preset=preset, device=device, path=last)
     return replace(settings, saved=saved, resumed=True, **changed)
-
-
-def stage_of(saved):
-    """The script whose run a checkpoint holds. One written before checkpoints said so: a
-    teacher's student is distill.py's, a reference's policy dpo.py's, a chat model finetune.py's."""
-    if "stage" in saved:
-        return saved["stage"]
-    if saved["train_config"].get("distill_from"):
-        return "distill"
-    if "reference" in saved:
-        return "dpo"
-    return "finetune" if ASSISTANT in saved["tokenizer"]["special_tokens"] else "train"
 
 
 def fine_tune_checkpoint(path, given):

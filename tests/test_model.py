@@ -279,36 +279,31 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
 # ----------------------------------------------------------------------------- the sampler
 
 
-def text_so_far(rows):
-    """idx (rows, 3): the text before the logits, which the rules tested here do not read."""
-    return torch.zeros(rows, 3, dtype=torch.long)
-
-
-# (a sampler, the text so far, the tokens it keeps of odds 0.5, 0.2, 0.15, 0.1, 0.05): a new
-# rule is tested by its rows
+# (a sampler, the tokens it keeps of odds 0.5, 0.2, 0.15, 0.1, 0.05): a new rule is tested by
+# its rows
 KEEPS = [
-    (SamplerConfig(temperature=1.0), [0, 1], [1, 1, 1, 1, 1]),
-    (SamplerConfig(temperature=1.0, top_k=2), [0, 1], [1, 1, 0, 0, 0]),
-    (SamplerConfig(temperature=1.0, top_p=0.8), [0, 1], [1, 1, 1, 0, 0]),  # 0.5 + 0.2 < 0.8
+    (SamplerConfig(temperature=1.0), [1, 1, 1, 1, 1]),
+    (SamplerConfig(temperature=1.0, top_k=2), [1, 1, 0, 0, 0]),
+    (SamplerConfig(temperature=1.0, top_p=0.8), [1, 1, 1, 0, 0]),  # 0.5 + 0.2 < 0.8
     # top_p reads the odds the temperature made: 0.25 / 0.325 > 0.6 alone
-    (SamplerConfig(temperature=0.5, top_k=4, top_p=0.6), [0, 1], [1, 0, 0, 0, 0]),
+    (SamplerConfig(temperature=0.5, top_k=4, top_p=0.6), [1, 0, 0, 0, 0]),
 ]
 
 
-@pytest.mark.parametrize("sampler, text, kept", KEEPS)
-def test_each_rule_keeps_its_tokens_of_the_odds(sampler, text, kept):
+@pytest.mark.parametrize("sampler, kept", KEEPS)
+def test_each_rule_keeps_its_tokens_of_the_odds(sampler, kept):
     logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).log()
-    out = filter_logits(logits, torch.tensor([text]), sampler)
+    out = filter_logits(logits, sampler)
     assert torch.isfinite(out).int().tolist() == [kept]
 
 
 def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
-    kept = filter_logits(logits, text_so_far(1), SamplerConfig(temperature=1.0, top_k=2))
+    kept = filter_logits(logits, SamplerConfig(temperature=1.0, top_k=2))
     assert torch.isfinite(kept).tolist() == [[True, False, True, True, False]]
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, text_so_far(4), SamplerConfig(temperature=0.5, top_k=7))
+    kept = filter_logits(logits, SamplerConfig(temperature=0.5, top_k=7))
     finite = torch.isfinite(kept)
     assert torch.equal(finite, logits >= logits.topk(7, dim=-1).values[:, -1:])
     assert torch.equal(kept[finite], (logits / 0.5)[finite])  # the temperature's
@@ -317,12 +312,12 @@ def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
 def test_top_p_keeps_the_smallest_set_reaching_p_and_always_the_likeliest():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
     for p, n in ((0.8, 3), (0.6, 2), (1e-9, 1)):  # 0.5 + 0.2 < 0.8 <= 0.85
-        kept = filter_logits(probs.log(), text_so_far(1), SamplerConfig(temperature=1.0, top_p=p))
+        kept = filter_logits(probs.log(), SamplerConfig(temperature=1.0, top_p=p))
         assert torch.isfinite(kept).tolist() == [[i < n for i in range(5)]], p
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = filter_logits(logits, text_so_far(3), SamplerConfig(temperature=1.0, top_p=p))
+        kept = filter_logits(logits, SamplerConfig(temperature=1.0, top_p=p))
         for row, keep in zip(F.softmax(logits, dim=-1), torch.isfinite(kept)):
             assert row[keep].sum() >= p - 1e-6 and keep[row.argmax()]
             assert row[keep].sum() - row[keep].min() < p
@@ -330,18 +325,18 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_always_the_likeliest():
 
 def test_temperature_0_is_argmax_and_a_seeded_draw_repeats():
     torch.manual_seed(0)
-    logits, idx = torch.randn(4, 40) * 3, text_so_far(4)
+    logits = torch.randn(4, 40) * 3
     argmax = logits.argmax(-1, keepdim=True)
     for greedy in (GREEDY, SamplerConfig(temperature=0, top_k=3)):
-        assert torch.equal(sample_next(next_token_probs(logits, idx, greedy), greedy), argmax)
-    probs = next_token_probs(logits, idx, SamplerConfig(temperature=0.7))
+        assert torch.equal(sample_next(next_token_probs(logits, greedy), greedy), argmax)
+    probs = next_token_probs(logits, SamplerConfig(temperature=0.7))
     assert torch.allclose(probs, F.softmax(logits / 0.7, dim=-1))
     sampler = SamplerConfig(temperature=0.7, top_k=10)
-    probs = next_token_probs(logits, idx, sampler)
+    probs = next_token_probs(logits, sampler)
     draws = [sample_next(probs, sampler, torch.Generator().manual_seed(s)) for s in (1, 1, 2, 3)]
     assert torch.equal(draws[0], draws[1])
     assert not (torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[3]))
-    kept = filter_logits(logits, idx, sampler)
+    kept = filter_logits(logits, sampler)
     assert torch.isfinite(kept.gather(1, draws[2])).all()  # a candidate, always
 
 
@@ -471,19 +466,3 @@ def test_the_lesson_imports_nothing_of_the_scripts_machinery_or_tools(name):
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     assert not {m.split(".")[0] for m in imported} & {"train", "generate", "machinery", "tools"}
-
-
-def test_a_sampling_rule_sees_each_new_tokens_position_and_the_number_asked_for(monkeypatch):
-    import sampling
-
-    seen, real = [], sampling.filter_logits
-
-    def recording(logits, idx, sampler, made, max_new_tokens):
-        seen.append((idx.size(1), made, max_new_tokens))
-        return real(logits, idx, sampler, made, max_new_tokens)
-
-    monkeypatch.setattr(sampling, "filter_logits", recording)
-    torch.manual_seed(0)
-    model = GPT(tiny_model()).eval()
-    sampling.generate(model, torch.zeros(1, 3, dtype=torch.long), 4, GREEDY)
-    assert seen == [(3, 0, 4), (4, 1, 4), (5, 2, 4), (6, 3, 4)]

@@ -137,7 +137,7 @@ def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
     by_t = {
-        t: next_token_probs(logits, idx, SamplerConfig(temperature=t))[0].cpu()
+        t: next_token_probs(logits, SamplerConfig(temperature=t))[0].cpu()
         for t in args.temperatures
     }  # each (V,)
     order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
