@@ -235,7 +235,7 @@ def loop(run):
     """Steps until the run's end (state.max_steps), evaluating every eval_interval steps and at
     the end, a progress line every log_interval steps; then the closing lines (run.finish)."""
     cfg, state = run.cfg, run.state
-    with run.stop:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
+    with run:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
         while True:
             run.plan()  # a --time_budget sets max_steps: the steps that fit in the time left
             if run.evaluation_due():

@@ -1,11 +1,9 @@
 """The scripts' command line around config.py's flags: bad input as one `error:` line (exit 2),
-Ctrl-C or SIGTERM finishing a training step and saving first; and printing."""
+an exit status for Ctrl-C and a reader gone; and printing."""
 
 import argparse
 import contextlib
-import errno
 import os
-import signal
 import sys
 import traceback
 
@@ -104,61 +102,3 @@ def leave(code):
 def fail(message):
     print(f"error: {message}", file=sys.stderr, flush=True)
     leave(2)
-
-
-class StopRequest:
-    """Ctrl-C, SIGTERM, or the reader of its lines gone: the loop inside it ends its step, saves
-    and exits."""
-
-    OUTPUT_GONE = 13  # Python ignores SIGPIPE: a reader gone stops the run as it would, exit 141
-
-    def __init__(self, announce):
-        self.signum = None  # the signal that stops the loop
-        self.announce = announce  # rank 0 says that it stops
-        self.active = False  # inside the loop
-        self.gone = False  # its reader gone: its last lines go to stderr
-
-    def say(self, text):
-        """A line. Inside the loop, its reader gone (`| head`, a `| tee` the same Ctrl-C ended;
-        EINVAL on Windows) is a stop: the run saves, and its last lines go to stderr; outside the
-        loop, an OSError."""
-        if self.gone:
-            print(text, file=sys.stderr, flush=True)
-            return
-        try:
-            log(text)
-        except OSError as e:
-            if not self.active or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
-                raise
-            self.output_gone()
-            self.signum = self.signum or self.OUTPUT_GONE
-
-    def output_gone(self):
-        silence_stdout()  # no second error at exit
-        self.gone = True
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.active = True
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C aborts
-        self.signum = signum  # a Ctrl-C that also ended `| tee` exits 130, as any Ctrl-C does
-        if self.announce:  # os.write: the signal may have come while print was writing a line
-            name = signal.Signals(signum).name
-            try:
-                os.write(
-                    sys.stdout.fileno(),
-                    f"\n{name} received: finishing this step, then saving last.pt\n".encode(),
-                )
-            except BrokenPipeError:  # the same Ctrl-C ended `| tee`
-                self.output_gone()
-            except (OSError, ValueError):  # no file behind stdout
-                pass
-
-    def __exit__(self, *exc):
-        self.active = False
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)

@@ -3,8 +3,10 @@ checkpoint saves and --resume puts back, a time budget's plan, Ctrl-C and SIGTER
 alike), --overfit_batch, --compile's trial, --overwrite, the opening, progress and closing lines,
 the saves; and the command line (flags, main). Reading train.py needs none of it."""
 
+import errno
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -157,7 +159,7 @@ class Run:
         self.optimizer, self.batches, self.state = optimizer, batches, state
         self.master = process.rank == 0  # rank 0 alone prints and writes
         self.writes_files = not settings.options.overfit_batch  # a check that writes nothing
-        self.stop = cli.StopRequest(announce=self.master)  # Ctrl-C, SIGTERM, a reader gone
+        self.received, self.gone, self.active = None, False, False  # a signal; signals (below)
         self.eval_iters = math.ceil(self.cfg.eval_iters / process.world)  # this rank's share
         self.started = settings.started  # a time budget counts from it (perf_counter seconds)
         self.budget = parse_duration(self.cfg.time_budget)  # seconds, or None: --max_steps
@@ -165,8 +167,56 @@ class Run:
         self.first_step, self.first_seconds = state.step, self.elapsed()  # the pace from here
         self.line_step, self.line_started = state.step, time.perf_counter()  # a line's pace
 
-    def say(self, text):  # a line from rank 0 (cli.log); its reader gone stops the run
-        self.stop.say(text)
+    # ------------------------------------------- Ctrl-C, SIGTERM, a reader gone: save, then exit
+
+    OUTPUT_GONE = 13  # Python ignores SIGPIPE: a reader gone stops the run as it would, exit 141
+
+    def __enter__(self):  # the loop: a signal ends the step, then the run saves and exits
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.received not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts
+        self.received = signum  # a Ctrl-C that also ended `| tee` exits 130, as any Ctrl-C does
+        if self.master:  # os.write: the signal may have come while print was writing a line
+            name = signal.Signals(signum).name
+            try:
+                os.write(
+                    sys.stdout.fileno(),
+                    f"\n{name} received: finishing this step, then saving last.pt\n".encode(),
+                )
+            except BrokenPipeError:  # the same Ctrl-C ended `| tee`
+                self.output_gone()
+            except (OSError, ValueError):  # no file behind stdout
+                pass
+
+    def say(self, text):
+        """A line from rank 0 (cli.log). Inside the loop, its reader gone (`| head`, a `| tee`
+        the same Ctrl-C ended; EINVAL on Windows) is a stop: the run saves, and its last lines go
+        to stderr; outside the loop, an OSError."""
+        if self.gone:
+            print(text, file=sys.stderr, flush=True)
+            return
+        try:
+            cli.log(text)
+        except OSError as e:
+            if not self.active or not (isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL):
+                raise
+            self.output_gone()
+            self.received = self.received or self.OUTPUT_GONE
+
+    def output_gone(self):
+        cli.silence_stdout()  # no second error at exit
+        self.gone = True
+
+    # ------------------------------------------------------------- the loop's end, and its plan
 
     def elapsed(self):
         """The run's seconds: this process's since it started, plus those before a resume."""
@@ -201,7 +251,7 @@ class Run:
         at_end = state.step >= state.max_steps
         compare = process.world == 1 or state.step % self.cfg.log_interval == 0
         if compare or at_end or self.stop_reason:
-            self.signum = max(process.every_rank(self.stop.signum or 0))
+            self.signum = max(process.every_rank(self.received or 0))
         return bool(at_end or self.stop_reason or self.signum)
 
     # ------------------------------------------------------------------------ progress lines
