@@ -6,10 +6,12 @@
     python train.py --init_from checkpoints/best.pt --data mine.txt --tag mine   # your own text
 
 In order: the corpus, the GPT and its batches; the AdamW optimizer and its parameter groups; the
-warmup-cosine schedule; one step (gradient accumulation, clipping); an evaluation; the loop, which
-saves. What keeps the run's promises (a time budget, Ctrl-C, --resume, the opening and closing
-lines, the flags) is machinery/harness.py, behind the calls on `run`. The later stages
-(finetune.py, distill.py, dpo.py) make their own model and batches and hand them to fit."""
+warmup-cosine schedule; one step (gradient accumulation, clipping); the loop every stage runs
+(fit), which evaluates and saves. What keeps the run's promises (a time budget, Ctrl-C, --resume,
+the opening and closing lines, the flags) is machinery/harness.py, behind the calls on `run`.
+
+A later stage (finetune.py, distill.py, dpo.py) uses this file through load_corpus, make_model or
+saved_model, corpus_batches, Stage and fit: it makes its own model and batches, then fits them."""
 
 import os
 import time
@@ -46,10 +48,10 @@ def train(settings):
 def load_corpus(settings):
     """The text as train and val token ids: by the tokenizer of the model it starts from (grown
     by a fine-tune's new tokens), else by a new one."""
-    saved, cfg = settings.saved, settings.cfg
+    saved = settings.saved
     tokenizer = checkpoint.tokenizer_of(saved, settings.path) if saved else None
     grow = saved is not None and not settings.resumed  # a resume's vocabulary is fixed
-    corpus = sources.load_corpus(cfg, tokenizer, settings.model_cfg.vocab_size, grow)
+    corpus = sources.load_corpus(settings.cfg, tokenizer, settings.model_cfg.vocab_size, grow)
     if corpus.old_ids:
         new = [i for i, old in enumerate(corpus.old_ids) if old is None]
         added = corpus.tokenizer.decode(new)[:60]
@@ -82,44 +84,12 @@ def saved_model(settings, corpus):
 
 def corpus_batches(settings, corpus, model, process):
     """{"train", "val": () -> (x, y)}: random windows of the corpus, this process's share."""
-    cfg, block_size = settings.cfg, model.config.block_size
+    cfg = settings.cfg
+    block_size = model.config.block_size
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
         sources.check_long_enough(ids, block_size, name, cfg.data)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
     return make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
-
-
-@dataclass
-class Stage:
-    """What a stage trains, for fit. model(x, y) -> (logits, loss): x and y are (B, T) token ids,
-    y each next token, NO_TARGET where a position has none (a question, padding); logits are the
-    GPT's (B, T, V) for the rows of x, whatever the stage's loss. Pretraining's is the GPT itself;
-    a later stage's wraps it beside a frozen partner (distill.Distilled, dpo.Preferring)."""
-
-    model: torch.nn.Module
-    loss: str = "cross-entropy of each next token"  # what it is, on the opening lines
-    evaluation: str = "the mean loss of each split, in eval mode"
-    evaluate: object = None  # () -> {name: number}: its own evaluation figures, for bits/char
-    batch: str = ""  # what its batch holds, if no windows of the corpus
-    entries: dict = field(default_factory=dict)  # what its checkpoints add: {name: value}
-
-
-def fit(settings, process, corpus, model, batches, stage=None):
-    """Train model (the GPT saved) on batches, {"train", "val": () -> (x, y)}, through stage's
-    model (pretraining: the GPT): the precision, the optimizer, the run's state and opening
-    lines (the harness), then the loop. Every stage runs it; it returns the run's summary."""
-    cfg, stage = settings.cfg, stage or Stage(model)
-    with harness.out_of_memory():  # one error line, with what to try
-        stage.model.to(process.device)  # the GPT, and a frozen partner beside it
-        dtype, why = devices.resolve_dtype(cfg.dtype, process.device)
-        ctx = devices.autocast(process.device, dtype)  # the forward pass in dtype
-        scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
-        optimizer = make_optimizer(model, cfg, process.device, dtype)
-        precision = (dtype, why, ctx, scaler)
-        run = harness.prepare(
-            settings, process, corpus, model, batches, stage, optimizer, precision, get_lr
-        )
-        return loop(run)
 
 
 # ------------------------------------------------------------------ the optimizer, the schedule
@@ -131,7 +101,8 @@ def param_groups(model, cfg):
     for the blocks' matrices. A group's lr_scale multiplies the schedule's learning rate for its
     parameters (train_step). names: what a group holds, so that a resume finds it again."""
     muon = dict(lr_scale=cfg.muon_lr / cfg.lr, weight_decay=0.0, muon=True)
-    decayed, not_decayed = dict(weight_decay=cfg.weight_decay), dict(weight_decay=0.0)
+    decayed = dict(weight_decay=cfg.weight_decay)
+    not_decayed = dict(weight_decay=0.0)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -147,7 +118,8 @@ def param_groups(model, cfg):
 def make_optimizer(model, cfg, device, dtype="float32"):
     """AdamW (or Muon, for --optimizer muon: muon.py) over the model's parameter groups. dtype:
     the run's precision, which Muon's orthogonalization takes (bfloat16 halves its cost)."""
-    groups, betas = param_groups(model, cfg), (cfg.beta1, cfg.beta2)
+    groups = param_groups(model, cfg)
+    betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
         from muon import Muon
 
@@ -185,7 +157,8 @@ def train_step(model, optimizer, next_batch, lr, cfg, ctx, scaler):
     for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)  # 2. forget the last step's gradients
-    batch_loss, tokens = 0.0, 0
+    batch_loss = 0.0
+    tokens = 0
     for micro_step in range(cfg.grad_accum_steps):  # a batch may come in micro-batches
         x, y = next_batch()  # 3. a batch: y is x shifted by one token
         # DDP averages the gradients once a step, at the last micro-batch
@@ -221,7 +194,41 @@ def estimate_loss(model, batches, eval_iters, ctx):
     return out
 
 
-# ------------------------------------------------------------------ the loop, evaluation, saves
+# ------------------------------------------------------------- the loop: fit, evaluate, loop
+
+
+@dataclass
+class Stage:
+    """What a stage trains, for fit. model(x, y) -> (logits, loss): x and y are (B, T) token ids,
+    y each next token, NO_TARGET where a position has none (a question, padding); logits are the
+    GPT's (B, T, V) for the rows of x, whatever the stage's loss. Pretraining's is the GPT itself;
+    a later stage's wraps it beside a frozen partner (distill.Distilled, dpo.Preferring)."""
+
+    model: torch.nn.Module
+    loss: str = "cross-entropy of each next token"  # what it is, on the opening lines
+    evaluation: str = "the mean loss of each split, in eval mode"
+    evaluate: object = None  # () -> {name: number}: its own evaluation figures, for bits/char
+    batch: str = ""  # what its batch holds, if no windows of the corpus
+    entries: dict = field(default_factory=dict)  # what its checkpoints add: {name: value}
+
+
+def fit(settings, process, corpus, model, batches, stage=None):
+    """Train model (the GPT saved) on batches, {"train", "val": () -> (x, y)}, through stage's
+    model (pretraining: the GPT): the precision, the optimizer, the run's state and opening
+    lines (the harness), then the loop. Every stage runs it; it returns the run's summary."""
+    cfg = settings.cfg
+    stage = stage or Stage(model)
+    with harness.out_of_memory():  # one error line, with what to try
+        stage.model.to(process.device)  # the GPT, and a frozen partner beside it
+        dtype, why = devices.resolve_dtype(cfg.dtype, process.device)
+        ctx = devices.autocast(process.device, dtype)  # the forward pass in dtype
+        scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
+        optimizer = make_optimizer(model, cfg, process.device, dtype)
+        precision = (dtype, why, ctx, scaler)
+        run = harness.prepare(
+            settings, process, corpus, model, batches, stage, optimizer, precision, get_lr
+        )
+        return loop(run)
 
 
 def evaluate(run):

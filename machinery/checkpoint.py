@@ -127,10 +127,7 @@ def model_of(checkpoint, path="checkpoint"):
         model.load_state_dict(weights, strict=False)
         return model
     model = GPT(from_saved(GPTConfig, checkpoint["model_config"], path))
-    state = {
-        k.removeprefix("_orig_mod.").removeprefix("module."): v  # as compiled, or under DDP
-        for k, v in checkpoint["model"].items()
-    }
+    state = checkpoint["model"]
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -296,7 +293,7 @@ def claim_out_dir(out_dir, overwrite, keep):
 
 def clear_out_dir(out_dir):
     """--overwrite: the old run's files go once the new one is set up (bad input refused first)."""
-    for name in run_files(out_dir) + ["history.csv", "history.json"]:
+    for name in run_files(out_dir) + ["history.csv"]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
 

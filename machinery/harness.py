@@ -40,7 +40,8 @@ class TrainState:
 
 def restore(settings, optimizer, process):
     """The state of a resumed run as saved, its optimizer and random numbers put back."""
-    saved, cfg = settings.saved, settings.cfg
+    saved = settings.saved
+    cfg = settings.cfg
     checkpoint.load_optimizer(optimizer, saved["optimizer"], settings.path)
     state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
     rngs = saved.get("rngs") or [saved["rng"]]
@@ -116,8 +117,9 @@ def compile_first(model, stepped, batch, ctx, scaler):
 def prepare(settings, process, corpus, model, batches, stage, optimizer, precision, get_lr):
     """The Run of a fit: its state (a resume's as saved), this rank's random numbers, then
     --overfit_batch, --compile, DDP and --overwrite, each before anything is written; its opening
-    lines. precision: (dtype, why, autocast, scaler)."""
-    cfg, options = settings.cfg, settings.options
+    lines. precision: (dtype, why, autocast, scaler); get_lr: the schedule, for its lines."""
+    cfg = settings.cfg
+    options = settings.options
     dtype, why, ctx, scaler = precision
     last = settings.saved if settings.resumed else {}  # the last.pt it resumes
     state = TrainState(max_steps=cfg.max_steps)
@@ -130,8 +132,7 @@ def prepare(settings, process, corpus, model, batches, stage, optimizer, precisi
         fixed = batches["train"]()
         batches["train"] = lambda: fixed
         cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
-    stepped = stage.model
-    stepped = process.wrap(torch.compile(stepped) if cfg.compile else stepped)
+    stepped = process.wrap(torch.compile(stage.model) if cfg.compile else stage.model)
     if cfg.compile:
         compile_first(model, stepped, batches["train"](), ctx, scaler)
     if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
@@ -139,8 +140,15 @@ def prepare(settings, process, corpus, model, batches, stage, optimizer, precisi
     if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
         steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
         cli.warn(f"{steps}: the LR never decays")
-    run = Run(settings, process, corpus, model, stepped, optimizer, batches, state, stage)
-    run.dtype, run.why, run.ctx, run.scaler, run.get_lr = dtype, why, ctx, scaler, get_lr
+    run = Run(settings, process, corpus, model, stage, state)
+    run.stepped = stepped
+    run.optimizer = optimizer
+    run.batches = batches
+    run.dtype = dtype
+    run.why = why
+    run.ctx = ctx
+    run.scaler = scaler
+    run.get_lr = get_lr
     print_header(run)
     return run
 
@@ -149,23 +157,33 @@ def prepare(settings, process, corpus, model, batches, stage, optimizer, precisi
 
 
 class Run:
-    """A fit's pieces and the harness's bookkeeping: what the loop reads (cfg, state, stepped,
-    optimizer, batches, ctx, scaler) and the calls it makes (plan, evaluation_due, over,
-    evaluated, log_progress, save, finish)."""
+    """A fit's pieces, which the loop reads (cfg, state, stepped, optimizer, batches, ctx,
+    scaler; prepare sets them), and the harness's calls it makes: plan, evaluation_due, over,
+    evaluated, log_progress, save, finish; and a context that catches Ctrl-C and SIGTERM."""
 
-    def __init__(self, settings, process, corpus, model, stepped, optimizer, batches, state, stage):
-        self.cfg, self.stage, self.settings = settings.cfg, stage, settings
-        self.process, self.corpus, self.model, self.stepped = process, corpus, model, stepped
-        self.optimizer, self.batches, self.state = optimizer, batches, state
+    def __init__(self, settings, process, corpus, model, stage, state):
+        self.settings = settings
+        self.cfg = settings.cfg
+        self.process = process
+        self.corpus = corpus
+        self.model = model  # the GPT trained and saved
+        self.stage = stage
+        self.state = state
         self.master = process.rank == 0  # rank 0 alone prints and writes
         self.writes_files = not settings.options.overfit_batch  # a check that writes nothing
-        self.received, self.gone, self.active = None, False, False  # a signal; signals (below)
         self.eval_iters = math.ceil(self.cfg.eval_iters / process.world)  # this rank's share
-        self.started = settings.started  # a time budget counts from it (perf_counter seconds)
         self.budget = parse_duration(self.cfg.time_budget)  # seconds, or None: --max_steps
-        self.stop_reason, self.signum, self.left = None, 0, None
-        self.first_step, self.first_seconds = state.step, self.elapsed()  # the pace from here
-        self.line_step, self.line_started = state.step, time.perf_counter()  # a line's pace
+        self.left = None  # the budget's seconds left for steps
+        self.stop_reason = None  # an early stop: --patience, --target_loss, --overfit_batch
+        self.received = None  # a signal this process received
+        self.signum = 0  # the signal every rank stops for
+        self.gone = False  # the reader of its lines gone: its last lines go to stderr
+        self.active = False  # inside the loop, where a signal stops the run
+        self.started = settings.started  # a time budget counts from it (perf_counter seconds)
+        self.first_step = state.step  # this process's pace counts from here
+        self.first_seconds = self.elapsed()
+        self.line_step = state.step  # a progress line's pace counts from here
+        self.line_started = time.perf_counter()
 
     # ------------------------------------------- Ctrl-C, SIGTERM, a reader gone: save, then exit
 
@@ -247,7 +265,8 @@ class Run:
     def over(self):
         """The run ends here: at step max_steps, at an early stop, or at Ctrl-C or SIGTERM on any
         rank (under DDP the ranks compare at progress lines)."""
-        state, process = self.state, self.process
+        state = self.state
+        process = self.process
         at_end = state.step >= state.max_steps
         compare = process.world == 1 or state.step % self.cfg.log_interval == 0
         if compare or at_end or self.stop_reason:
@@ -296,7 +315,8 @@ class Run:
         row = {"kind": "train", "step": state.step, **figures, "ms_per_step": 1000 * seconds}
         state.history.append(row | {"tok_per_s": tokens_per_s, "seconds": self.elapsed()})
         state.window = []
-        self.line_step, self.line_started = state.step, time.perf_counter()
+        self.line_step = state.step
+        self.line_started = time.perf_counter()
         # --overfit_batch: done when the processes' mean loss is near 0 (each has its own batch)
         if not self.writes_files and self.process.mean([figures["loss"]])[0] < 0.01:
             self.stop_reason = f"overfit_batch: loss below 0.01 at step {state.step}"
@@ -307,7 +327,8 @@ class Run:
         """An evaluation's losses {"train", "val"} (this rank's): a line, a
         history row, the run's files; --patience or --target_loss may end the run. The baseline,
         before any step, is printed and kept in the history: no best, nothing written."""
-        cfg, state = self.cfg, self.state
+        cfg = self.cfg
+        state = self.state
         train_loss, val_loss = self.process.mean([losses["train"], losses["val"]])
         own = self.stage.evaluate() if self.stage.evaluate else {}  # a stage's own figures
         state.last_eval_step = state.step
@@ -383,7 +404,9 @@ class Run:
     def finish(self):
         """last.pt if steps came after the last evaluation, the closing lines and sample, a
         summary. Stopped by a signal: last.pt, how to resume, exit status 128 + the signal."""
-        state, cfg, signum = self.state, self.cfg, self.signum
+        state = self.state
+        cfg = self.cfg
+        signum = self.signum
         if signum or state.last_eval_step != state.step:
             self.save("last.pt")
         if signum:
@@ -429,7 +452,10 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 
 def print_header(run):
     """The run's opening lines: device and precision, model, tokens, its loss, how it ends."""
-    cfg, m, model, process = run.cfg, run.model.config, run.model, run.process
+    cfg = run.cfg
+    model = run.model
+    m = model.config
+    process = run.process
     why = f": {run.why}" if cfg.dtype == "auto" else ""
     threads = f"{torch.get_num_threads()} threads"
     device = f"{devices.name(process.device)} ({run.dtype}{why}, {threads})"
@@ -466,11 +492,13 @@ def closing_sample(run, tokens):
     model answers the validation split's first question, in the chat template."""
     from sampling import generate, until_stop  # the lesson's next chapter, at the run's end
 
-    tokenizer, stop = run.corpus.tokenizer, None
+    tokenizer = run.corpus.tokenizer
+    stop = None
     ids = sources.start_ids(tokenizer)
     question = sources.first_question(run.corpus.val[: 4 * run.model.config.block_size], tokenizer)
     if question:
-        ids, stop = question, tokenizer.eot_id
+        ids = question
+        stop = tokenizer.eot_id
     idx = torch.tensor([ids], device=run.process.device)
     generator = torch.Generator(run.process.device).manual_seed(run.cfg.seed)
     model = run.model.eval()
@@ -487,7 +515,8 @@ def flags(argv=None, stage="train", doc=""):
     a later stage's own too, config.STAGE_SETTINGS). --help shows this machine's preset."""
     here = devices.choose_device("auto")
     preset, machine = devices.machine_preset(here, {})
-    presets, may_change = ", ".join(config.PRESETS), ", ".join(config.RESUME_MAY_CHANGE)
+    presets = ", ".join(config.PRESETS)
+    may_change = ", ".join(config.RESUME_MAY_CHANGE)
     parser = cli.ArgumentParser(
         description=doc.split("\n")[0],  # the script's docstring's first line
         epilog=f"Presets: {presets}. Without --preset this machine uses '{preset}', whose defaults "
@@ -511,7 +540,8 @@ def main(argv, stage, run, doc, get_lr, started):
     started), then --eval_only, --plot_lr, or its run(settings)."""
     given = flags(argv, stage, doc)
     settings = settle.settle(given, stage, started)  # every setting decided, and checked, here
-    options, cfg = settings.options, settings.cfg
+    options = settings.options
+    cfg = settings.cfg
     if options.eval_only is not None:  # --eval_only alone: best.pt's
         from machinery.evaluation import evaluate_checkpoint
 
