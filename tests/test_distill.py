@@ -45,9 +45,11 @@ def test_a_distilled_student_learns_the_teacher_stays_frozen_in_eval_mode_withou
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     seen = []
     teacher.register_forward_hook(lambda m, a, out: seen.append((m.training, out[0].requires_grad)))
-    pair = Distilled(student, teacher, 4.0, 0.5).train()
+    teacher.train()  # as a freshly loaded module is: the pair puts it in eval mode at once
+    pair = Distilled(student, teacher, 4.0, 0.5)
     x = torch.randint(0, 65, (4, 16))
-    _, loss = pair(x, x.roll(-1, 1))
+    logits, loss = pair(x, x.roll(-1, 1))
+    assert torch.equal(logits, student(x)[0])  # a step's figure of the logits sees the student's
     loss.backward()
     assert seen == [(False, False)]  # no dropout, no graph
     assert all(p.grad is None for p in teacher.parameters())
