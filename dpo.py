@@ -10,9 +10,9 @@ A pair is a prompt, a chosen answer and a rejected one (a line of {"prompt", "ch
 rejected one by more than a frozen copy of itself, its reference, does: no reward model, and the
 reference keeps the policy near what it knew. The loss counts the answers' tokens alone. Each
 evaluation gives DPO's loss, the held-out pairs' mean margin and the share the policy prefers.
-Before and after, the share of held-out prompts it answers in the voice of the plays (the bundled pairs'
-chosen answers; machinery/evaluation.py). --lora_rank R tunes LoRA adapters instead (lora.py).
-The rest is train.py's run: its loop (fit), its checkpoints, its exact --resume.
+Before and after, the share of held-out prompts it answers in the voice of the plays (the
+bundled pairs' chosen answers; machinery/evaluation.py). --lora_rank R tunes LoRA adapters
+instead (lora.py). The rest is train.py's run: its loop (fit), its checkpoints, its --resume.
 """
 
 import os
@@ -39,7 +39,7 @@ def dpo(settings):
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)
     texts = sources.preference_pairs(cfg.data)
     pairs = pair_split(texts, tokenizer, cfg.data)
-    # their chosen conversations: the run's text (its bits per character, its closing sample)
+    # their chosen conversations: the run's text, whose first question the closing sample asks
     corpus = make_corpus("".join(chosen for chosen, _ in texts), tokenizer)
     model, _ = train.saved_model(settings, corpus)
     model = adapted(cfg, model, settings.saved, settings.path, None)
