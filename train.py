@@ -36,8 +36,8 @@ from utils import make_batches
 
 
 def train(settings):
-    """Pretraining from settled settings (main, at the bottom): the corpus, a GPT, its batches;
-    then fit trains it. Returns fit's summary. Every rank of torchrun runs it."""
+    """Pretrain a GPT. Read the corpus, build the model and its batches, then fit it.
+    settings come from main, at the bottom. Under torchrun every rank runs this."""
     process = harness.start_process(settings)  # its rank under torchrun, its threads, the seed
     corpus = load_corpus(settings)
     model = make_model(settings, corpus)
@@ -46,8 +46,8 @@ def train(settings):
 
 
 def load_corpus(settings):
-    """The text as train and val token ids: by the tokenizer of the model it starts from (grown
-    by a fine-tune's new tokens), else by a new one."""
+    """Tokenize the text into train and val ids. A fine-tune uses its model's tokenizer, which
+    grows a token for each new character; a fresh run learns a new tokenizer."""
     saved = settings.saved
     tokenizer = checkpoint.tokenizer_of(saved, settings.path) if saved else None
     grow = saved is not None and not settings.resumed  # a resume's vocabulary is fixed
@@ -60,8 +60,8 @@ def load_corpus(settings):
 
 
 def make_model(settings, corpus):
-    """The GPT to train: fresh, random weights; or --init_from's (or a resume's), with a row for
-    each token the text added."""
+    """A GPT with fresh random weights, or the model a run starts from (--init_from, --resume).
+    A LoRA adapter given to --init_from is merged, so that the whole model trains."""
     if settings.saved is None:
         return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
     model, _ = saved_model(settings, corpus)
@@ -73,8 +73,9 @@ def make_model(settings, corpus):
 
 
 def saved_model(settings, corpus):
-    """The model a run starts from (--init_from's or a resume's) with a row for each token the
-    corpus added; and rows, None if it added none: each row's row in the saved model, or None."""
+    """The model a run starts from, with an embedding row for each token the corpus added.
+    Also returns rows: for each row, its row in the saved model (None where it is new), or None
+    when the corpus added no token. LoRA needs rows to save its adapter."""
     model = checkpoint.model_of(settings.saved, settings.path)
     rows = None
     if corpus.old_ids:
@@ -83,7 +84,8 @@ def saved_model(settings, corpus):
 
 
 def corpus_batches(settings, corpus, model, process):
-    """{"train", "val": () -> (x, y)}: random windows of the corpus, this process's share."""
+    """{"train": ..., "val": ...}, each a function that returns a batch (x, y) of random
+    windows of the corpus: this process's share of batch_size."""
     cfg = settings.cfg
     block_size = model.config.block_size
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
@@ -96,10 +98,10 @@ def corpus_batches(settings, corpus, model, process):
 
 
 def param_groups(model, cfg):
-    """The trained parameters in groups, each group with its own settings: weight decay on the
-    matrices (embeddings, linear weights), not on biases or norm gains; under Muon, its own group
-    for the blocks' matrices. A group's lr_scale multiplies the schedule's learning rate for its
-    parameters (train_step). names: what a group holds, so that a resume finds it again."""
+    """Split the trained parameters into groups with their own settings. Matrices (embeddings
+    and linear weights) get weight decay; biases and norm gains do not. Under Muon the blocks'
+    matrices form a group of their own. A group's lr_scale multiplies the schedule's learning
+    rate (train_step). Its names let a resume find the group again."""
     muon = dict(lr_scale=cfg.muon_lr / cfg.lr, weight_decay=0.0, muon=True)
     decayed = dict(weight_decay=cfg.weight_decay)
     not_decayed = dict(weight_decay=0.0)
@@ -116,8 +118,8 @@ def param_groups(model, cfg):
 
 
 def make_optimizer(model, cfg, device, dtype="float32"):
-    """AdamW (or Muon, for --optimizer muon: muon.py) over the model's parameter groups. dtype:
-    the run's precision, which Muon's orthogonalization takes (bfloat16 halves its cost)."""
+    """AdamW over the model's parameter groups, or Muon for --optimizer muon (muon.py). Muon
+    orthogonalizes in the run's dtype: bfloat16 halves its cost."""
     groups = param_groups(model, cfg)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
@@ -149,11 +151,12 @@ def get_lr(step, max_steps, cfg):
 
 
 def train_step(model, optimizer, next_batch, lr, cfg, ctx, scaler):
-    """One optimizer step. Its figures stay tensors: reading one makes a GPU wait, so the loop
-    reads them at the next progress line. A new figure is a new entry here, one number a step:
-    it reaches the progress line and history. model is a Stage's (x, y) -> (logits, loss), maybe
-    wrapped by DDP or torch.compile: a figure of the logits works in every stage. tokens: the
-    tokens read, which the progress line shows as tok/s."""
+    """One optimizer step; returns its figures. A new figure is a new entry in that dict, one
+    number a step, and it reaches the progress lines and history.csv. Figures stay tensors here:
+    reading one would make a GPU wait, so the loop reads them at the next progress line.
+    model is a Stage's model(x, y) -> (logits, loss), maybe wrapped by DDP or torch.compile. Its
+    logits are the GPT's in every stage, so a figure of them works in every stage. tokens
+    counts the tokens read; the progress line shows it as tok/s."""
     for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)  # 2. forget the last step's gradients
@@ -180,7 +183,7 @@ def train_step(model, optimizer, next_batch, lr, cfg, ctx, scaler):
 
 @torch.no_grad()
 def estimate_loss(model, batches, eval_iters, ctx):
-    """Mean loss over eval_iters random batches of each split, in eval mode (no dropout)."""
+    """The mean loss of eval_iters random batches of each split, in eval mode (no dropout)."""
     model.eval()
     out = {}
     for split, next_batch in batches.items():
@@ -199,10 +202,11 @@ def estimate_loss(model, batches, eval_iters, ctx):
 
 @dataclass
 class Stage:
-    """What a stage trains, for fit. model(x, y) -> (logits, loss): x and y are (B, T) token ids,
-    y each next token, NO_TARGET where a position has none (a question, padding); logits are the
-    GPT's (B, T, V) for the rows of x, whatever the stage's loss. Pretraining's is the GPT itself;
-    a later stage's wraps it beside a frozen partner (distill.Distilled, dpo.Preferring)."""
+    """What a stage of training hands to fit. Pretraining's model is the GPT itself; a later
+    stage's wraps the GPT beside a frozen partner (distill.Distilled, dpo.Preferring).
+    model(x, y) -> (logits, loss) in every stage. x and y are (B, T) token ids, y holding each
+    next token, or NO_TARGET (-100) where a position has none (a question, padding). logits are
+    the GPT's (B, T, V) for the rows of x, whatever the stage's loss."""
 
     model: torch.nn.Module
     loss: str = "cross-entropy of each next token"  # what it is, on the opening lines
@@ -213,9 +217,10 @@ class Stage:
 
 
 def fit(settings, process, corpus, model, batches, stage=None):
-    """Train model (the GPT saved) on batches, {"train", "val": () -> (x, y)}, through stage's
-    model (pretraining: the GPT): the precision, the optimizer, the run's state and opening
-    lines (the harness), then the loop. Every stage runs it; it returns the run's summary."""
+    """Train model, the GPT that is saved, on batches through the stage's model (pretraining:
+    the GPT itself). Set up the precision and the optimizer; the harness sets up the run (its
+    state, a resume's, the opening lines); then loop. Every stage runs this; it returns the
+    run's summary."""
     cfg = settings.cfg
     stage = stage or Stage(model)
     with harness.out_of_memory():  # one error line, with what to try
@@ -232,15 +237,16 @@ def fit(settings, process, corpus, model, batches, stage=None):
 
 
 def evaluate(run):
-    """The mean loss of each split, in eval mode; the harness prints it, keeps best.pt when val
-    improves, saves last.pt, and stops the run early for --patience or --target_loss."""
+    """Measure the loss of each split. The harness prints it (with a stage's own figures),
+    saves last.pt, keeps best.pt when val improves, and may stop the run early (--patience,
+    --target_loss)."""
     losses = estimate_loss(run.stepped, run.batches, run.eval_iters, run.ctx)
     run.evaluated(losses)
 
 
 def loop(run):
-    """Steps until the run's end (state.max_steps), evaluating every eval_interval steps and at
-    the end, a progress line every log_interval steps; then the closing lines (run.finish)."""
+    """Take steps until step state.max_steps. Evaluate every eval_interval steps and at the end;
+    print a progress line every log_interval steps. Then the closing lines (run.finish)."""
     cfg, state = run.cfg, run.state
     with run:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
         while True:
@@ -268,8 +274,8 @@ def loop(run):
 
 
 def main(argv=None, stage="train", run=train, doc=__doc__):
-    """train.py's command line, and each later stage's: the flags, the settings settled, then
-    run(settings) (or --eval_only, --plot_lr)."""
+    """The command line of train.py and of each later stage: read the flags, settle the
+    settings, then run(settings), or --eval_only, or --plot_lr."""
     harness.main(argv, stage, run, doc, get_lr, STARTED)
 
 

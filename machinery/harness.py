@@ -1,7 +1,12 @@
-"""What keeps a training run's promises, behind the few calls train.py's loop makes: the state a
-checkpoint saves and --resume puts back, a time budget's plan, Ctrl-C and SIGTERM (on every rank
-alike), --overfit_batch, --compile's trial, --overwrite, the opening, progress and closing lines,
-the saves; and the command line (flags, main). Reading train.py needs none of it."""
+"""What keeps a training run's promises, so that train.py can show the idea alone.
+
+train.py's loop calls a few methods of a Run; this file holds what they do:
+- the state every checkpoint saves, and --resume putting it back exactly;
+- a time budget: the run's end step planned again before every step;
+- Ctrl-C and SIGTERM (agreed on by every rank under torchrun): the run saves, then exits;
+- --overfit_batch, --compile's first step, --overwrite, each checked before anything is written;
+- the opening lines, the progress lines, the evaluation lines and the closing lines;
+- the command line: flags and main."""
 
 import errno
 import math
@@ -23,7 +28,7 @@ from utils import bits_per_char
 
 @dataclass
 class TrainState:
-    """How far the run is, where it ends, and what it has seen: every checkpoint saves it and
+    """How far the run is, where it ends, and what it has seen. Every checkpoint saves it and
     --resume puts it back. A field added since a checkpoint was written takes its default."""
 
     step: int = 0  # the steps taken
@@ -39,7 +44,7 @@ class TrainState:
 
 
 def restore(settings, optimizer, process):
-    """The state of a resumed run as saved, its optimizer and random numbers put back."""
+    """The state of a resumed run as it was saved; its optimizer and random generators too."""
     saved = settings.saved
     cfg = settings.cfg
     checkpoint.load_optimizer(optimizer, saved["optimizer"], settings.path)
@@ -58,16 +63,18 @@ def restore(settings, optimizer, process):
 
 
 def time_left(state, budget, now):
-    """Seconds left for steps of a budget of seconds, now seconds into the run: 99% of it (1%: the
-    closing sample, the exit), less the last evaluation's time. None: no budget (--max_steps)."""
+    """The seconds left for steps, now seconds into a budget of seconds. That is 99% of the
+    budget (the last 1% is for the closing sample and the exit), less the last evaluation's
+    time. None without a budget (--max_steps)."""
     return None if budget is None else 0.99 * budget - state.eval_seconds - now
 
 
 def budget_end(state, cfg, left, pace):
     """The step a --time_budget run ends at: as many steps as fit in the seconds left, at pace
-    (a step's seconds in this process so far, 0 before its first). Planned again before every
-    step, so a machine that slows down ends the run on time, its schedule ending with it. Never
-    within the warmup; a run whose time ran out before its planned end takes one more step."""
+    (a step's seconds in this process so far; 0 before its first step). It is planned again
+    before every step, so a machine that slows down still ends on time, its schedule with it.
+    The end is never within the warmup. A run whose time ran out before its planned end takes
+    one more step, its last."""
     if state.step <= cfg.warmup_steps and left <= 0:
         raise TinyLLMError(
             f"--time_budget {cfg.time_budget} is too short here: it was spent before the "
@@ -85,7 +92,7 @@ def budget_end(state, cfg, left, pace):
 
 
 def start_process(settings):
-    """This process (its rank of world under torchrun), its threads, and the seed."""
+    """This process (under torchrun, its rank of world), its CPU threads, and the seed."""
     process = devices.setup_process(settings.device)
     devices.set_threads(settings.cfg.threads)
     devices.seed_everything(settings.cfg.seed)  # the same initial weights on every rank
@@ -98,8 +105,9 @@ def out_of_memory():
 
 
 def compile_first(model, stepped, batch, ctx, scaler):
-    """--compile's first forward and backward, now: a missing compiler is one error line before
-    anything is written. They leave no trace: no gradient, every random generator as it was."""
+    """Run --compile's first forward and backward now, so that a missing compiler is one error
+    line before anything is written. It leaves no trace: no gradient, every generator as it
+    was."""
     rngs = checkpoint.rng_state()
     try:
         with ctx:
@@ -115,9 +123,10 @@ def compile_first(model, stepped, batch, ctx, scaler):
 
 
 def prepare(settings, process, corpus, model, batches, stage, optimizer, precision, get_lr):
-    """The Run of a fit: its state (a resume's as saved), this rank's random numbers, then
-    --overfit_batch, --compile, DDP and --overwrite, each before anything is written; its opening
-    lines. precision: (dtype, why, autocast, scaler); get_lr: the schedule, for its lines."""
+    """Set up the Run of a fit, before anything is written. Restore a resume's state, seed this
+    rank, fix the batch for --overfit_batch, compile and wrap the model for DDP, clear the old
+    run for --overwrite; then print the opening lines. precision is (dtype, why, autocast,
+    scaler); get_lr is the schedule, which the lines quote."""
     cfg = settings.cfg
     options = settings.options
     dtype, why, ctx, scaler = precision
@@ -157,9 +166,9 @@ def prepare(settings, process, corpus, model, batches, stage, optimizer, precisi
 
 
 class Run:
-    """A fit's pieces, which the loop reads (cfg, state, stepped, optimizer, batches, ctx,
-    scaler; prepare sets them), and the harness's calls it makes: plan, evaluation_due, over,
-    evaluated, log_progress, save, finish; and a context that catches Ctrl-C and SIGTERM."""
+    """One run of fit. The loop reads its pieces (cfg, state, stepped, optimizer, batches, ctx,
+    scaler) and calls its methods: plan, evaluation_due, over, evaluated, log_progress, save,
+    finish. The loop runs inside it (with run:), which catches Ctrl-C and SIGTERM."""
 
     def __init__(self, settings, process, corpus, model, stage, state):
         self.settings = settings
@@ -216,9 +225,9 @@ class Run:
                 pass
 
     def say(self, text):
-        """A line from rank 0 (cli.log). Inside the loop, its reader gone (`| head`, a `| tee`
-        the same Ctrl-C ended; EINVAL on Windows) is a stop: the run saves, and its last lines go
-        to stderr; outside the loop, an OSError."""
+        """Print a line (rank 0 alone). Inside the loop, a reader that has gone (`| head`, or a
+        `| tee` that the same Ctrl-C ended; EINVAL on Windows) stops the run as a signal would:
+        it saves, and its last lines go to stderr. Outside the loop it is an OSError."""
         if self.gone:
             print(text, file=sys.stderr, flush=True)
             return
@@ -237,12 +246,12 @@ class Run:
     # ------------------------------------------------------------- the loop's end, and its plan
 
     def elapsed(self):
-        """The run's seconds: this process's since it started, plus those before a resume."""
+        """The run's seconds: this process's so far, plus those before a resume."""
         return self.state.seconds + time.perf_counter() - self.started
 
     def plan(self):
-        """Under a time budget, state.max_steps: the steps that fit in the time left at the pace
-        so far, by the ranks' mean clock (theirs differ, and all must decide alike)."""
+        """Under a time budget, set state.max_steps: the steps that fit in the time left, at the
+        pace so far. The ranks use their mean clock, so that all of them decide alike."""
         state = self.state
         now = self.process.mean([self.elapsed()])[0] if self.budget else 0.0
         self.left = time_left(state, self.budget, now)
@@ -252,8 +261,9 @@ class Run:
             state.max_steps = budget_end(state, self.cfg, self.left, pace)
 
     def evaluation_due(self):
-        """Every eval_interval steps (under a time budget, if time is left for steps after it)
-        and at the end; never twice at one step (a resume starts at its last one)."""
+        """Whether to evaluate now: every eval_interval steps and at the end, never twice at one
+        step (a resume starts at its last one). Under a time budget, only if time is left for
+        steps after it."""
         state = self.state
         room = self.left is None or self.left > state.eval_seconds
         due = state.step >= state.max_steps or (state.step % self.cfg.eval_interval == 0 and room)
@@ -263,8 +273,8 @@ class Run:
         return False
 
     def over(self):
-        """The run ends here: at step max_steps, at an early stop, or at Ctrl-C or SIGTERM on any
-        rank (under DDP the ranks compare at progress lines)."""
+        """Whether the run ends here: at step max_steps, at an early stop, or at Ctrl-C or SIGTERM
+        on any rank. Under DDP the ranks compare their signals at progress lines."""
         state = self.state
         process = self.process
         at_end = state.step >= state.max_steps
@@ -276,13 +286,13 @@ class Run:
     # ------------------------------------------------------------------------ progress lines
 
     def read_window(self):
-        """The figures of the steps since the last line, as numbers (a GPU waits for them)."""
+        """The figures of the steps since the last line, read as numbers (a GPU waits here)."""
         state = self.state
         state.window = [{k: float(v) for k, v in row.items()} for row in state.window]
         return state.window
 
     def check_finite(self):
-        """A loss or a gradient that is not finite stops the run, before it is saved."""
+        """Stop the run if a loss or a gradient is not finite, before anything is saved."""
         rows = self.read_window()
         for n, row in enumerate(rows, self.state.step - len(rows)):
             # float16 skips a step whose gradient overflowed: the step changed nothing
@@ -295,9 +305,9 @@ class Run:
                 )
 
     def log_progress(self):
-        """A line and a history row: the mean of each figure over the steps since the last line
-        (a resume's saved rows may lack a figure added since), a step's time, the tokens read a
-        second (every rank's), the ETA."""
+        """Print a progress line and keep it as a history row. Each figure is its mean over the
+        steps since the last line (a resume's saved rows may lack a figure added since). Then
+        the step's time, the tokens read a second (every rank's), and the ETA."""
         state = self.state
         seconds = (time.perf_counter() - self.line_started) / (state.step - self.line_step)
         self.check_finite()
@@ -324,9 +334,9 @@ class Run:
     # ---------------------------------------------------------------------- evaluations, saves
 
     def evaluated(self, losses):
-        """An evaluation's losses {"train", "val"} (this rank's): a line, a
-        history row, the run's files; --patience or --target_loss may end the run. The baseline,
-        before any step, is printed and kept in the history: no best, nothing written."""
+        """Report an evaluation's losses, {"train": ..., "val": ...} of this rank: a line, a
+        history row, last.pt and best.pt. --patience or --target_loss may end the run. The
+        baseline, before any step, is printed and kept in the history; it saves nothing."""
         cfg = self.cfg
         state = self.state
         train_loss, val_loss = self.process.mean([losses["train"], losses["val"]])
@@ -370,9 +380,9 @@ class Run:
             self.stop_reason = f"target reached: {target}"
 
     def save(self, name):
-        """out_dir/name: the model and tokenizer, all --resume needs to go on exactly (the
-        optimizer, the state, every rank's random state), and where and how it trained, for its
-        model card (tools.export). Every rank calls it; rank 0 writes."""
+        """Save out_dir/name: the model and tokenizer; all --resume needs to go on exactly (the
+        optimizer, the state, every rank's random generators); and where and how it trained,
+        for its model card (tools.export). Every rank calls it; rank 0 writes."""
         if not self.writes_files:
             return
         self.check_finite()
@@ -402,8 +412,9 @@ class Run:
             checkpoint.keep_newest(self.cfg.out_dir, self.cfg.keep_last)
 
     def finish(self):
-        """last.pt if steps came after the last evaluation, the closing lines and sample, a
-        summary. Stopped by a signal: last.pt, how to resume, exit status 128 + the signal."""
+        """End the run: last.pt if steps came after the last evaluation, the closing lines and
+        sample, and a summary. Stopped by a signal: last.pt, the command that resumes it, and
+        exit status 128 + the signal (130 for Ctrl-C)."""
         state = self.state
         cfg = self.cfg
         signum = self.signum
@@ -451,7 +462,7 @@ FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure print
 
 
 def print_header(run):
-    """The run's opening lines: device and precision, model, tokens, its loss, how it ends."""
+    """The run's opening lines: device and precision, model, batch, loss, and how it ends."""
     cfg = run.cfg
     model = run.model
     m = model.config
@@ -488,8 +499,8 @@ def print_header(run):
 
 
 def closing_sample(run, tokens):
-    """A sample as generate.py draws it (its seed, in float32: bfloat16 is no faster here). A chat
-    model answers the validation split's first question, in the chat template."""
+    """A sample drawn as generate.py draws it, with the run's seed, in float32. A chat model
+    answers the validation split's first question, in the chat template."""
     from sampling import generate, until_stop  # the lesson's next chapter, at the run's end
 
     tokenizer = run.corpus.tokenizer
@@ -511,8 +522,9 @@ def closing_sample(run, tokens):
 
 
 def flags(argv=None, stage="train", doc=""):
-    """The flags given, {name: value}: what to do, the model, the training (config.py's settings;
-    a later stage's own too, config.STAGE_SETTINGS). --help shows this machine's preset."""
+    """The flags given, as {name: value}: what to do, the model, the training (config.py's
+    settings, and a later stage's own: config.STAGE_SETTINGS). --help shows the defaults of
+    this machine's preset."""
     here = devices.choose_device("auto")
     preset, machine = devices.machine_preset(here, {})
     presets = ", ".join(config.PRESETS)
@@ -536,8 +548,8 @@ def flags(argv=None, stage="train", doc=""):
 
 
 def main(argv, stage, run, doc, get_lr, started):
-    """A training script's command line: its flags, its settings settled (its time counted from
-    started), then --eval_only, --plot_lr, or its run(settings)."""
+    """A training script's command line: read its flags, settle its settings (its time counted
+    from started), then --eval_only, --plot_lr, or run(settings)."""
     given = flags(argv, stage, doc)
     settings = settle.settle(given, stage, started)  # every setting decided, and checked, here
     options = settings.options
