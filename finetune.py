@@ -6,7 +6,7 @@
         --max_steps 300 --lora_rank 8 --lr 1e-2
     python chat.py checkpoints/chat/last.pt
 
-A conversation is text in the chat template (machinery/sources.py, turn):
+A conversation is text in the chat template (utils.turn):
 <|user|>question\n<|assistant|>answer<|endoftext|>. The model learns from the answers alone
 (utils.answer_targets, --loss_on answers): the questions are context. The template's tokens and
 any character the model lacks grow its vocabulary, each new row starting from the mean of the old.

@@ -1,7 +1,7 @@
 """The data, in the order it runs: a text split into train and val, each tokenized
-(tokenizer.py) into the corpus, where a conversation learns from its answers alone; then random
-(x, y) batches, y being x shifted by one token; and a loss in bits per character. Where the text
-comes from (files, folders, conversations) is machinery/sources.py's business."""
+(tokenizer.py) into the corpus; a conversation in the chat template, which learns from its answers
+alone; then random (x, y) batches, y being x shifted by one token; and a loss in bits per
+character. Where the text comes from (files, folders, JSON records) is machinery/sources.py's."""
 
 import math
 from dataclasses import dataclass
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from config import ASSISTANT, NO_TARGET, SPECIAL_TOKENS, TRAIN_FRACTION
+from config import ASSISTANT, EOT, NO_TARGET, SPECIAL_TOKENS, TRAIN_FRACTION, USER
 from tokenizer import ordinary
 
 
@@ -46,6 +46,14 @@ def make_corpus(text, tokenizer, answers_only=True):
     ids = [torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in split_train_val(text)]
     targets = [answer_targets(i, tokenizer) if answers_only else None for i in ids]
     return Corpus(tokenizer, *ids, chars_per_token(tokenizer, ids[1].tolist()), *targets)
+
+
+def turn(role, content):
+    """One turn of a conversation in the chat template: <|user|>question\n, or
+    <|assistant|>answer<|endoftext|>. An answer ends with EOT: the model learns to end its turn."""
+    if role == "user":
+        return f"{USER}{content.strip()}\n"
+    return f"{ASSISTANT}{content.strip()}{EOT}"
 
 
 def answer_targets(ids, tokenizer):

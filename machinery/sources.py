@@ -13,7 +13,7 @@ import numpy as np
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
 from machinery.cli import warn
 from tokenizer import from_dict, grown, lacking, learn, split_special
-from utils import Corpus, make_corpus, split_train_val
+from utils import Corpus, make_corpus, split_train_val, turn
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
@@ -113,10 +113,6 @@ def chat_document(record, where):
     if messages[-1]["role"] != "assistant":
         raise TinyLLMError(f"{where}: a conversation must end with the assistant's answer")
     return "".join(turn(m["role"], m["content"]) for m in messages)
-
-
-def turn(role, content):  # an answer ends with EOT: the model learns to end its turn
-    return f"{USER}{content.strip()}\n" if role == "user" else f"{ASSISTANT}{content.strip()}{EOT}"
 
 
 # the same template in Jinja, as a Hugging Face tokenizer holds it (tools.export)
