@@ -150,7 +150,7 @@ def get_lr(step, max_steps, cfg):
 # ---------------------------------------------------------------------- one step, an evaluation
 
 
-def train_step(model, optimizer, next_batch, lr, cfg, ctx, scaler):
+def train_step(model, optimizer, next_batch, lr, cfg, autocast, scaler):
     """One optimizer step; returns its figures. A new figure is a new entry in that dict, one
     number a step, and it reaches the progress lines and history.csv. Figures stay tensors here:
     reading one would make a GPU wait, so the loop reads them at the next progress line.
@@ -167,7 +167,7 @@ def train_step(model, optimizer, next_batch, lr, cfg, ctx, scaler):
         # DDP averages the gradients once a step, at the last micro-batch
         last = micro_step == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if last else model.no_sync():
-            with ctx:
+            with autocast:
                 logits, loss = model(x, y)  # 4. forward (B, T, V), 5. the loss
             loss = loss / cfg.grad_accum_steps  # the micro-batches' gradients add up
             scaler.scale(loss).backward()  # 6. backward (float16 scales: no underflow)
@@ -182,7 +182,7 @@ def train_step(model, optimizer, next_batch, lr, cfg, ctx, scaler):
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, eval_iters, ctx):
+def estimate_loss(model, batches, eval_iters, autocast):
     """The mean loss of eval_iters random batches of each split, in eval mode (no dropout)."""
     model.eval()
     out = {}
@@ -190,7 +190,7 @@ def estimate_loss(model, batches, eval_iters, ctx):
         total = 0.0
         for _ in range(eval_iters):
             x, y = next_batch()
-            with ctx:
+            with autocast:
                 total = total + model(x, y)[1]
         out[split] = total.item() / eval_iters  # one wait for the device per split
     model.train()
@@ -225,13 +225,10 @@ def fit(settings, process, corpus, model, batches, stage=None):
     stage = stage or Stage(model)
     with harness.out_of_memory():  # one error line, with what to try
         stage.model.to(process.device)  # the GPT, and a frozen partner beside it
-        dtype, why = devices.resolve_dtype(cfg.dtype, process.device)
-        ctx = devices.autocast(process.device, dtype)  # the forward pass in dtype
-        scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
+        dtype, why = devices.resolve_dtype(cfg.dtype, process.device)  # the forward pass's
         optimizer = make_optimizer(model, cfg, process.device, dtype)
-        precision = (dtype, why, ctx, scaler)
-        run = harness.prepare(
-            settings, process, corpus, model, batches, stage, optimizer, precision, get_lr
+        run = harness.Run(
+            settings, process, corpus, model, batches, stage, optimizer, dtype, why, get_lr
         )
         return loop(run)
 
@@ -240,8 +237,9 @@ def evaluate(run):
     """Measure the loss of each split. The harness prints it (with a stage's own figures),
     saves last.pt, keeps best.pt when val improves, and may stop the run early (--patience,
     --target_loss)."""
-    losses = estimate_loss(run.stepped, run.batches, run.eval_iters, run.ctx)
-    run.evaluated(losses)
+    started = run.now()  # a time budget keeps as much time for the last evaluation
+    losses = estimate_loss(run.step_model, run.batches, run.eval_iters, run.autocast)
+    run.evaluated(losses, started)
 
 
 def loop(run):
@@ -254,12 +252,14 @@ def loop(run):
             if run.evaluation_due():
                 evaluate(run)
                 continue  # it took time: plan again
-            if run.over():  # at max_steps, an early stop, or a signal on any rank
+            if run.signalled():  # Ctrl-C or SIGTERM, on any rank
+                break
+            if state.step >= state.max_steps or run.stop_reason:  # the end, or an early stop
                 break
             state.lr = get_lr(state.step, state.max_steps, cfg)
             batch = run.batches["train"]
             figures = train_step(
-                run.stepped, run.optimizer, batch, state.lr, cfg, run.ctx, run.scaler
+                run.step_model, run.optimizer, batch, state.lr, cfg, run.autocast, run.scaler
             )
             state.window.append(figures)
             state.step += 1

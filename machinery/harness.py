@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-import config
-from config import SamplerConfig, TinyLLMError, TrainConfig, parse_duration
+from config import SamplerConfig, TinyLLMError, parse_duration
 from machinery import checkpoint, cli, devices, settle, sources
+from machinery.budget import budget_end, time_left
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------------------ the state
@@ -59,35 +59,6 @@ def restore(settings, optimizer, process):
     return state
 
 
-# ------------------------------------------------------------------------------- a time budget
-
-
-def time_left(state, budget, now):
-    """The seconds left for steps, now seconds into a budget of seconds. That is 99% of the
-    budget (the last 1% is for the closing sample and the exit), less the last evaluation's
-    time. None without a budget (--max_steps)."""
-    return None if budget is None else 0.99 * budget - state.eval_seconds - now
-
-
-def budget_end(state, cfg, left, pace):
-    """The step a --time_budget run ends at: as many steps as fit in the seconds left, at pace
-    (a step's seconds in this process so far; 0 before its first step). It is planned again
-    before every step, so a machine that slows down still ends on time, its schedule with it.
-    The end is never within the warmup. A run whose time ran out before its planned end takes
-    one more step, its last."""
-    if state.step <= cfg.warmup_steps and left <= 0:
-        raise TinyLLMError(
-            f"--time_budget {cfg.time_budget} is too short here: it was spent before the "
-            f"warmup's {cfg.warmup_steps} steps; give more time or fewer --warmup_steps"
-        )
-    if not pace:  # no step yet: the plan a resume saved, or the warmup's
-        return max(state.max_steps, cfg.warmup_steps + 1)
-    planned = state.step + math.floor(left / pace)
-    if planned <= state.step:  # out of time: the step before was the last, or this one is
-        planned = min(state.max_steps, state.step + 1)
-    return max(cfg.warmup_steps + 1, planned)
-
-
 # ---------------------------------------------------------------------------- setting up a run
 
 
@@ -104,14 +75,14 @@ def out_of_memory():
     return devices.out_of_memory_as_error(hint)
 
 
-def compile_first(model, stepped, batch, ctx, scaler):
+def compile_first(model, step_model, batch, autocast, scaler):
     """Run --compile's first forward and backward now, so that a missing compiler is one error
     line before anything is written. It leaves no trace: no gradient, every generator as it
     was."""
     rngs = checkpoint.rng_state()
     try:
-        with ctx:
-            scaler.scale(stepped(*batch)[1]).backward()
+        with autocast:
+            scaler.scale(step_model(*batch)[1]).backward()
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
@@ -122,66 +93,59 @@ def compile_first(model, stepped, batch, ctx, scaler):
     model.zero_grad(set_to_none=True)
 
 
-def prepare(settings, process, corpus, model, batches, stage, optimizer, precision, get_lr):
-    """Set up the Run of a fit, before anything is written. Restore a resume's state, seed this
-    rank, fix the batch for --overfit_batch, compile and wrap the model for DDP, clear the old
-    run for --overwrite; then print the opening lines. precision is (dtype, why, autocast,
-    scaler); get_lr is the schedule, which the lines quote."""
-    cfg = settings.cfg
-    options = settings.options
-    dtype, why, ctx, scaler = precision
-    last = settings.saved if settings.resumed else {}  # the last.pt it resumes
-    state = TrainState(max_steps=cfg.max_steps)
-    if last:
-        scaler.load_state_dict(last["scaler"])
-        state = restore(settings, optimizer, process)
-    if process.world > 1 and len(last.get("rngs", [])) != process.world:  # own batches
-        devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
-    if options.overfit_batch:  # a sanity check: every step trains on one batch
-        fixed = batches["train"]()
-        batches["train"] = lambda: fixed
-        cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
-    stepped = process.wrap(torch.compile(stage.model) if cfg.compile else stage.model)
-    if cfg.compile:
-        compile_first(model, stepped, batches["train"](), ctx, scaler)
-    if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
-        checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
-    if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
-        steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
-        cli.warn(f"{steps}: the LR never decays")
-    run = Run(settings, process, corpus, model, stage, state)
-    run.stepped = stepped
-    run.optimizer = optimizer
-    run.batches = batches
-    run.dtype = dtype
-    run.why = why
-    run.ctx = ctx
-    run.scaler = scaler
-    run.get_lr = get_lr
-    print_header(run)
-    return run
-
-
-# ------------------------------------------------------------------------------------- the run
-
-
 class Run:
-    """One run of fit. The loop reads its pieces (cfg, state, stepped, optimizer, batches, ctx,
-    scaler) and calls its methods: plan, evaluation_due, over, evaluated, log_progress, save,
-    finish. The loop runs inside it (with run:), which catches Ctrl-C and SIGTERM."""
+    """One run of fit. The loop reads its pieces (cfg, state, step_model, optimizer, batches,
+    autocast, scaler) and calls its methods: plan, evaluation_due, signalled, evaluated,
+    log_progress, save, finish. The loop runs inside it (with run:), which catches Ctrl-C and
+    SIGTERM."""
 
-    def __init__(self, settings, process, corpus, model, stage, state):
+    def __init__(
+        self, settings, process, corpus, model, batches, stage, optimizer, dtype, why, get_lr
+    ):
+        """Set the run up before anything is written: restore a resume's state, seed this rank,
+        fix the batch for --overfit_batch, compile the model and wrap it for DDP, clear the old
+        run for --overwrite; then print the opening lines. dtype is the forward pass's precision
+        (why: how auto chose it); get_lr is the schedule, which the lines quote."""
+        cfg = settings.cfg
+        options = settings.options
         self.settings = settings
-        self.cfg = settings.cfg
+        self.cfg = cfg
         self.process = process
         self.corpus = corpus
         self.model = model  # the GPT trained and saved
+        self.batches = batches
         self.stage = stage
-        self.state = state
+        self.optimizer = optimizer
+        self.dtype = dtype
+        self.why = why
+        self.get_lr = get_lr
+        self.autocast = devices.autocast(process.device, dtype)  # the forward pass in dtype
+        self.scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
+        last = settings.saved if settings.resumed else {}  # the last.pt it resumes
+        self.state = TrainState(max_steps=cfg.max_steps)
+        if last:
+            self.scaler.load_state_dict(last["scaler"])
+            self.state = restore(settings, optimizer, process)
+        if process.world > 1 and len(last.get("rngs", [])) != process.world:  # own batches
+            step = self.state.step
+            devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * step) % 2**32)
+        if options.overfit_batch:  # a sanity check: every step trains on one batch
+            fixed = batches["train"]()
+            batches["train"] = lambda: fixed
+            cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
+        # what a step calls: the stage's model, compiled, and under torchrun wrapped by DDP
+        self.step_model = process.wrap(torch.compile(stage.model) if cfg.compile else stage.model)
+        if cfg.compile:
+            compile_first(model, self.step_model, batches["train"](), self.autocast, self.scaler)
+        if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
+            checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
+        if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
+            steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
+            cli.warn(f"{steps}: the LR never decays")
         self.master = process.rank == 0  # rank 0 alone prints and writes
-        self.writes_files = not settings.options.overfit_batch  # a check that writes nothing
-        self.eval_iters = math.ceil(self.cfg.eval_iters / process.world)  # this rank's share
-        self.budget = parse_duration(self.cfg.time_budget)  # seconds, or None: --max_steps
+        self.writes_files = not options.overfit_batch  # a check that writes nothing
+        self.eval_iters = math.ceil(cfg.eval_iters / process.world)  # this rank's share
+        self.budget = parse_duration(cfg.time_budget)  # seconds, or None: --max_steps
         self.left = None  # the budget's seconds left for steps
         self.stop_reason = None  # an early stop: --patience, --target_loss, --overfit_batch
         self.received = None  # a signal this process received
@@ -189,10 +153,11 @@ class Run:
         self.gone = False  # the reader of its lines gone: its last lines go to stderr
         self.active = False  # inside the loop, where a signal stops the run
         self.started = settings.started  # a time budget counts from it (perf_counter seconds)
-        self.first_step = state.step  # this process's pace counts from here
+        self.first_step = self.state.step  # this process's pace counts from here
         self.first_seconds = self.elapsed()
-        self.line_step = state.step  # a progress line's pace counts from here
+        self.line_step = self.state.step  # a progress line's pace counts from here
         self.line_started = time.perf_counter()
+        print_header(self)
 
     # ------------------------------------------- Ctrl-C, SIGTERM, a reader gone: save, then exit
 
@@ -267,21 +232,22 @@ class Run:
         state = self.state
         room = self.left is None or self.left > state.eval_seconds
         due = state.step >= state.max_steps or (state.step % self.cfg.eval_interval == 0 and room)
-        if due and state.step != state.last_eval_step:
-            self.eval_started = time.perf_counter()  # a time budget keeps as much at its end
-            return True
-        return False
+        return due and state.step != state.last_eval_step
 
-    def over(self):
-        """Whether the run ends here: at step max_steps, at an early stop, or at Ctrl-C or SIGTERM
-        on any rank. Under DDP the ranks compare their signals at progress lines."""
+    def signalled(self):
+        """Whether Ctrl-C or SIGTERM reached any rank: then the run saves and exits. Under DDP
+        every rank asks the others, at progress lines and at the run's end."""
         state = self.state
         process = self.process
         at_end = state.step >= state.max_steps
         compare = process.world == 1 or state.step % self.cfg.log_interval == 0
         if compare or at_end or self.stop_reason:
             self.signum = max(process.every_rank(self.received or 0))
-        return bool(at_end or self.stop_reason or self.signum)
+        return self.signum != 0
+
+    def now(self):
+        """This process's clock, in seconds (perf_counter)."""
+        return time.perf_counter()
 
     # ------------------------------------------------------------------------ progress lines
 
@@ -333,9 +299,9 @@ class Run:
 
     # ---------------------------------------------------------------------- evaluations, saves
 
-    def evaluated(self, losses):
-        """Report an evaluation's losses, {"train": ..., "val": ...} of this rank: a line, a
-        history row, last.pt and best.pt. --patience or --target_loss may end the run. The
+    def evaluated(self, losses, started):
+        """Report an evaluation's losses, {"train": ..., "val": ...} of this rank, begun at
+        started (now()): a line, a history row, last.pt and best.pt. --patience or --target_loss may end the run. The
         baseline, before any step, is printed and kept in the history; it saves nothing."""
         cfg = self.cfg
         state = self.state
@@ -369,7 +335,7 @@ class Run:
                 write_history(cfg.out_dir, state.history, cfg.plots, self.model.config.vocab_size)
         # a time budget keeps as much time for the last evaluation, saves included; the pace
         # counts steps alone
-        state.eval_seconds = self.process.mean([time.perf_counter() - self.eval_started])[0]
+        state.eval_seconds = self.process.mean([time.perf_counter() - started])[0]
         self.first_seconds += state.eval_seconds
         self.line_started += state.eval_seconds
         if cfg.patience and state.evals_without_improvement >= cfg.patience:
@@ -521,36 +487,10 @@ def closing_sample(run, tokens):
 # ------------------------------------------------------------------------------- the command line
 
 
-def flags(argv=None, stage="train", doc=""):
-    """The flags given, as {name: value}: what to do, the model, the training (config.py's
-    settings, and a later stage's own: config.STAGE_SETTINGS). --help shows the defaults of
-    this machine's preset."""
-    here = devices.choose_device("auto")
-    preset, machine = devices.machine_preset(here, {})
-    presets = ", ".join(config.PRESETS)
-    may_change = ", ".join(config.RESUME_MAY_CHANGE)
-    parser = cli.ArgumentParser(
-        description=doc.split("\n")[0],  # the script's docstring's first line
-        epilog=f"Presets: {presets}. Without --preset this machine uses '{preset}', whose defaults "
-        f"are shown. --resume may change only: {may_change}.",
-    )
-    defaults = {k: (v, f"preset {preset}") for k, v in config.PRESETS[preset].items()}
-    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
-    stages_own = {name for names in config.STAGE_SETTINGS.values() for name in names}
-    names = [f.name for f in fields(TrainConfig) if f.name not in stages_own]
-    config.add_flags(parser, config.RunOptions, defaults, title="what to do")
-    config.add_flags(parser, config.GPTConfig, defaults, title="model")
-    config.add_flags(parser, TrainConfig, defaults, names, title="training")
-    if stage in config.STAGE_SETTINGS:
-        own = config.STAGE_SETTINGS[stage]
-        config.add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
-    return vars(parser.parse_args(argv))
-
-
 def main(argv, stage, run, doc, get_lr, started):
     """A training script's command line: read its flags, settle its settings (its time counted
     from started), then --eval_only, --plot_lr, or run(settings)."""
-    given = flags(argv, stage, doc)
+    given = settle.flags(argv, stage, doc)
     settings = settle.settle(given, stage, started)  # every setting decided, and checked, here
     options = settings.options
     cfg = settings.cfg

@@ -1,23 +1,52 @@
-"""A run's settings, settled once before anything is written: the flags a training script was
-given (train.py, finetune.py, distill.py, dpo.py) and what the run starts from (a fresh model; its
-own last.pt when it resumes; a trained model when it fine-tunes), each flag checked against it."""
+"""A run's settings, settled once before anything is written. First the flags a training script
+was given (train.py, finetune.py, distill.py, dpo.py); then what the run starts from: a fresh
+model, its own last.pt when it resumes, or a trained model when it fine-tunes. Each flag is
+checked against it."""
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 from config import (
     PRESETS,
     RESUME_MAY_CHANGE,
+    STAGE_SETTINGS,
     GPTConfig,
     RunOptions,
     Settings,
     TinyLLMError,
     TrainConfig,
+    add_flags,
     build_configs,
     make_config,
     require,
 )
 from machinery import checkpoint, cli, devices, sources
+
+
+def flags(argv=None, stage="train", doc=""):
+    """The flags given, as {name: value}: what to do, the model, the training (config.py's
+    settings, and a later stage's own: config.STAGE_SETTINGS). --help shows the defaults of
+    this machine's preset."""
+    here = devices.choose_device("auto")
+    preset, machine = devices.machine_preset(here, {})
+    presets = ", ".join(PRESETS)
+    may_change = ", ".join(RESUME_MAY_CHANGE)
+    parser = cli.ArgumentParser(
+        description=doc.split("\n")[0],  # the script's docstring's first line
+        epilog=f"Presets: {presets}. Without --preset this machine uses '{preset}', whose defaults "
+        f"are shown. --resume may change only: {may_change}.",
+    )
+    defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
+    defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
+    stages_own = {name for names in STAGE_SETTINGS.values() for name in names}
+    names = [f.name for f in fields(TrainConfig) if f.name not in stages_own]
+    add_flags(parser, RunOptions, defaults, title="what to do")
+    add_flags(parser, GPTConfig, defaults, title="model")
+    add_flags(parser, TrainConfig, defaults, names, title="training")
+    if stage in STAGE_SETTINGS:
+        own = STAGE_SETTINGS[stage]
+        add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
+    return vars(parser.parse_args(argv))
 
 
 def settle(given, stage="train", started=0.0):

@@ -28,7 +28,7 @@ from config import (
     make_config,
     setting,
 )
-from machinery import checkpoint, devices, harness
+from machinery import checkpoint, devices, settle
 from machinery import cli as machinery_cli
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
@@ -97,13 +97,13 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
         "--warmup",
         "7",
     ]
-    given = harness.flags(argv)
+    given = settle.flags(argv)
     options = make_config(RunOptions, given)
     cfg = build_configs(given, PRESETS["tiny"])[1]
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert harness.flags(["--plots", "--preset", "tiny"])["plots"]
+    assert settle.flags(["--plots", "--preset", "tiny"])["plots"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])

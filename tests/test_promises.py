@@ -24,7 +24,7 @@ from conftest import (
 
 import generate
 from config import RunOptions, SamplerConfig, TinyLLMError, TrainConfig, build_configs
-from machinery import harness
+from machinery import settle
 from model import GPT
 from sampling import Context
 
@@ -65,7 +65,7 @@ def configs(flags, data, out_dir, **shape_of_the_test):
     """(GPTConfig, TrainConfig): TINY, then the train.py flags given, then what the test needs. A
     combination the settings refuse skips the test, with the refusal's line."""
     given = (
-        harness.flags(split(flags)[0]) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
+        settle.flags(split(flags)[0]) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
     )
     try:
         return build_configs(given, TINY)

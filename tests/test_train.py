@@ -974,7 +974,7 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, tmp_path, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    assert settle.settle(harness.flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
+    assert settle.settle(settle.flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
 
@@ -1005,7 +1005,7 @@ def test_a_run_that_ends_within_its_warmup_is_warned(text_file, tmp_path, capsys
 
 
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = build_configs(harness.flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
+    cfg = build_configs(settle.flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
     assert (
         cfg.max_steps == 50
         and not cfg.time_budget
