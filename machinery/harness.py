@@ -285,7 +285,7 @@ class Run:
             figures[name] = sum(values) / len(values)
         tokens_per_s = tokens / len(rows) / seconds if seconds else 0.0
         eta = cli.format_seconds((state.max_steps - state.step) * seconds)
-        shown = " | ".join(f"{k} {format(v, FORMATS.get(k, '.4g'))}" for k, v in figures.items())
+        shown = " | ".join(f"{name} {value:.4g}" for name, value in figures.items())
         pace = f"{1000 * seconds:.1f} ms/step | {tokens_per_s:,.0f} tok/s | ETA {eta}"
         self.say(f"step {state.step:>6}/{state.max_steps} | {shown} | {pace}")
         row = {"kind": "train", "step": state.step, **figures, "ms_per_step": 1000 * seconds}
@@ -419,9 +419,6 @@ class Run:
             "dtype": self.dtype,
             "tokens_per_step": cfg.batch_size * self.model.config.block_size,  # tools.scaling's
         }
-
-
-FORMATS = {"loss": ".4f", "lr": ".2e", "grad_norm": ".3f"}  # how a figure prints (others: .4g)
 
 
 # --------------------------------------------------------------------- the opening lines, the end
