@@ -5,18 +5,16 @@ import os
 import pty
 import select
 import signal
-import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
 from conftest import (
-    ROOT,
     assert_one_line_error,
     cli,
     interrupt_at,
-    script_env,
     tiny_model,
     tiny_run,
     train_run,
@@ -32,6 +30,7 @@ import train
 import utils
 from config import ASSISTANT, EOT, USER, TrainConfig
 from machinery import checkpoint, sources
+from machinery import cli as machinery_cli
 from model import GPT, lm_loss
 from utils import get_batch
 
@@ -130,6 +129,10 @@ def test_a_masked_position_takes_no_gradient():
 # ----------------------------------------------------------------------------- a chat model
 
 
+# its tests run on one worker (xdist_group): it is trained once
+CHAT_MODEL = pytest.mark.xdist_group("chat_model")
+
+
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A tiny model trained from scratch by train.py on the conversations until it answers them
@@ -150,6 +153,7 @@ def chat_model(tmp_path_factory):
 
 
 @pytest.mark.slow  # trains or loads for seconds
+@CHAT_MODEL
 def test_qa_asks_a_question_as_the_chat_template_does(chat_model, tmp_path, capsys):
     code, out, _ = cli(
         capsys,
@@ -179,22 +183,29 @@ def read_until(fd, marker, timeout=30):
 
 
 @pytest.mark.slow
+@CHAT_MODEL
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="a pseudo-terminal needs a Unix")
 def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
     """Typed at a real terminal: the same question gets the answer each conversation's first turn
-    asks for."""
-    master, slave = pty.openpty()
-    argv = [sys.executable, "chat.py", chat_model, "--temperature", "0", "--max_new_tokens", "40"]
-    proc = subprocess.Popen(
-        argv,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        cwd=ROOT,
-        env=script_env(),
-        start_new_session=True,
-    )
-    os.close(slave)
+    asks for. chat.py's command line runs in a process forked from this one, which has imported
+    torch (no start-up to pay), at the other end of a pseudo-terminal, its controlling terminal."""
+    argv = [chat_model, "--temperature", "0", "--max_new_tokens", "40"]
+    pid, master = pty.fork()
+    if pid == 0:  # the terminal's own process: stdin, stdout and stderr
+        code = 99
+        try:
+            torch.set_num_threads(1)  # OpenMP's threads are the parent's: using them would hang
+            sys.stdin = open(0, encoding="utf-8", closefd=False)
+            sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+            sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
+            machinery_cli.run_cli(chat.main, argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    status = None
     try:
         said = [read_until(master, "you> ")]
         typed = (
@@ -208,14 +219,24 @@ def test_a_chat_in_a_terminal_keeps_the_conversation(chat_model):
         for line in typed:
             os.write(master, line.encode() + b"\n")
             said.append(read_until(master, "you> ") if line != "/quit" else "")
-        assert proc.wait(timeout=30) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # it ends at /quit
+            done, waited = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(waited)
+                break
+            time.sleep(0.05)
+        assert status == 0, said
     finally:
-        proc.kill()
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         os.close(master)
     assert "Your name is Tom." in said[2] and "Your name is Ada." in said[5], said
 
 
 @pytest.mark.slow  # trains or loads for seconds
+@CHAT_MODEL
 def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(
     chat_model, monkeypatch, capsys
 ):
@@ -284,6 +305,10 @@ def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(
         "float32",
         "--sample_tokens",
         "0",
+        "--eval_iters",
+        "2",
+        "--plots",
+        "false",
         "--lr",
         "1e-2",
     ]

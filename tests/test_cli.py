@@ -15,13 +15,15 @@ import traceback
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env
+from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env, tiny_model
 
+import generate
 import train
 from config import (
     PRESETS,
     RunOptions,
     TinyLLMError,
+    TrainConfig,
     add_flags,
     build_configs,
     check,
@@ -30,7 +32,9 @@ from config import (
 )
 from machinery import checkpoint, devices, settle
 from machinery import cli as machinery_cli
+from model import GPT
 
+CPU = torch.device("cpu")
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its runs (POSIX)")
 
 
@@ -189,10 +193,10 @@ def left(deadline):
     return max(0, deadline - time.monotonic())
 
 
-def read_until(fd, prefix, timeout=60):
-    """What fd gives up to a line that starts with prefix."""
+def read_until(fd, prefix, timeout=60, count=1):
+    """What fd gives up to the count-th line that starts with prefix."""
     text, deadline = b"", time.monotonic() + timeout
-    while not any(line.startswith(prefix) for line in text.split(b"\n")[:-1]):
+    while sum(line.startswith(prefix) for line in text.split(b"\n")[:-1]) < count:
         assert select.select([fd], [], [], left(deadline))[0], text
         chunk = os.read(fd, 1 << 16)
         assert chunk, text  # the process has ended
@@ -201,12 +205,17 @@ def read_until(fd, prefix, timeout=60):
 
 
 class Child:
-    """train.py's command line in a process forked from this one, which has imported torch: no
-    start-up to pay (exec: `python train.py` itself). Its stdout goes into a pipe: read here
-    (self.stdout) or by another process (pipe given), in the encoding given (the interpreter's for
-    PYTHONIOENCODING)."""
+    """train.py's command line (or main's, in cwd) in a process forked from this one, which has
+    imported torch: no start-up to pay (exec: `python -X importtime train.py` itself, its imports
+    timed on its stderr). Its stdout goes into a pipe: read here (self.stdout) or by another
+    process (pipe given), in the encoding given (the interpreter's for PYTHONIOENCODING)."""
 
-    def __init__(self, argv, err_file, pipe=None, encoding="utf-8", exec=False):
+    def __init__(
+        self, argv, err_file, pipe=None, encoding="utf-8", exec=False, main=train.main, cwd=None
+    ):
+        if not exec:  # what a run's optimizer imports (torch's compiler: a second or two),
+            # imported here once, not again in each forked run
+            train.make_optimizer(GPT(tiny_model()), TrainConfig(), CPU)
         read, write = pipe or os.pipe()
         self.stdout = None if pipe else read
         self.err_file, self.status = err_file, None
@@ -218,12 +227,15 @@ class Child:
                 os.dup2(write, 1)
                 os.dup2(os.open(err_file, os.O_WRONLY | os.O_CREAT), 2)
                 if exec:
-                    script = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)]
+                    train_py = os.path.join(ROOT, "train.py")
+                    script = [sys.executable, "-X", "importtime", train_py, *map(str, argv)]
                     os.execve(sys.executable, script, script_env())
                 torch.set_num_threads(1)  # OpenMP's threads are the parent's: using them would hang
                 sys.stdout = open(1, "w", encoding=encoding, closefd=False)
                 sys.stderr = open(2, "w", encoding=encoding, closefd=False)
-                machinery_cli.run_cli(train.main, [str(a) for a in argv])
+                if cwd:
+                    os.chdir(cwd)
+                machinery_cli.run_cli(main, [str(a) for a in argv])
             except SystemExit as e:
                 code = e.code
             except BaseException:
@@ -283,29 +295,44 @@ def test_signals_stop_a_run_that_saves_and_resume_finishes_it_and_kill_9_leaves_
         )
         for name, (n, m) in every.items()
     }
-    # side by side; the Ctrl-C to `python train.py` itself
-    children = {
-        name: Child(args, tmp_path / f"{name}.err", exec=name == "sigint")
-        for name, args in argv.items()
-    }
+    # the Ctrl-C to `python train.py` itself, started first; while it imports torch, the forked
+    # runs are stopped one after the other: no endless run waits for the CPU beside another
+    children, results = {}, {}
     try:
-        for name, child in children.items():
-            # after its first progress line, however busy the machine: its steps have begun
-            read_until(child.stdout, b"step")
-            # the kill: likely in step 10's evaluation and save
-            os.kill(child.pid, getattr(signal, name.upper()))
-        results = {name: child.wait() for name, child in children.items()}
+        for name in argv:
+            children[name] = Child(argv[name], tmp_path / f"{name}.err", exec=name == "sigint")
+            if name == "sigint":
+                continue
+            # after its first progress line, however busy the machine: its steps have begun; for
+            # the kill -9, its second: step 10's save is done, and the kill lands likely in step
+            # 20's evaluation and save
+            read_until(children[name].stdout, b"step", count=1 + (name == "sigkill"))
+            os.kill(children[name].pid, getattr(signal, name.upper()))
+            results[name] = children[name].wait()
+        read_until(children["sigint"].stdout, b"step")
+        os.kill(children["sigint"].pid, signal.SIGINT)
+        results["sigint"] = children["sigint"].wait()
     finally:
         for child in children.values():
             child.end()
     for name, code in (("sigint", 130), ("sigterm", 143), ("sigkill", -signal.SIGKILL)):
         assert results[name][0] == code and "Traceback" not in results[name][2], results[name]
     assert checkpoint.load(str(tmp_path / "sigkill" / "last.pt"))  # loadable, whenever killed
-    stopped = [
-        checkpoint.load(str(tmp_path / name / "last.pt"))["step"] for name in ("sigint", "sigterm")
-    ]
+    saved = {
+        name: checkpoint.load(str(tmp_path / name / "last.pt")) for name in ("sigint", "sigterm")
+    }
+    stopped = [saved[name]["step"] for name in ("sigint", "sigterm")]
     assert min(stopped) > 0
     assert "--resume" in results["sigint"][1] and "--resume" in results["sigterm"][1]
+    # python train.py's clock (a time budget's) counts from its start, imports included: its
+    # first evaluation comes later on it than the import of torch took, as the process measured it
+    torch_us = [
+        int(line.split("|")[1])
+        for line in results["sigint"][2].splitlines()
+        if line.startswith("import time:") and line.split("|")[2].strip() == "torch"
+    ]
+    first = saved["sigint"]["history"][0]
+    assert first["kind"] == "eval" and first["seconds"] > torch_us[0] / 1e6
     code, out, err = cli(capsys, train.main, *argv["sigint"], "--max_steps", stopped[0] + 3)
     assert code == 0 and f"step {stopped[0]}" in out and "done" in out, err
     assert checkpoint.load(str(tmp_path / "sigint" / "last.pt"))["step"] == stopped[0] + 3
@@ -395,32 +422,16 @@ def test_a_run_whose_output_pipe_closes_saves_and_stops(text_file, tmp_path):
 OUTSIDE_CP1252 = "Жили-были→дед и баба⇒ у самого синего моря. Ёж↔ёлка! "  # Cyrillic and arrows
 
 
-def side_by_side(commands, cwd, **env):
-    """Each command run at once: {name: (exit status, stdout, stderr)}."""
-    procs = {}
-    for name, command in commands.items():
-        procs[name] = subprocess.Popen(
-            list(map(str, command)),
-            cwd=cwd,
-            env=script_env(**env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-        )
-    try:
-        outputs = {name: proc.communicate(timeout=120) for name, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            proc.kill()
-    return {name: (procs[name].returncode, *output) for name, output in outputs.items()}
+# its tests run on one worker (xdist_group): it runs once
+CP1252 = pytest.mark.xdist_group("cp1252_runs")
 
 
 @pytest.fixture(scope="module")
 def cp1252_runs(tmp_path_factory):
     """On a text outside cp1252, printing into pipes in cp1252 (PYTHONIOENCODING=cp1252: what
-    Windows gives a redirect): train.py (forked), then generate.py and sweep.sh side by side with
-    the same settings. {name: (exit status, stdout, stderr)}, and their folder."""
+    Windows gives a redirect): train.py (forked), then generate.py (forked) beside sweep.sh (its
+    own processes) with the same settings. {name: (exit status, stdout, stderr)}, and their
+    folder."""
     folder = tmp_path_factory.mktemp("cp1252")
     (folder / "text.txt").write_text(OUTSIDE_CP1252 * 200, encoding="utf-8")
     argv = [
@@ -435,41 +446,36 @@ def cp1252_runs(tmp_path_factory):
         30,
     ]
     results = {"train": Child(argv, folder / "train.err", encoding="cp1252").wait()}
-    commands = {
-        "generate": [
-            sys.executable,
-            os.path.join(ROOT, "generate.py"),
-            "run/best.pt",
-            "--temperature",
-            0.8,
-            "--seed",
-            7,
-            "--max_new_tokens",
-            40,
-            "--prompt",
-            "Жили",
-            "--output_file",
-            "plain.txt",
-        ]
-    }
-    if shutil.which("bash"):  # the same settings
-        commands["sweep"] = ["bash", os.path.join(ROOT, "sweep.sh"), "run/best.pt"]
-    results.update(
-        side_by_side(
-            commands,
-            folder,
-            PYTHONIOENCODING="cp1252",
-            TEMPS="0.8",
-            SEED="7",
-            MAX_NEW_TOKENS="40",
-            PROMPT="Жили",
-            OUT_DIR="sweep",
+    settings = dict(TEMPS="0.8", SEED="7", MAX_NEW_TOKENS="40", PROMPT="Жили")  # sweep.sh's
+    sweep = None
+    if shutil.which("bash"):
+        sweep = subprocess.Popen(
+            ["bash", os.path.join(ROOT, "sweep.sh"), "run/best.pt"],
+            cwd=folder,
+            env=script_env(PYTHONIOENCODING="cp1252", OUT_DIR="sweep", **settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
         )
-    )
+    try:
+        argv = ["run/best.pt", "--temperature", 0.8, "--seed", 7, "--max_new_tokens", 40]
+        argv += ["--prompt", "Жили", "--output_file", "plain.txt"]  # the same settings
+        generating = Child(
+            argv, folder / "generate.err", encoding="cp1252", main=generate.main, cwd=folder
+        )
+        results["generate"] = generating.wait()
+        if sweep:
+            out, err = sweep.communicate(timeout=120)
+            results["sweep"] = (sweep.returncode, out, err)
+    finally:
+        if sweep:
+            sweep.kill()
     return results, folder
 
 
 @pytest.mark.slow
+@CP1252
 @needs_fork
 def test_train_and_generate_print_any_character_into_a_legacy_code_page(cp1252_runs):
     results, folder = cp1252_runs
@@ -484,6 +490,7 @@ def test_train_and_generate_print_any_character_into_a_legacy_code_page(cp1252_r
 
 
 @pytest.mark.slow
+@CP1252
 @needs_fork
 @pytest.mark.skipif(not shutil.which("bash"), reason="sweep.sh needs bash")
 def test_sweep_writes_per_temperature_what_a_plain_generate_call_writes(cp1252_runs):

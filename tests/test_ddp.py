@@ -6,9 +6,12 @@ here is refused before joining."""
 import contextlib
 import dataclasses
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
+import traceback
 
 import pytest
 import torch
@@ -20,14 +23,17 @@ from machinery import checkpoint
 from model import GPT
 
 FLOAT32 = (contextlib.nullcontext(), torch.amp.GradScaler(enabled=False))  # no autocast, scaling
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+    pytest.mark.xdist_group("torchrun"),  # one worker: torchrun runs once (launch)
+]
 
 # Each rank runs the four in turn, in one process group (a process joins once, however many runs it
 # trains)
 WORKER = """
-import contextlib, os, shutil, signal, sys, torch
+import contextlib, multiprocessing, os, shutil, signal, sys, torch
 sys.path.insert(0, sys.argv[1])
 import train
 from config import GPTConfig, TrainConfig
@@ -73,13 +79,15 @@ if rank == 0:
     shutil.copy(f"{out}/resumed/last.pt", f"{out}/stopped.pt")
 train.main(["--resume", "--out_dir", f"{out}/resumed"])
 sys.stdout.flush()
-os._exit(0)  # as machinery/cli.leave under torchrun
+if multiprocessing.parent_process() is None:  # a process of its own: out at once, as
+    os._exit(0)  # machinery/cli.leave under torchrun (a forked rank: torchrun ends it so)
 """
 
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
-    """WORKER under torchrun: (its output, its folder); a hung rank leaves nothing running."""
+    """WORKER under torchrun, its ranks forked from this process, which has imported torch and
+    what an optimizer imports: (its output, its folder); a hung rank leaves nothing running."""
     out = tmp_path_factory.mktemp("ddp")
     (out / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     windows = torch.randint(0, 65, (8, 17), generator=torch.Generator().manual_seed(1))
@@ -107,32 +115,72 @@ def launch(tmp_path_factory):
     }
     torch.save(plan, out / "plan.pt")
     (out / "worker.py").write_text(WORKER)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        out / "worker.py",
-        ROOT,
-        out / "plan.pt",
-    ]
-    proc = subprocess.Popen(
-        command,
-        cwd=out,
-        env=script_env(),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        output = proc.communicate(timeout=120)[0]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, output[-3000:]
+    train.make_optimizer(GPT(tiny_model()), TrainConfig(), torch.device("cpu"))  # imported here
+    argv = ["--standalone", "--nproc_per_node=2", out / "worker.py", ROOT, out / "plan.pt"]
+    code, output = torchrun([str(a) for a in argv], out)
+    assert code == 0, output[-3000:]
     return output, out
+
+
+def torchrun(argv, cwd, timeout=120):
+    """`torchrun --run-path --start-method fork` (torch.distributed.run) in a process forked from
+    this one: it and its ranks, which run the script in its interpreter, start with what this
+    process has imported, torch among it, and import nothing again (where there is no fork:
+    `python -m torch.distributed.run`, each rank a process of its own). A hung rank leaves nothing
+    running. (Its exit status, None past the timeout; its output and its ranks'.)"""
+    if not hasattr(os, "fork"):
+        command = [sys.executable, "-m", "torch.distributed.run", *argv]
+        done = subprocess.run(
+            command, cwd=cwd, env=script_env(), capture_output=True, text=True, timeout=timeout
+        )
+        return done.returncode, done.stdout + done.stderr
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()  # the ranks in its process group: killed with it
+            os.close(read)
+            os.dup2(write, 1)
+            os.dup2(write, 2)
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(script_env())
+            sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+            sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
+            from torch.distributed import run
+
+            run.main(["--run-path", "--start-method", "fork", *argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    output, status, deadline = b"", None, time.monotonic() + timeout
+    try:
+        while select.select([read], [], [], max(0, deadline - time.monotonic()))[0]:
+            chunk = os.read(read, 1 << 16)
+            if not chunk:  # it and its ranks have ended
+                break
+            output += chunk
+        while time.monotonic() < deadline:
+            done, waited = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(waited)
+                break
+            time.sleep(0.05)
+    finally:
+        os.close(read)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        if status is None:
+            os.waitpid(pid, 0)
+    return status, output.decode(errors="replace")
 
 
 @pytest.mark.slow

@@ -85,17 +85,11 @@ def test_pairs_are_the_chat_template_their_targets_the_answers_and_a_tenth_held_
         assert tokenizer.decode([t for t in row.tolist() if t != -100]) == answer + "<|endoftext|>"
 
 
-@pytest.fixture(scope="module")
-def chat_checkpoint(tmp_path_factory):
-    """A tiny model fine-tuned with dropout 0.1 on the bundled conversations: it knows the chat
-    template, and its reference would drop out if it trained."""
-    folder = tmp_path_factory.mktemp("dpo")
-    data = os.path.join(ROOT, "data", "chat_example.jsonl")
-    cfg = tiny_run(data, folder / "run", max_steps=20, eval_interval=20, lr=1e-2)
-    start = untrained(folder / "untrained.pt", data, tiny_model(block_size=128))
-    options = RunOptions(init_from=start)
-    train_run(tiny_model(), cfg, options, {"dropout": 0.1}, stage="finetune")
-    return str(folder / "run" / "best.pt")
+@pytest.fixture
+def chat_checkpoint(chat_run):
+    """conftest's chat model (dropout 0.1, a context of 128): it knows the chat template, and its
+    reference would drop out if it trained. Its best.pt."""
+    return chat_run[0]
 
 
 @pytest.mark.slow  # trains for seconds
@@ -138,7 +132,10 @@ def test_a_stages_figures_are_no_step_the_pace_leaves_them_out(
         return held_out(*args)
 
     monkeypatch.setattr(dpo, "held_out", slow_figures)
-    cfg = tiny_run(PAIRS, tmp_path / "run", max_steps=6, log_interval=2, eval_interval=100)
+    pairs = tmp_path / "pairs.jsonl"  # ten of the bundled pairs: one held out, answered at once
+    with open(PAIRS, encoding="utf-8") as f:
+        pairs.write_text("".join(f.readlines()[:10]), encoding="utf-8")
+    cfg = tiny_run(pairs, tmp_path / "run", max_steps=6, log_interval=2, eval_interval=100)
     options = RunOptions(init_from=chat_checkpoint)
     summary = train_run(tiny_model(block_size=128), cfg, options, stage="dpo")
     paces = [row["ms_per_step"] for row in summary["history"] if row["kind"] == "train"]

@@ -18,7 +18,9 @@ from config import DTYPES, GPTConfig, default_preset
 from machinery import checkpoint, sources
 from tools import export
 
-pytestmark = pytest.mark.slow  # every test loads transformers: seconds
+# every test loads transformers: seconds; they run on one worker (xdist_group), with test_tools.py's
+# tests of Hugging Face's GPT-2: runs is trained and transformers imported once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("transformers")]
 LLAMA = ["--norm", "rmsnorm", "--mlp", "swiglu", "--pos", "rope"]
 KINDS = {  # the train.py flags of each kind of model
     "llama": LLAMA,

@@ -6,12 +6,12 @@ import os
 import pytest
 from conftest import ROOT, TINY_FLAGS, corpus_head, script_env
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-
 
 @pytest.mark.slow  # a kernel, and a process for each script it runs
 def test_the_colab_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    # imported here, not at collection: only the worker that runs the notebook pays for them
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
     (tmp_path / "data.txt").write_text(corpus_head(20_000), encoding="utf-8")
     flags = [f for f in TINY_FLAGS if f not in ("--plots", "false")]  # the notebook shows loss.png
     flags += ["--data", tmp_path / "data.txt", "--max_steps", "20", "--eval_interval", "20"]

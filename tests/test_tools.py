@@ -429,6 +429,9 @@ def test_bad_decoding_input_is_one_error_line(trained, capsys, flag, value):
 
 # ----------------------------------------------------------------------------- GPT-2, Hugging Face
 
+# on the worker that runs test_export.py (xdist_group): transformers is imported once
+TRANSFORMERS = pytest.mark.xdist_group("transformers")
+
 
 def hf_config(**overrides):
     transformers = pytest.importorskip("transformers")
@@ -462,6 +465,7 @@ def hf_folder(tmp_path_factory):
 
 
 @pytest.mark.slow  # trains or loads for seconds
+@TRANSFORMERS
 def test_a_hugging_face_gpt2_loads_with_its_logits_and_greedy_continuation(hf_folder):
     folder, hf = hf_folder
     model = hf_gpt2.load_gpt2(str(folder))
@@ -477,6 +481,7 @@ def test_a_hugging_face_gpt2_loads_with_its_logits_and_greedy_continuation(hf_fo
 
 
 @pytest.mark.slow  # imports transformers: seconds
+@TRANSFORMERS
 @pytest.mark.parametrize(
     "change, word",
     [
@@ -509,6 +514,7 @@ class Payload:
 
 
 @pytest.mark.slow  # imports transformers: seconds
+@TRANSFORMERS
 def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     config = hf_config(n_layer=1, vocab_size=64, bos_token_id=0, eos_token_id=0)
@@ -523,6 +529,7 @@ def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys
 
 
 @pytest.mark.slow  # imports transformers: seconds
+@TRANSFORMERS
 def test_train_init_from_the_folder_fine_tunes_it(
     hf_folder, text_file, tmp_path, capsys, monkeypatch
 ):

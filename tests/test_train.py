@@ -9,8 +9,6 @@ import math
 import os
 import pickle
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +23,6 @@ from conftest import (
     last_lr_is_the_schedules_end,
     same_state,
     same_weights,
-    script_env,
     tiny_model,
     tiny_run,
     train_run,
@@ -912,41 +909,8 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end
     assert last_lr_is_the_schedules_end(cfg, summary)
 
 
-@pytest.mark.slow
-def test_a_budget_counts_from_the_process_start_imports_included(text_file, tmp_path):
-    """python train.py counts its imports: its first evaluation comes later on its clock than
-    the import of torch took, as the same process measured it (-X importtime)."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "train.py",
-            *TINY_FLAGS,
-            "--data",
-            text_file,
-            "--out_dir",
-            tmp_path,
-            "--time_budget",
-            "1h",
-            "--target_loss",
-            "10",
-            "--eval_interval",
-            "1",
-        ],
-        cwd=ROOT,
-        env=script_env(),
-        capture_output=True,
-        text=True,
-    )  # it stops at its first evaluation after a step
-    assert done.returncode == 0, done.stderr
-    torch_us = [
-        int(line.split("|")[1])
-        for line in done.stderr.splitlines()
-        if line.startswith("import time:") and line.split("|")[2].strip() == "torch"
-    ]
-    first = checkpoint.load(str(tmp_path / "last.pt"))["history"][0]
-    assert first["kind"] == "eval" and first["seconds"] > torch_us[0] / 1e6
+# that a budget counts from the process start, imports included: test_cli.py's signals test, on its
+# `python -X importtime train.py`
 
 
 @pytest.mark.parametrize(
