@@ -242,7 +242,10 @@ def train_run(model_cfg, cfg, options=None, given=None, stage="train"):
 
 def untrained(path, data, model_cfg):
     """A checkpoint of a GPT of random weights whose tokenizer knows data's characters and the
-    chat template's tokens: what finetune.py starts from to learn conversations from scratch."""
+    chat template's tokens: what finetune.py starts from to learn conversations from scratch.
+    Seeded: its weights do not depend on which tests ran before it on the worker."""
+    import torch
+
     from config import SPECIAL_TOKENS
     from machinery import checkpoint, sources
     from model import GPT
@@ -250,6 +253,7 @@ def untrained(path, data, model_cfg):
 
     text = "".join(sources.iter_documents(str(data)))
     tokenizer = CharTokenizer.from_text(text, SPECIAL_TOKENS)
+    torch.manual_seed(0)
     model = GPT(dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size))
     checkpoint.save(str(path), checkpoint.create(model, tokenizer.to_dict(), step=0))
     return str(path)

@@ -175,7 +175,8 @@ def test_a_preference_run_moves_what_a_model_of_both_registers_says(tmp_path):
             f.write(json.dumps(dict(prompt=prompt, chosen=chosen, rejected=rejected)) + "\n")
     shape, steps = tiny_model(block_size=64, n_embd=64, n_head=4), dict(eval_interval=1000)
     start = untrained(tmp_path / "untrained.pt", chats, shape)
-    chat_cfg = tiny_run(chats, tmp_path / "chat", max_steps=150, lr=1e-2, **steps)
+    # long enough to learn each answer whole: a preferred first word then leads to a whole line
+    chat_cfg = tiny_run(chats, tmp_path / "chat", max_steps=400, lr=1e-2, **steps)
     train_run(shape, chat_cfg, RunOptions(init_from=start), stage="finetune")
     chat = str(tmp_path / "chat" / "last.pt")
     tuned = tiny_run(pairs, tmp_path / "dpo", max_steps=40, lr=3e-4, dpo_beta=0.5, **steps)
