@@ -216,14 +216,27 @@ class Run:
 
     def plan(self):
         """Under a time budget, set state.max_steps: the steps that fit in the time left, at the
-        pace so far. The ranks use their mean clock, so that all of them decide alike."""
+        pace so far. The ranks use their mean clock, so that all of them decide alike. Time spent
+        within the warmup ends the run with an error, its steps saved first."""
         state = self.state
         now = self.process.mean([self.elapsed()])[0] if self.budget else 0.0
         self.left = time_left(state, self.budget, now)
-        if self.left is not None:
-            steps = state.step - self.first_step
-            pace = (now - self.first_seconds) / steps if steps else 0.0
+        if self.left is None:
+            return
+        steps = state.step - self.first_step
+        pace = (now - self.first_seconds) / steps if steps else 0.0
+        try:
             state.max_steps = budget_end(state, self.cfg, self.left, pace)
+        except TinyLLMError as e:  # the warmup outlasted the time: its steps are kept
+            if not state.step or not self.writes_files:
+                raise
+            self.save("last.pt")
+            longer = f"--time_budget {2 * self.budget:g}s"
+            resume = f"{self.resume_command()} {longer}"
+            last = os.path.join(self.cfg.out_dir, "last.pt")
+            raise TinyLLMError(
+                f"{e}. Its {state.step} steps are in {last}; go on: {resume}"
+            ) from None
 
     def evaluation_due(self):
         """Whether to evaluate now: every eval_interval steps and at the end, never twice at one
@@ -377,6 +390,9 @@ class Run:
         if name.startswith("ckpt_"):
             checkpoint.keep_newest(self.cfg.out_dir, self.cfg.keep_last)
 
+    def resume_command(self):
+        return f"python {self.settings.stage}.py --resume --out_dir {self.cfg.out_dir}"
+
     def finish(self):
         """End the run: last.pt if steps came after the last evaluation, the closing lines and
         sample, and a summary. Stopped by a signal: last.pt, the command that resumes it, and
@@ -389,8 +405,7 @@ class Run:
         if signum:
             if self.writes_files:
                 last = os.path.join(cfg.out_dir, "last.pt")
-                resume = f"python {self.settings.stage}.py --resume --out_dir {cfg.out_dir}"
-                self.say(f"saved {last} at step {state.step}. Resume with: {resume}")
+                self.say(f"saved {last} at step {state.step}. Resume with: {self.resume_command()}")
             self.process.leave_together()
             sys.exit(128 + signum)
         if self.stop_reason:

@@ -909,6 +909,24 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end
     assert last_lr_is_the_schedules_end(cfg, summary)
 
 
+def test_a_budget_spent_within_the_warmup_keeps_its_steps_and_a_longer_one_resumes_them(
+    text_file, tmp_path, monkeypatch
+):
+    """Steps of 0.05 s, a 1 s budget, 30 warmup steps: the time runs out within the warmup. The
+    run refuses to end there (its LR would never decay), but saves the steps it took first."""
+    cfg = tiny_run(text_file, tmp_path, time_budget="1s", warmup_steps=30, eval_interval=1000)
+    StepClock(0.05).install(monkeypatch)
+    with pytest.raises(TinyLLMError, match="--time_budget 2s"):
+        train_run(tiny_model(), cfg)
+    saved = checkpoint.load(str(tmp_path / "last.pt"))
+    assert saved["step"] == 20 and saved["seconds"] == pytest.approx(20 * 0.05)  # 0.99 s passed
+    clock = StepClock(0.05).install(monkeypatch)  # a new process: its clock starts at 0
+    longer = dataclasses.replace(cfg, time_budget="2s")
+    summary = train_run(tiny_model(), longer, RunOptions(resume=True), dict(time_budget="2s"))
+    assert summary["step"] > 30 and 1.98 - 0.05 <= saved["seconds"] + clock.now <= 1.98
+    assert last_lr_is_the_schedules_end(longer, summary)
+
+
 # that a budget counts from the process start, imports included: test_cli.py's signals test, on its
 # `python -X importtime train.py`
 
