@@ -16,7 +16,9 @@ from sampling import Context, token_stream
 
 def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens):
     """The model's turn, printed as it comes: (its ids, EOT last; whether Ctrl-C stopped it)."""
-    new, stop, printer = [], tokenizer.eot_id, Printer(tokenizer, tokenizer.eot_id)
+    new = []
+    stop = tokenizer.eot_id
+    printer = Printer(tokenizer, tokenizer.eot_id)
     idx = torch.tensor([conversation], device=context.model.wte.weight.device)
     stopped = False
     try:
@@ -42,14 +44,16 @@ def main(argv=None):
     cfg = make_config(GenerateConfig, {"max_new_tokens": 300} | flags)
     device = devices.use(cfg.device, cfg.threads)
     trained = checkpoint.load_model(flags["checkpoint"], device)
-    model, tokenizer = trained.model, trained.tokenizer
+    model = trained.model
+    tokenizer = trained.tokenizer
     if ASSISTANT not in tokenizer.special_tokens:
         raise TinyLLMError(
             "this model has not learned the chat template: fine-tune it first "
             "(finetune.py --init_from CHECKPOINT --data data/chat_example.jsonl)"
         )
     generator = torch.Generator(device).manual_seed(cfg.seed)
-    conversation, context = [tokenizer.eot_id], Context(model)
+    conversation = [tokenizer.eot_id]
+    context = Context(model)
     cli.log("type a message; /reset starts over, /quit or Ctrl-D leaves, Ctrl-C stops an answer")
     while True:
         try:
@@ -62,7 +66,8 @@ def main(argv=None):
         if message == "/quit":
             break
         if message == "/reset":
-            conversation, context = [tokenizer.eot_id], Context(model)
+            conversation = [tokenizer.eot_id]
+            context = Context(model)
             continue
         if message:
             conversation += sources.encode_prompt(tokenizer, sources.question(message))

@@ -33,7 +33,8 @@ BOUNDS = dict(at_least=operator.ge, above=operator.gt, at_most=operator.le, belo
 def check(config):
     """Each setting one of its choices, and a number within its bounds (None: unset)."""
     for f in fields(config):
-        value, choices = getattr(config, f.name), f.metadata["choices"]
+        value = getattr(config, f.name)
+        choices = f.metadata["choices"]
         if choices and value not in choices:
             raise TinyLLMError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if f.type is float and value is not None:
@@ -47,12 +48,15 @@ MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
 BPE_VOCAB_SIZE = 2048  # what --tokenizer bpe learns unless --vocab_size says otherwise
 EOT = "<|endoftext|>"  # between documents and after each answer; every tokenizer has it
 # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
-USER, ASSISTANT = "<|user|>", "<|assistant|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
 SPECIAL_TOKENS = (EOT, USER, ASSISTANT)  # each one token, after a vocabulary's ordinary ones
 NO_TARGET = -100  # a target that counts for nothing in the loss: a question's token, say
 TRAIN_FRACTION = 0.9  # the first 90% of a text trains, the rest validates
-DEVICES, DTYPES = ("auto", "cpu", "cuda", "mps"), ("auto", "float32", "bfloat16", "float16")
-POSITIONS, TOKENIZERS = ("learned", "sinusoidal", "rope"), ("char", "bpe", "gpt2")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+POSITIONS = ("learned", "sinusoidal", "rope")
+TOKENIZERS = ("char", "bpe", "gpt2")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
 

@@ -37,8 +37,10 @@ class Distilled(nn.Module):
 
     def __init__(self, student, teacher, temperature, alpha):
         super().__init__()
-        self.student, self.teacher = student, teacher.requires_grad_(False).eval()
-        self.temperature, self.alpha = temperature, alpha
+        self.student = student
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.temperature = temperature
+        self.alpha = alpha
 
     def train(self, mode=True):  # the teacher stays in eval mode: no dropout
         super().train(mode)

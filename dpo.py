@@ -97,9 +97,11 @@ def pair_batch(pairs, device):
     the rejected, each padded at its end with no target."""
     rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
     T = max(len(x) for x, _ in rows)
-    x, y = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), NO_TARGET)
+    x = torch.zeros(len(rows), T, dtype=torch.long)
+    y = torch.full((len(rows), T), NO_TARGET)
     for r, (ids, targets) in enumerate(rows):
-        x[r, : len(ids)], y[r, : len(ids)] = ids, targets
+        x[r, : len(ids)] = ids
+        y[r, : len(ids)] = targets
     return x.to(device), y.to(device)
 
 
@@ -126,7 +128,8 @@ class Preferring(nn.Module):
 
     def __init__(self, policy, reference, beta):
         super().__init__()
-        self.policy, self.reference = policy, reference.requires_grad_(False).eval()
+        self.policy = policy
+        self.reference = reference.requires_grad_(False).eval()
         self.beta = beta
 
     def train(self, mode=True):  # the reference stays in eval mode: no dropout, from the start

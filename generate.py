@@ -44,7 +44,9 @@ def header(cfg, sampler, path, saved, prompt):
 
 def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     """One checkpoint's samples, printed (streamed when alone): its block of the output file."""
-    model, tokenizer, saved = loaded.model, loaded.tokenizer, loaded.checkpoint
+    model = loaded.model
+    tokenizer = loaded.tokenizer
+    saved = loaded.checkpoint
     stop = None if cfg.no_stop else tokenizer.eot_id
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
     shown_ids = [t for t in prompt_ids if t != stop]  # the prompt as printed (--qa's starts so)
@@ -90,7 +92,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     paths = args.checkpoints or ["checkpoints/best.pt"]
     flags = vars(args)
-    cfg, sampler = make_config(GenerateConfig, flags), make_config(SamplerConfig, flags)
+    cfg = make_config(GenerateConfig, flags)
+    sampler = make_config(SamplerConfig, flags)
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]
     if cfg.beam and drawn:
         raise TinyLLMError(f"beam search draws nothing: drop {', '.join(drawn)}")
@@ -111,7 +114,8 @@ def main(argv=None):
     loaded = [checkpoint.load_model(path) for path in paths]  # read on the CPU
     for trained in loaded[1:]:
         sources.encode_prompt(trained.tokenizer, prompt, cfg.qa, say=lambda _: None)
-    several, blocks = len(paths) > 1, []
+    several = len(paths) > 1
+    blocks = []
     for path in paths:  # popped, so that one model at a time is on the device
         trained = loaded.pop(0)
         trained.model.to(device)

@@ -24,7 +24,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, rank, alpha):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
+        self.base = base
+        self.scale = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))  # (r, in)
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear draws its weights

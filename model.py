@@ -63,7 +63,8 @@ class CausalSelfAttention(nn.Module):
         # (B, T, nh, hs) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:  # RoPE turns q and k by their positions (below)
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *rope)
         return q, k, v
 
     def attention(self, q, k, v, mask):
@@ -180,7 +181,8 @@ class GPT(nn.Module):
         """(x, rope): the tokens of idx (B, T) embedded with their positions from start, (B, T, C),
         and RoPE's angles of those positions, each (T, hs/2), or None."""
         positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,)
-        x, rope = self.wte(idx), None  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
         if self.config.pos == "learned":
             x = x + self.wpe(positions)
         elif self.config.pos == "sinusoidal":
@@ -266,7 +268,8 @@ def rope_tables(n_positions, head_size, base=10000.0):
 def apply_rope(x, cos, sin):
     """Turn each pair (x[2i], x[2i+1]) by its position's angle: then q.k depends on two positions
     only through their distance. x: (..., T, hs); cos, sin: (T, hs/2); computed in float32."""
-    even, odd = x[..., 0::2].float(), x[..., 1::2].float()  # each (..., T, hs/2)
+    even = x[..., 0::2].float()  # (..., T, hs/2)
+    odd = x[..., 1::2].float()  # (..., T, hs/2)
     turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (.., hs/2, 2)
     return turned.flatten(-2).type_as(x)  # (..., T, hs)
 

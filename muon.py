@@ -8,7 +8,9 @@ import torch
 def orthogonalize(g, dtype=torch.float32, steps=5):
     """About U V^T of g = U S V^T (every singular value pushed towards 1), by a quintic
     Newton-Schulz iteration in dtype, whose coefficients trade exactness for speed."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+    a = 3.4445
+    b = -4.7750
+    c = 2.0315
     tall = g.size(0) > g.size(1)
     x = g.T if tall else g
     x = (x / (x.norm() + 1e-7)).to(dtype)  # spectral norm <= 1, where the iteration converges

@@ -55,14 +55,17 @@ class KVCache:
     buffers, and the mask (model.causal_mask) hides the slots after each query's position."""
 
     def __init__(self, n_layer, block_size):
-        self.k, self.v = [None] * n_layer, [None] * n_layer
-        self.block_size, self.pos = block_size, 0
+        self.k = [None] * n_layer
+        self.v = [None] * n_layer
+        self.block_size = block_size
+        self.pos = 0
 
     def update(self, layer, k, v):
         """Store k, v (B, nh, T, hs) at pos..pos+T-1; return the buffers (B, nh, block_size, hs)."""
         if self.k[layer] is None:  # zeros: a hidden slot's weight is 0, and 0 * NaN is NaN
             shape = (k.size(0), k.size(1), self.block_size, k.size(3))
-            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
         self.k[layer][:, :, self.pos : self.pos + k.size(2)] = k
         self.v[layer][:, :, self.pos : self.pos + v.size(2)] = v
         return self.k[layer], self.v[layer]
@@ -73,8 +76,10 @@ class Context:
     each row of idx (B, T); each call's idx continues the last call's (by one token, or more)."""
 
     def __init__(self, model, use_cache=True):
-        self.model, self.use_cache = model, use_cache
-        self.start, self.cache = None, None  # the context is idx[:, start:]
+        self.model = model
+        self.use_cache = use_cache
+        self.start = None  # the context is idx[:, start:]
+        self.cache = None
 
     def next_logits(self, idx):
         block_size = self.model.config.block_size
@@ -141,7 +146,8 @@ def beam_search(context, idx, max_new_tokens, beam_width, stop_token=None, lengt
     total / length ** length_penalty."""
     prompt = idx.size(1)
     dtype = torch.float32 if idx.device.type == "mps" else torch.float64  # MPS has no float64
-    beams, totals = idx, torch.zeros(1, dtype=dtype, device=idx.device)  # (k, T + t), (k,)
+    beams = idx  # (k, T + t)
+    totals = torch.zeros(1, dtype=dtype, device=idx.device)  # (k,)
     finished = []  # (total, new tokens) of the continuations that stopped
     for _ in range(max_new_tokens):
         logp = F.log_softmax(context.next_logits(beams).to(dtype), dim=-1)  # (k, V)
@@ -149,7 +155,8 @@ def beam_search(context, idx, max_new_tokens, beam_width, stop_token=None, lengt
         # the k * V candidates in one row; a beam adds at most one stopped one, so the best
         # 2 * beam_width hold beam_width live ones
         best, flat = (totals[:, None] + logp).flatten().topk(min(2 * beam_width, logp.numel()))
-        rows, tokens = flat // V, flat % V  # the beam each candidate extends, and by which token
+        rows = flat // V  # the beam each candidate extends
+        tokens = flat % V  # and by which token
         stops = torch.zeros_like(tokens, dtype=torch.bool)  # whether each candidate stops
         if stop_token is not None:
             stops = tokens == stop_token
@@ -161,7 +168,8 @@ def beam_search(context, idx, max_new_tokens, beam_width, stop_token=None, lengt
         if context.cache is not None:  # each row's cache follows the beam it grew from
             context.cache.k = [k[rows[keep]] for k in context.cache.k]
             context.cache.v = [v[rows[keep]] for v in context.cache.v]
-        beams, totals = torch.cat((beams[rows[keep]], tokens[keep, None]), 1), best[keep]
+        beams = torch.cat((beams[rows[keep]], tokens[keep, None]), 1)
+        totals = best[keep]
         if length_penalty == 0 and finished and max(f[0] for f in finished) >= totals[0]:
             break  # a plain sum only falls as a continuation grows: no live beam can win now
     candidates = finished + [(t, b[prompt:]) for t, b in zip(totals.tolist(), beams)]

@@ -83,7 +83,8 @@ GPT2_PATTERN = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s
 
 def replace_pair(ids, pair, new_id):
     """Every non-overlapping pair in ids, left to right, replaced by new_id."""
-    out, i = [], 0
+    out = []
+    i = 0
     while i < len(ids):
         hit = i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair
         out.append(new_id if hit else ids[i])
@@ -102,11 +103,13 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
     # 1. distinct words with their counts: merges never cross a word (nor a special token)
     chunks = ordinary(text, special_tokens)
     word_counts = Counter(word for chunk in chunks for word in regex.findall(GPT2_PATTERN, chunk))
-    words, freqs = [list(w.encode("utf-8")) for w in word_counts], list(word_counts.values())
+    words = [list(w.encode("utf-8")) for w in word_counts]
+    freqs = list(word_counts.values())
     # 2. every adjacent pair's count, and the words holding it
     tokens = [bytes([b]) for b in range(256)]
     token_id = {t: i for i, t in enumerate(tokens)}
-    counts, where = Counter(), {}
+    counts = Counter()
+    where = {}
     for w, (ids, n) in enumerate(zip(words, freqs)):
         for pair in zip(ids, ids[1:]):
             counts[pair] += n
@@ -132,9 +135,11 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
         # 4. rewrite only the words holding the pair, and adjust the counts
         delta = Counter()
         for w in where.pop(pair):
-            old, n = words[w], freqs[w]
+            old = words[w]
+            n = freqs[w]
             words[w] = new = replace_pair(old, pair, new_id)
-            old_pairs, new_pairs = list(zip(old, old[1:])), list(zip(new, new[1:]))
+            old_pairs = list(zip(old, old[1:]))
+            new_pairs = list(zip(new, new[1:]))
             for p in old_pairs:
                 delta[p] -= n
             for p in new_pairs:
@@ -168,7 +173,8 @@ class BPETokenizer(ByteLevelTokenizer):
     """Our trained BPE: ids 0..len(tokens)-1 are the tokens by rank, then the special tokens."""
 
     def __init__(self, tokens, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
-        self.tokens, self.pattern = [bytes(t) for t in tokens], pattern
+        self.tokens = [bytes(t) for t in tokens]
+        self.pattern = pattern
         ranks = {t: i for i, t in enumerate(self.tokens)}
         if len(ranks) != len(self.tokens):
             raise TinyLLMError("the bpe tokenizer has duplicate tokens")

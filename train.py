@@ -245,7 +245,8 @@ def evaluate(run):
 def loop(run):
     """Take steps until step state.max_steps. Evaluate every eval_interval steps and at the end;
     print a progress line every log_interval steps. Then the closing lines (run.finish)."""
-    cfg, state = run.cfg, run.state
+    cfg = run.cfg
+    state = run.state
     with run:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
         while True:
             run.plan()  # a --time_budget sets max_steps: the steps that fit in the time left

@@ -62,7 +62,8 @@ def answer_targets(ids, tokenizer):
     start = tokenizer.special_tokens.get(ASSISTANT)
     if start is None or not (ids == start).any():  # plain text, a chat model's tokenizer or not
         return None
-    targets, inside = [], False
+    targets = []
+    inside = False
     for token in ids.tolist():
         targets.append(inside)  # after <|assistant|>, up to its <|endoftext|> included
         if token == start:
@@ -79,7 +80,8 @@ def get_batch(data, batch_size, block_size, device, targets=None):
     starts = torch.randint(len(data) - block_size, (batch_size,)).tolist()
     windows = [np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts]
     windows = torch.from_numpy(np.stack(windows))  # (B, T + 1)
-    x, y = windows[:, :-1], windows[:, 1:]  # each (B, T)
+    x = windows[:, :-1]  # (B, T)
+    y = windows[:, 1:]  # (B, T)
     if targets is not None:  # a question's tokens are context, no target (model.lm_loss)
         answers = torch.stack([targets[i + 1 : i + block_size + 1] for i in starts])  # (B, T)
         y = y.masked_fill(~answers, NO_TARGET)

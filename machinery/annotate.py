@@ -61,7 +61,10 @@ class WholeCharacters:
     """Tokens to whole characters and their joint probability: a token can end mid-character."""
 
     def __init__(self, tokenizer, stop=None):
-        self.tokenizer, self.stop, self.ids, self.p = tokenizer, stop, [], 1.0
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids = []
+        self.p = 1.0
 
     def add(self, token, p=1.0):
         """(text, probability) once the tokens so far make whole characters, else None."""
@@ -74,7 +77,8 @@ class WholeCharacters:
 
     def flush(self):  # whole characters or not
         piece = (self.tokenizer.decode(self.ids), self.p)
-        self.ids, self.p = [], 1.0
+        self.ids = []
+        self.p = 1.0
         return piece
 
 
@@ -82,7 +86,8 @@ class Printer:
     """The first sample printed as it is drawn, in whole characters (generate.py, chat.py)."""
 
     def __init__(self, tokenizer, stop=None):
-        self.tokenizer, self.pieces = tokenizer, WholeCharacters(tokenizer, stop)
+        self.tokenizer = tokenizer
+        self.pieces = WholeCharacters(tokenizer, stop)
 
     def begin(self, prompt_ids, n_samples=1):
         print(self.tokenizer.decode(prompt_ids), end="", flush=True)
@@ -98,7 +103,8 @@ class Printer:
 
 def summary(steps):
     total = sum(math.log(s.p) for s in steps)
-    mean, entropy = total / len(steps), sum(s.entropy for s in steps) / len(steps)
+    mean = total / len(steps)
+    entropy = sum(s.entropy for s in steps) / len(steps)
     return (
         f"{len(steps)} tokens: mean log-probability {mean:.3f} nats "
         f"| perplexity {math.exp(-mean):.3f} | mean entropy {entropy:.3f} bits "
@@ -111,11 +117,15 @@ class Annotator:
     one later by report. A terminal gets colours; a file, a pipe or --show_top a row per token."""
 
     def __init__(self, tokenizer, top, to_file, stop, live):
-        self.tokenizer, self.top, self.stop, self.live = tokenizer, top, stop, live
+        self.tokenizer = tokenizer
+        self.top = top
+        self.stop = stop
+        self.live = live
         self.colour = sys.stdout.isatty() and not to_file and not top
 
     def begin(self, prompt_ids, n_samples):
-        self.samples, self.prompt = [[] for _ in range(n_samples)], prompt_ids
+        self.samples = [[] for _ in range(n_samples)]
+        self.prompt = prompt_ids
         self.pieces = WholeCharacters(self.tokenizer, self.stop)
         if self.colour:
             print("probability of each new token: " + "  ".join(paint(w, p) for p, _, w in BANDS))
@@ -124,7 +134,8 @@ class Annotator:
 
     def add(self, token, probs):
         """One step of every sample: token (B, 1) drawn from probs (B, V)."""
-        p, entropy = probs.gather(1, token)[:, 0].tolist(), entropy_bits(probs).tolist()
+        p = probs.gather(1, token)[:, 0].tolist()
+        entropy = entropy_bits(probs).tolist()
         top = probs.topk(min(self.top, probs.size(-1)), dim=-1) if self.top else None
         for b, steps in enumerate(self.samples):
             if steps and steps[-1].token == self.stop:

@@ -116,7 +116,8 @@ def model_of(checkpoint, path="checkpoint"):
 
         base = load(lora["base"])  # its dropout the run's: a fine-tune may change it
         base["model_config"] |= {"dropout": checkpoint["model_config"]["dropout"]}
-        model, weights = model_of(base, lora["base"]), dict(checkpoint["model"])
+        model = model_of(base, lora["base"])
+        weights = dict(checkpoint["model"])
         new_rows = weights.pop("new_rows")
         if lora["rows"]:  # the base's rows and new tokens', in the order of the run's tokenizer
             with_embedding(model, lora["rows"], new_rows)
@@ -189,18 +190,21 @@ def load_model(path, device="cpu"):
 def create(model, tokenizer, **extra):
     """A checkpoint: the model's weights and settings, the tokenizer, and the extra entries. A LoRA
     model's (lora.py): the adapter and its base's path, not the base's weights."""
-    weights, settings = model.state_dict(), dataclasses.asdict(model.config)
+    weights = model.state_dict()
+    settings = dataclasses.asdict(model.config)
     if getattr(model, "lora", None):
         from lora import adapter_weights
 
-        weights, extra = adapter_weights(model, model.lora), extra | {"lora": model.lora}
+        weights = adapter_weights(model, model.lora)
+        extra = extra | {"lora": model.lora}
     return dict(model=weights, model_config=settings, tokenizer=tokenizer, **extra)
 
 
 def with_embedding(model, rows, new_rows):
     """model with its token embedding rebuilt, row i its old row rows[i], or where that is None
     the next of new_rows; the output layer tied to it."""
-    old, new_rows = model.wte.weight.detach(), iter(new_rows)
+    old = model.wte.weight.detach()
+    new_rows = iter(new_rows)
     weights = []
     for i in rows:  # a new token takes the next new row
         weights.append(old[i] if i is not None else next(new_rows))
@@ -215,7 +219,8 @@ def with_embedding(model, rows, new_rows):
 def grow_vocabulary(model, old_ids):
     """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
     new rows alike). old_ids: per token, its old row or None. Returns every row's settings."""
-    old, old_size = model.wte.weight.detach(), sum(i is not None for i in old_ids)
+    old = model.wte.weight.detach()
+    old_size = sum(i is not None for i in old_ids)
     rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
     mean = old[[i for i in rows if i is not None]].mean(0)
     with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))

@@ -23,14 +23,14 @@ from machinery.cli import warn
 @functools.cache  # a machine stays what it is: asked once a process
 def machine():
     """What this machine has; asking starts no GPU."""
-    cpu, lacking = torch.cpu, lambda: False  # private probes: an older torch lacks them
+    cpu = torch.cpu  # private probes: an older torch lacks them
     return SimpleNamespace(
         cuda=torch.cuda.is_available(),
         mps=torch.backends.mps.is_available(),
         gpus=torch.cuda.device_count(),
         vendor=cpu_vendor(),
-        amx=getattr(cpu, "_is_amx_tile_supported", lacking)(),
-        avx512_bf16=getattr(cpu, "_is_avx512_bf16_supported", lacking)(),
+        amx=hasattr(cpu, "_is_amx_tile_supported") and cpu._is_amx_tile_supported(),
+        avx512_bf16=hasattr(cpu, "_is_avx512_bf16_supported") and cpu._is_avx512_bf16_supported(),
         torch=tuple(int(x) for x in torch.__version__.split(".")[:2]),
     )
 
@@ -136,7 +136,8 @@ def auto_dtype(device):
 def machine_preset(device, given):
     """(the preset a run without --preset trains here, the facts that chose it): the device, the
     precision --dtype gives (auto: by what the device is) and the threads."""
-    dtype, threads = given.get("dtype", "auto"), given.get("threads") or torch.get_num_threads()
+    dtype = given.get("dtype", "auto")
+    threads = given.get("threads") or torch.get_num_threads()
     if device.type == "cuda":  # small whatever its precision: asking would start CUDA
         return default_preset("cuda", dtype, threads), "cuda"
     if dtype == "auto":
@@ -252,7 +253,8 @@ def check_processes(device, cfg):
         raise TinyLLMError(
             "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"
         )
-    gpus, processes = machine().gpus, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpus = machine().gpus
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device.type == "cuda" and processes > gpus:  # two processes on one GPU: NCCL would hang
         raise TinyLLMError(
             f"{processes} processes on this machine but {gpus} GPU(s): give "

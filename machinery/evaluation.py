@@ -21,7 +21,8 @@ def token_losses(model, ids, batch_size=1):
     """The loss (nats) of every token of ids (n,) but the first, (n - 1,), each once, in windows
     of block_size."""
     model.eval()
-    T, device = model.config.block_size, model.wte.weight.device
+    T = model.config.block_size
+    device = model.wte.weight.device
     n = (len(ids) - 1) // T  # whole windows, then the tail
     windows = ids[: n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
     chunks = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
@@ -75,9 +76,12 @@ def in_character_shares(model, prompts, tokenizer, device):
     """{in_character, in_character_sampled}: the share of prompts (each ending in <|assistant|>)
     the model answers in character, greedily and sampled at temperature 0.8 with seed 0, in 80
     tokens at most (the bundled answers are shorter)."""
-    shares, stop, mode = {}, tokenizer.eot_id, model.training
+    shares = {}
+    stop = tokenizer.eot_id
+    mode = model.training
     for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
-        sampler, answered = SamplerConfig(temperature=temperature), 0
+        sampler = SamplerConfig(temperature=temperature)
+        answered = 0
         for ids in prompts:
             generator = torch.Generator(device).manual_seed(0)
             idx = torch.tensor([ids], device=device)

@@ -131,7 +131,8 @@ def question(text):
 def first_question(ids, tokenizer):
     """The ids of the first whole question in ids, up to where its answer begins; else None."""
     ids = list(map(int, ids))
-    user, assistant = tokenizer.special_tokens.get(USER), tokenizer.special_tokens.get(ASSISTANT)
+    user = tokenizer.special_tokens.get(USER)
+    assistant = tokenizer.special_tokens.get(ASSISTANT)
     if user not in ids or assistant not in ids[ids.index(user) :]:
         return None
     first = ids.index(user)

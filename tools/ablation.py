@@ -37,7 +37,8 @@ def main(argv=None):
     if unknown:
         raise TinyLLMError(f"unknown variant(s) {', '.join(unknown)}; choose from {choices}")
     cli.check_writable(args.out, "--out", make_folder=True)
-    rows, curves = [], {}
+    rows = []
+    curves = {}
     with tempfile.TemporaryDirectory(prefix="tinyllm-ablation-") as tmp:
         for name in names:
             cli.log(f"--- {name}: {VARIANTS[name]}")

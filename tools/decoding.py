@@ -49,7 +49,8 @@ def main(argv=None):
     if min(beams + [args.new_tokens, args.seeds]) < 1:
         raise TinyLLMError("--beams, --new_tokens and --seeds must be at least 1")
     trained = checkpoint.load_model(args.checkpoint)
-    model, tokenizer = trained.model, trained.tokenizer
+    model = trained.model
+    tokenizer = trained.tokenizer
     idx = torch.tensor([sources.encode_prompt(tokenizer, args.prompt)])  # (1, T), as generate.py's
     methods = [("greedy", 0, None, [0])] + [(f"beam {w}", None, w, [0]) for w in beams]
     methods += [(f"sampling, T = {t:g}", t, None, range(args.seeds)) for t in args.temperatures]
@@ -61,7 +62,8 @@ def main(argv=None):
             if width:
                 new = beam_search(Context(model), idx, args.new_tokens, width)[0]
             else:
-                sampler, generator = SamplerConfig(temperature), torch.Generator().manual_seed(seed)
+                sampler = SamplerConfig(temperature)
+                generator = torch.Generator().manual_seed(seed)
                 out = generate(model, idx, args.new_tokens, sampler, generator=generator)
                 new = out[:, idx.size(1) :]
             odds = model_odds(Context(model), idx, new)

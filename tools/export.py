@@ -38,7 +38,8 @@ MAPPED = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", 
 def llama(model, transformers):
     """Llama's config (StableLM's for LayerNorm), and our weights by their names: RoPE's pairs
     (2i, 2i+1) moved to (i, i + hs/2), where their rotate_half pairs them."""
-    c, hs = model.config, model.config.n_embd // model.config.n_head
+    c = model.config
+    hs = model.config.n_embd // model.config.n_head
     shape = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.n_embd,
@@ -137,7 +138,9 @@ def halves(token, ranks):
 
 def model_card(saved, model, arch, name):
     """What the model card says: the run's record in its checkpoint."""
-    c, cfg, steps = model.config, saved.get("train_config", {}), saved.get("step", 0)
+    c = model.config
+    cfg = saved.get("train_config", {})
+    steps = saved.get("step", 0)
     return {
         "name": name,
         "arch": arch,
@@ -169,7 +172,9 @@ def main(argv=None):
     except ImportError:
         raise TinyLLMError("the export needs transformers: pip install transformers") from None
     trained = checkpoint.load_model(args.checkpoint)
-    model, tokenizer, saved = lora.merge(trained.model), trained.tokenizer, trained.checkpoint
+    model = lora.merge(trained.model)
+    tokenizer = trained.tokenizer
+    saved = trained.checkpoint
     c = model.config  # the MLP, then the norm, tell the family
     arch = "gpt2" if c.mlp == "gelu" else {"rmsnorm": "llama", "layernorm": "stablelm"}[c.norm]
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in MAPPED}
@@ -180,7 +185,8 @@ def main(argv=None):
         needed = " ".join(f"--{k} {needs[k]}" for k in differ)
         raise TinyLLMError(f"{setting}: transformers has no such model ({arch}'s needs {needed})")
     config, weights = (gpt2 if arch == "gpt2" else llama)(model, transformers)
-    config.tie_word_embeddings, config.bos_token_id = True, tokenizer.eot_id
+    config.tie_word_embeddings = True
+    config.bos_token_id = tokenizer.eot_id
     config.eos_token_id = config.pad_token_id = tokenizer.eot_id
     idx = torch.tensor([sources.start_ids(tokenizer)])
     sample = generate(model, idx, 300, SamplerConfig(), generator=torch.Generator().manual_seed(42))

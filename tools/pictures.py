@@ -55,7 +55,8 @@ def draw_attention(model, tokenizer, ids, args, path):
     panel = 6.0 if len(layers) == len(heads) == 1 else min(2.2, 8.4 / len(heads))  # inches
     grid = (len(layers), len(heads))
     fig, axes = new_plot(len(layers) * panel + 0.8, len(heads) * panel + 0.6, grid=grid)
-    T, labels = len(ids), [short_label(tokenizer, t) for t in ids]
+    T = len(ids)
+    labels = [short_label(tokenizer, t) for t in ids]
     size = min(9.0, panel * 90 / T * 0.7)  # points: about a cell's height
     ticks, tick_labels = (range(T), labels) if size >= 4.5 else ([], [])  # too small: no labels
     rotation = 90 if max(map(len, labels)) > 1 else 0
@@ -86,7 +87,8 @@ def val_passage(args, tokenizer, saved):
     corpus, _ = sources.validation_split(saved, tokenizer, args.data)
     ids = corpus.val[: 4 * args.passage_chars + 1]  # a byte token: a quarter of a character
     ids = np.asarray(ids, dtype=np.int64).tolist()
-    pieces, chars = WholeCharacters(tokenizer), 0
+    pieces = WholeCharacters(tokenizer)
+    chars = 0
     for n, token in enumerate(ids, 1):
         piece = pieces.add(token)
         chars += len(piece[0]) if piece else 0
@@ -98,7 +100,9 @@ def val_passage(args, tokenizer, saved):
 def draw_surprise(model, tokenizer, ids, path, width=72):
     """The passage in a grid, each character coloured by its share of its token's loss in bits."""
     losses = token_losses(model, ids)
-    chars, pieces, bits = [], WholeCharacters(tokenizer), 0.0
+    chars = []
+    pieces = WholeCharacters(tokenizer)
+    bits = 0.0
     for i, token in enumerate(ids.tolist()):
         bits += losses[i - 1].item() / math.log(2) if i else math.nan  # the first has no context
         piece = pieces.add(token)
@@ -208,8 +212,11 @@ def main(argv=None):
         raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
     device = devices.choose_device(args.device)
     trained = checkpoint.load_model(args.checkpoint, device)
-    model, tokenizer, saved = trained.model, trained.tokenizer, trained.checkpoint
-    ids, c = sources.encode_prompt(tokenizer, args.prompt), model.config
+    model = trained.model
+    tokenizer = trained.tokenizer
+    saved = trained.checkpoint
+    ids = sources.encode_prompt(tokenizer, args.prompt)
+    c = model.config
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
         raise TinyLLMError(f"--prompt is {len(ids)} tokens; the model sees at most {c.block_size}")
     if "attention" in names and not (-1 <= args.layer < c.n_layer and -1 <= args.head < c.n_head):

@@ -47,7 +47,8 @@ def prepare(cfg, out, vocab_size, sample_mb):
             chars |= set(doc_tokenizer.chars) | set(doc_tokenizer.special_tokens)
         text = "".join(sorted(chars))
     else:  # the first sample_mb of the training part: the validation text stays unseen
-        parts, size = [], 0
+        parts = []
+        size = 0
         for train_part, val_part in pieces(cfg, total_bytes):
             parts.append(train_part)
             size += len(train_part)
@@ -100,7 +101,8 @@ def write_splits(cfg, tokenizer, dtype, out, total_bytes):
                     seen += len(part.encode("utf-8"))
                 val_chars += text_length(parts[1], tokenizer.special_tokens)
                 if time.perf_counter() - shown > 2:
-                    shown, rate = time.perf_counter(), seen / (time.perf_counter() - t0)
+                    shown = time.perf_counter()
+                    rate = seen / (time.perf_counter() - t0)
                     eta = cli.format_seconds(max(0, total_bytes - seen) / rate)
                     cli.log(
                         f"prepare {seen / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | "

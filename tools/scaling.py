@@ -33,7 +33,8 @@ def run(shape, steps, out_dir, data, evals=1, **given):
         "out_dir": out_dir,
     }
     summary = experiment(shaped(shape) | settings | given)
-    params, history = summary["model"].num_params(), summary["history"]
+    params = summary["model"].num_params()
+    history = summary["history"]
     last = [h for h in history if h["kind"] == "eval"][-1]
     flops = 6 * params * summary["tokens_per_step"]  # a step's, forward and backward
     return {
@@ -51,7 +52,8 @@ def run(shape, steps, out_dir, data, evals=1, **given):
 def fit_power_law(C, L):
     """{l_inf, a, alpha, rms} of L(C) = l_inf + a C^-alpha, l_inf >= 0: a linear least-squares
     fit for each alpha on a grid, the best with a > 0; None if no falling curve fits."""
-    C, L = torch.tensor(C, dtype=torch.float64), torch.tensor(L, dtype=torch.float64)
+    C = torch.tensor(C, dtype=torch.float64)
+    L = torch.tensor(L, dtype=torch.float64)
     alphas = torch.linspace(0.01, 1.5, 1491, dtype=torch.float64)
     x = (C / C.min())[None, :] ** -alphas[:, None]  # (alphas, points)
     X = torch.stack([torch.ones_like(x), x], dim=2)  # (alphas, points, 2)
@@ -93,7 +95,8 @@ def study(args):
     if args.reuse and os.path.exists(args.out):
         with open(args.out, encoding="utf-8") as f:
             saved = json.load(f)
-    done, probe = {r["key"]: r for r in saved.get("runs", [])}, saved.get("probe")
+    done = {r["key"]: r for r in saved.get("runs", [])}
+    probe = saved.get("probe")
     mid = shapes.index((2, 160, 5)) if (2, 160, 5) in shapes else len(shapes) // 2
     with tempfile.TemporaryDirectory(prefix="tinyllm-scaling-") as tmp:
         if not probe:  # seconds and FLOPs of a step of each size here
@@ -114,14 +117,16 @@ def study(args):
                 plan.append(("iso", shape, max(10, round(budget / flops)), budget, 1.0))
         data_steps = max(10, round(probe["budgets"][-1] / probe["flops"][mid] / 2))
         plan += [("data", shapes[mid], data_steps, None, frac) for frac in DATA_FRACTIONS]
-        rows, t0 = [], time.perf_counter()
+        rows = []
+        t0 = time.perf_counter()
         expected = [steps * probe["seconds"][shapes.index(s)] for _, s, steps, _, _ in plan]
         for i, (kind, shape, steps, budget, frac) in enumerate(plan):
             key = f"{kind} {shape} {steps} {budget} {frac}"
             row = done.get(key)
             if row is None:
                 row = dict(key=key, kind=kind, shape=list(shape), budget=budget, data_fraction=frac)
-                evals, out = 4 if kind == "data" else 1, f"{tmp}/run{i}"
+                evals = 4 if kind == "data" else 1
+                out = f"{tmp}/run{i}"
                 row |= run(
                     shape, steps, out, args.data, evals, data_fraction=frac, dtype=probe["dtype"]
                 )
@@ -161,7 +166,8 @@ def summarize(rows, budgets, five_minutes, path):
         )
         fit = dict(l_inf=min(L), a=0.0, alpha=0.0)
     else:
-        log_c, log_n = [math.log(c) for c in C], [math.log(n) for n in sizes]
+        log_c = [math.log(c) for c in C]
+        log_n = [math.log(n) for n in sizes]
         slope, icpt = statistics.linear_regression(log_c, log_n)
         best_size = math.exp(slope * math.log(five_minutes) + icpt)
         cli.log(
