@@ -314,8 +314,8 @@ class Run:
 
     def evaluated(self, losses, started):
         """Report an evaluation's losses, {"train": ..., "val": ...} of this rank, begun at
-        started (now()): a line, a history row, last.pt and best.pt. --patience or --target_loss may end the run. The
-        baseline, before any step, is printed and kept in the history; it saves nothing."""
+        started (now()): a line, a history row, last.pt and best.pt. --patience or --target_loss
+        may end the run. The baseline, before any step, is printed and kept; it saves nothing."""
         cfg = self.cfg
         state = self.state
         train_loss, val_loss = self.process.mean([losses["train"], losses["val"]])
