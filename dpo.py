@@ -11,22 +11,23 @@ rejected one by more than a frozen copy of itself, its reference, does: no rewar
 reference keeps the policy near what it knew. The loss counts the answers' tokens alone. Each
 evaluation gives DPO's loss, the held-out pairs' mean margin and the share the policy prefers.
 Before and after, the share of held-out prompts it answers in the voice of the plays (the
-bundled pairs' chosen answers; machinery/evaluation.py). --lora_rank R tunes LoRA adapters
+bundled pairs' chosen answers; in_character, at the end of this file). --lora_rank R tunes LoRA adapters
 instead (lora.py). The rest is train.py's run: its loop (fit), its checkpoints, its --resume.
 """
 
 import os
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, TinyLLMError
+from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
 from lora import adapted, merge
 from machinery import checkpoint, cli, harness, sources
-from machinery.evaluation import in_character_shares
 from model import lm_loss
+from sampling import generate, until_stop
 from utils import answer_targets, make_corpus
 
 
@@ -161,6 +162,45 @@ def held_out(model, pairs, device):
     model.train()
     margin, share = torch.stack([margins.mean(), (margins > 0).float().mean()]).tolist()
     return {"margin": margin, "held_out_acc": share}
+
+
+# ------------------------------------------------------------- the in-character measure
+
+# a line as the plays print one: words (a capital first letter at most), each followed by a space
+# or by punctuation and a space, the last by a full stop, a question or an exclamation mark
+LINE = re.compile(r"[A-Z][a-z']*(?:[,;:!?.]? [A-Za-z][a-z']*)*[.!?]")
+PLAY_WORDS = {"thee", "thou", "thy", "thine", "art", "hath", "doth", "lord", "lady", "sir", "aye"}
+CHAT_WORDS = {"lol", "idk", "tbh", "ok", "okay", "nah", "yeah", "dude", "kinda", "whatever", "im"}
+
+
+def in_character(answer):
+    """Whether an answer is in the voice of the plays, as the bundled pairs' chosen answers are: a
+    LINE with a word of PLAY_WORDS and none of CHAT_WORDS. Their rejected answers, chat messages
+    of today, are none of these; the bundled conversations about language models are no LINE of
+    the plays either, for want of their words."""
+    words = set(re.findall(r"[a-z]+", answer.lower()))
+    return bool(LINE.fullmatch(answer)) and bool(words & PLAY_WORDS) and not words & CHAT_WORDS
+
+
+@torch.no_grad()
+def in_character_shares(model, prompts, tokenizer, device):
+    """{in_character, in_character_sampled}: the share of prompts (each ending in <|assistant|>)
+    the model answers in character, greedily and sampled at temperature 0.8 with seed 0, in 80
+    tokens at most (the bundled answers are shorter)."""
+    shares = {}
+    stop = tokenizer.eot_id
+    mode = model.training
+    for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
+        sampler = SamplerConfig(temperature=temperature)
+        answered = 0
+        for ids in prompts:
+            generator = torch.Generator(device).manual_seed(0)
+            idx = torch.tensor([ids], device=device)
+            out = generate(model.eval(), idx, 80, sampler, stop, generator)[0, len(ids) :]
+            answered += in_character(tokenizer.decode(until_stop(out.tolist(), stop)))
+        shares[name] = answered / len(prompts)
+    model.train(mode)  # a frozen reference stays in eval mode
+    return shares
 
 
 def main(argv=None):

@@ -1,18 +1,14 @@
 """A trained model scored: the loss of every token of a text, each once (the lesson's
-estimate_loss draws random batches instead), and --eval_only, a checkpoint on its val split. Then
-the in-character measure of the bundled preference pairs, which dpo.py takes before and after."""
+estimate_loss draws random batches instead), and --eval_only, a checkpoint on its val split."""
 
 import math
-import re
 
 import numpy as np
 import torch
 
-from config import SamplerConfig
 from machinery import checkpoint, devices, sources
 from machinery.cli import log
 from model import lm_loss
-from sampling import generate, until_stop
 from utils import bits_per_char
 
 
@@ -53,40 +49,3 @@ def evaluate_checkpoint(path, data, cfg):
         f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | "
         f"{bits_per_char(loss, corpus.chars_per_token):.4f} bits per character"
     )
-
-
-# a line as the plays print one: words (a capital first letter at most), each followed by a space
-# or by punctuation and a space, the last by a full stop, a question or an exclamation mark
-LINE = re.compile(r"[A-Z][a-z']*(?:[,;:!?.]? [A-Za-z][a-z']*)*[.!?]")
-PLAY_WORDS = {"thee", "thou", "thy", "thine", "art", "hath", "doth", "lord", "lady", "sir", "aye"}
-CHAT_WORDS = {"lol", "idk", "tbh", "ok", "okay", "nah", "yeah", "dude", "kinda", "whatever", "im"}
-
-
-def in_character(answer):
-    """Whether an answer is in the voice of the plays, as the bundled pairs' chosen answers are: a
-    LINE with a word of PLAY_WORDS and none of CHAT_WORDS. Their rejected answers, chat messages
-    of today, are none of these; the bundled conversations about language models are no LINE of
-    the plays either, for want of their words."""
-    words = set(re.findall(r"[a-z]+", answer.lower()))
-    return bool(LINE.fullmatch(answer)) and bool(words & PLAY_WORDS) and not words & CHAT_WORDS
-
-
-@torch.no_grad()
-def in_character_shares(model, prompts, tokenizer, device):
-    """{in_character, in_character_sampled}: the share of prompts (each ending in <|assistant|>)
-    the model answers in character, greedily and sampled at temperature 0.8 with seed 0, in 80
-    tokens at most (the bundled answers are shorter)."""
-    shares = {}
-    stop = tokenizer.eot_id
-    mode = model.training
-    for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
-        sampler = SamplerConfig(temperature=temperature)
-        answered = 0
-        for ids in prompts:
-            generator = torch.Generator(device).manual_seed(0)
-            idx = torch.tensor([ids], device=device)
-            out = generate(model.eval(), idx, 80, sampler, stop, generator)[0, len(ids) :]
-            answered += in_character(tokenizer.decode(until_stop(out.tolist(), stop)))
-        shares[name] = answered / len(prompts)
-    model.train(mode)  # a frozen reference stays in eval mode
-    return shares

@@ -25,9 +25,8 @@ from conftest import (
 import dpo
 import train
 from config import ASSISTANT, SPECIAL_TOKENS, RunOptions
-from dpo import Preferring, answer_logps, pair_batch, pair_split
+from dpo import Preferring, answer_logps, in_character, in_character_shares, pair_batch, pair_split
 from machinery import checkpoint, sources
-from machinery.evaluation import in_character, in_character_shares
 from model import GPT
 from tokenizer import CharTokenizer
 
