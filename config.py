@@ -14,11 +14,14 @@ class TinyLLMError(Exception):
     """A problem with what the user asked for: one `error:` line, no traceback."""
 
 
-def setting(default, help, choices=None, aliases=(), resume=False, **bounds):
-    """A field with its meaning; resume: --resume may change it; bounds: a number's at_least,
-    above, at_most or below. A number may default to None (unset) where its help says what that
-    means: check() lets it be, and --help shows "none"."""
-    meaning = dict(help=help, choices=choices, aliases=aliases, resume=resume, bounds=bounds)
+def setting(default, help, choices=None, aliases=(), resume=False, stages=(), **bounds):
+    """A field with its meaning; resume: --resume may change it; stages: the later stages whose
+    scripts alone take it (python dpo.py --help); bounds: a number's at_least, above, at_most or
+    below. A number may default to None (unset) where its help says what that means: check()
+    lets it be, and --help shows "none"."""
+    meaning = dict(
+        help=help, choices=choices, aliases=aliases, resume=resume, stages=stages, bounds=bounds
+    )
     return field(default=default, metadata=meaning)
 
 
@@ -59,6 +62,8 @@ POSITIONS = ("learned", "sinusoidal", "rope")
 TOKENIZERS = ("char", "bpe", "gpt2")
 DEVICE_HELP = "where the numbers are computed: auto picks cuda, then mps, then cpu"
 THREADS_HELP = "CPU threads for torch; 0 = one per physical core"
+TUNING = ("finetune", "dpo")  # the stages that take LoRA's settings
+DISTILL = ("distill",)
 
 
 @dataclass(frozen=True)
@@ -124,14 +129,18 @@ class TrainConfig:
     threads: int = setting(0, THREADS_HELP, at_least=0, at_most=1024, resume=True)
     sample_tokens: int = setting(300, "tokens of the closing sample", at_least=0, resume=True)
     plots: bool = setting(True, "redraw loss.png after every evaluation", resume=True)
-    # the later stages' own settings (STAGE_SETTINGS)
-    lora_rank: int = setting(0, "LoRA beside attention, of rank R; 0 = off", at_least=0)
-    lora_alpha: float = setting(16.0, "LoRA's scale: its product times alpha / rank", above=0)
-    lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too")
-    distill_from: str = setting("", "the teacher: a checkpoint whose next-token odds to learn")
-    distill_temperature: float = setting(4.0, "both odds softened by it", above=0)
-    distill_alpha: float = setting(0.5, "distillation's share of the loss", at_least=0, at_most=1)
-    dpo_beta: float = setting(0.1, "how far from its reference the policy may move", above=0)
+    # the later stages' own settings
+    lora_rank: int = setting(0, "LoRA beside attention, rank R; 0 = off", stages=TUNING, at_least=0)
+    lora_alpha: float = setting(16.0, "LoRA's scale: times alpha / rank", stages=TUNING, above=0)
+    lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too", stages=TUNING)
+    distill_from: str = setting("", "the teacher's checkpoint, its odds to learn", stages=DISTILL)
+    distill_temperature: float = setting(4.0, "both odds softened by it", stages=DISTILL, above=0)
+    distill_alpha: float = setting(
+        0.5, "distillation's share of the loss", stages=DISTILL, at_least=0, at_most=1
+    )
+    dpo_beta: float = setting(
+        0.1, "how far from its reference the policy may go", stages=("dpo",), above=0
+    )
 
     def __post_init__(self):
         check(self)
@@ -142,12 +151,6 @@ class TrainConfig:
 
 
 RESUME_MAY_CHANGE = [f.name for f in fields(TrainConfig) if f.metadata["resume"]]
-# each later stage's own settings: flags of its script alone (python STAGE.py --help)
-STAGE_SETTINGS = {
-    "finetune": ("lora_rank", "lora_alpha", "lora_mlp"),
-    "distill": ("distill_from", "distill_temperature", "distill_alpha"),
-    "dpo": ("dpo_beta", "lora_rank", "lora_alpha", "lora_mlp"),
-}
 
 
 @dataclass(frozen=True)

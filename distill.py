@@ -84,7 +84,7 @@ def distill(settings):
 
 
 def main(argv=None):
-    train.main(argv, "distill", distill, __doc__)
+    train.main(argv, "distill", distill, __doc__, needs="distill_from")
 
 
 if __name__ == "__main__":

@@ -274,10 +274,11 @@ def loop(run):
 # ------------------------------------------------------------------------------- the command line
 
 
-def main(argv=None, stage="train", run=train, doc=__doc__):
-    """The command line of train.py and of each later stage: read the flags, settle the
-    settings, then run(settings), or --eval_only, or --plot_lr."""
-    harness.main(argv, stage, run, doc, get_lr, STARTED)
+def main(argv=None, stage="train", run=train, doc=__doc__, needs=None):
+    """The command line of train.py and of each later stage (needs: the flag it cannot start
+    without): read the flags, settle the settings, then run(settings), or --eval_only, or
+    --plot_lr."""
+    harness.main(argv, stage, run, doc, get_lr, STARTED, needs)
 
 
 if __name__ == "__main__":

@@ -499,11 +499,12 @@ def closing_sample(run, tokens):
 # ------------------------------------------------------------------------------- the command line
 
 
-def main(argv, stage, run, doc, get_lr, started):
+def main(argv, stage, run, doc, get_lr, started, needs):
     """A training script's command line: read its flags, settle its settings (its time counted
-    from started), then --eval_only, --plot_lr, or run(settings)."""
+    from started; needs: a flag it cannot start without), then --eval_only, --plot_lr, or
+    run(settings)."""
     given = settle.flags(argv, stage, doc)
-    settings = settle.settle(given, stage, started)  # every setting decided, and checked, here
+    settings = settle.settle(given, stage, started, needs)  # every setting decided, checked, here
     options = settings.options
     cfg = settings.cfg
     if options.eval_only is not None:  # --eval_only alone: best.pt's

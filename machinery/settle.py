@@ -9,7 +9,6 @@ from dataclasses import asdict, fields, replace
 from config import (
     PRESETS,
     RESUME_MAY_CHANGE,
-    STAGE_SETTINGS,
     GPTConfig,
     RunOptions,
     Settings,
@@ -25,8 +24,8 @@ from machinery import checkpoint, cli, devices, sources
 
 def flags(argv=None, stage="train", doc=""):
     """The flags given, as {name: value}: what to do, the model, the training (config.py's
-    settings, and a later stage's own: config.STAGE_SETTINGS). --help shows the defaults of
-    this machine's preset."""
+    settings, and a later stage's own: those whose field names it in stages). --help shows the
+    defaults of this machine's preset."""
     here = devices.choose_device("auto")
     preset, machine = devices.machine_preset(here, {})
     presets = ", ".join(PRESETS)
@@ -38,21 +37,20 @@ def flags(argv=None, stage="train", doc=""):
     )
     defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
     defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
-    stages_own = {name for names in STAGE_SETTINGS.values() for name in names}
-    names = [f.name for f in fields(TrainConfig) if f.name not in stages_own]
+    shared = [f.name for f in fields(TrainConfig) if not f.metadata["stages"]]
+    own = [f.name for f in fields(TrainConfig) if stage in f.metadata["stages"]]
     add_flags(parser, RunOptions, defaults, title="what to do")
     add_flags(parser, GPTConfig, defaults, title="model")
-    add_flags(parser, TrainConfig, defaults, names, title="training")
-    if stage in STAGE_SETTINGS:
-        own = STAGE_SETTINGS[stage]
+    add_flags(parser, TrainConfig, defaults, shared, title="training")
+    if own:
         add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
     return vars(parser.parse_args(argv))
 
 
-def settle(given, stage="train", started=0.0):
+def settle(given, stage="train", started=0.0, needs=None):
     """The settings of a training script's flags given (stage: its name; started: when its time
-    began): the preset (without --preset, this machine's, saying why), then what the run starts
-    from, each flag checked against it."""
+    began; needs: the flag a fresh run of it cannot go without): the preset (without --preset,
+    this machine's, saying why), then what the run starts from, each flag checked against it."""
     options = make_config(RunOptions, given)
     device = devices.choose_device(given.get("device", "auto"))
     preset, machine = devices.machine_preset(device, given)
@@ -64,10 +62,10 @@ def settle(given, stage="train", started=0.0):
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cfg, cfg = build_configs(given, PRESETS[preset])
     settings = Settings(model_cfg, cfg, options, stage, preset, device, started=started)
-    return settle_run(settings, given) if trains else settings
+    return settle_run(settings, given, needs) if trains else settings
 
 
-def settle_run(settings, given):
+def settle_run(settings, given, needs=None):
     """The Settings of a run of these settings, given these flags: as given, or those of the run
     it resumes, or with the shape and tokenizer of the model it fine-tunes, or of a prepared
     corpus."""
@@ -76,11 +74,9 @@ def settle_run(settings, given):
     last = os.path.join(cfg.out_dir, "last.pt")
     if options.resume and os.path.isfile(last):
         return settings_to_resume(last, settings, given)
-    if settings.stage in ("finetune", "dpo") and not options.init_from:
-        needs = "tunes a trained model: give its checkpoint with --init_from"
-        raise TinyLLMError(f"{settings.stage}.py {needs}")
-    if settings.stage == "distill" and not cfg.distill_from:
-        raise TinyLLMError("distill.py learns from a teacher: give it with --distill_from")
+    if needs and not given.get(needs):
+        meaning = {f.name: f.metadata["help"] for f in fields(RunOptions) + fields(TrainConfig)}
+        raise TinyLLMError(f"{settings.stage}.py needs --{needs}: {meaning[needs]}")
     if options.resume:  # the same command starts the run now and continues it later
         cli.log(f"--resume: no {last} yet, starting a fresh run")
     devices.check_processes(settings.device, cfg)
