@@ -237,7 +237,7 @@ def evaluate(run):
     """Measure the loss of each split. The harness prints it (with a stage's own figures),
     saves last.pt, keeps best.pt when val improves, and may stop the run early (--patience,
     --target_loss)."""
-    started = run.now()  # a time budget keeps as much time for the last evaluation
+    started = time.perf_counter()  # a time budget keeps as much time for the last evaluation
     losses = estimate_loss(run.step_model, run.batches, run.eval_iters, run.autocast)
     run.evaluated(losses, started)
 

@@ -258,10 +258,6 @@ class Run:
             self.signum = max(process.every_rank(self.received or 0))
         return self.signum != 0
 
-    def now(self):
-        """This process's clock, in seconds (perf_counter)."""
-        return time.perf_counter()
-
     # ------------------------------------------------------------------------ progress lines
 
     def read_window(self):
@@ -314,8 +310,9 @@ class Run:
 
     def evaluated(self, losses, started):
         """Report an evaluation's losses, {"train": ..., "val": ...} of this rank, begun at
-        started (now()): a line, a history row, last.pt and best.pt. --patience or --target_loss
-        may end the run. The baseline, before any step, is printed and kept; it saves nothing."""
+        started (perf_counter seconds): a line, a history row, last.pt and best.pt. --patience or
+        --target_loss may end the run. The baseline, before any step, is printed, and saves
+        nothing."""
         cfg = self.cfg
         state = self.state
         train_loss, val_loss = self.process.mean([losses["train"], losses["val"]])

@@ -335,7 +335,8 @@ class StepClock:
             return real(*args, **kwargs)
 
         monkeypatch.setattr(train, "train_step", timed_step)
-        monkeypatch.setattr(harness, "time", SimpleNamespace(perf_counter=self))
+        for module in (train, harness):  # the run's clock, and an evaluation's
+            monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=self))
         return self
 
 
