@@ -11,8 +11,8 @@ rejected one by more than a frozen copy of itself, its reference, does: no rewar
 reference keeps the policy near what it knew. The loss counts the answers' tokens alone. Each
 evaluation gives DPO's loss, the held-out pairs' mean margin and the share the policy prefers.
 Before and after, the share of held-out prompts it answers in the voice of the plays (the
-bundled pairs' chosen answers; in_character, at the end of this file). --lora_rank R tunes LoRA adapters
-instead (lora.py). The rest is train.py's run: its loop (fit), its checkpoints, its --resume.
+bundled pairs' chosen answers; in_character, below). --lora_rank R tunes LoRA adapters instead
+(lora.py). The rest is train.py's run: its loop (fit), its checkpoints, its --resume.
 """
 
 import os

@@ -30,6 +30,10 @@ def format_seconds(seconds):
     return f"{h}h{rest // 60:02d}m{rest % 60:02d}s" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def resume_command(stage, out_dir):
+    return f"python {stage}.py --resume --out_dir {out_dir}"
+
+
 def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 

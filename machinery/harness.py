@@ -232,11 +232,10 @@ class Run:
                 raise
             self.save("last.pt")
             longer = f"--time_budget {2 * self.budget:g}s"
-            resume = f"{self.resume_command()} {longer}"
+            resume = cli.resume_command(self.settings.stage, self.cfg.out_dir)
             last = os.path.join(self.cfg.out_dir, "last.pt")
-            raise TinyLLMError(
-                f"{e}. Its {state.step} steps are in {last}; go on: {resume}"
-            ) from None
+            went = f"{e}. Its {state.step} steps are in {last}"
+            raise TinyLLMError(f"{went}; go on: {resume} {longer}") from None
 
     def evaluation_due(self):
         """Whether to evaluate now: every eval_interval steps and at the end, never twice at one
@@ -387,9 +386,6 @@ class Run:
         if name.startswith("ckpt_"):
             checkpoint.keep_newest(self.cfg.out_dir, self.cfg.keep_last)
 
-    def resume_command(self):
-        return f"python {self.settings.stage}.py --resume --out_dir {self.cfg.out_dir}"
-
     def finish(self):
         """End the run: last.pt if steps came after the last evaluation, the closing lines and
         sample, and a summary. Stopped by a signal: last.pt, the command that resumes it, and
@@ -402,7 +398,8 @@ class Run:
         if signum:
             if self.writes_files:
                 last = os.path.join(cfg.out_dir, "last.pt")
-                self.say(f"saved {last} at step {state.step}. Resume with: {self.resume_command()}")
+                resume = cli.resume_command(self.settings.stage, cfg.out_dir)
+                self.say(f"saved {last} at step {state.step}. Resume with: {resume}")
             self.process.leave_together()
             sys.exit(128 + signum)
         if self.stop_reason:

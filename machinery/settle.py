@@ -107,7 +107,7 @@ def settings_to_resume(last, settings, given):
     cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
     ran = saved.get("stage", settings.stage)  # one without: another version's, refused below
     if ran != settings.stage:
-        again = f"python {ran}.py --resume --out_dir {settings.cfg.out_dir}"
+        again = cli.resume_command(ran, settings.cfg.out_dir)
         raise TinyLLMError(f"{last} is a run of {ran}.py: resume it with {again}")
     if settings.options.preset and settings.options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
