@@ -12,6 +12,7 @@ from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, add_f
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Printer
 from sampling import Context, token_stream
+from utils import question
 
 
 def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens):
@@ -70,7 +71,7 @@ def main(argv=None):
             context = Context(model)
             continue
         if message:
-            conversation += sources.encode_prompt(tokenizer, sources.question(message))
+            conversation += sources.encode_prompt(tokenizer, question(message))
             print("model> ", end="", flush=True)
             reply, stopped = answer(
                 context, tokenizer, conversation, sampler, generator, cfg.max_new_tokens

@@ -56,6 +56,19 @@ def turn(role, content):
     return f"{ASSISTANT}{content.strip()}{EOT}"
 
 
+def question(text):
+    """A question in the chat template, up to where its answer begins: what a chat model answers."""
+    return turn("user", text) + ASSISTANT
+
+
+# the same template in Jinja, as a Hugging Face tokenizer holds it (tools.export)
+CHAT_TEMPLATE = (
+    "<|endoftext|>{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content | trim }}\n"
+    "{% else %}<|assistant|>{{ m.content | trim }}<|endoftext|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def answer_targets(ids, tokenizer):
     """True at each answer's tokens and the <|endoftext|> ending it: what a chat model learns.
     None without answers: every token is a target."""

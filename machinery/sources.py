@@ -13,7 +13,7 @@ import numpy as np
 from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
 from machinery.cli import warn
 from tokenizer import from_dict, grown, lacking, learn, split_special
-from utils import Corpus, make_corpus, split_train_val, turn
+from utils import Corpus, make_corpus, question, split_train_val, turn
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
@@ -113,19 +113,6 @@ def chat_document(record, where):
     if messages[-1]["role"] != "assistant":
         raise TinyLLMError(f"{where}: a conversation must end with the assistant's answer")
     return "".join(turn(m["role"], m["content"]) for m in messages)
-
-
-# the same template in Jinja, as a Hugging Face tokenizer holds it (tools.export)
-CHAT_TEMPLATE = (
-    "<|endoftext|>{% for m in messages %}{% if m.role == 'user' %}<|user|>{{ m.content | trim }}\n"
-    "{% else %}<|assistant|>{{ m.content | trim }}<|endoftext|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def question(text):
-    """A question in the chat template, up to where its answer begins."""
-    return turn("user", text) + ASSISTANT
 
 
 def first_question(ids, tokenizer):

@@ -17,6 +17,7 @@ import train
 from config import DTYPES, GPTConfig, default_preset
 from machinery import checkpoint, sources
 from tools import export
+from utils import question
 
 # every test loads transformers: seconds; they run on one worker (xdist_group), with test_tools.py's
 # tests of Hugging Face's GPT-2: runs is trained and transformers imported once
@@ -104,9 +105,9 @@ def test_a_chat_models_template_gives_the_prompt_chat_py_gives(runs, tmp_path, c
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # a dict in transformers 5
     ours = checkpoint.load_model(runs["chat"]).tokenizer
-    chat = [ours.eot_id] + sources.encode_prompt(ours, sources.question(turns[0][1]))
+    chat = [ours.eot_id] + sources.encode_prompt(ours, question(turns[0][1]))
     chat += ours.encode(turns[1][1]) + [ours.eot_id]  # the model's answer, then its end
-    assert list(ids) == chat + sources.encode_prompt(ours, sources.question(turns[2][1]))
+    assert list(ids) == chat + sources.encode_prompt(ours, question(turns[2][1]))
 
 
 def test_the_model_card_says_what_the_model_is_in_the_hubs_format(runs, tmp_path, capsys):

@@ -23,7 +23,7 @@ from machinery import checkpoint, cli, sources
 from machinery.hf_gpt2 import hf_names
 from sampling import generate
 from tokenizer import GPT2_PATTERN, CharTokenizer
-from utils import bits_per_char
+from utils import CHAT_TEMPLATE, bits_per_char
 
 # transformers' architectures, and the settings of ours each one is; any other setting of
 # GPTConfig (a new variant) must keep its default, or the export refuses it, naming it
@@ -200,7 +200,7 @@ def main(argv=None):
         zeros = {k: torch.zeros_like(v) for k, v in theirs if k.endswith(".bias")}
         hf_model.load_state_dict(zeros | weights | {"lm_head.weight": model.wte.weight.detach()})
         hf_model.save_pretrained(tmp)
-        chat = sources.CHAT_TEMPLATE if ASSISTANT in tokenizer.special_tokens else None
+        chat = CHAT_TEMPLATE if ASSISTANT in tokenizer.special_tokens else None
         fast = dict(eos_token=EOT, chat_template=chat, model_max_length=c.block_size)
         fast = transformers.PreTrainedTokenizerFast(
             tokenizer_object=hf_tokenizer(tokenizer), **fast
