@@ -117,7 +117,6 @@ class Run:
         self.stage = stage
         self.optimizer = optimizer
         self.dtype = dtype
-        self.why = why
         self.get_lr = get_lr
         self.autocast = devices.autocast(process.device, dtype)  # the forward pass in dtype
         self.scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
@@ -152,12 +151,11 @@ class Run:
         self.signum = 0  # the signal every rank stops for
         self.gone = False  # the reader of its lines gone: its last lines go to stderr
         self.active = False  # inside the loop, where a signal stops the run
-        self.started = settings.started  # a time budget counts from it (perf_counter seconds)
         self.first_step = self.state.step  # this process's pace counts from here
         self.first_seconds = self.elapsed()
         self.line_step = self.state.step  # a progress line's pace counts from here
         self.line_started = time.perf_counter()
-        print_header(self)
+        print_header(self, why)
 
     # ------------------------------------------- Ctrl-C, SIGTERM, a reader gone: save, then exit
 
@@ -212,7 +210,7 @@ class Run:
 
     def elapsed(self):
         """The run's seconds: this process's so far, plus those before a resume."""
-        return self.state.seconds + time.perf_counter() - self.started
+        return self.state.seconds + time.perf_counter() - self.settings.started
 
     def plan(self):
         """Under a time budget, set state.max_steps: the steps that fit in the time left, at the
@@ -433,13 +431,14 @@ class Run:
 # --------------------------------------------------------------------- the opening lines, the end
 
 
-def print_header(run):
-    """The run's opening lines: device and precision, model, batch, loss, and how it ends."""
+def print_header(run, why):
+    """The run's opening lines: device and precision (why: how --dtype auto chose it), model,
+    batch, loss, and how it ends."""
     cfg = run.cfg
     model = run.model
     m = model.config
     process = run.process
-    why = f": {run.why}" if cfg.dtype == "auto" else ""
+    why = f": {why}" if cfg.dtype == "auto" else ""
     threads = f"{torch.get_num_threads()} threads"
     device = f"{devices.name(process.device)} ({run.dtype}{why}, {threads})"
     device += f" x {process.world} processes" if process.world > 1 else ""
