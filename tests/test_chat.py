@@ -311,6 +311,8 @@ def test_a_lora_run_saves_kilobytes_leaves_the_base_alone_merges_and_resumes(
         "false",
         "--lr",
         "1e-2",
+        "--dropout",  # a resume draws the dropout masks the straight run drew
+        "0.1",
     ]
     assert cli(capsys, finetune.main, *common, "--out_dir", tmp_path / "full")[0] == 0
     with monkeypatch.context() as m:
