@@ -32,9 +32,7 @@ def causal_mask(T, S, device, start=None):
 class CausalSelfAttention(nn.Module):
     """Every position makes a query, a key and a value; each head takes the softmax-weighted mean
     of the values of the positions up to its own. The heads, side by side, are projected back.
-    A change to its shapes meets their readers (docs/changing.md): sampling.KVCache (k and v,
-    (B, nh, T, hs)), lora.add_adapters (c_attn, c_proj), machinery/hf_gpt2.py and tools/export.py
-    (c_attn as GPT-2's and Llama's q, k, v); tools/pictures.py keeps attention_weights' output."""
+    Other files read its shapes and layers: docs/changing.md ("A model variant") names them."""
 
     def __init__(self, config, layer):
         super().__init__()
