@@ -136,7 +136,9 @@ def get_lr(step, max_steps, cfg):
     """The learning rate of a step: a linear warmup up to cfg.lr over warmup_steps steps, then a
     decay from lr to min_lr as the run's progress goes from 0 (the warmup's end) to 1 at step
     max_steps, where the run ends (TrainState): the last step, max_steps - 1, is a step short of
-    it, as in nanoGPT. A new shape is a choice of lr_schedule in config.py and a formula here."""
+    it, as in nanoGPT. A new shape is a choice of lr_schedule in config.py and a formula here.
+    min_lr may be 0 (the five-minute presets end there): a shape that takes the ratio of min_lr
+    to lr, or its log, needs a floor of its own above 0."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
