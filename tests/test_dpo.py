@@ -188,7 +188,7 @@ def test_a_preference_run_moves_what_a_model_of_both_registers_says(tmp_path):
     held_out = shares_of(tmp_path / "dpo" / "last.pt", questions[-1:])
     assert summary["in_character"] == held_out["in_character"]
     # half the prompts or more answered in character, 2 of 8 more than before: on every CPU and
-    # seed tried, 5 to 8 after, 0 to 3 before
+    # seed tried, 5 to 8 after, 0 to 2 before
     assert after["in_character"] >= 0.5, shares
     assert after["in_character"] >= before["in_character"] + 0.25, shares
 
