@@ -84,7 +84,7 @@ def distill(settings):
 
 
 def main(argv=None):
-    train.main(argv, "distill", distill, __doc__, needs="distill_from")
+    train.main(argv, distill, needs="distill_from")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def in_character_shares(model, prompts, tokenizer, device):
 
 
 def main(argv=None):
-    train.main(argv, "dpo", dpo, __doc__, needs="init_from")
+    train.main(argv, dpo, needs="init_from")
 
 
 if __name__ == "__main__":

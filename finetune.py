@@ -32,7 +32,7 @@ def finetune(settings):
 
 
 def main(argv=None):
-    train.main(argv, "finetune", finetune, __doc__, needs="init_from")
+    train.main(argv, finetune, needs="init_from")
 
 
 if __name__ == "__main__":

@@ -229,9 +229,7 @@ def fit(settings, process, corpus, model, batches, stage=None):
         stage.model.to(process.device)  # the GPT, and a frozen partner beside it
         dtype, why = devices.resolve_dtype(cfg.dtype, process.device)  # the forward pass's
         optimizer = make_optimizer(model, cfg, process.device, dtype)
-        run = harness.Run(
-            settings, process, corpus, model, batches, stage, optimizer, dtype, why, get_lr
-        )
+        run = harness.Run(settings, process, corpus, model, batches, stage, optimizer, dtype, why)
         return loop(run)
 
 
@@ -270,17 +268,18 @@ def loop(run):
                 run.log_progress()  # each figure's mean since the last line, the pace, the ETA
             if cfg.save_interval and state.step % cfg.save_interval == 0:
                 run.save(f"ckpt_{state.step:07d}.pt")  # the newest keep_last of them stay
-    return run.finish()  # last.pt, the closing lines and sample
+    end = get_lr(state.max_steps, state.max_steps, cfg)  # the schedule's end, on the closing line
+    return run.finish(end)  # last.pt, the closing lines and sample
 
 
 # ------------------------------------------------------------------------------- the command line
 
 
-def main(argv=None, stage="train", run=train, doc=__doc__, needs=None):
-    """The command line of train.py and of each later stage (needs: the flag it cannot start
-    without): read the flags, settle the settings, then run(settings), or --eval_only, or
-    --plot_lr."""
-    harness.main(argv, stage, run, doc, get_lr, STARTED, needs)
+def main(argv=None, run=train, needs=None):
+    """The command line of train.py and of each later stage (run: its function; needs: the flag
+    it cannot start without): read the flags, settle the settings, then run(settings), or
+    --eval_only, or --plot_lr."""
+    harness.main(argv, run, needs, get_lr, STARTED)
 
 
 if __name__ == "__main__":

@@ -99,13 +99,11 @@ class Run:
     log_progress, save, finish. The loop runs inside it (with run:), which catches Ctrl-C and
     SIGTERM."""
 
-    def __init__(
-        self, settings, process, corpus, model, batches, stage, optimizer, dtype, why, get_lr
-    ):
+    def __init__(self, settings, process, corpus, model, batches, stage, optimizer, dtype, why):
         """Set the run up before anything is written: restore a resume's state, seed this rank,
         fix the batch for --overfit_batch, compile the model and wrap it for DDP, clear the old
         run for --overwrite; then print the opening lines. dtype is the forward pass's precision
-        (why: how auto chose it); get_lr is the schedule, which the lines quote."""
+        (why: how auto chose it)."""
         cfg = settings.cfg
         options = settings.options
         self.settings = settings
@@ -117,7 +115,6 @@ class Run:
         self.stage = stage
         self.optimizer = optimizer
         self.dtype = dtype
-        self.get_lr = get_lr
         self.autocast = devices.autocast(process.device, dtype)  # the forward pass in dtype
         self.scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
         last = settings.saved if settings.resumed else {}  # the last.pt it resumes
@@ -384,7 +381,7 @@ class Run:
         if name.startswith("ckpt_"):
             checkpoint.keep_newest(self.cfg.out_dir, self.cfg.keep_last)
 
-    def finish(self):
+    def finish(self, schedule_end):
         """End the run: last.pt if steps came after the last evaluation, the closing lines and
         sample, and a summary. Stopped by a signal: last.pt, the command that resumes it, and
         exit status 128 + the signal (130 for Ctrl-C)."""
@@ -408,8 +405,7 @@ class Run:
         best = f"best val loss {state.best_val_loss:.4f}"
         self.say(f"done: {state.step} steps | {best} | total time {total}{files}")
         if cfg.time_budget:
-            end = self.get_lr(state.max_steps, state.max_steps, cfg)
-            last_lr = f"the last at LR {state.lr:.4g} (the schedule's end: {end:.4g})"
+            last_lr = f"the last at LR {state.lr:.4g} (the schedule's end: {schedule_end:.4g})"
             used = f"{cli.format_seconds(self.elapsed())} used, {state.step:,} steps"
             self.say(f"time budget {cfg.time_budget}: {used}, {last_lr}")
         if cfg.sample_tokens and self.master:
@@ -464,9 +460,10 @@ def print_header(run, why):
         run.say(f"time budget {cfg.time_budget}: {schedule}")
     elif run.state.step:  # a resumed run: where it is in the schedule of its --max_steps
         state = run.state
-        now = run.get_lr(state.step, state.max_steps, cfg)
-        end = f"{run.get_lr(state.max_steps, state.max_steps, cfg):.3g} at step {state.max_steps}"
-        run.say(f"from step {state.step}: {cfg.lr_schedule} LR {now:.3g} now, {end}")
+        last = f"the last step's LR {state.lr:.3g}"
+        run.say(
+            f"from step {state.step}: {cfg.lr_schedule} schedule to step {state.max_steps}, {last}"
+        )
 
 
 def closing_sample(run, tokens):
@@ -492,11 +489,13 @@ def closing_sample(run, tokens):
 # ------------------------------------------------------------------------------- the command line
 
 
-def main(argv, stage, run, doc, get_lr, started, needs):
-    """A training script's command line: read its flags, settle its settings (its time counted
-    from started; needs: a flag it cannot start without), then --eval_only, --plot_lr, or
-    run(settings)."""
-    given = settle.flags(argv, stage, doc)
+def main(argv, run, needs, get_lr, started):
+    """A training script's command line: read its flags, settle its settings, then --eval_only,
+    --plot_lr (get_lr drawn), or run(settings). run is the stage's function, named as its script
+    (train, finetune, ...), whose module's docstring heads --help; needs: a flag it cannot start
+    without; started: when its time began."""
+    stage = run.__name__
+    given = settle.flags(argv, stage, sys.modules[run.__module__].__doc__)
     settings = settle.settle(given, stage, started, needs)  # every setting decided, checked, here
     options = settings.options
     cfg = settings.cfg
