@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from machinery import checkpoint, cli, devices, harness, sources
+from machinery import checkpoint, cli, harness, sources
 from model import GPT
 from utils import make_batches
 
@@ -152,13 +152,15 @@ def get_lr(step, max_steps, cfg):
 # ---------------------------------------------------------------------- one step, an evaluation
 
 
-def train_step(model, optimizer, next_batch, lr, cfg, autocast, scaler):
+def train_step(model, optimizer, next_batch, lr, cfg, process):
     """One optimizer step; returns its figures. A new figure is a new entry in that dict, one
     number a step, and it reaches the progress lines and history.csv. Figures stay tensors here:
     reading one would make a GPU wait, so the loop reads them at the next progress line.
     model is a Stage's model(x, y) -> (logits, loss), maybe wrapped by DDP or torch.compile. Its
     logits are the GPT's in every stage, so a figure of them works in every stage. tokens
-    counts the tokens read; the progress line shows it as tok/s."""
+    counts the tokens read; the progress line shows it as tok/s. process gives the forward
+    pass's precision (autocast) and float16's loss scaler (in another dtype it does nothing)."""
+    scaler = process.scaler
     for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)  # 2. forget the last step's gradients
@@ -169,7 +171,7 @@ def train_step(model, optimizer, next_batch, lr, cfg, autocast, scaler):
         # DDP averages the gradients once a step, at the last micro-batch
         last = micro_step == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if last else model.no_sync():
-            with autocast:
+            with process.autocast:
                 logits, loss = model(x, y)  # 4. forward (B, T, V), 5. the loss
             loss = loss / cfg.grad_accum_steps  # the micro-batches' gradients add up
             scaler.scale(loss).backward()  # 6. backward (float16 scales: no underflow)
@@ -220,16 +222,15 @@ class Stage:
 
 def fit(settings, process, corpus, model, batches, stage=None):
     """Train model, the GPT that is saved, on batches through the stage's model (pretraining:
-    the GPT itself). Set up the precision and the optimizer; the harness sets up the run (its
+    the GPT itself). Set up the optimizer, in the process's precision; the harness sets up the run (its
     state, a resume's, the opening lines); then loop. Every stage runs this; it returns the
     run's summary."""
     cfg = settings.cfg
     stage = stage or Stage(model)
     with harness.out_of_memory():  # one error line, with what to try
         stage.model.to(process.device)  # the GPT, and a frozen partner beside it
-        dtype, why = devices.resolve_dtype(cfg.dtype, process.device)  # the forward pass's
-        optimizer = make_optimizer(model, cfg, process.device, dtype)
-        run = harness.Run(settings, process, corpus, model, batches, stage, optimizer, dtype, why)
+        optimizer = make_optimizer(model, cfg, process.device, process.dtype)
+        run = harness.Run(settings, process, corpus, model, batches, stage, optimizer)
         return loop(run)
 
 
@@ -238,7 +239,7 @@ def evaluate(run):
     saves last.pt, keeps best.pt when val improves, and may stop the run early (--patience,
     --target_loss)."""
     started = time.perf_counter()  # a time budget keeps as much time for the last evaluation
-    losses = estimate_loss(run.step_model, run.batches, run.eval_iters, run.autocast)
+    losses = estimate_loss(run.step_model, run.batches, run.eval_iters, run.process.autocast)
     run.evaluated(losses, started)
 
 
@@ -259,9 +260,7 @@ def loop(run):
                 break
             state.lr = get_lr(state.step, state.max_steps, cfg)
             batch = run.batches["train"]
-            figures = train_step(
-                run.step_model, run.optimizer, batch, state.lr, cfg, run.autocast, run.scaler
-            )
+            figures = train_step(run.step_model, run.optimizer, batch, state.lr, cfg, run.process)
             state.window.append(figures)
             state.step += 1
             if state.step % cfg.log_interval == 0:

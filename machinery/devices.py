@@ -206,11 +206,22 @@ def auto_meanings(device):
 
 @dataclass
 class Process:
-    """This process: its rank of world (0 of 1 without torchrun) and its device."""
+    """This process: its rank of world (0 of 1 without torchrun), its device, and the precision
+    of its forward pass: dtype (why: how --dtype auto chose it) and float16's loss scaler (in
+    another dtype a disabled one, whose calls do nothing)."""
 
     rank: int
     world: int
     device: torch.device
+    dtype: str = "float32"
+    why: str = "given"
+
+    def __post_init__(self):
+        self.scaler = make_scaler(self.device, self.dtype)
+
+    @property
+    def autocast(self):
+        return autocast(self.device, self.dtype)
 
     def leave_together(self):
         """Every rank waits here: torchrun ends them all once one exits, rank 0 saving or not."""

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -63,8 +63,11 @@ def restore(settings, optimizer, process):
 
 
 def start_process(settings):
-    """This process (under torchrun, its rank of world), its CPU threads, and the seed."""
+    """This process (under torchrun, its rank of world), its precision, its CPU threads, and the
+    seed."""
     process = devices.setup_process(settings.device)
+    dtype, why = devices.resolve_dtype(settings.cfg.dtype, process.device)
+    process = replace(process, dtype=dtype, why=why)
     devices.set_threads(settings.cfg.threads)
     devices.seed_everything(settings.cfg.seed)  # the same initial weights on every rank
     return process
@@ -75,14 +78,14 @@ def out_of_memory():
     return devices.out_of_memory_as_error(hint)
 
 
-def compile_first(model, step_model, batch, autocast, scaler):
+def compile_first(model, step_model, batch, process):
     """Run --compile's first forward and backward now, so that a missing compiler is one error
     line before anything is written. It leaves no trace: no gradient, every generator as it
     was."""
     rngs = checkpoint.rng_state()
     try:
-        with autocast:
-            scaler.scale(step_model(*batch)[1]).backward()
+        with process.autocast:
+            process.scaler.scale(step_model(*batch)[1]).backward()
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
@@ -95,15 +98,14 @@ def compile_first(model, step_model, batch, autocast, scaler):
 
 class Run:
     """One run of fit. The loop reads its pieces (cfg, state, step_model, optimizer, batches,
-    autocast, scaler) and calls its methods: plan, evaluation_due, signalled, evaluated,
+    process) and calls its methods: plan, evaluation_due, signalled, evaluated,
     log_progress, save, finish. The loop runs inside it (with run:), which catches Ctrl-C and
     SIGTERM."""
 
-    def __init__(self, settings, process, corpus, model, batches, stage, optimizer, dtype, why):
+    def __init__(self, settings, process, corpus, model, batches, stage, optimizer):
         """Set the run up before anything is written: restore a resume's state, seed this rank,
         fix the batch for --overfit_batch, compile the model and wrap it for DDP, clear the old
-        run for --overwrite; then print the opening lines. dtype is the forward pass's precision
-        (why: how auto chose it)."""
+        run for --overwrite; then print the opening lines."""
         cfg = settings.cfg
         options = settings.options
         self.settings = settings
@@ -114,13 +116,10 @@ class Run:
         self.batches = batches
         self.stage = stage
         self.optimizer = optimizer
-        self.dtype = dtype
-        self.autocast = devices.autocast(process.device, dtype)  # the forward pass in dtype
-        self.scaler = devices.make_scaler(process.device, dtype)  # float16's: else a disabled one
         last = settings.saved if settings.resumed else {}  # the last.pt it resumes
         self.state = TrainState(max_steps=cfg.max_steps)
         if last:
-            self.scaler.load_state_dict(last["scaler"])
+            process.scaler.load_state_dict(last["scaler"])
             self.state = restore(settings, optimizer, process)
         if process.world > 1 and len(last.get("rngs", [])) != process.world:  # own batches
             step = self.state.step
@@ -132,7 +131,7 @@ class Run:
         # what a step calls: the stage's model, compiled, and under torchrun wrapped by DDP
         self.step_model = process.wrap(torch.compile(stage.model) if cfg.compile else stage.model)
         if cfg.compile:
-            compile_first(model, self.step_model, batches["train"](), self.autocast, self.scaler)
+            compile_first(model, self.step_model, batches["train"](), process)
         if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
         if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
@@ -152,7 +151,7 @@ class Run:
         self.first_seconds = self.elapsed()
         self.line_step = self.state.step  # a progress line's pace counts from here
         self.line_started = time.perf_counter()
-        print_header(self, why)
+        print_header(self)
 
     # ------------------------------------------- Ctrl-C, SIGTERM, a reader gone: save, then exit
 
@@ -265,7 +264,9 @@ class Run:
         rows = self.read_window()
         for n, row in enumerate(rows, self.state.step - len(rows)):
             # float16 skips a step whose gradient overflowed: the step changed nothing
-            finite_grad = math.isfinite(row.get("grad_norm", 0.0)) or self.scaler.is_enabled()
+            finite_grad = (
+                math.isfinite(row.get("grad_norm", 0.0)) or self.process.scaler.is_enabled()
+            )
             if not (math.isfinite(row["loss"]) and finite_grad):
                 raise TinyLLMError(
                     f"step {n}: the loss or the gradient is not finite (loss {row['loss']}); "
@@ -367,12 +368,12 @@ class Run:
             self.corpus.tokenizer.to_dict(),
             stage=self.settings.stage,
             optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(),  # {}: float16's alone has a state
+            scaler=self.process.scaler.state_dict(),  # {}: float16's alone has a state
             rng=rngs[0],
             train_config=asdict(self.cfg),
             preset=self.settings.preset,
             device=devices.name(self.process.device),
-            dtype=self.dtype,
+            dtype=self.process.dtype,
             chars_per_token=self.corpus.chars_per_token,
             **state,
             **self.stage.entries,  # a stage's own: dpo.py's reference
@@ -419,7 +420,7 @@ class Run:
             "seconds": self.elapsed(),
             "model": self.model,
             "corpus": self.corpus,
-            "dtype": self.dtype,
+            "dtype": self.process.dtype,
             "tokens_per_step": cfg.batch_size * self.model.config.block_size,  # tools.scaling's
         }
 
@@ -427,16 +428,15 @@ class Run:
 # --------------------------------------------------------------------- the opening lines, the end
 
 
-def print_header(run, why):
-    """The run's opening lines: device and precision (why: how --dtype auto chose it), model,
-    batch, loss, and how it ends."""
+def print_header(run):
+    """The run's opening lines: device and precision, model, batch, loss, and how it ends."""
     cfg = run.cfg
     model = run.model
     m = model.config
     process = run.process
-    why = f": {why}" if cfg.dtype == "auto" else ""
+    why = f": {process.why}" if cfg.dtype == "auto" else ""
     threads = f"{torch.get_num_threads()} threads"
-    device = f"{devices.name(process.device)} ({run.dtype}{why}, {threads})"
+    device = f"{devices.name(process.device)} ({process.dtype}{why}, {threads})"
     device += f" x {process.world} processes" if process.world > 1 else ""
     run.say(f"device {device} | preset {run.settings.preset} | data {cfg.data}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

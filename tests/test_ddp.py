@@ -19,10 +19,10 @@ from conftest import ROOT, TINY_FLAGS, corpus_head, script_env, tiny_model, with
 
 import train
 from config import TinyLLMError, TrainConfig
-from machinery import checkpoint
+from machinery import checkpoint, devices
 from model import GPT
 
-FLOAT32 = (contextlib.nullcontext(), torch.amp.GradScaler(enabled=False))  # no autocast, scaling
+FLOAT32 = devices.Process(0, 1, torch.device("cpu"))  # float32: no autocast, a disabled scaler
 pytestmark = [
     pytest.mark.skipif(
         not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -55,8 +55,7 @@ for accum in (1, 2):
     micro = iter([(x[i:i + size], y[i:i + size]) for i in range(0, half, size)])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     train.train_step(process.wrap(model), optimizer, lambda: next(micro), 0.5,
-                     TrainConfig(grad_accum_steps=accum, grad_clip=0.0),
-                     contextlib.nullcontext(), torch.amp.GradScaler(enabled=False))
+                     TrainConfig(grad_accum_steps=accum, grad_clip=0.0), process)
     if rank == 0:
         torch.save(model.state_dict(), f"{out}/ddp_{accum}.pt")
 
@@ -190,7 +189,7 @@ def test_one_ddp_step_equals_one_single_process_step_with_and_without_accumulati
     torch.manual_seed(0)
     model = GPT(tiny_model())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    train.train_step(model, optimizer, lambda: (x, y), 0.5, TrainConfig(grad_clip=0.0), *FLOAT32)
+    train.train_step(model, optimizer, lambda: (x, y), 0.5, TrainConfig(grad_clip=0.0), FLOAT32)
     for accum in (1, 2):
         ddp = torch.load(out / f"ddp_{accum}.pt", weights_only=True)
         for name, value in model.state_dict().items():

@@ -94,7 +94,7 @@ def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says
     monkeypatch.setattr(train, "loop", lambda run: run)  # set up, its header printed
     run = train_run(tiny_model(), cfg)
     header = capsys.readouterr().out.splitlines()[0]
-    assert run.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
+    assert run.process.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
     fake_machine(vendor="")  # a CPU whose maker is unknown takes bfloat16 only with AMX
     assert devices.auto_dtype(CPU)[0] == ("bfloat16" if facts["amx"] else "float32")
 
@@ -154,12 +154,12 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
     torch.manual_seed(0)
     model = GPT(tiny_model())
     optimizer = train.make_optimizer(model, TrainConfig(), CPU)
-    scaler = devices.make_scaler(CPU, "float16")
-    ctx = devices.autocast(CPU, "float16")
+    process = devices.Process(0, 1, CPU, "float16")
+    scaler = process.scaler
     model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
     before, scale = {k: v.clone() for k, v in model.state_dict().items()}, scaler.get_scale()
     x = torch.randint(0, 65, (4, 16))
-    step = (lambda: (x, x), 1e-2, TrainConfig(grad_clip=1.0), ctx, scaler)
+    step = (lambda: (x, x), 1e-2, TrainConfig(grad_clip=1.0), process)
     train.train_step(model, optimizer, *step)
     assert same_state(model.state_dict(), before)  # skipped
     assert scaler.get_scale() < scale  # and the scale backed off
@@ -201,7 +201,7 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(
     checkpoint.save(str(tmp_path / "last.pt"), saved)
     monkeypatch.setattr(train, "loop", lambda run: run)  # set up
     run = train_run(tiny_model(), cfg, RunOptions(resume=True))
-    assert run.dtype == "float16" and run.scaler.get_scale() == 1234.0
+    assert run.process.dtype == "float16" and run.process.scaler.get_scale() == 1234.0
 
 
 def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_on(

@@ -51,7 +51,7 @@ from muon import orthogonalize
 from train import get_lr, make_optimizer
 
 CPU = torch.device("cpu")
-FLOAT32 = (contextlib.nullcontext(), torch.amp.GradScaler(enabled=False))  # no autocast, scaling
+FLOAT32 = devices.Process(0, 1, CPU)  # one process in float32: no autocast, a disabled scaler
 AMX = dict(vendor="Intel", amx=True, avx512_bf16=True)  # a CPU that trains in bfloat16
 NO_BF16 = dict(vendor="AMD", amx=False, avx512_bf16=False)
 NO_CTX = contextlib.nullcontext()
@@ -104,7 +104,7 @@ def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
     optimizer.step = recording_step
     batch = batches(1)[0]
     cfg = TrainConfig(grad_accum_steps=1, grad_clip=0.05)
-    figures = train.train_step(model, optimizer, lambda: batch, 0.0123, cfg, *FLOAT32)
+    figures = train.train_step(model, optimizer, lambda: batch, 0.0123, cfg, FLOAT32)
     assert figures["grad_norm"] > 0.05  # logged before clipping
     assert seen["norm"] == pytest.approx(0.05, rel=1e-4)
     assert all(lr == 0.0123 * scale for lr, scale in seen["lrs"])
@@ -120,7 +120,7 @@ def test_a_groups_lr_scale_multiplies_the_steps_lr_for_every_optimizer(name):
         for group in optimizer.param_groups:  # a learner's change: every group 3x faster
             group["lr_scale"] = group.get("lr_scale", 1.0) * scale
         before = [p.detach().clone() for p in model.parameters()]
-        step = (lambda: batches(1)[0], 1e-4, TrainConfig(grad_clip=0), *FLOAT32)
+        step = (lambda: batches(1)[0], 1e-4, TrainConfig(grad_clip=0), FLOAT32)
         train.train_step(model, optimizer, *step)
         moves.append([p.detach() - b for p, b in zip(model.parameters(), before)])
     for plain, faster in zip(*moves):  # a first step moves each weight in proportion to its lr
@@ -132,9 +132,9 @@ def test_compiles_first_step_leaves_the_weights_the_optimizer_and_every_generato
     model = GPT(tiny_model(dropout=0.1))  # dropout draws from the generators
     optimizer = make_optimizer(model, TrainConfig(), CPU)
     batch = batches(1)[0]
-    train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig(), *FLOAT32)  # moments
+    train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig(), FLOAT32)  # moments
     before = (weights(model), copy.deepcopy(optimizer.state_dict()), checkpoint.rng_state())
-    harness.compile_first(model, model, batch, *FLOAT32)  # as fit runs it, model compiled
+    harness.compile_first(model, model, batch, FLOAT32)  # as fit runs it, model compiled
     after = (weights(model), optimizer.state_dict(), checkpoint.rng_state())
     assert same_weights(before[0], after[0])
     assert same_state(before[1], after[1]) and same_state(before[2], after[2])
@@ -151,7 +151,7 @@ def test_gradient_accumulation_is_one_big_batch_and_gradients_start_from_zero():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(2):  # a second step: gradients left over from the first would add up
             cfg = TrainConfig(grad_accum_steps=accum, grad_clip=0.0)
-            loss = train.train_step(model, optimizer, next_batch, 0.1, cfg, *FLOAT32)["loss"]
+            loss = train.train_step(model, optimizer, next_batch, 0.1, cfg, FLOAT32)["loss"]
         results.append((weights(model), loss))
     (one, loss_one), (two, loss_two) = results
     assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
