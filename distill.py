@@ -75,12 +75,13 @@ def distill(settings):
     softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
     cli.log(f"distilling {cfg.distill_from} into this model: {softened}")
     stage = train.Stage(
+        model,
+        train.corpus_batches(settings, corpus, model, process),
         Distilled(model, teacher.model, cfg.distill_temperature, cfg.distill_alpha),
         loss=f"distillation's: {softened}",
         evaluation="the student's own cross-entropy, comparable with any run's",
     )
-    batches = train.corpus_batches(settings, corpus, model, process)
-    return train.fit(settings, process, corpus, model, batches, stage)
+    return train.fit(settings, process, corpus, stage)
 
 
 def main(argv=None):

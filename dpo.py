@@ -63,6 +63,8 @@ def dpo(settings):
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
     batches = pair_batches(pairs, micro_batch, process.device)
     stage = train.Stage(
+        model,
+        batches,
         preferring,
         loss=f"DPO's, -log sigmoid({cfg.dpo_beta:g} x margin), of each pair",
         evaluation="DPO's loss of each split; the held-out pairs' mean margin, and the share "
@@ -71,7 +73,7 @@ def dpo(settings):
         batch="pairs, each a chosen and a rejected answer padded to the longest of the batch",
         entries={"reference": path},
     )
-    summary = train.fit(settings, process, corpus, model, batches, stage)
+    summary = train.fit(settings, process, corpus, stage)
     after = in_character_shares(model, prompts, tokenizer, process.device)
     cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))
     return summary | after

@@ -28,7 +28,7 @@ def finetune(settings):
     model, rows = train.saved_model(settings, corpus)
     model = adapted(settings.cfg, model, settings.saved, settings.path, rows)
     batches = train.corpus_batches(settings, corpus, model, process)
-    return train.fit(settings, process, corpus, model, batches)
+    return train.fit(settings, process, corpus, train.Stage(model, batches))
 
 
 def main(argv=None):

@@ -42,7 +42,7 @@ def train(settings):
     corpus = load_corpus(settings)
     model = make_model(settings, corpus)
     batches = corpus_batches(settings, corpus, model, process)
-    return fit(settings, process, corpus, model, batches)
+    return fit(settings, process, corpus, Stage(model, batches))
 
 
 def load_corpus(settings):
@@ -156,7 +156,7 @@ def train_step(model, optimizer, next_batch, lr, cfg, process):
     """One optimizer step; returns its figures. A new figure is a new entry in that dict, one
     number a step, and it reaches the progress lines and history.csv. Figures stay tensors here:
     reading one would make a GPU wait, so the loop reads them at the next progress line.
-    model is a Stage's model(x, y) -> (logits, loss), maybe wrapped by DDP or torch.compile. Its
+    model is a Stage's wrapper(x, y) -> (logits, loss), maybe wrapped by DDP or torch.compile. Its
     logits are the GPT's in every stage, so a figure of them works in every stage. tokens
     counts the tokens read; the progress line shows it as tok/s. process gives the forward
     pass's precision (autocast) and float16's loss scaler (in another dtype it does nothing)."""
@@ -206,31 +206,35 @@ def estimate_loss(model, batches, eval_iters, autocast):
 
 @dataclass
 class Stage:
-    """What a stage of training hands to fit. Pretraining's model is the GPT itself; a later
-    stage's wraps the GPT beside a frozen partner (distill.Distilled, dpo.Preferring).
-    model(x, y) -> (logits, loss) in every stage. x and y are (B, T) token ids, y holding each
-    next token, or NO_TARGET (-100) where a position has none (a question, padding). logits are
-    the GPT's (B, T, V) for the rows of x, whatever the stage's loss."""
+    """What a stage of training hands to fit: the GPT it trains and saves, its batches, and what
+    a step calls. Pretraining's step calls the GPT itself; a later stage's calls a wrapper around
+    the GPT and a frozen partner (distill.Distilled, dpo.Preferring). wrapper(x, y) -> (logits,
+    loss) in every stage. x and y are (B, T) token ids, y holding each next token, or NO_TARGET
+    (-100) where a position has none (a question, padding). logits are the GPT's (B, T, V) for
+    the rows of x, whatever the stage's loss."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # the GPT
+    batches: dict  # {"train": ..., "val": ...}, each () -> a batch (x, y)
+    wrapper: torch.nn.Module = None  # what a step calls; None: the GPT itself
     loss: str = "cross-entropy of each next token"  # what it is, on the opening lines
     evaluation: str = "the mean loss of each split, in eval mode"
     evaluate: object = None  # () -> {name: number}: its own evaluation figures, for bits/char
     batch: str = ""  # what its batch holds, if no windows of the corpus
     entries: dict = field(default_factory=dict)  # what its checkpoints add: {name: value}
 
+    def __post_init__(self):
+        self.wrapper = self.wrapper or self.model
 
-def fit(settings, process, corpus, model, batches, stage=None):
-    """Train model, the GPT that is saved, on batches through the stage's model (pretraining:
-    the GPT itself). Set up the optimizer, in the process's precision; the harness sets up the run (its
-    state, a resume's, the opening lines); then loop. Every stage runs this; it returns the
-    run's summary."""
+
+def fit(settings, process, corpus, stage):
+    """Train the stage's GPT on its batches through its wrapper. Set up the optimizer, in the
+    process's precision; the harness sets up the run (its state, a resume's, the opening lines);
+    then loop. Every stage runs this; it returns the run's summary."""
     cfg = settings.cfg
-    stage = stage or Stage(model)
     with harness.out_of_memory():  # one error line, with what to try
-        stage.model.to(process.device)  # the GPT, and a frozen partner beside it
-        optimizer = make_optimizer(model, cfg, process.device, process.dtype)
-        run = harness.Run(settings, process, corpus, model, batches, stage, optimizer)
+        stage.wrapper.to(process.device)  # the GPT, and a frozen partner beside it
+        optimizer = make_optimizer(stage.model, cfg, process.device, process.dtype)
+        run = harness.Run(settings, process, corpus, stage, optimizer)
         return loop(run)
 
 

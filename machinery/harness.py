@@ -102,17 +102,18 @@ class Run:
     log_progress, save, finish. The loop runs inside it (with run:), which catches Ctrl-C and
     SIGTERM."""
 
-    def __init__(self, settings, process, corpus, model, batches, stage, optimizer):
+    def __init__(self, settings, process, corpus, stage, optimizer):
         """Set the run up before anything is written: restore a resume's state, seed this rank,
         fix the batch for --overfit_batch, compile the model and wrap it for DDP, clear the old
         run for --overwrite; then print the opening lines."""
         cfg = settings.cfg
         options = settings.options
+        batches = stage.batches
         self.settings = settings
         self.cfg = cfg
         self.process = process
         self.corpus = corpus
-        self.model = model  # the GPT trained and saved
+        self.model = stage.model  # the GPT trained and saved
         self.batches = batches
         self.stage = stage
         self.optimizer = optimizer
@@ -128,10 +129,11 @@ class Run:
             fixed = batches["train"]()
             batches["train"] = lambda: fixed
             cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
-        # what a step calls: the stage's model, compiled, and under torchrun wrapped by DDP
-        self.step_model = process.wrap(torch.compile(stage.model) if cfg.compile else stage.model)
+        # what a step calls: the stage's wrapper, compiled, and under torchrun wrapped by DDP
+        stepped = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
+        self.step_model = process.wrap(stepped)
         if cfg.compile:
-            compile_first(model, self.step_model, batches["train"](), process)
+            compile_first(stage.model, self.step_model, batches["train"](), process)
         if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
         if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
