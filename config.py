@@ -14,14 +14,12 @@ class TinyLLMError(Exception):
     """A problem with what the user asked for: one `error:` line, no traceback."""
 
 
-def setting(default, help, choices=None, aliases=(), resume=False, stages=(), **bounds):
+def setting(default, help, choices=None, resume=False, stages=(), **bounds):
     """A field with its meaning; resume: --resume may change it; stages: the later stages whose
     scripts alone take it (python dpo.py --help); bounds: a number's at_least, above, at_most or
     below. A number may default to None (unset) where its help says what that means: check()
     lets it be, and --help shows "none"."""
-    meaning = dict(
-        help=help, choices=choices, aliases=aliases, resume=resume, stages=stages, bounds=bounds
-    )
+    meaning = dict(help=help, choices=choices, resume=resume, stages=stages, bounds=bounds)
     return field(default=default, metadata=meaning)
 
 
@@ -104,9 +102,9 @@ class TrainConfig:
     batch_size: int = setting(32, "sequences per optimizer step", at_least=1)
     max_steps: int = setting(2000, "optimizer steps; the LR ends here", at_least=1, resume=True)
     time_budget: str = setting("", "train this long instead: 5m, 300s, 1h30m", resume=True)
-    lr: float = setting(2e-3, "peak learning rate", None, ("--lr-max", "--lr_max"), above=0)
+    lr: float = setting(2e-3, "peak learning rate", above=0)
     min_lr: float = setting(2e-4, "the LR the decay schedules end at", at_least=0)
-    warmup_steps: int = setting(100, "linear warmup steps to lr", None, ("--warmup",), at_least=0)
+    warmup_steps: int = setting(100, "linear warmup steps to lr", at_least=0)
     lr_schedule: str = setting("cosine", "the decay from lr to min_lr", ("cosine", "linear"))
     weight_decay: float = setting(0.1, "decay of AdamW's matrices (Muon's: none)", at_least=0)
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))
@@ -319,7 +317,11 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
             how.update(nargs="?", const="", metavar="PATH.pt")
         help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
-        group.add_argument(f"--{f.name}", *f.metadata["aliases"], help=help, **how)
+        group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
+
+
+# the course's spellings of two flags
+ALIASES = {"lr": ("--lr-max", "--lr_max"), "warmup_steps": ("--warmup",)}
 
 
 def yes_or_no(text):
