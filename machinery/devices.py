@@ -218,10 +218,7 @@ class Process:
 
     def __post_init__(self):
         self.scaler = make_scaler(self.device, self.dtype)
-
-    @property
-    def autocast(self):
-        return autocast(self.device, self.dtype)
+        self.autocast = autocast(self.device, self.dtype)  # a context, entered at every step
 
     def leave_together(self):
         """Every rank waits here: torchrun ends them all once one exits, rank 0 saving or not."""
