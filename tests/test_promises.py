@@ -27,6 +27,7 @@ from config import RunOptions, SamplerConfig, TinyLLMError, TrainConfig, build_c
 from machinery import settle
 from model import GPT
 from sampling import Context
+from train import get_lr
 
 SCHEDULES = TrainConfig.__dataclass_fields__["lr_schedule"].metadata["choices"]
 # a tiny run's settings, under the flags given; dropout draws random numbers: a resume restores them
@@ -103,7 +104,7 @@ def test_a_run_stopped_and_resumed_is_the_run_that_went_straight_on(
 
 @pytest.mark.parametrize("lr_schedule", SCHEDULES)  # every choice config.py offers
 def test_a_budget_ends_on_time_with_its_last_step_at_the_schedules_end(
-    flags, text_file, tmp_path, monkeypatch, lr_schedule
+    flags, text_file, tmp_path, monkeypatch, capsys, lr_schedule
 ):
     clock = StepClock(0.05).install(monkeypatch)  # a step takes 0.05 s on it, nothing else any
     budget = dict(time_budget="1s", lr_schedule=lr_schedule, eval_interval=1000, sample_tokens=20)
@@ -112,6 +113,8 @@ def test_a_budget_ends_on_time_with_its_last_step_at_the_schedules_end(
     # its steps end within a step before 99% of the budget (1% is kept to exit)
     assert 0.99 - clock.step <= clock.now <= 0.99 and summary["step"] > 15
     assert last_lr_is_the_schedules_end(cfg, summary)
+    end = get_lr(summary["step"], summary["step"], cfg)  # the closing line says where it ended
+    assert f"(the schedule's end: {end:.4g})" in capsys.readouterr().out
 
 
 def test_the_kv_cache_agrees_with_recomputation_past_block_size(flags):
