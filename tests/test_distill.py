@@ -64,8 +64,17 @@ def test_a_distilled_run_resumes_exactly_and_a_teacher_of_another_tokenizer_is_r
     trained, tmp_path, monkeypatch, capsys
 ):
     teacher, data = trained
+    losses = []  # a step's loss is distillation's
+    real = distill.distill_loss
+
+    def counted(*args):
+        losses.append(real(*args))
+        return losses[-1]
+
+    monkeypatch.setattr(distill, "distill_loss", counted)
     cfg = tiny_run(data, tmp_path / "straight", max_steps=12, distill_from=teacher)
     full = train_run(tiny_model(dropout=0.1), cfg, stage="distill")
+    assert len(losses) == 12
     cut = tiny_run(data, tmp_path / "cut", max_steps=12, distill_from=teacher)
     with monkeypatch.context() as m:
         interrupt_at(m, 7, signal.SIGTERM)

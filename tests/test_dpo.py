@@ -2,6 +2,7 @@
 its run and resume, the in-character measure before and after, bad input."""
 
 import json
+import math
 import os
 import signal
 
@@ -108,6 +109,7 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
     evals = [row for row in full["history"] if row["kind"] == "eval"]
     # the reference's margins are 0: the policy prefers the held-out pairs by the end
     assert evals[0]["margin"] == 0 and evals[0]["held_out_acc"] == 0
+    assert evals[0]["train_loss"] == pytest.approx(math.log(2))  # DPO's loss at a margin of 0
     assert all(row["margin"] > 0 and row["held_out_acc"] >= 0.5 for row in evals[1:])
     cut = tiny_run(pairs, tmp_path / "cut", log_interval=6, eval_interval=6, **settings)
     with monkeypatch.context() as m:
