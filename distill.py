@@ -57,8 +57,7 @@ class Distilled(nn.Module):
 
 
 def distill(settings):
-    """A fresh student on the teacher's text, by its tokenizer; then train.py's fit, whose steps
-    call Distilled."""
+    """train.py's fit of a fresh student on the teacher's text, whose steps call Distilled."""
     cfg = settings.cfg
     process = harness.start_process(settings)
     corpus = train.load_corpus(settings)

@@ -32,9 +32,7 @@ from utils import answer_targets, make_corpus
 
 
 def dpo(settings):
-    """The pairs; the policy (--init_from's model, or a resume's) and its frozen reference; the
-    held-out prompts answered before; then train.py's fit on batches of pairs, whose steps call
-    Preferring; the held-out prompts answered after."""
+    """train.py's fit on batches of pairs, whose steps call Preferring; in character before, after."""
     cfg = settings.cfg
     process = harness.start_process(settings)
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)

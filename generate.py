@@ -15,7 +15,7 @@ from machinery.annotate import Annotator, Printer, model_odds
 from sampling import Context, beam_search, token_stream, until_stop
 
 
-def sample(model, prompt_ids, cfg, sampler, stop, shown=None):
+def sample(model, prompt_ids, cfg, sampler, stop, shown):
     """The new tokens (B, n) of num_samples continuations of prompt_ids, drawn as one batch, each
     step shown (an Annotator, a Printer) as it is drawn."""
     idx = torch.tensor([prompt_ids] * cfg.num_samples, device=model.wte.weight.device)  # (B, T)
@@ -46,7 +46,6 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     """One checkpoint's samples, printed (streamed when alone): its block of the output file."""
     model = loaded.model
     tokenizer = loaded.tokenizer
-    saved = loaded.checkpoint
     stop = None if cfg.no_stop else tokenizer.eot_id
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
     shown_ids = [t for t in prompt_ids if t != stop]  # the prompt as printed (--qa's starts so)
@@ -56,7 +55,7 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     if cfg.show_probs or cfg.show_top:  # every token with its odds
         shown = annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file, stop, stream)
     if several:
-        cli.log(f"\n{'=' * 20} {path} ({checkpoint.summary(saved)}) {'=' * 20}")
+        cli.log(f"\n{'=' * 20} {path} ({checkpoint.summary(loaded.checkpoint)}) {'=' * 20}")
     if shown:
         shown.begin(shown_ids, cfg.num_samples)
     hint = f"out of memory on {devices.name(model.wte.weight.device)}: try fewer --num_samples"
@@ -78,7 +77,7 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
             cli.log(label)
         cli.log(text)
         blocks.append(f"{label}\n{text}")
-    return header(cfg, sampler, path, saved, prompt) + "\n\n" + "\n\n".join(blocks)
+    return header(cfg, sampler, path, loaded.checkpoint, prompt) + "\n\n" + "\n\n".join(blocks)
 
 
 def main(argv=None):
@@ -89,9 +88,8 @@ def main(argv=None):
     )
     add_flags(parser, SamplerConfig, title="how each token is drawn")
     add_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
-    args = parser.parse_args(argv)
-    paths = args.checkpoints or ["checkpoints/best.pt"]
-    flags = vars(args)
+    flags = vars(parser.parse_args(argv))
+    paths = flags["checkpoints"] or ["checkpoints/best.pt"]
     cfg = make_config(GenerateConfig, flags)
     sampler = make_config(SamplerConfig, flags)
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]
@@ -114,12 +112,11 @@ def main(argv=None):
     loaded = [checkpoint.load_model(path) for path in paths]  # read on the CPU
     for trained in loaded[1:]:
         sources.encode_prompt(trained.tokenizer, prompt, cfg.qa, say=lambda _: None)
-    several = len(paths) > 1
     blocks = []
     for path in paths:  # popped, so that one model at a time is on the device
         trained = loaded.pop(0)
         trained.model.to(device)
-        blocks.append(sample_checkpoint(path, trained, cfg, sampler, prompt, several))
+        blocks.append(sample_checkpoint(path, trained, cfg, sampler, prompt, len(paths) > 1))
     if out:
         with open(out, "w", encoding="utf-8", newline="") as f:  # the text exactly
             f.write("\n\n".join(blocks) + "\n")

@@ -125,8 +125,7 @@ def filter_logits(logits, sampler):
 def next_token_probs(logits, sampler):
     """The distribution (B, V) the next token is drawn from (filter_logits). Greedy draws nothing;
     its distribution here is temperature 1's among the candidates: its pick is the likeliest."""
-    logits = filter_logits(logits.float(), sampler)
-    return F.softmax(logits, dim=-1)
+    return F.softmax(filter_logits(logits.float(), sampler), dim=-1)
 
 
 def sample_next(probs, sampler, generator=None):

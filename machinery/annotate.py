@@ -82,23 +82,19 @@ class WholeCharacters:
         return piece
 
 
-class Printer:
+class Printer(WholeCharacters):
     """The first sample printed as it is drawn, in whole characters (generate.py, chat.py)."""
-
-    def __init__(self, tokenizer, stop=None):
-        self.tokenizer = tokenizer
-        self.pieces = WholeCharacters(tokenizer, stop)
 
     def begin(self, prompt_ids, n_samples=1):
         print(self.tokenizer.decode(prompt_ids), end="", flush=True)
 
     def add(self, token, probs=None):  # token (B, 1): the first row's
-        piece = self.pieces.add(token[0, 0].item())
+        piece = super().add(token[0, 0].item())
         if piece:
             print(piece[0], end="", flush=True)
 
     def end(self, tail=""):
-        print(self.pieces.flush()[0] + tail, flush=True)
+        print(self.flush()[0] + tail, flush=True)
 
 
 def summary(steps):
@@ -122,11 +118,11 @@ class Annotator:
         self.stop = stop
         self.live = live
         self.colour = sys.stdout.isatty() and not to_file and not top
+        self.pieces = WholeCharacters(tokenizer, stop)  # painted's: each flush leaves it empty
 
     def begin(self, prompt_ids, n_samples):
         self.samples = [[] for _ in range(n_samples)]
         self.prompt = prompt_ids
-        self.pieces = WholeCharacters(self.tokenizer, self.stop)
         if self.colour:
             print("probability of each new token: " + "  ".join(paint(w, p) for p, _, w in BANDS))
             if self.live:
@@ -166,7 +162,6 @@ class Annotator:
         steps = self.samples[i]
         if not self.colour:
             return "\n".join([self.text(i), *map(self.row, steps), summary(steps)])
-        self.pieces = WholeCharacters(self.tokenizer, self.stop)
         text = self.tokenizer.decode(self.prompt) + self.painted(steps, flush=True)
         return text + "\n" + summary(steps)
 

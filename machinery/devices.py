@@ -73,14 +73,12 @@ def choose_device(name):
 
 
 def name(device):
-    """cpu, mps, or cuda:0 with the GPU's name."""
     return f"{device} ({gpu(device)[0]})" if device.type == "cuda" else str(device)
 
 
 def set_threads(n):
     if n:
         torch.set_num_threads(n)
-    return torch.get_num_threads()
 
 
 def use(name, threads):
@@ -124,7 +122,7 @@ def auto_dtype(device):
         return "bfloat16", "compute capability 8.0+"
     if device.type == "cuda":
         return "float16", "below compute capability 8.0"
-    if device.type == "mps" or not (has.amx or has.avx512_bf16):
+    if not native_bf16(device):
         return "float32", "no native bfloat16"
     if has.amx:
         return "bfloat16", "Intel with AMX"
@@ -134,8 +132,7 @@ def auto_dtype(device):
 
 
 def machine_preset(device, given):
-    """(the preset a run without --preset trains here, the facts that chose it): the device, the
-    precision --dtype gives (auto: by what the device is) and the threads."""
+    """(the preset a run without --preset trains here, why: its device, --dtype and threads)."""
     dtype = given.get("dtype", "auto")
     threads = given.get("threads") or torch.get_num_threads()
     if device.type == "cuda":  # small whatever its precision: asking would start CUDA
@@ -207,8 +204,7 @@ def auto_meanings(device):
 @dataclass
 class Process:
     """This process: its rank of world (0 of 1 without torchrun), its device, and the precision
-    of its forward pass: dtype (why: how --dtype auto chose it) and float16's loss scaler (in
-    another dtype a disabled one, whose calls do nothing)."""
+    of its forward pass: dtype (why: how --dtype auto chose it), autocast and scaler."""
 
     rank: int
     world: int
@@ -225,8 +221,7 @@ class Process:
         if self.world > 1:
             dist.barrier()
 
-    def wrap(self, model):
-        """DDP averages the gradients over the ranks during backward."""
+    def wrap(self, model):  # DDP averages the gradients over the ranks during backward
         if self.world == 1:
             return model
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -249,8 +244,7 @@ class Process:
 
 
 def check_processes(device, cfg):
-    """Refuse, before anything is written, processes under torchrun that cannot work here, or
-    cannot share cfg's batch."""
+    """Refuse, before anything is written, torchrun's processes that cannot work or share a batch."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (world * cfg.grad_accum_steps):
         raise TinyLLMError(
