@@ -19,7 +19,7 @@ def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens)
     """The model's turn, printed as it comes: (its ids, EOT last; whether Ctrl-C stopped it)."""
     new = []
     stop = tokenizer.eot_id
-    printer = Printer(tokenizer, tokenizer.eot_id)
+    printer = Printer(tokenizer, stop)
     idx = torch.tensor([conversation], device=context.model.wte.weight.device)
     stopped = False
     try:

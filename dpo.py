@@ -174,10 +174,9 @@ CHAT_WORDS = {"lol", "idk", "tbh", "ok", "okay", "nah", "yeah", "dude", "kinda",
 
 
 def in_character(answer):
-    """Whether an answer is in the voice of the plays, as the bundled pairs' chosen answers are: a
-    LINE with a word of PLAY_WORDS and none of CHAT_WORDS. Their rejected answers, chat messages
-    of today, are none of these; the bundled conversations about language models are no LINE of
-    the plays either, for want of their words."""
+    """Whether an answer is in the voice of the plays, as the bundled pairs' chosen answers are.
+    Their rejected answers, chat messages of today, are not; the bundled conversations about
+    language models are no LINE of the plays either, for want of their words."""
     words = set(re.findall(r"[a-z]+", answer.lower()))
     return bool(LINE.fullmatch(answer)) and bool(words & PLAY_WORDS) and not words & CHAT_WORDS
 

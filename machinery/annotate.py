@@ -72,8 +72,7 @@ class WholeCharacters:
             return None
         self.ids.append(token)
         self.p *= p
-        text = self.tokenizer.decode(self.ids)
-        return None if text.endswith("\ufffd") else self.flush()
+        return None if self.tokenizer.decode(self.ids).endswith("\ufffd") else self.flush()
 
     def flush(self):  # whole characters or not
         piece = (self.tokenizer.decode(self.ids), self.p)

@@ -11,8 +11,7 @@ from config import TinyLLMError
 
 
 def log(*args):
-    """A line, flushed at once (a reader sees progress as it happens), from rank 0 alone under
-    torchrun."""
+    """A line, flushed at once (a reader sees progress as it comes), from rank 0 alone (torchrun)."""
     if os.environ.get("RANK", "0") == "0":
         print(*args, flush=True)
 
