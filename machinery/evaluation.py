@@ -37,10 +37,9 @@ def evaluate_checkpoint(path, data, cfg):
     data's): a conversation's answers alone, as its run was trained. cfg: the device, threads and
     batch size to score with."""
     trained = checkpoint.load_model(path, devices.use(cfg.device, cfg.threads))
-    model = trained.model
     corpus, data = sources.validation_split(trained.checkpoint, trained.tokenizer, data)
     val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    losses = token_losses(model, val, cfg.batch_size)  # of tokens 1..n-1
+    losses = token_losses(trained.model, val, cfg.batch_size)  # of tokens 1..n-1
     if corpus.val_targets is not None:
         losses = losses[corpus.val_targets[1:]]
     loss = losses.mean().item()
