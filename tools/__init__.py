@@ -4,8 +4,7 @@ through experiment()."""
 
 
 def experiment(given, preset="tiny"):
-    """train.py's run of the settings given, in this process, without plots or a closing sample,
-    its time budget counted from now: its summary."""
+    """train.py's run of the settings given, in this process, without plots or a closing sample."""
     import time
 
     import train  # here, not above: the tools that only read files need no torch

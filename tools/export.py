@@ -74,9 +74,8 @@ def llama(model, transformers):
             for part, weight in (("q_proj", q[order]), ("k_proj", k[order]), ("v_proj", v)):
                 out[name.replace("attn.c_attn", f"self_attn.{part}")] = weight
         elif "c_fc" in name:  # SwiGLU's gate and value side by side
-            gate, up = t.chunk(2)
-            out[name.replace("c_fc", "gate_proj")] = gate
-            out[name.replace("c_fc", "up_proj")] = up
+            for part, weight in zip(("gate_proj", "up_proj"), t.chunk(2)):
+                out[name.replace("c_fc", part)] = weight
         else:
             out[name] = t
     return config, out
@@ -136,13 +135,13 @@ def halves(token, ranks):
     return parts
 
 
-def model_card(saved, model, arch, name):
+def model_card(saved, model, arch, folder):
     """What the model card says: the run's record in its checkpoint."""
     c = model.config
     cfg = saved.get("train_config", {})
     steps = saved.get("step", 0)
     return {
-        "name": name,
+        "name": os.path.basename(os.path.abspath(folder)),
         "arch": arch,
         "data": os.path.basename(cfg.get("data", "text")),
         "params": model.num_params(),
@@ -174,7 +173,6 @@ def main(argv=None):
     trained = checkpoint.load_model(args.checkpoint)
     model = lora.merge(trained.model)
     tokenizer = trained.tokenizer
-    saved = trained.checkpoint
     c = model.config  # the MLP, then the norm, tell the family
     arch = "gpt2" if c.mlp == "gelu" else {"rmsnorm": "llama", "layernorm": "stablelm"}[c.norm]
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in MAPPED}
@@ -190,7 +188,7 @@ def main(argv=None):
     config.eos_token_id = config.pad_token_id = tokenizer.eot_id
     idx = torch.tensor([sources.start_ids(tokenizer)])
     sample = generate(model, idx, 300, SamplerConfig(), generator=torch.Generator().manual_seed(42))
-    card = model_card(saved, model, arch, os.path.basename(os.path.abspath(args.folder)))
+    card = model_card(trained.checkpoint, model, arch, args.folder)
     card["sample"] = tokenizer.decode(sample[0].tolist())
     parent = os.path.dirname(os.path.abspath(args.folder))
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # nothing half-written left behind

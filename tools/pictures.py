@@ -149,12 +149,9 @@ def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
         heights = probs[order].tolist() + [1.0 - probs[order].sum().item()]  # then the rest
-        ax.bar(
-            np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width,
-            heights,
-            width,
-            label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits",
-        )
+        x = np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width
+        bits = entropy_bits(probs[None])[0].item()
+        ax.bar(x, heights, width, label=f"T = {t:g}: entropy {bits:.2f} bits")
     ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
     title = f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature"
     ax.set(ylabel="probability", title=title)
@@ -181,11 +178,8 @@ def draw_embeddings(model, tokenizer, path):
         colour = "C0" if label.isupper() else colour
         colour = "C3" if label in "aeiouAEIOU" else colour
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=colour)
-    ax.set(
-        xlabel="first principal direction",
-        ylabel="second principal direction",
-        title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)",
-    )
+    ax.set(xlabel="first principal direction", ylabel="second principal direction")
+    ax.set_title(f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
     save_plot(fig, path, ax)
     return (
         f"each character's embedding on its two main directions ({share:.0%} of the variance). "
@@ -214,7 +208,6 @@ def main(argv=None):
     trained = checkpoint.load_model(args.checkpoint, device)
     model = trained.model
     tokenizer = trained.tokenizer
-    saved = trained.checkpoint
     ids = sources.encode_prompt(tokenizer, args.prompt)
     c = model.config
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
@@ -232,7 +225,7 @@ def main(argv=None):
     paths = {name: os.path.join(args.out_dir, f"{name}.png") for name in names}
     for path in paths.values():
         cli.check_writable(path, "--out_dir", make_folder=True)
-    passage = val_passage(args, tokenizer, saved) if "surprise" in names else None
+    passage = val_passage(args, tokenizer, trained.checkpoint) if "surprise" in names else None
     draw = {
         "attention": lambda path: draw_attention(model, tokenizer, ids, args, path),
         "surprise": lambda path: draw_surprise(model, tokenizer, passage, path),
