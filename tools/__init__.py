@@ -3,12 +3,12 @@ model, runs compared, and the experiments (ablation, decoding, scaling), which t
 through experiment()."""
 
 
-def experiment(given, preset="tiny"):
+def experiment(given):
     """train.py's run of the settings given, in this process, without plots or a closing sample."""
     import time
 
     import train  # here, not above: the tools that only read files need no torch
     from machinery.settle import settle
 
-    given = {"plots": False, "sample_tokens": 0, "preset": preset} | given
+    given = {"plots": False, "sample_tokens": 0, "preset": "tiny"} | given
     return train.train(settle(given, started=time.perf_counter()))  # its time counts from now

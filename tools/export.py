@@ -39,7 +39,7 @@ def llama(model, transformers):
     """Llama's config (StableLM's for LayerNorm), and our weights by their names: RoPE's pairs
     (2i, 2i+1) moved to (i, i + hs/2), where their rotate_half pairs them."""
     c = model.config
-    hs = model.config.n_embd // model.config.n_head
+    hs = c.n_embd // c.n_head
     shape = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.n_embd,
@@ -190,9 +190,8 @@ def main(argv=None):
     sample = generate(model, idx, 300, SamplerConfig(), generator=torch.Generator().manual_seed(42))
     card = model_card(trained.checkpoint, model, arch, args.folder)
     card["sample"] = tokenizer.decode(sample[0].tolist())
-    parent = os.path.dirname(os.path.abspath(args.folder))
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # nothing half-written left behind
-    try:
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(args.folder)))
+    try:  # written beside the folder, then moved in: nothing half-written left behind
         hf_model = transformers.AutoModelForCausalLM.from_config(config)
         theirs = hf_model.named_parameters()  # biases where ours has none: zeros
         zeros = {k: torch.zeros_like(v) for k, v in theirs if k.endswith(".bias")}
@@ -200,10 +199,8 @@ def main(argv=None):
         hf_model.save_pretrained(tmp)
         chat = CHAT_TEMPLATE if ASSISTANT in tokenizer.special_tokens else None
         fast = dict(eos_token=EOT, chat_template=chat, model_max_length=c.block_size)
-        fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=hf_tokenizer(tokenizer), **fast
-        )
-        fast.save_pretrained(tmp)
+        bpe = hf_tokenizer(tokenizer)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, **fast).save_pretrained(tmp)
         path = os.path.join(tmp, "tokenizer_config.json")  # a class every transformers knows
         with open(path, encoding="utf-8") as f:
             settings = json.load(f) | {"tokenizer_class": "PreTrainedTokenizerFast"}
