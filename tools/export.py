@@ -20,7 +20,7 @@ import torch
 import lora
 from config import ASSISTANT, EOT, GPTConfig, SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, sources
-from machinery.hf_gpt2 import hf_names
+from machinery.hf_gpt2 import SHAPE, hf_names
 from sampling import generate
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from utils import CHAT_TEMPLATE, bits_per_char
@@ -84,15 +84,9 @@ def llama(model, transformers):
 def gpt2(model, transformers):
     """GPT-2's config, and our weights by its names."""
     c = model.config
-    config = transformers.GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        activation_function="gelu_new",
-        layer_norm_epsilon=1e-5,
-    )
+    shape = {k: getattr(c, k) for k in SHAPE}
+    ours = dict(activation_function="gelu_new", layer_norm_epsilon=1e-5)  # the tanh GELU
+    config = transformers.GPT2Config(**shape, n_positions=c.block_size, **ours)
     return config, {k: v.contiguous() for k, v in hf_names(model).items()}
 
 
