@@ -66,11 +66,8 @@ def draw_lr_schedule(cfg, get_lr):
     lrs = [get_lr(s, cfg.max_steps, cfg) for s in range(cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot(lrs)
-    ax.set(
-        xlabel="step",
-        ylabel="learning rate",
-        title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}",
-    )
+    ax.set(xlabel="step", ylabel="learning rate")
+    ax.set_title(f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}")
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
     save_plot(fig, path, ax)
     tenths = [round(cfg.max_steps * i / 10) for i in range(11)]

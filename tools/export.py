@@ -108,10 +108,9 @@ def hf_tokenizer(tokenizer):
     hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab | tokenizer.special_tokens, merges))
     pre = tokenizers.pre_tokenizers
     if merges:  # GPT2_PATTERN's pieces, each as bytes
+        split = pre.Split(tokenizers.Regex(GPT2_PATTERN), "isolated")
         as_bytes = pre.ByteLevel(add_prefix_space=False, use_regex=False)
-        hf.pre_tokenizer = pre.Sequence(
-            [pre.Split(tokenizers.Regex(GPT2_PATTERN), "isolated"), as_bytes]
-        )
+        hf.pre_tokenizer = pre.Sequence([split, as_bytes])
     hf.decoder = tokenizers.decoders.ByteLevel() if merges else tokenizers.decoders.Fuse()
     hf.add_special_tokens(list(tokenizer.special_tokens))
     return hf

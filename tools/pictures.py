@@ -140,10 +140,7 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    by_t = {
-        t: next_token_probs(logits, SamplerConfig(temperature=t))[0].cpu()
-        for t in args.temperatures
-    }  # each (V,)
+    by_t = {t: next_token_probs(logits, SamplerConfig(t))[0].cpu() for t in args.temperatures}
     order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
@@ -204,8 +201,7 @@ def main(argv=None):
     names = [n for n in PICTURES if n in asked]
     if len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
         raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
-    device = devices.choose_device(args.device)
-    trained = checkpoint.load_model(args.checkpoint, device)
+    trained = checkpoint.load_model(args.checkpoint, devices.choose_device(args.device))
     model = trained.model
     tokenizer = trained.tokenizer
     ids = sources.encode_prompt(tokenizer, args.prompt)
