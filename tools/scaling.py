@@ -152,9 +152,8 @@ def summarize(rows, budgets, five_minutes, path):
     for b in budgets:
         at = [r for r in iso if r["budget"] == b]  # by size, as SHAPES are
         frontier.append((statistics.mean(r["flops"] for r in at), *isoflop_minimum(at)))
-        by_size.plot(
-            [r["params"] for r in at], [r["val"] for r in at], "o-", label=f"{b:.1e} FLOPs"
-        )
+        label = f"{b:.1e} FLOPs"
+        by_size.plot([r["params"] for r in at], [r["val"] for r in at], "o-", label=label)
     C, sizes, L = zip(*frontier)
     fit = fit_power_law(C, L) if len(set(C)) > 1 else None
     if fit is None:  # the budgets too close, or the loss not falling with compute: nothing to fit
