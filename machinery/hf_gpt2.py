@@ -13,6 +13,7 @@ from machinery import checkpoint, cli
 from model import GPT
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+SHAPE = ("vocab_size", "n_layer", "n_head", "n_embd")  # GPT-2's names too; block_size: n_positions
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # some versions' constant masks: not weights
 OUR_SWITCHES = {
     "scale_attn_weights": True,
@@ -48,14 +49,8 @@ def config_from_hf(hf, name):
             problems.append(f"{switch}={not ours}")
     if problems:
         raise TinyLLMError(f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
-    return GPTConfig(
-        vocab_size=hf.vocab_size,
-        block_size=hf.n_positions,
-        n_layer=hf.n_layer,
-        n_head=hf.n_head,
-        n_embd=hf.n_embd,
-        bias=True,
-    )
+    shape = {k: getattr(hf, k) for k in SHAPE}
+    return GPTConfig(**shape, block_size=hf.n_positions, bias=True)
 
 
 def load_gpt2(name):

@@ -57,8 +57,7 @@ def write_history(out_dir, history, plot, vocab_size):
 
 
 def draw_lr_schedule(cfg, get_lr):
-    """--plot_lr: the LR of get_lr(step, max_steps, cfg) (train.py's) at every step of max_steps,
-    drawn, and printed at every tenth."""
+    """--plot_lr: train.py's get_lr(step, max_steps, cfg) at every step, drawn; printed at tenths."""
     if cfg.time_budget:
         warn(
             f"--time_budget {cfg.time_budget}: its end depends on its pace; "
@@ -67,11 +66,8 @@ def draw_lr_schedule(cfg, get_lr):
     lrs = [get_lr(s, cfg.max_steps, cfg) for s in range(cfg.max_steps + 1)]
     fig, ax = new_plot()
     ax.plot(lrs)
-    ax.set(
-        xlabel="step",
-        ylabel="learning rate",
-        title=f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}",
-    )
+    ax.set(xlabel="step", ylabel="learning rate")
+    ax.set_title(f"{cfg.lr_schedule}: peak {cfg.lr:g}, ends at {lrs[-1]:.3g}")
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
     save_plot(fig, path, ax)
     tenths = [round(cfg.max_steps * i / 10) for i in range(11)]

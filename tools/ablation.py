@@ -44,7 +44,7 @@ def main(argv=None):
             cli.log(f"--- {name}: {VARIANTS[name]}")
             given = vars(args) | VARIANTS[name] | {"out_dir": os.path.join(tmp, name)}
             given.setdefault("max_steps", 600)  # equal steps, not a time budget
-            summary = experiment(given, args.preset)
+            summary = experiment(given)  # with its --preset
             best = summary["best_val_loss"]
             bpc = bits_per_char(best, summary["corpus"].chars_per_token)
             rows.append((name, summary["model"].num_params(), best, bpc, summary["seconds"]))

@@ -26,10 +26,9 @@ def main(argv=None):
     parser.add_argument("--out", default="compare.png", help="the PNG (default: %(default)s)")
     parser.add_argument("--labels", help="comma-separated labels (default: the folder names)")
     args = parser.parse_args(argv)
+    labels = [os.path.basename(os.path.normpath(d)) for d in args.runs]
     if args.labels:
         labels = args.labels.split(",")
-    else:
-        labels = [os.path.basename(os.path.normpath(d)) for d in args.runs]
     if not args.out.lower().endswith(".png"):
         raise TinyLLMError(f"--out must name a .png file, got {args.out}")
     if len(labels) != len(args.runs):

@@ -20,7 +20,7 @@ import torch
 import lora
 from config import ASSISTANT, EOT, GPTConfig, SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, sources
-from machinery.hf_gpt2 import hf_names
+from machinery.hf_gpt2 import SHAPE, hf_names
 from sampling import generate
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from utils import CHAT_TEMPLATE, bits_per_char
@@ -39,7 +39,7 @@ def llama(model, transformers):
     """Llama's config (StableLM's for LayerNorm), and our weights by their names: RoPE's pairs
     (2i, 2i+1) moved to (i, i + hs/2), where their rotate_half pairs them."""
     c = model.config
-    hs = model.config.n_embd // model.config.n_head
+    hs = c.n_embd // c.n_head
     shape = dict(
         vocab_size=c.vocab_size,
         hidden_size=c.n_embd,
@@ -74,9 +74,8 @@ def llama(model, transformers):
             for part, weight in (("q_proj", q[order]), ("k_proj", k[order]), ("v_proj", v)):
                 out[name.replace("attn.c_attn", f"self_attn.{part}")] = weight
         elif "c_fc" in name:  # SwiGLU's gate and value side by side
-            gate, up = t.chunk(2)
-            out[name.replace("c_fc", "gate_proj")] = gate
-            out[name.replace("c_fc", "up_proj")] = up
+            for part, weight in zip(("gate_proj", "up_proj"), t.chunk(2)):
+                out[name.replace("c_fc", part)] = weight
         else:
             out[name] = t
     return config, out
@@ -85,15 +84,9 @@ def llama(model, transformers):
 def gpt2(model, transformers):
     """GPT-2's config, and our weights by its names."""
     c = model.config
-    config = transformers.GPT2Config(
-        vocab_size=c.vocab_size,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        activation_function="gelu_new",
-        layer_norm_epsilon=1e-5,
-    )
+    shape = {k: getattr(c, k) for k in SHAPE}
+    ours = dict(activation_function="gelu_new", layer_norm_epsilon=1e-5)  # the tanh GELU
+    config = transformers.GPT2Config(**shape, n_positions=c.block_size, **ours)
     return config, {k: v.contiguous() for k, v in hf_names(model).items()}
 
 
@@ -115,10 +108,9 @@ def hf_tokenizer(tokenizer):
     hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab | tokenizer.special_tokens, merges))
     pre = tokenizers.pre_tokenizers
     if merges:  # GPT2_PATTERN's pieces, each as bytes
+        split = pre.Split(tokenizers.Regex(GPT2_PATTERN), "isolated")
         as_bytes = pre.ByteLevel(add_prefix_space=False, use_regex=False)
-        hf.pre_tokenizer = pre.Sequence(
-            [pre.Split(tokenizers.Regex(GPT2_PATTERN), "isolated"), as_bytes]
-        )
+        hf.pre_tokenizer = pre.Sequence([split, as_bytes])
     hf.decoder = tokenizers.decoders.ByteLevel() if merges else tokenizers.decoders.Fuse()
     hf.add_special_tokens(list(tokenizer.special_tokens))
     return hf
@@ -136,13 +128,13 @@ def halves(token, ranks):
     return parts
 
 
-def model_card(saved, model, arch, name):
+def model_card(saved, model, arch, folder):
     """What the model card says: the run's record in its checkpoint."""
     c = model.config
     cfg = saved.get("train_config", {})
     steps = saved.get("step", 0)
     return {
-        "name": name,
+        "name": os.path.basename(os.path.abspath(folder)),
         "arch": arch,
         "data": os.path.basename(cfg.get("data", "text")),
         "params": model.num_params(),
@@ -174,7 +166,6 @@ def main(argv=None):
     trained = checkpoint.load_model(args.checkpoint)
     model = lora.merge(trained.model)
     tokenizer = trained.tokenizer
-    saved = trained.checkpoint
     c = model.config  # the MLP, then the norm, tell the family
     arch = "gpt2" if c.mlp == "gelu" else {"rmsnorm": "llama", "layernorm": "stablelm"}[c.norm]
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in MAPPED}
@@ -190,11 +181,10 @@ def main(argv=None):
     config.eos_token_id = config.pad_token_id = tokenizer.eot_id
     idx = torch.tensor([sources.start_ids(tokenizer)])
     sample = generate(model, idx, 300, SamplerConfig(), generator=torch.Generator().manual_seed(42))
-    card = model_card(saved, model, arch, os.path.basename(os.path.abspath(args.folder)))
+    card = model_card(trained.checkpoint, model, arch, args.folder)
     card["sample"] = tokenizer.decode(sample[0].tolist())
-    parent = os.path.dirname(os.path.abspath(args.folder))
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)  # nothing half-written left behind
-    try:
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(args.folder)))
+    try:  # written beside the folder, then moved in: nothing half-written left behind
         hf_model = transformers.AutoModelForCausalLM.from_config(config)
         theirs = hf_model.named_parameters()  # biases where ours has none: zeros
         zeros = {k: torch.zeros_like(v) for k, v in theirs if k.endswith(".bias")}
@@ -202,10 +192,8 @@ def main(argv=None):
         hf_model.save_pretrained(tmp)
         chat = CHAT_TEMPLATE if ASSISTANT in tokenizer.special_tokens else None
         fast = dict(eos_token=EOT, chat_template=chat, model_max_length=c.block_size)
-        fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=hf_tokenizer(tokenizer), **fast
-        )
-        fast.save_pretrained(tmp)
+        bpe = hf_tokenizer(tokenizer)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, **fast).save_pretrained(tmp)
         path = os.path.join(tmp, "tokenizer_config.json")  # a class every transformers knows
         with open(path, encoding="utf-8") as f:
             settings = json.load(f) | {"tokenizer_class": "PreTrainedTokenizerFast"}

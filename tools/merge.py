@@ -20,15 +20,8 @@ def main(argv=None):
         raise TinyLLMError(f"--out {args.out} already exists; give a new path")
     cli.check_writable(args.out, "--out", make_folder=True)
     model = merge(checkpoint.model_of(saved, args.adapter))
-    checkpoint.save(
-        args.out,
-        checkpoint.create(
-            model,
-            saved["tokenizer"],
-            step=saved.get("step"),
-            best_val_loss=saved.get("best_val_loss"),
-        ),
-    )
+    record = dict(step=saved.get("step"), best_val_loss=saved.get("best_val_loss"))
+    checkpoint.save(args.out, checkpoint.create(model, saved["tokenizer"], **record))
     base = saved["lora"]["base"]
     cli.log(f"wrote {args.out}: {base} with the adapter of {args.adapter} folded in")
 

@@ -140,21 +140,15 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    by_t = {
-        t: next_token_probs(logits, SamplerConfig(temperature=t))[0].cpu()
-        for t in args.temperatures
-    }  # each (V,)
+    by_t = {t: next_token_probs(logits, SamplerConfig(t))[0].cpu() for t in args.temperatures}
     order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
     for k, (t, probs) in enumerate(by_t.items()):
         heights = probs[order].tolist() + [1.0 - probs[order].sum().item()]  # then the rest
-        ax.bar(
-            np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width,
-            heights,
-            width,
-            label=f"T = {t:g}: entropy {entropy_bits(probs[None])[0].item():.2f} bits",
-        )
+        x = np.arange(len(order) + 1) + (k - (len(by_t) - 1) / 2) * width
+        bits = entropy_bits(probs[None])[0].item()
+        ax.bar(x, heights, width, label=f"T = {t:g}: entropy {bits:.2f} bits")
     ax.set_xticks(range(len(order) + 1), [short_label(tokenizer, t) for t in order] + ["rest"])
     title = f"the next token after {tokenizer.decode(ids)[-24:]!r} at each temperature"
     ax.set(ylabel="probability", title=title)
@@ -181,11 +175,8 @@ def draw_embeddings(model, tokenizer, path):
         colour = "C0" if label.isupper() else colour
         colour = "C3" if label in "aeiouAEIOU" else colour
         ax.annotate(label, (x, y), ha="center", va="center", fontsize=8, color=colour)
-    ax.set(
-        xlabel="first principal direction",
-        ylabel="second principal direction",
-        title=f"token embeddings in 2-D (PCA: {share:.0%} of their variance)",
-    )
+    ax.set(xlabel="first principal direction", ylabel="second principal direction")
+    ax.set_title(f"token embeddings in 2-D (PCA: {share:.0%} of their variance)")
     save_plot(fig, path, ax)
     return (
         f"each character's embedding on its two main directions ({share:.0%} of the variance). "
@@ -210,11 +201,9 @@ def main(argv=None):
     names = [n for n in PICTURES if n in asked]
     if len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
         raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
-    device = devices.choose_device(args.device)
-    trained = checkpoint.load_model(args.checkpoint, device)
+    trained = checkpoint.load_model(args.checkpoint, devices.choose_device(args.device))
     model = trained.model
     tokenizer = trained.tokenizer
-    saved = trained.checkpoint
     ids = sources.encode_prompt(tokenizer, args.prompt)
     c = model.config
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
@@ -232,7 +221,7 @@ def main(argv=None):
     paths = {name: os.path.join(args.out_dir, f"{name}.png") for name in names}
     for path in paths.values():
         cli.check_writable(path, "--out_dir", make_folder=True)
-    passage = val_passage(args, tokenizer, saved) if "surprise" in names else None
+    passage = val_passage(args, tokenizer, trained.checkpoint) if "surprise" in names else None
     draw = {
         "attention": lambda path: draw_attention(model, tokenizer, ids, args, path),
         "surprise": lambda path: draw_surprise(model, tokenizer, passage, path),

@@ -23,7 +23,7 @@ DATA_FRACTIONS = [1 / 8, 1 / 4, 1 / 2, 1]
 
 def run(shape, steps, out_dir, data, evals=1, **given):
     """A tiny-preset run of shape for steps: its parameters, FLOPs, losses and ms/step."""
-    settings = {
+    settings = dict(zip(("n_layer", "n_embd", "n_head"), shape)) | {
         "max_steps": steps,
         "data": data,
         "warmup_steps": max(1, min(100, steps // 10)),
@@ -32,7 +32,7 @@ def run(shape, steps, out_dir, data, evals=1, **given):
         "log_interval": min(steps, 5),
         "out_dir": out_dir,
     }
-    summary = experiment(shaped(shape) | settings | given)
+    summary = experiment(settings | given)
     params = summary["model"].num_params()
     history = summary["history"]
     last = [h for h in history if h["kind"] == "eval"][-1]
@@ -126,10 +126,8 @@ def study(args):
             if row is None:
                 row = dict(key=key, kind=kind, shape=list(shape), budget=budget, data_fraction=frac)
                 evals = 4 if kind == "data" else 1
-                out = f"{tmp}/run{i}"
-                row |= run(
-                    shape, steps, out, args.data, evals, data_fraction=frac, dtype=probe["dtype"]
-                )
+                fixed = dict(data_fraction=frac, dtype=probe["dtype"])
+                row |= run(shape, steps, f"{tmp}/run{i}", args.data, evals, **fixed)
             rows.append(row)
             spent = time.perf_counter() - t0
             eta = sum(expected[i + 1 :]) * spent / max(1e-9, sum(expected[: i + 1]))
@@ -154,9 +152,8 @@ def summarize(rows, budgets, five_minutes, path):
     for b in budgets:
         at = [r for r in iso if r["budget"] == b]  # by size, as SHAPES are
         frontier.append((statistics.mean(r["flops"] for r in at), *isoflop_minimum(at)))
-        by_size.plot(
-            [r["params"] for r in at], [r["val"] for r in at], "o-", label=f"{b:.1e} FLOPs"
-        )
+        label = f"{b:.1e} FLOPs"
+        by_size.plot([r["params"] for r in at], [r["val"] for r in at], "o-", label=label)
     C, sizes, L = zip(*frontier)
     fit = fit_power_law(C, L) if len(set(C)) > 1 else None
     if fit is None:  # the budgets too close, or the loss not falling with compute: nothing to fit
@@ -182,12 +179,8 @@ def summarize(rows, budgets, five_minutes, path):
     by_size.set(xscale="log", xlabel="parameters", ylabel="val loss", title="IsoFLOP: loss by size")
     by_compute.plot([r["flops"] for r in iso], [r["val"] for r in iso], "o", label="runs")
     c = torch.logspace(math.log10(min(C) / 2), math.log10(five_minutes * 2), 100).tolist()
-    by_compute.plot(
-        c,
-        [fit["l_inf"] + fit["a"] * x ** -fit["alpha"] for x in c],
-        "k-",
-        label=f"L = {fit['l_inf']:.2f} + {fit['a']:.3g} C^-{fit['alpha']:.3f}",
-    )
+    law = f"L = {fit['l_inf']:.2f} + {fit['a']:.3g} C^-{fit['alpha']:.3f}"
+    by_compute.plot(c, [fit["l_inf"] + fit["a"] * x ** -fit["alpha"] for x in c], "k-", label=law)
     by_compute.axvline(five_minutes, color="grey", linestyle="--", label="five minutes here")
     by_compute.set(
         xscale="log", xlabel="training FLOPs", ylabel="val loss", title="loss against compute"
@@ -195,20 +188,12 @@ def summarize(rows, budgets, five_minutes, path):
     fracs = [r["data_fraction"] for r in data]
     by_data.plot(fracs, [r["val"] for r in data], "o-", label="val at the end")
     by_data.plot(fracs, [r["train"] for r in data], ".:", label="train at the end")
-    by_data.set(
-        xscale="log",
-        xlabel="share of the training text",
-        ylabel="loss",
-        title="one size, less text",
-    )
+    by_data.set(xscale="log", xlabel="share of the training text", ylabel="loss")
+    by_data.set_title("one size, less text")
     by_data.set_xticks(fracs, [f"1/{round(1 / f)}" if f < 1 else "all" for f in fracs])
     by_data.minorticks_off()
     save_plot(fig, path, *axes[0])
     cli.log(f"wrote {path}")
-
-
-def shaped(shape):
-    return dict(zip(("n_layer", "n_embd", "n_head"), shape))
 
 
 def main(argv=None):
