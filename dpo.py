@@ -27,7 +27,7 @@ from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLME
 from lora import adapted, merge
 from machinery import checkpoint, cli, harness, sources
 from model import lm_loss
-from sampling import generate, until_stop
+from sampling import sample_text
 from utils import answer_targets, make_corpus
 
 
@@ -55,7 +55,7 @@ def dpo(settings):
     questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts[len(pairs["train"]) :]]
     prompts = [tokenizer.encode(question) for question in questions]
     if not settings.resumed:  # a resume's first lines said them
-        before = in_character_shares(reference, prompts, tokenizer, process.device)
+        before = in_character_shares(reference, prompts, tokenizer)
         cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
     preferring = Preferring(model, reference, cfg.dpo_beta)
     micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
@@ -72,7 +72,7 @@ def dpo(settings):
         entries={"reference": path},
     )
     summary = train.fit(settings, process, corpus, stage)
-    after = in_character_shares(model, prompts, tokenizer, process.device)
+    after = in_character_shares(model, prompts, tokenizer)
     cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))
     return summary | after
 
@@ -182,23 +182,18 @@ def in_character(answer):
 
 
 @torch.no_grad()
-def in_character_shares(model, prompts, tokenizer, device):
+def in_character_shares(model, prompts, tokenizer):
     """{in_character, in_character_sampled}: the share of prompts (each ending in <|assistant|>)
     the model answers in character, greedily and sampled at temperature 0.8 with seed 0, in 80
     tokens at most (the bundled answers are shorter)."""
     shares = {}
-    stop = tokenizer.eot_id
-    mode = model.training
     for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
         sampler = SamplerConfig(temperature=temperature)
         answered = 0
         for ids in prompts:
-            generator = torch.Generator(device).manual_seed(0)
-            idx = torch.tensor([ids], device=device)
-            out = generate(model.eval(), idx, 80, sampler, stop, generator)[0, len(ids) :]
-            answered += in_character(tokenizer.decode(until_stop(out.tolist(), stop)))
+            new = sample_text(model, ids, 80, sampler, tokenizer.eot_id, seed=0)
+            answered += in_character(tokenizer.decode(new))
         shares[name] = answered / len(prompts)
-    model.train(mode)  # a frozen reference stays in eval mode
     return shares
 
 

@@ -471,7 +471,7 @@ def print_header(run):
 def closing_sample(run, tokens):
     """A sample drawn as generate.py draws it, with the run's seed, in float32. A chat model
     answers the validation split's first question, in the chat template."""
-    from sampling import generate, until_stop  # the lesson's next chapter, at the run's end
+    from sampling import sample_text  # the lesson's next chapter, at the run's end
 
     tokenizer = run.corpus.tokenizer
     stop = None
@@ -480,12 +480,8 @@ def closing_sample(run, tokens):
     if question:
         ids = question
         stop = tokenizer.eot_id
-    idx = torch.tensor([ids], device=run.process.device)
-    generator = torch.Generator(run.process.device).manual_seed(run.cfg.seed)
-    model = run.model.eval()
-    out = generate(model, idx, tokens, SamplerConfig(), stop, generator)
-    model.train()
-    return tokenizer.decode(until_stop(out[0].tolist(), stop))
+    new = sample_text(run.model, ids, tokens, SamplerConfig(), stop, run.cfg.seed)
+    return tokenizer.decode(ids + new)
 
 
 # ------------------------------------------------------------------------------- the command line

@@ -160,7 +160,7 @@ def shares_of(path, questions):
     """The in-character shares of a checkpoint's answers to questions."""
     trained = checkpoint.load_model(str(path))
     prompts = [trained.tokenizer.encode(question) for question in questions]
-    return in_character_shares(trained.model, prompts, trained.tokenizer, torch.device("cpu"))
+    return in_character_shares(trained.model, prompts, trained.tokenizer)
 
 
 @pytest.mark.slow  # trains for seconds

@@ -21,7 +21,7 @@ import lora
 from config import ASSISTANT, EOT, GPTConfig, SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, sources
 from machinery.hf_gpt2 import SHAPE, hf_names
-from sampling import generate
+from sampling import sample_text
 from tokenizer import GPT2_PATTERN, CharTokenizer
 from utils import CHAT_TEMPLATE, bits_per_char
 
@@ -179,10 +179,10 @@ def main(argv=None):
     config.tie_word_embeddings = True
     config.bos_token_id = tokenizer.eot_id
     config.eos_token_id = config.pad_token_id = tokenizer.eot_id
-    idx = torch.tensor([sources.start_ids(tokenizer)])
-    sample = generate(model, idx, 300, SamplerConfig(), generator=torch.Generator().manual_seed(42))
+    start = sources.start_ids(tokenizer)
     card = model_card(trained.checkpoint, model, arch, args.folder)
-    card["sample"] = tokenizer.decode(sample[0].tolist())
+    sample = sample_text(model, start, 300, SamplerConfig(), seed=42)
+    card["sample"] = tokenizer.decode(start + sample)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(args.folder)))
     try:  # written beside the folder, then moved in: nothing half-written left behind
         hf_model = transformers.AutoModelForCausalLM.from_config(config)
