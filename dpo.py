@@ -32,7 +32,8 @@ from utils import answer_targets, make_corpus
 
 
 def dpo(settings):
-    """train.py's fit on batches of pairs, whose steps call Preferring; in character before, after."""
+    """train.py's fit on batches of pairs, whose steps call Preferring. The share of held-out
+    questions answered in character is printed before the run and after it."""
     cfg = settings.cfg
     process = harness.start_process(settings)
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)
