@@ -35,7 +35,7 @@ class TrainState:
     max_steps: int = 0  # the step the run ends at: --max_steps, or a time budget's plan
     lr: float = 0.0  # the latest step's
     seconds: float = 0.0  # the run's wall time before this process (a resume's)
-    eval_seconds: float = 0.0  # the latest evaluation's: a time budget keeps as much at its end
+    eval_seconds: float = 0.0  # the last evaluation's length: a budget keeps that much at its end
     best_val_loss: float = float("inf")
     evals_without_improvement: int = 0
     last_eval_step: int = -1
@@ -122,7 +122,7 @@ class Run:
         if last:
             process.scaler.load_state_dict(last["scaler"])
             self.state = restore(settings, optimizer, process)
-        if process.world > 1 and len(last.get("rngs", [])) != process.world:  # own batches
+        if process.world > 1 and len(last.get("rngs", [])) != process.world:  # a rank's own draws
             step = self.state.step
             devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * step) % 2**32)
         if options.overfit_batch:  # a sanity check: every step trains on one batch
@@ -157,7 +157,9 @@ class Run:
 
     # ------------------------------------------- Ctrl-C, SIGTERM, a reader gone: save, then exit
 
-    OUTPUT_GONE = 13  # Python ignores SIGPIPE: a reader gone stops the run as it would, exit 141
+    # SIGPIPE's number: when the reader of the output goes (`| head`), the run stops as it would
+    # for a signal, saves, and exits 141 as a shell expects (Python ignores SIGPIPE itself)
+    OUTPUT_GONE = 13
 
     def __enter__(self):  # the loop: a signal ends the step, then the run saves and exits
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -172,7 +174,7 @@ class Run:
     def handle(self, signum, frame):
         if self.received not in (None, self.OUTPUT_GONE) and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C aborts
-        self.received = signum  # a Ctrl-C that also ended `| tee` exits 130, as any Ctrl-C does
+        self.received = signum  # a Ctrl-C that also closed a `| tee` still exits 130
         if self.master:  # os.write: the signal may have come while print was writing a line
             name = signal.Signals(signum).name
             try:
