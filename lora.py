@@ -82,11 +82,8 @@ def adapted(cfg, model, saved, path, rows):
         adapter = dict(base=base, rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         adapter["mlp"] = cfg.lora_mlp
     elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
-        old = adapter["rows"]
-        mapped = []
-        for i in rows:
-            mapped.append(old[i] if old and i is not None else i)
-        adapter = adapter | {"rows": mapped}
+        old = adapter["rows"] or range(len(rows))  # None: the base's rows, as they were
+        adapter = adapter | {"rows": [None if i is None else old[i] for i in rows]}
     model.lora = adapter
     return model
 

@@ -13,7 +13,7 @@ from collections import Counter
 import regex  # tiktoken's dependency: it knows \p{L} and possessive ++
 import tiktoken
 
-from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, USER, TinyLLMError
+from config import BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, TinyLLMError
 
 
 class Tokenizer:
@@ -256,13 +256,6 @@ def from_dict(d):
     except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
         raise TinyLLMError(f"the {kind} tokenizer is malformed ({type(e).__name__}: {e})") from None
     raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
-
-
-def lacking(tokenizer, text):
-    """(characters, chat tokens): what text holds that the tokenizer lacks (a byte-level one lacks
-    no character)."""
-    special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
-    return tokenizer.unknown_chars("".join(ordinary(text, special))), special
 
 
 def grown(tokenizer, chars, special):

@@ -27,7 +27,9 @@ def save(path, checkpoint):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if checkpoint.get("lora"):
-        base = relative(checkpoint["lora"]["base"], folder)
+        base = os.path.abspath(checkpoint["lora"]["base"])
+        with contextlib.suppress(ValueError):  # Windows: no relative path to another drive
+            base = os.path.relpath(base, folder)
         checkpoint = checkpoint | {"lora": checkpoint["lora"] | {"base": base}}
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -85,14 +87,6 @@ def load(path):
         base = os.path.join(os.path.dirname(os.path.abspath(path)), checkpoint["lora"]["base"])
         checkpoint["lora"]["base"] = os.path.normpath(base)
     return checkpoint
-
-
-def relative(path, folder):
-    """path from folder, or the absolute path on another drive (Windows)."""
-    try:
-        return os.path.relpath(path, folder)
-    except ValueError:
-        return os.path.abspath(path)
 
 
 def refused_as_unsafe(error):
@@ -222,7 +216,7 @@ def grow_vocabulary(model, old_ids):
     old = model.wte.weight.detach()
     old_size = sum(i is not None for i in old_ids)
     rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
-    mean = old[[i for i in rows if i is not None]].mean(0)
+    mean = old.mean(0)
     with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
     return rows
 

@@ -6,13 +6,12 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import replace
 
 import numpy as np
 
-from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
+from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig, require
 from machinery.cli import warn
-from tokenizer import from_dict, grown, lacking, learn, split_special
+from tokenizer import from_dict, grown, learn, ordinary, split_special
 from utils import Corpus, make_corpus, question, split_train_val, turn
 
 
@@ -143,25 +142,25 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
     text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
     if not text.replace(EOT, "").strip():
         raise TinyLLMError(f"data file {cfg.data} is empty")
-    old_ids = None
     if tokenizer is None:  # char learns every character, BPE only from the training part
         learned_from = text if cfg.tokenizer == "char" else split_train_val(text)[0]
         tokenizer = learn(cfg.tokenizer, learned_from, vocab_size)
-    if not grow:
-        check_known(tokenizer, text, cfg.data)
-    chars, special = lacking(tokenizer, text)
-    if chars or special:
-        tokenizer, old_ids = grown(tokenizer, chars, special)
+    tokenizer, old_ids = check_known(tokenizer, text, cfg.data, grow)
     corpus = make_corpus(text, tokenizer, cfg.loss_on == "answers")
-    return replace(corpus, old_ids=old_ids)
+    corpus.old_ids = old_ids
+    return corpus
 
 
-def check_known(tokenizer, text, path):
-    """Refuse a text with characters or special tokens the tokenizer lacks."""
-    chars, special = lacking(tokenizer, text)
-    if chars or special:
-        missing = "".join(chars + special)[:40]
-        raise TinyLLMError(f"{path} has tokens the model lacks: {missing!r}")
+def check_known(tokenizer, text, path, grow=False):
+    """(tokenizer, old_ids): a text's characters and chat tokens the tokenizer lacks refused, or
+    if grow, added (tokenizer.grown); old_ids None where nothing lacks (a byte-level tokenizer
+    lacks no character)."""
+    special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
+    chars = tokenizer.unknown_chars("".join(ordinary(text, special)))
+    if not (chars or special):
+        return tokenizer, None
+    require(grow, f"{path} has tokens the model lacks: {''.join(chars + special)[:40]!r}")
+    return grown(tokenizer, chars, special)
 
 
 def preference_pairs(path):
