@@ -13,7 +13,7 @@ from collections import Counter
 import regex  # tiktoken's dependency: it knows \p{L} and possessive ++
 import tiktoken
 
-from config import BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, TinyLLMError
+from config import BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, TinyLLMError, require
 
 
 class Tokenizer:
@@ -98,8 +98,7 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
     Textbook BPE made fast: distinct words counted once, pair counts in a heap, only the merged
     words recounted: a run of --tokenizer bpe learns its tokens before its first step, waiting."""
     n_merges = vocab_size - 256 - len(special_tokens)
-    if n_merges < 0:
-        raise TinyLLMError(f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
+    require(n_merges >= 0, f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
     # 1. distinct words with their counts: merges never cross a word (nor a special token)
     chunks = ordinary(text, special_tokens)
     word_counts = Counter(word for chunk in chunks for word in regex.findall(GPT2_PATTERN, chunk))
@@ -176,8 +175,7 @@ class BPETokenizer(ByteLevelTokenizer):
         self.tokens = [bytes(t) for t in tokens]
         self.pattern = pattern
         ranks = {t: i for i, t in enumerate(self.tokens)}
-        if len(ranks) != len(self.tokens):
-            raise TinyLLMError("the bpe tokenizer has duplicate tokens")
+        require(len(ranks) == len(self.tokens), "the bpe tokenizer has duplicate tokens")
         super().__init__(len(self.tokens), special_tokens)
         self.enc = tiktoken.Encoding(
             name=f"tinyllm-bpe-{self.vocab_size}",

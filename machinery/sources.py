@@ -17,8 +17,7 @@ from utils import Corpus, make_corpus, question, split_train_val, turn
 
 def iter_documents(path, clean=False, extensions=".txt"):
     """The source's text in pieces: a .txt file in chunks, or documents each ending with EOT."""
-    if not os.path.exists(path):
-        raise TinyLLMError(f"data file {path} not found")
+    require(os.path.exists(path), f"data file {path} not found")
     seen = set()
 
     def document(text):  # with --clean: whitespace normalised, an exact duplicate dropped
@@ -91,8 +90,7 @@ def folder_files(folder, extensions):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         names = [n for n in sorted(files) if n.lower().endswith(endings) and n[0] != "."]
         found += [os.path.join(root, n) for n in names]
-    if not found:
-        raise TinyLLMError(f"folder {folder} has no {', '.join(endings) or '?'} files (--data_ext)")
+    require(found, f"folder {folder} has no {', '.join(endings) or '?'} files (--data_ext)")
     return found
 
 
@@ -140,8 +138,7 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
             raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the model's")
         return corpus
     text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
-    if not text.replace(EOT, "").strip():
-        raise TinyLLMError(f"data file {cfg.data} is empty")
+    require(text.replace(EOT, "").strip(), f"data file {cfg.data} is empty")
     if tokenizer is None:  # char learns every character, BPE only from the training part
         learned_from = text if cfg.tokenizer == "char" else split_train_val(text)[0]
         tokenizer = learn(cfg.tokenizer, learned_from, vocab_size)
@@ -246,8 +243,7 @@ def encode_prompt(tokenizer, prompt, qa=False, say=warn):
         pieces = split_special(prompt, tokenizer.special_tokens)  # special tokens kept whole
         pieces[::2] = [p.translate(str.maketrans("", "", missing)) for p in pieces[::2]]
         prompt = "".join(pieces)
-        if not prompt:
-            raise TinyLLMError(f"the model knows no character of the prompt ({missing[:40]!r})")
+        require(prompt, f"the model knows no character of the prompt ({missing[:40]!r})")
         say(f"dropped characters the vocabulary lacks: {missing[:40]!r}")
     return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
 
