@@ -193,8 +193,8 @@ def create(model, tokenizer, **extra):
 
 
 def with_embedding(model, rows, new_rows):
-    """model with its token embedding rebuilt, row i its old row rows[i], or where that is None
-    the next of new_rows; the output layer tied to it."""
+    """Rebuild model's token embedding: row i its old row rows[i], or where that is None the next
+    of new_rows; the output layer tied to it."""
     old = model.wte.weight.detach()
     new_rows = iter(new_rows)
     weights = []
@@ -205,7 +205,6 @@ def with_embedding(model, rows, new_rows):
     model.wte = torch.nn.Embedding.from_pretrained(weights, freeze=False)
     model.lm_head = torch.nn.Linear(model.config.n_embd, len(rows), bias=False)
     model.lm_head.weight = model.wte.weight
-    return model
 
 
 def grow_vocabulary(model, old_ids):

@@ -23,9 +23,8 @@ from machinery import checkpoint, cli, devices, sources
 
 
 def flags(argv=None, stage="train", doc=""):
-    """The flags given, as {name: value}: what to do, the model, the training (config.py's
-    settings, and a later stage's own: those whose field names it in stages). --help shows the
-    defaults of this machine's preset."""
+    """The flags given, as {name: value}: what to do, the model, the training, and the stage's own
+    (a field whose stages name it). --help shows the defaults of this machine's preset."""
     here = devices.choose_device("auto")
     preset, machine = devices.machine_preset(here, {})
     parser = cli.ArgumentParser(
@@ -64,9 +63,8 @@ def settle(given, stage="train", started=0.0, needs=None):
 
 
 def settle_run(settings, given, needs=None):
-    """The Settings of a run of these settings, given these flags: as given, or those of the run
-    it resumes, or with the shape and tokenizer of the model it fine-tunes, or of a prepared
-    corpus."""
+    """The Settings of a run: as given, or those of the run it resumes, or with the shape and
+    tokenizer of the model it fine-tunes, or of a prepared corpus."""
     cfg = settings.cfg
     options = settings.options
     last = os.path.join(cfg.out_dir, "last.pt")

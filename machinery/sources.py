@@ -116,11 +116,9 @@ def first_question(ids, tokenizer):
     """The ids of the first whole question in ids, up to where its answer begins; else None."""
     ids = list(map(int, ids))
     user = tokenizer.special_tokens.get(USER)
+    question = ids[ids.index(user) :] if user in ids else []
     assistant = tokenizer.special_tokens.get(ASSISTANT)
-    if user not in ids or assistant not in ids[ids.index(user) :]:
-        return None
-    first = ids.index(user)
-    return ids[first : ids.index(assistant, first) + 1]
+    return question[: question.index(assistant) + 1] if assistant in question else None
 
 
 def clean_text(text):
@@ -149,9 +147,8 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
 
 
 def check_known(tokenizer, text, path, grow=False):
-    """(tokenizer, old_ids): a text's characters and chat tokens the tokenizer lacks refused, or
-    if grow, added (tokenizer.grown); old_ids None where nothing lacks (a byte-level tokenizer
-    lacks no character)."""
+    """(tokenizer, old_ids): the characters and chat tokens text holds that the tokenizer lacks
+    refused, or if grow, added (tokenizer.grown); old_ids None where none lacks."""
     special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
     chars = tokenizer.unknown_chars("".join(ordinary(text, special)))
     if not (chars or special):
