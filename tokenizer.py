@@ -167,6 +167,11 @@ class ByteLevelTokenizer(Tokenizer):
     def decode(self, ids):
         return self.enc.decode(ids, errors="replace")  # a split character shows as U+FFFD
 
+    def encoding(self, name, pattern, ranks):  # tiktoken's, with our special tokens
+        return tiktoken.Encoding(
+            name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+
 
 class BPETokenizer(ByteLevelTokenizer):
     """Our trained BPE: ids 0..len(tokens)-1 are the tokens by rank, then the special tokens."""
@@ -177,12 +182,7 @@ class BPETokenizer(ByteLevelTokenizer):
         ranks = {t: i for i, t in enumerate(self.tokens)}
         require(len(ranks) == len(self.tokens), "the bpe tokenizer has duplicate tokens")
         super().__init__(len(self.tokens), special_tokens)
-        self.enc = tiktoken.Encoding(
-            name=f"tinyllm-bpe-{self.vocab_size}",
-            pat_str=pattern,
-            mergeable_ranks=ranks,
-            special_tokens=self.special_tokens,
-        )
+        self.enc = self.encoding(f"tinyllm-bpe-{self.vocab_size}", pattern, ranks)
 
     def to_dict(self):  # bytes as hex: a checkpoint holds plain data only
         return {
@@ -208,12 +208,7 @@ class GPT2Tokenizer(ByteLevelTokenizer):
         super().__init__(gpt2.eot_token, special)  # GPT-2's own end of text is its last token
         self.enc = gpt2
         if len(special) > 1:  # tiktoken's own way to extend an encoding
-            self.enc = tiktoken.Encoding(
-                name="gpt2-chat",
-                pat_str=gpt2._pat_str,
-                mergeable_ranks=gpt2._mergeable_ranks,
-                special_tokens=self.special_tokens,
-            )
+            self.enc = self.encoding("gpt2-chat", gpt2._pat_str, gpt2._mergeable_ranks)
 
     def to_dict(self):
         return {"kind": "gpt2", "special_tokens": list(self.special_tokens)}
