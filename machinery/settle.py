@@ -105,20 +105,15 @@ def settings_to_resume(last, settings, given):
     require(ran == settings.stage, f"{last} is a run of {ran}.py: resume it with {again}")
     if settings.options.preset and settings.options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
-    if not all(k in saved for k in ("stage", "optimizer", "rng", "step", "history")):
-        raise TinyLLMError(
-            f"{last} was written by another version of tinyllm and cannot be resumed; "
-            f"fine-tune from its weights with --init_from instead"
-        )
+    complete = all(k in saved for k in ("stage", "optimizer", "rng", "step", "history"))
+    why = f"{last} was written by another version of tinyllm and cannot be resumed"
+    require(complete, f"{why}; fine-tune from its weights with --init_from instead")
     model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
     saved_cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
     values = asdict(model_cfg) | asdict(saved_cfg)
     refused = contradicted(given, values, may_change=RESUME_MAY_CHANGE)
-    if refused:
-        raise TinyLLMError(
-            f"--resume continues the run in {last}, which cannot change {refused}; "
-            f"drop the flag, or start a new run with another --out_dir"
-        )
+    why = f"--resume continues the run in {last}, which cannot change {refused}"
+    require(not refused, f"{why}; drop the flag, or start a new run with another --out_dir")
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     model_cfg, cfg = build_configs(changes | {"out_dir": settings.cfg.out_dir}, values)
     device = devices.choose_device(cfg.device)

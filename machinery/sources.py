@@ -96,11 +96,9 @@ def folder_files(folder, extensions):
 
 def chat_document(record, where):
     """{"messages": [{"role": "user", "content": ...}, ...]} or a Q&A record, as chat template."""
-    qa = [
-        {"role": "user", "content": record.get("question")},
-        {"role": "assistant", "content": record.get("answer")},
-    ]
-    messages = record.get("messages", qa)
+    asked = {"role": "user", "content": record.get("question")}
+    answered = {"role": "assistant", "content": record.get("answer")}
+    messages = record.get("messages", [asked, answered])
     if not isinstance(messages, list) or not messages:
         raise TinyLLMError(f'{where}: "messages" must be a list of {{"role": ..., "content": ...}}')
     for m in messages:
