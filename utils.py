@@ -20,8 +20,7 @@ def split_train_val(text):
 
 
 def whole_special(text, n):
-    """n, or the start of the special token (<|endoftext|>, a role) that n falls inside: a cut
-    never splits one."""
+    """n, or the start of the special token that n falls inside: a cut never splits one."""
     for s in SPECIAL_TOKENS:
         start = text.find(s, max(0, n - len(s) + 1), n + len(s) - 1)  # one that holds n
         if 0 <= start < n:

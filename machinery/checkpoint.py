@@ -131,9 +131,8 @@ def model_of(checkpoint, path="checkpoint"):
 
 
 def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail in a traceback),
-    or None where the setting's default is None (off). A setting the checkpoint lacks, added
-    since, takes its default."""
+    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail in a traceback)
+    or None where its default is None (off); a setting the checkpoint lacks takes its default."""
     unknown = [k for k in saved if k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
         raise TinyLLMError(
