@@ -68,11 +68,10 @@ def merge(model):
 
 
 def adapted(cfg, model, saved, path, rows):
-    """The model a fine-tune trains from the model saved (path): under --lora_rank, the model
-    frozen and adapters beside it (or those a LoRA checkpoint saved, trained on); without, a LoRA
-    model merged, to train in full. rows: per embedding row, its row in the saved model (None: a
-    new token), if the corpus added tokens. model.lora: what its checkpoints hold instead of its
-    weights (checkpoint.create): the adapter's settings and its base's path."""
+    """The model a fine-tune trains from the model saved (path): under --lora_rank, frozen with
+    adapters beside it (a LoRA checkpoint's own, trained on); without, a LoRA model merged. rows:
+    per embedding row, its saved row (None: a new token), if the corpus added tokens. model.lora:
+    what its checkpoints hold instead of its weights: the adapter's settings and its base's path."""
     if not cfg.lora_rank:
         return merge(model) if saved.get("lora") else model
     adapter = saved.get("lora")
@@ -82,17 +81,7 @@ def adapted(cfg, model, saved, path, rows):
         adapter = dict(base=base, rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         adapter["mlp"] = cfg.lora_mlp
     elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
-        old = adapter["rows"]
-        mapped = []
-        for i in rows:
-            mapped.append(old[i] if old and i is not None else i)
-        adapter = adapter | {"rows": mapped}
+        old = adapter["rows"] or range(len(rows))  # None: the base's rows, as they were
+        adapter = adapter | {"rows": [None if i is None else old[i] for i in rows]}
     model.lora = adapter
     return model
-
-
-def adapter_weights(model, adapter):
-    """What a LoRA run's checkpoint holds of the model: the adapter and the embedding rows its base
-    lacks, kilobytes."""
-    new = [i for i, r in enumerate(adapter["rows"] or ()) if r is None]
-    return adapter_state(model) | {"new_rows": model.state_dict()["wte.weight"][new]}

@@ -13,7 +13,7 @@ from collections import Counter
 import regex  # tiktoken's dependency: it knows \p{L} and possessive ++
 import tiktoken
 
-from config import ASSISTANT, BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, USER, TinyLLMError
+from config import BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, TinyLLMError, require
 
 
 class Tokenizer:
@@ -98,8 +98,7 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
     Textbook BPE made fast: distinct words counted once, pair counts in a heap, only the merged
     words recounted: a run of --tokenizer bpe learns its tokens before its first step, waiting."""
     n_merges = vocab_size - 256 - len(special_tokens)
-    if n_merges < 0:
-        raise TinyLLMError(f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
+    require(n_merges >= 0, f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
     # 1. distinct words with their counts: merges never cross a word (nor a special token)
     chunks = ordinary(text, special_tokens)
     word_counts = Counter(word for chunk in chunks for word in regex.findall(GPT2_PATTERN, chunk))
@@ -168,6 +167,11 @@ class ByteLevelTokenizer(Tokenizer):
     def decode(self, ids):
         return self.enc.decode(ids, errors="replace")  # a split character shows as U+FFFD
 
+    def encoding(self, name, pattern, ranks):  # tiktoken's, with our special tokens
+        return tiktoken.Encoding(
+            name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+
 
 class BPETokenizer(ByteLevelTokenizer):
     """Our trained BPE: ids 0..len(tokens)-1 are the tokens by rank, then the special tokens."""
@@ -176,15 +180,9 @@ class BPETokenizer(ByteLevelTokenizer):
         self.tokens = [bytes(t) for t in tokens]
         self.pattern = pattern
         ranks = {t: i for i, t in enumerate(self.tokens)}
-        if len(ranks) != len(self.tokens):
-            raise TinyLLMError("the bpe tokenizer has duplicate tokens")
+        require(len(ranks) == len(self.tokens), "the bpe tokenizer has duplicate tokens")
         super().__init__(len(self.tokens), special_tokens)
-        self.enc = tiktoken.Encoding(
-            name=f"tinyllm-bpe-{self.vocab_size}",
-            pat_str=pattern,
-            mergeable_ranks=ranks,
-            special_tokens=self.special_tokens,
-        )
+        self.enc = self.encoding(f"tinyllm-bpe-{self.vocab_size}", pattern, ranks)
 
     def to_dict(self):  # bytes as hex: a checkpoint holds plain data only
         return {
@@ -210,12 +208,7 @@ class GPT2Tokenizer(ByteLevelTokenizer):
         super().__init__(gpt2.eot_token, special)  # GPT-2's own end of text is its last token
         self.enc = gpt2
         if len(special) > 1:  # tiktoken's own way to extend an encoding
-            self.enc = tiktoken.Encoding(
-                name="gpt2-chat",
-                pat_str=gpt2._pat_str,
-                mergeable_ranks=gpt2._mergeable_ranks,
-                special_tokens=self.special_tokens,
-            )
+            self.enc = self.encoding("gpt2-chat", gpt2._pat_str, gpt2._mergeable_ranks)
 
     def to_dict(self):
         return {"kind": "gpt2", "special_tokens": list(self.special_tokens)}
@@ -256,13 +249,6 @@ def from_dict(d):
     except (KeyError, TypeError, ValueError, AttributeError, regex.error) as e:
         raise TinyLLMError(f"the {kind} tokenizer is malformed ({type(e).__name__}: {e})") from None
     raise TinyLLMError(f"unknown tokenizer kind {kind!r} (expected char, bpe or gpt2)")
-
-
-def lacking(tokenizer, text):
-    """(characters, chat tokens): what text holds that the tokenizer lacks (a byte-level one lacks
-    no character)."""
-    special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
-    return tokenizer.unknown_chars("".join(ordinary(text, special))), special
 
 
 def grown(tokenizer, chars, special):

@@ -20,8 +20,7 @@ def split_train_val(text):
 
 
 def whole_special(text, n):
-    """n, or the start of the special token (<|endoftext|>, a role) that n falls inside: a cut
-    never splits one."""
+    """n, or the start of the special token that n falls inside: a cut never splits one."""
     for s in SPECIAL_TOKENS:
         start = text.find(s, max(0, n - len(s) + 1), n + len(s) - 1)  # one that holds n
         if 0 <= start < n:
@@ -41,8 +40,7 @@ class Corpus:
 
 
 def make_corpus(text, tokenizer, answers_only=True):
-    """text split 90/10 and tokenized; with answers_only, a conversation's targets are its
-    answers."""
+    """text split 90/10 and tokenized; with answers_only, a conversation's targets its answers."""
     ids = [torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in split_train_val(text)]
     targets = [answer_targets(i, tokenizer) if answers_only else None for i in ids]
     return Corpus(tokenizer, *ids, chars_per_token(tokenizer, ids[1].tolist()), *targets)

@@ -9,12 +9,11 @@ import pickle
 import random
 import time
 import warnings
-from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from config import GPTConfig, TinyLLMError
+from config import GPTConfig, TinyLLMError, require
 from machinery import devices
 from machinery.cli import check_writable, first_line, log
 from model import GPT
@@ -27,7 +26,9 @@ def save(path, checkpoint):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if checkpoint.get("lora"):
-        base = relative(checkpoint["lora"]["base"], folder)
+        base = os.path.abspath(checkpoint["lora"]["base"])
+        with contextlib.suppress(ValueError):  # Windows: no relative path to another drive
+            base = os.path.relpath(base, folder)
         checkpoint = checkpoint | {"lora": checkpoint["lora"] | {"base": base}}
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -62,8 +63,7 @@ def replace_file(src, dst):
 
 def load(path):
     """A checkpoint read onto the CPU without running code from it, checked to be ours."""
-    if not os.path.isfile(path):
-        raise TinyLLMError(f"checkpoint {path} not found (train one with: python train.py)")
+    require(os.path.isfile(path), f"checkpoint {path} not found (train one with: python train.py)")
     try:
         with warnings.catch_warnings():  # torch warns at length about old pickle protocols
             warnings.simplefilter("ignore")
@@ -85,14 +85,6 @@ def load(path):
         base = os.path.join(os.path.dirname(os.path.abspath(path)), checkpoint["lora"]["base"])
         checkpoint["lora"]["base"] = os.path.normpath(base)
     return checkpoint
-
-
-def relative(path, folder):
-    """path from folder, or the absolute path on another drive (Windows)."""
-    try:
-        return os.path.relpath(path, folder)
-    except ValueError:
-        return os.path.abspath(path)
 
 
 def refused_as_unsafe(error):
@@ -134,22 +126,20 @@ def model_of(checkpoint, path="checkpoint"):
     except RuntimeError as e:
         raise TinyLLMError(f"{path}: its weights do not fit its config ({first_line(e)})") from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise TinyLLMError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}")
+    require(not bad, f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}")
     return model
 
 
 def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail in a traceback),
-    or None where the setting's default is None (off). A setting the checkpoint lacks, added
-    since, takes its default."""
-    unknown = [k for k in saved if k not in {f.name for f in fields(cls)}]
+    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail in a traceback)
+    or None where its default is None (off); a setting the checkpoint lacks takes its default."""
+    unknown = [k for k in saved if k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
         raise TinyLLMError(
             f"{path} has settings this version of tinyllm does not know "
             f"({', '.join(unknown)}): it was made by another version"
         )
-    for f in fields(cls):
+    for f in dataclasses.fields(cls):
         kind = (int, float) if f.type is float else f.type  # an int is a float setting too
         off = f.default is None and saved.get(f.name) is None
         if f.name in saved and not off and not isinstance(saved[f.name], kind):
@@ -171,7 +161,7 @@ def tokenizer_of(checkpoint, path):
     return tokenizer
 
 
-@dataclass
+@dataclasses.dataclass
 class Trained:
     """A checkpoint's model in eval mode, its tokenizer, and the rest of it (not the optimizer)."""
 
@@ -192,17 +182,18 @@ def create(model, tokenizer, **extra):
     model's (lora.py): the adapter and its base's path, not the base's weights."""
     weights = model.state_dict()
     settings = dataclasses.asdict(model.config)
-    if getattr(model, "lora", None):
-        from lora import adapter_weights
+    if getattr(model, "lora", None):  # the adapter and the embedding rows its base lacks: kilobytes
+        from lora import adapter_state
 
-        weights = adapter_weights(model, model.lora)
+        new = [i for i, r in enumerate(model.lora["rows"] or ()) if r is None]
+        weights = adapter_state(model) | {"new_rows": weights["wte.weight"][new]}
         extra = extra | {"lora": model.lora}
     return dict(model=weights, model_config=settings, tokenizer=tokenizer, **extra)
 
 
 def with_embedding(model, rows, new_rows):
-    """model with its token embedding rebuilt, row i its old row rows[i], or where that is None
-    the next of new_rows; the output layer tied to it."""
+    """Rebuild model's token embedding: row i its old row rows[i], or where that is None the next
+    of new_rows; the output layer tied to it."""
     old = model.wte.weight.detach()
     new_rows = iter(new_rows)
     weights = []
@@ -213,7 +204,6 @@ def with_embedding(model, rows, new_rows):
     model.wte = torch.nn.Embedding.from_pretrained(weights, freeze=False)
     model.lm_head = torch.nn.Linear(model.config.n_embd, len(rows), bias=False)
     model.lm_head.weight = model.wte.weight
-    return model
 
 
 def grow_vocabulary(model, old_ids):
@@ -222,7 +212,7 @@ def grow_vocabulary(model, old_ids):
     old = model.wte.weight.detach()
     old_size = sum(i is not None for i in old_ids)
     rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
-    mean = old[[i for i in rows if i is not None]].mean(0)
+    mean = old.mean(0)
     with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
     return rows
 

@@ -23,17 +23,14 @@ from machinery import checkpoint, cli, devices, sources
 
 
 def flags(argv=None, stage="train", doc=""):
-    """The flags given, as {name: value}: what to do, the model, the training (config.py's
-    settings, and a later stage's own: those whose field names it in stages). --help shows the
-    defaults of this machine's preset."""
+    """The flags given, as {name: value}: what to do, the model, the training, and the stage's own
+    (a field whose stages name it). --help shows the defaults of this machine's preset."""
     here = devices.choose_device("auto")
     preset, machine = devices.machine_preset(here, {})
-    presets = ", ".join(PRESETS)
-    may_change = ", ".join(RESUME_MAY_CHANGE)
     parser = cli.ArgumentParser(
         description=doc.split("\n")[0],  # the script's docstring's first line
-        epilog=f"Presets: {presets}. Without --preset this machine uses '{preset}', whose defaults "
-        f"are shown. --resume may change only: {may_change}.",
+        epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
+        f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
     )
     defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
     defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
@@ -66,9 +63,8 @@ def settle(given, stage="train", started=0.0, needs=None):
 
 
 def settle_run(settings, given, needs=None):
-    """The Settings of a run of these settings, given these flags: as given, or those of the run
-    it resumes, or with the shape and tokenizer of the model it fine-tunes, or of a prepared
-    corpus."""
+    """The Settings of a run: as given, or those of the run it resumes, or with the shape and
+    tokenizer of the model it fine-tunes, or of a prepared corpus."""
     cfg = settings.cfg
     options = settings.options
     last = os.path.join(cfg.out_dir, "last.pt")
@@ -92,9 +88,8 @@ def settle_run(settings, given, needs=None):
         made = dict(vocab_size=meta["vocab_size"], clean=meta["clean"])
         made["tokenizer"] = meta["tokenizer"]["kind"]
         refused = contradicted(given, made)
-        if refused:
-            why = f"{cfg.data} was made by tools.prepare, with its own tokenizer"
-            raise TinyLLMError(f"{why}: drop {refused}")
+        why = f"{cfg.data} was made by tools.prepare, with its own tokenizer"
+        require(not refused, f"{why}: drop {refused}")
         cfg = replace(cfg, tokenizer=made["tokenizer"])
     if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
         cfg = replace(cfg, time_budget="")
@@ -106,32 +101,25 @@ def settings_to_resume(last, settings, given):
     saved = checkpoint.load(last)
     cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
     ran = saved.get("stage", settings.stage)  # one without: another version's, refused below
-    if ran != settings.stage:
-        again = cli.resume_command(ran, settings.cfg.out_dir)
-        raise TinyLLMError(f"{last} is a run of {ran}.py: resume it with {again}")
+    again = cli.resume_command(ran, settings.cfg.out_dir)
+    require(ran == settings.stage, f"{last} is a run of {ran}.py: resume it with {again}")
     if settings.options.preset and settings.options.preset != saved.get("preset"):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
-    if not all(k in saved for k in ("stage", "optimizer", "rng", "step", "history")):
-        raise TinyLLMError(
-            f"{last} was written by another version of tinyllm and cannot be resumed; "
-            f"fine-tune from its weights with --init_from instead"
-        )
+    complete = all(k in saved for k in ("stage", "optimizer", "rng", "step", "history"))
+    why = f"{last} was written by another version of tinyllm and cannot be resumed"
+    require(complete, f"{why}; fine-tune from its weights with --init_from instead")
     model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
     saved_cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
     values = asdict(model_cfg) | asdict(saved_cfg)
     refused = contradicted(given, values, may_change=RESUME_MAY_CHANGE)
-    if refused:
-        raise TinyLLMError(
-            f"--resume continues the run in {last}, which cannot change {refused}; "
-            f"drop the flag, or start a new run with another --out_dir"
-        )
+    why = f"--resume continues the run in {last}, which cannot change {refused}"
+    require(not refused, f"{why}; drop the flag, or start a new run with another --out_dir")
     changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
     model_cfg, cfg = build_configs(changes | {"out_dir": settings.cfg.out_dir}, values)
     device = devices.choose_device(cfg.device)
     devices.check_processes(device, cfg)
-    preset = saved.get("preset", "custom")
-    changed = dict(model_cfg=model_cfg, cfg=cfg, preset=preset, device=device, path=last)
-    return replace(settings, saved=saved, resumed=True, **changed)
+    changed = dict(model_cfg=model_cfg, cfg=cfg, device=device, path=last, saved=saved)
+    return replace(settings, resumed=True, preset=saved.get("preset", "custom"), **changed)
 
 
 def fine_tune_checkpoint(path, given):
@@ -144,9 +132,8 @@ def fine_tune_checkpoint(path, given):
         saved = gpt2_checkpoint(path)
     has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
     refused = contradicted(given, has, may_change=("dropout",))
-    if refused:
-        why = f"--init_from {path} keeps that model's shape and tokenizer"
-        raise TinyLLMError(f"{why}: drop {refused}")
+    why = f"--init_from {path} keeps that model's shape and tokenizer"
+    require(not refused, f"{why}: drop {refused}")
     if "dropout" in given:
         saved["model_config"]["dropout"] = given["dropout"]
     return saved

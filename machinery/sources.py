@@ -6,20 +6,18 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import replace
 
 import numpy as np
 
-from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig
+from config import ASSISTANT, EOT, USER, TinyLLMError, TrainConfig, require
 from machinery.cli import warn
-from tokenizer import from_dict, grown, lacking, learn, split_special
+from tokenizer import from_dict, grown, learn, ordinary, split_special
 from utils import Corpus, make_corpus, question, split_train_val, turn
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
     """The source's text in pieces: a .txt file in chunks, or documents each ending with EOT."""
-    if not os.path.exists(path):
-        raise TinyLLMError(f"data file {path} not found")
+    require(os.path.exists(path), f"data file {path} not found")
     seen = set()
 
     def document(text):  # with --clean: whitespace normalised, an exact duplicate dropped
@@ -92,18 +90,15 @@ def folder_files(folder, extensions):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         names = [n for n in sorted(files) if n.lower().endswith(endings) and n[0] != "."]
         found += [os.path.join(root, n) for n in names]
-    if not found:
-        raise TinyLLMError(f"folder {folder} has no {', '.join(endings) or '?'} files (--data_ext)")
+    require(found, f"folder {folder} has no {', '.join(endings) or '?'} files (--data_ext)")
     return found
 
 
 def chat_document(record, where):
     """{"messages": [{"role": "user", "content": ...}, ...]} or a Q&A record, as chat template."""
-    qa = [
-        {"role": "user", "content": record.get("question")},
-        {"role": "assistant", "content": record.get("answer")},
-    ]
-    messages = record.get("messages", qa)
+    asked = {"role": "user", "content": record.get("question")}
+    answered = {"role": "assistant", "content": record.get("answer")}
+    messages = record.get("messages", [asked, answered])
     if not isinstance(messages, list) or not messages:
         raise TinyLLMError(f'{where}: "messages" must be a list of {{"role": ..., "content": ...}}')
     for m in messages:
@@ -119,11 +114,9 @@ def first_question(ids, tokenizer):
     """The ids of the first whole question in ids, up to where its answer begins; else None."""
     ids = list(map(int, ids))
     user = tokenizer.special_tokens.get(USER)
+    question = ids[ids.index(user) :] if user in ids else []
     assistant = tokenizer.special_tokens.get(ASSISTANT)
-    if user not in ids or assistant not in ids[ids.index(user) :]:
-        return None
-    first = ids.index(user)
-    return ids[first : ids.index(assistant, first) + 1]
+    return question[: question.index(assistant) + 1] if assistant in question else None
 
 
 def clean_text(text):
@@ -141,27 +134,25 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
             raise TinyLLMError(f"{cfg.data} was prepared with another tokenizer than the model's")
         return corpus
     text = "".join(iter_documents(cfg.data, cfg.clean, cfg.data_ext))
-    if not text.replace(EOT, "").strip():
-        raise TinyLLMError(f"data file {cfg.data} is empty")
-    old_ids = None
+    require(text.replace(EOT, "").strip(), f"data file {cfg.data} is empty")
     if tokenizer is None:  # char learns every character, BPE only from the training part
         learned_from = text if cfg.tokenizer == "char" else split_train_val(text)[0]
         tokenizer = learn(cfg.tokenizer, learned_from, vocab_size)
-    if not grow:
-        check_known(tokenizer, text, cfg.data)
-    chars, special = lacking(tokenizer, text)
-    if chars or special:
-        tokenizer, old_ids = grown(tokenizer, chars, special)
+    tokenizer, old_ids = check_known(tokenizer, text, cfg.data, grow)
     corpus = make_corpus(text, tokenizer, cfg.loss_on == "answers")
-    return replace(corpus, old_ids=old_ids)
+    corpus.old_ids = old_ids
+    return corpus
 
 
-def check_known(tokenizer, text, path):
-    """Refuse a text with characters or special tokens the tokenizer lacks."""
-    chars, special = lacking(tokenizer, text)
-    if chars or special:
-        missing = "".join(chars + special)[:40]
-        raise TinyLLMError(f"{path} has tokens the model lacks: {missing!r}")
+def check_known(tokenizer, text, path, grow=False):
+    """(tokenizer, old_ids): the characters and chat tokens text holds that the tokenizer lacks
+    refused, or if grow, added (tokenizer.grown); old_ids None where none lacks."""
+    special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
+    chars = tokenizer.unknown_chars("".join(ordinary(text, special)))
+    if not (chars or special):
+        return tokenizer, None
+    require(grow, f"{path} has tokens the model lacks: {''.join(chars + special)[:40]!r}")
+    return grown(tokenizer, chars, special)
 
 
 def preference_pairs(path):
@@ -247,8 +238,7 @@ def encode_prompt(tokenizer, prompt, qa=False, say=warn):
         pieces = split_special(prompt, tokenizer.special_tokens)  # special tokens kept whole
         pieces[::2] = [p.translate(str.maketrans("", "", missing)) for p in pieces[::2]]
         prompt = "".join(pieces)
-        if not prompt:
-            raise TinyLLMError(f"the model knows no character of the prompt ({missing[:40]!r})")
+        require(prompt, f"the model knows no character of the prompt ({missing[:40]!r})")
         say(f"dropped characters the vocabulary lacks: {missing[:40]!r}")
     return tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
 
