@@ -44,9 +44,7 @@ def main(argv=None):
     sampler = make_config(SamplerConfig, flags)
     cfg = make_config(GenerateConfig, {"max_new_tokens": 300} | flags)
     device = devices.use(cfg.device, cfg.threads)
-    trained = checkpoint.load_model(flags["checkpoint"], device)
-    model = trained.model
-    tokenizer = trained.tokenizer
+    model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)
     if ASSISTANT not in tokenizer.special_tokens:
         raise TinyLLMError(
             "this model has not learned the chat template: fine-tune it first "

@@ -44,8 +44,7 @@ def header(cfg, sampler, path, saved, prompt):
 
 def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     """One checkpoint's samples, printed (streamed when alone): its block of the output file."""
-    model = loaded.model
-    tokenizer = loaded.tokenizer
+    model, tokenizer, saved = loaded
     stop = None if cfg.no_stop else tokenizer.eot_id
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
     shown_ids = [t for t in prompt_ids if t != stop]  # the prompt as printed (--qa's starts so)
@@ -55,7 +54,7 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     if cfg.show_probs or cfg.show_top:  # every token with its odds
         shown = annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file, stop, stream)
     if several:
-        cli.log(f"\n{'=' * 20} {path} ({checkpoint.summary(loaded.checkpoint)}) {'=' * 20}")
+        cli.log(f"\n{'=' * 20} {path} ({checkpoint.summary(saved)}) {'=' * 20}")
     if shown:
         shown.begin(shown_ids, cfg.num_samples)
     hint = f"out of memory on {devices.name(model.wte.weight.device)}: try fewer --num_samples"
@@ -77,7 +76,7 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
             cli.log(label)
         cli.log(text)
         blocks.append(f"{label}\n{text}")
-    return header(cfg, sampler, path, loaded.checkpoint, prompt) + "\n\n" + "\n\n".join(blocks)
+    return header(cfg, sampler, path, saved, prompt) + "\n\n" + "\n\n".join(blocks)
 
 
 def main(argv=None):

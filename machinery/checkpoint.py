@@ -9,6 +9,7 @@ import pickle
 import random
 import time
 import warnings
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -161,13 +162,8 @@ def tokenizer_of(checkpoint, path):
     return tokenizer
 
 
-@dataclasses.dataclass
-class Trained:
-    """A checkpoint's model in eval mode, its tokenizer, and the rest of it (not the optimizer)."""
-
-    model: GPT
-    tokenizer: object
-    checkpoint: dict
+# a checkpoint's model in eval mode, its tokenizer, and the rest of it (not the optimizer)
+Trained = namedtuple("Trained", "model tokenizer checkpoint")
 
 
 def load_model(path, device="cpu"):

@@ -13,7 +13,7 @@ import torch
 from config import SamplerConfig, TinyLLMError
 from machinery import checkpoint, cli, sources
 from machinery.annotate import model_odds
-from sampling import Context, beam_search, generate
+from sampling import Context, beam_search, sample_text
 
 
 def temperatures(text):
@@ -48,10 +48,9 @@ def main(argv=None):
         raise TinyLLMError("--beams takes whole numbers, comma-separated") from None
     if min(beams + [args.new_tokens, args.seeds]) < 1:
         raise TinyLLMError("--beams, --new_tokens and --seeds must be at least 1")
-    trained = checkpoint.load_model(args.checkpoint)
-    model = trained.model
-    tokenizer = trained.tokenizer
-    idx = torch.tensor([sources.encode_prompt(tokenizer, args.prompt)])  # (1, T), as generate.py's
+    model, tokenizer, _ = checkpoint.load_model(args.checkpoint)
+    ids = sources.encode_prompt(tokenizer, args.prompt)  # as generate.py's
+    idx = torch.tensor([ids])  # (1, T)
     methods = [("greedy", 0, None, [0])] + [(f"beam {w}", None, w, [0]) for w in beams]
     methods += [(f"sampling, T = {t:g}", t, None, range(args.seeds)) for t in args.temperatures]
     cli.log("| method | log-probability per token | repeated word 3-grams |\n|---|---|---|")
@@ -63,9 +62,7 @@ def main(argv=None):
                 new = beam_search(Context(model), idx, args.new_tokens, width)[0]
             else:
                 sampler = SamplerConfig(temperature)
-                generator = torch.Generator().manual_seed(seed)
-                out = generate(model, idx, args.new_tokens, sampler, generator=generator)
-                new = out[:, idx.size(1) :]
+                new = torch.tensor([sample_text(model, ids, args.new_tokens, sampler, seed=seed)])
             odds = model_odds(Context(model), idx, new)
             logp = sum(math.log(p[0, t[0, 0]].item()) for t, p in odds) / new.size(1)
             text = tokenizer.decode(new[0].tolist())

@@ -163,9 +163,8 @@ def main(argv=None):
         transformers.logging.disable_progress_bar()
     except ImportError:
         raise TinyLLMError("the export needs transformers: pip install transformers") from None
-    trained = checkpoint.load_model(args.checkpoint)
-    model = lora.merge(trained.model)
-    tokenizer = trained.tokenizer
+    model, tokenizer, saved = checkpoint.load_model(args.checkpoint)
+    model = lora.merge(model)
     c = model.config  # the MLP, then the norm, tell the family
     arch = "gpt2" if c.mlp == "gelu" else {"rmsnorm": "llama", "layernorm": "stablelm"}[c.norm]
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name not in MAPPED}
@@ -180,7 +179,7 @@ def main(argv=None):
     config.bos_token_id = tokenizer.eot_id
     config.eos_token_id = config.pad_token_id = tokenizer.eot_id
     start = sources.start_ids(tokenizer)
-    card = model_card(trained.checkpoint, model, arch, args.folder)
+    card = model_card(saved, model, arch, args.folder)
     sample = sample_text(model, start, 300, SamplerConfig(), seed=42)
     card["sample"] = tokenizer.decode(start + sample)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(args.folder)))

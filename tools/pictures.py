@@ -201,9 +201,8 @@ def main(argv=None):
     names = [n for n in PICTURES if n in asked]
     if len(names) != len(asked) or not 1 <= args.passage_chars <= 5000:
         raise TinyLLMError(f"--only takes {', '.join(PICTURES)}; --passage_chars 1 to 5000")
-    trained = checkpoint.load_model(args.checkpoint, devices.choose_device(args.device))
-    model = trained.model
-    tokenizer = trained.tokenizer
+    device = devices.choose_device(args.device)
+    model, tokenizer, saved = checkpoint.load_model(args.checkpoint, device)
     ids = sources.encode_prompt(tokenizer, args.prompt)
     c = model.config
     if {"attention", "temperature"} & set(names) and len(ids) > c.block_size:
@@ -221,7 +220,7 @@ def main(argv=None):
     paths = {name: os.path.join(args.out_dir, f"{name}.png") for name in names}
     for path in paths.values():
         cli.check_writable(path, "--out_dir", make_folder=True)
-    passage = val_passage(args, tokenizer, trained.checkpoint) if "surprise" in names else None
+    passage = val_passage(args, tokenizer, saved) if "surprise" in names else None
     draw = {
         "attention": lambda path: draw_attention(model, tokenizer, ids, args, path),
         "surprise": lambda path: draw_surprise(model, tokenizer, passage, path),
