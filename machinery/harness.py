@@ -20,7 +20,6 @@ import torch
 
 from config import SamplerConfig, TinyLLMError, parse_duration
 from machinery import checkpoint, cli, devices, settle, sources
-from machinery.budget import budget_end, time_left
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------------------ the state
@@ -44,9 +43,11 @@ class TrainState:
 
 
 def restore(settings, optimizer, process):
-    """The state of a resumed run as it was saved; its optimizer and random generators too."""
+    """The state of a resumed run as it was saved; its scaler, optimizer and random generators
+    too."""
     saved = settings.saved
     cfg = settings.cfg
+    process.scaler.load_state_dict(saved["scaler"])
     checkpoint.load_optimizer(optimizer, saved["optimizer"], settings.path)
     state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
     rngs = saved.get("rngs") or [saved["rng"]]
@@ -97,10 +98,8 @@ def compile_first(model, step_model, batch, process):
 
 
 class Run:
-    """One run of fit. The loop reads its pieces (cfg, state, step_model, optimizer, batches,
-    process) and calls its methods: plan, evaluation_due, signalled, evaluated,
-    log_progress, save, finish. The loop runs inside it (with run:), which catches Ctrl-C and
-    SIGTERM."""
+    """One run of fit: train.py's loop reads its pieces and calls its methods, inside `with run:`,
+    which catches Ctrl-C and SIGTERM."""
 
     def __init__(self, settings, process, corpus, stage, optimizer):
         """Set the run up before anything is written: restore a resume's state, seed this rank,
@@ -120,7 +119,6 @@ class Run:
         last = settings.saved if settings.resumed else {}  # the last.pt it resumes
         self.state = TrainState(max_steps=cfg.max_steps)
         if last:
-            process.scaler.load_state_dict(last["scaler"])
             self.state = restore(settings, optimizer, process)
         if process.world > 1 and len(last.get("rngs", [])) != process.world:  # a rank's own draws
             step = self.state.step
@@ -177,11 +175,9 @@ class Run:
         self.received = signum  # a Ctrl-C that also closed a `| tee` still exits 130
         if self.master:  # os.write: the signal may have come while print was writing a line
             name = signal.Signals(signum).name
+            line = f"\n{name} received: finishing this step, then saving last.pt\n"
             try:
-                os.write(
-                    sys.stdout.fileno(),
-                    f"\n{name} received: finishing this step, then saving last.pt\n".encode(),
-                )
+                os.write(sys.stdout.fileno(), line.encode())
             except BrokenPipeError:  # the same Ctrl-C ended `| tee`
                 self.output_gone()
             except (OSError, ValueError):  # no file behind stdout
@@ -213,27 +209,35 @@ class Run:
         return self.state.seconds + time.perf_counter() - self.settings.started
 
     def plan(self):
-        """Under a time budget, set state.max_steps: the steps that fit in the time left, at the
-        pace so far. The ranks use their mean clock, so that all of them decide alike. Time spent
-        within the warmup ends the run with an error, its steps saved first."""
-        state = self.state
-        now = self.process.mean([self.elapsed()])[0] if self.budget else 0.0
-        self.left = time_left(state, self.budget, now)
-        if self.left is None:
+        """Under a time budget, set state.max_steps: as many steps as fit in the time left, at this
+        process's pace so far. Planned again before every step, a machine that slows down still
+        ends on time, its schedule with it. The ranks use their mean clock, so that all of them
+        decide alike. The end is never within the warmup: time spent there ends the run with an
+        error, its steps saved first."""
+        if not self.budget:
             return
+        state = self.state
+        cfg = self.cfg
+        now = self.process.mean([self.elapsed()])[0]
+        # 99% of the budget (the last 1% is for the closing sample and the exit), less the last
+        # evaluation's time
+        self.left = 0.99 * self.budget - state.eval_seconds - now
+        if state.step <= cfg.warmup_steps and self.left <= 0:
+            spent = f"--time_budget {cfg.time_budget} is too short here: it was spent before the"
+            spent += f" warmup's {cfg.warmup_steps} steps; give more time or fewer --warmup_steps"
+            if not state.step or not self.writes_files:
+                raise TinyLLMError(spent)
+            self.save("last.pt")  # the warmup's steps are kept
+            resume = cli.resume_command(self.settings.stage, cfg.out_dir)
+            went = f"{spent}. Its {state.step} steps are in {os.path.join(cfg.out_dir, 'last.pt')}"
+            raise TinyLLMError(f"{went}; go on: {resume} --time_budget {2 * self.budget:g}s")
         steps = state.step - self.first_step
         pace = (now - self.first_seconds) / steps if steps else 0.0
-        try:
-            state.max_steps = budget_end(state, self.cfg, self.left, pace)
-        except TinyLLMError as e:  # the warmup outlasted the time: its steps are kept
-            if not state.step or not self.writes_files:
-                raise
-            self.save("last.pt")
-            longer = f"--time_budget {2 * self.budget:g}s"
-            resume = cli.resume_command(self.settings.stage, self.cfg.out_dir)
-            last = os.path.join(self.cfg.out_dir, "last.pt")
-            went = f"{e}. Its {state.step} steps are in {last}"
-            raise TinyLLMError(f"{went}; go on: {resume} {longer}") from None
+        # no pace before this process's first step: the plan a resume saved, or the warmup's
+        planned = state.step + math.floor(self.left / pace) if pace else state.max_steps
+        if planned <= state.step:  # out of time: the step before was the last, or this one is
+            planned = min(state.max_steps, state.step + 1)
+        state.max_steps = max(cfg.warmup_steps + 1, planned)
 
     def evaluation_due(self):
         """Whether to evaluate now: every eval_interval steps and at the end, never twice at one
@@ -257,26 +261,22 @@ class Run:
 
     # ------------------------------------------------------------------------ progress lines
 
-    def read_window(self):
-        """The figures of the steps since the last line, read as numbers (a GPU waits here)."""
-        state = self.state
-        state.window = [{k: float(v) for k, v in row.items()} for row in state.window]
-        return state.window
-
     def check_finite(self):
-        """Stop the run if a loss or a gradient is not finite, before anything is saved."""
-        rows = self.read_window()
-        for n, row in enumerate(rows, self.state.step - len(rows)):
-            # float16 skips a step whose gradient overflowed: the step changed nothing
-            finite_grad = (
-                math.isfinite(row.get("grad_norm", 0.0)) or self.process.scaler.is_enabled()
-            )
+        """The figures of the steps since the last line, read as numbers (a GPU waits here); a
+        loss or a gradient not finite stops the run, before anything is saved."""
+        state = self.state
+        rows = [{k: float(v) for k, v in row.items()} for row in state.window]
+        state.window = rows
+        skips = self.process.scaler.is_enabled()  # float16 skips a step whose gradient overflowed
+        for n, row in enumerate(rows, state.step - len(rows)):
+            finite_grad = math.isfinite(row.get("grad_norm", 0.0)) or skips
             if not (math.isfinite(row["loss"]) and finite_grad):
                 raise TinyLLMError(
                     f"step {n}: the loss or the gradient is not finite (loss {row['loss']}); "
                     f"nothing non-finite was saved. Try a lower --lr, --grad_clip 1, or "
                     f"--dtype float32"
                 )
+        return rows
 
     def log_progress(self):
         """Print a progress line and keep it as a history row. Each figure is its mean over the
@@ -284,8 +284,7 @@ class Run:
         the step's time, the tokens read a second (every rank's), and the ETA."""
         state = self.state
         seconds = (time.perf_counter() - self.line_started) / (state.step - self.line_step)
-        self.check_finite()
-        rows = self.read_window()
+        rows = self.check_finite()
         tokens = sum(row.pop("tokens", 0.0) for row in rows) * self.process.world
         figures = {}
         for name in rows[-1]:
@@ -392,23 +391,21 @@ class Run:
         exit status 128 + the signal (130 for Ctrl-C)."""
         state = self.state
         cfg = self.cfg
-        signum = self.signum
-        if signum or state.last_eval_step != state.step:
+        if self.signum or state.last_eval_step != state.step:
             self.save("last.pt")
-        if signum:
+        if self.signum:
             if self.writes_files:
                 last = os.path.join(cfg.out_dir, "last.pt")
                 resume = cli.resume_command(self.settings.stage, cfg.out_dir)
                 self.say(f"saved {last} at step {state.step}. Resume with: {resume}")
             self.process.leave_together()
-            sys.exit(128 + signum)
+            sys.exit(128 + self.signum)
         if self.stop_reason:
             self.say(self.stop_reason)
         files = "best.pt, last.pt, history.csv" + (", loss.png" if cfg.plots else "")
         files = f" | {cfg.out_dir}/: {files}" if self.writes_files else ""
-        total = cli.format_seconds(self.elapsed())
-        best = f"best val loss {state.best_val_loss:.4f}"
-        self.say(f"done: {state.step} steps | {best} | total time {total}{files}")
+        done = f"done: {state.step} steps | best val loss {state.best_val_loss:.4f}"
+        self.say(f"{done} | total time {cli.format_seconds(self.elapsed())}{files}")
         if cfg.time_budget:
             last_lr = f"the last at LR {state.lr:.4g} (the schedule's end: {schedule_end:.4g})"
             used = f"{cli.format_seconds(self.elapsed())} used, {state.step:,} steps"
@@ -463,11 +460,8 @@ def print_header(run):
         schedule = f"after the warmup the {cfg.lr_schedule} schedule ends as the time does"
         run.say(f"time budget {cfg.time_budget}: {schedule}")
     elif run.state.step:  # a resumed run: where it is in the schedule of its --max_steps
-        state = run.state
-        last = f"the last step's LR {state.lr:.3g}"
-        run.say(
-            f"from step {state.step}: {cfg.lr_schedule} schedule to step {state.max_steps}, {last}"
-        )
+        schedule = f"{cfg.lr_schedule} schedule to step {run.state.max_steps}"
+        run.say(f"from step {run.state.step}: {schedule}, the last step's LR {run.state.lr:.3g}")
 
 
 def closing_sample(run, tokens):
@@ -476,12 +470,9 @@ def closing_sample(run, tokens):
     from sampling import sample_text  # the lesson's next chapter, at the run's end
 
     tokenizer = run.corpus.tokenizer
-    stop = None
-    ids = sources.start_ids(tokenizer)
     question = sources.first_question(run.corpus.val[: 4 * run.model.config.block_size], tokenizer)
-    if question:
-        ids = question
-        stop = tokenizer.eot_id
+    ids = question or sources.start_ids(tokenizer)
+    stop = tokenizer.eot_id if question else None
     new = sample_text(run.model, ids, tokens, SamplerConfig(), stop, run.cfg.seed)
     return tokenizer.decode(ids + new)
 
