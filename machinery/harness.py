@@ -43,8 +43,7 @@ class TrainState:
 
 
 def restore(settings, optimizer, process):
-    """The state of a resumed run as it was saved; its scaler, optimizer and random generators
-    too."""
+    """A resumed run's state as it was saved; its scaler, optimizer and random generators too."""
     saved = settings.saved
     cfg = settings.cfg
     process.scaler.load_state_dict(saved["scaler"])
@@ -64,8 +63,7 @@ def restore(settings, optimizer, process):
 
 
 def start_process(settings):
-    """This process (under torchrun, its rank of world), its precision, its CPU threads, and the
-    seed."""
+    """This process (its rank under torchrun), its precision, its CPU threads, and the seed."""
     process = devices.setup_process(settings.device)
     dtype, why = devices.resolve_dtype(settings.cfg.dtype, process.device)
     process = replace(process, dtype=dtype, why=why)
@@ -81,8 +79,7 @@ def out_of_memory():
 
 def compile_first(model, step_model, batch, process):
     """Run --compile's first forward and backward now, so that a missing compiler is one error
-    line before anything is written. It leaves no trace: no gradient, every generator as it
-    was."""
+    line before anything is written. No trace is left: no gradient, every generator as it was."""
     rngs = checkpoint.rng_state()
     try:
         with process.autocast:
@@ -102,20 +99,18 @@ class Run:
     which catches Ctrl-C and SIGTERM."""
 
     def __init__(self, settings, process, corpus, stage, optimizer):
-        """Set the run up before anything is written: restore a resume's state, seed this rank,
-        fix the batch for --overfit_batch, compile the model and wrap it for DDP, clear the old
-        run for --overwrite; then print the opening lines."""
+        """Set up and check all before anything is written; then print the opening lines."""
         cfg = settings.cfg
-        options = settings.options
-        batches = stage.batches
         self.settings = settings
         self.cfg = cfg
         self.process = process
         self.corpus = corpus
         self.model = stage.model  # the GPT trained and saved
-        self.batches = batches
+        self.batches = stage.batches
         self.stage = stage
         self.optimizer = optimizer
+        self.master = process.rank == 0  # rank 0 alone prints and writes
+        self.writes_files = not settings.options.overfit_batch  # a check that writes nothing
         last = settings.saved if settings.resumed else {}  # the last.pt it resumes
         self.state = TrainState(max_steps=cfg.max_steps)
         if last:
@@ -123,22 +118,20 @@ class Run:
         if process.world > 1 and len(last.get("rngs", [])) != process.world:  # a rank's own draws
             step = self.state.step
             devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * step) % 2**32)
-        if options.overfit_batch:  # a sanity check: every step trains on one batch
-            fixed = batches["train"]()
-            batches["train"] = lambda: fixed
+        if settings.options.overfit_batch:  # a sanity check: every step trains on one batch
+            fixed = self.batches["train"]()
+            self.batches["train"] = lambda: fixed
             cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
         # what a step calls: the stage's wrapper, compiled, and under torchrun wrapped by DDP
         stepped = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
         self.step_model = process.wrap(stepped)
         if cfg.compile:
-            compile_first(stage.model, self.step_model, batches["train"](), process)
-        if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
+            compile_first(stage.model, self.step_model, self.batches["train"](), process)
+        if settings.options.overwrite and self.writes_files and not last and self.master:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
-        if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
+        if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and self.master:
             steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
             cli.warn(f"{steps}: the LR never decays")
-        self.master = process.rank == 0  # rank 0 alone prints and writes
-        self.writes_files = not options.overfit_batch  # a check that writes nothing
         self.eval_iters = math.ceil(cfg.eval_iters / process.world)  # this rank's share
         self.budget = parse_duration(cfg.time_budget)  # seconds, or None: --max_steps
         self.left = None  # the budget's seconds left for steps
@@ -219,8 +212,7 @@ class Run:
         state = self.state
         cfg = self.cfg
         now = self.process.mean([self.elapsed()])[0]
-        # 99% of the budget (the last 1% is for the closing sample and the exit), less the last
-        # evaluation's time
+        # 1% of the budget is kept for the closing sample and the exit
         self.left = 0.99 * self.budget - state.eval_seconds - now
         if state.step <= cfg.warmup_steps and self.left <= 0:
             spent = f"--time_budget {cfg.time_budget} is too short here: it was spent before the"
@@ -252,11 +244,10 @@ class Run:
         """Whether Ctrl-C or SIGTERM reached any rank: then the run saves and exits. Under DDP
         every rank asks the others, at progress lines and at the run's end."""
         state = self.state
-        process = self.process
         at_end = state.step >= state.max_steps
-        compare = process.world == 1 or state.step % self.cfg.log_interval == 0
+        compare = self.process.world == 1 or state.step % self.cfg.log_interval == 0
         if compare or at_end or self.stop_reason:
-            self.signum = max(process.every_rank(self.received or 0))
+            self.signum = max(self.process.every_rank(self.received or 0))
         return self.signum != 0
 
     # ------------------------------------------------------------------------ progress lines
@@ -271,11 +262,9 @@ class Run:
         for n, row in enumerate(rows, state.step - len(rows)):
             finite_grad = math.isfinite(row.get("grad_norm", 0.0)) or skips
             if not (math.isfinite(row["loss"]) and finite_grad):
-                raise TinyLLMError(
-                    f"step {n}: the loss or the gradient is not finite (loss {row['loss']}); "
-                    f"nothing non-finite was saved. Try a lower --lr, --grad_clip 1, or "
-                    f"--dtype float32"
-                )
+                what = f"step {n}: the loss or the gradient is not finite (loss {row['loss']})"
+                fix = "Try a lower --lr, --grad_clip 1, or --dtype float32"
+                raise TinyLLMError(f"{what}; nothing non-finite was saved. {fix}")
         return rows
 
     def log_progress(self):
