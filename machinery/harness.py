@@ -1,12 +1,9 @@
-"""What keeps a training run's promises, so that train.py can show the idea alone.
-
-train.py's loop calls a few methods of a Run; this file holds what they do:
-- the state every checkpoint saves, and --resume putting it back exactly;
-- a time budget: the run's end step planned again before every step;
-- Ctrl-C and SIGTERM (agreed on by every rank under torchrun): the run saves, then exits;
-- --overfit_batch, --compile's first step, --overwrite, each checked before anything is written;
-- the opening lines, the progress lines, the evaluation lines and the closing lines;
-- the command line: flags and main."""
+"""What keeps a training run's promises, so that train.py can show the idea alone. train.py's loop
+calls a few methods of a Run; this file holds what they do: the state every checkpoint saves, and
+--resume putting it back exactly; a time budget, the run's end step planned again before every
+step; Ctrl-C and SIGTERM (agreed on by every rank under torchrun), which save, then exit;
+--overfit_batch, --compile's first step and --overwrite, each checked before anything is written;
+the opening, progress, evaluation and closing lines; the command line."""
 
 import errno
 import math
@@ -256,21 +253,19 @@ class Run:
         """The figures of the steps since the last line, read as numbers (a GPU waits here); a
         loss or a gradient not finite stops the run, before anything is saved."""
         state = self.state
-        rows = [{k: float(v) for k, v in row.items()} for row in state.window]
-        state.window = rows
+        state.window = [{k: float(v) for k, v in row.items()} for row in state.window]
         skips = self.process.scaler.is_enabled()  # float16 skips a step whose gradient overflowed
-        for n, row in enumerate(rows, state.step - len(rows)):
+        for n, row in enumerate(state.window, state.step - len(state.window)):
             finite_grad = math.isfinite(row.get("grad_norm", 0.0)) or skips
             if not (math.isfinite(row["loss"]) and finite_grad):
                 what = f"step {n}: the loss or the gradient is not finite (loss {row['loss']})"
                 fix = "Try a lower --lr, --grad_clip 1, or --dtype float32"
                 raise TinyLLMError(f"{what}; nothing non-finite was saved. {fix}")
-        return rows
+        return state.window
 
     def log_progress(self):
-        """Print a progress line and keep it as a history row. Each figure is its mean over the
-        steps since the last line (a resume's saved rows may lack a figure added since). Then
-        the step's time, the tokens read a second (every rank's), and the ETA."""
+        """A progress line and its history row: each figure's mean since the last line (a resume's
+        saved rows may lack a figure added since), the step's time, tokens a second, the ETA."""
         state = self.state
         seconds = (time.perf_counter() - self.line_started) / (state.step - self.line_step)
         rows = self.check_finite()
@@ -315,8 +310,7 @@ class Run:
         else:  # a language model's loss: bits per character, and a uniform guess's loss
             line += f" ({bits_per_char(val_loss, self.corpus.chars_per_token):.3f} bits/char)"
             if baseline:
-                uniform = math.log(self.model.config.vocab_size)
-                line += f" | uniform baseline ln(V) = {uniform:.4f}"
+                line += f" | uniform baseline ln(V) = {math.log(self.model.config.vocab_size):.4f}"
         improved = val_loss < state.best_val_loss and not baseline
         if not baseline:
             state.best_val_loss = min(val_loss, state.best_val_loss)
@@ -375,9 +369,8 @@ class Run:
             checkpoint.keep_newest(self.cfg.out_dir, self.cfg.keep_last)
 
     def finish(self, schedule_end):
-        """End the run: last.pt if steps came after the last evaluation, the closing lines and
-        sample, and a summary. Stopped by a signal: last.pt, the command that resumes it, and
-        exit status 128 + the signal (130 for Ctrl-C)."""
+        """last.pt, the closing lines and sample, and the run's summary. Stopped by a signal: the
+        command that resumes it, and exit status 128 + the signal (130 for Ctrl-C)."""
         state = self.state
         cfg = self.cfg
         if self.signum or state.last_eval_step != state.step:
