@@ -229,9 +229,8 @@ def parse_duration(text):
         return None
     number = r"(\d+(?:\.\d+)?)"
     match = re.fullmatch(f"{number}|(?:{number}h)?(?:{number}m)?(?:{number}s)?", text.strip())
-    seconds = 0
-    if match:
-        seconds = sum(float(v) * unit for v, unit in zip(match.groups(), (1, 3600, 60, 1)) if v)
+    groups = match.groups() if match else ()
+    seconds = sum(float(v) * unit for v, unit in zip(groups, (1, 3600, 60, 1)) if v)
     ok = 0 < seconds < math.inf
     require(ok, f"time_budget must be a duration such as 5m, 300s or 1h30m, got {text!r}")
     return seconds

@@ -1,12 +1,9 @@
-"""What keeps a training run's promises, so that train.py can show the idea alone.
-
-train.py's loop calls a few methods of a Run; this file holds what they do:
-- the state every checkpoint saves, and --resume putting it back exactly;
-- a time budget: the run's end step planned again before every step;
-- Ctrl-C and SIGTERM (agreed on by every rank under torchrun): the run saves, then exits;
-- --overfit_batch, --compile's first step, --overwrite, each checked before anything is written;
-- the opening lines, the progress lines, the evaluation lines and the closing lines;
-- the command line: flags and main."""
+"""What keeps a training run's promises, so that train.py can show the idea alone. train.py's loop
+calls a few methods of a Run; this file holds what they do: the state every checkpoint saves, and
+--resume putting it back exactly; a time budget, the run's end step planned again before every
+step; Ctrl-C and SIGTERM (agreed on by every rank under torchrun), which save, then exit;
+--overfit_batch, --compile's first step and --overwrite, each checked before anything is written;
+the opening, progress, evaluation and closing lines; the command line."""
 
 import errno
 import math
@@ -20,7 +17,6 @@ import torch
 
 from config import SamplerConfig, TinyLLMError, parse_duration
 from machinery import checkpoint, cli, devices, settle, sources
-from machinery.budget import budget_end, time_left
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------------------ the state
@@ -44,9 +40,10 @@ class TrainState:
 
 
 def restore(settings, optimizer, process):
-    """The state of a resumed run as it was saved; its optimizer and random generators too."""
+    """A resumed run's state as it was saved; its scaler, optimizer and random generators too."""
     saved = settings.saved
     cfg = settings.cfg
+    process.scaler.load_state_dict(saved["scaler"])
     checkpoint.load_optimizer(optimizer, saved["optimizer"], settings.path)
     state = TrainState(**{f.name: saved[f.name] for f in fields(TrainState) if f.name in saved})
     rngs = saved.get("rngs") or [saved["rng"]]
@@ -63,8 +60,7 @@ def restore(settings, optimizer, process):
 
 
 def start_process(settings):
-    """This process (under torchrun, its rank of world), its precision, its CPU threads, and the
-    seed."""
+    """This process (its rank under torchrun), its precision, its CPU threads, and the seed."""
     process = devices.setup_process(settings.device)
     dtype, why = devices.resolve_dtype(settings.cfg.dtype, process.device)
     process = replace(process, dtype=dtype, why=why)
@@ -80,8 +76,7 @@ def out_of_memory():
 
 def compile_first(model, step_model, batch, process):
     """Run --compile's first forward and backward now, so that a missing compiler is one error
-    line before anything is written. It leaves no trace: no gradient, every generator as it
-    was."""
+    line before anything is written. No trace is left: no gradient, every generator as it was."""
     rngs = checkpoint.rng_state()
     try:
         with process.autocast:
@@ -97,50 +92,43 @@ def compile_first(model, step_model, batch, process):
 
 
 class Run:
-    """One run of fit. The loop reads its pieces (cfg, state, step_model, optimizer, batches,
-    process) and calls its methods: plan, evaluation_due, signalled, evaluated,
-    log_progress, save, finish. The loop runs inside it (with run:), which catches Ctrl-C and
-    SIGTERM."""
+    """One run of fit: train.py's loop reads its pieces and calls its methods, inside `with run:`,
+    which catches Ctrl-C and SIGTERM."""
 
     def __init__(self, settings, process, corpus, stage, optimizer):
-        """Set the run up before anything is written: restore a resume's state, seed this rank,
-        fix the batch for --overfit_batch, compile the model and wrap it for DDP, clear the old
-        run for --overwrite; then print the opening lines."""
+        """Set up and check all before anything is written; then print the opening lines."""
         cfg = settings.cfg
-        options = settings.options
-        batches = stage.batches
         self.settings = settings
         self.cfg = cfg
         self.process = process
         self.corpus = corpus
         self.model = stage.model  # the GPT trained and saved
-        self.batches = batches
+        self.batches = stage.batches
         self.stage = stage
         self.optimizer = optimizer
+        self.master = process.rank == 0  # rank 0 alone prints and writes
+        self.writes_files = not settings.options.overfit_batch  # a check that writes nothing
         last = settings.saved if settings.resumed else {}  # the last.pt it resumes
         self.state = TrainState(max_steps=cfg.max_steps)
         if last:
-            process.scaler.load_state_dict(last["scaler"])
             self.state = restore(settings, optimizer, process)
         if process.world > 1 and len(last.get("rngs", [])) != process.world:  # a rank's own draws
             step = self.state.step
             devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * step) % 2**32)
-        if options.overfit_batch:  # a sanity check: every step trains on one batch
-            fixed = batches["train"]()
-            batches["train"] = lambda: fixed
+        if settings.options.overfit_batch:  # a sanity check: every step trains on one batch
+            fixed = self.batches["train"]()
+            self.batches["train"] = lambda: fixed
             cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
         # what a step calls: the stage's wrapper, compiled, and under torchrun wrapped by DDP
         stepped = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
         self.step_model = process.wrap(stepped)
         if cfg.compile:
-            compile_first(stage.model, self.step_model, batches["train"](), process)
-        if options.overwrite and not options.overfit_batch and not last and process.rank == 0:
+            compile_first(stage.model, self.step_model, self.batches["train"](), process)
+        if settings.options.overwrite and self.writes_files and not last and self.master:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
-        if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and process.rank == 0:
+        if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and self.master:
             steps = f"--max_steps {cfg.max_steps} ends within the warmup ({cfg.warmup_steps} steps)"
             cli.warn(f"{steps}: the LR never decays")
-        self.master = process.rank == 0  # rank 0 alone prints and writes
-        self.writes_files = not options.overfit_batch  # a check that writes nothing
         self.eval_iters = math.ceil(cfg.eval_iters / process.world)  # this rank's share
         self.budget = parse_duration(cfg.time_budget)  # seconds, or None: --max_steps
         self.left = None  # the budget's seconds left for steps
@@ -177,11 +165,9 @@ class Run:
         self.received = signum  # a Ctrl-C that also closed a `| tee` still exits 130
         if self.master:  # os.write: the signal may have come while print was writing a line
             name = signal.Signals(signum).name
+            line = f"\n{name} received: finishing this step, then saving last.pt\n"
             try:
-                os.write(
-                    sys.stdout.fileno(),
-                    f"\n{name} received: finishing this step, then saving last.pt\n".encode(),
-                )
+                os.write(sys.stdout.fileno(), line.encode())
             except BrokenPipeError:  # the same Ctrl-C ended `| tee`
                 self.output_gone()
             except (OSError, ValueError):  # no file behind stdout
@@ -213,27 +199,34 @@ class Run:
         return self.state.seconds + time.perf_counter() - self.settings.started
 
     def plan(self):
-        """Under a time budget, set state.max_steps: the steps that fit in the time left, at the
-        pace so far. The ranks use their mean clock, so that all of them decide alike. Time spent
-        within the warmup ends the run with an error, its steps saved first."""
-        state = self.state
-        now = self.process.mean([self.elapsed()])[0] if self.budget else 0.0
-        self.left = time_left(state, self.budget, now)
-        if self.left is None:
+        """Under a time budget, set state.max_steps: as many steps as fit in the time left, at this
+        process's pace so far. Planned again before every step, a machine that slows down still
+        ends on time, its schedule with it. The ranks use their mean clock, so that all of them
+        decide alike. The end is never within the warmup: time spent there ends the run with an
+        error, its steps saved first."""
+        if not self.budget:
             return
+        state = self.state
+        cfg = self.cfg
+        now = self.process.mean([self.elapsed()])[0]
+        # 1% of the budget is kept for the closing sample and the exit
+        self.left = 0.99 * self.budget - state.eval_seconds - now
+        if state.step <= cfg.warmup_steps and self.left <= 0:
+            spent = f"--time_budget {cfg.time_budget} is too short here: it was spent before the"
+            spent += f" warmup's {cfg.warmup_steps} steps; give more time or fewer --warmup_steps"
+            if not state.step or not self.writes_files:
+                raise TinyLLMError(spent)
+            self.save("last.pt")  # the warmup's steps are kept
+            resume = cli.resume_command(self.settings.stage, cfg.out_dir)
+            went = f"{spent}. Its {state.step} steps are in {os.path.join(cfg.out_dir, 'last.pt')}"
+            raise TinyLLMError(f"{went}; go on: {resume} --time_budget {2 * self.budget:g}s")
         steps = state.step - self.first_step
         pace = (now - self.first_seconds) / steps if steps else 0.0
-        try:
-            state.max_steps = budget_end(state, self.cfg, self.left, pace)
-        except TinyLLMError as e:  # the warmup outlasted the time: its steps are kept
-            if not state.step or not self.writes_files:
-                raise
-            self.save("last.pt")
-            longer = f"--time_budget {2 * self.budget:g}s"
-            resume = cli.resume_command(self.settings.stage, self.cfg.out_dir)
-            last = os.path.join(self.cfg.out_dir, "last.pt")
-            went = f"{e}. Its {state.step} steps are in {last}"
-            raise TinyLLMError(f"{went}; go on: {resume} {longer}") from None
+        # no pace before this process's first step: the plan a resume saved, or the warmup's
+        planned = state.step + math.floor(self.left / pace) if pace else state.max_steps
+        if planned <= state.step:  # out of time: the step before was the last, or this one is
+            planned = min(state.max_steps, state.step + 1)
+        state.max_steps = max(cfg.warmup_steps + 1, planned)
 
     def evaluation_due(self):
         """Whether to evaluate now: every eval_interval steps and at the end, never twice at one
@@ -248,44 +241,34 @@ class Run:
         """Whether Ctrl-C or SIGTERM reached any rank: then the run saves and exits. Under DDP
         every rank asks the others, at progress lines and at the run's end."""
         state = self.state
-        process = self.process
         at_end = state.step >= state.max_steps
-        compare = process.world == 1 or state.step % self.cfg.log_interval == 0
+        compare = self.process.world == 1 or state.step % self.cfg.log_interval == 0
         if compare or at_end or self.stop_reason:
-            self.signum = max(process.every_rank(self.received or 0))
+            self.signum = max(self.process.every_rank(self.received or 0))
         return self.signum != 0
 
     # ------------------------------------------------------------------------ progress lines
 
-    def read_window(self):
-        """The figures of the steps since the last line, read as numbers (a GPU waits here)."""
+    def check_finite(self):
+        """The figures of the steps since the last line, read as numbers (a GPU waits here); a
+        loss or a gradient not finite stops the run, before anything is saved."""
         state = self.state
         state.window = [{k: float(v) for k, v in row.items()} for row in state.window]
+        skips = self.process.scaler.is_enabled()  # float16 skips a step whose gradient overflowed
+        for n, row in enumerate(state.window, state.step - len(state.window)):
+            finite_grad = math.isfinite(row.get("grad_norm", 0.0)) or skips
+            if not (math.isfinite(row["loss"]) and finite_grad):
+                what = f"step {n}: the loss or the gradient is not finite (loss {row['loss']})"
+                fix = "Try a lower --lr, --grad_clip 1, or --dtype float32"
+                raise TinyLLMError(f"{what}; nothing non-finite was saved. {fix}")
         return state.window
 
-    def check_finite(self):
-        """Stop the run if a loss or a gradient is not finite, before anything is saved."""
-        rows = self.read_window()
-        for n, row in enumerate(rows, self.state.step - len(rows)):
-            # float16 skips a step whose gradient overflowed: the step changed nothing
-            finite_grad = (
-                math.isfinite(row.get("grad_norm", 0.0)) or self.process.scaler.is_enabled()
-            )
-            if not (math.isfinite(row["loss"]) and finite_grad):
-                raise TinyLLMError(
-                    f"step {n}: the loss or the gradient is not finite (loss {row['loss']}); "
-                    f"nothing non-finite was saved. Try a lower --lr, --grad_clip 1, or "
-                    f"--dtype float32"
-                )
-
     def log_progress(self):
-        """Print a progress line and keep it as a history row. Each figure is its mean over the
-        steps since the last line (a resume's saved rows may lack a figure added since). Then
-        the step's time, the tokens read a second (every rank's), and the ETA."""
+        """A progress line and its history row: each figure's mean since the last line (a resume's
+        saved rows may lack a figure added since), the step's time, tokens a second, the ETA."""
         state = self.state
         seconds = (time.perf_counter() - self.line_started) / (state.step - self.line_step)
-        self.check_finite()
-        rows = self.read_window()
+        rows = self.check_finite()
         tokens = sum(row.pop("tokens", 0.0) for row in rows) * self.process.world
         figures = {}
         for name in rows[-1]:
@@ -327,8 +310,7 @@ class Run:
         else:  # a language model's loss: bits per character, and a uniform guess's loss
             line += f" ({bits_per_char(val_loss, self.corpus.chars_per_token):.3f} bits/char)"
             if baseline:
-                uniform = math.log(self.model.config.vocab_size)
-                line += f" | uniform baseline ln(V) = {uniform:.4f}"
+                line += f" | uniform baseline ln(V) = {math.log(self.model.config.vocab_size):.4f}"
         improved = val_loss < state.best_val_loss and not baseline
         if not baseline:
             state.best_val_loss = min(val_loss, state.best_val_loss)
@@ -387,28 +369,25 @@ class Run:
             checkpoint.keep_newest(self.cfg.out_dir, self.cfg.keep_last)
 
     def finish(self, schedule_end):
-        """End the run: last.pt if steps came after the last evaluation, the closing lines and
-        sample, and a summary. Stopped by a signal: last.pt, the command that resumes it, and
-        exit status 128 + the signal (130 for Ctrl-C)."""
+        """last.pt, the closing lines and sample, and the run's summary. Stopped by a signal: the
+        command that resumes it, and exit status 128 + the signal (130 for Ctrl-C)."""
         state = self.state
         cfg = self.cfg
-        signum = self.signum
-        if signum or state.last_eval_step != state.step:
+        if self.signum or state.last_eval_step != state.step:
             self.save("last.pt")
-        if signum:
+        if self.signum:
             if self.writes_files:
                 last = os.path.join(cfg.out_dir, "last.pt")
                 resume = cli.resume_command(self.settings.stage, cfg.out_dir)
                 self.say(f"saved {last} at step {state.step}. Resume with: {resume}")
             self.process.leave_together()
-            sys.exit(128 + signum)
+            sys.exit(128 + self.signum)
         if self.stop_reason:
             self.say(self.stop_reason)
         files = "best.pt, last.pt, history.csv" + (", loss.png" if cfg.plots else "")
         files = f" | {cfg.out_dir}/: {files}" if self.writes_files else ""
-        total = cli.format_seconds(self.elapsed())
-        best = f"best val loss {state.best_val_loss:.4f}"
-        self.say(f"done: {state.step} steps | {best} | total time {total}{files}")
+        done = f"done: {state.step} steps | best val loss {state.best_val_loss:.4f}"
+        self.say(f"{done} | total time {cli.format_seconds(self.elapsed())}{files}")
         if cfg.time_budget:
             last_lr = f"the last at LR {state.lr:.4g} (the schedule's end: {schedule_end:.4g})"
             used = f"{cli.format_seconds(self.elapsed())} used, {state.step:,} steps"
@@ -463,11 +442,8 @@ def print_header(run):
         schedule = f"after the warmup the {cfg.lr_schedule} schedule ends as the time does"
         run.say(f"time budget {cfg.time_budget}: {schedule}")
     elif run.state.step:  # a resumed run: where it is in the schedule of its --max_steps
-        state = run.state
-        last = f"the last step's LR {state.lr:.3g}"
-        run.say(
-            f"from step {state.step}: {cfg.lr_schedule} schedule to step {state.max_steps}, {last}"
-        )
+        schedule = f"{cfg.lr_schedule} schedule to step {run.state.max_steps}"
+        run.say(f"from step {run.state.step}: {schedule}, the last step's LR {run.state.lr:.3g}")
 
 
 def closing_sample(run, tokens):
@@ -476,12 +452,9 @@ def closing_sample(run, tokens):
     from sampling import sample_text  # the lesson's next chapter, at the run's end
 
     tokenizer = run.corpus.tokenizer
-    stop = None
-    ids = sources.start_ids(tokenizer)
     question = sources.first_question(run.corpus.val[: 4 * run.model.config.block_size], tokenizer)
-    if question:
-        ids = question
-        stop = tokenizer.eot_id
+    ids = question or sources.start_ids(tokenizer)
+    stop = tokenizer.eot_id if question else None
     new = sample_text(run.model, ids, tokens, SamplerConfig(), stop, run.cfg.seed)
     return tokenizer.decode(ids + new)
 
