@@ -249,9 +249,9 @@ class Run:
 
     # ------------------------------------------------------------------------ progress lines
 
-    def check_finite(self):
-        """The figures of the steps since the last line, read as numbers (a GPU waits here); a
-        loss or a gradient not finite stops the run, before anything is saved."""
+    def read_window(self):
+        """The figures of the steps since the last line, read as numbers (a GPU waits here). A
+        loss or a gradient that is not finite stops the run here, before anything is saved."""
         state = self.state
         state.window = [{k: float(v) for k, v in row.items()} for row in state.window]
         skips = self.process.scaler.is_enabled()  # float16 skips a step whose gradient overflowed
@@ -268,7 +268,7 @@ class Run:
         saved rows may lack a figure added since), the step's time, tokens a second, the ETA."""
         state = self.state
         seconds = (time.perf_counter() - self.line_started) / (state.step - self.line_step)
-        rows = self.check_finite()
+        rows = self.read_window()
         tokens = sum(row.pop("tokens", 0.0) for row in rows) * self.process.world
         figures = {}
         for name in rows[-1]:
@@ -342,7 +342,7 @@ class Run:
         for its model card (tools.export). Every rank calls it; rank 0 writes."""
         if not self.writes_files:
             return
-        self.check_finite()
+        self.read_window()  # nothing non-finite is saved
         rngs = self.process.every_rank(checkpoint.rng_state())
         if not self.master:
             return
