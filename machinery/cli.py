@@ -11,7 +11,7 @@ from config import TinyLLMError
 
 
 def log(*args):
-    """A line, flushed at once (a reader sees progress as it comes), from rank 0 alone (torchrun)."""
+    """A line, flushed at once so that a reader sees progress as it comes; rank 0 alone prints."""
     if os.environ.get("RANK", "0") == "0":
         print(*args, flush=True)
 

@@ -244,7 +244,7 @@ class Process:
 
 
 def check_processes(device, cfg):
-    """Refuse, before anything is written, torchrun's processes that cannot work or share a batch."""
+    """Refuse torchrun processes that cannot work here or share the batch, before any write."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (world * cfg.grad_accum_steps):
         raise TinyLLMError(

@@ -57,7 +57,7 @@ def write_history(out_dir, history, plot, vocab_size):
 
 
 def draw_lr_schedule(cfg, get_lr):
-    """--plot_lr: train.py's get_lr(step, max_steps, cfg) at every step, drawn; printed at tenths."""
+    """--plot_lr: train.get_lr(step, max_steps, cfg) at every step, drawn; printed at tenths."""
     if cfg.time_budget:
         warn(
             f"--time_budget {cfg.time_budget}: its end depends on its pace; "
