@@ -133,10 +133,15 @@ class Block(nn.Module):
 def lm_loss(logits, targets, reduction="mean"):
     """Next-token cross-entropy: each (b, t) is one classification over the vocabulary, so logits
     (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,). In float32 even under autocast.
-    A target of NO_TARGET counts for nothing: a conversation's questions are context."""
-    return F.cross_entropy(
+    A target of NO_TARGET counts for nothing: a conversation's questions are context. A batch
+    with no target at all (windows inside long questions) has a mean loss of 0, and no gradient,
+    where the mean of nothing would be NaN."""
+    loss = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=NO_TARGET, reduction=reduction
     )
+    if reduction != "mean":
+        return loss
+    return torch.where((targets != NO_TARGET).any(), loss, torch.zeros_like(loss))
 
 
 class GPT(nn.Module):

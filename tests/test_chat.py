@@ -120,6 +120,9 @@ def test_a_masked_position_takes_no_gradient():
     assert logits.grad[:, :8].abs().sum() == 0 and logits.grad[:, 8:].abs().sum() > 0
     full = lm_loss(logits.detach()[:, 8:], y[:, 8:])
     assert lm_loss(logits.detach(), y) == pytest.approx(full.item())  # the answers' mean alone
+    logits.grad = None
+    lm_loss(logits, torch.full_like(y, -100)).backward()  # a batch of questions alone
+    assert lm_loss(logits, torch.full_like(y, -100)).item() == 0 and logits.grad.abs().sum() == 0
     data, keep = torch.arange(40), torch.arange(40) % 2 == 0
     torch.manual_seed(1)
     bx, by = get_batch(data, 4, 8, torch.device("cpu"), targets=keep)
