@@ -239,12 +239,26 @@ def fit(settings, process, corpus, stage):
 
 
 def evaluate(run):
-    """Measure the loss of each split. The harness prints it (with a stage's own figures),
-    saves last.pt, keeps best.pt when val improves, and may stop the run early (--patience,
-    --target_loss)."""
+    """The mean loss of each split, on its line. After the first step it saves last.pt, and
+    best.pt when val is the lowest yet; --patience or --target_loss may end the run here."""
+    cfg = run.cfg
+    state = run.state
     started = time.perf_counter()  # a time budget keeps as much time for the last evaluation
     losses = estimate_loss(run.step_model, run.batches, run.eval_iters, run.process.autocast)
-    run.evaluated(losses, started)
+    val_loss, improved = run.evaluated(losses)  # every rank's mean, on its line
+    if state.step:  # the baseline, before any step, keeps nothing
+        state.best_val_loss = min(val_loss, state.best_val_loss)
+        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+        run.save("last.pt")
+        if improved:
+            run.save("best.pt")
+        if cfg.patience and state.evals_without_improvement >= cfg.patience:
+            evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
+            run.stop_reason = f"early stop: val loss has not improved for {evals}"
+        if cfg.target_loss and val_loss <= cfg.target_loss:
+            target = f"val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
+            run.stop_reason = f"target reached: {target}"
+    run.evaluation_done(started)  # history.csv and loss.png; its time kept aside by a budget
 
 
 def loop(run):

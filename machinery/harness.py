@@ -199,11 +199,10 @@ class Run:
         return self.state.seconds + time.perf_counter() - self.settings.started
 
     def plan(self):
-        """Under a time budget, set state.max_steps: as many steps as fit in the time left, at this
-        process's pace so far. Planned again before every step, a machine that slows down still
-        ends on time, its schedule with it. The ranks use their mean clock, so that all of them
-        decide alike. The end is never within the warmup: time spent there ends the run with an
-        error, its steps saved first."""
+        """Under a time budget, set state.max_steps: the steps that fit in the time left at the
+        pace so far. Planned again before every step, a run on a machine that slows down still
+        ends on time. The ranks use their mean clock. Time spent within the warmup ends the run,
+        its steps saved first."""
         if not self.budget:
             return
         state = self.state
@@ -290,12 +289,10 @@ class Run:
 
     # ---------------------------------------------------------------------- evaluations, saves
 
-    def evaluated(self, losses, started):
-        """Report an evaluation's losses, {"train": ..., "val": ...} of this rank, begun at
-        started (perf_counter seconds): a line, a history row, last.pt and best.pt. --patience or
-        --target_loss may end the run. The baseline, before any step, is printed, and saves
-        nothing."""
-        cfg = self.cfg
+    def evaluated(self, losses):
+        """An evaluation's losses of this rank, {"train": ..., "val": ...}, as every rank's mean,
+        with the stage's own figures: its line and history row. Returns (the val loss, whether it
+        is the lowest yet: the baseline, before any step, never is)."""
         state = self.state
         train_loss, val_loss = self.process.mean([losses["train"], losses["val"]])
         own = self.stage.evaluate() if self.stage.evaluate else {}  # a stage's own figures
@@ -303,7 +300,7 @@ class Run:
         row = dict(kind="eval", step=state.step, train_loss=train_loss, val_loss=val_loss, **own)
         state.history.append(row | dict(lr=state.lr, seconds=self.elapsed()))
         baseline = state.step == 0  # before any step: nothing to keep yet
-        end = "?" if baseline and cfg.time_budget else state.max_steps  # no pace yet
+        end = "?" if baseline and self.cfg.time_budget else state.max_steps  # no pace yet
         line = f"eval {state.step:>6}/{end} | train {train_loss:.4f} | val {val_loss:.4f}"
         if own:
             line += "".join(f" | {k} {v:.4g}" for k, v in own.items())
@@ -312,29 +309,21 @@ class Run:
             if baseline:
                 line += f" | uniform baseline ln(V) = {math.log(self.model.config.vocab_size):.4f}"
         improved = val_loss < state.best_val_loss and not baseline
-        if not baseline:
-            state.best_val_loss = min(val_loss, state.best_val_loss)
-            state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
         self.say(line + (" | new best" if improved else ""))
-        if self.writes_files and not baseline:
-            self.save("last.pt")
-            if improved:
-                self.save("best.pt")
-            if self.master:
-                from machinery.plots import write_history  # read once there is a step to draw
+        return val_loss, improved
 
-                write_history(cfg.out_dir, state.history, cfg.plots, self.model.config.vocab_size)
-        # a time budget keeps as much time for the last evaluation, saves included; the pace
-        # counts steps alone
+    def evaluation_done(self, started):
+        """history.csv and loss.png drawn again; the evaluation's seconds, saves included, kept
+        aside: a time budget keeps as much for the last one, and the pace counts steps alone."""
+        state = self.state
+        cfg = self.cfg
+        if self.writes_files and self.master and state.step:
+            from machinery.plots import write_history  # read once there is a step to draw
+
+            write_history(cfg.out_dir, state.history, cfg.plots, self.model.config.vocab_size)
         state.eval_seconds = self.process.mean([time.perf_counter() - started])[0]
         self.first_seconds += state.eval_seconds
         self.line_started += state.eval_seconds
-        if cfg.patience and state.evals_without_improvement >= cfg.patience:
-            evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
-            self.stop_reason = f"early stop: val loss has not improved for {evals}"
-        if cfg.target_loss and val_loss <= cfg.target_loss and not baseline:
-            target = f"val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
-            self.stop_reason = f"target reached: {target}"
 
     def save(self, name):
         """Save out_dir/name: the model and tokenizer; all --resume needs to go on exactly (the
@@ -463,10 +452,8 @@ def closing_sample(run, tokens):
 
 
 def main(argv, run, needs, get_lr, started):
-    """A training script's command line: read its flags, settle its settings, then --eval_only,
-    --plot_lr (get_lr drawn), or run(settings). run is the stage's function, named as its script
-    (train, finetune, ...), whose module's docstring heads --help; needs: a flag it cannot start
-    without; started: when its time began."""
+    """A training script's command line: its flags, its settings settled, then --eval_only,
+    --plot_lr or run(settings). run's name is the script's; its module's docstring heads --help."""
     stage = run.__name__
     given = settle.flags(argv, stage, sys.modules[run.__module__].__doc__)
     settings = settle.settle(given, stage, started, needs)  # every setting decided, checked, here
