@@ -184,7 +184,7 @@ class Settings:
 
 @dataclass
 class SamplerConfig:
-    """How each next token is drawn from the logits (sampling.filter_logits)."""
+    """How each next token is drawn from the logits and the text so far (sampling.filter_logits)."""
 
     temperature: float = setting(0.8, "divide the logits by this; 0 = greedy (the likeliest token)")
     top_k: int = setting(0, "keep only the k most likely tokens; 0 = off", at_least=0)

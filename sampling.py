@@ -31,7 +31,7 @@ def token_stream(context, idx, max_new_tokens, sampler, stop_token=None, generat
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         logits = context.next_logits(idx)  # (B, V)
-        probs = next_token_probs(logits, sampler)  # (B, V)
+        probs = next_token_probs(logits, sampler, idx)  # (B, V)
         token = sample_next(probs, sampler, generator)  # (B, 1)
         yield token.clone(), probs  # outside inference mode: tensors autograd may use
         idx = torch.cat((idx, token), dim=1)  # (B, T + 1)
@@ -116,10 +116,11 @@ class Context:
 # ----------------------------------------------------------------------------- the sampler
 
 
-def filter_logits(logits, sampler):
-    """The logits (B, V) a token is drawn from: divided by the temperature (greedy: by 1), then
-    every logit outside the candidates set to -inf. top_k keeps the k likeliest (and any tied with
-    the k-th); top_p the fewest whose probabilities reach it."""
+def filter_logits(logits, sampler, idx):
+    """The logits (B, V) a token is drawn from after the text so far, idx (B, T): divided by the
+    temperature (greedy: by 1), then every logit outside the candidates set to -inf. top_k keeps
+    the k likeliest (and any tied with the k-th); top_p the fewest whose probabilities reach it.
+    No rule here reads idx; one that does (a penalty on repeats, say) has it at hand."""
     logits = logits / (sampler.temperature or 1.0)
     if sampler.top_k and sampler.top_k < logits.size(-1):
         kth = torch.topk(logits, sampler.top_k, dim=-1).values[..., -1:]  # (B, 1)
@@ -134,10 +135,10 @@ def filter_logits(logits, sampler):
     return logits
 
 
-def next_token_probs(logits, sampler):
+def next_token_probs(logits, sampler, idx):
     """The distribution (B, V) the next token is drawn from (filter_logits). Greedy draws nothing;
     its distribution here is temperature 1's among the candidates: its pick is the likeliest."""
-    return F.softmax(filter_logits(logits.float(), sampler), dim=-1)
+    return F.softmax(filter_logits(logits.float(), sampler, idx), dim=-1)
 
 
 def sample_next(probs, sampler, generator=None):

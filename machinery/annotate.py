@@ -41,7 +41,7 @@ def model_odds(context, idx, new_tokens):
     for t in range(new_tokens.size(1)):
         token = new_tokens[:, t : t + 1]
         logits = context.next_logits(idx)
-        yield token, next_token_probs(logits, MODELS_OWN)
+        yield token, next_token_probs(logits, MODELS_OWN, idx)
         idx = torch.cat((idx, token), dim=1)
 
 

@@ -201,7 +201,7 @@ def test_show_probs_prints_the_odds_each_token_was_drawn_with(
     assert len(found) == 10 and all(row["top"] for row in found)
     config = SamplerConfig(**sampler)
     logps = replay(
-        trained[0], "ROMEO:", found, lambda logits, idx: next_token_probs(logits, config)
+        trained[0], "ROMEO:", found, lambda logits, idx: next_token_probs(logits, config, idx)
     )
     mean = float(re.search(r"mean log-probability (-?[\d.]+) nats", text)[1])
     assert mean == pytest.approx(sum(logps) / len(logps), abs=1.1e-3)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import GREEDY, ROOT, tiny_model
 
 import model as model_module
+import sampling
 from config import GPTConfig, SamplerConfig, TinyLLMError
 from model import GPT, MLP, SwiGLU, apply_rope, causal_mask, rope_tables
 from sampling import (
@@ -279,8 +280,16 @@ def test_attention_stays_float32_under_cpu_bfloat16_autocast(monkeypatch):
 # ----------------------------------------------------------------------------- the sampler
 
 
-# (a sampler, the tokens it keeps of odds 0.5, 0.2, 0.15, 0.1, 0.05): a new rule is tested by
-# its rows
+# (a sampler, the tokens it keeps of odds 0.5, 0.2, 0.15, 0.1, 0.05), the text so far SO_FAR:
+# a new rule is tested by its rows
+SO_FAR = torch.tensor([[3, 0, 3]])
+
+
+def so_far(logits):
+    """SO_FAR as the text so far of every row of logits (B, V)."""
+    return SO_FAR.expand(logits.size(0), -1)
+
+
 KEEPS = [
     (SamplerConfig(temperature=1.0), [1, 1, 1, 1, 1]),
     (SamplerConfig(temperature=1.0, top_k=2), [1, 1, 0, 0, 0]),
@@ -293,17 +302,17 @@ KEEPS = [
 @pytest.mark.parametrize("sampler, kept", KEEPS)
 def test_each_rule_keeps_its_tokens_of_the_odds(sampler, kept):
     logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).log()
-    out = filter_logits(logits, sampler)
+    out = filter_logits(logits, sampler, so_far(logits))
     assert torch.isfinite(out).int().tolist() == [kept]
 
 
 def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
-    kept = filter_logits(logits, SamplerConfig(temperature=1.0, top_k=2))
+    kept = filter_logits(logits, SamplerConfig(temperature=1.0, top_k=2), so_far(logits))
     assert torch.isfinite(kept).tolist() == [[True, False, True, True, False]]
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
-    kept = filter_logits(logits, SamplerConfig(temperature=0.5, top_k=7))
+    kept = filter_logits(logits, SamplerConfig(temperature=0.5, top_k=7), so_far(logits))
     finite = torch.isfinite(kept)
     assert torch.equal(finite, logits >= logits.topk(7, dim=-1).values[:, -1:])
     assert torch.equal(kept[finite], (logits / 0.5)[finite])  # the temperature's
@@ -312,12 +321,14 @@ def test_top_k_keeps_the_k_likeliest_and_any_tied_with_the_kth():
 def test_top_p_keeps_the_smallest_set_reaching_p_and_always_the_likeliest():
     probs = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]])
     for p, n in ((0.8, 3), (0.6, 2), (1e-9, 1)):  # 0.5 + 0.2 < 0.8 <= 0.85
-        kept = filter_logits(probs.log(), SamplerConfig(temperature=1.0, top_p=p))
+        kept = filter_logits(
+            probs.log(), SamplerConfig(temperature=1.0, top_p=p), so_far(probs.log())
+        )
         assert torch.isfinite(kept).tolist() == [[i < n for i in range(5)]], p
     torch.manual_seed(1)
     logits = torch.randn(3, 100)
     for p in (0.1, 0.5, 0.9):
-        kept = filter_logits(logits, SamplerConfig(temperature=1.0, top_p=p))
+        kept = filter_logits(logits, SamplerConfig(temperature=1.0, top_p=p), so_far(logits))
         for row, keep in zip(F.softmax(logits, dim=-1), torch.isfinite(kept)):
             assert row[keep].sum() >= p - 1e-6 and keep[row.argmax()]
             assert row[keep].sum() - row[keep].min() < p
@@ -328,15 +339,17 @@ def test_temperature_0_is_argmax_and_a_seeded_draw_repeats():
     logits = torch.randn(4, 40) * 3
     argmax = logits.argmax(-1, keepdim=True)
     for greedy in (GREEDY, SamplerConfig(temperature=0, top_k=3)):
-        assert torch.equal(sample_next(next_token_probs(logits, greedy), greedy), argmax)
-    probs = next_token_probs(logits, SamplerConfig(temperature=0.7))
+        assert torch.equal(
+            sample_next(next_token_probs(logits, greedy, so_far(logits)), greedy), argmax
+        )
+    probs = next_token_probs(logits, SamplerConfig(temperature=0.7), so_far(logits))
     assert torch.allclose(probs, F.softmax(logits / 0.7, dim=-1))
     sampler = SamplerConfig(temperature=0.7, top_k=10)
-    probs = next_token_probs(logits, sampler)
+    probs = next_token_probs(logits, sampler, so_far(logits))
     draws = [sample_next(probs, sampler, torch.Generator().manual_seed(s)) for s in (1, 1, 2, 3)]
     assert torch.equal(draws[0], draws[1])
     assert not (torch.equal(draws[0], draws[2]) and torch.equal(draws[0], draws[3]))
-    kept = filter_logits(logits, sampler)
+    kept = filter_logits(logits, sampler, so_far(logits))
     assert torch.isfinite(kept.gather(1, draws[2])).all()  # a candidate, always
 
 
@@ -362,6 +375,19 @@ def test_a_stop_token_ends_generation_once_every_row_has_made_it():
     assert out.tolist() == [[1, 2, 3, 4, 0], [4, 0, 1, 2, 3]]  # the first row goes on past its stop
     out = generate(chain, torch.tensor([[1]]), 10, GREEDY, stop_token=3)
     assert out.tolist() == [[1, 2, 3]]
+
+
+def test_a_sampling_rule_reads_the_prompt_and_every_token_drawn_so_far(monkeypatch):
+    seen = []
+
+    def recording(logits, sampler, idx):
+        seen.append(idx.tolist())
+        return filter_logits(logits, sampler, idx)
+
+    monkeypatch.setattr(sampling, "filter_logits", recording)
+    table = [[0.6 if j == (i + 1) % 5 else 0.1 for j in range(5)] for i in range(5)]  # i -> i + 1
+    out = generate(MarkovChain(table), torch.tensor([[1, 2], [4, 0]]), 4, GREEDY).tolist()
+    assert seen == [[row[: 2 + k] for row in out] for k in range(4)]
 
 
 def test_generation_builds_no_autograd_graph():

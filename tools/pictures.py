@@ -140,7 +140,8 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    by_t = {t: next_token_probs(logits, SamplerConfig(t))[0].cpu() for t in args.temperatures}
+    odds = [next_token_probs(logits, SamplerConfig(t), idx)[0].cpu() for t in args.temperatures]
+    by_t = dict(zip(args.temperatures, odds))  # each (V,)
     order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)
