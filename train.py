@@ -245,7 +245,9 @@ def evaluate(run):
     state = run.state
     started = time.perf_counter()  # a time budget keeps as much time for the last evaluation
     losses = estimate_loss(run.step_model, run.batches, run.eval_iters, run.process.autocast)
-    val_loss, improved = run.evaluated(losses)  # every rank's mean, on its line
+    train_loss, val_loss = run.process.mean([losses["train"], losses["val"]])  # every rank's
+    improved = state.step > 0 and val_loss < state.best_val_loss  # the baseline never is
+    run.evaluated(train_loss, val_loss, improved)  # its line and history row
     if state.step:  # the baseline, before any step, keeps nothing
         state.best_val_loss = min(val_loss, state.best_val_loss)
         state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1

@@ -289,12 +289,10 @@ class Run:
 
     # ---------------------------------------------------------------------- evaluations, saves
 
-    def evaluated(self, losses):
-        """An evaluation's losses of this rank, {"train": ..., "val": ...}, as every rank's mean,
-        with the stage's own figures: its line and history row. Returns (the val loss, whether it
-        is the lowest yet: the baseline, before any step, never is)."""
+    def evaluated(self, train_loss, val_loss, improved):
+        """An evaluation's line and history row: every rank's mean losses, a stage's own figures,
+        and whether val is the lowest yet."""
         state = self.state
-        train_loss, val_loss = self.process.mean([losses["train"], losses["val"]])
         own = self.stage.evaluate() if self.stage.evaluate else {}  # a stage's own figures
         state.last_eval_step = state.step
         row = dict(kind="eval", step=state.step, train_loss=train_loss, val_loss=val_loss, **own)
@@ -308,9 +306,7 @@ class Run:
             line += f" ({bits_per_char(val_loss, self.corpus.chars_per_token):.3f} bits/char)"
             if baseline:
                 line += f" | uniform baseline ln(V) = {math.log(self.model.config.vocab_size):.4f}"
-        improved = val_loss < state.best_val_loss and not baseline
         self.say(line + (" | new best" if improved else ""))
-        return val_loss, improved
 
     def evaluation_done(self, started):
         """history.csv and loss.png drawn again; the evaluation's seconds, saves included, kept
