@@ -39,7 +39,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.layer = layer  # where this block's keys and values sit in the KV cache
         self.dropout = config.dropout
-        self.kept = None  # a list: attention as the formula reads, each call's weights kept
+        self.fused = True  # torch's fused kernel; False: the formula as written (attention_weights)
+        self.kept = None  # a list: each call's weights kept, by the formula (tools/pictures.py)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -69,10 +70,11 @@ class CausalSelfAttention(nn.Module):
         """softmax(q k^T / sqrt(hs) + mask) v: each query's weights over the keys sum to 1, the
         future's are 0. q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal
         triangle."""
-        if self.kept is None:  # the fused kernel: faster, the same numbers
+        if self.fused and self.kept is None:  # the fused kernel: faster, the same numbers
             return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         weights = self.attention_weights(q, k, mask)  # (B, nh, T, S)
-        self.kept.append(weights)
+        if self.kept is not None:
+            self.kept.append(weights)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
     def attention_weights(self, q, k, mask):
