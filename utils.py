@@ -40,7 +40,7 @@ class Corpus:
 
 
 def make_corpus(text, tokenizer, answers_only=True):
-    """text split 90/10 and tokenized; with answers_only, a conversation's targets its answers."""
+    """text split 90/10 and tokenized; with answers_only, a chat's answers are its targets."""
     ids = [torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in split_train_val(text)]
     targets = [answer_targets(i, tokenizer) if answers_only else None for i in ids]
     return Corpus(tokenizer, *ids, chars_per_token(tokenizer, ids[1].tolist()), *targets)

@@ -264,18 +264,19 @@ def check_processes(device, cfg):
         )
 
 
-def setup_process(device):
-    """This Process, in its group under torchrun (check_processes passed). A process joins its group
-    once, however many runs it trains (tools.ablation)."""
-    if "RANK" not in os.environ:
-        return Process(0, 1, device)
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    if device.type != "cuda":
-        if not dist.is_initialized():
+def setup_process(device, dtype="float32"):
+    """This Process, in its group under torchrun (check_processes passed), training in --dtype's
+    precision on its device (resolve_dtype). A process joins its group once, however many runs it
+    trains (tools.ablation)."""
+    rank = 0
+    world = 1
+    if "RANK" in os.environ:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{local_rank}")
+            torch.cuda.set_device(device)
+        if not dist.is_initialized() and device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        elif not dist.is_initialized():
             dist.init_process_group("gloo")
-        return Process(rank, world, device)
-    device = torch.device(f"cuda:{local_rank}")
-    torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", device_id=device)
-    return Process(rank, world, device)
+    return Process(rank, world, device, *resolve_dtype(dtype, device))

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -61,9 +61,7 @@ def restore(settings, optimizer, process):
 
 def start_process(settings):
     """This process (its rank under torchrun), its precision, its CPU threads, and the seed."""
-    process = devices.setup_process(settings.device)
-    dtype, why = devices.resolve_dtype(settings.cfg.dtype, process.device)
-    process = replace(process, dtype=dtype, why=why)
+    process = devices.setup_process(settings.device, settings.cfg.dtype)
     devices.set_threads(settings.cfg.threads)
     devices.seed_everything(settings.cfg.seed)  # the same initial weights on every rank
     return process
