@@ -133,12 +133,11 @@ def make_optimizer(model, cfg, device, dtype="float32"):
 
 
 def get_lr(step, max_steps, cfg):
-    """The learning rate of a step: a linear warmup up to cfg.lr over warmup_steps steps, then a
-    decay from lr to min_lr as the run's progress goes from 0 (the warmup's end) to 1 at step
-    max_steps, where the run ends (TrainState): the last step, max_steps - 1, is a step short of
-    it, as in nanoGPT. A new shape is a choice of lr_schedule in config.py and a formula here.
-    min_lr may be 0 (the five-minute presets end there): a shape that takes the ratio of min_lr
-    to lr, or its log, needs a floor of its own above 0."""
+    """The learning rate of a step: a linear warmup to cfg.lr over warmup_steps steps, then a decay
+    to min_lr as the progress goes from 0 (the warmup's end) to 1 at step max_steps, where the run
+    ends: its last step, max_steps - 1, is a step short of it, as in nanoGPT. A new shape: a choice
+    of lr_schedule in config.py, a formula here, a row of SCHEDULE_POINTS in tests/test_train.py.
+    min_lr may be 0 (the five-minute presets): a shape that divides by it needs a floor above 0."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
@@ -153,13 +152,12 @@ def get_lr(step, max_steps, cfg):
 
 
 def train_step(model, optimizer, next_batch, lr, cfg, process):
-    """One optimizer step; returns its figures. A new figure is a new entry in that dict, one
-    number a step, and it reaches the progress lines and history.csv. Figures stay tensors here:
-    reading one would make a GPU wait, so the loop reads them at the next progress line.
-    model is a Stage's wrapper(x, y) -> (logits, loss), maybe wrapped by DDP or torch.compile. Its
-    logits are the GPT's in every stage, so a figure of them works in every stage. tokens
-    counts the tokens read; the progress line shows it as tok/s. process gives the forward
-    pass's precision (autocast) and float16's loss scaler (in another dtype it does nothing)."""
+    """One optimizer step; returns its figures. A new figure is an entry in that dict, one number
+    a step: it reaches the progress lines and history.csv (its test: beside test_the_step_clips...
+    in tests/test_train.py). Figures stay tensors: reading one makes a GPU wait, so the loop reads
+    them at the next progress line. model is a Stage's wrapper(x, y) -> (logits, loss), maybe
+    wrapped by DDP or torch.compile; its logits are the GPT's in every stage. tokens counts the
+    tokens read (tok/s). process gives the precision (autocast) and float16's loss scaler."""
     scaler = process.scaler
     for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
         group["lr"] = lr * group.get("lr_scale", 1.0)
