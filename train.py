@@ -84,14 +84,18 @@ def saved_model(settings, corpus):
 
 
 def corpus_batches(settings, corpus, model, process):
-    """{"train": ..., "val": ...}, each a function that returns a batch (x, y) of random
-    windows of the corpus: this process's share of batch_size."""
+    """{"train": ..., "val": ...}, each () -> a batch (x, y) of random windows of the corpus."""
     cfg = settings.cfg
     block_size = model.config.block_size
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
         sources.check_long_enough(ids, block_size, name, cfg.data)
-    micro_batch = cfg.batch_size // process.world // cfg.grad_accum_steps
-    return make_batches(corpus, block_size, micro_batch, cfg.data_fraction, process.device)
+    size = micro_batch(cfg, process)
+    return make_batches(corpus, block_size, size, cfg.data_fraction, process.device)
+
+
+def micro_batch(cfg, process):
+    """This process's share of a step's batch_size: each rank's, each micro-batch's."""
+    return cfg.batch_size // process.world // cfg.grad_accum_steps
 
 
 # ------------------------------------------------------------------ the optimizer, the schedule

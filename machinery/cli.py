@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from config import TinyLLMError
+from config import TinyLLMError, require
 
 
 def log(*args):
@@ -44,8 +44,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def check_writable(path, flag, make_folder=False):
     """Before long work: path can be written (make_folder: its folder made, as a save would)."""
-    if os.path.isdir(path):
-        raise TinyLLMError(f"{flag} {path} is a folder")
+    require(not os.path.isdir(path), f"{flag} {path} is a folder")
     existed = os.path.exists(path)
     try:
         if make_folder:

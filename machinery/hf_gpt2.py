@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from config import GPTConfig, TinyLLMError
+from config import GPTConfig, TinyLLMError, require
 from machinery import checkpoint, cli
 from model import GPT
 
@@ -35,8 +35,7 @@ def hf_names(model):
 
 def config_from_hf(hf, name):
     """Our GPTConfig of a Hugging Face config, refused where our model cannot be that one."""
-    if hf.model_type != "gpt2":
-        raise TinyLLMError(f"{name} is not a GPT-2: its model_type is {hf.model_type!r}")
+    require(hf.model_type == "gpt2", f"{name} is not a GPT-2: its model_type is {hf.model_type!r}")
     problems = []
     if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         problems.append(f"activation_function {hf.activation_function!r} (ours is the tanh GELU)")
@@ -56,8 +55,7 @@ def config_from_hf(hf, name):
 def load_gpt2(name):
     """Our GPT (eval mode, float32) with GPT-2's weights from the Hub or a save_pretrained dir."""
     a_path = os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
-    if a_path and not os.path.isdir(name):  # a typo, not a Hub name
-        raise TinyLLMError(f"GPT-2 folder {name} not found")
+    require(not a_path or os.path.isdir(name), f"GPT-2 folder {name} not found")  # not a Hub name
     try:
         import transformers
     except ImportError:
