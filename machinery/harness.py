@@ -72,13 +72,14 @@ def out_of_memory():
     return devices.out_of_memory_as_error(hint)
 
 
-def compile_first(model, step_model, batch, process):
+def compile_first(model, step_model, next_batch, process):
     """Run --compile's first forward and backward now, so that a missing compiler is one error
-    line before anything is written. No trace is left: no gradient, every generator as it was."""
+    line before anything is written. No trace is left: no gradient, every generator as it was
+    (the batch's draw too: a resumed run draws the batches of one that went straight on)."""
     rngs = checkpoint.rng_state()
     try:
         with process.autocast:
-            process.scaler.scale(step_model(*batch)[1]).backward()
+            process.scaler.scale(step_model(*next_batch())[1]).backward()
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
@@ -121,7 +122,7 @@ class Run:
         stepped = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
         self.step_model = process.wrap(stepped)
         if cfg.compile:
-            compile_first(stage.model, self.step_model, self.batches["train"](), process)
+            compile_first(stage.model, self.step_model, self.batches["train"], process)
         if settings.options.overwrite and self.writes_files and not last and self.master:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
         if not cfg.time_budget and cfg.max_steps <= cfg.warmup_steps and self.master:

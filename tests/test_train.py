@@ -134,7 +134,12 @@ def test_compiles_first_step_leaves_the_weights_the_optimizer_and_every_generato
     batch = batches(1)[0]
     train.train_step(model, optimizer, lambda: batch, 1e-3, TrainConfig(), FLOAT32)  # moments
     before = (weights(model), copy.deepcopy(optimizer.state_dict()), checkpoint.rng_state())
-    harness.compile_first(model, model, batch, FLOAT32)  # as fit runs it, model compiled
+
+    def next_batch():  # draws from torch's generator, as a run's batches do
+        ids = torch.randint(0, 65, (8, 17))
+        return ids[:, :-1], ids[:, 1:]
+
+    harness.compile_first(model, model, next_batch, FLOAT32)  # as fit runs it, model compiled
     after = (weights(model), optimizer.state_dict(), checkpoint.rng_state())
     assert same_weights(before[0], after[0])
     assert same_state(before[1], after[1]) and same_state(before[2], after[2])
