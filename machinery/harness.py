@@ -73,9 +73,8 @@ def out_of_memory():
 
 
 def compile_first(model, step_model, next_batch, process):
-    """Run --compile's first forward and backward now, so that a missing compiler is one error
-    line before anything is written. No trace is left: no gradient, every generator as it was
-    (the batch's draw too: a resumed run draws the batches of one that went straight on)."""
+    """--compile's first forward and backward, now: a missing compiler is one error line before
+    anything is written. It leaves no trace: no gradient, each generator as it was, its draw too."""
     rngs = checkpoint.rng_state()
     try:
         with process.autocast:
@@ -114,6 +113,9 @@ class Run:
         if process.world > 1 and len(last.get("rngs", [])) != process.world:  # a rank's own draws
             step = self.state.step
             devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * step) % 2**32)
+        if settings.saved:  # its weights and moments are in place: a second copy would hold memory
+            settings.saved.pop("model", None)
+            settings.saved.pop("optimizer", None)
         if settings.options.overfit_batch:  # a sanity check: every step trains on one batch
             fixed = self.batches["train"]()
             self.batches["train"] = lambda: fixed

@@ -4,11 +4,13 @@ a time budget."""
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
 import pickle
 import signal
+import weakref
 
 import pytest
 import torch
@@ -29,6 +31,7 @@ from conftest import (
     weights,
 )
 
+import finetune
 import generate
 import train
 import utils
@@ -998,3 +1001,22 @@ def test_max_steps_turns_a_presets_budget_off():
         and not cfg.time_budget
         and build_configs({}, PRESETS["tiny"])[1].time_budget
     )
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_holds_no_copy_of_the_weights_it_started_from(trained, tmp_path, resume):
+    # --init_from, or --resume: the checkpoint read at the start is not kept beside the model
+    from config import Settings
+
+    path, data = trained
+    options = RunOptions(init_from=path)
+    if resume:
+        train_run(tiny_model(), tiny_run(data, tmp_path, max_steps=4), options, stage="finetune")
+        options = RunOptions(resume=True)
+    cfg = tiny_run(data, tmp_path, max_steps=8)
+    asked = Settings(tiny_model(), cfg, options, "finetune", "custom", torch.device("cpu"))
+    settings = settle.settle_run(asked, {})
+    started_from = weakref.ref(settings.saved["model"]["wte.weight"])
+    finetune.finetune(settings)
+    gc.collect()
+    assert started_from() is None
