@@ -67,7 +67,7 @@ def dpo(settings):
         loss=f"DPO's, -log sigmoid({cfg.dpo_beta:g} x margin), of each pair",
         evaluation="DPO's loss of each split; the held-out pairs' mean margin, and the share "
         "the policy prefers (held_out_acc)",
-        evaluate=lambda: held_out(preferring, pairs["val"], process.device),
+        figures=lambda: held_out(preferring, pairs["val"], process.device),
         batch="pairs, each a chosen and a rejected answer padded to the longest of the batch",
         entries={"reference": path},
     )

@@ -220,7 +220,7 @@ class Stage:
     wrapper: torch.nn.Module = None  # what a step calls; None: the GPT itself
     loss: str = "cross-entropy of each next token"  # what it is, on the opening lines
     evaluation: str = "the mean loss of each split, in eval mode"
-    evaluate: object = None  # () -> {name: number}: its own evaluation figures, for bits/char
+    figures: object = None  # () -> {name: number}: its own figures at an evaluation, for bits/char
     batch: str = ""  # what its batch holds, if no windows of the corpus
     entries: dict = field(default_factory=dict)  # what its checkpoints add: {name: value}
 

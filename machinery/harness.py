@@ -294,7 +294,7 @@ class Run:
         """An evaluation's line and history row: every rank's mean losses, a stage's own figures,
         and whether val is the lowest yet."""
         state = self.state
-        own = self.stage.evaluate() if self.stage.evaluate else {}  # a stage's own figures
+        own = self.stage.figures() if self.stage.figures else {}  # a stage's own figures
         state.last_eval_step = state.step
         row = dict(kind="eval", step=state.step, train_loss=train_loss, val_loss=val_loss, **own)
         state.history.append(row | dict(lr=state.lr, seconds=self.elapsed()))
