@@ -325,5 +325,6 @@ ALIASES = {"lr": ("--lr-max", "--lr_max"), "warmup_steps": ("--warmup",)}
 
 def yes_or_no(text):
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        where = ": a run's folder is --out_dir" if text.endswith(".pt") else ""  # --resume PATH
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}{where}")
     return text.lower() in ("1", "true", "yes", "on")

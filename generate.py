@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config
+from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config, require
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Annotator, Printer, model_odds
 from sampling import Context, beam_search, token_stream, until_stop
@@ -92,8 +92,7 @@ def main(argv=None):
     cfg = make_config(GenerateConfig, flags)
     sampler = make_config(SamplerConfig, flags)
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]
-    if cfg.beam and drawn:
-        raise TinyLLMError(f"beam search draws nothing: drop {', '.join(drawn)}")
+    require(not (cfg.beam and drawn), f"beam search draws nothing: drop {', '.join(drawn)}")
     device = devices.use(cfg.device, cfg.threads)
     prompt = cfg.prompt
     if cfg.prompt_file:

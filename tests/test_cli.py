@@ -66,6 +66,7 @@ def folder_bytes(folder):
         (["--no_such_flag", "1"], "--no_such_flag"),
         (["--norm", "bogus"], "norm"),
         (["--plots", "maybe"], "--plots"),
+        (["--resume", "checkpoints/last.pt"], "--out_dir"),  # it continues OUT_DIR/last.pt
         (["--grad_accum_steps", "3"], "grad_accum_steps"),  # batch 8
     ],
 )
