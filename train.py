@@ -273,12 +273,14 @@ def loop(run):
     with run:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
         while True:
             run.plan()  # a --time_budget sets max_steps: the steps that fit in the time left
-            if run.evaluation_due():
+            at_end = state.step >= state.max_steps
+            periodic = state.step % cfg.eval_interval == 0 and run.room_to_evaluate()
+            if (at_end or periodic) and state.step != state.last_eval_step:  # never twice a step
                 evaluate(run)
                 continue  # it took time: plan again
             if run.signalled():  # Ctrl-C or SIGTERM, on any rank
                 break
-            if state.step >= state.max_steps or run.stop_reason:  # the end, or an early stop
+            if at_end or run.stop_reason:  # the end, or an early stop
                 break
             state.lr = get_lr(state.step, state.max_steps, cfg)
             batch = run.batches["train"]

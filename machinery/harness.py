@@ -228,14 +228,10 @@ class Run:
             planned = min(state.max_steps, state.step + 1)
         state.max_steps = max(cfg.warmup_steps + 1, planned)
 
-    def evaluation_due(self):
-        """Whether to evaluate now: every eval_interval steps and at the end, never twice at one
-        step (a resume starts at its last one). Under a time budget, only if time is left for
-        steps after it."""
-        state = self.state
-        room = self.left is None or self.left > state.eval_seconds
-        due = state.step >= state.max_steps or (state.step % self.cfg.eval_interval == 0 and room)
-        return due and state.step != state.last_eval_step
+    def room_to_evaluate(self):
+        """Whether time is left for steps after an evaluation as long as the last one: under a time
+        budget, a periodic evaluation needs it (the last one does not)."""
+        return self.left is None or self.left > self.state.eval_seconds
 
     def signalled(self):
         """Whether Ctrl-C or SIGTERM reached any rank: then the run saves and exits. Under DDP
