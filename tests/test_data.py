@@ -196,6 +196,8 @@ def test_crlf_and_lf_give_the_same_tokens_and_split_in_memory_and_prepared(tmp_p
             assert same, (name, split)
     meta = json.loads((tmp_path / "bom_crlf" / "meta.json").read_text())
     assert meta["tokenizer"] == lf.tokenizer.to_dict()
+    prepared = load_prepared(str(tmp_path / "lf"))  # the same split as in memory, non-ASCII too
+    assert prepared.val.tolist() == lf.val.tolist() and prepared.train.tolist() == lf.train.tolist()
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])

@@ -19,14 +19,14 @@ from tokenizer import learn
 from utils import text_length, whole_special
 
 
-def pieces(cfg, total_bytes):
-    """(training part, validation part) of each piece of the source: the bytes before 90% train."""
+def pieces(cfg, total_chars):
+    """(training part, validation part) of each piece of the source: its first 90% of characters
+    train, cut where train.py cuts the text in memory (utils.split_train_val)."""
     seen = 0
     for text in iter_documents(cfg.data, cfg.clean, cfg.data_ext):
-        data = text.encode("utf-8")
-        train_bytes = max(0, int(total_bytes * TRAIN_FRACTION - seen))
-        cut = whole_special(text, len(data[:train_bytes].decode("utf-8", "ignore")))
-        seen += len(data)
+        train_chars = min(len(text), max(0, int(total_chars * TRAIN_FRACTION) - seen))
+        cut = whole_special(text, train_chars)
+        seen += len(text)
         yield text[:cut], text[cut:]
 
 
@@ -36,8 +36,8 @@ def prepare(cfg, out, vocab_size, sample_mb):
     cli.check_writable(os.path.join(out, "meta.json"), "--out", make_folder=True)
     learn(cfg.tokenizer, "", vocab_size)  # early: a size BPE cannot have, no GPT-2 files
     cli.log(f"measuring {cfg.data} ...")  # as read: CRLF and LF files cut at the same text
-    total_bytes = sum(len(t.encode()) for t in iter_documents(cfg.data, cfg.clean, cfg.data_ext))
-    if total_bytes == 0:
+    total_chars = sum(len(t) for t in iter_documents(cfg.data, cfg.clean, cfg.data_ext))
+    if total_chars == 0:
         raise TinyLLMError(f"input {cfg.data} is empty")
     t0 = time.perf_counter()
     if cfg.tokenizer == "char":  # every character of the source, and the special tokens it holds
@@ -49,7 +49,7 @@ def prepare(cfg, out, vocab_size, sample_mb):
     else:  # the first sample_mb of the training part: the validation text stays unseen
         parts = []
         size = 0
-        for train_part, val_part in pieces(cfg, total_bytes):
+        for train_part, val_part in pieces(cfg, total_chars):
             parts.append(train_part)
             size += len(train_part)
             if size >= sample_mb * 2**20 or val_part:
@@ -58,7 +58,7 @@ def prepare(cfg, out, vocab_size, sample_mb):
     tokenizer = learn(cfg.tokenizer, text, vocab_size, verbose=True)
     cli.log(f"tokenizer: {tokenizer.vocab_size:,} tokens ({time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_bytes)
+    counts, val_chars = write_splits(cfg, tokenizer, dtype, out, total_chars)
     meta = dict(
         source=os.path.abspath(cfg.data),
         tokenizer=tokenizer.to_dict(),
@@ -83,30 +83,30 @@ def prepare(cfg, out, vocab_size, sample_mb):
     return meta
 
 
-def write_splits(cfg, tokenizer, dtype, out, total_bytes):
+def write_splits(cfg, tokenizer, dtype, out, total_chars):
     """The source tokenized into train.bin.tmp and val.bin.tmp (gone on failure), with progress."""
     paths = [os.path.join(out, f"{name}.bin.tmp") for name in ("train", "val")]
     counts = [0, 0]  # tokens written to each split
     val_chars = 0
-    seen = 0  # bytes of the source read
+    seen = 0  # characters of the source read
     t0 = time.perf_counter()
     shown = t0  # when progress was last shown
     try:
         with open(paths[0], "wb") as train_file, open(paths[1], "wb") as val_file:
-            for parts in pieces(cfg, total_bytes):
+            for parts in pieces(cfg, total_chars):
                 for i, (part, file) in enumerate(zip(parts, (train_file, val_file))):
                     ids = np.asarray(tokenizer.encode(part), dtype=dtype)
                     ids.tofile(file)
                     counts[i] += len(ids)
-                    seen += len(part.encode("utf-8"))
+                    seen += len(part)
                 val_chars += text_length(parts[1], tokenizer.special_tokens)
                 if time.perf_counter() - shown > 2:
                     shown = time.perf_counter()
                     rate = seen / (time.perf_counter() - t0)
-                    eta = cli.format_seconds(max(0, total_bytes - seen) / rate)
+                    eta = cli.format_seconds(max(0, total_chars - seen) / rate)
                     cli.log(
-                        f"prepare {seen / 2**20:,.1f}/{total_bytes / 2**20:,.1f} MB | "
-                        f"{sum(counts):,} tokens | {rate / 2**20:.1f} MB/s | ETA {eta}"
+                        f"prepare {seen / 1e6:,.1f}/{total_chars / 1e6:,.1f}M characters | "
+                        f"{sum(counts):,} tokens | {rate / 1e6:.1f}M characters/s | ETA {eta}"
                     )
         if 0 in counts:
             raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
