@@ -184,8 +184,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def embed(self, idx, start=0):
-        """(x, rope): the tokens of idx (B, T) embedded with their positions from start, (B, T, C),
-        and RoPE's angles of those positions, each (T, hs/2), or None."""
+        """Embed the tokens of idx (B, T), at positions start, start + 1, ...: x (B, T, C). A table
+        or sinusoids add the positions to x; RoPE returns their angles instead, each (T, hs/2)."""
         positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = self.wte(idx)  # (B, T, C)
         rope = None

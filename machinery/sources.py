@@ -145,8 +145,9 @@ def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
 
 
 def check_known(tokenizer, text, path, grow=False):
-    """(tokenizer, old_ids): the characters and chat tokens text holds that the tokenizer lacks
-    refused, or if grow, added (tokenizer.grown); old_ids None where none lacks."""
+    """Check that the tokenizer knows every character and chat token of text. What it lacks is
+    refused, or with grow added (tokenizer.grown). Returns the tokenizer and old_ids: each token's
+    id before, None for a new one; old_ids is None when nothing was added."""
     special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
     chars = tokenizer.unknown_chars("".join(ordinary(text, special)))
     if not (chars or special):
