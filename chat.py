@@ -8,7 +8,7 @@ computes only its new tokens. Past block_size, the context restarts from its new
 
 import torch
 
-from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config
+from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Printer
 from sampling import Context, token_stream
@@ -37,9 +37,9 @@ def main(argv=None):
     parser.add_argument(
         "checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s"
     )
-    add_flags(parser, SamplerConfig, title="how each token is drawn")
+    cli.add_flags(parser, SamplerConfig, title="how each token is drawn")
     names = ("seed", "max_new_tokens", "device", "threads")
-    add_flags(parser, GenerateConfig, names=names, title="chat")
+    cli.add_flags(parser, GenerateConfig, names=names, title="chat")
     flags = vars(parser.parse_args(argv))
     sampler = make_config(SamplerConfig, flags)
     cfg = make_config(GenerateConfig, {"max_new_tokens": 300} | flags)

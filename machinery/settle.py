@@ -14,7 +14,6 @@ from config import (
     Settings,
     TinyLLMError,
     TrainConfig,
-    add_flags,
     build_configs,
     make_config,
     require,
@@ -36,11 +35,11 @@ def flags(argv=None, stage="train", doc=""):
     defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
     shared = [f.name for f in fields(TrainConfig) if not f.metadata["stages"]]
     own = [f.name for f in fields(TrainConfig) if stage in f.metadata["stages"]]
-    add_flags(parser, RunOptions, defaults, title="what to do")
-    add_flags(parser, GPTConfig, defaults, title="model")
-    add_flags(parser, TrainConfig, defaults, shared, title="training")
+    cli.add_flags(parser, RunOptions, defaults, title="what to do")
+    cli.add_flags(parser, GPTConfig, defaults, title="model")
+    cli.add_flags(parser, TrainConfig, defaults, shared, title="training")
     if own:
-        add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
+        cli.add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
     return vars(parser.parse_args(argv))
 
 

@@ -24,7 +24,6 @@ from config import (
     RunOptions,
     TinyLLMError,
     TrainConfig,
-    add_flags,
     build_configs,
     check,
     make_config,
@@ -514,7 +513,7 @@ def test_a_number_setting_may_be_unset_where_its_help_says_so():
     with pytest.raises(TinyLLMError, match="min_p"):
         Settings(min_p=0.0)
     parser = machinery_cli.ArgumentParser()
-    add_flags(parser, Settings)
+    machinery_cli.add_flags(parser, Settings)
     assert vars(parser.parse_args([])) == {}
     assert vars(parser.parse_args(["--min_p", "0.05"])) == {"min_p": 0.05}
     assert "(default: none)" in parser.format_help()
