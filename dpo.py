@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from config import ASSISTANT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
+from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
 from lora import adapted, merge
 from machinery import checkpoint, cli, harness, sources
 from model import lm_loss
@@ -32,8 +32,8 @@ from utils import answer_targets, make_corpus
 
 
 def dpo(settings):
-    """train.py's fit on batches of pairs, whose steps call Preferring. The share of held-out
-    questions answered in character is printed before the run and after it."""
+    """train.py's fit on batches of pairs, whose steps call Preferring. Pairs whose chosen answers
+    are in character (the bundled ones) print the share of held-out answers so, before and after."""
     cfg = settings.cfg
     process = harness.start_process(settings)
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)
@@ -53,9 +53,11 @@ def dpo(settings):
     reference = merge(checkpoint.model_of(saved, path)).to(process.device)
     held = f"{len(pairs['train'])} pairs to train, {len(pairs['val'])} held out"
     cli.log(f"preference tuning against {path}: {held}, beta {cfg.dpo_beta:g}")
-    questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in texts[len(pairs["train"]) :]]
+    voiced = all(in_character(a.split(ASSISTANT)[-1].removesuffix(EOT)) for a, _ in texts)
+    held_out_texts = texts[len(pairs["train"]) :] if voiced else []  # other pairs: no measure
+    questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in held_out_texts]
     prompts = [tokenizer.encode(question) for question in questions]
-    if not settings.resumed:  # a resume's first lines said them
+    if prompts and not settings.resumed:  # a resume's first lines said them
         before = in_character_shares(reference, prompts, tokenizer)
         cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
     preferring = Preferring(model, reference, cfg.dpo_beta)
@@ -72,6 +74,8 @@ def dpo(settings):
         entries={"reference": path},
     )
     summary = train.fit(settings, process, corpus, stage)
+    if not prompts:
+        return summary
     after = in_character_shares(model, prompts, tokenizer)
     cli.log(" | ".join(f"{name} {share:.3g} after" for name, share in after.items()))
     return summary | after

@@ -73,9 +73,8 @@ def make_model(settings, corpus):
 
 
 def saved_model(settings, corpus):
-    """The model a run starts from, with an embedding row for each token the corpus added.
-    Also returns rows: for each row, its row in the saved model (None where it is new), or None
-    when the corpus added no token. LoRA needs rows to save its adapter."""
+    """The model a run starts from, with an embedding row for each token the corpus added; and
+    rows, each row's row in the saved model (None: new), or None if none was added (for LoRA)."""
     model = checkpoint.model_of(settings.saved, settings.path)
     rows = None
     if corpus.old_ids:

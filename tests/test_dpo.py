@@ -143,6 +143,22 @@ def test_a_stages_figures_are_no_step_the_pace_leaves_them_out(
     assert paces == pytest.approx([10.0] * 3)
 
 
+def test_pairs_whose_chosen_answers_are_not_in_character_get_no_in_character_measure(
+    chat_checkpoint, tmp_path
+):
+    pairs = tmp_path / "pairs.jsonl"  # the bundled prompts; answers of today, polite or not
+    with open(PAIRS, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f][:10]
+    with open(pairs, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(dict(r, chosen="Sure, happy to help.", rejected="no")) + "\n")
+    cfg = tiny_run(pairs, tmp_path / "run", max_steps=2)
+    summary = train_run(
+        tiny_model(block_size=128), cfg, RunOptions(init_from=chat_checkpoint), stage="dpo"
+    )
+    assert summary["step"] == 2 and "in_character" not in summary
+
+
 # prompts a model learns to answer in both registers, today's three times as often
 REGISTERS = [
     ("Who are you?", "My lord, a poor player.", "just a bot lol"),
