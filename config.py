@@ -103,7 +103,7 @@ class TrainConfig:
     time_budget: str = setting("", "train this long instead: 5m, 300s, 1h30m", resume=True)
     lr: float = setting(2e-3, "peak learning rate", above=0)
     min_lr: float = setting(2e-4, "the LR the decay schedules end at", at_least=0)
-    warmup_steps: int = setting(100, "linear warmup steps to lr", at_least=0)
+    warmup_steps: int = setting(100, "warmup steps to lr (a fine-tune's: max_steps/10)", at_least=0)
     lr_schedule: str = setting("cosine", "the decay from lr to min_lr", ("cosine", "linear"))
     weight_decay: float = setting(0.1, "decay of AdamW's matrices (Muon's: none)", at_least=0)
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))
@@ -175,7 +175,7 @@ class Settings:
     stage: str
     preset: str
     device: object  # a torch.device
-    saved: dict = None
+    saved: dict = None  # its weights and optimizer state go once in place (harness.Run)
     path: str = ""
     resumed: bool = False
     started: float = 0.0  # when its time began, in perf_counter seconds: a time budget's start
