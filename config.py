@@ -103,7 +103,7 @@ class TrainConfig:
     time_budget: str = setting("", "train this long instead: 5m, 300s, 1h30m", resume=True)
     lr: float = setting(2e-3, "peak learning rate", above=0)
     min_lr: float = setting(2e-4, "the decay's floor: cosine and linear end there", at_least=0)
-    warmup_steps: int = setting(100, "warmup steps to lr (a fine-tune's: max_steps/10)", at_least=0)
+    warmup_steps: int = setting(100, "warmup steps (--init_from, --max_steps N: N/10)", at_least=0)
     lr_schedule: str = setting("cosine", "the decay from lr to min_lr", ("cosine", "linear"))
     weight_decay: float = setting(0.1, "decay of AdamW's matrices (Muon's: none)", at_least=0)
     optimizer: str = setting("adamw", "AdamW, or Muon for the blocks' matrices", ("adamw", "muon"))

@@ -5,14 +5,14 @@
     python dpo.py --init_from checkpoints/chat/last.pt --data data/preferences.jsonl --tag dpo \
         --max_steps 150 --lr 3e-5 --dpo_beta 0.5
 
-A pair is a prompt, a chosen answer and a rejected one (a line of {"prompt", "chosen",
-"rejected"}). The policy, the model being tuned, learns to prefer each pair's chosen answer to its
-rejected one by more than a frozen copy of itself, its reference, does: no reward model, and the
-reference keeps the policy near what it knew. The loss counts the answers' tokens alone. Each
-evaluation gives DPO's loss, the held-out pairs' mean margin and the share the policy prefers.
-Before and after, the share of held-out prompts it answers in the voice of the plays (the
-bundled pairs' chosen answers; in_character, below). --lora_rank R tunes LoRA adapters instead
-(lora.py). The rest is train.py's run: its loop (fit), its checkpoints, its --resume.
+A pair is a prompt, a chosen answer and a rejected one (a line of {"prompt", "chosen", "rejected"}).
+The policy, the model being tuned, learns to prefer each pair's chosen answer to its rejected one by
+more than a frozen copy of itself, its reference, does: no reward model, and the reference keeps the
+policy near what it knew. The loss counts the answers' tokens alone. Each evaluation gives DPO's
+loss, the held-out pairs' mean margin and the share the policy prefers. Pairs whose chosen answers
+are in the voice of the plays, as the bundled ones are, also get the share of held-out prompts
+answered in that voice, before and after (in_character, below). --lora_rank R tunes LoRA adapters
+instead (lora.py). The rest is train.py's run: its loop (fit), its checkpoints, its --resume.
 """
 
 import os

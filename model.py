@@ -33,7 +33,7 @@ class CausalSelfAttention(nn.Module):
     """Every position makes a query, a key and a value; each head takes the softmax-weighted mean
     of the values of the positions up to its own. The heads, side by side, are projected back.
     Other files read its shapes and layers: docs/changing.md ("A model variant") names them. A
-    variant is a field of config.GPTConfig, with an example in EXAMPLES (tests/test_model.py)."""
+    variant is a field of config.GPTConfig; a number needs an example in tests/test_model.py."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -184,8 +184,8 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def embed(self, idx, start=0):
-        """Embed the tokens of idx (B, T), at positions start, start + 1, ...: x (B, T, C). A table
-        or sinusoids add the positions to x; RoPE returns their angles instead, each (T, hs/2)."""
+        """Returns (x, rope): the tokens of idx (B, T) embedded, x (B, T, C), at positions start,
+        start + 1, ... A table or sinusoids add them to x; RoPE's angles are rope (else None)."""
         positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = self.wte(idx)  # (B, T, C)
         rope = None

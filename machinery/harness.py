@@ -113,7 +113,7 @@ class Run:
         if process.world > 1 and len(last.get("rngs", [])) != process.world:  # a rank's own draws
             step = self.state.step
             devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * step) % 2**32)
-        if settings.saved:  # its weights and moments are in place: a second copy would hold memory
+        if settings.saved:  # in place now, or unused (--init_from's moments): the run holds no copy
             settings.saved.pop("model", None)
             settings.saved.pop("optimizer", None)
         if settings.options.overfit_batch:  # a sanity check: every step trains on one batch

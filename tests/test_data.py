@@ -200,6 +200,21 @@ def test_crlf_and_lf_give_the_same_tokens_and_split_in_memory_and_prepared(tmp_p
     assert prepared.val.tolist() == lf.val.tolist() and prepared.train.tolist() == lf.train.tolist()
 
 
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_a_folder_of_non_ascii_files_splits_as_in_memory_when_prepared(tmp_path, capsys, tokenizer):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):  # the cut falls in the last file, after two of other lengths
+        text = UNICODE * (i + 1) + corpus_head(1500 * (i + 1))
+        (folder / f"{i}.txt").write_text(text, encoding="utf-8")
+    in_memory = corpus(folder, tokenizer=tokenizer)
+    flags = ("--tokenizer", tokenizer, "--vocab_size", 300)
+    assert prepare_cli(capsys, folder, tmp_path / "out", *flags)[0] == 0
+    prepared = load_prepared(str(tmp_path / "out"))
+    assert prepared.train.tolist() == in_memory.train.tolist()
+    assert prepared.val.tolist() == in_memory.val.tolist()
+
+
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_extend_grows_a_tokenizer_by_new_characters_and_chat_tokens_keeping_old_ids(tmp_path, kind):
     (tmp_path / "a.txt").write_text(corpus_head(3000))

@@ -144,8 +144,12 @@ def test_a_stages_figures_are_no_step_the_pace_leaves_them_out(
 
 
 def test_pairs_whose_chosen_answers_are_not_in_character_get_no_in_character_measure(
-    chat_checkpoint, tmp_path
+    chat_checkpoint, tmp_path, monkeypatch
 ):
+    def never(*args):  # no held-out prompt is sampled for a measure that does not apply
+        raise AssertionError("the in-character measure was sampled")
+
+    monkeypatch.setattr(dpo, "in_character_shares", never)
     pairs = tmp_path / "pairs.jsonl"  # the bundled prompts; answers of today, polite or not
     with open(PAIRS, encoding="utf-8") as f:
         records = [json.loads(line) for line in f][:10]

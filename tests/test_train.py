@@ -1006,17 +1006,16 @@ def test_max_steps_turns_a_presets_budget_off():
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_run_holds_no_copy_of_the_weights_it_started_from(trained, tmp_path, resume):
     # --init_from, or --resume: the checkpoint read at the start is not kept beside the model
-    from config import Settings
-
     path, data = trained
     options = RunOptions(init_from=path)
     if resume:
         train_run(tiny_model(), tiny_run(data, tmp_path, max_steps=4), options, stage="finetune")
         options = RunOptions(resume=True)
     cfg = tiny_run(data, tmp_path, max_steps=8)
-    asked = Settings(tiny_model(), cfg, options, "finetune", "custom", torch.device("cpu"))
+    asked = Settings(tiny_model(), cfg, options, "finetune", "custom", CPU)
     settings = settle.settle_run(asked, {})
-    started_from = weakref.ref(settings.saved["model"]["wte.weight"])
+    weights = weakref.ref(settings.saved["model"]["wte.weight"])
+    moments = weakref.ref(next(iter(settings.saved["optimizer"]["state"].values()))["exp_avg"])
     finetune.finetune(settings)
     gc.collect()
-    assert started_from() is None
+    assert weights() is None and moments() is None

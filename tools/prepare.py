@@ -1,5 +1,5 @@
-"""Tokenize a corpus larger than memory once, streaming: its first 90% of bytes (cut at a
-character) to train.bin, the rest to val.bin, with meta.json. Then: python train.py --data DIR.
+"""Tokenize a corpus larger than memory once, streaming: its first 90% of characters (cut as in
+memory) to train.bin, the rest to val.bin, with meta.json. Then: python train.py --data DIR.
 
     python -m tools.prepare --input big.txt --out data/big --tokenizer bpe
 """
