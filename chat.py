@@ -14,6 +14,8 @@ from machinery.annotate import Printer
 from sampling import Context, token_stream
 from utils import question
 
+ANSWER_TOKENS = 300  # an answer is shorter than generate.py's text
+
 
 def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens):
     """The model's turn, printed as it comes: (its ids, EOT last; whether Ctrl-C stopped it)."""
@@ -39,10 +41,11 @@ def main(argv=None):
     )
     cli.add_flags(parser, SamplerConfig, title="how each token is drawn")
     names = ("seed", "max_new_tokens", "device", "threads")
-    cli.add_flags(parser, GenerateConfig, names=names, title="chat")
+    answers = {"max_new_tokens": (ANSWER_TOKENS, "an answer's at most")}
+    cli.add_flags(parser, GenerateConfig, answers, names=names, title="chat")
     flags = vars(parser.parse_args(argv))
     sampler = make_config(SamplerConfig, flags)
-    cfg = make_config(GenerateConfig, {"max_new_tokens": 300} | flags)
+    cfg = make_config(GenerateConfig, {"max_new_tokens": ANSWER_TOKENS} | flags)
     device = devices.use(cfg.device, cfg.threads)
     model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)
     if ASSISTANT not in tokenizer.special_tokens:

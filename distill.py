@@ -26,7 +26,8 @@ def distill_loss(logits, teacher_logits, targets, temperature, alpha):
     keep = targets.flatten() != NO_TARGET  # (B*T,)
     student = F.log_softmax(logits.flatten(0, 1)[keep].float() / temperature, dim=-1)  # (N, V)
     teacher = F.log_softmax(teacher_logits.flatten(0, 1)[keep].float() / temperature, dim=-1)
-    soft = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # per position
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
+    soft = kl / max(1, len(student))  # per position; a batch with none has 0, as lm_loss's
     return alpha * soft * temperature**2 + (1 - alpha) * lm_loss(logits, targets)
 
 

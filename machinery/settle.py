@@ -75,13 +75,14 @@ def settle_run(settings, given, needs=None):
     if options.resume:  # the same command starts the run now and continues it later
         cli.log(f"--resume: no {last} yet, starting a fresh run")
     devices.check_processes(settings.device, cfg)
-    if not options.overfit_batch:
-        checkpoint.claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
     if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
         saved = fine_tune_checkpoint(options.init_from, given)
         model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], options.init_from)
         settings = replace(settings, model_cfg=model_cfg, saved=saved, path=options.init_from)
         cfg = replace(cfg, tokenizer=saved["tokenizer"]["kind"])
+        adapter = saved.get("lora")
+        if adapter and cfg.lora_rank:  # its record says what it trains: the adapter's settings
+            cfg = replace(cfg, lora_alpha=adapter["alpha"], lora_mlp=adapter["mlp"])
     if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
         meta = sources.prepared_meta(cfg.data)
         made = dict(vocab_size=meta["vocab_size"], clean=meta["clean"])
@@ -92,6 +93,8 @@ def settle_run(settings, given, needs=None):
         cfg = replace(cfg, tokenizer=made["tokenizer"])
     if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
         cfg = replace(cfg, time_budget="")
+    else:
+        checkpoint.claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
     return replace(settings, cfg=cfg)
 
 
@@ -130,8 +133,11 @@ def fine_tune_checkpoint(path, given):
 
         saved = gpt2_checkpoint(path)
     has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
+    adapter = saved.get("lora")
+    if adapter and given.get("lora_rank"):  # a LoRA adapter trains on as it is
+        has |= dict(lora_rank=adapter["rank"], lora_alpha=adapter["alpha"], lora_mlp=adapter["mlp"])
     refused = contradicted(given, has, may_change=("dropout",))
-    why = f"--init_from {path} keeps that model's shape and tokenizer"
+    why = f"--init_from {path} keeps that model's shape, tokenizer and adapter"
     require(not refused, f"{why}: drop {refused}")
     if "dropout" in given:
         saved["model_config"]["dropout"] = given["dropout"]

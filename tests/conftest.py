@@ -75,11 +75,6 @@ def pytest_collection(session):
         gc.freeze()
 
 
-def pytest_unconfigure(config):
-    """So with what the tests made, at the end: a worker's exit takes a second less."""
-    gc.freeze()
-
-
 def pytest_make_parametrize_id(config, val, argname):
     """A parametrized case's id says what it is: flags as typed, settings as name=value."""
     if dataclasses.is_dataclass(val):

@@ -3,6 +3,7 @@
 import json
 import os
 import pty
+import re
 import select
 import signal
 import sys
@@ -18,6 +19,7 @@ from conftest import (
     tiny_model,
     tiny_run,
     train_run,
+    untrained,
     without_timings,
 )
 
@@ -270,6 +272,28 @@ def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(
     assert max(fed[1:]) <= 25  # a turn hands the model its new tokens, not the conversation again
 
 
+def test_a_chat_answers_in_as_many_tokens_as_its_help_says(tmp_path, monkeypatch, capsys):
+    data = write_chats(tmp_path / "c.jsonl")
+    path = untrained(tmp_path / "m.pt", data, tiny_model())
+    saved = checkpoint.load(path)
+    saved["model"]["wte.weight"].zero_()  # every logit 0: greedy takes token 0, never EOT
+    checkpoint.save(path, saved)
+    helped = cli(capsys, chat.main, "--help")[1]
+    default = int(
+        re.search(r"--max_new_tokens MAX_NEW_TOKENS\s+[^(]*\(default: (\d+)", helped).group(1)
+    )
+
+    def answered(*flags):
+        typed = iter(["Hello", "/quit"])
+        monkeypatch.setattr("builtins.input", lambda prompt: next(typed))
+        code, out, err = cli(capsys, chat.main, path, "--temperature", "0", *flags)
+        assert code == 0, err
+        return out.split("model> ")[1]
+
+    assert answered() == answered("--max_new_tokens", default)
+    assert answered() != answered("--max_new_tokens", default + 1)
+
+
 # ----------------------------------------------------------------------------- LoRA
 
 
@@ -283,6 +307,49 @@ def test_lora_trains_rank_r_matrices_and_starts_as_the_base():
     per_block = 4 * ((C + 3 * C) + (C + C) + (C + 4 * C) + (4 * C + C))  # r (in + out) a layer
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == L * per_block
     assert torch.equal(model(x)[0], before)  # B starts at 0
+
+
+def lora_adapter(trained, tmp_path, capsys):
+    """A LoRA adapter of rank 4 and alpha 8, trained 1 step on conversations: (its last.pt, the
+    flags that trained it but --init_from's and LoRA's)."""
+    data = write_chats(tmp_path / "c.jsonl")
+    common = ["--data", data, "--max_steps", "1", "--device", "cpu", "--dtype", "float32"]
+    common += ["--sample_tokens", "0", "--eval_iters", "1", "--plots", "false"]
+    first = ["--init_from", trained[0], "--lora_rank", "4", "--lora_alpha", "8"]
+    assert cli(capsys, finetune.main, *common, *first, "--out_dir", tmp_path / "a")[0] == 0
+    return str(tmp_path / "a" / "last.pt"), common
+
+
+def test_lora_flags_that_contradict_the_adapter_it_continues_are_one_error_line(
+    trained, tmp_path, capsys
+):
+    adapter, common = lora_adapter(trained, tmp_path, capsys)
+    for flags in (["--lora_rank", "16"], ["--lora_rank", "4", "--lora_alpha", "32"]):
+        refused = ["--init_from", adapter, *flags, "--out_dir", tmp_path / "c"]
+        code, _, err = cli(capsys, finetune.main, *common, *refused)
+        assert_one_line_error(code, err, f"--{flags[-2][2:]} {flags[-1]}")
+        assert not os.path.exists(tmp_path / "c")
+    again = ["--init_from", adapter, "--lora_rank", "4", "--out_dir", tmp_path / "b"]
+    assert cli(capsys, finetune.main, *common, *again)[0] == 0
+    saved = checkpoint.load(str(tmp_path / "b" / "last.pt"))
+    settings = saved["train_config"]
+    assert (settings["lora_rank"], settings["lora_alpha"]) == (4, 8) == (saved["lora"]["rank"], 8)
+
+
+def test_a_merged_adapter_keeps_its_runs_record_and_scores_its_own_val_split(
+    trained, tmp_path, capsys
+):
+    adapter, _ = lora_adapter(trained, tmp_path, capsys)
+    merged = tmp_path / "merged.pt"
+    assert cli(capsys, tools.merge.main, adapter, "--out", merged)[0] == 0
+    scores = [
+        cli(capsys, train.main, "--eval_only", path, "--device", "cpu")
+        for path in (adapter, merged)
+    ]
+    assert [code for code, _, _ in scores] == [0, 0]
+    lines = [out.splitlines()[-2:] for _, out, _ in scores]
+    assert lines[0][0].replace(adapter, str(merged)) == lines[1][0]  # the same split: c.jsonl's
+    assert "c.jsonl" in lines[1][0] and lines[0][1] == lines[1][1]  # the same loss
 
 
 @pytest.mark.slow  # trains or loads for seconds

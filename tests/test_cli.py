@@ -517,3 +517,19 @@ def test_a_number_setting_may_be_unset_where_its_help_says_so():
     assert vars(parser.parse_args([])) == {}
     assert vars(parser.parse_args(["--min_p", "0.05"])) == {"min_p": 0.05}
     assert "(default: none)" in parser.format_help()
+
+
+@pytest.mark.slow  # starts pytest in a process
+def test_the_test_command_ends_on_its_summary_with_no_leaked_binding_lines():
+    # an optimizer's first step imports torch._dynamo, and with it triton where pip installs it
+    test = "tests/test_train.py::test_the_step_clips_before_the_update_at_the_lr_it_is_given"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-n0", test],
+        cwd=ROOT,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout
+    assert "leaked" not in done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("1 passed")

@@ -39,6 +39,16 @@ def test_the_distillation_loss_is_the_softened_kl_times_t_squared_mixed_with_the
         assert loss.item() == pytest.approx(alpha * 16 * kl.item() + (1 - alpha) * ce.item())
 
 
+def test_a_batch_with_no_target_has_a_distillation_loss_of_0_and_no_gradient():
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 7, requires_grad=True)
+    targets = torch.full((2, 5), -100)  # windows inside questions: context alone
+    for alpha in (0.0, 0.5, 1.0):
+        loss = distill_loss(student, torch.randn(2, 5, 7), targets, 4.0, alpha)
+        loss.backward()
+        assert loss.item() == 0 and torch.equal(student.grad, torch.zeros_like(student))
+
+
 def test_a_distilled_student_learns_the_teacher_stays_frozen_in_eval_mode_without_a_graph():
     torch.manual_seed(0)
     student, teacher = GPT(tiny_model()), GPT(tiny_model(dropout=0.5))

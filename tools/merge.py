@@ -20,7 +20,9 @@ def main(argv=None):
         raise TinyLLMError(f"--out {args.out} already exists; give a new path")
     cli.check_writable(args.out, "--out", make_folder=True)
     model = merge(checkpoint.model_of(saved, args.adapter))
-    record = dict(step=saved.get("step"), best_val_loss=saved.get("best_val_loss"))
+    # the run's record (its data and settings, for --eval_only and the export), not what resumes it
+    resumes = ("model", "model_config", "tokenizer", "lora", "optimizer", "scaler", "rng", "rngs")
+    record = {k: v for k, v in saved.items() if k not in resumes}
     checkpoint.save(args.out, checkpoint.create(model, saved["tokenizer"], **record))
     base = saved["lora"]["base"]
     cli.log(f"wrote {args.out}: {base} with the adapter of {args.adapter} folded in")
