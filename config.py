@@ -261,6 +261,11 @@ PRESETS = {
 }
 
 
+# a run that starts from a trained model (finetune.py, dpo.py) keeps that model's shape and dropout,
+# and takes the rest from the preset but its floor: it decays to 0, so any --lr works on any machine
+FROM_TRAINED = dict(min_lr=0.0)
+
+
 def default_preset(device_type, dtype, threads):
     """The preset of a run without --preset, by what the machine is, never by a timing: small on a
     CUDA GPU; mini on a CPU that trains in bfloat16 on 2 threads or more; tiny elsewhere."""
@@ -278,12 +283,13 @@ def make_config(cls, values):
 
 def build_configs(given, settings):
     """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
-    the flags given. --max_steps turns the preset's time budget off, and a fine-tune given it warms
-    up for a tenth of its steps; --tag names the run's folder, checkpoints/TAG, unless --out_dir
+    FROM_TRAINED's for a run from a trained model, then the flags given. --max_steps turns the
+    preset's time budget off, and a run from a trained model given it warms up for a tenth of
+    its steps; --tag names the run's folder, checkpoints/TAG, unless --out_dir
     is given."""
     given_both = given.get("time_budget") and "max_steps" in given
     require(not given_both, "give --time_budget or --max_steps, not both")
-    values = {**settings, **given}
+    values = {**settings, **(FROM_TRAINED if given.get("init_from") else {}), **given}
     if "max_steps" in given:
         values["time_budget"] = ""
         if given.get("init_from") and "warmup_steps" not in given:

@@ -448,7 +448,7 @@ def main(argv, run, needs, get_lr, started):
     """A training script's command line: its flags, its settings settled, then --eval_only,
     --plot_lr or run(settings). run's name is the script's; its module's docstring heads --help."""
     stage = run.__name__
-    given = settle.flags(argv, stage, sys.modules[run.__module__].__doc__)
+    given = settle.flags(argv, stage, sys.modules[run.__module__].__doc__, needs)
     settings = settle.settle(given, stage, started, needs)  # every setting decided, checked, here
     options = settings.options
     cfg = settings.cfg

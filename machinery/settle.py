@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, fields, replace
 
 from config import (
+    FROM_TRAINED,
     PRESETS,
     RESUME_MAY_CHANGE,
     GPTConfig,
@@ -21,9 +22,10 @@ from config import (
 from machinery import checkpoint, cli, devices, sources
 
 
-def flags(argv=None, stage="train", doc=""):
+def flags(argv=None, stage="train", doc="", needs=None):
     """The flags given, as {name: value}: what to do, the model, the training, and the stage's own
-    (a field whose stages name it). --help shows the defaults of this machine's preset."""
+    (a field whose stages name it). --help shows the defaults of this machine's preset, and of a
+    run from a trained model where the stage needs --init_from."""
     here = devices.choose_device("auto")
     preset, machine = devices.machine_preset(here, {})
     parser = cli.ArgumentParser(
@@ -33,6 +35,9 @@ def flags(argv=None, stage="train", doc=""):
     )
     defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
     defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
+    if needs == "init_from":
+        defaults |= {k: (v, "from a trained model") for k, v in FROM_TRAINED.items()}
+        defaults["dropout"] = ("the checkpoint's", None)
     shared = [f.name for f in fields(TrainConfig) if not f.metadata["stages"]]
     own = [f.name for f in fields(TrainConfig) if stage in f.metadata["stages"]]
     cli.add_flags(parser, RunOptions, defaults, title="what to do")

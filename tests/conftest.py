@@ -43,7 +43,14 @@ def flags(request):
 
 # the files of the longest tests, longest first (test_export.py's group holds test_tools.py's tests
 # of transformers too)
-LONGEST_FIRST = ["test_notebook.py", "test_export.py", "test_ddp.py", "test_chat.py", "test_cli.py"]
+LONGEST_FIRST = [
+    "test_notebook.py",
+    "test_docs.py",
+    "test_export.py",
+    "test_ddp.py",
+    "test_chat.py",
+    "test_cli.py",
+]
 
 
 def pytest_collection_modifyitems(items):

@@ -533,3 +533,34 @@ def test_the_test_command_ends_on_its_summary_with_no_leaked_binding_lines():
     assert done.returncode == 0, done.stdout
     assert "leaked" not in done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("1 passed")
+
+
+@pytest.mark.slow  # trains
+@pytest.mark.parametrize("preset", ["tiny", "mini", "small"])  # the machines' defaults
+def test_a_run_from_a_trained_model_keeps_its_dropout_and_decays_to_0_under_every_preset(
+    trained, tmp_path, capsys, preset
+):
+    import finetune
+
+    flags = ["--init_from", trained[0], "--data", trained[1], "--preset", preset, "--lr", "3e-5"]
+    flags += ["--max_steps", 2, "--batch_size", 4, "--eval_iters", 1, "--sample_tokens", 0]
+    code, _, err = cli(capsys, finetune.main, *flags, "--out_dir", tmp_path, "--plots", "false")
+    assert code == 0, err
+    saved = checkpoint.load(str(tmp_path / "last.pt"))
+    base = checkpoint.load(trained[0])
+    assert saved["model_config"]["dropout"] == base["model_config"]["dropout"]  # not the preset's
+    assert saved["train_config"]["min_lr"] == 0 and saved["train_config"]["lr"] == 3e-5
+
+
+def test_a_fine_tunes_help_shows_what_it_takes_from_a_trained_model_on_a_gpu(fake_machine, capsys):
+    import finetune
+
+    fake_machine(cuda=True, mps=False, gpus=1)  # small's dropout is 0.2, its floor 1e-4
+    precision = torch.get_float32_matmul_precision()
+    code, out, _ = cli(capsys, finetune.main, "--help")
+    torch.set_float32_matmul_precision(precision)
+    out = " ".join(out.split())
+    assert (
+        code == 0 and "(default: the checkpoint's)" in out.rsplit("--dropout DROPOUT", 1)[1][:120]
+    )
+    assert "(default: 0.0, from a trained model)" in out.rsplit("--min_lr MIN_LR", 1)[1][:120]
