@@ -157,7 +157,9 @@ class RunOptions:
     preset: str = setting("", "start from a preset; none: this machine's (docs/training.md)")
     resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")
     overwrite: bool = setting(False, "start afresh though OUT_DIR holds another run")
-    init_from: str = setting("", "fine-tune this checkpoint's weights (or gpt2, gpt2-medium...)")
+    init_from: str = setting(
+        "", "start from this checkpoint's weights (or gpt2, gpt2-medium...)", stages=TUNING
+    )
     eval_only: str = setting(None, "score a checkpoint on its whole val split (OUT_DIR/best.pt)")
     overfit_batch: bool = setting(False, "check: fit one batch until its loss is near 0; no files")
     plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")

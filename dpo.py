@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import train
 from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
-from lora import adapted, merge
+from finetune import adapted
+from lora import merge
 from machinery import checkpoint, cli, harness, sources
 from model import lm_loss
 from sampling import sample_text
@@ -41,7 +42,7 @@ def dpo(settings):
     pairs = pair_split(texts, tokenizer, cfg.data)
     # their chosen conversations: the run's text, whose first question the closing sample asks
     corpus = make_corpus("".join(chosen for chosen, _ in texts), tokenizer)
-    model, _ = train.saved_model(settings, corpus)
+    model = checkpoint.model_of(settings.saved, settings.path)
     model = adapted(cfg, model, settings.saved, settings.path, None)
     longest = max(len(x) for split in pairs.values() for pair in split for x, _ in pair)
     if longest > model.config.block_size:  # each text fits in the context: no window is needed

@@ -8,12 +8,11 @@ instead of out * in, and saves only those: the adapter, kilobytes beside the mod
         --data data/chat_example.jsonl
     python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # folded in
 
-At the end, how a fine-tune (finetune.py, dpo.py) adapts the model it trains, and what its
-checkpoint holds: the adapter and the path of its base (machinery/checkpoint.py writes them).
+finetune.adapted puts the adapters on the model a fine-tune trains (finetune.py, dpo.py); its
+checkpoints hold the adapter and the path of its base (machinery/checkpoint.py writes them).
 """
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -62,26 +61,3 @@ def merge(model):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
     return model.requires_grad_(True)
-
-
-# ----------------------------------------------------------------------- in a run, a checkpoint
-
-
-def adapted(cfg, model, saved, path, rows):
-    """The model a fine-tune trains from the model saved (path): under --lora_rank, frozen with
-    adapters beside it (a LoRA checkpoint's own, trained on); without, a LoRA model merged. rows:
-    per embedding row, its saved row (None: a new token), if the corpus added tokens. model.lora:
-    what its checkpoints hold instead of its weights: the adapter's settings and its base's path."""
-    if not cfg.lora_rank:
-        return merge(model) if saved.get("lora") else model
-    adapter = saved.get("lora")
-    if adapter is None:
-        add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
-        base = os.path.abspath(path)  # its checkpoints name it, relative to themselves
-        adapter = dict(base=base, rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        adapter["mlp"] = cfg.lora_mlp
-    elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
-        old = adapter["rows"] or range(len(rows))  # None: the base's rows, as they were
-        adapter = adapter | {"rows": [None if i is None else old[i] for i in rows]}
-    model.lora = adapter
-    return model

@@ -3,15 +3,15 @@
     python train.py     # data/input.txt: this machine's preset, five minutes on a CPU
     python train.py --preset small --max_steps 50 --seed 1
     python train.py --data data/qa_example.json --tag qa   # questions and answers, from scratch
-    python train.py --init_from checkpoints/best.pt --data mine.txt --tag mine   # your own text
+    python train.py --data notes.txt --tag notes   # your own text
 
 In order: the corpus, the GPT and its batches; the AdamW optimizer and its parameter groups; the
 warmup-cosine schedule; one step (gradient accumulation, clipping); the loop every stage runs
 (fit), which evaluates and saves. What keeps the run's promises (a time budget, Ctrl-C, --resume,
 the opening and closing lines, the flags) is machinery/harness.py, behind the calls on `run`.
 
-A later stage (finetune.py, distill.py, dpo.py) uses this file through load_corpus, make_model or
-saved_model, corpus_batches, Stage and fit: it makes its own model and batches, then fits them."""
+A later stage (finetune.py, distill.py, dpo.py) uses this file through corpus_batches, Stage and
+fit: it makes its own model and batches, then fits them. finetune.py starts from a trained model."""
 
 import os
 import time
@@ -36,8 +36,9 @@ from utils import make_batches
 
 
 def train(settings):
-    """Pretrain a GPT. Read the corpus, build the model and its batches, then fit it.
-    settings come from main, at the bottom. Under torchrun every rank runs this."""
+    """Pretrain a GPT from scratch, or go on with its run (--resume). Read the corpus, build the
+    model and its batches, then fit it. settings come from main, at the bottom. Under torchrun
+    every rank runs this."""
     process = harness.start_process(settings)  # its rank under torchrun, its threads, the seed
     corpus = load_corpus(settings)
     model = make_model(settings, corpus)
@@ -46,40 +47,16 @@ def train(settings):
 
 
 def load_corpus(settings):
-    """Tokenize the text into train and val ids. A fine-tune uses its model's tokenizer, which
-    grows a token for each new character; a fresh run learns a new tokenizer."""
-    saved = settings.saved
-    tokenizer = checkpoint.tokenizer_of(saved, settings.path) if saved else None
-    grow = saved is not None and not settings.resumed  # a resume's vocabulary is fixed
-    corpus = sources.load_corpus(settings.cfg, tokenizer, settings.model_cfg.vocab_size, grow)
-    if corpus.old_ids:
-        new = [i for i, old in enumerate(corpus.old_ids) if old is None]
-        added = corpus.tokenizer.decode(new)[:60]
-        cli.log(f"added {len(new)} token(s) {added!r} to the vocabulary of {settings.path}")
-    return corpus
+    """The text as train and val token ids, by a tokenizer learned from it (a resume's own)."""
+    tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path) if settings.resumed else None
+    return sources.read_corpus(settings.cfg, tokenizer, settings.model_cfg.vocab_size)
 
 
 def make_model(settings, corpus):
-    """A GPT with fresh random weights, or the model a run starts from (--init_from, --resume).
-    A LoRA adapter given to --init_from is merged, so that the whole model trains."""
-    if settings.saved is None:
-        return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
-    model, _ = saved_model(settings, corpus)
-    if settings.saved.get("lora"):  # a LoRA adapter's model (finetune.py), trained in full
-        from lora import merge
-
-        model = merge(model)
-    return model
-
-
-def saved_model(settings, corpus):
-    """The model a run starts from, with an embedding row for each token the corpus added; and
-    rows, each row's row in the saved model (None: new), or None if none was added (for LoRA)."""
-    model = checkpoint.model_of(settings.saved, settings.path)
-    rows = None
-    if corpus.old_ids:
-        rows = checkpoint.grow_vocabulary(model, corpus.old_ids)
-    return model, rows
+    """A GPT with fresh random weights, its vocabulary the tokenizer's; a resume's as it was."""
+    if settings.resumed:
+        return checkpoint.model_of(settings.saved, settings.path)
+    return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
 
 
 def corpus_batches(settings, corpus, model, process):

@@ -202,17 +202,6 @@ def with_embedding(model, rows, new_rows):
     model.lm_head.weight = model.wte.weight
 
 
-def grow_vocabulary(model, old_ids):
-    """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
-    new rows alike). old_ids: per token, its old row or None. Returns every row's settings."""
-    old = model.wte.weight.detach()
-    old_size = sum(i is not None for i in old_ids)
-    rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
-    mean = old.mean(0)
-    with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
-    return rows
-
-
 def summary(checkpoint):
     """'step 900, best val 1.5123': where a checkpoint's run stood."""
     val = checkpoint.get("best_val_loss")
@@ -305,7 +294,7 @@ def load_optimizer(optimizer, saved, path):
             raise TinyLLMError(
                 f"{path}: its optimizer groups the parameters otherwise than this code does "
                 f"(no group of {', '.join(group['names'][:2])}...): resume it with the code "
-                f"that trained it, or fine-tune from it with --init_from"
+                f"that trained it, or fine-tune from it with finetune.py --init_from"
             )
         groups.append(match | {k: group[k] for k in ("fused", "foreach") if k in group})
     optimizer.load_state_dict({**saved, "param_groups": groups})

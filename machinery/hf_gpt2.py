@@ -1,7 +1,7 @@
 """OpenAI's GPT-2 weights into our GPT, through Hugging Face transformers (imported only here): our
 GPT with biases is GPT-2 exactly, every weight by another name, the four TRANSPOSED ones (in, out).
 
-    python train.py --init_from gpt2 --data mytext.txt    # fine-tune GPT-2 on your text
+    python finetune.py --init_from gpt2 --data mytext.txt    # fine-tune GPT-2 on your text
 """
 
 import os

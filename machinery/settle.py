@@ -40,7 +40,12 @@ def flags(argv=None, stage="train", doc="", needs=None):
         defaults["dropout"] = ("the checkpoint's", None)
     shared = [f.name for f in fields(TrainConfig) if not f.metadata["stages"]]
     own = [f.name for f in fields(TrainConfig) if stage in f.metadata["stages"]]
-    cli.add_flags(parser, RunOptions, defaults, title="what to do")
+    options = [
+        f.name
+        for f in fields(RunOptions)
+        if stage in f.metadata["stages"] or not f.metadata["stages"]
+    ]
+    cli.add_flags(parser, RunOptions, defaults, options, title="what to do")
     cli.add_flags(parser, GPTConfig, defaults, title="model")
     cli.add_flags(parser, TrainConfig, defaults, shared, title="training")
     if own:
@@ -114,7 +119,7 @@ def settings_to_resume(last, settings, given):
         raise TinyLLMError(f"{last} is a run of preset {saved.get('preset')!r}: --resume keeps it")
     complete = all(k in saved for k in ("stage", "optimizer", "rng", "step", "history"))
     why = f"{last} was written by another version of tinyllm and cannot be resumed"
-    require(complete, f"{why}; fine-tune from its weights with --init_from instead")
+    require(complete, f"{why}; fine-tune from its weights with finetune.py --init_from")
     model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], last)
     saved_cfg = checkpoint.from_saved(TrainConfig, saved["train_config"], last)
     values = asdict(model_cfg) | asdict(saved_cfg)

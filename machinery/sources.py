@@ -125,7 +125,7 @@ def clean_text(text):
     return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]{2,}", " ", text))
 
 
-def load_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
+def read_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
     """cfg.data's Corpus: tokenized by the tokenizer given (grown by what the text holds that it
     lacks, if grow) or by a new one, of vocab_size tokens if BPE."""
     if is_prepared(cfg.data):
@@ -215,7 +215,7 @@ def validation_split(checkpoint, tokenizer, data=None):
     saved = checkpoint.get("train_config", {})
     kept = {k: saved[k] for k in ("clean", "data_ext", "loss_on") if k in saved}
     cfg = TrainConfig(data=data or saved.get("data", TrainConfig.data), **kept)
-    corpus = load_corpus(cfg, tokenizer)
+    corpus = read_corpus(cfg, tokenizer)
     check_long_enough(corpus.val, 1, "validation", cfg.data)
     return corpus, cfg.data
 

@@ -91,7 +91,7 @@ def test_a_bad_record_is_one_error_line_naming_it_before_training(tmp_path, caps
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_every_tokenizer_gets_the_role_tokens_as_single_tokens(tmp_path, kind):
     cfg = TrainConfig(data=write_chats(tmp_path / "c.jsonl"), tokenizer=kind)
-    tokenizer = sources.load_corpus(cfg, vocab_size=300).tokenizer
+    tokenizer = sources.read_corpus(cfg, vocab_size=300).tokenizer
     for token in (EOT, USER, ASSISTANT):
         assert tokenizer.encode(token) == [tokenizer.special_tokens[token]]
     text = f"{USER}hi\n{ASSISTANT}yo{EOT}"
@@ -100,14 +100,14 @@ def test_every_tokenizer_gets_the_role_tokens_as_single_tokens(tmp_path, kind):
 
 def test_the_loss_counts_the_answers_and_their_end_only(tmp_path):
     cfg = TrainConfig(data=write_chats(tmp_path / "c.jsonl", [CONVERSATIONS[0], CONVERSATIONS[2]]))
-    corpus = sources.load_corpus(cfg)
+    corpus = sources.read_corpus(cfg)
     tokenizer, ids = corpus.tokenizer, torch.cat([corpus.train, corpus.val])
     targets = utils.answer_targets(ids, tokenizer)
     answers = tokenizer.decode([t for t, keep in zip(ids.tolist(), targets.tolist()) if keep])
     assert answers == (
         f"Nice to meet you, Ada.{EOT}Your name is Ada.{EOT}Hello. What shall we talk about?{EOT}"
     )
-    assert sources.load_corpus(TrainConfig(data=cfg.data, loss_on="all")).train_targets is None
+    assert sources.read_corpus(TrainConfig(data=cfg.data, loss_on="all")).train_targets is None
     plain = ids[ids != tokenizer.special_tokens[ASSISTANT]]  # no answer in it: all of it counts
     assert utils.answer_targets(plain, tokenizer) is None
 

@@ -1,4 +1,4 @@
-"""The data path: the char tokenizer, the 90/10 split and batches; every source load_corpus reads
+"""The data path: the char tokenizer, the 90/10 split and batches; every source read_corpus reads
 and its errors; BPE; tools.prepare's memory-mapped folders; prompts."""
 
 import errno
@@ -23,9 +23,9 @@ from machinery.sources import (
     clean_text,
     encode_prompt,
     iter_documents,
-    load_corpus,
     load_prepared,
     prepared_meta,
+    read_corpus,
 )
 from tokenizer import GPT2_PATTERN, BPETokenizer, CharTokenizer, GPT2Tokenizer, from_dict, train_bpe
 from tools import prepare
@@ -36,7 +36,7 @@ UNICODE = "Café naïve — Müller 😀🎉 👩‍👩‍👧 中文测试，�
 
 
 def corpus(path, **settings):
-    return load_corpus(TrainConfig(data=str(path), **settings), vocab_size=300)  # (bpe's)
+    return read_corpus(TrainConfig(data=str(path), **settings), vocab_size=300)  # (bpe's)
 
 
 def stream(tokenizer, *splits):
@@ -224,8 +224,8 @@ def test_extend_grows_a_tokenizer_by_new_characters_and_chat_tokens_keeping_old_
     (tmp_path / "c.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps({"text": "hello"}))
     cfg = TrainConfig(data=str(tmp_path / "c.jsonl"))
     with pytest.raises(TinyLLMError):
-        load_corpus(cfg, old)
-    c = load_corpus(cfg, old, grow=True)
+        read_corpus(cfg, old)
+    c = read_corpus(cfg, old, grow=True)
     new = c.tokenizer
     added = [new.decode([i]) for i, old_id in enumerate(c.old_ids) if old_id is None]
     assert added == (sorted("ЖукДа") if kind == "char" else []) + [USER, ASSISTANT]

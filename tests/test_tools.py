@@ -25,6 +25,7 @@ from conftest import (
     train_run,
 )
 
+import finetune
 import sampling
 import tokenizer as tokenizers
 import train
@@ -498,7 +499,7 @@ def test_a_config_our_model_cannot_be_is_refused_naming_the_setting(tmp_path, ca
         config = hf_config(**change)
     config.save_pretrained(tmp_path / "hf")  # the config is checked before any weight is read
     code, _, err = cli(
-        capsys, train.main, "--init_from", tmp_path / "hf", "--out_dir", tmp_path / "run"
+        capsys, finetune.main, "--init_from", tmp_path / "hf", "--out_dir", tmp_path / "run"
     )
     assert_one_line_error(code, err, word)
 
@@ -523,7 +524,7 @@ def test_weights_that_carry_code_are_refused_without_running_it(tmp_path, capsys
     weights = {**transformers.GPT2LMHeadModel(config).state_dict(), "x": Payload(str(marker))}
     torch.save(weights, folder / "pytorch_model.bin")
     argv = ["--init_from", folder, "--out_dir", tmp_path / "run", "--device", "cpu"]
-    code, _, err = cli(capsys, train.main, *argv)
+    code, _, err = cli(capsys, finetune.main, *argv)
     assert_one_line_error(code, err, "tensors")
     assert not marker.exists()
 
@@ -550,7 +551,7 @@ def test_train_init_from_the_folder_fine_tunes_it(
     monkeypatch.setattr(tokenizers.tiktoken, "get_encoding", get_encoding)
     code, out, err = cli(
         capsys,
-        train.main,
+        finetune.main,
         "--init_from",
         hf_folder[0],
         "--data",

@@ -386,7 +386,7 @@ def test_a_checkpoint_with_a_setting_this_version_does_not_know_is_one_error_lin
     later = tmp_path / "later.pt"
     for main, argv in (
         (generate.main, [later, "--max_new_tokens", "5"]),
-        (train.main, ["--init_from", later, "--out_dir", tmp_path]),
+        (finetune.main, ["--init_from", later, "--out_dir", tmp_path]),
     ):
         code, _, err = cli(capsys, main, *argv)
         assert_one_line_error(code, err, "rope_theta")
@@ -437,7 +437,7 @@ def test_corrupt_truncated_foreign_and_unsafe_checkpoints_are_one_error_line(
     files = ("truncated.pt", "random.pt", "foreign.pt", "not_weights.pt", "unsafe.pt", "plain.pkl")
     for name in (*files, "missing.pt"):
         fine_tune = ("--init_from", tmp_path / name, "--out_dir", tmp_path / "run")
-        assert_one_line_error(*cli(capsys, train.main, *fine_tune)[::2])
+        assert_one_line_error(*cli(capsys, finetune.main, *fine_tune)[::2])
         assert_one_line_error(*cli(capsys, generate.main, tmp_path / name)[::2])
     assert not marker.exists()
 
@@ -567,7 +567,7 @@ def test_train_py_learns_qa_records_from_scratch_and_each_stage_shows_its_own_fl
         first = json.load(f)[0]
     question = f"{EOT}{USER}{first['question']}\n{ASSISTANT}"  # documents follow an EOT
     answer = f"{first['answer']}{EOT}"
-    corpus = sources.load_corpus(tiny_run(qa, tmp_path), tokenizer)
+    corpus = sources.read_corpus(tiny_run(qa, tmp_path), tokenizer)
     n, m = len(tokenizer.encode(question)), len(tokenizer.encode(answer))
     assert tokenizer.decode(corpus.train[: n + m].tolist()) == question + answer
     targets = corpus.train_targets[: n + m]  # True where a token is a target
@@ -632,7 +632,7 @@ def test_a_checkpoint_of_another_version_is_refused_for_resume_but_fine_tunes(
     assert_one_line_error(code, err, "--init_from")
     code, out, _ = cli(
         capsys,
-        train.main,
+        finetune.main,
         "--init_from",
         tmp_path / "run" / "last.pt",
         "--out_dir",
@@ -721,11 +721,11 @@ def test_fine_tuning_starts_from_the_weights_with_a_fresh_optimizer_and_keeps_th
         "false",
     ]
     for flag, value in (("--n_layer", "3"), ("--tokenizer", "bpe")):
-        code, _, err = cli(capsys, train.main, *common, "--out_dir", tmp_path / "x", flag, value)
+        code, _, err = cli(capsys, finetune.main, *common, "--out_dir", tmp_path / "x", flag, value)
         assert_one_line_error(code, err, flag)
     code, out, _ = cli(
         capsys,
-        train.main,
+        finetune.main,
         *common,
         "--out_dir",
         tmp_path / "ft",
@@ -751,7 +751,7 @@ def test_new_characters_grow_the_vocabulary_each_from_the_mean_row(trained, tmp_
     base = checkpoint.load(path)
     code, out, _ = cli(
         capsys,
-        train.main,
+        finetune.main,
         "--init_from",
         path,
         "--data",
