@@ -8,7 +8,7 @@ computes only its new tokens. Past block_size, the context restarts from its new
 
 import torch
 
-from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, make_config
+from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Printer
 from sampling import Context, token_stream
@@ -39,10 +39,10 @@ def main(argv=None):
     parser.add_argument(
         "checkpoint", nargs="?", default="checkpoints/best.pt", help="default: %(default)s"
     )
-    cli.add_flags(parser, SamplerConfig, title="how each token is drawn")
+    add_flags(parser, SamplerConfig, title="how each token is drawn")
     names = ("seed", "max_new_tokens", "device", "threads")
     answers = {"max_new_tokens": (ANSWER_TOKENS, "an answer's at most")}
-    cli.add_flags(parser, GenerateConfig, answers, names=names, title="chat")
+    add_flags(parser, GenerateConfig, answers, names=names, title="chat")
     flags = vars(parser.parse_args(argv))
     sampler = make_config(SamplerConfig, flags)
     cfg = make_config(GenerateConfig, {"max_new_tokens": ANSWER_TOKENS} | flags)

@@ -1,8 +1,9 @@
-"""Every setting of training and sampling (--help is made from them), and the presets.
+"""Every setting of training and sampling, and the presets. --help is made from them (add_flags).
 
 A setting is a field: its default, what it means, and what it may be (one of its choices, or a
 number within its bounds). check() holds every setting to that, once, for every config."""
 
+import argparse
 import math
 import operator
 import re
@@ -160,27 +161,13 @@ class RunOptions:
     init_from: str = setting(
         "", "start from this checkpoint's weights (or gpt2, gpt2-medium...)", stages=TUNING
     )
-    eval_only: str = setting(None, "score a checkpoint on its whole val split (OUT_DIR/best.pt)")
+    eval_only: str = setting(
+        None, "score a checkpoint on its whole val split (OUT_DIR/best.pt)", stages=("train",)
+    )
     overfit_batch: bool = setting(False, "check: fit one batch until its loss is near 0; no files")
-    plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """A run's settings, settled once before anything is set up (machinery/settle.py). stage: the
-    script that runs it; saved: the checkpoint it goes on from (read from path), its own last.pt
-    when it resumes, --init_from's model when it fine-tunes, else None; device: where it trains."""
-
-    model_cfg: GPTConfig
-    cfg: TrainConfig
-    options: RunOptions
-    stage: str
-    preset: str
-    device: object  # a torch.device
-    saved: dict = None  # its weights and optimizer state go once in place (harness.Run)
-    path: str = ""
-    resumed: bool = False
-    started: float = 0.0  # when its time began, in perf_counter seconds: a time budget's start
+    plot_lr: bool = setting(
+        False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit", stages=("train",)
+    )
 
 
 @dataclass
@@ -250,7 +237,7 @@ MEDIUM |= dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500)
 MICRO = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3, min_lr=3e-4)
 MICRO |= dict(max_steps=200, warmup_steps=10, eval_interval=50, eval_iters=5, log_interval=10)
 PRESETS = {
-    # the default on a CPU or a Mac (default_preset picks): of those measured, what learned most
+    # the default on a CPU or a Mac (settings.machine_preset): of those measured, what learned most
     # in five minutes on 2-core CPUs; mini takes too few steps on 1 thread or in float32
     "tiny": dict(FIVE_MINUTES, n_layer=2, n_head=5, n_embd=160),
     "mini": dict(FIVE_MINUTES, n_layer=3, n_head=6, n_embd=192),
@@ -268,34 +255,39 @@ PRESETS = {
 FROM_TRAINED = dict(min_lr=0.0)
 
 
-def default_preset(device_type, dtype, threads):
-    """The preset of a run without --preset, by what the machine is, never by a timing: small on a
-    CUDA GPU; mini on a CPU that trains in bfloat16 on 2 threads or more; tiny elsewhere."""
-    if device_type == "cuda":
-        return "small"
-    if device_type == "cpu" and dtype == "bfloat16" and threads >= 2:
-        return "mini"
-    return "tiny"
+def add_flags(parser, cls, defaults=None, names=None, title=None):
+    """A --flag per field of cls (or of those in names): vars(parser.parse_args()) holds those
+    given. --help shows its meaning, choices and default; defaults {name: (value, why)} replace
+    the field's."""
+    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        default, why = (defaults or {}).get(f.name, (f.default, None))
+        shown = "none" if default in ("", None) else default
+        shown = f"{shown}, {why}" if why else shown
+        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
+        # SUPPRESS: a flag not given is left out of what parse_args returns
+        how = dict(dest=f.name, type=f.type, metavar=f.name.upper(), default=argparse.SUPPRESS)
+        if f.type is bool:  # a bare --flag means true; --flag false works too
+            how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
+        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
+            how.update(nargs="?", const="", metavar="PATH.pt")
+        help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
+        group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
+
+
+# the course's spelling of --lr (--warmup is --warmup_steps: argparse takes a flag's start)
+ALIASES = {"lr": ("--lr-max", "--lr_max")}
+
+
+def yes_or_no(text):
+    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        where = ": a run's folder is --out_dir" if text.endswith(".pt") else ""  # --resume PATH
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}{where}")
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def make_config(cls, values):
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def build_configs(given, settings):
-    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
-    FROM_TRAINED's for a run from a trained model, then the flags given. --max_steps turns the
-    preset's time budget off, and a run from a trained model given it warms up for a tenth of
-    its steps; --tag names the run's folder, checkpoints/TAG, unless --out_dir
-    is given."""
-    given_both = given.get("time_budget") and "max_steps" in given
-    require(not given_both, "give --time_budget or --max_steps, not both")
-    values = {**settings, **(FROM_TRAINED if given.get("init_from") else {}), **given}
-    if "max_steps" in given:
-        values["time_budget"] = ""
-        if given.get("init_from") and "warmup_steps" not in given:
-            values["warmup_steps"] = given["max_steps"] // 10
-    if values.get("tag") and "out_dir" not in given:
-        values["out_dir"] = f"checkpoints/{values['tag']}"
-    return make_config(GPTConfig, values), make_config(TrainConfig, values)

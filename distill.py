@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import train
 from config import NO_TARGET, TinyLLMError
 from machinery import checkpoint, cli, harness
+from machinery.settings import read_settings
 from model import lm_loss
 
 
@@ -85,7 +86,7 @@ def distill(settings):
 
 
 def main(argv=None):
-    train.main(argv, distill, needs="distill_from")
+    distill(read_settings(argv, "distill", __doc__, train.STARTED, needs="distill_from"))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, Tin
 from finetune import adapted
 from lora import merge
 from machinery import checkpoint, cli, harness, sources
+from machinery.settings import read_settings
 from model import lm_loss
 from sampling import sample_text
 from utils import answer_targets, make_corpus
@@ -203,7 +204,7 @@ def in_character_shares(model, prompts, tokenizer):
 
 
 def main(argv=None):
-    train.main(argv, dpo, needs="init_from")
+    dpo(read_settings(argv, "dpo", __doc__, train.STARTED, needs="init_from"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 import train
 from lora import add_adapters, merge
 from machinery import checkpoint, cli, harness, sources
+from machinery.settings import read_settings
 
 
 def finetune(settings):
@@ -90,7 +91,7 @@ def adapted(cfg, model, saved, path, rows):
 
 
 def main(argv=None):
-    train.main(argv, finetune, needs="init_from")
+    finetune(read_settings(argv, "finetune", __doc__, train.STARTED, needs="init_from"))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, make_config, require
+from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config, require
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Annotator, Printer, model_odds
 from sampling import Context, beam_search, token_stream, until_stop
@@ -85,8 +85,8 @@ def main(argv=None):
     parser.add_argument(
         "checkpoints", nargs="*", metavar="PATH.pt", help="default: checkpoints/best.pt"
     )
-    cli.add_flags(parser, SamplerConfig, title="how each token is drawn")
-    cli.add_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
+    add_flags(parser, SamplerConfig, title="how each token is drawn")
+    add_flags(parser, GenerateConfig, devices.auto_meanings(here), title="sampling")
     flags = vars(parser.parse_args(argv))
     paths = flags["checkpoints"] or ["checkpoints/best.pt"]
     cfg = make_config(GenerateConfig, flags)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from machinery import checkpoint, cli, harness, sources
+from machinery import checkpoint, cli, evaluation, harness, plots, sources
+from machinery.settings import read_settings
 from model import GPT
 from utils import make_batches
 
@@ -274,11 +275,18 @@ def loop(run):
 # ------------------------------------------------------------------------------- the command line
 
 
-def main(argv=None, run=train, needs=None):
-    """The command line of train.py and of each later stage (run: its function; needs: the flag
-    it cannot start without): read the flags, settle the settings, then run(settings), or
+def main(argv=None):
+    """train.py's command line: its settings, each decided and checked once; then the run, or
     --eval_only, or --plot_lr."""
-    harness.main(argv, run, needs, get_lr, STARTED)
+    settings = read_settings(argv, "train", __doc__, STARTED)
+    cfg = settings.cfg
+    if settings.options.eval_only is not None:  # --eval_only alone: best.pt's
+        path = settings.options.eval_only or f"{cfg.out_dir}/best.pt"
+        evaluation.evaluate_checkpoint(path, cfg.data, cfg)  # data: --data's, or the checkpoint's
+    elif settings.options.plot_lr:
+        plots.draw_lr_schedule(cfg, get_lr)
+    else:
+        train(settings)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
-"""The scripts' command line: a flag for each setting of config.py (add_flags), bad input as one
-`error:` line (exit 2), an exit status for Ctrl-C and a reader gone; and printing."""
+"""The scripts' command line: bad input as one `error:` line (exit 2), an exit status for Ctrl-C and
+a reader gone; and printing. config.add_flags makes a flag of each setting."""
 
 import argparse
 import contextlib
 import os
 import sys
 import traceback
-from dataclasses import fields
 
 from config import TinyLLMError, require
 
@@ -41,39 +40,6 @@ def first_line(e):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def add_flags(parser, cls, defaults=None, names=None, title=None):
-    """A --flag per field of cls (or of those in names): vars(parser.parse_args()) holds those
-    given. --help shows its meaning, choices and default; defaults {name: (value, why)} replace
-    the field's."""
-    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
-    for f in fields(cls):
-        if names is not None and f.name not in names:
-            continue
-        default, why = (defaults or {}).get(f.name, (f.default, None))
-        shown = "none" if default in ("", None) else default
-        shown = f"{shown}, {why}" if why else shown
-        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
-        # SUPPRESS: a flag not given is left out of what parse_args returns
-        how = dict(dest=f.name, type=f.type, metavar=f.name.upper(), default=argparse.SUPPRESS)
-        if f.type is bool:  # a bare --flag means true; --flag false works too
-            how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
-        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
-            how.update(nargs="?", const="", metavar="PATH.pt")
-        help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
-        group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
-
-
-# the course's spellings of two flags
-ALIASES = {"lr": ("--lr-max", "--lr_max"), "warmup_steps": ("--warmup",)}
-
-
-def yes_or_no(text):
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        where = ": a run's folder is --out_dir" if text.endswith(".pt") else ""  # --resume PATH
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}{where}")
-    return text.lower() in ("1", "true", "yes", "on")
 
 
 def check_writable(path, flag, make_folder=False):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import TinyLLMError, default_preset
+from config import TinyLLMError
 from machinery.cli import warn
 
 
@@ -129,18 +129,6 @@ def auto_dtype(device):
     if has.vendor == "AMD":
         return "bfloat16", "AMD with AVX512-BF16"
     return "float32", "AVX512-BF16 without AMX is slower"
-
-
-def machine_preset(device, given):
-    """(the preset a run without --preset trains here, why: its device, --dtype and threads)."""
-    dtype = given.get("dtype", "auto")
-    threads = given.get("threads") or torch.get_num_threads()
-    if device.type == "cuda":  # small whatever its precision: asking would start CUDA
-        return default_preset("cuda", dtype, threads), "cuda"
-    if dtype == "auto":
-        dtype = auto_dtype(device)[0]
-    why = f"{device.type} in {dtype} on {threads} threads"
-    return default_preset(device.type, dtype, threads), why
 
 
 def resolve_dtype(dtype, device):

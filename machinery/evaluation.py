@@ -37,7 +37,7 @@ def evaluate_checkpoint(path, data, cfg):
     data's): a conversation's answers alone, as its run was trained. cfg: the device, threads and
     batch size to score with."""
     trained = checkpoint.load_model(path, devices.use(cfg.device, cfg.threads))
-    corpus, data = sources.validation_split(trained.checkpoint, trained.tokenizer, data)
+    corpus, data = sources.validation_split(trained.checkpoint, trained.tokenizer, data or None)
     val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
     losses = token_losses(trained.model, val, cfg.batch_size)  # of tokens 1..n-1
     if corpus.val_targets is not None:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from config import SamplerConfig, TinyLLMError, parse_duration
-from machinery import checkpoint, cli, devices, settle, sources
+from machinery import checkpoint, cli, devices, sources
 from utils import bits_per_char
 
 # ------------------------------------------------------------------------------------ the state
@@ -439,26 +439,3 @@ def closing_sample(run, tokens):
     stop = tokenizer.eot_id if question else None
     new = sample_text(run.model, ids, tokens, SamplerConfig(), stop, run.cfg.seed)
     return tokenizer.decode(ids + new)
-
-
-# ------------------------------------------------------------------------------- the command line
-
-
-def main(argv, run, needs, get_lr, started):
-    """A training script's command line: its flags, its settings settled, then --eval_only,
-    --plot_lr or run(settings). run's name is the script's; its module's docstring heads --help."""
-    stage = run.__name__
-    given = settle.flags(argv, stage, sys.modules[run.__module__].__doc__, needs)
-    settings = settle.settle(given, stage, started, needs)  # every setting decided, checked, here
-    options = settings.options
-    cfg = settings.cfg
-    if options.eval_only is not None:  # --eval_only alone: best.pt's
-        from machinery.evaluation import evaluate_checkpoint
-
-        evaluate_checkpoint(options.eval_only or f"{cfg.out_dir}/best.pt", given.get("data"), cfg)
-    elif options.plot_lr:
-        from machinery.plots import draw_lr_schedule
-
-        draw_lr_schedule(cfg, get_lr)
-    else:
-        run(settings)

@@ -231,9 +231,9 @@ def train_run(model_cfg, cfg, options=None, given=None, stage="train"):
 
     import torch
 
-    from config import RunOptions, Settings
+    from config import RunOptions
     from machinery import harness
-    from machinery.settle import settle_run
+    from machinery.settings import Settings, settle_run
 
     options = options or RunOptions()
     started = harness.time.perf_counter()  # its time from now: a StepClock's if installed

@@ -24,13 +24,14 @@ from config import (
     RunOptions,
     TinyLLMError,
     TrainConfig,
-    build_configs,
+    add_flags,
     check,
     make_config,
     setting,
 )
-from machinery import checkpoint, devices, settle
+from machinery import checkpoint, devices
 from machinery import cli as machinery_cli
+from machinery.settings import build_configs, flags
 from model import GPT
 
 CPU = torch.device("cpu")
@@ -101,13 +102,13 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
         "--warmup",
         "7",
     ]
-    given = settle.flags(argv)
+    given = flags(argv)
     options = make_config(RunOptions, given)
     cfg = build_configs(given, PRESETS["tiny"])[1]
     assert options.overwrite and not cfg.plots
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
-    assert settle.flags(["--plots", "--preset", "tiny"])["plots"]
+    assert flags(["--plots", "--preset", "tiny"])["plots"]
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -513,7 +514,7 @@ def test_a_number_setting_may_be_unset_where_its_help_says_so():
     with pytest.raises(TinyLLMError, match="min_p"):
         Settings(min_p=0.0)
     parser = machinery_cli.ArgumentParser()
-    machinery_cli.add_flags(parser, Settings)
+    add_flags(parser, Settings)
     assert vars(parser.parse_args([])) == {}
     assert vars(parser.parse_args(["--min_p", "0.05"])) == {"min_p": 0.05}
     assert "(default: none)" in parser.format_help()

@@ -202,8 +202,8 @@ def test_the_kv_cache_agrees_with_recomputation_in_every_precision_the_gpu_has()
 RESUME_FUSED = """
 import dataclasses, sys, torch
 import train
-from config import GPTConfig, RunOptions, Settings, TrainConfig
-from machinery.settle import settle_run
+from config import GPTConfig, RunOptions, TrainConfig
+from machinery.settings import Settings, settle_run
 from machinery import checkpoint
 data, out = sys.argv[1:3]
 cfg = TrainConfig(data=data, out_dir=out, batch_size=8, max_steps=3, eval_interval=3, eval_iters=1,

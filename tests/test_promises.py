@@ -23,8 +23,9 @@ from conftest import (
 )
 
 import generate
-from config import RunOptions, SamplerConfig, TinyLLMError, TrainConfig, build_configs
-from machinery import settle
+from config import RunOptions, SamplerConfig, TinyLLMError, TrainConfig
+from machinery.settings import build_configs
+from machinery.settings import flags as train_flags
 from model import GPT
 from sampling import Context
 from train import get_lr
@@ -65,9 +66,7 @@ def split(flags):
 def configs(flags, data, out_dir, **shape_of_the_test):
     """(GPTConfig, TrainConfig): TINY, then the train.py flags given, then what the test needs. A
     combination the settings refuse skips the test, with the refusal's line."""
-    given = (
-        settle.flags(split(flags)[0]) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
-    )
+    given = train_flags(split(flags)[0]) | shape_of_the_test | dict(data=data, out_dir=str(out_dir))
     try:
         return build_configs(given, TINY)
     except TinyLLMError as refused:

@@ -42,13 +42,12 @@ from config import (
     USER,
     GPTConfig,
     RunOptions,
-    Settings,
     TinyLLMError,
     TrainConfig,
-    build_configs,
     setting,
 )
-from machinery import checkpoint, devices, evaluation, harness, settle, sources
+from machinery import checkpoint, devices, evaluation, harness, sources
+from machinery.settings import Settings, build_configs, flags, settle, settle_run
 from model import GPT
 from muon import orthogonalize
 from train import get_lr, make_optimizer
@@ -578,10 +577,10 @@ def test_train_py_learns_qa_records_from_scratch_and_each_stage_shows_its_own_fl
         distill: ["--distill_from", "--distill_temperature"],
         dpo: ["--dpo_beta", "--lora_rank"],
     }
-    for script, flags in own.items():
+    for script, its_flags in own.items():
         code, out, _ = cli(capsys, script.main, "--help")
-        others = {f for fs in own.values() for f in fs} - set(flags)
-        assert code == 0 and all(f in out for f in flags), script
+        others = {f for fs in own.values() for f in fs} - set(its_flags)
+        assert code == 0 and all(f in out for f in its_flags), script
         assert not any(f"{f} " in out for f in others), script
 
 
@@ -964,7 +963,7 @@ def test_a_run_without_a_preset_takes_the_machines_by_what_it_is(
     fake_machine, capsys, tmp_path, facts, argv, preset
 ):
     fake_machine(cuda=False, mps=False, **facts)
-    assert settle.settle(settle.flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
+    assert settle(flags([*argv, "--out_dir", str(tmp_path)])).preset == preset
     said = capsys.readouterr().out
     assert ("--preset" in argv) == (said == "")  # why, in a line, unless a preset was given
 
@@ -995,7 +994,7 @@ def test_a_run_that_ends_within_its_warmup_is_warned(text_file, tmp_path, capsys
 
 
 def test_max_steps_turns_a_presets_budget_off():
-    cfg = build_configs(settle.flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
+    cfg = build_configs(flags(["--max_steps", "50"]), PRESETS["tiny"])[1]
     assert (
         cfg.max_steps == 50
         and not cfg.time_budget
@@ -1013,7 +1012,7 @@ def test_a_run_holds_no_copy_of_the_weights_it_started_from(trained, tmp_path, r
         options = RunOptions(resume=True)
     cfg = tiny_run(data, tmp_path, max_steps=8)
     asked = Settings(tiny_model(), cfg, options, "finetune", "custom", CPU)
-    settings = settle.settle_run(asked, {})
+    settings = settle_run(asked, {})
     weights = weakref.ref(settings.saved["model"]["wte.weight"])
     moments = weakref.ref(next(iter(settings.saved["optimizer"]["state"].values()))["exp_avg"])
     finetune.finetune(settings)

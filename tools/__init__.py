@@ -8,7 +8,7 @@ def experiment(given):
     import time
 
     import train  # here, not above: the tools that only read files need no torch
-    from machinery.settle import settle
+    from machinery.settings import settle
 
     given = {"plots": False, "sample_tokens": 0, "preset": "tiny"} | given
     return train.train(settle(given, started=time.perf_counter()))  # its time counts from now

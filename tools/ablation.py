@@ -5,7 +5,7 @@ python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_l
 import os
 import tempfile
 
-from config import GPTConfig, TinyLLMError, TrainConfig
+from config import GPTConfig, TinyLLMError, TrainConfig, add_flags
 from machinery import cli
 from machinery.plots import new_plot, save_plot
 from tools import experiment
@@ -29,8 +29,8 @@ def main(argv=None):
     parser.add_argument("--only", default=",".join(VARIANTS), help=f"some of: {choices}")
     parser.add_argument("--out", default="ablation.png", help="the plot (default: %(default)s)")
     parser.add_argument("--preset", default="tiny", help="every run's settings (default: tiny)")
-    cli.add_flags(parser, GPTConfig)
-    cli.add_flags(parser, TrainConfig)
+    add_flags(parser, GPTConfig)
+    add_flags(parser, TrainConfig)
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in VARIANTS]

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, make_config
+from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, add_flags, make_config
 from machinery import cli
 from machinery.checkpoint import replace_file
 from machinery.sources import iter_documents
@@ -122,9 +122,7 @@ def main(argv=None):
     parser = cli.ArgumentParser(description="Tokenize a corpus for train.py --data, once.")
     parser.add_argument("--input", required=True, help="a .txt, a folder, .jsonl or Q&A .json")
     parser.add_argument("--out", required=True, help="the output folder, e.g. data/NAME")
-    cli.add_flags(
-        parser, TrainConfig, names=("tokenizer", "clean", "data_ext"), title="as in train.py"
-    )
+    add_flags(parser, TrainConfig, names=("tokenizer", "clean", "data_ext"), title="as in train.py")
     parser.add_argument("--vocab_size", type=int, default=BPE_VOCAB_SIZE, help="BPE's: %(default)s")
     parser.add_argument(
         "--tokenizer_sample_mb", type=int, default=20, help="BPE's text: %(default)s"

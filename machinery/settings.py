@@ -1,10 +1,15 @@
-"""A run's settings, settled once before anything is written. First the flags a training script
-was given (train.py, finetune.py, distill.py, dpo.py); then what the run starts from: a fresh
-model, its own last.pt when it resumes, or a trained model when it fine-tunes. Each flag is
-checked against it."""
+"""A training script's command line becomes its Settings here, once, before anything is written.
+
+The order, each step overriding the one before: a setting's default (config.py); the preset, this
+machine's unless --preset names one; the flags given. Then what the run starts from: a fresh model;
+its own last.pt when it resumes (--resume may change only some settings); or a trained model when
+it fine-tunes (--init_from), whose shape, tokenizer and dropout it keeps. Each flag is checked
+against it, and bad input is one error line."""
 
 import os
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
 
 from config import (
     FROM_TRAINED,
@@ -12,14 +17,39 @@ from config import (
     RESUME_MAY_CHANGE,
     GPTConfig,
     RunOptions,
-    Settings,
     TinyLLMError,
     TrainConfig,
-    build_configs,
+    add_flags,
     make_config,
     require,
 )
 from machinery import checkpoint, cli, devices, sources
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings. stage: the script that runs it; saved: the checkpoint it goes on from
+    (read from path), its own last.pt when it resumes, --init_from's model when it fine-tunes,
+    else None; device: where it trains; started: when its time began (perf_counter seconds)."""
+
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    options: RunOptions
+    stage: str
+    preset: str
+    device: torch.device
+    saved: dict = None  # its weights and optimizer state go once in place (train.fit)
+    path: str = ""
+    resumed: bool = False
+    started: float = 0.0
+
+
+def read_settings(argv, stage, doc, started, needs=None):
+    """The Settings of a training script's command line. stage: the script's name; doc: its
+    docstring, for --help; started: when its time began; needs: the flag a fresh run of it cannot
+    go without (finetune.py's --init_from)."""
+    given = flags(argv, stage, doc, needs)
+    return settle(given, stage, started, needs)
 
 
 def flags(argv=None, stage="train", doc="", needs=None):
@@ -27,7 +57,7 @@ def flags(argv=None, stage="train", doc="", needs=None):
     (a field whose stages name it). --help shows the defaults of this machine's preset, and of a
     run from a trained model where the stage needs --init_from."""
     here = devices.choose_device("auto")
-    preset, machine = devices.machine_preset(here, {})
+    preset, machine = machine_preset(here, {})
     parser = cli.ArgumentParser(
         description=doc.split("\n")[0],  # the script's docstring's first line
         epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
@@ -38,28 +68,40 @@ def flags(argv=None, stage="train", doc="", needs=None):
     if needs == "init_from":
         defaults |= {k: (v, "from a trained model") for k, v in FROM_TRAINED.items()}
         defaults["dropout"] = ("the checkpoint's", None)
-    shared = [f.name for f in fields(TrainConfig) if not f.metadata["stages"]]
-    own = [f.name for f in fields(TrainConfig) if stage in f.metadata["stages"]]
-    options = [
-        f.name
-        for f in fields(RunOptions)
-        if stage in f.metadata["stages"] or not f.metadata["stages"]
-    ]
-    cli.add_flags(parser, RunOptions, defaults, options, title="what to do")
-    cli.add_flags(parser, GPTConfig, defaults, title="model")
-    cli.add_flags(parser, TrainConfig, defaults, shared, title="training")
-    if own:
-        cli.add_flags(parser, TrainConfig, defaults, own, title=f"{stage}.py's own")
+
+    def names(cls):  # the fields of cls this stage takes: every stage's, and its own
+        return [
+            f.name for f in fields(cls) if stage in f.metadata["stages"] or not f.metadata["stages"]
+        ]
+
+    add_flags(parser, RunOptions, defaults, names(RunOptions), title="what to do")
+    add_flags(parser, GPTConfig, defaults, title="model")
+    add_flags(parser, TrainConfig, defaults, names(TrainConfig), title="training")
     return vars(parser.parse_args(argv))
 
 
+def machine_preset(device, given):
+    """(the preset a run without --preset trains here, why), by what the machine is, never by a
+    timing: small on a CUDA GPU; mini on a CPU that trains in bfloat16 on 2 threads or more; tiny
+    elsewhere (docs/training.md)."""
+    dtype = given.get("dtype", "auto")
+    threads = given.get("threads") or torch.get_num_threads()
+    if device.type == "cuda":  # small whatever its precision: asking would start CUDA
+        return "small", "cuda"
+    if dtype == "auto":
+        dtype = devices.auto_dtype(device)[0]
+    why = f"{device.type} in {dtype} on {threads} threads"
+    if device.type == "cpu" and dtype == "bfloat16" and threads >= 2:
+        return "mini", why
+    return "tiny", why
+
+
 def settle(given, stage="train", started=0.0, needs=None):
-    """The settings of a training script's flags given (stage: its name; started: when its time
-    began; needs: the flag a fresh run of it cannot go without): the preset (without --preset,
-    this machine's, saying why), then what the run starts from, each flag checked against it."""
+    """The settings of the flags given: the preset (without --preset, this machine's, saying why),
+    then what the run starts from, each flag checked against it."""
     options = make_config(RunOptions, given)
     device = devices.choose_device(given.get("device", "auto"))
-    preset, machine = devices.machine_preset(device, given)
+    preset, machine = machine_preset(device, given)
     trains = options.eval_only is None and not options.plot_lr
     if options.preset:
         preset = options.preset
@@ -67,8 +109,27 @@ def settle(given, stage="train", started=0.0, needs=None):
         cli.log(f"no --preset given: using '{preset}' for {machine}")
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cfg, cfg = build_configs(given, PRESETS[preset])
+    if options.eval_only is not None and "data" not in given:  # the checkpoint's own text
+        cfg = replace(cfg, data="")
     settings = Settings(model_cfg, cfg, options, stage, preset, device, started=started)
     return settle_run(settings, given, needs) if trains else settings
+
+
+def build_configs(given, settings):
+    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
+    FROM_TRAINED's for a run from a trained model, then the flags given. --max_steps turns the
+    preset's time budget off, and a run from a trained model given it warms up for a tenth of
+    its steps; --tag names the run's folder, checkpoints/TAG, unless --out_dir is given."""
+    given_both = given.get("time_budget") and "max_steps" in given
+    require(not given_both, "give --time_budget or --max_steps, not both")
+    values = {**settings, **(FROM_TRAINED if given.get("init_from") else {}), **given}
+    if "max_steps" in given:
+        values["time_budget"] = ""
+        if given.get("init_from") and "warmup_steps" not in given:
+            values["warmup_steps"] = given["max_steps"] // 10
+    if values.get("tag") and "out_dir" not in given:
+        values["out_dir"] = f"checkpoints/{values['tag']}"
+    return make_config(GPTConfig, values), make_config(TrainConfig, values)
 
 
 def settle_run(settings, given, needs=None):
@@ -135,7 +196,8 @@ def settings_to_resume(last, settings, given):
 
 
 def fine_tune_checkpoint(path, given):
-    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight."""
+    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight.
+    A LoRA adapter trains on as it is: a LoRA flag must agree with it."""
     if path.lower().endswith(".pt"):
         saved = checkpoint.load(path)
     else:
@@ -144,7 +206,7 @@ def fine_tune_checkpoint(path, given):
         saved = gpt2_checkpoint(path)
     has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
     adapter = saved.get("lora")
-    if adapter and given.get("lora_rank"):  # a LoRA adapter trains on as it is
+    if adapter and given.get("lora_rank"):
         has |= dict(lora_rank=adapter["rank"], lora_alpha=adapter["alpha"], lora_mlp=adapter["mlp"])
     refused = contradicted(given, has, may_change=("dropout",))
     why = f"--init_from {path} keeps that model's shape, tokenizer and adapter"
