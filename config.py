@@ -250,9 +250,14 @@ PRESETS = {
 }
 
 
-# a run that starts from a trained model (finetune.py, dpo.py) keeps that model's shape and dropout,
-# and takes the rest from the preset but its floor: it decays to 0, so any --lr works on any machine
-FROM_TRAINED = dict(min_lr=0.0)
+def from_trained(given):
+    """What a run from a trained model (finetune.py, dpo.py) takes over the preset, given these
+    flags: a decay to 0, so that any --lr works on any machine; and with --max_steps N a warmup of
+    N / 10, since the presets' is made for pretraining. It keeps the model's shape and dropout."""
+    own = dict(min_lr=0.0)
+    if "max_steps" in given:
+        own["warmup_steps"] = given["max_steps"] // 10
+    return own
 
 
 def add_flags(parser, cls, defaults=None, names=None, title=None):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import train
 from config import NO_TARGET, TinyLLMError
-from machinery import checkpoint, cli, harness
+from machinery import checkpoint, cli, devices
 from machinery.settings import read_settings
 from model import lm_loss
 
@@ -61,7 +61,7 @@ class Distilled(nn.Module):
 def distill(settings):
     """train.py's fit of a fresh student on the teacher's text, whose steps call Distilled."""
     cfg = settings.cfg
-    process = harness.start_process(settings)
+    process = devices.start_process(settings)
     corpus = train.load_corpus(settings)
     model = train.make_model(settings, corpus)  # a fresh student (or a resume's)
     teacher = checkpoint.load_model(cfg.distill_from)

@@ -26,7 +26,7 @@ import train
 from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
 from finetune import adapted
 from lora import merge
-from machinery import checkpoint, cli, harness, sources
+from machinery import checkpoint, cli, devices, sources
 from machinery.settings import read_settings
 from model import lm_loss
 from sampling import sample_text
@@ -37,7 +37,7 @@ def dpo(settings):
     """train.py's fit on batches of pairs, whose steps call Preferring. Pairs whose chosen answers
     are in character (the bundled ones) print the share of held-out answers so, before and after."""
     cfg = settings.cfg
-    process = harness.start_process(settings)
+    process = devices.start_process(settings)
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)
     texts = sources.preference_pairs(cfg.data)
     pairs = pair_split(texts, tokenizer, cfg.data)

@@ -22,14 +22,14 @@ import torch
 
 import train
 from lora import add_adapters, merge
-from machinery import checkpoint, cli, harness, sources
+from machinery import checkpoint, cli, devices, sources
 from machinery.settings import read_settings
 
 
 def finetune(settings):
     """The model of --init_from (or of a resume), its vocabulary grown by the corpus's new tokens,
     adapted under --lora_rank; then train.py's fit."""
-    process = harness.start_process(settings)
+    process = devices.start_process(settings)
     corpus = load_corpus(settings)
     model, rows = trained_model(settings, corpus)
     model = adapted(settings.cfg, model, settings.saved, settings.path, rows)

@@ -6,9 +6,10 @@
     python train.py --data notes.txt --tag notes   # your own text
 
 In order: the corpus, the GPT and its batches; the AdamW optimizer and its parameter groups; the
-warmup-cosine schedule; one step (gradient accumulation, clipping); the loop every stage runs
-(fit), which evaluates and saves. What keeps the run's promises (a time budget, Ctrl-C, --resume,
-the opening and closing lines, the flags) is machinery/harness.py, behind the calls on `run`.
+warmup-cosine schedule; one step (gradient accumulation, clipping); the run every stage runs
+(fit): its set-up, then the loop, which says when the run ends, evaluates, saves and stops. Each
+promise the loop keeps is an object of machinery/ named for it: the state and its checkpoints
+(exact --resume), the time budget, the signals (Ctrl-C), the report (the lines and history).
 
 A later stage (finetune.py, distill.py, dpo.py) uses this file through corpus_batches, Stage and
 fit: it makes its own model and batches, then fits them. finetune.py starts from a trained model."""
@@ -24,12 +25,17 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from machinery import checkpoint, cli, evaluation, harness, plots, sources
+from machinery import checkpoint, cli, devices, evaluation, plots, sources
+from machinery.budget import Budget
+from machinery.report import Report
 from machinery.settings import read_settings
+from machinery.signals import Signals
+from machinery.state import Checkpoints, start_state
 from model import GPT
 from utils import make_batches
 
@@ -40,7 +46,7 @@ def train(settings):
     """Pretrain a GPT from scratch, or go on with its run (--resume). Read the corpus, build the
     model and its batches, then fit it. settings come from main, at the bottom. Under torchrun
     every rank runs this."""
-    process = harness.start_process(settings)  # its rank under torchrun, its threads, the seed
+    process = devices.start_process(settings)  # its rank under torchrun, its threads, the seed
     corpus = load_corpus(settings)
     model = make_model(settings, corpus)
     batches = corpus_batches(settings, corpus, model, process)
@@ -113,15 +119,21 @@ def make_optimizer(model, cfg, device, dtype="float32"):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
+def warmup(max_steps, cfg):
+    """The steps of the schedule's warmup, in a run of max_steps: its LR climbs to cfg.lr, and
+    decays after. A time budget never plans an end within them. A shape without a warmup: 0."""
+    return cfg.warmup_steps
+
+
 def get_lr(step, max_steps, cfg):
-    """The learning rate of a step: a linear warmup to cfg.lr over warmup_steps steps, then a decay
-    to min_lr as the progress goes from 0 (the warmup's end) to 1 at step max_steps, where the run
-    ends: its last step, max_steps - 1, is a step short of it, as in nanoGPT. A new shape: a choice
-    of lr_schedule in config.py, a formula here, a row of SCHEDULE_POINTS in tests/test_train.py.
-    min_lr may be 0 (the five-minute presets): a shape that divides by it needs a floor above 0."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    """The learning rate of a step: a linear warmup to cfg.lr, then a decay to min_lr as the
+    progress goes from 0 (the warmup's end) to 1 at step max_steps, where the run ends: its last
+    step, max_steps - 1, is a step short of it, as in nanoGPT. min_lr may be 0 (the five-minute
+    presets): a shape that divides by it needs a floor above 0."""
+    warm = warmup(max_steps, cfg)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(1, max_steps - warm))
     if cfg.lr_schedule == "linear":
         return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress)
     if cfg.lr_schedule == "cosine":
@@ -180,7 +192,9 @@ def estimate_loss(model, batches, eval_iters, autocast):
     return out
 
 
-# ------------------------------------------------------------- the loop: fit, evaluate, loop
+# ------------------------------------------------------------------- the run: its set-up and loop
+
+OUT_OF_MEMORY = "out of memory: try a smaller --batch_size or model, or --grad_accum_steps 2"
 
 
 @dataclass
@@ -202,74 +216,121 @@ class Stage:
     entries: dict = field(default_factory=dict)  # what its checkpoints add: {name: value}
 
     def __post_init__(self):
-        self.wrapper = self.wrapper or self.model
+        if self.wrapper is None:
+            self.wrapper = self.model
 
 
 def fit(settings, process, corpus, stage):
-    """Train the stage's GPT on its batches through its wrapper. Set up the optimizer, in the
-    process's precision; the harness sets up the run (its state, a resume's, the opening lines);
-    then loop. Every stage runs this; it returns the run's summary."""
+    """Train the stage's GPT on its batches through its wrapper, then return the run's summary.
+    First the set-up, each check before anything is written; then the loop, which takes steps
+    until the run ends, evaluates and saves now and then, and stops early if asked. Every stage
+    runs this."""
     cfg = settings.cfg
-    with harness.out_of_memory():  # one error line, with what to try
+    options = settings.options
+    with devices.out_of_memory_as_error(OUT_OF_MEMORY):  # one error line, with what to try
         stage.wrapper.to(process.device)  # the GPT, and a frozen partner beside it
         optimizer = make_optimizer(stage.model, cfg, process.device, process.dtype)
-        run = harness.Run(settings, process, corpus, stage, optimizer)
-        return loop(run)
+        state = start_state(settings, optimizer, process)  # fresh, or as the resume saved it
+        batches = dict(stage.batches)
+        if options.overfit_batch:  # a check: every step trains on one batch, nothing is written
+            fixed = batches["train"]()
+            batches["train"] = lambda: fixed
+            cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
+        step_model = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
+        step_model = process.wrap(step_model)  # under torchrun, DDP averages the gradients
+        if cfg.compile:  # a missing compiler: one error line now
+            devices.compile_first(stage.model, step_model, batches["train"], process)
+        checkpoints = Checkpoints(settings, process, corpus, stage, optimizer)
+        if options.overwrite and checkpoints.writes and not settings.resumed and not process.rank:
+            checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
+        if not cfg.time_budget and cfg.max_steps <= warmup(cfg.max_steps, cfg):
+            cli.warn(f"--max_steps {cfg.max_steps} ends within the warmup: the LR never decays")
+        signals = Signals(process, cfg.log_interval)
+        budget = Budget(settings, process, state, checkpoints)
+        report = Report(settings, process, corpus, stage, signals, budget)
+        report.opening(state, f"{cfg.lr_schedule} schedule")
+        stop_reason = None  # an early stop: --patience, --target_loss, --overfit_batch
+
+        with signals:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
+            while True:
+                # under a time budget, the steps that fit in the time left; planned every step
+                state.max_steps = budget.plan(state, warmup(state.max_steps, cfg))
+                at_end = state.step >= state.max_steps
+                periodic = state.step % cfg.eval_interval == 0 and budget.room_to_evaluate(state)
+                if (at_end or periodic) and state.step != state.last_eval_step:  # once a step
+                    with budget.set_aside(state):  # the budget keeps its time for the last one
+                        train_loss, val_loss = evaluate(step_model, batches, cfg, process)
+                        improved = state.step > 0 and val_loss < state.best_val_loss
+                        report.evaluation(state, train_loss, val_loss, improved)
+                        state.last_eval_step = state.step
+                        if state.step:  # the baseline, before any step, keeps nothing
+                            if improved:
+                                state.best_val_loss = val_loss
+                                state.evals_without_improvement = 0
+                                checkpoints.save("best.pt", state)
+                            else:
+                                state.evals_without_improvement += 1
+                            checkpoints.save("last.pt", state)
+                            stop_reason = stop_reason or early_stop(state, val_loss, cfg)
+                        report.history(state, checkpoints.writes)
+                    continue  # it took time: plan again
+                ending = at_end or stop_reason is not None
+                if (
+                    signals.stop(state, ending) or ending
+                ):  # Ctrl-C or SIGTERM on any rank, or the end
+                    break
+                state.lr = get_lr(state.step, state.max_steps, cfg)
+                figures = train_step(
+                    step_model, optimizer, batches["train"], state.lr, cfg, process
+                )
+                state.window.append(figures)
+                state.step += 1
+                if state.step % cfg.log_interval == 0:
+                    means = report.progress(state)  # each figure's mean since the last line
+                    if options.overfit_batch and process.mean([means["loss"]])[0] < 0.01:
+                        stop_reason = f"overfit_batch: loss below 0.01 at step {state.step}"
+                if cfg.save_interval and state.step % cfg.save_interval == 0:
+                    checkpoints.save(f"ckpt_{state.step:07d}.pt", state)  # keep_last of them stay
+
+        if signals.signum or state.last_eval_step != state.step:
+            checkpoints.save("last.pt", state)
+        if signals.signum:  # stopped: the command that resumes it, and 128 + the signal
+            report.stopped(state, checkpoints.writes)
+            process.leave_together()
+            sys.exit(128 + signals.signum)
+        report.closing(
+            state, stop_reason, get_lr(state.max_steps, state.max_steps, cfg), checkpoints.writes
+        )
+        process.leave_together()
+        return {
+            "step": state.step,
+            "best_val_loss": state.best_val_loss,
+            "history": state.history,
+            "stop_reason": stop_reason,
+            "seconds": state.elapsed(settings.started),
+            "model": stage.model,
+            "corpus": corpus,
+            "dtype": process.dtype,
+            "tokens_per_step": cfg.batch_size * stage.model.config.block_size,  # tools.scaling's
+        }
 
 
-def evaluate(run):
-    """The mean loss of each split, on its line. After the first step it saves last.pt, and
-    best.pt when val is the lowest yet; --patience or --target_loss may end the run here."""
-    cfg = run.cfg
-    state = run.state
-    started = time.perf_counter()  # a time budget keeps as much time for the last evaluation
-    losses = estimate_loss(run.step_model, run.batches, run.eval_iters, run.process.autocast)
-    train_loss, val_loss = run.process.mean([losses["train"], losses["val"]])  # every rank's
-    improved = state.step > 0 and val_loss < state.best_val_loss  # the baseline never is
-    run.evaluated(train_loss, val_loss, improved)  # its line and history row
-    if state.step:  # the baseline, before any step, keeps nothing
-        state.best_val_loss = min(val_loss, state.best_val_loss)
-        state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
-        run.save("last.pt")
-        if improved:
-            run.save("best.pt")
-        if cfg.patience and state.evals_without_improvement >= cfg.patience:
-            evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
-            run.stop_reason = f"early stop: val loss has not improved for {evals}"
-        if cfg.target_loss and val_loss <= cfg.target_loss:
-            target = f"val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
-            run.stop_reason = f"target reached: {target}"
-    run.evaluation_done(started)  # history.csv and loss.png; its time kept aside by a budget
+def evaluate(model, batches, cfg, process):
+    """(train loss, val loss): each the mean over every rank's share of eval_iters batches."""
+    eval_iters = math.ceil(cfg.eval_iters / process.world)  # this rank's share
+    losses = estimate_loss(model, batches, eval_iters, process.autocast)
+    return process.mean([losses["train"], losses["val"]])
 
 
-def loop(run):
-    """Take steps until step state.max_steps. Evaluate every eval_interval steps and at the end;
-    print a progress line every log_interval steps. Then the closing lines (run.finish)."""
-    cfg = run.cfg
-    state = run.state
-    with run:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
-        while True:
-            run.plan()  # a --time_budget sets max_steps: the steps that fit in the time left
-            at_end = state.step >= state.max_steps
-            periodic = state.step % cfg.eval_interval == 0 and run.room_to_evaluate()
-            if (at_end or periodic) and state.step != state.last_eval_step:  # never twice a step
-                evaluate(run)
-                continue  # it took time: plan again
-            if run.signalled():  # Ctrl-C or SIGTERM, on any rank
-                break
-            if at_end or run.stop_reason:  # the end, or an early stop
-                break
-            state.lr = get_lr(state.step, state.max_steps, cfg)
-            batch = run.batches["train"]
-            figures = train_step(run.step_model, run.optimizer, batch, state.lr, cfg, run.process)
-            state.window.append(figures)
-            state.step += 1
-            if state.step % cfg.log_interval == 0:
-                run.log_progress()  # each figure's mean since the last line, the pace, the ETA
-            if cfg.save_interval and state.step % cfg.save_interval == 0:
-                run.save(f"ckpt_{state.step:07d}.pt")  # the newest keep_last of them stay
-    end = get_lr(state.max_steps, state.max_steps, cfg)  # the schedule's end, on the closing line
-    return run.finish(end)  # last.pt, the closing lines and sample
+def early_stop(state, val_loss, cfg):
+    """Why the run stops before its end, or None: --patience evaluations without a new best, or
+    --target_loss reached."""
+    if cfg.patience and state.evals_without_improvement >= cfg.patience:
+        evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
+        return f"early stop: val loss has not improved for {evals}"
+    if cfg.target_loss and val_loss <= cfg.target_loss:
+        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
+    return None
 
 
 # ------------------------------------------------------------------------------- the command line

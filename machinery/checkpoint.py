@@ -6,17 +6,14 @@ import contextlib
 import dataclasses
 import os
 import pickle
-import random
 import time
 import warnings
 from collections import namedtuple
 
-import numpy as np
 import torch
 
 from config import GPTConfig, TinyLLMError, require
-from machinery import devices
-from machinery.cli import check_writable, first_line, log
+from machinery.cli import check_writable, first_line
 from model import GPT
 from tokenizer import from_dict
 
@@ -207,40 +204,6 @@ def summary(checkpoint):
     val = checkpoint.get("best_val_loss")
     best = f", best val {val:.4f}" if isinstance(val, float) else ""
     return f"step {checkpoint.get('step', '?')}{best}"
-
-
-# ---------------------------------------------------------------------- the random generators
-
-
-def rng_state():
-    """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
-    A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
-    kind, key, *rest = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), *rest],
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "mps": torch.mps.get_rng_state() if devices.machine().mps else None,
-    }
-
-
-def set_rng_state(state):
-    """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
-    random.setstate(state["python"])
-    kind, key, *rest = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    has = devices.machine()
-    if has.mps and state.get("mps") is not None:
-        torch.mps.set_rng_state(state["mps"])
-    for index, gpu_state in enumerate(state["cuda"][: has.gpus]):
-        torch.cuda.set_rng_state(gpu_state, device=index)
-    if len(state["cuda"]) > has.gpus:
-        log(
-            f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this "
-            f"machine has {has.gpus}; dropout on the rest continues from a fresh seed"
-        )
 
 
 # ------------------------------------------------------------------ the run folder that holds them

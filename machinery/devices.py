@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TinyLLMError
+from machinery import cli
 from machinery.cli import warn
 
 
@@ -268,3 +269,59 @@ def setup_process(device, dtype="float32"):
         elif not dist.is_initialized():
             dist.init_process_group("gloo")
     return Process(rank, world, device, *resolve_dtype(dtype, device))
+
+
+def rng_state():
+    """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
+    A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
+    kind, key, *rest = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), *rest],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "mps": torch.mps.get_rng_state() if machine().mps else None,
+    }
+
+
+def set_rng_state(state):
+    """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
+    random.setstate(state["python"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    has = machine()
+    if has.mps and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
+    for index, gpu_state in enumerate(state["cuda"][: has.gpus]):
+        torch.cuda.set_rng_state(gpu_state, device=index)
+    if len(state["cuda"]) > has.gpus:
+        cli.log(
+            f"note: the checkpoint holds the random state of {len(state['cuda'])} GPU(s), this "
+            f"machine has {has.gpus}; dropout on the rest continues from a fresh seed"
+        )
+
+
+def start_process(settings):
+    """This process (its rank under torchrun), its precision, its CPU threads, and the seed."""
+    process = setup_process(settings.device, settings.cfg.dtype)
+    set_threads(settings.cfg.threads)
+    seed_everything(settings.cfg.seed)  # the same initial weights on every rank
+    return process
+
+
+def compile_first(model, step_model, next_batch, process):
+    """--compile's first forward and backward, now: a missing compiler is one error line before
+    anything is written. It leaves no trace: no gradient, each generator as it was, its draw too."""
+    rngs = rng_state()
+    try:
+        with process.autocast:
+            process.scaler.scale(step_model(*next_batch())[1]).backward()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # torch 2.5 raises a missing compiler as a plain RuntimeError
+        failed = f"--compile failed on this machine ({cli.first_line(e)})"
+        raise TinyLLMError(f"{failed}; run without it") from None
+    finally:
+        set_rng_state(rngs)
+    model.zero_grad(set_to_none=True)

@@ -71,6 +71,7 @@ def draw_lr_schedule(cfg, get_lr):
     path = os.path.join(cfg.out_dir, "lr_schedule.png")
     save_plot(fig, path, ax)
     tenths = [round(cfg.max_steps * i / 10) for i in range(11)]
-    steps = sorted({s for s in [cfg.warmup_steps] + tenths if s <= cfg.max_steps})  # the peak too
+    peak = lrs.index(max(lrs))  # where the warmup, if any, ends
+    steps = sorted({peak, *tenths})
     log("lr at step " + ", ".join(f"{s}: {lrs[s]:.3g}" for s in steps))
     log(f"wrote {path}")

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from config import (
-    FROM_TRAINED,
     PRESETS,
     RESUME_MAY_CHANGE,
     GPTConfig,
@@ -20,6 +19,7 @@ from config import (
     TinyLLMError,
     TrainConfig,
     add_flags,
+    from_trained,
     make_config,
     require,
 )
@@ -66,7 +66,7 @@ def flags(argv=None, stage="train", doc="", needs=None):
     defaults = {k: (v, f"preset {preset}") for k, v in PRESETS[preset].items()}
     defaults |= devices.auto_meanings(here) | {"preset": (preset, f"for {machine} here")}
     if needs == "init_from":
-        defaults |= {k: (v, "from a trained model") for k, v in FROM_TRAINED.items()}
+        defaults |= {k: (v, "from a trained model") for k, v in from_trained({}).items()}
         defaults["dropout"] = ("the checkpoint's", None)
 
     def names(cls):  # the fields of cls this stage takes: every stage's, and its own
@@ -117,16 +117,14 @@ def settle(given, stage="train", started=0.0, needs=None):
 
 def build_configs(given, settings):
     """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
-    FROM_TRAINED's for a run from a trained model, then the flags given. --max_steps turns the
-    preset's time budget off, and a run from a trained model given it warms up for a tenth of
-    its steps; --tag names the run's folder, checkpoints/TAG, unless --out_dir is given."""
+    a run from a trained model's own (config.from_trained), then the flags given. --max_steps
+    turns the preset's time budget off; --tag names the run's folder, checkpoints/TAG, unless
+    --out_dir is given."""
     given_both = given.get("time_budget") and "max_steps" in given
     require(not given_both, "give --time_budget or --max_steps, not both")
-    values = {**settings, **(FROM_TRAINED if given.get("init_from") else {}), **given}
+    values = {**settings, **(from_trained(given) if given.get("init_from") else {}), **given}
     if "max_steps" in given:
         values["time_budget"] = ""
-        if given.get("init_from") and "warmup_steps" not in given:
-            values["warmup_steps"] = given["max_steps"] // 10
     if values.get("tag") and "out_dir" not in given:
         values["out_dir"] = f"checkpoints/{values['tag']}"
     return make_config(GPTConfig, values), make_config(TrainConfig, values)

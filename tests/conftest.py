@@ -125,6 +125,7 @@ def cpu_and_offline():
     One torch thread: tiny models gain nothing from a second, and xdist's workers share the cores.
     (torch is imported here, not above: xdist's controller, which runs no test, skips it.)"""
     import torch
+    import torch._dynamo  # noqa: F401  an optimizer's first step imports it (seconds): not in a run's time
 
     from machinery import devices
 
@@ -225,18 +226,17 @@ def tiny_run(data, out_dir, **overrides):
 def train_run(model_cfg, cfg, options=None, given=None, stage="train"):
     """A run of the stage's script (train, finetune, distill, dpo) on these configs, in this
     process, settled as the script settles its flags' (given: the flags a user typed, checked
-    against a resume's or a fine-tune's checkpoint). Its time starts now (StepClock's, if
-    installed)."""
+    against a resume's or a fine-tune's checkpoint). Its time starts now."""
     import importlib
+    import time
 
     import torch
 
     from config import RunOptions
-    from machinery import harness
     from machinery.settings import Settings, settle_run
 
     options = options or RunOptions()
-    started = harness.time.perf_counter()  # its time from now: a StepClock's if installed
+    started = time.perf_counter()  # its time from now
     asked = Settings(model_cfg, cfg, options, stage, "custom", torch.device("cpu"), started=started)
     settings = settle_run(asked, given or {})
     return getattr(importlib.import_module(stage), stage)(settings)
@@ -300,46 +300,67 @@ def chat_run(tmp_path_factory):
     return str(folder / "run" / "best.pt"), out.getvalue()
 
 
-def interrupt_at(monkeypatch, step, signum):
-    """During step `step`, call the handler the loop installed for signum, as the signal would."""
+def through_the_stage(monkeypatch, change):
+    """Each run started from here hands the loop change(stage, settings) in place of the stage its
+    script made: how a test brings a fault or a slow step through what a stage hands the loop (its
+    model, its batches, its figures), and not by replacing the lesson's functions."""
     import train
 
-    real, calls = train.train_step, []
+    real_fit = train.fit
 
-    def step_then_signal(*a, **k):
-        out = real(*a, **k)
-        calls.append(1)
-        if len(calls) == step:
-            signal.getsignal(signum)(signum, None)
-        return out
+    def fit(settings, process, corpus, stage):
+        return real_fit(settings, process, corpus, change(stage, settings))
 
-    monkeypatch.setattr(train, "train_step", step_then_signal)
+    monkeypatch.setattr(train, "fit", fit)
 
 
-class StepClock:
-    """A clock the test controls, as the harness's time.perf_counter (install): each training
-    step takes `step` seconds on it, nothing else takes any unless it says so."""
+def through_the_model(monkeypatch, step=None, evaluation=None):
+    """Each run started from here steps its stage's model inside one that calls step(n, model) as
+    step n (from 1, in this process) goes forward; and evaluation(call, out) -> out at each forward
+    pass of an evaluation (numbered from 0: eval_iters of train, then of val), out being the
+    model's (logits, loss)."""
+    import torch
 
-    def __init__(self, step):
-        self.step, self.now = step, 0.0
+    class Through(torch.nn.Module):
+        def __init__(self, model, micro_batches):
+            super().__init__()
+            self.model = model
+            self.micro_batches = micro_batches
+            self.forwards = 0
+            self.evaluations = 0
 
-    def __call__(self):
-        return self.now
+        def forward(self, *args):
+            if self.training and step and self.forwards % self.micro_batches == 0:
+                step(self.forwards // self.micro_batches + 1, self.model)
+            self.forwards += self.training
+            out = self.model(*args)
+            if not self.training and evaluation:
+                out = evaluation(self.evaluations, out)
+                self.evaluations += 1
+            return out
 
-    def install(self, monkeypatch):
-        import train
-        from machinery import harness
+    def change(stage, settings):
+        model = Through(stage.wrapper, settings.cfg.grad_accum_steps)
+        return dataclasses.replace(stage, wrapper=model)
 
-        real = train.train_step
+    through_the_stage(monkeypatch, change)
 
-        def timed_step(*args, **kwargs):
-            self.now += self.step
-            return real(*args, **kwargs)
 
-        monkeypatch.setattr(train, "train_step", timed_step)
-        for module in (train, harness):  # the run's clock, and an evaluation's
-            monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=self))
-        return self
+def interrupt_at(monkeypatch, step, signum):
+    """The signal arrives during step `step` of the runs started from here."""
+
+    def at(n, model):
+        if n == step:
+            signal.raise_signal(signum)
+
+    through_the_model(monkeypatch, step=at)
+
+
+def slow_steps(monkeypatch, seconds):
+    """Each step of the runs started from here takes seconds more, in real time: a slow machine."""
+    import time
+
+    through_the_model(monkeypatch, step=lambda n, model: time.sleep(seconds))
 
 
 def last_lr_is_the_schedules_end(cfg, summary):

@@ -15,7 +15,15 @@ import traceback
 
 import pytest
 import torch
-from conftest import ROOT, TINY_FLAGS, assert_one_line_error, cli, script_env, tiny_model
+from conftest import (
+    ROOT,
+    TINY_FLAGS,
+    assert_one_line_error,
+    cli,
+    script_env,
+    through_the_model,
+    tiny_model,
+)
 
 import generate
 import train
@@ -136,12 +144,12 @@ def test_help_shows_this_machines_preset_and_what_auto_means_here(
 def test_running_out_of_memory_is_one_line_saying_what_to_try(
     text_file, tmp_path, capsys, monkeypatch, memory
 ):
-    def out_of_memory(*args):
+    def out_of_memory(n, model):  # the first step's forward pass
         if memory == "cpu":  # the allocator's own error: more bytes than any machine has
             torch.empty(2**62, dtype=torch.uint8)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "make_optimizer", out_of_memory)
+    through_the_model(monkeypatch, step=out_of_memory)
     code, _, err = cli(
         capsys, train.main, *TINY_FLAGS, "--data", text_file, "--out_dir", tmp_path / "run"
     )
@@ -362,14 +370,11 @@ def test_a_ctrl_c_that_lands_while_a_line_is_written_still_saves(
 
 
 def test_a_second_ctrl_c_aborts_at_once(text_file, tmp_path, capsys, monkeypatch):
-    real = train.train_step
-
-    def ctrl_c_twice(*args, **kwargs):  # real signals, the second while the first is being honoured
+    def ctrl_c_twice(n, model):  # real signals, the second while the first is being honoured
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", ctrl_c_twice)
+    through_the_model(monkeypatch, step=ctrl_c_twice)
     argv = endless_run(text_file, tmp_path, "--eval_interval", 1000)
     code, out, _ = cli(capsys, train.main, *argv)
     assert code == 130 and "--resume" not in out

@@ -2,13 +2,23 @@
 (fake_machine, and the project's own seams machinery.devices.gpu and autocast_works), and the CPU
 paths that stand in for a GPU's: bfloat16 autocast and float16's loss scaler."""
 
+import dataclasses
 import math
 import random
 
 import numpy as np
 import pytest
 import torch
-from conftest import GREEDY, cli, generated, same_state, tiny_model, tiny_run, train_run
+from conftest import (
+    GREEDY,
+    cli,
+    generated,
+    same_state,
+    through_the_model,
+    tiny_model,
+    tiny_run,
+    train_run,
+)
 
 import generate
 import train
@@ -90,11 +100,11 @@ def test_mocked_cpu_takes_the_precision_measured_on_its_kind_and_the_header_says
 ):
     facts, dtype = CPUS[kind]
     fake_machine(cuda=False, mps=False, **facts)
-    cfg = tiny_run(text_file, tmp_path, dtype="auto")
-    monkeypatch.setattr(train, "loop", lambda run: run)  # set up, its header printed
-    run = train_run(tiny_model(), cfg)
+    cfg = tiny_run(text_file, tmp_path, dtype="auto", max_steps=1, eval_interval=1)
+    train_run(tiny_model(), cfg)
     header = capsys.readouterr().out.splitlines()[0]
-    assert run.process.dtype == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
+    saved = checkpoint.load(str(tmp_path / "last.pt"))
+    assert saved["dtype"] == dtype and f"({dtype}: {devices.auto_dtype(CPU)[1]}, " in header
     fake_machine(vendor="")  # a CPU whose maker is unknown takes bfloat16 only with AMX
     assert devices.auto_dtype(CPU)[0] == ("bfloat16" if facts["amx"] else "float32")
 
@@ -106,32 +116,37 @@ def test_bfloat16_asked_of_a_cpu_without_it_is_a_warning_not_a_failure(fake_mach
 
 
 def test_the_set_up_times_nothing_so_a_busy_machine_trains_the_same_run(
-    text_file, tmp_path, monkeypatch
+    text_file, tmp_path, monkeypatch, capsys
 ):
-    """No step before the loop: the precision and the model come from what the machine is."""
+    """No step before the loop: the precision and the model come from what the machine is. The
+    first step the model takes is the loop's, after its baseline evaluation."""
 
-    def no_step(*args, **kwargs):
-        pytest.fail("a step was taken at start-up")
+    class FirstStep(Exception):
+        pass
 
-    monkeypatch.setattr(train, "train_step", no_step)
-    monkeypatch.setattr(train, "loop", lambda run: "set up")  # all before the loop
+    def first_step(n, model):
+        raise FirstStep
+
+    through_the_model(monkeypatch, step=first_step)
     cfg = tiny_run(text_file, tmp_path, dtype="auto", time_budget="5m", sample_tokens=10)
-    assert train_run(tiny_model(), cfg) == "set up"
+    with pytest.raises(FirstStep):
+        train_run(tiny_model(), cfg)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("eval      0/?")
 
 
 def test_random_state_round_trips_through_a_file_and_more_gpus_than_here_restore_with_a_note(
     tmp_path, fake_machine, capsys
 ):
-    torch.save(checkpoint.rng_state(), tmp_path / "rng.pt")
+    torch.save(devices.rng_state(), tmp_path / "rng.pt")
     expected = draws()
     # plain data and tensors only
-    checkpoint.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    devices.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
     assert capsys.readouterr().out == ""
     fake_machine(gpus=0, mps=False)  # a checkpoint of a 2-GPU run, resumed on this CPU
-    saved = {**checkpoint.rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    saved = {**devices.rng_state(), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
     expected = draws()
-    checkpoint.set_rng_state(saved)
+    devices.set_rng_state(saved)
     assert draws() == expected  # the others are restored all the same
     assert "2 GPU" in capsys.readouterr().out
 
@@ -169,19 +184,16 @@ def test_float16s_scaler_skips_a_step_whose_gradient_overflowed():
 def test_a_float16_run_skips_a_step_whose_gradient_overflowed_and_trains_on(
     text_file, tmp_path, monkeypatch
 ):
-    real, calls = train.train_step, []
+    hooks = []
 
-    def overflowing(model, *args, **kwargs):  # step 3's gradient overflows
-        calls.append(1)
-        if len(calls) != 3:
-            return real(model, *args, **kwargs)
-        hook = model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
-        try:
-            return real(model, *args, **kwargs)
-        finally:
-            hook.remove()
+    def overflowing(n, model):  # step 3's gradient overflows
+        if n == 3:
+            inf = model.lm_head.weight.register_hook(lambda g: torch.full_like(g, math.inf))
+            hooks.append(inf)
+        elif hooks:
+            hooks.pop().remove()
 
-    monkeypatch.setattr(train, "train_step", overflowing)
+    through_the_model(monkeypatch, step=overflowing)
     cfg = tiny_run(text_file, tmp_path, dtype="float16", max_steps=6, log_interval=1)
     summary = train_run(tiny_model(), cfg)  # no error: the scaler skipped the step
     norms = [row["grad_norm"] for row in summary["history"] if row["kind"] == "train"]
@@ -199,9 +211,10 @@ def test_a_float16_run_checkpoints_its_loss_scale_and_a_resume_takes_it_back(
     assert saved["scaler"]["scale"] > 0
     saved["scaler"]["scale"] = 1234.0
     checkpoint.save(str(tmp_path / "last.pt"), saved)
-    monkeypatch.setattr(train, "loop", lambda run: run)  # set up
-    run = train_run(tiny_model(), cfg, RunOptions(resume=True))
-    assert run.process.dtype == "float16" and run.process.scaler.get_scale() == 1234.0
+    more = dataclasses.replace(cfg, max_steps=6)  # no overflow: the scale stays as it was
+    train_run(tiny_model(), more, RunOptions(resume=True), dict(max_steps=6))
+    resumed = checkpoint.load(str(tmp_path / "last.pt"))
+    assert resumed["dtype"] == "float16" and resumed["scaler"]["scale"] == 1234.0
 
 
 def test_a_bfloat16_cpu_run_trains_evaluates_and_generates_and_never_turns_tf32_on(

@@ -1,21 +1,23 @@
 """dpo.py: a policy tuned on preference pairs against its frozen reference; its loss, its pairs,
 its run and resume, the in-character measure before and after, bad input."""
 
+import dataclasses
 import json
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
     ROOT,
-    StepClock,
     assert_one_line_error,
     cli,
     interrupt_at,
     same_weights,
+    through_the_stage,
     tiny_model,
     tiny_run,
     train_run,
@@ -125,14 +127,16 @@ def test_a_preference_run_grows_the_held_out_margins_and_resumes_exactly(
 def test_a_stages_figures_are_no_step_the_pace_leaves_them_out(
     chat_checkpoint, tmp_path, monkeypatch
 ):
-    clock = StepClock(0.01).install(monkeypatch)  # a step: 10 ms on the run's clock
-    held_out = dpo.held_out
+    def slow_figures(stage, settings):  # the held-out pairs at each evaluation: 1 s more
+        figures = stage.figures
 
-    def slow_figures(*args):  # the held-out pairs on each progress line: 100 s
-        clock.now += 100
-        return held_out(*args)
+        def slow():
+            time.sleep(1)
+            return figures()
 
-    monkeypatch.setattr(dpo, "held_out", slow_figures)
+        return dataclasses.replace(stage, figures=slow)
+
+    through_the_stage(monkeypatch, slow_figures)
     pairs = tmp_path / "pairs.jsonl"  # ten of the bundled pairs: one held out, answered at once
     with open(PAIRS, encoding="utf-8") as f:
         pairs.write_text("".join(f.readlines()[:10]), encoding="utf-8")
@@ -140,7 +144,7 @@ def test_a_stages_figures_are_no_step_the_pace_leaves_them_out(
     options = RunOptions(init_from=chat_checkpoint)
     summary = train_run(tiny_model(block_size=128), cfg, options, stage="dpo")
     paces = [row["ms_per_step"] for row in summary["history"] if row["kind"] == "train"]
-    assert paces == pytest.approx([10.0] * 3)
+    assert len(paces) == 3 and max(paces) < 500  # a step of a tiny model: no second in it
 
 
 def test_pairs_whose_chosen_answers_are_not_in_character_get_no_in_character_measure(

@@ -13,17 +13,18 @@ import pytest
 import torch
 from conftest import (
     GREEDY,
-    StepClock,
     cli,
     interrupt_at,
     last_lr_is_the_schedules_end,
     same_weights,
+    slow_steps,
     train_run,
     without_timings,
 )
 
 import generate
 from config import RunOptions, SamplerConfig, TinyLLMError, TrainConfig
+from machinery import checkpoint
 from machinery.settings import build_configs
 from machinery.settings import flags as train_flags
 from model import GPT
@@ -101,16 +102,18 @@ def test_a_run_stopped_and_resumed_is_the_run_that_went_straight_on(
         assert len(numbers(f"{run.out_dir}/history.csv")) > 30
 
 
+@pytest.mark.slow  # waits a second
 @pytest.mark.parametrize("lr_schedule", SCHEDULES)  # every choice config.py offers
 def test_a_budget_ends_on_time_with_its_last_step_at_the_schedules_end(
     flags, text_file, tmp_path, monkeypatch, capsys, lr_schedule
 ):
-    clock = StepClock(0.05).install(monkeypatch)  # a step takes 0.05 s on it, nothing else any
+    slow_steps(monkeypatch, 0.03)  # a slow machine: its steps take 30 ms more
     budget = dict(time_budget="1s", lr_schedule=lr_schedule, eval_interval=1000, sample_tokens=20)
     model_cfg, cfg = configs(flags, text_file, tmp_path, **budget)
     summary = train_run(model_cfg, cfg)
-    # its steps end within a step before 99% of the budget (1% is kept to exit)
-    assert 0.99 - clock.step <= clock.now <= 0.99 and summary["step"] > 15
+    # its steps and last evaluation end at 99% of the budget, a step's time late at most
+    spent = checkpoint.load(str(tmp_path / "last.pt"))["seconds"]
+    assert 0.8 <= spent <= 1.0 + 0.1 and summary["step"] > 10
     assert last_lr_is_the_schedules_end(cfg, summary)
     end = get_lr(summary["step"], summary["step"], cfg)  # the closing line says where it ended
     assert f"(the schedule's end: {end:.4g})" in capsys.readouterr().out

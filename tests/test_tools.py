@@ -20,6 +20,7 @@ from conftest import (
     assert_one_line_error,
     cli,
     corpus_head,
+    through_the_model,
     tiny_model,
     tiny_run,
     train_run,
@@ -28,7 +29,6 @@ from conftest import (
 import finetune
 import sampling
 import tokenizer as tokenizers
-import train
 import utils
 from machinery import checkpoint, evaluation, hf_gpt2
 from tokenizer import GPT2_PATTERN, CharTokenizer
@@ -354,15 +354,12 @@ def test_an_unknown_ablation_variant_is_one_error_line(tmp_path, capsys):
 def test_ctrl_c_during_a_runs_last_evaluation_stops_the_ablation(
     text_file, tmp_path, capsys, monkeypatch
 ):
-    real, evals = train.estimate_loss, []
+    def ctrl_c_in_the_last_evaluation(call, out):  # the first variant's: its 2nd, eval_iters 2
+        if call == 4:
+            signal.raise_signal(signal.SIGINT)
+        return out
 
-    def evaluate_and_ctrl_c(*args, **kwargs):
-        evals.append(1)
-        if len(evals) == 2:  # the first variant's last evaluation: Ctrl-C, as the signal would
-            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "estimate_loss", evaluate_and_ctrl_c)
+    through_the_model(monkeypatch, evaluation=ctrl_c_in_the_last_evaluation)
     code, out, _ = cli(
         capsys,
         ablation.main,

@@ -1,0 +1,63 @@
+"""Ctrl-C and SIGTERM during the loop: the step ends, then the run saves last.pt and exits with
+128 + the signal (130 for Ctrl-C), saying how to resume; a second Ctrl-C aborts at once. A reader
+of the output that has gone (`| head`) stops the run the same way. Under torchrun every rank stops
+at the same step: they agree on it at each progress line and at the run's end."""
+
+import os
+import signal
+import sys
+
+from machinery import cli
+
+# SIGPIPE's number: when the reader of the output goes, the run exits 141 as a shell expects
+# (Python ignores SIGPIPE itself)
+OUTPUT_GONE = 13
+
+
+class Signals:
+    def __init__(self, process, log_interval):
+        self.process = process
+        self.log_interval = log_interval
+        self.received = None  # a signal this process received
+        self.signum = 0  # the signal every rank stops for
+        self.gone = False  # the reader of the lines gone: the last lines go to stderr
+        self.active = False  # inside the loop, where a signal stops the run
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.active = False
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.received not in (None, OUTPUT_GONE) and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts
+        self.received = signum  # a Ctrl-C that also closed a `| tee` still exits 130
+        if self.process.rank == 0:  # os.write: the signal may have come while a line was printed
+            name = signal.Signals(signum).name
+            line = f"\n{name} received: finishing this step, then saving last.pt\n"
+            try:
+                os.write(sys.stdout.fileno(), line.encode())
+            except BrokenPipeError:  # the same Ctrl-C ended `| tee`
+                self.output_gone()
+            except (OSError, ValueError):  # no file behind stdout
+                pass
+
+    def output_gone(self):
+        """The reader has gone: no second error at exit; inside the loop the run stops."""
+        cli.silence_stdout()
+        self.gone = True
+        if self.active:
+            self.received = self.received or OUTPUT_GONE
+
+    def stop(self, state, ending):
+        """Whether a signal reached any rank: then the run saves and exits. Under DDP the ranks
+        ask each other at progress lines and when the run is ending."""
+        compare = self.process.world == 1 or state.step % self.log_interval == 0
+        if compare or ending:
+            self.signum = max(self.process.every_rank(self.received or 0))
+        return self.signum != 0
