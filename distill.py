@@ -10,7 +10,6 @@ from fresh weights. The rest is train.py's run: its loop (fit), its checkpoints,
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import train
@@ -32,29 +31,22 @@ def distill_loss(logits, teacher_logits, targets, temperature, alpha):
     return alpha * soft * temperature**2 + (1 - alpha) * lm_loss(logits, targets)
 
 
-class Distilled(nn.Module):
-    """A student and its frozen teacher, as a step calls a GPT: model(x, y) -> (logits, loss).
-    Training, the loss is distill_loss; in eval mode, the student's own, comparable with any
-    run's."""
+class Distilled(train.WithPartner):
+    """A student (model) and its frozen teacher (partner), as a step calls a GPT: model(x, y) ->
+    (logits, loss). Training, the loss is distill_loss; in eval mode, the student's own, comparable
+    with any run's."""
 
     def __init__(self, student, teacher, temperature, alpha):
-        super().__init__()
-        self.student = student
-        self.teacher = teacher.requires_grad_(False).eval()
+        super().__init__(student, teacher)
         self.temperature = temperature
         self.alpha = alpha
 
-    def train(self, mode=True):  # the teacher stays in eval mode: no dropout
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
     def forward(self, idx, targets=None):
-        logits, loss = self.student(idx, targets)
+        logits, loss = self.model(idx, targets)
         if targets is None or not self.training:
             return logits, loss
         with torch.no_grad():  # the teacher's distribution, no graph
-            teacher_logits, _ = self.teacher(idx)
+            teacher_logits, _ = self.partner(idx)
         return logits, distill_loss(logits, teacher_logits, targets, self.temperature, self.alpha)
 
 

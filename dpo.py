@@ -19,7 +19,6 @@ import os
 import re
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import train
@@ -128,33 +127,26 @@ def answer_logps(logits, targets):
     return -lm_loss(logits, targets, reduction="none").view(targets.shape).sum(dim=1)
 
 
-class Preferring(nn.Module):
-    """A policy and its frozen reference, on rows of pairs (2B, T): the chosen answers, then the
-    rejected ones. margin: by how much more than the reference the policy prefers a pair's chosen
-    answer, in nats; the loss, -log sigmoid(beta * margin), grows the margins."""
+class Preferring(train.WithPartner):
+    """A policy (model) and its frozen reference (partner), on rows of pairs (2B, T): the chosen
+    answers, then the rejected ones. margin: by how much more than the reference the policy prefers
+    a pair's chosen answer, in nats; the loss, -log sigmoid(beta * margin), grows the margins."""
 
     def __init__(self, policy, reference, beta):
-        super().__init__()
-        self.policy = policy
-        self.reference = reference.requires_grad_(False).eval()
+        super().__init__(policy, reference)
         self.beta = beta
-
-    def train(self, mode=True):  # the reference stays in eval mode: no dropout, from the start
-        super().train(mode)
-        self.reference.eval()
-        return self
 
     def margins(self, logits, idx, targets):
         """(B,): each pair's margin, of the policy's logits (2B, T, V) on rows idx."""
         with torch.no_grad():
-            reference_logits, _ = self.reference(idx)
+            reference_logits, _ = self.partner(idx)
         gain = answer_logps(logits, targets) - answer_logps(reference_logits, targets)  # (2B,)
         chosen, rejected = gain.chunk(2)
         return chosen - rejected
 
     def forward(self, idx, targets):
         """The policy's logits (2B, T, V), as a GPT's; the loss of the pairs' margins."""
-        logits, _ = self.policy(idx)
+        logits, _ = self.model(idx)
         margins = self.margins(logits, idx, targets)
         return logits, -F.logsigmoid(self.beta * margins).mean()
 
@@ -164,7 +156,7 @@ def held_out(model, pairs, device):
     """{margin, held_out_acc} of held-out pairs: the mean margin, the share above 0."""
     model.eval()
     idx, targets = pair_batch(pairs, device)
-    margins = model.margins(model.policy(idx)[0], idx, targets).float()  # (B,)
+    margins = model.margins(model.model(idx)[0], idx, targets).float()  # (B,)
     model.train()
     margin, share = torch.stack([margins.mean(), (margins > 0).float().mean()]).tolist()
     return {"margin": margin, "held_out_acc": share}

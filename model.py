@@ -32,8 +32,7 @@ def causal_mask(T, S, device, start=None):
 class CausalSelfAttention(nn.Module):
     """Every position makes a query, a key and a value; each head takes the softmax-weighted mean
     of the values of the positions up to its own. The heads, side by side, are projected back.
-    Other files read its shapes and layers: docs/changing.md ("A model variant") names them. A
-    variant is a field of config.GPTConfig; a number needs an example in tests/test_model.py."""
+    A variant of attention is a field of config.GPTConfig and a branch here."""
 
     def __init__(self, config, layer):
         super().__init__()

@@ -121,7 +121,7 @@ def filter_logits(logits, sampler, idx):
     temperature (greedy: by 1), then every logit outside the candidates set to -inf. top_k keeps
     the k likeliest (and any tied with the k-th); top_p the fewest whose probabilities reach it.
     No rule here reads idx; one that does (a penalty on repeats, say) has it at hand. A new rule:
-    a field of config.SamplerConfig, a branch here, and a row of KEEPS in tests/test_model.py."""
+    a field of config.SamplerConfig and a branch here."""
     logits = logits / (sampler.temperature or 1.0)
     if sampler.top_k and sampler.top_k < logits.size(-1):
         kth = torch.topk(logits, sampler.top_k, dim=-1).values[..., -1:]  # (B, 1)

@@ -146,9 +146,8 @@ def get_lr(step, max_steps, cfg):
 
 def train_step(model, optimizer, next_batch, lr, cfg, process):
     """One optimizer step; returns its figures. A new figure is an entry in that dict, one number
-    a step: it reaches the progress lines and history.csv (its test: beside test_the_step_clips...
-    in tests/test_train.py). Figures stay tensors: reading one makes a GPU wait, so the loop reads
-    them at the next progress line. model is a Stage's wrapper(x, y) -> (logits, loss), maybe
+    a step: it reaches the progress lines and history.csv. Figures stay tensors: reading one makes
+    a GPU wait, so the loop reads them at the next progress line. model is a Stage's wrapper(x, y) -> (logits, loss), maybe
     wrapped by DDP or torch.compile; its logits are the GPT's in every stage. tokens counts the
     tokens read (tok/s). process gives the precision (autocast) and float16's loss scaler."""
     scaler = process.scaler
@@ -218,6 +217,22 @@ class Stage:
     def __post_init__(self):
         if self.wrapper is None:
             self.wrapper = self.model
+
+
+class WithPartner(torch.nn.Module):
+    """A later stage's wrapper: its GPT (model), and beside it a frozen partner (partner), such as
+    distillation's teacher or DPO's reference. The partner takes no gradient and stays in eval
+    mode (no dropout) from the start, so a resumed run draws what a straight one drew."""
+
+    def __init__(self, model, partner):
+        super().__init__()
+        self.model = model
+        self.partner = partner.requires_grad_(False).eval()
+
+    def train(self, mode=True):  # the model trains; the partner stays in eval mode
+        super().train(mode)
+        self.partner.eval()
+        return self
 
 
 def fit(settings, process, corpus, stage):
