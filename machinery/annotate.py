@@ -40,8 +40,7 @@ def model_odds(context, idx, new_tokens):
     """(token (B, 1), the model's probs (B, V)) for each of new_tokens (B, n) after idx (B, T)."""
     for t in range(new_tokens.size(1)):
         token = new_tokens[:, t : t + 1]
-        logits = context.next_logits(idx)
-        yield token, next_token_probs(logits, MODELS_OWN, idx)
+        yield token, next_token_probs(context.next_logits(idx), MODELS_OWN, idx)
         idx = torch.cat((idx, token), dim=1)
 
 

@@ -25,11 +25,10 @@ OUR_SWITCHES = {
 
 def hf_names(model):
     """Our weights by GPT2LMHeadModel's names, as views in its layout; lm_head is wte: left out."""
-    state = model.state_dict()
-    state.pop("lm_head.weight", None)
     return {
         "transformer." + k.replace("blocks.", "h.", 1): v.t() if k.endswith(TRANSPOSED) else v
-        for k, v in state.items()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
     }
 
 
@@ -48,8 +47,7 @@ def config_from_hf(hf, name):
             problems.append(f"{switch}={not ours}")
     if problems:
         raise TinyLLMError(f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
-    shape = {k: getattr(hf, k) for k in SHAPE}
-    return GPTConfig(**shape, block_size=hf.n_positions, bias=True)
+    return GPTConfig(**{k: getattr(hf, k) for k in SHAPE}, block_size=hf.n_positions, bias=True)
 
 
 def load_gpt2(name):

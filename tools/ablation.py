@@ -38,7 +38,7 @@ def main(argv=None):
         raise TinyLLMError(f"unknown variant(s) {', '.join(unknown)}; choose from {choices}")
     cli.check_writable(args.out, "--out", make_folder=True)
     rows = []
-    curves = {}
+    curves = {}  # each variant's eval rows: step and val_loss
     with tempfile.TemporaryDirectory(prefix="tinyllm-ablation-") as tmp:
         for name in names:
             cli.log(f"--- {name}: {VARIANTS[name]}")
@@ -48,9 +48,7 @@ def main(argv=None):
             best = summary["best_val_loss"]
             bpc = bits_per_char(best, summary["corpus"].chars_per_token)
             rows.append((name, summary["model"].num_params(), best, bpc, summary["seconds"]))
-            curves[name] = [
-                (h["step"], h["val_loss"]) for h in summary["history"] if h["kind"] == "eval"
-            ]
+            curves[name] = [h for h in summary["history"] if h["kind"] == "eval"]
     cli.log(f"| variant | params | best val loss | vs {names[0]} | val bits/char | seconds |")
     cli.log("|---|---|---|---|---|---|")
     for name, params, best, bpc, seconds in rows:
@@ -58,7 +56,7 @@ def main(argv=None):
         cli.log(f"| {name} | {params:,} | {best:.4f} | {vs:+.4f} | {bpc:.3f} | {seconds:.0f} |")
     fig, ax = new_plot(height=4)
     for name, curve in curves.items():
-        ax.plot(*zip(*curve), ".-", label=name)
+        ax.plot([h["step"] for h in curve], [h["val_loss"] for h in curve], ".-", label=name)
     ax.set(xlabel="step", ylabel="val loss (nats/token)", title="val loss by variant")
     save_plot(fig, args.out, ax)
     cli.log(f"wrote {args.out}")

@@ -83,10 +83,9 @@ def llama(model, transformers):
 
 def gpt2(model, transformers):
     """GPT-2's config, and our weights by its names."""
-    c = model.config
-    shape = {k: getattr(c, k) for k in SHAPE}
+    shape = {k: getattr(model.config, k) for k in SHAPE}
     ours = dict(activation_function="gelu_new", layer_norm_epsilon=1e-5)  # the tanh GELU
-    config = transformers.GPT2Config(**shape, n_positions=c.block_size, **ours)
+    config = transformers.GPT2Config(**shape, n_positions=model.config.block_size, **ours)
     return config, {k: v.contiguous() for k, v in hf_names(model).items()}
 
 
@@ -106,11 +105,10 @@ def hf_tokenizer(tokenizer):
         for token in sorted(ranks, key=ranks.get)[256:]:
             merges.append(tuple("".join(map(char.get, part)) for part in halves(token, ranks)))
     hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab | tokenizer.special_tokens, merges))
-    pre = tokenizers.pre_tokenizers
     if merges:  # GPT2_PATTERN's pieces, each as bytes
-        split = pre.Split(tokenizers.Regex(GPT2_PATTERN), "isolated")
-        as_bytes = pre.ByteLevel(add_prefix_space=False, use_regex=False)
-        hf.pre_tokenizer = pre.Sequence([split, as_bytes])
+        split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(GPT2_PATTERN), "isolated")
+        as_bytes = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        hf.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([split, as_bytes])
     hf.decoder = tokenizers.decoders.ByteLevel() if merges else tokenizers.decoders.Fuse()
     hf.add_special_tokens(list(tokenizer.special_tokens))
     return hf
@@ -176,12 +174,10 @@ def main(argv=None):
         raise TinyLLMError(f"{setting}: transformers has no such model ({arch}'s needs {needed})")
     config, weights = (gpt2 if arch == "gpt2" else llama)(model, transformers)
     config.tie_word_embeddings = True
-    config.bos_token_id = tokenizer.eot_id
-    config.eos_token_id = config.pad_token_id = tokenizer.eot_id
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eot_id
     start = sources.start_ids(tokenizer)
-    card = model_card(saved, model, arch, args.folder)
-    sample = sample_text(model, start, 300, SamplerConfig(), seed=42)
-    card["sample"] = tokenizer.decode(start + sample)
+    sample = start + sample_text(model, start, 300, SamplerConfig(), seed=42)
+    card = model_card(saved, model, arch, args.folder) | {"sample": tokenizer.decode(sample)}
     tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(args.folder)))
     try:  # written beside the folder, then moved in: nothing half-written left behind
         hf_model = transformers.AutoModelForCausalLM.from_config(config)

@@ -85,8 +85,8 @@ def draw_attention(model, tokenizer, ids, args, path):
 def val_passage(args, tokenizer, saved):
     """Token ids (n,): the first passage_chars characters of the val split --eval_only scores."""
     corpus, _ = sources.validation_split(saved, tokenizer, args.data)
-    ids = corpus.val[: 4 * args.passage_chars + 1]  # a byte token: a quarter of a character
-    ids = np.asarray(ids, dtype=np.int64).tolist()
+    # a byte token: a quarter of a character
+    ids = np.asarray(corpus.val[: 4 * args.passage_chars + 1], dtype=np.int64).tolist()
     pieces = WholeCharacters(tokenizer)
     chars = 0
     for n, token in enumerate(ids, 1):
@@ -140,8 +140,8 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
 def draw_temperature(model, tokenizer, ids, args, path, shown=12):
     idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
     logits = model(idx)[0][:, -1]  # (1, V): the next token's
-    odds = [next_token_probs(logits, SamplerConfig(t), idx)[0].cpu() for t in args.temperatures]
-    by_t = dict(zip(args.temperatures, odds))  # each (V,)
+    # the next token's probabilities (V,) at each temperature
+    by_t = {t: next_token_probs(logits, SamplerConfig(t), idx)[0].cpu() for t in args.temperatures}
     order = logits[0].cpu().argsort(descending=True)[:shown].tolist()  # at every temperature
     fig, ax = new_plot(height=4)
     width = 0.8 / len(by_t)

@@ -34,15 +34,14 @@ def run(shape, steps, out_dir, data, evals=1, **given):
     }
     summary = experiment(settings | given)
     params = summary["model"].num_params()
-    history = summary["history"]
-    last = [h for h in history if h["kind"] == "eval"][-1]
+    last = [h for h in summary["history"] if h["kind"] == "eval"][-1]
     flops = 6 * params * summary["tokens_per_step"]  # a step's, forward and backward
     return {
         "params": params,
         "steps": steps,
         "flops_per_step": flops,
         "flops": flops * steps,
-        "ms": [h["ms_per_step"] for h in history if h["kind"] == "train"][-1],
+        "ms": [h["ms_per_step"] for h in summary["history"] if h["kind"] == "train"][-1],
         "val": last["val_loss"],
         "train": last["train_loss"],
         "dtype": summary["dtype"],
@@ -132,10 +131,9 @@ def study(args):
             spent = time.perf_counter() - t0
             eta = sum(expected[i + 1 :]) * spent / max(1e-9, sum(expected[: i + 1]))
             cli.log(
-                f"run {i + 1}/{len(plan)} {kind} {shape[0]} x {shape[1]} "
-                f"({row['params']:,} params) | {steps} steps | data {frac:.3g} "
-                f"| val {row['val']:.4f} | elapsed {cli.format_seconds(spent)}, "
-                f"ETA {cli.format_seconds(eta)}"
+                f"run {i + 1}/{len(plan)} {kind} {shape[0]} x {shape[1]} ({row['params']:,} params)"
+                f" | {steps} steps | data {frac:.3g} | val {row['val']:.4f} | elapsed "
+                f"{cli.format_seconds(spent)}, ETA {cli.format_seconds(eta)}"
             )
             with open(args.out, "w", encoding="utf-8") as f:
                 json.dump({"probe": probe, "runs": rows}, f, indent=1)
@@ -169,8 +167,7 @@ def summarize(rows, budgets, five_minutes, path):
         best_size = math.exp(slope * math.log(five_minutes) + icpt)
         cli.log(
             f"fit: L(C) = {fit['l_inf']:.3f} + {fit['a']:.3g} C^-{fit['alpha']:.3f} "
-            f"(rms {fit['rms']:.4f}); "
-            f"compute-optimal params ~ C^{slope:.2f}; five minutes here: "
+            f"(rms {fit['rms']:.4f}); compute-optimal params ~ C^{slope:.2f}; five minutes here: "
             f"{five_minutes:.2e} FLOPs, about {best_size:,.0f} parameters"
         )
     less = [f"{r['data_fraction']:.3g}: val {r['val']:.4f} train {r['train']:.4f}" for r in data]
