@@ -62,7 +62,7 @@ def dpo(settings):
         before = in_character_shares(reference, prompts, tokenizer)
         cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
     preferring = Preferring(model, reference, cfg.dpo_beta)
-    batches = pair_batches(pairs, train.micro_batch(cfg, process), process.device)
+    batches = pair_batches(pairs, train.micro_batch_size(cfg, process), process.device)
     stage = train.Stage(
         model,
         batches,

@@ -30,14 +30,14 @@ def finetune(settings):
     """The model of --init_from (or of a resume), its vocabulary grown by the corpus's new tokens,
     adapted under --lora_rank; then train.py's fit."""
     process = devices.start_process(settings)
-    corpus = load_corpus(settings)
+    corpus = grown_corpus(settings)
     model, rows = trained_model(settings, corpus)
     model = adapted(settings.cfg, model, settings.saved, settings.path, rows)
     batches = train.corpus_batches(settings, corpus, model, process)
     return train.fit(settings, process, corpus, train.Stage(model, batches))
 
 
-def load_corpus(settings):
+def grown_corpus(settings):
     """The text as train and val token ids, by the trained model's tokenizer, grown by a token for
     each character it lacks (a resume's vocabulary is fixed: it grew when the run began)."""
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)

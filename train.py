@@ -72,11 +72,11 @@ def corpus_batches(settings, corpus, model, process):
     block_size = model.config.block_size
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
         sources.check_long_enough(ids, block_size, name, cfg.data)
-    size = micro_batch(cfg, process)
+    size = micro_batch_size(cfg, process)
     return make_batches(corpus, block_size, size, cfg.data_fraction, process.device)
 
 
-def micro_batch(cfg, process):
+def micro_batch_size(cfg, process):
     """This process's share of a step's batch_size: each rank's, each micro-batch's."""
     return cfg.batch_size // process.world // cfg.grad_accum_steps
 
@@ -258,18 +258,24 @@ def fit(settings, process, corpus, stage):
         checkpoints = Checkpoints(settings, process, corpus, stage, optimizer)
         if options.overwrite and checkpoints.writes and not settings.resumed and not process.rank:
             checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
-        if not cfg.time_budget and cfg.max_steps <= warmup(cfg.max_steps, cfg):
+        if not cfg.time_budget and cfg.max_steps <= warmup(cfg.max_steps, cfg) and not process.rank:
             cli.warn(f"--max_steps {cfg.max_steps} ends within the warmup: the LR never decays")
         signals = Signals(process, cfg.log_interval)
-        budget = Budget(settings, process, state, checkpoints)
-        report = Report(settings, process, corpus, stage, signals, budget)
+        budget = Budget(settings, process, state)
+        report = Report(settings, process, corpus, stage, signals)
         report.opening(state, f"{cfg.lr_schedule} schedule")
         stop_reason = None  # an early stop: --patience, --target_loss, --overfit_batch
 
         with signals:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
             while True:
                 # under a time budget, the steps that fit in the time left; planned every step
-                state.max_steps = budget.plan(state, warmup(state.max_steps, cfg))
+                warm = warmup(state.max_steps, cfg)
+                state.max_steps = budget.plan(state, warm)
+                if budget.spent_in_warmup(state, warm):  # its LR never decayed: it cannot end
+                    saved = state.step > 0 and checkpoints.writes
+                    if saved:
+                        checkpoints.save("last.pt", state)  # the steps taken are kept
+                    raise budget.too_short(state, warm, saved)
                 at_end = state.step >= state.max_steps
                 periodic = state.step % cfg.eval_interval == 0 and budget.room_to_evaluate(state)
                 if (at_end or periodic) and state.step != state.last_eval_step:  # once a step
@@ -301,7 +307,7 @@ def fit(settings, process, corpus, stage):
                 state.window.append(figures)
                 state.step += 1
                 if state.step % cfg.log_interval == 0:
-                    means = report.progress(state)  # each figure's mean since the last line
+                    means = report.progress(state, budget.aside)  # the mean since the last line
                     if options.overfit_batch and process.mean([means["loss"]])[0] < 0.01:
                         stop_reason = f"overfit_batch: loss below 0.01 at step {state.step}"
                 if cfg.save_interval and state.step % cfg.save_interval == 0:

@@ -13,10 +13,9 @@ from machinery import cli
 
 
 class Budget:
-    def __init__(self, settings, process, state, checkpoints):
+    def __init__(self, settings, process, state):
         self.settings = settings
         self.process = process
-        self.checkpoints = checkpoints  # time spent within the warmup saves its steps, then stops
         self.seconds = parse_duration(settings.cfg.time_budget)  # None: --max_steps ends the run
         self.left = None  # the seconds left for steps
         self.first_step = state.step  # this process's pace counts from here
@@ -31,8 +30,6 @@ class Budget:
         now = self.process.mean([state.elapsed(self.settings.started)])[0]
         # 1% of the budget is kept for the closing sample and the exit
         self.left = 0.99 * self.seconds - state.eval_seconds - now
-        if state.step <= warmup and self.left <= 0:
-            self.spent_in_warmup(state, warmup)
         steps = state.step - self.first_step
         pace = (now - self.first_seconds - self.aside) / steps if steps else 0.0
         # no pace before this process's first step: the plan a resume saved, or the warmup's
@@ -42,17 +39,21 @@ class Budget:
         return max(warmup + 1, planned)
 
     def spent_in_warmup(self, state, warmup):
-        """The budget was spent before the schedule's warmup ended: its steps are saved (if any)
-        and the run stops, saying how to go on."""
+        """Whether the time ran out before the schedule's warmup ended: the run cannot end there,
+        its LR never decayed."""
+        return self.left is not None and self.left <= 0 and state.step <= warmup
+
+    def too_short(self, state, warmup, saved):
+        """The error that stops a run whose budget was spent within the warmup; saved: whether its
+        steps are in last.pt, to go on from with a longer budget."""
         cfg = self.settings.cfg
         spent = f"--time_budget {cfg.time_budget} is too short here: it was spent within the"
         spent += f" schedule's warmup ({warmup} steps); give more time or a shorter warmup"
-        if not state.step or not self.checkpoints.writes:
-            raise TinyLLMError(spent)
-        self.checkpoints.save("last.pt", state)
+        if not saved:
+            return TinyLLMError(spent)
         resume = cli.resume_command(self.settings.stage, cfg.out_dir)
         went = f"{spent}. Its {state.step} steps are in {os.path.join(cfg.out_dir, 'last.pt')}"
-        raise TinyLLMError(f"{went}; go on: {resume} --time_budget {2 * self.seconds:g}s")
+        return TinyLLMError(f"{went}; go on: {resume} --time_budget {2 * self.seconds:g}s")
 
     def room_to_evaluate(self, state):
         """Whether time is left for steps after an evaluation as long as the last one: under a time

@@ -15,14 +15,13 @@ from utils import bits_per_char
 
 
 class Report:
-    def __init__(self, settings, process, corpus, stage, signals, budget):
+    def __init__(self, settings, process, corpus, stage, signals):
         self.settings = settings
         self.cfg = settings.cfg
         self.process = process
         self.corpus = corpus
         self.stage = stage
         self.signals = signals  # a reader gone stops the run as a signal would
-        self.budget = budget  # an evaluation's time is no part of a step's
         self.line_step = 0  # a progress line's pace counts from here
         self.line_seconds = 0.0
 
@@ -40,10 +39,6 @@ class Report:
             if not (self.signals.active and gone):
                 raise
             self.signals.output_gone()
-
-    def steps_seconds(self):
-        """This process's seconds of steps: its evaluations' set aside."""
-        return time.perf_counter() - self.budget.aside
 
     def opening(self, state, schedule):
         """The run's opening lines: device and precision, model, batch, loss, and how it ends.
@@ -81,13 +76,13 @@ class Report:
             where = f"{schedule} to step {state.max_steps}, the last step's LR {state.lr:.3g}"
             self.say(f"from step {state.step}: {where}")
         self.line_step = state.step
-        self.line_seconds = self.steps_seconds()
+        self.line_seconds = time.perf_counter()
 
-    def progress(self, state):
+    def progress(self, state, aside):
         """A progress line and its history row: each figure's mean since the last line (a resume's
         saved rows may lack a figure added since), the step's time, tokens a second, the ETA.
-        Returns the means."""
-        now = self.steps_seconds()
+        aside: the seconds of this process's evaluations, no part of a step's. Returns the means."""
+        now = time.perf_counter() - aside
         seconds = (now - self.line_seconds) / (state.step - self.line_step)
         rows = state.read_window(self.process.scaler.is_enabled())
         tokens = sum(row.pop("tokens", 0.0) for row in rows) * self.process.world
