@@ -46,7 +46,7 @@ NARROW = [
 SHORT = {
     "tools.ablation": ["--max_steps", "2", "--eval_interval", "1", "--only", "vanilla", *NARROW],
     "tools.decoding": ["--new_tokens", "8", "--seeds", "1", "--beams", "2"],
-    "tools.pictures": ["--passage_chars", "40", "--temperatures", "0.8"],
+    "tools.pictures": ["--only", "attention", "--temperatures", "0.8"],
 }
 # a user's own files, that the pages name
 USER_FILES = {
@@ -124,7 +124,7 @@ def shortened(typed, preset):
         resumed = "--resume" in args
         fresh = not resumed and "--init_from" not in args
         if not resumed:  # a resume keeps its run's settings but how it reports
-            args = drop(args, "--max_steps") + ["--max_steps", "3", "--batch_size", "4"]
+            args = drop(args, "--max_steps") + ["--max_steps", "2", "--batch_size", "4"]
             if "--preset" not in args:  # the machine's, here given
                 args += ["--preset", preset]
         if fresh and "--n_embd" not in args:  # one block of the preset's heads, 8 wide each
