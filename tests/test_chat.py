@@ -272,6 +272,7 @@ def test_the_chat_carries_its_cache_over_and_ctrl_c_stops_only_the_answer(
     assert max(fed[1:]) <= 25  # a turn hands the model its new tokens, not the conversation again
 
 
+@pytest.mark.slow  # trains or answers for a second
 def test_a_chat_answers_in_as_many_tokens_as_its_help_says(tmp_path, monkeypatch, capsys):
     data = write_chats(tmp_path / "c.jsonl")
     path = untrained(tmp_path / "m.pt", data, tiny_model())
@@ -320,6 +321,7 @@ def lora_adapter(trained, tmp_path, capsys):
     return str(tmp_path / "a" / "last.pt"), common
 
 
+@pytest.mark.slow  # trains or answers for a second
 def test_lora_flags_that_contradict_the_adapter_it_continues_are_one_error_line(
     trained, tmp_path, capsys
 ):
@@ -336,6 +338,7 @@ def test_lora_flags_that_contradict_the_adapter_it_continues_are_one_error_line(
     assert (settings["lora_rank"], settings["lora_alpha"]) == (4, 8) == (saved["lora"]["rank"], 8)
 
 
+@pytest.mark.slow  # trains or answers for a second
 def test_a_merged_adapter_keeps_its_runs_record_and_scores_its_own_val_split(
     trained, tmp_path, capsys
 ):
