@@ -8,6 +8,7 @@ starts where the README ends (its checkpoints there), and skips what the README 
 
 import glob
 import importlib
+import json
 import os
 import re
 import shlex
@@ -30,18 +31,7 @@ NOT_RUN = {
     "torchrun": "several processes: tests/test_ddp.py runs torchrun's",
     "tools.scaling": "dozens of runs of minutes: tests/test_tools.py runs its parts",
 }
-NARROW = [
-    "--n_layer",
-    "1",
-    "--n_head",
-    "2",
-    "--n_embd",
-    "32",
-    "--batch_size",
-    "4",
-    "--eval_iters",
-    "1",
-]
+NARROW = "--n_layer 1 --n_head 2 --n_embd 32 --batch_size 4 --eval_iters 1".split()
 # a tool's own way to be short
 SHORT = {
     "tools.ablation": ["--max_steps", "2", "--eval_interval", "1", "--only", "vanilla", *NARROW],
@@ -54,7 +44,9 @@ USER_FILES = {
     "mine.txt": corpus_head(3_000),
     "notes/a.md": corpus_head(2_000),
     "notes/b.txt": corpus_head(1_000),
-    "corpus.jsonl": "".join(f'{{"text": "{line}"}}\n' for line in corpus_head(30_000).split("\n")),
+    "corpus.jsonl": "".join(
+        json.dumps({"text": line}) + "\n" for line in corpus_head(30_000).split("\n")
+    ),
 }
 
 
@@ -64,15 +56,15 @@ def commands(page):
     found = []
     language = None  # outside a block
     lines = open(os.path.join(ROOT, page), encoding="utf-8").read().split("\n")
+    going_on = ""  # a block's line that ended in a backslash
     for n, line in enumerate(lines, 1):
         if line.startswith("```"):
             language = line[3:] if language is None else None
+        elif language in ("bash", "") and line.endswith("\\"):
+            going_on += line[:-1]
         elif language in ("bash", ""):
-            text = line
-            while text.endswith("\\"):
-                text = text[:-1] + lines[n]
-                n += 1
-            found += [(n, part.strip()) for part in text.split("&&")]
+            found += [(n, part.strip()) for part in (going_on + line).split("&&")]
+            going_on = ""
         elif language is None:
             found += [(n, span) for span in re.findall(r"`(python [^`]*)`", line)]
     command = r"(\w+=(\"[^\"]*\"|\S+) +)*(python|bash|torchrun|pip) "
