@@ -165,9 +165,7 @@ class RunOptions:
         None, "score a checkpoint on its whole val split (OUT_DIR/best.pt)", stages=("train",)
     )
     overfit_batch: bool = setting(False, "check: fit one batch until its loss is near 0; no files")
-    plot_lr: bool = setting(
-        False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit", stages=("train",)
-    )
+    plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
 
 
 @dataclass
@@ -282,8 +280,8 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
 
 
-# the course's spelling of --lr (--warmup is --warmup_steps: argparse takes a flag's start)
-ALIASES = {"lr": ("--lr-max", "--lr_max")}
+# the course's spellings of two flags
+ALIASES = {"lr": ("--lr-max", "--lr_max"), "warmup_steps": ("--warmup",)}
 
 
 def yes_or_no(text):

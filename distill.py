@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import train
 from config import NO_TARGET, TinyLLMError
-from machinery import checkpoint, cli, devices
+from machinery import checkpoint, cli, devices, plots
 from machinery.settings import read_settings
 from model import lm_loss
 
@@ -78,7 +78,10 @@ def distill(settings):
 
 
 def main(argv=None):
-    distill(read_settings(argv, "distill", __doc__, train.STARTED, needs="distill_from"))
+    settings = read_settings(argv, "distill", __doc__, train.STARTED, needs="distill_from")
+    if settings.options.plot_lr:  # this stage's schedule, drawn
+        return plots.draw_lr_schedule(settings.cfg, train.get_lr)
+    distill(settings)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import train
 from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
 from finetune import adapted
 from lora import merge
-from machinery import checkpoint, cli, devices, sources
+from machinery import checkpoint, cli, devices, plots, sources
 from machinery.settings import read_settings
 from model import lm_loss
 from sampling import sample_text
@@ -196,7 +196,10 @@ def in_character_shares(model, prompts, tokenizer):
 
 
 def main(argv=None):
-    dpo(read_settings(argv, "dpo", __doc__, train.STARTED, needs="init_from"))
+    settings = read_settings(argv, "dpo", __doc__, train.STARTED, needs="init_from")
+    if settings.options.plot_lr:  # this stage's schedule, drawn
+        return plots.draw_lr_schedule(settings.cfg, train.get_lr)
+    dpo(settings)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch
 
 import train
 from lora import add_adapters, merge
-from machinery import checkpoint, cli, devices, sources
+from machinery import checkpoint, cli, devices, plots, sources
 from machinery.settings import read_settings
 
 
@@ -91,7 +91,10 @@ def adapted(cfg, model, saved, path, rows):
 
 
 def main(argv=None):
-    finetune(read_settings(argv, "finetune", __doc__, train.STARTED, needs="init_from"))
+    settings = read_settings(argv, "finetune", __doc__, train.STARTED, needs="init_from")
+    if settings.options.plot_lr:  # this stage's schedule, drawn
+        return plots.draw_lr_schedule(settings.cfg, train.get_lr)
+    finetune(settings)
 
 
 if __name__ == "__main__":

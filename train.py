@@ -288,10 +288,11 @@ def fit(settings, process, corpus, stage):
                             if improved:
                                 state.best_val_loss = val_loss
                                 state.evals_without_improvement = 0
-                                checkpoints.save("best.pt", state)
                             else:
                                 state.evals_without_improvement += 1
                             checkpoints.save("last.pt", state)
+                            if improved:
+                                checkpoints.save("best.pt", state)
                             stop_reason = stop_reason or early_stop(state, val_loss, cfg)
                         report.history(state, checkpoints.writes)
                     continue  # it took time: plan again
@@ -346,11 +347,11 @@ def evaluate(model, batches, cfg, process):
 def early_stop(state, val_loss, cfg):
     """Why the run stops before its end, or None: --patience evaluations without a new best, or
     --target_loss reached."""
+    if cfg.target_loss and val_loss <= cfg.target_loss:
+        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
         evals = f"{cfg.patience} evaluations (best {state.best_val_loss:.4f})"
         return f"early stop: val loss has not improved for {evals}"
-    if cfg.target_loss and val_loss <= cfg.target_loss:
-        return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
     return None
 
 

@@ -316,10 +316,12 @@ def through_the_stage(monkeypatch, change):
 
 def through_the_model(monkeypatch, step=None, evaluation=None):
     """Each run started from here steps its stage's model inside one that calls step(n, model) as
-    step n (from 1, in this process) goes forward; and evaluation(call, out) -> out at each forward
-    pass of an evaluation (numbered from 0: eval_iters of train, then of val), out being the
-    model's (logits, loss)."""
+    step n (from 1, in that run) goes forward; and evaluation(call, out) -> out at each forward
+    pass of an evaluation (numbered from 0 over all the runs: eval_iters of train, then of val),
+    out being the model's (logits, loss)."""
     import torch
+
+    evaluations = []  # each evaluation's forward pass, in every run
 
     class Through(torch.nn.Module):
         def __init__(self, model, micro_batches):
@@ -327,16 +329,16 @@ def through_the_model(monkeypatch, step=None, evaluation=None):
             self.model = model
             self.micro_batches = micro_batches
             self.forwards = 0
-            self.evaluations = 0
 
         def forward(self, *args):
             if self.training and step and self.forwards % self.micro_batches == 0:
                 step(self.forwards // self.micro_batches + 1, self.model)
-            self.forwards += self.training
+            if self.training:
+                self.forwards += 1
             out = self.model(*args)
             if not self.training and evaluation:
-                out = evaluation(self.evaluations, out)
-                self.evaluations += 1
+                out = evaluation(len(evaluations), out)
+                evaluations.append(1)
             return out
 
     def change(stage, settings):

@@ -113,7 +113,7 @@ def test_a_budget_ends_on_time_with_its_last_step_at_the_schedules_end(
     summary = train_run(model_cfg, cfg)
     # its steps and last evaluation end at 99% of the budget, a step's time late at most
     spent = checkpoint.load(str(tmp_path / "last.pt"))["seconds"]
-    assert 0.8 <= spent <= 1.0 + 0.1 and summary["step"] > 10
+    assert 0.8 <= spent <= 1.0 + 0.1 and summary["step"] > 3
     assert last_lr_is_the_schedules_end(cfg, summary)
     end = get_lr(summary["step"], summary["step"], cfg)  # the closing line says where it ended
     assert f"(the schedule's end: {end:.4g})" in capsys.readouterr().out

@@ -184,7 +184,8 @@ def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(
     lrs = [row["lr"] for row in train_run(tiny_model(), cfg)["history"] if row["kind"] == "train"]
     assert lrs == pytest.approx([get_lr(s, 12, cfg) for s in range(12)], rel=1e-6)
     warm = train.warmup(12, cfg)  # the schedule's own warmup, 0 for a shape without one
-    assert all(a <= b for a, b in zip(lrs[:warm], lrs[1 : warm + 1]))  # it climbs to the peak
+    climb = lrs[: warm + 1]
+    assert climb == sorted(set(climb)) and lrs[warm] == max(lrs)  # it climbs to the peak
     assert get_lr(12, 12, cfg) == get_lr(13, 12, cfg)  # at max_steps the schedule is at its end
 
 
@@ -873,34 +874,34 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
     )
     slow_runs(monkeypatch, 0.015, evaluation=0.025)  # 2 passes an evaluation: 50 ms
     summary = train_run(tiny_model(), cfg)
-    assert 0.425 <= steps_end(summary) <= 0.5 + 0.05 and summary["step"] > 10
+    assert 0.425 <= steps_end(summary) <= 0.5 + 0.05 and summary["step"] > 5
 
 
-@pytest.mark.slow  # waits half a second
+@pytest.mark.slow  # waits a second
 def test_a_budget_skips_an_evaluation_that_would_leave_no_time_for_steps(
     text_file, tmp_path, monkeypatch
 ):
     """Steps of 15 ms and more, evaluations of 50 ms every 2 steps: none but the last starts too
     late for a step after it (the steps end at 99% of the budget less an evaluation)."""
     cfg = tiny_run(
-        text_file, tmp_path, time_budget="0.5s", warmup_steps=2, eval_interval=2, eval_iters=1
+        text_file, tmp_path, time_budget="1s", warmup_steps=2, eval_interval=2, eval_iters=1
     )
     slow_runs(monkeypatch, 0.015, evaluation=0.025)
     summary = train_run(tiny_model(), cfg)
     ends = [row["seconds"] for row in summary["history"] if row["kind"] == "eval"]
-    assert len(ends) > 3 and all(end <= 0.495 - 0.05 + 0.01 for end in ends[:-1])
+    assert len(ends) > 3 and all(end <= 0.99 - 0.05 + 0.01 for end in ends[:-1])
 
 
-@pytest.mark.slow  # waits half a second
+@pytest.mark.slow  # waits a second
 def test_an_evaluation_that_takes_the_time_left_still_leaves_the_last_step_at_the_schedules_end(
     text_file, tmp_path, monkeypatch
 ):
-    """Steps of 15 ms and more; the evaluation at step 10 takes 0.4 s, past the budget's end: the
+    """Steps of 15 ms and more; the evaluation at step 10 takes 0.7 s, past the budget's end: the
     run takes one more step, the last of its schedule, and ends."""
     cfg = tiny_run(
-        text_file, tmp_path, time_budget="0.5s", warmup_steps=5, eval_interval=10, eval_iters=1
+        text_file, tmp_path, time_budget="1s", warmup_steps=5, eval_interval=10, eval_iters=1
     )
-    slow_runs(monkeypatch, 0.015, at_evaluation=lambda call: 0.2 if call // 2 == 1 else 0.0)
+    slow_runs(monkeypatch, 0.015, at_evaluation=lambda call: 0.35 if call // 2 == 1 else 0.0)
     summary = train_run(tiny_model(), cfg)
     assert summary["step"] == 11 and last_lr_is_the_schedules_end(cfg, summary)
 
@@ -919,7 +920,7 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end
     assert 8 * 0.015 <= spent <= 0.3
     slow_steps(monkeypatch, 0.015)
     summary = train_run(tiny_model(), cfg, RunOptions(resume=True))
-    assert 0.425 <= steps_end(summary) <= 0.5 + 0.05 and summary["step"] > 10
+    assert 0.425 <= steps_end(summary) <= 0.5 + 0.05 and summary["step"] > 5
     assert last_lr_is_the_schedules_end(cfg, summary)
 
 
