@@ -874,22 +874,22 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
     )
     slow_runs(monkeypatch, 0.015, evaluation=0.025)  # 2 passes an evaluation: 50 ms
     summary = train_run(tiny_model(), cfg)
-    assert 0.425 <= steps_end(summary) <= 0.5 + 0.05 and summary["step"] > 5
+    assert 0.425 <= steps_end(summary) <= 0.5 + 0.1 and summary["step"] > 5
 
 
 @pytest.mark.slow  # waits a second
 def test_a_budget_skips_an_evaluation_that_would_leave_no_time_for_steps(
     text_file, tmp_path, monkeypatch
 ):
-    """Steps of 15 ms and more, evaluations of 50 ms every 2 steps: none but the last starts too
+    """Steps of 15 ms and more, evaluations of 0.1 s every 2 steps: none but the last starts too
     late for a step after it (the steps end at 99% of the budget less an evaluation)."""
     cfg = tiny_run(
         text_file, tmp_path, time_budget="1s", warmup_steps=2, eval_interval=2, eval_iters=1
     )
-    slow_runs(monkeypatch, 0.015, evaluation=0.025)
+    slow_runs(monkeypatch, 0.015, evaluation=0.05)
     summary = train_run(tiny_model(), cfg)
     ends = [row["seconds"] for row in summary["history"] if row["kind"] == "eval"]
-    assert len(ends) > 3 and all(end <= 0.99 - 0.05 + 0.01 for end in ends[:-1])
+    assert len(ends) >= 3 and all(end <= 0.99 - 0.1 + 0.03 for end in ends[:-1])
 
 
 @pytest.mark.slow  # waits a second
@@ -920,7 +920,7 @@ def test_a_budgeted_run_resumes_on_its_clock_and_still_ends_at_the_schedules_end
     assert 8 * 0.015 <= spent <= 0.3
     slow_steps(monkeypatch, 0.015)
     summary = train_run(tiny_model(), cfg, RunOptions(resume=True))
-    assert 0.425 <= steps_end(summary) <= 0.5 + 0.05 and summary["step"] > 5
+    assert 0.425 <= steps_end(summary) <= 0.5 + 0.1 and summary["step"] > 5
     assert last_lr_is_the_schedules_end(cfg, summary)
 
 
@@ -938,7 +938,7 @@ def test_a_budget_spent_within_the_warmup_keeps_its_steps_and_a_longer_one_resum
     assert 5 <= saved["step"] < 20 and 0.9 <= saved["seconds"] <= 1.2  # 99% of it, less an eval
     longer = dataclasses.replace(cfg, time_budget="2s")
     summary = train_run(tiny_model(), longer, RunOptions(resume=True), dict(time_budget="2s"))
-    assert summary["step"] > 20 and 1.8 <= steps_end(summary) <= 2.0 + 0.05
+    assert summary["step"] > 20 and 1.8 <= steps_end(summary) <= 2.0 + 0.1
     assert last_lr_is_the_schedules_end(longer, summary)
 
 
