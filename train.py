@@ -147,9 +147,10 @@ def get_lr(step, max_steps, cfg):
 def train_step(model, optimizer, next_batch, lr, cfg, process):
     """One optimizer step; returns its figures. A new figure is an entry in that dict, one number
     a step: it reaches the progress lines and history.csv. Figures stay tensors: reading one makes
-    a GPU wait, so the loop reads them at the next progress line. model is a Stage's wrapper(x, y) -> (logits, loss), maybe
-    wrapped by DDP or torch.compile; its logits are the GPT's in every stage. tokens counts the
-    tokens read (tok/s). process gives the precision (autocast) and float16's loss scaler."""
+    a GPU wait, so the loop reads them at the next progress line. model is a Stage's
+    wrapper(x, y) -> (logits, loss), maybe wrapped by DDP or torch.compile; its logits are the
+    GPT's in every stage. tokens counts the tokens read (tok/s). process gives the precision
+    (autocast) and float16's loss scaler."""
     scaler = process.scaler
     for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -236,10 +237,8 @@ class WithPartner(torch.nn.Module):
 
 
 def fit(settings, process, corpus, stage):
-    """Train the stage's GPT on its batches through its wrapper, then return the run's summary.
-    First the set-up, each check before anything is written; then the loop, which takes steps
-    until the run ends, evaluates and saves now and then, and stops early if asked. Every stage
-    runs this."""
+    """Every stage's run: the set-up, each check before anything is written; then the loop, which
+    steps until the run ends, evaluates and saves now and then, and may stop early; then finish."""
     cfg = settings.cfg
     options = settings.options
     with devices.out_of_memory_as_error(OUT_OF_MEMORY):  # one error line, with what to try
@@ -314,27 +313,36 @@ def fit(settings, process, corpus, stage):
                 if cfg.save_interval and state.step % cfg.save_interval == 0:
                     checkpoints.save(f"ckpt_{state.step:07d}.pt", state)  # keep_last of them stay
 
-        if signals.signum or state.last_eval_step != state.step:
-            checkpoints.save("last.pt", state)
-        if signals.signum:  # stopped: the command that resumes it, and 128 + the signal
-            report.stopped(state, checkpoints.writes)
-            process.leave_together()
-            sys.exit(128 + signals.signum)
-        report.closing(
-            state, stop_reason, get_lr(state.max_steps, state.max_steps, cfg), checkpoints.writes
+        return finish(
+            settings, process, corpus, stage, state, stop_reason, signals, report, checkpoints
         )
+
+
+def finish(settings, process, corpus, stage, state, stop_reason, signals, report, checkpoints):
+    """The run's end: last.pt, unless the last evaluation saved this step; stopped by a signal, the
+    command that resumes it and exit status 128 + the signal; else the closing lines and sample,
+    and the run's summary."""
+    cfg = settings.cfg
+    if signals.signum or state.last_eval_step != state.step:
+        checkpoints.save("last.pt", state)
+    if signals.signum:
+        report.stopped(state, checkpoints.writes)
         process.leave_together()
-        return {
-            "step": state.step,
-            "best_val_loss": state.best_val_loss,
-            "history": state.history,
-            "stop_reason": stop_reason,
-            "seconds": state.elapsed(settings.started),
-            "model": stage.model,
-            "corpus": corpus,
-            "dtype": process.dtype,
-            "tokens_per_step": cfg.batch_size * stage.model.config.block_size,  # tools.scaling's
-        }
+        sys.exit(128 + signals.signum)
+    schedule_end = get_lr(state.max_steps, state.max_steps, cfg)
+    report.closing(state, stop_reason, schedule_end, checkpoints.writes)
+    process.leave_together()
+    return {
+        "step": state.step,
+        "best_val_loss": state.best_val_loss,
+        "history": state.history,
+        "stop_reason": stop_reason,
+        "seconds": state.elapsed(settings.started),
+        "model": stage.model,
+        "corpus": corpus,
+        "dtype": process.dtype,
+        "tokens_per_step": cfg.batch_size * stage.model.config.block_size,  # tools.scaling's
+    }
 
 
 def evaluate(model, batches, cfg, process):
