@@ -294,7 +294,8 @@ def fit(settings, process, corpus, stage):
                                 checkpoints.save("best.pt", state)
                             stop_reason = stop_reason or early_stop(state, val_loss, cfg)
                         report.history(state, checkpoints.writes)
-                    continue  # it took time: plan again
+                    if not at_end:
+                        continue  # it took time: plan again
                 ending = at_end or stop_reason is not None
                 if (
                     signals.stop(state, ending) or ending

@@ -878,6 +878,22 @@ def test_a_budget_keeps_room_for_its_closing_evaluation(text_file, tmp_path, mon
 
 
 @pytest.mark.slow  # waits a second
+def test_the_closing_evaluation_ends_a_budgeted_run_even_when_quicker_than_the_time_kept_for_it(
+    text_file, tmp_path, monkeypatch
+):
+    """The baseline evaluation takes 0.4 s, so the budget keeps 0.4 s for the last one; that one
+    takes no time. The run still ends there: no step follows its closing evaluation."""
+    cfg = tiny_run(
+        text_file, tmp_path, time_budget="1s", warmup_steps=2, eval_interval=10**6, eval_iters=1
+    )
+    slow_runs(monkeypatch, 0.015, at_evaluation=lambda call: 0.2 if call < 2 else 0.0)
+    summary = train_run(tiny_model(), cfg)
+    evals = [row["step"] for row in summary["history"] if row["kind"] == "eval"]
+    assert evals == [0, summary["step"]] and last_lr_is_the_schedules_end(cfg, summary)
+    assert steps_end(summary) <= 0.99 - 0.4 + 0.1
+
+
+@pytest.mark.slow  # waits a second
 def test_a_budget_skips_an_evaluation_that_would_leave_no_time_for_steps(
     text_file, tmp_path, monkeypatch
 ):
