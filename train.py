@@ -261,7 +261,7 @@ def fit(settings, process, corpus, stage):
             cli.warn(f"--max_steps {cfg.max_steps} ends within the warmup: the LR never decays")
         signals = Signals(process, cfg.log_interval)
         budget = Budget(settings, process, state)
-        report = Report(settings, process, corpus, stage, signals)
+        report = Report(settings, process, corpus, stage, signals.say)
         report.opening(state, f"{cfg.lr_schedule} schedule")
         stop_reason = None  # an early stop: --patience, --target_loss, --overfit_batch
 
@@ -297,9 +297,8 @@ def fit(settings, process, corpus, stage):
                     if not at_end:
                         continue  # it took time: plan again
                 ending = at_end or stop_reason is not None
-                if (
-                    signals.stop(state, ending) or ending
-                ):  # Ctrl-C or SIGTERM on any rank, or the end
+                # Ctrl-C or SIGTERM on any rank, or the end
+                if signals.stop(state, ending) or ending:
                     break
                 state.lr = get_lr(state.step, state.max_steps, cfg)
                 figures = train_step(

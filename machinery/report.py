@@ -2,9 +2,7 @@
 steps and an evaluation's line, each a row of its history (history.csv, loss.png); and its closing
 lines and sample. Lines are flushed as they come; rank 0 alone prints and writes."""
 
-import errno
 import math
-import sys
 import time
 
 import torch
@@ -15,30 +13,15 @@ from utils import bits_per_char
 
 
 class Report:
-    def __init__(self, settings, process, corpus, stage, signals):
+    def __init__(self, settings, process, corpus, stage, say):
         self.settings = settings
         self.cfg = settings.cfg
         self.process = process
         self.corpus = corpus
         self.stage = stage
-        self.signals = signals  # a reader gone stops the run as a signal would
+        self.say = say  # prints a line: Signals.say, where a reader gone stops the run
         self.line_step = 0  # a progress line's pace counts from here
         self.line_seconds = 0.0
-
-    def say(self, text):
-        """Print a line (rank 0 alone). Inside the loop, a reader that has gone (`| head`, or a
-        `| tee` that the same Ctrl-C ended; EINVAL on Windows) stops the run as a signal would:
-        it saves, and its last lines go to stderr. Outside the loop it is an OSError."""
-        if self.signals.gone:
-            print(text, file=sys.stderr, flush=True)
-            return
-        try:
-            cli.log(text)
-        except OSError as e:
-            gone = isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL
-            if not (self.signals.active and gone):
-                raise
-            self.signals.output_gone()
 
     def opening(self, state, schedule):
         """The run's opening lines: device and precision, model, batch, loss, and how it ends.

@@ -77,7 +77,14 @@ def flags(argv=None, stage="train", doc="", needs=None):
     add_flags(parser, RunOptions, defaults, names(RunOptions), title="what to do")
     add_flags(parser, GPTConfig, defaults, title="model")
     add_flags(parser, TrainConfig, defaults, names(TrainConfig), title="training")
-    return vars(parser.parse_args(argv))
+    given, unknown = parser.parse_known_args(argv)
+    for f in fields(RunOptions) + fields(TrainConfig):  # another stage's flag: say whose
+        if f"--{f.name}" in [word.split("=")[0] for word in unknown]:
+            scripts = " and ".join(f"{name}.py" for name in f.metadata["stages"])
+            parser.error(f"--{f.name} is a flag of {scripts}")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return vars(given)
 
 
 def machine_preset(device, given):

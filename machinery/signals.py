@@ -3,6 +3,7 @@
 of the output that has gone (`| head`) stops the run the same way. Under torchrun every rank stops
 at the same step: they agree on it at each progress line and at the run's end."""
 
+import errno
 import os
 import signal
 import sys
@@ -46,6 +47,21 @@ class Signals:
                 self.output_gone()
             except (OSError, ValueError):  # no file behind stdout
                 pass
+
+    def say(self, text):
+        """Print a line (rank 0 alone). Inside the loop, a reader that has gone (`| head`, or a
+        `| tee` that the same Ctrl-C ended; EINVAL on Windows) stops the run as a signal would:
+        it saves, and its last lines go to stderr. Outside the loop it is an OSError."""
+        if self.gone:
+            print(text, file=sys.stderr, flush=True)
+            return
+        try:
+            cli.log(text)
+        except OSError as e:
+            gone = isinstance(e, BrokenPipeError) or e.errno == errno.EINVAL
+            if not (self.active and gone):
+                raise
+            self.output_gone()
 
     def output_gone(self):
         """The reader has gone: no second error at exit; inside the loop the run stops."""

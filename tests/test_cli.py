@@ -72,6 +72,7 @@ def folder_bytes(folder):
         (["--data", "missing.txt"], "missing.txt"),
         (["--data_fraction", "0"], "data_fraction"),
         (["--no_such_flag", "1"], "--no_such_flag"),
+        (["--init_from", "checkpoints/best.pt"], "finetune.py"),  # another stage's flag: whose
         (["--norm", "bogus"], "norm"),
         (["--plots", "maybe"], "--plots"),
         (["--resume", "checkpoints/last.pt"], "--out_dir"),  # it continues OUT_DIR/last.pt
