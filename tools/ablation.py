@@ -5,7 +5,7 @@ python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_l
 import os
 import tempfile
 
-from config import GPTConfig, TinyLLMError, TrainConfig, add_flags
+from config import GPTConfig, TrainConfig, add_flags, require
 from machinery import cli
 from machinery.plots import new_plot, save_plot
 from tools import experiment
@@ -34,8 +34,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise TinyLLMError(f"unknown variant(s) {', '.join(unknown)}; choose from {choices}")
+    require(not unknown, f"unknown variant(s) {', '.join(unknown)}; choose from {choices}")
     cli.check_writable(args.out, "--out", make_folder=True)
     rows = []
     curves = {}  # each variant's eval rows: step and val_loss

@@ -3,7 +3,7 @@
 import csv
 import os
 
-from config import TinyLLMError
+from config import TinyLLMError, require
 from machinery import cli
 from machinery.plots import draw_losses, new_plot, save_plot
 
@@ -26,11 +26,9 @@ def main(argv=None):
     parser.add_argument("--out", default="compare.png", help="the PNG (default: %(default)s)")
     parser.add_argument("--labels", help="comma-separated labels (default: the folder names)")
     args = parser.parse_args(argv)
-    labels = [os.path.basename(os.path.normpath(d)) for d in args.runs]
-    if args.labels:
-        labels = args.labels.split(",")
-    if not args.out.lower().endswith(".png"):
-        raise TinyLLMError(f"--out must name a .png file, got {args.out}")
+    folders = [os.path.basename(os.path.normpath(d)) for d in args.runs]
+    labels = args.labels.split(",") if args.labels else folders
+    require(args.out.lower().endswith(".png"), f"--out must name a .png file, got {args.out}")
     if len(labels) != len(args.runs):
         raise TinyLLMError(f"--labels has {len(labels)} names for {len(args.runs)} runs")
     histories = [read_history(run_dir) for run_dir in args.runs]  # each checked before drawing

@@ -190,14 +190,12 @@ def main(argv=None):
         bpe = hf_tokenizer(tokenizer)
         transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, **fast).save_pretrained(tmp)
         path = os.path.join(tmp, "tokenizer_config.json")  # a class every transformers knows
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f) | {"tokenizer_class": "PreTrainedTokenizerFast"}
+        settings = json.loads(sources.read_text(path))
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
-        with open(os.path.join(os.path.dirname(__file__), "model_card.md"), encoding="utf-8") as f:
-            card = f.read().format(**card)  # the Hub's format: YAML metadata, then Markdown
+            json.dump(settings | {"tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
+        template = sources.read_text(os.path.join(os.path.dirname(__file__), "model_card.md"))
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(card)
+            f.write(template.format(**card))  # the Hub's format: YAML metadata, then Markdown
         shutil.rmtree(args.folder, ignore_errors=True)
         os.replace(tmp, args.folder)
     finally:

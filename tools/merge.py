@@ -3,7 +3,7 @@ python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt"""
 
 import os
 
-from config import TinyLLMError
+from config import TinyLLMError, require
 from lora import merge
 from machinery import checkpoint, cli
 
@@ -16,8 +16,8 @@ def main(argv=None):
     saved = checkpoint.load(args.adapter)
     if not saved.get("lora"):
         raise TinyLLMError(f"{args.adapter} is not a LoRA adapter (no --lora_rank run wrote it)")
-    if os.path.exists(args.out):  # it may be a trained run's checkpoint
-        raise TinyLLMError(f"--out {args.out} already exists; give a new path")
+    # --out may be a trained run's checkpoint
+    require(not os.path.exists(args.out), f"--out {args.out} already exists; give a new path")
     cli.check_writable(args.out, "--out", make_folder=True)
     model = merge(checkpoint.model_of(saved, args.adapter))
     # the run's record (its data and settings, for --eval_only and the export), not what resumes it

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from config import DEVICE_HELP, SamplerConfig, TinyLLMError
+from config import DEVICE_HELP, SamplerConfig, TinyLLMError, require
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import WholeCharacters, entropy_bits, token_piece
 from machinery.evaluation import token_losses
@@ -62,19 +62,15 @@ def draw_attention(model, tokenizer, ids, args, path):
     rotation = 90 if max(map(len, labels)) > 1 else 0
     future = np.triu(np.ones((T, T), dtype=bool), k=1)
     for r, layer in enumerate(layers):
-        for c, head in enumerate(heads):
-            ax = axes[r][c]
+        for ax, head in zip(axes[r], heads):
             weights = np.ma.masked_array(maps[layer][head].float().cpu().numpy(), mask=future)
             ax.imshow(weights, cmap="Blues", vmin=0.0, vmax=1.0)
             ax.set_facecolor("#dddddd")  # grey where the masked future is
             ax.set_xticks(ticks, tick_labels, fontsize=size, rotation=rotation)
             ax.set_yticks(ticks, tick_labels, fontsize=size)
             ax.set_title(f"layer {layer} head {head}", fontsize=8)
-    fig.suptitle(
-        "attention: row = the token looking, column = the token looked at; "
-        "darker = more; grey = the masked future",
-        fontsize=8,
-    )
+    title = "attention: row = the token looking, column = the token looked at; darker = more"
+    fig.suptitle(f"{title}; grey = the masked future", fontsize=8)
     save_plot(fig, path)
     return (
         f"a heatmap per layer and head over the prompt's {T} tokens. Look for heads on the "
@@ -126,9 +122,8 @@ def draw_surprise(model, tokenizer, ids, path, width=72):
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="bits")
     ax.set_axis_off()
     bpc = bits_per_char(losses.mean().item(), chars_per_token(tokenizer, ids.tolist()))
-    ax.set_title(
-        f"surprise: the model's loss on each character ({bpc:.4f} bits per character)", fontsize=9
-    )
+    title = f"surprise: the model's loss on each character ({bpc:.4f} bits per character)"
+    ax.set_title(title, fontsize=9)
     save_plot(fig, path)
     return (
         f"{len(chars)} characters of the val split coloured by loss: pale expected, dark red "
@@ -214,8 +209,7 @@ def main(argv=None):
         )
     if "embeddings" in names and not isinstance(tokenizer, CharTokenizer):
         why = "the embeddings picture labels each point with its character: it needs a char model"
-        if args.only:
-            raise TinyLLMError(why)
+        require(not args.only, why)
         cli.log(f"skipped embeddings.png: {why}")
         names.remove("embeddings")
     paths = {name: os.path.join(args.out_dir, f"{name}.png") for name in names}

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TinyLLMError, TrainConfig, add_flags, make_config
+from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TrainConfig, add_flags, make_config, require
 from machinery import cli
 from machinery.checkpoint import replace_file
 from machinery.sources import iter_documents
@@ -31,14 +31,12 @@ def pieces(cfg, total_chars):
 
 
 def prepare(cfg, out, vocab_size, sample_mb):
-    if not os.path.exists(cfg.data):
-        raise TinyLLMError(f"input {cfg.data} not found")
+    require(os.path.exists(cfg.data), f"input {cfg.data} not found")
     cli.check_writable(os.path.join(out, "meta.json"), "--out", make_folder=True)
     learn(cfg.tokenizer, "", vocab_size)  # early: a size BPE cannot have, no GPT-2 files
     cli.log(f"measuring {cfg.data} ...")  # as read: CRLF and LF files cut at the same text
     total_chars = sum(len(t) for t in iter_documents(cfg.data, cfg.clean, cfg.data_ext))
-    if total_chars == 0:
-        raise TinyLLMError(f"input {cfg.data} is empty")
+    require(total_chars, f"input {cfg.data} is empty")
     t0 = time.perf_counter()
     if cfg.tokenizer == "char":  # every character of the source, and the special tokens it holds
         chars = set()
@@ -108,8 +106,7 @@ def write_splits(cfg, tokenizer, dtype, out, total_chars):
                         f"prepare {seen / 1e6:,.1f}/{total_chars / 1e6:,.1f}M characters | "
                         f"{sum(counts):,} tokens | {rate / 1e6:.1f}M characters/s | ETA {eta}"
                     )
-        if 0 in counts:
-            raise TinyLLMError(f"{cfg.data}: too little text to split into train and validation")
+        require(0 not in counts, f"{cfg.data}: too little text to split into train and validation")
     except BaseException:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
@@ -128,10 +125,10 @@ def main(argv=None):
         "--tokenizer_sample_mb", type=int, default=20, help="BPE's text: %(default)s"
     )
     args = parser.parse_args(argv)
-    if args.tokenizer_sample_mb < 1:
-        raise TinyLLMError(f"--tokenizer_sample_mb must be >= 1, got {args.tokenizer_sample_mb}")
+    sample_mb = args.tokenizer_sample_mb
+    require(sample_mb >= 1, f"--tokenizer_sample_mb must be >= 1, got {sample_mb}")
     cfg = make_config(TrainConfig, {**vars(args), "data": args.input})
-    prepare(cfg, args.out, args.vocab_size, args.tokenizer_sample_mb)
+    prepare(cfg, args.out, args.vocab_size, sample_mb)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import torch
 
 from config import TinyLLMError, TrainConfig
-from machinery import cli
+from machinery import cli, sources
 from machinery.plots import new_plot, save_plot
 from tools import experiment
 
@@ -90,10 +90,8 @@ def study(args):
     after each run: --reuse goes on), then fit and draw."""
     shapes = SHAPES[1:4] if args.quick else SHAPES
     n_budgets, minutes = (3, 3.0) if args.quick else (args.budgets, args.minutes)
-    saved = {}
-    if args.reuse and os.path.exists(args.out):
-        with open(args.out, encoding="utf-8") as f:
-            saved = json.load(f)
+    reused = args.reuse and os.path.exists(args.out)
+    saved = json.loads(sources.read_text(args.out, "--out")) if reused else {}
     done = {r["key"]: r for r in saved.get("runs", [])}
     probe = saved.get("probe")
     mid = shapes.index((2, 160, 5)) if (2, 160, 5) in shapes else len(shapes) // 2
@@ -155,10 +153,8 @@ def summarize(rows, budgets, five_minutes, path):
     C, sizes, L = zip(*frontier)
     fit = fit_power_law(C, L) if len(set(C)) > 1 else None
     if fit is None:  # the budgets too close, or the loss not falling with compute: nothing to fit
-        cli.log(
-            "no power law fits these runs: the loss does not fall with compute "
-            "(give more --minutes)"
-        )
+        why = "the loss does not fall with compute (give more --minutes)"
+        cli.log(f"no power law fits these runs: {why}")
         fit = dict(l_inf=min(L), a=0.0, alpha=0.0)
     else:
         log_c = [math.log(c) for c in C]
@@ -179,9 +175,8 @@ def summarize(rows, budgets, five_minutes, path):
     law = f"L = {fit['l_inf']:.2f} + {fit['a']:.3g} C^-{fit['alpha']:.3f}"
     by_compute.plot(c, [fit["l_inf"] + fit["a"] * x ** -fit["alpha"] for x in c], "k-", label=law)
     by_compute.axvline(five_minutes, color="grey", linestyle="--", label="five minutes here")
-    by_compute.set(
-        xscale="log", xlabel="training FLOPs", ylabel="val loss", title="loss against compute"
-    )
+    by_compute.set(xscale="log", xlabel="training FLOPs", ylabel="val loss")
+    by_compute.set_title("loss against compute")
     fracs = [r["data_fraction"] for r in data]
     by_data.plot(fracs, [r["val"] for r in data], "o-", label="val at the end")
     by_data.plot(fracs, [r["train"] for r in data], ".:", label="train at the end")
