@@ -94,13 +94,7 @@ def main(argv=None):
     drawn = [f"--{f.name}" for f in dataclasses.fields(SamplerConfig) if f.name in flags]
     require(not (cfg.beam and drawn), f"beam search draws nothing: drop {', '.join(drawn)}")
     device = devices.use(cfg.device, cfg.threads)
-    prompt = cfg.prompt
-    if cfg.prompt_file:
-        try:
-            with open(cfg.prompt_file, encoding="utf-8-sig") as f:
-                prompt = f.read()
-        except UnicodeDecodeError:
-            raise TinyLLMError(f"--prompt_file {cfg.prompt_file} is not UTF-8 text") from None
+    prompt = sources.read_text(cfg.prompt_file, "--prompt_file") if cfg.prompt_file else cfg.prompt
     out = cfg.output_file
     if out:
         if out.lower().endswith(".pt") or os.path.realpath(out) in map(os.path.realpath, paths):

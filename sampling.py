@@ -49,9 +49,8 @@ def until_stop(ids, stop_token):
 def sample_text(model, ids, max_new_tokens, sampler, stop_token=None, seed=0):
     """One seeded sample's new token ids after ids, cut at stop_token: the same seed, the same
     text. The model samples in eval mode, then goes back to the mode it was in."""
-    device = model.wte.weight.device
-    idx = torch.tensor([ids], device=device)  # (1, T)
-    generator = torch.Generator(device).manual_seed(seed)
+    idx = torch.tensor([ids], device=model.wte.weight.device)  # (1, T)
+    generator = torch.Generator(idx.device).manual_seed(seed)
     training = model.training
     out = generate(model.eval(), idx, max_new_tokens, sampler, stop_token, generator)
     model.train(training)

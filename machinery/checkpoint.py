@@ -151,11 +151,9 @@ def from_saved(cls, saved, path):
 def tokenizer_of(checkpoint, path):
     """The tokenizer a checkpoint holds, checked to fit its model."""
     tokenizer = from_dict(checkpoint["tokenizer"])
-    vocab_size = checkpoint["model_config"]["vocab_size"]
-    if tokenizer.vocab_size > vocab_size:
-        raise TinyLLMError(
-            f"{path}: its tokenizer has {tokenizer.vocab_size} tokens, the model {vocab_size}"
-        )
+    tokens = tokenizer.vocab_size
+    vocab = checkpoint["model_config"]["vocab_size"]
+    require(tokens <= vocab, f"{path}: its tokenizer has {tokens} tokens, the model {vocab}")
     return tokenizer
 
 
@@ -188,11 +186,8 @@ def with_embedding(model, rows, new_rows):
     """Rebuild model's token embedding: row i its old row rows[i], or where that is None the next
     of new_rows; the output layer tied to it."""
     old = model.wte.weight.detach()
-    new_rows = iter(new_rows)
-    weights = []
-    for i in rows:  # a new token takes the next new row
-        weights.append(old[i] if i is not None else next(new_rows))
-    weights = torch.stack(weights)  # (V, C)
+    new_rows = iter(new_rows)  # a new token takes the next new row
+    weights = torch.stack([old[i] if i is not None else next(new_rows) for i in rows])  # (V, C)
     model.config = dataclasses.replace(model.config, vocab_size=len(rows))
     model.wte = torch.nn.Embedding.from_pretrained(weights, freeze=False)
     model.lm_head = torch.nn.Linear(model.config.n_embd, len(rows), bias=False)

@@ -22,9 +22,8 @@ def token_losses(model, ids, batch_size=1):
     n = (len(ids) - 1) // T  # whole windows, then the tail
     windows = ids[: n * T + 1].unfold(0, T + 1, T) if n else ids[:0].view(0, T + 1)  # (n, T + 1)
     chunks = [windows[i : i + batch_size] for i in range(0, n, batch_size)]
-    tail = len(ids) - 1 - n * T
-    if tail > 0:
-        chunks.append(ids[-tail - 1 :][None])
+    if len(ids) - 1 > n * T:  # the tail: fewer than T inputs
+        chunks.append(ids[n * T :][None])
     losses = []
     for rows in chunks:  # (b, t + 1): t inputs, each with its next token
         logits, _ = model(rows[:, :-1].to(device))  # (b, t, V)

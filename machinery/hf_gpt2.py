@@ -45,8 +45,7 @@ def config_from_hf(hf, name):
     for switch, ours in OUR_SWITCHES.items():
         if bool(getattr(hf, switch, ours)) != ours:
             problems.append(f"{switch}={not ours}")
-    if problems:
-        raise TinyLLMError(f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
+    require(not problems, f"{name} is not a GPT-2 our model can represent: {'; '.join(problems)}")
     return GPTConfig(**{k: getattr(hf, k) for k in SHAPE}, block_size=hf.n_positions, bias=True)
 
 

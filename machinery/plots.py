@@ -72,6 +72,5 @@ def draw_lr_schedule(cfg, get_lr):
     save_plot(fig, path, ax)
     tenths = [round(cfg.max_steps * i / 10) for i in range(11)]
     peak = lrs.index(max(lrs))  # where the warmup, if any, ends
-    steps = sorted({peak, *tenths})
-    log("lr at step " + ", ".join(f"{s}: {lrs[s]:.3g}" for s in steps))
+    log("lr at step " + ", ".join(f"{s}: {lrs[s]:.3g}" for s in sorted({peak, *tenths})))
     log(f"wrote {path}")

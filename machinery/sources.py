@@ -30,41 +30,44 @@ def iter_documents(path, clean=False, extensions=".txt"):
             text += EOT
         return text
 
-    file = path
-    try:
-        if os.path.isdir(path):
-            yield EOT
-            for file in folder_files(path, extensions):
-                with open(file, encoding="utf-8-sig") as f:
-                    yield document(f.read())
-        elif path.lower().endswith((".json", ".jsonl")):
-            yield EOT
-            for where, record in records(path):
-                if isinstance(record, dict) and isinstance(record.get("text"), str):
-                    yield document(record["text"])
-                elif isinstance(record, dict) and ("messages" in record or "question" in record):
-                    yield document(chat_document(record, where))
-                else:  # a preference pair too: a file of them is dpo.py's
-                    raise TinyLLMError(
-                        f'{where}: expected an object with "text", "messages", or "question" and '
-                        '"answer" (a file of "prompt", "chosen" and "rejected" is for dpo.py)'
-                    )
-        else:
+    if os.path.isdir(path):
+        yield EOT
+        for file in folder_files(path, extensions):
+            yield document(read_text(file))
+    elif path.lower().endswith((".json", ".jsonl")):
+        yield EOT
+        for where, record in records(path):
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                yield document(record["text"])
+            elif isinstance(record, dict) and ("messages" in record or "question" in record):
+                yield document(chat_document(record, where))
+            else:  # a preference pair too: a file of them is dpo.py's
+                raise TinyLLMError(
+                    f'{where}: expected an object with "text", "messages", or "question" and '
+                    '"answer" (a file of "prompt", "chosen" and "rejected" is for dpo.py)'
+                )
+    else:
+        try:
             with open(path, encoding="utf-8-sig") as f:
                 while chunk := f.read(1 << 20):
                     chunk += f.readline()  # a piece ends at a line end
                     yield clean_text(chunk) if clean else chunk
+        except UnicodeDecodeError:
+            raise TinyLLMError(f"data file {path} is not UTF-8 text") from None
+
+
+def read_text(path, what="data file"):
+    """A text file's whole text, read as "utf-8-sig"; one that is not UTF-8 refused by its name."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
     except UnicodeDecodeError:
-        raise TinyLLMError(f"data file {file} is not UTF-8 text") from None
+        raise TinyLLMError(f"{what} {path} is not UTF-8 text") from None
 
 
 def records(path):
     """(where, record) of a .jsonl file's lines, or of a .json file's list: where names it."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise TinyLLMError(f"data file {path} is not UTF-8 text") from None
+    text = read_text(path)
     if path.lower().endswith(".jsonl"):
         for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
