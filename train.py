@@ -280,15 +280,9 @@ def fit(settings, process, corpus, stage):
                 if (at_end or periodic) and state.step != state.last_eval_step:  # once a step
                     with budget.set_aside(state):  # the budget keeps its time for the last one
                         train_loss, val_loss = evaluate(step_model, batches, cfg, process)
-                        improved = state.step > 0 and val_loss < state.best_val_loss
+                        improved = state.evaluated(val_loss)  # a new best val loss?
                         report.evaluation(state, train_loss, val_loss, improved)
-                        state.last_eval_step = state.step
                         if state.step:  # the baseline, before any step, keeps nothing
-                            if improved:
-                                state.best_val_loss = val_loss
-                                state.evals_without_improvement = 0
-                            else:
-                                state.evals_without_improvement += 1
                             checkpoints.save("last.pt", state)
                             if improved:
                                 checkpoints.save("best.pt", state)

@@ -31,6 +31,18 @@ class TrainState:
         """The run's seconds: this process's since started (perf_counter), and those before."""
         return self.seconds + time.perf_counter() - started
 
+    def evaluated(self, val_loss):
+        """Keep an evaluation's val loss; returns whether it is a new best. The baseline, before
+        any step, is none: the best is the best after a step."""
+        self.last_eval_step = self.step
+        improved = self.step > 0 and val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss = val_loss
+            self.evals_without_improvement = 0
+        elif self.step:
+            self.evals_without_improvement += 1
+        return improved
+
     def read_window(self, float16):
         """The figures of the steps since the last line, read as numbers (a GPU waits here). A
         loss or a gradient that is not finite stops the run here, before anything is saved
