@@ -126,19 +126,21 @@ def warmup(max_steps, cfg):
 
 
 def get_lr(step, max_steps, cfg):
-    """The learning rate of a step: a linear warmup to cfg.lr, then a decay to min_lr as the
-    progress goes from 0 (the warmup's end) to 1 at step max_steps, where the run ends: its last
-    step, max_steps - 1, is a step short of it, as in nanoGPT. min_lr may be 0 (the five-minute
-    presets): a shape that divides by it needs a floor above 0."""
+    """The learning rate of a step: a linear warmup to cfg.lr; then the shape's decay, from 1 at
+    the warmup's end to 0 at step max_steps, takes it from lr down to min_lr (0 on the five-minute
+    presets). progress goes from 0 to 1 over the decay; the run's last step, max_steps - 1, is a
+    step short of its end, as in nanoGPT."""
     warm = warmup(max_steps, cfg)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, max_steps - warm))
-    if cfg.lr_schedule == "linear":
-        return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 - progress)
-    if cfg.lr_schedule == "cosine":
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
+    if cfg.lr_schedule == "linear":  # each shape: a decay from 1 at the peak to 0 at the end
+        decay = 1.0 - progress
+    elif cfg.lr_schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"get_lr has no formula for lr_schedule {cfg.lr_schedule!r}")
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * decay
 
 
 # ---------------------------------------------------------------------- one step, an evaluation
