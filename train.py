@@ -240,7 +240,8 @@ class WithPartner(torch.nn.Module):
 
 def fit(settings, process, corpus, stage):
     """Every stage's run: the set-up, each check before anything is written; then the loop, which
-    steps until the run ends, evaluates and saves now and then, and may stop early; then finish."""
+    steps until the run ends, evaluates and saves now and then, and may stop early; then its end:
+    last.pt, and the closing lines, or for a signal the command that resumes it."""
     cfg = settings.cfg
     options = settings.options
     with devices.out_of_memory_as_error(OUT_OF_MEMORY):  # one error line, with what to try
@@ -309,25 +310,21 @@ def fit(settings, process, corpus, stage):
                 if cfg.save_interval and state.step % cfg.save_interval == 0:
                     checkpoints.save(f"ckpt_{state.step:07d}.pt", state)  # keep_last of them stay
 
-        return finish(
-            settings, process, corpus, stage, state, stop_reason, signals, report, checkpoints
-        )
-
-
-def finish(settings, process, corpus, stage, state, stop_reason, signals, report, checkpoints):
-    """The run's end: last.pt, unless the last evaluation saved this step; stopped by a signal, the
-    command that resumes it and exit status 128 + the signal; else the closing lines and sample,
-    and the run's summary."""
-    cfg = settings.cfg
-    if signals.signum or state.last_eval_step != state.step:
-        checkpoints.save("last.pt", state)
-    if signals.signum:
-        report.stopped(state, checkpoints.writes)
+        if signals.signum or state.last_eval_step != state.step:  # unless the evaluation saved it
+            checkpoints.save("last.pt", state)
+        if signals.signum:  # stopped: the command that resumes it, exit status 128 + the signal
+            report.stopped(state, checkpoints.writes)
+            process.leave_together()
+            sys.exit(128 + signals.signum)
+        schedule_end = get_lr(state.max_steps, state.max_steps, cfg)
+        report.closing(state, stop_reason, schedule_end, checkpoints.writes)  # and a sample
         process.leave_together()
-        sys.exit(128 + signals.signum)
-    schedule_end = get_lr(state.max_steps, state.max_steps, cfg)
-    report.closing(state, stop_reason, schedule_end, checkpoints.writes)
-    process.leave_together()
+        return summary(settings, process, corpus, stage, state, stop_reason)
+
+
+def summary(settings, process, corpus, stage, state, stop_reason):
+    """What a run returns to the script (and to tools.scaling, tools.ablation and the tests)."""
+    cfg = settings.cfg
     return {
         "step": state.step,
         "best_val_loss": state.best_val_loss,
