@@ -204,11 +204,13 @@ def readme_story(preset, tmp_path_factory, capsys, monkeypatch):
 
 
 def failures(results):
-    return [
-        f"{page_line}: {command}\n  exit {code}: {out.strip().splitlines()[-1] if out.strip() else ''}"
-        for (page_line, command), (code, out) in results.items()
-        if code != 0
-    ]
+    """Each command that failed: its line, and the last line it printed."""
+    failed = []
+    for (page_line, command), (code, out) in results.items():
+        last = out.strip().splitlines()[-1] if out.strip() else ""
+        if code != 0:
+            failed.append(f"{page_line}: {command}\n  exit {code}: {last}")
+    return failed
 
 
 @pytest.mark.slow  # trains for seconds
