@@ -18,7 +18,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import TinyLLMError
 from machinery import cli
-from machinery.cli import warn
 
 
 @functools.cache  # a machine stays what it is: asked once a process
@@ -137,9 +136,9 @@ def resolve_dtype(dtype, device):
     if dtype == "auto":
         return auto_dtype(device)
     if dtype == "bfloat16" and device.type != "mps" and not native_bf16(device):
-        warn(f"{name(device)} has no native bfloat16: it is emulated and slower")
+        cli.warn(f"{name(device)} has no native bfloat16: it is emulated and slower")
     if device.type == "mps" and dtype != "float32" and not autocast_works("mps", dtype):
-        warn(
+        cli.warn(
             f"torch {torch.__version__} cannot autocast to {dtype} on this Mac (bfloat16 needs "
             f"torch 2.6 and macOS 14): training in float32"
         )
