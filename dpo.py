@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 import train
 from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
-from finetune import adapted
-from lora import merge
+from lora import adapted, merge
 from machinery import checkpoint, cli, devices, plots, sources
 from machinery.settings import read_settings
 from model import lm_loss

@@ -16,12 +16,10 @@ matrices (lora.py) learn beside it; its checkpoints hold the adapter alone, kilo
 their base. The rest is train.py's run: its loop (fit), its checkpoints, its exact --resume.
 """
 
-import os
-
 import torch
 
 import train
-from lora import add_adapters, merge
+from lora import adapted
 from machinery import checkpoint, cli, devices, plots, sources
 from machinery.settings import read_settings
 
@@ -68,26 +66,6 @@ def grow_vocabulary(model, old_ids):
     mean = old.mean(0)
     checkpoint.with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
     return rows
-
-
-def adapted(cfg, model, saved, path, rows):
-    """The model a fine-tune trains from the model saved (path). Under --lora_rank: frozen, with
-    adapters beside it (a LoRA checkpoint's own, trained on). Without: a LoRA model merged, so
-    that the whole model trains. rows: trained_model's. model.lora: what its checkpoints hold
-    instead of its weights: the adapter's settings and its base's path."""
-    if not cfg.lora_rank:
-        return merge(model) if saved.get("lora") else model
-    adapter = saved.get("lora")
-    if adapter is None:
-        add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
-        base = os.path.abspath(path)  # its checkpoints name it, relative to themselves
-        adapter = dict(base=base, rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        adapter["mlp"] = cfg.lora_mlp
-    elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
-        old = adapter["rows"] or range(len(rows))  # None: the base's rows, as they were
-        adapter = adapter | {"rows": [None if i is None else old[i] for i in rows]}
-    model.lora = adapter
-    return model
 
 
 def main(argv=None):

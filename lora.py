@@ -8,11 +8,12 @@ instead of out * in, and saves only those: the adapter, kilobytes beside the mod
         --data data/chat_example.jsonl
     python -m tools.merge checkpoints/lora/last.pt --out checkpoints/merged.pt  # folded in
 
-finetune.adapted puts the adapters on the model a fine-tune trains (finetune.py, dpo.py); its
+adapted puts the adapters on the model a fine-tune trains (finetune.py, dpo.py); its
 checkpoints hold the adapter and the path of its base (machinery/checkpoint.py writes them).
 """
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -61,3 +62,24 @@ def merge(model):
             if isinstance(child, LoRALinear):
                 setattr(module, name, child.merged())
     return model.requires_grad_(True)
+
+
+def adapted(cfg, model, saved, path, rows):
+    """The model a fine-tune (finetune.py, dpo.py) trains from the model saved (path). Under
+    --lora_rank: frozen, with adapters beside it (a LoRA checkpoint's own, trained on). Without:
+    a LoRA model merged, so that the whole model trains. rows: finetune.trained_model's.
+    model.lora: what its checkpoints hold instead of its weights: the adapter's settings and its
+    base's path."""
+    if not cfg.lora_rank:
+        return merge(model) if saved.get("lora") else model
+    adapter = saved.get("lora")
+    if adapter is None:
+        add_adapters(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_mlp)  # the model frozen
+        base = os.path.abspath(path)  # its checkpoints name it, relative to themselves
+        adapter = dict(base=base, rows=rows, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        adapter["mlp"] = cfg.lora_mlp
+    elif rows:  # an adapter trained on with new tokens: its rows mapped onto the base's
+        old = adapter["rows"] or range(len(rows))  # None: the base's rows, as they were
+        adapter = adapter | {"rows": [None if i is None else old[i] for i in rows]}
+    model.lora = adapter
+    return model

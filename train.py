@@ -276,14 +276,14 @@ def fit(settings, process, corpus, stage):
                 if budget.spent_in_warmup(state, warm):  # its LR never decayed: it cannot end
                     saved = state.step > 0 and checkpoints.writes
                     if saved:
-                        checkpoints.save("last.pt", state)  # the steps taken are kept
+                        checkpoints.save("last.pt", state)  # a user never loses the steps taken
                     raise budget.too_short(state, warm, saved)
                 at_end = state.step >= state.max_steps
                 periodic = state.step % cfg.eval_interval == 0 and budget.room_to_evaluate(state)
                 if (at_end or periodic) and state.step != state.last_eval_step:  # once a step
                     with budget.set_aside(state):  # the budget keeps its time for the last one
                         train_loss, val_loss = evaluate(step_model, batches, cfg, process)
-                        improved = state.evaluated(val_loss)  # a new best val loss?
+                        improved = state.evaluated(val_loss)  # counts toward --patience
                         report.evaluation(state, train_loss, val_loss, improved)
                         if state.step:  # the baseline, before any step, keeps nothing
                             checkpoints.save("last.pt", state)
