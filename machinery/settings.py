@@ -206,7 +206,7 @@ def fine_tune_checkpoint(path, given):
     if path.lower().endswith(".pt"):
         saved = checkpoint.load(path)
     else:
-        from machinery.hf_gpt2 import gpt2_checkpoint  # needs transformers: imported only here
+        from tools.export import gpt2_checkpoint  # needs transformers: imported only here
 
         saved = gpt2_checkpoint(path)
     has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}

@@ -37,7 +37,7 @@ def main(argv=None):
     require(not unknown, f"unknown variant(s) {', '.join(unknown)}; choose from {choices}")
     cli.check_writable(args.out, "--out", make_folder=True)
     rows = []
-    curves = {}  # each variant's eval rows: step and val_loss
+    fig, ax = new_plot(height=4)  # each variant's val loss at its evaluations
     with tempfile.TemporaryDirectory(prefix="tinyllm-ablation-") as tmp:
         for name in names:
             cli.log(f"--- {name}: {VARIANTS[name]}")
@@ -47,15 +47,13 @@ def main(argv=None):
             best = summary["best_val_loss"]
             bpc = bits_per_char(best, summary["corpus"].chars_per_token)
             rows.append((name, summary["model"].num_params(), best, bpc, summary["seconds"]))
-            curves[name] = [h for h in summary["history"] if h["kind"] == "eval"]
+            curve = [h for h in summary["history"] if h["kind"] == "eval"]
+            ax.plot([h["step"] for h in curve], [h["val_loss"] for h in curve], ".-", label=name)
     cli.log(f"| variant | params | best val loss | vs {names[0]} | val bits/char | seconds |")
     cli.log("|---|---|---|---|---|---|")
     for name, params, best, bpc, seconds in rows:
         vs = best - rows[0][2]
         cli.log(f"| {name} | {params:,} | {best:.4f} | {vs:+.4f} | {bpc:.3f} | {seconds:.0f} |")
-    fig, ax = new_plot(height=4)
-    for name, curve in curves.items():
-        ax.plot([h["step"] for h in curve], [h["val_loss"] for h in curve], ".-", label=name)
     ax.set(xlabel="step", ylabel="val loss (nats/token)", title="val loss by variant")
     save_plot(fig, args.out, ax)
     cli.log(f"wrote {args.out}")

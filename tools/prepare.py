@@ -4,9 +4,9 @@ memory) to train.bin, the rest to val.bin, with meta.json. Then: python train.py
     python -m tools.prepare --input big.txt --out data/big --tokenizer bpe
 """
 
-import contextlib
 import json
 import os
+import pathlib
 import time
 
 import numpy as np
@@ -45,14 +45,11 @@ def prepare(cfg, out, vocab_size, sample_mb):
             chars |= set(doc_tokenizer.chars) | set(doc_tokenizer.special_tokens)
         text = "".join(sorted(chars))
     else:  # the first sample_mb of the training part: the validation text stays unseen
-        parts = []
-        size = 0
+        text = ""
         for train_part, val_part in pieces(cfg, total_chars):
-            parts.append(train_part)
-            size += len(train_part)
-            if size >= sample_mb * 2**20 or val_part:
+            text += train_part
+            if len(text) >= sample_mb * 2**20 or val_part:
                 break
-        text = "".join(parts)
     tokenizer = learn(cfg.tokenizer, text, vocab_size, verbose=True)
     cli.log(f"tokenizer: {tokenizer.vocab_size:,} tokens ({time.perf_counter() - t0:.1f}s)")
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
@@ -67,11 +64,9 @@ def prepare(cfg, out, vocab_size, sample_mb):
         val_chars=val_chars,
         clean=cfg.clean,
     )
-    with open(os.path.join(out, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f)
+    pathlib.Path(out, "meta.json.tmp").write_text(json.dumps(meta))
     # meta.json goes first and comes back last: a folder caught halfway is refused
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out, "meta.json"))
+    pathlib.Path(out, "meta.json").unlink(missing_ok=True)
     for name in ("train.bin", "val.bin", "meta.json"):
         replace_file(os.path.join(out, f"{name}.tmp"), os.path.join(out, name))
     cli.log(
@@ -109,8 +104,7 @@ def write_splits(cfg, tokenizer, dtype, out, total_chars):
         require(0 not in counts, f"{cfg.data}: too little text to split into train and validation")
     except BaseException:
         for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
+            pathlib.Path(path).unlink(missing_ok=True)
         raise
     return counts, val_chars
 
