@@ -49,9 +49,7 @@ def token_piece(tokenizer, token):
     text = tokenizer.decode([token])
     if "\ufffd" in text and isinstance(tokenizer, ByteLevelTokenizer):
         raw = tokenizer.enc.decode_single_token_bytes(token)
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
+        if text.encode("utf-8") != raw:  # not UTF-8: its U+FFFD replaced bytes
             return raw
     return text
 

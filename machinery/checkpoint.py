@@ -131,12 +131,9 @@ def model_of(checkpoint, path="checkpoint"):
 def from_saved(cls, saved, path):
     """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail in a traceback)
     or None where its default is None (off); a setting the checkpoint lacks takes its default."""
-    unknown = [k for k in saved if k not in {f.name for f in dataclasses.fields(cls)}]
-    if unknown:
-        raise TinyLLMError(
-            f"{path} has settings this version of tinyllm does not know "
-            f"({', '.join(unknown)}): it was made by another version"
-        )
+    unknown = ", ".join(k for k in saved if k not in {f.name for f in dataclasses.fields(cls)})
+    why = f"{path} has settings this version of tinyllm does not know ({unknown})"
+    require(not unknown, f"{why}: it was made by another version")
     for f in dataclasses.fields(cls):
         kind = (int, float) if f.type is float else f.type  # an int is a float setting too
         off = f.default is None and saved.get(f.name) is None

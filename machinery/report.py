@@ -4,6 +4,7 @@ lines and sample. Lines are flushed as they come; rank 0 alone prints and writes
 
 import math
 import time
+from statistics import fmean
 
 import torch
 
@@ -29,11 +30,10 @@ class Report:
         cfg = self.cfg
         model = self.stage.model
         m = model.config
-        process = self.process
-        why = f": {process.why}" if cfg.dtype == "auto" else ""
+        why = f": {self.process.why}" if cfg.dtype == "auto" else ""
         threads = f"{torch.get_num_threads()} threads"
-        device = f"{devices.name(process.device)} ({process.dtype}{why}, {threads})"
-        device += f" x {process.world} processes" if process.world > 1 else ""
+        device = f"{devices.name(self.process.device)} ({self.process.dtype}{why}, {threads})"
+        device += f" x {self.process.world} processes" if self.process.world > 1 else ""
         self.say(f"device {device} | preset {self.settings.preset} | data {cfg.data}")
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         part = f" ({trained:,} trained: {100 * trained / model.num_params():.2f}%)"
@@ -43,13 +43,12 @@ class Report:
         params = f"{model.num_params():,} parameters{part if trained < model.num_params() else ''}"
         model_line = f"model {params}: {shape}, vocab {m.vocab_size} | {parts}"
         self.say(f"{model_line} | optimizer {cfg.optimizer}")
-        micro = process.world * cfg.grad_accum_steps
-        split = f" ({process.world} processes x {cfg.grad_accum_steps} micro-batches)"
+        micro = self.process.world * cfg.grad_accum_steps
+        split = f" ({self.process.world} processes x {cfg.grad_accum_steps} micro-batches)"
         if self.stage.batch:  # a stage's own batches
             self.say(f"batch {cfg.batch_size} {self.stage.batch}{split if micro > 1 else ''}")
         else:
-            corpus = self.corpus
-            tokens = f"train {len(corpus.train):,} tokens, val {len(corpus.val):,} tokens"
+            tokens = f"train {len(self.corpus.train):,} tokens, val {len(self.corpus.val):,} tokens"
             batch = f"batch {cfg.batch_size} x block {m.block_size}{split if micro > 1 else ''}"
             self.say(f"tokens per step {cfg.batch_size * m.block_size:,} = {batch} | {tokens}")
         self.say(f"loss: {self.stage.loss} | evaluation: {self.stage.evaluation}")
@@ -69,10 +68,7 @@ class Report:
         seconds = (now - self.line_seconds) / (state.step - self.line_step)
         rows = state.read_window(self.process.scaler.is_enabled())
         tokens = sum(row.pop("tokens", 0.0) for row in rows) * self.process.world
-        figures = {}
-        for name in rows[-1]:
-            values = [row[name] for row in rows if name in row]
-            figures[name] = sum(values) / len(values)
+        figures = {name: fmean(row[name] for row in rows if name in row) for name in rows[-1]}
         tokens_per_s = tokens / len(rows) / seconds if seconds else 0.0
         eta = cli.format_seconds((state.max_steps - state.step) * seconds)
         shown = " | ".join(f"{name} {value:.4g}" for name, value in figures.items())

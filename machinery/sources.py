@@ -47,22 +47,24 @@ def iter_documents(path, clean=False, extensions=".txt"):
                     '"answer" (a file of "prompt", "chosen" and "rejected" is for dpo.py)'
                 )
     else:
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                while chunk := f.read(1 << 20):
-                    chunk += f.readline()  # a piece ends at a line end
-                    yield clean_text(chunk) if clean else chunk
-        except UnicodeDecodeError:
-            raise TinyLLMError(f"data file {path} is not UTF-8 text") from None
+        for chunk in read_chunks(path):
+            yield clean_text(chunk) if clean else chunk
+
+
+def read_chunks(path, what="data file"):
+    """A text file's text in pieces that end at line ends, read as "utf-8-sig"; one that is not
+    UTF-8 refused by its name."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk + f.readline()  # a piece ends at a line end
+    except UnicodeDecodeError:
+        raise TinyLLMError(f"{what} {path} is not UTF-8 text") from None
 
 
 def read_text(path, what="data file"):
     """A text file's whole text, read as "utf-8-sig"; one that is not UTF-8 refused by its name."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
-    except UnicodeDecodeError:
-        raise TinyLLMError(f"{what} {path} is not UTF-8 text") from None
+    return "".join(read_chunks(path, what))
 
 
 def records(path):
@@ -166,10 +168,8 @@ def preference_pairs(path):
         raise TinyLLMError(f'{path}: expected a .jsonl file of "prompt", "chosen" and "rejected"')
     pairs = []
     for where, record in records(path):
-        if not (isinstance(record, dict) and "chosen" in record):
-            raise TinyLLMError(
-                f'{where}: expected a preference pair: "prompt", "chosen", "rejected"'
-            )
+        is_pair = isinstance(record, dict) and "chosen" in record
+        require(is_pair, f'{where}: expected a preference pair: "prompt", "chosen", "rejected"')
         texts = [record.get(k) for k in ("prompt", "chosen", "rejected")]
         if not all(isinstance(t, str) and t.strip() for t in texts):
             raise TinyLLMError(f'{where}: a pair needs "prompt", "chosen" and "rejected" texts')
@@ -224,11 +224,8 @@ def validation_split(checkpoint, tokenizer, data=None):
 
 
 def check_long_enough(ids, block_size, name, path):
-    if len(ids) < block_size + 1:
-        raise TinyLLMError(
-            f"{path}: the {name} split has {len(ids)} tokens; block_size "
-            f"{block_size} needs {block_size + 1}: add text or lower --block_size"
-        )
+    why = f"{path}: the {name} split has {len(ids)} tokens; block_size {block_size}"
+    require(len(ids) > block_size, f"{why} needs {block_size + 1}: add text or lower --block_size")
 
 
 def encode_prompt(tokenizer, prompt, qa=False, say=warn):

@@ -77,8 +77,7 @@ def start_state(settings, optimizer, process):
                 raise TinyLLMError(f"the run is at step {state.step}: {stop}")
             state.max_steps = cfg.max_steps
     if process.world > 1 and len(rngs) != process.world:  # a rank's own draws
-        seed = (cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32
-        devices.seed_everything(seed)
+        devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
     if saved:
         saved.pop("model", None)
         saved.pop("optimizer", None)
