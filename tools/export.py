@@ -265,9 +265,8 @@ def main(argv=None):
     start = sources.start_ids(tokenizer)
     sample = start + sample_text(model, start, 300, SamplerConfig(), seed=42)
     card = model_card(saved, model, arch, args.folder) | {"sample": tokenizer.decode(sample)}
-    beside = os.path.dirname(os.path.abspath(args.folder))
-    # written beside the folder, then moved in: nothing half-written left behind
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=beside) as tmp:
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(args.folder)))
+    try:  # written beside the folder, then moved in: nothing half-written left behind
         hf_model = transformers.AutoModelForCausalLM.from_config(config)
         theirs = hf_model.named_parameters()  # biases where ours has none: zeros
         zeros = {k: torch.zeros_like(v) for k, v in theirs if k.endswith(".bias")}
@@ -286,6 +285,8 @@ def main(argv=None):
             f.write(template.format(**card))  # the Hub's format: YAML metadata, then Markdown
         shutil.rmtree(args.folder, ignore_errors=True)
         os.replace(tmp, args.folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     cli.log(f"wrote {args.folder}: {arch}'s architecture, loaded by transformers' from_pretrained")
 
 
