@@ -161,9 +161,6 @@ class RunOptions:
     init_from: str = setting(
         "", "start from this checkpoint's weights (or gpt2, gpt2-medium...)", stages=TUNING
     )
-    eval_only: str = setting(
-        None, "score a checkpoint on its whole val split (OUT_DIR/best.pt)", stages=("train",)
-    )
     overfit_batch: bool = setting(False, "check: fit one batch until its loss is near 0; no files")
     plot_lr: bool = setting(False, "draw the LR schedule to OUT_DIR/lr_schedule.png, then exit")
 
@@ -274,8 +271,6 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         how = dict(dest=f.name, type=f.type, metavar=f.name.upper(), default=argparse.SUPPRESS)
         if f.type is bool:  # a bare --flag means true; --flag false works too
             how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
-        elif f.name == "eval_only":  # --eval_only alone means OUT_DIR/best.pt
-            how.update(nargs="?", const="", metavar="PATH.pt")
         help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
         group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from machinery import checkpoint, cli, devices, evaluation, plots, sources
+from machinery import checkpoint, cli, devices, plots, sources
 from machinery.budget import Budget
 from machinery.report import Report
 from machinery.settings import read_settings
@@ -361,16 +361,11 @@ def early_stop(state, val_loss, cfg):
 
 def main(argv=None):
     """train.py's command line: its settings, each decided and checked once; then the run, or
-    --eval_only, or --plot_lr."""
+    --plot_lr."""
     settings = read_settings(argv, "train", __doc__, STARTED)
-    cfg = settings.cfg
-    if settings.options.eval_only is not None:  # --eval_only alone: best.pt's
-        path = settings.options.eval_only or f"{cfg.out_dir}/best.pt"
-        evaluation.evaluate_checkpoint(path, cfg.data, cfg)  # data: --data's, or the checkpoint's
-    elif settings.options.plot_lr:
-        plots.draw_lr_schedule(cfg, get_lr)
-    else:
-        train(settings)
+    if settings.options.plot_lr:
+        return plots.draw_lr_schedule(settings.cfg, get_lr)
+    train(settings)
 
 
 if __name__ == "__main__":

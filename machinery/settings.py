@@ -109,15 +109,13 @@ def settle(given, stage="train", started=0.0, needs=None):
     options = make_config(RunOptions, given)
     device = devices.choose_device(given.get("device", "auto"))
     preset, machine = machine_preset(device, given)
-    trains = options.eval_only is None and not options.plot_lr
+    trains = not options.plot_lr
     if options.preset:
         preset = options.preset
     elif trains and not options.resume:  # a resume keeps its run's preset
         cli.log(f"no --preset given: using '{preset}' for {machine}")
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cfg, cfg = build_configs(given, PRESETS[preset])
-    if options.eval_only is not None and "data" not in given:  # the checkpoint's own text
-        cfg = replace(cfg, data="")
     settings = Settings(model_cfg, cfg, options, stage, preset, device, started=started)
     return settle_run(settings, given, needs) if trains else settings
 

@@ -27,6 +27,7 @@ import chat
 import finetune
 import generate
 import lora
+import tools.evaluate
 import tools.merge
 import train
 import utils
@@ -346,8 +347,7 @@ def test_a_merged_adapter_keeps_its_runs_record_and_scores_its_own_val_split(
     merged = tmp_path / "merged.pt"
     assert cli(capsys, tools.merge.main, adapter, "--out", merged)[0] == 0
     scores = [
-        cli(capsys, train.main, "--eval_only", path, "--device", "cpu")
-        for path in (adapter, merged)
+        cli(capsys, tools.evaluate.main, path, "--device", "cpu") for path in (adapter, merged)
     ]
     assert [code for code, _, _ in scores] == [0, 0]
     lines = [out.splitlines()[-2:] for _, out, _ in scores]

@@ -118,7 +118,7 @@ def shortened(typed, preset):
     script = typed[1] if typed[1] != "-m" else typed[2]
     args = typed[2:] if typed[1] != "-m" else typed[3:]
     args = without_placeholders(args)
-    if script in TRAINING and not {"--help", "--plot_lr", "--eval_only"} & set(args):
+    if script in TRAINING and not {"--help", "--plot_lr"} & set(args):
         args = drop(args, "--time_budget")
         resumed = "--resume" in args
         fresh = not resumed and "--init_from" not in args

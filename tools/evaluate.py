@@ -1,13 +1,17 @@
-"""A trained model scored: the loss of every token of a text, each once (the lesson's
-estimate_loss draws random batches instead), and --eval_only, a checkpoint on its val split."""
+"""Score a checkpoint: its loss, perplexity and bits per character on every position of its
+validation split, each once (train.py's estimate_loss draws random batches instead).
+
+    python -m tools.evaluate checkpoints/best.pt
+    python -m tools.evaluate checkpoints/chat/last.pt --data data/input.txt   # another text
+"""
 
 import math
 
 import numpy as np
 import torch
 
-from machinery import checkpoint, devices, sources
-from machinery.cli import log
+from config import DEVICE_HELP, require
+from machinery import checkpoint, cli, devices, sources
 from model import lm_loss
 from utils import bits_per_char
 
@@ -31,19 +35,34 @@ def token_losses(model, ids, batch_size=1):
     return torch.cat(losses)
 
 
-def evaluate_checkpoint(path, data, cfg):
+def evaluate_checkpoint(path, data, device, batch_size):
     """Loss, perplexity and bits per character on every position of a checkpoint's val split (or
-    data's): a conversation's answers alone, as its run was trained. cfg: the device, threads and
-    batch size to score with."""
-    trained = checkpoint.load_model(path, devices.use(cfg.device, cfg.threads))
+    data's): a conversation's answers alone, as its run was trained."""
+    trained = checkpoint.load_model(path, device)
     corpus, data = sources.validation_split(trained.checkpoint, trained.tokenizer, data or None)
     val = torch.as_tensor(np.asarray(corpus.val, dtype=np.int64))
-    losses = token_losses(trained.model, val, cfg.batch_size)  # of tokens 1..n-1
+    losses = token_losses(trained.model, val, batch_size)  # of tokens 1..n-1
     if corpus.val_targets is not None:
         losses = losses[corpus.val_targets[1:]]
     loss = losses.mean().item()
-    log(
+    cli.log(
         f"{path} on the val split of {data} ({len(val):,} tokens, every position once):\n"
         f"loss {loss:.4f} nats/token | perplexity {math.exp(loss):.3f} | "
         f"{bits_per_char(loss, corpus.chars_per_token):.4f} bits per character"
     )
+
+
+def main(argv=None):
+    parser = cli.ArgumentParser(description="Score a checkpoint on its whole val split.")
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", help="%(default)s")
+    parser.add_argument("--data", default="", help="score this text's val split instead")
+    parser.add_argument("--batch_size", type=int, default=32, help="windows scored at once")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    args = parser.parse_args(argv)
+    require(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
+    device = devices.choose_device(args.device)
+    evaluate_checkpoint(args.checkpoint, args.data, device, args.batch_size)
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)  # bad input: one error: line and exit status 2
