@@ -8,7 +8,7 @@ computes only its new tokens. Past block_size, the context restarts from its new
 
 import torch
 
-from config import ASSISTANT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config
+from config import ASSISTANT, GenerateConfig, SamplerConfig, add_flags, make_config, require
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Printer
 from sampling import Context, token_stream
@@ -48,11 +48,9 @@ def main(argv=None):
     cfg = make_config(GenerateConfig, {"max_new_tokens": ANSWER_TOKENS} | flags)
     device = devices.use(cfg.device, cfg.threads)
     model, tokenizer, _ = checkpoint.load_model(flags["checkpoint"], device)
-    if ASSISTANT not in tokenizer.special_tokens:
-        raise TinyLLMError(
-            "this model has not learned the chat template: fine-tune it first "
-            "(finetune.py --init_from CHECKPOINT --data data/chat_example.jsonl)"
-        )
+    fine_tune = "finetune.py --init_from CHECKPOINT --data data/chat_example.jsonl"
+    untaught = f"this model has not learned the chat template: fine-tune it first ({fine_tune})"
+    require(ASSISTANT in tokenizer.special_tokens, untaught)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     conversation = [tokenizer.eot_id]
     context = Context(model)

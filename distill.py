@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from config import NO_TARGET, TinyLLMError
+from config import NO_TARGET, require
 from machinery import checkpoint, cli, devices, plots
 from machinery.settings import read_settings
 from model import lm_loss
@@ -60,11 +60,10 @@ def distill(settings):
     # the student needs its teacher's tokenizer and vocabulary, and a context no longer
     big_enough = teacher.model.config.block_size >= model.config.block_size
     ours = (corpus.tokenizer.to_dict(), model.config.vocab_size)
-    if (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) != ours or not big_enough:
-        raise TinyLLMError(
-            f"--distill_from {cfg.distill_from} has another tokenizer, vocabulary or a smaller "
-            f"block_size: train the student on its teacher's --data and --tokenizer"
-        )
+    alike = (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) == ours
+    unlike = f"--distill_from {cfg.distill_from} has another tokenizer, vocabulary or a smaller"
+    fix = "block_size: train the student on its teacher's --data and --tokenizer"
+    require(alike and big_enough, f"{unlike} {fix}")
     softened = f"temperature {cfg.distill_temperature:g}, alpha {cfg.distill_alpha:g}"
     cli.log(f"distilling {cfg.distill_from} into this model: {softened}")
     stage = train.Stage(

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, TinyLLMError
+from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, require
 from lora import adapted, merge
 from machinery import checkpoint, cli, devices, plots, sources
 from machinery.settings import read_settings
@@ -44,9 +44,9 @@ def dpo(settings):
     model = checkpoint.model_of(settings.saved, settings.path)
     model = adapted(cfg, model, settings.saved, settings.path, None)
     longest = max(len(x) for split in pairs.values() for pair in split for x, _ in pair)
-    if longest > model.config.block_size:  # each text fits in the context: no window is needed
-        too_long = f"a pair's text is {longest} tokens, more than block_size"
-        raise TinyLLMError(f"{cfg.data}: {too_long} {model.config.block_size}")
+    too_long = f"{cfg.data}: a pair's text is {longest} tokens, more than block_size"
+    # each text fits in the context: no window is needed
+    require(longest <= model.config.block_size, f"{too_long} {model.config.block_size}")
     # the reference: the model it starts from, which a resume's checkpoint names
     path = settings.saved["reference"] if settings.resumed else os.path.abspath(settings.path)
     saved = checkpoint.load(path) if settings.resumed else settings.saved  # loaded once
@@ -86,8 +86,7 @@ def pair_split(pairs, tokenizer, data):
     targets are its answer's tokens; {"train": the first 90%, "val": the rest, one at least}.
     data: the file they came from."""
     sources.check_known(tokenizer, "".join(a + b for a, b in pairs), data)  # as its reference
-    if len(pairs) < 2:
-        raise TinyLLMError(f"{data}: one pair to train and one held out, at least")
+    require(len(pairs) >= 2, f"{data}: one pair to train and one held out, at least")
     rows = []
     for texts in pairs:
         ids = [torch.tensor(tokenizer.encode(text)) for text in texts]

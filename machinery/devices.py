@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import TinyLLMError
+from config import TinyLLMError, require
 from machinery import cli
 
 
@@ -239,10 +239,8 @@ def check_processes(device, cfg):
             f"batch_size ({cfg.batch_size}) is not divisible by grad_accum_steps "
             f"({cfg.grad_accum_steps}) times the processes ({world})"
         )
-    if device.type == "mps" and world > 1:  # Gloo, the only backend there, takes no MPS tensors
-        raise TinyLLMError(
-            "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"
-        )
+    one_mac = "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"
+    require(device.type != "mps" or world == 1, one_mac)  # Gloo, the only backend, takes no MPS
     gpus = machine().gpus
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device.type == "cuda" and processes > gpus:  # two processes on one GPU: NCCL would hang
