@@ -1,6 +1,9 @@
-"""Checkpoint files: written atomically, read without running code (a file that would run code
-is refused); the model and tokenizer every one holds (a run's own entries: train.py's save).
-Then the run folder: a fresh run never writes over another's; last, a resumed optimizer."""
+"""Writes and reads checkpoint files, and guards the run folder that holds them.
+
+A checkpoint is written atomically and read without running code; a file that would run code is
+refused. Every checkpoint holds the model and the tokenizer, and train.py's save adds the entries
+of the run. A fresh run never writes over the folder of another run. Last, load_optimizer puts
+back the optimizer of a resumed run."""
 
 import contextlib
 import dataclasses
@@ -19,13 +22,15 @@ from tokenizer import from_dict
 
 
 def save(path, checkpoint):
-    """Written to a temp file, then renamed over path: a crash leaves the old file. A LoRA
-    adapter names its base relative to itself, so the two can move together."""
+    """Saves `checkpoint` to a temp file, then renames that over `path`.
+
+    A crash therefore leaves the old file in place. A LoRA adapter names its base by a path
+    relative to itself, so the two can move together."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     if checkpoint.get("lora"):
         base = os.path.abspath(checkpoint["lora"]["base"])
-        with contextlib.suppress(ValueError):  # Windows: no relative path to another drive
+        with contextlib.suppress(ValueError):  # on Windows, no relative path leads to another drive
             base = os.path.relpath(base, folder)
         checkpoint = checkpoint | {"lora": checkpoint["lora"] | {"base": base}}
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -35,7 +40,7 @@ def save(path, checkpoint):
             f.flush()
             os.fsync(f.fileno())
         replace_file(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk, said with the file's name
+    except (OSError, RuntimeError) as e:  # e.g. a full disk: report it with the file name
         error = e if isinstance(e, OSError) else e.__context__  # torch's error wraps it
         if not isinstance(error, OSError):
             raise
@@ -43,14 +48,16 @@ def save(path, checkpoint):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    with contextlib.suppress(OSError):  # the rename itself made durable
+    with contextlib.suppress(OSError):  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
 
 
 def replace_file(src, dst):
-    """os.replace, retried for seconds: Windows cannot replace a file another process holds open."""
+    """Calls os.replace, retrying for a few seconds.
+
+    Windows cannot replace a file that another process holds open."""
     for wait in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
         try:
             return os.replace(src, dst)
@@ -60,7 +67,7 @@ def replace_file(src, dst):
 
 
 def load(path):
-    """A checkpoint read onto the CPU without running code from it, checked to be ours."""
+    """Reads a checkpoint onto the CPU without running code from it, and checks it is tinyllm's."""
     require(os.path.isfile(path), f"checkpoint {path} not found (train one with: python train.py)")
     try:
         with warnings.catch_warnings():  # torch warns at length about old pickle protocols
@@ -79,14 +86,16 @@ def load(path):
         raise TinyLLMError(f"checkpoint {path} is not a tinyllm checkpoint")
     if "kind" not in checkpoint["tokenizer"]:
         raise TinyLLMError(f"checkpoint {path} was written by another version of tinyllm")
-    if checkpoint.get("lora"):  # its base, as a path from here
+    if checkpoint.get("lora"):  # the base path was saved relative to the checkpoint
         base = os.path.join(os.path.dirname(os.path.abspath(path)), checkpoint["lora"]["base"])
         checkpoint["lora"]["base"] = os.path.normpath(base)
     return checkpoint
 
 
 def refused_as_unsafe(error):
-    """Whether weights_only=True refused the file, anywhere in the chain: transformers wraps it."""
+    """Returns whether weights_only=True refused the file.
+
+    It looks along the whole exception chain, because transformers wraps the error."""
     chain = []
     while error is not None and error not in chain:  # a chain can loop
         chain.append(error)
@@ -99,17 +108,19 @@ def unsafe_file(what):
 
 
 def model_of(checkpoint, path="checkpoint"):
-    """The GPT a checkpoint holds, weights checked; a LoRA run's: its base and the adapter."""
+    """Returns the GPT that a checkpoint holds, with its weights checked.
+
+    For a LoRA run, it loads the base model and adds the adapter to it."""
     lora = checkpoint.get("lora")
     if lora:
-        from lora import adapter_state, add_adapters  # a LoRA run's files alone need it
+        from lora import adapter_state, add_adapters  # only LoRA checkpoints need it
 
-        base = load(lora["base"])  # its dropout the run's: a fine-tune may change it
+        base = load(lora["base"])  # use the dropout of the LoRA run: a fine-tune may change it
         base["model_config"] |= {"dropout": checkpoint["model_config"]["dropout"]}
         model = model_of(base, lora["base"])
         weights = dict(checkpoint["model"])
         new_rows = weights.pop("new_rows")
-        if lora["rows"]:  # the base's rows and new tokens', in the order of the run's tokenizer
+        if lora["rows"]:  # base rows and new-token rows, in the order of the run tokenizer
             with_embedding(model, lora["rows"], new_rows)
         add_adapters(model, lora["rank"], lora["alpha"], lora["mlp"])
         vocab_size = checkpoint["model_config"]["vocab_size"]
@@ -129,13 +140,15 @@ def model_of(checkpoint, path="checkpoint"):
 
 
 def from_saved(cls, saved, path):
-    """cls from a checkpoint's settings, each of its type (n_head 2.0 would fail in a traceback)
-    or None where its default is None (off); a setting the checkpoint lacks takes its default."""
+    """Builds `cls` from the settings saved in a checkpoint, checking the type of each one.
+
+    Without the check, a wrong type such as n_head 2.0 would fail in a traceback. A setting may be
+    None where its default is None (off). A setting the checkpoint lacks takes its default."""
     unknown = ", ".join(k for k in saved if k not in {f.name for f in dataclasses.fields(cls)})
     why = f"{path} has settings this version of tinyllm does not know ({unknown})"
     require(not unknown, f"{why}: it was made by another version")
     for f in dataclasses.fields(cls):
-        kind = (int, float) if f.type is float else f.type  # an int is a float setting too
+        kind = (int, float) if f.type is float else f.type  # an int is a valid float setting too
         off = f.default is None and saved.get(f.name) is None
         if f.name in saved and not off and not isinstance(saved[f.name], kind):
             raise TinyLLMError(f"{path}: unreadable settings ({f.name} is {saved[f.name]!r})")
@@ -146,7 +159,7 @@ def from_saved(cls, saved, path):
 
 
 def tokenizer_of(checkpoint, path):
-    """The tokenizer a checkpoint holds, checked to fit its model."""
+    """Returns the tokenizer that a checkpoint holds, checked to fit its model."""
     tokenizer = from_dict(checkpoint["tokenizer"])
     tokens = tokenizer.vocab_size
     vocab = checkpoint["model_config"]["vocab_size"]
@@ -154,7 +167,7 @@ def tokenizer_of(checkpoint, path):
     return tokenizer
 
 
-# a checkpoint's model in eval mode, its tokenizer, and the rest of it (not the optimizer)
+# the model of a checkpoint in eval mode, its tokenizer, and the rest of it except the optimizer
 Trained = namedtuple("Trained", "model tokenizer checkpoint")
 
 
@@ -166,11 +179,13 @@ def load_model(path, device="cpu"):
 
 
 def create(model, tokenizer, **extra):
-    """A checkpoint: the model's weights and settings, the tokenizer, and the extra entries. A LoRA
-    model's (lora.py): the adapter and its base's path, not the base's weights."""
+    """Returns a checkpoint: the weights and settings of the model, the tokenizer, and `extra`.
+
+    For a LoRA model (lora.py), it holds the adapter and the path of the base model, not the
+    weights of the base."""
     weights = model.state_dict()
     settings = dataclasses.asdict(model.config)
-    if getattr(model, "lora", None):  # the adapter and the embedding rows its base lacks: kilobytes
+    if getattr(model, "lora", None):  # only the adapter and the new embedding rows: kilobytes
         from lora import adapter_state
 
         new = [i for i, r in enumerate(model.lora["rows"] or ()) if r is None]
@@ -180,10 +195,12 @@ def create(model, tokenizer, **extra):
 
 
 def with_embedding(model, rows, new_rows):
-    """Rebuild model's token embedding: row i its old row rows[i], or where that is None the next
-    of new_rows; the output layer tied to it."""
+    """Rebuilds the token embedding of `model` and ties the output layer to it.
+
+    `rows` says, for each new embedding row, which old row it came from. Where it says None, the
+    row is the next one of `new_rows`."""
     old = model.wte.weight.detach()
-    new_rows = iter(new_rows)  # a new token takes the next new row
+    new_rows = iter(new_rows)
     weights = torch.stack([old[i] if i is not None else next(new_rows) for i in rows])  # (V, C)
     model.config = dataclasses.replace(model.config, vocab_size=len(rows))
     model.wte = torch.nn.Embedding.from_pretrained(weights, freeze=False)
@@ -192,7 +209,7 @@ def with_embedding(model, rows, new_rows):
 
 
 def summary(checkpoint):
-    """'step 900, best val 1.5123': where a checkpoint's run stood."""
+    """Returns where the run of a checkpoint stood, e.g. 'step 900, best val 1.5123'."""
     val = checkpoint.get("best_val_loss")
     best = f", best val {val:.4f}" if isinstance(val, float) else ""
     return f"step {checkpoint.get('step', '?')}{best}"
@@ -202,14 +219,17 @@ def summary(checkpoint):
 
 
 def run_files(out_dir):
-    """The checkpoints of a run folder, the periodic ones oldest first."""
+    """Returns the checkpoints in a run folder: best.pt, last.pt, then the periodic ones, oldest
+    first."""
     names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
     periodic = sorted(n for n in names if n.startswith("ckpt_") and n.endswith(".pt"))
     return [n for n in ("best.pt", "last.pt") if n in names] + periodic
 
 
 def claim_out_dir(out_dir, overwrite, keep):
-    """Refuse a fresh run over another run's checkpoints; check it can write before training."""
+    """Refuses a fresh run over the checkpoints of another run.
+
+    It also checks, before training, that the folder can be written."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TinyLLMError(f"--out_dir {out_dir} is a file, not a folder")
     existing = run_files(out_dir)
@@ -227,7 +247,9 @@ def claim_out_dir(out_dir, overwrite, keep):
 
 
 def clear_out_dir(out_dir):
-    """--overwrite: the old run's files go once the new one is set up (bad input refused first)."""
+    """Deletes the files of the old run for --overwrite.
+
+    It runs once the new run is set up, so bad input is refused before anything is deleted."""
     for name in run_files(out_dir) + ["history.csv"]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(out_dir, name))
@@ -239,8 +261,10 @@ def keep_newest(out_dir, keep_last):
 
 
 def load_optimizer(optimizer, saved, path):
-    """The saved optimizer state, each group matched to this optimizer's by the parameters it
-    holds (or refused), keeping this machine's kernel (fused, foreach)."""
+    """Loads the saved optimizer state into `optimizer`.
+
+    Each saved group is matched to a group of this optimizer by the parameters it holds, or
+    refused. Each group keeps the kernel this machine chose (fused, foreach)."""
     by_names = {tuple(group.get("names", ())): group for group in saved["param_groups"]}
     groups = []
     for group in optimizer.param_groups:

@@ -1,5 +1,7 @@
-"""The scripts' command line: bad input as one `error:` line (exit 2), an exit status for Ctrl-C and
-a reader gone; and printing. config.add_flags makes a flag of each setting."""
+"""Runs the command line of the scripts, and prints.
+
+Bad input gives one `error:` line and exit status 2. Ctrl-C and a reader that has gone each get an
+exit status of their own. config.add_flags makes a flag of each setting."""
 
 import argparse
 import contextlib
@@ -11,7 +13,7 @@ from config import TinyLLMError, require
 
 
 def log(*args):
-    """A line, flushed at once so that a reader sees progress as it comes; rank 0 alone prints."""
+    """Prints a line and flushes it, so a reader sees progress as it comes. Only rank 0 prints."""
     if os.environ.get("RANK", "0") == "0":
         print(*args, flush=True)
 
@@ -38,12 +40,14 @@ def first_line(e):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
+    def error(self, message):  # one line, instead of the usage block of argparse
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def check_writable(path, flag, make_folder=False):
-    """Before long work: path can be written (make_folder: its folder made, as a save would)."""
+    """Checks, before long work, that `path` can be written.
+
+    With make_folder, it first makes the folder, as a save would."""
     require(not os.path.isdir(path), f"{flag} {path} is a folder")
     existed = os.path.exists(path)
     try:
@@ -57,10 +61,12 @@ def check_writable(path, flag, make_folder=False):
 
 
 def run_cli(main, argv=None):
-    """Run main(argv): bad input, or a file it cannot read or write: one `error:` line, exit 2."""
-    # a file or pipe gets UTF-8, a legacy console (cp1252) an escape (\u0416)
+    """Runs main(argv).
+
+    Bad input, or a file it cannot read or write, gives one `error:` line and exit status 2."""
+    # a file or pipe gets UTF-8; a legacy console (cp1252) gets escapes such as \u0416
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError, OSError):  # no reconfigure, closed
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no reconfigure, or closed
             if stream.encoding.lower().replace("-", "").replace("_", "") != "utf8":
                 encoding = stream.encoding if stream.isatty() else "utf-8"
                 stream.reconfigure(encoding=encoding, errors="backslashreplace")
@@ -76,13 +82,13 @@ def run_cli(main, argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         leave(130)
-    except SystemExit as e:  # a stop signal's 130 or 143, or argparse's
-        code = 0 if e.code is None else e.code  # as sys.exit: None is 0, a message 1
+    except SystemExit as e:  # 130 or 143 after a stop signal, or an exit from argparse
+        code = 0 if e.code is None else e.code  # as in sys.exit: None means 0, a message means 1
         leave(code if isinstance(code, int) else 1)
     except Exception:
         if not in_process_group():
             raise
-        traceback.print_exc()  # a bug under torchrun: its traceback, then out at once
+        traceback.print_exc()  # a bug under torchrun: print the traceback, then exit at once
         leave(1)
     leave(0)
 
@@ -93,7 +99,9 @@ def in_process_group():
 
 
 def leave(code):
-    """Exit; under torchrun at once (os._exit): the process group's threads can abort a teardown."""
+    """Exits with `code`; under torchrun it exits at once (os._exit).
+
+    The threads of the process group can abort a normal teardown."""
     sys.stdout.flush()
     sys.stderr.flush()
     if in_process_group() or os.environ.get("WORLD_SIZE", "1") != "1":

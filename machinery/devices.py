@@ -1,6 +1,8 @@
-"""The device, the precision, and several processes under torchrun (DDP): each one's rank and
-device, what they all agree on. machine() and gpu() are the one place tinyllm asks torch what the
-machine has: tests stand in for other machines there."""
+"""Picks the device and the precision, and runs several processes under torchrun (DDP).
+
+A Process holds the rank and device of one process and lets the processes agree on values.
+machine() and gpu() are the only places where tinyllm asks torch what the machine has, so tests
+can stand in for other machines there."""
 
 import contextlib
 import functools
@@ -20,10 +22,10 @@ from config import TinyLLMError, require
 from machinery import cli
 
 
-@functools.cache  # a machine stays what it is: asked once a process
+@functools.cache  # the machine does not change, so each process asks once
 def machine():
-    """What this machine has; asking starts no GPU."""
-    cpu = torch.cpu  # private probes: an older torch lacks them
+    """Returns what this machine has. Asking starts no GPU."""
+    cpu = torch.cpu  # the _is_*_supported probes are private, and an older torch lacks them
     return SimpleNamespace(
         cuda=torch.cuda.is_available(),
         mps=torch.backends.mps.is_available(),
@@ -36,7 +38,9 @@ def machine():
 
 
 def cpu_vendor():
-    """AMD or Intel, from /proc/cpuinfo (Linux) or the processor's name (Windows); else ''."""
+    """Returns 'AMD' or 'Intel', read from /proc/cpuinfo (Linux) or the processor name (Windows).
+
+    Returns '' for any other CPU."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             text = f.read(4096)
@@ -46,12 +50,14 @@ def cpu_vendor():
 
 
 def gpu(device):
-    """A CUDA GPU's name and (major, minor) compute capability; asking starts CUDA."""
+    """Returns the name and (major, minor) compute capability of a CUDA GPU. Asking starts CUDA."""
     return torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
 
 
 def autocast_works(device_type, dtype):
-    """Whether autocast runs dtype here or turns itself off (MPS bfloat16: torch 2.6, macOS 14)."""
+    """Returns whether autocast runs `dtype` here or turns itself off.
+
+    On MPS, bfloat16 needs torch 2.6 and macOS 14."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.autocast(device_type, dtype=getattr(torch, dtype)):
@@ -67,7 +73,7 @@ def choose_device(name):
         raise TinyLLMError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
     if not {"cpu": True, "cuda": has.cuda, "mps": has.mps}[kind]:
         raise TinyLLMError(f"no {kind.upper()} here for --device {name}; use --device cpu")
-    if kind == "cuda":  # float32 matmuls on TF32 tensor cores (not on CPUs: some got 10x slower)
+    if kind == "cuda":  # float32 matmuls use TF32 tensor cores; not on CPUs, some got 10x slower
         torch.set_float32_matmul_precision("high")
     return torch.device(name)
 
@@ -82,7 +88,9 @@ def set_threads(n):
 
 
 def use(name, threads):
-    """The device --device names, torch on --threads CPU threads (0: one per physical core)."""
+    """Returns the device that --device names, and sets torch to --threads CPU threads.
+
+    0 threads means one per physical core."""
     set_threads(threads)
     return choose_device(name)
 
@@ -91,7 +99,7 @@ def use(name, threads):
 def out_of_memory_as_error(hint):
     try:
         yield
-    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a RuntimeError on MPS and CPUs
+    except RuntimeError as e:  # CUDA raises torch.OutOfMemoryError; MPS and CPUs a RuntimeError
         oom = isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
         if oom or "CPUAllocator" in str(e):
             raise TinyLLMError(hint) from None
@@ -101,11 +109,14 @@ def out_of_memory_as_error(hint):
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)  # every device's generator too
+    torch.manual_seed(seed)  # seeds the generator of every device too
 
 
 def native_bf16(device):
-    """Native bfloat16: a GPU from compute capability 8.0 (a T4 emulates it), AVX512-BF16 or AMX."""
+    """Returns whether the device runs bfloat16 natively.
+
+    That is a GPU of compute capability 8.0 or more (a T4 emulates it), or a CPU with AVX512-BF16
+    or AMX."""
     if device.type == "cuda":
         return gpu(device)[1] >= (8, 0)
     has = machine()
@@ -113,10 +124,12 @@ def native_bf16(device):
 
 
 def auto_dtype(device):
-    """(dtype, why) that --dtype auto trains in here, decided by what the device is. On a CPU, by
-    what a step of the default model measured, bfloat16 against float32 (2 threads, 2026-11):
-    AMD Zen 4 1.50-1.59x and Zen 5 1.79-1.86x faster, Intel with AMX 1.50-1.58x faster, Intel with
-    AVX512-BF16 but no AMX 0.76-0.86x (slower)."""
+    """Returns (dtype, reason) for --dtype auto, decided by what the device is.
+
+    On a CPU the rule follows what one step of the default model measured, bfloat16 against
+    float32 (2 threads, 2026-11). AMD Zen 4 was 1.50-1.59x faster and Zen 5 1.79-1.86x faster.
+    Intel with AMX was 1.50-1.58x faster. Intel with AVX512-BF16 but no AMX was slower, at
+    0.76-0.86x."""
     has = machine()
     if device.type == "cuda" and native_bf16(device):
         return "bfloat16", "compute capability 8.0+"
@@ -132,7 +145,9 @@ def auto_dtype(device):
 
 
 def resolve_dtype(dtype, device):
-    """(the forward pass's precision, why): --dtype auto's rule, or the dtype given."""
+    """Returns (the precision of the forward pass, the reason).
+
+    The precision follows the rule of --dtype auto, or is the dtype given."""
     if dtype == "auto":
         return auto_dtype(device)
     if dtype == "bfloat16" and device.type != "mps" and not native_bf16(device):
@@ -147,18 +162,20 @@ def resolve_dtype(dtype, device):
 
 
 def autocast(device, dtype):
-    """The forward pass in dtype; the weights stay float32."""
+    """Returns a context that runs the forward pass in `dtype`. The weights stay float32."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def make_scaler(device, dtype):
-    """float16's loss scaler (its gradients underflow without one), refused where none works; in
-    another dtype a disabled one, whose calls do nothing."""
+    """Returns the loss scaler for float16, whose gradients underflow without one.
+
+    It refuses float16 where no scaler works. For any other dtype it returns a disabled scaler,
+    whose calls do nothing."""
     if dtype != "float16":
         return torch.amp.GradScaler(enabled=False)
-    if device.type == "mps" and machine().torch < (2, 8):  # its unscale_ makes float64 there
+    if device.type == "mps" and machine().torch < (2, 8):  # there, unscale_ makes float64
         raise TinyLLMError(
             f"--dtype float16 on a Mac needs torch 2.8 or later (this is "
             f"{torch.__version__}); use --dtype float32, or upgrade torch"
@@ -175,7 +192,9 @@ def make_scaler(device, dtype):
 
 
 def auto_meanings(device):
-    """{setting: (default, what it is here)} for --help, asking no GPU: that would start CUDA."""
+    """Returns {setting: (default, what it means here)} for --help.
+
+    It asks no GPU, because that would start CUDA."""
     dtype = "bfloat16 from compute capability 8.0, else float16"
     if device.type != "cuda":
         dtype = "{} here: {}".format(*auto_dtype(device))
@@ -191,8 +210,10 @@ def auto_meanings(device):
 
 @dataclass
 class Process:
-    """This process: its rank of world (0 of 1 without torchrun), its device, and the precision
-    of its forward pass: dtype (why: how --dtype auto chose it), autocast and scaler."""
+    """One training process: its rank among `world` processes, its device, and its precision.
+
+    Without torchrun the rank is 0 of 1. `dtype` is the precision of the forward pass, and `why`
+    says how --dtype auto chose it. __post_init__ adds the autocast context and the scaler."""
 
     rank: int
     world: int
@@ -202,10 +223,12 @@ class Process:
 
     def __post_init__(self):
         self.scaler = make_scaler(self.device, self.dtype)
-        self.autocast = autocast(self.device, self.dtype)  # a context, entered at every step
+        self.autocast = autocast(self.device, self.dtype)  # a context that every step enters
 
     def leave_together(self):
-        """Every rank waits here: torchrun ends them all once one exits, rank 0 saving or not."""
+        """Waits here until every rank arrives.
+
+        torchrun ends all ranks as soon as one exits, even while rank 0 is still saving."""
         if self.world > 1:
             dist.barrier()
 
@@ -215,7 +238,7 @@ class Process:
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def mean(self, values):
-        """The ranks' mean of each of values, the same on every rank."""
+        """Returns the mean over the ranks of each of `values`, the same on every rank."""
         if self.world == 1:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -223,7 +246,9 @@ class Process:
         return (t / self.world).tolist()
 
     def every_rank(self, value):
-        """[rank 0's value, rank 1's, ...] on every rank; every rank must call it."""
+        """Returns the `value` of each rank as a list in rank order, on every rank.
+
+        Every rank must call it."""
         if self.world == 1:
             return [value]
         values = [None] * self.world
@@ -232,7 +257,9 @@ class Process:
 
 
 def check_processes(device, cfg):
-    """Refuse torchrun processes that cannot work here or share the batch, before any write."""
+    """Refuses torchrun processes that cannot work here or cannot share the batch.
+
+    It runs before anything is written."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (world * cfg.grad_accum_steps):
         raise TinyLLMError(
@@ -240,10 +267,10 @@ def check_processes(device, cfg):
             f"({cfg.grad_accum_steps}) times the processes ({world})"
         )
     one_mac = "torch cannot join several processes on a Mac's GPU; give torchrun --device cpu"
-    require(device.type != "mps" or world == 1, one_mac)  # Gloo, the only backend, takes no MPS
+    require(device.type != "mps" or world == 1, one_mac)  # Gloo, the only backend, can't use MPS
     gpus = machine().gpus
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if device.type == "cuda" and processes > gpus:  # two processes on one GPU: NCCL would hang
+    if device.type == "cuda" and processes > gpus:  # NCCL would hang with two processes on a GPU
         raise TinyLLMError(
             f"{processes} processes on this machine but {gpus} GPU(s): give "
             f"torchrun --nproc_per_node={gpus} or less, or --device cpu"
@@ -251,9 +278,10 @@ def check_processes(device, cfg):
 
 
 def setup_process(device, dtype="float32"):
-    """This Process, in its group under torchrun (check_processes passed), training in --dtype's
-    precision on its device (resolve_dtype). A process joins its group once, however many runs it
-    trains (tools.ablation)."""
+    """Returns this Process, joined to its group under torchrun (check_processes has passed).
+
+    The process trains on its device in the precision of --dtype (resolve_dtype). A process joins
+    its group only once, however many runs it trains (tools.ablation)."""
     rank = 0
     world = 1
     if "RANK" in os.environ:
@@ -269,8 +297,10 @@ def setup_process(device, dtype="float32"):
 
 
 def rng_state():
-    """Every generator a run draws from, as plain data and tensors: a weights_only load reads them.
-    A CPU run starts no CUDA to ask; a Mac's dropout draws from MPS's."""
+    """Returns the state of every random generator a run draws from.
+
+    The state is plain data and tensors, so that a weights_only load can read it. A CPU run does
+    not start CUDA to ask. On a Mac, dropout draws from the MPS generator."""
     kind, key, *rest = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -282,7 +312,9 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Put back what rng_state saved; on fewer GPUs, those there are, with a note."""
+    """Restores what rng_state saved.
+
+    On a machine with fewer GPUs, it restores the GPUs there are and prints a note."""
     random.setstate(state["python"])
     kind, key, *rest = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
@@ -300,7 +332,7 @@ def set_rng_state(state):
 
 
 def start_process(settings):
-    """This process (its rank under torchrun), its precision, its CPU threads, and the seed."""
+    """Returns this Process with its rank (under torchrun) and precision; sets threads and seed."""
     process = setup_process(settings.device, settings.cfg.dtype)
     set_threads(settings.cfg.threads)
     seed_everything(settings.cfg.seed)  # the same initial weights on every rank
@@ -308,8 +340,11 @@ def start_process(settings):
 
 
 def compile_first(model, step_model, next_batch, process):
-    """--compile's first forward and backward, now: a missing compiler is one error line before
-    anything is written. It leaves no trace: no gradient, each generator as it was, its draw too."""
+    """Runs the first forward and backward pass of --compile now.
+
+    Running it early turns a missing compiler into one error line before anything is written.
+    It leaves no trace: no gradient is kept, and every generator is as it was, as if the batch
+    had not been drawn."""
     rngs = rng_state()
     try:
         with process.autocast:

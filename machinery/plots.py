@@ -1,4 +1,6 @@
-"""A run's history.csv and loss.png, --plot_lr's schedule, and the figure helpers tools/ use."""
+"""Writes the history.csv and loss.png of a run, and draws the schedule for --plot_lr.
+
+It also holds the figure helpers that tools/ uses."""
 
 import csv
 import math
@@ -8,7 +10,7 @@ from machinery.cli import log, warn
 
 
 def new_plot(height=3, width=7, grid=None):
-    """A figure and its axes (a 2-D array for grid=(rows, cols)), drawn to files only."""
+    """Returns a figure and its axes (a 2-D array for grid=(rows, cols)), drawn to files only."""
     import matplotlib  # imported here: scripts that never draw skip its slow start
 
     matplotlib.use("Agg")
@@ -18,7 +20,9 @@ def new_plot(height=3, width=7, grid=None):
 
 
 def save_plot(fig, path, *axes):
-    """fig to path, each of axes with its grid and, if its lines are labelled, their legend."""
+    """Saves `fig` to `path`.
+
+    Each of `axes` gets a grid and, if its lines have labels, a legend."""
     import matplotlib.pyplot as plt
 
     for ax in axes:
@@ -32,17 +36,17 @@ def save_plot(fig, path, *axes):
 
 
 def draw_losses(ax, history, color, label=""):
-    """A run's train loss at each logged step (dashed) and val loss at each evaluation."""
+    """Draws the train loss of a run at each logged step (dashed) and the val loss at each eval."""
     steps = [(h["step"], h["loss"]) for h in history if h["kind"] == "train"]
     evals = [(h["step"], h["val_loss"]) for h in history if h["kind"] == "eval"]
-    best = min(loss for _, loss in evals)  # train.py writes history.csv after an evaluation
+    best = min(loss for _, loss in evals)  # never empty: history.csv is written after an eval
     if steps:  # none before the first progress line
         ax.plot(*zip(*steps), "--", color=color, alpha=0.6, label=f"{label}train")
     ax.plot(*zip(*evals), "o-", color=color, ms=3, label=f"{label}val (best {best:.3f})")
 
 
 def write_history(out_dir, history, plot, vocab_size):
-    """history.csv, a row per progress line and evaluation; with plot, loss.png."""
+    """Writes history.csv, a row per progress line and evaluation, and with `plot` loss.png."""
     with open(os.path.join(out_dir, "history.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         writer.writeheader()
@@ -57,7 +61,9 @@ def write_history(out_dir, history, plot, vocab_size):
 
 
 def draw_lr_schedule(cfg, get_lr):
-    """--plot_lr: train.get_lr(step, max_steps, cfg) at every step, drawn; printed at tenths."""
+    """Draws train.get_lr(step, max_steps, cfg) at every step, for --plot_lr.
+
+    It also prints the learning rate at each tenth of the run."""
     if cfg.time_budget:
         warn(
             f"--time_budget {cfg.time_budget}: its end depends on its pace; "

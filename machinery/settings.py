@@ -1,10 +1,11 @@
-"""A training script's command line becomes its Settings here, once, before anything is written.
+"""Reads the command line of a training script into its Settings, once, before anything is written.
 
-The order, each step overriding the one before: a setting's default (config.py); the preset, this
-machine's unless --preset names one; the flags given. Then what the run starts from: a fresh model;
-its own last.pt when it resumes (--resume may change only some settings); or a trained model when
-it fine-tunes (--init_from), whose shape, tokenizer and dropout it keeps. Each flag is checked
-against it, and bad input is one error line."""
+Each layer overrides the one before: the default of each setting (config.py), then the preset
+(this machine's unless --preset names one), then the flags given. Then the run picks what it
+starts from: a fresh model; its own last.pt when it resumes (--resume may change only some
+settings); or a trained model when it fine-tunes (--init_from). A fine-tune keeps the shape and
+tokenizer of that model, and by default its dropout. Each flag is checked against the starting
+point, and bad input gives one error line."""
 
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -28,9 +29,11 @@ from machinery import checkpoint, cli, devices, sources
 
 @dataclass(frozen=True)
 class Settings:
-    """A run's settings. stage: the script that runs it; saved: the checkpoint it goes on from
-    (read from path), its own last.pt when it resumes, --init_from's model when it fine-tunes,
-    else None; device: where it trains; started: when its time began (perf_counter seconds)."""
+    """The settings of one run.
+
+    `stage` is the script that runs it. `saved` is the checkpoint the run goes on from, read from
+    `path`: its own last.pt when it resumes, the --init_from model when it fine-tunes, else None.
+    `device` is where it trains. `started` is when its time began, in perf_counter seconds."""
 
     model_cfg: GPTConfig
     cfg: TrainConfig
@@ -38,28 +41,32 @@ class Settings:
     stage: str
     preset: str
     device: torch.device
-    saved: dict = None  # its weights and optimizer state go once in place (train.fit)
+    saved: dict = None  # train.fit loads its weights and optimizer state into place, once
     path: str = ""
     resumed: bool = False
     started: float = 0.0
 
 
 def read_settings(argv, stage, doc, started, needs=None):
-    """The Settings of a training script's command line. stage: the script's name; doc: its
-    docstring, for --help; started: when its time began; needs: the flag a fresh run of it cannot
-    go without (finetune.py's --init_from)."""
+    """Returns the Settings of the command line of a training script.
+
+    `stage` is the script's name, `doc` its docstring for --help, and `started` when its time
+    began. `needs` names the flag a fresh run of the script cannot go without (--init_from for
+    finetune.py)."""
     given = flags(argv, stage, doc, needs)
     return settle(given, stage, started, needs)
 
 
 def flags(argv=None, stage="train", doc="", needs=None):
-    """The flags given, as {name: value}: what to do, the model, the training, and the stage's own
-    (a field whose stages name it). --help shows the defaults of this machine's preset, and of a
-    run from a trained model where the stage needs --init_from."""
+    """Parses the flags given into {name: value}.
+
+    The flags cover what to do, the model, the training, and the flags of this stage alone (fields
+    whose stages name it). --help shows the defaults of this machine's preset. Where the stage
+    needs --init_from, it shows the defaults of a run from a trained model."""
     here = devices.choose_device("auto")
     preset, machine = machine_preset(here, {})
     parser = cli.ArgumentParser(
-        description=doc.split("\n")[0],  # the script's docstring's first line
+        description=doc.split("\n")[0],
         epilog=f"Presets: {', '.join(PRESETS)}. Without --preset this machine uses '{preset}', "
         f"whose defaults are shown. --resume may change only: {', '.join(RESUME_MAY_CHANGE)}.",
     )
@@ -69,7 +76,7 @@ def flags(argv=None, stage="train", doc="", needs=None):
         defaults |= {k: (v, "from a trained model") for k, v in from_trained({}).items()}
         defaults["dropout"] = ("the checkpoint's", None)
 
-    def names(cls):  # the fields of cls this stage takes: every stage's, and its own
+    def names(cls):  # fields of cls this stage takes: the shared ones and its own
         return [
             f.name for f in fields(cls) if stage in f.metadata["stages"] or not f.metadata["stages"]
         ]
@@ -78,7 +85,7 @@ def flags(argv=None, stage="train", doc="", needs=None):
     add_flags(parser, GPTConfig, defaults, title="model")
     add_flags(parser, TrainConfig, defaults, names(TrainConfig), title="training")
     given, unknown = parser.parse_known_args(argv)
-    for f in fields(RunOptions) + fields(TrainConfig):  # another stage's flag: say whose
+    for f in fields(RunOptions) + fields(TrainConfig):  # a flag of another stage: name its script
         if f"--{f.name}" in [word.split("=")[0] for word in unknown]:
             scripts = " and ".join(f"{name}.py" for name in f.metadata["stages"])
             parser.error(f"--{f.name} is a flag of {scripts}")
@@ -88,12 +95,14 @@ def flags(argv=None, stage="train", doc="", needs=None):
 
 
 def machine_preset(device, given):
-    """(the preset a run without --preset trains here, why), by what the machine is, never by a
-    timing: small on a CUDA GPU; mini on a CPU that trains in bfloat16 on 2 threads or more; tiny
-    elsewhere (docs/training.md)."""
+    """Returns (the preset a run without --preset uses here, the reason).
+
+    The choice depends on what the machine is, never on a timing. It picks small on a CUDA GPU,
+    mini on a CPU that trains in bfloat16 on 2 or more threads, and tiny elsewhere
+    (docs/training.md)."""
     dtype = given.get("dtype", "auto")
     threads = given.get("threads") or torch.get_num_threads()
-    if device.type == "cuda":  # small whatever its precision: asking would start CUDA
+    if device.type == "cuda":  # small at any precision: asking the GPU would start CUDA
         return "small", "cuda"
     if dtype == "auto":
         dtype = devices.auto_dtype(device)[0]
@@ -104,15 +113,17 @@ def machine_preset(device, given):
 
 
 def settle(given, stage="train", started=0.0, needs=None):
-    """The settings of the flags given: the preset (without --preset, this machine's, saying why),
-    then what the run starts from, each flag checked against it."""
+    """Returns the Settings for the flags given.
+
+    It picks the preset (without --preset, this machine's, and says why), then what the run starts
+    from, and checks each flag against that."""
     options = make_config(RunOptions, given)
     device = devices.choose_device(given.get("device", "auto"))
     preset, machine = machine_preset(device, given)
     trains = not options.plot_lr
     if options.preset:
         preset = options.preset
-    elif trains and not options.resume:  # a resume keeps its run's preset
+    elif trains and not options.resume:  # a resumed run keeps the preset it started with
         cli.log(f"no --preset given: using '{preset}' for {machine}")
     require(preset in PRESETS, f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cfg, cfg = build_configs(given, PRESETS[preset])
@@ -121,10 +132,12 @@ def settle(given, stage="train", started=0.0, needs=None):
 
 
 def build_configs(given, settings):
-    """GPTConfig and TrainConfig: the defaults, then settings (a preset's, a resumed run's), then
-    a run from a trained model's own (config.from_trained), then the flags given. --max_steps
-    turns the preset's time budget off; --tag names the run's folder, checkpoints/TAG, unless
-    --out_dir is given."""
+    """Returns GPTConfig and TrainConfig, built in layers.
+
+    Each layer overrides the one before: the defaults; `settings` (a preset, or the settings of a
+    resumed run); the settings for a run from a trained model (config.from_trained); the flags
+    given. --max_steps turns off the time budget of the preset. --tag names the run folder
+    checkpoints/TAG, unless --out_dir is given."""
     given_both = given.get("time_budget") and "max_steps" in given
     require(not given_both, "give --time_budget or --max_steps, not both")
     values = {**settings, **(from_trained(given) if given.get("init_from") else {}), **given}
@@ -136,8 +149,10 @@ def build_configs(given, settings):
 
 
 def settle_run(settings, given, needs=None):
-    """The Settings of a run: as given, or those of the run it resumes, or with the shape and
-    tokenizer of the model it fine-tunes, or of a prepared corpus."""
+    """Returns the Settings of a run that trains.
+
+    They are as given, or those of the run it resumes. A fine-tune takes the shape and tokenizer of
+    the model it starts from, and a prepared corpus fixes the tokenizer."""
     cfg = settings.cfg
     options = settings.options
     last = os.path.join(cfg.out_dir, "last.pt")
@@ -149,15 +164,15 @@ def settle_run(settings, given, needs=None):
     if options.resume:  # the same command starts the run now and continues it later
         cli.log(f"--resume: no {last} yet, starting a fresh run")
     devices.check_processes(settings.device, cfg)
-    if options.init_from:  # fine-tuning: that model and its tokenizer, a fresh optimizer
+    if options.init_from:  # fine-tuning keeps that model and its tokenizer, with a fresh optimizer
         saved = fine_tune_checkpoint(options.init_from, given)
         model_cfg = checkpoint.from_saved(GPTConfig, saved["model_config"], options.init_from)
         settings = replace(settings, model_cfg=model_cfg, saved=saved, path=options.init_from)
         cfg = replace(cfg, tokenizer=saved["tokenizer"]["kind"])
         adapter = saved.get("lora")
-        if adapter and cfg.lora_rank:  # its record says what it trains: the adapter's settings
+        if adapter and cfg.lora_rank:  # a saved adapter keeps its own alpha and mlp settings
             cfg = replace(cfg, lora_alpha=adapter["alpha"], lora_mlp=adapter["mlp"])
-    if sources.is_prepared(cfg.data):  # tools.prepare fixed its tokenizer
+    if sources.is_prepared(cfg.data):  # tools.prepare already chose the tokenizer of this data
         meta = sources.prepared_meta(cfg.data)
         made = dict(vocab_size=meta["vocab_size"], clean=meta["clean"])
         made["tokenizer"] = meta["tokenizer"]["kind"]
@@ -165,7 +180,7 @@ def settle_run(settings, given, needs=None):
         why = f"{cfg.data} was made by tools.prepare, with its own tokenizer"
         require(not refused, f"{why}: drop {refused}")
         cfg = replace(cfg, tokenizer=made["tokenizer"])
-    if options.overfit_batch:  # to a loss near 0, or to max_steps: never to a time budget
+    if options.overfit_batch:  # it trains to a loss near 0 or to max_steps, never to a budget
         cfg = replace(cfg, time_budget="")
     else:
         checkpoint.claim_out_dir(cfg.out_dir, options.overwrite, keep=options.init_from)
@@ -173,10 +188,12 @@ def settle_run(settings, given, needs=None):
 
 
 def settings_to_resume(last, settings, given):
-    """The Settings of a run going on from its last.pt, with the flags --resume may change."""
+    """Returns the Settings of a run that goes on from its last.pt.
+
+    Only the flags in RESUME_MAY_CHANGE may differ from the saved settings."""
     saved = checkpoint.load(last)
     cli.log(f"resuming {last} at {checkpoint.summary(saved)}")
-    ran = saved.get("stage", settings.stage)  # one without: another version's, refused below
+    ran = saved.get("stage", settings.stage)  # no stage: another version wrote it (refused below)
     again = cli.resume_command(ran, settings.cfg.out_dir)
     require(ran == settings.stage, f"{last} is a run of {ran}.py: resume it with {again}")
     if settings.options.preset and settings.options.preset != saved.get("preset"):
@@ -199,12 +216,14 @@ def settings_to_resume(last, settings, given):
 
 
 def fine_tune_checkpoint(path, given):
-    """--init_from: a checkpoint, or GPT-2's weights. Only --dropout may change: it is no weight.
-    A LoRA adapter trains on as it is: a LoRA flag must agree with it."""
+    """Loads the model of --init_from: a checkpoint, or the weights of GPT-2.
+
+    Only --dropout may change, because dropout is not a weight. A LoRA adapter keeps training as it
+    is, so any LoRA flag given must agree with it."""
     if path.lower().endswith(".pt"):
         saved = checkpoint.load(path)
     else:
-        from tools.export import gpt2_checkpoint  # needs transformers: imported only here
+        from tools.export import gpt2_checkpoint  # needs transformers, so it is imported here
 
         saved = gpt2_checkpoint(path)
     has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
@@ -220,7 +239,9 @@ def fine_tune_checkpoint(path, given):
 
 
 def contradicted(given, saved, may_change=()):
-    """The flags given that contradict saved settings: '--n_layer 4 (it has 2)', or ''."""
+    """Returns the flags given that contradict the saved settings, e.g. '--n_layer 4 (it has 2)'.
+
+    Returns '' when none does."""
     refused = []
     for k, v in given.items():
         if k in saved and k not in may_change and v != saved[k]:

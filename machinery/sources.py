@@ -1,6 +1,8 @@
-"""Training text and its tokens: files, folders, conversations in the chat template, tools.prepare
-folders; and prompts. Files are read as "utf-8-sig" (no byte-order mark) with CRLF as LF: the same
-tokens everywhere."""
+"""Reads training text and turns it into tokens, and encodes prompts.
+
+The text comes from files, folders, conversations in the chat template, or folders written by
+tools.prepare. Files are read as "utf-8-sig", which drops a byte-order mark, and CRLF is read as
+LF. So the same text gives the same tokens on every platform."""
 
 import hashlib
 import json
@@ -16,11 +18,11 @@ from utils import Corpus, make_corpus, question, split_train_val, turn
 
 
 def iter_documents(path, clean=False, extensions=".txt"):
-    """The source's text in pieces: a .txt file in chunks, or documents each ending with EOT."""
+    """Yields the text of `path` in pieces: a .txt file in chunks, or documents ending with EOT."""
     require(os.path.exists(path), f"data file {path} not found")
     seen = set()
 
-    def document(text):  # with --clean: whitespace normalised, an exact duplicate dropped
+    def document(text):  # with --clean, normalise whitespace and drop exact duplicates
         if clean:
             text = clean_text(text).strip()
             key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
@@ -41,7 +43,7 @@ def iter_documents(path, clean=False, extensions=".txt"):
                 yield document(record["text"])
             elif isinstance(record, dict) and ("messages" in record or "question" in record):
                 yield document(chat_document(record, where))
-            else:  # a preference pair too: a file of them is dpo.py's
+            else:  # also a preference pair: a file of those is for dpo.py
                 raise TinyLLMError(
                     f'{where}: expected an object with "text", "messages", or "question" and '
                     '"answer" (a file of "prompt", "chosen" and "rejected" is for dpo.py)'
@@ -52,23 +54,28 @@ def iter_documents(path, clean=False, extensions=".txt"):
 
 
 def read_chunks(path, what="data file"):
-    """A text file's text in pieces that end at line ends, read as "utf-8-sig"; one that is not
-    UTF-8 refused by its name."""
+    """Yields the text of a file in pieces that end at line ends, read as "utf-8-sig".
+
+    A file that is not UTF-8 is refused, with its name in the error."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             while chunk := f.read(1 << 20):
-                yield chunk + f.readline()  # a piece ends at a line end
+                yield chunk + f.readline()
     except UnicodeDecodeError:
         raise TinyLLMError(f"{what} {path} is not UTF-8 text") from None
 
 
 def read_text(path, what="data file"):
-    """A text file's whole text, read as "utf-8-sig"; one that is not UTF-8 refused by its name."""
+    """Returns the whole text of a file, read as "utf-8-sig".
+
+    A file that is not UTF-8 is refused, with its name in the error."""
     return "".join(read_chunks(path, what))
 
 
 def records(path):
-    """(where, record) of a .jsonl file's lines, or of a .json file's list: where names it."""
+    """Yields (where, record) for each line of a .jsonl file, or each item of a .json list.
+
+    `where` names the line or the record, for error messages."""
     text = read_text(path)
     if path.lower().endswith(".jsonl"):
         for n, line in enumerate(text.split("\n"), 1):
@@ -100,7 +107,9 @@ def folder_files(folder, extensions):
 
 
 def chat_document(record, where):
-    """{"messages": [{"role": "user", "content": ...}, ...]} or a Q&A record, as chat template."""
+    """Returns a conversation record as text in the chat template.
+
+    The record is {"messages": [{"role": "user", "content": ...}, ...]} or a question and answer."""
     asked = {"role": "user", "content": record.get("question")}
     answered = {"role": "assistant", "content": record.get("answer")}
     messages = record.get("messages", [asked, answered])
@@ -116,7 +125,9 @@ def chat_document(record, where):
 
 
 def first_question(ids, tokenizer):
-    """The ids of the first whole question in ids, up to where its answer begins; else None."""
+    """Returns the ids of the first whole question in `ids`, up to where its answer begins.
+
+    Returns None if `ids` holds no whole question."""
     ids = list(map(int, ids))
     user = tokenizer.special_tokens.get(USER)
     question = ids[ids.index(user) :] if user in ids else []
@@ -125,14 +136,18 @@ def first_question(ids, tokenizer):
 
 
 def clean_text(text):
-    """Line ends unified, trailing spaces trimmed, runs of spaces and of blank lines squeezed."""
+    """Returns `text` with line ends unified, trailing spaces trimmed, and runs squeezed.
+
+    A run of spaces becomes one space, and a run of blank lines becomes one blank line."""
     text = re.sub(r"[ \t]+\n", "\n", text.replace("\r\n", "\n").replace("\r", "\n"))
     return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]{2,}", " ", text))
 
 
 def read_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
-    """cfg.data's Corpus: tokenized by the tokenizer given (grown by what the text holds that it
-    lacks, if grow) or by a new one, of vocab_size tokens if BPE."""
+    """Returns the Corpus of cfg.data.
+
+    The text is tokenized by the tokenizer given, or else by a new one (of vocab_size tokens, for
+    BPE). With `grow`, the given tokenizer first gains the characters and chat tokens it lacks."""
     if is_prepared(cfg.data):
         corpus = load_prepared(cfg.data)
         if tokenizer is not None and tokenizer.to_dict() != corpus.tokenizer.to_dict():
@@ -150,9 +165,11 @@ def read_corpus(cfg, tokenizer=None, vocab_size=0, grow=False):
 
 
 def check_known(tokenizer, text, path, grow=False):
-    """Check that the tokenizer knows every character and chat token of text. What it lacks is
-    refused, or with grow added (tokenizer.grown). Returns the tokenizer and old_ids: each token's
-    id before, None for a new one; old_ids is None when nothing was added."""
+    """Checks that the tokenizer knows every character and chat token of `text`.
+
+    What it lacks is refused, or added with `grow` (tokenizer.grown). Returns the tokenizer and
+    old_ids. old_ids holds the old id of each token, and None for a new one; it is None itself when
+    nothing was added."""
     special = [s for s in (USER, ASSISTANT) if s in text and s not in tokenizer.special_tokens]
     chars = tokenizer.unknown_chars("".join(ordinary(text, special)))
     if not (chars or special):
@@ -162,8 +179,9 @@ def check_known(tokenizer, text, path, grow=False):
 
 
 def preference_pairs(path):
-    """[(chosen text, rejected text)] in the chat template, of a .jsonl (or .json) file of
-    {"prompt", "chosen", "rejected"} records."""
+    """Returns [(chosen text, rejected text)] in the chat template.
+
+    The pairs come from a .jsonl (or .json) file of {"prompt", "chosen", "rejected"} records."""
     if not (path.lower().endswith((".json", ".jsonl")) and os.path.isfile(path)):
         raise TinyLLMError(f'{path}: expected a .jsonl file of "prompt", "chosen" and "rejected"')
     pairs = []
@@ -179,12 +197,14 @@ def preference_pairs(path):
 
 
 def is_prepared(path):
-    """Whether path is a folder tools.prepare wrote: its tokenizer and splits are fixed."""
+    """Returns whether `path` is a folder that tools.prepare wrote.
+
+    Such a folder fixes the tokenizer and the splits."""
     return os.path.isfile(os.path.join(path, "meta.json"))
 
 
 def prepared_meta(path):
-    """A tools.prepare folder's meta.json: its tokenizer, dtype, sizes and settings."""
+    """Returns the meta.json of a tools.prepare folder: its tokenizer, dtype, sizes and settings."""
     meta_path = os.path.join(path, "meta.json")
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -202,7 +222,9 @@ def prepared_meta(path):
 
 
 def load_prepared(path):
-    """A tools.prepare folder's Corpus: the splits are read from disk only where batches fall."""
+    """Returns the Corpus of a tools.prepare folder.
+
+    The splits are memory-mapped, so only the parts that batches use are read from disk."""
     meta = prepared_meta(path)
     splits = []
     for name in ("train", "val"):
@@ -214,7 +236,9 @@ def load_prepared(path):
 
 
 def validation_split(checkpoint, tokenizer, data=None):
-    """(corpus, data): the text a checkpoint's run validated on (or data), split as it was."""
+    """Returns (corpus, data): the text the run of a checkpoint validated on, split as it was then.
+
+    If `data` is given, it replaces the saved data path."""
     saved = checkpoint.get("train_config", {})
     kept = {k: saved[k] for k in ("clean", "data_ext", "loss_on") if k in saved}
     cfg = TrainConfig(data=data or saved.get("data", TrainConfig.data), **kept)
@@ -229,8 +253,8 @@ def check_long_enough(ids, block_size, name, path):
 
 
 def encode_prompt(tokenizer, prompt, qa=False, say=warn):
-    """The prompt's ids, characters the vocabulary lacks dropped with a warning."""
-    if qa:  # the chat template's first turn, up to where the answer begins
+    """Returns the ids of the prompt. Characters the vocabulary lacks are dropped with a warning."""
+    if qa:  # the first turn of the chat template, up to where the answer begins
         if ASSISTANT not in tokenizer.special_tokens:
             raise TinyLLMError("--qa needs a model fine-tuned on conversations")
         prompt = EOT + question(prompt)
@@ -245,5 +269,7 @@ def encode_prompt(tokenizer, prompt, qa=False, say=warn):
 
 
 def start_ids(tokenizer):
-    """Where sampling starts without a prompt: a line end, or else the vocabulary's first token."""
+    """Returns the ids that sampling starts from without a prompt.
+
+    That is a line end, or else the first token of the vocabulary."""
     return [0] if tokenizer.unknown_chars("\n") else tokenizer.encode("\n")

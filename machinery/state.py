@@ -1,6 +1,8 @@
-"""The run's state and its checkpoints: how far it is, what every checkpoint saves, and --resume
-putting all of it back exactly (the optimizer, the loss scaler, every rank's random generators),
-so that a run stopped and resumed ends as one that went straight on."""
+"""Keeps the state of a run and saves its checkpoints.
+
+TrainState records how far the run is, and every checkpoint saves it. --resume puts everything
+back exactly: the optimizer, the loss scaler, and the random generators of every rank. So a run
+that is stopped and resumed ends as one that went straight on."""
 
 import math
 import os
@@ -16,24 +18,25 @@ class TrainState:
     """How far the run is, where it ends, and what it has seen. Every checkpoint saves it and
     --resume puts it back. A field added since a checkpoint was written takes its default."""
 
-    step: int = 0  # the steps taken
-    max_steps: int = 0  # the step the run ends at: --max_steps, or a time budget's plan
-    lr: float = 0.0  # the latest step's
-    seconds: float = 0.0  # the run's wall time before this process (a resume's)
-    eval_seconds: float = 0.0  # the last evaluation's length: a budget keeps that much at its end
+    step: int = 0  # steps taken so far
+    max_steps: int = 0  # the step the run ends at: --max_steps, or the plan of a time budget
+    lr: float = 0.0  # the learning rate of the latest step
+    seconds: float = 0.0  # wall time of the run before this process started (when resumed)
+    eval_seconds: float = 0.0  # length of the last evaluation: a budget keeps that much at its end
     best_val_loss: float = float("inf")
     evals_without_improvement: int = 0
     last_eval_step: int = -1
     history: list = field(default_factory=list)  # a row per progress line and per evaluation
-    window: list = field(default_factory=list)  # each step's figures since the last line
+    window: list = field(default_factory=list)  # figures of each step since the last line
 
     def elapsed(self, started):
-        """The run's seconds: this process's since started (perf_counter), and those before."""
+        """Returns the seconds the run has taken, in this process since `started` and before it."""
         return self.seconds + time.perf_counter() - started
 
     def evaluated(self, val_loss):
-        """Keep an evaluation's val loss; returns whether it is a new best. The baseline, before
-        any step, is none: the best is the best after a step."""
+        """Records the val loss of an evaluation and returns whether it is a new best.
+
+        The baseline evaluation, before any step, never counts as a best."""
         self.last_eval_step = self.step
         improved = self.step > 0 and val_loss < self.best_val_loss
         if improved:
@@ -44,9 +47,11 @@ class TrainState:
         return improved
 
     def read_window(self, float16):
-        """The figures of the steps since the last line, read as numbers (a GPU waits here). A
-        loss or a gradient that is not finite stops the run here, before anything is saved
-        (float16 may skip a step whose gradient overflowed: that one is no fault)."""
+        """Returns the figures of the steps since the last line, read as numbers.
+
+        A GPU waits here. A loss or gradient that is not finite stops the run here, before anything
+        is saved. With float16 the scaler may skip a step whose gradient overflowed; that is no
+        fault."""
         self.window = [{k: float(v) for k, v in row.items()} for row in self.window]
         for n, row in enumerate(self.window, self.step - len(self.window)):
             finite_grad = math.isfinite(row.get("grad_norm", 0.0)) or float16
@@ -58,9 +63,11 @@ class TrainState:
 
 
 def start_state(settings, optimizer, process):
-    """A fresh run's state; a resumed run's as it was saved, with its scaler, optimizer and random
-    generators. Under torchrun, each rank draws its own dropout from here. The checkpoint's weights
-    and moments are in place now, or unused: the run holds no copy of them."""
+    """Returns the state of a fresh run, or of a resumed run as it was saved.
+
+    For a resumed run it also restores the scaler, the optimizer and the random generators. Under
+    torchrun, each rank draws its own dropout from here on. The weights and moments of the
+    checkpoint are in place now, or unused, so the run drops its copy of them."""
     cfg = settings.cfg
     saved = settings.saved
     state = TrainState(max_steps=cfg.max_steps)
@@ -76,7 +83,7 @@ def start_state(settings, optimizer, process):
                 stop = f"--max_steps {cfg.max_steps} trains no more"
                 raise TinyLLMError(f"the run is at step {state.step}: {stop}")
             state.max_steps = cfg.max_steps
-    if process.world > 1 and len(rngs) != process.world:  # a rank's own draws
+    if process.world > 1 and len(rngs) != process.world:  # give each rank its own draws
         devices.seed_everything((cfg.seed + 1000 * process.rank + 7919 * state.step) % 2**32)
     if saved:
         saved.pop("model", None)
@@ -85,9 +92,11 @@ def start_state(settings, optimizer, process):
 
 
 class Checkpoints:
-    """Saves a run's checkpoints into out_dir: the model and tokenizer; all --resume needs to go on
-    exactly; and where and how it trained, for its model card (tools.export). Every rank calls
-    save; rank 0 writes. --overfit_batch writes nothing."""
+    """Saves the checkpoints of a run into out_dir.
+
+    A checkpoint holds the model and tokenizer, everything --resume needs to go on exactly, and
+    where and how the run trained, for its model card (tools.export). Every rank calls save, and
+    rank 0 writes. --overfit_batch writes nothing."""
 
     def __init__(self, settings, process, corpus, stage, optimizer):
         self.settings = settings
@@ -98,7 +107,9 @@ class Checkpoints:
         self.writes = not settings.options.overfit_batch
 
     def save(self, name, state):
-        """out_dir/name; periodic ones (ckpt_STEP.pt): the newest keep_last of them stay."""
+        """Saves out_dir/name.
+
+        Of the periodic checkpoints (ckpt_STEP.pt), only the newest keep_last stay."""
         if not self.writes:
             return
         state.read_window(self.process.scaler.is_enabled())  # nothing non-finite is saved
@@ -114,7 +125,7 @@ class Checkpoints:
             self.corpus.tokenizer.to_dict(),
             stage=self.settings.stage,
             optimizer=self.optimizer.state_dict(),
-            scaler=self.process.scaler.state_dict(),  # {}: float16's alone has a state
+            scaler=self.process.scaler.state_dict(),  # {} unless float16: only its scaler has state
             rng=rngs[0],
             train_config=asdict(cfg),
             preset=self.settings.preset,
@@ -122,7 +133,7 @@ class Checkpoints:
             dtype=self.process.dtype,
             chars_per_token=self.corpus.chars_per_token,
             **record,
-            **self.stage.entries,  # a stage's own: dpo.py's reference
+            **self.stage.entries,  # entries of the stage, e.g. the reference model of dpo.py
         )
         checkpoint.save(os.path.join(cfg.out_dir, name), saved)
         if name.startswith("ckpt_"):
