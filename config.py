@@ -1,7 +1,7 @@
-"""Every setting of training and sampling, and the presets. --help is made from them (add_flags).
+"""Every setting of training and sampling, and the presets. add_flags makes --help from them.
 
-A setting is a field: its default, what it means, and what it may be (one of its choices, or a
-number within its bounds). check() holds every setting to that, once, for every config."""
+A setting is a field with a default, a meaning, and the values it may take (one of its choices, or
+a number within its bounds). check() tests every setting of every config against that, once."""
 
 import argparse
 import math
@@ -11,14 +11,16 @@ from dataclasses import dataclass, field, fields
 
 
 class TinyLLMError(Exception):
-    """A problem with what the user asked for: one `error:` line, no traceback."""
+    """A problem with what the user asked for. It shows as one `error:` line, with no traceback."""
 
 
 def setting(default, help, choices=None, resume=False, stages=(), **bounds):
-    """A field with its meaning; resume: --resume may change it; stages: the later stages whose
-    scripts alone take it (python dpo.py --help); bounds: a number's at_least, above, at_most or
-    below. A number may default to None (unset) where its help says what that means: check()
-    lets it be, and --help shows "none"."""
+    """Returns a dataclass field that carries its meaning.
+
+    resume says whether --resume may change it. stages names the later stages whose scripts alone
+    take it (python dpo.py --help). bounds holds the limits of a number: at_least, above, at_most
+    or below. A number may default to None (unset) if its help says what that means; check()
+    accepts None, and --help shows "none"."""
     meaning = dict(help=help, choices=choices, resume=resume, stages=stages, bounds=bounds)
     return field(default=default, metadata=meaning)
 
@@ -32,7 +34,8 @@ BOUNDS = dict(at_least=operator.ge, above=operator.gt, at_most=operator.le, belo
 
 
 def check(config):
-    """Each setting one of its choices, and a number within its bounds (None: unset)."""
+    """Checks that each setting is one of its choices, and that each number is within its bounds
+    (None means unset)."""
     for f in fields(config):
         value = getattr(config, f.name)
         choices = f.metadata["choices"]
@@ -46,14 +49,14 @@ def check(config):
 
 
 MAX_SEED = 2**32 - 1  # NumPy's seeds are 32-bit
-BPE_VOCAB_SIZE = 2048  # what --tokenizer bpe learns unless --vocab_size says otherwise
+BPE_VOCAB_SIZE = 2048  # the vocabulary size of --tokenizer bpe, unless --vocab_size is given
 EOT = "<|endoftext|>"  # between documents and after each answer; every tokenizer has it
 # the chat template: <|user|>question\n<|assistant|>answer<|endoftext|>
 USER = "<|user|>"
 ASSISTANT = "<|assistant|>"
-SPECIAL_TOKENS = (EOT, USER, ASSISTANT)  # each one token, after a vocabulary's ordinary ones
-NO_TARGET = -100  # a target that counts for nothing in the loss: a question's token, say
-TRAIN_FRACTION = 0.9  # the first 90% of a text trains, the rest validates
+SPECIAL_TOKENS = (EOT, USER, ASSISTANT)  # each is one token, after the ordinary ones
+NO_TARGET = -100  # a target that the loss ignores, such as a token of a question
+TRAIN_FRACTION = 0.9  # the first 90% of a text trains the model; the rest validates it
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 POSITIONS = ("learned", "sinusoidal", "rope")
@@ -66,7 +69,7 @@ DISTILL = ("distill",)
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The model's shape, saved in every checkpoint."""
+    """The shape of the model, saved in every checkpoint."""
 
     vocab_size: int = setting(0, f"0: the tokenizer's (bpe {BPE_VOCAB_SIZE})", at_least=0)
     block_size: int = setting(128, "context length: tokens the model sees at once", at_least=1)
@@ -127,7 +130,7 @@ class TrainConfig:
     threads: int = setting(0, THREADS_HELP, at_least=0, at_most=1024, resume=True)
     sample_tokens: int = setting(300, "tokens of the closing sample", at_least=0, resume=True)
     plots: bool = setting(True, "redraw loss.png after every evaluation", resume=True)
-    # the later stages' own settings
+    # settings that only the later stages take
     lora_rank: int = setting(0, "LoRA beside attention, rank R; 0 = off", stages=TUNING, at_least=0)
     lora_alpha: float = setting(16.0, "LoRA's scale: times alpha / rank", stages=TUNING, above=0)
     lora_mlp: bool = setting(False, "LoRA beside the MLP's matrices too", stages=TUNING)
@@ -153,7 +156,7 @@ RESUME_MAY_CHANGE = [f.name for f in fields(TrainConfig) if f.metadata["resume"]
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What the script does with the settings; never saved."""
+    """What the script does with the settings. These options are never saved."""
 
     preset: str = setting("", "start from a preset; none: this machine's (docs/training.md)")
     resume: bool = setting(False, "continue OUT_DIR/last.pt exactly; starts fresh if there is none")
@@ -207,7 +210,7 @@ class GenerateConfig:
 
 
 def parse_duration(text):
-    """Seconds in 5m, 300s, 300, 1h30m or 2.5m; None for an empty one."""
+    """Returns the seconds in 5m, 300s, 300, 1h30m or 2.5m, or None if text is empty."""
     if not text:
         return None
     number = r"(\d+(?:\.\d+)?)"
@@ -219,21 +222,22 @@ def parse_duration(text):
     return seconds
 
 
-# what the CPU presets share: StableLM's parts (it publishes), five minutes (docs/experiments.md)
+# The CPU presets share StableLM's parts, so tools.export can publish them, and a five-minute
+# budget (docs/experiments.md).
 STABLELM = dict(pos="rope", mlp="swiglu", bias=False)
 FIVE_MINUTES = dict(STABLELM, block_size=128, batch_size=32, time_budget="5m", eval_interval=500)
 FIVE_MINUTES |= dict(lr=3e-3, min_lr=0.0, warmup_steps=200, weight_decay=1.0)
 NANOGPT = dict(bias=False, lr=1e-3, min_lr=1e-4, beta2=0.99)  # nanoGPT's optimizer settings
-# nanoGPT's train_shakespeare_char.py: the default on a CUDA GPU
+# from nanoGPT's train_shakespeare_char.py; the default on a CUDA GPU
 SMALL = dict(NANOGPT, n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64)
 MEDIUM = dict(SMALL, n_layer=8, n_head=8, n_embd=512, block_size=512, max_steps=10000)
 MEDIUM |= dict(lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_interval=500)
-# seconds, not minutes: to check that a change runs, learns, resumes and samples
+# runs in seconds, not minutes, to check that a change runs, learns, resumes and samples
 MICRO = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, lr=3e-3, min_lr=3e-4)
 MICRO |= dict(max_steps=200, warmup_steps=10, eval_interval=50, eval_iters=5, log_interval=10)
 PRESETS = {
-    # the default on a CPU or a Mac (settings.machine_preset): of those measured, what learned most
-    # in five minutes on 2-core CPUs; mini takes too few steps on 1 thread or in float32
+    # the defaults on a CPU or a Mac (settings.machine_preset). Of the shapes measured, they
+    # learned most in five minutes on 2-core CPUs. mini takes too few steps on 1 thread or float32.
     "tiny": dict(FIVE_MINUTES, n_layer=2, n_head=5, n_embd=160),
     "mini": dict(FIVE_MINUTES, n_layer=3, n_head=6, n_embd=192),
     # nanoGPT's CPU recipe from its README, for like-for-like comparisons
@@ -246,9 +250,12 @@ PRESETS = {
 
 
 def from_trained(given):
-    """What a run from a trained model (finetune.py, dpo.py) takes over the preset, given these
-    flags: a decay to 0, so that any --lr works on any machine; and with --max_steps N a warmup of
-    N / 10, since the presets' is made for pretraining. It keeps the model's shape and dropout."""
+    """Returns the settings that a run from a trained model (finetune.py, dpo.py) puts over the
+    preset, given these flags.
+
+    The LR decays to 0, so that any --lr works on any machine. With --max_steps N, the warmup is
+    N / 10 steps, because the warmup of the presets is made for pretraining. The run keeps the shape
+    and the dropout of the model."""
     own = dict(min_lr=0.0)
     if "max_steps" in given:
         own["warmup_steps"] = given["max_steps"] // 10
@@ -256,9 +263,11 @@ def from_trained(given):
 
 
 def add_flags(parser, cls, defaults=None, names=None, title=None):
-    """A --flag per field of cls (or of those in names): vars(parser.parse_args()) holds those
-    given. --help shows its meaning, choices and default; defaults {name: (value, why)} replace
-    the field's."""
+    """Adds a --flag for each field of cls (or for the fields in names).
+
+    vars(parser.parse_args()) then holds the flags that were given. --help shows the meaning,
+    choices and default of each flag. defaults, {name: (value, why)}, replaces the default of a
+    field."""
     group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
     for f in fields(cls):
         if names is not None and f.name not in names:
@@ -267,7 +276,7 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         shown = "none" if default in ("", None) else default
         shown = f"{shown}, {why}" if why else shown
         choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
-        # SUPPRESS: a flag not given is left out of what parse_args returns
+        # SUPPRESS leaves a flag that was not given out of what parse_args returns
         how = dict(dest=f.name, type=f.type, metavar=f.name.upper(), default=argparse.SUPPRESS)
         if f.type is bool:  # a bare --flag means true; --flag false works too
             how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
@@ -275,13 +284,13 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
 
 
-# the course's spellings of two flags
+# the spellings of two flags in the course
 ALIASES = {"lr": ("--lr-max", "--lr_max"), "warmup_steps": ("--warmup",)}
 
 
 def yes_or_no(text):
     if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        where = ": a run's folder is --out_dir" if text.endswith(".pt") else ""  # --resume PATH
+        where = ": a run's folder is --out_dir" if text.endswith(".pt") else ""  # for --resume PATH
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}{where}")
     return text.lower() in ("1", "true", "yes", "on")
 

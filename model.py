@@ -1,11 +1,13 @@
-"""The GPT: a decoder-only Transformer. Nothing here knows about files or training.
+"""The GPT: a decoder-only Transformer. Nothing in this file knows about files or training.
 
-Read it top to bottom: causal self-attention (the mask, the formula, the fused kernel), the MLP,
-the block, and the GPT's forward pass (token ids -> logits -> loss). Then the modern parts that
-three settings put in GPT-2's place: RMSNorm (norm), SwiGLU (mlp), RoPE or sinusoids (pos).
+Read it from top to bottom. It starts with causal self-attention (the mask, the formula, the fused
+kernel), then the MLP, the block, and the forward pass of the GPT (token ids -> logits -> loss).
+Last come the modern parts that three settings can use in place of GPT-2's parts: RMSNorm (norm),
+SwiGLU (mlp), and RoPE or sinusoids (pos).
 
-Layer names are GPT-2's, so its published weights load by name: wte / wpe are the token /
-position embeddings, c_attn / c_proj / c_fc the linear layers, ln_1 / ln_2 / ln_f the norms.
+The layer names are the same as in GPT-2, so the published GPT-2 weights load by name. wte and wpe
+are the token and position embeddings, c_attn, c_proj and c_fc are the linear layers, and ln_1,
+ln_2 and ln_f are the norms.
 """
 
 import math
@@ -20,9 +22,12 @@ from config import NO_TARGET, GPTConfig
 
 
 def causal_mask(T, S, device, start=None):
-    """(T, S), added to the attention scores: 0 where query i (at position start + i) may see key j,
-    -inf where j is later. Training: S = T, the lower triangle. Generation keeps block_size slots of
-    keys (the KV cache): with 5 cached and 1 new token, start = 5 and the query sees slots 0-5."""
+    """Returns the (T, S) mask that attention adds to its scores.
+
+    The mask is 0 where query i (at position start + i) may see key j, and -inf where key j comes
+    later. In training, S = T and the visible part is the lower triangle. In generation, the KV
+    cache keeps block_size slots of keys. With 5 cached tokens and 1 new one, start is 5 and the
+    new query sees slots 0-5."""
     start = S - T if start is None else start
     query_pos = start + torch.arange(T, device=device)[:, None]  # (T, 1)
     key_pos = torch.arange(S, device=device)[None, :]  # (1, S)
@@ -30,17 +35,20 @@ def causal_mask(T, S, device, start=None):
 
 
 class CausalSelfAttention(nn.Module):
-    """Every position makes a query, a key and a value; each head takes the softmax-weighted mean
-    of the values of the positions up to its own. The heads, side by side, are projected back.
-    A variant of attention is a field of config.GPTConfig and a branch here."""
+    """Multi-head causal self-attention.
+
+    Every position makes a query, a key and a value. Each head takes a softmax-weighted mean of the
+    values at the positions up to its own. The outputs of the heads are put side by side and
+    projected back. To add a variant of attention, add a field to config.GPTConfig and a branch
+    here."""
 
     def __init__(self, config, layer):
         super().__init__()
         self.n_head = config.n_head
-        self.layer = layer  # where this block's keys and values sit in the KV cache
+        self.layer = layer  # the index of this block's keys and values in the KV cache
         self.dropout = config.dropout
-        self.fused = True  # torch's fused kernel; False: the formula as written (attention_weights)
-        self.kept = None  # a list: each call's weights kept, by the formula (tools/pictures.py)
+        self.fused = True  # use torch's fused kernel; False runs the written formula instead
+        self.kept = None  # set to a list to keep the weights of each call (tools/pictures.py)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -49,28 +57,30 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask, rope=None, cache=None):
         B, T, C = x.shape
         q, k, v = self.heads(x, rope)  # each (B, nh, T, hs)
-        if cache is not None:  # generation: the earlier positions' keys and values are cached
+        if cache is not None:  # in generation, the keys and values of earlier positions are cached
             k, v = cache.update(self.layer, k, v)  # each (B, nh, S, hs)
         y = self.attention(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
     def heads(self, x, rope=None):
-        """The queries, keys and values of x (B, T, C), each head's own C / nh channels."""
+        """Returns the queries, keys and values of x (B, T, C). Each head gets C / nh channels."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         # (B, T, nh, hs) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if rope is not None:  # RoPE turns q and k by their positions (below)
+        if rope is not None:  # RoPE rotates q and k by their positions (see apply_rope)
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
         return q, k, v
 
     def attention(self, q, k, v, mask):
-        """softmax(q k^T / sqrt(hs) + mask) v: each query's weights over the keys sum to 1, the
-        future's are 0. q: (B, nh, T, hs); k, v: (B, nh, S, hs); mask: (T, S), None for the causal
+        """Returns softmax(q k^T / sqrt(hs) + mask) v, of shape (B, nh, T, hs).
+
+        For each query, the weights over the keys sum to 1, and the weights of future keys are 0.
+        q is (B, nh, T, hs), k and v are (B, nh, S, hs), and mask is (T, S), or None for the causal
         triangle."""
-        if self.fused and self.kept is None:  # the fused kernel: faster, the same numbers
+        if self.fused and self.kept is None:  # faster, with the same numbers
             return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         weights = self.attention_weights(q, k, mask)  # (B, nh, T, S)
         if self.kept is not None:
@@ -78,8 +88,8 @@ class CausalSelfAttention(nn.Module):
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
     def attention_weights(self, q, k, mask):
-        """softmax(q k^T / sqrt(hs) + mask): (B, nh, T, S). Dividing by sqrt(hs) keeps the scores'
-        spread independent of the head size."""
+        """Returns softmax(q k^T / sqrt(hs) + mask), of shape (B, nh, T, S). Dividing by sqrt(hs)
+        keeps the spread of the scores independent of the head size."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
         if mask is None:
             mask = causal_mask(q.size(-2), k.size(-2), q.device)
@@ -87,10 +97,10 @@ class CausalSelfAttention(nn.Module):
 
 
 def fused_attention(q, k, v, mask, dropout=0.0):
-    """The attention formula by PyTorch's fused kernel, which never builds the (T, S) weights; a
-    mask of None is the causal triangle, which the kernel makes itself."""
+    """Computes attention with PyTorch's fused kernel, which never builds the (T, S) weights. A
+    mask of None means the causal triangle, which the kernel builds itself."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # on CPUs a bfloat16 attention ran several times slower than float32's
+        # on CPUs, attention in bfloat16 ran several times slower than in float32
         with torch.autocast("cpu", enabled=False):
             return fused_attention(q.float(), k.float(), v.float(), mask, dropout)
     if mask is not None:
@@ -102,7 +112,7 @@ def fused_attention(q, k, v, mask, dropout=0.0):
 
 
 class MLP(nn.Module):
-    """Position-wise: widen 4x, GELU, project back."""
+    """The feed-forward layer, applied at each position: widen 4x, apply GELU, project back."""
 
     def __init__(self, config):
         super().__init__()
@@ -115,7 +125,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """A pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -133,11 +143,12 @@ class Block(nn.Module):
 
 
 def lm_loss(logits, targets, reduction="mean"):
-    """Next-token cross-entropy: each (b, t) is one classification over the vocabulary, so logits
-    (B, T, V) flatten to (B*T, V) and targets (B, T) to (B*T,). In float32 even under autocast.
-    A target of NO_TARGET counts for nothing: a conversation's questions are context. A batch
-    with no target at all (windows inside long questions) has a mean loss of 0, and no gradient,
-    where the mean of nothing would be NaN."""
+    """Returns the next-token cross-entropy, computed in float32 even under autocast.
+
+    Each (b, t) is one classification over the vocabulary, so logits (B, T, V) flatten to (B*T, V)
+    and targets (B, T) flatten to (B*T,). A target of NO_TARGET does not count, because the
+    questions of a conversation are only context. If a batch has no targets at all (windows inside
+    long questions), the mean loss is 0 with no gradient; a plain mean of nothing would be NaN."""
     loss = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=NO_TARGET, reduction=reduction
     )
@@ -147,8 +158,10 @@ def lm_loss(logits, targets, reduction="mean"):
 
 
 class GPT(nn.Module):
-    """Token ids in, next-token logits out: embed tokens and positions, n_layer blocks, a norm, and
-    the logits read off with the token embedding itself (weight tying)."""
+    """The GPT: token ids in, next-token logits out.
+
+    It embeds the tokens and their positions, runs n_layer blocks and a final norm, and reads the
+    logits off with the token embedding matrix itself (weight tying)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -156,10 +169,10 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.pos == "learned":
             self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        elif config.pos == "sinusoidal":  # fixed tables: buffers, not saved in checkpoints
+        elif config.pos == "sinusoidal":  # a fixed table, kept as a buffer that checkpoints skip
             table = sinusoidal_table(config.block_size, config.n_embd)
             self.register_buffer("pos_table", table, persistent=False)
-        elif config.pos == "rope":  # tables of angles: the attention turns q and k by them
+        elif config.pos == "rope":  # tables of angles; attention rotates q and k by them
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -167,11 +180,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and predicts tokens
 
         self.apply(self._init_weights)
-        # GPT-2: the two projections per block that write into the residual stream start smaller,
-        # so the stream's variance does not grow with depth
+        # as in GPT-2, the two projections per block that write into the residual stream start
+        # smaller, so that the variance of the stream does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -183,8 +196,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def embed(self, idx, start=0):
-        """Returns (x, rope): the tokens of idx (B, T) embedded, x (B, T, C), at positions start,
-        start + 1, ... A table or sinusoids add them to x; RoPE's angles are rope (else None)."""
+        """Embeds the tokens of idx (B, T) at positions start, start + 1, ... and returns (x, rope).
+
+        x is (B, T, C). A learned table or sinusoids add the positions to x. With RoPE, rope holds
+        the angles of the positions instead; otherwise rope is None."""
         positions = start + torch.arange(idx.size(1), device=idx.device)  # (T,)
         x = self.wte(idx)  # (B, T, C)
         rope = None
@@ -192,31 +207,35 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         elif self.config.pos == "sinusoidal":
             x = x + self.pos_table[positions]
-        elif self.config.pos == "rope":  # the attention turns q and k by these angles
+        elif self.config.pos == "rope":  # attention rotates q and k by these angles
             rope = (self.rope_cos[positions], self.rope_sin[positions])
         return self.drop(x), rope
 
     def mask(self, T, start, cache):
-        """What attention adds to its scores, (T, S), or (nh, T, S) for a bias per head. In
-        training None: the causal triangle, which the fused kernel makes itself (a variant with a
-        bias by distance returns its own mask, the triangle included). In generation the T new
-        queries, at positions start.., against the cache's block_size slots (slot j holds position
-        j), those after each query's position hidden. Past block_size, sampling.Context restarts
-        at position 0."""
+        """Returns the mask that attention adds to its scores: (T, S), or (nh, T, S) for a bias
+        per head.
+
+        In training, it returns None, which means the causal triangle; the fused kernel builds
+        that itself. (A variant with a bias by distance returns its own mask, triangle included.)
+        In generation, the T new queries sit at positions start onward, and the keys fill the
+        block_size slots of the cache (slot j holds position j). The mask hides every slot after
+        the position of a query. Past block_size, sampling.Context restarts at position 0."""
         if cache is None:
             return None
         return causal_mask(T, self.config.block_size, self.wte.weight.device, start)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # the tied embedding counted once
+        return sum(p.numel() for p in self.parameters())  # the tied embedding is counted once
 
     def forward(self, idx, targets=None, cache=None):
-        """logits (B, T, vocab_size) of idx (B, T), and the loss if targets (B, T) are given:
-        targets[b, t] is the token after idx[b, t]. cache: generation's (sampling.KVCache)."""
+        """Returns (logits, loss) for idx (B, T). logits is (B, T, vocab_size).
+
+        loss is None unless targets (B, T) are given; targets[b, t] is the token after idx[b, t].
+        cache is the KV cache that generation passes (sampling.KVCache)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"{T} positions exceed block_size {self.config.block_size}")
-        start = 0 if cache is None else cache.pos  # generation: idx continues the cached tokens
+        start = 0 if cache is None else cache.pos  # in generation, idx continues the cached tokens
         x, rope = self.embed(idx, start)  # (B, T, C)
         mask = self.mask(T, start, cache)  # (T, S) or None
         for block in self.blocks:
@@ -235,7 +254,7 @@ def make_norm(config):
 
 
 class RMSNorm(nn.Module):
-    """LayerNorm without the mean and the bias: x / rms(x) * weight."""
+    """LayerNorm without subtracting the mean and without a bias: x / rms(x) * weight."""
 
     def __init__(self, dim, eps=1e-5):
         super().__init__()
@@ -247,12 +266,12 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """The MLP with a gate: silu(x W_gate) * (x W_value), projected back. Three matrices
-    8/3 * n_embd wide hold about as many parameters as the GELU MLP's two 4x ones."""
+    """The MLP with a gate: silu(x W_gate) * (x W_value), projected back. Its three matrices,
+    8/3 * n_embd wide, hold about as many parameters as the two 4x matrices of the GELU MLP."""
 
     def __init__(self, config):
         super().__init__()
-        hidden = 8 * round(8 * config.n_embd / 3 / 8)  # to a multiple of 8 (kernels like it)
+        hidden = 8 * round(8 * config.n_embd / 3 / 8)  # a multiple of 8, which kernels like
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and value
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -263,16 +282,20 @@ class SwiGLU(nn.Module):
 
 
 def rope_tables(n_positions, head_size, base=10000.0):
-    """RoPE's cos and sin, each (n_positions, hs/2): position p turns pair i of a head's query and
-    key by the angle p * base^(-2i/hs), fast for the first pairs, slow for the last."""
+    """Returns the cos and sin tables of RoPE, each (n_positions, hs/2).
+
+    At position p, pair i of a query or key in a head is rotated by the angle p * base^(-2i/hs).
+    The first pairs turn fast, the last pairs slowly."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
     angles = torch.arange(n_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Turn each pair (x[2i], x[2i+1]) by its position's angle: then q.k depends on two positions
-    only through their distance. x: (..., T, hs); cos, sin: (T, hs/2); computed in float32."""
+    """Rotates each pair (x[2i], x[2i+1]) by the angle of its position, computed in float32.
+
+    After the rotation, q.k depends on two positions only through their distance. x is
+    (..., T, hs); cos and sin are (T, hs/2)."""
     even = x[..., 0::2].float()  # (..., T, hs/2)
     odd = x[..., 1::2].float()  # (..., T, hs/2)
     turned = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)  # (.., hs/2, 2)
@@ -280,11 +303,12 @@ def apply_rope(x, cos, sin):
 
 
 def sinusoidal_table(n_positions, dim):
-    """ "Attention Is All You Need"'s positions: sines and cosines of position * 10000^(-2i/dim)."""
+    """Returns the position table of "Attention Is All You Need": the sines and cosines of
+    position * 10000^(-2i/dim)."""
     pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
     pairs = torch.arange(0, dim, 2, dtype=torch.float32)  # 2i, (dim/2,)
     inv_freq = torch.exp(pairs * (-math.log(10000.0) / dim))
     table = torch.zeros(n_positions, dim)
     table[:, 0::2] = torch.sin(pos * inv_freq)
-    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])  # (an odd dim has one cosine fewer)
+    table[:, 1::2] = torch.cos(pos * inv_freq[: dim // 2])  # an odd dim has one cosine fewer
     return table  # (n_positions, dim)

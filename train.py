@@ -1,24 +1,26 @@
-"""Pretrain a GPT on a text file: the lesson, top to bottom.
+"""Pretrain a GPT on a text file. This file is the lesson; read it from top to bottom.
 
-    python train.py     # data/input.txt: this machine's preset, five minutes on a CPU
+    python train.py     # data/input.txt with this machine's preset: five minutes on a CPU
     python train.py --preset small --max_steps 50 --seed 1
     python train.py --data data/qa_example.json --tag qa   # questions and answers, from scratch
     python train.py --data notes.txt --tag notes   # your own text
 
-In order: the corpus, the GPT and its batches; the AdamW optimizer and its parameter groups; the
-warmup-cosine schedule; one step (gradient accumulation, clipping); the run every stage runs
-(fit): its set-up, then the loop, which says when the run ends, evaluates, saves and stops. Each
-promise the loop keeps is an object of machinery/ named for it: the state and its checkpoints
-(exact --resume), the time budget, the signals (Ctrl-C), the report (the lines and history).
+The sections come in this order: the corpus, the GPT and its batches; the AdamW optimizer and its
+parameter groups; the warmup-cosine schedule; one step (gradient accumulation, clipping); and fit,
+the run that every stage runs. fit sets up the run, then loops. The loop decides when the run
+ends, and it evaluates, saves and stops. Each promise that the loop keeps is an object in
+machinery/, named for the promise: the state and its checkpoints (exact --resume), the time
+budget, the signals (Ctrl-C), and the report (the progress lines and the history).
 
-A later stage (finetune.py, distill.py, dpo.py) uses this file through corpus_batches, Stage and
-fit: it makes its own model and batches, then fits them. finetune.py starts from a trained model."""
+The later stages (finetune.py, distill.py, dpo.py) use this file through corpus_batches, Stage and
+fit. Each makes its own model and batches, then calls fit. finetune.py starts from a trained
+model."""
 
 import os
 import time
 
-# before torch loads: a time budget counts from here, and OpenMP's idle threads sleep after
-# 10,000 spins (its long default spin made a step 2-9x slower beside a busy process on 2 cores)
+# Set before torch loads. A time budget counts from here. OpenMP's idle threads sleep after 10,000
+# spins: the long default spin made a step 2-9x slower beside a busy process on 2 cores.
 STARTED = time.perf_counter()
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
@@ -43,10 +45,11 @@ from utils import make_batches
 
 
 def train(settings):
-    """Pretrain a GPT from scratch, or go on with its run (--resume). Read the corpus, build the
-    model and its batches, then fit it. settings come from main, at the bottom. Under torchrun
-    every rank runs this."""
-    process = devices.start_process(settings)  # its rank under torchrun, its threads, the seed
+    """Pretrains a GPT from scratch, or continues its run with --resume.
+
+    It reads the corpus, builds the model and its batches, then fits the model. main, at the
+    bottom, passes the settings. Under torchrun, every rank runs this function."""
+    process = devices.start_process(settings)  # the rank under torchrun, threads, seed
     corpus = load_corpus(settings)
     model = make_model(settings, corpus)
     batches = corpus_batches(settings, corpus, model, process)
@@ -54,20 +57,23 @@ def train(settings):
 
 
 def load_corpus(settings):
-    """The text as train and val token ids, by a tokenizer learned from it (a resume's own)."""
+    """Returns the text as train and val token ids. The tokenizer is learned from the text, or on
+    a resume it is the saved one."""
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path) if settings.resumed else None
     return sources.read_corpus(settings.cfg, tokenizer, settings.model_cfg.vocab_size)
 
 
 def make_model(settings, corpus):
-    """A GPT with fresh random weights, its vocabulary the tokenizer's; a resume's as it was."""
+    """Returns a GPT with fresh random weights and the vocabulary of the tokenizer. On a resume it
+    returns the saved model as it was."""
     if settings.resumed:
         return checkpoint.model_of(settings.saved, settings.path)
     return GPT(replace(settings.model_cfg, vocab_size=corpus.tokenizer.vocab_size))
 
 
 def corpus_batches(settings, corpus, model, process):
-    """{"train": ..., "val": ...}, each () -> a batch (x, y) of random windows of the corpus."""
+    """Returns {"train": ..., "val": ...}. Each value is a function that returns a batch (x, y) of
+    random windows of the corpus."""
     cfg = settings.cfg
     block_size = model.config.block_size
     for ids, name in ((corpus.train, "train"), (corpus.val, "validation")):
@@ -77,7 +83,8 @@ def corpus_batches(settings, corpus, model, process):
 
 
 def micro_batch_size(cfg, process):
-    """This process's share of a step's batch_size: each rank's, each micro-batch's."""
+    """Returns the sequences in one micro-batch of this process: batch_size split over the ranks
+    and the micro-steps."""
     return cfg.batch_size // process.world // cfg.grad_accum_steps
 
 
@@ -85,10 +92,12 @@ def micro_batch_size(cfg, process):
 
 
 def param_groups(model, cfg):
-    """Split the trained parameters into groups with their own settings. Matrices (embeddings
-    and linear weights) get weight decay; biases and norm gains do not. Under Muon the blocks'
-    matrices form a group of their own. A group's lr_scale multiplies the schedule's learning
-    rate (train_step). Its names let a resume find the group again."""
+    """Splits the trained parameters into groups, each with its own settings.
+
+    Matrices (embeddings and linear weights) get weight decay; biases and norm gains do not. Under
+    Muon, the matrices of the blocks form a group of their own. The lr_scale of a group multiplies
+    the learning rate of the schedule (see train_step). The names in a group let a resume find the
+    group again."""
     muon = dict(lr_scale=cfg.muon_lr / cfg.lr, weight_decay=0.0, muon=True)
     decayed = dict(weight_decay=cfg.weight_decay)
     not_decayed = dict(weight_decay=0.0)
@@ -105,8 +114,8 @@ def param_groups(model, cfg):
 
 
 def make_optimizer(model, cfg, device, dtype="float32"):
-    """AdamW over the model's parameter groups, or Muon for --optimizer muon (muon.py). Muon
-    orthogonalizes in the run's dtype: bfloat16 halves its cost."""
+    """Returns AdamW over the parameter groups of the model, or Muon for --optimizer muon
+    (muon.py). Muon orthogonalizes in the dtype of the run, so bfloat16 halves its cost."""
     groups = param_groups(model, cfg)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "muon":
@@ -114,27 +123,31 @@ def make_optimizer(model, cfg, device, dtype="float32"):
 
         ns_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         return Muon(groups, lr=cfg.lr, betas=betas, dtype=ns_dtype)
-    # fused: one kernel per tensor, faster on CPUs too; not on a Mac, whose fused kernel
-    # mishandles float16's skipped steps in torch 2.5-2.7 (docs/platforms.md)
+    # fused runs one kernel per tensor, which is faster on CPUs too. Not on a Mac: there the fused
+    # kernel mishandles the skipped steps of float16 in torch 2.5-2.7 (docs/platforms.md)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 def warmup(max_steps, cfg):
-    """The steps of the schedule's warmup, in a run of max_steps: its LR climbs to cfg.lr, and
-    decays after. A time budget never plans an end within them. A shape without a warmup: 0."""
+    """Returns the number of warmup steps in a run of max_steps.
+
+    During the warmup, the LR climbs to cfg.lr; after it, the LR decays. A time budget never plans
+    the end of a run inside the warmup. A schedule shape without a warmup would return 0."""
     return cfg.warmup_steps
 
 
 def get_lr(step, max_steps, cfg):
-    """The learning rate of a step: a linear warmup to cfg.lr; then the shape's decay, from 1 at
-    the warmup's end to 0 at step max_steps, takes it from lr down to min_lr (0 on the five-minute
-    presets). progress goes from 0 to 1 over the decay; the run's last step, max_steps - 1, is a
-    step short of its end, as in nanoGPT."""
+    """Returns the learning rate at a step.
+
+    During the warmup, the LR climbs linearly to cfg.lr. After it, a decay factor falls from 1 at
+    the end of the warmup to 0 at step max_steps, and takes the LR from lr down to min_lr (0 on the
+    five-minute presets). progress goes from 0 to 1 over the decay. As in nanoGPT, the last step of
+    the run, max_steps - 1, is one step short of the end of the decay."""
     warm = warmup(max_steps, cfg)
     if step < warm:
         return cfg.lr * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, max_steps - warm))
-    if cfg.lr_schedule == "linear":  # each shape: a decay from 1 at the peak to 0 at the end
+    if cfg.lr_schedule == "linear":  # each shape decays from 1 at the peak to 0 at the end
         decay = 1.0 - progress
     elif cfg.lr_schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -147,40 +160,43 @@ def get_lr(step, max_steps, cfg):
 
 
 def train_step(model, optimizer, next_batch, lr, cfg, process):
-    """One optimizer step; returns its figures. A new figure is an entry in that dict, one number
-    a step: it reaches the progress lines and history.csv. Figures stay tensors: reading one makes
-    a GPU wait, so the loop reads them at the next progress line. model is a Stage's
-    wrapper(x, y) -> (logits, loss), maybe wrapped by DDP or torch.compile; its logits are the
-    GPT's in every stage. tokens counts the tokens read (tok/s). process gives the precision
-    (autocast) and float16's loss scaler."""
+    """Takes one optimizer step and returns its figures as a dict.
+
+    To add a figure, add an entry to the dict, one number per step; it then reaches the progress
+    lines and history.csv. The figures stay tensors, because reading one makes a GPU wait; the loop
+    reads them at the next progress line. model is the wrapper of a Stage, wrapper(x, y) -> (logits,
+    loss), maybe wrapped by DDP or torch.compile. In every stage, its logits are the GPT's. tokens
+    counts the tokens read (for tok/s). process gives the precision (autocast) and the loss scaler
+    of float16."""
     scaler = process.scaler
-    for group in optimizer.param_groups:  # 1. this step's learning rate, times a group's multiple
+    for group in optimizer.param_groups:  # 1. set the LR, times the group's lr_scale
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    optimizer.zero_grad(set_to_none=True)  # 2. forget the last step's gradients
+    optimizer.zero_grad(set_to_none=True)  # 2. clear the gradients of the last step
     batch_loss = 0.0
     tokens = 0
-    for micro_step in range(cfg.grad_accum_steps):  # a batch may come in micro-batches
-        x, y = next_batch()  # 3. a batch: y is x shifted by one token
-        # DDP averages the gradients once a step, at the last micro-batch
+    for micro_step in range(cfg.grad_accum_steps):  # a batch may be split into micro-batches
+        x, y = next_batch()  # 3. get a batch; y is x shifted by one token
+        # DDP averages the gradients once per step, at the last micro-batch
         last = micro_step == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
         with contextlib.nullcontext() if last else model.no_sync():
             with process.autocast:
-                logits, loss = model(x, y)  # 4. forward (B, T, V), 5. the loss
-            loss = loss / cfg.grad_accum_steps  # the micro-batches' gradients add up
-            scaler.scale(loss).backward()  # 6. backward (float16 scales: no underflow)
+                logits, loss = model(x, y)  # 4. forward pass (B, T, V), 5. loss
+            loss = loss / cfg.grad_accum_steps  # the gradients of the micro-batches add up
+            scaler.scale(loss).backward()  # 6. backward (scaled under float16, against underflow)
         batch_loss = batch_loss + loss.detach()
         tokens += x.numel()
-    scaler.unscale_(optimizer)  # float16's scaler: the true gradient, to clip
-    # 7. clip the gradient's norm (grad_clip 0: only measure it)
+    scaler.unscale_(optimizer)  # undo float16's scaling, to clip the true gradient
+    # 7. clip the gradient norm (with grad_clip 0, only measure it)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    scaler.step(optimizer)  # 8. update the weights (float16: unless it overflowed)
+    scaler.step(optimizer)  # 8. update the weights (float16 skips the update if it overflowed)
     scaler.update()
     return {"loss": batch_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
 
 
 @torch.no_grad()
 def estimate_loss(model, batches, eval_iters, autocast):
-    """The mean loss of eval_iters random batches of each split, in eval mode (no dropout)."""
+    """Returns the mean loss over eval_iters random batches of each split, in eval mode (no
+    dropout)."""
     model.eval()
     out = {}
     for split, next_batch in batches.items():
@@ -189,7 +205,7 @@ def estimate_loss(model, batches, eval_iters, autocast):
             x, y = next_batch()
             with autocast:
                 total = total + model(x, y)[1]
-        out[split] = total.item() / eval_iters  # one wait for the device per split
+        out[split] = total.item() / eval_iters  # .item() waits for the device once per split
     model.train()
     return out
 
@@ -201,21 +217,23 @@ OUT_OF_MEMORY = "out of memory: try a smaller --batch_size or model, or --grad_a
 
 @dataclass
 class Stage:
-    """What a stage of training hands to fit: the GPT it trains and saves, its batches, and what
-    a step calls. Pretraining's step calls the GPT itself; a later stage's calls a wrapper around
-    the GPT and a frozen partner (distill.Distilled, dpo.Preferring). wrapper(x, y) -> (logits,
-    loss) in every stage. x and y are (B, T) token ids, y holding each next token, or NO_TARGET
-    (-100) where a position has none (a question, padding). logits are the GPT's (B, T, V) for
-    the rows of x, whatever the stage's loss."""
+    """What a stage of training hands to fit: the GPT it trains and saves, its batches, and the
+    module that a step calls.
+
+    In pretraining, a step calls the GPT itself. In a later stage, a step calls a wrapper around the
+    GPT and a frozen partner (distill.Distilled, dpo.Preferring). In every stage, wrapper(x, y)
+    returns (logits, loss). x and y are (B, T) token ids. y holds each next token, or NO_TARGET
+    (-100) where a position has no target (a question, padding). logits are the GPT's (B, T, V) for
+    the rows of x, whatever loss the stage uses."""
 
     model: torch.nn.Module  # the GPT
-    batches: dict  # {"train": ..., "val": ...}, each () -> a batch (x, y)
-    wrapper: torch.nn.Module = None  # what a step calls; None: the GPT itself
-    loss: str = "cross-entropy of each next token"  # what it is, on the opening lines
+    batches: dict  # {"train": ..., "val": ...}, each returns a batch (x, y)
+    wrapper: torch.nn.Module = None  # what a step calls; None means the GPT itself
+    loss: str = "cross-entropy of each next token"  # the loss, as the opening lines describe it
     evaluation: str = "the mean loss of each split, in eval mode"
-    figures: object = None  # () -> {name: number}: its own figures at an evaluation, for bits/char
-    batch: str = ""  # what its batch holds, if no windows of the corpus
-    entries: dict = field(default_factory=dict)  # what its checkpoints add: {name: value}
+    figures: object = None  # a function () -> {name: number} of extra figures, e.g. bits/char
+    batch: str = ""  # what a batch holds, if not windows of the corpus
+    entries: dict = field(default_factory=dict)  # extra entries for the checkpoints: {name: value}
 
     def __post_init__(self):
         if self.wrapper is None:
@@ -223,9 +241,11 @@ class Stage:
 
 
 class WithPartner(torch.nn.Module):
-    """A later stage's wrapper: its GPT (model), and beside it a frozen partner (partner), such as
-    distillation's teacher or DPO's reference. The partner takes no gradient and stays in eval
-    mode (no dropout) from the start, so a resumed run draws what a straight one drew."""
+    """The wrapper of a later stage: the GPT (model) and, beside it, a frozen partner (partner),
+    such as the teacher in distillation or the reference model in DPO.
+
+    The partner takes no gradient and stays in eval mode (no dropout) from the start. That way, a
+    resumed run draws the same random numbers as a run that never stopped."""
 
     def __init__(self, model, partner):
         super().__init__()
@@ -239,62 +259,64 @@ class WithPartner(torch.nn.Module):
 
 
 def fit(settings, process, corpus, stage):
-    """Every stage's run: the set-up, each check before anything is written; then the loop, which
-    steps until the run ends, evaluates and saves now and then, and may stop early; then its end:
-    last.pt, and the closing lines, or for a signal the command that resumes it."""
+    """Runs a stage of training; every stage calls it.
+
+    The set-up makes every check before anything is written. Then the loop steps until the run
+    ends, evaluates and saves now and then, and may stop early. At the end, fit saves last.pt and
+    prints the closing lines; after a signal, it prints the command that resumes the run."""
     cfg = settings.cfg
     options = settings.options
-    with devices.out_of_memory_as_error(OUT_OF_MEMORY):  # one error line, with what to try
-        stage.wrapper.to(process.device)  # the GPT, and a frozen partner beside it
+    with devices.out_of_memory_as_error(OUT_OF_MEMORY):  # one error line that says what to try
+        stage.wrapper.to(process.device)  # the GPT, and any frozen partner beside it
         optimizer = make_optimizer(stage.model, cfg, process.device, process.dtype)
-        state = start_state(settings, optimizer, process)  # fresh, or as the resume saved it
+        state = start_state(settings, optimizer, process)  # fresh, or the one a resume saved
         batches = dict(stage.batches)
-        if options.overfit_batch:  # a check: every step trains on one batch, nothing is written
+        if options.overfit_batch:  # a check: every step trains on one batch and nothing is written
             fixed = batches["train"]()
             batches["train"] = lambda: fixed
             cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
         step_model = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
         step_model = process.wrap(step_model)  # under torchrun, DDP averages the gradients
-        if cfg.compile:  # a missing compiler: one error line now
+        if cfg.compile:  # report a missing compiler now, in one error line
             devices.compile_first(stage.model, step_model, batches["train"], process)
         checkpoints = Checkpoints(settings, process, corpus, stage, optimizer)
         if options.overwrite and checkpoints.writes and not settings.resumed and not process.rank:
-            checkpoint.clear_out_dir(cfg.out_dir)  # the old run's files go now, bad input refused
+            checkpoint.clear_out_dir(cfg.out_dir)  # delete the old run now that input is checked
         if not cfg.time_budget and cfg.max_steps <= warmup(cfg.max_steps, cfg) and not process.rank:
             cli.warn(f"--max_steps {cfg.max_steps} ends within the warmup: the LR never decays")
         signals = Signals(process, cfg.log_interval)
         budget = Budget(settings, process, state)
         report = Report(settings, process, corpus, stage, signals.say)
         report.opening(state, f"{cfg.lr_schedule} schedule")
-        stop_reason = None  # an early stop: --patience, --target_loss, --overfit_batch
+        stop_reason = None  # set by --patience, --target_loss or --overfit_batch
 
-        with signals:  # Ctrl-C or SIGTERM: the step ends, then the run saves and exits
+        with signals:  # on Ctrl-C or SIGTERM, the step finishes, then the run saves and exits
             while True:
-                # under a time budget, the steps that fit in the time left; planned every step
+                # under a time budget, plan at every step how many steps fit in the time left
                 warm = warmup(state.max_steps, cfg)
                 state.max_steps = budget.plan(state, warm)
-                if budget.spent_in_warmup(state, warm):  # its LR never decayed: it cannot end
+                if budget.spent_in_warmup(state, warm):  # the LR never decayed; the run cannot end
                     saved = state.step > 0 and checkpoints.writes
                     if saved:
-                        checkpoints.save("last.pt", state)  # a user never loses the steps taken
+                        checkpoints.save("last.pt", state)  # so that the user keeps the steps taken
                     raise budget.too_short(state, warm, saved)
                 at_end = state.step >= state.max_steps
                 periodic = state.step % cfg.eval_interval == 0 and budget.room_to_evaluate(state)
-                if (at_end or periodic) and state.step != state.last_eval_step:  # once a step
-                    with budget.set_aside(state):  # the budget keeps its time for the last one
+                if (at_end or periodic) and state.step != state.last_eval_step:  # once per step
+                    with budget.set_aside(state):  # timed, so time is kept for the last evaluation
                         train_loss, val_loss = evaluate(step_model, batches, cfg, process)
                         improved = state.evaluated(val_loss)  # counts toward --patience
                         report.evaluation(state, train_loss, val_loss, improved)
-                        if state.step:  # the baseline, before any step, keeps nothing
+                        if state.step:  # the baseline, before any step, saves nothing
                             checkpoints.save("last.pt", state)
                             if improved:
                                 checkpoints.save("best.pt", state)
                             stop_reason = stop_reason or early_stop(state, val_loss, cfg)
                         report.history(state, checkpoints.writes)
                     if not at_end:
-                        continue  # it took time: plan again
+                        continue  # the evaluation took time, so plan again
                 ending = at_end or stop_reason is not None
-                # Ctrl-C or SIGTERM on any rank, or the end
+                # stop on Ctrl-C or SIGTERM on any rank, or at the end
                 if signals.stop(state, ending) or ending:
                     break
                 state.lr = get_lr(state.step, state.max_steps, cfg)
@@ -304,26 +326,27 @@ def fit(settings, process, corpus, stage):
                 state.window.append(figures)
                 state.step += 1
                 if state.step % cfg.log_interval == 0:
-                    means = report.progress(state, budget.aside)  # the mean since the last line
+                    means = report.progress(state, budget.aside)  # means since the last line
                     if options.overfit_batch and process.mean([means["loss"]])[0] < 0.01:
                         stop_reason = f"overfit_batch: loss below 0.01 at step {state.step}"
                 if cfg.save_interval and state.step % cfg.save_interval == 0:
-                    checkpoints.save(f"ckpt_{state.step:07d}.pt", state)  # keep_last of them stay
+                    checkpoints.save(f"ckpt_{state.step:07d}.pt", state)  # keep_last of these stay
 
-        if signals.signum or state.last_eval_step != state.step:  # unless the evaluation saved it
+        if signals.signum or state.last_eval_step != state.step:  # unless an evaluation saved it
             checkpoints.save("last.pt", state)
-        if signals.signum:  # stopped: the command that resumes it, exit status 128 + the signal
+        if signals.signum:  # stopped: print how to resume; exit status is 128 + the signal
             report.stopped(state, checkpoints.writes)
             process.leave_together()
             sys.exit(128 + signals.signum)
         schedule_end = get_lr(state.max_steps, state.max_steps, cfg)
-        report.closing(state, stop_reason, schedule_end, checkpoints.writes)  # and a sample
+        report.closing(state, stop_reason, schedule_end, checkpoints.writes)  # ends with a sample
         process.leave_together()
         return summary(settings, process, corpus, stage, state, stop_reason)
 
 
 def summary(settings, process, corpus, stage, state, stop_reason):
-    """What a run returns to the script (and to tools.scaling, tools.ablation and the tests)."""
+    """Returns the results of a run to the script (and to tools.scaling, tools.ablation and the
+    tests)."""
     cfg = settings.cfg
     return {
         "step": state.step,
@@ -334,20 +357,21 @@ def summary(settings, process, corpus, stage, state, stop_reason):
         "model": stage.model,
         "corpus": corpus,
         "dtype": process.dtype,
-        "tokens_per_step": cfg.batch_size * stage.model.config.block_size,  # tools.scaling's
+        "tokens_per_step": cfg.batch_size * stage.model.config.block_size,  # for tools.scaling
     }
 
 
 def evaluate(model, batches, cfg, process):
-    """(train loss, val loss): each the mean over every rank's share of eval_iters batches."""
+    """Returns (train loss, val loss). Each rank evaluates its share of eval_iters batches, and
+    each loss is the mean over all ranks."""
     eval_iters = math.ceil(cfg.eval_iters / process.world)  # this rank's share
     losses = estimate_loss(model, batches, eval_iters, process.autocast)
     return process.mean([losses["train"], losses["val"]])
 
 
 def early_stop(state, val_loss, cfg):
-    """Why the run stops before its end, or None: --patience evaluations without a new best, or
-    --target_loss reached."""
+    """Returns why the run stops early, or None. A run stops after --patience evaluations without
+    a new best, or when the val loss reaches --target_loss."""
     if cfg.target_loss and val_loss <= cfg.target_loss:
         return f"target reached: val loss {val_loss:.4f} <= {cfg.target_loss:g} at {state.step}"
     if cfg.patience and state.evals_without_improvement >= cfg.patience:
@@ -360,8 +384,8 @@ def early_stop(state, val_loss, cfg):
 
 
 def main(argv=None):
-    """train.py's command line: its settings, each decided and checked once; then the run, or
-    --plot_lr."""
+    """Runs the command line of train.py. It reads and checks the settings once, then trains, or
+    draws the LR schedule for --plot_lr."""
     settings = read_settings(argv, "train", __doc__, STARTED)
     if settings.options.plot_lr:
         return plots.draw_lr_schedule(settings.cfg, get_lr)
@@ -369,4 +393,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    cli.run_cli(main)  # bad input: one error: line and exit status 2
+    cli.run_cli(main)  # bad input prints one "error:" line, exit status 2

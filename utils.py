@@ -1,7 +1,7 @@
-"""The data, in the order it runs: a text split into train and val, each tokenized
-(tokenizer.py) into the corpus; a conversation in the chat template, which learns from its answers
-alone; then random (x, y) batches, y being x shifted by one token; and a loss in bits per
-character. Where the text comes from (files, folders, JSON records) is machinery/sources.py's."""
+"""The data, in the order it runs. A text is split into train and val, and each part is tokenized
+(tokenizer.py) into the corpus. A conversation uses the chat template, and the model learns from
+its answers alone. Then come random (x, y) batches, where y is x shifted by one token, and a loss
+in bits per character. machinery/sources.py reads the text (files, folders, JSON records)."""
 
 import math
 from dataclasses import dataclass
@@ -14,15 +14,17 @@ from tokenizer import ordinary
 
 
 def split_train_val(text):
-    """The first 90% trains, the rest validates, unshuffled: the model learns text in order."""
+    """Splits text into train and val. The first 90% trains the model and the rest validates it.
+    There is no shuffle, so the model learns text in order."""
     n = whole_special(text, int(len(text) * TRAIN_FRACTION))
     return text[:n], text[n:]
 
 
 def whole_special(text, n):
-    """n, or the start of the special token that n falls inside: a cut never splits one."""
+    """Returns n, or the start of the special token that n falls inside. That way a cut never
+    splits a special token."""
     for s in SPECIAL_TOKENS:
-        start = text.find(s, max(0, n - len(s) + 1), n + len(s) - 1)  # one that holds n
+        start = text.find(s, max(0, n - len(s) + 1), n + len(s) - 1)  # a token that contains n
         if 0 <= start < n:
             return start
     return n
@@ -33,29 +35,32 @@ class Corpus:
     tokenizer: object
     train: object  # 1-D token ids: a LongTensor, or a read-only np.memmap
     val: object
-    chars_per_token: float  # of the val split: a loss in bits per character
-    train_targets: object = None  # conversations: True where a token is a target (None: all are)
+    chars_per_token: float  # measured on the val split; turns a loss into bits per character
+    train_targets: object = None  # in a chat, True at target tokens; None means all are targets
     val_targets: object = None
-    old_ids: list = None  # a tokenizer grown for it: each token's id before (None: a new one)
+    old_ids: list = None  # for a grown tokenizer, each token's old id; None for a new tokenizer
 
 
 def make_corpus(text, tokenizer, answers_only=True):
-    """text split 90/10 and tokenized; with answers_only, a chat's answers are its targets."""
+    """Splits text 90/10 and tokenizes both parts. With answers_only, the answers of a chat are the
+    targets."""
     ids = [torch.tensor(tokenizer.encode(part), dtype=torch.long) for part in split_train_val(text)]
     targets = [answer_targets(i, tokenizer) if answers_only else None for i in ids]
     return Corpus(tokenizer, *ids, chars_per_token(tokenizer, ids[1].tolist()), *targets)
 
 
 def turn(role, content):
-    """One turn of a conversation in the chat template: <|user|>question\n, or
-    <|assistant|>answer<|endoftext|>. An answer ends with EOT: the model learns to end its turn."""
+    """Returns one turn of a conversation in the chat template: <|user|>question\n, or
+    <|assistant|>answer<|endoftext|>. An answer ends with EOT, so the model learns to end its
+    turn."""
     if role == "user":
         return f"{USER}{content.strip()}\n"
     return f"{ASSISTANT}{content.strip()}{EOT}"
 
 
 def question(text):
-    """A question in the chat template, up to where its answer begins: what a chat model answers."""
+    """Returns a question in the chat template, up to where its answer begins. A chat model answers
+    from there."""
     return turn("user", text) + ASSISTANT
 
 
@@ -68,15 +73,16 @@ CHAT_TEMPLATE = (
 
 
 def answer_targets(ids, tokenizer):
-    """True at each answer's tokens and the <|endoftext|> ending it: what a chat model learns.
-    None without answers: every token is a target."""
+    """Returns a bool tensor, True at the tokens of each answer and the <|endoftext|> that ends it.
+    These are the tokens a chat model learns. Returns None if there are no answers: then every
+    token is a target."""
     start = tokenizer.special_tokens.get(ASSISTANT)
-    if start is None or not (ids == start).any():  # plain text, a chat model's tokenizer or not
+    if start is None or not (ids == start).any():  # plain text, with a chat tokenizer or not
         return None
     targets = []
     inside = False
     for token in ids.tolist():
-        targets.append(inside)  # after <|assistant|>, up to its <|endoftext|> included
+        targets.append(inside)  # True after <|assistant|>, up to and including <|endoftext|>
         if token == start:
             inside = True
         elif token == tokenizer.eot_id:
@@ -85,25 +91,25 @@ def answer_targets(ids, tokenizer):
 
 
 def get_batch(data, batch_size, block_size, device, targets=None):
-    """Random windows of a 1-D token stream: x (B, T) and y (B, T), y[b, t] being the token after
-    x[b, t]. data: a tensor, or a NumPy memmap of which only the B windows are read from disk.
-    targets: None, or a bool tensor as long as data, False where a token is context only."""
+    """Returns random windows of a 1-D token stream: x (B, T) and y (B, T), where y[b, t] is the
+    token after x[b, t]. data is a tensor, or a NumPy memmap; only the B windows are read from disk.
+    targets is None, or a bool tensor as long as data, False where a token is only context."""
     starts = torch.randint(len(data) - block_size, (batch_size,)).tolist()
     windows = [np.asarray(data[i : i + block_size + 1], dtype=np.int64) for i in starts]
     windows = torch.from_numpy(np.stack(windows))  # (B, T + 1)
     x = windows[:, :-1]  # (B, T)
     y = windows[:, 1:]  # (B, T)
-    if targets is not None:  # a question's tokens are context, no target (model.lm_loss)
+    if targets is not None:  # the tokens of a question are context, not targets (model.lm_loss)
         answers = torch.stack([targets[i + 1 : i + block_size + 1] for i in starts])  # (B, T)
         y = y.masked_fill(~answers, NO_TARGET)
-    if device.type == "cuda":  # pinned memory: the copy overlaps the GPU's work
+    if device.type == "cuda":  # pinned memory lets the copy overlap the GPU's work
         return tuple(t.pin_memory().to(device, non_blocking=True) for t in (x, y))
     return x.to(device), y.to(device)
 
 
 def make_batches(corpus, block_size, micro_batch, data_fraction, device):
-    """{split: () -> (x, y)}: micro_batch random windows of block_size tokens, the train split cut
-    to its first data_fraction."""
+    """Returns {split: () -> (x, y)}. A batch holds micro_batch random windows of block_size
+    tokens. The train split is cut to its first data_fraction."""
     n = max(block_size + 1, int(len(corpus.train) * data_fraction))
     train = (corpus.train[:n], micro_batch, block_size, device, corpus.train_targets)
     val = (corpus.val, micro_batch, block_size, device, corpus.val_targets)
@@ -115,10 +121,11 @@ def chars_per_token(tokenizer, ids):
 
 
 def text_length(text, special_tokens):
-    """Characters of text, a special token (<|endoftext|>, a role) one, like a line end."""
+    """Returns the number of characters in text. A special token (<|endoftext|>, a role) counts as
+    one character, like a line end."""
     return len("\n".join(ordinary(text, special_tokens)))
 
 
 def bits_per_char(loss, chars_per_token):
-    """A loss in nats per token as bits per character: comparable between tokenizers."""
+    """Converts a loss in nats per token to bits per character, which compares across tokenizers."""
     return loss / chars_per_token / math.log(2)
