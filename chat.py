@@ -1,9 +1,10 @@
-"""Chat with a model fine-tuned on conversations: type a message, the answer streams back.
+"""Chat with a model fine-tuned on conversations: type a message, and the answer streams back.
 
-    python chat.py checkpoints/chat/last.pt    # README.md's "Teach it to answer" trains it
+    python chat.py checkpoints/chat/last.pt    # "Teach it to answer" in README.md trains it
 
-Each answer sees the whole conversation. The KV cache carries over from turn to turn: a turn
-computes only its new tokens. Past block_size, the context restarts from its newest half.
+Each answer sees the whole conversation. The KV cache carries over from turn to turn, so a turn
+computes only its new tokens. When the conversation grows past block_size, the context restarts
+from its newest half.
 """
 
 import torch
@@ -14,11 +15,13 @@ from machinery.annotate import Printer
 from sampling import Context, token_stream
 from utils import question
 
-ANSWER_TOKENS = 300  # an answer is shorter than generate.py's text
+ANSWER_TOKENS = 300  # answers are shorter than the text of generate.py
 
 
 def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens):
-    """The model's turn, printed as it comes: (its ids, EOT last; whether Ctrl-C stopped it)."""
+    """Generates the model's turn and prints it as it comes.
+
+    Returns (ids, stopped): the ids of the answer, ending in EOT, and whether Ctrl-C stopped it."""
     new = []
     stop = tokenizer.eot_id
     printer = Printer(tokenizer, stop)
@@ -28,10 +31,10 @@ def answer(context, tokenizer, conversation, sampler, generator, max_new_tokens)
         for token, probs in token_stream(context, idx, max_new_tokens, sampler, stop, generator):
             new.append(token[0, 0].item())
             printer.add(token, probs)
-    except KeyboardInterrupt:  # the answer ends here; the chat goes on
+    except KeyboardInterrupt:  # Ctrl-C ends this answer, not the chat
         stopped = True
     printer.end(" [stopped]" if stopped else "")
-    return new if stop in new else new + [stop], stopped  # the tokens stop at the stop token
+    return new if stop in new else new + [stop], stopped  # the answer always ends in the stop token
 
 
 def main(argv=None):
@@ -76,7 +79,8 @@ def main(argv=None):
                 context, tokenizer, conversation, sampler, generator, cfg.max_new_tokens
             )
             conversation += reply
-            context = Context(model) if stopped else context  # the cache may be half-written
+            # a stopped answer may leave the cache half-written
+            context = Context(model) if stopped else context
     print()
 
 

@@ -1,12 +1,13 @@
-"""Distill a trained teacher into a new, smaller GPT (Hinton et al., 2015).
+"""Distill a trained teacher GPT into a new, smaller GPT (Hinton et al., 2015).
 
     python train.py --preset small --max_steps 2000 --tag big       # the teacher
     python distill.py --preset tiny --distill_from checkpoints/big/best.pt --tag student
 
-The student learns the teacher's next-token distribution, softened by a temperature, beside the
-usual targets: softened odds say which wrong tokens are nearly right, which a target alone cannot.
-The teacher stays frozen, in eval mode. The student trains on the teacher's text and tokenizer,
-from fresh weights. The rest is train.py's run: its loop (fit), its checkpoints, its resume.
+The student learns the next-token distribution of the teacher, softened by a temperature, as well
+as the usual targets. The softened odds tell the student which wrong tokens are nearly right; a
+target alone cannot tell it that. The teacher stays frozen, in eval mode. The student starts from
+fresh weights and trains on the text and tokenizer of the teacher. Everything else works as in
+train.py: the same loop (fit), the same checkpoints and the same resume.
 """
 
 import torch
@@ -20,21 +21,24 @@ from model import lm_loss
 
 
 def distill_loss(logits, teacher_logits, targets, temperature, alpha):
-    """alpha times the KL divergence of the student's next-token distribution from the teacher's,
-    both logits divided by the temperature T, times T^2 (softening scales the gradients by 1/T^2);
-    plus 1 - alpha times the usual loss. logits (B, T, V); the positions with a target count."""
+    """Returns alpha * soft loss + (1 - alpha) * the usual loss.
+
+    The soft loss is the KL divergence of the student's next-token distribution from the teacher's,
+    with both logits divided by the temperature T. It is multiplied by T^2 because softening scales
+    the gradients by 1/T^2. `logits` is (B, T, V). Only positions with a target count."""
     keep = targets.flatten() != NO_TARGET  # (B*T,)
     student = F.log_softmax(logits.flatten(0, 1)[keep].float() / temperature, dim=-1)  # (N, V)
     teacher = F.log_softmax(teacher_logits.flatten(0, 1)[keep].float() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
-    soft = kl / max(1, len(student))  # per position; a batch with none has 0, as lm_loss's
+    soft = kl / max(1, len(student))  # mean per position; no targets give 0, as in lm_loss
     return alpha * soft * temperature**2 + (1 - alpha) * lm_loss(logits, targets)
 
 
 class Distilled(train.WithPartner):
-    """A student (model) and its frozen teacher (partner), as a step calls a GPT: model(x, y) ->
-    (logits, loss). Training, the loss is distill_loss; in eval mode, the student's own, comparable
-    with any run's."""
+    """Wraps a student (model) and its frozen teacher (partner) so that a step calls it like a GPT.
+
+    model(x, y) returns (logits, loss). In training, the loss is distill_loss. In eval mode, it is
+    the student's own loss, which compares with the loss of any other run."""
 
     def __init__(self, student, teacher, temperature, alpha):
         super().__init__(student, teacher)
@@ -45,19 +49,19 @@ class Distilled(train.WithPartner):
         logits, loss = self.model(idx, targets)
         if targets is None or not self.training:
             return logits, loss
-        with torch.no_grad():  # the teacher's distribution, no graph
+        with torch.no_grad():  # the teacher gives only targets: build no graph
             teacher_logits, _ = self.partner(idx)
         return logits, distill_loss(logits, teacher_logits, targets, self.temperature, self.alpha)
 
 
 def distill(settings):
-    """train.py's fit of a fresh student on the teacher's text, whose steps call Distilled."""
+    """Trains a fresh student on the text of the teacher with train.fit; steps call Distilled."""
     cfg = settings.cfg
     process = devices.start_process(settings)
     corpus = train.load_corpus(settings)
-    model = train.make_model(settings, corpus)  # a fresh student (or a resume's)
+    model = train.make_model(settings, corpus)  # a fresh student, or the resumed one
     teacher = checkpoint.load_model(cfg.distill_from)
-    # the student needs its teacher's tokenizer and vocabulary, and a context no longer
+    # the student needs the teacher's tokenizer, vocabulary, and at most the teacher's block_size
     big_enough = teacher.model.config.block_size >= model.config.block_size
     ours = (corpus.tokenizer.to_dict(), model.config.vocab_size)
     alike = (teacher.tokenizer.to_dict(), teacher.model.config.vocab_size) == ours
@@ -78,7 +82,7 @@ def distill(settings):
 
 def main(argv=None):
     settings = read_settings(argv, "distill", __doc__, train.STARTED, needs="distill_from")
-    if settings.options.plot_lr:  # this stage's schedule, drawn
+    if settings.options.plot_lr:  # only draw the LR schedule of this stage
         return plots.draw_lr_schedule(settings.cfg, train.get_lr)
     distill(settings)
 

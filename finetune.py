@@ -1,4 +1,4 @@
-"""Fine-tune a trained GPT: on your own text, or to answer conversations; in full or through LoRA.
+"""Fine-tune a trained GPT on your own text or on conversations, in full or with LoRA.
 
     python finetune.py --init_from checkpoints/best.pt --data mine.txt --tag mine
     python finetune.py --init_from checkpoints/best.pt --data data/chat_example.jsonl --tag chat \
@@ -9,11 +9,12 @@
 
 The run starts from the weights of --init_from, with a fresh optimizer. A conversation is text in
 the chat template (utils.turn): <|user|>question\n<|assistant|>answer<|endoftext|>. The model
-learns from the answers alone (utils.answer_targets, --loss_on answers): the questions are
-context. The template's tokens and any character the model lacks grow its vocabulary, each new
-row starting from the mean of the old. With --lora_rank R the model stays frozen and LoRA's small
-matrices (lora.py) learn beside it; its checkpoints hold the adapter alone, kilobytes that name
-their base. The rest is train.py's run: its loop (fit), its checkpoints, its exact --resume.
+learns from the answers only (utils.answer_targets, --loss_on answers); the questions are only
+context. The vocabulary grows by one token for each template token or character the model does
+not know yet. Each new embedding row starts from the mean of the old rows. With --lora_rank R, the
+model stays frozen and the small LoRA matrices (lora.py) learn beside it. The checkpoints then
+hold only the adapter: a few kilobytes that name the base model. Everything else works as in
+train.py: the same loop (fit), the same checkpoints and the same exact --resume.
 """
 
 import torch
@@ -25,8 +26,10 @@ from machinery.settings import read_settings
 
 
 def finetune(settings):
-    """The model of --init_from (or of a resume), its vocabulary grown by the corpus's new tokens,
-    adapted under --lora_rank; then train.py's fit."""
+    """Fine-tunes the model of --init_from (or of the resumed run) with train.fit.
+
+    Before training, the vocabulary grows by the new tokens of the corpus, and --lora_rank adds
+    LoRA adapters."""
     process = devices.start_process(settings)
     corpus = grown_corpus(settings)
     model, rows = trained_model(settings, corpus)
@@ -36,8 +39,10 @@ def finetune(settings):
 
 
 def grown_corpus(settings):
-    """The text as train and val token ids, by the trained model's tokenizer, grown by a token for
-    each character it lacks (a resume's vocabulary is fixed: it grew when the run began)."""
+    """Returns the text as train and val token ids, encoded by the tokenizer of the trained model.
+
+    The tokenizer grows by one token for each character it lacks. A resumed run does not grow it:
+    its vocabulary already grew when the run began."""
     tokenizer = checkpoint.tokenizer_of(settings.saved, settings.path)
     corpus = sources.read_corpus(settings.cfg, tokenizer, grow=not settings.resumed)
     if corpus.old_ids:
@@ -48,9 +53,11 @@ def grown_corpus(settings):
 
 
 def trained_model(settings, corpus):
-    """(the model the run starts from, rows). If the corpus added tokens, the model gets an
-    embedding row for each, and rows says where each row came from: its row in the saved model,
-    or None for a new one. Else rows is None."""
+    """Returns (model, rows): the model the run starts from, and where its embedding rows came from.
+
+    If the corpus added tokens, the model gets a new embedding row for each. Then `rows` says, for
+    each row, which row of the saved model it came from, or None for a new row. Otherwise `rows`
+    is None."""
     model = checkpoint.model_of(settings.saved, settings.path)
     if not corpus.old_ids:
         return model, None
@@ -58,11 +65,14 @@ def trained_model(settings, corpus):
 
 
 def grow_vocabulary(model, old_ids):
-    """New tokens' embedding rows, each the old rows' mean plus a little noise (under LoRA, no two
-    new rows alike). old_ids: per token, its old row or None. Returns every row's old row."""
+    """Adds an embedding row for each new token and returns, for every row, its old row.
+
+    `old_ids` gives, for each token, its row in the old model, or None for a new token. Each new
+    row is the mean of the old rows plus a little noise, so that no two new rows are alike (this
+    matters under LoRA)."""
     old = model.wte.weight.detach()
     old_size = sum(i is not None for i in old_ids)
-    rows = old_ids + list(range(old_size, len(old)))  # the old model's rows past its tokens stay
+    rows = old_ids + list(range(old_size, len(old)))  # old rows beyond the tokens stay
     mean = old.mean(0)
     checkpoint.with_embedding(model, rows, (mean + 0.02 * torch.randn_like(mean) for _ in rows))
     return rows
@@ -70,7 +80,7 @@ def grow_vocabulary(model, old_ids):
 
 def main(argv=None):
     settings = read_settings(argv, "finetune", __doc__, train.STARTED, needs="init_from")
-    if settings.options.plot_lr:  # this stage's schedule, drawn
+    if settings.options.plot_lr:  # only draw the LR schedule of this stage
         return plots.draw_lr_schedule(settings.cfg, train.get_lr)
     finetune(settings)
 

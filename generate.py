@@ -1,4 +1,4 @@
-"""Sample text from trained checkpoints; several get the same prompt and seed, to compare.
+"""Sample text from trained checkpoints; to compare several, each gets the same prompt and seed.
 
 python generate.py checkpoints/best.pt --prompt "ROMEO:" --seed 42
 """
@@ -16,11 +16,12 @@ from sampling import Context, beam_search, token_stream, until_stop
 
 
 def sample(model, prompt_ids, cfg, sampler, stop, shown):
-    """The new tokens (B, n) of num_samples continuations of prompt_ids, drawn as one batch, each
-    step shown (an Annotator, a Printer) as it is drawn."""
+    """Returns the new tokens (B, n) of num_samples continuations of prompt_ids, drawn as one batch.
+
+    If `shown` (an Annotator or a Printer) is given, it shows each step as it is drawn."""
     idx = torch.tensor([prompt_ids] * cfg.num_samples, device=model.wte.weight.device)  # (B, T)
     context = Context(model, use_cache=not cfg.no_cache)
-    if cfg.beam:  # the likeliest continuation; then, to show, the model's odds of its tokens
+    if cfg.beam:  # find the likeliest continuation, then the odds of its tokens
         new, _ = beam_search(context, idx, cfg.max_new_tokens, cfg.beam, stop, cfg.length_penalty)
         steps = model_odds(Context(model, not cfg.no_cache), idx, new) if shown else []
     else:
@@ -35,23 +36,26 @@ def sample(model, prompt_ids, cfg, sampler, stop, shown):
 
 
 def header(cfg, sampler, path, saved, prompt):
-    """The output file's header: the checkpoint, and every setting that shaped the text below."""
-    drawn = {} if cfg.beam else dataclasses.asdict(sampler)  # beam search draws nothing
+    """Returns the header of the output file: the checkpoint and every setting behind the text."""
+    drawn = {} if cfg.beam else dataclasses.asdict(sampler)  # beam search samples nothing
     settings = dataclasses.asdict(cfg) | drawn | {"prompt": prompt}
     shown = " ".join(f"{k}={v!r}" for k, v in settings.items() if k != "output_file")
     return f"# checkpoint: {path} ({checkpoint.summary(saved)})\n# {shown}"
 
 
 def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
-    """One checkpoint's samples, printed (streamed when alone): its block of the output file."""
+    """Samples from one checkpoint and prints the text; a single sample streams as it is drawn.
+
+    Returns the block of the output file for this checkpoint, or None when the text streamed."""
     model, tokenizer, saved = loaded
     stop = None if cfg.no_stop else tokenizer.eot_id
     prompt_ids = sources.encode_prompt(tokenizer, prompt, cfg.qa)
-    shown_ids = [t for t in prompt_ids if t != stop]  # the prompt as printed (--qa's starts so)
+    # print the prompt without the stop token that starts a --qa prompt
+    shown_ids = [t for t in prompt_ids if t != stop]
     stream = not several and cfg.num_samples == 1 and not cfg.output_file and not cfg.beam
     shown = Printer(tokenizer, stop) if stream else None
     annotator = None
-    if cfg.show_probs or cfg.show_top:  # every token with its odds
+    if cfg.show_probs or cfg.show_top:  # show every token with its odds
         shown = annotator = Annotator(tokenizer, cfg.show_top, cfg.output_file, stop, stream)
     if several:
         cli.log(f"\n{'=' * 20} {path} ({checkpoint.summary(saved)}) {'=' * 20}")
@@ -66,7 +70,7 @@ def sample_checkpoint(path, loaded, cfg, sampler, prompt, several):
     for i, row in enumerate(new.tolist()):
         cut = until_stop(row, stop)
         ended = f" (stopped at {EOT} after {len(cut)} tokens)" if cut != row else ""
-        if stream:  # printed as it was sampled: how it ended is left to say
+        if stream:  # the text is already printed; only say how it ended
             if ended:
                 print(ended.strip(), file=sys.stderr, flush=True)
             return None
@@ -100,17 +104,17 @@ def main(argv=None):
         if out.lower().endswith(".pt") or os.path.realpath(out) in map(os.path.realpath, paths):
             raise TinyLLMError(f"--output_file {out} would replace a checkpoint: name a .txt file")
         cli.check_writable(out, "--output_file")
-    # all read, and the prompt encoded for each, before the first is sampled: a typo fails at once
-    loaded = [checkpoint.load_model(path) for path in paths]  # read on the CPU
+    # load all checkpoints and encode the prompt for each before sampling, so a typo fails at once
+    loaded = [checkpoint.load_model(path) for path in paths]  # loaded on the CPU
     for trained in loaded[1:]:
         sources.encode_prompt(trained.tokenizer, prompt, cfg.qa, say=lambda _: None)
     blocks = []
-    for path in paths:  # popped, so that one model at a time is on the device
+    for path in paths:  # pop each model so only one at a time is on the device
         trained = loaded.pop(0)
         trained.model.to(device)
         blocks.append(sample_checkpoint(path, trained, cfg, sampler, prompt, len(paths) > 1))
     if out:
-        with open(out, "w", encoding="utf-8", newline="") as f:  # the text exactly
+        with open(out, "w", encoding="utf-8", newline="") as f:  # write the text exactly as is
             f.write("\n\n".join(blocks) + "\n")
         cli.log(f"wrote {out}")
 

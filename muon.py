@@ -1,19 +1,24 @@
-"""Muon (--optimizer muon): an alternative to AdamW for the blocks' matrices. Its update of each
-hidden matrix is made orthogonal, so every direction of a weight moves alike however small its
-gradient. train.py's make_optimizer builds it over the same parameter groups as AdamW."""
+"""Muon (--optimizer muon): an alternative to AdamW for the matrices of the blocks.
+
+Muon makes its update of each hidden matrix orthogonal, so every direction of a weight moves
+alike, however small its gradient. make_optimizer in train.py builds it over the same parameter
+groups as AdamW."""
 
 import torch
 
 
 def orthogonalize(g, dtype=torch.float32, steps=5):
-    """About U V^T of g = U S V^T (every singular value pushed towards 1), by a quintic
-    Newton-Schulz iteration in dtype, whose coefficients trade exactness for speed."""
+    """Returns roughly U V^T for g = U S V^T, which pushes every singular value towards 1.
+
+    It runs a quintic Newton-Schulz iteration in `dtype`. Its coefficients trade exactness for
+    speed."""
     a = 3.4445
     b = -4.7750
     c = 2.0315
     tall = g.size(0) > g.size(1)
     x = g.T if tall else g
-    x = (x / (x.norm() + 1e-7)).to(dtype)  # spectral norm <= 1, where the iteration converges
+    # scale to spectral norm <= 1, where the iteration converges
+    x = (x / (x.norm() + 1e-7)).to(dtype)
     for _ in range(steps):
         s = x @ x.T
         x = a * x + (b * s + c * s @ s) @ x
@@ -21,13 +26,15 @@ def orthogonalize(g, dtype=torch.float32, steps=5):
 
 
 class Muon(torch.optim.Optimizer):
-    """SGD momentum whose update of each hidden matrix is made orthogonal, so every direction of a
-    weight moves alike however small its gradient; AdamW, written out, for the other weights.
-    A group with muon=True is Muon's; its lr_scale makes muon_lr its peak learning rate."""
+    """SGD with momentum whose update of each hidden matrix is made orthogonal; AdamW for the rest.
+
+    An orthogonal update moves every direction of a weight alike, however small its gradient. The
+    AdamW part is written out here. A parameter group with muon=True uses Muon, and its lr_scale
+    makes muon_lr its peak learning rate."""
 
     def __init__(self, groups, lr, betas=(0.9, 0.95), dtype=torch.float32, momentum=0.95):
         super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=1e-8))
-        self.dtype = dtype  # of the orthogonalization
+        self.dtype = dtype  # the dtype in which orthogonalize runs
 
     @torch.no_grad()
     def step(self):

@@ -1,42 +1,45 @@
 """Text to token ids and back: a model only ever sees integers.
 
-Three tokenizers with the same methods: one token per character (CharTokenizer, read it first),
-byte-level BPE learned from your text (train_bpe, BPETokenizer) and OpenAI's GPT-2
-(GPT2Tokenizer). The byte-level two encode with tiktoken (fast, in Rust). Every tokenizer ends
-its vocabulary with special tokens, such as <|endoftext|> and a chat's roles: one id each.
+Three tokenizers share the same methods. CharTokenizer makes one token per character; read it
+first. BPETokenizer uses byte-level BPE learned from your text (train_bpe). GPT2Tokenizer is the
+tokenizer of OpenAI's GPT-2. The two byte-level tokenizers encode with tiktoken, which is fast
+because it is written in Rust. Every tokenizer ends its vocabulary with special tokens, such as
+<|endoftext|> and the roles of a chat, with one id each.
 """
 
 import heapq
 import re
 from collections import Counter
 
-import regex  # tiktoken's dependency: it knows \p{L} and possessive ++
+import regex  # comes with tiktoken; it supports \p{L} and possessive ++
 import tiktoken
 
 from config import BPE_VOCAB_SIZE, EOT, SPECIAL_TOKENS, TinyLLMError, require
 
 
 class Tokenizer:
-    """What every tokenizer shares: n_ordinary tokens, then the special tokens."""
+    """The base of every tokenizer: n_ordinary ordinary tokens, then the special tokens."""
 
     def __init__(self, n_ordinary, special_tokens):
         self.special_tokens = {s: n_ordinary + i for i, s in enumerate(special_tokens)}
         self.vocab_size = n_ordinary + len(self.special_tokens)
         self.eot_id = self.special_tokens.get(EOT)
 
-    def unknown_chars(self, text):  # byte-level: every text encodes
+    def unknown_chars(self, text):  # a byte-level tokenizer encodes any text
         return []
 
 
 def split_special(text, special_tokens):
-    """[text, special, text, ...]: re.split keeps what its pattern's group matched."""
+    """Splits text into [text, special, text, ...].
+
+    re.split keeps the special tokens because the pattern puts them in a group."""
     if not special_tokens:
         return [text]
     return re.split("(" + "|".join(map(re.escape, special_tokens)) + ")", text)
 
 
 def ordinary(text, special_tokens):
-    """The pieces of text between its special tokens."""
+    """Returns the pieces of text between the special tokens."""
     return split_special(text, special_tokens)[::2]
 
 
@@ -44,7 +47,7 @@ def ordinary(text, special_tokens):
 
 
 class CharTokenizer(Tokenizer):
-    """One token per character: the text's characters, sorted, then the special tokens."""
+    """One token per character: the characters of the text, sorted, then the special tokens."""
 
     def __init__(self, chars, special_tokens=(EOT,)):
         self.chars = list(chars)  # id -> character
@@ -57,7 +60,7 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text):
         ids = []
-        for part in split_special(text, self.special_tokens):  # text and special tokens, in turn
+        for part in split_special(text, self.special_tokens):  # text and special tokens alternate
             if part in self.special_tokens:
                 ids.append(self.special_tokens[part])
             else:
@@ -77,12 +80,12 @@ class CharTokenizer(Tokenizer):
 
 # ---------------------------------------------------------------------------- byte-level BPE
 
-# GPT-2's pre-tokenisation: merges never cross the pieces it cuts text into
+# GPT-2's pre-tokenisation cuts text into pieces; merges never cross from one piece to the next
 GPT2_PATTERN = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"
 
 
 def replace_pair(ids, pair, new_id):
-    """Every non-overlapping pair in ids, left to right, replaced by new_id."""
+    """Returns ids with every non-overlapping pair, from left to right, replaced by new_id."""
     out = []
     i = 0
     while i < len(ids):
@@ -93,18 +96,21 @@ def replace_pair(ids, pair, new_id):
 
 
 def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
-    """The tokens' bytes by rank: the 256 bytes, then one merge a round of the most frequent pair
-    (a tie to the pair whose bytes sort first), vocab_size - len(special_tokens) tokens in all.
-    Textbook BPE made fast: distinct words counted once, pair counts in a heap, only the merged
-    words recounted: a run of --tokenizer bpe learns its tokens before its first step, waiting."""
+    """Learns byte-level BPE from text and returns the bytes of each token, in rank order.
+
+    The first 256 tokens are the single bytes. Each round then merges the most frequent pair into
+    a new token; a tie goes to the pair whose bytes sort first. It stops at vocab_size -
+    len(special_tokens) tokens. This is textbook BPE made fast: each distinct word is counted once,
+    the pair counts live in a heap, and only the words that hold the merged pair are recounted.
+    Speed matters here: a run with --tokenizer bpe waits for its tokens before its first step."""
     n_merges = vocab_size - 256 - len(special_tokens)
     require(n_merges >= 0, f"bpe needs vocab_size >= {256 + len(special_tokens)}, got {vocab_size}")
-    # 1. distinct words with their counts: merges never cross a word (nor a special token)
+    # 1. count the distinct words; merges never cross a word or a special token
     chunks = ordinary(text, special_tokens)
     word_counts = Counter(word for chunk in chunks for word in regex.findall(GPT2_PATTERN, chunk))
     words = [list(w.encode("utf-8")) for w in word_counts]
     freqs = list(word_counts.values())
-    # 2. every adjacent pair's count, and the words holding it
+    # 2. count every adjacent pair, and note which words hold it
     tokens = [bytes([b]) for b in range(256)]
     token_id = {t: i for i, t in enumerate(tokens)}
     counts = Counter()
@@ -114,8 +120,8 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
             counts[pair] += n
             where.setdefault(pair, set()).add(w)
 
-    # 3. a heap of (count, pair); a changed count pushes a new entry, and one that no longer
-    # matches `counts` is stale, skipped when popped
+    # 3. a heap of (count, pair). A changed count pushes a new entry; an entry that no longer
+    # matches `counts` is stale and is skipped when popped
     def entry(pair):
         return (-counts[pair], tokens[pair[0]], tokens[pair[1]], pair)
 
@@ -152,29 +158,31 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
                 counts[p] += d
                 if counts[p] > 0:
                     heapq.heappush(heap, entry(p))
-                else:  # gone from every word
+                else:  # the pair is in no word any more
                     del counts[p]
                     where.pop(p, None)
     return tokens
 
 
 class ByteLevelTokenizer(Tokenizer):
-    """Any text encodes; ids can end mid-character. Subclasses set self.enc (tiktoken's)."""
+    """A tokenizer over bytes: any text encodes, but ids can end in the middle of a character.
+
+    Subclasses set self.enc, a tiktoken Encoding."""
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special="all")  # "<|endoftext|>" -> eot_id
 
     def decode(self, ids):
-        return self.enc.decode(ids, errors="replace")  # a split character shows as U+FFFD
+        return self.enc.decode(ids, errors="replace")  # a character cut in two decodes as U+FFFD
 
-    def encoding(self, name, pattern, ranks):  # tiktoken's, with our special tokens
+    def encoding(self, name, pattern, ranks):  # a tiktoken Encoding with our special tokens
         return tiktoken.Encoding(
             name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.special_tokens
         )
 
 
 class BPETokenizer(ByteLevelTokenizer):
-    """Our trained BPE: ids 0..len(tokens)-1 are the tokens by rank, then the special tokens."""
+    """Our trained BPE: ids 0..len(tokens)-1 are the tokens in rank order; special tokens follow."""
 
     def __init__(self, tokens, pattern=GPT2_PATTERN, special_tokens=(EOT,)):
         self.tokens = [bytes(t) for t in tokens]
@@ -184,7 +192,7 @@ class BPETokenizer(ByteLevelTokenizer):
         super().__init__(len(self.tokens), special_tokens)
         self.enc = self.encoding(f"tinyllm-bpe-{self.vocab_size}", pattern, ranks)
 
-    def to_dict(self):  # bytes as hex: a checkpoint holds plain data only
+    def to_dict(self):  # bytes as hex, because a checkpoint holds only plain data
         return {
             "kind": "bpe",
             "pattern": self.pattern,
@@ -194,32 +202,34 @@ class BPETokenizer(ByteLevelTokenizer):
 
 
 class GPT2Tokenizer(ByteLevelTokenizer):
-    """OpenAI's GPT-2 tokenizer: 50,257 tokens, <|endoftext|> its last; our special tokens after."""
+    """OpenAI's GPT-2 tokenizer: 50,257 tokens, <|endoftext|> last; our special tokens follow."""
 
     def __init__(self, special_tokens=(EOT,)):
         try:
             gpt2 = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # offline, or a broken cache
+        except Exception as e:  # no network, or a broken cache
             raise TinyLLMError(
                 f"could not fetch the GPT-2 tokenizer files ({type(e).__name__}); "
                 "train.py can use --tokenizer bpe or char"
             ) from None
         special = [EOT] + [s for s in special_tokens if s != EOT]
-        super().__init__(gpt2.eot_token, special)  # GPT-2's own end of text is its last token
+        super().__init__(gpt2.eot_token, special)  # GPT-2's <|endoftext|> is its last token
         self.enc = gpt2
-        if len(special) > 1:  # tiktoken's own way to extend an encoding
+        if len(special) > 1:  # tiktoken adds special tokens by building a new Encoding
             self.enc = self.encoding("gpt2-chat", gpt2._pat_str, gpt2._mergeable_ranks)
 
     def to_dict(self):
         return {"kind": "gpt2", "special_tokens": list(self.special_tokens)}
 
 
-# -------------------------------------------------------------------------- made, saved, grown
+# ------------------------------------------------------------ making, saving, growing a tokenizer
 
 
 def learn(kind, text, vocab_size=0, verbose=False):
-    """A new tokenizer of kind for text: its characters, or BPE learned from it, or GPT-2's; with
-    the special tokens the text holds (<|endoftext|> always)."""
+    """Returns a new tokenizer of the given kind for text.
+
+    A "char" tokenizer takes the characters of the text, "bpe" learns BPE from it, and "gpt2" is
+    the GPT-2 tokenizer. It has the special tokens found in the text, and always <|endoftext|>."""
     special = [s for s in SPECIAL_TOKENS if s == EOT or s in text]
     if kind == "char":
         return CharTokenizer.from_text(text, special)
@@ -230,11 +240,11 @@ def learn(kind, text, vocab_size=0, verbose=False):
 
 
 def from_dict(d):
-    """The tokenizer a to_dict() describes: a checkpoint's, or a prepared folder's."""
+    """Returns the tokenizer that a to_dict() describes, from a checkpoint or a prepared folder."""
     kind = d.get("kind")
     try:
         special = d.get("special_tokens", [EOT] if kind == "gpt2" else [])
-        if isinstance(special, dict):  # bpe's: name -> id
+        if isinstance(special, dict):  # bpe saves them as name -> id
             special = sorted(special, key=special.get)
         if not all(isinstance(s, str) for s in special):
             raise ValueError("special_tokens must be strings")
@@ -252,12 +262,16 @@ def from_dict(d):
 
 
 def grown(tokenizer, chars, special):
-    """(the tokenizer grown by characters (a char one) and special tokens, each token's old id or
-    None): a fine-tune's text may hold what its model's tokenizer lacks."""
+    """Returns (tokenizer, old_ids): the tokenizer grown by new characters and special tokens, and
+    the old id of each token, or None for a new one.
+
+    Only a char tokenizer takes new characters. A fine-tune needs this when its text holds tokens
+    that the tokenizer of the model lacks."""
     d = tokenizer.to_dict() | {"special_tokens": list(tokenizer.special_tokens) + special}
     if chars:  # only a char tokenizer lacks characters
         d["chars"] = tokenizer.chars + chars
     ordinary_size = tokenizer.vocab_size - len(tokenizer.special_tokens)
-    old_ids = list(range(ordinary_size)) + [None] * len(chars)  # the ordinary tokens, new ones last
-    old_ids += list(tokenizer.special_tokens.values()) + [None] * len(special)  # then the special
+    # each old token keeps its old id; new characters and new special tokens get None
+    old_ids = list(range(ordinary_size)) + [None] * len(chars)
+    old_ids += list(tokenizer.special_tokens.values()) + [None] * len(special)
     return from_dict(d), old_ids
