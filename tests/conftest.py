@@ -125,7 +125,9 @@ def cpu_and_offline():
     One torch thread: tiny models gain nothing from a second, and xdist's workers share the cores.
     (torch is imported here, not above: xdist's controller, which runs no test, skips it.)"""
     import torch
-    import torch._dynamo  # noqa: F401  an optimizer's first step imports it (seconds): not in a run's time
+
+    # an optimizer's first step imports it (seconds): imported here, it is not in a run's time
+    import torch._dynamo  # noqa: F401
 
     from machinery import devices
 
