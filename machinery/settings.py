@@ -223,9 +223,7 @@ def fine_tune_checkpoint(path, given):
     if path.lower().endswith(".pt"):
         saved = checkpoint.load(path)
     else:
-        from tools.export import gpt2_checkpoint  # needs transformers, so it is imported here
-
-        saved = gpt2_checkpoint(path)
+        saved = checkpoint.gpt2_checkpoint(path)  # it imports transformers only then
     has = {**saved["model_config"], "tokenizer": saved["tokenizer"]["kind"]}
     adapter = saved.get("lora")
     if adapter and given.get("lora_rank"):

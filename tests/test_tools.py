@@ -32,7 +32,7 @@ import tokenizer as tokenizers
 import utils
 from machinery import checkpoint
 from tokenizer import GPT2_PATTERN, CharTokenizer
-from tools import ablation, compare, decoding, evaluate, export, pictures, scaling
+from tools import ablation, compare, decoding, evaluate, pictures, scaling
 from utils import split_train_val
 
 
@@ -466,7 +466,7 @@ def hf_folder(tmp_path_factory):
 @TRANSFORMERS
 def test_a_hugging_face_gpt2_loads_with_its_logits_and_greedy_continuation(hf_folder):
     folder, hf = hf_folder
-    model = export.load_gpt2(str(folder))
+    model = checkpoint.load_gpt2(str(folder))
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     theirs = ids[:, :4]
     with torch.no_grad():
@@ -581,8 +581,9 @@ def test_train_init_from_the_folder_fine_tunes_it(
     assert 0 < moved < 0.05  # from GPT-2's weights, a few steps on
 
 
-def test_hf_gpt2_imports_transformers_only_inside_its_functions():
-    with open(os.path.join(ROOT, "tools", "export.py"), encoding="utf-8") as f:
+@pytest.mark.parametrize("path", ["tools/export.py", "machinery/checkpoint.py"])
+def test_hugging_face_code_imports_transformers_only_inside_its_functions(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
         tree = ast.parse(f.read())
 
     def imported(nodes):
