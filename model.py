@@ -47,7 +47,6 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.layer = layer  # the index of this block's keys and values in the KV cache
         self.dropout = config.dropout
-        self.fused = True  # use torch's fused kernel; False runs the written formula instead
         self.kept = None  # set to a list to keep the weights of each call (tools/pictures.py)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -79,12 +78,12 @@ class CausalSelfAttention(nn.Module):
 
         For each query, the weights over the keys sum to 1, and the weights of future keys are 0.
         q is (B, nh, T, hs), k and v are (B, nh, S, hs), and mask is (T, S), or None for the causal
-        triangle."""
-        if self.fused and self.kept is None:  # faster, with the same numbers
+        triangle. The fused kernel gives the same numbers faster; the formula runs when the weights
+        are kept (tools/pictures.py), since the kernel never builds them."""
+        if self.kept is None:
             return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
         weights = self.attention_weights(q, k, mask)  # (B, nh, T, S)
-        if self.kept is not None:
-            self.kept.append(weights)
+        self.kept.append(weights)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)
 
     def attention_weights(self, q, k, mask):

@@ -27,8 +27,8 @@ import chat
 import finetune
 import generate
 import lora
-import tools.evaluate
 import tools.merge
+import tools.score
 import train
 import utils
 from config import ASSISTANT, EOT, USER, TrainConfig
@@ -346,9 +346,7 @@ def test_a_merged_adapter_keeps_its_runs_record_and_scores_its_own_val_split(
     adapter, _ = lora_adapter(trained, tmp_path, capsys)
     merged = tmp_path / "merged.pt"
     assert cli(capsys, tools.merge.main, adapter, "--out", merged)[0] == 0
-    scores = [
-        cli(capsys, tools.evaluate.main, path, "--device", "cpu") for path in (adapter, merged)
-    ]
+    scores = [cli(capsys, tools.score.main, path, "--device", "cpu") for path in (adapter, merged)]
     assert [code for code, _, _ in scores] == [0, 0]
     lines = [out.splitlines()[-2:] for _, out, _ in scores]
     assert lines[0][0].replace(adapter, str(merged)) == lines[1][0]  # the same split: c.jsonl's

@@ -194,7 +194,7 @@ def test_the_cache_and_the_formula_give_recomputations_logits_past_block_size(va
     runs = {}
     for fused, use_cache in itertools.product((True, False), repeat=2):
         for block in model.blocks:
-            block.attn.fused = fused
+            block.attn.kept = None if fused else []  # weights kept: the formula as written
         context, end, logits = Context(model, use_cache), 5, []
         for added in CALLS:
             end += added
@@ -235,10 +235,10 @@ def visible(*args, **kwargs):
     return (causal_mask(*args, device="cpu", **kwargs) == 0).int().tolist()
 
 
-def test_an_attention_not_fused_runs_the_formula_as_written(monkeypatch):
+def test_an_attention_that_keeps_its_weights_runs_the_formula_as_written(monkeypatch):
     model = GPT(tiny_model())
     for block in model.blocks:
-        block.attn.fused = False  # what a setting that changes the scores sets
+        block.attn.kept = []
     monkeypatch.setattr(model_module, "fused_attention", None)  # a call to it would fail
     assert model(torch.randint(0, 65, (1, 8)))[0].shape == (1, 8, 65)
 

@@ -32,7 +32,7 @@ import tokenizer as tokenizers
 import utils
 from machinery import checkpoint
 from tokenizer import GPT2_PATTERN, CharTokenizer
-from tools import ablation, compare, decoding, evaluate, pictures, scaling
+from tools import ablation, compare, decoding, pictures, scaling, score
 from utils import split_train_val
 
 
@@ -109,7 +109,7 @@ def test_every_picture_opens_says_what_to_look_for_and_surprise_is_the_token_los
     val = torch.tensor(tokenizer.encode(val_text)[:100])  # the val split's first 100
     surprise = said[str(tmp_path / "surprise.png")]
     drawn = float(re.search(r"([\d.]+) bits per character", surprise).group(1))
-    expected = evaluate.token_losses(model, val).mean().item() / math.log(2)
+    expected = score.token_losses(model, val).mean().item() / math.log(2)
     assert drawn == pytest.approx(expected, abs=1e-4)
 
 

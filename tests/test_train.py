@@ -53,7 +53,7 @@ from machinery.settings import Settings, build_configs, flags, settle, settle_ru
 from machinery.state import start_state
 from model import GPT
 from muon import orthogonalize
-from tools import evaluate
+from tools import score
 from train import get_lr, make_optimizer
 
 CPU = torch.device("cpu")
@@ -355,11 +355,11 @@ def test_training_batches_come_from_the_data_fraction_alone(text_file, tmp_path,
 
 def test_the_evaluation_scores_every_position_of_the_val_split(trained, capsys):
     path, data = trained
-    code, out, _ = cli(capsys, evaluate.main, path, "--device", "cpu")
+    code, out, _ = cli(capsys, score.main, path, "--device", "cpu")
     loaded = checkpoint.load_model(path)
     model, tokenizer = loaded.model, loaded.tokenizer
     val = torch.tensor(tokenizer.encode(corpus_head(20_000)[18_000:]))
-    losses = evaluate.token_losses(model, val)
+    losses = score.token_losses(model, val)
     assert code == 0 and f"loss {losses.mean().item():.4f}" in out
     assert len(losses) == len(val) - 1
 
@@ -370,13 +370,13 @@ def test_the_evaluation_scores_every_position_of_the_val_split(trained, capsys):
 )
 def test_bad_evaluation_input_is_one_error_line(argv, word, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, evaluate.main, *argv)
+    code, _, err = cli(capsys, score.main, *argv)
     assert_one_line_error(code, err, word)
 
 
 def test_the_evaluation_of_a_chat_model_scores_its_answers_alone(chat_run, capsys):
     path, _ = chat_run
-    code, out, _ = cli(capsys, evaluate.main, path, "--device", "cpu")
+    code, out, _ = cli(capsys, score.main, path, "--device", "cpu")
     loaded = checkpoint.load_model(path)
     model, tokenizer, saved = loaded.model, loaded.tokenizer, loaded.checkpoint
     corpus, _ = sources.validation_split(saved, tokenizer)
@@ -385,7 +385,7 @@ def test_the_evaluation_of_a_chat_model_scores_its_answers_alone(chat_run, capsy
     for token in ids.tolist():
         answer.append(inside)
         inside = token == tokenizer.encode(ASSISTANT)[0] or (inside and token != tokenizer.eot_id)
-    losses = evaluate.token_losses(model, ids)
+    losses = score.token_losses(model, ids)
     answers_only = losses[torch.tensor(answer[1:])].mean().item()
     assert code == 0 and f"loss {answers_only:.4f}" in out
     assert abs(answers_only - losses.mean().item()) > 1e-3  # not every token's

@@ -20,7 +20,7 @@ def main(argv=None):
     require(not os.path.exists(args.out), f"--out {args.out} already exists; give a new path")
     cli.check_writable(args.out, "--out", make_folder=True)
     model = merge(checkpoint.model_of(saved, args.adapter))
-    # keep the run's record (its data and settings, for tools.evaluate and the export), drop
+    # keep the run's record (its data and settings, for tools.score and the export), drop
     # what only a resume needs
     resumes = ("model", "model_config", "tokenizer", "lora", "optimizer", "scaler", "rng", "rngs")
     record = {k: v for k, v in saved.items() if k not in resumes}

@@ -19,7 +19,7 @@ from machinery.plots import new_plot, save_plot
 from sampling import next_token_probs
 from tokenizer import CharTokenizer
 from tools.decoding import temperatures
-from tools.evaluate import token_losses
+from tools.score import token_losses
 from utils import bits_per_char, chars_per_token
 
 PICTURES = ("attention", "surprise", "temperature", "embeddings")
@@ -79,7 +79,7 @@ def draw_attention(model, tokenizer, ids, args, path):
 
 
 def val_passage(args, tokenizer, saved):
-    """Token ids (n,): the first passage_chars characters of the val split tools.evaluate scores."""
+    """Token ids (n,): the first passage_chars characters of the val split tools.score scores."""
     corpus, _ = sources.validation_split(saved, tokenizer, args.data)
     # a byte token: a quarter of a character
     ids = np.asarray(corpus.val[: 4 * args.passage_chars + 1], dtype=np.int64).tolist()

@@ -1,8 +1,8 @@
 """Score a checkpoint: its loss, perplexity and bits per character on every position of its
 validation split, each once (train.py's estimate_loss draws random batches instead).
 
-    python -m tools.evaluate checkpoints/best.pt
-    python -m tools.evaluate checkpoints/chat/last.pt --data data/input.txt   # another text
+    python -m tools.score checkpoints/best.pt
+    python -m tools.score checkpoints/chat/last.pt --data data/input.txt   # another text
 """
 
 import math
