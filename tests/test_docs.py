@@ -93,13 +93,6 @@ def stories():
     ]
 
 
-def key(command):
-    """What makes two commands the same run: their words; for a bash script, its name alone (its
-    variables change only what it prints)."""
-    typed = words(command)[1]
-    return typed[:2] if typed[0] == "bash" else typed
-
-
 def why_not_run(command, preset):
     """Why a command is not run here, under this preset, or None."""
     typed = words(command)[1]
@@ -188,7 +181,7 @@ def story(page, preset, folder, capsys, monkeypatch, ran=()):
         why = why_not_run(command, preset)
         if why:
             skipped[command] = why
-        elif key(command) not in [key(c) for _, c in [*ran, *results]]:
+        elif words(command)[1] not in [words(c)[1] for _, c in [*ran, *results]]:
             results[(n, command)] = run(command, preset, capsys, monkeypatch)
     return results, skipped
 
