@@ -270,15 +270,8 @@ def fit(settings, process, corpus, stage):
         stage.wrapper.to(process.device)  # the GPT, and any frozen partner beside it
         optimizer = make_optimizer(stage.model, cfg, process.device, process.dtype)
         state = start_state(settings, optimizer, process)  # fresh, or the one a resume saved
-        batches = dict(stage.batches)
-        if options.overfit_batch:  # a check: every step trains on one batch and nothing is written
-            fixed = batches["train"]()
-            batches["train"] = lambda: fixed
-            cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
-        step_model = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
-        step_model = process.wrap(step_model)  # under torchrun, DDP averages the gradients
-        if cfg.compile:  # report a missing compiler now, in one error line
-            devices.compile_first(stage.model, step_model, batches["train"], process)
+        batches = train_batches(stage, options.overfit_batch)  # one fixed batch for the check
+        step_model = make_step_model(stage, cfg, process, batches["train"])  # compiled, DDP
         checkpoints = Checkpoints(settings, process, corpus, stage, optimizer)
         if options.overwrite and checkpoints.writes and not settings.resumed and not process.rank:
             checkpoint.clear_out_dir(cfg.out_dir)  # delete the old run now that input is checked
@@ -342,6 +335,28 @@ def fit(settings, process, corpus, stage):
         report.closing(state, stop_reason, schedule_end, checkpoints.writes)  # ends with a sample
         process.leave_together()
         return summary(settings, process, corpus, stage, state, stop_reason)
+
+
+def train_batches(stage, overfit_batch):
+    """Returns the batches of the stage. With --overfit_batch, a check, every training batch is
+    the same one: the loss should fall to 0, and nothing is written."""
+    batches = dict(stage.batches)
+    if overfit_batch:
+        fixed = batches["train"]()
+        batches["train"] = lambda: fixed
+        cli.log("overfit_batch: one fixed batch, writing nothing; the loss should fall to 0")
+    return batches
+
+
+def make_step_model(stage, cfg, process, next_batch):
+    """Returns what a step calls: the stage's wrapper, compiled with --compile and wrapped in DDP
+    under torchrun (DDP averages the gradients). A compiled model takes its first step now, so a
+    missing compiler is one error line before anything is written."""
+    step_model = torch.compile(stage.wrapper) if cfg.compile else stage.wrapper
+    step_model = process.wrap(step_model)
+    if cfg.compile:
+        devices.compile_first(stage.model, step_model, next_batch, process)
+    return step_model
 
 
 def summary(settings, process, corpus, stage, state, stop_reason):
