@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from config import DEVICE_HELP, require
+from config import TrainConfig, add_flags, make_config
 from machinery import checkpoint, cli, devices, sources
 from model import lm_loss
 from utils import bits_per_char
@@ -56,12 +56,12 @@ def main(argv=None):
     parser = cli.ArgumentParser(description="Score a checkpoint on its whole val split.")
     parser.add_argument("checkpoint", nargs="?", default="checkpoints/best.pt", help="%(default)s")
     parser.add_argument("--data", default="", help="score this text's val split instead")
-    parser.add_argument("--batch_size", type=int, default=32, help="windows scored at once")
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    args = parser.parse_args(argv)
-    require(args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}")
-    device = devices.choose_device(args.device)
-    evaluate_checkpoint(args.checkpoint, args.data, device, args.batch_size)
+    scored_at_once = {"batch_size": (32, "here: windows scored at once")}
+    add_flags(parser, TrainConfig, scored_at_once, names=("batch_size", "device", "threads"))
+    args = vars(parser.parse_args(argv))
+    cfg = make_config(TrainConfig, {"batch_size": 32} | args)  # each flag checked as train.py's
+    device = devices.use(cfg.device, cfg.threads)
+    evaluate_checkpoint(args["checkpoint"], args["data"], device, cfg.batch_size)
 
 
 if __name__ == "__main__":
