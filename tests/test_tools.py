@@ -32,7 +32,7 @@ import tokenizer as tokenizers
 import utils
 from machinery import checkpoint
 from tokenizer import GPT2_PATTERN, CharTokenizer
-from tools import ablation, compare, decoding, pictures, scaling, score
+from tools import ablation, check, compare, decoding, pictures, scaling, score
 from utils import split_train_val
 
 
@@ -591,3 +591,16 @@ def test_hugging_face_code_imports_transformers_only_inside_its_functions(path):
         return names | {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
 
     assert "transformers" not in imported(tree.body) and "transformers" in imported(ast.walk(tree))
+
+
+@pytest.mark.parametrize(
+    "flags, word",
+    [("--bogus 1", "--bogus"), ("--n_layer 0", "--n_layer"), ("--top_p 2", "--top_p")],
+)
+def test_the_check_refuses_a_flag_in_one_line_before_it_runs_anything(
+    capsys, monkeypatch, tmp_path, flags, word
+):
+    monkeypatch.chdir(tmp_path)  # no tests here: a check that started would fail at once
+    code, out, err = cli(capsys, check.main, "--flags", flags)
+    assert_one_line_error(code, err, word)
+    assert out == ""  # no part ran: a refused flag would have skipped the promises

@@ -117,6 +117,33 @@ def test_the_step_clips_before_the_update_at_the_lr_it_is_given():
     assert all(lr == 0.0123 * scale for lr, scale in seen["lrs"])
 
 
+def flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+# each logged figure of train_step, as a formula over one step of a tiny GPT: the trained weights
+# before and after the step, and their gradients (grad_clip 0: as backward left them). A new
+# figure's test is a row here
+FIGURES = {
+    "grad_norm": lambda before, after, grads: flat(grads).norm(),
+    "lr": lambda before, after, grads: 1e-3,  # the LR the step was given
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_each_logged_figure_is_its_formula(name):
+    torch.manual_seed(0)
+    model = GPT(tiny_model())
+    cfg = TrainConfig(grad_clip=0.0)
+    optimizer = make_optimizer(model, cfg, CPU)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trained]
+    figures = train.train_step(model, optimizer, lambda: batches(1)[0], 1e-3, cfg, FLOAT32)
+    after = [p.detach() for p in trained]
+    expected = FIGURES[name](before, after, [p.grad for p in trained])
+    assert float(figures[name]) == pytest.approx(float(expected), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_a_groups_lr_scale_multiplies_the_steps_lr_for_every_optimizer(name):
     moves = []
