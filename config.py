@@ -280,7 +280,8 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         how = dict(dest=f.name, type=f.type, metavar=f.name.upper(), default=argparse.SUPPRESS)
         if f.type is bool:  # a bare --flag means true; --flag false works too
             how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
-        help = f"{f.metadata['help']}{choices} (default: {shown})".replace("%", "%%")
+        # argparse formats help with %: a written "%" or "%%" both show as one
+        help = re.sub("%%?", "%%", f"{f.metadata['help']}{choices} (default: {shown})")
         group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
 
 

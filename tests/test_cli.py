@@ -526,6 +526,18 @@ def test_a_number_setting_may_be_unset_where_its_help_says_so():
     assert "(default: none)" in parser.format_help()
 
 
+def test_a_percent_in_a_settings_help_shows_as_written_plain_or_as_argparse_escapes_it():
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        warmup_share: float = setting(0.05, "warmup: 5% of the steps", at_least=0)
+        decay_share: float = setting(0.2, "decay: the last 20%% of the steps", at_least=0)
+
+    parser = machinery_cli.ArgumentParser()
+    add_flags(parser, Settings)
+    shown = " ".join(parser.format_help().split())  # argparse wraps lines
+    assert "warmup: 5% of the steps" in shown and "decay: the last 20% of the steps" in shown
+
+
 @pytest.mark.slow  # starts pytest in a process
 def test_the_test_command_ends_on_its_summary_with_no_leaked_binding_lines():
     # an optimizer's first step imports torch._dynamo, and with it triton where pip installs it
