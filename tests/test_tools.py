@@ -601,6 +601,6 @@ def test_the_check_refuses_a_flag_in_one_line_before_it_runs_anything(
     capsys, monkeypatch, tmp_path, flags, word
 ):
     monkeypatch.chdir(tmp_path)  # no tests here: a check that started would fail at once
-    code, out, err = cli(capsys, check.main, "--flags", flags)
+    code, out, err = cli(capsys, check.main, *flags.split())
     assert_one_line_error(code, err, word)
     assert out == ""  # no part ran: a refused flag would have skipped the promises

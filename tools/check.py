@@ -3,7 +3,7 @@ quick test with your flags, then the time budget's promise, which waits on real 
 prints one line; the first part that fails prints its output and ends the check.
 
     python -m tools.check
-    python -m tools.check --flags "--pos alibi"   # every promise with your setting on
+    python -m tools.check --pos rope --top_k 5   # the promises with these flags on
 """
 
 import shlex
@@ -27,11 +27,13 @@ def check_flags(flags):
 
 
 def main(argv=None):
-    parser = cli.ArgumentParser(description="Lint, format and test a change, part by part.")
-    parser.add_argument("--flags", default="", help='train.py or sampling flags: "--pos rope"')
-    flags = parser.parse_args(argv).flags
+    parser = cli.ArgumentParser(
+        description="Lint, format and test a change, part by part.",
+        epilog="Any other flag is train.py's or generate.py's: the promises run with it.",
+    )
+    flags = shlex.join(parser.parse_known_args(argv)[1])
     check_flags(flags)
-    pytest = [sys.executable, "-m", "pytest", "-q", f"--flags={flags}"]
+    pytest = [sys.executable, "-m", "pytest", "-q", "-x", f"--flags={flags}"]
     parts = {
         "lint": [sys.executable, "-m", "ruff", "check", "--fix", "."],
         "format": [sys.executable, "-m", "ruff", "format", "."],
