@@ -7,7 +7,7 @@ time at the schedule's end; the KV cache agrees with recomputation; a checkpoint
 
 import csv
 import signal
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -23,12 +23,13 @@ from conftest import (
 )
 
 import generate
-from config import RunOptions, SamplerConfig, TinyLLMError, TrainConfig
+from config import RunOptions, TinyLLMError, TrainConfig
 from machinery import checkpoint
 from machinery.settings import build_configs
 from machinery.settings import flags as train_flags
 from model import GPT
 from sampling import Context
+from tools.check import split
 from train import get_lr
 
 SCHEDULES = TrainConfig.__dataclass_fields__["lr_schedule"].metadata["choices"]
@@ -49,19 +50,6 @@ TINY = dict(
     dtype="float32",
     plots=False,
 )
-
-
-SAMPLING = {f"--{f.name}" for f in fields(SamplerConfig)}
-
-
-def split(flags):
-    """(train.py's flags, generate.py's) of the flags given: a sampling rule's go to the samples."""
-    ours, sampling, to = [], [], []
-    for flag in flags:
-        if flag.startswith("--"):
-            to = sampling if flag.split("=")[0] in SAMPLING else ours
-        to.append(flag)
-    return ours, sampling
 
 
 def configs(flags, data, out_dir, **shape_of_the_test):

@@ -604,3 +604,16 @@ def test_the_check_refuses_a_flag_in_one_line_before_it_runs_anything(
     code, out, err = cli(capsys, check.main, *flags.split())
     assert_one_line_error(code, err, word)
     assert out == ""  # no part ran: a refused flag would have skipped the promises
+
+
+@pytest.mark.slow  # starts train.py and generate.py
+def test_the_check_shows_a_run_with_the_train_flags_and_a_sample_with_the_sampling_flags(
+    capsys, monkeypatch
+):
+    monkeypatch.chdir(ROOT)  # the check runs the scripts of the folder it is started in
+    check.show(["--max_steps", "4", "--n_layer", "1", "--top_k", "3"])
+    out = capsys.readouterr().out
+    assert "model " in out and ": 1 layers," in out and "done: 4 steps" in out
+    assert "history.csv: kind,step," in out
+    assert "the sample, with --top_k 3:" in out
+    assert "the same without the KV cache: yes" in out
