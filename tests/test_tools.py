@@ -595,7 +595,13 @@ def test_hugging_face_code_imports_transformers_only_inside_its_functions(path):
 
 @pytest.mark.parametrize(
     "flags, word",
-    [("--bogus 1", "--bogus"), ("--n_layer 0", "--n_layer"), ("--top_p 2", "--top_p")],
+    [
+        ("--bogus 1", "--bogus"),
+        ("--n_layer 0", "--n_layer"),
+        ("--top_p 2", "--top_p"),
+        ("--lora_rank 4", "finetune.py"),  # another script's flag
+        ("--max_steps 5", "--max_steps"),  # the check's runs set it: the budget's would skip
+    ],
 )
 def test_the_check_refuses_a_flag_in_one_line_before_it_runs_anything(
     capsys, monkeypatch, tmp_path, flags, word

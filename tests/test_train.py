@@ -121,13 +121,10 @@ def flat(tensors):
     return torch.cat([t.flatten() for t in tensors])
 
 
-# each logged figure of train_step, as a formula over one step of a tiny GPT: the trained weights
-# before and after the step, and their gradients (grad_clip 0: as backward left them). A new
-# figure's test is a row here
-FIGURES = {
-    "grad_norm": lambda before, after, grads: flat(grads).norm(),
-    "lr": lambda before, after, grads: 1e-3,  # the LR the step was given
-}
+# the logged figures of train_step that are formulas over one step of a tiny GPT: over the trained
+# weights before and after the step, and their gradients (grad_clip 0: as backward left them). Such
+# a figure's test is a row here
+FIGURES = {"grad_norm": lambda before, after, grads: flat(grads).norm()}
 
 
 @pytest.mark.parametrize("name", FIGURES)

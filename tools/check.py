@@ -7,6 +7,7 @@ what the change does: a short run of the micro preset with your flags, and a sam
     python -m tools.check --pos rope --top_k 5   # the promises with these flags on
 """
 
+import os
 import shlex
 import subprocess
 import sys
@@ -14,10 +15,14 @@ import tempfile
 import time
 from dataclasses import fields
 
-from config import GPTConfig, SamplerConfig, TrainConfig, add_flags, make_config
-from machinery import cli
+from config import RunOptions, SamplerConfig, add_flags, make_config, require
+from machinery import cli, settings
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLING = {f"--{f.name}" for f in fields(SamplerConfig)}
+# what the check's runs set themselves: a flag of these would change the runs, not the model
+SET_HERE = ["data", "out_dir", "max_steps", "time_budget", "log_interval", "eval_interval"]
+SET_HERE += ["sample_tokens", "plots", *(f.name for f in fields(RunOptions))]
 
 
 def split(flags):
@@ -32,14 +37,16 @@ def split(flags):
 
 
 def check_flags(flags):
-    """Refuses a flag that train.py or generate.py would refuse, in one error line. A refused flag
-    would skip the promises, not fail them."""
-    parser = cli.ArgumentParser(prog="train.py or generate.py")
-    for cls in (GPTConfig, TrainConfig, SamplerConfig):
-        add_flags(parser, cls)
-    given = vars(parser.parse_args(flags))
-    for cls in (GPTConfig, TrainConfig, SamplerConfig):
-        make_config(cls, given)  # checks each value's bounds and choices
+    """Refuses, in one error line, a flag that train.py or generate.py would refuse, or one that the
+    check sets itself. A refused flag would skip the promises, not fail them."""
+    train_flags, sampling_flags = split(flags)
+    given = settings.flags(train_flags)  # train.py's own parser, its errors word for word
+    set_here = [f"--{name}" for name in given if name in SET_HERE]
+    require(not set_here, f"the check sets {' '.join(set_here)} itself: drop it")
+    settings.build_configs(given, {})  # checks each value's bounds and choices
+    parser = cli.ArgumentParser(prog="generate.py", allow_abbrev=False)
+    add_flags(parser, SamplerConfig)
+    make_config(SamplerConfig, vars(parser.parse_args(sampling_flags)))
 
 
 def run(name, command):
@@ -47,7 +54,8 @@ def run(name, command):
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     output = (done.stdout + done.stderr).strip()
-    cli.log(f"{name}: {output.splitlines()[-1]} ({time.perf_counter() - started:.0f}s)")
+    last = output.splitlines()[-1] if output else "done"
+    cli.log(f"{name}: {last} ({time.perf_counter() - started:.0f}s)")
     if done.returncode:
         cli.log(output)
         print(f"error: {name} failed: the check stops here", file=sys.stderr, flush=True)
@@ -84,6 +92,10 @@ def main(argv=None):
     )
     flags = parser.parse_known_args(argv)[1]
     check_flags(flags)
+    here = os.path.realpath(os.getcwd()) == os.path.realpath(ROOT)
+    require(
+        here, f"run the check in tinyllm's folder, {ROOT}: it lints and tests the folder it is in"
+    )
     pytest = [sys.executable, "-m", "pytest", "-q", "-x", f"--flags={shlex.join(flags)}"]
     run("lint", [sys.executable, "-m", "ruff", "check", "--fix", "."])
     run("format", [sys.executable, "-m", "ruff", "format", "."])
