@@ -81,8 +81,8 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
 
 
-# the spellings of two flags in the course
-ALIASES = {"lr": ("--lr-max", "--lr_max"), "warmup_steps": ("--warmup",)}
+# the course's spelling of --lr; its --warmup is argparse's short form of the warmup's flag
+ALIASES = {"lr": ("--lr-max", "--lr_max")}
 
 
 def yes_or_no(text):
