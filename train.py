@@ -5,16 +5,11 @@
     python train.py --data data/qa_example.json --tag qa   # questions and answers, from scratch
     python train.py --data notes.txt --tag notes   # your own text
 
-The sections come in this order: the corpus, the GPT and its batches; the AdamW optimizer and its
-parameter groups; the warmup-cosine schedule; one step (gradient accumulation, clipping); and fit,
-the run that every stage runs. fit sets up the run, then loops. The loop decides when the run
-ends, and it evaluates, saves and stops. Each promise that the loop keeps is an object in
-machinery/, named for the promise: the state and its checkpoints (exact --resume), the time
-budget, the signals (Ctrl-C), and the report (the progress lines and the history).
-
-The later stages (finetune.py, distill.py, dpo.py) use this file through corpus_batches, Stage and
-fit. Each makes its own model and batches, then calls fit. finetune.py starts from a trained
-model."""
+In order: the corpus, the GPT and its batches; AdamW and its parameter groups; the warmup-cosine
+schedule; one step; and fit, the loop every stage runs (finetune.py, distill.py, dpo.py hand it a
+Stage). The loop decides when the run ends, evaluates, saves and stops. Each promise it keeps is an
+object in machinery/, named for it: the state and its checkpoints (exact --resume), the time
+budget, the signals (Ctrl-C), and the report (the progress lines and the history)."""
 
 import os
 import time
@@ -139,10 +134,9 @@ def warmup(max_steps, cfg):
 def get_lr(step, max_steps, cfg):
     """Returns the learning rate at a step.
 
-    During the warmup, the LR climbs linearly to cfg.lr. After it, a decay factor falls from 1 at
-    the end of the warmup to 0 at step max_steps, and takes the LR from lr down to min_lr (0 on the
-    five-minute presets). progress goes from 0 to 1 over the decay. As in nanoGPT, the last step of
-    the run, max_steps - 1, is one step short of the end of the decay."""
+    During the warmup, the LR climbs linearly to cfg.lr. Then a decay factor falls from 1 to 0 at
+    step max_steps, taking the LR from lr down to min_lr. As in nanoGPT, the run's last step,
+    max_steps - 1, is one step short of the decay's end."""
     warm = warmup(max_steps, cfg)
     if step < warm:
         return cfg.lr * (step + 1) / warm
@@ -162,12 +156,9 @@ def get_lr(step, max_steps, cfg):
 def train_step(model, optimizer, next_batch, lr, cfg, process):
     """Takes one optimizer step and returns its figures as a dict.
 
-    To add a figure, add an entry to the dict, one number per step; it then reaches the progress
-    lines and history.csv. The figures stay tensors, because reading one makes a GPU wait; the loop
-    reads them at the next progress line. model is the wrapper of a Stage, wrapper(x, y) -> (logits,
-    loss), maybe wrapped by DDP or torch.compile. In every stage, its logits are the GPT's. tokens
-    counts the tokens read (for tok/s). process gives the precision (autocast) and the loss scaler
-    of float16."""
+    A new entry of the dict reaches the progress lines and history.csv. The figures stay tensors:
+    reading one makes a GPU wait. model is a Stage's wrapper, wrapper(x, y) -> (logits, loss),
+    maybe under DDP or torch.compile. process gives the precision and float16's loss scaler."""
     scaler = process.scaler
     for group in optimizer.param_groups:  # 1. set the LR, times the group's lr_scale
         group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -220,11 +211,9 @@ class Stage:
     """What a stage of training hands to fit: the GPT it trains and saves, its batches, and the
     module that a step calls.
 
-    In pretraining, a step calls the GPT itself. In a later stage, a step calls a wrapper around the
-    GPT and a frozen partner (distill.Distilled, dpo.Preferring). In every stage, wrapper(x, y)
-    returns (logits, loss). x and y are (B, T) token ids. y holds each next token, or NO_TARGET
-    (-100) where a position has no target (a question, padding). logits are the GPT's (B, T, V) for
-    the rows of x, whatever loss the stage uses."""
+    In pretraining, a step calls the GPT itself; a later stage wraps it with a frozen partner
+    (distill.Distilled, dpo.Preferring). wrapper(x, y) returns the GPT's logits (B, T, V) and the
+    loss. y holds each next token, or NO_TARGET (-100) where a position has none (a question)."""
 
     model: torch.nn.Module  # the GPT
     batches: dict  # {"train": ..., "val": ...}, each returns a batch (x, y)
@@ -360,8 +349,7 @@ def make_step_model(stage, cfg, process, next_batch):
 
 
 def summary(settings, process, corpus, stage, state, stop_reason):
-    """Returns the results of a run to the script (and to tools.scaling, tools.ablation and the
-    tests)."""
+    """Returns the results of a run to the script, the tools and the tests."""
     cfg = settings.cfg
     return {
         "step": state.step,
