@@ -9,10 +9,9 @@ from its newest half.
 
 import torch
 
-from config import ASSISTANT, GenerateConfig, SamplerConfig, make_config, require
+from config import ASSISTANT, GenerateConfig, SamplerConfig, add_flags, make_config, require
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Printer
-from machinery.settings import add_flags
 from sampling import Context, token_stream
 from utils import question
 

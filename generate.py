@@ -9,10 +9,9 @@ import sys
 
 import torch
 
-from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, make_config, require
+from config import EOT, GenerateConfig, SamplerConfig, TinyLLMError, add_flags, make_config, require
 from machinery import checkpoint, cli, devices, sources
 from machinery.annotate import Annotator, Printer, model_odds
-from machinery.settings import add_flags
 from sampling import Context, beam_search, token_stream, until_stop
 
 

@@ -1,7 +1,7 @@
 """Runs the command line of the scripts, and prints.
 
 Bad input gives one `error:` line and exit status 2. Ctrl-C and a reader that has gone each get an
-exit status of their own. settings.add_flags makes a flag of each setting."""
+exit status of their own. config.add_flags makes a flag of each setting."""
 
 import argparse
 import contextlib

@@ -7,9 +7,7 @@ settings); or a trained model when it fine-tunes (--init_from). A fine-tune keep
 tokenizer of that model, and by default its dropout. Each flag is checked against the starting
 point, and bad input gives one error line."""
 
-import argparse
 import os
-import re
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -21,6 +19,7 @@ from config import (
     RunOptions,
     TinyLLMError,
     TrainConfig,
+    add_flags,
     from_trained,
     make_config,
     require,
@@ -56,40 +55,6 @@ def read_settings(argv, stage, doc, started, needs=None):
     finetune.py)."""
     given = flags(argv, stage, doc, needs)
     return settle(given, stage, started, needs)
-
-
-def add_flags(parser, cls, defaults=None, names=None, title=None):
-    """Adds a --flag for each field of cls (or for the fields in names).
-
-    vars(parser.parse_args()) then holds the flags that were given. --help shows the meaning,
-    choices and default of each flag. defaults, {name: (value, why)}, replaces the default of a
-    field."""
-    group = parser.add_argument_group(title or cls.__name__, cls.__doc__)
-    for f in fields(cls):
-        if names is not None and f.name not in names:
-            continue
-        default, why = (defaults or {}).get(f.name, (f.default, None))
-        shown = "none" if default in ("", None) else default
-        shown = f"{shown}, {why}" if why else shown
-        choices = f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else ""
-        # SUPPRESS leaves a flag that was not given out of what parse_args returns
-        how = dict(dest=f.name, type=f.type, metavar=f.name.upper(), default=argparse.SUPPRESS)
-        if f.type is bool:  # a bare --flag means true; --flag false works too
-            how.update(type=yes_or_no, nargs="?", const=True, metavar="BOOL")
-        # argparse formats help with %: a written "%" or "%%" both show as one
-        help = re.sub("%%?", "%%", f"{f.metadata['help']}{choices} (default: {shown})")
-        group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
-
-
-# the course's spelling of --lr; its --warmup is argparse's short form of the warmup's flag
-ALIASES = {"lr": ("--lr-max", "--lr_max")}
-
-
-def yes_or_no(text):
-    if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        where = ": a run's folder is --out_dir" if text.endswith(".pt") else ""  # for --resume PATH
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}{where}")
-    return text.lower() in ("1", "true", "yes", "on")
 
 
 def flags(argv=None, stage="train", doc="", needs=None):

@@ -27,10 +27,19 @@ from conftest import (
 
 import generate
 import train
-from config import PRESETS, RunOptions, TinyLLMError, TrainConfig, check, make_config, setting
+from config import (
+    PRESETS,
+    RunOptions,
+    TinyLLMError,
+    TrainConfig,
+    add_flags,
+    check,
+    make_config,
+    setting,
+)
 from machinery import checkpoint, devices
 from machinery import cli as machinery_cli
-from machinery.settings import add_flags, build_configs, flags
+from machinery.settings import build_configs, flags
 from model import GPT
 
 CPU = torch.device("cpu")

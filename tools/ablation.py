@@ -5,10 +5,9 @@ python -m tools.ablation --max_steps 600, and any train.py flag (--preset, --n_l
 import os
 import tempfile
 
-from config import GPTConfig, TrainConfig, require
+from config import GPTConfig, TrainConfig, add_flags, require
 from machinery import cli
 from machinery.plots import new_plot, save_plot
-from machinery.settings import add_flags
 from tools import experiment
 from utils import bits_per_char
 

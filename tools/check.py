@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import fields
 
-from config import RunOptions, SamplerConfig, make_config, require
+from config import RunOptions, SamplerConfig, add_flags, make_config, require
 from machinery import cli, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def check_flags(flags):
     require(not set_here, f"the check sets {' '.join(set_here)} itself: drop it")
     settings.build_configs(given, {})  # checks each value's bounds and choices
     parser = cli.ArgumentParser(prog="generate.py", allow_abbrev=False)
-    settings.add_flags(parser, SamplerConfig)
+    add_flags(parser, SamplerConfig)
     make_config(SamplerConfig, vars(parser.parse_args(sampling_flags)))
 
 

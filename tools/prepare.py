@@ -11,10 +11,9 @@ import time
 
 import numpy as np
 
-from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TrainConfig, make_config, require
+from config import BPE_VOCAB_SIZE, TRAIN_FRACTION, TrainConfig, add_flags, make_config, require
 from machinery import cli
 from machinery.checkpoint import replace_file
-from machinery.settings import add_flags
 from machinery.sources import iter_documents
 from tokenizer import learn
 from utils import text_length, whole_special

@@ -10,9 +10,8 @@ import math
 import numpy as np
 import torch
 
-from config import TrainConfig, make_config
+from config import TrainConfig, add_flags, make_config
 from machinery import checkpoint, cli, devices, sources
-from machinery.settings import add_flags
 from model import lm_loss
 from utils import bits_per_char
 
