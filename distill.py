@@ -29,8 +29,8 @@ def distill_loss(logits, teacher_logits, targets, temperature, alpha):
     keep = targets.flatten() != NO_TARGET  # (B*T,)
     student = F.log_softmax(logits.flatten(0, 1)[keep].float() / temperature, dim=-1)  # (N, V)
     teacher = F.log_softmax(teacher_logits.flatten(0, 1)[keep].float() / temperature, dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="sum")
-    soft = kl / max(1, len(student))  # mean per position; no targets give 0, as in lm_loss
+    # the KL divergence, its mean per position; no targets give 0, as in lm_loss
+    soft = F.kl_div(student, teacher, log_target=True, reduction="sum") / max(1, len(student))
     return alpha * soft * temperature**2 + (1 - alpha) * lm_loss(logits, targets)
 
 

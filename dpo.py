@@ -61,8 +61,7 @@ def dpo(settings):
     voiced = all(in_character(a.split(ASSISTANT)[-1].removesuffix(EOT)) for a, _ in texts)
     # only pairs in the voice of the plays get the in-character measure
     held_out_texts = texts[len(pairs["train"]) :] if voiced else []
-    questions = [a[: a.index(ASSISTANT) + len(ASSISTANT)] for a, _ in held_out_texts]
-    prompts = [tokenizer.encode(question) for question in questions]
+    prompts = [tokenizer.encode(a.split(ASSISTANT)[0] + ASSISTANT) for a, _ in held_out_texts]
     if prompts and not settings.resumed:  # a resumed run printed these when it began
         before = in_character_shares(reference, prompts, tokenizer)
         cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
@@ -171,8 +170,7 @@ def held_out(model, pairs, device):
     idx, targets = pair_batch(pairs, device)
     margins = model.margins(model.model(idx)[0], idx, targets).float()  # (B,)
     model.train()
-    margin, share = torch.stack([margins.mean(), (margins > 0).float().mean()]).tolist()
-    return {"margin": margin, "held_out_acc": share}
+    return {"margin": margins.mean().item(), "held_out_acc": (margins > 0).float().mean().item()}
 
 
 # ------------------------------------------------------------- the in-character measure

@@ -46,7 +46,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.layer = layer  # the index of this block's keys and values in the KV cache
-        self.dropout = config.dropout
         self.kept = None  # set to a list to keep the weights of each call (tools/pictures.py)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -81,7 +80,7 @@ class CausalSelfAttention(nn.Module):
         triangle. The fused kernel gives the same numbers faster; the formula runs when the weights
         are kept (tools/pictures.py), since the kernel never builds them."""
         if self.kept is None:
-            return fused_attention(q, k, v, mask, self.dropout if self.training else 0.0)
+            return fused_attention(q, k, v, mask, self.attn_dropout.p if self.training else 0.0)
         weights = self.attention_weights(q, k, mask)  # (B, nh, T, S)
         self.kept.append(weights)
         return self.attn_dropout(weights) @ v  # (B, nh, T, hs)

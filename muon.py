@@ -45,9 +45,8 @@ class Muon(torch.optim.Optimizer):
                     buf = state.setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     nesterov = p.grad.add(buf, alpha=group["momentum"])
-                    update = orthogonalize(nesterov, self.dtype)
                     scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    p.add_(update, alpha=-group["lr"] * scale)
+                    p.add_(orthogonalize(nesterov, self.dtype), alpha=-group["lr"] * scale)
                     continue
                 if not state:
                     state.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
