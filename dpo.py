@@ -22,6 +22,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 import train
 from config import ASSISTANT, EOT, NO_TARGET, TRAIN_FRACTION, SamplerConfig, require
@@ -110,12 +111,8 @@ def pair_batch(pairs, device):
     Chosen and rejected are each an (x, y). The chosen rows come first, then the rejected rows.
     Each row is padded at its end with positions that have no target."""
     rows = [chosen for chosen, _ in pairs] + [rejected for _, rejected in pairs]
-    T = max(len(x) for x, _ in rows)
-    x = torch.zeros(len(rows), T, dtype=torch.long)
-    y = torch.full((len(rows), T), NO_TARGET)
-    for r, (ids, targets) in enumerate(rows):
-        x[r, : len(ids)] = ids
-        y[r, : len(ids)] = targets
+    x = pad_sequence([ids for ids, _ in rows], batch_first=True)  # padded with 0
+    y = pad_sequence([targets for _, targets in rows], batch_first=True, padding_value=NO_TARGET)
     return x.to(device), y.to(device)
 
 
@@ -200,11 +197,8 @@ def in_character_shares(model, prompts, tokenizer):
     shares = {}
     for name, temperature in (("in_character", 0.0), ("in_character_sampled", 0.8)):
         sampler = SamplerConfig(temperature=temperature)
-        answered = 0
-        for ids in prompts:
-            new = sample_text(model, ids, 80, sampler, tokenizer.eot_id, seed=0)
-            answered += in_character(tokenizer.decode(new))
-        shares[name] = answered / len(prompts)
+        drawn = [sample_text(model, ids, 80, sampler, tokenizer.eot_id, seed=0) for ids in prompts]
+        shares[name] = sum(in_character(tokenizer.decode(new)) for new in drawn) / len(prompts)
     return shares
 
 
