@@ -67,10 +67,9 @@ def dpo(settings):
         before = in_character_shares(reference, prompts, tokenizer)
         cli.log(" | ".join(f"{name} {share:.3g} before" for name, share in before.items()))
     preferring = Preferring(model, reference, cfg.dpo_beta)
-    batches = pair_batches(pairs, train.micro_batch_size(cfg, process), process.device)
     stage = train.Stage(
         model,
-        batches,
+        pair_batches(pairs, train.micro_batch_size(cfg, process), process.device),
         preferring,
         loss=f"DPO's, -log sigmoid({cfg.dpo_beta:g} x margin), of each pair",
         evaluation="DPO's loss of each split; the held-out pairs' mean margin, and the share "
