@@ -73,7 +73,6 @@ def prepare(cfg, out, vocab_size, sample_mb):
         f"wrote {out}/train.bin ({counts[0]:,} tokens), val.bin ({counts[1]:,} tokens), "
         f"meta.json in {cli.format_seconds(time.perf_counter() - t0)}"
     )
-    return meta
 
 
 def write_splits(cfg, tokenizer, dtype, out, total_chars):
