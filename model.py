@@ -210,14 +210,12 @@ class GPT(nn.Module):
         return self.drop(x), rope
 
     def mask(self, T, start, cache):
-        """Returns the mask that attention adds to its scores: (T, S), or (nh, T, S) for a bias
-        per head.
+        """Returns the mask that attention adds to its scores, (T, S), or None.
 
         In training, it returns None, which means the causal triangle; the fused kernel builds
-        that itself. (A variant with a bias by distance returns its own mask, triangle included.)
-        In generation, the T new queries sit at positions start onward, and the keys fill the
-        block_size slots of the cache (slot j holds position j). The mask hides every slot after
-        the position of a query. Past block_size, sampling.Context restarts at position 0."""
+        that itself. In generation, the T new queries sit at positions start onward, and the keys
+        fill the block_size slots of the cache (slot j holds position j). The mask hides every slot
+        after the position of a query. Past block_size, sampling.Context restarts at position 0."""
         if cache is None:
             return None
         return causal_mask(T, self.config.block_size, self.wte.weight.device, start)

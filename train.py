@@ -168,7 +168,7 @@ def train_step(model, optimizer, next_batch, lr, cfg, process):
     for micro_step in range(cfg.grad_accum_steps):  # a batch may be split into micro-batches
         x, y = next_batch()  # 3. get a batch; y is x shifted by one token
         # DDP averages the gradients once per step, at the last micro-batch
-        last = micro_step == cfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
+        last = micro_step == cfg.grad_accum_steps - 1 or process.world == 1
         with contextlib.nullcontext() if last else model.no_sync():
             with process.autocast:
                 logits, loss = model(x, y)  # 4. forward pass (B, T, V), 5. loss

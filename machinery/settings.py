@@ -27,7 +27,7 @@ from config import (
 from machinery import checkpoint, cli, devices, sources
 
 
-@dataclass(frozen=True)
+@dataclass
 class Settings:
     """The settings of one run.
 
