@@ -285,8 +285,8 @@ def add_flags(parser, cls, defaults=None, names=None, title=None):
         group.add_argument(f"--{f.name}", *ALIASES.get(f.name, ()), help=help, **how)
 
 
-# the course's spelling of --lr; its --warmup is argparse's short form of the warmup's flag
-ALIASES = {"lr": ("--lr-max", "--lr_max")}
+# the course's spellings; --warmup is named, so a new setting warmup_... leaves it unambiguous
+ALIASES = {"lr": ("--lr-max", "--lr_max"), "warmup_steps": ("--warmup",)}
 
 
 def yes_or_no(text):

@@ -2,6 +2,7 @@
 spellings, running out of memory or disk, --overwrite that never loses a run; stopping train.py's
 processes (signals, pipes that close, kill -9); sweep.sh; output in a legacy code page."""
 
+import argparse
 import dataclasses
 import io
 import os
@@ -118,6 +119,18 @@ def test_flags_take_bare_switches_values_tags_and_the_courses_spellings(capsys):
     assert os.path.normpath(cfg.out_dir) == os.path.join("checkpoints", "night")
     assert cfg.lr == 0.01 and cfg.warmup_steps == 7
     assert flags(["--plots", "--preset", "tiny"])["plots"]
+
+
+def test_the_courses_warmup_stays_the_warmup_beside_a_new_setting_named_warmup_something():
+    # a learner's new schedule setting, e.g. warmup_share, must not make --warmup ambiguous
+    @dataclasses.dataclass
+    class Schedule:
+        warmup_steps: int = setting(100, "warmup steps", at_least=0)
+        warmup_share: float = setting(0.05, "the warmup's share of the run", at_least=0)
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Schedule)
+    assert vars(parser.parse_args(["--warmup", "7"])) == {"warmup_steps": 7}
 
 
 @pytest.mark.parametrize("gpu", [False, True])
