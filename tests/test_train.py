@@ -217,6 +217,17 @@ def test_each_step_takes_get_lr_at_its_share_of_the_steps_after_the_warmup(
     assert all(0 < lr <= cfg.lr for lr in lrs)
 
 
+@pytest.mark.parametrize("lr_schedule", SCHEDULES)
+def test_a_long_run_climbs_through_its_warmup_to_the_peak_and_ends_at_min_lr(lr_schedule):
+    # 400 steps: a warmup sized as a share of the run gets steps to climb (12 steps above may not)
+    cfg = TrainConfig(lr=1e-2, min_lr=1e-3, warmup_steps=10, lr_schedule=lr_schedule)
+    lrs = [get_lr(s, 400, cfg) for s in range(400)]
+    climb = lrs[: train.warmup(400, cfg)]
+    assert climb == sorted(set(climb))  # every warmup step a little higher
+    assert lrs[len(climb)] == max(lrs) == pytest.approx(cfg.lr)  # the peak, right after it
+    assert get_lr(400, 400, cfg) == pytest.approx(cfg.min_lr) and min(lrs) > 0
+
+
 # (lr_schedule, step, its LR) at lr 1e-2, min_lr 1e-3, 4 warmup steps, max_steps 14: a shape's
 # formula, checked at a few steps
 SCHEDULE_POINTS = [
