@@ -5,8 +5,10 @@ CPU tests run on the CPU whatever the machine has: CUDA is hidden from this proc
 script a test starts, except the GPU tests (test_gpu.py), which see the GPUs pytest was started
 with. The first process to import this file keeps those in USER_CUDA; xdist's workers inherit it."""
 
+import contextlib
 import dataclasses
 import gc
+import io
 import os
 import shlex
 import signal
@@ -24,7 +26,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from config import GPTConfig, SamplerConfig, TrainConfig  # noqa: E402
+from config import GPTConfig, RunOptions, SamplerConfig, TrainConfig  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -33,6 +35,60 @@ def pytest_addoption(parser):
         default="",
         help='train.py or sampling flags for tests/test_promises.py: --flags="--pos rope"',
     )
+
+
+def pytest_configure(config):
+    """A --flags value that train.py or generate.py would refuse stops pytest in one error line
+    before any test runs: under it the promise tests would skip, not fail."""
+    given = shlex.split(config.getoption("--flags"))
+    if given and not hasattr(config, "workerinput"):  # once, in pytest's own process
+        from config import TinyLLMError
+
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):  # argparse prints its refusal and exits
+                check_flags(given)
+        except (TinyLLMError, SystemExit) as refused:
+            why = said.getvalue().strip().removeprefix("error: ") or str(refused)
+            raise pytest.UsageError(f"--flags: {why}") from None
+
+
+SAMPLING = {f"--{f.name}" for f in dataclasses.fields(SamplerConfig)}
+# what the promise tests set themselves: a flag of these would change the tests, not the model
+SET_HERE = ["data", "out_dir", "max_steps", "time_budget", "log_interval", "eval_interval"]
+SET_HERE += ["sample_tokens", "plots", *(f.name for f in dataclasses.fields(RunOptions))]
+
+
+def split(flags):
+    """(train.py's flags, generate.py's) of a list of flags: a sampling rule's go to generate.py,
+    the rest to train.py."""
+    ours, sampling, to = [], [], []
+    for flag in flags:
+        if flag.startswith("--"):
+            to = sampling if flag.split("=")[0] in SAMPLING else ours
+        to.append(flag)
+    return ours, sampling
+
+
+def check_flags(flags):
+    """Refuses a flag as train.py or generate.py would, word for word, or one that the promise
+    tests set themselves."""
+    from config import add_flags, make_config, require
+    from machinery import cli, settings
+
+    train_flags, sampling_flags = split(flags)
+    argv0 = sys.argv[0]
+    sys.argv[0] = "train.py"  # argparse names the script in its refusal
+    try:
+        given = settings.flags(train_flags)  # train.py's own parser
+        set_here = [f"--{name}" for name in given if name in SET_HERE]
+        require(not set_here, f"the promise tests set {' '.join(set_here)} themselves: drop it")
+        settings.build_configs(given, {})  # each value's bounds and choices
+        parser = cli.ArgumentParser(prog="generate.py", allow_abbrev=False)
+        add_flags(parser, SamplerConfig)
+        make_config(SamplerConfig, vars(parser.parse_args(sampling_flags)))
+    finally:
+        sys.argv[0] = argv0
 
 
 @pytest.fixture

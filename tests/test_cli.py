@@ -20,6 +20,7 @@ from conftest import (
     ROOT,
     TINY_FLAGS,
     assert_one_line_error,
+    check_flags,
     cli,
     script_env,
     through_the_model,
@@ -565,6 +566,44 @@ def test_the_test_command_ends_on_its_summary_with_no_leaked_binding_lines():
     assert done.returncode == 0, done.stdout
     assert "leaked" not in done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1].startswith("1 passed")
+
+
+@pytest.mark.parametrize(
+    "given, word",
+    [
+        ("--bogus 1", "--bogus"),
+        ("--n_layer 0", "--n_layer"),
+        ("--top_p 2", "--top_p"),
+        ("--lora_rank 4", "finetune.py"),  # another script's flag
+        ("--max_steps 5", "--max_steps"),  # the promise tests set it: the budget's would skip
+    ],
+)
+def test_flags_the_scripts_refuse_are_one_error_line_for_the_promise_tests(capsys, given, word):
+    code, out, err = cli(capsys, check_flags, *given.split())
+    assert_one_line_error(code, err, word)
+
+
+@pytest.mark.slow  # starts pytest
+def test_pytest_stops_on_a_refused_flag_before_any_test_runs():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-n0",
+            "--flags=--n_layer 0",
+            "tests/test_promises.py",
+        ],
+        cwd=ROOT,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 4, done.stdout  # pytest's exit status for a bad option
+    assert len(lines) == 1 and lines[0].startswith("ERROR: --flags: --n_layer"), done.stderr
+    assert "passed" not in done.stdout and "skipped" not in done.stdout  # no test ran
 
 
 @pytest.mark.slow  # trains

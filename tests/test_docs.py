@@ -27,7 +27,6 @@ TRAINING = ("train.py", "finetune.py", "distill.py", "dpo.py")
 NOT_RUN = {
     "pip": "installs packages",
     "pytest": "the tests themselves",
-    "tools.check": "the linter and the tests themselves",
     "ruff": "the linter",
     "torchrun": "several processes: tests/test_ddp.py runs torchrun's",
     "tools.scaling": "dozens of runs of minutes: tests/test_tools.py runs its parts",

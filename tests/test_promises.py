@@ -18,6 +18,7 @@ from conftest import (
     last_lr_is_the_schedules_end,
     same_weights,
     slow_steps,
+    split,
     train_run,
     without_timings,
 )
@@ -29,7 +30,6 @@ from machinery.settings import build_configs
 from machinery.settings import flags as train_flags
 from model import GPT
 from sampling import Context
-from tools.check import split
 from train import get_lr
 
 SCHEDULES = TrainConfig.__dataclass_fields__["lr_schedule"].metadata["choices"]

@@ -32,7 +32,7 @@ import tokenizer as tokenizers
 import utils
 from machinery import checkpoint
 from tokenizer import GPT2_PATTERN, CharTokenizer
-from tools import ablation, check, compare, decoding, pictures, scaling, score
+from tools import ablation, compare, decoding, pictures, scaling, score
 from utils import split_train_val
 
 
@@ -591,35 +591,3 @@ def test_hugging_face_code_imports_transformers_only_inside_its_functions(path):
         return names | {n.module for n in nodes if isinstance(n, ast.ImportFrom)}
 
     assert "transformers" not in imported(tree.body) and "transformers" in imported(ast.walk(tree))
-
-
-@pytest.mark.parametrize(
-    "flags, word",
-    [
-        ("--bogus 1", "--bogus"),
-        ("--n_layer 0", "--n_layer"),
-        ("--top_p 2", "--top_p"),
-        ("--lora_rank 4", "finetune.py"),  # another script's flag
-        ("--max_steps 5", "--max_steps"),  # the check's runs set it: the budget's would skip
-    ],
-)
-def test_the_check_refuses_a_flag_in_one_line_before_it_runs_anything(
-    capsys, monkeypatch, tmp_path, flags, word
-):
-    monkeypatch.chdir(tmp_path)  # no tests here: a check that started would fail at once
-    code, out, err = cli(capsys, check.main, *flags.split())
-    assert_one_line_error(code, err, word)
-    assert out == ""  # no part ran: a refused flag would have skipped the promises
-
-
-@pytest.mark.slow  # starts train.py and generate.py
-def test_the_check_shows_a_run_with_the_train_flags_and_a_sample_with_the_sampling_flags(
-    capsys, monkeypatch
-):
-    monkeypatch.chdir(ROOT)  # the check runs the scripts of the folder it is started in
-    check.show(["--max_steps", "4", "--n_layer", "1", "--top_k", "3"])
-    out = capsys.readouterr().out
-    assert "model " in out and ": 1 layers," in out and "done: 4 steps" in out
-    assert "history.csv: kind,step," in out
-    assert "the sample, with --top_k 3:" in out
-    assert "the same without the KV cache: yes" in out

@@ -1,6 +1,6 @@
 """Commands that stand alone, each run as python -m tools.NAME: a corpus prepared, pictures of a
-model, runs compared, decoding methods scored, a change checked, and the experiments (ablation,
-scaling), which train through experiment()."""
+model, runs compared, decoding methods scored, and the experiments (ablation, scaling), which
+train through experiment()."""
 
 
 def experiment(given):
