@@ -141,13 +141,14 @@ def train_bpe(text, vocab_size, special_tokens=(EOT,), verbose=False):
         delta = Counter()
         for w in where.pop(pair):
             old = words[w]
+            n = freqs[w]  # read once: this loop is the hot path of learning a BPE vocabulary
             words[w] = new = replace_pair(old, pair, new_id)
             old_pairs = list(zip(old, old[1:]))
             new_pairs = list(zip(new, new[1:]))
             for p in old_pairs:
-                delta[p] -= freqs[w]
+                delta[p] -= n
             for p in new_pairs:
-                delta[p] += freqs[w]
+                delta[p] += n
             for p in set(old_pairs) - set(new_pairs) - {pair}:
                 where[p].discard(w)
             for p in set(new_pairs) - set(old_pairs):
